@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds the release GPU test binary, the unit tests, the criterion benches and the report binary
+# here, and packs them with a runner into .gpu/ (git-ignored). Copy that folder to an x86-64
+# machine with an NVIDIA driver (no Rust, no network needed) and run:
+#
+#   .gpu/run.sh OUTDIR [--sanitize] [--bench] [--quick] [--torch]
+#
+# tests run with FUSEDREG_REQUIRE_GPU=1 (a missing GPU fails them); --sanitize repeats the GPU
+# tests under compute-sanitizer memcheck, racecheck, initcheck and synccheck; --bench runs the
+# benchmark report and the criterion benches; --torch runs benches/compare_torch.py. Logs and
+# results go to OUTDIR.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+kit="$root/.gpu"
+export FUSEDREG_REQUIRE_KERNELS=1
+
+"$root/scripts/install-cuda.sh" >/dev/null
+
+list_executables() {  # reads cargo's JSON messages, prints "name path" of each executable
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        t, kind = m["target"], m["target"]["kind"][0]
+        prefix = "bench" if kind == "bench" else "test" if m["profile"]["test"] else kind
+        print(prefix + "-" + t["name"], m["executable"])
+'
+}
+
+rm -rf "$kit"
+mkdir -p "$kit/bin"
+{
+  cargo test --release --no-run --message-format=json 2>/dev/null
+  cargo bench --no-run --message-format=json 2>/dev/null
+  cargo build --release --bins --examples --message-format=json 2>/dev/null
+} | list_executables | sort -u -k1,1 | while read -r name path; do
+  cp "$path" "$kit/bin/$name"
+  strip --strip-debug "$kit/bin/$name" 2>/dev/null || true
+done
+cp "$root/scripts/gpu-run.sh" "$kit/run.sh"
+[ -f "$root/benches/compare_torch.py" ] && cp "$root/benches/compare_torch.py" "$kit/"
+git -C "$root" rev-parse HEAD >"$kit/COMMIT" 2>/dev/null || echo unknown >"$kit/COMMIT"
+git -C "$root" status --porcelain | grep -q . && echo "+uncommitted" >>"$kit/COMMIT" || true
+chmod +x "$kit/run.sh"
+ls -la "$kit/bin"
+du -sh "$kit"

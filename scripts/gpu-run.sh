@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The runner packed into .gpu/ by scripts/gpu-kit.sh. Usage: run.sh OUTDIR [--sanitize]
+# [--bench] [--quick] [--torch]. Needs only an NVIDIA driver (and compute-sanitizer for
+# --sanitize, python3 with torch for --torch). Exit status: non-zero if any test or sanitizer
+# run failed.
+set -uo pipefail
+kit=$(cd "$(dirname "$0")" && pwd)
+out=${1:?usage: run.sh OUTDIR [--sanitize] [--bench] [--quick] [--torch]}
+shift
+mkdir -p "$out"
+sanitize=0 bench=0 quick="" torch=0
+for a in "$@"; do
+  case $a in
+    --sanitize) sanitize=1 ;;
+    --bench) bench=1 ;;
+    --quick) quick=--quick ;;
+    --torch) torch=1 ;;
+    *) echo "unknown option $a"; exit 2 ;;
+  esac
+done
+export FUSEDREG_REQUIRE_GPU=1
+status=0
+summary="$out/summary.txt"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+note "commit $(head -1 "$kit/COMMIT") $(sed -n 2p "$kit/COMMIT")"
+note "date $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu /' | tee -a "$summary"
+
+# 1. Every test binary (unit tests, CPU integration tests, GPU tests), GPU required.
+for t in "$kit"/bin/test-*; do
+  name=$(basename "$t")
+  log="$out/$name.log"
+  "$t" --test-threads 4 >"$log" 2>&1
+  rc=$?
+  note "$name: rc=$rc $(grep -E '^test result' "$log" | tail -1)"
+  [ $rc -eq 0 ] || status=1
+done
+
+# 2. The GPU tests under compute-sanitizer.
+if [ $sanitize -eq 1 ]; then
+  cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck initcheck synccheck; do
+    log="$out/sanitize-$tool.log"
+    extra=""
+    [ $tool = memcheck ] && extra="--leak-check full"
+    "$cs" --tool $tool $extra --error-exitcode 99 "$kit/bin/test-gpu" --test-threads 1 >"$log" 2>&1
+    rc=$?
+    note "sanitizer $tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1) $(grep -E '^test result' "$log" | tail -1)"
+    [ $rc -eq 0 ] || status=1
+  done
+fi
+
+# 3. Benchmarks: the report, then the criterion benches.
+if [ $bench -eq 1 ]; then
+  if [ -x "$kit/bin/bin-fusedreg-bench" ]; then
+    "$kit/bin/bin-fusedreg-bench" $quick --out "$out/report" 2>&1 | tee "$out/report.log"
+  fi
+  export CRITERION_HOME="$out/criterion"
+  for b in "$kit"/bin/bench-*; do
+    [ -e "$b" ] || continue
+    name=$(basename "$b")
+    crit_args="--bench"
+    [ -n "$quick" ] && crit_args="--bench --warm-up-time 0.5 --measurement-time 1"
+    "$b" $crit_args --noplot >"$out/$name.log" 2>&1
+    note "$name: rc=$?"
+  done
+fi
+
+# 4. The same work through PyTorch, on the same GPU, for comparison.
+if [ $torch -eq 1 ] && [ -f "$kit/compare_torch.py" ]; then
+  PYTHONUNBUFFERED=1 python3 "$kit/compare_torch.py" $quick 2>&1 | tee "$out/torch.log"
+fi
+
+note "overall status $status"
+exit $status

@@ -1,0 +1,155 @@
+//! The element types the kernels are instantiated for: `f32`, [`half::f16`] and [`half::bf16`].
+//!
+//! [`Dtype`] is sealed: the kernels exist for exactly these three types, so using any other type
+//! with a GPU entry point is a compile error, not a missing-symbol error at run time.
+
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use half::{bf16, f16};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// Which of the three element types a [`Dtype`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DtypeKind {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl DtypeKind {
+    /// Lower-case name, also the kernel symbol suffix (`f32`, `f16`, `bf16`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DtypeKind::F32 => "f32",
+            DtypeKind::F16 => "f16",
+            DtypeKind::Bf16 => "bf16",
+        }
+    }
+
+    /// Size of one element in bytes.
+    pub const fn size(self) -> usize {
+        match self {
+            DtypeKind::F32 => 4,
+            DtypeKind::F16 | DtypeKind::Bf16 => 2,
+        }
+    }
+}
+
+/// An element type with kernels: `f32`, `half::f16` or `half::bf16`.
+///
+/// Conversions round to nearest even, exactly as the device intrinsics `__float2half_rn` and
+/// `__float2bfloat16_rn` do, so CPU references and kernels produce identical bits.
+///
+/// ```
+/// use fusedreg::Dtype;
+/// use half::bf16;
+/// assert_eq!(<bf16 as Dtype>::KIND.name(), "bf16");
+/// assert_eq!(bf16::from_f32_rn(1.0).to_f32(), 1.0);
+/// ```
+pub trait Dtype:
+    sealed::Sealed
+    + DeviceRepr
+    + ValidAsZeroBits
+    + bytemuck::Pod
+    + Default
+    + PartialEq
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// Which type this is.
+    const KIND: DtypeKind;
+    /// Widens to f32 (exact).
+    fn to_f32(self) -> f32;
+    /// Rounds an f32 to this type, to nearest even.
+    fn from_f32_rn(x: f32) -> Self;
+}
+
+impl Dtype for f32 {
+    const KIND: DtypeKind = DtypeKind::F32;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline]
+    fn from_f32_rn(x: f32) -> Self {
+        x
+    }
+}
+
+impl Dtype for f16 {
+    const KIND: DtypeKind = DtypeKind::F16;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline]
+    fn from_f32_rn(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+impl Dtype for bf16 {
+    const KIND: DtypeKind = DtypeKind::Bf16;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline]
+    fn from_f32_rn(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// One value per dtype, chosen at compile time by [`PerDtype::get`]: used for kernel families
+/// (`dropout_residual_fwd_f32` / `_f16` / `_bf16`).
+#[derive(Clone, Copy, Debug)]
+#[allow(dead_code)] // until the first op with per-dtype kernels lands
+pub(crate) struct PerDtype<T> {
+    pub f32: T,
+    pub f16: T,
+    pub bf16: T,
+}
+
+#[allow(dead_code)]
+impl<T: Copy> PerDtype<T> {
+    /// The entry for `D`.
+    #[inline]
+    pub(crate) fn get<D: Dtype>(&self) -> T {
+        match D::KIND {
+            DtypeKind::F32 => self.f32,
+            DtypeKind::F16 => self.f16,
+            DtypeKind::Bf16 => self.bf16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_nearest_even() {
+        // 1 + 2^-8 is exactly halfway between two bf16 values; ties go to the even mantissa.
+        let halfway = 1.0f32 + 2f32.powi(-8);
+        assert_eq!(
+            bf16::from_f32_rn(halfway).to_bits(),
+            bf16::from_f32(1.0).to_bits()
+        );
+        let above = f32::from_bits(halfway.to_bits() + 1);
+        assert_eq!(bf16::from_f32_rn(above).to_f32(), 1.0 + 2f32.powi(-7));
+        // f16: 1 + 2^-11 is halfway between 1 and 1 + 2^-10.
+        assert_eq!(f16::from_f32_rn(1.0 + 2f32.powi(-11)).to_f32(), 1.0);
+        assert!(f16::from_f32_rn(f32::NAN).to_f32().is_nan());
+        assert!(bf16::from_f32_rn(f32::NAN).to_f32().is_nan());
+    }
+}

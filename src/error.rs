@@ -1,0 +1,130 @@
+//! The crate's error type. Every message says what went wrong and what to do about it.
+
+use cudarc::driver::DriverError;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in fusedreg. Bad input is reported here, never by a panic.
+///
+/// ```
+/// use fusedreg::Error;
+/// let e = Error::invalid("dropout_residual", "p = 1.5 is outside [0, 1]");
+/// assert!(e.to_string().contains("p = 1.5"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `libcuda` could not be loaded.
+    #[error(
+        "no CUDA driver: libcuda.so could not be loaded. Install an NVIDIA driver (>= 580 for \
+         CUDA 13.0) or use the CPU reference implementations (the `cpu` module of each op)"
+    )]
+    NoDriver,
+
+    /// The driver is present but the requested device is not.
+    #[error("no CUDA device with ordinal {ordinal}: {found} device(s) visible ({detail}). Check CUDA_VISIBLE_DEVICES and `nvidia-smi`, or use the CPU references")]
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// How many devices the driver reports.
+        found: usize,
+        /// The driver's own words.
+        detail: String,
+    },
+
+    /// The crate was built without nvcc, so no kernels are embedded.
+    #[error(
+        "fusedreg was built without its CUDA kernels ({reason}). Run scripts/install-cuda.sh \
+         or point NVCC / CUDA_HOME at a CUDA 13 toolkit, then rebuild (FUSEDREG_REQUIRE_KERNELS=1 \
+         makes a missing compiler a build error)"
+    )]
+    KernelsNotBuilt {
+        /// Why the build script could not build them.
+        reason: &'static str,
+    },
+
+    /// The embedded module or a kernel in it could not be loaded into the context.
+    #[error("loading kernel `{symbol}` from module `{module}` failed: {source}. The embedded fatbin holds code for sm_{archs} and PTX for the newest; a driver older than the toolkit (CUDA 13.0, driver >= 580) cannot load it")]
+    ModuleLoad {
+        /// The module (kernel file stem).
+        module: &'static str,
+        /// The kernel symbol.
+        symbol: &'static str,
+        /// Arch list the module was built for.
+        archs: String,
+        /// The driver's error.
+        source: DriverError,
+    },
+
+    /// Buffer lengths or shapes do not agree.
+    #[error("{op}: shape mismatch: {detail}")]
+    ShapeMismatch {
+        /// The operation that refused the input.
+        op: &'static str,
+        /// Which lengths disagree.
+        detail: String,
+    },
+
+    /// A scalar argument is out of range, non-finite, or otherwise unusable.
+    #[error("{op}: invalid argument: {detail}")]
+    InvalidArgument {
+        /// The operation that refused the input.
+        op: &'static str,
+        /// What is wrong and what is allowed.
+        detail: String,
+    },
+
+    /// A CUDA driver call failed.
+    #[error("{op}: CUDA driver error: {source}")]
+    Driver {
+        /// What was being done.
+        op: &'static str,
+        /// The driver's error.
+        source: DriverError,
+    },
+}
+
+impl Error {
+    /// An [`Error::InvalidArgument`] for `op`.
+    pub fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            op,
+            detail: detail.into(),
+        }
+    }
+
+    /// An [`Error::ShapeMismatch`] for `op`.
+    pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+        Error::ShapeMismatch {
+            op,
+            detail: detail.into(),
+        }
+    }
+
+    /// Wraps a driver error raised while doing `op`.
+    pub fn driver(op: &'static str) -> impl FnOnce(DriverError) -> Self {
+        move |source| Error::Driver { op, source }
+    }
+}
+
+/// Checks that `len` equals `expected`, naming both buffers in the error.
+pub(crate) fn check_len(op: &'static str, what: &str, len: usize, expected: usize) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("{what} has {len} elements, expected {expected}"),
+        ))
+    }
+}
+
+/// Checks that a scalar is finite (not NaN or infinite).
+#[allow(dead_code)] // until the first op with scalar hyperparameters lands
+pub(crate) fn check_finite(op: &'static str, what: &str, v: f64) -> Result<()> {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, format!("{what} = {v} is not finite")))
+    }
+}

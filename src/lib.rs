@@ -1,0 +1,41 @@
+//! # fusedreg
+//!
+//! Hand-written CUDA kernels for the regularization and optimizer work of a training step, fused
+//! so that every byte of device memory moves as few times as possible, with a CPU reference for
+//! every op that the kernels are tested against bit for bit wherever the op allows.
+//!
+//! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
+//!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
+//! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
+//!   per context.
+//! * [`timing`]: the GPU timing used by the benchmark report and the criterion benches.
+//!
+//! Building needs no CUDA: without nvcc the kernels are left out, the CPU references work and
+//! every GPU entry point returns [`Error::KernelsNotBuilt`]. Running needs no files beside the
+//! binary: the kernels are embedded as a fatbin (SASS for sm_80 and sm_90, PTX for newer GPUs).
+//!
+//! ```
+//! // Works everywhere: a GPU is used when there is one.
+//! match fusedreg::Handle::new(0) {
+//!     Ok(h) => println!("running on {}", h.device_info().unwrap().name),
+//!     Err(e) => println!("CPU only: {e}"),
+//! }
+//! ```
+#![warn(missing_docs)]
+
+pub mod dtype;
+pub mod error;
+pub mod philox;
+mod runtime;
+pub mod timing;
+
+pub use dtype::{Dtype, DtypeKind};
+pub use error::{Error, Result};
+pub use runtime::{
+    compiled_archs, device_count, driver_present, kernels_built, nvcc_version, DeviceInfo, Handle,
+};
+
+/// Re-exported so callers can name buffer types without depending on cudarc directly.
+pub use cudarc;
+/// Re-exported for the 16-bit element types.
+pub use half;

@@ -1,0 +1,248 @@
+//! Philox4x32-10, the counter-based generator behind every random decision in fusedreg.
+//!
+//! The same function is implemented in `kernels/common/philox.cuh`; both reproduce the Random123
+//! known-answer vectors, and a GPU test shows them equal on many random (counter, key) pairs.
+//!
+//! # Keying: (seed, call id, 64-bit element index) -> 32-bit word
+//!
+//! Element `i` of a call takes word `i % 4` of one Philox block:
+//!
+//! ```text
+//! counter = [lo32(i / 4), hi32(i / 4), lo32(call), hi32(call)]
+//! key     = [lo32(seed),  hi32(seed)]
+//! word(i) = philox4x32_10(counter, key)[i % 4]
+//! ```
+//!
+//! The word is a pure function of (seed, call, i): it does not depend on the tensor's length,
+//! the grid, the vector width, the alignment or the GPU model. Four consecutive elements share one
+//! Philox evaluation, which is what lets a kernel produce eight bf16 masks with two evaluations.
+//! The full 64-bit index is used, so tensors above 2^32 elements never repeat randomness.
+//!
+//! # Keep/drop by an integer compare
+//!
+//! [`DropRate`] turns a probability into an integer threshold once, on the host. An element is
+//! dropped when its word is *below* the threshold, so CPU and GPU agree exactly and the drop
+//! probability actually applied is exactly `threshold / 2^32` (see [`DropRate::effective_p`]).
+//!
+//! ```
+//! use fusedreg::philox::{mask_word, philox4x32_10, DropRate};
+//! // Random123 known-answer vector: zero counter, zero key.
+//! assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+//! let rate = DropRate::new(0.1).unwrap();
+//! let kept = (0..10_000u64).filter(|&i| rate.keeps(mask_word(42, 7, i))).count();
+//! assert!((8_800..9_200).contains(&kept));
+//! ```
+
+use crate::error::{Error, Result};
+
+pub mod gpu;
+
+/// First multiplier.
+pub const M0: u32 = 0xD251_1F53;
+/// Second multiplier.
+pub const M1: u32 = 0xCD9E_8D57;
+/// Key bump of word 0 (golden ratio).
+pub const W0: u32 = 0x9E37_79B9;
+/// Key bump of word 1 (sqrt(3) - 1).
+pub const W1: u32 = 0xBB67_AE85;
+
+/// One Philox round.
+#[inline(always)]
+fn round(c: [u32; 4], k: [u32; 2]) -> [u32; 4] {
+    let p0 = u64::from(M0) * u64::from(c[0]);
+    let p1 = u64::from(M1) * u64::from(c[2]);
+    let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
+    let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
+    [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0]
+}
+
+/// Philox4x32 with 10 rounds (the key is bumped before rounds 2..10).
+///
+/// ```
+/// use fusedreg::philox::philox4x32_10;
+/// assert_eq!(
+///     philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+///     [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+/// );
+/// ```
+#[inline]
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let mut c = counter;
+    let mut k = key;
+    c = round(c, k);
+    for _ in 1..10 {
+        k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+        c = round(c, k);
+    }
+    c
+}
+
+/// The Philox block holding the words of elements `4*block .. 4*block+4` of `(seed, call)`.
+#[inline]
+pub fn block(seed: u64, call: u64, block: u64) -> [u32; 4] {
+    philox4x32_10(
+        [
+            block as u32,
+            (block >> 32) as u32,
+            call as u32,
+            (call >> 32) as u32,
+        ],
+        [seed as u32, (seed >> 32) as u32],
+    )
+}
+
+/// The 32-bit random word of element `index` of call `call` under `seed` (see the module docs).
+///
+/// ```
+/// use fusedreg::philox::{block, mask_word};
+/// assert_eq!(mask_word(1, 2, 13), block(1, 2, 3)[1]);
+/// ```
+#[inline]
+pub fn mask_word(seed: u64, call: u64, index: u64) -> u32 {
+    block(seed, call, index >> 2)[(index & 3) as usize]
+}
+
+/// A drop probability compiled to the integer threshold the kernels compare against.
+///
+/// `threshold = round(p * 2^32)`, held in 64 bits so that `p = 1` (threshold `2^32`) drops
+/// every element and `p = 0` (threshold 0) drops none; kernels skip the generator entirely in
+/// both cases. The probability actually applied is `threshold / 2^32`, within `2^-33` of `p`.
+/// The kept elements are scaled by `1 / (1 - p)` computed from the nominal `p`, as PyTorch does.
+///
+/// ```
+/// use fusedreg::philox::DropRate;
+/// let r = DropRate::new(0.5).unwrap();
+/// assert_eq!(r.threshold(), 1 << 31);
+/// assert!(r.keeps(1 << 31) && !r.keeps((1 << 31) - 1));
+/// assert_eq!(r.scale(), 2.0);
+/// assert!(DropRate::new(f64::NAN).is_err());
+/// assert!(DropRate::new(1.5).is_err());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropRate {
+    p: f64,
+    threshold: u64,
+}
+
+impl DropRate {
+    /// No dropping.
+    pub const ZERO: DropRate = DropRate {
+        p: 0.0,
+        threshold: 0,
+    };
+
+    /// Validates `p` (must lie in `[0, 1]`, not NaN) and computes its threshold.
+    pub fn new(p: f64) -> Result<Self> {
+        Self::checked("DropRate", p)
+    }
+
+    /// Like [`DropRate::new`], naming `op` in the error.
+    pub(crate) fn checked(op: &'static str, p: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(Error::invalid(
+                op,
+                format!("drop probability p = {p} must lie in [0, 1]"),
+            ));
+        }
+        let threshold = (p * 4_294_967_296.0).round() as u64;
+        Ok(DropRate { p, threshold })
+    }
+
+    /// The nominal probability.
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// The integer threshold in `0 ..= 2^32`: a word below it is dropped.
+    pub fn threshold(&self) -> u64 {
+        self.threshold
+    }
+
+    /// The drop probability actually applied, `threshold / 2^32`.
+    pub fn effective_p(&self) -> f64 {
+        self.threshold as f64 / 4_294_967_296.0
+    }
+
+    /// Whether an element with this random word is kept.
+    #[inline]
+    pub fn keeps(&self, word: u32) -> bool {
+        u64::from(word) >= self.threshold
+    }
+
+    /// True when no element can be dropped (no generator work needed).
+    pub fn keeps_all(&self) -> bool {
+        self.threshold == 0
+    }
+
+    /// True when every element is dropped (`p = 1`; no generator work needed).
+    pub fn drops_all(&self) -> bool {
+        self.threshold == 1 << 32
+    }
+
+    /// The f32 scale applied to kept elements: `1 / (1 - p)`, rounded once from f64; 0 when
+    /// `p = 1`, where nothing is kept and no division by zero happens.
+    pub fn scale(&self) -> f32 {
+        if self.drops_all() {
+            0.0
+        } else {
+            (1.0 / (1.0 - self.p)) as f32
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_answer_vectors() {
+        // Random123 tests/kat_vectors, philox4x32 10 rounds.
+        let kat: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
+            (
+                [0; 4],
+                [0; 2],
+                [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8],
+            ),
+            (
+                [u32::MAX; 4],
+                [u32::MAX; 2],
+                [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd],
+            ),
+            (
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0],
+                [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1],
+            ),
+        ];
+        for (c, k, want) in kat {
+            assert_eq!(philox4x32_10(c, k), want, "counter {c:08x?} key {k:08x?}");
+        }
+    }
+
+    #[test]
+    fn keying_uses_all_64_bits() {
+        // Indices 2^32 apart, calls and seeds differing only in their high words all differ.
+        let base = mask_word(5, 9, 17);
+        assert_ne!(base, mask_word(5, 9, 17 + (1 << 34)));
+        assert_ne!(base, mask_word(5, 9 + (1 << 32), 17));
+        assert_ne!(base, mask_word(5 + (1 << 32), 9, 17));
+    }
+
+    #[test]
+    fn thresholds_at_the_edges() {
+        assert!(DropRate::new(0.0).unwrap().keeps_all());
+        assert!(DropRate::new(1.0).unwrap().drops_all());
+        assert_eq!(DropRate::new(1.0).unwrap().scale(), 0.0);
+        let one = DropRate::new(1.0).unwrap();
+        assert!(!one.keeps(u32::MAX));
+        let tiny = DropRate::new(1.0 / 256.0).unwrap();
+        assert_eq!(tiny.threshold(), 1 << 24);
+        assert!(!tiny.keeps((1 << 24) - 1) && tiny.keeps(1 << 24));
+        for bad in [-0.0001, 1.0001, f64::NAN, f64::INFINITY] {
+            assert!(DropRate::new(bad).is_err(), "p = {bad} accepted");
+        }
+        assert!(
+            (DropRate::new(0.1).unwrap().effective_p() - 0.1).abs() < 1.0 / (1u64 << 33) as f64
+        );
+    }
+}

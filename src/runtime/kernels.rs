@@ -1,0 +1,103 @@
+//! Every kernel symbol the Rust side can launch, in one list.
+//!
+//! Each op adds one block here: the module (the stem of its `kernels/<stem>.cu`) and its entry
+//! points. The symbols are compile-time strings, never assembled at run time, and a unit test
+//! checks every one of them against the entry points build.rs found in the compiled modules, so a
+//! typo fails CI instead of a user's first launch.
+
+use crate::dtype::PerDtype;
+
+macro_rules! kernels {
+    ($( $module:literal => { $( $id:ident = $symbol:literal ),* $(,)? } )*) => {
+        /// A launchable kernel. Its discriminant indexes the per-context function cache.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub(crate) enum Kernel { $( $( $id, )* )* }
+
+        impl Kernel {
+            /// Every kernel, in declaration order.
+            pub(crate) const ALL: &'static [Kernel] = &[ $( $( Kernel::$id, )* )* ];
+
+            /// The `extern "C"` symbol in the module.
+            pub(crate) const fn symbol(self) -> &'static str {
+                match self { $( $( Kernel::$id => $symbol, )* )* }
+            }
+
+            /// The module (kernel file stem) that defines it.
+            pub(crate) const fn module(self) -> &'static str {
+                match self { $( $( Kernel::$id => $module, )* )* }
+            }
+        }
+    };
+}
+
+kernels! {
+    "philox" => {
+        PhiloxFill = "philox_fill",
+        PhiloxMaskWords = "philox_mask_words",
+    }
+    "copy" => {
+        CopyU128 = "copy_u128",
+    }
+}
+
+/// Builds a [`PerDtype`] of kernels from three variants named `<Base>F32`, `<Base>F16`,
+/// `<Base>Bf16`.
+#[allow(unused_macros)]
+macro_rules! per_dtype {
+    ($f32:ident, $f16:ident, $bf16:ident) => {
+        $crate::dtype::PerDtype {
+            f32: $crate::runtime::kernels::Kernel::$f32,
+            f16: $crate::runtime::kernels::Kernel::$f16,
+            bf16: $crate::runtime::kernels::Kernel::$bf16,
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use per_dtype;
+
+#[allow(dead_code)]
+pub(crate) type KernelFamily = PerDtype<Kernel>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::modules::MODULES;
+
+    /// Every symbol the Rust side can launch exists in the compiled module (for every arch).
+    #[test]
+    #[cfg_attr(
+        not(fusedreg_kernels_built),
+        ignore = "kernels not built: run scripts/install-cuda.sh (CI builds them with FUSEDREG_REQUIRE_KERNELS=1)"
+    )]
+    fn every_kernel_exists_in_its_module() {
+        let mut missing = Vec::new();
+        for k in Kernel::ALL {
+            match MODULES.iter().find(|m| m.stem == k.module()) {
+                None => missing.push(format!(
+                    "{} (module kernels/{}.cu not built)",
+                    k.symbol(),
+                    k.module()
+                )),
+                Some(m) if !m.entries.contains(&k.symbol()) => missing.push(format!(
+                    "{} (not an entry of kernels/{}.cu)",
+                    k.symbol(),
+                    k.module()
+                )),
+                Some(_) => {}
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "kernels the Rust side launches but the modules lack: {missing:#?}"
+        );
+    }
+
+    #[test]
+    fn symbols_are_unique() {
+        let mut names: Vec<_> = Kernel::ALL.iter().map(|k| k.symbol()).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "a kernel symbol is listed twice");
+    }
+}

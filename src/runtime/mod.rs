@@ -1,0 +1,280 @@
+//! The GPU handle: a CUDA context and stream, the embedded kernels loaded once per context, and a
+//! launch counter.
+
+pub(crate) mod kernels;
+pub(crate) mod modules;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{
+    result, sys, CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    SyncOnDrop,
+};
+
+use self::kernels::Kernel;
+use self::modules::Loaded;
+pub use self::modules::{compiled_archs, kernels_built, nvcc_version};
+use crate::error::{Error, Result};
+
+/// True when libcuda can be loaded. Probed once: `CudaContext::new` panics without it.
+pub fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to dlopen the driver library by its usual names.
+    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// Number of CUDA devices visible to this process.
+///
+/// ```
+/// // Works on any machine: without a driver it is an error, not a panic.
+/// match fusedreg::device_count() {
+///     Ok(n) => println!("{n} CUDA device(s)"),
+///     Err(e) => println!("no GPU: {e}"),
+/// }
+/// ```
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(Error::NoDriver);
+    }
+    result::init().map_err(Error::driver("cuInit"))?;
+    let n = result::device::get_count().map_err(Error::driver("cuDeviceGetCount"))?;
+    Ok(n.max(0) as usize)
+}
+
+/// What the benchmarks and the test report print about a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name, e.g. "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Number of streaming multiprocessors.
+    pub sm_count: u32,
+    /// L2 cache size in bytes.
+    pub l2_bytes: u64,
+    /// Global memory in bytes.
+    pub total_memory: u64,
+    /// Driver version as reported by `cuDriverGetVersion` (e.g. 13000 for CUDA 13.0).
+    pub driver_version: i32,
+}
+
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    loaded: Arc<Loaded>,
+    launches: AtomicU64,
+}
+
+/// A CUDA context and stream on which fusedreg launches its kernels.
+///
+/// Create one per device with [`Handle::new`], or wrap the stream a framework already uses with
+/// [`Handle::from_stream`] so our kernels are ordered with its work. The embedded kernel module
+/// is loaded once per context (shared by every handle on it) and functions are cached. Cloning is
+/// cheap and clones share the launch counter.
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// let handle = fusedreg::Handle::new(0)?;
+/// println!("{}", handle.device_info()?.name);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Handle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("ordinal", &self.inner.ctx.ordinal())
+            .field("launches", &self.launch_count())
+            .finish()
+    }
+}
+
+impl Handle {
+    /// Opens device `ordinal` (its primary context) with a new non-blocking stream.
+    ///
+    /// cudarc's per-buffer event tracking is turned off on the context object this creates: all
+    /// work submitted through the handle is ordered by its one stream, and tracking would add
+    /// host work to every launch. Buffers allocated on [`Handle::stream`] are safe to use; if you
+    /// use them on other streams too, order that work yourself.
+    ///
+    /// Errors: [`Error::NoDriver`] without libcuda, [`Error::NoDevice`] when the ordinal does not
+    /// exist, [`Error::KernelsNotBuilt`] when the crate was built without nvcc.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let found = device_count()?;
+        if ordinal >= found {
+            return Err(Error::NoDevice {
+                ordinal,
+                found,
+                detail: "ordinal out of range".into(),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoDevice {
+            ordinal,
+            found,
+            detail: e.to_string(),
+        })?;
+        // SAFETY: this context object is private to the handle until `context()` hands it out,
+        // and every launch goes through the handle's single stream (see the docs above).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
+        Self::from_stream(stream)
+    }
+
+    /// Uses a stream owned by the caller (a framework's current stream, for example): every
+    /// kernel is launched on it, so it is ordered with the caller's own work.
+    ///
+    /// To wrap a raw `CUstream`, use `CudaContext::wrap_borrowed_stream` first.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::NoDriver);
+        }
+        let ctx = stream.context().clone();
+        let loaded = Loaded::for_context(&ctx)?;
+        Ok(Handle {
+            inner: Arc::new(Inner {
+                ctx,
+                stream,
+                loaded,
+                launches: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The stream all kernels are launched on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.ctx
+    }
+
+    /// Waits for all work submitted to the handle's stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(Error::driver("cuStreamSynchronize"))
+    }
+
+    /// Number of kernels this handle (and its clones) has launched. Memory copies and memsets
+    /// are not counted. Stochastic depth uses it to prove that dropped blocks launch nothing.
+    pub fn launch_count(&self) -> u64 {
+        self.inner.launches.load(Ordering::Relaxed)
+    }
+
+    /// Name, compute capability, SM count, L2 size, memory and driver version.
+    pub fn device_info(&self) -> Result<DeviceInfo> {
+        use sys::CUdevice_attribute as A;
+        let ctx = &self.inner.ctx;
+        let op = "device_info";
+        let attr = |a| ctx.attribute(a).map_err(Error::driver(op));
+        let mut driver_version = 0;
+        // SAFETY: writes one int.
+        unsafe { sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(Error::driver(op))?;
+        Ok(DeviceInfo {
+            ordinal: ctx.ordinal(),
+            name: ctx.name().map_err(Error::driver(op))?,
+            compute_capability: ctx.compute_capability().map_err(Error::driver(op))?,
+            sm_count: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+            l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u64,
+            total_memory: ctx.total_mem().map_err(Error::driver(op))? as u64,
+            driver_version,
+        })
+    }
+
+    /// Loads every kernel of the crate into this context now rather than at first use, so a
+    /// module the driver cannot load is reported at start-up. Returns how many were loaded.
+    pub fn load_all_kernels(&self) -> Result<usize> {
+        for &k in Kernel::ALL {
+            self.function(k)?;
+        }
+        Ok(Kernel::ALL.len())
+    }
+
+    pub(crate) fn function(&self, k: Kernel) -> Result<&CudaFunction> {
+        self.inner.loaded.function(k)
+    }
+
+    /// Launches `k` with its single by-value parameter struct. Every fusedreg kernel takes
+    /// exactly one `#[repr(C)]` struct whose size is asserted on both sides.
+    pub(crate) fn launch<P: DeviceRepr>(
+        &self,
+        k: Kernel,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.function(k)?;
+        let mut args = [params as *const P as *mut std::ffi::c_void];
+        self.inner
+            .ctx
+            .bind_to_thread()
+            .map_err(Error::driver(k.symbol()))?;
+        // SAFETY: `params` is the kernel's one parameter (layout asserted on both sides), and
+        // every pointer in it was validated by the op wrapper against the buffer lengths.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                grid,
+                block,
+                shared_bytes,
+                self.inner.stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(Error::driver(k.symbol()))?;
+        self.inner.launches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn check_context(&self, op: &'static str, what: &str, stream: &CudaStream) -> Result<()> {
+        if stream.context().cu_ctx() == self.inner.ctx.cu_ctx() {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                op,
+                format!("`{what}` was allocated in another CUDA context than the handle's"),
+            ))
+        }
+    }
+
+    /// The raw address of a buffer the kernel reads, after checking it lives in our context.
+    /// The guard must outlive the launch.
+    pub(crate) fn read_ptr<'a, T>(
+        &'a self,
+        op: &'static str,
+        what: &str,
+        buf: &'a impl DevicePtr<T>,
+    ) -> Result<(u64, SyncOnDrop<'a>)> {
+        self.check_context(op, what, buf.stream())?;
+        Ok(buf.device_ptr(&self.inner.stream))
+    }
+
+    /// The raw address of a buffer the kernel writes (see [`Handle::read_ptr`]).
+    pub(crate) fn write_ptr<'a, T>(
+        &'a self,
+        op: &'static str,
+        what: &str,
+        buf: &'a mut impl DevicePtrMut<T>,
+    ) -> Result<(u64, SyncOnDrop<'a>)> {
+        self.check_context(op, what, buf.stream())?;
+        Ok(buf.device_ptr_mut(&self.inner.stream))
+    }
+}
+
+/// Grid size for a grid-stride loop over `n` items with `block` threads: enough blocks to fill
+/// the device several times over, capped so the grid is legal; results never depend on it.
+pub(crate) fn grid_for(n: u64, block: u32) -> u32 {
+    n.div_ceil(u64::from(block)).clamp(1, 1 << 20) as u32
+}

@@ -1,0 +1,105 @@
+//! Helpers shared by the CPU and GPU test suites: seeded random data (never zeros) and
+//! comparisons that report the first mismatches with their indices.
+#![allow(dead_code)]
+
+use fusedreg::Dtype;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A seeded generator; print the seed in failures so they can be reproduced.
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` values uniform in `[lo, hi)`, rounded to `T`. Never all zeros.
+pub fn uniform<T: Dtype>(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<T> {
+    (0..n)
+        .map(|_| T::from_f32_rn(rng.random_range(lo..hi)))
+        .collect()
+}
+
+/// Widens to f32.
+pub fn to_f32<T: Dtype>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// How many mismatches a report lists.
+const SHOWN: usize = 8;
+
+/// Bit-for-bit equality of two slices of plain data, reporting the first differing indices.
+pub fn bits_eq<T: bytemuck::Pod + std::fmt::Debug>(
+    what: &str,
+    got: &[T],
+    want: &[T],
+) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: length {} != expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let bytes = std::mem::size_of::<T>();
+    let mut bad = Vec::new();
+    let mut count = 0usize;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if bytemuck::bytes_of(g) != bytemuck::bytes_of(w) {
+            count += 1;
+            if bad.len() < SHOWN {
+                bad.push(format!("  [{i}] got {g:?} want {w:?}"));
+            }
+        }
+    }
+    if count == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: {count} of {} elements ({bytes}-byte) differ bit for bit; first:\n{}",
+            got.len(),
+            bad.join("\n")
+        ))
+    }
+}
+
+/// `|got - want| <= atol + rtol * |want|` elementwise (NaN never passes), reporting the first
+/// failing indices.
+pub fn close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: length {} != expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let mut bad = Vec::new();
+    let mut count = 0usize;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = (g - w).abs() <= atol + rtol * w.abs();
+        if !ok {
+            count += 1;
+            if bad.len() < SHOWN {
+                bad.push(format!(
+                    "  [{i}] got {g:e} want {w:e} (diff {:e})",
+                    (g - w).abs()
+                ));
+            }
+        }
+    }
+    if count == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: {count} of {} elements outside atol {atol:e} + rtol {rtol:e}; first:\n{}",
+            got.len(),
+            bad.join("\n")
+        ))
+    }
+}
+
+/// Turns a `Result<(), String>` into a panic with the message (for `#[test]` functions).
+#[track_caller]
+pub fn check(r: Result<(), String>) {
+    if let Err(e) = r {
+        panic!("{e}");
+    }
+}

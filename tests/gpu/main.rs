@@ -1,0 +1,20 @@
+//! GPU tests: every kernel against its CPU reference.
+//!
+//! A libtest-mimic harness. Without a CUDA device (or without built kernels) every test is
+//! reported as *ignored* with the reason; with `FUSEDREG_REQUIRE_GPU=1` that becomes a failure,
+//! which is how the GPU machines run this suite.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod harness;
+mod philox;
+
+use libtest_mimic::Arguments;
+
+fn main() {
+    let args = Arguments::from_args();
+    let mut trials = Vec::new();
+    trials.extend(harness::trials());
+    trials.extend(philox::trials());
+    libtest_mimic::run(&args, trials).exit();
+}
