@@ -100,34 +100,67 @@ pub fn time_gpu(
     plan: TimingPlan,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<Samples> {
-    let (start, stop) = (timing_event(handle)?, timing_event(handle)?);
-    let stream = handle.stream();
-    let elapsed = |n: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        start
-            .record(stream)
-            .map_err(Error::driver("cuEventRecord"))?;
-        for _ in 0..n {
-            f()?;
-        }
-        stop.record(stream)
-            .map_err(Error::driver("cuEventRecord"))?;
-        let ms = start
-            .elapsed_ms(&stop)
-            .map_err(Error::driver("cuEventElapsedTime"))?;
-        Ok(f64::from(ms))
-    };
+    let timer = BatchTimer::new(handle)?;
     for _ in 0..plan.warmup {
         f()?;
     }
     handle.synchronize()?;
     // Calibrate the batch so one sample lasts at least `min_sample_ms`.
-    let one = elapsed(1, &mut f)?.max(1e-4);
+    let one = timer.time(1, &mut f)?.max(1e-4);
     let batch = ((plan.min_sample_ms / one).ceil() as usize).clamp(1, 10_000);
     let mut ms = Vec::with_capacity(plan.samples);
     for _ in 0..plan.samples.max(1) {
-        ms.push(elapsed(batch, &mut f)? / batch as f64);
+        ms.push(timer.time(batch, &mut f)? / batch as f64);
     }
     Ok(Samples { ms, batch })
+}
+
+/// A pair of timing events on the handle's stream: the one measuring primitive behind
+/// [`time_gpu`] and the criterion benches (`iter_custom`).
+pub struct BatchTimer<'h> {
+    handle: &'h Handle,
+    start: CudaEvent,
+    stop: CudaEvent,
+}
+
+impl<'h> BatchTimer<'h> {
+    /// Creates the two events (with timing enabled).
+    pub fn new(handle: &'h Handle) -> Result<Self> {
+        Ok(BatchTimer {
+            handle,
+            start: timing_event(handle)?,
+            stop: timing_event(handle)?,
+        })
+    }
+
+    /// Runs `f` `n` times between the two events and returns the elapsed GPU time in ms.
+    pub fn time(&self, n: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let stream = self.handle.stream();
+        self.start
+            .record(stream)
+            .map_err(Error::driver("cuEventRecord"))?;
+        for _ in 0..n {
+            f()?;
+        }
+        self.stop
+            .record(stream)
+            .map_err(Error::driver("cuEventRecord"))?;
+        let ms = self
+            .start
+            .elapsed_ms(&self.stop)
+            .map_err(Error::driver("cuEventElapsedTime"))?;
+        Ok(f64::from(ms))
+    }
+
+    /// [`BatchTimer::time`] as a `Duration`, for criterion's `iter_custom`.
+    pub fn duration(
+        &self,
+        n: u64,
+        f: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<std::time::Duration> {
+        let ms = self.time(n as usize, f)?;
+        Ok(std::time::Duration::from_secs_f64(ms * 1e-3))
+    }
 }
 
 /// Bytes per second from bytes moved and milliseconds.
