@@ -19,6 +19,7 @@ for a in "$@"; do
   esac
 done
 export FUSEDREG_REQUIRE_GPU=1
+export FUSEDREG_COMMIT="$(head -1 "$kit/COMMIT")$(sed -n 2p "$kit/COMMIT" | grep -q . && echo -dirty)"
 status=0
 summary="$out/summary.txt"
 : >"$summary"
@@ -70,7 +71,7 @@ fi
 
 # 4. The same work through PyTorch, on the same GPU, for comparison.
 if [ $torch -eq 1 ] && [ -f "$kit/compare_torch.py" ]; then
-  PYTHONUNBUFFERED=1 python3 "$kit/compare_torch.py" $quick 2>&1 | tee "$out/torch.log"
+  PYTHONUNBUFFERED=1 python3 "$kit/compare_torch.py" $quick --out "$out" 2>&1 | tee "$out/torch.log"
 fi
 
 note "overall status $status"

@@ -26,6 +26,7 @@
 pub mod dtype;
 pub mod error;
 pub mod philox;
+pub mod report;
 mod runtime;
 pub mod timing;
 

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""The same work as fusedreg-bench, through PyTorch on the same GPU, for comparison.
+
+Prints a table with the columns of the fusedreg report (ms, GB/s by the same minimal-bytes
+formulas, fraction of the copy bandwidth measured here) and writes torch.json when --out is given.
+
+  python3 benches/compare_torch.py [--quick] [--out DIR]
+
+Cases: eager `dropout(x + bias) + residual` forward and backward and the same under
+torch.compile; `torch.optim.AdamW(fused=True)`; `clip_grad_norm_(foreach=True)`; and the two
+together, on GPT-2 124M and 1B Llama-like parameter shapes.
+"""
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+p_drop = 0.1
+
+
+def bench(fn, warmup=3, samples=25, min_ms=1.0):
+    """Median per-call ms with CUDA events, batching calls so a sample lasts >= min_ms."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed(n):
+        s.record()
+        for _ in range(n):
+            fn()
+        e.record()
+        e.synchronize()
+        return s.elapsed_time(e)
+
+    one = max(timed(1), 1e-4)
+    batch = max(1, min(10000, math.ceil(min_ms / one)))
+    ts = sorted(timed(batch) / batch for _ in range(samples))
+    return ts[len(ts) // 2]
+
+
+def copy_gbps(quick):
+    n = (256 << 20 if quick else 1 << 30) // 4
+    x = torch.rand(n, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * 4 * n / (ms * 1e-3) / 1e9
+
+
+def gpt2_shapes():
+    d, v, ctx, ff = 768, 50257, 1024, 3072
+    shapes = [(v, d), (ctx, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, ff), (ff,), (ff, d), (d,)]
+    shapes += [(d,), (d,)]
+    assert len(shapes) == 148
+    return shapes
+
+
+def llama1b_shapes():
+    d, layers, ff, v = 2048, 16, 8192, 32000
+    shapes = [(v, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d, d), (d, d), (d, d), (d, d), (d,), (ff, d), (ff, d), (d, ff)]
+    shapes += [(d,), (v, d)]
+    return shapes
+
+
+def dropout_cases(rows, quick, copy):
+    sizes = [("bf16 [16384,4096] bias", torch.bfloat16, (16384, 4096))]
+    if not quick:
+        sizes += [("f32 [16384,4096] bias", torch.float32, (16384, 4096)),
+                  ("bf16 [65536,4096] bias", torch.bfloat16, (65536, 4096))]
+    for case, dt, shape in sizes:
+        n = shape[0] * shape[1]
+        s = torch.finfo(dt).bits // 8
+        x = torch.randn(shape, device="cuda", dtype=dt, requires_grad=True)
+        r = torch.randn(shape, device="cuda", dtype=dt)
+        b = torch.randn(shape[1], device="cuda", dtype=dt, requires_grad=True)
+        dy = torch.randn(shape, device="cuda", dtype=dt)
+
+        def eager(x, b, r):
+            return torch.nn.functional.dropout(x + b, p=p_drop, training=True) + r
+
+        compiled = torch.compile(eager)
+        for name, f in (("eager", eager), ("compile", compiled)):
+            try:
+                with torch.no_grad():
+                    ms = bench(lambda: f(x, b, r))
+                rows.append(row("dropout_residual fwd", case, name, ms, 3 * s * n, copy))
+                y = f(x, b, r)
+                ms = bench(lambda: torch.autograd.grad(y, (x, b), dy, retain_graph=True))
+                rows.append(row("dropout_residual bwd", case, name, ms, 2 * s * n, copy))
+            except Exception as ex:  # keep going: one failing case must not hide the others
+                print(f"{case} {name}: {ex}", file=sys.stderr)
+        del x, r, b, dy
+
+
+def optimizer_cases(rows, quick, copy):
+    models = [("gpt2-124M", gpt2_shapes())]
+    if not quick:
+        models.append(("llama-1B", llama1b_shapes()))
+    for model, shapes in models:
+        for dt in (torch.float32, torch.bfloat16):
+            dname = "f32" if dt == torch.float32 else "bf16 (bf16 moments)"
+            params = [torch.randn(s, device="cuda", dtype=dt) * 0.02 for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+            n = sum(p.numel() for p in params)
+            gb = 4 if dt == torch.float32 else 2
+            opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
+            case = f"{model} {dname} ({n / 1e6:.0f}M)"
+            ms = bench(opt.step)
+            # Bytes by fusedreg's formula for the same layout: read p g m v, write p m v.
+            rows.append(row("adamw", case, "fused=True", ms, (4 * gb + 3 * gb) * n, copy))
+            ms = bench(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True))
+            rows.append(row("global_norm+scale", case, "foreach", ms, 3 * gb * n, copy))
+
+            def step():
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                opt.step()
+
+            ms = bench(step)
+            rows.append(row("clip+adamw", case, "foreach+fused", ms, (7 * gb + gb) * n, copy))
+            del params, opt
+            torch.cuda.empty_cache()
+
+
+def row(op, case, impl, ms, nbytes, copy):
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return {"op": op, "case": case, "impl": impl, "ms": ms, "bytes": nbytes, "gbps": gbps,
+            "frac_copy": gbps / copy}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    copy = copy_gbps(a.quick)
+    rows = []
+    dropout_cases(rows, a.quick, copy)
+    optimizer_cases(rows, a.quick, copy)
+    print(f"PyTorch {torch.__version__} on {name}; copy {copy:.0f} GB/s (read + write)")
+    print(f"{'op':<22} {'case':<34} {'impl':<14} {'ms':>9} {'GB/s':>7} {'%copy':>6}")
+    for r in rows:
+        print(f"{r['op']:<22} {r['case']:<34} {r['impl']:<14} {r['ms']:>9.4f} {r['gbps']:>7.0f} "
+              f"{100 * r['frac_copy']:>5.0f}%")
+    if a.out:
+        with open(f"{a.out}/torch.json", "w") as f:
+            json.dump({"torch": torch.__version__, "device": name, "copy_gbps": copy, "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

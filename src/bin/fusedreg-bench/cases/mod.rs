@@ -1,0 +1,8 @@
+//! The benchmark cases, one module per op (the op's stem), each adding its rows to the report.
+
+use crate::Ctx;
+
+/// Runs every op's cases in report order.
+pub fn run_all(_ctx: &mut Ctx) -> fusedreg::Result<()> {
+    Ok(())
+}

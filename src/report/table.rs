@@ -1,0 +1,152 @@
+//! The plain-text table printed by `fusedreg-bench`.
+
+use std::fmt::Write as _;
+
+use super::{Measurement, Report};
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.1}")
+    } else if v >= 1.0 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn pct(m: &Measurement) -> String {
+    m.frac_copy
+        .map_or("-".into(), |f| format!("{:.0}%", 100.0 * f))
+}
+
+fn bytes(b: Option<u64>) -> String {
+    match b {
+        None => "-".into(),
+        Some(0) => "0".into(),
+        Some(b) if b >= 1 << 30 => format!("{:.1}G", b as f64 / (1u64 << 30) as f64),
+        Some(b) if b >= 1 << 20 => format!("{:.1}M", b as f64 / (1u64 << 20) as f64),
+        Some(b) => format!("{:.1}K", b as f64 / 1024.0),
+    }
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+pub(super) fn render(r: &Report) -> String {
+    let mut s = String::new();
+    writeln!(
+        s,
+        "fusedreg {} (commit {}), {}",
+        r.crate_version, r.commit, r.date_utc
+    )
+    .unwrap();
+    writeln!(s, "kernels: {}", r.kernels).unwrap();
+    match (&r.device, &r.copy) {
+        (Some(d), Some(c)) => {
+            writeln!(
+                s,
+                "device: {} (sm {}, {} SMs, {} MiB L2, {} GiB, driver CUDA {})",
+                d.name,
+                d.compute_capability,
+                d.sm_count,
+                d.l2_bytes >> 20,
+                d.total_memory >> 30,
+                d.driver_cuda_version
+            )
+            .unwrap();
+            writeln!(
+                s,
+                "copy bandwidth ({} MiB, read + write): memcpy {:.0} GB/s, copy kernel {:.0} GB/s; %copy below is relative to {:.0} GB/s",
+                c.bytes >> 20,
+                c.memcpy_gbps,
+                c.kernel_gbps,
+                c.reference_gbps
+            )
+            .unwrap();
+        }
+        _ => {
+            writeln!(
+                s,
+                "NO CUDA DEVICE FOUND ({}): timing the CPU reference implementations instead",
+                r.no_device_reason.as_deref().unwrap_or("no device")
+            )
+            .unwrap();
+        }
+    }
+    if r.quick {
+        writeln!(s, "(--quick: fewer samples and smaller sizes)").unwrap();
+    }
+    let header = [
+        "op",
+        "case",
+        "fused ms",
+        "GB/s",
+        "%copy",
+        "unfused ms",
+        "GB/s",
+        "%copy",
+        "speedup",
+        "launches f/u",
+        "held f/u",
+        "note",
+    ];
+    let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for row in &r.rows {
+        let f = &row.fused;
+        let u = row.unfused.as_ref();
+        lines.push(vec![
+            row.op.clone(),
+            row.case.clone(),
+            ms(f.ms),
+            format!("{:.0}", f.gbps),
+            pct(f),
+            u.map_or("-".into(), |u| ms(u.ms)),
+            u.map_or("-".into(), |u| format!("{:.0}", u.gbps)),
+            u.map_or("-".into(), pct),
+            row.speedup.map_or("-".into(), |x| format!("{x:.2}x")),
+            format!(
+                "{}/{}",
+                opt(f.launches_per_step),
+                opt(u.and_then(|u| u.launches_per_step))
+            ),
+            format!(
+                "{}/{}",
+                bytes(row.fused_held_bytes),
+                bytes(row.unfused_held_bytes)
+            ),
+            row.note.clone(),
+        ]);
+    }
+    let cols = header.len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            lines
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for (i, l) in lines.iter().enumerate() {
+        let mut line = String::new();
+        for c in 0..cols {
+            let w = widths[c];
+            if c < 2 || c == cols - 1 {
+                write!(line, "{:<w$}  ", l[c]).unwrap();
+            } else {
+                write!(line, "{:>w$}  ", l[c]).unwrap();
+            }
+        }
+        writeln!(s, "{}", line.trim_end()).unwrap();
+        if i == 0 {
+            writeln!(
+                s,
+                "{}",
+                "-".repeat(widths.iter().sum::<usize>() + 2 * (cols - 1))
+            )
+            .unwrap();
+        }
+    }
+    s
+}
