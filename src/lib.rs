@@ -28,6 +28,7 @@ pub mod error;
 pub mod philox;
 pub mod report;
 mod runtime;
+pub mod stochastic_depth;
 pub mod timing;
 
 pub use dtype::{Dtype, DtypeKind};

@@ -1,0 +1,281 @@
+//! Stochastic depth: drop schedules and a per-step plan, computed on the host, that says which
+//! residual blocks run — so a dropped block is never launched, forward or backward.
+//!
+//! Two modes:
+//!
+//! * [`Mode::Batch`] — the whole block is dropped for the whole batch with probability `p_l`
+//!   (torchvision's `mode="batch"`, fairseq's LayerDrop). The plan is drawn on the host from our
+//!   Philox with `(seed, step, block)`: deterministic, no device work, no sync. A dropped block
+//!   launches nothing; a kept block's residual branch is scaled by `1 / (1 - p_l)` (fold it into
+//!   the fused residual add), so the expected output is unchanged (torchvision/timm
+//!   `scale_by_keep=True`).
+//! * [`Mode::Row`] — per sample (timm's `DropPath`): every block runs, and each row's residual
+//!   branch is kept or dropped on the device by the dropout op's drop path, keyed by the call id
+//!   [`Plan::row_call`] gives for (step, block).
+//!
+//! ```
+//! use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+//! let sd = StochasticDepth::new(Schedule::linear(0.5), 24, 1234, Mode::Batch).unwrap();
+//! let plan = sd.plan(0);
+//! for block in 0..24 {
+//!     if plan.runs(block) {
+//!         let scale = plan.residual_scale(block); // 1 / (1 - p_l): fold into the residual add
+//!         assert!(scale >= 1.0);
+//!     } // else: launch nothing for this block, forward or backward
+//! }
+//! assert_eq!(plan, sd.plan(0)); // deterministic
+//! ```
+
+use crate::error::{Error, Result};
+use crate::philox::{mask_word, DropRate};
+
+const OP: &str = "stochastic_depth";
+
+/// Domain separation: plan draws use call ids in their own range, so they never coincide with
+/// the (seed, call) pairs of the row-mode masks.
+const BATCH_STREAM: u64 = 0x5344_4241 << 32; // "SDBA"
+const ROW_STREAM: u64 = 0x5344_5257 << 32; // "SDRW"
+
+/// How the drop probability grows with depth.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Schedule {
+    /// Huang et al. (2016): `p_l = (l / L) * p_L` for blocks `l = 1..=L` — the first block is
+    /// dropped with probability `p_L / L`, the last with `p_L`. With `p_L = 0.5` about `3L/4`
+    /// blocks run on average.
+    Linear {
+        /// Drop probability of the last block, in `[0, 1)`.
+        p_last: f64,
+    },
+    /// timm's `torch.linspace(0, rate, depth)`: `p_l = rate * l / (L - 1)` for `l = 0..L` — the
+    /// first block is never dropped, the last is dropped with probability `rate`.
+    Linspace {
+        /// Drop probability of the last block, in `[0, 1)`.
+        rate: f64,
+    },
+    /// The same probability for every block.
+    Constant(f64),
+    /// One probability per block.
+    Custom(Vec<f64>),
+}
+
+impl Schedule {
+    /// [`Schedule::Linear`] (Huang et al.).
+    pub fn linear(p_last: f64) -> Self {
+        Schedule::Linear { p_last }
+    }
+
+    /// The drop probability of each of `blocks` blocks, each validated to lie in `[0, 1)`.
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::Schedule;
+    /// assert_eq!(Schedule::linear(0.5).probabilities(4).unwrap(), vec![0.125, 0.25, 0.375, 0.5]);
+    /// assert_eq!(Schedule::Linspace { rate: 0.3 }.probabilities(4).unwrap()[0], 0.0);
+    /// assert!(Schedule::Constant(1.0).probabilities(3).is_err()); // a block must be able to run
+    /// ```
+    pub fn probabilities(&self, blocks: usize) -> Result<Vec<f64>> {
+        if blocks == 0 {
+            return Err(Error::invalid(OP, "a schedule needs at least one block"));
+        }
+        let l = blocks as f64;
+        let probs: Vec<f64> = match self {
+            Schedule::Linear { p_last } => (1..=blocks).map(|i| p_last * i as f64 / l).collect(),
+            Schedule::Linspace { rate } if blocks == 1 => vec![*rate],
+            Schedule::Linspace { rate } => {
+                (0..blocks).map(|i| rate * i as f64 / (l - 1.0)).collect()
+            }
+            Schedule::Constant(p) => vec![*p; blocks],
+            Schedule::Custom(v) => {
+                if v.len() != blocks {
+                    return Err(Error::shape(
+                        OP,
+                        format!(
+                            "custom schedule has {} probabilities for {blocks} blocks",
+                            v.len()
+                        ),
+                    ));
+                }
+                v.clone()
+            }
+        };
+        for (i, &p) in probs.iter().enumerate() {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::invalid(
+                    OP,
+                    format!("block {i}: drop probability {p} must lie in [0, 1) (a block must be able to run)"),
+                ));
+            }
+        }
+        Ok(probs)
+    }
+}
+
+/// Whole-block (batch) or per-sample (row) dropping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Drop the block for the whole batch: dropped blocks launch nothing.
+    Batch,
+    /// Drop per sample inside the fused residual add: every block runs.
+    Row,
+}
+
+/// Stochastic depth over a fixed number of blocks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StochasticDepth {
+    rates: Vec<DropRate>,
+    seed: u64,
+    mode: Mode,
+}
+
+impl StochasticDepth {
+    /// Validates the schedule for `blocks` blocks.
+    pub fn new(schedule: Schedule, blocks: usize, seed: u64, mode: Mode) -> Result<Self> {
+        let rates = schedule
+            .probabilities(blocks)?
+            .into_iter()
+            .map(|p| DropRate::checked(OP, p))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StochasticDepth { rates, seed, mode })
+    }
+
+    /// Number of blocks.
+    pub fn blocks(&self) -> usize {
+        self.rates.len()
+    }
+
+    /// The drop rate of each block.
+    pub fn rates(&self) -> &[DropRate] {
+        &self.rates
+    }
+
+    /// The plan for training step `step`: a pure function of (seed, step), computed on the host
+    /// without touching the device. Evaluation (no dropping) is [`StochasticDepth::eval_plan`].
+    pub fn plan(&self, step: u64) -> Plan {
+        let blocks = self
+            .rates
+            .iter()
+            .enumerate()
+            .map(|(l, rate)| match self.mode {
+                Mode::Batch => {
+                    let runs = rate.keeps(mask_word(self.seed, BATCH_STREAM | step, l as u64));
+                    BlockPlan {
+                        runs,
+                        residual_scale: if runs { rate.scale() } else { 0.0 },
+                        row_drop: None,
+                    }
+                }
+                Mode::Row => BlockPlan {
+                    runs: true,
+                    residual_scale: 1.0,
+                    row_drop: (!rate.keeps_all()).then(|| RowDrop {
+                        p: rate.p(),
+                        seed: self.seed,
+                        call: row_call(step, l),
+                    }),
+                },
+            })
+            .collect();
+        Plan { step, blocks }
+    }
+
+    /// The plan for inference: every block runs unscaled.
+    pub fn eval_plan(&self) -> Plan {
+        Plan {
+            step: u64::MAX,
+            blocks: vec![
+                BlockPlan {
+                    runs: true,
+                    residual_scale: 1.0,
+                    row_drop: None
+                };
+                self.rates.len()
+            ],
+        }
+    }
+}
+
+/// The device call id of the row-mode drop path of `block` at `step`.
+fn row_call(step: u64, block: usize) -> u64 {
+    ROW_STREAM ^ (step << 20) ^ block as u64
+}
+
+/// Per-sample dropping of one block in row mode: pass it to the fused residual add's drop path.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowDrop {
+    /// Drop probability of each row.
+    pub p: f64,
+    /// Seed of the draw.
+    pub seed: u64,
+    /// Call id of the draw (distinct per step and block).
+    pub call: u64,
+}
+
+/// What one block does this step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockPlan {
+    /// Whether the block runs at all (always true in row mode).
+    pub runs: bool,
+    /// Scale of the residual branch: `1 / (1 - p_l)` for a kept block in batch mode, 1 in row
+    /// mode (the drop path scales per row), 0 for a dropped block.
+    pub residual_scale: f32,
+    /// Row mode: the per-sample drop to apply in the residual add.
+    pub row_drop: Option<RowDrop>,
+}
+
+/// Which blocks run at one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    step: u64,
+    blocks: Vec<BlockPlan>,
+}
+
+impl Plan {
+    /// The step this plan is for.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Whether block `block` runs (launch nothing for it, forward or backward, if not).
+    /// Out-of-range blocks do not run.
+    pub fn runs(&self, block: usize) -> bool {
+        self.blocks.get(block).is_some_and(|b| b.runs)
+    }
+
+    /// The residual scale of `block` (0 if it does not run).
+    pub fn residual_scale(&self, block: usize) -> f32 {
+        self.blocks.get(block).map_or(0.0, |b| b.residual_scale)
+    }
+
+    /// Everything about `block`.
+    pub fn block(&self, block: usize) -> Option<&BlockPlan> {
+        self.blocks.get(block)
+    }
+
+    /// All blocks.
+    pub fn blocks(&self) -> &[BlockPlan] {
+        &self.blocks
+    }
+
+    /// How many blocks run.
+    pub fn running(&self) -> usize {
+        self.blocks.iter().filter(|b| b.runs).count()
+    }
+
+    /// Per-tensor "skip this optimizer step" flags: `block_of_tensor[i]` names the block owning
+    /// optimizer tensor `i` (`None` for tensors outside the blocks, which always step). Tensors
+    /// of dropped blocks got no gradient this step; skipping them keeps momentum from moving
+    /// them anyway.
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::Constant(0.5), 2, 7, Mode::Batch).unwrap();
+    /// let plan = sd.plan(3);
+    /// let flags = plan.skip_flags(&[None, Some(0), Some(1)]);
+    /// assert_eq!(flags, vec![false, !plan.runs(0), !plan.runs(1)]);
+    /// ```
+    pub fn skip_flags(&self, block_of_tensor: &[Option<usize>]) -> Vec<bool> {
+        block_of_tensor
+            .iter()
+            .map(|b| b.is_some_and(|b| !self.runs(b)))
+            .collect()
+    }
+}
