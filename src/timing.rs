@@ -225,7 +225,9 @@ pub fn copy_bandwidth(handle: &Handle, bytes: u64, plan: TimingPlan) -> Result<C
         dst: dst_ptr,
         n: n16,
     };
-    let grid = grid_for(n16, 256).min(handle_sm_blocks(handle)?);
+    // One vector per thread over the whole buffer: on an H100 this beats a persistent
+    // grid-stride grid by about 6% (benches/NOTES.md).
+    let grid = grid_for(n16, 256);
     let kernel = time_gpu(handle, plan, || {
         handle.launch(Kernel::CopyU128, (grid, 1, 1), (256, 1, 1), 0, &p)
     })?;
@@ -235,9 +237,4 @@ pub fn copy_bandwidth(handle: &Handle, bytes: u64, plan: TimingPlan) -> Result<C
         memcpy_gbps: gb_per_s(moved, memcpy.median()),
         kernel_gbps: gb_per_s(moved, kernel.median()),
     })
-}
-
-/// A grid-stride grid that fills every SM: SMs x 16 blocks.
-fn handle_sm_blocks(handle: &Handle) -> Result<u32> {
-    Ok(handle.device_info()?.sm_count.max(1) * 16)
 }
