@@ -25,6 +25,7 @@
 
 pub mod dtype;
 pub mod error;
+pub mod mlp;
 pub mod philox;
 pub mod report;
 mod runtime;

@@ -38,6 +38,13 @@ kernels! {
     "copy" => {
         CopyU128 = "copy_u128",
     }
+    "mlp" => {
+        MlpBiasGeluFwdF32 = "mlp_bias_gelu_fwd_f32",
+        MlpBiasGeluBwdF32 = "mlp_bias_gelu_bwd_f32",
+        MlpColsumPartialF32 = "mlp_colsum_partial_f32",
+        MlpColsumFinalF32 = "mlp_colsum_final_f32",
+        MlpMseGradF32 = "mlp_mse_grad_f32",
+    }
 }
 
 /// Builds a [`PerDtype`] of kernels from three variants named `<Base>F32`, `<Base>F16`,

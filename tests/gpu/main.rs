@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod harness;
+mod mlp;
 mod philox;
 
 use libtest_mimic::Arguments;
@@ -16,5 +17,6 @@ fn main() {
     let mut trials = Vec::new();
     trials.extend(harness::trials());
     trials.extend(philox::trials());
+    trials.extend(mlp::trials());
     libtest_mimic::run(&args, trials).exit();
 }

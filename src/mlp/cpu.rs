@@ -1,0 +1,118 @@
+//! CPU references of the MLP building blocks (plain loops; for tests and the CPU run of the
+//! example). `tanh` comes from libm here and from CUDA's `tanhf` on the device, so GELU agrees
+//! to a few ulps, not bit for bit; everything else uses the kernels' order of operations.
+
+use super::{colsum_slab_rows, gelu, gelu_grad, MSE_PER_BLOCK};
+
+/// `out = gelu(h + bias[col])` on row-major `[rows, cols]`.
+pub fn bias_gelu_fwd(h: &[f32], bias: &[f32], out: &mut [f32]) {
+    let cols = bias.len();
+    for (i, (o, &x)) in out.iter_mut().zip(h).enumerate() {
+        *o = gelu(x + bias[i % cols]);
+    }
+}
+
+/// `out = da * gelu'(h + bias[col])`.
+pub fn bias_gelu_bwd(h: &[f32], bias: &[f32], da: &[f32], out: &mut [f32]) {
+    let cols = bias.len();
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = da[i] * gelu_grad(h[i] + bias[i % cols]);
+    }
+}
+
+/// Column sums of row-major `[rows, cols]`, in the kernels' slab order (bit-exact with them).
+pub fn colsum(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let slab = colsum_slab_rows(rows) as usize;
+    let mut out = vec![0.0f32; cols];
+    let mut partial = vec![0.0f32; cols];
+    for r0 in (0..rows).step_by(slab.max(1)) {
+        partial.iter_mut().for_each(|p| *p = 0.0);
+        for r in r0..(r0 + slab).min(rows) {
+            for (p, &v) in partial.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+                *p += v;
+            }
+        }
+        for (o, p) in out.iter_mut().zip(&partial) {
+            *o += p;
+        }
+    }
+    out
+}
+
+/// `dy = (2 / n) * (y - target)`; returns the mean squared error (partials in the kernel's
+/// order, summed in f64).
+pub fn mse_grad(y: &[f32], target: &[f32], dy: &mut [f32]) -> f64 {
+    let n = y.len();
+    let scale = 2.0 / n as f32;
+    let mut total = 0.0f64;
+    for chunk in (0..n).step_by(MSE_PER_BLOCK) {
+        let end = (chunk + MSE_PER_BLOCK).min(n);
+        // The kernel's tree: 256 threads each accumulate a strided subset, then pairwise halving.
+        let mut lanes = [0.0f32; 256];
+        for (k, i) in (chunk..end).enumerate() {
+            let d = y[i] - target[i];
+            dy[i] = scale * d;
+            lanes[k % 256] = d.mul_add(d, lanes[k % 256]);
+        }
+        let mut w = 128;
+        while w > 0 {
+            for t in 0..w {
+                lanes[t] += lanes[t + w];
+            }
+            w /= 2;
+        }
+        total += f64::from(lanes[0]);
+    }
+    total / n as f64
+}
+
+/// `y[T, out] = x[T, in] · w[out, in]^T` (+ `beta * y`).
+pub fn linear_fwd(x: &[f32], w: &[f32], y: &mut [f32], inp: usize, out: usize) {
+    let t = x.len() / inp;
+    for r in 0..t {
+        let xr = &x[r * inp..(r + 1) * inp];
+        for o in 0..out {
+            let wr = &w[o * inp..(o + 1) * inp];
+            y[r * out + o] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+/// `dx[T, in] (+)= dy[T, out] · w[out, in]`.
+pub fn linear_bwd_input(
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    inp: usize,
+    out: usize,
+    accumulate: bool,
+) {
+    let t = dy.len() / out;
+    for r in 0..t {
+        let dxr = &mut dx[r * inp..(r + 1) * inp];
+        if !accumulate {
+            dxr.iter_mut().for_each(|v| *v = 0.0);
+        }
+        for o in 0..out {
+            let g = dy[r * out + o];
+            for (d, &wv) in dxr.iter_mut().zip(&w[o * inp..(o + 1) * inp]) {
+                *d += g * wv;
+            }
+        }
+    }
+}
+
+/// `dw[out, in] = dy[T, out]^T · x[T, in]`.
+pub fn linear_bwd_weight(dy: &[f32], x: &[f32], dw: &mut [f32], inp: usize, out: usize) {
+    let t = dy.len() / out;
+    dw.iter_mut().for_each(|v| *v = 0.0);
+    for r in 0..t {
+        let xr = &x[r * inp..(r + 1) * inp];
+        for o in 0..out {
+            let g = dy[r * out + o];
+            for (d, &xv) in dw[o * inp..(o + 1) * inp].iter_mut().zip(xr) {
+                *d += g * xv;
+            }
+        }
+    }
+}
