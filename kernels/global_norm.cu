@@ -166,6 +166,8 @@ constexpr uint32_t REDUCE_CLIP = 2u;
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS) global_norm_reduce(const ReduceParams p) {
     const uint32_t t = threadIdx.x;
     double acc = 0.0;
+    // Unrolling lets the loads run ahead; the additions stay in index order.
+#pragma unroll 4
     for (uint64_t i = t; i < p.count; i += REDUCE_THREADS)
         acc = __dadd_rn(acc, (double)p.partials[i]);
     __shared__ double sh[REDUCE_THREADS];

@@ -1,5 +1,5 @@
 //! Fused multi-tensor AdamW (decoupled weight decay) over a
-//! [`TensorSet`](crate::multi_tensor::TensorSet): one launch per step for any number of tensors,
+//! [`TensorSet`] in one launch per step for any number of tensors,
 //! every per-step scalar read from device memory, bit-exact with the CPU reference [`cpu`].
 //!
 //! # The formula and its exact operation order
@@ -87,7 +87,9 @@
 //!   or write it on the device at [`AdamW::lr_device_ptr`] (a scheduler kernel).
 //! * `grad_scale` and the non-finite flag: written by [`GlobalNorm`](crate::global_norm::GlobalNorm)
 //!   (clip coefficient / loss scale). When the flag is set the kernel changes nothing at all —
-//!   parameters, moments, master weights and step counts keep their bits.
+//!   parameters, moments, master weights and step counts keep their bits. Loss scaling without
+//!   clipping: a `GlobalNorm` with `max_norm = None` and its loss scale set gives
+//!   `grad_scale = 1 / loss_scale` and the found-inf flag a dynamic loss scaler needs.
 //! * Per-tensor skip flags ([`TensorSet::set_skip`], a tiny asynchronous copy, or written on the
 //!   device at [`TensorSet::skip_device_ptr`]): a skipped tensor (the block of a dropped stochastic
 //!   depth layer) gets no decay, no moment update and no step.

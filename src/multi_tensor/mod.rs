@@ -38,6 +38,8 @@
 //!   context.
 //! * Gradients only ([`TensorSetBuilder::push_grad`], [`TensorSetBuilder::push_grad_raw`]): for
 //!   callers who clip with [`crate::global_norm`] but use their own optimizer.
+//! * Zero-size tensors: [`TensorSetBuilder::push_empty`] / [`TensorSetBuilder::push_grad_empty`]
+//!   (no buffer needed), or any of the above with empty buffers.
 //!
 //! A set with parameters owns the AdamW state of every tensor: f32 moments `m` and `v` (zeros),
 //! f32 master weights for 16-bit parameters (initialised from the parameters when the set is
@@ -419,6 +421,36 @@ impl TensorSetBuilder {
         Ok(self.pending.len() - 1)
     }
 
+    /// Registers a zero-size parameter tensor without buffers (CUDA cannot allocate 0 bytes
+    /// everywhere). It owns no chunk, so nothing ever reads or writes it. Returns its index.
+    pub fn push_empty<P: Dtype, G: Dtype>(&mut self, weight_decay: f32) -> Result<usize> {
+        check_weight_decay(weight_decay)?;
+        self.admit(Kind::Params(P::KIND, G::KIND))?;
+        self.pending.push(Pending {
+            param: 0,
+            grad: 0,
+            len: 0,
+            weight_decay,
+            owned_param: None,
+            owned_grad: None,
+        });
+        Ok(self.pending.len() - 1)
+    }
+
+    /// Registers a zero-size gradient without a buffer, in a gradients-only set.
+    pub fn push_grad_empty<G: Dtype>(&mut self) -> Result<usize> {
+        self.admit(Kind::Grads(G::KIND))?;
+        self.pending.push(Pending {
+            param: 0,
+            grad: 0,
+            len: 0,
+            weight_decay: 0.0,
+            owned_param: None,
+            owned_grad: None,
+        });
+        Ok(self.pending.len() - 1)
+    }
+
     /// Registers a gradient only (a gradients-only set: for the global norm and the scale pass
     /// with an optimizer of your own). Takes ownership of the buffer.
     pub fn push_grad<G: Dtype>(&mut self, grad: CudaSlice<G>) -> Result<usize> {
@@ -707,7 +739,8 @@ impl TensorSet {
     }
 
     /// Whether tensor `i` takes the vector path in the elementwise ops (AdamW): all its buffers
-    /// are aligned for 4-element groups. Misaligned tensors take the scalar path.
+    /// are aligned for 4-element groups. Misaligned tensors take the scalar path. Panics when
+    /// `i >= len()` (as do the other per-tensor getters returning plain values).
     pub fn is_vector_aligned(&self, i: usize) -> bool {
         self.entries[i].flags & FLAG_VEC4 != 0
     }
@@ -748,8 +781,8 @@ impl TensorSet {
             Error::invalid(
                 OP,
                 format!(
-                    "tensor {i}'s {what} was registered by raw address (or the set has none): \
-                     use your own buffer"
+                    "tensor {i}'s {what} was registered by raw address or as empty (or the \
+                     set has none): use your own buffer"
                 ),
             )
         })
@@ -814,22 +847,28 @@ impl TensorSet {
         })
     }
 
-    fn state_view<'a>(&'a self, s: &'a CudaSlice<f32>, i: usize) -> CudaView<'a, f32> {
-        let st = self.state.as_ref().expect("state present");
+    fn state_view<'a>(&'a self, s: &'a CudaSlice<f32>, i: usize) -> Result<CudaView<'a, f32>> {
+        let st = self.state(OP)?;
+        if i >= self.len() {
+            return Err(Error::invalid(
+                OP,
+                format!("tensor {i} does not exist (the set holds {})", self.len()),
+            ));
+        }
         let off = st.offsets[i] as usize;
-        s.slice(off..off + self.layout.lens()[i] as usize)
+        Ok(s.slice(off..off + self.layout.lens()[i] as usize))
     }
 
     /// Tensor `i`'s first moment (f32). Errors for a gradients-only set.
     pub fn exp_avg(&self, i: usize) -> Result<CudaView<'_, f32>> {
         let st = self.state(OP)?;
-        Ok(self.state_view(&st.m, i))
+        self.state_view(&st.m, i)
     }
 
     /// Tensor `i`'s second moment (f32).
     pub fn exp_avg_sq(&self, i: usize) -> Result<CudaView<'_, f32>> {
         let st = self.state(OP)?;
-        Ok(self.state_view(&st.v, i))
+        self.state_view(&st.v, i)
     }
 
     /// Tensor `i`'s f32 master weights (16-bit parameters only).
@@ -838,6 +877,6 @@ impl TensorSet {
         let m = st.master.as_ref().ok_or_else(|| {
             Error::invalid(OP, "f32 parameters have no master weights: read the params")
         })?;
-        Ok(self.state_view(m, i))
+        self.state_view(m, i)
     }
 }

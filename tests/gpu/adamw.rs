@@ -82,8 +82,12 @@ fn new_grads<P: Dtype, G: Dtype>(ts: &mut [cpu::CpuTensor<P, G>], seed: u64) {
 fn build<P: Dtype, G: Dtype>(h: &Handle, ts: &[cpu::CpuTensor<P, G>]) -> Result<TensorSet, String> {
     let mut b = TensorSet::builder(h);
     for t in ts {
-        b.push(upload(h, &t.param)?, upload(h, &t.grad)?, t.weight_decay)
-            .map_err(e)?;
+        if t.is_empty() {
+            b.push_empty::<P, G>(t.weight_decay).map_err(e)?;
+        } else {
+            b.push(upload(h, &t.param)?, upload(h, &t.grad)?, t.weight_decay)
+                .map_err(e)?;
+        }
     }
     b.build().map_err(e)
 }
@@ -141,7 +145,7 @@ fn compare<P: Dtype, G: Dtype>(
     ts: &[cpu::CpuTensor<P, G>],
     what: &str,
 ) -> Result<(), String> {
-    for (i, t) in ts.iter().enumerate() {
+    for (i, t) in ts.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
         bits_eq(
             &format!("{what}: tensor {i} ({} elements) param", t.len()),
             &download(h, &set.param::<P>(i).map_err(e)?)?,
@@ -250,6 +254,7 @@ fn stochastic_rounding(h: &Handle) -> Result<(), String> {
         }
         compare(h, &set, &ts, &format!("stochastic p{}", P::KIND.name()))?;
         (0..ts.len())
+            .filter(|&i| !ts[i].is_empty())
             .map(|i| download(h, &set.param::<P>(i).map_err(e)?))
             .collect()
     }
@@ -406,19 +411,12 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
         let opt1 = AdamW::new(&first, cfg).map_err(e)?;
         let mut ts = init.clone();
         for s in 0..3 {
-            write_grads(h, &mut first, &grads_of(s))?;
+            let grads = grads_of(s);
+            write_grads(h, &mut first, &grads)?;
             opt1.step(&mut first, None).map_err(e)?;
-            ts = {
-                let mut g = grads_of(s);
-                for (a, b) in g.iter_mut().zip(&ts) {
-                    a.param = b.param.clone();
-                    a.m = b.m.clone();
-                    a.v = b.v.clone();
-                    a.master = b.master.clone();
-                    a.step = b.step;
-                }
-                g
-            };
+            for (t, g) in ts.iter_mut().zip(grads) {
+                t.grad = g.grad;
+            }
             cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
         }
         let bytes = first.save_state().map_err(e)?;
@@ -429,7 +427,11 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
             &cpu::save_state(&ts),
         )?;
         let mut fresh_init = init.clone();
-        for (i, t) in fresh_init.iter_mut().enumerate() {
+        for (i, t) in fresh_init
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, t)| !t.is_empty())
+        {
             t.param = download(h, &first.param::<P>(i).map_err(e)?)?;
         }
         let mut fresh = build(h, &fresh_init)?;
@@ -444,7 +446,7 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
             &fresh.save_state().map_err(e)?,
             &straight.save_state().map_err(e)?,
         )?;
-        for i in 0..sizes.len() {
+        for i in (0..sizes.len()).filter(|&i| sizes[i] > 0) {
             bits_eq(
                 &format!("resumed vs straight param {i}"),
                 &download(h, &fresh.param::<P>(i).map_err(e)?)?,
@@ -493,7 +495,7 @@ fn skip_flags(h: &Handle) -> Result<(), String> {
         [false, false, false, false, false],
         [true, false, false, true, false],
         [true, true, true, true, true],
-        [false, false, true, false, true],
+        [false, false, false, true, true],
     ];
     for (s, skip) in plan.iter().enumerate() {
         new_grads(&mut ts, 800 + s as u64);
@@ -506,7 +508,7 @@ fn skip_flags(h: &Handle) -> Result<(), String> {
         compare(h, &set, &ts, &format!("skip plan {s}"))?;
     }
     let steps = set.step_counts().map_err(e)?;
-    if steps != vec![2, 0, 3, 1, 3] {
+    if steps != vec![2, 0, 3, 1, 2] {
         return Err(format!("step counts {steps:?}"));
     }
     if set.set_skip(&[true]).is_ok() {
