@@ -8,6 +8,11 @@
 //!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
 //! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
 //!   per context.
+//! * [`multi_tensor`]: tensor sets registered once, launched over as one (the engine behind
+//!   [`adamw`] and [`global_norm`]).
+//! * [`global_norm`]: deterministic global gradient norm, clip coefficient and scale pass.
+//! * [`adamw`]: fused multi-tensor AdamW with device-side scalars, master weights and a
+//!   bit-exact CPU reference.
 //! * [`timing`]: the GPU timing used by the benchmark report and the criterion benches.
 //!
 //! Building needs no CUDA: without nvcc the kernels are left out, the CPU references work and
@@ -23,9 +28,12 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod adamw;
 pub mod dtype;
 pub mod error;
+pub mod global_norm;
 pub mod mlp;
+pub mod multi_tensor;
 pub mod philox;
 pub mod report;
 mod runtime;

@@ -45,6 +45,30 @@ kernels! {
         MlpColsumFinalF32 = "mlp_colsum_final_f32",
         MlpMseGradF32 = "mlp_mse_grad_f32",
     }
+    "adamw" => {
+        AdamwPf32Gf32 = "adamw_pf32_gf32",
+        AdamwPf32Gf16 = "adamw_pf32_gf16",
+        AdamwPf32Gbf16 = "adamw_pf32_gbf16",
+        AdamwPf16Gf32 = "adamw_pf16_gf32",
+        AdamwPf16Gf16 = "adamw_pf16_gf16",
+        AdamwPf16Gbf16 = "adamw_pf16_gbf16",
+        AdamwPbf16Gf32 = "adamw_pbf16_gf32",
+        AdamwPbf16Gf16 = "adamw_pbf16_gf16",
+        AdamwPbf16Gbf16 = "adamw_pbf16_gbf16",
+        AdamwInitMasterF16 = "adamw_init_master_f16",
+        AdamwInitMasterBf16 = "adamw_init_master_bf16",
+    }
+    "global_norm" => {
+        GlobalNormPartialsF32 = "global_norm_partials_f32",
+        GlobalNormPartialsF16 = "global_norm_partials_f16",
+        GlobalNormPartialsBf16 = "global_norm_partials_bf16",
+        GlobalNormReduce = "global_norm_reduce",
+        GlobalNormFinalize = "global_norm_finalize",
+        GlobalNormPerTensor = "global_norm_per_tensor",
+        GlobalNormScaleF32 = "global_norm_scale_f32",
+        GlobalNormScaleF16 = "global_norm_scale_f16",
+        GlobalNormScaleBf16 = "global_norm_scale_bf16",
+    }
 }
 
 /// Builds a [`PerDtype`] of kernels from three variants named `<Base>F32`, `<Base>F16`,

@@ -4,8 +4,10 @@
 //! reported as *ignored* with the reason; with `FUSEDREG_REQUIRE_GPU=1` that becomes a failure,
 //! which is how the GPU machines run this suite.
 
+mod adamw;
 #[path = "../common/mod.rs"]
 mod common;
+mod global_norm;
 mod harness;
 mod mlp;
 mod philox;
@@ -18,5 +20,7 @@ fn main() {
     trials.extend(harness::trials());
     trials.extend(philox::trials());
     trials.extend(mlp::trials());
+    trials.extend(global_norm::trials());
+    trials.extend(adamw::trials());
     libtest_mimic::run(&args, trials).exit();
 }

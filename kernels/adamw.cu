@@ -1,0 +1,254 @@
+// Fused multi-tensor AdamW: one launch updates every tensor of a set.
+//
+// Per tensor and step (thread 0 of each block computes the f64 parts):
+//   t         = step count + 1 (per chunk counter, see below)
+//   bc1       = f32(1 - b1^t)          b^t by squaring in f64, 1 - b^t in f64, one rounding
+//   bc2_sqrt  = f32(sqrt(1 - b2^t))    f64 sqrt, one rounding
+//   neg_step  = -(lr / bc1)            f32
+//   neg_lr_wd = -(lr * wd)             f32
+// Per element, in f32 (every fma written out, the file is compiled with --fmad=false):
+//   g     = grad * grad_scale
+//   p     = fma(neg_lr_wd, p, p)                          decoupled decay of the old p
+//   m     = fma(b1, m, (1 - b1) * g)
+//   v     = fma(b2, v, ((1 - b2) * g) * g)
+//   denom = sqrt(v) / bc2_sqrt + eps
+//   p     = fma(neg_step, m / denom, p)
+// src/adamw/cpu.rs performs the same operations in the same order (f32::mul_add for each fma).
+//
+// When the non-finite flag (written by the global norm) is set, or a tensor's skip flag is set,
+// the block returns before touching anything: params, moments, master weights and step counts
+// keep their bits.
+//
+// Step counts live per chunk (one u32 per block of the set): each block reads and advances only
+// its own counter, so there is no race between blocks of a tensor and no extra launch. The chunks
+// of a tensor always advance together (the flags that stop them are per tensor or global).
+#include "common/multi_tensor.cuh"
+#include "common/philox.cuh"
+
+using namespace fusedreg;
+
+constexpr uint32_t ADAMW_THREADS = 512;
+constexpr int ADAMW_ILP = 2;  // 4-element groups loaded ahead per thread (8 wide loads in flight)
+
+struct AdamWParams {
+    const mt::TensorEntry* tensors;
+    const mt::BlockEntry* blocks;
+    uint32_t* chunk_steps;      // per global chunk
+    const uint8_t* skip;        // per tensor (1: leave it alone this step), or 0
+    const float* lr;            // device scalar
+    const float* grad_scale;    // device scalar (clip coef / loss scale), or 0 for 1
+    const uint32_t* nonfinite;  // device flag, or 0
+    uint64_t seed;              // stochastic rounding
+    float beta1;
+    float beta2;
+    float eps;
+    uint32_t block_offset;
+    uint32_t stochastic;  // 1: 16-bit params rounded stochastically from the master
+    uint32_t pad;
+};
+static_assert(sizeof(AdamWParams) == 88, "must match src/adamw/gpu.rs");
+
+// b^e by binary exponentiation, every product an IEEE f64 multiply: cpu::pow_by_squaring.
+__device__ __forceinline__ double pow_by_squaring(double b, uint32_t e) {
+    double r = 1.0;
+    while (e != 0) {
+        if (e & 1u) r = __dmul_rn(r, b);
+        e >>= 1;
+        if (e != 0) b = __dmul_rn(b, b);
+    }
+    return r;
+}
+
+template <typename T> __device__ __forceinline__ T from_f32_rz(float x);
+template <> __device__ __forceinline__ __half from_f32_rz<__half>(float x) {
+    return __float2half_rz(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32_rz<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rz(x);
+}
+template <typename T> __device__ __forceinline__ uint16_t bits16(T x) {
+    uint16_t b;
+    memcpy(&b, &x, 2);
+    return b;
+}
+template <typename T> __device__ __forceinline__ T from_bits16(uint16_t b) {
+    T x;
+    memcpy(&x, &b, 2);
+    return x;
+}
+
+// Stochastic rounding of a finite f32 to the 16-bit type: lo = x rounded toward zero, hi = the
+// next value away from zero; hi is chosen when word < floor(2^32 * (|x| - |lo|) / (|hi| - |lo|)),
+// so E[result] = x up to 2^-32 of a 16-bit ulp. Every step is exact in f32. Non-finite x, and x
+// beyond the largest finite 16-bit value, round to nearest even. Mirrored by cpu::round_stochastic.
+template <typename T> __device__ __forceinline__ T round_stochastic(float x, uint32_t word) {
+    if (!isfinite(x)) return from_f32<T>(x);
+    const T lo = from_f32_rz<T>(x);
+    const float lo_f = to_f32(lo);
+    if (lo_f == x) return lo;
+    const T hi = from_bits16<T>((uint16_t)(bits16(lo) + 1u));
+    const float hi_f = to_f32(hi);
+    if (isinf(hi_f)) return from_f32<T>(x);
+    const float d = __fsub_rn(fabsf(x), fabsf(lo_f));
+    const float ulp = __fsub_rn(fabsf(hi_f), fabsf(lo_f));
+    const uint32_t frac = __float2uint_rz(__fmul_rn(__fdiv_rn(d, ulp), 4294967296.0f));
+    return word < frac ? hi : lo;
+}
+
+template <typename P, typename G> struct AdamWOp {
+    // 16-bit params are updated through their f32 master copy; f32 params in place.
+    static constexpr bool kMaster = sizeof(P) == 2;
+    P* param;
+    const G* grad;
+    float* m;
+    float* v;
+    float* master;
+    float b1, omb1, b2, omb2, eps, gscale, neg_lr_wd, neg_step, bc2_sqrt;
+    uint64_t seed, call;
+    bool stochastic;
+
+    struct Group {
+        float p[4], g[4], m[4], v[4];
+    };
+
+    __device__ __forceinline__ void update(float& p, float grad_raw, float& mm, float& vv) const {
+        const float g = __fmul_rn(grad_raw, gscale);
+        p = __fmaf_rn(neg_lr_wd, p, p);
+        mm = __fmaf_rn(b1, mm, __fmul_rn(omb1, g));
+        vv = __fmaf_rn(b2, vv, __fmul_rn(__fmul_rn(omb2, g), g));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vv), bc2_sqrt), eps);
+        p = __fmaf_rn(neg_step, __fdiv_rn(mm, denom), p);
+    }
+
+    __device__ __forceinline__ void load(uint64_t i, Group& r) const {
+        if constexpr (kMaster) {
+            mt::load4(master + i, r.p);
+        } else {
+            mt::load4(param + i, r.p);
+        }
+        mt::load4(grad + i, r.g);
+        mt::load4(m + i, r.m);
+        mt::load4(v + i, r.v);
+    }
+
+    __device__ __forceinline__ void store(uint64_t i, Group& r) const {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) update(r.p[k], r.g[k], r.m[k], r.v[k]);
+        mt::store4(m + i, r.m);
+        mt::store4(v + i, r.v);
+        if constexpr (kMaster) {
+            mt::store4(master + i, r.p);
+            if (stochastic) {
+                const uint4 w = philox_block(seed, call, i >> 2);  // i is a multiple of 4
+                const P h[4] = {round_stochastic<P>(r.p[0], w.x), round_stochastic<P>(r.p[1], w.y),
+                                round_stochastic<P>(r.p[2], w.z), round_stochastic<P>(r.p[3], w.w)};
+                mt::store4_raw(param + i, h);
+            } else {
+                mt::store4(param + i, r.p);
+            }
+        } else {
+            mt::store4(param + i, r.p);
+        }
+    }
+
+    __device__ __forceinline__ void one(uint64_t i) const {
+        float p;
+        if constexpr (kMaster) {
+            p = master[i];
+        } else {
+            p = to_f32(param[i]);
+        }
+        float mm = m[i], vv = v[i];
+        update(p, to_f32(grad[i]), mm, vv);
+        m[i] = mm;
+        v[i] = vv;
+        if constexpr (kMaster) {
+            master[i] = p;
+            param[i] = stochastic ? round_stochastic<P>(p, mask_word(seed, call, i)) : from_f32<P>(p);
+        } else {
+            param[i] = from_f32<P>(p);
+        }
+    }
+};
+
+template <typename P, typename G> __device__ __forceinline__ void adamw(const AdamWParams& p) {
+    // Block-uniform early exits, before any barrier: a skipped step changes no bit.
+    if (p.nonfinite && *p.nonfinite) return;
+    const mt::Chunk c = mt::locate(p.tensors, p.blocks, p.block_offset);
+    if (p.skip && p.skip[c.tensor]) return;
+
+    __shared__ uint32_t s_t;
+    __shared__ float s_bc1, s_bc2_sqrt;
+    if (threadIdx.x == 0) {
+        // Only this thread reads or writes the block's own counter.
+        const uint32_t t = p.chunk_steps[c.block] + 1u;
+        p.chunk_steps[c.block] = t;
+        s_t = t;
+        s_bc1 = __double2float_rn(__dsub_rn(1.0, pow_by_squaring((double)p.beta1, t)));
+        s_bc2_sqrt =
+            __double2float_rn(__dsqrt_rn(__dsub_rn(1.0, pow_by_squaring((double)p.beta2, t))));
+    }
+    __syncthreads();
+
+    const float lr = *p.lr;
+    AdamWOp<P, G> op;
+    op.param = reinterpret_cast<P*>(c.t.param);
+    op.grad = reinterpret_cast<const G*>(c.t.grad);
+    op.m = reinterpret_cast<float*>(c.t.m);
+    op.v = reinterpret_cast<float*>(c.t.v);
+    op.master = reinterpret_cast<float*>(c.t.master);
+    op.b1 = p.beta1;
+    op.omb1 = __fsub_rn(1.0f, p.beta1);
+    op.b2 = p.beta2;
+    op.omb2 = __fsub_rn(1.0f, p.beta2);
+    op.eps = p.eps;
+    op.gscale = p.grad_scale ? *p.grad_scale : 1.0f;
+    op.neg_lr_wd = -__fmul_rn(lr, c.t.weight_decay);
+    op.neg_step = -__fdiv_rn(lr, s_bc1);
+    op.bc2_sqrt = s_bc2_sqrt;
+    op.seed = p.seed;
+    op.call = ((uint64_t)s_t << 32) | c.tensor;
+    op.stochastic = p.stochastic != 0;
+    mt::for_each_group<4, ADAMW_ILP>(op, c, (c.t.flags & mt::FLAG_VEC4) != 0);
+}
+
+#define ADAMW_KERNEL(P, PS, G, GS)                                                            \
+    extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)                               \
+        adamw_p##PS##_g##GS(const AdamWParams p) {                                            \
+        adamw<P, G>(p);                                                                       \
+    }
+#define ADAMW_FOR_EACH_GRAD(P, PS)                                                            \
+    ADAMW_KERNEL(P, PS, float, f32)                                                           \
+    ADAMW_KERNEL(P, PS, __half, f16)                                                          \
+    ADAMW_KERNEL(P, PS, __nv_bfloat16, bf16)
+FUSEDREG_FOR_EACH_DTYPE(ADAMW_FOR_EACH_GRAD)
+
+// master = f32(param): fills the f32 master weights of 16-bit params when a set is built.
+struct InitMasterParams {
+    const mt::TensorEntry* tensors;
+    const mt::BlockEntry* blocks;
+    uint32_t block_offset;
+    uint32_t pad;
+};
+static_assert(sizeof(InitMasterParams) == 24, "must match src/adamw/gpu.rs");
+
+template <typename P> struct WidenOp {
+    const P* param;
+    float* master;
+    struct Group {
+        float x[4];
+    };
+    __device__ __forceinline__ void load(uint64_t i, Group& r) const { mt::load4(param + i, r.x); }
+    __device__ __forceinline__ void store(uint64_t i, Group& r) const { mt::store4(master + i, r.x); }
+    __device__ __forceinline__ void one(uint64_t i) const { master[i] = to_f32(param[i]); }
+};
+
+#define INIT_MASTER_KERNEL(P, PS)                                                             \
+    extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)                               \
+        adamw_init_master_##PS(const InitMasterParams p) {                                    \
+        const mt::Chunk c = mt::locate(p.tensors, p.blocks, p.block_offset);                  \
+        WidenOp<P> op{reinterpret_cast<const P*>(c.t.param), reinterpret_cast<float*>(c.t.master)}; \
+        mt::for_each_group<4, ADAMW_ILP>(op, c, (c.t.flags & mt::FLAG_VEC4) != 0);            \
+    }
+INIT_MASTER_KERNEL(__half, f16)
+INIT_MASTER_KERNEL(__nv_bfloat16, bf16)

@@ -1,0 +1,368 @@
+//! CPU reference of AdamW: the kernel's exact operations in the same order (see the
+//! [module docs](super)), so the kernel is tested against it bit for bit.
+//!
+//! ```
+//! use fusedreg::adamw::{cpu, AdamWConfig, Rounding};
+//! use half::bf16;
+//! // bf16 params with f32 master weights, stochastic rounding, one skipped tensor.
+//! let mk = |x: f32| cpu::CpuTensor::<bf16, bf16>::new(vec![bf16::from_f32(x); 8],
+//!                                                     vec![bf16::from_f32(0.1); 8], 0.01).unwrap();
+//! let mut ts = vec![mk(1.0), mk(2.0)];
+//! let cfg = AdamWConfig { rounding: Rounding::Stochastic { seed: 7 }, ..Default::default() };
+//! cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[false, true]).unwrap();
+//! assert_eq!((ts[0].step, ts[1].step), (1, 0));
+//! assert!(ts[0].master.as_ref().unwrap()[0] < 1.0);
+//! assert_eq!(ts[1].master.as_ref().unwrap()[0], 2.0);
+//! ```
+
+use super::{check_lr, state, AdamWConfig, Rounding, OP};
+use crate::dtype::{Dtype, DtypeKind};
+use crate::error::{check_len, Error, Result};
+use crate::philox::mask_word;
+
+/// `b^e` by binary exponentiation with IEEE f64 multiplies: the kernel's `pow_by_squaring`,
+/// bit for bit (no `powf`, whose last bits differ between CUDA and libm).
+///
+/// ```
+/// use fusedreg::adamw::cpu::pow_by_squaring;
+/// assert_eq!(pow_by_squaring(0.5, 10), 1.0 / 1024.0);
+/// assert_eq!(pow_by_squaring(0.9, 0), 1.0);
+/// ```
+pub fn pow_by_squaring(mut b: f64, mut e: u32) -> f64 {
+    let mut r = 1.0f64;
+    while e != 0 {
+        if e & 1 != 0 {
+            r *= b;
+        }
+        e >>= 1;
+        if e != 0 {
+            b *= b;
+        }
+    }
+    r
+}
+
+/// The bias corrections of step `t` (counted from 1): `(f32(1 - b1^t), f32(sqrt(1 - b2^t)))`,
+/// each computed in f64 and rounded once.
+pub fn bias_corrections(beta1: f32, beta2: f32, t: u32) -> (f32, f32) {
+    let bc1 = (1.0 - pow_by_squaring(f64::from(beta1), t)) as f32;
+    let bc2_sqrt = (1.0 - pow_by_squaring(f64::from(beta2), t)).sqrt() as f32;
+    (bc1, bc2_sqrt)
+}
+
+/// The per-tensor, per-step constants of the update, computed as the kernel computes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepConsts {
+    /// beta1.
+    pub b1: f32,
+    /// `1 - beta1`.
+    pub omb1: f32,
+    /// beta2.
+    pub b2: f32,
+    /// `1 - beta2`.
+    pub omb2: f32,
+    /// eps.
+    pub eps: f32,
+    /// The gradient multiplier (clip coefficient / loss scale).
+    pub grad_scale: f32,
+    /// `-(lr * weight_decay)`.
+    pub neg_lr_wd: f32,
+    /// `-(lr / bc1)`.
+    pub neg_step: f32,
+    /// `f32(sqrt(1 - beta2^t))`.
+    pub bc2_sqrt: f32,
+}
+
+impl StepConsts {
+    /// The constants of step `t` (the new step count) of a tensor with `weight_decay`.
+    pub fn new(config: &AdamWConfig, lr: f32, weight_decay: f32, t: u32, grad_scale: f32) -> Self {
+        let (bc1, bc2_sqrt) = bias_corrections(config.beta1, config.beta2, t);
+        StepConsts {
+            b1: config.beta1,
+            omb1: 1.0 - config.beta1,
+            b2: config.beta2,
+            omb2: 1.0 - config.beta2,
+            eps: config.eps,
+            grad_scale,
+            neg_lr_wd: -(lr * weight_decay),
+            neg_step: -(lr / bc1),
+            bc2_sqrt,
+        }
+    }
+}
+
+/// One element's update, the kernel's `AdamWOp::update` operation for operation.
+#[inline]
+pub fn update(k: &StepConsts, p: &mut f32, grad: f32, m: &mut f32, v: &mut f32) {
+    let g = grad * k.grad_scale;
+    *p = k.neg_lr_wd.mul_add(*p, *p);
+    *m = k.b1.mul_add(*m, k.omb1 * g);
+    *v = k.b2.mul_add(*v, (k.omb2 * g) * g);
+    let denom = v.sqrt() / k.bc2_sqrt + k.eps;
+    *p = k.neg_step.mul_add(*m / denom, *p);
+}
+
+/// The Philox call id of stochastic rounding for tensor `tensor` at its step `t`:
+/// `(t << 32) | tensor`.
+pub fn rounding_call(t: u32, tensor: usize) -> u64 {
+    (u64::from(t) << 32) | (tensor as u64 & 0xffff_ffff)
+}
+
+fn to_bits16<T: Dtype>(x: T) -> u16 {
+    bytemuck::cast::<T, u16>(x)
+}
+
+fn from_bits16<T: Dtype>(b: u16) -> T {
+    bytemuck::cast::<u16, T>(b)
+}
+
+/// Rounds toward zero to a 16-bit type (finite `x`): the device's `__float2half_rz` /
+/// `__float2bfloat16_rz`.
+fn round_toward_zero<T: Dtype>(x: f32) -> T {
+    match T::KIND {
+        // bf16 is the top half of an f32: truncation is rounding toward zero.
+        DtypeKind::Bf16 => from_bits16((x.to_bits() >> 16) as u16),
+        _ => {
+            // Nearest even is one of the two neighbours; step back when it is the far one.
+            let rn = T::from_f32_rn(x);
+            if rn.to_f32().abs() > x.abs() {
+                from_bits16(to_bits16(rn) - 1)
+            } else {
+                rn
+            }
+        }
+    }
+}
+
+/// Stochastic rounding of `x` to a 16-bit type with the 32-bit random `word`, bit-identical to
+/// the kernel: `lo` = `x` rounded toward zero, `hi` the next value away from zero; `hi` when
+/// `word < floor(2^32 * (|x| - |lo|) / (|hi| - |lo|))`, else `lo` (every step exact in f32), so
+/// the expected value is `x` to within 2^-32 of an ulp. NaN, infinities and values beyond the
+/// largest finite 16-bit number round to nearest even.
+///
+/// ```
+/// use fusedreg::adamw::cpu::round_stochastic;
+/// use half::bf16;
+/// let x = 1.0 + 2f32.powi(-9); // a quarter of the way from 1 to the next bf16 (1 + 2^-7)
+/// assert_eq!(round_stochastic::<bf16>(x, 0).to_f32(), 1.0 + 2f32.powi(-7));
+/// assert_eq!(round_stochastic::<bf16>(x, u32::MAX).to_f32(), 1.0);
+/// assert_eq!(round_stochastic::<bf16>(1.5, 12345).to_f32(), 1.5);
+/// ```
+pub fn round_stochastic<T: Dtype>(x: f32, word: u32) -> T {
+    if T::KIND == DtypeKind::F32 {
+        return T::from_f32_rn(x);
+    }
+    if !x.is_finite() {
+        return T::from_f32_rn(x);
+    }
+    let lo: T = round_toward_zero(x);
+    let lo_f = lo.to_f32();
+    if lo_f == x {
+        return lo;
+    }
+    let hi: T = from_bits16(to_bits16(lo).wrapping_add(1));
+    let hi_f = hi.to_f32();
+    if hi_f.is_infinite() {
+        return T::from_f32_rn(x);
+    }
+    let d = x.abs() - lo_f.abs();
+    let ulp = hi_f.abs() - lo_f.abs();
+    let frac = ((d / ulp) * 4_294_967_296.0) as u32;
+    if word < frac {
+        hi
+    } else {
+        lo
+    }
+}
+
+/// One tensor of the CPU reference, with its state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor<P: Dtype, G: Dtype> {
+    /// Parameters (for 16-bit types, the rounded copy of `master`).
+    pub param: Vec<P>,
+    /// Gradients.
+    pub grad: Vec<G>,
+    /// First moment.
+    pub m: Vec<f32>,
+    /// Second moment.
+    pub v: Vec<f32>,
+    /// f32 master weights (16-bit parameters only).
+    pub master: Option<Vec<f32>>,
+    /// Steps taken (the kernel's per-chunk counters; stays 0 for a zero-size tensor).
+    pub step: u32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+}
+
+impl<P: Dtype, G: Dtype> CpuTensor<P, G> {
+    /// A tensor with zero moments, step 0, and (for 16-bit params) master weights widened from
+    /// the parameters, as a freshly built set has. Errors on mismatched lengths or a negative
+    /// or non-finite weight decay.
+    pub fn new(param: Vec<P>, grad: Vec<G>, weight_decay: f32) -> Result<Self> {
+        check_len(OP, "grad", grad.len(), param.len())?;
+        if !weight_decay.is_finite() || weight_decay < 0.0 {
+            return Err(Error::invalid(
+                OP,
+                format!("weight_decay = {weight_decay} must be finite and >= 0"),
+            ));
+        }
+        let n = param.len();
+        let master =
+            (P::KIND != DtypeKind::F32).then(|| param.iter().map(|x| x.to_f32()).collect());
+        Ok(CpuTensor {
+            param,
+            grad,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            master,
+            step: 0,
+            weight_decay,
+        })
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.param.len()
+    }
+
+    /// True for a zero-size tensor.
+    pub fn is_empty(&self) -> bool {
+        self.param.is_empty()
+    }
+}
+
+/// The per-step device scalars, as host values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepInputs {
+    /// Learning rate.
+    pub lr: f32,
+    /// Gradient multiplier (`NormValues::grad_scale`; 1 without clipping or loss scaling).
+    pub grad_scale: f32,
+    /// The non-finite flag: when true the step changes nothing.
+    pub nonfinite: bool,
+}
+
+impl StepInputs {
+    /// `lr`, no gradient scaling, finite.
+    pub fn new(lr: f32) -> Self {
+        StepInputs {
+            lr,
+            grad_scale: 1.0,
+            nonfinite: false,
+        }
+    }
+
+    /// The inputs a step reads after a global norm: its `grad_scale` and flag.
+    pub fn from_norm(lr: f32, norm: &crate::global_norm::NormValues) -> Self {
+        StepInputs {
+            lr,
+            grad_scale: norm.grad_scale,
+            nonfinite: norm.nonfinite != 0,
+        }
+    }
+}
+
+/// One AdamW step over every tensor, exactly as one launch of the kernel. `skip` is empty (no
+/// tensor skipped) or one flag per tensor. Nothing changes when `inputs.nonfinite`.
+pub fn step<P: Dtype, G: Dtype>(
+    tensors: &mut [CpuTensor<P, G>],
+    config: &AdamWConfig,
+    inputs: &StepInputs,
+    skip: &[bool],
+) -> Result<()> {
+    config.validate()?;
+    check_lr(inputs.lr)?;
+    if tensors.is_empty() {
+        return Err(Error::invalid(OP, "the tensor list is empty"));
+    }
+    if !skip.is_empty() {
+        check_len(OP, "skip", skip.len(), tensors.len())?;
+    }
+    for (i, t) in tensors.iter().enumerate() {
+        check_len(OP, &format!("tensor {i} grad"), t.grad.len(), t.len())?;
+        check_len(OP, &format!("tensor {i} m"), t.m.len(), t.len())?;
+        check_len(OP, &format!("tensor {i} v"), t.v.len(), t.len())?;
+        if let Some(master) = &t.master {
+            check_len(OP, &format!("tensor {i} master"), master.len(), t.len())?;
+        } else if P::KIND != DtypeKind::F32 {
+            return Err(Error::invalid(
+                OP,
+                format!("tensor {i}: 16-bit parameters need f32 master weights"),
+            ));
+        }
+    }
+    if inputs.nonfinite {
+        return Ok(());
+    }
+    for (k, t) in tensors.iter_mut().enumerate() {
+        if skip.get(k).copied().unwrap_or(false) || t.is_empty() {
+            continue;
+        }
+        let step = t.step.wrapping_add(1);
+        t.step = step;
+        let c = StepConsts::new(config, inputs.lr, t.weight_decay, step, inputs.grad_scale);
+        let call = rounding_call(step, k);
+        for i in 0..t.param.len() {
+            let mut p = match &t.master {
+                Some(m) => m[i],
+                None => t.param[i].to_f32(),
+            };
+            update(&c, &mut p, t.grad[i].to_f32(), &mut t.m[i], &mut t.v[i]);
+            match &mut t.master {
+                Some(m) => {
+                    m[i] = p;
+                    t.param[i] = match config.rounding {
+                        Rounding::NearestEven => P::from_f32_rn(p),
+                        Rounding::Stochastic { seed } => {
+                            round_stochastic(p, mask_word(seed, call, i as u64))
+                        }
+                    };
+                }
+                None => t.param[i] = P::from_f32_rn(p),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The state of CPU tensors in the [save format](super) (identical bytes to
+/// `TensorSet::save_state` for the same state).
+pub fn save_state<P: Dtype, G: Dtype>(tensors: &[CpuTensor<P, G>]) -> Vec<u8> {
+    let header = state::StateHeader {
+        param_dtype: P::KIND,
+        lens: tensors.iter().map(|t| t.len() as u64).collect(),
+    };
+    let steps: Vec<u32> = tensors.iter().map(|t| t.step).collect();
+    state::encode(
+        &header,
+        &steps,
+        |i| &tensors[i].m[..],
+        |i| &tensors[i].v[..],
+        |i| tensors[i].master.as_deref().unwrap_or(&[]),
+    )
+}
+
+/// Restores state saved by [`save_state`] or `TensorSet::save_state` into tensors of the same
+/// dtype and lengths: moments, master weights and step counts. The parameters are the model's,
+/// not the optimizer's: restore them from the model checkpoint (for 16-bit parameters the next
+/// step rewrites them from the master weights anyway). Errors, leaving the tensors unchanged, on
+/// any mismatch.
+pub fn restore_state<P: Dtype, G: Dtype>(
+    tensors: &mut [CpuTensor<P, G>],
+    bytes: &[u8],
+) -> Result<()> {
+    let header = state::StateHeader {
+        param_dtype: P::KIND,
+        lens: tensors.iter().map(|t| t.len() as u64).collect(),
+    };
+    let view = state::decode(bytes, &header)?;
+    for (i, t) in tensors.iter_mut().enumerate() {
+        t.step = if t.is_empty() { 0 } else { view.steps[i] };
+        t.m = view.m(i);
+        t.v = view.v(i);
+        if let Some(master) = view.master(i) {
+            t.master = Some(master);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! Launch wrappers of AdamW: [`AdamW`] (hyperparameters and the device learning rate), and the
+//! optimizer-state methods of [`TensorSet`] (skip flags, step counts, save and restore).
+
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+
+use super::state::{self, StateHeader};
+use super::{check_lr, AdamWConfig, Rounding, OP};
+use crate::dtype::DtypeKind;
+use crate::error::{Error, Result};
+use crate::global_norm::GlobalNorm;
+use crate::multi_tensor::TensorSet;
+use crate::runtime::kernels::Kernel;
+use crate::runtime::Handle;
+
+const ADAMW_THREADS: u32 = 512;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamWParams {
+    tensors: u64,
+    blocks: u64,
+    chunk_steps: u64,
+    skip: u64,
+    lr: u64,
+    grad_scale: u64,
+    nonfinite: u64,
+    seed: u64,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    block_offset: u32,
+    stochastic: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<AdamWParams>() == 88);
+// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+unsafe impl DeviceRepr for AdamWParams {}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InitMasterParams {
+    tensors: u64,
+    blocks: u64,
+    block_offset: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<InitMasterParams>() == 24);
+// SAFETY: as above.
+unsafe impl DeviceRepr for InitMasterParams {}
+
+fn adamw_kernel(p: DtypeKind, g: DtypeKind) -> Kernel {
+    use DtypeKind::*;
+    match (p, g) {
+        (F32, F32) => Kernel::AdamwPf32Gf32,
+        (F32, F16) => Kernel::AdamwPf32Gf16,
+        (F32, Bf16) => Kernel::AdamwPf32Gbf16,
+        (F16, F32) => Kernel::AdamwPf16Gf32,
+        (F16, F16) => Kernel::AdamwPf16Gf16,
+        (F16, Bf16) => Kernel::AdamwPf16Gbf16,
+        (Bf16, F32) => Kernel::AdamwPbf16Gf32,
+        (Bf16, F16) => Kernel::AdamwPbf16Gf16,
+        (Bf16, Bf16) => Kernel::AdamwPbf16Gbf16,
+    }
+}
+
+fn raw<T>(h: &Handle, s: &CudaSlice<T>) -> u64 {
+    let (p, _g) = s.device_ptr(h.stream());
+    p
+}
+
+/// Fills the master weights of a freshly built set of 16-bit parameters (one launch).
+pub(crate) fn init_master(set: &TensorSet, p: DtypeKind) -> Result<()> {
+    let grid = set.num_chunks_u32();
+    if grid == 0 {
+        return Ok(());
+    }
+    let k = match p {
+        DtypeKind::F16 => Kernel::AdamwInitMasterF16,
+        DtypeKind::Bf16 => Kernel::AdamwInitMasterBf16,
+        DtypeKind::F32 => return Ok(()),
+    };
+    let params = InitMasterParams {
+        tensors: set.tensors_ptr(),
+        blocks: set.blocks_ptr(),
+        block_offset: 0,
+        pad: 0,
+    };
+    set.handle()
+        .launch(k, (grid, 1, 1), (ADAMW_THREADS, 1, 1), 0, &params)
+}
+
+/// Fused AdamW over one [`TensorSet`]: the hyperparameters and the learning rate in device
+/// memory. The optimizer state lives in the set. See the [module docs](super).
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::adamw::{AdamW, AdamWConfig};
+/// use fusedreg::global_norm::GlobalNorm;
+/// use fusedreg::multi_tensor::TensorSet;
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let mut b = TensorSet::builder(&h);
+/// b.push(s.clone_htod(&vec![0.1f32; 4096]).unwrap(), s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+/// let mut set = b.build()?;
+/// let opt = AdamW::new(&set, AdamWConfig::default())?;
+/// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+/// for _step in 0..10 {
+///     // ... backward writes set.grad_mut::<f32>(0) ...
+///     opt.clip_and_step(&mut set, &mut norm)?; // 3 launches, no host sync
+/// }
+/// # Ok(()) }
+/// ```
+pub struct AdamW {
+    handle: Handle,
+    set_id: u64,
+    config: AdamWConfig,
+    lr: CudaSlice<f32>,
+    lr_ptr: u64,
+}
+
+impl std::fmt::Debug for AdamW {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamW")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl AdamW {
+    /// An optimizer for `set` (which must hold parameters). Errors on invalid hyperparameters
+    /// (see [`AdamWConfig::validate`]).
+    pub fn new(set: &TensorSet, config: AdamWConfig) -> Result<Self> {
+        config.validate()?;
+        set.state(OP)?;
+        let handle = set.handle().clone();
+        let lr = handle
+            .stream()
+            .clone_htod(&[config.lr])
+            .map_err(Error::driver(OP))?;
+        let lr_ptr = raw(&handle, &lr);
+        Ok(AdamW {
+            handle,
+            set_id: set.id(),
+            config,
+            lr,
+            lr_ptr,
+        })
+    }
+
+    /// The hyperparameters (`lr` is the initial learning rate; the current one is on the device).
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// Sets the learning rate for the following steps: an asynchronous 4-byte copy on the
+    /// stream, no sync. Errors on a negative or non-finite value.
+    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        check_lr(lr)?;
+        self.handle
+            .stream()
+            .memcpy_htod(&[lr], &mut self.lr)
+            .map_err(Error::driver(OP))
+    }
+
+    /// Device address of the f32 learning rate, for schedules computed on the device (CUDA
+    /// graphs). It must stay finite and `>= 0`: values written there are not checked.
+    pub fn lr_device_ptr(&self) -> u64 {
+        self.lr_ptr
+    }
+
+    pub(crate) fn check_set(&self, set: &TensorSet) -> Result<()> {
+        if set.id() == self.set_id {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                OP,
+                "this AdamW was created for another TensorSet: create one per set",
+            ))
+        }
+    }
+
+    /// Launches the update over chunks `block_offset .. block_offset + grid` of the set.
+    pub(crate) fn launch(
+        &self,
+        set: &TensorSet,
+        grad_scale: u64,
+        nonfinite: u64,
+        block_offset: u32,
+        grid: u32,
+    ) -> Result<()> {
+        if grid == 0 {
+            return Ok(());
+        }
+        let st = set.state(OP)?;
+        let p_kind = set.param_dtype().expect("a set with state has params");
+        let (stochastic, seed) = match self.config.rounding {
+            Rounding::Stochastic { seed } if p_kind != DtypeKind::F32 => (1, seed),
+            _ => (0, 0),
+        };
+        let p = AdamWParams {
+            tensors: set.tensors_ptr(),
+            blocks: set.blocks_ptr(),
+            chunk_steps: raw(&self.handle, &st.chunk_steps),
+            skip: raw(&self.handle, &st.skip),
+            lr: self.lr_ptr,
+            grad_scale,
+            nonfinite,
+            seed,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            eps: self.config.eps,
+            block_offset,
+            stochastic,
+            pad: 0,
+        };
+        self.handle.launch(
+            adamw_kernel(p_kind, set.grad_dtype()),
+            (grid, 1, 1),
+            (ADAMW_THREADS, 1, 1),
+            0,
+            &p,
+        )
+    }
+
+    /// One AdamW step over every tensor of the set: one launch, no host sync. With `norm`, the
+    /// gradients are multiplied by its device `grad_scale` and the step is skipped entirely
+    /// (nothing changes) when its non-finite flag is set; run the norm first
+    /// ([`GlobalNorm::compute`]) or use [`AdamW::clip_and_step`].
+    pub fn step(&self, set: &mut TensorSet, norm: Option<&GlobalNorm>) -> Result<()> {
+        self.check_set(set)?;
+        let (grad_scale, nonfinite) = match norm {
+            Some(n) => {
+                n.check_for(set)?;
+                (n.grad_scale_device_ptr(), n.nonfinite_device_ptr())
+            }
+            None => (0, 0),
+        };
+        self.launch(set, grad_scale, nonfinite, 0, set.num_chunks_u32())
+    }
+
+    /// The whole step: norm partials, reduce + finalize (clip coefficient, non-finite flag),
+    /// AdamW reading both from device memory. 3 launches, no host sync, gradients read twice.
+    pub fn clip_and_step(&self, set: &mut TensorSet, norm: &mut GlobalNorm) -> Result<()> {
+        self.check_set(set)?;
+        norm.compute(set)?;
+        self.step(set, Some(norm))
+    }
+}
+
+impl TensorSet {
+    fn state_header(&self) -> Result<StateHeader> {
+        Ok(StateHeader {
+            param_dtype: self
+                .param_dtype()
+                .ok_or_else(|| Error::invalid(OP, "a gradients-only set has no optimizer state"))?,
+            lens: self.layout().lens().to_vec(),
+        })
+    }
+
+    /// Sets the per-tensor skip flags for the following steps (one per tensor; `true` = this
+    /// tensor's parameters, moments and step count stay untouched, e.g. the block was dropped by
+    /// stochastic depth): an asynchronous copy of one byte per tensor, the tables are not
+    /// re-uploaded. Flags persist until changed.
+    pub fn set_skip(&mut self, skip: &[bool]) -> Result<()> {
+        crate::error::check_len(OP, "skip", skip.len(), self.len())?;
+        let bytes: Vec<u8> = skip.iter().map(|&b| u8::from(b)).collect();
+        let stream = self.handle().stream().clone();
+        let st = self
+            .state
+            .as_mut()
+            .ok_or_else(|| Error::invalid(OP, "a gradients-only set has no skip flags"))?;
+        stream
+            .memcpy_htod(&bytes, &mut st.skip)
+            .map_err(Error::driver(OP))
+    }
+
+    /// Device address of the skip flags (one `u8` per tensor, non-zero = skip), for callers
+    /// that decide on the device which blocks were dropped.
+    pub fn skip_device_ptr(&self) -> Result<u64> {
+        let st = self.state(OP)?;
+        Ok(raw(self.handle(), &st.skip))
+    }
+
+    /// The step count of every tensor (blocking read). Zero-size tensors have no chunk and
+    /// report 0.
+    pub fn step_counts(&self) -> Result<Vec<u32>> {
+        let st = self.state(OP)?;
+        let chunk_steps = self
+            .handle()
+            .stream()
+            .clone_dtoh(&st.chunk_steps)
+            .map_err(Error::driver(OP))?;
+        Ok((0..self.len())
+            .map(|t| {
+                let r = self.layout().chunks(t);
+                if r.is_empty() {
+                    0
+                } else {
+                    chunk_steps[r.start]
+                }
+            })
+            .collect())
+    }
+
+    /// The optimizer state (moments, master weights, step counts) as bytes in the
+    /// [versioned format](super::state) (blocking).
+    pub fn save_state(&self) -> Result<Vec<u8>> {
+        let header = self.state_header()?;
+        let st = self.state(OP)?;
+        let s = self.handle().stream();
+        let m = s.clone_dtoh(&st.m).map_err(Error::driver(OP))?;
+        let v = s.clone_dtoh(&st.v).map_err(Error::driver(OP))?;
+        let master = match &st.master {
+            Some(x) => s.clone_dtoh(x).map_err(Error::driver(OP))?,
+            None => Vec::new(),
+        };
+        let steps = self.step_counts()?;
+        let lens = self.layout().lens();
+        let range = |i: usize| {
+            let off = st.offsets[i] as usize;
+            off..off + lens[i] as usize
+        };
+        Ok(state::encode(
+            &header,
+            &steps,
+            |i| &m[range(i)],
+            |i| &v[range(i)],
+            |i| {
+                if master.is_empty() {
+                    &[]
+                } else {
+                    &master[range(i)]
+                }
+            },
+        ))
+    }
+
+    /// Restores state written by [`TensorSet::save_state`] (or `adamw::cpu::save_state`) into
+    /// this set, which must hold the same parameter dtype and tensor lengths in the same order
+    /// (an error naming the first difference otherwise, and nothing is changed). The parameters
+    /// themselves are the model's: load them from the model checkpoint. Training then resumes
+    /// bit for bit.
+    pub fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let header = self.state_header()?;
+        let view = state::decode(bytes, &header)?;
+        let layout = self.layout().clone();
+        let stream = self.handle().stream().clone();
+        let st = self.state.as_mut().expect("checked by state_header");
+        let arena = st.m.len();
+        let mut m = vec![0f32; arena];
+        let mut v = vec![0f32; arena];
+        let mut master = st.master.as_ref().map(|_| vec![0f32; arena]);
+        let mut steps = vec![0u32; st.chunk_steps.len()];
+        for (i, &n) in layout.lens().iter().enumerate() {
+            let r = st.offsets[i] as usize..(st.offsets[i] + n) as usize;
+            view.fill_into(
+                i,
+                &mut m[r.clone()],
+                &mut v[r.clone()],
+                master.as_mut().map(|x| &mut x[r]),
+            );
+            for c in layout.chunks(i) {
+                steps[c] = view.steps[i];
+            }
+        }
+        let drv = || Error::driver(OP);
+        stream.memcpy_htod(&m, &mut st.m).map_err(drv())?;
+        stream.memcpy_htod(&v, &mut st.v).map_err(drv())?;
+        if let (Some(h), Some(d)) = (&master, st.master.as_mut()) {
+            stream.memcpy_htod(h, d).map_err(drv())?;
+        }
+        stream
+            .memcpy_htod(&steps, &mut st.chunk_steps)
+            .map_err(drv())
+    }
+}

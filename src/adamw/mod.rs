@@ -1,0 +1,259 @@
+//! Fused multi-tensor AdamW (decoupled weight decay) over a
+//! [`TensorSet`] in one launch per step for any number of tensors,
+//! every per-step scalar read from device memory, bit-exact with the CPU reference [`cpu`].
+//!
+//! # The formula and its exact operation order
+//!
+//! PyTorch's fused AdamW formula, in f32 with f32 hyperparameters, `t` counted from 1:
+//!
+//! ```text
+//! p <- p - lr*wd*p                        (decoupled decay, on the old p)
+//! m <- b1*m + (1-b1)*g
+//! v <- b2*v + (1-b2)*g*g
+//! p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//! ```
+//!
+//! pinned to these operations (`fma` is one fused multiply-add with a single rounding:
+//! `__fmaf_rn` in the kernel, [`f32::mul_add`] on the CPU; every other step is one IEEE f32
+//! operation; the kernels are compiled with `--fmad=false` so nothing else is fused):
+//!
+//! ```text
+//! per tensor and step:
+//!   t         = step count + 1                      (u32)
+//!   bc1       = f32(1 - b1^t)                       (f64: b1^t by squaring, 1 - x; one rounding)
+//!   bc2_sqrt  = f32(sqrt(1 - b2^t))                 (f64 sqrt; one rounding)
+//!   neg_step  = -(lr / bc1)
+//!   neg_lr_wd = -(lr * wd)
+//!   omb1 = 1 - b1,  omb2 = 1 - b2
+//! per element:
+//!   g     = grad * grad_scale                       (grad widened to f32 exactly)
+//!   p     = fma(neg_lr_wd, p, p)
+//!   m     = fma(b1, m, omb1 * g)
+//!   v     = fma(b2, v, (omb2 * g) * g)
+//!   denom = sqrt(v) / bc2_sqrt + eps
+//!   p     = fma(neg_step, m / denom, p)
+//! ```
+//!
+//! `b^t` is not `powf` (CUDA's and libm's last bits differ): it is binary exponentiation with
+//! IEEE f64 multiplies ([`cpu::pow_by_squaring`]), identical on both sides, then `1 - b^t` (and
+//! its square root) in f64, rounded once to f32. Division and square root are correctly rounded
+//! on both sides. The results are therefore bit-identical between the kernel and [`cpu::step`],
+//! on any GPU, for any launch configuration or alignment.
+//!
+//! Defaults are PyTorch's ([`AdamWConfig::default`]): lr 1e-3, betas (0.9, 0.999), eps 1e-8, and
+//! [`DEFAULT_WEIGHT_DECAY`] = 1e-2 per tensor (set 0 for biases and norm weights). Every scalar
+//! stays f32 whatever the parameter dtype (candle rounds them to bf16, where 0.999 becomes 1).
+//!
+//! # Dtypes
+//!
+//! | params | grads | master | m, v |
+//! | --- | --- | --- | --- |
+//! | f32 | f32, f16 or bf16 | none (updated in place) | f32 |
+//! | f16 or bf16 | f32, f16 or bf16 | f32, owned by the set | f32 |
+//!
+//! Kernels `adamw_p<dt>_g<dt>` exist for all nine pairs. With 16-bit parameters the f32 master
+//! weights are the truth: the kernel reads the master (not the parameter), updates it and writes
+//! the parameter as its rounded copy: to nearest even ([`Rounding::NearestEven`], the default)
+//! or stochastically ([`Rounding::Stochastic`]): the 32-bit word
+//! `philox::mask_word(seed, call, i)` for element `i` of tensor `k` at its step `t`, with
+//! `call = (t << 32) | k` ([`cpu::rounding_call`]), rounds up to the next 16-bit value with
+//! probability `|x - lo| / ulp` (quantised to 2^-32; see [`cpu::round_stochastic`]): unbiased,
+//! deterministic for a given seed and step, identical on CPU and GPU.
+//!
+//! # State
+//!
+//! The set owns each tensor's `m`, `v` (f32, zeroed when built), master weights (16-bit
+//! parameters; copied from the parameters when built) and step count. Step counts are kept per
+//! chunk (65,536 elements; each block advances only its own, so no two blocks race and no second
+//! launch is needed); the chunks of a tensor always advance together, and a zero-size tensor has
+//! no chunk and so a step count of 0. [`TensorSet::step_counts`] reads them per tensor.
+//!
+//! [`TensorSet::save_state`] / [`TensorSet::restore_state`] write and read the state as bytes
+//! (little-endian, version 1):
+//!
+//! ```text
+//! magic "FRADAMW\0" | u32 version | u8 param dtype (0 f32, 1 f16, 2 bf16) | u8 has master |
+//! u16 0 | u64 tensor count T | u64 len[T] | u32 step[T] | f32 m[sum len] | f32 v[sum len] |
+//! f32 master[sum len] (16-bit params only)
+//! ```
+//!
+//! Restoring checks the magic, version, dtype, tensor count and every length (an [`Error`]
+//! naming the first difference), and training resumes bit for bit. [`cpu::save_state`] and
+//! [`cpu::restore_state`] use the same format.
+//!
+//! # Device-side scalars: no host sync, CUDA-graph friendly
+//!
+//! * `lr`: an f32 in device memory owned by [`AdamW`]; [`AdamW::set_lr`] enqueues a 4-byte copy,
+//!   or write it on the device at [`AdamW::lr_device_ptr`] (a scheduler kernel).
+//! * `grad_scale` and the non-finite flag: written by [`GlobalNorm`](crate::global_norm::GlobalNorm)
+//!   (clip coefficient / loss scale). When the flag is set the kernel changes nothing at all —
+//!   parameters, moments, master weights and step counts keep their bits. Loss scaling without
+//!   clipping: a `GlobalNorm` with `max_norm = None` and its loss scale set gives
+//!   `grad_scale = 1 / loss_scale` and the found-inf flag a dynamic loss scaler needs.
+//! * Per-tensor skip flags ([`TensorSet::set_skip`], a tiny asynchronous copy, or written on the
+//!   device at [`TensorSet::skip_device_ptr`]): a skipped tensor (the block of a dropped stochastic
+//!   depth layer) gets no decay, no moment update and no step.
+//! * Step counts: on the device, as above.
+//!
+//! [`AdamW::clip_and_step`] is the whole step: norm partials, reduce + finalize, AdamW — 3
+//! launches, zero host syncs, gradients read twice in all (once by the norm, once by AdamW).
+//!
+//! [`unfused`] is the baseline: one launch per tensor per pass and a host sync for the norm.
+//!
+//! ```
+//! use fusedreg::adamw::{cpu, AdamWConfig};
+//! // One f32 tensor, one step on the CPU reference.
+//! let mut t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 4], vec![0.5; 4], 0.01).unwrap()];
+//! let cfg = AdamWConfig::default();
+//! cpu::step(&mut t, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+//! assert_eq!(t[0].step, 1);
+//! // First step: m/bc1 = g, sqrt(v)/bc2_sqrt = |g|, so p moves by about lr.
+//! assert!((t[0].param[0] - (1.0 - 1e-5 - 1e-3)).abs() < 1e-6);
+//! ```
+
+use crate::dtype::DtypeKind;
+use crate::error::{check_finite, Error, Result};
+
+pub mod cpu;
+pub mod gpu;
+pub mod state;
+pub mod unfused;
+
+pub use gpu::AdamW;
+
+#[allow(unused_imports)] // for the docs above
+use crate::multi_tensor::TensorSet;
+
+pub(crate) const OP: &str = "adamw";
+
+/// PyTorch's default weight decay for AdamW (per tensor; 0 for biases and norm weights).
+pub const DEFAULT_WEIGHT_DECAY: f32 = 1e-2;
+
+/// How 16-bit parameters are written from their f32 master weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Rounding {
+    /// Round to nearest, ties to even.
+    #[default]
+    NearestEven,
+    /// Stochastic rounding keyed by Philox: deterministic per (seed, step, tensor, element).
+    Stochastic {
+        /// The Philox key.
+        seed: u64,
+    },
+}
+
+/// AdamW hyperparameters (weight decay is per tensor, given at registration).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    /// Initial learning rate (copied to the device; change it with [`AdamW::set_lr`]).
+    pub lr: f32,
+    /// First-moment decay, in `[0, 1)`.
+    pub beta1: f32,
+    /// Second-moment decay, in `[0, 1)`.
+    pub beta2: f32,
+    /// Added to the bias-corrected `sqrt(v)`; finite, `>= 0`.
+    pub eps: f32,
+    /// Rounding of 16-bit parameters from the master weights (ignored for f32 parameters).
+    pub rounding: Rounding,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8; round to nearest even.
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            rounding: Rounding::NearestEven,
+        }
+    }
+}
+
+/// Checks a learning rate: finite and `>= 0`.
+pub fn check_lr(lr: f32) -> Result<()> {
+    check_finite(OP, "lr", f64::from(lr))?;
+    if lr < 0.0 {
+        return Err(Error::invalid(
+            OP,
+            format!("lr = {lr} is negative: use a learning rate >= 0"),
+        ));
+    }
+    Ok(())
+}
+
+impl AdamWConfig {
+    /// Checks every field: lr and eps finite and `>= 0`, betas in `[0, 1)`.
+    ///
+    /// ```
+    /// use fusedreg::adamw::AdamWConfig;
+    /// assert!(AdamWConfig::default().validate().is_ok());
+    /// let bad = AdamWConfig { beta2: 1.0, ..Default::default() };
+    /// assert!(bad.validate().unwrap_err().to_string().contains("beta2"));
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        check_lr(self.lr)?;
+        check_finite(OP, "eps", f64::from(self.eps))?;
+        if self.eps < 0.0 {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "eps = {} is negative: use eps >= 0 (default 1e-8)",
+                    self.eps
+                ),
+            ));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(Error::invalid(
+                    OP,
+                    format!("{name} = {b} must lie in [0, 1) (defaults 0.9 and 0.999)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Minimal device-memory bytes of one AdamW step over `params` elements: f32 params read p, g,
+/// m, v and write p, m, v; 16-bit params read master, g, m, v and write master, m, v and the
+/// 16-bit copy. 28 B per parameter for f32/f32 and for bf16 params + bf16 grads (REFERENCE §5).
+///
+/// ```
+/// use fusedreg::{adamw::min_bytes, DtypeKind::*};
+/// assert_eq!(min_bytes(1, F32, F32), 28);
+/// assert_eq!(min_bytes(1, Bf16, Bf16), 28);
+/// assert_eq!(min_bytes(1, Bf16, F32), 30);
+/// ```
+pub fn min_bytes(params: u64, param: DtypeKind, grad: DtypeKind) -> u64 {
+    let g = grad.size() as u64;
+    let per = match param {
+        DtypeKind::F32 => 4 + g + 8 + 12,
+        _ => 4 + g + 8 + 12 + param.size() as u64,
+    };
+    params * per
+}
+
+/// Minimal bytes of the fused clip-and-step ([`AdamW::clip_and_step`]): the norm reads the
+/// gradients once, AdamW as in [`min_bytes`].
+///
+/// ```
+/// use fusedreg::{adamw::clip_step_min_bytes, DtypeKind::*};
+/// assert_eq!(clip_step_min_bytes(1, F32, F32), 32);
+/// assert_eq!(clip_step_min_bytes(1, Bf16, Bf16), 30);
+/// ```
+pub fn clip_step_min_bytes(params: u64, param: DtypeKind, grad: DtypeKind) -> u64 {
+    crate::global_norm::norm_min_bytes(params, grad) + min_bytes(params, param, grad)
+}
+
+/// Minimal bytes of the unfused clip-and-step ([`unfused::clip_and_step`]): norm, in-place
+/// scale of the gradients, then AdamW.
+///
+/// ```
+/// use fusedreg::{adamw::unfused_clip_step_min_bytes, DtypeKind::*};
+/// assert_eq!(unfused_clip_step_min_bytes(1, F32, F32), 40);
+/// assert_eq!(unfused_clip_step_min_bytes(1, Bf16, Bf16), 34);
+/// ```
+pub fn unfused_clip_step_min_bytes(params: u64, param: DtypeKind, grad: DtypeKind) -> u64 {
+    clip_step_min_bytes(params, param, grad) + crate::global_norm::scale_min_bytes(params, grad)
+}

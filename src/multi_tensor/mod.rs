@@ -1,0 +1,882 @@
+//! The multi-tensor engine: a set of tensors registered once, launched over as one.
+//!
+//! A framework registers its parameters and gradients once into a [`TensorSet`]. Building the
+//! set computes, on the host and once, the per-tensor table (buffer addresses, 64-bit lengths,
+//! weight decay, alignment flags) and the block -> (tensor, chunk) table ([`Layout`]), and uploads
+//! both to the device once. Every later launch over the set — the global norm, the scale pass,
+//! AdamW — passes two table pointers in its parameter struct: one launch covers any number of
+//! tensors, and the host work per step does not depend on the number of tensors (no per-step
+//! packing or upload, unlike the 4 KB argument tables PyTorch and Apex rebuild every call).
+//!
+//! # Chunks
+//!
+//! Each tensor is cut into chunks of [`CHUNK`] = 65,536 elements (the last one shorter); each
+//! chunk is one block of a launch. Chunks are numbered globally in registration order (tensor 0's
+//! chunks first). Zero-size tensors own no chunk and cost nothing, wherever they are in the list.
+//! Lengths, element indices and chunk starts are 64-bit everywhere, so a single tensor may hold
+//! more than 2^31 (or 2^32) elements; the number of chunks of a set is limited to 2^31 - 1 (the
+//! grid limit), i.e. 2^47 elements.
+//!
+//! # The split between engine and op
+//!
+//! The device side (`kernels/common/multi_tensor.cuh`) maps a block to its (tensor, chunk) and
+//! walks the chunk in aligned vector groups or, for tensors whose buffers are not aligned for
+//! them (views starting at an odd element, say), element by element. The arithmetic of each op is
+//! a small functor in the op's `.cu` file, so adding an op is a functor and a kernel symbol, not a
+//! new engine. Alignment is recorded per tensor at registration: an owned `CudaSlice` is always
+//! aligned; raw addresses must be aligned to their element size and may be misaligned for vectors
+//! (they take the scalar path, which gives identical results).
+//!
+//! # Registering buffers
+//!
+//! * Safe: [`TensorSetBuilder::push`] takes ownership of a parameter `CudaSlice` and its gradient
+//!   `CudaSlice`; the set keeps them alive and hands out views ([`TensorSet::grad_mut`] to write
+//!   gradients, [`TensorSet::param`] to read parameters), never the slices themselves, so their
+//!   addresses in the uploaded table stay valid for the set's lifetime.
+//! * Unsafe: [`TensorSetBuilder::push_raw`] registers device addresses owned elsewhere (a
+//!   framework's tensors); the caller guarantees they outlive the set and live in the handle's
+//!   context.
+//! * Gradients only ([`TensorSetBuilder::push_grad`], [`TensorSetBuilder::push_grad_raw`]): for
+//!   callers who clip with [`crate::global_norm`] but use their own optimizer.
+//! * Zero-size tensors: [`TensorSetBuilder::push_empty`] / [`TensorSetBuilder::push_grad_empty`]
+//!   (no buffer needed), or any of the above with empty buffers.
+//!
+//! A set with parameters owns the AdamW state of every tensor: f32 moments `m` and `v` (zeros),
+//! f32 master weights for 16-bit parameters (initialised from the parameters when the set is
+//! built), per-chunk step counts and per-tensor skip flags (see [`crate::adamw`]).
+//!
+//! ```
+//! use fusedreg::multi_tensor::{Layout, CHUNK};
+//! // Tensors of 0, 65,537 and 3 elements: 2 + 1 chunks; the empty tensor has none.
+//! let l = Layout::new(&[0, CHUNK + 1, 3]).unwrap();
+//! assert_eq!(l.num_chunks(), 3);
+//! assert_eq!(l.chunks(0), 0..0);
+//! assert_eq!(l.chunks(1), 0..2);
+//! assert_eq!(l.chunk(1).start, CHUNK);
+//! assert_eq!(l.chunk(1).len, 1);
+//! ```
+
+use std::any::Any;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, ValidAsZeroBits};
+
+use crate::dtype::{Dtype, DtypeKind};
+use crate::error::{Error, Result};
+use crate::runtime::Handle;
+
+/// Elements per chunk: one block of every multi-tensor launch works on one chunk.
+pub const CHUNK: u64 = 65_536;
+
+/// The most chunks one set may have (the largest one-dimensional grid).
+pub const MAX_CHUNKS: u64 = (1 << 31) - 1;
+
+/// Every tensor of a set starts its state (m, v, master) at a multiple of this many elements in
+/// the state arenas, so the state is always aligned for vector access (256 bytes).
+pub(crate) const STATE_ALIGN: u64 = 64;
+
+const OP: &str = "multi_tensor";
+
+/// `TensorEntry::flags`: every buffer the elementwise ops touch is aligned for 4-element groups.
+pub(crate) const FLAG_VEC4: u32 = 1;
+/// `TensorEntry::flags`: the gradient is 16-byte aligned.
+pub(crate) const FLAG_GRAD16: u32 = 2;
+
+/// One row of the per-tensor device table (`mt::TensorEntry` in `multi_tensor.cuh`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct TensorEntry {
+    pub param: u64,
+    pub grad: u64,
+    pub m: u64,
+    pub v: u64,
+    pub master: u64,
+    pub n: u64,
+    pub weight_decay: f32,
+    pub flags: u32,
+    pub first_chunk: u32,
+    pub num_chunks: u32,
+}
+const _: () = assert!(std::mem::size_of::<TensorEntry>() == 64);
+// SAFETY: plain old data with the layout of the device struct (size asserted on both sides).
+unsafe impl DeviceRepr for TensorEntry {}
+// SAFETY: all fields are integers or floats, for which zero bits are valid.
+unsafe impl ValidAsZeroBits for TensorEntry {}
+
+/// One row of the block table (`mt::BlockEntry`): the tensor and its chunk a block works on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct BlockEntry {
+    pub tensor: u32,
+    pub chunk: u32,
+}
+const _: () = assert!(std::mem::size_of::<BlockEntry>() == 8);
+// SAFETY: as above.
+unsafe impl DeviceRepr for BlockEntry {}
+// SAFETY: as above.
+unsafe impl ValidAsZeroBits for BlockEntry {}
+
+/// Where one chunk lies: tensor `tensor`, elements `start .. start + len` of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// Index of the tensor in the set.
+    pub tensor: usize,
+    /// First element of the chunk within the tensor (64-bit).
+    pub start: u64,
+    /// Elements in the chunk, `1 ..= CHUNK`.
+    pub len: usize,
+}
+
+/// The chunk layout of a list of tensor lengths: which global chunks each tensor owns and where
+/// each chunk lies. Pure host code, shared by the device tables and the CPU references.
+///
+/// ```
+/// use fusedreg::multi_tensor::{Layout, CHUNK};
+/// // 64-bit lengths: a tensor of 2^33 + 5 elements has 131,073 chunks, the last of 5 elements.
+/// let l = Layout::new(&[(1u64 << 33) + 5, 0]).unwrap();
+/// assert_eq!(l.num_chunks(), (1 << 17) + 1);
+/// let last = l.chunk(l.num_chunks() - 1);
+/// assert_eq!((last.tensor, last.start, last.len), (0, 1u64 << 33, 5));
+/// assert!(Layout::new(&[]).is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    lens: Vec<u64>,
+    first_chunk: Vec<u32>,
+    blocks: Vec<BlockEntry>,
+}
+
+impl Layout {
+    /// Lays out tensors of the given lengths. Errors on an empty list, more than 2^32 - 1
+    /// tensors, or more than [`MAX_CHUNKS`] chunks in all.
+    pub fn new(lens: &[u64]) -> Result<Self> {
+        if lens.is_empty() {
+            return Err(Error::invalid(
+                OP,
+                "the tensor list is empty: register at least one tensor",
+            ));
+        }
+        if lens.len() > u32::MAX as usize {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "{} tensors registered; at most 2^32 - 1 fit in one set: split the list",
+                    lens.len()
+                ),
+            ));
+        }
+        let total: u64 = lens.iter().map(|&n| n.div_ceil(CHUNK)).sum();
+        if total > MAX_CHUNKS {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the tensors need {total} chunks of {CHUNK} elements; one set holds at most \
+                     {MAX_CHUNKS}: split the list into several sets"
+                ),
+            ));
+        }
+        let mut first_chunk = Vec::with_capacity(lens.len());
+        let mut blocks = Vec::with_capacity(total as usize);
+        for (t, &n) in lens.iter().enumerate() {
+            first_chunk.push(blocks.len() as u32);
+            for c in 0..n.div_ceil(CHUNK) {
+                blocks.push(BlockEntry {
+                    tensor: t as u32,
+                    chunk: c as u32,
+                });
+            }
+        }
+        Ok(Layout {
+            lens: lens.to_vec(),
+            first_chunk,
+            blocks,
+        })
+    }
+
+    /// Number of tensors.
+    pub fn num_tensors(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Number of chunks (blocks of a launch over the whole set).
+    pub fn num_chunks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The tensor lengths.
+    pub fn lens(&self) -> &[u64] {
+        &self.lens
+    }
+
+    /// Total number of elements.
+    pub fn total_elements(&self) -> u64 {
+        self.lens.iter().sum()
+    }
+
+    /// The global chunk indices tensor `tensor` owns (empty for a zero-size tensor).
+    pub fn chunks(&self, tensor: usize) -> Range<usize> {
+        let first = self.first_chunk[tensor] as usize;
+        first..first + self.lens[tensor].div_ceil(CHUNK) as usize
+    }
+
+    /// Where global chunk `index` lies.
+    pub fn chunk(&self, index: usize) -> ChunkRef {
+        let b = self.blocks[index];
+        let start = u64::from(b.chunk) * CHUNK;
+        let len = (self.lens[b.tensor as usize] - start).min(CHUNK) as usize;
+        ChunkRef {
+            tensor: b.tensor as usize,
+            start,
+            len,
+        }
+    }
+
+    pub(crate) fn first_chunk(&self, tensor: usize) -> u32 {
+        self.first_chunk[tensor]
+    }
+
+    pub(crate) fn blocks(&self) -> &[BlockEntry] {
+        &self.blocks
+    }
+}
+
+/// A tensor registered by raw device addresses (see [`TensorSetBuilder::push_raw`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RawTensor {
+    /// Device address of the parameters (may be 0 when `len` is 0).
+    pub param: u64,
+    /// Device address of the gradients (may be 0 when `len` is 0).
+    pub grad: u64,
+    /// Elements in each buffer (64-bit).
+    pub len: u64,
+    /// Element type of the parameters.
+    pub param_dtype: DtypeKind,
+    /// Element type of the gradients.
+    pub grad_dtype: DtypeKind,
+    /// Decoupled weight decay of this tensor (0 for biases and norm weights, typically).
+    pub weight_decay: f32,
+}
+
+type OwnedBuf = Box<dyn Any + Send + Sync>;
+
+struct Pending {
+    param: u64,
+    grad: u64,
+    len: u64,
+    weight_decay: f32,
+    owned_param: Option<OwnedBuf>,
+    owned_grad: Option<OwnedBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Unset,
+    Grads(DtypeKind),
+    Params(DtypeKind, DtypeKind),
+}
+
+/// Collects tensors for a [`TensorSet`]; see the [module docs](self).
+pub struct TensorSetBuilder {
+    handle: Handle,
+    kind: Kind,
+    pending: Vec<Pending>,
+}
+
+impl std::fmt::Debug for TensorSetBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorSetBuilder")
+            .field("tensors", &self.pending.len())
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+fn check_weight_decay(wd: f32) -> Result<()> {
+    if !wd.is_finite() || wd < 0.0 {
+        return Err(Error::invalid(
+            OP,
+            format!("weight_decay = {wd} must be finite and >= 0 (use 0 to disable it)"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_raw_address(what: &str, addr: u64, len: u64, kind: DtypeKind) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if addr == 0 {
+        return Err(Error::invalid(
+            OP,
+            format!("{what} address is null for a tensor of {len} elements"),
+        ));
+    }
+    if addr % kind.size() as u64 != 0 {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "{what} address {addr:#x} is not aligned to its element size ({} bytes for {}): \
+                 pass the address of an element",
+                kind.size(),
+                kind.name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl TensorSetBuilder {
+    fn admit(&mut self, kind: Kind) -> Result<()> {
+        let describe = |k: Kind| match k {
+            Kind::Unset => "nothing".to_string(),
+            Kind::Grads(g) => format!("gradients only ({})", g.name()),
+            Kind::Params(p, g) => format!("{} parameters with {} gradients", p.name(), g.name()),
+        };
+        if self.pending.len() >= u32::MAX as usize {
+            return Err(Error::invalid(OP, "a set holds at most 2^32 - 1 tensors"));
+        }
+        match self.kind {
+            Kind::Unset => {
+                self.kind = kind;
+                Ok(())
+            }
+            k if k == kind => Ok(()),
+            k => Err(Error::invalid(
+                OP,
+                format!(
+                    "tensor {} is {} but the set already holds {}: one set has one parameter \
+                     dtype and one gradient dtype (the kernel is compiled per pair); put other \
+                     dtypes in a second set",
+                    self.pending.len(),
+                    describe(kind),
+                    describe(k)
+                ),
+            )),
+        }
+    }
+
+    /// Registers a parameter tensor and its gradient, taking ownership of both buffers. Returns
+    /// the tensor's index in the set.
+    ///
+    /// Errors: lengths differ, `weight_decay` negative or non-finite, a buffer from another
+    /// context, or dtypes different from the tensors already registered.
+    pub fn push<P: Dtype, G: Dtype>(
+        &mut self,
+        param: CudaSlice<P>,
+        grad: CudaSlice<G>,
+        weight_decay: f32,
+    ) -> Result<usize> {
+        check_weight_decay(weight_decay)?;
+        if param.len() != grad.len() {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "tensor {}: param has {} elements but grad has {}: every buffer of a tensor \
+                     has the same length",
+                    self.pending.len(),
+                    param.len(),
+                    grad.len()
+                ),
+            ));
+        }
+        let p = self.address("param", &param)?;
+        let g = self.address("grad", &grad)?;
+        self.admit(Kind::Params(P::KIND, G::KIND))?;
+        self.pending.push(Pending {
+            param: p,
+            grad: g,
+            len: param.len() as u64,
+            weight_decay,
+            owned_param: Some(Box::new(param)),
+            owned_grad: Some(Box::new(grad)),
+        });
+        Ok(self.pending.len() - 1)
+    }
+
+    /// Registers a parameter tensor by raw device addresses. Returns its index in the set.
+    ///
+    /// Alignment is recorded: addresses must be aligned to their element size; addresses not
+    /// aligned for vector access take the (equally exact) scalar path.
+    ///
+    /// # Safety
+    ///
+    /// `t.param` and `t.grad` must point to live device allocations of at least `t.len` elements
+    /// of their dtypes, in the handle's CUDA context, that stay alive (and are not freed or
+    /// reused) for as long as the built set is used, and that work on them is ordered with the
+    /// handle's stream. The parameter and gradient buffers must not overlap.
+    pub unsafe fn push_raw(&mut self, t: RawTensor) -> Result<usize> {
+        check_weight_decay(t.weight_decay)?;
+        check_raw_address("param", t.param, t.len, t.param_dtype)?;
+        check_raw_address("grad", t.grad, t.len, t.grad_dtype)?;
+        self.admit(Kind::Params(t.param_dtype, t.grad_dtype))?;
+        self.pending.push(Pending {
+            param: t.param,
+            grad: t.grad,
+            len: t.len,
+            weight_decay: t.weight_decay,
+            owned_param: None,
+            owned_grad: None,
+        });
+        Ok(self.pending.len() - 1)
+    }
+
+    /// Registers a zero-size parameter tensor without buffers (CUDA cannot allocate 0 bytes
+    /// everywhere). It owns no chunk, so nothing ever reads or writes it. Returns its index.
+    pub fn push_empty<P: Dtype, G: Dtype>(&mut self, weight_decay: f32) -> Result<usize> {
+        check_weight_decay(weight_decay)?;
+        self.admit(Kind::Params(P::KIND, G::KIND))?;
+        self.pending.push(Pending {
+            param: 0,
+            grad: 0,
+            len: 0,
+            weight_decay,
+            owned_param: None,
+            owned_grad: None,
+        });
+        Ok(self.pending.len() - 1)
+    }
+
+    /// Registers a zero-size gradient without a buffer, in a gradients-only set.
+    pub fn push_grad_empty<G: Dtype>(&mut self) -> Result<usize> {
+        self.admit(Kind::Grads(G::KIND))?;
+        self.pending.push(Pending {
+            param: 0,
+            grad: 0,
+            len: 0,
+            weight_decay: 0.0,
+            owned_param: None,
+            owned_grad: None,
+        });
+        Ok(self.pending.len() - 1)
+    }
+
+    /// Registers a gradient only (a gradients-only set: for the global norm and the scale pass
+    /// with an optimizer of your own). Takes ownership of the buffer.
+    pub fn push_grad<G: Dtype>(&mut self, grad: CudaSlice<G>) -> Result<usize> {
+        let g = self.address("grad", &grad)?;
+        self.admit(Kind::Grads(G::KIND))?;
+        self.pending.push(Pending {
+            param: 0,
+            grad: g,
+            len: grad.len() as u64,
+            weight_decay: 0.0,
+            owned_param: None,
+            owned_grad: Some(Box::new(grad)),
+        });
+        Ok(self.pending.len() - 1)
+    }
+
+    /// Registers a gradient only, by raw device address.
+    ///
+    /// # Safety
+    ///
+    /// As [`TensorSetBuilder::push_raw`]: `grad` points to `len` live elements of `dtype` in the
+    /// handle's context that outlive the set.
+    pub unsafe fn push_grad_raw(&mut self, grad: u64, len: u64, dtype: DtypeKind) -> Result<usize> {
+        check_raw_address("grad", grad, len, dtype)?;
+        self.admit(Kind::Grads(dtype))?;
+        self.pending.push(Pending {
+            param: 0,
+            grad,
+            len,
+            weight_decay: 0.0,
+            owned_param: None,
+            owned_grad: None,
+        });
+        Ok(self.pending.len() - 1)
+    }
+
+    fn address<T>(&self, what: &str, buf: &CudaSlice<T>) -> Result<u64> {
+        let (ptr, _guard) = self.handle.read_ptr(OP, what, buf)?;
+        Ok(ptr)
+    }
+
+    /// Number of tensors registered so far.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// True when nothing is registered yet.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Builds the tables, uploads them once, allocates the optimizer state of a set with
+    /// parameters (moments zeroed, master weights copied from 16-bit parameters) and returns the
+    /// set. Errors on an empty list.
+    pub fn build(self) -> Result<TensorSet> {
+        let lens: Vec<u64> = self.pending.iter().map(|p| p.len).collect();
+        let layout = Layout::new(&lens)?;
+        let (param_dtype, grad_dtype) = match self.kind {
+            Kind::Params(p, g) => (Some(p), g),
+            Kind::Grads(g) => (None, g),
+            Kind::Unset => unreachable!("Layout::new rejects an empty list"),
+        };
+        let stream = self.handle.stream().clone();
+        let drv = Error::driver(OP);
+
+        // State arenas: each tensor's m, v, master start at a multiple of STATE_ALIGN elements.
+        let mut offsets = Vec::with_capacity(lens.len());
+        let mut arena = 0u64;
+        for &n in &lens {
+            offsets.push(arena);
+            arena += n.div_ceil(STATE_ALIGN) * STATE_ALIGN;
+        }
+        let arena_len = usize::try_from(arena.max(1))
+            .map_err(|_| Error::invalid(OP, "the optimizer state does not fit in memory"))?;
+        let state = match param_dtype {
+            None => None,
+            Some(p) => {
+                let m = stream.alloc_zeros::<f32>(arena_len).map_err(drv)?;
+                let v = stream
+                    .alloc_zeros::<f32>(arena_len)
+                    .map_err(Error::driver(OP))?;
+                let master = if p == DtypeKind::F32 {
+                    None
+                } else {
+                    Some(
+                        stream
+                            .alloc_zeros::<f32>(arena_len)
+                            .map_err(Error::driver(OP))?,
+                    )
+                };
+                let chunk_steps = stream
+                    .alloc_zeros::<u32>(layout.num_chunks().max(1))
+                    .map_err(Error::driver(OP))?;
+                let skip = stream
+                    .alloc_zeros::<u8>(lens.len())
+                    .map_err(Error::driver(OP))?;
+                Some(OptimizerState {
+                    offsets,
+                    m,
+                    v,
+                    master,
+                    chunk_steps,
+                    skip,
+                })
+            }
+        };
+
+        let ps = param_dtype.map_or(1, |p| p.size() as u64);
+        let gs = grad_dtype.size() as u64;
+        let base = |s: Option<&CudaSlice<f32>>| -> u64 {
+            s.map_or(0, |s| {
+                let (p, _g) = s.device_ptr(&stream);
+                p
+            })
+        };
+        let (m_base, v_base, master_base) = match &state {
+            Some(st) => (
+                base(Some(&st.m)),
+                base(Some(&st.v)),
+                base(st.master.as_ref()),
+            ),
+            None => (0, 0, 0),
+        };
+        let mut entries = Vec::with_capacity(lens.len());
+        for (t, p) in self.pending.iter().enumerate() {
+            let off = state.as_ref().map_or(0, |s| s.offsets[t]) * 4;
+            let at = |b: u64| if b == 0 { 0 } else { b + off };
+            let vec4 = (param_dtype.is_none() || p.param % (4 * ps) == 0) && p.grad % (4 * gs) == 0;
+            let grad16 = p.grad % 16 == 0;
+            entries.push(TensorEntry {
+                param: p.param,
+                grad: p.grad,
+                m: at(m_base),
+                v: at(v_base),
+                master: at(master_base),
+                n: p.len,
+                weight_decay: p.weight_decay,
+                flags: if vec4 { FLAG_VEC4 } else { 0 } | if grad16 { FLAG_GRAD16 } else { 0 },
+                first_chunk: layout.first_chunk(t),
+                num_chunks: p.len.div_ceil(CHUNK) as u32,
+            });
+        }
+        let d_tensors = stream.clone_htod(&entries).map_err(Error::driver(OP))?;
+        let blocks: Vec<BlockEntry> = if layout.num_chunks() == 0 {
+            vec![BlockEntry::default()]
+        } else {
+            layout.blocks().to_vec()
+        };
+        let d_blocks = stream.clone_htod(&blocks).map_err(Error::driver(OP))?;
+        let tensors_ptr = base_of(&d_tensors, &stream);
+        let blocks_ptr = base_of(&d_blocks, &stream);
+
+        let mut owned = Vec::with_capacity(self.pending.len());
+        for p in self.pending {
+            owned.push((p.owned_param, p.owned_grad));
+        }
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let set = TensorSet {
+            handle: self.handle,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            layout,
+            param_dtype,
+            grad_dtype,
+            entries,
+            d_tensors,
+            d_blocks,
+            tensors_ptr,
+            blocks_ptr,
+            state,
+            owned,
+        };
+        if let Some(p) = param_dtype.filter(|&p| p != DtypeKind::F32) {
+            crate::adamw::gpu::init_master(&set, p)?;
+        }
+        Ok(set)
+    }
+}
+
+fn base_of<T>(s: &CudaSlice<T>, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> u64 {
+    let (p, _g) = s.device_ptr(stream);
+    p
+}
+
+/// The optimizer state a set with parameters owns.
+pub(crate) struct OptimizerState {
+    /// Offset of each tensor's state in the arenas, in elements (multiples of `STATE_ALIGN`).
+    pub offsets: Vec<u64>,
+    pub m: CudaSlice<f32>,
+    pub v: CudaSlice<f32>,
+    /// f32 master weights, for 16-bit parameters only.
+    pub master: Option<CudaSlice<f32>>,
+    /// One step count per global chunk (see `crate::adamw`).
+    pub chunk_steps: CudaSlice<u32>,
+    /// One skip flag per tensor.
+    pub skip: CudaSlice<u8>,
+}
+
+/// Tensors registered once, with their device tables and (for parameter sets) optimizer state.
+/// Build one with [`TensorSet::builder`]; see the [module docs](self).
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::multi_tensor::TensorSet;
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let mut b = TensorSet::builder(&h);
+/// let w = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+/// let gw = s.alloc_zeros::<f32>(1000).unwrap();
+/// b.push(w, gw, 0.01)?;                       // weight, decayed
+/// let bias = s.clone_htod(&vec![0.0f32; 10]).unwrap();
+/// let gb = s.alloc_zeros::<f32>(10).unwrap();
+/// b.push(bias, gb, 0.0)?;                     // bias, not decayed
+/// let mut set = b.build()?;
+/// // Each step, the backward pass writes the gradients:
+/// let mut g = set.grad_mut::<f32>(0)?;
+/// s.memcpy_htod(&vec![0.1f32; 1000], &mut g).unwrap();
+/// # Ok(()) }
+/// ```
+pub struct TensorSet {
+    handle: Handle,
+    id: u64,
+    layout: Layout,
+    param_dtype: Option<DtypeKind>,
+    grad_dtype: DtypeKind,
+    entries: Vec<TensorEntry>,
+    #[allow(dead_code)] // keeps the uploaded table alive; launches use `tensors_ptr`
+    d_tensors: CudaSlice<TensorEntry>,
+    #[allow(dead_code)] // as above, `blocks_ptr`
+    d_blocks: CudaSlice<BlockEntry>,
+    tensors_ptr: u64,
+    blocks_ptr: u64,
+    pub(crate) state: Option<OptimizerState>,
+    owned: Vec<(Option<OwnedBuf>, Option<OwnedBuf>)>,
+}
+
+impl std::fmt::Debug for TensorSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorSet")
+            .field("tensors", &self.layout.num_tensors())
+            .field("chunks", &self.layout.num_chunks())
+            .field("elements", &self.layout.total_elements())
+            .field("param_dtype", &self.param_dtype)
+            .field("grad_dtype", &self.grad_dtype)
+            .finish()
+    }
+}
+
+impl TensorSet {
+    /// Starts a set on `handle`'s context and stream.
+    pub fn builder(handle: &Handle) -> TensorSetBuilder {
+        TensorSetBuilder {
+            handle: handle.clone(),
+            kind: Kind::Unset,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The handle the set launches on.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The chunk layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.layout.num_tensors()
+    }
+
+    /// Always false: a set holds at least one tensor.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Element type of the parameters; `None` for a gradients-only set.
+    pub fn param_dtype(&self) -> Option<DtypeKind> {
+        self.param_dtype
+    }
+
+    /// Element type of the gradients.
+    pub fn grad_dtype(&self) -> DtypeKind {
+        self.grad_dtype
+    }
+
+    /// Whether tensor `i` takes the vector path in the elementwise ops (AdamW): all its buffers
+    /// are aligned for 4-element groups. Misaligned tensors take the scalar path. Panics when
+    /// `i >= len()` (as do the other per-tensor getters returning plain values).
+    pub fn is_vector_aligned(&self, i: usize) -> bool {
+        self.entries[i].flags & FLAG_VEC4 != 0
+    }
+
+    /// Whether tensor `i`'s gradient is 16-byte aligned (the norm's and scale pass's vector path).
+    pub fn is_grad_aligned16(&self, i: usize) -> bool {
+        self.entries[i].flags & FLAG_GRAD16 != 0
+    }
+
+    /// Weight decay of tensor `i`.
+    pub fn weight_decay(&self, i: usize) -> f32 {
+        self.entries[i].weight_decay
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn tensors_ptr(&self) -> u64 {
+        self.tensors_ptr
+    }
+
+    pub(crate) fn blocks_ptr(&self) -> u64 {
+        self.blocks_ptr
+    }
+
+    pub(crate) fn num_chunks_u32(&self) -> u32 {
+        self.layout.num_chunks() as u32
+    }
+
+    fn owned<'a>(&'a self, i: usize, what: &str, which: usize) -> Result<&'a OwnedBuf> {
+        let slot = self
+            .owned
+            .get(i)
+            .ok_or_else(|| Error::invalid(OP, format!("tensor {i} does not exist")))?;
+        let b = if which == 0 { &slot.0 } else { &slot.1 };
+        b.as_ref().ok_or_else(|| {
+            Error::invalid(
+                OP,
+                format!(
+                    "tensor {i}'s {what} was registered by raw address or as empty (or the \
+                     set has none): use your own buffer"
+                ),
+            )
+        })
+    }
+
+    fn wrong_type(i: usize, what: &str, want: DtypeKind, have: DtypeKind) -> Error {
+        Error::invalid(
+            OP,
+            format!(
+                "tensor {i}'s {what} holds {} elements, not {}",
+                have.name(),
+                want.name()
+            ),
+        )
+    }
+
+    /// A view of tensor `i`'s parameters (a tensor registered with [`TensorSetBuilder::push`]).
+    /// For 16-bit parameters, the f32 master weights ([`TensorSet::master`]) are the truth the
+    /// optimizer updates; the parameters are their rounded copy.
+    pub fn param<P: Dtype>(&self, i: usize) -> Result<CudaView<'_, P>> {
+        let b = self.owned(i, "param", 0)?;
+        let have = self.param_dtype.unwrap_or(self.grad_dtype);
+        b.downcast_ref::<CudaSlice<P>>()
+            .map(|s| s.as_view())
+            .ok_or_else(|| Self::wrong_type(i, "param", P::KIND, have))
+    }
+
+    /// A view of tensor `i`'s gradient.
+    pub fn grad<G: Dtype>(&self, i: usize) -> Result<CudaView<'_, G>> {
+        let b = self.owned(i, "grad", 1)?;
+        b.downcast_ref::<CudaSlice<G>>()
+            .map(|s| s.as_view())
+            .ok_or_else(|| Self::wrong_type(i, "grad", G::KIND, self.grad_dtype))
+    }
+
+    /// A mutable view of tensor `i`'s gradient, for the backward pass to write. (A view, not the
+    /// slice: the slice's address is in the device table and must not change.)
+    pub fn grad_mut<G: Dtype>(&mut self, i: usize) -> Result<CudaViewMut<'_, G>> {
+        let have = self.grad_dtype;
+        let slot = self
+            .owned
+            .get_mut(i)
+            .ok_or_else(|| Error::invalid(OP, format!("tensor {i} does not exist")))?;
+        let b = slot.1.as_mut().ok_or_else(|| {
+            Error::invalid(
+                OP,
+                format!("tensor {i}'s grad was registered by raw address: use your own buffer"),
+            )
+        })?;
+        b.downcast_mut::<CudaSlice<G>>()
+            .map(|s| s.as_view_mut())
+            .ok_or_else(|| Self::wrong_type(i, "grad", G::KIND, have))
+    }
+
+    pub(crate) fn state(&self, op: &'static str) -> Result<&OptimizerState> {
+        self.state.as_ref().ok_or_else(|| {
+            Error::invalid(
+                op,
+                "this set holds gradients only: register parameters with TensorSetBuilder::push \
+                 or push_raw to use an optimizer",
+            )
+        })
+    }
+
+    fn state_view<'a>(&'a self, s: &'a CudaSlice<f32>, i: usize) -> Result<CudaView<'a, f32>> {
+        let st = self.state(OP)?;
+        if i >= self.len() {
+            return Err(Error::invalid(
+                OP,
+                format!("tensor {i} does not exist (the set holds {})", self.len()),
+            ));
+        }
+        let off = st.offsets[i] as usize;
+        Ok(s.slice(off..off + self.layout.lens()[i] as usize))
+    }
+
+    /// Tensor `i`'s first moment (f32). Errors for a gradients-only set.
+    pub fn exp_avg(&self, i: usize) -> Result<CudaView<'_, f32>> {
+        let st = self.state(OP)?;
+        self.state_view(&st.m, i)
+    }
+
+    /// Tensor `i`'s second moment (f32).
+    pub fn exp_avg_sq(&self, i: usize) -> Result<CudaView<'_, f32>> {
+        let st = self.state(OP)?;
+        self.state_view(&st.v, i)
+    }
+
+    /// Tensor `i`'s f32 master weights (16-bit parameters only).
+    pub fn master(&self, i: usize) -> Result<CudaView<'_, f32>> {
+        let st = self.state(OP)?;
+        let m = st.master.as_ref().ok_or_else(|| {
+            Error::invalid(OP, "f32 parameters have no master weights: read the params")
+        })?;
+        self.state_view(m, i)
+    }
+}

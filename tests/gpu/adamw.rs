@@ -1,0 +1,897 @@
+//! Fused AdamW on the GPU against the CPU reference, bit for bit: every dtype pair, odd and
+//! chunk-crossing sizes, zero-size tensors, device-side lr / clip / flag, skip flags, stochastic
+//! rounding, save/restore/resume, misaligned views, 10,000 tiny tensors, launch counts, and the
+//! unfused baseline.
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use fusedreg::adamw::{cpu, unfused, AdamW, AdamWConfig, Rounding};
+use fusedreg::global_norm::{cpu as ncpu, GlobalNorm};
+use fusedreg::multi_tensor::{RawTensor, TensorSet, CHUNK};
+use fusedreg::{Dtype, DtypeKind, Handle};
+use half::{bf16, f16};
+use libtest_mimic::Trial;
+
+use crate::common::{bits_eq, close, rng, uniform};
+use crate::global_norm::{download, e, tiny_sizes, upload, values_eq, SIZES};
+use crate::harness::{gpu_trial, trials_of};
+
+pub fn trials() -> Vec<Trial> {
+    let mut v = trials_of(
+        "adamw",
+        &[
+            ("f32_seven_steps_bit_exact_vs_cpu", f32_seven_steps),
+            ("master_weight_paths_bit_exact_vs_cpu", master_paths),
+            ("f32_params_with_16bit_grads", f32_params_16bit_grads),
+            (
+                "stochastic_rounding_matches_cpu_per_seed",
+                stochastic_rounding,
+            ),
+            ("clip_and_step_below_and_above_max_norm", clip_and_step),
+            (
+                "nonfinite_gradient_changes_nothing",
+                nonfinite_changes_nothing,
+            ),
+            ("loss_scale_divides_out", loss_scale),
+            ("save_restore_resume_bit_identical", save_restore_resume),
+            ("restore_mismatch_is_an_error", restore_mismatch),
+            ("skip_flags_leave_tensors_untouched", skip_flags),
+            ("misaligned_views_take_the_scalar_path", misaligned_views),
+            ("ten_thousand_tiny_tensors_one_launch", ten_thousand_tiny),
+            ("validation_errors", validation_errors),
+            ("unfused_baseline_matches_cpu", unfused_baseline),
+        ],
+    );
+    let big = std::env::var("FUSEDREG_BIG_TESTS").is_ok_and(|v| v == "1");
+    v.push(
+        gpu_trial(
+            "adamw::single_tensor_over_2_31_elements_needs_FUSEDREG_BIG_TESTS",
+            big_tensor,
+        )
+        .with_ignored_flag(!big),
+    );
+    v
+}
+
+type Tensors<P, G> = Vec<cpu::CpuTensor<P, G>>;
+
+fn cpu_tensors<P: Dtype, G: Dtype>(seed: u64, sizes: &[usize]) -> Tensors<P, G> {
+    let mut r = rng(seed);
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let wd = [0.01, 0.0, 0.1][i % 3];
+            cpu::CpuTensor::new(
+                uniform(&mut r, n, -1.0, 1.0),
+                uniform(&mut r, n, -1.0, 1.0),
+                wd,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+fn new_grads<P: Dtype, G: Dtype>(ts: &mut [cpu::CpuTensor<P, G>], seed: u64) {
+    let mut r = rng(seed);
+    for t in ts {
+        t.grad = uniform(&mut r, t.len(), -1.0, 1.0);
+    }
+}
+
+/// A set owning copies of the CPU tensors' parameters and gradients.
+fn build<P: Dtype, G: Dtype>(h: &Handle, ts: &[cpu::CpuTensor<P, G>]) -> Result<TensorSet, String> {
+    let mut b = TensorSet::builder(h);
+    for t in ts {
+        if t.is_empty() {
+            b.push_empty::<P, G>(t.weight_decay).map_err(e)?;
+        } else {
+            b.push(upload(h, &t.param)?, upload(h, &t.grad)?, t.weight_decay)
+                .map_err(e)?;
+        }
+    }
+    b.build().map_err(e)
+}
+
+fn write_grads<P: Dtype, G: Dtype>(
+    h: &Handle,
+    set: &mut TensorSet,
+    ts: &[cpu::CpuTensor<P, G>],
+) -> Result<(), String> {
+    for (i, t) in ts.iter().enumerate() {
+        if !t.is_empty() {
+            let mut g = set.grad_mut::<G>(i).map_err(e)?;
+            h.stream().memcpy_htod(&t.grad, &mut g).map_err(e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Moments, master weights and step counts against the CPU tensors, bit for bit.
+fn compare_state<P: Dtype, G: Dtype>(
+    h: &Handle,
+    set: &TensorSet,
+    ts: &[cpu::CpuTensor<P, G>],
+    what: &str,
+) -> Result<(), String> {
+    let steps = set.step_counts().map_err(e)?;
+    let want_steps: Vec<u32> = ts.iter().map(|t| t.step).collect();
+    bits_eq(&format!("{what}: step counts"), &steps, &want_steps)?;
+    for (i, t) in ts.iter().enumerate() {
+        bits_eq(
+            &format!("{what}: tensor {i} m"),
+            &download(h, &set.exp_avg(i).map_err(e)?)?,
+            &t.m,
+        )?;
+        bits_eq(
+            &format!("{what}: tensor {i} v"),
+            &download(h, &set.exp_avg_sq(i).map_err(e)?)?,
+            &t.v,
+        )?;
+        if let Some(m) = &t.master {
+            bits_eq(
+                &format!("{what}: tensor {i} master"),
+                &download(h, &set.master(i).map_err(e)?)?,
+                m,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Parameters (of a set owning them) and state against the CPU tensors, bit for bit.
+fn compare<P: Dtype, G: Dtype>(
+    h: &Handle,
+    set: &TensorSet,
+    ts: &[cpu::CpuTensor<P, G>],
+    what: &str,
+) -> Result<(), String> {
+    for (i, t) in ts.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+        bits_eq(
+            &format!("{what}: tensor {i} ({} elements) param", t.len()),
+            &download(h, &set.param::<P>(i).map_err(e)?)?,
+            &t.param,
+        )?;
+    }
+    compare_state(h, set, ts, what)
+}
+
+fn launches(h: &Handle, before: u64, want: u64, what: &str) -> Result<(), String> {
+    let got = h.launch_count() - before;
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("{what}: {got} launches, expected {want}"))
+    }
+}
+
+fn f32_seven_steps(h: &Handle) -> Result<(), String> {
+    let mut ts = cpu_tensors::<f32, f32>(1, SIZES);
+    let mut set = build(h, &ts)?;
+    let cfg = AdamWConfig::default();
+    let mut opt = AdamW::new(&set, cfg).map_err(e)?;
+    for s in 0..7u64 {
+        new_grads(&mut ts, 100 + s);
+        write_grads(h, &mut set, &ts)?;
+        // A device-side learning-rate schedule: a 4-byte async copy per step.
+        let lr = 1e-3 * (1.0 + s as f32 * 0.5);
+        opt.set_lr(lr).map_err(e)?;
+        let before = h.launch_count();
+        opt.step(&mut set, None).map_err(e)?;
+        launches(h, before, 1, "one AdamW step")?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(lr), &[]).map_err(e)?;
+        if s == 0 || s == 6 {
+            compare(h, &set, &ts, &format!("f32 step {}", s + 1))?;
+        }
+    }
+    Ok(())
+}
+
+fn master_paths(h: &Handle) -> Result<(), String> {
+    fn one<P: Dtype, G: Dtype>(h: &Handle, seed: u64) -> Result<(), String> {
+        let sizes = [0, 65_537, 1001, 3, 0, 278_011, 5];
+        let mut ts = cpu_tensors::<P, G>(seed, &sizes);
+        let mut set = build(h, &ts)?;
+        // Freshly built: the master weights are the widened parameters.
+        compare(h, &set, &ts, "after build")?;
+        let cfg = AdamWConfig {
+            lr: 2e-3,
+            ..Default::default()
+        };
+        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        for s in 0..7 {
+            new_grads(&mut ts, seed * 10 + s);
+            write_grads(h, &mut set, &ts)?;
+            opt.step(&mut set, None).map_err(e)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+        }
+        compare(
+            h,
+            &set,
+            &ts,
+            &format!("p{} g{}", P::KIND.name(), G::KIND.name()),
+        )
+    }
+    one::<bf16, bf16>(h, 2)?;
+    one::<bf16, f16>(h, 3)?;
+    one::<bf16, f32>(h, 4)?;
+    one::<f16, f16>(h, 5)?;
+    one::<f16, bf16>(h, 6)?;
+    one::<f16, f32>(h, 7)
+}
+
+fn f32_params_16bit_grads(h: &Handle) -> Result<(), String> {
+    fn one<G: Dtype>(h: &Handle, seed: u64) -> Result<(), String> {
+        let mut ts = cpu_tensors::<f32, G>(seed, &[65_536, 7, 0, 130_001]);
+        let mut set = build(h, &ts)?;
+        let cfg = AdamWConfig::default();
+        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        for s in 0..3 {
+            new_grads(&mut ts, seed * 10 + s);
+            write_grads(h, &mut set, &ts)?;
+            opt.step(&mut set, None).map_err(e)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+        }
+        compare(h, &set, &ts, &format!("pf32 g{}", G::KIND.name()))
+    }
+    one::<bf16>(h, 8)?;
+    one::<f16>(h, 9)
+}
+
+fn stochastic_rounding(h: &Handle) -> Result<(), String> {
+    fn run<P: Dtype, G: Dtype>(h: &Handle, seed: u64) -> Result<Vec<Vec<P>>, String> {
+        let mut ts = cpu_tensors::<P, G>(20, &[65_537, 0, 999, 131_075]);
+        let mut set = build(h, &ts)?;
+        let cfg = AdamWConfig {
+            rounding: Rounding::Stochastic { seed },
+            ..Default::default()
+        };
+        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        for s in 0..4 {
+            new_grads(&mut ts, 200 + s);
+            write_grads(h, &mut set, &ts)?;
+            opt.step(&mut set, None).map_err(e)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+        }
+        compare(h, &set, &ts, &format!("stochastic p{}", P::KIND.name()))?;
+        (0..ts.len())
+            .filter(|&i| !ts[i].is_empty())
+            .map(|i| download(h, &set.param::<P>(i).map_err(e)?))
+            .collect()
+    }
+    let a = run::<bf16, bf16>(h, 1234)?;
+    let a2 = run::<bf16, bf16>(h, 1234)?;
+    let b = run::<bf16, bf16>(h, 4321)?;
+    if a != a2 {
+        return Err("same seed, different parameters".into());
+    }
+    if a == b {
+        return Err("different seeds gave identical parameters".into());
+    }
+    run::<f16, f32>(h, 99)?;
+    Ok(())
+}
+
+fn clip_and_step(h: &Handle) -> Result<(), String> {
+    let mut ts = cpu_tensors::<bf16, bf16>(30, &[0, 278_011, 65_536, 17, 0]);
+    let mut set = build(h, &ts)?;
+    let cfg = AdamWConfig::default();
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let grads: Vec<&[bf16]> = ts.iter().map(|t| &t.grad[..]).collect();
+    let n = ncpu::norm_f64(&grads) as f32;
+    // First steps clipped (max_norm below the norm), then unclipped.
+    for (s, max_norm) in [n * 0.25, n * 0.5, n * 4.0, n * 8.0]
+        .into_iter()
+        .enumerate()
+    {
+        new_grads(&mut ts, 300 + s as u64);
+        write_grads(h, &mut set, &ts)?;
+        let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
+        let before = h.launch_count();
+        opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+        launches(h, before, 3, "clip_and_step")?;
+        let grads: Vec<&[bf16]> = ts.iter().map(|t| &t.grad[..]).collect();
+        let want = ncpu::global_norm(&grads, Some(max_norm), 1.0).map_err(e)?;
+        let got = norm.read().map_err(e)?;
+        values_eq(&format!("step {s} norm"), &got, &want)?;
+        if (s < 2) != (got.coef < 1.0) {
+            return Err(format!(
+                "step {s}: coef {} with max_norm {max_norm}",
+                got.coef
+            ));
+        }
+        cpu::step(
+            &mut ts,
+            &cfg,
+            &cpu::StepInputs::from_norm(cfg.lr, &want),
+            &[],
+        )
+        .map_err(e)?;
+        compare(h, &set, &ts, &format!("clip step {s}"))?;
+    }
+    Ok(())
+}
+
+fn nonfinite_changes_nothing(h: &Handle) -> Result<(), String> {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut ts = cpu_tensors::<bf16, f32>(40, &[3, 70_000, 0, 65_537]);
+        let mut set = build(h, &ts)?;
+        let cfg = AdamWConfig {
+            rounding: Rounding::Stochastic { seed: 5 },
+            ..Default::default()
+        };
+        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+        // Two good steps, so the state is non-trivial.
+        for s in 0..2 {
+            new_grads(&mut ts, 400 + s);
+            write_grads(h, &mut set, &ts)?;
+            opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+            let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
+            let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+        }
+        let saved = set.save_state().map_err(e)?;
+        ts[1].grad[66_000] = bad;
+        write_grads(h, &mut set, &ts)?;
+        opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+        if norm.read().map_err(e)?.nonfinite != 1 {
+            return Err(format!("gradient {bad}: flag not set"));
+        }
+        // Bit-identical parameters, moments, master weights and step counts.
+        compare(h, &set, &ts, &format!("after a {bad} gradient"))?;
+        if set.save_state().map_err(e)? != saved {
+            return Err("the state bytes changed".into());
+        }
+    }
+    Ok(())
+}
+
+fn loss_scale(h: &Handle) -> Result<(), String> {
+    let mut ts = cpu_tensors::<f32, f32>(50, &[100_003, 9]);
+    for t in &mut ts {
+        for g in &mut t.grad {
+            *g *= 1024.0;
+        }
+    }
+    let mut set = build(h, &ts)?;
+    let cfg = AdamWConfig::default();
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(0.5)).map_err(e)?;
+    norm.set_loss_scale(1024.0).map_err(e)?;
+    opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+    let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
+    let want = ncpu::global_norm(&grads, Some(0.5), 1024.0).map_err(e)?;
+    values_eq("loss-scaled norm", &norm.read().map_err(e)?, &want)?;
+    let mut unscaled = ts.clone();
+    cpu::step(
+        &mut ts,
+        &cfg,
+        &cpu::StepInputs::from_norm(cfg.lr, &want),
+        &[],
+    )
+    .map_err(e)?;
+    compare(h, &set, &ts, "loss-scaled step")?;
+    // (g * 2^10) * (coef * 2^-10) == g * coef: the same update as unscaled gradients.
+    for t in &mut unscaled {
+        for g in &mut t.grad {
+            *g /= 1024.0;
+        }
+    }
+    let inputs = cpu::StepInputs {
+        lr: cfg.lr,
+        grad_scale: want.coef,
+        nonfinite: false,
+    };
+    cpu::step(&mut unscaled, &cfg, &inputs, &[]).map_err(e)?;
+    bits_eq("scaled vs unscaled", &unscaled[0].param, &ts[0].param)
+}
+
+fn save_restore_resume(h: &Handle) -> Result<(), String> {
+    fn one<P: Dtype, G: Dtype>(h: &Handle, rounding: Rounding) -> Result<(), String> {
+        let sizes = [5, 0, 65_537, 100_000];
+        let init = cpu_tensors::<P, G>(60, &sizes);
+        let cfg = AdamWConfig {
+            rounding,
+            ..Default::default()
+        };
+        let grads_of = |s: u64| {
+            let mut t = init.clone();
+            new_grads(&mut t, 600 + s);
+            t
+        };
+        // Seven steps straight.
+        let mut straight = build(h, &init)?;
+        let opt = AdamW::new(&straight, cfg).map_err(e)?;
+        for s in 0..7 {
+            write_grads(h, &mut straight, &grads_of(s))?;
+            opt.step(&mut straight, None).map_err(e)?;
+        }
+        // Three steps, save, and a fresh set with the parameters at that point.
+        let mut first = build(h, &init)?;
+        let opt1 = AdamW::new(&first, cfg).map_err(e)?;
+        let mut ts = init.clone();
+        for s in 0..3 {
+            let grads = grads_of(s);
+            write_grads(h, &mut first, &grads)?;
+            opt1.step(&mut first, None).map_err(e)?;
+            for (t, g) in ts.iter_mut().zip(grads) {
+                t.grad = g.grad;
+            }
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+        }
+        let bytes = first.save_state().map_err(e)?;
+        // The GPU's bytes are the CPU reference's bytes.
+        bits_eq(
+            "saved state vs cpu::save_state",
+            &bytes,
+            &cpu::save_state(&ts),
+        )?;
+        let mut fresh_init = init.clone();
+        for (i, t) in fresh_init
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, t)| !t.is_empty())
+        {
+            t.param = download(h, &first.param::<P>(i).map_err(e)?)?;
+        }
+        let mut fresh = build(h, &fresh_init)?;
+        fresh.restore_state(&bytes).map_err(e)?;
+        let opt2 = AdamW::new(&fresh, cfg).map_err(e)?;
+        for s in 3..7 {
+            write_grads(h, &mut fresh, &grads_of(s))?;
+            opt2.step(&mut fresh, None).map_err(e)?;
+        }
+        bits_eq(
+            "resumed vs straight state",
+            &fresh.save_state().map_err(e)?,
+            &straight.save_state().map_err(e)?,
+        )?;
+        for i in (0..sizes.len()).filter(|&i| sizes[i] > 0) {
+            bits_eq(
+                &format!("resumed vs straight param {i}"),
+                &download(h, &fresh.param::<P>(i).map_err(e)?)?,
+                &download(h, &straight.param::<P>(i).map_err(e)?)?,
+            )?;
+        }
+        Ok(())
+    }
+    one::<f32, f32>(h, Rounding::NearestEven)?;
+    one::<bf16, bf16>(h, Rounding::Stochastic { seed: 77 })?;
+    one::<f16, f32>(h, Rounding::NearestEven)
+}
+
+fn restore_mismatch(h: &Handle) -> Result<(), String> {
+    let ts = cpu_tensors::<f32, f32>(70, &[10, 20]);
+    let set = build(h, &ts)?;
+    let bytes = set.save_state().map_err(e)?;
+    let mut other = build(h, &cpu_tensors::<f32, f32>(70, &[10, 21]))?;
+    let before = other.save_state().map_err(e)?;
+    match other.restore_state(&bytes) {
+        Err(err) if err.to_string().contains("tensor 1") => {}
+        r => return Err(format!("restore into other lengths: {r:?}")),
+    }
+    bits_eq(
+        "state after a failed restore",
+        &other.save_state().map_err(e)?,
+        &before,
+    )?;
+    let mut bf = build(h, &cpu_tensors::<bf16, f32>(70, &[10, 20]))?;
+    if bf.restore_state(&bytes).is_ok() {
+        return Err("restored an f32 state into bf16 params".into());
+    }
+    let mut fewer = build(h, &cpu_tensors::<f32, f32>(70, &[10]))?;
+    if fewer.restore_state(&bytes).is_ok() {
+        return Err("restored 2 tensors into 1".into());
+    }
+    Ok(())
+}
+
+fn skip_flags(h: &Handle) -> Result<(), String> {
+    let mut ts = cpu_tensors::<bf16, bf16>(80, &[65_537, 0, 1000, 7, 300_000]);
+    let mut set = build(h, &ts)?;
+    let cfg = AdamWConfig::default();
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let plan = [
+        [false, false, false, false, false],
+        [true, false, false, true, false],
+        [true, true, true, true, true],
+        [false, false, false, true, true],
+    ];
+    for (s, skip) in plan.iter().enumerate() {
+        new_grads(&mut ts, 800 + s as u64);
+        write_grads(h, &mut set, &ts)?;
+        set.set_skip(skip).map_err(e)?;
+        let before = h.launch_count();
+        opt.step(&mut set, None).map_err(e)?;
+        launches(h, before, 1, "a step with skip flags")?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), skip).map_err(e)?;
+        compare(h, &set, &ts, &format!("skip plan {s}"))?;
+    }
+    let steps = set.step_counts().map_err(e)?;
+    if steps != vec![2, 0, 3, 1, 2] {
+        return Err(format!("step counts {steps:?}"));
+    }
+    if set.set_skip(&[true]).is_ok() {
+        return Err("a skip list of the wrong length was accepted".into());
+    }
+    Ok(())
+}
+
+type Backing<P, G> = Vec<(CudaSlice<P>, CudaSlice<G>)>;
+
+/// Registers CPU tensors by raw address, each param and grad a view starting `offset`
+/// elements into its own larger buffer. Returns the set and the backing buffers.
+fn raw_set<P: Dtype, G: Dtype>(
+    h: &Handle,
+    ts: &[cpu::CpuTensor<P, G>],
+    p_offset: usize,
+    g_offset: usize,
+) -> Result<(TensorSet, Backing<P, G>), String> {
+    let mut b = TensorSet::builder(h);
+    let mut backing = Vec::new();
+    for t in ts {
+        let mut hp = vec![P::from_f32_rn(9.0); t.len() + p_offset + 1];
+        hp[p_offset..p_offset + t.len()].copy_from_slice(&t.param);
+        let mut hg = vec![G::from_f32_rn(9.0); t.len() + g_offset + 1];
+        hg[g_offset..g_offset + t.len()].copy_from_slice(&t.grad);
+        let bp = h.stream().clone_htod(&hp).map_err(e)?;
+        let bg = h.stream().clone_htod(&hg).map_err(e)?;
+        let (pp, _g1) = bp.device_ptr(h.stream());
+        let (gp, _g2) = bg.device_ptr(h.stream());
+        let raw = RawTensor {
+            param: pp + (p_offset * P::KIND.size()) as u64,
+            grad: gp + (g_offset * G::KIND.size()) as u64,
+            len: t.len() as u64,
+            param_dtype: P::KIND,
+            grad_dtype: G::KIND,
+            weight_decay: t.weight_decay,
+        };
+        // SAFETY: both views lie inside buffers kept alive in `backing` as long as the set.
+        unsafe { b.push_raw(raw) }.map_err(e)?;
+        drop((_g1, _g2));
+        backing.push((bp, bg));
+    }
+    Ok((b.build().map_err(e)?, backing))
+}
+
+fn misaligned_views(h: &Handle) -> Result<(), String> {
+    fn one<P: Dtype, G: Dtype>(h: &Handle, po: usize, go: usize) -> Result<(), String> {
+        let sizes = [65_537, 1003, 0, 5];
+        let mut ts = cpu_tensors::<P, G>(90, &sizes);
+        let (mut set, backing) = raw_set(h, &ts, po, go)?;
+        if set.is_vector_aligned(0) {
+            return Err(format!("offsets {po}/{go} reported vector alignment"));
+        }
+        let cfg = AdamWConfig::default();
+        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+        for _ in 0..2 {
+            opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+            let grads: Vec<&[G]> = ts.iter().map(|t| &t.grad[..]).collect();
+            let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+        }
+        compare_state(h, &set, &ts, "misaligned")?;
+        for (i, (bp, _)) in backing.iter().enumerate() {
+            let all = download(h, bp)?;
+            bits_eq(
+                &format!("misaligned param {i}"),
+                &all[po..po + ts[i].len()],
+                &ts[i].param,
+            )?;
+            // The elements around the view are untouched.
+            let guard = P::from_f32_rn(9.0);
+            if all[..po]
+                .iter()
+                .chain(&all[po + ts[i].len()..])
+                .any(|&x| x != guard)
+            {
+                return Err(format!(
+                    "tensor {i}: an element outside the view was written"
+                ));
+            }
+        }
+        Ok(())
+    }
+    one::<f32, f32>(h, 1, 0)?;
+    one::<f32, f32>(h, 0, 1)?;
+    one::<f32, f32>(h, 2, 2)?; // 8-byte aligned: not enough for 16-byte f32 groups
+    one::<bf16, bf16>(h, 1, 1)?;
+    one::<f16, f32>(h, 3, 1)
+}
+
+fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
+    let sizes = tiny_sizes(10_000);
+    let mut ts = cpu_tensors::<f32, f32>(95, &sizes);
+    // Views into two flat buffers: most tensors start misaligned for 16-byte groups.
+    let flat_p: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
+    let flat_g: Vec<f32> = ts.iter().flat_map(|t| t.grad.iter().copied()).collect();
+    let bp = h.stream().clone_htod(&flat_p).map_err(e)?;
+    let bg = h.stream().clone_htod(&flat_g).map_err(e)?;
+    let (pp, _g1) = bp.device_ptr(h.stream());
+    let (gp, _g2) = bg.device_ptr(h.stream());
+    let mut b = TensorSet::builder(h);
+    let mut at = 0u64;
+    for t in &ts {
+        let raw = RawTensor {
+            param: pp + 4 * at,
+            grad: gp + 4 * at,
+            len: t.len() as u64,
+            param_dtype: DtypeKind::F32,
+            grad_dtype: DtypeKind::F32,
+            weight_decay: t.weight_decay,
+        };
+        // SAFETY: each view lies inside `bp` / `bg`, which outlive the set.
+        unsafe { b.push_raw(raw) }.map_err(e)?;
+        at += t.len() as u64;
+    }
+    let mut set = b.build().map_err(e)?;
+    let cfg = AdamWConfig::default();
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(0.1)).map_err(e)?;
+    let before = h.launch_count();
+    opt.step(&mut set, None).map_err(e)?;
+    launches(h, before, 1, "AdamW over 10,000 tensors")?;
+    cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+    let before = h.launch_count();
+    opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+    launches(h, before, 3, "clip_and_step over 10,000 tensors")?;
+    let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
+    let v = ncpu::global_norm(&grads, Some(0.1), 1.0).map_err(e)?;
+    values_eq("10k norm", &norm.read().map_err(e)?, &v)?;
+    cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+    let got = download(h, &bp)?;
+    let want: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
+    bits_eq("10k params", &got, &want)?;
+    compare_state(h, &set, &ts, "10k tensors")
+}
+
+fn validation_errors(h: &Handle) -> Result<(), String> {
+    let ts = cpu_tensors::<f32, f32>(97, &[10]);
+    // Mismatched lengths within a tensor.
+    let mut b = TensorSet::builder(h);
+    let r = b.push(upload(h, &[1.0f32; 4])?, upload(h, &[1.0f32; 5])?, 0.0);
+    if r.is_ok() {
+        return Err("param 4 / grad 5 elements accepted".into());
+    }
+    // Mixed parameter dtypes in one set.
+    let mut b = TensorSet::builder(h);
+    b.push(upload(h, &[1.0f32; 4])?, upload(h, &[1.0f32; 4])?, 0.0)
+        .map_err(e)?;
+    match b.push(upload(h, &[bf16::ONE; 4])?, upload(h, &[1.0f32; 4])?, 0.0) {
+        Err(err) if err.to_string().contains("dtype") => {}
+        r => return Err(format!("mixed dtypes: {r:?}")),
+    }
+    // Params and gradients-only in one set.
+    if b.push_grad(upload(h, &[1.0f32; 4])?).is_ok() {
+        return Err("a gradients-only tensor joined a parameter set".into());
+    }
+    // Negative / NaN weight decay.
+    for wd in [-1.0, f32::NAN] {
+        let mut b = TensorSet::builder(h);
+        if b.push(upload(h, &[1.0f32])?, upload(h, &[1.0f32])?, wd)
+            .is_ok()
+        {
+            return Err(format!("weight decay {wd} accepted"));
+        }
+    }
+    // Empty list.
+    match TensorSet::builder(h).build() {
+        Err(err) if err.to_string().contains("empty") => {}
+        r => return Err(format!("empty set: {r:?}")),
+    }
+    // Raw addresses: null with a length, misaligned to the element size.
+    let mut b = TensorSet::builder(h);
+    let raw = RawTensor {
+        param: 0,
+        grad: 0,
+        len: 3,
+        param_dtype: DtypeKind::F32,
+        grad_dtype: DtypeKind::F32,
+        weight_decay: 0.0,
+    };
+    // SAFETY: rejected before anything is recorded.
+    if unsafe { b.push_raw(raw) }.is_ok() {
+        return Err("null raw address accepted".into());
+    }
+    let buf = upload(h, &[0f32; 8])?;
+    let (p, _g) = buf.device_ptr(h.stream());
+    let odd = RawTensor {
+        param: p + 1,
+        grad: p + 16,
+        len: 2,
+        ..raw
+    };
+    // SAFETY: rejected before anything is recorded.
+    if unsafe { b.push_raw(odd) }.is_ok() {
+        return Err("an address not aligned to its element accepted".into());
+    }
+    // Hyperparameters, max_norm, lr.
+    let set = build(h, &ts)?;
+    for cfg in [
+        AdamWConfig {
+            beta1: 1.0,
+            ..Default::default()
+        },
+        AdamWConfig {
+            beta2: -0.5,
+            ..Default::default()
+        },
+        AdamWConfig {
+            eps: f32::NAN,
+            ..Default::default()
+        },
+        AdamWConfig {
+            lr: -1.0,
+            ..Default::default()
+        },
+    ] {
+        if AdamW::new(&set, cfg).is_ok() {
+            return Err(format!("{cfg:?} accepted"));
+        }
+    }
+    let mut opt = AdamW::new(&set, AdamWConfig::default()).map_err(e)?;
+    if opt.set_lr(f32::INFINITY).is_ok() {
+        return Err("lr inf accepted".into());
+    }
+    for m in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        if GlobalNorm::new(&set, Some(m)).is_ok() {
+            return Err(format!("max_norm {m} accepted"));
+        }
+    }
+    // A gradients-only set has no optimizer; objects of one set refuse another.
+    let mut gb = TensorSet::builder(h);
+    gb.push_grad(upload(h, &[1.0f32; 3])?).map_err(e)?;
+    let gset = gb.build().map_err(e)?;
+    if AdamW::new(&gset, AdamWConfig::default()).is_ok() {
+        return Err("AdamW on a gradients-only set".into());
+    }
+    let mut other = build(h, &ts)?;
+    if opt.step(&mut other, None).is_ok() {
+        return Err("an AdamW stepped another set".into());
+    }
+    let mut norm = GlobalNorm::new(&gset, None).map_err(e)?;
+    if norm.compute(&other).is_ok() {
+        return Err("a GlobalNorm computed another set".into());
+    }
+    Ok(())
+}
+
+fn unfused_baseline(h: &Handle) -> Result<(), String> {
+    // f32 gradients: bit-identical to the CPU reference (see unfused's docs).
+    let sizes = [0, 65_537, 1000, 0, 7, 200_001];
+    let nonempty = sizes.iter().filter(|&&n| n > 0).count() as u64;
+    let mut ts = cpu_tensors::<f32, f32>(98, &sizes);
+    let mut set = build(h, &ts)?;
+    let cfg = AdamWConfig::default();
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
+    let max_norm = (ncpu::norm_f64(&grads) * 0.3) as f32;
+    let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
+    for s in 0..3 {
+        new_grads(&mut ts, 900 + s);
+        write_grads(h, &mut set, &ts)?;
+        let out = unfused::clip_and_step(&opt, &mut set, &mut norm).map_err(e)?;
+        if out.launches != 3 * nonempty || out.skipped {
+            return Err(format!(
+                "unfused: {out:?}, expected {} launches",
+                3 * nonempty
+            ));
+        }
+        let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
+        let v = ncpu::global_norm(&grads, Some(max_norm), 1.0).map_err(e)?;
+        values_eq("unfused norm", &out.norm, &v)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+        compare(h, &set, &ts, &format!("unfused f32 step {s}"))?;
+    }
+    // bf16 gradients: the scaled gradients are rounded to bf16 before AdamW reads them.
+    let mut ts = cpu_tensors::<bf16, bf16>(99, &sizes);
+    let mut set = build(h, &ts)?;
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let grads: Vec<&[bf16]> = ts.iter().map(|t| &t.grad[..]).collect();
+    let max_norm = (ncpu::norm_f64(&grads) * 0.3) as f32;
+    let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
+    write_grads(h, &mut set, &ts)?;
+    let out = unfused::clip_and_step(&opt, &mut set, &mut norm).map_err(e)?;
+    let v = ncpu::global_norm(&grads, Some(max_norm), 1.0).map_err(e)?;
+    values_eq("unfused bf16 norm", &out.norm, &v)?;
+    cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+    for (i, t) in ts.iter().enumerate() {
+        let got: Vec<f64> = download(h, &set.master(i).map_err(e)?)?
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
+        let want: Vec<f64> = t
+            .master
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
+        // One step moves p by about lr; a half-ulp bf16 difference in g moves it by a small
+        // fraction of that.
+        close(&format!("unfused bf16 master {i}"), &got, &want, 2e-5, 1e-6)?;
+    }
+    // A non-finite gradient: skipped on the host after the sync, nothing else launched.
+    let mut ts = cpu_tensors::<f32, f32>(100, &[10, 70_000]);
+    ts[1].grad[3] = f32::NAN;
+    let mut set = build(h, &ts)?;
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    let out = unfused::clip_and_step(&opt, &mut set, &mut norm).map_err(e)?;
+    if !out.skipped || out.launches != 2 {
+        return Err(format!("unfused with NaN: {out:?}"));
+    }
+    compare(h, &set, &ts, "unfused skipped step")
+}
+
+/// One tensor of 2^31 + 65,537 bf16 elements (about 34 GiB of device memory with its f32
+/// master and moments): the 64-bit indexing end to end. Elements are a pure function of their
+/// 64-bit index, so the CPU checks chunks without holding the tensor.
+fn big_tensor(h: &Handle) -> Result<(), String> {
+    let n: u64 = (1 << 31) + CHUNK + 1;
+    let param_of = |i: u64| bf16::from_f32(((i % 1999) as f32 - 999.0) * 1e-3);
+    let grad_of = |i: u64| bf16::from_f32((((i * 7) % 2003) as f32 - 1001.0) * 1e-3);
+    let hp: Vec<bf16> = (0..n).map(param_of).collect();
+    let hg: Vec<bf16> = (0..n).map(grad_of).collect();
+    let mut b = TensorSet::builder(h);
+    b.push(
+        h.stream().clone_htod(&hp).map_err(e)?,
+        h.stream().clone_htod(&hg).map_err(e)?,
+        0.01,
+    )
+    .map_err(e)?;
+    drop((hp, hg));
+    let mut set = b.build().map_err(e)?;
+    let cfg = AdamWConfig::default();
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+    // The norm: every chunk's partial from the element function, then the CPU reductions.
+    let layout = set.layout().clone();
+    let partials = ncpu::partials_with(&layout, |c| {
+        let r = layout.chunk(c);
+        let data: Vec<bf16> = (0..r.len as u64).map(|j| grad_of(r.start + j)).collect();
+        ncpu::chunk_partial(&data)
+    });
+    bits_eq(
+        "2^31 partials",
+        &norm.read_partials().map_err(e)?,
+        &partials,
+    )?;
+    let v = ncpu::finalize(ncpu::reduce(&partials), Some(1.0), 1.0);
+    values_eq("2^31 norm", &norm.read().map_err(e)?, &v)?;
+    // AdamW on the first chunk, the chunks around 2^31 and the last (elementwise, so each
+    // range is a tensor of its own for the CPU, with the same step constants).
+    for start in [0u64, (1 << 31) - CHUNK, 1 << 31, n - 1] {
+        let len = (n - start).min(CHUNK) as usize;
+        let idx = start..start + len as u64;
+        let mut t = vec![cpu::CpuTensor::<bf16, bf16>::new(
+            idx.clone().map(param_of).collect(),
+            idx.clone().map(grad_of).collect(),
+            0.01,
+        )
+        .map_err(e)?];
+        cpu::step(&mut t, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+        let r = start as usize..start as usize + len;
+        bits_eq(
+            &format!("2^31 master at {start}"),
+            &download(h, &set.master(0).map_err(e)?.slice(r.clone()))?,
+            t[0].master.as_ref().unwrap(),
+        )?;
+        bits_eq(
+            &format!("2^31 m at {start}"),
+            &download(h, &set.exp_avg(0).map_err(e)?.slice(r.clone()))?,
+            &t[0].m,
+        )?;
+        bits_eq(
+            &format!("2^31 param at {start}"),
+            &download(h, &set.param::<bf16>(0).map_err(e)?.slice(r))?,
+            &t[0].param,
+        )?;
+    }
+    if set.step_counts().map_err(e)? != vec![1] {
+        return Err("step count".into());
+    }
+    Ok(())
+}
