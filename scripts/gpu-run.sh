@@ -42,11 +42,13 @@ done
 # 2. The GPU tests under compute-sanitizer.
 if [ $sanitize -eq 1 ]; then
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck initcheck synccheck; do
+  # SANITIZE_TOOLS picks a subset; SANITIZE_TIMEOUT (s) bounds each tool's run.
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
     log="$out/sanitize-$tool.log"
     extra=""
     [ $tool = memcheck ] && extra="--leak-check full"
-    "$cs" --tool $tool $extra --error-exitcode 99 "$kit/bin/test-gpu" --test-threads 1 >"$log" 2>&1
+    timeout "${SANITIZE_TIMEOUT:-1800}" "$cs" --tool $tool $extra --error-exitcode 99 \
+      "$kit/bin/test-gpu" --test-threads 1 ${SANITIZE_FILTER:-} >"$log" 2>&1
     rc=$?
     note "sanitizer $tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1) $(grep -E '^test result' "$log" | tail -1)"
     [ $rc -eq 0 ] || status=1

@@ -8,9 +8,18 @@ use libtest_mimic::{Completion, Failed, Trial};
 /// A GPU test body: `Err` carries a message naming the mismatching indices.
 pub type GpuTest = fn(&Handle) -> Result<(), String>;
 
-fn handle() -> &'static Result<Handle, String> {
+/// The device check, done once. The handle it keeps alive also keeps the loaded kernel modules
+/// cached for the per-test handles (they share one cache per CUDA context).
+fn anchor() -> &'static Result<Handle, String> {
     static H: OnceLock<Result<Handle, String>> = OnceLock::new();
     H.get_or_init(|| Handle::new(0).map_err(|e| e.to_string()))
+}
+
+/// Each test gets its own handle: its own stream and its own launch counter, so tests that
+/// count launches are not disturbed by tests running in parallel.
+fn handle() -> Result<Handle, String> {
+    anchor().as_ref().map_err(Clone::clone)?;
+    Handle::new(0).map_err(|e| e.to_string())
 }
 
 fn gpu_required() -> bool {
@@ -21,15 +30,13 @@ fn gpu_required() -> bool {
 /// when `FUSEDREG_REQUIRE_GPU=1`.
 pub fn gpu_trial(name: &str, test: GpuTest) -> Trial {
     Trial::ignorable_test(name, move || match handle() {
-        Ok(h) => test(h)
+        Ok(h) => test(&h)
             .map(|()| Completion::Completed)
             .map_err(Failed::from),
         Err(reason) if gpu_required() => {
             Err(format!("FUSEDREG_REQUIRE_GPU=1 but no GPU: {reason}").into())
         }
-        Err(reason) => Ok(Completion::ignored_with(format!(
-            "no CUDA device: {reason}"
-        ))),
+        Err(reason) => Ok(Completion::ignored_with(format!("needs a GPU: {reason}"))),
     })
 }
 
