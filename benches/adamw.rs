@@ -18,82 +18,21 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use cudarc::driver::{result, CudaSlice, DevicePtr, DeviceRepr};
 use fusedreg::adamw::{self, unfused, AdamW, AdamWConfig};
 use fusedreg::global_norm::{self, GlobalNorm};
 use fusedreg::multi_tensor::TensorSet;
-use fusedreg::timing::BatchTimer;
+use fusedreg::report::models::{self, ParamShape};
+use fusedreg::timing::{filled, BatchTimer};
 use fusedreg::{Dtype, DtypeKind, Handle};
 use half::bf16;
 
 /// A parameter list: (name, elements, weight decay).
 type Shapes = Vec<(String, usize, f32)>;
 
-fn matrix(v: &mut Shapes, name: String, rows: usize, cols: usize) {
-    v.push((name, rows * cols, 0.1));
-}
-
-fn vector(v: &mut Shapes, name: String, n: usize) {
-    v.push((name, n, 0.0));
-}
-
-/// GPT-2 124M as in nanoGPT: 148 tensors, 124.4M parameters (tied lm_head not repeated).
-fn gpt2_124m() -> Shapes {
-    let (d, vocab, ctx, layers) = (768, 50_257, 1024, 12);
-    let mut v = Vec::new();
-    matrix(&mut v, "wte".into(), vocab, d);
-    matrix(&mut v, "wpe".into(), ctx, d);
-    for l in 0..layers {
-        vector(&mut v, format!("h{l}.ln_1.w"), d);
-        vector(&mut v, format!("h{l}.ln_1.b"), d);
-        matrix(&mut v, format!("h{l}.attn.c_attn.w"), d, 3 * d);
-        vector(&mut v, format!("h{l}.attn.c_attn.b"), 3 * d);
-        matrix(&mut v, format!("h{l}.attn.c_proj.w"), d, d);
-        vector(&mut v, format!("h{l}.attn.c_proj.b"), d);
-        vector(&mut v, format!("h{l}.ln_2.w"), d);
-        vector(&mut v, format!("h{l}.ln_2.b"), d);
-        matrix(&mut v, format!("h{l}.mlp.c_fc.w"), d, 4 * d);
-        vector(&mut v, format!("h{l}.mlp.c_fc.b"), 4 * d);
-        matrix(&mut v, format!("h{l}.mlp.c_proj.w"), 4 * d, d);
-        vector(&mut v, format!("h{l}.mlp.c_proj.b"), d);
-    }
-    vector(&mut v, "ln_f.w".into(), d);
-    vector(&mut v, "ln_f.b".into(), d);
-    v
-}
-
-/// A Llama-like 1B model: hidden 2048, 16 layers, intermediate 5632, vocab 32000, untied
-/// embeddings, RMSNorm weights: 147 tensors, 0.95B parameters.
-fn llama_1b() -> Shapes {
-    let (d, ff, vocab, layers) = (2048, 5632, 32_000, 16);
-    let mut v = Vec::new();
-    matrix(&mut v, "embed".into(), vocab, d);
-    for l in 0..layers {
-        vector(&mut v, format!("l{l}.input_norm"), d);
-        for w in ["q", "k", "v", "o"] {
-            matrix(&mut v, format!("l{l}.attn.{w}"), d, d);
-        }
-        vector(&mut v, format!("l{l}.post_norm"), d);
-        matrix(&mut v, format!("l{l}.mlp.gate"), d, ff);
-        matrix(&mut v, format!("l{l}.mlp.up"), d, ff);
-        matrix(&mut v, format!("l{l}.mlp.down"), ff, d);
-    }
-    vector(&mut v, "norm".into(), d);
-    matrix(&mut v, "lm_head".into(), vocab, d);
-    v
-}
-
-/// A device buffer of `n` elements filled with a non-zero byte pattern (no host transfer).
-fn filled<T: DeviceRepr>(h: &Handle, n: usize, byte: u8) -> fusedreg::Result<CudaSlice<T>> {
-    let s = h.stream();
-    // SAFETY: every byte is written by the memset below before anything reads it.
-    let buf = unsafe { s.alloc::<T>(n) }.map_err(fusedreg::Error::driver("bench alloc"))?;
-    let (p, _g) = buf.device_ptr(s);
-    // SAFETY: p is a live allocation of n elements on this stream's context.
-    unsafe { result::memset_d8_async(p, byte, n * std::mem::size_of::<T>(), s.cu_stream()) }
-        .map_err(fusedreg::Error::driver("bench memset"))?;
-    drop(_g);
-    Ok(buf)
+fn shapes(list: Vec<ParamShape>) -> Shapes {
+    list.into_iter()
+        .map(|p| (p.name, p.elements, p.weight_decay))
+        .collect()
 }
 
 fn build<T: Dtype>(h: &Handle, shapes: &Shapes) -> fusedreg::Result<TensorSet> {
@@ -230,7 +169,7 @@ fn main() {
             return;
         }
     };
-    let (gpt2, llama) = (gpt2_124m(), llama_1b());
+    let (gpt2, llama) = (shapes(models::gpt2_124m()), shapes(models::llama_1b()));
     assert_eq!((gpt2.len(), llama.len()), (148, 147));
     assert_eq!(gpt2.iter().map(|s| s.1).sum::<usize>(), 124_439_808);
     for (model, shapes) in [("gpt2-124m", gpt2), ("llama-1b", llama)] {

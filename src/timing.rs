@@ -163,6 +163,25 @@ impl<'h> BatchTimer<'h> {
     }
 }
 
+/// A device buffer of `n` elements with every byte set to `byte` (no host transfer), for
+/// benchmarks: fast to make at any size, and not zeros.
+pub fn filled<T: DeviceRepr>(
+    handle: &Handle,
+    n: usize,
+    byte: u8,
+) -> Result<cudarc::driver::CudaSlice<T>> {
+    let op = "filled";
+    let s = handle.stream();
+    // SAFETY: every byte is written by the memset below before anything reads it.
+    let mut buf = unsafe { s.alloc::<T>(n) }.map_err(Error::driver(op))?;
+    let (p, _g) = handle.write_ptr(op, "buffer", &mut buf)?;
+    // SAFETY: p is a live allocation of n elements on this stream's context.
+    unsafe { result::memset_d8_async(p, byte, n * std::mem::size_of::<T>(), s.cu_stream()) }
+        .map_err(Error::driver(op))?;
+    drop(_g);
+    Ok(buf)
+}
+
 /// Bytes per second from bytes moved and milliseconds.
 pub fn gb_per_s(bytes: f64, ms: f64) -> f64 {
     bytes / (ms * 1e-3) / 1e9

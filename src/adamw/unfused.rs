@@ -36,6 +36,41 @@ pub struct UnfusedOutcome {
     pub skipped: bool,
 }
 
+/// The unfused global norm: one partial-sums launch per tensor, then the host reads the
+/// partials (a sync) and reduces them. Returns the norm values and the launches made.
+pub fn global_norm(set: &TensorSet, norm: &GlobalNorm) -> Result<(NormValues, u64)> {
+    norm.check_for(set)?;
+    let handle = set.handle();
+    let before = handle.launch_count();
+    for_each_tensor(set, |first, n| {
+        launch_partials(set, norm.partials_ptr(), first, n)
+    })?;
+    // The host waits for the GPU here: the sync every step of this path pays.
+    let partials = norm.read_partials()?;
+    let values = norm_cpu::finalize(norm_cpu::reduce(&partials), norm.max_norm(), 1.0);
+    Ok((values, handle.launch_count() - before))
+}
+
+/// The unfused AdamW step: one launch per tensor (PyTorch's per-parameter path). Returns the
+/// launches made.
+pub fn step(adamw: &AdamW, set: &mut TensorSet) -> Result<u64> {
+    adamw.check_set(set)?;
+    let before = set.handle().launch_count();
+    for_each_tensor(set, |first, n| adamw.launch(set, 0, 0, first, n))?;
+    Ok(set.handle().launch_count() - before)
+}
+
+/// Calls `f(first_chunk, chunks)` for every tensor of the set (empty tensors have no chunks; the
+/// launch helpers skip them).
+fn for_each_tensor(set: &TensorSet, mut f: impl FnMut(u32, u32) -> Result<()>) -> Result<()> {
+    let layout = set.layout();
+    for t in 0..layout.num_tensors() {
+        let r = layout.chunks(t);
+        f(r.start as u32, r.len() as u32)?;
+    }
+    Ok(())
+}
+
 /// One unfused clip-and-step (see the [module docs](self)): per-tensor launches and a blocking
 /// read of the norm. Uses `norm`'s partials buffer and clipping threshold.
 pub fn clip_and_step(
@@ -44,39 +79,22 @@ pub fn clip_and_step(
     norm: &mut GlobalNorm,
 ) -> Result<UnfusedOutcome> {
     adamw.check_set(set)?;
-    norm.check_for(set)?;
-    let handle = set.handle().clone();
-    let before = handle.launch_count();
-    let layout = set.layout().clone();
-    let per_tensor = |t: usize| {
-        let r = layout.chunks(t);
-        (r.start as u32, r.len() as u32)
-    };
-    for t in 0..layout.num_tensors() {
-        let (first, n) = per_tensor(t);
-        launch_partials(set, norm.partials_ptr(), first, n)?;
-    }
-    // The host waits for the GPU here: the sync every step of this path pays.
-    let partials = norm.read_partials()?;
-    let values = norm_cpu::finalize(norm_cpu::reduce(&partials), norm.max_norm(), 1.0);
+    let before = set.handle().launch_count();
+    let (values, _) = global_norm(set, norm)?;
     if !values.is_finite() {
         return Ok(UnfusedOutcome {
             norm: values,
-            launches: handle.launch_count() - before,
+            launches: set.handle().launch_count() - before,
             skipped: true,
         });
     }
-    for t in 0..layout.num_tensors() {
-        let (first, n) = per_tensor(t);
-        launch_scale(set, 0, values.coef, 0, first, n)?;
-    }
-    for t in 0..layout.num_tensors() {
-        let (first, n) = per_tensor(t);
-        adamw.launch(set, 0, 0, first, n)?;
-    }
+    for_each_tensor(set, |first, n| {
+        launch_scale(set, 0, values.coef, 0, first, n)
+    })?;
+    step(adamw, set)?;
     Ok(UnfusedOutcome {
         norm: values,
-        launches: handle.launch_count() - before,
+        launches: set.handle().launch_count() - before,
         skipped: false,
     })
 }

@@ -16,6 +16,7 @@
 //! assert_eq!(json["schema"], fusedreg::report::SCHEMA);
 //! ```
 
+pub mod models;
 mod svg;
 mod table;
 

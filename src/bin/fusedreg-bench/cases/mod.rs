@@ -1,8 +1,11 @@
 //! The benchmark cases, one module per op (the op's stem), each adding its rows to the report.
 
+mod adamw;
+
 use crate::Ctx;
 
 /// Runs every op's cases in report order.
-pub fn run_all(_ctx: &mut Ctx) -> fusedreg::Result<()> {
+pub fn run_all(ctx: &mut Ctx) -> fusedreg::Result<()> {
+    adamw::run(ctx)?;
     Ok(())
 }
