@@ -38,6 +38,38 @@ kernels! {
     "copy" => {
         CopyU128 = "copy_u128",
     }
+    "dropout_residual" => {
+        DropoutResidualFwdVecF32 = "dropout_residual_fwd_vec_f32",
+        DropoutResidualFwdVecF16 = "dropout_residual_fwd_vec_f16",
+        DropoutResidualFwdVecBf16 = "dropout_residual_fwd_vec_bf16",
+        DropoutResidualFwdScalarF32 = "dropout_residual_fwd_scalar_f32",
+        DropoutResidualFwdScalarF16 = "dropout_residual_fwd_scalar_f16",
+        DropoutResidualFwdScalarBf16 = "dropout_residual_fwd_scalar_bf16",
+        DropoutResidualBwdVecF32 = "dropout_residual_bwd_vec_f32",
+        DropoutResidualBwdVecF16 = "dropout_residual_bwd_vec_f16",
+        DropoutResidualBwdVecBf16 = "dropout_residual_bwd_vec_bf16",
+        DropoutResidualBwdScalarF32 = "dropout_residual_bwd_scalar_f32",
+        DropoutResidualBwdScalarF16 = "dropout_residual_bwd_scalar_f16",
+        DropoutResidualBwdScalarBf16 = "dropout_residual_bwd_scalar_bf16",
+        DropoutResidualDbiasF32 = "dropout_residual_dbias_f32",
+        DropoutResidualDbiasF16 = "dropout_residual_dbias_f16",
+        DropoutResidualDbiasBf16 = "dropout_residual_dbias_bf16",
+        DropoutResidualUnfusedBiasAddF32 = "dropout_residual_unfused_bias_add_f32",
+        DropoutResidualUnfusedBiasAddF16 = "dropout_residual_unfused_bias_add_f16",
+        DropoutResidualUnfusedBiasAddBf16 = "dropout_residual_unfused_bias_add_bf16",
+        DropoutResidualUnfusedDropoutF32 = "dropout_residual_unfused_dropout_f32",
+        DropoutResidualUnfusedDropoutF16 = "dropout_residual_unfused_dropout_f16",
+        DropoutResidualUnfusedDropoutBf16 = "dropout_residual_unfused_dropout_bf16",
+        DropoutResidualUnfusedAddF32 = "dropout_residual_unfused_add_f32",
+        DropoutResidualUnfusedAddF16 = "dropout_residual_unfused_add_f16",
+        DropoutResidualUnfusedAddBf16 = "dropout_residual_unfused_add_bf16",
+        DropoutResidualUnfusedMaskedScaleF32 = "dropout_residual_unfused_masked_scale_f32",
+        DropoutResidualUnfusedMaskedScaleF16 = "dropout_residual_unfused_masked_scale_f16",
+        DropoutResidualUnfusedMaskedScaleBf16 = "dropout_residual_unfused_masked_scale_bf16",
+        DropoutResidualUnfusedColSumF32 = "dropout_residual_unfused_col_sum_f32",
+        DropoutResidualUnfusedColSumF16 = "dropout_residual_unfused_col_sum_f16",
+        DropoutResidualUnfusedColSumBf16 = "dropout_residual_unfused_col_sum_bf16",
+    }
 }
 
 /// Builds a [`PerDtype`] of kernels from three variants named `<Base>F32`, `<Base>F16`,
