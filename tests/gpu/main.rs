@@ -6,6 +6,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod dropout_residual;
 mod harness;
 mod philox;
 
@@ -16,5 +17,6 @@ fn main() {
     let mut trials = Vec::new();
     trials.extend(harness::trials());
     trials.extend(philox::trials());
+    trials.extend(dropout_residual::trials());
     libtest_mimic::run(&args, trials).exit();
 }
