@@ -473,8 +473,10 @@ __device__ __forceinline__ void dbias_finish(const DbiasParams<T>& p) {
     for (uint64_t col = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; col < p.cols;
          col += (uint64_t)gridDim.x * blockDim.x) {
         float acc = 0.f;
-        // Unrolled so several independent loads are in flight; the adds stay in order.
-#pragma unroll 8
+        // Only `cols` threads, each walking `slabs` partials (256 for [16384, 4096] bf16): latency-
+        // bound, so unrolled far enough that 16 independent loads are in flight per thread. The
+        // adds stay in slab order.
+#pragma unroll 16
         for (uint64_t s = 0; s < p.slabs; ++s) acc = __fadd_rn(acc, p.partials[s * p.cols + col]);
         p.dbias[col] = from_f32<T>(acc);
     }
