@@ -113,14 +113,12 @@ impl Dtype for bf16 {
 /// One value per dtype, chosen at compile time by [`PerDtype::get`]: used for kernel families
 /// (`dropout_residual_fwd_f32` / `_f16` / `_bf16`).
 #[derive(Clone, Copy, Debug)]
-#[allow(dead_code)] // until the first op with per-dtype kernels lands
 pub(crate) struct PerDtype<T> {
     pub f32: T,
     pub f16: T,
     pub bf16: T,
 }
 
-#[allow(dead_code)]
 impl<T: Copy> PerDtype<T> {
     /// The entry for `D`.
     #[inline]

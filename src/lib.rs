@@ -4,6 +4,8 @@
 //! so that every byte of device memory moves as few times as possible, with a CPU reference for
 //! every op that the kernels are tested against bit for bit wherever the op allows.
 //!
+//! * [`dropout_residual`]: fused bias + dropout + residual add (forward, backward, drop path),
+//!   its CPU reference and the unfused baseline.
 //! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
 //!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
 //! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
@@ -29,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+pub mod dropout_residual;
 pub mod dtype;
 pub mod error;
 pub mod global_norm;

@@ -7,6 +7,7 @@
 mod adamw;
 #[path = "../common/mod.rs"]
 mod common;
+mod dropout_residual;
 mod global_norm;
 mod harness;
 mod mlp;
@@ -22,5 +23,6 @@ fn main() {
     trials.extend(mlp::trials());
     trials.extend(global_norm::trials());
     trials.extend(adamw::trials());
+    trials.extend(dropout_residual::trials());
     libtest_mimic::run(&args, trials).exit();
 }

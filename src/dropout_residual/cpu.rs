@@ -1,0 +1,281 @@
+//! The CPU reference: the same operations in the same order as `kernels/dropout_residual.cu`
+//! (see the [module docs](super) for the pinned arithmetic), so the kernels match it bit for bit.
+//!
+//! ```
+//! use fusedreg::dropout_residual::{cpu, Config};
+//! # fn main() -> fusedreg::Result<()> {
+//! let cfg = Config::new(2, 3, 0.5, 1, 2)?;
+//! let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+//! let r = [10.0f32; 6];
+//! let mut y = [0.0f32; 6];
+//! let mut mask = [0u32; 1];
+//! let opts = cpu::ForwardOptions { mask_out: Some(&mut mask), ..Default::default() };
+//! cpu::forward(&cfg, &x, &r, &mut y, opts)?;
+//! for i in 0..6 {
+//!     let kept = mask[0] >> i & 1 == 1;
+//!     assert_eq!(y[i], if kept { x[i].mul_add(2.0, 10.0) } else { 10.0 });
+//! }
+//! // Backward: dx = 2 dy where kept, 0 where dropped; dbias sums dx over rows.
+//! let dy = [1.0f32; 6];
+//! let (mut dx, mut dbias) = ([f32::NAN; 6], [f32::NAN; 3]);
+//! let opts = cpu::BackwardOptions { mask: Some(&mask), dbias: Some(&mut dbias), ..Default::default() };
+//! cpu::backward(&cfg, &dy, &mut dx, opts)?;
+//! assert_eq!(dbias[0], dx[0] + dx[3]);
+//! # Ok(()) }
+//! ```
+
+use super::{check_backward, check_forward, slab_rows, Config, ForwardLens};
+use crate::dtype::Dtype;
+use crate::error::Result;
+use crate::philox;
+
+/// The optional buffers of [`forward`] / [`forward_inplace`]. All default to `None`.
+pub struct ForwardOptions<'a, T> {
+    /// Bias per column, `len == cols`.
+    pub bias: Option<&'a [T]>,
+    /// Caller-supplied row scale, `len == rows` (not with a drop path in the config).
+    pub rowscale: Option<&'a [f32]>,
+    /// Receives the 1-bit keep mask, `len == cfg.mask_words()` (padding bits zero).
+    pub mask_out: Option<&'a mut [u32]>,
+    /// Receives the generated row scale, `len == rows` (needs a drop path).
+    pub rowscale_out: Option<&'a mut [f32]>,
+}
+
+impl<T> Default for ForwardOptions<'_, T> {
+    fn default() -> Self {
+        ForwardOptions {
+            bias: None,
+            rowscale: None,
+            mask_out: None,
+            rowscale_out: None,
+        }
+    }
+}
+
+/// The optional buffers of [`backward`]. All default to `None`.
+pub struct BackwardOptions<'a, T> {
+    /// The caller-supplied row scale the forward used, `len == rows`.
+    pub rowscale: Option<&'a [f32]>,
+    /// The forward's 1-bit mask, read instead of regenerating.
+    pub mask: Option<&'a [u32]>,
+    /// Receives the bias gradient, `len == cols`.
+    pub dbias: Option<&'a mut [T]>,
+}
+
+impl<T> Default for BackwardOptions<'_, T> {
+    fn default() -> Self {
+        BackwardOptions {
+            rowscale: None,
+            mask: None,
+            dbias: None,
+        }
+    }
+}
+
+/// Keep bits by flat index, evaluating each Philox block once for its four elements.
+pub(crate) struct KeepBits {
+    seed: u64,
+    call: u64,
+    rate: philox::DropRate,
+    block: u64,
+    words: [u32; 4],
+}
+
+impl KeepBits {
+    pub(crate) fn new(cfg: &Config) -> Self {
+        KeepBits {
+            seed: cfg.seed(),
+            call: cfg.call(),
+            rate: cfg.rate(),
+            block: u64::MAX,
+            words: [0; 4],
+        }
+    }
+
+    /// Whether element `i` is kept (p = 0 and p = 1 without generator work, like the kernels).
+    #[inline]
+    pub(crate) fn get(&mut self, i: u64) -> bool {
+        if self.rate.keeps_all() {
+            return true;
+        }
+        if self.rate.drops_all() {
+            return false;
+        }
+        let b = i >> 2;
+        if b != self.block {
+            self.block = b;
+            self.words = philox::block(self.seed, self.call, b);
+        }
+        self.rate.keeps(self.words[(i & 3) as usize])
+    }
+}
+
+/// The row scale of every row (None: no row scale), given or generated.
+fn row_scales(cfg: &Config, given: Option<&[f32]>) -> Option<Vec<f32>> {
+    match (given, cfg.drop_path()) {
+        (Some(rs), _) => Some(rs.to_vec()),
+        (None, Some(path)) => Some(
+            (0..cfg.rows() as u64)
+                .map(|r| path.row_scale(cfg.seed(), r))
+                .collect(),
+        ),
+        (None, None) => None,
+    }
+}
+
+/// `rowm = scale * rs` per row (one f32 multiply), or `scale` without a row scale.
+fn row_multiplier(cfg: &Config, rs: &Option<Vec<f32>>, row: usize) -> f32 {
+    let scale = cfg.rate().scale();
+    match rs {
+        Some(v) => scale * v[row],
+        None => scale,
+    }
+}
+
+/// `y = residual + dropout(x + bias)` into `y` (see the [module docs](super)).
+///
+/// Errors: [`crate::Error::ShapeMismatch`] when a length disagrees with the config,
+/// [`crate::Error::InvalidArgument`] for a rowscale together with a drop path, or rowscale_out
+/// without one.
+pub fn forward<T: Dtype>(
+    cfg: &Config,
+    x: &[T],
+    residual: &[T],
+    y: &mut [T],
+    opts: ForwardOptions<'_, T>,
+) -> Result<()> {
+    check_forward(
+        cfg,
+        &forward_lens(cfg, x, residual.len(), Some(y.len()), &opts),
+    )?;
+    y.copy_from_slice(residual);
+    forward_core(cfg, x, y, opts);
+    Ok(())
+}
+
+/// [`forward`] updating the residual stream in place: `residual += dropout(x + bias)`.
+pub fn forward_inplace<T: Dtype>(
+    cfg: &Config,
+    x: &[T],
+    residual: &mut [T],
+    opts: ForwardOptions<'_, T>,
+) -> Result<()> {
+    check_forward(cfg, &forward_lens(cfg, x, residual.len(), None, &opts))?;
+    forward_core(cfg, x, residual, opts);
+    Ok(())
+}
+
+fn forward_lens<T>(
+    _cfg: &Config,
+    x: &[T],
+    residual: usize,
+    y: Option<usize>,
+    opts: &ForwardOptions<'_, T>,
+) -> ForwardLens {
+    ForwardLens {
+        x: x.len(),
+        residual,
+        y,
+        bias: opts.bias.map(<[T]>::len),
+        rowscale: opts.rowscale.map(<[f32]>::len),
+        mask_out: opts.mask_out.as_ref().map(|m| m.len()),
+        rowscale_out: opts.rowscale_out.as_ref().map(|m| m.len()),
+    }
+}
+
+/// `ry` holds the residual on entry and y on return.
+fn forward_core<T: Dtype>(cfg: &Config, x: &[T], ry: &mut [T], opts: ForwardOptions<'_, T>) {
+    let (rows, cols) = (cfg.rows(), cfg.cols());
+    if cfg.is_empty() {
+        // As the kernels: nothing is launched, so nothing is written.
+        return;
+    }
+    let rs = row_scales(cfg, opts.rowscale);
+    if let (Some(out), Some(v)) = (opts.rowscale_out, &rs) {
+        out.copy_from_slice(v);
+    }
+    let mut mask = opts.mask_out;
+    if let Some(m) = mask.as_deref_mut() {
+        m.fill(0);
+    }
+    let mut bits = KeepBits::new(cfg);
+    for row in 0..rows {
+        let rowm = row_multiplier(cfg, &rs, row);
+        for col in 0..cols {
+            let i = row * cols + col;
+            let keep = bits.get(i as u64);
+            if let Some(m) = mask.as_deref_mut() {
+                m[i / 32] |= u32::from(keep) << (i % 32);
+            }
+            let m = if keep { rowm } else { 0.0 };
+            if m != 0.0 {
+                let mut t = x[i].to_f32();
+                if let Some(b) = opts.bias {
+                    t += b[col].to_f32();
+                }
+                ry[i] = T::from_f32_rn(t.mul_add(m, ry[i].to_f32()));
+            }
+            // else: y = r, the residual's own bits.
+        }
+    }
+}
+
+/// `dx = dropout'(dy)` and optionally `dbias` (see the [module docs](super)); `dresidual = dy`.
+///
+/// The keep mask is read from `opts.mask` when given, otherwise regenerated from the config; the
+/// row scale is `opts.rowscale` or the config's drop path. dbias uses the slab partition of
+/// [`super::slab_rows`]. When `rows` is 0, dbias is all zeros.
+pub fn backward<T: Dtype>(
+    cfg: &Config,
+    dy: &[T],
+    dx: &mut [T],
+    opts: BackwardOptions<'_, T>,
+) -> Result<()> {
+    check_backward(
+        cfg,
+        dy.len(),
+        dx.len(),
+        opts.rowscale.map(<[f32]>::len),
+        opts.mask.map(<[u32]>::len),
+        opts.dbias.as_ref().map(|d| d.len()),
+    )?;
+    let (rows, cols) = (cfg.rows(), cfg.cols());
+    if cfg.is_empty() {
+        if let Some(db) = opts.dbias {
+            db.fill(T::from_f32_rn(0.0));
+        }
+        return Ok(());
+    }
+    let rs = row_scales(cfg, opts.rowscale);
+    let mut bits = KeepBits::new(cfg);
+    let slab = slab_rows(rows, cols, T::KIND);
+    let mut partial = vec![0.0f32; cols];
+    let mut total = vec![0.0f32; cols];
+    for row in 0..rows {
+        let rowm = row_multiplier(cfg, &rs, row);
+        for (col, part) in partial.iter_mut().enumerate() {
+            let i = row * cols + col;
+            let keep = match opts.mask {
+                Some(m) => m[i / 32] >> (i % 32) & 1 == 1,
+                None => bits.get(i as u64),
+            };
+            let m = if keep { rowm } else { 0.0 };
+            let d = if m != 0.0 { dy[i].to_f32() * m } else { 0.0 };
+            dx[i] = T::from_f32_rn(d);
+            *part += d;
+        }
+        // End of a slab: fold its partials into the totals in slab order.
+        if (row + 1) % slab == 0 || row + 1 == rows {
+            for (t, p) in total.iter_mut().zip(partial.iter_mut()) {
+                *t += *p;
+                *p = 0.0;
+            }
+        }
+    }
+    if let Some(db) = opts.dbias {
+        for (d, t) in db.iter_mut().zip(&total) {
+            *d = T::from_f32_rn(*t);
+        }
+    }
+    Ok(())
+}
