@@ -36,6 +36,9 @@ constexpr uint32_t FLAG_IN_PLACE = 4u;   // y == residual: dropped rows are not 
 constexpr int UNROLL = 4;       // rows whose loads are all issued before any of their math
 constexpr int RS_CHUNK = 256;   // row multipliers staged in shared memory at a time
 constexpr int MAX_BLOCK = 256;  // launch bound; the host refuses larger blocks
+// Row lanes of a dbias backward block (blockDim.y): must equal DBIAS_LANES in
+// src/dropout_residual/mod.rs, and divide RS_CHUNK.
+constexpr uint32_t DBIAS_LANES = 4;
 
 // Raw bits of one T (in the low bits of a word) <-> f32. Conversions to T round to nearest even.
 template <typename T> __device__ __forceinline__ float bits_to_f32(uint32_t b);
@@ -198,7 +201,8 @@ template <typename P>
 __device__ __forceinline__ void stage_rows(const P& p, float* s_rowm, uint64_t r0, uint64_t r1,
                                            float* rowscale_out, bool write_out) {
     __syncthreads();  // the previous chunk's readers are done
-    for (uint64_t k = threadIdx.x; k < r1 - r0; k += blockDim.x) {
+    const uint32_t nthreads = blockDim.x * blockDim.y;
+    for (uint64_t k = threadIdx.y * blockDim.x + threadIdx.x; k < r1 - r0; k += nthreads) {
         const float rs = row_scale(p, r0 + k);
         if (write_out) rowscale_out[r0 + k] = rs;
         s_rowm[k] = __fmul_rn(p.scale, rs);
@@ -217,6 +221,7 @@ template <typename T> struct FwdParams {
     uint64_t rows, cols, slab_rows;
     uint64_t seed, call, threshold;
     uint64_t path_call, path_threshold;
+    uint64_t base;            // flat index of element 0 of this launch (RNG keying only)
     float scale, path_scale;  // DropRate::scale() of p and of p_path
     uint32_t flags;
     uint32_t rows_per_sample;  // drop path: rows sharing one draw (>= 1)
@@ -231,6 +236,7 @@ template <typename T> struct BwdParams {
     uint64_t rows, cols, slab_rows;
     uint64_t seed, call, threshold;
     uint64_t path_call, path_threshold;
+    uint64_t base;            // flat index of element 0 of this launch (RNG keying only)
     float scale, path_scale;
     uint32_t flags;
     uint32_t rows_per_sample;
@@ -249,13 +255,14 @@ template <typename T> struct DbiasParams {
 // Rows with rowm == 0 need no bits unless `need_all` (the mask is written).
 template <int V, int U, typename P>
 __device__ __forceinline__ uint32_t rows_keep_bits(const P& p, uint64_t row, uint64_t c0, int cnt,
-                                                   const float* rowm_smem, bool need_all) {
+                                                   const float* rowm_smem, bool need_all,
+                                                   uint32_t stride = 1) {
     uint32_t bits = 0;
 #pragma unroll 1
     for (int u = 0; u < U; ++u) {
-        const float rowm = rowm_smem != nullptr ? rowm_smem[u] : p.scale;
+        const float rowm = rowm_smem != nullptr ? rowm_smem[u * stride] : p.scale;
         if (rowm != 0.f || need_all) {
-            uint32_t b = keep_bits<V>(p.seed, p.call, p.threshold, (row + u) * p.cols + c0);
+            uint32_t b = keep_bits<V>(p.seed, p.call, p.threshold, p.base + (row + u * stride) * p.cols + c0);
             if (cnt < V) b &= (1u << cnt) - 1u;
             bits |= b << (u * V);
         }
@@ -376,11 +383,13 @@ __device__ __forceinline__ void fwd(const FwdParams<T>& p) {
     }
 }
 
-// Backward over U rows: dx = m != 0 ? T(dy * m) : 0, and the dbias partial sums in row order.
-// A group whose rows are all dropped reads nothing and writes zeros (grouping as in fwd_rows).
+// Backward over U rows row, row + stride, ...: dx = m != 0 ? T(dy * m) : 0, and the dbias
+// partial sums of this thread's lane in row order. A group whose rows are all dropped reads
+// nothing and writes zeros (grouping as in fwd_rows).
 template <typename T, int V, int U>
-__device__ __forceinline__ void bwd_rows(const BwdParams<T>& p, uint64_t row, uint64_t c0, int cnt,
-                                         bool active, float (&acc)[V], const float* rowm_smem) {
+__device__ __forceinline__ void bwd_rows(const BwdParams<T>& p, uint64_t row, uint32_t stride,
+                                         uint64_t c0, int cnt, bool active, float (&acc)[V],
+                                         const float* rowm_smem) {
     if (!active) return;  // no warp-level operations in the backward
     if constexpr (U > 1) cnt = V;  // as in fwd_rows
     const bool want_dbias = p.partials != nullptr;
@@ -388,7 +397,7 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T>& p, uint64_t row, ui
     bool live = false;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        rowm[u] = rowm_smem != nullptr ? rowm_smem[u] : p.scale;
+        rowm[u] = rowm_smem != nullptr ? rowm_smem[u * stride] : p.scale;
         live |= rowm[u] != 0.f;
     }
     if (!live) {
@@ -397,7 +406,7 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T>& p, uint64_t row, ui
         for (int k = 0; k < V; ++k) zero.set_raw(k, f32_to_bits<T>(0.f));
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            store_pack<T, V>(p.dx + (row + u) * p.cols + c0, zero, cnt);
+            store_pack<T, V>(p.dx + (row + u * stride) * p.cols + c0, zero, cnt);
 #pragma unroll
             for (int k = 0; k < V; ++k)
                 if (want_dbias) acc[k] = __fadd_rn(acc[k], 0.f);  // as the CPU: + 0.0 per dropped row
@@ -406,13 +415,14 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T>& p, uint64_t row, ui
     }
     Pack<T, V> dyv[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) dyv[u] = load_pack<T, V>(p.dy + (row + u) * p.cols + c0, cnt);
+    for (int u = 0; u < U; ++u) dyv[u] = load_pack<T, V>(p.dy + (row + u * stride) * p.cols + c0, cnt);
     uint32_t bits = 0;
     if (p.mask != nullptr) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) bits |= read_bits<V>(p.mask, (row + u) * p.cols + c0) << (u * V);
+        for (int u = 0; u < U; ++u)
+            bits |= read_bits<V>(p.mask, (row + u * stride) * p.cols + c0) << (u * V);
     } else {
-        bits = rows_keep_bits<V, U>(p, row, c0, cnt, rowm_smem, false);
+        bits = rows_keep_bits<V, U>(p, row, c0, cnt, rowm_smem, false, stride);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -425,15 +435,23 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T>& p, uint64_t row, ui
             if (want_dbias) acc[k] = __fadd_rn(acc[k], d);
             out.set_raw(k, f32_to_bits<T>(d));
         }
-        store_pack<T, V>(p.dx + (row + u) * p.cols + c0, out, cnt);
+        store_pack<T, V>(p.dx + (row + u * stride) * p.cols + c0, out, cnt);
     }
 }
 
+// The backward. blockDim.y = DBIAS_LANES when dbias partials are written (1 otherwise): the
+// threads (x, y) of a block share column group x and split each slab's rows by lane
+// y = (row - slab_begin) % blockDim.y, so a block covers fewer columns and the grid has more
+// blocks for the same partition. Each lane sums its rows in increasing order from +0.0; the
+// slab's partial is ((lane0 + lane1) + lane2) + lane3, the order src/dropout_residual/cpu.rs
+// reproduces.
 template <typename T, int V>
 __device__ __forceinline__ void bwd(const BwdParams<T>& p) {
     __shared__ float s_rowm[RS_CHUNK];
+    __shared__ float s_lane[DBIAS_LANES - 1][MAX_BLOCK / DBIAS_LANES * (16 / sizeof(T))];
     const bool has_rs = p.rowscale != nullptr || (p.flags & FLAG_DROP_PATH) != 0;
     const bool unroll = (p.flags & FLAG_UNROLL) != 0;
+    const uint32_t lanes = blockDim.y, lane = threadIdx.y;
     const uint64_t groups = (p.cols + V - 1) / V;
     const uint64_t tiles = (groups + blockDim.x - 1) / blockDim.x;
     const uint64_t slab_begin = (uint64_t)blockIdx.y * p.slab_rows;
@@ -443,26 +461,44 @@ __device__ __forceinline__ void bwd(const BwdParams<T>& p) {
         const uint64_t c0 = (tile * blockDim.x + threadIdx.x) * V;
         const bool active = c0 < p.cols;
         const int cnt = active ? (int)min((uint64_t)V, p.cols - c0) : 0;
-        // dbias partial of this slab: the f32 sum of the unrounded dx over the slab's rows in
-        // increasing row order, dropped elements adding +0.0f like any other (as the CPU does).
+        // This lane's dbias partial: the f32 sum of the unrounded dx over its rows of the slab
+        // in increasing row order, dropped elements adding +0.0f like any other (as the CPU).
         float acc[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) acc[k] = 0.f;
         for (uint64_t r0 = slab_begin; r0 < slab_end; r0 += RS_CHUNK) {
+            // RS_CHUNK is a multiple of the lane count, so lanes keep their rows across chunks.
             const uint64_t r1 = min(r0 + (uint64_t)RS_CHUNK, slab_end);
             if (has_rs) stage_rows(p, s_rowm, r0, r1, (float*)nullptr, false);
-            uint64_t row = r0;
+            uint64_t row = r0 + lane;
             if (unroll)
-                for (; row + UNROLL <= r1; row += UNROLL)
-                    bwd_rows<T, V, UNROLL>(p, row, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
-            for (; row < r1; ++row)
-                bwd_rows<T, V, 1>(p, row, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
+                for (; row + (UNROLL - 1) * lanes < r1; row += UNROLL * lanes)
+                    bwd_rows<T, V, UNROLL>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
+            for (; row < r1; row += lanes)
+                bwd_rows<T, V, 1>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
         }
-        if (p.partials != nullptr && active) {
-            float* out = p.partials + (uint64_t)blockIdx.y * p.cols + c0;
+        if (p.partials != nullptr) {
+            // Fold the lanes in order through shared memory (block-uniform branch).
+            if (lanes > 1) {
+                __syncthreads();  // the previous tile's readers are done
+                if (lane > 0) {
 #pragma unroll
-            for (int k = 0; k < V; ++k)
-                if (k < cnt) out[k] = acc[k];
+                    for (int k = 0; k < V; ++k) s_lane[lane - 1][threadIdx.x * V + k] = acc[k];
+                }
+                __syncthreads();
+                if (lane == 0) {
+                    for (uint32_t l = 1; l < lanes; ++l) {
+#pragma unroll
+                        for (int k = 0; k < V; ++k) acc[k] = __fadd_rn(acc[k], s_lane[l - 1][threadIdx.x * V + k]);
+                    }
+                }
+            }
+            if (lane == 0 && active) {
+                float* out = p.partials + (uint64_t)blockIdx.y * p.cols + c0;
+#pragma unroll
+                for (int k = 0; k < V; ++k)
+                    if (k < cnt) out[k] = acc[k];
+            }
         }
     }
 }
@@ -654,8 +690,8 @@ __device__ __forceinline__ void unfused_col_sum_body(const UnfusedColSumParams<T
 using namespace dropout_residual;
 
 #define DR_CHECK_SIZES(T)                                                                   \
-    static_assert(sizeof(FwdParams<T>) == 136, "must match src/dropout_residual/gpu.rs");   \
-    static_assert(sizeof(BwdParams<T>) == 120, "must match src/dropout_residual/gpu.rs");   \
+    static_assert(sizeof(FwdParams<T>) == 144, "must match src/dropout_residual/gpu.rs");   \
+    static_assert(sizeof(BwdParams<T>) == 128, "must match src/dropout_residual/gpu.rs");   \
     static_assert(sizeof(DbiasParams<T>) == 32, "must match src/dropout_residual/gpu.rs");  \
     static_assert(sizeof(UnfusedBiasAddParams<T>) == 56, "must match unfused.rs");          \
     static_assert(sizeof(UnfusedDropoutParams<T>) == 64, "must match unfused.rs");          \

@@ -24,7 +24,7 @@
 //! # Ok(()) }
 //! ```
 
-use super::{check_backward, check_forward, slab_rows, Config, ForwardLens};
+use super::{check_backward, check_forward, slab_rows, Config, ForwardLens, DBIAS_LANES};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::philox;
@@ -249,10 +249,12 @@ pub fn backward<T: Dtype>(
     let rs = row_scales(cfg, opts.rowscale);
     let mut bits = KeepBits::new(cfg);
     let slab = slab_rows(rows, cols, T::KIND);
-    let mut partial = vec![0.0f32; cols];
+    // One partial per row lane of the slab (see DBIAS_LANES), folded in lane order at its end.
+    let mut lanes = vec![vec![0.0f32; cols]; DBIAS_LANES];
     let mut total = vec![0.0f32; cols];
     for row in 0..rows {
         let rowm = row_multiplier(cfg, &rs, row);
+        let partial = &mut lanes[(row % slab) % DBIAS_LANES];
         for (col, part) in partial.iter_mut().enumerate() {
             let i = row * cols + col;
             let keep = match opts.mask {
@@ -264,12 +266,16 @@ pub fn backward<T: Dtype>(
             dx[i] = T::from_f32_rn(d);
             *part += d;
         }
-        // End of a slab: fold its partials into the totals in slab order.
+        // End of a slab: fold its lanes in order, then into the totals in slab order.
         if (row + 1) % slab == 0 || row + 1 == rows {
-            for (t, p) in total.iter_mut().zip(partial.iter_mut()) {
-                *t += *p;
-                *p = 0.0;
+            for (col, t) in total.iter_mut().enumerate() {
+                let mut slab_sum = lanes[0][col];
+                for lane in &lanes[1..] {
+                    slab_sum += lane[col];
+                }
+                *t += slab_sum;
             }
+            lanes.iter_mut().for_each(|l| l.fill(0.0));
         }
     }
     if let Some(db) = opts.dbias {

@@ -16,7 +16,7 @@ use cudarc::driver::{result, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{
     check_backward, check_forward, slab_rows, BackwardOptions, Config, ForwardLens, ForwardOptions,
-    LaunchTuning, OP,
+    LaunchTuning, DBIAS_LANES, OP,
 };
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -46,12 +46,13 @@ struct FwdParams {
     threshold: u64,
     path_call: u64,
     path_threshold: u64,
+    base: u64,
     scale: f32,
     path_scale: f32,
     flags: u32,
     rows_per_sample: u32,
 }
-const _: () = assert!(std::mem::size_of::<FwdParams>() == 136);
+const _: () = assert!(std::mem::size_of::<FwdParams>() == 144);
 // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for FwdParams {}
 
@@ -72,12 +73,13 @@ struct BwdParams {
     threshold: u64,
     path_call: u64,
     path_threshold: u64,
+    base: u64,
     scale: f32,
     path_scale: f32,
     flags: u32,
     rows_per_sample: u32,
 }
-const _: () = assert!(std::mem::size_of::<BwdParams>() == 120);
+const _: () = assert!(std::mem::size_of::<BwdParams>() == 128);
 // SAFETY: as above.
 unsafe impl DeviceRepr for BwdParams {}
 
@@ -132,7 +134,89 @@ pub(super) struct Geometry {
     pub slab_rows: u64,
     pub vector: bool,
     pub grid: (u32, u32, u32),
-    pub block: u32,
+    /// (threads per column tile, row lanes): lanes = [`DBIAS_LANES`] for dbias launches.
+    pub block: (u32, u32, u32),
+}
+
+/// How a launch splits its rows into slabs (grid.y).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Slabs {
+    /// The dbias partition ([`slab_rows`]): a function of the shape only, because per-slab
+    /// partial sums are summed in slab order. Used by every launch that produces dbias partials.
+    Dbias,
+    /// [`Slabs::Dbias`] with each slab's rows split over [`DBIAS_LANES`] row lanes of the block
+    /// (the fused backward).
+    DbiasLanes,
+    /// Any size: elementwise launches (no partials), where short slabs give many small blocks
+    /// and so no tail wave ([`LaunchTuning::slab_rows`], else the given default).
+    Free(u64),
+}
+
+/// Rows per slab of forward launches: one unrolled visit of 4 rows per thread. Measured on an
+/// H100 against 8, 16, 32 and 64: the shortest slab is fastest (benches/NOTES.md).
+pub(super) const FWD_SLAB_ROWS: u64 = 4;
+/// Rows per slab of backward launches without dbias: two visits (8 beat 4 for bf16, tied 16).
+pub(super) const BWD_SLAB_ROWS: u64 = 8;
+
+/// Elements per row when a flat tensor (no bias, no row scale) is laid out as rows for the
+/// kernels: 4 column tiles of 256 threads x one 16-byte vector. A flat tensor of one long row
+/// would leave each thread a single vector and no loads to overlap (benches/NOTES.md).
+fn flat_width<T: Dtype>(tuning: &LaunchTuning) -> usize {
+    if tuning.flat_width > 0 {
+        tuning.flat_width as usize
+    } else {
+        4 * tuning.block as usize * (16 / T::KIND.size())
+    }
+}
+
+/// One launch over elements `base .. base + rows * cols` of the flat tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Segment {
+    pub base: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The launches of an op: the config's own shape when rows matter (bias, row scale, dbias);
+/// otherwise, for the vector path, rows of [`flat_width`] elements plus the remainder as a
+/// second one-row launch. The element index keying the mask is `base + row * cols + col`
+/// either way, so the result is the same bits.
+pub(super) fn segments<T: Dtype>(
+    cfg: &Config,
+    rows_matter: bool,
+    vector_possible: bool,
+    tuning: &LaunchTuning,
+) -> Vec<Segment> {
+    let n = cfg.len();
+    if rows_matter {
+        return vec![Segment {
+            base: 0,
+            rows: cfg.rows(),
+            cols: cfg.cols(),
+        }];
+    }
+    let w = flat_width::<T>(tuning);
+    if !vector_possible || tuning.force_scalar || n < 2 * w || w % 32 != 0 {
+        return vec![Segment {
+            base: 0,
+            rows: 1,
+            cols: n,
+        }];
+    }
+    let main = n / w * w;
+    let mut v = vec![Segment {
+        base: 0,
+        rows: n / w,
+        cols: w,
+    }];
+    if main < n {
+        v.push(Segment {
+            base: main,
+            rows: 1,
+            cols: n - main,
+        });
+    }
+    v
 }
 
 /// The launch geometry of `[rows, cols]` elements of `T`. `aligned`: every element pointer is
@@ -142,13 +226,25 @@ pub(super) fn geometry<T: Dtype>(
     cols: usize,
     aligned: bool,
     vector_ok: bool,
+    kind: Slabs,
     tuning: &LaunchTuning,
 ) -> Result<Geometry> {
     tuning.check()?;
     let vec = 16 / T::KIND.size();
     let vector = !tuning.force_scalar && aligned && vector_ok && (cols % vec == 0 || rows == 1);
     let per_thread = if vector { vec } else { 1 } as u64;
-    let slab = slab_rows(rows, cols, T::KIND) as u64;
+    let slab = match kind {
+        Slabs::Dbias | Slabs::DbiasLanes => slab_rows(rows, cols, T::KIND) as u64,
+        Slabs::Free(default) => {
+            let want = if tuning.slab_rows > 0 {
+                u64::from(tuning.slab_rows)
+            } else {
+                default
+            };
+            want.min(rows.max(1) as u64)
+                .max((rows as u64).div_ceil(65_535))
+        }
+    };
     let slabs = (rows as u64).div_ceil(slab);
     if slabs > 65_535 {
         // slab_rows guarantees this; a violation would be a bug, not bad input.
@@ -157,9 +253,12 @@ pub(super) fn geometry<T: Dtype>(
             format!("internal: {slabs} row slabs exceed the grid limit"),
         ));
     }
-    let tiles = (cols as u64)
-        .div_ceil(per_thread)
-        .div_ceil(u64::from(tuning.block));
+    // A dbias launch splits each slab's rows over DBIAS_LANES row lanes of the block.
+    let (bx, by) = match kind {
+        Slabs::DbiasLanes => (tuning.block / DBIAS_LANES as u32, DBIAS_LANES as u32),
+        Slabs::Dbias | Slabs::Free(_) => (tuning.block, 1),
+    };
+    let tiles = (cols as u64).div_ceil(per_thread).div_ceil(u64::from(bx));
     let grid_x = tiles.clamp(1, u64::from(tuning.max_grid_x).min(i32::MAX as u64)) as u32;
     Ok(Geometry {
         rows: rows as u64,
@@ -167,7 +266,7 @@ pub(super) fn geometry<T: Dtype>(
         slab_rows: slab,
         vector,
         grid: (grid_x, slabs.max(1) as u32, 1),
-        block: tuning.block,
+        block: (bx, by, 1),
     })
 }
 
@@ -324,23 +423,31 @@ fn forward_launch<T: Dtype>(
     let (bias, rowscale, mask, rowscale_out) =
         (ptr(&bias_g), ptr(&rs_g), ptr(&mask_g), ptr(&rs_out_g));
 
-    // Without bias and row scale the row structure does not matter: launch as one row.
-    let flat = bias == 0 && !cfg.has_row_scale(rowscale != 0);
-    let (rows, cols) = if flat {
-        (1, cfg.len())
-    } else {
-        (cfg.rows(), cfg.cols())
-    };
+    // Without bias and row scale the row structure does not matter: the tensor is launched as
+    // rows of a fixed width (plus a one-row remainder), the same bits as any other layout.
+    let rows_matter = bias != 0 || cfg.has_row_scale(rowscale != 0);
     let mut aligned_ptrs = vec![x, residual, y];
     if bias != 0 {
         aligned_ptrs.push(bias);
     }
-    // f32 packs 4 mask bits per thread: two lanes share a byte, which needs even lanes to start
-    // on a multiple of 8 elements.
-    let mask_ok = mask == 0 || T::KIND.size() != 4 || cols % 8 == 0 || rows == 1;
-    let g = geometry::<T>(rows, cols, aligned16(&aligned_ptrs), mask_ok, &opts.tuning)?;
+    let aligned = aligned16(&aligned_ptrs);
+    let mut launches = Vec::new();
+    for seg in segments::<T>(cfg, rows_matter, aligned, &opts.tuning) {
+        // f32 packs 4 mask bits per thread: two lanes share a byte, which needs even lanes to
+        // start on a multiple of 8 elements.
+        let mask_ok = mask == 0 || T::KIND.size() != 4 || seg.cols % 8 == 0 || seg.rows == 1;
+        let g = geometry::<T>(
+            seg.rows,
+            seg.cols,
+            aligned,
+            mask_ok,
+            Slabs::Free(FWD_SLAB_ROWS),
+            &opts.tuning,
+        )?;
+        launches.push((seg, g));
+    }
 
-    if mask != 0 && !g.vector {
+    if mask != 0 && launches.iter().any(|(_, g)| !g.vector) {
         // The scalar path ORs bits into the words; zero them first.
         // SAFETY: `mask` is a live buffer of cfg.mask_words() u32 (checked) on this context.
         unsafe {
@@ -358,29 +465,37 @@ fn forward_launch<T: Dtype>(
         flags |= FLAG_IN_PLACE;
     }
     let rate = cfg.rate();
-    let p = FwdParams {
-        x,
-        bias,
-        residual,
-        y,
-        rowscale: rsf.rowscale,
-        rowscale_out,
-        mask,
-        rows: g.rows,
-        cols: g.cols,
-        slab_rows: g.slab_rows,
-        seed: cfg.seed(),
-        call: cfg.call(),
-        threshold: rate.threshold(),
-        path_call: rsf.path_call,
-        path_threshold: rsf.path_threshold,
-        scale: rate.scale(),
-        path_scale: rsf.path_scale,
-        flags,
-        rows_per_sample: rsf.rows_per_sample,
-    };
-    let family = if g.vector { FWD_VEC } else { FWD_SCALAR };
-    handle.launch(family.get::<T>(), g.grid, (g.block, 1, 1), 0, &p)
+    let size = T::KIND.size() as u64;
+    for (seg, g) in launches {
+        // Segments start on multiples of the flat width (a multiple of 32 elements), so the
+        // mask of a later segment starts on a word boundary.
+        let (base, off) = (seg.base as u64, seg.base as u64 * size);
+        let p = FwdParams {
+            x: x + off,
+            bias,
+            residual: residual + off,
+            y: y + off,
+            rowscale: rsf.rowscale,
+            rowscale_out,
+            mask: if mask == 0 { 0 } else { mask + base / 32 * 4 },
+            rows: g.rows,
+            cols: g.cols,
+            slab_rows: g.slab_rows,
+            seed: cfg.seed(),
+            call: cfg.call(),
+            threshold: rate.threshold(),
+            path_call: rsf.path_call,
+            path_threshold: rsf.path_threshold,
+            base,
+            scale: rate.scale(),
+            path_scale: rsf.path_scale,
+            flags,
+            rows_per_sample: rsf.rows_per_sample,
+        };
+        let family = if g.vector { FWD_VEC } else { FWD_SCALAR };
+        handle.launch(family.get::<T>(), g.grid, g.block, 0, &p)?;
+    }
+    Ok(())
 }
 
 /// `dx = dropout'(dy)` and optionally `dbias` on the handle's stream (see the
@@ -454,16 +569,23 @@ pub fn backward<T: Dtype>(
     let mask = mask_g.as_ref().map_or(0, |(p, _)| *p);
     let want_dbias = opts.dbias.is_some();
 
-    let flat = !want_dbias && !cfg.has_row_scale(rowscale != 0);
-    let (rows, cols) = if flat {
-        (1, cfg.len())
+    // As in the forward: without dbias and row scale, rows of a fixed width.
+    let rows_matter = want_dbias || cfg.has_row_scale(rowscale != 0);
+    let aligned = aligned16(&[dy_ptr, dx_ptr]);
+    let slabs_kind = if want_dbias {
+        Slabs::DbiasLanes
     } else {
-        (cfg.rows(), cfg.cols())
+        Slabs::Free(BWD_SLAB_ROWS)
     };
-    let g = geometry::<T>(rows, cols, aligned16(&[dy_ptr, dx_ptr]), true, &opts.tuning)?;
+    let mut launches = Vec::new();
+    for seg in segments::<T>(cfg, rows_matter, aligned, &opts.tuning) {
+        let g = geometry::<T>(seg.rows, seg.cols, aligned, true, slabs_kind, &opts.tuning)?;
+        launches.push((seg, g));
+    }
 
-    // Stage-1 partials: [slabs][cols] f32, every entry written by the kernel.
-    let slabs = g.grid.1 as usize;
+    // Stage-1 partials: [slabs][cols] f32, every entry written by the kernel (one segment when
+    // dbias is wanted: rows matter).
+    let slabs = launches[0].1.grid.1 as usize;
     let partial_len = if want_dbias { slabs * cfg.cols() } else { 0 };
     let mut own = None;
     let partials = match (want_dbias, opts.workspace.as_deref_mut()) {
@@ -498,27 +620,32 @@ pub fn backward<T: Dtype>(
         flags |= FLAG_UNROLL;
     }
     let rate = cfg.rate();
-    let p = BwdParams {
-        dy: dy_ptr,
-        dx: dx_ptr,
-        rowscale: rsf.rowscale,
-        mask,
-        partials: partials_ptr,
-        rows: g.rows,
-        cols: g.cols,
-        slab_rows: g.slab_rows,
-        seed: cfg.seed(),
-        call: cfg.call(),
-        threshold: rate.threshold(),
-        path_call: rsf.path_call,
-        path_threshold: rsf.path_threshold,
-        scale: rate.scale(),
-        path_scale: rsf.path_scale,
-        flags,
-        rows_per_sample: rsf.rows_per_sample,
-    };
-    let family = if g.vector { BWD_VEC } else { BWD_SCALAR };
-    handle.launch(family.get::<T>(), g.grid, (g.block, 1, 1), 0, &p)?;
+    let size = T::KIND.size() as u64;
+    for (seg, g) in launches {
+        let (base, off) = (seg.base as u64, seg.base as u64 * size);
+        let p = BwdParams {
+            dy: dy_ptr + off,
+            dx: dx_ptr + off,
+            rowscale: rsf.rowscale,
+            mask: if mask == 0 { 0 } else { mask + base / 32 * 4 },
+            partials: partials_ptr,
+            rows: g.rows,
+            cols: g.cols,
+            slab_rows: g.slab_rows,
+            seed: cfg.seed(),
+            call: cfg.call(),
+            threshold: rate.threshold(),
+            path_call: rsf.path_call,
+            path_threshold: rsf.path_threshold,
+            base,
+            scale: rate.scale(),
+            path_scale: rsf.path_scale,
+            flags,
+            rows_per_sample: rsf.rows_per_sample,
+        };
+        let family = if g.vector { BWD_VEC } else { BWD_SCALAR };
+        handle.launch(family.get::<T>(), g.grid, g.block, 0, &p)?;
+    }
 
     if let Some(db) = opts.dbias.as_mut() {
         let (db_ptr, _g) = handle.write_ptr(OP, "dbias", db)?;

@@ -355,6 +355,11 @@ pub fn unfused_backward_bytes(dtype: DtypeKind, n: u64, dbias: bool) -> u64 {
     n * if dbias { 3 * s + 1 } else { 2 * s + 1 }
 }
 
+/// Row lanes of the fused backward's dbias partials: each slab's rows are split by
+/// `(row - slab_start) % DBIAS_LANES`, each lane sums its rows in order, and the slab's partial
+/// is `((lane0 + lane1) + lane2) + lane3`. Must equal `DBIAS_LANES` in the kernel.
+pub(crate) const DBIAS_LANES: usize = 4;
+
 /// Launch knobs for tests: results never depend on them (the tests check that). Not part of the
 /// stable API.
 #[doc(hidden)]
@@ -368,6 +373,11 @@ pub struct LaunchTuning {
     pub force_scalar: bool,
     /// Cap on grid.x; the kernels loop over the remaining column tiles.
     pub max_grid_x: u32,
+    /// Rows per slab of launches without dbias partials (0: the defaults, 4 forward, 8 backward).
+    pub slab_rows: u32,
+    /// Row width when a flat tensor is laid out as rows (0: the default, 4 tiles of
+    /// `block` x 16 bytes); must be a multiple of 32.
+    pub flat_width: u32,
 }
 
 impl Default for LaunchTuning {
@@ -377,6 +387,8 @@ impl Default for LaunchTuning {
             unroll: true,
             force_scalar: false,
             max_grid_x: i32::MAX as u32,
+            slab_rows: 0,
+            flat_width: 0,
         }
     }
 }

@@ -31,7 +31,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::gpu::{aligned16, finish_dbias, geometry};
+use super::gpu::{aligned16, finish_dbias, geometry, Slabs, FWD_SLAB_ROWS};
 use super::{slab_rows, Config, LaunchTuning, OP};
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
@@ -233,6 +233,7 @@ impl<T: Dtype> Unfused<T> {
                     cfg.cols(),
                     aligned16(&[x_ptr, *b_ptr, t_ptr]),
                     true,
+                    Slabs::Free(FWD_SLAB_ROWS),
                     &LaunchTuning {
                         unroll: false,
                         ..Default::default()
@@ -248,7 +249,7 @@ impl<T: Dtype> Unfused<T> {
                     vec: u32::from(g.vector),
                     pad: 0,
                 };
-                h.launch(BIAS_ADD.get::<T>(), g.grid, (g.block, 1, 1), 0, &p)?;
+                h.launch(BIAS_ADD.get::<T>(), g.grid, g.block, 0, &p)?;
                 t_ptr
             }
             None => x_ptr,
@@ -332,6 +333,7 @@ impl<T: Dtype> Unfused<T> {
                 cfg.cols(),
                 aligned16(&[dx_ptr]),
                 true,
+                Slabs::Dbias,
                 &LaunchTuning {
                     unroll: false,
                     ..Default::default()
@@ -349,7 +351,7 @@ impl<T: Dtype> Unfused<T> {
                 vec: u32::from(g.vector),
                 pad: 0,
             };
-            h.launch(COL_SUM.get::<T>(), g.grid, (g.block, 1, 1), 0, &p)?;
+            h.launch(COL_SUM.get::<T>(), g.grid, g.block, 0, &p)?;
             let (db_ptr, _g5) = h.write_ptr(OP, "dbias", db)?;
             finish_dbias::<T>(&h, part_ptr, db_ptr, cfg.cols(), slabs)?;
         }

@@ -481,6 +481,13 @@ fn launch_configurations_agree(h: &Handle) -> R<()> {
             block: 128,
             ..Default::default()
         },
+        // Other slab heights for launches without partials, another flat row width (flat
+        // tensors are cut into rows plus a one-row remainder).
+        LaunchTuning {
+            slab_rows: 3,
+            flat_width: 2080,
+            ..Default::default()
+        },
     ];
     for (rows, cols) in [(257, 1024), (70, 4104)] {
         let base = Case {
@@ -499,6 +506,21 @@ fn launch_configurations_agree(h: &Handle) -> R<()> {
             let (g1, c1) = run_case::<f32>(h, &c, 601)?;
             compare_fwd(&format!("f32 tuning {k} forward"), &g1, &g0)?;
             compare_bwd(&format!("f32 tuning {k} backward"), &c1, &c0)?;
+        }
+    }
+    // Flat tensors (no bias, no row scale): the row layout is free, the bits are not.
+    for n in [200_003usize, 1 << 16] {
+        let base = Case::new(1, n);
+        let (f0, b0) = run_case::<bf16>(h, &base, 602)?;
+        let (g0, c0) = run_case::<f32>(h, &base, 603)?;
+        for (k, t) in tunings.iter().enumerate() {
+            let c = Case { tuning: *t, ..base };
+            let (f1, b1) = run_case::<bf16>(h, &c, 602)?;
+            compare_fwd(&format!("flat {n} bf16 tuning {k} forward"), &f1, &f0)?;
+            compare_bwd(&format!("flat {n} bf16 tuning {k} backward"), &b1, &b0)?;
+            let (g1, c1) = run_case::<f32>(h, &c, 603)?;
+            compare_fwd(&format!("flat {n} f32 tuning {k} forward"), &g1, &g0)?;
+            compare_bwd(&format!("flat {n} f32 tuning {k} backward"), &c1, &c0)?;
         }
     }
     Ok(())
