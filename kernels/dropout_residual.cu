@@ -504,17 +504,32 @@ __device__ __forceinline__ void bwd(const BwdParams<T>& p) {
 }
 
 // dbias[col] = T(sum over slabs, in increasing slab order, of partials[slab][col]).
+// A block owns 32 columns. Its 8 warps load the partials of up to DBIAS_STAGE slabs into shared
+// memory together (many loads in flight: one thread per column walking the slabs alone is a
+// chain of DRAM round trips, and 4096 columns would occupy a quarter of the SMs); then warp 0
+// adds them in slab order. The order of the adds is exactly the sequential one.
+constexpr int DBIAS_COLS = 32;
+constexpr int DBIAS_WARPS = 8;
+constexpr int DBIAS_STAGE = 256;
 template <typename T>
 __device__ __forceinline__ void dbias_finish(const DbiasParams<T>& p) {
-    for (uint64_t col = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; col < p.cols;
-         col += (uint64_t)gridDim.x * blockDim.x) {
+    __shared__ float s_part[DBIAS_STAGE][DBIAS_COLS];
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (uint64_t col0 = blockIdx.x * (uint64_t)DBIAS_COLS; col0 < p.cols;
+         col0 += (uint64_t)gridDim.x * DBIAS_COLS) {
+        const uint64_t col = col0 + lane;
         float acc = 0.f;
-        // Only `cols` threads, each walking `slabs` partials (256 for [16384, 4096] bf16): latency-
-        // bound, so unrolled far enough that 16 independent loads are in flight per thread. The
-        // adds stay in slab order.
-#pragma unroll 16
-        for (uint64_t s = 0; s < p.slabs; ++s) acc = __fadd_rn(acc, p.partials[s * p.cols + col]);
-        p.dbias[col] = from_f32<T>(acc);
+        for (uint64_t s0 = 0; s0 < p.slabs; s0 += DBIAS_STAGE) {
+            const uint32_t n = (uint32_t)min((uint64_t)DBIAS_STAGE, p.slabs - s0);
+            __syncthreads();  // warp 0 is done with the previous stage
+#pragma unroll 8
+            for (uint32_t k = warp; k < n; k += DBIAS_WARPS)
+                s_part[k][lane] = col < p.cols ? p.partials[(s0 + k) * p.cols + col] : 0.f;
+            __syncthreads();
+            if (warp == 0)
+                for (uint32_t k = 0; k < n; ++k) acc = __fadd_rn(acc, s_part[k][lane]);
+        }
+        if (warp == 0 && col < p.cols) p.dbias[col] = from_f32<T>(acc);
     }
 }
 

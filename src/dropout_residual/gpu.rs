@@ -21,7 +21,7 @@ use super::{
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
-use crate::runtime::{grid_for, Handle};
+use crate::runtime::Handle;
 
 const FLAG_DROP_PATH: u32 = 1;
 const FLAG_UNROLL: u32 = 2;
@@ -122,9 +122,11 @@ pub(super) const DBIAS: KernelFamily = per_dtype!(
     DropoutResidualDbiasBf16
 );
 
-/// Threads per block of the dbias finishing kernel: small, so that its few columns spread over
-/// many SMs.
-pub(super) const DBIAS_BLOCK: u32 = 128;
+/// Threads per block of the dbias finishing kernel: 8 warps sharing 32 columns (the kernel's
+/// DBIAS_WARPS and DBIAS_COLS), so its few columns spread over many SMs.
+pub(super) const DBIAS_BLOCK: u32 = 256;
+/// Columns per block of the dbias finishing kernel.
+const DBIAS_COLS: u64 = 32;
 
 /// Where a launch goes: the (possibly flattened) shape, the path and the grid.
 #[derive(Clone, Copy, Debug)]
@@ -672,7 +674,11 @@ pub(super) fn finish_dbias<T: Dtype>(
     };
     handle.launch(
         DBIAS.get::<T>(),
-        (grid_for(cols as u64, DBIAS_BLOCK), 1, 1),
+        (
+            (cols as u64).div_ceil(DBIAS_COLS).clamp(1, 1 << 20) as u32,
+            1,
+            1,
+        ),
         (DBIAS_BLOCK, 1, 1),
         0,
         &p,
