@@ -43,15 +43,22 @@ static_assert(sizeof(NormResult) == 24, "must match src/global_norm/mod.rs");
 struct PartialsParams {
     const mt::TensorEntry* tensors;
     const mt::BlockEntry* blocks;
-    float* partials;  // one per global chunk
+    float* partials;      // one per global chunk
+    const uint8_t* skip;  // the set's per-tensor skip flags (null: none): skipped tensors add 0
     uint32_t block_offset;
     uint32_t pad;
 };
-static_assert(sizeof(PartialsParams) == 32, "must match src/global_norm/gpu.rs");
+static_assert(sizeof(PartialsParams) == 40, "must match src/global_norm/gpu.rs");
 
 template <typename G> __device__ __forceinline__ void partials(const PartialsParams& p) {
     constexpr uint32_t W = 16 / sizeof(G);
     const mt::Chunk c = mt::locate(p.tensors, p.blocks, p.block_offset);
+    // A tensor skipped this step (e.g. its block was dropped by stochastic depth) has no
+    // gradient this step: its chunks contribute exactly 0, and its stale buffer is not read.
+    if (p.skip != nullptr && p.skip[c.tensor] != 0) {
+        if (threadIdx.x == 0) p.partials[c.block] = 0.0f;
+        return;
+    }
     const G* g = reinterpret_cast<const G*>(c.t.grad) + c.start;
     const uint32_t t = threadIdx.x;
     const uint32_t nvec = c.len / W;  // full W-groups of the chunk

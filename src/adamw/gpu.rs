@@ -260,7 +260,8 @@ impl TensorSet {
     /// Sets the per-tensor skip flags for the following steps (one per tensor; `true` = this
     /// tensor's parameters, moments and step count stay untouched, e.g. the block was dropped by
     /// stochastic depth): an asynchronous copy of one byte per tensor, the tables are not
-    /// re-uploaded. Flags persist until changed.
+    /// re-uploaded. Flags persist until changed. A skipped tensor has no gradient this step, so
+    /// the global norm leaves it out too (its stale gradient buffer is not read).
     pub fn set_skip(&mut self, skip: &[bool]) -> Result<()> {
         crate::error::check_len(OP, "skip", skip.len(), self.len())?;
         let bytes: Vec<u8> = skip.iter().map(|&b| u8::from(b)).collect();

@@ -23,10 +23,11 @@ struct PartialsParams {
     tensors: u64,
     blocks: u64,
     partials: u64,
+    skip: u64,
     block_offset: u32,
     pad: u32,
 }
-const _: () = assert!(std::mem::size_of::<PartialsParams>() == 32);
+const _: () = assert!(std::mem::size_of::<PartialsParams>() == 40);
 // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for PartialsParams {}
 
@@ -114,6 +115,7 @@ pub(crate) fn launch_partials(
         tensors: set.tensors_ptr(),
         blocks: set.blocks_ptr(),
         partials,
+        skip: set.skip_ptr_or_null(),
         block_offset,
         pad: 0,
     };

@@ -837,6 +837,15 @@ impl TensorSet {
             .ok_or_else(|| Self::wrong_type(i, "grad", G::KIND, have))
     }
 
+    /// Device address of the per-tensor skip flags, or 0 for a gradients-only set. The norm
+    /// honours them too: a skipped tensor has no gradient this step.
+    pub(crate) fn skip_ptr_or_null(&self) -> u64 {
+        self.state.as_ref().map_or(0, |st| {
+            let (p, _g) = st.skip.device_ptr(self.handle().stream());
+            p
+        })
+    }
+
     pub(crate) fn state(&self, op: &'static str) -> Result<&OptimizerState> {
         self.state.as_ref().ok_or_else(|| {
             Error::invalid(

@@ -35,6 +35,10 @@ pub fn trials() -> Vec<Trial> {
             ("save_restore_resume_bit_identical", save_restore_resume),
             ("restore_mismatch_is_an_error", restore_mismatch),
             ("skip_flags_leave_tensors_untouched", skip_flags),
+            (
+                "skipped_tensors_are_left_out_of_the_norm",
+                skipped_tensors_out_of_norm,
+            ),
             ("misaligned_views_take_the_scalar_path", misaligned_views),
             ("ten_thousand_tiny_tensors_one_launch", ten_thousand_tiny),
             ("validation_errors", validation_errors),
@@ -513,6 +517,51 @@ fn skip_flags(h: &Handle) -> Result<(), String> {
     }
     if set.set_skip(&[true]).is_ok() {
         return Err("a skip list of the wrong length was accepted".into());
+    }
+    Ok(())
+}
+
+/// A skipped tensor (a block stochastic depth dropped) has no gradient this step: its stale
+/// gradient buffer is not read by the norm, which equals the CPU norm with that gradient zeroed;
+/// the clipped step then matches the CPU step with the same flags.
+fn skipped_tensors_out_of_norm(h: &Handle) -> Result<(), String> {
+    let sizes = [65_537, 0, 1000, 7, 300_000];
+    let mut ts = cpu_tensors::<f32, f32>(81, &sizes);
+    let mut set = build(h, &ts)?;
+    let cfg = AdamWConfig::default();
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    for (s, skip) in [
+        [false, false, true, false, true],
+        [true, false, false, true, false],
+    ]
+    .iter()
+    .enumerate()
+    {
+        new_grads(&mut ts, 820 + s as u64);
+        write_grads(h, &mut set, &ts)?;
+        set.set_skip(skip).map_err(e)?;
+        opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+        let zeroed: Vec<Vec<f32>> = ts
+            .iter()
+            .zip(skip)
+            .map(|(t, &k)| {
+                if k {
+                    vec![0.0; t.len()]
+                } else {
+                    t.grad.clone()
+                }
+            })
+            .collect();
+        let grads: Vec<&[f32]> = zeroed.iter().map(|g| &g[..]).collect();
+        let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
+        values_eq(
+            &format!("norm with skip plan {s}"),
+            &norm.read().map_err(e)?,
+            &v,
+        )?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), skip).map_err(e)?;
+        compare(h, &set, &ts, &format!("clipped step with skip plan {s}"))?;
     }
     Ok(())
 }
