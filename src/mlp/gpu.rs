@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{colsum_slab_rows, MSE_PER_BLOCK};
 use crate::error::{check_len, Error, Result};
@@ -59,20 +59,27 @@ unsafe impl DeviceRepr for MseParams {}
 /// `out = gelu(h + bias[col])` (forward) over row-major `[rows, cols]`.
 pub fn bias_gelu_fwd(
     handle: &Handle,
-    h: &CudaSlice<f32>,
-    bias: &CudaSlice<f32>,
-    out: &mut CudaSlice<f32>,
+    h: &impl DevicePtr<f32>,
+    bias: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
-    bias_gelu(handle, Kernel::MlpBiasGeluFwdF32, h, bias, None, out)
+    bias_gelu(
+        handle,
+        Kernel::MlpBiasGeluFwdF32,
+        h,
+        bias,
+        None::<&CudaSlice<f32>>,
+        out,
+    )
 }
 
 /// `out = da * gelu'(h + bias[col])` (backward).
 pub fn bias_gelu_bwd(
     handle: &Handle,
-    h: &CudaSlice<f32>,
-    bias: &CudaSlice<f32>,
-    da: &CudaSlice<f32>,
-    out: &mut CudaSlice<f32>,
+    h: &impl DevicePtr<f32>,
+    bias: &impl DevicePtr<f32>,
+    da: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     bias_gelu(handle, Kernel::MlpBiasGeluBwdF32, h, bias, Some(da), out)
 }
@@ -80,10 +87,10 @@ pub fn bias_gelu_bwd(
 fn bias_gelu(
     handle: &Handle,
     k: Kernel,
-    h: &CudaSlice<f32>,
-    bias: &CudaSlice<f32>,
-    da: Option<&CudaSlice<f32>>,
-    out: &mut CudaSlice<f32>,
+    h: &impl DevicePtr<f32>,
+    bias: &impl DevicePtr<f32>,
+    da: Option<&impl DevicePtr<f32>>,
+    out: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     let (n, cols) = (h.len(), bias.len());
     if cols == 0 || n % cols != 0 {
@@ -121,10 +128,10 @@ fn bias_gelu(
 /// [`super::cpu::colsum`]). `partials` is scratch of at least [`colsum_scratch_len`] floats.
 pub fn colsum(
     handle: &Handle,
-    x: &CudaSlice<f32>,
+    x: &impl DevicePtr<f32>,
     rows: usize,
-    partials: &mut CudaSlice<f32>,
-    out: &mut CudaSlice<f32>,
+    partials: &mut impl DevicePtrMut<f32>,
+    out: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     let cols = out.len();
     check_len(OP, "x", x.len(), rows * cols)?;
@@ -172,10 +179,10 @@ pub fn mse_scratch_len(n: usize) -> usize {
 /// (sum them in order and divide by n for the loss: [`mse_from_partials`]).
 pub fn mse_grad(
     handle: &Handle,
-    y: &CudaSlice<f32>,
-    target: &CudaSlice<f32>,
-    dy: &mut CudaSlice<f32>,
-    partials: &mut CudaSlice<f32>,
+    y: &impl DevicePtr<f32>,
+    target: &impl DevicePtr<f32>,
+    dy: &mut impl DevicePtrMut<f32>,
+    partials: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     let n = y.len();
     check_len(OP, "target", target.len(), n)?;
@@ -238,9 +245,9 @@ impl Blas {
     fn gemm(
         &self,
         cfg: GemmConfig<f32>,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
-        c: &mut CudaSlice<f32>,
+        a: &impl DevicePtr<f32>,
+        b: &impl DevicePtr<f32>,
+        c: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
         // SAFETY: the callers below derive every dimension from checked buffer lengths.
         unsafe { self.blas.gemm(cfg, a, b, c) }
@@ -250,9 +257,9 @@ impl Blas {
     /// `y[T, out] = x[T, inp] · w[out, inp]^T`.
     pub fn linear_fwd(
         &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        x: &impl DevicePtr<f32>,
+        w: &impl DevicePtr<f32>,
+        y: &mut impl DevicePtrMut<f32>,
         inp: usize,
         out: usize,
     ) -> Result<()> {
@@ -277,9 +284,9 @@ impl Blas {
     /// `dx[T, inp] = dy[T, out] · w[out, inp]` (`+ dx` when `accumulate`).
     pub fn linear_bwd_input(
         &self,
-        dy: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        dx: &mut CudaSlice<f32>,
+        dy: &impl DevicePtr<f32>,
+        w: &impl DevicePtr<f32>,
+        dx: &mut impl DevicePtrMut<f32>,
         inp: usize,
         out: usize,
         accumulate: bool,
@@ -305,9 +312,9 @@ impl Blas {
     /// `dw[out, inp] = dy[T, out]^T · x[T, inp]`.
     pub fn linear_bwd_weight(
         &self,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        dw: &mut CudaSlice<f32>,
+        dy: &impl DevicePtr<f32>,
+        x: &impl DevicePtr<f32>,
+        dw: &mut impl DevicePtrMut<f32>,
         inp: usize,
         out: usize,
     ) -> Result<()> {

@@ -11,7 +11,15 @@
 //! (`kernels/mlp.cu`: bias + GELU, column sums, MSE gradient), each with its CPU reference.
 
 pub mod cpu;
+mod cpu_model;
 pub mod gpu;
+mod gpu_model;
+mod init;
+pub mod train;
+
+pub use cpu_model::CpuMlp;
+pub use gpu_model::GpuMlp;
+pub use train::{train_step, Backend, DroppedParams, MlpConfig, Trainer};
 
 /// sqrt(2 / pi), rounded to f32 from the same literal as the kernel's.
 #[allow(clippy::excessive_precision)]

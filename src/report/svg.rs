@@ -13,6 +13,8 @@ fn escape(s: &str) -> String {
 
 pub(super) fn render(r: &Report) -> String {
     let gpu = r.copy.is_some();
+    // Compute-bound rows (no byte count) have no bandwidth to plot.
+    let rows: Vec<&super::Row> = r.rows.iter().filter(|row| row.fused.bytes > 0.0).collect();
     // Each bar's value and the axis maximum.
     let value = |m: &super::Measurement| {
         if gpu {
@@ -22,7 +24,7 @@ pub(super) fn render(r: &Report) -> String {
         }
     };
     let mut max = if gpu { 1.0f64 } else { 0.0 };
-    for row in &r.rows {
+    for row in &rows {
         max = max.max(value(&row.fused));
         if let Some(u) = &row.unfused {
             max = max.max(value(u));
@@ -32,7 +34,7 @@ pub(super) fn render(r: &Report) -> String {
     let (label_w, plot_w, bar_h, gap) = (330.0, 560.0, 11.0, 10.0);
     let row_h = 2.0 * bar_h + gap;
     let top = 70.0;
-    let height = top + row_h * r.rows.len() as f64 + 40.0;
+    let height = top + row_h * rows.len() as f64 + 40.0;
     let width = label_w + plot_w + 90.0;
     let x = |v: f64| label_w + plot_w * (v / max);
 
@@ -88,7 +90,7 @@ pub(super) fn render(r: &Report) -> String {
         )
         .unwrap();
     }
-    for (i, row) in r.rows.iter().enumerate() {
+    for (i, row) in rows.iter().enumerate() {
         let y0 = top + row_h * i as f64;
         writeln!(
             s,

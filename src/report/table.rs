@@ -15,8 +15,19 @@ fn ms(v: f64) -> String {
 }
 
 fn pct(m: &Measurement) -> String {
-    m.frac_copy
-        .map_or("-".into(), |f| format!("{:.0}%", 100.0 * f))
+    match m.frac_copy {
+        Some(f) if m.bytes > 0.0 => format!("{:.0}%", 100.0 * f),
+        _ => "-".into(),
+    }
+}
+
+/// GB/s, or "-" for a compute-bound row that counts no bytes.
+fn gbps(m: &Measurement) -> String {
+    if m.bytes > 0.0 {
+        format!("{:.0}", m.gbps)
+    } else {
+        "-".into()
+    }
 }
 
 fn bytes(b: Option<u64>) -> String {
@@ -99,10 +110,10 @@ pub(super) fn render(r: &Report) -> String {
             row.op.clone(),
             row.case.clone(),
             ms(f.ms),
-            format!("{:.0}", f.gbps),
+            gbps(f),
             pct(f),
             u.map_or("-".into(), |u| ms(u.ms)),
-            u.map_or("-".into(), |u| format!("{:.0}", u.gbps)),
+            u.map_or("-".into(), gbps),
             u.map_or("-".into(), pct),
             row.speedup.map_or("-".into(), |x| format!("{x:.2}x")),
             format!(

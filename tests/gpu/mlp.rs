@@ -1,6 +1,8 @@
 //! The MLP example's kernels and cuBLAS layers against their CPU references.
 
-use fusedreg::mlp::{cpu, gpu};
+use fusedreg::adamw::cpu::{self as adamw_cpu, CpuTensor};
+use fusedreg::mlp::{cpu, gpu, train_step, DroppedParams, MlpConfig, Trainer};
+use fusedreg::stochastic_depth::{Mode, Plan, Schedule, StochasticDepth};
 use fusedreg::Handle;
 use libtest_mimic::Trial;
 
@@ -14,6 +16,19 @@ pub fn trials() -> Vec<Trial> {
             ("bias_gelu_matches_cpu", bias_gelu_matches_cpu),
             ("colsum_and_mse_bit_exact", colsum_and_mse_bit_exact),
             ("linear_layers_match_cpu", linear_layers_match_cpu),
+            (
+                "training_step_launches_only_kept_blocks",
+                training_step_launches_only_kept_blocks,
+            ),
+            ("gpu_model_matches_cpu_model", gpu_model_matches_cpu_model),
+            (
+                "gpu_training_reduces_the_loss",
+                gpu_training_reduces_the_loss,
+            ),
+            (
+                "dropped_block_parameters_skip_or_zero_grad",
+                dropped_block_parameters_skip_or_zero_grad,
+            ),
         ],
     )
 }
@@ -139,4 +154,157 @@ fn linear_layers_match_cpu(h: &Handle) -> Result<(), String> {
         1e-4,
         1e-4,
     )
+}
+
+/// A small model for the GPU training tests.
+fn small(blocks: usize, dropped: DroppedParams) -> MlpConfig {
+    MlpConfig {
+        blocks,
+        hidden: 64,
+        tokens: 128,
+        depth: Some(Schedule::Constant(0.5)),
+        dropped,
+        ..MlpConfig::cpu()
+    }
+}
+
+/// A plan with some blocks dropped and some running.
+fn mixed_plan(blocks: usize) -> (u64, Plan) {
+    let sd = StochasticDepth::new(Schedule::Constant(0.5), blocks, 21, Mode::Batch).unwrap();
+    (0..1000)
+        .map(|s| (s, sd.plan(s)))
+        .find(|(_, p)| p.running() > 1 && p.running() + 1 < blocks)
+        .unwrap()
+}
+
+/// Forward + backward + optimizer under a plan launch exactly the kept blocks' kernels: per kept
+/// block 2 forward (bias-GELU, dropout-residual) and 5 backward (dropout-residual 2, GELU 1,
+/// column sum 2) kernels and 6 cuBLAS products; a dropped block none. Plus the loss (1) and the
+/// clipped AdamW step (3).
+fn training_step_launches_only_kept_blocks(h: &Handle) -> Result<(), String> {
+    let blocks = 10;
+    let cfg = small(blocks, DroppedParams::Skip);
+    let mut t = Trainer::gpu(h, cfg.clone()).map_err(e)?;
+    let (step, plan) = mixed_plan(blocks);
+    let kept = plan.running() as u64;
+    let (l0, g0) = (h.launch_count(), t.model.gemm_count());
+    train_step(&mut t.model, &cfg, &plan, step, false).map_err(e)?;
+    let (launches, gemms) = (h.launch_count() - l0, t.model.gemm_count() - g0);
+    if launches != 7 * kept + 4 || gemms != 6 * kept {
+        return Err(format!(
+            "{kept} of {blocks} blocks ran: {launches} launches and {gemms} GEMMs, expected {} and {}",
+            7 * kept + 4,
+            6 * kept
+        ));
+    }
+    Ok(())
+}
+
+/// The GPU model computes what the CPU model computes: the first loss agrees to float rounding
+/// (different summation orders in the products), and after one step the parameters agree except
+/// where a gradient is so small that its sign differs (Adam's first step is lr * sign(g)).
+fn gpu_model_matches_cpu_model(h: &Handle) -> Result<(), String> {
+    let cfg = MlpConfig {
+        depth: None,
+        ..small(3, DroppedParams::Skip)
+    };
+    let mut g = Trainer::gpu(h, cfg.clone()).map_err(e)?;
+    let mut c = Trainer::cpu(cfg.clone()).map_err(e)?;
+    let (lg, lc) = (g.step(true).map_err(e)?, c.step(true).map_err(e)?);
+    if (lg - lc).abs() > 1e-4 * lc.abs() {
+        return Err(format!("first loss: gpu {lg} cpu {lc}"));
+    }
+    for i in 0..4 * cfg.blocks {
+        let gp = g.model.param(i).map_err(e)?;
+        let cp = c.model.param(i);
+        let off = gp
+            .iter()
+            .zip(cp)
+            .filter(|(a, b)| (**a - **b).abs() > 1e-5)
+            .count();
+        if off * 100 > gp.len() {
+            return Err(format!(
+                "tensor {i}: {off} of {} parameters differ after one step",
+                gp.len()
+            ));
+        }
+    }
+    let (lg, lc) = (g.step(true).map_err(e)?, c.step(true).map_err(e)?);
+    if (lg - lc).abs() > 1e-3 * lc.abs() {
+        return Err(format!("second loss: gpu {lg} cpu {lc}"));
+    }
+    Ok(())
+}
+
+fn gpu_training_reduces_the_loss(h: &Handle) -> Result<(), String> {
+    let mut t = Trainer::gpu(h, small(6, DroppedParams::Skip)).map_err(e)?;
+    let first = t.step(true).map_err(e)?;
+    let mut last = first;
+    for _ in 0..59 {
+        last = t.step(true).map_err(e)?;
+    }
+    if last.is_nan() || last >= 0.6 * first {
+        return Err(format!("loss {first} -> {last}: did not fall"));
+    }
+    Ok(())
+}
+
+/// Dropped blocks' tensors: with Skip every bit of parameters, moments and step counts stays;
+/// with ZeroGrad they take exactly the CPU reference's AdamW step with a zero gradient.
+fn dropped_block_parameters_skip_or_zero_grad(h: &Handle) -> Result<(), String> {
+    let blocks = 6;
+    for dropped in [DroppedParams::Skip, DroppedParams::ZeroGrad] {
+        let cfg = small(blocks, dropped);
+        let mut t = Trainer::gpu(h, cfg.clone()).map_err(e)?;
+        let all = StochasticDepth::new(Schedule::Constant(0.0), blocks, 0, Mode::Batch)
+            .unwrap()
+            .plan(0);
+        for s in 0..3 {
+            train_step(&mut t.model, &cfg, &all, s, false).map_err(e)?;
+        }
+        let (step, plan) = mixed_plan(blocks);
+        let set = t.model.set();
+        let read = |v: cudarc::driver::CudaView<'_, f32>| h.stream().clone_dtoh(&v).map_err(e);
+        let mut before = Vec::new();
+        for i in 0..4 * blocks {
+            let mut ct = CpuTensor::new(
+                read(set.param(i).map_err(e)?)?,
+                vec![0.0; set.layout().lens()[i] as usize],
+                set.weight_decay(i),
+            )
+            .map_err(e)?;
+            ct.m = read(set.exp_avg(i).map_err(e)?)?;
+            ct.v = read(set.exp_avg_sq(i).map_err(e)?)?;
+            ct.step = 3;
+            before.push(ct);
+        }
+        train_step(&mut t.model, &cfg, &plan, step, false).map_err(e)?;
+        let set = t.model.set();
+        for (i, b) in before.iter().enumerate() {
+            if plan.runs(i / 4) {
+                continue;
+            }
+            let (p, m) = (
+                read(set.param(i).map_err(e)?)?,
+                read(set.exp_avg(i).map_err(e)?)?,
+            );
+            let want = match dropped {
+                DroppedParams::Skip => b.clone(),
+                DroppedParams::ZeroGrad => {
+                    let mut w = vec![b.clone()];
+                    adamw_cpu::step(
+                        &mut w,
+                        &cfg.adamw,
+                        &adamw_cpu::StepInputs::new(cfg.adamw.lr),
+                        &[],
+                    )
+                    .map_err(e)?;
+                    w.pop().unwrap()
+                }
+            };
+            bits_eq(&format!("{dropped:?} tensor {i} param"), &p, &want.param)?;
+            bits_eq(&format!("{dropped:?} tensor {i} m"), &m, &want.m)?;
+        }
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod adamw;
 mod dropout_residual;
+mod mlp;
 
 use crate::Ctx;
 
@@ -9,5 +10,6 @@ use crate::Ctx;
 pub fn run_all(ctx: &mut Ctx) -> fusedreg::Result<()> {
     dropout_residual::run(ctx)?;
     adamw::run(ctx)?;
+    mlp::run(ctx)?;
     Ok(())
 }

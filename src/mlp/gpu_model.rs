@@ -1,0 +1,305 @@
+//! The residual MLP on the GPU: matrix products through cuBLAS, everything else fusedreg's
+//! kernels, all on the handle's stream, with no host sync inside a step (the loss is read only
+//! when asked for).
+
+use cudarc::driver::CudaSlice;
+
+use super::gpu::{self as k, Blas};
+use super::init::{host_init, BlockParams};
+use super::train::{Backend, MlpConfig};
+use crate::adamw::AdamW;
+use crate::dropout_residual::{self as dr, BackwardOptions, Config, ForwardOptions, Workspace};
+use crate::error::{Error, Result};
+use crate::global_norm::GlobalNorm;
+use crate::multi_tensor::TensorSet;
+use crate::Handle;
+
+const OP: &str = "mlp";
+
+/// The GPU model state.
+pub struct GpuMlp {
+    handle: Handle,
+    blas: Blas,
+    tokens: usize,
+    hidden: usize,
+    dropout: f64,
+    seed: u64,
+    /// W1, b1, W2, b2 of each block (parameters and gradients), registered once.
+    set: TensorSet,
+    opt: AdamW,
+    norm: GlobalNorm,
+    inputs: Vec<CudaSlice<f32>>,
+    targets: Vec<CudaSlice<f32>>,
+    batch: usize,
+    /// Activation slots 1..=blocks (slot 0 is the current input batch).
+    acts: Vec<CudaSlice<f32>>,
+    hpre: Vec<CudaSlice<f32>>,
+    a: Vec<CudaSlice<f32>>,
+    rowscale: Vec<CudaSlice<f32>>,
+    o: CudaSlice<f32>,
+    g: CudaSlice<f32>,
+    d_o: CudaSlice<f32>,
+    d_a: CudaSlice<f32>,
+    du: CudaSlice<f32>,
+    colsum_scratch: CudaSlice<f32>,
+    mse_partials: CudaSlice<f32>,
+    ws: Workspace,
+    skip: Vec<bool>,
+    gemms: u64,
+}
+
+fn t(l: usize, k: usize) -> usize {
+    MlpConfig::TENSORS_PER_BLOCK * l + k
+}
+
+impl GpuMlp {
+    pub(crate) fn new(handle: &Handle, cfg: &MlpConfig) -> Result<Self> {
+        let h = handle;
+        let s = h.stream();
+        let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver(OP));
+        let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver(OP));
+        let (n, hd) = (cfg.tokens * cfg.hidden, cfg.hidden);
+        let init = host_init(cfg);
+        let blas = Blas::new(h)?;
+
+        let inputs = init
+            .inputs
+            .iter()
+            .map(|x| up(x))
+            .collect::<Result<Vec<_>>>()?;
+        let mut targets = Vec::new();
+        {
+            let teacher: Vec<Vec<CudaSlice<f32>>> = init
+                .teacher
+                .iter()
+                .map(|p: &BlockParams| p.iter().map(|v| up(v)).collect::<Result<Vec<_>>>())
+                .collect::<Result<_>>()?;
+            let (mut hb, mut a, mut o) = (zeros(n)?, zeros(n)?, zeros(n)?);
+            let no_drop = Config::new(cfg.tokens, hd, 0.0, 0, 0)?;
+            for x in &inputs {
+                let mut y = s.clone_dtod(x).map_err(Error::driver(OP))?;
+                for p in &teacher {
+                    blas.linear_fwd(&y, &p[0], &mut hb, hd, hd)?;
+                    k::bias_gelu_fwd(h, &hb, &p[1], &mut a)?;
+                    blas.linear_fwd(&a, &p[2], &mut o, hd, hd)?;
+                    let opts = ForwardOptions {
+                        bias: Some(p[3].as_view()),
+                        ..Default::default()
+                    };
+                    dr::forward_inplace(h, &no_drop, &o, &mut y, opts)?;
+                }
+                targets.push(y);
+            }
+        }
+
+        let mut b = TensorSet::builder(h);
+        for block in &init.student {
+            for (kk, v) in block.iter().enumerate() {
+                let wd = if kk % 2 == 0 { cfg.weight_decay } else { 0.0 };
+                b.push::<f32, f32>(up(v)?, zeros(v.len())?, wd)?;
+            }
+        }
+        let set = b.build()?;
+        let opt = AdamW::new(&set, cfg.adamw)?;
+        let norm = GlobalNorm::new(&set, Some(cfg.max_norm))?;
+        let rowscale = match cfg.depth()? {
+            Some(sd) => sd
+                .rates()
+                .iter()
+                .map(|r| up(&vec![r.scale(); cfg.tokens]))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let many = |count: usize| (0..count).map(|_| zeros(n)).collect::<Result<Vec<_>>>();
+        Ok(GpuMlp {
+            handle: h.clone(),
+            blas,
+            tokens: cfg.tokens,
+            hidden: hd,
+            dropout: cfg.dropout,
+            seed: cfg.seed,
+            opt,
+            norm,
+            inputs,
+            targets,
+            batch: 0,
+            acts: many(cfg.blocks + 1)?,
+            hpre: many(cfg.blocks)?,
+            a: many(cfg.blocks)?,
+            rowscale,
+            o: zeros(n)?,
+            g: zeros(n)?,
+            d_o: zeros(n)?,
+            d_a: zeros(n)?,
+            du: zeros(n)?,
+            colsum_scratch: zeros(k::colsum_scratch_len(cfg.tokens, hd))?,
+            mse_partials: zeros(k::mse_scratch_len(n))?,
+            ws: Workspace::new(),
+            skip: vec![false; set.len()],
+            set,
+            gemms: 0,
+        })
+    }
+
+    fn dropout_config(&self, call: u64) -> Result<Config> {
+        Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)
+    }
+
+    /// cuBLAS products issued so far (fusedreg's own kernels are counted by
+    /// [`Handle::launch_count`]).
+    pub fn gemm_count(&self) -> u64 {
+        self.gemms
+    }
+
+    /// The parameters of optimizer tensor `i`, copied to the host.
+    pub fn param(&self, i: usize) -> Result<Vec<f32>> {
+        let v = self.set.param::<f32>(i)?;
+        self.handle
+            .stream()
+            .clone_dtoh(&v)
+            .map_err(Error::driver(OP))
+    }
+
+    /// The handle the model runs on.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The optimizer's tensor set (W1, b1, W2, b2 of each block: parameters, gradients and
+    /// AdamW state).
+    pub fn set(&self) -> &TensorSet {
+        &self.set
+    }
+}
+
+impl Backend for GpuMlp {
+    fn begin(&mut self, batch: usize) -> Result<()> {
+        self.batch = batch;
+        Ok(())
+    }
+
+    fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        let hd = self.hidden;
+        let cfg = self.dropout_config(call)?;
+        let (lo, hi) = self.acts.split_at_mut(l + 1);
+        let x = if input == 0 {
+            &self.inputs[self.batch]
+        } else {
+            &lo[input]
+        };
+        let set = &self.set;
+        self.blas
+            .linear_fwd(x, &set.param::<f32>(t(l, 0))?, &mut self.hpre[l], hd, hd)?;
+        k::bias_gelu_fwd(
+            &self.handle,
+            &self.hpre[l],
+            &set.param::<f32>(t(l, 1))?,
+            &mut self.a[l],
+        )?;
+        self.blas
+            .linear_fwd(&self.a[l], &set.param::<f32>(t(l, 2))?, &mut self.o, hd, hd)?;
+        self.gemms += 2;
+        let opts = ForwardOptions {
+            bias: Some(set.param::<f32>(t(l, 3))?),
+            rowscale: scale.then(|| self.rowscale[l].as_view()),
+            ..Default::default()
+        };
+        dr::forward(&self.handle, &cfg, &self.o, x, &mut hi[0], opts)
+    }
+
+    fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
+        let y = if output == 0 {
+            &self.inputs[batch]
+        } else {
+            &self.acts[output]
+        };
+        k::mse_grad(
+            &self.handle,
+            y,
+            &self.targets[batch],
+            &mut self.g,
+            &mut self.mse_partials,
+        )?;
+        if want_loss {
+            k::mse_from_partials(&self.handle, &self.mse_partials, self.tokens * self.hidden)
+        } else {
+            Ok(f64::NAN)
+        }
+    }
+
+    fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        let (hd, h) = (self.hidden, &self.handle);
+        let cfg = self.dropout_config(call)?;
+        let x = if input == 0 {
+            &self.inputs[self.batch]
+        } else {
+            &self.acts[input]
+        };
+        let set = &mut self.set;
+        let opts = BackwardOptions {
+            rowscale: scale.then(|| self.rowscale[l].as_view()),
+            dbias: Some(set.grad_mut::<f32>(t(l, 3))?),
+            workspace: Some(&mut self.ws),
+            ..Default::default()
+        };
+        dr::backward(h, &cfg, &self.g, &mut self.d_o, opts)?;
+        self.blas.linear_bwd_weight(
+            &self.d_o,
+            &self.a[l],
+            &mut set.grad_mut::<f32>(t(l, 2))?,
+            hd,
+            hd,
+        )?;
+        self.blas.linear_bwd_input(
+            &self.d_o,
+            &set.param::<f32>(t(l, 2))?,
+            &mut self.d_a,
+            hd,
+            hd,
+            false,
+        )?;
+        k::bias_gelu_bwd(
+            h,
+            &self.hpre[l],
+            &set.param::<f32>(t(l, 1))?,
+            &self.d_a,
+            &mut self.du,
+        )?;
+        k::colsum(
+            h,
+            &self.du,
+            self.tokens,
+            &mut self.colsum_scratch,
+            &mut set.grad_mut::<f32>(t(l, 1))?,
+        )?;
+        self.blas
+            .linear_bwd_weight(&self.du, x, &mut set.grad_mut::<f32>(t(l, 0))?, hd, hd)?;
+        self.blas.linear_bwd_input(
+            &self.du,
+            &set.param::<f32>(t(l, 0))?,
+            &mut self.g,
+            hd,
+            hd,
+            true,
+        )?;
+        self.gemms += 4;
+        Ok(())
+    }
+
+    fn zero_grads(&mut self, l: usize) -> Result<()> {
+        let stream = self.handle.stream().clone();
+        for kk in 0..MlpConfig::TENSORS_PER_BLOCK {
+            let mut g = self.set.grad_mut::<f32>(t(l, kk))?;
+            stream.memset_zeros(&mut g).map_err(Error::driver(OP))?;
+        }
+        Ok(())
+    }
+
+    fn optimizer_step(&mut self, skip: &[bool]) -> Result<()> {
+        if skip != self.skip.as_slice() {
+            self.set.set_skip(skip)?;
+            self.skip = skip.to_vec();
+        }
+        self.opt.clip_and_step(&mut self.set, &mut self.norm)
+    }
+}

@@ -1,0 +1,273 @@
+//! Training the residual MLP: the configuration, the step every backend shares, and the plan
+//! logic that keeps dropped blocks from launching anything.
+//!
+//! One step on batch `b` under a stochastic-depth plan:
+//!
+//! 1. forward: for each block that runs, `x_out = x_in + s_l * dropout(W2 gelu(W1 x_in + b1) + b2)`
+//!    (4 ops; `s_l = 1 / (1 - p_l)` is folded into the fused residual add as its row scale);
+//!    a dropped block does nothing at all — its output *is* its input;
+//! 2. the MSE loss against the teacher's output and its gradient;
+//! 3. backward through the blocks that ran, in reverse (the residual path passes the gradient
+//!    through unchanged: `dresidual = dy`, no copy);
+//! 4. global-norm clipping + AdamW in one multi-tensor pass, with the parameters of dropped blocks
+//!    skipped ([`DroppedParams::Skip`]) or stepped with a zero gradient
+//!    ([`DroppedParams::ZeroGrad`]).
+
+use super::cpu_model::CpuMlp;
+use super::gpu_model::GpuMlp;
+use crate::adamw::AdamWConfig;
+use crate::error::{Error, Result};
+use crate::stochastic_depth::{Mode, Plan, Schedule, StochasticDepth};
+use crate::Handle;
+
+/// What happens to the parameters of a block dropped this step (they got no gradient).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DroppedParams {
+    /// Skip them in the optimizer: parameters, moments and step counts stay as they were, and
+    /// they are left out of the gradient norm (no momentum drift; tensorflow/addons #2032).
+    Skip,
+    /// Step them with a zero gradient: the moments decay and momentum keeps moving them.
+    ZeroGrad,
+}
+
+/// The model and its training hyperparameters.
+#[derive(Clone, Debug)]
+pub struct MlpConfig {
+    /// Residual blocks of the student.
+    pub blocks: usize,
+    /// Hidden size (inputs, outputs and the inner layer).
+    pub hidden: usize,
+    /// Tokens (rows) per step.
+    pub tokens: usize,
+    /// Residual blocks of the fixed random teacher whose outputs are the targets.
+    pub teacher_blocks: usize,
+    /// Distinct batches of synthetic inputs, cycled through.
+    pub batches: usize,
+    /// Dropout probability inside every block's residual add.
+    pub dropout: f64,
+    /// Stochastic depth (batch mode: dropped blocks launch nothing), or none.
+    pub depth: Option<Schedule>,
+    /// What the optimizer does with dropped blocks' parameters.
+    pub dropped: DroppedParams,
+    /// AdamW hyperparameters.
+    pub adamw: AdamWConfig,
+    /// Decoupled weight decay of the weight matrices (the biases get none).
+    pub weight_decay: f32,
+    /// Global-norm clipping threshold.
+    pub max_norm: f32,
+    /// Seed of the data, the initialization, dropout and the stochastic-depth plans.
+    pub seed: u64,
+}
+
+impl MlpConfig {
+    /// The GPU-sized run of the example: 24 blocks, hidden 1024, 4096 tokens per step,
+    /// stochastic depth with a linear schedule to 0.5.
+    pub fn gpu() -> Self {
+        MlpConfig {
+            blocks: 24,
+            hidden: 1024,
+            tokens: 4096,
+            teacher_blocks: 2,
+            batches: 8,
+            dropout: 0.1,
+            depth: Some(Schedule::linear(0.5)),
+            dropped: DroppedParams::Skip,
+            adamw: AdamWConfig {
+                lr: 1e-3,
+                ..AdamWConfig::default()
+            },
+            weight_decay: 0.01,
+            max_norm: 1.0,
+            seed: 2024,
+        }
+    }
+
+    /// A size the CPU reference trains in seconds: 6 blocks, hidden 48, 96 tokens.
+    pub fn cpu() -> Self {
+        MlpConfig {
+            blocks: 6,
+            hidden: 48,
+            tokens: 96,
+            batches: 4,
+            adamw: AdamWConfig {
+                lr: 3e-3,
+                ..AdamWConfig::default()
+            },
+            ..Self::gpu()
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let op = "mlp";
+        if self.blocks == 0 || self.hidden == 0 || self.tokens == 0 || self.batches == 0 {
+            return Err(Error::invalid(
+                op,
+                "blocks, hidden, tokens and batches must be > 0",
+            ));
+        }
+        if self.hidden > i32::MAX as usize / self.tokens.max(self.hidden) {
+            return Err(Error::invalid(
+                op,
+                "hidden x tokens exceeds cuBLAS's 32-bit sizes",
+            ));
+        }
+        crate::philox::DropRate::checked(op, self.dropout)?;
+        crate::global_norm::check_max_norm(Some(self.max_norm))?;
+        self.adamw.validate()
+    }
+
+    /// The stochastic-depth schedule in effect (batch mode), if any.
+    pub(crate) fn depth(&self) -> Result<Option<StochasticDepth>> {
+        self.depth
+            .clone()
+            .map(|s| StochasticDepth::new(s, self.blocks, self.seed ^ 0x5eed, Mode::Batch))
+            .transpose()
+    }
+
+    /// Optimizer tensors per block: W1, b1, W2, b2.
+    pub(crate) const TENSORS_PER_BLOCK: usize = 4;
+
+    /// The block owning each optimizer tensor.
+    pub(crate) fn owners(&self) -> Vec<Option<usize>> {
+        (0..self.blocks * Self::TENSORS_PER_BLOCK)
+            .map(|i| Some(i / Self::TENSORS_PER_BLOCK))
+            .collect()
+    }
+}
+
+/// The operations one training step is made of; the CPU reference and the GPU implement them.
+pub trait Backend {
+    /// Loads batch `batch` as the input of block 0.
+    fn begin(&mut self, batch: usize) -> Result<()>;
+    /// Runs block `l` from activation slot `input` into slot `l + 1`. With `scale` the block's
+    /// stochastic-depth residual scale `1 / (1 - p_l)` is applied as the fused op's row scale;
+    /// `call` keys its dropout mask.
+    fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()>;
+    /// MSE of activation slot `output` against the batch's targets; writes the gradient into
+    /// the running gradient. Returns the loss when `want_loss` (the GPU then syncs), else NaN.
+    fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64>;
+    /// Backward of block `l` (whose input was slot `input`): its parameter gradients, and the
+    /// running gradient updated in place.
+    fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()>;
+    /// Zeroes the gradients of block `l`'s parameters ([`DroppedParams::ZeroGrad`]).
+    fn zero_grads(&mut self, l: usize) -> Result<()>;
+    /// Clip + AdamW over every parameter; `skip` has one flag per optimizer tensor.
+    fn optimizer_step(&mut self, skip: &[bool]) -> Result<()>;
+}
+
+/// The plan for `step` (every block runs without stochastic depth).
+pub(crate) fn plan_for(depth: &Option<StochasticDepth>, blocks: usize, step: u64) -> Plan {
+    match depth {
+        Some(sd) => sd.plan(step),
+        None => StochasticDepth::new(Schedule::Constant(0.0), blocks, 0, Mode::Batch)
+            .expect("a constant-0 schedule is valid")
+            .eval_plan(),
+    }
+}
+
+/// The dropout call id of block `l` at `step` (distinct for every pair).
+pub(crate) fn dropout_call(step: u64, l: usize) -> u64 {
+    (step << 16) | l as u64
+}
+
+/// One training step of `model` on `batch` under `plan`. Returns the loss if `want_loss`.
+pub fn train_step<B: Backend>(
+    model: &mut B,
+    cfg: &MlpConfig,
+    plan: &Plan,
+    step: u64,
+    want_loss: bool,
+) -> Result<f64> {
+    let batch = (step % cfg.batches as u64) as usize;
+    let scaled = cfg.depth.is_some();
+    model.begin(batch)?;
+    // Activation slot of each block's input: a dropped block's output is its input.
+    let mut input = vec![0usize; cfg.blocks + 1];
+    for l in 0..cfg.blocks {
+        if plan.runs(l) {
+            model.forward_block(l, input[l], dropout_call(step, l), scaled)?;
+            input[l + 1] = l + 1;
+        } else {
+            input[l + 1] = input[l];
+        }
+    }
+    let loss = model.loss(input[cfg.blocks], batch, want_loss)?;
+    for l in (0..cfg.blocks).rev() {
+        if plan.runs(l) {
+            model.backward_block(l, input[l], dropout_call(step, l), scaled)?;
+        } else if cfg.dropped == DroppedParams::ZeroGrad {
+            model.zero_grads(l)?;
+        }
+    }
+    let skip = match cfg.dropped {
+        DroppedParams::Skip => plan.skip_flags(&cfg.owners()),
+        DroppedParams::ZeroGrad => vec![false; cfg.blocks * MlpConfig::TENSORS_PER_BLOCK],
+    };
+    model.optimizer_step(&skip)?;
+    Ok(loss)
+}
+
+/// A model, its training configuration and its stochastic-depth schedule.
+pub struct Trainer<B: Backend> {
+    /// The backend's model state.
+    pub model: B,
+    /// The configuration it was built with.
+    pub config: MlpConfig,
+    depth: Option<StochasticDepth>,
+    step: u64,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// The plan of the next step.
+    pub fn next_plan(&self) -> Plan {
+        plan_for(&self.depth, self.config.blocks, self.step)
+    }
+
+    /// Runs one step; returns the loss when `want_loss`.
+    pub fn step(&mut self, want_loss: bool) -> Result<f64> {
+        let plan = self.next_plan();
+        let loss = train_step(&mut self.model, &self.config, &plan, self.step, want_loss)?;
+        self.step += 1;
+        Ok(loss)
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+}
+
+impl Trainer<CpuMlp> {
+    /// A trainer on the CPU reference implementations.
+    ///
+    /// ```
+    /// use fusedreg::mlp::train::{MlpConfig, Trainer};
+    /// let mut cfg = MlpConfig::cpu();
+    /// cfg.blocks = 2;
+    /// let mut t = Trainer::cpu(cfg).unwrap();
+    /// let first = t.step(true).unwrap();
+    /// assert!(first.is_finite());
+    /// ```
+    pub fn cpu(config: MlpConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Trainer {
+            model: CpuMlp::new(&config)?,
+            depth: config.depth()?,
+            config,
+            step: 0,
+        })
+    }
+}
+
+impl Trainer<GpuMlp> {
+    /// A trainer on the GPU (fusedreg's kernels and cuBLAS).
+    pub fn gpu(handle: &Handle, config: MlpConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Trainer {
+            model: GpuMlp::new(handle, &config)?,
+            depth: config.depth()?,
+            config,
+            step: 0,
+        })
+    }
+}

@@ -1,0 +1,160 @@
+//! The end-to-end residual MLP on the CPU reference ops (the CPU run of the `train_mlp`
+//! example), and the training loop's handling of stochastic-depth plans.
+
+use fusedreg::adamw;
+use fusedreg::mlp::{train_step, Backend, DroppedParams, MlpConfig, Trainer};
+use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+use fusedreg::Result;
+
+#[test]
+fn cpu_training_reduces_the_loss() {
+    let mut t = Trainer::cpu(MlpConfig::cpu()).unwrap();
+    let first = t.step(true).unwrap();
+    let mut last = first;
+    for _ in 0..59 {
+        last = t.step(true).unwrap();
+    }
+    assert!(first.is_finite() && last.is_finite());
+    assert!(last < 0.6 * first, "loss {first} -> {last}: did not fall");
+}
+
+/// Records what the loop asked of the model.
+#[derive(Default)]
+struct Recorder {
+    forward: Vec<usize>,
+    backward: Vec<usize>,
+    zeroed: Vec<usize>,
+    skip: Vec<bool>,
+    inputs: Vec<(usize, usize)>,
+}
+
+impl Backend for Recorder {
+    fn begin(&mut self, _batch: usize) -> Result<()> {
+        Ok(())
+    }
+    fn forward_block(&mut self, l: usize, input: usize, _call: u64, _scale: bool) -> Result<()> {
+        self.forward.push(l);
+        self.inputs.push((l, input));
+        Ok(())
+    }
+    fn loss(&mut self, _output: usize, _batch: usize, _want: bool) -> Result<f64> {
+        Ok(0.0)
+    }
+    fn backward_block(&mut self, l: usize, input: usize, _call: u64, _scale: bool) -> Result<()> {
+        self.backward.push(l);
+        assert!(
+            self.inputs.contains(&(l, input)),
+            "backward of block {l} with another input"
+        );
+        Ok(())
+    }
+    fn zero_grads(&mut self, l: usize) -> Result<()> {
+        self.zeroed.push(l);
+        Ok(())
+    }
+    fn optimizer_step(&mut self, skip: &[bool]) -> Result<()> {
+        self.skip = skip.to_vec();
+        Ok(())
+    }
+}
+
+#[test]
+fn dropped_blocks_get_no_work_forward_or_backward() {
+    let blocks = 12;
+    let sd = StochasticDepth::new(Schedule::Constant(0.5), blocks, 3, Mode::Batch).unwrap();
+    let plan = sd.plan(4);
+    let kept: Vec<usize> = (0..blocks).filter(|&l| plan.runs(l)).collect();
+    assert!(
+        !kept.is_empty() && kept.len() < blocks,
+        "pick a plan with both kinds of block"
+    );
+    for dropped in [DroppedParams::Skip, DroppedParams::ZeroGrad] {
+        let cfg = MlpConfig {
+            blocks,
+            depth: Some(Schedule::Constant(0.5)),
+            dropped,
+            ..MlpConfig::cpu()
+        };
+        let mut r = Recorder::default();
+        train_step(&mut r, &cfg, &plan, 4, false).unwrap();
+        assert_eq!(r.forward, kept);
+        let mut back = kept.clone();
+        back.reverse();
+        assert_eq!(r.backward, back);
+        // A block's input is the output of the last block before it that ran.
+        for &(l, input) in &r.inputs {
+            let want = (0..l).rev().find(|&j| plan.runs(j)).map_or(0, |j| j + 1);
+            assert_eq!(input, want, "block {l}");
+        }
+        let dropped_blocks: Vec<usize> = (0..blocks).rev().filter(|&l| !plan.runs(l)).collect();
+        match dropped {
+            DroppedParams::Skip => {
+                assert!(r.zeroed.is_empty());
+                for (i, &s) in r.skip.iter().enumerate() {
+                    assert_eq!(s, !plan.runs(i / 4), "tensor {i}");
+                }
+            }
+            DroppedParams::ZeroGrad => {
+                assert_eq!(r.zeroed, dropped_blocks);
+                assert!(r.skip.iter().all(|&s| !s));
+            }
+        }
+    }
+}
+
+/// On the CPU reference: skipped blocks keep every parameter bit; zero-gradient blocks move
+/// (momentum from earlier steps) exactly as AdamW with g = 0.
+#[test]
+fn skip_and_zero_grad_on_the_cpu_reference() {
+    let blocks = 4;
+    for dropped in [DroppedParams::Skip, DroppedParams::ZeroGrad] {
+        let cfg = MlpConfig {
+            blocks,
+            depth: Some(Schedule::Constant(0.5)),
+            dropped,
+            ..MlpConfig::cpu()
+        };
+        let mut t = Trainer::cpu(cfg.clone()).unwrap();
+        // A few steps with everything running build up momentum.
+        let all = StochasticDepth::new(Schedule::Constant(0.0), blocks, 0, Mode::Batch)
+            .unwrap()
+            .plan(0);
+        for s in 0..3 {
+            train_step(&mut t.model, &cfg, &all, s, false).unwrap();
+        }
+        let sd = StochasticDepth::new(Schedule::Constant(0.5), blocks, 11, Mode::Batch).unwrap();
+        let plan = (3..100)
+            .map(|s| sd.plan(s))
+            .find(|p| p.running() > 0 && p.running() < blocks)
+            .unwrap();
+        let before: Vec<Vec<f32>> = (0..4 * blocks).map(|i| t.model.param(i).to_vec()).collect();
+        let states = t.model.tensors().to_vec();
+        train_step(&mut t.model, &cfg, &plan, 3, false).unwrap();
+        for i in 0..4 * blocks {
+            let same = t.model.param(i) == before[i].as_slice();
+            let runs = plan.runs(i / 4);
+            match (dropped, runs) {
+                (_, true) => assert!(
+                    !same,
+                    "{dropped:?}: tensor {i} of a kept block did not move"
+                ),
+                (DroppedParams::Skip, false) => assert!(same, "skipped tensor {i} moved"),
+                (DroppedParams::ZeroGrad, false) => {
+                    // Exactly one AdamW step with a zero gradient, from the state before.
+                    let mut want = vec![states[i].clone()];
+                    want[0].grad.fill(0.0);
+                    adamw::cpu::step(
+                        &mut want,
+                        &cfg.adamw,
+                        &adamw::cpu::StepInputs::new(cfg.adamw.lr),
+                        &[],
+                    )
+                    .unwrap();
+                    assert!(!same, "zero-grad tensor {i} did not move");
+                    assert_eq!(t.model.param(i), want[0].param.as_slice(), "tensor {i}");
+                    assert_eq!(t.model.tensors()[i].m, want[0].m, "tensor {i} m");
+                }
+            }
+        }
+    }
+}
