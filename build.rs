@@ -190,7 +190,9 @@ fn compile_one(
     let fatbin = out.join(format!("{stem}.fatbin"));
 
     let mut cmd = Command::new(nvcc);
+    // Compressed fatbins (the driver inflates them at module load) keep binaries small.
     cmd.args(["-fatbin", "-std=c++17", "-O3", "-lineinfo", "--fmad=false"])
+        .arg("-Xfatbin=-compress-all")
         .args(["--resource-usage", "--keep", "--keep-dir"])
         .arg(&keep)
         .arg("-I")

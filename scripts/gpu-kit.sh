@@ -38,7 +38,7 @@ mkdir -p "$kit/bin"
   cargo build --release --bins --examples --message-format=json 2>/dev/null
 } | list_executables | sort -u -k1,1 | while read -r name path; do
   cp "$path" "$kit/bin/$name"
-  strip --strip-debug "$kit/bin/$name" 2>/dev/null || true
+  strip --strip-all "$kit/bin/$name" 2>/dev/null || true
 done
 cp "$root/scripts/gpu-run.sh" "$kit/run.sh"
 [ -f "$root/benches/compare_torch.py" ] && cp "$root/benches/compare_torch.py" "$kit/"

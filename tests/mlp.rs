@@ -158,3 +158,22 @@ fn skip_and_zero_grad_on_the_cpu_reference() {
         }
     }
 }
+
+/// The configuration the GPU test trains (tests/gpu/mlp.rs), on the CPU: the loss falls enough.
+#[test]
+fn gpu_test_configuration_learns_on_the_cpu() {
+    let cfg = MlpConfig {
+        blocks: 6,
+        hidden: 64,
+        tokens: 128,
+        depth: Some(Schedule::linear(0.5)),
+        ..MlpConfig::cpu()
+    };
+    let mut t = Trainer::cpu(cfg).unwrap();
+    let first = t.step(true).unwrap();
+    let mut last = first;
+    for _ in 0..59 {
+        last = t.step(true).unwrap();
+    }
+    assert!(last < 0.6 * first, "loss {first} -> {last}");
+}
