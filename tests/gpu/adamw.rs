@@ -28,6 +28,10 @@ pub fn trials() -> Vec<Trial> {
             ),
             ("clip_and_step_below_and_above_max_norm", clip_and_step),
             (
+                "clip_and_step_captured_in_a_cuda_graph",
+                clip_and_step_in_a_graph,
+            ),
+            (
                 "nonfinite_gradient_changes_nothing",
                 nonfinite_changes_nothing,
             ),
@@ -311,6 +315,47 @@ fn clip_and_step(h: &Handle) -> Result<(), String> {
         )
         .map_err(e)?;
         compare(h, &set, &ts, &format!("clip step {s}"))?;
+    }
+    Ok(())
+}
+
+/// The whole clipped step needs no host sync: it captures into a CUDA graph, and each replay
+/// (with new gradients copied in between) is one more step, bit-exact with the CPU reference.
+fn clip_and_step_in_a_graph(h: &Handle) -> Result<(), String> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let mut ts = cpu_tensors::<f32, f32>(40, &[0, 278_011, 65_537, 0, 33]);
+    let mut set = build(h, &ts)?;
+    let cfg = AdamWConfig::default();
+    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
+    let max_norm = ncpu::norm_f64(&grads) as f32 * 0.5;
+    let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
+    let s = h.stream();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(e)?;
+    let captured = opt.clip_and_step(&mut set, &mut norm);
+    let graph = s.end_capture(CUgraphInstantiate_flags(0)).map_err(e)?;
+    captured.map_err(|x| format!("clip_and_step during capture: {x}"))?;
+    let graph = graph.ok_or("the capture recorded nothing")?;
+    for step in 0..3 {
+        new_grads(&mut ts, 700 + step);
+        write_grads(h, &mut set, &ts)?;
+        graph.launch().map_err(e)?;
+        let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
+        let want = ncpu::global_norm(&grads, Some(max_norm), 1.0).map_err(e)?;
+        values_eq(
+            &format!("replay {step} norm"),
+            &norm.read().map_err(e)?,
+            &want,
+        )?;
+        cpu::step(
+            &mut ts,
+            &cfg,
+            &cpu::StepInputs::from_norm(cfg.lr, &want),
+            &[],
+        )
+        .map_err(e)?;
+        compare(h, &set, &ts, &format!("graph replay {step}"))?;
     }
     Ok(())
 }

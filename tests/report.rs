@@ -1,0 +1,128 @@
+//! The benchmark report: the minimal-bytes formulas against REFERENCE.md, the JSON schema, and
+//! the `fusedreg-bench` binary run end to end on the CPU.
+
+use fusedreg::adamw::{clip_step_min_bytes, min_bytes};
+use fusedreg::dropout_residual::{
+    fused_backward_bytes, fused_forward_bytes, unfused_backward_bytes, unfused_forward_bytes,
+};
+use fusedreg::global_norm::{norm_min_bytes, scale_min_bytes};
+use fusedreg::report::{Measurement, Report, Row, SCHEMA};
+use fusedreg::DtypeKind::{Bf16, F32};
+
+/// Bytes per element (per parameter) of every op, as tabulated in REFERENCE.md §2 and §5.
+#[test]
+fn bytes_per_element_match_the_reference_tables() {
+    let n = 1 << 20;
+    let per = |b: u64| b as f64 / n as f64;
+    // §2 forward: unfused 15 / 29, fused with a 1-bit mask 6.125 / 12.125, regenerated 6 / 12.
+    assert_eq!(per(unfused_forward_bytes(Bf16, n, true)), 15.0);
+    assert_eq!(per(unfused_forward_bytes(F32, n, true)), 29.0);
+    assert_eq!(per(fused_forward_bytes(Bf16, n, true)), 6.125);
+    assert_eq!(per(fused_forward_bytes(F32, n, true)), 12.125);
+    assert_eq!(per(fused_forward_bytes(Bf16, n, false)), 6.0);
+    assert_eq!(per(fused_forward_bytes(F32, n, false)), 12.0);
+    // §2 backward: unfused 7 / 13, fused (mask regenerated, dbias partials in the pass) 4 / 8.
+    assert_eq!(per(unfused_backward_bytes(Bf16, n, true)), 7.0);
+    assert_eq!(per(unfused_backward_bytes(F32, n, true)), 13.0);
+    assert_eq!(per(fused_backward_bytes(Bf16, n, false)), 4.0);
+    assert_eq!(per(fused_backward_bytes(F32, n, false)), 8.0);
+    // §5: AdamW 28 B/param in both layouts; norm 2 / 4; in-place scale 4 / 8.
+    assert_eq!(per(min_bytes(n, F32, F32)), 28.0);
+    assert_eq!(per(min_bytes(n, Bf16, Bf16)), 28.0);
+    assert_eq!(per(norm_min_bytes(n, Bf16)), 2.0);
+    assert_eq!(per(norm_min_bytes(n, F32)), 4.0);
+    assert_eq!(per(scale_min_bytes(n, Bf16)), 4.0);
+    assert_eq!(per(scale_min_bytes(n, F32)), 8.0);
+    // The fused clip + step reads the gradients once more than AdamW alone.
+    assert_eq!(per(clip_step_min_bytes(n, F32, F32)), 32.0);
+}
+
+#[test]
+fn json_round_trips_and_names_its_schema() {
+    let mut r = Report::new_cpu(true);
+    r.no_device_reason = Some("test".into());
+    r.push(
+        Row::new(
+            "op",
+            "f32 2^10",
+            1024,
+            Measurement::new(0.5, 8192.0).launches(1),
+        )
+        .with_unfused(Measurement::new(1.0, 8192.0).launches(3))
+        .held(0, 1024)
+        .note("n"),
+    );
+    let text = r.to_json();
+    let back: Report = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, r);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["schema"], SCHEMA);
+    for key in [
+        "crate_version",
+        "commit",
+        "date_utc",
+        "mode",
+        "quick",
+        "kernels",
+        "device",
+        "copy",
+        "rows",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    let row = &v["rows"][0];
+    assert_eq!(row["speedup"], 2.0);
+    for key in [
+        "ms",
+        "bytes",
+        "gbps",
+        "frac_copy",
+        "launches_per_step",
+        "host_us_per_step",
+    ] {
+        assert!(row["fused"].get(key).is_some(), "row.fused missing {key}");
+    }
+    assert!(r.to_svg().starts_with("<svg"));
+}
+
+/// The main job on the CPU: it prints the no-device line and the table, and writes the files.
+#[test]
+fn bench_binary_runs_on_the_cpu_and_writes_its_files() {
+    let dir = std::env::temp_dir().join(format!("fusedreg-report-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fusedreg-bench"))
+        .args(["--cpu", "--quick", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("NO CUDA DEVICE FOUND"), "{stdout}");
+    for op in [
+        "dropout_residual fwd",
+        "dropout_residual bwd",
+        "global_norm",
+        "adamw",
+        "clip+adamw",
+        "train step",
+    ] {
+        assert!(stdout.contains(op), "no {op} row in\n{stdout}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["schema"], SCHEMA);
+    assert_eq!(json["mode"], "cpu");
+    let rows = json["rows"].as_array().unwrap();
+    assert!(rows.len() >= 6);
+    for row in rows {
+        assert!(row["fused"]["ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert!(std::fs::read_to_string(dir.join("report.svg"))
+        .unwrap()
+        .contains("</svg>"));
+    assert!(dir.join("report.txt").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
