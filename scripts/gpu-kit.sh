@@ -3,7 +3,7 @@
 # here, and packs them with a runner into .gpu/ (git-ignored). Copy that folder to an x86-64
 # machine with an NVIDIA driver (no Rust, no network needed) and run:
 #
-#   .gpu/run.sh OUTDIR [--sanitize] [--bench] [--quick] [--torch]
+#   .gpu/run.sh OUTDIR [--sanitize] [--bench] [--criterion] [--quick] [--torch]
 #
 # tests run with FUSEDREG_REQUIRE_GPU=1 (a missing GPU fails them); --sanitize repeats the GPU
 # tests under compute-sanitizer memcheck, racecheck, initcheck and synccheck; --bench runs the

@@ -5,14 +5,15 @@
 # run failed.
 set -uo pipefail
 kit=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: run.sh OUTDIR [--sanitize] [--bench] [--quick] [--torch]}
+out=${1:?usage: run.sh OUTDIR [--sanitize] [--bench] [--criterion] [--quick] [--torch]}
 shift
 mkdir -p "$out"
-sanitize=0 bench=0 quick="" torch=0
+sanitize=0 bench=0 criterion=0 quick="" torch=0
 for a in "$@"; do
   case $a in
     --sanitize) sanitize=1 ;;
     --bench) bench=1 ;;
+    --criterion) criterion=1 ;;
     --quick) quick=--quick ;;
     --torch) torch=1 ;;
     *) echo "unknown option $a"; exit 2 ;;
@@ -55,11 +56,17 @@ if [ $sanitize -eq 1 ]; then
   done
 fi
 
-# 3. Benchmarks: the report, then the criterion benches.
+# 3. Benchmarks: the report (--bench), the example's training run and its stochastic-depth
+# benchmark, then the criterion benches (--criterion).
 if [ $bench -eq 1 ]; then
-  if [ -x "$kit/bin/bin-fusedreg-bench" ]; then
-    "$kit/bin/bin-fusedreg-bench" $quick --out "$out/report" 2>&1 | tee "$out/report.log"
+  "$kit/bin/bin-fusedreg-bench" $quick --out "$out/report" 2>&1 | tee "$out/report.log"
+  if [ -x "$kit/bin/example-train_mlp" ]; then
+    "$kit/bin/example-train_mlp" --steps 200 >"$out/train_mlp.log" 2>&1
+    "$kit/bin/example-train_mlp" --bench >>"$out/train_mlp.log" 2>&1
+    note "train_mlp: rc=$? $(tail -1 "$out/train_mlp.log")"
   fi
+fi
+if [ $criterion -eq 1 ]; then
   export CRITERION_HOME="$out/criterion"
   for b in "$kit"/bin/bench-*; do
     [ -e "$b" ] || continue
