@@ -60,7 +60,8 @@ def gpt2_shapes():
 
 
 def llama1b_shapes():
-    d, layers, ff, v = 2048, 16, 8192, 32000
+    # The same list as fusedreg's report (src/report/models.rs): 147 tensors, 0.95B parameters.
+    d, layers, ff, v = 2048, 16, 5632, 32000
     shapes = [(v, d)]
     for _ in range(layers):
         shapes += [(d,), (d, d), (d, d), (d, d), (d, d), (d,), (ff, d), (ff, d), (d, ff)]

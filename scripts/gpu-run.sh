@@ -20,6 +20,7 @@ for a in "$@"; do
   esac
 done
 export FUSEDREG_REQUIRE_GPU=1
+export FUSEDREG_BENCH_BIN="$kit/bin/bin-fusedreg-bench"
 export FUSEDREG_COMMIT="$(head -1 "$kit/COMMIT")$(sed -n 2p "$kit/COMMIT" | grep -q . && echo -dirty)"
 status=0
 summary="$out/summary.txt"

@@ -86,10 +86,14 @@ fn json_round_trips_and_names_its_schema() {
 }
 
 /// The main job on the CPU: it prints the no-device line and the table, and writes the files.
+/// (`FUSEDREG_BENCH_BIN` points at the binary when the test runs outside cargo, as in the GPU
+/// run kit.)
 #[test]
 fn bench_binary_runs_on_the_cpu_and_writes_its_files() {
     let dir = std::env::temp_dir().join(format!("fusedreg-report-{}", std::process::id()));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fusedreg-bench"))
+    let bin = std::env::var("FUSEDREG_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fusedreg-bench").to_string());
+    let out = std::process::Command::new(bin)
         .args(["--cpu", "--quick", "--out"])
         .arg(&dir)
         .output()
