@@ -40,6 +40,18 @@ fn bytes(b: Option<u64>) -> String {
     }
 }
 
+/// Host microseconds to enqueue a step (measured without waiting for the GPU, so a step
+/// whose launches overrun the driver's queue shows the GPU time instead).
+fn us(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| {
+        if v >= 100.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.1}")
+        }
+    })
+}
+
 fn opt<T: ToString>(v: Option<T>) -> String {
     v.map_or("-".into(), |v| v.to_string())
 }
@@ -120,6 +132,11 @@ pub(super) fn render(r: &Report) -> String {
                 "{}/{}",
                 opt(f.launches_per_step),
                 opt(u.and_then(|u| u.launches_per_step))
+            ),
+            format!(
+                "{}/{}",
+                us(f.host_us_per_step),
+                us(u.and_then(|u| u.host_us_per_step))
             ),
             format!(
                 "{}/{}",

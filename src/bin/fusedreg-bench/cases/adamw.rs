@@ -23,6 +23,15 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
                 gpu_model::<f32>(ctx, &h, name, "f32", &shapes)?;
                 gpu_model::<bf16>(ctx, &h, name, "bf16+master", &shapes)?;
             }
+            // Host time per step does not grow with the tensor count: one launch either way.
+            let tiny: Vec<ParamShape> = (0..10_000)
+                .map(|i| ParamShape {
+                    name: format!("t{i}"),
+                    elements: 1 + (i * 37) % 500,
+                    weight_decay: 0.01,
+                })
+                .collect();
+            gpu_model::<f32>(ctx, &h, "10k tiny tensors", "f32", &tiny)?;
         }
         None => cpu_model(ctx, "gpt2-tiny", &models::gpt2_tiny())?,
     }
