@@ -5,7 +5,10 @@ use cudarc::driver::DriverError;
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in fusedreg. Bad input is reported here, never by a panic.
+/// Everything that can go wrong in fusedreg. Bad input to an op (lengths, shapes, sizes,
+/// probabilities, hyperparameters, alignment, buffers from another context) is reported here,
+/// never by a panic. Plain accessors that take an index (`Layout::chunks`, a state view's
+/// `m(i)`) panic on an out-of-range index, as slice indexing does, and say so in their docs.
 ///
 /// ```
 /// use fusedreg::Error;

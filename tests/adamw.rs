@@ -279,7 +279,7 @@ fn state_round_trip_and_resume() {
         new_grads(&mut resumed, s);
         cpu::step(&mut resumed, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
     }
-    let bytes = cpu::save_state(&resumed);
+    let bytes = cpu::save_state(&resumed).unwrap();
     assert_eq!(
         bytes.len() as u64,
         state::peek(&bytes).unwrap().encoded_len()
@@ -291,7 +291,7 @@ fn state_round_trip_and_resume() {
         .collect();
     cpu::restore_state(&mut fresh, &bytes).unwrap();
     assert_eq!(fresh, resumed);
-    assert_eq!(cpu::save_state(&fresh), bytes);
+    assert_eq!(cpu::save_state(&fresh).unwrap(), bytes);
     for s in 3..7 {
         new_grads(&mut straight, s);
         cpu::step(&mut straight, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
@@ -304,7 +304,7 @@ fn state_round_trip_and_resume() {
 #[test]
 fn state_mismatches_are_errors() {
     let ts = tensors::<f32, f32>(9, &[4, 5]);
-    let bytes = cpu::save_state(&ts);
+    let bytes = cpu::save_state(&ts).unwrap();
     let restore =
         |ts: &mut Vec<T32>, b: &[u8]| cpu::restore_state(ts, b).map_err(|e| e.to_string());
 
@@ -499,4 +499,21 @@ fn bytes_formulas() {
     assert_eq!(adamw::min_bytes(10, F16, F16), 280);
     assert_eq!(adamw::clip_step_min_bytes(10, Bf16, Bf16), 300);
     assert_eq!(adamw::unfused_clip_step_min_bytes(10, F32, F32), 400);
+}
+
+/// Inconsistent public fields and impossible layouts are errors, not panics.
+#[test]
+fn inconsistent_state_and_huge_layouts_are_errors() {
+    let mut t = cpu::CpuTensor::<f32, f32>::new(vec![1.0; 8], vec![0.5; 8], 0.0).unwrap();
+    t.m.truncate(3);
+    assert!(cpu::save_state(&[t]).is_err());
+    let mut b = cpu::CpuTensor::<half::bf16, half::bf16>::new(
+        vec![half::bf16::ONE; 4],
+        vec![half::bf16::ONE; 4],
+        0.0,
+    )
+    .unwrap();
+    b.master = None;
+    assert!(cpu::save_state(&[b]).is_err());
+    assert!(fusedreg::multi_tensor::Layout::new(&[u64::MAX; 65_536]).is_err());
 }

@@ -177,3 +177,47 @@ fn gpu_test_configuration_learns_on_the_cpu() {
     }
     assert!(last < 0.6 * first, "loss {first} -> {last}");
 }
+
+/// Bad shapes and indices are errors, not panics.
+#[test]
+fn bad_shapes_and_indices_are_errors() {
+    use fusedreg::mlp::cpu;
+    let mut out = vec![0.0; 6];
+    assert!(cpu::bias_gelu_fwd(&[1.0; 6], &[], &mut out).is_err());
+    assert!(cpu::bias_gelu_fwd(&[1.0; 6], &[0.0; 4], &mut out).is_err());
+    assert!(cpu::linear_fwd(&[1.0; 6], &[1.0; 6], &mut out, 0, 3).is_err());
+    assert!(cpu::linear_fwd(&[1.0; 6], &[1.0; 5], &mut out, 3, 2).is_err());
+    assert!(cpu::linear_bwd_input(&[1.0; 6], &[1.0; 6], &mut out, 3, 0, false).is_err());
+    assert!(cpu::linear_bwd_weight(&[1.0; 6], &[1.0; 5], &mut out, 3, 2).is_err());
+    assert!(cpu::colsum(&[1.0; 5], 2, 3).is_err());
+    assert!(cpu::colsum(&[1.0; 5], usize::MAX, 2).is_err());
+    assert!(cpu::mse_grad(&[1.0; 3], &[1.0; 2], &mut out).is_err());
+    let mut t = Trainer::cpu(MlpConfig {
+        blocks: 2,
+        ..MlpConfig::cpu()
+    })
+    .unwrap();
+    assert!(t.model.begin(99).is_err());
+    assert!(t.model.forward_block(5, 0, 0, false).is_err());
+    assert!(t.model.forward_block(1, 2, 0, false).is_err());
+    assert!(t.model.zero_grads(2).is_err());
+    let mut no_depth = Trainer::cpu(MlpConfig {
+        blocks: 2,
+        depth: None,
+        ..MlpConfig::cpu()
+    })
+    .unwrap();
+    assert!(
+        no_depth.model.forward_block(0, 0, 0, true).is_err(),
+        "a scale without stochastic depth"
+    );
+    let huge = MlpConfig {
+        tokens: 1 << 20,
+        hidden: 1 << 12,
+        ..MlpConfig::cpu()
+    };
+    assert!(
+        Trainer::cpu(huge).is_err(),
+        "tokens x hidden beyond cuBLAS's 32-bit sizes"
+    );
+}

@@ -326,20 +326,37 @@ pub fn step<P: Dtype, G: Dtype>(
 }
 
 /// The state of CPU tensors in the [save format](super) (identical bytes to
-/// `TensorSet::save_state` for the same state).
-pub fn save_state<P: Dtype, G: Dtype>(tensors: &[CpuTensor<P, G>]) -> Vec<u8> {
+/// `TensorSet::save_state` for the same state). Errors when a tensor's moments or master
+/// weights do not match its length (the fields are public).
+pub fn save_state<P: Dtype, G: Dtype>(tensors: &[CpuTensor<P, G>]) -> Result<Vec<u8>> {
+    for (i, t) in tensors.iter().enumerate() {
+        check_len(OP, &format!("tensor {i} m"), t.m.len(), t.len())?;
+        check_len(OP, &format!("tensor {i} v"), t.v.len(), t.len())?;
+        match (&t.master, P::KIND) {
+            (Some(master), DtypeKind::F16 | DtypeKind::Bf16) => {
+                check_len(OP, &format!("tensor {i} master"), master.len(), t.len())?
+            }
+            (None, DtypeKind::F32) => {}
+            _ => {
+                return Err(Error::invalid(
+                    OP,
+                    format!("tensor {i}: master weights exactly for 16-bit parameters"),
+                ))
+            }
+        }
+    }
     let header = state::StateHeader {
         param_dtype: P::KIND,
         lens: tensors.iter().map(|t| t.len() as u64).collect(),
     };
     let steps: Vec<u32> = tensors.iter().map(|t| t.step).collect();
-    state::encode(
+    Ok(state::encode(
         &header,
         &steps,
         |i| &tensors[i].m[..],
         |i| &tensors[i].v[..],
         |i| tensors[i].master.as_deref().unwrap_or(&[]),
-    )
+    ))
 }
 
 /// Restores state saved by [`save_state`] or `TensorSet::save_state` into tensors of the same

@@ -152,8 +152,10 @@ impl AdamW {
         &self.config
     }
 
-    /// Sets the learning rate for the following steps: an asynchronous 4-byte copy on the
-    /// stream, no sync. Errors on a negative or non-finite value.
+    /// Sets the learning rate for the following steps: a 4-byte host-to-device copy on the
+    /// stream from pageable memory (CUDA may stage it synchronously, and it cannot be captured
+    /// into a graph: for graphs, write the value at [`AdamW::lr_device_ptr`] from the device).
+    /// Errors on a negative or non-finite value.
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
         check_lr(lr)?;
         self.handle
@@ -259,9 +261,11 @@ impl TensorSet {
 
     /// Sets the per-tensor skip flags for the following steps (one per tensor; `true` = this
     /// tensor's parameters, moments and step count stay untouched, e.g. the block was dropped by
-    /// stochastic depth): an asynchronous copy of one byte per tensor, the tables are not
-    /// re-uploaded. Flags persist until changed. A skipped tensor has no gradient this step, so
-    /// the global norm leaves it out too (its stale gradient buffer is not read).
+    /// stochastic depth): a copy of one byte per tensor from pageable host memory (small; CUDA
+    /// may stage it synchronously), the tables are not re-uploaded. Flags persist until changed.
+    /// A skipped tensor has no gradient this step, so the global norm leaves it out too (the norm
+    /// does not read its stale gradient); the standalone scale pass
+    /// (`GlobalNorm::scale_grads`) still scales it, harmlessly, since AdamW skips it.
     pub fn set_skip(&mut self, skip: &[bool]) -> Result<()> {
         crate::error::check_len(OP, "skip", skip.len(), self.len())?;
         let bytes: Vec<u8> = skip.iter().map(|&b| u8::from(b)).collect();

@@ -21,7 +21,7 @@
 //! ```
 //! use fusedreg::adamw::{cpu, state};
 //! let t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 3], vec![0.5; 3], 0.0).unwrap()];
-//! let bytes = cpu::save_state(&t);
+//! let bytes = cpu::save_state(&t).unwrap();
 //! let h = state::peek(&bytes).unwrap();
 //! assert_eq!(h.lens, vec![3]);
 //! assert_eq!(bytes.len() as u64, h.encoded_len());
@@ -218,6 +218,9 @@ impl StateView<'_> {
     /// Writes tensor `i`'s first moment, second moment and (when present) master weights into
     /// the given slices, each of the tensor's length (the master slice is ignored without
     /// master weights).
+    ///
+    /// # Panics
+    /// When `i` is out of range or a slice has the wrong length, as slice copies do.
     pub fn fill_into(&self, i: usize, m: &mut [f32], v: &mut [f32], master: Option<&mut [f32]>) {
         fill(self.m, self.offsets[i], &mut m[..self.lens[i]]);
         fill(self.v, self.offsets[i], &mut v[..self.lens[i]]);
@@ -226,17 +229,17 @@ impl StateView<'_> {
         }
     }
 
-    /// Tensor `i`'s first moment.
+    /// Tensor `i`'s first moment. Panics when `i` is out of range.
     pub fn m(&self, i: usize) -> Vec<f32> {
         f32s(self.m, self.offsets[i], self.lens[i])
     }
 
-    /// Tensor `i`'s second moment.
+    /// Tensor `i`'s second moment. Panics when `i` is out of range.
     pub fn v(&self, i: usize) -> Vec<f32> {
         f32s(self.v, self.offsets[i], self.lens[i])
     }
 
-    /// Tensor `i`'s master weights (16-bit parameters only).
+    /// Tensor `i`'s master weights (16-bit parameters only). Panics when `i` is out of range.
     pub fn master(&self, i: usize) -> Option<Vec<f32>> {
         self.master.map(|s| f32s(s, self.offsets[i], self.lens[i]))
     }

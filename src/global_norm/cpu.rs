@@ -122,6 +122,9 @@ pub fn reduce(partials: &[f32]) -> f64 {
 
 /// Per-tensor sums of squares (f64) and norms (f32) from the partials, in the per-tensor
 /// kernel's order. Zero-size tensors get 0.
+///
+/// # Panics
+/// When `partials` is shorter than `layout.num_chunks()`.
 pub fn per_tensor(layout: &Layout, partials: &[f32]) -> (Vec<f64>, Vec<f32>) {
     let mut sums = Vec::with_capacity(layout.num_tensors());
     let mut norms = Vec::with_capacity(layout.num_tensors());

@@ -269,8 +269,9 @@ impl GlobalNorm {
         Ok(())
     }
 
-    /// Sets the loss scale the gradients carry (an asynchronous 4-byte copy on the stream): the
-    /// norm is reported unscaled and `grad_scale = coef / loss_scale`.
+    /// Sets the loss scale the gradients carry (a 4-byte host-to-device copy from pageable
+    /// memory; for CUDA graphs write it at [`GlobalNorm::loss_scale_device_ptr`]): the norm is
+    /// reported unscaled and `grad_scale = coef / loss_scale`.
     pub fn set_loss_scale(&mut self, loss_scale: f32) -> Result<()> {
         check_loss_scale(loss_scale)?;
         self.handle

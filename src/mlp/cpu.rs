@@ -3,25 +3,53 @@
 //! to a few ulps, not bit for bit; everything else uses the kernels' order of operations.
 
 use super::{colsum_slab_rows, gelu, gelu_grad, MSE_PER_BLOCK};
+use crate::error::{check_len, Error, Result};
+
+const OP: &str = "mlp";
+
+/// Rows of a row-major buffer of `len` elements and `width` columns (both checked).
+fn rows_of(what: &str, len: usize, width: usize) -> Result<usize> {
+    if width == 0 || len % width != 0 {
+        return Err(Error::shape(
+            OP,
+            format!("{what} has {len} elements: not whole rows of {width}"),
+        ));
+    }
+    Ok(len / width)
+}
+
+/// `a * b`, or an error when it overflows.
+fn product(a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::shape(OP, format!("{a} x {b} overflows")))
+}
 
 /// `out = gelu(h + bias[col])` on row-major `[rows, cols]`.
-pub fn bias_gelu_fwd(h: &[f32], bias: &[f32], out: &mut [f32]) {
+pub fn bias_gelu_fwd(h: &[f32], bias: &[f32], out: &mut [f32]) -> Result<()> {
     let cols = bias.len();
+    rows_of("h", h.len(), cols)?;
+    check_len(OP, "out", out.len(), h.len())?;
     for (i, (o, &x)) in out.iter_mut().zip(h).enumerate() {
         *o = gelu(x + bias[i % cols]);
     }
+    Ok(())
 }
 
 /// `out = da * gelu'(h + bias[col])`.
-pub fn bias_gelu_bwd(h: &[f32], bias: &[f32], da: &[f32], out: &mut [f32]) {
+pub fn bias_gelu_bwd(h: &[f32], bias: &[f32], da: &[f32], out: &mut [f32]) -> Result<()> {
     let cols = bias.len();
+    rows_of("h", h.len(), cols)?;
+    check_len(OP, "da", da.len(), h.len())?;
+    check_len(OP, "out", out.len(), h.len())?;
     for (i, o) in out.iter_mut().enumerate() {
         *o = da[i] * gelu_grad(h[i] + bias[i % cols]);
     }
+    Ok(())
 }
 
 /// Column sums of row-major `[rows, cols]`, in the kernels' slab order (bit-exact with them).
-pub fn colsum(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub fn colsum(x: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    check_len(OP, "x", x.len(), product(rows, cols)?)?;
     let slab = colsum_slab_rows(rows) as usize;
     let mut out = vec![0.0f32; cols];
     let mut partial = vec![0.0f32; cols];
@@ -36,13 +64,18 @@ pub fn colsum(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
             *o += p;
         }
     }
-    out
+    Ok(out)
 }
 
 /// `dy = (2 / n) * (y - target)`; returns the mean squared error (partials in the kernel's
 /// order, summed in f64).
-pub fn mse_grad(y: &[f32], target: &[f32], dy: &mut [f32]) -> f64 {
+pub fn mse_grad(y: &[f32], target: &[f32], dy: &mut [f32]) -> Result<f64> {
     let n = y.len();
+    check_len(OP, "target", target.len(), n)?;
+    check_len(OP, "dy", dy.len(), n)?;
+    if n == 0 {
+        return Err(Error::invalid(OP, "the MSE of nothing is undefined"));
+    }
     let scale = 2.0 / n as f32;
     let mut total = 0.0f64;
     for chunk in (0..n).step_by(MSE_PER_BLOCK) {
@@ -63,12 +96,14 @@ pub fn mse_grad(y: &[f32], target: &[f32], dy: &mut [f32]) -> f64 {
         }
         total += f64::from(lanes[0]);
     }
-    total / n as f64
+    Ok(total / n as f64)
 }
 
 /// `y[T, out] = x[T, in] · w[out, in]^T` (+ `beta * y`).
-pub fn linear_fwd(x: &[f32], w: &[f32], y: &mut [f32], inp: usize, out: usize) {
-    let t = x.len() / inp;
+pub fn linear_fwd(x: &[f32], w: &[f32], y: &mut [f32], inp: usize, out: usize) -> Result<()> {
+    let t = rows_of("x", x.len(), inp)?;
+    check_len(OP, "w", w.len(), product(out, inp)?)?;
+    check_len(OP, "y", y.len(), product(t, out)?)?;
     for r in 0..t {
         let xr = &x[r * inp..(r + 1) * inp];
         for o in 0..out {
@@ -76,6 +111,7 @@ pub fn linear_fwd(x: &[f32], w: &[f32], y: &mut [f32], inp: usize, out: usize) {
             y[r * out + o] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
         }
     }
+    Ok(())
 }
 
 /// `dx[T, in] (+)= dy[T, out] · w[out, in]`.
@@ -86,8 +122,10 @@ pub fn linear_bwd_input(
     inp: usize,
     out: usize,
     accumulate: bool,
-) {
-    let t = dy.len() / out;
+) -> Result<()> {
+    let t = rows_of("dy", dy.len(), out)?;
+    check_len(OP, "w", w.len(), product(out, inp)?)?;
+    check_len(OP, "dx", dx.len(), product(t, inp)?)?;
     for r in 0..t {
         let dxr = &mut dx[r * inp..(r + 1) * inp];
         if !accumulate {
@@ -100,11 +138,20 @@ pub fn linear_bwd_input(
             }
         }
     }
+    Ok(())
 }
 
 /// `dw[out, in] = dy[T, out]^T · x[T, in]`.
-pub fn linear_bwd_weight(dy: &[f32], x: &[f32], dw: &mut [f32], inp: usize, out: usize) {
-    let t = dy.len() / out;
+pub fn linear_bwd_weight(
+    dy: &[f32],
+    x: &[f32],
+    dw: &mut [f32],
+    inp: usize,
+    out: usize,
+) -> Result<()> {
+    let t = rows_of("dy", dy.len(), out)?;
+    check_len(OP, "x", x.len(), product(t, inp)?)?;
+    check_len(OP, "dw", dw.len(), product(out, inp)?)?;
     dw.iter_mut().for_each(|v| *v = 0.0);
     for r in 0..t {
         let xr = &x[r * inp..(r + 1) * inp];
@@ -115,4 +162,5 @@ pub fn linear_bwd_weight(dy: &[f32], x: &[f32], dw: &mut [f32], inp: usize, out:
             }
         }
     }
+    Ok(())
 }

@@ -3,7 +3,7 @@
 
 use super::cpu;
 use super::init::{host_init, BlockParams};
-use super::train::{Backend, MlpConfig};
+use super::train::{check_block, check_slot, Backend, MlpConfig};
 use crate::adamw::cpu::CpuTensor;
 use crate::adamw::{self, AdamWConfig};
 use crate::dropout_residual::{self as dr, Config};
@@ -45,9 +45,9 @@ fn t(l: usize, k: usize) -> usize {
 fn teacher_block(p: &BlockParams, x: &[f32], hidden: usize) -> Result<Vec<f32>> {
     let n = x.len();
     let (mut hbuf, mut a, mut o, mut y) = (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-    cpu::linear_fwd(x, &p[0], &mut hbuf, hidden, hidden);
-    cpu::bias_gelu_fwd(&hbuf, &p[1], &mut a);
-    cpu::linear_fwd(&a, &p[2], &mut o, hidden, hidden);
+    cpu::linear_fwd(x, &p[0], &mut hbuf, hidden, hidden)?;
+    cpu::bias_gelu_fwd(&hbuf, &p[1], &mut a)?;
+    cpu::linear_fwd(&a, &p[2], &mut o, hidden, hidden)?;
     let cfg = Config::new(n / hidden, hidden, 0.0, 0, 0)?;
     let opts = dr::cpu::ForwardOptions {
         bias: Some(&p[3]),
@@ -124,23 +124,31 @@ impl CpuMlp {
 
 impl Backend for CpuMlp {
     fn begin(&mut self, batch: usize) -> Result<()> {
+        check_slot(0, 1, batch, self.inputs.len())?;
         self.acts[0].copy_from_slice(&self.inputs[batch]);
         Ok(())
     }
 
     fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        check_block(
+            l,
+            input,
+            self.h.len(),
+            scale,
+            self.rowscale.iter().all(|r| !r.is_empty()),
+        )?;
         let hd = self.hidden;
         let (before, after) = self.acts.split_at_mut(l + 1);
         let (x, y) = (&before[input], &mut after[0]);
-        cpu::linear_fwd(x, &self.tensors[t(l, 0)].param, &mut self.h[l], hd, hd);
-        cpu::bias_gelu_fwd(&self.h[l], &self.tensors[t(l, 1)].param, &mut self.a[l]);
+        cpu::linear_fwd(x, &self.tensors[t(l, 0)].param, &mut self.h[l], hd, hd)?;
+        cpu::bias_gelu_fwd(&self.h[l], &self.tensors[t(l, 1)].param, &mut self.a[l])?;
         cpu::linear_fwd(
             &self.a[l],
             &self.tensors[t(l, 2)].param,
             &mut self.o,
             hd,
             hd,
-        );
+        )?;
         let cfg = Config::new(self.tokens, hd, self.dropout, self.seed, call)?;
         let opts = dr::cpu::ForwardOptions {
             bias: Some(&self.tensors[t(l, 3)].param),
@@ -151,14 +159,18 @@ impl Backend for CpuMlp {
     }
 
     fn loss(&mut self, output: usize, batch: usize, _want_loss: bool) -> Result<f64> {
-        Ok(cpu::mse_grad(
-            &self.acts[output],
-            &self.targets[batch],
-            &mut self.g,
-        ))
+        check_slot(output, self.acts.len(), batch, self.targets.len())?;
+        cpu::mse_grad(&self.acts[output], &self.targets[batch], &mut self.g)
     }
 
     fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        check_block(
+            l,
+            input,
+            self.h.len(),
+            scale,
+            self.rowscale.iter().all(|r| !r.is_empty()),
+        )?;
         let hd = self.hidden;
         let cfg = self.dropout(call)?;
         let (w1, b1, w2, b2) = (t(l, 0), t(l, 1), t(l, 2), t(l, 3));
@@ -168,7 +180,7 @@ impl Backend for CpuMlp {
             ..Default::default()
         };
         dr::cpu::backward(&cfg, &self.g, &mut self.d_o, opts)?;
-        cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut self.tensors[w2].grad, hd, hd);
+        cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut self.tensors[w2].grad, hd, hd)?;
         cpu::linear_bwd_input(
             &self.d_o,
             &self.tensors[w2].param,
@@ -176,21 +188,22 @@ impl Backend for CpuMlp {
             hd,
             hd,
             false,
-        );
-        cpu::bias_gelu_bwd(&self.h[l], &self.tensors[b1].param, &self.d_a, &mut self.du);
-        self.tensors[b1].grad = cpu::colsum(&self.du, self.tokens, hd);
+        )?;
+        cpu::bias_gelu_bwd(&self.h[l], &self.tensors[b1].param, &self.d_a, &mut self.du)?;
+        self.tensors[b1].grad = cpu::colsum(&self.du, self.tokens, hd)?;
         cpu::linear_bwd_weight(
             &self.du,
             &self.acts[input],
             &mut self.tensors[w1].grad,
             hd,
             hd,
-        );
-        cpu::linear_bwd_input(&self.du, &self.tensors[w1].param, &mut self.g, hd, hd, true);
+        )?;
+        cpu::linear_bwd_input(&self.du, &self.tensors[w1].param, &mut self.g, hd, hd, true)?;
         Ok(())
     }
 
     fn zero_grads(&mut self, l: usize) -> Result<()> {
+        check_block(l, 0, self.h.len(), false, true)?;
         for k in 0..MlpConfig::TENSORS_PER_BLOCK {
             self.tensors[t(l, k)].grad.fill(0.0);
         }

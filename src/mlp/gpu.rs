@@ -13,6 +13,37 @@ use crate::runtime::{grid_for, Handle};
 const OP: &str = "mlp";
 const BLOCK: u32 = 256;
 
+/// `a * b`, or an error naming `what` when it overflows.
+fn product(what: &str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::shape(OP, format!("{what}: {a} x {b} overflows")))
+}
+
+/// Rows of a row-major buffer of `len` elements and `width` columns (both checked).
+fn rows_of(what: &str, len: usize, width: usize) -> Result<usize> {
+    if width == 0 || len % width != 0 {
+        return Err(Error::shape(
+            OP,
+            format!("{what} has {len} elements: not whole rows of {width}"),
+        ));
+    }
+    Ok(len / width)
+}
+
+/// A matrix dimension as cuBLAS's 32-bit int.
+fn dim(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::shape(OP, format!("{what} = {v} exceeds cuBLAS's 32-bit sizes")))
+}
+
+/// A grid dimension (at most 2^31 - 1 blocks).
+fn grid_dim(blocks: usize) -> Result<u32> {
+    u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| Error::shape(OP, format!("{blocks} blocks exceed the grid limit")))
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct BiasGeluParams {
@@ -134,7 +165,7 @@ pub fn colsum(
     out: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     let cols = out.len();
-    check_len(OP, "x", x.len(), rows * cols)?;
+    check_len(OP, "x", x.len(), product("x", rows, cols)?)?;
     if partials.len() < colsum_scratch_len(rows, cols) {
         return Err(Error::shape(OP, "colsum scratch too small"));
     }
@@ -154,7 +185,7 @@ pub fn colsum(
         cols: cols as u64,
         slab_rows: slab,
     };
-    let gx = (cols as u32).div_ceil(BLOCK);
+    let gx = grid_dim(cols.div_ceil(BLOCK as usize))?;
     handle.launch(
         Kernel::MlpColsumPartialF32,
         (gx, slabs, 1),
@@ -208,7 +239,7 @@ pub fn mse_grad(
     };
     handle.launch(
         Kernel::MlpMseGradF32,
-        (mse_scratch_len(n) as u32, 1, 1),
+        (grid_dim(mse_scratch_len(n))?, 1, 1),
         (256, 1, 1),
         0,
         &p,
@@ -217,6 +248,12 @@ pub fn mse_grad(
 
 /// The loss from the partials [`mse_grad`] wrote (reads them back: a sync).
 pub fn mse_from_partials(handle: &Handle, partials: &CudaSlice<f32>, n: usize) -> Result<f64> {
+    if partials.len() < mse_scratch_len(n) {
+        return Err(Error::shape(
+            OP,
+            "mse partials shorter than mse_scratch_len(n)",
+        ));
+    }
     let host = handle
         .stream()
         .clone_dtoh(&partials.slice(0..mse_scratch_len(n)))
@@ -224,9 +261,11 @@ pub fn mse_from_partials(handle: &Handle, partials: &CudaSlice<f32>, n: usize) -
     Ok(host.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64)
 }
 
-/// Linear layers through cuBLAS on the handle's stream (row-major, `y = x · W^T`).
+/// Linear layers through cuBLAS on the handle's stream (row-major, `y = x · W^T`). Shapes are
+/// checked (whole rows, no overflow, cuBLAS's 32-bit sizes) and errors returned, never panics.
 pub struct Blas {
     blas: CudaBlas,
+    gemms: std::cell::Cell<u64>,
 }
 
 impl Blas {
@@ -235,23 +274,52 @@ impl Blas {
     pub fn new(handle: &Handle) -> Result<Self> {
         // SAFETY: only tries to dlopen libcublas (cudarc panics later if it is missing).
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(Error::invalid(OP, "libcublas.so could not be loaded: install the CUDA 13 cuBLAS library (or add it to LD_LIBRARY_PATH)"));
+            return Err(Error::invalid(
+                OP,
+                "libcublas.so could not be loaded: install the CUDA 13 cuBLAS library (or add it to LD_LIBRARY_PATH)",
+            ));
         }
         let blas = CudaBlas::new(Arc::clone(handle.stream()))
             .map_err(|e| Error::invalid(OP, format!("cuBLAS: {e}")))?;
-        Ok(Blas { blas })
+        Ok(Blas {
+            blas,
+            gemms: std::cell::Cell::new(0),
+        })
     }
 
+    /// Matrix products cuBLAS accepted so far.
+    pub fn gemm_count(&self) -> u64 {
+        self.gemms.get()
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
-        cfg: GemmConfig<f32>,
+        (transa, transb): (Op, Op),
+        (m, n, k): (i32, i32, i32),
+        (lda, ldb, ldc): (i32, i32, i32),
+        beta: f32,
         a: &impl DevicePtr<f32>,
         b: &impl DevicePtr<f32>,
         c: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
-        // SAFETY: the callers below derive every dimension from checked buffer lengths.
+        let cfg = GemmConfig {
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            alpha: 1.0,
+            lda,
+            ldb,
+            beta,
+            ldc,
+        };
+        // SAFETY: the callers derive every dimension from checked buffer lengths.
         unsafe { self.blas.gemm(cfg, a, b, c) }
-            .map_err(|e| Error::invalid(OP, format!("cuBLAS sgemm: {e}")))
+            .map_err(|e| Error::invalid(OP, format!("cuBLAS sgemm: {e}")))?;
+        self.gemms.set(self.gemms.get() + 1);
+        Ok(())
     }
 
     /// `y[T, out] = x[T, inp] · w[out, inp]^T`.
@@ -263,22 +331,19 @@ impl Blas {
         inp: usize,
         out: usize,
     ) -> Result<()> {
-        let t = x.len() / inp;
-        check_len(OP, "w", w.len(), inp * out)?;
-        check_len(OP, "y", y.len(), t * out)?;
-        let cfg = GemmConfig {
-            transa: Op::CUBLAS_OP_T,
-            transb: Op::CUBLAS_OP_N,
-            m: out as i32,
-            n: t as i32,
-            k: inp as i32,
-            alpha: 1.0,
-            lda: inp as i32,
-            ldb: inp as i32,
-            beta: 0.0,
-            ldc: out as i32,
-        };
-        self.gemm(cfg, w, x, y)
+        let t = rows_of("x", x.len(), inp)?;
+        check_len(OP, "w", w.len(), product("w", out, inp)?)?;
+        check_len(OP, "y", y.len(), product("y", t, out)?)?;
+        let (t, i, o) = (dim("tokens", t)?, dim("inp", inp)?, dim("out", out)?);
+        self.gemm(
+            (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N),
+            (o, t, i),
+            (i, i, o),
+            0.0,
+            w,
+            x,
+            y,
+        )
     }
 
     /// `dx[T, inp] = dy[T, out] · w[out, inp]` (`+ dx` when `accumulate`).
@@ -291,22 +356,20 @@ impl Blas {
         out: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let t = dy.len() / out;
-        check_len(OP, "w", w.len(), inp * out)?;
-        check_len(OP, "dx", dx.len(), t * inp)?;
-        let cfg = GemmConfig {
-            transa: Op::CUBLAS_OP_N,
-            transb: Op::CUBLAS_OP_N,
-            m: inp as i32,
-            n: t as i32,
-            k: out as i32,
-            alpha: 1.0,
-            lda: inp as i32,
-            ldb: out as i32,
-            beta: if accumulate { 1.0 } else { 0.0 },
-            ldc: inp as i32,
-        };
-        self.gemm(cfg, w, dy, dx)
+        let t = rows_of("dy", dy.len(), out)?;
+        check_len(OP, "w", w.len(), product("w", out, inp)?)?;
+        check_len(OP, "dx", dx.len(), product("dx", t, inp)?)?;
+        let (t, i, o) = (dim("tokens", t)?, dim("inp", inp)?, dim("out", out)?);
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        self.gemm(
+            (Op::CUBLAS_OP_N, Op::CUBLAS_OP_N),
+            (i, t, o),
+            (i, o, i),
+            beta,
+            w,
+            dy,
+            dx,
+        )
     }
 
     /// `dw[out, inp] = dy[T, out]^T · x[T, inp]`.
@@ -318,21 +381,18 @@ impl Blas {
         inp: usize,
         out: usize,
     ) -> Result<()> {
-        let t = dy.len() / out;
-        check_len(OP, "x", x.len(), t * inp)?;
-        check_len(OP, "dw", dw.len(), inp * out)?;
-        let cfg = GemmConfig {
-            transa: Op::CUBLAS_OP_N,
-            transb: Op::CUBLAS_OP_T,
-            m: inp as i32,
-            n: out as i32,
-            k: t as i32,
-            alpha: 1.0,
-            lda: inp as i32,
-            ldb: out as i32,
-            beta: 0.0,
-            ldc: inp as i32,
-        };
-        self.gemm(cfg, x, dy, dw)
+        let t = rows_of("dy", dy.len(), out)?;
+        check_len(OP, "x", x.len(), product("x", t, inp)?)?;
+        check_len(OP, "dw", dw.len(), product("dw", out, inp)?)?;
+        let (t, i, o) = (dim("tokens", t)?, dim("inp", inp)?, dim("out", out)?);
+        self.gemm(
+            (Op::CUBLAS_OP_N, Op::CUBLAS_OP_T),
+            (i, o, t),
+            (i, o, i),
+            0.0,
+            x,
+            dy,
+            dw,
+        )
     }
 }

@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 
 use super::gpu::{self as k, Blas};
 use super::init::{host_init, BlockParams};
-use super::train::{Backend, MlpConfig};
+use super::train::{check_block, check_slot, Backend, MlpConfig};
 use crate::adamw::AdamW;
 use crate::dropout_residual::{self as dr, BackwardOptions, Config, ForwardOptions, Workspace};
 use crate::error::{Error, Result};
@@ -45,7 +45,6 @@ pub struct GpuMlp {
     mse_partials: CudaSlice<f32>,
     ws: Workspace,
     skip: Vec<bool>,
-    gemms: u64,
 }
 
 fn t(l: usize, k: usize) -> usize {
@@ -137,7 +136,6 @@ impl GpuMlp {
             ws: Workspace::new(),
             skip: vec![false; set.len()],
             set,
-            gemms: 0,
         })
     }
 
@@ -145,10 +143,10 @@ impl GpuMlp {
         Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)
     }
 
-    /// cuBLAS products issued so far (fusedreg's own kernels are counted by
-    /// [`Handle::launch_count`]).
+    /// cuBLAS products issued so far (counted by the cuBLAS wrapper as it issues them;
+    /// fusedreg's own kernels are counted by [`Handle::launch_count`]).
     pub fn gemm_count(&self) -> u64 {
-        self.gemms
+        self.blas.gemm_count()
     }
 
     /// The parameters of optimizer tensor `i`, copied to the host.
@@ -174,11 +172,13 @@ impl GpuMlp {
 
 impl Backend for GpuMlp {
     fn begin(&mut self, batch: usize) -> Result<()> {
+        check_slot(0, 1, batch, self.inputs.len())?;
         self.batch = batch;
         Ok(())
     }
 
     fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
         let hd = self.hidden;
         let cfg = self.dropout_config(call)?;
         let (lo, hi) = self.acts.split_at_mut(l + 1);
@@ -198,7 +198,6 @@ impl Backend for GpuMlp {
         )?;
         self.blas
             .linear_fwd(&self.a[l], &set.param::<f32>(t(l, 2))?, &mut self.o, hd, hd)?;
-        self.gemms += 2;
         let opts = ForwardOptions {
             bias: Some(set.param::<f32>(t(l, 3))?),
             rowscale: scale.then(|| self.rowscale[l].as_view()),
@@ -208,6 +207,7 @@ impl Backend for GpuMlp {
     }
 
     fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
+        check_slot(output, self.acts.len(), batch, self.targets.len())?;
         let y = if output == 0 {
             &self.inputs[batch]
         } else {
@@ -228,6 +228,7 @@ impl Backend for GpuMlp {
     }
 
     fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
         let (hd, h) = (self.hidden, &self.handle);
         let cfg = self.dropout_config(call)?;
         let x = if input == 0 {
@@ -282,11 +283,11 @@ impl Backend for GpuMlp {
             hd,
             true,
         )?;
-        self.gemms += 4;
         Ok(())
     }
 
     fn zero_grads(&mut self, l: usize) -> Result<()> {
+        check_block(l, 0, self.hpre.len(), false, true)?;
         let stream = self.handle.stream().clone();
         for kk in 0..MlpConfig::TENSORS_PER_BLOCK {
             let mut g = self.set.grad_mut::<f32>(t(l, kk))?;

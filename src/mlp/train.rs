@@ -155,6 +155,41 @@ pub trait Backend {
     fn optimizer_step(&mut self, skip: &[bool]) -> Result<()>;
 }
 
+/// Checks a block index, its input slot and the row-scale request against a model of `blocks`
+/// blocks (`has_scales`: the model was built with stochastic depth).
+pub(crate) fn check_block(
+    l: usize,
+    input: usize,
+    blocks: usize,
+    scale: bool,
+    has_scales: bool,
+) -> Result<()> {
+    if l >= blocks || input > l {
+        return Err(Error::invalid(
+            "mlp",
+            format!("block {l} with input slot {input}: the model has {blocks} blocks and a block reads an earlier slot"),
+        ));
+    }
+    if scale && !has_scales {
+        return Err(Error::invalid(
+            "mlp",
+            "a stochastic-depth scale was asked of a model built without stochastic depth",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an activation slot and a batch index.
+pub(crate) fn check_slot(slot: usize, slots: usize, batch: usize, batches: usize) -> Result<()> {
+    if slot >= slots || batch >= batches {
+        return Err(Error::invalid(
+            "mlp",
+            format!("slot {slot} of {slots} / batch {batch} of {batches} out of range"),
+        ));
+    }
+    Ok(())
+}
+
 /// The plan for `step` (every block runs without stochastic depth).
 pub(crate) fn plan_for(depth: &Option<StochasticDepth>, blocks: usize, step: u64) -> Plan {
     match depth {

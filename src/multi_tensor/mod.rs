@@ -166,7 +166,10 @@ impl Layout {
                 ),
             ));
         }
-        let total: u64 = lens.iter().map(|&n| n.div_ceil(CHUNK)).sum();
+        let total = lens
+            .iter()
+            .try_fold(0u64, |acc, &n| acc.checked_add(n.div_ceil(CHUNK)))
+            .unwrap_or(u64::MAX);
         if total > MAX_CHUNKS {
             return Err(Error::invalid(
                 OP,
@@ -215,12 +218,18 @@ impl Layout {
     }
 
     /// The global chunk indices tensor `tensor` owns (empty for a zero-size tensor).
+    ///
+    /// # Panics
+    /// When `tensor >= num_tensors()`, as slice indexing does.
     pub fn chunks(&self, tensor: usize) -> Range<usize> {
         let first = self.first_chunk[tensor] as usize;
         first..first + self.lens[tensor].div_ceil(CHUNK) as usize
     }
 
     /// Where global chunk `index` lies.
+    ///
+    /// # Panics
+    /// When `index >= num_chunks()`, as slice indexing does.
     pub fn chunk(&self, index: usize) -> ChunkRef {
         let b = self.blocks[index];
         let start = u64::from(b.chunk) * CHUNK;
@@ -684,6 +693,15 @@ pub struct TensorSet {
     blocks_ptr: u64,
     pub(crate) state: Option<OptimizerState>,
     owned: Vec<(Option<OwnedBuf>, Option<OwnedBuf>)>,
+}
+
+impl Drop for TensorSet {
+    /// Waits for the handle's stream before the buffers go: kernels launched through the set
+    /// use raw addresses, so cudarc does not know they read the owned buffers, and a buffer
+    /// allocated on another stream would otherwise be freed out of order with them.
+    fn drop(&mut self) {
+        let _ = self.handle.synchronize();
+    }
 }
 
 impl std::fmt::Debug for TensorSet {

@@ -31,10 +31,14 @@ use crate::philox::{mask_word, DropRate};
 
 const OP: &str = "stochastic_depth";
 
-/// Domain separation: plan draws use call ids in their own range, so they never coincide with
-/// the (seed, call) pairs of the row-mode masks.
-const BATCH_STREAM: u64 = 0x5344_4241 << 32; // "SDBA"
-const ROW_STREAM: u64 = 0x5344_5257 << 32; // "SDRW"
+/// Domain separation: batch-mode draws and row-mode masks use keys derived from the seed with
+/// different tags, so their Philox streams never coincide (with each other or with dropout
+/// masks under the plain seed); within a stream the call id carries (step, block) without
+/// overlap.
+const BATCH_TAG: u64 = 0x5344_4241_7eed_0001; // "SDBA"
+const ROW_TAG: u64 = 0x5344_5257_7eed_0002; // "SDRW"
+/// Blocks are numbered in the low 20 bits of a row-mode call id.
+const MAX_BLOCKS: usize = 1 << 20;
 
 /// How the drop probability grows with depth.
 #[derive(Clone, Debug, PartialEq)]
@@ -129,6 +133,12 @@ pub struct StochasticDepth {
 impl StochasticDepth {
     /// Validates the schedule for `blocks` blocks.
     pub fn new(schedule: Schedule, blocks: usize, seed: u64, mode: Mode) -> Result<Self> {
+        if blocks > MAX_BLOCKS {
+            return Err(Error::invalid(
+                OP,
+                format!("{blocks} blocks: at most 2^20 are supported"),
+            ));
+        }
         let rates = schedule
             .probabilities(blocks)?
             .into_iter()
@@ -156,7 +166,7 @@ impl StochasticDepth {
             .enumerate()
             .map(|(l, rate)| match self.mode {
                 Mode::Batch => {
-                    let runs = rate.keeps(mask_word(self.seed, BATCH_STREAM | step, l as u64));
+                    let runs = rate.keeps(mask_word(self.seed ^ BATCH_TAG, step, l as u64));
                     BlockPlan {
                         runs,
                         residual_scale: if runs { rate.scale() } else { 0.0 },
@@ -168,7 +178,7 @@ impl StochasticDepth {
                     residual_scale: 1.0,
                     row_drop: (!rate.keeps_all()).then(|| RowDrop {
                         p: rate.p(),
-                        seed: self.seed,
+                        seed: self.seed ^ ROW_TAG,
                         call: row_call(step, l),
                     }),
                 },
@@ -193,9 +203,10 @@ impl StochasticDepth {
     }
 }
 
-/// The device call id of the row-mode drop path of `block` at `step`.
+/// The device call id of the row-mode drop path of `block` at `step`: distinct for every pair
+/// with `step < 2^44` (block < 2^20 is checked at construction).
 fn row_call(step: u64, block: usize) -> u64 {
-    ROW_STREAM ^ (step << 20) ^ block as u64
+    (step << 20) | block as u64
 }
 
 /// Per-sample dropping of one block in row mode: pass it to the fused residual add's drop path.

@@ -473,7 +473,7 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
         bits_eq(
             "saved state vs cpu::save_state",
             &bytes,
-            &cpu::save_state(&ts),
+            &cpu::save_state(&ts).map_err(e)?,
         )?;
         let mut fresh_init = init.clone();
         for (i, t) in fresh_init

@@ -57,12 +57,12 @@ fn bias_gelu_matches_cpu(h: &Handle) -> Result<(), String> {
     gpu::bias_gelu_fwd(h, &dx, &db, &mut out).map_err(e)?;
     let got = s.clone_dtoh(&out).map_err(e)?;
     let mut want = vec![0.0; rows * cols];
-    cpu::bias_gelu_fwd(&x, &b, &mut want);
+    cpu::bias_gelu_fwd(&x, &b, &mut want).map_err(e)?;
     // CUDA's tanhf and libm's tanh differ in the last ulps.
     close("bias_gelu fwd", &f64s(&got), &f64s(&want), 1e-6, 1e-5)?;
     gpu::bias_gelu_bwd(h, &dx, &db, &dda, &mut out).map_err(e)?;
     let got = s.clone_dtoh(&out).map_err(e)?;
-    cpu::bias_gelu_bwd(&x, &b, &da, &mut want);
+    cpu::bias_gelu_bwd(&x, &b, &da, &mut want).map_err(e)?;
     close("bias_gelu bwd", &f64s(&got), &f64s(&want), 1e-6, 1e-5)
 }
 
@@ -80,7 +80,7 @@ fn colsum_and_mse_bit_exact(h: &Handle) -> Result<(), String> {
         bits_eq(
             &format!("colsum [{rows}, {cols}]"),
             &s.clone_dtoh(&out).map_err(e)?,
-            &cpu::colsum(&x, rows, cols),
+            &cpu::colsum(&x, rows, cols).map_err(e)?,
         )?;
     }
     for n in [1usize, 4095, 4097, 300_007] {
@@ -92,7 +92,7 @@ fn colsum_and_mse_bit_exact(h: &Handle) -> Result<(), String> {
         gpu::mse_grad(h, &dy_, &dt, &mut ddy, &mut part).map_err(e)?;
         let loss = gpu::mse_from_partials(h, &part, n).map_err(e)?;
         let mut want = vec![0.0; n];
-        let want_loss = cpu::mse_grad(&y, &t, &mut want);
+        let want_loss = cpu::mse_grad(&y, &t, &mut want).map_err(e)?;
         bits_eq(
             &format!("mse dy n={n}"),
             &s.clone_dtoh(&ddy).map_err(e)?,
@@ -121,7 +121,7 @@ fn linear_layers_match_cpu(h: &Handle) -> Result<(), String> {
     let mut y = s.clone_htod(&vec![f32::NAN; t * out]).map_err(e)?;
     blas.linear_fwd(&dx_, &dw_, &mut y, inp, out).map_err(e)?;
     let mut want = vec![0.0; t * out];
-    cpu::linear_fwd(&x, &w, &mut want, inp, out);
+    cpu::linear_fwd(&x, &w, &mut want, inp, out).map_err(e)?;
     close(
         "linear fwd",
         &f64s(&s.clone_dtoh(&y).map_err(e)?),
@@ -134,7 +134,7 @@ fn linear_layers_match_cpu(h: &Handle) -> Result<(), String> {
     blas.linear_bwd_input(&ddy, &dw_, &mut gx, inp, out, true)
         .map_err(e)?;
     let mut want = init.clone();
-    cpu::linear_bwd_input(&dy, &w, &mut want, inp, out, true);
+    cpu::linear_bwd_input(&dy, &w, &mut want, inp, out, true).map_err(e)?;
     close(
         "linear bwd input (accumulate)",
         &f64s(&s.clone_dtoh(&gx).map_err(e)?),
@@ -146,7 +146,7 @@ fn linear_layers_match_cpu(h: &Handle) -> Result<(), String> {
     blas.linear_bwd_weight(&ddy, &dx_, &mut gw, inp, out)
         .map_err(e)?;
     let mut want = vec![0.0; out * inp];
-    cpu::linear_bwd_weight(&dy, &x, &mut want, inp, out);
+    cpu::linear_bwd_weight(&dy, &x, &mut want, inp, out).map_err(e)?;
     close(
         "linear bwd weight",
         &f64s(&s.clone_dtoh(&gw).map_err(e)?),
