@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{bits_eq, check, close, rng, uniform};
+use common::{bits_eq, check, close, rng};
 use fusedreg::adamw::{self, cpu, state, AdamWConfig, Rounding};
 use fusedreg::philox::mask_word;
 use fusedreg::{Dtype, DtypeKind};
@@ -12,29 +12,7 @@ use rand::Rng;
 
 type T32 = cpu::CpuTensor<f32, f32>;
 
-fn tensors<P: Dtype, G: Dtype>(seed: u64, sizes: &[usize]) -> Vec<cpu::CpuTensor<P, G>> {
-    let mut r = rng(seed);
-    sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let wd = [0.0, 0.01, 0.1][i % 3];
-            cpu::CpuTensor::new(
-                uniform(&mut r, n, -1.0, 1.0),
-                uniform(&mut r, n, -1.0, 1.0),
-                wd,
-            )
-            .unwrap()
-        })
-        .collect()
-}
-
-fn new_grads<P: Dtype, G: Dtype>(ts: &mut [cpu::CpuTensor<P, G>], seed: u64) {
-    let mut r = rng(seed);
-    for t in ts {
-        t.grad = uniform(&mut r, t.len(), -1.0, 1.0);
-    }
-}
+use common::{adamw_tensors as tensors, new_grads};
 
 /// PyTorch's AdamW formula, plainly, in f64.
 struct F64Tensor {

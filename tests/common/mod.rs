@@ -18,6 +18,32 @@ pub fn uniform<T: Dtype>(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<T>
         .collect()
 }
 
+/// AdamW test tensors of the given sizes: random parameters and gradients in [-1, 1), weight
+/// decay cycling through 0.01, 0 and 0.1.
+pub fn adamw_tensors<P: Dtype, G: Dtype>(
+    seed: u64,
+    sizes: &[usize],
+) -> Vec<fusedreg::adamw::cpu::CpuTensor<P, G>> {
+    let mut r = rng(seed);
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let wd = [0.01, 0.0, 0.1][i % 3];
+            let (p, g) = (uniform(&mut r, n, -1.0, 1.0), uniform(&mut r, n, -1.0, 1.0));
+            fusedreg::adamw::cpu::CpuTensor::new(p, g, wd).unwrap()
+        })
+        .collect()
+}
+
+/// Fresh random gradients for every tensor.
+pub fn new_grads<P: Dtype, G: Dtype>(ts: &mut [fusedreg::adamw::cpu::CpuTensor<P, G>], seed: u64) {
+    let mut r = rng(seed);
+    for t in ts {
+        t.grad = uniform(&mut r, t.len(), -1.0, 1.0);
+    }
+}
+
 /// Widens to f32.
 pub fn to_f32<T: Dtype>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()

@@ -11,7 +11,7 @@ use fusedreg::{Dtype, DtypeKind, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
-use crate::common::{bits_eq, close, rng, uniform};
+use crate::common::{bits_eq, close};
 use crate::global_norm::{download, e, tiny_sizes, upload, values_eq, SIZES};
 use crate::harness::{gpu_trial, trials_of};
 
@@ -60,31 +60,7 @@ pub fn trials() -> Vec<Trial> {
     v
 }
 
-type Tensors<P, G> = Vec<cpu::CpuTensor<P, G>>;
-
-fn cpu_tensors<P: Dtype, G: Dtype>(seed: u64, sizes: &[usize]) -> Tensors<P, G> {
-    let mut r = rng(seed);
-    sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let wd = [0.01, 0.0, 0.1][i % 3];
-            cpu::CpuTensor::new(
-                uniform(&mut r, n, -1.0, 1.0),
-                uniform(&mut r, n, -1.0, 1.0),
-                wd,
-            )
-            .unwrap()
-        })
-        .collect()
-}
-
-fn new_grads<P: Dtype, G: Dtype>(ts: &mut [cpu::CpuTensor<P, G>], seed: u64) {
-    let mut r = rng(seed);
-    for t in ts {
-        t.grad = uniform(&mut r, t.len(), -1.0, 1.0);
-    }
-}
+use crate::common::{adamw_tensors as cpu_tensors, new_grads};
 
 /// A set owning copies of the CPU tensors' parameters and gradients.
 fn build<P: Dtype, G: Dtype>(h: &Handle, ts: &[cpu::CpuTensor<P, G>]) -> Result<TensorSet, String> {
