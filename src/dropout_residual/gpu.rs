@@ -182,43 +182,34 @@ pub(super) struct Segment {
 /// The launches of an op: the config's own shape when rows matter (bias, row scale, dbias);
 /// otherwise, for the vector path, rows of [`flat_width`] elements plus the remainder as a
 /// second one-row launch. The element index keying the mask is `base + row * cols + col`
-/// either way, so the result is the same bits.
+/// either way, so the result is the same bits. At most two, so no allocation per call.
 pub(super) fn segments<T: Dtype>(
     cfg: &Config,
     rows_matter: bool,
     vector_possible: bool,
     tuning: &LaunchTuning,
-) -> Vec<Segment> {
+) -> impl Iterator<Item = Segment> {
     let n = cfg.len();
-    if rows_matter {
-        return vec![Segment {
-            base: 0,
-            rows: cfg.rows(),
-            cols: cfg.cols(),
-        }];
-    }
-    let w = flat_width::<T>(tuning);
-    if !vector_possible || tuning.force_scalar || n < 2 * w || w % 32 != 0 {
-        return vec![Segment {
-            base: 0,
-            rows: 1,
-            cols: n,
-        }];
-    }
-    let main = n / w * w;
-    let mut v = vec![Segment {
+    let one = |rows, cols| Segment {
         base: 0,
-        rows: n / w,
-        cols: w,
-    }];
-    if main < n {
-        v.push(Segment {
+        rows,
+        cols,
+    };
+    let w = flat_width::<T>(tuning);
+    let (first, second) = if rows_matter {
+        (one(cfg.rows(), cfg.cols()), None)
+    } else if !vector_possible || tuning.force_scalar || n < 2 * w || w % 32 != 0 {
+        (one(1, n), None)
+    } else {
+        let main = n / w * w;
+        let rest = (main < n).then_some(Segment {
             base: main,
             rows: 1,
             cols: n - main,
         });
-    }
-    v
+        (one(n / w, w), rest)
+    };
+    std::iter::once(first).chain(second)
 }
 
 /// The launch geometry of `[rows, cols]` elements of `T`. `aligned`: every element pointer is
@@ -428,13 +419,14 @@ fn forward_launch<T: Dtype>(
     // Without bias and row scale the row structure does not matter: the tensor is launched as
     // rows of a fixed width (plus a one-row remainder), the same bits as any other layout.
     let rows_matter = bias != 0 || cfg.has_row_scale(rowscale != 0);
-    let mut aligned_ptrs = vec![x, residual, y];
-    if bias != 0 {
-        aligned_ptrs.push(bias);
-    }
-    let aligned = aligned16(&aligned_ptrs);
-    let mut launches = Vec::new();
-    for seg in segments::<T>(cfg, rows_matter, aligned, &opts.tuning) {
+    let aligned = aligned16(&[x, residual, y, bias]); // an absent bias (0) is aligned
+
+    let mut launches: [Option<(Segment, Geometry)>; 2] = [None, None];
+    for (slot, seg) in
+        launches
+            .iter_mut()
+            .zip(segments::<T>(cfg, rows_matter, aligned, &opts.tuning))
+    {
         // f32 packs 4 mask bits per thread: two lanes share a byte, which needs even lanes to
         // start on a multiple of 8 elements.
         let mask_ok = mask == 0 || T::KIND.size() != 4 || seg.cols % 8 == 0 || seg.rows == 1;
@@ -446,10 +438,10 @@ fn forward_launch<T: Dtype>(
             Slabs::Free(FWD_SLAB_ROWS),
             &opts.tuning,
         )?;
-        launches.push((seg, g));
+        *slot = Some((seg, g));
     }
 
-    if mask != 0 && launches.iter().any(|(_, g)| !g.vector) {
+    if mask != 0 && launches.iter().flatten().any(|(_, g)| !g.vector) {
         // The scalar path ORs bits into the words; zero them first.
         // SAFETY: `mask` is a live buffer of cfg.mask_words() u32 (checked) on this context.
         unsafe {
@@ -468,7 +460,7 @@ fn forward_launch<T: Dtype>(
     }
     let rate = cfg.rate();
     let size = T::KIND.size() as u64;
-    for (seg, g) in launches {
+    for &(seg, g) in launches.iter().flatten() {
         // Segments start on multiples of the flat width (a multiple of 32 elements), so the
         // mask of a later segment starts on a word boundary.
         let (base, off) = (seg.base as u64, seg.base as u64 * size);
@@ -579,15 +571,19 @@ pub fn backward<T: Dtype>(
     } else {
         Slabs::Free(BWD_SLAB_ROWS)
     };
-    let mut launches = Vec::new();
-    for seg in segments::<T>(cfg, rows_matter, aligned, &opts.tuning) {
+    let mut launches: [Option<(Segment, Geometry)>; 2] = [None, None];
+    for (slot, seg) in
+        launches
+            .iter_mut()
+            .zip(segments::<T>(cfg, rows_matter, aligned, &opts.tuning))
+    {
         let g = geometry::<T>(seg.rows, seg.cols, aligned, true, slabs_kind, &opts.tuning)?;
-        launches.push((seg, g));
+        *slot = Some((seg, g));
     }
 
     // Stage-1 partials: [slabs][cols] f32, every entry written by the kernel (one segment when
     // dbias is wanted: rows matter).
-    let slabs = launches[0].1.grid.1 as usize;
+    let slabs = launches[0].map_or(0, |(_, g)| g.grid.1 as usize);
     let partial_len = if want_dbias { slabs * cfg.cols() } else { 0 };
     let mut own = None;
     let partials = match (want_dbias, opts.workspace.as_deref_mut()) {
@@ -623,7 +619,7 @@ pub fn backward<T: Dtype>(
     }
     let rate = cfg.rate();
     let size = T::KIND.size() as u64;
-    for (seg, g) in launches {
+    for &(seg, g) in launches.iter().flatten() {
         let (base, off) = (seg.base as u64, seg.base as u64 * size);
         let p = BwdParams {
             dy: dy_ptr + off,
