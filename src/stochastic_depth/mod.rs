@@ -10,8 +10,8 @@
 //!   the fused residual add), so the expected output is unchanged (torchvision/timm
 //!   `scale_by_keep=True`).
 //! * [`Mode::Row`] — per sample (timm's `DropPath`): every block runs, and each row's residual
-//!   branch is kept or dropped on the device by the dropout op's drop path, keyed by the call id
-//!   [`Plan::row_call`] gives for (step, block).
+//!   branch is kept or dropped on the device by the dropout op's drop path, with the seed and
+//!   call id (distinct per step and block) that [`BlockPlan::row_drop`] carries.
 //!
 //! ```
 //! use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
