@@ -9,10 +9,13 @@
 # tests under compute-sanitizer memcheck, racecheck, initcheck and synccheck; --bench runs the
 # benchmark report and the criterion benches; --torch runs benches/compare_torch.py. Logs and
 # results go to OUTDIR.
+#
+# GPU_KIT_DIR (default .gpu, relative to the repository root) packs elsewhere, e.g. a second kit
+# .gpu-b built from a candidate branch, to time two revisions in the same device call (A/B).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-kit="$root/.gpu"
+kit="$root/${GPU_KIT_DIR:-.gpu}"
 export FUSEDREG_REQUIRE_KERNELS=1
 
 "$root/scripts/install-cuda.sh" >/dev/null
