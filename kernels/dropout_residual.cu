@@ -125,14 +125,17 @@ __device__ __forceinline__ uint32_t keep_bits(uint64_t seed, uint64_t call, uint
     if (threshold == 0) return (1u << V) - 1u;
     if (threshold >= THRESHOLD_ALL) return 0u;
     if constexpr (V == 1) {
-        return keeps(mask_word(seed, call, i), threshold) ? 1u : 0u;
+        return mask_word(seed, call, i) >= (uint32_t)threshold ? 1u : 0u;
     } else {
+        // 0 < threshold < 2^32 here, so one 32-bit compare per word decides (a 64-bit compare
+        // is two instructions per element, and bf16 spends ~2 x 40 on the generator per 8).
+        const uint32_t t = (uint32_t)threshold;
         uint32_t bits = 0;
 #pragma unroll
         for (int b = 0; b < V / 4; ++b) {
             const uint4 w = philox_block(seed, call, (i >> 2) + b);
-            const uint32_t nib = (keeps(w.x, threshold) ? 1u : 0u) | (keeps(w.y, threshold) ? 2u : 0u) |
-                                 (keeps(w.z, threshold) ? 4u : 0u) | (keeps(w.w, threshold) ? 8u : 0u);
+            const uint32_t nib = (w.x >= t ? 1u : 0u) | (w.y >= t ? 2u : 0u) | (w.z >= t ? 4u : 0u) |
+                                 (w.w >= t ? 8u : 0u);
             bits |= nib << (4 * b);
         }
         return bits;
@@ -258,11 +261,14 @@ __device__ __forceinline__ uint32_t rows_keep_bits(const P& p, uint64_t row, uin
                                                    const float* rowm_smem, bool need_all,
                                                    uint32_t stride = 1) {
     uint32_t bits = 0;
+    // The flat index steps by stride * cols per row: one 64-bit add instead of a multiply.
+    uint64_t i = p.base + row * p.cols + c0;
+    const uint64_t step = (uint64_t)stride * p.cols;
 #pragma unroll 1
-    for (int u = 0; u < U; ++u) {
+    for (int u = 0; u < U; ++u, i += step) {
         const float rowm = rowm_smem != nullptr ? rowm_smem[u * stride] : p.scale;
         if (rowm != 0.f || need_all) {
-            uint32_t b = keep_bits<V>(p.seed, p.call, p.threshold, p.base + (row + u * stride) * p.cols + c0);
+            uint32_t b = keep_bits<V>(p.seed, p.call, p.threshold, i);
             if (cnt < V) b &= (1u << cnt) - 1u;
             bits |= b << (u * V);
         }
@@ -326,14 +332,16 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T>& p, uint64_t row, ui
         const uint64_t i = (row + u) * p.cols + c0;
         const uint32_t b = (bits >> (u * V)) & ((1u << V) - 1u);
         if (active) {
+            // m = keep ? rowm : 0 and "m != 0" per element is "kept and rowm != 0": one test per
+            // row instead of a select and a compare per element (a NaN rowm counts as live).
+            const uint32_t live = rowm[u] != 0.f ? b : 0u;
             Pack<T, V> out;
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                const float m = ((b >> k) & 1u) ? rowm[u] : 0.f;
-                if (m != 0.f) {
+                if ((live >> k) & 1u) {
                     float t = xv[u].get(k);
                     if (has_bias) t = __fadd_rn(t, bv.get(k));
-                    out.set_raw(k, f32_to_bits<T>(__fmaf_rn(t, m, rv[u].get(k))));
+                    out.set_raw(k, f32_to_bits<T>(__fmaf_rn(t, rowm[u], rv[u].get(k))));
                 } else {
                     out.set_raw(k, rv[u].raw(k));  // exactly the residual, even if x is inf or NaN
                 }
@@ -426,12 +434,13 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T>& p, uint64_t row, ui
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        const uint32_t b = (bits >> (u * V)) & ((1u << V) - 1u);
+        // As in fwd_rows: "m != 0" is "kept and rowm != 0", tested once per row (the mask may hold
+        // kept bits for a row whose multiplier is 0).
+        const uint32_t b = rowm[u] != 0.f ? (bits >> (u * V)) & ((1u << V) - 1u) : 0u;
         Pack<T, V> out;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            const float m = ((b >> k) & 1u) ? rowm[u] : 0.f;
-            const float d = m != 0.f ? __fmul_rn(dyv[u].get(k), m) : 0.f;
+            const float d = ((b >> k) & 1u) ? __fmul_rn(dyv[u].get(k), rowm[u]) : 0.f;
             if (want_dbias) acc[k] = __fadd_rn(acc[k], d);
             out.set_raw(k, f32_to_bits<T>(d));
         }
