@@ -10,12 +10,16 @@
 # benchmark report and the criterion benches; --torch runs benches/compare_torch.py. Logs and
 # results go to OUTDIR.
 #
-# GPU_KIT_DIR (default .gpu, relative to the repository root) packs elsewhere, e.g. a second kit
-# .gpu-b built from a candidate branch, to time two revisions in the same device call (A/B).
+# GPU_KIT_DIR (default .gpu; relative to the repository root, or absolute) packs elsewhere, e.g. a
+# second kit .gpu-a built from an older revision, to time two revisions in one device call (A/B;
+# benches/NOTES.md shows how).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-kit="$root/${GPU_KIT_DIR:-.gpu}"
+case ${GPU_KIT_DIR:-.gpu} in
+  /*) kit=$GPU_KIT_DIR ;;
+  *) kit="$root/${GPU_KIT_DIR:-.gpu}" ;;
+esac
 export FUSEDREG_REQUIRE_KERNELS=1
 
 "$root/scripts/install-cuda.sh" >/dev/null
