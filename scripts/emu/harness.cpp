@@ -5,6 +5,7 @@
 // between; flat offsets) and prints one line of output hashes per case: the two runs must agree.
 #include "shim.h"
 #include <random>
+#include <type_traits>
 #include <string>
 #include <thread>
 
@@ -63,6 +64,12 @@ template <class T> static void fill(std::vector<uint8_t>& v, size_t n, std::mt19
             if (r == 0) f = INFINITY; else if (r == 1) f = -INFINITY; else if (r == 2) f = NAN; else if (r == 3) f = -0.f;
         }
         uint32_t b = f32_to_bits<T>(f);
+        if (specials && g() % 89 == 0) {  // a NaN with a random sign and payload
+            const uint32_t r = (uint32_t)g();
+            if constexpr (sizeof(T) == 4) b = 0x7f800000u | (r & 0x807fffffu) | 1u;
+            else if constexpr (std::is_same_v<T, __half>) b = 0x7c00u | (r & 0x83ffu) | 1u;
+            else b = 0x7f80u | (r & 0x807fu) | 1u;
+        }
         memcpy(v.data() + i * sizeof(T), &b, sizeof(T));
     }
 }
