@@ -335,16 +335,16 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T>& p, uint64_t row, ui
             // m = keep ? rowm : 0 and "m != 0" per element is "kept and rowm != 0": one test per
             // row instead of a select and a compare per element (a NaN rowm counts as live).
             const uint32_t live = rowm[u] != 0.f ? b : 0u;
+            // Every element is computed and the kept ones selected: a branch per element costs
+            // a divergence region (BSSY/BRA/BSYNC) and one conversion per element instead of
+            // one per pair. A dropped element takes exactly the residual, even if x is inf or NaN.
             Pack<T, V> out;
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                if ((live >> k) & 1u) {
-                    float t = xv[u].get(k);
-                    if (has_bias) t = __fadd_rn(t, bv.get(k));
-                    out.set_raw(k, f32_to_bits<T>(__fmaf_rn(t, rowm[u], rv[u].get(k))));
-                } else {
-                    out.set_raw(k, rv[u].raw(k));  // exactly the residual, even if x is inf or NaN
-                }
+                float t = xv[u].get(k);
+                if (has_bias) t = __fadd_rn(t, bv.get(k));
+                const uint32_t fused = f32_to_bits<T>(__fmaf_rn(t, rowm[u], rv[u].get(k)));
+                out.set_raw(k, ((live >> k) & 1u) ? fused : rv[u].raw(k));
             }
             store_pack<T, V>(p.y + i, out, cnt);
         }
