@@ -10,19 +10,22 @@
 # benchmark report and the criterion benches; --torch runs benches/compare_torch.py. Logs and
 # results go to OUTDIR.
 #
-# GPU_KIT_DIR (default .gpu; relative to the repository root, or absolute) packs elsewhere, e.g. a
-# second kit .gpu-a built from an older revision, to time two revisions in one device call (A/B;
-# benches/NOTES.md shows how).
+# For an A/B of two revisions in one device call (benches/NOTES.md): GPU_KIT_SRC builds another
+# checkout (e.g. a worktree of an older commit) with this checkout's toolkit, and GPU_KIT_DIR
+# (default .gpu; relative to this checkout, or absolute) packs the kit elsewhere, e.g. .gpu-a.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+here=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "${GPU_KIT_SRC:-$here}" && pwd)
 cd "$root"
 case ${GPU_KIT_DIR:-.gpu} in
   /*) kit=$GPU_KIT_DIR ;;
-  *) kit="$root/${GPU_KIT_DIR:-.gpu}" ;;
+  *) kit="$here/${GPU_KIT_DIR:-.gpu}" ;;
 esac
 export FUSEDREG_REQUIRE_KERNELS=1
 
-"$root/scripts/install-cuda.sh" >/dev/null
+"$here/scripts/install-cuda.sh" >/dev/null
+# Another checkout has no .cuda/ of its own: point its build.rs at ours.
+[ "$root" != "$here" ] && export NVCC=${NVCC:-$here/.cuda/nvidia/cu13/bin/nvcc}
 
 list_executables() {  # reads cargo's JSON messages, prints "name path" of each executable
   python3 -c '
