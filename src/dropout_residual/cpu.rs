@@ -30,6 +30,23 @@ use crate::error::Result;
 use crate::philox;
 
 /// The optional buffers of [`forward`] / [`forward_inplace`]. All default to `None`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{cpu, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 4, 0.0, 1, 2)?; // p = 0: only the row scale acts
+/// let (x, r, mut y) = ([1.0f32; 8], [1.0f32; 8], [0.0f32; 8]);
+/// let opts = cpu::ForwardOptions { rowscale: Some(&[0.0, 2.0]), ..Default::default() };
+/// cpu::forward(&cfg, &x, &r, &mut y, opts)?;
+/// assert_eq!(y, [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]); // row 0 dropped, row 1 doubled
+/// // rowscale_out is written only for a drop path in the config:
+/// let mut out = [0.0f32; 2];
+/// let opts = cpu::ForwardOptions { rowscale_out: Some(&mut out), ..Default::default() };
+/// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
+/// # Ok(()) }
+/// ```
 pub struct ForwardOptions<'a, T> {
     /// Bias per column, `len == cols`.
     pub bias: Option<&'a [T]>,
@@ -53,6 +70,24 @@ impl<T> Default for ForwardOptions<'_, T> {
 }
 
 /// The optional buffers of [`backward`]. All default to `None`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{cpu, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 3, 0.0, 1, 2)?;
+/// let dy = [1.0f32; 6];
+/// let (mut dx, mut dbias) = ([0.0f32; 6], [0.0f32; 3]);
+/// let opts = cpu::BackwardOptions {
+///     rowscale: Some(&[0.5, 2.0]),
+///     dbias: Some(&mut dbias),
+///     ..Default::default()
+/// };
+/// cpu::backward(&cfg, &dy, &mut dx, opts)?;
+/// assert_eq!((dx, dbias), ([0.5, 0.5, 0.5, 2.0, 2.0, 2.0], [2.5; 3]));
+/// # Ok(()) }
+/// ```
 pub struct BackwardOptions<'a, T> {
     /// The caller-supplied row scale the forward used, `len == rows`.
     pub rowscale: Option<&'a [f32]>,
@@ -137,6 +172,22 @@ fn row_multiplier(cfg: &Config, rs: &Option<Vec<f32>>, row: usize) -> f32 {
 /// Errors: [`crate::Error::ShapeMismatch`] when a length disagrees with the config,
 /// [`crate::Error::InvalidArgument`] for a rowscale together with a drop path, or rowscale_out
 /// without one.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{cpu, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(4, 8, 0.25, 42, 7)?;
+/// let (x, r, mut y) = (vec![1.0f32; 32], vec![0.5f32; 32], vec![0.0f32; 32]);
+/// cpu::forward(&cfg, &x, &r, &mut y, Default::default())?;
+/// for i in 0..32 {
+///     let kept = 1.0f32.mul_add(cfg.rate().scale(), 0.5);
+///     assert_eq!(y[i], if cfg.keeps(i as u64) { kept } else { 0.5 });
+/// }
+/// assert!(cpu::forward(&cfg, &x[..31], &r, &mut y, Default::default()).is_err());
+/// # Ok(()) }
+/// ```
 pub fn forward<T: Dtype>(
     cfg: &Config,
     x: &[T],
@@ -154,6 +205,22 @@ pub fn forward<T: Dtype>(
 }
 
 /// [`forward`] updating the residual stream in place: `residual += dropout(x + bias)`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{cpu, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::flat(1000, 0.1, 42, 7)?;
+/// let x = vec![1.0f32; 1000];
+/// let mut stream = vec![0.5f32; 1000];
+/// cpu::forward_inplace(&cfg, &x, &mut stream, Default::default())?;
+/// // The same bits as the out-of-place forward.
+/// let mut y = vec![0.0f32; 1000];
+/// cpu::forward(&cfg, &x, &vec![0.5f32; 1000], &mut y, Default::default())?;
+/// assert_eq!(stream, y);
+/// # Ok(()) }
+/// ```
 pub fn forward_inplace<T: Dtype>(
     cfg: &Config,
     x: &[T],
@@ -225,6 +292,23 @@ fn forward_core<T: Dtype>(cfg: &Config, x: &[T], ry: &mut [T], opts: ForwardOpti
 /// The keep mask is read from `opts.mask` when given, otherwise regenerated from the config; the
 /// row scale is `opts.rowscale` or the config's drop path. dbias uses the slab partition of
 /// [`super::slab_rows`]. When `rows` is 0, dbias is all zeros.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{cpu, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(4, 8, 0.5, 42, 7)?;
+/// let dy = vec![1.0f32; 32];
+/// let (mut dx, mut dbias) = (vec![f32::NAN; 32], vec![f32::NAN; 8]);
+/// let opts = cpu::BackwardOptions { dbias: Some(&mut dbias), ..Default::default() };
+/// cpu::backward(&cfg, &dy, &mut dx, opts)?;
+/// for i in 0..32 {
+///     assert_eq!(dx[i], if cfg.keeps(i as u64) { 2.0 } else { 0.0 });
+/// }
+/// assert_eq!(dbias[0], dx[0] + dx[8] + dx[16] + dx[24]);
+/// # Ok(()) }
+/// ```
 pub fn backward<T: Dtype>(
     cfg: &Config,
     dy: &[T],

@@ -349,6 +349,21 @@ pub fn forward<T: Dtype>(
 
 /// [`forward`] updating the residual stream in place: `residual += dropout(x + bias)`. Rows whose
 /// row scale is 0 are not touched at all.
+///
+/// # Examples
+///
+/// ```no_run
+/// use fusedreg::dropout_residual::{self as dr, Config, ForwardOptions};
+/// use half::bf16;
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let cfg = Config::new(512, 1024, 0.1, 42, 7)?;
+/// let s = h.stream();
+/// let x = s.clone_htod(&vec![bf16::ONE; cfg.len()]).unwrap();
+/// let mut stream = s.clone_htod(&vec![bf16::ZERO; cfg.len()]).unwrap(); // the residual stream
+/// dr::forward_inplace(&h, &cfg, &x, &mut stream, ForwardOptions::default())?;
+/// # Ok(()) }
+/// ```
 pub fn forward_inplace<T: Dtype>(
     handle: &Handle,
     cfg: &Config,

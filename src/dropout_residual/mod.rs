@@ -114,6 +114,18 @@ pub struct DropPath {
 impl DropPath {
     /// A drop path dropping each row with probability `p_path` (in `[0, 1]`, not NaN), keyed by
     /// `call` (use a call id different from the dropout's).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.1, 1000)?;
+    /// assert_eq!((path.rate().p(), path.call(), path.rows_per_sample()), (0.1, 1000, 1));
+    /// assert!(DropPath::new(-0.5, 1000).is_err());
+    /// assert!(DropPath::new(f64::NAN, 1000).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn new(p_path: f64, call: u64) -> Result<Self> {
         Ok(DropPath {
             rate: DropRate::checked(OP, p_path)?,
@@ -124,6 +136,19 @@ impl DropPath {
 
     /// One draw per group of `rows_per_sample` consecutive rows (a sample of a `[batch * seq,
     /// hidden]` tensor). Must be at least 1; above 1 the tensor must have fewer than 2^32 rows.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.5, 3)?.per_sample(4)?;
+    /// // Rows 0..4 are sample 0, rows 4..8 sample 1: one draw per sample.
+    /// assert!((0..4).all(|row| path.row_scale(9, row) == path.row_scale(9, 0)));
+    /// assert!((4..8).all(|row| path.row_scale(9, row) == path.row_scale(9, 4)));
+    /// assert!(DropPath::new(0.5, 3)?.per_sample(0).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn per_sample(self, rows_per_sample: usize) -> Result<Self> {
         let rps = u32::try_from(rows_per_sample)
             .ok()
@@ -141,21 +166,67 @@ impl DropPath {
     }
 
     /// The drop rate of whole rows.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.25, 1)?;
+    /// assert_eq!(path.rate().threshold(), 1 << 30);
+    /// assert_eq!(path.rate().scale(), 1.0 / 0.75);
+    /// # Ok(()) }
+    /// ```
     pub fn rate(&self) -> DropRate {
         self.rate
     }
 
     /// The call id keying the row draws.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(DropPath::new(0.1, 77)?.call(), 77);
+    /// # Ok(()) }
+    /// ```
     pub fn call(&self) -> u64 {
         self.call
     }
 
     /// Rows sharing one draw (1 unless set by [`DropPath::per_sample`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.1, 1)?;
+    /// assert_eq!(path.rows_per_sample(), 1);
+    /// assert_eq!(path.per_sample(128)?.rows_per_sample(), 128);
+    /// # Ok(()) }
+    /// ```
     pub fn rows_per_sample(&self) -> usize {
         self.rows_per_sample as usize
     }
 
     /// The row scale of `row` under `seed`: `1 / (1 - p_path)` (f32) when kept, 0 when dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::DropPath;
+    /// use fusedreg::philox::mask_word;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.5, 9)?;
+    /// // Row 3 is kept when word 3 of the path's own call id passes the threshold.
+    /// let kept = path.rate().keeps(mask_word(42, 9, 3));
+    /// assert_eq!(path.row_scale(42, 3), if kept { 2.0 } else { 0.0 });
+    /// let kept_rows = (0..1000).filter(|&row| path.row_scale(42, row) != 0.0).count();
+    /// assert!((400..600).contains(&kept_rows));
+    /// # Ok(()) }
+    /// ```
     pub fn row_scale(&self, seed: u64, row: u64) -> f32 {
         let sample = row / u64::from(self.rows_per_sample);
         if self
@@ -198,6 +269,20 @@ impl Config {
     ///
     /// Errors: [`Error::ShapeMismatch`] when `rows * cols` overflows; [`Error::InvalidArgument`]
     /// when `p` is NaN or outside `[0, 1]`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// use fusedreg::Error;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(8, 1024, 0.1, 42, 7)?;
+    /// assert_eq!((cfg.rows(), cfg.cols(), cfg.len()), (8, 1024, 8192));
+    /// assert!(cfg.drop_path().is_none());
+    /// assert!(matches!(Config::new(8, 1024, 1.5, 42, 7), Err(Error::InvalidArgument { .. })));
+    /// assert!(matches!(Config::new(usize::MAX, 2, 0.1, 42, 7), Err(Error::ShapeMismatch { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn new(rows: usize, cols: usize, p: f64, seed: u64, call: u64) -> Result<Self> {
         let rate = DropRate::checked(OP, p)?;
         rows.checked_mul(cols)
@@ -214,11 +299,38 @@ impl Config {
     }
 
     /// A flat tensor of `n` elements (`[1, n]`): for data without bias or row scale.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::flat(1000, 0.1, 42, 7)?;
+    /// assert_eq!((cfg.rows(), cfg.cols(), cfg.len()), (1, 1000, 1000));
+    /// assert!(Config::flat(1000, f64::NAN, 42, 7).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn flat(n: usize, p: f64, seed: u64, call: u64) -> Result<Self> {
         Self::new(1, n, p, seed, call)
     }
 
     /// Adds a generated drop path. It cannot be combined with a caller-supplied row scale.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::{cpu, Config, DropPath};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.5, 8)?;
+    /// let cfg = Config::new(2, 4, 0.0, 42, 7)?.with_drop_path(path);
+    /// let (x, r, mut y) = ([1.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
+    /// cpu::forward(&cfg, &x, &r, &mut y, Default::default())?;
+    /// assert_eq!(y[..4], [path.row_scale(42, 0); 4]); // row 0 is kept or dropped as a whole
+    /// // A caller-supplied row scale is refused:
+    /// let opts = cpu::ForwardOptions { rowscale: Some(&[1.0, 1.0]), ..Default::default() };
+    /// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn with_drop_path(self, path: DropPath) -> Self {
         Config {
             drop_path: Some(path),
@@ -227,51 +339,155 @@ impl Config {
     }
 
     /// Rows.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.rows(), 16);
+    /// # Ok(()) }
+    /// ```
     pub fn rows(&self) -> usize {
         self.rows
     }
 
     /// Columns (the hidden size; the length of the bias).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.cols(), 4096);
+    /// # Ok(()) }
+    /// ```
     pub fn cols(&self) -> usize {
         self.cols
     }
 
     /// Elements, `rows * cols`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(3, 5, 0.1, 42, 7)?.len(), 15);
+    /// # Ok(()) }
+    /// ```
     pub fn len(&self) -> usize {
         self.rows * self.cols
     }
 
     /// True when there are no elements.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert!(Config::new(0, 4096, 0.1, 42, 7)?.is_empty());
+    /// assert!(!Config::flat(1, 0.1, 42, 7)?.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// The dropout rate.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// use fusedreg::philox::DropRate;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
+    /// assert_eq!(cfg.rate(), DropRate::new(0.1)?);
+    /// assert_eq!(cfg.rate().p(), 0.1);
+    /// # Ok(()) }
+    /// ```
     pub fn rate(&self) -> DropRate {
         self.rate
     }
 
     /// The generator seed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.seed(), 42);
+    /// # Ok(()) }
+    /// ```
     pub fn seed(&self) -> u64 {
         self.seed
     }
 
     /// The call id of the dropout mask.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.call(), 7);
+    /// # Ok(()) }
+    /// ```
     pub fn call(&self) -> u64 {
         self.call
     }
 
     /// The generated drop path, if any.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::{Config, DropPath};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
+    /// assert_eq!(cfg.drop_path(), None);
+    /// let path = DropPath::new(0.2, 8)?;
+    /// assert_eq!(cfg.with_drop_path(path).drop_path(), Some(path));
+    /// # Ok(()) }
+    /// ```
     pub fn drop_path(&self) -> Option<DropPath> {
         self.drop_path
     }
 
     /// Length in `u32` words of the 1-bit mask: `ceil(len / 32)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::flat(32, 0.1, 42, 7)?.mask_words(), 1);
+    /// assert_eq!(Config::flat(33, 0.1, 42, 7)?.mask_words(), 2);
+    /// assert_eq!(Config::new(0, 8, 0.1, 42, 7)?.mask_words(), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn mask_words(&self) -> usize {
         self.len().div_ceil(32)
     }
 
     /// Whether element `i` (flat index) is kept by the dropout mask.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Config;
+    /// use fusedreg::philox::mask_word;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(2, 64, 0.1, 42, 7)?;
+    /// let i = 64 + 5; // row 1, column 5
+    /// assert_eq!(cfg.keeps(i), cfg.rate().keeps(mask_word(42, 7, i)));
+    /// assert!(Config::flat(8, 0.0, 42, 7)?.keeps(3)); // p = 0 keeps everything
+    /// assert!(!Config::flat(8, 1.0, 42, 7)?.keeps(3)); // p = 1 nothing
+    /// # Ok(()) }
+    /// ```
     pub fn keeps(&self, i: u64) -> bool {
         self.rate
             .keeps(crate::philox::mask_word(self.seed, self.call, i))
@@ -314,6 +530,16 @@ pub fn slab_rows(rows: usize, cols: usize, dtype: DtypeKind) -> usize {
 }
 
 /// Number of slabs, `ceil(rows / slab_rows)` (0 when `rows` is 0).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{slab_count, slab_rows};
+/// use fusedreg::DtypeKind;
+/// assert_eq!(slab_rows(1000, 1024, DtypeKind::F32), 16);
+/// assert_eq!(slab_count(1000, 1024, DtypeKind::F32), 63); // ceil(1000 / 16)
+/// assert_eq!(slab_count(0, 1024, DtypeKind::F32), 0);
+/// ```
 pub fn slab_count(rows: usize, cols: usize, dtype: DtypeKind) -> usize {
     rows.div_ceil(slab_rows(rows, cols, dtype))
 }
@@ -335,6 +561,15 @@ pub fn fused_forward_bytes(dtype: DtypeKind, n: u64, bitmask: bool) -> u64 {
 /// Minimal bytes of the fused backward: read dy, write dx (`2 s`: 4 B bf16, 8 B f32), plus the
 /// 1-bit mask when it is read instead of regenerated. The dbias partials (one f32 per slab and
 /// column, written and read once) are not counted.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::fused_backward_bytes;
+/// use fusedreg::DtypeKind;
+/// assert_eq!(fused_backward_bytes(DtypeKind::Bf16, 1024, false), 4 * 1024);
+/// assert_eq!(fused_backward_bytes(DtypeKind::F32, 1024, true), 8 * 1024 + 128);
+/// ```
 pub fn fused_backward_bytes(dtype: DtypeKind, n: u64, bitmask: bool) -> u64 {
     2 * dtype.size() as u64 * n + if bitmask { 4 * n.div_ceil(32) } else { 0 }
 }
@@ -342,6 +577,16 @@ pub fn fused_backward_bytes(dtype: DtypeKind, n: u64, bitmask: bool) -> u64 {
 /// Minimal bytes of the unfused forward ([`unfused`]): bias add (read x, write t: `2 s`), dropout
 /// (read t, write d and a 1-byte mask: `2 s + 1`), residual add (read r and d, write y: `3 s`):
 /// `7 s + 1` = 15 B bf16, 29 B f32. Without bias the first kernel is skipped: `5 s + 1`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::unfused_forward_bytes;
+/// use fusedreg::DtypeKind;
+/// assert_eq!(unfused_forward_bytes(DtypeKind::Bf16, 1024, true), 15 * 1024);
+/// assert_eq!(unfused_forward_bytes(DtypeKind::F32, 1024, true), 29 * 1024);
+/// assert_eq!(unfused_forward_bytes(DtypeKind::Bf16, 1024, false), 11 * 1024);
+/// ```
 pub fn unfused_forward_bytes(dtype: DtypeKind, n: u64, bias: bool) -> u64 {
     let s = dtype.size() as u64;
     n * if bias { 7 * s + 1 } else { 5 * s + 1 }
@@ -350,6 +595,16 @@ pub fn unfused_forward_bytes(dtype: DtypeKind, n: u64, bias: bool) -> u64 {
 /// Minimal bytes of the unfused backward: masked scale (read dy and the byte mask, write dx:
 /// `2 s + 1`), then the bias-gradient column sum (read dx: `s`): `3 s + 1` = 7 B bf16, 13 B
 /// f32. Without dbias only the first kernel runs: `2 s + 1`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::unfused_backward_bytes;
+/// use fusedreg::DtypeKind;
+/// assert_eq!(unfused_backward_bytes(DtypeKind::Bf16, 1024, true), 7 * 1024);
+/// assert_eq!(unfused_backward_bytes(DtypeKind::F32, 1024, true), 13 * 1024);
+/// assert_eq!(unfused_backward_bytes(DtypeKind::Bf16, 1024, false), 5 * 1024);
+/// ```
 pub fn unfused_backward_bytes(dtype: DtypeKind, n: u64, dbias: bool) -> u64 {
     let s = dtype.size() as u64;
     n * if dbias { 3 * s + 1 } else { 2 * s + 1 }
@@ -422,17 +677,54 @@ pub struct Workspace {
 
 impl Workspace {
     /// An empty workspace; the first backward with dbias sizes it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Workspace;
+    /// let ws = Workspace::new(); // allocates nothing: no GPU needed
+    /// assert_eq!(ws.capacity(), 0);
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Current size in f32 elements.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::Workspace;
+    /// // Empty until a GPU backward with dbias sizes it (one f32 per slab and column).
+    /// assert_eq!(Workspace::default().capacity(), 0);
+    /// ```
     pub fn capacity(&self) -> usize {
         self.partials.as_ref().map_or(0, |p| p.len())
     }
 }
 
 /// The optional buffers of a GPU [`forward`] / [`forward_inplace`]. All default to `None`.
+///
+/// # Examples
+///
+/// A drop-path forward that also writes out the row scale it generated:
+///
+/// ```no_run
+/// use fusedreg::dropout_residual::{self as dr, Config, DropPath, ForwardOptions};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(64, 256, 0.1, 42, 7)?.with_drop_path(DropPath::new(0.2, 8)?);
+/// # let x = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// # let mut stream = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// let mut rowscale = s.alloc_zeros::<f32>(cfg.rows()).unwrap();
+/// let opts = ForwardOptions {
+///     rowscale_out: Some(rowscale.as_view_mut()),
+///     ..Default::default()
+/// };
+/// dr::forward_inplace(&h, &cfg, &x, &mut stream, opts)?;
+/// # Ok(()) }
+/// ```
 pub struct ForwardOptions<'a, T> {
     /// Bias per column, `len == cols`.
     pub bias: Option<CudaView<'a, T>>,
@@ -459,6 +751,29 @@ impl<T> Default for ForwardOptions<'_, T> {
 }
 
 /// The optional buffers of a GPU [`backward`]. All default to `None`.
+///
+/// # Examples
+///
+/// A backward reading the forward's 1-bit mask and the caller's row scale:
+///
+/// ```no_run
+/// use fusedreg::dropout_residual::{self as dr, BackwardOptions, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(64, 256, 0.1, 42, 7)?;
+/// # let dy = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// # let mut dx = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// let mask = s.alloc_zeros::<u32>(cfg.mask_words()).unwrap(); // filled by the forward's mask_out
+/// let rowscale = s.clone_htod(&vec![1.0f32; cfg.rows()]).unwrap(); // the forward's rowscale
+/// let opts = BackwardOptions {
+///     mask: Some(mask.as_view()),
+///     rowscale: Some(rowscale.as_view()),
+///     ..Default::default()
+/// };
+/// dr::backward(&h, &cfg, &dy, &mut dx, opts)?;
+/// # Ok(()) }
+/// ```
 pub struct BackwardOptions<'a, T> {
     /// The caller-supplied row scale the forward used, `len == rows`.
     pub rowscale: Option<CudaView<'a, f32>>,

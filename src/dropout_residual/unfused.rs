@@ -155,6 +155,28 @@ fn no_row_scale(cfg: &Config) -> Result<()> {
 /// The unfused baseline on one handle, with its intermediate buffers (`t`, `d`, the column-sum
 /// partials) kept between calls the way a framework's caching allocator keeps them, so a
 /// benchmark loop allocates nothing.
+///
+/// # Examples
+///
+/// ```no_run
+/// use fusedreg::dropout_residual::{unfused::Unfused, Config};
+/// use half::bf16;
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let cfg = Config::new(256, 1024, 0.1, 42, 7)?;
+/// # let s = h.stream();
+/// # let x = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// # let r = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// # let mut y = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// # let mut mask = s.alloc_zeros::<u8>(cfg.len()).unwrap();
+/// # let bias = s.alloc_zeros::<bf16>(cfg.cols()).unwrap();
+/// let mut baseline = Unfused::<bf16>::new(&h);
+/// for _ in 0..10 {
+///     // t and d are allocated by the first call and reused by the others.
+///     baseline.forward(&cfg, &x, Some(bias.as_view()), &r, &mut y, &mut mask)?;
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Unfused<T: Dtype> {
     handle: Handle,
     t: Option<CudaSlice<T>>,
@@ -178,6 +200,16 @@ fn ensure<'a, E: DeviceRepr>(
 
 impl<T: Dtype> Unfused<T> {
     /// A baseline launching on `handle`'s stream; buffers are allocated on first use.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use fusedreg::dropout_residual::unfused::Unfused;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let baseline = Unfused::<f32>::new(&h); // nothing is allocated yet
+    /// # Ok(()) }
+    /// ```
     pub fn new(handle: &Handle) -> Self {
         Unfused {
             handle: handle.clone(),
@@ -189,6 +221,24 @@ impl<T: Dtype> Unfused<T> {
 
     /// `y = residual + dropout(x + bias)` with the byte mask written to `mask` (`len` bytes).
     /// No drop path (`cfg` must have none).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use fusedreg::dropout_residual::{unfused::Unfused, Config};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let cfg = Config::new(16, 64, 0.1, 42, 7)?;
+    /// let x = s.clone_htod(&vec![1.0f32; cfg.len()]).unwrap();
+    /// let bias = s.clone_htod(&vec![0.5f32; cfg.cols()]).unwrap();
+    /// # let r = x.clone();
+    /// # let mut y = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+    /// let mut mask = s.alloc_zeros::<u8>(cfg.len()).unwrap(); // one byte per element
+    /// let mut baseline = Unfused::<f32>::new(&h);
+    /// baseline.forward(&cfg, &x, Some(bias.as_view()), &r, &mut y, &mut mask)?;
+    /// # Ok(()) }
+    /// ```
     pub fn forward(
         &mut self,
         cfg: &Config,
@@ -288,6 +338,24 @@ impl<T: Dtype> Unfused<T> {
 
     /// `dx = mask ? T(dy * scale) : 0`, then, when `dbias` is given, its column sums of the
     /// rounded dx (deterministic, the fused op's slab partition).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use fusedreg::dropout_residual::{unfused::Unfused, Config};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let cfg = Config::new(16, 64, 0.1, 42, 7)?;
+    /// # let mask = s.alloc_zeros::<u8>(cfg.len()).unwrap();
+    /// let dy = s.clone_htod(&vec![1.0f32; cfg.len()]).unwrap();
+    /// let mut dx = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+    /// let mut dbias = s.alloc_zeros::<f32>(cfg.cols()).unwrap();
+    /// let mut baseline = Unfused::<f32>::new(&h);
+    /// // `mask` is the byte mask written by `Unfused::forward`.
+    /// baseline.backward(&cfg, &dy, &mask, &mut dx, Some(dbias.as_view_mut()))?;
+    /// # Ok(()) }
+    /// ```
     pub fn backward(
         &mut self,
         cfg: &Config,
@@ -361,6 +429,24 @@ impl<T: Dtype> Unfused<T> {
 
 /// CPU mirror of [`Unfused::forward`], bit for bit: `t = T(x + b)`, `d = keep ? T(t * scale) :
 /// 0`, `y = T(r + d)`, `mask[i] = keep`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{unfused, Config, DropPath};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 4, 0.5, 42, 7)?;
+/// let (x, bias, r) = ([1.0f32; 8], [0.5f32; 4], [0.25f32; 8]);
+/// let (mut y, mut mask) = ([0.0f32; 8], [0u8; 8]);
+/// unfused::forward_cpu(&cfg, &x, Some(&bias), &r, &mut y, &mut mask)?;
+/// for i in 0..8 {
+///     assert_eq!(mask[i] == 1, cfg.keeps(i as u64)); // the fused op's mask
+///     assert_eq!(y[i], if mask[i] == 1 { 3.25 } else { 0.25 }); // r + 2 (x + b)
+/// }
+/// let with_path = cfg.with_drop_path(DropPath::new(0.1, 9)?);
+/// assert!(unfused::forward_cpu(&with_path, &x, None, &r, &mut y, &mut mask).is_err());
+/// # Ok(()) }
+/// ```
 pub fn forward_cpu<T: Dtype>(
     cfg: &Config,
     x: &[T],
@@ -398,6 +484,21 @@ pub fn forward_cpu<T: Dtype>(
 }
 
 /// CPU mirror of [`Unfused::backward`], bit for bit.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{unfused, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 4, 0.5, 42, 7)?;
+/// let mask = [1u8, 0, 1, 1, 0, 0, 1, 0]; // as written by the forward
+/// let dy = [1.0f32; 8];
+/// let (mut dx, mut dbias) = ([0.0f32; 8], [0.0f32; 4]);
+/// unfused::backward_cpu(&cfg, &dy, &mask, &mut dx, Some(&mut dbias))?;
+/// assert_eq!(dx, [2.0, 0.0, 2.0, 2.0, 0.0, 0.0, 2.0, 0.0]);
+/// assert_eq!(dbias, [2.0, 0.0, 4.0, 2.0]);
+/// # Ok(()) }
+/// ```
 pub fn backward_cpu<T: Dtype>(
     cfg: &Config,
     dy: &[T],

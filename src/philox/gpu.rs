@@ -84,6 +84,16 @@ pub fn fill(handle: &Handle, counters: &[[u32; 4]], keys: &[[u32; 2]]) -> Result
 }
 
 /// The words [`super::mask_word`]`(seed, call, start + j)` for `j < n`, computed on the device.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let words = fusedreg::philox::gpu::mask_words(&h, 42, 7, 1000, 16)?;
+/// assert_eq!(words[3], fusedreg::philox::mask_word(42, 7, 1003));
+/// # Ok(()) }
+/// ```
 pub fn mask_words(handle: &Handle, seed: u64, call: u64, start: u64, n: usize) -> Result<Vec<u32>> {
     if n == 0 {
         return Ok(Vec::new());

@@ -38,12 +38,57 @@ use crate::error::{Error, Result};
 pub mod gpu;
 
 /// First multiplier.
+///
+/// # Examples
+///
+/// One Philox4x32-10 written out with the public constants matches [`philox4x32_10`]:
+///
+/// ```
+/// use fusedreg::philox::{philox4x32_10, M0, M1, W0, W1};
+/// let (mut c, mut k) = ([1u32, 2, 3, 4], [5u32, 6]);
+/// for round in 0..10 {
+///     if round > 0 {
+///         k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+///     }
+///     let (p0, p1) = (u64::from(M0) * u64::from(c[0]), u64::from(M1) * u64::from(c[2]));
+///     let (hi0, hi1) = ((p0 >> 32) as u32, (p1 >> 32) as u32);
+///     c = [hi1 ^ c[1] ^ k[0], p1 as u32, hi0 ^ c[3] ^ k[1], p0 as u32];
+/// }
+/// assert_eq!(c, philox4x32_10([1, 2, 3, 4], [5, 6]));
+/// ```
 pub const M0: u32 = 0xD251_1F53;
 /// Second multiplier.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::philox::{M0, M1};
+/// // Both multipliers are odd, so multiplying a counter word by them is a bijection mod 2^32.
+/// assert!(M0 % 2 == 1 && M1 % 2 == 1);
+/// // A round uses the high and the low half of the 64-bit product.
+/// let p = u64::from(M1) * u64::from(u32::MAX);
+/// assert_eq!(((p >> 32) as u32, p as u32), (M1 - 1, M1.wrapping_neg()));
+/// ```
 pub const M1: u32 = 0xCD9E_8D57;
 /// Key bump of word 0 (golden ratio).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::philox::W0;
+/// // The fraction of the golden ratio in 32 bits: floor((sqrt(5) - 1) / 2 * 2^32).
+/// assert_eq!(W0, ((5f64.sqrt() - 1.0) / 2.0 * 4_294_967_296.0) as u32);
+/// ```
 pub const W0: u32 = 0x9E37_79B9;
 /// Key bump of word 1 (sqrt(3) - 1).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::philox::W1;
+/// // floor((sqrt(3) - 1) * 2^32).
+/// assert_eq!(W1, ((3f64.sqrt() - 1.0) * 4_294_967_296.0) as u32);
+/// ```
 pub const W1: u32 = 0xBB67_AE85;
 
 /// One Philox round.
@@ -78,6 +123,17 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 }
 
 /// The Philox block holding the words of elements `4*block .. 4*block+4` of `(seed, call)`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::philox::{block, mask_word, philox4x32_10};
+/// let b = block(42, 7, 5);
+/// // Counter [lo(block), hi(block), lo(call), hi(call)], key [lo(seed), hi(seed)].
+/// assert_eq!(b, philox4x32_10([5, 0, 7, 0], [42, 0]));
+/// // It holds the words of elements 20..24.
+/// assert_eq!(b, [20, 21, 22, 23].map(|i| mask_word(42, 7, i)));
+/// ```
 #[inline]
 pub fn block(seed: u64, call: u64, block: u64) -> [u32; 4] {
     philox4x32_10(
@@ -126,12 +182,32 @@ pub struct DropRate {
 
 impl DropRate {
     /// No dropping.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::philox::DropRate;
+    /// assert_eq!(DropRate::ZERO, DropRate::new(0.0).unwrap());
+    /// assert!(DropRate::ZERO.keeps_all() && DropRate::ZERO.keeps(0));
+    /// assert_eq!(DropRate::ZERO.scale(), 1.0);
+    /// ```
     pub const ZERO: DropRate = DropRate {
         p: 0.0,
         threshold: 0,
     };
 
     /// Validates `p` (must lie in `[0, 1]`, not NaN) and computes its threshold.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::philox::DropRate;
+    /// let r = DropRate::new(0.1).unwrap();
+    /// assert_eq!(r.p(), 0.1);
+    /// assert_eq!(r.threshold(), 429_496_730); // round(0.1 * 2^32)
+    /// assert!(matches!(DropRate::new(-0.1), Err(fusedreg::Error::InvalidArgument { .. })));
+    /// assert!(DropRate::new(f64::INFINITY).is_err());
+    /// ```
     pub fn new(p: f64) -> Result<Self> {
         Self::checked("DropRate", p)
     }
@@ -149,38 +225,102 @@ impl DropRate {
     }
 
     /// The nominal probability.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::philox::DropRate;
+    /// assert_eq!(DropRate::new(0.3).unwrap().p(), 0.3);
+    /// ```
     pub fn p(&self) -> f64 {
         self.p
     }
 
     /// The integer threshold in `0 ..= 2^32`: a word below it is dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::philox::DropRate;
+    /// assert_eq!(DropRate::new(0.25).unwrap().threshold(), 1 << 30);
+    /// assert_eq!(DropRate::new(1.0).unwrap().threshold(), 1 << 32);
+    /// assert_eq!(DropRate::ZERO.threshold(), 0);
+    /// ```
     pub fn threshold(&self) -> u64 {
         self.threshold
     }
 
     /// The drop probability actually applied, `threshold / 2^32`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::philox::DropRate;
+    /// assert_eq!(DropRate::new(0.5).unwrap().effective_p(), 0.5);
+    /// let r = DropRate::new(0.1).unwrap();
+    /// // 0.1 is not a multiple of 2^-32: the nearest one is applied, within 2^-33 of it.
+    /// assert_ne!(r.effective_p(), 0.1);
+    /// assert!((r.effective_p() - 0.1).abs() <= 2f64.powi(-33));
+    /// ```
     pub fn effective_p(&self) -> f64 {
         self.threshold as f64 / 4_294_967_296.0
     }
 
     /// Whether an element with this random word is kept.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::philox::DropRate;
+    /// let r = DropRate::new(0.25).unwrap(); // threshold 2^30
+    /// assert!(!r.keeps(0) && !r.keeps((1 << 30) - 1));
+    /// assert!(r.keeps(1 << 30) && r.keeps(u32::MAX));
+    /// assert!(!DropRate::new(1.0).unwrap().keeps(u32::MAX));
+    /// ```
     #[inline]
     pub fn keeps(&self, word: u32) -> bool {
         u64::from(word) >= self.threshold
     }
 
     /// True when no element can be dropped (no generator work needed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::philox::DropRate;
+    /// assert!(DropRate::new(0.0).unwrap().keeps_all());
+    /// assert!(!DropRate::new(1e-9).unwrap().keeps_all());
+    /// // Below 2^-33 the threshold rounds to 0: nothing is dropped.
+    /// assert!(DropRate::new(1e-10).unwrap().keeps_all());
+    /// ```
     pub fn keeps_all(&self) -> bool {
         self.threshold == 0
     }
 
     /// True when every element is dropped (`p = 1`; no generator work needed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::philox::DropRate;
+    /// assert!(DropRate::new(1.0).unwrap().drops_all());
+    /// assert!(!DropRate::new(0.999).unwrap().drops_all());
+    /// ```
     pub fn drops_all(&self) -> bool {
         self.threshold == 1 << 32
     }
 
     /// The f32 scale applied to kept elements: `1 / (1 - p)`, rounded once from f64; 0 when
     /// `p = 1`, where nothing is kept and no division by zero happens.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::philox::DropRate;
+    /// assert_eq!(DropRate::new(0.2).unwrap().scale(), 1.25);
+    /// assert_eq!(DropRate::new(0.0).unwrap().scale(), 1.0);
+    /// assert_eq!(DropRate::new(1.0).unwrap().scale(), 0.0);
+    /// ```
     pub fn scale(&self) -> f32 {
         if self.drops_all() {
             0.0
