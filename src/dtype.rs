@@ -14,6 +14,17 @@ mod sealed {
 }
 
 /// Which of the three element types a [`Dtype`] is.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::{Dtype, DtypeKind};
+/// fn kind_of<T: Dtype>(_: &[T]) -> DtypeKind {
+///     T::KIND
+/// }
+/// assert_eq!(kind_of(&[half::f16::ZERO]), DtypeKind::F16);
+/// assert_eq!(kind_of(&[0.0f32]), DtypeKind::F32);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DtypeKind {
     /// IEEE binary32.
@@ -26,6 +37,14 @@ pub enum DtypeKind {
 
 impl DtypeKind {
     /// Lower-case name, also the kernel symbol suffix (`f32`, `f16`, `bf16`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::DtypeKind;
+    /// assert_eq!(DtypeKind::Bf16.name(), "bf16");
+    /// assert_eq!(format!("dropout_residual_fwd_{}", DtypeKind::F32.name()), "dropout_residual_fwd_f32");
+    /// ```
     pub const fn name(self) -> &'static str {
         match self {
             DtypeKind::F32 => "f32",
@@ -35,6 +54,14 @@ impl DtypeKind {
     }
 
     /// Size of one element in bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::{Dtype, DtypeKind};
+    /// assert_eq!(DtypeKind::F32.size(), 4);
+    /// assert_eq!(<half::bf16 as Dtype>::KIND.size(), std::mem::size_of::<half::bf16>());
+    /// ```
     pub const fn size(self) -> usize {
         match self {
             DtypeKind::F32 => 4,
@@ -47,6 +74,8 @@ impl DtypeKind {
 ///
 /// Conversions round to nearest even, exactly as the device intrinsics `__float2half_rn` and
 /// `__float2bfloat16_rn` do, so CPU references and kernels produce identical bits.
+///
+/// # Examples
 ///
 /// ```
 /// use fusedreg::Dtype;
@@ -67,10 +96,37 @@ pub trait Dtype:
     + 'static
 {
     /// Which type this is.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::{Dtype, DtypeKind};
+    /// assert_eq!(f32::KIND, DtypeKind::F32);
+    /// assert_eq!(<half::f16 as Dtype>::KIND.name(), "f16");
+    /// ```
     const KIND: DtypeKind;
     /// Widens to f32 (exact).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::Dtype;
+    /// let x = half::bf16::from_f32_rn(0.1);
+    /// assert_eq!(Dtype::to_f32(x), 0.10009765625); // the bf16 nearest to 0.1, exactly
+    /// assert_eq!(Dtype::to_f32(2.5f32), 2.5);
+    /// ```
     fn to_f32(self) -> f32;
     /// Rounds an f32 to this type, to nearest even.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::Dtype;
+    /// use half::f16;
+    /// // 1 + 2^-11 lies halfway between the f16 values 1 and 1 + 2^-10: the tie goes to even.
+    /// assert_eq!(f16::from_f32_rn(1.0 + 2f32.powi(-11)).to_f32(), 1.0);
+    /// assert_eq!(f16::from_f32_rn(65520.0), f16::INFINITY); // past f16::MAX
+    /// ```
     fn from_f32_rn(x: f32) -> Self;
 }
 

@@ -3,12 +3,25 @@
 use cudarc::driver::DriverError;
 
 /// Result alias used throughout the crate.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::{Error, Result};
+/// fn checked_p(p: f64) -> Result<f64> {
+///     if (0.0..=1.0).contains(&p) { Ok(p) } else { Err(Error::invalid("demo", format!("p = {p}"))) }
+/// }
+/// assert_eq!(checked_p(0.1).unwrap(), 0.1);
+/// assert!(checked_p(1.5).is_err());
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in fusedreg. Bad input to an op (lengths, shapes, sizes,
 /// probabilities, hyperparameters, alignment, buffers from another context) is reported here,
 /// never by a panic. Plain accessors that take an index (`Layout::chunks`, a state view's
 /// `m(i)`) panic on an out-of-range index, as slice indexing does, and say so in their docs.
+///
+/// # Examples
 ///
 /// ```
 /// use fusedreg::Error;
@@ -89,6 +102,15 @@ pub enum Error {
 
 impl Error {
     /// An [`Error::InvalidArgument`] for `op`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::Error;
+    /// let e = Error::invalid("adamw", "lr = NaN is not finite");
+    /// assert!(matches!(e, Error::InvalidArgument { op: "adamw", .. }));
+    /// assert_eq!(e.to_string(), "adamw: invalid argument: lr = NaN is not finite");
+    /// ```
     pub fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
         Error::InvalidArgument {
             op,
@@ -97,6 +119,15 @@ impl Error {
     }
 
     /// An [`Error::ShapeMismatch`] for `op`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::Error;
+    /// let e = Error::shape("global_norm", format!("grad 3 has {} elements, expected {}", 10, 12));
+    /// assert!(matches!(e, Error::ShapeMismatch { op: "global_norm", .. }));
+    /// assert!(e.to_string().starts_with("global_norm: shape mismatch: grad 3"));
+    /// ```
     pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         Error::ShapeMismatch {
             op,
@@ -105,6 +136,17 @@ impl Error {
     }
 
     /// Wraps a driver error raised while doing `op`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::cudarc::driver::{sys::CUresult, DriverError};
+    /// use fusedreg::Error;
+    /// // Typically `.map_err(Error::driver("cuStreamSynchronize"))` on a cudarc call.
+    /// let failed: Result<(), DriverError> = Err(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY));
+    /// let e = failed.map_err(Error::driver("cuMemAlloc")).unwrap_err();
+    /// assert!(matches!(e, Error::Driver { op: "cuMemAlloc", .. }));
+    /// ```
     pub fn driver(op: &'static str) -> impl FnOnce(DriverError) -> Self {
         move |source| Error::Driver { op, source }
     }

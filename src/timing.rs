@@ -13,6 +13,14 @@ use crate::runtime::kernels::Kernel;
 use crate::runtime::{grid_for, Handle};
 
 /// Per-call times of a timed run, in milliseconds.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::timing::Samples;
+/// let s = Samples { ms: vec![0.25, 0.125, 1.0], batch: 64 };
+/// assert_eq!((s.min(), s.median(), s.max()), (0.125, 0.25, 1.0));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Samples {
     /// One entry per sample (each the mean over a batch of calls).
@@ -23,6 +31,17 @@ pub struct Samples {
 
 impl Samples {
     /// The median per-call time in ms (NaN when empty).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::timing::Samples;
+    /// let odd = Samples { ms: vec![3.0, 1.0, 2.0], batch: 1 };
+    /// assert_eq!(odd.median(), 2.0);
+    /// let even = Samples { ms: vec![4.0, 1.0, 2.0, 3.0], batch: 1 };
+    /// assert_eq!(even.median(), 2.5); // mean of the middle two
+    /// assert!(Samples::default().median().is_nan());
+    /// ```
     pub fn median(&self) -> f64 {
         let mut v = self.ms.clone();
         v.sort_by(f64::total_cmp);
@@ -34,17 +53,41 @@ impl Samples {
     }
 
     /// The fastest sample in ms.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::timing::Samples;
+    /// let s = Samples { ms: vec![0.5, 0.25, 0.75], batch: 8 };
+    /// assert_eq!(s.min(), 0.25);
+    /// ```
     pub fn min(&self) -> f64 {
         self.ms.iter().copied().fold(f64::INFINITY, f64::min)
     }
 
     /// The slowest sample in ms.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::timing::Samples;
+    /// let s = Samples { ms: vec![0.5, 0.25, 0.75], batch: 8 };
+    /// assert_eq!(s.max(), 0.75);
+    /// ```
     pub fn max(&self) -> f64 {
         self.ms.iter().copied().fold(f64::NEG_INFINITY, f64::max)
     }
 }
 
 /// How a timed run is shaped.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::timing::TimingPlan;
+/// let plan = TimingPlan { samples: 11, ..TimingPlan::default() };
+/// assert_eq!((plan.warmup, plan.samples, plan.min_sample_ms), (3, 11, 1.0));
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct TimingPlan {
     /// Calls before timing starts.
@@ -67,6 +110,14 @@ impl Default for TimingPlan {
 
 impl TimingPlan {
     /// A shorter plan for `--quick` runs.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::timing::TimingPlan;
+    /// let (quick, full) = (TimingPlan::quick(), TimingPlan::default());
+    /// assert!(quick.samples < full.samples && quick.min_sample_ms < full.min_sample_ms);
+    /// ```
     pub fn quick() -> Self {
         TimingPlan {
             warmup: 2,
@@ -86,6 +137,8 @@ fn timing_event(handle: &Handle) -> Result<CudaEvent> {
 /// Times `f` on the handle's stream: warm-up, then `plan.samples` batches bracketed by events.
 ///
 /// `f` must only enqueue work on `handle.stream()`; it must not synchronize.
+///
+/// # Examples
 ///
 /// ```no_run
 /// # fn main() -> fusedreg::Result<()> {
@@ -117,6 +170,21 @@ pub fn time_gpu(
 
 /// A pair of timing events on the handle's stream: the one measuring primitive behind
 /// [`time_gpu`] and the criterion benches (`iter_custom`).
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::{timing::{filled, BatchTimer}, Error, Handle};
+/// let h = Handle::new(0)?;
+/// let mut buf = filled::<f32>(&h, 1 << 18, 1)?;
+/// let timer = BatchTimer::new(&h)?;
+/// let ms = timer.time(100, &mut || {
+///     h.stream().memset_zeros(&mut buf).map_err(Error::driver("memset"))
+/// })?;
+/// println!("{:.4} ms per memset", ms / 100.0);
+/// # Ok(()) }
+/// ```
 pub struct BatchTimer<'h> {
     handle: &'h Handle,
     start: CudaEvent,
@@ -125,6 +193,17 @@ pub struct BatchTimer<'h> {
 
 impl<'h> BatchTimer<'h> {
     /// Creates the two events (with timing enabled).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let timer = fusedreg::timing::BatchTimer::new(&h)?; // reuse it for every sample
+    /// let empty = timer.time(1, &mut || Ok(()))?;
+    /// assert!(empty >= 0.0);
+    /// # Ok(()) }
+    /// ```
     pub fn new(handle: &'h Handle) -> Result<Self> {
         Ok(BatchTimer {
             handle,
@@ -134,6 +213,20 @@ impl<'h> BatchTimer<'h> {
     }
 
     /// Runs `f` `n` times between the two events and returns the elapsed GPU time in ms.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::{timing::{filled, BatchTimer}, Error, Handle};
+    /// let h = Handle::new(0)?;
+    /// let (src, mut dst) = (filled::<u8>(&h, 1 << 20, 7)?, filled::<u8>(&h, 1 << 20, 0)?);
+    /// let timer = BatchTimer::new(&h)?;
+    /// let mut copy = || h.stream().memcpy_dtod(&src, &mut dst).map_err(Error::driver("dtod"));
+    /// let per_call = timer.time(50, &mut copy)? / 50.0;
+    /// println!("{per_call:.4} ms per 1 MiB copy");
+    /// # Ok(()) }
+    /// ```
     pub fn time(&self, n: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         let stream = self.handle.stream();
         self.start
@@ -153,6 +246,21 @@ impl<'h> BatchTimer<'h> {
     }
 
     /// [`BatchTimer::time`] as a `Duration`, for criterion's `iter_custom`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::{timing::{filled, BatchTimer}, Error, Handle};
+    /// let h = Handle::new(0)?;
+    /// let mut buf = filled::<f32>(&h, 1 << 18, 1)?;
+    /// let timer = BatchTimer::new(&h)?;
+    /// // In a criterion bench: `b.iter_custom(|iters| timer.duration(iters, &mut step).unwrap())`.
+    /// let mut step = || h.stream().memset_zeros(&mut buf).map_err(Error::driver("memset"));
+    /// let d: std::time::Duration = timer.duration(20, &mut step)?;
+    /// println!("{d:?} for 20 memsets");
+    /// # Ok(()) }
+    /// ```
     pub fn duration(
         &self,
         n: u64,
@@ -165,6 +273,19 @@ impl<'h> BatchTimer<'h> {
 
 /// A device buffer of `n` elements with every byte set to `byte` (no host transfer), for
 /// benchmarks: fast to make at any size, and not zeros.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::{half::bf16, timing::filled, Error};
+/// let h = fusedreg::Handle::new(0)?;
+/// let x = filled::<bf16>(&h, 1 << 20, 0x3f)?; // every element is bf16::from_bits(0x3f3f)
+/// assert_eq!(x.len(), 1 << 20);
+/// let first = h.stream().clone_dtoh(&x.slice(0..1)).map_err(Error::driver("dtoh"))?;
+/// assert_eq!(first[0], bf16::from_bits(0x3f3f));
+/// # Ok(()) }
+/// ```
 pub fn filled<T: DeviceRepr>(
     handle: &Handle,
     n: usize,
@@ -183,11 +304,30 @@ pub fn filled<T: DeviceRepr>(
 }
 
 /// Bytes per second from bytes moved and milliseconds.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::timing::gb_per_s;
+/// // Reading and writing 2^26 f32 (512 MiB in all) in 0.2 ms:
+/// let gbps = gb_per_s(2.0 * 4.0 * (1u64 << 26) as f64, 0.2);
+/// assert!((gbps - 2684.35456).abs() < 1e-6);
+/// ```
 pub fn gb_per_s(bytes: f64, ms: f64) -> f64 {
     bytes / (ms * 1e-3) / 1e9
 }
 
 /// Device-to-device copy bandwidth, counting bytes read plus bytes written.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::timing::{gb_per_s, CopyBandwidth};
+/// let copy = CopyBandwidth { bytes: 256 << 20, memcpy_gbps: 2900.0, kernel_gbps: 3000.0 };
+/// // A kernel moving 1.5 GB in 0.6 ms, as a fraction of the copy: 2500 / 3000.
+/// let frac = gb_per_s(1.5e9, 0.6) / copy.reference_gbps();
+/// assert!((frac - 2500.0 / 3000.0).abs() < 1e-9);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CopyBandwidth {
     /// Bytes copied per call (each is read once and written once).
@@ -200,6 +340,14 @@ pub struct CopyBandwidth {
 
 impl CopyBandwidth {
     /// The reference the reports divide by: the better of the two copies.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::timing::CopyBandwidth;
+    /// let c = CopyBandwidth { bytes: 1 << 28, memcpy_gbps: 2950.0, kernel_gbps: 3010.0 };
+    /// assert_eq!(c.reference_gbps(), 3010.0);
+    /// ```
     pub fn reference_gbps(&self) -> f64 {
         self.memcpy_gbps.max(self.kernel_gbps)
     }
@@ -218,6 +366,19 @@ unsafe impl DeviceRepr for CopyParams {}
 
 /// Measures the copy bandwidth of `bytes` (rounded up to 16) with the driver's memcpy and with a
 /// copy kernel. Use a size well above the L2 cache (256 MiB or more) for a DRAM figure.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::timing::{copy_bandwidth, TimingPlan};
+/// let h = fusedreg::Handle::new(0)?;
+/// // 4 MiB + 1 byte: an L2-resident size, for a quick check; rounded up to 16 bytes.
+/// let c = copy_bandwidth(&h, (4 << 20) + 1, TimingPlan::quick())?;
+/// assert_eq!(c.bytes, (4 << 20) + 16);
+/// println!("memcpy {:.0} GB/s, kernel {:.0} GB/s", c.memcpy_gbps, c.kernel_gbps);
+/// # Ok(()) }
+/// ```
 pub fn copy_bandwidth(handle: &Handle, bytes: u64, plan: TimingPlan) -> Result<CopyBandwidth> {
     let op = "copy_bandwidth";
     let n16 = bytes.div_ceil(16).max(1);

@@ -25,6 +25,18 @@ fn product(a: usize, b: usize) -> Result<usize> {
 }
 
 /// `out = gelu(h + bias[col])` on row-major `[rows, cols]`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::{cpu::bias_gelu_fwd, gelu};
+/// let h = [0.5f32, -1.0, 2.0, 0.0, 1.0, -0.5]; // [2, 3]
+/// let bias = [0.1f32, 0.2, 0.3];
+/// let mut out = [0.0f32; 6];
+/// bias_gelu_fwd(&h, &bias, &mut out).unwrap();
+/// assert_eq!(out[4], gelu(1.0 + 0.2)); // row 1, column 1
+/// assert!(bias_gelu_fwd(&h, &[0.0; 4], &mut out).is_err()); // 6 is not rows of 4
+/// ```
 pub fn bias_gelu_fwd(h: &[f32], bias: &[f32], out: &mut [f32]) -> Result<()> {
     let cols = bias.len();
     rows_of("h", h.len(), cols)?;
@@ -36,6 +48,17 @@ pub fn bias_gelu_fwd(h: &[f32], bias: &[f32], out: &mut [f32]) -> Result<()> {
 }
 
 /// `out = da * gelu'(h + bias[col])`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::{cpu::bias_gelu_bwd, gelu_grad};
+/// let (h, bias, da) = ([0.5f32, -1.0, 2.0, 0.0], [0.1f32, 0.2], [1.0f32, 2.0, 3.0, 4.0]);
+/// let mut out = [0.0f32; 4];
+/// bias_gelu_bwd(&h, &bias, &da, &mut out).unwrap();
+/// assert_eq!(out[3], 4.0 * gelu_grad(0.0 + 0.2));
+/// assert!(bias_gelu_bwd(&h, &bias, &da[..3], &mut out).is_err()); // da is too short
+/// ```
 pub fn bias_gelu_bwd(h: &[f32], bias: &[f32], da: &[f32], out: &mut [f32]) -> Result<()> {
     let cols = bias.len();
     rows_of("h", h.len(), cols)?;
@@ -48,6 +71,15 @@ pub fn bias_gelu_bwd(h: &[f32], bias: &[f32], da: &[f32], out: &mut [f32]) -> Re
 }
 
 /// Column sums of row-major `[rows, cols]`, in the kernels' slab order (bit-exact with them).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::cpu::colsum;
+/// let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // [3, 2]
+/// assert_eq!(colsum(&x, 3, 2).unwrap(), vec![9.0, 12.0]);
+/// assert!(colsum(&x, 2, 2).is_err()); // 6 elements are not [2, 2]
+/// ```
 pub fn colsum(x: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
     check_len(OP, "x", x.len(), product(rows, cols)?)?;
     let slab = colsum_slab_rows(rows) as usize;
@@ -69,6 +101,17 @@ pub fn colsum(x: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
 
 /// `dy = (2 / n) * (y - target)`; returns the mean squared error (partials in the kernel's
 /// order, summed in f64).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::cpu::mse_grad;
+/// let (y, target) = ([1.0f32, 2.0], [0.0f32, 0.0]);
+/// let mut dy = [0.0f32; 2];
+/// assert_eq!(mse_grad(&y, &target, &mut dy).unwrap(), 2.5); // (1 + 4) / 2
+/// assert_eq!(dy, [1.0, 2.0]); // (2 / n) * (y - target)
+/// assert!(mse_grad(&[], &[], &mut []).is_err()); // the MSE of nothing
+/// ```
 pub fn mse_grad(y: &[f32], target: &[f32], dy: &mut [f32]) -> Result<f64> {
     let n = y.len();
     check_len(OP, "target", target.len(), n)?;
@@ -100,6 +143,18 @@ pub fn mse_grad(y: &[f32], target: &[f32], dy: &mut [f32]) -> Result<f64> {
 }
 
 /// `y[T, out] = x[T, in] · w[out, in]^T` (+ `beta * y`).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::cpu::linear_fwd;
+/// let x = [1.0f32, 2.0]; // [T = 1, in = 2]
+/// let w = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0]; // [out = 3, in = 2]
+/// let mut y = [0.0f32; 3];
+/// linear_fwd(&x, &w, &mut y, 2, 3).unwrap();
+/// assert_eq!(y, [1.0, 2.0, 3.0]);
+/// assert!(linear_fwd(&x, &w[..4], &mut y, 2, 3).is_err()); // w is not [3, 2]
+/// ```
 pub fn linear_fwd(x: &[f32], w: &[f32], y: &mut [f32], inp: usize, out: usize) -> Result<()> {
     let t = rows_of("x", x.len(), inp)?;
     check_len(OP, "w", w.len(), product(out, inp)?)?;
@@ -115,6 +170,19 @@ pub fn linear_fwd(x: &[f32], w: &[f32], y: &mut [f32], inp: usize, out: usize) -
 }
 
 /// `dx[T, in] (+)= dy[T, out] · w[out, in]`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::cpu::linear_bwd_input;
+/// let dy = [1.0f32, 1.0, 1.0]; // [T = 1, out = 3]
+/// let w = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0]; // [out = 3, in = 2]
+/// let mut dx = [10.0f32; 2];
+/// linear_bwd_input(&dy, &w, &mut dx, 2, 3, false).unwrap();
+/// assert_eq!(dx, [2.0, 2.0]);
+/// linear_bwd_input(&dy, &w, &mut dx, 2, 3, true).unwrap(); // accumulate
+/// assert_eq!(dx, [4.0, 4.0]);
+/// ```
 pub fn linear_bwd_input(
     dy: &[f32],
     w: &[f32],
@@ -142,6 +210,17 @@ pub fn linear_bwd_input(
 }
 
 /// `dw[out, in] = dy[T, out]^T · x[T, in]`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::cpu::linear_bwd_weight;
+/// let (dy, x) = ([1.0f32, 2.0, 3.0], [1.0f32, 2.0]); // [T = 1, out = 3], [T = 1, in = 2]
+/// let mut dw = [0.0f32; 6];
+/// linear_bwd_weight(&dy, &x, &mut dw, 2, 3).unwrap();
+/// assert_eq!(dw, [1.0, 2.0, 2.0, 4.0, 3.0, 6.0]); // outer product dy x^T
+/// assert!(linear_bwd_weight(&dy, &x, &mut dw[..5], 2, 3).is_err());
+/// ```
 pub fn linear_bwd_weight(
     dy: &[f32],
     x: &[f32],

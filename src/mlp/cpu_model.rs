@@ -11,6 +11,16 @@ use crate::error::Result;
 use crate::global_norm::cpu as norm_cpu;
 
 /// The CPU model state.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::{CpuMlp, MlpConfig, Trainer};
+/// let mut t = Trainer::cpu(MlpConfig { blocks: 2, ..MlpConfig::cpu() }).unwrap();
+/// t.step(false).unwrap();
+/// let model: &CpuMlp = &t.model;
+/// assert_eq!(model.tensors().len(), 2 * 4); // W1, b1, W2, b2 per block
+/// ```
 pub struct CpuMlp {
     tokens: usize,
     hidden: usize,
@@ -112,11 +122,35 @@ impl CpuMlp {
     }
 
     /// The parameters of optimizer tensor `i` (W1, b1, W2, b2 of each block in turn).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let cfg = MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() }; // every block runs
+    /// let mut t = Trainer::cpu(cfg).unwrap();
+    /// assert_eq!((t.model.param(0).len(), t.model.param(1).len()), (48 * 48, 48)); // W1, b1
+    /// let b2 = t.model.param(3).to_vec();
+    /// t.step(false).unwrap();
+    /// assert_ne!(t.model.param(3), &b2[..]); // trained
+    /// ```
     pub fn param(&self, i: usize) -> &[f32] {
         &self.tensors[i].param
     }
 
     /// Every optimizer tensor with its gradient and AdamW state.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let cfg = MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() };
+    /// let mut t = Trainer::cpu(cfg.clone()).unwrap();
+    /// t.step(false).unwrap();
+    /// let w1 = &t.model.tensors()[0];
+    /// assert_eq!((w1.weight_decay, t.model.tensors()[1].weight_decay), (cfg.weight_decay, 0.0));
+    /// assert_eq!(w1.step, 1);
+    /// ```
     pub fn tensors(&self) -> &[CpuTensor<f32, f32>] {
         &self.tensors
     }

@@ -88,6 +88,22 @@ const _: () = assert!(std::mem::size_of::<MseParams>() == 48);
 unsafe impl DeviceRepr for MseParams {}
 
 /// `out = gelu(h + bias[col])` (forward) over row-major `[rows, cols]`.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::{mlp::{gelu, gpu::bias_gelu_fwd}, Error, Handle};
+/// let h = Handle::new(0)?;
+/// let s = h.stream();
+/// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+/// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+/// let (pre, bias, mut out) = (up(&[0.5; 8])?, up(&[0.25; 4])?, zeros(8)?); // [2, 4]
+/// bias_gelu_fwd(&h, &pre, &bias, &mut out)?;
+/// let host = s.clone_dtoh(&out).map_err(Error::driver("dtoh"))?;
+/// assert!((host[0] - gelu(0.75)).abs() < 1e-5); // device tanhf: a few ulps from libm
+/// # Ok(()) }
+/// ```
 pub fn bias_gelu_fwd(
     handle: &Handle,
     h: &impl DevicePtr<f32>,
@@ -105,6 +121,22 @@ pub fn bias_gelu_fwd(
 }
 
 /// `out = da * gelu'(h + bias[col])` (backward).
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::{mlp::{gelu_grad, gpu::bias_gelu_bwd}, Error, Handle};
+/// let h = Handle::new(0)?;
+/// let s = h.stream();
+/// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+/// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+/// let (pre, bias, da, mut out) = (up(&[0.5; 8])?, up(&[0.0; 4])?, up(&[2.0; 8])?, zeros(8)?);
+/// bias_gelu_bwd(&h, &pre, &bias, &da, &mut out)?;
+/// let host = s.clone_dtoh(&out).map_err(Error::driver("dtoh"))?;
+/// assert!((host[5] - 2.0 * gelu_grad(0.5)).abs() < 1e-5); // tanhf vs libm: a few ulps
+/// # Ok(()) }
+/// ```
 pub fn bias_gelu_bwd(
     handle: &Handle,
     h: &impl DevicePtr<f32>,
@@ -157,6 +189,24 @@ fn bias_gelu(
 
 /// Column sums of row-major `[rows, cols]` into `out` (deterministic, bit-exact with
 /// [`super::cpu::colsum`]). `partials` is scratch of at least [`colsum_scratch_len`] floats.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::{mlp::{cpu, gpu}, Error, Handle};
+/// let h = Handle::new(0)?;
+/// let s = h.stream();
+/// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+/// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+/// let (rows, cols) = (300, 7);
+/// let x: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 - 6.0).collect();
+/// let (dx, mut scratch, mut out) = (up(&x)?, zeros(gpu::colsum_scratch_len(rows, cols))?, zeros(cols)?);
+/// gpu::colsum(&h, &dx, rows, &mut scratch, &mut out)?;
+/// let sums = s.clone_dtoh(&out).map_err(Error::driver("dtoh"))?;
+/// assert_eq!(sums, cpu::colsum(&x, rows, cols)?); // bit for bit
+/// # Ok(()) }
+/// ```
 pub fn colsum(
     handle: &Handle,
     x: &impl DevicePtr<f32>,
@@ -197,17 +247,53 @@ pub fn colsum(
 }
 
 /// Scratch floats [`colsum`] needs.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::gpu::colsum_scratch_len;
+/// // One partial per column for each slab of rows; the slab size depends on `rows` only.
+/// assert_eq!(colsum_scratch_len(4096, 1024), 64 * 1024); // 64 slabs of 64 rows
+/// assert_eq!(colsum_scratch_len(1, 5), 5);
+/// assert_eq!(colsum_scratch_len(0, 5), 0);
+/// ```
 pub fn colsum_scratch_len(rows: usize, cols: usize) -> usize {
     (rows as u64).div_ceil(colsum_slab_rows(rows)) as usize * cols
 }
 
 /// Scratch floats [`mse_grad`] needs for its per-block partial sums.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::gpu::mse_scratch_len;
+/// assert_eq!(mse_scratch_len(4096), 1); // 4096 elements per block
+/// assert_eq!(mse_scratch_len(4097), 2);
+/// assert_eq!(mse_scratch_len(1024 * 4096), 1024);
+/// ```
 pub fn mse_scratch_len(n: usize) -> usize {
     n.div_ceil(MSE_PER_BLOCK)
 }
 
 /// `dy = (2 / n)(y - target)` and per-block partial sums of `(y - target)^2` in `partials`
 /// (sum them in order and divide by n for the loss: [`mse_from_partials`]).
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::{mlp::gpu, Error, Handle};
+/// let h = Handle::new(0)?;
+/// let s = h.stream();
+/// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+/// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+/// let n = 10_000;
+/// let (y, target) = (up(&vec![1.0; n])?, up(&vec![0.5; n])?);
+/// let (mut dy, mut partials) = (zeros(n)?, zeros(gpu::mse_scratch_len(n))?);
+/// gpu::mse_grad(&h, &y, &target, &mut dy, &mut partials)?; // no sync
+/// assert_eq!(gpu::mse_from_partials(&h, &partials, n)?, 0.25);
+/// # Ok(()) }
+/// ```
 pub fn mse_grad(
     handle: &Handle,
     y: &impl DevicePtr<f32>,
@@ -247,6 +333,23 @@ pub fn mse_grad(
 }
 
 /// The loss from the partials [`mse_grad`] wrote (reads them back: a sync).
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::{mlp::gpu, Error, Handle};
+/// let h = Handle::new(0)?;
+/// let s = h.stream();
+/// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+/// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+/// let (y, target, mut dy) = (up(&[3.0, 1.0])?, up(&[1.0, 1.0])?, zeros(2)?);
+/// let mut partials = zeros(gpu::mse_scratch_len(2))?;
+/// gpu::mse_grad(&h, &y, &target, &mut dy, &mut partials)?;
+/// assert_eq!(gpu::mse_from_partials(&h, &partials, 2)?, 2.0); // (2^2 + 0) / 2
+/// assert!(gpu::mse_from_partials(&h, &partials, 1 << 20).is_err()); // too few partials
+/// # Ok(()) }
+/// ```
 pub fn mse_from_partials(handle: &Handle, partials: &CudaSlice<f32>, n: usize) -> Result<f64> {
     if partials.len() < mse_scratch_len(n) {
         return Err(Error::shape(
@@ -263,6 +366,22 @@ pub fn mse_from_partials(handle: &Handle, partials: &CudaSlice<f32>, n: usize) -
 
 /// Linear layers through cuBLAS on the handle's stream (row-major, `y = x · W^T`). Shapes are
 /// checked (whole rows, no overflow, cuBLAS's 32-bit sizes) and errors returned, never panics.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::{mlp::gpu::Blas, Error, Handle};
+/// let h = Handle::new(0)?;
+/// let s = h.stream();
+/// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+/// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+/// let blas = Blas::new(&h)?;
+/// let (x, w, mut y) = (up(&[1.0, 2.0])?, up(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0])?, zeros(3)?);
+/// blas.linear_fwd(&x, &w, &mut y, 2, 3)?; // [1, 2] · [3, 2]^T
+/// assert_eq!(s.clone_dtoh(&y).map_err(Error::driver("dtoh"))?, vec![1.0, 2.0, 3.0]);
+/// # Ok(()) }
+/// ```
 pub struct Blas {
     blas: CudaBlas,
     gemms: std::cell::Cell<u64>,
@@ -271,6 +390,16 @@ pub struct Blas {
 impl Blas {
     /// Creates a cuBLAS handle on `handle`'s stream. Fails with a clear error when libcublas
     /// cannot be loaded.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let blas = fusedreg::mlp::gpu::Blas::new(&h)?; // its products run on h.stream()
+    /// assert_eq!(blas.gemm_count(), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn new(handle: &Handle) -> Result<Self> {
         // SAFETY: only tries to dlopen libcublas (cudarc panics later if it is missing).
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -288,6 +417,23 @@ impl Blas {
     }
 
     /// Matrix products cuBLAS accepted so far.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::{mlp::gpu::Blas, Error, Handle};
+    /// let h = Handle::new(0)?;
+    /// let s = h.stream();
+    /// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+    /// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+    /// let blas = Blas::new(&h)?;
+    /// let (x, w, mut y) = (up(&[1.0; 8])?, up(&[1.0; 4])?, zeros(8)?);
+    /// blas.linear_fwd(&x, &w, &mut y, 2, 2)?;
+    /// assert!(blas.linear_fwd(&x, &w, &mut y, 3, 2).is_err()); // refused before cuBLAS
+    /// assert_eq!(blas.gemm_count(), 1);
+    /// # Ok(()) }
+    /// ```
     pub fn gemm_count(&self) -> u64 {
         self.gemms.get()
     }
@@ -323,6 +469,25 @@ impl Blas {
     }
 
     /// `y[T, out] = x[T, inp] · w[out, inp]^T`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::{mlp::{cpu, gpu::Blas}, Error, Handle};
+    /// let h = Handle::new(0)?;
+    /// let s = h.stream();
+    /// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+    /// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+    /// let blas = Blas::new(&h)?;
+    /// let (x, w): (Vec<f32>, Vec<f32>) = ((0..12).map(|i| i as f32).collect(), vec![0.5; 8]);
+    /// let (mut y, mut want) = (zeros(6)?, vec![0.0; 6]); // x [3, 4] · w [2, 4]^T = y [3, 2]
+    /// blas.linear_fwd(&up(&x)?, &up(&w)?, &mut y, 4, 2)?;
+    /// cpu::linear_fwd(&x, &w, &mut want, 4, 2)?;
+    /// assert_eq!(s.clone_dtoh(&y).map_err(Error::driver("dtoh"))?, want); // exact here
+    /// assert!(blas.linear_fwd(&up(&x)?, &up(&w)?, &mut y, 3, 2).is_err()); // w is not [2, 3]
+    /// # Ok(()) }
+    /// ```
     pub fn linear_fwd(
         &self,
         x: &impl DevicePtr<f32>,
@@ -347,6 +512,24 @@ impl Blas {
     }
 
     /// `dx[T, inp] = dy[T, out] · w[out, inp]` (`+ dx` when `accumulate`).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::{mlp::gpu::Blas, Error, Handle};
+    /// let h = Handle::new(0)?;
+    /// let s = h.stream();
+    /// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+    /// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+    /// let blas = Blas::new(&h)?;
+    /// let (dy, w) = (up(&[1.0, 1.0, 1.0])?, up(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0])?);
+    /// let mut dx = up(&[10.0, 10.0])?;
+    /// blas.linear_bwd_input(&dy, &w, &mut dx, 2, 3, true)?; // dx += dy · w
+    /// assert_eq!(s.clone_dtoh(&dx).map_err(Error::driver("dtoh"))?, vec![12.0, 12.0]);
+    /// # let _ = zeros;
+    /// # Ok(()) }
+    /// ```
     pub fn linear_bwd_input(
         &self,
         dy: &impl DevicePtr<f32>,
@@ -373,6 +556,23 @@ impl Blas {
     }
 
     /// `dw[out, inp] = dy[T, out]^T · x[T, inp]`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::{mlp::gpu::Blas, Error, Handle};
+    /// let h = Handle::new(0)?;
+    /// let s = h.stream();
+    /// let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver("htod"));
+    /// let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver("alloc"));
+    /// let blas = Blas::new(&h)?;
+    /// let (dy, x, mut dw) = (up(&[1.0, 2.0, 3.0])?, up(&[1.0, 2.0])?, zeros(6)?);
+    /// blas.linear_bwd_weight(&dy, &x, &mut dw, 2, 3)?; // [3, 2] = dy^T · x
+    /// let host = s.clone_dtoh(&dw).map_err(Error::driver("dtoh"))?;
+    /// assert_eq!(host, vec![1.0, 2.0, 2.0, 4.0, 3.0, 6.0]);
+    /// # Ok(()) }
+    /// ```
     pub fn linear_bwd_weight(
         &self,
         dy: &impl DevicePtr<f32>,

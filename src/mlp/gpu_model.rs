@@ -17,6 +17,19 @@ use crate::Handle;
 const OP: &str = "mlp";
 
 /// The GPU model state.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::mlp::{GpuMlp, MlpConfig, Trainer};
+/// let h = fusedreg::Handle::new(0)?;
+/// let mut t = Trainer::gpu(&h, MlpConfig { blocks: 4, ..MlpConfig::cpu() })?;
+/// t.step(false)?;
+/// let model: &GpuMlp = &t.model;
+/// assert_eq!(model.set().len(), 4 * 4); // W1, b1, W2, b2 per block
+/// # Ok(()) }
+/// ```
 pub struct GpuMlp {
     handle: Handle,
     blas: Blas,
@@ -145,11 +158,37 @@ impl GpuMlp {
 
     /// cuBLAS products issued so far (counted by the cuBLAS wrapper as it issues them;
     /// fusedreg's own kernels are counted by [`Handle::launch_count`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let cfg = MlpConfig { blocks: 3, depth: None, ..MlpConfig::cpu() }; // every block runs
+    /// let mut t = Trainer::gpu(&h, cfg)?;
+    /// let before = t.model.gemm_count();
+    /// t.step(false)?;
+    /// assert_eq!(t.model.gemm_count() - before, 3 * 6); // 2 forward + 4 backward per block
+    /// # Ok(()) }
+    /// ```
     pub fn gemm_count(&self) -> u64 {
         self.blas.gemm_count()
     }
 
     /// The parameters of optimizer tensor `i`, copied to the host.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let cfg = MlpConfig { blocks: 2, ..MlpConfig::cpu() };
+    /// let (gpu, cpu) = (Trainer::gpu(&h, cfg.clone())?, Trainer::cpu(cfg)?);
+    /// assert_eq!(gpu.model.param(0)?, cpu.model.param(0)); // same initialization
+    /// # Ok(()) }
+    /// ```
     pub fn param(&self, i: usize) -> Result<Vec<f32>> {
         let v = self.set.param::<f32>(i)?;
         self.handle
@@ -159,12 +198,39 @@ impl GpuMlp {
     }
 
     /// The handle the model runs on.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let mut t = Trainer::gpu(&h, MlpConfig { blocks: 2, ..MlpConfig::cpu() })?;
+    /// let before = t.model.handle().launch_count();
+    /// t.step(false)?;
+    /// println!("{} fusedreg kernels", t.model.handle().launch_count() - before);
+    /// t.model.handle().synchronize()?;
+    /// # Ok(()) }
+    /// ```
     pub fn handle(&self) -> &Handle {
         &self.handle
     }
 
     /// The optimizer's tensor set (W1, b1, W2, b2 of each block: parameters, gradients and
     /// AdamW state).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let cfg = MlpConfig { blocks: 2, ..MlpConfig::cpu() };
+    /// let t = Trainer::gpu(&h, cfg.clone())?;
+    /// assert_eq!(t.model.set().len(), 2 * 4);
+    /// assert_eq!(t.model.set().layout().lens()[0], (cfg.hidden * cfg.hidden) as u64); // block 0's W1
+    /// # Ok(()) }
+    /// ```
     pub fn set(&self) -> &TensorSet {
         &self.set
     }

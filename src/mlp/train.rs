@@ -21,6 +21,22 @@ use crate::stochastic_depth::{Mode, Plan, Schedule, StochasticDepth};
 use crate::Handle;
 
 /// What happens to the parameters of a block dropped this step (they got no gradient).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::{DroppedParams, MlpConfig, Trainer};
+/// use fusedreg::stochastic_depth::Schedule;
+/// let depth = Some(Schedule::Custom(vec![0.0, 0.9])); // block 1 is usually dropped
+/// let cfg = MlpConfig { blocks: 2, depth, dropped: DroppedParams::Skip, ..MlpConfig::cpu() };
+/// let mut t = Trainer::cpu(cfg).unwrap();
+/// while t.next_plan().runs(1) {
+///     t.step(false).unwrap();
+/// }
+/// let w1 = t.model.param(4).to_vec(); // block 1's W1
+/// t.step(false).unwrap(); // block 1 dropped: skipped by the optimizer
+/// assert_eq!(t.model.param(4), &w1[..]);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DroppedParams {
     /// Skip them in the optimizer: parameters, moments and step counts stay as they were, and
@@ -31,6 +47,16 @@ pub enum DroppedParams {
 }
 
 /// The model and its training hyperparameters.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::{MlpConfig, Trainer};
+/// let cfg = MlpConfig { blocks: 3, hidden: 32, tokens: 64, depth: None, ..MlpConfig::cpu() };
+/// assert!(Trainer::cpu(cfg.clone()).is_ok());
+/// assert!(Trainer::cpu(MlpConfig { hidden: 0, ..cfg.clone() }).is_err());
+/// assert!(Trainer::cpu(MlpConfig { dropout: 1.5, ..cfg }).is_err());
+/// ```
 #[derive(Clone, Debug)]
 pub struct MlpConfig {
     /// Residual blocks of the student.
@@ -62,6 +88,15 @@ pub struct MlpConfig {
 impl MlpConfig {
     /// The GPU-sized run of the example: 24 blocks, hidden 1024, 4096 tokens per step,
     /// stochastic depth with a linear schedule to 0.5.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::{mlp::MlpConfig, stochastic_depth::Schedule};
+    /// let cfg = MlpConfig::gpu();
+    /// assert_eq!((cfg.blocks, cfg.hidden, cfg.tokens), (24, 1024, 4096));
+    /// assert_eq!(cfg.depth, Some(Schedule::linear(0.5)));
+    /// ```
     pub fn gpu() -> Self {
         MlpConfig {
             blocks: 24,
@@ -83,6 +118,15 @@ impl MlpConfig {
     }
 
     /// A size the CPU reference trains in seconds: 6 blocks, hidden 48, 96 tokens.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::mlp::MlpConfig;
+    /// let cfg = MlpConfig::cpu();
+    /// assert_eq!((cfg.blocks, cfg.hidden, cfg.tokens), (6, 48, 96));
+    /// assert_eq!(cfg.depth, MlpConfig::gpu().depth); // the same schedule, smaller model
+    /// ```
     pub fn cpu() -> Self {
         MlpConfig {
             blocks: 6,
@@ -136,22 +180,122 @@ impl MlpConfig {
 }
 
 /// The operations one training step is made of; the CPU reference and the GPU implement them.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::{Backend, MlpConfig, Trainer};
+/// // Inference through every block, on either backend.
+/// fn eval<B: Backend>(model: &mut B, blocks: usize, batch: usize) -> fusedreg::Result<f64> {
+///     model.begin(batch)?;
+///     for l in 0..blocks {
+///         model.forward_block(l, l, 0, false)?; // slot l -> slot l + 1
+///     }
+///     model.loss(blocks, batch, true)
+/// }
+/// let mut t = Trainer::cpu(MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() }).unwrap();
+/// assert!(eval(&mut t.model, 2, 0).unwrap() > 0.0);
+/// ```
 pub trait Backend {
     /// Loads batch `batch` as the input of block 0.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::mlp::{Backend, MlpConfig, Trainer};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # let mut t = Trainer::cpu(MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() })?;
+    /// t.model.begin(3)?; // batches 0..cfg.batches (4 here)
+    /// assert!(t.model.begin(4).is_err());
+    /// # Ok(()) }
+    /// ```
     fn begin(&mut self, batch: usize) -> Result<()>;
     /// Runs block `l` from activation slot `input` into slot `l + 1`. With `scale` the block's
     /// stochastic-depth residual scale `1 / (1 - p_l)` is applied as the fused op's row scale;
     /// `call` keys its dropout mask.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::mlp::{Backend, MlpConfig, Trainer};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # let mut t = Trainer::cpu(MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() })?;
+    /// t.model.begin(0)?;
+    /// t.model.forward_block(0, 0, 100, false)?; // slot 0 -> slot 1
+    /// t.model.forward_block(1, 0, 101, false)?; // block 0 skipped: block 1 reads slot 0
+    /// assert!(t.model.forward_block(1, 2, 101, false).is_err()); // slot 2 is not earlier
+    /// assert!(t.model.forward_block(0, 0, 100, true).is_err()); // no stochastic depth: no scale
+    /// # Ok(()) }
+    /// ```
     fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()>;
     /// MSE of activation slot `output` against the batch's targets; writes the gradient into
-    /// the running gradient. Returns the loss when `want_loss` (the GPU then syncs), else NaN.
+    /// the running gradient. Returns the loss when `want_loss` (the GPU then syncs); otherwise
+    /// the GPU returns NaN (the CPU reference returns the loss either way).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::mlp::{Backend, MlpConfig, Trainer};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # let mut t = Trainer::cpu(MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() })?;
+    /// t.model.begin(1)?;
+    /// let identity = t.model.loss(0, 1, true)?; // every block dropped: the output is the input
+    /// t.model.forward_block(0, 0, 0, false)?;
+    /// t.model.forward_block(1, 1, 1, false)?;
+    /// let loss = t.model.loss(2, 1, true)?;
+    /// assert!(loss > 0.0 && identity > 0.0);
+    /// # Ok(()) }
+    /// ```
     fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64>;
     /// Backward of block `l` (whose input was slot `input`): its parameter gradients, and the
     /// running gradient updated in place.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::mlp::{Backend, MlpConfig, Trainer};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # let mut t = Trainer::cpu(MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() })?;
+    /// t.model.begin(0)?;
+    /// t.model.forward_block(0, 0, 7, false)?;
+    /// t.model.loss(1, 0, false)?; // block 1 dropped: block 0's output is the model's
+    /// t.model.backward_block(0, 0, 7, false)?; // same call id as its forward
+    /// assert!(t.model.tensors()[0].grad.iter().any(|&g| g != 0.0)); // block 0's dW1
+    /// # Ok(()) }
+    /// ```
     fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()>;
     /// Zeroes the gradients of block `l`'s parameters ([`DroppedParams::ZeroGrad`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::mlp::{Backend, MlpConfig, Trainer};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # let mut t = Trainer::cpu(MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() })?;
+    /// t.step(false)?; // leaves every block's gradients set
+    /// t.model.zero_grads(1)?;
+    /// let grads = &t.model.tensors()[4..8]; // W1, b1, W2, b2 of block 1
+    /// assert!(grads.iter().all(|x| x.grad.iter().all(|&g| g == 0.0)));
+    /// assert!(t.model.zero_grads(2).is_err()); // only 2 blocks
+    /// # Ok(()) }
+    /// ```
     fn zero_grads(&mut self, l: usize) -> Result<()>;
     /// Clip + AdamW over every parameter; `skip` has one flag per optimizer tensor.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::mlp::{Backend, MlpConfig, Trainer};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # let mut t = Trainer::cpu(MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() })?;
+    /// t.step(false)?; // gradients for every tensor
+    /// let w1 = t.model.param(0).to_vec();
+    /// t.model.optimizer_step(&[true; 8])?; // skip all 8 tensors: nothing moves
+    /// assert_eq!(t.model.param(0), &w1[..]);
+    /// t.model.optimizer_step(&[false; 8])?;
+    /// assert_ne!(t.model.param(0), &w1[..]);
+    /// # Ok(()) }
+    /// ```
     fn optimizer_step(&mut self, skip: &[bool]) -> Result<()>;
 }
 
@@ -206,6 +350,19 @@ pub(crate) fn dropout_call(step: u64, l: usize) -> u64 {
 }
 
 /// One training step of `model` on `batch` under `plan`. Returns the loss if `want_loss`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::{train_step, MlpConfig, Trainer};
+/// use fusedreg::stochastic_depth::{Mode, StochasticDepth};
+/// let cfg = MlpConfig::cpu();
+/// let mut t = Trainer::cpu(cfg.clone()).unwrap();
+/// let sd = StochasticDepth::new(cfg.depth.clone().unwrap(), cfg.blocks, 99, Mode::Batch).unwrap();
+/// let plan = sd.plan(0); // any plan: blocks it drops are neither run nor stepped
+/// let loss = train_step(&mut t.model, &cfg, &plan, 0, true).unwrap();
+/// assert!(loss.is_finite() && loss > 0.0);
+/// ```
 pub fn train_step<B: Backend>(
     model: &mut B,
     cfg: &MlpConfig,
@@ -243,6 +400,19 @@ pub fn train_step<B: Backend>(
 }
 
 /// A model, its training configuration and its stochastic-depth schedule.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::mlp::{MlpConfig, Trainer};
+/// let mut t = Trainer::cpu(MlpConfig { blocks: 2, ..MlpConfig::cpu() }).unwrap();
+/// let first = t.step(true).unwrap(); // batch 0
+/// for _ in 1..40 {
+///     t.step(false).unwrap();
+/// }
+/// let later = t.step(true).unwrap(); // step 40: batch 0 again
+/// assert!(later < first);
+/// ```
 pub struct Trainer<B: Backend> {
     /// The backend's model state.
     pub model: B,
@@ -254,11 +424,33 @@ pub struct Trainer<B: Backend> {
 
 impl<B: Backend> Trainer<B> {
     /// The plan of the next step.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let mut t = Trainer::cpu(MlpConfig::cpu()).unwrap(); // linear schedule to 0.5
+    /// let plan = t.next_plan();
+    /// assert_eq!(plan.step(), 0);
+    /// println!("step 0 runs {} of 6 blocks", plan.running());
+    /// t.step(false).unwrap();
+    /// assert_eq!(t.next_plan().step(), 1);
+    /// ```
     pub fn next_plan(&self) -> Plan {
         plan_for(&self.depth, self.config.blocks, self.step)
     }
 
     /// Runs one step; returns the loss when `want_loss`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let mut t = Trainer::cpu(MlpConfig { blocks: 2, ..MlpConfig::cpu() }).unwrap();
+    /// let loss = t.step(true).unwrap();
+    /// assert!(loss.is_finite() && loss > 0.0);
+    /// assert_eq!(t.steps(), 1);
+    /// ```
     pub fn step(&mut self, want_loss: bool) -> Result<f64> {
         let plan = self.next_plan();
         let loss = train_step(&mut self.model, &self.config, &plan, self.step, want_loss)?;
@@ -267,6 +459,17 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Steps taken.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let mut t = Trainer::cpu(MlpConfig { blocks: 2, ..MlpConfig::cpu() }).unwrap();
+    /// assert_eq!(t.steps(), 0);
+    /// t.step(false).unwrap();
+    /// t.step(false).unwrap();
+    /// assert_eq!(t.steps(), 2);
+    /// ```
     pub fn steps(&self) -> u64 {
         self.step
     }
@@ -274,6 +477,8 @@ impl<B: Backend> Trainer<B> {
 
 impl Trainer<CpuMlp> {
     /// A trainer on the CPU reference implementations.
+    ///
+    /// # Examples
     ///
     /// ```
     /// use fusedreg::mlp::train::{MlpConfig, Trainer};
@@ -296,6 +501,20 @@ impl Trainer<CpuMlp> {
 
 impl Trainer<GpuMlp> {
     /// A trainer on the GPU (fusedreg's kernels and cuBLAS).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// // `MlpConfig::gpu()` is the example's full size; this one is small.
+    /// let mut t = Trainer::gpu(&h, MlpConfig { blocks: 4, ..MlpConfig::cpu() })?;
+    /// let loss = t.step(true)?; // reads the loss back: a sync
+    /// assert!(loss.is_finite());
+    /// assert!(t.step(false)?.is_nan()); // no sync, no loss
+    /// # Ok(()) }
+    /// ```
     pub fn gpu(handle: &Handle, config: MlpConfig) -> Result<Self> {
         config.validate()?;
         Ok(Trainer {

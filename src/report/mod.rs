@@ -28,9 +28,27 @@ use crate::runtime::DeviceInfo;
 use crate::timing::CopyBandwidth;
 
 /// Identifies the JSON layout; bump it when a field changes meaning.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::report::{Report, SCHEMA};
+/// assert_eq!(SCHEMA, "fusedreg-bench/1");
+/// assert_eq!(Report::new_cpu(false).schema, SCHEMA); // a reader checks it before the rest
+/// ```
 pub const SCHEMA: &str = "fusedreg-bench/1";
 
 /// One timed variant (fused or unfused) of a case.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::report::Measurement;
+/// let m = Measurement::new(0.25, 1e9).launches(3).host_us(12.5);
+/// assert!((m.gbps - 4000.0).abs() < 1e-9); // 1 GB in 0.25 ms
+/// assert_eq!((m.launches_per_step, m.host_us_per_step), (Some(3), Some(12.5)));
+/// assert_eq!(m.frac_copy, None); // filled in by `Report::push` in GPU mode
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Measurement {
     /// Median time per step in milliseconds.
@@ -49,6 +67,15 @@ pub struct Measurement {
 
 impl Measurement {
     /// A measurement of `ms` per step moving `bytes` (at least) per step.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::Measurement;
+    /// // 2^26 bf16 elements, read x and residual, write y: 6 bytes each, in 0.15 ms.
+    /// let m = Measurement::new(0.15, 6.0 * (1u64 << 26) as f64);
+    /// assert!((m.gbps - 2684.35456).abs() < 1e-6);
+    /// ```
     pub fn new(ms: f64, bytes: f64) -> Self {
         Measurement {
             ms,
@@ -62,6 +89,21 @@ impl Measurement {
 
     /// Times `step` on the GPU (median of CUDA-event samples, see [`crate::timing::time_gpu`])
     /// and records launches per step and the host time to enqueue one step.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::{report::Measurement, timing::{filled, TimingPlan}, Error};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let mut buf = filled::<f32>(&h, 1 << 20, 1)?;
+    /// let bytes = 4.0 * (1 << 20) as f64; // each byte written once
+    /// let m = Measurement::gpu(&h, TimingPlan::quick(), bytes, || {
+    ///     h.stream().memset_zeros(&mut buf).map_err(Error::driver("memset"))
+    /// })?;
+    /// assert_eq!(m.launches_per_step, Some(0)); // a memset is not a kernel launch
+    /// # Ok(()) }
+    /// ```
     pub fn gpu(
         handle: &crate::Handle,
         plan: crate::timing::TimingPlan,
@@ -87,6 +129,17 @@ impl Measurement {
 
     /// Times `step` on the CPU with the wall clock (median of `plan.samples` runs after
     /// `plan.warmup`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::{report::Measurement, timing::TimingPlan};
+    /// let mut v = vec![1.0f32; 4096];
+    /// let bytes = 2.0 * 4.0 * v.len() as f64; // read and write each element
+    /// let m = Measurement::cpu(TimingPlan::quick(), bytes, || v.iter_mut().for_each(|x| *x *= 0.5));
+    /// assert!(m.ms >= 0.0 && m.bytes == bytes);
+    /// assert_eq!(m.launches_per_step, None);
+    /// ```
     pub fn cpu(plan: crate::timing::TimingPlan, bytes: f64, mut step: impl FnMut()) -> Self {
         for _ in 0..plan.warmup {
             step();
@@ -103,12 +156,28 @@ impl Measurement {
     }
 
     /// Adds the launches per step.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::Measurement;
+    /// let unfused = Measurement::new(0.9, 1e8).launches(3); // bias add, dropout, residual add
+    /// assert_eq!(unfused.launches_per_step, Some(3));
+    /// ```
     pub fn launches(mut self, n: u64) -> Self {
         self.launches_per_step = Some(n);
         self
     }
 
     /// Adds the host time per step.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::Measurement;
+    /// let m = Measurement::new(0.4, 1e8).host_us(7.5);
+    /// assert_eq!(m.host_us_per_step, Some(7.5));
+    /// ```
     pub fn host_us(mut self, us: f64) -> Self {
         self.host_us_per_step = Some(us);
         self
@@ -116,6 +185,18 @@ impl Measurement {
 }
 
 /// One (op, case) line of the report.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::report::{Measurement, Row};
+/// let row = Row::new("dropout_residual fwd", "bf16 2^26", 1 << 26, Measurement::new(0.5, 4e8))
+///     .with_unfused(Measurement::new(1.5, 4e8))
+///     .held(8 << 20, 64 << 20)
+///     .note("1-bit mask vs byte mask");
+/// assert_eq!(row.speedup, Some(3.0));
+/// assert_eq!(row.unfused_held_bytes, Some(64 << 20));
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     /// Op stem and direction, e.g. `dropout_residual fwd`.
@@ -140,6 +221,15 @@ pub struct Row {
 
 impl Row {
     /// A row with only the fused measurement.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::{Measurement, Row};
+    /// let row = Row::new("global_norm", "f32 gpt2-124m", 124_439_808, Measurement::new(0.2, 5e8));
+    /// assert_eq!((row.op.as_str(), row.case.as_str()), ("global_norm", "f32 gpt2-124m"));
+    /// assert!(row.unfused.is_none() && row.speedup.is_none() && row.note.is_empty());
+    /// ```
     pub fn new(op: &str, case: &str, elements: u64, fused: Measurement) -> Self {
         Row {
             op: op.into(),
@@ -155,6 +245,15 @@ impl Row {
     }
 
     /// Adds the unfused baseline and the speedup.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::{Measurement, Row};
+    /// let row = Row::new("adamw", "f32 2^24", 1 << 24, Measurement::new(0.5, 1e8))
+    ///     .with_unfused(Measurement::new(1.0, 1e8));
+    /// assert_eq!(row.speedup, Some(2.0)); // unfused ms / fused ms
+    /// ```
     pub fn with_unfused(mut self, unfused: Measurement) -> Self {
         self.speedup = Some(unfused.ms / self.fused.ms);
         self.unfused = Some(unfused);
@@ -162,6 +261,16 @@ impl Row {
     }
 
     /// Records memory held between passes by each variant.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::{Measurement, Row};
+    /// let n: u64 = 1 << 24;
+    /// // A 1-bit mask against a byte mask between forward and backward.
+    /// let row = Row::new("dropout_residual", "f32 2^24", n, Measurement::new(0.1, 1e8)).held(n / 8, n);
+    /// assert_eq!((row.fused_held_bytes, row.unfused_held_bytes), (Some(n / 8), Some(n)));
+    /// ```
     pub fn held(mut self, fused: u64, unfused: u64) -> Self {
         self.fused_held_bytes = Some(fused);
         self.unfused_held_bytes = Some(unfused);
@@ -169,6 +278,14 @@ impl Row {
     }
 
     /// Sets the note.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::{Measurement, Row};
+    /// let row = Row::new("x", "f32", 1, Measurement::new(1.0, 4.0)).note("PyTorch-eager style");
+    /// assert_eq!(row.note, "PyTorch-eager style");
+    /// ```
     pub fn note(mut self, note: impl Into<String>) -> Self {
         self.note = note.into();
         self
@@ -176,6 +293,19 @@ impl Row {
 }
 
 /// The device part of the report.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::report::DeviceJson;
+/// # let device = fusedreg::DeviceInfo {
+/// #     ordinal: 0, name: "NVIDIA H100 80GB HBM3".into(), compute_capability: (9, 0),
+/// #     sm_count: 132, l2_bytes: 50 << 20, total_memory: 80 << 30, driver_version: 13000,
+/// # };
+/// let d = DeviceJson::from(&device);
+/// assert_eq!(d.compute_capability, "9.0");
+/// assert_eq!(d.driver_cuda_version, "13.0"); // from the driver's 13000
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceJson {
     /// Name.
@@ -210,6 +340,15 @@ impl From<&DeviceInfo> for DeviceJson {
 }
 
 /// The copy reference of a GPU run.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::{report::CopyJson, timing::CopyBandwidth};
+/// let c = CopyBandwidth { bytes: 1 << 28, memcpy_gbps: 2900.0, kernel_gbps: 3000.0 };
+/// let json = CopyJson::from(&c);
+/// assert_eq!(json.reference_gbps, 3000.0); // the better of the two
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CopyJson {
     /// Bytes copied per call.
@@ -234,6 +373,16 @@ impl From<&CopyBandwidth> for CopyJson {
 }
 
 /// A whole run.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::report::{Measurement, Report, Row};
+/// let mut r = Report::new_cpu(true);
+/// r.push(Row::new("example", "f32 2^12", 4096, Measurement::new(0.01, 32768.0)));
+/// assert_eq!((r.mode.as_str(), r.quick, r.rows.len()), ("cpu", true, 1));
+/// assert!(r.device.is_none() && r.copy.is_none());
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// [`SCHEMA`].
@@ -278,6 +427,21 @@ impl Report {
     }
 
     /// A GPU-mode report on `device` with the copy reference measured in this run.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::{report::Report, timing::CopyBandwidth};
+    /// # let device = fusedreg::DeviceInfo {
+    /// #     ordinal: 0, name: "NVIDIA H100 80GB HBM3".into(), compute_capability: (9, 0),
+    /// #     sm_count: 132, l2_bytes: 50 << 20, total_memory: 80 << 30, driver_version: 13000,
+    /// # };
+    /// // In the bench: `handle.device_info()?` and `timing::copy_bandwidth(..)?`.
+    /// let copy = CopyBandwidth { bytes: 256 << 20, memcpy_gbps: 2900.0, kernel_gbps: 3000.0 };
+    /// let r = Report::new_gpu(false, &device, &copy);
+    /// assert_eq!(r.mode, "gpu");
+    /// assert_eq!(r.device.unwrap().name, "NVIDIA H100 80GB HBM3");
+    /// ```
     pub fn new_gpu(quick: bool, device: &DeviceInfo, copy: &CopyBandwidth) -> Self {
         let mut r = Self::base("gpu", quick);
         r.device = Some(device.into());
@@ -286,11 +450,37 @@ impl Report {
     }
 
     /// A CPU-mode report (no device).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::Report;
+    /// let mut r = Report::new_cpu(false);
+    /// r.no_device_reason = Some("no CUDA driver".into());
+    /// assert_eq!(r.mode, "cpu");
+    /// assert!(r.table().contains("NO CUDA DEVICE FOUND (no CUDA driver)"));
+    /// ```
     pub fn new_cpu(quick: bool) -> Self {
         Self::base("cpu", quick)
     }
 
     /// Adds a row, filling in the fractions of the copy bandwidth.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::{Measurement, Report, Row};
+    /// use fusedreg::timing::CopyBandwidth;
+    /// # let device = fusedreg::DeviceInfo {
+    /// #     ordinal: 0, name: "NVIDIA H100 80GB HBM3".into(), compute_capability: (9, 0),
+    /// #     sm_count: 132, l2_bytes: 50 << 20, total_memory: 80 << 30, driver_version: 13000,
+    /// # };
+    /// let copy = CopyBandwidth { bytes: 256 << 20, memcpy_gbps: 2900.0, kernel_gbps: 3000.0 };
+    /// let mut r = Report::new_gpu(false, &device, &copy);
+    /// r.push(Row::new("op", "f32", 1 << 20, Measurement::new(1.0, 1.5e9))); // 1500 GB/s
+    /// let frac = r.rows[0].fused.frac_copy.unwrap();
+    /// assert!((frac - 0.5).abs() < 1e-12);
+    /// ```
     pub fn push(&mut self, mut row: Row) {
         if let Some(c) = &self.copy {
             let frac = |m: &mut Measurement| m.frac_copy = Some(m.gbps / c.reference_gbps);
@@ -303,22 +493,67 @@ impl Report {
     }
 
     /// The report as pretty JSON.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::{Measurement, Report, Row};
+    /// let mut r = Report::new_cpu(true);
+    /// r.push(Row::new("example", "f32 2^10", 1024, Measurement::new(0.5, 8192.0)));
+    /// let back: Report = serde_json::from_str(&r.to_json()).unwrap();
+    /// assert_eq!(back.rows[0].op, "example");
+    /// assert_eq!(back.commit, r.commit);
+    /// ```
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("report serializes")
     }
 
     /// The readable table printed on stdout.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::{Measurement, Report, Row};
+    /// let mut r = Report::new_cpu(false);
+    /// r.push(Row::new("adamw", "f32 2^20", 1 << 20, Measurement::new(0.5, 1e8))
+    ///     .with_unfused(Measurement::new(1.0, 1e8)));
+    /// let table = r.table();
+    /// let line = table.lines().find(|l| l.starts_with("adamw")).unwrap();
+    /// assert!(line.contains("2.00x")); // the speedup column
+    /// ```
     pub fn table(&self) -> String {
         table::render(self)
     }
 
     /// An SVG bar chart: each row's fused and unfused throughput as a fraction of the copy
     /// bandwidth (GB/s in CPU mode).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::{Measurement, Report, Row};
+    /// let mut r = Report::new_cpu(false);
+    /// r.push(Row::new("a<b", "f32", 1024, Measurement::new(0.5, 8192.0)));
+    /// let svg = r.to_svg();
+    /// assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    /// assert!(svg.contains("a&lt;b f32")); // labels are escaped
+    /// ```
     pub fn to_svg(&self) -> String {
         svg::render(self)
     }
 
     /// Writes `report.json`, `report.svg` and `report.txt` into `dir`, returning their paths.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::report::Report;
+    /// let dir = std::env::temp_dir().join(format!("fusedreg-doc-{}", std::process::id()));
+    /// let files = Report::new_cpu(true).write_files(&dir).unwrap();
+    /// assert_eq!(files.len(), 3);
+    /// assert!(files.iter().all(|p| p.is_file()));
+    /// std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
     pub fn write_files(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(dir)?;
         let files = [

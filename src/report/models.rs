@@ -1,6 +1,16 @@
 //! Parameter lists of real models, shared by the benchmark report and the criterion benches.
 
 /// One parameter tensor: name, elements, weight decay (0 for biases and norm weights).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::report::models::gpt2_124m;
+/// let p = gpt2_124m();
+/// assert_eq!((p[0].name.as_str(), p[0].elements), ("wte", 50_257 * 768));
+/// // Matrices are decayed; biases and LayerNorm weights are not.
+/// assert!(p.iter().filter(|t| t.name.contains("ln_")).all(|t| t.weight_decay == 0.0));
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamShape {
     /// Name, e.g. `h0.attn.c_attn.w`.
@@ -29,6 +39,8 @@ fn vector(v: &mut Vec<ParamShape>, name: String, n: usize) {
 
 /// GPT-2 124M as in nanoGPT: 148 tensors, 124,439,808 parameters (the tied lm_head is not
 /// repeated).
+///
+/// # Examples
 ///
 /// ```
 /// let p = fusedreg::report::models::gpt2_124m();
@@ -62,6 +74,8 @@ pub fn gpt2_124m() -> Vec<ParamShape> {
 /// A Llama-like 1B model: hidden 2048, 16 layers, intermediate 5632, vocab 32000, untied
 /// embeddings, RMSNorm weights: 147 tensors, 0.95B parameters.
 ///
+/// # Examples
+///
 /// ```
 /// assert_eq!(fusedreg::report::models::llama_1b().len(), 147);
 /// ```
@@ -85,6 +99,14 @@ pub fn llama_1b() -> Vec<ParamShape> {
 }
 
 /// A GPT-2-shaped list scaled down for CPU runs (hidden 96, 4 layers, vocab 1000).
+///
+/// # Examples
+///
+/// ```
+/// let p = fusedreg::report::models::gpt2_tiny();
+/// assert_eq!(p.len(), 22);
+/// assert_eq!(p.iter().map(|t| t.elements).sum::<usize>(), 515_328);
+/// ```
 pub fn gpt2_tiny() -> Vec<ParamShape> {
     let (d, vocab, ctx, layers) = (96, 1000, 128, 4);
     let mut v = Vec::new();

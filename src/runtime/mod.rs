@@ -18,6 +18,16 @@ pub use self::modules::{compiled_archs, kernels_built, nvcc_version};
 use crate::error::{Error, Result};
 
 /// True when libcuda can be loaded. Probed once: `CudaContext::new` panics without it.
+///
+/// # Examples
+///
+/// ```
+/// // Without a driver every GPU entry point reports it as an error instead of panicking.
+/// if !fusedreg::driver_present() {
+///     assert!(matches!(fusedreg::device_count(), Err(fusedreg::Error::NoDriver)));
+///     assert!(matches!(fusedreg::Handle::new(0), Err(fusedreg::Error::NoDriver)));
+/// }
+/// ```
 pub fn driver_present() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
     // SAFETY: only tries to dlopen the driver library by its usual names.
@@ -25,6 +35,8 @@ pub fn driver_present() -> bool {
 }
 
 /// Number of CUDA devices visible to this process.
+///
+/// # Examples
 ///
 /// ```
 /// // Works on any machine: without a driver it is an error, not a panic.
@@ -43,6 +55,18 @@ pub fn device_count() -> Result<usize> {
 }
 
 /// What the benchmarks and the test report print about a device.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let info: fusedreg::DeviceInfo = h.device_info()?;
+/// let (major, minor) = info.compute_capability;
+/// println!("{}: sm_{major}{minor}, {} SMs", info.name, info.sm_count);
+/// assert_eq!(info.ordinal, 0);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
     /// Device ordinal.
@@ -75,6 +99,8 @@ struct Inner {
 /// is loaded once per context (shared by every handle on it) and functions are cached. Cloning is
 /// cheap and clones share the launch counter.
 ///
+/// # Examples
+///
 /// ```no_run
 /// # fn main() -> fusedreg::Result<()> {
 /// let handle = fusedreg::Handle::new(0)?;
@@ -105,6 +131,17 @@ impl Handle {
     ///
     /// Errors: [`Error::NoDriver`] without libcuda, [`Error::NoDevice`] when the ordinal does not
     /// exist, [`Error::KernelsNotBuilt`] when the crate was built without nvcc.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// assert_eq!(h.launch_count(), 0);
+    /// // An ordinal past the last device is an error, not a panic.
+    /// assert!(matches!(fusedreg::Handle::new(1000), Err(fusedreg::Error::NoDevice { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn new(ordinal: usize) -> Result<Self> {
         let found = device_count()?;
         if ordinal >= found {
@@ -130,6 +167,20 @@ impl Handle {
     /// kernel is launched on it, so it is ordered with the caller's own work.
     ///
     /// To wrap a raw `CUstream`, use `CudaContext::wrap_borrowed_stream` first.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::cudarc::driver::CudaContext;
+    /// use fusedreg::Error;
+    /// // The framework's context and stream:
+    /// let ctx = CudaContext::new(0).map_err(Error::driver("cuCtxCreate"))?;
+    /// let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
+    /// let h = fusedreg::Handle::from_stream(stream.clone())?;
+    /// assert!(std::sync::Arc::ptr_eq(h.stream(), &stream)); // our kernels run on it
+    /// # Ok(()) }
+    /// ```
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
         if !driver_present() {
             return Err(Error::NoDriver);
@@ -147,16 +198,54 @@ impl Handle {
     }
 
     /// The stream all kernels are launched on.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::Error;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// // Allocate and copy on the handle's stream, so the transfers are ordered with its kernels.
+    /// let x = h.stream().clone_htod(&[1.0f32, 2.0, 3.0]).map_err(Error::driver("htod"))?;
+    /// let back = h.stream().clone_dtoh(&x).map_err(Error::driver("dtoh"))?;
+    /// assert_eq!(back, vec![1.0, 2.0, 3.0]);
+    /// # Ok(()) }
+    /// ```
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
     }
 
     /// The CUDA context.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::{Error, Handle};
+    /// let h = Handle::new(0)?;
+    /// assert_eq!(h.context().ordinal(), 0);
+    /// // A second stream on the same context shares the loaded kernels.
+    /// let side = h.context().new_stream().map_err(Error::driver("cuStreamCreate"))?;
+    /// let h2 = Handle::from_stream(side)?;
+    /// # let _ = h2;
+    /// # Ok(()) }
+    /// ```
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.inner.ctx
     }
 
     /// Waits for all work submitted to the handle's stream.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let buf = fusedreg::timing::filled::<f32>(&h, 1 << 18, 0x3f)?; // enqueued, not waited for
+    /// h.synchronize()?; // now the memset has finished
+    /// # let _ = buf;
+    /// # Ok(()) }
+    /// ```
     pub fn synchronize(&self) -> Result<()> {
         self.inner
             .stream
@@ -166,11 +255,35 @@ impl Handle {
 
     /// Number of kernels this handle (and its clones) has launched. Memory copies and memsets
     /// are not counted. Stochastic depth uses it to prove that dropped blocks launch nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let before = h.launch_count();
+    /// let words = fusedreg::philox::gpu::mask_words(&h, 42, 7, 0, 1024)?; // one kernel
+    /// assert_eq!(h.launch_count(), before + 1);
+    /// assert_eq!(h.clone().launch_count(), h.launch_count()); // clones share the counter
+    /// # let _ = words;
+    /// # Ok(()) }
+    /// ```
     pub fn launch_count(&self) -> u64 {
         self.inner.launches.load(Ordering::Relaxed)
     }
 
     /// Name, compute capability, SM count, L2 size, memory and driver version.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let info = fusedreg::Handle::new(0)?.device_info()?;
+    /// println!("{} ({} GiB, L2 {} MiB)", info.name, info.total_memory >> 30, info.l2_bytes >> 20);
+    /// println!("driver CUDA {}.{}", info.driver_version / 1000, info.driver_version % 1000 / 10);
+    /// assert!(info.sm_count > 0);
+    /// # Ok(()) }
+    /// ```
     pub fn device_info(&self) -> Result<DeviceInfo> {
         use sys::CUdevice_attribute as A;
         let ctx = &self.inner.ctx;
@@ -194,6 +307,16 @@ impl Handle {
 
     /// Loads every kernel of the crate into this context now rather than at first use, so a
     /// module the driver cannot load is reported at start-up. Returns how many were loaded.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let n = h.load_all_kernels()?; // Error::ModuleLoad here, not in the first training step
+    /// assert!(n > 0);
+    /// # Ok(()) }
+    /// ```
     pub fn load_all_kernels(&self) -> Result<usize> {
         for &k in Kernel::ALL {
             self.function(k)?;

@@ -24,16 +24,41 @@ pub(crate) struct EmbeddedModule {
 include!(concat!(env!("OUT_DIR"), "/kernel_modules.rs"));
 
 /// Whether this build embeds the CUDA kernels.
+///
+/// # Examples
+///
+/// ```
+/// // Built without nvcc, the crate embeds no kernels and reports no archs and no compiler.
+/// assert_eq!(fusedreg::kernels_built(), !fusedreg::compiled_archs().is_empty());
+/// if !fusedreg::kernels_built() {
+///     assert!(fusedreg::Handle::new(0).is_err());
+/// }
+/// ```
 pub fn kernels_built() -> bool {
     NOT_BUILT_REASON.is_none()
 }
 
 /// The SASS archs the kernels were compiled for (PTX is embedded for the last one).
+///
+/// # Examples
+///
+/// ```
+/// let archs: Vec<String> = fusedreg::compiled_archs().iter().map(|a| format!("sm_{a}")).collect();
+/// println!("kernels for {}", archs.join("/")); // "sm_80/sm_90" by default
+/// assert!(fusedreg::compiled_archs().iter().all(|&a| a >= 75)); // CUDA 13's oldest
+/// ```
 pub fn compiled_archs() -> &'static [u32] {
     ARCHS
 }
 
 /// The nvcc release line that compiled the kernels, or "" when they were not built.
+///
+/// # Examples
+///
+/// ```
+/// let v = fusedreg::nvcc_version(); // e.g. "Cuda compilation tools, release 13.0, V13.0.88"
+/// assert_eq!(v.is_empty(), !fusedreg::kernels_built());
+/// ```
 pub fn nvcc_version() -> &'static str {
     NVCC_VERSION
 }

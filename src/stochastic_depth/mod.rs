@@ -41,6 +41,16 @@ const ROW_TAG: u64 = 0x5344_5257_7eed_0002; // "SDRW"
 const MAX_BLOCKS: usize = 1 << 20;
 
 /// How the drop probability grows with depth.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::stochastic_depth::Schedule;
+/// assert_eq!(Schedule::Constant(0.1).probabilities(3).unwrap(), vec![0.1; 3]);
+/// let custom = Schedule::Custom(vec![0.0, 0.1, 0.2]);
+/// assert_eq!(custom.probabilities(3).unwrap(), vec![0.0, 0.1, 0.2]);
+/// assert!(custom.probabilities(4).is_err()); // one probability per block
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub enum Schedule {
     /// Huang et al. (2016): `p_l = (l / L) * p_L` for blocks `l = 1..=L` — the first block is
@@ -64,11 +74,21 @@ pub enum Schedule {
 
 impl Schedule {
     /// [`Schedule::Linear`] (Huang et al.).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::Schedule;
+    /// assert_eq!(Schedule::linear(0.2), Schedule::Linear { p_last: 0.2 });
+    /// assert_eq!(Schedule::linear(0.2).probabilities(2).unwrap(), vec![0.1, 0.2]);
+    /// ```
     pub fn linear(p_last: f64) -> Self {
         Schedule::Linear { p_last }
     }
 
     /// The drop probability of each of `blocks` blocks, each validated to lie in `[0, 1)`.
+    ///
+    /// # Examples
     ///
     /// ```
     /// use fusedreg::stochastic_depth::Schedule;
@@ -114,6 +134,16 @@ impl Schedule {
 }
 
 /// Whole-block (batch) or per-sample (row) dropping.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+/// let row = StochasticDepth::new(Schedule::Constant(0.5), 4, 1, Mode::Row).unwrap();
+/// let plan = row.plan(0);
+/// assert_eq!(plan.running(), 4); // row mode: every block runs...
+/// assert!(plan.blocks().iter().all(|b| b.row_drop.is_some())); // ...and drops rows on the device
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Drop the block for the whole batch: dropped blocks launch nothing.
@@ -123,6 +153,16 @@ pub enum Mode {
 }
 
 /// Stochastic depth over a fixed number of blocks.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+/// let sd = StochasticDepth::new(Schedule::linear(0.5), 12, 42, Mode::Batch).unwrap();
+/// let plan = sd.plan(7);
+/// assert_eq!(plan.blocks().len(), sd.blocks());
+/// assert_eq!(plan, sd.plan(7)); // a pure function of (seed, step)
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct StochasticDepth {
     rates: Vec<DropRate>,
@@ -132,6 +172,16 @@ pub struct StochasticDepth {
 
 impl StochasticDepth {
     /// Validates the schedule for `blocks` blocks.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::Constant(0.2), 8, 0, Mode::Batch).unwrap();
+    /// assert_eq!(sd.blocks(), 8);
+    /// assert!(StochasticDepth::new(Schedule::Constant(0.2), 0, 0, Mode::Batch).is_err()); // no blocks
+    /// assert!(StochasticDepth::new(Schedule::Constant(1.0), 8, 0, Mode::Batch).is_err()); // p < 1
+    /// ```
     pub fn new(schedule: Schedule, blocks: usize, seed: u64, mode: Mode) -> Result<Self> {
         if blocks > MAX_BLOCKS {
             return Err(Error::invalid(
@@ -148,17 +198,48 @@ impl StochasticDepth {
     }
 
     /// Number of blocks.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::linear(0.5), 24, 0, Mode::Row).unwrap();
+    /// assert_eq!(sd.blocks(), 24);
+    /// ```
     pub fn blocks(&self) -> usize {
         self.rates.len()
     }
 
     /// The drop rate of each block.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::linear(0.5), 2, 0, Mode::Batch).unwrap();
+    /// let p: Vec<f64> = sd.rates().iter().map(|r| r.p()).collect();
+    /// assert_eq!(p, vec![0.25, 0.5]);
+    /// assert_eq!(sd.rates()[1].scale(), 2.0); // 1 / (1 - p)
+    /// ```
     pub fn rates(&self) -> &[DropRate] {
         &self.rates
     }
 
     /// The plan for training step `step`: a pure function of (seed, step), computed on the host
     /// without touching the device. Evaluation (no dropping) is [`StochasticDepth::eval_plan`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::Constant(0.5), 16, 9, Mode::Batch).unwrap();
+    /// let plan = sd.plan(5);
+    /// assert_eq!(plan.step(), 5);
+    /// for b in plan.blocks() {
+    ///     // A kept block is scaled by 1 / (1 - 0.5); a dropped one contributes nothing.
+    ///     assert_eq!(b.residual_scale, if b.runs { 2.0 } else { 0.0 });
+    /// }
+    /// ```
     pub fn plan(&self, step: u64) -> Plan {
         let blocks = self
             .rates
@@ -188,6 +269,16 @@ impl StochasticDepth {
     }
 
     /// The plan for inference: every block runs unscaled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::linear(0.5), 6, 1, Mode::Row).unwrap();
+    /// let eval = sd.eval_plan();
+    /// assert_eq!(eval.running(), 6);
+    /// assert!(eval.blocks().iter().all(|b| b.residual_scale == 1.0 && b.row_drop.is_none()));
+    /// ```
     pub fn eval_plan(&self) -> Plan {
         Plan {
             step: u64::MAX,
@@ -210,6 +301,21 @@ fn row_call(step: u64, block: usize) -> u64 {
 }
 
 /// Per-sample dropping of one block in row mode: pass it to the fused residual add's drop path.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::DropPath;
+/// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+/// # fn main() -> fusedreg::Result<()> {
+/// let sd = StochasticDepth::new(Schedule::Constant(0.25), 3, 11, Mode::Row)?;
+/// let drop = sd.plan(0).block(2).unwrap().row_drop.unwrap();
+/// assert_eq!(drop.p, 0.25);
+/// // The drop path of the fused op, keyed by this draw's seed and call id:
+/// let s = DropPath::new(drop.p, drop.call)?.row_scale(drop.seed, 17);
+/// assert!(s == 0.0 || s == 1.0 / 0.75);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowDrop {
     /// Drop probability of each row.
@@ -221,6 +327,17 @@ pub struct RowDrop {
 }
 
 /// What one block does this step.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+/// let sd = StochasticDepth::new(Schedule::Constant(0.5), 8, 3, Mode::Batch).unwrap();
+/// for b in sd.plan(1).blocks() {
+///     assert!(b.row_drop.is_none()); // batch mode: nothing to do on the device
+///     assert_eq!(b.runs, b.residual_scale != 0.0);
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlockPlan {
     /// Whether the block runs at all (always true in row mode).
@@ -233,6 +350,16 @@ pub struct BlockPlan {
 }
 
 /// Which blocks run at one step.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+/// let sd = StochasticDepth::new(Schedule::Constant(0.5), 10, 5, Mode::Batch).unwrap();
+/// let plan = sd.plan(2);
+/// let running = (0..10).filter(|&l| plan.runs(l)).count();
+/// assert_eq!(running, plan.running());
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     step: u64,
@@ -241,32 +368,92 @@ pub struct Plan {
 
 impl Plan {
     /// The step this plan is for.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::linear(0.3), 4, 0, Mode::Batch).unwrap();
+    /// assert_eq!(sd.plan(123).step(), 123);
+    /// ```
     pub fn step(&self) -> u64 {
         self.step
     }
 
     /// Whether block `block` runs (launch nothing for it, forward or backward, if not).
     /// Out-of-range blocks do not run.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::Constant(0.0), 4, 0, Mode::Batch).unwrap();
+    /// let plan = sd.plan(0);
+    /// assert!(plan.runs(3)); // p = 0: every block runs
+    /// assert!(!plan.runs(4)); // out of range
+    /// ```
     pub fn runs(&self, block: usize) -> bool {
         self.blocks.get(block).is_some_and(|b| b.runs)
     }
 
     /// The residual scale of `block` (0 if it does not run).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::Constant(0.5), 4, 8, Mode::Batch).unwrap();
+    /// let plan = sd.plan(0);
+    /// for l in 0..4 {
+    ///     assert_eq!(plan.residual_scale(l), if plan.runs(l) { 2.0 } else { 0.0 });
+    /// }
+    /// assert_eq!(plan.residual_scale(99), 0.0);
+    /// ```
     pub fn residual_scale(&self, block: usize) -> f32 {
         self.blocks.get(block).map_or(0.0, |b| b.residual_scale)
     }
 
     /// Everything about `block`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::linear(0.5), 4, 0, Mode::Row).unwrap();
+    /// let plan = sd.plan(0);
+    /// assert_eq!(plan.block(3).unwrap().row_drop.unwrap().p, 0.5);
+    /// assert!(plan.block(4).is_none());
+    /// ```
     pub fn block(&self, block: usize) -> Option<&BlockPlan> {
         self.blocks.get(block)
     }
 
     /// All blocks.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::Constant(0.5), 5, 2, Mode::Batch).unwrap();
+    /// let plan = sd.plan(4);
+    /// assert_eq!(plan.blocks().len(), 5);
+    /// assert_eq!(plan.blocks().iter().filter(|b| b.runs).count(), plan.running());
+    /// ```
     pub fn blocks(&self) -> &[BlockPlan] {
         &self.blocks
     }
 
     /// How many blocks run.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+    /// let sd = StochasticDepth::new(Schedule::Constant(0.5), 64, 1, Mode::Batch).unwrap();
+    /// let n = sd.plan(0).running(); // about half of the 64 blocks
+    /// assert!(n > 16 && n < 48);
+    /// assert_eq!(sd.eval_plan().running(), 64);
+    /// ```
     pub fn running(&self) -> usize {
         self.blocks.iter().filter(|b| b.runs).count()
     }
@@ -275,6 +462,8 @@ impl Plan {
     /// optimizer tensor `i` (`None` for tensors outside the blocks, which always step). Tensors
     /// of dropped blocks got no gradient this step; skipping them keeps momentum from moving
     /// them anyway.
+    ///
+    /// # Examples
     ///
     /// ```
     /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
