@@ -44,6 +44,15 @@ pub fn pow_by_squaring(mut b: f64, mut e: u32) -> f64 {
 
 /// The bias corrections of step `t` (counted from 1): `(f32(1 - b1^t), f32(sqrt(1 - b2^t)))`,
 /// each computed in f64 and rounded once.
+///
+/// ```
+/// use fusedreg::adamw::cpu::bias_corrections;
+/// let (bc1, bc2_sqrt) = bias_corrections(0.9, 0.999, 1);
+/// assert!((bc1 - 0.1).abs() < 1e-7);
+/// assert!((bc2_sqrt - 0.001f32.sqrt()).abs() < 1e-6);
+/// // Late in training both corrections are exactly 1.
+/// assert_eq!(bias_corrections(0.9, 0.999, 100_000), (1.0, 1.0));
+/// ```
 pub fn bias_corrections(beta1: f32, beta2: f32, t: u32) -> (f32, f32) {
     let bc1 = (1.0 - pow_by_squaring(f64::from(beta1), t)) as f32;
     let bc2_sqrt = (1.0 - pow_by_squaring(f64::from(beta2), t)).sqrt() as f32;
@@ -51,6 +60,14 @@ pub fn bias_corrections(beta1: f32, beta2: f32, t: u32) -> (f32, f32) {
 }
 
 /// The per-tensor, per-step constants of the update, computed as the kernel computes them.
+///
+/// ```
+/// use fusedreg::adamw::{cpu::StepConsts, AdamWConfig};
+/// let k = StepConsts::new(&AdamWConfig::default(), 1e-3, 0.01, 1, 1.0);
+/// assert_eq!((k.b1, k.omb1), (0.9, 1.0 - 0.9f32));
+/// assert_eq!(k.neg_lr_wd, -(1e-3f32 * 0.01));
+/// assert!((k.neg_step + 1e-2).abs() < 1e-8); // -(lr / (1 - 0.9))
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepConsts {
     /// beta1.
@@ -75,6 +92,15 @@ pub struct StepConsts {
 
 impl StepConsts {
     /// The constants of step `t` (the new step count) of a tensor with `weight_decay`.
+    ///
+    /// ```
+    /// use fusedreg::adamw::{cpu::{bias_corrections, StepConsts}, AdamWConfig};
+    /// let cfg = AdamWConfig::default();
+    /// let k = StepConsts::new(&cfg, 5e-4, 0.0, 10, 0.5);
+    /// let (bc1, bc2_sqrt) = bias_corrections(cfg.beta1, cfg.beta2, 10);
+    /// assert_eq!((k.neg_step, k.bc2_sqrt), (-(5e-4 / bc1), bc2_sqrt));
+    /// assert_eq!((k.grad_scale, k.neg_lr_wd), (0.5, 0.0));
+    /// ```
     pub fn new(config: &AdamWConfig, lr: f32, weight_decay: f32, t: u32, grad_scale: f32) -> Self {
         let (bc1, bc2_sqrt) = bias_corrections(config.beta1, config.beta2, t);
         StepConsts {
@@ -92,6 +118,16 @@ impl StepConsts {
 }
 
 /// One element's update, the kernel's `AdamWOp::update` operation for operation.
+///
+/// ```
+/// use fusedreg::adamw::{cpu::{update, StepConsts}, AdamWConfig};
+/// let k = StepConsts::new(&AdamWConfig::default(), 1e-3, 0.0, 1, 1.0);
+/// let (mut p, mut m, mut v) = (1.0f32, 0.0f32, 0.0f32);
+/// update(&k, &mut p, 0.5, &mut m, &mut v);
+/// assert_eq!(m, (1.0 - 0.9f32) * 0.5);
+/// // The first step moves p by about lr against the gradient's sign.
+/// assert!((p - (1.0 - 1e-3)).abs() < 1e-6);
+/// ```
 #[inline]
 pub fn update(k: &StepConsts, p: &mut f32, grad: f32, m: &mut f32, v: &mut f32) {
     let g = grad * k.grad_scale;
@@ -104,6 +140,14 @@ pub fn update(k: &StepConsts, p: &mut f32, grad: f32, m: &mut f32, v: &mut f32) 
 
 /// The Philox call id of stochastic rounding for tensor `tensor` at its step `t`:
 /// `(t << 32) | tensor`.
+///
+/// ```
+/// use fusedreg::adamw::cpu::rounding_call;
+/// assert_eq!(rounding_call(1, 0), 1 << 32);
+/// assert_eq!(rounding_call(3, 5), (3 << 32) | 5);
+/// // Every (step, tensor) pair has its own Philox call id.
+/// assert_ne!(rounding_call(1, 2), rounding_call(2, 1));
+/// ```
 pub fn rounding_call(t: u32, tensor: usize) -> u64 {
     (u64::from(t) << 32) | (tensor as u64 & 0xffff_ffff)
 }
@@ -176,6 +220,15 @@ pub fn round_stochastic<T: Dtype>(x: f32, word: u32) -> T {
 }
 
 /// One tensor of the CPU reference, with its state.
+///
+/// ```
+/// use fusedreg::adamw::cpu::CpuTensor;
+/// use half::f16;
+/// // f16 parameters, f32 gradients: the master weights start as the widened parameters.
+/// let t = CpuTensor::<f16, f32>::new(vec![f16::from_f32(0.5); 3], vec![0.0; 3], 0.0).unwrap();
+/// assert_eq!(t.master, Some(vec![0.5; 3]));
+/// assert_eq!((t.step, t.m.clone(), t.v.clone()), (0, vec![0.0; 3], vec![0.0; 3]));
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuTensor<P: Dtype, G: Dtype> {
     /// Parameters (for 16-bit types, the rounded copy of `master`).
@@ -198,6 +251,14 @@ impl<P: Dtype, G: Dtype> CpuTensor<P, G> {
     /// A tensor with zero moments, step 0, and (for 16-bit params) master weights widened from
     /// the parameters, as a freshly built set has. Errors on mismatched lengths or a negative
     /// or non-finite weight decay.
+    ///
+    /// ```
+    /// use fusedreg::adamw::cpu::CpuTensor;
+    /// let t = CpuTensor::<f32, f32>::new(vec![1.0; 4], vec![0.1; 4], 0.01).unwrap();
+    /// assert_eq!((t.len(), t.master.is_none()), (4, true));
+    /// assert!(CpuTensor::<f32, f32>::new(vec![1.0; 4], vec![0.1; 3], 0.01).is_err());
+    /// assert!(CpuTensor::<f32, f32>::new(vec![1.0; 4], vec![0.1; 4], -0.01).is_err());
+    /// ```
     pub fn new(param: Vec<P>, grad: Vec<G>, weight_decay: f32) -> Result<Self> {
         check_len(OP, "grad", grad.len(), param.len())?;
         if !weight_decay.is_finite() || weight_decay < 0.0 {
@@ -221,17 +282,39 @@ impl<P: Dtype, G: Dtype> CpuTensor<P, G> {
     }
 
     /// Number of elements.
+    ///
+    /// ```
+    /// use fusedreg::adamw::cpu::CpuTensor;
+    /// let t = CpuTensor::<f32, f32>::new(vec![1.0; 5], vec![0.0; 5], 0.0).unwrap();
+    /// assert_eq!(t.len(), 5);
+    /// ```
     pub fn len(&self) -> usize {
         self.param.len()
     }
 
     /// True for a zero-size tensor.
+    ///
+    /// ```
+    /// use fusedreg::adamw::cpu::CpuTensor;
+    /// let t = CpuTensor::<f32, f32>::new(vec![], vec![], 0.0).unwrap();
+    /// assert!(t.is_empty());
+    /// assert!(!CpuTensor::<f32, f32>::new(vec![1.0], vec![0.0], 0.0).unwrap().is_empty());
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.param.is_empty()
     }
 }
 
 /// The per-step device scalars, as host values.
+///
+/// ```
+/// use fusedreg::adamw::{cpu::{self, CpuTensor, StepInputs}, AdamWConfig};
+/// let mut t = vec![CpuTensor::<f32, f32>::new(vec![1.0; 2], vec![4.0; 2], 0.0).unwrap()];
+/// // Gradients carry a loss scale of 8: scale them back by 1/8 inside the step.
+/// let inputs = StepInputs { grad_scale: 0.125, ..StepInputs::new(1e-3) };
+/// cpu::step(&mut t, &AdamWConfig::default(), &inputs, &[]).unwrap();
+/// assert_eq!(t[0].m[0], (1.0 - 0.9f32) * 0.5);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepInputs {
     /// Learning rate.
@@ -244,6 +327,12 @@ pub struct StepInputs {
 
 impl StepInputs {
     /// `lr`, no gradient scaling, finite.
+    ///
+    /// ```
+    /// use fusedreg::adamw::cpu::StepInputs;
+    /// let i = StepInputs::new(1e-3);
+    /// assert_eq!((i.lr, i.grad_scale, i.nonfinite), (1e-3, 1.0, false));
+    /// ```
     pub fn new(lr: f32) -> Self {
         StepInputs {
             lr,
@@ -253,6 +342,17 @@ impl StepInputs {
     }
 
     /// The inputs a step reads after a global norm: its `grad_scale` and flag.
+    ///
+    /// ```
+    /// use fusedreg::{adamw::cpu::StepInputs, global_norm::cpu::global_norm};
+    /// let g = vec![3.0f32, 4.0]; // norm 5
+    /// let v = global_norm(&[&g[..]], Some(1.0), 1.0).unwrap();
+    /// let i = StepInputs::from_norm(1e-3, &v);
+    /// assert_eq!((i.grad_scale, i.nonfinite), (v.coef, false));
+    /// let bad = vec![f32::INFINITY, 0.0];
+    /// let v = global_norm(&[&bad[..]], Some(1.0), 1.0).unwrap();
+    /// assert!(StepInputs::from_norm(1e-3, &v).nonfinite);
+    /// ```
     pub fn from_norm(lr: f32, norm: &crate::global_norm::NormValues) -> Self {
         StepInputs {
             lr,
@@ -264,6 +364,22 @@ impl StepInputs {
 
 /// One AdamW step over every tensor, exactly as one launch of the kernel. `skip` is empty (no
 /// tensor skipped) or one flag per tensor. Nothing changes when `inputs.nonfinite`.
+///
+/// ```
+/// use fusedreg::adamw::{cpu::{self, CpuTensor, StepInputs}, AdamWConfig};
+/// let mk = || CpuTensor::<f32, f32>::new(vec![1.0; 4], vec![0.5; 4], 0.01).unwrap();
+/// let mut ts = vec![mk(), mk()];
+/// let cfg = AdamWConfig::default();
+/// // Tensor 1 is skipped (its block was dropped): only tensor 0 moves.
+/// cpu::step(&mut ts, &cfg, &StepInputs::new(cfg.lr), &[false, true]).unwrap();
+/// assert_eq!((ts[0].step, ts[1].step), (1, 0));
+/// assert!(ts[0].param[0] < 1.0 && ts[1].param[0] == 1.0);
+/// // A non-finite norm changes nothing; a skip list of the wrong length is refused.
+/// let inf = StepInputs { nonfinite: true, ..StepInputs::new(cfg.lr) };
+/// cpu::step(&mut ts, &cfg, &inf, &[]).unwrap();
+/// assert_eq!(ts[0].step, 1);
+/// assert!(cpu::step(&mut ts, &cfg, &StepInputs::new(cfg.lr), &[true]).is_err());
+/// ```
 pub fn step<P: Dtype, G: Dtype>(
     tensors: &mut [CpuTensor<P, G>],
     config: &AdamWConfig,
@@ -328,6 +444,16 @@ pub fn step<P: Dtype, G: Dtype>(
 /// The state of CPU tensors in the [save format](super) (identical bytes to
 /// `TensorSet::save_state` for the same state). Errors when a tensor's moments or master
 /// weights do not match its length (the fields are public).
+///
+/// ```
+/// use fusedreg::adamw::{cpu::{self, CpuTensor}, state};
+/// let mut t = vec![CpuTensor::<f32, f32>::new(vec![1.0; 4], vec![0.5; 4], 0.0).unwrap()];
+/// let bytes = cpu::save_state(&t).unwrap();
+/// assert_eq!(bytes.len() as u64, state::peek(&bytes).unwrap().encoded_len());
+/// assert_eq!(bytes.len(), 24 + 12 + 2 * 4 * 4); // header, len + step, m and v
+/// t[0].m.pop(); // the moments no longer match the parameters
+/// assert!(cpu::save_state(&t).is_err());
+/// ```
 pub fn save_state<P: Dtype, G: Dtype>(tensors: &[CpuTensor<P, G>]) -> Result<Vec<u8>> {
     for (i, t) in tensors.iter().enumerate() {
         check_len(OP, &format!("tensor {i} m"), t.m.len(), t.len())?;
@@ -364,6 +490,21 @@ pub fn save_state<P: Dtype, G: Dtype>(tensors: &[CpuTensor<P, G>]) -> Result<Vec
 /// not the optimizer's: restore them from the model checkpoint (for 16-bit parameters the next
 /// step rewrites them from the master weights anyway). Errors, leaving the tensors unchanged, on
 /// any mismatch.
+///
+/// ```
+/// use fusedreg::adamw::{cpu::{self, CpuTensor, StepInputs}, AdamWConfig};
+/// let mk = |n| vec![CpuTensor::<f32, f32>::new(vec![1.0; n], vec![0.5; n], 0.01).unwrap()];
+/// let (mut a, cfg) = (mk(4), AdamWConfig::default());
+/// cpu::step(&mut a, &cfg, &StepInputs::new(cfg.lr), &[]).unwrap();
+/// let bytes = cpu::save_state(&a).unwrap();
+/// let mut b = mk(4);
+/// cpu::restore_state(&mut b, &bytes).unwrap();
+/// assert_eq!((b[0].step, &b[0].m, &b[0].v), (1, &a[0].m, &a[0].v));
+/// // Other lengths are refused and left as they were.
+/// let mut c = mk(5);
+/// assert!(cpu::restore_state(&mut c, &bytes).is_err());
+/// assert_eq!(c[0].step, 0);
+/// ```
 pub fn restore_state<P: Dtype, G: Dtype>(
     tensors: &mut [CpuTensor<P, G>],
     bytes: &[u8],

@@ -129,6 +129,21 @@ impl std::fmt::Debug for AdamW {
 impl AdamW {
     /// An optimizer for `set` (which must hold parameters). Errors on invalid hyperparameters
     /// (see [`AdamWConfig::validate`]).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let mut set = b.build()?;
+    /// let cfg = AdamWConfig { lr: 3e-4, beta2: 0.95, ..Default::default() };
+    /// let opt = AdamW::new(&set, cfg)?; // validates cfg, copies lr to the device
+    /// opt.step(&mut set, None)?;
+    /// # Ok(()) }
+    /// ```
     pub fn new(set: &TensorSet, config: AdamWConfig) -> Result<Self> {
         config.validate()?;
         set.state(OP)?;
@@ -148,6 +163,22 @@ impl AdamW {
     }
 
     /// The hyperparameters (`lr` is the initial learning rate; the current one is on the device).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let set = b.build()?;
+    /// let mut opt = AdamW::new(&set, AdamWConfig { lr: 3e-4, ..Default::default() })?;
+    /// opt.set_lr(1e-4)?;
+    /// let initial = opt.config().lr; // still 3e-4: set_lr changes the device copy only
+    /// println!("initial lr {initial}, betas {} {}", opt.config().beta1, opt.config().beta2);
+    /// # Ok(()) }
+    /// ```
     pub fn config(&self) -> &AdamWConfig {
         &self.config
     }
@@ -156,6 +187,24 @@ impl AdamW {
     /// stream from pageable memory (CUDA may stage it synchronously, and it cannot be captured
     /// into a graph: for graphs, write the value at [`AdamW::lr_device_ptr`] from the device).
     /// Errors on a negative or non-finite value.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let mut set = b.build()?;
+    /// let mut opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// for step in 0..100u32 {
+    ///     // Linear warm-up over the first 10 steps, then the base rate.
+    ///     opt.set_lr(1e-3 * ((step + 1) as f32 / 10.0).min(1.0))?;
+    ///     opt.step(&mut set, None)?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
         check_lr(lr)?;
         self.handle
@@ -166,6 +215,30 @@ impl AdamW {
 
     /// Device address of the f32 learning rate, for schedules computed on the device (CUDA
     /// graphs). It must stay finite and `>= 0`: values written there are not checked.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let mut set = b.build()?;
+    /// use fusedreg::cudarc::driver::{result, DevicePtr};
+    /// let opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// // A warm-up schedule kept on the device; step k copies entry k into place (capturable).
+    /// let sched: Vec<f32> = (1..=100).map(|k| 1e-5 * k as f32).collect();
+    /// let sched = h.stream().clone_htod(&sched).unwrap();
+    /// let (base, _guard) = sched.device_ptr(h.stream());
+    /// for k in 0..100u64 {
+    ///     let (dst, src, stream) = (opt.lr_device_ptr(), base + 4 * k, h.stream().cu_stream());
+    ///     // SAFETY: two live f32s of the handle's context, ordered on its stream.
+    ///     unsafe { result::memcpy_dtod_async(dst, src, 4, stream) }.unwrap();
+    ///     opt.step(&mut set, None)?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn lr_device_ptr(&self) -> u64 {
         self.lr_ptr
     }
@@ -228,6 +301,25 @@ impl AdamW {
     /// gradients are multiplied by its device `grad_scale` and the step is skipped entirely
     /// (nothing changes) when its non-finite flag is set; run the norm first
     /// ([`GlobalNorm::compute`]) or use [`AdamW::clip_and_step`].
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::global_norm::GlobalNorm;
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let mut set = b.build()?;
+    /// let opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// opt.step(&mut set, None)?; // plain AdamW: grad_scale 1, no flag
+    /// // With a norm computed first: clipped gradients, skipped when non-finite.
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.compute(&set)?;
+    /// opt.step(&mut set, Some(&norm))?;
+    /// # Ok(()) }
+    /// ```
     pub fn step(&self, set: &mut TensorSet, norm: Option<&GlobalNorm>) -> Result<()> {
         self.check_set(set)?;
         let (grad_scale, nonfinite) = match norm {
@@ -242,6 +334,25 @@ impl AdamW {
 
     /// The whole step: norm partials, reduce + finalize (clip coefficient, non-finite flag),
     /// AdamW reading both from device memory. 3 launches, no host sync, gradients read twice.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::global_norm::GlobalNorm;
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let mut set = b.build()?;
+    /// let opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// let before = h.launch_count();
+    /// opt.clip_and_step(&mut set, &mut norm)?;
+    /// println!("{} launches", h.launch_count() - before); // 3
+    /// println!("norm before clipping: {}", norm.read()?.norm); // blocking, only if wanted
+    /// # Ok(()) }
+    /// ```
     pub fn clip_and_step(&self, set: &mut TensorSet, norm: &mut GlobalNorm) -> Result<()> {
         self.check_set(set)?;
         norm.compute(set)?;
@@ -266,6 +377,25 @@ impl TensorSet {
     /// A skipped tensor has no gradient this step, so the global norm leaves it out too (the norm
     /// does not read its stale gradient); the standalone scale pass
     /// (`GlobalNorm::scale_grads`) still scales it, harmlessly, since AdamW skips it.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let mut set = b.build()?;
+    /// let opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// // The block owning tensor 1 was dropped this step: leave it alone.
+    /// set.set_skip(&[false, true])?;
+    /// opt.step(&mut set, None)?;
+    /// set.set_skip(&[false, false])?; // flags persist until changed
+    /// # Ok(()) }
+    /// ```
     pub fn set_skip(&mut self, skip: &[bool]) -> Result<()> {
         crate::error::check_len(OP, "skip", skip.len(), self.len())?;
         let bytes: Vec<u8> = skip.iter().map(|&b| u8::from(b)).collect();
@@ -281,6 +411,23 @@ impl TensorSet {
 
     /// Device address of the skip flags (one `u8` per tensor, non-zero = skip), for callers
     /// that decide on the device which blocks were dropped.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let set = b.build()?;
+    /// use fusedreg::cudarc::driver::result;
+    /// let flags = set.skip_device_ptr()?; // one u8 per tensor
+    /// // Skip tensor 0 from the device side (e.g. inside a captured graph).
+    /// // SAFETY: the flags live as long as the set, in the handle's context.
+    /// unsafe { result::memset_d8_async(flags, 1, 1, h.stream().cu_stream()) }.unwrap();
+    /// # Ok(()) }
+    /// ```
     pub fn skip_device_ptr(&self) -> Result<u64> {
         let st = self.state(OP)?;
         Ok(raw(self.handle(), &st.skip))
@@ -288,6 +435,22 @@ impl TensorSet {
 
     /// The step count of every tensor (blocking read). Zero-size tensors have no chunk and
     /// report 0.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let mut set = b.build()?;
+    /// let opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// opt.step(&mut set, None)?;
+    /// opt.step(&mut set, None)?;
+    /// println!("{:?}", set.step_counts()?); // [2]
+    /// # Ok(()) }
+    /// ```
     pub fn step_counts(&self) -> Result<Vec<u32>> {
         let st = self.state(OP)?;
         let chunk_steps = self
@@ -309,6 +472,24 @@ impl TensorSet {
 
     /// The optimizer state (moments, master weights, step counts) as bytes in the
     /// [versioned format](super::state) (blocking).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let mut set = b.build()?;
+    /// let opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// opt.step(&mut set, None)?;
+    /// let bytes = set.save_state()?;
+    /// std::fs::write("optimizer.state", &bytes).unwrap();
+    /// let header = fusedreg::adamw::state::peek(&bytes)?; // f32 params, lens [4096]
+    /// # let _ = header;
+    /// # Ok(()) }
+    /// ```
     pub fn save_state(&self) -> Result<Vec<u8>> {
         let header = self.state_header()?;
         let st = self.state(OP)?;
@@ -345,6 +526,22 @@ impl TensorSet {
     /// (an error naming the first difference otherwise, and nothing is changed). The parameters
     /// themselves are the model's: load them from the model checkpoint. Training then resumes
     /// bit for bit.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{adamw::{AdamW, AdamWConfig}, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// # let mut set = b.build()?;
+    /// let opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// let bytes = std::fs::read("optimizer.state").unwrap();
+    /// set.restore_state(&bytes)?; // moments and step counts; load the params separately
+    /// opt.step(&mut set, None)?;  // continues where the saved run stopped
+    /// # Ok(()) }
+    /// ```
     pub fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
         let header = self.state_header()?;
         let view = state::decode(bytes, &header)?;

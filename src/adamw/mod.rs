@@ -127,9 +127,31 @@ use crate::multi_tensor::TensorSet;
 pub(crate) const OP: &str = "adamw";
 
 /// PyTorch's default weight decay for AdamW (per tensor; 0 for biases and norm weights).
+///
+/// ```
+/// use fusedreg::adamw::{cpu::CpuTensor, DEFAULT_WEIGHT_DECAY};
+/// assert_eq!(DEFAULT_WEIGHT_DECAY, 0.01);
+/// // A weight matrix is decayed, its bias is not.
+/// let w = CpuTensor::<f32, f32>::new(vec![1.0; 6], vec![0.0; 6], DEFAULT_WEIGHT_DECAY).unwrap();
+/// let b = CpuTensor::<f32, f32>::new(vec![0.0; 2], vec![0.0; 2], 0.0).unwrap();
+/// assert_eq!((w.weight_decay, b.weight_decay), (0.01, 0.0));
+/// ```
 pub const DEFAULT_WEIGHT_DECAY: f32 = 1e-2;
 
 /// How 16-bit parameters are written from their f32 master weights.
+///
+/// ```
+/// use fusedreg::adamw::{cpu::round_stochastic, AdamWConfig, Rounding};
+/// use half::bf16;
+/// assert_eq!(Rounding::default(), Rounding::NearestEven);
+/// let cfg = AdamWConfig { rounding: Rounding::Stochastic { seed: 7 }, ..Default::default() };
+/// assert!(cfg.validate().is_ok());
+/// // 1 + 2^-9 lies between the bf16 values 1 and 1 + 2^-7: nearest even gives 1, stochastic
+/// // rounding gives either neighbour, depending on the random word.
+/// let x = 1.0 + 2f32.powi(-9);
+/// assert_eq!(bf16::from_f32(x).to_f32(), 1.0);
+/// assert_eq!(round_stochastic::<bf16>(x, 0).to_f32(), 1.0 + 2f32.powi(-7));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Rounding {
     /// Round to nearest, ties to even.
@@ -143,6 +165,14 @@ pub enum Rounding {
 }
 
 /// AdamW hyperparameters (weight decay is per tensor, given at registration).
+///
+/// ```
+/// use fusedreg::adamw::AdamWConfig;
+/// let cfg = AdamWConfig { lr: 3e-4, beta2: 0.95, ..Default::default() };
+/// assert!(cfg.validate().is_ok());
+/// assert_eq!((cfg.lr, cfg.beta1, cfg.beta2), (3e-4, 0.9, 0.95));
+/// assert!(AdamWConfig { eps: -1e-8, ..cfg }.validate().is_err());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
     /// Initial learning rate (copied to the device; change it with [`AdamW::set_lr`]).
@@ -159,6 +189,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     /// PyTorch's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8; round to nearest even.
+    ///
+    /// ```
+    /// use fusedreg::adamw::{AdamWConfig, Rounding};
+    /// let c = AdamWConfig::default();
+    /// assert_eq!((c.lr, c.beta1, c.beta2, c.eps), (1e-3, 0.9, 0.999, 1e-8));
+    /// assert_eq!(c.rounding, Rounding::NearestEven);
+    /// ```
     fn default() -> Self {
         AdamWConfig {
             lr: 1e-3,
@@ -171,6 +208,14 @@ impl Default for AdamWConfig {
 }
 
 /// Checks a learning rate: finite and `>= 0`.
+///
+/// ```
+/// use fusedreg::adamw::check_lr;
+/// assert!(check_lr(1e-3).is_ok());
+/// assert!(check_lr(0.0).is_ok()); // a frozen step is allowed
+/// assert!(check_lr(-1e-3).unwrap_err().to_string().contains("negative"));
+/// assert!(check_lr(f32::NAN).is_err());
+/// ```
 pub fn check_lr(lr: f32) -> Result<()> {
     check_finite(OP, "lr", f64::from(lr))?;
     if lr < 0.0 {

@@ -31,13 +31,37 @@ use crate::dtype::DtypeKind;
 use crate::error::{Error, Result};
 
 /// The first 8 bytes.
+///
+/// ```
+/// use fusedreg::adamw::{cpu, state};
+/// let t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 2], vec![0.5; 2], 0.0).unwrap()];
+/// let bytes = cpu::save_state(&t).unwrap();
+/// assert_eq!(bytes[..8], state::MAGIC);
+/// assert_eq!(&state::MAGIC, b"FRADAMW\0");
+/// ```
 pub const MAGIC: [u8; 8] = *b"FRADAMW\0";
 /// The format version this crate writes and reads.
+///
+/// ```
+/// use fusedreg::adamw::{cpu, state};
+/// let t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 2], vec![0.5; 2], 0.0).unwrap()];
+/// let mut bytes = cpu::save_state(&t).unwrap();
+/// assert_eq!(bytes[8..12], state::VERSION.to_le_bytes());
+/// bytes[8] = 2; // a version this crate does not know
+/// assert!(state::peek(&bytes).unwrap_err().to_string().contains("version 2"));
+/// ```
 pub const VERSION: u32 = 1;
 const FIXED: usize = 24;
 const OP: &str = "adamw state";
 
 /// What a state describes: the parameter dtype and the tensor lengths.
+///
+/// ```
+/// use fusedreg::{adamw::state::StateHeader, DtypeKind};
+/// let h = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3, 5] };
+/// assert!(h.has_master());
+/// assert_eq!(h.total(), 8);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateHeader {
     /// Parameter dtype (master weights are present exactly when it is 16-bit).
@@ -48,16 +72,41 @@ pub struct StateHeader {
 
 impl StateHeader {
     /// Whether master weights are stored.
+    ///
+    /// ```
+    /// use fusedreg::{adamw::state::StateHeader, DtypeKind};
+    /// let f32_params = StateHeader { param_dtype: DtypeKind::F32, lens: vec![4] };
+    /// let f16_params = StateHeader { param_dtype: DtypeKind::F16, lens: vec![4] };
+    /// assert!(!f32_params.has_master());
+    /// assert!(f16_params.has_master());
+    /// ```
     pub fn has_master(&self) -> bool {
         self.param_dtype != DtypeKind::F32
     }
 
     /// Total elements (saturating: a corrupt header cannot overflow it).
+    ///
+    /// ```
+    /// use fusedreg::{adamw::state::StateHeader, DtypeKind};
+    /// let h = StateHeader { param_dtype: DtypeKind::F32, lens: vec![3, 0, 5] };
+    /// assert_eq!(h.total(), 8);
+    /// let huge = StateHeader { param_dtype: DtypeKind::F32, lens: vec![u64::MAX, 1] };
+    /// assert_eq!(huge.total(), u64::MAX);
+    /// ```
     pub fn total(&self) -> u64 {
         self.lens.iter().fold(0u64, |a, &n| a.saturating_add(n))
     }
 
     /// Size in bytes of a state with this header (saturating at `u64::MAX`).
+    ///
+    /// ```
+    /// use fusedreg::{adamw::state::StateHeader, DtypeKind};
+    /// // 24 fixed bytes, 8 + 4 per tensor (length, step), 4 per element and array.
+    /// let h = StateHeader { param_dtype: DtypeKind::F32, lens: vec![3, 5] };
+    /// assert_eq!(h.encoded_len(), 24 + 2 * 12 + 2 * 4 * 8); // m and v
+    /// let h = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3, 5] };
+    /// assert_eq!(h.encoded_len(), 24 + 2 * 12 + 3 * 4 * 8); // m, v and master
+    /// ```
     pub fn encoded_len(&self) -> u64 {
         let arrays: u128 = if self.has_master() { 3 } else { 2 };
         let n = FIXED as u128 + 12 * self.lens.len() as u128 + 4 * arrays * self.total() as u128;
@@ -126,6 +175,16 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Reads the header of a saved state without checking it against a set.
+///
+/// ```
+/// use fusedreg::{adamw::{cpu, state}, DtypeKind};
+/// use half::bf16;
+/// let p = vec![bf16::from_f32(1.0); 3];
+/// let t = vec![cpu::CpuTensor::<bf16, bf16>::new(p.clone(), p, 0.0).unwrap()];
+/// let h = state::peek(&cpu::save_state(&t).unwrap()).unwrap();
+/// assert_eq!((h.param_dtype, h.lens), (DtypeKind::Bf16, vec![3]));
+/// assert!(state::peek(b"not an optimizer state!!").is_err()); // bad magic
+/// ```
 pub fn peek(bytes: &[u8]) -> Result<StateHeader> {
     Ok(parse(bytes)?.0)
 }
@@ -189,6 +248,17 @@ fn parse(bytes: &[u8]) -> Result<(StateHeader, usize)> {
 }
 
 /// A decoded state: step counts, and the arrays as byte sections read on demand.
+///
+/// ```
+/// use fusedreg::adamw::{cpu, state, AdamWConfig};
+/// let mut t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 2], vec![0.5; 2], 0.0).unwrap()];
+/// let cfg = AdamWConfig::default();
+/// cpu::step(&mut t, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+/// let bytes = cpu::save_state(&t).unwrap();
+/// let view = state::decode(&bytes, &state::peek(&bytes).unwrap()).unwrap();
+/// assert_eq!(view.steps, vec![1]);
+/// assert_eq!(view.m(0), t[0].m);
+/// ```
 #[derive(Debug)]
 pub struct StateView<'a> {
     /// Step count per tensor.
@@ -221,6 +291,23 @@ impl StateView<'_> {
     ///
     /// # Panics
     /// When `i` is out of range or a slice has the wrong length, as slice copies do.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::adamw::{cpu, state, AdamWConfig};
+    /// use half::f16;
+    /// let p = vec![f16::from_f32(1.0); 4];
+    /// let mut t = vec![cpu::CpuTensor::<f16, f16>::new(p.clone(), p, 0.01).unwrap()];
+    /// let cfg = AdamWConfig::default();
+    /// cpu::step(&mut t, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+    /// let bytes = cpu::save_state(&t).unwrap();
+    /// let view = state::decode(&bytes, &state::peek(&bytes).unwrap()).unwrap();
+    /// let (mut m, mut v, mut master) = (vec![0.0; 4], vec![0.0; 4], vec![0.0; 4]);
+    /// view.fill_into(0, &mut m, &mut v, Some(&mut master));
+    /// assert_eq!((&m, &v), (&t[0].m, &t[0].v));
+    /// assert_eq!(Some(master), t[0].master);
+    /// ```
     pub fn fill_into(&self, i: usize, m: &mut [f32], v: &mut [f32], master: Option<&mut [f32]>) {
         fill(self.m, self.offsets[i], &mut m[..self.lens[i]]);
         fill(self.v, self.offsets[i], &mut v[..self.lens[i]]);
@@ -230,22 +317,73 @@ impl StateView<'_> {
     }
 
     /// Tensor `i`'s first moment. Panics when `i` is out of range.
+    ///
+    /// ```
+    /// use fusedreg::adamw::{cpu, state, AdamWConfig};
+    /// let mut t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 2], vec![0.5; 2], 0.0).unwrap()];
+    /// let cfg = AdamWConfig::default();
+    /// cpu::step(&mut t, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+    /// let bytes = cpu::save_state(&t).unwrap();
+    /// let view = state::decode(&bytes, &state::peek(&bytes).unwrap()).unwrap();
+    /// // After one step from zero: m = (1 - beta1) * g.
+    /// assert_eq!(view.m(0), vec![(1.0 - 0.9f32) * 0.5; 2]);
+    /// ```
     pub fn m(&self, i: usize) -> Vec<f32> {
         f32s(self.m, self.offsets[i], self.lens[i])
     }
 
     /// Tensor `i`'s second moment. Panics when `i` is out of range.
+    ///
+    /// ```
+    /// use fusedreg::adamw::{cpu, state, AdamWConfig};
+    /// let mut t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 2], vec![0.5; 2], 0.0).unwrap()];
+    /// let cfg = AdamWConfig::default();
+    /// cpu::step(&mut t, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+    /// let bytes = cpu::save_state(&t).unwrap();
+    /// let view = state::decode(&bytes, &state::peek(&bytes).unwrap()).unwrap();
+    /// // After one step from zero: v = ((1 - beta2) * g) * g.
+    /// assert_eq!(view.v(0), vec![((1.0 - 0.999f32) * 0.5) * 0.5; 2]);
+    /// ```
     pub fn v(&self, i: usize) -> Vec<f32> {
         f32s(self.v, self.offsets[i], self.lens[i])
     }
 
     /// Tensor `i`'s master weights (16-bit parameters only). Panics when `i` is out of range.
+    ///
+    /// ```
+    /// use fusedreg::adamw::{cpu, state};
+    /// use half::bf16;
+    /// let p = vec![bf16::from_f32(0.25); 3];
+    /// let t16 = vec![cpu::CpuTensor::<bf16, bf16>::new(p.clone(), p, 0.0).unwrap()];
+    /// let bytes = cpu::save_state(&t16).unwrap();
+    /// let view = state::decode(&bytes, &state::peek(&bytes).unwrap()).unwrap();
+    /// assert_eq!(view.master(0), Some(vec![0.25; 3]));
+    /// // f32 parameters have no master weights.
+    /// let t32 = vec![cpu::CpuTensor::<f32, f32>::new(vec![0.25; 3], vec![0.0; 3], 0.0).unwrap()];
+    /// let bytes = cpu::save_state(&t32).unwrap();
+    /// let view = state::decode(&bytes, &state::peek(&bytes).unwrap()).unwrap();
+    /// assert_eq!(view.master(0), None);
+    /// ```
     pub fn master(&self, i: usize) -> Option<Vec<f32>> {
         self.master.map(|s| f32s(s, self.offsets[i], self.lens[i]))
     }
 }
 
 /// Decodes `bytes`, checking them against the `expected` dtype and lengths.
+///
+/// ```
+/// use fusedreg::{adamw::{cpu, state::{self, StateHeader}}, DtypeKind};
+/// let t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 3], vec![0.5; 3], 0.0).unwrap()];
+/// let bytes = cpu::save_state(&t).unwrap();
+/// let expected = StateHeader { param_dtype: DtypeKind::F32, lens: vec![3] };
+/// assert_eq!(state::decode(&bytes, &expected).unwrap().steps, vec![0]);
+/// // Another length, dtype or a truncated buffer is refused.
+/// let other = StateHeader { param_dtype: DtypeKind::F32, lens: vec![4] };
+/// assert!(state::decode(&bytes, &other).unwrap_err().to_string().contains("tensor 0"));
+/// let bf16 = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3] };
+/// assert!(state::decode(&bytes, &bf16).is_err());
+/// assert!(state::decode(&bytes[..bytes.len() - 4], &expected).is_err());
+/// ```
 pub fn decode<'a>(bytes: &'a [u8], expected: &StateHeader) -> Result<StateView<'a>> {
     let (header, mut at) = parse(bytes)?;
     if header.param_dtype != expected.param_dtype {

@@ -26,6 +26,29 @@ use crate::global_norm::{cpu as norm_cpu, GlobalNorm, NormValues};
 use crate::multi_tensor::TensorSet;
 
 /// What one unfused step did.
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::adamw::{unfused, AdamW, AdamWConfig};
+/// use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+/// let h = fusedreg::Handle::new(0)?;
+/// # let s = h.stream();
+/// # let mut b = TensorSet::builder(&h);
+/// # for _ in 0..4 {
+/// #     let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap(), 0.01)?;
+/// # }
+/// # let mut set = b.build()?;
+/// let opt = AdamW::new(&set, AdamWConfig::default())?;
+/// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+/// let out = unfused::clip_and_step(&opt, &mut set, &mut norm)?;
+/// // 3 launches per tensor (norm, scale, AdamW) where the fused path needs 3 in all.
+/// println!("norm {} coef {}: {} launches", out.norm.norm, out.norm.coef, out.launches);
+/// if out.skipped {
+///     println!("non-finite gradients: step skipped");
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct UnfusedOutcome {
     /// The norm values the host computed (loss scale 1).
@@ -38,6 +61,24 @@ pub struct UnfusedOutcome {
 
 /// The unfused global norm: one partial-sums launch per tensor, then the host reads the
 /// partials (a sync) and reduces them. Returns the norm values and the launches made.
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::adamw::unfused;
+/// use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+/// let h = fusedreg::Handle::new(0)?;
+/// # let s = h.stream();
+/// # let mut b = TensorSet::builder(&h);
+/// # for _ in 0..4 {
+/// #     let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap(), 0.01)?;
+/// # }
+/// # let set = b.build()?;
+/// let norm = GlobalNorm::new(&set, Some(1.0))?;
+/// let (values, launches) = unfused::global_norm(&set, &norm)?; // blocks: a host sync
+/// println!("norm {} from {launches} launches", values.norm); // one launch per tensor
+/// # Ok(()) }
+/// ```
 pub fn global_norm(set: &TensorSet, norm: &GlobalNorm) -> Result<(NormValues, u64)> {
     norm.check_for(set)?;
     let handle = set.handle();
@@ -53,6 +94,24 @@ pub fn global_norm(set: &TensorSet, norm: &GlobalNorm) -> Result<(NormValues, u6
 
 /// The unfused AdamW step: one launch per tensor (PyTorch's per-parameter path). Returns the
 /// launches made.
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::adamw::{unfused, AdamW, AdamWConfig};
+/// use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+/// let h = fusedreg::Handle::new(0)?;
+/// # let s = h.stream();
+/// # let mut b = TensorSet::builder(&h);
+/// # for _ in 0..4 {
+/// #     let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap(), 0.01)?;
+/// # }
+/// # let mut set = b.build()?;
+/// let opt = AdamW::new(&set, AdamWConfig::default())?;
+/// let launches = unfused::step(&opt, &mut set)?; // one per tensor: 4 here
+/// println!("{launches} launches");
+/// # Ok(()) }
+/// ```
 pub fn step(adamw: &AdamW, set: &mut TensorSet) -> Result<u64> {
     adamw.check_set(set)?;
     let before = set.handle().launch_count();
@@ -73,6 +132,27 @@ fn for_each_tensor(set: &TensorSet, mut f: impl FnMut(u32, u32) -> Result<()>) -
 
 /// One unfused clip-and-step (see the [module docs](self)): per-tensor launches and a blocking
 /// read of the norm. Uses `norm`'s partials buffer and clipping threshold.
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::adamw::{unfused, AdamW, AdamWConfig};
+/// use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+/// let h = fusedreg::Handle::new(0)?;
+/// # let s = h.stream();
+/// # let mut b = TensorSet::builder(&h);
+/// # for _ in 0..4 {
+/// #     let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
+/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap(), 0.01)?;
+/// # }
+/// # let mut set = b.build()?;
+/// let opt = AdamW::new(&set, AdamWConfig::default())?;
+/// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+/// for _ in 0..10 {
+///     let out = unfused::clip_and_step(&opt, &mut set, &mut norm)?;
+///     println!("norm {} skipped {}", out.norm.norm, out.skipped);
+/// }
+/// # Ok(()) }
+/// ```
 pub fn clip_and_step(
     adamw: &AdamW,
     set: &mut TensorSet,

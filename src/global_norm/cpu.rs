@@ -17,8 +17,22 @@ use crate::error::Result;
 use crate::multi_tensor::Layout;
 
 /// Threads per block of the partials kernel; the within-chunk tree depends on it.
+///
+/// ```
+/// use fusedreg::global_norm::cpu::{chunk_partial, NORM_THREADS};
+/// assert_eq!(NORM_THREADS, 512);
+/// // One f32 vector of 4 elements per thread: 2048 ones fill every lane exactly once.
+/// assert_eq!(chunk_partial(&vec![1.0f32; 4 * NORM_THREADS]), 2048.0);
+/// ```
 pub const NORM_THREADS: usize = 512;
 /// Threads of the single-block f64 reduction; its order depends on it.
+///
+/// ```
+/// use fusedreg::global_norm::cpu::{reduce, REDUCE_THREADS};
+/// assert_eq!(REDUCE_THREADS, 1024);
+/// // More partials than threads: thread i adds partials i, i + 1024, ...
+/// assert_eq!(reduce(&vec![0.5f32; 3 * REDUCE_THREADS]), 1536.0);
+/// ```
 pub const REDUCE_THREADS: usize = 1024;
 
 /// Folds `s[0..2*first]` pairwise: `s[i] += s[i + off]` for `off = first, first/2, ..., 1`.
@@ -77,6 +91,16 @@ pub fn chunk_partial<G: Dtype>(chunk: &[G]) -> f32 {
 }
 
 /// Per-chunk partials of a list of gradients, in the set's global chunk order.
+///
+/// ```
+/// use fusedreg::global_norm::cpu::partials;
+/// use fusedreg::multi_tensor::CHUNK;
+/// // A tensor of CHUNK + 2 elements has two chunks; an empty one has none.
+/// let a = vec![1.0f32; CHUNK as usize + 2];
+/// let b = vec![3.0f32];
+/// assert_eq!(partials::<f32>(&[&a[..], &[], &b[..]]).unwrap(), vec![65536.0, 2.0, 9.0]);
+/// assert!(partials::<f32>(&[]).is_err()); // no tensors
+/// ```
 pub fn partials<G: Dtype>(grads: &[&[G]]) -> Result<Vec<f32>> {
     let lens: Vec<u64> = grads.iter().map(|g| g.len() as u64).collect();
     let layout = Layout::new(&lens)?;
@@ -88,6 +112,16 @@ pub fn partials<G: Dtype>(grads: &[&[G]]) -> Result<Vec<f32>> {
 }
 
 /// Partials from a per-chunk function (lets tests evaluate chunks of tensors too large to hold).
+///
+/// ```
+/// use fusedreg::global_norm::cpu::{partials_with, reduce};
+/// use fusedreg::multi_tensor::Layout;
+/// // 2^33 elements, all 0.5, without allocating them: a chunk's partial is len * 0.25.
+/// let layout = Layout::new(&[1u64 << 33]).unwrap();
+/// let p = partials_with(&layout, |c| layout.chunk(c).len as f32 * 0.25);
+/// assert_eq!(p.len(), 1 << 17);
+/// assert_eq!(reduce(&p), (1u64 << 31) as f64);
+/// ```
 pub fn partials_with(layout: &Layout, mut f: impl FnMut(usize) -> f32) -> Vec<f32> {
     (0..layout.num_chunks()).map(&mut f).collect()
 }
@@ -125,6 +159,19 @@ pub fn reduce(partials: &[f32]) -> f64 {
 ///
 /// # Panics
 /// When `partials` is shorter than `layout.num_chunks()`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::global_norm::cpu::{partials, per_tensor};
+/// use fusedreg::multi_tensor::Layout;
+/// let (a, b) = (vec![3.0f32, 4.0], vec![1.0f32; 9]);
+/// let layout = Layout::new(&[2, 0, 9]).unwrap();
+/// let p = partials::<f32>(&[&a[..], &[], &b[..]]).unwrap();
+/// let (sums, norms) = per_tensor(&layout, &p);
+/// assert_eq!(sums, vec![25.0, 0.0, 9.0]);
+/// assert_eq!(norms, vec![5.0, 0.0, 3.0]);
+/// ```
 pub fn per_tensor(layout: &Layout, partials: &[f32]) -> (Vec<f64>, Vec<f32>) {
     let mut sums = Vec::with_capacity(layout.num_tensors());
     let mut norms = Vec::with_capacity(layout.num_tensors());
@@ -173,6 +220,17 @@ pub fn finalize(sumsq: f64, max_norm: Option<f32>, loss_scale: f32) -> NormValue
 }
 
 /// All stages: what [`super::GlobalNorm::compute`] writes, bit for bit.
+///
+/// ```
+/// use fusedreg::global_norm::cpu::global_norm;
+/// use half::bf16;
+/// let g = vec![bf16::from_f32(0.5); 16]; // norm 2
+/// let v = global_norm(&[&g[..]], Some(1.0), 1.0).unwrap();
+/// assert_eq!((v.norm, v.coef), (2.0, 1.0 / (2.0 + 1e-6)));
+/// let v = global_norm(&[&g[..]], None, 1.0).unwrap(); // no clipping
+/// assert_eq!((v.norm, v.coef), (2.0, 1.0));
+/// assert!(global_norm(&[&g[..]], Some(-1.0), 1.0).is_err());
+/// ```
 pub fn global_norm<G: Dtype>(
     grads: &[&[G]],
     max_norm: Option<f32>,
@@ -184,6 +242,12 @@ pub fn global_norm<G: Dtype>(
 }
 
 /// The true norm, `sqrt(sum x^2)` accumulated in f64 in index order.
+///
+/// ```
+/// use fusedreg::global_norm::cpu::norm_f64;
+/// let (a, b) = (vec![3.0f32], vec![4.0f32, 12.0]);
+/// assert_eq!(norm_f64(&[&a[..], &b[..]]), 13.0);
+/// ```
 pub fn norm_f64<G: Dtype>(grads: &[&[G]]) -> f64 {
     grads
         .iter()
@@ -197,6 +261,15 @@ pub fn norm_f64<G: Dtype>(grads: &[&[G]]) -> f64 {
 }
 
 /// The scale pass on one gradient: `g = round(g * scale)` in f32, nothing when `scale` is 1.
+///
+/// ```
+/// use fusedreg::global_norm::cpu::{finalize, scale};
+/// use half::f16;
+/// let mut g = vec![f16::from_f32(3.0), f16::from_f32(-4.0)];
+/// let v = finalize(25.0, Some(2.5), 1.0); // norm 5, clipped to 2.5
+/// scale(&mut g, v.grad_scale);
+/// assert_eq!(g, vec![f16::from_f32(1.5), f16::from_f32(-2.0)]);
+/// ```
 pub fn scale<G: Dtype>(grad: &mut [G], scale: f32) {
     if scale == 1.0 {
         return;

@@ -208,6 +208,21 @@ impl std::fmt::Debug for GlobalNorm {
 impl GlobalNorm {
     /// Device buffers for `set`'s norm; `max_norm` = `None` computes the norm and the flag
     /// without clipping (coef 1). The loss scale starts at 1.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut clip = GlobalNorm::new(&set, Some(1.0))?; // clip to norm 1
+    /// let mut watch = GlobalNorm::new(&set, None)?;     // norm and flag only, coef 1
+    /// clip.compute(&set)?;
+    /// watch.compute(&set)?;
+    /// # Ok(()) }
+    /// ```
     pub fn new(set: &TensorSet, max_norm: Option<f32>) -> Result<Self> {
         check_max_norm(max_norm)?;
         let handle = set.handle().clone();
@@ -258,11 +273,41 @@ impl GlobalNorm {
     }
 
     /// The clipping threshold (`None`: no clipping).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// if let Some(m) = norm.max_norm() {
+    ///     println!("clipping to {m}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn max_norm(&self) -> Option<f32> {
         self.max_norm
     }
 
     /// Changes the clipping threshold for later finalizes (a kernel argument, no copy).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.set_max_norm(Some(0.5))?; // tighter clipping from now on
+    /// norm.compute(&set)?;
+    /// norm.set_max_norm(None)?;      // measure only
+    /// # Ok(()) }
+    /// ```
     pub fn set_max_norm(&mut self, max_norm: Option<f32>) -> Result<()> {
         check_max_norm(max_norm)?;
         self.max_norm = max_norm;
@@ -272,6 +317,22 @@ impl GlobalNorm {
     /// Sets the loss scale the gradients carry (a 4-byte host-to-device copy from pageable
     /// memory; for CUDA graphs write it at [`GlobalNorm::loss_scale_device_ptr`]): the norm is
     /// reported unscaled and `grad_scale = coef / loss_scale`.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, None)?; // no clipping: loss scaling only
+    /// norm.set_loss_scale(1024.0)?; // the backward ran on loss * 1024
+    /// norm.compute(&set)?;
+    /// let v = norm.read()?; // v.norm is unscaled, v.grad_scale = 1 / 1024
+    /// println!("norm {} found inf {}", v.norm, v.nonfinite);
+    /// # Ok(()) }
+    /// ```
     pub fn set_loss_scale(&mut self, loss_scale: f32) -> Result<()> {
         check_loss_scale(loss_scale)?;
         self.handle
@@ -282,11 +343,46 @@ impl GlobalNorm {
 
     /// Device address of the f32 loss scale, for callers (a dynamic loss scaler) that update it
     /// on the device. It must stay finite and > 0.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// # use fusedreg::cudarc::driver::{result, DevicePtr};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let norm = GlobalNorm::new(&set, None)?;
+    /// // A loss scale computed on the device (here simply copied from a device buffer).
+    /// let scale = h.stream().clone_htod(&[512.0f32]).unwrap();
+    /// let (src, _guard) = scale.device_ptr(h.stream());
+    /// let (dst, stream) = (norm.loss_scale_device_ptr(), h.stream().cu_stream());
+    /// // SAFETY: two live f32s of the handle's context, ordered on its stream.
+    /// unsafe { result::memcpy_dtod_async(dst, src, 4, stream) }.unwrap();
+    /// # Ok(()) }
+    /// ```
     pub fn loss_scale_device_ptr(&self) -> u64 {
         self.loss_scale_ptr
     }
 
     /// Stage A: one launch writes every chunk's f32 sum of squares.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.partials(&set)?; // stage A: one f32 per chunk
+    /// norm.reduce()?;       // stage B
+    /// norm.finalize()?;     // stage C
+    /// println!("{} partials", norm.read_partials()?.len()); // set.layout().num_chunks()
+    /// # Ok(()) }
+    /// ```
     pub fn partials(&mut self, set: &TensorSet) -> Result<()> {
         self.check_set(set)?;
         launch_partials(set, self.partials_ptr, 0, self.num_chunks)
@@ -317,12 +413,44 @@ impl GlobalNorm {
 
     /// Stage B: one block sums the partials (in f64) into `sumsq` at
     /// [`GlobalNorm::sumsq_device_ptr`]; norm, coef and flag are left for [`GlobalNorm::finalize`].
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.partials(&set)?;
+    /// norm.reduce()?; // sumsq of this rank's gradients, in f64 on the device
+    /// // Data-parallel: all-reduce (sum) the f64 at norm.sumsq_device_ptr() here.
+    /// norm.finalize()?;
+    /// # Ok(()) }
+    /// ```
     pub fn reduce(&mut self) -> Result<()> {
         self.launch_reduce(0)
     }
 
     /// Stage C: norm, coef, grad scale and flag from the f64 at
     /// [`GlobalNorm::sumsq_device_ptr`] (after an all-reduce, for data-parallel training).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.partials(&set)?;
+    /// norm.reduce()?;
+    /// // ... all-reduce the f64 at norm.sumsq_device_ptr() across ranks ...
+    /// norm.finalize()?; // norm, coef, grad_scale and flag of the global sum
+    /// # Ok(()) }
+    /// ```
     pub fn finalize(&mut self) -> Result<()> {
         let p = FinalizeParams {
             result: self.result_ptr,
@@ -335,6 +463,21 @@ impl GlobalNorm {
     }
 
     /// Stages A, B and C: 2 launches (A, then B and C in one block), no host sync.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// let before = h.launch_count();
+    /// norm.compute(&set)?;
+    /// println!("{} launches", h.launch_count() - before); // 2
+    /// # Ok(()) }
+    /// ```
     pub fn compute(&mut self, set: &TensorSet) -> Result<()> {
         self.partials(set)?;
         self.launch_reduce(REDUCE_FINALIZE)
@@ -343,6 +486,24 @@ impl GlobalNorm {
     /// Per-tensor sums of squares (f64) and norms (f32) from the partials of the last
     /// [`GlobalNorm::partials`] / [`GlobalNorm::compute`]: one launch; read them with
     /// [`GlobalNorm::read_per_tensor`].
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, None)?;
+    /// norm.compute(&set)?;
+    /// norm.per_tensor(&set)?; // reuses the partials of compute
+    /// let (_sums, norms) = norm.read_per_tensor()?;
+    /// for (i, n) in norms.iter().enumerate() {
+    ///     println!("tensor {i}: grad norm {n}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn per_tensor(&mut self, set: &TensorSet) -> Result<()> {
         self.check_set(set)?;
         if self.per_tensor.is_none() {
@@ -378,6 +539,22 @@ impl GlobalNorm {
     /// `grads *= grad_scale` over the whole set, `grad_scale` (the clip coefficient divided by
     /// the loss scale) read from device memory; nothing is written when the non-finite flag is
     /// set or `grad_scale` is exactly 1. One launch.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let mut set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.compute(&set)?;
+    /// norm.scale_grads(&mut set)?; // clipped in place, ready for your own optimizer
+    /// let g0 = h.stream().clone_dtoh(&set.grad::<f32>(0)?).unwrap();
+    /// # let _ = g0;
+    /// # Ok(()) }
+    /// ```
     pub fn scale_grads(&self, set: &mut TensorSet) -> Result<()> {
         self.check_set(set)?;
         launch_scale(
@@ -391,6 +568,21 @@ impl GlobalNorm {
     }
 
     /// Reads the results (blocks until the stream reaches this point).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.compute(&set)?;
+    /// let v = norm.read()?; // waits for the stream
+    /// println!("norm {} coef {} finite {}", v.norm, v.coef, v.is_finite());
+    /// # Ok(()) }
+    /// ```
     pub fn read(&self) -> Result<NormValues> {
         let v = self
             .handle
@@ -403,6 +595,26 @@ impl GlobalNorm {
     /// Enqueues a copy of the results into pinned host memory the caller owns, without waiting:
     /// the values are there once the stream has passed this point (synchronize an event or the
     /// stream before reading them).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// # use fusedreg::global_norm::NormValues;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.compute(&set)?;
+    /// // SAFETY: the pinned buffer is read only after the stream has passed the copy.
+    /// let mut pinned = unsafe { h.context().alloc_pinned::<NormValues>(1) }.unwrap();
+    /// norm.copy_to_host_async(&mut pinned)?; // returns at once
+    /// // ... enqueue the rest of the step ...
+    /// h.synchronize()?;
+    /// println!("norm {}", pinned.as_slice().unwrap()[0].norm);
+    /// # Ok(()) }
+    /// ```
     pub fn copy_to_host_async(&self, dst: &mut PinnedHostSlice<NormValues>) -> Result<()> {
         if dst.is_empty() {
             return Err(Error::shape(
@@ -418,6 +630,22 @@ impl GlobalNorm {
 
     /// Reads the per-tensor sums of squares and norms (blocking). Errors before
     /// [`GlobalNorm::per_tensor`] has run.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, None)?;
+    /// norm.partials(&set)?;
+    /// norm.per_tensor(&set)?;
+    /// let (sums, norms) = norm.read_per_tensor()?; // one f64 and one f32 per tensor
+    /// println!("{sums:?} {norms:?}");
+    /// # Ok(()) }
+    /// ```
     pub fn read_per_tensor(&self) -> Result<(Vec<f64>, Vec<f32>)> {
         let (sums, norms) = self
             .per_tensor
@@ -431,6 +659,21 @@ impl GlobalNorm {
     }
 
     /// Reads the per-chunk partials (blocking): for diagnostics and tests.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, None)?;
+    /// norm.partials(&set)?;
+    /// let p = norm.read_partials()?; // one f32 sum of squares per chunk
+    /// println!("{} chunks, first {}", p.len(), p[0]);
+    /// # Ok(()) }
+    /// ```
     pub fn read_partials(&self) -> Result<Vec<f32>> {
         let mut v = self
             .handle
@@ -442,27 +685,125 @@ impl GlobalNorm {
     }
 
     /// Device address of the whole [`NormValues`] struct (24 bytes).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// # use fusedreg::cudarc::driver::{result, DevicePtr};
+    /// # use fusedreg::global_norm::NormValues;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// // Log every step's values on the device; read the log once at the end.
+    /// let log = h.stream().alloc_zeros::<NormValues>(100).unwrap();
+    /// let (base, guard) = log.device_ptr(h.stream());
+    /// for k in 0..100u64 {
+    ///     norm.compute(&set)?;
+    ///     let (src, stream) = (norm.result_device_ptr(), h.stream().cu_stream());
+    ///     // SAFETY: both are live NormValues of the handle's context, ordered on its stream.
+    ///     unsafe { result::memcpy_dtod_async(base + 24 * k, src, 24, stream) }.unwrap();
+    /// }
+    /// drop(guard);
+    /// let values = h.stream().clone_dtoh(&log).unwrap();
+    /// # let _ = values;
+    /// # Ok(()) }
+    /// ```
     pub fn result_device_ptr(&self) -> u64 {
         self.result_ptr
     }
 
     /// Device address of the f64 sum of squares: the value to all-reduce between
     /// [`GlobalNorm::reduce`] and [`GlobalNorm::finalize`].
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.partials(&set)?;
+    /// norm.reduce()?;
+    /// let sumsq = norm.sumsq_device_ptr(); // one f64
+    /// // ncclAllReduce(sumsq, sumsq, 1, ncclFloat64, ncclSum, comm, h.stream().cu_stream())
+    /// # let _ = sumsq;
+    /// norm.finalize()?;
+    /// # Ok(()) }
+    /// ```
     pub fn sumsq_device_ptr(&self) -> u64 {
         self.result_ptr
     }
 
     /// Device address of the f32 clip coefficient.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// # use fusedreg::cudarc::driver::{result, DevicePtrMut};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.compute(&set)?;
+    /// // Keep this step's clip coefficient in a buffer of your own, without a host sync.
+    /// let mut coef = h.stream().alloc_zeros::<f32>(1).unwrap();
+    /// let (dst, _guard) = coef.device_ptr_mut(h.stream());
+    /// // SAFETY: two live f32s of the handle's context, ordered on its stream.
+    /// unsafe { result::memcpy_dtod_async(dst, norm.coef_device_ptr(), 4, h.stream().cu_stream()) }
+    ///     .unwrap();
+    /// # Ok(()) }
+    /// ```
     pub fn coef_device_ptr(&self) -> u64 {
         self.result_ptr + 12
     }
 
     /// Device address of the f32 gradient scale (`coef / loss_scale`).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.compute(&set)?;
+    /// // Your own optimizer kernel takes the address as a `const float*` and multiplies each
+    /// // gradient by it: no host sync between the norm and the update.
+    /// let grad_scale: u64 = norm.grad_scale_device_ptr();
+    /// # let _ = grad_scale;
+    /// # Ok(()) }
+    /// ```
     pub fn grad_scale_device_ptr(&self) -> u64 {
         self.result_ptr + 16
     }
 
     /// Device address of the u32 non-finite flag.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::{global_norm::GlobalNorm, multi_tensor::TensorSet};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let mut b = TensorSet::builder(&h);
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// # b.push_grad(h.stream().clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// # let set = b.build()?;
+    /// let mut norm = GlobalNorm::new(&set, None)?;
+    /// norm.compute(&set)?;
+    /// // A dynamic loss scaler's own kernel reads the u32 flag (non-zero: found inf) on the
+    /// // device and halves the scale at norm.loss_scale_device_ptr().
+    /// let found_inf: u64 = norm.nonfinite_device_ptr();
+    /// # let _ = found_inf;
+    /// # Ok(()) }
+    /// ```
     pub fn nonfinite_device_ptr(&self) -> u64 {
         self.result_ptr + 20
     }

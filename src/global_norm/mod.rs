@@ -78,6 +78,18 @@ pub mod gpu;
 pub use gpu::GlobalNorm;
 
 /// The norm's results as they lie in device memory (`NormResult` in `kernels/global_norm.cu`).
+///
+/// ```
+/// use fusedreg::global_norm::cpu;
+/// // Gradients carrying a loss scale of 2 (true norm sqrt(500) / 2 = 11.18..), clipped to 1.
+/// let g = vec![6.0f32, 8.0, 12.0, 16.0];
+/// let v = cpu::global_norm(&[&g[..]], Some(1.0), 2.0).unwrap();
+/// assert_eq!(v.sumsq, 500.0);
+/// assert_eq!(v.norm, (500f64.sqrt() / 2.0) as f32);
+/// assert_eq!(v.coef, 1.0 / (v.norm + 1e-6));
+/// assert_eq!(v.grad_scale, v.coef / 2.0);
+/// assert_eq!(v.nonfinite, 0);
+/// ```
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct NormValues {
@@ -100,6 +112,12 @@ unsafe impl ValidAsZeroBits for NormValues {}
 
 impl NormValues {
     /// False when the norm is NaN or infinite.
+    ///
+    /// ```
+    /// use fusedreg::global_norm::cpu::finalize;
+    /// assert!(finalize(4.0, Some(1.0), 1.0).is_finite());
+    /// assert!(!finalize(f64::INFINITY, Some(1.0), 1.0).is_finite());
+    /// ```
     pub fn is_finite(&self) -> bool {
         self.nonfinite == 0
     }
@@ -108,6 +126,14 @@ impl NormValues {
 pub(crate) const OP: &str = "global_norm";
 
 /// Checks a clipping threshold: finite and > 0 (`None` means no clipping).
+///
+/// ```
+/// use fusedreg::global_norm::check_max_norm;
+/// assert!(check_max_norm(Some(1.0)).is_ok());
+/// assert!(check_max_norm(None).is_ok());
+/// assert!(check_max_norm(Some(0.0)).unwrap_err().to_string().contains("max_norm"));
+/// assert!(check_max_norm(Some(f32::INFINITY)).is_err());
+/// ```
 pub fn check_max_norm(max_norm: Option<f32>) -> Result<()> {
     match max_norm {
         Some(m) if !(m.is_finite() && m > 0.0) => Err(Error::invalid(
@@ -122,6 +148,13 @@ pub fn check_max_norm(max_norm: Option<f32>) -> Result<()> {
 }
 
 /// Checks a loss scale: finite and > 0.
+///
+/// ```
+/// use fusedreg::global_norm::check_loss_scale;
+/// assert!(check_loss_scale(65536.0).is_ok());
+/// assert!(check_loss_scale(0.0).is_err());
+/// assert!(check_loss_scale(f32::NAN).unwrap_err().to_string().contains("loss_scale"));
+/// ```
 pub fn check_loss_scale(scale: f32) -> Result<()> {
     if scale.is_finite() && scale > 0.0 {
         Ok(())

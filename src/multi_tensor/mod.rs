@@ -67,9 +67,24 @@ use crate::error::{Error, Result};
 use crate::runtime::Handle;
 
 /// Elements per chunk: one block of every multi-tensor launch works on one chunk.
+///
+/// ```
+/// use fusedreg::multi_tensor::{Layout, CHUNK};
+/// assert_eq!(CHUNK, 65_536);
+/// // A tensor of 3 * CHUNK + 1 elements is 4 chunks, the last of one element.
+/// let l = Layout::new(&[3 * CHUNK + 1]).unwrap();
+/// assert_eq!((l.num_chunks(), l.chunk(3).len), (4, 1));
+/// ```
 pub const CHUNK: u64 = 65_536;
 
 /// The most chunks one set may have (the largest one-dimensional grid).
+///
+/// ```
+/// use fusedreg::multi_tensor::{Layout, CHUNK, MAX_CHUNKS};
+/// assert_eq!(MAX_CHUNKS, 2_147_483_647);
+/// // One chunk too many is refused (checked before anything is allocated).
+/// assert!(Layout::new(&[MAX_CHUNKS * CHUNK + 1]).is_err());
+/// ```
 pub const MAX_CHUNKS: u64 = (1 << 31) - 1;
 
 /// Every tensor of a set starts its state (m, v, master) at a multiple of this many elements in
@@ -118,6 +133,13 @@ unsafe impl DeviceRepr for BlockEntry {}
 unsafe impl ValidAsZeroBits for BlockEntry {}
 
 /// Where one chunk lies: tensor `tensor`, elements `start .. start + len` of it.
+///
+/// ```
+/// use fusedreg::multi_tensor::{ChunkRef, Layout, CHUNK};
+/// let l = Layout::new(&[10, CHUNK + 7]).unwrap();
+/// assert_eq!(l.chunk(0), ChunkRef { tensor: 0, start: 0, len: 10 });
+/// assert_eq!(l.chunk(2), ChunkRef { tensor: 1, start: CHUNK, len: 7 });
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkRef {
     /// Index of the tensor in the set.
@@ -150,6 +172,13 @@ pub struct Layout {
 impl Layout {
     /// Lays out tensors of the given lengths. Errors on an empty list, more than 2^32 - 1
     /// tensors, or more than [`MAX_CHUNKS`] chunks in all.
+    ///
+    /// ```
+    /// use fusedreg::multi_tensor::{Layout, CHUNK};
+    /// let l = Layout::new(&[CHUNK, 0, 1]).unwrap();
+    /// assert_eq!((l.num_tensors(), l.num_chunks()), (3, 2));
+    /// assert!(Layout::new(&[]).unwrap_err().to_string().contains("empty"));
+    /// ```
     pub fn new(lens: &[u64]) -> Result<Self> {
         if lens.is_empty() {
             return Err(Error::invalid(
@@ -198,21 +227,42 @@ impl Layout {
     }
 
     /// Number of tensors.
+    ///
+    /// ```
+    /// use fusedreg::multi_tensor::Layout;
+    /// assert_eq!(Layout::new(&[5, 0, 7]).unwrap().num_tensors(), 3); // empty ones count
+    /// ```
     pub fn num_tensors(&self) -> usize {
         self.lens.len()
     }
 
     /// Number of chunks (blocks of a launch over the whole set).
+    ///
+    /// ```
+    /// use fusedreg::multi_tensor::{Layout, CHUNK};
+    /// // Each tensor rounds up to whole chunks on its own: 1 + 0 + 2.
+    /// assert_eq!(Layout::new(&[5, 0, CHUNK + 1]).unwrap().num_chunks(), 3);
+    /// ```
     pub fn num_chunks(&self) -> usize {
         self.blocks.len()
     }
 
     /// The tensor lengths.
+    ///
+    /// ```
+    /// use fusedreg::multi_tensor::Layout;
+    /// assert_eq!(Layout::new(&[5, 0, 7]).unwrap().lens(), &[5, 0, 7]);
+    /// ```
     pub fn lens(&self) -> &[u64] {
         &self.lens
     }
 
     /// Total number of elements.
+    ///
+    /// ```
+    /// use fusedreg::multi_tensor::Layout;
+    /// assert_eq!(Layout::new(&[5, 0, 7]).unwrap().total_elements(), 12);
+    /// ```
     pub fn total_elements(&self) -> u64 {
         self.lens.iter().sum()
     }
@@ -221,6 +271,16 @@ impl Layout {
     ///
     /// # Panics
     /// When `tensor >= num_tensors()`, as slice indexing does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::multi_tensor::{Layout, CHUNK};
+    /// let l = Layout::new(&[2 * CHUNK, 0, 3]).unwrap();
+    /// assert_eq!(l.chunks(0), 0..2);
+    /// assert_eq!(l.chunks(1), 2..2); // no chunk
+    /// assert_eq!(l.chunks(2), 2..3);
+    /// ```
     pub fn chunks(&self, tensor: usize) -> Range<usize> {
         let first = self.first_chunk[tensor] as usize;
         first..first + self.lens[tensor].div_ceil(CHUNK) as usize
@@ -230,6 +290,16 @@ impl Layout {
     ///
     /// # Panics
     /// When `index >= num_chunks()`, as slice indexing does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::multi_tensor::{Layout, CHUNK};
+    /// let l = Layout::new(&[CHUNK + 3, 9]).unwrap();
+    /// let c = l.chunk(1); // the second chunk of tensor 0
+    /// assert_eq!((c.tensor, c.start, c.len), (0, CHUNK, 3));
+    /// assert_eq!(l.chunk(2).tensor, 1);
+    /// ```
     pub fn chunk(&self, index: usize) -> ChunkRef {
         let b = self.blocks[index];
         let start = u64::from(b.chunk) * CHUNK;
@@ -251,6 +321,27 @@ impl Layout {
 }
 
 /// A tensor registered by raw device addresses (see [`TensorSetBuilder::push_raw`]).
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+///
+/// use fusedreg::cudarc::driver::DevicePtr;
+/// use fusedreg::{multi_tensor::{RawTensor, TensorSet}, DtypeKind};
+/// let h = fusedreg::Handle::new(0)?;
+/// // Buffers a framework owns (here two cudarc slices kept alive below).
+/// let w = h.stream().clone_htod(&vec![0.5f32; 1024]).unwrap();
+/// let gw = h.stream().alloc_zeros::<f32>(1024).unwrap();
+/// let (param, _g1) = w.device_ptr(h.stream());
+/// let (grad, _g2) = gw.device_ptr(h.stream());
+/// let t = RawTensor { param, grad, len: 1024, param_dtype: DtypeKind::F32,
+///                     grad_dtype: DtypeKind::F32, weight_decay: 0.01 };
+/// let mut b = TensorSet::builder(&h);
+/// // SAFETY: `w` and `gw` outlive the set and are used on the handle's stream only.
+/// unsafe { b.push_raw(t) }?;
+/// let set = b.build()?;
+/// # drop(set);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RawTensor {
     /// Device address of the parameters (may be 0 when `len` is 0).
@@ -286,6 +377,20 @@ enum Kind {
 }
 
 /// Collects tensors for a [`TensorSet`]; see the [module docs](self).
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::multi_tensor::TensorSet;
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let mut b = TensorSet::builder(&h);
+/// b.push(s.clone_htod(&vec![0.5f32; 1000]).unwrap(), s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+/// b.push_empty::<f32, f32>(0.0)?; // a zero-size tensor, no buffers
+/// println!("{} tensors registered", b.len()); // 2
+/// let set = b.build()?;          // tables built and uploaded once
+/// # drop(set);
+/// # Ok(()) }
+/// ```
 pub struct TensorSetBuilder {
     handle: Handle,
     kind: Kind,
@@ -370,6 +475,23 @@ impl TensorSetBuilder {
     ///
     /// Errors: lengths differ, `weight_decay` negative or non-finite, a buffer from another
     /// context, or dtypes different from the tensors already registered.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let mut b = TensorSet::builder(&h);
+    /// use half::bf16;
+    /// let w = s.clone_htod(&vec![bf16::from_f32(0.5); 4096]).unwrap();
+    /// let gw = s.alloc_zeros::<bf16>(4096).unwrap();
+    /// let i = b.push(w, gw, 0.01)?; // bf16 params + bf16 grads: f32 master weights in the set
+    /// println!("registered tensor {i}"); // 0
+    /// // One set holds one (param, grad) dtype pair: an f32 tensor here is an error.
+    /// let r = b.push(s.alloc_zeros::<f32>(8).unwrap(), s.alloc_zeros::<f32>(8).unwrap(), 0.0);
+    /// println!("{}", r.unwrap_err());
+    /// # Ok(()) }
+    /// ```
     pub fn push<P: Dtype, G: Dtype>(
         &mut self,
         param: CudaSlice<P>,
@@ -414,6 +536,30 @@ impl TensorSetBuilder {
     /// of their dtypes, in the handle's CUDA context, that stay alive (and are not freed or
     /// reused) for as long as the built set is used, and that work on them is ordered with the
     /// handle's stream. The parameter and gradient buffers must not overlap.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let mut b = TensorSet::builder(&h);
+    /// use fusedreg::{cudarc::driver::DevicePtr, multi_tensor::RawTensor, DtypeKind};
+    /// // A framework's buffers (kept alive by the caller for the set's lifetime).
+    /// let p = s.clone_htod(&vec![1.0f32; 513]).unwrap();
+    /// let g = s.alloc_zeros::<f32>(513).unwrap();
+    /// let ((pp, _g1), (gp, _g2)) = (p.device_ptr(s), g.device_ptr(s));
+    /// // A view starting at element 1: not 16-byte aligned, so it takes the scalar path.
+    /// let t = RawTensor { param: pp + 4, grad: gp + 4, len: 512, param_dtype: DtypeKind::F32,
+    ///                     grad_dtype: DtypeKind::F32, weight_decay: 0.01 };
+    /// // SAFETY: 512 elements after the offset are live, outlive the set, and use its stream.
+    /// let i = unsafe { b.push_raw(t) }?;
+    /// let set = b.build()?;
+    /// println!("vector path: {}", set.is_vector_aligned(i)); // false
+    /// # drop(set);
+    /// # Ok(()) }
+    /// ```
     pub unsafe fn push_raw(&mut self, t: RawTensor) -> Result<usize> {
         check_weight_decay(t.weight_decay)?;
         check_raw_address("param", t.param, t.len, t.param_dtype)?;
@@ -432,6 +578,19 @@ impl TensorSetBuilder {
 
     /// Registers a zero-size parameter tensor without buffers (CUDA cannot allocate 0 bytes
     /// everywhere). It owns no chunk, so nothing ever reads or writes it. Returns its index.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let mut b = TensorSet::builder(&h);
+    /// b.push(s.clone_htod(&vec![0.5f32; 64]).unwrap(), s.alloc_zeros::<f32>(64).unwrap(), 0.01)?;
+    /// let i = b.push_empty::<f32, f32>(0.0)?; // e.g. a bias of a zero-width layer
+    /// let set = b.build()?;
+    /// println!("{:?}", set.layout().chunks(i)); // 1..1: no chunk
+    /// # Ok(()) }
+    /// ```
     pub fn push_empty<P: Dtype, G: Dtype>(&mut self, weight_decay: f32) -> Result<usize> {
         check_weight_decay(weight_decay)?;
         self.admit(Kind::Params(P::KIND, G::KIND))?;
@@ -447,6 +606,19 @@ impl TensorSetBuilder {
     }
 
     /// Registers a zero-size gradient without a buffer, in a gradients-only set.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let mut b = TensorSet::builder(&h);
+    /// b.push_grad(s.clone_htod(&vec![0.5f32; 64]).unwrap())?;
+    /// b.push_grad_empty::<f32>()?;
+    /// let set = b.build()?;
+    /// println!("{} tensors, {} chunk", set.len(), set.layout().num_chunks()); // 2, 1
+    /// # Ok(()) }
+    /// ```
     pub fn push_grad_empty<G: Dtype>(&mut self) -> Result<usize> {
         self.admit(Kind::Grads(G::KIND))?;
         self.pending.push(Pending {
@@ -462,6 +634,22 @@ impl TensorSetBuilder {
 
     /// Registers a gradient only (a gradients-only set: for the global norm and the scale pass
     /// with an optimizer of your own). Takes ownership of the buffer.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let mut b = TensorSet::builder(&h);
+    /// use fusedreg::global_norm::GlobalNorm;
+    /// b.push_grad(s.clone_htod(&vec![0.5f32; 100_000]).unwrap())?;
+    /// b.push_grad(s.clone_htod(&vec![0.25f32; 1000]).unwrap())?;
+    /// let mut set = b.build()?; // no optimizer state
+    /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    /// norm.compute(&set)?;
+    /// norm.scale_grads(&mut set)?; // clipped, for an optimizer of your own
+    /// # Ok(()) }
+    /// ```
     pub fn push_grad<G: Dtype>(&mut self, grad: CudaSlice<G>) -> Result<usize> {
         let g = self.address("grad", &grad)?;
         self.admit(Kind::Grads(G::KIND))?;
@@ -482,6 +670,28 @@ impl TensorSetBuilder {
     ///
     /// As [`TensorSetBuilder::push_raw`]: `grad` points to `len` live elements of `dtype` in the
     /// handle's context that outlive the set.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let mut b = TensorSet::builder(&h);
+    /// use fusedreg::{cudarc::driver::DevicePtr, DtypeKind};
+    /// // One flat gradient buffer of a framework, registered as two tensors of 600 and 400.
+    /// let flat = s.alloc_zeros::<f32>(1000).unwrap();
+    /// let (base, _guard) = flat.device_ptr(s);
+    /// // SAFETY: both ranges lie in `flat`, which outlives the set and uses its stream.
+    /// unsafe {
+    ///     b.push_grad_raw(base, 600, DtypeKind::F32)?;
+    ///     b.push_grad_raw(base + 4 * 600, 400, DtypeKind::F32)?;
+    /// }
+    /// let set = b.build()?;
+    /// # drop(set);
+    /// # Ok(()) }
+    /// ```
     pub unsafe fn push_grad_raw(&mut self, grad: u64, len: u64, dtype: DtypeKind) -> Result<usize> {
         check_raw_address("grad", grad, len, dtype)?;
         self.admit(Kind::Grads(dtype))?;
@@ -502,11 +712,36 @@ impl TensorSetBuilder {
     }
 
     /// Number of tensors registered so far.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let mut b = TensorSet::builder(&h);
+    /// for n in [1000, 10] {
+    ///     b.push(s.alloc_zeros::<f32>(n).unwrap(), s.alloc_zeros::<f32>(n).unwrap(), 0.0)?;
+    /// }
+    /// println!("{}", b.len()); // 2
+    /// # Ok(()) }
+    /// ```
     pub fn len(&self) -> usize {
         self.pending.len()
     }
 
     /// True when nothing is registered yet.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let mut b = TensorSet::builder(&h);
+    /// println!("{}", b.is_empty()); // true
+    /// b.push_grad(s.alloc_zeros::<f32>(16).unwrap())?;
+    /// println!("{}", b.is_empty()); // false
+    /// # Ok(()) }
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
@@ -514,6 +749,23 @@ impl TensorSetBuilder {
     /// Builds the tables, uploads them once, allocates the optimizer state of a set with
     /// parameters (moments zeroed, master weights copied from 16-bit parameters) and returns the
     /// set. Errors on an empty list.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let mut b = TensorSet::builder(&h);
+    /// use half::f16;
+    /// let w = s.clone_htod(&vec![f16::from_f32(0.5); 4096]).unwrap();
+    /// b.push(w, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
+    /// let set = b.build()?; // master weights: the f16 params widened to f32
+    /// let master = s.clone_dtoh(&set.master(0)?).unwrap(); // all 0.5
+    /// // An empty builder has nothing to build.
+    /// println!("{}", TensorSet::builder(&h).build().unwrap_err());
+    /// # drop(master);
+    /// # Ok(()) }
+    /// ```
     pub fn build(self) -> Result<TensorSet> {
         let lens: Vec<u64> = self.pending.iter().map(|p| p.len).collect();
         let layout = Layout::new(&lens)?;
@@ -718,6 +970,23 @@ impl std::fmt::Debug for TensorSet {
 
 impl TensorSet {
     /// Starts a set on `handle`'s context and stream.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// let mut b = TensorSet::builder(&h);
+    /// b.push_grad(h.stream().alloc_zeros::<f32>(4096).unwrap())?;
+    /// let grads = b.build()?;
+    /// # drop(grads);
+    /// # Ok(()) }
+    /// ```
     pub fn builder(handle: &Handle) -> TensorSetBuilder {
         TensorSetBuilder {
             handle: handle.clone(),
@@ -727,31 +996,130 @@ impl TensorSet {
     }
 
     /// The handle the set launches on.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// let before = set.handle().launch_count();
+    /// // ... steps over the set ...
+    /// set.handle().synchronize()?;
+    /// println!("{} launches", set.handle().launch_count() - before);
+    /// # Ok(()) }
+    /// ```
     pub fn handle(&self) -> &Handle {
         &self.handle
     }
 
     /// The chunk layout.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// let l = set.layout();
+    /// println!("{} chunks for {} elements", l.num_chunks(), l.total_elements()); // 2, 1010
+    /// println!("tensor 1 owns chunks {:?}", l.chunks(1)); // 1..2
+    /// # Ok(()) }
+    /// ```
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
 
     /// Number of tensors.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// println!("{} tensors", set.len()); // 2: the weight and the bias
+    /// # Ok(()) }
+    /// ```
     pub fn len(&self) -> usize {
         self.layout.num_tensors()
     }
 
     /// Always false: a set holds at least one tensor.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// if !set.is_empty() {
+    ///     println!("{} tensors", set.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn is_empty(&self) -> bool {
         false
     }
 
     /// Element type of the parameters; `None` for a gradients-only set.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// match set.param_dtype() {
+    ///     Some(p) => println!("{} parameters: ready for AdamW", p.name()), // f32
+    ///     None => println!("gradients only"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn param_dtype(&self) -> Option<DtypeKind> {
         self.param_dtype
     }
 
     /// Element type of the gradients.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// use fusedreg::DtypeKind;
+    /// // Pick the matching buffer type for the backward pass.
+    /// if set.grad_dtype() == DtypeKind::F32 {
+    ///     let g = set.grad::<f32>(0)?;
+    ///     println!("{} f32 gradients", g.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn grad_dtype(&self) -> DtypeKind {
         self.grad_dtype
     }
@@ -759,16 +1127,61 @@ impl TensorSet {
     /// Whether tensor `i` takes the vector path in the elementwise ops (AdamW): all its buffers
     /// are aligned for 4-element groups. Misaligned tensors take the scalar path. Panics when
     /// `i >= len()` (as do the other per-tensor getters returning plain values).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// for i in 0..set.len() {
+    ///     // Owned slices are always aligned: true, true.
+    ///     println!("tensor {i}: vector path {}", set.is_vector_aligned(i));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn is_vector_aligned(&self, i: usize) -> bool {
         self.entries[i].flags & FLAG_VEC4 != 0
     }
 
     /// Whether tensor `i`'s gradient is 16-byte aligned (the norm's and scale pass's vector path).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// println!("{}", set.is_grad_aligned16(0)); // true: an owned slice
+    /// # Ok(()) }
+    /// ```
     pub fn is_grad_aligned16(&self, i: usize) -> bool {
         self.entries[i].flags & FLAG_GRAD16 != 0
     }
 
     /// Weight decay of tensor `i`.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// println!("{} {}", set.weight_decay(0), set.weight_decay(1)); // 0.01 (weight), 0 (bias)
+    /// # Ok(()) }
+    /// ```
     pub fn weight_decay(&self, i: usize) -> f32 {
         self.entries[i].weight_decay
     }
@@ -820,6 +1233,26 @@ impl TensorSet {
     /// A view of tensor `i`'s parameters (a tensor registered with [`TensorSetBuilder::push`]).
     /// For 16-bit parameters, the f32 master weights ([`TensorSet::master`]) are the truth the
     /// optimizer updates; the parameters are their rounded copy.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let mut set = b.build()?;
+    /// use fusedreg::adamw::{AdamW, AdamWConfig};
+    /// let opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// opt.step(&mut set, None)?;
+    /// let w = h.stream().clone_dtoh(&set.param::<f32>(0)?).unwrap(); // after the step
+    /// // The wrong element type is an error, not a reinterpretation.
+    /// println!("{}", set.param::<half::bf16>(0).unwrap_err());
+    /// # drop(w);
+    /// # Ok(()) }
+    /// ```
     pub fn param<P: Dtype>(&self, i: usize) -> Result<CudaView<'_, P>> {
         let b = self.owned(i, "param", 0)?;
         let have = self.param_dtype.unwrap_or(self.grad_dtype);
@@ -829,6 +1262,21 @@ impl TensorSet {
     }
 
     /// A view of tensor `i`'s gradient.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// let g = h.stream().clone_dtoh(&set.grad::<f32>(1)?).unwrap(); // the bias gradient
+    /// println!("{:?}", &g[..4]);
+    /// # Ok(()) }
+    /// ```
     pub fn grad<G: Dtype>(&self, i: usize) -> Result<CudaView<'_, G>> {
         let b = self.owned(i, "grad", 1)?;
         b.downcast_ref::<CudaSlice<G>>()
@@ -838,6 +1286,22 @@ impl TensorSet {
 
     /// A mutable view of tensor `i`'s gradient, for the backward pass to write. (A view, not the
     /// slice: the slice's address is in the device table and must not change.)
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let mut set = b.build()?;
+    /// // The backward pass writes tensor 0's gradient in place.
+    /// let mut g = set.grad_mut::<f32>(0)?;
+    /// h.stream().memcpy_htod(&vec![0.1f32; 1000], &mut g).unwrap();
+    /// # Ok(()) }
+    /// ```
     pub fn grad_mut<G: Dtype>(&mut self, i: usize) -> Result<CudaViewMut<'_, G>> {
         let have = self.grad_dtype;
         let slot = self
@@ -887,18 +1351,74 @@ impl TensorSet {
     }
 
     /// Tensor `i`'s first moment (f32). Errors for a gradients-only set.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let mut set = b.build()?;
+    /// use fusedreg::adamw::{AdamW, AdamWConfig};
+    /// AdamW::new(&set, AdamWConfig::default())?.step(&mut set, None)?;
+    /// let m = h.stream().clone_dtoh(&set.exp_avg(0)?).unwrap(); // 1000 f32
+    /// # drop(m);
+    /// # Ok(()) }
+    /// ```
     pub fn exp_avg(&self, i: usize) -> Result<CudaView<'_, f32>> {
         let st = self.state(OP)?;
         self.state_view(&st.m, i)
     }
 
     /// Tensor `i`'s second moment (f32).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let mut set = b.build()?;
+    /// use fusedreg::adamw::{AdamW, AdamWConfig};
+    /// AdamW::new(&set, AdamWConfig::default())?.step(&mut set, None)?;
+    /// let v = h.stream().clone_dtoh(&set.exp_avg_sq(0)?).unwrap(); // 1000 f32
+    /// # drop(v);
+    /// # Ok(()) }
+    /// ```
     pub fn exp_avg_sq(&self, i: usize) -> Result<CudaView<'_, f32>> {
         let st = self.state(OP)?;
         self.state_view(&st.v, i)
     }
 
     /// Tensor `i`'s f32 master weights (16-bit parameters only).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// # use fusedreg::multi_tensor::TensorSet;
+    /// let h = fusedreg::Handle::new(0)?;
+    /// # let s = h.stream();
+    /// # let mut b = TensorSet::builder(&h);
+    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # let set = b.build()?;
+    /// use half::bf16;
+    /// let mut b = TensorSet::builder(&h);
+    /// let p = s.clone_htod(&vec![bf16::from_f32(0.5); 256]).unwrap();
+    /// b.push(p, s.alloc_zeros::<bf16>(256).unwrap(), 0.0)?;
+    /// let set16 = b.build()?;
+    /// let master = s.clone_dtoh(&set16.master(0)?).unwrap(); // 0.5 in f32, the optimizer's truth
+    /// // f32 parameters have none: read the parameters themselves.
+    /// println!("{}", set.master(0).unwrap_err());
+    /// # drop(master);
+    /// # Ok(()) }
+    /// ```
     pub fn master(&self, i: usize) -> Result<CudaView<'_, f32>> {
         let st = self.state(OP)?;
         let m = st.master.as_ref().ok_or_else(|| {
