@@ -54,11 +54,17 @@ template <class T> struct K;
     };
 KS(float, f32) KS(__half, f16) KS(__nv_bfloat16, bf16)
 
+// A float in [lo, hi) from 24 random bits: spelled out (std::uniform_real_distribution is not
+// the same across standard libraries, and the golden hashes must not depend on the host).
+static float uniform(std::mt19937_64& g, float lo, float hi) {
+    return lo + (hi - lo) * ((float)(g() >> 40) * 0x1p-24f);
+}
+
 // Random element bits: mostly moderate finite values, some zeros, infinities and NaNs.
 template <class T> static void fill(std::vector<uint8_t>& v, size_t n, std::mt19937_64& g, bool specials) {
     v.resize(n * sizeof(T));
     for (size_t i = 0; i < n; ++i) {
-        float f = std::uniform_real_distribution<float>(-4.f, 4.f)(g);
+        float f = uniform(g, -4.f, 4.f);
         if (specials) {
             const unsigned r = g() % 97;
             if (r == 0) f = INFINITY; else if (r == 1) f = -INFINITY; else if (r == 2) f = NAN; else if (r == 3) f = -0.f;
@@ -94,7 +100,7 @@ template <class T> static void run(const Case& c, uint64_t seed) {
     std::vector<float> rsv(c.rows);
     for (auto& f : rsv) {
         const unsigned k = g() % 13;
-        f = k == 0 ? 0.f : k == 1 ? -1.5f : k == 2 && c.rs == 1 ? NAN : std::uniform_real_distribution<float>(0.5f, 2.f)(g);
+        f = k == 0 ? 0.f : k == 1 ? -1.5f : k == 2 && c.rs == 1 ? NAN : uniform(g, 0.5f, 2.f);
     }
     const size_t words = (n + 31) / 32;
     std::vector<uint8_t> y = c.in_place ? r : std::vector<uint8_t>(n * sizeof(T), 0xEE);
