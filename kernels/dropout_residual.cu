@@ -335,9 +335,9 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T>& p, uint64_t row, ui
             // m = keep ? rowm : 0 and "m != 0" per element is "kept and rowm != 0": one test per
             // row instead of a select and a compare per element (a NaN rowm counts as live).
             const uint32_t live = rowm[u] != 0.f ? b : 0u;
-            // Every element is computed and the kept ones selected: a branch per element costs
-            // a divergence region (BSSY/BRA/BSYNC) and one conversion per element instead of
-            // one per pair. A dropped element takes exactly the residual, even if x is inf or NaN.
+            // Every element is computed and the kept ones selected: a branch per element compiles
+            // to a divergence region each (BSSY/BRA/BSYNC). A dropped element takes exactly the
+            // residual's bits, even if x is inf or NaN.
             Pack<T, V> out;
 #pragma unroll
             for (int k = 0; k < V; ++k) {
