@@ -1,4 +1,4 @@
-// Host emulation of the CUDA features the dropout_residual kernels use, for scripts/emu/compare.sh.
+// Host emulation of the CUDA features the emulated kernels use, for scripts/emu/compare.sh.
 // Blocks run one after another; the threads of a block are OS threads, with real barriers for
 // __syncthreads and for the warp intrinsics, so a lane that skips a warp-level call deadlocks the
 // emulation (compare.sh runs it under a timeout). Arithmetic is IEEE f32 on the host, with the

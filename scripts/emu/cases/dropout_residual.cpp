@@ -3,45 +3,7 @@
 // data with infinities and NaNs; every dtype; vector and scalar paths; unroll, bias, mask, in
 // place, dbias lanes, row scale given or drawn per row or per sample; thresholds 0, 2^32 and
 // between; flat offsets) and prints one line of output hashes per case: the two runs must agree.
-#include "shim.h"
-#include <random>
-#include <type_traits>
-#include <string>
-#include <thread>
-
-thread_local dim3 threadIdx, blockIdx;
-dim3 blockDim, gridDim;
-EmuBlock* emu_block;
-std::atomic<long> emu_warp_calls;
-
-#include KFILE
-
-template <class P> void launch(void (*k)(P), dim3 grid, dim3 block, const P& p) {
-    const unsigned nt = block.x * block.y;
-    if (block.x % 32 || nt == 0 || nt > 256) { printf("bad block\n"); abort(); }
-    blockDim = block;
-    gridDim = grid;
-    EmuBlock b(nt);
-    emu_block = &b;
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < nt; ++t)
-        ts.emplace_back([&, t] {
-            threadIdx = {t % block.x, t / block.x, 0};
-            for (unsigned y = 0; y < grid.y; ++y)
-                for (unsigned x = 0; x < grid.x; ++x) {
-                    blockIdx = {x, y, 0};
-                    k(p);
-                    b.block_bar.arrive_and_wait();
-                }
-        });
-    for (auto& t : ts) t.join();
-}
-
-static uint64_t fnv(const void* d, size_t n) {
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; ++i) h = (h ^ ((const uint8_t*)d)[i]) * 1099511628211ull;
-    return h;
-}
+#include "harness.h"
 
 template <class T> struct K;
 #define KS(T, S)                                            \
@@ -53,12 +15,6 @@ template <class T> struct K;
         static constexpr const char* name = #S;             \
     };
 KS(float, f32) KS(__half, f16) KS(__nv_bfloat16, bf16)
-
-// A float in [lo, hi) from 24 random bits: spelled out (std::uniform_real_distribution is not
-// the same across standard libraries, and the golden hashes must not depend on the host).
-static float uniform(std::mt19937_64& g, float lo, float hi) {
-    return lo + (hi - lo) * ((float)(g() >> 40) * 0x1p-24f);
-}
 
 // Random element bits: mostly moderate finite values, some zeros, infinities and NaNs.
 template <class T> static void fill(std::vector<uint8_t>& v, size_t n, std::mt19937_64& g, bool specials) {
