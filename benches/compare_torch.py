@@ -6,13 +6,19 @@ formulas, fraction of the copy bandwidth measured here) and writes torch.json wh
 
   python3 benches/compare_torch.py [--quick] [--out DIR]
 
-Cases: eager `dropout(x + bias) + residual` forward and backward and the same under
-torch.compile; `torch.optim.AdamW(fused=True)`; `clip_grad_norm_(foreach=True)`; and the two
-together, on GPT-2 124M and 1B Llama-like parameter shapes.
+Cases, each eager and under torch.compile, forward and backward: `dropout(x + bias) + residual`
+(dropout_residual), plain `dropout(x)` (dropout), `dropout(gelu(x + bias))` (bias_act_dropout),
+the pre-norm entry `s = r + dropout(x); out = layer_norm(s)` / `rms_norm(s)` (dropout_add_norm),
+and `cross_entropy(logits, target, label_smoothing=0.1, ignore_index=-100)` with 10% of the
+targets ignored (cross_entropy; Liger-Kernel too where it imports). Then
+`torch.optim.AdamW(fused=True)`, `clip_grad_norm_(foreach=True)` and the two together on GPT-2
+124M and 1B Llama-like parameter shapes. Bytes are fusedreg's minimal-bytes formulas for the same
+work, so GB/s and %copy compare with its report row for row.
 """
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
@@ -99,6 +105,116 @@ def dropout_cases(rows, quick, copy):
         del x, r, b, dy
 
 
+def fwd_bwd(rows, op, case, name, f, inputs, grads_of, dy, fwd_bytes, bwd_bytes, copy):
+    """Times f(*inputs) without grad, then the gradient of its output w.r.t. grads_of."""
+    try:
+        with torch.no_grad():
+            ms = bench(lambda: f(*inputs))
+        rows.append(row(op + " fwd", case, name, ms, fwd_bytes, copy))
+        y = f(*inputs)
+        ms = bench(lambda: torch.autograd.grad(y, grads_of, dy, retain_graph=True))
+        rows.append(row(op + " bwd", case, name, ms, bwd_bytes, copy))
+    except Exception as ex:  # keep going: one failing case must not hide the others
+        print(f"{op} {case} {name}: {ex}", file=sys.stderr)
+
+
+def new_dropout_cases(rows, quick, copy):
+    """Plain dropout and the FFN site dropout(gelu(x + b)): read x, write y; backward read dy
+    (and x for the activation's derivative), write dx."""
+    F = torch.nn.functional
+    dts = [("bf16", torch.bfloat16)] + ([] if quick else [("f32", torch.float32)])
+    for dn, dt in dts:
+        shape = (16384, 4096)
+        n = shape[0] * shape[1]
+        s = torch.finfo(dt).bits // 8
+        x = torch.randn(shape, device="cuda", dtype=dt, requires_grad=True)
+        b = torch.randn(shape[1], device="cuda", dtype=dt, requires_grad=True)
+        dy = torch.randn(shape, device="cuda", dtype=dt)
+
+        def plain(x):
+            return F.dropout(x, p=p_drop, training=True)
+
+        def ffn(x, b):
+            return F.dropout(F.gelu(x + b), p=p_drop, training=True)
+
+        for name, f in (("eager", plain), ("compile", torch.compile(plain))):
+            fwd_bwd(rows, "dropout", f"{dn} [16384,4096]", name, f, (x,), (x,), dy,
+                    2 * s * n, 2 * s * n, copy)
+        for name, f in (("eager", ffn), ("compile", torch.compile(ffn))):
+            fwd_bwd(rows, "bias_act_dropout", f"{dn} [16384,4096] gelu", name, f, (x, b), (x, b),
+                    dy, 2 * s * n, 3 * s * n, copy)
+        del x, b, dy
+        torch.cuda.empty_cache()
+
+
+def norm_cases(rows, quick, copy):
+    """The pre-norm entry s = r + dropout(x), out = norm(s) * w (+ b): forward reads x and r and
+    writes out and s; backward reads d_out, d_s and s and writes dx and d_r (18 B/elem in bf16
+    forward + backward, REFERENCE.md section 8)."""
+    F = torch.nn.functional
+    dts = [("bf16", torch.bfloat16)] + ([] if quick else [("f32", torch.float32)])
+    for dn, dt in dts:
+        rws, h = 16384, 4096
+        n = rws * h
+        s = torch.finfo(dt).bits // 8
+        x = torch.randn(rws, h, device="cuda", dtype=dt, requires_grad=True)
+        r = torch.randn(rws, h, device="cuda", dtype=dt, requires_grad=True)
+        w = torch.randn(h, device="cuda", dtype=dt, requires_grad=True)
+        bb = torch.randn(h, device="cuda", dtype=dt, requires_grad=True)
+        dy = torch.randn(rws, h, device="cuda", dtype=dt)
+
+        def ln(x, r, w, bb):
+            return F.layer_norm(r + F.dropout(x, p=p_drop, training=True), (h,), w, bb, 1e-5)
+
+        def rms(x, r, w, bb):
+            return F.rms_norm(r + F.dropout(x, p=p_drop, training=True), (h,), w, 1e-5)
+
+        for kind, f0 in (("layernorm", ln), ("rmsnorm", rms)):
+            for name, f in (("eager", f0), ("compile", torch.compile(f0))):
+                grads = (x, r, w, bb) if kind == "layernorm" else (x, r, w)
+                fwd_bwd(rows, "dropout_add_norm", f"{dn} [16384,4096] {kind}", name, f,
+                        (x, r, w, bb), grads, dy, 4 * s * n, 5 * s * n, copy)
+        del x, r, w, bb, dy
+        torch.cuda.empty_cache()
+
+
+def xent_cases(rows, quick, copy):
+    """Cross-entropy with label smoothing 0.1, 10% of targets ignored, forward + backward: the
+    fused two-pass kernel's floor is 3 passes over the logits (read twice, write the gradient)."""
+    F = torch.nn.functional
+    try:
+        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+        liger = LigerCrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
+    except Exception:
+        liger = None
+    shapes = [(8192, 128256)] + ([] if quick else [(16384, 50257)])
+    for rws, v in shapes:
+        logits = torch.randn(rws, v, device="cuda", dtype=torch.bfloat16) * 3
+        logits.requires_grad_(True)
+        tgt = torch.randint(0, v, (rws,), device="cuda")
+        tgt[torch.rand(rws, device="cuda") < 0.1] = -100
+        case = f"bf16 [{rws},{v}] a=0.1"
+        nbytes = 3 * 2 * rws * v
+
+        def eager(lg):
+            return F.cross_entropy(lg, tgt, label_smoothing=0.1, ignore_index=-100)
+
+        impls = [("eager", eager), ("compile", torch.compile(eager))]
+        if liger is not None:
+            impls.append(("liger", lambda lg: liger(lg, tgt)))
+        for name, f in impls:
+            try:
+                def step():
+                    loss = f(logits)
+                    return torch.autograd.grad(loss, (logits,))
+                ms = bench(step)
+                rows.append(row("cross_entropy fwd+bwd", case, name, ms, nbytes, copy))
+            except Exception as ex:
+                print(f"cross_entropy {case} {name}: {ex}", file=sys.stderr)
+        del logits, tgt
+        torch.cuda.empty_cache()
+
+
 def optimizer_cases(rows, quick, copy):
     models = [("gpt2-124M", gpt2_shapes())]
     if not quick:
@@ -144,12 +260,17 @@ def main():
     name = torch.cuda.get_device_name()
     copy = copy_gbps(a.quick)
     rows = []
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
     dropout_cases(rows, a.quick, copy)
+    new_dropout_cases(rows, a.quick, copy)
+    norm_cases(rows, a.quick, copy)
+    xent_cases(rows, a.quick, copy)
     optimizer_cases(rows, a.quick, copy)
     print(f"PyTorch {torch.__version__} on {name}; copy {copy:.0f} GB/s (read + write)")
-    print(f"{'op':<22} {'case':<34} {'impl':<14} {'ms':>9} {'GB/s':>7} {'%copy':>6}")
+    print(f"{'op':<26} {'case':<34} {'impl':<14} {'ms':>9} {'GB/s':>7} {'%copy':>6}")
     for r in rows:
-        print(f"{r['op']:<22} {r['case']:<34} {r['impl']:<14} {r['ms']:>9.4f} {r['gbps']:>7.0f} "
+        print(f"{r['op']:<26} {r['case']:<34} {r['impl']:<14} {r['ms']:>9.4f} {r['gbps']:>7.0f} "
               f"{100 * r['frac_copy']:>5.0f}%")
     if a.out:
         with open(f"{a.out}/torch.json", "w") as f:
