@@ -10,7 +10,6 @@ mod common;
 mod dropout_residual;
 mod global_norm;
 mod harness;
-mod mlp;
 mod philox;
 
 use libtest_mimic::Arguments;
@@ -20,7 +19,6 @@ fn main() {
     let mut trials = Vec::new();
     trials.extend(harness::trials());
     trials.extend(philox::trials());
-    trials.extend(mlp::trials());
     trials.extend(global_norm::trials());
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
