@@ -61,7 +61,7 @@ def gpt2_shapes():
 
 
 def llama1b_shapes():
-    # The same list as fusedreg's report (src/report/models.rs): 147 tensors, 0.95B parameters.
+    # The same list as fusedreg's report (tools/src/report/models.rs): 147 tensors, 0.95B parameters.
     d, layers, ff, v = 2048, 16, 5632, 32000
     shapes = [(v, d)]
     for _ in range(layers):

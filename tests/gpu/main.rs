@@ -5,6 +5,7 @@
 //! which is how the GPU machines run this suite.
 
 mod adamw;
+mod bad_input;
 #[path = "../common/mod.rs"]
 mod common;
 mod dropout_residual;
@@ -22,5 +23,6 @@ fn main() {
     trials.extend(global_norm::trials());
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
+    trials.extend(bad_input::trials());
     libtest_mimic::run(&args, trials).exit();
 }

@@ -1,4 +1,4 @@
-//! Launch wrappers for `kernels/mlp.cu` and the cuBLAS linear layers of the MLP.
+//! Launch wrappers for `tools/kernels/mlp.cu` and the cuBLAS linear layers of the MLP.
 
 use std::sync::Arc;
 

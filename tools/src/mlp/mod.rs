@@ -8,7 +8,7 @@
 //! launches nothing, forward or backward, and its parameters skip the optimizer step.
 //!
 //! This module also holds the few kernels the model needs beyond cuBLAS and the crate's ops
-//! (`kernels/mlp.cu`: bias + GELU, column sums, MSE gradient), each with its CPU reference.
+//! (`tools/kernels/mlp.cu`: bias + GELU, column sums, MSE gradient), each with its CPU reference.
 
 mod config;
 pub mod cpu;

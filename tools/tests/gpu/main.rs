@@ -5,6 +5,7 @@
 //! path, not copied): without a CUDA device every test is reported as *ignored* with the reason;
 //! with `FUSEDREG_REQUIRE_GPU=1` that becomes a failure, which is how the GPU machines run it.
 
+mod bad_input;
 #[path = "../../../tests/common/mod.rs"]
 mod common;
 #[allow(dead_code)] // the library's own harness trials are registered by the library's suite
@@ -16,5 +17,7 @@ use libtest_mimic::Arguments;
 
 fn main() {
     let args = Arguments::from_args();
-    libtest_mimic::run(&args, mlp::trials()).exit();
+    let mut trials = mlp::trials();
+    trials.extend(bad_input::trials());
+    libtest_mimic::run(&args, trials).exit();
 }
