@@ -77,11 +77,6 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
             "residual",
             dr::forward(h, &cfg, &okv, &badv, &mut yv, Default::default()),
         )?;
-        let mut ybad = y.slice_mut(0..bad);
-        refused(
-            "y",
-            dr::forward(h, &cfg, &okv, &okv, &mut ybad, Default::default()),
-        )?;
         refused(
             "inplace",
             dr::forward_inplace(h, &cfg, &badv, &mut yv, Default::default()),
@@ -89,6 +84,12 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
         refused(
             "dy",
             dr::backward(h, &cfg, &badv, &mut yv, Default::default()),
+        )?;
+        drop(yv);
+        let mut ybad = y.slice_mut(0..bad);
+        refused(
+            "y",
+            dr::forward(h, &cfg, &okv, &okv, &mut ybad, Default::default()),
         )?;
     }
     let bias = up(h, &[0.5f32; 6])?;
