@@ -15,7 +15,10 @@
 //! * [`global_norm`]: deterministic global gradient norm, clip coefficient and scale pass.
 //! * [`adamw`]: fused multi-tensor AdamW with device-side scalars, master weights and a
 //!   bit-exact CPU reference.
-//! * [`timing`]: the GPU timing used by the benchmark report and the criterion benches.
+//!
+//! The benchmark report (`fusedreg-bench`), its GPU timing harness, the residual-MLP trainer, the
+//! criterion benches and the examples are tools, not library: they live in the workspace member
+//! `tools/` (package `fusedreg-tools`) and build on this crate's public API only.
 //!
 //! Building needs no CUDA: without nvcc the kernels are left out, the CPU references work and
 //! every GPU entry point returns [`Error::KernelsNotBuilt`]. Running needs no files beside the
@@ -35,13 +38,10 @@ pub mod dropout_residual;
 pub mod dtype;
 pub mod error;
 pub mod global_norm;
-pub mod mlp;
 pub mod multi_tensor;
 pub mod philox;
-pub mod report;
 mod runtime;
 pub mod stochastic_depth;
-pub mod timing;
 
 pub use dtype::{Dtype, DtypeKind};
 pub use error::{Error, Result};

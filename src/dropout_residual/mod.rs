@@ -548,19 +548,29 @@ pub fn slab_count(rows: usize, cols: usize, dtype: DtypeKind) -> usize {
 /// write y (`3 s` per element), plus the 1-bit mask when written. Bias and row-scale traffic is
 /// negligible and not counted. bf16: 6 B per element (6.125 with the mask); f32: 12 (12.125).
 ///
+/// Saturates at `u64::MAX` when the byte count does not fit in 64 bits (from about 2^60
+/// elements): no real tensor comes near, and a saturated count never wraps to a small one.
+///
 /// ```
 /// use fusedreg::dropout_residual::fused_forward_bytes;
 /// use fusedreg::DtypeKind;
 /// assert_eq!(fused_forward_bytes(DtypeKind::Bf16, 1024, false), 6 * 1024);
 /// assert_eq!(fused_forward_bytes(DtypeKind::Bf16, 1024, true), 6 * 1024 + 128);
+/// assert_eq!(fused_forward_bytes(DtypeKind::F32, 1 << 62, true), u64::MAX); // saturates
 /// ```
 pub fn fused_forward_bytes(dtype: DtypeKind, n: u64, bitmask: bool) -> u64 {
-    3 * dtype.size() as u64 * n + if bitmask { 4 * n.div_ceil(32) } else { 0 }
+    let mask = if bitmask { 4 * n.div_ceil(32) } else { 0 };
+    (3 * dtype.size() as u64)
+        .saturating_mul(n)
+        .saturating_add(mask)
 }
 
 /// Minimal bytes of the fused backward: read dy, write dx (`2 s`: 4 B bf16, 8 B f32), plus the
 /// 1-bit mask when it is read instead of regenerated. The dbias partials (one f32 per slab and
 /// column, written and read once) are not counted.
+///
+/// Saturates at `u64::MAX` when the byte count does not fit in 64 bits (from about 2^60
+/// elements): no real tensor comes near, and a saturated count never wraps to a small one.
 ///
 /// # Examples
 ///
@@ -569,14 +579,21 @@ pub fn fused_forward_bytes(dtype: DtypeKind, n: u64, bitmask: bool) -> u64 {
 /// use fusedreg::DtypeKind;
 /// assert_eq!(fused_backward_bytes(DtypeKind::Bf16, 1024, false), 4 * 1024);
 /// assert_eq!(fused_backward_bytes(DtypeKind::F32, 1024, true), 8 * 1024 + 128);
+/// assert_eq!(fused_backward_bytes(DtypeKind::F32, u64::MAX, false), u64::MAX); // saturates
 /// ```
 pub fn fused_backward_bytes(dtype: DtypeKind, n: u64, bitmask: bool) -> u64 {
-    2 * dtype.size() as u64 * n + if bitmask { 4 * n.div_ceil(32) } else { 0 }
+    let mask = if bitmask { 4 * n.div_ceil(32) } else { 0 };
+    (2 * dtype.size() as u64)
+        .saturating_mul(n)
+        .saturating_add(mask)
 }
 
 /// Minimal bytes of the unfused forward ([`unfused`]): bias add (read x, write t: `2 s`), dropout
 /// (read t, write d and a 1-byte mask: `2 s + 1`), residual add (read r and d, write y: `3 s`):
 /// `7 s + 1` = 15 B bf16, 29 B f32. Without bias the first kernel is skipped: `5 s + 1`.
+///
+/// Saturates at `u64::MAX` when the byte count does not fit in 64 bits (from about 2^60
+/// elements): no real tensor comes near, and a saturated count never wraps to a small one.
 ///
 /// # Examples
 ///
@@ -586,15 +603,19 @@ pub fn fused_backward_bytes(dtype: DtypeKind, n: u64, bitmask: bool) -> u64 {
 /// assert_eq!(unfused_forward_bytes(DtypeKind::Bf16, 1024, true), 15 * 1024);
 /// assert_eq!(unfused_forward_bytes(DtypeKind::F32, 1024, true), 29 * 1024);
 /// assert_eq!(unfused_forward_bytes(DtypeKind::Bf16, 1024, false), 11 * 1024);
+/// assert_eq!(unfused_forward_bytes(DtypeKind::Bf16, 1 << 61, true), u64::MAX); // saturates
 /// ```
 pub fn unfused_forward_bytes(dtype: DtypeKind, n: u64, bias: bool) -> u64 {
     let s = dtype.size() as u64;
-    n * if bias { 7 * s + 1 } else { 5 * s + 1 }
+    n.saturating_mul(if bias { 7 * s + 1 } else { 5 * s + 1 })
 }
 
 /// Minimal bytes of the unfused backward: masked scale (read dy and the byte mask, write dx:
 /// `2 s + 1`), then the bias-gradient column sum (read dx: `s`): `3 s + 1` = 7 B bf16, 13 B
 /// f32. Without dbias only the first kernel runs: `2 s + 1`.
+///
+/// Saturates at `u64::MAX` when the byte count does not fit in 64 bits (from about 2^60
+/// elements): no real tensor comes near, and a saturated count never wraps to a small one.
 ///
 /// # Examples
 ///
@@ -604,10 +625,11 @@ pub fn unfused_forward_bytes(dtype: DtypeKind, n: u64, bias: bool) -> u64 {
 /// assert_eq!(unfused_backward_bytes(DtypeKind::Bf16, 1024, true), 7 * 1024);
 /// assert_eq!(unfused_backward_bytes(DtypeKind::F32, 1024, true), 13 * 1024);
 /// assert_eq!(unfused_backward_bytes(DtypeKind::Bf16, 1024, false), 5 * 1024);
+/// assert_eq!(unfused_backward_bytes(DtypeKind::F32, 1 << 61, true), u64::MAX); // saturates
 /// ```
 pub fn unfused_backward_bytes(dtype: DtypeKind, n: u64, dbias: bool) -> u64 {
     let s = dtype.size() as u64;
-    n * if dbias { 3 * s + 1 } else { 2 * s + 1 }
+    n.saturating_mul(if dbias { 3 * s + 1 } else { 2 * s + 1 })
 }
 
 /// Row lanes of the fused backward's dbias partials: each slab's rows are split by

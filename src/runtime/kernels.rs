@@ -35,16 +35,6 @@ kernels! {
         PhiloxFill = "philox_fill",
         PhiloxMaskWords = "philox_mask_words",
     }
-    "copy" => {
-        CopyU128 = "copy_u128",
-    }
-    "mlp" => {
-        MlpBiasGeluFwdF32 = "mlp_bias_gelu_fwd_f32",
-        MlpBiasGeluBwdF32 = "mlp_bias_gelu_bwd_f32",
-        MlpColsumPartialF32 = "mlp_colsum_partial_f32",
-        MlpColsumFinalF32 = "mlp_colsum_final_f32",
-        MlpMseGradF32 = "mlp_mse_grad_f32",
-    }
     "adamw" => {
         AdamwPf32Gf32 = "adamw_pf32_gf32",
         AdamwPf32Gf16 = "adamw_pf32_gf16",

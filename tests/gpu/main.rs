@@ -5,12 +5,12 @@
 //! which is how the GPU machines run this suite.
 
 mod adamw;
+mod bad_input;
 #[path = "../common/mod.rs"]
 mod common;
 mod dropout_residual;
 mod global_norm;
 mod harness;
-mod mlp;
 mod philox;
 
 use libtest_mimic::Arguments;
@@ -20,9 +20,9 @@ fn main() {
     let mut trials = Vec::new();
     trials.extend(harness::trials());
     trials.extend(philox::trials());
-    trials.extend(mlp::trials());
     trials.extend(global_norm::trials());
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
+    trials.extend(bad_input::trials());
     libtest_mimic::run(&args, trials).exit();
 }
