@@ -30,9 +30,22 @@ using namespace fusedreg;
 constexpr uint32_t ADAMW_THREADS = 512;
 constexpr int ADAMW_ILP = 2;  // 4-element groups loaded ahead per thread (8 wide loads in flight)
 
+// The optimizer's own row per tensor (src/adamw/gpu.rs builds it): the engine's TensorEntry
+// knows nothing of it. Every state buffer starts at a multiple of 64 elements of an arena, so it
+// is always aligned for the vector path.
+struct AdamWTensor {
+    uint64_t m;       // float*: first moment
+    uint64_t v;       // float*: second moment
+    uint64_t master;  // float*: f32 master weights of 16-bit params, 0 for f32 params
+    float weight_decay;
+    uint32_t pad;
+};
+static_assert(sizeof(AdamWTensor) == 32, "must match src/adamw/gpu.rs");
+
 struct AdamWParams {
     const mt::TensorEntry* tensors;
     const mt::BlockEntry* blocks;
+    const AdamWTensor* state;   // per tensor
     uint32_t* chunk_steps;      // per global chunk
     const uint8_t* skip;        // per tensor (1: leave it alone this step), or 0
     const float* lr;            // device scalar
@@ -46,7 +59,7 @@ struct AdamWParams {
     uint32_t stochastic;  // 1: 16-bit params rounded stochastically from the master
     uint32_t pad;
 };
-static_assert(sizeof(AdamWParams) == 88, "must match src/adamw/gpu.rs");
+static_assert(sizeof(AdamWParams) == 96, "must match src/adamw/gpu.rs");
 
 // b^e by binary exponentiation, every product an IEEE f64 multiply: cpu::pow_by_squaring.
 __device__ __forceinline__ double pow_by_squaring(double b, uint32_t e) {
@@ -194,16 +207,17 @@ template <typename P, typename G> __device__ __forceinline__ void adamw(const Ad
     AdamWOp<P, G> op;
     op.param = reinterpret_cast<P*>(c.t.param);
     op.grad = reinterpret_cast<const G*>(c.t.grad);
-    op.m = reinterpret_cast<float*>(c.t.m);
-    op.v = reinterpret_cast<float*>(c.t.v);
-    op.master = reinterpret_cast<float*>(c.t.master);
+    const AdamWTensor st = p.state[c.tensor];
+    op.m = reinterpret_cast<float*>(st.m);
+    op.v = reinterpret_cast<float*>(st.v);
+    op.master = reinterpret_cast<float*>(st.master);
     op.b1 = p.beta1;
     op.omb1 = __fsub_rn(1.0f, p.beta1);
     op.b2 = p.beta2;
     op.omb2 = __fsub_rn(1.0f, p.beta2);
     op.eps = p.eps;
     op.gscale = p.grad_scale ? *p.grad_scale : 1.0f;
-    op.neg_lr_wd = -__fmul_rn(lr, c.t.weight_decay);
+    op.neg_lr_wd = -__fmul_rn(lr, st.weight_decay);
     op.neg_step = -__fdiv_rn(lr, s_bc1);
     op.bc2_sqrt = s_bc2_sqrt;
     op.seed = p.seed;
@@ -227,10 +241,11 @@ FUSEDREG_FOR_EACH_DTYPE(ADAMW_FOR_EACH_GRAD)
 struct InitMasterParams {
     const mt::TensorEntry* tensors;
     const mt::BlockEntry* blocks;
+    const AdamWTensor* state;
     uint32_t block_offset;
     uint32_t pad;
 };
-static_assert(sizeof(InitMasterParams) == 24, "must match src/adamw/gpu.rs");
+static_assert(sizeof(InitMasterParams) == 32, "must match src/adamw/gpu.rs");
 
 template <typename P> struct WidenOp {
     const P* param;
@@ -247,7 +262,8 @@ template <typename P> struct WidenOp {
     extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)                               \
         adamw_init_master_##PS(const InitMasterParams p) {                                    \
         const mt::Chunk c = mt::locate(p.tensors, p.blocks, p.block_offset);                  \
-        WidenOp<P> op{reinterpret_cast<const P*>(c.t.param), reinterpret_cast<float*>(c.t.master)}; \
+        WidenOp<P> op{reinterpret_cast<const P*>(c.t.param),                                 \
+                       reinterpret_cast<float*>(p.state[c.tensor].master)};             \
         mt::for_each_group<4, ADAMW_ILP>(op, c, (c.t.flags & mt::FLAG_VEC4) != 0);            \
     }
 INIT_MASTER_KERNEL(__half, f16)

@@ -62,13 +62,24 @@
 //!
 //! # State
 //!
-//! The set owns each tensor's `m`, `v` (f32, zeroed when built), master weights (16-bit
-//! parameters; copied from the parameters when built) and step count. Step counts are kept per
-//! chunk (65,536 elements; each block advances only its own, so no two blocks race and no second
-//! launch is needed); the chunks of a tensor always advance together, and a zero-size tensor has
-//! no chunk and so a step count of 0. [`TensorSet::step_counts`] reads them per tensor.
+//! [`AdamW`] owns the state; the [`TensorSet`] knows only parameters, gradients and the chunk
+//! tables. [`AdamW::new`] allocates each tensor's `m`, `v` (f32, zeroed), master weights (16-bit
+//! parameters; copied from the parameters), per-tensor weight decay, skip flags and step counts,
+//! and uploads its own per-tensor table (`AdamWTensor` in `kernels/adamw.cu`: the addresses of
+//! m, v and master and the weight decay), which its kernel reads beside the engine's tables.
+//! Step counts are kept per chunk (65,536 elements; each block advances only its own, so no two
+//! blocks race and no second launch is needed); the chunks of a tensor always advance together,
+//! and a zero-size tensor has no chunk and so a step count of 0. [`AdamW::step_counts`] reads
+//! them per tensor.
 //!
-//! [`TensorSet::save_state`] / [`TensorSet::restore_state`] write and read the state as bytes
+//! Step counts **saturate** at `u32::MAX`, on the CPU and the GPU alike: a tensor whose count is
+//! `u32::MAX` (reachable only through a restored state or a [`cpu::CpuTensor`] built that way)
+//! steps with `t = u32::MAX` again, and its count stays there. The bias corrections are exactly 1
+//! in f32 long before that (`b^t` underflows), so the update is the same as one step earlier;
+//! only the stochastic-rounding stream (keyed by `t`) then repeats from step to step. (A wrapping
+//! counter would restart at `t = 0`, where `1 - b^0 = 0` and every parameter becomes NaN.)
+//!
+//! [`AdamW::save_state`] / [`AdamW::restore_state`] write and read the state as bytes
 //! (little-endian, version 1):
 //!
 //! ```text
@@ -90,9 +101,10 @@
 //!   parameters, moments, master weights and step counts keep their bits. Loss scaling without
 //!   clipping: a `GlobalNorm` with `max_norm = None` and its loss scale set gives
 //!   `grad_scale = 1 / loss_scale` and the found-inf flag a dynamic loss scaler needs.
-//! * Per-tensor skip flags ([`TensorSet::set_skip`], a tiny asynchronous copy, or written on the
-//!   device at [`TensorSet::skip_device_ptr`]): a skipped tensor (the block of a dropped stochastic
-//!   depth layer) gets no decay, no moment update and no step.
+//! * Per-tensor skip flags ([`AdamW::set_skip`], a tiny asynchronous copy, or written on the
+//!   device at [`AdamW::skip_device_ptr`]): a skipped tensor (the block of a dropped stochastic
+//!   depth layer) gets no decay, no moment update and no step, and adds 0 to the norm of
+//!   [`AdamW::clip_and_step`].
 //! * Step counts: on the device, as above.
 //!
 //! [`AdamW::clip_and_step`] is the whole step: norm partials, reduce + finalize, AdamW — 3
@@ -207,6 +219,35 @@ impl Default for AdamWConfig {
     }
 }
 
+/// Checks one tensor's weight decay: finite and >= 0.
+pub(crate) fn check_weight_decay(wd: f32) -> Result<()> {
+    if !wd.is_finite() || wd < 0.0 {
+        return Err(Error::invalid(
+            OP,
+            format!("weight_decay = {wd} must be finite and >= 0 (use 0 to disable it)"),
+        ));
+    }
+    Ok(())
+}
+
+/// The usual weight-decay grouping: `weight_decay` for tensors of rank >= 2 (weight matrices,
+/// embeddings, convolution kernels), 0 for tensors of rank 0 or 1 (biases, norm gains and
+/// shifts, scalars). `ranks[i]` is the number of dimensions of tensor `i`; the result is the
+/// per-tensor list [`AdamW::new`] takes.
+///
+/// ```
+/// use fusedreg::adamw::weight_decay_by_rank;
+/// // An MLP layer: weight [d, d], bias [d], then a LayerNorm gain [d].
+/// assert_eq!(weight_decay_by_rank(&[2, 1, 1], 0.1), vec![0.1, 0.0, 0.0]);
+/// assert_eq!(weight_decay_by_rank(&[4, 0], 0.01), vec![0.01, 0.0]);
+/// ```
+pub fn weight_decay_by_rank(ranks: &[usize], weight_decay: f32) -> Vec<f32> {
+    ranks
+        .iter()
+        .map(|&r| if r >= 2 { weight_decay } else { 0.0 })
+        .collect()
+}
+
 /// Checks a learning rate: finite and `>= 0`.
 ///
 /// ```
@@ -276,7 +317,7 @@ pub fn min_bytes(params: u64, param: DtypeKind, grad: DtypeKind) -> u64 {
         DtypeKind::F32 => 4 + g + 8 + 12,
         _ => 4 + g + 8 + 12 + param.size() as u64,
     };
-    params * per
+    params.saturating_mul(per)
 }
 
 /// Minimal bytes of the fused clip-and-step ([`AdamW::clip_and_step`]): the norm reads the
@@ -288,7 +329,7 @@ pub fn min_bytes(params: u64, param: DtypeKind, grad: DtypeKind) -> u64 {
 /// assert_eq!(clip_step_min_bytes(1, Bf16, Bf16), 30);
 /// ```
 pub fn clip_step_min_bytes(params: u64, param: DtypeKind, grad: DtypeKind) -> u64 {
-    crate::global_norm::norm_min_bytes(params, grad) + min_bytes(params, param, grad)
+    crate::global_norm::norm_min_bytes(params, grad).saturating_add(min_bytes(params, param, grad))
 }
 
 /// Minimal bytes of the unfused clip-and-step ([`unfused::clip_and_step`]): norm, in-place
@@ -300,5 +341,6 @@ pub fn clip_step_min_bytes(params: u64, param: DtypeKind, grad: DtypeKind) -> u6
 /// assert_eq!(unfused_clip_step_min_bytes(1, Bf16, Bf16), 34);
 /// ```
 pub fn unfused_clip_step_min_bytes(params: u64, param: DtypeKind, grad: DtypeKind) -> u64 {
-    clip_step_min_bytes(params, param, grad) + crate::global_norm::scale_min_bytes(params, grad)
+    clip_step_min_bytes(params, param, grad)
+        .saturating_add(crate::global_norm::scale_min_bytes(params, grad))
 }

@@ -105,14 +105,15 @@ impl GpuMlp {
         }
 
         let mut b = TensorSet::builder(h);
+        let mut wds = Vec::new();
         for block in &init.student {
             for (kk, v) in block.iter().enumerate() {
-                let wd = if kk % 2 == 0 { cfg.weight_decay } else { 0.0 };
-                b.push::<f32, f32>(up(v)?, zeros(v.len())?, wd)?;
+                wds.push(if kk % 2 == 0 { cfg.weight_decay } else { 0.0 });
+                b.push::<f32, f32>(up(v)?, zeros(v.len())?)?;
             }
         }
         let set = b.build()?;
-        let opt = AdamW::new(&set, cfg.adamw)?;
+        let opt = AdamW::new(&set, cfg.adamw, &wds)?;
         let norm = GlobalNorm::new(&set, Some(cfg.max_norm))?;
         let rowscale = match cfg.depth()? {
             Some(sd) => sd
@@ -364,7 +365,7 @@ impl Backend for GpuMlp {
 
     fn optimizer_step(&mut self, skip: &[bool]) -> Result<()> {
         if skip != self.skip.as_slice() {
-            self.set.set_skip(skip)?;
+            self.opt.set_skip(skip)?;
             self.skip = skip.to_vec();
         }
         self.opt.clip_and_step(&mut self.set, &mut self.norm)

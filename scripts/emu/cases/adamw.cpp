@@ -58,6 +58,8 @@ struct State {
     std::vector<uint8_t> skip;
     std::vector<mt::TensorEntry> tensors;
     std::vector<mt::BlockEntry> blocks;
+    std::vector<AdamWTensor> table;  // the optimizer's own per-tensor rows
+    std::vector<float> wd;
     uint32_t num_chunks = 0;
 };
 
@@ -65,6 +67,7 @@ static State make_state(const std::vector<TensorSpec>& specs, const std::vector<
                         const std::vector<uint8_t*>& grads, const std::vector<float>& wd,
                         size_t psize, size_t gsize) {
     State s;
+    s.wd = wd;
     uint64_t arena = 0;
     for (const auto& t : specs) {
         s.off.push_back(arena);
@@ -80,7 +83,6 @@ static State make_state(const std::vector<TensorSpec>& specs, const std::vector<
         e.param = (uint64_t)(uintptr_t)params[i];
         e.grad = (uint64_t)(uintptr_t)grads[i];
         e.n = specs[i].n;
-        e.weight_decay = wd[i];
         const bool vec4 = e.param % (4 * psize) == 0 && e.grad % (4 * gsize) == 0;
         e.flags = (vec4 ? mt::FLAG_VEC4 : 0u) | (e.grad % 16 == 0 ? mt::FLAG_GRAD16 : 0u);
         e.first_chunk = s.num_chunks;
@@ -96,17 +98,19 @@ static State make_state(const std::vector<TensorSpec>& specs, const std::vector<
 
 // Table addresses are filled after the state vectors stop moving.
 static void bind(State& s) {
+    s.table.assign(s.tensors.size(), AdamWTensor{});
     for (size_t i = 0; i < s.tensors.size(); ++i) {
-        s.tensors[i].m = (uint64_t)(uintptr_t)(s.m.data() + s.off[i]);
-        s.tensors[i].v = (uint64_t)(uintptr_t)(s.v.data() + s.off[i]);
-        s.tensors[i].master = s.master.empty() ? 0 : (uint64_t)(uintptr_t)(s.master.data() + s.off[i]);
+        s.table[i].m = (uint64_t)(uintptr_t)(s.m.data() + s.off[i]);
+        s.table[i].v = (uint64_t)(uintptr_t)(s.v.data() + s.off[i]);
+        s.table[i].master = s.master.empty() ? 0 : (uint64_t)(uintptr_t)(s.master.data() + s.off[i]);
+        s.table[i].weight_decay = s.wd[i];
     }
 }
 
 template <class P> static void init_master(State& s) {
     if constexpr (sizeof(P) == 2) {
         if (!s.num_chunks) return;
-        InitMasterParams ip{s.tensors.data(), s.blocks.data(), 0, 0};
+        InitMasterParams ip{s.tensors.data(), s.blocks.data(), s.table.data(), 0, 0};
         launch(Init<P>::k, dim3{s.num_chunks, 1, 1}, dim3{ADAMW_THREADS, 1, 1}, ip);
     }
 }
@@ -125,6 +129,7 @@ template <class P, class G> static void launch_step(State& s, const Hyper& h) {
     AdamWParams p{};
     p.tensors = s.tensors.data();
     p.blocks = s.blocks.data();
+    p.state = s.table.data();
     p.chunk_steps = s.chunk_steps.data();
     p.skip = s.skip.data();
     p.lr = &h.lr;
