@@ -235,6 +235,20 @@ impl GpuMlp {
     pub fn set(&self) -> &TensorSet {
         &self.set
     }
+
+    /// The optimizer: it owns the state of [`GpuMlp::set`] (moments, weight decay, steps).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let t = Trainer::gpu(&h, MlpConfig { blocks: 2, ..MlpConfig::cpu() })?;
+    /// assert_eq!(t.model.optimizer().step_counts()?, vec![0; 8]);
+    /// # Ok(()) }
+    /// ```
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
 }
 
 impl Backend for GpuMlp {
