@@ -21,7 +21,8 @@
 //
 // Step counts live per chunk (one u32 per block of the set): each block reads and advances only
 // its own counter, so there is no race between blocks of a tensor and no extra launch. The chunks
-// of a tensor always advance together (the flags that stop them are per tensor or global).
+// of a tensor always advance together (the flags that stop them are per tensor or global). A
+// count of UINT32_MAX stays there (saturates) and the step runs with t = UINT32_MAX.
 #include "common/multi_tensor.cuh"
 #include "common/philox.cuh"
 
@@ -194,7 +195,10 @@ template <typename P, typename G> __device__ __forceinline__ void adamw(const Ad
     __shared__ float s_bc1, s_bc2_sqrt;
     if (threadIdx.x == 0) {
         // Only this thread reads or writes the block's own counter.
-        const uint32_t t = p.chunk_steps[c.block] + 1u;
+        // Saturating: past UINT32_MAX the count would wrap to t = 0, where 1 - b^0 = 0 (NaN
+        // parameters); cpu::step saturates the same way (issue 17).
+        const uint32_t old = p.chunk_steps[c.block];
+        const uint32_t t = old == 0xffffffffu ? old : old + 1u;
         p.chunk_steps[c.block] = t;
         s_t = t;
         s_bc1 = __double2float_rn(__dsub_rn(1.0, pow_by_squaring((double)p.beta1, t)));

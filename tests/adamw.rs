@@ -495,3 +495,142 @@ fn inconsistent_state_and_huge_layouts_are_errors() {
     assert!(cpu::save_state(&[b]).is_err());
     assert!(fusedreg::multi_tensor::Layout::new(&[u64::MAX; 65_536]).is_err());
 }
+
+/// Issue 17, item 1: a step count of u32::MAX saturates instead of wrapping to t = 0 (where
+/// 1 - b^0 = 0 made every parameter NaN); the step runs with t = u32::MAX, whose bias
+/// corrections are exactly 1, like any count past a few thousand. Reached through the public
+/// field and through a restored state.
+#[test]
+fn step_count_saturates_at_u32_max() {
+    let cfg = AdamWConfig::default();
+    for start in [u32::MAX - 1, u32::MAX] {
+        let mut ts = tensors::<f32, f32>(17, &[33, 5]);
+        for t in &mut ts {
+            t.step = start;
+        }
+        // The same tensors at a large but ordinary count: the same update bits.
+        let mut late = ts.clone();
+        for t in &mut late {
+            t.step = 1_000_000;
+        }
+        for s in 0..3 {
+            new_grads(&mut ts, 1700 + s);
+            new_grads(&mut late, 1700 + s);
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+            cpu::step(&mut late, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+        }
+        for (t, l) in ts.iter().zip(&late) {
+            assert_eq!(
+                t.step,
+                u32::MAX,
+                "the count wrapped or stopped below the maximum"
+            );
+            assert!(t.param.iter().all(|p| p.is_finite()), "NaN parameters");
+            check(bits_eq("saturated vs late params", &t.param, &l.param));
+            check(bits_eq("saturated vs late m", &t.m, &l.m));
+        }
+        assert_eq!(
+            cpu::bias_corrections(cfg.beta1, cfg.beta2, u32::MAX),
+            (1.0, 1.0)
+        );
+    }
+    // Through restore_state: a saved count of u32::MAX is accepted and stays there.
+    let mut ts = tensors::<bf16, bf16>(18, &[9]);
+    ts[0].step = u32::MAX;
+    let bytes = cpu::save_state(&ts).unwrap();
+    let mut back = tensors::<bf16, bf16>(18, &[9]);
+    cpu::restore_state(&mut back, &bytes).unwrap();
+    assert_eq!(back[0].step, u32::MAX);
+    cpu::step(&mut back, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+    assert_eq!(back[0].step, u32::MAX);
+    assert!(back[0]
+        .master
+        .as_ref()
+        .unwrap()
+        .iter()
+        .all(|p| p.is_finite()));
+}
+
+/// Issue 17, item 3: a NaN or infinite grad_scale is refused (and changes nothing) unless the
+/// non-finite flag says the step is skipped anyway.
+#[test]
+fn nonfinite_grad_scale_is_refused() {
+    let cfg = AdamWConfig::default();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut ts = tensors::<f32, f32>(19, &[7, 3]);
+        let before = ts.clone();
+        let inputs = cpu::StepInputs {
+            grad_scale: bad,
+            ..cpu::StepInputs::new(cfg.lr)
+        };
+        let e = cpu::step(&mut ts, &cfg, &inputs, &[]).unwrap_err();
+        assert!(e.to_string().contains("grad_scale"), "{e}");
+        assert_eq!(ts, before, "a refused step changed the tensors");
+        // With the flag set the step is skipped: accepted, nothing changes.
+        let skipped = cpu::StepInputs {
+            nonfinite: true,
+            ..inputs
+        };
+        cpu::step(&mut ts, &cfg, &skipped, &[]).unwrap();
+        assert_eq!(ts, before);
+    }
+}
+
+/// Issue 17, item 4: CpuTensor's fields are public; `step` re-checks what `new` checks, so a
+/// weight decay set to NaN or -1e30 afterwards is an error, not NaN or huge parameters.
+#[test]
+fn weight_decay_set_after_new_is_checked() {
+    let cfg = AdamWConfig::default();
+    for bad in [f32::NAN, -1e30, f32::INFINITY, -0.5] {
+        let mut ts = tensors::<f32, f32>(20, &[5, 6]);
+        ts[1].weight_decay = bad;
+        let before = ts.clone();
+        let e = cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap_err();
+        assert!(e.to_string().contains("tensor 1"), "{e}");
+        assert!(e.to_string().contains("weight_decay"), "{e}");
+        assert_eq!(ts.len(), before.len());
+        for (a, b) in ts.iter().zip(&before) {
+            check(bits_eq("params after a refused step", &a.param, &b.param));
+        }
+    }
+}
+
+/// Issue 17, item 9: the byte-count helpers saturate at u64::MAX for element counts near
+/// 2^60..2^64 instead of overflowing (this test profile has overflow checks on).
+#[test]
+fn byte_counts_saturate() {
+    use fusedreg::global_norm::{norm_min_bytes, scale_min_bytes};
+    use DtypeKind::*;
+    for n in [
+        1u64 << 59,
+        1 << 60,
+        1 << 62,
+        1 << 63,
+        u64::MAX - 1,
+        u64::MAX,
+    ] {
+        for (p, g) in [(F32, F32), (Bf16, Bf16), (F16, F32), (Bf16, F16)] {
+            let m = adamw::min_bytes(n, p, g);
+            let c = adamw::clip_step_min_bytes(n, p, g);
+            let u = adamw::unfused_clip_step_min_bytes(n, p, g);
+            // Monotone in the pass count, and exact where it fits.
+            assert!(m <= c && c <= u, "{n} {p:?} {g:?}: {m} {c} {u}");
+            if let Some(exact) = n.checked_mul(adamw::min_bytes(1, p, g)) {
+                assert_eq!(m, exact);
+            } else {
+                assert_eq!(m, u64::MAX);
+            }
+        }
+        for g in [F32, F16, Bf16] {
+            let want = n.checked_mul(g.size() as u64).unwrap_or(u64::MAX);
+            assert_eq!(norm_min_bytes(n, g), want);
+            let want = n.checked_mul(2 * g.size() as u64).unwrap_or(u64::MAX);
+            assert_eq!(scale_min_bytes(n, g), want);
+        }
+    }
+    assert_eq!(adamw::min_bytes(u64::MAX, F32, F32), u64::MAX);
+    assert_eq!(
+        adamw::unfused_clip_step_min_bytes(u64::MAX, Bf16, Bf16),
+        u64::MAX
+    );
+}

@@ -365,6 +365,12 @@ impl StepInputs {
 /// One AdamW step over every tensor, exactly as one launch of the kernel. `skip` is empty (no
 /// tensor skipped) or one flag per tensor. Nothing changes when `inputs.nonfinite`.
 ///
+/// Errors (before anything changes): invalid hyperparameters or `lr`, a non-finite
+/// `grad_scale` (unless `nonfinite`), a tensor whose public fields were set to something
+/// [`CpuTensor::new`] refuses (weight decay negative or not finite, buffer lengths that differ,
+/// 16-bit parameters without master weights). Step counts saturate at `u32::MAX` (see the
+/// [module docs](super)).
+///
 /// ```
 /// use fusedreg::adamw::{cpu::{self, CpuTensor, StepInputs}, AdamWConfig};
 /// let mk = || CpuTensor::<f32, f32>::new(vec![1.0; 4], vec![0.5; 4], 0.01).unwrap();
@@ -379,6 +385,11 @@ impl StepInputs {
 /// cpu::step(&mut ts, &cfg, &inf, &[]).unwrap();
 /// assert_eq!(ts[0].step, 1);
 /// assert!(cpu::step(&mut ts, &cfg, &StepInputs::new(cfg.lr), &[true]).is_err());
+/// // A NaN grad scale, or a weight decay set to NaN through the public field, is refused.
+/// let nan = StepInputs { grad_scale: f32::NAN, ..StepInputs::new(cfg.lr) };
+/// assert!(cpu::step(&mut ts, &cfg, &nan, &[]).is_err());
+/// ts[0].weight_decay = f32::NAN;
+/// assert!(cpu::step(&mut ts, &cfg, &StepInputs::new(cfg.lr), &[]).is_err());
 /// ```
 pub fn step<P: Dtype, G: Dtype>(
     tensors: &mut [CpuTensor<P, G>],
@@ -394,7 +405,20 @@ pub fn step<P: Dtype, G: Dtype>(
     if !skip.is_empty() {
         check_len(OP, "skip", skip.len(), tensors.len())?;
     }
+    if !inputs.nonfinite && !inputs.grad_scale.is_finite() {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "grad_scale = {} is not finite: pass nonfinite = true to skip the step (as the \
+                 norm's flag does) or a finite scale",
+                inputs.grad_scale
+            ),
+        ));
+    }
     for (i, t) in tensors.iter().enumerate() {
+        // The fields are public: re-check what `CpuTensor::new` checked.
+        super::check_weight_decay(t.weight_decay)
+            .map_err(|e| Error::invalid(OP, format!("tensor {i}: {e}")))?;
         check_len(OP, &format!("tensor {i} grad"), t.grad.len(), t.len())?;
         check_len(OP, &format!("tensor {i} m"), t.m.len(), t.len())?;
         check_len(OP, &format!("tensor {i} v"), t.v.len(), t.len())?;
@@ -414,7 +438,8 @@ pub fn step<P: Dtype, G: Dtype>(
         if skip.get(k).copied().unwrap_or(false) || t.is_empty() {
             continue;
         }
-        let step = t.step.wrapping_add(1);
+        // Saturates, as the kernel does: past u32::MAX, t would wrap to 0 and 1 - b^0 = 0.
+        let step = t.step.saturating_add(1);
         t.step = step;
         let c = StepConsts::new(config, inputs.lr, t.weight_decay, step, inputs.grad_scale);
         let call = rounding_call(step, k);

@@ -217,7 +217,9 @@ impl AdamW {
         let chunk_steps = stream
             .alloc_zeros::<u32>(layout.num_chunks().max(1))
             .map_err(drv())?;
-        let skip = stream.alloc_zeros::<u8>(layout.num_tensors()).map_err(drv())?;
+        let skip = stream
+            .alloc_zeros::<u8>(layout.num_tensors())
+            .map_err(drv())?;
 
         let (m_base, v_base) = (raw(&handle, &m), raw(&handle, &v));
         let master_base = master.as_ref().map_or(0, |x| raw(&handle, x));

@@ -84,7 +84,11 @@ pub fn global_norm(set: &TensorSet, norm: &GlobalNorm) -> Result<(NormValues, u6
 }
 
 /// [`global_norm`] honouring an optimizer's skip flags (device address, 0: none).
-fn global_norm_skipping(set: &TensorSet, norm: &GlobalNorm, skip: u64) -> Result<(NormValues, u64)> {
+fn global_norm_skipping(
+    set: &TensorSet,
+    norm: &GlobalNorm,
+    skip: u64,
+) -> Result<(NormValues, u64)> {
     norm.check_for(set)?;
     let handle = set.handle();
     let before = handle.launch_count();

@@ -39,6 +39,7 @@ pub fn trials() -> Vec<Trial> {
             ("save_restore_resume_bit_identical", save_restore_resume),
             ("restore_mismatch_is_an_error", restore_mismatch),
             ("skip_flags_leave_tensors_untouched", skip_flags),
+            ("step_count_saturates_at_u32_max", step_count_saturates),
             (
                 "skipped_tensors_are_left_out_of_the_norm",
                 skipped_tensors_out_of_norm,
@@ -194,7 +195,11 @@ fn master_paths(h: &Handle) -> Result<(), String> {
             opt.step(&mut set, None).map_err(e)?;
             cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
         }
-        compare(h, &set, &opt, &ts,
+        compare(
+            h,
+            &set,
+            &opt,
+            &ts,
             &format!("p{} g{}", P::KIND.name(), G::KIND.name()),
         )
     }
@@ -239,7 +244,13 @@ fn stochastic_rounding(h: &Handle) -> Result<(), String> {
             opt.step(&mut set, None).map_err(e)?;
             cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
         }
-        compare(h, &set, &opt, &ts, &format!("stochastic p{}", P::KIND.name()))?;
+        compare(
+            h,
+            &set,
+            &opt,
+            &ts,
+            &format!("stochastic p{}", P::KIND.name()),
+        )?;
         (0..ts.len())
             .filter(|&i| !ts[i].is_empty())
             .map(|i| download(h, &set.param::<P>(i).map_err(e)?))
@@ -593,7 +604,13 @@ fn skipped_tensors_out_of_norm(h: &Handle) -> Result<(), String> {
             &v,
         )?;
         cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), skip).map_err(e)?;
-        compare(h, &set, &opt, &ts, &format!("clipped step with skip plan {s}"))?;
+        compare(
+            h,
+            &set,
+            &opt,
+            &ts,
+            &format!("clipped step with skip plan {s}"),
+        )?;
     }
     Ok(())
 }
@@ -625,7 +642,7 @@ fn raw_set<P: Dtype, G: Dtype>(
             len: t.len() as u64,
             param_dtype: P::KIND,
             grad_dtype: G::KIND,
-                    };
+        };
         // SAFETY: both views lie inside buffers kept alive in `backing` as long as the set.
         unsafe { b.push_raw(raw) }.map_err(e)?;
         drop((_g1, _g2));
@@ -699,7 +716,7 @@ fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
             len: t.len() as u64,
             param_dtype: DtypeKind::F32,
             grad_dtype: DtypeKind::F32,
-                    };
+        };
         // SAFETY: each view lies inside `bp` / `bg`, which outlive the set.
         unsafe { b.push_raw(raw) }.map_err(e)?;
         at += t.len() as u64;
@@ -973,6 +990,40 @@ fn big_tensor(h: &Handle) -> Result<(), String> {
     }
     if opt.step_counts().map_err(e)? != vec![1] {
         return Err("step count".into());
+    }
+    Ok(())
+}
+
+/// Issue 17, item 1 on the device: a step count of u32::MAX (restored from a saved state)
+/// saturates as on the CPU instead of wrapping to t = 0 (NaN parameters); every bit matches the
+/// CPU reference over several steps, stochastic rounding included.
+fn step_count_saturates(h: &Handle) -> Result<(), String> {
+    let cfg = AdamWConfig {
+        rounding: Rounding::Stochastic { seed: 17 },
+        ..Default::default()
+    };
+    let mut ts = cpu_tensors::<bf16, bf16>(170, &[65_537, 0, 9]);
+    ts[0].step = u32::MAX - 1;
+    ts[2].step = u32::MAX;
+    let mut set = build(h, &ts)?;
+    let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+    opt.restore_state(&cpu::save_state(&ts).map_err(e)?)
+        .map_err(e)?;
+    for s in 0..3 {
+        new_grads(&mut ts, 1700 + s);
+        write_grads(h, &mut set, &ts)?;
+        opt.step(&mut set, None).map_err(e)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+        compare(h, &set, &opt, &ts, &format!("saturated step {s}"))?;
+    }
+    let steps = opt.step_counts().map_err(e)?;
+    if steps != vec![u32::MAX, 0, u32::MAX] {
+        return Err(format!(
+            "step counts {steps:?}, expected saturation at u32::MAX"
+        ));
+    }
+    if ts[0].param.iter().any(|p| !p.to_f32().is_finite()) {
+        return Err("NaN parameters after saturation".into());
     }
     Ok(())
 }
