@@ -109,13 +109,20 @@ template <typename T> __device__ __forceinline__ T round_stochastic(float x, uin
     return word < frac ? hi : lo;
 }
 
-template <typename P, typename G> struct AdamWOp {
-    // 16-bit params are updated through their f32 master copy; f32 params in place.
-    static constexpr bool kMaster = sizeof(P) == 2;
+// M: the moments' storage type (float, or __nv_bfloat16 for the lean state). MASTER: 16-bit
+// params are updated through an f32 master copy (the default); without it the 16-bit param
+// itself is read, updated in f32 and written back rounded (stochastically when asked: llm.c's
+// scheme). f32 params are always updated in place (MASTER has no effect on them).
+//
+// bf16 moments: loaded widened exactly to f32, updated in f32 exactly as f32 moments are, and
+// the parameter update uses those f32 values; only the stored m and v are rounded to bf16
+// (nearest even), after the update. cpu::step does the same.
+template <typename P, typename G, typename M, bool MASTER> struct AdamWOp {
+    static constexpr bool kMaster = MASTER && sizeof(P) == 2;
     P* param;
     const G* grad;
-    float* m;
-    float* v;
+    M* m;
+    M* v;
     float* master;
     float b1, omb1, b2, omb2, eps, gscale, neg_lr_wd, neg_step, bc2_sqrt;
     uint64_t seed, call;
@@ -150,8 +157,8 @@ template <typename P, typename G> struct AdamWOp {
         for (int k = 0; k < 4; ++k) update(r.p[k], r.g[k], r.m[k], r.v[k]);
         mt::store4(m + i, r.m);
         mt::store4(v + i, r.v);
-        if constexpr (kMaster) {
-            mt::store4(master + i, r.p);
+        if constexpr (kMaster) mt::store4(master + i, r.p);
+        if constexpr (sizeof(P) == 2) {
             if (stochastic) {
                 const uint4 w = philox_block(seed, call, i >> 2);  // i is a multiple of 4
                 const P h[4] = {round_stochastic<P>(r.p[0], w.x), round_stochastic<P>(r.p[1], w.y),
@@ -172,12 +179,12 @@ template <typename P, typename G> struct AdamWOp {
         } else {
             p = to_f32(param[i]);
         }
-        float mm = m[i], vv = v[i];
+        float mm = to_f32(m[i]), vv = to_f32(v[i]);
         update(p, to_f32(grad[i]), mm, vv);
-        m[i] = mm;
-        v[i] = vv;
-        if constexpr (kMaster) {
-            master[i] = p;
+        m[i] = from_f32<M>(mm);
+        v[i] = from_f32<M>(vv);
+        if constexpr (kMaster) master[i] = p;
+        if constexpr (sizeof(P) == 2) {
             param[i] = stochastic ? round_stochastic<P>(p, mask_word(seed, call, i)) : from_f32<P>(p);
         } else {
             param[i] = from_f32<P>(p);
@@ -185,7 +192,8 @@ template <typename P, typename G> struct AdamWOp {
     }
 };
 
-template <typename P, typename G> __device__ __forceinline__ void adamw(const AdamWParams& p) {
+template <typename P, typename G, typename M, bool MASTER>
+__device__ __forceinline__ void adamw(const AdamWParams& p) {
     // Block-uniform early exits, before any barrier: a skipped step changes no bit.
     if (p.nonfinite && *p.nonfinite) return;
     const mt::Chunk c = mt::locate(p.tensors, p.blocks, p.block_offset);
@@ -208,12 +216,12 @@ template <typename P, typename G> __device__ __forceinline__ void adamw(const Ad
     __syncthreads();
 
     const float lr = *p.lr;
-    AdamWOp<P, G> op;
+    AdamWOp<P, G, M, MASTER> op;
     op.param = reinterpret_cast<P*>(c.t.param);
     op.grad = reinterpret_cast<const G*>(c.t.grad);
     const AdamWTensor st = p.state[c.tensor];
-    op.m = reinterpret_cast<float*>(st.m);
-    op.v = reinterpret_cast<float*>(st.v);
+    op.m = reinterpret_cast<M*>(st.m);
+    op.v = reinterpret_cast<M*>(st.v);
     op.master = reinterpret_cast<float*>(st.master);
     op.b1 = p.beta1;
     op.omb1 = __fsub_rn(1.0f, p.beta1);
@@ -230,16 +238,29 @@ template <typename P, typename G> __device__ __forceinline__ void adamw(const Ad
     mt::for_each_group<4, ADAMW_ILP>(op, c, (c.t.flags & mt::FLAG_VEC4) != 0);
 }
 
-#define ADAMW_KERNEL(P, PS, G, GS)                                                            \
+// Kernel symbols: adamw_p<P>_g<G><SUFFIX> for every (param, grad) pair and state layout:
+//   (none)            f32 moments, f32 master for 16-bit params (the default)
+//   _mbf16            bf16 moments, f32 master for 16-bit params
+//   _nomaster         f32 moments, 16-bit params updated in place (16-bit params only)
+//   _mbf16_nomaster   bf16 moments, no master (16-bit params only): the 14-byte step for bf16
+#define ADAMW_KERNEL(P, PS, G, GS, M, MASTER, SUFFIX)                                         \
     extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)                               \
-        adamw_p##PS##_g##GS(const AdamWParams p) {                                            \
-        adamw<P, G>(p);                                                                       \
+        adamw_p##PS##_g##GS##SUFFIX(const AdamWParams p) {                                    \
+        adamw<P, G, M, MASTER>(p);                                                            \
     }
-#define ADAMW_FOR_EACH_GRAD(P, PS)                                                            \
-    ADAMW_KERNEL(P, PS, float, f32)                                                           \
-    ADAMW_KERNEL(P, PS, __half, f16)                                                          \
-    ADAMW_KERNEL(P, PS, __nv_bfloat16, bf16)
-FUSEDREG_FOR_EACH_DTYPE(ADAMW_FOR_EACH_GRAD)
+#define ADAMW_FOR_EACH_GRAD(P, PS, M, MASTER, SUFFIX)                                         \
+    ADAMW_KERNEL(P, PS, float, f32, M, MASTER, SUFFIX)                                        \
+    ADAMW_KERNEL(P, PS, __half, f16, M, MASTER, SUFFIX)                                       \
+    ADAMW_KERNEL(P, PS, __nv_bfloat16, bf16, M, MASTER, SUFFIX)
+#define ADAMW_WITH_MASTER(P, PS)                                                              \
+    ADAMW_FOR_EACH_GRAD(P, PS, float, true, )                                                 \
+    ADAMW_FOR_EACH_GRAD(P, PS, __nv_bfloat16, true, _mbf16)
+FUSEDREG_FOR_EACH_DTYPE(ADAMW_WITH_MASTER)
+#define ADAMW_NO_MASTER(P, PS)                                                                \
+    ADAMW_FOR_EACH_GRAD(P, PS, float, false, _nomaster)                                       \
+    ADAMW_FOR_EACH_GRAD(P, PS, __nv_bfloat16, false, _mbf16_nomaster)
+ADAMW_NO_MASTER(__half, f16)
+ADAMW_NO_MASTER(__nv_bfloat16, bf16)
 
 // master = f32(param): fills the f32 master weights of 16-bit params when a set is built.
 struct InitMasterParams {

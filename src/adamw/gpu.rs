@@ -5,8 +5,8 @@
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
 use super::state::{self, StateHeader};
-use super::{check_lr, check_weight_decay, AdamWConfig, Rounding, OP};
-use crate::dtype::DtypeKind;
+use super::{check_lr, check_weight_decay, AdamWConfig, MomentDtype, Rounding, StateOptions, OP};
+use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{check_len, Error, Result};
 use crate::global_norm::GlobalNorm;
 use crate::multi_tensor::{Layout, TensorSet};
@@ -71,25 +71,61 @@ const _: () = assert!(std::mem::size_of::<InitMasterParams>() == 32);
 // SAFETY: as above.
 unsafe impl DeviceRepr for InitMasterParams {}
 
-/// The kernel of one (param, grad) dtype pair: `adamw_p<P>_g<G>`, one row per parameter dtype.
-macro_rules! adamw_kernels {
+/// One kernel family (a state layout) as a match on the (param, grad) dtype pair: the rows are
+/// the parameter dtypes, the columns the gradient dtypes f32, f16, bf16 (`kernels/adamw.cu`
+/// instantiates the same families with one macro).
+macro_rules! by_pair {
     ($p:expr, $g:expr; $($pk:ident => [$f32:ident, $f16:ident, $bf16:ident]),* $(,)?) => {
         match ($p, $g) {
             $(
-                (DtypeKind::$pk, DtypeKind::F32) => Kernel::$f32,
-                (DtypeKind::$pk, DtypeKind::F16) => Kernel::$f16,
-                (DtypeKind::$pk, DtypeKind::Bf16) => Kernel::$bf16,
+                (DtypeKind::$pk, DtypeKind::F32) => Some(Kernel::$f32),
+                (DtypeKind::$pk, DtypeKind::F16) => Some(Kernel::$f16),
+                (DtypeKind::$pk, DtypeKind::Bf16) => Some(Kernel::$bf16),
             )*
+            #[allow(unreachable_patterns)]
+            _ => None,
         }
     };
 }
 
-fn adamw_kernel(p: DtypeKind, g: DtypeKind) -> Kernel {
-    adamw_kernels!(p, g;
-        F32 => [AdamwPf32Gf32, AdamwPf32Gf16, AdamwPf32Gbf16],
-        F16 => [AdamwPf16Gf32, AdamwPf16Gf16, AdamwPf16Gbf16],
-        Bf16 => [AdamwPbf16Gf32, AdamwPbf16Gf16, AdamwPbf16Gbf16],
-    )
+/// The kernel for a dtype pair and state layout. f32 params have no master weights whatever the
+/// option says, so they always use a family with master (where the flag has no effect).
+fn adamw_kernel(p: DtypeKind, g: DtypeKind, state: StateOptions) -> Kernel {
+    let k = match (state.moments, state.has_master(p) || p == DtypeKind::F32) {
+        (MomentDtype::F32, true) => by_pair!(p, g;
+            F32 => [AdamwPf32Gf32, AdamwPf32Gf16, AdamwPf32Gbf16],
+            F16 => [AdamwPf16Gf32, AdamwPf16Gf16, AdamwPf16Gbf16],
+            Bf16 => [AdamwPbf16Gf32, AdamwPbf16Gf16, AdamwPbf16Gbf16],
+        ),
+        (MomentDtype::Bf16, true) => by_pair!(p, g;
+            F32 => [AdamwPf32Gf32Mbf16, AdamwPf32Gf16Mbf16, AdamwPf32Gbf16Mbf16],
+            F16 => [AdamwPf16Gf32Mbf16, AdamwPf16Gf16Mbf16, AdamwPf16Gbf16Mbf16],
+            Bf16 => [AdamwPbf16Gf32Mbf16, AdamwPbf16Gf16Mbf16, AdamwPbf16Gbf16Mbf16],
+        ),
+        (MomentDtype::F32, false) => by_pair!(p, g;
+            F16 => [AdamwPf16Gf32Nomaster, AdamwPf16Gf16Nomaster, AdamwPf16Gbf16Nomaster],
+            Bf16 => [AdamwPbf16Gf32Nomaster, AdamwPbf16Gf16Nomaster, AdamwPbf16Gbf16Nomaster],
+        ),
+        (MomentDtype::Bf16, false) => by_pair!(p, g;
+            F16 => [
+                AdamwPf16Gf32Mbf16Nomaster,
+                AdamwPf16Gf16Mbf16Nomaster,
+                AdamwPf16Gbf16Mbf16Nomaster
+            ],
+            Bf16 => [
+                AdamwPbf16Gf32Mbf16Nomaster,
+                AdamwPbf16Gf16Mbf16Nomaster,
+                AdamwPbf16Gbf16Mbf16Nomaster
+            ],
+        ),
+    };
+    k.expect("every layout without master weights has 16-bit params")
+}
+
+/// The moments of every tensor, in arenas of the layout's dtype.
+enum Moments {
+    F32(CudaSlice<f32>, CudaSlice<f32>),
+    Bf16(CudaSlice<half::bf16>, CudaSlice<half::bf16>),
 }
 
 fn raw<T>(h: &Handle, s: &CudaSlice<T>) -> u64 {
@@ -130,8 +166,8 @@ pub struct AdamW {
     weight_decay: Vec<f32>,
     /// Offset of each tensor's state in the arenas, in elements (multiples of STATE_ALIGN).
     offsets: Vec<u64>,
-    m: CudaSlice<f32>,
-    v: CudaSlice<f32>,
+    /// m and v, f32 or bf16 (the layout's moment dtype).
+    moments: Moments,
     /// f32 master weights, for 16-bit parameters only.
     master: Option<CudaSlice<f32>>,
     /// One step count per global chunk (each block advances only its own).
@@ -207,12 +243,20 @@ impl AdamW {
         let arena_len = usize::try_from(arena.max(1))
             .map_err(|_| Error::invalid(OP, "the optimizer state does not fit in memory"))?;
         let drv = || Error::driver(OP);
-        let m = stream.alloc_zeros::<f32>(arena_len).map_err(drv())?;
-        let v = stream.alloc_zeros::<f32>(arena_len).map_err(drv())?;
-        let master = if param_dtype == DtypeKind::F32 {
-            None
-        } else {
+        let moments = match config.state.moments {
+            MomentDtype::F32 => Moments::F32(
+                stream.alloc_zeros::<f32>(arena_len).map_err(drv())?,
+                stream.alloc_zeros::<f32>(arena_len).map_err(drv())?,
+            ),
+            MomentDtype::Bf16 => Moments::Bf16(
+                stream.alloc_zeros::<half::bf16>(arena_len).map_err(drv())?,
+                stream.alloc_zeros::<half::bf16>(arena_len).map_err(drv())?,
+            ),
+        };
+        let master = if config.state.has_master(param_dtype) {
             Some(stream.alloc_zeros::<f32>(arena_len).map_err(drv())?)
+        } else {
+            None
         };
         let chunk_steps = stream
             .alloc_zeros::<u32>(layout.num_chunks().max(1))
@@ -221,17 +265,21 @@ impl AdamW {
             .alloc_zeros::<u8>(layout.num_tensors())
             .map_err(drv())?;
 
-        let (m_base, v_base) = (raw(&handle, &m), raw(&handle, &v));
+        let (m_base, v_base) = match &moments {
+            Moments::F32(m, v) => (raw(&handle, m), raw(&handle, v)),
+            Moments::Bf16(m, v) => (raw(&handle, m), raw(&handle, v)),
+        };
+        let msize = config.state.moments.size() as u64;
         let master_base = master.as_ref().map_or(0, |x| raw(&handle, x));
         let rows: Vec<AdamWTensor> = offsets
             .iter()
             .zip(weight_decay)
             .map(|(&off, &wd)| {
-                let at = |b: u64| if b == 0 { 0 } else { b + off * 4 };
+                let at = |b: u64, size: u64| if b == 0 { 0 } else { b + off * size };
                 AdamWTensor {
-                    m: at(m_base),
-                    v: at(v_base),
-                    master: at(master_base),
+                    m: at(m_base, msize),
+                    v: at(v_base, msize),
+                    master: at(master_base, 4),
                     weight_decay: wd,
                     pad: 0,
                 }
@@ -249,8 +297,7 @@ impl AdamW {
             param_dtype,
             weight_decay: weight_decay.to_vec(),
             offsets,
-            m,
-            v,
+            moments,
             master,
             chunk_steps,
             skip,
@@ -263,6 +310,9 @@ impl AdamW {
 
     /// master = f32(param) for 16-bit parameters: one launch over the set.
     fn init_master(&self, set: &TensorSet) -> Result<()> {
+        if self.master.is_none() {
+            return Ok(());
+        }
         let grid = set.num_chunks_u32();
         let k = match self.param_dtype {
             DtypeKind::F16 => Kernel::AdamwInitMasterF16,
@@ -416,7 +466,7 @@ impl AdamW {
             pad: 0,
         };
         self.handle.launch(
-            adamw_kernel(self.param_dtype, set.grad_dtype()),
+            adamw_kernel(self.param_dtype, set.grad_dtype(), self.config.state),
             (grid, 1, 1),
             (ADAMW_THREADS, 1, 1),
             0,
@@ -573,7 +623,7 @@ impl AdamW {
             .collect())
     }
 
-    fn state_view<'a>(&'a self, s: &'a CudaSlice<f32>, i: usize) -> Result<CudaView<'a, f32>> {
+    fn state_view<'a, T>(&'a self, s: &'a CudaSlice<T>, i: usize) -> Result<CudaView<'a, T>> {
         if i >= self.layout.num_tensors() {
             return Err(Error::invalid(
                 OP,
@@ -587,7 +637,8 @@ impl AdamW {
         Ok(s.slice(off..off + self.layout.lens()[i] as usize))
     }
 
-    /// Tensor `i`'s first moment (f32).
+    /// Tensor `i`'s first moment, as `M`: f32 or bf16, the layout's [`MomentDtype`] (any other
+    /// type is an error).
     ///
     /// ```no_run
     /// # fn main() -> fusedreg::Result<()> {
@@ -599,15 +650,37 @@ impl AdamW {
     /// # let mut set = b.build()?;
     /// let opt = AdamW::new(&set, AdamWConfig::default(), &[0.0])?;
     /// opt.step(&mut set, None)?;
-    /// let m = h.stream().clone_dtoh(&opt.exp_avg(0)?).unwrap(); // 1000 f32
+    /// let m = h.stream().clone_dtoh(&opt.exp_avg::<f32>(0)?).unwrap(); // 1000 f32
+    /// // The moments' type is the layout's: bf16 is an error here (f32 moments).
+    /// assert!(opt.exp_avg::<half::bf16>(0).is_err());
     /// # drop(m);
     /// # Ok(()) }
     /// ```
-    pub fn exp_avg(&self, i: usize) -> Result<CudaView<'_, f32>> {
-        self.state_view(&self.m, i)
+    pub fn exp_avg<M: Dtype>(&self, i: usize) -> Result<CudaView<'_, M>> {
+        self.moment::<M>(i, 0)
     }
 
-    /// Tensor `i`'s second moment (f32).
+    /// Moment `which` (0: m, 1: v) of tensor `i` as `M`, which must be the layout's dtype.
+    fn moment<M: Dtype>(&self, i: usize, which: usize) -> Result<CudaView<'_, M>> {
+        let (m, v): (&dyn std::any::Any, &dyn std::any::Any) = match &self.moments {
+            Moments::F32(m, v) => (m, v),
+            Moments::Bf16(m, v) => (m, v),
+        };
+        let s = if which == 0 { m } else { v };
+        let s = s.downcast_ref::<CudaSlice<M>>().ok_or_else(|| {
+            Error::invalid(
+                OP,
+                format!(
+                    "the moments are {:?}, not {}: read them as that type",
+                    self.config.state.moments,
+                    M::KIND.name()
+                ),
+            )
+        })?;
+        self.state_view(s, i)
+    }
+
+    /// Tensor `i`'s second moment, as `M` (see [`AdamW::exp_avg`]).
     ///
     /// ```no_run
     /// # fn main() -> fusedreg::Result<()> {
@@ -619,15 +692,16 @@ impl AdamW {
     /// # let mut set = b.build()?;
     /// let opt = AdamW::new(&set, AdamWConfig::default(), &[0.0])?;
     /// opt.step(&mut set, None)?;
-    /// let v = h.stream().clone_dtoh(&opt.exp_avg_sq(0)?).unwrap(); // 1000 f32
+    /// let v = h.stream().clone_dtoh(&opt.exp_avg_sq::<f32>(0)?).unwrap(); // 1000 f32
     /// # drop(v);
     /// # Ok(()) }
     /// ```
-    pub fn exp_avg_sq(&self, i: usize) -> Result<CudaView<'_, f32>> {
-        self.state_view(&self.v, i)
+    pub fn exp_avg_sq<M: Dtype>(&self, i: usize) -> Result<CudaView<'_, M>> {
+        self.moment::<M>(i, 1)
     }
 
-    /// Tensor `i`'s f32 master weights (16-bit parameters only; an error for f32 parameters).
+    /// Tensor `i`'s f32 master weights (16-bit parameters with [`MasterWeights::F32`](super::MasterWeights::F32)
+    /// only; an error otherwise).
     ///
     /// ```no_run
     /// # fn main() -> fusedreg::Result<()> {
@@ -646,7 +720,10 @@ impl AdamW {
     /// ```
     pub fn master(&self, i: usize) -> Result<CudaView<'_, f32>> {
         let m = self.master.as_ref().ok_or_else(|| {
-            Error::invalid(OP, "f32 parameters have no master weights: read the params")
+            Error::invalid(
+                OP,
+                "no master weights (f32 parameters, or MasterWeights::None): read the params",
+            )
         })?;
         self.state_view(m, i)
     }
@@ -655,7 +732,27 @@ impl AdamW {
         StateHeader {
             param_dtype: self.param_dtype,
             lens: self.layout.lens().to_vec(),
+            options: self.config.state,
         }
+    }
+
+    /// Both moment arenas downloaded and widened to f32 (exact for bf16).
+    fn moments_f32(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let s = self.handle.stream();
+        let drv = || Error::driver(OP);
+        Ok(match &self.moments {
+            Moments::F32(m, v) => (
+                s.clone_dtoh(m).map_err(drv())?,
+                s.clone_dtoh(v).map_err(drv())?,
+            ),
+            Moments::Bf16(m, v) => {
+                let widen = |x: Vec<half::bf16>| x.iter().map(|b| b.to_f32()).collect();
+                (
+                    widen(s.clone_dtoh(m).map_err(drv())?),
+                    widen(s.clone_dtoh(v).map_err(drv())?),
+                )
+            }
+        })
     }
 
     /// The whole optimizer state as bytes (see the [module docs](super) for the format):
@@ -678,8 +775,7 @@ impl AdamW {
     pub fn save_state(&self) -> Result<Vec<u8>> {
         let header = self.state_header();
         let s = self.handle.stream();
-        let m = s.clone_dtoh(&self.m).map_err(Error::driver(OP))?;
-        let v = s.clone_dtoh(&self.v).map_err(Error::driver(OP))?;
+        let (m, v) = self.moments_f32()?;
         let master = match &self.master {
             Some(x) => s.clone_dtoh(x).map_err(Error::driver(OP))?,
             None => Vec::new(),
@@ -726,7 +822,10 @@ impl AdamW {
     pub fn restore_state(&mut self, bytes: &[u8]) -> Result<()> {
         let header = self.state_header();
         let view = state::decode(bytes, &header)?;
-        let arena = self.m.len();
+        let arena = match &self.moments {
+            Moments::F32(m, _) => m.len(),
+            Moments::Bf16(m, _) => m.len(),
+        };
         let mut m = vec![0f32; arena];
         let mut v = vec![0f32; arena];
         let mut master = self.master.as_ref().map(|_| vec![0f32; arena]);
@@ -745,8 +844,20 @@ impl AdamW {
         }
         let stream = self.handle.stream().clone();
         let drv = || Error::driver(OP);
-        stream.memcpy_htod(&m, &mut self.m).map_err(drv())?;
-        stream.memcpy_htod(&v, &mut self.v).map_err(drv())?;
+        match &mut self.moments {
+            Moments::F32(dm, dv) => {
+                stream.memcpy_htod(&m, dm).map_err(drv())?;
+                stream.memcpy_htod(&v, dv).map_err(drv())?;
+            }
+            Moments::Bf16(dm, dv) => {
+                // The state holds bf16 values: the narrowing is exact.
+                let narrow = |x: &[f32]| -> Vec<half::bf16> {
+                    x.iter().map(|&f| half::bf16::from_f32(f)).collect()
+                };
+                stream.memcpy_htod(&narrow(&m), dm).map_err(drv())?;
+                stream.memcpy_htod(&narrow(&v), dv).map_err(drv())?;
+            }
+        }
         if let (Some(h), Some(d)) = (&master, self.master.as_mut()) {
             stream.memcpy_htod(h, d).map_err(drv())?;
         }

@@ -176,7 +176,123 @@ pub enum Rounding {
     },
 }
 
-/// AdamW hyperparameters (weight decay is per tensor, given at registration).
+/// The storage type of the moments `m` and `v`.
+///
+/// ```
+/// use fusedreg::adamw::MomentDtype;
+/// assert_eq!(MomentDtype::default(), MomentDtype::F32);
+/// assert_eq!(MomentDtype::Bf16.size(), 2);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub enum MomentDtype {
+    /// f32 moments (PyTorch's and Apex's default): 8 bytes of state per parameter.
+    #[default]
+    F32,
+    /// bf16 moments: 4 bytes per parameter. Updated in f32 exactly as f32 moments are; only the
+    /// stored values are rounded to bf16 (nearest even) after each update (see the module docs).
+    Bf16,
+}
+
+impl MomentDtype {
+    /// Bytes per element of one moment.
+    ///
+    /// ```
+    /// use fusedreg::adamw::MomentDtype;
+    /// assert_eq!((MomentDtype::F32.size(), MomentDtype::Bf16.size()), (4, 2));
+    /// ```
+    pub fn size(self) -> usize {
+        match self {
+            MomentDtype::F32 => 4,
+            MomentDtype::Bf16 => 2,
+        }
+    }
+
+    /// As a [`DtypeKind`].
+    ///
+    /// ```
+    /// use fusedreg::{adamw::MomentDtype, DtypeKind};
+    /// assert_eq!(MomentDtype::Bf16.kind(), DtypeKind::Bf16);
+    /// ```
+    pub fn kind(self) -> DtypeKind {
+        match self {
+            MomentDtype::F32 => DtypeKind::F32,
+            MomentDtype::Bf16 => DtypeKind::Bf16,
+        }
+    }
+}
+
+/// Master weights of 16-bit parameters (no effect on f32 parameters, which are their own
+/// truth).
+///
+/// ```
+/// use fusedreg::adamw::MasterWeights;
+/// assert_eq!(MasterWeights::default(), MasterWeights::F32);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub enum MasterWeights {
+    /// An f32 copy of every 16-bit parameter is the optimizer's truth; the parameter is its
+    /// rounded copy (the default).
+    #[default]
+    F32,
+    /// No copy: the 16-bit parameter is read, updated in f32 and written back rounded (llm.c's
+    /// scheme). Use [`Rounding::Stochastic`] with it, or updates smaller than half a 16-bit ulp
+    /// are lost every step; with stochastic rounding they survive on average.
+    None,
+}
+
+/// The optimizer-state layout: moment dtype and master weights. The default is PyTorch's:
+/// f32 moments, f32 master weights for 16-bit parameters. See [`min_bytes_with`] for the bytes
+/// per parameter of every combination.
+///
+/// ```
+/// use fusedreg::adamw::{AdamWConfig, MasterWeights, MomentDtype, Rounding, StateOptions};
+/// // The lean state: bf16 moments, no master (with bf16 params and grads: 14 B per step).
+/// let lean = StateOptions { moments: MomentDtype::Bf16, master: MasterWeights::None };
+/// let cfg = AdamWConfig {
+///     state: lean,
+///     rounding: Rounding::Stochastic { seed: 1 },
+///     ..Default::default()
+/// };
+/// assert!(cfg.validate().is_ok());
+/// assert_eq!(StateOptions::default(), StateOptions::DEFAULT);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct StateOptions {
+    /// Storage type of `m` and `v`.
+    pub moments: MomentDtype,
+    /// Master weights of 16-bit parameters.
+    pub master: MasterWeights,
+}
+
+impl StateOptions {
+    /// The default layout, spelled out: f32 moments, f32 master weights.
+    ///
+    /// ```
+    /// use fusedreg::adamw::{MasterWeights, MomentDtype, StateOptions};
+    /// assert_eq!(StateOptions::DEFAULT.moments, MomentDtype::F32);
+    /// assert_eq!(StateOptions::DEFAULT.master, MasterWeights::F32);
+    /// ```
+    pub const DEFAULT: StateOptions = StateOptions {
+        moments: MomentDtype::F32,
+        master: MasterWeights::F32,
+    };
+
+    /// Whether parameters of dtype `param` have f32 master weights under these options.
+    ///
+    /// ```
+    /// use fusedreg::{adamw::{MasterWeights, StateOptions}, DtypeKind};
+    /// let none = StateOptions { master: MasterWeights::None, ..Default::default() };
+    /// assert!(StateOptions::default().has_master(DtypeKind::Bf16));
+    /// assert!(!StateOptions::default().has_master(DtypeKind::F32));
+    /// assert!(!none.has_master(DtypeKind::Bf16));
+    /// ```
+    pub fn has_master(&self, param: DtypeKind) -> bool {
+        param != DtypeKind::F32 && self.master == MasterWeights::F32
+    }
+}
+
+/// AdamW hyperparameters and the state layout (weight decay is per tensor: see
+/// [`AdamW::new`]).
 ///
 /// ```
 /// use fusedreg::adamw::AdamWConfig;
@@ -195,8 +311,10 @@ pub struct AdamWConfig {
     pub beta2: f32,
     /// Added to the bias-corrected `sqrt(v)`; finite, `>= 0`.
     pub eps: f32,
-    /// Rounding of 16-bit parameters from the master weights (ignored for f32 parameters).
+    /// Rounding of 16-bit parameters from their updated f32 value (ignored for f32 parameters).
     pub rounding: Rounding,
+    /// The optimizer-state layout (moment dtype, master weights); default f32 / f32.
+    pub state: StateOptions,
 }
 
 impl Default for AdamWConfig {
@@ -215,6 +333,7 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             rounding: Rounding::NearestEven,
+            state: StateOptions::DEFAULT,
         }
     }
 }
@@ -312,12 +431,61 @@ impl AdamWConfig {
 /// assert_eq!(min_bytes(1, Bf16, F32), 30);
 /// ```
 pub fn min_bytes(params: u64, param: DtypeKind, grad: DtypeKind) -> u64 {
-    let g = grad.size() as u64;
-    let per = match param {
-        DtypeKind::F32 => 4 + g + 8 + 12,
-        _ => 4 + g + 8 + 12 + param.size() as u64,
+    min_bytes_with(params, param, grad, StateOptions::default())
+}
+
+/// Minimal device-memory bytes of one AdamW step with the state layout `state`, per element:
+/// with f32 master weights (16-bit params), read master, g, m, v and write master, m, v and the
+/// 16-bit parameter: `8 + g + 4 M + P`; otherwise read p, g, m, v and write p, m, v:
+/// `2 P + g + 4 M` (`P`, `g`, `M`: bytes of a parameter, gradient, moment). Saturates at
+/// `u64::MAX`, never wraps.
+///
+/// | params | grads | moments | master | bytes |
+/// | --- | --- | --- | --- | --- |
+/// | f32 | f32 | f32 | — | 28 |
+/// | f32 | f32 | bf16 | — | 20 |
+/// | bf16 | bf16 | f32 | f32 | 28 |
+/// | bf16 | bf16 | bf16 | f32 | 20 |
+/// | bf16 | bf16 | f32 | none | 22 |
+/// | bf16 | bf16 | bf16 | none | 14 (PyTorch's fused AdamW on bf16 parameters) |
+/// | bf16 | f32 | bf16 | none | 16 |
+///
+/// ```
+/// use fusedreg::adamw::{min_bytes_with, MasterWeights, MomentDtype, StateOptions};
+/// use fusedreg::DtypeKind::*;
+/// let lean = StateOptions { moments: MomentDtype::Bf16, master: MasterWeights::None };
+/// assert_eq!(min_bytes_with(1, Bf16, Bf16, lean), 14);
+/// assert_eq!(min_bytes_with(1, F32, F32, StateOptions::default()), 28);
+/// assert_eq!(min_bytes_with(1, F32, F32, lean), 20); // f32 params have no master anyway
+/// ```
+pub fn min_bytes_with(params: u64, param: DtypeKind, grad: DtypeKind, state: StateOptions) -> u64 {
+    let (p, g, m) = (
+        param.size() as u64,
+        grad.size() as u64,
+        state.moments.size() as u64,
+    );
+    let per = if state.has_master(param) {
+        8 + g + 4 * m + p
+    } else {
+        2 * p + g + 4 * m
     };
     params.saturating_mul(per)
+}
+
+/// Resident optimizer-state bytes per parameter with the layout `state` (moments plus master
+/// weights; parameters and gradients not counted): 12 for the default with 16-bit params,
+/// 4 for bf16 moments without master.
+///
+/// ```
+/// use fusedreg::adamw::{state_bytes_per_param, MasterWeights, MomentDtype, StateOptions};
+/// use fusedreg::DtypeKind::*;
+/// let lean = StateOptions { moments: MomentDtype::Bf16, master: MasterWeights::None };
+/// assert_eq!(state_bytes_per_param(Bf16, StateOptions::default()), 12);
+/// assert_eq!(state_bytes_per_param(Bf16, lean), 4);
+/// assert_eq!(state_bytes_per_param(F32, StateOptions::default()), 8);
+/// ```
+pub fn state_bytes_per_param(param: DtypeKind, state: StateOptions) -> u64 {
+    2 * state.moments.size() as u64 + if state.has_master(param) { 4 } else { 0 }
 }
 
 /// Minimal bytes of the fused clip-and-step ([`AdamW::clip_and_step`]): the norm reads the
