@@ -46,7 +46,8 @@ pub mod stochastic_depth;
 pub use dtype::{Dtype, DtypeKind};
 pub use error::{Error, Result};
 pub use runtime::{
-    compiled_archs, device_count, driver_present, kernels_built, nvcc_version, DeviceInfo, Handle,
+    compiled_archs, device_count, driver_present, kernels_built, nvcc_version, DeviceInfo,
+    DeviceScalar, Handle,
 };
 
 /// Re-exported so callers can name buffer types without depending on cudarc directly.

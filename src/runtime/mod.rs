@@ -3,6 +3,7 @@
 
 pub(crate) mod kernels;
 pub(crate) mod modules;
+mod scalar;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -15,6 +16,7 @@ use cudarc::driver::{
 use self::kernels::Kernel;
 use self::modules::Loaded;
 pub use self::modules::{compiled_archs, kernels_built, nvcc_version};
+pub use self::scalar::DeviceScalar;
 use crate::error::{Error, Result};
 
 /// True when libcuda can be loaded. Probed once: `CudaContext::new` panics without it.

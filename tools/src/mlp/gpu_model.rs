@@ -105,14 +105,15 @@ impl GpuMlp {
         }
 
         let mut b = TensorSet::builder(h);
+        let mut wds = Vec::new();
         for block in &init.student {
             for (kk, v) in block.iter().enumerate() {
-                let wd = if kk % 2 == 0 { cfg.weight_decay } else { 0.0 };
-                b.push::<f32, f32>(up(v)?, zeros(v.len())?, wd)?;
+                wds.push(if kk % 2 == 0 { cfg.weight_decay } else { 0.0 });
+                b.push::<f32, f32>(up(v)?, zeros(v.len())?)?;
             }
         }
         let set = b.build()?;
-        let opt = AdamW::new(&set, cfg.adamw)?;
+        let opt = AdamW::new(&set, cfg.adamw, &wds)?;
         let norm = GlobalNorm::new(&set, Some(cfg.max_norm))?;
         let rowscale = match cfg.depth()? {
             Some(sd) => sd
@@ -233,6 +234,20 @@ impl GpuMlp {
     /// ```
     pub fn set(&self) -> &TensorSet {
         &self.set
+    }
+
+    /// The optimizer: it owns the state of [`GpuMlp::set`] (moments, weight decay, steps).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let t = Trainer::gpu(&h, MlpConfig { blocks: 2, ..MlpConfig::cpu() })?;
+    /// assert_eq!(t.model.optimizer().step_counts()?, vec![0; 8]);
+    /// # Ok(()) }
+    /// ```
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
     }
 }
 
@@ -364,7 +379,7 @@ impl Backend for GpuMlp {
 
     fn optimizer_step(&mut self, skip: &[bool]) -> Result<()> {
         if skip != self.skip.as_slice() {
-            self.set.set_skip(skip)?;
+            self.opt.set_skip(skip)?;
             self.skip = skip.to_vec();
         }
         self.opt.clip_and_step(&mut self.set, &mut self.norm)

@@ -268,30 +268,30 @@ fn dropped_block_parameters_skip_or_zero_grad(h: &Handle) -> Result<(), String> 
             train_step(&mut t.model, &cfg, &all, s, false).map_err(e)?;
         }
         let (step, plan) = mixed_plan(blocks);
-        let set = t.model.set();
+        let (set, opt) = (t.model.set(), t.model.optimizer());
         let read = |v: cudarc::driver::CudaView<'_, f32>| h.stream().clone_dtoh(&v).map_err(e);
         let mut before = Vec::new();
         for i in 0..4 * blocks {
             let mut ct = CpuTensor::new(
                 read(set.param(i).map_err(e)?)?,
                 vec![0.0; set.layout().lens()[i] as usize],
-                set.weight_decay(i),
+                opt.weight_decay(i),
             )
             .map_err(e)?;
-            ct.m = read(set.exp_avg(i).map_err(e)?)?;
-            ct.v = read(set.exp_avg_sq(i).map_err(e)?)?;
+            ct.m = read(opt.exp_avg(i).map_err(e)?)?;
+            ct.v = read(opt.exp_avg_sq(i).map_err(e)?)?;
             ct.step = 3;
             before.push(ct);
         }
         train_step(&mut t.model, &cfg, &plan, step, false).map_err(e)?;
-        let set = t.model.set();
+        let (set, opt) = (t.model.set(), t.model.optimizer());
         for (i, b) in before.iter().enumerate() {
             if plan.runs(i / 4) {
                 continue;
             }
             let (p, m) = (
                 read(set.param(i).map_err(e)?)?,
-                read(set.exp_avg(i).map_err(e)?)?,
+                read(opt.exp_avg(i).map_err(e)?)?,
             );
             let want = match dropped {
                 DroppedParams::Skip => b.clone(),

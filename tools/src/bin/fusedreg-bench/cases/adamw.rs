@@ -45,7 +45,6 @@ fn gpu_set<T: Dtype>(h: &Handle, shapes: &[ParamShape]) -> Result<TensorSet> {
         b.push(
             filled::<T>(h, s.elements, 0x3c)?,
             filled::<T>(h, s.elements, 0x3b)?,
-            s.weight_decay,
         )?;
     }
     b.build()
@@ -69,7 +68,8 @@ fn gpu_model<T: Dtype>(
     let params: u64 = shapes.iter().map(|s| s.elements as u64).sum();
     let kind = T::KIND;
     let mut set = gpu_set::<T>(h, shapes)?;
-    let opt = AdamW::new(&set, AdamWConfig::default())?;
+    let wds: Vec<f32> = shapes.iter().map(|s| s.weight_decay).collect();
+    let opt = AdamW::new(&set, AdamWConfig::default(), &wds)?;
     // A threshold below the norm: every step clips, so the unfused scale pass always writes.
     let mut norm = GlobalNorm::new(&set, Some(1e-7))?;
     let plan = ctx.plan;
