@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+pub mod dropout;
 pub mod dropout_keying;
 pub mod dropout_residual;
 pub mod dtype;

@@ -13,9 +13,12 @@
 //! `write_bits`): pass that as `vector_ok`. Otherwise the scalar path runs, with the same
 //! results; it ORs mask bits with integer atomics into a mask zeroed first.
 
-use cudarc::driver::{result, DeviceRepr};
+use cudarc::driver::{result, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::{slab_rows, DropPath, Keying, LaunchTuning, Workspace, DBIAS_LANES};
+use super::{
+    check_backward, slab_rows, BackwardOptions, Config, DropPath, Keying, LaunchTuning, Workspace,
+    DBIAS_LANES,
+};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::kernels::KernelFamily;
@@ -383,6 +386,74 @@ pub(crate) fn launch_backward<T: Dtype>(
     }
     drop(part_g);
     drop(own); // stream-ordered free after the kernels that use it
+    Ok(())
+}
+
+/// The whole GPU backward of an op whose gradient is `m * dy` (see [`launch_backward`]): checks
+/// the buffers against `cfg` (errors name `op`), zeroes dbias for an empty problem, launches.
+pub(crate) fn backward<T: Dtype>(
+    handle: &Handle,
+    op: &'static str,
+    kernels: &BackwardKernels,
+    cfg: &Config,
+    dy: &impl DevicePtr<T>,
+    dx: &mut impl DevicePtrMut<T>,
+    mut opts: BackwardOptions<'_, T>,
+) -> Result<()> {
+    check_backward(
+        op,
+        cfg,
+        dy.len(),
+        dx.len(),
+        opts.rowscale.as_ref().map(|b| b.len()),
+        opts.mask.as_ref().map(|b| b.len()),
+        opts.dbias.as_ref().map(|b| b.len()),
+    )?;
+    opts.tuning.check()?;
+    if cfg.is_empty() {
+        if let Some(db) = opts.dbias.as_mut() {
+            if !db.is_empty() {
+                handle
+                    .stream()
+                    .memset_zeros(db)
+                    .map_err(Error::driver(op))?;
+            }
+        }
+        return Ok(());
+    }
+    let (dy_ptr, _g1) = handle.read_ptr(op, "dy", dy)?;
+    let (dx_ptr, _g2) = handle.write_ptr(op, "dx", dx)?;
+    let rs_g = opts
+        .rowscale
+        .as_ref()
+        .map(|b| handle.read_ptr(op, "rowscale", b))
+        .transpose()?;
+    let mask_g = opts
+        .mask
+        .as_ref()
+        .map(|b| handle.read_ptr(op, "mask", b))
+        .transpose()?;
+    let db_g = opts
+        .dbias
+        .as_mut()
+        .map(|b| handle.write_ptr(op, "dbias", b))
+        .transpose()?;
+    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
+    let l = BackwardLaunch {
+        op: op,
+        rows: cfg.rows(),
+        cols: cfg.cols(),
+        keying: cfg.keying(),
+        drop_path: cfg.drop_path(),
+        rowscale: ptr(&rs_g),
+        mask: ptr(&mask_g),
+        dy: dy_ptr,
+        dx: dx_ptr,
+        dbias: ptr(&db_g),
+        workspace: opts.workspace,
+        tuning: opts.tuning,
+    };
+    launch_backward::<T>(handle, kernels, l)?;
     Ok(())
 }
 

@@ -43,10 +43,10 @@
 //! # Ok(()) }
 //! ```
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use crate::dtype::{Dtype, DtypeKind};
-use crate::error::{Error, Result};
+use crate::error::{check_len, Error, Result};
 use crate::philox;
 
 pub(crate) mod gpu;
@@ -722,6 +722,535 @@ impl Workspace {
     /// ```
     pub fn capacity(&self) -> usize {
         self.partials.as_ref().map_or(0, |p| p.len())
+    }
+}
+
+/// Shape, drop rate and random keys of one dropout call (of any dropping op): everything but
+/// the buffers. Validated on construction; the CPU references and the GPU kernels take the same
+/// `Config`.
+///
+/// ```
+/// use fusedreg::dropout_keying::{Config, DropPath};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(1024, 4096, 0.1, 42, 7)?.with_drop_path(DropPath::new(0.2, 8)?);
+/// assert_eq!(cfg.len(), 1 << 22);
+/// assert_eq!(cfg.mask_words(), 1 << 17);
+/// assert!(Config::new(usize::MAX, 2, 0.1, 0, 0).is_err()); // rows * cols overflows
+/// assert!(Config::flat(10, 1.5, 0, 0).is_err()); // p outside [0, 1]
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    rows: usize,
+    cols: usize,
+    rate: DropRate,
+    seed: u64,
+    call: u64,
+    drop_path: Option<DropPath>,
+}
+
+impl Config {
+    /// A `[rows, cols]` tensor (cols = hidden size, the length of the bias), dropped with
+    /// probability `p` under `(seed, call)`.
+    ///
+    /// Errors: [`Error::ShapeMismatch`] when `rows * cols` overflows; [`Error::InvalidArgument`]
+    /// when `p` is NaN or outside `[0, 1]`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::Error;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(8, 1024, 0.1, 42, 7)?;
+    /// assert_eq!((cfg.rows(), cfg.cols(), cfg.len()), (8, 1024, 8192));
+    /// assert!(cfg.drop_path().is_none());
+    /// assert!(matches!(Config::new(8, 1024, 1.5, 42, 7), Err(Error::InvalidArgument { .. })));
+    /// assert!(matches!(Config::new(usize::MAX, 2, 0.1, 42, 7), Err(Error::ShapeMismatch { .. })));
+    /// # Ok(()) }
+    /// ```
+    pub fn new(rows: usize, cols: usize, p: f64, seed: u64, call: u64) -> Result<Self> {
+        let rate = DropRate::checked(OP, p)?;
+        rows.checked_mul(cols)
+            .filter(|&n| u64::try_from(n).is_ok())
+            .ok_or_else(|| Error::shape(OP, format!("rows * cols = {rows} * {cols} overflows")))?;
+        Ok(Config {
+            rows,
+            cols,
+            rate,
+            seed,
+            call,
+            drop_path: None,
+        })
+    }
+
+    /// A flat tensor of `n` elements (`[1, n]`): for data without bias or row scale.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::flat(1000, 0.1, 42, 7)?;
+    /// assert_eq!((cfg.rows(), cfg.cols(), cfg.len()), (1, 1000, 1000));
+    /// assert!(Config::flat(1000, f64::NAN, 42, 7).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn flat(n: usize, p: f64, seed: u64, call: u64) -> Result<Self> {
+        Self::new(1, n, p, seed, call)
+    }
+
+    /// Adds a generated drop path. It cannot be combined with a caller-supplied row scale.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::{cpu, Config, DropPath};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.5, 8)?;
+    /// let cfg = Config::new(2, 4, 0.0, 42, 7)?.with_drop_path(path);
+    /// let (x, r, mut y) = ([1.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
+    /// cpu::forward(&cfg, &x, &r, &mut y, Default::default())?;
+    /// assert_eq!(y[..4], [path.row_scale(42, 0); 4]); // row 0 is kept or dropped as a whole
+    /// // A caller-supplied row scale is refused:
+    /// let opts = cpu::ForwardOptions { rowscale: Some(&[1.0, 1.0]), ..Default::default() };
+    /// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn with_drop_path(self, path: DropPath) -> Self {
+        Config {
+            drop_path: Some(path),
+            ..self
+        }
+    }
+
+    /// Rows.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.rows(), 16);
+    /// # Ok(()) }
+    /// ```
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (the hidden size; the length of the bias).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.cols(), 4096);
+    /// # Ok(()) }
+    /// ```
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Elements, `rows * cols`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(3, 5, 0.1, 42, 7)?.len(), 15);
+    /// # Ok(()) }
+    /// ```
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// True when there are no elements.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert!(Config::new(0, 4096, 0.1, 42, 7)?.is_empty());
+    /// assert!(!Config::flat(1, 0.1, 42, 7)?.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The dropout rate.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::philox::DropRate;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
+    /// assert_eq!(cfg.rate(), DropRate::new(0.1)?);
+    /// assert_eq!(cfg.rate().p(), 0.1);
+    /// # Ok(()) }
+    /// ```
+    pub fn rate(&self) -> DropRate {
+        self.rate
+    }
+
+    /// The generator seed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.seed(), 42);
+    /// # Ok(()) }
+    /// ```
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The call id of the dropout mask.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.call(), 7);
+    /// # Ok(()) }
+    /// ```
+    pub fn call(&self) -> u64 {
+        self.call
+    }
+
+    /// The generated drop path, if any.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::{Config, DropPath};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
+    /// assert_eq!(cfg.drop_path(), None);
+    /// let path = DropPath::new(0.2, 8)?;
+    /// assert_eq!(cfg.with_drop_path(path).drop_path(), Some(path));
+    /// # Ok(()) }
+    /// ```
+    pub fn drop_path(&self) -> Option<DropPath> {
+        self.drop_path
+    }
+
+    /// Length in `u32` words of the 1-bit mask: `ceil(len / 32)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::flat(32, 0.1, 42, 7)?.mask_words(), 1);
+    /// assert_eq!(Config::flat(33, 0.1, 42, 7)?.mask_words(), 2);
+    /// assert_eq!(Config::new(0, 8, 0.1, 42, 7)?.mask_words(), 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn mask_words(&self) -> usize {
+        mask_words(self.len())
+    }
+
+    /// Whether element `i` (flat index) is kept by the dropout mask.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::philox::mask_word;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(2, 64, 0.1, 42, 7)?;
+    /// let i = 64 + 5; // row 1, column 5
+    /// assert_eq!(cfg.keeps(i), cfg.rate().keeps(mask_word(42, 7, i)));
+    /// assert!(Config::flat(8, 0.0, 42, 7)?.keeps(3)); // p = 0 keeps everything
+    /// assert!(!Config::flat(8, 1.0, 42, 7)?.keeps(3)); // p = 1 nothing
+    /// # Ok(()) }
+    /// ```
+    pub fn keeps(&self, i: u64) -> bool {
+        self.rate
+            .keeps(crate::philox::mask_word(self.seed, self.call, i))
+    }
+
+    /// The dropout keying (seed, call, rate) the shared pieces take.
+    pub(crate) fn keying(&self) -> Keying {
+        Keying::with_rate(self.rate, self.seed, self.call)
+    }
+
+    pub(crate) fn has_row_scale(&self, given: bool) -> bool {
+        given || self.drop_path.is_some()
+    }
+}
+
+/// The optional buffers of a GPU forward (`dropout::forward`, `dropout_residual::forward` /
+/// `forward_inplace`). All default to `None`.
+///
+/// # Examples
+///
+/// A drop-path forward that also writes out the row scale it generated:
+///
+/// ```no_run
+/// use fusedreg::dropout_residual::{self as dr, Config, DropPath, ForwardOptions};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(64, 256, 0.1, 42, 7)?.with_drop_path(DropPath::new(0.2, 8)?);
+/// # let x = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// # let mut stream = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// let mut rowscale = s.alloc_zeros::<f32>(cfg.rows()).unwrap();
+/// let opts = ForwardOptions {
+///     rowscale_out: Some(rowscale.as_view_mut()),
+///     ..Default::default()
+/// };
+/// dr::forward_inplace(&h, &cfg, &x, &mut stream, opts)?;
+/// # Ok(()) }
+/// ```
+pub struct ForwardOptions<'a, T> {
+    /// Bias per column, `len == cols`.
+    pub bias: Option<CudaView<'a, T>>,
+    /// Caller-supplied row scale, `len == rows` (not with a [`DropPath`] in the config).
+    pub rowscale: Option<CudaView<'a, f32>>,
+    /// Writes the 1-bit keep mask here, `len == cfg.mask_words()`.
+    pub mask_out: Option<CudaViewMut<'a, u32>>,
+    /// Writes the generated row scale here, `len == rows` (needs a [`DropPath`]).
+    pub rowscale_out: Option<CudaViewMut<'a, f32>>,
+    #[doc(hidden)]
+    pub tuning: LaunchTuning,
+}
+
+impl<T> Default for ForwardOptions<'_, T> {
+    fn default() -> Self {
+        ForwardOptions {
+            bias: None,
+            rowscale: None,
+            mask_out: None,
+            rowscale_out: None,
+            tuning: LaunchTuning::default(),
+        }
+    }
+}
+
+/// The optional buffers of a GPU backward (`dropout::backward`, `dropout_residual::backward`).
+/// All default to `None`.
+///
+/// # Examples
+///
+/// A backward reading the forward's 1-bit mask and the caller's row scale:
+///
+/// ```no_run
+/// use fusedreg::dropout_residual::{self as dr, BackwardOptions, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(64, 256, 0.1, 42, 7)?;
+/// # let dy = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// # let mut dx = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// let mask = s.alloc_zeros::<u32>(cfg.mask_words()).unwrap(); // filled by the forward's mask_out
+/// let rowscale = s.clone_htod(&vec![1.0f32; cfg.rows()]).unwrap(); // the forward's rowscale
+/// let opts = BackwardOptions {
+///     mask: Some(mask.as_view()),
+///     rowscale: Some(rowscale.as_view()),
+///     ..Default::default()
+/// };
+/// dr::backward(&h, &cfg, &dy, &mut dx, opts)?;
+/// # Ok(()) }
+/// ```
+pub struct BackwardOptions<'a, T> {
+    /// The caller-supplied row scale the forward used, `len == rows`.
+    pub rowscale: Option<CudaView<'a, f32>>,
+    /// The forward's 1-bit mask, read instead of regenerating, `len == cfg.mask_words()`.
+    pub mask: Option<CudaView<'a, u32>>,
+    /// Writes the bias gradient here, `len == cols`.
+    pub dbias: Option<CudaViewMut<'a, T>>,
+    /// Reusable space for the dbias partials (allocated per call when `None`).
+    pub workspace: Option<&'a mut Workspace>,
+    #[doc(hidden)]
+    pub tuning: LaunchTuning,
+}
+
+impl<T> Default for BackwardOptions<'_, T> {
+    fn default() -> Self {
+        BackwardOptions {
+            rowscale: None,
+            mask: None,
+            dbias: None,
+            workspace: None,
+            tuning: LaunchTuning::default(),
+        }
+    }
+}
+
+/// Buffer lengths of a forward call, checked the same way on the CPU and the GPU.
+pub(crate) struct ForwardLens {
+    pub x: usize,
+    /// None for an op without a residual.
+    pub residual: Option<usize>,
+    /// None in place (y is the residual).
+    pub y: Option<usize>,
+    pub bias: Option<usize>,
+    pub rowscale: Option<usize>,
+    pub mask_out: Option<usize>,
+    pub rowscale_out: Option<usize>,
+}
+
+pub(crate) fn check_forward(op: &'static str, cfg: &Config, l: &ForwardLens) -> Result<()> {
+    let n = cfg.len();
+    check_len(op, "x", l.x, n)?;
+    if let Some(r) = l.residual {
+        check_len(op, "residual", r, n)?;
+    }
+    if let Some(y) = l.y {
+        check_len(op, "y", y, n)?;
+    }
+    if let Some(b) = l.bias {
+        check_len(op, "bias (one per column)", b, cfg.cols)?;
+    }
+    check_row_scale(op, cfg, l.rowscale)?;
+    if let Some(m) = l.mask_out {
+        check_len(op, "mask_out (u32 words)", m, cfg.mask_words())?;
+    }
+    if let Some(r) = l.rowscale_out {
+        if cfg.drop_path.is_none() {
+            return Err(Error::invalid(
+                op,
+                "rowscale_out is written only for a generated drop path (Config::with_drop_path)",
+            ));
+        }
+        check_len(op, "rowscale_out (one per row)", r, cfg.rows)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn check_backward(
+    op: &'static str,
+    cfg: &Config,
+    dy: usize,
+    dx: usize,
+    rowscale: Option<usize>,
+    mask: Option<usize>,
+    dbias: Option<usize>,
+) -> Result<()> {
+    let n = cfg.len();
+    check_len(op, "dy", dy, n)?;
+    check_len(op, "dx", dx, n)?;
+    check_row_scale(op, cfg, rowscale)?;
+    if let Some(m) = mask {
+        check_len(op, "mask (u32 words)", m, cfg.mask_words())?;
+    }
+    if let Some(b) = dbias {
+        check_len(op, "dbias (one per column)", b, cfg.cols)?;
+    }
+    Ok(())
+}
+
+fn check_row_scale(op: &'static str, cfg: &Config, rowscale: Option<usize>) -> Result<()> {
+    if let Some(r) = rowscale {
+        if cfg.drop_path.is_some() {
+            return Err(Error::invalid(
+                op,
+                "a caller-supplied rowscale and a generated drop path exclude each other",
+            ));
+        }
+        check_len(op, "rowscale (one per row)", r, cfg.rows)?;
+    }
+    if let Some(path) = cfg.drop_path {
+        if path.rows_per_sample() > 1 && cfg.rows > u32::MAX as usize {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "a per-sample drop path needs fewer than 2^32 rows, got {}",
+                    cfg.rows
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The optional buffers of a CPU reference forward (`dropout::cpu::forward`,
+/// `dropout_residual::cpu::forward` / `forward_inplace`). All default to `None`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{cpu, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 4, 0.0, 1, 2)?; // p = 0: only the row scale acts
+/// let (x, r, mut y) = ([1.0f32; 8], [1.0f32; 8], [0.0f32; 8]);
+/// let opts = cpu::ForwardOptions { rowscale: Some(&[0.0, 2.0]), ..Default::default() };
+/// cpu::forward(&cfg, &x, &r, &mut y, opts)?;
+/// assert_eq!(y, [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]); // row 0 dropped, row 1 doubled
+/// // rowscale_out is written only for a drop path in the config:
+/// let mut out = [0.0f32; 2];
+/// let opts = cpu::ForwardOptions { rowscale_out: Some(&mut out), ..Default::default() };
+/// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
+/// # Ok(()) }
+/// ```
+pub struct CpuForwardOptions<'a, T> {
+    /// Bias per column, `len == cols`.
+    pub bias: Option<&'a [T]>,
+    /// Caller-supplied row scale, `len == rows` (not with a drop path in the config).
+    pub rowscale: Option<&'a [f32]>,
+    /// Receives the 1-bit keep mask, `len == cfg.mask_words()` (padding bits zero).
+    pub mask_out: Option<&'a mut [u32]>,
+    /// Receives the generated row scale, `len == rows` (needs a drop path).
+    pub rowscale_out: Option<&'a mut [f32]>,
+}
+
+impl<T> Default for CpuForwardOptions<'_, T> {
+    fn default() -> Self {
+        CpuForwardOptions {
+            bias: None,
+            rowscale: None,
+            mask_out: None,
+            rowscale_out: None,
+        }
+    }
+}
+
+/// The optional buffers of a CPU reference backward (`dropout::cpu::backward`,
+/// `dropout_residual::cpu::backward`). All default to `None`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{cpu, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 3, 0.0, 1, 2)?;
+/// let dy = [1.0f32; 6];
+/// let (mut dx, mut dbias) = ([0.0f32; 6], [0.0f32; 3]);
+/// let opts = cpu::BackwardOptions {
+///     rowscale: Some(&[0.5, 2.0]),
+///     dbias: Some(&mut dbias),
+///     ..Default::default()
+/// };
+/// cpu::backward(&cfg, &dy, &mut dx, opts)?;
+/// assert_eq!((dx, dbias), ([0.5, 0.5, 0.5, 2.0, 2.0, 2.0], [2.5; 3]));
+/// # Ok(()) }
+/// ```
+pub struct CpuBackwardOptions<'a, T> {
+    /// The caller-supplied row scale the forward used, `len == rows`.
+    pub rowscale: Option<&'a [f32]>,
+    /// The forward's 1-bit mask, read instead of regenerating.
+    pub mask: Option<&'a [u32]>,
+    /// Receives the bias gradient, `len == cols`.
+    pub dbias: Option<&'a mut [T]>,
+}
+
+impl<T> Default for CpuBackwardOptions<'_, T> {
+    fn default() -> Self {
+        CpuBackwardOptions {
+            rowscale: None,
+            mask: None,
+            dbias: None,
+        }
     }
 }
 

@@ -24,88 +24,15 @@
 //! # Ok(()) }
 //! ```
 
-use super::{check_backward, check_forward, Config, ForwardLens};
+use super::{Config, OP};
 use crate::dropout_keying::{backward_cpu, row_multiplier, row_scales, set_mask_bit};
+use crate::dropout_keying::{check_backward, check_forward, ForwardLens};
+/// The CPU options are the shared ones (every dropping op takes the same).
+pub use crate::dropout_keying::{
+    CpuBackwardOptions as BackwardOptions, CpuForwardOptions as ForwardOptions,
+};
 use crate::dtype::Dtype;
 use crate::error::Result;
-
-/// The optional buffers of [`forward`] / [`forward_inplace`]. All default to `None`.
-///
-/// # Examples
-///
-/// ```
-/// use fusedreg::dropout_residual::{cpu, Config};
-/// # fn main() -> fusedreg::Result<()> {
-/// let cfg = Config::new(2, 4, 0.0, 1, 2)?; // p = 0: only the row scale acts
-/// let (x, r, mut y) = ([1.0f32; 8], [1.0f32; 8], [0.0f32; 8]);
-/// let opts = cpu::ForwardOptions { rowscale: Some(&[0.0, 2.0]), ..Default::default() };
-/// cpu::forward(&cfg, &x, &r, &mut y, opts)?;
-/// assert_eq!(y, [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]); // row 0 dropped, row 1 doubled
-/// // rowscale_out is written only for a drop path in the config:
-/// let mut out = [0.0f32; 2];
-/// let opts = cpu::ForwardOptions { rowscale_out: Some(&mut out), ..Default::default() };
-/// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
-/// # Ok(()) }
-/// ```
-pub struct ForwardOptions<'a, T> {
-    /// Bias per column, `len == cols`.
-    pub bias: Option<&'a [T]>,
-    /// Caller-supplied row scale, `len == rows` (not with a drop path in the config).
-    pub rowscale: Option<&'a [f32]>,
-    /// Receives the 1-bit keep mask, `len == cfg.mask_words()` (padding bits zero).
-    pub mask_out: Option<&'a mut [u32]>,
-    /// Receives the generated row scale, `len == rows` (needs a drop path).
-    pub rowscale_out: Option<&'a mut [f32]>,
-}
-
-impl<T> Default for ForwardOptions<'_, T> {
-    fn default() -> Self {
-        ForwardOptions {
-            bias: None,
-            rowscale: None,
-            mask_out: None,
-            rowscale_out: None,
-        }
-    }
-}
-
-/// The optional buffers of [`backward`]. All default to `None`.
-///
-/// # Examples
-///
-/// ```
-/// use fusedreg::dropout_residual::{cpu, Config};
-/// # fn main() -> fusedreg::Result<()> {
-/// let cfg = Config::new(2, 3, 0.0, 1, 2)?;
-/// let dy = [1.0f32; 6];
-/// let (mut dx, mut dbias) = ([0.0f32; 6], [0.0f32; 3]);
-/// let opts = cpu::BackwardOptions {
-///     rowscale: Some(&[0.5, 2.0]),
-///     dbias: Some(&mut dbias),
-///     ..Default::default()
-/// };
-/// cpu::backward(&cfg, &dy, &mut dx, opts)?;
-/// assert_eq!((dx, dbias), ([0.5, 0.5, 0.5, 2.0, 2.0, 2.0], [2.5; 3]));
-/// # Ok(()) }
-/// ```
-pub struct BackwardOptions<'a, T> {
-    /// The caller-supplied row scale the forward used, `len == rows`.
-    pub rowscale: Option<&'a [f32]>,
-    /// The forward's 1-bit mask, read instead of regenerating.
-    pub mask: Option<&'a [u32]>,
-    /// Receives the bias gradient, `len == cols`.
-    pub dbias: Option<&'a mut [T]>,
-}
-
-impl<T> Default for BackwardOptions<'_, T> {
-    fn default() -> Self {
-        BackwardOptions {
-            rowscale: None,
-            mask: None,
-            dbias: None,
-        }
-    }
-}
 
 /// `y = residual + dropout(x + bias)` into `y` (see the [module docs](super)).
 ///
@@ -136,6 +63,7 @@ pub fn forward<T: Dtype>(
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
     check_forward(
+        OP,
         cfg,
         &forward_lens(cfg, x, residual.len(), Some(y.len()), &opts),
     )?;
@@ -167,7 +95,7 @@ pub fn forward_inplace<T: Dtype>(
     residual: &mut [T],
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
-    check_forward(cfg, &forward_lens(cfg, x, residual.len(), None, &opts))?;
+    check_forward(OP, cfg, &forward_lens(cfg, x, residual.len(), None, &opts))?;
     forward_core(cfg, x, residual, opts);
     Ok(())
 }
@@ -181,7 +109,7 @@ fn forward_lens<T>(
 ) -> ForwardLens {
     ForwardLens {
         x: x.len(),
-        residual,
+        residual: Some(residual),
         y,
         bias: opts.bias.map(<[T]>::len),
         rowscale: opts.rowscale.map(<[f32]>::len),
@@ -257,6 +185,7 @@ pub fn backward<T: Dtype>(
     opts: BackwardOptions<'_, T>,
 ) -> Result<()> {
     check_backward(
+        OP,
         cfg,
         dy.len(),
         dx.len(),

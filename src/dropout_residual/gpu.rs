@@ -5,15 +5,14 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::{
-    check_backward, check_forward, BackwardOptions, Config, ForwardLens, ForwardOptions, OP,
-};
+use super::{BackwardOptions, Config, ForwardOptions, OP};
 use crate::dropout_keying::gpu::{
-    aligned16, geometry, launch_backward, row_scale_fields, segments, zero_mask, BackwardKernels,
-    BackwardLaunch, Geometry, Segment, Slabs, FLAG_UNROLL, FWD_SLAB_ROWS,
+    aligned16, backward as backward_op, geometry, row_scale_fields, segments, zero_mask,
+    BackwardKernels, Geometry, Segment, Slabs, FLAG_UNROLL, FWD_SLAB_ROWS,
 };
+use crate::dropout_keying::{check_forward, ForwardLens};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
 
@@ -119,7 +118,7 @@ pub fn forward<T: Dtype>(
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
     let lens = forward_lens(x.len(), residual.len(), Some(y.len()), &opts);
-    check_forward(cfg, &lens)?;
+    check_forward(OP, cfg, &lens)?;
     if cfg.is_empty() {
         return Ok(());
     }
@@ -154,7 +153,7 @@ pub fn forward_inplace<T: Dtype>(
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
     let lens = forward_lens(x.len(), residual.len(), None, &opts);
-    check_forward(cfg, &lens)?;
+    check_forward(OP, cfg, &lens)?;
     if cfg.is_empty() {
         return Ok(());
     }
@@ -171,7 +170,7 @@ fn forward_lens<T>(
 ) -> ForwardLens {
     ForwardLens {
         x,
-        residual,
+        residual: Some(residual),
         y,
         bias: opts.bias.as_ref().map(|b| b.len()),
         rowscale: opts.rowscale.as_ref().map(|b| b.len()),
@@ -320,60 +319,7 @@ pub fn backward<T: Dtype>(
     cfg: &Config,
     dy: &impl DevicePtr<T>,
     dx: &mut impl DevicePtrMut<T>,
-    mut opts: BackwardOptions<'_, T>,
+    opts: BackwardOptions<'_, T>,
 ) -> Result<()> {
-    check_backward(
-        cfg,
-        dy.len(),
-        dx.len(),
-        opts.rowscale.as_ref().map(|b| b.len()),
-        opts.mask.as_ref().map(|b| b.len()),
-        opts.dbias.as_ref().map(|b| b.len()),
-    )?;
-    opts.tuning.check()?;
-    if cfg.is_empty() {
-        if let Some(db) = opts.dbias.as_mut() {
-            if !db.is_empty() {
-                handle
-                    .stream()
-                    .memset_zeros(db)
-                    .map_err(Error::driver(OP))?;
-            }
-        }
-        return Ok(());
-    }
-    let (dy_ptr, _g1) = handle.read_ptr(OP, "dy", dy)?;
-    let (dx_ptr, _g2) = handle.write_ptr(OP, "dx", dx)?;
-    let rs_g = opts
-        .rowscale
-        .as_ref()
-        .map(|b| handle.read_ptr(OP, "rowscale", b))
-        .transpose()?;
-    let mask_g = opts
-        .mask
-        .as_ref()
-        .map(|b| handle.read_ptr(OP, "mask", b))
-        .transpose()?;
-    let db_g = opts
-        .dbias
-        .as_mut()
-        .map(|b| handle.write_ptr(OP, "dbias", b))
-        .transpose()?;
-    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
-    let l = BackwardLaunch {
-        op: OP,
-        rows: cfg.rows(),
-        cols: cfg.cols(),
-        keying: cfg.keying(),
-        drop_path: cfg.drop_path(),
-        rowscale: ptr(&rs_g),
-        mask: ptr(&mask_g),
-        dy: dy_ptr,
-        dx: dx_ptr,
-        dbias: ptr(&db_g),
-        workspace: opts.workspace,
-        tuning: opts.tuning,
-    };
-    launch_backward::<T>(handle, &BWD, l)?;
-    Ok(())
+    backward_op::<T>(handle, OP, &BWD, cfg, dy, dx, opts)
 }
