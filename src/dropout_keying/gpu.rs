@@ -440,7 +440,7 @@ pub(crate) fn backward<T: Dtype>(
         .transpose()?;
     let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
     let l = BackwardLaunch {
-        op: op,
+        op,
         rows: cfg.rows(),
         cols: cfg.cols(),
         keying: cfg.keying(),
