@@ -34,6 +34,8 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+pub mod dropout;
+pub mod dropout_keying;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;

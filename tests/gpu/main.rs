@@ -8,6 +8,7 @@ mod adamw;
 mod bad_input;
 #[path = "../common/mod.rs"]
 mod common;
+mod dropout;
 mod dropout_residual;
 mod global_norm;
 mod harness;
@@ -24,5 +25,6 @@ fn main() {
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
     trials.extend(bad_input::trials());
+    trials.extend(dropout::trials());
     libtest_mimic::run(&args, trials).exit();
 }
