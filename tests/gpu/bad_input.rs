@@ -199,15 +199,9 @@ fn engine_scalars(h: &Handle) -> Result<(), String> {
     let mut b = TensorSet::builder(h);
     refused(
         "param/grad lengths",
-        b.push(up(h, &[1.0f32; 4])?, up(h, &[1.0f32; 3])?, 0.0),
+        b.push(up(h, &[1.0f32; 4])?, up(h, &[1.0f32; 3])?),
     )?;
-    for wd in [f32::NAN, f32::INFINITY, -1.0] {
-        refused(
-            "weight decay",
-            b.push(up(h, &[1.0f32; 4])?, up(h, &[1.0f32; 4])?, wd),
-        )?;
-    }
-    b.push(up(h, &[1.0f32; 4])?, up(h, &[0.5f32; 4])?, 0.0)
+    b.push(up(h, &[1.0f32; 4])?, up(h, &[0.5f32; 4])?)
         .map_err(e)?;
     let set = b.build().map_err(e)?;
     for bad in [f32::NAN, f32::INFINITY, -1.0, 0.0] {
@@ -218,7 +212,15 @@ fn engine_scalars(h: &Handle) -> Result<(), String> {
         refused("set_max_norm", norm.set_max_norm(Some(bad)))?;
         refused("set_loss_scale", norm.set_loss_scale(bad))?;
     }
-    let mut opt = AdamW::new(&set, AdamWConfig::default()).map_err(e)?;
+    // Weight decay is the optimizer's, per tensor: non-finite or negative values are refused.
+    for wd in [f32::NAN, f32::INFINITY, -1.0] {
+        refused("weight decay", AdamW::new(&set, AdamWConfig::default(), &[wd]))?;
+    }
+    refused(
+        "weight decay count",
+        AdamW::new(&set, AdamWConfig::default(), &[0.0, 0.0]),
+    )?;
+    let mut opt = AdamW::new(&set, AdamWConfig::default(), &[0.0]).map_err(e)?;
     for bad in [f32::NAN, f32::INFINITY, -1e-3] {
         refused("set_lr", opt.set_lr(bad))?;
     }
@@ -232,7 +234,7 @@ fn engine_scalars(h: &Handle) -> Result<(), String> {
             ..Default::default()
         },
     ] {
-        refused("AdamW::new config", AdamW::new(&set, cfg))?;
+        refused("AdamW::new config", AdamW::new(&set, cfg, &[0.0]))?;
     }
     Ok(())
 }
@@ -243,7 +245,7 @@ fn engine_empty_pinned(h: &Handle) -> Result<(), String> {
     use fusedreg::global_norm::{GlobalNorm, NormValues};
     use fusedreg::multi_tensor::TensorSet;
     let mut b = TensorSet::builder(h);
-    b.push(up(h, &[1.0f32; 4])?, up(h, &[0.5f32; 4])?, 0.0)
+    b.push(up(h, &[1.0f32; 4])?, up(h, &[0.5f32; 4])?)
         .map_err(e)?;
     let set = b.build().map_err(e)?;
     let norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
