@@ -407,7 +407,7 @@ fn stochastic_depth_out_of_range_blocks() {
 #[test]
 fn global_norm_refuses_bad_scalars() {
     use fusedreg::global_norm::{check_loss_scale, check_max_norm, cpu as gn};
-    let g = vec![3.0f32, 4.0];
+    let g = [3.0f32, 4.0];
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1.0, 0.0] {
         refused("max_norm", check_max_norm(Some(bad)));
         refused("max_norm", gn::global_norm(&[&g[..]], Some(bad), 1.0));
@@ -417,14 +417,14 @@ fn global_norm_refuses_bad_scalars() {
     // Non-finite gradients are data, not arguments: the documented result is the flag, and the
     // norm is not a silent finite value.
     for bad in [f32::NAN, f32::INFINITY] {
-        let b = vec![1.0f32, bad];
+        let b = [1.0f32, bad];
         let v = gn::global_norm(&[&b[..]], Some(1.0), 1.0).unwrap();
         assert_eq!(v.nonfinite, 1, "{bad}");
         assert!(!v.is_finite());
     }
     // Gradients finite but whose squares overflow the f32 partials: flagged (documented: the
     // flag is set when the norm is not finite), never a wrong finite norm.
-    let huge = vec![f32::MAX; 4];
+    let huge = [f32::MAX; 4];
     let v = gn::global_norm(&[&huge[..]], Some(1.0), 1.0).unwrap();
     assert_eq!(v.nonfinite, 1, "{v:?}");
 }

@@ -68,24 +68,25 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
     let mut y = up(h, &vec![0.0f32; n + 1])?;
     for bad in [n - 1, n + 1, 0] {
         let (okv, badv) = (ok.slice(0..n), ok.slice(0..bad));
-        let mut yv = y.slice_mut(0..n);
-        refused(
-            "x",
-            dr::forward(h, &cfg, &badv, &okv, &mut yv, Default::default()),
-        )?;
-        refused(
-            "residual",
-            dr::forward(h, &cfg, &okv, &badv, &mut yv, Default::default()),
-        )?;
-        refused(
-            "inplace",
-            dr::forward_inplace(h, &cfg, &badv, &mut yv, Default::default()),
-        )?;
-        refused(
-            "dy",
-            dr::backward(h, &cfg, &badv, &mut yv, Default::default()),
-        )?;
-        drop(yv);
+        {
+            let mut yv = y.slice_mut(0..n);
+            refused(
+                "x",
+                dr::forward(h, &cfg, &badv, &okv, &mut yv, Default::default()),
+            )?;
+            refused(
+                "residual",
+                dr::forward(h, &cfg, &okv, &badv, &mut yv, Default::default()),
+            )?;
+            refused(
+                "inplace",
+                dr::forward_inplace(h, &cfg, &badv, &mut yv, Default::default()),
+            )?;
+            refused(
+                "dy",
+                dr::backward(h, &cfg, &badv, &mut yv, Default::default()),
+            )?;
+        }
         let mut ybad = y.slice_mut(0..bad);
         refused(
             "y",

@@ -124,6 +124,11 @@ fn loaded(handle: &Handle) -> Result<Arc<Loaded>> {
     Ok(l)
 }
 
+/// Loads every tools kernel into the handle's context now (see [`crate::load_all_kernels`]).
+pub(crate) fn load_all(handle: &Handle) -> Result<usize> {
+    Ok(loaded(handle)?.functions.len())
+}
+
 /// Launches tools kernel `k` with its one by-value parameter struct on the handle's stream.
 ///
 /// Callers validate every buffer behind the addresses in `params` against the grid first.

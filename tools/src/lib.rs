@@ -29,3 +29,19 @@ mod kernels;
 pub mod mlp;
 pub mod report;
 pub mod timing;
+
+/// Loads every kernel of the tools (`tools/kernels/*.cu`) into the handle's context now rather
+/// than at first use, so a module the driver cannot load is reported at start-up. Returns how
+/// many were loaded. (The library's own kernels: [`fusedreg::Handle::load_all_kernels`].)
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// assert!(fusedreg_tools::load_all_kernels(&h)? > 0);
+/// # Ok(()) }
+/// ```
+pub fn load_all_kernels(handle: &fusedreg::Handle) -> fusedreg::Result<usize> {
+    kernels::load_all(handle)
+}

@@ -10,8 +10,8 @@
 //! 3. backward through the blocks that ran, in reverse (the residual path passes the gradient
 //!    through unchanged: `dresidual = dy`, no copy);
 //! 4. global-norm clipping + AdamW in one multi-tensor pass, with the parameters of dropped blocks
-//!    skipped ([`DroppedParams::Skip`](super::DroppedParams::Skip)) or stepped with a zero gradient
-//!    ([`DroppedParams::ZeroGrad`](super::DroppedParams::ZeroGrad)).
+//!    skipped ([`DroppedParams::Skip`]) or stepped with a zero gradient
+//!    ([`DroppedParams::ZeroGrad`]).
 
 use super::config::{Backend, DroppedParams, MlpConfig};
 use super::cpu_model::CpuMlp;

@@ -16,6 +16,7 @@ pub fn trials() -> Vec<Trial> {
     trials_of(
         "bad_input",
         &[
+            ("every_tools_kernel_loads", every_tools_kernel_loads),
             ("mse_of_nothing_is_an_error", mse_of_nothing),
             ("colsum_of_no_rows_is_zero", colsum_no_rows),
             ("mlp_length_mismatches_are_refused", mlp_lengths),
@@ -36,6 +37,18 @@ fn refused<T>(what: &str, r: fusedreg::Result<T>) -> Result<(), String> {
         )),
         Ok(_) => Err(format!("{what}: accepted")),
     }
+}
+
+/// Every kernel the tools launch loads into the device's context (the tools' counterpart of the
+/// library's `harness::every_kernel_loads`).
+fn every_tools_kernel_loads(h: &Handle) -> Result<(), String> {
+    let n = fusedreg_tools::load_all_kernels(h).map_err(e)?;
+    if n < 6 {
+        return Err(format!(
+            "only {n} tools kernels loaded, expected copy + 5 mlp kernels"
+        ));
+    }
+    Ok(())
 }
 
 /// Issue 17 item 5: `mse_from_partials(.., n = 0)` returned NaN (0 / 0) where the CPU refuses
