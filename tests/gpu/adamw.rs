@@ -4,7 +4,7 @@
 //! unfused baseline.
 
 use cudarc::driver::{CudaSlice, DevicePtr};
-use fusedreg::adamw::{cpu, unfused, AdamW, AdamWConfig, Rounding};
+use fusedreg::adamw::{cpu, unfused, AdamW, AdamWConfig, MomentDtype, Rounding, StateOptions};
 use fusedreg::global_norm::{cpu as ncpu, GlobalNorm};
 use fusedreg::multi_tensor::{RawTensor, TensorSet, CHUNK};
 use fusedreg::{Dtype, DtypeKind, Handle};
@@ -40,6 +40,8 @@ pub fn trials() -> Vec<Trial> {
             ("restore_mismatch_is_an_error", restore_mismatch),
             ("skip_flags_leave_tensors_untouched", skip_flags),
             ("step_count_saturates_at_u32_max", step_count_saturates),
+            ("lean_state_layouts_bit_exact_vs_cpu", lean_state_layouts),
+            ("lean_state_layouts_misaligned_views", lean_misaligned),
             (
                 "skipped_tensors_are_left_out_of_the_norm",
                 skipped_tensors_out_of_norm,
@@ -61,7 +63,9 @@ pub fn trials() -> Vec<Trial> {
     v
 }
 
-use crate::common::{adamw_tensors as cpu_tensors, new_grads};
+use crate::common::{
+    adamw_tensors as cpu_tensors, adamw_tensors_with, all_state_options, new_grads,
+};
 
 /// A set owning copies of the CPU tensors' parameters and gradients.
 fn build<P: Dtype, G: Dtype>(h: &Handle, ts: &[cpu::CpuTensor<P, G>]) -> Result<TensorSet, String> {
@@ -1024,6 +1028,176 @@ fn step_count_saturates(h: &Handle) -> Result<(), String> {
     }
     if ts[0].param.iter().any(|p| !p.to_f32().is_finite()) {
         return Err("NaN parameters after saturation".into());
+    }
+    Ok(())
+}
+
+/// Parameters, moments (in the layout's dtype), master weights and step counts against the CPU
+/// tensors of the same layout, bit for bit.
+fn compare_lean<P: Dtype, G: Dtype>(
+    h: &Handle,
+    params: &[Vec<P>],
+    opt: &AdamW,
+    ts: &[cpu::CpuTensor<P, G>],
+    what: &str,
+) -> Result<(), String> {
+    let steps = opt.step_counts().map_err(e)?;
+    let want_steps: Vec<u32> = ts.iter().map(|t| t.step).collect();
+    bits_eq(&format!("{what}: step counts"), &steps, &want_steps)?;
+    for (i, t) in ts.iter().enumerate() {
+        bits_eq(&format!("{what}: tensor {i} param"), &params[i], &t.param)?;
+        let (m, v): (Vec<f32>, Vec<f32>) = match opt.config().state.moments {
+            MomentDtype::F32 => (
+                download(h, &opt.exp_avg::<f32>(i).map_err(e)?)?,
+                download(h, &opt.exp_avg_sq::<f32>(i).map_err(e)?)?,
+            ),
+            MomentDtype::Bf16 => {
+                let m: Vec<bf16> = download(h, &opt.exp_avg::<bf16>(i).map_err(e)?)?;
+                let v: Vec<bf16> = download(h, &opt.exp_avg_sq::<bf16>(i).map_err(e)?)?;
+                (
+                    m.iter().map(|x| x.to_f32()).collect(),
+                    v.iter().map(|x| x.to_f32()).collect(),
+                )
+            }
+        };
+        bits_eq(&format!("{what}: tensor {i} m"), &m, &t.m)?;
+        bits_eq(&format!("{what}: tensor {i} v"), &v, &t.v)?;
+        match &t.master {
+            Some(want) => bits_eq(
+                &format!("{what}: tensor {i} master"),
+                &download(h, &opt.master(i).map_err(e)?)?,
+                want,
+            )?,
+            None => {
+                if opt.master(i).is_ok() {
+                    return Err(format!(
+                        "{what}: tensor {i} has master weights on the GPU only"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn params_of<P: Dtype>(
+    h: &Handle,
+    set: &TensorSet,
+    sizes: &[usize],
+) -> Result<Vec<Vec<P>>, String> {
+    (0..sizes.len())
+        .map(|i| {
+            if sizes[i] == 0 {
+                Ok(Vec::new())
+            } else {
+                download(h, &set.param::<P>(i).map_err(e)?)
+            }
+        })
+        .collect()
+}
+
+/// Every state layout (moments f32 / bf16, master f32 / none) with several dtype pairs and both
+/// roundings, against the CPU reference bit for bit over several steps (plain and clipped),
+/// then the saved state against cpu::save_state's bytes and a restore round trip.
+fn lean_state_layouts(h: &Handle) -> Result<(), String> {
+    fn one<P: Dtype, G: Dtype>(
+        h: &Handle,
+        seed: u64,
+        options: StateOptions,
+        rounding: Rounding,
+    ) -> Result<(), String> {
+        let sizes = [65_537, 0, 1001, 3, 131_072];
+        let mut ts = adamw_tensors_with::<P, G>(seed, &sizes, options);
+        let mut set = build(h, &ts)?;
+        let cfg = AdamWConfig {
+            lr: 2e-3,
+            state: options,
+            rounding,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+        let what = format!(
+            "p{} g{} {options:?} {rounding:?}",
+            P::KIND.name(),
+            G::KIND.name()
+        );
+        compare_lean(
+            h,
+            &params_of(h, &set, &sizes)?,
+            &opt,
+            &ts,
+            &format!("{what} new"),
+        )?;
+        for s in 0..4 {
+            new_grads(&mut ts, seed * 10 + s);
+            write_grads(h, &mut set, &ts)?;
+            if s % 2 == 0 {
+                opt.step(&mut set, None).map_err(e)?;
+                cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+            } else {
+                opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+                let grads: Vec<&[G]> = ts.iter().map(|t| &t.grad[..]).collect();
+                let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
+                cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])
+                    .map_err(e)?;
+            }
+            let params = params_of(h, &set, &sizes)?;
+            compare_lean(h, &params, &opt, &ts, &format!("{what} step {s}"))?;
+        }
+        let bytes = opt.save_state().map_err(e)?;
+        bits_eq(
+            &format!("{what}: saved state vs cpu::save_state"),
+            &bytes,
+            &cpu::save_state(&ts).map_err(e)?,
+        )?;
+        opt.restore_state(&bytes).map_err(e)?;
+        bits_eq(
+            &format!("{what}: state after a restore"),
+            &opt.save_state().map_err(e)?,
+            &bytes,
+        )
+    }
+    for (k, options) in all_state_options().into_iter().enumerate() {
+        for rounding in [Rounding::NearestEven, Rounding::Stochastic { seed: 4242 }] {
+            let seed = 300 + k as u64;
+            one::<bf16, bf16>(h, seed, options, rounding)?;
+            one::<bf16, f32>(h, seed, options, rounding)?;
+            one::<f16, f16>(h, seed, options, rounding)?;
+            one::<f16, bf16>(h, seed, options, rounding)?;
+            one::<f32, f32>(h, seed, options, rounding)?;
+            one::<f32, bf16>(h, seed, options, rounding)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every state layout on views starting at element 1 (the scalar path), bf16 and f16 params.
+fn lean_misaligned(h: &Handle) -> Result<(), String> {
+    fn one<P: Dtype, G: Dtype>(h: &Handle, options: StateOptions) -> Result<(), String> {
+        let sizes = [65_537, 1003, 0, 5];
+        let mut ts = adamw_tensors_with::<P, G>(91, &sizes, options);
+        let (mut set, backing) = raw_set(h, &ts, 1, 1)?;
+        let cfg = AdamWConfig {
+            state: options,
+            rounding: Rounding::Stochastic { seed: 8 },
+            ..Default::default()
+        };
+        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+        for _ in 0..3 {
+            opt.step(&mut set, None).map_err(e)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+        }
+        let params: Vec<Vec<P>> = backing
+            .iter()
+            .zip(&ts)
+            .map(|((bp, _), t)| Ok(download(h, bp)?[1..1 + t.len()].to_vec()))
+            .collect::<Result<_, String>>()?;
+        compare_lean(h, &params, &opt, &ts, &format!("misaligned {options:?}"))
+    }
+    for options in all_state_options() {
+        one::<bf16, bf16>(h, options)?;
+        one::<f16, f32>(h, options)?;
     }
     Ok(())
 }

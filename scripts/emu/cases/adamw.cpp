@@ -16,11 +16,17 @@ template <> struct Name<float> { static constexpr const char* s = "f32"; };
 template <> struct Name<__half> { static constexpr const char* s = "f16"; };
 template <> struct Name<__nv_bfloat16> { static constexpr const char* s = "bf16"; };
 
-template <class P, class G> struct K;
-#define AW_K(P, PS, G, GS) \
-    template <> struct K<P, G> { static constexpr auto step = adamw_p##PS##_g##GS; };
-#define AW_KG(P, PS) AW_K(P, PS, float, f32) AW_K(P, PS, __half, f16) AW_K(P, PS, __nv_bfloat16, bf16)
-AW_KG(float, f32) AW_KG(__half, f16) AW_KG(__nv_bfloat16, bf16)
+// Kernel per (param, grad) pair and state layout: 0 the default (f32 moments, f32 master for
+// 16-bit params), 1 bf16 moments, 2 no master (16-bit params), 3 bf16 moments and no master.
+template <class P, class G, int L> struct K;
+#define AW_K(P, PS, G, GS, L, SUF) \
+    template <> struct K<P, G, L> { static constexpr auto step = adamw_p##PS##_g##GS##SUF; };
+#define AW_KG(P, PS, L, SUF) \
+    AW_K(P, PS, float, f32, L, SUF) AW_K(P, PS, __half, f16, L, SUF) AW_K(P, PS, __nv_bfloat16, bf16, L, SUF)
+AW_KG(float, f32, 0, ) AW_KG(__half, f16, 0, ) AW_KG(__nv_bfloat16, bf16, 0, )
+AW_KG(float, f32, 1, _mbf16) AW_KG(__half, f16, 1, _mbf16) AW_KG(__nv_bfloat16, bf16, 1, _mbf16)
+AW_KG(__half, f16, 2, _nomaster) AW_KG(__nv_bfloat16, bf16, 2, _nomaster)
+AW_KG(__half, f16, 3, _mbf16_nomaster) AW_KG(__nv_bfloat16, bf16, 3, _mbf16_nomaster)
 template <class P> struct Init;
 template <> struct Init<__half> { static constexpr auto k = adamw_init_master_f16; };
 template <> struct Init<__nv_bfloat16> { static constexpr auto k = adamw_init_master_bf16; };
@@ -52,8 +58,10 @@ constexpr uint64_t STATE_ALIGN = 64;  // multi_tensor::STATE_ALIGN: state arenas
 // The optimizer state and the device tables of one set, as src/multi_tensor and src/adamw build
 // them. `m`, `v`, `master` are f32 arenas with each tensor at a multiple of STATE_ALIGN.
 struct State {
+    int layout = 0;  // see K
     std::vector<uint64_t> off;
     std::vector<float> m, v, master;
+    std::vector<__nv_bfloat16> mb, vb;  // bf16 moments (layouts 1 and 3)
     std::vector<uint32_t> chunk_steps;
     std::vector<uint8_t> skip;
     std::vector<mt::TensorEntry> tensors;
@@ -65,8 +73,9 @@ struct State {
 
 static State make_state(const std::vector<TensorSpec>& specs, const std::vector<uint8_t*>& params,
                         const std::vector<uint8_t*>& grads, const std::vector<float>& wd,
-                        size_t psize, size_t gsize) {
+                        size_t psize, size_t gsize, int layout = 0) {
     State s;
+    s.layout = layout;
     s.wd = wd;
     uint64_t arena = 0;
     for (const auto& t : specs) {
@@ -74,9 +83,14 @@ static State make_state(const std::vector<TensorSpec>& specs, const std::vector<
         arena += (t.n + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN;
     }
     arena = std::max<uint64_t>(arena, 1);
-    s.m.assign(arena, 0.f);
-    s.v.assign(arena, 0.f);
-    if (psize == 2) s.master.assign(arena, 0.f);
+    if (layout & 1) {
+        s.mb.assign(arena, __float2bfloat16_rn(0.f));
+        s.vb.assign(arena, __float2bfloat16_rn(0.f));
+    } else {
+        s.m.assign(arena, 0.f);
+        s.v.assign(arena, 0.f);
+    }
+    if (psize == 2 && !(layout & 2)) s.master.assign(arena, 0.f);
     s.skip.assign(specs.size(), 0);
     for (size_t i = 0; i < specs.size(); ++i) {
         mt::TensorEntry e{};
@@ -100,8 +114,10 @@ static State make_state(const std::vector<TensorSpec>& specs, const std::vector<
 static void bind(State& s) {
     s.table.assign(s.tensors.size(), AdamWTensor{});
     for (size_t i = 0; i < s.tensors.size(); ++i) {
-        s.table[i].m = (uint64_t)(uintptr_t)(s.m.data() + s.off[i]);
-        s.table[i].v = (uint64_t)(uintptr_t)(s.v.data() + s.off[i]);
+        s.table[i].m = s.layout & 1 ? (uint64_t)(uintptr_t)(s.mb.data() + s.off[i])
+                                    : (uint64_t)(uintptr_t)(s.m.data() + s.off[i]);
+        s.table[i].v = s.layout & 1 ? (uint64_t)(uintptr_t)(s.vb.data() + s.off[i])
+                                    : (uint64_t)(uintptr_t)(s.v.data() + s.off[i]);
         s.table[i].master = s.master.empty() ? 0 : (uint64_t)(uintptr_t)(s.master.data() + s.off[i]);
         s.table[i].weight_decay = s.wd[i];
     }
@@ -109,7 +125,7 @@ static void bind(State& s) {
 
 template <class P> static void init_master(State& s) {
     if constexpr (sizeof(P) == 2) {
-        if (!s.num_chunks) return;
+        if (!s.num_chunks || s.master.empty()) return;
         InitMasterParams ip{s.tensors.data(), s.blocks.data(), s.table.data(), 0, 0};
         launch(Init<P>::k, dim3{s.num_chunks, 1, 1}, dim3{ADAMW_THREADS, 1, 1}, ip);
     }
@@ -124,7 +140,7 @@ struct Hyper {
     uint32_t split;  // 0: one launch; else the first launch covers this many chunks
 };
 
-template <class P, class G> static void launch_step(State& s, const Hyper& h) {
+template <class P, class G, int L> static void launch_step(State& s, const Hyper& h) {
     if (!s.num_chunks) return;
     AdamWParams p{};
     p.tensors = s.tensors.data();
@@ -142,21 +158,22 @@ template <class P, class G> static void launch_step(State& s, const Hyper& h) {
     p.stochastic = h.stochastic && sizeof(P) == 2 ? 1u : 0u;
     const uint32_t first = h.split && h.split < s.num_chunks ? h.split : s.num_chunks;
     p.block_offset = 0;
-    launch(K<P, G>::step, dim3{first, 1, 1}, dim3{ADAMW_THREADS, 1, 1}, p);
+    launch(K<P, G, L>::step, dim3{first, 1, 1}, dim3{ADAMW_THREADS, 1, 1}, p);
     if (first < s.num_chunks) {
         p.block_offset = first;
-        launch(K<P, G>::step, dim3{s.num_chunks - first, 1, 1}, dim3{ADAMW_THREADS, 1, 1}, p);
+        launch(K<P, G, L>::step, dim3{s.num_chunks - first, 1, 1}, dim3{ADAMW_THREADS, 1, 1}, p);
     }
 }
 
 struct Case {
+    int layout;  // see K
     int shape;
     bool stochastic, restored, skip, nonfinite, grad_scale, specials;
     uint32_t split;
     int steps;
 };
 
-template <class P, class G> static void run(const Case& c, uint64_t seed, int idx) {
+template <class P, class G, int L> static void run(const Case& c, uint64_t seed, int idx) {
     static const std::vector<std::vector<TensorSpec>> shapes = {
         {{65536 + 13, false}, {0, false}, {1024, false}, {7, false}, {777, true}},
         {{2 * 65536 + 1, false}, {4, false}, {0, false}, {33, true}},
@@ -181,11 +198,13 @@ template <class P, class G> static void run(const Case& c, uint64_t seed, int id
         const float wds[] = {0.f, 0.01f, 0.1f};
         wd.push_back(wds[g() % 3]);
     }
-    State s = make_state(specs, params, grads, wd, sizeof(P), sizeof(G));
+    State s = make_state(specs, params, grads, wd, sizeof(P), sizeof(G), L);
     bind(s);
     if (c.restored) {  // a state as restore_state leaves it: any moments, master and counts
         for (size_t i = 0; i < s.m.size(); ++i) s.m[i] = uniform(g, -0.1f, 0.1f);
         for (size_t i = 0; i < s.v.size(); ++i) s.v[i] = uniform(g, 0.f, 0.01f);
+        for (size_t i = 0; i < s.mb.size(); ++i) s.mb[i] = __float2bfloat16_rn(uniform(g, -0.1f, 0.1f));
+        for (size_t i = 0; i < s.vb.size(); ++i) s.vb[i] = __float2bfloat16_rn(uniform(g, 0.f, 0.01f));
         for (size_t i = 0; i < s.master.size(); ++i) s.master[i] = uniform(g, -1.f, 1.f);
         for (size_t t = 0; t < specs.size(); ++t) {
             const uint32_t steps[] = {0, 1, 7, 1000, 123456};
@@ -216,26 +235,38 @@ template <class P, class G> static void run(const Case& c, uint64_t seed, int id
         Hyper h{lrs[step % 3], 0.9f, 0.999f, 1e-8f, c.grad_scale ? &scale : nullptr,
                 c.nonfinite ? &flag : nullptr, c.stochastic, seed ^ 0x5EEDull, c.split};
         if (c.shape == 2 && step == 2) { h.beta1 = 0.8f; h.beta2 = 0.95f; h.eps = 1e-6f; }
-        launch_step<P, G>(s, h);
+        launch_step<P, G, L>(s, h);
         uint64_t hp = 0;
         for (size_t t = 0; t < specs.size(); ++t)
             if (specs[t].n) hp ^= fnv(params[t], specs[t].n * sizeof(P)) + t;
         hsteps = hsteps * 31 + hp;
     }
-    printf("%04d p%s g%s shape %d sr %d restored %d skip %d nonfinite %d gscale %d specials %d split %u steps %d | "
+    char lay[16] = "";
+    if (L) snprintf(lay, sizeof lay, " layout %d", L);  // the default layout's lines predate layouts
+    const uint64_t hm = L & 1 ? fnv(s.mb.data(), s.mb.size() * 2) : fnv(s.m.data(), s.m.size() * 4);
+    const uint64_t hv = L & 1 ? fnv(s.vb.data(), s.vb.size() * 2) : fnv(s.v.data(), s.v.size() * 4);
+    printf("%04d p%s g%s%s shape %d sr %d restored %d skip %d nonfinite %d gscale %d specials %d split %u steps %d | "
            "params %016llx m %016llx v %016llx master %016llx steps %016llx\n",
-           idx, Name<P>::s, Name<G>::s, c.shape, c.stochastic, c.restored, c.skip, c.nonfinite, c.grad_scale,
-           c.specials, c.split, c.steps, (unsigned long long)hsteps,
-           (unsigned long long)fnv(s.m.data(), s.m.size() * 4), (unsigned long long)fnv(s.v.data(), s.v.size() * 4),
+           idx, Name<P>::s, Name<G>::s, lay, c.shape, c.stochastic, c.restored, c.skip, c.nonfinite, c.grad_scale,
+           c.specials, c.split, c.steps, (unsigned long long)hsteps, (unsigned long long)hm, (unsigned long long)hv,
            (unsigned long long)fnv(s.master.data(), s.master.size() * 4),
            (unsigned long long)fnv(s.chunk_steps.data(), s.chunk_steps.size() * 4));
     fflush(stdout);
 }
 
+template <class P, int L> static void run_l(int gt, const Case& c, uint64_t seed, int idx) {
+    if (gt == 0) run<P, float, L>(c, seed, idx);
+    else if (gt == 1) run<P, __half, L>(c, seed, idx);
+    else run<P, __nv_bfloat16, L>(c, seed, idx);
+}
+
 template <class P> static void run_p(int gt, const Case& c, uint64_t seed, int idx) {
-    if (gt == 0) run<P, float>(c, seed, idx);
-    else if (gt == 1) run<P, __half>(c, seed, idx);
-    else run<P, __nv_bfloat16>(c, seed, idx);
+    if (c.layout == 0) run_l<P, 0>(gt, c, seed, idx);
+    else if (c.layout == 1) run_l<P, 1>(gt, c, seed, idx);
+    else if constexpr (sizeof(P) == 2) {
+        if (c.layout == 2) run_l<P, 2>(gt, c, seed, idx);
+        else run_l<P, 3>(gt, c, seed, idx);
+    }
 }
 
 int main(int argc, char** argv) {
@@ -262,5 +293,30 @@ int main(int argc, char** argv) {
                 else if (pt == 1) run_p<__half>(gt, c, seed, me);
                 else run_p<__nv_bfloat16>(gt, c, seed, me);
             }
+    // The lean layouts (after every default case, so those keep their lines and indices): bf16
+    // moments for every pair; no master, with and without bf16 moments, for 16-bit params.
+    std::mt19937_64 g2(778);
+    for (int layout = 1; layout < 4; ++layout)
+        for (int pt = layout == 1 ? 0 : 1; pt < 3; ++pt)
+            for (int gt = 0; gt < 3; ++gt)
+                for (int variant = 0; variant < 3; ++variant) {
+                    Case c{};
+                    c.layout = layout;
+                    c.shape = variant;
+                    c.stochastic = variant != 1 || layout == 1;
+                    c.restored = variant == 1;
+                    c.skip = variant == 2;
+                    c.nonfinite = variant == 0;
+                    c.grad_scale = variant != 2;
+                    c.specials = variant == 2 && (g2() & 1);
+                    c.split = variant == 1 ? 1 : 0;
+                    c.steps = 3;
+                    const uint64_t seed = g2();
+                    const int me = idx++;
+                    if (me % parts != part) continue;
+                    if (pt == 0) run_p<float>(gt, c, seed, me);
+                    else if (pt == 1) run_p<__half>(gt, c, seed, me);
+                    else run_p<__nv_bfloat16>(gt, c, seed, me);
+                }
     return 0;
 }
