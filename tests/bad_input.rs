@@ -467,8 +467,8 @@ fn dtype_conversions_keep_non_finite_values() {
 // ------------------------------------------------------------------------------------------
 // engine: adamw (CPU reference, state save/restore), byte counts of adamw and global_norm.
 // Kept apart: the engine branch is changing this API (AdamW owns m, v, master, steps and weight
-// decay). Cases that need that branch's fixes (issue 17 items 1, 3, 4, 9 for adamw/global_norm)
-// are written against the intended behaviour and ignored until the merge.
+// decay). The cases of issue 17 items 1, 3, 4, 9 for adamw/global_norm are regression tests
+// of that branch's fixes.
 // ------------------------------------------------------------------------------------------
 
 mod engine {
@@ -632,7 +632,6 @@ mod engine {
     /// with an Error leaving the tensor unchanged, or steps with saturated bias corrections;
     /// never t = 0 (bias correction 0, NaN parameters) and never a count that wraps to 0.
     #[test]
-    #[ignore = "needs the engine branch fix for issue 17 item 1"]
     fn step_count_at_the_maximum_does_not_wrap() {
         let mut t = tensors();
         for x in &mut t {
@@ -657,7 +656,6 @@ mod engine {
     /// Issue 17 item 3 (intended behaviour): a non-finite `grad_scale` with the flag clear is
     /// refused and changes nothing.
     #[test]
-    #[ignore = "needs the engine branch fix for issue 17 item 3"]
     fn step_refuses_non_finite_grad_scale() {
         for gs in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut t = tensors();
@@ -676,7 +674,6 @@ mod engine {
     /// Issue 17 item 4 (intended behaviour): a weight decay set to NaN or a huge negative value
     /// after construction is refused by the step (or cannot be set at all).
     #[test]
-    #[ignore = "needs the engine branch fix for issue 17 item 4"]
     fn step_refuses_bad_weight_decay_set_after_new() {
         for wd in [f32::NAN, -1e30] {
             let mut t = tensors();
@@ -691,7 +688,6 @@ mod engine {
     /// Issue 17 item 9 for adamw and global_norm (intended behaviour: saturate like the
     /// dropout_residual helpers).
     #[test]
-    #[ignore = "needs the engine branch fix for issue 17 item 9 (adamw/global_norm byte helpers)"]
     fn engine_byte_helpers_saturate() {
         use fusedreg::global_norm::{norm_min_bytes, scale_min_bytes};
         for dt in [DtypeKind::F32, DtypeKind::Bf16] {
