@@ -8,6 +8,7 @@ mod adamw;
 #[path = "../common/mod.rs"]
 mod common;
 mod dropout_residual;
+mod fmath;
 mod global_norm;
 mod harness;
 mod mlp;
@@ -24,5 +25,6 @@ fn main() {
     trials.extend(global_norm::trials());
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
+    trials.extend(fmath::trials());
     libtest_mimic::run(&args, trials).exit();
 }
