@@ -279,6 +279,9 @@ pub fn erf(x: f32) -> f32 {
         return with_sign_of(1.0, x);
     }
     if a < 1.0 {
+        if a == 0.0 {
+            return x; // keeps the sign of zero (the sum below would give +0 for -0)
+        }
         // x * (C0_HI + (C0_LO + z * P(z))): the constant term in two parts, so its rounding
         // does not cost half an ulp everywhere.
         let z = x * x;

@@ -93,6 +93,7 @@ __device__ __forceinline__ float fr_erf(float x) {
     const float a = fabs_bits(x);
     if (a >= 4.0f) return with_sign_of(1.0f, x);
     if (a < 1.0f) {
+        if (a == 0.0f) return x;  // keeps the sign of zero (the sum below would give +0 for -0)
         const float z = __fmul_rn(x, x);
         float p = bits(0x358e20d6u);
         p = __fmaf_rn(p, z, bits(0xb7695c29u));
