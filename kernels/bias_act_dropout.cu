@@ -7,14 +7,14 @@
 // act is GELU (erf), GELU (tanh approximation), SiLU or ReLU, all in f32 through the bit-exact
 // math of common/fmath.cuh. The arithmetic is pinned so that src/bias_act_dropout/cpu.rs
 // reproduces it bit for bit (see act_fwd / act_grad below and the module docs of
-// src/bias_act_dropout/mod.rs). The mask is the dropout_residual keying: word(i) of
-// philox(seed, call, i / 4), dropped when below the 64-bit threshold (0: keep all, 2^32: drop all,
-// no generator work for either); i is the 64-bit flat index.
+// src/bias_act_dropout/mod.rs). The mask is the shared dropout keying (common/dropout_keying.cuh,
+// drop::keep_bits): word(i) of philox(seed, call, i / 4), dropped when below the threshold (0:
+// keep all, 2^32: drop all, no generator work for either); i is the 64-bit flat index.
 //
 // Launch shape (as kernels/dropout_residual.cu): grid.x walks column groups (blockDim.x threads,
 // V consecutive columns each), grid.y walks row slabs of `slab_rows` rows; blockDim.y = LANES row
 // lanes, lane l takes rows slab_start + l, + LANES, ... The slab size is a function of
-// (rows, cols, dtype) only (src/dropout_residual/mod.rs `slab_rows`), so the backward's dbias
+// (rows, cols, dtype) only (src/dropout_keying `slab_rows`), so the backward's dbias
 // partials - per (slab, column): the lanes' in-order sums folded ((l0 + l1) + l2) + l3 - and their
 // in-order sum over slabs are the same on every GPU and launch, and on the CPU. No float atomics.
 //
@@ -25,17 +25,16 @@
 // but still reach the one __syncthreads of the backward.
 #include "common/dtype.cuh"
 #include "common/fmath.cuh"
-#include "common/philox.cuh"
+#include "common/dropout_keying.cuh"
 
 using namespace fusedreg;
 
 namespace bias_act_dropout {
 
-constexpr uint64_t THRESHOLD_ALL = 1ull << 32;
 // Activation codes: must match Activation::code in src/bias_act_dropout/mod.rs.
 constexpr uint32_t ACT_GELU_ERF = 0, ACT_GELU_TANH = 1, ACT_SILU = 2, ACT_RELU = 3;
-// Row lanes (blockDim.y): must equal LANES in src/bias_act_dropout/mod.rs.
-constexpr uint32_t LANES = 4;
+// Row lanes (blockDim.y): the shared dbias partition's (DBIAS_LANES in src/dropout_keying).
+constexpr uint32_t LANES = drop::DBIAS_LANES;
 constexpr uint32_t MAX_BLOCK_X = 64;  // the host launches blockDim = (64, LANES)
 
 // Constants as bit patterns, the same numbers as src/bias_act_dropout/cpu.rs.
@@ -139,26 +138,6 @@ template <typename T, int V> __device__ __forceinline__ void store_v(void* p, ui
     }
 }
 
-// Keep bits of elements i .. i+V-1 (bit k: element i+k kept). For V = 4, 8, i is a multiple of V.
-template <int V>
-__device__ __forceinline__ uint32_t keep_bits(uint64_t seed, uint64_t call, uint64_t threshold, uint64_t i) {
-    if (threshold == 0) return (1u << V) - 1u;
-    if (threshold >= THRESHOLD_ALL) return 0u;
-    if constexpr (V == 1) {
-        return keeps(mask_word(seed, call, i), threshold) ? 1u : 0u;
-    } else {
-        uint32_t bits = 0;
-#pragma unroll
-        for (int b = 0; b < V / 4; ++b) {
-            const uint4 w = philox_block(seed, call, (i >> 2) + b);
-            const uint32_t nib = (keeps(w.x, threshold) ? 1u : 0u) | (keeps(w.y, threshold) ? 2u : 0u) |
-                                 (keeps(w.z, threshold) ? 4u : 0u) | (keeps(w.w, threshold) ? 8u : 0u);
-            bits |= nib << (4 * b);
-        }
-        return bits;
-    }
-}
-
 }  // namespace bias_act_dropout
 
 using namespace bias_act_dropout;
@@ -213,7 +192,7 @@ template <typename T, int V> __device__ __forceinline__ void fwd(const BiasActDr
             for (int k = 0; k < V; ++k) h[k] = __fadd_rn(h[k], b[k]);
         }
         if (p.h_out) store_v<T, V>(p.h_out, i, h);
-        const uint32_t keep = keep_bits<V>(p.seed, p.call, p.threshold, i);
+        const uint32_t keep = drop::keep_bits<V>(p.seed, p.call, p.threshold, i);
 #pragma unroll
         for (int k = 0; k < V; ++k)
             y[k] = (keep >> k) & 1u ? __fmul_rn(act_fwd(p.act, h[k]), p.scale) : 0.0f;
@@ -236,7 +215,7 @@ template <typename T, int V> __device__ __forceinline__ void bwd(const BiasActDr
         for (int k = 0; k < V; ++k) b[k] = (p.bias && !p.h) ? ld<T>(p.bias, c0 + k) : 0.0f;
         for (uint64_t row = s0 + threadIdx.y; row < s1; row += LANES) {
             const uint64_t i = row * p.cols + c0;
-            const uint32_t keep = keep_bits<V>(p.seed, p.call, p.threshold, i);
+            const uint32_t keep = drop::keep_bits<V>(p.seed, p.call, p.threshold, i);
             float d[V];
             if (keep == 0) {
 #pragma unroll
@@ -329,7 +308,7 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
     /* mask[i] = keep; out = keep ? a * scale : 0 */                                                      \
     extern "C" __global__ void bias_act_dropout_unfused_dropout_##S(const BiasActDropoutUnfusedParams p) { \
         GRID_STRIDE(i, p.n) {                                                                             \
-            const bool k = keep_bits<1>(p.seed, p.call, p.threshold, i) != 0;                             \
+            const bool k = drop::keep_bits<1>(p.seed, p.call, p.threshold, i) != 0;                             \
             p.mask[i] = k ? 1 : 0;                                                                        \
             st<T>(p.out, i, k ? __fmul_rn(ld<T>(p.a, i), p.scale) : 0.0f);                                \
         }                                                                                                 \

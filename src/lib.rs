@@ -36,6 +36,8 @@
 
 pub mod adamw;
 pub mod bias_act_dropout;
+pub mod dropout;
+pub mod dropout_keying;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;

@@ -21,11 +21,10 @@
 //! ```
 
 use super::{check_backward, check_forward, Activation, Config, Preact, LANES};
-use crate::dropout_residual::slab_rows;
+use crate::dropout_keying::slab_rows;
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::fmath;
-use crate::philox;
 
 /// `1/sqrt(2)`, `1/sqrt(2 pi)`, `sqrt(2/pi)`, `0.044715`, `3 * 0.044715` as f32 (the kernel's
 /// `K_*` bit patterns).
@@ -96,44 +95,6 @@ pub(crate) fn act_grad(act: Activation, h: f32) -> f32 {
     }
 }
 
-/// Keep bits by flat index, evaluating each Philox block once for its four elements; p = 0 and
-/// p = 1 without generator work, like the kernels.
-pub(crate) struct KeepBits {
-    seed: u64,
-    call: u64,
-    rate: philox::DropRate,
-    block: u64,
-    words: [u32; 4],
-}
-
-impl KeepBits {
-    pub(crate) fn new(cfg: &Config) -> Self {
-        KeepBits {
-            seed: cfg.seed(),
-            call: cfg.call(),
-            rate: cfg.rate(),
-            block: u64::MAX,
-            words: [0; 4],
-        }
-    }
-
-    #[inline]
-    pub(crate) fn get(&mut self, i: u64) -> bool {
-        if self.rate.keeps_all() {
-            return true;
-        }
-        if self.rate.drops_all() {
-            return false;
-        }
-        let b = i >> 2;
-        if b != self.block {
-            self.block = b;
-            self.words = philox::block(self.seed, self.call, b);
-        }
-        self.rate.keeps(self.words[(i & 3) as usize])
-    }
-}
-
 /// `y = dropout(act(x + bias))`; `h_out`, when given, receives `T(x + bias)` (for a backward
 /// with [`Preact::H`]).
 ///
@@ -170,7 +131,7 @@ pub fn forward<T: Dtype>(
     )?;
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let scale = cfg.rate().scale();
-    let mut bits = KeepBits::new(cfg);
+    let mut bits = cfg.keying().keep_bits();
     for row in 0..rows {
         for col in 0..cols {
             let i = row * cols + col;
@@ -234,7 +195,7 @@ pub fn backward<T: Dtype>(
     )?;
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let scale = cfg.rate().scale();
-    let mut bits = KeepBits::new(cfg);
+    let mut bits = cfg.keying().keep_bits();
     let slab = slab_rows(rows, cols, T::KIND).max(1);
     // One partial per row lane of the slab, folded in lane order at the slab's end, then added
     // into the totals in slab order (the kernel's partials and its finishing kernel).

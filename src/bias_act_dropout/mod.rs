@@ -10,7 +10,7 @@
 //!
 //! `act` is one of [`Activation`]: GELU (erf), GELU (tanh approximation), SiLU, ReLU. `i = row *
 //! cols + col` is the 64-bit flat element index and `keep` is the keying of
-//! [`dropout_residual`](crate::dropout_residual): [`philox::mask_word`](crate::philox::mask_word)
+//! [`dropout_keying`](crate::dropout_keying) shared by every dropping op: [`philox::mask_word`](crate::philox::mask_word)
 //! compared with the [`DropRate`] threshold, so the mask is a pure function of `(seed, call, i)`
 //! (not of the tensor length, the launch, the vector width, the alignment or the GPU), and the
 //! applied drop probability is exactly [`DropRate::effective_p`]. p = 0 and p = 1 are exact and do
@@ -35,7 +35,7 @@
 //! * `h = x + b` (one add), `y = keep ? T(act(h) * scale) : +0`;
 //! * `d = keep ? (dy * scale) * act'(h) : +0`, `dx = T(d)`;
 //! * `dbias[col] = T(sum over slabs s, in order, of P(s, col))`, each slab `s` being
-//!   [`slab_rows`](crate::dropout_residual::slab_rows) rows (a function of the shape and dtype only),
+//!   [`slab_rows`](crate::dropout_keying::slab_rows) rows (a function of the shape and dtype only),
 //!   `P(s, col) = ((L0 + L1) + L2) + L3` where lane `l` sums, in increasing row order from `+0`,
 //!   the unrounded `d` of the slab's rows `r` with `(r - slab_start) % 4 == l` — the partition of
 //!   `dropout_residual`'s dbias. No float atomics: dbias is identical from run to run, GPU to
@@ -79,6 +79,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::dropout_keying::Keying;
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
 use crate::philox::DropRate;
@@ -92,8 +93,8 @@ pub use gpu::{backward, forward};
 /// The name used in errors.
 pub(crate) const OP: &str = "bias_act_dropout";
 
-/// Row lanes of the backward's dbias partials (blockDim.y): must equal LANES in the kernel.
-pub(crate) const LANES: usize = 4;
+/// Row lanes of the backward's dbias partials (blockDim.y): the shared partition's.
+pub(crate) const LANES: usize = crate::dropout_keying::DBIAS_LANES;
 
 /// The activation between the bias add and the dropout.
 ///
@@ -227,9 +228,7 @@ pub struct Config {
     rows: usize,
     cols: usize,
     act: Activation,
-    rate: DropRate,
-    seed: u64,
-    call: u64,
+    keying: Keying,
 }
 
 impl Config {
@@ -259,7 +258,7 @@ impl Config {
         seed: u64,
         call: u64,
     ) -> Result<Self> {
-        let rate = DropRate::checked(OP, p)?;
+        let keying = Keying::new(OP, p, seed, call)?;
         rows.checked_mul(cols)
             .filter(|&n| u64::try_from(n).is_ok())
             .ok_or_else(|| Error::shape(OP, format!("rows * cols = {rows} * {cols} overflows")))?;
@@ -267,9 +266,7 @@ impl Config {
             rows,
             cols,
             act,
-            rate,
-            seed,
-            call,
+            keying,
         })
     }
 
@@ -344,7 +341,7 @@ impl Config {
     /// assert_eq!(cfg.rate().threshold(), 1 << 30);
     /// ```
     pub fn rate(&self) -> DropRate {
-        self.rate
+        self.keying.rate()
     }
 
     /// The generator seed.
@@ -356,7 +353,7 @@ impl Config {
     /// assert_eq!(Config::new(3, 5, Activation::Relu, 0.1, 42, 2).unwrap().seed(), 42);
     /// ```
     pub fn seed(&self) -> u64 {
-        self.seed
+        self.keying.seed()
     }
 
     /// The call id of the mask.
@@ -368,7 +365,20 @@ impl Config {
     /// assert_eq!(Config::new(3, 5, Activation::Relu, 0.1, 42, 7).unwrap().call(), 7);
     /// ```
     pub fn call(&self) -> u64 {
-        self.call
+        self.keying.call()
+    }
+
+    /// The shared dropout keying (seed, call, rate) of the mask.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::bias_act_dropout::{Activation, Config};
+    /// let cfg = Config::new(3, 5, Activation::Relu, 0.1, 42, 7).unwrap();
+    /// assert_eq!((cfg.keying().seed(), cfg.keying().call()), (42, 7));
+    /// ```
+    pub fn keying(&self) -> Keying {
+        self.keying
     }
 
     /// Whether element `i` (flat index) is kept.
@@ -384,8 +394,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn keeps(&self, i: u64) -> bool {
-        self.rate
-            .keeps(crate::philox::mask_word(self.seed, self.call, i))
+        self.keying.keeps(i)
     }
 }
 

@@ -31,7 +31,6 @@
 
 use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::cpu::KeepBits;
 use super::{Config, OP};
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
@@ -328,7 +327,7 @@ pub fn forward_cpu<T: Dtype>(
     check_len(OP, "mask (bytes)", mask.len(), n)?;
     check_len(OP, "h", h.len(), n)?;
     let scale = cfg.rate().scale();
-    let mut bits = KeepBits::new(cfg);
+    let mut bits = cfg.keying().keep_bits();
     for i in 0..n {
         h[i] = T::from_f32_rn(x[i].to_f32() + bias[i % cfg.cols()].to_f32());
         let a = T::from_f32_rn(cfg.act().forward(h[i].to_f32()));

@@ -7,6 +7,7 @@
 mod adamw;
 #[path = "../common/mod.rs"]
 mod common;
+mod dropout;
 mod dropout_residual;
 mod fmath;
 mod global_norm;
@@ -26,5 +27,6 @@ fn main() {
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
     trials.extend(fmath::trials());
+    trials.extend(dropout::trials());
     libtest_mimic::run(&args, trials).exit();
 }
