@@ -6,6 +6,10 @@
 //!
 //! * [`dropout_residual`]: fused bias + dropout + residual add (forward, backward, drop path),
 //!   its CPU reference and the unfused baseline.
+//! * [`fmath`]: bit-exact f32 `exp`, `ln`, `erf`, `tanh`, `sigmoid`, the same operations on the
+//!   CPU and in the kernels (`kernels/common/fmath.cuh`).
+//! * [`bias_act_dropout`]: fused bias + activation (GELU, GELU-tanh, SiLU, ReLU) + dropout, the
+//!   feed-forward site, with the bias gradient fused into the backward.
 //! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
 //!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
 //! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
@@ -34,11 +38,13 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+pub mod bias_act_dropout;
 pub mod dropout;
 pub mod dropout_keying;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;
+pub mod fmath;
 pub mod global_norm;
 pub mod multi_tensor;
 pub mod philox;

@@ -35,6 +35,54 @@ kernels! {
         PhiloxFill = "philox_fill",
         PhiloxMaskWords = "philox_mask_words",
     }
+    "bias_act_dropout" => {
+        BiasActDropoutFwdVecF32 = "bias_act_dropout_fwd_vec_f32",
+        BiasActDropoutFwdVecF16 = "bias_act_dropout_fwd_vec_f16",
+        BiasActDropoutFwdVecBf16 = "bias_act_dropout_fwd_vec_bf16",
+        BiasActDropoutFwdScalarF32 = "bias_act_dropout_fwd_scalar_f32",
+        BiasActDropoutFwdScalarF16 = "bias_act_dropout_fwd_scalar_f16",
+        BiasActDropoutFwdScalarBf16 = "bias_act_dropout_fwd_scalar_bf16",
+        BiasActDropoutBwdVecF32 = "bias_act_dropout_bwd_vec_f32",
+        BiasActDropoutBwdVecF16 = "bias_act_dropout_bwd_vec_f16",
+        BiasActDropoutBwdVecBf16 = "bias_act_dropout_bwd_vec_bf16",
+        BiasActDropoutBwdScalarF32 = "bias_act_dropout_bwd_scalar_f32",
+        BiasActDropoutBwdScalarF16 = "bias_act_dropout_bwd_scalar_f16",
+        BiasActDropoutBwdScalarBf16 = "bias_act_dropout_bwd_scalar_bf16",
+        BiasActDropoutDbiasF32 = "bias_act_dropout_dbias_f32",
+        BiasActDropoutDbiasF16 = "bias_act_dropout_dbias_f16",
+        BiasActDropoutDbiasBf16 = "bias_act_dropout_dbias_bf16",
+        BiasActDropoutUnfusedBiasAddF32 = "bias_act_dropout_unfused_bias_add_f32",
+        BiasActDropoutUnfusedBiasAddF16 = "bias_act_dropout_unfused_bias_add_f16",
+        BiasActDropoutUnfusedBiasAddBf16 = "bias_act_dropout_unfused_bias_add_bf16",
+        BiasActDropoutUnfusedActF32 = "bias_act_dropout_unfused_act_f32",
+        BiasActDropoutUnfusedActF16 = "bias_act_dropout_unfused_act_f16",
+        BiasActDropoutUnfusedActBf16 = "bias_act_dropout_unfused_act_bf16",
+        BiasActDropoutUnfusedDropoutF32 = "bias_act_dropout_unfused_dropout_f32",
+        BiasActDropoutUnfusedDropoutF16 = "bias_act_dropout_unfused_dropout_f16",
+        BiasActDropoutUnfusedDropoutBf16 = "bias_act_dropout_unfused_dropout_bf16",
+        BiasActDropoutUnfusedMaskedScaleF32 = "bias_act_dropout_unfused_masked_scale_f32",
+        BiasActDropoutUnfusedMaskedScaleF16 = "bias_act_dropout_unfused_masked_scale_f16",
+        BiasActDropoutUnfusedMaskedScaleBf16 = "bias_act_dropout_unfused_masked_scale_bf16",
+        BiasActDropoutUnfusedActGradF32 = "bias_act_dropout_unfused_act_grad_f32",
+        BiasActDropoutUnfusedActGradF16 = "bias_act_dropout_unfused_act_grad_f16",
+        BiasActDropoutUnfusedActGradBf16 = "bias_act_dropout_unfused_act_grad_bf16",
+        BiasActDropoutUnfusedColSumF32 = "bias_act_dropout_unfused_col_sum_f32",
+        BiasActDropoutUnfusedColSumF16 = "bias_act_dropout_unfused_col_sum_f16",
+        BiasActDropoutUnfusedColSumBf16 = "bias_act_dropout_unfused_col_sum_bf16",
+    }
+    "fmath" => {
+        FmathEval = "fmath_eval",
+    }
+    "copy" => {
+        CopyU128 = "copy_u128",
+    }
+    "mlp" => {
+        MlpBiasGeluFwdF32 = "mlp_bias_gelu_fwd_f32",
+        MlpBiasGeluBwdF32 = "mlp_bias_gelu_bwd_f32",
+        MlpColsumPartialF32 = "mlp_colsum_partial_f32",
+        MlpColsumFinalF32 = "mlp_colsum_final_f32",
+        MlpMseGradF32 = "mlp_mse_grad_f32",
+    }
     "adamw" => {
         AdamwPf32Gf32 = "adamw_pf32_gf32",
         AdamwPf32Gf16 = "adamw_pf32_gf16",

@@ -10,6 +10,7 @@ mod bad_input;
 mod common;
 mod dropout;
 mod dropout_residual;
+mod fmath;
 mod global_norm;
 mod harness;
 mod philox;
@@ -25,6 +26,7 @@ fn main() {
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
     trials.extend(bad_input::trials());
+    trials.extend(fmath::trials());
     trials.extend(dropout::trials());
     libtest_mimic::run(&args, trials).exit();
 }
