@@ -50,6 +50,9 @@ inline float emu_canon(float x) { if (x != x) { unsigned u = 0x7fffffffu; memcpy
 inline float __fadd_rn(float a, float b) { return emu_canon(a + b); }
 inline float __fmul_rn(float a, float b) { return emu_canon(a * b); }
 inline float __fmaf_rn(float a, float b, float c) { return emu_canon(std::fmaf(a, b, c)); }
+inline float __fsub_rn(float a, float b) { return emu_canon(a - b); }
+inline float __fdiv_rn(float a, float b) { return emu_canon(a / b); }
+inline float __fsqrt_rn(float a) { return emu_canon(std::sqrt(a)); }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 
