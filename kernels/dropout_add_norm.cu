@@ -6,9 +6,9 @@
 //
 // The arithmetic is pinned so that src/dropout_add_norm/cpu.rs reproduces it bit for bit (the
 // module docs of src/dropout_add_norm/mod.rs spell it out). The parts that decide the bits:
-//  * Dropout is keyed as in dropout_residual.cu: the keep bit of flat element i = row * cols + col
-//    is philox word i of (seed, call) >= threshold (integer compare; threshold 0 and 2^32 do no
-//    generator work). The backward regenerates it; no mask is stored.
+//  * Dropout is keyed by the shared contract (common/dropout_keying.cuh): the keep bit of flat
+//    element i = row * cols + col is philox word i of (seed, call) >= threshold (integer compare;
+//    threshold 0 and 2^32 do no generator work). The backward regenerates it; nothing is stored.
 //  * Row reductions (mean, variance, the backward's two row sums) have an order that depends on
 //    cols only, never on the launch: element j is in group j / 8, group g in partial g % P with
 //    P = row_partials(cols) = blockDim.x (the host launches exactly P threads per row); thread q
@@ -30,6 +30,7 @@
 //
 // Every index and size is 64-bit. Every thread of a block runs the same row loop, so the
 // __syncthreads in block_sums is reached by all of them.
+#include "common/dropout_keying.cuh"
 #include "common/dtype.cuh"
 #include "common/philox.cuh"
 
@@ -39,9 +40,9 @@ namespace dropout_add_norm {
 
 constexpr int GROUP = 8;          // elements per group: one 16-byte vector of 16-bit values
 constexpr int MAX_THREADS = 256;  // row_partials(cols) <= 256 (src/dropout_add_norm/mod.rs)
-constexpr uint64_t THRESHOLD_ALL = 1ull << 32;  // p = 1: every element is dropped
+using drop::THRESHOLD_ALL;        // p = 1: every element is dropped
 
-constexpr uint32_t FLAG_DROP_PATH = 1u;  // row scale drawn from Philox under path_call
+constexpr uint32_t FLAG_DROP_PATH = drop::FLAG_DROP_PATH;  // row scale drawn under path_call
 constexpr uint32_t FLAG_VEC = 2u;        // 16-byte vector loads and stores
 constexpr uint32_t FLAG_RMS = 4u;        // RMSNorm (else LayerNorm)
 constexpr uint32_t FLAG_BETA = 8u;       // forward: beta is given
@@ -78,11 +79,14 @@ __device__ __forceinline__ void store8(T* p, const T (&v)[GROUP], int cnt, bool 
         if (k < cnt) p[k] = v[k];
 }
 
-// Keep bits of elements i .. i+cnt-1 (bit k = element i+k kept), cnt <= 8. The words come from
-// Philox blocks i/4 .. (i+cnt-1)/4: two when i is a multiple of 4 (the vector path), at most
-// three otherwise (odd row lengths).
+// Keep bits of elements i .. i+cnt-1 (bit k = element i+k kept), cnt <= 8, with the shared
+// keying (common/dropout_keying.cuh). A whole group at a multiple of 8 (always so when
+// cols % 8 == 0) is drop::keep_bits<8>: two Philox blocks. Otherwise (odd row lengths: the group
+// straddles blocks at any offset) the words come from blocks i/4 .. (i+cnt-1)/4, at most three,
+// each word compared with the threshold exactly as there.
 __device__ __forceinline__ uint32_t keep_bits8(uint64_t seed, uint64_t call, uint64_t threshold,
                                                uint64_t i, int cnt) {
+    if (cnt == GROUP && (i & 7) == 0) return drop::keep_bits<GROUP>(seed, call, threshold, i);
     if (threshold == 0) return (1u << cnt) - 1u;
     if (threshold >= THRESHOLD_ALL) return 0u;
     const uint32_t t = (uint32_t)threshold;  // 0 < threshold < 2^32 here
@@ -100,26 +104,11 @@ __device__ __forceinline__ uint32_t keep_bits8(uint64_t seed, uint64_t call, uin
     return bits;
 }
 
-// rowscale[row]: the caller's value, or the drop-path draw keyed by (seed, path_call, sample)
-// with sample = row / rows_per_sample; as in dropout_residual.cu.
-template <typename P>
-__device__ __forceinline__ float row_scale(const P& p, uint64_t row) {
-    if (p.rowscale != nullptr) return p.rowscale[row];
-    bool keep;
-    if (p.path_threshold == 0) keep = true;
-    else if (p.path_threshold >= THRESHOLD_ALL) keep = false;
-    // Per-sample mode is refused on the host unless rows < 2^32: a 32-bit division suffices.
-    else keep = keeps(mask_word(p.seed, p.path_call,
-                                p.rows_per_sample == 1 ? row : (uint64_t)((uint32_t)row / p.rows_per_sample)),
-                      p.path_threshold);
-    return keep ? p.path_scale : 0.f;
-}
-
 // rowm = scale * rowscale[row], or scale without a row scale (one f32 multiply, as the CPU).
 template <typename P>
 __device__ __forceinline__ float row_multiplier(const P& p, uint64_t row) {
     if (p.rowscale == nullptr && !(p.flags & FLAG_DROP_PATH)) return p.scale;
-    return __fmul_rn(p.scale, row_scale(p, row));
+    return __fmul_rn(p.scale, drop::row_scale(p, row));
 }
 
 // K row sums at once: each thread holds partial q = threadIdx.x of each. Within a warp the tree

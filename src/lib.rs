@@ -34,6 +34,7 @@
 
 pub mod adamw;
 pub mod dropout_add_norm;
+pub mod dropout_keying;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;

@@ -20,7 +20,7 @@ use super::{
     check_backward, check_forward, check_stream_dtype, row_partials, slab_rows, BackwardLens,
     Config, ForwardLens, Norm, GROUP,
 };
-use crate::dropout_residual::cpu::KeepBits;
+use crate::dropout_keying::{row_multiplier, row_scales};
 use crate::dtype::Dtype;
 use crate::error::Result;
 
@@ -225,28 +225,6 @@ fn rstd_of(v: f32, eps: f32) -> f32 {
     1.0 / (v + eps).sqrt()
 }
 
-/// The row scale of every row (None: no row scale), given or generated.
-fn row_scales(cfg: &Config, given: Option<&[f32]>) -> Option<Vec<f32>> {
-    match (given, cfg.drop_path()) {
-        (Some(rs), _) => Some(rs.to_vec()),
-        (None, Some(path)) => Some(
-            (0..cfg.rows() as u64)
-                .map(|r| path.row_scale(cfg.seed(), r))
-                .collect(),
-        ),
-        (None, None) => None,
-    }
-}
-
-/// `rowm = scale * rs` (one f32 multiply), or `scale` without a row scale.
-fn row_multiplier(cfg: &Config, rs: &Option<Vec<f32>>, row: usize) -> f32 {
-    let scale = cfg.rate().scale();
-    match rs {
-        Some(v) => scale * v[row],
-        None => scale,
-    }
-}
-
 /// `s = residual + rowscale * dropout(x + bias)`, `out = norm(s) * layer_scale` and the row
 /// statistics (see the [module docs](super)).
 ///
@@ -347,11 +325,11 @@ fn forward_core<T: Dtype, S: Dtype>(
 ) {
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let n = cols as f32;
-    let rs = row_scales(cfg, a.rowscale);
-    let mut bits = KeepBits::new(&cfg.dropout());
+    let rs = row_scales(cfg.seed(), cfg.rows(), a.rowscale, cfg.drop_path());
+    let mut bits = cfg.keying().keep_bits();
     let mut v = vec![0.0f32; cols];
     for row in 0..rows {
-        let rowm = row_multiplier(cfg, &rs, row);
+        let rowm = row_multiplier(cfg.rate().scale(), &rs, row);
         let base = row * cols;
         for (j, vj) in v.iter_mut().enumerate() {
             let i = base + j;
@@ -449,8 +427,8 @@ pub fn backward<T: Dtype, S: Dtype>(
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let n = cols as f32;
     let ls = cfg.layer_scale();
-    let rs = row_scales(cfg, a.rowscale);
-    let mut bits = KeepBits::new(&cfg.dropout());
+    let rs = row_scales(cfg.seed(), cfg.rows(), a.rowscale, cfg.drop_path());
+    let mut bits = cfg.keying().keep_bits();
     let slab = slab_rows(rows);
     // Column sums: the running slab partials and the totals over finished slabs.
     let mut part = [vec![0.0f32; cols], vec![0.0f32; cols], vec![0.0f32; cols]];
@@ -458,7 +436,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     let (mut xh, mut w) = (vec![0.0f32; cols], vec![0.0f32; cols]);
     let mut d_residual = o.d_residual;
     for row in 0..rows {
-        let rowm = row_multiplier(cfg, &rs, row);
+        let rowm = row_multiplier(cfg.rate().scale(), &rs, row);
         let base = row * cols;
         let (mean, rstd) = (a.mean[row], a.rstd[row]);
         for j in 0..cols {

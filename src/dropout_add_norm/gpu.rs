@@ -343,7 +343,9 @@ fn forward_impl<T: Dtype, S: Dtype>(
         flags,
         rows_per_sample: rsf.rows_per_sample,
     };
-    let grid = (cfg.rows() as u64).min(u64::from(t.max_grid)).min(i32::MAX as u64) as u32;
+    let grid = (cfg.rows() as u64)
+        .min(u64::from(t.max_grid))
+        .min(i32::MAX as u64) as u32;
     let block = row_partials(cfg.cols()) as u32;
     handle.launch(fwd, (grid, 1, 1), (block, 1, 1), 0, &p)
 }
@@ -438,7 +440,7 @@ pub fn backward<T: Dtype, S: Dtype>(
             Some(ws) => {
                 if ws.capacity() < partial_len {
                     ws.partials = None; // free the old one first
-                    // SAFETY: every element read is written by the backward kernel first.
+                                        // SAFETY: every element read is written by the backward kernel first.
                     ws.partials = Some(
                         unsafe { handle.stream().alloc::<f32>(partial_len) }
                             .map_err(Error::driver(OP))?,
@@ -535,7 +537,10 @@ pub fn backward<T: Dtype, S: Dtype>(
         cols: cols as u64,
         slabs: slabs as u64,
     };
-    let grid = (cols as u64).saturating_mul(3).div_ceil(256).clamp(1, 1 << 20) as u32;
+    let grid = (cols as u64)
+        .saturating_mul(3)
+        .div_ceil(256)
+        .clamp(1, 1 << 20) as u32;
     handle.launch(colsum_kernel::<T>(), (grid, 1, 1), (256, 1, 1), 0, &c)?;
     drop(part_g);
     drop(own); // stream-ordered free after the kernels that use it

@@ -97,7 +97,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
-use crate::dropout_residual::{self as dr};
+use crate::dropout_keying::Keying;
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
 use crate::philox::DropRate;
@@ -105,7 +105,7 @@ use crate::philox::DropRate;
 pub mod cpu;
 mod gpu;
 
-pub use crate::dropout_residual::DropPath;
+pub use crate::dropout_keying::DropPath;
 pub use gpu::{backward, forward, forward_inplace};
 
 /// The name used in errors.
@@ -223,7 +223,10 @@ const MAX_SLABS: usize = 1024;
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
-    drop: dr::Config,
+    rows: usize,
+    cols: usize,
+    keying: Keying,
+    drop_path: Option<DropPath>,
     norm: Norm,
     eps: f32,
     layer_scale: f32,
@@ -263,10 +266,14 @@ impl Config {
                 format!("eps = {eps} must be finite and > 0"),
             ));
         }
-        let drop = dr::Config::new(rows, cols, 0.0, 0, 0)
-            .map_err(|_| Error::shape(OP, format!("rows * cols = {rows} * {cols} overflows")))?;
+        rows.checked_mul(cols)
+            .filter(|&n| u64::try_from(n).is_ok())
+            .ok_or_else(|| Error::shape(OP, format!("rows * cols = {rows} * {cols} overflows")))?;
         Ok(Config {
-            drop,
+            rows,
+            cols,
+            keying: Keying::with_rate(DropRate::ZERO, 0, 0),
+            drop_path: None,
             norm,
             eps,
             layer_scale: 1.0,
@@ -288,12 +295,10 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn with_dropout(self, p: f64, seed: u64, call: u64) -> Result<Self> {
-        let mut drop = dr::Config::new(self.rows(), self.cols(), p, seed, call)
-            .map_err(|e| retag(e, "dropout"))?;
-        if let Some(path) = self.drop.drop_path() {
-            drop = drop.with_drop_path(path);
-        }
-        Ok(Config { drop, ..self })
+        Ok(Config {
+            keying: Keying::new(OP, p, seed, call)?,
+            ..self
+        })
     }
 
     /// Adds a generated drop path (stochastic depth): the row scale drawn from its own call id.
@@ -311,7 +316,7 @@ impl Config {
     /// ```
     pub fn with_drop_path(self, path: DropPath) -> Self {
         Config {
-            drop: self.drop.with_drop_path(path),
+            drop_path: Some(path),
             ..self
         }
     }
@@ -373,7 +378,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn rows(&self) -> usize {
-        self.drop.rows()
+        self.rows
     }
 
     /// Columns (the hidden size).
@@ -387,7 +392,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn cols(&self) -> usize {
-        self.drop.cols()
+        self.cols
     }
 
     /// Elements, `rows * cols`.
@@ -401,7 +406,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn len(&self) -> usize {
-        self.drop.len()
+        self.rows * self.cols
     }
 
     /// True when there are no rows.
@@ -415,7 +420,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn is_empty(&self) -> bool {
-        self.drop.is_empty()
+        self.len() == 0
     }
 
     /// The normaliser.
@@ -473,7 +478,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn rate(&self) -> DropRate {
-        self.drop.rate()
+        self.keying.rate()
     }
 
     /// The generator seed.
@@ -487,7 +492,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn seed(&self) -> u64 {
-        self.drop.seed()
+        self.keying.seed()
     }
 
     /// The call id of the dropout mask.
@@ -501,7 +506,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn call(&self) -> u64 {
-        self.drop.call()
+        self.keying.call()
     }
 
     /// The generated drop path, if any.
@@ -515,10 +520,10 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn drop_path(&self) -> Option<DropPath> {
-        self.drop.drop_path()
+        self.drop_path
     }
 
-    /// The dropout part as a [`dropout_residual`](crate::dropout_residual) config (same keying).
+    /// The dropout keying `(p, seed, call)`, shared with every dropping op.
     ///
     /// # Examples
     ///
@@ -526,11 +531,12 @@ impl Config {
     /// use fusedreg::dropout_add_norm::{Config, Norm};
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.1, 42, 7)?;
-    /// assert_eq!(cfg.dropout().keeps(9), cfg.keeps(9));
+    /// assert_eq!(cfg.keying().keeps(9), cfg.keeps(9));
+    /// assert_eq!((cfg.keying().seed(), cfg.keying().call()), (42, 7));
     /// # Ok(()) }
     /// ```
-    pub fn dropout(&self) -> dr::Config {
-        self.drop
+    pub fn keying(&self) -> Keying {
+        self.keying
     }
 
     /// Whether element `i` (flat index `row * cols + col`) is kept by the dropout mask.
@@ -546,16 +552,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn keeps(&self, i: u64) -> bool {
-        self.drop.keeps(i)
-    }
-}
-
-/// Renames an error of the dropout config as ours.
-fn retag(e: Error, what: &str) -> Error {
-    match e {
-        Error::InvalidArgument { detail, .. } => Error::invalid(OP, format!("{what}: {detail}")),
-        Error::ShapeMismatch { detail, .. } => Error::shape(OP, format!("{what}: {detail}")),
-        other => other,
+        self.keying.keeps(i)
     }
 }
 
@@ -1006,10 +1003,14 @@ mod tests {
         use DtypeKind::Bf16;
         let n = 1 << 20;
         assert_eq!(
-            fused_forward_bytes(Bf16, Bf16, n, true) + fused_backward_bytes(Bf16, Bf16, n, true, true),
+            fused_forward_bytes(Bf16, Bf16, n, true)
+                + fused_backward_bytes(Bf16, Bf16, n, true, true),
             18 * n
         );
-        assert_eq!(fused_backward_bytes(Bf16, Bf16, u64::MAX, true, true), u64::MAX);
+        assert_eq!(
+            fused_backward_bytes(Bf16, Bf16, u64::MAX, true, true),
+            u64::MAX
+        );
         assert_eq!(unfused_forward_bytes(Bf16, u64::MAX), u64::MAX);
     }
 
@@ -1017,7 +1018,10 @@ mod tests {
     fn partition_is_a_function_of_the_shape() {
         for cols in [1usize, 7, 8, 9, 255, 256, 257, 2048, 2049, 16384, 1 << 20] {
             let p = row_partials(cols);
-            assert!(p.is_power_of_two() && (32..=256).contains(&p), "{cols}: {p}");
+            assert!(
+                p.is_power_of_two() && (32..=256).contains(&p),
+                "{cols}: {p}"
+            );
             assert!(p * GROUP >= cols.min(256 * GROUP));
         }
         for rows in [0usize, 1, 1023, 1024, 1025, 1 << 20, 1 << 40] {

@@ -24,10 +24,10 @@
 //! # Ok(()) }
 //! ```
 
-use super::{check_backward, check_forward, slab_rows, Config, ForwardLens, DBIAS_LANES};
+use super::{check_backward, check_forward, Config, ForwardLens};
+use crate::dropout_keying::{backward_cpu, row_multiplier, row_scales, set_mask_bit};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::philox;
 
 /// The optional buffers of [`forward`] / [`forward_inplace`]. All default to `None`.
 ///
@@ -104,66 +104,6 @@ impl<T> Default for BackwardOptions<'_, T> {
             mask: None,
             dbias: None,
         }
-    }
-}
-
-/// Keep bits by flat index, evaluating each Philox block once for its four elements.
-pub(crate) struct KeepBits {
-    seed: u64,
-    call: u64,
-    rate: philox::DropRate,
-    block: u64,
-    words: [u32; 4],
-}
-
-impl KeepBits {
-    pub(crate) fn new(cfg: &Config) -> Self {
-        KeepBits {
-            seed: cfg.seed(),
-            call: cfg.call(),
-            rate: cfg.rate(),
-            block: u64::MAX,
-            words: [0; 4],
-        }
-    }
-
-    /// Whether element `i` is kept (p = 0 and p = 1 without generator work, like the kernels).
-    #[inline]
-    pub(crate) fn get(&mut self, i: u64) -> bool {
-        if self.rate.keeps_all() {
-            return true;
-        }
-        if self.rate.drops_all() {
-            return false;
-        }
-        let b = i >> 2;
-        if b != self.block {
-            self.block = b;
-            self.words = philox::block(self.seed, self.call, b);
-        }
-        self.rate.keeps(self.words[(i & 3) as usize])
-    }
-}
-
-/// The row scale of every row (None: no row scale), given or generated.
-fn row_scales(cfg: &Config, given: Option<&[f32]>) -> Option<Vec<f32>> {
-    match (given, cfg.drop_path()) {
-        (Some(rs), _) => Some(rs.to_vec()),
-        (None, Some(path)) => Some(
-            (0..cfg.rows() as u64)
-                .map(|r| path.row_scale(cfg.seed(), r))
-                .collect(),
-        ),
-        (None, None) => None,
-    }
-}
-
-/// `rowm = scale * rs` per row (one f32 multiply), or `scale` without a row scale.
-fn row_multiplier(cfg: &Config, rs: &Option<Vec<f32>>, row: usize) -> f32 {
-    let scale = cfg.rate().scale();
-    match rs {
-        Some(v) => scale * v[row],
-        None => scale,
     }
 }
 
@@ -257,7 +197,7 @@ fn forward_core<T: Dtype>(cfg: &Config, x: &[T], ry: &mut [T], opts: ForwardOpti
         // As the kernels: nothing is launched, so nothing is written.
         return;
     }
-    let rs = row_scales(cfg, opts.rowscale);
+    let rs = row_scales(cfg.seed(), rows, opts.rowscale, cfg.drop_path());
     if let (Some(out), Some(v)) = (opts.rowscale_out, &rs) {
         out.copy_from_slice(v);
     }
@@ -265,14 +205,15 @@ fn forward_core<T: Dtype>(cfg: &Config, x: &[T], ry: &mut [T], opts: ForwardOpti
     if let Some(m) = mask.as_deref_mut() {
         m.fill(0);
     }
-    let mut bits = KeepBits::new(cfg);
+    let mut bits = cfg.keying().keep_bits();
+    let scale = cfg.rate().scale();
     for row in 0..rows {
-        let rowm = row_multiplier(cfg, &rs, row);
+        let rowm = row_multiplier(scale, &rs, row);
         for col in 0..cols {
             let i = row * cols + col;
             let keep = bits.get(i as u64);
-            if let Some(m) = mask.as_deref_mut() {
-                m[i / 32] |= u32::from(keep) << (i % 32);
+            if let (Some(m), true) = (mask.as_deref_mut(), keep) {
+                set_mask_bit(m, i);
             }
             let m = if keep { rowm } else { 0.0 };
             if m != 0.0 {
@@ -330,42 +271,7 @@ pub fn backward<T: Dtype>(
         }
         return Ok(());
     }
-    let rs = row_scales(cfg, opts.rowscale);
-    let mut bits = KeepBits::new(cfg);
-    let slab = slab_rows(rows, cols, T::KIND);
-    // One partial per row lane of the slab (see DBIAS_LANES), folded in lane order at its end.
-    let mut lanes = vec![vec![0.0f32; cols]; DBIAS_LANES];
-    let mut total = vec![0.0f32; cols];
-    for row in 0..rows {
-        let rowm = row_multiplier(cfg, &rs, row);
-        let partial = &mut lanes[(row % slab) % DBIAS_LANES];
-        for (col, part) in partial.iter_mut().enumerate() {
-            let i = row * cols + col;
-            let keep = match opts.mask {
-                Some(m) => m[i / 32] >> (i % 32) & 1 == 1,
-                None => bits.get(i as u64),
-            };
-            let m = if keep { rowm } else { 0.0 };
-            let d = if m != 0.0 { dy[i].to_f32() * m } else { 0.0 };
-            dx[i] = T::from_f32_rn(d);
-            *part += d;
-        }
-        // End of a slab: fold its lanes in order, then into the totals in slab order.
-        if (row + 1) % slab == 0 || row + 1 == rows {
-            for (col, t) in total.iter_mut().enumerate() {
-                let mut slab_sum = lanes[0][col];
-                for lane in &lanes[1..] {
-                    slab_sum += lane[col];
-                }
-                *t += slab_sum;
-            }
-            lanes.iter_mut().for_each(|l| l.fill(0.0));
-        }
-    }
-    if let Some(db) = opts.dbias {
-        for (d, t) in db.iter_mut().zip(&total) {
-            *d = T::from_f32_rn(*t);
-        }
-    }
+    let rs = row_scales(cfg.seed(), rows, opts.rowscale, cfg.drop_path());
+    backward_cpu(rows, cols, &cfg.keying(), rs, opts.mask, dy, dx, opts.dbias);
     Ok(())
 }

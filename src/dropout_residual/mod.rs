@@ -73,11 +73,15 @@
 //!
 //! [`philox::mask_word`]: crate::philox::mask_word
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut};
 
+use crate::dropout_keying::Keying;
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
 use crate::philox::DropRate;
+
+// The shared dropout pieces this op's API has always named (see crate::dropout_keying).
+pub use crate::dropout_keying::{slab_count, slab_rows, DropPath, LaunchTuning, Workspace};
 
 pub mod cpu;
 mod gpu;
@@ -87,158 +91,6 @@ pub use gpu::{backward, forward, forward_inplace};
 
 /// The name used in errors.
 pub(crate) const OP: &str = "dropout_residual";
-
-/// A generated drop path (stochastic depth): one keep/drop draw per row (or per group of
-/// `rows_per_sample` consecutive rows), keyed by `(seed, call, row / rows_per_sample)` with its
-/// own call id, so it is independent of the dropout mask.
-///
-/// ```
-/// use fusedreg::dropout_residual::DropPath;
-/// # fn main() -> fusedreg::Result<()> {
-/// let path = DropPath::new(0.25, 1000)?;
-/// let s = path.row_scale(42, 3);
-/// assert!(s == 0.0 || s == 1.0 / 0.75);
-/// // A transformer block on [batch * seq, hidden]: one draw per sample of 512 rows.
-/// let per_sample = path.per_sample(512)?;
-/// assert_eq!(per_sample.row_scale(42, 512), per_sample.row_scale(42, 1023));
-/// assert!(DropPath::new(f64::NAN, 1).is_err());
-/// # Ok(()) }
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DropPath {
-    rate: DropRate,
-    call: u64,
-    rows_per_sample: u32,
-}
-
-impl DropPath {
-    /// A drop path dropping each row with probability `p_path` (in `[0, 1]`, not NaN), keyed by
-    /// `call` (use a call id different from the dropout's).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_residual::DropPath;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let path = DropPath::new(0.1, 1000)?;
-    /// assert_eq!((path.rate().p(), path.call(), path.rows_per_sample()), (0.1, 1000, 1));
-    /// assert!(DropPath::new(-0.5, 1000).is_err());
-    /// assert!(DropPath::new(f64::NAN, 1000).is_err());
-    /// # Ok(()) }
-    /// ```
-    pub fn new(p_path: f64, call: u64) -> Result<Self> {
-        Ok(DropPath {
-            rate: DropRate::checked(OP, p_path)?,
-            call,
-            rows_per_sample: 1,
-        })
-    }
-
-    /// One draw per group of `rows_per_sample` consecutive rows (a sample of a `[batch * seq,
-    /// hidden]` tensor). Must be at least 1; above 1 the tensor must have fewer than 2^32 rows.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_residual::DropPath;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let path = DropPath::new(0.5, 3)?.per_sample(4)?;
-    /// // Rows 0..4 are sample 0, rows 4..8 sample 1: one draw per sample.
-    /// assert!((0..4).all(|row| path.row_scale(9, row) == path.row_scale(9, 0)));
-    /// assert!((4..8).all(|row| path.row_scale(9, row) == path.row_scale(9, 4)));
-    /// assert!(DropPath::new(0.5, 3)?.per_sample(0).is_err());
-    /// # Ok(()) }
-    /// ```
-    pub fn per_sample(self, rows_per_sample: usize) -> Result<Self> {
-        let rps = u32::try_from(rows_per_sample)
-            .ok()
-            .filter(|&r| r >= 1)
-            .ok_or_else(|| {
-                Error::invalid(
-                    OP,
-                    format!("rows_per_sample = {rows_per_sample} must lie in 1 ..= 2^32 - 1"),
-                )
-            })?;
-        Ok(DropPath {
-            rows_per_sample: rps,
-            ..self
-        })
-    }
-
-    /// The drop rate of whole rows.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_residual::DropPath;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let path = DropPath::new(0.25, 1)?;
-    /// assert_eq!(path.rate().threshold(), 1 << 30);
-    /// assert_eq!(path.rate().scale(), 1.0 / 0.75);
-    /// # Ok(()) }
-    /// ```
-    pub fn rate(&self) -> DropRate {
-        self.rate
-    }
-
-    /// The call id keying the row draws.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_residual::DropPath;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(DropPath::new(0.1, 77)?.call(), 77);
-    /// # Ok(()) }
-    /// ```
-    pub fn call(&self) -> u64 {
-        self.call
-    }
-
-    /// Rows sharing one draw (1 unless set by [`DropPath::per_sample`]).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_residual::DropPath;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let path = DropPath::new(0.1, 1)?;
-    /// assert_eq!(path.rows_per_sample(), 1);
-    /// assert_eq!(path.per_sample(128)?.rows_per_sample(), 128);
-    /// # Ok(()) }
-    /// ```
-    pub fn rows_per_sample(&self) -> usize {
-        self.rows_per_sample as usize
-    }
-
-    /// The row scale of `row` under `seed`: `1 / (1 - p_path)` (f32) when kept, 0 when dropped.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_residual::DropPath;
-    /// use fusedreg::philox::mask_word;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let path = DropPath::new(0.5, 9)?;
-    /// // Row 3 is kept when word 3 of the path's own call id passes the threshold.
-    /// let kept = path.rate().keeps(mask_word(42, 9, 3));
-    /// assert_eq!(path.row_scale(42, 3), if kept { 2.0 } else { 0.0 });
-    /// let kept_rows = (0..1000).filter(|&row| path.row_scale(42, row) != 0.0).count();
-    /// assert!((400..600).contains(&kept_rows));
-    /// # Ok(()) }
-    /// ```
-    pub fn row_scale(&self, seed: u64, row: u64) -> f32 {
-        let sample = row / u64::from(self.rows_per_sample);
-        if self
-            .rate
-            .keeps(crate::philox::mask_word(seed, self.call, sample))
-        {
-            self.rate.scale()
-        } else {
-            0.0
-        }
-    }
-}
 
 /// Shape, drop rate and random keys of one dropout + residual call: everything but the buffers.
 /// Validated on construction; the CPU reference and the GPU kernels take the same `Config`.
@@ -470,7 +322,7 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn mask_words(&self) -> usize {
-        self.len().div_ceil(32)
+        crate::dropout_keying::mask_words(self.len())
     }
 
     /// Whether element `i` (flat index) is kept by the dropout mask.
@@ -493,55 +345,14 @@ impl Config {
             .keeps(crate::philox::mask_word(self.seed, self.call, i))
     }
 
+    /// The dropout keying (seed, call, rate) the shared pieces take.
+    pub(crate) fn keying(&self) -> Keying {
+        Keying::with_rate(self.rate, self.seed, self.call)
+    }
+
     fn has_row_scale(&self, given: bool) -> bool {
         given || self.drop_path.is_some()
     }
-}
-
-/// Rows per slab of the dbias partition: a function of `(rows, cols, dtype)` only — never of the
-/// device, block size or grid — so dbias is reproducible everywhere and on the CPU.
-///
-/// The backward writes one f32 partial per (slab, column) and a second kernel sums them. Slabs
-/// are sized so the grid has about 2^17 threads (16-byte column groups times slabs: enough to
-/// fill an H100) while keeping 16 to 64 rows per slab, so the partials stay a small fraction of
-/// the traffic (at most 1/8 of a bf16 backward's bytes at 16 rows, 1/32 at 64); never more than
-/// 65,535 slabs (the grid's y limit), and 1 when `rows` is 0 or 1.
-///
-/// ```
-/// use fusedreg::dropout_residual::{slab_rows, slab_count};
-/// use fusedreg::DtypeKind;
-/// assert_eq!(slab_rows(16384, 4096, DtypeKind::Bf16), 64);
-/// assert_eq!(slab_count(16384, 4096, DtypeKind::Bf16), 256);
-/// assert_eq!(slab_rows(1, 1 << 20, DtypeKind::F32), 1);
-/// assert_eq!(slab_rows(1 << 26, 1, DtypeKind::F32), 1025); // grid.y <= 65535
-/// ```
-pub fn slab_rows(rows: usize, cols: usize, dtype: DtypeKind) -> usize {
-    const TARGET_THREADS: u128 = 1 << 17;
-    const MIN_ROWS: u128 = 16;
-    const MAX_ROWS: u128 = 64;
-    const MAX_SLABS: usize = 65_535;
-    if rows <= 1 {
-        return 1;
-    }
-    let groups = (cols as u128).div_ceil((16 / dtype.size()) as u128).max(1);
-    let fill = rows as u128 * groups / TARGET_THREADS;
-    let s = fill.clamp(MIN_ROWS, MAX_ROWS).min(rows as u128) as usize;
-    s.max(rows.div_ceil(MAX_SLABS))
-}
-
-/// Number of slabs, `ceil(rows / slab_rows)` (0 when `rows` is 0).
-///
-/// # Examples
-///
-/// ```
-/// use fusedreg::dropout_residual::{slab_count, slab_rows};
-/// use fusedreg::DtypeKind;
-/// assert_eq!(slab_rows(1000, 1024, DtypeKind::F32), 16);
-/// assert_eq!(slab_count(1000, 1024, DtypeKind::F32), 63); // ceil(1000 / 16)
-/// assert_eq!(slab_count(0, 1024, DtypeKind::F32), 0);
-/// ```
-pub fn slab_count(rows: usize, cols: usize, dtype: DtypeKind) -> usize {
-    rows.div_ceil(slab_rows(rows, cols, dtype))
 }
 
 /// Minimal device-memory bytes of the fused forward on `n` elements: read x and the residual,
@@ -608,99 +419,6 @@ pub fn unfused_forward_bytes(dtype: DtypeKind, n: u64, bias: bool) -> u64 {
 pub fn unfused_backward_bytes(dtype: DtypeKind, n: u64, dbias: bool) -> u64 {
     let s = dtype.size() as u64;
     n * if dbias { 3 * s + 1 } else { 2 * s + 1 }
-}
-
-/// Row lanes of the fused backward's dbias partials: each slab's rows are split by
-/// `(row - slab_start) % DBIAS_LANES`, each lane sums its rows in order, and the slab's partial
-/// is `((lane0 + lane1) + lane2) + lane3`. Must equal `DBIAS_LANES` in the kernel.
-pub(crate) const DBIAS_LANES: usize = 4;
-
-/// Launch knobs for tests: results never depend on them (the tests check that). Not part of the
-/// stable API.
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LaunchTuning {
-    /// Threads per block: a multiple of 32 in `32 ..= 256`.
-    pub block: u32,
-    /// Unroll the row loop (4 rows' loads in flight before their math).
-    pub unroll: bool,
-    /// Take the scalar path even when the vector path is possible.
-    pub force_scalar: bool,
-    /// Cap on grid.x; the kernels loop over the remaining column tiles.
-    pub max_grid_x: u32,
-    /// Rows per slab of launches without dbias partials (0: the defaults, 4 forward, 8 backward).
-    pub slab_rows: u32,
-    /// Row width when a flat tensor is laid out as rows (0: the default, 4 tiles of
-    /// `block` x 16 bytes); must be a multiple of 32.
-    pub flat_width: u32,
-}
-
-impl Default for LaunchTuning {
-    fn default() -> Self {
-        LaunchTuning {
-            block: 256,
-            unroll: true,
-            force_scalar: false,
-            max_grid_x: i32::MAX as u32,
-            slab_rows: 0,
-            flat_width: 0,
-        }
-    }
-}
-
-impl LaunchTuning {
-    pub(crate) fn check(&self) -> Result<()> {
-        if self.block == 0 || self.block % 32 != 0 || self.block > 256 || self.max_grid_x == 0 {
-            return Err(Error::invalid(
-                OP,
-                format!("launch tuning {self:?}: block must be a multiple of 32 in 32..=256 and max_grid_x >= 1"),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Reusable device workspace for the dbias partials of [`backward`] (one f32 per slab and
-/// column). Without one the backward allocates the partials stream-ordered per call
-/// (`cuMemAllocAsync`); with one it grows once and is reused, so a loop allocates nothing.
-///
-/// ```no_run
-/// # fn main() -> fusedreg::Result<()> {
-/// let mut ws = fusedreg::dropout_residual::Workspace::new();
-/// assert_eq!(ws.capacity(), 0);
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Default)]
-pub struct Workspace {
-    partials: Option<CudaSlice<f32>>,
-}
-
-impl Workspace {
-    /// An empty workspace; the first backward with dbias sizes it.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_residual::Workspace;
-    /// let ws = Workspace::new(); // allocates nothing: no GPU needed
-    /// assert_eq!(ws.capacity(), 0);
-    /// ```
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Current size in f32 elements.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_residual::Workspace;
-    /// // Empty until a GPU backward with dbias sizes it (one f32 per slab and column).
-    /// assert_eq!(Workspace::default().capacity(), 0);
-    /// ```
-    pub fn capacity(&self) -> usize {
-        self.partials.as_ref().map_or(0, |p| p.len())
-    }
 }
 
 /// The optional buffers of a GPU [`forward`] / [`forward_inplace`]. All default to `None`.
@@ -869,7 +587,7 @@ fn check_row_scale(cfg: &Config, rowscale: Option<usize>) -> Result<()> {
         check_len(OP, "rowscale (one per row)", r, cfg.rows)?;
     }
     if let Some(path) = cfg.drop_path {
-        if path.rows_per_sample > 1 && cfg.rows > u32::MAX as usize {
+        if path.rows_per_sample() > 1 && cfg.rows > u32::MAX as usize {
             return Err(Error::invalid(
                 OP,
                 format!(
@@ -904,52 +622,5 @@ mod tests {
         assert_eq!(per(fused_backward_bytes(F32, n, false)), 8.0);
         // The mask of a length that is not a multiple of 32 is padded to whole words.
         assert_eq!(fused_forward_bytes(Bf16, 33, true), 6 * 33 + 8);
-    }
-
-    #[test]
-    fn slab_partition_properties() {
-        for kind in [DtypeKind::F32, DtypeKind::F16, DtypeKind::Bf16] {
-            for &rows in &[
-                0usize,
-                1,
-                2,
-                15,
-                16,
-                17,
-                37,
-                257,
-                4096,
-                16384,
-                1 << 20,
-                1 << 26,
-            ] {
-                for &cols in &[0usize, 1, 3, 8, 1003, 1024, 4096, 65536] {
-                    let s = slab_rows(rows, cols, kind);
-                    let slabs = slab_count(rows, cols, kind);
-                    assert!(s >= 1);
-                    assert!(slabs <= 65_535, "{rows}x{cols}: {slabs} slabs");
-                    assert!(rows == 0 || slabs * s >= rows && (slabs - 1) * s < rows);
-                    if (16..=16 * 65_535).contains(&rows) {
-                        assert!(s >= 16, "{rows}x{cols}: {s} rows per slab");
-                    }
-                }
-            }
-        }
-        // About 2^17 threads for a mid-size bf16 shape.
-        let (rows, cols) = (8192, 4096);
-        let threads = slab_count(rows, cols, DtypeKind::Bf16) * cols / 8;
-        assert_eq!(threads, 1 << 17);
-    }
-
-    #[test]
-    fn tuning_is_validated() {
-        assert!(LaunchTuning::default().check().is_ok());
-        for block in [0, 16, 48, 512] {
-            let t = LaunchTuning {
-                block,
-                ..Default::default()
-            };
-            assert!(t.check().is_err(), "block {block} accepted");
-        }
     }
 }

@@ -294,17 +294,12 @@ fn gpu_run<T: Dtype, S: Dtype>(
     }
 
     let d_out = upload(st, &d.d_out, off, tx)?;
-    let d_s = d
-        .d_s
-        .as_ref()
-        .map(|v| upload(st, v, off, ts))
-        .transpose()?;
+    let d_s = d.d_s.as_ref().map(|v| upload(st, v, off, ts)).transpose()?;
     let mut dx = upload(st, &vec![poison::<T>(); n], off, tx)?;
-    let mut d_res = d
-        .r
-        .as_ref()
-        .map(|_| upload(st, &vec![poison::<S>(); n], off, ts))
-        .transpose()?;
+    let mut d_res =
+        d.r.as_ref()
+            .map(|_| upload(st, &vec![poison::<S>(); n], off, ts))
+            .transpose()?;
     let mut dgamma = st.clone_htod(&vec![poison::<T>(); cols]).map_err(e2s)?;
     let pois = |want: bool| {
         want.then(|| st.clone_htod(&vec![poison::<T>(); cols]))
@@ -372,11 +367,7 @@ fn compare<T: Dtype, S: Dtype>(what: &str, got: &Outs<T, S>, want: &Outs<T, S>) 
 
 /// Forward and backward on the GPU against the CPU reference, bit for bit.
 fn run_case<T: Dtype, S: Dtype>(h: &Handle, c: &Case, seed: u64) -> R<Outs<T, S>> {
-    let what = format!(
-        "{}/{} {c:?} seed {seed}",
-        T::KIND.name(),
-        S::KIND.name()
-    );
+    let what = format!("{}/{} {c:?} seed {seed}", T::KIND.name(), S::KIND.name());
     let cfg = c.config(seed);
     let d = data::<T, S>(c, seed);
     let want = cpu_run(c, &cfg, &d);
@@ -543,7 +534,8 @@ fn empty_inputs(h: &Handle) -> R<()> {
     let st = h.stream();
     let cfg = Config::new(0, 64, Norm::LayerNorm, 1e-5).map_err(e2s)?;
     let z = |n: usize| st.alloc_zeros::<f32>(n).map_err(e2s);
-    let (x, gamma, mut out, mut s, mut mean, mut rstd) = (z(0)?, z(64)?, z(0)?, z(0)?, z(0)?, z(0)?);
+    let (x, gamma, mut out, mut s, mut mean, mut rstd) =
+        (z(0)?, z(64)?, z(0)?, z(0)?, z(0)?, z(0)?);
     let before = h.launch_count();
     let outs = ForwardOut {
         out: out.as_view_mut(),
@@ -551,15 +543,32 @@ fn empty_inputs(h: &Handle) -> R<()> {
         mean: mean.as_view_mut(),
         rstd: rstd.as_view_mut(),
     };
-    dan::forward(h, &cfg, ForwardArgs::new(x.as_view(), gamma.as_view()), outs).map_err(e2s)?;
+    dan::forward(
+        h,
+        &cfg,
+        ForwardArgs::new(x.as_view(), gamma.as_view()),
+        outs,
+    )
+    .map_err(e2s)?;
     if h.launch_count() != before {
         return Err("the empty forward launched a kernel".into());
     }
     let mut dgamma = st.clone_htod(&vec![f32::NAN; 64]).map_err(e2s)?;
     let mut dx = z(0)?;
-    let args = BackwardArgs::new(x.as_view(), s.as_view(), gamma.as_view(), mean.as_view(), rstd.as_view());
-    dan::backward(h, &cfg, args, BackwardOut::new(dx.as_view_mut(), dgamma.as_view_mut()))
-        .map_err(e2s)?;
+    let args = BackwardArgs::new(
+        x.as_view(),
+        s.as_view(),
+        gamma.as_view(),
+        mean.as_view(),
+        rstd.as_view(),
+    );
+    dan::backward(
+        h,
+        &cfg,
+        args,
+        BackwardOut::new(dx.as_view_mut(), dgamma.as_view_mut()),
+    )
+    .map_err(e2s)?;
     let got = st.clone_dtoh(&dgamma).map_err(e2s)?;
     bits_eq("dgamma of no rows", &got, &vec![0.0f32; 64])
 }
@@ -614,8 +623,21 @@ fn bad_input_is_an_error(h: &Handle) -> R<()> {
     }
     // Backward: dgamma of the wrong length.
     let (mut dx, mut dg) = (z(256)?, z(63)?);
-    let args = BackwardArgs::new(x.as_view(), s.as_view(), gamma.as_view(), mean.as_view(), rstd.as_view());
-    if dan::backward(h, &cfg, args, BackwardOut::new(dx.as_view_mut(), dg.as_view_mut())).is_ok() {
+    let args = BackwardArgs::new(
+        x.as_view(),
+        s.as_view(),
+        gamma.as_view(),
+        mean.as_view(),
+        rstd.as_view(),
+    );
+    if dan::backward(
+        h,
+        &cfg,
+        args,
+        BackwardOut::new(dx.as_view_mut(), dg.as_view_mut()),
+    )
+    .is_ok()
+    {
         return Err("dgamma of 63 for 64 columns was accepted".into());
     }
     Ok(())
