@@ -10,6 +10,8 @@
 //!   CPU and in the kernels (`kernels/common/fmath.cuh`).
 //! * [`bias_act_dropout`]: fused bias + activation (GELU, GELU-tanh, SiLU, ReLU) + dropout, the
 //!   feed-forward site, with the bias gradient fused into the backward.
+//! * [`dropout_add_norm`]: fused dropout + residual add + LayerNorm / RMSNorm with LayerNorm
+//!   Scaling and drop path (the entry of a pre-norm block), forward and backward.
 //! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
 //!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
 //! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
@@ -40,6 +42,7 @@
 pub mod adamw;
 pub mod bias_act_dropout;
 pub mod dropout;
+pub mod dropout_add_norm;
 pub mod dropout_keying;
 pub mod dropout_residual;
 pub mod dtype;

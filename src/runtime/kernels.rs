@@ -188,6 +188,20 @@ kernels! {
         DropoutUnfusedColSumF32 = "dropout_unfused_col_sum_f32",
         DropoutUnfusedColSumF16 = "dropout_unfused_col_sum_f16",
         DropoutUnfusedColSumBf16 = "dropout_unfused_col_sum_bf16",
+    "dropout_add_norm" => {
+        DropoutAddNormFwdF32 = "dropout_add_norm_fwd_f32",
+        DropoutAddNormFwdF16 = "dropout_add_norm_fwd_f16",
+        DropoutAddNormFwdBf16 = "dropout_add_norm_fwd_bf16",
+        DropoutAddNormFwdF16Sf32 = "dropout_add_norm_fwd_f16_sf32",
+        DropoutAddNormFwdBf16Sf32 = "dropout_add_norm_fwd_bf16_sf32",
+        DropoutAddNormBwdF32 = "dropout_add_norm_bwd_f32",
+        DropoutAddNormBwdF16 = "dropout_add_norm_bwd_f16",
+        DropoutAddNormBwdBf16 = "dropout_add_norm_bwd_bf16",
+        DropoutAddNormBwdF16Sf32 = "dropout_add_norm_bwd_f16_sf32",
+        DropoutAddNormBwdBf16Sf32 = "dropout_add_norm_bwd_bf16_sf32",
+        DropoutAddNormColsumF32 = "dropout_add_norm_colsum_f32",
+        DropoutAddNormColsumF16 = "dropout_add_norm_colsum_f16",
+        DropoutAddNormColsumBf16 = "dropout_add_norm_colsum_bf16",
     }
 }
 

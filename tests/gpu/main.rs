@@ -9,6 +9,7 @@ mod bad_input;
 #[path = "../common/mod.rs"]
 mod common;
 mod dropout;
+mod dropout_add_norm;
 mod dropout_residual;
 mod fmath;
 mod global_norm;
@@ -28,5 +29,6 @@ fn main() {
     trials.extend(bad_input::trials());
     trials.extend(fmath::trials());
     trials.extend(dropout::trials());
+    trials.extend(dropout_add_norm::trials());
     libtest_mimic::run(&args, trials).exit();
 }
