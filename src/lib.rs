@@ -6,6 +6,8 @@
 //!
 //! * [`dropout_residual`]: fused bias + dropout + residual add (forward, backward, drop path),
 //!   its CPU reference and the unfused baseline.
+//! * [`cross_entropy`]: fused cross-entropy with label smoothing and z-loss, loss and gradient
+//!   in one kernel (gradient in place), its CPU reference and the unfused baseline.
 //! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
 //!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
 //! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
@@ -31,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+pub mod cross_entropy;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;
