@@ -322,8 +322,21 @@ pub fn forward<T: Dtype, I: TargetIndex>(
     logits: &[T],
     targets: &[I],
 ) -> Result<Loss> {
-    check_lens(cfg, logits.len(), targets.len(), None, cfg.get_reduction().loss_len(cfg.rows()), None)?;
-    run(cfg, &mut Shared(logits, cfg.vocab()), targets, None, Sink::None)
+    check_lens(
+        cfg,
+        logits.len(),
+        targets.len(),
+        None,
+        cfg.get_reduction().loss_len(cfg.rows()),
+        None,
+    )?;
+    run(
+        cfg,
+        &mut Shared(logits, cfg.vocab()),
+        targets,
+        None,
+        Sink::None,
+    )
 }
 
 /// Loss and the gradient into a separate buffer `grad` (`rows * vocab`). `upstream` (per-row

@@ -92,7 +92,10 @@ const FUSED_I64: KernelFamily = per_dtype!(
 );
 
 /// Picks the i32 or i64 member of a pair of kernel families.
-pub(super) fn by_target<T: Dtype, I: TargetIndex>(i32s: KernelFamily, i64s: KernelFamily) -> Kernel {
+pub(super) fn by_target<T: Dtype, I: TargetIndex>(
+    i32s: KernelFamily,
+    i64s: KernelFamily,
+) -> Kernel {
     if std::mem::size_of::<I>() == 8 {
         i64s.get::<T>()
     } else {
@@ -354,7 +357,7 @@ pub(super) fn scratch(
     let stream = handle.stream();
     if f32_len > 0 && ws.capacity() < f32_len {
         ws.f32s = None; // free the old one first
-        // SAFETY: every element a kernel reads is written by an earlier kernel of the call.
+                        // SAFETY: every element a kernel reads is written by an earlier kernel of the call.
         ws.f32s = Some(unsafe { stream.alloc::<f32>(f32_len) }.map_err(Error::driver(OP))?);
     }
     if ws.count.is_none() {
@@ -471,7 +474,10 @@ fn launch<T: Dtype, I: TargetIndex>(
         .as_mut()
         .map(|f| {
             if f.is_empty() {
-                Err(Error::shape(OP, "invalid_target has 0 elements, expected at least 1"))
+                Err(Error::shape(
+                    OP,
+                    "invalid_target has 0 elements, expected at least 1",
+                ))
             } else {
                 handle.write_ptr(OP, "invalid_target", f)
             }
@@ -491,9 +497,7 @@ fn launch<T: Dtype, I: TargetIndex>(
 
     let size = T::KIND.size() as u64;
     let vocab = cfg.vocab() as u64;
-    let vec = logits % 16 == 0
-        && grad.is_none_or(|g| g % 16 == 0)
-        && (vocab * size) % 16 == 0;
+    let vec = logits % 16 == 0 && grad.is_none_or(|g| g % 16 == 0) && (vocab * size) % 16 == 0;
     let mut flags = 0;
     if grad.is_some() {
         flags |= FLAG_GRAD;

@@ -246,10 +246,7 @@ impl Config {
             ));
         }
         if rows > MAX_ROWS {
-            return Err(Error::invalid(
-                OP,
-                format!("rows = {rows} exceeds 2^31"),
-            ));
+            return Err(Error::invalid(OP, format!("rows = {rows} exceeds 2^31")));
         }
         rows.checked_mul(vocab)
             .filter(|&n| u64::try_from(n).is_ok())

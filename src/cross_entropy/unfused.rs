@@ -202,7 +202,11 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
     let grid = ((rows as u64).min(MAX_GRID) as u32, 1, 1);
     let block = (SLOTS as u32, 1, 1);
     handle.launch(LOG_SOFTMAX.get::<T>(), grid, block, 0, &base)?;
-    let nll = UnfusedParams { x: lp, y: 0, ..base };
+    let nll = UnfusedParams {
+        x: lp,
+        y: 0,
+        ..base
+    };
     handle.launch(by_target::<T, I>(NLL_I32, NLL_I64), grid, block, 0, &nll)?;
     if reduction != Reduction::None {
         reduce_losses(
@@ -214,7 +218,11 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
             reduction == Reduction::Mean,
         )?;
     }
-    let bwd = UnfusedParams { x: lp, y: g, ..base };
+    let bwd = UnfusedParams {
+        x: lp,
+        y: g,
+        ..base
+    };
     handle.launch(by_target::<T, I>(BWD_I32, BWD_I64), grid, block, 0, &bwd)?;
     drop(own);
     Ok(())
