@@ -99,10 +99,11 @@ impl State {
 }
 
 /// The halving tree over `SLOTS` values: `h = SLOTS/2, …, 1`, value `i` takes value `i + h`.
-pub(crate) fn tree<V: Copy>(v: &mut [V; SLOTS], f: impl Fn(V, V) -> V) -> V {
+/// Values from `used` on are the identity and are skipped (see [`row_state`]).
+pub(crate) fn tree<V: Copy>(v: &mut [V; SLOTS], used: usize, f: impl Fn(V, V) -> V) -> V {
     let mut h = SLOTS / 2;
     while h >= 1 {
-        for i in 0..h {
+        for i in 0..h.min(used.saturating_sub(h)) {
             v[i] = f(v[i], v[i + h]);
         }
         h /= 2;
@@ -111,12 +112,18 @@ pub(crate) fn tree<V: Copy>(v: &mut [V; SLOTS], f: impl Fn(V, V) -> V) -> V {
 }
 
 /// The combined state of one row of logits (widened to f32), in the pinned order.
+///
+/// The kernel also combines the slots that got no group (rows shorter than `SLOTS` groups) with
+/// the others; those are `(-inf, 0, 0)`, and combining with them changes nothing the outputs
+/// see (`m` and `s` are kept exactly; `sx` can only turn `-0` into `+0`, and it is used only as
+/// `lse - sx / V` or `0 - sx / V`, equal for both zeros), so the reference skips them: short
+/// rows cost O(V), not O(SLOTS).
 pub(crate) fn row_state(x: &[f32]) -> State {
     let mut slots = [State::INIT; SLOTS];
     for (g, chunk) in x.chunks(GROUP).enumerate() {
         slots[g % SLOTS].absorb(chunk);
     }
-    tree(&mut slots, State::combine)
+    tree(&mut slots, x.len().div_ceil(GROUP), State::combine)
 }
 
 /// `(lse, loss)` of a valid row with target `t` (the kernel's per-row epilogue).
@@ -170,7 +177,7 @@ pub(crate) fn ordered_sum(values: &[f32]) -> f32 {
                 for (i, &v) in chunk.iter().enumerate() {
                     part[i % SLOTS] += v;
                 }
-                tree(&mut part, |a, b| a + b)
+                tree(&mut part, SLOTS, |a, b| a + b)
             })
             .collect();
         if next.len() == 1 {

@@ -7,6 +7,7 @@
 mod adamw;
 #[path = "../common/mod.rs"]
 mod common;
+mod cross_entropy;
 mod dropout_residual;
 mod global_norm;
 mod harness;
@@ -24,5 +25,6 @@ fn main() {
     trials.extend(global_norm::trials());
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
+    trials.extend(cross_entropy::trials());
     libtest_mimic::run(&args, trials).exit();
 }
