@@ -23,15 +23,7 @@
 // (cross_entropy_sum) with a fixed chunking and tree, no float atomics. The count of valid rows
 // for the mean is an integer (integer atomics are exact).
 #include "common/dtype.cuh"
-#if __has_include("common/fmath.cuh")
 #include "common/fmath.cuh"
-#define XENT_EXP(x) fr_exp(x)
-#define XENT_LOG(x) fr_log(x)
-#else
-// Until the shared bit-exact math lands: the device's own (the CPU side then differs by ulps).
-#define XENT_EXP(x) expf(x)
-#define XENT_LOG(x) logf(x)
-#endif
 
 using namespace fusedreg;
 
@@ -86,19 +78,19 @@ __device__ __forceinline__ void absorb(State& st, const float* x, int cnt) {
     float gm = x[0];
     for (int k = 1; k < cnt; ++k) gm = x[k] > gm ? x[k] : gm;
     if (gm > st.m) {
-        st.s = st.s * XENT_EXP(st.m - gm);  // exp(-inf) = 0 for the first finite group
+        st.s = st.s * fr_exp(st.m - gm);  // exp(-inf) = 0 for the first finite group
         st.m = gm;
     }
     if (st.m != neg_inf())  // all -inf so far: nothing to add, and -inf - -inf would be NaN
-        for (int k = 0; k < cnt; ++k) st.s = st.s + XENT_EXP(x[k] - st.m);
+        for (int k = 0; k < cnt; ++k) st.s = st.s + fr_exp(x[k] - st.m);
     for (int k = 0; k < cnt; ++k) st.sx = st.sx + x[k];
 }
 
 // cpu.rs: State::combine.
 __device__ __forceinline__ State combine(State a, State b) {
     const float m = b.m > a.m ? b.m : a.m;
-    const float sa = a.m == m ? a.s : a.s * XENT_EXP(a.m - m);
-    const float sb = b.m == m ? b.s : b.s * XENT_EXP(b.m - m);
+    const float sa = a.m == m ? a.s : a.s * fr_exp(a.m - m);
+    const float sb = b.m == m ? b.s : b.s * fr_exp(b.m - m);
     return State{m, sa + sb, a.sx + b.sx};
 }
 
@@ -167,7 +159,7 @@ __device__ __forceinline__ State pass1(const T* row, uint64_t V) {
 __device__ __forceinline__ void grad_group(const FusedParams& p, float* x, int cnt, uint64_t j0,
                                            uint64_t t, float lse, float zf, float scale) {
     for (int k = 0; k < cnt; ++k) {
-        float d = XENT_EXP(x[k] - lse) * zf - p.eps;
+        float d = fr_exp(x[k] - lse) * zf - p.eps;
         if (j0 + (uint64_t)k == t) d = d - p.conf;
         x[k] = d * scale;
     }
@@ -259,7 +251,7 @@ __device__ void fused(const FusedParams& p) {
         if (tid == 0) {
             // Read x[t] before the barrier below: in place, pass 2 overwrites it.
             const float xt = to_f32(row[t]);
-            const float lse = sh_m[0] + XENT_LOG(sh_s[0]);
+            const float lse = sh_m[0] + fr_log(sh_s[0]);
             float loss = 0.f;
             if (p.conf != 0.f) loss = p.conf * (lse - xt);
             if (p.alpha != 0.f) loss = loss + p.alpha * (lse - sh_x[0] / p.vocab_f);
@@ -376,7 +368,7 @@ __device__ void unfused_log_softmax(const UnfusedParams& p) {
     for (uint64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
         const T* row = x + r * V;
         const State st = block_state(pass1<false>(row, V), sm, ss, sx);
-        const float lse = st.m + XENT_LOG(st.s);
+        const float lse = st.m + fr_log(st.s);
         for (uint64_t j = threadIdx.x; j < V; j += SLOTS) y[r * V + j] = from_f32<T>(to_f32(row[j]) - lse);
         if (threadIdx.x == 0) reinterpret_cast<float*>(p.lse)[r] = lse;
     }
@@ -451,7 +443,7 @@ __device__ void unfused_backward(const UnfusedParams& p) {
         else if (p.flags & FLAG_UPSTREAM)
             scale = reinterpret_cast<const float*>(p.upstream)[r];
         for (uint64_t j = threadIdx.x; j < V; j += SLOTS) {
-            float d = XENT_EXP(to_f32(lp[r * V + j])) * zf - p.eps;
+            float d = fr_exp(to_f32(lp[r * V + j])) * zf - p.eps;
             if (j == (uint64_t)t) d = d - p.conf;
             g[r * V + j] = from_f32<T>(d * scale);
         }

@@ -8,6 +8,8 @@
 //!   its CPU reference and the unfused baseline.
 //! * [`cross_entropy`]: fused cross-entropy with label smoothing and z-loss, loss and gradient
 //!   in one kernel (gradient in place), its CPU reference and the unfused baseline.
+//! * [`fmath`]: bit-exact f32 `exp`, `ln`, `erf`, `tanh`, `sigmoid`, the same operations on the
+//!   CPU and in the kernels (`kernels/common/fmath.cuh`).
 //! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
 //!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
 //! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
@@ -37,6 +39,7 @@ pub mod cross_entropy;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;
+pub mod fmath;
 pub mod global_norm;
 pub mod mlp;
 pub mod multi_tensor;

@@ -35,6 +35,9 @@ kernels! {
         PhiloxFill = "philox_fill",
         PhiloxMaskWords = "philox_mask_words",
     }
+    "fmath" => {
+        FmathEval = "fmath_eval",
+    }
     "copy" => {
         CopyU128 = "copy_u128",
     }

@@ -9,6 +9,7 @@ mod adamw;
 mod common;
 mod cross_entropy;
 mod dropout_residual;
+mod fmath;
 mod global_norm;
 mod harness;
 mod mlp;
@@ -26,5 +27,6 @@ fn main() {
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
     trials.extend(cross_entropy::trials());
+    trials.extend(fmath::trials());
     libtest_mimic::run(&args, trials).exit();
 }
