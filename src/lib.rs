@@ -6,6 +6,8 @@
 //!
 //! * [`dropout_residual`]: fused bias + dropout + residual add (forward, backward, drop path),
 //!   its CPU reference and the unfused baseline.
+//! * [`cross_entropy`]: fused cross-entropy with label smoothing and z-loss, loss and gradient
+//!   in one kernel (gradient in place), its CPU reference and the unfused baseline.
 //! * [`fmath`]: bit-exact f32 `exp`, `ln`, `erf`, `tanh`, `sigmoid`, the same operations on the
 //!   CPU and in the kernels (`kernels/common/fmath.cuh`).
 //! * [`bias_act_dropout`]: fused bias + activation (GELU, GELU-tanh, SiLU, ReLU) + dropout, the
@@ -44,6 +46,7 @@ pub mod bias_act_dropout;
 pub mod dropout;
 pub mod dropout_add_norm;
 pub mod dropout_keying;
+pub mod cross_entropy;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;

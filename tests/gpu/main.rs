@@ -10,6 +10,7 @@ mod bad_input;
 mod common;
 mod dropout;
 mod dropout_add_norm;
+mod cross_entropy;
 mod dropout_residual;
 mod fmath;
 mod global_norm;
@@ -27,6 +28,7 @@ fn main() {
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
     trials.extend(bad_input::trials());
+    trials.extend(cross_entropy::trials());
     trials.extend(fmath::trials());
     trials.extend(dropout::trials());
     trials.extend(dropout_add_norm::trials());
