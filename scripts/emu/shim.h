@@ -50,8 +50,6 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 inline float emu_canon(float x) { if (x != x) { unsigned u = 0x7fffffffu; memcpy(&x, &u, 4); } return x; }
 inline float __fadd_rn(float a, float b) { return emu_canon(a + b); }
 inline float __fmul_rn(float a, float b) { return emu_canon(a * b); }
-inline float __fsub_rn(float a, float b) { return emu_canon(a - b); }
-inline float __fdiv_rn(float a, float b) { return emu_canon(a / b); }
 inline float __fmaf_rn(float a, float b, float c) { return emu_canon(std::fmaf(a, b, c)); }
 inline float __fsub_rn(float a, float b) { return emu_canon(a - b); }
 inline float __fdiv_rn(float a, float b) { return emu_canon(a / b); }
