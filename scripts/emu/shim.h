@@ -107,26 +107,6 @@ inline __nv_bfloat16 __float2bfloat16_rz(float x) {
     return b;
 }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
-// Round toward zero (cvt.rz): NaN -> the canonical NaN, infinities stay, finite values never
-// overflow to infinity, f32 subnormals flush to a signed zero (below half's range anyway).
-inline __nv_bfloat16 __float2bfloat16_rz(float x) {
-    const unsigned u = __float_as_uint(x);
-    __nv_bfloat16 b;
-    b.__x = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fff : (unsigned short)(u >> 16);
-    return b;
-}
-inline __half __float2half_rz(float x) {
-    const unsigned u = __float_as_uint(x), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    const int e = (int)(a >> 23) - 127;
-    unsigned h;
-    if (a > 0x7f800000u) h = 0x7fff;
-    else if (a == 0x7f800000u) h = sign | 0x7c00u;
-    else if (e > 15) h = sign | 0x7bffu;
-    else if (e >= -14) h = sign | ((unsigned)(e + 15) << 10) | ((a & 0x7fffffu) >> 13);
-    else if (e >= -25 && (a >> 23) != 0) h = sign | (((a & 0x7fffffu) | 0x800000u) >> (13 + (-14 - e)));
-    else h = sign;
-    return __ushort_as_half((unsigned short)h);
-}
 
 struct EmuBlock {
     explicit EmuBlock(unsigned n) : block_bar((std::ptrdiff_t)n), slots((n + 31) / 32) {
