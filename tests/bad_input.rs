@@ -22,8 +22,9 @@
 //!   finalize, norm_f64, scale}`, `norm_min_bytes`, `scale_min_bytes`.
 //! * `adamw` (section `engine`, kept apart: the engine branch changes this API):
 //!   `check_lr`, `AdamWConfig::validate`, `cpu::{CpuTensor::new, step, save_state,
-//!   restore_state, bias_corrections, pow_by_squaring}`, `state::{peek, decode}`, `min_bytes`,
-//!   `clip_step_min_bytes`, `unfused_clip_step_min_bytes`.
+//!   restore_state, bias_corrections, pow_by_squaring}`, `state::{peek, decode,
+//!   StateHeader::{total, encoded_len}}`, `multi_tensor::Layout::{new, chunks, num_chunks}`,
+//!   `min_bytes`, `clip_step_min_bytes`, `unfused_clip_step_min_bytes`.
 //! * `Dtype` conversions of non-finite values (`from_f32_rn` keeps NaN and infinities).
 
 use fusedreg::dropout_residual::{self as dr, cpu, Config, DropPath};
@@ -589,13 +590,31 @@ mod engine {
         let mut longer = bytes.clone();
         longer.push(0);
         refused("trailing byte", acpu::restore_state(&mut b, &longer));
-        // The magic is checked: a flip of any of its bytes is refused, the tensors untouched.
-        for i in 0..8 {
+        // Header (magic, version, dtype, flags, count) and lengths: a flip of any byte is
+        // refused, the tensors untouched.
+        for i in 0..24 + 8 * 3 {
             let mut bad = bytes.clone();
             bad[i] ^= 0x5a;
-            refused("magic", acpu::restore_state(&mut b, &bad));
+            refused(
+                &format!("header byte {i}"),
+                acpu::restore_state(&mut b, &bad),
+            );
         }
         assert_eq!(b, before, "a refused restore changed the tensors");
+        // Counts and lengths that would need absurd allocations are refused before allocating.
+        let mut huge = bytes.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        refused("count u64::MAX", state::peek(&huge));
+        refused("count u64::MAX", acpu::restore_state(&mut b, &huge));
+        let mut huge = bytes.clone();
+        huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        refused("length u64::MAX", acpu::restore_state(&mut b, &huge));
+        assert!(state::decode(&huge, &state::peek(&huge).unwrap()).is_err());
+        let absurd = state::StateHeader {
+            param_dtype: DtypeKind::Bf16,
+            lens: vec![u64::MAX; 3],
+        };
+        assert_eq!((absurd.total(), absurd.encoded_len()), (u64::MAX, u64::MAX)); // saturate
         for lens in [[5usize, 0, 69_999], [5, 1, 70_000], [0, 0, 70_000]] {
             let mut c: Vec<CpuTensor<f32, f32>> = lens
                 .iter()
@@ -613,6 +632,22 @@ mod engine {
             .map(|&n| CpuTensor::new(vec![half::bf16::ONE; n], vec![0.0; n], 0.0).unwrap())
             .collect();
         refused("dtype", acpu::restore_state(&mut h, &bytes));
+    }
+
+    /// The engine's chunk layout: no tensors, and lengths whose chunk counts overflow, are
+    /// refused; zero-size tensors own no chunk (documented).
+    #[test]
+    fn layout_refuses_empty_and_overflowing_lists() {
+        use fusedreg::multi_tensor::Layout;
+        refused("no tensors", Layout::new(&[]));
+        refused("u64::MAX elements", Layout::new(&[u64::MAX]));
+        refused("chunk count overflow", Layout::new(&[u64::MAX, u64::MAX]));
+        let l = Layout::new(&[0, 1, 0]).unwrap();
+        assert_eq!(
+            (l.num_tensors(), l.num_chunks(), l.total_elements()),
+            (3, 1, 1)
+        );
+        assert!(l.chunks(0).is_empty() && l.chunks(2).is_empty());
     }
 
     /// The bias-correction powers take any step count without overflow.
