@@ -19,7 +19,9 @@
 //!   `StochasticDepth::{new, plan, eval_plan, rates}`, `Plan::{runs, residual_scale, block,
 //!   running, skip_flags}`.
 //! * `global_norm`: `check_max_norm`, `check_loss_scale`, `cpu::{global_norm, partials, reduce,
-//!   finalize, norm_f64, scale}`, `norm_min_bytes`, `scale_min_bytes`.
+//!   norm_f64, scale}`, `norm_min_bytes`, `scale_min_bytes` (engine section). Not covered:
+//!   `cpu::finalize`, a building block that does not validate its scalars (the validating entry
+//!   point is `cpu::global_norm`); reported to the engine branch.
 //! * `adamw` (section `engine`, kept apart: the engine branch changes this API):
 //!   `check_lr`, `AdamWConfig::validate`, `cpu::{CpuTensor::new, step, save_state,
 //!   restore_state, bias_corrections, pow_by_squaring}`, `state::{peek, decode,
@@ -113,6 +115,26 @@ fn dropout_config_refuses_bad_scalars_and_overflowing_shapes() {
     let big = Config::flat(usize::MAX, 0.5, 1, 2).unwrap();
     assert_eq!(big.mask_words(), usize::MAX.div_ceil(32));
     let _ = big.keeps(u64::MAX); // any 64-bit index is keyed, no panic
+}
+
+/// A drop path keys any 64-bit row; a per-sample drop path with the largest sample size maps
+/// every row of a sample to one draw.
+#[test]
+fn drop_path_takes_every_row() {
+    let path = DropPath::new(0.5, 11)
+        .unwrap()
+        .per_sample(u32::MAX as usize)
+        .unwrap();
+    for row in [0, 1, u64::MAX - 1, u64::MAX] {
+        let s = path.row_scale(3, row);
+        assert!(s == 0.0 || s == 2.0, "row {row}: {s}");
+    }
+    assert_eq!(
+        path.row_scale(3, 0),
+        path.row_scale(3, u64::from(u32::MAX) - 1)
+    );
+    let cfg = Config::new(2, 3, 0.0, 1, 2).unwrap().with_drop_path(path);
+    assert_eq!(cfg.drop_path(), Some(path));
 }
 
 #[test]
@@ -442,6 +464,12 @@ fn global_norm_of_nothing_is_zero() {
         assert_eq!((v.sumsq, v.norm, v.coef, v.nonfinite), (0.0, 0.0, 1.0, 0));
     }
     assert_eq!(gn::reduce(&[]), 0.0);
+    refused("partials of no tensors", gn::partials::<f32>(&[]));
+    assert_eq!(
+        gn::partials::<f32>(&[&empty[..]]).unwrap(),
+        Vec::<f32>::new()
+    );
+    assert_eq!(gn::norm_f64::<f32>(&[]), 0.0);
     let mut none: [bf16; 0] = [];
     gn::scale(&mut none, 0.5);
 }
