@@ -19,11 +19,14 @@
 //!   `StochasticDepth::{new, plan, eval_plan, rates}`, `Plan::{runs, residual_scale, block,
 //!   running, skip_flags}`.
 //! * `global_norm`: `check_max_norm`, `check_loss_scale`, `cpu::{global_norm, partials, reduce,
-//!   finalize, norm_f64, scale}`, `norm_min_bytes`, `scale_min_bytes`.
+//!   norm_f64, scale}`, `norm_min_bytes`, `scale_min_bytes` (engine section). Not covered:
+//!   `cpu::finalize`, a building block that does not validate its scalars (the validating entry
+//!   point is `cpu::global_norm`); reported to the engine branch.
 //! * `adamw` (section `engine`, kept apart: the engine branch changes this API):
 //!   `check_lr`, `AdamWConfig::validate`, `cpu::{CpuTensor::new, step, save_state,
-//!   restore_state, bias_corrections, pow_by_squaring}`, `state::{peek, decode}`, `min_bytes`,
-//!   `clip_step_min_bytes`, `unfused_clip_step_min_bytes`.
+//!   restore_state, bias_corrections, pow_by_squaring}`, `state::{peek, decode,
+//!   StateHeader::{total, encoded_len}}`, `multi_tensor::Layout::{new, chunks, num_chunks}`,
+//!   `min_bytes`, `clip_step_min_bytes`, `unfused_clip_step_min_bytes`.
 //! * `Dtype` conversions of non-finite values (`from_f32_rn` keeps NaN and infinities).
 
 use fusedreg::dropout_residual::{self as dr, cpu, Config, DropPath};
@@ -112,6 +115,26 @@ fn dropout_config_refuses_bad_scalars_and_overflowing_shapes() {
     let big = Config::flat(usize::MAX, 0.5, 1, 2).unwrap();
     assert_eq!(big.mask_words(), usize::MAX.div_ceil(32));
     let _ = big.keeps(u64::MAX); // any 64-bit index is keyed, no panic
+}
+
+/// A drop path keys any 64-bit row; a per-sample drop path with the largest sample size maps
+/// every row of a sample to one draw.
+#[test]
+fn drop_path_takes_every_row() {
+    let path = DropPath::new(0.5, 11)
+        .unwrap()
+        .per_sample(u32::MAX as usize)
+        .unwrap();
+    for row in [0, 1, u64::MAX - 1, u64::MAX] {
+        let s = path.row_scale(3, row);
+        assert!(s == 0.0 || s == 2.0, "row {row}: {s}");
+    }
+    assert_eq!(
+        path.row_scale(3, 0),
+        path.row_scale(3, u64::from(u32::MAX) - 1)
+    );
+    let cfg = Config::new(2, 3, 0.0, 1, 2).unwrap().with_drop_path(path);
+    assert_eq!(cfg.drop_path(), Some(path));
 }
 
 #[test]
@@ -441,6 +464,12 @@ fn global_norm_of_nothing_is_zero() {
         assert_eq!((v.sumsq, v.norm, v.coef, v.nonfinite), (0.0, 0.0, 1.0, 0));
     }
     assert_eq!(gn::reduce(&[]), 0.0);
+    refused("partials of no tensors", gn::partials::<f32>(&[]));
+    assert_eq!(
+        gn::partials::<f32>(&[&empty[..]]).unwrap(),
+        Vec::<f32>::new()
+    );
+    assert_eq!(gn::norm_f64::<f32>(&[]), 0.0);
     let mut none: [bf16; 0] = [];
     gn::scale(&mut none, 0.5);
 }
@@ -589,13 +618,31 @@ mod engine {
         let mut longer = bytes.clone();
         longer.push(0);
         refused("trailing byte", acpu::restore_state(&mut b, &longer));
-        // The magic is checked: a flip of any of its bytes is refused, the tensors untouched.
-        for i in 0..8 {
+        // Header (magic, version, dtype, flags, count) and lengths: a flip of any byte is
+        // refused, the tensors untouched.
+        for i in 0..24 + 8 * 3 {
             let mut bad = bytes.clone();
             bad[i] ^= 0x5a;
-            refused("magic", acpu::restore_state(&mut b, &bad));
+            refused(
+                &format!("header byte {i}"),
+                acpu::restore_state(&mut b, &bad),
+            );
         }
         assert_eq!(b, before, "a refused restore changed the tensors");
+        // Counts and lengths that would need absurd allocations are refused before allocating.
+        let mut huge = bytes.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        refused("count u64::MAX", state::peek(&huge));
+        refused("count u64::MAX", acpu::restore_state(&mut b, &huge));
+        let mut huge = bytes.clone();
+        huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        refused("length u64::MAX", acpu::restore_state(&mut b, &huge));
+        assert!(state::decode(&huge, &state::peek(&huge).unwrap()).is_err());
+        let absurd = state::StateHeader {
+            param_dtype: DtypeKind::Bf16,
+            lens: vec![u64::MAX; 3],
+        };
+        assert_eq!((absurd.total(), absurd.encoded_len()), (u64::MAX, u64::MAX)); // saturate
         for lens in [[5usize, 0, 69_999], [5, 1, 70_000], [0, 0, 70_000]] {
             let mut c: Vec<CpuTensor<f32, f32>> = lens
                 .iter()
@@ -613,6 +660,22 @@ mod engine {
             .map(|&n| CpuTensor::new(vec![half::bf16::ONE; n], vec![0.0; n], 0.0).unwrap())
             .collect();
         refused("dtype", acpu::restore_state(&mut h, &bytes));
+    }
+
+    /// The engine's chunk layout: no tensors, and lengths whose chunk counts overflow, are
+    /// refused; zero-size tensors own no chunk (documented).
+    #[test]
+    fn layout_refuses_empty_and_overflowing_lists() {
+        use fusedreg::multi_tensor::Layout;
+        refused("no tensors", Layout::new(&[]));
+        refused("u64::MAX elements", Layout::new(&[u64::MAX]));
+        refused("chunk count overflow", Layout::new(&[u64::MAX, u64::MAX]));
+        let l = Layout::new(&[0, 1, 0]).unwrap();
+        assert_eq!(
+            (l.num_tensors(), l.num_chunks(), l.total_elements()),
+            (3, 1, 1)
+        );
+        assert!(l.chunks(0).is_empty() && l.chunks(2).is_empty());
     }
 
     /// The bias-correction powers take any step count without overflow.

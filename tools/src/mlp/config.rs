@@ -136,6 +136,10 @@ impl MlpConfig {
                 "blocks, hidden, tokens and batches must be > 0",
             ));
         }
+        if self.blocks > 1 << 20 {
+            // Stochastic depth's limit (plans are drawn per block), checked before allocating.
+            return Err(Error::invalid(op, "at most 2^20 blocks"));
+        }
         if self.hidden > i32::MAX as usize / self.tokens.max(self.hidden) {
             return Err(Error::invalid(
                 op,

@@ -17,16 +17,11 @@ use super::config::{Backend, DroppedParams, MlpConfig};
 use super::cpu_model::CpuMlp;
 use super::gpu_model::GpuMlp;
 use fusedreg::stochastic_depth::{Mode, Plan, Schedule, StochasticDepth};
-use fusedreg::{Handle, Result};
+use fusedreg::{Error, Handle, Result};
 
-/// The plan for `step` (every block runs without stochastic depth).
-pub(crate) fn plan_for(depth: &Option<StochasticDepth>, blocks: usize, step: u64) -> Plan {
-    match depth {
-        Some(sd) => sd.plan(step),
-        None => StochasticDepth::new(Schedule::Constant(0.0), blocks, 0, Mode::Batch)
-            .expect("a constant-0 schedule is valid")
-            .eval_plan(),
-    }
+/// The plan in which every block runs (the plan of every step without stochastic depth).
+fn every_block(blocks: usize) -> Result<Plan> {
+    Ok(StochasticDepth::new(Schedule::Constant(0.0), blocks, 0, Mode::Batch)?.eval_plan())
 }
 
 /// The dropout call id of block `l` at `step` (distinct for every pair).
@@ -55,6 +50,18 @@ pub fn train_step<B: Backend>(
     step: u64,
     want_loss: bool,
 ) -> Result<f64> {
+    if plan.blocks().len() != cfg.blocks || cfg.batches == 0 {
+        // A plan for another depth would silently run a different network.
+        return Err(Error::shape(
+            "mlp",
+            format!(
+                "a plan of {} blocks for a model of {} blocks ({} batches)",
+                plan.blocks().len(),
+                cfg.blocks,
+                cfg.batches
+            ),
+        ));
+    }
     let batch = (step % cfg.batches as u64) as usize;
     let scaled = cfg.depth.is_some();
     model.begin(batch)?;
@@ -104,6 +111,7 @@ pub struct Trainer<B: Backend> {
     /// The configuration it was built with.
     pub config: MlpConfig,
     depth: Option<StochasticDepth>,
+    every_block: Plan,
     step: u64,
 }
 
@@ -122,7 +130,10 @@ impl<B: Backend> Trainer<B> {
     /// assert_eq!(t.next_plan().step(), 1);
     /// ```
     pub fn next_plan(&self) -> Plan {
-        plan_for(&self.depth, self.config.blocks, self.step)
+        match &self.depth {
+            Some(sd) => sd.plan(self.step),
+            None => self.every_block.clone(),
+        }
     }
 
     /// Runs one step; returns the loss when `want_loss`.
@@ -178,6 +189,7 @@ impl Trainer<CpuMlp> {
         Ok(Trainer {
             model: CpuMlp::new(&config)?,
             depth: config.depth()?,
+            every_block: every_block(config.blocks)?,
             config,
             step: 0,
         })
@@ -205,6 +217,7 @@ impl Trainer<GpuMlp> {
         Ok(Trainer {
             model: GpuMlp::new(handle, &config)?,
             depth: config.depth()?,
+            every_block: every_block(config.blocks)?,
             config,
             step: 0,
         })
