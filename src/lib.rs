@@ -43,10 +43,10 @@
 
 pub mod adamw;
 pub mod bias_act_dropout;
+pub mod cross_entropy;
 pub mod dropout;
 pub mod dropout_add_norm;
 pub mod dropout_keying;
-pub mod cross_entropy;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;

@@ -73,16 +73,6 @@ kernels! {
     "fmath" => {
         FmathEval = "fmath_eval",
     }
-    "copy" => {
-        CopyU128 = "copy_u128",
-    }
-    "mlp" => {
-        MlpBiasGeluFwdF32 = "mlp_bias_gelu_fwd_f32",
-        MlpBiasGeluBwdF32 = "mlp_bias_gelu_bwd_f32",
-        MlpColsumPartialF32 = "mlp_colsum_partial_f32",
-        MlpColsumFinalF32 = "mlp_colsum_final_f32",
-        MlpMseGradF32 = "mlp_mse_grad_f32",
-    }
     "adamw" => {
         AdamwPf32Gf32 = "adamw_pf32_gf32",
         AdamwPf32Gf16 = "adamw_pf32_gf16",
@@ -214,6 +204,7 @@ kernels! {
         DropoutUnfusedColSumF32 = "dropout_unfused_col_sum_f32",
         DropoutUnfusedColSumF16 = "dropout_unfused_col_sum_f16",
         DropoutUnfusedColSumBf16 = "dropout_unfused_col_sum_bf16",
+    }
     "dropout_add_norm" => {
         DropoutAddNormFwdF32 = "dropout_add_norm_fwd_f32",
         DropoutAddNormFwdF16 = "dropout_add_norm_fwd_f16",

@@ -18,7 +18,7 @@ use crate::common::bits_eq;
 use crate::harness::trials_of;
 
 pub fn trials() -> Vec<Trial> {
-    let mut t = trials_of(
+    trials_of(
         "bad_input",
         &[
             ("dropout_length_mismatches_are_refused", dropout_lengths),
@@ -29,17 +29,12 @@ pub fn trials() -> Vec<Trial> {
             ),
             ("mask_words_past_2_64_are_refused", mask_words_overflow),
             ("engine_bad_scalars_are_refused", engine_scalars),
+            (
+                "engine_copy_to_host_async_empty_pinned_buffer",
+                engine_empty_pinned,
+            ),
         ],
-    );
-    // Issue 17 item 6 belongs to the engine branch: listed, ignored until it is merged.
-    t.push(
-        crate::harness::gpu_trial(
-            "bad_input::engine_copy_to_host_async_empty_pinned_buffer",
-            engine_empty_pinned,
-        )
-        .with_ignored_flag(true),
-    );
-    t
+    )
 }
 
 fn e(x: impl std::fmt::Display) -> String {
@@ -215,7 +210,10 @@ fn engine_scalars(h: &Handle) -> Result<(), String> {
     }
     // Weight decay is the optimizer's, per tensor: non-finite or negative values are refused.
     for wd in [f32::NAN, f32::INFINITY, -1.0] {
-        refused("weight decay", AdamW::new(&set, AdamWConfig::default(), &[wd]))?;
+        refused(
+            "weight decay",
+            AdamW::new(&set, AdamWConfig::default(), &[wd]),
+        )?;
     }
     refused(
         "weight decay count",

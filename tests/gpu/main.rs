@@ -8,9 +8,9 @@ mod adamw;
 mod bad_input;
 #[path = "../common/mod.rs"]
 mod common;
+mod cross_entropy;
 mod dropout;
 mod dropout_add_norm;
-mod cross_entropy;
 mod dropout_residual;
 mod fmath;
 mod global_norm;
