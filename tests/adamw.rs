@@ -622,9 +622,9 @@ fn byte_counts_saturate() {
             }
         }
         for g in [F32, F16, Bf16] {
-            let want = n.saturating_mul(g.size() as u64);
+            let want = u64::try_from(u128::from(n) * g.size() as u128).unwrap_or(u64::MAX);
             assert_eq!(norm_min_bytes(n, g), want);
-            let want = n.saturating_mul(2 * g.size() as u64);
+            let want = u64::try_from(u128::from(n) * 2 * g.size() as u128).unwrap_or(u64::MAX);
             assert_eq!(scale_min_bytes(n, g), want);
         }
     }

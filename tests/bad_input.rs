@@ -641,6 +641,7 @@ mod engine {
         let absurd = state::StateHeader {
             param_dtype: DtypeKind::Bf16,
             lens: vec![u64::MAX; 3],
+            options: Default::default(),
         };
         assert_eq!((absurd.total(), absurd.encoded_len()), (u64::MAX, u64::MAX)); // saturate
         for lens in [[5usize, 0, 69_999], [5, 1, 70_000], [0, 0, 70_000]] {

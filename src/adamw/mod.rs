@@ -48,17 +48,45 @@
 //!
 //! | params | grads | master | m, v |
 //! | --- | --- | --- | --- |
-//! | f32 | f32, f16 or bf16 | none (updated in place) | f32 |
-//! | f16 or bf16 | f32, f16 or bf16 | f32, owned by the set | f32 |
+//! | f32 | f32, f16 or bf16 | none (updated in place) | f32 or bf16 |
+//! | f16 or bf16 | f32, f16 or bf16 | f32 (default) or none | f32 or bf16 |
 //!
-//! Kernels `adamw_p<dt>_g<dt>` exist for all nine pairs. With 16-bit parameters the f32 master
-//! weights are the truth: the kernel reads the master (not the parameter), updates it and writes
-//! the parameter as its rounded copy: to nearest even ([`Rounding::NearestEven`], the default)
-//! or stochastically ([`Rounding::Stochastic`]): the 32-bit word
+//! Kernels `adamw_p<dt>_g<dt>` exist for all nine pairs, in four families by state layout
+//! (suffix none, `_mbf16`, `_nomaster`, `_mbf16_nomaster`; see [`StateOptions`]). With 16-bit
+//! parameters and f32 master weights, the master is the truth: the kernel reads the master (not
+//! the parameter), updates it and writes the parameter as its rounded copy. Without master
+//! weights the kernel reads the 16-bit parameter, widens it exactly, updates it in f32 and writes
+//! it back rounded. Either way the rounding is to nearest even ([`Rounding::NearestEven`], the
+//! default) or stochastic ([`Rounding::Stochastic`]): the 32-bit word
 //! `philox::mask_word(seed, call, i)` for element `i` of tensor `k` at its step `t`, with
 //! `call = (t << 32) | k` ([`cpu::rounding_call`]), rounds up to the next 16-bit value with
 //! probability `|x - lo| / ulp` (quantised to 2^-32; see [`cpu::round_stochastic`]): unbiased,
 //! deterministic for a given seed and step, identical on CPU and GPU.
+//!
+//! # Lean state ([`StateOptions`] in [`AdamWConfig::state`])
+//!
+//! * **bf16 moments** ([`MomentDtype::Bf16`]): `m` and `v` are stored as bf16. Where the
+//!   rounding happens is pinned: the stored bf16 values are widened exactly to f32, the whole
+//!   update above runs in f32 unchanged (the parameter update uses the f32 `m` and `v` of this
+//!   step), and only then are `m` and `v` rounded to bf16, nearest even, for storage. So a
+//!   bf16-moment step equals the f32-moment step from the same moments followed by rounding the
+//!   stored moments (tested on the CPU and the GPU bit for bit).
+//! * **No master weights** ([`MasterWeights::None`], 16-bit parameters): llm.c's scheme; use it
+//!   with [`Rounding::Stochastic`] (updates below half an ulp survive on average; with nearest
+//!   even they are lost).
+//!
+//! Bytes per parameter and step ([`min_bytes_with`]), and resident state
+//! ([`state_bytes_per_param`], moments plus master, parameters and gradients not counted):
+//!
+//! | params | grads | moments | master | step bytes | state bytes |
+//! | --- | --- | --- | --- | --- | --- |
+//! | f32 | f32 | f32 | — | 28 | 8 |
+//! | f32 | f32 | bf16 | — | 20 | 4 |
+//! | bf16 | bf16 | f32 | f32 (default) | 28 | 12 |
+//! | bf16 | bf16 | bf16 | f32 | 20 | 8 |
+//! | bf16 | bf16 | f32 | none | 22 | 8 |
+//! | bf16 | bf16 | bf16 | none | **14** (PyTorch's fused AdamW on bf16 params) | 4 |
+//! | bf16 | f32 | bf16 | none | 16 | 4 |
 //!
 //! # State
 //!
@@ -80,16 +108,18 @@
 //! counter would restart at `t = 0`, where `1 - b^0 = 0` and every parameter becomes NaN.)
 //!
 //! [`AdamW::save_state`] / [`AdamW::restore_state`] write and read the state as bytes
-//! (little-endian, version 1):
+//! (little-endian, version 2; see [`state`]):
 //!
 //! ```text
 //! magic "FRADAMW\0" | u32 version | u8 param dtype (0 f32, 1 f16, 2 bf16) | u8 has master |
-//! u16 0 | u64 tensor count T | u64 len[T] | u32 step[T] | f32 m[sum len] | f32 v[sum len] |
-//! f32 master[sum len] (16-bit params only)
+//! u8 moment dtype (0 f32, 2 bf16) | u8 0 | u64 tensor count T | u64 len[T] | u32 step[T] |
+//! m[sum len] | v[sum len] (f32, or bf16 bits) | f32 master[sum len] (when it has one)
 //! ```
 //!
-//! Restoring checks the magic, version, dtype, tensor count and every length (an [`Error`]
-//! naming the first difference), and training resumes bit for bit. [`cpu::save_state`] and
+//! Version 1 (before the lean layouts: byte 14 was reserved and 0, master weights exactly for
+//! 16-bit parameters) still restores into an optimizer with the default layout. Restoring checks
+//! the magic, version, dtype, layout, tensor count and every length (an [`Error`] naming the
+//! first difference), and training resumes bit for bit. [`cpu::save_state`] and
 //! [`cpu::restore_state`] use the same format.
 //!
 //! # Device-side scalars: no host sync, CUDA-graph friendly

@@ -231,7 +231,7 @@ fn parse(bytes: &[u8]) -> Result<(StateHeader, usize)> {
     if bytes[..8] != MAGIC {
         return Err(Error::invalid(
             OP,
-            "not a fusedreg AdamW state (bad magic): pass the bytes TensorSet::save_state wrote",
+            "not a fusedreg AdamW state (bad magic): pass the bytes AdamW::save_state wrote",
         ));
     }
     let version = u32_at(bytes, 8);
