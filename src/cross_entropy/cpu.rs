@@ -1,7 +1,7 @@
 //! The CPU reference: the same operations in the same order as `kernels/cross_entropy.cu` (see
 //! the [module docs](super) for the pinned arithmetic), so the kernels match it bit for bit.
 //! Targets are checked here: a target outside `[0, V)` that is not the ignore index is an
-//! [`Error`](crate::Error).
+//! [`Error`].
 //!
 //! ```
 //! use fusedreg::cross_entropy::{cpu, Config, Reduction};
@@ -309,8 +309,8 @@ impl<T> LogitsRows<T> for Exclusive<'_, T> {
 
 /// Loss only (no gradient).
 ///
-/// Errors: [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) for lengths that disagree with
-/// the config; [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a target outside
+/// Errors: [`Error::ShapeMismatch`] for lengths that disagree with
+/// the config; [`Error::InvalidArgument`] for a target outside
 /// `[0, V)` that is not the ignore index.
 ///
 /// # Examples
