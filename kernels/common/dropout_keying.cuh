@@ -34,9 +34,13 @@
 //                                            instantiate the backward / baseline under the op's
 //                                            stem (bottom of this file)
 // A params struct P used with row_scale / stage_rows / rows_keep_bits has the fields
-//   seed, call, threshold, base, cols, scale (the dropout), rowscale (const float*, or null),
-//   path_call, path_threshold, path_scale, rows_per_sample (the generated drop path; used when
-//   rowscale is null and the op set FLAG_DROP_PATH).
+//   seed, call, threshold, base, cols, scale, flags (the dropout), rowscale (const float*, or
+//   null), path_call, path_threshold, path_scale, rows_per_sample (the generated drop path; used
+//   when rowscale is null and the op set FLAG_DROP_PATH).
+// A new op's forward: take the tile / slab / RS_CHUNK / UNROLL loop of kernels/dropout.cu (fwd and
+// fwd_rows, ~100 lines) and replace the per-element math; its host side fills the params with
+// dropout_keying::gpu (segments, geometry, row_scale_fields, resolution_flag). An op whose
+// backward is m * dy instantiates FUSEDREG_DROPOUT_BWD_KERNELS and calls gpu::backward.
 // Launch shape (host: src/dropout_keying/gpu.rs): grid.x column tiles of blockDim.x threads x V
 // columns, grid.y row slabs of slab_rows rows; blockDim.x a multiple of 32, at most MAX_BLOCK.
 #pragma once
@@ -50,7 +54,8 @@ constexpr uint64_t THRESHOLD_ALL = 1ull << 32;  // p = 1: every element is dropp
 constexpr uint32_t FLAG_DROP_PATH = 1u;  // generate the row scale from Philox under path_call
 constexpr uint32_t FLAG_UNROLL = 2u;     // unroll the row loop by UNROLL (launch tuning)
 // 16-bit keying (MaskResolution::Bits16 on the host): threshold is in 0 ..= 2^16 and one Philox
-// block keys 8 elements (see keep_bits16). Op-specific flags start at 16.
+// block keys 8 elements (see keep_bits16). Op-specific flags: 4 (dropout_residual's in place)
+// and 16 upwards.
 constexpr uint32_t FLAG_KEY16 = 8u;
 constexpr uint64_t THRESHOLD16_ALL = 1ull << 16;  // p = 1 under 16-bit keying
 constexpr int UNROLL = 4;       // rows whose loads are all issued before any of their math

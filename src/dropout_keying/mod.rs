@@ -11,21 +11,29 @@
 //! the vector width, the alignment and the GPU. p = 0 and p = 1 are exact (no generator work); the
 //! probability applied is [`DropRate::effective_p`]. Kept elements are scaled by
 //! [`DropRate::scale`], times the row scale when there is one (caller's or a [`DropPath`]).
+//! Under [`MaskResolution::Bits16`] element `i` takes halfword `i % 8` of Philox block `i / 8`
+//! instead, compared with `round(p * 2^16)` ([`Config::effective_p`] states the probability).
 //!
 //! # What a new dropping op uses
 //!
-//! Public (its API re-exports them): [`DropRate`], [`Keying`] (seed, call, rate: `keeps(i)`,
-//! [`KeepBits`] for a CPU loop that evaluates each Philox block once), [`DropPath`],
+//! Public (its API re-exports them): [`Config`] (shape, rate, seed, call, optional [`DropPath`],
+//! [`MaskResolution`]), [`ForwardOptions`] / [`BackwardOptions`] (GPU) and
+//! [`CpuForwardOptions`] / [`CpuBackwardOptions`] (the optional buffers: bias, row scale, 1-bit
+//! mask, generated row scale, dbias, workspace), [`DropRate`], [`Keying`] (seed, call, rate,
+//! resolution: `keeps(i)`, [`KeepBits`] for a CPU loop that evaluates each Philox block once),
 //! [`mask_words`] / [`mask_bit`] / [`set_mask_bit`] (the 1-bit mask layout: bit `b` of word `w`
 //! is element `32 w + b`, padding bits zero), [`slab_rows`] / [`slab_count`] (the dbias
 //! partition), [`Workspace`] (reusable dbias partials), `LaunchTuning` (hidden, for tests).
 //!
-//! Crate-internal: `row_scales` / `row_multiplier` (CPU row scale), `backward_cpu` (the CPU
-//! reference of the shared backward, `dx = m != 0 ? T(dy * m) : 0` with dbias), and in `gpu`:
-//! `segments` / `geometry` / `Slabs` / `aligned16` (launch geometry), `row_scale_fields`,
-//! `launch_backward` (the whole GPU backward of an op whose gradient is `m * dy`, given its
-//! kernel families), `finish_dbias`; in `unfused`: the eager baseline's kernels (bias add,
-//! dropout with a byte mask, masked scale, column sum) and their CPU mirrors.
+//! Crate-internal: `check_forward` / `check_backward` (buffer lengths and option conflicts, as
+//! `Error`s naming the op), `Config::require_bits32` (for ops without 16-bit kernels),
+//! `row_scales` / `row_multiplier` (CPU row scale), `backward_cpu` (the CPU reference of the
+//! shared backward, `dx = m != 0 ? T(dy * m) : 0` with dbias); in `gpu`: `segments` /
+//! `geometry` / `Slabs` / `aligned16` (launch geometry), `row_scale_fields`,
+//! `resolution_flag`, `zero_mask`, `backward` (the whole GPU backward of an op whose gradient
+//! is `m * dy`, given its kernel families), `launch_backward`, `finish_dbias`; in `unfused`:
+//! the eager baseline's launches (bias add, dropout with a byte mask, masked scale, column sum)
+//! and their CPU mirrors. The device side of each is named in the header's top comment.
 //!
 //! ```
 //! use fusedreg::dropout_keying::{mask_bit, mask_words, set_mask_bit, Keying};
