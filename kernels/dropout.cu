@@ -35,7 +35,7 @@ template <typename T> struct FwdParams {
     uint64_t path_call, path_threshold;
     uint64_t base;            // flat index of element 0 of this launch (RNG keying only)
     float scale, path_scale;  // DropRate::scale() of p and of p_path
-    uint32_t flags;           // FLAG_DROP_PATH, FLAG_UNROLL
+    uint32_t flags;           // FLAG_DROP_PATH, FLAG_UNROLL, FLAG_KEY16
     uint32_t rows_per_sample;  // drop path: rows sharing one draw (>= 1)
 };
 
@@ -68,7 +68,7 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T>& p, uint64_t row, ui
             for (int u = 0; u < U; ++u) store_pack<T, V>(p.y + (row + u) * p.cols + c0, zero, cnt);
         }
         if (p.mask != nullptr) {
-            const uint32_t bits = active ? rows_keep_bits<V, U>(p, row, c0, cnt, nullptr, true) : 0u;
+            const uint32_t bits = active ? rows_keep_bits<V, U, true>(p, row, c0, cnt, nullptr, true) : 0u;
 #pragma unroll
             for (int u = 0; u < U; ++u)
                 write_bits<V>(p.mask, (row + u) * p.cols + c0, (bits >> (u * V)) & ((1u << V) - 1u), active);
@@ -80,7 +80,7 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T>& p, uint64_t row, ui
 #pragma unroll
         for (int u = 0; u < U; ++u) xv[u] = load_pack<T, V>(p.x + (row + u) * p.cols + c0, cnt);
     }
-    const uint32_t bits = active ? rows_keep_bits<V, U>(p, row, c0, cnt, rowm_smem, p.mask != nullptr) : 0u;
+    const uint32_t bits = active ? rows_keep_bits<V, U, true>(p, row, c0, cnt, rowm_smem, p.mask != nullptr) : 0u;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const uint64_t i = (row + u) * p.cols + c0;
@@ -156,7 +156,7 @@ DO_CHECK_SIZES(__nv_bfloat16)
         const dropout::FwdParams<T> p) {                                                             \
         dropout::fwd<T, 1>(p);                                                                       \
     }                                                                                                \
-    FUSEDREG_DROPOUT_BWD_KERNELS(dropout, T, S)                                                      \
+    FUSEDREG_DROPOUT_BWD_KERNELS(dropout, T, S, true)                                                    \
     FUSEDREG_DROPOUT_UNFUSED_KERNELS(dropout, T, S)
 
 FUSEDREG_FOR_EACH_DTYPE(DO_KERNELS)

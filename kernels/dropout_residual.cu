@@ -211,7 +211,7 @@ DR_CHECK_SIZES(__nv_bfloat16)
         const FwdParams<T> p) {                                                                        \
         fwd<T, 1>(p);                                                                                  \
     }                                                                                                  \
-    FUSEDREG_DROPOUT_BWD_KERNELS(dropout_residual, T, S)                                              \
+    FUSEDREG_DROPOUT_BWD_KERNELS(dropout_residual, T, S, false)                                            \
     FUSEDREG_DROPOUT_UNFUSED_KERNELS(dropout_residual, T, S)                                          \
     extern "C" __global__ void __launch_bounds__(MAX_BLOCK) dropout_residual_unfused_add_##S(          \
         const UnfusedAddParams<T> p) {                                                                 \

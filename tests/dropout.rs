@@ -595,3 +595,103 @@ fn unfused_mirror_matches_the_fused_reference() {
     }
     for_each_dtype!(go);
 }
+
+/// 16-bit keying: element i takes halfword i % 8 of Philox block i / 8; p = 0 and p = 1 exact;
+/// the applied probability is round(p * 2^16) / 2^16 and the drop rate is within a binomial
+/// bound of it; forward and backward agree; only the dropout op offers it.
+#[test]
+fn sixteen_bit_keying() {
+    use fusedreg::dropout::MaskResolution::Bits16;
+    use fusedreg::philox::block;
+    fn go<T: Dtype>() {
+        let mut g = rng(11);
+        let (rows, cols) = (41, 333);
+        let n = rows * cols;
+        let cfg = Config::new(rows, cols, 0.3, 0xfeed, 77)
+            .unwrap()
+            .with_resolution(Bits16);
+        assert_eq!(cfg.effective_p(), (0.3f64 * 65536.0).round() / 65536.0);
+        let x = uniform::<T>(&mut g, n, -2.0, 2.0);
+        let (y, mask) = fwd(&cfg, &x, None);
+        let t = (0.3f64 * 65536.0).round() as u32;
+        for i in 0..n {
+            let w = block(0xfeed, 77, (i / 8) as u64)[(i % 8) / 2];
+            let h = if i % 2 == 1 { w >> 16 } else { w & 0xffff };
+            assert_eq!(mask_bit(&mask, i), h >= t, "halfword keying of element {i}");
+            assert_eq!(cfg.keeps(i as u64), h >= t, "Config::keeps {i}");
+            let want = if h >= t {
+                T::from_f32_rn(x[i].to_f32() * cfg.rate().scale())
+            } else {
+                T::from_f32_rn(0.0)
+            };
+            assert_eq!(y[i].to_f32().to_bits(), want.to_f32().to_bits(), "y[{i}]");
+        }
+        let (dx, db) = bwd(&cfg, &x, None, true);
+        check(bits_eq("16-bit dx(dy = x) vs y", &dx, &y));
+        let (dx_m, db_m) = bwd(&cfg, &x, Some(&mask), true);
+        check(bits_eq("16-bit dx from the bitmask", &dx_m, &dx));
+        check(bits_eq("16-bit dbias from the bitmask", &db_m, &db));
+        for p in [0.0, 1.0] {
+            let c = Config::flat(4099, p, 1, 2).unwrap().with_resolution(Bits16);
+            let (y, mask) = fwd(&c, &x[..4099], None);
+            if p == 0.0 {
+                check(bits_eq("16-bit p = 0", &y, &x[..4099]));
+                assert!((0..4099).all(|i| mask_bit(&mask, i)), "p = 0 dropped");
+            } else {
+                assert!(y.iter().all(|v| v.to_f32().to_bits() == 0), "p = 1 kept");
+                assert!(mask.iter().all(|&w| w == 0), "p = 1 mask");
+            }
+        }
+    }
+    for_each_dtype!(go);
+
+    // Drop rate and length independence.
+    let n = 1 << 20;
+    let x = vec![1.0f32; n];
+    for (k, p) in [1.0 / 256.0, 0.1, 0.5].into_iter().enumerate() {
+        let cfg = Config::flat(n, p, 0x5eed, 300 + k as u64)
+            .unwrap()
+            .with_resolution(Bits16);
+        let (_, mask) = fwd(&cfg, &x, None);
+        let kept: u64 = mask.iter().map(|w| u64::from(w.count_ones())).sum();
+        let dropped = (n as u64 - kept) as f64;
+        let pe = cfg.effective_p();
+        assert!((pe - p).abs() <= 2f64.powi(-17), "applied p {pe} vs {p}");
+        let sigma = (n as f64 * pe * (1.0 - pe)).sqrt();
+        assert!(
+            (dropped - n as f64 * pe).abs() <= 5.0 * sigma,
+            "16-bit p = {p}: dropped {dropped}"
+        );
+        let short = Config::flat(5003, p, 0x5eed, 300 + k as u64)
+            .unwrap()
+            .with_resolution(Bits16);
+        let (_, ms) = fwd(&short, &x[..5003], None);
+        assert!(
+            (0..5003).all(|i| mask_bit(&ms, i) == mask_bit(&mask, i)),
+            "length changed the mask"
+        );
+    }
+
+    // The ops without 16-bit kernels refuse it (never a wrong mask).
+    let cfg = Config::new(2, 8, 0.5, 1, 2)
+        .unwrap()
+        .with_resolution(Bits16);
+    let v = [1.0f32; 16];
+    let mut out = [0.0f32; 16];
+    let r = fusedreg::dropout_residual::cpu::forward(&cfg, &v, &v, &mut out, Default::default());
+    assert!(
+        matches!(r, Err(Error::InvalidArgument { .. })),
+        "dropout_residual: {r:?}"
+    );
+    let r = fusedreg::dropout_residual::cpu::backward(&cfg, &v, &mut out, Default::default());
+    assert!(
+        matches!(r, Err(Error::InvalidArgument { .. })),
+        "dropout_residual bwd: {r:?}"
+    );
+    let mut bytes = [0u8; 16];
+    let r = unfused::forward_cpu(&cfg, &v, None, &mut out, &mut bytes);
+    assert!(
+        matches!(r, Err(Error::InvalidArgument { .. })),
+        "unfused: {r:?}"
+    );
+}

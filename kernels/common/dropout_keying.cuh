@@ -13,6 +13,9 @@
 // # What a new dropping op calls (namespace fusedreg::drop)
 //   keep_bits<V>(seed, call, threshold, i)   V = 1, 4 or 8 keep bits of elements i .. i+V-1 (i a
 //                                            multiple of V for V > 1): bit k = element i+k kept
+//   keep_bits16<V>(...), keep_bits_of<V>(p, i)
+//                                            the same under 16-bit keying (8 elements per Philox
+//                                            block), and the one p.flags & FLAG_KEY16 selects
 //   read_bits<V>(mask, i)                    the same bits from a 1-bit mask
 //   write_bits<V>(mask, i, bits, active)     writes them; called by EVERY lane of the warp (see
 //                                            its comment for the V = 4 / V = 1 rules)
@@ -20,20 +23,24 @@
 //   row_scale(p, row), stage_rows(p, s_rowm, r0, r1, out, write_out)
 //                                            the row multiplier rowm = scale * rowscale of up to
 //                                            RS_CHUNK rows into shared memory (block-uniform)
-//   rows_keep_bits<V, U>(p, row, c0, cnt, rowm_smem, need_all, stride)
+//   rows_keep_bits<V, U, K16>(p, row, c0, cnt, rowm_smem, need_all, stride)
 //                                            keep bits of U rows of one column group
-//   dropout_bwd<T, V>(DropoutBwdParams<T>)   the whole backward dx = m != 0 ? T(dy * m) : 0 with
+//   dropout_bwd<T, V, K16>(DropoutBwdParams<T>) the whole backward dx = m != 0 ? T(dy * m) : 0 with
 //                                            optional dbias partials (slab / lane scheme), then
 //   dbias_finish<T>(DbiasParams<T>)          the ordered sum of the partials
 //   unfused_*                                the eager baseline: bias add, dropout writing a byte
 //                                            mask, masked scale, column sum, flat_loop
-//   FUSEDREG_DROPOUT_BWD_KERNELS(stem, T, S), FUSEDREG_DROPOUT_UNFUSED_KERNELS(stem, T, S)
+//   FUSEDREG_DROPOUT_BWD_KERNELS(stem, T, S, K16), FUSEDREG_DROPOUT_UNFUSED_KERNELS(stem, T, S)
 //                                            instantiate the backward / baseline under the op's
 //                                            stem (bottom of this file)
 // A params struct P used with row_scale / stage_rows / rows_keep_bits has the fields
-//   seed, call, threshold, base, cols, scale (the dropout), rowscale (const float*, or null),
-//   path_call, path_threshold, path_scale, rows_per_sample (the generated drop path; used when
-//   rowscale is null and the op set FLAG_DROP_PATH).
+//   seed, call, threshold, base, cols, scale, flags (the dropout), rowscale (const float*, or
+//   null), path_call, path_threshold, path_scale, rows_per_sample (the generated drop path; used
+//   when rowscale is null and the op set FLAG_DROP_PATH).
+// A new op's forward: take the tile / slab / RS_CHUNK / UNROLL loop of kernels/dropout.cu (fwd and
+// fwd_rows, ~100 lines) and replace the per-element math; its host side fills the params with
+// dropout_keying::gpu (segments, geometry, row_scale_fields, resolution_flag). An op whose
+// backward is m * dy instantiates FUSEDREG_DROPOUT_BWD_KERNELS and calls gpu::backward.
 // Launch shape (host: src/dropout_keying/gpu.rs): grid.x column tiles of blockDim.x threads x V
 // columns, grid.y row slabs of slab_rows rows; blockDim.x a multiple of 32, at most MAX_BLOCK.
 #pragma once
@@ -46,6 +53,11 @@ namespace drop {
 constexpr uint64_t THRESHOLD_ALL = 1ull << 32;  // p = 1: every element is dropped
 constexpr uint32_t FLAG_DROP_PATH = 1u;  // generate the row scale from Philox under path_call
 constexpr uint32_t FLAG_UNROLL = 2u;     // unroll the row loop by UNROLL (launch tuning)
+// 16-bit keying (MaskResolution::Bits16 on the host): threshold is in 0 ..= 2^16 and one Philox
+// block keys 8 elements (see keep_bits16). Op-specific flags: 4 (dropout_residual's in place)
+// and 16 upwards.
+constexpr uint32_t FLAG_KEY16 = 8u;
+constexpr uint64_t THRESHOLD16_ALL = 1ull << 16;  // p = 1 under 16-bit keying
 constexpr int UNROLL = 4;       // rows whose loads are all issued before any of their math
 constexpr int RS_CHUNK = 256;   // row multipliers staged in shared memory at a time
 constexpr int MAX_BLOCK = 256;  // launch bound; the host refuses larger blocks
@@ -77,6 +89,42 @@ __device__ __forceinline__ uint32_t keep_bits(uint64_t seed, uint64_t call, uint
         }
         return bits;
     }
+}
+
+// Keep bits of elements i .. i+V-1 under 16-bit keying: element i takes halfword i % 8 of
+// Philox block i / 8 (halfword k = word k / 2, low half for even k), dropped when it is below
+// threshold (0 ..= 2^16; the drop probability is quantised to 2^-16). One Philox evaluation keys
+// 8 elements: a 16-bit type's 16-byte vector needs one instead of two. i is a multiple of V.
+template <int V>
+__device__ __forceinline__ uint32_t keep_bits16(uint64_t seed, uint64_t call, uint64_t threshold,
+                                                uint64_t i) {
+    if (threshold == 0) return (1u << V) - 1u;
+    if (threshold >= THRESHOLD16_ALL) return 0u;
+    const uint32_t t = (uint32_t)threshold;
+    const uint4 w = philox_block(seed, call, i >> 3);
+    if constexpr (V == 1) {
+        const uint32_t word = philox_word(w, (uint32_t)(i & 7) >> 1);
+        return ((i & 1) ? word >> 16 : word & 0xffffu) >= t ? 1u : 0u;
+    } else {
+        // Halfwords 0..7 of the block; a 4-wide group takes the half (i & 4) selects.
+        uint32_t bits = 0;
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        const int base_word = V == 8 ? 0 : (int)((i & 4) >> 1);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const uint32_t word = words[base_word + (k >> 1)];
+            const uint32_t h = (k & 1) ? word >> 16 : word & 0xffffu;
+            bits |= (h >= t ? 1u : 0u) << k;
+        }
+        return bits;
+    }
+}
+
+// The keep bits of a params struct P under its resolution (FLAG_KEY16 in p.flags).
+template <int V, typename P>
+__device__ __forceinline__ uint32_t keep_bits_of(const P& p, uint64_t i) {
+    if (p.flags & FLAG_KEY16) return keep_bits16<V>(p.seed, p.call, p.threshold, i);
+    return keep_bits<V>(p.seed, p.call, p.threshold, i);
 }
 
 // Keep bits of elements i .. i+V-1 read from the 1-bit mask (bit b of word w = element 32w + b;
@@ -185,8 +233,9 @@ template <typename T> struct DbiasParams {
 // word (U * V <= 32). The rows are done one at a time (not unrolled) so that only one row's
 // Philox state is live: the generator runs while the row loads issued before it are in flight,
 // and the compiler does not interleave U * V / 4 generator chains at the cost of registers.
-// Rows with rowm == 0 need no bits unless `need_all` (the mask is written).
-template <int V, int U, typename P>
+// Rows with rowm == 0 need no bits unless `need_all` (the mask is written). K16: the op offers
+// 16-bit keying (FLAG_KEY16 decides at run time); ops without it compile no branch for it.
+template <int V, int U, bool K16 = false, typename P>
 __device__ __forceinline__ uint32_t rows_keep_bits(const P& p, uint64_t row, uint64_t c0, int cnt,
                                                    const float* rowm_smem, bool need_all,
                                                    uint32_t stride = 1) {
@@ -198,7 +247,7 @@ __device__ __forceinline__ uint32_t rows_keep_bits(const P& p, uint64_t row, uin
     for (int u = 0; u < U; ++u, i += step) {
         const float rowm = rowm_smem != nullptr ? rowm_smem[u * stride] : p.scale;
         if (rowm != 0.f || need_all) {
-            uint32_t b = keep_bits<V>(p.seed, p.call, p.threshold, i);
+            uint32_t b = K16 ? keep_bits_of<V>(p, i) : keep_bits<V>(p.seed, p.call, p.threshold, i);
             if (cnt < V) b &= (1u << cnt) - 1u;
             bits |= b << (u * V);
         }
@@ -209,7 +258,7 @@ __device__ __forceinline__ uint32_t rows_keep_bits(const P& p, uint64_t row, uin
 // Backward over U rows row, row + stride, ...: dx = m != 0 ? T(dy * m) : 0, and the dbias
 // partial sums of this thread's lane in row order. A group whose rows are all dropped reads
 // nothing and writes zeros (grouping as in fwd_rows).
-template <typename T, int V, int U>
+template <typename T, int V, int U, bool K16>
 __device__ __forceinline__ void bwd_rows(const DropoutBwdParams<T>& p, uint64_t row, uint32_t stride,
                                          uint64_t c0, int cnt, bool active, float (&acc)[V],
                                          const float* rowm_smem) {
@@ -245,7 +294,7 @@ __device__ __forceinline__ void bwd_rows(const DropoutBwdParams<T>& p, uint64_t 
         for (int u = 0; u < U; ++u)
             bits |= read_bits<V>(p.mask, (row + u * stride) * p.cols + c0) << (u * V);
     } else {
-        bits = rows_keep_bits<V, U>(p, row, c0, cnt, rowm_smem, false, stride);
+        bits = rows_keep_bits<V, U, K16>(p, row, c0, cnt, rowm_smem, false, stride);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -269,7 +318,7 @@ __device__ __forceinline__ void bwd_rows(const DropoutBwdParams<T>& p, uint64_t 
 // blocks for the same partition. Each lane sums its rows in increasing order from +0.0; the
 // slab's partial is ((lane0 + lane1) + lane2) + lane3, the order backward_cpu in
 // src/dropout_keying/mod.rs reproduces. Shared by every op whose gradient is m * dy.
-template <typename T, int V>
+template <typename T, int V, bool K16 = false>
 __device__ __forceinline__ void dropout_bwd(const DropoutBwdParams<T>& p) {
     __shared__ float s_rowm[RS_CHUNK];
     __shared__ float s_lane[DBIAS_LANES - 1][MAX_BLOCK / DBIAS_LANES * (16 / sizeof(T))];
@@ -297,9 +346,9 @@ __device__ __forceinline__ void dropout_bwd(const DropoutBwdParams<T>& p) {
             uint64_t row = r0 + lane;
             if (unroll)
                 for (; row + (UNROLL - 1) * lanes < r1; row += UNROLL * lanes)
-                    bwd_rows<T, V, UNROLL>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
+                    bwd_rows<T, V, UNROLL, K16>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
             for (; row < r1; row += lanes)
-                bwd_rows<T, V, 1>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
+                bwd_rows<T, V, 1, K16>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
         }
         if (p.partials != nullptr) {
             // Fold the lanes in order through shared memory (block-uniform branch).
@@ -523,15 +572,15 @@ __device__ __forceinline__ void unfused_col_sum_body(const UnfusedColSumParams<T
     static_assert(sizeof(::fusedreg::drop::UnfusedMaskedScaleParams<T>) == 40, "must match unfused.rs"); \
     static_assert(sizeof(::fusedreg::drop::UnfusedColSumParams<T>) == 48, "must match unfused.rs");
 
-#define FUSEDREG_DROPOUT_BWD_KERNELS(STEM, T, S)                                                    \
+#define FUSEDREG_DROPOUT_BWD_KERNELS(STEM, T, S, K16)                                                  \
     FUSEDREG_DROPOUT_CHECK_SIZES(T)                                                                  \
     extern "C" __global__ void __launch_bounds__(::fusedreg::drop::MAX_BLOCK, 4)                     \
         STEM##_bwd_vec_##S(const ::fusedreg::drop::DropoutBwdParams<T> p) {                          \
-        ::fusedreg::drop::dropout_bwd<T, 16 / sizeof(T)>(p);                                         \
+        ::fusedreg::drop::dropout_bwd<T, 16 / sizeof(T), K16>(p);                                  \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(::fusedreg::drop::MAX_BLOCK, 4)                     \
         STEM##_bwd_scalar_##S(const ::fusedreg::drop::DropoutBwdParams<T> p) {                       \
-        ::fusedreg::drop::dropout_bwd<T, 1>(p);                                                      \
+        ::fusedreg::drop::dropout_bwd<T, 1, K16>(p);                                               \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(::fusedreg::drop::MAX_BLOCK)                        \
         STEM##_dbias_##S(const ::fusedreg::drop::DbiasParams<T> p) {                                 \

@@ -5,8 +5,8 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{BackwardOptions, Config, ForwardOptions, OP};
 use crate::dropout_keying::gpu::{
-    aligned16, backward as backward_op, geometry, row_scale_fields, segments, zero_mask,
-    BackwardKernels, Geometry, Segment, Slabs, BWD_SLAB_ROWS, FLAG_UNROLL,
+    aligned16, backward as backward_op, geometry, resolution_flag, row_scale_fields, segments,
+    zero_mask, BackwardKernels, Geometry, Segment, Slabs, BWD_SLAB_ROWS, FLAG_UNROLL,
 };
 use crate::dropout_keying::{check_forward, ForwardLens};
 use crate::dtype::Dtype;
@@ -171,7 +171,8 @@ pub fn forward<T: Dtype>(
     }
 
     let rsf = row_scale_fields(cfg.drop_path(), rowscale);
-    let mut flags = rsf.flags;
+    let keying = cfg.keying();
+    let mut flags = rsf.flags | resolution_flag(&keying);
     if opts.tuning.unroll {
         flags |= FLAG_UNROLL;
     }
@@ -193,7 +194,7 @@ pub fn forward<T: Dtype>(
             slab_rows: g.slab_rows,
             seed: cfg.seed(),
             call: cfg.call(),
-            threshold: rate.threshold(),
+            threshold: keying.threshold(),
             path_call: rsf.path_call,
             path_threshold: rsf.path_threshold,
             base,

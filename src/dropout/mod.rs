@@ -14,8 +14,8 @@
 //! [`philox::mask_word`]`(seed, call, i)` is below the [`DropRate`] threshold, so the mask is a
 //! pure function of `(seed, call, i)`: independent of the tensor length, the launch
 //! configuration, the vector width, the alignment and the GPU. The probability applied is
-//! `cfg.rate().effective_p()` = `threshold / 2^32`, within `2^-33` of `p`; p = 0 and p = 1 are
-//! exact and do no generator work. x, bias and y share one dtype (`f32`, `f16`, `bf16`);
+//! [`Config::effective_p`] = `threshold / 2^32`, within `2^-33` of `p` (`2^-17` under 16-bit
+//! keying, below); p = 0 and p = 1 are exact and do no generator work. x, bias and y share one dtype (`f32`, `f16`, `bf16`);
 //! `rowscale` is f32.
 //!
 //! # Pinned arithmetic (CPU and GPU agree bit for bit on finite inputs)
@@ -34,6 +34,16 @@
 //!
 //! NaN outputs are NaN on both sides, but the GPU returns the canonical NaN where the CPU may
 //! keep an input's payload.
+//!
+//! # Mask resolution
+//!
+//! [`Config::with_resolution`] selects the keying: [`MaskResolution::Bits32`] (the default, the
+//! contract above, `p` quantised to `2^-32`) or [`MaskResolution::Bits16`] (element `i` takes
+//! halfword `i % 8` of Philox block `i / 8`, dropped below `round(p * 2^16)`: one Philox
+//! evaluation keys 8 elements, half the generator work, `p` quantised to `2^-16`). The
+//! probability applied is [`Config::effective_p`] either way; the kept elements are scaled by
+//! `1 / (1 - p)` of the nominal `p`. The backward regenerates at the config's resolution; the
+//! 1-bit mask layout is the same. The unfused baseline keys at `Bits32` only.
 //!
 //! # Options
 //!
@@ -73,7 +83,7 @@ use crate::dtype::DtypeKind;
 
 pub use crate::dropout_keying::{
     slab_count, slab_rows, BackwardOptions, Config, DropPath, ForwardOptions, LaunchTuning,
-    Workspace,
+    MaskResolution, Workspace,
 };
 
 pub mod cpu;

@@ -64,6 +64,7 @@ const UNFUSED: UnfusedKernels = UnfusedKernels {
 };
 
 fn no_row_scale(cfg: &Config) -> Result<()> {
+    cfg.require_bits32(OP)?;
     if cfg.drop_path().is_some() {
         return Err(Error::invalid(
             OP,

@@ -16,8 +16,8 @@
 use cudarc::driver::{result, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{
-    check_backward, slab_rows, BackwardOptions, Config, DropPath, Keying, LaunchTuning, Workspace,
-    DBIAS_LANES,
+    check_backward, slab_rows, BackwardOptions, Config, DropPath, Keying, LaunchTuning,
+    MaskResolution, Workspace, DBIAS_LANES,
 };
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -28,6 +28,16 @@ use crate::runtime::Handle;
 pub(crate) const FLAG_DROP_PATH: u32 = 1;
 /// `FLAG_UNROLL` in the kernels: unroll the row loop by `UNROLL` (launch tuning).
 pub(crate) const FLAG_UNROLL: u32 = 2;
+/// `FLAG_KEY16` in the kernels: 16-bit keying (the threshold is in `0 ..= 2^16`).
+pub(crate) const FLAG_KEY16: u32 = 8;
+
+/// The kernel flag of a keying's resolution.
+pub(crate) fn resolution_flag(keying: &Keying) -> u32 {
+    match keying.resolution() {
+        MaskResolution::Bits32 => 0,
+        MaskResolution::Bits16 => FLAG_KEY16,
+    }
+}
 
 /// Mirrors `DropoutBwdParams<T>` in the kernels.
 #[repr(C)]
@@ -341,7 +351,7 @@ pub(crate) fn launch_backward<T: Dtype>(
     let partials_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
 
     let rsf = row_scale_fields(l.drop_path, l.rowscale);
-    let mut flags = rsf.flags;
+    let mut flags = rsf.flags | resolution_flag(&l.keying);
     if l.tuning.unroll {
         flags |= FLAG_UNROLL;
     }
@@ -364,7 +374,7 @@ pub(crate) fn launch_backward<T: Dtype>(
             slab_rows: g.slab_rows,
             seed: l.keying.seed(),
             call: l.keying.call(),
-            threshold: rate.threshold(),
+            threshold: l.keying.threshold(),
             path_call: rsf.path_call,
             path_threshold: rsf.path_threshold,
             base,

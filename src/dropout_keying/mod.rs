@@ -11,21 +11,29 @@
 //! the vector width, the alignment and the GPU. p = 0 and p = 1 are exact (no generator work); the
 //! probability applied is [`DropRate::effective_p`]. Kept elements are scaled by
 //! [`DropRate::scale`], times the row scale when there is one (caller's or a [`DropPath`]).
+//! Under [`MaskResolution::Bits16`] element `i` takes halfword `i % 8` of Philox block `i / 8`
+//! instead, compared with `round(p * 2^16)` ([`Config::effective_p`] states the probability).
 //!
 //! # What a new dropping op uses
 //!
-//! Public (its API re-exports them): [`DropRate`], [`Keying`] (seed, call, rate: `keeps(i)`,
-//! [`KeepBits`] for a CPU loop that evaluates each Philox block once), [`DropPath`],
+//! Public (its API re-exports them): [`Config`] (shape, rate, seed, call, optional [`DropPath`],
+//! [`MaskResolution`]), [`ForwardOptions`] / [`BackwardOptions`] (GPU) and
+//! [`CpuForwardOptions`] / [`CpuBackwardOptions`] (the optional buffers: bias, row scale, 1-bit
+//! mask, generated row scale, dbias, workspace), [`DropRate`], [`Keying`] (seed, call, rate,
+//! resolution: `keeps(i)`, [`KeepBits`] for a CPU loop that evaluates each Philox block once),
 //! [`mask_words`] / [`mask_bit`] / [`set_mask_bit`] (the 1-bit mask layout: bit `b` of word `w`
 //! is element `32 w + b`, padding bits zero), [`slab_rows`] / [`slab_count`] (the dbias
 //! partition), [`Workspace`] (reusable dbias partials), `LaunchTuning` (hidden, for tests).
 //!
-//! Crate-internal: `row_scales` / `row_multiplier` (CPU row scale), `backward_cpu` (the CPU
-//! reference of the shared backward, `dx = m != 0 ? T(dy * m) : 0` with dbias), and in `gpu`:
-//! `segments` / `geometry` / `Slabs` / `aligned16` (launch geometry), `row_scale_fields`,
-//! `launch_backward` (the whole GPU backward of an op whose gradient is `m * dy`, given its
-//! kernel families), `finish_dbias`; in `unfused`: the eager baseline's kernels (bias add,
-//! dropout with a byte mask, masked scale, column sum) and their CPU mirrors.
+//! Crate-internal: `check_forward` / `check_backward` (buffer lengths and option conflicts, as
+//! `Error`s naming the op), `Config::require_bits32` (for ops without 16-bit kernels),
+//! `row_scales` / `row_multiplier` (CPU row scale), `backward_cpu` (the CPU reference of the
+//! shared backward, `dx = m != 0 ? T(dy * m) : 0` with dbias); in `gpu`: `segments` /
+//! `geometry` / `Slabs` / `aligned16` (launch geometry), `row_scale_fields`,
+//! `resolution_flag`, `zero_mask`, `backward` (the whole GPU backward of an op whose gradient
+//! is `m * dy`, given its kernel families), `launch_backward`, `finish_dbias`; in `unfused`:
+//! the eager baseline's launches (bias add, dropout with a byte mask, masked scale, column sum)
+//! and their CPU mirrors. The device side of each is named in the header's top comment.
 //!
 //! ```
 //! use fusedreg::dropout_keying::{mask_bit, mask_words, set_mask_bit, Keying};
@@ -163,6 +171,38 @@ impl DropRate {
         self.threshold as f64 / 4_294_967_296.0
     }
 
+    /// The threshold at a mask resolution: [`DropRate::threshold`] for `Bits32`,
+    /// `round(p * 2^16)` in `0 ..= 2^16` for `Bits16` (a 16-bit halfword below it is dropped).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::{DropRate, MaskResolution::*};
+    /// let r = DropRate::new(0.25).unwrap();
+    /// assert_eq!((r.threshold_at(Bits32), r.threshold_at(Bits16)), (1 << 30, 1 << 14));
+    /// assert_eq!(DropRate::new(1.0).unwrap().threshold_at(Bits16), 1 << 16);
+    /// ```
+    pub fn threshold_at(&self, resolution: MaskResolution) -> u64 {
+        match resolution {
+            MaskResolution::Bits32 => self.threshold,
+            MaskResolution::Bits16 => (self.p * 65_536.0).round() as u64,
+        }
+    }
+
+    /// The drop probability actually applied at a mask resolution: `threshold_at(r) / 2^bits`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::{DropRate, MaskResolution::*};
+    /// let r = DropRate::new(0.1).unwrap();
+    /// assert!((r.effective_p_at(Bits16) - 0.1).abs() <= 2f64.powi(-17));
+    /// assert_eq!(r.effective_p_at(Bits32), r.effective_p());
+    /// ```
+    pub fn effective_p_at(&self, resolution: MaskResolution) -> f64 {
+        self.threshold_at(resolution) as f64 / 2f64.powi(resolution.bits() as i32)
+    }
+
     /// Whether an element with this random word is kept.
     ///
     /// # Examples
@@ -227,6 +267,53 @@ impl DropRate {
     }
 }
 
+/// How many random bits key one element's keep/drop decision.
+///
+/// * [`MaskResolution::Bits32`] (the default): element `i` takes 32-bit word `i % 4` of Philox
+///   block `i / 4`; the drop probability is quantised to `2^-32` ([`DropRate::threshold`]).
+/// * [`MaskResolution::Bits16`]: element `i` takes 16-bit halfword `i % 8` of Philox block
+///   `i / 8` (halfword `k` is the low half of word `k / 2` for even `k`, the high half for odd
+///   `k`) and is dropped when it is below `round(p * 2^16)`: one Philox evaluation keys 8
+///   elements (a 16-bit type's 16-byte vector), half the generator work of `Bits32`; the
+///   probability applied is quantised to `2^-16` ([`DropRate::effective_p_at`]).
+///
+/// Either way the mask is a pure function of `(seed, call, i)`. A `(seed, call)` pair should key
+/// masks at one resolution only (both read the same Philox blocks). Offered by
+/// [`crate::dropout`]; the other ops refuse `Bits16` with an error.
+///
+/// ```
+/// use fusedreg::dropout_keying::{DropRate, MaskResolution};
+/// let r = DropRate::new(0.1).unwrap();
+/// assert_eq!(r.threshold_at(MaskResolution::Bits16), 6554); // round(0.1 * 2^16)
+/// assert_eq!(r.effective_p_at(MaskResolution::Bits16), 6554.0 / 65536.0);
+/// assert_eq!(MaskResolution::default(), MaskResolution::Bits32);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MaskResolution {
+    /// One 32-bit word per element, 4 elements per Philox block (`p` quantised to `2^-32`).
+    #[default]
+    Bits32,
+    /// One 16-bit halfword per element, 8 elements per Philox block (`p` quantised to `2^-16`).
+    Bits16,
+}
+
+impl MaskResolution {
+    /// Random bits per element.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::MaskResolution;
+    /// assert_eq!((MaskResolution::Bits32.bits(), MaskResolution::Bits16.bits()), (32, 16));
+    /// ```
+    pub fn bits(self) -> u32 {
+        match self {
+            MaskResolution::Bits32 => 32,
+            MaskResolution::Bits16 => 16,
+        }
+    }
+}
+
 /// The random keys and rate of one dropout call: everything that decides its mask.
 ///
 /// ```
@@ -243,6 +330,7 @@ pub struct Keying {
     seed: u64,
     call: u64,
     rate: DropRate,
+    resolution: MaskResolution,
 }
 
 impl Keying {
@@ -263,6 +351,7 @@ impl Keying {
             seed,
             call,
             rate: DropRate::checked(op, p)?,
+            resolution: MaskResolution::Bits32,
         })
     }
 
@@ -278,7 +367,66 @@ impl Keying {
     /// # Ok(()) }
     /// ```
     pub fn with_rate(rate: DropRate, seed: u64, call: u64) -> Self {
-        Keying { seed, call, rate }
+        Keying {
+            seed,
+            call,
+            rate,
+            resolution: MaskResolution::Bits32,
+        }
+    }
+
+    /// The same keys at another mask resolution.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::{Keying, MaskResolution};
+    /// use fusedreg::philox::block;
+    /// let k = Keying::new("op", 0.5, 1, 2).unwrap().with_resolution(MaskResolution::Bits16);
+    /// // Element 8 * 3 + 5 takes the high half of word 2 of block 3.
+    /// assert_eq!(k.keeps(29), block(1, 2, 3)[2] >> 16 >= 1 << 15);
+    /// ```
+    pub fn with_resolution(self, resolution: MaskResolution) -> Self {
+        Keying { resolution, ..self }
+    }
+
+    /// The mask resolution.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::dropout_keying::{Keying, MaskResolution};
+    /// assert_eq!(Keying::new("op", 0.1, 9, 3).unwrap().resolution(), MaskResolution::Bits32);
+    /// ```
+    pub fn resolution(&self) -> MaskResolution {
+        self.resolution
+    }
+
+    /// The threshold the kernels compare against at this resolution.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::dropout_keying::{Keying, MaskResolution};
+    /// let k = Keying::new("op", 0.5, 9, 3).unwrap();
+    /// assert_eq!(k.threshold(), 1 << 31);
+    /// assert_eq!(k.with_resolution(MaskResolution::Bits16).threshold(), 1 << 15);
+    /// ```
+    pub fn threshold(&self) -> u64 {
+        self.rate.threshold_at(self.resolution)
+    }
+
+    /// The drop probability applied at this resolution.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::dropout_keying::{Keying, MaskResolution};
+    /// let k = Keying::new("op", 0.3, 9, 3).unwrap().with_resolution(MaskResolution::Bits16);
+    /// assert_eq!(k.effective_p(), (0.3f64 * 65536.0).round() / 65536.0);
+    /// ```
+    pub fn effective_p(&self) -> f64 {
+        self.rate.effective_p_at(self.resolution)
     }
 
     /// The generator seed.
@@ -327,7 +475,7 @@ impl Keying {
     /// assert!(!Keying::new("op", 1.0, 9, 3).unwrap().keeps(17));
     /// ```
     pub fn keeps(&self, i: u64) -> bool {
-        self.rate.keeps(philox::mask_word(self.seed, self.call, i))
+        self.keep_bits().get(i)
     }
 
     /// A CPU keep-bit generator for this call (one Philox evaluation per 4 elements).
@@ -344,7 +492,13 @@ impl Keying {
         KeepBits {
             seed: self.seed,
             call: self.call,
-            rate: self.rate,
+            threshold: self.threshold(),
+            all: 1 << self.resolution.bits(),
+            shift: if self.resolution == MaskResolution::Bits16 {
+                3
+            } else {
+                2
+            },
             block: u64::MAX,
             words: [0; 4],
         }
@@ -364,7 +518,11 @@ impl Keying {
 pub struct KeepBits {
     seed: u64,
     call: u64,
-    rate: DropRate,
+    threshold: u64,
+    /// The threshold that drops everything (2^32 or 2^16).
+    all: u64,
+    /// log2 of the elements per Philox block (2 or 3).
+    shift: u32,
     block: u64,
     words: [u32; 4],
 }
@@ -382,18 +540,29 @@ impl KeepBits {
     /// ```
     #[inline]
     pub fn get(&mut self, i: u64) -> bool {
-        if self.rate.keeps_all() {
+        if self.threshold == 0 {
             return true;
         }
-        if self.rate.drops_all() {
+        if self.threshold >= self.all {
             return false;
         }
-        let b = i >> 2;
+        let b = i >> self.shift;
         if b != self.block {
             self.block = b;
             self.words = philox::block(self.seed, self.call, b);
         }
-        self.rate.keeps(self.words[(i & 3) as usize])
+        let value = if self.shift == 2 {
+            self.words[(i & 3) as usize]
+        } else {
+            // Halfword i % 8: word (i % 8) / 2, low half for even i.
+            let w = self.words[((i & 7) >> 1) as usize];
+            if i & 1 == 1 {
+                w >> 16
+            } else {
+                w & 0xffff
+            }
+        };
+        u64::from(value) >= self.threshold
     }
 }
 
@@ -747,6 +916,7 @@ pub struct Config {
     seed: u64,
     call: u64,
     drop_path: Option<DropPath>,
+    resolution: MaskResolution,
 }
 
 impl Config {
@@ -781,6 +951,7 @@ impl Config {
             seed,
             call,
             drop_path: None,
+            resolution: MaskResolution::Bits32,
         })
     }
 
@@ -975,13 +1146,71 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn keeps(&self, i: u64) -> bool {
-        self.rate
-            .keeps(crate::philox::mask_word(self.seed, self.call, i))
+        self.keying().keeps(i)
     }
 
-    /// The dropout keying (seed, call, rate) the shared pieces take.
+    /// Keys the mask at another resolution ([`MaskResolution::Bits16`]: 8 elements per Philox
+    /// block, `p` quantised to `2^-16`). Only [`crate::dropout`] offers `Bits16`; the other ops
+    /// return an error for it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::{Config, MaskResolution};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::flat(64, 0.1, 42, 7)?.with_resolution(MaskResolution::Bits16);
+    /// assert_eq!(cfg.resolution(), MaskResolution::Bits16);
+    /// assert_eq!(cfg.effective_p(), 6554.0 / 65536.0); // the probability applied
+    /// # Ok(()) }
+    /// ```
+    pub fn with_resolution(self, resolution: MaskResolution) -> Self {
+        Config { resolution, ..self }
+    }
+
+    /// The mask resolution (default [`MaskResolution::Bits32`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::{Config, MaskResolution};
+    /// assert_eq!(Config::flat(8, 0.1, 1, 2).unwrap().resolution(), MaskResolution::Bits32);
+    /// ```
+    pub fn resolution(&self) -> MaskResolution {
+        self.resolution
+    }
+
+    /// The drop probability actually applied: `threshold / 2^32` (`Bits32`) or
+    /// `round(p * 2^16) / 2^16` (`Bits16`). Kept elements are still scaled by `1 / (1 - p)` of
+    /// the nominal `p`, as PyTorch does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// let cfg = Config::flat(8, 0.5, 1, 2).unwrap();
+    /// assert_eq!(cfg.effective_p(), 0.5);
+    /// ```
+    pub fn effective_p(&self) -> f64 {
+        self.keying().effective_p()
+    }
+
+    /// The dropout keying (seed, call, rate, resolution) the shared pieces take.
     pub(crate) fn keying(&self) -> Keying {
-        Keying::with_rate(self.rate, self.seed, self.call)
+        Keying::with_rate(self.rate, self.seed, self.call).with_resolution(self.resolution)
+    }
+
+    /// Errors for [`MaskResolution::Bits16`] in an op that does not offer it.
+    pub(crate) fn require_bits32(&self, op: &'static str) -> Result<()> {
+        if self.resolution != MaskResolution::Bits32 {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "{:?} keying is offered by the dropout op only (and not by its unfused baseline)",
+                    self.resolution
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn has_row_scale(&self, given: bool) -> bool {

@@ -62,6 +62,7 @@ pub fn forward<T: Dtype>(
     y: &mut [T],
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
+    cfg.require_bits32(OP)?;
     check_forward(
         OP,
         cfg,
@@ -95,6 +96,7 @@ pub fn forward_inplace<T: Dtype>(
     residual: &mut [T],
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
+    cfg.require_bits32(OP)?;
     check_forward(OP, cfg, &forward_lens(cfg, x, residual.len(), None, &opts))?;
     forward_core(cfg, x, residual, opts);
     Ok(())
@@ -184,6 +186,7 @@ pub fn backward<T: Dtype>(
     dx: &mut [T],
     opts: BackwardOptions<'_, T>,
 ) -> Result<()> {
+    cfg.require_bits32(OP)?;
     check_backward(
         OP,
         cfg,

@@ -84,8 +84,8 @@ const BWD: BackwardKernels = BackwardKernels {
 /// `x`, `residual` and `y` have `cfg.len()` elements; the optional buffers are in `opts`.
 /// Views starting at any element are accepted (misaligned ones take the scalar path).
 ///
-/// Errors: [`Error::ShapeMismatch`] for a length that disagrees with the config,
-/// [`Error::InvalidArgument`] for a rowscale together with a drop path, rowscale_out without a
+/// Errors: [`crate::Error::ShapeMismatch`] for a length that disagrees with the config,
+/// [`crate::Error::InvalidArgument`] for a rowscale together with a drop path, rowscale_out without a
 /// drop path, or a buffer from another CUDA context; driver errors.
 ///
 /// ```no_run
@@ -117,6 +117,7 @@ pub fn forward<T: Dtype>(
     y: &mut impl DevicePtrMut<T>,
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
+    cfg.require_bits32(OP)?;
     let lens = forward_lens(x.len(), residual.len(), Some(y.len()), &opts);
     check_forward(OP, cfg, &lens)?;
     if cfg.is_empty() {
@@ -152,6 +153,7 @@ pub fn forward_inplace<T: Dtype>(
     residual: &mut impl DevicePtrMut<T>,
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
+    cfg.require_bits32(OP)?;
     let lens = forward_lens(x.len(), residual.len(), None, &opts);
     check_forward(OP, cfg, &lens)?;
     if cfg.is_empty() {
@@ -321,5 +323,6 @@ pub fn backward<T: Dtype>(
     dx: &mut impl DevicePtrMut<T>,
     opts: BackwardOptions<'_, T>,
 ) -> Result<()> {
+    cfg.require_bits32(OP)?;
     backward_op::<T>(handle, OP, &BWD, cfg, dy, dx, opts)
 }

@@ -72,6 +72,7 @@
 //! ```
 //!
 //! [`philox::mask_word`]: crate::philox::mask_word
+//! [`DropRate`]: crate::philox::DropRate
 
 use crate::dtype::DtypeKind;
 

@@ -90,6 +90,7 @@ const COL_SUM: KernelFamily = per_dtype!(
 );
 
 fn no_row_scale(cfg: &Config) -> Result<()> {
+    cfg.require_bits32(OP)?;
     if cfg.drop_path().is_some() {
         return Err(Error::invalid(
             OP,

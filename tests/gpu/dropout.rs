@@ -11,7 +11,7 @@
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use fusedreg::dropout::{
     self as dr, cpu, unfused, BackwardOptions, Config, DropPath, ForwardOptions, LaunchTuning,
-    Workspace,
+    MaskResolution, Workspace,
 };
 use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
@@ -35,6 +35,9 @@ pub fn trials() -> Vec<Trial> {
             ("edge_rates_f16", edge_rates::<f16>),
             ("edge_rates_bf16", edge_rates::<bf16>),
             ("launch_configurations_agree", launch_configurations_agree),
+            ("sixteen_bit_keying_f32", sixteen_bit_keying::<f32>),
+            ("sixteen_bit_keying_f16", sixteen_bit_keying::<f16>),
+            ("sixteen_bit_keying_bf16", sixteen_bit_keying::<bf16>),
             ("dbias_is_deterministic", dbias_is_deterministic),
             ("row_scales_staged_in_chunks", row_scales_staged_in_chunks),
             ("empty_inputs_launch_nothing", empty_inputs_launch_nothing),
@@ -78,6 +81,8 @@ struct Case {
     /// x, y, dy and dx are views starting at this element.
     offset: usize,
     dbias: bool,
+    /// 16-bit keying (MaskResolution::Bits16).
+    key16: bool,
     tuning: LaunchTuning,
 }
 
@@ -92,12 +97,16 @@ impl Case {
             mask: true,
             offset: 0,
             dbias: false,
+            key16: false,
             tuning: LaunchTuning::default(),
         }
     }
 
     fn config(&self, seed: u64) -> Config {
-        let cfg = Config::new(self.rows, self.cols, self.p, seed, 0x1234_5678_9abc).unwrap();
+        let mut cfg = Config::new(self.rows, self.cols, self.p, seed, 0x1234_5678_9abc).unwrap();
+        if self.key16 {
+            cfg = cfg.with_resolution(MaskResolution::Bits16);
+        }
         match self.rs {
             Rs::Path => cfg.with_drop_path(DropPath::new(0.25, 77).unwrap()),
             Rs::PerSample => {
@@ -503,6 +512,71 @@ fn launch_configurations_agree(h: &Handle) -> R<()> {
             compare_fwd(&format!("flat {n} f32 tuning {k} forward"), &g1, &g0)?;
             compare_bwd(&format!("flat {n} f32 tuning {k} backward"), &c1, &c0)?;
         }
+    }
+    Ok(())
+}
+
+/// 16-bit keying on every path: flat (vector, scalar at view offset 1, a one-row remainder),
+/// shaped with bias, dbias, row scales and the mask (f32 with cols % 8 == 4: the scalar path),
+/// p = 0 and 1; and launch configurations change no bit.
+fn sixteen_bit_keying<T: Dtype>(h: &Handle) -> R<()> {
+    let k16 = |c: Case| Case { key16: true, ..c };
+    let shaped = |rows, cols| Case {
+        bias: true,
+        dbias: true,
+        ..Case::new(rows, cols)
+    };
+    let cases = [
+        k16(Case::new(1, 65_537)),
+        k16(Case::new(1, 3 * (1 << 20) + 7)),
+        k16(Case {
+            offset: 1,
+            ..Case::new(1, 4095)
+        }),
+        k16(shaped(257, 1024)),
+        k16(Case {
+            rs: Rs::Path,
+            ..shaped(130, 1028)
+        }),
+        k16(Case {
+            rs: Rs::Given,
+            offset: 1,
+            ..shaped(37, 1003)
+        }),
+        k16(Case {
+            p: 0.0,
+            ..shaped(64, 264)
+        }),
+        k16(Case {
+            p: 1.0,
+            ..shaped(64, 264)
+        }),
+    ];
+    for (k, c) in cases.iter().enumerate() {
+        run_case::<T>(h, c, 1000 + k as u64)?;
+    }
+    let base = k16(Case {
+        rs: Rs::PerSample,
+        ..shaped(257, 1024)
+    });
+    let (f0, b0) = run_case::<T>(h, &base, 1100)?;
+    for (k, t) in [
+        LaunchTuning {
+            block: 64,
+            unroll: false,
+            ..Default::default()
+        },
+        LaunchTuning {
+            force_scalar: true,
+            ..Default::default()
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (f1, b1) = run_case::<T>(h, &Case { tuning: t, ..base }, 1100)?;
+        compare_fwd(&format!("16-bit tuning {k} forward"), &f1, &f0)?;
+        compare_bwd(&format!("16-bit tuning {k} backward"), &b1, &b0)?;
     }
     Ok(())
 }

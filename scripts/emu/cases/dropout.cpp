@@ -1,6 +1,7 @@
 // Differential host emulation of the plain dropout kernels (see compare.sh): random data with
 // infinities and NaNs; every dtype; vector and scalar paths; unroll, bias, mask, dbias lanes, row
-// scale given or drawn per row or per sample; thresholds 0, 2^32 and between; flat offsets. The
+// scale given or drawn per row or per sample; 32- and 16-bit keying with thresholds 0, all and
+// between; flat offsets. The
 // forward, the backward (regenerated and from the mask, with the dbias partials and the
 // finishing sum) and the unfused byte-mask dropout / masked scale; one line of hashes per case.
 #include "harness.h"
@@ -41,7 +42,7 @@ template <class T> static void fill(std::vector<uint8_t>& v, size_t n, std::mt19
 
 struct Case {
     uint64_t rows, cols, base;
-    bool vec, unroll, bias, mask, dbias;
+    bool vec, unroll, bias, mask, dbias, key16;
     int rs;  // 0 none, 1 given, 2 drop path (rows_per_sample 1), 3 drop path per sample (3 rows)
     uint64_t threshold, path_threshold, slab;
     unsigned block;
@@ -64,7 +65,9 @@ template <class T> static void run(const Case& c, uint64_t seed) {
     std::vector<uint8_t> y(n * sizeof(T), 0xEE);
     std::vector<uint32_t> mask(words + 1, c.vec ? 0xEFEFEFEFu : 0u);
     std::vector<float> rso(c.rows, -7.f);
-    const float scale = c.threshold >= (1ull << 32) ? 0.f : (float)(4294967296.0 / (4294967296.0 - (double)c.threshold));
+    // The scale from the applied p (any f32 works: the kernels take it as given).
+    const double all = c.key16 ? 65536.0 : 4294967296.0;
+    const float scale = (double)c.threshold >= all ? 0.f : (float)(all / (all - (double)c.threshold));
     const float path_scale = c.path_threshold >= (1ull << 32) ? 0.f : (float)(4294967296.0 / (4294967296.0 - (double)c.path_threshold));
 
     dropout::FwdParams<T> p{};
@@ -78,7 +81,7 @@ template <class T> static void run(const Case& c, uint64_t seed) {
     p.seed = seed * 0x9E3779B97F4A7C15ull; p.call = seed ^ 0xABCDEF0123ull; p.threshold = c.threshold;
     p.path_call = 77 + seed; p.path_threshold = c.rs >= 2 ? c.path_threshold : 0; p.base = c.base;
     p.scale = scale; p.path_scale = c.rs >= 2 ? path_scale : 0.f;
-    p.flags = (c.rs >= 2 ? 1u : 0u) | (c.unroll ? 2u : 0u);
+    p.flags = (c.rs >= 2 ? 1u : 0u) | (c.unroll ? 2u : 0u) | (c.key16 ? 8u : 0u);
     p.rows_per_sample = c.rs == 3 ? 3 : 1;
     const uint64_t per = c.vec ? VV : 1;
     const uint64_t tiles = ((c.cols + per - 1) / per + c.block - 1) / c.block;
@@ -96,7 +99,7 @@ template <class T> static void run(const Case& c, uint64_t seed) {
         q.mask = from_mask ? mask.data() : nullptr; q.partials = c.dbias ? part.data() : nullptr;
         q.rows = c.rows; q.cols = c.cols; q.slab_rows = c.slab; q.seed = p.seed; q.call = p.call;
         q.threshold = p.threshold; q.path_call = p.path_call; q.path_threshold = p.path_threshold; q.base = c.base;
-        q.scale = scale; q.path_scale = p.path_scale; q.flags = p.flags & 3u; q.rows_per_sample = p.rows_per_sample;
+        q.scale = scale; q.path_scale = p.path_scale; q.flags = p.flags & 11u; q.rows_per_sample = p.rows_per_sample;
         const uint64_t btiles = ((c.cols + per - 1) / per + bx - 1) / bx;
         launch(c.vec ? K<T>::bv : K<T>::bs, dim3{(unsigned)std::min<uint64_t>(btiles, 3), slabs, 1}, dim3{bx, lanes, 1}, q);
         hb[from_mask] = fnv(dx.data(), dx.size());
@@ -114,16 +117,16 @@ template <class T> static void run(const Case& c, uint64_t seed) {
     std::vector<uint8_t> ud(n * sizeof(T), 0xAB), um(n * sizeof(T), 0xBA), bytes(n + 8, 0x5A);
     UnfusedDropoutParams<T> u{};
     u.t = (const T*)x.data(); u.d = (T*)ud.data(); u.mask = bytes.data(); u.n = n;
-    u.seed = p.seed; u.call = p.call; u.threshold = p.threshold; u.scale = scale; u.vec = c.vec ? 1u : 0u;
+    u.seed = p.seed; u.call = p.call; u.threshold = c.key16 ? 0 : p.threshold; u.scale = scale; u.vec = c.vec ? 1u : 0u;
     launch(K<T>::ud, dim3{2, 1, 1}, dim3{64, 1, 1}, u);
     UnfusedMaskedScaleParams<T> m{};
     m.dy = (const T*)dy.data(); m.mask = bytes.data(); m.dx = (T*)um.data(); m.n = n; m.scale = scale;
     m.vec = c.vec ? 1u : 0u;
     launch(K<T>::um, dim3{2, 1, 1}, dim3{64, 1, 1}, m);
 
-    printf("%s %llux%llu base %llu vec %d unroll %d bias %d mask %d dbias %d rs %d thr %llu pthr %llu slab %llu block %u | y %016llx m %016llx rs %016llx dx %016llx %016llx p %016llx %016llx db %016llx %016llx u %016llx %016llx %016llx\n",
+    printf("%s %llux%llu base %llu vec %d unroll %d bias %d mask %d dbias %d k16 %d rs %d thr %llu pthr %llu slab %llu block %u | y %016llx m %016llx rs %016llx dx %016llx %016llx p %016llx %016llx db %016llx %016llx u %016llx %016llx %016llx\n",
            K<T>::name, (unsigned long long)c.rows, (unsigned long long)c.cols, (unsigned long long)c.base, c.vec, c.unroll,
-           c.bias, c.mask, c.dbias, c.rs, (unsigned long long)c.threshold, (unsigned long long)c.path_threshold,
+           c.bias, c.mask, c.dbias, c.key16, c.rs, (unsigned long long)c.threshold, (unsigned long long)c.path_threshold,
            (unsigned long long)c.slab, c.block, (unsigned long long)fnv(y.data(), y.size()),
            (unsigned long long)fnv(mask.data(), mask.size() * 4), (unsigned long long)fnv(rso.data(), rso.size() * 4),
            (unsigned long long)hb[0], (unsigned long long)hb[1], (unsigned long long)hp[0], (unsigned long long)hp[1],
@@ -135,6 +138,7 @@ template <class T> static void run(const Case& c, uint64_t seed) {
 int main(int argc, char** argv) {
     const int part = argc > 1 ? atoi(argv[1]) : 0, parts = argc > 2 ? atoi(argv[2]) : 1;
     const uint64_t thresholds[] = {0, 1ull << 32, 429496730ull, 2147483648ull, 1, 0xFFFFFFFFull};
+    const uint64_t thresholds16[] = {0, 1ull << 16, 6554, 32768, 1, 0xFFFF};
     const uint64_t pthr[] = {1288490189ull, 1ull << 32, 0};
     struct Shape { uint64_t rows, cols; };
     // Row-major shapes: cols a multiple of 8 (every dtype's vector path) or odd (scalar only).
@@ -144,13 +148,14 @@ int main(int argc, char** argv) {
     for (int dt = 0; dt < 3; ++dt)
         for (const Shape& s : shapes)
             for (int v = 0; v < 2; ++v)
-                for (uint64_t thr : thresholds)
+                for (int ti = 0; ti < 6; ++ti)
                     for (int variant = 0; variant < (dt == 0 ? 2 : 1); ++variant) {
                         Case c{};
                         c.rows = s.rows; c.cols = s.cols;
                         c.vec = v == 1;
                         if (c.vec && s.cols % 8) continue;  // keep the vector cases whole groups
-                        c.threshold = thr;
+                        c.key16 = g() % 3 == 0;  // 16-bit keying (the unfused kernels stay 32-bit)
+                        c.threshold = c.key16 ? thresholds16[ti] : thresholds[ti];
                         c.unroll = g() & 1; c.bias = s.rows > 1 && (g() & 1); c.mask = g() % 3 != 0;
                         c.dbias = s.rows > 1 && (g() & 1);
                         c.rs = s.rows > 1 ? (int)(g() % 4) : 0;
