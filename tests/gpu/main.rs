@@ -5,6 +5,7 @@
 //! which is how the GPU machines run this suite.
 
 mod adamw;
+mod bias_act_dropout;
 #[path = "../common/mod.rs"]
 mod common;
 mod dropout;
@@ -27,6 +28,7 @@ fn main() {
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
     trials.extend(fmath::trials());
+    trials.extend(bias_act_dropout::trials());
     trials.extend(dropout::trials());
     libtest_mimic::run(&args, trials).exit();
 }
