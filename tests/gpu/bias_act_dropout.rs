@@ -122,11 +122,11 @@ fn run_case<T: Dtype>(
         T::KIND.name()
     );
     let sent = T::from_f32_rn(-7.0);
-    let dx_ = upload(&s, x, off, sent)?;
-    let db_ = b.map(|b| upload(&s, b, off, sent)).transpose()?;
-    let ddy = upload(&s, dy, off, sent)?;
-    let mut dy_out = upload(&s, &vec![poison::<T>(); n], off, sent)?;
-    let mut dh = upload(&s, &vec![poison::<T>(); n], off, sent)?;
+    let dx_ = upload(s, x, off, sent)?;
+    let db_ = b.map(|b| upload(s, b, off, sent)).transpose()?;
+    let ddy = upload(s, dy, off, sent)?;
+    let mut dy_out = upload(s, &vec![poison::<T>(); n], off, sent)?;
+    let mut dh = upload(s, &vec![poison::<T>(); n], off, sent)?;
     {
         let xv = dx_.slice(off..off + n);
         let bv = db_.as_ref().map(|b| b.slice(off..off + cfg.cols()));
@@ -134,15 +134,15 @@ fn run_case<T: Dtype>(
         let hv = dh.slice_mut(off..off + n);
         bad::forward(h, cfg, &xv, bv, &mut yv, Some(hv)).map_err(e2s)?;
     }
-    let y = download(&s, &dy_out, off, sent, "y")?;
-    let hh = download(&s, &dh, off, sent, "h_out")?;
+    let y = download(s, &dy_out, off, sent, "y")?;
+    let hh = download(s, &dh, off, sent, "h_out")?;
     let (mut wy, mut wh) = (vec![poison::<T>(); n], vec![poison::<T>(); n]);
     cpu::forward(cfg, x, b, &mut wy, Some(&mut wh)).map_err(e2s)?;
     same_bits(&format!("{what}: y"), &y, &wy)?;
     same_bits(&format!("{what}: h_out"), &hh, &wh)?;
 
-    let mut ddx = upload(&s, &vec![poison::<T>(); n], off, sent)?;
-    let mut ddb = upload(&s, &vec![poison::<T>(); cfg.cols()], off, sent)?;
+    let mut ddx = upload(s, &vec![poison::<T>(); n], off, sent)?;
+    let mut ddb = upload(s, &vec![poison::<T>(); cfg.cols()], off, sent)?;
     {
         let xv = dx_.slice(off..off + n);
         let bv = db_.as_ref().map(|b| b.slice(off..off + cfg.cols()));
@@ -159,8 +159,8 @@ fn run_case<T: Dtype>(
         )
         .map_err(e2s)?;
     }
-    let dx = download(&s, &ddx, off, sent, "dx")?;
-    let db = download(&s, &ddb, off, sent, "dbias")?;
+    let dx = download(s, &ddx, off, sent, "dx")?;
+    let db = download(s, &ddb, off, sent, "dbias")?;
     let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cfg.cols()]);
     cpu::backward(cfg, dy, Preact::X { x, bias: b }, &mut wdx, Some(&mut wdb)).map_err(e2s)?;
     same_bits(&format!("{what}: dx"), &dx, &wdx)?;
@@ -173,7 +173,7 @@ fn run_case<T: Dtype>(
         let mut dxv = ddx.slice_mut(off..off + n);
         bad::backward(h, cfg, &dyv, Preact::X { x: xv, bias: bv }, &mut dxv, None).map_err(e2s)?;
     }
-    let dx2 = download(&s, &ddx, off, sent, "dx (no dbias)")?;
+    let dx2 = download(s, &ddx, off, sent, "dx (no dbias)")?;
     same_bits(&format!("{what}: dx without dbias"), &dx2, &wdx)
 }
 
@@ -236,10 +236,10 @@ fn saved_h<T: Dtype>(h: &Handle) -> R<()> {
             let hh = uniform::<T>(&mut g, n, -5.0, 5.0);
             let dy = uniform::<T>(&mut g, n, -1.0, 1.0);
             let sent = T::from_f32_rn(-7.0);
-            let dh = upload(&s, &hh, off, sent)?;
-            let ddy = upload(&s, &dy, off, sent)?;
-            let mut ddx = upload(&s, &vec![poison::<T>(); n], off, sent)?;
-            let mut ddb = upload(&s, &vec![poison::<T>(); cols], off, sent)?;
+            let dh = upload(s, &hh, off, sent)?;
+            let ddy = upload(s, &dy, off, sent)?;
+            let mut ddx = upload(s, &vec![poison::<T>(); n], off, sent)?;
+            let mut ddb = upload(s, &vec![poison::<T>(); cols], off, sent)?;
             {
                 let hv = dh.slice(off..off + n);
                 let dyv = ddy.slice(off..off + n);
@@ -247,8 +247,8 @@ fn saved_h<T: Dtype>(h: &Handle) -> R<()> {
                 let dbv = ddb.slice_mut(off..off + cols);
                 bad::backward(h, &cfg, &dyv, Preact::H(hv), &mut dxv, Some(dbv)).map_err(e2s)?;
             }
-            let dx = download(&s, &ddx, off, sent, "dx")?;
-            let db = download(&s, &ddb, off, sent, "dbias")?;
+            let dx = download(s, &ddx, off, sent, "dx")?;
+            let db = download(s, &ddb, off, sent, "dbias")?;
             let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cols]);
             cpu::backward(&cfg, &dy, Preact::H(&hh[..]), &mut wdx, Some(&mut wdb)).map_err(e2s)?;
             same_bits(&format!("{act:?} saved h: dx"), &dx, &wdx)?;
