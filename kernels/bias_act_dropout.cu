@@ -173,30 +173,94 @@ struct BiasActDropoutDbiasParams {
 };
 static_assert(sizeof(BiasActDropoutDbiasParams) == 32, "must match src/bias_act_dropout/gpu.rs");
 
-template <typename T, int V> __device__ __forceinline__ void fwd(const BiasActDropoutFwdParams& p) {
+// Rows of one lane handled per loop trip: all their loads are issued before any of their math,
+// so more bytes are in flight per thread. Each lane still visits its rows in increasing order,
+// so the dbias partials are the same sums.
+constexpr int UNROLL = 2;
+
+template <typename T, int V, uint32_t ACT> __device__ __forceinline__ void fwd_impl(const BiasActDropoutFwdParams& p) {
     const uint64_t c0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (c0 >= p.cols) return;  // no barrier in the forward
-    const int cnt = V;  // vector path: cols % V == 0; scalar path: V == 1
-    (void)cnt;
     float b[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) b[k] = p.bias ? ld<T>(p.bias, c0 + k) : 0.0f;
     const uint64_t s0 = (uint64_t)blockIdx.y * p.slab_rows;
     const uint64_t s1 = min(s0 + p.slab_rows, p.rows);
-    for (uint64_t row = s0 + threadIdx.y; row < s1; row += LANES) {
-        const uint64_t i = row * p.cols + c0;
-        float h[V], y[V];
-        load_v<T, V>(p.x, i, h);
-        if (p.bias) {
+    for (uint64_t row = s0 + threadIdx.y; row < s1; row += LANES * UNROLL) {
+        float h[UNROLL][V];
 #pragma unroll
-            for (int k = 0; k < V; ++k) h[k] = __fadd_rn(h[k], b[k]);
+        for (int u = 0; u < UNROLL; ++u) {
+            const uint64_t r = row + (uint64_t)u * LANES;
+            if (r < s1) load_v<T, V>(p.x, r * p.cols + c0, h[u]);
         }
-        if (p.h_out) store_v<T, V>(p.h_out, i, h);
-        const uint32_t keep = drop::keep_bits<V>(p.seed, p.call, p.threshold, i);
 #pragma unroll
-        for (int k = 0; k < V; ++k)
-            y[k] = (keep >> k) & 1u ? __fmul_rn(act_fwd(p.act, h[k]), p.scale) : 0.0f;
-        store_v<T, V>(p.y, i, y);
+        for (int u = 0; u < UNROLL; ++u) {
+            const uint64_t r = row + (uint64_t)u * LANES;
+            if (r >= s1) break;
+            const uint64_t i = r * p.cols + c0;
+            if (p.bias) {
+#pragma unroll
+                for (int k = 0; k < V; ++k) h[u][k] = __fadd_rn(h[u][k], b[k]);
+            }
+            if (p.h_out) store_v<T, V>(p.h_out, i, h[u]);
+            const uint32_t keep = drop::keep_bits<V>(p.seed, p.call, p.threshold, i);
+            float y[V];
+#pragma unroll
+            for (int k = 0; k < V; ++k)
+                y[k] = (keep >> k) & 1u ? __fmul_rn(act_fwd(ACT, h[u][k]), p.scale) : 0.0f;
+            store_v<T, V>(p.y, i, y);
+        }
+    }
+}
+
+// The activation as a template argument, so each body is specialised (no per-element switch).
+template <typename T, int V> __device__ __forceinline__ void fwd(const BiasActDropoutFwdParams& p) {
+    switch (p.act) {
+        case ACT_GELU_ERF: fwd_impl<T, V, ACT_GELU_ERF>(p); break;
+        case ACT_GELU_TANH: fwd_impl<T, V, ACT_GELU_TANH>(p); break;
+        case ACT_SILU: fwd_impl<T, V, ACT_SILU>(p); break;
+        default: fwd_impl<T, V, ACT_RELU>(p); break;
+    }
+}
+
+template <typename T, int V, uint32_t ACT>
+__device__ __forceinline__ void bwd_rows(const BiasActDropoutBwdParams& p, uint64_t c0, uint64_t s0, uint64_t s1,
+                                         const float (&b)[V], float (&acc)[V]) {
+    for (uint64_t row = s0 + threadIdx.y; row < s1; row += LANES * UNROLL) {
+        float g[UNROLL][V], h[UNROLL][V];
+        uint32_t keep[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const uint64_t r = row + (uint64_t)u * LANES;
+            keep[u] = 0;
+            if (r >= s1) continue;
+            const uint64_t i = r * p.cols + c0;
+            keep[u] = drop::keep_bits<V>(p.seed, p.call, p.threshold, i);
+            if (keep[u] == 0) continue;  // a dropped group reads nothing
+            load_v<T, V>(p.dy, i, g[u]);
+            load_v<T, V>(p.h ? p.h : p.x, i, h[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const uint64_t r = row + (uint64_t)u * LANES;
+            if (r >= s1) break;
+            float d[V];
+            if (keep[u] == 0) {
+#pragma unroll
+                for (int k = 0; k < V; ++k) d[k] = 0.0f;
+            } else {
+                if (!p.h && p.bias) {
+#pragma unroll
+                    for (int k = 0; k < V; ++k) h[u][k] = __fadd_rn(h[u][k], b[k]);
+                }
+#pragma unroll
+                for (int k = 0; k < V; ++k)
+                    d[k] = (keep[u] >> k) & 1u ? __fmul_rn(__fmul_rn(g[u][k], p.scale), act_grad(ACT, h[u][k])) : 0.0f;
+            }
+            store_v<T, V>(p.dx, r * p.cols + c0, d);
+#pragma unroll
+            for (int k = 0; k < V; ++k) acc[k] = __fadd_rn(acc[k], d[k]);
+        }
     }
 }
 
@@ -213,32 +277,11 @@ template <typename T, int V> __device__ __forceinline__ void bwd(const BiasActDr
         float b[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) b[k] = (p.bias && !p.h) ? ld<T>(p.bias, c0 + k) : 0.0f;
-        for (uint64_t row = s0 + threadIdx.y; row < s1; row += LANES) {
-            const uint64_t i = row * p.cols + c0;
-            const uint32_t keep = drop::keep_bits<V>(p.seed, p.call, p.threshold, i);
-            float d[V];
-            if (keep == 0) {
-#pragma unroll
-                for (int k = 0; k < V; ++k) d[k] = 0.0f;
-            } else {
-                float g[V], h[V];
-                load_v<T, V>(p.dy, i, g);
-                if (p.h) {
-                    load_v<T, V>(p.h, i, h);
-                } else {
-                    load_v<T, V>(p.x, i, h);
-                    if (p.bias) {
-#pragma unroll
-                        for (int k = 0; k < V; ++k) h[k] = __fadd_rn(h[k], b[k]);
-                    }
-                }
-#pragma unroll
-                for (int k = 0; k < V; ++k)
-                    d[k] = (keep >> k) & 1u ? __fmul_rn(__fmul_rn(g[k], p.scale), act_grad(p.act, h[k])) : 0.0f;
-            }
-            store_v<T, V>(p.dx, i, d);
-#pragma unroll
-            for (int k = 0; k < V; ++k) acc[k] = __fadd_rn(acc[k], d[k]);
+        switch (p.act) {
+            case ACT_GELU_ERF: bwd_rows<T, V, ACT_GELU_ERF>(p, c0, s0, s1, b, acc); break;
+            case ACT_GELU_TANH: bwd_rows<T, V, ACT_GELU_TANH>(p, c0, s0, s1, b, acc); break;
+            case ACT_SILU: bwd_rows<T, V, ACT_SILU>(p, c0, s0, s1, b, acc); break;
+            default: bwd_rows<T, V, ACT_RELU>(p, c0, s0, s1, b, acc); break;
         }
     }
     if (p.partials == nullptr) return;  // uniform across the block

@@ -6,6 +6,7 @@
 
 mod adamw;
 mod bad_input;
+mod bias_act_dropout;
 #[path = "../common/mod.rs"]
 mod common;
 mod cross_entropy;
@@ -30,6 +31,7 @@ fn main() {
     trials.extend(bad_input::trials());
     trials.extend(cross_entropy::trials());
     trials.extend(fmath::trials());
+    trials.extend(bias_act_dropout::trials());
     trials.extend(dropout::trials());
     trials.extend(dropout_add_norm::trials());
     libtest_mimic::run(&args, trials).exit();

@@ -1,0 +1,405 @@
+//! Fused bias + activation + dropout on the device against the CPU reference, bit for bit
+//! (y, h_out, dx, dbias), for every activation and dtype, vector and scalar paths (aligned views
+//! with `cols % vec == 0`; views at element 1 and odd widths), p = 0 / p = 1, the saved-h
+//! backward, inf/NaN inputs, and the unfused baseline against its CPU mirror.
+//!
+//! Outputs are poisoned before the kernels run, and every output view has a sentinel element on
+//! each side that must survive.
+#![allow(clippy::needless_range_loop)]
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use fusedreg::bias_act_dropout::{self as bad, cpu, unfused, Activation, Config, Preact};
+use fusedreg::{Dtype, Handle};
+use half::{bf16, f16};
+use libtest_mimic::Trial;
+use std::sync::Arc;
+
+use crate::common::{bits_eq, rng, uniform};
+use crate::harness::trials_of;
+
+pub fn trials() -> Vec<Trial> {
+    trials_of(
+        "bias_act_dropout",
+        &[
+            ("shapes_f32", shapes::<f32>),
+            ("shapes_f16", shapes::<f16>),
+            ("shapes_bf16", shapes::<bf16>),
+            ("edge_rates_f32", edge_rates::<f32>),
+            ("edge_rates_bf16", edge_rates::<bf16>),
+            ("saved_h_f32", saved_h::<f32>),
+            ("saved_h_bf16", saved_h::<bf16>),
+            ("inf_and_nan_inputs_f32", specials::<f32>),
+            ("inf_and_nan_inputs_f16", specials::<f16>),
+            ("large_tensor_bf16", large_tensor),
+            ("empty_inputs", empty_inputs),
+            ("unfused_matches_its_cpu_mirror_f32", unfused_mirror::<f32>),
+            ("unfused_matches_its_cpu_mirror_f16", unfused_mirror::<f16>),
+            (
+                "unfused_matches_its_cpu_mirror_bf16",
+                unfused_mirror::<bf16>,
+            ),
+            ("bad_input_is_an_error", bad_input_is_an_error),
+        ],
+    )
+}
+
+type R<T> = Result<T, String>;
+
+fn e2s<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+fn poison<T: Dtype>() -> T {
+    T::from_f32_rn(f32::NAN)
+}
+
+/// A device buffer `[sentinel; off] ++ data ++ [sentinel]`.
+fn upload<T: DeviceRepr + Copy>(
+    s: &Arc<CudaStream>,
+    data: &[T],
+    off: usize,
+    sentinel: T,
+) -> R<CudaSlice<T>> {
+    let mut v = vec![sentinel; off];
+    v.extend_from_slice(data);
+    v.push(sentinel);
+    s.clone_htod(&v).map_err(e2s)
+}
+
+/// Reads back the view `off .. off + n` and checks the sentinels around it.
+fn download<T: Dtype>(
+    s: &Arc<CudaStream>,
+    buf: &CudaSlice<T>,
+    off: usize,
+    sentinel: T,
+    what: &str,
+) -> R<Vec<T>> {
+    let all = s.clone_dtoh(buf).map_err(e2s)?;
+    let n = all.len() - off - 1;
+    let sb = sentinel.to_f32().to_bits();
+    for (i, v) in all[..off].iter().chain(&all[off + n..]).enumerate() {
+        if v.to_f32().to_bits() != sb {
+            return Err(format!("{what}: sentinel {i} overwritten"));
+        }
+    }
+    Ok(all[off..off + n].to_vec())
+}
+
+/// Bit-for-bit, except that any NaN equals any NaN (the GPU's NaN payloads are canonical, the
+/// CPU's are not; every other bit must match).
+fn same_bits<T: Dtype>(what: &str, got: &[T], want: &[T]) -> R<()> {
+    let g: Vec<u32> = got.iter().map(|v| canon(v.to_f32())).collect();
+    let w: Vec<u32> = want.iter().map(|v| canon(v.to_f32())).collect();
+    bits_eq(what, &g, &w)
+}
+
+fn canon(v: f32) -> u32 {
+    if v.is_nan() {
+        0x7fff_ffff
+    } else {
+        v.to_bits()
+    }
+}
+
+/// Runs forward (with h_out) and backward (recomputing h, with dbias) on the GPU with views at
+/// `off` and compares every output with the CPU reference.
+fn run_case<T: Dtype>(
+    h: &Handle,
+    cfg: &Config,
+    x: &[T],
+    b: Option<&[T]>,
+    dy: &[T],
+    off: usize,
+) -> R<()> {
+    let s = h.stream();
+    let n = cfg.len();
+    let what = format!(
+        "{:?} [{}, {}] p {} off {off} {}",
+        cfg.act(),
+        cfg.rows(),
+        cfg.cols(),
+        cfg.rate().p(),
+        T::KIND.name()
+    );
+    let sent = T::from_f32_rn(-7.0);
+    let dx_ = upload(s, x, off, sent)?;
+    let db_ = b.map(|b| upload(s, b, off, sent)).transpose()?;
+    let ddy = upload(s, dy, off, sent)?;
+    let mut dy_out = upload(s, &vec![poison::<T>(); n], off, sent)?;
+    let mut dh = upload(s, &vec![poison::<T>(); n], off, sent)?;
+    {
+        let xv = dx_.slice(off..off + n);
+        let bv = db_.as_ref().map(|b| b.slice(off..off + cfg.cols()));
+        let mut yv = dy_out.slice_mut(off..off + n);
+        let hv = dh.slice_mut(off..off + n);
+        bad::forward(h, cfg, &xv, bv, &mut yv, Some(hv)).map_err(e2s)?;
+    }
+    let y = download(s, &dy_out, off, sent, "y")?;
+    let hh = download(s, &dh, off, sent, "h_out")?;
+    let (mut wy, mut wh) = (vec![poison::<T>(); n], vec![poison::<T>(); n]);
+    cpu::forward(cfg, x, b, &mut wy, Some(&mut wh)).map_err(e2s)?;
+    same_bits(&format!("{what}: y"), &y, &wy)?;
+    same_bits(&format!("{what}: h_out"), &hh, &wh)?;
+
+    let mut ddx = upload(s, &vec![poison::<T>(); n], off, sent)?;
+    let mut ddb = upload(s, &vec![poison::<T>(); cfg.cols()], off, sent)?;
+    {
+        let xv = dx_.slice(off..off + n);
+        let bv = db_.as_ref().map(|b| b.slice(off..off + cfg.cols()));
+        let dyv = ddy.slice(off..off + n);
+        let mut dxv = ddx.slice_mut(off..off + n);
+        let dbv = ddb.slice_mut(off..off + cfg.cols());
+        bad::backward(
+            h,
+            cfg,
+            &dyv,
+            Preact::X { x: xv, bias: bv },
+            &mut dxv,
+            Some(dbv),
+        )
+        .map_err(e2s)?;
+    }
+    let dx = download(s, &ddx, off, sent, "dx")?;
+    let db = download(s, &ddb, off, sent, "dbias")?;
+    let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cfg.cols()]);
+    cpu::backward(cfg, dy, Preact::X { x, bias: b }, &mut wdx, Some(&mut wdb)).map_err(e2s)?;
+    same_bits(&format!("{what}: dx"), &dx, &wdx)?;
+    same_bits(&format!("{what}: dbias"), &db, &wdb)?;
+    // Without dbias the dx is the same.
+    {
+        let xv = dx_.slice(off..off + n);
+        let bv = db_.as_ref().map(|b| b.slice(off..off + cfg.cols()));
+        let dyv = ddy.slice(off..off + n);
+        let mut dxv = ddx.slice_mut(off..off + n);
+        bad::backward(h, cfg, &dyv, Preact::X { x: xv, bias: bv }, &mut dxv, None).map_err(e2s)?;
+    }
+    let dx2 = download(s, &ddx, off, sent, "dx (no dbias)")?;
+    same_bits(&format!("{what}: dx without dbias"), &dx2, &wdx)
+}
+
+fn shapes<T: Dtype>(h: &Handle) -> R<()> {
+    let mut g = rng(0xba5e);
+    let vec = 16 / T::KIND.size();
+    // Vector path: cols % vec == 0 and off 0; scalar path: odd cols or off 1. Row counts cross
+    // the lane (4) and slab boundaries; one shape has more than 64 slab rows.
+    let shapes = [
+        (1, 1),
+        (1, 7),
+        (3, vec),
+        (5, 3 * vec),
+        (37, 64 * vec + vec),
+        (130, 33),
+        (67, 1000),
+        (2000, 24),
+    ];
+    for act in Activation::ALL {
+        for &(rows, cols) in &shapes {
+            for off in [0, 1] {
+                for with_bias in [true, false] {
+                    let cfg =
+                        Config::new(rows, cols, act, 0.3, 0x1234 + rows as u64, 17).map_err(e2s)?;
+                    let x = uniform::<T>(&mut g, rows * cols, -6.0, 6.0);
+                    let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
+                    let dy = uniform::<T>(&mut g, rows * cols, -2.0, 2.0);
+                    run_case(h, &cfg, &x, with_bias.then_some(&b[..]), &dy, off)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn edge_rates<T: Dtype>(h: &Handle) -> R<()> {
+    let mut g = rng(0xed9e);
+    for act in Activation::ALL {
+        for p in [0.0, 1.0 / 256.0, 0.5, 1.0] {
+            let (rows, cols) = (19, 128);
+            let cfg = Config::new(rows, cols, act, p, 99, 5).map_err(e2s)?;
+            let x = uniform::<T>(&mut g, rows * cols, -4.0, 4.0);
+            let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
+            let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
+            run_case(h, &cfg, &x, Some(&b), &dy, 0)?;
+            run_case(h, &cfg, &x, Some(&b), &dy, 1)?;
+        }
+    }
+    Ok(())
+}
+
+/// The backward reading a saved h (the forward's h_out) against the CPU doing the same.
+fn saved_h<T: Dtype>(h: &Handle) -> R<()> {
+    let mut g = rng(0x5a7e);
+    let s = h.stream();
+    for act in Activation::ALL {
+        for (rows, cols, off) in [(33, 256, 0), (33, 255, 1)] {
+            let cfg = Config::new(rows, cols, act, 0.2, 3, 3).map_err(e2s)?;
+            let n = cfg.len();
+            let hh = uniform::<T>(&mut g, n, -5.0, 5.0);
+            let dy = uniform::<T>(&mut g, n, -1.0, 1.0);
+            let sent = T::from_f32_rn(-7.0);
+            let dh = upload(s, &hh, off, sent)?;
+            let ddy = upload(s, &dy, off, sent)?;
+            let mut ddx = upload(s, &vec![poison::<T>(); n], off, sent)?;
+            let mut ddb = upload(s, &vec![poison::<T>(); cols], off, sent)?;
+            {
+                let hv = dh.slice(off..off + n);
+                let dyv = ddy.slice(off..off + n);
+                let mut dxv = ddx.slice_mut(off..off + n);
+                let dbv = ddb.slice_mut(off..off + cols);
+                bad::backward(h, &cfg, &dyv, Preact::H(hv), &mut dxv, Some(dbv)).map_err(e2s)?;
+            }
+            let dx = download(s, &ddx, off, sent, "dx")?;
+            let db = download(s, &ddb, off, sent, "dbias")?;
+            let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cols]);
+            cpu::backward(&cfg, &dy, Preact::H(&hh[..]), &mut wdx, Some(&mut wdb)).map_err(e2s)?;
+            same_bits(&format!("{act:?} saved h: dx"), &dx, &wdx)?;
+            same_bits(&format!("{act:?} saved h: dbias"), &db, &wdb)?;
+        }
+    }
+    Ok(())
+}
+
+/// Inputs with infinities, NaNs, zeros, huge and tiny values: NaN compares as a class.
+fn specials<T: Dtype>(h: &Handle) -> R<()> {
+    let mut g = rng(0x0ddc);
+    let vals = [
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        0.0,
+        -0.0,
+        1e4,
+        -1e4,
+        30.0,
+        -30.0,
+        1e-6,
+    ];
+    for act in Activation::ALL {
+        let (rows, cols) = (16, 64);
+        let cfg = Config::new(rows, cols, act, 0.25, 1, 1).map_err(e2s)?;
+        let mut x = uniform::<T>(&mut g, rows * cols, -8.0, 8.0);
+        for (i, v) in x.iter_mut().enumerate().step_by(5) {
+            *v = T::from_f32_rn(vals[(i / 5) % vals.len()]);
+        }
+        let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
+        let mut dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
+        for (i, v) in dy.iter_mut().enumerate().step_by(7) {
+            *v = T::from_f32_rn(vals[(i / 7) % vals.len()]);
+        }
+        run_case(h, &cfg, &x, Some(&b), &dy, 0)?;
+        run_case(h, &cfg, &x, Some(&b), &dy, 1)?;
+    }
+    Ok(())
+}
+
+/// A tensor with many slabs and rows (the slab partition at its largest rows per slab).
+fn large_tensor(h: &Handle) -> R<()> {
+    let mut g = rng(0x1a26e);
+    let (rows, cols) = (4099, 1032);
+    let cfg = Config::new(rows, cols, Activation::GeluTanh, 0.1, 7, 8).map_err(e2s)?;
+    let x = uniform::<bf16>(&mut g, rows * cols, -4.0, 4.0);
+    let b = uniform::<bf16>(&mut g, cols, -1.0, 1.0);
+    let dy = uniform::<bf16>(&mut g, rows * cols, -1.0, 1.0);
+    run_case(h, &cfg, &x, Some(&b), &dy, 0)
+}
+
+fn empty_inputs(h: &Handle) -> R<()> {
+    let s = h.stream();
+    let cfg = Config::new(0, 24, Activation::Silu, 0.1, 1, 1).map_err(e2s)?;
+    let x = s.alloc_zeros::<f32>(0).map_err(e2s)?;
+    let mut y = s.alloc_zeros::<f32>(0).map_err(e2s)?;
+    bad::forward(h, &cfg, &x, None, &mut y, None).map_err(e2s)?;
+    let mut dx = s.alloc_zeros::<f32>(0).map_err(e2s)?;
+    let mut db = s.clone_htod(&[f32::NAN; 24]).map_err(e2s)?;
+    bad::backward(
+        h,
+        &cfg,
+        &x,
+        Preact::X {
+            x: x.as_view(),
+            bias: None,
+        },
+        &mut dx,
+        Some(db.as_view_mut()),
+    )
+    .map_err(e2s)?;
+    let got = s.clone_dtoh(&db).map_err(e2s)?;
+    if got.iter().any(|v| v.to_bits() != 0) {
+        return Err(format!("dbias of no rows should be +0: {got:?}"));
+    }
+    Ok(())
+}
+
+fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
+    let mut g = rng(0x0f05);
+    let s = h.stream();
+    for act in Activation::ALL {
+        let (rows, cols) = (45, 257);
+        let cfg = Config::new(rows, cols, act, 0.2, 11, 12).map_err(e2s)?;
+        let n = cfg.len();
+        let x = uniform::<T>(&mut g, n, -4.0, 4.0);
+        let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
+        let dy = uniform::<T>(&mut g, n, -1.0, 1.0);
+        let (dxx, dbb, ddy) = (
+            s.clone_htod(&x).map_err(e2s)?,
+            s.clone_htod(&b).map_err(e2s)?,
+            s.clone_htod(&dy).map_err(e2s)?,
+        );
+        let mut dyo = s.clone_htod(&vec![poison::<T>(); n]).map_err(e2s)?;
+        let mut dm = s.clone_htod(&vec![7u8; n]).map_err(e2s)?;
+        let mut dh = s.clone_htod(&vec![poison::<T>(); n]).map_err(e2s)?;
+        unfused::forward(h, &cfg, &dxx, &dbb, &mut dyo, &mut dm, &mut dh).map_err(e2s)?;
+        let (mut wy, mut wm, mut wh) =
+            (vec![poison::<T>(); n], vec![0u8; n], vec![poison::<T>(); n]);
+        unfused::forward_cpu(&cfg, &x, &b, &mut wy, &mut wm, &mut wh).map_err(e2s)?;
+        same_bits("unfused y", &s.clone_dtoh(&dyo).map_err(e2s)?, &wy)?;
+        same_bits("unfused h", &s.clone_dtoh(&dh).map_err(e2s)?, &wh)?;
+        bits_eq("unfused mask", &s.clone_dtoh(&dm).map_err(e2s)?, &wm)?;
+        let mut ddx = s.clone_htod(&vec![poison::<T>(); n]).map_err(e2s)?;
+        let mut ddb = s.clone_htod(&vec![poison::<T>(); cols]).map_err(e2s)?;
+        unfused::backward(h, &cfg, &ddy, &dm, &dh, &mut ddx, Some(ddb.as_view_mut()))
+            .map_err(e2s)?;
+        let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cols]);
+        unfused::backward_cpu(&cfg, &dy, &wm, &wh, &mut wdx, Some(&mut wdb)).map_err(e2s)?;
+        same_bits("unfused dx", &s.clone_dtoh(&ddx).map_err(e2s)?, &wdx)?;
+        same_bits("unfused dbias", &s.clone_dtoh(&ddb).map_err(e2s)?, &wdb)?;
+    }
+    Ok(())
+}
+
+fn bad_input_is_an_error(h: &Handle) -> R<()> {
+    let s = h.stream();
+    let cfg = Config::new(4, 8, Activation::Relu, 0.1, 1, 1).map_err(e2s)?;
+    let x = s.alloc_zeros::<f32>(32).map_err(e2s)?;
+    let short = s.alloc_zeros::<f32>(31).map_err(e2s)?;
+    let mut y = s.alloc_zeros::<f32>(32).map_err(e2s)?;
+    let shape = |r: fusedreg::Result<()>| matches!(r, Err(fusedreg::Error::ShapeMismatch { .. }));
+    if !shape(bad::forward(h, &cfg, &short, None, &mut y, None)) {
+        return Err("short x accepted".into());
+    }
+    let b7 = s.alloc_zeros::<f32>(7).map_err(e2s)?;
+    if !shape(bad::forward(h, &cfg, &x, Some(b7.as_view()), &mut y, None)) {
+        return Err("short bias accepted".into());
+    }
+    if !shape(bad::backward(
+        h,
+        &cfg,
+        &x,
+        Preact::H(short.as_view()),
+        &mut y,
+        None,
+    )) {
+        return Err("short h accepted".into());
+    }
+    let mut db = s.alloc_zeros::<f32>(9).map_err(e2s)?;
+    if !shape(bad::backward(
+        h,
+        &cfg,
+        &x,
+        Preact::H(x.as_view()),
+        &mut y,
+        Some(db.as_view_mut()),
+    )) {
+        return Err("long dbias accepted".into());
+    }
+    Ok(())
+}
