@@ -46,6 +46,7 @@ constexpr uint32_t FLAG_DROP_PATH = drop::FLAG_DROP_PATH;  // row scale drawn un
 constexpr uint32_t FLAG_VEC = 2u;        // 16-byte vector loads and stores
 constexpr uint32_t FLAG_RMS = 4u;        // RMSNorm (else LayerNorm)
 constexpr uint32_t FLAG_BETA = 8u;       // forward: beta is given
+constexpr uint32_t FLAG_NORM_ONLY = 16u; // forward: s is an input (the unfused baseline's norm)
 
 // Eight elements of T starting at p (cnt <= 8 of them valid; the rest read as 0).
 template <typename T>
@@ -195,6 +196,7 @@ template <typename T, typename S>
 __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
     __shared__ float s_warp[2][MAX_THREADS / 32];
     const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS, has_beta = p.flags & FLAG_BETA;
+    const bool norm_only = p.flags & FLAG_NORM_ONLY;
     const uint64_t groups = (p.cols + GROUP - 1) / GROUP;
     const float n = (float)p.cols;
     for (uint64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
@@ -208,14 +210,15 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             const uint64_t c0 = g * GROUP, i = base + c0;
             const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
             S sv[GROUP];
-            if (p.residual != nullptr) load8(p.residual + i, cnt, vec, sv);
+            if (p.residual != nullptr || norm_only) load8(norm_only ? p.s + i : p.residual + i, cnt, vec, sv);
             else {
 #pragma unroll
                 for (int k = 0; k < GROUP; ++k) sv[k] = from_f32<S>(0.f);
             }
             // A dropped element keeps the residual's bits and reads no x; rowm == 0 (dropped
-            // row, p = 1) drops all.
-            const uint32_t keep = rowm != 0.f ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
+            // row, p = 1) drops all. In norm-only mode s is read as it is.
+            const uint32_t keep =
+                rowm != 0.f && !norm_only ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
             if (keep != 0u) {
                 T xv[GROUP], bv[GROUP];
                 load8(p.x + i, cnt, vec, xv);
@@ -230,7 +233,7 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
                     }
                 }
             }
-            store8(p.s + i, sv, cnt, vec);
+            if (!norm_only) store8(p.s + i, sv, cnt, vec);
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
                 if (k < cnt) {

@@ -23,6 +23,7 @@ const FLAG_DROP_PATH: u32 = 1;
 const FLAG_VEC: u32 = 2;
 const FLAG_RMS: u32 = 4;
 const FLAG_BETA: u32 = 8;
+const FLAG_NORM_ONLY: u32 = 16;
 
 /// Mirrors `FwdParams<T, S>` in the kernel.
 #[repr(C)]
@@ -203,7 +204,7 @@ pub fn forward<T: Dtype, S: Dtype>(
     args: ForwardArgs<'_, T, S>,
     out: ForwardOut<'_, T, S>,
 ) -> Result<()> {
-    forward_impl(handle, cfg, args, out, false)
+    forward_impl(handle, cfg, args, out, Mode::Fused)
 }
 
 /// [`forward`] with the stream updated in place: `out.s` holds the residual on entry and `s` on
@@ -238,16 +239,29 @@ pub fn forward_inplace<T: Dtype, S: Dtype>(
             "forward_inplace reads the residual from out.s; args.residual must be None",
         ));
     }
-    forward_impl(handle, cfg, args, out, true)
+    forward_impl(handle, cfg, args, out, Mode::InPlace)
 }
 
-fn forward_impl<T: Dtype, S: Dtype>(
+/// What the forward kernel does with the stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// `s` computed from x and the residual (if any) and written.
+    Fused,
+    /// As `Fused`, the residual read from `out.s`.
+    InPlace,
+    /// `out.s` is an input, already computed (the unfused baseline's separate norm); x, bias,
+    /// the dropout and the row scale are not used.
+    NormOnly,
+}
+
+pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     handle: &Handle,
     cfg: &Config,
     args: ForwardArgs<'_, T, S>,
     mut out: ForwardOut<'_, T, S>,
-    in_place: bool,
+    mode: Mode,
 ) -> Result<()> {
+    let in_place = mode == Mode::InPlace;
     let (fwd, _) = kernels::<T, S>()?;
     let lens = ForwardLens {
         x: args.x.len(),
@@ -301,7 +315,11 @@ fn forward_impl<T: Dtype, S: Dtype>(
     let (rstd, _g5) = handle.write_ptr(OP, "rstd", &mut out.rstd)?;
     let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
     let (beta, bias, rowscale) = (ptr(&beta_g), ptr(&bias_g), ptr(&rs_g));
-    let residual = if in_place { s } else { ptr(&res_g) };
+    let residual = match mode {
+        Mode::Fused => ptr(&res_g),
+        Mode::InPlace => s,
+        Mode::NormOnly => 0,
+    };
 
     let vec = !t.force_scalar
         && cfg.cols() % GROUP == 0
@@ -316,6 +334,9 @@ fn forward_impl<T: Dtype, S: Dtype>(
     }
     if beta != 0 {
         flags |= FLAG_BETA;
+    }
+    if mode == Mode::NormOnly {
+        flags |= FLAG_NORM_ONLY;
     }
     let rate = cfg.rate();
     let p = FwdParams {

@@ -104,6 +104,7 @@ use crate::philox::DropRate;
 
 pub mod cpu;
 mod gpu;
+pub mod unfused;
 
 pub use crate::dropout_keying::DropPath;
 pub use gpu::{backward, forward, forward_inplace};
@@ -553,6 +554,31 @@ impl Config {
     /// ```
     pub fn keeps(&self, i: u64) -> bool {
         self.keying.keeps(i)
+    }
+
+    /// The same shape and norm without dropout or row scale (the unfused baseline's norm).
+    pub(crate) fn without_dropout(&self) -> Config {
+        Config {
+            keying: Keying::with_rate(DropRate::ZERO, 0, 0),
+            drop_path: None,
+            ..*self
+        }
+    }
+
+    /// The dropout part as a `dropout_residual` config (the unfused baseline's first op).
+    pub(crate) fn dropout_residual_config(&self) -> Result<crate::dropout_residual::Config> {
+        let k = self.keying;
+        let c = crate::dropout_residual::Config::new(
+            self.rows,
+            self.cols,
+            k.rate().p(),
+            k.seed(),
+            k.call(),
+        )?;
+        Ok(match self.drop_path {
+            Some(path) => c.with_drop_path(path),
+            None => c,
+        })
     }
 }
 
