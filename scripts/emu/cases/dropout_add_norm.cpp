@@ -100,6 +100,19 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     const unsigned block = partials_of(cols);
     launch(K<T, S>::fwd, dim3{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1}, dim3{block, 1, 1}, p);
 
+    // The unfused baseline's norm: the same kernel with s as an input (FLAG_NORM_ONLY = 16).
+    std::vector<T> out2(n, from_f32<T>(-77.f));
+    std::vector<float> mean2(rows, -5.f), rstd2(rows, -5.f);
+    const std::vector<S> s_before = s;
+    {
+        FwdParams<T, S> q = p;
+        q.x = nullptr; q.residual = nullptr; q.bias = nullptr; q.rowscale = nullptr;
+        q.out = out2.data(); q.mean = mean2.data(); q.rstd = rstd2.data();
+        q.flags = (p.flags & ~1u) | 16u;
+        launch(K<T, S>::fwd, dim3{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1}, dim3{block, 1, 1}, q);
+    }
+    if (memcmp(s.data(), s_before.data(), n * sizeof(S)) != 0) { printf("norm-only wrote s\n"); abort(); }
+
     // Backward: one block per slab of ceil(rows / 1024) rows, then the in-order column sums.
     const uint64_t slab_rows = std::max<uint64_t>(1, (rows + 1023) / 1024), slabs = (rows + slab_rows - 1) / slab_rows;
     const bool want_dres = c.residual || c.in_place;
@@ -122,10 +135,12 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
 
     auto h = [](const auto& v) { return (unsigned long long)fnv(v.data(), v.size() * sizeof(v[0])); };
     printf("%s/%s %llux%llu %s res %d inpl %d beta %d bias %d rs %d pre %d vec %d spec %d p %g pp %g l %d grid %u | "
-           "out %016llx s %016llx mean %016llx rstd %016llx dx %016llx dres %016llx dg %016llx db %016llx dbias %016llx\n",
+           "out %016llx s %016llx mean %016llx rstd %016llx dx %016llx dres %016llx dg %016llx db %016llx dbias %016llx "
+           "norm-only out %016llx mean %016llx rstd %016llx\n",
            Kind<T>::name, Kind<S>::name, (unsigned long long)rows, (unsigned long long)cols, c.rms ? "rms" : "ln",
            c.residual, c.in_place, c.beta, c.bias, c.rs, c.prenorm, c.vec, c.specials, c.p, c.p_path, c.layer,
-           c.max_grid, h(out), h(s), h(mean), h(rstd), h(dx), h(d_res), h(dgamma), h(dbeta), h(dbias));
+           c.max_grid, h(out), h(s), h(mean), h(rstd), h(dx), h(d_res), h(dgamma), h(dbeta), h(dbias),
+           h(out2), h(mean2), h(rstd2));
     fflush(stdout);
 
     if (const char* dir = getenv("DAN_DUMP")) {
