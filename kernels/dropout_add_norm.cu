@@ -47,6 +47,15 @@ constexpr uint32_t FLAG_VEC = 2u;        // 16-byte vector loads and stores
 constexpr uint32_t FLAG_RMS = 4u;        // RMSNorm (else LayerNorm)
 constexpr uint32_t FLAG_BETA = 8u;       // forward: beta is given
 constexpr uint32_t FLAG_NORM_ONLY = 16u; // forward: s is an input (the unfused baseline's norm)
+constexpr uint32_t FLAG_SMEM = 32u;      // backward: slab partials in dynamic shared memory
+
+// The backward's dynamic shared memory: 3 * cols f32 slab partials when FLAG_SMEM. (Under host
+// emulation, a static array of the emulator's largest case.)
+#ifdef __CUDACC__
+extern __shared__ float dyn_smem[];
+#else
+static float dyn_smem[3 * 4096];
+#endif
 
 // Eight elements of T starting at p (cnt <= 8 of them valid; the rest read as 0).
 template <typename T>
@@ -295,7 +304,10 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
 }
 
 // One slab of rows per block (grid.x = slabs), blockDim.x = row_partials(cols) threads. Thread q
-// owns the columns of groups q, q + P, ...: it alone updates their (slab, column) partials.
+// owns the columns of groups q, q + P, ...: it alone updates their (slab, column) partials, so
+// they need no synchronisation. They are accumulated in shared memory when 3 * cols floats fit
+// (FLAG_SMEM: the host checks the device's limit) and copied out at the end of the slab, else
+// directly in global memory; the order of the additions, and so the bits, are the same.
 template <typename T, typename S>
 __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
     __shared__ float s_warp[2][MAX_THREADS / 32];
@@ -304,9 +316,13 @@ __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
     const float n = (float)p.cols;
     const uint64_t slab = blockIdx.x;
     const uint64_t row0 = slab * p.slab_rows, row1 = min(row0 + p.slab_rows, p.rows);
-    float* part_g = p.partials + (0 * p.slabs + slab) * p.cols;
-    float* part_b = p.partials + (1 * p.slabs + slab) * p.cols;
-    float* part_t = p.partials + (2 * p.slabs + slab) * p.cols;
+    float* glob_g = p.partials + (0 * p.slabs + slab) * p.cols;
+    float* glob_b = p.partials + (1 * p.slabs + slab) * p.cols;
+    float* glob_t = p.partials + (2 * p.slabs + slab) * p.cols;
+    const bool smem = p.flags & FLAG_SMEM;
+    float* part_g = smem ? dyn_smem : glob_g;
+    float* part_b = smem ? dyn_smem + p.cols : glob_b;
+    float* part_t = smem ? dyn_smem + 2 * p.cols : glob_t;
     for (uint64_t row = row0; row < row1; ++row) {
         const bool first = row == row0;  // the slab's partials start from +0
         const float rowm = row_multiplier(p, row);
@@ -372,6 +388,18 @@ __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
             }
             if (p.d_residual != nullptr) store8(p.d_residual + i, drv, cnt, vec);
             store8(p.dx + i, dxv, cnt, vec);
+        }
+    }
+    if (smem) {
+        // The slab's partials out, each thread its own columns (coalesced within a group).
+        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+            const uint64_t c0 = gi * GROUP;
+            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+            for (int k = 0; k < cnt; ++k) {
+                glob_g[c0 + k] = part_g[c0 + k];
+                glob_b[c0 + k] = part_b[c0 + k];
+                glob_t[c0 + k] = part_t[c0 + k];
+            }
         }
     }
 }

@@ -24,6 +24,11 @@ const FLAG_VEC: u32 = 2;
 const FLAG_RMS: u32 = 4;
 const FLAG_BETA: u32 = 8;
 const FLAG_NORM_ONLY: u32 = 16;
+const FLAG_SMEM: u32 = 32;
+/// Static shared memory of the backward kernel (its row-sum scratch), beside the dynamic part.
+const BWD_STATIC_SMEM: usize = 64;
+/// Dynamic shared memory every kernel may use without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
 
 /// Mirrors `FwdParams<T, S>` in the kernel.
 #[repr(C)]
@@ -371,6 +376,39 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     handle.launch(fwd, (grid, 1, 1), (block, 1, 1), 0, &p)
 }
 
+/// Dynamic shared memory for the backward's slab partials (`3 * cols` f32), or 0 to keep them in
+/// global memory: when they do not fit the device's per-block limit, or raising the kernel's
+/// limit above 48 KiB fails. The kernel's limit is raised to the device's maximum once, never
+/// lowered, so concurrent callers cannot undercut each other.
+fn smem_partials(handle: &Handle, kernel: Kernel, cols: usize) -> u32 {
+    use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+    let Some(bytes) = cols.checked_mul(12) else {
+        return 0;
+    };
+    if bytes + BWD_STATIC_SMEM <= DEFAULT_SMEM {
+        return bytes as u32;
+    }
+    let optin = handle
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_or(0, |v| v.max(0) as usize);
+    if bytes + BWD_STATIC_SMEM > optin {
+        return 0;
+    }
+    let raised = handle.function(kernel).is_ok_and(|f| {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            (optin - BWD_STATIC_SMEM) as i32,
+        )
+        .is_ok()
+    });
+    if raised {
+        bytes as u32
+    } else {
+        0
+    }
+}
+
 /// The backward on the handle's stream (see the [module docs](super)): `dx` (mask and row scale
 /// regenerated from `cfg`, the same config as the forward), `d_residual`, `dgamma`, and
 /// optionally `dbeta` and `dbias`. The column gradients are deterministic: per-slab f32 partials
@@ -518,6 +556,11 @@ pub fn backward<T: Dtype, S: Dtype>(
         if cfg.norm() == Norm::RmsNorm {
             flags |= FLAG_RMS;
         }
+        // The slab partials in shared memory when they fit on this device (same bits either way).
+        let smem_bytes = smem_partials(handle, bwd, cols);
+        if smem_bytes > 0 {
+            flags |= FLAG_SMEM;
+        }
         let rate = cfg.rate();
         let p = BwdParams {
             d_out,
@@ -547,7 +590,7 @@ pub fn backward<T: Dtype, S: Dtype>(
             pad: 0,
         };
         let block = row_partials(cols) as u32;
-        handle.launch(bwd, (slabs as u32, 1, 1), (block, 1, 1), 0, &p)?;
+        handle.launch(bwd, (slabs as u32, 1, 1), (block, 1, 1), smem_bytes, &p)?;
     }
 
     let c = ColsumParams {

@@ -2,8 +2,9 @@
 // every dtype pair (x f32/f16/bf16, stream the same or f32), LayerNorm and RMSNorm, hidden sizes
 // 1, odd, multiples of 8 and past one block's groups; with and without residual (and in place),
 // beta, bias, a given row scale or a drop path (per row or per sample), d_s (prenorm); dropout
-// thresholds 0, 2^32 and between; the vector and the scalar path; a capped forward grid; inputs
-// with infinities and NaNs in some cases. One line of output hashes per case.
+// thresholds 0, 2^32 and between; the vector and the scalar path; a capped forward grid; the
+// backward's slab partials in shared or in global memory; the norm-only forward of the unfused
+// baseline; inputs with infinities and NaNs in some cases. One line of output hashes per case.
 //
 // With DAN_DUMP=<dir> each case also writes its inputs and outputs to <dir>/case<k>.bin, which
 // the CPU reference can read back to check the emulated kernels bit for bit (done when the kernel
@@ -126,7 +127,9 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     q.rows = rows; q.cols = cols; q.slab_rows = slab_rows; q.slabs = slabs;
     q.seed = dseed; q.call = dcall; q.threshold = p.threshold; q.path_call = path_call;
     q.path_threshold = p.path_threshold; q.scale = p.scale; q.path_scale = p.path_scale; q.layer_scale = ls;
-    q.flags = p.flags & ~8u; q.rows_per_sample = p.rows_per_sample;
+    // Half the cases keep the slab partials in shared memory (FLAG_SMEM = 32): the same bits, so
+    // the case line does not say which.
+    q.flags = (p.flags & ~8u) | (seed & 1 ? 32u : 0u); q.rows_per_sample = p.rows_per_sample;
     launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, q);
     ColsumParams<T> cs{};
     cs.partials = part.data(); cs.dgamma = dgamma.data(); cs.dbeta = dbeta.data(); cs.dbias = dbias.data();
