@@ -25,8 +25,8 @@ const FLAG_RMS: u32 = 4;
 const FLAG_BETA: u32 = 8;
 const FLAG_NORM_ONLY: u32 = 16;
 const FLAG_SMEM: u32 = 32;
-/// Static shared memory of the backward kernel (its row-sum scratch), beside the dynamic part.
-const BWD_STATIC_SMEM: usize = 64;
+/// Static shared memory of the kernels (the row sums' scratch), beside the dynamic part.
+const STATIC_SMEM: usize = 64;
 /// Dynamic shared memory every kernel may use without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
 
@@ -343,6 +343,11 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     if mode == Mode::NormOnly {
         flags |= FLAG_NORM_ONLY;
     }
+    // The row in shared memory for the passes after the first, when it fits (same bits).
+    let smem = smem_bytes(handle, fwd, cfg.cols(), 4);
+    if smem > 0 {
+        flags |= FLAG_SMEM;
+    }
     let rate = cfg.rate();
     let p = FwdParams {
         x,
@@ -373,32 +378,33 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         .min(u64::from(t.max_grid))
         .min(i32::MAX as u64) as u32;
     let block = row_partials(cfg.cols()) as u32;
-    handle.launch(fwd, (grid, 1, 1), (block, 1, 1), 0, &p)
+    handle.launch(fwd, (grid, 1, 1), (block, 1, 1), smem, &p)
 }
 
-/// Dynamic shared memory for the backward's slab partials (`3 * cols` f32), or 0 to keep them in
-/// global memory: when they do not fit the device's per-block limit, or raising the kernel's
-/// limit above 48 KiB fails. The kernel's limit is raised to the device's maximum once, never
-/// lowered, so concurrent callers cannot undercut each other.
-fn smem_partials(handle: &Handle, kernel: Kernel, cols: usize) -> u32 {
+/// Dynamic shared memory for a kernel's optional cache (`per_col` bytes per column: the
+/// forward's row of f32 values, the backward's 3 f32 slab partials), or 0 to do without it (the
+/// same bits): when it does not fit the device's per-block limit, or raising the kernel's limit
+/// above 48 KiB fails. The kernel's limit is raised to the device's maximum, never lowered, so
+/// concurrent callers cannot undercut each other.
+fn smem_bytes(handle: &Handle, kernel: Kernel, cols: usize, per_col: usize) -> u32 {
     use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-    let Some(bytes) = cols.checked_mul(12) else {
+    let Some(bytes) = cols.checked_mul(per_col) else {
         return 0;
     };
-    if bytes + BWD_STATIC_SMEM <= DEFAULT_SMEM {
+    if bytes + STATIC_SMEM <= DEFAULT_SMEM {
         return bytes as u32;
     }
     let optin = handle
         .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .map_or(0, |v| v.max(0) as usize);
-    if bytes + BWD_STATIC_SMEM > optin {
+    if bytes + STATIC_SMEM > optin {
         return 0;
     }
     let raised = handle.function(kernel).is_ok_and(|f| {
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            (optin - BWD_STATIC_SMEM) as i32,
+            (optin - STATIC_SMEM) as i32,
         )
         .is_ok()
     });
@@ -557,8 +563,8 @@ pub fn backward<T: Dtype, S: Dtype>(
             flags |= FLAG_RMS;
         }
         // The slab partials in shared memory when they fit on this device (same bits either way).
-        let smem_bytes = smem_partials(handle, bwd, cols);
-        if smem_bytes > 0 {
+        let smem = smem_bytes(handle, bwd, cols, 12);
+        if smem > 0 {
             flags |= FLAG_SMEM;
         }
         let rate = cfg.rate();
@@ -590,7 +596,7 @@ pub fn backward<T: Dtype, S: Dtype>(
             pad: 0,
         };
         let block = row_partials(cols) as u32;
-        handle.launch(bwd, (slabs as u32, 1, 1), (block, 1, 1), smem_bytes, &p)?;
+        handle.launch(bwd, (slabs as u32, 1, 1), (block, 1, 1), smem, &p)?;
     }
 
     let c = ColsumParams {

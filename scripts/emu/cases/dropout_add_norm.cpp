@@ -4,7 +4,8 @@
 // beta, bias, a given row scale or a drop path (per row or per sample), d_s (prenorm); dropout
 // thresholds 0, 2^32 and between; the vector and the scalar path; a capped forward grid; the
 // backward's slab partials in shared or in global memory; the norm-only forward of the unfused
-// baseline; inputs with infinities and NaNs in some cases. One line of output hashes per case.
+// baseline; the forward's row cached in shared memory or not; inputs with infinities and NaNs in
+// some cases. One line of output hashes per case.
 //
 // With DAN_DUMP=<dir> each case also writes its inputs and outputs to <dir>/case<k>.bin, which
 // the CPU reference can read back to check the emulated kernels bit for bit (done when the kernel
@@ -97,6 +98,9 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     p.scale = scale_of(c.p); p.path_scale = c.rs >= 2 ? scale_of(c.p_path) : 0.f;
     p.eps = eps; p.layer_scale = ls;
     p.flags = (c.rs >= 2 ? 1u : 0u) | (c.vec ? 2u : 0u) | (c.rms ? 4u : 0u) | (c.beta ? 8u : 0u);
+    // Half the forwards keep the row in shared memory (FLAG_SMEM = 32): the same bits.
+    const uint32_t fwd_smem = seed & 2 ? 32u : 0u;
+    p.flags |= fwd_smem;
     p.rows_per_sample = c.rs == 3 ? 3 : 1;
     const unsigned block = partials_of(cols);
     launch(K<T, S>::fwd, dim3{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1}, dim3{block, 1, 1}, p);
@@ -109,7 +113,7 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
         FwdParams<T, S> q = p;
         q.x = nullptr; q.residual = nullptr; q.bias = nullptr; q.rowscale = nullptr;
         q.out = out2.data(); q.mean = mean2.data(); q.rstd = rstd2.data();
-        q.flags = (p.flags & ~1u) | 16u;
+        q.flags = (p.flags & ~1u & ~32u) | 16u | (seed & 4 ? 32u : 0u);
         launch(K<T, S>::fwd, dim3{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1}, dim3{block, 1, 1}, q);
     }
     if (memcmp(s.data(), s_before.data(), n * sizeof(S)) != 0) { printf("norm-only wrote s\n"); abort(); }
@@ -129,7 +133,7 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     q.path_threshold = p.path_threshold; q.scale = p.scale; q.path_scale = p.path_scale; q.layer_scale = ls;
     // Half the cases keep the slab partials in shared memory (FLAG_SMEM = 32): the same bits, so
     // the case line does not say which.
-    q.flags = (p.flags & ~8u) | (seed & 1 ? 32u : 0u); q.rows_per_sample = p.rows_per_sample;
+    q.flags = (p.flags & ~8u & ~32u) | (seed & 1 ? 32u : 0u); q.rows_per_sample = p.rows_per_sample;
     launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, q);
     ColsumParams<T> cs{};
     cs.partials = part.data(); cs.dgamma = dgamma.data(); cs.dbeta = dbeta.data(); cs.dbias = dbias.data();
