@@ -344,7 +344,11 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         flags |= FLAG_NORM_ONLY;
     }
     // The row in shared memory for the passes after the first, when it fits (same bits).
-    let smem = smem_bytes(handle, fwd, cfg.cols(), 4);
+    let smem = if t.no_smem {
+        0
+    } else {
+        smem_bytes(handle, fwd, cfg.cols(), 4)
+    };
     if smem > 0 {
         flags |= FLAG_SMEM;
     }
@@ -563,7 +567,11 @@ pub fn backward<T: Dtype, S: Dtype>(
             flags |= FLAG_RMS;
         }
         // The slab partials in shared memory when they fit on this device (same bits either way).
-        let smem = smem_bytes(handle, bwd, cols, 12);
+        let smem = if t.no_smem {
+            0
+        } else {
+            smem_bytes(handle, bwd, cols, 12)
+        };
         if smem > 0 {
             flags |= FLAG_SMEM;
         }

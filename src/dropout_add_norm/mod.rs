@@ -667,6 +667,8 @@ pub struct LaunchTuning {
     pub force_scalar: bool,
     /// Cap on the forward's grid (blocks loop over the remaining rows).
     pub max_grid: u32,
+    /// Never use dynamic shared memory (the forward's row cache, the backward's partials).
+    pub no_smem: bool,
 }
 
 impl Default for LaunchTuning {
@@ -674,6 +676,7 @@ impl Default for LaunchTuning {
         LaunchTuning {
             force_scalar: false,
             max_grid: 1 << 20,
+            no_smem: false,
         }
     }
 }
