@@ -644,19 +644,22 @@ pub fn unfused_forward_bytes(dtype: DtypeKind, n: u64) -> u64 {
     n.saturating_mul(5 * dtype.size() as u64)
 }
 
-/// Minimal bytes of the unfused backward: the norm backward (read d_out and s, write ds: `3 s`),
-/// the stream gradient add (read ds and d_s, write d_residual: `3 s`), then `dropout_residual`'s
-/// backward (read d_residual, write dx: `2 s`): `8 s` = 16 B bf16, 32 B f32. Saturates.
+/// Minimal bytes of the unfused backward ([`unfused::backward`], prenorm): the norm backward
+/// (read d_out, s and d_s, write the stream gradient d_residual: `4 s`; it adds d_s itself, as a
+/// framework's gradient accumulation into the stream would cost a further `3 s`), then
+/// `dropout_residual`'s backward (read d_residual, write dx: `2 s`): `6 s` = 12 B bf16, 24 B f32.
+/// Saturates.
 ///
 /// # Examples
 ///
 /// ```
 /// use fusedreg::dropout_add_norm::unfused_backward_bytes;
 /// use fusedreg::DtypeKind;
-/// assert_eq!(unfused_backward_bytes(DtypeKind::Bf16, 1024), 16 * 1024);
+/// assert_eq!(unfused_backward_bytes(DtypeKind::Bf16, 1024), 12 * 1024);
+/// assert_eq!(unfused_backward_bytes(DtypeKind::F32, 1024), 24 * 1024);
 /// ```
 pub fn unfused_backward_bytes(dtype: DtypeKind, n: u64) -> u64 {
-    n.saturating_mul(8 * dtype.size() as u64)
+    n.saturating_mul(6 * dtype.size() as u64)
 }
 
 /// Launch knobs for tests: results never depend on them. Not part of the stable API.
