@@ -46,6 +46,19 @@ constexpr uint32_t FLAG_DROP_PATH = drop::FLAG_DROP_PATH;  // row scale drawn un
 constexpr uint32_t FLAG_VEC = 2u;        // 16-byte vector loads and stores
 constexpr uint32_t FLAG_RMS = 4u;        // RMSNorm (else LayerNorm)
 constexpr uint32_t FLAG_BETA = 8u;       // forward: beta is given
+constexpr uint32_t FLAG_NORM_ONLY = 16u; // forward: s is an input (the unfused baseline's norm)
+constexpr uint32_t FLAG_SMEM = 32u;      // use dynamic shared memory (forward: the row; backward:
+                                         // the slab partials)
+
+// Dynamic shared memory, when FLAG_SMEM: the forward keeps its row of s (cols f32) there for the
+// passes after the first, the backward its 3 * cols f32 slab partials. Each thread touches only
+// its own columns, so no synchronisation is needed. (Under host emulation, a static array of the
+// emulator's largest case.)
+#ifdef __CUDACC__
+extern __shared__ float dyn_smem[];
+#else
+static float dyn_smem[3 * 4096];
+#endif
 
 // Eight elements of T starting at p (cnt <= 8 of them valid; the rest read as 0).
 template <typename T>
@@ -190,11 +203,28 @@ template <typename T> struct ColsumParams {
     uint64_t cols, slabs;
 };
 
+// The stream values v = f32(s) of one group: from the row cached in shared memory, or re-read
+// from global memory (the s this thread itself wrote in pass 1).
+template <typename S>
+__device__ __forceinline__ void group_values(const S* s, uint64_t c0, int cnt, bool vec, bool cached,
+                                             float (&v)[GROUP]) {
+    if (cached) {
+#pragma unroll
+        for (int k = 0; k < GROUP; ++k) v[k] = k < cnt ? dyn_smem[c0 + k] : 0.f;
+    } else {
+        S sv[GROUP];
+        load8(s + c0, cnt, vec, sv);
+#pragma unroll
+        for (int k = 0; k < GROUP; ++k) v[k] = to_f32(sv[k]);
+    }
+}
+
 // One row per block (grid-stride over rows), blockDim.x = row_partials(cols) threads.
 template <typename T, typename S>
 __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
     __shared__ float s_warp[2][MAX_THREADS / 32];
     const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS, has_beta = p.flags & FLAG_BETA;
+    const bool norm_only = p.flags & FLAG_NORM_ONLY, cached = p.flags & FLAG_SMEM;
     const uint64_t groups = (p.cols + GROUP - 1) / GROUP;
     const float n = (float)p.cols;
     for (uint64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
@@ -208,14 +238,15 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             const uint64_t c0 = g * GROUP, i = base + c0;
             const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
             S sv[GROUP];
-            if (p.residual != nullptr) load8(p.residual + i, cnt, vec, sv);
+            if (p.residual != nullptr || norm_only) load8(norm_only ? p.s + i : p.residual + i, cnt, vec, sv);
             else {
 #pragma unroll
                 for (int k = 0; k < GROUP; ++k) sv[k] = from_f32<S>(0.f);
             }
             // A dropped element keeps the residual's bits and reads no x; rowm == 0 (dropped
-            // row, p = 1) drops all.
-            const uint32_t keep = rowm != 0.f ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
+            // row, p = 1) drops all. In norm-only mode s is read as it is.
+            const uint32_t keep =
+                rowm != 0.f && !norm_only ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
             if (keep != 0u) {
                 T xv[GROUP], bv[GROUP];
                 load8(p.x + i, cnt, vec, xv);
@@ -230,11 +261,12 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
                     }
                 }
             }
-            store8(p.s + i, sv, cnt, vec);
+            if (!norm_only) store8(p.s + i, sv, cnt, vec);
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
                 if (k < cnt) {
                     const float v = to_f32(sv[k]);
+                    if (cached) dyn_smem[c0 + k] = v;
                     acc[0] = __fadd_rn(acc[0], rms ? __fmul_rn(v, v) : v);
                 }
             }
@@ -246,18 +278,18 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc[0], n), p.eps)));
         } else {
             // Pass 2: the variance around the mean (two passes: no cancellation of E[s^2] -
-            // mean^2). This thread re-reads the s it wrote itself.
+            // mean^2), over this thread's own values of pass 1.
             mean = __fdiv_rn(acc[0], n);
             float acc2[1] = {0.f};
             for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
                 const uint64_t c0 = g * GROUP;
                 const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
-                S sv[GROUP];
-                load8(p.s + base + c0, cnt, vec, sv);
+                float v[GROUP];
+                group_values(p.s + base, c0, cnt, vec, cached, v);
 #pragma unroll
                 for (int k = 0; k < GROUP; ++k) {
                     if (k < cnt) {
-                        const float d = __fsub_rn(to_f32(sv[k]), mean);
+                        const float d = __fsub_rn(v[k], mean);
                         acc2[0] = __fadd_rn(acc2[0], __fmul_rn(d, d));
                     }
                 }
@@ -274,14 +306,14 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
         for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
             const uint64_t c0 = g * GROUP, i = base + c0;
             const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
-            S sv[GROUP];
+            float v[GROUP];
             T gv[GROUP], bv[GROUP], ov[GROUP];
-            load8(p.s + i, cnt, vec, sv);
+            group_values(p.s + base, c0, cnt, vec, cached, v);
             load8(p.gamma + c0, cnt, vec, gv);
             if (has_beta) load8(p.beta + c0, cnt, vec, bv);
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
-                const float xh = normalise(to_f32(sv[k]), mean, rstd, rms);
+                const float xh = normalise(v[k], mean, rstd, rms);
                 const float y = has_beta ? __fmaf_rn(xh, to_f32(gv[k]), to_f32(bv[k]))
                                          : __fmul_rn(xh, to_f32(gv[k]));
                 ov[k] = from_f32<T>(__fmul_rn(y, p.layer_scale));
@@ -292,7 +324,10 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
 }
 
 // One slab of rows per block (grid.x = slabs), blockDim.x = row_partials(cols) threads. Thread q
-// owns the columns of groups q, q + P, ...: it alone updates their (slab, column) partials.
+// owns the columns of groups q, q + P, ...: it alone updates their (slab, column) partials, so
+// they need no synchronisation. They are accumulated in shared memory when 3 * cols floats fit
+// (FLAG_SMEM: the host checks the device's limit) and copied out at the end of the slab, else
+// directly in global memory; the order of the additions, and so the bits, are the same.
 template <typename T, typename S>
 __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
     __shared__ float s_warp[2][MAX_THREADS / 32];
@@ -301,9 +336,13 @@ __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
     const float n = (float)p.cols;
     const uint64_t slab = blockIdx.x;
     const uint64_t row0 = slab * p.slab_rows, row1 = min(row0 + p.slab_rows, p.rows);
-    float* part_g = p.partials + (0 * p.slabs + slab) * p.cols;
-    float* part_b = p.partials + (1 * p.slabs + slab) * p.cols;
-    float* part_t = p.partials + (2 * p.slabs + slab) * p.cols;
+    float* glob_g = p.partials + (0 * p.slabs + slab) * p.cols;
+    float* glob_b = p.partials + (1 * p.slabs + slab) * p.cols;
+    float* glob_t = p.partials + (2 * p.slabs + slab) * p.cols;
+    const bool smem = p.flags & FLAG_SMEM;
+    float* part_g = smem ? dyn_smem : glob_g;
+    float* part_b = smem ? dyn_smem + p.cols : glob_b;
+    float* part_t = smem ? dyn_smem + 2 * p.cols : glob_t;
     for (uint64_t row = row0; row < row1; ++row) {
         const bool first = row == row0;  // the slab's partials start from +0
         const float rowm = row_multiplier(p, row);
@@ -369,6 +408,18 @@ __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
             }
             if (p.d_residual != nullptr) store8(p.d_residual + i, drv, cnt, vec);
             store8(p.dx + i, dxv, cnt, vec);
+        }
+    }
+    if (smem) {
+        // The slab's partials out, each thread its own columns (coalesced within a group).
+        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+            const uint64_t c0 = gi * GROUP;
+            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+            for (int k = 0; k < cnt; ++k) {
+                glob_g[c0 + k] = part_g[c0 + k];
+                glob_b[c0 + k] = part_b[c0 + k];
+                glob_t[c0 + k] = part_t[c0 + k];
+            }
         }
     }
 }

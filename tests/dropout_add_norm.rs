@@ -835,3 +835,88 @@ fn bad_input_is_an_error() {
         Err(Error::ShapeMismatch { .. })
     ));
 }
+
+/// The unfused baseline's CPU mirror: the forward gives the fused bits; the backward's dgamma and
+/// dbeta too (same norm backward), dx and d_residual too in f32 (nothing rounds between its
+/// kernels there), dbias to rounding (`dropout_residual`'s summation order).
+#[test]
+fn unfused_mirror_agrees_with_the_fused_op() {
+    use fusedreg::dropout_add_norm::unfused;
+    for norm in [Norm::LayerNorm, Norm::RmsNorm] {
+        for (rows, cols) in [(7, 24), (5, 13), (40, 1)] {
+            let d = data::<f32, f32>(rows, cols, ALL, 41);
+            let cfg = Config::new(rows, cols, norm, 1e-5)
+                .unwrap()
+                .with_dropout(0.2, 9, 10)
+                .unwrap()
+                .with_layer_norm_scaling(2)
+                .unwrap();
+            let f = fwd(&cfg, &d);
+            let n = rows * cols;
+            let (mut out, mut s, mut mean, mut rstd) = (
+                vec![0f32; n],
+                vec![0f32; n],
+                vec![0f32; rows],
+                vec![0f32; rows],
+            );
+            let outs = ForwardOut {
+                out: &mut out,
+                s: &mut s,
+                mean: &mut mean,
+                rstd: &mut rstd,
+            };
+            unfused::forward_cpu(&cfg, d.args(), outs).unwrap();
+            let what = format!("{norm:?} {rows}x{cols}");
+            check(bits_eq(&format!("{what} s"), &s, &f.s));
+            check(bits_eq(&format!("{what} out"), &out, &f.out));
+            check(bits_eq(&format!("{what} rstd"), &rstd, &f.rstd));
+
+            let b = bwd(&cfg, &d, &f, true, 6);
+            let (mut dx, mut dres, mut dg, mut db, mut dbias) = (
+                vec![0f32; n],
+                vec![0f32; n],
+                vec![0f32; cols],
+                vec![0f32; cols],
+                vec![0f32; cols],
+            );
+            let args = BackwardArgs {
+                d_s: b.d_s.as_deref(),
+                rowscale: d.rowscale.as_deref(),
+                ..BackwardArgs::new(&b.d_out, &f.s, &d.gamma, &f.mean, &f.rstd)
+            };
+            let outs = BackwardOut {
+                d_residual: Some(&mut dres),
+                dbeta: Some(&mut db),
+                dbias: Some(&mut dbias),
+                ..BackwardOut::new(&mut dx, &mut dg)
+            };
+            unfused::backward_cpu(&cfg, args, outs).unwrap();
+            check(bits_eq(&format!("{what} dgamma"), &dg, &b.dgamma));
+            check(bits_eq(&format!("{what} dbeta"), &db, &b.dbeta));
+            check(bits_eq(&format!("{what} d_residual"), &dres, &b.dres));
+            check(bits_eq(&format!("{what} dx"), &dx, &b.dx));
+            check(close(
+                &format!("{what} dbias"),
+                &f64s(&dbias),
+                &f64s(&b.dbias),
+                1e-5,
+                1e-5,
+            ));
+            // Without a residual (or d_residual) the baseline refuses.
+            let outs = ForwardOut {
+                out: &mut out,
+                s: &mut s,
+                mean: &mut mean,
+                rstd: &mut rstd,
+            };
+            let args = ForwardArgs {
+                residual: None,
+                ..d.args()
+            };
+            assert!(matches!(
+                unfused::forward_cpu(&cfg, args, outs),
+                Err(Error::InvalidArgument { .. })
+            ));
+        }
+    }
+}

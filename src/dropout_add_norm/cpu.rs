@@ -260,7 +260,7 @@ pub fn forward<T: Dtype, S: Dtype>(
         Some(r) => out.s.copy_from_slice(r),
         None => out.s.fill(S::from_f32_rn(0.0)),
     }
-    forward_core(cfg, args, out, args.residual.is_some());
+    forward_core(cfg, args, out, args.residual.is_some(), true);
     Ok(())
 }
 
@@ -296,7 +296,7 @@ pub fn forward_inplace<T: Dtype, S: Dtype>(
     let mut lens = forward_lens(&args, &out);
     lens.residual = Some(out.s.len());
     check_forward(cfg, &lens)?;
-    forward_core(cfg, args, out, true);
+    forward_core(cfg, args, out, true, true);
     Ok(())
 }
 
@@ -317,11 +317,14 @@ fn forward_lens<T, S>(a: &ForwardArgs<'_, T, S>, o: &ForwardOut<'_, T, S>) -> Fo
 
 /// `o.s` holds the residual (or zeros) on entry. `residual`: whether it is a real residual (in
 /// both cases a dropped element keeps `o.s`'s bits; only the kept ones add the residual).
-fn forward_core<T: Dtype, S: Dtype>(
+/// Without `compute_stream`, `o.s` already holds the stream and only the norm runs (the unfused
+/// baseline's separate norm kernel).
+pub(super) fn forward_core<T: Dtype, S: Dtype>(
     cfg: &Config,
     a: ForwardArgs<'_, T, S>,
     o: ForwardOut<'_, T, S>,
     residual: bool,
+    compute_stream: bool,
 ) {
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let n = cols as f32;
@@ -333,7 +336,11 @@ fn forward_core<T: Dtype, S: Dtype>(
         let base = row * cols;
         for (j, vj) in v.iter_mut().enumerate() {
             let i = base + j;
-            let m = if bits.get(i as u64) { rowm } else { 0.0 };
+            let m = if compute_stream && bits.get(i as u64) {
+                rowm
+            } else {
+                0.0
+            };
             if m != 0.0 {
                 let mut t = a.x[i].to_f32();
                 if let Some(b) = a.bias {

@@ -23,6 +23,12 @@ const FLAG_DROP_PATH: u32 = 1;
 const FLAG_VEC: u32 = 2;
 const FLAG_RMS: u32 = 4;
 const FLAG_BETA: u32 = 8;
+const FLAG_NORM_ONLY: u32 = 16;
+const FLAG_SMEM: u32 = 32;
+/// Static shared memory of the kernels (the row sums' scratch), beside the dynamic part.
+const STATIC_SMEM: usize = 64;
+/// Dynamic shared memory every kernel may use without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
 
 /// Mirrors `FwdParams<T, S>` in the kernel.
 #[repr(C)]
@@ -203,7 +209,7 @@ pub fn forward<T: Dtype, S: Dtype>(
     args: ForwardArgs<'_, T, S>,
     out: ForwardOut<'_, T, S>,
 ) -> Result<()> {
-    forward_impl(handle, cfg, args, out, false)
+    forward_impl(handle, cfg, args, out, Mode::Fused)
 }
 
 /// [`forward`] with the stream updated in place: `out.s` holds the residual on entry and `s` on
@@ -238,16 +244,29 @@ pub fn forward_inplace<T: Dtype, S: Dtype>(
             "forward_inplace reads the residual from out.s; args.residual must be None",
         ));
     }
-    forward_impl(handle, cfg, args, out, true)
+    forward_impl(handle, cfg, args, out, Mode::InPlace)
 }
 
-fn forward_impl<T: Dtype, S: Dtype>(
+/// What the forward kernel does with the stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// `s` computed from x and the residual (if any) and written.
+    Fused,
+    /// As `Fused`, the residual read from `out.s`.
+    InPlace,
+    /// `out.s` is an input, already computed (the unfused baseline's separate norm); x, bias,
+    /// the dropout and the row scale are not used.
+    NormOnly,
+}
+
+pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     handle: &Handle,
     cfg: &Config,
     args: ForwardArgs<'_, T, S>,
     mut out: ForwardOut<'_, T, S>,
-    in_place: bool,
+    mode: Mode,
 ) -> Result<()> {
+    let in_place = mode == Mode::InPlace;
     let (fwd, _) = kernels::<T, S>()?;
     let lens = ForwardLens {
         x: args.x.len(),
@@ -301,7 +320,11 @@ fn forward_impl<T: Dtype, S: Dtype>(
     let (rstd, _g5) = handle.write_ptr(OP, "rstd", &mut out.rstd)?;
     let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
     let (beta, bias, rowscale) = (ptr(&beta_g), ptr(&bias_g), ptr(&rs_g));
-    let residual = if in_place { s } else { ptr(&res_g) };
+    let residual = match mode {
+        Mode::Fused => ptr(&res_g),
+        Mode::InPlace => s,
+        Mode::NormOnly => 0,
+    };
 
     let vec = !t.force_scalar
         && cfg.cols() % GROUP == 0
@@ -316,6 +339,18 @@ fn forward_impl<T: Dtype, S: Dtype>(
     }
     if beta != 0 {
         flags |= FLAG_BETA;
+    }
+    if mode == Mode::NormOnly {
+        flags |= FLAG_NORM_ONLY;
+    }
+    // The row in shared memory for the passes after the first, when it fits (same bits).
+    let smem = if t.no_smem {
+        0
+    } else {
+        smem_bytes(handle, fwd, cfg.cols(), 4)
+    };
+    if smem > 0 {
+        flags |= FLAG_SMEM;
     }
     let rate = cfg.rate();
     let p = FwdParams {
@@ -347,7 +382,41 @@ fn forward_impl<T: Dtype, S: Dtype>(
         .min(u64::from(t.max_grid))
         .min(i32::MAX as u64) as u32;
     let block = row_partials(cfg.cols()) as u32;
-    handle.launch(fwd, (grid, 1, 1), (block, 1, 1), 0, &p)
+    handle.launch(fwd, (grid, 1, 1), (block, 1, 1), smem, &p)
+}
+
+/// Dynamic shared memory for a kernel's optional cache (`per_col` bytes per column: the
+/// forward's row of f32 values, the backward's 3 f32 slab partials), or 0 to do without it (the
+/// same bits): when it does not fit the device's per-block limit, or raising the kernel's limit
+/// above 48 KiB fails. The kernel's limit is raised to the device's maximum, never lowered, so
+/// concurrent callers cannot undercut each other.
+fn smem_bytes(handle: &Handle, kernel: Kernel, cols: usize, per_col: usize) -> u32 {
+    use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+    let Some(bytes) = cols.checked_mul(per_col) else {
+        return 0;
+    };
+    if bytes + STATIC_SMEM <= DEFAULT_SMEM {
+        return bytes as u32;
+    }
+    let optin = handle
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_or(0, |v| v.max(0) as usize);
+    if bytes + STATIC_SMEM > optin {
+        return 0;
+    }
+    let raised = handle.function(kernel).is_ok_and(|f| {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            (optin - STATIC_SMEM) as i32,
+        )
+        .is_ok()
+    });
+    if raised {
+        bytes as u32
+    } else {
+        0
+    }
 }
 
 /// The backward on the handle's stream (see the [module docs](super)): `dx` (mask and row scale
@@ -497,6 +566,15 @@ pub fn backward<T: Dtype, S: Dtype>(
         if cfg.norm() == Norm::RmsNorm {
             flags |= FLAG_RMS;
         }
+        // The slab partials in shared memory when they fit on this device (same bits either way).
+        let smem = if t.no_smem {
+            0
+        } else {
+            smem_bytes(handle, bwd, cols, 12)
+        };
+        if smem > 0 {
+            flags |= FLAG_SMEM;
+        }
         let rate = cfg.rate();
         let p = BwdParams {
             d_out,
@@ -526,7 +604,7 @@ pub fn backward<T: Dtype, S: Dtype>(
             pad: 0,
         };
         let block = row_partials(cols) as u32;
-        handle.launch(bwd, (slabs as u32, 1, 1), (block, 1, 1), 0, &p)?;
+        handle.launch(bwd, (slabs as u32, 1, 1), (block, 1, 1), smem, &p)?;
     }
 
     let c = ColsumParams {

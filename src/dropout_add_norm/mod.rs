@@ -104,6 +104,7 @@ use crate::philox::DropRate;
 
 pub mod cpu;
 mod gpu;
+pub mod unfused;
 
 pub use crate::dropout_keying::DropPath;
 pub use gpu::{backward, forward, forward_inplace};
@@ -554,6 +555,31 @@ impl Config {
     pub fn keeps(&self, i: u64) -> bool {
         self.keying.keeps(i)
     }
+
+    /// The same shape and norm without dropout or row scale (the unfused baseline's norm).
+    pub(crate) fn without_dropout(&self) -> Config {
+        Config {
+            keying: Keying::with_rate(DropRate::ZERO, 0, 0),
+            drop_path: None,
+            ..*self
+        }
+    }
+
+    /// The dropout part as a `dropout_residual` config (the unfused baseline's first op).
+    pub(crate) fn dropout_residual_config(&self) -> Result<crate::dropout_residual::Config> {
+        let k = self.keying;
+        let c = crate::dropout_residual::Config::new(
+            self.rows,
+            self.cols,
+            k.rate().p(),
+            k.seed(),
+            k.call(),
+        )?;
+        Ok(match self.drop_path {
+            Some(path) => c.with_drop_path(path),
+            None => c,
+        })
+    }
 }
 
 /// Minimal device-memory bytes of the fused forward on `n` elements: read x and the residual,
@@ -618,19 +644,22 @@ pub fn unfused_forward_bytes(dtype: DtypeKind, n: u64) -> u64 {
     n.saturating_mul(5 * dtype.size() as u64)
 }
 
-/// Minimal bytes of the unfused backward: the norm backward (read d_out and s, write ds: `3 s`),
-/// the stream gradient add (read ds and d_s, write d_residual: `3 s`), then `dropout_residual`'s
-/// backward (read d_residual, write dx: `2 s`): `8 s` = 16 B bf16, 32 B f32. Saturates.
+/// Minimal bytes of the unfused backward ([`unfused::backward`], prenorm): the norm backward
+/// (read d_out, s and d_s, write the stream gradient d_residual: `4 s`; it adds d_s itself, as a
+/// framework's gradient accumulation into the stream would cost a further `3 s`), then
+/// `dropout_residual`'s backward (read d_residual, write dx: `2 s`): `6 s` = 12 B bf16, 24 B f32.
+/// Saturates.
 ///
 /// # Examples
 ///
 /// ```
 /// use fusedreg::dropout_add_norm::unfused_backward_bytes;
 /// use fusedreg::DtypeKind;
-/// assert_eq!(unfused_backward_bytes(DtypeKind::Bf16, 1024), 16 * 1024);
+/// assert_eq!(unfused_backward_bytes(DtypeKind::Bf16, 1024), 12 * 1024);
+/// assert_eq!(unfused_backward_bytes(DtypeKind::F32, 1024), 24 * 1024);
 /// ```
 pub fn unfused_backward_bytes(dtype: DtypeKind, n: u64) -> u64 {
-    n.saturating_mul(8 * dtype.size() as u64)
+    n.saturating_mul(6 * dtype.size() as u64)
 }
 
 /// Launch knobs for tests: results never depend on them. Not part of the stable API.
@@ -641,6 +670,8 @@ pub struct LaunchTuning {
     pub force_scalar: bool,
     /// Cap on the forward's grid (blocks loop over the remaining rows).
     pub max_grid: u32,
+    /// Never use dynamic shared memory (the forward's row cache, the backward's partials).
+    pub no_smem: bool,
 }
 
 impl Default for LaunchTuning {
@@ -648,6 +679,7 @@ impl Default for LaunchTuning {
         LaunchTuning {
             force_scalar: false,
             max_grid: 1 << 20,
+            no_smem: false,
         }
     }
 }

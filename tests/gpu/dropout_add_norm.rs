@@ -6,8 +6,8 @@
 
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use fusedreg::dropout_add_norm::{
-    self as dan, cpu, BackwardArgs, BackwardOut, Config, DropPath, ForwardArgs, ForwardOut,
-    LaunchTuning, Norm, Workspace,
+    self as dan, cpu, unfused, BackwardArgs, BackwardOut, Config, DropPath, ForwardArgs,
+    ForwardOut, LaunchTuning, Norm, Workspace,
 };
 use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
@@ -37,6 +37,11 @@ pub fn trials() -> Vec<Trial> {
             ("launch_configurations_agree", launch_configurations_agree),
             ("dgamma_identical_across_runs", dgamma_identical_across_runs),
             ("empty_inputs", empty_inputs),
+            ("unfused_matches_its_cpu_mirror_f32", unfused_mirror::<f32>),
+            (
+                "unfused_matches_its_cpu_mirror_bf16",
+                unfused_mirror::<bf16>,
+            ),
             ("bad_input_is_an_error", bad_input_is_an_error),
         ],
     )
@@ -476,10 +481,11 @@ fn views_at_element_1(h: &Handle) -> R<()> {
     Ok(())
 }
 
-/// The scalar path and a capped forward grid give the same bits as the defaults.
+/// The scalar path, a capped forward grid and no shared-memory caches give the same bits as the
+/// defaults (4104 columns: the backward's partials need more than 48 KiB of shared memory).
 fn launch_configurations_agree(h: &Handle) -> R<()> {
-    for norm in [Norm::LayerNorm, Norm::RmsNorm] {
-        let base = Case::new(300, 2048, norm);
+    for (norm, cols) in [(Norm::LayerNorm, 2048), (Norm::RmsNorm, 4104)] {
+        let base = Case::new(300, cols, norm);
         let a = run_case::<bf16, bf16>(h, &base, 9000)?;
         for tuning in [
             LaunchTuning {
@@ -488,6 +494,10 @@ fn launch_configurations_agree(h: &Handle) -> R<()> {
             },
             LaunchTuning {
                 max_grid: 7,
+                ..Default::default()
+            },
+            LaunchTuning {
+                no_smem: true,
                 ..Default::default()
             },
         ] {
@@ -639,6 +649,142 @@ fn bad_input_is_an_error(h: &Handle) -> R<()> {
     .is_ok()
     {
         return Err("dgamma of 63 for 64 columns was accepted".into());
+    }
+    Ok(())
+}
+
+/// The unfused baseline (dropout_residual, then a separate norm; backward the other way round)
+/// against its CPU mirror, bit for bit, on the vector path and on an odd shape.
+fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
+    let st = h.stream();
+    for (k, &(rows, cols, norm)) in [
+        (33, 1024, Norm::LayerNorm),
+        (9, 77, Norm::RmsNorm),
+        (1025, 8, Norm::LayerNorm),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let c = Case {
+            rs: Rs::Given,
+            ..Case::new(rows, cols, norm)
+        };
+        let seed = 9500 + k as u64;
+        let cfg = c.config(seed);
+        let d = data::<T, T>(&c, seed);
+        let n = cfg.len();
+        let what = format!("unfused {} {c:?}", T::KIND.name());
+        // CPU mirror.
+        let (mut out, mut s, mut mean, mut rstd) = (
+            vec![poison::<T>(); n],
+            vec![poison::<T>(); n],
+            vec![f32::NAN; rows],
+            vec![f32::NAN; rows],
+        );
+        let args = cpu::ForwardArgs {
+            residual: d.r.as_deref(),
+            beta: d.beta.as_deref(),
+            bias: d.bias.as_deref(),
+            rowscale: d.rowscale.as_deref(),
+            ..cpu::ForwardArgs::new(&d.x, &d.gamma)
+        };
+        let outs = cpu::ForwardOut {
+            out: &mut out,
+            s: &mut s,
+            mean: &mut mean,
+            rstd: &mut rstd,
+        };
+        unfused::forward_cpu(&cfg, args, outs).map_err(e2s)?;
+        let (mut dx, mut dres, mut dg, mut db, mut dbias) = (
+            vec![poison::<T>(); n],
+            vec![poison::<T>(); n],
+            vec![poison::<T>(); cols],
+            vec![poison::<T>(); cols],
+            vec![poison::<T>(); cols],
+        );
+        let args = cpu::BackwardArgs {
+            d_s: d.d_s.as_deref(),
+            rowscale: d.rowscale.as_deref(),
+            ..cpu::BackwardArgs::new(&d.d_out, &s, &d.gamma, &mean, &rstd)
+        };
+        let outs = cpu::BackwardOut {
+            d_residual: Some(&mut dres),
+            dbeta: d.beta.as_ref().map(|_| &mut db[..]),
+            dbias: Some(&mut dbias),
+            ..cpu::BackwardOut::new(&mut dx, &mut dg)
+        };
+        unfused::backward_cpu(&cfg, args, outs).map_err(e2s)?;
+
+        // GPU.
+        let up = |v: &[T]| st.clone_htod(v).map_err(e2s);
+        let (x, r, gamma, d_out) = (
+            up(&d.x)?,
+            up(d.r.as_ref().unwrap())?,
+            up(&d.gamma)?,
+            up(&d.d_out)?,
+        );
+        let beta = d.beta.as_ref().map(|b| up(b)).transpose()?;
+        let bias = up(d.bias.as_ref().unwrap())?;
+        let d_s = up(d.d_s.as_ref().unwrap())?;
+        let rs = st.clone_htod(d.rowscale.as_ref().unwrap()).map_err(e2s)?;
+        let z = |len: usize| st.clone_htod(&vec![poison::<T>(); len]).map_err(e2s);
+        let (mut g_out, mut g_s) = (z(n)?, z(n)?);
+        let mut g_mean = st.clone_htod(&vec![f32::NAN; rows]).map_err(e2s)?;
+        let mut g_rstd = st.clone_htod(&vec![f32::NAN; rows]).map_err(e2s)?;
+        let args = ForwardArgs {
+            residual: Some(r.as_view()),
+            beta: beta.as_ref().map(|b| b.as_view()),
+            bias: Some(bias.as_view()),
+            rowscale: Some(rs.as_view()),
+            ..ForwardArgs::new(x.as_view(), gamma.as_view())
+        };
+        let outs = ForwardOut {
+            out: g_out.as_view_mut(),
+            s: g_s.as_view_mut(),
+            mean: g_mean.as_view_mut(),
+            rstd: g_rstd.as_view_mut(),
+        };
+        unfused::forward(h, &cfg, args, outs).map_err(e2s)?;
+        let (mut g_dx, mut g_dres, mut g_dg, mut g_db, mut g_dbias) =
+            (z(n)?, z(n)?, z(cols)?, z(cols)?, z(cols)?);
+        let args = BackwardArgs {
+            d_s: Some(d_s.as_view()),
+            rowscale: Some(rs.as_view()),
+            ..BackwardArgs::new(
+                d_out.as_view(),
+                g_s.as_view(),
+                gamma.as_view(),
+                g_mean.as_view(),
+                g_rstd.as_view(),
+            )
+        };
+        let outs = BackwardOut {
+            d_residual: Some(g_dres.as_view_mut()),
+            dbeta: d.beta.as_ref().map(|_| g_db.as_view_mut()),
+            dbias: Some(g_dbias.as_view_mut()),
+            ..BackwardOut::new(g_dx.as_view_mut(), g_dg.as_view_mut())
+        };
+        unfused::backward(h, &cfg, args, outs).map_err(e2s)?;
+        let back = |b: &CudaSlice<T>| st.clone_dtoh(b).map_err(e2s);
+        bits_eq(&format!("{what}: s"), &back(&g_s)?, &s)?;
+        bits_eq(
+            &format!("{what}: mean"),
+            &st.clone_dtoh(&g_mean).map_err(e2s)?,
+            &mean,
+        )?;
+        bits_eq(
+            &format!("{what}: rstd"),
+            &st.clone_dtoh(&g_rstd).map_err(e2s)?,
+            &rstd,
+        )?;
+        bits_eq(&format!("{what}: out"), &back(&g_out)?, &out)?;
+        bits_eq(&format!("{what}: d_residual"), &back(&g_dres)?, &dres)?;
+        bits_eq(&format!("{what}: dx"), &back(&g_dx)?, &dx)?;
+        bits_eq(&format!("{what}: dgamma"), &back(&g_dg)?, &dg)?;
+        if d.beta.is_some() {
+            bits_eq(&format!("{what}: dbeta"), &back(&g_db)?, &db)?;
+        }
+        bits_eq(&format!("{what}: dbias"), &back(&g_dbias)?, &dbias)?;
     }
     Ok(())
 }

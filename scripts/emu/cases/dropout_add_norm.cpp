@@ -2,8 +2,10 @@
 // every dtype pair (x f32/f16/bf16, stream the same or f32), LayerNorm and RMSNorm, hidden sizes
 // 1, odd, multiples of 8 and past one block's groups; with and without residual (and in place),
 // beta, bias, a given row scale or a drop path (per row or per sample), d_s (prenorm); dropout
-// thresholds 0, 2^32 and between; the vector and the scalar path; a capped forward grid; inputs
-// with infinities and NaNs in some cases. One line of output hashes per case.
+// thresholds 0, 2^32 and between; the vector and the scalar path; a capped forward grid; the
+// backward's slab partials in shared or in global memory; the norm-only forward of the unfused
+// baseline; the forward's row cached in shared memory or not; inputs with infinities and NaNs in
+// some cases. One line of output hashes per case.
 //
 // With DAN_DUMP=<dir> each case also writes its inputs and outputs to <dir>/case<k>.bin, which
 // the CPU reference can read back to check the emulated kernels bit for bit (done when the kernel
@@ -96,9 +98,25 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     p.scale = scale_of(c.p); p.path_scale = c.rs >= 2 ? scale_of(c.p_path) : 0.f;
     p.eps = eps; p.layer_scale = ls;
     p.flags = (c.rs >= 2 ? 1u : 0u) | (c.vec ? 2u : 0u) | (c.rms ? 4u : 0u) | (c.beta ? 8u : 0u);
+    // Half the forwards keep the row in shared memory (FLAG_SMEM = 32): the same bits.
+    const uint32_t fwd_smem = seed & 2 ? 32u : 0u;
+    p.flags |= fwd_smem;
     p.rows_per_sample = c.rs == 3 ? 3 : 1;
     const unsigned block = partials_of(cols);
     launch(K<T, S>::fwd, dim3{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1}, dim3{block, 1, 1}, p);
+
+    // The unfused baseline's norm: the same kernel with s as an input (FLAG_NORM_ONLY = 16).
+    std::vector<T> out2(n, from_f32<T>(-77.f));
+    std::vector<float> mean2(rows, -5.f), rstd2(rows, -5.f);
+    const std::vector<S> s_before = s;
+    {
+        FwdParams<T, S> q = p;
+        q.x = nullptr; q.residual = nullptr; q.bias = nullptr; q.rowscale = nullptr;
+        q.out = out2.data(); q.mean = mean2.data(); q.rstd = rstd2.data();
+        q.flags = (p.flags & ~1u & ~32u) | 16u | (seed & 4 ? 32u : 0u);
+        launch(K<T, S>::fwd, dim3{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1}, dim3{block, 1, 1}, q);
+    }
+    if (memcmp(s.data(), s_before.data(), n * sizeof(S)) != 0) { printf("norm-only wrote s\n"); abort(); }
 
     // Backward: one block per slab of ceil(rows / 1024) rows, then the in-order column sums.
     const uint64_t slab_rows = std::max<uint64_t>(1, (rows + 1023) / 1024), slabs = (rows + slab_rows - 1) / slab_rows;
@@ -113,7 +131,9 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     q.rows = rows; q.cols = cols; q.slab_rows = slab_rows; q.slabs = slabs;
     q.seed = dseed; q.call = dcall; q.threshold = p.threshold; q.path_call = path_call;
     q.path_threshold = p.path_threshold; q.scale = p.scale; q.path_scale = p.path_scale; q.layer_scale = ls;
-    q.flags = p.flags & ~8u; q.rows_per_sample = p.rows_per_sample;
+    // Half the cases keep the slab partials in shared memory (FLAG_SMEM = 32): the same bits, so
+    // the case line does not say which.
+    q.flags = (p.flags & ~8u & ~32u) | (seed & 1 ? 32u : 0u); q.rows_per_sample = p.rows_per_sample;
     launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, q);
     ColsumParams<T> cs{};
     cs.partials = part.data(); cs.dgamma = dgamma.data(); cs.dbeta = dbeta.data(); cs.dbias = dbias.data();
@@ -122,10 +142,12 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
 
     auto h = [](const auto& v) { return (unsigned long long)fnv(v.data(), v.size() * sizeof(v[0])); };
     printf("%s/%s %llux%llu %s res %d inpl %d beta %d bias %d rs %d pre %d vec %d spec %d p %g pp %g l %d grid %u | "
-           "out %016llx s %016llx mean %016llx rstd %016llx dx %016llx dres %016llx dg %016llx db %016llx dbias %016llx\n",
+           "out %016llx s %016llx mean %016llx rstd %016llx dx %016llx dres %016llx dg %016llx db %016llx dbias %016llx "
+           "norm-only out %016llx mean %016llx rstd %016llx\n",
            Kind<T>::name, Kind<S>::name, (unsigned long long)rows, (unsigned long long)cols, c.rms ? "rms" : "ln",
            c.residual, c.in_place, c.beta, c.bias, c.rs, c.prenorm, c.vec, c.specials, c.p, c.p_path, c.layer,
-           c.max_grid, h(out), h(s), h(mean), h(rstd), h(dx), h(d_res), h(dgamma), h(dbeta), h(dbias));
+           c.max_grid, h(out), h(s), h(mean), h(rstd), h(dx), h(d_res), h(dgamma), h(dbeta), h(dbias),
+           h(out2), h(mean2), h(rstd2));
     fflush(stdout);
 
     if (const char* dir = getenv("DAN_DUMP")) {
