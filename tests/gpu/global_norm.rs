@@ -443,22 +443,19 @@ fn async_copy(h: &Handle) -> Result<(), String> {
     values_eq("pinned copy", &got, &norm.read().map_err(e)?)
 }
 
-/// Issue 17, item 6: an empty pinned buffer is an Error (it panicked inside cudarc on a null
-/// pointer), and the result stays readable afterwards.
+/// Issue 17, item 6: an empty pinned buffer is an Error, and the result stays readable
+/// afterwards. On the H200 (driver 580, cudarc 0.19.10) the panic the probe saw comes from cudarc's
+/// own `alloc_pinned(0)` (the driver returns a null pointer for zero bytes and cudarc asserts), so
+/// no empty `PinnedHostSlice` can be made there; `crate::harness::empty_pinned` says which case ran.
 fn async_copy_empty(h: &Handle) -> Result<(), String> {
     let grads = random_grads::<f32>(21, &[5000]);
     let set = grad_set(h, &grads)?;
     let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
     norm.compute(&set).map_err(e)?;
-    // SAFETY: nothing is ever read from the (empty) buffer.
-    match unsafe { h.context().alloc_pinned::<NormValues>(0) } {
-        Ok(mut empty) => {
-            if norm.copy_to_host_async(&mut empty).is_ok() {
-                return Err("a copy into an empty pinned buffer was accepted".into());
-            }
+    if let Some(mut empty) = crate::harness::empty_pinned::<NormValues>(h) {
+        if norm.copy_to_host_async(&mut empty).is_ok() {
+            return Err("a copy into an empty pinned buffer was accepted".into());
         }
-        // The driver refusing a zero-byte pinned allocation leaves no empty buffer to pass.
-        Err(err) => eprintln!("alloc_pinned(0) refused by the driver ({err}): nothing to check"),
     }
     let grads: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
     let want = cpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;

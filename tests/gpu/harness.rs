@@ -65,3 +65,28 @@ fn every_kernel_loads(h: &Handle) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// An empty pinned host buffer, or `None` where none can exist: with driver 580 the driver
+/// returns a null pointer for a zero-byte pinned allocation and cudarc 0.19's `alloc_pinned`
+/// asserts on it (the panic issue 17 item 6 reported). The entry points that take a pinned buffer
+/// still check its length, for a cudarc that returns an empty slice instead.
+pub fn empty_pinned<T: cudarc::driver::DeviceRepr>(
+    h: &Handle,
+) -> Option<cudarc::driver::PinnedHostSlice<T>> {
+    let ctx = h.context().clone();
+    // SAFETY: nothing is ever read from an empty buffer.
+    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+        ctx.alloc_pinned::<T>(0)
+    }));
+    match made {
+        Ok(Ok(empty)) => Some(empty),
+        Ok(Err(err)) => {
+            eprintln!("alloc_pinned(0) refused by the driver ({err}): no empty buffer to pass");
+            None
+        }
+        Err(_) => {
+            eprintln!("alloc_pinned(0) panicked inside cudarc: no empty buffer can exist");
+            None
+        }
+    }
+}
