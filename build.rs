@@ -27,6 +27,21 @@ const WATCHED_ENV: &[&str] = &[
     "FUSEDREG_NVCC_FLAGS",
 ];
 
+/// How cudarc reaches libcuda is the application's choice (Cargo.toml, `[features]`). Two
+/// forced modes at once would make cudarc's build script panic with "this is a bug"; say instead
+/// what to change.
+fn check_link_mode() {
+    let on = |f: &str| env::var_os(format!("CARGO_FEATURE_{f}")).is_some();
+    if on("DYNAMIC_LOADING") && (on("DYNAMIC_LINKING") || on("CANDLE_CUDA")) {
+        panic!(
+            "fusedreg: the feature `dynamic-loading` cannot be combined with `dynamic-linking` or \
+             `candle-cuda` (candle-core's `cuda` feature links libcuda). Drop `dynamic-loading`: \
+             with neither feature cudarc loads libcuda at run time unless another crate in the \
+             build (candle) asks for linking."
+        );
+    }
+}
+
 struct Built {
     stem: String,
     fatbin: PathBuf,
@@ -34,6 +49,7 @@ struct Built {
 }
 
 fn main() {
+    check_link_mode();
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let kernels_dir = manifest.join("kernels");

@@ -16,6 +16,8 @@
 //! * [`adamw`]: fused multi-tensor AdamW with device-side scalars, master weights and a
 //!   bit-exact CPU reference.
 //! * [`timing`]: the GPU timing used by the benchmark report and the criterion benches.
+//! * `candle` (feature `candle`): the ops on candle tensors, with autograd, on candle's CPU
+//!   device and (feature `candle-cuda`) on its CUDA device and stream.
 //!
 //! Building needs no CUDA: without nvcc the kernels are left out, the CPU references work and
 //! every GPU entry point returns [`Error::KernelsNotBuilt`]. Running needs no files beside the
@@ -31,6 +33,8 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;

@@ -401,8 +401,8 @@ impl Blas {
     /// # Ok(()) }
     /// ```
     pub fn new(handle: &Handle) -> Result<Self> {
-        // SAFETY: only tries to dlopen libcublas (cudarc panics later if it is missing).
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        // Only tries to dlopen libcublas (cudarc panics later if it is missing).
+        if !crate::runtime::lib_present("cublas") {
             return Err(Error::invalid(
                 OP,
                 "libcublas.so could not be loaded: install the CUDA 13 cuBLAS library (or add it to LD_LIBRARY_PATH)",

@@ -5,6 +5,8 @@
 //! which is how the GPU machines run this suite.
 
 mod adamw;
+#[cfg(feature = "candle-cuda")]
+mod candle;
 #[path = "../common/mod.rs"]
 mod common;
 mod dropout_residual;
@@ -24,5 +26,7 @@ fn main() {
     trials.extend(global_norm::trials());
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
+    #[cfg(feature = "candle-cuda")]
+    trials.extend(candle::trials());
     libtest_mimic::run(&args, trials).exit();
 }
