@@ -485,7 +485,7 @@ fn bwd_cuda<T: Elem>(
     // SAFETY: the backward writes every dx element, and dbias (also when rows is 0: a memset).
     let mut out = unsafe { cuda_alloc::<T>(dev, total)? };
     {
-        let (mut dx, db) = out.split_at_mut(n);
+        let (mut dx, mut db) = out.split_at_mut(n);
         let db = db.slice_mut(..total - n);
         let opts = crate::dropout_residual::BackwardOptions {
             dbias: op.dbias.then_some(db),
