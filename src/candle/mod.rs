@@ -7,7 +7,7 @@
 //! * on the CPU device it runs fusedreg's CPU reference (the code the kernels are tested against
 //!   bit for bit), so a model using the adapter trains and is tested without a GPU;
 //! * on candle's CUDA device (feature `candle-cuda`) it launches fusedreg's kernels on candle's
-//!   own stream ([`CudaDevice::cuda_stream`](candle_core::CudaDevice::cuda_stream)), never on
+//!   own stream (`CudaDevice::cuda_stream()`), never on
 //!   another stream and with no host synchronisation, so it is ordered with candle's work.
 //!
 //! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path).
@@ -80,7 +80,7 @@
 //! (validated rates, the site number) with a `forward` that checks dtypes, devices and shapes,
 //! builds the op's `Config` from [`StepKeys`], makes the inputs contiguous and applies a private
 //! custom op whose `cpu_fwd` calls `<stem>::cpu` and whose `cuda_fwd` (feature `candle-cuda`)
-//! calls the GPU wrapper with the handle of [`cuda_handle`]; its `bwd` applies a second custom op
+//! calls the GPU wrapper with the handle of `cuda_handle` (feature `candle-cuda`); its `bwd` applies a second custom op
 //! (no backward of its own) that runs the op's fused backward and returns every gradient in one
 //! buffer, split with `narrow` (views, no copy). The helpers here ([`StepKeys::call`], the dtype
 //! dispatch, slice access) are shared by all ops.
