@@ -16,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
+cargo fetch --quiet
 src=$(cargo metadata --format-version 1 --features candle-cuda 2>/dev/null | python3 -c '
 import json, sys
 m = json.load(sys.stdin)
