@@ -1,37 +1,28 @@
-//! Compiles every `kernels/*.cu` into a fatbin embedded in the library.
-//!
-//! * SASS for each arch in `FUSEDREG_CUDA_ARCHS` (default `80,90`) plus PTX for the highest one,
-//!   so newer GPUs JIT the PTX. No `a`-suffixed arch, no fast math, `--fmad=false` (every fused
-//!   multiply-add is written out as `__fmaf_rn` so the CPU references can match bit for bit).
-//! * nvcc is looked up through `NVCC`, `CUDA_HOME`/`CUDA_PATH`, the project's own toolkit folder
-//!   (`.cuda/`, installed by `scripts/install-cuda.sh`), then `PATH`. nvidia-smi is never called.
-//! * Everything is written under `OUT_DIR`; the generated `kernel_modules.rs` embeds the fatbins
-//!   with `include_bytes!`, so a binary needs no files at run time.
-//! * Without nvcc the crate still builds (GPU entry points return `Error::KernelsNotBuilt`), unless
-//!   `FUSEDREG_REQUIRE_KERNELS=1`, which turns a missing compiler or a failed kernel into an error.
+//! Compiles every `kernels/*.cu` into a fatbin embedded in the library (see `build/cuda.rs`,
+//! shared with the tools crate's build script).
 
-use std::env;
-use std::fmt::Write as _;
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+#[path = "build/cuda.rs"]
+mod cuda;
 
-const DEFAULT_ARCHS: &str = "80,90";
-const TOOLKIT_DIR: &str = ".cuda";
-const WATCHED_ENV: &[&str] = &[
-    "NVCC",
-    "CUDA_HOME",
-    "CUDA_PATH",
-    "FUSEDREG_CUDA_ARCHS",
-    "FUSEDREG_REQUIRE_KERNELS",
-    "FUSEDREG_NVCC_FLAGS",
-];
+use std::path::PathBuf;
+
+fn main() {
+    check_link_mode();
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    cuda::build_kernels(&cuda::KernelBuild {
+        label: "fusedreg",
+        kernels_dir: manifest.join("kernels"),
+        include: Vec::new(),
+        root: manifest,
+        cfg: "fusedreg_kernels_built",
+    });
+}
 
 /// How cudarc reaches libcuda is the application's choice (Cargo.toml, `[features]`). Two
-/// forced modes at once would make cudarc's build script panic with "this is a bug"; say instead
-/// what to change.
+/// forced modes at once make cudarc's build script panic with "this is a bug"; when this script
+/// runs first, it says instead what to change.
 fn check_link_mode() {
-    let on = |f: &str| env::var_os(format!("CARGO_FEATURE_{f}")).is_some();
+    let on = |f: &str| std::env::var_os(format!("CARGO_FEATURE_{f}")).is_some();
     if on("DYNAMIC_LOADING") && (on("DYNAMIC_LINKING") || on("CANDLE_CUDA")) {
         panic!(
             "fusedreg: the feature `dynamic-loading` cannot be combined with `dynamic-linking` or \
@@ -40,264 +31,4 @@ fn check_link_mode() {
              build (candle) asks for linking."
         );
     }
-}
-
-struct Built {
-    stem: String,
-    fatbin: PathBuf,
-    entries: Vec<String>,
-}
-
-fn main() {
-    check_link_mode();
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
-    let kernels_dir = manifest.join("kernels");
-
-    println!("cargo:rerun-if-changed=kernels");
-    for var in WATCHED_ENV {
-        println!("cargo:rerun-if-env-changed={var}");
-    }
-    // The install script writes this stamp, so installing the toolkit triggers a rebuild.
-    println!("cargo:rerun-if-changed={TOOLKIT_DIR}/INSTALLED");
-
-    let require = env::var("FUSEDREG_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
-    let result = find_nvcc(&manifest).and_then(|nvcc| {
-        let archs = parse_archs()?;
-        let sources = kernel_sources(&kernels_dir)?;
-        let version = nvcc_version(&nvcc)?;
-        let built = compile_all(&nvcc, &archs, &sources, &kernels_dir, &out)?;
-        Ok((built, archs, version))
-    });
-
-    println!("cargo::rustc-check-cfg=cfg(fusedreg_kernels_built)");
-    let generated = match result {
-        Ok((built, archs, version)) => {
-            println!("cargo:rustc-cfg=fusedreg_kernels_built");
-            generate(&built, &archs, &version, None)
-        }
-        Err(reason) => {
-            if require {
-                panic!(
-                    "FUSEDREG_REQUIRE_KERNELS=1 but the CUDA kernels could not be built: {reason}"
-                );
-            }
-            println!(
-                "cargo:warning=fusedreg: CUDA kernels not built ({reason}). The CPU references \
-                 work; GPU entry points return Error::KernelsNotBuilt. Run scripts/install-cuda.sh \
-                 (installs a pinned CUDA 13.0 nvcc into .cuda/) or set NVCC/CUDA_HOME, then rebuild."
-            );
-            generate(&[], &[], "", Some(&reason))
-        }
-    };
-    fs::write(out.join("kernel_modules.rs"), generated).expect("write kernel_modules.rs");
-}
-
-fn find_nvcc(manifest: &Path) -> Result<PathBuf, String> {
-    let exe = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
-    if let Ok(p) = env::var("NVCC") {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("NVCC={} does not exist", p.display()))
-        };
-    }
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Ok(home) = env::var(var) {
-            let p = Path::new(&home).join("bin").join(exe);
-            if p.is_file() {
-                return Ok(p);
-            }
-        }
-    }
-    let local = manifest.join(TOOLKIT_DIR).join("nvidia/cu13/bin").join(exe);
-    if local.is_file() {
-        return Ok(local);
-    }
-    if let Some(path) = env::var_os("PATH") {
-        for dir in env::split_paths(&path) {
-            let p = dir.join(exe);
-            if p.is_file() {
-                return Ok(p);
-            }
-        }
-    }
-    Err("nvcc not found via NVCC, CUDA_HOME, CUDA_PATH, .cuda/ or PATH".into())
-}
-
-fn parse_archs() -> Result<Vec<u32>, String> {
-    let spec = env::var("FUSEDREG_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into());
-    let mut archs = Vec::new();
-    for item in spec.split([',', ';', ' ']).filter(|s| !s.is_empty()) {
-        let a: u32 = item.trim_start_matches("sm_").parse().map_err(|_| {
-            format!(
-                "FUSEDREG_CUDA_ARCHS: `{item}` is not an arch number like 80 or 90 (no `a` suffix)"
-            )
-        })?;
-        if a < 75 {
-            return Err(format!(
-                "FUSEDREG_CUDA_ARCHS: sm_{a} is older than CUDA 13 supports (>= 75)"
-            ));
-        }
-        archs.push(a);
-    }
-    archs.sort_unstable();
-    archs.dedup();
-    if archs.is_empty() {
-        return Err("FUSEDREG_CUDA_ARCHS is empty".into());
-    }
-    Ok(archs)
-}
-
-fn kernel_sources(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
-fn nvcc_version(nvcc: &Path) -> Result<String, String> {
-    let o = Command::new(nvcc)
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
-    let text = String::from_utf8_lossy(&o.stdout);
-    Ok(text
-        .lines()
-        .find(|l| l.contains("release"))
-        .unwrap_or("unknown")
-        .trim()
-        .to_string())
-}
-
-/// Compiles all sources in parallel (one nvcc process per file).
-fn compile_all(
-    nvcc: &Path,
-    archs: &[u32],
-    sources: &[PathBuf],
-    include: &Path,
-    out: &Path,
-) -> Result<Vec<Built>, String> {
-    let results: Vec<Result<Built, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = sources
-            .iter()
-            .map(|src| s.spawn(move || compile_one(nvcc, archs, src, include, out)))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    results.into_iter().collect()
-}
-
-fn compile_one(
-    nvcc: &Path,
-    archs: &[u32],
-    src: &Path,
-    include: &Path,
-    out: &Path,
-) -> Result<Built, String> {
-    let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-    let keep = out.join("keep").join(&stem);
-    let _ = fs::remove_dir_all(&keep);
-    fs::create_dir_all(&keep).map_err(|e| e.to_string())?;
-    let fatbin = out.join(format!("{stem}.fatbin"));
-
-    let mut cmd = Command::new(nvcc);
-    // Compressed fatbins (the driver inflates them at module load) keep binaries small.
-    cmd.args(["-fatbin", "-std=c++17", "-O3", "-lineinfo", "--fmad=false"])
-        .arg("-Xfatbin=-compress-all")
-        .args(["--resource-usage", "--keep", "--keep-dir"])
-        .arg(&keep)
-        .arg("-I")
-        .arg(include);
-    for a in archs {
-        cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
-    }
-    let top = archs.last().unwrap();
-    cmd.arg(format!("-gencode=arch=compute_{top},code=compute_{top}"));
-    if let Ok(extra) = env::var("FUSEDREG_NVCC_FLAGS") {
-        cmd.args(extra.split_whitespace());
-    }
-    cmd.arg("-o").arg(&fatbin).arg(src);
-
-    let o = cmd
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    // The register/spill report per kernel and arch, kept for tuning (see README).
-    let _ = fs::write(out.join(format!("{stem}.resources.txt")), &log);
-    if !o.status.success() {
-        return Err(format!("nvcc failed on {}:\n{log}", src.display()));
-    }
-    for line in log.lines().filter(|l| l.contains("warning")) {
-        println!("cargo:warning=fusedreg: {stem}.cu: {line}");
-    }
-
-    // Entry points of the module: the kernels present in the PTX of *every* arch, so a kernel
-    // dropped by an arch guard is caught by the kernel-name test instead of at first launch.
-    let mut per_arch: Vec<Vec<String>> = Vec::new();
-    for a in archs {
-        let ptx = keep.join(format!("{stem}.compute_{a}.ptx"));
-        let text = fs::read_to_string(&ptx)
-            .map_err(|e| format!("cannot read kept PTX {}: {e}", ptx.display()))?;
-        per_arch.push(ptx_entries(&text));
-    }
-    let mut entries = per_arch[0].clone();
-    entries.retain(|e| per_arch.iter().all(|v| v.contains(e)));
-    for (a, v) in archs.iter().zip(&per_arch) {
-        for e in v.iter().filter(|e| !entries.contains(e)) {
-            println!(
-                "cargo:warning=fusedreg: kernel `{e}` exists for sm_{a} only; treated as missing"
-            );
-        }
-    }
-    let _ = fs::remove_dir_all(&keep);
-    Ok(Built {
-        stem,
-        fatbin,
-        entries,
-    })
-}
-
-fn ptx_entries(ptx: &str) -> Vec<String> {
-    let mut v: Vec<String> = ptx
-        .lines()
-        .filter_map(|l| {
-            let rest = l.trim().split(".entry ").nth(1)?;
-            Some(rest.split(['(', ' ']).next()?.to_string())
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn generate(built: &[Built], archs: &[u32], version: &str, not_built: Option<&str>) -> String {
-    let mut s = String::from("// Generated by build.rs: the embedded kernel modules.\n");
-    writeln!(s, "pub(crate) static MODULES: &[EmbeddedModule] = &[").unwrap();
-    for b in built {
-        writeln!(
-            s,
-            "    EmbeddedModule {{ stem: {:?}, fatbin: include_bytes!({:?}), entries: &{:?} }},",
-            b.stem,
-            b.fatbin.display().to_string(),
-            b.entries
-        )
-        .unwrap();
-    }
-    writeln!(s, "];").unwrap();
-    writeln!(
-        s,
-        "pub(crate) const NOT_BUILT_REASON: Option<&str> = {not_built:?};"
-    )
-    .unwrap();
-    writeln!(s, "pub(crate) const ARCHS: &[u32] = &{archs:?};").unwrap();
-    writeln!(s, "pub(crate) const NVCC_VERSION: &str = {version:?};").unwrap();
-    s
 }

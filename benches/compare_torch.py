@@ -66,7 +66,7 @@ def gpt2_shapes():
 
 
 def llama1b_shapes():
-    # The same list as fusedreg's report (src/report/models.rs): 147 tensors, 0.95B parameters.
+    # The same list as fusedreg's report (tools/src/report/models.rs): 147 tensors, 0.95B parameters.
     d, layers, ff, v = 2048, 16, 5632, 32000
     shapes = [(v, d)]
     for _ in range(layers):
@@ -256,6 +256,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out")
     a = ap.parse_args()
+    if a.out:
+        # Made (and checked writable) before the run, not after minutes of timing.
+        os.makedirs(a.out, exist_ok=True)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
     copy = copy_gbps(a.quick)
@@ -273,9 +276,17 @@ def main():
         print(f"{r['op']:<26} {r['case']:<34} {r['impl']:<14} {r['ms']:>9.4f} {r['gbps']:>7.0f} "
               f"{100 * r['frac_copy']:>5.0f}%")
     if a.out:
-        with open(f"{a.out}/torch.json", "w") as f:
-            json.dump({"torch": torch.__version__, "device": name, "copy_gbps": copy, "rows": rows}, f,
-                      indent=1)
+        write_json(a.out, {"torch": torch.__version__, "device": name, "copy_gbps": copy,
+                           "rows": rows})
+
+
+def write_json(out_dir, payload):
+    """Writes OUT_DIR/torch.json, creating OUT_DIR (and its parents) when it does not exist."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "torch.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
 
 
 if __name__ == "__main__":

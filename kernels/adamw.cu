@@ -21,7 +21,8 @@
 //
 // Step counts live per chunk (one u32 per block of the set): each block reads and advances only
 // its own counter, so there is no race between blocks of a tensor and no extra launch. The chunks
-// of a tensor always advance together (the flags that stop them are per tensor or global).
+// of a tensor always advance together (the flags that stop them are per tensor or global). A
+// count of UINT32_MAX stays there (saturates) and the step runs with t = UINT32_MAX.
 #include "common/multi_tensor.cuh"
 #include "common/philox.cuh"
 
@@ -30,9 +31,22 @@ using namespace fusedreg;
 constexpr uint32_t ADAMW_THREADS = 512;
 constexpr int ADAMW_ILP = 2;  // 4-element groups loaded ahead per thread (8 wide loads in flight)
 
+// The optimizer's own row per tensor (src/adamw/gpu.rs builds it): the engine's TensorEntry
+// knows nothing of it. Every state buffer starts at a multiple of 64 elements of an arena, so it
+// is always aligned for the vector path.
+struct AdamWTensor {
+    uint64_t m;       // float*: first moment
+    uint64_t v;       // float*: second moment
+    uint64_t master;  // float*: f32 master weights of 16-bit params, 0 for f32 params
+    float weight_decay;
+    uint32_t pad;
+};
+static_assert(sizeof(AdamWTensor) == 32, "must match src/adamw/gpu.rs");
+
 struct AdamWParams {
     const mt::TensorEntry* tensors;
     const mt::BlockEntry* blocks;
+    const AdamWTensor* state;   // per tensor
     uint32_t* chunk_steps;      // per global chunk
     const uint8_t* skip;        // per tensor (1: leave it alone this step), or 0
     const float* lr;            // device scalar
@@ -46,7 +60,7 @@ struct AdamWParams {
     uint32_t stochastic;  // 1: 16-bit params rounded stochastically from the master
     uint32_t pad;
 };
-static_assert(sizeof(AdamWParams) == 88, "must match src/adamw/gpu.rs");
+static_assert(sizeof(AdamWParams) == 96, "must match src/adamw/gpu.rs");
 
 // b^e by binary exponentiation, every product an IEEE f64 multiply: cpu::pow_by_squaring.
 __device__ __forceinline__ double pow_by_squaring(double b, uint32_t e) {
@@ -95,13 +109,20 @@ template <typename T> __device__ __forceinline__ T round_stochastic(float x, uin
     return word < frac ? hi : lo;
 }
 
-template <typename P, typename G> struct AdamWOp {
-    // 16-bit params are updated through their f32 master copy; f32 params in place.
-    static constexpr bool kMaster = sizeof(P) == 2;
+// M: the moments' storage type (float, or __nv_bfloat16 for the lean state). MASTER: 16-bit
+// params are updated through an f32 master copy (the default); without it the 16-bit param
+// itself is read, updated in f32 and written back rounded (stochastically when asked: llm.c's
+// scheme). f32 params are always updated in place (MASTER has no effect on them).
+//
+// bf16 moments: loaded widened exactly to f32, updated in f32 exactly as f32 moments are, and
+// the parameter update uses those f32 values; only the stored m and v are rounded to bf16
+// (nearest even), after the update. cpu::step does the same.
+template <typename P, typename G, typename M, bool MASTER> struct AdamWOp {
+    static constexpr bool kMaster = MASTER && sizeof(P) == 2;
     P* param;
     const G* grad;
-    float* m;
-    float* v;
+    M* m;
+    M* v;
     float* master;
     float b1, omb1, b2, omb2, eps, gscale, neg_lr_wd, neg_step, bc2_sqrt;
     uint64_t seed, call;
@@ -136,8 +157,8 @@ template <typename P, typename G> struct AdamWOp {
         for (int k = 0; k < 4; ++k) update(r.p[k], r.g[k], r.m[k], r.v[k]);
         mt::store4(m + i, r.m);
         mt::store4(v + i, r.v);
-        if constexpr (kMaster) {
-            mt::store4(master + i, r.p);
+        if constexpr (kMaster) mt::store4(master + i, r.p);
+        if constexpr (sizeof(P) == 2) {
             if (stochastic) {
                 const uint4 w = philox_block(seed, call, i >> 2);  // i is a multiple of 4
                 const P h[4] = {round_stochastic<P>(r.p[0], w.x), round_stochastic<P>(r.p[1], w.y),
@@ -158,12 +179,12 @@ template <typename P, typename G> struct AdamWOp {
         } else {
             p = to_f32(param[i]);
         }
-        float mm = m[i], vv = v[i];
+        float mm = to_f32(m[i]), vv = to_f32(v[i]);
         update(p, to_f32(grad[i]), mm, vv);
-        m[i] = mm;
-        v[i] = vv;
-        if constexpr (kMaster) {
-            master[i] = p;
+        m[i] = from_f32<M>(mm);
+        v[i] = from_f32<M>(vv);
+        if constexpr (kMaster) master[i] = p;
+        if constexpr (sizeof(P) == 2) {
             param[i] = stochastic ? round_stochastic<P>(p, mask_word(seed, call, i)) : from_f32<P>(p);
         } else {
             param[i] = from_f32<P>(p);
@@ -171,7 +192,8 @@ template <typename P, typename G> struct AdamWOp {
     }
 };
 
-template <typename P, typename G> __device__ __forceinline__ void adamw(const AdamWParams& p) {
+template <typename P, typename G, typename M, bool MASTER>
+__device__ __forceinline__ void adamw(const AdamWParams& p) {
     // Block-uniform early exits, before any barrier: a skipped step changes no bit.
     if (p.nonfinite && *p.nonfinite) return;
     const mt::Chunk c = mt::locate(p.tensors, p.blocks, p.block_offset);
@@ -181,7 +203,10 @@ template <typename P, typename G> __device__ __forceinline__ void adamw(const Ad
     __shared__ float s_bc1, s_bc2_sqrt;
     if (threadIdx.x == 0) {
         // Only this thread reads or writes the block's own counter.
-        const uint32_t t = p.chunk_steps[c.block] + 1u;
+        // Saturating: past UINT32_MAX the count would wrap to t = 0, where 1 - b^0 = 0 (NaN
+        // parameters); cpu::step saturates the same way (issue 17).
+        const uint32_t old = p.chunk_steps[c.block];
+        const uint32_t t = old == 0xffffffffu ? old : old + 1u;
         p.chunk_steps[c.block] = t;
         s_t = t;
         s_bc1 = __double2float_rn(__dsub_rn(1.0, pow_by_squaring((double)p.beta1, t)));
@@ -191,19 +216,20 @@ template <typename P, typename G> __device__ __forceinline__ void adamw(const Ad
     __syncthreads();
 
     const float lr = *p.lr;
-    AdamWOp<P, G> op;
+    AdamWOp<P, G, M, MASTER> op;
     op.param = reinterpret_cast<P*>(c.t.param);
     op.grad = reinterpret_cast<const G*>(c.t.grad);
-    op.m = reinterpret_cast<float*>(c.t.m);
-    op.v = reinterpret_cast<float*>(c.t.v);
-    op.master = reinterpret_cast<float*>(c.t.master);
+    const AdamWTensor st = p.state[c.tensor];
+    op.m = reinterpret_cast<M*>(st.m);
+    op.v = reinterpret_cast<M*>(st.v);
+    op.master = reinterpret_cast<float*>(st.master);
     op.b1 = p.beta1;
     op.omb1 = __fsub_rn(1.0f, p.beta1);
     op.b2 = p.beta2;
     op.omb2 = __fsub_rn(1.0f, p.beta2);
     op.eps = p.eps;
     op.gscale = p.grad_scale ? *p.grad_scale : 1.0f;
-    op.neg_lr_wd = -__fmul_rn(lr, c.t.weight_decay);
+    op.neg_lr_wd = -__fmul_rn(lr, st.weight_decay);
     op.neg_step = -__fdiv_rn(lr, s_bc1);
     op.bc2_sqrt = s_bc2_sqrt;
     op.seed = p.seed;
@@ -212,25 +238,39 @@ template <typename P, typename G> __device__ __forceinline__ void adamw(const Ad
     mt::for_each_group<4, ADAMW_ILP>(op, c, (c.t.flags & mt::FLAG_VEC4) != 0);
 }
 
-#define ADAMW_KERNEL(P, PS, G, GS)                                                            \
+// Kernel symbols: adamw_p<P>_g<G><SUFFIX> for every (param, grad) pair and state layout:
+//   (none)            f32 moments, f32 master for 16-bit params (the default)
+//   _mbf16            bf16 moments, f32 master for 16-bit params
+//   _nomaster         f32 moments, 16-bit params updated in place (16-bit params only)
+//   _mbf16_nomaster   bf16 moments, no master (16-bit params only): the 14-byte step for bf16
+#define ADAMW_KERNEL(P, PS, G, GS, M, MASTER, SUFFIX)                                         \
     extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)                               \
-        adamw_p##PS##_g##GS(const AdamWParams p) {                                            \
-        adamw<P, G>(p);                                                                       \
+        adamw_p##PS##_g##GS##SUFFIX(const AdamWParams p) {                                    \
+        adamw<P, G, M, MASTER>(p);                                                            \
     }
-#define ADAMW_FOR_EACH_GRAD(P, PS)                                                            \
-    ADAMW_KERNEL(P, PS, float, f32)                                                           \
-    ADAMW_KERNEL(P, PS, __half, f16)                                                          \
-    ADAMW_KERNEL(P, PS, __nv_bfloat16, bf16)
-FUSEDREG_FOR_EACH_DTYPE(ADAMW_FOR_EACH_GRAD)
+#define ADAMW_FOR_EACH_GRAD(P, PS, M, MASTER, SUFFIX)                                         \
+    ADAMW_KERNEL(P, PS, float, f32, M, MASTER, SUFFIX)                                        \
+    ADAMW_KERNEL(P, PS, __half, f16, M, MASTER, SUFFIX)                                       \
+    ADAMW_KERNEL(P, PS, __nv_bfloat16, bf16, M, MASTER, SUFFIX)
+#define ADAMW_WITH_MASTER(P, PS)                                                              \
+    ADAMW_FOR_EACH_GRAD(P, PS, float, true, )                                                 \
+    ADAMW_FOR_EACH_GRAD(P, PS, __nv_bfloat16, true, _mbf16)
+FUSEDREG_FOR_EACH_DTYPE(ADAMW_WITH_MASTER)
+#define ADAMW_NO_MASTER(P, PS)                                                                \
+    ADAMW_FOR_EACH_GRAD(P, PS, float, false, _nomaster)                                       \
+    ADAMW_FOR_EACH_GRAD(P, PS, __nv_bfloat16, false, _mbf16_nomaster)
+ADAMW_NO_MASTER(__half, f16)
+ADAMW_NO_MASTER(__nv_bfloat16, bf16)
 
 // master = f32(param): fills the f32 master weights of 16-bit params when a set is built.
 struct InitMasterParams {
     const mt::TensorEntry* tensors;
     const mt::BlockEntry* blocks;
+    const AdamWTensor* state;
     uint32_t block_offset;
     uint32_t pad;
 };
-static_assert(sizeof(InitMasterParams) == 24, "must match src/adamw/gpu.rs");
+static_assert(sizeof(InitMasterParams) == 32, "must match src/adamw/gpu.rs");
 
 template <typename P> struct WidenOp {
     const P* param;
@@ -247,7 +287,8 @@ template <typename P> struct WidenOp {
     extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)                               \
         adamw_init_master_##PS(const InitMasterParams p) {                                    \
         const mt::Chunk c = mt::locate(p.tensors, p.blocks, p.block_offset);                  \
-        WidenOp<P> op{reinterpret_cast<const P*>(c.t.param), reinterpret_cast<float*>(c.t.master)}; \
+        WidenOp<P> op{reinterpret_cast<const P*>(c.t.param),                                 \
+                       reinterpret_cast<float*>(p.state[c.tensor].master)};             \
         mt::for_each_group<4, ADAMW_ILP>(op, c, (c.t.flags & mt::FLAG_VEC4) != 0);            \
     }
 INIT_MASTER_KERNEL(__half, f16)

@@ -48,6 +48,8 @@ EOF
 
 cp Cargo.lock "$root/target/Cargo.lock.candle-check"
 trap 'cp "$root/target/Cargo.lock.candle-check" "$root/Cargo.lock"' EXIT
-cargo clippy --features candle-cuda --all-targets \
+# -p fusedreg: the tools member pins cudarc's dynamic loading, which cannot share a build with
+# candle's linking.
+cargo clippy -p fusedreg --features candle-cuda --all-targets \
   --config "patch.crates-io.candle-kernels.path=\"$stub\"" "$@" -- -D warnings
 echo "candle-cuda-check: fusedreg with candle-cuda type-checks (clippy, all targets)"

@@ -28,24 +28,31 @@ export FUSEDREG_REQUIRE_KERNELS=1
 [ "$root" != "$here" ] && export NVCC=${NVCC:-$here/.cuda/nvidia/cu13/bin/nvcc}
 
 list_executables() {  # reads cargo's JSON messages, prints "name path" of each executable
+  # Every package of the workspace (the library and tools/) is listed. Two different targets that
+  # would get the same kit name (e.g. a `gpu` test in both packages) fail the kit instead of one
+  # silently replacing the other.
   python3 -c '
 import json, sys
+seen = {}
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         t, kind = m["target"], m["target"]["kind"][0]
         prefix = "bench" if kind == "bench" else "test" if m["profile"]["test"] else kind
-        print(prefix + "-" + t["name"], m["executable"])
+        name = prefix + "-" + t["name"]
+        if seen.setdefault(name, t["src_path"]) != t["src_path"]:
+            sys.exit("gpu-kit: %s names both %s and %s" % (name, seen[name], t["src_path"]))
+        print(name, m["executable"])
 '
 }
 
 rm -rf "$kit"
 mkdir -p "$kit/bin"
 {
-  cargo test --release --no-run --message-format=json 2>/dev/null
-  cargo bench --no-run --message-format=json 2>/dev/null
-  cargo build --release --bins --examples --message-format=json 2>/dev/null
+  cargo test --workspace --release --no-run --message-format=json 2>/dev/null
+  cargo bench --workspace --no-run --message-format=json 2>/dev/null
+  cargo build --workspace --release --bins --examples --message-format=json 2>/dev/null
 } | list_executables | sort -u -k1,1 | while read -r name path; do
   cp "$path" "$kit/bin/$name"
   strip --strip-all "$kit/bin/$name" 2>/dev/null || true

@@ -46,14 +46,18 @@ if [ $sanitize -eq 1 ]; then
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   # SANITIZE_TOOLS picks a subset; SANITIZE_TIMEOUT (s) bounds each tool's run.
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
-    log="$out/sanitize-$tool.log"
     extra=""
     [ $tool = memcheck ] && extra="--leak-check full"
-    timeout "${SANITIZE_TIMEOUT:-1800}" "$cs" --tool $tool $extra --error-exitcode 99 \
-      "$kit/bin/test-gpu" --test-threads 1 ${SANITIZE_FILTER:-} >"$log" 2>&1
-    rc=$?
-    note "sanitizer $tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1) $(grep -E '^test result' "$log" | tail -1)"
-    [ $rc -eq 0 ] || status=1
+    # The library's GPU tests (test-gpu) and the tools' (test-gpu_tools: the trainer's kernels).
+    for t in "$kit"/bin/test-gpu "$kit"/bin/test-gpu_tools; do
+      [ -x "$t" ] || continue
+      log="$out/sanitize-$tool-$(basename "$t").log"
+      timeout "${SANITIZE_TIMEOUT:-1800}" "$cs" --tool $tool $extra --error-exitcode 99 \
+        "$t" --test-threads 1 ${SANITIZE_FILTER:-} >"$log" 2>&1
+      rc=$?
+      note "sanitizer $tool $(basename "$t"): rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1) $(grep -E '^test result' "$log" | tail -1)"
+      [ $rc -eq 0 ] || status=1
+    done
   done
 fi
 

@@ -6,6 +6,14 @@
 //!
 //! * [`dropout_residual`]: fused bias + dropout + residual add (forward, backward, drop path),
 //!   its CPU reference and the unfused baseline.
+//! * [`cross_entropy`]: fused cross-entropy with label smoothing and z-loss, loss and gradient
+//!   in one kernel (gradient in place), its CPU reference and the unfused baseline.
+//! * [`fmath`]: bit-exact f32 `exp`, `ln`, `erf`, `tanh`, `sigmoid`, the same operations on the
+//!   CPU and in the kernels (`kernels/common/fmath.cuh`).
+//! * [`bias_act_dropout`]: fused bias + activation (GELU, GELU-tanh, SiLU, ReLU) + dropout, the
+//!   feed-forward site, with the bias gradient fused into the backward.
+//! * [`dropout_add_norm`]: fused dropout + residual add + LayerNorm / RMSNorm with LayerNorm
+//!   Scaling and drop path (the entry of a pre-norm block), forward and backward.
 //! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
 //!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
 //! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
@@ -15,9 +23,12 @@
 //! * [`global_norm`]: deterministic global gradient norm, clip coefficient and scale pass.
 //! * [`adamw`]: fused multi-tensor AdamW with device-side scalars, master weights and a
 //!   bit-exact CPU reference.
-//! * [`timing`]: the GPU timing used by the benchmark report and the criterion benches.
 //! * `candle` (feature `candle`): the ops on candle tensors, with autograd, on candle's CPU
 //!   device and (feature `candle-cuda`) on its CUDA device and stream.
+//!
+//! The benchmark report (`fusedreg-bench`), its GPU timing harness, the residual-MLP trainer, the
+//! criterion benches and the examples are tools, not library: they live in the workspace member
+//! `tools/` (package `fusedreg-tools`) and build on this crate's public API only.
 //!
 //! Building needs no CUDA: without nvcc the kernels are left out, the CPU references work and
 //! every GPU entry point returns [`Error::KernelsNotBuilt`]. Running needs no files beside the
@@ -33,24 +44,28 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+pub mod bias_act_dropout;
 #[cfg(feature = "candle")]
 pub mod candle;
+pub mod cross_entropy;
+pub mod dropout;
+pub mod dropout_add_norm;
+pub mod dropout_keying;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;
+pub mod fmath;
 pub mod global_norm;
-pub mod mlp;
 pub mod multi_tensor;
 pub mod philox;
-pub mod report;
 mod runtime;
 pub mod stochastic_depth;
-pub mod timing;
 
 pub use dtype::{Dtype, DtypeKind};
 pub use error::{Error, Result};
 pub use runtime::{
-    compiled_archs, device_count, driver_present, kernels_built, nvcc_version, DeviceInfo, Handle,
+    compiled_archs, device_count, driver_present, kernels_built, nvcc_version, DeviceInfo,
+    DeviceScalar, Handle,
 };
 
 /// Re-exported so callers can name buffer types without depending on cudarc directly.

@@ -216,7 +216,7 @@ fn nonfinite_flag_changes_nothing() {
         nonfinite: true,
     };
     cpu::step(&mut ts, &cfg, &inputs, &[]).unwrap();
-    assert_eq!(ts, before);
+    assert!(ts == before, "the tensors changed");
 }
 
 #[test]
@@ -307,8 +307,8 @@ fn state_mismatches_are_errors() {
     bad[0] = b'X';
     assert!(restore(&mut ts2, &bad).unwrap_err().contains("magic"));
     let mut bad = bytes.clone();
-    bad[8] = 2;
-    assert!(restore(&mut ts2, &bad).unwrap_err().contains("version 2"));
+    bad[8] = 3; // a version this crate does not know (it writes 2 and reads 1 and 2)
+    assert!(restore(&mut ts2, &bad).unwrap_err().contains("version 3"));
     let mut bad = bytes.clone();
     bad[12] = 7;
     assert!(restore(&mut ts2, &bad).unwrap_err().contains("dtype code"));
@@ -494,4 +494,447 @@ fn inconsistent_state_and_huge_layouts_are_errors() {
     b.master = None;
     assert!(cpu::save_state(&[b]).is_err());
     assert!(fusedreg::multi_tensor::Layout::new(&[u64::MAX; 65_536]).is_err());
+}
+
+/// Issue 17, item 1: a step count of u32::MAX saturates instead of wrapping to t = 0 (where
+/// 1 - b^0 = 0 made every parameter NaN); the step runs with t = u32::MAX, whose bias
+/// corrections are exactly 1, like any count past a few thousand. Reached through the public
+/// field and through a restored state.
+#[test]
+fn step_count_saturates_at_u32_max() {
+    let cfg = AdamWConfig::default();
+    for start in [u32::MAX - 1, u32::MAX] {
+        let mut ts = tensors::<f32, f32>(17, &[33, 5]);
+        for t in &mut ts {
+            t.step = start;
+        }
+        // The same tensors at a large but ordinary count: the same update bits.
+        let mut late = ts.clone();
+        for t in &mut late {
+            t.step = 1_000_000;
+        }
+        for s in 0..3 {
+            new_grads(&mut ts, 1700 + s);
+            new_grads(&mut late, 1700 + s);
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+            cpu::step(&mut late, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+        }
+        for (t, l) in ts.iter().zip(&late) {
+            assert_eq!(
+                t.step,
+                u32::MAX,
+                "the count wrapped or stopped below the maximum"
+            );
+            assert!(t.param.iter().all(|p| p.is_finite()), "NaN parameters");
+            check(bits_eq("saturated vs late params", &t.param, &l.param));
+            check(bits_eq("saturated vs late m", &t.m, &l.m));
+        }
+        assert_eq!(
+            cpu::bias_corrections(cfg.beta1, cfg.beta2, u32::MAX),
+            (1.0, 1.0)
+        );
+    }
+    // Through restore_state: a saved count of u32::MAX is accepted and stays there.
+    let mut ts = tensors::<bf16, bf16>(18, &[9]);
+    ts[0].step = u32::MAX;
+    let bytes = cpu::save_state(&ts).unwrap();
+    let mut back = tensors::<bf16, bf16>(18, &[9]);
+    cpu::restore_state(&mut back, &bytes).unwrap();
+    assert_eq!(back[0].step, u32::MAX);
+    cpu::step(&mut back, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+    assert_eq!(back[0].step, u32::MAX);
+    assert!(back[0]
+        .master
+        .as_ref()
+        .unwrap()
+        .iter()
+        .all(|p| p.is_finite()));
+}
+
+/// Issue 17, item 3: a NaN or infinite grad_scale is refused (and changes nothing) unless the
+/// non-finite flag says the step is skipped anyway.
+#[test]
+fn nonfinite_grad_scale_is_refused() {
+    let cfg = AdamWConfig::default();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut ts = tensors::<f32, f32>(19, &[7, 3]);
+        let before = ts.clone();
+        let inputs = cpu::StepInputs {
+            grad_scale: bad,
+            ..cpu::StepInputs::new(cfg.lr)
+        };
+        let e = cpu::step(&mut ts, &cfg, &inputs, &[]).unwrap_err();
+        assert!(e.to_string().contains("grad_scale"), "{e}");
+        assert!(ts == before, "a refused step changed the tensors");
+        // With the flag set the step is skipped: accepted, nothing changes.
+        let skipped = cpu::StepInputs {
+            nonfinite: true,
+            ..inputs
+        };
+        cpu::step(&mut ts, &cfg, &skipped, &[]).unwrap();
+        assert!(ts == before, "the tensors changed");
+    }
+}
+
+/// Issue 17, item 4: CpuTensor's fields are public; `step` re-checks what `new` checks, so a
+/// weight decay set to NaN or -1e30 afterwards is an error, not NaN or huge parameters.
+#[test]
+fn weight_decay_set_after_new_is_checked() {
+    let cfg = AdamWConfig::default();
+    for bad in [f32::NAN, -1e30, f32::INFINITY, -0.5] {
+        let mut ts = tensors::<f32, f32>(20, &[5, 6]);
+        ts[1].weight_decay = bad;
+        let before = ts.clone();
+        let e = cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap_err();
+        assert!(e.to_string().contains("tensor 1"), "{e}");
+        assert!(e.to_string().contains("weight_decay"), "{e}");
+        assert_eq!(ts.len(), before.len());
+        for (a, b) in ts.iter().zip(&before) {
+            check(bits_eq("params after a refused step", &a.param, &b.param));
+        }
+    }
+}
+
+/// Issue 17, item 9: the byte-count helpers saturate at u64::MAX for element counts near
+/// 2^60..2^64 instead of overflowing (this test profile has overflow checks on).
+#[test]
+fn byte_counts_saturate() {
+    use fusedreg::global_norm::{norm_min_bytes, scale_min_bytes};
+    use DtypeKind::*;
+    for n in [
+        1u64 << 59,
+        1 << 60,
+        1 << 62,
+        1 << 63,
+        u64::MAX - 1,
+        u64::MAX,
+    ] {
+        for (p, g) in [(F32, F32), (Bf16, Bf16), (F16, F32), (Bf16, F16)] {
+            let m = adamw::min_bytes(n, p, g);
+            let c = adamw::clip_step_min_bytes(n, p, g);
+            let u = adamw::unfused_clip_step_min_bytes(n, p, g);
+            // Monotone in the pass count, and exact where it fits.
+            assert!(m <= c && c <= u, "{n} {p:?} {g:?}: {m} {c} {u}");
+            if let Some(exact) = n.checked_mul(adamw::min_bytes(1, p, g)) {
+                assert_eq!(m, exact);
+            } else {
+                assert_eq!(m, u64::MAX);
+            }
+        }
+        for g in [F32, F16, Bf16] {
+            let want = u64::try_from(u128::from(n) * g.size() as u128).unwrap_or(u64::MAX);
+            assert_eq!(norm_min_bytes(n, g), want);
+            let want = u64::try_from(u128::from(n) * 2 * g.size() as u128).unwrap_or(u64::MAX);
+            assert_eq!(scale_min_bytes(n, g), want);
+        }
+    }
+    assert_eq!(adamw::min_bytes(u64::MAX, F32, F32), u64::MAX);
+    assert_eq!(
+        adamw::unfused_clip_step_min_bytes(u64::MAX, Bf16, Bf16),
+        u64::MAX
+    );
+}
+
+/// The lean state layouts, pinned one step at a time against the default layout (the
+/// f64-checked reference above): with bf16 moments, a step is the f32-moment step from the same
+/// (bf16-valued) moments with only the stored m and v rounded to bf16 afterwards; without
+/// master weights, a 16-bit parameter's step is the master-weight step from the widened
+/// parameter, rounded the same way (same Philox word for stochastic rounding). Every dtype
+/// pair of interest, both roundings, several steps, odd sizes and a zero-size tensor.
+fn lean_matches_default_step_by_step<P: Dtype, G: Dtype>(seed: u64) {
+    use adamw::{MasterWeights, MomentDtype};
+    let sizes = [37, 0, 1000, 5];
+    for options in common::all_state_options() {
+        for rounding in [
+            Rounding::NearestEven,
+            Rounding::Stochastic { seed: seed ^ 9 },
+        ] {
+            let cfg = AdamWConfig {
+                state: options,
+                rounding,
+                ..Default::default()
+            };
+            let dflt = AdamWConfig {
+                state: adamw::StateOptions::default(),
+                ..cfg
+            };
+            let mut lean = common::adamw_tensors_with::<P, G>(seed, &sizes, options);
+            for s in 0..4 {
+                new_grads(&mut lean, seed * 10 + s);
+                // The same state in the default layout.
+                let mut want: Vec<cpu::CpuTensor<P, G>> = lean
+                    .iter()
+                    .map(|t| {
+                        let mut d =
+                            cpu::CpuTensor::new(t.param.clone(), t.grad.clone(), t.weight_decay)
+                                .unwrap();
+                        d.m = t.m.clone();
+                        d.v = t.v.clone();
+                        d.step = t.step;
+                        if let Some(m) = &t.master {
+                            d.master = Some(m.clone());
+                        }
+                        d
+                    })
+                    .collect();
+                cpu::step(&mut lean, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+                cpu::step(&mut want, &dflt, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+                for (i, (l, w)) in lean.iter().zip(&want).enumerate() {
+                    let what = format!("{options:?} {rounding:?} step {s} tensor {i}");
+                    let (mut wm, mut wv) = (w.m.clone(), w.v.clone());
+                    if options.moments == MomentDtype::Bf16 {
+                        for x in wm.iter_mut().chain(wv.iter_mut()) {
+                            *x = bf16::from_f32(*x).to_f32();
+                        }
+                    }
+                    check(bits_eq(&format!("{what} m"), &l.m, &wm));
+                    check(bits_eq(&format!("{what} v"), &l.v, &wv));
+                    check(bits_eq(&format!("{what} param"), &l.param, &w.param));
+                    assert_eq!(l.step, w.step, "{what}");
+                    let has_master =
+                        P::KIND != DtypeKind::F32 && options.master == MasterWeights::F32;
+                    assert_eq!(l.master.is_some(), has_master, "{what}");
+                    if let Some(m) = &l.master {
+                        check(bits_eq(
+                            &format!("{what} master"),
+                            m,
+                            w.master.as_ref().unwrap(),
+                        ));
+                    }
+                }
+            }
+            // The state moves and stays finite.
+            assert!(lean
+                .iter()
+                .all(|t| t.param.iter().all(|p| p.to_f32().is_finite())));
+        }
+    }
+}
+
+#[test]
+fn lean_state_layouts_match_the_default_step_by_step() {
+    lean_matches_default_step_by_step::<f32, f32>(31);
+    lean_matches_default_step_by_step::<f32, bf16>(32);
+    lean_matches_default_step_by_step::<bf16, bf16>(33);
+    lean_matches_default_step_by_step::<bf16, f32>(34);
+    lean_matches_default_step_by_step::<f16, f16>(35);
+    lean_matches_default_step_by_step::<f16, bf16>(36);
+}
+
+/// Without master weights and with stochastic rounding, updates far below half a bf16 ulp
+/// still move the parameters on average; with nearest-even rounding they are lost.
+#[test]
+fn no_master_with_stochastic_rounding_keeps_small_updates() {
+    use adamw::{MasterWeights, MomentDtype, StateOptions};
+    let options = StateOptions {
+        moments: MomentDtype::Bf16,
+        master: MasterWeights::None,
+    };
+    let n = 4096;
+    let run = |rounding| {
+        let mut ts = vec![cpu::CpuTensor::<bf16, bf16>::with_state(
+            vec![bf16::from_f32(1.0); n],
+            vec![bf16::from_f32(1.0); n],
+            0.0,
+            options,
+        )
+        .unwrap()];
+        // lr 1e-4: each step moves p by about 1e-4, well below half a bf16 ulp at 1 (2^-8).
+        let cfg = AdamWConfig {
+            lr: 1e-4,
+            rounding,
+            state: options,
+            ..Default::default()
+        };
+        for _ in 0..20 {
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+        }
+        ts[0]
+            .param
+            .iter()
+            .map(|p| f64::from(p.to_f32()))
+            .sum::<f64>()
+            / n as f64
+    };
+    let nearest = run(Rounding::NearestEven);
+    let stochastic = run(Rounding::Stochastic { seed: 5 });
+    assert_eq!(
+        nearest, 1.0,
+        "nearest-even should lose every sub-half-ulp update"
+    );
+    // 20 steps of about 1e-4 each: the mean moves by about 2e-3.
+    assert!((1.0 - stochastic - 2e-3).abs() < 5e-4, "mean {stochastic}");
+}
+
+/// Bytes per parameter and step of every layout (the docs' table), and the resident state.
+#[test]
+fn lean_byte_counts() {
+    use adamw::{min_bytes_with, state_bytes_per_param, MasterWeights, MomentDtype, StateOptions};
+    use DtypeKind::*;
+    let o = |moments, master| StateOptions { moments, master };
+    let (f, b) = (MomentDtype::F32, MomentDtype::Bf16);
+    let (mf, mn) = (MasterWeights::F32, MasterWeights::None);
+    assert_eq!(min_bytes_with(1, Bf16, Bf16, o(b, mn)), 14);
+    assert_eq!(min_bytes_with(1, Bf16, Bf16, o(f, mn)), 22);
+    assert_eq!(min_bytes_with(1, Bf16, Bf16, o(b, mf)), 20);
+    assert_eq!(min_bytes_with(1, Bf16, Bf16, o(f, mf)), 28);
+    assert_eq!(min_bytes_with(1, Bf16, F32, o(b, mn)), 16);
+    assert_eq!(min_bytes_with(1, F32, F32, o(b, mn)), 20);
+    assert_eq!(min_bytes_with(1, F32, F32, o(f, mn)), 28);
+    for p in [F32, F16, Bf16] {
+        for g in [F32, F16, Bf16] {
+            assert_eq!(
+                min_bytes_with(7, p, g, StateOptions::default()),
+                adamw::min_bytes(7, p, g)
+            );
+        }
+    }
+    assert_eq!(state_bytes_per_param(Bf16, o(b, mn)), 4);
+    assert_eq!(state_bytes_per_param(Bf16, o(f, mf)), 12);
+    assert_eq!(state_bytes_per_param(F32, o(b, mf)), 4);
+    assert_eq!(min_bytes_with(u64::MAX, Bf16, Bf16, o(b, mn)), u64::MAX);
+}
+
+/// A configuration whose layout differs from the tensors' is refused before anything changes.
+#[test]
+fn lean_layout_mismatch_is_an_error() {
+    use adamw::{MasterWeights, MomentDtype, StateOptions};
+    let lean = StateOptions {
+        moments: MomentDtype::Bf16,
+        master: MasterWeights::None,
+    };
+    let mut ts = tensors::<bf16, bf16>(40, &[8]);
+    let before = ts.clone();
+    let cfg = AdamWConfig {
+        state: lean,
+        ..Default::default()
+    };
+    let e = cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap_err();
+    assert!(e.to_string().contains("StateOptions"), "{e}");
+    assert!(ts == before, "the tensors changed");
+    // A master vector on a tensor whose layout has none.
+    let mut l = common::adamw_tensors_with::<bf16, bf16>(40, &[8], lean);
+    l[0].master = Some(vec![0.0; 8]);
+    assert!(cpu::step(&mut l, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).is_err());
+}
+
+/// State format version 2 round-trips every layout; the moments are stored as bf16 bits when
+/// bf16 (2 bytes each) and master weights only when the layout has them; a state saved with one
+/// layout does not restore into another.
+#[test]
+fn state_v2_round_trips_every_layout() {
+    use adamw::MomentDtype;
+    let cfg0 = AdamWConfig::default();
+    for options in common::all_state_options() {
+        let cfg = AdamWConfig {
+            state: options,
+            rounding: Rounding::Stochastic { seed: 3 },
+            ..cfg0
+        };
+        let mut ts = common::adamw_tensors_with::<bf16, bf16>(50, &[5, 0, 300], options);
+        for s in 0..3 {
+            new_grads(&mut ts, 500 + s);
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+        }
+        let bytes = cpu::save_state(&ts).unwrap();
+        assert_eq!(bytes[8..12], 2u32.to_le_bytes());
+        assert_eq!(
+            bytes[14],
+            if options.moments == MomentDtype::Bf16 {
+                2
+            } else {
+                0
+            }
+        );
+        let h = state::peek(&bytes).unwrap();
+        assert_eq!(h.options, options);
+        assert_eq!(bytes.len() as u64, h.encoded_len());
+        let per = 2 * options.moments.size()
+            + if options.has_master(DtypeKind::Bf16) {
+                4
+            } else {
+                0
+            };
+        assert_eq!(bytes.len(), 24 + 12 * 3 + per * 305);
+        // Restore into fresh tensors of the same layout: the same state, and the same next step.
+        let mut back = common::adamw_tensors_with::<bf16, bf16>(50, &[5, 0, 300], options);
+        for (b, t) in back.iter_mut().zip(&ts) {
+            (b.param, b.grad) = (t.param.clone(), t.grad.clone());
+        }
+        cpu::restore_state(&mut back, &bytes).unwrap();
+        assert!(back == ts, "{options:?}: restored state differs");
+        new_grads(&mut ts, 599);
+        new_grads(&mut back, 599);
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+        cpu::step(&mut back, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).unwrap();
+        assert!(back == ts, "{options:?}: resumed step differs");
+        // Any other layout refuses it, unchanged.
+        for other in common::all_state_options()
+            .into_iter()
+            .filter(|o| *o != options)
+        {
+            let mut x = common::adamw_tensors_with::<bf16, bf16>(50, &[5, 0, 300], other);
+            let before = x.clone();
+            let e = cpu::restore_state(&mut x, &bytes).unwrap_err();
+            assert!(
+                e.to_string().contains("StateOptions"),
+                "{options:?} into {other:?}: {e}"
+            );
+            assert!(x == before, "a refused restore changed the tensors");
+        }
+    }
+}
+
+/// A state written by version 1 (before the lean layouts), spelled out byte by byte here from
+/// the version-1 format, restores into tensors of the default layout.
+#[test]
+fn state_v1_bytes_still_restore() {
+    // bf16 params, two tensors of 2 and 1 elements, steps 3 and 4.
+    let mut v1: Vec<u8> = Vec::new();
+    v1.extend_from_slice(b"FRADAMW\0");
+    v1.extend_from_slice(&1u32.to_le_bytes()); // version 1
+    v1.extend_from_slice(&[2, 1, 0, 0]); // bf16 params, master weights, reserved
+    v1.extend_from_slice(&2u64.to_le_bytes());
+    v1.extend_from_slice(&2u64.to_le_bytes());
+    v1.extend_from_slice(&1u64.to_le_bytes());
+    v1.extend_from_slice(&3u32.to_le_bytes());
+    v1.extend_from_slice(&4u32.to_le_bytes());
+    let (m, v, master) = (
+        [0.25f32, -0.5, 0.125],
+        [1e-3f32, 2e-3, 3e-3],
+        [1.5f32, -2.0, 0.75],
+    );
+    for x in m.iter().chain(&v).chain(&master) {
+        v1.extend_from_slice(&x.to_le_bytes());
+    }
+    assert_eq!(v1.len(), 24 + 2 * 12 + 3 * 4 * 3);
+    let mut ts = tensors::<bf16, bf16>(60, &[2, 1]);
+    cpu::restore_state(&mut ts, &v1).unwrap();
+    assert_eq!((ts[0].step, ts[1].step), (3, 4));
+    assert_eq!(
+        (ts[0].m.clone(), ts[1].m.clone()),
+        (vec![0.25, -0.5], vec![0.125])
+    );
+    assert_eq!(
+        (ts[0].v.clone(), ts[1].v.clone()),
+        (vec![1e-3, 2e-3], vec![3e-3])
+    );
+    assert_eq!(ts[0].master, Some(vec![1.5, -2.0]));
+    assert_eq!(ts[1].master, Some(vec![0.75]));
+    // Re-saved, it is the version-2 encoding of the same state: identical but for the version.
+    let v2 = cpu::save_state(&ts).unwrap();
+    assert_eq!(v2[8..12], 2u32.to_le_bytes());
+    assert_eq!(v2[..8], v1[..8]);
+    assert_eq!(v2[12..], v1[12..]);
+    // A version-1 file knows only the default layout: a lean optimizer refuses it.
+    let lean = adamw::StateOptions {
+        moments: adamw::MomentDtype::Bf16,
+        master: adamw::MasterWeights::None,
+    };
+    let mut l = common::adamw_tensors_with::<bf16, bf16>(60, &[2, 1], lean);
+    assert!(cpu::restore_state(&mut l, &v1).is_err());
+    // Version 1 with a non-zero moment byte is corrupt (only version 2 has that field).
+    let mut bad = v1.clone();
+    bad[14] = 2;
+    assert!(cpu::restore_state(&mut ts, &bad).is_err());
 }

@@ -2,12 +2,16 @@
 //
 // A set of tensors is registered once on the host (src/multi_tensor/mod.rs), which builds two
 // tables and uploads them once:
-//   * TensorEntry per tensor: its buffers, 64-bit length, weight decay, alignment flags and the
-//     range of global chunk indices it owns;
+//   * TensorEntry per tensor: its parameter and gradient addresses, 64-bit length, alignment
+//     flags and the range of global chunk indices it owns;
 //   * BlockEntry per chunk: (tensor, chunk within the tensor).
 // Block b of a launch works on global chunk `block_offset + b`: CHUNK consecutive elements of one
 // tensor (fewer for the tensor's last chunk). Zero-size tensors own no chunk, so no block ever
 // sees them. Every launch over a set passes two pointers, whatever the number of tensors.
+//
+// The engine knows tensors only: whatever per-tensor state an optimizer keeps (moments, master
+// weights, weight decay, step counts) lives in the optimizer's own table, indexed by
+// Chunk::tensor and Chunk::block (see adamw.cu).
 //
 // The per-op math lives in a small functor (see adamw.cu, global_norm.cu); the engine only maps
 // blocks to chunks and walks a chunk either in aligned vector groups (every buffer the op touches
@@ -26,25 +30,23 @@ namespace mt {
 constexpr uint64_t CHUNK = 65536;
 
 // TensorEntry::flags
-// Every buffer the elementwise ops touch (param, grad, m, v, master) is aligned for a group of 4
-// elements: 4 * sizeof(element) bytes (16 B for f32, 8 B for 16-bit types).
+// The parameter and the gradient are aligned for a group of 4 elements: 4 * sizeof(element)
+// bytes (16 B for f32, 8 B for 16-bit types). (An optimizer's own state buffers are always
+// allocated aligned; a gradients-only set checks the gradient alone.)
 constexpr uint32_t FLAG_VEC4 = 1u;
 // The gradient is 16-byte aligned: the norm and the scale pass read it 16 bytes at a time.
 constexpr uint32_t FLAG_GRAD16 = 2u;
 
 struct TensorEntry {
-    uint64_t param;   // P*: parameters (0 in a gradients-only set)
-    uint64_t grad;    // G*: gradients
-    uint64_t m;       // float*: first moment (0 in a gradients-only set)
-    uint64_t v;       // float*: second moment
-    uint64_t master;  // float*: f32 master weights of 16-bit params, 0 for f32 params
-    uint64_t n;       // elements
-    float weight_decay;
+    uint64_t param;  // P*: parameters (0 in a gradients-only set)
+    uint64_t grad;   // G*: gradients
+    uint64_t n;      // elements
     uint32_t flags;
     uint32_t first_chunk;  // global index of its first chunk
     uint32_t num_chunks;   // ceil(n / CHUNK)
+    uint32_t pad;
 };
-static_assert(sizeof(TensorEntry) == 64, "must match src/multi_tensor/mod.rs");
+static_assert(sizeof(TensorEntry) == 40, "must match src/multi_tensor/mod.rs");
 
 struct BlockEntry {
     uint32_t tensor;

@@ -28,6 +28,7 @@
 
 struct uint4 { unsigned x, y, z, w; };
 struct uint2 { unsigned x, y; };
+struct float4 { float x, y, z, w; };
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
@@ -50,6 +51,27 @@ inline float emu_canon(float x) { if (x != x) { unsigned u = 0x7fffffffu; memcpy
 inline float __fadd_rn(float a, float b) { return emu_canon(a + b); }
 inline float __fmul_rn(float a, float b) { return emu_canon(a * b); }
 inline float __fmaf_rn(float a, float b, float c) { return emu_canon(std::fmaf(a, b, c)); }
+inline float __fsub_rn(float a, float b) { return emu_canon(a - b); }
+inline float __fdiv_rn(float a, float b) { return emu_canon(a / b); }
+inline float __fsqrt_rn(float a) { return emu_canon(std::sqrt(a)); }
+// f64 arithmetic: IEEE on both sides. NaN results get one fixed encoding so the hashes do not
+// depend on the host compiler's operand order; whether the device's f64 NaN payload matches it is
+// not verified (the norm's f64 sum is only NaN when a partial is, and then its bits are hashed).
+inline double emu_canon_d(double x) { if (x != x) { uint64_t u = 0x7fffffffffffffffull; memcpy(&x, &u, 8); } return x; }
+inline double __dadd_rn(double a, double b) { return emu_canon_d(a + b); }
+inline double __dsub_rn(double a, double b) { return emu_canon_d(a - b); }
+inline double __dmul_rn(double a, double b) { return emu_canon_d(a * b); }
+inline double __ddiv_rn(double a, double b) { return emu_canon_d(a / b); }
+inline double __dsqrt_rn(double a) { return emu_canon_d(std::sqrt(a)); }
+inline float __double2float_rn(double x) { return emu_canon((float)x); }
+// f32 -> u32 toward zero, saturating like the device (NaN -> 0).
+inline unsigned __float2uint_rz(float x) {
+    if (!(x > 0.f)) return 0;
+    if (x >= 4294967296.0f) return 0xffffffffu;
+    return (unsigned)x;
+}
+using std::isfinite;
+using std::isinf;
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 
@@ -66,6 +88,22 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
     if ((u & 0x7fffffffu) > 0x7f800000u) { b.__x = 0x7fff; return b; }
     u += 0x7fffu + ((u >> 16) & 1u);
     b.__x = (unsigned short)(u >> 16);
+    return b;
+}
+// Toward zero: the nearest-even result stepped one ulp toward zero when it rounded away; finite
+// values past the largest half give 65504 (as the device does), NaN gives the canonical 0x7fff.
+inline __half __float2half_rz(float x) {
+    __half h;
+    if (x != x) { h.__x = 0x7fff; return h; }
+    h = __float2half_rn(x);
+    const float r = __half2float(h);
+    if (std::fabs(r) > std::fabs(x)) h.__x = (unsigned short)(h.__x - 1);  // magnitude bits - 1
+    return h;
+}
+inline __nv_bfloat16 __float2bfloat16_rz(float x) {
+    __nv_bfloat16 b;
+    const unsigned u = __float_as_uint(x);
+    b.__x = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)0x7fff : (unsigned short)(u >> 16);
     return b;
 }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
@@ -101,6 +139,19 @@ inline unsigned emu_exchange(unsigned v, int src_lane_offset, bool ballot) {
 inline unsigned __shfl_down_sync(unsigned mask, unsigned v, int d) {
     if (mask != 0xffffffffu) abort();
     return emu_exchange(v, d, false);
+}
+// The device shuffles 32-bit registers; f32 moves as its bits, f64 as two 32-bit halves.
+inline float __shfl_down_sync(unsigned mask, float v, int d) {
+    return __uint_as_float(__shfl_down_sync(mask, __float_as_uint(v), d));
+}
+inline double __shfl_down_sync(unsigned mask, double v, int d) {
+    uint64_t u;
+    memcpy(&u, &v, 8);
+    const uint64_t lo = __shfl_down_sync(mask, (unsigned)u, d);
+    const uint64_t hi = __shfl_down_sync(mask, (unsigned)(u >> 32), d);
+    u = lo | (hi << 32);
+    memcpy(&v, &u, 8);
+    return v;
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
     if (mask != 0xffffffffu) abort();

@@ -15,7 +15,7 @@
 //! assert_eq!(ts[1].master.as_ref().unwrap()[0], 2.0);
 //! ```
 
-use super::{check_lr, state, AdamWConfig, Rounding, OP};
+use super::{check_lr, state, AdamWConfig, MomentDtype, Rounding, StateOptions, OP};
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{check_len, Error, Result};
 use crate::philox::mask_word;
@@ -235,16 +235,18 @@ pub struct CpuTensor<P: Dtype, G: Dtype> {
     pub param: Vec<P>,
     /// Gradients.
     pub grad: Vec<G>,
-    /// First moment.
+    /// First moment (with bf16 moments: bf16 values, held as f32).
     pub m: Vec<f32>,
-    /// Second moment.
+    /// Second moment (likewise).
     pub v: Vec<f32>,
-    /// f32 master weights (16-bit parameters only).
+    /// f32 master weights (16-bit parameters with [`MasterWeights::F32`](super::MasterWeights::F32) only).
     pub master: Option<Vec<f32>>,
     /// Steps taken (the kernel's per-chunk counters; stays 0 for a zero-size tensor).
     pub step: u32,
     /// Decoupled weight decay.
     pub weight_decay: f32,
+    /// The state layout; [`step`] refuses a config whose [`AdamWConfig::state`] differs.
+    pub options: StateOptions,
 }
 
 impl<P: Dtype, G: Dtype> CpuTensor<P, G> {
@@ -260,6 +262,26 @@ impl<P: Dtype, G: Dtype> CpuTensor<P, G> {
     /// assert!(CpuTensor::<f32, f32>::new(vec![1.0; 4], vec![0.1; 4], -0.01).is_err());
     /// ```
     pub fn new(param: Vec<P>, grad: Vec<G>, weight_decay: f32) -> Result<Self> {
+        Self::with_state(param, grad, weight_decay, StateOptions::default())
+    }
+
+    /// [`CpuTensor::new`] with a state layout: bf16 moments and/or no master weights, as
+    /// [`AdamW::new`](super::AdamW::new) allocates them for [`AdamWConfig::state`].
+    ///
+    /// ```
+    /// use fusedreg::adamw::{cpu::CpuTensor, MasterWeights, MomentDtype, StateOptions};
+    /// use half::bf16;
+    /// let lean = StateOptions { moments: MomentDtype::Bf16, master: MasterWeights::None };
+    /// let t = CpuTensor::<bf16, bf16>::with_state(vec![bf16::ONE; 4], vec![bf16::ONE; 4], 0.0, lean)
+    ///     .unwrap();
+    /// assert!(t.master.is_none());
+    /// ```
+    pub fn with_state(
+        param: Vec<P>,
+        grad: Vec<G>,
+        weight_decay: f32,
+        options: StateOptions,
+    ) -> Result<Self> {
         check_len(OP, "grad", grad.len(), param.len())?;
         if !weight_decay.is_finite() || weight_decay < 0.0 {
             return Err(Error::invalid(
@@ -268,8 +290,9 @@ impl<P: Dtype, G: Dtype> CpuTensor<P, G> {
             ));
         }
         let n = param.len();
-        let master =
-            (P::KIND != DtypeKind::F32).then(|| param.iter().map(|x| x.to_f32()).collect());
+        let master = options
+            .has_master(P::KIND)
+            .then(|| param.iter().map(|x| x.to_f32()).collect());
         Ok(CpuTensor {
             param,
             grad,
@@ -278,6 +301,7 @@ impl<P: Dtype, G: Dtype> CpuTensor<P, G> {
             master,
             step: 0,
             weight_decay,
+            options,
         })
     }
 
@@ -365,6 +389,12 @@ impl StepInputs {
 /// One AdamW step over every tensor, exactly as one launch of the kernel. `skip` is empty (no
 /// tensor skipped) or one flag per tensor. Nothing changes when `inputs.nonfinite`.
 ///
+/// Errors (before anything changes): invalid hyperparameters or `lr`, a non-finite
+/// `grad_scale` (unless `nonfinite`), a tensor whose public fields were set to something
+/// [`CpuTensor::new`] refuses (weight decay negative or not finite, buffer lengths that differ,
+/// 16-bit parameters without master weights). Step counts saturate at `u32::MAX` (see the
+/// [module docs](super)).
+///
 /// ```
 /// use fusedreg::adamw::{cpu::{self, CpuTensor, StepInputs}, AdamWConfig};
 /// let mk = || CpuTensor::<f32, f32>::new(vec![1.0; 4], vec![0.5; 4], 0.01).unwrap();
@@ -379,6 +409,11 @@ impl StepInputs {
 /// cpu::step(&mut ts, &cfg, &inf, &[]).unwrap();
 /// assert_eq!(ts[0].step, 1);
 /// assert!(cpu::step(&mut ts, &cfg, &StepInputs::new(cfg.lr), &[true]).is_err());
+/// // A NaN grad scale, or a weight decay set to NaN through the public field, is refused.
+/// let nan = StepInputs { grad_scale: f32::NAN, ..StepInputs::new(cfg.lr) };
+/// assert!(cpu::step(&mut ts, &cfg, &nan, &[]).is_err());
+/// ts[0].weight_decay = f32::NAN;
+/// assert!(cpu::step(&mut ts, &cfg, &StepInputs::new(cfg.lr), &[]).is_err());
 /// ```
 pub fn step<P: Dtype, G: Dtype>(
     tensors: &mut [CpuTensor<P, G>],
@@ -394,18 +429,24 @@ pub fn step<P: Dtype, G: Dtype>(
     if !skip.is_empty() {
         check_len(OP, "skip", skip.len(), tensors.len())?;
     }
+    if !inputs.nonfinite && !inputs.grad_scale.is_finite() {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "grad_scale = {} is not finite: pass nonfinite = true to skip the step (as the \
+                 norm's flag does) or a finite scale",
+                inputs.grad_scale
+            ),
+        ));
+    }
     for (i, t) in tensors.iter().enumerate() {
+        // The fields are public: re-check what `CpuTensor::new` checked.
+        super::check_weight_decay(t.weight_decay)
+            .map_err(|e| Error::invalid(OP, format!("tensor {i}: {e}")))?;
         check_len(OP, &format!("tensor {i} grad"), t.grad.len(), t.len())?;
         check_len(OP, &format!("tensor {i} m"), t.m.len(), t.len())?;
         check_len(OP, &format!("tensor {i} v"), t.v.len(), t.len())?;
-        if let Some(master) = &t.master {
-            check_len(OP, &format!("tensor {i} master"), master.len(), t.len())?;
-        } else if P::KIND != DtypeKind::F32 {
-            return Err(Error::invalid(
-                OP,
-                format!("tensor {i}: 16-bit parameters need f32 master weights"),
-            ));
-        }
+        check_layout::<P, G>(i, t, &config.state)?;
     }
     if inputs.nonfinite {
         return Ok(());
@@ -414,35 +455,45 @@ pub fn step<P: Dtype, G: Dtype>(
         if skip.get(k).copied().unwrap_or(false) || t.is_empty() {
             continue;
         }
-        let step = t.step.wrapping_add(1);
+        // Saturates, as the kernel does: past u32::MAX, t would wrap to 0 and 1 - b^0 = 0.
+        let step = t.step.saturating_add(1);
         t.step = step;
         let c = StepConsts::new(config, inputs.lr, t.weight_decay, step, inputs.grad_scale);
         let call = rounding_call(step, k);
+        let bf16_moments = config.state.moments == MomentDtype::Bf16;
         for i in 0..t.param.len() {
             let mut p = match &t.master {
                 Some(m) => m[i],
                 None => t.param[i].to_f32(),
             };
-            update(&c, &mut p, t.grad[i].to_f32(), &mut t.m[i], &mut t.v[i]);
-            match &mut t.master {
-                Some(m) => {
-                    m[i] = p;
-                    t.param[i] = match config.rounding {
-                        Rounding::NearestEven => P::from_f32_rn(p),
-                        Rounding::Stochastic { seed } => {
-                            round_stochastic(p, mask_word(seed, call, i as u64))
-                        }
-                    };
-                }
-                None => t.param[i] = P::from_f32_rn(p),
+            // bf16 moments are bf16 values: loaded exactly, updated in f32, and only the
+            // stored values rounded (nearest even) after the update, as the kernel does.
+            let (mut mm, mut vv) = (t.m[i], t.v[i]);
+            if bf16_moments {
+                (mm, vv) = (round_bf16(mm), round_bf16(vv));
             }
+            update(&c, &mut p, t.grad[i].to_f32(), &mut mm, &mut vv);
+            if bf16_moments {
+                (mm, vv) = (round_bf16(mm), round_bf16(vv));
+            }
+            (t.m[i], t.v[i]) = (mm, vv);
+            if let Some(m) = &mut t.master {
+                m[i] = p;
+            }
+            // 16-bit params: the rounded copy of the master, or (no master) of their own update.
+            t.param[i] = match config.rounding {
+                Rounding::Stochastic { seed } if P::KIND != DtypeKind::F32 => {
+                    round_stochastic(p, mask_word(seed, call, i as u64))
+                }
+                _ => P::from_f32_rn(p),
+            };
         }
     }
     Ok(())
 }
 
 /// The state of CPU tensors in the [save format](super) (identical bytes to
-/// `TensorSet::save_state` for the same state). Errors when a tensor's moments or master
+/// `AdamW::save_state` for the same state). Errors when a tensor's moments or master
 /// weights do not match its length (the fields are public).
 ///
 /// ```
@@ -455,25 +506,16 @@ pub fn step<P: Dtype, G: Dtype>(
 /// assert!(cpu::save_state(&t).is_err());
 /// ```
 pub fn save_state<P: Dtype, G: Dtype>(tensors: &[CpuTensor<P, G>]) -> Result<Vec<u8>> {
+    let options = tensors
+        .first()
+        .map_or_else(StateOptions::default, |t| t.options);
     for (i, t) in tensors.iter().enumerate() {
-        check_len(OP, &format!("tensor {i} m"), t.m.len(), t.len())?;
-        check_len(OP, &format!("tensor {i} v"), t.v.len(), t.len())?;
-        match (&t.master, P::KIND) {
-            (Some(master), DtypeKind::F16 | DtypeKind::Bf16) => {
-                check_len(OP, &format!("tensor {i} master"), master.len(), t.len())?
-            }
-            (None, DtypeKind::F32) => {}
-            _ => {
-                return Err(Error::invalid(
-                    OP,
-                    format!("tensor {i}: master weights exactly for 16-bit parameters"),
-                ))
-            }
-        }
+        check_layout::<P, G>(i, t, &options)?;
     }
     let header = state::StateHeader {
         param_dtype: P::KIND,
         lens: tensors.iter().map(|t| t.len() as u64).collect(),
+        options,
     };
     let steps: Vec<u32> = tensors.iter().map(|t| t.step).collect();
     Ok(state::encode(
@@ -485,7 +527,7 @@ pub fn save_state<P: Dtype, G: Dtype>(tensors: &[CpuTensor<P, G>]) -> Result<Vec
     ))
 }
 
-/// Restores state saved by [`save_state`] or `TensorSet::save_state` into tensors of the same
+/// Restores state saved by [`save_state`] or `AdamW::save_state` into tensors of the same
 /// dtype and lengths: moments, master weights and step counts. The parameters are the model's,
 /// not the optimizer's: restore them from the model checkpoint (for 16-bit parameters the next
 /// step rewrites them from the master weights anyway). Errors, leaving the tensors unchanged, on
@@ -509,9 +551,16 @@ pub fn restore_state<P: Dtype, G: Dtype>(
     tensors: &mut [CpuTensor<P, G>],
     bytes: &[u8],
 ) -> Result<()> {
+    let options = tensors
+        .first()
+        .map_or_else(StateOptions::default, |t| t.options);
+    for (i, t) in tensors.iter().enumerate() {
+        check_layout::<P, G>(i, t, &options)?;
+    }
     let header = state::StateHeader {
         param_dtype: P::KIND,
         lens: tensors.iter().map(|t| t.len() as u64).collect(),
+        options,
     };
     let view = state::decode(bytes, &header)?;
     for (i, t) in tensors.iter_mut().enumerate() {
@@ -523,4 +572,45 @@ pub fn restore_state<P: Dtype, G: Dtype>(
         }
     }
     Ok(())
+}
+
+/// f32 -> bf16 (nearest even) -> f32: where bf16 moments are rounded.
+fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// Checks a tensor's buffers against its layout and the config's: lengths, the moment dtype,
+/// master weights exactly when the layout has them.
+fn check_layout<P: Dtype, G: Dtype>(
+    i: usize,
+    t: &CpuTensor<P, G>,
+    want: &StateOptions,
+) -> Result<()> {
+    check_len(OP, &format!("tensor {i} grad"), t.grad.len(), t.len())?;
+    check_len(OP, &format!("tensor {i} m"), t.m.len(), t.len())?;
+    check_len(OP, &format!("tensor {i} v"), t.v.len(), t.len())?;
+    if t.options.moments != want.moments
+        || t.options.has_master(P::KIND) != want.has_master(P::KIND)
+    {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "tensor {i} was made with {:?}, the config asks for {want:?}: build the tensors \
+                 with CpuTensor::with_state and the config's StateOptions",
+                t.options
+            ),
+        ));
+    }
+    match (&t.master, t.options.has_master(P::KIND)) {
+        (Some(master), true) => check_len(OP, &format!("tensor {i} master"), master.len(), t.len()),
+        (None, false) => Ok(()),
+        (None, true) => Err(Error::invalid(
+            OP,
+            format!("tensor {i}: 16-bit parameters with MasterWeights::F32 need master weights"),
+        )),
+        (Some(_), false) => Err(Error::invalid(
+            OP,
+            format!("tensor {i}: master weights present but its layout has none"),
+        )),
+    }
 }

@@ -1,22 +1,27 @@
-//! The optimizer-state byte format (version 1), shared by the GPU set and the CPU reference.
+//! The optimizer-state byte format (version 2; version 1 is still read), shared by the GPU
+//! optimizer and the CPU reference.
 //!
 //! ```text
 //! offset  size       field
 //! 0       8          magic "FRADAMW\0"
-//! 8       4          version (1)
+//! 8       4          version (2; 1 for files written before the lean state options)
 //! 12      1          param dtype: 0 f32, 1 f16, 2 bf16
-//! 13      1          1 when master weights follow (16-bit params), else 0
-//! 14      2          reserved, 0
+//! 13      1          1 when master weights follow, else 0 (always 0 for f32 params)
+//! 14      1          moment dtype: 0 f32, 2 bf16 (version 1: reserved, 0 = f32)
+//! 15      1          reserved, 0
 //! 16      8          tensor count T
 //! 24      8 T        element count of each tensor
 //! ..      4 T        step count of each tensor (u32)
-//! ..      4 N        m, f32, tensors back to back (N = sum of the counts)
-//! ..      4 N        v
-//! ..      4 N        master weights (only when the flag at 13 is 1)
+//! ..      M N        m, tensors back to back (N = sum of the counts; M = 4 for f32
+//!                    moments, 2 for bf16: the bf16 bits)
+//! ..      M N        v
+//! ..      4 N        f32 master weights (only when the flag at 13 is 1)
 //! ```
 //!
-//! Everything little-endian. [`decode`] checks the magic, version, dtype, tensor count, every
-//! length and the total size against what the receiving set expects.
+//! Everything little-endian. A version-1 file is exactly a version-2 file with f32 moments and
+//! master weights for 16-bit params (the default layout), so it restores into an optimizer
+//! with the default [`StateOptions`]. [`decode`] checks the magic, version, dtype, layout,
+//! tensor count, every length and the total size against what the receiver expects.
 //!
 //! ```
 //! use fusedreg::adamw::{cpu, state};
@@ -27,6 +32,7 @@
 //! assert_eq!(bytes.len() as u64, h.encoded_len());
 //! ```
 
+use super::{MasterWeights, MomentDtype, StateOptions};
 use crate::dtype::DtypeKind;
 use crate::error::{Error, Result};
 
@@ -47,27 +53,30 @@ pub const MAGIC: [u8; 8] = *b"FRADAMW\0";
 /// let t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 2], vec![0.5; 2], 0.0).unwrap()];
 /// let mut bytes = cpu::save_state(&t).unwrap();
 /// assert_eq!(bytes[8..12], state::VERSION.to_le_bytes());
-/// bytes[8] = 2; // a version this crate does not know
-/// assert!(state::peek(&bytes).unwrap_err().to_string().contains("version 2"));
+/// bytes[8] = 3; // a version this crate does not know
+/// assert!(state::peek(&bytes).unwrap_err().to_string().contains("version 3"));
 /// ```
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const FIXED: usize = 24;
 const OP: &str = "adamw state";
 
-/// What a state describes: the parameter dtype and the tensor lengths.
+/// What a state describes: the parameter dtype, the state layout and the tensor lengths.
 ///
 /// ```
 /// use fusedreg::{adamw::state::StateHeader, DtypeKind};
-/// let h = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3, 5] };
+/// let h = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3, 5], options: Default::default() };
 /// assert!(h.has_master());
 /// assert_eq!(h.total(), 8);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateHeader {
-    /// Parameter dtype (master weights are present exactly when it is 16-bit).
+    /// Parameter dtype.
     pub param_dtype: DtypeKind,
     /// Elements per tensor.
     pub lens: Vec<u64>,
+    /// Moment dtype and master weights (master weights are stored exactly when
+    /// `options.has_master(param_dtype)`).
+    pub options: StateOptions,
 }
 
 impl StateHeader {
@@ -75,22 +84,22 @@ impl StateHeader {
     ///
     /// ```
     /// use fusedreg::{adamw::state::StateHeader, DtypeKind};
-    /// let f32_params = StateHeader { param_dtype: DtypeKind::F32, lens: vec![4] };
-    /// let f16_params = StateHeader { param_dtype: DtypeKind::F16, lens: vec![4] };
+    /// let f32_params = StateHeader { param_dtype: DtypeKind::F32, lens: vec![4], options: Default::default() };
+    /// let f16_params = StateHeader { param_dtype: DtypeKind::F16, lens: vec![4], options: Default::default() };
     /// assert!(!f32_params.has_master());
     /// assert!(f16_params.has_master());
     /// ```
     pub fn has_master(&self) -> bool {
-        self.param_dtype != DtypeKind::F32
+        self.options.has_master(self.param_dtype)
     }
 
     /// Total elements (saturating: a corrupt header cannot overflow it).
     ///
     /// ```
     /// use fusedreg::{adamw::state::StateHeader, DtypeKind};
-    /// let h = StateHeader { param_dtype: DtypeKind::F32, lens: vec![3, 0, 5] };
+    /// let h = StateHeader { param_dtype: DtypeKind::F32, lens: vec![3, 0, 5], options: Default::default() };
     /// assert_eq!(h.total(), 8);
-    /// let huge = StateHeader { param_dtype: DtypeKind::F32, lens: vec![u64::MAX, 1] };
+    /// let huge = StateHeader { param_dtype: DtypeKind::F32, lens: vec![u64::MAX, 1], options: Default::default() };
     /// assert_eq!(huge.total(), u64::MAX);
     /// ```
     pub fn total(&self) -> u64 {
@@ -102,14 +111,19 @@ impl StateHeader {
     /// ```
     /// use fusedreg::{adamw::state::StateHeader, DtypeKind};
     /// // 24 fixed bytes, 8 + 4 per tensor (length, step), 4 per element and array.
-    /// let h = StateHeader { param_dtype: DtypeKind::F32, lens: vec![3, 5] };
+    /// let h = StateHeader { param_dtype: DtypeKind::F32, lens: vec![3, 5], options: Default::default() };
     /// assert_eq!(h.encoded_len(), 24 + 2 * 12 + 2 * 4 * 8); // m and v
-    /// let h = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3, 5] };
+    /// let h = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3, 5], options: Default::default() };
     /// assert_eq!(h.encoded_len(), 24 + 2 * 12 + 3 * 4 * 8); // m, v and master
+    /// // bf16 moments, no master: 2 bytes per element and moment.
+    /// use fusedreg::adamw::{MasterWeights, MomentDtype, StateOptions};
+    /// let lean = StateOptions { moments: MomentDtype::Bf16, master: MasterWeights::None };
+    /// let h = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3, 5], options: lean };
+    /// assert_eq!(h.encoded_len(), 24 + 2 * 12 + 2 * 2 * 8);
     /// ```
     pub fn encoded_len(&self) -> u64 {
-        let arrays: u128 = if self.has_master() { 3 } else { 2 };
-        let n = FIXED as u128 + 12 * self.lens.len() as u128 + 4 * arrays * self.total() as u128;
+        let per = 2 * self.options.moments.size() as u128 + if self.has_master() { 4 } else { 0 };
+        let n = FIXED as u128 + 12 * self.lens.len() as u128 + per * self.total() as u128;
         u64::try_from(n).unwrap_or(u64::MAX)
     }
 }
@@ -129,6 +143,20 @@ fn push_f32s(out: &mut Vec<u8>, xs: &[f32]) {
     }
 }
 
+/// Moments as stored: f32 bytes, or the bf16 bits (the values are bf16 values already, so
+/// the conversion is exact).
+fn push_moments(out: &mut Vec<u8>, xs: &[f32], m: MomentDtype) {
+    match m {
+        MomentDtype::F32 => push_f32s(out, xs),
+        MomentDtype::Bf16 => {
+            out.reserve(2 * xs.len());
+            for x in xs {
+                out.extend_from_slice(&half::bf16::from_f32(*x).to_bits().to_le_bytes());
+            }
+        }
+    }
+}
+
 /// Encodes a state; `m(i)`, `v(i)` and `master(i)` give tensor `i`'s arrays (master ignored
 /// without master weights).
 pub(crate) fn encode<'a>(
@@ -143,7 +171,8 @@ pub(crate) fn encode<'a>(
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.push(dtype_code(header.param_dtype));
     out.push(u8::from(header.has_master()));
-    out.extend_from_slice(&[0, 0]);
+    out.push(dtype_code(header.options.moments.kind()));
+    out.push(0);
     out.extend_from_slice(&(header.lens.len() as u64).to_le_bytes());
     for n in &header.lens {
         out.extend_from_slice(&n.to_le_bytes());
@@ -152,10 +181,10 @@ pub(crate) fn encode<'a>(
         out.extend_from_slice(&s.to_le_bytes());
     }
     for i in 0..header.lens.len() {
-        push_f32s(&mut out, m(i));
+        push_moments(&mut out, m(i), header.options.moments);
     }
     for i in 0..header.lens.len() {
-        push_f32s(&mut out, v(i));
+        push_moments(&mut out, v(i), header.options.moments);
     }
     if header.has_master() {
         for i in 0..header.lens.len() {
@@ -202,14 +231,14 @@ fn parse(bytes: &[u8]) -> Result<(StateHeader, usize)> {
     if bytes[..8] != MAGIC {
         return Err(Error::invalid(
             OP,
-            "not a fusedreg AdamW state (bad magic): pass the bytes TensorSet::save_state wrote",
+            "not a fusedreg AdamW state (bad magic): pass the bytes AdamW::save_state wrote",
         ));
     }
     let version = u32_at(bytes, 8);
-    if version != VERSION {
+    if version != 1 && version != VERSION {
         return Err(Error::invalid(
             OP,
-            format!("state format version {version}; this fusedreg reads version {VERSION}"),
+            format!("state format version {version}; this fusedreg reads versions 1 and {VERSION}"),
         ));
     }
     let param_dtype = match bytes[12] {
@@ -224,12 +253,36 @@ fn parse(bytes: &[u8]) -> Result<(StateHeader, usize)> {
         }
     };
     let header_master = bytes[13];
-    if header_master != u8::from(param_dtype != DtypeKind::F32) || bytes[14..16] != [0, 0] {
+    // Version 1 knew one layout: f32 moments, master weights exactly for 16-bit params.
+    let moments = match (version, bytes[14]) {
+        (_, 0) => MomentDtype::F32,
+        (2, 2) => MomentDtype::Bf16,
+        _ => {
+            return Err(Error::invalid(
+                OP,
+                format!("unknown moment dtype code {} (corrupt state)", bytes[14]),
+            ))
+        }
+    };
+    let master_ok = match (version, param_dtype) {
+        (_, DtypeKind::F32) => header_master == 0,
+        (1, _) => header_master == 1,
+        _ => header_master <= 1,
+    };
+    if !master_ok || bytes[15] != 0 {
         return Err(Error::invalid(
             OP,
             "inconsistent header flags (corrupt state)",
         ));
     }
+    let options = StateOptions {
+        moments,
+        master: if header_master == 1 || param_dtype == DtypeKind::F32 {
+            MasterWeights::F32
+        } else {
+            MasterWeights::None
+        },
+    };
     let count = u64_at(bytes, 16);
     let lens_end = (count as u128) * 8 + FIXED as u128;
     if lens_end > bytes.len() as u128 {
@@ -244,7 +297,14 @@ fn parse(bytes: &[u8]) -> Result<(StateHeader, usize)> {
     let lens: Vec<u64> = (0..count as usize)
         .map(|i| u64_at(bytes, FIXED + 8 * i))
         .collect();
-    Ok((StateHeader { param_dtype, lens }, lens_end as usize))
+    Ok((
+        StateHeader {
+            param_dtype,
+            lens,
+            options,
+        },
+        lens_end as usize,
+    ))
 }
 
 /// A decoded state: step counts, and the arrays as byte sections read on demand.
@@ -265,9 +325,29 @@ pub struct StateView<'a> {
     pub steps: Vec<u32>,
     offsets: Vec<usize>,
     lens: Vec<usize>,
+    moments: MomentDtype,
     m: &'a [u8],
     v: &'a [u8],
     master: Option<&'a [u8]>,
+}
+
+/// Elements `off .. off + len` of a moment section as f32 (bf16 bits widened exactly).
+fn moments(section: &[u8], off: usize, len: usize, m: MomentDtype) -> Vec<f32> {
+    let mut out = vec![0f32; len];
+    fill_moments(section, off, &mut out, m);
+    out
+}
+
+fn fill_moments(section: &[u8], off: usize, out: &mut [f32], m: MomentDtype) {
+    match m {
+        MomentDtype::F32 => fill(section, off, out),
+        MomentDtype::Bf16 => {
+            let bytes = &section[2 * off..2 * (off + out.len())];
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+    }
 }
 
 fn f32s(section: &[u8], off: usize, len: usize) -> Vec<f32> {
@@ -309,8 +389,18 @@ impl StateView<'_> {
     /// assert_eq!(Some(master), t[0].master);
     /// ```
     pub fn fill_into(&self, i: usize, m: &mut [f32], v: &mut [f32], master: Option<&mut [f32]>) {
-        fill(self.m, self.offsets[i], &mut m[..self.lens[i]]);
-        fill(self.v, self.offsets[i], &mut v[..self.lens[i]]);
+        fill_moments(
+            self.m,
+            self.offsets[i],
+            &mut m[..self.lens[i]],
+            self.moments,
+        );
+        fill_moments(
+            self.v,
+            self.offsets[i],
+            &mut v[..self.lens[i]],
+            self.moments,
+        );
         if let (Some(section), Some(out)) = (self.master, master) {
             fill(section, self.offsets[i], &mut out[..self.lens[i]]);
         }
@@ -329,7 +419,7 @@ impl StateView<'_> {
     /// assert_eq!(view.m(0), vec![(1.0 - 0.9f32) * 0.5; 2]);
     /// ```
     pub fn m(&self, i: usize) -> Vec<f32> {
-        f32s(self.m, self.offsets[i], self.lens[i])
+        moments(self.m, self.offsets[i], self.lens[i], self.moments)
     }
 
     /// Tensor `i`'s second moment. Panics when `i` is out of range.
@@ -345,7 +435,7 @@ impl StateView<'_> {
     /// assert_eq!(view.v(0), vec![((1.0 - 0.999f32) * 0.5) * 0.5; 2]);
     /// ```
     pub fn v(&self, i: usize) -> Vec<f32> {
-        f32s(self.v, self.offsets[i], self.lens[i])
+        moments(self.v, self.offsets[i], self.lens[i], self.moments)
     }
 
     /// Tensor `i`'s master weights (16-bit parameters only). Panics when `i` is out of range.
@@ -375,12 +465,12 @@ impl StateView<'_> {
 /// use fusedreg::{adamw::{cpu, state::{self, StateHeader}}, DtypeKind};
 /// let t = vec![cpu::CpuTensor::<f32, f32>::new(vec![1.0; 3], vec![0.5; 3], 0.0).unwrap()];
 /// let bytes = cpu::save_state(&t).unwrap();
-/// let expected = StateHeader { param_dtype: DtypeKind::F32, lens: vec![3] };
+/// let expected = StateHeader { param_dtype: DtypeKind::F32, lens: vec![3], options: Default::default() };
 /// assert_eq!(state::decode(&bytes, &expected).unwrap().steps, vec![0]);
 /// // Another length, dtype or a truncated buffer is refused.
-/// let other = StateHeader { param_dtype: DtypeKind::F32, lens: vec![4] };
+/// let other = StateHeader { param_dtype: DtypeKind::F32, lens: vec![4], options: Default::default() };
 /// assert!(state::decode(&bytes, &other).unwrap_err().to_string().contains("tensor 0"));
-/// let bf16 = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3] };
+/// let bf16 = StateHeader { param_dtype: DtypeKind::Bf16, lens: vec![3], options: Default::default() };
 /// assert!(state::decode(&bytes, &bf16).is_err());
 /// assert!(state::decode(&bytes[..bytes.len() - 4], &expected).is_err());
 /// ```
@@ -394,6 +484,22 @@ pub fn decode<'a>(bytes: &'a [u8], expected: &StateHeader) -> Result<StateView<'
                  with the same parameter dtype",
                 header.param_dtype.name(),
                 expected.param_dtype.name()
+            ),
+        ));
+    }
+    // For f32 params the master option means nothing; the moment dtype always matters.
+    if (header.param_dtype != DtypeKind::F32 && header.has_master() != expected.has_master())
+        || header.options.moments != expected.options.moments
+    {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "the state was saved with {:?} moments and {} master weights; this optimizer \
+                 keeps {:?} moments and {} master weights: restore with the same StateOptions",
+                header.options.moments,
+                if header.has_master() { "f32" } else { "no" },
+                expected.options.moments,
+                if expected.has_master() { "f32" } else { "no" },
             ),
         ));
     }
@@ -430,12 +536,13 @@ pub fn decode<'a>(bytes: &'a [u8], expected: &StateHeader) -> Result<StateView<'
     let t = header.lens.len();
     let steps = (0..t).map(|i| u32_at(bytes, at + 4 * i)).collect();
     at += 4 * t;
-    let section = 4 * header.total() as usize;
+    let section = header.options.moments.size() * header.total() as usize;
     let m = &bytes[at..at + section];
     let v = &bytes[at + section..at + 2 * section];
+    let master_len = 4 * header.total() as usize;
     let master = header
         .has_master()
-        .then(|| &bytes[at + 2 * section..at + 3 * section]);
+        .then(|| &bytes[at + 2 * section..at + 2 * section + master_len]);
     let mut offsets = Vec::with_capacity(t);
     let mut off = 0usize;
     for &n in &header.lens {
@@ -446,6 +553,7 @@ pub fn decode<'a>(bytes: &'a [u8], expected: &StateHeader) -> Result<StateView<'
         steps,
         offsets,
         lens: header.lens.iter().map(|&n| n as usize).collect(),
+        moments: header.options.moments,
         m,
         v,
         master,

@@ -36,10 +36,10 @@ use crate::multi_tensor::TensorSet;
 /// # let mut b = TensorSet::builder(&h);
 /// # for _ in 0..4 {
 /// #     let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
-/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap(), 0.01)?;
+/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap())?;
 /// # }
 /// # let mut set = b.build()?;
-/// let opt = AdamW::new(&set, AdamWConfig::default())?;
+/// let opt = AdamW::new(&set, AdamWConfig::default(), &[0.01; 4])?;
 /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
 /// let out = unfused::clip_and_step(&opt, &mut set, &mut norm)?;
 /// // 3 launches per tensor (norm, scale, AdamW) where the fused path needs 3 in all.
@@ -71,7 +71,7 @@ pub struct UnfusedOutcome {
 /// # let mut b = TensorSet::builder(&h);
 /// # for _ in 0..4 {
 /// #     let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
-/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap(), 0.01)?;
+/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap())?;
 /// # }
 /// # let set = b.build()?;
 /// let norm = GlobalNorm::new(&set, Some(1.0))?;
@@ -80,11 +80,20 @@ pub struct UnfusedOutcome {
 /// # Ok(()) }
 /// ```
 pub fn global_norm(set: &TensorSet, norm: &GlobalNorm) -> Result<(NormValues, u64)> {
+    global_norm_skipping(set, norm, 0)
+}
+
+/// [`global_norm`] honouring an optimizer's skip flags (device address, 0: none).
+fn global_norm_skipping(
+    set: &TensorSet,
+    norm: &GlobalNorm,
+    skip: u64,
+) -> Result<(NormValues, u64)> {
     norm.check_for(set)?;
     let handle = set.handle();
     let before = handle.launch_count();
     for_each_tensor(set, |first, n| {
-        launch_partials(set, norm.partials_ptr(), first, n)
+        launch_partials(set, norm.partials_ptr(), skip, first, n)
     })?;
     // The host waits for the GPU here: the sync every step of this path pays.
     let partials = norm.read_partials()?;
@@ -104,10 +113,10 @@ pub fn global_norm(set: &TensorSet, norm: &GlobalNorm) -> Result<(NormValues, u6
 /// # let mut b = TensorSet::builder(&h);
 /// # for _ in 0..4 {
 /// #     let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
-/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap(), 0.01)?;
+/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap())?;
 /// # }
 /// # let mut set = b.build()?;
-/// let opt = AdamW::new(&set, AdamWConfig::default())?;
+/// let opt = AdamW::new(&set, AdamWConfig::default(), &[0.01; 4])?;
 /// let launches = unfused::step(&opt, &mut set)?; // one per tensor: 4 here
 /// println!("{launches} launches");
 /// # Ok(()) }
@@ -142,10 +151,10 @@ fn for_each_tensor(set: &TensorSet, mut f: impl FnMut(u32, u32) -> Result<()>) -
 /// # let mut b = TensorSet::builder(&h);
 /// # for _ in 0..4 {
 /// #     let p = s.clone_htod(&vec![0.1f32; 4096]).unwrap();
-/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap(), 0.01)?;
+/// #     b.push(p, s.clone_htod(&vec![0.01f32; 4096]).unwrap())?;
 /// # }
 /// # let mut set = b.build()?;
-/// let opt = AdamW::new(&set, AdamWConfig::default())?;
+/// let opt = AdamW::new(&set, AdamWConfig::default(), &[0.01; 4])?;
 /// let mut norm = GlobalNorm::new(&set, Some(1.0))?;
 /// for _ in 0..10 {
 ///     let out = unfused::clip_and_step(&opt, &mut set, &mut norm)?;
@@ -160,7 +169,7 @@ pub fn clip_and_step(
 ) -> Result<UnfusedOutcome> {
     adamw.check_set(set)?;
     let before = set.handle().launch_count();
-    let (values, _) = global_norm(set, norm)?;
+    let (values, _) = global_norm_skipping(set, norm, adamw.skip_ptr())?;
     if !values.is_finite() {
         return Ok(UnfusedOutcome {
             norm: values,

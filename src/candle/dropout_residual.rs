@@ -6,9 +6,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 
 use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem};
 use super::{check_site, wrap, StepKeys};
+use crate::dropout_keying::DropRate;
 use crate::dropout_residual::{cpu, Config, DropPath};
 use crate::error::Error;
-use crate::philox::DropRate;
 
 const OP: &str = "candle::DropoutResidual";
 const FWD: &str = "fusedreg-dropout-residual";

@@ -24,148 +24,15 @@
 //! # Ok(()) }
 //! ```
 
-use super::{check_backward, check_forward, slab_rows, Config, ForwardLens, DBIAS_LANES};
+use super::{Config, OP};
+use crate::dropout_keying::{backward_cpu, row_multiplier, row_scales, set_mask_bit};
+use crate::dropout_keying::{check_backward, check_forward, ForwardLens};
+/// The CPU options are the shared ones (every dropping op takes the same).
+pub use crate::dropout_keying::{
+    CpuBackwardOptions as BackwardOptions, CpuForwardOptions as ForwardOptions,
+};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::philox;
-
-/// The optional buffers of [`forward`] / [`forward_inplace`]. All default to `None`.
-///
-/// # Examples
-///
-/// ```
-/// use fusedreg::dropout_residual::{cpu, Config};
-/// # fn main() -> fusedreg::Result<()> {
-/// let cfg = Config::new(2, 4, 0.0, 1, 2)?; // p = 0: only the row scale acts
-/// let (x, r, mut y) = ([1.0f32; 8], [1.0f32; 8], [0.0f32; 8]);
-/// let opts = cpu::ForwardOptions { rowscale: Some(&[0.0, 2.0]), ..Default::default() };
-/// cpu::forward(&cfg, &x, &r, &mut y, opts)?;
-/// assert_eq!(y, [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]); // row 0 dropped, row 1 doubled
-/// // rowscale_out is written only for a drop path in the config:
-/// let mut out = [0.0f32; 2];
-/// let opts = cpu::ForwardOptions { rowscale_out: Some(&mut out), ..Default::default() };
-/// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
-/// # Ok(()) }
-/// ```
-pub struct ForwardOptions<'a, T> {
-    /// Bias per column, `len == cols`.
-    pub bias: Option<&'a [T]>,
-    /// Caller-supplied row scale, `len == rows` (not with a drop path in the config).
-    pub rowscale: Option<&'a [f32]>,
-    /// Receives the 1-bit keep mask, `len == cfg.mask_words()` (padding bits zero).
-    pub mask_out: Option<&'a mut [u32]>,
-    /// Receives the generated row scale, `len == rows` (needs a drop path).
-    pub rowscale_out: Option<&'a mut [f32]>,
-}
-
-impl<T> Default for ForwardOptions<'_, T> {
-    fn default() -> Self {
-        ForwardOptions {
-            bias: None,
-            rowscale: None,
-            mask_out: None,
-            rowscale_out: None,
-        }
-    }
-}
-
-/// The optional buffers of [`backward`]. All default to `None`.
-///
-/// # Examples
-///
-/// ```
-/// use fusedreg::dropout_residual::{cpu, Config};
-/// # fn main() -> fusedreg::Result<()> {
-/// let cfg = Config::new(2, 3, 0.0, 1, 2)?;
-/// let dy = [1.0f32; 6];
-/// let (mut dx, mut dbias) = ([0.0f32; 6], [0.0f32; 3]);
-/// let opts = cpu::BackwardOptions {
-///     rowscale: Some(&[0.5, 2.0]),
-///     dbias: Some(&mut dbias),
-///     ..Default::default()
-/// };
-/// cpu::backward(&cfg, &dy, &mut dx, opts)?;
-/// assert_eq!((dx, dbias), ([0.5, 0.5, 0.5, 2.0, 2.0, 2.0], [2.5; 3]));
-/// # Ok(()) }
-/// ```
-pub struct BackwardOptions<'a, T> {
-    /// The caller-supplied row scale the forward used, `len == rows`.
-    pub rowscale: Option<&'a [f32]>,
-    /// The forward's 1-bit mask, read instead of regenerating.
-    pub mask: Option<&'a [u32]>,
-    /// Receives the bias gradient, `len == cols`.
-    pub dbias: Option<&'a mut [T]>,
-}
-
-impl<T> Default for BackwardOptions<'_, T> {
-    fn default() -> Self {
-        BackwardOptions {
-            rowscale: None,
-            mask: None,
-            dbias: None,
-        }
-    }
-}
-
-/// Keep bits by flat index, evaluating each Philox block once for its four elements.
-pub(crate) struct KeepBits {
-    seed: u64,
-    call: u64,
-    rate: philox::DropRate,
-    block: u64,
-    words: [u32; 4],
-}
-
-impl KeepBits {
-    pub(crate) fn new(cfg: &Config) -> Self {
-        KeepBits {
-            seed: cfg.seed(),
-            call: cfg.call(),
-            rate: cfg.rate(),
-            block: u64::MAX,
-            words: [0; 4],
-        }
-    }
-
-    /// Whether element `i` is kept (p = 0 and p = 1 without generator work, like the kernels).
-    #[inline]
-    pub(crate) fn get(&mut self, i: u64) -> bool {
-        if self.rate.keeps_all() {
-            return true;
-        }
-        if self.rate.drops_all() {
-            return false;
-        }
-        let b = i >> 2;
-        if b != self.block {
-            self.block = b;
-            self.words = philox::block(self.seed, self.call, b);
-        }
-        self.rate.keeps(self.words[(i & 3) as usize])
-    }
-}
-
-/// The row scale of every row (None: no row scale), given or generated.
-fn row_scales(cfg: &Config, given: Option<&[f32]>) -> Option<Vec<f32>> {
-    match (given, cfg.drop_path()) {
-        (Some(rs), _) => Some(rs.to_vec()),
-        (None, Some(path)) => Some(
-            (0..cfg.rows() as u64)
-                .map(|r| path.row_scale(cfg.seed(), r))
-                .collect(),
-        ),
-        (None, None) => None,
-    }
-}
-
-/// `rowm = scale * rs` per row (one f32 multiply), or `scale` without a row scale.
-fn row_multiplier(cfg: &Config, rs: &Option<Vec<f32>>, row: usize) -> f32 {
-    let scale = cfg.rate().scale();
-    match rs {
-        Some(v) => scale * v[row],
-        None => scale,
-    }
-}
 
 /// `y = residual + dropout(x + bias)` into `y` (see the [module docs](super)).
 ///
@@ -196,6 +63,7 @@ pub fn forward<T: Dtype>(
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
     check_forward(
+        OP,
         cfg,
         &forward_lens(cfg, x, residual.len(), Some(y.len()), &opts),
     )?;
@@ -227,7 +95,7 @@ pub fn forward_inplace<T: Dtype>(
     residual: &mut [T],
     opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
-    check_forward(cfg, &forward_lens(cfg, x, residual.len(), None, &opts))?;
+    check_forward(OP, cfg, &forward_lens(cfg, x, residual.len(), None, &opts))?;
     forward_core(cfg, x, residual, opts);
     Ok(())
 }
@@ -241,7 +109,7 @@ fn forward_lens<T>(
 ) -> ForwardLens {
     ForwardLens {
         x: x.len(),
-        residual,
+        residual: Some(residual),
         y,
         bias: opts.bias.map(<[T]>::len),
         rowscale: opts.rowscale.map(<[f32]>::len),
@@ -257,7 +125,7 @@ fn forward_core<T: Dtype>(cfg: &Config, x: &[T], ry: &mut [T], opts: ForwardOpti
         // As the kernels: nothing is launched, so nothing is written.
         return;
     }
-    let rs = row_scales(cfg, opts.rowscale);
+    let rs = row_scales(cfg.seed(), rows, opts.rowscale, cfg.drop_path());
     if let (Some(out), Some(v)) = (opts.rowscale_out, &rs) {
         out.copy_from_slice(v);
     }
@@ -265,14 +133,15 @@ fn forward_core<T: Dtype>(cfg: &Config, x: &[T], ry: &mut [T], opts: ForwardOpti
     if let Some(m) = mask.as_deref_mut() {
         m.fill(0);
     }
-    let mut bits = KeepBits::new(cfg);
+    let mut bits = cfg.keying().keep_bits();
+    let scale = cfg.rate().scale();
     for row in 0..rows {
-        let rowm = row_multiplier(cfg, &rs, row);
+        let rowm = row_multiplier(scale, &rs, row);
         for col in 0..cols {
             let i = row * cols + col;
             let keep = bits.get(i as u64);
-            if let Some(m) = mask.as_deref_mut() {
-                m[i / 32] |= u32::from(keep) << (i % 32);
+            if let (Some(m), true) = (mask.as_deref_mut(), keep) {
+                set_mask_bit(m, i);
             }
             let m = if keep { rowm } else { 0.0 };
             if m != 0.0 {
@@ -316,6 +185,7 @@ pub fn backward<T: Dtype>(
     opts: BackwardOptions<'_, T>,
 ) -> Result<()> {
     check_backward(
+        OP,
         cfg,
         dy.len(),
         dx.len(),
@@ -330,42 +200,7 @@ pub fn backward<T: Dtype>(
         }
         return Ok(());
     }
-    let rs = row_scales(cfg, opts.rowscale);
-    let mut bits = KeepBits::new(cfg);
-    let slab = slab_rows(rows, cols, T::KIND);
-    // One partial per row lane of the slab (see DBIAS_LANES), folded in lane order at its end.
-    let mut lanes = vec![vec![0.0f32; cols]; DBIAS_LANES];
-    let mut total = vec![0.0f32; cols];
-    for row in 0..rows {
-        let rowm = row_multiplier(cfg, &rs, row);
-        let partial = &mut lanes[(row % slab) % DBIAS_LANES];
-        for (col, part) in partial.iter_mut().enumerate() {
-            let i = row * cols + col;
-            let keep = match opts.mask {
-                Some(m) => m[i / 32] >> (i % 32) & 1 == 1,
-                None => bits.get(i as u64),
-            };
-            let m = if keep { rowm } else { 0.0 };
-            let d = if m != 0.0 { dy[i].to_f32() * m } else { 0.0 };
-            dx[i] = T::from_f32_rn(d);
-            *part += d;
-        }
-        // End of a slab: fold its lanes in order, then into the totals in slab order.
-        if (row + 1) % slab == 0 || row + 1 == rows {
-            for (col, t) in total.iter_mut().enumerate() {
-                let mut slab_sum = lanes[0][col];
-                for lane in &lanes[1..] {
-                    slab_sum += lane[col];
-                }
-                *t += slab_sum;
-            }
-            lanes.iter_mut().for_each(|l| l.fill(0.0));
-        }
-    }
-    if let Some(db) = opts.dbias {
-        for (d, t) in db.iter_mut().zip(&total) {
-            *d = T::from_f32_rn(*t);
-        }
-    }
+    let rs = row_scales(cfg.seed(), rows, opts.rowscale, cfg.drop_path());
+    backward_cpu(rows, cols, &cfg.keying(), rs, opts.mask, dy, dx, opts.dbias);
     Ok(())
 }

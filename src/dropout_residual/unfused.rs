@@ -31,45 +31,16 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::gpu::{aligned16, finish_dbias, geometry, Slabs, FWD_SLAB_ROWS};
-use super::{slab_rows, Config, LaunchTuning, OP};
+use super::{Config, OP};
+use crate::dropout_keying::gpu::aligned16;
+use crate::dropout_keying::unfused::{
+    bias_add_cpu, col_sum_cpu, dropout_cpu, ensure, flat_grid, launch_bias_add, launch_col_sum,
+    launch_dropout, launch_masked_scale, UnfusedKernels, BLOCK,
+};
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
-use crate::runtime::{grid_for, Handle};
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct BiasAddParams {
-    x: u64,
-    bias: u64,
-    t: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
-    vec: u32,
-    pad: u32,
-}
-const _: () = assert!(std::mem::size_of::<BiasAddParams>() == 56);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for BiasAddParams {}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct DropoutParams {
-    t: u64,
-    d: u64,
-    mask: u64,
-    n: u64,
-    seed: u64,
-    call: u64,
-    threshold: u64,
-    scale: f32,
-    vec: u32,
-}
-const _: () = assert!(std::mem::size_of::<DropoutParams>() == 64);
-// SAFETY: as above.
-unsafe impl DeviceRepr for DropoutParams {}
+use crate::runtime::Handle;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -85,35 +56,13 @@ const _: () = assert!(std::mem::size_of::<AddParams>() == 40);
 // SAFETY: as above.
 unsafe impl DeviceRepr for AddParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct MaskedScaleParams {
-    dy: u64,
-    mask: u64,
-    dx: u64,
-    n: u64,
-    scale: f32,
-    vec: u32,
-}
-const _: () = assert!(std::mem::size_of::<MaskedScaleParams>() == 40);
-// SAFETY: as above.
-unsafe impl DeviceRepr for MaskedScaleParams {}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct ColSumParams {
-    dx: u64,
-    partials: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
-    vec: u32,
-    pad: u32,
-}
-const _: () = assert!(std::mem::size_of::<ColSumParams>() == 48);
-// SAFETY: as above.
-unsafe impl DeviceRepr for ColSumParams {}
-
+const UNFUSED: UnfusedKernels = UnfusedKernels {
+    bias_add: BIAS_ADD,
+    dropout: DROPOUT,
+    masked_scale: MASKED_SCALE,
+    col_sum: COL_SUM,
+    dbias: super::gpu::DBIAS,
+};
 const BIAS_ADD: KernelFamily = per_dtype!(
     DropoutResidualUnfusedBiasAddF32,
     DropoutResidualUnfusedBiasAddF16,
@@ -139,8 +88,6 @@ const COL_SUM: KernelFamily = per_dtype!(
     DropoutResidualUnfusedColSumF16,
     DropoutResidualUnfusedColSumBf16
 );
-
-const BLOCK: u32 = 256;
 
 fn no_row_scale(cfg: &Config) -> Result<()> {
     if cfg.drop_path().is_some() {
@@ -182,20 +129,6 @@ pub struct Unfused<T: Dtype> {
     t: Option<CudaSlice<T>>,
     d: Option<CudaSlice<T>>,
     partials: Option<CudaSlice<f32>>,
-}
-
-/// Returns a buffer of at least `len` elements, reallocating (stream-ordered) when too small.
-fn ensure<'a, E: DeviceRepr>(
-    handle: &Handle,
-    slot: &'a mut Option<CudaSlice<E>>,
-    len: usize,
-) -> Result<&'a mut CudaSlice<E>> {
-    if !matches!(slot, Some(b) if b.len() >= len) {
-        *slot = None;
-        // SAFETY: every element a kernel reads is written by an earlier kernel first.
-        *slot = Some(unsafe { handle.stream().alloc::<E>(len.max(1)) }.map_err(Error::driver(OP))?);
-    }
-    Ok(slot.as_mut().expect("just allocated"))
 }
 
 impl<T: Dtype> Unfused<T> {
@@ -261,7 +194,6 @@ impl<T: Dtype> Unfused<T> {
             return Ok(());
         }
         let h = self.handle.clone();
-        let vec = 16 / T::KIND.size();
         let (x_ptr, _g1) = h.read_ptr(OP, "x", x)?;
         let (r_ptr, _g2) = h.read_ptr(OP, "residual", residual)?;
         let (y_ptr, _g3) = h.write_ptr(OP, "y", y)?;
@@ -275,54 +207,19 @@ impl<T: Dtype> Unfused<T> {
         let mut _t_guard = None;
         let t_src = match &bias_g {
             Some((b_ptr, _)) => {
-                let t_buf = ensure(&h, &mut self.t, n)?;
+                let t_buf = ensure(&h, OP, &mut self.t, n)?;
                 let (t_ptr, g) = h.write_ptr(OP, "t", t_buf)?;
                 _t_guard = Some(g);
-                let g = geometry::<T>(
-                    cfg.rows(),
-                    cfg.cols(),
-                    aligned16(&[x_ptr, *b_ptr, t_ptr]),
-                    true,
-                    Slabs::Free(FWD_SLAB_ROWS),
-                    &LaunchTuning {
-                        unroll: false,
-                        ..Default::default()
-                    },
-                )?;
-                let p = BiasAddParams {
-                    x: x_ptr,
-                    bias: *b_ptr,
-                    t: t_ptr,
-                    rows: g.rows,
-                    cols: g.cols,
-                    slab_rows: g.slab_rows,
-                    vec: u32::from(g.vector),
-                    pad: 0,
-                };
-                h.launch(BIAS_ADD.get::<T>(), g.grid, g.block, 0, &p)?;
+                launch_bias_add::<T>(&h, &UNFUSED, x_ptr, *b_ptr, t_ptr, cfg.rows(), cfg.cols())?;
                 t_ptr
             }
             None => x_ptr,
         };
 
         // 2. d = keep ? T(t * scale) : 0, mask = keep.
-        let d_buf = ensure(&h, &mut self.d, n)?;
+        let d_buf = ensure(&h, OP, &mut self.d, n)?;
         let (d_ptr, _g6) = h.write_ptr(OP, "d", d_buf)?;
-        let rate = cfg.rate();
-        let mask_aligned = m_ptr % vec as u64 == 0;
-        let p = DropoutParams {
-            t: t_src,
-            d: d_ptr,
-            mask: m_ptr,
-            n: n as u64,
-            seed: cfg.seed(),
-            call: cfg.call(),
-            threshold: rate.threshold(),
-            scale: rate.scale(),
-            vec: u32::from(aligned16(&[t_src, d_ptr]) && mask_aligned),
-        };
-        let grid = (grid_for((n as u64).div_ceil(vec as u64), BLOCK), 1, 1);
-        h.launch(DROPOUT.get::<T>(), grid, (BLOCK, 1, 1), 0, &p)?;
+        launch_dropout::<T>(&h, &UNFUSED, &cfg.keying(), t_src, d_ptr, m_ptr, n)?;
 
         // 3. y = T(r + d).
         let p = AddParams {
@@ -333,7 +230,7 @@ impl<T: Dtype> Unfused<T> {
             vec: u32::from(aligned16(&[r_ptr, d_ptr, y_ptr])),
             pad: 0,
         };
-        h.launch(ADD.get::<T>(), grid, (BLOCK, 1, 1), 0, &p)
+        h.launch(ADD.get::<T>(), flat_grid::<T>(n), (BLOCK, 1, 1), 0, &p)
     }
 
     /// `dx = mask ? T(dy * scale) : 0`, then, when `dbias` is given, its column sums of the
@@ -380,48 +277,23 @@ impl<T: Dtype> Unfused<T> {
             }
             return Ok(());
         }
-        let vec = 16 / T::KIND.size();
         let (dy_ptr, _g1) = h.read_ptr(OP, "dy", dy)?;
         let (m_ptr, _g2) = h.read_ptr(OP, "mask", mask)?;
         let (dx_ptr, _g3) = h.write_ptr(OP, "dx", dx)?;
-        let p = MaskedScaleParams {
-            dy: dy_ptr,
-            mask: m_ptr,
-            dx: dx_ptr,
-            n: n as u64,
-            scale: cfg.rate().scale(),
-            vec: u32::from(aligned16(&[dy_ptr, dx_ptr]) && m_ptr % vec as u64 == 0),
-        };
-        let grid = (grid_for((n as u64).div_ceil(vec as u64), BLOCK), 1, 1);
-        h.launch(MASKED_SCALE.get::<T>(), grid, (BLOCK, 1, 1), 0, &p)?;
-
+        launch_masked_scale::<T>(&h, &UNFUSED, cfg.rate().scale(), dy_ptr, m_ptr, dx_ptr, n)?;
         if let Some(db) = dbias.as_mut() {
-            let g = geometry::<T>(
-                cfg.rows(),
-                cfg.cols(),
-                aligned16(&[dx_ptr]),
-                true,
-                Slabs::Dbias,
-                &LaunchTuning {
-                    unroll: false,
-                    ..Default::default()
-                },
-            )?;
-            let slabs = g.grid.1 as usize;
-            let part = ensure(&h, &mut self.partials, slabs * cfg.cols())?;
-            let (part_ptr, _g4) = h.write_ptr(OP, "partials", part)?;
-            let p = ColSumParams {
-                dx: dx_ptr,
-                partials: part_ptr,
-                rows: g.rows,
-                cols: g.cols,
-                slab_rows: g.slab_rows,
-                vec: u32::from(g.vector),
-                pad: 0,
-            };
-            h.launch(COL_SUM.get::<T>(), g.grid, g.block, 0, &p)?;
             let (db_ptr, _g5) = h.write_ptr(OP, "dbias", db)?;
-            finish_dbias::<T>(&h, part_ptr, db_ptr, cfg.cols(), slabs)?;
+            let (rows, cols) = (cfg.rows(), cfg.cols());
+            launch_col_sum::<T>(
+                &h,
+                &UNFUSED,
+                OP,
+                &mut self.partials,
+                dx_ptr,
+                db_ptr,
+                rows,
+                cols,
+            )?;
         }
         Ok(())
     }
@@ -465,18 +337,14 @@ pub fn forward_cpu<T: Dtype>(
         check_len(OP, "bias (one per column)", b.len(), cfg.cols())?;
     }
     let scale = cfg.rate().scale();
-    let mut bits = super::cpu::KeepBits::new(cfg);
+    let mut bits = cfg.keying().keep_bits();
     for i in 0..n {
         let t = match bias {
-            Some(b) => T::from_f32_rn(x[i].to_f32() + b[i % cfg.cols()].to_f32()),
+            Some(b) => bias_add_cpu(x[i], b[i % cfg.cols()]),
             None => x[i],
         };
         let keep = bits.get(i as u64);
-        let d = if keep {
-            T::from_f32_rn(t.to_f32() * scale)
-        } else {
-            T::from_f32_rn(0.0)
-        };
+        let d = dropout_cpu(t, keep, scale);
         mask[i] = u8::from(keep);
         y[i] = T::from_f32_rn(residual[i].to_f32() + d.to_f32());
     }
@@ -516,31 +384,10 @@ pub fn backward_cpu<T: Dtype>(
     }
     let scale = cfg.rate().scale();
     for i in 0..n {
-        dx[i] = if mask[i] != 0 {
-            T::from_f32_rn(dy[i].to_f32() * scale)
-        } else {
-            T::from_f32_rn(0.0)
-        };
+        dx[i] = dropout_cpu(dy[i], mask[i] != 0, scale);
     }
     if let Some(db) = dbias {
-        let (rows, cols) = (cfg.rows(), cfg.cols());
-        let slab = slab_rows(rows, cols, T::KIND);
-        let mut total = vec![0.0f32; cols];
-        let mut partial = vec![0.0f32; cols];
-        for row in 0..rows {
-            for (col, p) in partial.iter_mut().enumerate() {
-                *p += dx[row * cols + col].to_f32();
-            }
-            if (row + 1) % slab == 0 || row + 1 == rows {
-                for (t, p) in total.iter_mut().zip(partial.iter_mut()) {
-                    *t += *p;
-                    *p = 0.0;
-                }
-            }
-        }
-        for (d, t) in db.iter_mut().zip(&total) {
-            *d = T::from_f32_rn(*t);
-        }
+        col_sum_cpu(dx, cfg.rows(), cfg.cols(), db);
     }
     Ok(())
 }

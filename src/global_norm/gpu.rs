@@ -7,7 +7,7 @@ use crate::dtype::{DtypeKind, PerDtype};
 use crate::error::{Error, Result};
 use crate::multi_tensor::TensorSet;
 use crate::runtime::kernels::{per_dtype, Kernel};
-use crate::runtime::Handle;
+use crate::runtime::{DeviceScalar, Handle};
 
 const NORM_THREADS: u32 = super::cpu::NORM_THREADS as u32;
 const REDUCE_THREADS: u32 = super::cpu::REDUCE_THREADS as u32;
@@ -101,10 +101,13 @@ pub(crate) fn pick(f: &PerDtype<Kernel>, kind: DtypeKind) -> Kernel {
     }
 }
 
-/// Stage A over chunks `block_offset .. block_offset + grid` of the set.
+/// Stage A over chunks `block_offset .. block_offset + grid` of the set. `skip`: device address
+/// of one u8 per tensor (an optimizer's skip flags: a skipped tensor has no gradient this step
+/// and adds exactly 0), or 0 for none.
 pub(crate) fn launch_partials(
     set: &TensorSet,
     partials: u64,
+    skip: u64,
     block_offset: u32,
     grid: u32,
 ) -> Result<()> {
@@ -115,7 +118,7 @@ pub(crate) fn launch_partials(
         tensors: set.tensors_ptr(),
         blocks: set.blocks_ptr(),
         partials,
-        skip: set.skip_ptr_or_null(),
+        skip,
         block_offset,
         pad: 0,
     };
@@ -188,11 +191,10 @@ pub struct GlobalNorm {
     max_norm: Option<f32>,
     partials: CudaSlice<f32>,
     result: CudaSlice<NormValues>,
-    loss_scale: CudaSlice<f32>,
+    loss_scale: DeviceScalar<f32>,
     per_tensor: Option<(CudaSlice<f64>, CudaSlice<f32>)>,
     partials_ptr: u64,
     result_ptr: u64,
-    loss_scale_ptr: u64,
 }
 
 impl std::fmt::Debug for GlobalNorm {
@@ -241,10 +243,9 @@ impl GlobalNorm {
             nonfinite: 0,
         };
         let result = s.clone_htod(&[neutral]).map_err(Error::driver(OP))?;
-        let loss_scale = s.clone_htod(&[1.0f32]).map_err(Error::driver(OP))?;
+        let loss_scale = DeviceScalar::new(&handle, OP, 1.0f32)?;
         let partials_ptr = raw(&handle, &partials);
         let result_ptr = raw(&handle, &result);
-        let loss_scale_ptr = raw(&handle, &loss_scale);
         Ok(GlobalNorm {
             set_id: set.id(),
             num_chunks: set.num_chunks_u32(),
@@ -256,7 +257,6 @@ impl GlobalNorm {
             per_tensor: None,
             partials_ptr,
             result_ptr,
-            loss_scale_ptr,
             handle,
         })
     }
@@ -335,10 +335,7 @@ impl GlobalNorm {
     /// ```
     pub fn set_loss_scale(&mut self, loss_scale: f32) -> Result<()> {
         check_loss_scale(loss_scale)?;
-        self.handle
-            .stream()
-            .memcpy_htod(&[loss_scale], &mut self.loss_scale)
-            .map_err(Error::driver(OP))
+        self.loss_scale.set(loss_scale)
     }
 
     /// Device address of the f32 loss scale, for callers (a dynamic loss scaler) that update it
@@ -363,7 +360,7 @@ impl GlobalNorm {
     /// # Ok(()) }
     /// ```
     pub fn loss_scale_device_ptr(&self) -> u64 {
-        self.loss_scale_ptr
+        self.loss_scale.device_ptr()
     }
 
     /// Stage A: one launch writes every chunk's f32 sum of squares.
@@ -384,8 +381,14 @@ impl GlobalNorm {
     /// # Ok(()) }
     /// ```
     pub fn partials(&mut self, set: &TensorSet) -> Result<()> {
+        self.partials_skipping(set, 0)
+    }
+
+    /// Stage A honouring per-tensor skip flags at device address `skip` (0: none). The set
+    /// knows no skip flags; an optimizer that owns some passes them (AdamW::clip_and_step).
+    pub(crate) fn partials_skipping(&mut self, set: &TensorSet, skip: u64) -> Result<()> {
         self.check_set(set)?;
-        launch_partials(set, self.partials_ptr, 0, self.num_chunks)
+        launch_partials(set, self.partials_ptr, skip, 0, self.num_chunks)
     }
 
     fn launch_reduce(&self, flags: u32) -> Result<()> {
@@ -393,7 +396,7 @@ impl GlobalNorm {
             partials: self.partials_ptr,
             count: u64::from(self.num_chunks),
             result: self.result_ptr,
-            loss_scale: self.loss_scale_ptr,
+            loss_scale: self.loss_scale.device_ptr(),
             max_norm: self.max_norm.unwrap_or(0.0),
             flags: flags
                 | if self.max_norm.is_some() {
@@ -454,7 +457,7 @@ impl GlobalNorm {
     pub fn finalize(&mut self) -> Result<()> {
         let p = FinalizeParams {
             result: self.result_ptr,
-            loss_scale: self.loss_scale_ptr,
+            loss_scale: self.loss_scale.device_ptr(),
             max_norm: self.max_norm.unwrap_or(0.0),
             clip: u32::from(self.max_norm.is_some()),
         };
@@ -479,7 +482,13 @@ impl GlobalNorm {
     /// # Ok(()) }
     /// ```
     pub fn compute(&mut self, set: &TensorSet) -> Result<()> {
-        self.partials(set)?;
+        self.compute_skipping(set, 0)
+    }
+
+    /// [`GlobalNorm::compute`] with an optimizer's per-tensor skip flags (device address, 0:
+    /// none): skipped tensors add exactly 0.
+    pub(crate) fn compute_skipping(&mut self, set: &TensorSet, skip: u64) -> Result<()> {
+        self.partials_skipping(set, skip)?;
         self.launch_reduce(REDUCE_FINALIZE)
     }
 

@@ -167,24 +167,27 @@ pub fn check_loss_scale(scale: f32) -> Result<()> {
 }
 
 /// Minimal device-memory bytes of the global norm: every gradient read once
-/// (2 B per element for f16/bf16, 4 B for f32).
+/// (2 B per element for f16/bf16, 4 B for f32). Saturates at `u64::MAX` (element counts near
+/// 2^62 and above), never wraps.
 ///
 /// ```
 /// use fusedreg::{global_norm::norm_min_bytes, DtypeKind};
 /// assert_eq!(norm_min_bytes(1000, DtypeKind::Bf16), 2000);
+/// assert_eq!(norm_min_bytes(u64::MAX / 2, DtypeKind::F32), u64::MAX); // saturates
 /// assert_eq!(norm_min_bytes(1000, DtypeKind::F32), 4000);
 /// ```
 pub fn norm_min_bytes(elements: u64, grad: DtypeKind) -> u64 {
-    elements * grad.size() as u64
+    elements.saturating_mul(grad.size() as u64)
 }
 
 /// Minimal bytes of scaling the gradients in place (unfused clipping): read and write each
-/// once (4 B per element for f16/bf16, 8 B for f32).
+/// once (4 B per element for f16/bf16, 8 B for f32). Saturates at `u64::MAX`, never wraps.
 ///
 /// ```
 /// use fusedreg::{global_norm::scale_min_bytes, DtypeKind};
 /// assert_eq!(scale_min_bytes(1000, DtypeKind::Bf16), 4000);
+/// assert_eq!(scale_min_bytes(1 << 62, DtypeKind::Bf16), u64::MAX); // saturates
 /// ```
 pub fn scale_min_bytes(elements: u64, grad: DtypeKind) -> u64 {
-    2 * elements * grad.size() as u64
+    elements.saturating_mul(2 * grad.size() as u64)
 }

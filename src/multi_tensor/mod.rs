@@ -41,9 +41,12 @@
 //! * Zero-size tensors: [`TensorSetBuilder::push_empty`] / [`TensorSetBuilder::push_grad_empty`]
 //!   (no buffer needed), or any of the above with empty buffers.
 //!
-//! A set with parameters owns the AdamW state of every tensor: f32 moments `m` and `v` (zeros),
-//! f32 master weights for 16-bit parameters (initialised from the parameters when the set is
-//! built), per-chunk step counts and per-tensor skip flags (see [`crate::adamw`]).
+//! The set knows tensors only: parameters, gradients, lengths and the chunk tables. Whatever
+//! per-tensor state an optimizer needs (moments, master weights, weight decay, step counts, skip
+//! flags) is the optimizer's: [`crate::adamw::AdamW`] allocates and owns its own and passes its
+//! own per-tensor table to its kernel, indexed by the tensor and the global chunk of a block. A
+//! new optimizer (LAMB, Lion, SGD with momentum) is its own module and kernel file; the engine,
+//! the norm and the scale pass do not change.
 //!
 //! ```
 //! use fusedreg::multi_tensor::{Layout, CHUNK};
@@ -87,13 +90,10 @@ pub const CHUNK: u64 = 65_536;
 /// ```
 pub const MAX_CHUNKS: u64 = (1 << 31) - 1;
 
-/// Every tensor of a set starts its state (m, v, master) at a multiple of this many elements in
-/// the state arenas, so the state is always aligned for vector access (256 bytes).
-pub(crate) const STATE_ALIGN: u64 = 64;
-
 const OP: &str = "multi_tensor";
 
-/// `TensorEntry::flags`: every buffer the elementwise ops touch is aligned for 4-element groups.
+/// `TensorEntry::flags`: the parameter and the gradient are aligned for 4-element groups (an
+/// optimizer's own state is always allocated aligned).
 pub(crate) const FLAG_VEC4: u32 = 1;
 /// `TensorEntry::flags`: the gradient is 16-byte aligned.
 pub(crate) const FLAG_GRAD16: u32 = 2;
@@ -104,16 +104,13 @@ pub(crate) const FLAG_GRAD16: u32 = 2;
 pub(crate) struct TensorEntry {
     pub param: u64,
     pub grad: u64,
-    pub m: u64,
-    pub v: u64,
-    pub master: u64,
     pub n: u64,
-    pub weight_decay: f32,
     pub flags: u32,
     pub first_chunk: u32,
     pub num_chunks: u32,
+    pub pad: u32,
 }
-const _: () = assert!(std::mem::size_of::<TensorEntry>() == 64);
+const _: () = assert!(std::mem::size_of::<TensorEntry>() == 40);
 // SAFETY: plain old data with the layout of the device struct (size asserted on both sides).
 unsafe impl DeviceRepr for TensorEntry {}
 // SAFETY: all fields are integers or floats, for which zero bits are valid.
@@ -334,7 +331,7 @@ impl Layout {
 /// let (param, _g1) = w.device_ptr(h.stream());
 /// let (grad, _g2) = gw.device_ptr(h.stream());
 /// let t = RawTensor { param, grad, len: 1024, param_dtype: DtypeKind::F32,
-///                     grad_dtype: DtypeKind::F32, weight_decay: 0.01 };
+///                     grad_dtype: DtypeKind::F32 };
 /// let mut b = TensorSet::builder(&h);
 /// // SAFETY: `w` and `gw` outlive the set and are used on the handle's stream only.
 /// unsafe { b.push_raw(t) }?;
@@ -354,8 +351,6 @@ pub struct RawTensor {
     pub param_dtype: DtypeKind,
     /// Element type of the gradients.
     pub grad_dtype: DtypeKind,
-    /// Decoupled weight decay of this tensor (0 for biases and norm weights, typically).
-    pub weight_decay: f32,
 }
 
 type OwnedBuf = Box<dyn Any + Send + Sync>;
@@ -364,7 +359,6 @@ struct Pending {
     param: u64,
     grad: u64,
     len: u64,
-    weight_decay: f32,
     owned_param: Option<OwnedBuf>,
     owned_grad: Option<OwnedBuf>,
 }
@@ -384,8 +378,8 @@ enum Kind {
 /// let h = fusedreg::Handle::new(0)?;
 /// let s = h.stream();
 /// let mut b = TensorSet::builder(&h);
-/// b.push(s.clone_htod(&vec![0.5f32; 1000]).unwrap(), s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-/// b.push_empty::<f32, f32>(0.0)?; // a zero-size tensor, no buffers
+/// b.push(s.clone_htod(&vec![0.5f32; 1000]).unwrap(), s.alloc_zeros::<f32>(1000).unwrap())?;
+/// b.push_empty::<f32, f32>()?; // a zero-size tensor, no buffers
 /// println!("{} tensors registered", b.len()); // 2
 /// let set = b.build()?;          // tables built and uploaded once
 /// # drop(set);
@@ -404,16 +398,6 @@ impl std::fmt::Debug for TensorSetBuilder {
             .field("kind", &self.kind)
             .finish()
     }
-}
-
-fn check_weight_decay(wd: f32) -> Result<()> {
-    if !wd.is_finite() || wd < 0.0 {
-        return Err(Error::invalid(
-            OP,
-            format!("weight_decay = {wd} must be finite and >= 0 (use 0 to disable it)"),
-        ));
-    }
-    Ok(())
 }
 
 fn check_raw_address(what: &str, addr: u64, len: u64, kind: DtypeKind) -> Result<()> {
@@ -473,8 +457,9 @@ impl TensorSetBuilder {
     /// Registers a parameter tensor and its gradient, taking ownership of both buffers. Returns
     /// the tensor's index in the set.
     ///
-    /// Errors: lengths differ, `weight_decay` negative or non-finite, a buffer from another
-    /// context, or dtypes different from the tensors already registered.
+    /// Errors: lengths differ, a buffer from another context, or dtypes different from the
+    /// tensors already registered. (Weight decay is the optimizer's: see
+    /// [`crate::adamw::AdamW::new`].)
     ///
     /// ```no_run
     /// # fn main() -> fusedreg::Result<()> {
@@ -485,10 +470,10 @@ impl TensorSetBuilder {
     /// use half::bf16;
     /// let w = s.clone_htod(&vec![bf16::from_f32(0.5); 4096]).unwrap();
     /// let gw = s.alloc_zeros::<bf16>(4096).unwrap();
-    /// let i = b.push(w, gw, 0.01)?; // bf16 params + bf16 grads: f32 master weights in the set
+    /// let i = b.push(w, gw)?; // bf16 params + bf16 grads
     /// println!("registered tensor {i}"); // 0
     /// // One set holds one (param, grad) dtype pair: an f32 tensor here is an error.
-    /// let r = b.push(s.alloc_zeros::<f32>(8).unwrap(), s.alloc_zeros::<f32>(8).unwrap(), 0.0);
+    /// let r = b.push(s.alloc_zeros::<f32>(8).unwrap(), s.alloc_zeros::<f32>(8).unwrap());
     /// println!("{}", r.unwrap_err());
     /// # Ok(()) }
     /// ```
@@ -496,9 +481,7 @@ impl TensorSetBuilder {
         &mut self,
         param: CudaSlice<P>,
         grad: CudaSlice<G>,
-        weight_decay: f32,
     ) -> Result<usize> {
-        check_weight_decay(weight_decay)?;
         if param.len() != grad.len() {
             return Err(Error::shape(
                 OP,
@@ -518,7 +501,6 @@ impl TensorSetBuilder {
             param: p,
             grad: g,
             len: param.len() as u64,
-            weight_decay,
             owned_param: Some(Box::new(param)),
             owned_grad: Some(Box::new(grad)),
         });
@@ -552,7 +534,7 @@ impl TensorSetBuilder {
     /// let ((pp, _g1), (gp, _g2)) = (p.device_ptr(s), g.device_ptr(s));
     /// // A view starting at element 1: not 16-byte aligned, so it takes the scalar path.
     /// let t = RawTensor { param: pp + 4, grad: gp + 4, len: 512, param_dtype: DtypeKind::F32,
-    ///                     grad_dtype: DtypeKind::F32, weight_decay: 0.01 };
+    ///                     grad_dtype: DtypeKind::F32 };
     /// // SAFETY: 512 elements after the offset are live, outlive the set, and use its stream.
     /// let i = unsafe { b.push_raw(t) }?;
     /// let set = b.build()?;
@@ -561,7 +543,6 @@ impl TensorSetBuilder {
     /// # Ok(()) }
     /// ```
     pub unsafe fn push_raw(&mut self, t: RawTensor) -> Result<usize> {
-        check_weight_decay(t.weight_decay)?;
         check_raw_address("param", t.param, t.len, t.param_dtype)?;
         check_raw_address("grad", t.grad, t.len, t.grad_dtype)?;
         self.admit(Kind::Params(t.param_dtype, t.grad_dtype))?;
@@ -569,7 +550,6 @@ impl TensorSetBuilder {
             param: t.param,
             grad: t.grad,
             len: t.len,
-            weight_decay: t.weight_decay,
             owned_param: None,
             owned_grad: None,
         });
@@ -585,20 +565,18 @@ impl TensorSetBuilder {
     /// let h = fusedreg::Handle::new(0)?;
     /// let s = h.stream();
     /// let mut b = TensorSet::builder(&h);
-    /// b.push(s.clone_htod(&vec![0.5f32; 64]).unwrap(), s.alloc_zeros::<f32>(64).unwrap(), 0.01)?;
-    /// let i = b.push_empty::<f32, f32>(0.0)?; // e.g. a bias of a zero-width layer
+    /// b.push(s.clone_htod(&vec![0.5f32; 64]).unwrap(), s.alloc_zeros::<f32>(64).unwrap())?;
+    /// let i = b.push_empty::<f32, f32>()?; // e.g. a bias of a zero-width layer
     /// let set = b.build()?;
     /// println!("{:?}", set.layout().chunks(i)); // 1..1: no chunk
     /// # Ok(()) }
     /// ```
-    pub fn push_empty<P: Dtype, G: Dtype>(&mut self, weight_decay: f32) -> Result<usize> {
-        check_weight_decay(weight_decay)?;
+    pub fn push_empty<P: Dtype, G: Dtype>(&mut self) -> Result<usize> {
         self.admit(Kind::Params(P::KIND, G::KIND))?;
         self.pending.push(Pending {
             param: 0,
             grad: 0,
             len: 0,
-            weight_decay,
             owned_param: None,
             owned_grad: None,
         });
@@ -625,7 +603,6 @@ impl TensorSetBuilder {
             param: 0,
             grad: 0,
             len: 0,
-            weight_decay: 0.0,
             owned_param: None,
             owned_grad: None,
         });
@@ -657,7 +634,6 @@ impl TensorSetBuilder {
             param: 0,
             grad: g,
             len: grad.len() as u64,
-            weight_decay: 0.0,
             owned_param: None,
             owned_grad: Some(Box::new(grad)),
         });
@@ -699,7 +675,6 @@ impl TensorSetBuilder {
             param: 0,
             grad,
             len,
-            weight_decay: 0.0,
             owned_param: None,
             owned_grad: None,
         });
@@ -720,7 +695,7 @@ impl TensorSetBuilder {
     /// let s = h.stream();
     /// let mut b = TensorSet::builder(&h);
     /// for n in [1000, 10] {
-    ///     b.push(s.alloc_zeros::<f32>(n).unwrap(), s.alloc_zeros::<f32>(n).unwrap(), 0.0)?;
+    ///     b.push(s.alloc_zeros::<f32>(n).unwrap(), s.alloc_zeros::<f32>(n).unwrap())?;
     /// }
     /// println!("{}", b.len()); // 2
     /// # Ok(()) }
@@ -746,9 +721,8 @@ impl TensorSetBuilder {
         self.pending.is_empty()
     }
 
-    /// Builds the tables, uploads them once, allocates the optimizer state of a set with
-    /// parameters (moments zeroed, master weights copied from 16-bit parameters) and returns the
-    /// set. Errors on an empty list.
+    /// Builds the tables, uploads them once and returns the set. Errors on an empty list. (No
+    /// optimizer state: an optimizer allocates its own, e.g. [`crate::adamw::AdamW::new`].)
     ///
     /// ```no_run
     /// # fn main() -> fusedreg::Result<()> {
@@ -758,12 +732,11 @@ impl TensorSetBuilder {
     /// let mut b = TensorSet::builder(&h);
     /// use half::f16;
     /// let w = s.clone_htod(&vec![f16::from_f32(0.5); 4096]).unwrap();
-    /// b.push(w, s.alloc_zeros::<f32>(4096).unwrap(), 0.01)?;
-    /// let set = b.build()?; // master weights: the f16 params widened to f32
-    /// let master = s.clone_dtoh(&set.master(0)?).unwrap(); // all 0.5
+    /// b.push(w, s.alloc_zeros::<f32>(4096).unwrap())?;
+    /// let set = b.build()?; // the tables, uploaded once
+    /// println!("{} chunk(s)", set.layout().num_chunks()); // 1
     /// // An empty builder has nothing to build.
     /// println!("{}", TensorSet::builder(&h).build().unwrap_err());
-    /// # drop(master);
     /// # Ok(()) }
     /// ```
     pub fn build(self) -> Result<TensorSet> {
@@ -775,83 +748,21 @@ impl TensorSetBuilder {
             Kind::Unset => unreachable!("Layout::new rejects an empty list"),
         };
         let stream = self.handle.stream().clone();
-        let drv = Error::driver(OP);
-
-        // State arenas: each tensor's m, v, master start at a multiple of STATE_ALIGN elements.
-        let mut offsets = Vec::with_capacity(lens.len());
-        let mut arena = 0u64;
-        for &n in &lens {
-            offsets.push(arena);
-            arena += n.div_ceil(STATE_ALIGN) * STATE_ALIGN;
-        }
-        let arena_len = usize::try_from(arena.max(1))
-            .map_err(|_| Error::invalid(OP, "the optimizer state does not fit in memory"))?;
-        let state = match param_dtype {
-            None => None,
-            Some(p) => {
-                let m = stream.alloc_zeros::<f32>(arena_len).map_err(drv)?;
-                let v = stream
-                    .alloc_zeros::<f32>(arena_len)
-                    .map_err(Error::driver(OP))?;
-                let master = if p == DtypeKind::F32 {
-                    None
-                } else {
-                    Some(
-                        stream
-                            .alloc_zeros::<f32>(arena_len)
-                            .map_err(Error::driver(OP))?,
-                    )
-                };
-                let chunk_steps = stream
-                    .alloc_zeros::<u32>(layout.num_chunks().max(1))
-                    .map_err(Error::driver(OP))?;
-                let skip = stream
-                    .alloc_zeros::<u8>(lens.len())
-                    .map_err(Error::driver(OP))?;
-                Some(OptimizerState {
-                    offsets,
-                    m,
-                    v,
-                    master,
-                    chunk_steps,
-                    skip,
-                })
-            }
-        };
 
         let ps = param_dtype.map_or(1, |p| p.size() as u64);
         let gs = grad_dtype.size() as u64;
-        let base = |s: Option<&CudaSlice<f32>>| -> u64 {
-            s.map_or(0, |s| {
-                let (p, _g) = s.device_ptr(&stream);
-                p
-            })
-        };
-        let (m_base, v_base, master_base) = match &state {
-            Some(st) => (
-                base(Some(&st.m)),
-                base(Some(&st.v)),
-                base(st.master.as_ref()),
-            ),
-            None => (0, 0, 0),
-        };
         let mut entries = Vec::with_capacity(lens.len());
         for (t, p) in self.pending.iter().enumerate() {
-            let off = state.as_ref().map_or(0, |s| s.offsets[t]) * 4;
-            let at = |b: u64| if b == 0 { 0 } else { b + off };
             let vec4 = (param_dtype.is_none() || p.param % (4 * ps) == 0) && p.grad % (4 * gs) == 0;
             let grad16 = p.grad % 16 == 0;
             entries.push(TensorEntry {
                 param: p.param,
                 grad: p.grad,
-                m: at(m_base),
-                v: at(v_base),
-                master: at(master_base),
                 n: p.len,
-                weight_decay: p.weight_decay,
                 flags: if vec4 { FLAG_VEC4 } else { 0 } | if grad16 { FLAG_GRAD16 } else { 0 },
                 first_chunk: layout.first_chunk(t),
                 num_chunks: p.len.div_ceil(CHUNK) as u32,
+                pad: 0,
             });
         }
         let d_tensors = stream.clone_htod(&entries).map_err(Error::driver(OP))?;
@@ -880,12 +791,8 @@ impl TensorSetBuilder {
             d_blocks,
             tensors_ptr,
             blocks_ptr,
-            state,
             owned,
         };
-        if let Some(p) = param_dtype.filter(|&p| p != DtypeKind::F32) {
-            crate::adamw::gpu::init_master(&set, p)?;
-        }
         Ok(set)
     }
 }
@@ -895,21 +802,7 @@ fn base_of<T>(s: &CudaSlice<T>, stream: &std::sync::Arc<cudarc::driver::CudaStre
     p
 }
 
-/// The optimizer state a set with parameters owns.
-pub(crate) struct OptimizerState {
-    /// Offset of each tensor's state in the arenas, in elements (multiples of `STATE_ALIGN`).
-    pub offsets: Vec<u64>,
-    pub m: CudaSlice<f32>,
-    pub v: CudaSlice<f32>,
-    /// f32 master weights, for 16-bit parameters only.
-    pub master: Option<CudaSlice<f32>>,
-    /// One step count per global chunk (see `crate::adamw`).
-    pub chunk_steps: CudaSlice<u32>,
-    /// One skip flag per tensor.
-    pub skip: CudaSlice<u8>,
-}
-
-/// Tensors registered once, with their device tables and (for parameter sets) optimizer state.
+/// Tensors registered once, with their device tables (and nothing optimizer-specific).
 /// Build one with [`TensorSet::builder`]; see the [module docs](self).
 ///
 /// ```no_run
@@ -920,10 +813,10 @@ pub(crate) struct OptimizerState {
 /// let mut b = TensorSet::builder(&h);
 /// let w = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
 /// let gw = s.alloc_zeros::<f32>(1000).unwrap();
-/// b.push(w, gw, 0.01)?;                       // weight, decayed
+/// b.push(w, gw)?;                      // weight
 /// let bias = s.clone_htod(&vec![0.0f32; 10]).unwrap();
 /// let gb = s.alloc_zeros::<f32>(10).unwrap();
-/// b.push(bias, gb, 0.0)?;                     // bias, not decayed
+/// b.push(bias, gb)?;                    // bias
 /// let mut set = b.build()?;
 /// // Each step, the backward pass writes the gradients:
 /// let mut g = set.grad_mut::<f32>(0)?;
@@ -943,7 +836,6 @@ pub struct TensorSet {
     d_blocks: CudaSlice<BlockEntry>,
     tensors_ptr: u64,
     blocks_ptr: u64,
-    pub(crate) state: Option<OptimizerState>,
     owned: Vec<(Option<OwnedBuf>, Option<OwnedBuf>)>,
 }
 
@@ -978,8 +870,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// let mut b = TensorSet::builder(&h);
     /// b.push_grad(h.stream().alloc_zeros::<f32>(4096).unwrap())?;
@@ -1004,8 +896,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// let before = set.handle().launch_count();
     /// // ... steps over the set ...
@@ -1026,8 +918,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// let l = set.layout();
     /// println!("{} chunks for {} elements", l.num_chunks(), l.total_elements()); // 2, 1010
@@ -1047,8 +939,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// println!("{} tensors", set.len()); // 2: the weight and the bias
     /// # Ok(()) }
@@ -1066,8 +958,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// if !set.is_empty() {
     ///     println!("{} tensors", set.len());
@@ -1087,8 +979,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// match set.param_dtype() {
     ///     Some(p) => println!("{} parameters: ready for AdamW", p.name()), // f32
@@ -1109,8 +1001,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// use fusedreg::DtypeKind;
     /// // Pick the matching buffer type for the backward pass.
@@ -1135,8 +1027,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// for i in 0..set.len() {
     ///     // Owned slices are always aligned: true, true.
@@ -1157,33 +1049,14 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// println!("{}", set.is_grad_aligned16(0)); // true: an owned slice
     /// # Ok(()) }
     /// ```
     pub fn is_grad_aligned16(&self, i: usize) -> bool {
         self.entries[i].flags & FLAG_GRAD16 != 0
-    }
-
-    /// Weight decay of tensor `i`.
-    ///
-    /// ```no_run
-    /// # fn main() -> fusedreg::Result<()> {
-    /// # use fusedreg::multi_tensor::TensorSet;
-    /// let h = fusedreg::Handle::new(0)?;
-    /// # let s = h.stream();
-    /// # let mut b = TensorSet::builder(&h);
-    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
-    /// # let set = b.build()?;
-    /// println!("{} {}", set.weight_decay(0), set.weight_decay(1)); // 0.01 (weight), 0 (bias)
-    /// # Ok(()) }
-    /// ```
-    pub fn weight_decay(&self, i: usize) -> f32 {
-        self.entries[i].weight_decay
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -1231,8 +1104,8 @@ impl TensorSet {
     }
 
     /// A view of tensor `i`'s parameters (a tensor registered with [`TensorSetBuilder::push`]).
-    /// For 16-bit parameters, the f32 master weights ([`TensorSet::master`]) are the truth the
-    /// optimizer updates; the parameters are their rounded copy.
+    /// For 16-bit parameters with f32 master weights, the master ([`crate::adamw::AdamW::master`])
+    /// is the truth the optimizer updates; the parameters are its rounded copy.
     ///
     /// ```no_run
     /// # fn main() -> fusedreg::Result<()> {
@@ -1241,11 +1114,11 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let mut set = b.build()?;
     /// use fusedreg::adamw::{AdamW, AdamWConfig};
-    /// let opt = AdamW::new(&set, AdamWConfig::default())?;
+    /// let opt = AdamW::new(&set, AdamWConfig::default(), &[0.01, 0.0])?;
     /// opt.step(&mut set, None)?;
     /// let w = h.stream().clone_dtoh(&set.param::<f32>(0)?).unwrap(); // after the step
     /// // The wrong element type is an error, not a reinterpretation.
@@ -1270,8 +1143,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let set = b.build()?;
     /// let g = h.stream().clone_dtoh(&set.grad::<f32>(1)?).unwrap(); // the bias gradient
     /// println!("{:?}", &g[..4]);
@@ -1294,8 +1167,8 @@ impl TensorSet {
     /// # let s = h.stream();
     /// # let mut b = TensorSet::builder(&h);
     /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
+    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap())?;
+    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap())?;
     /// # let mut set = b.build()?;
     /// // The backward pass writes tensor 0's gradient in place.
     /// let mut g = set.grad_mut::<f32>(0)?;
@@ -1317,113 +1190,5 @@ impl TensorSet {
         b.downcast_mut::<CudaSlice<G>>()
             .map(|s| s.as_view_mut())
             .ok_or_else(|| Self::wrong_type(i, "grad", G::KIND, have))
-    }
-
-    /// Device address of the per-tensor skip flags, or 0 for a gradients-only set. The norm
-    /// honours them too: a skipped tensor has no gradient this step.
-    pub(crate) fn skip_ptr_or_null(&self) -> u64 {
-        self.state.as_ref().map_or(0, |st| {
-            let (p, _g) = st.skip.device_ptr(self.handle().stream());
-            p
-        })
-    }
-
-    pub(crate) fn state(&self, op: &'static str) -> Result<&OptimizerState> {
-        self.state.as_ref().ok_or_else(|| {
-            Error::invalid(
-                op,
-                "this set holds gradients only: register parameters with TensorSetBuilder::push \
-                 or push_raw to use an optimizer",
-            )
-        })
-    }
-
-    fn state_view<'a>(&'a self, s: &'a CudaSlice<f32>, i: usize) -> Result<CudaView<'a, f32>> {
-        let st = self.state(OP)?;
-        if i >= self.len() {
-            return Err(Error::invalid(
-                OP,
-                format!("tensor {i} does not exist (the set holds {})", self.len()),
-            ));
-        }
-        let off = st.offsets[i] as usize;
-        Ok(s.slice(off..off + self.layout.lens()[i] as usize))
-    }
-
-    /// Tensor `i`'s first moment (f32). Errors for a gradients-only set.
-    ///
-    /// ```no_run
-    /// # fn main() -> fusedreg::Result<()> {
-    /// # use fusedreg::multi_tensor::TensorSet;
-    /// let h = fusedreg::Handle::new(0)?;
-    /// # let s = h.stream();
-    /// # let mut b = TensorSet::builder(&h);
-    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
-    /// # let mut set = b.build()?;
-    /// use fusedreg::adamw::{AdamW, AdamWConfig};
-    /// AdamW::new(&set, AdamWConfig::default())?.step(&mut set, None)?;
-    /// let m = h.stream().clone_dtoh(&set.exp_avg(0)?).unwrap(); // 1000 f32
-    /// # drop(m);
-    /// # Ok(()) }
-    /// ```
-    pub fn exp_avg(&self, i: usize) -> Result<CudaView<'_, f32>> {
-        let st = self.state(OP)?;
-        self.state_view(&st.m, i)
-    }
-
-    /// Tensor `i`'s second moment (f32).
-    ///
-    /// ```no_run
-    /// # fn main() -> fusedreg::Result<()> {
-    /// # use fusedreg::multi_tensor::TensorSet;
-    /// let h = fusedreg::Handle::new(0)?;
-    /// # let s = h.stream();
-    /// # let mut b = TensorSet::builder(&h);
-    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
-    /// # let mut set = b.build()?;
-    /// use fusedreg::adamw::{AdamW, AdamWConfig};
-    /// AdamW::new(&set, AdamWConfig::default())?.step(&mut set, None)?;
-    /// let v = h.stream().clone_dtoh(&set.exp_avg_sq(0)?).unwrap(); // 1000 f32
-    /// # drop(v);
-    /// # Ok(()) }
-    /// ```
-    pub fn exp_avg_sq(&self, i: usize) -> Result<CudaView<'_, f32>> {
-        let st = self.state(OP)?;
-        self.state_view(&st.v, i)
-    }
-
-    /// Tensor `i`'s f32 master weights (16-bit parameters only).
-    ///
-    /// ```no_run
-    /// # fn main() -> fusedreg::Result<()> {
-    /// # use fusedreg::multi_tensor::TensorSet;
-    /// let h = fusedreg::Handle::new(0)?;
-    /// # let s = h.stream();
-    /// # let mut b = TensorSet::builder(&h);
-    /// # let p = s.clone_htod(&vec![0.5f32; 1000]).unwrap();
-    /// # b.push(p, s.alloc_zeros::<f32>(1000).unwrap(), 0.01)?;
-    /// # b.push(s.clone_htod(&vec![0.0f32; 10]).unwrap(), s.alloc_zeros::<f32>(10).unwrap(), 0.0)?;
-    /// # let set = b.build()?;
-    /// use half::bf16;
-    /// let mut b = TensorSet::builder(&h);
-    /// let p = s.clone_htod(&vec![bf16::from_f32(0.5); 256]).unwrap();
-    /// b.push(p, s.alloc_zeros::<bf16>(256).unwrap(), 0.0)?;
-    /// let set16 = b.build()?;
-    /// let master = s.clone_dtoh(&set16.master(0)?).unwrap(); // 0.5 in f32, the optimizer's truth
-    /// // f32 parameters have none: read the parameters themselves.
-    /// println!("{}", set.master(0).unwrap_err());
-    /// # drop(master);
-    /// # Ok(()) }
-    /// ```
-    pub fn master(&self, i: usize) -> Result<CudaView<'_, f32>> {
-        let st = self.state(OP)?;
-        let m = st.master.as_ref().ok_or_else(|| {
-            Error::invalid(OP, "f32 parameters have no master weights: read the params")
-        })?;
-        self.state_view(m, i)
     }
 }

@@ -84,6 +84,7 @@ pub fn fill(handle: &Handle, counters: &[[u32; 4]], keys: &[[u32; 2]]) -> Result
 }
 
 /// The words [`super::mask_word`]`(seed, call, start + j)` for `j < n`, computed on the device.
+/// A range running past index `2^64 - 1` is an [`Error::InvalidArgument`].
 ///
 /// # Examples
 ///
@@ -97,6 +98,17 @@ pub fn fill(handle: &Handle, counters: &[[u32; 4]], keys: &[[u32; 2]]) -> Result
 pub fn mask_words(handle: &Handle, seed: u64, call: u64, start: u64, n: usize) -> Result<Vec<u32>> {
     if n == 0 {
         return Ok(Vec::new());
+    }
+    // Indices past 2^64 - 1 do not exist: refused rather than wrapped to 0 on the device.
+    if u64::try_from(n - 1)
+        .ok()
+        .and_then(|last| start.checked_add(last))
+        .is_none()
+    {
+        return Err(Error::invalid(
+            OP,
+            format!("indices {start} + {n} run past 2^64 - 1"),
+        ));
     }
     let s = handle.stream();
     let mut d_o = s.alloc_zeros::<u32>(n).map_err(Error::driver(OP))?;

@@ -3,6 +3,7 @@
 
 pub(crate) mod kernels;
 pub(crate) mod modules;
+mod scalar;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -15,6 +16,7 @@ use cudarc::driver::{
 use self::kernels::Kernel;
 use self::modules::Loaded;
 pub use self::modules::{compiled_archs, kernels_built, nvcc_version};
+pub use self::scalar::DeviceScalar;
 use crate::error::{Error, Result};
 
 /// True when libcuda can be loaded. Probed once: `CudaContext::new` panics without it.
@@ -282,8 +284,8 @@ impl Handle {
     /// ```no_run
     /// # fn main() -> fusedreg::Result<()> {
     /// let h = fusedreg::Handle::new(0)?;
-    /// let buf = fusedreg::timing::filled::<f32>(&h, 1 << 18, 0x3f)?; // enqueued, not waited for
-    /// h.synchronize()?; // now the memset has finished
+    /// let buf = h.stream().alloc_zeros::<f32>(1 << 18).map_err(fusedreg::Error::driver("alloc"))?;
+    /// h.synchronize()?; // now the memset behind alloc_zeros has finished
     /// # let _ = buf;
     /// # Ok(()) }
     /// ```
@@ -380,13 +382,58 @@ impl Handle {
         params: &P,
     ) -> Result<()> {
         let f = self.function(k)?;
+        // SAFETY: `params` is the kernel's one parameter (layout asserted on both sides), and
+        // every pointer in it was validated by the op wrapper against the buffer lengths.
+        unsafe { self.launch_function(f, k.symbol(), grid, block, shared_bytes, params) }
+    }
+
+    /// Launches a kernel of a module the caller loaded into this handle's context (for example
+    /// with `handle.context().load_module(..)`) on the handle's stream, with one by-value
+    /// parameter struct, and counts it in [`Handle::launch_count`]. This is how code built on
+    /// fusedreg (the `fusedreg-tools` crate's trainer kernels) launches kernels of its own so
+    /// that launch counts still cover a whole training step. `name` labels driver errors.
+    ///
+    /// # Safety
+    ///
+    /// `f` must belong to this handle's context and take exactly one parameter laid out as `P`;
+    /// every device address in `params` must stay valid until the kernel has run, and the grid
+    /// must keep the kernel's accesses inside those buffers.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::{cudarc::nvrtc::Ptx, Error, Handle};
+    /// let h = Handle::new(0)?;
+    /// # let fatbin: Vec<u8> = Vec::new();
+    /// // A module of your own, e.g. a fatbin embedded with include_bytes!:
+    /// let module = h.context().load_module(Ptx::from_binary(fatbin)).map_err(Error::driver("load"))?;
+    /// let f = module.load_function("my_kernel").map_err(Error::driver("load"))?;
+    /// #[repr(C)]
+    /// #[derive(Clone, Copy)]
+    /// struct Params { n: u64 }
+    /// unsafe impl fusedreg::cudarc::driver::DeviceRepr for Params {}
+    /// let before = h.launch_count();
+    /// // SAFETY: my_kernel takes one `Params` and touches no memory.
+    /// unsafe { h.launch_function(&f, "my_kernel", (1, 1, 1), (32, 1, 1), 0, &Params { n: 0 })? };
+    /// assert_eq!(h.launch_count(), before + 1);
+    /// # Ok(()) }
+    /// ```
+    pub unsafe fn launch_function<P: DeviceRepr>(
+        &self,
+        f: &CudaFunction,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
         let mut args = [params as *const P as *mut std::ffi::c_void];
         self.inner
             .ctx
             .bind_to_thread()
-            .map_err(Error::driver(k.symbol()))?;
-        // SAFETY: `params` is the kernel's one parameter (layout asserted on both sides), and
-        // every pointer in it was validated by the op wrapper against the buffer lengths.
+            .map_err(Error::driver(name))?;
+        // SAFETY: the caller's contract (see above).
         unsafe {
             result::launch_kernel(
                 f.cu_function(),
@@ -397,7 +444,7 @@ impl Handle {
                 &mut args,
             )
         }
-        .map_err(Error::driver(k.symbol()))?;
+        .map_err(Error::driver(name))?;
         self.inner.launches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

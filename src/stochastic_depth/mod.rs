@@ -86,7 +86,9 @@ impl Schedule {
         Schedule::Linear { p_last }
     }
 
-    /// The drop probability of each of `blocks` blocks, each validated to lie in `[0, 1)`.
+    /// The drop probability of each of `blocks` blocks, each validated to lie in `[0, 1)` and to
+    /// round to a threshold below 2^32 (so p must be below `1 - 2^-33`: a larger p would be
+    /// applied as 1 and the block would never run).
     ///
     /// # Examples
     ///
@@ -95,10 +97,20 @@ impl Schedule {
     /// assert_eq!(Schedule::linear(0.5).probabilities(4).unwrap(), vec![0.125, 0.25, 0.375, 0.5]);
     /// assert_eq!(Schedule::Linspace { rate: 0.3 }.probabilities(4).unwrap()[0], 0.0);
     /// assert!(Schedule::Constant(1.0).probabilities(3).is_err()); // a block must be able to run
+    /// assert!(Schedule::Constant(0.1).probabilities(usize::MAX).is_err()); // at most 2^20 blocks
+    /// // Below 1, but rounds to the threshold 2^32 (drop always): refused as well.
+    /// assert!(Schedule::Constant(1.0 - 2f64.powi(-34)).probabilities(3).is_err());
     /// ```
     pub fn probabilities(&self, blocks: usize) -> Result<Vec<f64>> {
         if blocks == 0 {
             return Err(Error::invalid(OP, "a schedule needs at least one block"));
+        }
+        if blocks > MAX_BLOCKS {
+            // Checked before the list of `blocks` probabilities is allocated.
+            return Err(Error::invalid(
+                OP,
+                format!("{blocks} blocks: at most 2^20 are supported"),
+            ));
         }
         let l = blocks as f64;
         let probs: Vec<f64> = match self {
@@ -126,6 +138,14 @@ impl Schedule {
                 return Err(Error::invalid(
                     OP,
                     format!("block {i}: drop probability {p} must lie in [0, 1) (a block must be able to run)"),
+                ));
+            }
+            // The check that matters is on the threshold the draw compares against, not on p:
+            // any p in [1 - 2^-33, 1) rounds to the threshold 2^32, which drops every time.
+            if DropRate::checked(OP, p)?.threshold() >= 1 << 32 {
+                return Err(Error::invalid(
+                    OP,
+                    format!("block {i}: drop probability {p} rounds to the threshold 2^32, so the block would never run (p must be below 1 - 2^-33)"),
                 ));
             }
         }

@@ -36,6 +36,35 @@ pub fn adamw_tensors<P: Dtype, G: Dtype>(
         .collect()
 }
 
+/// [`adamw_tensors`] with a state layout (bf16 moments and/or no master weights).
+#[allow(dead_code)] // not every test binary uses it
+pub fn adamw_tensors_with<P: Dtype, G: Dtype>(
+    seed: u64,
+    sizes: &[usize],
+    options: fusedreg::adamw::StateOptions,
+) -> Vec<fusedreg::adamw::cpu::CpuTensor<P, G>> {
+    adamw_tensors::<P, G>(seed, sizes)
+        .into_iter()
+        .map(|t| {
+            fusedreg::adamw::cpu::CpuTensor::with_state(t.param, t.grad, t.weight_decay, options)
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Every state layout: (moments, master) in {f32, bf16} x {f32, none}.
+#[allow(dead_code)]
+pub fn all_state_options() -> Vec<fusedreg::adamw::StateOptions> {
+    use fusedreg::adamw::{MasterWeights, MomentDtype, StateOptions};
+    let mut v = Vec::new();
+    for moments in [MomentDtype::F32, MomentDtype::Bf16] {
+        for master in [MasterWeights::F32, MasterWeights::None] {
+            v.push(StateOptions { moments, master });
+        }
+    }
+    v
+}
+
 /// Fresh random gradients for every tensor.
 pub fn new_grads<P: Dtype, G: Dtype>(ts: &mut [fusedreg::adamw::cpu::CpuTensor<P, G>], seed: u64) {
     let mut r = rng(seed);

@@ -4,7 +4,7 @@
 //! unfused baseline.
 
 use cudarc::driver::{CudaSlice, DevicePtr};
-use fusedreg::adamw::{cpu, unfused, AdamW, AdamWConfig, Rounding};
+use fusedreg::adamw::{cpu, unfused, AdamW, AdamWConfig, MomentDtype, Rounding, StateOptions};
 use fusedreg::global_norm::{cpu as ncpu, GlobalNorm};
 use fusedreg::multi_tensor::{RawTensor, TensorSet, CHUNK};
 use fusedreg::{Dtype, DtypeKind, Handle};
@@ -39,6 +39,9 @@ pub fn trials() -> Vec<Trial> {
             ("save_restore_resume_bit_identical", save_restore_resume),
             ("restore_mismatch_is_an_error", restore_mismatch),
             ("skip_flags_leave_tensors_untouched", skip_flags),
+            ("step_count_saturates_at_u32_max", step_count_saturates),
+            ("lean_state_layouts_bit_exact_vs_cpu", lean_state_layouts),
+            ("lean_state_layouts_misaligned_views", lean_misaligned),
             (
                 "skipped_tensors_are_left_out_of_the_norm",
                 skipped_tensors_out_of_norm,
@@ -60,16 +63,18 @@ pub fn trials() -> Vec<Trial> {
     v
 }
 
-use crate::common::{adamw_tensors as cpu_tensors, new_grads};
+use crate::common::{
+    adamw_tensors as cpu_tensors, adamw_tensors_with, all_state_options, new_grads,
+};
 
 /// A set owning copies of the CPU tensors' parameters and gradients.
 fn build<P: Dtype, G: Dtype>(h: &Handle, ts: &[cpu::CpuTensor<P, G>]) -> Result<TensorSet, String> {
     let mut b = TensorSet::builder(h);
     for t in ts {
         if t.is_empty() {
-            b.push_empty::<P, G>(t.weight_decay).map_err(e)?;
+            b.push_empty::<P, G>().map_err(e)?;
         } else {
-            b.push(upload(h, &t.param)?, upload(h, &t.grad)?, t.weight_decay)
+            b.push(upload(h, &t.param)?, upload(h, &t.grad)?)
                 .map_err(e)?;
         }
     }
@@ -90,10 +95,15 @@ fn write_grads<P: Dtype, G: Dtype>(
     Ok(())
 }
 
+/// The CPU tensors' weight decays: what the optimizer takes per tensor.
+fn wds<P: Dtype, G: Dtype>(ts: &[cpu::CpuTensor<P, G>]) -> Vec<f32> {
+    ts.iter().map(|t| t.weight_decay).collect()
+}
+
 /// Moments, master weights and step counts against the CPU tensors, bit for bit.
 fn compare_state<P: Dtype, G: Dtype>(
     h: &Handle,
-    set: &TensorSet,
+    set: &AdamW,
     ts: &[cpu::CpuTensor<P, G>],
     what: &str,
 ) -> Result<(), String> {
@@ -126,6 +136,7 @@ fn compare_state<P: Dtype, G: Dtype>(
 fn compare<P: Dtype, G: Dtype>(
     h: &Handle,
     set: &TensorSet,
+    opt: &AdamW,
     ts: &[cpu::CpuTensor<P, G>],
     what: &str,
 ) -> Result<(), String> {
@@ -136,7 +147,7 @@ fn compare<P: Dtype, G: Dtype>(
             &t.param,
         )?;
     }
-    compare_state(h, set, ts, what)
+    compare_state(h, opt, ts, what)
 }
 
 fn launches(h: &Handle, before: u64, want: u64, what: &str) -> Result<(), String> {
@@ -152,7 +163,7 @@ fn f32_seven_steps(h: &Handle) -> Result<(), String> {
     let mut ts = cpu_tensors::<f32, f32>(1, SIZES);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let mut opt = AdamW::new(&set, cfg).map_err(e)?;
+    let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     for s in 0..7u64 {
         new_grads(&mut ts, 100 + s);
         write_grads(h, &mut set, &ts)?;
@@ -164,7 +175,7 @@ fn f32_seven_steps(h: &Handle) -> Result<(), String> {
         launches(h, before, 1, "one AdamW step")?;
         cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(lr), &[]).map_err(e)?;
         if s == 0 || s == 6 {
-            compare(h, &set, &ts, &format!("f32 step {}", s + 1))?;
+            compare(h, &set, &opt, &ts, &format!("f32 step {}", s + 1))?;
         }
     }
     Ok(())
@@ -175,13 +186,13 @@ fn master_paths(h: &Handle) -> Result<(), String> {
         let sizes = [0, 65_537, 1001, 3, 0, 278_011, 5];
         let mut ts = cpu_tensors::<P, G>(seed, &sizes);
         let mut set = build(h, &ts)?;
-        // Freshly built: the master weights are the widened parameters.
-        compare(h, &set, &ts, "after build")?;
         let cfg = AdamWConfig {
             lr: 2e-3,
             ..Default::default()
         };
-        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+        // Freshly created: the master weights are the widened parameters.
+        compare(h, &set, &opt, &ts, "after AdamW::new")?;
         for s in 0..7 {
             new_grads(&mut ts, seed * 10 + s);
             write_grads(h, &mut set, &ts)?;
@@ -191,6 +202,7 @@ fn master_paths(h: &Handle) -> Result<(), String> {
         compare(
             h,
             &set,
+            &opt,
             &ts,
             &format!("p{} g{}", P::KIND.name(), G::KIND.name()),
         )
@@ -208,14 +220,14 @@ fn f32_params_16bit_grads(h: &Handle) -> Result<(), String> {
         let mut ts = cpu_tensors::<f32, G>(seed, &[65_536, 7, 0, 130_001]);
         let mut set = build(h, &ts)?;
         let cfg = AdamWConfig::default();
-        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
         for s in 0..3 {
             new_grads(&mut ts, seed * 10 + s);
             write_grads(h, &mut set, &ts)?;
             opt.step(&mut set, None).map_err(e)?;
             cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
         }
-        compare(h, &set, &ts, &format!("pf32 g{}", G::KIND.name()))
+        compare(h, &set, &opt, &ts, &format!("pf32 g{}", G::KIND.name()))
     }
     one::<bf16>(h, 8)?;
     one::<f16>(h, 9)
@@ -229,14 +241,20 @@ fn stochastic_rounding(h: &Handle) -> Result<(), String> {
             rounding: Rounding::Stochastic { seed },
             ..Default::default()
         };
-        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
         for s in 0..4 {
             new_grads(&mut ts, 200 + s);
             write_grads(h, &mut set, &ts)?;
             opt.step(&mut set, None).map_err(e)?;
             cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
         }
-        compare(h, &set, &ts, &format!("stochastic p{}", P::KIND.name()))?;
+        compare(
+            h,
+            &set,
+            &opt,
+            &ts,
+            &format!("stochastic p{}", P::KIND.name()),
+        )?;
         (0..ts.len())
             .filter(|&i| !ts[i].is_empty())
             .map(|i| download(h, &set.param::<P>(i).map_err(e)?))
@@ -259,7 +277,7 @@ fn clip_and_step(h: &Handle) -> Result<(), String> {
     let mut ts = cpu_tensors::<bf16, bf16>(30, &[0, 278_011, 65_536, 17, 0]);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     let grads: Vec<&[bf16]> = ts.iter().map(|t| &t.grad[..]).collect();
     let n = ncpu::norm_f64(&grads) as f32;
     // First steps clipped (max_norm below the norm), then unclipped.
@@ -290,7 +308,7 @@ fn clip_and_step(h: &Handle) -> Result<(), String> {
             &[],
         )
         .map_err(e)?;
-        compare(h, &set, &ts, &format!("clip step {s}"))?;
+        compare(h, &set, &opt, &ts, &format!("clip step {s}"))?;
     }
     Ok(())
 }
@@ -302,7 +320,7 @@ fn clip_and_step_in_a_graph(h: &Handle) -> Result<(), String> {
     let mut ts = cpu_tensors::<f32, f32>(40, &[0, 278_011, 65_537, 0, 33]);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
     let max_norm = ncpu::norm_f64(&grads) as f32 * 0.5;
     let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
@@ -331,7 +349,7 @@ fn clip_and_step_in_a_graph(h: &Handle) -> Result<(), String> {
             &[],
         )
         .map_err(e)?;
-        compare(h, &set, &ts, &format!("graph replay {step}"))?;
+        compare(h, &set, &opt, &ts, &format!("graph replay {step}"))?;
     }
     Ok(())
 }
@@ -344,7 +362,7 @@ fn nonfinite_changes_nothing(h: &Handle) -> Result<(), String> {
             rounding: Rounding::Stochastic { seed: 5 },
             ..Default::default()
         };
-        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
         let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
         // Two good steps, so the state is non-trivial.
         for s in 0..2 {
@@ -355,7 +373,7 @@ fn nonfinite_changes_nothing(h: &Handle) -> Result<(), String> {
             let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
             cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
         }
-        let saved = set.save_state().map_err(e)?;
+        let saved = opt.save_state().map_err(e)?;
         ts[1].grad[66_000] = bad;
         write_grads(h, &mut set, &ts)?;
         opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
@@ -363,8 +381,8 @@ fn nonfinite_changes_nothing(h: &Handle) -> Result<(), String> {
             return Err(format!("gradient {bad}: flag not set"));
         }
         // Bit-identical parameters, moments, master weights and step counts.
-        compare(h, &set, &ts, &format!("after a {bad} gradient"))?;
-        if set.save_state().map_err(e)? != saved {
+        compare(h, &set, &opt, &ts, &format!("after a {bad} gradient"))?;
+        if opt.save_state().map_err(e)? != saved {
             return Err("the state bytes changed".into());
         }
     }
@@ -380,7 +398,7 @@ fn loss_scale(h: &Handle) -> Result<(), String> {
     }
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     let mut norm = GlobalNorm::new(&set, Some(0.5)).map_err(e)?;
     norm.set_loss_scale(1024.0).map_err(e)?;
     opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
@@ -395,7 +413,7 @@ fn loss_scale(h: &Handle) -> Result<(), String> {
         &[],
     )
     .map_err(e)?;
-    compare(h, &set, &ts, "loss-scaled step")?;
+    compare(h, &set, &opt, &ts, "loss-scaled step")?;
     // (g * 2^10) * (coef * 2^-10) == g * coef: the same update as unscaled gradients.
     for t in &mut unscaled {
         for g in &mut t.grad {
@@ -426,14 +444,14 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
         };
         // Seven steps straight.
         let mut straight = build(h, &init)?;
-        let opt = AdamW::new(&straight, cfg).map_err(e)?;
+        let opt = AdamW::new(&straight, cfg, &wds(&init)).map_err(e)?;
         for s in 0..7 {
             write_grads(h, &mut straight, &grads_of(s))?;
             opt.step(&mut straight, None).map_err(e)?;
         }
         // Three steps, save, and a fresh set with the parameters at that point.
         let mut first = build(h, &init)?;
-        let opt1 = AdamW::new(&first, cfg).map_err(e)?;
+        let opt1 = AdamW::new(&first, cfg, &wds(&init)).map_err(e)?;
         let mut ts = init.clone();
         for s in 0..3 {
             let grads = grads_of(s);
@@ -444,7 +462,7 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
             }
             cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
         }
-        let bytes = first.save_state().map_err(e)?;
+        let bytes = opt1.save_state().map_err(e)?;
         // The GPU's bytes are the CPU reference's bytes.
         bits_eq(
             "saved state vs cpu::save_state",
@@ -460,16 +478,16 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
             t.param = download(h, &first.param::<P>(i).map_err(e)?)?;
         }
         let mut fresh = build(h, &fresh_init)?;
-        fresh.restore_state(&bytes).map_err(e)?;
-        let opt2 = AdamW::new(&fresh, cfg).map_err(e)?;
+        let mut opt2 = AdamW::new(&fresh, cfg, &wds(&init)).map_err(e)?;
+        opt2.restore_state(&bytes).map_err(e)?;
         for s in 3..7 {
             write_grads(h, &mut fresh, &grads_of(s))?;
             opt2.step(&mut fresh, None).map_err(e)?;
         }
         bits_eq(
             "resumed vs straight state",
-            &fresh.save_state().map_err(e)?,
-            &straight.save_state().map_err(e)?,
+            &opt2.save_state().map_err(e)?,
+            &opt.save_state().map_err(e)?,
         )?;
         for i in (0..sizes.len()).filter(|&i| sizes[i] > 0) {
             bits_eq(
@@ -486,10 +504,18 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
 }
 
 fn restore_mismatch(h: &Handle) -> Result<(), String> {
-    let ts = cpu_tensors::<f32, f32>(70, &[10, 20]);
-    let set = build(h, &ts)?;
-    let bytes = set.save_state().map_err(e)?;
-    let mut other = build(h, &cpu_tensors::<f32, f32>(70, &[10, 21]))?;
+    // An optimizer over CPU tensors `ts` of a new set.
+    fn opt_for<P: Dtype, G: Dtype>(
+        h: &Handle,
+        ts: &[cpu::CpuTensor<P, G>],
+    ) -> Result<(TensorSet, AdamW), String> {
+        let set = build(h, ts)?;
+        let opt = AdamW::new(&set, AdamWConfig::default(), &wds(ts)).map_err(e)?;
+        Ok((set, opt))
+    }
+    let (_set, opt) = opt_for(h, &cpu_tensors::<f32, f32>(70, &[10, 20]))?;
+    let bytes = opt.save_state().map_err(e)?;
+    let (_o, mut other) = opt_for(h, &cpu_tensors::<f32, f32>(70, &[10, 21]))?;
     let before = other.save_state().map_err(e)?;
     match other.restore_state(&bytes) {
         Err(err) if err.to_string().contains("tensor 1") => {}
@@ -500,11 +526,11 @@ fn restore_mismatch(h: &Handle) -> Result<(), String> {
         &other.save_state().map_err(e)?,
         &before,
     )?;
-    let mut bf = build(h, &cpu_tensors::<bf16, f32>(70, &[10, 20]))?;
+    let (_b, mut bf) = opt_for(h, &cpu_tensors::<bf16, f32>(70, &[10, 20]))?;
     if bf.restore_state(&bytes).is_ok() {
         return Err("restored an f32 state into bf16 params".into());
     }
-    let mut fewer = build(h, &cpu_tensors::<f32, f32>(70, &[10]))?;
+    let (_f, mut fewer) = opt_for(h, &cpu_tensors::<f32, f32>(70, &[10]))?;
     if fewer.restore_state(&bytes).is_ok() {
         return Err("restored 2 tensors into 1".into());
     }
@@ -515,7 +541,7 @@ fn skip_flags(h: &Handle) -> Result<(), String> {
     let mut ts = cpu_tensors::<bf16, bf16>(80, &[65_537, 0, 1000, 7, 300_000]);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     let plan = [
         [false, false, false, false, false],
         [true, false, false, true, false],
@@ -525,18 +551,18 @@ fn skip_flags(h: &Handle) -> Result<(), String> {
     for (s, skip) in plan.iter().enumerate() {
         new_grads(&mut ts, 800 + s as u64);
         write_grads(h, &mut set, &ts)?;
-        set.set_skip(skip).map_err(e)?;
+        opt.set_skip(skip).map_err(e)?;
         let before = h.launch_count();
         opt.step(&mut set, None).map_err(e)?;
         launches(h, before, 1, "a step with skip flags")?;
         cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), skip).map_err(e)?;
-        compare(h, &set, &ts, &format!("skip plan {s}"))?;
+        compare(h, &set, &opt, &ts, &format!("skip plan {s}"))?;
     }
-    let steps = set.step_counts().map_err(e)?;
+    let steps = opt.step_counts().map_err(e)?;
     if steps != vec![2, 0, 3, 1, 2] {
         return Err(format!("step counts {steps:?}"));
     }
-    if set.set_skip(&[true]).is_ok() {
+    if opt.set_skip(&[true]).is_ok() {
         return Err("a skip list of the wrong length was accepted".into());
     }
     Ok(())
@@ -550,7 +576,7 @@ fn skipped_tensors_out_of_norm(h: &Handle) -> Result<(), String> {
     let mut ts = cpu_tensors::<f32, f32>(81, &sizes);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
     for (s, skip) in [
         [false, false, true, false, true],
@@ -561,7 +587,7 @@ fn skipped_tensors_out_of_norm(h: &Handle) -> Result<(), String> {
     {
         new_grads(&mut ts, 820 + s as u64);
         write_grads(h, &mut set, &ts)?;
-        set.set_skip(skip).map_err(e)?;
+        opt.set_skip(skip).map_err(e)?;
         opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
         let zeroed: Vec<Vec<f32>> = ts
             .iter()
@@ -582,7 +608,13 @@ fn skipped_tensors_out_of_norm(h: &Handle) -> Result<(), String> {
             &v,
         )?;
         cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), skip).map_err(e)?;
-        compare(h, &set, &ts, &format!("clipped step with skip plan {s}"))?;
+        compare(
+            h,
+            &set,
+            &opt,
+            &ts,
+            &format!("clipped step with skip plan {s}"),
+        )?;
     }
     Ok(())
 }
@@ -614,7 +646,6 @@ fn raw_set<P: Dtype, G: Dtype>(
             len: t.len() as u64,
             param_dtype: P::KIND,
             grad_dtype: G::KIND,
-            weight_decay: t.weight_decay,
         };
         // SAFETY: both views lie inside buffers kept alive in `backing` as long as the set.
         unsafe { b.push_raw(raw) }.map_err(e)?;
@@ -633,7 +664,7 @@ fn misaligned_views(h: &Handle) -> Result<(), String> {
             return Err(format!("offsets {po}/{go} reported vector alignment"));
         }
         let cfg = AdamWConfig::default();
-        let opt = AdamW::new(&set, cfg).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
         let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
         for _ in 0..2 {
             opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
@@ -641,7 +672,7 @@ fn misaligned_views(h: &Handle) -> Result<(), String> {
             let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
             cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
         }
-        compare_state(h, &set, &ts, "misaligned")?;
+        compare_state(h, &opt, &ts, "misaligned")?;
         for (i, (bp, _)) in backing.iter().enumerate() {
             let all = download(h, bp)?;
             bits_eq(
@@ -689,7 +720,6 @@ fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
             len: t.len() as u64,
             param_dtype: DtypeKind::F32,
             grad_dtype: DtypeKind::F32,
-            weight_decay: t.weight_decay,
         };
         // SAFETY: each view lies inside `bp` / `bg`, which outlive the set.
         unsafe { b.push_raw(raw) }.map_err(e)?;
@@ -697,7 +727,7 @@ fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
     }
     let mut set = b.build().map_err(e)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     let mut norm = GlobalNorm::new(&set, Some(0.1)).map_err(e)?;
     let before = h.launch_count();
     opt.step(&mut set, None).map_err(e)?;
@@ -713,22 +743,22 @@ fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
     let got = download(h, &bp)?;
     let want: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
     bits_eq("10k params", &got, &want)?;
-    compare_state(h, &set, &ts, "10k tensors")
+    compare_state(h, &opt, &ts, "10k tensors")
 }
 
 fn validation_errors(h: &Handle) -> Result<(), String> {
     let ts = cpu_tensors::<f32, f32>(97, &[10]);
     // Mismatched lengths within a tensor.
     let mut b = TensorSet::builder(h);
-    let r = b.push(upload(h, &[1.0f32; 4])?, upload(h, &[1.0f32; 5])?, 0.0);
+    let r = b.push(upload(h, &[1.0f32; 4])?, upload(h, &[1.0f32; 5])?);
     if r.is_ok() {
         return Err("param 4 / grad 5 elements accepted".into());
     }
     // Mixed parameter dtypes in one set.
     let mut b = TensorSet::builder(h);
-    b.push(upload(h, &[1.0f32; 4])?, upload(h, &[1.0f32; 4])?, 0.0)
+    b.push(upload(h, &[1.0f32; 4])?, upload(h, &[1.0f32; 4])?)
         .map_err(e)?;
-    match b.push(upload(h, &[bf16::ONE; 4])?, upload(h, &[1.0f32; 4])?, 0.0) {
+    match b.push(upload(h, &[bf16::ONE; 4])?, upload(h, &[1.0f32; 4])?) {
         Err(err) if err.to_string().contains("dtype") => {}
         r => return Err(format!("mixed dtypes: {r:?}")),
     }
@@ -736,13 +766,17 @@ fn validation_errors(h: &Handle) -> Result<(), String> {
     if b.push_grad(upload(h, &[1.0f32; 4])?).is_ok() {
         return Err("a gradients-only tensor joined a parameter set".into());
     }
-    // Negative / NaN weight decay.
+    // Negative / NaN weight decay (the optimizer's, per tensor), and a list of the wrong length.
     for wd in [-1.0, f32::NAN] {
         let mut b = TensorSet::builder(h);
-        if b.push(upload(h, &[1.0f32])?, upload(h, &[1.0f32])?, wd)
-            .is_ok()
-        {
+        b.push(upload(h, &[1.0f32])?, upload(h, &[1.0f32])?)
+            .map_err(e)?;
+        let set = b.build().map_err(e)?;
+        if AdamW::new(&set, AdamWConfig::default(), &[wd]).is_ok() {
             return Err(format!("weight decay {wd} accepted"));
+        }
+        if AdamW::new(&set, AdamWConfig::default(), &[0.0, 0.0]).is_ok() {
+            return Err("two weight decays for one tensor accepted".into());
         }
     }
     // Empty list.
@@ -758,7 +792,6 @@ fn validation_errors(h: &Handle) -> Result<(), String> {
         len: 3,
         param_dtype: DtypeKind::F32,
         grad_dtype: DtypeKind::F32,
-        weight_decay: 0.0,
     };
     // SAFETY: rejected before anything is recorded.
     if unsafe { b.push_raw(raw) }.is_ok() {
@@ -796,11 +829,11 @@ fn validation_errors(h: &Handle) -> Result<(), String> {
             ..Default::default()
         },
     ] {
-        if AdamW::new(&set, cfg).is_ok() {
+        if AdamW::new(&set, cfg, &wds(&ts)).is_ok() {
             return Err(format!("{cfg:?} accepted"));
         }
     }
-    let mut opt = AdamW::new(&set, AdamWConfig::default()).map_err(e)?;
+    let mut opt = AdamW::new(&set, AdamWConfig::default(), &wds(&ts)).map_err(e)?;
     if opt.set_lr(f32::INFINITY).is_ok() {
         return Err("lr inf accepted".into());
     }
@@ -813,7 +846,7 @@ fn validation_errors(h: &Handle) -> Result<(), String> {
     let mut gb = TensorSet::builder(h);
     gb.push_grad(upload(h, &[1.0f32; 3])?).map_err(e)?;
     let gset = gb.build().map_err(e)?;
-    if AdamW::new(&gset, AdamWConfig::default()).is_ok() {
+    if AdamW::new(&gset, AdamWConfig::default(), &[0.0]).is_ok() {
         return Err("AdamW on a gradients-only set".into());
     }
     let mut other = build(h, &ts)?;
@@ -834,7 +867,7 @@ fn unfused_baseline(h: &Handle) -> Result<(), String> {
     let mut ts = cpu_tensors::<f32, f32>(98, &sizes);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
     let max_norm = (ncpu::norm_f64(&grads) * 0.3) as f32;
     let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
@@ -852,12 +885,12 @@ fn unfused_baseline(h: &Handle) -> Result<(), String> {
         let v = ncpu::global_norm(&grads, Some(max_norm), 1.0).map_err(e)?;
         values_eq("unfused norm", &out.norm, &v)?;
         cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
-        compare(h, &set, &ts, &format!("unfused f32 step {s}"))?;
+        compare(h, &set, &opt, &ts, &format!("unfused f32 step {s}"))?;
     }
     // bf16 gradients: the scaled gradients are rounded to bf16 before AdamW reads them.
     let mut ts = cpu_tensors::<bf16, bf16>(99, &sizes);
     let mut set = build(h, &ts)?;
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     let grads: Vec<&[bf16]> = ts.iter().map(|t| &t.grad[..]).collect();
     let max_norm = (ncpu::norm_f64(&grads) * 0.3) as f32;
     let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
@@ -867,7 +900,7 @@ fn unfused_baseline(h: &Handle) -> Result<(), String> {
     values_eq("unfused bf16 norm", &out.norm, &v)?;
     cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
     for (i, t) in ts.iter().enumerate() {
-        let got: Vec<f64> = download(h, &set.master(i).map_err(e)?)?
+        let got: Vec<f64> = download(h, &opt.master(i).map_err(e)?)?
             .iter()
             .map(|&x| f64::from(x))
             .collect();
@@ -886,13 +919,13 @@ fn unfused_baseline(h: &Handle) -> Result<(), String> {
     let mut ts = cpu_tensors::<f32, f32>(100, &[10, 70_000]);
     ts[1].grad[3] = f32::NAN;
     let mut set = build(h, &ts)?;
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
     let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
     let out = unfused::clip_and_step(&opt, &mut set, &mut norm).map_err(e)?;
     if !out.skipped || out.launches != 2 {
         return Err(format!("unfused with NaN: {out:?}"));
     }
-    compare(h, &set, &ts, "unfused skipped step")
+    compare(h, &set, &opt, &ts, "unfused skipped step")
 }
 
 /// One tensor of 2^31 + 65,537 bf16 elements (about 34 GiB of device memory with its f32
@@ -908,13 +941,12 @@ fn big_tensor(h: &Handle) -> Result<(), String> {
     b.push(
         h.stream().clone_htod(&hp).map_err(e)?,
         h.stream().clone_htod(&hg).map_err(e)?,
-        0.01,
     )
     .map_err(e)?;
     drop((hp, hg));
     let mut set = b.build().map_err(e)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &[0.01]).map_err(e)?;
     let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
     opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
     // The norm: every chunk's partial from the element function, then the CPU reductions.
@@ -946,12 +978,12 @@ fn big_tensor(h: &Handle) -> Result<(), String> {
         let r = start as usize..start as usize + len;
         bits_eq(
             &format!("2^31 master at {start}"),
-            &download(h, &set.master(0).map_err(e)?.slice(r.clone()))?,
+            &download(h, &opt.master(0).map_err(e)?.slice(r.clone()))?,
             t[0].master.as_ref().unwrap(),
         )?;
         bits_eq(
             &format!("2^31 m at {start}"),
-            &download(h, &set.exp_avg(0).map_err(e)?.slice(r.clone()))?,
+            &download(h, &opt.exp_avg(0).map_err(e)?.slice(r.clone()))?,
             &t[0].m,
         )?;
         bits_eq(
@@ -960,8 +992,212 @@ fn big_tensor(h: &Handle) -> Result<(), String> {
             &t[0].param,
         )?;
     }
-    if set.step_counts().map_err(e)? != vec![1] {
+    if opt.step_counts().map_err(e)? != vec![1] {
         return Err("step count".into());
+    }
+    Ok(())
+}
+
+/// Issue 17, item 1 on the device: a step count of u32::MAX (restored from a saved state)
+/// saturates as on the CPU instead of wrapping to t = 0 (NaN parameters); every bit matches the
+/// CPU reference over several steps, stochastic rounding included.
+fn step_count_saturates(h: &Handle) -> Result<(), String> {
+    let cfg = AdamWConfig {
+        rounding: Rounding::Stochastic { seed: 17 },
+        ..Default::default()
+    };
+    let mut ts = cpu_tensors::<bf16, bf16>(170, &[65_537, 0, 9]);
+    ts[0].step = u32::MAX - 1;
+    ts[2].step = u32::MAX;
+    let mut set = build(h, &ts)?;
+    let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+    opt.restore_state(&cpu::save_state(&ts).map_err(e)?)
+        .map_err(e)?;
+    for s in 0..3 {
+        new_grads(&mut ts, 1700 + s);
+        write_grads(h, &mut set, &ts)?;
+        opt.step(&mut set, None).map_err(e)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+        compare(h, &set, &opt, &ts, &format!("saturated step {s}"))?;
+    }
+    let steps = opt.step_counts().map_err(e)?;
+    if steps != vec![u32::MAX, 0, u32::MAX] {
+        return Err(format!(
+            "step counts {steps:?}, expected saturation at u32::MAX"
+        ));
+    }
+    if ts[0].param.iter().any(|p| !p.to_f32().is_finite()) {
+        return Err("NaN parameters after saturation".into());
+    }
+    Ok(())
+}
+
+/// Parameters, moments (in the layout's dtype), master weights and step counts against the CPU
+/// tensors of the same layout, bit for bit.
+fn compare_lean<P: Dtype, G: Dtype>(
+    h: &Handle,
+    params: &[Vec<P>],
+    opt: &AdamW,
+    ts: &[cpu::CpuTensor<P, G>],
+    what: &str,
+) -> Result<(), String> {
+    let steps = opt.step_counts().map_err(e)?;
+    let want_steps: Vec<u32> = ts.iter().map(|t| t.step).collect();
+    bits_eq(&format!("{what}: step counts"), &steps, &want_steps)?;
+    for (i, t) in ts.iter().enumerate() {
+        bits_eq(&format!("{what}: tensor {i} param"), &params[i], &t.param)?;
+        let (m, v): (Vec<f32>, Vec<f32>) = match opt.config().state.moments {
+            MomentDtype::F32 => (
+                download(h, &opt.exp_avg::<f32>(i).map_err(e)?)?,
+                download(h, &opt.exp_avg_sq::<f32>(i).map_err(e)?)?,
+            ),
+            MomentDtype::Bf16 => {
+                let m: Vec<bf16> = download(h, &opt.exp_avg::<bf16>(i).map_err(e)?)?;
+                let v: Vec<bf16> = download(h, &opt.exp_avg_sq::<bf16>(i).map_err(e)?)?;
+                (
+                    m.iter().map(|x| x.to_f32()).collect(),
+                    v.iter().map(|x| x.to_f32()).collect(),
+                )
+            }
+        };
+        bits_eq(&format!("{what}: tensor {i} m"), &m, &t.m)?;
+        bits_eq(&format!("{what}: tensor {i} v"), &v, &t.v)?;
+        match &t.master {
+            Some(want) => bits_eq(
+                &format!("{what}: tensor {i} master"),
+                &download(h, &opt.master(i).map_err(e)?)?,
+                want,
+            )?,
+            None => {
+                if opt.master(i).is_ok() {
+                    return Err(format!(
+                        "{what}: tensor {i} has master weights on the GPU only"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn params_of<P: Dtype>(
+    h: &Handle,
+    set: &TensorSet,
+    sizes: &[usize],
+) -> Result<Vec<Vec<P>>, String> {
+    (0..sizes.len())
+        .map(|i| {
+            if sizes[i] == 0 {
+                Ok(Vec::new())
+            } else {
+                download(h, &set.param::<P>(i).map_err(e)?)
+            }
+        })
+        .collect()
+}
+
+/// Every state layout (moments f32 / bf16, master f32 / none) with several dtype pairs and both
+/// roundings, against the CPU reference bit for bit over several steps (plain and clipped),
+/// then the saved state against cpu::save_state's bytes and a restore round trip.
+fn lean_state_layouts(h: &Handle) -> Result<(), String> {
+    fn one<P: Dtype, G: Dtype>(
+        h: &Handle,
+        seed: u64,
+        options: StateOptions,
+        rounding: Rounding,
+    ) -> Result<(), String> {
+        let sizes = [65_537, 0, 1001, 3, 131_072];
+        let mut ts = adamw_tensors_with::<P, G>(seed, &sizes, options);
+        let mut set = build(h, &ts)?;
+        let cfg = AdamWConfig {
+            lr: 2e-3,
+            state: options,
+            rounding,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+        let what = format!(
+            "p{} g{} {options:?} {rounding:?}",
+            P::KIND.name(),
+            G::KIND.name()
+        );
+        compare_lean(
+            h,
+            &params_of(h, &set, &sizes)?,
+            &opt,
+            &ts,
+            &format!("{what} new"),
+        )?;
+        for s in 0..4 {
+            new_grads(&mut ts, seed * 10 + s);
+            write_grads(h, &mut set, &ts)?;
+            if s % 2 == 0 {
+                opt.step(&mut set, None).map_err(e)?;
+                cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+            } else {
+                opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+                let grads: Vec<&[G]> = ts.iter().map(|t| &t.grad[..]).collect();
+                let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
+                cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])
+                    .map_err(e)?;
+            }
+            let params = params_of(h, &set, &sizes)?;
+            compare_lean(h, &params, &opt, &ts, &format!("{what} step {s}"))?;
+        }
+        let bytes = opt.save_state().map_err(e)?;
+        bits_eq(
+            &format!("{what}: saved state vs cpu::save_state"),
+            &bytes,
+            &cpu::save_state(&ts).map_err(e)?,
+        )?;
+        opt.restore_state(&bytes).map_err(e)?;
+        bits_eq(
+            &format!("{what}: state after a restore"),
+            &opt.save_state().map_err(e)?,
+            &bytes,
+        )
+    }
+    for (k, options) in all_state_options().into_iter().enumerate() {
+        for rounding in [Rounding::NearestEven, Rounding::Stochastic { seed: 4242 }] {
+            let seed = 300 + k as u64;
+            one::<bf16, bf16>(h, seed, options, rounding)?;
+            one::<bf16, f32>(h, seed, options, rounding)?;
+            one::<f16, f16>(h, seed, options, rounding)?;
+            one::<f16, bf16>(h, seed, options, rounding)?;
+            one::<f32, f32>(h, seed, options, rounding)?;
+            one::<f32, bf16>(h, seed, options, rounding)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every state layout on views starting at element 1 (the scalar path), bf16 and f16 params.
+fn lean_misaligned(h: &Handle) -> Result<(), String> {
+    fn one<P: Dtype, G: Dtype>(h: &Handle, options: StateOptions) -> Result<(), String> {
+        let sizes = [65_537, 1003, 0, 5];
+        let mut ts = adamw_tensors_with::<P, G>(91, &sizes, options);
+        let (mut set, backing) = raw_set(h, &ts, 1, 1)?;
+        let cfg = AdamWConfig {
+            state: options,
+            rounding: Rounding::Stochastic { seed: 8 },
+            ..Default::default()
+        };
+        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+        for _ in 0..3 {
+            opt.step(&mut set, None).map_err(e)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+        }
+        let params: Vec<Vec<P>> = backing
+            .iter()
+            .zip(&ts)
+            .map(|((bp, _), t)| Ok(download(h, bp)?[1..1 + t.len()].to_vec()))
+            .collect::<Result<_, String>>()?;
+        compare_lean(h, &params, &opt, &ts, &format!("misaligned {options:?}"))
+    }
+    for options in all_state_options() {
+        one::<bf16, bf16>(h, options)?;
+        one::<f16, f32>(h, options)?;
     }
     Ok(())
 }

@@ -30,6 +30,10 @@ pub fn trials() -> Vec<Trial> {
             ("ten_thousand_tiny_tensors", ten_thousand_tiny),
             ("loss_scale_on_the_device", loss_scale),
             ("async_copy_into_pinned_memory", async_copy),
+            (
+                "async_copy_into_an_empty_pinned_buffer_is_an_error",
+                async_copy_empty,
+            ),
         ],
     )
 }
@@ -437,4 +441,26 @@ fn async_copy(h: &Handle) -> Result<(), String> {
     h.synchronize().map_err(e)?;
     let got = pinned.as_slice().map_err(e)?[0];
     values_eq("pinned copy", &got, &norm.read().map_err(e)?)
+}
+
+/// Issue 17, item 6: an empty pinned buffer is an Error (it panicked inside cudarc on a null
+/// pointer), and the result stays readable afterwards.
+fn async_copy_empty(h: &Handle) -> Result<(), String> {
+    let grads = random_grads::<f32>(21, &[5000]);
+    let set = grad_set(h, &grads)?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    norm.compute(&set).map_err(e)?;
+    // SAFETY: nothing is ever read from the (empty) buffer.
+    match unsafe { h.context().alloc_pinned::<NormValues>(0) } {
+        Ok(mut empty) => {
+            if norm.copy_to_host_async(&mut empty).is_ok() {
+                return Err("a copy into an empty pinned buffer was accepted".into());
+            }
+        }
+        // The driver refusing a zero-byte pinned allocation leaves no empty buffer to pass.
+        Err(err) => eprintln!("alloc_pinned(0) refused by the driver ({err}): nothing to check"),
+    }
+    let grads: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
+    let want = cpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
+    values_eq("after the refused copy", &norm.read().map_err(e)?, &want)
 }

@@ -5,14 +5,18 @@
 //! which is how the GPU machines run this suite.
 
 mod adamw;
+mod bad_input;
 #[cfg(feature = "candle-cuda")]
 mod candle;
 #[path = "../common/mod.rs"]
 mod common;
+mod cross_entropy;
+mod dropout;
+mod dropout_add_norm;
 mod dropout_residual;
+mod fmath;
 mod global_norm;
 mod harness;
-mod mlp;
 mod philox;
 
 use libtest_mimic::Arguments;
@@ -22,10 +26,14 @@ fn main() {
     let mut trials = Vec::new();
     trials.extend(harness::trials());
     trials.extend(philox::trials());
-    trials.extend(mlp::trials());
     trials.extend(global_norm::trials());
     trials.extend(adamw::trials());
     trials.extend(dropout_residual::trials());
+    trials.extend(bad_input::trials());
+    trials.extend(cross_entropy::trials());
+    trials.extend(fmath::trials());
+    trials.extend(dropout::trials());
+    trials.extend(dropout_add_norm::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
     libtest_mimic::run(&args, trials).exit();

@@ -1,0 +1,429 @@
+// Fused dropout + residual add + LayerNorm / RMSNorm (with LayerNorm Scaling), forward and
+// backward: the entry of a pre-norm transformer sub-block.
+//
+//   s   = residual + m(row, i) * (x + bias)       m = keep(seed, call, i) ? scale * rowscale[row] : 0
+//   out = norm(s) * layer_scale                   norm = LayerNorm(gamma, beta) or RMSNorm(gamma)
+//
+// The arithmetic is pinned so that src/dropout_add_norm/cpu.rs reproduces it bit for bit (the
+// module docs of src/dropout_add_norm/mod.rs spell it out). The parts that decide the bits:
+//  * Dropout is keyed by the shared contract (common/dropout_keying.cuh): the keep bit of flat
+//    element i = row * cols + col is philox word i of (seed, call) >= threshold (integer compare;
+//    threshold 0 and 2^32 do no generator work). The backward regenerates it; nothing is stored.
+//  * Row reductions (mean, variance, the backward's two row sums) have an order that depends on
+//    cols only, never on the launch: element j is in group j / 8, group g in partial g % P with
+//    P = row_partials(cols) = blockDim.x (the host launches exactly P threads per row); thread q
+//    sums partial q sequentially, then block_sum combines the P partials by a fixed tree.
+//  * The normaliser is 1 / sqrt(var + eps) with a correctly rounded sqrt and division
+//    (__fsqrt_rn, __fdiv_rn), never rsqrtf, so the CPU gets the same bits.
+//  * Column reductions (dgamma, dbeta, dbias) are per slab of rows (slab_rows(rows), a function
+//    of rows only): one backward block owns a slab and its threads own columns, so each
+//    (slab, column) partial is a sequential sum over the slab's rows with no atomics; the colsum
+//    kernel adds the slabs in order.
+//
+// Layout: one block per row (forward) or per slab (backward), looping over the row's groups of 8
+// elements, so any hidden size works (1, odd, 16384 and beyond) with a fixed number of registers:
+// nothing is held per row except the running sums. The passes that need the row again (variance,
+// normalise; the backward's second pass) re-read it from global memory, where the row this block
+// just touched is still in L1/L2. Groups are loaded as 16-byte vectors when every pointer is
+// 16-byte aligned and cols % 8 == 0 (FLAG_VEC, decided on the host), element by element otherwise;
+// the results are the same bits either way.
+//
+// Every index and size is 64-bit. Every thread of a block runs the same row loop, so the
+// __syncthreads in block_sums is reached by all of them.
+#include "common/dropout_keying.cuh"
+#include "common/dtype.cuh"
+#include "common/philox.cuh"
+
+using namespace fusedreg;
+
+namespace dropout_add_norm {
+
+constexpr int GROUP = 8;          // elements per group: one 16-byte vector of 16-bit values
+constexpr int MAX_THREADS = 256;  // row_partials(cols) <= 256 (src/dropout_add_norm/mod.rs)
+using drop::THRESHOLD_ALL;        // p = 1: every element is dropped
+
+constexpr uint32_t FLAG_DROP_PATH = drop::FLAG_DROP_PATH;  // row scale drawn under path_call
+constexpr uint32_t FLAG_VEC = 2u;        // 16-byte vector loads and stores
+constexpr uint32_t FLAG_RMS = 4u;        // RMSNorm (else LayerNorm)
+constexpr uint32_t FLAG_BETA = 8u;       // forward: beta is given
+
+// Eight elements of T starting at p (cnt <= 8 of them valid; the rest read as 0).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, int cnt, bool vec, T (&out)[GROUP]) {
+    if (vec && cnt == GROUP) {
+        // One 16-byte access for 16-bit types, two for f32.
+#pragma unroll
+        for (int k = 0; k < (int)(GROUP * sizeof(T) / 16); ++k) {
+            const uint4 raw = reinterpret_cast<const uint4*>(p)[k];
+            memcpy(&out[k * (16 / sizeof(T))], &raw, 16);
+        }
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < GROUP; ++k) out[k] = k < cnt ? p[k] : from_f32<T>(0.f);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const T (&v)[GROUP], int cnt, bool vec) {
+    if (vec && cnt == GROUP) {
+#pragma unroll
+        for (int k = 0; k < (int)(GROUP * sizeof(T) / 16); ++k) {
+            uint4 raw;
+            memcpy(&raw, &v[k * (16 / sizeof(T))], 16);
+            reinterpret_cast<uint4*>(p)[k] = raw;
+        }
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < GROUP; ++k)
+        if (k < cnt) p[k] = v[k];
+}
+
+// Keep bits of elements i .. i+cnt-1 (bit k = element i+k kept), cnt <= 8, with the shared
+// keying (common/dropout_keying.cuh). A whole group at a multiple of 8 (always so when
+// cols % 8 == 0) is drop::keep_bits<8>: two Philox blocks. Otherwise (odd row lengths: the group
+// straddles blocks at any offset) the words come from blocks i/4 .. (i+cnt-1)/4, at most three,
+// each word compared with the threshold exactly as there.
+__device__ __forceinline__ uint32_t keep_bits8(uint64_t seed, uint64_t call, uint64_t threshold,
+                                               uint64_t i, int cnt) {
+    if (cnt == GROUP && (i & 7) == 0) return drop::keep_bits<GROUP>(seed, call, threshold, i);
+    if (threshold == 0) return (1u << cnt) - 1u;
+    if (threshold >= THRESHOLD_ALL) return 0u;
+    const uint32_t t = (uint32_t)threshold;  // 0 < threshold < 2^32 here
+    const uint64_t end = i + (uint64_t)cnt;
+    uint32_t bits = 0;
+    for (uint64_t b = i >> 2; b <= (end - 1) >> 2; ++b) {
+        const uint4 w = philox_block(seed, call, b);
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const uint64_t e = 4 * b + (uint64_t)l;
+            if (e >= i && e < end && words[l] >= t) bits |= 1u << (uint32_t)(e - i);
+        }
+    }
+    return bits;
+}
+
+// rowm = scale * rowscale[row], or scale without a row scale (one f32 multiply, as the CPU).
+template <typename P>
+__device__ __forceinline__ float row_multiplier(const P& p, uint64_t row) {
+    if (p.rowscale == nullptr && !(p.flags & FLAG_DROP_PATH)) return p.scale;
+    return __fmul_rn(p.scale, drop::row_scale(p, row));
+}
+
+// K row sums at once: each thread holds partial q = threadIdx.x of each. Within a warp the tree
+// a[l] += a[l + o], o = 16 .. 1 (lane 0 ends with the warp's sum), then the warp sums left to
+// right. Every thread returns the totals. Called by every thread of the block.
+template <int K>
+__device__ __forceinline__ void block_sums(float (&v)[K], float (*s_warp)[MAX_THREADS / 32]) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+            v[k] = __fadd_rn(v[k], __uint_as_float(__shfl_down_sync(0xffffffffu, __float_as_uint(v[k]), o)));
+    }
+    const uint32_t lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) s_warp[k][warp] = v[k];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        float t = s_warp[k][0];
+        for (uint32_t w = 1; w < blockDim.x / 32; ++w) t = __fadd_rn(t, s_warp[k][w]);
+        v[k] = t;
+    }
+    __syncthreads();  // s_warp is written again by the next call
+}
+
+// xhat = (v - mean) * rstd (LayerNorm) or v * rstd (RMSNorm).
+__device__ __forceinline__ float normalise(float v, float mean, float rstd, bool rms) {
+    return rms ? __fmul_rn(v, rstd) : __fmul_rn(__fsub_rn(v, mean), rstd);
+}
+
+template <typename T, typename S> struct FwdParams {
+    const T* x;
+    const S* residual;      // null: no residual (s = dropout(x + bias)); may equal s (in place)
+    const T* bias;          // [cols]; null when absent
+    const T* gamma;         // [cols]
+    const T* beta;          // [cols]; null when absent
+    const float* rowscale;  // [rows] from the caller; null when absent or generated
+    T* out;
+    S* s;
+    float* mean;            // [rows]; 0 for RMSNorm
+    float* rstd;            // [rows]
+    uint64_t rows, cols;
+    uint64_t seed, call, threshold;
+    uint64_t path_call, path_threshold;
+    float scale, path_scale;  // DropRate::scale() of p and of p_path
+    float eps, layer_scale;
+    uint32_t flags;
+    uint32_t rows_per_sample;  // drop path: rows sharing one draw (>= 1)
+};
+
+template <typename T, typename S> struct BwdParams {
+    const T* d_out;
+    const S* d_s;           // null: no gradient along the stream
+    const S* s;
+    const T* gamma;
+    const float* mean;
+    const float* rstd;
+    const float* rowscale;  // as in the forward
+    T* dx;
+    S* d_residual;          // null: not wanted
+    float* partials;        // [3][slabs][cols]: dgamma, dbeta, dbias partials
+    uint64_t rows, cols, slab_rows, slabs;
+    uint64_t seed, call, threshold;
+    uint64_t path_call, path_threshold;
+    float scale, path_scale, layer_scale;
+    uint32_t flags;
+    uint32_t rows_per_sample;
+    uint32_t pad;
+};
+
+template <typename T> struct ColsumParams {
+    const float* partials;  // [3][slabs][cols]
+    T* dgamma;              // each output null when not wanted
+    T* dbeta;
+    T* dbias;
+    uint64_t cols, slabs;
+};
+
+// One row per block (grid-stride over rows), blockDim.x = row_partials(cols) threads.
+template <typename T, typename S>
+__device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
+    __shared__ float s_warp[2][MAX_THREADS / 32];
+    const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS, has_beta = p.flags & FLAG_BETA;
+    const uint64_t groups = (p.cols + GROUP - 1) / GROUP;
+    const float n = (float)p.cols;
+    for (uint64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+        const float rowm = row_multiplier(p, row);
+        const uint64_t base = row * p.cols;
+
+        // Pass 1: s = residual + m * (x + bias), stored; the first row sum (of s, or of s^2 for
+        // RMSNorm) over the stored, rounded s, which is what the backward will read.
+        float acc[1] = {0.f};
+        for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+            const uint64_t c0 = g * GROUP, i = base + c0;
+            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+            S sv[GROUP];
+            if (p.residual != nullptr) load8(p.residual + i, cnt, vec, sv);
+            else {
+#pragma unroll
+                for (int k = 0; k < GROUP; ++k) sv[k] = from_f32<S>(0.f);
+            }
+            // A dropped element keeps the residual's bits and reads no x; rowm == 0 (dropped
+            // row, p = 1) drops all.
+            const uint32_t keep = rowm != 0.f ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
+            if (keep != 0u) {
+                T xv[GROUP], bv[GROUP];
+                load8(p.x + i, cnt, vec, xv);
+                if (p.bias != nullptr) load8(p.bias + c0, cnt, vec, bv);
+#pragma unroll
+                for (int k = 0; k < GROUP; ++k) {
+                    if ((keep >> k) & 1u) {
+                        float t = to_f32(xv[k]);
+                        if (p.bias != nullptr) t = __fadd_rn(t, to_f32(bv[k]));
+                        const float r = p.residual != nullptr ? to_f32(sv[k]) : 0.f;
+                        sv[k] = from_f32<S>(__fmaf_rn(t, rowm, r));
+                    }
+                }
+            }
+            store8(p.s + i, sv, cnt, vec);
+#pragma unroll
+            for (int k = 0; k < GROUP; ++k) {
+                if (k < cnt) {
+                    const float v = to_f32(sv[k]);
+                    acc[0] = __fadd_rn(acc[0], rms ? __fmul_rn(v, v) : v);
+                }
+            }
+        }
+        block_sums<1>(acc, s_warp);
+
+        float mean = 0.f, rstd;
+        if (rms) {
+            rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc[0], n), p.eps)));
+        } else {
+            // Pass 2: the variance around the mean (two passes: no cancellation of E[s^2] -
+            // mean^2). This thread re-reads the s it wrote itself.
+            mean = __fdiv_rn(acc[0], n);
+            float acc2[1] = {0.f};
+            for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+                const uint64_t c0 = g * GROUP;
+                const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+                S sv[GROUP];
+                load8(p.s + base + c0, cnt, vec, sv);
+#pragma unroll
+                for (int k = 0; k < GROUP; ++k) {
+                    if (k < cnt) {
+                        const float d = __fsub_rn(to_f32(sv[k]), mean);
+                        acc2[0] = __fadd_rn(acc2[0], __fmul_rn(d, d));
+                    }
+                }
+            }
+            block_sums<1>(acc2, s_warp);
+            rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc2[0], n), p.eps)));
+        }
+        if (threadIdx.x == 0) {
+            p.mean[row] = mean;
+            p.rstd[row] = rstd;
+        }
+
+        // Pass 3: out = T((xhat * gamma + beta) * layer_scale).
+        for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+            const uint64_t c0 = g * GROUP, i = base + c0;
+            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+            S sv[GROUP];
+            T gv[GROUP], bv[GROUP], ov[GROUP];
+            load8(p.s + i, cnt, vec, sv);
+            load8(p.gamma + c0, cnt, vec, gv);
+            if (has_beta) load8(p.beta + c0, cnt, vec, bv);
+#pragma unroll
+            for (int k = 0; k < GROUP; ++k) {
+                const float xh = normalise(to_f32(sv[k]), mean, rstd, rms);
+                const float y = has_beta ? __fmaf_rn(xh, to_f32(gv[k]), to_f32(bv[k]))
+                                         : __fmul_rn(xh, to_f32(gv[k]));
+                ov[k] = from_f32<T>(__fmul_rn(y, p.layer_scale));
+            }
+            store8(p.out + i, ov, cnt, vec);
+        }
+    }
+}
+
+// One slab of rows per block (grid.x = slabs), blockDim.x = row_partials(cols) threads. Thread q
+// owns the columns of groups q, q + P, ...: it alone updates their (slab, column) partials.
+template <typename T, typename S>
+__device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
+    __shared__ float s_warp[2][MAX_THREADS / 32];
+    const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS;
+    const uint64_t groups = (p.cols + GROUP - 1) / GROUP;
+    const float n = (float)p.cols;
+    const uint64_t slab = blockIdx.x;
+    const uint64_t row0 = slab * p.slab_rows, row1 = min(row0 + p.slab_rows, p.rows);
+    float* part_g = p.partials + (0 * p.slabs + slab) * p.cols;
+    float* part_b = p.partials + (1 * p.slabs + slab) * p.cols;
+    float* part_t = p.partials + (2 * p.slabs + slab) * p.cols;
+    for (uint64_t row = row0; row < row1; ++row) {
+        const bool first = row == row0;  // the slab's partials start from +0
+        const float rowm = row_multiplier(p, row);
+        const float mean = p.mean[row], rstd = p.rstd[row];
+        const uint64_t base = row * p.cols;
+
+        // Pass A: xhat, g = d_out * layer_scale, w = g * gamma; the row sums of xhat * w and of
+        // w; the dgamma (g * xhat) and dbeta (g) partials.
+        float acc[2] = {0.f, 0.f};
+        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+            const uint64_t c0 = gi * GROUP, i = base + c0;
+            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+            S sv[GROUP];
+            T dv[GROUP], gv[GROUP];
+            load8(p.s + i, cnt, vec, sv);
+            load8(p.d_out + i, cnt, vec, dv);
+            load8(p.gamma + c0, cnt, vec, gv);
+#pragma unroll
+            for (int k = 0; k < GROUP; ++k) {
+                if (k < cnt) {
+                    const float xh = normalise(to_f32(sv[k]), mean, rstd, rms);
+                    const float g = __fmul_rn(to_f32(dv[k]), p.layer_scale);
+                    const float w = __fmul_rn(g, to_f32(gv[k]));
+                    acc[0] = __fadd_rn(acc[0], __fmul_rn(xh, w));
+                    acc[1] = __fadd_rn(acc[1], w);
+                    const uint64_t c = c0 + k;
+                    part_g[c] = __fadd_rn(first ? 0.f : part_g[c], __fmul_rn(g, xh));
+                    part_b[c] = __fadd_rn(first ? 0.f : part_b[c], g);
+                }
+            }
+        }
+        block_sums<2>(acc, s_warp);
+        const float c1 = __fdiv_rn(acc[0], n);
+        const float c2 = rms ? 0.f : __fdiv_rn(acc[1], n);
+
+        // Pass B: ds = (w - u) * rstd (+ d_s), d_residual = S(ds), dx = T(m * ds), dbias partials.
+        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+            const uint64_t c0 = gi * GROUP, i = base + c0;
+            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+            S sv[GROUP], dsv[GROUP], drv[GROUP];
+            T dv[GROUP], gv[GROUP], dxv[GROUP];
+            load8(p.s + i, cnt, vec, sv);
+            load8(p.d_out + i, cnt, vec, dv);
+            load8(p.gamma + c0, cnt, vec, gv);
+            if (p.d_s != nullptr) load8(p.d_s + i, cnt, vec, dsv);
+            const uint32_t keep = rowm != 0.f ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
+#pragma unroll
+            for (int k = 0; k < GROUP; ++k) {
+                const float xh = normalise(to_f32(sv[k]), mean, rstd, rms);
+                const float g = __fmul_rn(to_f32(dv[k]), p.layer_scale);
+                const float w = __fmul_rn(g, to_f32(gv[k]));
+                const float u = rms ? __fmul_rn(xh, c1) : __fmaf_rn(xh, c1, c2);
+                float ds = __fmul_rn(__fsub_rn(w, u), rstd);
+                if (p.d_s != nullptr) ds = __fadd_rn(ds, to_f32(dsv[k]));
+                drv[k] = from_f32<S>(ds);
+                const float m = ((keep >> k) & 1u) ? rowm : 0.f;
+                const float dt = m != 0.f ? __fmul_rn(ds, m) : 0.f;
+                dxv[k] = from_f32<T>(dt);
+                if (k < cnt) {
+                    const uint64_t c = c0 + k;
+                    part_t[c] = __fadd_rn(first ? 0.f : part_t[c], dt);
+                }
+            }
+            if (p.d_residual != nullptr) store8(p.d_residual + i, drv, cnt, vec);
+            store8(p.dx + i, dxv, cnt, vec);
+        }
+    }
+}
+
+// out[col] = T(sum over slabs, in slab order, of partials[which][slab][col]) for the wanted
+// outputs; slabs == 0 writes zeros. Consecutive threads take consecutive columns (coalesced).
+template <typename T>
+__device__ __forceinline__ void colsum(const ColsumParams<T>& p) {
+    const uint64_t total = 3 * p.cols;
+    for (uint64_t idx = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (uint64_t)gridDim.x * blockDim.x) {
+        const uint64_t which = idx / p.cols, col = idx % p.cols;
+        T* dst = which == 0 ? p.dgamma : which == 1 ? p.dbeta : p.dbias;
+        if (dst == nullptr) continue;
+        const float* src = p.partials + which * p.slabs * p.cols + col;
+        float acc = 0.f;
+        for (uint64_t s = 0; s < p.slabs; ++s) acc = __fadd_rn(acc, src[s * p.cols]);
+        dst[col] = from_f32<T>(acc);
+    }
+}
+
+}  // namespace dropout_add_norm
+
+using namespace dropout_add_norm;
+
+#define DAN_CHECK_SIZES(T, S)                                                                       \
+    static_assert(sizeof(FwdParams<T, S>) == 160, "must match src/dropout_add_norm/gpu.rs");        \
+    static_assert(sizeof(BwdParams<T, S>) == 176, "must match src/dropout_add_norm/gpu.rs");        \
+    static_assert(sizeof(ColsumParams<T>) == 48, "must match src/dropout_add_norm/gpu.rs");
+
+DAN_CHECK_SIZES(float, float)
+DAN_CHECK_SIZES(__half, float)
+
+// T: x, out, gamma, beta, bias and their gradients; S: the stream (residual, s, d_s, d_residual),
+// T itself or f32 (residual_in_f32).
+#define DAN_KERNELS(T, S, NAME)                                                                       \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_fwd_##NAME(             \
+        const FwdParams<T, S> p) {                                                                    \
+        fwd<T, S>(p);                                                                                 \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_bwd_##NAME(             \
+        const BwdParams<T, S> p) {                                                                    \
+        bwd<T, S>(p);                                                                                 \
+    }
+
+DAN_KERNELS(float, float, f32)
+DAN_KERNELS(__half, __half, f16)
+DAN_KERNELS(__nv_bfloat16, __nv_bfloat16, bf16)
+DAN_KERNELS(__half, float, f16_sf32)
+DAN_KERNELS(__nv_bfloat16, float, bf16_sf32)
+
+#define DAN_COLSUM(T, S)                                                                              \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_colsum_##S(             \
+        const ColsumParams<T> p) {                                                                    \
+        colsum<T>(p);                                                                                 \
+    }
+
+FUSEDREG_FOR_EACH_DTYPE(DAN_COLSUM)

@@ -1,0 +1,170 @@
+// Differential host emulation of the plain dropout kernels (see compare.sh): random data with
+// infinities and NaNs; every dtype; vector and scalar paths; unroll, bias, mask, dbias lanes, row
+// scale given or drawn per row or per sample; thresholds 0, 2^32 and between; flat offsets. The
+// forward, the backward (regenerated and from the mask, with the dbias partials and the
+// finishing sum) and the unfused byte-mask dropout / masked scale; one line of hashes per case.
+#include "harness.h"
+
+template <class T> struct K;
+#define KS(T, S)                                                   \
+    template <> struct K<T> {                                      \
+        static constexpr auto fv = dropout_fwd_vec_##S;            \
+        static constexpr auto fs = dropout_fwd_scalar_##S;         \
+        static constexpr auto bv = dropout_bwd_vec_##S;            \
+        static constexpr auto bs = dropout_bwd_scalar_##S;         \
+        static constexpr auto db = dropout_dbias_##S;              \
+        static constexpr auto ud = dropout_unfused_dropout_##S;    \
+        static constexpr auto um = dropout_unfused_masked_scale_##S; \
+        static constexpr const char* name = #S;                    \
+    };
+KS(float, f32) KS(__half, f16) KS(__nv_bfloat16, bf16)
+
+// Random element bits: mostly moderate finite values, some zeros, infinities and NaNs.
+template <class T> static void fill(std::vector<uint8_t>& v, size_t n, std::mt19937_64& g, bool specials) {
+    v.resize(n * sizeof(T));
+    for (size_t i = 0; i < n; ++i) {
+        float f = uniform(g, -4.f, 4.f);
+        if (specials) {
+            const unsigned r = g() % 97;
+            if (r == 0) f = INFINITY; else if (r == 1) f = -INFINITY; else if (r == 2) f = NAN; else if (r == 3) f = -0.f;
+        }
+        uint32_t b = f32_to_bits<T>(f);
+        if (specials && g() % 89 == 0) {  // a NaN with a random sign and payload
+            const uint32_t r = (uint32_t)g();
+            if constexpr (sizeof(T) == 4) b = 0x7f800000u | (r & 0x807fffffu) | 1u;
+            else if constexpr (std::is_same_v<T, __half>) b = 0x7c00u | (r & 0x83ffu) | 1u;
+            else b = 0x7f80u | (r & 0x807fu) | 1u;
+        }
+        memcpy(v.data() + i * sizeof(T), &b, sizeof(T));
+    }
+}
+
+struct Case {
+    uint64_t rows, cols, base;
+    bool vec, unroll, bias, mask, dbias;
+    int rs;  // 0 none, 1 given, 2 drop path (rows_per_sample 1), 3 drop path per sample (3 rows)
+    uint64_t threshold, path_threshold, slab;
+    unsigned block;
+};
+
+template <class T> static void run(const Case& c, uint64_t seed) {
+    constexpr int VV = 16 / sizeof(T);
+    const uint64_t n = c.rows * c.cols;
+    std::mt19937_64 g(seed);
+    std::vector<uint8_t> x, b, dy;
+    fill<T>(x, n, g, true);
+    fill<T>(b, c.cols, g, false);
+    fill<T>(dy, n, g, true);
+    std::vector<float> rsv(c.rows);
+    for (auto& f : rsv) {
+        const unsigned k = g() % 13;
+        f = k == 0 ? 0.f : k == 1 ? -1.5f : k == 2 && c.rs == 1 ? NAN : uniform(g, 0.5f, 2.f);
+    }
+    const size_t words = (n + 31) / 32;
+    std::vector<uint8_t> y(n * sizeof(T), 0xEE);
+    std::vector<uint32_t> mask(words + 1, c.vec ? 0xEFEFEFEFu : 0u);
+    std::vector<float> rso(c.rows, -7.f);
+    const float scale = c.threshold >= (1ull << 32) ? 0.f : (float)(4294967296.0 / (4294967296.0 - (double)c.threshold));
+    const float path_scale = c.path_threshold >= (1ull << 32) ? 0.f : (float)(4294967296.0 / (4294967296.0 - (double)c.path_threshold));
+
+    dropout::FwdParams<T> p{};
+    p.x = (const T*)x.data();
+    p.bias = c.bias ? (const T*)b.data() : nullptr;
+    p.y = (T*)y.data();
+    p.rowscale = c.rs == 1 ? rsv.data() : nullptr;
+    p.rowscale_out = c.rs >= 2 ? rso.data() : nullptr;
+    p.mask = c.mask ? mask.data() : nullptr;
+    p.rows = c.rows; p.cols = c.cols; p.slab_rows = c.slab;
+    p.seed = seed * 0x9E3779B97F4A7C15ull; p.call = seed ^ 0xABCDEF0123ull; p.threshold = c.threshold;
+    p.path_call = 77 + seed; p.path_threshold = c.rs >= 2 ? c.path_threshold : 0; p.base = c.base;
+    p.scale = scale; p.path_scale = c.rs >= 2 ? path_scale : 0.f;
+    p.flags = (c.rs >= 2 ? 1u : 0u) | (c.unroll ? 2u : 0u);
+    p.rows_per_sample = c.rs == 3 ? 3 : 1;
+    const uint64_t per = c.vec ? VV : 1;
+    const uint64_t tiles = ((c.cols + per - 1) / per + c.block - 1) / c.block;
+    const unsigned slabs = (unsigned)((c.rows + c.slab - 1) / c.slab);
+    launch(c.vec ? K<T>::fv : K<T>::fs, dim3{(unsigned)std::min<uint64_t>(tiles, 3), slabs, 1}, dim3{c.block, 1, 1}, p);
+
+    // Backward: regenerated, and from the mask when there is one; dbias finished when asked.
+    uint64_t hb[2] = {0, 0}, hp[2] = {0, 0}, hd[2] = {0, 0};
+    for (int from_mask = 0; from_mask < 1 + (c.mask ? 1 : 0); ++from_mask) {
+        std::vector<uint8_t> dx(n * sizeof(T), 0xDD);
+        const unsigned lanes = c.dbias ? 4 : 1, bx = c.dbias ? c.block / 4 / 32 * 32 : c.block;
+        std::vector<float> part(c.dbias ? (size_t)slabs * c.cols : 1, -9.f);
+        DropoutBwdParams<T> q{};
+        q.dy = (const T*)dy.data(); q.dx = (T*)dx.data(); q.rowscale = p.rowscale;
+        q.mask = from_mask ? mask.data() : nullptr; q.partials = c.dbias ? part.data() : nullptr;
+        q.rows = c.rows; q.cols = c.cols; q.slab_rows = c.slab; q.seed = p.seed; q.call = p.call;
+        q.threshold = p.threshold; q.path_call = p.path_call; q.path_threshold = p.path_threshold; q.base = c.base;
+        q.scale = scale; q.path_scale = p.path_scale; q.flags = p.flags & 3u; q.rows_per_sample = p.rows_per_sample;
+        const uint64_t btiles = ((c.cols + per - 1) / per + bx - 1) / bx;
+        launch(c.vec ? K<T>::bv : K<T>::bs, dim3{(unsigned)std::min<uint64_t>(btiles, 3), slabs, 1}, dim3{bx, lanes, 1}, q);
+        hb[from_mask] = fnv(dx.data(), dx.size());
+        hp[from_mask] = fnv(part.data(), part.size() * 4);
+        if (c.dbias) {
+            std::vector<uint8_t> dbias(c.cols * sizeof(T), 0xCC);
+            DbiasParams<T> d{};
+            d.partials = part.data(); d.dbias = (T*)dbias.data(); d.cols = c.cols; d.slabs = slabs;
+            launch(K<T>::db, dim3{(unsigned)std::min<uint64_t>((c.cols + 31) / 32, 2), 1, 1}, dim3{256, 1, 1}, d);
+            hd[from_mask] = fnv(dbias.data(), dbias.size());
+        }
+    }
+
+    // The unfused byte-mask dropout of x, then its masked scale of dy (flat, vector or scalar).
+    std::vector<uint8_t> ud(n * sizeof(T), 0xAB), um(n * sizeof(T), 0xBA), bytes(n + 8, 0x5A);
+    UnfusedDropoutParams<T> u{};
+    u.t = (const T*)x.data(); u.d = (T*)ud.data(); u.mask = bytes.data(); u.n = n;
+    u.seed = p.seed; u.call = p.call; u.threshold = p.threshold; u.scale = scale; u.vec = c.vec ? 1u : 0u;
+    launch(K<T>::ud, dim3{2, 1, 1}, dim3{64, 1, 1}, u);
+    UnfusedMaskedScaleParams<T> m{};
+    m.dy = (const T*)dy.data(); m.mask = bytes.data(); m.dx = (T*)um.data(); m.n = n; m.scale = scale;
+    m.vec = c.vec ? 1u : 0u;
+    launch(K<T>::um, dim3{2, 1, 1}, dim3{64, 1, 1}, m);
+
+    printf("%s %llux%llu base %llu vec %d unroll %d bias %d mask %d dbias %d rs %d thr %llu pthr %llu slab %llu block %u | y %016llx m %016llx rs %016llx dx %016llx %016llx p %016llx %016llx db %016llx %016llx u %016llx %016llx %016llx\n",
+           K<T>::name, (unsigned long long)c.rows, (unsigned long long)c.cols, (unsigned long long)c.base, c.vec, c.unroll,
+           c.bias, c.mask, c.dbias, c.rs, (unsigned long long)c.threshold, (unsigned long long)c.path_threshold,
+           (unsigned long long)c.slab, c.block, (unsigned long long)fnv(y.data(), y.size()),
+           (unsigned long long)fnv(mask.data(), mask.size() * 4), (unsigned long long)fnv(rso.data(), rso.size() * 4),
+           (unsigned long long)hb[0], (unsigned long long)hb[1], (unsigned long long)hp[0], (unsigned long long)hp[1],
+           (unsigned long long)hd[0], (unsigned long long)hd[1], (unsigned long long)fnv(ud.data(), ud.size()),
+           (unsigned long long)fnv(bytes.data(), bytes.size()), (unsigned long long)fnv(um.data(), um.size()));
+    fflush(stdout);
+}
+
+int main(int argc, char** argv) {
+    const int part = argc > 1 ? atoi(argv[1]) : 0, parts = argc > 2 ? atoi(argv[2]) : 1;
+    const uint64_t thresholds[] = {0, 1ull << 32, 429496730ull, 2147483648ull, 1, 0xFFFFFFFFull};
+    const uint64_t pthr[] = {1288490189ull, 1ull << 32, 0};
+    struct Shape { uint64_t rows, cols; };
+    // Row-major shapes: cols a multiple of 8 (every dtype's vector path) or odd (scalar only).
+    const Shape shapes[] = {{1, 4104}, {1, 999}, {7, 64}, {13, 40}, {33, 24}, {5, 264}, {19, 17}, {2, 3}};
+    int idx = 0;
+    std::mt19937_64 g(54321);
+    for (int dt = 0; dt < 3; ++dt)
+        for (const Shape& s : shapes)
+            for (int v = 0; v < 2; ++v)
+                for (uint64_t thr : thresholds)
+                    for (int variant = 0; variant < (dt == 0 ? 2 : 1); ++variant) {
+                        Case c{};
+                        c.rows = s.rows; c.cols = s.cols;
+                        c.vec = v == 1;
+                        if (c.vec && s.cols % 8) continue;  // keep the vector cases whole groups
+                        c.threshold = thr;
+                        c.unroll = g() & 1; c.bias = s.rows > 1 && (g() & 1); c.mask = g() % 3 != 0;
+                        c.dbias = s.rows > 1 && (g() & 1);
+                        c.rs = s.rows > 1 ? (int)(g() % 4) : 0;
+                        if (c.rs == 3 && s.rows % 3) c.rs = 2;
+                        c.path_threshold = pthr[g() % 3];
+                        c.slab = 1 + g() % std::max<uint64_t>(1, s.rows);
+                        if (c.dbias && c.slab < 4) c.slab = std::min<uint64_t>(s.rows, 4);
+                        c.block = c.dbias ? 256 : (g() & 1 ? 64 : 128);
+                        c.base = s.rows == 1 && !c.rs && !c.bias ? (c.vec ? 8192 * (g() % 5) : g() % 1000) : 0;
+                        const uint64_t seed = g();
+                        if (idx++ % parts != part) continue;
+                        if (dt == 0) run<float>(c, seed);
+                        else if (dt == 1) run<__half>(c, seed);
+                        else run<__nv_bfloat16>(c, seed);
+                    }
+    return 0;
+}

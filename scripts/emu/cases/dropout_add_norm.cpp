@@ -1,0 +1,203 @@
+// Differential host emulation of kernels/dropout_add_norm.cu (see compare.sh): random cases over
+// every dtype pair (x f32/f16/bf16, stream the same or f32), LayerNorm and RMSNorm, hidden sizes
+// 1, odd, multiples of 8 and past one block's groups; with and without residual (and in place),
+// beta, bias, a given row scale or a drop path (per row or per sample), d_s (prenorm); dropout
+// thresholds 0, 2^32 and between; the vector and the scalar path; a capped forward grid; inputs
+// with infinities and NaNs in some cases. One line of output hashes per case.
+//
+// With DAN_DUMP=<dir> each case also writes its inputs and outputs to <dir>/case<k>.bin, which
+// the CPU reference can read back to check the emulated kernels bit for bit (done when the kernel
+// was written; the format is in dump() below).
+#include "harness.h"
+
+template <class T> struct Kind;
+template <> struct Kind<float> { static constexpr uint64_t id = 0; static constexpr const char* name = "f32"; };
+template <> struct Kind<__half> { static constexpr uint64_t id = 1; static constexpr const char* name = "f16"; };
+template <> struct Kind<__nv_bfloat16> { static constexpr uint64_t id = 2; static constexpr const char* name = "bf16"; };
+
+template <class T, class S> struct K;
+#define KS(T, S, NAME)                                                  \
+    template <> struct K<T, S> {                                        \
+        static constexpr auto fwd = dropout_add_norm_fwd_##NAME;        \
+        static constexpr auto bwd = dropout_add_norm_bwd_##NAME;        \
+    };
+KS(float, float, f32) KS(__half, __half, f16) KS(__nv_bfloat16, __nv_bfloat16, bf16)
+KS(__half, float, f16_sf32) KS(__nv_bfloat16, float, bf16_sf32)
+template <class T> struct C;
+template <> struct C<float> { static constexpr auto colsum = dropout_add_norm_colsum_f32; };
+template <> struct C<__half> { static constexpr auto colsum = dropout_add_norm_colsum_f16; };
+template <> struct C<__nv_bfloat16> { static constexpr auto colsum = dropout_add_norm_colsum_bf16; };
+
+// n random elements of T in [lo, hi); with specials, some infinities and NaNs.
+template <class T> static std::vector<T> fill(size_t n, std::mt19937_64& g, float lo, float hi, bool specials) {
+    std::vector<T> v(n);
+    for (auto& e : v) {
+        float f = uniform(g, lo, hi);
+        if (specials) {
+            const unsigned r = g() % 211;
+            if (r == 0) f = INFINITY; else if (r == 1) f = -INFINITY; else if (r == 2) f = NAN;
+        }
+        e = from_f32<T>(f);
+    }
+    return v;
+}
+
+struct Case {
+    uint64_t rows, cols;
+    bool rms, residual, in_place, beta, bias, prenorm, vec, specials;
+    int rs;  // 0 none, 1 given, 2 drop path per row, 3 drop path per sample of 3 rows
+    double p, p_path;
+    int layer;
+    unsigned max_grid;
+};
+
+static uint64_t threshold_of(double p) { return (uint64_t)std::round(p * 4294967296.0); }
+static float scale_of(double p) { return threshold_of(p) >= (1ull << 32) ? 0.f : (float)(1.0 / (1.0 - p)); }
+
+static uint32_t partials_of(uint64_t cols) {  // row_partials in src/dropout_add_norm/mod.rs
+    uint64_t g = (cols + 7) / 8, p = 1;
+    while (p < g) p <<= 1;
+    return (uint32_t)std::min<uint64_t>(std::max<uint64_t>(p, 32), 256);
+}
+
+template <class V> static void put(FILE* f, const std::vector<V>& v) { fwrite(v.data(), sizeof(V), v.size(), f); }
+
+template <class T, class S> static void run(const Case& c, uint64_t seed, int index) {
+    const uint64_t n = c.rows * c.cols, rows = c.rows, cols = c.cols;
+    std::mt19937_64 g(seed);
+    auto x = fill<T>(n, g, -3.f, 3.f, c.specials);
+    auto r = fill<S>(n, g, -3.f, 3.f, c.specials);
+    auto gamma = fill<T>(cols, g, 0.5f, 1.5f, false);
+    auto beta = fill<T>(cols, g, -0.5f, 0.5f, false);
+    auto bias = fill<T>(cols, g, -0.5f, 0.5f, false);
+    auto d_out = fill<T>(n, g, -1.f, 1.f, false);
+    auto d_s = fill<S>(n, g, -1.f, 1.f, false);
+    std::vector<float> rsv(rows);
+    for (auto& f : rsv) f = g() % 4 == 0 ? 0.f : uniform(g, 0.5f, 2.f);
+    const uint64_t dseed = g(), dcall = g(), path_call = g();
+    const float eps = g() & 1 ? 1e-5f : 1e-6f;
+    const float ls = (float)(1.0 / std::sqrt((double)c.layer));
+
+    // Forward. In place, the stream buffer holds the residual on entry.
+    std::vector<S> s = c.in_place ? r : std::vector<S>(n, from_f32<S>(-77.f));
+    std::vector<T> out(n, from_f32<T>(-77.f));
+    std::vector<float> mean(rows, -5.f), rstd(rows, -5.f);
+    FwdParams<T, S> p{};
+    p.x = x.data();
+    p.residual = c.in_place ? s.data() : c.residual ? r.data() : nullptr;
+    p.bias = c.bias ? bias.data() : nullptr;
+    p.gamma = gamma.data();
+    p.beta = c.beta ? beta.data() : nullptr;
+    p.rowscale = c.rs == 1 ? rsv.data() : nullptr;
+    p.out = out.data(); p.s = s.data(); p.mean = mean.data(); p.rstd = rstd.data();
+    p.rows = rows; p.cols = cols;
+    p.seed = dseed; p.call = dcall; p.threshold = threshold_of(c.p);
+    p.path_call = path_call; p.path_threshold = c.rs >= 2 ? threshold_of(c.p_path) : 0;
+    p.scale = scale_of(c.p); p.path_scale = c.rs >= 2 ? scale_of(c.p_path) : 0.f;
+    p.eps = eps; p.layer_scale = ls;
+    p.flags = (c.rs >= 2 ? 1u : 0u) | (c.vec ? 2u : 0u) | (c.rms ? 4u : 0u) | (c.beta ? 8u : 0u);
+    p.rows_per_sample = c.rs == 3 ? 3 : 1;
+    const unsigned block = partials_of(cols);
+    launch(K<T, S>::fwd, dim3{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1}, dim3{block, 1, 1}, p);
+
+    // Backward: one block per slab of ceil(rows / 1024) rows, then the in-order column sums.
+    const uint64_t slab_rows = std::max<uint64_t>(1, (rows + 1023) / 1024), slabs = (rows + slab_rows - 1) / slab_rows;
+    const bool want_dres = c.residual || c.in_place;
+    std::vector<T> dx(n, from_f32<T>(-77.f)), dgamma(cols, from_f32<T>(-77.f)), dbeta = dgamma, dbias = dgamma;
+    std::vector<S> d_res(n, from_f32<S>(-77.f));
+    std::vector<float> part(3 * slabs * cols, -9.f);
+    BwdParams<T, S> q{};
+    q.d_out = d_out.data(); q.d_s = c.prenorm ? d_s.data() : nullptr; q.s = s.data(); q.gamma = gamma.data();
+    q.mean = mean.data(); q.rstd = rstd.data(); q.rowscale = p.rowscale;
+    q.dx = dx.data(); q.d_residual = want_dres ? d_res.data() : nullptr; q.partials = part.data();
+    q.rows = rows; q.cols = cols; q.slab_rows = slab_rows; q.slabs = slabs;
+    q.seed = dseed; q.call = dcall; q.threshold = p.threshold; q.path_call = path_call;
+    q.path_threshold = p.path_threshold; q.scale = p.scale; q.path_scale = p.path_scale; q.layer_scale = ls;
+    q.flags = p.flags & ~8u; q.rows_per_sample = p.rows_per_sample;
+    launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, q);
+    ColsumParams<T> cs{};
+    cs.partials = part.data(); cs.dgamma = dgamma.data(); cs.dbeta = dbeta.data(); cs.dbias = dbias.data();
+    cs.cols = cols; cs.slabs = slabs;
+    launch(C<T>::colsum, dim3{(unsigned)std::min<uint64_t>((3 * cols + 63) / 64, 4), 1, 1}, dim3{64, 1, 1}, cs);
+
+    auto h = [](const auto& v) { return (unsigned long long)fnv(v.data(), v.size() * sizeof(v[0])); };
+    printf("%s/%s %llux%llu %s res %d inpl %d beta %d bias %d rs %d pre %d vec %d spec %d p %g pp %g l %d grid %u | "
+           "out %016llx s %016llx mean %016llx rstd %016llx dx %016llx dres %016llx dg %016llx db %016llx dbias %016llx\n",
+           Kind<T>::name, Kind<S>::name, (unsigned long long)rows, (unsigned long long)cols, c.rms ? "rms" : "ln",
+           c.residual, c.in_place, c.beta, c.bias, c.rs, c.prenorm, c.vec, c.specials, c.p, c.p_path, c.layer,
+           c.max_grid, h(out), h(s), h(mean), h(rstd), h(dx), h(d_res), h(dgamma), h(dbeta), h(dbias));
+    fflush(stdout);
+
+    if (const char* dir = getenv("DAN_DUMP")) {
+        // u64 header, then the arrays in this order (absent ones skipped): x, residual, gamma,
+        // beta, bias, rowscale, d_out, d_s | out, s, mean, rstd, dx, d_residual, dgamma, dbeta,
+        // dbias.
+        char path[512];
+        snprintf(path, sizeof path, "%s/case%04d.bin", dir, index);
+        FILE* f = fopen(path, "wb");
+        uint64_t flags = (c.residual || c.in_place ? 1 : 0) | (c.beta ? 2 : 0) | (c.bias ? 4 : 0) |
+                         (c.rs == 1 ? 8 : 0) | (c.rs >= 2 ? 16 : 0) | (c.prenorm ? 32 : 0) | (c.rms ? 64 : 0);
+        double pp = c.p, ppath = c.p_path;
+        uint64_t pbits, ppbits;
+        memcpy(&pbits, &pp, 8);
+        memcpy(&ppbits, &ppath, 8);
+        std::vector<uint64_t> hdr = {Kind<T>::id, Kind<S>::id, rows, cols, flags, dseed, dcall, path_call,
+                                     (uint64_t)p.rows_per_sample, pbits, ppbits, __float_as_uint(eps),
+                                     __float_as_uint(ls)};
+        put(f, hdr);
+        put(f, x);
+        if (flags & 1) put(f, r);
+        put(f, gamma);
+        if (c.beta) put(f, beta);
+        if (c.bias) put(f, bias);
+        if (c.rs == 1) put(f, rsv);
+        put(f, d_out);
+        if (c.prenorm) put(f, d_s);
+        put(f, out); put(f, s); put(f, mean); put(f, rstd); put(f, dx);
+        if (want_dres) put(f, d_res);
+        put(f, dgamma); put(f, dbeta); put(f, dbias);
+        fclose(f);
+    }
+}
+
+int main(int argc, char** argv) {
+    const int part = argc > 1 ? atoi(argv[1]) : 0, parts = argc > 2 ? atoi(argv[2]) : 1;
+    struct Shape { uint64_t rows, cols; };
+    // Hidden 1, odd, multiples of 8 (vector-capable), one past 256 groups (2056: a thread takes
+    // two groups), and enough rows (1025) for slabs of 2 rows with a partial last one (slow under
+    // emulation: two cases only).
+    const Shape shapes[] = {{3, 1}, {5, 7}, {4, 8}, {6, 40}, {3, 99}, {2, 264}, {2, 2056}, {1025, 3}, {2, 1001}};
+    const double rates[] = {0.0, 1.0, 0.1, 0.5};
+    int idx = 0;
+    std::mt19937_64 g(20261129);
+    for (int pair = 0; pair < 5; ++pair)
+        for (const Shape& sh : shapes)
+            for (int variant = 0; variant < 4; ++variant) {
+                Case c{};
+                c.rows = sh.rows; c.cols = sh.cols;
+                c.rms = variant & 1;
+                c.residual = g() % 4 != 0;
+                c.in_place = c.residual && g() % 3 == 0;
+                c.beta = g() & 1; c.bias = g() & 1; c.prenorm = g() & 1;
+                c.vec = sh.cols % 8 == 0 && variant < 2;
+                c.specials = variant == 3;
+                c.rs = (int)(g() % 4);
+                if (c.rs == 3 && sh.rows % 3) c.rs = 2;
+                c.p = rates[(variant + g()) % 4];
+                c.p_path = g() & 1 ? 0.25 : 0.5;
+                c.layer = g() & 1 ? 1 : 3;
+                c.max_grid = g() & 1 ? 1u << 20 : 2u;
+                const uint64_t seed = g();
+                if (sh.rows > 1024 && !((pair == 0 && variant == 0) || (pair == 4 && variant == 1))) continue;
+                const int k = idx++;
+                if (k % parts != part) continue;
+                switch (pair) {
+                    case 0: run<float, float>(c, seed, k); break;
+                    case 1: run<__half, __half>(c, seed, k); break;
+                    case 2: run<__nv_bfloat16, __nv_bfloat16>(c, seed, k); break;
+                    case 3: run<__half, float>(c, seed, k); break;
+                    default: run<__nv_bfloat16, float>(c, seed, k); break;
+                }
+            }
+    return 0;
+}

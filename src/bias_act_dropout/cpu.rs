@@ -1,0 +1,243 @@
+//! The CPU reference: the same operations in the same order as `kernels/bias_act_dropout.cu`
+//! (see the [module docs](super) for the pinned arithmetic), so the kernels match it bit for bit.
+//!
+//! ```
+//! use fusedreg::bias_act_dropout::{cpu, Activation, Config, Preact};
+//! # fn main() -> fusedreg::Result<()> {
+//! let cfg = Config::new(2, 3, Activation::Relu, 0.5, 1, 2)?;
+//! let x = [1.0f32, -2.0, 3.0, -4.0, 5.0, 6.0];
+//! let mut y = [f32::NAN; 6];
+//! cpu::forward(&cfg, &x, None, &mut y, None)?;
+//! for i in 0..6 {
+//!     let kept = cfg.keeps(i as u64);
+//!     assert_eq!(y[i], if kept { 2.0 * x[i].max(0.0) } else { 0.0 });
+//! }
+//! // Backward: dx = 2 dy where kept and x > 0; dbias sums dx over rows.
+//! let dy = [1.0f32; 6];
+//! let (mut dx, mut dbias) = ([f32::NAN; 6], [f32::NAN; 3]);
+//! cpu::backward(&cfg, &dy, Preact::X { x: &x[..], bias: None }, &mut dx, Some(&mut dbias))?;
+//! assert_eq!(dbias[0], dx[0] + dx[3]);
+//! # Ok(()) }
+//! ```
+
+use super::{check_backward, check_forward, Activation, Config, Preact, LANES};
+use crate::dropout_keying::slab_rows;
+use crate::dtype::Dtype;
+use crate::error::Result;
+use crate::fmath;
+
+/// `1/sqrt(2)`, `1/sqrt(2 pi)`, `sqrt(2/pi)`, `0.044715`, `3 * 0.044715` as f32 (the kernel's
+/// `K_*` bit patterns).
+const FRAC_1_SQRT_2: f32 = f32::from_bits(0x3f35_04f3);
+const FRAC_1_SQRT_2PI: f32 = f32::from_bits(0x3ecc_422a);
+const SQRT_2_PI: f32 = f32::from_bits(0x3f4c_422a);
+const GELU_C: f32 = f32::from_bits(0x3d37_2713);
+const GELU_3C: f32 = f32::from_bits(0x3e09_5d4f);
+
+/// `act(h)`, as `act_fwd` in the kernel.
+pub(crate) fn act_fwd(act: Activation, h: f32) -> f32 {
+    let ah = h.abs();
+    let sat = |bound: f32| (ah >= bound).then(|| if h > 0.0 { h } else { -0.0 });
+    match act {
+        Activation::GeluErf => sat(16.0).unwrap_or_else(|| {
+            let c = fmath::erf(h * FRAC_1_SQRT_2).mul_add(0.5, 0.5);
+            h * c
+        }),
+        Activation::GeluTanh => sat(16.0).unwrap_or_else(|| {
+            let h3 = (h * h) * h;
+            let t = fmath::tanh(SQRT_2_PI * GELU_C.mul_add(h3, h));
+            h * t.mul_add(0.5, 0.5)
+        }),
+        Activation::Silu => sat(128.0).unwrap_or_else(|| h * fmath::sigmoid(h)),
+        Activation::Relu => {
+            if h > 0.0 || h.is_nan() {
+                h
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+/// `act'(h)`, as `act_grad` in the kernel.
+pub(crate) fn act_grad(act: Activation, h: f32) -> f32 {
+    let ah = h.abs();
+    let sat = |bound: f32| (ah >= bound).then_some(if h > 0.0 { 1.0 } else { 0.0 });
+    match act {
+        Activation::GeluErf => sat(16.0).unwrap_or_else(|| {
+            let c = fmath::erf(h * FRAC_1_SQRT_2).mul_add(0.5, 0.5);
+            let pdf = fmath::exp((-0.5 * h) * h) * FRAC_1_SQRT_2PI;
+            h.mul_add(pdf, c)
+        }),
+        Activation::GeluTanh => sat(16.0).unwrap_or_else(|| {
+            let h2 = h * h;
+            let h3 = h2 * h;
+            let t = fmath::tanh(SQRT_2_PI * GELU_C.mul_add(h3, h));
+            let c = t.mul_add(0.5, 0.5);
+            let s = (-t).mul_add(t, 1.0);
+            let w = (0.5 * h) * s;
+            let z = SQRT_2_PI * GELU_3C.mul_add(h2, 1.0);
+            w.mul_add(z, c)
+        }),
+        Activation::Silu => sat(128.0).unwrap_or_else(|| {
+            let sg = fmath::sigmoid(h);
+            sg * h.mul_add(1.0 - sg, 1.0)
+        }),
+        Activation::Relu => {
+            if h > 0.0 {
+                1.0
+            } else if h <= 0.0 {
+                0.0
+            } else {
+                h // NaN
+            }
+        }
+    }
+}
+
+/// `y = dropout(act(x + bias))`; `h_out`, when given, receives `T(x + bias)` (for a backward
+/// with [`Preact::H`]).
+///
+/// Errors: [`crate::Error::ShapeMismatch`] when a length disagrees with the config.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::bias_act_dropout::{cpu, Activation, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(1, 4, Activation::Silu, 0.0, 1, 2)?; // p = 0: no dropout
+/// let (x, b) = ([0.0f32, 1.0, -1.0, 2.0], [1.0f32; 4]);
+/// let (mut y, mut h) = ([0.0f32; 4], [0.0f32; 4]);
+/// cpu::forward(&cfg, &x, Some(&b), &mut y, Some(&mut h))?;
+/// assert_eq!(h, [1.0, 2.0, 0.0, 3.0]);
+/// assert_eq!(y[2], 0.0);
+/// assert_eq!(y[0], Activation::Silu.forward(1.0));
+/// assert!(cpu::forward(&cfg, &x[..3], None, &mut y, None).is_err());
+/// # Ok(()) }
+/// ```
+pub fn forward<T: Dtype>(
+    cfg: &Config,
+    x: &[T],
+    bias: Option<&[T]>,
+    y: &mut [T],
+    mut h_out: Option<&mut [T]>,
+) -> Result<()> {
+    check_forward(
+        cfg,
+        x.len(),
+        bias.map(<[T]>::len),
+        y.len(),
+        h_out.as_ref().map(|h| h.len()),
+    )?;
+    let (rows, cols) = (cfg.rows(), cfg.cols());
+    let scale = cfg.rate().scale();
+    let mut bits = cfg.keying().keep_bits();
+    for row in 0..rows {
+        for col in 0..cols {
+            let i = row * cols + col;
+            let mut h = x[i].to_f32();
+            if let Some(b) = bias {
+                h += b[col].to_f32();
+            }
+            if let Some(ho) = h_out.as_deref_mut() {
+                ho[i] = T::from_f32_rn(h);
+            }
+            let v = if bits.get(i as u64) {
+                act_fwd(cfg.act(), h) * scale
+            } else {
+                0.0
+            };
+            y[i] = T::from_f32_rn(v);
+        }
+    }
+    Ok(())
+}
+
+/// `dx = dropout'(dy) * act'(h)` and, when `dbias` is given, its column sums (see the
+/// [module docs](super) for the summation order).
+///
+/// Errors: [`crate::Error::ShapeMismatch`] when a length disagrees with the config.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::bias_act_dropout::{cpu, Activation, Config, Preact};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 2, Activation::GeluErf, 0.0, 1, 2)?;
+/// let x = [0.0f32; 4];
+/// let dy = [1.0f32, 2.0, 3.0, 4.0];
+/// let (mut dx, mut db) = ([0.0f32; 4], [0.0f32; 2]);
+/// cpu::backward(&cfg, &dy, Preact::X { x: &x[..], bias: None }, &mut dx, Some(&mut db))?;
+/// assert_eq!(dx, [0.5, 1.0, 1.5, 2.0]); // GELU'(0) = 1/2
+/// assert_eq!(db, [2.0, 3.0]);
+/// # Ok(()) }
+/// ```
+pub fn backward<T: Dtype>(
+    cfg: &Config,
+    dy: &[T],
+    pre: Preact<&[T]>,
+    dx: &mut [T],
+    dbias: Option<&mut [T]>,
+) -> Result<()> {
+    let lens = match pre {
+        Preact::X { x, bias } => Preact::X {
+            x: x.len(),
+            bias: bias.map(<[T]>::len),
+        },
+        Preact::H(h) => Preact::H(h.len()),
+    };
+    check_backward(
+        cfg,
+        dy.len(),
+        &lens,
+        dx.len(),
+        dbias.as_ref().map(|d| d.len()),
+    )?;
+    let (rows, cols) = (cfg.rows(), cfg.cols());
+    let scale = cfg.rate().scale();
+    let mut bits = cfg.keying().keep_bits();
+    let slab = slab_rows(rows, cols, T::KIND).max(1);
+    // One partial per row lane of the slab, folded in lane order at the slab's end, then added
+    // into the totals in slab order (the kernel's partials and its finishing kernel).
+    let mut lanes = vec![vec![0.0f32; cols]; LANES];
+    let mut total = vec![0.0f32; cols];
+    for row in 0..rows {
+        let partial = &mut lanes[(row % slab) % LANES];
+        for (col, part) in partial.iter_mut().enumerate() {
+            let i = row * cols + col;
+            let d = if bits.get(i as u64) {
+                let h = match pre {
+                    Preact::X { x, bias } => {
+                        let mut h = x[i].to_f32();
+                        if let Some(b) = bias {
+                            h += b[col].to_f32();
+                        }
+                        h
+                    }
+                    Preact::H(h) => h[i].to_f32(),
+                };
+                (dy[i].to_f32() * scale) * act_grad(cfg.act(), h)
+            } else {
+                0.0
+            };
+            dx[i] = T::from_f32_rn(d);
+            *part += d;
+        }
+        if (row + 1) % slab == 0 || row + 1 == rows {
+            for (col, t) in total.iter_mut().enumerate() {
+                let mut slab_sum = lanes[0][col];
+                for lane in &lanes[1..] {
+                    slab_sum += lane[col];
+                }
+                *t += slab_sum;
+            }
+            lanes.iter_mut().for_each(|l| l.fill(0.0));
+        }
+    }
+    if let Some(db) = dbias {
+        for (d, t) in db.iter_mut().zip(&total) {
+            *d = T::from_f32_rn(*t);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! Launch wrappers for `kernels/bias_act_dropout.cu`.
+//!
+//! Launch shape: blocks of (64, [`LANES`]) threads; grid.x over column groups (64 threads, `vec`
+//! consecutive columns each), grid.y over row slabs of [`slab_rows`] rows (the dbias partition,
+//! used by both directions). The vector path (16-byte accesses, `vec = 16 / size_of::<T>()`) is
+//! taken when `cols % vec == 0` and every element pointer is 16-byte aligned; otherwise the
+//! scalar path runs, with the same results.
+
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+
+use super::{check_backward, check_forward, Config, Preact, LANES, OP};
+use crate::dropout_keying::slab_rows;
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::runtime::kernels::{per_dtype, KernelFamily};
+use crate::runtime::Handle;
+
+/// Mirrors `BiasActDropoutFwdParams` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FwdParams {
+    x: u64,
+    bias: u64,
+    y: u64,
+    h_out: u64,
+    rows: u64,
+    cols: u64,
+    slab_rows: u64,
+    seed: u64,
+    call: u64,
+    threshold: u64,
+    scale: f32,
+    act: u32,
+}
+const _: () = assert!(std::mem::size_of::<FwdParams>() == 88);
+// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+unsafe impl DeviceRepr for FwdParams {}
+
+/// Mirrors `BiasActDropoutBwdParams` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct BwdParams {
+    dy: u64,
+    x: u64,
+    bias: u64,
+    h: u64,
+    dx: u64,
+    partials: u64,
+    rows: u64,
+    cols: u64,
+    slab_rows: u64,
+    seed: u64,
+    call: u64,
+    threshold: u64,
+    scale: f32,
+    act: u32,
+}
+const _: () = assert!(std::mem::size_of::<BwdParams>() == 104);
+// SAFETY: as above.
+unsafe impl DeviceRepr for BwdParams {}
+
+/// Mirrors `BiasActDropoutDbiasParams` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct DbiasParams {
+    partials: u64,
+    dbias: u64,
+    slabs: u64,
+    cols: u64,
+}
+const _: () = assert!(std::mem::size_of::<DbiasParams>() == 32);
+// SAFETY: as above.
+unsafe impl DeviceRepr for DbiasParams {}
+
+const FWD_VEC: KernelFamily = per_dtype!(
+    BiasActDropoutFwdVecF32,
+    BiasActDropoutFwdVecF16,
+    BiasActDropoutFwdVecBf16
+);
+const FWD_SCALAR: KernelFamily = per_dtype!(
+    BiasActDropoutFwdScalarF32,
+    BiasActDropoutFwdScalarF16,
+    BiasActDropoutFwdScalarBf16
+);
+const BWD_VEC: KernelFamily = per_dtype!(
+    BiasActDropoutBwdVecF32,
+    BiasActDropoutBwdVecF16,
+    BiasActDropoutBwdVecBf16
+);
+const BWD_SCALAR: KernelFamily = per_dtype!(
+    BiasActDropoutBwdScalarF32,
+    BiasActDropoutBwdScalarF16,
+    BiasActDropoutBwdScalarBf16
+);
+const DBIAS: KernelFamily = per_dtype!(
+    BiasActDropoutDbiasF32,
+    BiasActDropoutDbiasF16,
+    BiasActDropoutDbiasBf16
+);
+
+/// Threads per column group block (blockDim.x); MAX_BLOCK_X in the kernel.
+const BLOCK_X: u32 = 64;
+/// Threads per block of the dbias finishing kernel (one column each).
+const DBIAS_BLOCK: u32 = 256;
+
+/// (vector path, grid, slab rows) of a `[rows, cols]` launch of `T`.
+fn geometry<T: Dtype>(cfg: &Config, aligned: bool) -> (bool, (u32, u32, u32), u64) {
+    let vec = 16 / T::KIND.size();
+    let vector = aligned && cfg.cols() % vec == 0;
+    let per_thread = if vector { vec } else { 1 } as u64;
+    let slab = slab_rows(cfg.rows(), cfg.cols(), T::KIND).max(1) as u64;
+    let slabs = (cfg.rows() as u64).div_ceil(slab).max(1);
+    let tiles = (cfg.cols() as u64)
+        .div_ceil(per_thread)
+        .div_ceil(u64::from(BLOCK_X))
+        .clamp(1, i32::MAX as u64);
+    (vector, (tiles as u32, slabs as u32, 1), slab)
+}
+
+fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|&p| p % 16 == 0)
+}
+
+/// `y = dropout(act(x + bias))` on the handle's stream (see the [module docs](super)); `h_out`,
+/// when given, receives `T(x + bias)` for a backward with [`Preact::H`].
+///
+/// Views starting at any element are accepted (misaligned ones take the scalar path).
+///
+/// Errors: [`Error::ShapeMismatch`] for a length that disagrees with the config,
+/// [`Error::InvalidArgument`] for a buffer from another CUDA context; driver errors.
+///
+/// ```no_run
+/// use fusedreg::bias_act_dropout::{self as bad, Activation, Config};
+/// use half::bf16;
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let (rows, cols) = (8, 4096);
+/// let cfg = Config::new(rows, cols, Activation::GeluTanh, 0.1, 42, 7)?;
+/// let s = h.stream();
+/// let x = s.clone_htod(&vec![bf16::ONE; rows * cols]).unwrap();
+/// let bias = s.clone_htod(&vec![bf16::ZERO; cols]).unwrap();
+/// let mut y = s.alloc_zeros::<bf16>(rows * cols).unwrap();
+/// bad::forward(&h, &cfg, &x, Some(bias.as_view()), &mut y, None)?;
+/// # Ok(()) }
+/// ```
+pub fn forward<T: Dtype>(
+    handle: &Handle,
+    cfg: &Config,
+    x: &impl DevicePtr<T>,
+    bias: Option<CudaView<'_, T>>,
+    y: &mut impl DevicePtrMut<T>,
+    mut h_out: Option<CudaViewMut<'_, T>>,
+) -> Result<()> {
+    check_forward(
+        cfg,
+        x.len(),
+        bias.as_ref().map(|b| b.len()),
+        y.len(),
+        h_out.as_ref().map(|h| h.len()),
+    )?;
+    if cfg.is_empty() {
+        return Ok(());
+    }
+    let (x_ptr, _gx) = handle.read_ptr(OP, "x", x)?;
+    let (y_ptr, _gy) = handle.write_ptr(OP, "y", y)?;
+    let bias_g = bias
+        .as_ref()
+        .map(|b| handle.read_ptr(OP, "bias", b))
+        .transpose()?;
+    let h_g = h_out
+        .as_mut()
+        .map(|h| handle.write_ptr(OP, "h_out", h))
+        .transpose()?;
+    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
+    let (bias_ptr, h_ptr) = (ptr(&bias_g), ptr(&h_g));
+    // The bias is read element by element: its alignment does not matter.
+    let (vector, grid, slab) = geometry::<T>(cfg, aligned16(&[x_ptr, y_ptr, h_ptr]));
+    let rate = cfg.rate();
+    let p = FwdParams {
+        x: x_ptr,
+        bias: bias_ptr,
+        y: y_ptr,
+        h_out: h_ptr,
+        rows: cfg.rows() as u64,
+        cols: cfg.cols() as u64,
+        slab_rows: slab,
+        seed: cfg.seed(),
+        call: cfg.call(),
+        threshold: rate.threshold(),
+        scale: rate.scale(),
+        act: cfg.act().code(),
+    };
+    let family = if vector { FWD_VEC } else { FWD_SCALAR };
+    handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)
+}
+
+/// `dx = dropout'(dy) * act'(h)` and, when `dbias` is given, its column sums, on the handle's
+/// stream (see the [module docs](super)). `pre` says where `h` comes from: recomputed from the
+/// forward's `x` and bias ([`Preact::X`]) or read ([`Preact::H`]).
+///
+/// Errors: as [`forward`].
+///
+/// ```no_run
+/// use fusedreg::bias_act_dropout::{self as bad, Activation, Config, Preact};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let cfg = Config::new(64, 1024, Activation::GeluErf, 0.1, 42, 7)?;
+/// let s = h.stream();
+/// let x = s.clone_htod(&vec![0.5f32; cfg.len()]).unwrap();
+/// let bias = s.clone_htod(&vec![0.1f32; cfg.cols()]).unwrap();
+/// let dy = s.clone_htod(&vec![1.0f32; cfg.len()]).unwrap();
+/// let mut dx = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// let mut dbias = s.alloc_zeros::<f32>(cfg.cols()).unwrap();
+/// let pre = Preact::X { x: x.as_view(), bias: Some(bias.as_view()) };
+/// bad::backward(&h, &cfg, &dy, pre, &mut dx, Some(dbias.as_view_mut()))?;
+/// # Ok(()) }
+/// ```
+pub fn backward<T: Dtype>(
+    handle: &Handle,
+    cfg: &Config,
+    dy: &impl DevicePtr<T>,
+    pre: Preact<CudaView<'_, T>>,
+    dx: &mut impl DevicePtrMut<T>,
+    mut dbias: Option<CudaViewMut<'_, T>>,
+) -> Result<()> {
+    let lens = match &pre {
+        Preact::X { x, bias } => Preact::X {
+            x: x.len(),
+            bias: bias.as_ref().map(|b| b.len()),
+        },
+        Preact::H(h) => Preact::H(h.len()),
+    };
+    check_backward(
+        cfg,
+        dy.len(),
+        &lens,
+        dx.len(),
+        dbias.as_ref().map(|d| d.len()),
+    )?;
+    // The slab partition (grid.y) depends on the shape only.
+    let (_, grid0, slab) = geometry::<T>(cfg, false);
+    let slabs = grid0.1 as usize;
+    let db_g = dbias
+        .as_mut()
+        .map(|d| handle.write_ptr(OP, "dbias", d))
+        .transpose()?;
+    let db_ptr = db_g.as_ref().map_or(0, |(p, _)| *p);
+    if cfg.is_empty() {
+        if db_ptr != 0 && cfg.cols() > 0 {
+            // No rows: the column sums are zero (no partials to read).
+            finish_dbias::<T>(handle, 0, db_ptr, cfg.cols(), 0)?;
+        }
+        return Ok(());
+    }
+    let (dy_ptr, _gdy) = handle.read_ptr(OP, "dy", dy)?;
+    let (dx_ptr, _gdx) = handle.write_ptr(OP, "dx", dx)?;
+    let (x_g, b_g, h_g) = match &pre {
+        Preact::X { x, bias } => (
+            Some(handle.read_ptr(OP, "x", x)?),
+            bias.as_ref()
+                .map(|b| handle.read_ptr(OP, "bias", b))
+                .transpose()?,
+            None,
+        ),
+        Preact::H(h) => (None, None, Some(handle.read_ptr(OP, "h", h)?)),
+    };
+    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
+    let (x_ptr, b_ptr, h_ptr) = (ptr(&x_g), ptr(&b_g), ptr(&h_g));
+    let (vector, grid, _) = geometry::<T>(cfg, aligned16(&[dy_ptr, dx_ptr, x_ptr, h_ptr]));
+
+    let mut partials = if db_ptr != 0 {
+        // SAFETY: the backward kernel writes every (slab, column) partial before the finishing
+        // kernel reads it (every slab has at least one row; inactive columns are not read).
+        Some(
+            unsafe { handle.stream().alloc::<f32>(slabs * cfg.cols()) }
+                .map_err(Error::driver(OP))?,
+        )
+    } else {
+        None
+    };
+    let part_g = partials
+        .as_mut()
+        .map(|b| handle.write_ptr(OP, "partials", b))
+        .transpose()?;
+    let part_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
+    let rate = cfg.rate();
+    let p = BwdParams {
+        dy: dy_ptr,
+        x: x_ptr,
+        bias: b_ptr,
+        h: h_ptr,
+        dx: dx_ptr,
+        partials: part_ptr,
+        rows: cfg.rows() as u64,
+        cols: cfg.cols() as u64,
+        slab_rows: slab,
+        seed: cfg.seed(),
+        call: cfg.call(),
+        threshold: rate.threshold(),
+        scale: rate.scale(),
+        act: cfg.act().code(),
+    };
+    let family = if vector { BWD_VEC } else { BWD_SCALAR };
+    handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)?;
+    if db_ptr != 0 {
+        finish_dbias::<T>(handle, part_ptr, db_ptr, cfg.cols(), slabs)?;
+    }
+    drop(part_g);
+    drop(partials); // stream-ordered free after the kernels that use it
+    Ok(())
+}
+
+/// `dbias[col] = T(sum over slabs in order of partials[slab][col])` (zeros for no slabs).
+fn finish_dbias<T: Dtype>(
+    handle: &Handle,
+    partials: u64,
+    dbias: u64,
+    cols: usize,
+    slabs: usize,
+) -> Result<()> {
+    let p = DbiasParams {
+        partials,
+        dbias,
+        slabs: slabs as u64,
+        cols: cols as u64,
+    };
+    let grid = (cols as u64)
+        .div_ceil(u64::from(DBIAS_BLOCK))
+        .clamp(1, 1 << 20) as u32;
+    handle.launch(DBIAS.get::<T>(), (grid, 1, 1), (DBIAS_BLOCK, 1, 1), 0, &p)
+}

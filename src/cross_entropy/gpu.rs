@@ -1,0 +1,573 @@
+//! Launch wrappers for `kernels/cross_entropy.cu`.
+//!
+//! One call is at most: a memset and the count kernel (mean only: the count of valid rows the
+//! gradient scale needs), the fused kernel (one block of [`SLOTS`] threads per row, blocks
+//! looping over rows), and the sum kernel over the per-row losses (sum and mean: once per
+//! [`REDUCE_CHUNK`]-fold level, one launch up to 4096 rows). The vector path (16-byte accesses)
+//! runs when the logits (and a separate gradient) start 16-byte aligned and a row is a whole
+//! number of 16-byte vectors; otherwise the scalar path, with the same bits.
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+
+use super::{check_lens, Config, Reduction, TargetIndex, OP, REDUCE_CHUNK, SLOTS};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::runtime::kernels::{per_dtype, Kernel, KernelFamily};
+use crate::runtime::Handle;
+
+pub(super) const FLAG_GRAD: u32 = 1;
+pub(super) const FLAG_VEC: u32 = 2;
+pub(super) const FLAG_MEAN: u32 = 4;
+pub(super) const FLAG_UPSTREAM: u32 = 8;
+
+/// The most blocks of a row-looping launch: each block loops over rows, results never depend on
+/// it.
+pub(super) const MAX_GRID: u64 = 1 << 20;
+
+/// Mirrors `FusedParams` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FusedParams {
+    logits: u64,
+    grad: u64,
+    targets: u64,
+    loss_rows: u64,
+    upstream: u64,
+    n_valid: u64,
+    flag: u64,
+    rows: u64,
+    vocab: u64,
+    ignore_index: i64,
+    conf: f32,
+    alpha: f32,
+    eps: f32,
+    vocab_f: f32,
+    lambda: f32,
+    lam2: f32,
+    flags: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<FusedParams>() == 112);
+// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+unsafe impl DeviceRepr for FusedParams {}
+
+/// Mirrors `CountParams` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct CountParams {
+    pub targets: u64,
+    pub n_valid: u64,
+    pub rows: u64,
+    pub vocab: u64,
+    pub ignore_index: i64,
+}
+const _: () = assert!(std::mem::size_of::<CountParams>() == 40);
+// SAFETY: as above.
+unsafe impl DeviceRepr for CountParams {}
+
+/// Mirrors `SumParams` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SumParams {
+    input: u64,
+    out: u64,
+    n_valid: u64,
+    n: u64,
+    flags: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<SumParams>() == 40);
+// SAFETY: as above.
+unsafe impl DeviceRepr for SumParams {}
+
+const FUSED_I32: KernelFamily = per_dtype!(
+    CrossEntropyFusedF32Ti32,
+    CrossEntropyFusedF16Ti32,
+    CrossEntropyFusedBf16Ti32
+);
+const FUSED_I64: KernelFamily = per_dtype!(
+    CrossEntropyFusedF32Ti64,
+    CrossEntropyFusedF16Ti64,
+    CrossEntropyFusedBf16Ti64
+);
+
+/// Picks the i32 or i64 member of a pair of kernel families.
+pub(super) fn by_target<T: Dtype, I: TargetIndex>(
+    i32s: KernelFamily,
+    i64s: KernelFamily,
+) -> Kernel {
+    if std::mem::size_of::<I>() == 8 {
+        i64s.get::<T>()
+    } else {
+        i32s.get::<T>()
+    }
+}
+
+/// Device scratch of the reductions: the per-row losses and the chunk sums (f32), and the count
+/// of valid rows (u64). Pass one to reuse it across calls; otherwise each call allocates its
+/// own, stream-ordered.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::cross_entropy::Workspace;
+/// let ws = Workspace::new(); // allocates nothing: no GPU needed
+/// assert_eq!(ws.capacity(), 0);
+/// ```
+#[derive(Debug, Default)]
+pub struct Workspace {
+    f32s: Option<CudaSlice<f32>>,
+    count: Option<CudaSlice<u64>>,
+}
+
+impl Workspace {
+    /// An empty workspace; the first call that needs it sizes it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::cross_entropy::Workspace;
+    /// assert_eq!(Workspace::new().capacity(), 0);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Current size of the f32 scratch in elements.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::cross_entropy::Workspace;
+    /// assert_eq!(Workspace::default().capacity(), 0);
+    /// ```
+    pub fn capacity(&self) -> usize {
+        self.f32s.as_ref().map_or(0, |b| b.len())
+    }
+}
+
+/// f32 scratch for `rows` per-row losses and every level of chunk sums below the final one.
+pub(super) fn scratch_len(rows: usize) -> usize {
+    let mut total = rows;
+    let mut n = rows;
+    while n > REDUCE_CHUNK {
+        n = n.div_ceil(REDUCE_CHUNK);
+        total += n;
+    }
+    total
+}
+
+/// The outputs and optional inputs of a GPU call besides logits, targets and gradient.
+///
+/// # Examples
+///
+/// ```no_run
+/// use fusedreg::cross_entropy::{self as xe, Config, Outputs, Reduction};
+/// use half::bf16;
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(4, 50_257)?.reduction(Reduction::None);
+/// let mut logits = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// let targets = s.clone_htod(&[1i64, 2, -100, 3]).unwrap();
+/// let upstream = s.clone_htod(&[1.0f32, 0.5, 1.0, 2.0]).unwrap();
+/// let mut loss = s.alloc_zeros::<f32>(cfg.rows()).unwrap();
+/// let mut flag = s.alloc_zeros::<u32>(1).unwrap();
+/// let out = Outputs {
+///     upstream: Some(upstream.as_view()),
+///     invalid_target: Some(flag.as_view_mut()),
+///     ..Outputs::new(loss.as_view_mut())
+/// };
+/// xe::forward_backward_inplace(&h, &cfg, &mut logits, &targets, out)?;
+/// assert_eq!(s.clone_dtoh(&flag).unwrap(), [0]); // every target was in range
+/// # Ok(()) }
+/// ```
+pub struct Outputs<'a> {
+    /// The loss: `rows` f32 for [`Reduction::None`] (0 for ignored rows), one f32 otherwise.
+    pub loss: CudaViewMut<'a, f32>,
+    /// Per-row upstream gradient (`rows` f32), only with [`Reduction::None`]; `None` means 1.
+    pub upstream: Option<CudaView<'a, f32>>,
+    /// A flag (at least one u32) OR'ed with 1 when a target is outside `[0, V)` and not the
+    /// ignore index. Never cleared by the op: zero it before the calls you want to check.
+    pub invalid_target: Option<CudaViewMut<'a, u32>>,
+    /// Reusable scratch for the reductions.
+    pub workspace: Option<&'a mut Workspace>,
+}
+
+impl<'a> Outputs<'a> {
+    /// Just the loss.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use fusedreg::cross_entropy::Outputs;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let mut loss = h.stream().alloc_zeros::<f32>(1).unwrap();
+    /// let out = Outputs::new(loss.as_view_mut());
+    /// assert!(out.upstream.is_none());
+    /// # Ok(()) }
+    /// ```
+    pub fn new(loss: CudaViewMut<'a, f32>) -> Self {
+        Outputs {
+            loss,
+            upstream: None,
+            invalid_target: None,
+            workspace: None,
+        }
+    }
+}
+
+/// Loss and gradient into a separate buffer `grad` (`rows * vocab` of the logits' dtype), on the
+/// handle's stream (see the [module docs](super)). Views starting at any element are accepted
+/// (misaligned ones take the scalar path, with the same bits).
+///
+/// Errors: [`Error::ShapeMismatch`] for a length that disagrees with the config,
+/// [`Error::InvalidArgument`] for an upstream gradient with a reduction other than `None` or a
+/// buffer from another CUDA context; driver errors. Targets are not checked on the host: an
+/// out-of-range one raises `out.invalid_target` and its row counts as ignored.
+///
+/// ```no_run
+/// use fusedreg::cross_entropy::{self as xe, Config, Outputs};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(2, 1000)?.label_smoothing(0.1)?;
+/// let logits = s.clone_htod(&vec![0.5f32; cfg.len()]).unwrap();
+/// let targets = s.clone_htod(&[7i32, 999]).unwrap();
+/// let mut grad = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// let mut loss = s.alloc_zeros::<f32>(1).unwrap();
+/// xe::forward_backward(&h, &cfg, &logits, &targets, &mut grad, Outputs::new(loss.as_view_mut()))?;
+/// # Ok(()) }
+/// ```
+pub fn forward_backward<T: Dtype, I: TargetIndex>(
+    handle: &Handle,
+    cfg: &Config,
+    logits: &impl DevicePtr<T>,
+    targets: &impl DevicePtr<I>,
+    grad: &mut impl DevicePtrMut<T>,
+    out: Outputs<'_>,
+) -> Result<()> {
+    check_lens(
+        cfg,
+        logits.len(),
+        targets.len(),
+        Some(grad.len()),
+        out.loss.len(),
+        out.upstream.as_ref().map(|u| u.len()),
+    )?;
+    let (l, _gl) = handle.read_ptr(OP, "logits", logits)?;
+    let (t, _gt) = handle.read_ptr(OP, "targets", targets)?;
+    let (g, _gg) = handle.write_ptr(OP, "grad", grad)?;
+    launch::<T, I>(handle, cfg, l, t, Some(g), out)
+}
+
+/// Loss, with the gradient written over the logits (Liger-Kernel's way: no second
+/// `[rows, vocab]` buffer at all).
+///
+/// Errors: as [`forward_backward`].
+///
+/// ```no_run
+/// use fusedreg::cross_entropy::{self as xe, Config, Outputs};
+/// use half::bf16;
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(8, 128_256)?.label_smoothing(0.1)?;
+/// let mut logits = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// let targets = s.clone_htod(&[5i64; 8]).unwrap();
+/// let mut loss = s.alloc_zeros::<f32>(1).unwrap();
+/// xe::forward_backward_inplace(&h, &cfg, &mut logits, &targets, Outputs::new(loss.as_view_mut()))?;
+/// // `logits` now holds d(mean loss)/d(logits).
+/// # Ok(()) }
+/// ```
+pub fn forward_backward_inplace<T: Dtype, I: TargetIndex>(
+    handle: &Handle,
+    cfg: &Config,
+    logits: &mut impl DevicePtrMut<T>,
+    targets: &impl DevicePtr<I>,
+    out: Outputs<'_>,
+) -> Result<()> {
+    check_lens(
+        cfg,
+        logits.len(),
+        targets.len(),
+        None,
+        out.loss.len(),
+        out.upstream.as_ref().map(|u| u.len()),
+    )?;
+    let (t, _gt) = handle.read_ptr(OP, "targets", targets)?;
+    let (l, _gl) = handle.write_ptr(OP, "logits", logits)?;
+    launch::<T, I>(handle, cfg, l, t, Some(l), out)
+}
+
+/// Loss only: each row is read once.
+///
+/// Errors: as [`forward_backward`] (an upstream gradient is accepted and unused).
+///
+/// ```no_run
+/// use fusedreg::cross_entropy::{self as xe, Config, Outputs, Reduction};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(2, 10)?.reduction(Reduction::Sum);
+/// let logits = s.clone_htod(&[0.0f32; 20]).unwrap();
+/// let targets = s.clone_htod(&[1i32, 2]).unwrap();
+/// let mut loss = s.alloc_zeros::<f32>(1).unwrap();
+/// xe::forward(&h, &cfg, &logits, &targets, Outputs::new(loss.as_view_mut()))?;
+/// # Ok(()) }
+/// ```
+pub fn forward<T: Dtype, I: TargetIndex>(
+    handle: &Handle,
+    cfg: &Config,
+    logits: &impl DevicePtr<T>,
+    targets: &impl DevicePtr<I>,
+    out: Outputs<'_>,
+) -> Result<()> {
+    check_lens(
+        cfg,
+        logits.len(),
+        targets.len(),
+        None,
+        out.loss.len(),
+        out.upstream.as_ref().map(|u| u.len()),
+    )?;
+    let (l, _gl) = handle.read_ptr(OP, "logits", logits)?;
+    let (t, _gt) = handle.read_ptr(OP, "targets", targets)?;
+    launch::<T, I>(handle, cfg, l, t, None, out)
+}
+
+/// The f32 scratch and the count to use: the caller's workspace (grown when too small) or
+/// per-call buffers, which `own` keeps alive until after the launches (stream-ordered free).
+pub(super) struct Scratch {
+    pub f32s: u64,
+    pub count: u64,
+}
+
+pub(super) fn scratch(
+    handle: &Handle,
+    ws: Option<&mut Workspace>,
+    f32_len: usize,
+    own: &mut Workspace,
+) -> Result<Scratch> {
+    let ws = match ws {
+        Some(ws) => ws,
+        None => own,
+    };
+    let stream = handle.stream();
+    if f32_len > 0 && ws.capacity() < f32_len {
+        ws.f32s = None; // free the old one first
+                        // SAFETY: every element a kernel reads is written by an earlier kernel of the call.
+        ws.f32s = Some(unsafe { stream.alloc::<f32>(f32_len) }.map_err(Error::driver(OP))?);
+    }
+    if ws.count.is_none() {
+        ws.count = Some(stream.alloc_zeros::<u64>(1).map_err(Error::driver(OP))?);
+    }
+    let f32s = match ws.f32s.as_mut() {
+        Some(b) if f32_len > 0 => {
+            let (p, _g) = handle.write_ptr(OP, "workspace", b)?;
+            p
+        }
+        _ => 0,
+    };
+    let count = {
+        let b = ws.count.as_mut().expect("allocated above");
+        let (p, _g) = handle.write_ptr(OP, "workspace", b)?;
+        p
+    };
+    Ok(Scratch { f32s, count })
+}
+
+/// Counts the valid rows into `*count` (zeroed first): the mean's divisor.
+pub(super) fn count_valid<I: TargetIndex>(
+    handle: &Handle,
+    cfg: &Config,
+    targets: u64,
+    count: u64,
+) -> Result<()> {
+    // SAFETY: `count` is a live u64 of the workspace on this stream.
+    unsafe { cudarc::driver::result::memset_d8_async(count, 0, 8, handle.stream().cu_stream()) }
+        .map_err(Error::driver(OP))?;
+    let kernel = if std::mem::size_of::<I>() == 8 {
+        Kernel::CrossEntropyCountTi64
+    } else {
+        Kernel::CrossEntropyCountTi32
+    };
+    let p = CountParams {
+        targets,
+        n_valid: count,
+        rows: cfg.rows() as u64,
+        vocab: cfg.vocab() as u64,
+        ignore_index: cfg.get_ignore_index(),
+    };
+    let grid = (cfg.rows() as u64).div_ceil(SLOTS as u64).clamp(1, 1024) as u32;
+    handle.launch(kernel, (grid, 1, 1), (SLOTS as u32, 1, 1), 0, &p)
+}
+
+/// Sums `n` per-row losses at `rows_ptr` into `out` (one f32), through the chunk levels kept in
+/// the scratch after them; divides by `*count` for the mean.
+pub(super) fn reduce_losses(
+    handle: &Handle,
+    rows_ptr: u64,
+    n: usize,
+    out: u64,
+    count: u64,
+    mean: bool,
+) -> Result<()> {
+    let mut input = rows_ptr;
+    let mut n = n;
+    let mut next = rows_ptr + 4 * n as u64;
+    loop {
+        let blocks = n.div_ceil(REDUCE_CHUNK);
+        let last = blocks == 1;
+        let p = SumParams {
+            input,
+            out: if last { out } else { next },
+            n_valid: count,
+            n: n as u64,
+            flags: if last && mean { FLAG_MEAN } else { 0 },
+            pad: 0,
+        };
+        handle.launch(
+            Kernel::CrossEntropySum,
+            (blocks as u32, 1, 1),
+            (SLOTS as u32, 1, 1),
+            0,
+            &p,
+        )?;
+        if last {
+            return Ok(());
+        }
+        input = next;
+        next += 4 * blocks as u64;
+        n = blocks;
+    }
+}
+
+fn launch<T: Dtype, I: TargetIndex>(
+    handle: &Handle,
+    cfg: &Config,
+    logits: u64,
+    targets: u64,
+    grad: Option<u64>,
+    mut out: Outputs<'_>,
+) -> Result<()> {
+    let reduction = cfg.get_reduction();
+    let (loss_ptr, _gloss) = handle.write_ptr(OP, "loss", &mut out.loss)?;
+    if cfg.is_empty() {
+        if reduction != Reduction::None {
+            // SAFETY: the loss view holds one f32 (checked).
+            unsafe {
+                cudarc::driver::result::memset_d8_async(loss_ptr, 0, 4, handle.stream().cu_stream())
+            }
+            .map_err(Error::driver(OP))?;
+        }
+        return Ok(());
+    }
+    let upstream = out
+        .upstream
+        .as_ref()
+        .map(|u| handle.read_ptr(OP, "upstream", u))
+        .transpose()?;
+    let flag = out
+        .invalid_target
+        .as_mut()
+        .map(|f| {
+            if f.is_empty() {
+                Err(Error::shape(
+                    OP,
+                    "invalid_target has 0 elements, expected at least 1",
+                ))
+            } else {
+                handle.write_ptr(OP, "invalid_target", f)
+            }
+        })
+        .transpose()?;
+
+    let mut own = Workspace::new();
+    let f32_len = if reduction == Reduction::None {
+        0
+    } else {
+        scratch_len(cfg.rows())
+    };
+    let s = scratch(handle, out.workspace.take(), f32_len, &mut own)?;
+    if reduction == Reduction::Mean {
+        count_valid::<I>(handle, cfg, targets, s.count)?;
+    }
+
+    let size = T::KIND.size() as u64;
+    let vocab = cfg.vocab() as u64;
+    let vec = logits % 16 == 0 && grad.is_none_or(|g| g % 16 == 0) && (vocab * size) % 16 == 0;
+    let mut flags = 0;
+    if grad.is_some() {
+        flags |= FLAG_GRAD;
+    }
+    if vec {
+        flags |= FLAG_VEC;
+    }
+    match reduction {
+        Reduction::Mean => flags |= FLAG_MEAN,
+        Reduction::None if upstream.is_some() => flags |= FLAG_UPSTREAM,
+        _ => {}
+    }
+    let c = cfg.consts();
+    let loss_rows = if reduction == Reduction::None {
+        loss_ptr
+    } else {
+        s.f32s
+    };
+    let p = FusedParams {
+        logits,
+        grad: grad.unwrap_or(0),
+        targets,
+        loss_rows,
+        upstream: upstream.as_ref().map_or(0, |(p, _)| *p),
+        n_valid: s.count,
+        flag: flag.as_ref().map_or(0, |(p, _)| *p),
+        rows: cfg.rows() as u64,
+        vocab,
+        ignore_index: cfg.get_ignore_index(),
+        conf: c.conf,
+        alpha: c.alpha,
+        eps: c.eps,
+        vocab_f: c.vocab_f,
+        lambda: c.lambda,
+        lam2: c.lam2,
+        flags,
+        pad: 0,
+    };
+    let grid = (cfg.rows() as u64).min(MAX_GRID) as u32;
+    handle.launch(
+        by_target::<T, I>(FUSED_I32, FUSED_I64),
+        (grid, 1, 1),
+        (SLOTS as u32, 1, 1),
+        0,
+        &p,
+    )?;
+    if reduction != Reduction::None {
+        reduce_losses(
+            handle,
+            s.f32s,
+            cfg.rows(),
+            loss_ptr,
+            s.count,
+            reduction == Reduction::Mean,
+        )?;
+    }
+    drop(own); // stream-ordered free after the kernels that use it
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_holds_every_level() {
+        assert_eq!(scratch_len(10), 10);
+        assert_eq!(scratch_len(REDUCE_CHUNK), REDUCE_CHUNK);
+        assert_eq!(scratch_len(REDUCE_CHUNK + 1), REDUCE_CHUNK + 1 + 2);
+        let big = REDUCE_CHUNK * REDUCE_CHUNK * 3;
+        assert_eq!(scratch_len(big), big + REDUCE_CHUNK * 3 + 3);
+    }
+}

@@ -1,0 +1,333 @@
+//! The unfused baseline, the way PyTorch eager runs `F.cross_entropy` with label smoothing
+//! forward and backward, and its CPU mirror. The benchmarks compare the fused op with this.
+//!
+//! Four steps, each through device memory: a log-softmax kernel writes the log-probabilities
+//! `lp = T(x - lse)` (a `[rows, vocab]` temporary in the logits dtype, passed in by the caller)
+//! and `lse` per row; a gather + smoothing kernel reads `lp` and writes per-row losses
+//! `conf·(-lp[t]) + α·(-(Σ lp)/V) + λ·lse²`; the loss sum (the fused op's kernel); a separate
+//! backward kernel reads `lp` and writes `grad = T((exp(lp)·zf - α/V - conf·[j = t])·scale)`.
+//! Because `lp` is rounded to `T`, results differ from the fused op in 16-bit types (by the
+//! rounding of `lp`): [`forward_backward_cpu`] mirrors this path exactly, and the GPU tests
+//! compare the kernels with it bit for bit. Bytes: [`unfused_bytes`](super::unfused_bytes).
+//!
+//! ```no_run
+//! use fusedreg::cross_entropy::{unfused, Config, Outputs};
+//! # fn main() -> fusedreg::Result<()> {
+//! let h = fusedreg::Handle::new(0)?;
+//! let s = h.stream();
+//! let cfg = Config::new(16, 32_000)?.label_smoothing(0.1)?;
+//! let x = s.clone_htod(&vec![0.25f32; cfg.len()]).unwrap();
+//! let t = s.clone_htod(&[3i64; 16]).unwrap();
+//! let mut lp = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+//! let mut grad = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+//! let mut loss = s.alloc_zeros::<f32>(1).unwrap();
+//! unfused::forward_backward(&h, &cfg, &x, &t, &mut lp, &mut grad, Outputs::new(loss.as_view_mut()))?;
+//! # Ok(()) }
+//! ```
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
+
+use super::cpu::{mean_of, ordered_sum, row_state, z_factor, Loss};
+use super::gpu::{
+    by_target, count_valid, reduce_losses, scratch, scratch_len, Outputs, Workspace, FLAG_MEAN,
+    FLAG_UPSTREAM, MAX_GRID,
+};
+use super::math::{exp, ln};
+use super::{check_lens, target_class, Config, Reduction, TargetClass, TargetIndex, OP, SLOTS};
+use crate::dtype::Dtype;
+use crate::error::{check_len, Error, Result};
+use crate::runtime::kernels::{per_dtype, KernelFamily};
+use crate::runtime::Handle;
+
+/// Mirrors `UnfusedParams` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct UnfusedParams {
+    x: u64,
+    y: u64,
+    targets: u64,
+    lse: u64,
+    loss_rows: u64,
+    upstream: u64,
+    n_valid: u64,
+    rows: u64,
+    vocab: u64,
+    ignore_index: i64,
+    conf: f32,
+    alpha: f32,
+    eps: f32,
+    vocab_f: f32,
+    lambda: f32,
+    lam2: f32,
+    flags: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<UnfusedParams>() == 112);
+// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+unsafe impl DeviceRepr for UnfusedParams {}
+
+const LOG_SOFTMAX: KernelFamily = per_dtype!(
+    CrossEntropyUnfusedLogSoftmaxF32,
+    CrossEntropyUnfusedLogSoftmaxF16,
+    CrossEntropyUnfusedLogSoftmaxBf16
+);
+const NLL_I32: KernelFamily = per_dtype!(
+    CrossEntropyUnfusedNllF32Ti32,
+    CrossEntropyUnfusedNllF16Ti32,
+    CrossEntropyUnfusedNllBf16Ti32
+);
+const NLL_I64: KernelFamily = per_dtype!(
+    CrossEntropyUnfusedNllF32Ti64,
+    CrossEntropyUnfusedNllF16Ti64,
+    CrossEntropyUnfusedNllBf16Ti64
+);
+const BWD_I32: KernelFamily = per_dtype!(
+    CrossEntropyUnfusedBackwardF32Ti32,
+    CrossEntropyUnfusedBackwardF16Ti32,
+    CrossEntropyUnfusedBackwardBf16Ti32
+);
+const BWD_I64: KernelFamily = per_dtype!(
+    CrossEntropyUnfusedBackwardF32Ti64,
+    CrossEntropyUnfusedBackwardF16Ti64,
+    CrossEntropyUnfusedBackwardBf16Ti64
+);
+
+/// The unfused forward and backward on the device: four kernels (five with the mean's count),
+/// the log-probabilities materialised in `logprobs` (`rows * vocab` of `T`), the gradient in
+/// `grad`. `out` as for the fused op (the invalid-target flag is not supported here: a bad
+/// target's row is treated as ignored).
+///
+/// Errors: as [`forward_backward`](super::forward_backward), plus a `logprobs` of the wrong
+/// length.
+///
+/// ```no_run
+/// # use fusedreg::cross_entropy::{unfused, Config, Outputs};
+/// # fn main() -> fusedreg::Result<()> {
+/// # let h = fusedreg::Handle::new(0)?;
+/// # let s = h.stream();
+/// let cfg = Config::new(2, 8)?;
+/// # let x = s.clone_htod(&[0.0f32; 16]).unwrap();
+/// # let t = s.clone_htod(&[1i32, 2]).unwrap();
+/// # let mut lp = s.alloc_zeros::<f32>(16).unwrap();
+/// # let mut g = s.alloc_zeros::<f32>(16).unwrap();
+/// # let mut loss = s.alloc_zeros::<f32>(1).unwrap();
+/// unfused::forward_backward(&h, &cfg, &x, &t, &mut lp, &mut g, Outputs::new(loss.as_view_mut()))?;
+/// # Ok(()) }
+/// ```
+pub fn forward_backward<T: Dtype, I: TargetIndex>(
+    handle: &Handle,
+    cfg: &Config,
+    logits: &impl DevicePtr<T>,
+    targets: &impl DevicePtr<I>,
+    logprobs: &mut impl DevicePtrMut<T>,
+    grad: &mut impl DevicePtrMut<T>,
+    mut out: Outputs<'_>,
+) -> Result<()> {
+    check_lens(
+        cfg,
+        logits.len(),
+        targets.len(),
+        Some(grad.len()),
+        out.loss.len(),
+        out.upstream.as_ref().map(|u| u.len()),
+    )?;
+    check_len(OP, "logprobs", logprobs.len(), cfg.len())?;
+    let reduction = cfg.get_reduction();
+    let (loss_ptr, _gloss) = handle.write_ptr(OP, "loss", &mut out.loss)?;
+    if cfg.is_empty() {
+        if reduction != Reduction::None {
+            // SAFETY: the loss view holds one f32 (checked).
+            unsafe {
+                cudarc::driver::result::memset_d8_async(loss_ptr, 0, 4, handle.stream().cu_stream())
+            }
+            .map_err(Error::driver(OP))?;
+        }
+        return Ok(());
+    }
+    let (x, _g1) = handle.read_ptr(OP, "logits", logits)?;
+    let (t, _g2) = handle.read_ptr(OP, "targets", targets)?;
+    let (lp, _g3) = handle.write_ptr(OP, "logprobs", logprobs)?;
+    let (g, _g4) = handle.write_ptr(OP, "grad", grad)?;
+    let upstream = out
+        .upstream
+        .as_ref()
+        .map(|u| handle.read_ptr(OP, "upstream", u))
+        .transpose()?;
+
+    // Scratch: lse per row, then the losses and their chunk levels.
+    let rows = cfg.rows();
+    let mut own = Workspace::new();
+    let s = scratch(
+        handle,
+        out.workspace.take(),
+        rows + scratch_len(rows),
+        &mut own,
+    )?;
+    if reduction == Reduction::Mean {
+        count_valid::<I>(handle, cfg, t, s.count)?;
+    }
+    let lse = s.f32s;
+    let loss_rows = if reduction == Reduction::None {
+        loss_ptr
+    } else {
+        lse + 4 * rows as u64
+    };
+    let c = cfg.consts();
+    let mut flags = 0;
+    match reduction {
+        Reduction::Mean => flags |= FLAG_MEAN,
+        Reduction::None if upstream.is_some() => flags |= FLAG_UPSTREAM,
+        _ => {}
+    }
+    let base = UnfusedParams {
+        x,
+        y: lp,
+        targets: t,
+        lse,
+        loss_rows,
+        upstream: upstream.as_ref().map_or(0, |(p, _)| *p),
+        n_valid: s.count,
+        rows: rows as u64,
+        vocab: cfg.vocab() as u64,
+        ignore_index: cfg.get_ignore_index(),
+        conf: c.conf,
+        alpha: c.alpha,
+        eps: c.eps,
+        vocab_f: c.vocab_f,
+        lambda: c.lambda,
+        lam2: c.lam2,
+        flags,
+        pad: 0,
+    };
+    let grid = ((rows as u64).min(MAX_GRID) as u32, 1, 1);
+    let block = (SLOTS as u32, 1, 1);
+    handle.launch(LOG_SOFTMAX.get::<T>(), grid, block, 0, &base)?;
+    let nll = UnfusedParams {
+        x: lp,
+        y: 0,
+        ..base
+    };
+    handle.launch(by_target::<T, I>(NLL_I32, NLL_I64), grid, block, 0, &nll)?;
+    if reduction != Reduction::None {
+        reduce_losses(
+            handle,
+            loss_rows,
+            rows,
+            loss_ptr,
+            s.count,
+            reduction == Reduction::Mean,
+        )?;
+    }
+    let bwd = UnfusedParams {
+        x: lp,
+        y: g,
+        ..base
+    };
+    handle.launch(by_target::<T, I>(BWD_I32, BWD_I64), grid, block, 0, &bwd)?;
+    drop(own);
+    Ok(())
+}
+
+/// The CPU mirror of [`forward_backward`]: the same roundings (log-probabilities in `T`) and
+/// operation order. Targets are checked as in [`cpu`](super::cpu).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::cross_entropy::{cpu, unfused, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 5)?.label_smoothing(0.1)?;
+/// let x: Vec<f32> = (0..10).map(|i| (i as f32 * 0.7).sin()).collect();
+/// let (mut g1, mut g2) = (vec![0.0f32; 10], vec![0.0f32; 10]);
+/// let a = unfused::forward_backward_cpu(&cfg, &x, &[1i32, 4], None, &mut g1)?;
+/// let b = cpu::forward_backward(&cfg, &x, &[1i32, 4], None, &mut g2)?;
+/// assert!((a.reduced.unwrap() - b.reduced.unwrap()).abs() < 1e-5);
+/// assert!(g1.iter().zip(&g2).all(|(p, q)| (p - q).abs() < 1e-6));
+/// # Ok(()) }
+/// ```
+pub fn forward_backward_cpu<T: Dtype, I: TargetIndex>(
+    cfg: &Config,
+    logits: &[T],
+    targets: &[I],
+    upstream: Option<&[f32]>,
+    grad: &mut [T],
+) -> Result<Loss> {
+    check_lens(
+        cfg,
+        logits.len(),
+        targets.len(),
+        Some(grad.len()),
+        cfg.get_reduction().loss_len(cfg.rows()),
+        upstream.map(<[f32]>::len),
+    )?;
+    let v = cfg.vocab();
+    let c = cfg.consts();
+    let mut classes = Vec::with_capacity(targets.len());
+    for (row, &t) in targets.iter().enumerate() {
+        let class = target_class(t.to_i64(), v, cfg.get_ignore_index());
+        if class == TargetClass::OutOfRange {
+            return Err(Error::invalid(
+                OP,
+                format!("target {} of row {row} is outside [0, {v})", t.to_i64()),
+            ));
+        }
+        classes.push(class);
+    }
+    let n_valid = classes
+        .iter()
+        .filter(|c| matches!(c, TargetClass::Valid(_)))
+        .count() as u64;
+    let mut rows = vec![0.0f32; cfg.rows()];
+    let mut xs = vec![0.0f32; v];
+    let mut lp = vec![0.0f32; v];
+    for (row, class) in classes.iter().enumerate() {
+        let out = &mut grad[row * v..(row + 1) * v];
+        let TargetClass::Valid(t) = *class else {
+            out.fill(T::from_f32_rn(0.0));
+            continue;
+        };
+        for (d, s) in xs.iter_mut().zip(&logits[row * v..(row + 1) * v]) {
+            *d = s.to_f32();
+        }
+        let st = row_state(&xs);
+        let lse = st.m + ln(st.s);
+        for (l, &x) in lp.iter_mut().zip(&xs) {
+            *l = T::from_f32_rn(x - lse).to_f32();
+        }
+        let sum_lp = row_state(&lp).sx;
+        let mut loss = 0.0f32;
+        if c.conf != 0.0 {
+            loss = c.conf * (0.0 - lp[t]);
+        }
+        if c.alpha != 0.0 {
+            loss += c.alpha * (0.0 - sum_lp / c.vocab_f);
+        }
+        if c.lambda != 0.0 {
+            loss += c.lambda * (lse * lse);
+        }
+        rows[row] = loss;
+        let zf = z_factor(&c, lse);
+        let scale = match cfg.get_reduction() {
+            Reduction::Mean => 1.0f32 / n_valid as f32,
+            Reduction::Sum => 1.0,
+            Reduction::None => upstream.map_or(1.0, |u| u[row]),
+        };
+        for (j, (o, &l)) in out.iter_mut().zip(&lp).enumerate() {
+            let mut d = exp(l) * zf - c.eps;
+            if j == t {
+                d -= c.conf;
+            }
+            *o = T::from_f32_rn(d * scale);
+        }
+    }
+    let reduced = match cfg.get_reduction() {
+        Reduction::None => None,
+        Reduction::Sum => Some(ordered_sum(&rows)),
+        Reduction::Mean => Some(mean_of(ordered_sum(&rows), n_valid)),
+    };
+    Ok(Loss {
+        rows,
+        reduced,
+        n_valid,
+    })
+}

@@ -1,0 +1,372 @@
+//! The unfused baseline, the way PyTorch eager runs `dropout(x + bias)`, and its CPU mirror. The
+//! benchmarks compare the fused op with this.
+//!
+//! Forward, two kernels, each reading its inputs from and writing its output to device memory in
+//! `T`: bias add `t = T(x + b)` (skipped without bias), dropout `y = keep ? T(t * scale) : 0`
+//! writing a 1-byte mask (1 = kept). Backward: masked scale `dx = mask ? T(dy * scale) : 0`,
+//! then a separate bias-gradient column sum of the rounded `dx` (per-slab partials and their
+//! ordered sum, the fused op's partition: deterministic, no atomics). The kernels are the shared
+//! eager ones of `kernels/common/dropout_keying.cuh`, instantiated in `kernels/dropout.cu`.
+//!
+//! The mask uses the fused op's Philox keying, so the byte mask equals the fused bitmask element
+//! for element. With a bias the 16-bit results differ from the fused op's (`t` is rounded to `T`
+//! before the multiply): [`forward_cpu`] and [`backward_cpu`] mirror this path exactly. No drop
+//! path or row scale: frameworks apply those as a separate multiply.
+//!
+//! ```no_run
+//! use fusedreg::dropout::{unfused::Unfused, Config};
+//! # fn main() -> fusedreg::Result<()> {
+//! let h = fusedreg::Handle::new(0)?;
+//! let cfg = Config::new(16, 64, 0.1, 42, 7)?;
+//! let s = h.stream();
+//! let x = s.clone_htod(&vec![1.0f32; cfg.len()]).unwrap();
+//! let mut y = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+//! let mut mask = s.alloc_zeros::<u8>(cfg.len()).unwrap();
+//! let mut baseline = Unfused::<f32>::new(&h);
+//! baseline.forward(&cfg, &x, None, &mut y, &mut mask)?;
+//! # Ok(()) }
+//! ```
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+
+use super::{Config, OP};
+use crate::dropout_keying::unfused::{
+    bias_add_cpu, col_sum_cpu, dropout_cpu, ensure, launch_bias_add, launch_col_sum,
+    launch_dropout, launch_masked_scale, UnfusedKernels,
+};
+use crate::dtype::Dtype;
+use crate::error::{check_len, Error, Result};
+use crate::runtime::kernels::per_dtype;
+use crate::runtime::Handle;
+
+const UNFUSED: UnfusedKernels = UnfusedKernels {
+    bias_add: per_dtype!(
+        DropoutUnfusedBiasAddF32,
+        DropoutUnfusedBiasAddF16,
+        DropoutUnfusedBiasAddBf16
+    ),
+    dropout: per_dtype!(
+        DropoutUnfusedDropoutF32,
+        DropoutUnfusedDropoutF16,
+        DropoutUnfusedDropoutBf16
+    ),
+    masked_scale: per_dtype!(
+        DropoutUnfusedMaskedScaleF32,
+        DropoutUnfusedMaskedScaleF16,
+        DropoutUnfusedMaskedScaleBf16
+    ),
+    col_sum: per_dtype!(
+        DropoutUnfusedColSumF32,
+        DropoutUnfusedColSumF16,
+        DropoutUnfusedColSumBf16
+    ),
+    dbias: per_dtype!(DropoutDbiasF32, DropoutDbiasF16, DropoutDbiasBf16),
+};
+
+fn no_row_scale(cfg: &Config) -> Result<()> {
+    if cfg.drop_path().is_some() {
+        return Err(Error::invalid(
+            OP,
+            "the unfused baseline has no drop path (frameworks apply it as a separate multiply)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_forward_lens(
+    cfg: &Config,
+    x: usize,
+    bias: Option<usize>,
+    y: usize,
+    mask: usize,
+) -> Result<()> {
+    let n = cfg.len();
+    check_len(OP, "x", x, n)?;
+    check_len(OP, "y", y, n)?;
+    check_len(OP, "mask (bytes)", mask, n)?;
+    if let Some(b) = bias {
+        check_len(OP, "bias (one per column)", b, cfg.cols())?;
+    }
+    Ok(())
+}
+
+fn check_backward_lens(
+    cfg: &Config,
+    dy: usize,
+    mask: usize,
+    dx: usize,
+    dbias: Option<usize>,
+) -> Result<()> {
+    let n = cfg.len();
+    check_len(OP, "dy", dy, n)?;
+    check_len(OP, "mask (bytes)", mask, n)?;
+    check_len(OP, "dx", dx, n)?;
+    if let Some(b) = dbias {
+        check_len(OP, "dbias (one per column)", b, cfg.cols())?;
+    }
+    Ok(())
+}
+
+/// The unfused baseline on one handle, with its intermediate buffers (`t`, the column-sum
+/// partials) kept between calls the way a framework's caching allocator keeps them, so a
+/// benchmark loop allocates nothing.
+///
+/// # Examples
+///
+/// ```no_run
+/// use fusedreg::dropout::{unfused::Unfused, Config};
+/// use half::bf16;
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let cfg = Config::new(256, 1024, 0.1, 42, 7)?;
+/// # let s = h.stream();
+/// # let x = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// # let mut y = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// # let mut mask = s.alloc_zeros::<u8>(cfg.len()).unwrap();
+/// # let bias = s.alloc_zeros::<bf16>(cfg.cols()).unwrap();
+/// let mut baseline = Unfused::<bf16>::new(&h);
+/// for _ in 0..10 {
+///     // t is allocated by the first call and reused by the others.
+///     baseline.forward(&cfg, &x, Some(bias.as_view()), &mut y, &mut mask)?;
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Unfused<T: Dtype> {
+    handle: Handle,
+    t: Option<CudaSlice<T>>,
+    partials: Option<CudaSlice<f32>>,
+}
+
+impl<T: Dtype> Unfused<T> {
+    /// A baseline launching on `handle`'s stream; buffers are allocated on first use.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use fusedreg::dropout::unfused::Unfused;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let baseline = Unfused::<f32>::new(&h); // nothing is allocated yet
+    /// # Ok(()) }
+    /// ```
+    pub fn new(handle: &Handle) -> Self {
+        Unfused {
+            handle: handle.clone(),
+            t: None,
+            partials: None,
+        }
+    }
+
+    /// `y = dropout(x + bias)` with the byte mask written to `mask` (`len` bytes). No drop path
+    /// (`cfg` must have none).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use fusedreg::dropout::{unfused::Unfused, Config};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let cfg = Config::new(16, 64, 0.1, 42, 7)?;
+    /// let x = s.clone_htod(&vec![1.0f32; cfg.len()]).unwrap();
+    /// let bias = s.clone_htod(&vec![0.5f32; cfg.cols()]).unwrap();
+    /// let mut y = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+    /// let mut mask = s.alloc_zeros::<u8>(cfg.len()).unwrap(); // one byte per element
+    /// let mut baseline = Unfused::<f32>::new(&h);
+    /// baseline.forward(&cfg, &x, Some(bias.as_view()), &mut y, &mut mask)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn forward(
+        &mut self,
+        cfg: &Config,
+        x: &impl DevicePtr<T>,
+        bias: Option<CudaView<'_, T>>,
+        y: &mut impl DevicePtrMut<T>,
+        mask: &mut impl DevicePtrMut<u8>,
+    ) -> Result<()> {
+        no_row_scale(cfg)?;
+        check_forward_lens(
+            cfg,
+            x.len(),
+            bias.as_ref().map(|b| b.len()),
+            y.len(),
+            mask.len(),
+        )?;
+        let n = cfg.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let h = self.handle.clone();
+        let (x_ptr, _g1) = h.read_ptr(OP, "x", x)?;
+        let (y_ptr, _g2) = h.write_ptr(OP, "y", y)?;
+        let (m_ptr, _g3) = h.write_ptr(OP, "mask", mask)?;
+        let bias_g = bias
+            .as_ref()
+            .map(|b| h.read_ptr(OP, "bias", b))
+            .transpose()?;
+        // 1. t = T(x + bias), or t = x without bias.
+        let mut _t_guard = None;
+        let t_src = match &bias_g {
+            Some((b_ptr, _)) => {
+                let t_buf = ensure(&h, OP, &mut self.t, n)?;
+                let (t_ptr, g) = h.write_ptr(OP, "t", t_buf)?;
+                _t_guard = Some(g);
+                launch_bias_add::<T>(&h, &UNFUSED, x_ptr, *b_ptr, t_ptr, cfg.rows(), cfg.cols())?;
+                t_ptr
+            }
+            None => x_ptr,
+        };
+        // 2. y = keep ? T(t * scale) : 0, mask = keep.
+        launch_dropout::<T>(&h, &UNFUSED, &cfg.keying(), t_src, y_ptr, m_ptr, n)
+    }
+
+    /// `dx = mask ? T(dy * scale) : 0`, then, when `dbias` is given, its column sums of the
+    /// rounded dx (deterministic, the fused op's slab partition).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use fusedreg::dropout::{unfused::Unfused, Config};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let cfg = Config::new(16, 64, 0.1, 42, 7)?;
+    /// # let mask = s.alloc_zeros::<u8>(cfg.len()).unwrap();
+    /// let dy = s.clone_htod(&vec![1.0f32; cfg.len()]).unwrap();
+    /// let mut dx = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+    /// let mut dbias = s.alloc_zeros::<f32>(cfg.cols()).unwrap();
+    /// let mut baseline = Unfused::<f32>::new(&h);
+    /// // `mask` is the byte mask written by `Unfused::forward`.
+    /// baseline.backward(&cfg, &dy, &mask, &mut dx, Some(dbias.as_view_mut()))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn backward(
+        &mut self,
+        cfg: &Config,
+        dy: &impl DevicePtr<T>,
+        mask: &impl DevicePtr<u8>,
+        dx: &mut impl DevicePtrMut<T>,
+        dbias: Option<CudaViewMut<'_, T>>,
+    ) -> Result<()> {
+        no_row_scale(cfg)?;
+        check_backward_lens(
+            cfg,
+            dy.len(),
+            mask.len(),
+            dx.len(),
+            dbias.as_ref().map(|b| b.len()),
+        )?;
+        let n = cfg.len();
+        let h = self.handle.clone();
+        let mut dbias = dbias;
+        if n == 0 {
+            if let Some(db) = dbias.as_mut().filter(|d| !d.is_empty()) {
+                h.stream().memset_zeros(db).map_err(Error::driver(OP))?;
+            }
+            return Ok(());
+        }
+        let (dy_ptr, _g1) = h.read_ptr(OP, "dy", dy)?;
+        let (m_ptr, _g2) = h.read_ptr(OP, "mask", mask)?;
+        let (dx_ptr, _g3) = h.write_ptr(OP, "dx", dx)?;
+        launch_masked_scale::<T>(&h, &UNFUSED, cfg.rate().scale(), dy_ptr, m_ptr, dx_ptr, n)?;
+        if let Some(db) = dbias.as_mut() {
+            let (db_ptr, _g4) = h.write_ptr(OP, "dbias", db)?;
+            let (rows, cols) = (cfg.rows(), cfg.cols());
+            launch_col_sum::<T>(
+                &h,
+                &UNFUSED,
+                OP,
+                &mut self.partials,
+                dx_ptr,
+                db_ptr,
+                rows,
+                cols,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// CPU mirror of [`Unfused::forward`], bit for bit: `t = T(x + b)`, `y = keep ? T(t * scale) :
+/// 0`, `mask[i] = keep`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout::{unfused, Config, DropPath};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 4, 0.5, 42, 7)?;
+/// let (x, bias) = ([1.0f32; 8], [0.5f32; 4]);
+/// let (mut y, mut mask) = ([0.0f32; 8], [0u8; 8]);
+/// unfused::forward_cpu(&cfg, &x, Some(&bias), &mut y, &mut mask)?;
+/// for i in 0..8 {
+///     assert_eq!(mask[i] == 1, cfg.keeps(i as u64)); // the fused op's mask
+///     assert_eq!(y[i], if mask[i] == 1 { 3.0 } else { 0.0 }); // 2 (x + b)
+/// }
+/// let with_path = cfg.with_drop_path(DropPath::new(0.1, 9)?);
+/// assert!(unfused::forward_cpu(&with_path, &x, None, &mut y, &mut mask).is_err());
+/// # Ok(()) }
+/// ```
+pub fn forward_cpu<T: Dtype>(
+    cfg: &Config,
+    x: &[T],
+    bias: Option<&[T]>,
+    y: &mut [T],
+    mask: &mut [u8],
+) -> Result<()> {
+    no_row_scale(cfg)?;
+    check_forward_lens(cfg, x.len(), bias.map(<[T]>::len), y.len(), mask.len())?;
+    let scale = cfg.rate().scale();
+    let mut bits = cfg.keying().keep_bits();
+    for i in 0..cfg.len() {
+        let t = match bias {
+            Some(b) => bias_add_cpu(x[i], b[i % cfg.cols()]),
+            None => x[i],
+        };
+        let keep = bits.get(i as u64);
+        mask[i] = u8::from(keep);
+        y[i] = dropout_cpu(t, keep, scale);
+    }
+    Ok(())
+}
+
+/// CPU mirror of [`Unfused::backward`], bit for bit.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout::{unfused, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 4, 0.5, 42, 7)?;
+/// let mask = [1u8, 0, 1, 1, 0, 0, 1, 0]; // as written by the forward
+/// let dy = [1.0f32; 8];
+/// let (mut dx, mut dbias) = ([0.0f32; 8], [0.0f32; 4]);
+/// unfused::backward_cpu(&cfg, &dy, &mask, &mut dx, Some(&mut dbias))?;
+/// assert_eq!(dx, [2.0, 0.0, 2.0, 2.0, 0.0, 0.0, 2.0, 0.0]);
+/// assert_eq!(dbias, [2.0, 0.0, 4.0, 2.0]);
+/// # Ok(()) }
+/// ```
+pub fn backward_cpu<T: Dtype>(
+    cfg: &Config,
+    dy: &[T],
+    mask: &[u8],
+    dx: &mut [T],
+    dbias: Option<&mut [T]>,
+) -> Result<()> {
+    no_row_scale(cfg)?;
+    check_backward_lens(
+        cfg,
+        dy.len(),
+        mask.len(),
+        dx.len(),
+        dbias.as_ref().map(|d| d.len()),
+    )?;
+    let scale = cfg.rate().scale();
+    for i in 0..cfg.len() {
+        dx[i] = dropout_cpu(dy[i], mask[i] != 0, scale);
+    }
+    if let Some(db) = dbias {
+        col_sum_cpu(dx, cfg.rows(), cfg.cols(), db);
+    }
+    Ok(())
+}

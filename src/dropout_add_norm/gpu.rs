@@ -1,0 +1,548 @@
+//! Launch wrappers for `kernels/dropout_add_norm.cu`.
+//!
+//! Forward: one block per row (grid-stride when the grid is capped), [`row_partials`]`(cols)`
+//! threads, because the row reductions' order has one partial per thread. Backward: one block
+//! per slab of [`slab_rows`]`(rows)` rows, the same block size, writing `[3][slabs][cols]` f32
+//! column partials that the colsum kernel adds in slab order. The vector path (16-byte accesses)
+//! runs when `cols % 8 == 0` and every pointer is 16-byte aligned; it gives the same bits as the
+//! scalar path.
+
+use cudarc::driver::DeviceRepr;
+
+use super::{
+    check_backward, check_forward, check_stream_dtype, row_partials, slab_count, slab_rows,
+    BackwardArgs, BackwardLens, BackwardOut, Config, ForwardArgs, ForwardLens, ForwardOut, Norm,
+    GROUP, OP,
+};
+use crate::dtype::{Dtype, DtypeKind};
+use crate::error::{Error, Result};
+use crate::runtime::kernels::Kernel;
+use crate::runtime::Handle;
+
+const FLAG_DROP_PATH: u32 = 1;
+const FLAG_VEC: u32 = 2;
+const FLAG_RMS: u32 = 4;
+const FLAG_BETA: u32 = 8;
+
+/// Mirrors `FwdParams<T, S>` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FwdParams {
+    x: u64,
+    residual: u64,
+    bias: u64,
+    gamma: u64,
+    beta: u64,
+    rowscale: u64,
+    out: u64,
+    s: u64,
+    mean: u64,
+    rstd: u64,
+    rows: u64,
+    cols: u64,
+    seed: u64,
+    call: u64,
+    threshold: u64,
+    path_call: u64,
+    path_threshold: u64,
+    scale: f32,
+    path_scale: f32,
+    eps: f32,
+    layer_scale: f32,
+    flags: u32,
+    rows_per_sample: u32,
+}
+const _: () = assert!(std::mem::size_of::<FwdParams>() == 160);
+// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+unsafe impl DeviceRepr for FwdParams {}
+
+/// Mirrors `BwdParams<T, S>` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct BwdParams {
+    d_out: u64,
+    d_s: u64,
+    s: u64,
+    gamma: u64,
+    mean: u64,
+    rstd: u64,
+    rowscale: u64,
+    dx: u64,
+    d_residual: u64,
+    partials: u64,
+    rows: u64,
+    cols: u64,
+    slab_rows: u64,
+    slabs: u64,
+    seed: u64,
+    call: u64,
+    threshold: u64,
+    path_call: u64,
+    path_threshold: u64,
+    scale: f32,
+    path_scale: f32,
+    layer_scale: f32,
+    flags: u32,
+    rows_per_sample: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<BwdParams>() == 176);
+// SAFETY: as above.
+unsafe impl DeviceRepr for BwdParams {}
+
+/// Mirrors `ColsumParams<T>` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ColsumParams {
+    partials: u64,
+    dgamma: u64,
+    dbeta: u64,
+    dbias: u64,
+    cols: u64,
+    slabs: u64,
+}
+const _: () = assert!(std::mem::size_of::<ColsumParams>() == 48);
+// SAFETY: as above.
+unsafe impl DeviceRepr for ColsumParams {}
+
+/// The (forward, backward) kernels of x type `T` and stream type `S` (checked: `S` is `T` or
+/// f32).
+fn kernels<T: Dtype, S: Dtype>() -> Result<(Kernel, Kernel)> {
+    use DtypeKind::{Bf16, F16, F32};
+    check_stream_dtype(T::KIND, S::KIND)?;
+    Ok(match (T::KIND, S::KIND) {
+        (F32, _) => (Kernel::DropoutAddNormFwdF32, Kernel::DropoutAddNormBwdF32),
+        (F16, F16) => (Kernel::DropoutAddNormFwdF16, Kernel::DropoutAddNormBwdF16),
+        (Bf16, Bf16) => (Kernel::DropoutAddNormFwdBf16, Kernel::DropoutAddNormBwdBf16),
+        (F16, _) => (
+            Kernel::DropoutAddNormFwdF16Sf32,
+            Kernel::DropoutAddNormBwdF16Sf32,
+        ),
+        (Bf16, _) => (
+            Kernel::DropoutAddNormFwdBf16Sf32,
+            Kernel::DropoutAddNormBwdBf16Sf32,
+        ),
+    })
+}
+
+fn colsum_kernel<T: Dtype>() -> Kernel {
+    match T::KIND {
+        DtypeKind::F32 => Kernel::DropoutAddNormColsumF32,
+        DtypeKind::F16 => Kernel::DropoutAddNormColsumF16,
+        DtypeKind::Bf16 => Kernel::DropoutAddNormColsumBf16,
+    }
+}
+
+fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|&p| p % 16 == 0) // an absent pointer (0) is aligned
+}
+
+/// Row-scale fields shared by both directions.
+struct RowScaleFields {
+    flags: u32,
+    path_call: u64,
+    path_threshold: u64,
+    path_scale: f32,
+    rows_per_sample: u32,
+}
+
+fn row_scale_fields(cfg: &Config) -> RowScaleFields {
+    match cfg.drop_path() {
+        Some(path) => RowScaleFields {
+            flags: FLAG_DROP_PATH,
+            path_call: path.call(),
+            path_threshold: path.rate().threshold(),
+            path_scale: path.rate().scale(),
+            rows_per_sample: path.rows_per_sample() as u32,
+        },
+        None => RowScaleFields {
+            flags: 0,
+            path_call: 0,
+            path_threshold: 0,
+            path_scale: 0.0,
+            rows_per_sample: 1,
+        },
+    }
+}
+
+/// `s = residual + rowscale * dropout(x + bias)`, `out = norm(s) * layer_scale` and the row
+/// statistics, on the handle's stream (see the [module docs](super)).
+///
+/// Views starting at any element are accepted (misaligned ones take the scalar path, with the
+/// same results).
+///
+/// Errors: [`Error::ShapeMismatch`] for a length that disagrees with the config;
+/// [`Error::InvalidArgument`] for a rowscale together with a drop path, a stream type other
+/// than `T` or f32, or a buffer from another CUDA context; driver errors.
+///
+/// # Examples
+///
+/// See [`ForwardArgs`]; bf16 activations with the residual stream kept in f32:
+///
+/// ```no_run
+/// use fusedreg::dropout_add_norm::{self as dan, Config, ForwardArgs, ForwardOut, Norm};
+/// use half::bf16;
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(8, 4096, Norm::RmsNorm, 1e-6)?.with_dropout(0.1, 42, 7)?.with_layer_norm_scaling(3)?;
+/// let x = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// let gamma = s.clone_htod(&vec![bf16::ONE; 4096]).unwrap();
+/// let mut out = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// let mut stream = s.alloc_zeros::<f32>(cfg.len()).unwrap(); // the residual, updated in place
+/// let (mut mean, mut rstd) = (s.alloc_zeros::<f32>(8).unwrap(), s.alloc_zeros::<f32>(8).unwrap());
+/// let outs = ForwardOut {
+///     out: out.as_view_mut(), s: stream.as_view_mut(), mean: mean.as_view_mut(), rstd: rstd.as_view_mut(),
+/// };
+/// dan::forward_inplace(&h, &cfg, ForwardArgs::new(x.as_view(), gamma.as_view()), outs)?;
+/// # Ok(()) }
+/// ```
+pub fn forward<T: Dtype, S: Dtype>(
+    handle: &Handle,
+    cfg: &Config,
+    args: ForwardArgs<'_, T, S>,
+    out: ForwardOut<'_, T, S>,
+) -> Result<()> {
+    forward_impl(handle, cfg, args, out, false)
+}
+
+/// [`forward`] with the stream updated in place: `out.s` holds the residual on entry and `s` on
+/// return (`args.residual` must be `None`).
+///
+/// # Examples
+///
+/// See [`forward`].
+///
+/// ```no_run
+/// # use fusedreg::dropout_add_norm::{self as dan, Config, ForwardArgs, ForwardOut, Norm};
+/// # fn main() -> fusedreg::Result<()> {
+/// # let h = fusedreg::Handle::new(0)?;
+/// # let z = |n| h.stream().alloc_zeros::<f32>(n).unwrap();
+/// let cfg = Config::new(4, 256, Norm::LayerNorm, 1e-5)?;
+/// let (x, gamma, mut out, mut stream, mut mean, mut rstd) = (z(1024), z(256), z(1024), z(1024), z(4), z(4));
+/// let outs = ForwardOut {
+///     out: out.as_view_mut(), s: stream.as_view_mut(), mean: mean.as_view_mut(), rstd: rstd.as_view_mut(),
+/// };
+/// dan::forward_inplace(&h, &cfg, ForwardArgs::new(x.as_view(), gamma.as_view()), outs)?;
+/// # Ok(()) }
+/// ```
+pub fn forward_inplace<T: Dtype, S: Dtype>(
+    handle: &Handle,
+    cfg: &Config,
+    args: ForwardArgs<'_, T, S>,
+    out: ForwardOut<'_, T, S>,
+) -> Result<()> {
+    if args.residual.is_some() {
+        return Err(Error::invalid(
+            OP,
+            "forward_inplace reads the residual from out.s; args.residual must be None",
+        ));
+    }
+    forward_impl(handle, cfg, args, out, true)
+}
+
+fn forward_impl<T: Dtype, S: Dtype>(
+    handle: &Handle,
+    cfg: &Config,
+    args: ForwardArgs<'_, T, S>,
+    mut out: ForwardOut<'_, T, S>,
+    in_place: bool,
+) -> Result<()> {
+    let (fwd, _) = kernels::<T, S>()?;
+    let lens = ForwardLens {
+        x: args.x.len(),
+        residual: if in_place {
+            Some(out.s.len())
+        } else {
+            args.residual.as_ref().map(|r| r.len())
+        },
+        gamma: args.gamma.len(),
+        beta: args.beta.as_ref().map(|b| b.len()),
+        bias: args.bias.as_ref().map(|b| b.len()),
+        rowscale: args.rowscale.as_ref().map(|b| b.len()),
+        out: out.out.len(),
+        s: out.s.len(),
+        mean: out.mean.len(),
+        rstd: out.rstd.len(),
+    };
+    check_forward(cfg, &lens)?;
+    let t = args.tuning;
+    if t.max_grid == 0 {
+        return Err(Error::invalid(OP, "launch tuning: max_grid must be >= 1"));
+    }
+    if cfg.is_empty() {
+        return Ok(());
+    }
+    let (x, _g0) = handle.read_ptr(OP, "x", &args.x)?;
+    let (gamma, _g1) = handle.read_ptr(OP, "gamma", &args.gamma)?;
+    let beta_g = args
+        .beta
+        .as_ref()
+        .map(|b| handle.read_ptr(OP, "beta", b))
+        .transpose()?;
+    let bias_g = args
+        .bias
+        .as_ref()
+        .map(|b| handle.read_ptr(OP, "bias", b))
+        .transpose()?;
+    let res_g = args
+        .residual
+        .as_ref()
+        .map(|b| handle.read_ptr(OP, "residual", b))
+        .transpose()?;
+    let rs_g = args
+        .rowscale
+        .as_ref()
+        .map(|b| handle.read_ptr(OP, "rowscale", b))
+        .transpose()?;
+    let (o, _g2) = handle.write_ptr(OP, "out", &mut out.out)?;
+    let (s, _g3) = handle.write_ptr(OP, "s", &mut out.s)?;
+    let (mean, _g4) = handle.write_ptr(OP, "mean", &mut out.mean)?;
+    let (rstd, _g5) = handle.write_ptr(OP, "rstd", &mut out.rstd)?;
+    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
+    let (beta, bias, rowscale) = (ptr(&beta_g), ptr(&bias_g), ptr(&rs_g));
+    let residual = if in_place { s } else { ptr(&res_g) };
+
+    let vec = !t.force_scalar
+        && cfg.cols() % GROUP == 0
+        && aligned16(&[x, gamma, beta, bias, residual, o, s]);
+    let rsf = row_scale_fields(cfg);
+    let mut flags = rsf.flags;
+    if vec {
+        flags |= FLAG_VEC;
+    }
+    if cfg.norm() == Norm::RmsNorm {
+        flags |= FLAG_RMS;
+    }
+    if beta != 0 {
+        flags |= FLAG_BETA;
+    }
+    let rate = cfg.rate();
+    let p = FwdParams {
+        x,
+        residual,
+        bias,
+        gamma,
+        beta,
+        rowscale,
+        out: o,
+        s,
+        mean,
+        rstd,
+        rows: cfg.rows() as u64,
+        cols: cfg.cols() as u64,
+        seed: cfg.seed(),
+        call: cfg.call(),
+        threshold: rate.threshold(),
+        path_call: rsf.path_call,
+        path_threshold: rsf.path_threshold,
+        scale: rate.scale(),
+        path_scale: rsf.path_scale,
+        eps: cfg.eps(),
+        layer_scale: cfg.layer_scale(),
+        flags,
+        rows_per_sample: rsf.rows_per_sample,
+    };
+    let grid = (cfg.rows() as u64)
+        .min(u64::from(t.max_grid))
+        .min(i32::MAX as u64) as u32;
+    let block = row_partials(cfg.cols()) as u32;
+    handle.launch(fwd, (grid, 1, 1), (block, 1, 1), 0, &p)
+}
+
+/// The backward on the handle's stream (see the [module docs](super)): `dx` (mask and row scale
+/// regenerated from `cfg`, the same config as the forward), `d_residual`, `dgamma`, and
+/// optionally `dbeta` and `dbias`. The column gradients are deterministic: per-slab f32 partials
+/// (in `args.workspace`, or allocated stream-ordered per call) summed in slab order by a second
+/// kernel, the same order as [`super::cpu::backward`]. With no rows they are zeros.
+///
+/// Errors: as [`forward`].
+///
+/// # Examples
+///
+/// See [`BackwardArgs`]; a prenorm backward with every output:
+///
+/// ```no_run
+/// use fusedreg::dropout_add_norm::{self as dan, BackwardArgs, BackwardOut, Config, Norm, Workspace};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let z = |n| h.stream().alloc_zeros::<f32>(n).unwrap();
+/// let cfg = Config::new(64, 768, Norm::LayerNorm, 1e-5)?.with_dropout(0.1, 42, 7)?;
+/// let (d_out, d_s, st, gamma, mean, rstd) = (z(cfg.len()), z(cfg.len()), z(cfg.len()), z(768), z(64), z(64));
+/// let (mut dx, mut dres, mut dgamma, mut dbeta, mut dbias) = (z(cfg.len()), z(cfg.len()), z(768), z(768), z(768));
+/// let mut ws = Workspace::new();
+/// let args = BackwardArgs {
+///     d_s: Some(d_s.as_view()),
+///     workspace: Some(&mut ws),
+///     ..BackwardArgs::new(d_out.as_view(), st.as_view(), gamma.as_view(), mean.as_view(), rstd.as_view())
+/// };
+/// let outs = BackwardOut {
+///     d_residual: Some(dres.as_view_mut()),
+///     dbeta: Some(dbeta.as_view_mut()),
+///     dbias: Some(dbias.as_view_mut()),
+///     ..BackwardOut::new(dx.as_view_mut(), dgamma.as_view_mut())
+/// };
+/// dan::backward(&h, &cfg, args, outs)?;
+/// # Ok(()) }
+/// ```
+pub fn backward<T: Dtype, S: Dtype>(
+    handle: &Handle,
+    cfg: &Config,
+    args: BackwardArgs<'_, T, S>,
+    mut out: BackwardOut<'_, T, S>,
+) -> Result<()> {
+    let (_, bwd) = kernels::<T, S>()?;
+    check_backward(
+        cfg,
+        &BackwardLens {
+            d_out: args.d_out.len(),
+            d_s: args.d_s.as_ref().map(|v| v.len()),
+            s: args.s.len(),
+            gamma: args.gamma.len(),
+            mean: args.mean.len(),
+            rstd: args.rstd.len(),
+            rowscale: args.rowscale.as_ref().map(|v| v.len()),
+            dx: out.dx.len(),
+            d_residual: out.d_residual.as_ref().map(|v| v.len()),
+            dgamma: out.dgamma.len(),
+            dbeta: out.dbeta.as_ref().map(|v| v.len()),
+            dbias: out.dbias.as_ref().map(|v| v.len()),
+        },
+    )?;
+    let t = args.tuning;
+    let (rows, cols) = (cfg.rows(), cfg.cols());
+    let slabs = slab_count(rows);
+
+    let (dgamma, _h0) = handle.write_ptr(OP, "dgamma", &mut out.dgamma)?;
+    let dbeta_g = out
+        .dbeta
+        .as_mut()
+        .map(|b| handle.write_ptr(OP, "dbeta", b))
+        .transpose()?;
+    let dbias_g = out
+        .dbias
+        .as_mut()
+        .map(|b| handle.write_ptr(OP, "dbias", b))
+        .transpose()?;
+    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
+    let (dbeta, dbias) = (ptr(&dbeta_g), ptr(&dbias_g));
+
+    // [3][slabs][cols] f32 partials; every entry the colsum kernel reads is written first.
+    let partial_len = slabs
+        .checked_mul(cols)
+        .and_then(|n| n.checked_mul(3))
+        .ok_or_else(|| Error::shape(OP, "column partials overflow"))?;
+    let mut own = None;
+    let partials = if partial_len == 0 {
+        None
+    } else {
+        match args.workspace {
+            Some(ws) => {
+                if ws.capacity() < partial_len {
+                    ws.partials = None; // free the old one first
+                                        // SAFETY: every element read is written by the backward kernel first.
+                    ws.partials = Some(
+                        unsafe { handle.stream().alloc::<f32>(partial_len) }
+                            .map_err(Error::driver(OP))?,
+                    );
+                }
+                ws.partials.as_mut()
+            }
+            None => {
+                // SAFETY: as above.
+                own = Some(
+                    unsafe { handle.stream().alloc::<f32>(partial_len) }
+                        .map_err(Error::driver(OP))?,
+                );
+                own.as_mut()
+            }
+        }
+    };
+    let part_g = partials
+        .map(|b| handle.write_ptr(OP, "workspace", b))
+        .transpose()?;
+    let partials = ptr(&part_g);
+
+    if !cfg.is_empty() {
+        let (d_out, _g0) = handle.read_ptr(OP, "d_out", &args.d_out)?;
+        let (s, _g1) = handle.read_ptr(OP, "s", &args.s)?;
+        let (gamma, _g2) = handle.read_ptr(OP, "gamma", &args.gamma)?;
+        let (mean, _g3) = handle.read_ptr(OP, "mean", &args.mean)?;
+        let (rstd, _g4) = handle.read_ptr(OP, "rstd", &args.rstd)?;
+        let d_s_g = args
+            .d_s
+            .as_ref()
+            .map(|b| handle.read_ptr(OP, "d_s", b))
+            .transpose()?;
+        let rs_g = args
+            .rowscale
+            .as_ref()
+            .map(|b| handle.read_ptr(OP, "rowscale", b))
+            .transpose()?;
+        let (dx, _g5) = handle.write_ptr(OP, "dx", &mut out.dx)?;
+        let dr_g = out
+            .d_residual
+            .as_mut()
+            .map(|b| handle.write_ptr(OP, "d_residual", b))
+            .transpose()?;
+        let (d_s, rowscale, d_residual) = (ptr(&d_s_g), ptr(&rs_g), ptr(&dr_g));
+        let vec = !t.force_scalar
+            && cols % GROUP == 0
+            && aligned16(&[d_out, d_s, s, gamma, dx, d_residual]);
+        let rsf = row_scale_fields(cfg);
+        let mut flags = rsf.flags;
+        if vec {
+            flags |= FLAG_VEC;
+        }
+        if cfg.norm() == Norm::RmsNorm {
+            flags |= FLAG_RMS;
+        }
+        let rate = cfg.rate();
+        let p = BwdParams {
+            d_out,
+            d_s,
+            s,
+            gamma,
+            mean,
+            rstd,
+            rowscale,
+            dx,
+            d_residual,
+            partials,
+            rows: rows as u64,
+            cols: cols as u64,
+            slab_rows: slab_rows(rows) as u64,
+            slabs: slabs as u64,
+            seed: cfg.seed(),
+            call: cfg.call(),
+            threshold: rate.threshold(),
+            path_call: rsf.path_call,
+            path_threshold: rsf.path_threshold,
+            scale: rate.scale(),
+            path_scale: rsf.path_scale,
+            layer_scale: cfg.layer_scale(),
+            flags,
+            rows_per_sample: rsf.rows_per_sample,
+            pad: 0,
+        };
+        let block = row_partials(cols) as u32;
+        handle.launch(bwd, (slabs as u32, 1, 1), (block, 1, 1), 0, &p)?;
+    }
+
+    let c = ColsumParams {
+        partials,
+        dgamma,
+        dbeta,
+        dbias,
+        cols: cols as u64,
+        slabs: slabs as u64,
+    };
+    let grid = (cols as u64)
+        .saturating_mul(3)
+        .div_ceil(256)
+        .clamp(1, 1 << 20) as u32;
+    handle.launch(colsum_kernel::<T>(), (grid, 1, 1), (256, 1, 1), 0, &c)?;
+    drop(part_g);
+    drop(own); // stream-ordered free after the kernels that use it
+    Ok(())
+}

@@ -1,0 +1,1397 @@
+//! The dropout machinery every dropping op shares: rate and threshold, keying, the drop path
+//! (row scale), the 1-bit mask, the dbias slab partition, the CPU keep bits, and (in the crate)
+//! the launch geometry and the shared backward. The device side is
+//! `kernels/common/dropout_keying.cuh`; both sides implement one contract.
+//!
+//! # The keying contract
+//!
+//! Element `i` (the flat 64-bit index `row * cols + col`) is dropped when its Philox word
+//! ([`crate::philox::mask_word`]`(seed, call, i)`) is below [`DropRate::threshold`]: the mask is a
+//! pure function of `(seed, call, i)`, independent of the tensor length, the launch configuration,
+//! the vector width, the alignment and the GPU. p = 0 and p = 1 are exact (no generator work); the
+//! probability applied is [`DropRate::effective_p`]. Kept elements are scaled by
+//! [`DropRate::scale`], times the row scale when there is one (caller's or a [`DropPath`]).
+//!
+//! # What a new dropping op uses
+//!
+//! Public (its API re-exports them): [`DropRate`], [`Keying`] (seed, call, rate: `keeps(i)`,
+//! [`KeepBits`] for a CPU loop that evaluates each Philox block once), [`DropPath`],
+//! [`mask_words`] / [`mask_bit`] / [`set_mask_bit`] (the 1-bit mask layout: bit `b` of word `w`
+//! is element `32 w + b`, padding bits zero), [`slab_rows`] / [`slab_count`] (the dbias
+//! partition), [`Workspace`] (reusable dbias partials), `LaunchTuning` (hidden, for tests).
+//!
+//! Crate-internal: `row_scales` / `row_multiplier` (CPU row scale), `backward_cpu` (the CPU
+//! reference of the shared backward, `dx = m != 0 ? T(dy * m) : 0` with dbias), and in `gpu`:
+//! `segments` / `geometry` / `Slabs` / `aligned16` (launch geometry), `row_scale_fields`,
+//! `launch_backward` (the whole GPU backward of an op whose gradient is `m * dy`, given its
+//! kernel families), `finish_dbias`; in `unfused`: the eager baseline's kernels (bias add,
+//! dropout with a byte mask, masked scale, column sum) and their CPU mirrors.
+//!
+//! ```
+//! use fusedreg::dropout_keying::{mask_bit, mask_words, set_mask_bit, Keying};
+//! # fn main() -> fusedreg::Result<()> {
+//! let k = Keying::new("my_op", 0.1, /* seed */ 42, /* call */ 7)?;
+//! let n = 100;
+//! let mut mask = vec![0u32; mask_words(n)];
+//! let mut bits = k.keep_bits();
+//! for i in 0..n {
+//!     if bits.get(i as u64) {
+//!         set_mask_bit(&mut mask, i);
+//!     }
+//! }
+//! assert!((0..n).all(|i| mask_bit(&mask, i) == k.keeps(i as u64)));
+//! # Ok(()) }
+//! ```
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+use crate::dtype::{Dtype, DtypeKind};
+use crate::error::{check_len, Error, Result};
+use crate::philox;
+
+pub(crate) mod gpu;
+pub(crate) mod unfused;
+
+/// The op name in errors raised by the shared pieces themselves.
+const OP: &str = "dropout";
+
+/// A drop probability compiled to the integer threshold the kernels compare against.
+///
+/// `threshold = round(p * 2^32)`, held in 64 bits so that `p = 1` (threshold `2^32`) drops
+/// every element and `p = 0` (threshold 0) drops none; kernels skip the generator entirely in
+/// both cases. The probability actually applied is `threshold / 2^32`, within `2^-33` of `p`.
+/// The kept elements are scaled by `1 / (1 - p)` computed from the nominal `p`, as PyTorch does.
+///
+/// ```
+/// use fusedreg::dropout_keying::DropRate;
+/// let r = DropRate::new(0.5).unwrap();
+/// assert_eq!(r.threshold(), 1 << 31);
+/// assert!(r.keeps(1 << 31) && !r.keeps((1 << 31) - 1));
+/// assert_eq!(r.scale(), 2.0);
+/// assert!(DropRate::new(f64::NAN).is_err());
+/// assert!(DropRate::new(1.5).is_err());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropRate {
+    p: f64,
+    threshold: u64,
+}
+
+impl DropRate {
+    /// No dropping.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropRate;
+    /// assert_eq!(DropRate::ZERO, DropRate::new(0.0).unwrap());
+    /// assert!(DropRate::ZERO.keeps_all() && DropRate::ZERO.keeps(0));
+    /// assert_eq!(DropRate::ZERO.scale(), 1.0);
+    /// ```
+    pub const ZERO: DropRate = DropRate {
+        p: 0.0,
+        threshold: 0,
+    };
+
+    /// Validates `p` (must lie in `[0, 1]`, not NaN) and computes its threshold.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropRate;
+    /// let r = DropRate::new(0.1).unwrap();
+    /// assert_eq!(r.p(), 0.1);
+    /// assert_eq!(r.threshold(), 429_496_730); // round(0.1 * 2^32)
+    /// assert!(matches!(DropRate::new(-0.1), Err(fusedreg::Error::InvalidArgument { .. })));
+    /// assert!(DropRate::new(f64::INFINITY).is_err());
+    /// ```
+    pub fn new(p: f64) -> Result<Self> {
+        Self::checked("DropRate", p)
+    }
+
+    /// Like [`DropRate::new`], naming `op` in the error.
+    pub(crate) fn checked(op: &'static str, p: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(Error::invalid(
+                op,
+                format!("drop probability p = {p} must lie in [0, 1]"),
+            ));
+        }
+        let threshold = (p * 4_294_967_296.0).round() as u64;
+        Ok(DropRate { p, threshold })
+    }
+
+    /// The nominal probability.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropRate;
+    /// assert_eq!(DropRate::new(0.3).unwrap().p(), 0.3);
+    /// ```
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// The integer threshold in `0 ..= 2^32`: a word below it is dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropRate;
+    /// assert_eq!(DropRate::new(0.25).unwrap().threshold(), 1 << 30);
+    /// assert_eq!(DropRate::new(1.0).unwrap().threshold(), 1 << 32);
+    /// assert_eq!(DropRate::ZERO.threshold(), 0);
+    /// ```
+    pub fn threshold(&self) -> u64 {
+        self.threshold
+    }
+
+    /// The drop probability actually applied, `threshold / 2^32`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropRate;
+    /// assert_eq!(DropRate::new(0.5).unwrap().effective_p(), 0.5);
+    /// let r = DropRate::new(0.1).unwrap();
+    /// // 0.1 is not a multiple of 2^-32: the nearest one is applied, within 2^-33 of it.
+    /// assert_ne!(r.effective_p(), 0.1);
+    /// assert!((r.effective_p() - 0.1).abs() <= 2f64.powi(-33));
+    /// ```
+    pub fn effective_p(&self) -> f64 {
+        self.threshold as f64 / 4_294_967_296.0
+    }
+
+    /// Whether an element with this random word is kept.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropRate;
+    /// let r = DropRate::new(0.25).unwrap(); // threshold 2^30
+    /// assert!(!r.keeps(0) && !r.keeps((1 << 30) - 1));
+    /// assert!(r.keeps(1 << 30) && r.keeps(u32::MAX));
+    /// assert!(!DropRate::new(1.0).unwrap().keeps(u32::MAX));
+    /// ```
+    #[inline]
+    pub fn keeps(&self, word: u32) -> bool {
+        u64::from(word) >= self.threshold
+    }
+
+    /// True when no element can be dropped (no generator work needed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropRate;
+    /// assert!(DropRate::new(0.0).unwrap().keeps_all());
+    /// assert!(!DropRate::new(1e-9).unwrap().keeps_all());
+    /// // Below 2^-33 the threshold rounds to 0: nothing is dropped.
+    /// assert!(DropRate::new(1e-10).unwrap().keeps_all());
+    /// ```
+    pub fn keeps_all(&self) -> bool {
+        self.threshold == 0
+    }
+
+    /// True when every element is dropped (`p = 1`; no generator work needed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropRate;
+    /// assert!(DropRate::new(1.0).unwrap().drops_all());
+    /// assert!(!DropRate::new(0.999).unwrap().drops_all());
+    /// ```
+    pub fn drops_all(&self) -> bool {
+        self.threshold == 1 << 32
+    }
+
+    /// The f32 scale applied to kept elements: `1 / (1 - p)`, rounded once from f64; 0 when
+    /// `p = 1`, where nothing is kept and no division by zero happens.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropRate;
+    /// assert_eq!(DropRate::new(0.2).unwrap().scale(), 1.25);
+    /// assert_eq!(DropRate::new(0.0).unwrap().scale(), 1.0);
+    /// assert_eq!(DropRate::new(1.0).unwrap().scale(), 0.0);
+    /// ```
+    pub fn scale(&self) -> f32 {
+        if self.drops_all() {
+            0.0
+        } else {
+            (1.0 / (1.0 - self.p)) as f32
+        }
+    }
+}
+
+/// The random keys and rate of one dropout call: everything that decides its mask.
+///
+/// ```
+/// use fusedreg::dropout_keying::Keying;
+/// use fusedreg::philox::mask_word;
+/// # fn main() -> fusedreg::Result<()> {
+/// let k = Keying::new("example", 0.25, 42, 7)?;
+/// assert_eq!(k.keeps(5), mask_word(42, 7, 5) >= 1 << 30);
+/// assert!(Keying::new("example", 2.0, 42, 7).is_err());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Keying {
+    seed: u64,
+    call: u64,
+    rate: DropRate,
+}
+
+impl Keying {
+    /// Validates `p` (naming `op` in the error) and keeps the keys.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Keying;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let k = Keying::new("op", 0.5, 1, 2)?;
+    /// assert_eq!((k.seed(), k.call(), k.rate().threshold()), (1, 2, 1 << 31));
+    /// assert!(matches!(Keying::new("op", f64::NAN, 1, 2), Err(fusedreg::Error::InvalidArgument { .. })));
+    /// # Ok(()) }
+    /// ```
+    pub fn new(op: &'static str, p: f64, seed: u64, call: u64) -> Result<Self> {
+        Ok(Keying {
+            seed,
+            call,
+            rate: DropRate::checked(op, p)?,
+        })
+    }
+
+    /// From an already validated rate.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::{DropRate, Keying};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let k = Keying::with_rate(DropRate::new(0.5)?, 1, 2);
+    /// assert_eq!(k, Keying::new("op", 0.5, 1, 2)?);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_rate(rate: DropRate, seed: u64, call: u64) -> Self {
+        Keying { seed, call, rate }
+    }
+
+    /// The generator seed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::dropout_keying::Keying;
+    /// assert_eq!(Keying::new("op", 0.1, 9, 3).unwrap().seed(), 9);
+    /// ```
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The call id (a different one per dropout site and step).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::dropout_keying::Keying;
+    /// assert_eq!(Keying::new("op", 0.1, 9, 3).unwrap().call(), 3);
+    /// ```
+    pub fn call(&self) -> u64 {
+        self.call
+    }
+
+    /// The drop rate.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::dropout_keying::Keying;
+    /// assert_eq!(Keying::new("op", 0.1, 9, 3).unwrap().rate().p(), 0.1);
+    /// ```
+    pub fn rate(&self) -> DropRate {
+        self.rate
+    }
+
+    /// Whether element `i` (flat index) is kept.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::dropout_keying::Keying;
+    /// assert!(Keying::new("op", 0.0, 9, 3).unwrap().keeps(17));
+    /// assert!(!Keying::new("op", 1.0, 9, 3).unwrap().keeps(17));
+    /// ```
+    pub fn keeps(&self, i: u64) -> bool {
+        self.rate.keeps(philox::mask_word(self.seed, self.call, i))
+    }
+
+    /// A CPU keep-bit generator for this call (one Philox evaluation per 4 elements).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::dropout_keying::Keying;
+    /// let k = Keying::new("op", 0.3, 9, 3).unwrap();
+    /// let mut bits = k.keep_bits();
+    /// assert!((0..64).all(|i| bits.get(i) == k.keeps(i)));
+    /// ```
+    pub fn keep_bits(&self) -> KeepBits {
+        KeepBits {
+            seed: self.seed,
+            call: self.call,
+            rate: self.rate,
+            block: u64::MAX,
+            words: [0; 4],
+        }
+    }
+}
+
+/// Keep bits by flat index on the CPU, evaluating each Philox block once for its four elements
+/// (fastest when indices are visited in increasing order).
+///
+/// ```
+/// use fusedreg::dropout_keying::Keying;
+/// let mut bits = Keying::new("op", 0.5, 1, 2).unwrap().keep_bits();
+/// let kept = (0..1000u64).filter(|&i| bits.get(i)).count();
+/// assert!((400..600).contains(&kept));
+/// ```
+#[derive(Clone, Debug)]
+pub struct KeepBits {
+    seed: u64,
+    call: u64,
+    rate: DropRate,
+    block: u64,
+    words: [u32; 4],
+}
+
+impl KeepBits {
+    /// Whether element `i` is kept (p = 0 and p = 1 without generator work, like the kernels).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Keying;
+    /// let k = Keying::new("op", 0.5, 1, 2).unwrap();
+    /// let mut bits = k.keep_bits();
+    /// assert_eq!(bits.get(12345), k.keeps(12345));
+    /// ```
+    #[inline]
+    pub fn get(&mut self, i: u64) -> bool {
+        if self.rate.keeps_all() {
+            return true;
+        }
+        if self.rate.drops_all() {
+            return false;
+        }
+        let b = i >> 2;
+        if b != self.block {
+            self.block = b;
+            self.words = philox::block(self.seed, self.call, b);
+        }
+        self.rate.keeps(self.words[(i & 3) as usize])
+    }
+}
+
+/// Length in `u32` words of the 1-bit mask of `n` elements: `ceil(n / 32)`.
+///
+/// ```
+/// use fusedreg::dropout_keying::mask_words;
+/// assert_eq!((mask_words(0), mask_words(32), mask_words(33)), (0, 1, 2));
+/// ```
+pub fn mask_words(n: usize) -> usize {
+    n.div_ceil(32)
+}
+
+/// Bit `i` of a 1-bit mask (bit `i % 32` of word `i / 32`).
+///
+/// ```
+/// use fusedreg::dropout_keying::mask_bit;
+/// assert!(mask_bit(&[0, 0b100], 34) && !mask_bit(&[0, 0b100], 33));
+/// ```
+#[inline]
+pub fn mask_bit(mask: &[u32], i: usize) -> bool {
+    mask[i / 32] >> (i % 32) & 1 == 1
+}
+
+/// Sets bit `i` of a 1-bit mask (the mask starts zeroed: padding bits stay 0).
+///
+/// ```
+/// use fusedreg::dropout_keying::set_mask_bit;
+/// let mut m = [0u32; 2];
+/// set_mask_bit(&mut m, 33);
+/// assert_eq!(m, [0, 2]);
+/// ```
+#[inline]
+pub fn set_mask_bit(mask: &mut [u32], i: usize) {
+    mask[i / 32] |= 1 << (i % 32);
+}
+
+/// The op name in the drop path's errors.
+const PATH_OP: &str = "drop_path";
+
+/// A generated drop path (stochastic depth): one keep/drop draw per row (or per group of
+/// `rows_per_sample` consecutive rows), keyed by `(seed, call, row / rows_per_sample)` with its
+/// own call id, so it is independent of the dropout mask.
+///
+/// ```
+/// use fusedreg::dropout_keying::DropPath;
+/// # fn main() -> fusedreg::Result<()> {
+/// let path = DropPath::new(0.25, 1000)?;
+/// let s = path.row_scale(42, 3);
+/// assert!(s == 0.0 || s == 1.0 / 0.75);
+/// // A transformer block on [batch * seq, hidden]: one draw per sample of 512 rows.
+/// let per_sample = path.per_sample(512)?;
+/// assert_eq!(per_sample.row_scale(42, 512), per_sample.row_scale(42, 1023));
+/// assert!(DropPath::new(f64::NAN, 1).is_err());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropPath {
+    rate: DropRate,
+    call: u64,
+    rows_per_sample: u32,
+}
+
+impl DropPath {
+    /// A drop path dropping each row with probability `p_path` (in `[0, 1]`, not NaN), keyed by
+    /// `call` (use a call id different from the dropout's).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.1, 1000)?;
+    /// assert_eq!((path.rate().p(), path.call(), path.rows_per_sample()), (0.1, 1000, 1));
+    /// assert!(DropPath::new(-0.5, 1000).is_err());
+    /// assert!(DropPath::new(f64::NAN, 1000).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn new(p_path: f64, call: u64) -> Result<Self> {
+        Ok(DropPath {
+            rate: DropRate::checked(PATH_OP, p_path)?,
+            call,
+            rows_per_sample: 1,
+        })
+    }
+
+    /// One draw per group of `rows_per_sample` consecutive rows (a sample of a `[batch * seq,
+    /// hidden]` tensor). Must be at least 1; above 1 the tensor must have fewer than 2^32 rows.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.5, 3)?.per_sample(4)?;
+    /// // Rows 0..4 are sample 0, rows 4..8 sample 1: one draw per sample.
+    /// assert!((0..4).all(|row| path.row_scale(9, row) == path.row_scale(9, 0)));
+    /// assert!((4..8).all(|row| path.row_scale(9, row) == path.row_scale(9, 4)));
+    /// assert!(DropPath::new(0.5, 3)?.per_sample(0).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn per_sample(self, rows_per_sample: usize) -> Result<Self> {
+        let rps = u32::try_from(rows_per_sample)
+            .ok()
+            .filter(|&r| r >= 1)
+            .ok_or_else(|| {
+                Error::invalid(
+                    PATH_OP,
+                    format!("rows_per_sample = {rows_per_sample} must lie in 1 ..= 2^32 - 1"),
+                )
+            })?;
+        Ok(DropPath {
+            rows_per_sample: rps,
+            ..self
+        })
+    }
+
+    /// The drop rate of whole rows.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.25, 1)?;
+    /// assert_eq!(path.rate().threshold(), 1 << 30);
+    /// assert_eq!(path.rate().scale(), 1.0 / 0.75);
+    /// # Ok(()) }
+    /// ```
+    pub fn rate(&self) -> DropRate {
+        self.rate
+    }
+
+    /// The call id keying the row draws.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(DropPath::new(0.1, 77)?.call(), 77);
+    /// # Ok(()) }
+    /// ```
+    pub fn call(&self) -> u64 {
+        self.call
+    }
+
+    /// Rows sharing one draw (1 unless set by [`DropPath::per_sample`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropPath;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.1, 1)?;
+    /// assert_eq!(path.rows_per_sample(), 1);
+    /// assert_eq!(path.per_sample(128)?.rows_per_sample(), 128);
+    /// # Ok(()) }
+    /// ```
+    pub fn rows_per_sample(&self) -> usize {
+        self.rows_per_sample as usize
+    }
+
+    /// The row scale of `row` under `seed`: `1 / (1 - p_path)` (f32) when kept, 0 when dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::DropPath;
+    /// use fusedreg::philox::mask_word;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.5, 9)?;
+    /// // Row 3 is kept when word 3 of the path's own call id passes the threshold.
+    /// let kept = path.rate().keeps(mask_word(42, 9, 3));
+    /// assert_eq!(path.row_scale(42, 3), if kept { 2.0 } else { 0.0 });
+    /// let kept_rows = (0..1000).filter(|&row| path.row_scale(42, row) != 0.0).count();
+    /// assert!((400..600).contains(&kept_rows));
+    /// # Ok(()) }
+    /// ```
+    pub fn row_scale(&self, seed: u64, row: u64) -> f32 {
+        let sample = row / u64::from(self.rows_per_sample);
+        if self
+            .rate
+            .keeps(crate::philox::mask_word(seed, self.call, sample))
+        {
+            self.rate.scale()
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Rows per slab of the dbias partition: a function of `(rows, cols, dtype)` only — never of the
+/// device, block size or grid — so dbias is reproducible everywhere and on the CPU.
+///
+/// The backward writes one f32 partial per (slab, column) and a second kernel sums them. Slabs
+/// are sized so the grid has about 2^17 threads (16-byte column groups times slabs: enough to
+/// fill an H100) while keeping 16 to 64 rows per slab, so the partials stay a small fraction of
+/// the traffic (at most 1/8 of a bf16 backward's bytes at 16 rows, 1/32 at 64); never more than
+/// 65,535 slabs (the grid's y limit), and 1 when `rows` is 0 or 1.
+///
+/// ```
+/// use fusedreg::dropout_keying::{slab_rows, slab_count};
+/// use fusedreg::DtypeKind;
+/// assert_eq!(slab_rows(16384, 4096, DtypeKind::Bf16), 64);
+/// assert_eq!(slab_count(16384, 4096, DtypeKind::Bf16), 256);
+/// assert_eq!(slab_rows(1, 1 << 20, DtypeKind::F32), 1);
+/// assert_eq!(slab_rows(1 << 26, 1, DtypeKind::F32), 1025); // grid.y <= 65535
+/// ```
+pub fn slab_rows(rows: usize, cols: usize, dtype: DtypeKind) -> usize {
+    const TARGET_THREADS: u128 = 1 << 17;
+    const MIN_ROWS: u128 = 16;
+    const MAX_ROWS: u128 = 64;
+    const MAX_SLABS: usize = 65_535;
+    if rows <= 1 {
+        return 1;
+    }
+    let groups = (cols as u128).div_ceil((16 / dtype.size()) as u128).max(1);
+    let fill = rows as u128 * groups / TARGET_THREADS;
+    let s = fill.clamp(MIN_ROWS, MAX_ROWS).min(rows as u128) as usize;
+    s.max(rows.div_ceil(MAX_SLABS))
+}
+
+/// Number of slabs, `ceil(rows / slab_rows)` (0 when `rows` is 0).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_keying::{slab_count, slab_rows};
+/// use fusedreg::DtypeKind;
+/// assert_eq!(slab_rows(1000, 1024, DtypeKind::F32), 16);
+/// assert_eq!(slab_count(1000, 1024, DtypeKind::F32), 63); // ceil(1000 / 16)
+/// assert_eq!(slab_count(0, 1024, DtypeKind::F32), 0);
+/// ```
+pub fn slab_count(rows: usize, cols: usize, dtype: DtypeKind) -> usize {
+    rows.div_ceil(slab_rows(rows, cols, dtype))
+}
+
+/// Row lanes of the fused backward's dbias partials: each slab's rows are split by
+/// `(row - slab_start) % DBIAS_LANES`, each lane sums its rows in order, and the slab's partial
+/// is `((lane0 + lane1) + lane2) + lane3`. Must equal `DBIAS_LANES` in `kernels/common/dropout_keying.cuh`.
+pub(crate) const DBIAS_LANES: usize = 4;
+
+/// Launch knobs for tests: results never depend on them (the tests check that). Not part of the
+/// stable API.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchTuning {
+    /// Threads per block: a multiple of 32 in `32 ..= 256`.
+    pub block: u32,
+    /// Unroll the row loop (4 rows' loads in flight before their math).
+    pub unroll: bool,
+    /// Take the scalar path even when the vector path is possible.
+    pub force_scalar: bool,
+    /// Cap on grid.x; the kernels loop over the remaining column tiles.
+    pub max_grid_x: u32,
+    /// Rows per slab of launches without dbias partials (0: the defaults, 4 forward, 8 backward).
+    pub slab_rows: u32,
+    /// Row width when a flat tensor is laid out as rows (0: the default, 4 tiles of
+    /// `block` x 16 bytes); must be a multiple of 32.
+    pub flat_width: u32,
+}
+
+impl Default for LaunchTuning {
+    fn default() -> Self {
+        LaunchTuning {
+            block: 256,
+            unroll: true,
+            force_scalar: false,
+            max_grid_x: i32::MAX as u32,
+            slab_rows: 0,
+            flat_width: 0,
+        }
+    }
+}
+
+impl LaunchTuning {
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.block == 0 || self.block % 32 != 0 || self.block > 256 || self.max_grid_x == 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("launch tuning {self:?}: block must be a multiple of 32 in 32..=256 and max_grid_x >= 1"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reusable device workspace for the dbias partials of a GPU backward with dbias (one f32 per
+/// slab and column). Without one the backward allocates the partials stream-ordered per call
+/// (`cuMemAllocAsync`); with one it grows once and is reused, so a loop allocates nothing.
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// let mut ws = fusedreg::dropout_keying::Workspace::new();
+/// assert_eq!(ws.capacity(), 0);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
+pub struct Workspace {
+    pub(crate) partials: Option<CudaSlice<f32>>,
+}
+
+impl Workspace {
+    /// An empty workspace; the first backward with dbias sizes it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Workspace;
+    /// let ws = Workspace::new(); // allocates nothing: no GPU needed
+    /// assert_eq!(ws.capacity(), 0);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Current size in f32 elements.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Workspace;
+    /// // Empty until a GPU backward with dbias sizes it (one f32 per slab and column).
+    /// assert_eq!(Workspace::default().capacity(), 0);
+    /// ```
+    pub fn capacity(&self) -> usize {
+        self.partials.as_ref().map_or(0, |p| p.len())
+    }
+}
+
+/// Shape, drop rate and random keys of one dropout call (of any dropping op): everything but
+/// the buffers. Validated on construction; the CPU references and the GPU kernels take the same
+/// `Config`.
+///
+/// ```
+/// use fusedreg::dropout_keying::{Config, DropPath};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(1024, 4096, 0.1, 42, 7)?.with_drop_path(DropPath::new(0.2, 8)?);
+/// assert_eq!(cfg.len(), 1 << 22);
+/// assert_eq!(cfg.mask_words(), 1 << 17);
+/// assert!(Config::new(usize::MAX, 2, 0.1, 0, 0).is_err()); // rows * cols overflows
+/// assert!(Config::flat(10, 1.5, 0, 0).is_err()); // p outside [0, 1]
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    rows: usize,
+    cols: usize,
+    rate: DropRate,
+    seed: u64,
+    call: u64,
+    drop_path: Option<DropPath>,
+}
+
+impl Config {
+    /// A `[rows, cols]` tensor (cols = hidden size, the length of the bias), dropped with
+    /// probability `p` under `(seed, call)`.
+    ///
+    /// Errors: [`Error::ShapeMismatch`] when `rows * cols` overflows; [`Error::InvalidArgument`]
+    /// when `p` is NaN or outside `[0, 1]`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::Error;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(8, 1024, 0.1, 42, 7)?;
+    /// assert_eq!((cfg.rows(), cfg.cols(), cfg.len()), (8, 1024, 8192));
+    /// assert!(cfg.drop_path().is_none());
+    /// assert!(matches!(Config::new(8, 1024, 1.5, 42, 7), Err(Error::InvalidArgument { .. })));
+    /// assert!(matches!(Config::new(usize::MAX, 2, 0.1, 42, 7), Err(Error::ShapeMismatch { .. })));
+    /// # Ok(()) }
+    /// ```
+    pub fn new(rows: usize, cols: usize, p: f64, seed: u64, call: u64) -> Result<Self> {
+        let rate = DropRate::checked(OP, p)?;
+        rows.checked_mul(cols)
+            .filter(|&n| u64::try_from(n).is_ok())
+            .ok_or_else(|| Error::shape(OP, format!("rows * cols = {rows} * {cols} overflows")))?;
+        Ok(Config {
+            rows,
+            cols,
+            rate,
+            seed,
+            call,
+            drop_path: None,
+        })
+    }
+
+    /// A flat tensor of `n` elements (`[1, n]`): for data without bias or row scale.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::flat(1000, 0.1, 42, 7)?;
+    /// assert_eq!((cfg.rows(), cfg.cols(), cfg.len()), (1, 1000, 1000));
+    /// assert!(Config::flat(1000, f64::NAN, 42, 7).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn flat(n: usize, p: f64, seed: u64, call: u64) -> Result<Self> {
+        Self::new(1, n, p, seed, call)
+    }
+
+    /// Adds a generated drop path. It cannot be combined with a caller-supplied row scale.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_residual::{cpu, Config, DropPath};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let path = DropPath::new(0.5, 8)?;
+    /// let cfg = Config::new(2, 4, 0.0, 42, 7)?.with_drop_path(path);
+    /// let (x, r, mut y) = ([1.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
+    /// cpu::forward(&cfg, &x, &r, &mut y, Default::default())?;
+    /// assert_eq!(y[..4], [path.row_scale(42, 0); 4]); // row 0 is kept or dropped as a whole
+    /// // A caller-supplied row scale is refused:
+    /// let opts = cpu::ForwardOptions { rowscale: Some(&[1.0, 1.0]), ..Default::default() };
+    /// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn with_drop_path(self, path: DropPath) -> Self {
+        Config {
+            drop_path: Some(path),
+            ..self
+        }
+    }
+
+    /// Rows.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.rows(), 16);
+    /// # Ok(()) }
+    /// ```
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (the hidden size; the length of the bias).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.cols(), 4096);
+    /// # Ok(()) }
+    /// ```
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Elements, `rows * cols`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(3, 5, 0.1, 42, 7)?.len(), 15);
+    /// # Ok(()) }
+    /// ```
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// True when there are no elements.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert!(Config::new(0, 4096, 0.1, 42, 7)?.is_empty());
+    /// assert!(!Config::flat(1, 0.1, 42, 7)?.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The dropout rate.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::philox::DropRate;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
+    /// assert_eq!(cfg.rate(), DropRate::new(0.1)?);
+    /// assert_eq!(cfg.rate().p(), 0.1);
+    /// # Ok(()) }
+    /// ```
+    pub fn rate(&self) -> DropRate {
+        self.rate
+    }
+
+    /// The generator seed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.seed(), 42);
+    /// # Ok(()) }
+    /// ```
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The call id of the dropout mask.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.call(), 7);
+    /// # Ok(()) }
+    /// ```
+    pub fn call(&self) -> u64 {
+        self.call
+    }
+
+    /// The generated drop path, if any.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::{Config, DropPath};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
+    /// assert_eq!(cfg.drop_path(), None);
+    /// let path = DropPath::new(0.2, 8)?;
+    /// assert_eq!(cfg.with_drop_path(path).drop_path(), Some(path));
+    /// # Ok(()) }
+    /// ```
+    pub fn drop_path(&self) -> Option<DropPath> {
+        self.drop_path
+    }
+
+    /// Length in `u32` words of the 1-bit mask: `ceil(len / 32)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::flat(32, 0.1, 42, 7)?.mask_words(), 1);
+    /// assert_eq!(Config::flat(33, 0.1, 42, 7)?.mask_words(), 2);
+    /// assert_eq!(Config::new(0, 8, 0.1, 42, 7)?.mask_words(), 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn mask_words(&self) -> usize {
+        mask_words(self.len())
+    }
+
+    /// Whether element `i` (flat index) is kept by the dropout mask.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::philox::mask_word;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(2, 64, 0.1, 42, 7)?;
+    /// let i = 64 + 5; // row 1, column 5
+    /// assert_eq!(cfg.keeps(i), cfg.rate().keeps(mask_word(42, 7, i)));
+    /// assert!(Config::flat(8, 0.0, 42, 7)?.keeps(3)); // p = 0 keeps everything
+    /// assert!(!Config::flat(8, 1.0, 42, 7)?.keeps(3)); // p = 1 nothing
+    /// # Ok(()) }
+    /// ```
+    pub fn keeps(&self, i: u64) -> bool {
+        self.rate
+            .keeps(crate::philox::mask_word(self.seed, self.call, i))
+    }
+
+    /// The dropout keying (seed, call, rate) the shared pieces take.
+    pub(crate) fn keying(&self) -> Keying {
+        Keying::with_rate(self.rate, self.seed, self.call)
+    }
+
+    pub(crate) fn has_row_scale(&self, given: bool) -> bool {
+        given || self.drop_path.is_some()
+    }
+}
+
+/// The optional buffers of a GPU forward (`dropout::forward`, `dropout_residual::forward` /
+/// `forward_inplace`). All default to `None`.
+///
+/// # Examples
+///
+/// A drop-path forward that also writes out the row scale it generated:
+///
+/// ```no_run
+/// use fusedreg::dropout_residual::{self as dr, Config, DropPath, ForwardOptions};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(64, 256, 0.1, 42, 7)?.with_drop_path(DropPath::new(0.2, 8)?);
+/// # let x = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// # let mut stream = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// let mut rowscale = s.alloc_zeros::<f32>(cfg.rows()).unwrap();
+/// let opts = ForwardOptions {
+///     rowscale_out: Some(rowscale.as_view_mut()),
+///     ..Default::default()
+/// };
+/// dr::forward_inplace(&h, &cfg, &x, &mut stream, opts)?;
+/// # Ok(()) }
+/// ```
+pub struct ForwardOptions<'a, T> {
+    /// Bias per column, `len == cols`.
+    pub bias: Option<CudaView<'a, T>>,
+    /// Caller-supplied row scale, `len == rows` (not with a [`DropPath`] in the config).
+    pub rowscale: Option<CudaView<'a, f32>>,
+    /// Writes the 1-bit keep mask here, `len == cfg.mask_words()`.
+    pub mask_out: Option<CudaViewMut<'a, u32>>,
+    /// Writes the generated row scale here, `len == rows` (needs a [`DropPath`]).
+    pub rowscale_out: Option<CudaViewMut<'a, f32>>,
+    #[doc(hidden)]
+    pub tuning: LaunchTuning,
+}
+
+impl<T> Default for ForwardOptions<'_, T> {
+    fn default() -> Self {
+        ForwardOptions {
+            bias: None,
+            rowscale: None,
+            mask_out: None,
+            rowscale_out: None,
+            tuning: LaunchTuning::default(),
+        }
+    }
+}
+
+/// The optional buffers of a GPU backward (`dropout::backward`, `dropout_residual::backward`).
+/// All default to `None`.
+///
+/// # Examples
+///
+/// A backward reading the forward's 1-bit mask and the caller's row scale:
+///
+/// ```no_run
+/// use fusedreg::dropout_residual::{self as dr, BackwardOptions, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let s = h.stream();
+/// let cfg = Config::new(64, 256, 0.1, 42, 7)?;
+/// # let dy = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// # let mut dx = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// let mask = s.alloc_zeros::<u32>(cfg.mask_words()).unwrap(); // filled by the forward's mask_out
+/// let rowscale = s.clone_htod(&vec![1.0f32; cfg.rows()]).unwrap(); // the forward's rowscale
+/// let opts = BackwardOptions {
+///     mask: Some(mask.as_view()),
+///     rowscale: Some(rowscale.as_view()),
+///     ..Default::default()
+/// };
+/// dr::backward(&h, &cfg, &dy, &mut dx, opts)?;
+/// # Ok(()) }
+/// ```
+pub struct BackwardOptions<'a, T> {
+    /// The caller-supplied row scale the forward used, `len == rows`.
+    pub rowscale: Option<CudaView<'a, f32>>,
+    /// The forward's 1-bit mask, read instead of regenerating, `len == cfg.mask_words()`.
+    pub mask: Option<CudaView<'a, u32>>,
+    /// Writes the bias gradient here, `len == cols`.
+    pub dbias: Option<CudaViewMut<'a, T>>,
+    /// Reusable space for the dbias partials (allocated per call when `None`).
+    pub workspace: Option<&'a mut Workspace>,
+    #[doc(hidden)]
+    pub tuning: LaunchTuning,
+}
+
+impl<T> Default for BackwardOptions<'_, T> {
+    fn default() -> Self {
+        BackwardOptions {
+            rowscale: None,
+            mask: None,
+            dbias: None,
+            workspace: None,
+            tuning: LaunchTuning::default(),
+        }
+    }
+}
+
+/// Buffer lengths of a forward call, checked the same way on the CPU and the GPU.
+pub(crate) struct ForwardLens {
+    pub x: usize,
+    /// None for an op without a residual.
+    pub residual: Option<usize>,
+    /// None in place (y is the residual).
+    pub y: Option<usize>,
+    pub bias: Option<usize>,
+    pub rowscale: Option<usize>,
+    pub mask_out: Option<usize>,
+    pub rowscale_out: Option<usize>,
+}
+
+pub(crate) fn check_forward(op: &'static str, cfg: &Config, l: &ForwardLens) -> Result<()> {
+    let n = cfg.len();
+    check_len(op, "x", l.x, n)?;
+    if let Some(r) = l.residual {
+        check_len(op, "residual", r, n)?;
+    }
+    if let Some(y) = l.y {
+        check_len(op, "y", y, n)?;
+    }
+    if let Some(b) = l.bias {
+        check_len(op, "bias (one per column)", b, cfg.cols)?;
+    }
+    check_row_scale(op, cfg, l.rowscale)?;
+    if let Some(m) = l.mask_out {
+        check_len(op, "mask_out (u32 words)", m, cfg.mask_words())?;
+    }
+    if let Some(r) = l.rowscale_out {
+        if cfg.drop_path.is_none() {
+            return Err(Error::invalid(
+                op,
+                "rowscale_out is written only for a generated drop path (Config::with_drop_path)",
+            ));
+        }
+        check_len(op, "rowscale_out (one per row)", r, cfg.rows)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn check_backward(
+    op: &'static str,
+    cfg: &Config,
+    dy: usize,
+    dx: usize,
+    rowscale: Option<usize>,
+    mask: Option<usize>,
+    dbias: Option<usize>,
+) -> Result<()> {
+    let n = cfg.len();
+    check_len(op, "dy", dy, n)?;
+    check_len(op, "dx", dx, n)?;
+    check_row_scale(op, cfg, rowscale)?;
+    if let Some(m) = mask {
+        check_len(op, "mask (u32 words)", m, cfg.mask_words())?;
+    }
+    if let Some(b) = dbias {
+        check_len(op, "dbias (one per column)", b, cfg.cols)?;
+    }
+    Ok(())
+}
+
+fn check_row_scale(op: &'static str, cfg: &Config, rowscale: Option<usize>) -> Result<()> {
+    if let Some(r) = rowscale {
+        if cfg.drop_path.is_some() {
+            return Err(Error::invalid(
+                op,
+                "a caller-supplied rowscale and a generated drop path exclude each other",
+            ));
+        }
+        check_len(op, "rowscale (one per row)", r, cfg.rows)?;
+    }
+    if let Some(path) = cfg.drop_path {
+        if path.rows_per_sample() > 1 && cfg.rows > u32::MAX as usize {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "a per-sample drop path needs fewer than 2^32 rows, got {}",
+                    cfg.rows
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The optional buffers of a CPU reference forward (`dropout::cpu::forward`,
+/// `dropout_residual::cpu::forward` / `forward_inplace`). All default to `None`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{cpu, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 4, 0.0, 1, 2)?; // p = 0: only the row scale acts
+/// let (x, r, mut y) = ([1.0f32; 8], [1.0f32; 8], [0.0f32; 8]);
+/// let opts = cpu::ForwardOptions { rowscale: Some(&[0.0, 2.0]), ..Default::default() };
+/// cpu::forward(&cfg, &x, &r, &mut y, opts)?;
+/// assert_eq!(y, [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]); // row 0 dropped, row 1 doubled
+/// // rowscale_out is written only for a drop path in the config:
+/// let mut out = [0.0f32; 2];
+/// let opts = cpu::ForwardOptions { rowscale_out: Some(&mut out), ..Default::default() };
+/// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
+/// # Ok(()) }
+/// ```
+pub struct CpuForwardOptions<'a, T> {
+    /// Bias per column, `len == cols`.
+    pub bias: Option<&'a [T]>,
+    /// Caller-supplied row scale, `len == rows` (not with a drop path in the config).
+    pub rowscale: Option<&'a [f32]>,
+    /// Receives the 1-bit keep mask, `len == cfg.mask_words()` (padding bits zero).
+    pub mask_out: Option<&'a mut [u32]>,
+    /// Receives the generated row scale, `len == rows` (needs a drop path).
+    pub rowscale_out: Option<&'a mut [f32]>,
+}
+
+impl<T> Default for CpuForwardOptions<'_, T> {
+    fn default() -> Self {
+        CpuForwardOptions {
+            bias: None,
+            rowscale: None,
+            mask_out: None,
+            rowscale_out: None,
+        }
+    }
+}
+
+/// The optional buffers of a CPU reference backward (`dropout::cpu::backward`,
+/// `dropout_residual::cpu::backward`). All default to `None`.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_residual::{cpu, Config};
+/// # fn main() -> fusedreg::Result<()> {
+/// let cfg = Config::new(2, 3, 0.0, 1, 2)?;
+/// let dy = [1.0f32; 6];
+/// let (mut dx, mut dbias) = ([0.0f32; 6], [0.0f32; 3]);
+/// let opts = cpu::BackwardOptions {
+///     rowscale: Some(&[0.5, 2.0]),
+///     dbias: Some(&mut dbias),
+///     ..Default::default()
+/// };
+/// cpu::backward(&cfg, &dy, &mut dx, opts)?;
+/// assert_eq!((dx, dbias), ([0.5, 0.5, 0.5, 2.0, 2.0, 2.0], [2.5; 3]));
+/// # Ok(()) }
+/// ```
+pub struct CpuBackwardOptions<'a, T> {
+    /// The caller-supplied row scale the forward used, `len == rows`.
+    pub rowscale: Option<&'a [f32]>,
+    /// The forward's 1-bit mask, read instead of regenerating.
+    pub mask: Option<&'a [u32]>,
+    /// Receives the bias gradient, `len == cols`.
+    pub dbias: Option<&'a mut [T]>,
+}
+
+impl<T> Default for CpuBackwardOptions<'_, T> {
+    fn default() -> Self {
+        CpuBackwardOptions {
+            rowscale: None,
+            mask: None,
+            dbias: None,
+        }
+    }
+}
+
+/// The row scale of every row (None: no row scale), the caller's or generated by the drop path.
+pub(crate) fn row_scales(
+    seed: u64,
+    rows: usize,
+    given: Option<&[f32]>,
+    path: Option<DropPath>,
+) -> Option<Vec<f32>> {
+    match (given, path) {
+        (Some(rs), _) => Some(rs.to_vec()),
+        (None, Some(path)) => Some((0..rows as u64).map(|r| path.row_scale(seed, r)).collect()),
+        (None, None) => None,
+    }
+}
+
+/// `rowm = scale * rs` of a row (one f32 multiply), or `scale` without a row scale: the kernels'
+/// `stage_rows`.
+#[inline]
+pub(crate) fn row_multiplier(scale: f32, rs: &Option<Vec<f32>>, row: usize) -> f32 {
+    match rs {
+        Some(v) => scale * v[row],
+        None => scale,
+    }
+}
+
+/// The CPU reference of the shared backward (`dropout_bwd` in the kernels), on a validated
+/// `[rows, cols]` problem with at least one element: `dx = m != 0 ? T(dy * m) : 0` with
+/// `m = keep ? rowm : 0`, the keep bits read from `mask` or regenerated from `keying`; dbias the
+/// slab / lane sums of the unrounded dx (see [`slab_rows`], `DBIAS_LANES`), in the kernels' order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_cpu<T: Dtype>(
+    rows: usize,
+    cols: usize,
+    keying: &Keying,
+    rs: Option<Vec<f32>>,
+    mask: Option<&[u32]>,
+    dy: &[T],
+    dx: &mut [T],
+    dbias: Option<&mut [T]>,
+) {
+    let mut bits = keying.keep_bits();
+    let scale = keying.rate().scale();
+    let slab = slab_rows(rows, cols, T::KIND);
+    // One partial per row lane of the slab (see DBIAS_LANES), folded in lane order at its end.
+    let mut lanes = vec![vec![0.0f32; cols]; DBIAS_LANES];
+    let mut total = vec![0.0f32; cols];
+    for row in 0..rows {
+        let rowm = row_multiplier(scale, &rs, row);
+        let partial = &mut lanes[(row % slab) % DBIAS_LANES];
+        for (col, part) in partial.iter_mut().enumerate() {
+            let i = row * cols + col;
+            let keep = match mask {
+                Some(m) => mask_bit(m, i),
+                None => bits.get(i as u64),
+            };
+            let m = if keep { rowm } else { 0.0 };
+            let d = if m != 0.0 { dy[i].to_f32() * m } else { 0.0 };
+            dx[i] = T::from_f32_rn(d);
+            *part += d;
+        }
+        // End of a slab: fold its lanes in order, then into the totals in slab order.
+        if (row + 1) % slab == 0 || row + 1 == rows {
+            for (col, t) in total.iter_mut().enumerate() {
+                let mut slab_sum = lanes[0][col];
+                for lane in &lanes[1..] {
+                    slab_sum += lane[col];
+                }
+                *t += slab_sum;
+            }
+            lanes.iter_mut().for_each(|l| l.fill(0.0));
+        }
+    }
+    if let Some(db) = dbias {
+        for (d, t) in db.iter_mut().zip(&total) {
+            *d = T::from_f32_rn(*t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slab_partition_properties() {
+        for kind in [DtypeKind::F32, DtypeKind::F16, DtypeKind::Bf16] {
+            for &rows in &[
+                0usize,
+                1,
+                2,
+                15,
+                16,
+                17,
+                37,
+                257,
+                4096,
+                16384,
+                1 << 20,
+                1 << 26,
+            ] {
+                for &cols in &[0usize, 1, 3, 8, 1003, 1024, 4096, 65536] {
+                    let s = slab_rows(rows, cols, kind);
+                    let slabs = slab_count(rows, cols, kind);
+                    assert!(s >= 1);
+                    assert!(slabs <= 65_535, "{rows}x{cols}: {slabs} slabs");
+                    assert!(rows == 0 || slabs * s >= rows && (slabs - 1) * s < rows);
+                    if (16..=16 * 65_535).contains(&rows) {
+                        assert!(s >= 16, "{rows}x{cols}: {s} rows per slab");
+                    }
+                }
+            }
+        }
+        // About 2^17 threads for a mid-size bf16 shape.
+        let (rows, cols) = (8192, 4096);
+        let threads = slab_count(rows, cols, DtypeKind::Bf16) * cols / 8;
+        assert_eq!(threads, 1 << 17);
+    }
+
+    #[test]
+    fn tuning_is_validated() {
+        assert!(LaunchTuning::default().check().is_ok());
+        for block in [0, 16, 48, 512] {
+            let t = LaunchTuning {
+                block,
+                ..Default::default()
+            };
+            assert!(t.check().is_err(), "block {block} accepted");
+        }
+    }
+
+    #[test]
+    fn keep_bits_match_the_keying_at_the_edges() {
+        for p in [0.0, 1.0, 0.1, 0.5] {
+            let k = Keying::new("t", p, 5, 6).unwrap();
+            let mut bits = k.keep_bits();
+            // Out of order on purpose: the cached block must be re-evaluated.
+            for i in [7u64, 3, 100, 4, 1 << 40, 5] {
+                assert_eq!(bits.get(i), k.keeps(i), "p {p} i {i}");
+            }
+        }
+    }
+}

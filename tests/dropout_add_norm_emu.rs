@@ -1,0 +1,189 @@
+//! The kernels of `kernels/dropout_add_norm.cu` run under host emulation against the CPU
+//! reference, bit for bit (NaNs compared as NaN: the GPU's are canonical). Needs the emulator's
+//! dumps, so it is ignored by default:
+//!
+//! ```text
+//! g++ -std=c++20 -O2 -pthread -Iscripts/emu -Iscripts/emu/include -Ikernels \
+//!     -DKFILE='"'$PWD/kernels/dropout_add_norm.cu'"' -include scripts/emu/shim.h \
+//!     -o /tmp/dan-emu scripts/emu/cases/dropout_add_norm.cpp
+//! mkdir -p /tmp/dan-dump && DAN_DUMP=/tmp/dan-dump /tmp/dan-emu
+//! DAN_DUMP=/tmp/dan-dump cargo test --test dropout_add_norm_emu -- --ignored
+//! ```
+//!
+//! The dump format is written by `run()` in `scripts/emu/cases/dropout_add_norm.cpp`.
+use fusedreg::dropout_add_norm::{cpu, Config, DropPath, Norm};
+use fusedreg::Dtype;
+use half::{bf16, f16};
+
+struct Rd<'a> {
+    b: &'a [u8],
+    o: usize,
+}
+impl<'a> Rd<'a> {
+    fn u64(&mut self) -> u64 {
+        let v = u64::from_le_bytes(self.b[self.o..self.o + 8].try_into().unwrap());
+        self.o += 8;
+        v
+    }
+    fn arr<T: bytemuck::Pod>(&mut self, n: usize) -> Vec<T> {
+        let sz = std::mem::size_of::<T>() * n;
+        let mut v = vec![T::zeroed(); n];
+        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&self.b[self.o..self.o + sz]);
+        self.o += sz;
+        v
+    }
+}
+
+fn same<T: Dtype>(what: &str, got: &[T], want: &[T]) -> usize {
+    let mut bad = 0;
+    for i in 0..got.len() {
+        let (g, w) = (got[i].to_f32(), want[i].to_f32());
+        let ok = bytemuck::bytes_of(&got[i]) == bytemuck::bytes_of(&want[i])
+            || (g.is_nan() && w.is_nan());
+        if !ok {
+            if bad < 4 {
+                eprintln!("  {what}[{i}] emu {g:e} cpu {w:e}");
+            }
+            bad += 1;
+        }
+    }
+    bad
+}
+
+fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
+    let rows = r.u64() as usize;
+    let cols = r.u64() as usize;
+    let flags = r.u64();
+    let (seed, call, path_call, rps) = (r.u64(), r.u64(), r.u64(), r.u64() as usize);
+    let p = f64::from_bits(r.u64());
+    let pp = f64::from_bits(r.u64());
+    let eps = f32::from_bits(r.u64() as u32);
+    let ls = f32::from_bits(r.u64() as u32);
+    let n = rows * cols;
+    let norm = if flags & 64 != 0 {
+        Norm::RmsNorm
+    } else {
+        Norm::LayerNorm
+    };
+    let mut cfg = Config::new(rows, cols, norm, eps)
+        .unwrap()
+        .with_dropout(p, seed, call)
+        .unwrap()
+        .with_layer_scale(ls)
+        .unwrap();
+    if flags & 16 != 0 {
+        cfg = cfg.with_drop_path(
+            DropPath::new(pp, path_call)
+                .unwrap()
+                .per_sample(rps)
+                .unwrap(),
+        );
+    }
+    let x: Vec<T> = r.arr(n);
+    let res: Option<Vec<S>> = (flags & 1 != 0).then(|| r.arr(n));
+    let gamma: Vec<T> = r.arr(cols);
+    let beta: Option<Vec<T>> = (flags & 2 != 0).then(|| r.arr(cols));
+    let bias: Option<Vec<T>> = (flags & 4 != 0).then(|| r.arr(cols));
+    let rs: Option<Vec<f32>> = (flags & 8 != 0).then(|| r.arr(rows));
+    let d_out: Vec<T> = r.arr(n);
+    let d_s: Option<Vec<S>> = (flags & 32 != 0).then(|| r.arr(n));
+    let e_out: Vec<T> = r.arr(n);
+    let e_s: Vec<S> = r.arr(n);
+    let e_mean: Vec<f32> = r.arr(rows);
+    let e_rstd: Vec<f32> = r.arr(rows);
+    let e_dx: Vec<T> = r.arr(n);
+    let e_dres: Option<Vec<S>> = (flags & 1 != 0).then(|| r.arr(n));
+    let e_dg: Vec<T> = r.arr(cols);
+    let e_db: Vec<T> = r.arr(cols);
+    let e_dbias: Vec<T> = r.arr(cols);
+    let (mut out, mut s, mut mean, mut rstd) = (
+        vec![T::default(); n],
+        vec![S::default(); n],
+        vec![0f32; rows],
+        vec![0f32; rows],
+    );
+    let args = cpu::ForwardArgs {
+        residual: res.as_deref(),
+        beta: beta.as_deref(),
+        bias: bias.as_deref(),
+        rowscale: rs.as_deref(),
+        ..cpu::ForwardArgs::new(&x, &gamma)
+    };
+    cpu::forward(
+        &cfg,
+        args,
+        cpu::ForwardOut {
+            out: &mut out,
+            s: &mut s,
+            mean: &mut mean,
+            rstd: &mut rstd,
+        },
+    )
+    .unwrap();
+    let mut bad = same("s", &e_s, &s)
+        + same("mean", &e_mean, &mean)
+        + same("rstd", &e_rstd, &rstd)
+        + same("out", &e_out, &out);
+    // Backward from the emulated forward's outputs (identical when the above agree).
+    let (mut dx, mut dres, mut dg, mut db, mut dbias) = (
+        vec![T::default(); n],
+        vec![S::default(); n],
+        vec![T::default(); cols],
+        vec![T::default(); cols],
+        vec![T::default(); cols],
+    );
+    let args = cpu::BackwardArgs {
+        d_s: d_s.as_deref(),
+        rowscale: rs.as_deref(),
+        ..cpu::BackwardArgs::new(&d_out, &e_s, &gamma, &e_mean, &e_rstd)
+    };
+    let outs = cpu::BackwardOut {
+        d_residual: Some(&mut dres),
+        dbeta: Some(&mut db),
+        dbias: Some(&mut dbias),
+        ..cpu::BackwardOut::new(&mut dx, &mut dg)
+    };
+    cpu::backward(&cfg, args, outs).unwrap();
+    bad += same("dx", &e_dx, &dx)
+        + same("dgamma", &e_dg, &dg)
+        + same("dbeta", &e_db, &db)
+        + same("dbias", &e_dbias, &dbias);
+    if let Some(e) = e_dres {
+        bad += same("d_residual", &e, &dres);
+    }
+    if bad > 0 {
+        eprintln!("{name}: {rows}x{cols} flags {flags:#x} p {p} {bad} mismatches");
+    }
+    bad
+}
+
+#[test]
+#[ignore = "needs DAN_DUMP=<dir> of dumps from the emulated kernels (see the file's docs)"]
+fn emulated_kernels_match_the_cpu_reference() {
+    let dir = std::env::var("DAN_DUMP").expect("DAN_DUMP: the directory of the emulator's dumps");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let (mut total, mut cases) = (0, 0);
+    for f in &files {
+        let b = std::fs::read(f).unwrap();
+        let mut r = Rd { b: &b, o: 0 };
+        let (t, s) = (r.u64(), r.u64());
+        let name = f.display().to_string();
+        total += match (t, s) {
+            (0, 0) => check::<f32, f32>(&name, &mut r),
+            (1, 1) => check::<f16, f16>(&name, &mut r),
+            (2, 2) => check::<bf16, bf16>(&name, &mut r),
+            (1, 0) => check::<f16, f32>(&name, &mut r),
+            (2, 0) => check::<bf16, f32>(&name, &mut r),
+            _ => panic!("bad kinds"),
+        };
+        assert_eq!(r.o, b.len(), "{name}: trailing bytes");
+        cases += 1;
+    }
+    eprintln!("{cases} cases checked");
+    assert!(cases > 0);
+    assert_eq!(total, 0);
+}

@@ -1,0 +1,254 @@
+//! Bad input at the library's GPU entry points (issue 17; the CPU side is `tests/bad_input.rs`).
+//! Each case ends in an `Error`, or a documented valid result checked against the CPU reference
+//! bit for bit — never a panic, a NaN, or a silently wrong value.
+//!
+//! Entry points covered: `dropout_residual::{forward, forward_inplace, backward}` (length
+//! mismatches of every buffer, empty tensors with dbias, p rounding to 1),
+//! `philox::gpu::mask_words` (indices past 2^64), and, in the `engine` section (the engine branch
+//! changes this API), `multi_tensor::TensorSetBuilder::push`, `GlobalNorm::{new, set_max_norm,
+//! set_loss_scale, copy_to_host_async}`, `AdamW::set_lr`.
+
+use cudarc::driver::CudaSlice;
+use fusedreg::dropout_residual::{self as dr, cpu, BackwardOptions, Config, ForwardOptions};
+use fusedreg::{Error, Handle};
+use half::bf16;
+use libtest_mimic::Trial;
+
+use crate::common::bits_eq;
+use crate::harness::trials_of;
+
+pub fn trials() -> Vec<Trial> {
+    trials_of(
+        "bad_input",
+        &[
+            ("dropout_length_mismatches_are_refused", dropout_lengths),
+            ("dropout_empty_tensors_zero_dbias", dropout_empty),
+            (
+                "dropout_p_rounding_to_one_returns_the_residual",
+                dropout_p_near_one,
+            ),
+            ("mask_words_past_2_64_are_refused", mask_words_overflow),
+            ("engine_bad_scalars_are_refused", engine_scalars),
+            (
+                "engine_copy_to_host_async_empty_pinned_buffer",
+                engine_empty_pinned,
+            ),
+        ],
+    )
+}
+
+fn e(x: impl std::fmt::Display) -> String {
+    x.to_string()
+}
+
+/// `Ok(())` when `r` is an argument or shape error.
+fn refused<T>(what: &str, r: fusedreg::Result<T>) -> Result<(), String> {
+    match r {
+        Err(Error::InvalidArgument { .. } | Error::ShapeMismatch { .. }) => Ok(()),
+        Err(other) => Err(format!(
+            "{what}: expected a shape/argument error, got {other}"
+        )),
+        Ok(_) => Err(format!("{what}: accepted")),
+    }
+}
+
+fn up<T: cudarc::driver::DeviceRepr + Clone>(h: &Handle, v: &[T]) -> Result<CudaSlice<T>, String> {
+    h.stream().clone_htod(v).map_err(e)
+}
+
+fn dropout_lengths(h: &Handle) -> Result<(), String> {
+    let cfg = Config::new(3, 5, 0.25, 7, 8).map_err(e)?;
+    let n = cfg.len();
+    let ok = up(h, &vec![1.5f32; n + 1])?;
+    let mut y = up(h, &vec![0.0f32; n + 1])?;
+    for bad in [n - 1, n + 1, 0] {
+        let (okv, badv) = (ok.slice(0..n), ok.slice(0..bad));
+        {
+            let mut yv = y.slice_mut(0..n);
+            refused(
+                "x",
+                dr::forward(h, &cfg, &badv, &okv, &mut yv, Default::default()),
+            )?;
+            refused(
+                "residual",
+                dr::forward(h, &cfg, &okv, &badv, &mut yv, Default::default()),
+            )?;
+            refused(
+                "inplace",
+                dr::forward_inplace(h, &cfg, &badv, &mut yv, Default::default()),
+            )?;
+            refused(
+                "dy",
+                dr::backward(h, &cfg, &badv, &mut yv, Default::default()),
+            )?;
+        }
+        let mut ybad = y.slice_mut(0..bad);
+        refused(
+            "y",
+            dr::forward(h, &cfg, &okv, &okv, &mut ybad, Default::default()),
+        )?;
+    }
+    let bias = up(h, &[0.5f32; 6])?;
+    for cols in [4, 6, 0] {
+        let mut yv = y.slice_mut(0..n);
+        let (okv, okv2) = (ok.slice(0..n), ok.slice(0..n));
+        let opts = ForwardOptions {
+            bias: Some(bias.slice(0..cols)),
+            ..Default::default()
+        };
+        refused("bias", dr::forward(h, &cfg, &okv, &okv2, &mut yv, opts))?;
+    }
+    let mut mask = up(h, &[0u32; 4])?;
+    for words in [0, cfg.mask_words() + 1] {
+        let mut yv = y.slice_mut(0..n);
+        let (okv, okv2) = (ok.slice(0..n), ok.slice(0..n));
+        let opts = ForwardOptions {
+            mask_out: Some(mask.slice_mut(0..words)),
+            ..Default::default()
+        };
+        refused("mask_out", dr::forward(h, &cfg, &okv, &okv2, &mut yv, opts))?;
+    }
+    let mut dbias = up(h, &[0.0f32; 6])?;
+    for cols in [4, 6] {
+        let mut yv = y.slice_mut(0..n);
+        let okv = ok.slice(0..n);
+        let opts = BackwardOptions {
+            dbias: Some(dbias.slice_mut(0..cols)),
+            ..Default::default()
+        };
+        refused("dbias", dr::backward(h, &cfg, &okv, &mut yv, opts))?;
+    }
+    Ok(())
+}
+
+/// Zero rows with a bias gradient requested: dbias is the sum over no rows, zeros, as the CPU
+/// reference writes (never the NaN the buffer held before).
+fn dropout_empty(h: &Handle) -> Result<(), String> {
+    let cfg = Config::new(0, 5, 0.5, 1, 2).map_err(e)?;
+    let one = up(h, &[bf16::ONE])?;
+    let mut out = up(h, &[bf16::ONE])?;
+    dr::forward(
+        h,
+        &cfg,
+        &one.slice(0..0),
+        &one.slice(0..0),
+        &mut out.slice_mut(0..0),
+        Default::default(),
+    )
+    .map_err(e)?;
+    let mut dbias = up(h, &[bf16::from_f32(f32::NAN); 5])?;
+    let opts = BackwardOptions {
+        dbias: Some(dbias.slice_mut(0..5)),
+        ..Default::default()
+    };
+    dr::backward(h, &cfg, &one.slice(0..0), &mut out.slice_mut(0..0), opts).map_err(e)?;
+    let got = h.stream().clone_dtoh(&dbias).map_err(e)?;
+    let mut want = vec![bf16::from_f32(f32::NAN); 5];
+    let copts = cpu::BackwardOptions {
+        dbias: Some(&mut want[..]),
+        ..Default::default()
+    };
+    cpu::backward::<bf16>(&cfg, &[], &mut [], copts).map_err(e)?;
+    bits_eq("dbias over no rows", &got, &want)
+}
+
+/// p = 1 and a p that rounds to the threshold 2^32: every element dropped, y is the residual's
+/// bits (the huge 1 / (1 - p) scale is never applied), as on the CPU.
+fn dropout_p_near_one(h: &Handle) -> Result<(), String> {
+    for p in [1.0, 1.0 - 2f64.powi(-34)] {
+        let cfg = Config::new(5, 37, p, 3, 4).map_err(e)?;
+        let x: Vec<f32> = (0..cfg.len()).map(|i| i as f32 - 80.0).collect();
+        let r: Vec<f32> = (0..cfg.len()).map(|i| 0.5 * i as f32 + 0.25).collect();
+        let (dx, dres) = (up(h, &x)?, up(h, &r)?);
+        let mut dy = up(h, &vec![f32::NAN; cfg.len()])?;
+        dr::forward(h, &cfg, &dx, &dres, &mut dy, Default::default()).map_err(e)?;
+        let got = h.stream().clone_dtoh(&dy).map_err(e)?;
+        bits_eq(&format!("p = {p}"), &got, &r)?;
+    }
+    Ok(())
+}
+
+/// `mask_words(start, n)` names indices `start .. start + n`: past 2^64 they do not exist, so a
+/// range that would wrap is refused (it wrapped to index 0 on the device before).
+fn mask_words_overflow(h: &Handle) -> Result<(), String> {
+    use fusedreg::philox::{gpu, mask_word};
+    refused(
+        "start + n > 2^64",
+        gpu::mask_words(h, 1, 2, u64::MAX - 3, 8),
+    )?;
+    refused("start + n > 2^64", gpu::mask_words(h, 1, 2, u64::MAX, 2))?;
+    // The last 4 indices exist and match the CPU.
+    let got = gpu::mask_words(h, 1, 2, u64::MAX - 3, 4).map_err(e)?;
+    let want: Vec<u32> = (0..4).map(|k| mask_word(1, 2, u64::MAX - 3 + k)).collect();
+    bits_eq("last words", &got, &want)
+}
+
+// ------------------------------------------------------------------------------------------
+// engine: multi_tensor, global_norm, adamw. Kept apart: the engine branch changes this API
+// (AdamW owns its state; TensorSet only tensors).
+// ------------------------------------------------------------------------------------------
+
+fn engine_scalars(h: &Handle) -> Result<(), String> {
+    use fusedreg::adamw::{AdamW, AdamWConfig};
+    use fusedreg::global_norm::GlobalNorm;
+    use fusedreg::multi_tensor::TensorSet;
+    let mut b = TensorSet::builder(h);
+    refused(
+        "param/grad lengths",
+        b.push(up(h, &[1.0f32; 4])?, up(h, &[1.0f32; 3])?),
+    )?;
+    b.push(up(h, &[1.0f32; 4])?, up(h, &[0.5f32; 4])?)
+        .map_err(e)?;
+    let set = b.build().map_err(e)?;
+    for bad in [f32::NAN, f32::INFINITY, -1.0, 0.0] {
+        refused("GlobalNorm::new", GlobalNorm::new(&set, Some(bad)))?;
+    }
+    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    for bad in [f32::NAN, f32::INFINITY, -1.0, 0.0] {
+        refused("set_max_norm", norm.set_max_norm(Some(bad)))?;
+        refused("set_loss_scale", norm.set_loss_scale(bad))?;
+    }
+    // Weight decay is the optimizer's, per tensor: non-finite or negative values are refused.
+    for wd in [f32::NAN, f32::INFINITY, -1.0] {
+        refused(
+            "weight decay",
+            AdamW::new(&set, AdamWConfig::default(), &[wd]),
+        )?;
+    }
+    refused(
+        "weight decay count",
+        AdamW::new(&set, AdamWConfig::default(), &[0.0, 0.0]),
+    )?;
+    let mut opt = AdamW::new(&set, AdamWConfig::default(), &[0.0]).map_err(e)?;
+    for bad in [f32::NAN, f32::INFINITY, -1e-3] {
+        refused("set_lr", opt.set_lr(bad))?;
+    }
+    for cfg in [
+        AdamWConfig {
+            beta1: 1.0,
+            ..Default::default()
+        },
+        AdamWConfig {
+            eps: f32::NAN,
+            ..Default::default()
+        },
+    ] {
+        refused("AdamW::new config", AdamW::new(&set, cfg, &[0.0]))?;
+    }
+    Ok(())
+}
+
+/// Issue 17 item 6 (intended behaviour): an empty pinned buffer is an error, not a panic
+/// inside cudarc.
+fn engine_empty_pinned(h: &Handle) -> Result<(), String> {
+    use fusedreg::global_norm::{GlobalNorm, NormValues};
+    use fusedreg::multi_tensor::TensorSet;
+    let mut b = TensorSet::builder(h);
+    b.push(up(h, &[1.0f32; 4])?, up(h, &[0.5f32; 4])?)
+        .map_err(e)?;
+    let set = b.build().map_err(e)?;
+    let norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    // SAFETY: an empty pinned buffer; nothing is read from it.
+    let mut empty = unsafe { h.context().alloc_pinned::<NormValues>(0) }.map_err(e)?;
+    refused("empty pinned", norm.copy_to_host_async(&mut empty))
+}

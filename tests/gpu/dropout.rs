@@ -1,0 +1,757 @@
+//! Plain dropout on the device against the CPU reference, bit for bit (y, the 1-bit mask, the
+//! generated row scale, dx from the regenerated mask and from the bitmask, dbias); the unfused
+//! baseline against its CPU mirror.
+//!
+//! Every output is poisoned before the kernel runs, and output views have a sentinel element on
+//! each side that must survive.
+
+// Element-wise comparisons read best with explicit indices.
+#![allow(clippy::needless_range_loop)]
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use fusedreg::dropout::{
+    self as dr, cpu, unfused, BackwardOptions, Config, DropPath, ForwardOptions, LaunchTuning,
+    Workspace,
+};
+use fusedreg::{Dtype, Handle};
+use half::{bf16, f16};
+use libtest_mimic::Trial;
+use std::sync::Arc;
+
+use crate::common::{bits_eq, rng, uniform};
+use crate::harness::trials_of;
+
+pub fn trials() -> Vec<Trial> {
+    trials_of(
+        "dropout",
+        &[
+            ("flat_sizes_f32", flat_sizes::<f32>),
+            ("flat_sizes_f16", flat_sizes::<f16>),
+            ("flat_sizes_bf16", flat_sizes::<bf16>),
+            ("shapes_f32", shapes::<f32>),
+            ("shapes_f16", shapes::<f16>),
+            ("shapes_bf16", shapes::<bf16>),
+            ("edge_rates_f32", edge_rates::<f32>),
+            ("edge_rates_f16", edge_rates::<f16>),
+            ("edge_rates_bf16", edge_rates::<bf16>),
+            ("launch_configurations_agree", launch_configurations_agree),
+            ("dbias_is_deterministic", dbias_is_deterministic),
+            ("row_scales_staged_in_chunks", row_scales_staged_in_chunks),
+            ("empty_inputs_launch_nothing", empty_inputs_launch_nothing),
+            ("unfused_matches_its_cpu_mirror_f32", unfused_mirror::<f32>),
+            (
+                "unfused_matches_its_cpu_mirror_bf16",
+                unfused_mirror::<bf16>,
+            ),
+            ("unfused_matches_its_cpu_mirror_f16", unfused_mirror::<f16>),
+            ("bad_input_is_an_error", bad_input_is_an_error),
+        ],
+    )
+}
+
+type R<T> = Result<T, String>;
+
+fn e2s<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+/// Where the row scale comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Rs {
+    None,
+    /// Caller-supplied, with every 7th row 0.
+    Given,
+    /// Generated per row, written out.
+    Path,
+    /// Generated per sample of 16 rows, written out.
+    PerSample,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    rows: usize,
+    cols: usize,
+    p: f64,
+    bias: bool,
+    rs: Rs,
+    mask: bool,
+    /// x, y, dy and dx are views starting at this element.
+    offset: usize,
+    dbias: bool,
+    tuning: LaunchTuning,
+}
+
+impl Case {
+    fn new(rows: usize, cols: usize) -> Self {
+        Case {
+            rows,
+            cols,
+            p: 0.1,
+            bias: false,
+            rs: Rs::None,
+            mask: true,
+            offset: 0,
+            dbias: false,
+            tuning: LaunchTuning::default(),
+        }
+    }
+
+    fn config(&self, seed: u64) -> Config {
+        let cfg = Config::new(self.rows, self.cols, self.p, seed, 0x1234_5678_9abc).unwrap();
+        match self.rs {
+            Rs::Path => cfg.with_drop_path(DropPath::new(0.25, 77).unwrap()),
+            Rs::PerSample => {
+                cfg.with_drop_path(DropPath::new(0.5, 78).unwrap().per_sample(16).unwrap())
+            }
+            _ => cfg,
+        }
+    }
+}
+
+struct Data<T> {
+    x: Vec<T>,
+    bias: Option<Vec<T>>,
+    rowscale: Option<Vec<f32>>,
+    dy: Vec<T>,
+}
+
+fn data<T: Dtype>(c: &Case, seed: u64) -> Data<T> {
+    let mut g = rng(seed);
+    let n = c.rows * c.cols;
+    Data {
+        x: uniform(&mut g, n, -4.0, 4.0),
+        bias: c.bias.then(|| uniform(&mut g, c.cols, -1.0, 1.0)),
+        rowscale: (c.rs == Rs::Given).then(|| {
+            let mut v = uniform::<f32>(&mut g, c.rows, 0.5, 2.0);
+            v.iter_mut().step_by(7).for_each(|s| *s = 0.0);
+            v
+        }),
+        dy: uniform(&mut g, n, -1.0, 1.0),
+    }
+}
+
+fn poison<T: Dtype>() -> T {
+    T::from_f32_rn(f32::NAN)
+}
+
+/// A device buffer `[sentinel; off] ++ data ++ [sentinel]`.
+fn upload<T: DeviceRepr + Copy>(
+    s: &Arc<CudaStream>,
+    data: &[T],
+    off: usize,
+    sentinel: T,
+) -> R<CudaSlice<T>> {
+    let mut v = vec![sentinel; off];
+    v.extend_from_slice(data);
+    v.push(sentinel);
+    s.clone_htod(&v).map_err(e2s)
+}
+
+/// Reads back the view `off .. off + n` and checks the sentinels around it.
+fn download<T: Dtype>(
+    s: &Arc<CudaStream>,
+    buf: &CudaSlice<T>,
+    off: usize,
+    sentinel: T,
+    what: &str,
+) -> R<Vec<T>> {
+    let all = s.clone_dtoh(buf).map_err(e2s)?;
+    let n = all.len() - off - 1;
+    for (i, v) in all[..off].iter().chain(&all[off + n..]).enumerate() {
+        if bytemuck::bytes_of(v) != bytemuck::bytes_of(&sentinel) {
+            return Err(format!(
+                "{what}: sentinel {i} around the view was overwritten"
+            ));
+        }
+    }
+    Ok(all[off..off + n].to_vec())
+}
+
+struct FwdOut<T> {
+    y: Vec<T>,
+    mask: Option<Vec<u32>>,
+    rowscale_out: Option<Vec<f32>>,
+}
+
+fn cpu_forward<T: Dtype>(c: &Case, cfg: &Config, d: &Data<T>) -> FwdOut<T> {
+    let mut y = vec![poison::<T>(); cfg.len()];
+    let mut mask = c.mask.then(|| vec![0xDEAD_BEEF; cfg.mask_words()]);
+    let path = matches!(c.rs, Rs::Path | Rs::PerSample);
+    let mut rs_out = path.then(|| vec![f32::NAN; c.rows]);
+    let opts = cpu::ForwardOptions {
+        bias: d.bias.as_deref(),
+        rowscale: d.rowscale.as_deref(),
+        mask_out: mask.as_deref_mut(),
+        rowscale_out: rs_out.as_deref_mut(),
+    };
+    cpu::forward(cfg, &d.x, &mut y, opts).unwrap();
+    FwdOut {
+        y,
+        mask,
+        rowscale_out: rs_out,
+    }
+}
+
+fn gpu_forward<T: Dtype>(h: &Handle, c: &Case, cfg: &Config, d: &Data<T>) -> R<FwdOut<T>> {
+    let s = h.stream();
+    let (off, n) = (c.offset, cfg.len());
+    let sent = T::from_f32_rn(-7.0);
+    let x = upload(s, &d.x, off, sent)?;
+    let bias = d
+        .bias
+        .as_ref()
+        .map(|b| s.clone_htod(b))
+        .transpose()
+        .map_err(e2s)?;
+    let rs = d
+        .rowscale
+        .as_ref()
+        .map(|b| s.clone_htod(b))
+        .transpose()
+        .map_err(e2s)?;
+    let mut mask = c
+        .mask
+        .then(|| s.clone_htod(&vec![0xDEAD_BEEFu32; cfg.mask_words()]))
+        .transpose()
+        .map_err(e2s)?;
+    let path = matches!(c.rs, Rs::Path | Rs::PerSample);
+    let mut rs_out = path
+        .then(|| s.clone_htod(&vec![f32::NAN; c.rows]))
+        .transpose()
+        .map_err(e2s)?;
+    let opts = ForwardOptions {
+        bias: bias.as_ref().map(|b| b.as_view()),
+        rowscale: rs.as_ref().map(|b| b.as_view()),
+        mask_out: mask.as_mut().map(|b| b.as_view_mut()),
+        rowscale_out: rs_out.as_mut().map(|b| b.as_view_mut()),
+        tuning: c.tuning,
+    };
+    let mut y = upload(s, &vec![poison::<T>(); n], off, sent)?;
+    dr::forward(
+        h,
+        cfg,
+        &x.slice(off..off + n),
+        &mut y.slice_mut(off..off + n),
+        opts,
+    )
+    .map_err(e2s)?;
+    let out = y;
+    Ok(FwdOut {
+        y: download(s, &out, off, sent, "y")?,
+        mask: mask.map(|m| s.clone_dtoh(&m)).transpose().map_err(e2s)?,
+        rowscale_out: rs_out.map(|m| s.clone_dtoh(&m)).transpose().map_err(e2s)?,
+    })
+}
+
+struct BwdOut<T> {
+    dx: Vec<T>,
+    dbias: Option<Vec<T>>,
+}
+
+fn cpu_backward<T: Dtype>(c: &Case, cfg: &Config, d: &Data<T>, mask: Option<&[u32]>) -> BwdOut<T> {
+    let mut dx = vec![poison::<T>(); cfg.len()];
+    let mut dbias = c.dbias.then(|| vec![poison::<T>(); c.cols]);
+    let opts = cpu::BackwardOptions {
+        rowscale: d.rowscale.as_deref(),
+        mask,
+        dbias: dbias.as_deref_mut(),
+    };
+    cpu::backward(cfg, &d.dy, &mut dx, opts).unwrap();
+    BwdOut { dx, dbias }
+}
+
+fn gpu_backward<T: Dtype>(
+    h: &Handle,
+    c: &Case,
+    cfg: &Config,
+    d: &Data<T>,
+    mask: Option<&[u32]>,
+    ws: Option<&mut Workspace>,
+) -> R<BwdOut<T>> {
+    let s = h.stream();
+    let (off, n) = (c.offset, cfg.len());
+    let sent = T::from_f32_rn(-7.0);
+    let dy = upload(s, &d.dy, off, sent)?;
+    let mut dx = upload(s, &vec![poison::<T>(); n], off, sent)?;
+    let rs = d
+        .rowscale
+        .as_ref()
+        .map(|b| s.clone_htod(b))
+        .transpose()
+        .map_err(e2s)?;
+    let mask = mask.map(|m| s.clone_htod(m)).transpose().map_err(e2s)?;
+    let mut dbias = c
+        .dbias
+        .then(|| s.clone_htod(&vec![poison::<T>(); c.cols]))
+        .transpose()
+        .map_err(e2s)?;
+    let opts = BackwardOptions {
+        rowscale: rs.as_ref().map(|b| b.as_view()),
+        mask: mask.as_ref().map(|b| b.as_view()),
+        dbias: dbias.as_mut().map(|b| b.as_view_mut()),
+        workspace: ws,
+        tuning: c.tuning,
+    };
+    dr::backward(
+        h,
+        cfg,
+        &dy.slice(off..off + n),
+        &mut dx.slice_mut(off..off + n),
+        opts,
+    )
+    .map_err(e2s)?;
+    Ok(BwdOut {
+        dx: download(s, &dx, off, sent, "dx")?,
+        dbias: dbias.map(|b| s.clone_dtoh(&b)).transpose().map_err(e2s)?,
+    })
+}
+
+fn compare_fwd<T: Dtype>(what: &str, got: &FwdOut<T>, want: &FwdOut<T>) -> R<()> {
+    bits_eq(&format!("{what}: y"), &got.y, &want.y)?;
+    if let (Some(g), Some(w)) = (&got.mask, &want.mask) {
+        bits_eq(&format!("{what}: mask"), g, w)?;
+    }
+    if let (Some(g), Some(w)) = (&got.rowscale_out, &want.rowscale_out) {
+        bits_eq(&format!("{what}: rowscale_out"), g, w)?;
+    }
+    Ok(())
+}
+
+fn compare_bwd<T: Dtype>(what: &str, got: &BwdOut<T>, want: &BwdOut<T>) -> R<()> {
+    bits_eq(&format!("{what}: dx"), &got.dx, &want.dx)?;
+    if let (Some(g), Some(w)) = (&got.dbias, &want.dbias) {
+        bits_eq(&format!("{what}: dbias"), g, w)?;
+    }
+    Ok(())
+}
+
+/// Forward, backward from the regenerated mask and backward from the bitmask, each against the
+/// CPU reference bit for bit. Returns the GPU results for further comparisons.
+fn run_case<T: Dtype>(h: &Handle, c: &Case, seed: u64) -> R<(FwdOut<T>, BwdOut<T>)> {
+    let what = format!("{} {c:?} seed {seed}", T::KIND.name());
+    let cfg = c.config(seed);
+    let d = data::<T>(c, seed);
+    let want = cpu_forward(c, &cfg, &d);
+    let got = gpu_forward(h, c, &cfg, &d)?;
+    compare_fwd(&format!("forward {what}"), &got, &want)?;
+    let want_b = cpu_backward(c, &cfg, &d, None);
+    let got_b = gpu_backward(h, c, &cfg, &d, None, None)?;
+    compare_bwd(
+        &format!("backward (regenerated mask) {what}"),
+        &got_b,
+        &want_b,
+    )?;
+    if let Some(mask) = &got.mask {
+        // From the bitmask: identical to regenerating (the CPU proves that separately).
+        let got_m = gpu_backward(h, c, &cfg, &d, Some(mask), None)?;
+        compare_bwd(&format!("backward (from bitmask) {what}"), &got_m, &want_b)?;
+    }
+    Ok((got, got_b))
+}
+
+fn flat_sizes<T: Dtype>(h: &Handle) -> R<()> {
+    for (k, &n) in [1usize, 3, 4095, 65537, 3 * (1 << 20) + 7]
+        .iter()
+        .enumerate()
+    {
+        let mut c = Case::new(1, n);
+        run_case::<T>(h, &c, 100 + k as u64)?;
+        if (3..100_000).contains(&n) {
+            c.offset = 1; // misaligned views: the scalar path
+            run_case::<T>(h, &c, 200 + k as u64)?;
+        }
+    }
+    // A [rows, cols] tensor without bias or row scale runs flat: same results.
+    run_case::<T>(h, &Case::new(129, 1000 + 3), 300)?;
+    Ok(())
+}
+
+fn shapes<T: Dtype>(h: &Handle) -> R<()> {
+    let base = |rows, cols| Case {
+        bias: true,
+        dbias: true,
+        ..Case::new(rows, cols)
+    };
+    let cases = [
+        // cols not a multiple of 8: the scalar path (mask via atomics).
+        Case {
+            rs: Rs::Given,
+            ..base(37, 1003)
+        },
+        // The vector path, drop path generated (257 rows: a partial last slab).
+        Case {
+            rs: Rs::Path,
+            ..base(257, 1024)
+        },
+        // A per-sample drop path.
+        Case {
+            rs: Rs::PerSample,
+            ..base(257, 1024)
+        },
+        // A caller row scale and no mask, views starting at element 1.
+        Case {
+            rs: Rs::Given,
+            mask: false,
+            offset: 1,
+            ..base(64, 512)
+        },
+        // Misaligned views of a shape that would take the vector path.
+        Case {
+            offset: 1,
+            ..base(40, 1024)
+        },
+        // cols % 8 == 4: the scalar path for 16-bit types; for f32 the vector path without a
+        // mask and the scalar path with one (two lanes could not share a mask byte).
+        Case {
+            mask: false,
+            ..base(40, 1028)
+        },
+        base(40, 1028),
+        // Many rows, few columns: inactive lanes in every warp.
+        Case {
+            rs: Rs::Path,
+            ..base(3000, 5)
+        },
+    ];
+    for (k, c) in cases.iter().enumerate() {
+        run_case::<T>(h, c, 400 + k as u64)?;
+    }
+    Ok(())
+}
+
+fn edge_rates<T: Dtype>(h: &Handle) -> R<()> {
+    for (k, p) in [0.0, 1.0].into_iter().enumerate() {
+        for rs in [Rs::None, Rs::Path] {
+            let c = Case {
+                p,
+                rs,
+                bias: true,
+                dbias: true,
+                ..Case::new(100, 264)
+            };
+            run_case::<T>(h, &c, 500 + k as u64)?;
+        }
+        run_case::<T>(
+            h,
+            &Case {
+                p,
+                ..Case::new(1, 10_001)
+            },
+            510 + k as u64,
+        )?;
+    }
+    Ok(())
+}
+
+/// Block size, unroll, grid.x cap (the column-tile loop) and the forced scalar path change
+/// nothing: y, mask, rowscale_out, dx and dbias are identical bits.
+fn launch_configurations_agree(h: &Handle) -> R<()> {
+    let tunings = [
+        LaunchTuning {
+            block: 64,
+            unroll: false,
+            ..Default::default()
+        },
+        LaunchTuning {
+            block: 32,
+            max_grid_x: 1,
+            ..Default::default()
+        },
+        LaunchTuning {
+            force_scalar: true,
+            block: 128,
+            ..Default::default()
+        },
+        // Other slab heights for launches without partials, another flat row width (flat
+        // tensors are cut into rows plus a one-row remainder).
+        LaunchTuning {
+            slab_rows: 3,
+            flat_width: 2080,
+            ..Default::default()
+        },
+    ];
+    for (rows, cols) in [(257, 1024), (70, 4104)] {
+        let base = Case {
+            bias: true,
+            dbias: true,
+            rs: Rs::Path,
+            ..Case::new(rows, cols)
+        };
+        let (f0, b0) = run_case::<bf16>(h, &base, 600)?;
+        let (g0, c0) = run_case::<f32>(h, &base, 601)?;
+        for (k, t) in tunings.iter().enumerate() {
+            let c = Case { tuning: *t, ..base };
+            let (f1, b1) = run_case::<bf16>(h, &c, 600)?;
+            compare_fwd(&format!("bf16 tuning {k} forward"), &f1, &f0)?;
+            compare_bwd(&format!("bf16 tuning {k} backward"), &b1, &b0)?;
+            let (g1, c1) = run_case::<f32>(h, &c, 601)?;
+            compare_fwd(&format!("f32 tuning {k} forward"), &g1, &g0)?;
+            compare_bwd(&format!("f32 tuning {k} backward"), &c1, &c0)?;
+        }
+    }
+    // Flat tensors (no bias, no row scale): the row layout is free, the bits are not.
+    for n in [200_003usize, 1 << 16] {
+        let base = Case::new(1, n);
+        let (f0, b0) = run_case::<bf16>(h, &base, 602)?;
+        let (g0, c0) = run_case::<f32>(h, &base, 603)?;
+        for (k, t) in tunings.iter().enumerate() {
+            let c = Case { tuning: *t, ..base };
+            let (f1, b1) = run_case::<bf16>(h, &c, 602)?;
+            compare_fwd(&format!("flat {n} bf16 tuning {k} forward"), &f1, &f0)?;
+            compare_bwd(&format!("flat {n} bf16 tuning {k} backward"), &b1, &b0)?;
+            let (g1, c1) = run_case::<f32>(h, &c, 603)?;
+            compare_fwd(&format!("flat {n} f32 tuning {k} forward"), &g1, &g0)?;
+            compare_bwd(&format!("flat {n} f32 tuning {k} backward"), &c1, &c0)?;
+        }
+    }
+    Ok(())
+}
+
+/// dbias is identical across repeated runs, with and without a reused workspace.
+fn dbias_is_deterministic(h: &Handle) -> R<()> {
+    let c = Case {
+        bias: true,
+        dbias: true,
+        ..Case::new(4096, 768)
+    };
+    let cfg = c.config(700);
+    let d = data::<bf16>(&c, 700);
+    let want = cpu_backward(&c, &cfg, &d, None);
+    let mut ws = Workspace::new();
+    for run in 0..4 {
+        let got = gpu_backward(h, &c, &cfg, &d, None, (run % 2 == 1).then_some(&mut ws))?;
+        compare_bwd(&format!("run {run}"), &got, &want)?;
+    }
+    if ws.capacity() == 0 {
+        return Err("the workspace was not used".into());
+    }
+    Ok(())
+}
+
+/// More than 256 rows per slab (rows > 256 * 65535): the row scales are staged in several
+/// chunks per slab.
+fn row_scales_staged_in_chunks(h: &Handle) -> R<()> {
+    let c = Case {
+        rows: 256 * 65_535 + 300,
+        cols: 1,
+        bias: true,
+        dbias: true,
+        rs: Rs::Path,
+        mask: true,
+        // One column: a block of 32 threads wastes less than one of 256 (31 idle lanes).
+        tuning: LaunchTuning {
+            block: 32,
+            ..Default::default()
+        },
+        ..Case::new(1, 1)
+    };
+    if dr::slab_rows(c.rows, 1, fusedreg::DtypeKind::F32) <= 256 {
+        return Err("the case does not reach several chunks per slab".into());
+    }
+    run_case::<f32>(h, &c, 800).map(|_| ())
+}
+
+fn empty_inputs_launch_nothing(h: &Handle) -> R<()> {
+    let s = h.stream();
+    let before = h.launch_count();
+    let empty = s.alloc_zeros::<bf16>(0).map_err(e2s)?;
+    let mut empty_out = s.alloc_zeros::<bf16>(0).map_err(e2s)?;
+    let cfg = Config::new(0, 64, 0.5, 1, 2).unwrap();
+    dr::forward(h, &cfg, &empty, &mut empty_out, ForwardOptions::default()).map_err(e2s)?;
+    let mut dbias = s.clone_htod(&vec![bf16::NAN; 64]).map_err(e2s)?;
+    let opts = BackwardOptions {
+        dbias: Some(dbias.as_view_mut()),
+        ..Default::default()
+    };
+    dr::backward(h, &cfg, &empty, &mut empty_out, opts).map_err(e2s)?;
+    let flat = Config::flat(0, 0.5, 1, 2).unwrap();
+    let mut mask = s.alloc_zeros::<u32>(0).map_err(e2s)?;
+    let mut ub = unfused::Unfused::<bf16>::new(h);
+    let mut m8 = s.alloc_zeros::<u8>(0).map_err(e2s)?;
+    ub.forward(&flat, &empty, None, &mut empty_out, &mut m8)
+        .map_err(e2s)?;
+    let opts = ForwardOptions {
+        mask_out: Some(mask.as_view_mut()),
+        ..Default::default()
+    };
+    dr::forward(h, &flat, &empty, &mut empty_out, opts).map_err(e2s)?;
+    if h.launch_count() != before {
+        return Err(format!(
+            "{} kernels launched for empty input",
+            h.launch_count() - before
+        ));
+    }
+    let db = s.clone_dtoh(&dbias).map_err(e2s)?;
+    if db.iter().any(|v| v.to_f32() != 0.0) {
+        return Err("dbias of zero rows is not zero".into());
+    }
+    Ok(())
+}
+
+fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
+    let s = h.stream();
+    let mut baseline = unfused::Unfused::<T>::new(h);
+    for (k, (rows, cols, bias, off)) in [
+        (257usize, 1024usize, true, 0usize),
+        (37, 1003, true, 0),
+        (1, 65_537, false, 0),
+        (16, 512, true, 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = Case {
+            bias,
+            dbias: bias,
+            offset: off,
+            ..Case::new(rows, cols)
+        };
+        let cfg = c.config(900 + k as u64);
+        let d = data::<T>(&c, 900 + k as u64);
+        let n = cfg.len();
+        let what = format!(
+            "unfused {} {rows}x{cols} bias {bias} offset {off}",
+            T::KIND.name()
+        );
+        // CPU mirror.
+        let mut y_want = vec![T::default(); n];
+        let mut m_want = vec![0u8; n];
+        unfused::forward_cpu(&cfg, &d.x, d.bias.as_deref(), &mut y_want, &mut m_want)
+            .map_err(e2s)?;
+        let mut dx_want = vec![T::default(); n];
+        let mut db_want = bias.then(|| vec![T::default(); cols]);
+        unfused::backward_cpu(&cfg, &d.dy, &m_want, &mut dx_want, db_want.as_deref_mut())
+            .map_err(e2s)?;
+        // GPU.
+        let sent = T::from_f32_rn(-7.0);
+        let x = upload(s, &d.x, off, sent)?;
+        let b = d
+            .bias
+            .as_ref()
+            .map(|b| s.clone_htod(b))
+            .transpose()
+            .map_err(e2s)?;
+        let mut y = upload(s, &vec![poison::<T>(); n], off, sent)?;
+        let mut m8 = upload(s, &vec![0xA5u8; n], off, 0x5A)?;
+        baseline
+            .forward(
+                &cfg,
+                &x.slice(off..off + n),
+                b.as_ref().map(|b| b.as_view()),
+                &mut y.slice_mut(off..off + n),
+                &mut m8.slice_mut(off..off + n),
+            )
+            .map_err(e2s)?;
+        bits_eq(
+            &format!("{what}: y"),
+            &download(s, &y, off, sent, "y")?,
+            &y_want,
+        )?;
+        let m_all = s.clone_dtoh(&m8).map_err(e2s)?;
+        bits_eq(&format!("{what}: mask"), &m_all[off..off + n], &m_want)?;
+        let dy = upload(s, &d.dy, off, sent)?;
+        let mut dx = upload(s, &vec![poison::<T>(); n], off, sent)?;
+        let mut db = bias
+            .then(|| s.clone_htod(&vec![poison::<T>(); cols]))
+            .transpose()
+            .map_err(e2s)?;
+        baseline
+            .backward(
+                &cfg,
+                &dy.slice(off..off + n),
+                &m8.slice(off..off + n),
+                &mut dx.slice_mut(off..off + n),
+                db.as_mut().map(|b| b.as_view_mut()),
+            )
+            .map_err(e2s)?;
+        bits_eq(
+            &format!("{what}: dx"),
+            &download(s, &dx, off, sent, "dx")?,
+            &dx_want,
+        )?;
+        if let (Some(db), Some(want)) = (db, &db_want) {
+            bits_eq(
+                &format!("{what}: dbias"),
+                &s.clone_dtoh(&db).map_err(e2s)?,
+                want,
+            )?;
+        }
+        // The byte mask equals the fused bitmask.
+        let fused = cpu_forward(&c, &cfg, &d);
+        let bm = fused.mask.expect("mask requested");
+        for i in 0..n {
+            if (m_want[i] == 1) != (bm[i / 32] >> (i % 32) & 1 == 1) {
+                return Err(format!("{what}: byte mask and bitmask differ at {i}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bad_input_is_an_error(h: &Handle) -> R<()> {
+    let s = h.stream();
+    let cfg = Config::new(4, 8, 0.1, 1, 1).unwrap();
+    let x = s.alloc_zeros::<f32>(32).map_err(e2s)?;
+    let short = s.alloc_zeros::<f32>(31).map_err(e2s)?;
+    let mut y = s.alloc_zeros::<f32>(32).map_err(e2s)?;
+    let r = dr::forward(h, &cfg, &short, &mut y, ForwardOptions::default());
+    if !matches!(r, Err(fusedreg::Error::ShapeMismatch { .. })) {
+        return Err(format!("short x: {r:?}"));
+    }
+    let bias = s.alloc_zeros::<f32>(7).map_err(e2s)?;
+    let opts = ForwardOptions {
+        bias: Some(bias.as_view()),
+        ..Default::default()
+    };
+    let r = dr::forward(h, &cfg, &x, &mut y, opts);
+    if !matches!(r, Err(fusedreg::Error::ShapeMismatch { .. })) {
+        return Err(format!("short bias: {r:?}"));
+    }
+    let mut mask = s.alloc_zeros::<u32>(2).map_err(e2s)?;
+    let opts = ForwardOptions {
+        mask_out: Some(mask.as_view_mut()),
+        ..Default::default()
+    };
+    let r = dr::forward(h, &cfg, &x, &mut y, opts);
+    if !matches!(r, Err(fusedreg::Error::ShapeMismatch { .. })) {
+        return Err(format!("short mask: {r:?}"));
+    }
+    let with_path = cfg.with_drop_path(DropPath::new(0.2, 3).unwrap());
+    let rs = s.alloc_zeros::<f32>(4).map_err(e2s)?;
+    let opts = ForwardOptions {
+        rowscale: Some(rs.as_view()),
+        ..Default::default()
+    };
+    let r = dr::forward(h, &with_path, &x, &mut y, opts);
+    if !matches!(r, Err(fusedreg::Error::InvalidArgument { .. })) {
+        return Err(format!("rowscale with a drop path: {r:?}"));
+    }
+    let opts = ForwardOptions {
+        tuning: LaunchTuning {
+            block: 512,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let r = dr::forward(h, &cfg, &x, &mut y, opts);
+    if !matches!(r, Err(fusedreg::Error::InvalidArgument { .. })) {
+        return Err(format!("block 512: {r:?}"));
+    }
+    let opts = BackwardOptions {
+        tuning: LaunchTuning {
+            block: 48,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let r = dr::backward(h, &cfg, &x, &mut y, opts);
+    if !matches!(r, Err(fusedreg::Error::InvalidArgument { .. })) {
+        return Err(format!("block 48: {r:?}"));
+    }
+    let mut m8 = s.alloc_zeros::<u8>(32).map_err(e2s)?;
+    let r = unfused::Unfused::<f32>::new(h).forward(&with_path, &x, None, &mut y, &mut m8);
+    if !matches!(r, Err(fusedreg::Error::InvalidArgument { .. })) {
+        return Err(format!("unfused with a drop path: {r:?}"));
+    }
+    Ok(())
+}

@@ -1,0 +1,644 @@
+//! Fused dropout + residual add + LayerNorm / RMSNorm on the device against the CPU reference,
+//! bit for bit: out, s, mean, rstd, dx, d_residual, dgamma, dbeta, dbias.
+//!
+//! Every output is poisoned before the kernel runs, and element-wise views have a sentinel
+//! element on each side that must survive.
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use fusedreg::dropout_add_norm::{
+    self as dan, cpu, BackwardArgs, BackwardOut, Config, DropPath, ForwardArgs, ForwardOut,
+    LaunchTuning, Norm, Workspace,
+};
+use fusedreg::{Dtype, Handle};
+use half::{bf16, f16};
+use libtest_mimic::Trial;
+use std::sync::Arc;
+
+use crate::common::{bits_eq, rng, uniform};
+use crate::harness::trials_of;
+
+pub fn trials() -> Vec<Trial> {
+    trials_of(
+        "dropout_add_norm",
+        &[
+            ("shapes_f32", shapes::<f32, f32>),
+            ("shapes_f16", shapes::<f16, f16>),
+            ("shapes_bf16", shapes::<bf16, bf16>),
+            ("shapes_bf16_residual_in_f32", shapes::<bf16, f32>),
+            ("shapes_f16_residual_in_f32", shapes::<f16, f32>),
+            ("every_option_f32", every_option::<f32, f32>),
+            ("every_option_bf16", every_option::<bf16, bf16>),
+            (
+                "every_option_bf16_residual_in_f32",
+                every_option::<bf16, f32>,
+            ),
+            ("edge_rates", edge_rates),
+            ("views_at_element_1", views_at_element_1),
+            ("launch_configurations_agree", launch_configurations_agree),
+            ("dgamma_identical_across_runs", dgamma_identical_across_runs),
+            ("empty_inputs", empty_inputs),
+            ("bad_input_is_an_error", bad_input_is_an_error),
+        ],
+    )
+}
+
+type R<T> = Result<T, String>;
+
+fn e2s<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+/// Where the row scale comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Rs {
+    None,
+    /// Caller-supplied, every 3rd row 0.
+    Given,
+    /// A generated drop path, one draw per row.
+    Path,
+    /// A generated drop path, one draw per 4 rows.
+    PerSample,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    rows: usize,
+    cols: usize,
+    norm: Norm,
+    p: f64,
+    residual: bool,
+    beta: bool,
+    bias: bool,
+    rs: Rs,
+    /// The backward gets d_s (the stream's own gradient).
+    prenorm: bool,
+    /// The forward updates the residual buffer in place.
+    in_place: bool,
+    /// LayerNorm Scaling layer (1: unscaled).
+    layer: usize,
+    /// Element-wise buffers are views starting at this element.
+    offset: usize,
+    tuning: LaunchTuning,
+}
+
+impl Case {
+    fn new(rows: usize, cols: usize, norm: Norm) -> Self {
+        Case {
+            rows,
+            cols,
+            norm,
+            p: 0.1,
+            residual: true,
+            beta: norm == Norm::LayerNorm,
+            bias: true,
+            rs: Rs::None,
+            prenorm: true,
+            in_place: false,
+            layer: 3,
+            offset: 0,
+            tuning: LaunchTuning::default(),
+        }
+    }
+
+    fn config(&self, seed: u64) -> Config {
+        let cfg = Config::new(self.rows, self.cols, self.norm, 1e-5)
+            .unwrap()
+            .with_dropout(self.p, seed, 0x1234_5678_9abc)
+            .unwrap()
+            .with_layer_norm_scaling(self.layer)
+            .unwrap();
+        match self.rs {
+            Rs::Path => cfg.with_drop_path(DropPath::new(0.25, 77).unwrap()),
+            Rs::PerSample => {
+                cfg.with_drop_path(DropPath::new(0.5, 78).unwrap().per_sample(4).unwrap())
+            }
+            _ => cfg,
+        }
+    }
+}
+
+struct Data<T, S> {
+    x: Vec<T>,
+    r: Option<Vec<S>>,
+    gamma: Vec<T>,
+    beta: Option<Vec<T>>,
+    bias: Option<Vec<T>>,
+    rowscale: Option<Vec<f32>>,
+    d_out: Vec<T>,
+    d_s: Option<Vec<S>>,
+}
+
+fn data<T: Dtype, S: Dtype>(c: &Case, seed: u64) -> Data<T, S> {
+    let mut g = rng(seed);
+    let n = c.rows * c.cols;
+    Data {
+        x: uniform(&mut g, n, -3.0, 3.0),
+        // The in-place forward reads the residual from the stream buffer: it needs one.
+        r: (c.residual || c.in_place).then(|| uniform(&mut g, n, -3.0, 3.0)),
+        gamma: uniform(&mut g, c.cols, 0.5, 1.5),
+        beta: c.beta.then(|| uniform(&mut g, c.cols, -0.5, 0.5)),
+        bias: c.bias.then(|| uniform(&mut g, c.cols, -0.5, 0.5)),
+        rowscale: (c.rs == Rs::Given).then(|| {
+            let mut v = uniform::<f32>(&mut g, c.rows, 0.5, 2.0);
+            v.iter_mut().step_by(3).for_each(|s| *s = 0.0);
+            v
+        }),
+        d_out: uniform(&mut g, n, -1.0, 1.0),
+        d_s: c.prenorm.then(|| uniform(&mut g, n, -1.0, 1.0)),
+    }
+}
+
+fn poison<T: Dtype>() -> T {
+    T::from_f32_rn(f32::NAN)
+}
+
+/// A device buffer `[sentinel; off] ++ data ++ [sentinel]`.
+fn upload<T: DeviceRepr + Copy>(
+    s: &Arc<CudaStream>,
+    data: &[T],
+    off: usize,
+    sentinel: T,
+) -> R<CudaSlice<T>> {
+    let mut v = vec![sentinel; off];
+    v.extend_from_slice(data);
+    v.push(sentinel);
+    s.clone_htod(&v).map_err(e2s)
+}
+
+/// Reads back the view `off .. off + n` and checks the sentinels around it.
+fn download<T: Dtype>(
+    s: &Arc<CudaStream>,
+    buf: &CudaSlice<T>,
+    off: usize,
+    sentinel: T,
+    what: &str,
+) -> R<Vec<T>> {
+    let all = s.clone_dtoh(buf).map_err(e2s)?;
+    let n = all.len() - off - 1;
+    for (i, v) in all[..off].iter().chain(&all[off + n..]).enumerate() {
+        if bytemuck::bytes_of(v) != bytemuck::bytes_of(&sentinel) {
+            return Err(format!(
+                "{what}: sentinel {i} around the view was overwritten"
+            ));
+        }
+    }
+    Ok(all[off..off + n].to_vec())
+}
+
+/// Every output of a forward + backward.
+struct Outs<T, S> {
+    out: Vec<T>,
+    s: Vec<S>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    dx: Vec<T>,
+    d_residual: Option<Vec<S>>,
+    dgamma: Vec<T>,
+    dbeta: Option<Vec<T>>,
+    dbias: Option<Vec<T>>,
+}
+
+fn cpu_run<T: Dtype, S: Dtype>(c: &Case, cfg: &Config, d: &Data<T, S>) -> Outs<T, S> {
+    let (n, rows, cols) = (cfg.len(), c.rows, c.cols);
+    let mut o = Outs {
+        out: vec![poison::<T>(); n],
+        s: vec![poison::<S>(); n],
+        mean: vec![f32::NAN; rows],
+        rstd: vec![f32::NAN; rows],
+        dx: vec![poison::<T>(); n],
+        d_residual: d.r.as_ref().map(|_| vec![poison::<S>(); n]),
+        dgamma: vec![poison::<T>(); cols],
+        dbeta: c.beta.then(|| vec![poison::<T>(); cols]),
+        dbias: c.bias.then(|| vec![poison::<T>(); cols]),
+    };
+    let args = cpu::ForwardArgs {
+        residual: d.r.as_deref(),
+        beta: d.beta.as_deref(),
+        bias: d.bias.as_deref(),
+        rowscale: d.rowscale.as_deref(),
+        ..cpu::ForwardArgs::new(&d.x, &d.gamma)
+    };
+    let outs = cpu::ForwardOut {
+        out: &mut o.out,
+        s: &mut o.s,
+        mean: &mut o.mean,
+        rstd: &mut o.rstd,
+    };
+    cpu::forward(cfg, args, outs).unwrap();
+    let args = cpu::BackwardArgs {
+        d_s: d.d_s.as_deref(),
+        rowscale: d.rowscale.as_deref(),
+        ..cpu::BackwardArgs::new(&d.d_out, &o.s, &d.gamma, &o.mean, &o.rstd)
+    };
+    let outs = cpu::BackwardOut {
+        d_residual: o.d_residual.as_deref_mut(),
+        dbeta: o.dbeta.as_deref_mut(),
+        dbias: o.dbias.as_deref_mut(),
+        ..cpu::BackwardOut::new(&mut o.dx, &mut o.dgamma)
+    };
+    cpu::backward(cfg, args, outs).unwrap();
+    o
+}
+
+fn gpu_run<T: Dtype, S: Dtype>(
+    h: &Handle,
+    c: &Case,
+    cfg: &Config,
+    d: &Data<T, S>,
+    ws: Option<&mut Workspace>,
+) -> R<Outs<T, S>> {
+    let st = h.stream();
+    let (off, n, rows, cols) = (c.offset, cfg.len(), c.rows, c.cols);
+    let (tx, ts) = (T::from_f32_rn(-7.0), S::from_f32_rn(-7.0));
+    let x = upload(st, &d.x, off, tx)?;
+    let gamma = st.clone_htod(&d.gamma).map_err(e2s)?;
+    let htod = |v: &Option<Vec<T>>| v.as_ref().map(|b| st.clone_htod(b)).transpose();
+    let beta = htod(&d.beta).map_err(e2s)?;
+    let bias = htod(&d.bias).map_err(e2s)?;
+    let rowscale = d
+        .rowscale
+        .as_ref()
+        .map(|b| st.clone_htod(b))
+        .transpose()
+        .map_err(e2s)?;
+    let residual = match (&d.r, c.in_place) {
+        (Some(r), false) => Some(upload(st, r, off, ts)?),
+        _ => None,
+    };
+    // In place, the stream buffer holds the residual on entry.
+    let mut s_buf = match (&d.r, c.in_place) {
+        (Some(r), true) => upload(st, r, off, ts)?,
+        _ => upload(st, &vec![poison::<S>(); n], off, ts)?,
+    };
+    let mut out = upload(st, &vec![poison::<T>(); n], off, tx)?;
+    let mut mean = st.clone_htod(&vec![f32::NAN; rows]).map_err(e2s)?;
+    let mut rstd = st.clone_htod(&vec![f32::NAN; rows]).map_err(e2s)?;
+    let args = ForwardArgs {
+        residual: residual.as_ref().map(|r| r.slice(off..off + n)),
+        beta: beta.as_ref().map(|b| b.as_view()),
+        bias: bias.as_ref().map(|b| b.as_view()),
+        rowscale: rowscale.as_ref().map(|b| b.as_view()),
+        tuning: c.tuning,
+        ..ForwardArgs::new(x.slice(off..off + n), gamma.as_view())
+    };
+    let outs = ForwardOut {
+        out: out.slice_mut(off..off + n),
+        s: s_buf.slice_mut(off..off + n),
+        mean: mean.as_view_mut(),
+        rstd: rstd.as_view_mut(),
+    };
+    if c.in_place {
+        dan::forward_inplace(h, cfg, args, outs).map_err(e2s)?;
+    } else {
+        dan::forward(h, cfg, args, outs).map_err(e2s)?;
+    }
+
+    let d_out = upload(st, &d.d_out, off, tx)?;
+    let d_s = d.d_s.as_ref().map(|v| upload(st, v, off, ts)).transpose()?;
+    let mut dx = upload(st, &vec![poison::<T>(); n], off, tx)?;
+    let mut d_res =
+        d.r.as_ref()
+            .map(|_| upload(st, &vec![poison::<S>(); n], off, ts))
+            .transpose()?;
+    let mut dgamma = st.clone_htod(&vec![poison::<T>(); cols]).map_err(e2s)?;
+    let pois = |want: bool| {
+        want.then(|| st.clone_htod(&vec![poison::<T>(); cols]))
+            .transpose()
+    };
+    let mut dbeta = pois(c.beta).map_err(e2s)?;
+    let mut dbias = pois(c.bias).map_err(e2s)?;
+    let args = BackwardArgs {
+        d_s: d_s.as_ref().map(|v| v.slice(off..off + n)),
+        rowscale: rowscale.as_ref().map(|b| b.as_view()),
+        workspace: ws,
+        tuning: c.tuning,
+        ..BackwardArgs::new(
+            d_out.slice(off..off + n),
+            s_buf.slice(off..off + n),
+            gamma.as_view(),
+            mean.as_view(),
+            rstd.as_view(),
+        )
+    };
+    let outs = BackwardOut {
+        d_residual: d_res.as_mut().map(|v| v.slice_mut(off..off + n)),
+        dbeta: dbeta.as_mut().map(|v| v.as_view_mut()),
+        dbias: dbias.as_mut().map(|v| v.as_view_mut()),
+        ..BackwardOut::new(dx.slice_mut(off..off + n), dgamma.as_view_mut())
+    };
+    dan::backward(h, cfg, args, outs).map_err(e2s)?;
+
+    let dtoh = |b: &CudaSlice<T>| st.clone_dtoh(b).map_err(e2s);
+    Ok(Outs {
+        out: download(st, &out, off, tx, "out")?,
+        s: download(st, &s_buf, off, ts, "s")?,
+        mean: st.clone_dtoh(&mean).map_err(e2s)?,
+        rstd: st.clone_dtoh(&rstd).map_err(e2s)?,
+        dx: download(st, &dx, off, tx, "dx")?,
+        d_residual: d_res
+            .as_ref()
+            .map(|b| download(st, b, off, ts, "d_residual"))
+            .transpose()?,
+        dgamma: dtoh(&dgamma)?,
+        dbeta: dbeta.as_ref().map(dtoh).transpose()?,
+        dbias: dbias.as_ref().map(dtoh).transpose()?,
+    })
+}
+
+fn compare<T: Dtype, S: Dtype>(what: &str, got: &Outs<T, S>, want: &Outs<T, S>) -> R<()> {
+    let w = |n: &str| format!("{what}: {n}");
+    bits_eq(&w("s"), &got.s, &want.s)?;
+    bits_eq(&w("mean"), &got.mean, &want.mean)?;
+    bits_eq(&w("rstd"), &got.rstd, &want.rstd)?;
+    bits_eq(&w("out"), &got.out, &want.out)?;
+    bits_eq(&w("dx"), &got.dx, &want.dx)?;
+    if let (Some(g), Some(e)) = (&got.d_residual, &want.d_residual) {
+        bits_eq(&w("d_residual"), g, e)?;
+    }
+    bits_eq(&w("dgamma"), &got.dgamma, &want.dgamma)?;
+    if let (Some(g), Some(e)) = (&got.dbeta, &want.dbeta) {
+        bits_eq(&w("dbeta"), g, e)?;
+    }
+    if let (Some(g), Some(e)) = (&got.dbias, &want.dbias) {
+        bits_eq(&w("dbias"), g, e)?;
+    }
+    Ok(())
+}
+
+/// Forward and backward on the GPU against the CPU reference, bit for bit.
+fn run_case<T: Dtype, S: Dtype>(h: &Handle, c: &Case, seed: u64) -> R<Outs<T, S>> {
+    let what = format!("{}/{} {c:?} seed {seed}", T::KIND.name(), S::KIND.name());
+    let cfg = c.config(seed);
+    let d = data::<T, S>(c, seed);
+    let want = cpu_run(c, &cfg, &d);
+    let got = gpu_run(h, c, &cfg, &d, None)?;
+    compare(&what, &got, &want)?;
+    Ok(got)
+}
+
+/// Hidden sizes 1, odd, multiples of 8 (the vector path), 16384 and above; row counts crossing
+/// slab boundaries (1025 rows: 2 rows per slab, a partial last slab).
+fn shapes<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
+    let shapes = [
+        (1, 1),
+        (5, 1),
+        (17, 7),
+        (9, 8),
+        (33, 1000),
+        (7, 1001),
+        (64, 1024),
+        (3, 4104),
+        (4, 16384),
+        (2, 20008),
+        (1025, 24),
+    ];
+    for (k, &(rows, cols)) in shapes.iter().enumerate() {
+        for norm in [Norm::LayerNorm, Norm::RmsNorm] {
+            let rs = [Rs::None, Rs::Given, Rs::Path, Rs::PerSample][k % 4];
+            let c = Case {
+                rs,
+                ..Case::new(rows, cols, norm)
+            };
+            run_case::<T, S>(h, &c, 1000 + k as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every combination of the options on a vector-path shape and on an odd one.
+fn every_option<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
+    let mut seed = 5000;
+    for (rows, cols) in [(13, 40), (6, 45)] {
+        for norm in [Norm::LayerNorm, Norm::RmsNorm] {
+            for residual in [false, true] {
+                for in_place in [false, true] {
+                    if in_place && !residual {
+                        continue;
+                    }
+                    for (beta, bias) in [(false, false), (true, true), (true, false)] {
+                        for rs in [Rs::None, Rs::Given, Rs::Path] {
+                            for prenorm in [false, true] {
+                                for layer in [1, 7] {
+                                    seed += 1;
+                                    let c = Case {
+                                        residual,
+                                        in_place,
+                                        beta,
+                                        bias,
+                                        rs,
+                                        prenorm,
+                                        layer,
+                                        ..Case::new(rows, cols, norm)
+                                    };
+                                    run_case::<T, S>(h, &c, seed)?;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// p = 0 and p = 1 (no generator work), and a row scale that drops every row.
+fn edge_rates(h: &Handle) -> R<()> {
+    for (k, p) in [0.0, 1.0, 0.5].into_iter().enumerate() {
+        for norm in [Norm::LayerNorm, Norm::RmsNorm] {
+            let c = Case {
+                p,
+                rs: Rs::Given,
+                ..Case::new(40, 264, norm)
+            };
+            run_case::<bf16, bf16>(h, &c, 7000 + k as u64)?;
+            run_case::<f32, f32>(h, &c, 7100 + k as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Views starting at element 1 (the scalar path for a shape that would take the vector path).
+fn views_at_element_1(h: &Handle) -> R<()> {
+    for norm in [Norm::LayerNorm, Norm::RmsNorm] {
+        for in_place in [false, true] {
+            let c = Case {
+                offset: 1,
+                in_place,
+                rs: Rs::Given,
+                ..Case::new(20, 512, norm)
+            };
+            run_case::<f32, f32>(h, &c, 8000)?;
+            run_case::<bf16, bf16>(h, &c, 8001)?;
+            run_case::<f16, f32>(h, &c, 8002)?;
+        }
+    }
+    Ok(())
+}
+
+/// The scalar path and a capped forward grid give the same bits as the defaults.
+fn launch_configurations_agree(h: &Handle) -> R<()> {
+    for norm in [Norm::LayerNorm, Norm::RmsNorm] {
+        let base = Case::new(300, 2048, norm);
+        let a = run_case::<bf16, bf16>(h, &base, 9000)?;
+        for tuning in [
+            LaunchTuning {
+                force_scalar: true,
+                ..Default::default()
+            },
+            LaunchTuning {
+                max_grid: 7,
+                ..Default::default()
+            },
+        ] {
+            let b = run_case::<bf16, bf16>(h, &Case { tuning, ..base }, 9000)?;
+            compare(&format!("{tuning:?} vs default"), &b, &a)?;
+        }
+    }
+    Ok(())
+}
+
+/// The column gradients are identical from run to run, with and without a reused workspace,
+/// on a shape with many slabs (4096 rows: 4 rows per slab).
+fn dgamma_identical_across_runs(h: &Handle) -> R<()> {
+    let c = Case::new(4096, 768, Norm::LayerNorm);
+    let cfg = c.config(11);
+    let d = data::<bf16, bf16>(&c, 11);
+    let want = cpu_run(&c, &cfg, &d);
+    let mut ws = Workspace::new();
+    let first = gpu_run(h, &c, &cfg, &d, Some(&mut ws))?;
+    compare("run 1", &first, &want)?;
+    for run in 2..5 {
+        let again = if run % 2 == 0 {
+            gpu_run(h, &c, &cfg, &d, Some(&mut ws))?
+        } else {
+            gpu_run(h, &c, &cfg, &d, None)?
+        };
+        bits_eq(&format!("run {run}: dgamma"), &again.dgamma, &first.dgamma)?;
+        bits_eq(
+            &format!("run {run}: dbeta"),
+            again.dbeta.as_ref().unwrap(),
+            first.dbeta.as_ref().unwrap(),
+        )?;
+        bits_eq(
+            &format!("run {run}: dbias"),
+            again.dbias.as_ref().unwrap(),
+            first.dbias.as_ref().unwrap(),
+        )?;
+    }
+    Ok(())
+}
+
+/// No rows: nothing is launched forward; the backward writes zero column gradients.
+fn empty_inputs(h: &Handle) -> R<()> {
+    let st = h.stream();
+    let cfg = Config::new(0, 64, Norm::LayerNorm, 1e-5).map_err(e2s)?;
+    let z = |n: usize| st.alloc_zeros::<f32>(n).map_err(e2s);
+    let (x, gamma, mut out, mut s, mut mean, mut rstd) =
+        (z(0)?, z(64)?, z(0)?, z(0)?, z(0)?, z(0)?);
+    let before = h.launch_count();
+    let outs = ForwardOut {
+        out: out.as_view_mut(),
+        s: s.as_view_mut(),
+        mean: mean.as_view_mut(),
+        rstd: rstd.as_view_mut(),
+    };
+    dan::forward(
+        h,
+        &cfg,
+        ForwardArgs::new(x.as_view(), gamma.as_view()),
+        outs,
+    )
+    .map_err(e2s)?;
+    if h.launch_count() != before {
+        return Err("the empty forward launched a kernel".into());
+    }
+    let mut dgamma = st.clone_htod(&vec![f32::NAN; 64]).map_err(e2s)?;
+    let mut dx = z(0)?;
+    let args = BackwardArgs::new(
+        x.as_view(),
+        s.as_view(),
+        gamma.as_view(),
+        mean.as_view(),
+        rstd.as_view(),
+    );
+    dan::backward(
+        h,
+        &cfg,
+        args,
+        BackwardOut::new(dx.as_view_mut(), dgamma.as_view_mut()),
+    )
+    .map_err(e2s)?;
+    let got = st.clone_dtoh(&dgamma).map_err(e2s)?;
+    bits_eq("dgamma of no rows", &got, &vec![0.0f32; 64])
+}
+
+fn bad_input_is_an_error(h: &Handle) -> R<()> {
+    let st = h.stream();
+    let cfg = Config::new(4, 64, Norm::RmsNorm, 1e-5).map_err(e2s)?;
+    let z = |n: usize| st.alloc_zeros::<f32>(n).map_err(e2s);
+    let (x, gamma, r) = (z(256)?, z(64)?, z(256)?);
+    let (mut out, mut s, mut mean, mut rstd) = (z(256)?, z(256)?, z(4)?, z(4)?);
+    let mut fwd = |x_len: usize, gamma_len: usize, residual: bool, in_place: bool| {
+        let args = ForwardArgs {
+            residual: residual.then(|| r.as_view()),
+            ..ForwardArgs::new(x.slice(0..x_len), gamma.slice(0..gamma_len))
+        };
+        let outs = ForwardOut {
+            out: out.as_view_mut(),
+            s: s.as_view_mut(),
+            mean: mean.as_view_mut(),
+            rstd: rstd.as_view_mut(),
+        };
+        if in_place {
+            dan::forward_inplace(h, &cfg, args, outs)
+        } else {
+            dan::forward(h, &cfg, args, outs)
+        }
+    };
+    let bad = [
+        ("x too short", fwd(255, 64, false, false)),
+        ("gamma too short", fwd(256, 63, false, false)),
+        ("in place with a residual", fwd(256, 64, true, true)),
+    ];
+    for (what, r) in bad {
+        if r.is_ok() {
+            return Err(format!("{what}: accepted"));
+        }
+    }
+    fwd(256, 64, true, false).map_err(e2s)?;
+    // A stream type that is neither x's nor f32.
+    let xb = st.alloc_zeros::<bf16>(256).map_err(e2s)?;
+    let gb = st.alloc_zeros::<bf16>(64).map_err(e2s)?;
+    let mut ob = st.alloc_zeros::<bf16>(256).map_err(e2s)?;
+    let mut sh = st.alloc_zeros::<f16>(256).map_err(e2s)?;
+    let outs = ForwardOut {
+        out: ob.as_view_mut(),
+        s: sh.as_view_mut(),
+        mean: mean.as_view_mut(),
+        rstd: rstd.as_view_mut(),
+    };
+    if dan::forward(h, &cfg, ForwardArgs::new(xb.as_view(), gb.as_view()), outs).is_ok() {
+        return Err("an f16 stream with bf16 x was accepted".into());
+    }
+    // Backward: dgamma of the wrong length.
+    let (mut dx, mut dg) = (z(256)?, z(63)?);
+    let args = BackwardArgs::new(
+        x.as_view(),
+        s.as_view(),
+        gamma.as_view(),
+        mean.as_view(),
+        rstd.as_view(),
+    );
+    if dan::backward(
+        h,
+        &cfg,
+        args,
+        BackwardOut::new(dx.as_view_mut(), dg.as_view_mut()),
+    )
+    .is_ok()
+    {
+        return Err("dgamma of 63 for 64 columns was accepted".into());
+    }
+    Ok(())
+}

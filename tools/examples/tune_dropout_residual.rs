@@ -1,0 +1,123 @@
+//! Launch-shape sweep for the fused dropout + residual kernels (a tuning tool, not a benchmark
+//! of record): one line per (case, tuning) with GB/s by the minimal-bytes formula. Results never
+//! depend on the tuning (the GPU tests check that); only the time does.
+//!
+//! ```text
+//! cargo run --release --example tune_dropout_residual
+//! ```
+
+use fusedreg::dropout_residual::{
+    self as dr, BackwardOptions, Config, ForwardOptions, LaunchTuning, Workspace,
+};
+use fusedreg::{Dtype, Handle, Result};
+use fusedreg_tools::timing::{copy_bandwidth, filled, time_gpu, TimingPlan};
+use half::bf16;
+
+fn sweep<T: Dtype>(h: &Handle, rows: usize, cols: usize, bias: bool, reference: f64) -> Result<()> {
+    let n = rows * cols;
+    let cfg = Config::new(rows, cols, 0.1, 42, 7)?;
+    let x = filled::<T>(h, n, 0x3c)?;
+    let r = filled::<T>(h, n, 0x3b)?;
+    let b = filled::<T>(h, cols, 0x3a)?;
+    let mut y = filled::<T>(h, n, 0)?;
+    let mut dx = filled::<T>(h, n, 0)?;
+    let mut db = filled::<T>(h, cols, 0)?;
+    let mut ws = Workspace::new();
+    let plan = TimingPlan {
+        warmup: 3,
+        samples: 9,
+        min_sample_ms: 1.0,
+    };
+    let kind = T::KIND;
+    let mut tunings = vec![("default".to_string(), LaunchTuning::default())];
+    for slab in [4u32, 8, 32, 64] {
+        tunings.push((
+            format!("slab {slab}"),
+            LaunchTuning {
+                slab_rows: slab,
+                ..Default::default()
+            },
+        ));
+    }
+    if !bias {
+        for w in [1024u32, 2048, 16384, 65536] {
+            tunings.push((
+                format!("flat width {w}"),
+                LaunchTuning {
+                    flat_width: w,
+                    ..Default::default()
+                },
+            ));
+        }
+    }
+    tunings.push((
+        "block 128".into(),
+        LaunchTuning {
+            block: 128,
+            ..Default::default()
+        },
+    ));
+    tunings.push((
+        "no unroll".into(),
+        LaunchTuning {
+            unroll: false,
+            ..Default::default()
+        },
+    ));
+    let name = format!(
+        "{} [{rows},{cols}]{}",
+        kind.name(),
+        if bias { " bias" } else { "" }
+    );
+    for (label, t) in tunings {
+        let fb = dr::fused_forward_bytes(kind, n as u64, false) as f64;
+        let f = time_gpu(h, plan, || {
+            let opts = ForwardOptions {
+                bias: bias.then(|| b.as_view()),
+                tuning: t,
+                ..Default::default()
+            };
+            dr::forward(h, &cfg, &x, &r, &mut y, opts)
+        })?;
+        let bb = dr::fused_backward_bytes(kind, n as u64, false) as f64;
+        let g = time_gpu(h, plan, || {
+            let opts = BackwardOptions {
+                dbias: bias.then(|| db.as_view_mut()),
+                workspace: Some(&mut ws),
+                tuning: t,
+                ..Default::default()
+            };
+            dr::backward(h, &cfg, &r, &mut dx, opts)
+        })?;
+        let (fg, bg) = (fb / f.median() / 1e6, bb / g.median() / 1e6);
+        println!(
+            "{name:<26} {label:<18} fwd {:.4} ms {fg:6.0} GB/s {:4.0}% | bwd {:.4} ms {bg:6.0} GB/s {:4.0}%",
+            f.median(),
+            100.0 * fg / reference,
+            g.median(),
+            100.0 * bg / reference
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let h = match Handle::new(0) {
+        Ok(h) => h,
+        Err(e) => {
+            println!("no GPU: {e}");
+            return Ok(());
+        }
+    };
+    let bw = copy_bandwidth(&h, 1 << 30, TimingPlan::quick())?;
+    println!(
+        "copy: memcpy {:.0} GB/s, kernel {:.0} GB/s",
+        bw.memcpy_gbps, bw.kernel_gbps
+    );
+    let reference = bw.reference_gbps();
+    sweep::<bf16>(&h, 16_384, 4096, true, reference)?;
+    sweep::<f32>(&h, 16_384, 4096, true, reference)?;
+    sweep::<bf16>(&h, 1, 1 << 26, false, reference)?;
+    sweep::<f32>(&h, 1, 1 << 26, false, reference)?;
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! The residual MLP on the CPU: the reference implementations of every op (fusedreg's
+//! `cpu` modules) and plain-loop matrix products. Small sizes only.
+
+use super::config::{check_block, check_slot, Backend, MlpConfig};
+use super::cpu;
+use super::init::{host_init, BlockParams};
+use fusedreg::adamw::cpu::CpuTensor;
+use fusedreg::adamw::{self, AdamWConfig};
+use fusedreg::dropout_residual::{self as dr, Config};
+use fusedreg::global_norm::cpu as norm_cpu;
+use fusedreg::Result;
+
+/// The CPU model state.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg_tools::mlp::{CpuMlp, MlpConfig, Trainer};
+/// let mut t = Trainer::cpu(MlpConfig { blocks: 2, ..MlpConfig::cpu() }).unwrap();
+/// t.step(false).unwrap();
+/// let model: &CpuMlp = &t.model;
+/// assert_eq!(model.tensors().len(), 2 * 4); // W1, b1, W2, b2 per block
+/// ```
+pub struct CpuMlp {
+    tokens: usize,
+    hidden: usize,
+    dropout: f64,
+    seed: u64,
+    adamw: AdamWConfig,
+    max_norm: f32,
+    /// W1, b1, W2, b2 of each block, with their gradients and AdamW state.
+    tensors: Vec<CpuTensor<f32, f32>>,
+    inputs: Vec<Vec<f32>>,
+    targets: Vec<Vec<f32>>,
+    /// Activation slots: the input of block 0, then each block's output.
+    acts: Vec<Vec<f32>>,
+    /// Per block: `W1 x` (pre-activation without bias) and `gelu(W1 x + b1)`.
+    h: Vec<Vec<f32>>,
+    a: Vec<Vec<f32>>,
+    /// Per block: its stochastic-depth residual scale as a row scale (empty without).
+    rowscale: Vec<Vec<f32>>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    d_o: Vec<f32>,
+    d_a: Vec<f32>,
+    du: Vec<f32>,
+}
+
+/// Index of tensor `k` (0 W1, 1 b1, 2 W2, 3 b2) of block `l`.
+fn t(l: usize, k: usize) -> usize {
+    MlpConfig::TENSORS_PER_BLOCK * l + k
+}
+
+/// `x_out = x_in + (W2 gelu(W1 x_in + b1) + b2)` for a teacher block (no dropout).
+fn teacher_block(p: &BlockParams, x: &[f32], hidden: usize) -> Result<Vec<f32>> {
+    let n = x.len();
+    let (mut hbuf, mut a, mut o, mut y) = (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    cpu::linear_fwd(x, &p[0], &mut hbuf, hidden, hidden)?;
+    cpu::bias_gelu_fwd(&hbuf, &p[1], &mut a)?;
+    cpu::linear_fwd(&a, &p[2], &mut o, hidden, hidden)?;
+    let cfg = Config::new(n / hidden, hidden, 0.0, 0, 0)?;
+    let opts = dr::cpu::ForwardOptions {
+        bias: Some(&p[3]),
+        ..Default::default()
+    };
+    dr::cpu::forward(&cfg, &o, x, &mut y, opts)?;
+    Ok(y)
+}
+
+impl CpuMlp {
+    pub(crate) fn new(cfg: &MlpConfig) -> Result<Self> {
+        let init = host_init(cfg);
+        let (n, hd) = (cfg.tokens * cfg.hidden, cfg.hidden);
+        let mut targets = Vec::new();
+        for x in &init.inputs {
+            let mut y = x.clone();
+            for p in &init.teacher {
+                y = teacher_block(p, &y, hd)?;
+            }
+            targets.push(y);
+        }
+        let mut tensors = Vec::new();
+        for block in init.student {
+            for (k, v) in block.into_iter().enumerate() {
+                let wd = if k % 2 == 0 { cfg.weight_decay } else { 0.0 };
+                let len = v.len();
+                tensors.push(CpuTensor::new(v, vec![0.0; len], wd)?);
+            }
+        }
+        let rowscale = match cfg.depth()? {
+            Some(sd) => sd
+                .rates()
+                .iter()
+                .map(|r| vec![r.scale(); cfg.tokens])
+                .collect(),
+            None => vec![Vec::new(); cfg.blocks],
+        };
+        Ok(CpuMlp {
+            tokens: cfg.tokens,
+            hidden: hd,
+            dropout: cfg.dropout,
+            seed: cfg.seed,
+            adamw: cfg.adamw,
+            max_norm: cfg.max_norm,
+            tensors,
+            inputs: init.inputs,
+            targets,
+            acts: vec![vec![0.0; n]; cfg.blocks + 1],
+            h: vec![vec![0.0; n]; cfg.blocks],
+            a: vec![vec![0.0; n]; cfg.blocks],
+            rowscale,
+            o: vec![0.0; n],
+            g: vec![0.0; n],
+            d_o: vec![0.0; n],
+            d_a: vec![0.0; n],
+            du: vec![0.0; n],
+        })
+    }
+
+    fn dropout(&self, call: u64) -> Result<Config> {
+        Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)
+    }
+
+    /// The parameters of optimizer tensor `i` (W1, b1, W2, b2 of each block in turn).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let cfg = MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() }; // every block runs
+    /// let mut t = Trainer::cpu(cfg).unwrap();
+    /// assert_eq!((t.model.param(0).len(), t.model.param(1).len()), (48 * 48, 48)); // W1, b1
+    /// let b2 = t.model.param(3).to_vec();
+    /// t.step(false).unwrap();
+    /// assert_ne!(t.model.param(3), &b2[..]); // trained
+    /// ```
+    pub fn param(&self, i: usize) -> &[f32] {
+        &self.tensors[i].param
+    }
+
+    /// Every optimizer tensor with its gradient and AdamW state.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let cfg = MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() };
+    /// let mut t = Trainer::cpu(cfg.clone()).unwrap();
+    /// t.step(false).unwrap();
+    /// let w1 = &t.model.tensors()[0];
+    /// assert_eq!((w1.weight_decay, t.model.tensors()[1].weight_decay), (cfg.weight_decay, 0.0));
+    /// assert_eq!(w1.step, 1);
+    /// ```
+    pub fn tensors(&self) -> &[CpuTensor<f32, f32>] {
+        &self.tensors
+    }
+}
+
+impl Backend for CpuMlp {
+    fn begin(&mut self, batch: usize) -> Result<()> {
+        check_slot(0, 1, batch, self.inputs.len())?;
+        self.acts[0].copy_from_slice(&self.inputs[batch]);
+        Ok(())
+    }
+
+    fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        check_block(
+            l,
+            input,
+            self.h.len(),
+            scale,
+            self.rowscale.iter().all(|r| !r.is_empty()),
+        )?;
+        let hd = self.hidden;
+        let (before, after) = self.acts.split_at_mut(l + 1);
+        let (x, y) = (&before[input], &mut after[0]);
+        cpu::linear_fwd(x, &self.tensors[t(l, 0)].param, &mut self.h[l], hd, hd)?;
+        cpu::bias_gelu_fwd(&self.h[l], &self.tensors[t(l, 1)].param, &mut self.a[l])?;
+        cpu::linear_fwd(
+            &self.a[l],
+            &self.tensors[t(l, 2)].param,
+            &mut self.o,
+            hd,
+            hd,
+        )?;
+        let cfg = Config::new(self.tokens, hd, self.dropout, self.seed, call)?;
+        let opts = dr::cpu::ForwardOptions {
+            bias: Some(&self.tensors[t(l, 3)].param),
+            rowscale: scale.then_some(&self.rowscale[l][..]),
+            ..Default::default()
+        };
+        dr::cpu::forward(&cfg, &self.o, x, y, opts)
+    }
+
+    fn loss(&mut self, output: usize, batch: usize, _want_loss: bool) -> Result<f64> {
+        check_slot(output, self.acts.len(), batch, self.targets.len())?;
+        cpu::mse_grad(&self.acts[output], &self.targets[batch], &mut self.g)
+    }
+
+    fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        check_block(
+            l,
+            input,
+            self.h.len(),
+            scale,
+            self.rowscale.iter().all(|r| !r.is_empty()),
+        )?;
+        let hd = self.hidden;
+        let cfg = self.dropout(call)?;
+        let (w1, b1, w2, b2) = (t(l, 0), t(l, 1), t(l, 2), t(l, 3));
+        let opts = dr::cpu::BackwardOptions {
+            rowscale: scale.then_some(&self.rowscale[l][..]),
+            dbias: Some(&mut self.tensors[b2].grad),
+            ..Default::default()
+        };
+        dr::cpu::backward(&cfg, &self.g, &mut self.d_o, opts)?;
+        cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut self.tensors[w2].grad, hd, hd)?;
+        cpu::linear_bwd_input(
+            &self.d_o,
+            &self.tensors[w2].param,
+            &mut self.d_a,
+            hd,
+            hd,
+            false,
+        )?;
+        cpu::bias_gelu_bwd(&self.h[l], &self.tensors[b1].param, &self.d_a, &mut self.du)?;
+        self.tensors[b1].grad = cpu::colsum(&self.du, self.tokens, hd)?;
+        cpu::linear_bwd_weight(
+            &self.du,
+            &self.acts[input],
+            &mut self.tensors[w1].grad,
+            hd,
+            hd,
+        )?;
+        cpu::linear_bwd_input(&self.du, &self.tensors[w1].param, &mut self.g, hd, hd, true)?;
+        Ok(())
+    }
+
+    fn zero_grads(&mut self, l: usize) -> Result<()> {
+        check_block(l, 0, self.h.len(), false, true)?;
+        for k in 0..MlpConfig::TENSORS_PER_BLOCK {
+            self.tensors[t(l, k)].grad.fill(0.0);
+        }
+        Ok(())
+    }
+
+    fn optimizer_step(&mut self, skip: &[bool]) -> Result<()> {
+        // A skipped tensor has no gradient this step: it contributes 0 to the norm (as the
+        // GPU norm, which honours the skip flags).
+        let longest = self.tensors.iter().map(|t| t.len()).max().unwrap_or(0);
+        let zeros = vec![0.0f32; longest];
+        let grads: Vec<&[f32]> = self
+            .tensors
+            .iter()
+            .zip(skip)
+            .map(|(t, &s)| if s { &zeros[..t.len()] } else { &t.grad[..] })
+            .collect();
+        let norm = norm_cpu::global_norm(&grads, Some(self.max_norm), 1.0)?;
+        let inputs = adamw::cpu::StepInputs::from_norm(self.adamw.lr, &norm);
+        adamw::cpu::step(&mut self.tensors, &self.adamw, &inputs, skip)
+    }
+}

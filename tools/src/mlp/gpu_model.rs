@@ -1,0 +1,387 @@
+//! The residual MLP on the GPU: matrix products through cuBLAS, everything else fusedreg's
+//! kernels, all on the handle's stream, with no host sync inside a step (the loss is read only
+//! when asked for).
+
+use cudarc::driver::CudaSlice;
+
+use super::config::{check_block, check_slot, Backend, MlpConfig};
+use super::gpu::{self as k, Blas};
+use super::init::{host_init, BlockParams};
+use fusedreg::adamw::AdamW;
+use fusedreg::dropout_residual::{self as dr, BackwardOptions, Config, ForwardOptions, Workspace};
+use fusedreg::global_norm::GlobalNorm;
+use fusedreg::multi_tensor::TensorSet;
+use fusedreg::Handle;
+use fusedreg::{Error, Result};
+
+const OP: &str = "mlp";
+
+/// The GPU model state.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg_tools::mlp::{GpuMlp, MlpConfig, Trainer};
+/// let h = fusedreg::Handle::new(0)?;
+/// let mut t = Trainer::gpu(&h, MlpConfig { blocks: 4, ..MlpConfig::cpu() })?;
+/// t.step(false)?;
+/// let model: &GpuMlp = &t.model;
+/// assert_eq!(model.set().len(), 4 * 4); // W1, b1, W2, b2 per block
+/// # Ok(()) }
+/// ```
+pub struct GpuMlp {
+    handle: Handle,
+    blas: Blas,
+    tokens: usize,
+    hidden: usize,
+    dropout: f64,
+    seed: u64,
+    /// W1, b1, W2, b2 of each block (parameters and gradients), registered once.
+    set: TensorSet,
+    opt: AdamW,
+    norm: GlobalNorm,
+    inputs: Vec<CudaSlice<f32>>,
+    targets: Vec<CudaSlice<f32>>,
+    batch: usize,
+    /// Activation slots 1..=blocks (slot 0 is the current input batch).
+    acts: Vec<CudaSlice<f32>>,
+    hpre: Vec<CudaSlice<f32>>,
+    a: Vec<CudaSlice<f32>>,
+    rowscale: Vec<CudaSlice<f32>>,
+    o: CudaSlice<f32>,
+    g: CudaSlice<f32>,
+    d_o: CudaSlice<f32>,
+    d_a: CudaSlice<f32>,
+    du: CudaSlice<f32>,
+    colsum_scratch: CudaSlice<f32>,
+    mse_partials: CudaSlice<f32>,
+    ws: Workspace,
+    skip: Vec<bool>,
+}
+
+fn t(l: usize, k: usize) -> usize {
+    MlpConfig::TENSORS_PER_BLOCK * l + k
+}
+
+impl GpuMlp {
+    pub(crate) fn new(handle: &Handle, cfg: &MlpConfig) -> Result<Self> {
+        let h = handle;
+        let s = h.stream();
+        let up = |v: &[f32]| s.clone_htod(v).map_err(Error::driver(OP));
+        let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(Error::driver(OP));
+        let (n, hd) = (cfg.tokens * cfg.hidden, cfg.hidden);
+        let init = host_init(cfg);
+        let blas = Blas::new(h)?;
+
+        let inputs = init
+            .inputs
+            .iter()
+            .map(|x| up(x))
+            .collect::<Result<Vec<_>>>()?;
+        let mut targets = Vec::new();
+        {
+            let teacher: Vec<Vec<CudaSlice<f32>>> = init
+                .teacher
+                .iter()
+                .map(|p: &BlockParams| p.iter().map(|v| up(v)).collect::<Result<Vec<_>>>())
+                .collect::<Result<_>>()?;
+            let (mut hb, mut a, mut o) = (zeros(n)?, zeros(n)?, zeros(n)?);
+            let no_drop = Config::new(cfg.tokens, hd, 0.0, 0, 0)?;
+            for x in &inputs {
+                let mut y = s.clone_dtod(x).map_err(Error::driver(OP))?;
+                for p in &teacher {
+                    blas.linear_fwd(&y, &p[0], &mut hb, hd, hd)?;
+                    k::bias_gelu_fwd(h, &hb, &p[1], &mut a)?;
+                    blas.linear_fwd(&a, &p[2], &mut o, hd, hd)?;
+                    let opts = ForwardOptions {
+                        bias: Some(p[3].as_view()),
+                        ..Default::default()
+                    };
+                    dr::forward_inplace(h, &no_drop, &o, &mut y, opts)?;
+                }
+                targets.push(y);
+            }
+        }
+
+        let mut b = TensorSet::builder(h);
+        let mut wds = Vec::new();
+        for block in &init.student {
+            for (kk, v) in block.iter().enumerate() {
+                wds.push(if kk % 2 == 0 { cfg.weight_decay } else { 0.0 });
+                b.push::<f32, f32>(up(v)?, zeros(v.len())?)?;
+            }
+        }
+        let set = b.build()?;
+        let opt = AdamW::new(&set, cfg.adamw, &wds)?;
+        let norm = GlobalNorm::new(&set, Some(cfg.max_norm))?;
+        let rowscale = match cfg.depth()? {
+            Some(sd) => sd
+                .rates()
+                .iter()
+                .map(|r| up(&vec![r.scale(); cfg.tokens]))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let many = |count: usize| (0..count).map(|_| zeros(n)).collect::<Result<Vec<_>>>();
+        Ok(GpuMlp {
+            handle: h.clone(),
+            blas,
+            tokens: cfg.tokens,
+            hidden: hd,
+            dropout: cfg.dropout,
+            seed: cfg.seed,
+            opt,
+            norm,
+            inputs,
+            targets,
+            batch: 0,
+            acts: many(cfg.blocks + 1)?,
+            hpre: many(cfg.blocks)?,
+            a: many(cfg.blocks)?,
+            rowscale,
+            o: zeros(n)?,
+            g: zeros(n)?,
+            d_o: zeros(n)?,
+            d_a: zeros(n)?,
+            du: zeros(n)?,
+            colsum_scratch: zeros(k::colsum_scratch_len(cfg.tokens, hd))?,
+            mse_partials: zeros(k::mse_scratch_len(n))?,
+            ws: Workspace::new(),
+            skip: vec![false; set.len()],
+            set,
+        })
+    }
+
+    fn dropout_config(&self, call: u64) -> Result<Config> {
+        Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)
+    }
+
+    /// cuBLAS products issued so far (counted by the cuBLAS wrapper as it issues them;
+    /// fusedreg's own kernels are counted by [`Handle::launch_count`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let cfg = MlpConfig { blocks: 3, depth: None, ..MlpConfig::cpu() }; // every block runs
+    /// let mut t = Trainer::gpu(&h, cfg)?;
+    /// let before = t.model.gemm_count();
+    /// t.step(false)?;
+    /// assert_eq!(t.model.gemm_count() - before, 3 * 6); // 2 forward + 4 backward per block
+    /// # Ok(()) }
+    /// ```
+    pub fn gemm_count(&self) -> u64 {
+        self.blas.gemm_count()
+    }
+
+    /// The parameters of optimizer tensor `i`, copied to the host.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let cfg = MlpConfig { blocks: 2, ..MlpConfig::cpu() };
+    /// let (gpu, cpu) = (Trainer::gpu(&h, cfg.clone())?, Trainer::cpu(cfg)?);
+    /// assert_eq!(gpu.model.param(0)?, cpu.model.param(0)); // same initialization
+    /// # Ok(()) }
+    /// ```
+    pub fn param(&self, i: usize) -> Result<Vec<f32>> {
+        let v = self.set.param::<f32>(i)?;
+        self.handle
+            .stream()
+            .clone_dtoh(&v)
+            .map_err(Error::driver(OP))
+    }
+
+    /// The handle the model runs on.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let mut t = Trainer::gpu(&h, MlpConfig { blocks: 2, ..MlpConfig::cpu() })?;
+    /// let before = t.model.handle().launch_count();
+    /// t.step(false)?;
+    /// println!("{} fusedreg kernels", t.model.handle().launch_count() - before);
+    /// t.model.handle().synchronize()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The optimizer's tensor set (W1, b1, W2, b2 of each block: parameters, gradients and
+    /// AdamW state).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let cfg = MlpConfig { blocks: 2, ..MlpConfig::cpu() };
+    /// let t = Trainer::gpu(&h, cfg.clone())?;
+    /// assert_eq!(t.model.set().len(), 2 * 4);
+    /// assert_eq!(t.model.set().layout().lens()[0], (cfg.hidden * cfg.hidden) as u64); // block 0's W1
+    /// # Ok(()) }
+    /// ```
+    pub fn set(&self) -> &TensorSet {
+        &self.set
+    }
+
+    /// The optimizer: it owns the state of [`GpuMlp::set`] (moments, weight decay, steps).
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let t = Trainer::gpu(&h, MlpConfig { blocks: 2, ..MlpConfig::cpu() })?;
+    /// assert_eq!(t.model.optimizer().step_counts()?, vec![0; 8]);
+    /// # Ok(()) }
+    /// ```
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+}
+
+impl Backend for GpuMlp {
+    fn begin(&mut self, batch: usize) -> Result<()> {
+        check_slot(0, 1, batch, self.inputs.len())?;
+        self.batch = batch;
+        Ok(())
+    }
+
+    fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        let hd = self.hidden;
+        let cfg = self.dropout_config(call)?;
+        let (lo, hi) = self.acts.split_at_mut(l + 1);
+        let x = if input == 0 {
+            &self.inputs[self.batch]
+        } else {
+            &lo[input]
+        };
+        let set = &self.set;
+        self.blas
+            .linear_fwd(x, &set.param::<f32>(t(l, 0))?, &mut self.hpre[l], hd, hd)?;
+        k::bias_gelu_fwd(
+            &self.handle,
+            &self.hpre[l],
+            &set.param::<f32>(t(l, 1))?,
+            &mut self.a[l],
+        )?;
+        self.blas
+            .linear_fwd(&self.a[l], &set.param::<f32>(t(l, 2))?, &mut self.o, hd, hd)?;
+        let opts = ForwardOptions {
+            bias: Some(set.param::<f32>(t(l, 3))?),
+            rowscale: scale.then(|| self.rowscale[l].as_view()),
+            ..Default::default()
+        };
+        dr::forward(&self.handle, &cfg, &self.o, x, &mut hi[0], opts)
+    }
+
+    fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
+        check_slot(output, self.acts.len(), batch, self.targets.len())?;
+        let y = if output == 0 {
+            &self.inputs[batch]
+        } else {
+            &self.acts[output]
+        };
+        k::mse_grad(
+            &self.handle,
+            y,
+            &self.targets[batch],
+            &mut self.g,
+            &mut self.mse_partials,
+        )?;
+        if want_loss {
+            k::mse_from_partials(&self.handle, &self.mse_partials, self.tokens * self.hidden)
+        } else {
+            Ok(f64::NAN)
+        }
+    }
+
+    fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        let (hd, h) = (self.hidden, &self.handle);
+        let cfg = self.dropout_config(call)?;
+        let x = if input == 0 {
+            &self.inputs[self.batch]
+        } else {
+            &self.acts[input]
+        };
+        let set = &mut self.set;
+        let opts = BackwardOptions {
+            rowscale: scale.then(|| self.rowscale[l].as_view()),
+            dbias: Some(set.grad_mut::<f32>(t(l, 3))?),
+            workspace: Some(&mut self.ws),
+            ..Default::default()
+        };
+        dr::backward(h, &cfg, &self.g, &mut self.d_o, opts)?;
+        self.blas.linear_bwd_weight(
+            &self.d_o,
+            &self.a[l],
+            &mut set.grad_mut::<f32>(t(l, 2))?,
+            hd,
+            hd,
+        )?;
+        self.blas.linear_bwd_input(
+            &self.d_o,
+            &set.param::<f32>(t(l, 2))?,
+            &mut self.d_a,
+            hd,
+            hd,
+            false,
+        )?;
+        k::bias_gelu_bwd(
+            h,
+            &self.hpre[l],
+            &set.param::<f32>(t(l, 1))?,
+            &self.d_a,
+            &mut self.du,
+        )?;
+        k::colsum(
+            h,
+            &self.du,
+            self.tokens,
+            &mut self.colsum_scratch,
+            &mut set.grad_mut::<f32>(t(l, 1))?,
+        )?;
+        self.blas
+            .linear_bwd_weight(&self.du, x, &mut set.grad_mut::<f32>(t(l, 0))?, hd, hd)?;
+        self.blas.linear_bwd_input(
+            &self.du,
+            &set.param::<f32>(t(l, 0))?,
+            &mut self.g,
+            hd,
+            hd,
+            true,
+        )?;
+        Ok(())
+    }
+
+    fn zero_grads(&mut self, l: usize) -> Result<()> {
+        check_block(l, 0, self.hpre.len(), false, true)?;
+        let stream = self.handle.stream().clone();
+        for kk in 0..MlpConfig::TENSORS_PER_BLOCK {
+            let mut g = self.set.grad_mut::<f32>(t(l, kk))?;
+            stream.memset_zeros(&mut g).map_err(Error::driver(OP))?;
+        }
+        Ok(())
+    }
+
+    fn optimizer_step(&mut self, skip: &[bool]) -> Result<()> {
+        if skip != self.skip.as_slice() {
+            self.opt.set_skip(skip)?;
+            self.skip = skip.to_vec();
+        }
+        self.opt.clip_and_step(&mut self.set, &mut self.norm)
+    }
+}
