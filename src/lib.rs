@@ -23,6 +23,8 @@
 //! * [`global_norm`]: deterministic global gradient norm, clip coefficient and scale pass.
 //! * [`adamw`]: fused multi-tensor AdamW with device-side scalars, master weights and a
 //!   bit-exact CPU reference.
+//! * `candle` (feature `candle`): the ops on candle tensors, with autograd, on candle's CPU
+//!   device and (feature `candle-cuda`) on its CUDA device and stream.
 //!
 //! The benchmark report (`fusedreg-bench`), its GPU timing harness, the residual-MLP trainer, the
 //! criterion benches and the examples are tools, not library: they live in the workspace member
@@ -43,6 +45,8 @@
 
 pub mod adamw;
 pub mod bias_act_dropout;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod dropout_add_norm;

@@ -21,6 +21,11 @@ use crate::error::{Error, Result};
 
 /// True when libcuda can be loaded. Probed once: `CudaContext::new` panics without it.
 ///
+/// The probe is our own (a `dlopen` of the names cudarc tries), not cudarc's: cudarc offers its
+/// probe only when it loads the driver dynamically, and whether it does is the application's
+/// choice (see the crate's `dynamic-loading` / `dynamic-linking` features). When cudarc links
+/// libcuda, the library is already loaded and the probe finds it.
+///
 /// # Examples
 ///
 /// ```
@@ -32,8 +37,44 @@ use crate::error::{Error, Result};
 /// ```
 pub fn driver_present() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: only tries to dlopen the driver library by its usual names.
-    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+    *PRESENT.get_or_init(|| lib_present("cuda") || lib_present("nvcuda"))
+}
+
+/// Whether a CUDA library (`"cuda"`, `"cublas"`, ...) can be loaded under one of the names cudarc
+/// 0.19 tries for CUDA 13 (its `get_lib_name_candidates`, which exists only in its
+/// dynamic-loading mode, so it is mirrored here).
+pub(crate) fn lib_present(lib: &str) -> bool {
+    use std::env::consts::{DLL_PREFIX as P, DLL_SUFFIX as S};
+    let w = if cfg!(target_pointer_width = "32") {
+        "32"
+    } else {
+        "64"
+    };
+    let (major, minor) = (13, 0);
+    let names = [
+        format!("{P}{lib}{S}"),
+        format!("{P}{lib}{w}{S}"),
+        format!("{P}{lib}{w}_{major}{S}"),
+        format!("{P}{lib}{w}_{major}{minor}{S}"),
+        format!("{P}{lib}{w}_{major}{minor}_0{S}"),
+        format!("{P}{lib}{w}_{major}0_{minor}{S}"),
+        format!("{P}{lib}{w}_10{S}"),
+        format!("{P}{lib}{w}_11{S}"),
+        format!("{P}{lib}{w}_12{S}"),
+        format!("{P}{lib}{w}_{major}0_0{S}"),
+        format!("{P}{lib}{w}_9{S}"),
+        format!("{P}{lib}{S}.{major}"),
+        format!("{P}{lib}{S}.12"),
+        format!("{P}{lib}{S}.11"),
+        format!("{P}{lib}{S}.10"),
+        format!("{P}{lib}{S}.9"),
+        format!("{P}{lib}{S}.1"),
+    ];
+    names.iter().any(|name| {
+        // SAFETY: loading a CUDA library runs only its own initialisers; the handle is dropped
+        // (dlclose) at once, and a library already loaded stays loaded.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
 }
 
 /// Number of CUDA devices visible to this process.

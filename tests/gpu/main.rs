@@ -7,6 +7,8 @@
 mod adamw;
 mod bad_input;
 mod bias_act_dropout;
+#[cfg(feature = "candle-cuda")]
+mod candle;
 #[path = "../common/mod.rs"]
 mod common;
 mod cross_entropy;
@@ -34,5 +36,7 @@ fn main() {
     trials.extend(bias_act_dropout::trials());
     trials.extend(dropout::trials());
     trials.extend(dropout_add_norm::trials());
+    #[cfg(feature = "candle-cuda")]
+    trials.extend(candle::trials());
     libtest_mimic::run(&args, trials).exit();
 }

@@ -1,0 +1,229 @@
+//! fusedreg's ops on [candle](https://github.com/huggingface/candle) tensors, with autograd
+//! (feature `candle`; `candle-cuda` adds candle's CUDA device).
+//!
+//! Each op is a candle custom op (`CustomOp2` / `CustomOp3` with `bwd`), so it takes part in
+//! `Tensor::backward` like any candle op:
+//!
+//! * on the CPU device it runs fusedreg's CPU reference (the code the kernels are tested against
+//!   bit for bit), so a model using the adapter trains and is tested without a GPU;
+//! * on candle's CUDA device (feature `candle-cuda`) it launches fusedreg's kernels on candle's
+//!   own stream (`CudaDevice::cuda_stream()`), never on
+//!   another stream and with no host synchronisation, so it is ordered with candle's work.
+//!
+//! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path).
+//!
+//! # Random keys: nothing is stored for the backward
+//!
+//! Every mask is a pure function of `(seed, call id, element index)` (see [`crate::philox`]). The
+//! adapter derives the call id from [`StepKeys`] (the seed and the training step) and the site:
+//! a number, fixed when the model is built, that tells apart the dropout sites of one step
+//! (block 3's attention output, block 3's MLP output, ...). The backward regenerates the mask from
+//! the same keys, so no mask is kept between forward and backward; the op object in candle's
+//! graph holds a few scalars. Call ids:
+//!
+//! ```text
+//! call = step * 2^32 + site * 2^8 + stream
+//! ```
+//!
+//! `stream` numbers the random streams of one op at one site (0: the element mask, 1: the drop
+//! path's row draws), `site < 2^24`, `step < 2^32`. Two consequences worth knowing: running a
+//! forward twice with the same keys (activation recomputation) gives the same mask, and a step
+//! that is not advanced repeats its masks — call [`StepKeys::next_step`] (or build new keys) once per
+//! optimizer step.
+//!
+//! # Inputs
+//!
+//! * dtypes `f32`, `f16`, `bf16`; all tensor arguments of one call share the dtype and device.
+//!   Anything else is an [`Error`](candle_core::Error), never a panic.
+//! * Non-contiguous inputs are **copied** (`Tensor::contiguous`, one extra pass, gradients flow
+//!   through the copy); contiguous views with a start offset are used in place. The custom ops
+//!   underneath refuse non-contiguous layouts with an error (they are not reachable with one
+//!   through this module's functions).
+//! * fusedreg's own errors (bad probability, shape, ...) arrive wrapped in a candle error whose
+//!   message is fusedreg's.
+//!
+//! # Link mode
+//!
+//! candle-core's `cuda` feature makes cudarc link libcuda (`dynamic-linking`); fusedreg then
+//! follows (with none of its link features set, cudarc loads libcuda at run time unless some
+//! crate in the build asks for linking). So a candle user writes only:
+//!
+//! ```toml
+//! [dependencies]
+//! candle-core = { version = "0.11", features = ["cuda"] }
+//! fusedreg = { version = "0.1", features = ["candle-cuda"] }
+//! ```
+//!
+//! # Example (CPU device)
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use fusedreg::candle::{DropoutResidual, StepKeys};
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let x = Var::randn(0f32, 1.0, (4, 16), &dev)?; // the sublayer's output
+//! let bias = Var::zeros(16, candle_core::DType::F32, &dev)?;
+//! let residual = Tensor::randn(0f32, 1.0, (4, 16), &dev)?; // the residual stream
+//! let site = DropoutResidual::new(0.1, /* site */ 3)?;
+//! let mut keys = StepKeys::new(/* seed */ 42, /* step */ 0);
+//! let y = site.forward(&x, &residual, Some(&bias), Some(&keys))?;
+//! let grads = y.sum_all()?.backward()?;
+//! assert_eq!(grads.get(&x).unwrap().dims(), &[4, 16]);
+//! keys = keys.next_step()?; // once per training step: new masks
+//! # let _ = keys;
+//! # Ok(()) }
+//! ```
+//!
+//! # Adding an op
+//!
+//! One file per op, `src/candle/<stem>.rs`, named after the op's module: a public site type
+//! (validated rates, the site number) with a `forward` that checks dtypes, devices and shapes,
+//! builds the op's `Config` from [`StepKeys`], makes the inputs contiguous and applies a private
+//! custom op whose `cpu_fwd` calls `<stem>::cpu` and whose `cuda_fwd` (feature `candle-cuda`)
+//! calls the GPU wrapper with the handle of `cuda_handle` (feature `candle-cuda`); its `bwd` applies a second custom op
+//! (no backward of its own) that runs the op's fused backward and returns every gradient in one
+//! buffer, split with `narrow` (views, no copy). The helpers here ([`StepKeys::call`], the dtype
+//! dispatch, slice access) are shared by all ops.
+
+mod dropout_residual;
+mod storage;
+
+pub use dropout_residual::DropoutResidual;
+#[cfg(feature = "candle-cuda")]
+pub use storage::cuda_handle;
+
+/// The random keys of one training step: the run's seed and the step number. Copy it into every
+/// op call of the step; advance it with [`StepKeys::next_step`] once per step (see the
+/// [module docs](self) for how call ids are derived).
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::candle::StepKeys;
+/// # fn main() -> candle_core::Result<()> {
+/// let keys = StepKeys::new(42, 0);
+/// assert_eq!((keys.seed(), keys.step()), (42, 0));
+/// assert_eq!(keys.next_step()?.step(), 1);
+/// // Site 3's element mask and drop path use different call ids, and so does the next step.
+/// assert_ne!(keys.call(3, 0)?, keys.call(3, 1)?);
+/// assert_ne!(keys.call(3, 0)?, keys.next_step()?.call(3, 0)?);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StepKeys {
+    seed: u64,
+    step: u64,
+}
+
+/// Sites are numbered below this bound (24 bits of the call id).
+pub const MAX_SITES: u32 = 1 << 24;
+/// Steps are numbered below this bound (the high 32 bits of the call id).
+pub const MAX_STEPS: u64 = 1 << 32;
+
+impl StepKeys {
+    /// Keys of step `step` of a run seeded with `seed`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::candle::StepKeys;
+    /// let resumed = StepKeys::new(42, 1000); // resuming at step 1000 gives step 1000's masks
+    /// assert_eq!(resumed.step(), 1000);
+    /// ```
+    pub fn new(seed: u64, step: u64) -> Self {
+        StepKeys { seed, step }
+    }
+
+    /// The seed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(fusedreg::candle::StepKeys::new(7, 0).seed(), 7);
+    /// ```
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The step number.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(fusedreg::candle::StepKeys::new(7, 12).step(), 12);
+    /// ```
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The keys of the next step. Errors past [`MAX_STEPS`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::candle::{StepKeys, MAX_STEPS};
+    /// # fn main() -> candle_core::Result<()> {
+    /// assert_eq!(StepKeys::new(1, 5).next_step()?, StepKeys::new(1, 6));
+    /// assert!(StepKeys::new(1, MAX_STEPS - 1).next_step().is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn next_step(&self) -> candle_core::Result<Self> {
+        let step = self.step + 1;
+        check_step(step)?;
+        Ok(StepKeys { step, ..*self })
+    }
+
+    /// The call id of random stream `stream` (0: element mask, 1: drop path) at `site`:
+    /// `step * 2^32 + site * 2^8 + stream`. Errors when `site >= MAX_SITES`, `stream >= 256` or
+    /// `step >= MAX_STEPS`, so two different triples never share a call id.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::candle::{StepKeys, MAX_SITES};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let keys = StepKeys::new(42, 2);
+    /// assert_eq!(keys.call(3, 1)?, (2 << 32) | (3 << 8) | 1);
+    /// assert!(keys.call(MAX_SITES, 0).is_err());
+    /// assert!(keys.call(0, 256).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn call(&self, site: u32, stream: u32) -> candle_core::Result<u64> {
+        check_step(self.step)?;
+        check_site(site)?;
+        if stream >= 256 {
+            return Err(wrap(crate::Error::invalid(
+                "candle",
+                format!("random stream {stream} must be below 256"),
+            )));
+        }
+        Ok(self.step << 32 | u64::from(site) << 8 | u64::from(stream))
+    }
+}
+
+fn check_step(step: u64) -> candle_core::Result<()> {
+    if step < MAX_STEPS {
+        Ok(())
+    } else {
+        Err(wrap(crate::Error::invalid(
+            "candle",
+            format!("step {step} must be below 2^32 (the call id keeps 32 bits for it)"),
+        )))
+    }
+}
+
+pub(crate) fn check_site(site: u32) -> candle_core::Result<()> {
+    if site < MAX_SITES {
+        Ok(())
+    } else {
+        Err(wrap(crate::Error::invalid(
+            "candle",
+            format!("site {site} must be below 2^24 (the call id keeps 24 bits for it)"),
+        )))
+    }
+}
+
+/// A fusedreg error as a candle error (the message is kept).
+pub(crate) fn wrap(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
