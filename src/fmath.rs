@@ -169,7 +169,7 @@ fn with_sign_of(r: f32, x: f32) -> f32 {
 /// use fusedreg::fmath::exp;
 /// assert_eq!(exp(1.0), std::f32::consts::E);
 /// assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-/// assert_eq!(exp(-103.0), f32::from_bits(0x0000_0007)); // gradual underflow
+/// assert_eq!(exp(-103.0), f32::from_bits(0x0000_0001)); // gradual underflow: e^-103 = 1.33 x 2^-149
 /// assert!(exp(f32::NAN).is_nan());
 /// ```
 #[inline]

@@ -240,7 +240,7 @@ impl GpuMlp {
     ///
     /// ```no_run
     /// # fn main() -> fusedreg::Result<()> {
-    /// use fusedreg::mlp::{MlpConfig, Trainer};
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
     /// let h = fusedreg::Handle::new(0)?;
     /// let t = Trainer::gpu(&h, MlpConfig { blocks: 2, ..MlpConfig::cpu() })?;
     /// assert_eq!(t.model.optimizer().step_counts()?, vec![0; 8]);
