@@ -26,6 +26,47 @@ fn bytes_per_element_match_the_reference_tables() {
     assert_eq!(per(clip_step_min_bytes(n, F32, F32)), 32.0);
 }
 
+/// The minimal bytes the GPU-only rows of the newer ops divide by (their doc tables): a wrong
+/// formula would misstate every GB/s and fraction of copy in the report.
+#[test]
+fn bytes_of_the_gpu_only_rows() {
+    use fusedreg::adamw::{min_bytes_with, MasterWeights, MomentDtype, StateOptions};
+    use fusedreg::{
+        bias_act_dropout as bad, cross_entropy as xe, dropout, dropout_add_norm as dan,
+    };
+    let n = 1 << 20;
+    let per = |b: u64| b as f64 / n as f64;
+    // dropout: read x, write y (read dy, write dx); bf16 4, f32 8.
+    assert_eq!(per(dropout::fused_forward_bytes(Bf16, n, false)), 4.0);
+    assert_eq!(per(dropout::fused_backward_bytes(F32, n, false)), 8.0);
+    // bias_act_dropout: forward 2 s; backward reads dy and x, writes dx: 3 s.
+    assert_eq!(per(bad::fused_forward_bytes(Bf16, n, false)), 4.0);
+    assert_eq!(per(bad::fused_backward_bytes(Bf16, n)), 6.0);
+    assert_eq!(per(bad::fused_backward_bytes(F32, n)), 12.0);
+    // dropout_add_norm prenorm with a residual: 8 + 10 = 18 B per bf16 element.
+    assert_eq!(per(dan::fused_forward_bytes(Bf16, Bf16, n, true)), 8.0);
+    assert_eq!(
+        per(dan::fused_backward_bytes(Bf16, Bf16, n, true, true)),
+        10.0
+    );
+    assert_eq!(per(dan::fused_forward_bytes(F32, F32, n, true)), 16.0);
+    // cross_entropy fwd+bwd: 3 s per logit plus, per row, the i64 target and the f32 row loss.
+    assert_eq!(xe::fused_bytes(Bf16, 8, n, 8, true), 8 * (6 * n + 12));
+    // AdamW lean layouts on bf16 params and grads: bf16 moments with master 20, without 14.
+    let lean = |master| StateOptions {
+        moments: MomentDtype::Bf16,
+        master,
+    };
+    assert_eq!(
+        per(min_bytes_with(n, Bf16, Bf16, lean(MasterWeights::F32))),
+        20.0
+    );
+    assert_eq!(
+        per(min_bytes_with(n, Bf16, Bf16, lean(MasterWeights::None))),
+        14.0
+    );
+}
+
 #[test]
 fn json_round_trips_and_names_its_schema() {
     let mut r = Report::new_cpu(true);

@@ -1,7 +1,9 @@
 //! Rows for the optimizer ops: the global norm, the AdamW step and the clip + AdamW step, each
 //! fused against the unfused PyTorch-foreach / DeepSpeed way, on real parameter lists.
 
-use fusedreg::adamw::{self, cpu, unfused, AdamW, AdamWConfig};
+use fusedreg::adamw::{
+    self, cpu, unfused, AdamW, AdamWConfig, MasterWeights, MomentDtype, Rounding, StateOptions,
+};
 use fusedreg::global_norm::{self, cpu as norm_cpu, GlobalNorm};
 use fusedreg::multi_tensor::TensorSet;
 use fusedreg::{Dtype, Handle, Result};
@@ -19,9 +21,22 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
             if !ctx.quick {
                 list.push(("llama-1b", models::llama_1b()));
             }
-            for (name, shapes) in list {
-                gpu_model::<f32>(ctx, &h, name, "f32", &shapes)?;
-                gpu_model::<bf16>(ctx, &h, name, "bf16+master", &shapes)?;
+            for (name, shapes) in &list {
+                gpu_model::<f32>(ctx, &h, name, "f32", shapes)?;
+                gpu_model::<bf16>(ctx, &h, name, "bf16+master", shapes)?;
+            }
+            // The lean layouts next to the default: bf16 moments with and without f32 master.
+            let gpt2 = &list[0].1;
+            let m16 = MomentDtype::Bf16;
+            for (label, master) in [
+                ("bf16 m,v bf16+master", MasterWeights::F32),
+                ("bf16 m,v bf16 no master", MasterWeights::None),
+            ] {
+                let state = StateOptions {
+                    moments: m16,
+                    master,
+                };
+                gpu_lean(ctx, &h, &format!("gpt2-124m {label}"), gpt2, state)?;
             }
             // Host time per step does not grow with the tensor count: one launch either way.
             let tiny: Vec<ParamShape> = (0..10_000)
@@ -111,6 +126,57 @@ fn gpu_model<T: Dtype>(
                 )),
         );
     }
+    Ok(())
+}
+
+/// One `adamw` row with a lean state layout on bf16 parameters and gradients, fused against the
+/// per-tensor launches of the same layout.
+fn gpu_lean(
+    ctx: &mut Ctx,
+    h: &Handle,
+    case: &str,
+    shapes: &[ParamShape],
+    state: StateOptions,
+) -> Result<()> {
+    if !ctx.wants("adamw", case) {
+        return Ok(());
+    }
+    ctx.progress("optimizer", case);
+    let params: u64 = shapes.iter().map(|s| s.elements as u64).sum();
+    let kind = fusedreg::DtypeKind::Bf16;
+    let mut set = gpu_set::<bf16>(h, shapes)?;
+    let wds: Vec<f32> = shapes.iter().map(|s| s.weight_decay).collect();
+    // Without master weights the parameter update is rounded stochastically (llm.c's scheme,
+    // the module's advice): the row includes its Philox work.
+    let no_master = state.master == MasterWeights::None;
+    let cfg = AdamWConfig {
+        state,
+        rounding: if no_master {
+            Rounding::Stochastic { seed: 42 }
+        } else {
+            Rounding::NearestEven
+        },
+        ..AdamWConfig::default()
+    };
+    let opt = AdamW::new(&set, cfg, &wds)?;
+    let bytes = adamw::min_bytes_with(params, kind, kind, state) as f64;
+    let plan = ctx.plan;
+    let fused = Measurement::gpu(h, plan, bytes, || opt.step(&mut set, None))?;
+    let base = Measurement::gpu(h, plan, bytes, || unfused::step(&opt, &mut set).map(|_| ()))?;
+    ctx.push(
+        Row::new("adamw", case, params, fused)
+            .with_unfused(base)
+            .note(format!(
+                "{} tensors; {} B/param{}; unfused: one launch per tensor",
+                shapes.len(),
+                bytes / params as f64,
+                if no_master {
+                    ", stochastic rounding"
+                } else {
+                    ""
+                }
+            )),
+    );
     Ok(())
 }
 

@@ -1,0 +1,103 @@
+//! Rows for the FFN site `y = dropout(act(x + bias))`, forward and backward with dbias, against
+//! the PyTorch-eager way (bias add keeping h, activation, dropout writing a byte mask; masked
+//! scale, activation gradient, a separate column sum).
+//!
+//! The fused backward recomputes `h = x + bias` from the forward's input ([`Preact::X`]), so the
+//! fused forward stores nothing for it. Both variants of a row are divided by the fused op's
+//! minimal bytes. GPU rows only.
+
+use fusedreg::bias_act_dropout::{self as bad, unfused, Activation, Config, Preact};
+use fusedreg::{Dtype, Handle, Result};
+use fusedreg_tools::report::{Measurement, Row};
+use fusedreg_tools::timing::filled;
+use half::bf16;
+
+use crate::Ctx;
+
+const P: f64 = 0.1;
+const ROWS: usize = 16_384;
+const COLS: usize = 4096;
+
+pub fn run(ctx: &mut Ctx) -> Result<()> {
+    let Some(h) = ctx.handle.clone() else {
+        return Ok(());
+    };
+    for act in [Activation::GeluTanh, Activation::Relu] {
+        shape::<bf16>(ctx, &h, act)?;
+        if !ctx.quick {
+            shape::<f32>(ctx, &h, act)?;
+        }
+    }
+    Ok(())
+}
+
+fn shape<T: Dtype>(ctx: &mut Ctx, h: &Handle, act: Activation) -> Result<()> {
+    let name = match act {
+        Activation::GeluTanh => "gelu-tanh",
+        Activation::GeluErf => "gelu-erf",
+        Activation::Silu => "silu",
+        Activation::Relu => "relu",
+    };
+    let case = format!("{} [{ROWS},{COLS}] bias {name}", T::KIND.name());
+    let (fwd, bwd) = ("bias_act_dropout fwd", "bias_act_dropout bwd");
+    if !ctx.wants(fwd, &case) && !ctx.wants(bwd, &case) {
+        return Ok(());
+    }
+    let n = ROWS * COLS;
+    let kind = T::KIND;
+    // x, y, dy, dx, the baseline's h and temporary, and its byte mask.
+    if !super::fits(h, n * (6 * kind.size() + 1), &case) {
+        return Ok(());
+    }
+    ctx.progress("bias_act_dropout", &case);
+    let cfg = Config::new(ROWS, COLS, act, P, 42, 7)?;
+    let x = filled::<T>(h, n, 0x3c)?;
+    let dy = filled::<T>(h, n, 0x3d)?;
+    let b = filled::<T>(h, COLS, 0x3a)?;
+    let mut y = filled::<T>(h, n, 0)?;
+    let mut dx = filled::<T>(h, n, 0)?;
+    let mut pre = filled::<T>(h, n, 0)?;
+    let mut m8 = filled::<u8>(h, n, 1)?;
+    let mut dbias = filled::<T>(h, COLS, 0)?;
+    let plan = ctx.plan;
+    let nn = n as u64;
+
+    if ctx.wants(fwd, &case) {
+        let bytes = bad::fused_forward_bytes(kind, nn, false) as f64;
+        let fused = Measurement::gpu(h, plan, bytes, || {
+            bad::forward(h, &cfg, &x, Some(b.as_view()), &mut y, None)
+        })?;
+        let unf = Measurement::gpu(h, plan, bytes, || {
+            unfused::forward(h, &cfg, &x, &b, &mut y, &mut m8, &mut pre)
+        })?;
+        ctx.push(
+            Row::new(fwd, &case, nn, fused)
+                .with_unfused(unf)
+                .held(0, nn * (kind.size() as u64 + 1))
+                .note(format!(
+                    "p={P}; backward recomputes x + bias and the mask (unfused keeps h and a 1-byte mask)"
+                )),
+        );
+    }
+    if ctx.wants(bwd, &case) {
+        // The baseline's backward reads the h and mask its forward wrote.
+        unfused::forward(h, &cfg, &x, &b, &mut y, &mut m8, &mut pre)?;
+        let bytes = bad::fused_backward_bytes(kind, nn) as f64;
+        let fused = Measurement::gpu(h, plan, bytes, || {
+            let pre = Preact::X {
+                x: x.as_view(),
+                bias: Some(b.as_view()),
+            };
+            bad::backward(h, &cfg, &dy, pre, &mut dx, Some(dbias.as_view_mut()))
+        })?;
+        let unf = Measurement::gpu(h, plan, bytes, || {
+            unfused::backward(h, &cfg, &dy, &m8, &pre, &mut dx, Some(dbias.as_view_mut()))
+        })?;
+        ctx.push(
+            Row::new(bwd, &case, nn, fused)
+                .with_unfused(unf)
+                .note("with dbias (deterministic two-stage); h recomputed from x"),
+        );
+    }
+    Ok(())
+}
