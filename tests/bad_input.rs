@@ -28,6 +28,23 @@
 //!   StateHeader::{total, encoded_len}}`, `multi_tensor::Layout::{new, chunks, num_chunks}`,
 //!   `min_bytes`, `clip_step_min_bytes`, `unfused_clip_step_min_bytes`.
 //! * `Dtype` conversions of non-finite values (`from_f32_rn` keeps NaN and infinities).
+//!
+//! The ops added with the redesign walk their own entry points with the same classes (bad and
+//! non-finite scalars, length mismatches, overflowing shapes, empty inputs, views at element 1)
+//! in their own suites, next to their references:
+//!
+//! * `dropout`, `dropout_keying`: `tests/dropout.rs::bad_input_is_an_error`,
+//!   `tests/gpu/dropout.rs::bad_input_is_an_error` (`Config::{new, with_resolution}`,
+//!   `DropPath`, `cpu::{forward, backward}`, the GPU `forward`/`backward`, the unfused baseline).
+//! * `bias_act_dropout`: `tests/bias_act_dropout.rs::bad_input_is_an_error` and its GPU twin.
+//! * `dropout_add_norm`: `tests/dropout_add_norm.rs::bad_input_is_an_error` (shapes, eps <= 0
+//!   or non-finite, non-finite layer scale, stream dtype, row scale with drop path) and its GPU
+//!   twin.
+//! * `cross_entropy`: `tests/cross_entropy.rs::bad_input_is_an_error` (alpha and z-loss out of
+//!   range, shape mismatches, upstream with mean, out-of-range targets: nothing written) and its
+//!   GPU twin (out-of-range targets raise the device flag).
+//! * `candle` (feature `candle`): `tests/candle.rs::bad_input_is_an_error`.
+//! * `fmath`: total over f32 (NaN, infinities, subnormals), `tests/fmath.rs`.
 
 use fusedreg::dropout_residual::{self as dr, cpu, Config, DropPath};
 use fusedreg::philox::{block, mask_word, philox4x32_10, DropRate};
