@@ -145,6 +145,35 @@ fn shape<T: Dtype>(ctx: &mut Ctx, h: &Handle, rows: usize, cols: usize, bias: bo
                     "no dbias"
                 }),
         );
+        if bias && kind == fusedreg::DtypeKind::Bf16 {
+            // The backward that reads the 1-bit mask written by the forward instead of
+            // regenerating it: n/8 more bytes, no Philox work.
+            let mut mask = filled::<u32>(h, cfg.mask_words(), 0)?;
+            let opts = ForwardOptions {
+                bias: Some(b.as_view()),
+                mask_out: Some(mask.as_view_mut()),
+                ..Default::default()
+            };
+            dr::forward(h, &cfg, &x, &r, &mut y, opts)?;
+            let bytes_bm = dr::fused_backward_bytes(kind, nn, true) as f64;
+            let fused = Measurement::gpu(h, plan, bytes_bm, || {
+                let opts = BackwardOptions {
+                    mask: Some(mask.as_view()),
+                    dbias: Some(dbias.as_view_mut()),
+                    workspace: Some(&mut ws),
+                    ..Default::default()
+                };
+                dr::backward(h, &cfg, &dy, &mut dx, opts)
+            })?;
+            let unf = Measurement::gpu(h, plan, bytes_bm, || {
+                base.backward(&cfg, &dy, &m8, &mut dx, Some(dbias.as_view_mut()))
+            })?;
+            ctx.push(
+                Row::new(bwd, &format!("{case} +bitmask"), nn, fused)
+                    .with_unfused(unf)
+                    .note("reads the forward's 1-bit mask (no Philox); with dbias"),
+            );
+        }
     }
     Ok(())
 }
