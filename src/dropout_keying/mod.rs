@@ -294,6 +294,11 @@ pub enum MaskResolution {
     #[default]
     Bits32,
     /// One 16-bit halfword per element, 8 elements per Philox block (`p` quantised to `2^-16`).
+    ///
+    /// The scale stays `1 / (1 - p)` of the nominal `p`, so the output's expectation is off by
+    /// the quantisation: at most `2^-17 / (1 - p)` relative. A `p` below `2^-17` rounds to
+    /// dropping nothing while every element is still scaled; check [`DropRate::effective_p_at`]
+    /// (or use `Bits32`) for such rates.
     Bits16,
 }
 
