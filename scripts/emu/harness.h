@@ -48,3 +48,25 @@ static float uniform(std::mt19937_64& g, float lo, float hi) {
 }
 
 #include KFILE
+#include "common/dtype.cuh"
+
+// Random element bits of T: mostly moderate finite values, some zeros, infinities and NaNs (with
+// random signs and payloads) when `specials`. Shared by the dropout case files.
+template <class T> static void fill_bits(std::vector<uint8_t>& v, size_t n, std::mt19937_64& g, bool specials) {
+    v.resize(n * sizeof(T));
+    for (size_t i = 0; i < n; ++i) {
+        float f = uniform(g, -4.f, 4.f);
+        if (specials) {
+            const unsigned r = g() % 97;
+            if (r == 0) f = INFINITY; else if (r == 1) f = -INFINITY; else if (r == 2) f = NAN; else if (r == 3) f = -0.f;
+        }
+        uint32_t b = fusedreg::f32_to_bits<T>(f);
+        if (specials && g() % 89 == 0) {  // a NaN with a random sign and payload
+            const uint32_t r = (uint32_t)g();
+            if constexpr (sizeof(T) == 4) b = 0x7f800000u | (r & 0x807fffffu) | 1u;
+            else if constexpr (std::is_same_v<T, __half>) b = 0x7c00u | (r & 0x83ffu) | 1u;
+            else b = 0x7f80u | (r & 0x807fu) | 1u;
+        }
+        memcpy(v.data() + i * sizeof(T), &b, sizeof(T));
+    }
+}

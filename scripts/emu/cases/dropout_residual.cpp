@@ -16,26 +16,6 @@ template <class T> struct K;
     };
 KS(float, f32) KS(__half, f16) KS(__nv_bfloat16, bf16)
 
-// Random element bits: mostly moderate finite values, some zeros, infinities and NaNs.
-template <class T> static void fill(std::vector<uint8_t>& v, size_t n, std::mt19937_64& g, bool specials) {
-    v.resize(n * sizeof(T));
-    for (size_t i = 0; i < n; ++i) {
-        float f = uniform(g, -4.f, 4.f);
-        if (specials) {
-            const unsigned r = g() % 97;
-            if (r == 0) f = INFINITY; else if (r == 1) f = -INFINITY; else if (r == 2) f = NAN; else if (r == 3) f = -0.f;
-        }
-        uint32_t b = f32_to_bits<T>(f);
-        if (specials && g() % 89 == 0) {  // a NaN with a random sign and payload
-            const uint32_t r = (uint32_t)g();
-            if constexpr (sizeof(T) == 4) b = 0x7f800000u | (r & 0x807fffffu) | 1u;
-            else if constexpr (std::is_same_v<T, __half>) b = 0x7c00u | (r & 0x83ffu) | 1u;
-            else b = 0x7f80u | (r & 0x807fu) | 1u;
-        }
-        memcpy(v.data() + i * sizeof(T), &b, sizeof(T));
-    }
-}
-
 struct Case {
     uint64_t rows, cols, base;
     bool vec, unroll, bias, mask, in_place, dbias;
@@ -49,10 +29,10 @@ template <class T> static void run(const Case& c, uint64_t seed) {
     const uint64_t n = c.rows * c.cols;
     std::mt19937_64 g(seed);
     std::vector<uint8_t> x, r, b, dy;
-    fill<T>(x, n, g, true);
-    fill<T>(r, n, g, true);
-    fill<T>(b, c.cols, g, false);
-    fill<T>(dy, n, g, true);
+    fill_bits<T>(x, n, g, true);
+    fill_bits<T>(r, n, g, true);
+    fill_bits<T>(b, c.cols, g, false);
+    fill_bits<T>(dy, n, g, true);
     std::vector<float> rsv(c.rows);
     for (auto& f : rsv) {
         const unsigned k = g() % 13;
