@@ -50,15 +50,26 @@ constexpr uint32_t FLAG_NORM_ONLY = 16u; // forward: s is an input (the unfused 
 constexpr uint32_t FLAG_SMEM = 32u;      // use dynamic shared memory (forward: the row; backward:
                                          // the slab partials)
 
-// Dynamic shared memory, when FLAG_SMEM: the forward keeps its row of s (cols f32) there for the
-// passes after the first, the backward its 3 * cols f32 slab partials. Each thread touches only
-// its own columns, so no synchronisation is needed. (Under host emulation, a static array of the
-// emulator's largest case.)
+// Dynamic shared memory, when FLAG_SMEM: the forward keeps its row of s there for the passes
+// after the first, the backward its three arrays of slab partials (dgamma, dbeta, dbias). Each
+// array has 8 * groups floats (cols rounded up to a multiple of 8) and is stored transposed:
+// element k of group gi lives at smem_index(k, gi, groups) = k * groups + gi. The threads of a
+// warp own consecutive groups, so for a fixed k they touch consecutive words: no bank conflicts.
+// (Stored in column order, c0 + k, the 32 lanes would hit 4 banks 8 ways deep: the 8-way
+// conflicts cost more shared-memory cycles than the op moves bytes.) Each thread touches only its
+// own groups, so no synchronisation is needed. The layout moves values, never the order of any
+// addition: the bits are the same with or without shared memory. (Under host emulation, a static
+// array of the emulator's largest case.)
 #ifdef __CUDACC__
 extern __shared__ float dyn_smem[];
 #else
 static float dyn_smem[3 * 4096];
 #endif
+
+// Where element k of group gi sits in one shared-memory array (see above).
+__device__ __forceinline__ uint64_t smem_index(int k, uint64_t gi, uint64_t groups) {
+    return (uint64_t)k * groups + gi;
+}
 
 // Eight elements of T starting at p (cnt <= 8 of them valid; the rest read as 0).
 template <typename T>
@@ -203,14 +214,14 @@ template <typename T> struct ColsumParams {
     uint64_t cols, slabs;
 };
 
-// The stream values v = f32(s) of one group: from the row cached in shared memory, or re-read
-// from global memory (the s this thread itself wrote in pass 1).
+// The stream values v = f32(s) of group gi (first column c0): from the row cached in shared
+// memory, or re-read from global memory (the s this thread itself wrote in pass 1).
 template <typename S>
-__device__ __forceinline__ void group_values(const S* s, uint64_t c0, int cnt, bool vec, bool cached,
-                                             float (&v)[GROUP]) {
+__device__ __forceinline__ void group_values(const S* s, uint64_t gi, uint64_t groups, uint64_t c0, int cnt,
+                                             bool vec, bool cached, float (&v)[GROUP]) {
     if (cached) {
 #pragma unroll
-        for (int k = 0; k < GROUP; ++k) v[k] = k < cnt ? dyn_smem[c0 + k] : 0.f;
+        for (int k = 0; k < GROUP; ++k) v[k] = k < cnt ? dyn_smem[smem_index(k, gi, groups)] : 0.f;
     } else {
         S sv[GROUP];
         load8(s + c0, cnt, vec, sv);
@@ -266,7 +277,7 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             for (int k = 0; k < GROUP; ++k) {
                 if (k < cnt) {
                     const float v = to_f32(sv[k]);
-                    if (cached) dyn_smem[c0 + k] = v;
+                    if (cached) dyn_smem[smem_index(k, g, groups)] = v;
                     acc[0] = __fadd_rn(acc[0], rms ? __fmul_rn(v, v) : v);
                 }
             }
@@ -285,7 +296,7 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
                 const uint64_t c0 = g * GROUP;
                 const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
                 float v[GROUP];
-                group_values(p.s + base, c0, cnt, vec, cached, v);
+                group_values(p.s + base, g, groups, c0, cnt, vec, cached, v);
 #pragma unroll
                 for (int k = 0; k < GROUP; ++k) {
                     if (k < cnt) {
@@ -308,7 +319,7 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
             float v[GROUP];
             T gv[GROUP], bv[GROUP], ov[GROUP];
-            group_values(p.s + base, c0, cnt, vec, cached, v);
+            group_values(p.s + base, g, groups, c0, cnt, vec, cached, v);
             load8(p.gamma + c0, cnt, vec, gv);
             if (has_beta) load8(p.beta + c0, cnt, vec, bv);
 #pragma unroll
@@ -340,9 +351,11 @@ __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
     float* glob_b = p.partials + (1 * p.slabs + slab) * p.cols;
     float* glob_t = p.partials + (2 * p.slabs + slab) * p.cols;
     const bool smem = p.flags & FLAG_SMEM;
+    // Partial of column c0 + k of group gi: transposed in shared memory, in column order in global.
     float* part_g = smem ? dyn_smem : glob_g;
-    float* part_b = smem ? dyn_smem + p.cols : glob_b;
-    float* part_t = smem ? dyn_smem + 2 * p.cols : glob_t;
+    float* part_b = smem ? dyn_smem + GROUP * groups : glob_b;
+    float* part_t = smem ? dyn_smem + 2 * GROUP * groups : glob_t;
+    auto at = [&](int k, uint64_t gi) { return smem ? smem_index(k, gi, groups) : gi * GROUP + (uint64_t)k; };
     for (uint64_t row = row0; row < row1; ++row) {
         const bool first = row == row0;  // the slab's partials start from +0
         const float rowm = row_multiplier(p, row);
@@ -368,7 +381,7 @@ __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
                     const float w = __fmul_rn(g, to_f32(gv[k]));
                     acc[0] = __fadd_rn(acc[0], __fmul_rn(xh, w));
                     acc[1] = __fadd_rn(acc[1], w);
-                    const uint64_t c = c0 + k;
+                    const uint64_t c = at(k, gi);
                     part_g[c] = __fadd_rn(first ? 0.f : part_g[c], __fmul_rn(g, xh));
                     part_b[c] = __fadd_rn(first ? 0.f : part_b[c], g);
                 }
@@ -402,7 +415,7 @@ __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
                 const float dt = m != 0.f ? __fmul_rn(ds, m) : 0.f;
                 dxv[k] = from_f32<T>(dt);
                 if (k < cnt) {
-                    const uint64_t c = c0 + k;
+                    const uint64_t c = at(k, gi);
                     part_t[c] = __fadd_rn(first ? 0.f : part_t[c], dt);
                 }
             }
@@ -416,9 +429,10 @@ __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
             const uint64_t c0 = gi * GROUP;
             const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
             for (int k = 0; k < cnt; ++k) {
-                glob_g[c0 + k] = part_g[c0 + k];
-                glob_b[c0 + k] = part_b[c0 + k];
-                glob_t[c0 + k] = part_t[c0 + k];
+                const uint64_t c = smem_index(k, gi, groups);
+                glob_g[c0 + k] = part_g[c];
+                glob_b[c0 + k] = part_b[c];
+                glob_t[c0 + k] = part_t[c];
             }
         }
     }

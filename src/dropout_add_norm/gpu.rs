@@ -385,14 +385,15 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     handle.launch(fwd, (grid, 1, 1), (block, 1, 1), smem, &p)
 }
 
-/// Dynamic shared memory for a kernel's optional cache (`per_col` bytes per column: the
-/// forward's row of f32 values, the backward's 3 f32 slab partials), or 0 to do without it (the
+/// Dynamic shared memory for a kernel's optional cache (`per_col` bytes per column of the row
+/// rounded up to whole groups of 8, as the kernels lay it out transposed: the forward's row of
+/// f32 values, the backward's 3 f32 slab partials), or 0 to do without it (the
 /// same bits): when it does not fit the device's per-block limit, or raising the kernel's limit
 /// above 48 KiB fails. The kernel's limit is raised to the device's maximum, never lowered, so
 /// concurrent callers cannot undercut each other.
 fn smem_bytes(handle: &Handle, kernel: Kernel, cols: usize, per_col: usize) -> u32 {
     use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-    let Some(bytes) = cols.checked_mul(per_col) else {
+    let Some(bytes) = cols.div_ceil(GROUP).checked_mul(GROUP * per_col) else {
         return 0;
     };
     if bytes + STATIC_SMEM <= DEFAULT_SMEM {
