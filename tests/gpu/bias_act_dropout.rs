@@ -7,13 +7,12 @@
 //! each side that must survive.
 #![allow(clippy::needless_range_loop)]
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use fusedreg::bias_act_dropout::{self as bad, cpu, unfused, Activation, Config, Preact};
 use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
-use std::sync::Arc;
 
+use crate::buffers::{download, e2s, poison, upload, R};
 use crate::common::{bits_eq, rng, uniform};
 use crate::harness::trials_of;
 
@@ -41,48 +40,6 @@ pub fn trials() -> Vec<Trial> {
             ("bad_input_is_an_error", bad_input_is_an_error),
         ],
     )
-}
-
-type R<T> = Result<T, String>;
-
-fn e2s<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
-}
-
-fn poison<T: Dtype>() -> T {
-    T::from_f32_rn(f32::NAN)
-}
-
-/// A device buffer `[sentinel; off] ++ data ++ [sentinel]`.
-fn upload<T: DeviceRepr + Copy>(
-    s: &Arc<CudaStream>,
-    data: &[T],
-    off: usize,
-    sentinel: T,
-) -> R<CudaSlice<T>> {
-    let mut v = vec![sentinel; off];
-    v.extend_from_slice(data);
-    v.push(sentinel);
-    s.clone_htod(&v).map_err(e2s)
-}
-
-/// Reads back the view `off .. off + n` and checks the sentinels around it.
-fn download<T: Dtype>(
-    s: &Arc<CudaStream>,
-    buf: &CudaSlice<T>,
-    off: usize,
-    sentinel: T,
-    what: &str,
-) -> R<Vec<T>> {
-    let all = s.clone_dtoh(buf).map_err(e2s)?;
-    let n = all.len() - off - 1;
-    let sb = sentinel.to_f32().to_bits();
-    for (i, v) in all[..off].iter().chain(&all[off + n..]).enumerate() {
-        if v.to_f32().to_bits() != sb {
-            return Err(format!("{what}: sentinel {i} overwritten"));
-        }
-    }
-    Ok(all[off..off + n].to_vec())
 }
 
 /// Bit-for-bit, except that any NaN equals any NaN (the GPU's NaN payloads are canonical, the

@@ -6,7 +6,6 @@
 //! Gradient buffers are poisoned before the kernel runs, and views have a sentinel element on
 //! each side that must survive.
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use fusedreg::cross_entropy::{
     self as xe, cpu, unfused, Config, Outputs, Reduction, TargetIndex, Workspace,
 };
@@ -14,8 +13,8 @@ use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 use rand::Rng;
-use std::sync::Arc;
 
+use crate::buffers::{download, e2s, upload, R};
 use crate::common::{bits_eq, rng};
 use crate::harness::trials_of;
 
@@ -49,15 +48,9 @@ pub fn trials() -> Vec<Trial> {
     )
 }
 
-type R<T> = Result<T, String>;
-
 /// A target type the tests can build from i64.
 trait Ti: TargetIndex + TryFrom<i64, Error: std::fmt::Debug> {}
 impl<I: TargetIndex + TryFrom<i64, Error: std::fmt::Debug>> Ti for I {}
-
-fn e2s<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Grad {
@@ -144,39 +137,6 @@ fn targets<I: Ti>(seed: u64, rows: usize, vocab: usize, ignored: u32) -> Vec<I> 
             I::try_from(v).unwrap()
         })
         .collect()
-}
-
-/// A device buffer `[sentinel; off] ++ data ++ [sentinel]`.
-fn upload<T: DeviceRepr + Copy>(
-    s: &Arc<CudaStream>,
-    data: &[T],
-    off: usize,
-    sentinel: T,
-) -> R<CudaSlice<T>> {
-    let mut v = vec![sentinel; off];
-    v.extend_from_slice(data);
-    v.push(sentinel);
-    s.clone_htod(&v).map_err(e2s)
-}
-
-/// Reads back the view `off .. off + n` and checks the sentinels around it.
-fn download<T: DeviceRepr + Copy + bytemuck::Pod + Default>(
-    s: &Arc<CudaStream>,
-    buf: &CudaSlice<T>,
-    off: usize,
-    sentinel: T,
-    what: &str,
-) -> R<Vec<T>> {
-    let all = s.clone_dtoh(buf).map_err(e2s)?;
-    let n = all.len() - off - 1;
-    for (i, v) in all[..off].iter().chain(&all[off + n..]).enumerate() {
-        if bytemuck::bytes_of(v) != bytemuck::bytes_of(&sentinel) {
-            return Err(format!(
-                "{what}: sentinel {i} around the view was overwritten"
-            ));
-        }
-    }
-    Ok(all[off..off + n].to_vec())
 }
 
 struct Got<T> {

@@ -8,7 +8,6 @@
 // Element-wise comparisons read best with explicit indices.
 #![allow(clippy::needless_range_loop)]
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use fusedreg::dropout::{
     self as dr, cpu, unfused, BackwardOptions, Config, DropPath, ForwardOptions, LaunchTuning,
     MaskResolution, Workspace,
@@ -16,8 +15,8 @@ use fusedreg::dropout::{
 use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
-use std::sync::Arc;
 
+use crate::buffers::{download, e2s, poison, upload, R};
 use crate::common::{bits_eq, rng, uniform};
 use crate::harness::trials_of;
 
@@ -50,12 +49,6 @@ pub fn trials() -> Vec<Trial> {
             ("bad_input_is_an_error", bad_input_is_an_error),
         ],
     )
-}
-
-type R<T> = Result<T, String>;
-
-fn e2s<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
 }
 
 /// Where the row scale comes from.
@@ -137,43 +130,6 @@ fn data<T: Dtype>(c: &Case, seed: u64) -> Data<T> {
         }),
         dy: uniform(&mut g, n, -1.0, 1.0),
     }
-}
-
-fn poison<T: Dtype>() -> T {
-    T::from_f32_rn(f32::NAN)
-}
-
-/// A device buffer `[sentinel; off] ++ data ++ [sentinel]`.
-fn upload<T: DeviceRepr + Copy>(
-    s: &Arc<CudaStream>,
-    data: &[T],
-    off: usize,
-    sentinel: T,
-) -> R<CudaSlice<T>> {
-    let mut v = vec![sentinel; off];
-    v.extend_from_slice(data);
-    v.push(sentinel);
-    s.clone_htod(&v).map_err(e2s)
-}
-
-/// Reads back the view `off .. off + n` and checks the sentinels around it.
-fn download<T: Dtype>(
-    s: &Arc<CudaStream>,
-    buf: &CudaSlice<T>,
-    off: usize,
-    sentinel: T,
-    what: &str,
-) -> R<Vec<T>> {
-    let all = s.clone_dtoh(buf).map_err(e2s)?;
-    let n = all.len() - off - 1;
-    for (i, v) in all[..off].iter().chain(&all[off + n..]).enumerate() {
-        if bytemuck::bytes_of(v) != bytemuck::bytes_of(&sentinel) {
-            return Err(format!(
-                "{what}: sentinel {i} around the view was overwritten"
-            ));
-        }
-    }
-    Ok(all[off..off + n].to_vec())
 }
 
 struct FwdOut<T> {

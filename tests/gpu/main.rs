@@ -7,6 +7,7 @@
 mod adamw;
 mod bad_input;
 mod bias_act_dropout;
+mod buffers;
 #[cfg(feature = "candle-cuda")]
 mod candle;
 #[path = "../common/mod.rs"]
