@@ -165,6 +165,23 @@ impl CpuMlp {
         &self.tensors
     }
 
+    /// Batch `batch`'s inputs and targets (None past the last batch), for references that
+    /// recompute the model.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let cfg = MlpConfig { blocks: 2, ..MlpConfig::cpu() };
+    /// let t = Trainer::cpu(cfg.clone()).unwrap();
+    /// let (x, y) = t.model.data(0).unwrap();
+    /// assert_eq!((x.len(), y.len()), (cfg.tokens * cfg.hidden, cfg.tokens * cfg.hidden));
+    /// assert!(t.model.data(cfg.batches).is_none());
+    /// ```
+    pub fn data(&self, batch: usize) -> Option<(&[f32], &[f32])> {
+        Some((self.inputs.get(batch)?, self.targets.get(batch)?))
+    }
+
     /// The parameters of optimizer tensor `i`, to change (gradient checks perturb them).
     ///
     /// # Examples
