@@ -221,7 +221,10 @@ fn prenorm(handle: Option<&Handle>, norm: Norm, a: &Args) -> Result<()> {
     }
     let (on, off) = (curves[0].last(), curves[1].last());
     if let (Some((_, on)), Some((_, off))) = (on, off) {
-        println!("final loss: LayerNorm Scaling on {on:.5}, off {off:.5} (on / off = {:.3})", on / off);
+        println!(
+            "final loss: LayerNorm Scaling on {on:.5}, off {off:.5} (on / off = {:.3})",
+            on / off
+        );
     }
     Ok(())
 }

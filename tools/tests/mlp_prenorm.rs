@@ -49,7 +49,14 @@ fn gelu(u: f64) -> f64 {
 /// parameters `p` (6 tensors per block). The dropout call of the add of a block's output is the
 /// trainer's id of the block whose entry adds it, `(step << 16) | l`, or `(step << 16) | blocks`
 /// for the exit.
-fn reference_loss(cfg: &MlpConfig, x: &[f32], y: &[f32], p: &[Vec<f64>], plan: &Plan, step: u64) -> f64 {
+fn reference_loss(
+    cfg: &MlpConfig,
+    x: &[f32],
+    y: &[f32],
+    p: &[Vec<f64>],
+    plan: &Plan,
+    step: u64,
+) -> f64 {
     let (hd, pn) = (cfg.hidden, cfg.prenorm.unwrap());
     let rows = x.len() / hd;
     let rates = StochasticDepth::new(cfg.depth.clone().unwrap(), cfg.blocks, 0, Mode::Batch)
@@ -69,7 +76,11 @@ fn reference_loss(cfg: &MlpConfig, x: &[f32], y: &[f32], p: &[Vec<f64>], plan: &
     };
     let linear = |v: &[f64], w: &[f64]| -> Vec<f64> {
         (0..rows * hd)
-            .map(|i| (0..hd).map(|c| v[i / hd * hd + c] * w[i % hd * hd + c]).sum())
+            .map(|i| {
+                (0..hd)
+                    .map(|c| v[i / hd * hd + c] * w[i % hd * hd + c])
+                    .sum()
+            })
             .collect()
     };
     let mut s: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
@@ -78,7 +89,11 @@ fn reference_loss(cfg: &MlpConfig, x: &[f32], y: &[f32], p: &[Vec<f64>], plan: &
         if let Some((o, j)) = pending.take() {
             add(&mut s, &o, j, (step << 16) | l as u64);
         }
-        let lns = if pn.layer_norm_scaling { 1.0 / ((l + 1) as f64).sqrt() } else { 1.0 };
+        let lns = if pn.layer_norm_scaling {
+            1.0 / ((l + 1) as f64).sqrt()
+        } else {
+            1.0
+        };
         let mut n = vec![0.0; s.len()];
         for r in 0..rows {
             let row = &s[r * hd..(r + 1) * hd];
@@ -102,11 +117,18 @@ fn reference_loss(cfg: &MlpConfig, x: &[f32], y: &[f32], p: &[Vec<f64>], plan: &
     if let Some((o, j)) = pending {
         add(&mut s, &o, j, (step << 16) | cfg.blocks as u64);
     }
-    s.iter().zip(y).map(|(a, &b)| (a - f64::from(b)).powi(2)).sum::<f64>() / s.len() as f64
+    s.iter()
+        .zip(y)
+        .map(|(a, &b)| (a - f64::from(b)).powi(2))
+        .sum::<f64>()
+        / s.len() as f64
 }
 
 fn params_f64(m: &CpuMlp) -> Vec<Vec<f64>> {
-    m.tensors().iter().map(|t| t.param.iter().map(|&v| f64::from(v)).collect()).collect()
+    m.tensors()
+        .iter()
+        .map(|t| t.param.iter().map(|&v| f64::from(v)).collect())
+        .collect()
 }
 
 /// The model's forward is the model of the docs: its loss matches the f64 recomputation, with
@@ -167,7 +189,10 @@ fn prenorm_gradients_match_finite_differences() {
                 let block = i / 6;
                 let grad = &t.model.tensors()[i].grad;
                 if !plan.runs(block) {
-                    assert!(fd.iter().all(|&v| v == 0.0), "dropped block {block} moved the loss");
+                    assert!(
+                        fd.iter().all(|&v| v == 0.0),
+                        "dropped block {block} moved the loss"
+                    );
                     continue;
                 }
                 for (e, (&g, &f)) in grad.iter().zip(fd).enumerate() {
@@ -199,7 +224,10 @@ fn prenorm_training_reduces_the_loss() {
             for _ in 0..99 {
                 last = t.step(true).unwrap();
             }
-            assert!(last.is_finite() && last < 0.3 * first, "{norm:?} {scaling}: loss {first} -> {last}");
+            assert!(
+                last.is_finite() && last < 0.3 * first,
+                "{norm:?} {scaling}: loss {first} -> {last}"
+            );
         }
     }
 }
@@ -210,7 +238,10 @@ fn prenorm_training_reduces_the_loss() {
 fn layer_norm_scaling_changes_only_deeper_blocks() {
     for norm in NORMS {
         let run = |blocks: usize, scaling: bool| {
-            let cfg = MlpConfig { blocks, ..tiny(norm, scaling) };
+            let cfg = MlpConfig {
+                blocks,
+                ..tiny(norm, scaling)
+            };
             let mut t = Trainer::cpu(cfg).unwrap();
             let losses: Vec<u64> = (0..5).map(|_| t.step(true).unwrap().to_bits()).collect();
             (losses, params_f64(&t.model))
@@ -225,7 +256,10 @@ fn layer_norm_scaling_changes_only_deeper_blocks() {
 /// gamma and beta train.
 #[test]
 fn dropped_blocks_keep_gamma_and_beta() {
-    let cfg = MlpConfig { dropped: DroppedParams::Skip, ..tiny(Norm::LayerNorm, true) };
+    let cfg = MlpConfig {
+        dropped: DroppedParams::Skip,
+        ..tiny(Norm::LayerNorm, true)
+    };
     let mut t = Trainer::cpu(cfg.clone()).unwrap();
     let (step, plan) = gappy_plan();
     let before = params_f64(&t.model);
@@ -239,25 +273,51 @@ fn dropped_blocks_keep_gamma_and_beta() {
 #[test]
 fn bad_prenorm_configurations_and_calls_are_errors() {
     for eps in [0.0, -1.0, f32::NAN, f32::INFINITY] {
-        let p = PreNorm { eps, ..PreNorm::new(Norm::LayerNorm, true) };
-        assert!(Trainer::cpu(MlpConfig { prenorm: Some(p), ..tiny(Norm::LayerNorm, true) }).is_err(), "eps {eps}");
+        let p = PreNorm {
+            eps,
+            ..PreNorm::new(Norm::LayerNorm, true)
+        };
+        assert!(
+            Trainer::cpu(MlpConfig {
+                prenorm: Some(p),
+                ..tiny(Norm::LayerNorm, true)
+            })
+            .is_err(),
+            "eps {eps}"
+        );
     }
-    assert!(Trainer::cpu(MlpConfig { hidden: 0, ..tiny(Norm::RmsNorm, false) }).is_err());
-    let cfg = MlpConfig { depth: None, ..tiny(Norm::LayerNorm, true) };
+    assert!(Trainer::cpu(MlpConfig {
+        hidden: 0,
+        ..tiny(Norm::RmsNorm, false)
+    })
+    .is_err());
+    let cfg = MlpConfig {
+        depth: None,
+        ..tiny(Norm::LayerNorm, true)
+    };
     let mut t = Trainer::cpu(cfg).unwrap();
     let m = &mut t.model;
     m.begin(0).unwrap();
-    assert!(m.forward_block(0, 0, 0, true).is_err(), "a scale without stochastic depth");
+    assert!(
+        m.forward_block(0, 0, 0, true).is_err(),
+        "a scale without stochastic depth"
+    );
     assert!(m.forward_block(1, 2, 0, false).is_err(), "a later slot");
     assert!(m.forward_block(4, 0, 0, false).is_err(), "no block 4");
     m.forward_block(0, 0, 1, false).unwrap();
     assert!(m.loss(1, 0, true).is_err(), "the loss before the exit");
-    assert!(m.exit_backward(1, 2, false).is_err(), "the exit's backward before its forward");
+    assert!(
+        m.exit_backward(1, 2, false).is_err(),
+        "the exit's backward before its forward"
+    );
     assert!(m.exit_forward(5, 2, false).is_err(), "no slot 5");
     m.exit_forward(1, 2, false).unwrap();
     assert!(m.loss(1, 1, true).is_err(), "no batch 1");
     assert!(m.loss(0, 0, true).is_err(), "the exit was from slot 1");
     assert!(m.loss(1, 0, true).unwrap() > 0.0);
     m.begin(0).unwrap();
-    assert!(m.loss(1, 0, true).is_err(), "a new forward: the exit is stale");
+    assert!(
+        m.loss(1, 0, true).is_err(),
+        "a new forward: the exit is stale"
+    );
 }

@@ -92,7 +92,11 @@ impl CpuMlp {
             tensors.push(CpuTensor::new(v, vec![0.0; len], wd)?);
         }
         // The pre-norm variant keeps its streams in its own state; only slot 0 (the input) here.
-        let slots = if cfg.prenorm.is_some() { 1 } else { cfg.blocks + 1 };
+        let slots = if cfg.prenorm.is_some() {
+            1
+        } else {
+            cfg.blocks + 1
+        };
         let rowscale = match cfg.depth()? {
             Some(sd) => sd
                 .rates()

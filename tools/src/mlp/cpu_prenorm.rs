@@ -54,7 +54,10 @@ impl State {
 }
 
 fn not_prenorm() -> Error {
-    Error::invalid("mlp", "a pre-norm call on a model without the pre-norm variant")
+    Error::invalid(
+        "mlp",
+        "a pre-norm call on a model without the pre-norm variant",
+    )
 }
 
 impl CpuMlp {
@@ -122,13 +125,7 @@ impl CpuMlp {
         dan::cpu::forward(&cfg, args, outs)?;
         cpu::linear_fwd(&p.nrm[l], &tensors[t(l, 0)].param, &mut self.h[l], hd, hd)?;
         cpu::bias_gelu_fwd(&self.h[l], &tensors[t(l, 1)].param, &mut self.a[l])?;
-        cpu::linear_fwd(
-            &self.a[l],
-            &tensors[t(l, 2)].param,
-            &mut p.outs[l],
-            hd,
-            hd,
-        )
+        cpu::linear_fwd(&self.a[l], &tensors[t(l, 2)].param, &mut p.outs[l], hd, hd)
     }
 
     /// The exit (`backward`: its backward): slot `output`'s block output added to the stream it

@@ -130,7 +130,11 @@ impl GpuMlp {
         };
         let many = |count: usize| (0..count).map(|_| zeros(n)).collect::<Result<Vec<_>>>();
         // The pre-norm variant keeps its streams in its own state: no activation slots here.
-        let slots = if cfg.prenorm.is_some() { 0 } else { cfg.blocks + 1 };
+        let slots = if cfg.prenorm.is_some() {
+            0
+        } else {
+            cfg.blocks + 1
+        };
         let pre = cfg
             .prenorm
             .map(|p| prenorm::State::new(h, p, cfg.blocks, cfg.tokens, hd))

@@ -78,7 +78,10 @@ impl State {
 }
 
 fn not_prenorm() -> Error {
-    Error::invalid(OP, "a pre-norm call on a model without the pre-norm variant")
+    Error::invalid(
+        OP,
+        "a pre-norm call on a model without the pre-norm variant",
+    )
 }
 
 impl GpuMlp {
@@ -131,16 +134,26 @@ impl GpuMlp {
             rstd: p.rstd[l].as_view_mut(),
         };
         dan::forward(&self.handle, &cfg, args, outs)?;
-        self.blas
-            .linear_fwd(&p.nrm[l], &set.param::<f32>(t(l, 0))?, &mut self.hpre[l], hd, hd)?;
+        self.blas.linear_fwd(
+            &p.nrm[l],
+            &set.param::<f32>(t(l, 0))?,
+            &mut self.hpre[l],
+            hd,
+            hd,
+        )?;
         k::bias_gelu_fwd(
             &self.handle,
             &self.hpre[l],
             &set.param::<f32>(t(l, 1))?,
             &mut self.a[l],
         )?;
-        self.blas
-            .linear_fwd(&self.a[l], &set.param::<f32>(t(l, 2))?, &mut p.outs[l], hd, hd)
+        self.blas.linear_fwd(
+            &self.a[l],
+            &set.param::<f32>(t(l, 2))?,
+            &mut p.outs[l],
+            hd,
+            hd,
+        )
     }
 
     /// The exit (`backward`: its backward): slot `output`'s block output added to the stream it
