@@ -253,7 +253,7 @@ fn layer_norm_scaling_changes_only_deeper_blocks() {
 }
 
 /// Dropped blocks' six tensors (gamma and beta too) keep every bit under `Skip`; kept blocks'
-/// gamma and beta train.
+/// gamma and beta train. Under `ZeroGrad` the six gradients of a dropped block are zeroed.
 #[test]
 fn dropped_blocks_keep_gamma_and_beta() {
     let cfg = MlpConfig {
@@ -267,6 +267,19 @@ fn dropped_blocks_keep_gamma_and_beta() {
     let after = params_f64(&t.model);
     for i in 0..6 * cfg.blocks {
         assert_eq!(before[i] == after[i], !plan.runs(i / 6), "tensor {i}");
+    }
+    // Under ZeroGrad all six gradients of a dropped block are zeroed (after a step that set
+    // them), and the kept blocks' are not.
+    let cfg = MlpConfig {
+        dropped: DroppedParams::ZeroGrad,
+        ..cfg
+    };
+    let mut t = Trainer::cpu(cfg.clone()).unwrap();
+    forward_backward(&mut t.model, &cfg, &every_block(4), 0, false).unwrap();
+    forward_backward(&mut t.model, &cfg, &plan, step, false).unwrap();
+    for (i, tensor) in t.model.tensors().iter().enumerate() {
+        let zero = tensor.grad.iter().all(|&g| g == 0.0);
+        assert_eq!(zero, !plan.runs(i / 6), "tensor {i}'s gradient");
     }
 }
 
