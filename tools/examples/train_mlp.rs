@@ -7,19 +7,28 @@
 //! cargo run --release --example train_mlp -- --cpu         # CPU reference ops, small size
 //! cargo run --release --example train_mlp -- --bench       # GPU: step time, linear p_L = 0.5 vs none
 //! cargo run --release --example train_mlp -- --steps 300 --no-depth
+//! cargo run --release --example train_mlp -- --prenorm ln     # pre-norm, LayerNorm Scaling on vs off
+//! cargo run --release --example train_mlp -- --prenorm rms --cpu
 //! ```
+//!
+//! `--prenorm [ln|rms]` trains the pre-norm variant (every block's entry a fused dropout + add +
+//! LayerNorm / RMSNorm) twice from the same seed, with LayerNorm Scaling (`1 / sqrt(l)` on the
+//! l-th entry norm) and without, and prints both loss curves side by side: 24 blocks on the GPU,
+//! 12 small blocks on the CPU.
 
 use std::time::Instant;
 
+use fusedreg::dropout_add_norm::Norm;
 use fusedreg::stochastic_depth::Schedule;
 use fusedreg::{Handle, Result};
-use fusedreg_tools::mlp::{Backend, MlpConfig, Trainer};
+use fusedreg_tools::mlp::{Backend, MlpConfig, PreNorm, Trainer};
 
 struct Args {
     cpu: bool,
     bench: bool,
     steps: Option<u64>,
     no_depth: bool,
+    prenorm: Option<Norm>,
 }
 
 fn args() -> Args {
@@ -28,6 +37,7 @@ fn args() -> Args {
         bench: false,
         steps: None,
         no_depth: false,
+        prenorm: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -36,6 +46,16 @@ fn args() -> Args {
             "--bench" => a.bench = true,
             "--no-depth" => a.no_depth = true,
             "--steps" => a.steps = it.next().and_then(|s| s.parse().ok()),
+            "--prenorm" => {
+                a.prenorm = match it.next().as_deref() {
+                    Some("ln") => Some(Norm::LayerNorm),
+                    Some("rms") => Some(Norm::RmsNorm),
+                    other => {
+                        eprintln!("--prenorm takes ln or rms, got {other:?}; using ln");
+                        Some(Norm::LayerNorm)
+                    }
+                }
+            }
             other => eprintln!("ignoring unknown argument {other}"),
         }
     }
@@ -74,6 +94,9 @@ fn train<B: Backend>(
 fn main() -> Result<()> {
     let a = args();
     let handle = if a.cpu { None } else { Handle::new(0).ok() };
+    if let Some(norm) = a.prenorm {
+        return prenorm(handle.as_ref(), norm, &a);
+    }
     match handle {
         None => {
             let mut cfg = MlpConfig::cpu();
@@ -150,4 +173,71 @@ fn bench(h: &Handle, cfg: MlpConfig) -> Result<()> {
         results[1] / results[0]
     );
     Ok(())
+}
+
+/// The pre-norm variant trained twice from the same seed, LayerNorm Scaling on and off; the two
+/// loss curves side by side.
+fn prenorm(handle: Option<&Handle>, norm: Norm, a: &Args) -> Result<()> {
+    let mut cfg = match handle {
+        Some(_) => MlpConfig::gpu(),
+        // Deeper than the residual model's CPU run, so the depth scaling has layers to act on.
+        None => MlpConfig {
+            blocks: 12,
+            ..MlpConfig::cpu()
+        },
+    };
+    if a.no_depth {
+        cfg.depth = None;
+    }
+    let (steps, every) = match handle {
+        Some(_) => (a.steps.unwrap_or(200), 20),
+        None => (a.steps.unwrap_or(100), 10),
+    };
+    println!(
+        "pre-norm {norm:?} on {}: {} blocks, hidden {}, {} tokens, stochastic depth {:?}",
+        match handle {
+            Some(h) => h.device_info()?.name,
+            None => "the CPU (reference ops)".to_string(),
+        },
+        cfg.blocks,
+        cfg.hidden,
+        cfg.tokens,
+        cfg.depth
+    );
+    let mut curves = Vec::new();
+    for scaling in [true, false] {
+        let c = MlpConfig {
+            prenorm: Some(PreNorm::new(norm, scaling)),
+            ..cfg.clone()
+        };
+        curves.push(match handle {
+            Some(h) => curve(&mut Trainer::gpu(h, c)?, steps, every)?,
+            None => curve(&mut Trainer::cpu(c)?, steps, every)?,
+        });
+    }
+    println!("{:>6}  {:>14}  {:>14}", "step", "LNS on", "LNS off");
+    for ((s, on), (_, off)) in curves[0].iter().zip(&curves[1]) {
+        println!("{s:>6}  {on:>14.5}  {off:>14.5}");
+    }
+    let (on, off) = (curves[0].last(), curves[1].last());
+    if let (Some((_, on)), Some((_, off))) = (on, off) {
+        println!(
+            "final loss: LayerNorm Scaling on {on:.5}, off {off:.5} (on / off = {:.3})",
+            on / off
+        );
+    }
+    Ok(())
+}
+
+/// The loss every `every` steps and at the last step.
+fn curve<B: Backend>(t: &mut Trainer<B>, steps: u64, every: u64) -> Result<Vec<(u64, f64)>> {
+    let mut out = Vec::new();
+    for s in 0..steps {
+        let report = s % every == 0 || s + 1 == steps;
+        let loss = t.step(report)?;
+        if report {
+            out.push((s, loss));
+        }
+    }
+    Ok(out)
 }

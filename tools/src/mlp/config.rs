@@ -6,6 +6,8 @@ use fusedreg::adamw::AdamWConfig;
 use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
 use fusedreg::{Error, Result};
 
+use super::prenorm::PreNorm;
+
 /// What happens to the parameters of a block dropped this step (they got no gradient).
 ///
 /// # Examples
@@ -69,6 +71,9 @@ pub struct MlpConfig {
     pub max_norm: f32,
     /// Seed of the data, the initialization, dropout and the stochastic-depth plans.
     pub seed: u64,
+    /// The pre-norm variant (every block's entry a fused dropout + add + norm), or none: the
+    /// residual model without norms.
+    pub prenorm: Option<PreNorm>,
 }
 
 impl MlpConfig {
@@ -101,6 +106,7 @@ impl MlpConfig {
             weight_decay: 0.01,
             max_norm: 1.0,
             seed: 2024,
+            prenorm: None,
         }
     }
 
@@ -148,6 +154,10 @@ impl MlpConfig {
         }
         fusedreg::philox::DropRate::new(self.dropout)?;
         fusedreg::global_norm::check_max_norm(Some(self.max_norm))?;
+        if let Some(p) = &self.prenorm {
+            // The entry's own checks (eps finite and > 0), on a one-row shape.
+            p.entry(1, self.hidden, 0, false, 0.0, 0, 0)?;
+        }
         self.adamw.validate()
     }
 
@@ -159,14 +169,21 @@ impl MlpConfig {
             .transpose()
     }
 
-    /// Optimizer tensors per block: W1, b1, W2, b2.
+    /// Optimizer tensors per block of the residual model: W1, b1, W2, b2.
     pub(crate) const TENSORS_PER_BLOCK: usize = 4;
+
+    /// Optimizer tensors per block of this model (the pre-norm variant adds gamma and beta).
+    pub(crate) fn tensors_per_block(&self) -> usize {
+        match self.prenorm {
+            Some(_) => PreNorm::TENSORS,
+            None => Self::TENSORS_PER_BLOCK,
+        }
+    }
 
     /// The block owning each optimizer tensor.
     pub(crate) fn owners(&self) -> Vec<Option<usize>> {
-        (0..self.blocks * Self::TENSORS_PER_BLOCK)
-            .map(|i| Some(i / Self::TENSORS_PER_BLOCK))
-            .collect()
+        let per = self.tensors_per_block();
+        (0..self.blocks * per).map(|i| Some(i / per)).collect()
     }
 }
 
@@ -238,6 +255,54 @@ pub trait Backend {
     /// # Ok(()) }
     /// ```
     fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64>;
+    /// The model's exit before the loss: the pre-norm variant adds the output of the last block
+    /// that ran (slot `output`) to the stream, under dropout keyed by `call` (see
+    /// [`PreNorm`]); the residual model has no exit (its blocks add their own outputs), which
+    /// is this default.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg_tools::mlp::{Backend, MlpConfig, PreNorm, Trainer};
+    /// # use fusedreg::dropout_add_norm::Norm;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let prenorm = Some(PreNorm::new(Norm::LayerNorm, true));
+    /// let mut t = Trainer::cpu(MlpConfig { blocks: 2, depth: None, prenorm, ..MlpConfig::cpu() })?;
+    /// t.model.begin(0)?;
+    /// t.model.forward_block(0, 0, 10, false)?;
+    /// assert!(t.model.loss(1, 0, true).is_err()); // the pre-norm loss reads the exit
+    /// t.model.exit_forward(1, 11, false)?;
+    /// assert!(t.model.loss(1, 0, true)? > 0.0);
+    /// # Ok(()) }
+    /// ```
+    fn exit_forward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
+        let _ = (output, call, scale);
+        Ok(())
+    }
+    /// Backward of [`Backend::exit_forward`], after [`Backend::loss`]: the gradient of the last
+    /// block's output and its `db2`; the stream's gradient passes through. The default (no
+    /// exit) does nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg_tools::mlp::{Backend, MlpConfig, PreNorm, Trainer};
+    /// # use fusedreg::dropout_add_norm::Norm;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let prenorm = Some(PreNorm::new(Norm::RmsNorm, false));
+    /// let mut t = Trainer::cpu(MlpConfig { blocks: 1, depth: None, prenorm, ..MlpConfig::cpu() })?;
+    /// t.model.begin(0)?;
+    /// t.model.forward_block(0, 0, 10, false)?;
+    /// t.model.exit_forward(1, 11, false)?;
+    /// t.model.loss(1, 0, false)?;
+    /// t.model.exit_backward(1, 11, false)?; // block 0's db2
+    /// assert!(t.model.tensors()[3].grad.iter().any(|&g| g != 0.0));
+    /// # Ok(()) }
+    /// ```
+    fn exit_backward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
+        let _ = (output, call, scale);
+        Ok(())
+    }
     /// Backward of block `l` (whose input was slot `input`): its parameter gradients, and the
     /// running gradient updated in place.
     ///

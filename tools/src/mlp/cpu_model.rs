@@ -3,12 +3,15 @@
 
 use super::config::{check_block, check_slot, Backend, MlpConfig};
 use super::cpu;
-use super::init::{host_init, BlockParams};
+use super::init::{host_init, student_tensors, BlockParams};
 use fusedreg::adamw::cpu::CpuTensor;
 use fusedreg::adamw::{self, AdamWConfig};
 use fusedreg::dropout_residual::{self as dr, Config};
 use fusedreg::global_norm::cpu as norm_cpu;
 use fusedreg::Result;
+
+#[path = "cpu_prenorm.rs"]
+mod prenorm;
 
 /// The CPU model state.
 ///
@@ -44,6 +47,10 @@ pub struct CpuMlp {
     d_o: Vec<f32>,
     d_a: Vec<f32>,
     du: Vec<f32>,
+    /// Optimizer tensors per block (4, or 6 for the pre-norm variant).
+    per_block: usize,
+    /// The pre-norm variant's state, or none (the residual model).
+    pre: Option<prenorm::State>,
 }
 
 /// Index of tensor `k` (0 W1, 1 b1, 2 W2, 3 b2) of block `l`.
@@ -80,13 +87,16 @@ impl CpuMlp {
             targets.push(y);
         }
         let mut tensors = Vec::new();
-        for block in init.student {
-            for (k, v) in block.into_iter().enumerate() {
-                let wd = if k % 2 == 0 { cfg.weight_decay } else { 0.0 };
-                let len = v.len();
-                tensors.push(CpuTensor::new(v, vec![0.0; len], wd)?);
-            }
+        for (v, wd) in student_tensors(cfg, init.student) {
+            let len = v.len();
+            tensors.push(CpuTensor::new(v, vec![0.0; len], wd)?);
         }
+        // The pre-norm variant keeps its streams in its own state; only slot 0 (the input) here.
+        let slots = if cfg.prenorm.is_some() {
+            1
+        } else {
+            cfg.blocks + 1
+        };
         let rowscale = match cfg.depth()? {
             Some(sd) => sd
                 .rates()
@@ -105,7 +115,7 @@ impl CpuMlp {
             tensors,
             inputs: init.inputs,
             targets,
-            acts: vec![vec![0.0; n]; cfg.blocks + 1],
+            acts: vec![vec![0.0; n]; slots],
             h: vec![vec![0.0; n]; cfg.blocks],
             a: vec![vec![0.0; n]; cfg.blocks],
             rowscale,
@@ -114,6 +124,10 @@ impl CpuMlp {
             d_o: vec![0.0; n],
             d_a: vec![0.0; n],
             du: vec![0.0; n],
+            per_block: cfg.tensors_per_block(),
+            pre: cfg
+                .prenorm
+                .map(|p| prenorm::State::new(p, cfg.blocks, cfg.tokens, hd)),
         })
     }
 
@@ -154,16 +168,55 @@ impl CpuMlp {
     pub fn tensors(&self) -> &[CpuTensor<f32, f32>] {
         &self.tensors
     }
+
+    /// Batch `batch`'s inputs and targets (None past the last batch), for references that
+    /// recompute the model.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let cfg = MlpConfig { blocks: 2, ..MlpConfig::cpu() };
+    /// let t = Trainer::cpu(cfg.clone()).unwrap();
+    /// let (x, y) = t.model.data(0).unwrap();
+    /// assert_eq!((x.len(), y.len()), (cfg.tokens * cfg.hidden, cfg.tokens * cfg.hidden));
+    /// assert!(t.model.data(cfg.batches).is_none());
+    /// ```
+    pub fn data(&self, batch: usize) -> Option<(&[f32], &[f32])> {
+        Some((self.inputs.get(batch)?, self.targets.get(batch)?))
+    }
+
+    /// The parameters of optimizer tensor `i`, to change (gradient checks perturb them).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let mut t = Trainer::cpu(MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() }).unwrap();
+    /// let before = t.step(true).unwrap();
+    /// t.model.param_mut(3)[0] += 1.0; // block 0's b2
+    /// assert_eq!(t.model.param(3)[0], t.model.tensors()[3].param[0]);
+    /// assert_ne!(t.step(true).unwrap(), before);
+    /// ```
+    pub fn param_mut(&mut self, i: usize) -> &mut [f32] {
+        &mut self.tensors[i].param
+    }
 }
 
 impl Backend for CpuMlp {
     fn begin(&mut self, batch: usize) -> Result<()> {
         check_slot(0, 1, batch, self.inputs.len())?;
+        if let Some(p) = self.pre.as_mut() {
+            p.exit_from = None; // a new forward: the last exit is stale
+        }
         self.acts[0].copy_from_slice(&self.inputs[batch]);
         Ok(())
     }
 
     fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        if self.pre.is_some() {
+            return self.pre_forward_block(l, input, call, scale);
+        }
         check_block(
             l,
             input,
@@ -193,11 +246,31 @@ impl Backend for CpuMlp {
     }
 
     fn loss(&mut self, output: usize, batch: usize, _want_loss: bool) -> Result<f64> {
+        if self.pre.is_some() {
+            return self.pre_loss(output, batch);
+        }
         check_slot(output, self.acts.len(), batch, self.targets.len())?;
         cpu::mse_grad(&self.acts[output], &self.targets[batch], &mut self.g)
     }
 
+    fn exit_forward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
+        match self.pre {
+            Some(_) => self.pre_exit(output, call, scale, false),
+            None => Ok(()),
+        }
+    }
+
+    fn exit_backward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
+        match self.pre {
+            Some(_) => self.pre_exit(output, call, scale, true),
+            None => Ok(()),
+        }
+    }
+
     fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        if self.pre.is_some() {
+            return self.pre_backward_block(l, input, call, scale);
+        }
         check_block(
             l,
             input,
@@ -238,8 +311,8 @@ impl Backend for CpuMlp {
 
     fn zero_grads(&mut self, l: usize) -> Result<()> {
         check_block(l, 0, self.h.len(), false, true)?;
-        for k in 0..MlpConfig::TENSORS_PER_BLOCK {
-            self.tensors[t(l, k)].grad.fill(0.0);
+        for k in 0..self.per_block {
+            self.tensors[self.per_block * l + k].grad.fill(0.0);
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 
 use super::config::{check_block, check_slot, Backend, MlpConfig};
 use super::gpu::{self as k, Blas};
-use super::init::{host_init, BlockParams};
+use super::init::{host_init, student_tensors, BlockParams};
 use fusedreg::adamw::AdamW;
 use fusedreg::dropout_residual::{self as dr, BackwardOptions, Config, ForwardOptions, Workspace};
 use fusedreg::global_norm::GlobalNorm;
@@ -15,6 +15,9 @@ use fusedreg::Handle;
 use fusedreg::{Error, Result};
 
 const OP: &str = "mlp";
+
+#[path = "gpu_prenorm.rs"]
+mod prenorm;
 
 /// The GPU model state.
 ///
@@ -58,6 +61,10 @@ pub struct GpuMlp {
     mse_partials: CudaSlice<f32>,
     ws: Workspace,
     skip: Vec<bool>,
+    /// Optimizer tensors per block (4, or 6 for the pre-norm variant).
+    per_block: usize,
+    /// The pre-norm variant's state, or none (the residual model).
+    pre: Option<prenorm::State>,
 }
 
 fn t(l: usize, k: usize) -> usize {
@@ -106,11 +113,9 @@ impl GpuMlp {
 
         let mut b = TensorSet::builder(h);
         let mut wds = Vec::new();
-        for block in &init.student {
-            for (kk, v) in block.iter().enumerate() {
-                wds.push(if kk % 2 == 0 { cfg.weight_decay } else { 0.0 });
-                b.push::<f32, f32>(up(v)?, zeros(v.len())?)?;
-            }
+        for (v, wd) in student_tensors(cfg, init.student) {
+            wds.push(wd);
+            b.push::<f32, f32>(up(&v)?, zeros(v.len())?)?;
         }
         let set = b.build()?;
         let opt = AdamW::new(&set, cfg.adamw, &wds)?;
@@ -124,6 +129,16 @@ impl GpuMlp {
             None => Vec::new(),
         };
         let many = |count: usize| (0..count).map(|_| zeros(n)).collect::<Result<Vec<_>>>();
+        // The pre-norm variant keeps its streams in its own state: no activation slots here.
+        let slots = if cfg.prenorm.is_some() {
+            0
+        } else {
+            cfg.blocks + 1
+        };
+        let pre = cfg
+            .prenorm
+            .map(|p| prenorm::State::new(h, p, cfg.blocks, cfg.tokens, hd))
+            .transpose()?;
         Ok(GpuMlp {
             handle: h.clone(),
             blas,
@@ -136,7 +151,7 @@ impl GpuMlp {
             inputs,
             targets,
             batch: 0,
-            acts: many(cfg.blocks + 1)?,
+            acts: many(slots)?,
             hpre: many(cfg.blocks)?,
             a: many(cfg.blocks)?,
             rowscale,
@@ -150,6 +165,8 @@ impl GpuMlp {
             ws: Workspace::new(),
             skip: vec![false; set.len()],
             set,
+            per_block: cfg.tensors_per_block(),
+            pre,
         })
     }
 
@@ -254,11 +271,17 @@ impl GpuMlp {
 impl Backend for GpuMlp {
     fn begin(&mut self, batch: usize) -> Result<()> {
         check_slot(0, 1, batch, self.inputs.len())?;
+        if let Some(p) = self.pre.as_mut() {
+            p.exit_from = None; // a new forward: the last exit is stale
+        }
         self.batch = batch;
         Ok(())
     }
 
     fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        if self.pre.is_some() {
+            return self.pre_forward_block(l, input, call, scale);
+        }
         check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
         let hd = self.hidden;
         let cfg = self.dropout_config(call)?;
@@ -288,6 +311,9 @@ impl Backend for GpuMlp {
     }
 
     fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
+        if self.pre.is_some() {
+            return self.pre_loss(output, batch, want_loss);
+        }
         check_slot(output, self.acts.len(), batch, self.targets.len())?;
         let y = if output == 0 {
             &self.inputs[batch]
@@ -308,7 +334,24 @@ impl Backend for GpuMlp {
         }
     }
 
+    fn exit_forward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
+        match self.pre {
+            Some(_) => self.pre_exit(output, call, scale, false),
+            None => Ok(()),
+        }
+    }
+
+    fn exit_backward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
+        match self.pre {
+            Some(_) => self.pre_exit(output, call, scale, true),
+            None => Ok(()),
+        }
+    }
+
     fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        if self.pre.is_some() {
+            return self.pre_backward_block(l, input, call, scale);
+        }
         check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
         let (hd, h) = (self.hidden, &self.handle);
         let cfg = self.dropout_config(call)?;
@@ -370,8 +413,8 @@ impl Backend for GpuMlp {
     fn zero_grads(&mut self, l: usize) -> Result<()> {
         check_block(l, 0, self.hpre.len(), false, true)?;
         let stream = self.handle.stream().clone();
-        for kk in 0..MlpConfig::TENSORS_PER_BLOCK {
-            let mut g = self.set.grad_mut::<f32>(t(l, kk))?;
+        for kk in 0..self.per_block {
+            let mut g = self.set.grad_mut::<f32>(self.per_block * l + kk)?;
             stream.memset_zeros(&mut g).map_err(Error::driver(OP))?;
         }
         Ok(())

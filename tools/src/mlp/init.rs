@@ -65,3 +65,20 @@ pub(crate) fn host_init(cfg: &MlpConfig) -> HostInit {
         inputs,
     }
 }
+
+/// The student's optimizer tensors in order with their weight decay: per block W1, b1, W2, b2
+/// (decay on the matrices only), then for the pre-norm variant gamma = 1 and beta = 0 (no
+/// decay). Both backends register exactly this list.
+pub(crate) fn student_tensors(cfg: &MlpConfig, student: Vec<BlockParams>) -> Vec<(Vec<f32>, f32)> {
+    let mut out = Vec::with_capacity(cfg.blocks * cfg.tensors_per_block());
+    for block in student {
+        for (k, v) in block.into_iter().enumerate() {
+            out.push((v, if k % 2 == 0 { cfg.weight_decay } else { 0.0 }));
+        }
+        if cfg.prenorm.is_some() {
+            out.push((vec![1.0; cfg.hidden], 0.0));
+            out.push((vec![0.0; cfg.hidden], 0.0));
+        }
+    }
+    out
+}

@@ -6,6 +6,8 @@
 //! matrix products through cuBLAS (CPU: plain loops), and the optimizer step as global-norm
 //! clipping + AdamW in one multi-tensor pass. Under a stochastic-depth plan a dropped block
 //! launches nothing, forward or backward, and its parameters skip the optimizer step.
+//! [`PreNorm`] is the pre-norm variant: each block's entry a fused dropout + add + LayerNorm /
+//! RMSNorm (`dropout_add_norm`), with LayerNorm Scaling on or off.
 //!
 //! This module also holds the few kernels the model needs beyond cuBLAS and the crate's ops
 //! (`tools/kernels/mlp.cu`: bias + GELU, column sums, MSE gradient), each with its CPU reference.
@@ -16,12 +18,14 @@ mod cpu_model;
 pub mod gpu;
 mod gpu_model;
 mod init;
+mod prenorm;
 pub mod train;
 
 pub use config::{Backend, DroppedParams, MlpConfig};
 pub use cpu_model::CpuMlp;
 pub use gpu_model::GpuMlp;
-pub use train::{train_step, Trainer};
+pub use prenorm::PreNorm;
+pub use train::{forward_backward, train_step, Trainer};
 
 /// sqrt(2 / pi), rounded to f32 from the same literal as the kernel's.
 #[allow(clippy::excessive_precision)]

@@ -6,7 +6,8 @@
 //! 1. forward: for each block that runs, `x_out = x_in + s_l * dropout(W2 gelu(W1 x_in + b1) + b2)`
 //!    (4 ops; `s_l = 1 / (1 - p_l)` is folded into the fused residual add as its row scale);
 //!    a dropped block does nothing at all — its output *is* its input;
-//! 2. the MSE loss against the teacher's output and its gradient;
+//! 2. the MSE loss against the teacher's output and its gradient (the pre-norm variant first
+//!    adds the last block's output to the stream, its exit: see [`PreNorm`](super::PreNorm));
 //! 3. backward through the blocks that ran, in reverse (the residual path passes the gradient
 //!    through unchanged: `dresidual = dy`, no copy);
 //! 4. global-norm clipping + AdamW in one multi-tensor pass, with the parameters of dropped blocks
@@ -50,6 +51,39 @@ pub fn train_step<B: Backend>(
     step: u64,
     want_loss: bool,
 ) -> Result<f64> {
+    let loss = forward_backward(model, cfg, plan, step, want_loss)?;
+    let skip = match cfg.dropped {
+        DroppedParams::Skip => plan.skip_flags(&cfg.owners()),
+        DroppedParams::ZeroGrad => vec![false; cfg.blocks * cfg.tensors_per_block()],
+    };
+    model.optimizer_step(&skip)?;
+    Ok(loss)
+}
+
+/// [`train_step`] without the optimizer step: the forward, the loss and every gradient (the
+/// gradients of dropped blocks are left alone, or zeroed under [`DroppedParams::ZeroGrad`]).
+/// Returns the loss if `want_loss`. For gradient checks.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg_tools::mlp::{forward_backward, MlpConfig, Trainer};
+/// let cfg = MlpConfig { blocks: 2, depth: None, ..MlpConfig::cpu() };
+/// let mut t = Trainer::cpu(cfg.clone()).unwrap();
+/// let plan = t.next_plan();
+/// let w1 = t.model.param(0).to_vec();
+/// let loss = forward_backward(&mut t.model, &cfg, &plan, 0, true).unwrap();
+/// assert!(loss > 0.0);
+/// assert_eq!(t.model.param(0), &w1[..]); // no step taken
+/// assert!(t.model.tensors()[0].grad.iter().any(|&g| g != 0.0)); // but a gradient
+/// ```
+pub fn forward_backward<B: Backend>(
+    model: &mut B,
+    cfg: &MlpConfig,
+    plan: &Plan,
+    step: u64,
+    want_loss: bool,
+) -> Result<f64> {
     if plan.blocks().len() != cfg.blocks || cfg.batches == 0 {
         // A plan for another depth would silently run a different network.
         return Err(Error::shape(
@@ -75,7 +109,10 @@ pub fn train_step<B: Backend>(
             input[l + 1] = input[l];
         }
     }
-    let loss = model.loss(input[cfg.blocks], batch, want_loss)?;
+    let (output, exit_call) = (input[cfg.blocks], dropout_call(step, cfg.blocks));
+    model.exit_forward(output, exit_call, scaled)?;
+    let loss = model.loss(output, batch, want_loss)?;
+    model.exit_backward(output, exit_call, scaled)?;
     for l in (0..cfg.blocks).rev() {
         if plan.runs(l) {
             model.backward_block(l, input[l], dropout_call(step, l), scaled)?;
@@ -83,11 +120,6 @@ pub fn train_step<B: Backend>(
             model.zero_grads(l)?;
         }
     }
-    let skip = match cfg.dropped {
-        DroppedParams::Skip => plan.skip_flags(&cfg.owners()),
-        DroppedParams::ZeroGrad => vec![false; cfg.blocks * MlpConfig::TENSORS_PER_BLOCK],
-    };
-    model.optimizer_step(&skip)?;
     Ok(loss)
 }
 

@@ -12,12 +12,14 @@ mod common;
 #[path = "../../../tests/gpu/harness.rs"]
 mod harness;
 mod mlp;
+mod mlp_prenorm;
 
 use libtest_mimic::Arguments;
 
 fn main() {
     let args = Arguments::from_args();
     let mut trials = mlp::trials();
+    trials.extend(mlp_prenorm::trials());
     trials.extend(bad_input::trials());
     libtest_mimic::run(&args, trials).exit();
 }

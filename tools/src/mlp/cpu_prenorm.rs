@@ -1,0 +1,247 @@
+//! The pre-norm variant of the CPU model (see [`PreNorm`](crate::mlp::PreNorm) for the model,
+//! the exit and how stochastic depth combines with the fused entry): each block's entry is
+//! `dropout_add_norm`'s CPU reference, the exit `dropout_residual`'s.
+
+use super::CpuMlp;
+use crate::mlp::config::{check_block, check_slot};
+use crate::mlp::{cpu, PreNorm};
+use fusedreg::dropout_add_norm::{self as dan, Config};
+use fusedreg::dropout_residual as dr;
+use fusedreg::{Error, Result};
+
+/// Index of tensor `k` (0 W1, 1 b1, 2 W2, 3 b2, 4 gamma, 5 beta) of block `l`.
+fn t(l: usize, k: usize) -> usize {
+    PreNorm::TENSORS * l + k
+}
+
+/// Per-block activations of the pre-norm model (slot `k > 0` is block `k - 1`'s output `o`
+/// together with the stream `s` that block read).
+pub(super) struct State {
+    cfg: PreNorm,
+    /// Per block: the stream at its entry `s_l`, its normalised input `n_l`, the row statistics
+    /// and its output `o_l` (before b2; the consumer's entry adds it).
+    stream: Vec<Vec<f32>>,
+    nrm: Vec<Vec<f32>>,
+    mean: Vec<Vec<f32>>,
+    rstd: Vec<Vec<f32>>,
+    outs: Vec<Vec<f32>>,
+    /// The exit's stream (the model's output) and the slot it was computed from.
+    exit: Vec<f32>,
+    pub(super) exit_from: Option<usize>,
+    /// Gradient of `n_l`, and the second stream-gradient buffer (`d_residual` is written here,
+    /// then swapped with the running gradient).
+    dn: Vec<f32>,
+    g2: Vec<f32>,
+}
+
+impl State {
+    pub(super) fn new(cfg: PreNorm, blocks: usize, tokens: usize, hidden: usize) -> Self {
+        let n = tokens * hidden;
+        let many = |len: usize| vec![vec![0.0f32; len]; blocks];
+        State {
+            cfg,
+            stream: many(n),
+            nrm: many(n),
+            mean: many(tokens),
+            rstd: many(tokens),
+            outs: many(n),
+            exit: vec![0.0; n],
+            exit_from: None,
+            dn: vec![0.0; n],
+            g2: vec![0.0; n],
+        }
+    }
+}
+
+fn not_prenorm() -> Error {
+    Error::invalid(
+        "mlp",
+        "a pre-norm call on a model without the pre-norm variant",
+    )
+}
+
+impl CpuMlp {
+    fn entry_config(&self, p: &State, l: usize, input: usize, call: u64) -> Result<Config> {
+        p.cfg.entry(
+            self.tokens,
+            self.hidden,
+            l,
+            input > 0,
+            self.dropout,
+            self.seed,
+            call,
+        )
+    }
+
+    /// Checks the slot, and the stochastic-depth scale request against the model.
+    fn pre_check(&self, l: usize, input: usize, scale: bool) -> Result<()> {
+        check_block(
+            l,
+            input,
+            self.h.len(),
+            scale,
+            self.rowscale.iter().all(|r| !r.is_empty()),
+        )
+    }
+
+    /// Entry of block `l` (adding slot `input`), then its MLP.
+    pub(super) fn pre_forward_block(
+        &mut self,
+        l: usize,
+        input: usize,
+        call: u64,
+        scale: bool,
+    ) -> Result<()> {
+        self.pre_check(l, input, scale)?;
+        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
+        let cfg = self.entry_config(p, l, input, call)?;
+        // The row scale of slot `input`'s block (none for slot 0: nothing is added).
+        let rowscale = (scale && input > 0).then(|| &self.rowscale[input - 1][..]);
+        let hd = self.hidden;
+        let tensors = &self.tensors;
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let (gamma, beta) = (&tensors[t(l, 4)].param, &tensors[t(l, 5)].param);
+        let (before, after) = p.stream.split_at_mut(l);
+        let args = if input == 0 {
+            dan::cpu::ForwardArgs {
+                beta: Some(beta),
+                ..dan::cpu::ForwardArgs::new(&self.acts[0], gamma)
+            }
+        } else {
+            dan::cpu::ForwardArgs {
+                residual: Some(&before[input - 1]),
+                beta: Some(beta),
+                bias: Some(&tensors[t(input - 1, 3)].param),
+                rowscale,
+                ..dan::cpu::ForwardArgs::new(&p.outs[input - 1], gamma)
+            }
+        };
+        let outs = dan::cpu::ForwardOut {
+            out: &mut p.nrm[l],
+            s: &mut after[0],
+            mean: &mut p.mean[l],
+            rstd: &mut p.rstd[l],
+        };
+        dan::cpu::forward(&cfg, args, outs)?;
+        cpu::linear_fwd(&p.nrm[l], &tensors[t(l, 0)].param, &mut self.h[l], hd, hd)?;
+        cpu::bias_gelu_fwd(&self.h[l], &tensors[t(l, 1)].param, &mut self.a[l])?;
+        cpu::linear_fwd(&self.a[l], &tensors[t(l, 2)].param, &mut p.outs[l], hd, hd)
+    }
+
+    /// The exit (`backward`: its backward): slot `output`'s block output added to the stream it
+    /// read, under dropout keyed by `call`.
+    pub(super) fn pre_exit(
+        &mut self,
+        output: usize,
+        call: u64,
+        scale: bool,
+        backward: bool,
+    ) -> Result<()> {
+        let blocks = self.h.len();
+        check_slot(output, blocks + 1, 0, 1)?;
+        if output > 0 {
+            self.pre_check(output - 1, 0, scale)?;
+        }
+        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
+        if backward && p.exit_from != Some(output) {
+            return Err(Error::invalid(
+                "mlp",
+                format!("the exit's backward from slot {output} without its forward"),
+            ));
+        }
+        if output == 0 {
+            // Every block dropped: the output is the input; nothing to add or differentiate.
+            self.pre.as_mut().ok_or_else(not_prenorm)?.exit_from = Some(0);
+            return Ok(());
+        }
+        let j = output - 1;
+        let cfg = dr::Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)?;
+        let rowscale = scale.then(|| &self.rowscale[j][..]);
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        if backward {
+            // d o_j from the loss gradient; the stream's gradient passes through unchanged.
+            let opts = dr::cpu::BackwardOptions {
+                rowscale,
+                dbias: Some(&mut self.tensors[t(j, 3)].grad),
+                ..Default::default()
+            };
+            return dr::cpu::backward(&cfg, &self.g, &mut self.d_o, opts);
+        }
+        let opts = dr::cpu::ForwardOptions {
+            bias: Some(&self.tensors[t(j, 3)].param),
+            rowscale,
+            ..Default::default()
+        };
+        dr::cpu::forward(&cfg, &p.outs[j], &p.stream[j], &mut p.exit, opts)?;
+        p.exit_from = Some(output);
+        Ok(())
+    }
+
+    /// MSE of the exit's output (computed from slot `output`) against the batch's targets.
+    pub(super) fn pre_loss(&mut self, output: usize, batch: usize) -> Result<f64> {
+        check_slot(output, self.h.len() + 1, batch, self.targets.len())?;
+        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
+        if p.exit_from != Some(output) {
+            return Err(Error::invalid(
+                "mlp",
+                format!("the pre-norm loss of slot {output} needs exit_forward({output}) first"),
+            ));
+        }
+        let y = if output == 0 { &self.acts[0] } else { &p.exit };
+        cpu::mse_grad(y, &self.targets[batch], &mut self.g)
+    }
+
+    /// Backward of block `l`: on entry `d_o` holds the gradient of its output and `g` the
+    /// stream's gradient at its entry (from later blocks); on return `d_o` holds the gradient of
+    /// slot `input`'s block output and `g` the stream's gradient before the entry.
+    pub(super) fn pre_backward_block(
+        &mut self,
+        l: usize,
+        input: usize,
+        call: u64,
+        scale: bool,
+    ) -> Result<()> {
+        self.pre_check(l, input, scale)?;
+        let hd = self.hidden;
+        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
+        let cfg = self.entry_config(p, l, input, call)?;
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let ts = &mut self.tensors;
+        cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut ts[t(l, 2)].grad, hd, hd)?;
+        cpu::linear_bwd_input(&self.d_o, &ts[t(l, 2)].param, &mut self.d_a, hd, hd, false)?;
+        cpu::bias_gelu_bwd(&self.h[l], &ts[t(l, 1)].param, &self.d_a, &mut self.du)?;
+        ts[t(l, 1)].grad = cpu::colsum(&self.du, self.tokens, hd)?;
+        cpu::linear_bwd_weight(&self.du, &p.nrm[l], &mut ts[t(l, 0)].grad, hd, hd)?;
+        cpu::linear_bwd_input(&self.du, &ts[t(l, 0)].param, &mut p.dn, hd, hd, false)?;
+        // The entry's fused backward. Its column gradients go to buffers of their own first:
+        // gamma is read from the same tensor list.
+        let (mut dgamma, mut dbeta, mut dbias) = (vec![0.0; hd], vec![0.0; hd], vec![0.0; hd]);
+        let adds = input > 0;
+        let args = dan::cpu::BackwardArgs {
+            d_s: Some(&self.g),
+            rowscale: (scale && adds).then(|| &self.rowscale[input - 1][..]),
+            ..dan::cpu::BackwardArgs::new(
+                &p.dn,
+                &p.stream[l],
+                &ts[t(l, 4)].param,
+                &p.mean[l],
+                &p.rstd[l],
+            )
+        };
+        let outs = dan::cpu::BackwardOut {
+            // Without an add, dx is the input's gradient: nobody needs it or the residual's.
+            d_residual: adds.then_some(&mut p.g2[..]),
+            dbeta: Some(&mut dbeta),
+            dbias: adds.then_some(&mut dbias[..]),
+            ..dan::cpu::BackwardOut::new(&mut self.d_o, &mut dgamma)
+        };
+        dan::cpu::backward(&cfg, args, outs)?;
+        ts[t(l, 4)].grad = dgamma;
+        ts[t(l, 5)].grad = dbeta;
+        if adds {
+            ts[t(input - 1, 3)].grad = dbias;
+            std::mem::swap(&mut self.g, &mut p.g2);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,340 @@
+//! The pre-norm variant of the GPU model (see [`PreNorm`](crate::mlp::PreNorm) for the model,
+//! the exit and how stochastic depth combines with the fused entry): each block's entry is
+//! `dropout_add_norm`'s fused kernel pair, the exit `dropout_residual`'s; the same operations in
+//! the same order as the CPU model (`cpu_prenorm.rs`).
+
+use cudarc::driver::CudaSlice;
+
+use super::GpuMlp;
+use crate::mlp::config::{check_block, check_slot};
+use crate::mlp::gpu as k;
+use crate::mlp::PreNorm;
+use fusedreg::dropout_add_norm::{self as dan, Config};
+use fusedreg::dropout_residual::{self as dr, BackwardOptions, ForwardOptions};
+use fusedreg::{Error, Handle, Result};
+
+const OP: &str = "mlp";
+
+/// Index of tensor `k` (0 W1, 1 b1, 2 W2, 3 b2, 4 gamma, 5 beta) of block `l`.
+fn t(l: usize, k: usize) -> usize {
+    PreNorm::TENSORS * l + k
+}
+
+/// Per-block activations of the pre-norm model (slot `k > 0` is block `k - 1`'s output `o`
+/// together with the stream `s` that block read).
+pub(super) struct State {
+    cfg: PreNorm,
+    /// Per block: the stream at its entry `s_l`, its normalised input `n_l`, the row statistics
+    /// and its output `o_l` (before b2; the consumer's entry adds it).
+    stream: Vec<CudaSlice<f32>>,
+    nrm: Vec<CudaSlice<f32>>,
+    mean: Vec<CudaSlice<f32>>,
+    rstd: Vec<CudaSlice<f32>>,
+    outs: Vec<CudaSlice<f32>>,
+    /// The exit's stream (the model's output) and the slot it was computed from.
+    exit: CudaSlice<f32>,
+    pub(super) exit_from: Option<usize>,
+    /// Gradient of `n_l`, and the second stream-gradient buffer (`d_residual` is written here,
+    /// then swapped with the running gradient: the op's `d_s` and `d_residual` are distinct
+    /// buffers).
+    dn: CudaSlice<f32>,
+    g2: CudaSlice<f32>,
+    /// The entry backward's column gradients, copied into the tensor set afterwards (the set
+    /// lends one gradient at a time, and gamma is read from it in the same call).
+    dgamma: CudaSlice<f32>,
+    dbeta: CudaSlice<f32>,
+    dbias: CudaSlice<f32>,
+    ws: dan::Workspace,
+}
+
+impl State {
+    pub(super) fn new(
+        h: &Handle,
+        cfg: PreNorm,
+        blocks: usize,
+        tokens: usize,
+        hidden: usize,
+    ) -> Result<Self> {
+        let zeros = |n: usize| h.stream().alloc_zeros::<f32>(n).map_err(Error::driver(OP));
+        let many = |len: usize| (0..blocks).map(|_| zeros(len)).collect::<Result<Vec<_>>>();
+        let n = tokens * hidden;
+        Ok(State {
+            cfg,
+            stream: many(n)?,
+            nrm: many(n)?,
+            mean: many(tokens)?,
+            rstd: many(tokens)?,
+            outs: many(n)?,
+            exit: zeros(n)?,
+            exit_from: None,
+            dn: zeros(n)?,
+            g2: zeros(n)?,
+            dgamma: zeros(hidden)?,
+            dbeta: zeros(hidden)?,
+            dbias: zeros(hidden)?,
+            ws: dan::Workspace::new(),
+        })
+    }
+}
+
+fn not_prenorm() -> Error {
+    Error::invalid(
+        OP,
+        "a pre-norm call on a model without the pre-norm variant",
+    )
+}
+
+impl GpuMlp {
+    fn entry_config(&self, l: usize, input: usize, call: u64) -> Result<Config> {
+        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
+        p.cfg.entry(
+            self.tokens,
+            self.hidden,
+            l,
+            input > 0,
+            self.dropout,
+            self.seed,
+            call,
+        )
+    }
+
+    /// Entry of block `l` (adding slot `input`), then its MLP.
+    pub(super) fn pre_forward_block(
+        &mut self,
+        l: usize,
+        input: usize,
+        call: u64,
+        scale: bool,
+    ) -> Result<()> {
+        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        let hd = self.hidden;
+        let cfg = self.entry_config(l, input, call)?;
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let set = &self.set;
+        let (gamma, beta) = (set.param::<f32>(t(l, 4))?, set.param::<f32>(t(l, 5))?);
+        let (before, after) = p.stream.split_at_mut(l);
+        let args = if input == 0 {
+            dan::ForwardArgs {
+                beta: Some(beta),
+                ..dan::ForwardArgs::new(self.inputs[self.batch].as_view(), gamma)
+            }
+        } else {
+            dan::ForwardArgs {
+                residual: Some(before[input - 1].as_view()),
+                beta: Some(beta),
+                bias: Some(set.param::<f32>(t(input - 1, 3))?),
+                rowscale: scale.then(|| self.rowscale[input - 1].as_view()),
+                ..dan::ForwardArgs::new(p.outs[input - 1].as_view(), gamma)
+            }
+        };
+        let outs = dan::ForwardOut {
+            out: p.nrm[l].as_view_mut(),
+            s: after[0].as_view_mut(),
+            mean: p.mean[l].as_view_mut(),
+            rstd: p.rstd[l].as_view_mut(),
+        };
+        dan::forward(&self.handle, &cfg, args, outs)?;
+        self.blas.linear_fwd(
+            &p.nrm[l],
+            &set.param::<f32>(t(l, 0))?,
+            &mut self.hpre[l],
+            hd,
+            hd,
+        )?;
+        k::bias_gelu_fwd(
+            &self.handle,
+            &self.hpre[l],
+            &set.param::<f32>(t(l, 1))?,
+            &mut self.a[l],
+        )?;
+        self.blas.linear_fwd(
+            &self.a[l],
+            &set.param::<f32>(t(l, 2))?,
+            &mut p.outs[l],
+            hd,
+            hd,
+        )
+    }
+
+    /// The exit (`backward`: its backward): slot `output`'s block output added to the stream it
+    /// read, under dropout keyed by `call`.
+    pub(super) fn pre_exit(
+        &mut self,
+        output: usize,
+        call: u64,
+        scale: bool,
+        backward: bool,
+    ) -> Result<()> {
+        let blocks = self.hpre.len();
+        check_slot(output, blocks + 1, 0, 1)?;
+        if output > 0 {
+            check_block(output - 1, 0, blocks, scale, !self.rowscale.is_empty())?;
+        }
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        if backward && p.exit_from != Some(output) {
+            return Err(Error::invalid(
+                OP,
+                format!("the exit's backward from slot {output} without its forward"),
+            ));
+        }
+        if output == 0 {
+            // Every block dropped: the output is the input; nothing to add or differentiate.
+            p.exit_from = Some(0);
+            return Ok(());
+        }
+        let j = output - 1;
+        let cfg = dr::Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)?;
+        let rowscale = scale.then(|| self.rowscale[j].as_view());
+        if backward {
+            // d o_j from the loss gradient; the stream's gradient passes through unchanged.
+            let opts = BackwardOptions {
+                rowscale,
+                dbias: Some(self.set.grad_mut::<f32>(t(j, 3))?),
+                workspace: Some(&mut self.ws),
+                ..Default::default()
+            };
+            return dr::backward(&self.handle, &cfg, &self.g, &mut self.d_o, opts);
+        }
+        let opts = ForwardOptions {
+            bias: Some(self.set.param::<f32>(t(j, 3))?),
+            rowscale,
+            ..Default::default()
+        };
+        dr::forward(
+            &self.handle,
+            &cfg,
+            &p.outs[j],
+            &p.stream[j],
+            &mut p.exit,
+            opts,
+        )?;
+        p.exit_from = Some(output);
+        Ok(())
+    }
+
+    /// MSE of the exit's output (computed from slot `output`) against the batch's targets.
+    pub(super) fn pre_loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
+        check_slot(output, self.hpre.len() + 1, batch, self.targets.len())?;
+        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
+        if p.exit_from != Some(output) {
+            return Err(Error::invalid(
+                OP,
+                format!("the pre-norm loss of slot {output} needs exit_forward({output}) first"),
+            ));
+        }
+        // Slot 0: the stream never left the input batch of `begin` (as the CPU model).
+        let y = if output == 0 {
+            &self.inputs[self.batch]
+        } else {
+            &p.exit
+        };
+        k::mse_grad(
+            &self.handle,
+            y,
+            &self.targets[batch],
+            &mut self.g,
+            &mut self.mse_partials,
+        )?;
+        if want_loss {
+            k::mse_from_partials(&self.handle, &self.mse_partials, self.tokens * self.hidden)
+        } else {
+            Ok(f64::NAN)
+        }
+    }
+
+    /// Backward of block `l`: on entry `d_o` holds the gradient of its output and `g` the
+    /// stream's gradient at its entry (from later blocks); on return `d_o` holds the gradient of
+    /// slot `input`'s block output and `g` the stream's gradient before the entry.
+    pub(super) fn pre_backward_block(
+        &mut self,
+        l: usize,
+        input: usize,
+        call: u64,
+        scale: bool,
+    ) -> Result<()> {
+        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        let cfg = self.entry_config(l, input, call)?;
+        let (hd, h) = (self.hidden, &self.handle);
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let set = &mut self.set;
+        self.blas.linear_bwd_weight(
+            &self.d_o,
+            &self.a[l],
+            &mut set.grad_mut::<f32>(t(l, 2))?,
+            hd,
+            hd,
+        )?;
+        self.blas.linear_bwd_input(
+            &self.d_o,
+            &set.param::<f32>(t(l, 2))?,
+            &mut self.d_a,
+            hd,
+            hd,
+            false,
+        )?;
+        k::bias_gelu_bwd(
+            h,
+            &self.hpre[l],
+            &set.param::<f32>(t(l, 1))?,
+            &self.d_a,
+            &mut self.du,
+        )?;
+        k::colsum(
+            h,
+            &self.du,
+            self.tokens,
+            &mut self.colsum_scratch,
+            &mut set.grad_mut::<f32>(t(l, 1))?,
+        )?;
+        self.blas.linear_bwd_weight(
+            &self.du,
+            &p.nrm[l],
+            &mut set.grad_mut::<f32>(t(l, 0))?,
+            hd,
+            hd,
+        )?;
+        self.blas.linear_bwd_input(
+            &self.du,
+            &set.param::<f32>(t(l, 0))?,
+            &mut p.dn,
+            hd,
+            hd,
+            false,
+        )?;
+        // The entry's fused backward.
+        let adds = input > 0;
+        let args = dan::BackwardArgs {
+            d_s: Some(self.g.as_view()),
+            rowscale: (scale && adds).then(|| self.rowscale[input - 1].as_view()),
+            workspace: Some(&mut p.ws),
+            ..dan::BackwardArgs::new(
+                p.dn.as_view(),
+                p.stream[l].as_view(),
+                set.param::<f32>(t(l, 4))?,
+                p.mean[l].as_view(),
+                p.rstd[l].as_view(),
+            )
+        };
+        let outs = dan::BackwardOut {
+            // Without an add, dx is the input's gradient: nobody needs it or the residual's.
+            d_residual: adds.then(|| p.g2.as_view_mut()),
+            dbeta: Some(p.dbeta.as_view_mut()),
+            dbias: adds.then(|| p.dbias.as_view_mut()),
+            ..dan::BackwardOut::new(self.d_o.as_view_mut(), p.dgamma.as_view_mut())
+        };
+        dan::backward(h, &cfg, args, outs)?;
+        let stream = h.stream();
+        let mut copy = |src: &CudaSlice<f32>, i: usize| {
+            stream
+                .memcpy_dtod(src, &mut set.grad_mut::<f32>(i)?)
+                .map_err(Error::driver(OP))
+        };
+        copy(&p.dgamma, t(l, 4))?;
+        copy(&p.dbeta, t(l, 5))?;
+        if adds {
+            copy(&p.dbias, t(input - 1, 3))?;
+            std::mem::swap(&mut self.g, &mut p.g2);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,107 @@
+//! The pre-norm variant of the residual MLP ([`MlpConfig::prenorm`](super::MlpConfig)): every
+//! block's entry is fusedreg's `dropout_add_norm`, with LayerNorm Scaling on or off.
+//!
+//! With `s_0` the input batch, block `l` (0-based; layer `l + 1` for LayerNorm Scaling) runs
+//!
+//! ```text
+//! s_l = s_{l-1} + rowscale_{l-1} * dropout(o_{l-1} + b2_{l-1})    the entry (block 0: s_0 = input)
+//! n_l = norm(s_l) * gamma_l + beta_l   [* 1 / sqrt(l + 1) with LayerNorm Scaling]
+//! o_l = W2_l gelu(W1_l n_l + b1_l)
+//! ```
+//!
+//! and the exit `y = s_{L-1} + rowscale_{L-1} * dropout(o_{L-1} + b2_{L-1})` (fusedreg's
+//! `dropout_residual`) goes into the MSE loss **without a final norm**: the targets are the
+//! residual teacher's unnormalised outputs, whose per-row mean and scale a final norm would have
+//! to relearn from its per-column gamma and beta. (LayerNorm Scaling never applies to a final
+//! norm anyway, so the comparison is unaffected by this choice.)
+//!
+//! The backward of each entry is the op's fused backward: from the gradient of `n_l` and the
+//! gradient flowing along the stream it gives the gradient of the previous block's output (its
+//! `dx`), of the stream before (`d_residual`), `dgamma_l`, `dbeta_l` and the previous block's
+//! `db2` (`dbias`).
+//!
+//! **Stochastic depth.** A dropped block launches nothing: no entry norm (its `n_l` would feed
+//! only itself), no products, and its output is not added. The add of block `j`'s output is
+//! fused into the entry of the next block `k` that runs (or into the exit), which normalises
+//! with its own `gamma_k`, `beta_k` and `1 / sqrt(k + 1)`; with no block before it that ran,
+//! the entry has no `x` and normalises the input itself. So the stream is exactly the one of the
+//! model in which dropped blocks contribute zero, with no launch and no zero row scale spent on
+//! them. The dropout on `o_j` is keyed by the call id of the block whose entry adds it (the
+//! exit's call for the last one), and scaled by block `j`'s row scale `1 / (1 - p_j)`.
+//!
+//! Per block the optimizer tensors are W1, b1, W2, b2, gamma, beta ([`PreNorm::TENSORS`]);
+//! gamma starts at 1 and beta at 0, and neither gets weight decay.
+
+use fusedreg::dropout_add_norm::{Config, Norm};
+use fusedreg::Result;
+
+/// The pre-norm variant: which normaliser, whether LayerNorm Scaling is on, and eps.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg::dropout_add_norm::Norm;
+/// use fusedreg_tools::mlp::{MlpConfig, PreNorm, Trainer};
+/// let cfg = MlpConfig { blocks: 3, prenorm: Some(PreNorm::new(Norm::LayerNorm, true)), ..MlpConfig::cpu() };
+/// let mut t = Trainer::cpu(cfg.clone()).unwrap();
+/// assert_eq!(t.model.tensors().len(), 3 * 6); // W1, b1, W2, b2, gamma, beta per block
+/// assert!(t.step(true).unwrap() > 0.0);
+/// let bad = PreNorm { eps: 0.0, ..PreNorm::new(Norm::RmsNorm, false) };
+/// assert!(Trainer::cpu(MlpConfig { prenorm: Some(bad), ..cfg }).is_err());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PreNorm {
+    /// LayerNorm (with beta) or RMSNorm (beta is then a plain learned shift after the norm).
+    pub norm: Norm,
+    /// Scale the entry norm of block `l` (0-based) by `1 / sqrt(l + 1)` (Sun et al. 2025).
+    pub layer_norm_scaling: bool,
+    /// The normaliser's eps (finite, > 0).
+    pub eps: f32,
+}
+
+impl PreNorm {
+    /// Optimizer tensors per block: W1, b1, W2, b2, gamma, beta.
+    pub const TENSORS: usize = 6;
+
+    /// `norm` with eps `1e-5`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_add_norm::Norm;
+    /// use fusedreg_tools::mlp::PreNorm;
+    /// let p = PreNorm::new(Norm::RmsNorm, true);
+    /// assert_eq!((p.norm, p.layer_norm_scaling, p.eps), (Norm::RmsNorm, true, 1e-5));
+    /// ```
+    pub fn new(norm: Norm, layer_norm_scaling: bool) -> Self {
+        PreNorm {
+            norm,
+            layer_norm_scaling,
+            eps: 1e-5,
+        }
+    }
+
+    /// The entry of block `l` on `[tokens, hidden]`: with `adds` it adds a previous block's
+    /// output under dropout `p` keyed by `(seed, call)`; without, it only normalises (no dropout
+    /// on the input).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn entry(
+        &self,
+        tokens: usize,
+        hidden: usize,
+        l: usize,
+        adds: bool,
+        p: f64,
+        seed: u64,
+        call: u64,
+    ) -> Result<Config> {
+        let mut cfg = Config::new(tokens, hidden, self.norm, self.eps)?;
+        if adds {
+            cfg = cfg.with_dropout(p, seed, call)?;
+        }
+        if self.layer_norm_scaling {
+            cfg = cfg.with_layer_norm_scaling(l + 1)?;
+        }
+        Ok(cfg)
+    }
+}
