@@ -10,6 +10,8 @@ mod bias_act_dropout;
 mod buffers;
 #[cfg(feature = "candle-cuda")]
 mod candle;
+#[cfg(feature = "candle-cuda")]
+mod candle_ops;
 #[path = "../common/mod.rs"]
 mod common;
 mod cross_entropy;
@@ -39,5 +41,7 @@ fn main() {
     trials.extend(dropout_add_norm::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
+    #[cfg(feature = "candle-cuda")]
+    trials.extend(candle_ops::trials());
     libtest_mimic::run(&args, trials).exit();
 }
