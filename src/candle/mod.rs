@@ -10,7 +10,10 @@
 //!   own stream (`CudaDevice::cuda_stream()`), never on
 //!   another stream and with no host synchronisation, so it is ordered with candle's work.
 //!
-//! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path).
+//! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path);
+//! [`DropoutAddNorm`] (bias + dropout + residual add + LayerNorm / RMSNorm, with drop path and
+//! LayerNorm Scaling; gradients from both outputs); [`CrossEntropy`] (mean cross-entropy with
+//! label smoothing and an ignore index).
 //!
 //! # Random keys: nothing is stored for the backward
 //!
@@ -85,9 +88,13 @@
 //! buffer, split with `narrow` (views, no copy). The helpers here ([`StepKeys::call`], the dtype
 //! dispatch, slice access) are shared by all ops.
 
+mod cross_entropy;
+mod dropout_add_norm;
 mod dropout_residual;
 mod storage;
 
+pub use cross_entropy::CrossEntropy;
+pub use dropout_add_norm::DropoutAddNorm;
 pub use dropout_residual::DropoutResidual;
 #[cfg(feature = "candle-cuda")]
 pub use storage::cuda_handle;
