@@ -651,9 +651,9 @@ fn fwd_cuda<T: Elem>(
     // SAFETY: as above.
     let mut stats = unsafe { cuda_alloc::<f32>(dev, 2 * rows)? };
     {
-        let (out, s) = packed.split_at_mut(n);
+        let (out, mut s) = packed.split_at_mut(n);
         let s = s.slice_mut(..n);
-        let (mean, rstd) = stats.split_at_mut(rows);
+        let (mean, mut rstd) = stats.split_at_mut(rows);
         let rstd = rstd.slice_mut(..rows);
         let args = ForwardArgs {
             residual: r,
