@@ -9,10 +9,15 @@
 //! * on candle's CUDA device (feature `candle-cuda`) it launches fusedreg's kernels on candle's
 //!   own stream (`CudaDevice::cuda_stream()`), never on
 //!   another stream and with no host synchronisation, so it is ordered with candle's work.
+//!   (One exception: [`CrossEntropy`]'s forward reads a 4-byte flag back to report an
+//!   out-of-range target as an error, which waits for the op, unless
+//!   [`CrossEntropy::without_target_check`] is set.)
 //!
-//! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path), [`Dropout`]
-//! (plain dropout with optional bias and drop path), [`BiasActDropout`] (the FFN site: bias +
-//! activation + dropout).
+//! Ops: [`DropoutResidual`] (bias + dropout + residual add, with drop path); [`Dropout`] (plain
+//! dropout with optional bias and drop path); [`BiasActDropout`] (the FFN site: bias +
+//! activation + dropout); [`DropoutAddNorm`] (bias + dropout + residual add + LayerNorm /
+//! RMSNorm, with drop path and LayerNorm Scaling; gradients from both outputs); [`CrossEntropy`]
+//! (mean cross-entropy with label smoothing and an ignore index).
 //!
 //! # Random keys: nothing is stored for the backward
 //!
@@ -88,12 +93,16 @@
 //! dispatch, slice access) are shared by all ops.
 
 mod bias_act_dropout;
+mod cross_entropy;
 mod dropout;
+mod dropout_add_norm;
 mod dropout_residual;
 mod storage;
 
 pub use bias_act_dropout::BiasActDropout;
+pub use cross_entropy::CrossEntropy;
 pub use dropout::Dropout;
+pub use dropout_add_norm::DropoutAddNorm;
 pub use dropout_residual::DropoutResidual;
 #[cfg(feature = "candle-cuda")]
 pub use storage::cuda_handle;

@@ -11,6 +11,8 @@ mod buffers;
 #[cfg(feature = "candle-cuda")]
 mod candle;
 #[cfg(feature = "candle-cuda")]
+mod candle_norm;
+#[cfg(feature = "candle-cuda")]
 mod candle_ops;
 #[path = "../common/mod.rs"]
 mod common;
@@ -41,6 +43,8 @@ fn main() {
     trials.extend(dropout_add_norm::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
+    #[cfg(feature = "candle-cuda")]
+    trials.extend(candle_norm::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle_ops::trials());
     libtest_mimic::run(&args, trials).exit();
