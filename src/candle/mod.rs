@@ -12,6 +12,11 @@
 //!
 //! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path).
 //!
+//! Training-loop pieces: [`AdamW`] (fusedreg's multi-tensor AdamW with clipping as a
+//! `candle_nn::optim::Optimizer`, updating the Vars in place on CUDA) and [`StochasticDepth`] /
+//! [`DepthPlan`] (which residual blocks run at a step; dropped blocks are never called and their
+//! Vars skip the optimizer step).
+//!
 //! # Random keys: nothing is stored for the backward
 //!
 //! Every mask is a pure function of `(seed, call id, element index)` (see [`crate::philox`]). The
@@ -85,10 +90,14 @@
 //! buffer, split with `narrow` (views, no copy). The helpers here ([`StepKeys::call`], the dtype
 //! dispatch, slice access) are shared by all ops.
 
+mod adamw;
 mod dropout_residual;
+mod stochastic_depth;
 mod storage;
 
+pub use adamw::{AdamW, AdamWParams};
 pub use dropout_residual::DropoutResidual;
+pub use stochastic_depth::{DepthPlan, StochasticDepth};
 #[cfg(feature = "candle-cuda")]
 pub use storage::cuda_handle;
 
