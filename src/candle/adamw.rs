@@ -123,9 +123,12 @@ enum Backend {
 ///   and it adds nothing to the clipping norm — as with [`AdamW::set_skip`]. (candle's AdamW
 ///   also leaves such a Var alone, but its one step counter for all Vars still advances, so the
 ///   Var's next bias correction differs from ours, which counts steps per Var as PyTorch does.)
-/// * On CUDA a step queues 1 (no clipping) or 3 launches and no host synchronisation; host-to-
-///   device copies happen only when something changed: the gradient-address table, the skip
-///   flags, the learning rate (each a few bytes per Var, from pageable memory).
+/// * On CUDA a step queues 1 (no clipping) or 3 launches. Host-to-device copies happen only
+///   when something changed: the gradient-address table (40 bytes per Var), the skip flags, the
+///   learning rate. They are copies from pageable memory, for which CUDA first waits for the
+///   stream: a step that changes one of them synchronises with the GPU once; a step where candle
+///   hands out the same gradient addresses as the step before (its stream-ordered pool often
+///   does) and nothing else changed does not. A pinned ring buffer would remove that wait.
 /// * Non-contiguous gradients are copied to a contiguous tensor first.
 /// * When clipping is on and the gradient norm is NaN or infinite, the whole step is skipped:
 ///   no Var and no state bit changes.
