@@ -407,7 +407,11 @@ impl CustomOp2 for Fwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(FWD, s1.dtype(), fwd_cuda(&self.cfg, self.check, (s1, l1), (s2, l2)))
+        dispatch!(
+            FWD,
+            s1.dtype(),
+            fwd_cuda(&self.cfg, self.check, (s1, l1), (s2, l2))
+        )
     }
 
     fn bwd(
@@ -551,11 +555,15 @@ mod tests {
         let logits = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
         let targets = Tensor::zeros(6, DType::I64, &dev)?;
         let cfg = Config::new(6, 4).map_err(wrap)?;
-        let err = logits.apply_op2_no_bwd(&targets, &Fwd { cfg, check: true }).unwrap_err();
+        let err = logits
+            .apply_op2_no_bwd(&targets, &Fwd { cfg, check: true })
+            .unwrap_err();
         assert!(err.to_string().contains("not contiguous"), "{err}");
         let logits = logits.contiguous()?;
         let t32 = Tensor::zeros(6, DType::U32, &dev)?;
-        let err = logits.apply_op2_no_bwd(&t32, &Fwd { cfg, check: true }).unwrap_err();
+        let err = logits
+            .apply_op2_no_bwd(&t32, &Fwd { cfg, check: true })
+            .unwrap_err();
         assert!(err.to_string().contains("I64"), "{err}");
         Ok(())
     }

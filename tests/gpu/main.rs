@@ -11,6 +11,8 @@ mod buffers;
 #[cfg(feature = "candle-cuda")]
 mod candle;
 #[cfg(feature = "candle-cuda")]
+mod candle_adamw;
+#[cfg(feature = "candle-cuda")]
 mod candle_norm;
 #[cfg(feature = "candle-cuda")]
 mod candle_ops;
@@ -47,5 +49,7 @@ fn main() {
     trials.extend(candle_norm::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle_ops::trials());
+    #[cfg(feature = "candle-cuda")]
+    trials.extend(candle_adamw::trials());
     libtest_mimic::run(&args, trials).exit();
 }
