@@ -10,7 +10,9 @@
 //!   own stream (`CudaDevice::cuda_stream()`), never on
 //!   another stream and with no host synchronisation, so it is ordered with candle's work.
 //!
-//! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path).
+//! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path), [`Dropout`]
+//! (plain dropout with optional bias and drop path), [`BiasActDropout`] (the FFN site: bias +
+//! activation + dropout).
 //!
 //! # Random keys: nothing is stored for the backward
 //!
@@ -85,9 +87,13 @@
 //! buffer, split with `narrow` (views, no copy). The helpers here ([`StepKeys::call`], the dtype
 //! dispatch, slice access) are shared by all ops.
 
+mod bias_act_dropout;
+mod dropout;
 mod dropout_residual;
 mod storage;
 
+pub use bias_act_dropout::BiasActDropout;
+pub use dropout::Dropout;
 pub use dropout_residual::DropoutResidual;
 #[cfg(feature = "candle-cuda")]
 pub use storage::cuda_handle;

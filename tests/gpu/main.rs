@@ -9,6 +9,8 @@ mod bad_input;
 mod bias_act_dropout;
 #[cfg(feature = "candle-cuda")]
 mod candle;
+#[cfg(feature = "candle-cuda")]
+mod candle_ops;
 #[path = "../common/mod.rs"]
 mod common;
 mod cross_entropy;
@@ -38,5 +40,7 @@ fn main() {
     trials.extend(dropout_add_norm::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
+    #[cfg(feature = "candle-cuda")]
+    trials.extend(candle_ops::trials());
     libtest_mimic::run(&args, trials).exit();
 }
