@@ -12,7 +12,9 @@
 //!
 //! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path), [`Dropout`]
 //! (plain dropout with optional bias and drop path), [`BiasActDropout`] (the FFN site: bias +
-//! activation + dropout).
+//! activation + dropout); [`DropoutAddNorm`] (bias + dropout + residual add + LayerNorm /
+//! RMSNorm, with drop path and LayerNorm Scaling; gradients from both outputs);
+//! [`CrossEntropy`] (mean cross-entropy with label smoothing and an ignore index).
 //!
 //! # Random keys: nothing is stored for the backward
 //!
@@ -88,12 +90,16 @@
 //! dispatch, slice access) are shared by all ops.
 
 mod bias_act_dropout;
+mod cross_entropy;
 mod dropout;
+mod dropout_add_norm;
 mod dropout_residual;
 mod storage;
 
 pub use bias_act_dropout::BiasActDropout;
+pub use cross_entropy::CrossEntropy;
 pub use dropout::Dropout;
+pub use dropout_add_norm::DropoutAddNorm;
 pub use dropout_residual::DropoutResidual;
 #[cfg(feature = "candle-cuda")]
 pub use storage::cuda_handle;

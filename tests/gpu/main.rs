@@ -11,6 +11,7 @@ mod bias_act_dropout;
 mod candle;
 #[cfg(feature = "candle-cuda")]
 mod candle_ops;
+mod candle_norm;
 #[path = "../common/mod.rs"]
 mod common;
 mod cross_entropy;
@@ -42,5 +43,6 @@ fn main() {
     trials.extend(candle::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle_ops::trials());
+    trials.extend(candle_norm::trials());
     libtest_mimic::run(&args, trials).exit();
 }

@@ -1,0 +1,510 @@
+//! [`CrossEntropy`]: PyTorch's `F.cross_entropy(logits, targets, label_smoothing=α,
+//! ignore_index=i)` (mean over the rows that are not ignored) on candle tensors, with autograd,
+//! through [`crate::cross_entropy`].
+//!
+//! # Where the gradient comes from: recomputed in the backward
+//!
+//! The forward op computes the loss only (each row of logits read once). The backward op runs
+//! fusedreg's fused loss-and-gradient pass once more, with the upstream gradient folded into its
+//! per-row scale (`Reduction::None` with `upstream[row] = d_loss * (1 / n_valid)`), so the gradient
+//! is written once, already scaled, and rounded once.
+//!
+//! The alternative, computing the gradient in the forward and keeping it in the op object until
+//! the backward (as Liger-Kernel does in place), holds one logits-sized buffer between forward
+//! and backward (the largest activation of a language model) and still needs a pass over it in
+//! the backward to multiply by the upstream gradient, which is only known then: 3 + 2 passes
+//! over `[rows, vocab]` against 1 + 3 here, and no memory held. The price is that the
+//! forward's softmax statistics are recomputed (one extra read of the logits, not a write).
+//!
+//! With `d_loss = 1` (`loss.backward()`) the gradient has exactly the bits of
+//! [`crate::cross_entropy::cpu::forward_backward`] with [`Reduction::Mean`].
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem};
+use super::wrap;
+use crate::cross_entropy::{cpu, Config, Reduction};
+use crate::error::Error;
+
+const OP: &str = "candle::CrossEntropy";
+const FWD: &str = "fusedreg-cross-entropy";
+const BWD: &str = "fusedreg-cross-entropy-bwd";
+
+/// Mean cross-entropy of `logits` `[..., vocab]` (f32, f16 or bf16) against class indices
+/// `targets` `[...]` (u32 or i64), with optional label smoothing `α` and an ignore index (rows
+/// whose target equals it count neither in the loss nor in the mean; -100 by default, as in
+/// PyTorch):
+///
+/// ```text
+/// loss_row = (1 - α)·(lse - x[t]) + α·(lse - mean(x))      lse = logsumexp of the row
+/// loss     = sum of loss_row over valid rows / n_valid      (0 when no row is valid)
+/// ```
+///
+/// The loss is an f32 scalar tensor; its gradient flows into `logits` (see the
+/// [module docs](self) for how it is computed). The arithmetic and the reduction order are those
+/// of [`crate::cross_entropy`], so the CPU device gives the bits of
+/// [`crate::cross_entropy::cpu`] and the CUDA device the kernels' (the same bits).
+///
+/// # Examples
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use fusedreg::candle::CrossEntropy;
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let logits = Var::randn(0f32, 1.0, (2, 5, 11), &dev)?; // [batch, seq, vocab]
+/// let targets = Tensor::new(&[[1u32, 2, 3, 4, 5], [6, 7, 8, 9, 10]], &dev)?;
+/// let loss = CrossEntropy::new().with_label_smoothing(0.1)?.forward(&logits, &targets)?;
+/// assert_eq!(loss.dims(), &[] as &[usize]);
+/// let grads = loss.backward()?;
+/// let g = grads.get(&logits).unwrap();
+/// // Each row's gradient sums to 0 (softmax minus a distribution), scaled by 1 / 10 rows.
+/// let row_sums = g.sum(2)?.flatten_all()?.to_vec1::<f32>()?;
+/// assert!(row_sums.iter().all(|s| s.abs() < 1e-6));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CrossEntropy {
+    alpha: f64,
+    ignore_index: i64,
+}
+
+impl Default for CrossEntropy {
+    /// No label smoothing, ignore index -100.
+    ///
+    /// ```
+    /// use fusedreg::candle::CrossEntropy;
+    /// assert_eq!(CrossEntropy::default(), CrossEntropy::new());
+    /// ```
+    fn default() -> Self {
+        CrossEntropy {
+            alpha: 0.0,
+            ignore_index: -100,
+        }
+    }
+}
+
+impl CrossEntropy {
+    /// Plain cross-entropy: no label smoothing, ignore index -100 (PyTorch's defaults).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::candle::CrossEntropy;
+    /// let ce = CrossEntropy::new();
+    /// assert_eq!((ce.label_smoothing(), ce.ignore_index()), (0.0, -100));
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Label smoothing `alpha` in `[0, 1]`: the target distribution is `(1 - α)·onehot + α/V`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::candle::CrossEntropy;
+    /// # fn main() -> candle_core::Result<()> {
+    /// assert_eq!(CrossEntropy::new().with_label_smoothing(0.1)?.label_smoothing(), 0.1);
+    /// assert!(CrossEntropy::new().with_label_smoothing(1.5).is_err());
+    /// assert!(CrossEntropy::new().with_label_smoothing(f64::NAN).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn with_label_smoothing(self, alpha: f64) -> candle_core::Result<Self> {
+        // The op's own check.
+        Config::new(0, 1)
+            .and_then(|c| c.label_smoothing(alpha))
+            .map_err(wrap)?;
+        Ok(CrossEntropy { alpha, ..self })
+    }
+
+    /// Rows whose target is `ignore_index` are skipped (loss and gradient 0, not counted in the
+    /// mean). Any value; with u32 targets only values in `0..2^32` can match.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::candle::CrossEntropy;
+    /// assert_eq!(CrossEntropy::new().with_ignore_index(0).ignore_index(), 0);
+    /// ```
+    pub fn with_ignore_index(self, ignore_index: i64) -> Self {
+        CrossEntropy {
+            ignore_index,
+            ..self
+        }
+    }
+
+    /// The label smoothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(fusedreg::candle::CrossEntropy::new().label_smoothing(), 0.0);
+    /// ```
+    pub fn label_smoothing(&self) -> f64 {
+        self.alpha
+    }
+
+    /// The ignore index.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(fusedreg::candle::CrossEntropy::new().ignore_index(), -100);
+    /// ```
+    pub fn ignore_index(&self) -> i64 {
+        self.ignore_index
+    }
+
+    /// The [`Config`] of a call on `rows` rows of `vocab` logits (mean reduction): to call
+    /// [`crate::cross_entropy::cpu`] directly with the same settings.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::candle::CrossEntropy;
+    /// use fusedreg::cross_entropy::Reduction;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let cfg = CrossEntropy::new().with_ignore_index(7).config(4, 100)?;
+    /// assert_eq!((cfg.rows(), cfg.vocab(), cfg.get_ignore_index()), (4, 100, 7));
+    /// assert_eq!(cfg.get_reduction(), Reduction::Mean);
+    /// assert!(CrossEntropy::new().config(4, 0).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn config(&self, rows: usize, vocab: usize) -> candle_core::Result<Config> {
+        Ok(Config::new(rows, vocab)
+            .and_then(|c| c.label_smoothing(self.alpha))
+            .map_err(wrap)?
+            .ignore_index(self.ignore_index)
+            .reduction(Reduction::Mean))
+    }
+
+    /// The mean loss (an f32 scalar) of `logits` `[..., vocab]` against `targets` `[...]` (the
+    /// logits' leading dimensions). Non-contiguous inputs are copied first; u32 targets are
+    /// widened to i64 (one `rows`-sized copy).
+    ///
+    /// Errors: logits of a dtype other than f32/f16/bf16 or a scalar; targets of a dtype other
+    /// than u32/i64 (floats included) or of the wrong shape; arguments on different devices; an
+    /// empty vocabulary or one above 2^24; a target outside `[0, vocab)` that is not the ignore
+    /// index (on the CUDA device this check reads a flag back from the device, one 4-byte copy
+    /// that waits for the op).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use fusedreg::candle::CrossEntropy;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let logits = Tensor::zeros((3, 4), DType::F32, &dev)?;
+    /// let targets = Tensor::new(&[0i64, -100, 3], &dev)?;
+    /// let loss: f32 = CrossEntropy::new().forward(&logits, &targets)?.to_scalar()?;
+    /// assert!((loss - 4f32.ln()).abs() < 1e-6); // uniform over 4 classes, 2 valid rows
+    /// // Out-of-range targets, float targets, wrong shapes: errors.
+    /// let bad = Tensor::new(&[0i64, 4, 1], &dev)?;
+    /// let err = CrossEntropy::new().forward(&logits, &bad).unwrap_err();
+    /// assert!(err.to_string().contains("outside [0, 4)"), "{err}");
+    /// assert!(CrossEntropy::new().forward(&logits, &targets.to_dtype(DType::F32)?).is_err());
+    /// assert!(CrossEntropy::new().forward(&logits, &Tensor::new(&[0i64, 1], &dev)?).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        check_tensor(OP, "logits", logits, logits)?;
+        if !matches!(targets.dtype(), DType::U32 | DType::I64) {
+            return Err(wrap(Error::invalid(
+                OP,
+                format!(
+                    "targets have dtype {:?}: class indices must be u32 or i64",
+                    targets.dtype()
+                ),
+            )));
+        }
+        if !targets.device().same_device(logits.device()) {
+            return Err(wrap(Error::invalid(
+                OP,
+                format!(
+                    "`targets` are on {:?}, the logits on {:?}",
+                    targets.device().location(),
+                    logits.device().location()
+                ),
+            )));
+        }
+        let (rows, vocab) = rows_cols(OP, "logits", logits)?;
+        let lead = &logits.dims()[..logits.rank() - 1];
+        if targets.dims() != lead {
+            return Err(wrap(Error::shape(
+                OP,
+                format!(
+                    "targets are {:?}, expected {lead:?} (the logits {:?} without the vocabulary)",
+                    targets.dims(),
+                    logits.dims()
+                ),
+            )));
+        }
+        let cfg = self.config(rows, vocab)?;
+        let logits = logits.contiguous()?.reshape((rows, vocab))?;
+        let targets = targets
+            .to_dtype(DType::I64)?
+            .contiguous()?
+            .reshape(rows)?;
+        logits.apply_op2(&targets, Fwd { cfg })
+    }
+}
+
+/// The contiguous i64 elements of a targets tensor on the CPU.
+fn cpu_targets<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [i64]> {
+    let (start, end) = targets_range(s.dtype(), l)?;
+    Ok(&s.as_slice::<i64>()?[start..end])
+}
+
+fn targets_range(dtype: DType, l: &Layout) -> candle_core::Result<(usize, usize)> {
+    if dtype != DType::I64 {
+        return Err(wrap(Error::invalid(
+            FWD,
+            format!("targets have dtype {dtype:?}, expected I64"),
+        )));
+    }
+    l.contiguous_offsets().ok_or_else(|| {
+        wrap(Error::invalid(
+            FWD,
+            "`targets` are not contiguous; call .contiguous() first",
+        ))
+    })
+}
+
+/// The forward custom op: (logits `[rows, vocab]`, targets i64 `[rows]`) -> the mean loss, f32
+/// `[]`.
+#[derive(Clone, Copy, Debug)]
+struct Fwd {
+    cfg: Config,
+}
+
+fn fwd_cpu<T: Elem>(
+    cfg: &Config,
+    (sl, ll): (&CpuStorage, &Layout),
+    (st, lt): (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let logits = cpu_slice::<T>(FWD, "logits", sl, ll)?;
+    let targets = cpu_targets(st, lt)?;
+    let loss = cpu::forward(cfg, logits, targets).map_err(wrap)?;
+    let mean = loss
+        .reduced
+        .ok_or_else(|| wrap(Error::invalid(FWD, "no reduced loss")))?;
+    Ok(cpu_out(vec![mean], Shape::from(())))
+}
+
+#[cfg(feature = "candle-cuda")]
+fn fwd_cuda<T: Elem>(
+    cfg: &Config,
+    (sl, ll): (&candle_core::CudaStorage, &Layout),
+    (st, lt): (&candle_core::CudaStorage, &Layout),
+) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    use super::storage::{cuda_alloc, cuda_handle, cuda_view};
+    use crate::cross_entropy::Outputs;
+    let dev = &sl.device;
+    let h = cuda_handle(dev)?;
+    let logits = cuda_view::<T>(FWD, "logits", sl, ll)?;
+    let (start, end) = targets_range(st.dtype(), lt)?;
+    let targets = st.as_cuda_slice::<i64>()?.slice(start..end);
+    // SAFETY: the forward writes the loss (0 with no valid rows).
+    let mut loss = unsafe { cuda_alloc::<f32>(dev, 1)? };
+    let mut flag = dev.alloc_zeros::<u32>(1)?;
+    let out = Outputs {
+        invalid_target: Some(flag.as_view_mut()),
+        ..Outputs::new(loss.slice_mut(..1))
+    };
+    crate::cross_entropy::forward(&h, cfg, &logits, &targets, out).map_err(wrap)?;
+    // The kernel cannot fail on a bad target; it raises this flag. Reading it waits for the op.
+    if dev.clone_dtoh(&flag)?[0] != 0 {
+        return Err(wrap(Error::invalid(
+            crate::cross_entropy::OP,
+            format!(
+                "a target is outside [0, {}) and not the ignore index {}",
+                cfg.vocab(),
+                cfg.get_ignore_index()
+            ),
+        )));
+    }
+    Ok((
+        candle_core::CudaStorage::wrap_cuda_slice(loss, dev.clone()),
+        Shape::from(()),
+    ))
+}
+
+impl CustomOp2 for Fwd {
+    fn name(&self) -> &'static str {
+        FWD
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch!(FWD, s1.dtype(), fwd_cpu(&self.cfg, (s1, l1), (s2, l2)))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        dispatch!(FWD, s1.dtype(), fwd_cuda(&self.cfg, (s1, l1), (s2, l2)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _loss: &Tensor,
+        d_loss: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // upstream = d_loss * (1 / n_valid) per row, on the device: the same f32 operations as
+        // the mean's own scale (`1 / n_valid as f32`), so d_loss = 1 gives its bits. n_valid is
+        // counted in i64 (exact) and rounded once to f32 like the op's; max(1) only matters
+        // when no row is valid, and then every gradient row is zero anyway.
+        let n_valid = targets
+            .ne(self.cfg.get_ignore_index())?
+            .to_dtype(DType::I64)?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .maximum(1f32)?;
+        let scale = (n_valid.recip()? * d_loss.to_dtype(DType::F32)?)?;
+        let upstream = scale.broadcast_as(self.cfg.rows())?.contiguous()?;
+        let op = Bwd {
+            cfg: self.cfg.reduction(Reduction::None),
+        };
+        let d_logits = logits.apply_op3_no_bwd(targets, &upstream, &op)?;
+        Ok((Some(d_logits), None))
+    }
+}
+
+/// The backward custom op: (logits, targets, upstream f32 `[rows]`) -> the gradient of the
+/// logits. It has no backward of its own (no second derivatives through this op).
+#[derive(Clone, Copy, Debug)]
+struct Bwd {
+    /// The forward's config with `Reduction::None` (the per-row upstream carries the mean).
+    cfg: Config,
+}
+
+fn bwd_cpu<T: Elem>(
+    cfg: &Config,
+    (sl, ll): (&CpuStorage, &Layout),
+    (st, lt): (&CpuStorage, &Layout),
+    (su, lu): (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let logits = cpu_slice::<T>(BWD, "logits", sl, ll)?;
+    let targets = cpu_targets(st, lt)?;
+    let upstream = cpu_slice::<f32>(BWD, "upstream", su, lu)?;
+    let mut grad = vec![T::default(); cfg.len()];
+    cpu::forward_backward(cfg, logits, targets, Some(upstream), &mut grad).map_err(wrap)?;
+    Ok(cpu_out(grad, ll.shape().clone()))
+}
+
+#[cfg(feature = "candle-cuda")]
+fn bwd_cuda<T: Elem>(
+    cfg: &Config,
+    (sl, ll): (&candle_core::CudaStorage, &Layout),
+    (st, lt): (&candle_core::CudaStorage, &Layout),
+    (su, lu): (&candle_core::CudaStorage, &Layout),
+) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    use super::storage::{cuda_alloc, cuda_handle, cuda_view};
+    use crate::cross_entropy::Outputs;
+    let dev = &sl.device;
+    let h = cuda_handle(dev)?;
+    let logits = cuda_view::<T>(BWD, "logits", sl, ll)?;
+    let (start, end) = targets_range(st.dtype(), lt)?;
+    let targets = st.as_cuda_slice::<i64>()?.slice(start..end);
+    let upstream = cuda_view::<f32>(BWD, "upstream", su, lu)?;
+    let n = cfg.len();
+    // SAFETY: the pass writes every gradient element (ignored rows get zeros) and every per-row
+    // loss.
+    let mut grad = unsafe { cuda_alloc::<T>(dev, n)? };
+    // SAFETY: as above (the per-row losses are scratch here).
+    let mut rows = unsafe { cuda_alloc::<f32>(dev, cfg.rows())? };
+    let out = Outputs {
+        upstream: Some(upstream),
+        ..Outputs::new(rows.slice_mut(..cfg.rows()))
+    };
+    crate::cross_entropy::forward_backward(
+        &h,
+        cfg,
+        &logits,
+        &targets,
+        &mut grad.slice_mut(..n),
+        out,
+    )
+    .map_err(wrap)?;
+    Ok((
+        candle_core::CudaStorage::wrap_cuda_slice(grad, dev.clone()),
+        ll.shape().clone(),
+    ))
+}
+
+impl CustomOp3 for Bwd {
+    fn name(&self) -> &'static str {
+        BWD
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch!(
+            BWD,
+            s1.dtype(),
+            bwd_cpu(&self.cfg, (s1, l1), (s2, l2), (s3, l3))
+        )
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        dispatch!(
+            BWD,
+            s1.dtype(),
+            bwd_cuda(&self.cfg, (s1, l1), (s2, l2), (s3, l3))
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The custom op refuses strided logits and targets of another dtype than i64 (the public
+    /// `forward` copies and widens before reaching it).
+    #[test]
+    fn custom_op_refuses_strided_logits_and_u32_targets() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let logits = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
+        let targets = Tensor::zeros(6, DType::I64, &dev)?;
+        let cfg = Config::new(6, 4).map_err(wrap)?;
+        let err = logits.apply_op2_no_bwd(&targets, &Fwd { cfg }).unwrap_err();
+        assert!(err.to_string().contains("not contiguous"), "{err}");
+        let logits = logits.contiguous()?;
+        let t32 = Tensor::zeros(6, DType::U32, &dev)?;
+        let err = logits.apply_op2_no_bwd(&t32, &Fwd { cfg }).unwrap_err();
+        assert!(err.to_string().contains("I64"), "{err}");
+        Ok(())
+    }
+}
