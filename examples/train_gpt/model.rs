@@ -386,44 +386,36 @@ mod plain {
     }
 }
 
-/// The fusedreg path. Sites (fusedreg keys every mask by the step's keys and a site number, so
-/// nothing is stored for the backward): 0 = embedding dropout; block `l` uses `1 + 4 l + k` with
-/// k = 0 attention probabilities, 1 attention output, 2 MLP hidden (bias + GELU + dropout),
-/// 3 MLP output.
+/// The fusedreg path. Every dropout site is a fusedreg op keyed by the step's keys and a site
+/// number, so no mask is stored for the backward. Sites: 0 = the embedding dropout (at the first
+/// norm's entry); block `l` uses `1 + 4 l + k` with k = 0 attention probabilities
+/// ([`Dropout`]), 1 attention output (the entry of the block's second norm), 2 MLP hidden
+/// ([`BiasActDropout`]: bias + GELU + dropout), 3 MLP output (the entry of the next norm).
 pub mod fused {
     use super::*;
-    use fusedreg::candle::DropoutResidual;
+    use fusedreg::bias_act_dropout::Activation;
+    use fusedreg::candle::{BiasActDropout, Dropout, DropoutAddNorm};
 
     /// The site number of block `block`'s site `k` (see the module docs).
     pub fn site(block: usize, k: u32) -> u32 {
         1 + 4 * block as u32 + k
     }
 
-    /// `s = residual + rowscale * dropout(x + bias)` (the new residual stream) and
-    /// `out = LayerNorm(s) * scale`: the entry of every pre-norm.
-    #[allow(clippy::too_many_arguments)]
+    /// The fused entry of a pre-norm: `s = residual + rowscale * dropout(x + bias)` and
+    /// `out = LayerNorm(s) * 1/sqrt(layer)` (LayerNorm Scaling when `layer` is given).
     fn entry(
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        bias: Option<&Tensor>,
-        (gamma, beta): (&Tensor, &Tensor),
-        (p, site, p_path, rows_per_sample): (f64, u32, f64, usize),
-        scale: f64,
-        eps: f64,
-        keys: Option<&StepKeys>,
-    ) -> Result<(Tensor, Tensor)> {
-        let op = DropoutResidual::new(p, site)?.with_drop_path(p_path, rows_per_sample)?;
-        let zeros;
-        let residual = match residual {
-            Some(r) => r,
-            None => {
-                zeros = x.zeros_like()?;
-                &zeros
-            }
-        };
-        let s = op.forward(x, residual, bias, keys)?;
-        let out = layer_norm(&s, gamma, beta, eps, scale)?;
-        Ok((out, s))
+        c: &GptConfig,
+        site: u32,
+        (p_path, rows_per_sample): (f64, usize),
+        layer: Option<usize>,
+    ) -> Result<DropoutAddNorm> {
+        let op = DropoutAddNorm::layer_norm(c.eps, site)?
+            .with_dropout(c.dropout)?
+            .with_drop_path(p_path, rows_per_sample)?;
+        match layer {
+            Some(l) if c.layer_norm_scaling => op.with_layer_norm_scaling(l),
+            _ => Ok(op),
+        }
     }
 
     /// Embedding output -> final-normed hidden states `[b*t, d]`.
@@ -436,58 +428,41 @@ pub mod fused {
     ) -> Result<Tensor> {
         let c = &m.cfg;
         let first = &m.blocks[0];
-        let (mut h, mut s) = entry(
+        let (mut h, mut s) = entry(c, 0, (0.0, t), Some(1))?.forward(
             &emb,
             None,
             None,
-            (first.ln1_g.as_tensor(), first.ln1_b.as_tensor()),
-            (c.dropout, 0, 0.0, t),
-            c.norm_scale(0),
-            c.eps,
+            &first.ln1_g,
+            Some(&first.ln1_b),
             keys,
         )?;
+        let mlp = |l: usize| BiasActDropout::new(Activation::GeluTanh, c.dropout, site(l, 2));
         for (l, blk) in m.blocks.iter().enumerate() {
             let p_path = c.drop_path_rate(l);
-            let a = m.attention(blk, &h, (b, t), |att| match keys {
-                // No adapter op for a plain dropout yet: candle's.
-                Some(_) if c.attn_dropout > 0.0 => {
-                    candle_nn::ops::dropout(att, c.attn_dropout as f32)
-                }
-                _ => Ok(att.clone()),
-            })?;
-            let (h2, s2) = entry(
+            let probs = Dropout::new(c.attn_dropout, site(l, 0))?;
+            let a = m.attention(blk, &h, (b, t), |att| probs.forward(att, None, keys))?;
+            let (h2, s2) = entry(c, site(l, 1), (p_path, t), Some(l + 1))?.forward(
                 &a,
                 Some(&s),
                 Some(&blk.b_o),
-                (blk.ln2_g.as_tensor(), blk.ln2_b.as_tensor()),
-                (c.dropout, site(l, 1), p_path, t),
-                c.norm_scale(l),
-                c.eps,
+                &blk.ln2_g,
+                Some(&blk.ln2_b),
                 keys,
             )?;
-            let u = h2.matmul(&blk.w_fc)?.broadcast_add(&blk.b_fc)?.gelu()?;
-            let u = match keys {
-                Some(_) if c.dropout > 0.0 => candle_nn::ops::dropout(&u, c.dropout as f32)?,
-                _ => u,
-            };
+            let u = mlp(l)?.forward(&h2.matmul(&blk.w_fc)?, Some(&blk.b_fc), keys)?;
             let o = u.matmul(&blk.w_proj)?;
-            // The next pre-norm: the next block's first, or the final norm (not scaled).
-            let (gamma, beta, scale) = match m.blocks.get(l + 1) {
-                Some(next) => (
-                    next.ln1_g.as_tensor(),
-                    next.ln1_b.as_tensor(),
-                    c.norm_scale(l + 1),
-                ),
-                None => (m.lnf_g.as_tensor(), m.lnf_b.as_tensor(), 1.0),
+            // The next pre-norm: the next block's first (layer l + 2), or the final norm (not
+            // scaled).
+            let (gamma, beta, layer) = match m.blocks.get(l + 1) {
+                Some(next) => (&next.ln1_g, &next.ln1_b, Some(l + 2)),
+                None => (&m.lnf_g, &m.lnf_b, None),
             };
-            (h, s) = entry(
+            (h, s) = entry(c, site(l, 3), (p_path, t), layer)?.forward(
                 &o,
                 Some(&s2),
                 Some(&blk.b_proj),
-                (gamma, beta),
-                (c.dropout, site(l, 3), p_path, t),
-                scale,
-                c.eps,
+                gamma,
+                Some(beta),
                 keys,
             )?;
         }

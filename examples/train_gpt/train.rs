@@ -4,7 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use fusedreg::candle::StepKeys;
+use fusedreg::candle::{CrossEntropy, StepKeys};
 
 use super::model::{cross_entropy, Gpt, Path};
 
@@ -121,6 +121,7 @@ impl Optim {
                 .collect()
         };
         match path {
+            // fusedreg's AdamW (branch wt-optim) has not landed here yet: candle's for both.
             Path::Candle | Path::Fused => Ok(Optim::Candle {
                 decay: AdamW::new(pick(true), params(cfg.weight_decay))?,
                 no_decay: AdamW::new(pick(false), params(0.0))?,
@@ -221,7 +222,10 @@ pub fn train_step_sampled(
     let logits = model.forward(path, x, Some(keys))?;
     let alpha = model.cfg.label_smoothing;
     let loss = match path {
-        Path::Candle | Path::Fused => cross_entropy(&logits, y, alpha)?,
+        Path::Candle => cross_entropy(&logits, y, alpha)?,
+        Path::Fused => CrossEntropy::new()
+            .with_label_smoothing(alpha)?
+            .forward(&logits, y)?,
     };
     sample();
     let grads = loss.backward()?;
