@@ -12,11 +12,11 @@ pub struct Series {
 
 /// Width and height of the picture, and the plot area's margins.
 const W: f64 = 820.0;
-const H: f64 = 500.0;
+const H: f64 = 540.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
 const TOP: f64 = 50.0;
-const BOTTOM: f64 = 90.0;
+const BOTTOM: f64 = 130.0;
 
 /// A "nice" tick step (1, 2 or 5 times a power of ten) for about `n` ticks over `range`.
 fn tick_step(range: f64, n: f64) -> f64 {
@@ -40,7 +40,7 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// The SVG document: `title`, `subtitle` lines under the plot, step on x, loss on y.
+/// The SVG document: `title`, `notes` lines under the plot, step on x, loss on y.
 pub fn svg(title: &str, notes: &[String], series: &[Series]) -> String {
     let finite = series
         .iter()
@@ -172,7 +172,7 @@ pub fn svg(title: &str, notes: &[String], series: &[Series]) -> String {
     for (i, note) in notes.iter().enumerate() {
         let _ = writeln!(
             s,
-            r#"<text x="{LEFT}" y="{:.1}" font-size="11">{}</text>"#,
+            r#"<text x="{LEFT}" y="{:.1}" font-size="11" font-family="monospace" xml:space="preserve">{}</text>"#,
             TOP + ph + 52.0 + 14.0 * i as f64,
             escape(note)
         );
