@@ -141,7 +141,10 @@ fn matches_the_cpu_reference_bit_for_bit() -> R {
             let n: usize = c.dims.iter().product();
             let rows = n / vocab;
             let lead = &c.dims[..c.dims.len() - 1];
-            let lv: Vec<T> = logits_data(&mut g, n).into_iter().map(T::from_f32_rn).collect();
+            let lv: Vec<T> = logits_data(&mut g, n)
+                .into_iter()
+                .map(T::from_f32_rn)
+                .collect();
             let tv = targets_data(&mut g, rows, vocab, c.ignore, c.ignore_every);
             let dev = &Device::Cpu;
             let logits = Var::from_tensor(&Tensor::from_slice(&lv, c.dims, dev)?)?;
@@ -157,7 +160,11 @@ fn matches_the_cpu_reference_bit_for_bit() -> R {
                 target_tensors.push(Tensor::from_slice(&t32, lead, dev)?);
             }
             for targets in target_tensors {
-                let what = format!("{dtype:?} case {k} {:?} targets {:?}", c.dims, targets.dtype());
+                let what = format!(
+                    "{dtype:?} case {k} {:?} targets {:?}",
+                    c.dims,
+                    targets.dtype()
+                );
                 let loss = site.forward(&logits, &targets)?;
                 assert_eq!(loss.dtype(), DType::F32);
                 assert_eq!(loss.dims(), &[] as &[usize]);
@@ -196,7 +203,10 @@ fn loss_and_gradient_match_plain_candle_ops() -> R {
         let logits = Var::from_tensor(&Tensor::from_slice(&logits_data(&mut g, n), c.dims, dev)?)?;
         let tv = targets_data(&mut g, rows, vocab, c.ignore, c.ignore_every);
         let targets = Tensor::from_slice(&tv, lead, dev)?;
-        let valid: Vec<f32> = tv.iter().map(|&t| f32::from(u8::from(t != c.ignore))).collect();
+        let valid: Vec<f32> = tv
+            .iter()
+            .map(|&t| f32::from(u8::from(t != c.ignore)))
+            .collect();
         let n_valid: f32 = valid.iter().sum();
         let gather_at: Vec<u32> = tv
             .iter()
@@ -217,7 +227,12 @@ fn loss_and_gradient_match_plain_candle_ops() -> R {
             let grads_ref = loss_ref.backward()?;
 
             let what = format!("case {k} {:?} upstream {upstream}", c.dims);
-            assert_close(&format!("{what}: loss"), &flat(&loss)?, &flat(&loss_ref)?, 2e-6);
+            assert_close(
+                &format!("{what}: loss"),
+                &flat(&loss)?,
+                &flat(&loss_ref)?,
+                2e-6,
+            );
             let dl = flat(grads.get(&logits).unwrap())?;
             let dl_ref = flat(grads_ref.get(&logits).unwrap())?;
             assert_close(&format!("{what}: grad"), &dl, &dl_ref, 2e-6);
@@ -271,7 +286,10 @@ fn non_contiguous_inputs_are_copied() -> R {
     let ce = CrossEntropy::new().with_label_smoothing(0.1)?;
     let l1 = ce.forward(&logits, &targets)?;
     let l2 = ce.forward(&logits.contiguous()?, &targets.contiguous()?)?;
-    assert_eq!(l1.to_scalar::<f32>()?.to_bits(), l2.to_scalar::<f32>()?.to_bits());
+    assert_eq!(
+        l1.to_scalar::<f32>()?.to_bits(),
+        l2.to_scalar::<f32>()?.to_bits()
+    );
     let g1 = l1.backward()?;
     let g1 = g1.get(&lt).unwrap().t()?;
     let g2 = l2.backward()?;
@@ -287,22 +305,45 @@ fn bad_input_is_an_error() -> R {
     let logits = Tensor::randn(0f32, 1.0, (4, 5), dev)?;
     let ce = CrossEntropy::new();
     let err = |r: candle_core::Result<Tensor>, want: &str| {
-        let e = r.err().unwrap_or_else(|| panic!("accepted; wanted an error with {want:?}"));
+        let e = r
+            .err()
+            .unwrap_or_else(|| panic!("accepted; wanted an error with {want:?}"));
         assert!(e.to_string().contains(want), "{e} (wanted {want:?})");
     };
     let t = Tensor::new(&[0i64, 1, 2, 3], dev)?;
     // Targets: float, other integer types, wrong shape, out of range (both sides).
     err(ce.forward(&logits, &t.to_dtype(DType::F32)?), "u32 or i64");
     err(ce.forward(&logits, &t.to_dtype(DType::U8)?), "u32 or i64");
-    err(ce.forward(&logits, &Tensor::new(&[0i64, 1, 2], dev)?), "targets are [3]");
-    err(ce.forward(&logits, &t.reshape((4, 1))?), "targets are [4, 1]");
-    err(ce.forward(&logits, &Tensor::new(&[0i64, 5, 2, 3], dev)?), "target 5 of row 1 is outside [0, 5)");
-    err(ce.forward(&logits, &Tensor::new(&[0i64, 1, -1, 3], dev)?), "target -1 of row 2");
-    err(ce.forward(&logits, &Tensor::new(&[0u32, 1, 2, 9], dev)?), "target 9 of row 3");
+    err(
+        ce.forward(&logits, &Tensor::new(&[0i64, 1, 2], dev)?),
+        "targets are [3]",
+    );
+    err(
+        ce.forward(&logits, &t.reshape((4, 1))?),
+        "targets are [4, 1]",
+    );
+    err(
+        ce.forward(&logits, &Tensor::new(&[0i64, 5, 2, 3], dev)?),
+        "target 5 of row 1 is outside [0, 5)",
+    );
+    err(
+        ce.forward(&logits, &Tensor::new(&[0i64, 1, -1, 3], dev)?),
+        "target -1 of row 2",
+    );
+    err(
+        ce.forward(&logits, &Tensor::new(&[0u32, 1, 2, 9], dev)?),
+        "target 9 of row 3",
+    );
     // Logits: dtype, scalar, empty vocabulary.
     err(ce.forward(&logits.to_dtype(DType::F64)?, &t), "F64");
-    err(ce.forward(&Tensor::new(1f32, dev)?, &Tensor::new(0i64, dev)?), "scalar");
-    err(ce.forward(&Tensor::zeros((4, 0), DType::F32, dev)?, &t), "vocab = 0");
+    err(
+        ce.forward(&Tensor::new(1f32, dev)?, &Tensor::new(0i64, dev)?),
+        "scalar",
+    );
+    err(
+        ce.forward(&Tensor::zeros((4, 0), DType::F32, dev)?, &t),
+        "vocab = 0",
+    );
     // Settings.
     assert!(ce.with_label_smoothing(-0.1).is_err());
     assert!(ce.with_label_smoothing(1.1).is_err());

@@ -232,9 +232,7 @@ fn plain(c: &Case, v: &Inputs, cfg: &Config) -> candle_core::Result<(Tensor, Ten
     if c.beta {
         out = out.broadcast_add(&v.beta)?;
     }
-    let ls = c
-        .layer
-        .map_or(1.0, |l| 1.0 / (l as f64).sqrt());
+    let ls = c.layer.map_or(1.0, |l| 1.0 / (l as f64).sqrt());
     Ok(((out * ls)?, s))
 }
 
@@ -295,7 +293,11 @@ fn forward_and_gradients_match_plain_candle_ops() -> R {
             assert_eq!(got.dims(), t.dims(), "{}", what(name));
             assert_close(&what(&format!("d{name}")), &flat(got)?, &flat(want)?, tol);
         }
-        for (on, t) in [(c.residual, &v.residual), (c.bias, &v.bias), (c.beta, &v.beta)] {
+        for (on, t) in [
+            (c.residual, &v.residual),
+            (c.bias, &v.bias),
+            (c.beta, &v.beta),
+        ] {
             assert!(on || grads.get(t).is_none(), "{}", what("unused input"));
         }
         // Some elements dropped and some kept, where p allows.
@@ -481,7 +483,11 @@ fn no_keys_is_the_p_zero_computation() -> R {
         let g1 = ((&o1 * &v.w_out)?.sum_all()? + (&s1 * &v.w_s)?.sum_all()?)?.backward()?;
         let g2 = ((&o2 * &v.w_out)?.sum_all()? + (&s2 * &v.w_s)?.sum_all()?)?.backward()?;
         for t in [&v.x, &v.gamma] {
-            assert_grad_bits("grad", &flat(g1.get(t).unwrap())?, &flat(g2.get(t).unwrap())?);
+            assert_grad_bits(
+                "grad",
+                &flat(g1.get(t).unwrap())?,
+                &flat(g2.get(t).unwrap())?,
+            );
         }
         // And with dropout and a drop path in training, the result differs.
         let (o3, _) = run(&train_site, c, &v, Some(&keys))?;
@@ -532,7 +538,14 @@ fn empty_input() -> R {
     let gamma = Var::ones(8, DType::F32, dev)?;
     let beta = Var::ones(8, DType::F32, dev)?;
     let site = DropoutAddNorm::rms_norm(1e-6, 1)?.with_dropout(0.1)?;
-    let (out, s) = site.forward(&x, Some(&r), Some(&beta), &gamma, Some(&beta), Some(&StepKeys::new(1, 1)))?;
+    let (out, s) = site.forward(
+        &x,
+        Some(&r),
+        Some(&beta),
+        &gamma,
+        Some(&beta),
+        Some(&StepKeys::new(1, 1)),
+    )?;
     assert_eq!((out.dims(), s.dims()), (&[0usize, 8][..], &[0usize, 8][..]));
     let grads = (out.sum_all()? + s.sum_all()?)?.backward()?;
     assert_eq!(flat(grads.get(&gamma).unwrap())?, vec![0.0; 8]);
@@ -550,19 +563,27 @@ fn bad_input_is_an_error() -> R {
     let keys = Some(StepKeys::new(1, 0));
     let k = keys.as_ref();
     let err = |r: candle_core::Result<(Tensor, Tensor)>, want: &str| {
-        let e = r.err().unwrap_or_else(|| panic!("accepted; wanted an error with {want:?}"));
+        let e = r
+            .err()
+            .unwrap_or_else(|| panic!("accepted; wanted an error with {want:?}"));
         assert!(e.to_string().contains(want), "{e} (wanted {want:?})");
     };
     // dtype: unsupported, and mixed.
     let x64 = x.to_dtype(DType::F64)?;
-    err(site.forward(&x64, None, None, &g8.to_dtype(DType::F64)?, None, k), "F64");
+    err(
+        site.forward(&x64, None, None, &g8.to_dtype(DType::F64)?, None, k),
+        "F64",
+    );
     let g16 = g8.to_dtype(DType::BF16)?;
     err(site.forward(&x, None, None, &g16, None, k), "gamma");
     let r16 = x.to_dtype(DType::F16)?;
     err(site.forward(&x, Some(&r16), None, &g8, None, k), "residual");
     // shapes
     let r_bad = Tensor::ones((4, 9), DType::F32, dev)?;
-    err(site.forward(&x, Some(&r_bad), None, &g8, None, k), "residual");
+    err(
+        site.forward(&x, Some(&r_bad), None, &g8, None, k),
+        "residual",
+    );
     let g7 = Tensor::ones(7, DType::F32, dev)?;
     err(site.forward(&x, None, None, &g7, None, k), "gamma");
     let g_2d = Tensor::ones((1, 8), DType::F32, dev)?;

@@ -244,10 +244,7 @@ impl CrossEntropy {
         }
         let cfg = self.config(rows, vocab)?;
         let logits = logits.contiguous()?.reshape((rows, vocab))?;
-        let targets = targets
-            .to_dtype(DType::I64)?
-            .contiguous()?
-            .reshape(rows)?;
+        let targets = targets.to_dtype(DType::I64)?.contiguous()?.reshape(rows)?;
         logits.apply_op2(&targets, Fwd { cfg })
     }
 }

@@ -406,7 +406,10 @@ impl DropoutAddNorm {
                 if t.dims() != [cols] {
                     return Err(wrap(Error::shape(
                         OP,
-                        format!("{what} is {:?}, expected [{cols}] (one per column)", t.dims()),
+                        format!(
+                            "{what} is {:?}, expected [{cols}] (one per column)",
+                            t.dims()
+                        ),
                     )));
                 }
             }
@@ -591,7 +594,12 @@ fn fwd_cpu<T: Elem>(
         .map(|(s, l)| cpu_slice::<T>(FWD, "residual", s, l))
         .transpose()?;
     let params = cpu_slice::<T>(FWD, "params", sp, lp)?;
-    check_len(FWD, "params", params.len(), op.layout.params() * op.layout.cols)?;
+    check_len(
+        FWD,
+        "params",
+        params.len(),
+        op.layout.params() * op.layout.cols,
+    )?;
     let (gamma, beta, bias) = op.layout.split(params);
     let n = op.layout.n;
     let rows = op.cfg.rows();
@@ -606,12 +614,7 @@ fn fwd_cpu<T: Elem>(
             bias,
             ..cpu::ForwardArgs::new(x, gamma)
         };
-        let outs = cpu::ForwardOut {
-            out,
-            s,
-            mean,
-            rstd,
-        };
+        let outs = cpu::ForwardOut { out, s, mean, rstd };
         cpu::forward(&op.cfg, args, outs).map_err(wrap)?;
     }
     op.keep(Stats::Cpu(stats));
@@ -634,7 +637,12 @@ fn fwd_cuda<T: Elem>(
         .map(|(s, l)| cuda_view::<T>(FWD, "residual", s, l))
         .transpose()?;
     let params = cuda_view::<T>(FWD, "params", sp, lp)?;
-    check_len(FWD, "params", params.len(), op.layout.params() * op.layout.cols)?;
+    check_len(
+        FWD,
+        "params",
+        params.len(),
+        op.layout.params() * op.layout.cols,
+    )?;
     let (gamma, beta, bias) = op.layout.split(params);
     let n = op.layout.n;
     let rows = op.cfg.rows();
@@ -643,9 +651,9 @@ fn fwd_cuda<T: Elem>(
     // SAFETY: as above.
     let mut stats = unsafe { cuda_alloc::<f32>(dev, 2 * rows)? };
     {
-        let (out, s) = packed.split_at_mut(n);
+        let (out, mut s) = packed.split_at_mut(n);
         let s = s.slice_mut(..n);
-        let (mean, rstd) = stats.split_at_mut(rows);
+        let (mean, mut rstd) = stats.split_at_mut(rows);
         let rstd = rstd.slice_mut(..rows);
         let args = ForwardArgs {
             residual: r,
@@ -653,12 +661,7 @@ fn fwd_cuda<T: Elem>(
             bias,
             ..ForwardArgs::new(x, gamma)
         };
-        let outs = ForwardOut {
-            out,
-            s,
-            mean,
-            rstd,
-        };
+        let outs = ForwardOut { out, s, mean, rstd };
         crate::dropout_add_norm::forward(&h, &op.cfg, args, outs).map_err(wrap)?;
     }
     op.keep(Stats::Cuda(stats));
@@ -907,11 +910,7 @@ impl CustomOp3 for Bwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(
-            BWD,
-            s1.dtype(),
-            bwd_cpu(self, (s1, l1), (s2, l2), (s3, l3))
-        )
+        dispatch!(BWD, s1.dtype(), bwd_cpu(self, (s1, l1), (s2, l2), (s3, l3)))
     }
 
     #[cfg(feature = "candle-cuda")]

@@ -109,8 +109,26 @@ type NormCase = (
 );
 const NORM_CASES: &[NormCase] = &[
     (&[37, 19], true, 0.1, true, true, true, None, None),
-    (&[3, 11, 33], false, 0.25, true, false, false, Some((0.5, 11)), Some(3)),
-    (&[1000, 64], true, 0.1, false, true, true, Some((0.2, 1)), None),
+    (
+        &[3, 11, 33],
+        false,
+        0.25,
+        true,
+        false,
+        false,
+        Some((0.5, 11)),
+        Some(3),
+    ),
+    (
+        &[1000, 64],
+        true,
+        0.1,
+        false,
+        true,
+        true,
+        Some((0.2, 1)),
+        None,
+    ),
     (&[2, 4097], false, 0.5, true, true, true, None, Some(4)),
     (&[2000, 8], true, 0.2, true, true, true, None, None), // several column slabs
     (&[0, 8], true, 0.1, true, true, true, None, None),
@@ -154,7 +172,13 @@ fn norm_run(dev: &Device, dtype: DType, c: &NormCase, k: usize) -> R<Vec<Tensor>
         )?;
         let grads = ((&out * &w_out)?.sum_all()? + (&s * &w_s)?.sum_all()?)?.backward()?;
         let mut res = vec![out, s];
-        for (on, v) in [(true, &x), (true, &gamma), (residual, &r), (bias, &b), (beta, &be)] {
+        for (on, v) in [
+            (true, &x),
+            (true, &gamma),
+            (residual, &r),
+            (bias, &b),
+            (beta, &be),
+        ] {
             if on {
                 res.push(grads.get(v).unwrap().clone());
             }
@@ -255,8 +279,8 @@ fn launch_on_candles_stream(h: &Handle) -> R<()> {
         }
         Ok(())
     };
-    let x = Var::from_tensor(&Tensor::ones((64, 256), DType::BF16, &dev).map_err(e2s)?)
-        .map_err(e2s)?;
+    let x =
+        Var::from_tensor(&Tensor::ones((64, 256), DType::BF16, &dev).map_err(e2s)?).map_err(e2s)?;
     let gamma = Tensor::ones(256, DType::BF16, &dev).map_err(e2s)?;
     let site = DropoutAddNorm::rms_norm(1e-6, 0).map_err(e2s)?;
     let keys = StepKeys::new(1, 0);
