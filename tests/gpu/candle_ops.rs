@@ -54,12 +54,20 @@ fn bits(t: &Tensor) -> R<Vec<u32>> {
     Ok(v.iter().map(|x| x.to_bits()).collect())
 }
 
-fn same(what: &str, gpu: &Tensor, cpu: &Tensor) -> R<()> {
+/// Equal bits, except that in bf16 a gradient that is zero or subnormal on one side may be zero
+/// or subnormal on the other: candle adds every gradient onto a zero tensor, and its CPU bf16 add
+/// (AVX-512 BF16 `vcvtneps2bf16`) flushes subnormals to zero where its CUDA add may not. That
+/// add is candle's, after the adapter's op; everything else must agree bit for bit.
+fn same(what: &str, gpu: &Tensor, cpu: &Tensor, grad: bool) -> R<()> {
     let (g, c) = (bits(gpu)?, bits(cpu)?);
     if g.len() != c.len() {
         return Err(format!("{what}: {} elements vs {}", g.len(), c.len()));
     }
-    let bad: Vec<usize> = (0..g.len()).filter(|&i| g[i] != c[i]).collect();
+    let tiny = |b: u32| f32::from_bits(b).abs() < f32::MIN_POSITIVE;
+    let flushed = |i: usize| grad && gpu.dtype() == DType::BF16 && tiny(g[i]) && tiny(c[i]);
+    let bad: Vec<usize> = (0..g.len())
+        .filter(|&i| g[i] != c[i] && !flushed(i))
+        .collect();
     match bad.first() {
         None => Ok(()),
         Some(&i) => Err(format!(
@@ -160,7 +168,7 @@ fn compare(what: &str, g: &[Tensor], c: &[Tensor]) -> R<()> {
         return Err(format!("{what}: {} outputs vs {}", g.len(), c.len()));
     }
     for (i, name) in ["y", "dx", "dbias"].iter().enumerate().take(g.len()) {
-        same(&format!("{what}: {name}"), &g[i], &c[i])?;
+        same(&format!("{what}: {name}"), &g[i], &c[i], i > 0)?;
     }
     Ok(())
 }
