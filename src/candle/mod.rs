@@ -16,6 +16,11 @@
 //! RMSNorm, with drop path and LayerNorm Scaling; gradients from both outputs);
 //! [`CrossEntropy`] (mean cross-entropy with label smoothing and an ignore index).
 //!
+//! Training-loop pieces: [`AdamW`] (fusedreg's multi-tensor AdamW with clipping as a
+//! `candle_nn::optim::Optimizer`, updating the Vars in place on CUDA) and [`StochasticDepth`] /
+//! [`DepthPlan`] (which residual blocks run at a step; dropped blocks are never called and their
+//! Vars skip the optimizer step).
+//!
 //! # Random keys: nothing is stored for the backward
 //!
 //! Every mask is a pure function of `(seed, call id, element index)` (see [`crate::philox`]). The
@@ -89,18 +94,22 @@
 //! buffer, split with `narrow` (views, no copy). The helpers here ([`StepKeys::call`], the dtype
 //! dispatch, slice access) are shared by all ops.
 
+mod adamw;
 mod bias_act_dropout;
 mod cross_entropy;
 mod dropout;
 mod dropout_add_norm;
 mod dropout_residual;
+mod stochastic_depth;
 mod storage;
 
+pub use adamw::{AdamW, AdamWParams};
 pub use bias_act_dropout::BiasActDropout;
 pub use cross_entropy::CrossEntropy;
 pub use dropout::Dropout;
 pub use dropout_add_norm::DropoutAddNorm;
 pub use dropout_residual::DropoutResidual;
+pub use stochastic_depth::{DepthPlan, StochasticDepth};
 #[cfg(feature = "candle-cuda")]
 pub use storage::cuda_handle;
 

@@ -36,6 +36,11 @@
 //! * Unsafe: [`TensorSetBuilder::push_raw`] registers device addresses owned elsewhere (a
 //!   framework's tensors); the caller guarantees they outlive the set and live in the handle's
 //!   context.
+//! * Frameworks that allocate new gradient buffers every step (candle's `GradStore`): register
+//!   by raw address, then hand the step's gradient addresses to
+//!   [`TensorSet::set_grads_raw`] (unsafe, same contract) before launching; the per-tensor table
+//!   is re-uploaded only when an address changed (a host loop over the tensors and one small
+//!   copy, the one per-step cost that grows with the number of tensors).
 //! * Gradients only ([`TensorSetBuilder::push_grad`], [`TensorSetBuilder::push_grad_raw`]): for
 //!   callers who clip with [`crate::global_norm`] but use their own optimizer.
 //! * Zero-size tensors: [`TensorSetBuilder::push_empty`] / [`TensorSetBuilder::push_grad_empty`]
@@ -749,17 +754,13 @@ impl TensorSetBuilder {
         };
         let stream = self.handle.stream().clone();
 
-        let ps = param_dtype.map_or(1, |p| p.size() as u64);
-        let gs = grad_dtype.size() as u64;
         let mut entries = Vec::with_capacity(lens.len());
         for (t, p) in self.pending.iter().enumerate() {
-            let vec4 = (param_dtype.is_none() || p.param % (4 * ps) == 0) && p.grad % (4 * gs) == 0;
-            let grad16 = p.grad % 16 == 0;
             entries.push(TensorEntry {
                 param: p.param,
                 grad: p.grad,
                 n: p.len,
-                flags: if vec4 { FLAG_VEC4 } else { 0 } | if grad16 { FLAG_GRAD16 } else { 0 },
+                flags: entry_flags(param_dtype, grad_dtype, p.param, p.grad),
                 first_chunk: layout.first_chunk(t),
                 num_chunks: p.len.div_ceil(CHUNK) as u32,
                 pad: 0,
@@ -795,6 +796,22 @@ impl TensorSetBuilder {
         };
         Ok(set)
     }
+}
+
+/// The alignment flags of a tensor entry: [`FLAG_VEC4`] when the parameter (if the set has
+/// parameters) and the gradient are aligned for 4-element groups, [`FLAG_GRAD16`] when the
+/// gradient is 16-byte aligned.
+fn entry_flags(
+    param_dtype: Option<DtypeKind>,
+    grad_dtype: DtypeKind,
+    param: u64,
+    grad: u64,
+) -> u32 {
+    let ps = param_dtype.map_or(1, |p| p.size() as u64);
+    let gs = grad_dtype.size() as u64;
+    let vec4 = (param_dtype.is_none() || param % (4 * ps) == 0) && grad % (4 * gs) == 0;
+    let grad16 = grad % 16 == 0;
+    (if vec4 { FLAG_VEC4 } else { 0 }) | (if grad16 { FLAG_GRAD16 } else { 0 })
 }
 
 fn base_of<T>(s: &CudaSlice<T>, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> u64 {
@@ -1101,6 +1118,82 @@ impl TensorSet {
                 want.name()
             ),
         )
+    }
+    /// Points every tensor's gradient at a new device address, for frameworks whose backward
+    /// pass returns fresh gradient buffers each step (candle's `GradStore`, PyTorch's `.grad`
+    /// after `set_to_none`). `grads[i]` is tensor `i`'s new gradient address (same dtype and
+    /// length as registered). The per-tensor table is re-uploaded (one small host-to-device copy
+    /// on the handle's stream, ordered after every launch already queued) only when an address
+    /// changed, and each tensor's alignment flags are recomputed, so a misaligned gradient takes
+    /// the (equally exact) scalar path. On error nothing changes.
+    ///
+    /// Errors: `grads.len()` is not the number of tensors; a null address for a non-empty tensor;
+    /// an address not aligned to the gradient's element size; a new address for a gradient the
+    /// set owns (registered with [`TensorSetBuilder::push`] / [`TensorSetBuilder::push_grad`]:
+    /// write into it with [`TensorSet::grad_mut`] instead).
+    ///
+    /// # Safety
+    ///
+    /// As [`TensorSetBuilder::push_raw`], for the new addresses: each points to a live device
+    /// allocation of at least the tensor's length in elements of the set's gradient dtype, in the
+    /// handle's context, not overlapping its parameter, that stays alive (not freed or reused)
+    /// until every launch over the set that reads it has completed on the handle's stream
+    /// (buffers freed stream-ordered on that stream, as cudarc does, satisfy this), and whose
+    /// writes are ordered with that stream.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> fusedreg::Result<()> {
+    /// use fusedreg::cudarc::driver::DevicePtr;
+    /// use fusedreg::{multi_tensor::{RawTensor, TensorSet}, DtypeKind};
+    /// let h = fusedreg::Handle::new(0)?;
+    /// let s = h.stream();
+    /// let w = s.clone_htod(&vec![0.5f32; 1024]).unwrap();
+    /// let g0 = s.alloc_zeros::<f32>(1024).unwrap();
+    /// let ((p, _a), (g, _b)) = (w.device_ptr(s), g0.device_ptr(s));
+    /// let mut b = TensorSet::builder(&h);
+    /// let t = RawTensor { param: p, grad: g, len: 1024, param_dtype: DtypeKind::F32,
+    ///                     grad_dtype: DtypeKind::F32 };
+    /// // SAFETY: `w` and `g0` outlive the set and use its stream.
+    /// unsafe { b.push_raw(t) }?;
+    /// let mut set = b.build()?;
+    /// // The next step's gradient lives in a new buffer.
+    /// let g1 = s.clone_htod(&vec![0.1f32; 1024]).unwrap();
+    /// let (g1p, _c) = g1.device_ptr(s);
+    /// // SAFETY: `g1` stays alive until the launches that read it are done (dropped after them,
+    /// // freed on the same stream).
+    /// unsafe { set.set_grads_raw(&[g1p]) }?;
+    /// # Ok(()) }
+    /// ```
+    pub unsafe fn set_grads_raw(&mut self, grads: &[u64]) -> Result<()> {
+        crate::error::check_len(OP, "grads", grads.len(), self.entries.len())?;
+        for (i, (&g, e)) in grads.iter().zip(&self.entries).enumerate() {
+            check_raw_address(&format!("tensor {i} grad"), g, e.n, self.grad_dtype)?;
+            if g != e.grad && self.owned[i].1.is_some() {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "tensor {i} owns its gradient buffer (registered with push or \
+                         push_grad): write into it with grad_mut instead of replacing it"
+                    ),
+                ));
+            }
+        }
+        let mut changed = false;
+        for (&g, e) in grads.iter().zip(self.entries.iter_mut()) {
+            let flags = entry_flags(self.param_dtype, self.grad_dtype, e.param, g);
+            changed |= e.grad != g || e.flags != flags;
+            e.grad = g;
+            e.flags = flags;
+        }
+        if changed {
+            self.handle
+                .stream()
+                .memcpy_htod(&self.entries, &mut self.d_tensors)
+                .map_err(Error::driver(OP))?;
+        }
+        Ok(())
     }
 
     /// A view of tensor `i`'s parameters (a tensor registered with [`TensorSetBuilder::push`]).

@@ -48,6 +48,7 @@ pub fn trials() -> Vec<Trial> {
             ),
             ("misaligned_views_take_the_scalar_path", misaligned_views),
             ("ten_thousand_tiny_tensors_one_launch", ten_thousand_tiny),
+            ("set_grads_raw_repoints_gradients", set_grads_raw_repoints),
             ("validation_errors", validation_errors),
             ("unfused_baseline_matches_cpu", unfused_baseline),
         ],
@@ -744,6 +745,89 @@ fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
     let want: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
     bits_eq("10k params", &got, &want)?;
     compare_state(h, &opt, &ts, "10k tensors")
+}
+
+/// Fresh gradient buffers every step (a framework's backward): `TensorSet::set_grads_raw`
+/// points the set at them, misaligned ones included, and the steps stay bit-exact with the CPU.
+fn set_grads_raw_repoints(h: &Handle) -> Result<(), String> {
+    let sizes = [CHUNK as usize + 7, 33, 0, 1000];
+    let mut ts = cpu_tensors::<f32, f32>(98, &sizes);
+    let flat_p: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
+    let bp = h.stream().clone_htod(&flat_p).map_err(e)?;
+    let (pp, _g1) = bp.device_ptr(h.stream());
+    let starts: Vec<u64> = sizes
+        .iter()
+        .scan(0u64, |at, &n| {
+            let s = *at;
+            *at += n as u64;
+            Some(s)
+        })
+        .collect();
+    // A first gradient buffer: the registration's.
+    let flat_g: Vec<f32> = ts.iter().flat_map(|t| t.grad.iter().copied()).collect();
+    let g0 = h.stream().clone_htod(&flat_g).map_err(e)?;
+    let (g0p, _g2) = g0.device_ptr(h.stream());
+    let mut b = TensorSet::builder(h);
+    for (t, &at) in ts.iter().zip(&starts) {
+        let raw = RawTensor {
+            param: pp + 4 * at,
+            grad: g0p + 4 * at,
+            len: t.len() as u64,
+            param_dtype: DtypeKind::F32,
+            grad_dtype: DtypeKind::F32,
+        };
+        // SAFETY: the views lie inside `bp` / `g0`, which outlive the set.
+        unsafe { b.push_raw(raw) }.map_err(e)?;
+    }
+    let mut set = b.build().map_err(e)?;
+    let cfg = AdamWConfig::default();
+    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(0.5)).map_err(e)?;
+    let mut keep = Vec::new();
+    for step in 0..3u64 {
+        new_grads(&mut ts, 500 + step);
+        // A new buffer, one element further in each step: alignments change.
+        let mut flat: Vec<f32> = vec![0.0; step as usize];
+        flat.extend(ts.iter().flat_map(|t| t.grad.iter().copied()));
+        let g = h.stream().clone_htod(&flat).map_err(e)?;
+        let (gp, guard) = g.device_ptr(h.stream());
+        let addrs: Vec<u64> = starts.iter().map(|&at| gp + 4 * (step + at)).collect();
+        // SAFETY: every view lies inside `g`, kept alive in `keep` until the end.
+        unsafe { set.set_grads_raw(&addrs) }.map_err(e)?;
+        drop(guard);
+        keep.push(g);
+        opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+        let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
+        let v = ncpu::global_norm(&grads, Some(0.5), 1.0).map_err(e)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+    }
+    let got = download(h, &bp)?;
+    let want: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
+    bits_eq("set_grads_raw params", &got, &want)?;
+    compare_state(h, &opt, &ts, "set_grads_raw")?;
+    // Errors, and nothing changes on an error: a list of the wrong length, an address not
+    // aligned to the element size, a null address, a new address for an owned gradient.
+    let ok: Vec<u64> = starts.iter().map(|&at| g0p + 4 * at).collect();
+    let mut bad = ok.clone();
+    bad[1] += 1;
+    let mut null = ok.clone();
+    null[0] = 0;
+    for (what, list) in [
+        ("length", &ok[..2]),
+        ("misaligned", &bad[..]),
+        ("null", &null[..]),
+    ] {
+        // SAFETY: rejected before any use.
+        if unsafe { set.set_grads_raw(list) }.is_ok() {
+            return Err(format!("set_grads_raw accepted a bad list ({what})"));
+        }
+    }
+    let mut owned = build(h, &ts[..2])?;
+    // SAFETY: rejected (the set owns these gradients).
+    if unsafe { owned.set_grads_raw(&ok[..2]) }.is_ok() {
+        return Err("set_grads_raw replaced a gradient the set owns".into());
+    }
+    Ok(())
 }
 
 fn validation_errors(h: &Handle) -> Result<(), String> {

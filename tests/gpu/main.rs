@@ -12,6 +12,7 @@ mod candle;
 #[cfg(feature = "candle-cuda")]
 mod candle_ops;
 mod candle_norm;
+mod candle_adamw;
 #[path = "../common/mod.rs"]
 mod common;
 mod cross_entropy;
@@ -44,5 +45,6 @@ fn main() {
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle_ops::trials());
     trials.extend(candle_norm::trials());
+    trials.extend(candle_adamw::trials());
     libtest_mimic::run(&args, trials).exit();
 }
