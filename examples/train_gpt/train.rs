@@ -4,7 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use fusedreg::candle::{CrossEntropy, StepKeys};
+use fusedreg::candle::{AdamWParams, CrossEntropy, StepKeys};
 
 use super::model::{cross_entropy, Gpt, Path};
 
@@ -101,6 +101,9 @@ pub enum Optim {
         vars: Vec<Var>,
         clip: f64,
     },
+    /// fusedreg's AdamW: one optimizer for all Vars, per-Var weight decay, clipping inside its
+    /// step (on CUDA: the multi-tensor norm and AdamW kernels, Vars updated in place).
+    Fused(fusedreg::candle::AdamW),
 }
 
 impl Optim {
@@ -121,8 +124,29 @@ impl Optim {
                 .collect()
         };
         match path {
-            // fusedreg's AdamW (branch wt-optim) has not landed here yet: candle's for both.
-            Path::Candle | Path::Fused => Ok(Optim::Candle {
+            Path::Fused => {
+                let params = AdamWParams {
+                    config: fusedreg::adamw::AdamWConfig {
+                        lr: cfg.lr as f32,
+                        beta1: cfg.beta1 as f32,
+                        beta2: cfg.beta2 as f32,
+                        eps: cfg.eps as f32,
+                        ..Default::default()
+                    },
+                    weight_decay: cfg.weight_decay as f32,
+                    max_grad_norm: (cfg.clip > 0.0).then_some(cfg.clip as f32),
+                };
+                // The same grouping as the candle run (rank >= 2 decays).
+                let flags: Vec<bool> = vars.iter().map(|(_, d)| *d).collect();
+                let vars = vars.into_iter().map(|(v, _)| v).collect();
+                let wd = cfg.weight_decay as f32;
+                Ok(Optim::Fused(fusedreg::candle::AdamW::with_weight_decay(
+                    vars,
+                    params,
+                    |i, _| if flags[i] { wd } else { 0.0 },
+                )?))
+            }
+            Path::Candle => Ok(Optim::Candle {
                 decay: AdamW::new(pick(true), params(cfg.weight_decay))?,
                 no_decay: AdamW::new(pick(false), params(0.0))?,
                 vars: vars.into_iter().map(|(v, _)| v).collect(),
@@ -140,6 +164,7 @@ impl Optim {
                 decay.set_learning_rate(lr);
                 no_decay.set_learning_rate(lr);
             }
+            Optim::Fused(opt) => opt.set_learning_rate(lr),
         }
     }
 
@@ -158,6 +183,7 @@ impl Optim {
                 decay.step(&grads)?;
                 no_decay.step(&grads)
             }
+            Optim::Fused(opt) => opt.step(&grads),
         }
     }
 }

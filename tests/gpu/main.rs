@@ -9,10 +9,10 @@ mod bad_input;
 mod bias_act_dropout;
 #[cfg(feature = "candle-cuda")]
 mod candle;
+mod candle_adamw;
+mod candle_norm;
 #[cfg(feature = "candle-cuda")]
 mod candle_ops;
-mod candle_norm;
-mod candle_adamw;
 #[path = "../common/mod.rs"]
 mod common;
 mod cross_entropy;
