@@ -9,7 +9,9 @@ mod bad_input;
 mod bias_act_dropout;
 #[cfg(feature = "candle-cuda")]
 mod candle;
+#[cfg(feature = "candle-cuda")]
 mod candle_adamw;
+#[cfg(feature = "candle-cuda")]
 mod candle_norm;
 #[cfg(feature = "candle-cuda")]
 mod candle_ops;
@@ -44,7 +46,9 @@ fn main() {
     trials.extend(candle::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle_ops::trials());
+    #[cfg(feature = "candle-cuda")]
     trials.extend(candle_norm::trials());
+    #[cfg(feature = "candle-cuda")]
     trials.extend(candle_adamw::trials());
     libtest_mimic::run(&args, trials).exit();
 }
