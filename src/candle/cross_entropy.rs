@@ -41,8 +41,11 @@ const BWD: &str = "fusedreg-cross-entropy-bwd";
 /// loss     = sum of loss_row over valid rows / n_valid      (0 when no row is valid)
 /// ```
 ///
-/// The loss is an f32 scalar tensor; its gradient flows into `logits` (see the
-/// [module docs](self) for how it is computed). The arithmetic and the reduction order are those
+/// The loss is an f32 scalar tensor; its gradient flows into `logits`. The forward computes the
+/// loss only (one read of the logits); the backward runs the fused loss-and-gradient pass with
+/// the upstream gradient folded into its per-row scale (`d_loss / n_valid`), so no logits-sized
+/// buffer is held between forward and backward and the gradient is rounded once. With
+/// `loss.backward()` (`d_loss = 1`) it has the bits of fusedreg's [`Reduction::Mean`] gradient. The arithmetic and the reduction order are those
 /// of [`crate::cross_entropy`], so the CPU device gives the bits of
 /// [`crate::cross_entropy::cpu`] and the CUDA device the kernels' (the same bits).
 ///

@@ -45,12 +45,21 @@ const BWD: &str = "fusedreg-dropout-add-norm-bwd";
 ///
 /// [`forward`](Self::forward) returns `(out, s)`; both are differentiable, and one fused backward
 /// gives the gradients of `x`, `residual`, `bias`, `gamma` and `beta` from those of `out` and `s`
-/// (see the [module docs](self) for how). The arithmetic, the mask, the drop path and the
+/// (see *Gradients and memory* below). The arithmetic, the mask, the drop path and the
 /// reduction orders are those of [`crate::dropout_add_norm`], so the CPU device gives the bits of
 /// [`crate::dropout_add_norm::cpu`] and the CUDA device the kernels' (the same bits). Masks come
 /// from the [`StepKeys`] and the site (random stream 0: element mask, 1: drop path) and are
 /// regenerated in the backward. `layer_scale` is 1, or `1 / sqrt(layer)` with
 /// [`with_layer_norm_scaling`](Self::with_layer_norm_scaling).
+///
+/// # Gradients and memory
+///
+/// `out` and `s` are two views of one `[2, rows, cols]` buffer; their gradients reach the fused
+/// backward together (candle fills the half nobody used with zeros, which adds nothing). The
+/// per-row statistics (`8 * rows` bytes) are kept from the forward until candle's graph is
+/// dropped rather than recomputed, which would cost another read of `s`. `gamma`, `beta` and
+/// `bias` are joined with `Tensor::cat` (a `cols`-sized copy each) into one input of the custom
+/// op. No dropout mask is stored: the backward regenerates it from the keys.
 ///
 /// # Examples
 ///

@@ -9,6 +9,8 @@
 //! * on candle's CUDA device (feature `candle-cuda`) it launches fusedreg's kernels on candle's
 //!   own stream (`CudaDevice::cuda_stream()`), never on
 //!   another stream and with no host synchronisation, so it is ordered with candle's work.
+//!   (One exception: [`CrossEntropy`]'s forward reads a 4-byte flag back to report an
+//!   out-of-range target as an error, which waits for the op.)
 //!
 //! Ops so far: [`DropoutResidual`] (bias + dropout + residual add, with drop path), [`Dropout`]
 //! (plain dropout with optional bias and drop path), [`BiasActDropout`] (the FFN site: bias +
