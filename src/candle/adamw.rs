@@ -1,45 +1,4 @@
-//! fusedreg's AdamW as a [`candle_nn::optim::Optimizer`] over candle [`Var`]s.
-//!
-//! * CPU device: each step runs fusedreg's CPU reference ([`crate::adamw::cpu::step`]) on the
-//!   Vars' values and gradients and writes the new values back with [`Var::set`]; the result is
-//!   bit for bit what the CPU reference gives.
-//! * CUDA device (feature `candle-cuda`): the Vars' device memory is registered once in a
-//!   [`TensorSet`](crate::multi_tensor::TensorSet) by raw address and updated **in place** by
-//!   fusedreg's multi-tensor kernels on candle's stream (norm and AdamW: 1 to 3 launches per step
-//!   for any number of Vars). fusedreg's AdamW is bit-exact between CPU and GPU, so both devices
-//!   give the same bits.
-//!
-//! # Why the registered addresses stay valid
-//!
-//! The optimizer keeps a clone of every [`Var`]: a `Var` is an `Arc` to its storage, so the
-//! storage (and its device allocation) lives at least as long as the optimizer. Nothing in candle
-//! 0.11 replaces a Var's storage: [`Var::set`] (candle-core `variable.rs`) takes
-//! `storage_mut_and_layout()` and copies the source *into* the existing storage
-//! (`copy_strided_src`), so the address registered at construction is the address of the
-//! Var's values for the Var's whole life. Gradients are new tensors every step (a new
-//! `GradStore`), so their addresses are handed to the engine each step
-//! ([`TensorSet::set_grads_raw`](crate::multi_tensor::TensorSet::set_grads_raw); the table is
-//! re-uploaded only when an address changed). The gradients are read by kernels queued on
-//! candle's stream; when they are dropped, cudarc frees them on that same stream (or after
-//! synchronising it), so they are not freed before the kernels have read them.
-//!
-//! # Semantics
-//!
-//! PyTorch's AdamW (see [`crate::adamw`] for the exact operation order): decoupled weight decay
-//! `p *= 1 - lr*wd`, bias corrections, `eps` outside the square root. Hyperparameters are f32
-//! whatever the Var dtype (candle's AdamW converts them to the Var dtype: in bf16, 0.999 is 1).
-//!
-//! * All Vars of one optimizer share one device and one dtype (f32, f16 or bf16); gradients have
-//!   the Var's dtype and shape. Anything else is an error. Use one optimizer per dtype.
-//! * A Var without a gradient in the `GradStore` (not used by the loss, or its block dropped by
-//!   stochastic depth) **skips the step**: no decay, no moment update, its step count unchanged,
-//!   and it adds nothing to the clipping norm — as with [`AdamW::set_skip`]. (candle's AdamW
-//!   does the same for a missing gradient.)
-//! * Non-contiguous gradients are copied to a contiguous tensor first.
-//! * When clipping is on and the gradient norm is NaN or infinite, the whole step is skipped:
-//!   no Var and no state bit changes.
-//! * [`Optimizer::set_learning_rate`] cannot return an error: an invalid rate (negative, NaN)
-//!   is reported by the next [`Optimizer::step`].
+//! fusedreg's AdamW over candle Vars: see [`AdamW`].
 
 use std::path::Path;
 
@@ -126,8 +85,55 @@ enum Backend {
     Cuda(Box<cuda::CudaState>),
 }
 
-/// fusedreg's AdamW over candle [`Var`]s, implementing [`candle_nn::optim::Optimizer`] (see the
-/// [module docs](self) for the semantics and how the CUDA path updates Vars in place).
+/// fusedreg's AdamW as a [`candle_nn::optim::Optimizer`] over candle [`Var`]s.
+///
+/// * CPU device: each step runs fusedreg's CPU reference ([`crate::adamw::cpu::step`]) on the
+///   Vars' values and gradients and writes the new values back with [`Var::set`]; the result is
+///   bit for bit what the CPU reference gives.
+/// * CUDA device (feature `candle-cuda`): the Vars' device memory is registered once in a
+///   [`TensorSet`](crate::multi_tensor::TensorSet) by raw address and updated **in place** by
+///   fusedreg's multi-tensor kernels on candle's stream (norm and AdamW: 1 to 3 launches per step
+///   for any number of Vars). fusedreg's AdamW is bit-exact between CPU and GPU, so both devices
+///   give the same bits.
+///
+/// # Why the registered addresses stay valid
+///
+/// The optimizer keeps a clone of every [`Var`]: a `Var` is an `Arc` to its storage, so the
+/// storage (and its device allocation) lives at least as long as the optimizer. Nothing in candle
+/// 0.11 replaces a Var's storage: [`Var::set`] (candle-core `variable.rs`) takes
+/// `storage_mut_and_layout()` and copies the source *into* the existing storage
+/// (`copy_strided_src`), so the address registered at construction is the address of the
+/// Var's values for the Var's whole life. Gradients are new tensors every step (a new
+/// `GradStore`), so their addresses are handed to the engine each step
+/// ([`TensorSet::set_grads_raw`](crate::multi_tensor::TensorSet::set_grads_raw); the table is
+/// re-uploaded only when an address changed). The gradients are read by kernels queued on
+/// candle's stream; when they are dropped, cudarc frees them on that same stream (or after
+/// synchronising it), so they are not freed before the kernels have read them.
+///
+/// # Semantics
+///
+/// PyTorch's AdamW (see [`crate::adamw`] for the exact operation order): decoupled weight decay
+/// `p *= 1 - lr*wd`, bias corrections, `eps` outside the square root. Hyperparameters are f32
+/// whatever the Var dtype (candle's AdamW converts them to the Var dtype: in bf16, 0.999 is 1).
+///
+/// * All Vars of one optimizer share one device and one dtype (f32, f16 or bf16); gradients have
+///   the Var's dtype and shape. Anything else is an error. Use one optimizer per dtype.
+/// * A Var without a gradient in the `GradStore` (not used by the loss, or its block dropped by
+///   stochastic depth) **skips the step**: no decay, no moment update, its step count unchanged,
+///   and it adds nothing to the clipping norm — as with [`AdamW::set_skip`]. (candle's AdamW
+///   also leaves such a Var alone, but its one step counter for all Vars still advances, so the
+///   Var's next bias correction differs from ours, which counts steps per Var as PyTorch does.)
+/// * On CUDA a step queues 1 (no clipping) or 3 launches. Host-to-device copies happen only
+///   when something changed: the gradient-address table (40 bytes per Var), the skip flags, the
+///   learning rate. They are copies from pageable memory, for which CUDA first waits for the
+///   stream: a step that changes one of them synchronises with the GPU once; a step where candle
+///   hands out the same gradient addresses as the step before (its stream-ordered pool often
+///   does) and nothing else changed does not. A pinned ring buffer would remove that wait.
+/// * Non-contiguous gradients are copied to a contiguous tensor first.
+/// * When clipping is on and the gradient norm is NaN or infinite, the whole step is skipped:
+///   no Var and no state bit changes.
+/// * [`Optimizer::set_learning_rate`] cannot return an error: an invalid rate (negative, NaN)
+///   is reported by the next [`Optimizer::step`].
 ///
 /// # Examples
 ///
@@ -667,7 +673,7 @@ mod cuda {
         pub(super) opt: Engine,
         norm: Option<GlobalNorm>,
         dtype: DType,
-        /// Each Var's device address (valid for the Var's life: see the module docs).
+        /// Each Var's device address (valid for the Var's life: see [`super::AdamW`]).
         params: Vec<u64>,
         /// The skip flags last uploaded (uploaded again only when they change).
         uploaded_skip: Vec<bool>,

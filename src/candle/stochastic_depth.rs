@@ -1,26 +1,27 @@
-//! Stochastic depth for candle modules: a per-step plan of which residual blocks run.
-//!
-//! A thin layer over [`crate::stochastic_depth`] in its batch mode (the whole block dropped for
-//! the whole batch, torchvision's `mode="batch"`, fairseq's LayerDrop), keyed by the run's
-//! [`StepKeys`]: the plan of step `s` is drawn on the host from Philox with the keys' seed
-//! (tagged, so it never shares a stream with a dropout mask) and `s`, so it needs no device work
-//! and is the same on every rerun and on every device. A dropped block is not called at all
-//! ([`DepthPlan::residual`] skips its closure), so its forward and backward never run; its Vars
-//! get no gradient, which the optimizer treats as a skip, and [`DepthPlan::skip_flags`] gives the
-//! same flags explicitly for [`AdamW::set_skip`](super::AdamW::set_skip) (e.g. for weights a
-//! dropped block shares with a running one, which would otherwise get a gradient). A kept block's
-//! branch is scaled by `1 / (1 - p_l)`, so the expected output is unchanged.
-//!
-//! Per-sample stochastic depth (timm's `DropPath`: every block runs, each row dropped) is the
-//! adapter ops' drop path instead: `with_drop_path(p, rows_per_sample)` on the block's last
-//! dropout site, with `p` from [`StochasticDepth::probabilities`].
+//! Stochastic depth for candle modules: see [`StochasticDepth`].
 
 use candle_core::Tensor;
 
 use super::{wrap, StepKeys};
 use crate::stochastic_depth::{self as sd, Mode, Plan, Schedule};
 
-/// A stochastic-depth schedule over `blocks` residual blocks (see the [module docs](self)).
+/// A stochastic-depth schedule over `blocks` residual blocks: a per-step plan of which residual
+/// blocks run.
+///
+/// A thin layer over [`crate::stochastic_depth`] in its batch mode (the whole block dropped for
+/// the whole batch, torchvision's `mode="batch"`, fairseq's LayerDrop), keyed by the run's
+/// [`StepKeys`]: the plan of step `s` is drawn on the host from Philox with the keys' seed
+/// (tagged, so it never shares a stream with a dropout mask) and `s`, so it needs no device work
+/// and is the same on every rerun and on every device. A dropped block is not called at all
+/// ([`DepthPlan::residual`] skips its closure), so its forward and backward never run; its Vars
+/// get no gradient, which the optimizer treats as a skip, and [`DepthPlan::skip_flags`] gives the
+/// same flags explicitly for [`AdamW::set_skip`](super::AdamW::set_skip) (e.g. for weights a
+/// dropped block shares with a running one, which would otherwise get a gradient). A kept block's
+/// branch is scaled by `1 / (1 - p_l)`, so the expected output is unchanged.
+///
+/// Per-sample stochastic depth (timm's `DropPath`: every block runs, each row dropped) is the
+/// adapter ops' drop path instead: `with_drop_path(p, rows_per_sample)` on the block's last
+/// dropout site, with `p` from [`StochasticDepth::probabilities`].
 ///
 /// # Examples
 ///
