@@ -26,10 +26,16 @@
 #    and a stub libcuda.so.1 into .cuda-libs/lib, and CUDA_ROOT points cudarc's build script at
 #    it. None of it travels: on the GPU machine the binaries load the driver's libcuda and the
 #    python3 image's pip-installed nvidia libraries (the runner sets LD_LIBRARY_PATH to them).
-#  * candle-kernels' build script compiles candle's kernels for real with our nvcc, for sm_90a only
-#    (CUDA_COMPUTE_CAP=90, read by cudaforge; set another to build for another GPU): the PTX of its
-#    ops and the static library of its quantized-matmul/MoE kernels (libmoe.a). The first build
-#    takes long (see the timings in the log of the commit that added this); later ones reuse it.
+#  * candle-kernels: the PTX of candle's ops is compiled for real by its own build steps with our
+#    nvcc, for sm_90a only (CUDA_COMPUTE_CAP=90, read by cudaforge; set another for another GPU);
+#    its static library of quantized (GGUF) matmul / MoE kernels, libmoe.a, is made of aborting
+#    stubs through a patched copy of the crate (target/candle-kernels-kit, given to cargo as a
+#    `[patch]` on the command line; Cargo.lock is restored afterwards): fusedreg never calls
+#    those kernels, and compiling them is 15 heavy `nvcc -c` runs that cudaforge makes one at a
+#    time on two cores. Measured here (2 cores shared by several builds, load ~20, nice 19): the
+#    PTX took 6 min; the first of the 15 libmoe.a files was still in cicc after 5 min.
+#    GPU_KIT_CANDLE_MOE=real builds the unpatched crate (real libmoe.a), if ever needed.
+#    Later kits reuse all of it (cudaforge caches per file in OUT_DIR).
 #  * size: each candle binary embeds candle's PTX; the kit prints its size: a kit over the 64 MiB
 #    a device call carries needs --candle-only (and the default kit in another call).
 # GPU_KIT_NICE (default 19) is the niceness of the candle build.
@@ -77,6 +83,75 @@ for line in sys.stdin:
 '
 }
 
+# candle-kernels for the kit: a copy whose build script compiles the PTX of candle's ops exactly as
+# its own does (same cudaforge calls, so real kernels at run time), but makes libmoe.a, the static
+# library of its quantized (GGUF) matmul and MoE kernels, from stubs: each of its C symbols
+# (src/ffi.rs) prints what it is and aborts. Those kernels serve only quantized models, which
+# nothing of fusedreg's calls; compiling them for real (15 heavy nvcc -c runs, one at a time) is
+# what makes the build long. GPU_KIT_CANDLE_MOE=real builds the crate unpatched instead.
+candle_kernels_copy() {  # prints the copy's folder
+  local src stub
+  src=$(cargo metadata --format-version 1 --features candle-cuda 2>/dev/null | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+print(next(p["manifest_path"] for p in m["packages"] if p["name"] == "candle-kernels"))')
+  src=$(dirname "$src")
+  # The copy mirrors this build script: a new candle-kernels must be looked at again.
+  grep -qF '.exclude(&["moe_*.cu", "mmvq_gguf.cu", "mmq_*.cu"])' "$src/build.rs" &&
+    grep -qF 'moe_builder.build_lib(out_dir.join("libmoe.a"))' "$src/build.rs" || {
+    echo "gpu-kit: $src/build.rs is not the one scripts/gpu-kit.sh mirrors; review the copy (or GPU_KIT_CANDLE_MOE=real)" >&2
+    return 1
+  }
+  stub="$root/target/candle-kernels-kit"
+  # Built beside and kept only when it differs: an unchanged copy keeps its mtimes, so cargo does
+  # not rebuild candle-kernels and everything above it at every kit.
+  rm -rf "$stub.new"
+  cp -rp "$src" "$stub.new"
+  chmod -R u+w "$stub.new"
+  cat >"$stub.new/build.rs" <<'EOF'
+// scripts/gpu-kit.sh --candle: candle-kernels' build script with its PTX step unchanged and
+// libmoe.a made of aborting stubs (one per symbol of src/ffi.rs); see the script's comments.
+use cudaforge::{KernelBuilder, Result};
+use std::path::PathBuf;
+
+fn main() -> Result<()> {
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=src");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let bindings = KernelBuilder::new()
+        .source_dir("src")
+        .exclude(&["moe_*.cu", "mmvq_gguf.cu", "mmq_*.cu"])
+        .arg("--expt-relaxed-constexpr")
+        .arg("-std=c++17")
+        .arg("-O3")
+        .build_ptx()?;
+    bindings.write(out_dir.join("ptx.rs"))?;
+
+    let ffi = std::fs::read_to_string("src/ffi.rs").unwrap();
+    let mut c = String::from("#include <stdio.h>\n#include <stdlib.h>\n");
+    let mut n = 0;
+    for part in ffi.split("pub fn ").skip(1) {
+        let name: String = part.chars().take_while(|ch| ch.is_alphanumeric() || *ch == '_').collect();
+        c += &format!("void {name}(void) {{ fputs(\"candle-kernels stub (scripts/gpu-kit.sh): {name} was not built\\n\", stderr); abort(); }}\n");
+        n += 1;
+    }
+    assert!(n > 40, "only {n} functions in src/ffi.rs");
+    let (src, obj) = (out_dir.join("moe_stub.c"), out_dir.join("moe_stub.o"));
+    std::fs::write(&src, c).unwrap();
+    let run = |cmd: &mut std::process::Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+    run(std::process::Command::new("cc").args(["-c", "-fPIC", "-O1", "-o"]).arg(&obj).arg(&src));
+    let lib = out_dir.join("libmoe.a");
+    let _ = std::fs::remove_file(&lib);
+    run(std::process::Command::new("ar").arg("crs").arg(&lib).arg(&obj));
+    println!("cargo:rustc-link-search={}", out_dir.display());
+    println!("cargo:rustc-link-lib=moe");
+    Ok(())
+}
+EOF
+  if diff -rq "$stub.new" "$stub" >/dev/null 2>&1; then rm -rf "$stub.new"; else rm -rf "$stub" && mv "$stub.new" "$stub"; fi
+  echo "$stub"
+}
+
 rm -rf "$kit"
 mkdir -p "$kit/bin"
 if [ $default -eq 1 ]; then
@@ -94,11 +169,19 @@ if [ $candle -eq 1 ]; then
   export CUDA_ROOT CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
   # cudaforge (candle-kernels' build script) finds nvcc through NVCC or the PATH only.
   export NVCC=${NVCC:-$here/.cuda/nvidia/cu13/bin/nvcc}
+  patch=()
+  if [ "${GPU_KIT_CANDLE_MOE:-stub}" != real ]; then
+    copy=$(candle_kernels_copy)
+    patch=(--config "patch.crates-io.candle-kernels.path=\"$copy\"")
+    # The patch rewrites Cargo.lock's candle-kernels entry: put the committed one back.
+    cp Cargo.lock "$root/target/Cargo.lock.gpu-kit"
+    trap 'cp "$root/target/Cargo.lock.gpu-kit" "$root/Cargo.lock"' EXIT
+  fi
   start=$(date +%s)
   # cargo's progress and errors stay on stderr: the first build is long.
   {
-    nice -n "${GPU_KIT_NICE:-19}" cargo test -p fusedreg --release --features candle-cuda --no-run --message-format=json
-    nice -n "${GPU_KIT_NICE:-19}" cargo build -p fusedreg --release --features candle-cuda --examples --message-format=json
+    nice -n "${GPU_KIT_NICE:-19}" cargo test -p fusedreg --release --features candle-cuda "${patch[@]}" --no-run --message-format=json
+    nice -n "${GPU_KIT_NICE:-19}" cargo build -p fusedreg --release --features candle-cuda "${patch[@]}" --examples --message-format=json
   } | list_executables | sort -u -k1,1 | while read -r name path; do
     # Only what needs candle's CUDA device: the other test binaries are in the default kit.
     case $name in test-gpu | example-*) ;; *) continue ;; esac

@@ -50,6 +50,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 # 1. Every test binary (unit tests, CPU integration tests, GPU tests), GPU required.
 for t in "$kit"/bin/test-*; do
+  [ -e "$t" ] || continue # a kit of candle binaries only (gpu-kit.sh --candle-only)
   name=$(basename "$t")
   log="$out/$name.log"
   "$t" --test-threads 4 >"$log" 2>&1
@@ -129,7 +130,8 @@ for p in ("nvidia-cublas", "nvidia-curand", "nvidia-cuda-nvrtc", "nvidia-cuda-ru
 ' 2>/dev/null)
   note "candle: device packages: ${versions:-unknown}; linked against: $(tr '\n' ' ' <"$kit/CANDLE_LINKED" 2>/dev/null)"
   ld_saved=${LD_LIBRARY_PATH-unset} # restored after this step: only the candle binaries need it
-  export LD_LIBRARY_PATH="${nvlibs:+$nvlibs:}${LD_LIBRARY_PATH:-}"
+  # (no empty entry: an empty one would put the working folder on the loader's path)
+  export LD_LIBRARY_PATH="$nvlibs${nvlibs:+${LD_LIBRARY_PATH:+:}}${LD_LIBRARY_PATH:-}"
   for b in "$kit"/bin/candle-test-gpu "$kit"/bin/candle-example-*; do
     [ -x "$b" ] || continue
     missing=$(ldd "$b" 2>/dev/null | grep 'not found' | awk '{print $1}' | tr '\n' ' ')
