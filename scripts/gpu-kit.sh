@@ -32,12 +32,18 @@
 #    stubs through a patched copy of the crate (target/candle-kernels-kit, given to cargo as a
 #    `[patch]` on the command line; Cargo.lock is restored afterwards): fusedreg never calls
 #    those kernels, and compiling them is 15 heavy `nvcc -c` runs that cudaforge makes one at a
-#    time on two cores. Measured here (2 cores shared by several builds, load ~20, nice 19): the
-#    PTX took 6 min; the first of the 15 libmoe.a files was still in cicc after 5 min.
+#    time on two cores. Measured here (2 cores shared by several builds, load 16-23, nice 19):
+#    the PTX took 6 and 10 min (two builds; quantized.cu alone 3.5-4 min); the first of the 15
+#    libmoe.a files was still in cicc after 5 min (45 s of CPU), so the real library would have
+#    added over an hour there (on idle cores less; not measured).
 #    GPU_KIT_CANDLE_MOE=real builds the unpatched crate (real libmoe.a), if ever needed.
 #    Later kits reuse all of it (cudaforge caches per file in OUT_DIR).
-#  * size: each candle binary embeds candle's PTX; the kit prints its size: a kit over the 64 MiB
-#    a device call carries needs --candle-only (and the default kit in another call).
+#  * size: each candle binary embeds the PTX of the candle kernels it can reach (11 MB in all):
+#    measured, bin/candle-test-gpu is 22.7 MB stripped (bin/test-gpu 8.2 MB) and a small candle
+#    example 3.3 MB, so a --candle-only kit is about 25 MB plus the examples, and the default kit
+#    alone is 42-70 MB: a --candle kit passes the 64 MiB a device call carries. Carry a
+#    --candle-only kit in its own call (or delete bin/bench-* and bin/example-* from a --candle
+#    kit); the kit warns when it is over 64 MiB.
 # GPU_KIT_NICE (default 19) is the niceness of the candle build.
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -202,3 +208,5 @@ git -C "$root" status --porcelain | grep -q . && echo "+uncommitted" >>"$kit/COM
 chmod +x "$kit/run.sh"
 ls -la "$kit/bin"
 du -sh "$kit"
+bytes=$(du -sb "$kit" | cut -f1)
+[ "$bytes" -le $((64 << 20)) ] || echo "gpu-kit: $kit is over the 64 MiB a device call carries" >&2

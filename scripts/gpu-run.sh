@@ -166,7 +166,7 @@ if [ $candle_example -eq 1 ]; then
     # CANDLE_EXAMPLE_ARGS is a list of flags: split on purpose.
     timeout "${CANDLE_EXAMPLE_TIMEOUT:-1200}" "$ex" "${args[@]}" ${CANDLE_EXAMPLE_ARGS:-} >>"$log" 2>&1
     rc=$?
-    note "candle-example-$name: rc=$rc $(tail -1 "$log")"
+    note "candle-example-$name: rc=$rc $(grep -v '^[[:space:]]*$' "$log" | tail -1)"
     [ $rc -eq 0 ] || status=1
   done
   [ $found -eq 1 ] || { note "candle examples: none in this kit (gpu-kit.sh --candle packs them)"; status=1; }
