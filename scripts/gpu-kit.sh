@@ -196,8 +196,12 @@ if [ $candle -eq 1 ]; then
   done
   echo "gpu-kit: candle-cuda build $(($(date +%s) - start)) s" >&2
   [ -x "$kit/bin/candle-test-gpu" ] || { echo "gpu-kit: no candle-cuda GPU test binary" >&2; exit 1; }
-  # The corpus of the candle example(s), read at run time.
-  if ls "$kit"/bin/candle-example-* >/dev/null 2>&1 && [ -d "$root/data" ]; then cp -r "$root/data" "$kit/data"; fi
+  # The corpus of the candle example(s), read at run time, and where the build put it: an example
+  # may read it from its CARGO_MANIFEST_DIR (the runner recreates that path if it must).
+  if ls "$kit"/bin/candle-example-* >/dev/null 2>&1 && [ -d "$root/data" ]; then
+    cp -r "$root/data" "$kit/data"
+    echo "$root" >"$kit/BUILD_ROOT"
+  fi
   # What the binaries were linked against, for the runner to set beside the GPU machine's versions.
   grep '==' "$CUDA_ROOT/INSTALLED" >"$kit/CANDLE_LINKED"
 fi

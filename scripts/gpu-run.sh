@@ -8,15 +8,18 @@
 # candle-cuda): only its candle trials (filter `candle`) where the kit also has the plain
 # bin/test-gpu, every trial otherwise. --candle-example runs each bin/candle-example-NAME at its
 # full (default) size on the GPU: `--device cuda --out OUTDIR/NAME`, plus `--corpus
-# KIT/data/<the .txt there>` where the example's --help lists that flag (its default path is the
-# build machine's); CANDLE_EXAMPLE_ARGS adds flags (e.g. "--steps 200" for a shorter run) and
-# CANDLE_EXAMPLE_TIMEOUT (s, default 1200) bounds each. Full size takes minutes.
+# KIT/data/<the .txt there>` where the example's --help lists that flag (otherwise the build
+# machine's path of data/, $(cat KIT/BUILD_ROOT)/data, is made a link to KIT/data where free).
+# CANDLE_EXAMPLE_ARGS adds flags (e.g. "--steps 200" for a shorter run); CANDLE_EXAMPLE_TIMEOUT
+# (s, default 1200) bounds each. Full size takes minutes.
 #
-# Those binaries link libcuda (the driver's), libcudart, cuBLAS, cuBLASLt, cuRAND and NVRTC 13
-# dynamically: they were linked here against stubs and 13.0 wheels, and load on the GPU machine
-# the nvidia-* pip packages of its python3 (torch's): LD_LIBRARY_PATH gets every
-# site-packages/nvidia/*/lib folder (cu13/lib holds the CUDA 13 ones) before they run, and the
-# summary names those packages' versions beside the ones linked against (KIT/CANDLE_LINKED).
+# Those binaries link the driver's libcuda.so.1 and cuBLAS (+cuBLASLt) and cuRAND 13
+# dynamically (NVRTC and libcudart too where they use them): linked here against a stub and
+# CUDA 13.0 wheels (scripts/install-cuda-libs.sh), they load on the GPU machine the nvidia-* pip
+# packages of its python3 (torch's): LD_LIBRARY_PATH gets every site-packages/nvidia/*/lib
+# folder (cu13/lib holds the CUDA 13 ones) before they run, the loader is asked (ldd) for
+# anything missing, and the summary names those packages' versions beside the ones linked
+# against (KIT/CANDLE_LINKED).
 set -uo pipefail
 kit=$(cd "$(dirname "$0")" && pwd)
 out=${1:?usage: run.sh OUTDIR [--sanitize] [--bench] [--criterion] [--quick] [--torch] [--candle] [--candle-example]}
@@ -160,7 +163,16 @@ if [ $candle_example -eq 1 ]; then
     name=${ex##*/candle-example-}
     args=(--device cuda --out "$out/$name")
     corpus=$(ls "$kit"/data/*.txt 2>/dev/null | head -1)
-    if [ -n "$corpus" ] && "$ex" --help 2>&1 | grep -q -- '--corpus'; then args+=(--corpus "$corpus"); fi
+    if [ -n "$corpus" ] && "$ex" --help 2>&1 | grep -q -- '--corpus'; then
+      args+=(--corpus "$corpus")
+    elif [ -n "$corpus" ] && [ -f "$kit/BUILD_ROOT" ]; then
+      # No --corpus flag: the example reads BUILD_ROOT/data/..., the build machine's path. Make
+      # that path point at the kit's copy (nothing there is replaced).
+      broot=$(cat "$kit/BUILD_ROOT")
+      if [ ! -e "$broot/data" ] && mkdir -p "$broot" 2>/dev/null && ln -s "$kit/data" "$broot/data"; then
+        note "candle-example-$name: linked $broot/data to the kit's data/ (the example has no --corpus)"
+      fi
+    fi
     log="$out/candle-example-$name.log"
     echo "+ $ex ${args[*]} ${CANDLE_EXAMPLE_ARGS:-}" >"$log"
     # CANDLE_EXAMPLE_ARGS is a list of flags: split on purpose.
