@@ -11,7 +11,7 @@
 # KIT/data/<the .txt there>` where the example's --help lists that flag (otherwise the build
 # machine's path of data/, $(cat KIT/BUILD_ROOT)/data, is made a link to KIT/data where free).
 # CANDLE_EXAMPLE_ARGS adds flags (e.g. "--steps 200" for a shorter run); CANDLE_EXAMPLE_TIMEOUT
-# (s, default 1200) bounds each. Full size takes minutes.
+# (s, default 540: one device call runs at most 600 s) bounds each. Full size takes minutes.
 #
 # Those binaries link the driver's libcuda.so.1 and cuBLAS (+cuBLASLt) and cuRAND 13
 # dynamically (NVRTC and libcudart too where they use them): linked here against a stub and
@@ -176,7 +176,7 @@ if [ $candle_example -eq 1 ]; then
     log="$out/candle-example-$name.log"
     echo "+ $ex ${args[*]} ${CANDLE_EXAMPLE_ARGS:-}" >"$log"
     # CANDLE_EXAMPLE_ARGS is a list of flags: split on purpose.
-    timeout "${CANDLE_EXAMPLE_TIMEOUT:-1200}" "$ex" "${args[@]}" ${CANDLE_EXAMPLE_ARGS:-} >>"$log" 2>&1
+    timeout "${CANDLE_EXAMPLE_TIMEOUT:-540}" "$ex" "${args[@]}" ${CANDLE_EXAMPLE_ARGS:-} >>"$log" 2>&1
     rc=$?
     note "candle-example-$name: rc=$rc $(grep -v '^[[:space:]]*$' "$log" | tail -1)"
     [ $rc -eq 0 ] || status=1
