@@ -186,10 +186,10 @@ if [ $candle -eq 1 ]; then
   start=$(date +%s)
   # cargo's progress and errors stay on stderr: the first build is long.
   {
-    nice -n "${GPU_KIT_NICE:-19}" cargo test -p fusedreg --release --features candle-cuda "${patch[@]}" --no-run --message-format=json
+    # Only the GPU test target: the other test binaries would each link candle for nothing.
+    nice -n "${GPU_KIT_NICE:-19}" cargo test -p fusedreg --release --features candle-cuda "${patch[@]}" --test gpu --no-run --message-format=json
     nice -n "${GPU_KIT_NICE:-19}" cargo build -p fusedreg --release --features candle-cuda "${patch[@]}" --examples --message-format=json
   } | list_executables | sort -u -k1,1 | while read -r name path; do
-    # Only what needs candle's CUDA device: the other test binaries are in the default kit.
     case $name in test-gpu | example-*) ;; *) continue ;; esac
     cp "$path" "$kit/bin/candle-$name"
     strip --strip-all "$kit/bin/candle-$name" 2>/dev/null || true
