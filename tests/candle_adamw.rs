@@ -534,6 +534,13 @@ fn bad_input_is_an_error() -> R {
         ));
         assert!(e.contains("dtype"), "{e}");
     }
+    // The same Var twice (a clone shares its id): refused, naming both positions.
+    let tied = f32v();
+    let e = msg(AdamW::new(
+        vec![tied.clone(), f32v(), tied],
+        AdamWParams::default(),
+    ));
+    assert!(e.contains("Vars 0 and 2 are the same Var"), "{e}");
     // Bad hyperparameters.
     let bad = |f: &dyn Fn(&mut AdamWParams)| {
         let mut p = AdamWParams::default();

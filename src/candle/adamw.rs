@@ -94,7 +94,8 @@ enum Backend {
 ///   [`TensorSet`](crate::multi_tensor::TensorSet) by raw address and updated **in place** by
 ///   fusedreg's multi-tensor kernels on candle's stream (norm and AdamW: 1 to 3 launches per step
 ///   for any number of Vars). fusedreg's AdamW is bit-exact between CPU and GPU, so both devices
-///   give the same bits.
+///   give the same bits for the same gradients (candle's own CPU and CUDA backward passes may
+///   produce different gradients).
 ///
 /// # Why the registered addresses stay valid
 ///
@@ -125,10 +126,21 @@ enum Backend {
 ///   Var's next bias correction differs from ours, which counts steps per Var as PyTorch does.)
 /// * On CUDA a step queues 1 (no clipping) or 3 launches. Host-to-device copies happen only
 ///   when something changed: the gradient-address table (40 bytes per Var), the skip flags, the
-///   learning rate. They are copies from pageable memory, for which CUDA first waits for the
-///   stream: a step that changes one of them synchronises with the GPU once; a step where candle
+///   learning rate. They are copies from pageable memory, for which CUDA may first wait for the
+///   stream: a step that changes one of them can synchronise with the GPU once; a step where candle
 ///   hands out the same gradient addresses as the step before (its stream-ordered pool often
 ///   does) and nothing else changed does not. A pinned ring buffer would remove that wait.
+/// * With f32 master weights (the default for f16/bf16 Vars) the optimizer's master copy is
+///   the truth: each step writes the master's rounding into the Var. A value written into such a
+///   Var from outside (`Var::set`, loading a checkpoint into the `VarMap`) after the optimizer
+///   was built is therefore replaced at the next step. Load weights before building the
+///   optimizer (or build a new one after loading). f32 Vars have no master and are read as they
+///   are at every step.
+/// * [`AdamW::save_state`] / [`AdamW::load_state`] match Vars by position: build the optimizer
+///   from the same Vars in the same order in every process. `VarMap::all_vars()` returns them
+///   in a per-process random order (a `HashMap`); use [`vars_by_name`] instead. A load whose
+///   tensor lengths differ is an error; a different order of equally long Vars cannot be
+///   detected.
 /// * Non-contiguous gradients are copied to a contiguous tensor first.
 /// * When clipping is on and the gradient norm is NaN or infinite, the whole step is skipped:
 ///   no Var and no state bit changes.
@@ -281,8 +293,16 @@ impl AdamW {
         let backend = match vars.first() {
             None => Backend::Empty,
             Some(first) => {
+                let mut seen = std::collections::HashMap::new();
                 for (i, v) in vars.iter().enumerate() {
                     check_var(i, v, first)?;
+                    // The same Var twice (e.g. tied weights listed twice) would be updated twice
+                    // per step, and on CUDA by two racing blocks: refused.
+                    if let Some(j) = seen.insert(v.id(), i) {
+                        return Err(err(format!(
+                            "Vars {j} and {i} are the same Var: list each parameter once (tied                              weights are one Var whose gradient already sums both uses)"
+                        )));
+                    }
                 }
                 match first.device() {
                     Device::Cpu => Backend::Cpu(match first.dtype() {
@@ -523,6 +543,31 @@ impl AdamW {
 
 /// Var `i` against the first Var: a float dtype with kernels, the same dtype and device,
 /// contiguous.
+/// The Vars of a `VarMap` sorted by name: an order that is the same in every process (unlike
+/// `VarMap::all_vars()`, which follows a `HashMap`), as [`AdamW::load_state`] needs.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// # fn main() -> candle_core::Result<()> {
+/// let map = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+/// let _b = vb.get_with_hints(3, "b", candle_nn::Init::Const(0.0))?;
+/// let _a = vb.get_with_hints((2, 3), "a", candle_nn::Init::Const(1.0))?;
+/// let vars = fusedreg::candle::vars_by_name(&map);
+/// assert_eq!(vars.iter().map(|v| v.dims().to_vec()).collect::<Vec<_>>(), [vec![2, 3], vec![3]]);
+/// # Ok(()) }
+/// ```
+pub fn vars_by_name(varmap: &candle_nn::VarMap) -> Vec<Var> {
+    let data = varmap
+        .data()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut named: Vec<(&String, &Var)> = data.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    named.into_iter().map(|(_, v)| v.clone()).collect()
+}
+
 fn check_var(i: usize, v: &Var, first: &Var) -> candle_core::Result<()> {
     if !matches!(v.dtype(), DType::F32 | DType::F16 | DType::BF16) {
         return Err(err(format!(

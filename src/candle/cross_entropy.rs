@@ -423,11 +423,16 @@ impl CustomOp2 for Fwd {
         d_loss: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // upstream = d_loss * (1 / n_valid) per row, on the device: the same f32 operations as
-        // the mean's own scale (`1 / n_valid as f32`), so d_loss = 1 gives its bits. n_valid is
-        // counted in i64 (exact) and rounded once to f32 like the op's; max(1) only matters
-        // when no row is valid, and then every gradient row is zero anyway.
-        let n_valid = targets
-            .ne(self.cfg.get_ignore_index())?
+        // the mean's own scale (`1 / n_valid as f32`), so d_loss = 1 gives its bits. n_valid
+        // counts what the kernels count: rows whose target is not the ignore index and lies in
+        // [0, vocab) (an out-of-range row, possible without the target check, is neither in the
+        // loss nor in the mean). Counted in i64 (exact) and rounded once to f32 like the op's;
+        // max(1) only matters when no row is valid, and then every gradient row is zero anyway.
+        let vocab = i64::try_from(self.cfg.vocab())
+            .map_err(|_| wrap(Error::shape(BWD, "vocabulary above i64::MAX")))?;
+        let valid =
+            (targets.ne(self.cfg.get_ignore_index())? * targets.ge(0i64)? * targets.lt(vocab)?)?;
+        let n_valid = valid
             .to_dtype(DType::I64)?
             .sum_all()?
             .to_dtype(DType::F32)?

@@ -106,7 +106,7 @@ mod dropout_residual;
 mod stochastic_depth;
 mod storage;
 
-pub use adamw::{AdamW, AdamWParams};
+pub use adamw::{vars_by_name, AdamW, AdamWParams};
 pub use bias_act_dropout::BiasActDropout;
 pub use cross_entropy::CrossEntropy;
 pub use dropout::Dropout;

@@ -206,15 +206,30 @@ impl DepthPlan {
 
     /// The optimizer's skip flags: `block_of_var[i]` is the block Var `i` belongs to (`None`:
     /// outside every block, never skipped); a Var of a dropped block is skipped. Pass the result
-    /// to [`AdamW::set_skip`](super::AdamW::set_skip).
+    /// to [`AdamW::set_skip`](super::AdamW::set_skip). A block index past the plan's blocks is
+    /// an error (a typo there would otherwise freeze that Var for the whole run).
     ///
     /// ```
     /// use fusedreg::{candle::StochasticDepth, stochastic_depth::Schedule};
-    /// let p = StochasticDepth::new(Schedule::linear(0.3), 2).unwrap().eval_plan();
-    /// assert_eq!(p.skip_flags(&[None, Some(0), Some(1)]), vec![false; 3]); // all run
+    /// # fn main() -> candle_core::Result<()> {
+    /// let p = StochasticDepth::new(Schedule::linear(0.3), 2)?.eval_plan();
+    /// assert_eq!(p.skip_flags(&[None, Some(0), Some(1)])?, vec![false; 3]); // all run
+    /// assert!(p.skip_flags(&[Some(2)]).is_err()); // only blocks 0 and 1 exist
+    /// # Ok(()) }
     /// ```
-    pub fn skip_flags(&self, block_of_var: &[Option<usize>]) -> Vec<bool> {
-        self.plan.skip_flags(block_of_var)
+    pub fn skip_flags(&self, block_of_var: &[Option<usize>]) -> candle_core::Result<Vec<bool>> {
+        let blocks = self.plan.blocks().len();
+        if let Some((i, b)) = block_of_var
+            .iter()
+            .enumerate()
+            .find_map(|(i, b)| b.filter(|&b| b >= blocks).map(|b| (i, b)))
+        {
+            return Err(wrap(crate::Error::invalid(
+                "candle::DepthPlan",
+                format!("Var {i} belongs to block {b}, but the plan has {blocks} blocks"),
+            )));
+        }
+        Ok(self.plan.skip_flags(block_of_var))
     }
 
     /// A pre-norm residual block under the plan: `x + residual_scale * branch(x)` when `block`

@@ -1136,10 +1136,13 @@ impl TensorSet {
     ///
     /// As [`TensorSetBuilder::push_raw`], for the new addresses: each points to a live device
     /// allocation of at least the tensor's length in elements of the set's gradient dtype, in the
-    /// handle's context, not overlapping its parameter, that stays alive (not freed or reused)
-    /// until every launch over the set that reads it has completed on the handle's stream
-    /// (buffers freed stream-ordered on that stream, as cudarc does, satisfy this), and whose
-    /// writes are ordered with that stream.
+    /// handle's context, not overlapping its parameter (except for a tensor that every launch
+    /// skips, which never reads it), that stays alive (not freed or reused) until every launch
+    /// over the set that reads it has completed on the handle's stream (buffers freed
+    /// stream-ordered on that stream, as cudarc does, satisfy this), and whose writes are
+    /// ordered with that stream. The set keeps the addresses after a step: any later launch
+    /// over it (a [`crate::global_norm::GlobalNorm::compute`], an optimizer step) reads them
+    /// again, so replace them with another call before such a launch once the buffers are gone.
     ///
     /// # Examples
     ///
@@ -1180,8 +1183,12 @@ impl TensorSet {
                 ));
             }
         }
+        // The new table is built aside and kept only once the device has it: a failed upload
+        // leaves the host table as it was, so the next call sees the change and uploads again
+        // (never a host table that disagrees with the device's).
+        let mut next = self.entries.clone();
         let mut changed = false;
-        for (&g, e) in grads.iter().zip(self.entries.iter_mut()) {
+        for (&g, e) in grads.iter().zip(next.iter_mut()) {
             let flags = entry_flags(self.param_dtype, self.grad_dtype, e.param, g);
             changed |= e.grad != g || e.flags != flags;
             e.grad = g;
@@ -1190,8 +1197,10 @@ impl TensorSet {
         if changed {
             self.handle
                 .stream()
-                .memcpy_htod(&self.entries, &mut self.d_tensors)
+                .memcpy_htod(&next, &mut self.d_tensors)
                 .map_err(Error::driver(OP))?;
+            // Moving the Vec keeps its heap buffer (the copy's source) where it is.
+            self.entries = next;
         }
         Ok(())
     }

@@ -37,6 +37,10 @@ pub fn trials() -> Vec<Trial> {
                 "cross_entropy_bad_target_is_an_error",
                 cross_entropy_bad_target_is_an_error,
             ),
+            (
+                "cross_entropy_unchecked_bad_target_counts_as_ignored",
+                cross_entropy_unchecked_bad_target_counts_as_ignored,
+            ),
         ],
     )
 }
@@ -304,4 +308,29 @@ fn cross_entropy_bad_target_is_an_error(h: &Handle) -> R<()> {
         Err(e) => Err(format!("the error does not say why: {e}")),
         Ok(_) => Err("target 8 of a vocabulary of 8 was accepted".into()),
     }
+}
+
+/// Without the target check an out-of-range row is an ignored row, in the loss and in the
+/// gradient's mean alike: the GPU's loss and gradient with targets `[0, 8, 1, -1, 5]` equal the
+/// CPU device's with those two rows set to the ignore index.
+fn cross_entropy_unchecked_bad_target_counts_as_ignored(h: &Handle) -> R<()> {
+    let dev = cuda(h)?;
+    let vals = host(7, 5 * 8);
+    let run =
+        |dev: &Device, targets: &[i64], ce: CrossEntropy| -> candle_core::Result<Vec<Tensor>> {
+            let x = Var::from_tensor(&Tensor::from_vec(vals.clone(), (5, 8), dev)?)?;
+            let t = Tensor::new(targets, dev)?;
+            let loss = ce.forward(&x, &t)?;
+            let g = loss.backward()?;
+            let dx = g
+                .get(&x)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
+            Ok(vec![loss, dx])
+        };
+    let ce = CrossEntropy::new().with_label_smoothing(0.1).map_err(e2s)?;
+    let gpu = run(&dev, &[0, 8, 1, -1, 5], ce.without_target_check()).map_err(e2s)?;
+    let cpu = run(&Device::Cpu, &[0, -100, 1, -100, 5], ce).map_err(e2s)?;
+    same("loss", &gpu[0], &cpu[0])?;
+    same("gradient", &gpu[1], &cpu[1])
 }
