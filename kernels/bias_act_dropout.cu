@@ -7,14 +7,14 @@
 // act is GELU (erf), GELU (tanh approximation), SiLU or ReLU, all in f32 through the bit-exact
 // math of common/fmath.cuh. The arithmetic is pinned so that src/bias_act_dropout/cpu.rs
 // reproduces it bit for bit (see act_fwd / act_grad below and the module docs of
-// src/bias_act_dropout/mod.rs). The mask is the shared dropout keying (common/dropout_keying.cuh,
+// src/bias_act_dropout/mod.rs). The mask is the shared dropout keying (common/dropping.cuh,
 // drop::keep_bits): word(i) of philox(seed, call, i / 4), dropped when below the threshold (0:
 // keep all, 2^32: drop all, no generator work for either); i is the 64-bit flat index.
 //
 // Launch shape (as kernels/dropout_residual.cu): grid.x walks column groups (blockDim.x threads,
 // V consecutive columns each), grid.y walks row slabs of `slab_rows` rows; blockDim.y = LANES row
 // lanes, lane l takes rows slab_start + l, + LANES, ... The slab size is a function of
-// (rows, cols, dtype) only (src/dropout_keying `slab_rows`), so the backward's dbias
+// (rows, cols, dtype) only (src/dropping `slab_rows`), so the backward's dbias
 // partials - per (slab, column): the lanes' in-order sums folded ((l0 + l1) + l2) + l3 - and their
 // in-order sum over slabs are the same on every GPU and launch, and on the CPU. No float atomics.
 //
@@ -25,7 +25,7 @@
 // but still reach the one __syncthreads of the backward.
 #include "common/dtype.cuh"
 #include "common/fmath.cuh"
-#include "common/dropout_keying.cuh"
+#include "common/dropping.cuh"
 
 using namespace fusedreg;
 
@@ -33,7 +33,7 @@ namespace bias_act_dropout {
 
 // Activation codes: must match Activation::code in src/bias_act_dropout/mod.rs.
 constexpr uint32_t ACT_GELU_ERF = 0, ACT_GELU_TANH = 1, ACT_SILU = 2, ACT_RELU = 3;
-// Row lanes (blockDim.y): the shared dbias partition's (DBIAS_LANES in src/dropout_keying).
+// Row lanes (blockDim.y): the shared dbias partition's (DBIAS_LANES in src/dropping).
 constexpr uint32_t LANES = drop::DBIAS_LANES;
 constexpr uint32_t MAX_BLOCK_X = 64;  // the host launches blockDim = (64, LANES)
 

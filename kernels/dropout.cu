@@ -6,7 +6,7 @@
 // The arithmetic is pinned so that src/dropout/cpu.rs reproduces it bit for bit:
 //   t = x + b (one f32 add; t = x without bias), rowm = scale * rs (one f32 multiply per row;
 //   rowm = scale without a row scale), y = m != 0 ? T(t * m) : +0 (a dropped element is exactly
-//   +0, whatever x holds). The backward is the shared one (common/dropout_keying.cuh:
+//   +0, whatever x holds). The backward is the shared one (common/dropping.cuh:
 //   dropout_bwd, dx = m != 0 ? T(dy * m) : 0, deterministic dbias), instantiated here under this
 //   file's stem; so is the unfused baseline.
 //
@@ -16,7 +16,7 @@
 // thread of a block runs the same tile, chunk and row loops (threads past the last column skip
 // only memory accesses), which the row staging (__syncthreads) and the warp-level mask writes
 // rely on.
-#include "common/dropout_keying.cuh"
+#include "common/dropping.cuh"
 
 using namespace fusedreg;
 using namespace fusedreg::drop;

@@ -6,7 +6,7 @@
 //
 // The arithmetic is pinned so that src/dropout_add_norm/cpu.rs reproduces it bit for bit (the
 // module docs of src/dropout_add_norm/mod.rs spell it out). The parts that decide the bits:
-//  * Dropout is keyed by the shared contract (common/dropout_keying.cuh): the keep bit of flat
+//  * Dropout is keyed by the shared contract (common/dropping.cuh): the keep bit of flat
 //    element i = row * cols + col is philox word i of (seed, call) >= threshold (integer compare;
 //    threshold 0 and 2^32 do no generator work). The backward regenerates it; nothing is stored.
 //  * Row reductions (mean, variance, the backward's two row sums) have an order that depends on
@@ -30,7 +30,7 @@
 //
 // Every index and size is 64-bit. Every thread of a block runs the same row loop, so the
 // __syncthreads in block_sums is reached by all of them.
-#include "common/dropout_keying.cuh"
+#include "common/dropping.cuh"
 #include "common/dtype.cuh"
 #include "common/philox.cuh"
 
@@ -104,7 +104,7 @@ __device__ __forceinline__ void store8(T* p, const T (&v)[GROUP], int cnt, bool 
 }
 
 // Keep bits of elements i .. i+cnt-1 (bit k = element i+k kept), cnt <= 8, with the shared
-// keying (common/dropout_keying.cuh). A whole group at a multiple of 8 (always so when
+// keying (common/dropping.cuh). A whole group at a multiple of 8 (always so when
 // cols % 8 == 0) is drop::keep_bits<8>: two Philox blocks. Otherwise (odd row lengths: the group
 // straddles blocks at any offset) the words come from blocks i/4 .. (i+cnt-1)/4, at most three,
 // each word compared with the threshold exactly as there.

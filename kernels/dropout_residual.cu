@@ -22,7 +22,7 @@
 // staging (__syncthreads) and the warp-level mask writes (__shfl_down_sync, __ballot_sync) rely
 // on; whether a group of rows is dropped is decided per block, so those branches are uniform
 // too. blockDim.x is a multiple of 32 (checked on the host).
-#include "common/dropout_keying.cuh"
+#include "common/dropping.cuh"
 
 using namespace fusedreg;
 using namespace fusedreg::drop;
@@ -162,7 +162,7 @@ __device__ __forceinline__ void fwd(const FwdParams<T>& p) {
     }
 }
 
-// The residual add of the unfused baseline (the dropout kernels are common/dropout_keying.cuh's).
+// The residual add of the unfused baseline (the dropout kernels are common/dropping.cuh's).
 template <typename T> struct UnfusedAddParams {
     const T* a;
     const T* b;
@@ -197,7 +197,7 @@ DR_CHECK_SIZES(__nv_bfloat16)
 // Register budgets (see the .resources.txt report): the forward holds 2 x UNROLL 16-byte
 // vectors per thread, so it gets up to 85 registers (3 blocks of 256 per SM: 768 threads with 8
 // loads of 16 bytes in flight each, far more than the bandwidth-latency product needs); the
-// backward (common/dropout_keying.cuh) holds UNROLL vectors and fits in 64 (4 blocks per SM).
+// backward (common/dropping.cuh) holds UNROLL vectors and fits in 64 (4 blocks per SM).
 // Without these bounds the compiler spends 90-130 registers on instruction-level parallelism we
 // do not need.
 #define FWD_BOUNDS __launch_bounds__(MAX_BLOCK, 3)

@@ -14,6 +14,8 @@
 //!   feed-forward site, with the bias gradient fused into the backward.
 //! * [`dropout_add_norm`]: fused dropout + residual add + LayerNorm / RMSNorm with LayerNorm
 //!   Scaling and drop path (the entry of a pre-norm block), forward and backward.
+//! * [`math`]: [`Math::Fast`] (hardware approximations within a stated bound) or [`Math::Exact`]
+//!   (bit for bit with the CPU reference) for ops with transcendental functions.
 //! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
 //!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
 //! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
@@ -50,12 +52,13 @@ pub mod candle;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod dropout_add_norm;
-pub mod dropout_keying;
+pub mod dropping;
 pub mod dropout_residual;
 pub mod dtype;
 pub mod error;
 pub mod fmath;
 pub mod global_norm;
+pub mod math;
 pub mod multi_tensor;
 pub mod philox;
 mod runtime;
@@ -63,6 +66,7 @@ pub mod stochastic_depth;
 
 pub use dtype::{Dtype, DtypeKind};
 pub use error::{Error, Result};
+pub use math::Math;
 pub use runtime::{
     compiled_archs, device_count, driver_present, kernels_built, nvcc_version, DeviceInfo,
     DeviceScalar, Handle,

@@ -33,7 +33,7 @@
 //! non-finite scalars, length mismatches, overflowing shapes, empty inputs, views at element 1)
 //! in their own suites, next to their references:
 //!
-//! * `dropout`, `dropout_keying`: `tests/dropout.rs::bad_input_is_an_error`,
+//! * `dropout`, `dropping`: `tests/dropout.rs::bad_input_is_an_error`,
 //!   `tests/gpu/dropout.rs::bad_input_is_an_error` (`Config::{new, with_resolution}`,
 //!   `DropPath`, `cpu::{forward, backward}`, the GPU `forward`/`backward`, the unfused baseline).
 //! * `bias_act_dropout`: `tests/bias_act_dropout.rs::bad_input_is_an_error` and its GPU twin.

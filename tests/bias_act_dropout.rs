@@ -10,7 +10,7 @@ use fusedreg::bias_act_dropout::{
     cpu, fused_backward_bytes, fused_forward_bytes, unfused, unfused_backward_bytes,
     unfused_forward_bytes, Activation, Config, Preact,
 };
-use fusedreg::dropout_keying::slab_rows;
+use fusedreg::dropping::slab_rows;
 use fusedreg::{Dtype, DtypeKind, Error};
 use half::{bf16, f16};
 

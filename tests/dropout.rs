@@ -11,7 +11,7 @@ use fusedreg::dropout::{
     cpu::{self, BackwardOptions, ForwardOptions},
     slab_count, unfused, Config, DropPath,
 };
-use fusedreg::dropout_keying::{mask_bit, Keying};
+use fusedreg::dropping::{mask_bit, Keying};
 use fusedreg::{Dtype, Error};
 use half::{bf16, f16};
 

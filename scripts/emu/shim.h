@@ -158,3 +158,13 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     return emu_exchange(pred ? 1u : 0u, 0, true);
 }
 inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+
+// Deterministic models of the special-function-unit approximations (kernels/common/fastmath.cuh):
+// the correctly rounded f32 of the exact function, with the instruction's subnormal flushing. Not
+// the hardware's bits (those are checked on a GPU within each op's stated bound); a model that
+// keeps the code around the instruction under bit-for-bit emulation.
+inline float emu_ftz(float x) { return std::fabs(x) < 1.17549435e-38f ? std::copysign(0.0f, x) : x; }
+inline float emu_ex2_approx(float x) { return emu_canon(emu_ftz((float)std::exp2((double)emu_ftz(x)))); }
+inline float emu_lg2_approx(float x) { return emu_canon((float)std::log2((double)emu_ftz(x))); }
+inline float emu_tanh_approx(float x) { return emu_canon((float)std::tanh((double)x)); }
+inline float emu_rcp_approx(float x) { return emu_canon(emu_ftz((float)(1.0 / (double)emu_ftz(x)))); }

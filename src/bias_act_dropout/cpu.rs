@@ -21,7 +21,7 @@
 //! ```
 
 use super::{check_backward, check_forward, Activation, Config, Preact, LANES};
-use crate::dropout_keying::slab_rows;
+use crate::dropping::slab_rows;
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::fmath;

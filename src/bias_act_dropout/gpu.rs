@@ -9,7 +9,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{check_backward, check_forward, Config, Preact, LANES, OP};
-use crate::dropout_keying::slab_rows;
+use crate::dropping::slab_rows;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};

@@ -10,7 +10,7 @@
 //!
 //! `act` is one of [`Activation`]: GELU (erf), GELU (tanh approximation), SiLU, ReLU. `i = row *
 //! cols + col` is the 64-bit flat element index and `keep` is the keying of
-//! [`dropout_keying`](crate::dropout_keying) shared by every dropping op: [`philox::mask_word`](crate::philox::mask_word)
+//! [`dropping`](crate::dropping) shared by every dropping op: [`philox::mask_word`](crate::philox::mask_word)
 //! compared with the [`DropRate`] threshold, so the mask is a pure function of `(seed, call, i)`
 //! (not of the tensor length, the launch, the vector width, the alignment or the GPU), and the
 //! applied drop probability is exactly [`DropRate::effective_p`]. p = 0 and p = 1 are exact and do
@@ -35,7 +35,7 @@
 //! * `h = x + b` (one add), `y = keep ? T(act(h) * scale) : +0`;
 //! * `d = keep ? (dy * scale) * act'(h) : +0`, `dx = T(d)`;
 //! * `dbias[col] = T(sum over slabs s, in order, of P(s, col))`, each slab `s` being
-//!   [`slab_rows`](crate::dropout_keying::slab_rows) rows (a function of the shape and dtype only),
+//!   [`slab_rows`](crate::dropping::slab_rows) rows (a function of the shape and dtype only),
 //!   `P(s, col) = ((L0 + L1) + L2) + L3` where lane `l` sums, in increasing row order from `+0`,
 //!   the unrounded `d` of the slab's rows `r` with `(r - slab_start) % 4 == l` — the partition of
 //!   `dropout_residual`'s dbias. No float atomics: dbias is identical from run to run, GPU to
@@ -79,7 +79,7 @@
 //! # Ok(()) }
 //! ```
 
-use crate::dropout_keying::Keying;
+use crate::dropping::Keying;
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
 use crate::philox::DropRate;
@@ -94,7 +94,7 @@ pub use gpu::{backward, forward};
 pub(crate) const OP: &str = "bias_act_dropout";
 
 /// Row lanes of the backward's dbias partials (blockDim.y): the shared partition's.
-pub(crate) const LANES: usize = crate::dropout_keying::DBIAS_LANES;
+pub(crate) const LANES: usize = crate::dropping::DBIAS_LANES;
 
 /// The activation between the bias add and the dropout.
 ///

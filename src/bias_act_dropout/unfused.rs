@@ -9,7 +9,7 @@
 //! (one thread per column; no atomics, so it is deterministic too). That column sum is a naive
 //! kernel (6.8 ms for [16384, 4096] on an H200, where PyTorch's reduction takes a fraction of
 //! that): compare backward timings without dbias, or move it to the shared two-stage column sum
-//! of `kernels/common/dropout_keying.cuh` before quoting a backward speed-up.
+//! of `kernels/common/dropping.cuh` before quoting a backward speed-up.
 //!
 //! The activations and the mask are the fused op's (the same [`super::Activation`] arithmetic and
 //! Philox keying), so the byte mask equals the fused op's keep bits element for element. Because

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem};
 use super::{check_site, wrap, StepKeys};
 use crate::dropout::{cpu, Config, DropPath};
-use crate::dropout_keying::DropRate;
+use crate::dropping::DropRate;
 use crate::error::Error;
 
 const OP: &str = "candle::Dropout";

@@ -27,7 +27,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem};
 use super::{check_site, wrap, StepKeys};
 use crate::dropout_add_norm::{cpu, layer_norm_scaling, Config, DropPath, Norm};
-use crate::dropout_keying::DropRate;
+use crate::dropping::DropRate;
 use crate::error::Error;
 
 const OP: &str = "candle::DropoutAddNorm";

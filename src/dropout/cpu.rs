@@ -24,7 +24,7 @@
 //! ```
 
 use super::{Config, OP};
-use crate::dropout_keying::{
+use crate::dropping::{
     backward_cpu, check_backward, check_forward, row_multiplier, row_scales, set_mask_bit,
     ForwardLens,
 };
@@ -32,7 +32,7 @@ use crate::dtype::Dtype;
 use crate::error::Result;
 
 /// The CPU options are the shared ones (every dropping op takes the same).
-pub use crate::dropout_keying::{
+pub use crate::dropping::{
     CpuBackwardOptions as BackwardOptions, CpuForwardOptions as ForwardOptions,
 };
 

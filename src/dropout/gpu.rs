@@ -1,14 +1,14 @@
 //! Launch wrappers for `kernels/dropout.cu`. The launch geometry and the backward are the shared
-//! ones of [`crate::dropout_keying`]; this file fills in the forward's params.
+//! ones of [`crate::dropping`]; this file fills in the forward's params.
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{BackwardOptions, Config, ForwardOptions, OP};
-use crate::dropout_keying::gpu::{
+use crate::dropping::gpu::{
     aligned16, backward as backward_op, geometry, resolution_flag, row_scale_fields, segments,
     zero_mask, BackwardKernels, Geometry, Segment, Slabs, BWD_SLAB_ROWS, FLAG_UNROLL,
 };
-use crate::dropout_keying::{check_forward, ForwardLens};
+use crate::dropping::{check_forward, ForwardLens};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::runtime::kernels::{per_dtype, KernelFamily};

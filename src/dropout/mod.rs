@@ -9,7 +9,7 @@
 //!
 //! The embedding, LoRA-input and attention-probability sites of a transformer (for attention
 //! implementations that materialise the probabilities). Same keying contract as
-//! [`crate::dropout_residual`] and every dropping op ([`crate::dropout_keying`]): `i = row * cols +
+//! [`crate::dropout_residual`] and every dropping op ([`crate::dropping`]): `i = row * cols +
 //! col` is the flat 64-bit index and an element is dropped when
 //! [`philox::mask_word`]`(seed, call, i)` is below the [`DropRate`] threshold, so the mask is a
 //! pure function of `(seed, call, i)`: independent of the tensor length, the launch
@@ -81,7 +81,7 @@
 
 use crate::dtype::DtypeKind;
 
-pub use crate::dropout_keying::{
+pub use crate::dropping::{
     slab_count, slab_rows, BackwardOptions, Config, DropPath, ForwardOptions, LaunchTuning,
     MaskResolution, Workspace,
 };

@@ -6,7 +6,7 @@
 //! writing a 1-byte mask (1 = kept). Backward: masked scale `dx = mask ? T(dy * scale) : 0`,
 //! then a separate bias-gradient column sum of the rounded `dx` (per-slab partials and their
 //! ordered sum, the fused op's partition: deterministic, no atomics). The kernels are the shared
-//! eager ones of `kernels/common/dropout_keying.cuh`, instantiated in `kernels/dropout.cu`.
+//! eager ones of `kernels/common/dropping.cuh`, instantiated in `kernels/dropout.cu`.
 //!
 //! The mask uses the fused op's Philox keying, so the byte mask equals the fused bitmask element
 //! for element. With a bias the 16-bit results differ from the fused op's (`t` is rounded to `T`
@@ -30,7 +30,7 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 use super::{Config, OP};
-use crate::dropout_keying::unfused::{
+use crate::dropping::unfused::{
     bias_add_cpu, col_sum_cpu, dropout_cpu, ensure, launch_bias_add, launch_col_sum,
     launch_dropout, launch_masked_scale, UnfusedKernels,
 };

@@ -20,7 +20,7 @@ use super::{
     check_backward, check_forward, check_stream_dtype, row_partials, slab_rows, BackwardLens,
     Config, ForwardLens, Norm, GROUP,
 };
-use crate::dropout_keying::{row_multiplier, row_scales};
+use crate::dropping::{row_multiplier, row_scales};
 use crate::dtype::Dtype;
 use crate::error::Result;
 

@@ -97,7 +97,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
-use crate::dropout_keying::Keying;
+use crate::dropping::Keying;
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
 use crate::philox::DropRate;
@@ -106,7 +106,7 @@ pub mod cpu;
 mod gpu;
 pub mod unfused;
 
-pub use crate::dropout_keying::DropPath;
+pub use crate::dropping::DropPath;
 pub use gpu::{backward, forward, forward_inplace};
 
 /// The name used in errors.

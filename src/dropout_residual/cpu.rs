@@ -25,10 +25,10 @@
 //! ```
 
 use super::{Config, OP};
-use crate::dropout_keying::{backward_cpu, row_multiplier, row_scales, set_mask_bit};
-use crate::dropout_keying::{check_backward, check_forward, ForwardLens};
+use crate::dropping::{backward_cpu, row_multiplier, row_scales, set_mask_bit};
+use crate::dropping::{check_backward, check_forward, ForwardLens};
 /// The CPU options are the shared ones (every dropping op takes the same).
-pub use crate::dropout_keying::{
+pub use crate::dropping::{
     CpuBackwardOptions as BackwardOptions, CpuForwardOptions as ForwardOptions,
 };
 use crate::dtype::Dtype;

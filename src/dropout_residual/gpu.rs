@@ -1,16 +1,16 @@
 //! Launch wrappers for `kernels/dropout_residual.cu`.
 //!
 //! The launch geometry (slabs, segments, the vector path's conditions) and the backward are the
-//! shared ones of [`crate::dropout_keying`]; this file fills in the forward's params.
+//! shared ones of [`crate::dropping`]; this file fills in the forward's params.
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{BackwardOptions, Config, ForwardOptions, OP};
-use crate::dropout_keying::gpu::{
+use crate::dropping::gpu::{
     aligned16, backward as backward_op, geometry, row_scale_fields, segments, zero_mask,
     BackwardKernels, Geometry, Segment, Slabs, FLAG_UNROLL, FWD_SLAB_ROWS,
 };
-use crate::dropout_keying::{check_forward, ForwardLens};
+use crate::dropping::{check_forward, ForwardLens};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::runtime::kernels::{per_dtype, KernelFamily};

@@ -76,8 +76,8 @@
 
 use crate::dtype::DtypeKind;
 
-// The shared dropout pieces this op's API has always named (see crate::dropout_keying).
-pub use crate::dropout_keying::{
+// The shared dropout pieces this op's API has always named (see crate::dropping).
+pub use crate::dropping::{
     slab_count, slab_rows, BackwardOptions, Config, DropPath, ForwardOptions, LaunchTuning,
     Workspace,
 };

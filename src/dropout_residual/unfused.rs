@@ -32,8 +32,8 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{Config, OP};
-use crate::dropout_keying::gpu::aligned16;
-use crate::dropout_keying::unfused::{
+use crate::dropping::gpu::aligned16;
+use crate::dropping::unfused::{
     bias_add_cpu, col_sum_cpu, dropout_cpu, ensure, flat_grid, launch_bias_add, launch_col_sum,
     launch_dropout, launch_masked_scale, UnfusedKernels, BLOCK,
 };

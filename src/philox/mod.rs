@@ -35,7 +35,7 @@
 
 /// The drop rate lives with the rest of the shared dropout keying; re-exported here, where the
 /// keying it feeds is defined.
-pub use crate::dropout_keying::DropRate;
+pub use crate::dropping::DropRate;
 
 pub mod gpu;
 

@@ -4,7 +4,7 @@
 //! training, LayerNorm Scaling on vs off, and bad configurations.
 
 use fusedreg::dropout_add_norm::Norm;
-use fusedreg::dropout_keying::{DropRate, Keying};
+use fusedreg::dropping::{DropRate, Keying};
 use fusedreg::stochastic_depth::{Mode, Plan, Schedule, StochasticDepth};
 use fusedreg_tools::mlp::{
     forward_backward, train_step, Backend, CpuMlp, DroppedParams, MlpConfig, PreNorm, Trainer,

@@ -4,7 +4,7 @@
 //! masked scale `dx = mask ? T(dy * scale) : 0`, and the bias-gradient column sum of the rounded
 //! `dx` (per-slab partials and their ordered sum: deterministic, the fused ops' partition). Each
 //! op instantiates the kernels under its own stem (`<stem>_unfused_*` from the `unfused_*`
-//! bodies of `kernels/common/dropout_keying.cuh`) and passes its families here.
+//! bodies of `kernels/common/dropping.cuh`) and passes its families here.
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 

@@ -1,7 +1,7 @@
-//! The dropout machinery every dropping op shares: rate and threshold, keying, the drop path
-//! (row scale), the 1-bit mask, the dbias slab partition, the CPU keep bits, and (in the crate)
-//! the launch geometry and the shared backward. The device side is
-//! `kernels/common/dropout_keying.cuh`; both sides implement one contract.
+//! What every dropping op shares (dropout, bias_act_dropout, dropout_add_norm): rate and
+//! threshold, keying, the drop path (row scale), the 1-bit mask, the dbias slab partition, the
+//! CPU keep bits, and (in the crate) the launch geometry and the shared backward. The device side is
+//! `kernels/common/dropping.cuh`; both sides implement one contract.
 //!
 //! # The keying contract
 //!
@@ -36,7 +36,7 @@
 //! and their CPU mirrors. The device side of each is named in the header's top comment.
 //!
 //! ```
-//! use fusedreg::dropout_keying::{mask_bit, mask_words, set_mask_bit, Keying};
+//! use fusedreg::dropping::{mask_bit, mask_words, set_mask_bit, Keying};
 //! # fn main() -> fusedreg::Result<()> {
 //! let k = Keying::new("my_op", 0.1, /* seed */ 42, /* call */ 7)?;
 //! let n = 100;
@@ -71,7 +71,7 @@ const OP: &str = "dropout";
 /// The kept elements are scaled by `1 / (1 - p)` computed from the nominal `p`, as PyTorch does.
 ///
 /// ```
-/// use fusedreg::dropout_keying::DropRate;
+/// use fusedreg::dropping::DropRate;
 /// let r = DropRate::new(0.5).unwrap();
 /// assert_eq!(r.threshold(), 1 << 31);
 /// assert!(r.keeps(1 << 31) && !r.keeps((1 << 31) - 1));
@@ -91,7 +91,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// assert_eq!(DropRate::ZERO, DropRate::new(0.0).unwrap());
     /// assert!(DropRate::ZERO.keeps_all() && DropRate::ZERO.keeps(0));
     /// assert_eq!(DropRate::ZERO.scale(), 1.0);
@@ -106,7 +106,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// let r = DropRate::new(0.1).unwrap();
     /// assert_eq!(r.p(), 0.1);
     /// assert_eq!(r.threshold(), 429_496_730); // round(0.1 * 2^32)
@@ -134,7 +134,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// assert_eq!(DropRate::new(0.3).unwrap().p(), 0.3);
     /// ```
     pub fn p(&self) -> f64 {
@@ -146,7 +146,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// assert_eq!(DropRate::new(0.25).unwrap().threshold(), 1 << 30);
     /// assert_eq!(DropRate::new(1.0).unwrap().threshold(), 1 << 32);
     /// assert_eq!(DropRate::ZERO.threshold(), 0);
@@ -160,7 +160,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// assert_eq!(DropRate::new(0.5).unwrap().effective_p(), 0.5);
     /// let r = DropRate::new(0.1).unwrap();
     /// // 0.1 is not a multiple of 2^-32: the nearest one is applied, within 2^-33 of it.
@@ -177,7 +177,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::{DropRate, MaskResolution::*};
+    /// use fusedreg::dropping::{DropRate, MaskResolution::*};
     /// let r = DropRate::new(0.25).unwrap();
     /// assert_eq!((r.threshold_at(Bits32), r.threshold_at(Bits16)), (1 << 30, 1 << 14));
     /// assert_eq!(DropRate::new(1.0).unwrap().threshold_at(Bits16), 1 << 16);
@@ -194,7 +194,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::{DropRate, MaskResolution::*};
+    /// use fusedreg::dropping::{DropRate, MaskResolution::*};
     /// let r = DropRate::new(0.1).unwrap();
     /// assert!((r.effective_p_at(Bits16) - 0.1).abs() <= 2f64.powi(-17));
     /// assert_eq!(r.effective_p_at(Bits32), r.effective_p());
@@ -208,7 +208,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// let r = DropRate::new(0.25).unwrap(); // threshold 2^30
     /// assert!(!r.keeps(0) && !r.keeps((1 << 30) - 1));
     /// assert!(r.keeps(1 << 30) && r.keeps(u32::MAX));
@@ -224,7 +224,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// assert!(DropRate::new(0.0).unwrap().keeps_all());
     /// assert!(!DropRate::new(1e-9).unwrap().keeps_all());
     /// // Below 2^-33 the threshold rounds to 0: nothing is dropped.
@@ -239,7 +239,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// assert!(DropRate::new(1.0).unwrap().drops_all());
     /// assert!(!DropRate::new(0.999).unwrap().drops_all());
     /// ```
@@ -253,7 +253,7 @@ impl DropRate {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// assert_eq!(DropRate::new(0.2).unwrap().scale(), 1.25);
     /// assert_eq!(DropRate::new(0.0).unwrap().scale(), 1.0);
     /// assert_eq!(DropRate::new(1.0).unwrap().scale(), 0.0);
@@ -282,7 +282,7 @@ impl DropRate {
 /// [`crate::dropout`]; the other ops refuse `Bits16` with an error.
 ///
 /// ```
-/// use fusedreg::dropout_keying::{DropRate, MaskResolution};
+/// use fusedreg::dropping::{DropRate, MaskResolution};
 /// let r = DropRate::new(0.1).unwrap();
 /// assert_eq!(r.threshold_at(MaskResolution::Bits16), 6554); // round(0.1 * 2^16)
 /// assert_eq!(r.effective_p_at(MaskResolution::Bits16), 6554.0 / 65536.0);
@@ -308,7 +308,7 @@ impl MaskResolution {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::MaskResolution;
+    /// use fusedreg::dropping::MaskResolution;
     /// assert_eq!((MaskResolution::Bits32.bits(), MaskResolution::Bits16.bits()), (32, 16));
     /// ```
     pub fn bits(self) -> u32 {
@@ -322,7 +322,7 @@ impl MaskResolution {
 /// The random keys and rate of one dropout call: everything that decides its mask.
 ///
 /// ```
-/// use fusedreg::dropout_keying::Keying;
+/// use fusedreg::dropping::Keying;
 /// use fusedreg::philox::mask_word;
 /// # fn main() -> fusedreg::Result<()> {
 /// let k = Keying::new("example", 0.25, 42, 7)?;
@@ -344,7 +344,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Keying;
+    /// use fusedreg::dropping::Keying;
     /// # fn main() -> fusedreg::Result<()> {
     /// let k = Keying::new("op", 0.5, 1, 2)?;
     /// assert_eq!((k.seed(), k.call(), k.rate().threshold()), (1, 2, 1 << 31));
@@ -365,7 +365,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::{DropRate, Keying};
+    /// use fusedreg::dropping::{DropRate, Keying};
     /// # fn main() -> fusedreg::Result<()> {
     /// let k = Keying::with_rate(DropRate::new(0.5)?, 1, 2);
     /// assert_eq!(k, Keying::new("op", 0.5, 1, 2)?);
@@ -385,7 +385,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::{Keying, MaskResolution};
+    /// use fusedreg::dropping::{Keying, MaskResolution};
     /// use fusedreg::philox::block;
     /// let k = Keying::new("op", 0.5, 1, 2).unwrap().with_resolution(MaskResolution::Bits16);
     /// // Element 8 * 3 + 5 takes the high half of word 2 of block 3.
@@ -400,7 +400,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// # use fusedreg::dropout_keying::{Keying, MaskResolution};
+    /// # use fusedreg::dropping::{Keying, MaskResolution};
     /// assert_eq!(Keying::new("op", 0.1, 9, 3).unwrap().resolution(), MaskResolution::Bits32);
     /// ```
     pub fn resolution(&self) -> MaskResolution {
@@ -412,7 +412,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// # use fusedreg::dropout_keying::{Keying, MaskResolution};
+    /// # use fusedreg::dropping::{Keying, MaskResolution};
     /// let k = Keying::new("op", 0.5, 9, 3).unwrap();
     /// assert_eq!(k.threshold(), 1 << 31);
     /// assert_eq!(k.with_resolution(MaskResolution::Bits16).threshold(), 1 << 15);
@@ -426,7 +426,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// # use fusedreg::dropout_keying::{Keying, MaskResolution};
+    /// # use fusedreg::dropping::{Keying, MaskResolution};
     /// let k = Keying::new("op", 0.3, 9, 3).unwrap().with_resolution(MaskResolution::Bits16);
     /// assert_eq!(k.effective_p(), (0.3f64 * 65536.0).round() / 65536.0);
     /// ```
@@ -439,7 +439,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// # use fusedreg::dropout_keying::Keying;
+    /// # use fusedreg::dropping::Keying;
     /// assert_eq!(Keying::new("op", 0.1, 9, 3).unwrap().seed(), 9);
     /// ```
     pub fn seed(&self) -> u64 {
@@ -451,7 +451,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// # use fusedreg::dropout_keying::Keying;
+    /// # use fusedreg::dropping::Keying;
     /// assert_eq!(Keying::new("op", 0.1, 9, 3).unwrap().call(), 3);
     /// ```
     pub fn call(&self) -> u64 {
@@ -463,7 +463,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// # use fusedreg::dropout_keying::Keying;
+    /// # use fusedreg::dropping::Keying;
     /// assert_eq!(Keying::new("op", 0.1, 9, 3).unwrap().rate().p(), 0.1);
     /// ```
     pub fn rate(&self) -> DropRate {
@@ -475,7 +475,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// # use fusedreg::dropout_keying::Keying;
+    /// # use fusedreg::dropping::Keying;
     /// assert!(Keying::new("op", 0.0, 9, 3).unwrap().keeps(17));
     /// assert!(!Keying::new("op", 1.0, 9, 3).unwrap().keeps(17));
     /// ```
@@ -488,7 +488,7 @@ impl Keying {
     /// # Examples
     ///
     /// ```
-    /// # use fusedreg::dropout_keying::Keying;
+    /// # use fusedreg::dropping::Keying;
     /// let k = Keying::new("op", 0.3, 9, 3).unwrap();
     /// let mut bits = k.keep_bits();
     /// assert!((0..64).all(|i| bits.get(i) == k.keeps(i)));
@@ -514,7 +514,7 @@ impl Keying {
 /// (fastest when indices are visited in increasing order).
 ///
 /// ```
-/// use fusedreg::dropout_keying::Keying;
+/// use fusedreg::dropping::Keying;
 /// let mut bits = Keying::new("op", 0.5, 1, 2).unwrap().keep_bits();
 /// let kept = (0..1000u64).filter(|&i| bits.get(i)).count();
 /// assert!((400..600).contains(&kept));
@@ -538,7 +538,7 @@ impl KeepBits {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Keying;
+    /// use fusedreg::dropping::Keying;
     /// let k = Keying::new("op", 0.5, 1, 2).unwrap();
     /// let mut bits = k.keep_bits();
     /// assert_eq!(bits.get(12345), k.keeps(12345));
@@ -574,7 +574,7 @@ impl KeepBits {
 /// Length in `u32` words of the 1-bit mask of `n` elements: `ceil(n / 32)`.
 ///
 /// ```
-/// use fusedreg::dropout_keying::mask_words;
+/// use fusedreg::dropping::mask_words;
 /// assert_eq!((mask_words(0), mask_words(32), mask_words(33)), (0, 1, 2));
 /// ```
 pub fn mask_words(n: usize) -> usize {
@@ -584,7 +584,7 @@ pub fn mask_words(n: usize) -> usize {
 /// Bit `i` of a 1-bit mask (bit `i % 32` of word `i / 32`).
 ///
 /// ```
-/// use fusedreg::dropout_keying::mask_bit;
+/// use fusedreg::dropping::mask_bit;
 /// assert!(mask_bit(&[0, 0b100], 34) && !mask_bit(&[0, 0b100], 33));
 /// ```
 #[inline]
@@ -595,7 +595,7 @@ pub fn mask_bit(mask: &[u32], i: usize) -> bool {
 /// Sets bit `i` of a 1-bit mask (the mask starts zeroed: padding bits stay 0).
 ///
 /// ```
-/// use fusedreg::dropout_keying::set_mask_bit;
+/// use fusedreg::dropping::set_mask_bit;
 /// let mut m = [0u32; 2];
 /// set_mask_bit(&mut m, 33);
 /// assert_eq!(m, [0, 2]);
@@ -613,7 +613,7 @@ const PATH_OP: &str = "drop_path";
 /// own call id, so it is independent of the dropout mask.
 ///
 /// ```
-/// use fusedreg::dropout_keying::DropPath;
+/// use fusedreg::dropping::DropPath;
 /// # fn main() -> fusedreg::Result<()> {
 /// let path = DropPath::new(0.25, 1000)?;
 /// let s = path.row_scale(42, 3);
@@ -638,7 +638,7 @@ impl DropPath {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropPath;
+    /// use fusedreg::dropping::DropPath;
     /// # fn main() -> fusedreg::Result<()> {
     /// let path = DropPath::new(0.1, 1000)?;
     /// assert_eq!((path.rate().p(), path.call(), path.rows_per_sample()), (0.1, 1000, 1));
@@ -660,7 +660,7 @@ impl DropPath {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropPath;
+    /// use fusedreg::dropping::DropPath;
     /// # fn main() -> fusedreg::Result<()> {
     /// let path = DropPath::new(0.5, 3)?.per_sample(4)?;
     /// // Rows 0..4 are sample 0, rows 4..8 sample 1: one draw per sample.
@@ -690,7 +690,7 @@ impl DropPath {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropPath;
+    /// use fusedreg::dropping::DropPath;
     /// # fn main() -> fusedreg::Result<()> {
     /// let path = DropPath::new(0.25, 1)?;
     /// assert_eq!(path.rate().threshold(), 1 << 30);
@@ -706,7 +706,7 @@ impl DropPath {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropPath;
+    /// use fusedreg::dropping::DropPath;
     /// # fn main() -> fusedreg::Result<()> {
     /// assert_eq!(DropPath::new(0.1, 77)?.call(), 77);
     /// # Ok(()) }
@@ -720,7 +720,7 @@ impl DropPath {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropPath;
+    /// use fusedreg::dropping::DropPath;
     /// # fn main() -> fusedreg::Result<()> {
     /// let path = DropPath::new(0.1, 1)?;
     /// assert_eq!(path.rows_per_sample(), 1);
@@ -736,7 +736,7 @@ impl DropPath {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::DropPath;
+    /// use fusedreg::dropping::DropPath;
     /// use fusedreg::philox::mask_word;
     /// # fn main() -> fusedreg::Result<()> {
     /// let path = DropPath::new(0.5, 9)?;
@@ -770,7 +770,7 @@ impl DropPath {
 /// 65,535 slabs (the grid's y limit), and 1 when `rows` is 0 or 1.
 ///
 /// ```
-/// use fusedreg::dropout_keying::{slab_rows, slab_count};
+/// use fusedreg::dropping::{slab_rows, slab_count};
 /// use fusedreg::DtypeKind;
 /// assert_eq!(slab_rows(16384, 4096, DtypeKind::Bf16), 64);
 /// assert_eq!(slab_count(16384, 4096, DtypeKind::Bf16), 256);
@@ -796,7 +796,7 @@ pub fn slab_rows(rows: usize, cols: usize, dtype: DtypeKind) -> usize {
 /// # Examples
 ///
 /// ```
-/// use fusedreg::dropout_keying::{slab_count, slab_rows};
+/// use fusedreg::dropping::{slab_count, slab_rows};
 /// use fusedreg::DtypeKind;
 /// assert_eq!(slab_rows(1000, 1024, DtypeKind::F32), 16);
 /// assert_eq!(slab_count(1000, 1024, DtypeKind::F32), 63); // ceil(1000 / 16)
@@ -808,7 +808,7 @@ pub fn slab_count(rows: usize, cols: usize, dtype: DtypeKind) -> usize {
 
 /// Row lanes of the fused backward's dbias partials: each slab's rows are split by
 /// `(row - slab_start) % DBIAS_LANES`, each lane sums its rows in order, and the slab's partial
-/// is `((lane0 + lane1) + lane2) + lane3`. Must equal `DBIAS_LANES` in `kernels/common/dropout_keying.cuh`.
+/// is `((lane0 + lane1) + lane2) + lane3`. Must equal `DBIAS_LANES` in `kernels/common/dropping.cuh`.
 pub(crate) const DBIAS_LANES: usize = 4;
 
 /// Launch knobs for tests: results never depend on them (the tests check that). Not part of the
@@ -862,7 +862,7 @@ impl LaunchTuning {
 ///
 /// ```no_run
 /// # fn main() -> fusedreg::Result<()> {
-/// let mut ws = fusedreg::dropout_keying::Workspace::new();
+/// let mut ws = fusedreg::dropping::Workspace::new();
 /// assert_eq!(ws.capacity(), 0);
 /// # Ok(()) }
 /// ```
@@ -877,7 +877,7 @@ impl Workspace {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Workspace;
+    /// use fusedreg::dropping::Workspace;
     /// let ws = Workspace::new(); // allocates nothing: no GPU needed
     /// assert_eq!(ws.capacity(), 0);
     /// ```
@@ -890,7 +890,7 @@ impl Workspace {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Workspace;
+    /// use fusedreg::dropping::Workspace;
     /// // Empty until a GPU backward with dbias sizes it (one f32 per slab and column).
     /// assert_eq!(Workspace::default().capacity(), 0);
     /// ```
@@ -904,7 +904,7 @@ impl Workspace {
 /// `Config`.
 ///
 /// ```
-/// use fusedreg::dropout_keying::{Config, DropPath};
+/// use fusedreg::dropping::{Config, DropPath};
 /// # fn main() -> fusedreg::Result<()> {
 /// let cfg = Config::new(1024, 4096, 0.1, 42, 7)?.with_drop_path(DropPath::new(0.2, 8)?);
 /// assert_eq!(cfg.len(), 1 << 22);
@@ -934,7 +934,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// use fusedreg::Error;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(8, 1024, 0.1, 42, 7)?;
@@ -965,7 +965,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::flat(1000, 0.1, 42, 7)?;
     /// assert_eq!((cfg.rows(), cfg.cols(), cfg.len()), (1, 1000, 1000));
@@ -1005,7 +1005,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// # fn main() -> fusedreg::Result<()> {
     /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.rows(), 16);
     /// # Ok(()) }
@@ -1019,7 +1019,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// # fn main() -> fusedreg::Result<()> {
     /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.cols(), 4096);
     /// # Ok(()) }
@@ -1033,7 +1033,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// # fn main() -> fusedreg::Result<()> {
     /// assert_eq!(Config::new(3, 5, 0.1, 42, 7)?.len(), 15);
     /// # Ok(()) }
@@ -1047,7 +1047,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// # fn main() -> fusedreg::Result<()> {
     /// assert!(Config::new(0, 4096, 0.1, 42, 7)?.is_empty());
     /// assert!(!Config::flat(1, 0.1, 42, 7)?.is_empty());
@@ -1062,7 +1062,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// use fusedreg::philox::DropRate;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
@@ -1079,7 +1079,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// # fn main() -> fusedreg::Result<()> {
     /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.seed(), 42);
     /// # Ok(()) }
@@ -1093,7 +1093,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// # fn main() -> fusedreg::Result<()> {
     /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.call(), 7);
     /// # Ok(()) }
@@ -1107,7 +1107,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::{Config, DropPath};
+    /// use fusedreg::dropping::{Config, DropPath};
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
     /// assert_eq!(cfg.drop_path(), None);
@@ -1124,7 +1124,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// # fn main() -> fusedreg::Result<()> {
     /// assert_eq!(Config::flat(32, 0.1, 42, 7)?.mask_words(), 1);
     /// assert_eq!(Config::flat(33, 0.1, 42, 7)?.mask_words(), 2);
@@ -1140,7 +1140,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// use fusedreg::philox::mask_word;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(2, 64, 0.1, 42, 7)?;
@@ -1161,7 +1161,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::{Config, MaskResolution};
+    /// use fusedreg::dropping::{Config, MaskResolution};
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::flat(64, 0.1, 42, 7)?.with_resolution(MaskResolution::Bits16);
     /// assert_eq!(cfg.resolution(), MaskResolution::Bits16);
@@ -1177,7 +1177,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::{Config, MaskResolution};
+    /// use fusedreg::dropping::{Config, MaskResolution};
     /// assert_eq!(Config::flat(8, 0.1, 1, 2).unwrap().resolution(), MaskResolution::Bits32);
     /// ```
     pub fn resolution(&self) -> MaskResolution {
@@ -1191,7 +1191,7 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_keying::Config;
+    /// use fusedreg::dropping::Config;
     /// let cfg = Config::flat(8, 0.5, 1, 2).unwrap();
     /// assert_eq!(cfg.effective_p(), 0.5);
     /// ```

@@ -1,6 +1,6 @@
 // The dropout machinery every dropping op shares: keying, keep bits, the 1-bit mask, the row
 // scale / drop path, the backward with its deterministic dbias, and the unfused (PyTorch eager)
-// dropout kernels. Mirrored on the host by src/dropout_keying/ (the rate and threshold, the
+// dropout kernels. Mirrored on the host by src/dropping/ (the rate and threshold, the
 // launch geometry, the slab partition, the CPU keep bits and bitmask).
 //
 // # The keying contract (what makes a mask a pure function of (seed, call, 64-bit index))
@@ -39,9 +39,9 @@
 //   when rowscale is null and the op set FLAG_DROP_PATH).
 // A new op's forward: take the tile / slab / RS_CHUNK / UNROLL loop of kernels/dropout.cu (fwd and
 // fwd_rows, ~100 lines) and replace the per-element math; its host side fills the params with
-// dropout_keying::gpu (segments, geometry, row_scale_fields, resolution_flag). An op whose
+// dropping::gpu (segments, geometry, row_scale_fields, resolution_flag). An op whose
 // backward is m * dy instantiates FUSEDREG_DROPOUT_BWD_KERNELS and calls gpu::backward.
-// Launch shape (host: src/dropout_keying/gpu.rs): grid.x column tiles of blockDim.x threads x V
+// Launch shape (host: src/dropping/gpu.rs): grid.x column tiles of blockDim.x threads x V
 // columns, grid.y row slabs of slab_rows rows; blockDim.x a multiple of 32, at most MAX_BLOCK.
 #pragma once
 #include "common/dtype.cuh"
@@ -62,7 +62,7 @@ constexpr int UNROLL = 4;       // rows whose loads are all issued before any of
 constexpr int RS_CHUNK = 256;   // row multipliers staged in shared memory at a time
 constexpr int MAX_BLOCK = 256;  // launch bound; the host refuses larger blocks
 // Row lanes of a dbias backward block (blockDim.y): must equal DBIAS_LANES in
-// src/dropout_keying/mod.rs, and divide RS_CHUNK.
+// src/dropping/mod.rs, and divide RS_CHUNK.
 constexpr uint32_t DBIAS_LANES = 4;
 
 // Keep bits of elements i .. i+V-1 (bit k = element i+k kept). For V = 4 and 8, i is a multiple
@@ -317,7 +317,7 @@ __device__ __forceinline__ void bwd_rows(const DropoutBwdParams<T>& p, uint64_t 
 // y = (row - slab_begin) % blockDim.y, so a block covers fewer columns and the grid has more
 // blocks for the same partition. Each lane sums its rows in increasing order from +0.0; the
 // slab's partial is ((lane0 + lane1) + lane2) + lane3, the order backward_cpu in
-// src/dropout_keying/mod.rs reproduces. Shared by every op whose gradient is m * dy.
+// src/dropping/mod.rs reproduces. Shared by every op whose gradient is m * dy.
 template <typename T, int V, bool K16 = false>
 __device__ __forceinline__ void dropout_bwd(const DropoutBwdParams<T>& p) {
     __shared__ float s_rowm[RS_CHUNK];
@@ -563,7 +563,7 @@ __device__ __forceinline__ void unfused_col_sum_body(const UnfusedColSumParams<T
 // <stem>_unfused_{bias_add,dropout,masked_scale,col_sum}_<S> (host: unfused::UnfusedKernels).
 // The backward holds UNROLL vectors and fits in 64 registers (4 blocks of 256 per SM); without
 // the bound the compiler spends 90-130 registers on instruction-level parallelism we do not need.
-// The struct sizes must match src/dropout_keying/{gpu,unfused}.rs.
+// The struct sizes must match src/dropping/{gpu,unfused}.rs.
 #define FUSEDREG_DROPOUT_CHECK_SIZES(T)                                                              \
     static_assert(sizeof(::fusedreg::drop::DropoutBwdParams<T>) == 128, "must match gpu.rs");       \
     static_assert(sizeof(::fusedreg::drop::DbiasParams<T>) == 32, "must match gpu.rs");             \
