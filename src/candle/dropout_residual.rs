@@ -6,8 +6,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 
 use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem};
 use super::{check_site, wrap, StepKeys};
-use crate::dropping::DropRate;
 use crate::dropout_residual::{cpu, Config, DropPath};
+use crate::dropping::DropRate;
 use crate::error::Error;
 
 const OP: &str = "candle::DropoutResidual";
