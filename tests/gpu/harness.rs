@@ -5,8 +5,12 @@ use std::sync::OnceLock;
 use fusedreg::Handle;
 use libtest_mimic::{Completion, Failed, Trial};
 
-/// A GPU test body: `Err` carries a message naming the mismatching indices.
-pub type GpuTest = fn(&Handle) -> Result<(), String>;
+/// What a GPU test body returns: `?` works on every error type; `Err` names what differs.
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A GPU test body. The error type is any displayable one (`Box<dyn Error>` for new tests; the
+/// older bodies that return `Result<(), String>` are being converted).
+pub type GpuTest<E = Box<dyn std::error::Error>> = fn(&Handle) -> Result<(), E>;
 
 /// The device check, done once. The handle it keeps alive also keeps the loaded kernel modules
 /// cached for the per-test handles (they share one cache per CUDA context).
@@ -28,11 +32,11 @@ fn gpu_required() -> bool {
 
 /// Wraps a GPU test: ignored (with the reason) when there is no usable device, failed instead
 /// when `FUSEDREG_REQUIRE_GPU=1`.
-pub fn gpu_trial(name: &str, test: GpuTest) -> Trial {
+pub fn gpu_trial<E: std::fmt::Display + 'static>(name: &str, test: GpuTest<E>) -> Trial {
     Trial::ignorable_test(name, move || match handle() {
         Ok(h) => test(&h)
             .map(|()| Completion::Completed)
-            .map_err(Failed::from),
+            .map_err(|e| Failed::from(e.to_string())),
         Err(reason) if gpu_required() => {
             Err(format!("FUSEDREG_REQUIRE_GPU=1 but no GPU: {reason}").into())
         }
@@ -41,7 +45,10 @@ pub fn gpu_trial(name: &str, test: GpuTest) -> Trial {
 }
 
 /// Builds the trial list of a module from `(name, fn)` pairs.
-pub fn trials_of(module: &str, tests: &[(&str, GpuTest)]) -> Vec<Trial> {
+pub fn trials_of<E: std::fmt::Display + 'static>(
+    module: &str,
+    tests: &[(&str, GpuTest<E>)],
+) -> Vec<Trial> {
     tests
         .iter()
         .map(|(n, t)| gpu_trial(&format!("{module}::{n}"), *t))
@@ -53,12 +60,12 @@ pub fn trials() -> Vec<Trial> {
 }
 
 /// Loads every kernel the Rust side can launch into the device's context.
-fn every_kernel_loads(h: &Handle) -> Result<(), String> {
-    let n = h.load_all_kernels().map_err(|e| e.to_string())?;
+fn every_kernel_loads(h: &Handle) -> TestResult {
+    let n = h.load_all_kernels()?;
     if n == 0 {
         return Err("no kernels were loaded".into());
     }
-    let info = h.device_info().map_err(|e| e.to_string())?;
+    let info = h.device_info()?;
     eprintln!(
         "loaded {n} kernels on {} (sm_{}{})",
         info.name, info.compute_capability.0, info.compute_capability.1
