@@ -1,0 +1,51 @@
+//! Differential fuzzing of every kernel file under host emulation against the Rust CPU reference
+//! (issue 25): random shapes (0, 1, primes, sizes at and around every vector / group / tile /
+//! slab / chunk boundary), random options, views starting at any element, random data with
+//! infinities and NaNs of random sign and payload. Each stem's emulated kernels
+//! (`scripts/emu/fuzz/<stem>.cpp`, built with g++ against `kernels/<stem>.cu` and the emulation
+//! of `scripts/emu/shim.h`) must produce the CPU reference's bits (NaN compared as NaN), or stay
+//! within the math mode's stated bound.
+//!
+//! Ignored by default (it needs g++ >= 11 and takes minutes); CI runs the fixed-seed budget:
+//!
+//! ```text
+//! cargo test -p fusedreg --test emu_fuzz -- --ignored            # CI: fixed seed
+//! FUSEDREG_FUZZ_SEED=random FUSEDREG_FUZZ_SCALE=20 \
+//!     cargo test -p fusedreg --test emu_fuzz -- --ignored        # longer, by hand
+//! FUSEDREG_FUZZ_REPLAY=<stem>:<seed> cargo test -p fusedreg \
+//!     --test emu_fuzz -- --ignored --exact <stem>                          # one failing case
+//! ```
+//!
+//! A failure prints each failing case (shape and options), the first differing elements of each
+//! output, and the replay line. `FUSEDREG_FUZZ_SEED` (a number, `0x...`, or `random`) seeds the
+//! whole run; `FUSEDREG_FUZZ_SCALE` multiplies every stem's case count; `FUSEDREG_FUZZ_TIMEOUT`
+//! bounds one driver run (seconds); `CXX` names the compiler. Drivers are built once per content
+//! into the target directory.
+//!
+//! Adding a kernel file: a driver `scripts/emu/fuzz/<stem>.cpp` (read the case's fields, launch,
+//! write the outputs; see `fuzz.h`) and a module here implementing [`harness::Stem`] (generate a
+//! case, write its fields in the driver's order, compare the outputs with the CPU reference).
+
+mod harness;
+
+mod adamw;
+mod fmath;
+mod global_norm;
+mod philox;
+
+macro_rules! stems {
+    ($($name:ident => $ty:ty,)*) => {$(
+        #[test]
+        #[ignore = "needs g++ >= 11 and minutes: cargo test -p fusedreg --test emu_fuzz -- --ignored (CI runs it)"]
+        fn $name() {
+            harness::fuzz::<$ty>();
+        }
+    )*};
+}
+
+stems! {
+    philox => philox::Philox,
+    adamw => adamw::AdamW,
+    fmath => fmath::Fmath,
+    global_norm => global_norm::GlobalNorm,
+}
