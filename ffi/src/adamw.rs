@@ -151,7 +151,9 @@ pub unsafe extern "C" fn fr_adamw_create(
         }
         let inner = match exec.handle()? {
             None => Inner::Cpu(cpu_new(pk, gk, config, clip, params, wd)?),
-            Some(h) => Inner::Gpu(Box::new(GpuOpt::new(&h, config, clip, params, grads, wd, pk, gk)?)),
+            Some(h) => Inner::Gpu(Box::new(GpuOpt::new(
+                &h, config, clip, params, grads, wd, pk, gk,
+            )?)),
         };
         *out = Box::into_raw(Box::new(FrAdamW {
             inner,
@@ -189,7 +191,11 @@ pub unsafe extern "C" fn fr_adamw_step(
             return Err(FfiError::invalid(format!("{OP}: `grads` is null")));
         }
         // SAFETY: n descriptors (and n skip bytes when non-null), as documented.
-        let grads = if n == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(grads, opt.n) } };
+        let grads = if n == 0 {
+            &[][..]
+        } else {
+            unsafe { std::slice::from_raw_parts(grads, opt.n) }
+        };
         let skip: Vec<bool> = if skip.is_null() {
             vec![false; opt.n]
         } else {
@@ -227,7 +233,11 @@ pub unsafe extern "C" fn fr_adamw_state_size(opt: *const FrAdamW, bytes: *mut i6
 /// Writes the state (moments, master weights, step counts; fusedreg's `FRADAMW` format) into
 /// `buf` of `len` bytes (at least [`fr_adamw_state_size`]). GPU: waits for the device.
 #[no_mangle]
-pub unsafe extern "C" fn fr_adamw_save_state(opt: *const FrAdamW, buf: *mut u8, len: i64) -> FrStatus {
+pub unsafe extern "C" fn fr_adamw_save_state(
+    opt: *const FrAdamW,
+    buf: *mut u8,
+    len: i64,
+) -> FrStatus {
     boundary(|| {
         // SAFETY: valid pointers from the caller (null checked).
         let opt = unsafe { opt.as_ref() }
@@ -251,7 +261,11 @@ pub unsafe extern "C" fn fr_adamw_save_state(opt: *const FrAdamW, buf: *mut u8, 
 /// Restores a state written by [`fr_adamw_save_state`] for the same tensors (every field and
 /// length is checked; a mismatch is an error and changes nothing).
 #[no_mangle]
-pub unsafe extern "C" fn fr_adamw_restore_state(opt: *mut FrAdamW, buf: *const u8, len: i64) -> FrStatus {
+pub unsafe extern "C" fn fr_adamw_restore_state(
+    opt: *mut FrAdamW,
+    buf: *const u8,
+    len: i64,
+) -> FrStatus {
     boundary(|| {
         // SAFETY: valid pointers from the caller (null checked).
         let opt = unsafe { opt.as_mut() }
@@ -319,7 +333,9 @@ fn uniform(ts: &[FrTensor], what: &str) -> FfiResult<DtypeKind> {
             )));
         }
         if t.len < 0 || (t.data.is_null() && t.len > 0) {
-            return Err(FfiError::invalid(format!("{OP}: {what}[{i}] is not a valid buffer")));
+            return Err(FfiError::invalid(format!(
+                "{OP}: {what}[{i}] is not a valid buffer"
+            )));
         }
     }
     Ok(k)

@@ -115,9 +115,8 @@ impl FrOptions {
 
     pub(crate) fn shape(&self, op: &str) -> FfiResult<(usize, usize)> {
         let conv = |v: i64, what: &str| {
-            usize::try_from(v).map_err(|_| {
-                FfiError::invalid(format!("{op}: {what} = {v} must be >= 0"))
-            })
+            usize::try_from(v)
+                .map_err(|_| FfiError::invalid(format!("{op}: {what} = {v} must be >= 0")))
         };
         Ok((conv(self.rows, "rows")?, conv(self.cols, "cols")?))
     }
@@ -127,12 +126,15 @@ impl FrOptions {
         if self.path_p == 0.0 {
             return Ok(None);
         }
-        let rps = usize::try_from(self.rows_per_sample).ok().filter(|&r| r > 0).ok_or_else(|| {
-            FfiError::invalid(format!(
-                "{op}: rows_per_sample = {} must be >= 1",
-                self.rows_per_sample
-            ))
-        })?;
+        let rps = usize::try_from(self.rows_per_sample)
+            .ok()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| {
+                FfiError::invalid(format!(
+                    "{op}: rows_per_sample = {} must be >= 1",
+                    self.rows_per_sample
+                ))
+            })?;
         Ok(Some(
             DropPath::new(self.path_p, self.path_call)?.per_sample(rps)?,
         ))

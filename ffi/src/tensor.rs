@@ -199,7 +199,10 @@ impl<T> Borrowed<T> {
     }
 
     pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
-        self.slice.as_mut().expect("present until drop").as_view_mut()
+        self.slice
+            .as_mut()
+            .expect("present until drop")
+            .as_view_mut()
     }
 
     pub fn slice(&self) -> &CudaSlice<T> {

@@ -86,7 +86,9 @@ class AdamWOptions(C.Structure):
     ]
 
 
-TP = C.POINTER(Tensor)
+# Tensor descriptors cross as addresses (c_void_p: ctypes passes a Python int without building
+# an object per argument; ops.py packs the descriptors into a per-thread buffer).
+TP = C.c_void_p
 OP = C.POINTER(Options)
 
 # name -> argument types (after the options pointer and the exec struct for op entry points).
@@ -135,11 +137,13 @@ def _load() -> C.CDLL:
         f.restype = C.c_int32
         f.argtypes = [OP, Exec] + args
     lib.fr_adamw_create.restype = C.c_int32
+    tensors = C.POINTER(Tensor)
     lib.fr_adamw_create.argtypes = [
-        C.POINTER(AdamWOptions), Exec, TP, TP, C.POINTER(C.c_float), C.c_int64, C.POINTER(C.c_void_p)
+        C.POINTER(AdamWOptions), Exec, tensors, tensors, C.POINTER(C.c_float), C.c_int64,
+        C.POINTER(C.c_void_p)
     ]
     lib.fr_adamw_step.restype = C.c_int32
-    lib.fr_adamw_step.argtypes = [C.c_void_p, TP, C.POINTER(C.c_uint8), C.c_int64, C.c_float]
+    lib.fr_adamw_step.argtypes = [C.c_void_p, tensors, C.POINTER(C.c_uint8), C.c_int64, C.c_float]
     lib.fr_adamw_state_size.restype = C.c_int32
     lib.fr_adamw_state_size.argtypes = [C.c_void_p, C.POINTER(C.c_int64)]
     lib.fr_adamw_save_state.restype = C.c_int32
@@ -175,8 +179,15 @@ def check(status: int) -> None:
         raise FusedRegError(status, msg)
 
 
+_DEFAULT_OPTIONS = None
+
+
 def default_options() -> Options:
-    return lib.fr_options_default()
+    """A fresh copy of ``fr_options_default()`` (asked once, then copied: cheaper per call)."""
+    global _DEFAULT_OPTIONS
+    if _DEFAULT_OPTIONS is None:
+        _DEFAULT_OPTIONS = bytes(lib.fr_options_default())
+    return Options.from_buffer_copy(_DEFAULT_OPTIONS)
 
 
 def kernels_built() -> bool:

@@ -20,6 +20,8 @@ returns new tensors; nothing is written in place, so nothing needs ``mutates_arg
 from __future__ import annotations
 
 import ctypes as C
+import struct
+import threading
 
 import torch
 from torch import Tensor
@@ -51,10 +53,29 @@ def _d(t: Tensor | None):
     return L.Tensor(t.data_ptr(), t.numel(), _DT[t.dtype])
 
 
+_CPU = L.Exec(-1, None)
+
+
 def _exec(t: Tensor) -> L.Exec:
-    if t.device.type == "cpu":
-        return L.Exec(-1, None)
+    if not t.is_cuda:
+        return _CPU
     return L.Exec(t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+
+
+# FrTensor {void *data; int64_t len; int32_t dtype;} = 24 bytes on x86-64 / aarch64.
+_DESC = struct.Struct("Pqi4x")  # native sizes and alignment, as the C struct
+assert _DESC.size == C.sizeof(L.Tensor)
+
+
+class _Scratch(threading.local):
+    """Per-thread buffer the descriptors of one call are packed into (calls never nest)."""
+
+    def __init__(self):
+        self.buf = (C.c_uint8 * (_DESC.size * 16))()
+        self.base = C.addressof(self.buf)
+
+
+_scratch = _Scratch()
 
 
 def _check(op: str, what: str, t: Tensor | None, like: Tensor | None = None,
@@ -127,7 +148,18 @@ def _opts(op: str, rows: int, cols: int, keys: Tensor | None = None, site: int =
 
 
 def _run(fn, o: L.Options, ref: Tensor, *tensors) -> None:
-    L.check(fn(C.byref(o), _exec(ref), *[_d(t) for t in tensors]))
+    """Calls a C entry point with the options, where `ref` lives, and the tensors' descriptors
+    (None: a null pointer)."""
+    sc = _scratch
+    buf, base, size = sc.buf, sc.base, _DESC.size
+    args = []
+    for i, t in enumerate(tensors):
+        if t is None:
+            args.append(None)
+        else:
+            _DESC.pack_into(buf, i * size, t.data_ptr(), t.numel(), _DT[t.dtype])
+            args.append(base + i * size)
+    L.check(fn(C.byref(o), _exec(ref), *args))
 
 
 def _empty0(like: Tensor) -> Tensor:

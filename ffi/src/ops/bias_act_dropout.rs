@@ -71,7 +71,11 @@ pub unsafe extern "C" fn fr_bias_act_dropout_backward(
         let hh = opt(OP, "h", h)?;
         let t = Bwd {
             dy: req(OP, "dy", dy)?,
-            x: if hh.is_some() { opt(OP, "x", x)? } else { Some(req(OP, "x", x)?) },
+            x: if hh.is_some() {
+                opt(OP, "x", x)?
+            } else {
+                Some(req(OP, "x", x)?)
+            },
             bias: opt(OP, "bias", bias)?,
             h: hh,
             dx: req(OP, "dx", dx)?,
@@ -116,9 +120,15 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
         Some(h) => unsafe {
             let s = h.stream();
             let x = Borrowed::<T>::new(OP, "x", t.x, s)?;
-            let bias = t.bias.map(|b| Borrowed::<T>::new(OP, "bias", b, s)).transpose()?;
+            let bias = t
+                .bias
+                .map(|b| Borrowed::<T>::new(OP, "bias", b, s))
+                .transpose()?;
             let mut y = Borrowed::<T>::new(OP, "y", t.y, s)?;
-            let mut h_out = t.h_out.map(|b| Borrowed::<T>::new(OP, "h_out", b, s)).transpose()?;
+            let mut h_out = t
+                .h_out
+                .map(|b| Borrowed::<T>::new(OP, "h_out", b, s))
+                .transpose()?;
             bad::forward(
                 h,
                 cfg,
@@ -160,7 +170,10 @@ fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> F
                 (None, Some(x)) => Some(Borrowed::<T>::new(OP, "x", x, s)?),
                 _ => None,
             };
-            let bias = t.bias.map(|b| Borrowed::<T>::new(OP, "bias", b, s)).transpose()?;
+            let bias = t
+                .bias
+                .map(|b| Borrowed::<T>::new(OP, "bias", b, s))
+                .transpose()?;
             let pre = match (&hh, &x) {
                 (Some(hh), _) => Preact::H(hh.view()),
                 (None, Some(x)) => Preact::X {
@@ -170,7 +183,10 @@ fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> F
                 (None, None) => unreachable!("checked: x or h"),
             };
             let mut dx = Borrowed::<T>::new(OP, "dx", t.dx, s)?;
-            let mut dbias = t.dbias.map(|b| Borrowed::<T>::new(OP, "dbias", b, s)).transpose()?;
+            let mut dbias = t
+                .dbias
+                .map(|b| Borrowed::<T>::new(OP, "dbias", b, s))
+                .transpose()?;
             bad::backward(
                 h,
                 cfg,

@@ -3,7 +3,9 @@
 use fusedreg::cross_entropy::{self as xe, Config, Reduction, TargetIndex};
 use fusedreg::{Dtype, Handle};
 
-use crate::tensor::{dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor, FR_I32, FR_I64};
+use crate::tensor::{
+    dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor, FR_I32, FR_I64,
+};
 use crate::{boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus};
 use crate::{FR_REDUCTION_MEAN, FR_REDUCTION_NONE, FR_REDUCTION_SUM};
 
@@ -100,8 +102,12 @@ fn run(o: &FrOptions, exec: FrExec, a: &Args<'_>) -> FfiResult {
     let cfg = config(o)?;
     let h = exec.handle()?;
     match a.targets.dtype {
-        FR_I32 => dispatch_float!(OP, "logits", a.logits.dtype, T => typed::<T, i32>(&cfg, h.as_ref(), a)),
-        FR_I64 => dispatch_float!(OP, "logits", a.logits.dtype, T => typed::<T, i64>(&cfg, h.as_ref(), a)),
+        FR_I32 => {
+            dispatch_float!(OP, "logits", a.logits.dtype, T => typed::<T, i32>(&cfg, h.as_ref(), a))
+        }
+        FR_I64 => {
+            dispatch_float!(OP, "logits", a.logits.dtype, T => typed::<T, i64>(&cfg, h.as_ref(), a))
+        }
         d => Err(FfiError::invalid(format!(
             "{OP}: targets have dtype {}; use int32 or int64",
             crate::tensor::dtype_name(d)
@@ -212,7 +218,14 @@ fn gpu<T: Dtype + Elem, I: TargetIndex + Elem>(
         }
         Some(g) => {
             let mut grad = unsafe { Borrowed::<T>::new(OP, "grad", g, s)? };
-            xe::forward_backward(h, cfg, logits.slice(), targets.slice(), grad.slice_mut(), out)?
+            xe::forward_backward(
+                h,
+                cfg,
+                logits.slice(),
+                targets.slice(),
+                grad.slice_mut(),
+                out,
+            )?
         }
     }
     Ok(())

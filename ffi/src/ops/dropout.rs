@@ -118,7 +118,10 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
         None => unsafe {
             let opts = dropout::cpu::ForwardOptions {
                 bias: t.bias.map(|b| host::<T>(OP, "bias", b)).transpose()?,
-                rowscale: t.rowscale.map(|b| host::<f32>(OP, "rowscale", b)).transpose()?,
+                rowscale: t
+                    .rowscale
+                    .map(|b| host::<f32>(OP, "rowscale", b))
+                    .transpose()?,
                 mask_out: None,
                 rowscale_out: t
                     .rowscale_out
@@ -143,7 +146,10 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
         Some(h) => unsafe {
             let s = h.stream();
             let x = Borrowed::<T>::new(OP, "x", t.x, s)?;
-            let bias = t.bias.map(|b| Borrowed::<T>::new(OP, "bias", b, s)).transpose()?;
+            let bias = t
+                .bias
+                .map(|b| Borrowed::<T>::new(OP, "bias", b, s))
+                .transpose()?;
             let rowscale = t
                 .rowscale
                 .map(|b| Borrowed::<f32>::new(OP, "rowscale", b, s))
@@ -162,7 +168,9 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
             };
             match t.residual {
                 None => dropout::forward(h, cfg, x.slice(), y.slice_mut(), opts)?,
-                Some(_) if inplace => dres::forward_inplace(h, cfg, x.slice(), y.slice_mut(), opts)?,
+                Some(_) if inplace => {
+                    dres::forward_inplace(h, cfg, x.slice(), y.slice_mut(), opts)?
+                }
                 Some(r) => {
                     let r = Borrowed::<T>::new(OP, "residual", r, s)?;
                     dres::forward(h, cfg, x.slice(), r.slice(), y.slice_mut(), opts)?
@@ -178,11 +186,19 @@ fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> F
     match h {
         None => unsafe {
             let opts = dropout::cpu::BackwardOptions {
-                rowscale: t.rowscale.map(|b| host::<f32>(OP, "rowscale", b)).transpose()?,
+                rowscale: t
+                    .rowscale
+                    .map(|b| host::<f32>(OP, "rowscale", b))
+                    .transpose()?,
                 mask: None,
                 dbias: t.dbias.map(|b| host_mut::<T>(OP, "dbias", b)).transpose()?,
             };
-            dropout::cpu::backward(cfg, host::<T>(OP, "dy", t.dy)?, host_mut::<T>(OP, "dx", t.dx)?, opts)?;
+            dropout::cpu::backward(
+                cfg,
+                host::<T>(OP, "dy", t.dy)?,
+                host_mut::<T>(OP, "dx", t.dx)?,
+                opts,
+            )?;
         },
         Some(h) => unsafe {
             let s = h.stream();
@@ -192,7 +208,10 @@ fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> F
                 .map(|b| Borrowed::<f32>::new(OP, "rowscale", b, s))
                 .transpose()?;
             let mut dx = Borrowed::<T>::new(OP, "dx", t.dx, s)?;
-            let mut dbias = t.dbias.map(|b| Borrowed::<T>::new(OP, "dbias", b, s)).transpose()?;
+            let mut dbias = t
+                .dbias
+                .map(|b| Borrowed::<T>::new(OP, "dbias", b, s))
+                .transpose()?;
             let opts = dropout::BackwardOptions {
                 rowscale: rowscale.as_ref().map(|b| b.view()),
                 mask: None,

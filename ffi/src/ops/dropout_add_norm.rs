@@ -5,7 +5,9 @@ use fusedreg::dropout_add_norm::{self as dan, cpu, Config, Norm};
 use fusedreg::{Dtype, Handle};
 
 use crate::tensor::{dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor, FR_F32};
-use crate::{boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus, FR_NORM_LAYER, FR_NORM_RMS};
+use crate::{
+    boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus, FR_NORM_LAYER, FR_NORM_RMS,
+};
 
 const OP: &str = "dropout_add_norm";
 
@@ -169,8 +171,7 @@ struct Bwd<'a> {
 
 /// In place: the new stream is written over the residual.
 fn in_place(t: &Fwd<'_>) -> bool {
-    t.residual
-        .is_some_and(|r| r.data == t.s.data && r.len > 0)
+    t.residual.is_some_and(|r| r.data == t.s.data && r.len > 0)
 }
 
 fn forward<T: Dtype + Elem, S: Dtype + Elem>(
@@ -192,7 +193,10 @@ fn forward<T: Dtype + Elem, S: Dtype + Elem>(
                 gamma: host::<T>(OP, "gamma", t.gamma)?,
                 beta: t.beta.map(|b| host::<T>(OP, "beta", b)).transpose()?,
                 bias: t.bias.map(|b| host::<T>(OP, "bias", b)).transpose()?,
-                rowscale: t.rowscale.map(|b| host::<f32>(OP, "rowscale", b)).transpose()?,
+                rowscale: t
+                    .rowscale
+                    .map(|b| host::<f32>(OP, "rowscale", b))
+                    .transpose()?,
             };
             let out = cpu::ForwardOut {
                 out: host_mut::<T>(OP, "out", t.out)?,
@@ -214,8 +218,14 @@ fn forward<T: Dtype + Elem, S: Dtype + Elem>(
                 _ => None,
             };
             let gamma = Borrowed::<T>::new(OP, "gamma", t.gamma, st)?;
-            let beta = t.beta.map(|b| Borrowed::<T>::new(OP, "beta", b, st)).transpose()?;
-            let bias = t.bias.map(|b| Borrowed::<T>::new(OP, "bias", b, st)).transpose()?;
+            let beta = t
+                .beta
+                .map(|b| Borrowed::<T>::new(OP, "beta", b, st))
+                .transpose()?;
+            let bias = t
+                .bias
+                .map(|b| Borrowed::<T>::new(OP, "bias", b, st))
+                .transpose()?;
             let rowscale = t
                 .rowscale
                 .map(|b| Borrowed::<f32>::new(OP, "rowscale", b, st))
@@ -261,7 +271,10 @@ fn backward<T: Dtype + Elem, S: Dtype + Elem>(
                 host::<f32>(OP, "rstd", t.rstd)?,
             );
             args.d_s = t.d_s.map(|b| host::<S>(OP, "d_s", b)).transpose()?;
-            args.rowscale = t.rowscale.map(|b| host::<f32>(OP, "rowscale", b)).transpose()?;
+            args.rowscale = t
+                .rowscale
+                .map(|b| host::<f32>(OP, "rowscale", b))
+                .transpose()?;
             let mut out = cpu::BackwardOut::new(
                 host_mut::<T>(OP, "dx", t.dx)?,
                 host_mut::<T>(OP, "dgamma", t.dgamma)?,
@@ -277,7 +290,10 @@ fn backward<T: Dtype + Elem, S: Dtype + Elem>(
         Some(h) => unsafe {
             let st = h.stream();
             let d_out = Borrowed::<T>::new(OP, "d_out", t.d_out, st)?;
-            let d_s = t.d_s.map(|b| Borrowed::<S>::new(OP, "d_s", b, st)).transpose()?;
+            let d_s = t
+                .d_s
+                .map(|b| Borrowed::<S>::new(OP, "d_s", b, st))
+                .transpose()?;
             let s = Borrowed::<S>::new(OP, "s", t.s, st)?;
             let gamma = Borrowed::<T>::new(OP, "gamma", t.gamma, st)?;
             let mean = Borrowed::<f32>::new(OP, "mean", t.mean, st)?;
@@ -292,10 +308,21 @@ fn backward<T: Dtype + Elem, S: Dtype + Elem>(
                 .map(|b| Borrowed::<S>::new(OP, "d_residual", b, st))
                 .transpose()?;
             let mut dgamma = Borrowed::<T>::new(OP, "dgamma", t.dgamma, st)?;
-            let mut dbeta = t.dbeta.map(|b| Borrowed::<T>::new(OP, "dbeta", b, st)).transpose()?;
-            let mut dbias = t.dbias.map(|b| Borrowed::<T>::new(OP, "dbias", b, st)).transpose()?;
-            let mut args =
-                dan::BackwardArgs::new(d_out.view(), s.view(), gamma.view(), mean.view(), rstd.view());
+            let mut dbeta = t
+                .dbeta
+                .map(|b| Borrowed::<T>::new(OP, "dbeta", b, st))
+                .transpose()?;
+            let mut dbias = t
+                .dbias
+                .map(|b| Borrowed::<T>::new(OP, "dbias", b, st))
+                .transpose()?;
+            let mut args = dan::BackwardArgs::new(
+                d_out.view(),
+                s.view(),
+                gamma.view(),
+                mean.view(),
+                rstd.view(),
+            );
             args.d_s = d_s.as_ref().map(|b| b.view());
             args.rowscale = rowscale.as_ref().map(|b| b.view());
             let mut out = dan::BackwardOut::new(dx.view_mut(), dgamma.view_mut());
