@@ -188,6 +188,9 @@ typedef struct {
 // A panic inside the library was caught at the boundary (a bug: please report the message).
 #define FR_ERR_PANIC 7
 
+// Host memory for the CPU reference's scratch or a decoded state could not be allocated.
+#define FR_ERR_HOST_ALLOC 8
+
 // 32-bit float.
 #define FR_F32 0
 

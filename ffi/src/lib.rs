@@ -36,6 +36,8 @@
 #![warn(missing_docs)]
 // The extern "C" functions take raw pointers by design; their contracts are in the docs above.
 #![allow(clippy::missing_safety_doc)]
+// A C entry point takes every buffer of its op as its own argument (the header is the contract).
+#![allow(clippy::too_many_arguments)]
 
 mod adamw;
 mod exec;
@@ -73,6 +75,8 @@ pub const FR_ERR_KERNELS_NOT_BUILT: FrStatus = 5;
 pub const FR_ERR_CUDA: FrStatus = 6;
 /// A panic inside the library was caught at the boundary (a bug: please report the message).
 pub const FR_ERR_PANIC: FrStatus = 7;
+/// Host memory for the CPU reference's scratch or a decoded state could not be allocated.
+pub const FR_ERR_HOST_ALLOC: FrStatus = 8;
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -103,6 +107,7 @@ impl From<fusedreg::Error> for FfiError {
             E::KernelsNotBuilt { .. } => FR_ERR_KERNELS_NOT_BUILT,
             E::ShapeMismatch { .. } => FR_ERR_SHAPE,
             E::InvalidArgument { .. } => FR_ERR_INVALID_ARGUMENT,
+            E::HostAlloc { .. } => FR_ERR_HOST_ALLOC,
             _ => FR_ERR_CUDA,
         };
         FfiError {

@@ -24,6 +24,7 @@ ERR_NO_DEVICE = 4
 ERR_KERNELS_NOT_BUILT = 5
 ERR_CUDA = 6
 ERR_PANIC = 7
+ERR_HOST_ALLOC = 8
 
 # Dtype codes.
 F32, F16, BF16, I32, I64 = 0, 1, 2, 3, 4
@@ -176,6 +177,8 @@ def check(status: int) -> None:
         msg = lib.fr_last_error().decode("utf-8", "replace")
         if status in (ERR_INVALID_ARGUMENT, ERR_SHAPE):
             raise ValueError(msg)
+        if status == ERR_HOST_ALLOC:
+            raise MemoryError(msg)
         raise FusedRegError(status, msg)
 
 

@@ -22,7 +22,7 @@ def dropout(x: Tensor, p: float, keys: Keys | Tensor, site: int, *, bias: Tensor
             mask_bits: int = 32) -> Tensor:
     """``[residual +] rowscale · dropout(x + bias)``; ``drop_path > 0`` drops whole samples of
     ``rows_per_sample`` rows (stochastic depth per sample), scaling kept ones by ``1/(1-p)``."""
-    return _F.dropout(x, bias, residual, _kt(keys), site, float(p), float(drop_path),
+    return _F.dropout.default(x, bias, residual, _kt(keys), site, float(p), float(drop_path),
                       int(rows_per_sample), int(mask_bits))
 
 
@@ -31,7 +31,7 @@ def bias_act_dropout(x: Tensor, p: float, keys: Keys | Tensor, site: int, *,
     """``dropout(act(x + bias))``, act in gelu (erf), gelu_tanh, silu, relu."""
     if activation not in L.ACT:
         raise ValueError(f"activation = {activation!r}; use one of {sorted(L.ACT)}")
-    return _F.bias_act_dropout(x, bias, _kt(keys), site, L.ACT[activation], float(p))
+    return _F.bias_act_dropout.default(x, bias, _kt(keys), site, L.ACT[activation], float(p))
 
 
 def dropout_add_norm(x: Tensor, weight: Tensor, keys: Keys | Tensor, site: int, *,
@@ -43,7 +43,7 @@ def dropout_add_norm(x: Tensor, weight: Tensor, keys: Keys | Tensor, site: int, 
     returns ``(out, s)`` (``s`` is the new residual stream: prenorm)."""
     if norm not in L.NORM:
         raise ValueError(f"norm = {norm!r}; use 'layer' or 'rms'")
-    out, s, _, _ = _F.dropout_add_norm(
+    out, s, _, _ = _F.dropout_add_norm.default(
         x, residual, bias, weight, norm_bias, _kt(keys), site, L.NORM[norm], float(eps),
         float(layer_scale), float(p), float(drop_path), int(rows_per_sample), bool(stream_f32))
     return out, s
@@ -56,5 +56,5 @@ def cross_entropy(logits: Tensor, target: Tensor, *, label_smoothing: float = 0.
     is float32. With every target ignored the mean is 0 (PyTorch gives NaN)."""
     if reduction not in L.REDUCTION:
         raise ValueError(f"reduction = {reduction!r}; use 'none', 'sum' or 'mean'")
-    return _F.cross_entropy(logits, target, float(label_smoothing), int(ignore_index),
+    return _F.cross_entropy.default(logits, target, float(label_smoothing), int(ignore_index),
                             float(z_loss), L.REDUCTION[reduction])
