@@ -53,14 +53,31 @@ t = torch.randint(0, 8, (4,), device=dev)
 k = fusedreg.Keys(1, 0).tensor
 xg = x.clone().requires_grad_()
 y = torch.empty_like(x)
-o = O._opts("dropout", 4, 8, k, 0, 0.1)
+o = L.Options.from_buffer_copy(O._OPT.pack(*O._opt_values(O._opts("dropout", 4, 8, k, 0, 0.1))))
 ex = O._exec(x)
 descs = [O._d(t) for t in (x, b, r, y)]  # kept alive: the addresses below point into them
 dx, db, dr, dyd = [C.addressof(d) for d in descs]
 
+# Floors of the registration style: an op whose Python kernel returns its input, registered
+# through torch.library.Library, without and with register_autograd (what every fusedreg op is).
+_probe = torch.library.Library("fusedreg_probe", "DEF")
+_probe.define("plain(Tensor x, Tensor? b, Tensor? r, Tensor k, int s, float p) -> Tensor")
+_probe.define("grad(Tensor x, Tensor? b, Tensor? r, Tensor k, int s, float p) -> Tensor")
+_probe.impl("plain", lambda x, b, r, k, s, p: x, "CPU")
+_probe.impl("grad", lambda x, b, r, k, s, p: x, "CPU")
+torch.library.register_autograd("fusedreg_probe::grad", lambda ctx, g: (g,) + (None,) * 5,
+                                lib=_probe)
+if dev.type == "cuda":
+    _probe.impl("plain", lambda x, b, r, k, s, p: x, "CUDA")
+    _probe.impl("grad", lambda x, b, r, k, s, p: x, "CUDA")
+P = torch.ops.fusedreg_probe
+
 rows = [
     ("torch.add (baseline)", lambda: torch.add(x, r)),
+    ("floor: empty Library.impl op", lambda: P.plain.default(x, b, r, k, 0, 0.1)),
+    ("floor: ... + register_autograd", lambda: P.grad.default(x, b, r, k, 0, 0.1)),
     ("ctypes: fr_dropout_forward", lambda: L.lib.fr_dropout_forward(C.byref(o), ex, dx, db, dr, None, dyd, None)),
+    ("kernel fn only: ops._drop", lambda: O._drop(x, b, r, k, 0, 0.1, 0.0, 1, 32)),
     ("op: fusedreg.dropout (residual)", lambda: torch.ops.fusedreg.dropout(x, b, r, k, 0, 0.1, 0.0, 1, 32)),
     ("op: fusedreg.bias_act_dropout", lambda: torch.ops.fusedreg.bias_act_dropout(x, b, k, 0, 0, 0.1)),
     ("op: fusedreg.dropout_add_norm", lambda: torch.ops.fusedreg.dropout_add_norm(x, r, b, g, b, k, 0, 0, 1e-5, 1.0, 0.1, 0.0, 1, False)),

@@ -34,10 +34,11 @@ python -c "import torch; print('torch', torch.__version__, 'cuda available:', to
 t1=$(date +%s)
 echo "python-ci: environment ready in $((t1 - t0)) s"
 
-cargo run -q -p fusedreg-ffi --features gen-header --bin gen-header -- --check
+export FUSEDREG_CARGO_PROFILE="${FUSEDREG_CARGO_PROFILE:-dev}"
+cargo run -q --profile "$FUSEDREG_CARGO_PROFILE" -p fusedreg-ffi --features gen-header \
+    --bin gen-header -- --check
 
-FUSEDREG_CARGO_PROFILE="${FUSEDREG_CARGO_PROFILE:-dev}" \
-    pip install -q --no-build-isolation --force-reinstall --no-deps ./python
+pip install -q --no-build-isolation --force-reinstall --no-deps ./python
 t2=$(date +%s)
 echo "python-ci: package built and installed in $((t2 - t1)) s"
 

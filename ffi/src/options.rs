@@ -148,7 +148,7 @@ impl FrOptions {
                 self.mask_bits
             )));
         }
-        if self.math == FR_MATH_FAST || self.math > FR_MATH_FAST {
+        if self.math >= FR_MATH_FAST {
             return Err(FfiError::invalid(format!(
                 "{op}: math = {} is not offered by this op; use FR_MATH_DEFAULT (0) or \
                  FR_MATH_EXACT (1)",

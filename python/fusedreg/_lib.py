@@ -90,7 +90,7 @@ class AdamWOptions(C.Structure):
 # Tensor descriptors cross as addresses (c_void_p: ctypes passes a Python int without building
 # an object per argument; ops.py packs the descriptors into a per-thread buffer).
 TP = C.c_void_p
-OP = C.POINTER(Options)
+OP = C.c_void_p
 
 # name -> argument types (after the options pointer and the exec struct for op entry points).
 _OPS = {

@@ -20,6 +20,7 @@ returns new tensors; nothing is written in place, so nothing needs ``mutates_arg
 from __future__ import annotations
 
 import ctypes as C
+import operator
 import struct
 import threading
 
@@ -71,7 +72,7 @@ class _Scratch(threading.local):
     """Per-thread buffer the descriptors of one call are packed into (calls never nest)."""
 
     def __init__(self):
-        self.buf = (C.c_uint8 * (_DESC.size * 16))()
+        self.buf = (C.c_uint8 * (C.sizeof(L.Options) + _DESC.size * 16))()
         self.base = C.addressof(self.buf)
 
 
@@ -81,9 +82,24 @@ _scratch = _Scratch()
 def _check(op: str, what: str, t: Tensor | None, like: Tensor | None = None,
            dtypes=_FLOATS, numel: int | None = None) -> None:
     """Raises ValueError for what the C side cannot see: strides and devices (it checks lengths
-    and dtypes again)."""
+    and dtypes again). One cheap test first; the detailed checks only when it fails."""
     if t is None:
         return
+    try:
+        if (t.dtype in dtypes and t.is_contiguous()
+                and (like is None or (t.is_cuda == like.is_cuda
+                                      and t.get_device() == like.get_device()))
+                and (numel is None or t.numel() == numel)
+                and (t.is_cuda or t.device.type == "cpu")):
+            return
+    except AttributeError:
+        pass
+    _check_slow(op, what, t, like, dtypes, numel)
+
+
+def _check_slow(op: str, what: str, t: Tensor | None, like: Tensor | None = None,
+           dtypes=_FLOATS, numel: int | None = None) -> None:
+    """The detailed checks, each with its message."""
     if not isinstance(t, Tensor):
         raise TypeError(f"fusedreg.{op}: `{what}` must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -132,9 +148,26 @@ def _call(op: str, step: int, site: int, stream: int) -> int:
     return (step << 32) | (site << 8) | stream
 
 
+# FrOptions, packed natively (same layout as the C struct, checked below).
+_OPT_FMT = "qqdQQIIdQqIIffddqI"
+# struct adds no trailing padding; the C struct is padded to its 8-byte alignment.
+_OPT = struct.Struct(_OPT_FMT + f"{C.sizeof(L.Options) - struct.calcsize(_OPT_FMT)}x")
+assert _OPT.size == C.sizeof(L.Options) and len(L.Options._fields_) == 18
+_OPT_FIELDS = tuple(name for name, _ in L.Options._fields_)
+_opt_values = operator.attrgetter(*_OPT_FIELDS)
+
+
+class _Opts:
+    """The options of one call; unset fields read the library's defaults (class attributes)."""
+
+
+for _name, _value in zip(_OPT_FIELDS, _OPT.unpack(bytes(L.lib.fr_options_default()))):
+    setattr(_Opts, _name, _value)
+
+
 def _opts(op: str, rows: int, cols: int, keys: Tensor | None = None, site: int = 0,
-          p: float = 0.0, path_p: float = 0.0, rows_per_sample: int = 1) -> L.Options:
-    o = L.default_options()
+          p: float = 0.0, path_p: float = 0.0, rows_per_sample: int = 1) -> _Opts:
+    o = _Opts()
     o.rows, o.cols = rows, cols
     o.p = p
     if keys is not None:
@@ -147,19 +180,23 @@ def _opts(op: str, rows: int, cols: int, keys: Tensor | None = None, site: int =
     return o
 
 
-def _run(fn, o: L.Options, ref: Tensor, *tensors) -> None:
+def _run(fn, o: _Opts, ref: Tensor, *tensors) -> None:
     """Calls a C entry point with the options, where `ref` lives, and the tensors' descriptors
-    (None: a null pointer)."""
+    (None: a null pointer), all packed into this thread's buffer: options first, then one
+    descriptor per tensor."""
     sc = _scratch
     buf, base, size = sc.buf, sc.base, _DESC.size
+    _OPT.pack_into(buf, 0, *_opt_values(o))
     args = []
-    for i, t in enumerate(tensors):
+    off = _OPT.size
+    for t in tensors:
         if t is None:
             args.append(None)
         else:
-            _DESC.pack_into(buf, i * size, t.data_ptr(), t.numel(), _DT[t.dtype])
-            args.append(base + i * size)
-    L.check(fn(C.byref(o), _exec(ref), *args))
+            _DESC.pack_into(buf, off, t.data_ptr(), t.numel(), _DT[t.dtype])
+            args.append(base + off)
+        off += size
+    L.check(fn(base, _exec(ref), *args))
 
 
 def _empty0(like: Tensor) -> Tensor:
