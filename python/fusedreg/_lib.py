@@ -110,7 +110,14 @@ def _candidates() -> list[Path]:
     if env:
         return [Path(env)]
     here = Path(__file__).resolve().parent
-    return [here / "libfusedreg_ffi.so"]
+    out = [here / "libfusedreg_ffi.so"]
+    # Imported from the source tree (python/fusedreg) instead of an installed copy: a cargo build
+    # of the repository (CARGO_TARGET_DIR or target/, release before debug).
+    root = here.parent.parent
+    targets = [Path(os.environ["CARGO_TARGET_DIR"])] if os.environ.get("CARGO_TARGET_DIR") else []
+    for t in targets + [root / "target"]:
+        out += [t / "release" / "libfusedreg_ffi.so", t / "debug" / "libfusedreg_ffi.so"]
+    return out
 
 
 def _load() -> C.CDLL:

@@ -26,6 +26,16 @@ def dropout(x: Tensor, p: float, keys: Keys | Tensor, site: int, *, bias: Tensor
                       int(rows_per_sample), int(mask_bits))
 
 
+def dropout_add_(residual: Tensor, x: Tensor, p: float, keys: Keys | Tensor, site: int, *,
+                 bias: Tensor | None = None, drop_path: float = 0.0,
+                 rows_per_sample: int = 1) -> Tensor:
+    """``residual += rowscale · dropout(x + bias)`` in place, without autograd (inference, or
+    code under ``torch.no_grad()``); returns ``residual``. Same masks as :func:`dropout`."""
+    _F.dropout_add_.default(residual, x, bias, _kt(keys), site, float(p), float(drop_path),
+                            int(rows_per_sample))
+    return residual
+
+
 def bias_act_dropout(x: Tensor, p: float, keys: Keys | Tensor, site: int, *,
                      bias: Tensor | None = None, activation: str = "gelu") -> Tensor:
     """``dropout(act(x + bias))``, act in gelu (erf), gelu_tanh, silu, relu."""

@@ -13,8 +13,9 @@ draws), as in the candle adapter. Reading a CPU tensor never waits for the GPU, 
 are a tensor input, ``torch.compile`` neither bakes the step into the graph nor recompiles when it
 changes.
 
-Every op takes contiguous tensors (anything else is a ``ValueError`` naming the argument) and
-returns new tensors; nothing is written in place, so nothing needs ``mutates_args``.
+Every op takes contiguous tensors (anything else is a ``ValueError`` naming the argument). The
+training ops return new tensors; ``dropout_add_`` writes its residual in place, declares it
+(``Tensor(a!)``) and bumps its version counter.
 """
 
 from __future__ import annotations
@@ -442,6 +443,32 @@ def _drop_grad(ctx, dy):
 
 torch.library.register_autograd("fusedreg::dropout", _drop_grad, setup_context=_drop_setup,
                                 lib=_lib)
+
+
+_lib.define(
+    "dropout_add_(Tensor(a!) residual, Tensor x, Tensor? bias, Tensor keys, int site, float p, "
+    "float path_p, int rows_per_sample) -> ()"
+)
+
+
+@torch.library.impl(_lib, "dropout_add_", "CPU")
+@torch.library.impl(_lib, "dropout_add_", "CUDA")
+def _drop_add_(residual, x, bias, keys, site, p, path_p, rows_per_sample):
+    """`residual += rowscale · dropout(x + bias)` in place (the residual-stream update of an
+    inference or no-grad step; no autograd). Declared `(a!)`, and the version counter is bumped
+    here: ops defined through torch.library do not get that from PyTorch (Liger-Kernel #272)."""
+    op = "dropout_add_"
+    _check(op, "x", x)
+    o = _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, 32)
+    _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o.cols)
+    _check(op, "residual", residual, x, dtypes=(x.dtype,), numel=x.numel())
+    _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, residual, None)
+    torch.autograd.graph.increment_version(residual)
+
+
+@torch.library.register_fake("fusedreg::dropout_add_", lib=_lib)
+def _drop_add_fake(residual, x, bias, keys, site, p, path_p, rows_per_sample):
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

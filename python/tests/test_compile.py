@@ -52,3 +52,21 @@ def test_compile_fullgraph_every_op():
     with torch._dynamo.config.patch(error_on_recompile=True):
         loss2 = compiled(idx, tgt)
     assert loss2.item() != loss.item()
+
+
+def test_compile_fullgraph_in_place_op():
+    """The mutating op (declared `(a!)`) under torch.compile: functionalized, same result."""
+    from fusedreg import functional as F
+
+    k = fusedreg.Keys(1, 0)
+
+    @torch.compile(fullgraph=True)
+    def f(r, x):
+        F.dropout_add_(r, x, 0.2, k, 3)
+        return r * 2
+
+    r, x = torch.randn(4, 8), torch.randn(4, 8)
+    r2 = r.clone()
+    out = f(r, x)
+    F.dropout_add_(r2, x, 0.2, k, 3)
+    assert torch.equal(r, r2) and torch.equal(out, r2 * 2)

@@ -281,3 +281,18 @@ def _opcheck_cases():
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+def test_in_place_residual_update_declares_its_mutation():
+    x = torch.randn(8, 16)
+    b = torch.randn(16)
+    r = torch.randn(8, 16)
+    want = F.dropout(x, 0.3, keys(), 6, bias=b, residual=r)
+    v = r._version
+    out = F.dropout_add_(r, x, 0.3, keys(), 6, bias=b)
+    assert out is r and torch.equal(r, want), "same masks as the functional op"
+    assert r._version > v, "the version counter is bumped (autograd sees the write)"
+    torch.library.opcheck(OPS.dropout_add_.default,
+                          (torch.randn(8, 16), x, b, keys().tensor, 6, 0.3, 0.0, 1))
+    with pytest.raises(ValueError, match="residual"):
+        F.dropout_add_(torch.randn(8, 15), x, 0.3, keys(), 6)
