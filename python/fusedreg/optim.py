@@ -5,7 +5,8 @@ The parameter list is registered once with the library (one native optimizer obj
 at the first ``step()``); every step passes the gradients' current addresses, so
 ``zero_grad(set_to_none=True)`` is fine. On CUDA a step is three launches (norm partials,
 coefficient, update) on the stream current at the first step, with no host sync; on the CPU it
-runs the library's reference (bit for bit the kernels' arithmetic).
+runs the library's reference (bit for bit the kernels' arithmetic). The stream is fixed at the
+first step (the library's tensor set is built on it): capture CUDA graphs on that stream.
 
 Parameter groups may differ in ``weight_decay`` (per tensor, e.g. no decay for biases and norm
 weights); ``lr``, ``betas`` and ``eps`` are shared by all groups (one native object), and a

@@ -128,7 +128,8 @@ def test_cuda_graph_capture_of_a_training_step(cuda):
     graph = torch.cuda.CUDAGraph()
     for p in params:
         p.grad.zero_()
-    with torch.cuda.graph(graph):
+    # The optimizer launches on the stream current at its first step (s): capture on it.
+    with torch.cuda.graph(graph, stream=s):
         loss = step()
     before = [p.detach().clone() for p in params]
     for p in params:
