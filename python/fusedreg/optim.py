@@ -132,9 +132,13 @@ class AdamW(torch.optim.Optimizer):
         return L.Exec(dev.index, torch.cuda.current_stream(dev).cuda_stream)
 
     def __del__(self):
-        if getattr(self, "_native", None) is not None:
-            L.lib.fr_adamw_destroy(self._native)
+        native = getattr(self, "_native", None)
+        if native is not None:
             self._native = None
+            try:
+                L.lib.fr_adamw_destroy(native)
+            except Exception:  # interpreter shutdown: the library may already be unloaded
+                pass
 
     # -- torch.optim.Optimizer ---------------------------------------------------------------
 
