@@ -42,6 +42,15 @@ pip install -q --no-build-isolation --force-reinstall --no-deps ./python
 t2=$(date +%s)
 echo "python-ci: package built and installed in $((t2 - t1)) s"
 
+# The header from C and C++ against the installed library (structs and constants must match).
+LIBDIR=$(cd python/tests && python -c "import fusedreg._lib as L, os; print(os.path.dirname(L.lib._name))")
+for lang in "c -std=c99" "c++ -std=c++17"; do
+    set -- $lang
+    cc -x "$1" "$2" -Wall -Wextra -Werror -I ffi/include ffi/examples/smoke.c -x none \
+        -L "$LIBDIR" -lfusedreg_ffi -Wl,-rpath,"$LIBDIR" -o "$VENV/fr_smoke" $([ "$1" = c++ ] && echo -lstdc++)
+    "$VENV/fr_smoke"
+done
+
 # From outside the source tree, so the installed package (with its library) is what is tested.
 (cd python/tests && python -m pytest -q -p no:cacheprovider .)
 python examples/train_gpt.py --tiny --out results/train_gpt_py
