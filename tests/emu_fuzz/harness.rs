@@ -748,3 +748,40 @@ impl Writer {
         by_dtype!(k, T => self.view(name, &typed::<T>(bits), off))
     }
 }
+
+/// Puts 1 to 3 special values (NaN of random sign and payload, +inf, -inf) at the positions a
+/// kernel distinguishes: in a random row of `row` elements, its first or last element, or the
+/// first or last element of a span of one of `boundaries` (a vector, a group, a slot, a warp's
+/// share, a tile).
+pub fn plant(
+    g: &mut Rng,
+    k: fusedreg::DtypeKind,
+    bits: &mut [u32],
+    row: usize,
+    boundaries: &[usize],
+) {
+    if bits.is_empty() || row == 0 {
+        return;
+    }
+    for _ in 0..g.range(1, 3) {
+        let rows = bits.len() / row;
+        let r = g.below(rows.max(1) as u64) as usize;
+        let col = match g.below(4) {
+            0 => 0,
+            1 => row - 1,
+            _ if !boundaries.is_empty() => {
+                let b = g.pick(boundaries).max(1);
+                let spans = row.div_ceil(b).max(1);
+                let s = g.below(spans as u64) as usize * b;
+                (if g.bool() { s } else { s + b - 1 }).min(row - 1)
+            }
+            _ => g.below(row as u64) as usize,
+        };
+        let i = (r * row + col).min(bits.len() - 1);
+        bits[i] = by_dtype!(k, T => match g.below(3) {
+            0 => to_bits(nan::<T>(g)),
+            1 => to_bits(T::from_f32_rn(f32::INFINITY)),
+            _ => to_bits(T::from_f32_rn(f32::NEG_INFINITY)),
+        });
+    }
+}

@@ -29,6 +29,7 @@
 mod harness;
 
 mod adamw;
+mod cross_entropy;
 mod fmath;
 mod global_norm;
 mod philox;
@@ -48,4 +49,5 @@ stems! {
     adamw => adamw::AdamW,
     fmath => fmath::Fmath,
     global_norm => global_norm::GlobalNorm,
+    cross_entropy => cross_entropy::CrossEntropy,
 }

@@ -84,6 +84,17 @@ template <class T> struct View {
     T* p = nullptr;
     View() = default;
     View(uint64_t n_, uint64_t off_, uint8_t poison) { alloc(n_, off_, poison); }
+    // A copy is a separate allocation with the same contents, offset and alignment.
+    View(const View& o) { *this = o; }
+    View& operator=(const View& o) {
+        if (this != &o) {
+            alloc(o.n, o.off, 0);
+            if (n) memcpy(p, o.p, bytes());
+        }
+        return *this;
+    }
+    View(View&&) = default;
+    View& operator=(View&&) = default;
     void alloc(uint64_t n_, uint64_t off_, uint8_t poison) {
         n = n_;
         off = off_;
