@@ -29,7 +29,9 @@
 mod harness;
 
 mod adamw;
+mod bias_act_dropout;
 mod cross_entropy;
+mod dropout_add_norm;
 mod fmath;
 mod global_norm;
 mod philox;
@@ -50,4 +52,6 @@ stems! {
     fmath => fmath::Fmath,
     global_norm => global_norm::GlobalNorm,
     cross_entropy => cross_entropy::CrossEntropy,
+    bias_act_dropout => bias_act_dropout::BiasActDropout,
+    dropout_add_norm => dropout_add_norm::DropoutAddNorm,
 }

@@ -1,0 +1,181 @@
+//! `kernels/bias_act_dropout.cu`: forward (with and without bias and `h_out`), backward from x or
+//! from the saved h, with and without dbias, and the unfused baseline's six kernels, for every
+//! dtype and activation, shapes around the vector width, the 64-thread column tile and the 4 row
+//! lanes and slabs, views at any element, p from 0 to 1, and data with `±inf`, NaNs, signed zeros
+//! and saturating magnitudes at every position class. `bias_act_dropout::cpu` and
+//! `unfused::{forward_cpu, backward_cpu}` must give the same bits.
+
+use fusedreg::bias_act_dropout::{cpu, unfused, Activation, Config, Preact};
+use fusedreg::dropping::slab_rows;
+use fusedreg::{Dtype, DtypeKind};
+
+use crate::by_dtype;
+use crate::harness::*;
+
+pub struct BiasActDropout;
+
+#[derive(Debug)]
+pub struct Case {
+    dtype: DtypeKind,
+    rows: usize,
+    cols: usize,
+    act: Activation,
+    p: f64,
+    seed: u64,
+    call: u64,
+    from_h: bool,
+    h_out: bool,
+    dbias: bool,
+    offs: [u64; 6],
+    x: Data<u32>,
+    bias: Option<Data<u32>>,
+    dy: Data<u32>,
+}
+
+const ACTS: [Activation; 4] = [
+    Activation::GeluErf,
+    Activation::GeluTanh,
+    Activation::Silu,
+    Activation::Relu,
+];
+
+impl Case {
+    fn config(&self) -> Config {
+        Config::new(self.rows, self.cols, self.act, self.p, self.seed, self.call)
+            .expect("a valid config")
+    }
+}
+
+impl Stem for BiasActDropout {
+    const NAME: &'static str = "bias_act_dropout";
+    const CASES: usize = 60;
+    type Case = Case;
+
+    fn generate(g: &mut Rng) -> Case {
+        let dtype = g.pick(&DTYPES);
+        let vw = 16 / dtype.size();
+        let cols = size(g, &[vw, 8, 64, 64 * vw], 1100);
+        let rows = size(g, &[4, 8, 16], (24_000 / cols.max(1)).clamp(1, 70));
+        let n = rows * cols;
+        let sp = Specials::any(g);
+        let scale = g.pick(&[3.0, 6.0, 20.0, 200.0]);
+        let mut x = value_bits(g, dtype, n, scale, sp);
+        let mut dy = value_bits(g, dtype, n, 2.0, sp);
+        if g.bool() {
+            plant(g, dtype, &mut x.0, cols, &[vw, 64 * vw]);
+            plant(g, dtype, &mut dy.0, cols, &[vw, 64 * vw]);
+        }
+        let h_out = g.bool();
+        Case {
+            dtype,
+            rows,
+            cols,
+            act: g.pick(&ACTS),
+            p: g.pick(&[0.0, 1.0, 0.1, 0.5, 1e-9, 0.9]),
+            seed: g.u64(),
+            call: g.u64(),
+            from_h: h_out && g.bool(),
+            h_out,
+            dbias: g.chance(3, 4),
+            offs: [0; 6].map(|_| offset(g, 9)),
+            x,
+            bias: g
+                .chance(2, 3)
+                .then(|| value_bits(g, dtype, cols, 1.0, Specials(sp.0 / 4))),
+            dy,
+        }
+    }
+
+    fn write(c: &Case, w: &mut Writer) {
+        let cfg = c.config();
+        w.u64("dtype", dtype_code(c.dtype));
+        w.u64("rows", c.rows as u64);
+        w.u64("cols", c.cols as u64);
+        w.u64(
+            "slab_rows",
+            slab_rows(c.rows, c.cols, c.dtype).max(1) as u64,
+        );
+        w.u64("seed", c.seed);
+        w.u64("call", c.call);
+        w.u64("threshold", cfg.rate().threshold());
+        w.f32("scale", cfg.rate().scale());
+        w.u64("act", ACTS.iter().position(|&a| a == c.act).unwrap() as u64);
+        w.flag("from_h", c.from_h);
+        w.flag("dbias", c.dbias);
+        w.view_bits("x", c.dtype, &c.x, c.offs[0]);
+        w.view_bits(
+            "bias",
+            c.dtype,
+            c.bias.as_ref().map_or(&[][..], |b| &b[..]),
+            c.offs[1],
+        );
+        w.view_bits("dy", c.dtype, &c.dy, c.offs[2]);
+        w.u64("y_off", c.offs[3]);
+        w.u64("h_off", c.offs[4]);
+        w.u64("dx_off", c.offs[5]);
+        w.flag("h_out", c.h_out);
+    }
+
+    fn check(c: &Case, r: &mut Reader) -> Result<(), String> {
+        by_dtype!(c.dtype, T => check::<T>(c, r))
+    }
+}
+
+fn check<T: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
+    let cfg = c.config();
+    let n = c.rows * c.cols;
+    let zero = T::from_f32_rn(0.0);
+    let y = r.vec::<T>("y", n)?;
+    let h = r.vec::<T>("h", if c.h_out { n } else { 0 })?;
+    let dx = r.vec::<T>("dx", n)?;
+    let dbias = r.vec::<T>("dbias", if c.dbias { c.cols } else { 0 })?;
+    let (x, dy): (Vec<T>, Vec<T>) = (typed(&c.x), typed(&c.dy));
+    let bias: Option<Vec<T>> = c.bias.as_ref().map(|b| typed(b));
+    let e = |e: fusedreg::Error| format!("CPU: {e}");
+
+    let (mut cy, mut ch) = (vec![zero; n], vec![zero; n]);
+    cpu::forward(
+        &cfg,
+        &x,
+        bias.as_deref(),
+        &mut cy,
+        c.h_out.then_some(&mut ch[..]),
+    )
+    .map_err(e)?;
+    let (mut cdx, mut cdb) = (vec![zero; n], vec![zero; c.cols]);
+    let pre = if c.from_h {
+        Preact::H(&ch[..])
+    } else {
+        Preact::X {
+            x: &x[..],
+            bias: bias.as_deref(),
+        }
+    };
+    cpu::backward(&cfg, &dy, pre, &mut cdx, c.dbias.then_some(&mut cdb[..])).map_err(e)?;
+    let mut d = Diffs::default();
+    d.bits("y", &y, &cy);
+    if c.h_out {
+        d.bits("h", &h, &ch);
+    }
+    d.bits("dx", &dx, &cdx);
+    if c.dbias {
+        d.bits("dbias", &dbias, &cdb);
+    }
+    if let (Some(b), true) = (&bias, n > 0) {
+        let uh = r.vec::<T>("unfused_h", n)?;
+        let uy = r.vec::<T>("unfused_y", n)?;
+        let um = r.vec::<u8>("unfused_mask", n)?;
+        let udx = r.vec::<T>("unfused_dx", n)?;
+        let udb = r.vec::<T>("unfused_dbias", c.cols)?;
+        let (mut wy, mut wm, mut wh) = (vec![zero; n], vec![0u8; n], vec![zero; n]);
+        unfused::forward_cpu(&cfg, &x, b, &mut wy, &mut wm, &mut wh).map_err(e)?;
+        let (mut wdx, mut wdb) = (vec![zero; n], vec![zero; c.cols]);
+        unfused::backward_cpu(&cfg, &dy, &wm, &wh, &mut wdx, Some(&mut wdb)).map_err(e)?;
+        d.bits("unfused h", &uh, &wh);
+        d.bits("unfused y", &uy, &wy);
+        d.eq("unfused mask", &um, &wm);
+        d.bits("unfused dx", &udx, &wdx);
+        d.bits("unfused dbias", &udb, &wdb);
+    }
+    d.into_result()
+}
