@@ -32,6 +32,7 @@ mod adamw;
 mod bias_act_dropout;
 mod cross_entropy;
 mod dropout_add_norm;
+mod dropping;
 mod fmath;
 mod global_norm;
 mod philox;
@@ -54,4 +55,6 @@ stems! {
     cross_entropy => cross_entropy::CrossEntropy,
     bias_act_dropout => bias_act_dropout::BiasActDropout,
     dropout_add_norm => dropout_add_norm::DropoutAddNorm,
+    dropout => dropping::Dropout,
+    dropout_residual => dropping::DropoutResidual,
 }
