@@ -254,10 +254,16 @@ static_assert(sizeof(BiasActDropoutBwdParams) == 112, "must match src/bias_act_d
 constexpr int FWD_UNROLL = 4;
 constexpr int BWD_UNROLL = 2;
 
-// P is BiasActDropoutFwdParams (a template parameter only so that a counting harness can fix
-// p.flags at compile time and see one keying path).
-template <typename T, int V, uint32_t ACT, uint32_t MATH, typename P>
-__device__ __forceinline__ void fwd_impl(const P& p) {
+// The keep bits of a row group under the keying the kernel was dispatched with (p.flags'
+// FLAG_KEY16, tested once per thread, outside the row loop): drop::keep_bits_of's choice.
+template <int V, bool K16, typename P>
+__device__ __forceinline__ uint32_t row_keep_bits(const P& p, uint64_t i) {
+    if constexpr (K16) return drop::keep_bits16<V>(p.seed, p.call, p.threshold, i);  // 16-bit keying
+    else return drop::keep_bits<V>(p.seed, p.call, p.threshold, i);  // 32-bit keying
+}
+
+template <typename T, int V, uint32_t ACT, uint32_t MATH, bool K16>
+__device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
     const uint64_t c0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (c0 >= p.cols) return;  // no barrier in the forward
     float b[V];
@@ -283,7 +289,7 @@ __device__ __forceinline__ void fwd_impl(const P& p) {
 #pragma unroll
         for (int u = 0; u < FWD_UNROLL; ++u) {
             if (u >= n) break;
-            const uint32_t keep = drop::keep_bits_of<V>(p, i);
+            const uint32_t keep = row_keep_bits<V, K16>(p, i);
             float h[V];
 #pragma unroll
             for (int k = 0; k < V; ++k) h[k] = p.bias ? __fadd_rn(xv[u].get(k), b[k]) : xv[u].get(k);
@@ -309,6 +315,12 @@ __device__ __forceinline__ void fwd_impl(const P& p) {
     }
 }
 
+template <typename T, int V, uint32_t ACT, uint32_t MATH>
+__device__ __forceinline__ void fwd_impl(const BiasActDropoutFwdParams& p) {
+    if (p.flags & drop::FLAG_KEY16) fwd_keyed<T, V, ACT, MATH, true>(p);
+    else fwd_keyed<T, V, ACT, MATH, false>(p);
+}
+
 // The activation and math mode as template arguments, so each body is specialised (no
 // per-element switch). One kernel per math mode (the host picks the symbol): the fmath bodies
 // need more registers than the fast ones, and a kernel's register count is its largest body's.
@@ -322,8 +334,8 @@ template <typename T, int V, uint32_t MATH> __device__ __forceinline__ void fwd(
     }
 }
 
-template <typename T, int V, uint32_t ACT, uint32_t MATH, typename P>
-__device__ __forceinline__ void bwd_rows(const P& p, uint64_t c0, uint64_t s0, uint64_t s1,
+template <typename T, int V, uint32_t ACT, uint32_t MATH, bool K16>
+__device__ __forceinline__ void bwd_rows(const BiasActDropoutBwdParams& p, uint64_t c0, uint64_t s0, uint64_t s1,
                                          const float (&b)[V], float (&acc)[V]) {
     const uint64_t row0 = s0 + threadIdx.y;
     if (row0 >= s1) return;
@@ -347,7 +359,7 @@ __device__ __forceinline__ void bwd_rows(const P& p, uint64_t c0, uint64_t s0, u
 #pragma unroll
         for (int u = 0; u < BWD_UNROLL; ++u) {
             if (u >= n) break;
-            const uint32_t keep = drop::keep_bits_of<V>(p, i);
+            const uint32_t keep = row_keep_bits<V, K16>(p, i);
             Pack<T, V> dv;
 #pragma unroll
             for (int k = 0; k < V; ++k) {
@@ -370,8 +382,8 @@ __device__ __forceinline__ void bwd_rows(const P& p, uint64_t c0, uint64_t s0, u
 // One activation's whole backward: its rows, then the lanes' partials folded through shared
 // memory. Each activation is a complete body (the switch in bwd picks one and returns), so the
 // register allocator sees no merge of four bodies' accumulators.
-template <typename T, int V, uint32_t ACT, uint32_t MATH>
-__device__ __forceinline__ void bwd_body(const BiasActDropoutBwdParams& p, float (*lanes)[MAX_BLOCK_X * V]) {
+template <typename T, int V, uint32_t ACT, uint32_t MATH, bool K16>
+__device__ __forceinline__ void bwd_keyed(const BiasActDropoutBwdParams& p, float (*lanes)[MAX_BLOCK_X * V]) {
     const uint64_t c0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
     const bool active = c0 < p.cols;
     float acc[V];
@@ -383,7 +395,7 @@ __device__ __forceinline__ void bwd_body(const BiasActDropoutBwdParams& p, float
         float b[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) b[k] = (p.bias && !p.h) ? ld<T>(p.bias, c0 + k) : 0.0f;
-        bwd_rows<T, V, ACT, MATH>(p, c0, s0, s1, b, acc);
+        bwd_rows<T, V, ACT, MATH, K16>(p, c0, s0, s1, b, acc);
     }
     if (p.partials == nullptr) return;  // uniform across the block
 #pragma unroll
@@ -398,6 +410,17 @@ __device__ __forceinline__ void bwd_body(const BiasActDropoutBwdParams& p, float
             p.partials[(uint64_t)blockIdx.y * p.cols + c0 + k] = s;
         }
     }
+}
+
+// The keying is dispatched here, around whole bodies (a merge of the two loops' accumulators
+// before the partials made ptxas spill).
+template <typename T, int V, uint32_t ACT, uint32_t MATH>
+__device__ __forceinline__ void bwd_body(const BiasActDropoutBwdParams& p, float (*lanes)[MAX_BLOCK_X * V]) {
+    if (p.flags & drop::FLAG_KEY16) {
+        bwd_keyed<T, V, ACT, MATH, true>(p, lanes);
+        return;
+    }
+    bwd_keyed<T, V, ACT, MATH, false>(p, lanes);
 }
 
 template <typename T, int V, uint32_t ACT, uint32_t MATH>
@@ -453,7 +476,10 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
     BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_silu_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_SILU, MATH_FAST>(p))) \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_scalar_##S, (fwd<T, 1, MATH_EXACT>(p)))                         \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_scalar_fast_##S, (fwd<T, 1, MATH_FAST>(p)))                     \
-    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_##S, (bwd<T, 16 / sizeof(T), MATH_EXACT>(p)))               \
+    /* the four fmath bodies need more than 64 registers without spilling: 3 blocks per SM */        \
+    extern "C" __global__ void __launch_bounds__(256, 3) bias_act_dropout_bwd_vec_##S(const BiasActDropoutBwdParams p) { \
+        bwd<T, 16 / sizeof(T), MATH_EXACT>(p);                                                            \
+    }                                                                                                     \
     BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_relu_##S, (bwd_one<T, 16 / sizeof(T), ACT_RELU, MATH_EXACT>(p))) \
     BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_gelu_erf_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_GELU_ERF, MATH_FAST>(p))) \
     BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_gelu_tanh_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_GELU_TANH, MATH_FAST>(p))) \

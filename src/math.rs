@@ -109,6 +109,7 @@ impl ErrorBound {
 
 /// CPU models of the special-function-unit instructions, for the CPU model of an op's
 /// `Math::Fast` formulas (crate-internal: the formulas' tests use them).
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod sfu {
     use std::cell::Cell;
 

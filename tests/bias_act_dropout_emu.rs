@@ -59,9 +59,7 @@ fn same<T: Dtype>(what: &str, got: &[T], want: &[T], fails: &mut fastcheck::Fail
 struct Header {
     rows: usize,
     cols: usize,
-    act: Activation,
     fast: bool,
-    key16: bool,
     bias: bool,
     h_out: bool,
     from_h: bool,
@@ -168,9 +166,7 @@ fn emulated_kernels_match_the_cpu_reference() {
         let hd = Header {
             rows,
             cols,
-            act,
             fast,
-            key16,
             bias,
             h_out,
             from_h,

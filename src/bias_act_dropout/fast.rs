@@ -5,6 +5,9 @@
 //! the bounds in [`super::Activation::fast_bound`] are checked without a GPU (tests below).
 //!
 //! The f64 references the bounds are stated against are [`act_f64`] and [`grad_f64`].
+//!
+//! Outside the tests only the references are used (the model is the tests' instrument).
+#![cfg_attr(not(test), allow(dead_code))]
 
 use super::Activation;
 use crate::math::sfu::{self, Sfu};

@@ -165,7 +165,8 @@ pub fn check_backward<T: Dtype>(
             }
             let got = f64::from(db[c].to_f32());
             let bound = terms + rows as f64 * 2f64.powi(-24) * abs_sum + u * sum.abs() + m;
-            if !((got - sum).abs() <= bound) {
+            // NaN fails too.
+            if (got - sum).abs() > bound || got.is_nan() {
                 fails.add(|| format!("dbias[{c}]: {got:e} vs {sum:e} (bound {bound:e})"));
             }
         }
