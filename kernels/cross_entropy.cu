@@ -229,6 +229,7 @@ __device__ __forceinline__ State pass1(const T* row, uint32_t V) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) absorb<FAST>(st, x[u], GROUP);
     }
+#pragma unroll 1  // at most UNROLL - 1 groups: unrolling them buys nothing
     for (; g < full; g += SLOTS) {
         float x[GROUP];
         load_group<VEC>(row + g * GROUP, x, GROUP);
@@ -299,48 +300,54 @@ __device__ __forceinline__ void grad_group_fast(float* x, float nl, float a, flo
 }
 
 // Pass 2: the gradient of the row. sh: Exact {lse, zf, scale}; Fast {-lse log2(e), a, nb, g_t}.
+// The thread walks its groups backwards (the partial last group first, then its full groups from
+// the last down): the end of the row, which pass 1 read last, is the part most likely still in L2
+// when pass 2 starts. Every element's gradient depends on its own logit only, so the order
+// changes no bit.
 template <bool FAST, bool VEC, typename T>
 __device__ __forceinline__ void pass2(const FusedParams& p, const T* row, T* out, uint32_t V, uint32_t t,
                                       const float* sh) {
-    const uint32_t full = V / GROUP;
+    const uint32_t full = V / GROUP, tid = threadIdx.x;
     const float c0 = sh[0], c1 = sh[1], c2 = sh[2];
     auto grad = [&](float* x, int cnt, uint32_t j0) {
         if constexpr (FAST) grad_group_fast(x, c0, c1, c2);
         else grad_group(p, x, cnt, j0, t, c0, c1, c2);
     };
-    uint32_t g = threadIdx.x;
-    const T* q = row + g * GROUP;
-    T* o = out + g * GROUP;
-    for (; g + (UNROLL - 1) * SLOTS < full;
-         g += UNROLL * SLOTS, q += UNROLL * SLOTS * GROUP, o += UNROLL * SLOTS * GROUP) {
-        float x[UNROLL][GROUP];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) load_group<VEC>(q + u * SLOTS * GROUP, x[u], GROUP);
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            grad(x[u], GROUP, (g + u * SLOTS) * GROUP);
-            store_group<VEC>(o + u * SLOTS * GROUP, x[u], GROUP);
-        }
-    }
-    for (; g < full; g += SLOTS) {
-        float x[GROUP];
-        load_group<VEC>(row + g * GROUP, x, GROUP);
-        grad(x, GROUP, g * GROUP);
-        store_group<VEC>(out + g * GROUP, x, GROUP);
-    }
-    if (g == full && full * GROUP < V) {
+    if (full * GROUP < V && full % SLOTS == tid) {  // the partial last group is slot full % SLOTS's
         float x[GROUP];
         const int cnt = (int)(V - full * GROUP);
 #pragma unroll
         for (int k = 0; k < GROUP; ++k) x[k] = 0.f;
-        load_group<false>(row + g * GROUP, x, cnt);
-        grad(x, cnt, g * GROUP);
-        store_group<false>(out + g * GROUP, x, cnt);
+        load_group<false>(row + full * GROUP, x, cnt);
+        grad(x, cnt, full * GROUP);
+        store_group<false>(out + full * GROUP, x, cnt);
+    }
+    // This thread's full groups are g = tid + SLOTS k, k < n; from k = n - 1 down.
+    uint32_t n = full > tid ? (full - 1 - tid) / SLOTS + 1 : 0;
+    uint32_t g = n > 0 ? tid + SLOTS * (n - 1) : tid;
+    const T* q = row + g * GROUP;
+    T* o = out + g * GROUP;
+    for (; n >= UNROLL; n -= UNROLL, g -= UNROLL * SLOTS, q -= UNROLL * SLOTS * GROUP, o -= UNROLL * SLOTS * GROUP) {
+        float x[UNROLL][GROUP];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) load_group<VEC>(q - u * SLOTS * GROUP, x[u], GROUP);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            grad(x[u], GROUP, (g - u * SLOTS) * GROUP);
+            store_group<VEC>(o - u * SLOTS * GROUP, x[u], GROUP);
+        }
+    }
+#pragma unroll 1  // at most UNROLL - 1 groups
+    for (; n > 0; --n, g -= SLOTS, q -= SLOTS * GROUP, o -= SLOTS * GROUP) {
+        float x[GROUP];
+        load_group<VEC>(q, x, GROUP);
+        grad(x, GROUP, g * GROUP);
+        store_group<VEC>(o, x, GROUP);
     }
     // Fast: the target's gradient over the value just stored (the same thread stored it, so this
     // store lands last).
     if constexpr (FAST)
-        if (threadIdx.x == (t / GROUP) % SLOTS) out[t] = from_f32<T>(sh[3]);
+        if (tid == (t / GROUP) % SLOTS) out[t] = from_f32<T>(sh[3]);
 }
 
 // An ignored (or out-of-range) row's gradient: zeros, nothing read.
