@@ -1,16 +1,22 @@
 //! `kernels/bias_act_dropout.cu`: forward (with and without bias and `h_out`), backward from x or
 //! from the saved h, with and without dbias, and the unfused baseline's six kernels, for every
-//! dtype and activation, shapes around the vector width, the 64-thread column tile and the 4 row
-//! lanes and slabs, views at any element, p from 0 to 1, and data with `±inf`, NaNs, signed zeros
-//! and saturating magnitudes at every position class. `bias_act_dropout::cpu` and
-//! `unfused::{forward_cpu, backward_cpu}` must give the same bits.
+//! dtype and activation, both math modes and both keyings, shapes around the vector width, the
+//! 64-thread column tile and the 4 row lanes and slabs, views at any element, p from 0 to 1, and
+//! data with `±inf`, NaNs, signed zeros and saturating magnitudes at every position class.
+//! `bias_act_dropout::cpu` and `unfused::{forward_cpu, backward_cpu}` must give the same bits in
+//! `Math::Exact`; in `Math::Fast`, `h` bit for bit and `y`, `dx`, `dbias` within the bounds the
+//! module docs state (checked by `tests/common/bias_act_fast.rs`, shared with
+//! `tests/bias_act_dropout_emu.rs` and the GPU suite).
 
 use fusedreg::bias_act_dropout::{cpu, unfused, Activation, Config, Preact};
-use fusedreg::dropping::slab_rows;
-use fusedreg::{Dtype, DtypeKind};
+use fusedreg::dropping::{slab_rows, MaskResolution};
+use fusedreg::{Dtype, DtypeKind, Math};
 
 use crate::by_dtype;
 use crate::harness::*;
+
+#[path = "../common/bias_act_fast.rs"]
+mod fastcheck;
 
 pub struct BiasActDropout;
 
@@ -23,6 +29,8 @@ pub struct Case {
     p: f64,
     seed: u64,
     call: u64,
+    math: Math,
+    key16: bool,
     from_h: bool,
     h_out: bool,
     dbias: bool,
@@ -41,8 +49,14 @@ const ACTS: [Activation; 4] = [
 
 impl Case {
     fn config(&self) -> Config {
-        Config::new(self.rows, self.cols, self.act, self.p, self.seed, self.call)
+        let c = Config::new(self.rows, self.cols, self.act, self.p, self.seed, self.call)
             .expect("a valid config")
+            .with_math(self.math);
+        if self.key16 {
+            c.with_resolution(MaskResolution::Bits16)
+        } else {
+            c
+        }
     }
 }
 
@@ -74,6 +88,8 @@ impl Stem for BiasActDropout {
             p: g.pick(&[0.0, 1.0, 0.1, 0.5, 1e-9, 0.9]),
             seed: g.u64(),
             call: g.u64(),
+            math: g.pick(&[Math::Exact, Math::Fast]),
+            key16: g.chance(1, 3),
             from_h: h_out && g.bool(),
             h_out,
             dbias: g.chance(3, 4),
@@ -97,9 +113,16 @@ impl Stem for BiasActDropout {
         );
         w.u64("seed", c.seed);
         w.u64("call", c.call);
-        w.u64("threshold", cfg.rate().threshold());
-        w.f32("scale", cfg.rate().scale());
+        let rate = cfg.rate();
+        w.u64("threshold", cfg.keying().threshold());
+        // gpu.rs forward(): the launch constants of Math::Fast, and its math code (ReLU has one
+        // body) and keying flag (drop::FLAG_KEY16).
+        w.f32("scale", rate.scale());
+        w.f32("keep_frac", (1.0 - rate.p()) as f32);
+        w.f32("log2_scale", f64::from(rate.scale()).log2() as f32);
         w.u64("act", ACTS.iter().position(|&a| a == c.act).unwrap() as u64);
+        w.u64("math", u64::from(fast(c)));
+        w.u64("flags", if c.key16 { 8 } else { 0 });
         w.flag("from_h", c.from_h);
         w.flag("dbias", c.dbias);
         w.view_bits("x", c.dtype, &c.x, c.offs[0]);
@@ -119,6 +142,11 @@ impl Stem for BiasActDropout {
     fn check(c: &Case, r: &mut Reader) -> Result<(), String> {
         by_dtype!(c.dtype, T => check::<T>(c, r))
     }
+}
+
+/// Whether the kernels run the `Math::Fast` bodies (ReLU has only the exact one).
+fn fast(c: &Case) -> bool {
+    c.math == Math::Fast && c.act != Activation::Relu
 }
 
 fn check<T: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
@@ -153,15 +181,44 @@ fn check<T: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
     };
     cpu::backward(&cfg, &dy, pre, &mut cdx, c.dbias.then_some(&mut cdb[..])).map_err(e)?;
     let mut d = Diffs::default();
-    d.bits("y", &y, &cy);
     if c.h_out {
         d.bits("h", &h, &ch);
     }
-    d.bits("dx", &dx, &cdx);
-    if c.dbias {
-        d.bits("dbias", &dbias, &cdb);
+    if fast(c) {
+        // The f32 pre-activation of each element as the kernels form it (x + bias, or the
+        // saved h in a backward from h), then the stated bounds.
+        let h_fwd: Vec<f32> = (0..n)
+            .map(|i| match &bias {
+                Some(b) => x[i].to_f32() + b[i % c.cols].to_f32(),
+                None => x[i].to_f32(),
+            })
+            .collect();
+        let h_bwd: Vec<f32> = if c.from_h {
+            h.iter().map(|v| v.to_f32()).collect()
+        } else {
+            h_fwd.clone()
+        };
+        let mut fails = fastcheck::Failures::default();
+        fastcheck::check_forward(&cfg, &h_fwd, &y, &mut fails);
+        fastcheck::check_backward(
+            &cfg,
+            &h_bwd,
+            &dy,
+            &dx,
+            c.dbias.then_some(&dbias[..]),
+            &mut fails,
+        );
+        if let Err(m) = fails.result("Math::Fast") {
+            d.note(m);
+        }
+    } else {
+        d.bits("y", &y, &cy);
+        d.bits("dx", &dx, &cdx);
+        if c.dbias {
+            d.bits("dbias", &dbias, &cdb);
+        }
     }
-    if let (Some(b), true) = (&bias, n > 0) {
+    if let (Some(b), true, false) = (&bias, n > 0, c.key16) {
         let uh = r.vec::<T>("unfused_h", n)?;
         let uy = r.vec::<T>("unfused_y", n)?;
         let um = r.vec::<u8>("unfused_mask", n)?;

@@ -4,11 +4,14 @@
 //! the slot round (2048) and the row, views at any element, label smoothing, z-loss, any ignore
 //! index, out-of-range targets (the device flag; the CPU reference is given them as ignored),
 //! every reduction (none with and without a per-row upstream), and logits with `±inf`, NaNs and
-//! `±1e4` at every position class. `cross_entropy::cpu` (and `unfused::forward_backward_cpu`)
-//! must give the same bits.
+//! `±1e4` at every position class, in both math modes. `Math::Exact`: `cross_entropy::cpu` must
+//! give the same bits; `Math::Fast`: `fast_model` over the emulation's model of the
+//! special-function unit (`EmuSfu`) must (the bound against the exact reference is the module's
+//! own test; the GPU is held to the bound, not to these bits). The unfused baseline is exact in
+//! both: `unfused::forward_backward_cpu`.
 
-use fusedreg::cross_entropy::{cpu, unfused, Config, Reduction, TargetIndex};
-use fusedreg::{Dtype, DtypeKind};
+use fusedreg::cross_entropy::{cpu, fast_model, unfused, Config, Reduction, TargetIndex};
+use fusedreg::{Dtype, DtypeKind, Math};
 
 use crate::by_dtype;
 use crate::harness::*;
@@ -28,6 +31,7 @@ pub struct Case {
     alpha: f64,
     lambda: f64,
     ignore_index: i64,
+    math: Math,
     logits_off: u64,
     grad_off: u64,
     logits: Data<u32>,
@@ -40,7 +44,11 @@ impl Case {
         Config::new(self.rows, self.vocab)
             .and_then(|c| c.label_smoothing(self.alpha))
             .and_then(|c| c.z_loss(self.lambda))
-            .map(|c| c.ignore_index(self.ignore_index).reduction(self.reduction))
+            .map(|c| {
+                c.ignore_index(self.ignore_index)
+                    .reduction(self.reduction)
+                    .with_math(self.math)
+            })
             .expect("a valid config")
     }
 }
@@ -92,6 +100,7 @@ impl Stem for CrossEntropy {
             alpha: g.pick(&[0.0, 0.1, 1.0, 0.37]),
             lambda: g.pick(&[0.0, 1e-4, 0.01]),
             ignore_index,
+            math: g.pick(&[Math::Exact, Math::Fast]),
             logits_off: offset(g, 9),
             grad_off: offset(g, 9),
             logits,
@@ -118,6 +127,7 @@ impl Stem for CrossEntropy {
         w.f32("alpha", cfg.alpha());
         w.f32("lambda", cfg.lambda());
         w.u64("ignore_index", c.ignore_index as u64);
+        w.flag("fast", c.math == Math::Fast);
         w.view_bits("logits", c.dtype, &c.logits, c.logits_off);
         w.view("targets", &c.targets, 0);
         w.view(
@@ -173,8 +183,18 @@ where
     let logits: Vec<T> = typed(&c.logits);
     let up = c.upstream.as_ref().map(|u| &u[..]);
     let mut want_grad = vec![T::from_f32_rn(0.0); n];
-    let l = cpu::forward_backward(&cfg, &logits, &t, up, &mut want_grad)
-        .map_err(|e| format!("CPU: {e}"))?;
+    let l = match c.math {
+        Math::Exact => cpu::forward_backward(&cfg, &logits, &t, up, &mut want_grad),
+        Math::Fast => fast_model::forward_backward(
+            &cfg,
+            &logits,
+            &t,
+            up,
+            &mut want_grad,
+            &fast_model::EmuSfu,
+        ),
+    }
+    .map_err(|e| format!("CPU: {e}"))?;
     let mut d = Diffs::default();
     d.eq("flag", &[flag != 0], &[any_bad]);
     d.bits("loss rows", &loss_rows, &l.rows);

@@ -1,17 +1,28 @@
 // Fuzz driver of kernels/bias_act_dropout.cu (see fuzz.h; cases and checks in
 // tests/emu_fuzz/bias_act_dropout.rs): the forward (h_out optional), the backward from x or from
-// the saved h with the dbias partials and their finishing sum, with the geometry of
-// src/bias_act_dropout/gpu.rs (vector path exactly when it takes it); then the unfused baseline's
-// six kernels.
+// the saved h with the dbias partials and their finishing sum, with the geometry and the kernel
+// choice of src/bias_act_dropout/gpu.rs (vector path exactly when it takes it; per-body vector
+// kernels; Math::Exact or Fast; 32- or 16-bit keying); then the unfused baseline's six kernels.
 #include "fuzz.h"
 
 template <class T> struct K;
 #define KS(T, S)                                                               \
     template <> struct K<T> {                                                  \
-        static constexpr auto fv = bias_act_dropout_fwd_vec_##S;               \
-        static constexpr auto fs = bias_act_dropout_fwd_scalar_##S;            \
-        static constexpr auto bv = bias_act_dropout_bwd_vec_##S;               \
-        static constexpr auto bs = bias_act_dropout_bwd_scalar_##S;            \
+        /* gpu.rs families(): index [act][fast] (act: 0 GELU-erf, 1 GELU-tanh, 2 SiLU, 3 ReLU) */ \
+        static constexpr decltype(&bias_act_dropout_fwd_vec_##S) fv[4][2] = {                     \
+            {bias_act_dropout_fwd_vec_##S, bias_act_dropout_fwd_vec_gelu_erf_fast_##S},           \
+            {bias_act_dropout_fwd_vec_##S, bias_act_dropout_fwd_vec_gelu_tanh_fast_##S},          \
+            {bias_act_dropout_fwd_vec_##S, bias_act_dropout_fwd_vec_silu_fast_##S},               \
+            {bias_act_dropout_fwd_vec_relu_##S, bias_act_dropout_fwd_vec_relu_##S}};              \
+        static constexpr decltype(&bias_act_dropout_bwd_vec_##S) bv[4][2] = {                     \
+            {bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_gelu_erf_fast_##S},           \
+            {bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_gelu_tanh_fast_##S},          \
+            {bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_silu_fast_##S},               \
+            {bias_act_dropout_bwd_vec_relu_##S, bias_act_dropout_bwd_vec_relu_##S}};              \
+        static constexpr decltype(&bias_act_dropout_fwd_scalar_##S) fs[2] = {                     \
+            bias_act_dropout_fwd_scalar_##S, bias_act_dropout_fwd_scalar_fast_##S};               \
+        static constexpr decltype(&bias_act_dropout_bwd_scalar_##S) bs[2] = {                     \
+            bias_act_dropout_bwd_scalar_##S, bias_act_dropout_bwd_scalar_fast_##S};               \
         static constexpr auto db = bias_act_dropout_dbias_##S;                 \
         static constexpr auto ub = bias_act_dropout_unfused_bias_add_##S;      \
         static constexpr auto ua = bias_act_dropout_unfused_act_##S;           \
@@ -27,8 +38,8 @@ constexpr unsigned BX = 64, BY = 4;  // gpu.rs BLOCK_X, mod.rs LANES
 template <class T> static void run(In& in, Out& out) {
     const uint64_t rows = in.u64("rows"), cols = in.u64("cols"), slab = in.u64("slab_rows");
     const uint64_t seed = in.u64("seed"), call = in.u64("call"), threshold = in.u64("threshold");
-    const float scale = in.f32("scale");
-    const uint32_t act = (uint32_t)in.u64("act");
+    const float scale = in.f32("scale"), keep_frac = in.f32("keep_frac"), log2_scale = in.f32("log2_scale");
+    const uint32_t act = (uint32_t)in.u64("act"), math = (uint32_t)in.u64("math"), flags = (uint32_t)in.u64("flags");
     const bool from_h = in.flag("from_h"), want_dbias = in.flag("dbias");
     View<T> x = in_view<T>(in, "x"), b = in_view<T>(in, "bias"), dy = in_view<T>(in, "dy");  // bias empty: none
     const uint64_t y_off = in.u64("y_off"), h_off = in.u64("h_off"), dx_off = in.u64("dx_off");
@@ -47,8 +58,8 @@ template <class T> static void run(In& in, Out& out) {
     BiasActDropoutFwdParams p{};
     p.x = x.p; p.bias = b.n ? b.p : nullptr; p.y = y.p; p.h_out = h_out ? h.p : nullptr;
     p.rows = rows; p.cols = cols; p.slab_rows = slab; p.seed = seed; p.call = call; p.threshold = threshold;
-    p.scale = scale; p.act = act;
-    if (n) launch(fvec ? K<T>::fv : K<T>::fs, dim3{tiles_of(fvec), slabs, 1}, dim3{BX, BY, 1}, p);
+    p.scale = scale; p.keep_frac = keep_frac; p.log2_scale = log2_scale; p.act = act; p.math = math; p.flags = flags;
+    if (n) launch(fvec ? K<T>::fv[act][math] : K<T>::fs[math], dim3{tiles_of(fvec), slabs, 1}, dim3{BX, BY, 1}, p);
     put(out, "y", y);
     put(out, "h", h_out ? h : View<T>());
 
@@ -59,19 +70,20 @@ template <class T> static void run(In& in, Out& out) {
     q.dy = dy.p; q.x = from_h ? nullptr : x.p; q.bias = from_h || !b.n ? nullptr : b.p;
     q.h = from_h ? h.p : nullptr; q.dx = dx.p; q.partials = want_dbias ? part.data() : nullptr;
     q.rows = rows; q.cols = cols; q.slab_rows = slab; q.seed = seed; q.call = call;
-    q.threshold = threshold; q.scale = scale; q.act = act;
-    if (n) launch(bvec ? K<T>::bv : K<T>::bs, dim3{tiles_of(bvec), slabs, 1}, dim3{BX, BY, 1}, q);
+    q.threshold = threshold; q.scale = scale; q.act = act; q.math = math; q.flags = flags;
+    if (n) launch(bvec ? K<T>::bv[act][math] : K<T>::bs[math], dim3{tiles_of(bvec), slabs, 1}, dim3{BX, BY, 1}, q);
     put(out, "dx", dx);
     View<T> dbias(want_dbias ? cols : 0, 0, 0xCC);
     if (want_dbias && cols) {
         // No rows: gpu.rs finishes dbias from zero slabs.
-        BiasActDropoutDbiasParams d{part.data(), dbias.p, n ? slabs : 0, cols};
-        launch(K<T>::db, dim3{(unsigned)std::min<uint64_t>((cols + 63) / 64, 3), 1, 1}, dim3{64, 1, 1}, d);
+        drop::DbiasParams<T> d{n ? part.data() : nullptr, dbias.p, cols, n ? slabs : 0u};
+        launch(K<T>::db, dim3{(unsigned)std::min<uint64_t>((cols + 31) / 32, 3), 1, 1}, dim3{256, 1, 1}, d);
     }
     put(out, "dbias", dbias);
 
-    // The unfused baseline (needs a bias): grid-stride loops, any grid.
-    if (b.n && n) {
+    // The unfused baseline (needs a bias and 32-bit keying; always the exact arithmetic):
+    // grid-stride loops, any grid.
+    if (b.n && n && !(flags & drop::FLAG_KEY16)) {
         View<T> uh(n, 0, 1), ua(n, 0, 2), uy(n, 0, 3), ugg(n, 0, 4), udx(n, 0, 5), udb(cols, 0, 6);
         View<uint8_t> m(n, 0, 7);
         BiasActDropoutUnfusedParams u{};

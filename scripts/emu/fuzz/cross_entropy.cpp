@@ -1,7 +1,7 @@
 // Fuzz driver of kernels/cross_entropy.cu (see fuzz.h; cases and checks in
 // tests/emu_fuzz/cross_entropy.rs): the count kernel (mean), the fused loss-and-gradient kernel
-// (gradient none, separate or in place; vector path exactly when src/cross_entropy/gpu.rs takes
-// it), the loss sum over its chunk levels, then the unfused baseline on the same logits.
+// of either math mode (gradient none, separate or in place; vector path exactly when
+// src/cross_entropy/gpu.rs takes it), the loss sum over its chunk levels, then the unfused baseline on the same logits.
 #include <cstdint>
 // The count kernel's integer atomic (exact in any order).
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
@@ -13,6 +13,7 @@ template <class T, class TI> struct K;
 #define KS(T, S, TI, TS)                                                       \
     template <> struct K<T, TI> {                                              \
         static constexpr auto fused = cross_entropy_fused_##S##_##TS;          \
+        static constexpr auto fast = cross_entropy_fused_fast_##S##_##TS;      \
         static constexpr auto nll = cross_entropy_unfused_nll_##S##_##TS;      \
         static constexpr auto bwd = cross_entropy_unfused_backward_##S##_##TS; \
         static constexpr auto lsm = cross_entropy_unfused_log_softmax_##S;     \
@@ -42,6 +43,7 @@ template <class T, class TI> static void run(In& in, Out& out) {
     const int grad_mode = (int)in.u64("grad"), red = (int)in.u64("reduction");
     const float alpha = in.f32("alpha"), lambda = in.f32("lambda");
     const int64_t ignore = (int64_t)in.u64("ignore_index");
+    const bool fast = in.flag("fast");
     View<T> x = in_view<T>(in, "logits");
     const View<T> x0 = x;  // the unfused baseline's input (the fused kernel may write over x)
     View<int64_t> t64 = in_view<int64_t>(in, "targets");
@@ -75,7 +77,7 @@ template <class T, class TI> static void run(In& in, Out& out) {
     const bool vec = p.logits % 16 == 0 && (grad_mode == 0 || p.grad % 16 == 0) && (vocab * sizeof(T)) % 16 == 0;
     p.flags = (grad_mode ? FLAG_GRAD : 0u) | (vec ? FLAG_VEC : 0u) | (red == 2 ? FLAG_MEAN : 0u) |
               (red == 0 && up.n ? FLAG_UPSTREAM : 0u);
-    if (rows) launch(K<T, TI>::fused, dim3{(unsigned)grid, 1, 1}, dim3{SLOTS, 1, 1}, p);
+    if (rows) launch(fast ? K<T, TI>::fast : K<T, TI>::fused, dim3{(unsigned)grid, 1, 1}, dim3{SLOTS, 1, 1}, p);
     const float reduced = red && rows ? reduce(loss_rows.data(), rows, &nv, red == 2) : 0.f;
     put(out, "loss_rows", loss_rows);
     out.f32("reduced", reduced);
