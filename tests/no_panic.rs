@@ -432,7 +432,18 @@ fn global_norm_adamw_and_state() {
         let refs: Vec<&[bf16]> = grads.iter().map(|v| &v[..]).collect();
         let norm = global_norm::cpu::global_norm(&refs, max_norm, loss_scale);
         let _ = global_norm::cpu::finalize(g.f64(), max_norm, loss_scale);
-        let lens: Vec<u64> = g.vec_with(|g| g.0.random_range(0..4), |g| g.u64() >> g.0.random_range(0..64));
+        // Tensor lengths: small, at the chunk boundary, or past what a set holds (an error).
+        // Not the lengths in between: a legal layout of up to MAX_CHUNKS chunks allocates its
+        // 8-byte-per-chunk table (16 GiB at the limit), which is the caller's request.
+        let lens: Vec<u64> = g.vec_with(
+            |g| g.0.random_range(0..4),
+            |g| match g.0.random_range(0..4) {
+                0 => g.0.random_range(0..1 << 20),
+                1 => multi_tensor::CHUNK + g.0.random_range(0..3) - 1,
+                2 => multi_tensor::MAX_CHUNKS * multi_tensor::CHUNK + 1,
+                _ => u64::MAX >> g.0.random_range(0..2),
+            },
+        );
         let _ = multi_tensor::Layout::new(a!(args, &lens));
 
         let _ = adamw::check_lr(lr);

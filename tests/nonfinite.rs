@@ -175,7 +175,10 @@ fn bias_act_rule<T: Dtype>() {
                 // act'(±inf) = 1 / 0 and act'(NaN) = NaN (ReLU included): dx from dy = 1.
                 let dy = vec![T::from_f32_rn(1.0); n];
                 let mut dx = vec![zero; n];
-                let pre = bad::Preact::X { x: &x, bias: None };
+                let pre = bad::Preact::X {
+                    x: &x[..],
+                    bias: None,
+                };
                 bad::cpu::backward(&cfg, &dy, pre, &mut dx, None).unwrap();
                 let got = dx[i].to_f32();
                 if !kept {

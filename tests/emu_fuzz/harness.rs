@@ -149,10 +149,6 @@ pub fn value<T: Dtype>(g: &mut Rng, scale: f32, sp: Specials) -> T {
     T::from_f32_rn(g.f32_in(-scale, scale))
 }
 
-pub fn values<T: Dtype>(g: &mut Rng, n: usize, scale: f32, sp: Specials) -> Vec<T> {
-    (0..n).map(|_| value(g, scale, sp)).collect()
-}
-
 /// Input data in a case: prints as its length only.
 #[derive(Clone)]
 pub struct Data<T>(pub Vec<T>);
@@ -195,9 +191,6 @@ impl Writer {
         self.u64(name, u64::from(v));
     }
     pub fn f32(&mut self, name: &str, v: f32) {
-        self.item(name, &v.to_le_bytes());
-    }
-    pub fn f64(&mut self, name: &str, v: f64) {
         self.item(name, &v.to_le_bytes());
     }
     /// An array the driver places at element `off` of an aligned allocation.
@@ -274,12 +267,6 @@ impl<'a> Reader<'a> {
         let p = self.item(name)?;
         p.try_into()
             .map(f32::from_le_bytes)
-            .map_err(|_| format!("'{name}' has {} bytes", p.len()))
-    }
-    pub fn f64(&mut self, name: &str) -> Result<f64, String> {
-        let p = self.item(name)?;
-        p.try_into()
-            .map(f64::from_le_bytes)
             .map_err(|_| format!("'{name}' has {} bytes", p.len()))
     }
     /// An array of exactly `n` elements.
