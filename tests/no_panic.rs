@@ -177,7 +177,10 @@ fn dropping_keying_and_helpers() {
         a!(args, (p, seed, call, i, rows, cols, n));
         if let Ok(r) = dropping::DropRate::new(p) {
             let _ = (r.threshold(), r.scale(), r.keeps(i as u32));
-            for res in [dropping::MaskResolution::Bits32, dropping::MaskResolution::Bits16] {
+            for res in [
+                dropping::MaskResolution::Bits32,
+                dropping::MaskResolution::Bits16,
+            ] {
                 let _ = (r.threshold_at(res), r.effective_p_at(res));
             }
         }
@@ -206,7 +209,9 @@ fn dropping_keying_and_helpers() {
         .flatten()
         {
             let _ = cfg.keeps(i);
-            let _ = cfg.with_resolution(dropping::MaskResolution::Bits16).keeps(i);
+            let _ = cfg
+                .with_resolution(dropping::MaskResolution::Bits16)
+                .keeps(i);
         }
         let _ = philox::mask_word(seed, call, i);
         let _ = philox::block(seed, call, i);
@@ -216,7 +221,11 @@ fn dropping_keying_and_helpers() {
 #[test]
 fn dropout_and_dropout_residual_cpu() {
     drive("dropout", |g, args| {
-        let (rows, cols) = if g.bool() { (g.small(), g.small()) } else { (g.size(), g.size()) };
+        let (rows, cols) = if g.bool() {
+            (g.small(), g.small())
+        } else {
+            (g.size(), g.size())
+        };
         let (p, seed, call) = (g.f64(), g.u64(), g.u64());
         a!(args, (rows, cols, p));
         let Ok(mut cfg) = dropping::Config::new(rows, cols, p, seed, call) else {
@@ -286,8 +295,17 @@ fn bias_act_dropout_cpu() {
     drive("bias_act_dropout", |g, args| {
         let act = acts[g.0.random_range(0..4)];
         let h = g.f32();
-        let _ = (act.forward(h), act.grad(h), act.forward_f64(h.into()), act.grad_f64(h.into()));
-        let (rows, cols) = if g.bool() { (g.small(), g.small()) } else { (g.size(), g.size()) };
+        let _ = (
+            act.forward(h),
+            act.grad(h),
+            act.forward_f64(h.into()),
+            act.grad_f64(h.into()),
+        );
+        let (rows, cols) = if g.bool() {
+            (g.small(), g.small())
+        } else {
+            (g.size(), g.size())
+        };
         let (p, seed, call) = (g.f64(), g.u64(), g.u64());
         a!(args, (rows, cols, act, p));
         let Ok(mut cfg) = bad::Config::new(rows, cols, act, p, seed, call) else {
@@ -306,7 +324,10 @@ fn bias_act_dropout_cpu() {
         let dy = g.f32s_for(n);
         let mut dx = g.f32s_for(n);
         let mut db = g.f32s_for(cols);
-        a!(args, (x.len(), bias.len(), y.len(), h.len(), dx.len(), db.len()));
+        a!(
+            args,
+            (x.len(), bias.len(), y.len(), h.len(), dx.len(), db.len())
+        );
         let b = g.bool().then_some(&bias[..]);
         let _ = bad::cpu::forward(&cfg, &x, b, &mut y, g.bool().then_some(&mut h[..]));
         let pre = if g.bool() {
@@ -330,8 +351,16 @@ fn bias_act_dropout_cpu() {
 fn dropout_add_norm_cpu() {
     drive("dropout_add_norm", |g, args| {
         let _ = dan::layer_norm_scaling(a!(args, g.size()));
-        let (rows, cols) = if g.bool() { (g.small(), g.small()) } else { (g.size(), g.size()) };
-        let norm = if g.bool() { dan::Norm::LayerNorm } else { dan::Norm::RmsNorm };
+        let (rows, cols) = if g.bool() {
+            (g.small(), g.small())
+        } else {
+            (g.size(), g.size())
+        };
+        let norm = if g.bool() {
+            dan::Norm::LayerNorm
+        } else {
+            dan::Norm::RmsNorm
+        };
         let eps = g.f32();
         a!(args, (rows, cols, norm, eps));
         let Ok(mut cfg) = dan::Config::new(rows, cols, norm, eps) else {
@@ -381,7 +410,11 @@ fn dropout_add_norm_cpu() {
 #[test]
 fn cross_entropy_cpu() {
     drive("cross_entropy", |g, args| {
-        let (rows, vocab) = if g.bool() { (g.small(), g.small()) } else { (g.size(), g.size()) };
+        let (rows, vocab) = if g.bool() {
+            (g.small(), g.small())
+        } else {
+            (g.size(), g.size())
+        };
         let (alpha, lambda, ignore) = (g.f64(), g.f64(), g.u64() as i64);
         a!(args, (rows, vocab, alpha, lambda, ignore));
         let Ok(mut cfg) = xe::Config::new(rows, vocab) else {
@@ -400,10 +433,13 @@ fn cross_entropy_cpu() {
             .with_math(if g.bool() { Math::Fast } else { Math::Exact });
         let n = rows.saturating_mul(vocab);
         let logits = g.halfs_for(n);
-        let targets: Vec<i64> = g.vec_with(|g| g.len(rows), |g| match g.0.random_range(0..3) {
-            0 => g.u64() as i64,
-            _ => g.0.random_range(-2..(vocab.min(1000) as i64 + 2)),
-        });
+        let targets: Vec<i64> = g.vec_with(
+            |g| g.len(rows),
+            |g| match g.0.random_range(0..3) {
+                0 => g.u64() as i64,
+                _ => g.0.random_range(-2..(vocab.min(1000) as i64 + 2)),
+            },
+        );
         let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
         let up = g.f32s_for(rows);
         let upo = g.bool().then_some(&up[..]);
@@ -427,8 +463,10 @@ fn global_norm_adamw_and_state() {
         a!(args, (max_norm, loss_scale, lr));
         let _ = global_norm::check_max_norm(max_norm);
         let _ = global_norm::check_loss_scale(loss_scale);
-        let grads: Vec<Vec<bf16>> =
-            g.vec_with(|g| g.0.random_range(0..4), |g| g.vec_with(|g| g.small(), |g| bf16::from_f32(g.f32())));
+        let grads: Vec<Vec<bf16>> = g.vec_with(
+            |g| g.0.random_range(0..4),
+            |g| g.vec_with(|g| g.small(), |g| bf16::from_f32(g.f32())),
+        );
         let refs: Vec<&[bf16]> = grads.iter().map(|v| &v[..]).collect();
         let norm = global_norm::cpu::global_norm(&refs, max_norm, loss_scale);
         let _ = global_norm::cpu::finalize(g.f64(), max_norm, loss_scale);
@@ -498,7 +536,13 @@ fn global_norm_adamw_and_state() {
 fn stochastic_depth_and_fmath() {
     drive("stochastic_depth", |g, args| {
         let x = g.f32();
-        let _ = (fmath::exp(x), fmath::ln(x), fmath::erf(x), fmath::tanh(x), fmath::sigmoid(x));
+        let _ = (
+            fmath::exp(x),
+            fmath::ln(x),
+            fmath::erf(x),
+            fmath::tanh(x),
+            fmath::sigmoid(x),
+        );
         let schedule = match g.0.random_range(0..4) {
             0 => sd::Schedule::linear(g.f64()),
             1 => sd::Schedule::Linspace { rate: g.f64() },
@@ -508,11 +552,20 @@ fn stochastic_depth_and_fmath() {
         let blocks = g.size();
         a!(args, (&schedule, blocks));
         let _ = schedule.probabilities(blocks);
-        let mode = if g.bool() { sd::Mode::Batch } else { sd::Mode::Row };
+        let mode = if g.bool() {
+            sd::Mode::Batch
+        } else {
+            sd::Mode::Row
+        };
         if let Ok(s) = sd::StochasticDepth::new(schedule, blocks, g.u64(), mode) {
             let plan = s.plan(g.u64());
             let b = a!(args, g.size());
-            let _ = (plan.runs(b), plan.residual_scale(b), plan.block(b), plan.running());
+            let _ = (
+                plan.runs(b),
+                plan.residual_scale(b),
+                plan.block(b),
+                plan.running(),
+            );
             let owners: Vec<Option<usize>> =
                 g.vec_with(|g| g.small(), |g| g.bool().then(|| g.size()));
             let _ = plan.skip_flags(&owners);

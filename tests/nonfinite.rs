@@ -97,7 +97,11 @@ fn dropout_rule<T: Dtype>() {
             dropout::cpu::forward(&cfg, &x, &mut y, opts).unwrap();
             let kept = mask_bit(&mask, i).unwrap();
             if kept {
-                assert!(is_special(y[i].to_f32(), v), "{what}: kept y = {}", y[i].to_f32());
+                assert!(
+                    is_special(y[i].to_f32(), v),
+                    "{what}: kept y = {}",
+                    y[i].to_f32()
+                );
             } else {
                 assert_eq!(bits(y[i]), 0, "{what}: dropped y must be +0");
             }
@@ -165,7 +169,11 @@ fn bias_act_rule<T: Dtype>() {
                     assert_eq!(bits(y[i]), 0, "{what}: dropped y must be +0");
                 } else if v == f32::NEG_INFINITY {
                     // The saturated limit: -0 for GELU and SiLU, +0 for ReLU.
-                    let want = if act == bad::Activation::Relu { 0.0f32 } else { -0.0 };
+                    let want = if act == bad::Activation::Relu {
+                        0.0f32
+                    } else {
+                        -0.0
+                    };
                     assert_eq!(got.to_bits(), want.to_bits(), "{what}: act(-inf)");
                 } else {
                     assert!(is_special(got, v), "{what}: y = {got}");
@@ -209,7 +217,10 @@ fn norm_rule<T: Dtype>() {
                 .unwrap();
             let kept = cfg.keeps(i as u64);
             for (v, in_residual) in SPECIALS.iter().flat_map(|&v| [(v, false), (v, true)]) {
-                let what = format!("{:?} {norm:?} cols {cols} at {i} = {v} (residual {in_residual})", T::KIND);
+                let what = format!(
+                    "{:?} {norm:?} cols {cols} at {i} = {v} (residual {in_residual})",
+                    T::KIND
+                );
                 let (x, r) = if in_residual {
                     (data::<T>(n, 1), planted::<T>(n, 2, i, v))
                 } else {

@@ -185,14 +185,9 @@ where
     let mut want_grad = vec![T::from_f32_rn(0.0); n];
     let l = match c.math {
         Math::Exact => cpu::forward_backward(&cfg, &logits, &t, up, &mut want_grad),
-        Math::Fast => fast_model::forward_backward(
-            &cfg,
-            &logits,
-            &t,
-            up,
-            &mut want_grad,
-            &fast_model::EmuSfu,
-        ),
+        Math::Fast => {
+            fast_model::forward_backward(&cfg, &logits, &t, up, &mut want_grad, &fast_model::EmuSfu)
+        }
     }
     .map_err(|e| format!("CPU: {e}"))?;
     let mut d = Diffs::default();
