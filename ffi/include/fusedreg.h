@@ -136,7 +136,7 @@ typedef struct {
   uint64_t seed;
   // Call id of the mask (a different id gives an independent mask).
   uint64_t call;
-  // Keying resolution in bits: 32 (default) or 16 (plain dropout only).
+  // Keying resolution in bits: 32 (default) or 16 (dropout, with or without a residual).
   uint32_t mask_bits;
   // `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
   uint32_t math;

@@ -51,7 +51,7 @@ pub struct FrOptions {
     pub seed: u64,
     /// Call id of the mask (a different id gives an independent mask).
     pub call: u64,
-    /// Keying resolution in bits: 32 (default) or 16 (plain dropout only).
+    /// Keying resolution in bits: 32 (default) or 16 (dropout, with or without a residual).
     pub mask_bits: u32,
     /// `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
     pub math: u32,
