@@ -20,8 +20,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use fusedreg::half::{bf16, f16};
 use fusedreg::{
     adamw, bias_act_dropout as bad, cross_entropy as xe, dropout, dropout_add_norm as dan,
-    dropout_residual, dropping, fmath, global_norm, multi_tensor, philox, stochastic_depth as sd,
-    DtypeKind, Math,
+    dropping, fmath, global_norm, multi_tensor, philox, stochastic_depth as sd, DtypeKind, Math,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -219,7 +218,7 @@ fn dropping_keying_and_helpers() {
 }
 
 #[test]
-fn dropout_and_dropout_residual_cpu() {
+fn dropout_cpu() {
     drive("dropout", |g, args| {
         let (rows, cols) = if g.bool() {
             (g.small(), g.small())
@@ -251,13 +250,22 @@ fn dropout_and_dropout_residual_cpu() {
         a!(args, (lx, ly, lb, mask.len()));
         let opts = dropout::cpu::ForwardOptions {
             bias: g.bool().then_some(&bias[..]),
+            residual: g.bool().then_some(&r[..]),
             rowscale: g.bool().then_some(&rowscale[..]),
             mask_out: g.bool().then_some(&mut mask[..]),
             rowscale_out: g.bool().then_some(&mut rs_out[..]),
         };
         let _ = dropout::cpu::forward(&cfg, &x, &mut y, opts);
-        let _ = dropout_residual::cpu::forward(&cfg, &x, &r, &mut y, Default::default());
-        let _ = dropout_residual::cpu::forward_inplace(&cfg, &x, &mut y, Default::default());
+        let with_r = dropout::cpu::ForwardOptions {
+            residual: Some(&r[..]),
+            ..Default::default()
+        };
+        let _ = dropout::cpu::forward(&cfg, &x, &mut y, with_r);
+        let with_r = dropout::cpu::ForwardOptions {
+            residual: g.bool().then_some(&r[..]),
+            ..Default::default()
+        };
+        let _ = dropout::cpu::forward_inplace(&cfg, &x, &mut y, with_r);
         let mut db = g.halfs_for(cols);
         let opts = dropout::cpu::BackwardOptions {
             rowscale: g.bool().then_some(&rowscale[..]),
@@ -266,20 +274,16 @@ fn dropout_and_dropout_residual_cpu() {
         };
         let mut dx = g.halfs_for(n);
         let _ = dropout::cpu::backward(&cfg, &x, &mut dx, opts);
-        let _ = dropout_residual::cpu::backward(&cfg, &x, &mut dx, Default::default());
         let mut bytes = vec![0u8; g.len(n)];
-        let _ = dropout::unfused::forward_cpu(&cfg, &x, None, &mut y, &mut bytes);
+        let ro = g.bool().then_some(&r[..]);
+        let _ = dropout::unfused::forward_cpu(&cfg, &x, None, ro, &mut y, &mut bytes);
         let _ = dropout::unfused::backward_cpu(&cfg, &x, &bytes, &mut dx, Some(&mut db));
         let (dt, n64) = (g.dtype(), g.u64());
         for b in [false, true] {
-            let _ = dropout::fused_forward_bytes(dt, n64, b);
+            let _ = dropout::fused_forward_bytes(dt, n64, b, !b);
             let _ = dropout::fused_backward_bytes(dt, n64, b);
-            let _ = dropout::unfused_forward_bytes(dt, n64, b);
+            let _ = dropout::unfused_forward_bytes(dt, n64, b, !b);
             let _ = dropout::unfused_backward_bytes(dt, n64, b);
-            let _ = dropout_residual::fused_forward_bytes(dt, n64, b);
-            let _ = dropout_residual::fused_backward_bytes(dt, n64, b);
-            let _ = dropout_residual::unfused_forward_bytes(dt, n64, b);
-            let _ = dropout_residual::unfused_backward_bytes(dt, n64, b);
         }
     });
 }

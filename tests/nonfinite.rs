@@ -7,7 +7,7 @@
 
 use fusedreg::dropping::{mask_bit, mask_words, Config as DropConfig};
 use fusedreg::half::{bf16, f16};
-use fusedreg::{bias_act_dropout as bad, dropout, dropout_add_norm as dan, dropout_residual};
+use fusedreg::{bias_act_dropout as bad, dropout, dropout_add_norm as dan};
 use fusedreg::{global_norm, Dtype};
 
 const SPECIALS: [f32; 3] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
@@ -125,19 +125,24 @@ fn dropout_rule<T: Dtype>() {
             }
             finite_except(&what, &dx, &[i]);
 
-            // dropout_residual: a dropped x leaves the residual's bits; a special residual
+            // With a residual: a dropped x leaves the residual's bits; a special residual
             // shows whatever the keep bit.
+            fn with<T>(r: &[T]) -> dropout::cpu::ForwardOptions<'_, T> {
+                dropout::cpu::ForwardOptions {
+                    residual: Some(r),
+                    ..Default::default()
+                }
+            }
             let r = data::<T>(n, 3);
             let mut yr = vec![zero; n];
-            dropout_residual::cpu::forward(&cfg, &x, &r, &mut yr, Default::default()).unwrap();
+            dropout::cpu::forward(&cfg, &x, &mut yr, with(&r)).unwrap();
             if kept {
                 assert!(is_special(yr[i].to_f32(), v), "{what}: residual kept");
             } else {
                 assert_eq!(bits(yr[i]), bits(r[i]), "{what}: dropped y = residual");
             }
             let r = planted::<T>(n, 3, i, v);
-            dropout_residual::cpu::forward(&cfg, &data::<T>(n, 1), &r, &mut yr, Default::default())
-                .unwrap();
+            dropout::cpu::forward(&cfg, &data::<T>(n, 1), &mut yr, with(&r)).unwrap();
             assert!(is_special(yr[i].to_f32(), v), "{what}: special residual");
             finite_except(&what, &yr, &[i]);
         }
@@ -290,7 +295,7 @@ macro_rules! every_dtype {
 }
 
 every_dtype! {
-    dropout_and_dropout_residual => dropout_rule,
+    dropout_with_and_without_residual => dropout_rule,
     bias_act_dropout => bias_act_rule,
     dropout_add_norm => norm_rule,
     global_norm_flag => global_norm_rule,

@@ -1,21 +1,19 @@
-//! `kernels/dropout.cu` and `kernels/dropout_residual.cu`: the forward (bias, residual or in
-//! place, a row scale given or a drop path per row or per sample, the 1-bit mask, the generated
+//! `kernels/dropout.cu`: the forward (bias; a residual, separate or in place, or none; a row scale given or a drop path per row or per sample, the 1-bit mask, the generated
 //! row scale, 32- or 16-bit keying), the backward regenerated and from the mask with dbias, and
 //! the unfused baseline's byte-mask dropout and masked scale, for every dtype, shapes around the
 //! vector width, the mask word, the column tile, the row slabs and the flat width, views at any
 //! element, p from 0 to 1, any launch tuning (block, grid cap, unroll, forced scalar path, slab
 //! rows, flat width: the bits must not depend on it), and data with `±inf` and NaNs at every
-//! position class. `dropout::cpu`, `dropout_residual::cpu` and `dropout::unfused::{forward_cpu,
-//! backward_cpu}` must give the same bits.
+//! position class. `dropout::cpu` and `dropout::unfused::{forward_cpu, backward_cpu}` must give
+//! the same bits. (The residual form was `kernels/dropout_residual.cu` until the two merged.)
 
 use fusedreg::dropping::{mask_words, slab_rows, Config, DropPath, MaskResolution};
-use fusedreg::{dropout, dropout_residual, Dtype, DtypeKind};
+use fusedreg::{dropout, Dtype, DtypeKind};
 
 use crate::by_dtype;
 use crate::harness::*;
 
 pub struct Dropout;
-pub struct DropoutResidual;
 
 #[derive(Debug)]
 pub struct Tuning {
@@ -40,6 +38,7 @@ pub struct Case {
     mask_out: bool,
     rowscale_out: bool,
     dbias: bool,
+    residual_form: bool,
     in_place: bool,
     tuning: Tuning,
     offs: [u64; 6],
@@ -68,7 +67,8 @@ impl Case {
     }
 }
 
-fn generate(g: &mut Rng, residual: bool) -> Case {
+fn generate(g: &mut Rng) -> Case {
+    let residual = g.bool();
     let dtype = g.pick(&DTYPES);
     let vw = 16 / dtype.size();
     let rows_first = g.chance(1, 4);
@@ -106,11 +106,12 @@ fn generate(g: &mut Rng, residual: bool) -> Case {
         p: g.pick(&[0.0, 1.0, 0.1, 0.5, 1e-9, 1.0 - 1e-9]),
         seed: g.u64(),
         call: g.u64(),
-        key16: !residual && g.chance(1, 3),
+        key16: g.chance(1, 3),
         mask_out: g.chance(2, 3),
         rowscale_out: path.is_some() && g.bool(),
         path,
         dbias,
+        residual_form: residual,
         in_place: residual && g.chance(1, 3),
         tuning: Tuning {
             block: if dbias {
@@ -143,7 +144,7 @@ fn generate(g: &mut Rng, residual: bool) -> Case {
     }
 }
 
-fn write(c: &Case, w: &mut Writer, residual: bool) {
+fn write(c: &Case, w: &mut Writer) {
     let cfg = c.config();
     let opt = |d: &Option<Data<u32>>| d.as_ref().map_or(&[][..], |v| &v[..]).to_vec();
     w.u64("dtype", dtype_code(c.dtype));
@@ -174,10 +175,9 @@ fn write(c: &Case, w: &mut Writer, residual: bool) {
     w.view_bits("x", c.dtype, &c.x, c.offs[0]);
     w.view_bits("bias", c.dtype, &opt(&c.bias), c.offs[1]);
     w.view_bits("dy", c.dtype, &c.dy, c.offs[2]);
-    if residual {
-        w.view_bits("residual", c.dtype, &c.residual, c.offs[3]);
-        w.flag("in_place", c.in_place);
-    }
+    w.view_bits("residual", c.dtype, &c.residual, c.offs[3]);
+    w.flag("has_residual", c.residual_form);
+    w.flag("in_place", c.in_place);
     w.view(
         "rowscale",
         c.rowscale.as_ref().map_or(&[][..], |v| &v[..]),
@@ -190,7 +190,7 @@ fn write(c: &Case, w: &mut Writer, residual: bool) {
     w.u64("dx_off", c.offs[5]);
 }
 
-fn check<T: Dtype>(c: &Case, r: &mut Reader, residual: bool) -> Result<(), String> {
+fn check<T: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
     let cfg = c.config();
     let (rows, cols, n) = (c.rows, c.cols, c.rows * c.cols);
     let e = |e: fusedreg::Error| format!("CPU: {e}");
@@ -202,21 +202,21 @@ fn check<T: Dtype>(c: &Case, r: &mut Reader, residual: bool) -> Result<(), Strin
 
     let mut y = vec![zero; n];
     let mut mask = vec![0u32; words];
-    let mut rs_out = vec![0f32; rows];
+    // The driver's fill (-7): an empty tensor writes nothing on either side.
+    let mut rs_out = vec![-7f32; rows];
+    let res: Vec<T> = typed(&c.residual);
     let opts = dropout::cpu::ForwardOptions {
         bias: bias.as_deref(),
+        residual: (c.residual_form && !c.in_place).then_some(&res[..]),
         rowscale,
         mask_out: c.mask_out.then_some(&mut mask[..]),
         rowscale_out: c.rowscale_out.then_some(&mut rs_out[..]),
     };
-    if !residual {
-        dropout::cpu::forward(&cfg, &x, &mut y, opts).map_err(e)?;
-    } else if c.in_place {
-        y = typed(&c.residual);
-        dropout_residual::cpu::forward_inplace(&cfg, &x, &mut y, opts).map_err(e)?;
+    if c.in_place {
+        y = res.clone();
+        dropout::cpu::forward_inplace(&cfg, &x, &mut y, opts).map_err(e)?;
     } else {
-        dropout_residual::cpu::forward(&cfg, &x, &typed::<T>(&c.residual), &mut y, opts)
-            .map_err(e)?;
+        dropout::cpu::forward(&cfg, &x, &mut y, opts).map_err(e)?;
     }
     let mut d = Diffs::default();
     d.bits("y", &r.vec::<T>("y", n)?, &y);
@@ -242,11 +242,7 @@ fn check<T: Dtype>(c: &Case, r: &mut Reader, residual: bool) -> Result<(), Strin
             mask: from_mask.then_some(&mask[..]),
             dbias: c.dbias.then_some(&mut db[..]),
         };
-        if residual {
-            dropout_residual::cpu::backward(&cfg, &dy, &mut dx, opts).map_err(e)?;
-        } else {
-            dropout::cpu::backward(&cfg, &dy, &mut dx, opts).map_err(e)?;
-        }
+        dropout::cpu::backward(&cfg, &dy, &mut dx, opts).map_err(e)?;
         let what = if from_mask { " (from the mask)" } else { "" };
         d.bits(&format!("dx{what}"), &r.vec::<T>("dx", n)?, &dx);
         let nb = if c.dbias { cols } else { 0 };
@@ -260,7 +256,8 @@ fn check<T: Dtype>(c: &Case, r: &mut Reader, residual: bool) -> Result<(), Strin
     if n > 0 && c.rowscale.is_none() && c.path.is_none() && !c.key16 && c.bias.is_none() {
         let plain = Config::new(rows, cols, c.p, c.seed, c.call).map_err(e)?;
         let (mut uy, mut um, mut udx) = (vec![zero; n], vec![0u8; n], vec![zero; n]);
-        dropout::unfused::forward_cpu(&plain, &x, None, &mut uy, &mut um).map_err(e)?;
+        let ur = c.residual_form.then_some(&res[..]);
+        dropout::unfused::forward_cpu(&plain, &x, None, ur, &mut uy, &mut um).map_err(e)?;
         dropout::unfused::backward_cpu(&plain, &dy, &um, &mut udx, None).map_err(e)?;
         d.bits("unfused y", &r.vec::<T>("unfused_y", n)?, &uy);
         d.eq("unfused mask", &r.vec::<u8>("unfused_mask", n)?, &um);
@@ -271,30 +268,15 @@ fn check<T: Dtype>(c: &Case, r: &mut Reader, residual: bool) -> Result<(), Strin
 
 impl Stem for Dropout {
     const NAME: &'static str = "dropout";
-    const CASES: usize = 60;
+    const CASES: usize = 120;
     type Case = Case;
     fn generate(g: &mut Rng) -> Case {
-        generate(g, false)
+        generate(g)
     }
     fn write(c: &Case, w: &mut Writer) {
-        write(c, w, false)
+        write(c, w)
     }
     fn check(c: &Case, r: &mut Reader) -> Result<(), String> {
-        by_dtype!(c.dtype, T => check::<T>(c, r, false))
-    }
-}
-
-impl Stem for DropoutResidual {
-    const NAME: &'static str = "dropout_residual";
-    const CASES: usize = 60;
-    type Case = Case;
-    fn generate(g: &mut Rng) -> Case {
-        generate(g, true)
-    }
-    fn write(c: &Case, w: &mut Writer) {
-        write(c, w, true)
-    }
-    fn check(c: &Case, r: &mut Reader) -> Result<(), String> {
-        by_dtype!(c.dtype, T => check::<T>(c, r, true))
+        by_dtype!(c.dtype, T => check::<T>(c, r))
     }
 }

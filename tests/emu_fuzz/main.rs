@@ -56,5 +56,4 @@ stems! {
     bias_act_dropout => bias_act_dropout::BiasActDropout,
     dropout_add_norm => dropout_add_norm::DropoutAddNorm,
     dropout => dropping::Dropout,
-    dropout_residual => dropping::DropoutResidual,
 }

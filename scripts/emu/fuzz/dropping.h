@@ -1,4 +1,4 @@
-// What the fuzz drivers of the dropping ops share (dropout.cpp, dropout_residual.cpp): the launch
+// What the fuzz drivers of the dropping ops share (dropout.cpp): the launch
 // plan of src/dropping/gpu.rs (segments, geometry, slabs) for a given LaunchTuning, the shared
 // backward (dropout_bwd + dbias_finish) as src/dropping/gpu.rs launch_backward runs it, and the
 // unfused baseline's byte-mask dropout and masked scale. Include after fuzz.h.
@@ -124,11 +124,12 @@ void run_backward(const BwdKernels<T>& k, const Tuning& t, const Keys& keys, uin
     }
 }
 
-// The unfused baseline's byte-mask dropout of `t` and masked scale of `dy` (flat launches, vector
-// path when gpu.rs takes it), written to `out`.
+// The unfused baseline's byte-mask dropout of `t` (then the residual add when `r`) and masked
+// scale of `dy` (flat launches, vector path when gpu.rs takes it), written to `out`.
 template <class T>
 void run_unfused(void (*dk)(drop::UnfusedDropoutParams<T>), void (*mk)(drop::UnfusedMaskedScaleParams<T>),
-                 const Keys& keys, const View<T>& t, const View<T>& dy, Out& out) {
+                 void (*ak)(dropout::UnfusedAddParams<T>), const Keys& keys, const View<T>& t, const View<T>* r,
+                 const View<T>& dy, Out& out) {
     const uint64_t n = t.n, vec = 16 / sizeof(T);
     View<T> d(n, 0, 0xAB), dx(n, 0, 0xBA);
     View<uint8_t> m(n, 0, 0x5A);
@@ -137,6 +138,14 @@ void run_unfused(void (*dk)(drop::UnfusedDropoutParams<T>), void (*mk)(drop::Unf
     u.threshold = keys.threshold; u.scale = keys.scale;
     u.vec = t.aligned16() && d.aligned16() && (uintptr_t)m.p % vec == 0;
     launch(dk, dim3{2, 1, 1}, dim3{64, 1, 1}, u);
+    if (r) {
+        View<T> sum(n, 0, 0xAC);
+        dropout::UnfusedAddParams<T> a{};
+        a.a = d.p; a.b = r->p; a.out = sum.p; a.n = n;
+        a.vec = d.aligned16() && r->aligned16() && sum.aligned16();
+        launch(ak, dim3{2, 1, 1}, dim3{64, 1, 1}, a);
+        memcpy(d.p, sum.p, d.bytes());
+    }
     drop::UnfusedMaskedScaleParams<T> s{};
     s.dy = dy.p; s.mask = m.p; s.dx = dx.p; s.n = n; s.scale = keys.scale;
     s.vec = dy.aligned16() && dx.aligned16() && (uintptr_t)m.p % vec == 0;
