@@ -215,7 +215,10 @@ mod tests {
     #[test]
     fn math_codes_map_to_the_library_modes() {
         assert_eq!(with(FR_MATH_DEFAULT, 32).math("op").unwrap(), None);
-        assert_eq!(with(FR_MATH_EXACT, 32).math("op").unwrap(), Some(Math::Exact));
+        assert_eq!(
+            with(FR_MATH_EXACT, 32).math("op").unwrap(),
+            Some(Math::Exact)
+        );
         assert_eq!(with(FR_MATH_FAST, 32).math("op").unwrap(), Some(Math::Fast));
         let e = with(3, 32).math("op").unwrap_err().message;
         assert!(e.contains("math = 3") && e.contains("FR_MATH_FAST"), "{e}");

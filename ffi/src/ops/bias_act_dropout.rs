@@ -228,14 +228,28 @@ mod tests {
     #[test]
     fn math_and_resolution_reach_the_config() {
         // The default is the activation's: Fast for GELU and SiLU, Exact for ReLU.
-        assert_eq!(cfg(FR_ACT_GELU_TANH, FR_MATH_DEFAULT, 32).unwrap().math(), Math::Fast);
-        assert_eq!(cfg(FR_ACT_RELU, FR_MATH_DEFAULT, 32).unwrap().math(), Math::Exact);
-        assert_eq!(cfg(FR_ACT_SILU, FR_MATH_EXACT, 32).unwrap().math(), Math::Exact);
-        assert_eq!(cfg(FR_ACT_RELU, FR_MATH_FAST, 32).unwrap().math(), Math::Fast);
+        assert_eq!(
+            cfg(FR_ACT_GELU_TANH, FR_MATH_DEFAULT, 32).unwrap().math(),
+            Math::Fast
+        );
+        assert_eq!(
+            cfg(FR_ACT_RELU, FR_MATH_DEFAULT, 32).unwrap().math(),
+            Math::Exact
+        );
+        assert_eq!(
+            cfg(FR_ACT_SILU, FR_MATH_EXACT, 32).unwrap().math(),
+            Math::Exact
+        );
+        assert_eq!(
+            cfg(FR_ACT_RELU, FR_MATH_FAST, 32).unwrap().math(),
+            Math::Fast
+        );
         let c = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 16).unwrap();
         assert_eq!(c.resolution(), MaskResolution::Bits16);
         assert_eq!(c.effective_p(), 6554.0 / 65536.0);
-        let e = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 8).unwrap_err().message;
+        let e = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 8)
+            .unwrap_err()
+            .message;
         assert!(e.contains("8-bit keying is not in this build"), "{e}");
         assert!(cfg(FR_ACT_GELU_ERF, 9, 32).is_err());
     }
