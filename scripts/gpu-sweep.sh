@@ -65,10 +65,10 @@ else
   groups=$(git diff --name-only "$base" HEAD -- kernels src tests/gpu build 2>/dev/null | python3 -c '
 import sys
 ops = ["adamw", "bias_act_dropout", "cross_entropy", "dropout", "dropout_add_norm",
-       "dropout_residual", "fmath", "global_norm", "philox"]
+       "fmath", "global_norm", "philox"]
 users = {  # shared files -> the groups that run them
-    "dropping": ["dropout", "dropout_residual", "bias_act_dropout", "dropout_add_norm", "bad_input"],
-    "philox": ["philox", "dropout", "dropout_residual", "bias_act_dropout", "dropout_add_norm", "adamw"],
+    "dropping": ["dropout", "bias_act_dropout", "dropout_add_norm", "bad_input"],
+    "philox": ["philox", "dropout", "bias_act_dropout", "dropout_add_norm", "adamw"],
     "fmath": ["fmath", "bias_act_dropout", "cross_entropy"],
     "fastmath": ["fmath", "bias_act_dropout", "cross_entropy"],
     "math": ["fmath", "bias_act_dropout", "cross_entropy"],

@@ -43,7 +43,7 @@ impl DtypeKind {
     /// ```
     /// use fusedreg::DtypeKind;
     /// assert_eq!(DtypeKind::Bf16.name(), "bf16");
-    /// assert_eq!(format!("dropout_residual_fwd_{}", DtypeKind::F32.name()), "dropout_residual_fwd_f32");
+    /// assert_eq!(format!("dropout_fwd_vec_{}", DtypeKind::F32.name()), "dropout_fwd_vec_f32");
     /// ```
     pub const fn name(self) -> &'static str {
         match self {
@@ -167,7 +167,7 @@ impl Dtype for bf16 {
 }
 
 /// One value per dtype, chosen at compile time by [`PerDtype::get`]: used for kernel families
-/// (`dropout_residual_fwd_f32` / `_f16` / `_bf16`).
+/// (`dropout_fwd_vec_f32` / `_f16` / `_bf16`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PerDtype<T> {
     pub f32: T,

@@ -25,7 +25,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// ```
 /// use fusedreg::Error;
-/// let e = Error::invalid("dropout_residual", "p = 1.5 is outside [0, 1]");
+/// let e = Error::invalid("dropout", "p = 1.5 is outside [0, 1]");
 /// assert!(e.to_string().contains("p = 1.5"));
 /// ```
 #[derive(Debug, thiserror::Error)]

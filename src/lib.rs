@@ -4,27 +4,42 @@
 //! so that every byte of device memory moves as few times as possible, with a CPU reference for
 //! every op that the kernels are tested against bit for bit wherever the op allows.
 //!
-//! * [`dropout_residual`]: fused bias + dropout + residual add (forward, backward, drop path),
-//!   its CPU reference and the unfused baseline.
-//! * [`cross_entropy`]: fused cross-entropy with label smoothing and z-loss, loss and gradient
-//!   in one kernel (gradient in place), its CPU reference and the unfused baseline.
-//! * [`fmath`]: bit-exact f32 `exp`, `ln`, `erf`, `tanh`, `sigmoid`, the same operations on the
-//!   CPU and in the kernels (`kernels/common/fmath.cuh`).
+//! Ops (each with a `cpu` reference, the GPU `forward` / `backward`, and an `unfused` baseline):
+//!
+//! * [`dropout`]: dropout with an optional bias before it and an optional residual after it (in
+//!   place or not), drop path, 1-bit mask, 32- or 16-bit keying: the embedding, attention and
+//!   residual-exit sites.
 //! * [`bias_act_dropout`]: fused bias + activation (GELU, GELU-tanh, SiLU, ReLU) + dropout, the
 //!   feed-forward site, with the bias gradient fused into the backward.
 //! * [`dropout_add_norm`]: fused dropout + residual add + LayerNorm / RMSNorm with LayerNorm
 //!   Scaling and drop path (the entry of a pre-norm block), forward and backward.
-//! * [`math`]: [`Math::Fast`] (hardware approximations within a stated bound) or [`Math::Exact`]
-//!   (bit for bit with the CPU reference) for ops with transcendental functions.
-//! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
-//!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
-//! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
-//!   per context.
-//! * [`multi_tensor`]: tensor sets registered once, launched over as one (the engine behind
-//!   [`adamw`] and [`global_norm`]).
-//! * [`global_norm`]: deterministic global gradient norm, clip coefficient and scale pass.
+//! * [`cross_entropy`]: fused cross-entropy with label smoothing and z-loss, loss and gradient
+//!   in one kernel (gradient in place).
+//!
+//! Optimizer, engine and stochastic depth:
+//!
+//! * [`stochastic_depth`]: schedules and per-step plans of which blocks run (whole blocks
+//!   skipped on the host; per-sample drop path through the dropping ops' row scale).
 //! * [`adamw`]: fused multi-tensor AdamW with device-side scalars, master weights and a
 //!   bit-exact CPU reference.
+//! * [`global_norm`]: deterministic global gradient norm, clip coefficient and scale pass.
+//! * [`multi_tensor`]: tensor sets registered once, launched over as one (the engine behind
+//!   [`adamw`] and [`global_norm`]).
+//!
+//! Shared pieces:
+//!
+//! * [`dropping`]: what every dropping op shares — the drop rate and its keying, the drop path,
+//!   the 1-bit mask, the dbias partition, launch geometry, workspaces, the shared backward and
+//!   the eager baseline kernels (device side: `kernels/common/dropping.cuh`).
+//! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
+//!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
+//! * [`fmath`]: bit-exact f32 `exp`, `ln`, `erf`, `tanh`, `sigmoid`, the same operations on the
+//!   CPU and in the kernels (`kernels/common/fmath.cuh`).
+//! * [`math`]: [`Math::Fast`] (hardware approximations within a stated bound) or [`Math::Exact`]
+//!   (bit for bit with the CPU reference) for ops with transcendental functions.
+//! * [`dtype`]: the element types (f32, f16, bf16) and their rounding, as the kernels round.
+//! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
+//!   per context; [`Error`] for everything that can go wrong.
 //! * `candle` (feature `candle`): the ops on candle tensors, with autograd, on candle's CPU
 //!   device and (feature `candle-cuda`) on its CUDA device and stream.
 //!
@@ -52,7 +67,6 @@ pub mod candle;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod dropout_add_norm;
-pub mod dropout_residual;
 pub mod dropping;
 pub mod dtype;
 pub mod error;

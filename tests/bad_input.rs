@@ -11,10 +11,11 @@
 //!
 //! * `philox`: `philox4x32_10`, `block`, `mask_word`, `DropRate::{new, p, threshold,
 //!   effective_p, keeps, keeps_all, drops_all, scale}`.
-//! * `dropout_residual`: `Config::{new, flat, with_drop_path, len, mask_words, keeps}`,
+//! * `dropout`: `Config::{new, flat, with_drop_path, len, mask_words, keeps}`,
 //!   `DropPath::{new, per_sample, row_scale}`, `slab_rows`, `slab_count`,
 //!   `fused_forward_bytes`, `fused_backward_bytes`, `unfused_forward_bytes`,
-//!   `unfused_backward_bytes`, `cpu::{forward, forward_inplace, backward}` (every option).
+//!   `unfused_backward_bytes`, `cpu::{forward, forward_inplace, backward}` (every option, with a
+//!   residual).
 //! * `stochastic_depth`: `Schedule::{probabilities, linear}` (every variant),
 //!   `StochasticDepth::{new, plan, eval_plan, rates}`, `Plan::{runs, residual_scale, block,
 //!   running, skip_flags}`.
@@ -46,7 +47,7 @@
 //! * `candle` (feature `candle`): `tests/candle.rs::bad_input_is_an_error`.
 //! * `fmath`: total over f32 (NaN, infinities, subnormals), `tests/fmath.rs`.
 
-use fusedreg::dropout_residual::{self as dr, cpu, Config, DropPath};
+use fusedreg::dropout::{self as dr, cpu, Config, DropPath};
 use fusedreg::dropping::DropRate;
 use fusedreg::philox::{block, mask_word, philox4x32_10};
 use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
@@ -105,8 +106,23 @@ fn philox_takes_every_64_bit_index() {
     let _ = philox4x32_10([u32::MAX; 4], [u32::MAX; 2]);
 }
 
+/// `dropout::cpu::forward` with the residual `r` (the case of the former `dropout_residual`).
+fn fwd_r<'a, T: fusedreg::Dtype>(
+    cfg: &Config,
+    x: &[T],
+    r: &'a [T],
+    y: &mut [T],
+    opts: cpu::ForwardOptions<'a, T>,
+) -> fusedreg::Result<()> {
+    let opts = cpu::ForwardOptions {
+        residual: Some(r),
+        ..opts
+    };
+    cpu::forward(cfg, x, y, opts)
+}
+
 // ------------------------------------------------------------------------------------------
-// dropout_residual
+// dropout (with a residual: the strictest set of buffers)
 // ------------------------------------------------------------------------------------------
 
 #[test]
@@ -179,9 +195,11 @@ fn dropout_byte_helpers_saturate() {
         for flag in [false, true] {
             for n in [1u64 << 60, 1 << 61, 1 << 62, u64::MAX - 1, u64::MAX] {
                 let all = [
-                    dr::fused_forward_bytes(dt, n, flag),
+                    dr::fused_forward_bytes(dt, n, flag, flag),
+                    dr::fused_forward_bytes(dt, n, !flag, flag),
                     dr::fused_backward_bytes(dt, n, flag),
-                    dr::unfused_forward_bytes(dt, n, flag),
+                    dr::unfused_forward_bytes(dt, n, flag, flag),
+                    dr::unfused_forward_bytes(dt, n, flag, !flag),
                     dr::unfused_backward_bytes(dt, n, flag),
                 ];
                 // Either the exact count or saturated: never below the element count.
@@ -189,13 +207,13 @@ fn dropout_byte_helpers_saturate() {
                     assert!(b >= n, "{dt:?} n={n}: {b} bytes wrapped");
                 }
             }
-            assert_eq!(dr::fused_forward_bytes(dt, u64::MAX, flag), u64::MAX);
+            assert_eq!(dr::fused_forward_bytes(dt, u64::MAX, flag, flag), u64::MAX);
             assert_eq!(dr::unfused_backward_bytes(dt, u64::MAX, flag), u64::MAX);
         }
     }
     // Below the limit the formulas are unchanged.
     assert_eq!(
-        dr::fused_forward_bytes(DtypeKind::F32, 1 << 40, true),
+        dr::fused_forward_bytes(DtypeKind::F32, 1 << 40, true, true),
         (12 << 40) + (1 << 37)
     );
 }
@@ -210,15 +228,9 @@ fn dropout_cpu_refuses_length_mismatches() {
         let b = vec![1.0f32; bad];
         let mut yb = vec![0.0f32; bad];
         let mut y = vec![0.0f32; n];
-        refused("x", cpu::forward(&cfg, &b, &ok, &mut y, Default::default()));
-        refused(
-            "residual",
-            cpu::forward(&cfg, &ok, &b, &mut y, Default::default()),
-        );
-        refused(
-            "y",
-            cpu::forward(&cfg, &ok, &ok, &mut yb, Default::default()),
-        );
+        refused("x", fwd_r(&cfg, &b, &ok, &mut y, Default::default()));
+        refused("residual", fwd_r(&cfg, &ok, &b, &mut y, Default::default()));
+        refused("y", fwd_r(&cfg, &ok, &ok, &mut yb, Default::default()));
         refused(
             "inplace x",
             cpu::forward_inplace(&cfg, &b, &mut y, Default::default()),
@@ -238,7 +250,7 @@ fn dropout_cpu_refuses_length_mismatches() {
             bias: Some(&bias),
             ..Default::default()
         };
-        refused("bias", cpu::forward(&cfg, &ok, &ok, &mut y, opts));
+        refused("bias", fwd_r(&cfg, &ok, &ok, &mut y, opts));
         let mut dbias = vec![0.0f32; cols];
         let opts = cpu::BackwardOptions {
             dbias: Some(&mut dbias),
@@ -252,7 +264,7 @@ fn dropout_cpu_refuses_length_mismatches() {
             rowscale: Some(&rs),
             ..Default::default()
         };
-        refused("rowscale", cpu::forward(&cfg, &ok, &ok, &mut y, opts));
+        refused("rowscale", fwd_r(&cfg, &ok, &ok, &mut y, opts));
         let opts = cpu::BackwardOptions {
             rowscale: Some(&rs),
             ..Default::default()
@@ -265,7 +277,7 @@ fn dropout_cpu_refuses_length_mismatches() {
             mask_out: Some(&mut mask),
             ..Default::default()
         };
-        refused("mask_out", cpu::forward(&cfg, &ok, &ok, &mut y, opts));
+        refused("mask_out", fwd_r(&cfg, &ok, &ok, &mut y, opts));
         let opts = cpu::BackwardOptions {
             mask: Some(&mask),
             ..Default::default()
@@ -280,7 +292,7 @@ fn dropout_cpu_refuses_length_mismatches() {
     };
     refused(
         "rowscale_out without drop path",
-        cpu::forward(&cfg, &ok, &ok, &mut y, opts),
+        fwd_r(&cfg, &ok, &ok, &mut y, opts),
     );
     let with_path = cfg.with_drop_path(DropPath::new(0.5, 9).unwrap());
     let rs = [1.0f32; 3];
@@ -290,7 +302,7 @@ fn dropout_cpu_refuses_length_mismatches() {
     };
     refused(
         "rowscale and drop path",
-        cpu::forward(&with_path, &ok, &ok, &mut y, opts),
+        fwd_r(&with_path, &ok, &ok, &mut y, opts),
     );
 }
 
@@ -307,7 +319,7 @@ fn dropout_cpu_empty_tensors() {
             bias: Some(&bias),
             ..Default::default()
         };
-        cpu::forward(&cfg, &[], &[], &mut y, opts).unwrap();
+        fwd_r(&cfg, &[], &[], &mut y, opts).unwrap();
         let mut dbias = vec![bf16::from_f32(f32::NAN); cols];
         let opts = cpu::BackwardOptions {
             dbias: Some(&mut dbias),
@@ -333,7 +345,7 @@ fn dropout_p_rounding_to_one_returns_the_residual() {
             .map(|i| f16::from_f32(0.25 * i as f32))
             .collect();
         let mut y = vec![f16::ZERO; cfg.len()];
-        cpu::forward(&cfg, &x, &r, &mut y, Default::default()).unwrap();
+        fwd_r(&cfg, &x, &r, &mut y, Default::default()).unwrap();
         assert_eq!(y, r, "p = {p}");
     }
 }
@@ -768,7 +780,7 @@ mod engine {
     }
 
     /// Issue 17 item 9 for adamw and global_norm (intended behaviour: saturate like the
-    /// dropout_residual helpers).
+    /// dropout helpers).
     #[test]
     fn engine_byte_helpers_saturate() {
         use fusedreg::global_norm::{norm_min_bytes, scale_min_bytes};

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use fusedreg::candle::{DropoutResidual, StepKeys};
-use fusedreg::dropout_residual::{cpu, Config};
+use fusedreg::dropout::{cpu, Config};
 use fusedreg::Dtype;
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -270,9 +270,10 @@ fn matches_the_cpu_reference_bit_for_bit() -> R {
             let mut y_ref = vec![T::default(); n];
             let opts = cpu::ForwardOptions {
                 bias: c.bias.then_some(&bv[..]),
+                residual: Some(&rv),
                 ..Default::default()
             };
-            cpu::forward(&cfg, &xv, &rv, &mut y_ref, opts).unwrap();
+            cpu::forward(&cfg, &xv, &mut y_ref, opts).unwrap();
             let (mut dx_ref, mut db_ref) = (vec![T::default(); n], vec![T::default(); cols]);
             let opts = cpu::BackwardOptions {
                 dbias: c.bias.then_some(&mut db_ref[..]),

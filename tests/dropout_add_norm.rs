@@ -1,5 +1,5 @@
 //! CPU tests of the fused dropout + residual add + LayerNorm / RMSNorm reference (always run):
-//! the stream against `dropout_residual`, the norm against an f64 formula, LayerNorm Scaling
+//! the stream against `dropout` with a residual, the norm against an f64 formula, LayerNorm Scaling
 //! against `1 / sqrt(l)`, p = 0 against an unfused add + norm, gradients against finite
 //! differences in f64, in place, residual in f32, hidden sizes 1, odd and 16384, bad input.
 // Element-wise comparisons read best with explicit indices.
@@ -8,12 +8,12 @@
 mod common;
 
 use common::{bits_eq, check, close, rng, uniform};
+use fusedreg::dropout as dr;
 use fusedreg::dropout_add_norm::{
     colsum_slab_count,
     cpu::{self, row_sum, BackwardArgs, BackwardOut, ForwardArgs, ForwardOut},
     layer_norm_scaling, Config, DropPath, Norm,
 };
-use fusedreg::dropout_residual as dr;
 use fusedreg::{Dtype, Error};
 use half::{bf16, f16};
 
@@ -126,10 +126,10 @@ fn norm_f64(
         .collect()
 }
 
-/// The stream equals `dropout_residual`'s output bit for bit (same keying, same arithmetic),
+/// The stream equals `dropout`'s output with a residual bit for bit (same keying, same arithmetic),
 /// for every dtype, with and without bias, row scale, drop path and dropout.
 #[test]
-fn stream_equals_dropout_residual() {
+fn stream_equals_dropout_with_a_residual() {
     fn run<T: Dtype>() {
         for (rows, cols) in [(5, 8), (7, 33), (3, 1), (2, 300)] {
             for p in [0.0, 0.1, 0.5, 1.0] {
@@ -159,10 +159,11 @@ fn stream_equals_dropout_residual() {
                     let mut y = vec![T::from_f32_rn(f32::NAN); rows * cols];
                     let opts = dr::cpu::ForwardOptions {
                         bias: d.bias.as_deref(),
+                        residual: d.r.as_deref(),
                         rowscale: d.rowscale.as_deref(),
                         ..Default::default()
                     };
-                    dr::cpu::forward(&dcfg, &d.x, d.r.as_ref().unwrap(), &mut y, opts).unwrap();
+                    dr::cpu::forward(&dcfg, &d.x, &mut y, opts).unwrap();
                     check(bits_eq(
                         &format!(
                             "{} {rows}x{cols} p {p} bias {bias} rs {rs} path {path}",
@@ -839,7 +840,7 @@ fn bad_input_is_an_error() {
 
 /// The unfused baseline's CPU mirror: the forward gives the fused bits; the backward's dgamma and
 /// dbeta too (same norm backward), dx and d_residual too in f32 (nothing rounds between its
-/// kernels there), dbias to rounding (`dropout_residual`'s summation order).
+/// kernels there), dbias to rounding (`dropout`'s summation order).
 #[test]
 fn unfused_mirror_agrees_with_the_fused_op() {
     use fusedreg::dropout_add_norm::unfused;

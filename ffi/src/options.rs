@@ -56,8 +56,8 @@ pub struct FrOptions {
     pub seed: u64,
     /// Call id of the mask (a different id gives an independent mask).
     pub call: u64,
-    /// Keying resolution in bits: 32 (default); 16 for `dropout` without a residual and
-    /// `bias_act_dropout`; 8 is reserved (refused until the library offers it).
+    /// Keying resolution in bits: 32 (default) or 16 for `dropout` (with or without a residual)
+    /// and `bias_act_dropout`; 8 is reserved (refused until the library offers it).
     pub mask_bits: u32,
     /// `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
     pub math: u32,

@@ -61,13 +61,14 @@ fn dropout_residual_matches_the_library() {
         )
     };
     assert_eq!(st, FR_OK, "{}", last());
-    let cfg = fusedreg::dropout_residual::Config::new(rows, cols, 0.3, 9, 77).unwrap();
+    let cfg = fusedreg::dropout::Config::new(rows, cols, 0.3, 9, 77).unwrap();
     let mut want = vec![0f32; rows * cols];
-    let opts = fusedreg::dropout_residual::cpu::ForwardOptions {
+    let opts = fusedreg::dropout::cpu::ForwardOptions {
         bias: Some(&b),
+        residual: Some(&r),
         ..Default::default()
     };
-    fusedreg::dropout_residual::cpu::forward(&cfg, &x, &r, &mut want, opts).unwrap();
+    fusedreg::dropout::cpu::forward(&cfg, &x, &mut want, opts).unwrap();
     assert_eq!(y, want);
 
     // Backward: dx and dbias, against the library.

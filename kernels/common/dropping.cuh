@@ -56,7 +56,7 @@ constexpr uint64_t THRESHOLD_ALL = 1ull << 32;  // p = 1: every element is dropp
 constexpr uint32_t FLAG_DROP_PATH = 1u;  // generate the row scale from Philox under path_call
 constexpr uint32_t FLAG_UNROLL = 2u;     // unroll the row loop by UNROLL (launch tuning)
 // 16-bit keying (MaskResolution::Bits16 on the host): threshold is in 0 ..= 2^16 and one Philox
-// block keys 8 elements (see keep_bits16). Op-specific flags: 4 (dropout_residual's in place)
+// block keys 8 elements (see keep_bits16). Op-specific flags: 4 (dropout's in place)
 // and 16 upwards.
 constexpr uint32_t FLAG_KEY16 = 8u;
 constexpr uint64_t THRESHOLD16_ALL = 1ull << 16;  // p = 1 under 16-bit keying

@@ -253,6 +253,11 @@ def test_sixteen_bit_keying_rate():
     x = torch.ones(256, 256)
     y = F.dropout(x, 0.1, keys(), 3, mask_bits=16)
     assert abs((y == 0).float().mean().item() - 0.1) < 0.01
+    r = torch.randn(256, 256)
+    y_res = F.dropout(x, 0.1, keys(), 3, residual=r, mask_bits=16)
+    assert torch.equal(y == 0, y_res == r), "16-bit keying with a residual: the same mask"
+    with pytest.raises(ValueError, match="8-bit keying is not in this build"):
+        F.dropout(x, 0.1, keys(), 3, mask_bits=8)
 
 
 # --------------------------------------------------------------------------- dropout_add_norm

@@ -39,7 +39,7 @@
 //!   [`slab_rows`](crate::dropping::slab_rows) rows (a function of the shape and dtype only),
 //!   `P(s, col) = ((L0 + L1) + L2) + L3` where lane `l` sums, in increasing row order from `+0`,
 //!   the unrounded `d` of the slab's rows `r` with `(r - slab_start) % 4 == l` — the partition of
-//!   `dropout_residual`'s dbias. No float atomics: dbias is identical from run to run, GPU to
+//!   `dropout`'s dbias. No float atomics: dbias is identical from run to run, GPU to
 //!   GPU, launch to launch, and on the CPU.
 //!
 //! The activations, with `c` the Gaussian CDF factor and every line one rounded operation:

@@ -1,12 +1,12 @@
 //! [`DropoutResidual`]: `y = residual + rowscale * dropout(x + bias)` on candle tensors, with
-//! autograd, through [`crate::dropout_residual`].
+//! autograd, through [`crate::dropout`] with a residual.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem};
 use super::{check_site, wrap, StepKeys};
-use crate::dropout_residual::{cpu, Config, DropPath};
+use crate::dropout::{cpu, Config, DropPath};
 use crate::dropping::DropRate;
 use crate::error::Error;
 
@@ -23,11 +23,11 @@ const BWD: &str = "fusedreg-dropout-residual-bwd";
 ///
 /// `x` and `residual` have one shape `[..., cols]` (rows = the product of the leading
 /// dimensions), `bias` is `[cols]`; f32, f16 or bf16, all the same, on one device. The arithmetic,
-/// the mask and the drop path are those of [`crate::dropout_residual`] (`fma(x + b, m, r)` in
-/// f32, rounded once), so the CPU device gives the bits of [`crate::dropout_residual::cpu`] and
+/// the mask and the drop path are those of [`crate::dropout`] with a residual (`fma(x + b, m, r)` in
+/// f32, rounded once), so the CPU device gives the bits of [`crate::dropout::cpu`] and
 /// the CUDA device the kernels' (the same bits). Gradients: `dx = rowscale * keep * dy / (1 - p)`,
 /// `dresidual = dy` (the same tensor, not a copy), `dbias` = the column sums of `dx` in the
-/// deterministic order of [`crate::dropout_residual::slab_rows`]. Masks come from the
+/// deterministic order of [`crate::dropout::slab_rows`]. Masks come from the
 /// [`StepKeys`] and the site (random stream 0: element mask, 1: drop path), so nothing is stored
 /// for the backward (see the [module docs](super)).
 ///
@@ -276,9 +276,10 @@ fn fwd_cpu<T: Elem>(
     let mut y = vec![T::default(); cfg.len()];
     let opts = cpu::ForwardOptions {
         bias: b,
+        residual: Some(r),
         ..Default::default()
     };
-    cpu::forward(cfg, x, r, &mut y, opts).map_err(wrap)?;
+    cpu::forward(cfg, x, &mut y, opts).map_err(wrap)?;
     Ok(cpu_out(y, lx.shape().clone()))
 }
 
@@ -300,12 +301,12 @@ fn fwd_cuda<T: Elem>(
     // SAFETY: the out-of-place forward writes every element of y (a dropped element or row gets
     // the residual's bits).
     let mut y = unsafe { cuda_alloc::<T>(dev, cfg.len())? };
-    let opts = crate::dropout_residual::ForwardOptions {
+    let opts = crate::dropout::ForwardOptions {
         bias: b,
+        residual: Some(r),
         ..Default::default()
     };
-    crate::dropout_residual::forward(&h, cfg, &x, &r, &mut y.slice_mut(..cfg.len()), opts)
-        .map_err(wrap)?;
+    crate::dropout::forward(&h, cfg, &x, &mut y.slice_mut(..cfg.len()), opts).map_err(wrap)?;
     Ok((
         candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
         lx.shape().clone(),
@@ -487,11 +488,11 @@ fn bwd_cuda<T: Elem>(
     {
         let (mut dx, mut db) = out.split_at_mut(n);
         let db = db.slice_mut(..total - n);
-        let opts = crate::dropout_residual::BackwardOptions {
+        let opts = crate::dropout::BackwardOptions {
             dbias: op.dbias.then_some(db),
             ..Default::default()
         };
-        crate::dropout_residual::backward(&h, &op.cfg, &dy, &mut dx, opts).map_err(wrap)?;
+        crate::dropout::backward(&h, &op.cfg, &dy, &mut dx, opts).map_err(wrap)?;
     }
     Ok((
         candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),

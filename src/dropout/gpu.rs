@@ -1,18 +1,24 @@
-//! Launch wrappers for `kernels/dropout.cu`. The launch geometry and the backward are the shared
-//! ones of [`crate::dropping`]; this file fills in the forward's params.
+//! Launch wrappers for `kernels/dropout.cu`. The launch geometry (slabs, segments, the vector
+//! path's conditions) and the backward are the shared ones of [`crate::dropping`]; this file
+//! fills in the forward's params.
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
+use super::cpu::IN_PLACE_RESIDUAL;
 use super::{BackwardOptions, Config, ForwardOptions, OP};
 use crate::dropping::gpu::{
     aligned16, backward as backward_op, geometry, resolution_flag, row_scale_fields, segments,
     zero_mask, BackwardKernels, Geometry, Segment, Slabs, BWD_SLAB_ROWS, FLAG_UNROLL,
+    FWD_SLAB_ROWS,
 };
 use crate::dropping::{check_forward, ForwardLens};
 use crate::dtype::Dtype;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
+
+/// `FLAG_IN_PLACE` in the kernel: y == residual, dropped rows are not touched at all.
+const FLAG_IN_PLACE: u32 = 4;
 
 /// Mirrors `dropout::FwdParams<T>` in the kernel.
 #[repr(C)]
@@ -20,6 +26,7 @@ use crate::runtime::Handle;
 struct FwdParams {
     x: u64,
     bias: u64,
+    residual: u64,
     y: u64,
     rowscale: u64,
     rowscale_out: u64,
@@ -38,16 +45,33 @@ struct FwdParams {
     flags: u32,
     rows_per_sample: u32,
 }
-const _: () = assert!(std::mem::size_of::<FwdParams>() == 136);
+const _: () = assert!(std::mem::size_of::<FwdParams>() == 144);
 // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for FwdParams {}
 
-const FWD_VEC: KernelFamily = per_dtype!(DropoutFwdVecF32, DropoutFwdVecF16, DropoutFwdVecBf16);
-const FWD_SCALAR: KernelFamily = per_dtype!(
-    DropoutFwdScalarF32,
-    DropoutFwdScalarF16,
-    DropoutFwdScalarBf16
-);
+/// The forward's (vector, scalar) kernels without and with a residual.
+const FWD: [(KernelFamily, KernelFamily); 2] = [
+    (
+        per_dtype!(DropoutFwdVecF32, DropoutFwdVecF16, DropoutFwdVecBf16),
+        per_dtype!(
+            DropoutFwdScalarF32,
+            DropoutFwdScalarF16,
+            DropoutFwdScalarBf16
+        ),
+    ),
+    (
+        per_dtype!(
+            DropoutFwdResVecF32,
+            DropoutFwdResVecF16,
+            DropoutFwdResVecBf16
+        ),
+        per_dtype!(
+            DropoutFwdResScalarF32,
+            DropoutFwdResScalarF16,
+            DropoutFwdResScalarBf16
+        ),
+    ),
+];
 const BWD: BackwardKernels = BackwardKernels {
     vec: per_dtype!(DropoutBwdVecF32, DropoutBwdVecF16, DropoutBwdVecBf16),
     scalar: per_dtype!(
@@ -58,19 +82,28 @@ const BWD: BackwardKernels = BackwardKernels {
     dbias: per_dtype!(DropoutDbiasF32, DropoutDbiasF16, DropoutDbiasBf16),
 };
 
-/// Rows per slab of forward launches. The forward moves two streams like the backward without
-/// dbias, so it takes the backward's slab (two unrolled visits per thread): a prediction to
-/// measure against 4, not a measurement.
-const FWD_SLAB_ROWS: u64 = BWD_SLAB_ROWS;
+/// Rows per slab of forward launches: one unrolled visit of 4 rows per thread with a residual
+/// (measured on an H100, [`FWD_SLAB_ROWS`]); two visits without one, which moves two streams
+/// like the backward without dbias and so takes its slab (a prediction to measure against 4,
+/// not a measurement).
+fn fwd_slab_rows(residual: bool) -> u64 {
+    if residual {
+        FWD_SLAB_ROWS
+    } else {
+        BWD_SLAB_ROWS
+    }
+}
 
-/// `y = dropout(x + bias)` on the handle's stream (see the [module docs](super)).
+/// `y = dropout(x + bias)`, or `y = residual + dropout(x + bias)` with `opts.residual`, on the
+/// handle's stream (see the [module docs](super)).
 ///
-/// `x` and `y` have `cfg.len()` elements; the optional buffers are in `opts`. Views starting at
-/// any element are accepted (misaligned ones take the scalar path, with the same results).
+/// `x`, `y` (and the residual) have `cfg.len()` elements; the optional buffers are in `opts`.
+/// Views starting at any element are accepted (misaligned ones take the scalar path, with the
+/// same results).
 ///
-/// Errors: [`crate::Error::ShapeMismatch`] for a length that disagrees with the config,
-/// [`crate::Error::InvalidArgument`] for a rowscale together with a drop path, rowscale_out
-/// without a drop path, bad launch tuning, or a buffer from another CUDA context; driver errors.
+/// Errors: [`Error::ShapeMismatch`] for a length that disagrees with the config,
+/// [`Error::InvalidArgument`] for a rowscale together with a drop path, rowscale_out without a
+/// drop path, bad launch tuning, or a buffer from another CUDA context; driver errors.
 ///
 /// ```no_run
 /// use fusedreg::dropout::{self, Config, ForwardOptions};
@@ -81,11 +114,13 @@ const FWD_SLAB_ROWS: u64 = BWD_SLAB_ROWS;
 /// let cfg = Config::new(rows, cols, 0.1, 42, 7)?;
 /// let s = h.stream();
 /// let x = s.clone_htod(&vec![bf16::ONE; rows * cols]).unwrap();
+/// let r = s.clone_htod(&vec![bf16::ONE; rows * cols]).unwrap();
 /// let bias = s.clone_htod(&vec![bf16::ZERO; cols]).unwrap();
 /// let mut y = s.alloc_zeros::<bf16>(rows * cols).unwrap();
 /// let mut mask = s.alloc_zeros::<u32>(cfg.mask_words()).unwrap();
 /// let opts = ForwardOptions {
 ///     bias: Some(bias.as_view()),
+///     residual: Some(r.as_view()), // y = r + dropout(x + bias); None: y = dropout(x + bias)
 ///     mask_out: Some(mask.as_view_mut()),
 ///     ..Default::default()
 /// };
@@ -99,22 +134,96 @@ pub fn forward<T: Dtype>(
     y: &mut impl DevicePtrMut<T>,
     mut opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
-    let lens = ForwardLens {
-        x: x.len(),
-        residual: None,
-        y: Some(y.len()),
-        bias: opts.bias.as_ref().map(|b| b.len()),
-        rowscale: opts.rowscale.as_ref().map(|b| b.len()),
-        mask_out: opts.mask_out.as_ref().map(|b| b.len()),
-        rowscale_out: opts.rowscale_out.as_ref().map(|b| b.len()),
-    };
-    check_forward(OP, cfg, &lens)?;
+    let residual_len = opts.residual.as_ref().map(|r| r.len());
+    check_forward(
+        OP,
+        cfg,
+        &forward_lens(x.len(), residual_len, Some(y.len()), &opts),
+    )?;
     opts.tuning.check()?;
     if cfg.is_empty() {
         return Ok(());
     }
-    let (x, _gx) = handle.read_ptr(OP, "x", x)?;
-    let (y, _gy) = handle.write_ptr(OP, "y", y)?;
+    let (x_ptr, _gx) = handle.read_ptr(OP, "x", x)?;
+    let (y_ptr, _gy) = handle.write_ptr(OP, "y", y)?;
+    let residual_view = opts.residual.take();
+    let r_g = residual_view
+        .as_ref()
+        .map(|r| handle.read_ptr(OP, "residual", r))
+        .transpose()?;
+    let residual = r_g.as_ref().map(|(p, _)| *p);
+    forward_launch::<T>(handle, cfg, x_ptr, residual, y_ptr, false, opts)
+}
+
+/// [`forward`] updating the residual stream in place: `residual += dropout(x + bias)`, the bits
+/// of the out-of-place forward (`opts.residual` must be `None`: the residual is the output).
+/// Rows whose row scale is 0 are not touched at all.
+///
+/// # Examples
+///
+/// ```no_run
+/// use fusedreg::dropout::{self, Config, ForwardOptions};
+/// use half::bf16;
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let cfg = Config::new(512, 1024, 0.1, 42, 7)?;
+/// let s = h.stream();
+/// let x = s.clone_htod(&vec![bf16::ONE; cfg.len()]).unwrap();
+/// let mut stream = s.clone_htod(&vec![bf16::ZERO; cfg.len()]).unwrap(); // the residual stream
+/// dropout::forward_inplace(&h, &cfg, &x, &mut stream, ForwardOptions::default())?;
+/// # Ok(()) }
+/// ```
+pub fn forward_inplace<T: Dtype>(
+    handle: &Handle,
+    cfg: &Config,
+    x: &impl DevicePtr<T>,
+    residual: &mut impl DevicePtrMut<T>,
+    opts: ForwardOptions<'_, T>,
+) -> Result<()> {
+    if opts.residual.is_some() {
+        return Err(Error::invalid(OP, IN_PLACE_RESIDUAL));
+    }
+    check_forward(
+        OP,
+        cfg,
+        &forward_lens(x.len(), Some(residual.len()), None, &opts),
+    )?;
+    opts.tuning.check()?;
+    if cfg.is_empty() {
+        return Ok(());
+    }
+    let (x_ptr, _gx) = handle.read_ptr(OP, "x", x)?;
+    let (r_ptr, _gr) = handle.write_ptr(OP, "residual", residual)?;
+    forward_launch::<T>(handle, cfg, x_ptr, Some(r_ptr), r_ptr, true, opts)
+}
+
+fn forward_lens<T>(
+    x: usize,
+    residual: Option<usize>,
+    y: Option<usize>,
+    opts: &ForwardOptions<'_, T>,
+) -> ForwardLens {
+    ForwardLens {
+        x,
+        residual,
+        y,
+        bias: opts.bias.as_ref().map(|b| b.len()),
+        rowscale: opts.rowscale.as_ref().map(|b| b.len()),
+        mask_out: opts.mask_out.as_ref().map(|b| b.len()),
+        rowscale_out: opts.rowscale_out.as_ref().map(|b| b.len()),
+    }
+}
+
+/// The forward's launches on validated, non-empty buffers (`residual`: its address, or `None`).
+fn forward_launch<T: Dtype>(
+    handle: &Handle,
+    cfg: &Config,
+    x: u64,
+    residual: Option<u64>,
+    y: u64,
+    in_place: bool,
+    mut opts: ForwardOptions<'_, T>,
+) -> Result<()> {
     let bias_g = opts
         .bias
         .as_ref()
@@ -142,7 +251,8 @@ pub fn forward<T: Dtype>(
     // Without bias and row scale the row structure does not matter: the tensor is launched as
     // rows of a fixed width (plus a one-row remainder), the same bits as any other layout.
     let rows_matter = bias != 0 || cfg.has_row_scale(rowscale != 0);
-    let aligned = aligned16(&[x, y, bias]); // an absent bias (0) is aligned
+    // An absent bias or residual (0) is aligned.
+    let aligned = aligned16(&[x, residual.unwrap_or(0), y, bias]);
 
     let mut launches: [Option<(Segment, Geometry)>; 2] = [None, None];
     for (slot, seg) in launches.iter_mut().zip(segments::<T>(
@@ -160,7 +270,7 @@ pub fn forward<T: Dtype>(
             seg.cols,
             aligned,
             mask_ok,
-            Slabs::Free(FWD_SLAB_ROWS),
+            Slabs::Free(fwd_slab_rows(residual.is_some())),
             &opts.tuning,
         )?;
         *slot = Some((seg, g));
@@ -176,6 +286,10 @@ pub fn forward<T: Dtype>(
     if opts.tuning.unroll {
         flags |= FLAG_UNROLL;
     }
+    if in_place {
+        flags |= FLAG_IN_PLACE;
+    }
+    let (vec_family, scalar_family) = FWD[usize::from(residual.is_some())];
     let rate = cfg.rate();
     let size = T::KIND.size() as u64;
     for &(seg, g) in launches.iter().flatten() {
@@ -185,6 +299,7 @@ pub fn forward<T: Dtype>(
         let p = FwdParams {
             x: x + off,
             bias,
+            residual: residual.map_or(0, |r| r + off),
             y: y + off,
             rowscale: rsf.rowscale,
             rowscale_out,
@@ -203,15 +318,15 @@ pub fn forward<T: Dtype>(
             flags,
             rows_per_sample: rsf.rows_per_sample,
         };
-        let family = if g.vector { FWD_VEC } else { FWD_SCALAR };
+        let family = if g.vector { vec_family } else { scalar_family };
         handle.launch(family.get::<T>(), g.grid, g.block, 0, &p)?;
     }
     Ok(())
 }
 
 /// `dx = dropout'(dy)` and optionally `dbias` on the handle's stream (see the
-/// [module docs](super)): the shared backward (the same kernel code as
-/// [`crate::dropout_residual::backward`]).
+/// [module docs](super)): the shared backward of [`crate::dropping`]. `dresidual = dy`: nothing
+/// is copied, reuse `dy`. The same call serves a forward with or without a residual.
 ///
 /// The keep mask is read from `opts.mask` when given, otherwise regenerated from `cfg` (the same
 /// config as the forward). The row scale is `opts.rowscale` or the config's drop path. dbias is

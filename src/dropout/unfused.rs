@@ -1,17 +1,20 @@
-//! The unfused baseline, the way PyTorch eager runs `dropout(x + bias)`, and its CPU mirror. The
-//! benchmarks compare the fused op with this.
+//! The unfused baseline, the way PyTorch eager runs `dropout(x + bias)` and `residual +
+//! dropout(x + bias)`, and its CPU mirror. The benchmarks compare the fused op with this.
 //!
-//! Forward, two kernels, each reading its inputs from and writing its output to device memory in
-//! `T`: bias add `t = T(x + b)` (skipped without bias), dropout `y = keep ? T(t * scale) : 0`
-//! writing a 1-byte mask (1 = kept). Backward: masked scale `dx = mask ? T(dy * scale) : 0`,
-//! then a separate bias-gradient column sum of the rounded `dx` (per-slab partials and their
-//! ordered sum, the fused op's partition: deterministic, no atomics). The kernels are the shared
-//! eager ones of `kernels/common/dropping.cuh`, instantiated in `kernels/dropout.cu`.
+//! Forward, one kernel per op, each reading its inputs from and writing its output to device
+//! memory in `T`: bias add `t = T(x + b)` (skipped without bias), dropout `d = keep ? T(t *
+//! scale) : 0` writing a 1-byte mask (1 = kept), and with a residual the residual add `y = T(r +
+//! d)`. Backward: masked scale `dx = mask ? T(dy * scale) : 0`, then a separate bias-gradient
+//! column sum of the rounded `dx` (per-slab partials and their ordered sum, the fused op's
+//! partition: deterministic, no atomics). The kernels are the shared eager ones of
+//! `kernels/common/dropping.cuh` plus the residual add, instantiated in `kernels/dropout.cu`.
 //!
-//! The mask uses the fused op's Philox keying, so the byte mask equals the fused bitmask element
-//! for element. With a bias the 16-bit results differ from the fused op's (`t` is rounded to `T`
-//! before the multiply): [`forward_cpu`] and [`backward_cpu`] mirror this path exactly. No drop
-//! path or row scale: frameworks apply those as a separate multiply.
+//! The mask uses the fused op's Philox keying (32-bit only), so the byte mask equals the fused
+//! bitmask element for element. Because every kernel rounds to `T`, the results with a bias or a
+//! residual are not bitwise equal to the fused op in 16-bit types: [`forward_cpu`] and
+//! [`backward_cpu`] mirror this path exactly (the GPU tests compare with them bit for bit), and
+//! the CPU tests bound their distance from the fused reference. No drop path or row scale:
+//! frameworks (timm, torchvision) apply those as a separate multiply.
 //!
 //! ```no_run
 //! use fusedreg::dropout::{unfused::Unfused, Config};
@@ -20,24 +23,42 @@
 //! let cfg = Config::new(16, 64, 0.1, 42, 7)?;
 //! let s = h.stream();
 //! let x = s.clone_htod(&vec![1.0f32; cfg.len()]).unwrap();
+//! let r = x.clone();
 //! let mut y = s.alloc_zeros::<f32>(cfg.len()).unwrap();
 //! let mut mask = s.alloc_zeros::<u8>(cfg.len()).unwrap();
 //! let mut baseline = Unfused::<f32>::new(&h);
-//! baseline.forward(&cfg, &x, None, &mut y, &mut mask)?;
+//! baseline.forward(&cfg, &x, None, None, &mut y, &mut mask)?; // y = dropout(x)
+//! baseline.forward(&cfg, &x, None, Some(r.as_view()), &mut y, &mut mask)?; // y = r + dropout(x)
 //! # Ok(()) }
 //! ```
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{Config, OP};
+use crate::dropping::gpu::aligned16;
 use crate::dropping::unfused::{
-    bias_add_cpu, col_sum_cpu, dropout_cpu, ensure, launch_bias_add, launch_col_sum,
-    launch_dropout, launch_masked_scale, UnfusedKernels,
+    bias_add_cpu, col_sum_cpu, dropout_cpu, ensure, flat_grid, launch_bias_add, launch_col_sum,
+    launch_dropout, launch_masked_scale, UnfusedKernels, BLOCK,
 };
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
-use crate::runtime::kernels::per_dtype;
+use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
+
+/// Mirrors `dropout::UnfusedAddParams<T>` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct AddParams {
+    a: u64,
+    b: u64,
+    out: u64,
+    n: u64,
+    vec: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<AddParams>() == 40);
+// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+unsafe impl DeviceRepr for AddParams {}
 
 const UNFUSED: UnfusedKernels = UnfusedKernels {
     bias_add: per_dtype!(
@@ -62,6 +83,11 @@ const UNFUSED: UnfusedKernels = UnfusedKernels {
     ),
     dbias: per_dtype!(DropoutDbiasF32, DropoutDbiasF16, DropoutDbiasBf16),
 };
+const ADD: KernelFamily = per_dtype!(
+    DropoutUnfusedAddF32,
+    DropoutUnfusedAddF16,
+    DropoutUnfusedAddBf16
+);
 
 fn no_row_scale(cfg: &Config) -> Result<()> {
     cfg.require_bits32(OP)?;
@@ -78,11 +104,15 @@ fn check_forward_lens(
     cfg: &Config,
     x: usize,
     bias: Option<usize>,
+    residual: Option<usize>,
     y: usize,
     mask: usize,
 ) -> Result<()> {
     let n = cfg.len();
     check_len(OP, "x", x, n)?;
+    if let Some(r) = residual {
+        check_len(OP, "residual", r, n)?;
+    }
     check_len(OP, "y", y, n)?;
     check_len(OP, "mask (bytes)", mask, n)?;
     if let Some(b) = bias {
@@ -108,7 +138,7 @@ fn check_backward_lens(
     Ok(())
 }
 
-/// The unfused baseline on one handle, with its intermediate buffers (`t`, the column-sum
+/// The unfused baseline on one handle, with its intermediate buffers (`t`, `d`, the column-sum
 /// partials) kept between calls the way a framework's caching allocator keeps them, so a
 /// benchmark loop allocates nothing.
 ///
@@ -122,19 +152,21 @@ fn check_backward_lens(
 /// let cfg = Config::new(256, 1024, 0.1, 42, 7)?;
 /// # let s = h.stream();
 /// # let x = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
+/// # let r = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
 /// # let mut y = s.alloc_zeros::<bf16>(cfg.len()).unwrap();
 /// # let mut mask = s.alloc_zeros::<u8>(cfg.len()).unwrap();
 /// # let bias = s.alloc_zeros::<bf16>(cfg.cols()).unwrap();
 /// let mut baseline = Unfused::<bf16>::new(&h);
 /// for _ in 0..10 {
-///     // t is allocated by the first call and reused by the others.
-///     baseline.forward(&cfg, &x, Some(bias.as_view()), &mut y, &mut mask)?;
+///     // t and d are allocated by the first call and reused by the others.
+///     baseline.forward(&cfg, &x, Some(bias.as_view()), Some(r.as_view()), &mut y, &mut mask)?;
 /// }
 /// # Ok(()) }
 /// ```
 pub struct Unfused<T: Dtype> {
     handle: Handle,
     t: Option<CudaSlice<T>>,
+    d: Option<CudaSlice<T>>,
     partials: Option<CudaSlice<f32>>,
 }
 
@@ -154,12 +186,13 @@ impl<T: Dtype> Unfused<T> {
         Unfused {
             handle: handle.clone(),
             t: None,
+            d: None,
             partials: None,
         }
     }
 
-    /// `y = dropout(x + bias)` with the byte mask written to `mask` (`len` bytes). No drop path
-    /// (`cfg` must have none).
+    /// `y = dropout(x + bias)`, or `y = residual + dropout(x + bias)`, with the byte mask written
+    /// to `mask` (`len` bytes). No drop path (`cfg` must have none) and 32-bit keying.
     ///
     /// # Examples
     ///
@@ -174,7 +207,7 @@ impl<T: Dtype> Unfused<T> {
     /// let mut y = s.alloc_zeros::<f32>(cfg.len()).unwrap();
     /// let mut mask = s.alloc_zeros::<u8>(cfg.len()).unwrap(); // one byte per element
     /// let mut baseline = Unfused::<f32>::new(&h);
-    /// baseline.forward(&cfg, &x, Some(bias.as_view()), &mut y, &mut mask)?;
+    /// baseline.forward(&cfg, &x, Some(bias.as_view()), None, &mut y, &mut mask)?;
     /// # Ok(()) }
     /// ```
     pub fn forward(
@@ -182,6 +215,7 @@ impl<T: Dtype> Unfused<T> {
         cfg: &Config,
         x: &impl DevicePtr<T>,
         bias: Option<CudaView<'_, T>>,
+        residual: Option<CudaView<'_, T>>,
         y: &mut impl DevicePtrMut<T>,
         mask: &mut impl DevicePtrMut<u8>,
     ) -> Result<()> {
@@ -190,6 +224,7 @@ impl<T: Dtype> Unfused<T> {
             cfg,
             x.len(),
             bias.as_ref().map(|b| b.len()),
+            residual.as_ref().map(|r| r.len()),
             y.len(),
             mask.len(),
         )?;
@@ -205,6 +240,11 @@ impl<T: Dtype> Unfused<T> {
             .as_ref()
             .map(|b| h.read_ptr(OP, "bias", b))
             .transpose()?;
+        let r_g = residual
+            .as_ref()
+            .map(|r| h.read_ptr(OP, "residual", r))
+            .transpose()?;
+
         // 1. t = T(x + bias), or t = x without bias.
         let mut _t_guard = None;
         let t_src = match &bias_g {
@@ -217,12 +257,28 @@ impl<T: Dtype> Unfused<T> {
             }
             None => x_ptr,
         };
-        // 2. y = keep ? T(t * scale) : 0, mask = keep.
-        launch_dropout::<T>(&h, &UNFUSED, &cfg.keying(), t_src, y_ptr, m_ptr, n)
+        let Some((r_ptr, _)) = r_g else {
+            // 2. y = keep ? T(t * scale) : 0, mask = keep.
+            return launch_dropout::<T>(&h, &UNFUSED, &cfg.keying(), t_src, y_ptr, m_ptr, n);
+        };
+        // 2. d = keep ? T(t * scale) : 0, mask = keep; 3. y = T(r + d).
+        let d_buf = ensure(&h, OP, &mut self.d, n)?;
+        let (d_ptr, _g4) = h.write_ptr(OP, "d", d_buf)?;
+        launch_dropout::<T>(&h, &UNFUSED, &cfg.keying(), t_src, d_ptr, m_ptr, n)?;
+        let p = AddParams {
+            a: r_ptr,
+            b: d_ptr,
+            out: y_ptr,
+            n: n as u64,
+            vec: u32::from(aligned16(&[r_ptr, d_ptr, y_ptr])),
+            pad: 0,
+        };
+        h.launch(ADD.get::<T>(), flat_grid::<T>(n), (BLOCK, 1, 1), 0, &p)
     }
 
     /// `dx = mask ? T(dy * scale) : 0`, then, when `dbias` is given, its column sums of the
-    /// rounded dx (deterministic, the fused op's slab partition).
+    /// rounded dx (deterministic, the fused op's slab partition). The same with or without a
+    /// residual (`dresidual = dy`).
     ///
     /// # Examples
     ///
@@ -288,8 +344,8 @@ impl<T: Dtype> Unfused<T> {
     }
 }
 
-/// CPU mirror of [`Unfused::forward`], bit for bit: `t = T(x + b)`, `y = keep ? T(t * scale) :
-/// 0`, `mask[i] = keep`.
+/// CPU mirror of [`Unfused::forward`], bit for bit: `t = T(x + b)`, `d = keep ? T(t * scale) :
+/// 0`, `y = d` or `y = T(r + d)` with a residual, `mask[i] = keep`.
 ///
 /// # Examples
 ///
@@ -297,26 +353,36 @@ impl<T: Dtype> Unfused<T> {
 /// use fusedreg::dropout::{unfused, Config, DropPath};
 /// # fn main() -> fusedreg::Result<()> {
 /// let cfg = Config::new(2, 4, 0.5, 42, 7)?;
-/// let (x, bias) = ([1.0f32; 8], [0.5f32; 4]);
-/// let (mut y, mut mask) = ([0.0f32; 8], [0u8; 8]);
-/// unfused::forward_cpu(&cfg, &x, Some(&bias), &mut y, &mut mask)?;
+/// let (x, bias, r) = ([1.0f32; 8], [0.5f32; 4], [0.25f32; 8]);
+/// let (mut y, mut yr, mut mask) = ([0.0f32; 8], [0.0f32; 8], [0u8; 8]);
+/// unfused::forward_cpu(&cfg, &x, Some(&bias), None, &mut y, &mut mask)?;
+/// unfused::forward_cpu(&cfg, &x, Some(&bias), Some(&r), &mut yr, &mut mask)?;
 /// for i in 0..8 {
 ///     assert_eq!(mask[i] == 1, cfg.keeps(i as u64)); // the fused op's mask
 ///     assert_eq!(y[i], if mask[i] == 1 { 3.0 } else { 0.0 }); // 2 (x + b)
+///     assert_eq!(yr[i], if mask[i] == 1 { 3.25 } else { 0.25 }); // r + 2 (x + b)
 /// }
 /// let with_path = cfg.with_drop_path(DropPath::new(0.1, 9)?);
-/// assert!(unfused::forward_cpu(&with_path, &x, None, &mut y, &mut mask).is_err());
+/// assert!(unfused::forward_cpu(&with_path, &x, None, None, &mut y, &mut mask).is_err());
 /// # Ok(()) }
 /// ```
 pub fn forward_cpu<T: Dtype>(
     cfg: &Config,
     x: &[T],
     bias: Option<&[T]>,
+    residual: Option<&[T]>,
     y: &mut [T],
     mask: &mut [u8],
 ) -> Result<()> {
     no_row_scale(cfg)?;
-    check_forward_lens(cfg, x.len(), bias.map(<[T]>::len), y.len(), mask.len())?;
+    check_forward_lens(
+        cfg,
+        x.len(),
+        bias.map(<[T]>::len),
+        residual.map(<[T]>::len),
+        y.len(),
+        mask.len(),
+    )?;
     let scale = cfg.rate().scale();
     let mut bits = cfg.keying().keep_bits();
     for i in 0..cfg.len() {
@@ -326,7 +392,11 @@ pub fn forward_cpu<T: Dtype>(
         };
         let keep = bits.get(i as u64);
         mask[i] = u8::from(keep);
-        y[i] = dropout_cpu(t, keep, scale);
+        let d = dropout_cpu(t, keep, scale);
+        y[i] = match residual {
+            Some(r) => T::from_f32_rn(r[i].to_f32() + d.to_f32()),
+            None => d,
+        };
     }
     Ok(())
 }

@@ -14,7 +14,7 @@
 //!
 //! * `residual`, `bias` (per column), `beta` and the row scale are optional. The row scale is
 //!   either given (f32 per row) or a generated drop path ([`DropPath`], its own call id).
-//! * Dropout is keyed exactly as [`dropout_residual`](crate::dropout_residual): the keep bit of
+//! * Dropout is keyed exactly as [`dropout`](crate::dropout): the keep bit of
 //!   element `i = row * cols + col` is `DropRate::keeps(mask_word(seed, call, i))`, a pure
 //!   function of `(seed, call, 64-bit i)`; p = 0 and p = 1 are exact and do no generator work.
 //!   The mask is regenerated in the backward, never stored.
@@ -67,7 +67,7 @@
 //! elements of a group in order); each run of 32 partials is combined by the tree `a[l] += a[l +
 //! o]` for `o = 16, 8, 4, 2, 1`, and the `P / 32` results are added left to right.
 //!
-//! `colsum` (the column reductions) is the slab scheme of `dropout_residual`'s dbias: rows are
+//! `colsum` (the column reductions) is the slab scheme of `dropout`'s dbias: rows are
 //! cut into slabs of [`colsum_slab_rows`] rows (a function of `rows` only); each slab's partial is a
 //! sequential f32 sum from `+0.0` over its rows in increasing order, and the slabs' partials are
 //! added in slab order. So dgamma, dbeta and dbias are identical from run to run and GPU to GPU,
@@ -280,7 +280,7 @@ impl Config {
         })
     }
 
-    /// Dropout with probability `p` keyed by `(seed, call)` (the `dropout_residual` contract).
+    /// Dropout with probability `p` keyed by `(seed, call)` (the `dropout` contract).
     ///
     /// Errors: [`Error::InvalidArgument`] when `p` is NaN or outside `[0, 1]`.
     ///
@@ -564,16 +564,11 @@ impl Config {
         }
     }
 
-    /// The dropout part as a `dropout_residual` config (the unfused baseline's first op).
-    pub(crate) fn dropout_residual_config(&self) -> Result<crate::dropout_residual::Config> {
+    /// The dropout part as a `dropout` config (the unfused baseline's first op).
+    pub(crate) fn dropout_config(&self) -> Result<crate::dropout::Config> {
         let k = self.keying;
-        let c = crate::dropout_residual::Config::new(
-            self.rows,
-            self.cols,
-            k.rate().p(),
-            k.seed(),
-            k.call(),
-        )?;
+        let c =
+            crate::dropout::Config::new(self.rows, self.cols, k.rate().p(), k.seed(), k.call())?;
         Ok(match self.drop_path {
             Some(path) => c.with_drop_path(path),
             None => c,
@@ -627,7 +622,7 @@ pub fn fused_backward_bytes(
     n.saturating_mul(per)
 }
 
-/// Minimal bytes of the unfused baseline's forward ([`unfused`]): `dropout_residual` (read x and
+/// Minimal bytes of the unfused baseline's forward ([`unfused`]): `dropout` with a residual (read x and
 /// the residual, write s: `3 s`, the fused dropout op at its own floor), then the norm (read s,
 /// write out: `2 s`): `5 s` = 10 B bf16, 20 B f32 per element. Saturates.
 ///
@@ -646,7 +641,7 @@ pub fn unfused_forward_bytes(dtype: DtypeKind, n: u64) -> u64 {
 /// Minimal bytes of the unfused backward ([`unfused::backward`], prenorm): the norm backward
 /// (read d_out, s and d_s, write the stream gradient d_residual: `4 s`; it adds d_s itself, as a
 /// framework's gradient accumulation into the stream would cost a further `3 s`), then
-/// `dropout_residual`'s backward (read d_residual, write dx: `2 s`): `6 s` = 12 B bf16, 24 B f32.
+/// `dropout`'s backward (read d_residual, write dx: `2 s`): `6 s` = 12 B bf16, 24 B f32.
 /// Saturates.
 ///
 /// # Examples

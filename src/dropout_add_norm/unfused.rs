@@ -1,8 +1,8 @@
 //! The unfused baseline, the way a framework runs the pre-norm entry without this op:
-//! [`dropout_residual`](crate::dropout_residual) (itself fused: bias + dropout + residual add,
+//! [`dropout`](crate::dropout) with its residual (itself fused: bias + dropout + residual add,
 //! writing `s`), then a separate norm kernel reading `s` back; backward: the norm's backward
 //! (which adds the stream gradient `d_s`, as the framework's gradient accumulation does) writing
-//! the stream gradient, then `dropout_residual`'s backward reading it back for `dx` and dbias.
+//! the stream gradient, then `dropout`'s backward reading it back for `dx` and dbias.
 //! It moves `5 s` bytes per element forward and `6 s` backward against the fused `4 s` and
 //! `5 s` ([`super::unfused_forward_bytes`], [`super::unfused_backward_bytes`]).
 //!
@@ -10,7 +10,7 @@
 //! x's dtype, a residual is required (forward) and `d_residual` is required (backward: it holds
 //! the stream gradient between the two kernels). Its results are not the fused op's bits (the
 //! stream gradient is rounded to `T` before the dropout backward, and dbias is summed in
-//! `dropout_residual`'s order); [`forward_cpu`] and [`backward_cpu`] mirror it exactly.
+//! `dropout`'s order); [`forward_cpu`] and [`backward_cpu`] mirror it exactly.
 //!
 //! ```
 //! use fusedreg::dropout_add_norm::{cpu, unfused, Config, Norm};
@@ -34,7 +34,7 @@ use super::{
     check_backward, check_forward, cpu, BackwardArgs, BackwardLens, BackwardOut, Config,
     ForwardArgs, ForwardLens, ForwardOut, OP,
 };
-use crate::dropout_residual as dr;
+use crate::dropout as dr;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::Handle;
@@ -50,7 +50,7 @@ fn need_d_residual() -> Error {
     )
 }
 
-/// The unfused forward on the GPU: `dropout_residual::forward` into `out.s`, then the norm of
+/// The unfused forward on the GPU: `dropout::forward` with the residual into `out.s`, then the norm of
 /// `out.s` (a second kernel).
 ///
 /// Errors: as the fused [`super::forward`], and [`Error::InvalidArgument`] without a residual.
@@ -94,13 +94,14 @@ pub fn forward<T: Dtype>(
             rstd: out.rstd.len(),
         },
     )?;
-    let dcfg = cfg.dropout_residual_config()?;
+    let dcfg = cfg.dropout_config()?;
     let opts = dr::ForwardOptions {
         bias: args.bias,
+        residual: Some(residual),
         rowscale: args.rowscale,
         ..Default::default()
     };
-    dr::forward(handle, &dcfg, &args.x, &residual, &mut out.s, opts)?;
+    dr::forward(handle, &dcfg, &args.x, &mut out.s, opts)?;
     let norm_args = ForwardArgs {
         residual: None,
         bias: None,
@@ -117,7 +118,7 @@ pub fn forward<T: Dtype>(
 }
 
 /// The unfused backward on the GPU: the norm's backward (with `d_s`) into `out.d_residual`, then
-/// `dropout_residual::backward` from it into `out.dx` (and dbias).
+/// `dropout::backward` from it into `out.dx` (and dbias).
 ///
 /// Errors: as the fused [`super::backward`], and [`Error::InvalidArgument`] without
 /// `d_residual`.
@@ -161,7 +162,7 @@ pub fn backward<T: Dtype>(
             dbias: out.dbias.as_ref().map(|v| v.len()),
         },
     )?;
-    let dcfg = cfg.dropout_residual_config()?;
+    let dcfg = cfg.dropout_config()?;
     let rowscale = args.rowscale;
     let n = cfg.len();
     // The norm's backward: no dropout, no row scale, so its "dx" is T(ds), the stream gradient.
@@ -214,16 +215,11 @@ pub fn forward_cpu<T: Dtype>(
     )?;
     let opts = dr::cpu::ForwardOptions {
         bias: args.bias,
+        residual: Some(residual),
         rowscale: args.rowscale,
         ..Default::default()
     };
-    dr::cpu::forward(
-        &cfg.dropout_residual_config()?,
-        args.x,
-        residual,
-        out.s,
-        opts,
-    )?;
+    dr::cpu::forward(&cfg.dropout_config()?, args.x, out.s, opts)?;
     cpu::forward_core(&cfg.without_dropout(), args, out, false, false);
     Ok(())
 }
@@ -284,5 +280,5 @@ pub fn backward_cpu<T: Dtype>(
         dbias: out.dbias,
         ..Default::default()
     };
-    dr::cpu::backward(&cfg.dropout_residual_config()?, d_res, out.dx, opts)
+    dr::cpu::backward(&cfg.dropout_config()?, d_res, out.dx, opts)
 }

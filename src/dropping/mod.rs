@@ -1045,16 +1045,16 @@ impl Config {
     /// # Examples
     ///
     /// ```
-    /// use fusedreg::dropout_residual::{cpu, Config, DropPath};
+    /// use fusedreg::dropout::{cpu, Config, DropPath};
     /// # fn main() -> fusedreg::Result<()> {
     /// let path = DropPath::new(0.5, 8)?;
     /// let cfg = Config::new(2, 4, 0.0, 42, 7)?.with_drop_path(path);
-    /// let (x, r, mut y) = ([1.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
-    /// cpu::forward(&cfg, &x, &r, &mut y, Default::default())?;
+    /// let (x, mut y) = ([1.0f32; 8], [0.0f32; 8]);
+    /// cpu::forward(&cfg, &x, &mut y, Default::default())?;
     /// assert_eq!(y[..4], [path.row_scale(42, 0); 4]); // row 0 is kept or dropped as a whole
     /// // A caller-supplied row scale is refused:
     /// let opts = cpu::ForwardOptions { rowscale: Some(&[1.0, 1.0]), ..Default::default() };
-    /// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
+    /// assert!(cpu::forward(&cfg, &x, &mut y, opts).is_err());
     /// # Ok(()) }
     /// ```
     pub fn with_drop_path(self, path: DropPath) -> Self {
@@ -1268,13 +1268,14 @@ impl Config {
         Keying::with_rate(self.rate, self.seed, self.call).with_resolution(self.resolution)
     }
 
-    /// Errors for [`MaskResolution::Bits16`] in an op that does not offer it.
+    /// Errors for a resolution other than [`MaskResolution::Bits32`] in a path that keys at 32
+    /// bits only (the unfused baselines: PyTorch has no coarser keying).
     pub(crate) fn require_bits32(&self, op: &'static str) -> Result<()> {
         if self.resolution != MaskResolution::Bits32 {
             return Err(Error::invalid(
                 op,
                 format!(
-                    "{:?} keying is offered by the dropout op only (and not by its unfused baseline)",
+                    "{:?} keying is offered by the fused op, not by its unfused baseline (32-bit keys, as PyTorch)",
                     self.resolution
                 ),
             ));
@@ -1287,15 +1288,15 @@ impl Config {
     }
 }
 
-/// The optional buffers of a GPU forward (`dropout::forward`, `dropout_residual::forward` /
-/// `forward_inplace`). All default to `None`.
+/// The optional buffers of a GPU forward (`dropout::forward` / `forward_inplace`). All default
+/// to `None`.
 ///
 /// # Examples
 ///
 /// A drop-path forward that also writes out the row scale it generated:
 ///
 /// ```no_run
-/// use fusedreg::dropout_residual::{self as dr, Config, DropPath, ForwardOptions};
+/// use fusedreg::dropout::{self as dr, Config, DropPath, ForwardOptions};
 /// # fn main() -> fusedreg::Result<()> {
 /// let h = fusedreg::Handle::new(0)?;
 /// let s = h.stream();
@@ -1313,6 +1314,9 @@ impl Config {
 pub struct ForwardOptions<'a, T> {
     /// Bias per column, `len == cols`.
     pub bias: Option<CudaView<'a, T>>,
+    /// The residual, `len == rows * cols`: `y = residual + dropout(x + bias)` (not with
+    /// `forward_inplace`, where the residual is the output).
+    pub residual: Option<CudaView<'a, T>>,
     /// Caller-supplied row scale, `len == rows` (not with a [`DropPath`] in the config).
     pub rowscale: Option<CudaView<'a, f32>>,
     /// Writes the 1-bit keep mask here, `len == cfg.mask_words()`.
@@ -1327,6 +1331,7 @@ impl<T> Default for ForwardOptions<'_, T> {
     fn default() -> Self {
         ForwardOptions {
             bias: None,
+            residual: None,
             rowscale: None,
             mask_out: None,
             rowscale_out: None,
@@ -1335,15 +1340,15 @@ impl<T> Default for ForwardOptions<'_, T> {
     }
 }
 
-/// The optional buffers of a GPU backward (`dropout::backward`, `dropout_residual::backward`).
-/// All default to `None`.
+/// The optional buffers of a GPU backward (`dropout::backward`, and the shared backward of any
+/// op whose gradient is `m * dy`). All default to `None`.
 ///
 /// # Examples
 ///
 /// A backward reading the forward's 1-bit mask and the caller's row scale:
 ///
 /// ```no_run
-/// use fusedreg::dropout_residual::{self as dr, BackwardOptions, Config};
+/// use fusedreg::dropout::{self as dr, BackwardOptions, Config};
 /// # fn main() -> fusedreg::Result<()> {
 /// let h = fusedreg::Handle::new(0)?;
 /// let s = h.stream();
@@ -1472,28 +1477,35 @@ fn check_row_scale(op: &'static str, cfg: &Config, rowscale: Option<usize>) -> R
     Ok(())
 }
 
-/// The optional buffers of a CPU reference forward (`dropout::cpu::forward`,
-/// `dropout_residual::cpu::forward` / `forward_inplace`). All default to `None`.
+/// The optional buffers of a CPU reference forward (`dropout::cpu::forward` /
+/// `forward_inplace`). All default to `None`.
 ///
 /// # Examples
 ///
 /// ```
-/// use fusedreg::dropout_residual::{cpu, Config};
+/// use fusedreg::dropout::{cpu, Config};
 /// # fn main() -> fusedreg::Result<()> {
 /// let cfg = Config::new(2, 4, 0.0, 1, 2)?; // p = 0: only the row scale acts
 /// let (x, r, mut y) = ([1.0f32; 8], [1.0f32; 8], [0.0f32; 8]);
-/// let opts = cpu::ForwardOptions { rowscale: Some(&[0.0, 2.0]), ..Default::default() };
-/// cpu::forward(&cfg, &x, &r, &mut y, opts)?;
+/// let opts = cpu::ForwardOptions {
+///     residual: Some(&r),
+///     rowscale: Some(&[0.0, 2.0]),
+///     ..Default::default()
+/// };
+/// cpu::forward(&cfg, &x, &mut y, opts)?;
 /// assert_eq!(y, [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0]); // row 0 dropped, row 1 doubled
 /// // rowscale_out is written only for a drop path in the config:
 /// let mut out = [0.0f32; 2];
 /// let opts = cpu::ForwardOptions { rowscale_out: Some(&mut out), ..Default::default() };
-/// assert!(cpu::forward(&cfg, &x, &r, &mut y, opts).is_err());
+/// assert!(cpu::forward(&cfg, &x, &mut y, opts).is_err());
 /// # Ok(()) }
 /// ```
 pub struct CpuForwardOptions<'a, T> {
     /// Bias per column, `len == cols`.
     pub bias: Option<&'a [T]>,
+    /// The residual, `len == rows * cols`: `y = residual + dropout(x + bias)` (not with
+    /// `forward_inplace`, where the residual is the output).
+    pub residual: Option<&'a [T]>,
     /// Caller-supplied row scale, `len == rows` (not with a drop path in the config).
     pub rowscale: Option<&'a [f32]>,
     /// Receives the 1-bit keep mask, `len == cfg.mask_words()` (padding bits zero).
@@ -1506,6 +1518,7 @@ impl<T> Default for CpuForwardOptions<'_, T> {
     fn default() -> Self {
         CpuForwardOptions {
             bias: None,
+            residual: None,
             rowscale: None,
             mask_out: None,
             rowscale_out: None,
@@ -1513,13 +1526,13 @@ impl<T> Default for CpuForwardOptions<'_, T> {
     }
 }
 
-/// The optional buffers of a CPU reference backward (`dropout::cpu::backward`,
-/// `dropout_residual::cpu::backward`). All default to `None`.
+/// The optional buffers of a CPU reference backward (`dropout::cpu::backward`). All default to
+/// `None`.
 ///
 /// # Examples
 ///
 /// ```
-/// use fusedreg::dropout_residual::{cpu, Config};
+/// use fusedreg::dropout::{cpu, Config};
 /// # fn main() -> fusedreg::Result<()> {
 /// let cfg = Config::new(2, 3, 0.0, 1, 2)?;
 /// let dy = [1.0f32; 6];

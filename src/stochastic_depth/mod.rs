@@ -326,7 +326,7 @@ fn row_call(step: u64, block: usize) -> u64 {
 /// # Examples
 ///
 /// ```
-/// use fusedreg::dropout_residual::DropPath;
+/// use fusedreg::dropout::DropPath;
 /// use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
 /// # fn main() -> fusedreg::Result<()> {
 /// let sd = StochasticDepth::new(Schedule::Constant(0.25), 3, 11, Mode::Row)?;

@@ -2,14 +2,16 @@
 //! Each case ends in an `Error`, or a documented valid result checked against the CPU reference
 //! bit for bit — never a panic, a NaN, or a silently wrong value.
 //!
-//! Entry points covered: `dropout_residual::{forward, forward_inplace, backward}` (length
+//! Entry points covered: `dropout::{forward, forward_inplace, backward}` with a residual (length
 //! mismatches of every buffer, empty tensors with dbias, p rounding to 1),
 //! `philox::gpu::mask_words` (indices past 2^64), and, in the `engine` section (the engine branch
 //! changes this API), `multi_tensor::TensorSetBuilder::push`, `GlobalNorm::{new, set_max_norm,
 //! set_loss_scale, copy_to_host_async}`, `AdamW::set_lr`.
 
 use cudarc::driver::CudaSlice;
-use fusedreg::dropout_residual::{self as dr, cpu, BackwardOptions, Config, ForwardOptions};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
+use fusedreg::dropout::{self as dr, cpu, BackwardOptions, Config, ForwardOptions};
+use fusedreg::Dtype;
 use fusedreg::{Error, Handle};
 use half::bf16;
 use libtest_mimic::Trial;
@@ -52,6 +54,22 @@ fn refused<T>(what: &str, r: fusedreg::Result<T>) -> Result<(), String> {
     }
 }
 
+/// `dropout::forward` with the residual `r` (the case of the former `dropout_residual`).
+fn fwd_r<'a, T: Dtype>(
+    h: &Handle,
+    cfg: &Config,
+    x: &impl DevicePtr<T>,
+    r: &cudarc::driver::CudaView<'a, T>,
+    y: &mut impl DevicePtrMut<T>,
+    opts: ForwardOptions<'a, T>,
+) -> fusedreg::Result<()> {
+    let opts = ForwardOptions {
+        residual: Some(r.slice(..)),
+        ..opts
+    };
+    dr::forward(h, cfg, x, y, opts)
+}
+
 fn up<T: cudarc::driver::DeviceRepr + Clone>(h: &Handle, v: &[T]) -> Result<CudaSlice<T>, String> {
     h.stream().clone_htod(v).map_err(e)
 }
@@ -67,11 +85,11 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
             let mut yv = y.slice_mut(0..n);
             refused(
                 "x",
-                dr::forward(h, &cfg, &badv, &okv, &mut yv, Default::default()),
+                fwd_r(h, &cfg, &badv, &okv, &mut yv, Default::default()),
             )?;
             refused(
                 "residual",
-                dr::forward(h, &cfg, &okv, &badv, &mut yv, Default::default()),
+                fwd_r(h, &cfg, &okv, &badv, &mut yv, Default::default()),
             )?;
             refused(
                 "inplace",
@@ -85,7 +103,7 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
         let mut ybad = y.slice_mut(0..bad);
         refused(
             "y",
-            dr::forward(h, &cfg, &okv, &okv, &mut ybad, Default::default()),
+            fwd_r(h, &cfg, &okv, &okv, &mut ybad, Default::default()),
         )?;
     }
     let bias = up(h, &[0.5f32; 6])?;
@@ -96,7 +114,7 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
             bias: Some(bias.slice(0..cols)),
             ..Default::default()
         };
-        refused("bias", dr::forward(h, &cfg, &okv, &okv2, &mut yv, opts))?;
+        refused("bias", fwd_r(h, &cfg, &okv, &okv2, &mut yv, opts))?;
     }
     let mut mask = up(h, &[0u32; 4])?;
     for words in [0, cfg.mask_words() + 1] {
@@ -106,7 +124,7 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
             mask_out: Some(mask.slice_mut(0..words)),
             ..Default::default()
         };
-        refused("mask_out", dr::forward(h, &cfg, &okv, &okv2, &mut yv, opts))?;
+        refused("mask_out", fwd_r(h, &cfg, &okv, &okv2, &mut yv, opts))?;
     }
     let mut dbias = up(h, &[0.0f32; 6])?;
     for cols in [4, 6] {
@@ -127,7 +145,7 @@ fn dropout_empty(h: &Handle) -> Result<(), String> {
     let cfg = Config::new(0, 5, 0.5, 1, 2).map_err(e)?;
     let one = up(h, &[bf16::ONE])?;
     let mut out = up(h, &[bf16::ONE])?;
-    dr::forward(
+    fwd_r(
         h,
         &cfg,
         &one.slice(0..0),
@@ -161,7 +179,7 @@ fn dropout_p_near_one(h: &Handle) -> Result<(), String> {
         let r: Vec<f32> = (0..cfg.len()).map(|i| 0.5 * i as f32 + 0.25).collect();
         let (dx, dres) = (up(h, &x)?, up(h, &r)?);
         let mut dy = up(h, &vec![f32::NAN; cfg.len()])?;
-        dr::forward(h, &cfg, &dx, &dres, &mut dy, Default::default()).map_err(e)?;
+        fwd_r(h, &cfg, &dx, &dres.as_view(), &mut dy, Default::default()).map_err(e)?;
         let got = h.stream().clone_dtoh(&dy).map_err(e)?;
         bits_eq(&format!("p = {p}"), &got, &r)?;
     }

@@ -1,6 +1,7 @@
-//! Plain dropout on the device against the CPU reference, bit for bit (y, the 1-bit mask, the
-//! generated row scale, dx from the regenerated mask and from the bitmask, dbias); the unfused
-//! baseline against its CPU mirror.
+//! Dropout on the device against the CPU reference, bit for bit, without a residual, with one
+//! and in place (y, the 1-bit mask, the generated row scale, dx from the regenerated mask and
+//! from the bitmask, dbias), at every keying resolution; the unfused baseline against its CPU
+//! mirror.
 //!
 //! Every output is poisoned before the kernel runs, and output views have a sentinel element on
 //! each side that must survive.
@@ -12,13 +13,13 @@ use fusedreg::dropout::{
     self as dr, cpu, unfused, BackwardOptions, Config, DropPath, ForwardOptions, LaunchTuning,
     MaskResolution, Workspace,
 };
-use fusedreg::{Dtype, Handle};
+use fusedreg::{Dtype, Error, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
-use crate::buffers::{download, e2s, poison, upload, R};
+use crate::buffers::{download, poison, upload};
 use crate::common::{bits_eq, rng, uniform};
-use crate::harness::trials_of;
+use crate::harness::{trials_of, TestResult};
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -63,6 +64,20 @@ enum Rs {
     PerSample,
 }
 
+/// The residual variant of the forward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Res {
+    /// `y = dropout(x + bias)`.
+    None,
+    /// `y = r + dropout(x + bias)` into a separate y.
+    Out,
+    /// `r += dropout(x + bias)` (`forward_inplace`).
+    InPlace,
+}
+
+/// Every residual variant, for the cases that run them all.
+const ALL_RES: [Res; 3] = [Res::None, Res::Out, Res::InPlace];
+
 #[derive(Clone, Copy, Debug)]
 struct Case {
     rows: usize,
@@ -70,8 +85,9 @@ struct Case {
     p: f64,
     bias: bool,
     rs: Rs,
+    res: Res,
     mask: bool,
-    /// x, y, dy and dx are views starting at this element.
+    /// x, residual, y, dy and dx are views starting at this element.
     offset: usize,
     dbias: bool,
     /// 16-bit keying (MaskResolution::Bits16).
@@ -87,12 +103,18 @@ impl Case {
             p: 0.1,
             bias: false,
             rs: Rs::None,
+            res: Res::None,
             mask: true,
             offset: 0,
             dbias: false,
             key16: false,
             tuning: LaunchTuning::default(),
         }
+    }
+
+    /// The same case with another residual variant.
+    fn with(self, res: Res) -> Self {
+        Case { res, ..self }
     }
 
     fn config(&self, seed: u64) -> Config {
@@ -112,6 +134,7 @@ impl Case {
 
 struct Data<T> {
     x: Vec<T>,
+    r: Vec<T>,
     bias: Option<Vec<T>>,
     rowscale: Option<Vec<f32>>,
     dy: Vec<T>,
@@ -122,6 +145,7 @@ fn data<T: Dtype>(c: &Case, seed: u64) -> Data<T> {
     let n = c.rows * c.cols;
     Data {
         x: uniform(&mut g, n, -4.0, 4.0),
+        r: uniform(&mut g, n, -4.0, 4.0),
         bias: c.bias.then(|| uniform(&mut g, c.cols, -1.0, 1.0)),
         rowscale: (c.rs == Rs::Given).then(|| {
             let mut v = uniform::<f32>(&mut g, c.rows, 0.5, 2.0);
@@ -145,10 +169,13 @@ fn cpu_forward<T: Dtype>(c: &Case, cfg: &Config, d: &Data<T>) -> FwdOut<T> {
     let mut rs_out = path.then(|| vec![f32::NAN; c.rows]);
     let opts = cpu::ForwardOptions {
         bias: d.bias.as_deref(),
+        residual: (c.res != Res::None).then_some(&d.r[..]),
         rowscale: d.rowscale.as_deref(),
         mask_out: mask.as_deref_mut(),
         rowscale_out: rs_out.as_deref_mut(),
     };
+    // In place and out of place give the same bits (tests/dropout.rs): the out-of-place
+    // reference serves both.
     cpu::forward(cfg, &d.x, &mut y, opts).unwrap();
     FwdOut {
         y,
@@ -157,54 +184,56 @@ fn cpu_forward<T: Dtype>(c: &Case, cfg: &Config, d: &Data<T>) -> FwdOut<T> {
     }
 }
 
-fn gpu_forward<T: Dtype>(h: &Handle, c: &Case, cfg: &Config, d: &Data<T>) -> R<FwdOut<T>> {
+fn gpu_forward<T: Dtype>(
+    h: &Handle,
+    c: &Case,
+    cfg: &Config,
+    d: &Data<T>,
+) -> Result<FwdOut<T>, Box<dyn std::error::Error>> {
     let s = h.stream();
     let (off, n) = (c.offset, cfg.len());
     let sent = T::from_f32_rn(-7.0);
     let x = upload(s, &d.x, off, sent)?;
-    let bias = d
-        .bias
-        .as_ref()
-        .map(|b| s.clone_htod(b))
-        .transpose()
-        .map_err(e2s)?;
-    let rs = d
-        .rowscale
-        .as_ref()
-        .map(|b| s.clone_htod(b))
-        .transpose()
-        .map_err(e2s)?;
+    let bias = d.bias.as_ref().map(|b| s.clone_htod(b)).transpose()?;
+    let rs = d.rowscale.as_ref().map(|b| s.clone_htod(b)).transpose()?;
     let mut mask = c
         .mask
         .then(|| s.clone_htod(&vec![0xDEAD_BEEFu32; cfg.mask_words()]))
-        .transpose()
-        .map_err(e2s)?;
+        .transpose()?;
     let path = matches!(c.rs, Rs::Path | Rs::PerSample);
     let mut rs_out = path
         .then(|| s.clone_htod(&vec![f32::NAN; c.rows]))
-        .transpose()
-        .map_err(e2s)?;
+        .transpose()?;
+    let r = upload(s, &d.r, off, sent)?;
     let opts = ForwardOptions {
         bias: bias.as_ref().map(|b| b.as_view()),
+        residual: None,
         rowscale: rs.as_ref().map(|b| b.as_view()),
         mask_out: mask.as_mut().map(|b| b.as_view_mut()),
         rowscale_out: rs_out.as_mut().map(|b| b.as_view_mut()),
         tuning: c.tuning,
     };
-    let mut y = upload(s, &vec![poison::<T>(); n], off, sent)?;
-    dr::forward(
-        h,
-        cfg,
-        &x.slice(off..off + n),
-        &mut y.slice_mut(off..off + n),
-        opts,
-    )
-    .map_err(e2s)?;
-    let out = y;
+    let x = x.slice(off..off + n);
+    let out = match c.res {
+        Res::InPlace => {
+            let mut r = r;
+            dr::forward_inplace(h, cfg, &x, &mut r.slice_mut(off..off + n), opts)?;
+            r
+        }
+        Res::None | Res::Out => {
+            let opts = ForwardOptions {
+                residual: (c.res == Res::Out).then(|| r.slice(off..off + n)),
+                ..opts
+            };
+            let mut y = upload(s, &vec![poison::<T>(); n], off, sent)?;
+            dr::forward(h, cfg, &x, &mut y.slice_mut(off..off + n), opts)?;
+            y
+        }
+    };
     Ok(FwdOut {
         y: download(s, &out, off, sent, "y")?,
-        mask: mask.map(|m| s.clone_dtoh(&m)).transpose().map_err(e2s)?,
-        rowscale_out: rs_out.map(|m| s.clone_dtoh(&m)).transpose().map_err(e2s)?,
+        mask: mask.map(|m| s.clone_dtoh(&m)).transpose()?,
+        rowscale_out: rs_out.map(|m| s.clone_dtoh(&m)).transpose()?,
     })
 }
 
@@ -232,24 +261,18 @@ fn gpu_backward<T: Dtype>(
     d: &Data<T>,
     mask: Option<&[u32]>,
     ws: Option<&mut Workspace>,
-) -> R<BwdOut<T>> {
+) -> Result<BwdOut<T>, Box<dyn std::error::Error>> {
     let s = h.stream();
     let (off, n) = (c.offset, cfg.len());
     let sent = T::from_f32_rn(-7.0);
     let dy = upload(s, &d.dy, off, sent)?;
     let mut dx = upload(s, &vec![poison::<T>(); n], off, sent)?;
-    let rs = d
-        .rowscale
-        .as_ref()
-        .map(|b| s.clone_htod(b))
-        .transpose()
-        .map_err(e2s)?;
-    let mask = mask.map(|m| s.clone_htod(m)).transpose().map_err(e2s)?;
+    let rs = d.rowscale.as_ref().map(|b| s.clone_htod(b)).transpose()?;
+    let mask = mask.map(|m| s.clone_htod(m)).transpose()?;
     let mut dbias = c
         .dbias
         .then(|| s.clone_htod(&vec![poison::<T>(); c.cols]))
-        .transpose()
-        .map_err(e2s)?;
+        .transpose()?;
     let opts = BackwardOptions {
         rowscale: rs.as_ref().map(|b| b.as_view()),
         mask: mask.as_ref().map(|b| b.as_view()),
@@ -263,15 +286,14 @@ fn gpu_backward<T: Dtype>(
         &dy.slice(off..off + n),
         &mut dx.slice_mut(off..off + n),
         opts,
-    )
-    .map_err(e2s)?;
+    )?;
     Ok(BwdOut {
         dx: download(s, &dx, off, sent, "dx")?,
-        dbias: dbias.map(|b| s.clone_dtoh(&b)).transpose().map_err(e2s)?,
+        dbias: dbias.map(|b| s.clone_dtoh(&b)).transpose()?,
     })
 }
 
-fn compare_fwd<T: Dtype>(what: &str, got: &FwdOut<T>, want: &FwdOut<T>) -> R<()> {
+fn compare_fwd<T: Dtype>(what: &str, got: &FwdOut<T>, want: &FwdOut<T>) -> TestResult {
     bits_eq(&format!("{what}: y"), &got.y, &want.y)?;
     if let (Some(g), Some(w)) = (&got.mask, &want.mask) {
         bits_eq(&format!("{what}: mask"), g, w)?;
@@ -282,7 +304,7 @@ fn compare_fwd<T: Dtype>(what: &str, got: &FwdOut<T>, want: &FwdOut<T>) -> R<()>
     Ok(())
 }
 
-fn compare_bwd<T: Dtype>(what: &str, got: &BwdOut<T>, want: &BwdOut<T>) -> R<()> {
+fn compare_bwd<T: Dtype>(what: &str, got: &BwdOut<T>, want: &BwdOut<T>) -> TestResult {
     bits_eq(&format!("{what}: dx"), &got.dx, &want.dx)?;
     if let (Some(g), Some(w)) = (&got.dbias, &want.dbias) {
         bits_eq(&format!("{what}: dbias"), g, w)?;
@@ -292,7 +314,11 @@ fn compare_bwd<T: Dtype>(what: &str, got: &BwdOut<T>, want: &BwdOut<T>) -> R<()>
 
 /// Forward, backward from the regenerated mask and backward from the bitmask, each against the
 /// CPU reference bit for bit. Returns the GPU results for further comparisons.
-fn run_case<T: Dtype>(h: &Handle, c: &Case, seed: u64) -> R<(FwdOut<T>, BwdOut<T>)> {
+fn run_case<T: Dtype>(
+    h: &Handle,
+    c: &Case,
+    seed: u64,
+) -> Result<(FwdOut<T>, BwdOut<T>), Box<dyn std::error::Error>> {
     let what = format!("{} {c:?} seed {seed}", T::KIND.name());
     let cfg = c.config(seed);
     let d = data::<T>(c, seed);
@@ -314,24 +340,31 @@ fn run_case<T: Dtype>(h: &Handle, c: &Case, seed: u64) -> R<(FwdOut<T>, BwdOut<T
     Ok((got, got_b))
 }
 
-fn flat_sizes<T: Dtype>(h: &Handle) -> R<()> {
+/// [`run_case`] for each residual variant in `res`.
+fn run_each<T: Dtype>(h: &Handle, c: &Case, res: &[Res], seed: u64) -> TestResult {
+    for &r in res {
+        run_case::<T>(h, &c.with(r), seed)?;
+    }
+    Ok(())
+}
+
+fn flat_sizes<T: Dtype>(h: &Handle) -> TestResult {
     for (k, &n) in [1usize, 3, 4095, 65537, 3 * (1 << 20) + 7]
         .iter()
         .enumerate()
     {
         let mut c = Case::new(1, n);
-        run_case::<T>(h, &c, 100 + k as u64)?;
+        run_each::<T>(h, &c, &ALL_RES, 100 + k as u64)?;
         if (3..100_000).contains(&n) {
             c.offset = 1; // misaligned views: the scalar path
-            run_case::<T>(h, &c, 200 + k as u64)?;
+            run_each::<T>(h, &c, &ALL_RES, 200 + k as u64)?;
         }
     }
     // A [rows, cols] tensor without bias or row scale runs flat: same results.
-    run_case::<T>(h, &Case::new(129, 1000 + 3), 300)?;
-    Ok(())
+    run_each::<T>(h, &Case::new(129, 1000 + 3), &ALL_RES, 300)
 }
 
-fn shapes<T: Dtype>(h: &Handle) -> R<()> {
+fn shapes<T: Dtype>(h: &Handle) -> TestResult {
     let base = |rows, cols| Case {
         bias: true,
         dbias: true,
@@ -379,12 +412,12 @@ fn shapes<T: Dtype>(h: &Handle) -> R<()> {
         },
     ];
     for (k, c) in cases.iter().enumerate() {
-        run_case::<T>(h, c, 400 + k as u64)?;
+        run_each::<T>(h, c, &ALL_RES, 400 + k as u64)?;
     }
     Ok(())
 }
 
-fn edge_rates<T: Dtype>(h: &Handle) -> R<()> {
+fn edge_rates<T: Dtype>(h: &Handle) -> TestResult {
     for (k, p) in [0.0, 1.0].into_iter().enumerate() {
         for rs in [Rs::None, Rs::Path] {
             let c = Case {
@@ -394,23 +427,21 @@ fn edge_rates<T: Dtype>(h: &Handle) -> R<()> {
                 dbias: true,
                 ..Case::new(100, 264)
             };
-            run_case::<T>(h, &c, 500 + k as u64)?;
+            run_each::<T>(h, &c, &ALL_RES, 500 + k as u64)?;
         }
-        run_case::<T>(
-            h,
-            &Case {
-                p,
-                ..Case::new(1, 10_001)
-            },
-            510 + k as u64,
-        )?;
+        let c = Case {
+            p,
+            ..Case::new(1, 10_001)
+        };
+        run_each::<T>(h, &c, &ALL_RES, 510 + k as u64)?;
     }
     Ok(())
 }
 
-/// Block size, unroll, grid.x cap (the column-tile loop) and the forced scalar path change
-/// nothing: y, mask, rowscale_out, dx and dbias are identical bits.
-fn launch_configurations_agree(h: &Handle) -> R<()> {
+/// Block size, unroll, grid.x cap (the column-tile loop), the forced scalar path, slab heights
+/// and flat row widths change nothing: y, mask, rowscale_out, dx and dbias are identical bits,
+/// without and with a residual.
+fn launch_configurations_agree(h: &Handle) -> TestResult {
     let tunings = [
         LaunchTuning {
             block: 64,
@@ -435,47 +466,48 @@ fn launch_configurations_agree(h: &Handle) -> R<()> {
             ..Default::default()
         },
     ];
-    for (rows, cols) in [(257, 1024), (70, 4104)] {
-        let base = Case {
+    let shaped = (257, 1024, 70, 4104);
+    let bases = [
+        Case {
             bias: true,
             dbias: true,
             rs: Rs::Path,
-            ..Case::new(rows, cols)
-        };
-        let (f0, b0) = run_case::<bf16>(h, &base, 600)?;
-        let (g0, c0) = run_case::<f32>(h, &base, 601)?;
-        for (k, t) in tunings.iter().enumerate() {
-            let c = Case { tuning: *t, ..base };
-            let (f1, b1) = run_case::<bf16>(h, &c, 600)?;
-            compare_fwd(&format!("bf16 tuning {k} forward"), &f1, &f0)?;
-            compare_bwd(&format!("bf16 tuning {k} backward"), &b1, &b0)?;
-            let (g1, c1) = run_case::<f32>(h, &c, 601)?;
-            compare_fwd(&format!("f32 tuning {k} forward"), &g1, &g0)?;
-            compare_bwd(&format!("f32 tuning {k} backward"), &c1, &c0)?;
-        }
-    }
-    // Flat tensors (no bias, no row scale): the row layout is free, the bits are not.
-    for n in [200_003usize, 1 << 16] {
-        let base = Case::new(1, n);
-        let (f0, b0) = run_case::<bf16>(h, &base, 602)?;
-        let (g0, c0) = run_case::<f32>(h, &base, 603)?;
-        for (k, t) in tunings.iter().enumerate() {
-            let c = Case { tuning: *t, ..base };
-            let (f1, b1) = run_case::<bf16>(h, &c, 602)?;
-            compare_fwd(&format!("flat {n} bf16 tuning {k} forward"), &f1, &f0)?;
-            compare_bwd(&format!("flat {n} bf16 tuning {k} backward"), &b1, &b0)?;
-            let (g1, c1) = run_case::<f32>(h, &c, 603)?;
-            compare_fwd(&format!("flat {n} f32 tuning {k} forward"), &g1, &g0)?;
-            compare_bwd(&format!("flat {n} f32 tuning {k} backward"), &c1, &c0)?;
+            ..Case::new(shaped.0, shaped.1)
+        },
+        Case {
+            bias: true,
+            dbias: true,
+            rs: Rs::Path,
+            ..Case::new(shaped.2, shaped.3)
+        },
+        // Flat tensors (no bias, no row scale): the row layout is free, the bits are not.
+        Case::new(1, 200_003),
+        Case::new(1, 1 << 16),
+    ];
+    for base in bases {
+        for res in [Res::None, Res::Out] {
+            let base = base.with(res);
+            let (f0, b0) = run_case::<bf16>(h, &base, 600)?;
+            let (g0, c0) = run_case::<f32>(h, &base, 601)?;
+            for (k, t) in tunings.iter().enumerate() {
+                let c = Case { tuning: *t, ..base };
+                let what = format!("{}x{} {res:?} tuning {k}", c.rows, c.cols);
+                let (f1, b1) = run_case::<bf16>(h, &c, 600)?;
+                compare_fwd(&format!("bf16 {what} forward"), &f1, &f0)?;
+                compare_bwd(&format!("bf16 {what} backward"), &b1, &b0)?;
+                let (g1, c1) = run_case::<f32>(h, &c, 601)?;
+                compare_fwd(&format!("f32 {what} forward"), &g1, &g0)?;
+                compare_bwd(&format!("f32 {what} backward"), &c1, &c0)?;
+            }
         }
     }
     Ok(())
 }
 
-/// 16-bit keying on every path: flat (vector, scalar at view offset 1, a one-row remainder),
-/// shaped with bias, dbias, row scales and the mask (f32 with cols % 8 == 4: the scalar path),
-/// p = 0 and 1; and launch configurations change no bit.
-fn sixteen_bit_keying<T: Dtype>(h: &Handle) -> R<()> {
+/// 16-bit keying on every path, without and with a residual: flat (vector, scalar at view
+/// offset 1, a one-row remainder), shaped with bias, dbias, row scales and the mask (f32 with
+/// cols % 8 == 4: the scalar path), p = 0 and 1; and launch configurations change no bit.
+fn sixteen_bit_keying<T: Dtype>(h: &Handle) -> TestResult {
     let k16 = |c: Case| Case { key16: true, ..c };
     let shaped = |rows, cols| Case {
         bias: true,
@@ -509,36 +541,39 @@ fn sixteen_bit_keying<T: Dtype>(h: &Handle) -> R<()> {
         }),
     ];
     for (k, c) in cases.iter().enumerate() {
-        run_case::<T>(h, c, 1000 + k as u64)?;
+        run_each::<T>(h, c, &ALL_RES, 1000 + k as u64)?;
     }
-    let base = k16(Case {
-        rs: Rs::PerSample,
-        ..shaped(257, 1024)
-    });
-    let (f0, b0) = run_case::<T>(h, &base, 1100)?;
-    for (k, t) in [
-        LaunchTuning {
-            block: 64,
-            unroll: false,
-            ..Default::default()
-        },
-        LaunchTuning {
-            force_scalar: true,
-            ..Default::default()
-        },
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let (f1, b1) = run_case::<T>(h, &Case { tuning: t, ..base }, 1100)?;
-        compare_fwd(&format!("16-bit tuning {k} forward"), &f1, &f0)?;
-        compare_bwd(&format!("16-bit tuning {k} backward"), &b1, &b0)?;
+    for res in ALL_RES {
+        let base = k16(Case {
+            rs: Rs::PerSample,
+            res,
+            ..shaped(257, 1024)
+        });
+        let (f0, b0) = run_case::<T>(h, &base, 1100)?;
+        for (k, t) in [
+            LaunchTuning {
+                block: 64,
+                unroll: false,
+                ..Default::default()
+            },
+            LaunchTuning {
+                force_scalar: true,
+                ..Default::default()
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (f1, b1) = run_case::<T>(h, &Case { tuning: t, ..base }, 1100)?;
+            compare_fwd(&format!("16-bit {res:?} tuning {k} forward"), &f1, &f0)?;
+            compare_bwd(&format!("16-bit {res:?} tuning {k} backward"), &b1, &b0)?;
+        }
     }
     Ok(())
 }
 
 /// dbias is identical across repeated runs, with and without a reused workspace.
-fn dbias_is_deterministic(h: &Handle) -> R<()> {
+fn dbias_is_deterministic(h: &Handle) -> TestResult {
     let c = Case {
         bias: true,
         dbias: true,
@@ -560,7 +595,7 @@ fn dbias_is_deterministic(h: &Handle) -> R<()> {
 
 /// More than 256 rows per slab (rows > 256 * 65535): the row scales are staged in several
 /// chunks per slab.
-fn row_scales_staged_in_chunks(h: &Handle) -> R<()> {
+fn row_scales_staged_in_chunks(h: &Handle) -> TestResult {
     let c = Case {
         rows: 256 * 65_535 + 300,
         cols: 1,
@@ -578,47 +613,65 @@ fn row_scales_staged_in_chunks(h: &Handle) -> R<()> {
     if dr::slab_rows(c.rows, 1, fusedreg::DtypeKind::F32) <= 256 {
         return Err("the case does not reach several chunks per slab".into());
     }
-    run_case::<f32>(h, &c, 800).map(|_| ())
+    run_each::<f32>(h, &c, &[Res::None, Res::InPlace], 800)
 }
 
-fn empty_inputs_launch_nothing(h: &Handle) -> R<()> {
+fn empty_inputs_launch_nothing(h: &Handle) -> TestResult {
     let s = h.stream();
     let before = h.launch_count();
-    let empty = s.alloc_zeros::<bf16>(0).map_err(e2s)?;
-    let mut empty_out = s.alloc_zeros::<bf16>(0).map_err(e2s)?;
-    let cfg = Config::new(0, 64, 0.5, 1, 2).unwrap();
-    dr::forward(h, &cfg, &empty, &mut empty_out, ForwardOptions::default()).map_err(e2s)?;
-    let mut dbias = s.clone_htod(&vec![bf16::NAN; 64]).map_err(e2s)?;
+    let empty = s.alloc_zeros::<bf16>(0)?;
+    let mut empty_out = s.alloc_zeros::<bf16>(0)?;
+    let cfg = Config::new(0, 64, 0.5, 1, 2)?;
+    dr::forward(h, &cfg, &empty, &mut empty_out, ForwardOptions::default())?;
+    let opts = ForwardOptions {
+        residual: Some(empty.as_view()),
+        ..Default::default()
+    };
+    dr::forward(h, &cfg, &empty, &mut empty_out, opts)?;
+    let mut dbias = s.clone_htod(&vec![bf16::NAN; 64])?;
     let opts = BackwardOptions {
         dbias: Some(dbias.as_view_mut()),
         ..Default::default()
     };
-    dr::backward(h, &cfg, &empty, &mut empty_out, opts).map_err(e2s)?;
-    let flat = Config::flat(0, 0.5, 1, 2).unwrap();
-    let mut mask = s.alloc_zeros::<u32>(0).map_err(e2s)?;
+    dr::backward(h, &cfg, &empty, &mut empty_out, opts)?;
+    let flat = Config::flat(0, 0.5, 1, 2)?;
+    let mut mask = s.alloc_zeros::<u32>(0)?;
     let mut ub = unfused::Unfused::<bf16>::new(h);
-    let mut m8 = s.alloc_zeros::<u8>(0).map_err(e2s)?;
-    ub.forward(&flat, &empty, None, &mut empty_out, &mut m8)
-        .map_err(e2s)?;
+    let mut m8 = s.alloc_zeros::<u8>(0)?;
+    ub.forward(&flat, &empty, None, None, &mut empty_out, &mut m8)?;
+    ub.forward(
+        &flat,
+        &empty,
+        None,
+        Some(empty.as_view()),
+        &mut empty_out,
+        &mut m8,
+    )?;
     let opts = ForwardOptions {
         mask_out: Some(mask.as_view_mut()),
         ..Default::default()
     };
-    dr::forward(h, &flat, &empty, &mut empty_out, opts).map_err(e2s)?;
+    dr::forward(h, &flat, &empty, &mut empty_out, opts)?;
+    let opts = ForwardOptions {
+        mask_out: Some(mask.as_view_mut()),
+        ..Default::default()
+    };
+    dr::forward_inplace(h, &flat, &empty, &mut empty_out, opts)?;
     if h.launch_count() != before {
         return Err(format!(
             "{} kernels launched for empty input",
             h.launch_count() - before
-        ));
+        )
+        .into());
     }
-    let db = s.clone_dtoh(&dbias).map_err(e2s)?;
+    let db = s.clone_dtoh(&dbias)?;
     if db.iter().any(|v| v.to_f32() != 0.0) {
         return Err("dbias of zero rows is not zero".into());
     }
     Ok(())
 }
 
-fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
+fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
     let s = h.stream();
     let mut baseline = unfused::Unfused::<T>::new(h);
     for (k, (rows, cols, bias, off)) in [
@@ -630,132 +683,148 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
     .into_iter()
     .enumerate()
     {
-        let c = Case {
-            bias,
-            dbias: bias,
-            offset: off,
-            ..Case::new(rows, cols)
-        };
-        let cfg = c.config(900 + k as u64);
-        let d = data::<T>(&c, 900 + k as u64);
-        let n = cfg.len();
-        let what = format!(
-            "unfused {} {rows}x{cols} bias {bias} offset {off}",
-            T::KIND.name()
-        );
-        // CPU mirror.
-        let mut y_want = vec![T::default(); n];
-        let mut m_want = vec![0u8; n];
-        unfused::forward_cpu(&cfg, &d.x, d.bias.as_deref(), &mut y_want, &mut m_want)
-            .map_err(e2s)?;
-        let mut dx_want = vec![T::default(); n];
-        let mut db_want = bias.then(|| vec![T::default(); cols]);
-        unfused::backward_cpu(&cfg, &d.dy, &m_want, &mut dx_want, db_want.as_deref_mut())
-            .map_err(e2s)?;
-        // GPU.
-        let sent = T::from_f32_rn(-7.0);
-        let x = upload(s, &d.x, off, sent)?;
-        let b = d
-            .bias
-            .as_ref()
-            .map(|b| s.clone_htod(b))
-            .transpose()
-            .map_err(e2s)?;
-        let mut y = upload(s, &vec![poison::<T>(); n], off, sent)?;
-        let mut m8 = upload(s, &vec![0xA5u8; n], off, 0x5A)?;
-        baseline
-            .forward(
+        for residual in [false, true] {
+            let c = Case {
+                bias,
+                dbias: bias,
+                offset: off,
+                ..Case::new(rows, cols)
+            };
+            let c = c.with(if residual { Res::Out } else { Res::None });
+            let cfg = c.config(900 + k as u64);
+            let d = data::<T>(&c, 900 + k as u64);
+            let n = cfg.len();
+            let what = format!(
+                "unfused {} {rows}x{cols} bias {bias} residual {residual} offset {off}",
+                T::KIND.name()
+            );
+            // CPU mirror.
+            let mut y_want = vec![T::default(); n];
+            let mut m_want = vec![0u8; n];
+            let r_cpu = residual.then_some(&d.r[..]);
+            unfused::forward_cpu(
+                &cfg,
+                &d.x,
+                d.bias.as_deref(),
+                r_cpu,
+                &mut y_want,
+                &mut m_want,
+            )?;
+            let mut dx_want = vec![T::default(); n];
+            let mut db_want = bias.then(|| vec![T::default(); cols]);
+            unfused::backward_cpu(&cfg, &d.dy, &m_want, &mut dx_want, db_want.as_deref_mut())?;
+            // GPU.
+            let sent = T::from_f32_rn(-7.0);
+            let x = upload(s, &d.x, off, sent)?;
+            let r = upload(s, &d.r, off, sent)?;
+            let b = d.bias.as_ref().map(|b| s.clone_htod(b)).transpose()?;
+            let mut y = upload(s, &vec![poison::<T>(); n], off, sent)?;
+            let mut m8 = upload(s, &vec![0xA5u8; n], off, 0x5A)?;
+            baseline.forward(
                 &cfg,
                 &x.slice(off..off + n),
                 b.as_ref().map(|b| b.as_view()),
+                residual.then(|| r.slice(off..off + n)),
                 &mut y.slice_mut(off..off + n),
                 &mut m8.slice_mut(off..off + n),
-            )
-            .map_err(e2s)?;
-        bits_eq(
-            &format!("{what}: y"),
-            &download(s, &y, off, sent, "y")?,
-            &y_want,
-        )?;
-        let m_all = s.clone_dtoh(&m8).map_err(e2s)?;
-        bits_eq(&format!("{what}: mask"), &m_all[off..off + n], &m_want)?;
-        let dy = upload(s, &d.dy, off, sent)?;
-        let mut dx = upload(s, &vec![poison::<T>(); n], off, sent)?;
-        let mut db = bias
-            .then(|| s.clone_htod(&vec![poison::<T>(); cols]))
-            .transpose()
-            .map_err(e2s)?;
-        baseline
-            .backward(
+            )?;
+            bits_eq(
+                &format!("{what}: y"),
+                &download(s, &y, off, sent, "y")?,
+                &y_want,
+            )?;
+            let m_all = s.clone_dtoh(&m8)?;
+            bits_eq(&format!("{what}: mask"), &m_all[off..off + n], &m_want)?;
+            let dy = upload(s, &d.dy, off, sent)?;
+            let mut dx = upload(s, &vec![poison::<T>(); n], off, sent)?;
+            let mut db = bias
+                .then(|| s.clone_htod(&vec![poison::<T>(); cols]))
+                .transpose()?;
+            baseline.backward(
                 &cfg,
                 &dy.slice(off..off + n),
                 &m8.slice(off..off + n),
                 &mut dx.slice_mut(off..off + n),
                 db.as_mut().map(|b| b.as_view_mut()),
-            )
-            .map_err(e2s)?;
-        bits_eq(
-            &format!("{what}: dx"),
-            &download(s, &dx, off, sent, "dx")?,
-            &dx_want,
-        )?;
-        if let (Some(db), Some(want)) = (db, &db_want) {
-            bits_eq(
-                &format!("{what}: dbias"),
-                &s.clone_dtoh(&db).map_err(e2s)?,
-                want,
             )?;
-        }
-        // The byte mask equals the fused bitmask.
-        let fused = cpu_forward(&c, &cfg, &d);
-        let bm = fused.mask.expect("mask requested");
-        for i in 0..n {
-            if (m_want[i] == 1) != (bm[i / 32] >> (i % 32) & 1 == 1) {
-                return Err(format!("{what}: byte mask and bitmask differ at {i}"));
+            bits_eq(
+                &format!("{what}: dx"),
+                &download(s, &dx, off, sent, "dx")?,
+                &dx_want,
+            )?;
+            if let (Some(db), Some(want)) = (db, &db_want) {
+                bits_eq(&format!("{what}: dbias"), &s.clone_dtoh(&db)?, want)?;
+            }
+            // The byte mask equals the fused bitmask.
+            let fused = cpu_forward(&c, &cfg, &d);
+            let bm = fused.mask.expect("mask requested");
+            for i in 0..n {
+                if (m_want[i] == 1) != (bm[i / 32] >> (i % 32) & 1 == 1) {
+                    return Err(format!("{what}: byte mask and bitmask differ at {i}").into());
+                }
             }
         }
     }
     Ok(())
 }
 
-fn bad_input_is_an_error(h: &Handle) -> R<()> {
-    let s = h.stream();
-    let cfg = Config::new(4, 8, 0.1, 1, 1).unwrap();
-    let x = s.alloc_zeros::<f32>(32).map_err(e2s)?;
-    let short = s.alloc_zeros::<f32>(31).map_err(e2s)?;
-    let mut y = s.alloc_zeros::<f32>(32).map_err(e2s)?;
-    let r = dr::forward(h, &cfg, &short, &mut y, ForwardOptions::default());
-    if !matches!(r, Err(fusedreg::Error::ShapeMismatch { .. })) {
-        return Err(format!("short x: {r:?}"));
+/// `r` must be the error named by `is`; says which call and what came back otherwise.
+fn expect(what: &str, r: fusedreg::Result<()>, is: fn(&Error) -> bool) -> TestResult {
+    match &r {
+        Err(e) if is(e) => Ok(()),
+        _ => Err(format!("{what}: {r:?}").into()),
     }
-    let bias = s.alloc_zeros::<f32>(7).map_err(e2s)?;
+}
+
+fn bad_input_is_an_error(h: &Handle) -> TestResult {
+    let shape = |e: &Error| matches!(e, Error::ShapeMismatch { .. });
+    let invalid = |e: &Error| matches!(e, Error::InvalidArgument { .. });
+    let s = h.stream();
+    let cfg = Config::new(4, 8, 0.1, 1, 1)?;
+    let x = s.alloc_zeros::<f32>(32)?;
+    let short = s.alloc_zeros::<f32>(31)?;
+    let mut y = s.alloc_zeros::<f32>(32)?;
+    let r = dr::forward(h, &cfg, &short, &mut y, ForwardOptions::default());
+    expect("short x", r, shape)?;
     let opts = ForwardOptions {
-        bias: Some(bias.as_view()),
+        residual: Some(short.as_view()),
         ..Default::default()
     };
-    let r = dr::forward(h, &cfg, &x, &mut y, opts);
-    if !matches!(r, Err(fusedreg::Error::ShapeMismatch { .. })) {
-        return Err(format!("short bias: {r:?}"));
-    }
-    let mut mask = s.alloc_zeros::<u32>(2).map_err(e2s)?;
+    expect(
+        "short residual",
+        dr::forward(h, &cfg, &x, &mut y, opts),
+        shape,
+    )?;
+    let mut short_stream = s.alloc_zeros::<f32>(31)?;
+    let r = dr::forward_inplace(h, &cfg, &x, &mut short_stream, ForwardOptions::default());
+    expect("short stream in place", r, shape)?;
+    let opts = ForwardOptions {
+        residual: Some(x.as_view()),
+        ..Default::default()
+    };
+    let r = dr::forward_inplace(h, &cfg, &x, &mut y, opts);
+    expect("a second residual in place", r, invalid)?;
+    let bias = s.alloc_zeros::<f32>(7)?;
+    let opts = ForwardOptions {
+        bias: Some(bias.as_view()),
+        residual: Some(x.as_view()),
+        ..Default::default()
+    };
+    expect("short bias", dr::forward(h, &cfg, &x, &mut y, opts), shape)?;
+    let mut mask = s.alloc_zeros::<u32>(2)?;
     let opts = ForwardOptions {
         mask_out: Some(mask.as_view_mut()),
         ..Default::default()
     };
-    let r = dr::forward(h, &cfg, &x, &mut y, opts);
-    if !matches!(r, Err(fusedreg::Error::ShapeMismatch { .. })) {
-        return Err(format!("short mask: {r:?}"));
-    }
-    let with_path = cfg.with_drop_path(DropPath::new(0.2, 3).unwrap());
-    let rs = s.alloc_zeros::<f32>(4).map_err(e2s)?;
+    expect("short mask", dr::forward(h, &cfg, &x, &mut y, opts), shape)?;
+    let with_path = cfg.with_drop_path(DropPath::new(0.2, 3)?);
+    let rs = s.alloc_zeros::<f32>(4)?;
     let opts = ForwardOptions {
         rowscale: Some(rs.as_view()),
         ..Default::default()
     };
     let r = dr::forward(h, &with_path, &x, &mut y, opts);
-    if !matches!(r, Err(fusedreg::Error::InvalidArgument { .. })) {
-        return Err(format!("rowscale with a drop path: {r:?}"));
-    }
+    expect("rowscale with a drop path", r, invalid)?;
     let opts = ForwardOptions {
         tuning: LaunchTuning {
             block: 512,
@@ -763,10 +832,7 @@ fn bad_input_is_an_error(h: &Handle) -> R<()> {
         },
         ..Default::default()
     };
-    let r = dr::forward(h, &cfg, &x, &mut y, opts);
-    if !matches!(r, Err(fusedreg::Error::InvalidArgument { .. })) {
-        return Err(format!("block 512: {r:?}"));
-    }
+    expect("block 512", dr::forward(h, &cfg, &x, &mut y, opts), invalid)?;
     let opts = BackwardOptions {
         tuning: LaunchTuning {
             block: 48,
@@ -774,14 +840,17 @@ fn bad_input_is_an_error(h: &Handle) -> R<()> {
         },
         ..Default::default()
     };
-    let r = dr::backward(h, &cfg, &x, &mut y, opts);
-    if !matches!(r, Err(fusedreg::Error::InvalidArgument { .. })) {
-        return Err(format!("block 48: {r:?}"));
-    }
-    let mut m8 = s.alloc_zeros::<u8>(32).map_err(e2s)?;
-    let r = unfused::Unfused::<f32>::new(h).forward(&with_path, &x, None, &mut y, &mut m8);
-    if !matches!(r, Err(fusedreg::Error::InvalidArgument { .. })) {
-        return Err(format!("unfused with a drop path: {r:?}"));
-    }
-    Ok(())
+    expect("block 48", dr::backward(h, &cfg, &x, &mut y, opts), invalid)?;
+    let mut m8 = s.alloc_zeros::<u8>(32)?;
+    let r = unfused::Unfused::<f32>::new(h).forward(&with_path, &x, None, None, &mut y, &mut m8);
+    expect("unfused with a drop path", r, invalid)?;
+    let r = unfused::Unfused::<f32>::new(h).forward(
+        &cfg.with_resolution(MaskResolution::Bits16),
+        &x,
+        None,
+        Some(x.as_view()),
+        &mut y,
+        &mut m8,
+    );
+    expect("unfused with 16-bit keying", r, invalid)
 }

@@ -610,7 +610,7 @@ fn bad_input_is_an_error(h: &Handle) -> R<()> {
     Ok(())
 }
 
-/// The unfused baseline (dropout_residual, then a separate norm; backward the other way round)
+/// The unfused baseline (dropout with its residual, then a separate norm; backward the other way round)
 /// against its CPU mirror, bit for bit, on the vector path and on an odd shape.
 fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
     let st = h.stream();

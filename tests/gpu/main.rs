@@ -21,7 +21,6 @@ mod common;
 mod cross_entropy;
 mod dropout;
 mod dropout_add_norm;
-mod dropout_residual;
 mod fmath;
 mod global_norm;
 mod harness;
@@ -36,7 +35,6 @@ fn main() {
     trials.extend(philox::trials());
     trials.extend(global_norm::trials());
     trials.extend(adamw::trials());
-    trials.extend(dropout_residual::trials());
     trials.extend(bad_input::trials());
     trials.extend(cross_entropy::trials());
     trials.extend(fmath::trials());

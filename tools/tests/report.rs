@@ -2,7 +2,7 @@
 //! the `fusedreg-bench` binary run end to end on the CPU.
 
 use fusedreg::adamw::{clip_step_min_bytes, min_bytes};
-use fusedreg::dropout_residual::fused_forward_bytes;
+use fusedreg::dropout::fused_forward_bytes;
 use fusedreg::global_norm::{norm_min_bytes, scale_min_bytes};
 use fusedreg::DtypeKind::{Bf16, F32};
 use fusedreg_tools::report::{Measurement, Report, Row, SCHEMA};
@@ -12,9 +12,9 @@ use fusedreg_tools::report::{Measurement, Report, Row, SCHEMA};
 fn bytes_per_element_match_the_reference_tables() {
     let n = 1 << 20;
     let per = |b: u64| b as f64 / n as f64;
-    // §2 (dropout + residual) is checked where the formulas live, in dropout_residual's unit
-    // tests; here one row of it, and §5.
-    assert_eq!(per(fused_forward_bytes(Bf16, n, false)), 6.0);
+    // §2 (dropout + residual) is checked where the formulas live, in dropout's unit tests; here
+    // one row of it, and §5.
+    assert_eq!(per(fused_forward_bytes(Bf16, n, true, false)), 6.0);
     // §5: AdamW 28 B/param in both layouts; norm 2 / 4; in-place scale 4 / 8.
     assert_eq!(per(min_bytes(n, F32, F32)), 28.0);
     assert_eq!(per(min_bytes(n, Bf16, Bf16)), 28.0);
@@ -37,7 +37,10 @@ fn bytes_of_the_gpu_only_rows() {
     let n = 1 << 20;
     let per = |b: u64| b as f64 / n as f64;
     // dropout: read x, write y (read dy, write dx); bf16 4, f32 8.
-    assert_eq!(per(dropout::fused_forward_bytes(Bf16, n, false)), 4.0);
+    assert_eq!(
+        per(dropout::fused_forward_bytes(Bf16, n, false, false)),
+        4.0
+    );
     assert_eq!(per(dropout::fused_backward_bytes(F32, n, false)), 8.0);
     // bias_act_dropout: forward 2 s; backward reads dy and x, writes dx: 3 s.
     assert_eq!(per(bad::fused_forward_bytes(Bf16, n, false)), 4.0);

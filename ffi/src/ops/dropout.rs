@@ -1,34 +1,19 @@
 //! `fr_dropout_*`: `y = [residual +] rowscale · dropout(x + bias)`, plain or with a residual
-//! (one ABI op; the library's `dropout` and `dropout_residual` underneath).
+//! (one ABI op; the library's `dropout`, with its optional residual, underneath).
 
-use fusedreg::dropout::{self, Config, MaskResolution};
-use fusedreg::{dropout_residual as dres, Dtype, Handle};
+use fusedreg::dropout::{self, Config};
+use fusedreg::{Dtype, Handle};
 
 use crate::tensor::{dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor};
-use crate::{boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus};
+use crate::{boundary, FfiResult, FrExec, FrOptions, FrStatus};
 
 const OP: &str = "dropout";
 
-fn config(o: &FrOptions, residual: bool) -> FfiResult<Config> {
-    if o.math > crate::FR_MATH_EXACT {
-        return Err(FfiError::invalid(format!(
-            "{OP}: math = {} is not offered by this op (it has no transcendental functions)",
-            o.math
-        )));
-    }
+fn config(o: &FrOptions) -> FfiResult<Config> {
+    o.exact_only(OP)?;
     let (rows, cols) = o.shape(OP)?;
-    let mut cfg = Config::new(rows, cols, o.p, o.seed, o.call)?;
-    match o.mask_bits {
-        32 => {}
-        16 if !residual => cfg = cfg.with_resolution(MaskResolution::Bits16),
-        b => {
-            return Err(FfiError::invalid(format!(
-                "{OP}: mask_bits = {b} is not offered{}; use 32{}",
-                if residual { " with a residual" } else { "" },
-                if residual { "" } else { " or 16" }
-            )))
-        }
-    }
+    let mut cfg =
+        Config::new(rows, cols, o.p, o.seed, o.call)?.with_resolution(o.resolution(OP, &[32, 16])?);
     if let Some(path) = o.drop_path(OP)? {
         cfg = cfg.with_drop_path(path);
     }
@@ -61,7 +46,7 @@ pub unsafe extern "C" fn fr_dropout_forward(
             y: req(OP, "y", y)?,
             rowscale_out: opt(OP, "rowscale_out", rowscale_out)?,
         };
-        let cfg = config(o, t.residual.is_some())?;
+        let cfg = config(o)?;
         let h = exec.handle()?;
         dispatch_float!(OP, "x", t.x.dtype, T => forward::<T>(&cfg, h.as_ref(), &t))
     })
@@ -82,7 +67,7 @@ pub unsafe extern "C" fn fr_dropout_backward(
 ) -> FrStatus {
     boundary(|| {
         let o = FrOptions::read(OP, options)?;
-        let cfg = config(o, false)?;
+        let cfg = config(o)?;
         let t = Bwd {
             dy: req(OP, "dy", dy)?,
             rowscale: opt(OP, "rowscale", rowscale)?,
@@ -127,20 +112,18 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
                     .rowscale_out
                     .map(|b| host_mut::<f32>(OP, "rowscale_out", b))
                     .transpose()?,
+                ..Default::default()
             };
             let x = host::<T>(OP, "x", t.x)?;
+            let y = host_mut::<T>(OP, "y", t.y)?;
             match t.residual {
-                None => dropout::cpu::forward(cfg, x, host_mut::<T>(OP, "y", t.y)?, opts)?,
-                Some(_) if inplace => {
-                    dres::cpu::forward_inplace(cfg, x, host_mut::<T>(OP, "y", t.y)?, opts)?
+                None => dropout::cpu::forward(cfg, x, y, opts)?,
+                Some(_) if inplace => dropout::cpu::forward_inplace(cfg, x, y, opts)?,
+                Some(r) => {
+                    let residual = Some(host::<T>(OP, "residual", r)?);
+                    let opts = dropout::cpu::ForwardOptions { residual, ..opts };
+                    dropout::cpu::forward(cfg, x, y, opts)?
                 }
-                Some(r) => dres::cpu::forward(
-                    cfg,
-                    x,
-                    host::<T>(OP, "residual", r)?,
-                    host_mut::<T>(OP, "y", t.y)?,
-                    opts,
-                )?,
             }
         },
         Some(h) => unsafe {
@@ -169,11 +152,15 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
             match t.residual {
                 None => dropout::forward(h, cfg, x.slice(), y.slice_mut(), opts)?,
                 Some(_) if inplace => {
-                    dres::forward_inplace(h, cfg, x.slice(), y.slice_mut(), opts)?
+                    dropout::forward_inplace(h, cfg, x.slice(), y.slice_mut(), opts)?
                 }
                 Some(r) => {
                     let r = Borrowed::<T>::new(OP, "residual", r, s)?;
-                    dres::forward(h, cfg, x.slice(), r.slice(), y.slice_mut(), opts)?
+                    let opts = dropout::ForwardOptions {
+                        residual: Some(r.view()),
+                        ..opts
+                    };
+                    dropout::forward(h, cfg, x.slice(), y.slice_mut(), opts)?
                 }
             }
         },

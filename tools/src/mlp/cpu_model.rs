@@ -6,7 +6,7 @@ use super::cpu;
 use super::init::{host_init, student_tensors, BlockParams};
 use fusedreg::adamw::cpu::CpuTensor;
 use fusedreg::adamw::{self, AdamWConfig};
-use fusedreg::dropout_residual::{self as dr, Config};
+use fusedreg::dropout::{self as dr, Config};
 use fusedreg::global_norm::cpu as norm_cpu;
 use fusedreg::Result;
 
@@ -68,9 +68,10 @@ fn teacher_block(p: &BlockParams, x: &[f32], hidden: usize) -> Result<Vec<f32>> 
     let cfg = Config::new(n / hidden, hidden, 0.0, 0, 0)?;
     let opts = dr::cpu::ForwardOptions {
         bias: Some(&p[3]),
+        residual: Some(x),
         ..Default::default()
     };
-    dr::cpu::forward(&cfg, &o, x, &mut y, opts)?;
+    dr::cpu::forward(&cfg, &o, &mut y, opts)?;
     Ok(y)
 }
 
@@ -239,10 +240,11 @@ impl Backend for CpuMlp {
         let cfg = Config::new(self.tokens, hd, self.dropout, self.seed, call)?;
         let opts = dr::cpu::ForwardOptions {
             bias: Some(&self.tensors[t(l, 3)].param),
+            residual: Some(x),
             rowscale: scale.then_some(&self.rowscale[l][..]),
             ..Default::default()
         };
-        dr::cpu::forward(&cfg, &self.o, x, y, opts)
+        dr::cpu::forward(&cfg, &self.o, y, opts)
     }
 
     fn loss(&mut self, output: usize, batch: usize, _want_loss: bool) -> Result<f64> {

@@ -1,12 +1,12 @@
 //! The pre-norm variant of the CPU model (see [`PreNorm`](crate::mlp::PreNorm) for the model,
 //! the exit and how stochastic depth combines with the fused entry): each block's entry is
-//! `dropout_add_norm`'s CPU reference, the exit `dropout_residual`'s.
+//! `dropout_add_norm`'s CPU reference, the exit `dropout`'s with a residual.
 
 use super::CpuMlp;
 use crate::mlp::config::{check_block, check_slot};
 use crate::mlp::{cpu, PreNorm};
+use fusedreg::dropout as dr;
 use fusedreg::dropout_add_norm::{self as dan, Config};
-use fusedreg::dropout_residual as dr;
 use fusedreg::{Error, Result};
 
 /// Index of tensor `k` (0 W1, 1 b1, 2 W2, 3 b2, 4 gamma, 5 beta) of block `l`.
@@ -169,10 +169,11 @@ impl CpuMlp {
         }
         let opts = dr::cpu::ForwardOptions {
             bias: Some(&self.tensors[t(j, 3)].param),
+            residual: Some(&p.stream[j]),
             rowscale,
             ..Default::default()
         };
-        dr::cpu::forward(&cfg, &p.outs[j], &p.stream[j], &mut p.exit, opts)?;
+        dr::cpu::forward(&cfg, &p.outs[j], &mut p.exit, opts)?;
         p.exit_from = Some(output);
         Ok(())
     }

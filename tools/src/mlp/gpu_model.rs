@@ -8,7 +8,7 @@ use super::config::{check_block, check_slot, Backend, MlpConfig};
 use super::gpu::{self as k, Blas};
 use super::init::{host_init, student_tensors, BlockParams};
 use fusedreg::adamw::AdamW;
-use fusedreg::dropout_residual::{self as dr, BackwardOptions, Config, ForwardOptions, Workspace};
+use fusedreg::dropout::{self as dr, BackwardOptions, Config, ForwardOptions, Workspace};
 use fusedreg::global_norm::GlobalNorm;
 use fusedreg::multi_tensor::TensorSet;
 use fusedreg::Handle;
@@ -304,10 +304,11 @@ impl Backend for GpuMlp {
             .linear_fwd(&self.a[l], &set.param::<f32>(t(l, 2))?, &mut self.o, hd, hd)?;
         let opts = ForwardOptions {
             bias: Some(set.param::<f32>(t(l, 3))?),
+            residual: Some(x.as_view()),
             rowscale: scale.then(|| self.rowscale[l].as_view()),
             ..Default::default()
         };
-        dr::forward(&self.handle, &cfg, &self.o, x, &mut hi[0], opts)
+        dr::forward(&self.handle, &cfg, &self.o, &mut hi[0], opts)
     }
 
     fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {

@@ -1,6 +1,6 @@
 //! The pre-norm variant of the GPU model (see [`PreNorm`](crate::mlp::PreNorm) for the model,
 //! the exit and how stochastic depth combines with the fused entry): each block's entry is
-//! `dropout_add_norm`'s fused kernel pair, the exit `dropout_residual`'s; the same operations in
+//! `dropout_add_norm`'s fused kernel pair, the exit `dropout`'s with a residual; the same operations in
 //! the same order as the CPU model (`cpu_prenorm.rs`).
 
 use cudarc::driver::CudaSlice;
@@ -9,8 +9,8 @@ use super::GpuMlp;
 use crate::mlp::config::{check_block, check_slot};
 use crate::mlp::gpu as k;
 use crate::mlp::PreNorm;
+use fusedreg::dropout::{self as dr, BackwardOptions, ForwardOptions};
 use fusedreg::dropout_add_norm::{self as dan, Config};
-use fusedreg::dropout_residual::{self as dr, BackwardOptions, ForwardOptions};
 use fusedreg::{Error, Handle, Result};
 
 const OP: &str = "mlp";
@@ -197,17 +197,11 @@ impl GpuMlp {
         }
         let opts = ForwardOptions {
             bias: Some(self.set.param::<f32>(t(j, 3))?),
+            residual: Some(p.stream[j].as_view()),
             rowscale,
             ..Default::default()
         };
-        dr::forward(
-            &self.handle,
-            &cfg,
-            &p.outs[j],
-            &p.stream[j],
-            &mut p.exit,
-            opts,
-        )?;
+        dr::forward(&self.handle, &cfg, &p.outs[j], &mut p.exit, opts)?;
         p.exit_from = Some(output);
         Ok(())
     }

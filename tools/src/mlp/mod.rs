@@ -2,7 +2,7 @@
 //! `train_mlp` example and of the stochastic-depth row of the benchmark report.
 //!
 //! Block `l` computes `x <- x + dropout(W2_l · gelu(W1_l · x + b1_l) + b2_l)`, with the residual
-//! add, dropout and (in row mode) the per-sample drop path fused in `dropout_residual`, the
+//! add, dropout and (in row mode) the per-sample drop path fused in `dropout` (with its residual), the
 //! matrix products through cuBLAS (CPU: plain loops), and the optimizer step as global-norm
 //! clipping + AdamW in one multi-tensor pass. Under a stochastic-depth plan a dropped block
 //! launches nothing, forward or backward, and its parameters skip the optimizer step.

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! and the exit `y = s_{L-1} + rowscale_{L-1} * dropout(o_{L-1} + b2_{L-1})` (fusedreg's
-//! `dropout_residual`) goes into the MSE loss **without a final norm**: the targets are the
+//! `dropout` with its residual) goes into the MSE loss **without a final norm**: the targets are the
 //! residual teacher's unnormalised outputs, whose per-row mean and scale a final norm would have
 //! to relearn from its per-column gamma and beta. (LayerNorm Scaling never applies to a final
 //! norm anyway, so the comparison is unaffected by this choice.)

@@ -1,6 +1,6 @@
 //! Rows for the pre-norm entry `s = residual + dropout(x); out = norm(s)`, forward and prenorm
 //! backward (the stream gradient `d_s` flows in, `d_residual` out), against the unfused way:
-//! `dropout_residual` writing `s`, then a separate norm kernel reading it back (and the reverse
+//! `dropout` with its residual writing `s`, then a separate norm kernel reading it back (and the reverse
 //! in backward). The baseline's first kernel is itself fused, so the rows measure what fusing the
 //! norm adds. Both variants of a row are divided by the fused op's minimal bytes. Inputs are
 //! random (uniform, seeded). GPU rows only.
@@ -94,7 +94,7 @@ fn shape<T: Dtype>(ctx: &mut Ctx, h: &Handle, norm: Norm) -> Result<()> {
             Row::new(fwd, &case, nn, fused)
                 .with_unfused(unf)
                 .note(format!(
-                    "p={P}, residual, eps 1e-5; unfused: dropout_residual then the norm"
+                    "p={P}, residual, eps 1e-5; unfused: dropout + residual then the norm"
                 )),
         );
     }

@@ -5,7 +5,6 @@ mod bias_act_dropout;
 mod cross_entropy;
 mod dropout;
 mod dropout_add_norm;
-mod dropout_residual;
 mod mlp;
 
 use fusedreg::Handle;
@@ -14,7 +13,6 @@ use crate::Ctx;
 
 /// Runs every op's cases in report order.
 pub fn run_all(ctx: &mut Ctx) -> fusedreg::Result<()> {
-    dropout_residual::run(ctx)?;
     dropout::run(ctx)?;
     bias_act_dropout::run(ctx)?;
     dropout_add_norm::run(ctx)?;

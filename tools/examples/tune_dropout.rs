@@ -1,24 +1,31 @@
-//! Launch-shape sweep for the fused dropout + residual kernels (a tuning tool, not a benchmark
-//! of record): one line per (case, tuning) with GB/s by the minimal-bytes formula. Results never
-//! depend on the tuning (the GPU tests check that); only the time does.
+//! Launch-shape sweep for the fused dropout kernels, with and without a residual (a tuning tool,
+//! not a benchmark of record): one line per (case, tuning) with GB/s by the minimal-bytes
+//! formula. Results never depend on the tuning (the GPU tests check that); only the time does.
+//! Inputs are random (a constant fill sends every lane down one branch).
 //!
 //! ```text
-//! cargo run --release --example tune_dropout_residual
+//! cargo run --release --example tune_dropout
 //! ```
 
-use fusedreg::dropout_residual::{
+use fusedreg::dropout::{
     self as dr, BackwardOptions, Config, ForwardOptions, LaunchTuning, Workspace,
 };
 use fusedreg::{Dtype, Handle, Result};
-use fusedreg_tools::timing::{copy_bandwidth, filled, time_gpu, TimingPlan};
+use fusedreg_tools::timing::{copy_bandwidth, filled, random, time_gpu, TimingPlan};
 use half::bf16;
 
-fn sweep<T: Dtype>(h: &Handle, rows: usize, cols: usize, bias: bool, reference: f64) -> Result<()> {
+fn sweep<T: Dtype>(
+    h: &Handle,
+    (rows, cols): (usize, usize),
+    bias: bool,
+    residual: bool,
+    reference: f64,
+) -> Result<()> {
     let n = rows * cols;
     let cfg = Config::new(rows, cols, 0.1, 42, 7)?;
-    let x = filled::<T>(h, n, 0x3c)?;
-    let r = filled::<T>(h, n, 0x3b)?;
-    let b = filled::<T>(h, cols, 0x3a)?;
+    let x = random::<T>(h, n, 1, -2.0, 2.0)?;
+    let r = random::<T>(h, n, 2, -2.0, 2.0)?;
+    let b = random::<T>(h, cols, 3, -1.0, 1.0)?;
     let mut y = filled::<T>(h, n, 0)?;
     let mut dx = filled::<T>(h, n, 0)?;
     let mut db = filled::<T>(h, cols, 0)?;
@@ -65,19 +72,21 @@ fn sweep<T: Dtype>(h: &Handle, rows: usize, cols: usize, bias: bool, reference: 
         },
     ));
     let name = format!(
-        "{} [{rows},{cols}]{}",
+        "{} [{rows},{cols}]{}{}",
         kind.name(),
-        if bias { " bias" } else { "" }
+        if bias { " bias" } else { "" },
+        if residual { " residual" } else { "" }
     );
     for (label, t) in tunings {
-        let fb = dr::fused_forward_bytes(kind, n as u64, false) as f64;
+        let fb = dr::fused_forward_bytes(kind, n as u64, residual, false) as f64;
         let f = time_gpu(h, plan, || {
             let opts = ForwardOptions {
                 bias: bias.then(|| b.as_view()),
+                residual: residual.then(|| r.as_view()),
                 tuning: t,
                 ..Default::default()
             };
-            dr::forward(h, &cfg, &x, &r, &mut y, opts)
+            dr::forward(h, &cfg, &x, &mut y, opts)
         })?;
         let bb = dr::fused_backward_bytes(kind, n as u64, false) as f64;
         let g = time_gpu(h, plan, || {
@@ -115,9 +124,11 @@ fn main() -> Result<()> {
         bw.memcpy_gbps, bw.kernel_gbps
     );
     let reference = bw.reference_gbps();
-    sweep::<bf16>(&h, 16_384, 4096, true, reference)?;
-    sweep::<f32>(&h, 16_384, 4096, true, reference)?;
-    sweep::<bf16>(&h, 1, 1 << 26, false, reference)?;
-    sweep::<f32>(&h, 1, 1 << 26, false, reference)?;
+    for residual in [true, false] {
+        sweep::<bf16>(&h, (16_384, 4096), true, residual, reference)?;
+        sweep::<f32>(&h, (16_384, 4096), true, residual, reference)?;
+        sweep::<bf16>(&h, (1, 1 << 26), false, residual, reference)?;
+        sweep::<f32>(&h, (1, 1 << 26), false, residual, reference)?;
+    }
     Ok(())
 }

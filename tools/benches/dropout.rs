@@ -1,13 +1,16 @@
-//! Criterion benches of the fused bias + dropout + residual add against the unfused baseline
-//! (group `dropout_residual`).
+//! Criterion benches of fused dropout (with and without a residual) against the unfused baseline
+//! (group `dropout`).
 //!
-//! * Flat tensors of 2^20, 2^24, 2^26 and 2^28 elements, bf16 and f32, no bias: fused and
-//!   unfused forward (the unfused one is then dropout + residual add, 2 kernels) and backward
-//!   (no dbias). Sizes that do not fit in free device memory are skipped.
-//! * A `[16384, 4096]` bf16 shape with bias: fused forward (mask regenerated later, with a 1-bit
-//!   mask, with a generated drop path), unfused forward (3 kernels), fused backward with dbias
-//!   and unfused backward with dbias (masked scale + column sum).
+//! * Flat tensors of 2^20, 2^24, 2^26 and 2^28 elements, bf16 and f32, no bias, without and with
+//!   a residual: fused and unfused forward (the unfused one is dropout, plus the residual add:
+//!   1 or 2 kernels) and backward (no dbias). Sizes that do not fit in free device memory are
+//!   skipped.
+//! * A `[16384, 4096]` bf16 shape with bias and a residual: fused forward (mask regenerated
+//!   later, with a 1-bit mask, with a generated drop path, with 16-bit keys), the same without a
+//!   residual, unfused forward (3 kernels), fused backward with dbias and unfused backward with
+//!   dbias (masked scale + column sum).
 //!
+//! Every input is random ([`random`]: a constant fill sends every lane down one branch).
 //! Throughput is each variant's own minimal bytes (`fused_forward_bytes`, `unfused_forward_bytes`,
 //! ...), so GB/s says how close each gets to the copy bandwidth printed first; compare fused with
 //! unfused by time. Without a GPU it prints why and exits successfully.
@@ -16,27 +19,18 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use cudarc::driver::CudaSlice;
-use fusedreg::dropout_residual::{
+use fusedreg::dropout::{
     self as dr, fused_backward_bytes, fused_forward_bytes, unfused::Unfused,
     unfused_backward_bytes, unfused_forward_bytes, BackwardOptions, Config, DropPath,
-    ForwardOptions, Workspace,
+    ForwardOptions, MaskResolution, Workspace,
 };
 use fusedreg::{Dtype, Handle};
-use fusedreg_tools::timing::{copy_bandwidth, BatchTimer, TimingPlan};
+use fusedreg_tools::timing::{copy_bandwidth, random, BatchTimer, TimingPlan};
 use half::bf16;
 
-/// Non-zero pseudo-random data in [-2, 2) (never time on zeros).
+/// Random data in [-2, 2) (never time on constants or zeros).
 fn upload<T: Dtype>(h: &Handle, n: usize, seed: u64) -> CudaSlice<T> {
-    let mut s = seed | 1;
-    let v: Vec<T> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            T::from_f32_rn((s >> 40) as f32 / (1u64 << 22) as f32 - 2.0)
-        })
-        .collect();
-    h.stream().clone_htod(&v).expect("upload")
+    random::<T>(h, n, seed, -2.0, 2.0).expect("upload")
 }
 
 fn free_bytes(h: &Handle) -> usize {
@@ -73,7 +67,7 @@ fn flat<T: Dtype>(
         // x, r, y, dy, dx, the unfused d, and the byte and bit masks.
         let need = n * (6 * kind.size() + 1) + n / 8;
         if need as f64 > 0.8 * free_bytes(h) as f64 {
-            println!("dropout_residual: skipping {name} 2^{log}: needs {need} bytes");
+            println!("dropout: skipping {name} 2^{log}: needs {need} bytes");
             continue;
         }
         let cfg = Config::flat(n, 0.1, 42, 7).expect("config");
@@ -87,20 +81,30 @@ fn flat<T: Dtype>(
         let size = format!("2^{log}");
         let nn = n as u64;
 
-        run(
-            group,
-            timer,
-            BenchmarkId::new(format!("fused_fwd/{name}"), &size),
-            fused_forward_bytes(kind, nn, false),
-            || dr::forward(h, &cfg, &x, &r, &mut y, ForwardOptions::default()),
-        );
-        run(
-            group,
-            timer,
-            BenchmarkId::new(format!("unfused_fwd/{name}"), &size),
-            unfused_forward_bytes(kind, nn, false),
-            || base.forward(&cfg, &x, None, &r, &mut y, &mut m8),
-        );
+        for residual in [false, true] {
+            let site = if residual { "_residual" } else { "" };
+            let rv = || residual.then(|| r.as_view());
+            run(
+                group,
+                timer,
+                BenchmarkId::new(format!("fused_fwd{site}/{name}"), &size),
+                fused_forward_bytes(kind, nn, residual, false),
+                || {
+                    let opts = ForwardOptions {
+                        residual: rv(),
+                        ..Default::default()
+                    };
+                    dr::forward(h, &cfg, &x, &mut y, opts)
+                },
+            );
+            run(
+                group,
+                timer,
+                BenchmarkId::new(format!("unfused_fwd{site}/{name}"), &size),
+                unfused_forward_bytes(kind, nn, false, residual),
+                || base.forward(&cfg, &x, None, rv(), &mut y, &mut m8),
+            );
+        }
         run(
             group,
             timer,
@@ -129,6 +133,7 @@ fn transformer_shape(
     let s = h.stream();
     let cfg = Config::new(rows, cols, 0.1, 42, 7).expect("config");
     let path_cfg = cfg.with_drop_path(DropPath::new(0.1, 8).expect("drop path"));
+    let cfg16 = cfg.with_resolution(MaskResolution::Bits16);
     let x = upload::<bf16>(h, n, 11);
     let r = upload::<bf16>(h, n, 12);
     let dy = upload::<bf16>(h, n, 13);
@@ -142,55 +147,57 @@ fn transformer_shape(
     let mut base = Unfused::<bf16>::new(h);
     let shape = "16384x4096";
     let nn = n as u64;
+    let with = |res: bool| ForwardOptions {
+        bias: Some(bias.as_view()),
+        residual: res.then(|| r.as_view()),
+        ..Default::default()
+    };
 
+    for (id, cfg, res) in [
+        ("fused_fwd_bias", &cfg, false),
+        ("fused_fwd_bias_16bit", &cfg16, false),
+        ("fused_fwd_bias_residual", &cfg, true),
+        ("fused_fwd_bias_residual_16bit", &cfg16, true),
+        // The drop path (p_path = 0.1) reads no x for dropped rows; minimal bytes are counted
+        // as without it, so its GB/s above the plain forward's shows the saving.
+        ("fused_fwd_bias_residual_droppath", &path_cfg, true),
+    ] {
+        run(
+            group,
+            timer,
+            BenchmarkId::new(format!("{id}/bf16"), shape),
+            fused_forward_bytes(kind, nn, res, false),
+            || dr::forward(h, cfg, &x, &mut y, with(res)),
+        );
+    }
     run(
         group,
         timer,
-        BenchmarkId::new("fused_fwd_bias/bf16", shape),
-        fused_forward_bytes(kind, nn, false),
+        BenchmarkId::new("fused_fwd_bias_residual_bitmask/bf16", shape),
+        fused_forward_bytes(kind, nn, true, true),
         || {
             let opts = ForwardOptions {
-                bias: Some(bias.as_view()),
-                ..Default::default()
-            };
-            dr::forward(h, &cfg, &x, &r, &mut y, opts)
-        },
-    );
-    run(
-        group,
-        timer,
-        BenchmarkId::new("fused_fwd_bias_bitmask/bf16", shape),
-        fused_forward_bytes(kind, nn, true),
-        || {
-            let opts = ForwardOptions {
-                bias: Some(bias.as_view()),
                 mask_out: Some(mask.as_view_mut()),
-                ..Default::default()
+                ..with(true)
             };
-            dr::forward(h, &cfg, &x, &r, &mut y, opts)
+            dr::forward(h, &cfg, &x, &mut y, opts)
         },
     );
-    // The drop path (p_path = 0.1) reads no x for dropped rows; minimal bytes are counted as
-    // without it, so its GB/s above the plain forward's shows the saving.
     run(
         group,
         timer,
-        BenchmarkId::new("fused_fwd_bias_droppath/bf16", shape),
-        fused_forward_bytes(kind, nn, false),
+        BenchmarkId::new("unfused_fwd_bias_residual/bf16", shape),
+        unfused_forward_bytes(kind, nn, true, true),
         || {
-            let opts = ForwardOptions {
-                bias: Some(bias.as_view()),
-                ..Default::default()
-            };
-            dr::forward(h, &path_cfg, &x, &r, &mut y, opts)
+            base.forward(
+                &cfg,
+                &x,
+                Some(bias.as_view()),
+                Some(r.as_view()),
+                &mut y,
+                &mut m8,
+            )
         },
-    );
-    run(
-        group,
-        timer,
-        BenchmarkId::new("unfused_fwd_bias/bf16", shape),
-        unfused_forward_bytes(kind, nn, true),
-        || base.forward(&cfg, &x, Some(bias.as_view()), &r, &mut y, &mut m8),
     );
     run(
         group,
@@ -219,7 +226,7 @@ fn bench(c: &mut Criterion) {
     let h = match Handle::new(0) {
         Ok(h) => h,
         Err(e) => {
-            println!("dropout_residual benches skipped: {e}");
+            println!("dropout benches skipped: {e}");
             return;
         }
     };
@@ -233,7 +240,7 @@ fn bench(c: &mut Criterion) {
         Err(e) => println!("copy bandwidth: {e}"),
     }
     let timer = BatchTimer::new(&h).expect("timing events");
-    let mut group = c.benchmark_group("dropout_residual");
+    let mut group = c.benchmark_group("dropout");
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(300))
