@@ -40,13 +40,17 @@
 #define FR_REDUCTION_MEAN 2
 
 // Math mode: the op's own default (`fusedreg::Math`: Fast where the exact path cannot meet the
-// op's instruction budget, Exact elsewhere; the ops wired here are all Exact today).
+// op's instruction budget, Exact elsewhere: `cross_entropy` and `bias_act_dropout` with GELU or
+// SiLU are Fast, `bias_act_dropout` with ReLU is Exact; ops without transcendental functions
+// are exact in every mode).
 #define FR_MATH_DEFAULT 0
 
-// Math mode: bit for bit with the CPU reference.
+// Math mode: bit for bit with the CPU reference (`fusedreg::Math::Exact`).
 #define FR_MATH_EXACT 1
 
-// Hardware approximations within the op's stated bound (where the op offers them).
+// Math mode: the special-function unit, within the bound the op states in its module docs
+// (`fusedreg::Math::Fast`; `cross_entropy` and `bias_act_dropout` only). The CPU references
+// compute the exact functions in every mode.
 #define FR_MATH_FAST 2
 
 // Schedule code: `p_l = (l / L) · p` for the 1-based block `l` (Huang et al. 2016).
@@ -136,7 +140,8 @@ typedef struct {
   uint64_t seed;
   // Call id of the mask (a different id gives an independent mask).
   uint64_t call;
-  // Keying resolution in bits: 32 (default) or 16 (dropout, with or without a residual).
+  // Keying resolution in bits: 32 (default) or 16 for `dropout` (with or without a residual)
+  // and `bias_act_dropout`; 8 is reserved (refused until the library offers it).
   uint32_t mask_bits;
   // `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
   uint32_t math;

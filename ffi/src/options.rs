@@ -1,6 +1,7 @@
 //! The one options struct every op reads its settings from.
 
-use fusedreg::dropping::DropPath;
+use fusedreg::dropping::{DropPath, MaskResolution};
+use fusedreg::Math;
 
 use crate::{FfiError, FfiResult};
 
@@ -26,11 +27,15 @@ pub const FR_REDUCTION_SUM: u32 = 1;
 pub const FR_REDUCTION_MEAN: u32 = 2;
 
 /// Math mode: the op's own default (`fusedreg::Math`: Fast where the exact path cannot meet the
-/// op's instruction budget, Exact elsewhere; the ops wired here are all Exact today).
+/// op's instruction budget, Exact elsewhere: `cross_entropy` and `bias_act_dropout` with GELU or
+/// SiLU are Fast, `bias_act_dropout` with ReLU is Exact; ops without transcendental functions
+/// are exact in every mode).
 pub const FR_MATH_DEFAULT: u32 = 0;
-/// Math mode: bit for bit with the CPU reference.
+/// Math mode: bit for bit with the CPU reference (`fusedreg::Math::Exact`).
 pub const FR_MATH_EXACT: u32 = 1;
-/// Hardware approximations within the op's stated bound (where the op offers them).
+/// Math mode: the special-function unit, within the bound the op states in its module docs
+/// (`fusedreg::Math::Fast`; `cross_entropy` and `bias_act_dropout` only). The CPU references
+/// compute the exact functions in every mode.
 pub const FR_MATH_FAST: u32 = 2;
 
 /// Settings of one call. Each op reads the fields it needs and ignores the rest; start from
@@ -51,7 +56,8 @@ pub struct FrOptions {
     pub seed: u64,
     /// Call id of the mask (a different id gives an independent mask).
     pub call: u64,
-    /// Keying resolution in bits: 32 (default) or 16 (dropout, with or without a residual).
+    /// Keying resolution in bits: 32 (default) or 16 for `dropout` (with or without a residual)
+    /// and `bias_act_dropout`; 8 is reserved (refused until the library offers it).
     pub mask_bits: u32,
     /// `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
     pub math: u32,
@@ -140,21 +146,99 @@ impl FrOptions {
         ))
     }
 
-    /// Refuses settings the op does not offer (yet) instead of ignoring them.
-    pub(crate) fn only_exact_32bit(&self, op: &str) -> FfiResult {
-        if self.mask_bits != 32 {
+    /// The math mode asked for: `None` for the op's default, `Some` for an explicit mode (for
+    /// the ops with a `Config::with_math`).
+    pub(crate) fn math(&self, op: &str) -> FfiResult<Option<Math>> {
+        match self.math {
+            FR_MATH_DEFAULT => Ok(None),
+            FR_MATH_EXACT => Ok(Some(Math::Exact)),
+            FR_MATH_FAST => Ok(Some(Math::Fast)),
+            m => Err(FfiError::invalid(format!(
+                "{op}: math = {m}; use FR_MATH_DEFAULT (0), FR_MATH_EXACT (1) or FR_MATH_FAST (2)"
+            ))),
+        }
+    }
+
+    /// Refuses `FR_MATH_FAST` for an op without transcendental functions (it is exact in every
+    /// mode; ignoring the request would hide a caller's mistake).
+    pub(crate) fn exact_only(&self, op: &str) -> FfiResult {
+        match self.math(op)? {
+            Some(Math::Fast) => Err(FfiError::invalid(format!(
+                "{op}: math = FR_MATH_FAST is not offered by this op (it has no transcendental \
+                 functions and is exact); use FR_MATH_DEFAULT (0) or FR_MATH_EXACT (1)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The keying resolution asked for, among those the op offers (`offered`, in bits, 32
+    /// first). 8 bits is named in the ABI but not in the library yet: a clear error until then.
+    pub(crate) fn resolution(&self, op: &str, offered: &[u32]) -> FfiResult<MaskResolution> {
+        let bits = self.mask_bits;
+        let list = offered
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(" or ");
+        if !offered.contains(&bits) {
+            let why = if bits == 8 {
+                " (8-bit keying is not in this build of the library yet)"
+            } else {
+                ""
+            };
             return Err(FfiError::invalid(format!(
-                "{op}: mask_bits = {} is not offered by this op; use 32",
-                self.mask_bits
+                "{op}: mask_bits = {bits} is not offered by this op{why}; use {list}"
             )));
         }
-        if self.math >= FR_MATH_FAST {
-            return Err(FfiError::invalid(format!(
-                "{op}: math = {} is not offered by this op; use FR_MATH_DEFAULT (0) or \
-                 FR_MATH_EXACT (1)",
-                self.math
-            )));
+        match bits {
+            32 => Ok(MaskResolution::Bits32),
+            16 => Ok(MaskResolution::Bits16),
+            _ => Err(FfiError::invalid(format!(
+                "{op}: mask_bits = {bits} is not offered by this build of the library; use {list}"
+            ))),
         }
-        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(math: u32, mask_bits: u32) -> FrOptions {
+        FrOptions {
+            math,
+            mask_bits,
+            ..fr_options_default()
+        }
+    }
+
+    #[test]
+    fn math_codes_map_to_the_library_modes() {
+        assert_eq!(with(FR_MATH_DEFAULT, 32).math("op").unwrap(), None);
+        assert_eq!(
+            with(FR_MATH_EXACT, 32).math("op").unwrap(),
+            Some(Math::Exact)
+        );
+        assert_eq!(with(FR_MATH_FAST, 32).math("op").unwrap(), Some(Math::Fast));
+        let e = with(3, 32).math("op").unwrap_err().message;
+        assert!(e.contains("math = 3") && e.contains("FR_MATH_FAST"), "{e}");
+        assert!(with(FR_MATH_EXACT, 32).exact_only("op").is_ok());
+        let e = with(FR_MATH_FAST, 32).exact_only("op").unwrap_err().message;
+        assert!(e.contains("not offered"), "{e}");
+    }
+
+    #[test]
+    fn resolutions_map_or_say_what_is_offered() {
+        let r = |bits, offered: &[u32]| with(FR_MATH_DEFAULT, bits).resolution("op", offered);
+        assert_eq!(r(32, &[32, 16]).unwrap(), MaskResolution::Bits32);
+        assert_eq!(r(16, &[32, 16]).unwrap(), MaskResolution::Bits16);
+        let e = r(16, &[32]).unwrap_err().message;
+        assert!(e.contains("mask_bits = 16") && e.contains("use 32"), "{e}");
+        let e = r(8, &[32, 16]).unwrap_err().message;
+        assert!(e.contains("8-bit keying is not in this build"), "{e}");
+        assert!(e.contains("use 32 or 16"), "{e}");
+        // Named as offered but not mapped (a table out of step with the library): still an error.
+        assert!(r(8, &[32, 8]).is_err());
+        assert!(r(0, &[32]).is_err());
     }
 }

@@ -32,6 +32,19 @@ F32, F16, BF16, I32, I64 = 0, 1, 2, 3, 4
 ACT = {"gelu": 0, "gelu_erf": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
 NORM = {"layer": 0, "layernorm": 0, "rms": 1, "rmsnorm": 1}
 REDUCTION = {"none": 0, "sum": 1, "mean": 2}
+# Math modes (FR_MATH_*): None is the op's own default (the library's: Fast for cross_entropy and
+# for bias_act_dropout with GELU or SiLU, Exact for ReLU).
+MATH = {None: 0, "default": 0, "exact": 1, "fast": 2}
+
+
+def math_code(op: str, math) -> int:
+    """The FR_MATH_* code of a ``math=`` argument, or a ValueError naming the choices."""
+    try:
+        return MATH[math]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"fusedreg.{op}: math = {math!r}; use None (the op's default), 'fast' or 'exact'"
+        ) from None
 
 
 class FusedRegError(RuntimeError):

@@ -37,11 +37,19 @@ def dropout_add_(residual: Tensor, x: Tensor, p: float, keys: Keys | Tensor, sit
 
 
 def bias_act_dropout(x: Tensor, p: float, keys: Keys | Tensor, site: int, *,
-                     bias: Tensor | None = None, activation: str = "gelu") -> Tensor:
-    """``dropout(act(x + bias))``, act in gelu (erf), gelu_tanh, silu, relu."""
+                     bias: Tensor | None = None, activation: str = "gelu",
+                     math: str | None = None, mask_bits: int = 32) -> Tensor:
+    """``dropout(act(x + bias))``, act in gelu (erf), gelu_tanh, silu, relu.
+
+    ``math``: None (the library's default: ``"fast"`` for GELU and SiLU, ``"exact"`` for ReLU),
+    ``"fast"`` (the GPU's special-function unit, within the bound of the library's
+    ``bias_act_dropout`` docs) or ``"exact"`` (bit for bit with the CPU reference). CPU tensors
+    always get the exact function. ``mask_bits``: 32 or 16 (half the generator work, ``p``
+    quantised to ``2^-16``)."""
     if activation not in L.ACT:
         raise ValueError(f"activation = {activation!r}; use one of {sorted(L.ACT)}")
-    return _F.bias_act_dropout.default(x, bias, _kt(keys), site, L.ACT[activation], float(p))
+    return _F.bias_act_dropout.default(x, bias, _kt(keys), site, L.ACT[activation], float(p),
+                                       L.math_code("bias_act_dropout", math), int(mask_bits))
 
 
 def dropout_add_norm(x: Tensor, weight: Tensor, keys: Keys | Tensor, site: int, *,
@@ -61,10 +69,16 @@ def dropout_add_norm(x: Tensor, weight: Tensor, keys: Keys | Tensor, site: int, 
 
 def cross_entropy(logits: Tensor, target: Tensor, *, label_smoothing: float = 0.0,
                   ignore_index: int = -100, reduction: str = "mean",
-                  z_loss: float = 0.0) -> Tensor:
+                  z_loss: float = 0.0, math: str | None = None) -> Tensor:
     """PyTorch's ``F.cross_entropy`` on ``[..., vocab]`` logits (+ z-loss ``λ·lse²``); the loss
-    is float32. With every target ignored the mean is 0 (PyTorch gives NaN)."""
+    is float32. With every target ignored the mean is 0 (PyTorch gives NaN).
+
+    ``math``: None (the library's default, ``"fast"``: ``exp``/``log`` on the GPU's
+    special-function unit within the bound of the library's ``cross_entropy`` docs) or
+    ``"exact"`` (bit for bit with the CPU reference). CPU tensors always get the exact
+    arithmetic."""
     if reduction not in L.REDUCTION:
         raise ValueError(f"reduction = {reduction!r}; use 'none', 'sum' or 'mean'")
     return _F.cross_entropy.default(logits, target, float(label_smoothing), int(ignore_index),
-                            float(z_loss), L.REDUCTION[reduction])
+                                    float(z_loss), L.REDUCTION[reduction],
+                                    L.math_code("cross_entropy", math))

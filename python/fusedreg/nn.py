@@ -57,21 +57,26 @@ class DropoutResidual(Dropout):
 
 class BiasActDropout(_Site):
     """``dropout(act(x + bias))`` after the first linear of an MLP. With ``features`` it owns
-    its bias (zeros); otherwise pass one to ``forward`` (e.g. a ``Linear(bias=False)``'s)."""
+    its bias (zeros); otherwise pass one to ``forward`` (e.g. a ``Linear(bias=False)``'s).
+    ``math`` (None: the library's default, ``"fast"`` or ``"exact"``) and ``mask_bits`` (32 or
+    16) as in :func:`fusedreg.functional.bias_act_dropout`."""
 
     def __init__(self, activation: str = "gelu", p: float = 0.1, *, features: int | None = None,
-                 site: int | None = None, keys: Keys | None = None, device=None, dtype=None):
+                 site: int | None = None, keys: Keys | None = None, math: str | None = None,
+                 mask_bits: int = 32, device=None, dtype=None):
         super().__init__(p, site, keys)
         if activation not in L.ACT:
             raise ValueError(f"activation = {activation!r}; use one of {sorted(L.ACT)}")
-        self.activation = activation
+        L.math_code("BiasActDropout", math)
+        self.activation, self.math, self.mask_bits = activation, math, int(mask_bits)
         self.bias = (nn.Parameter(torch.zeros(features, device=device, dtype=dtype))
                      if features is not None else None)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         b = bias if bias is not None else self.bias
         return F.bias_act_dropout(x, self._p(self.p), self.keys, self.site, bias=b,
-                                  activation=self.activation)
+                                  activation=self.activation, math=self.math,
+                                  mask_bits=self.mask_bits)
 
 
 class DropoutAddNorm(_Site):
@@ -109,15 +114,18 @@ class DropoutAddNorm(_Site):
 
 class CrossEntropyLoss(nn.Module):
     """``nn.CrossEntropyLoss`` on ``[..., vocab]`` logits with class-index targets, label
-    smoothing, ``ignore_index``, reductions and an optional z-loss; loss and gradient fused."""
+    smoothing, ``ignore_index``, reductions and an optional z-loss; loss and gradient fused.
+    ``math``: None (the library's default, ``"fast"``) or ``"exact"``, as in
+    :func:`fusedreg.functional.cross_entropy`."""
 
     def __init__(self, *, label_smoothing: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "mean", z_loss: float = 0.0):
+                 reduction: str = "mean", z_loss: float = 0.0, math: str | None = None):
         super().__init__()
+        L.math_code("CrossEntropyLoss", math)
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
-        self.reduction, self.z_loss = reduction, z_loss
+        self.reduction, self.z_loss, self.math = reduction, z_loss, math
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing,
                                ignore_index=self.ignore_index, reduction=self.reduction,
-                               z_loss=self.z_loss)
+                               z_loss=self.z_loss, math=self.math)

@@ -21,7 +21,6 @@ training ops return new tensors; ``dropout_add_`` writes its residual in place, 
 from __future__ import annotations
 
 import ctypes as C
-import operator
 import struct
 import threading
 
@@ -56,27 +55,60 @@ def _d(t: Tensor | None):
 
 
 _CPU = L.Exec(-1, None)
+_EXECS: dict = {}  # (device index, stream) -> Exec, built once each
+
+
+def _cuda_stream(index: int) -> int:
+    """The raw handle of the current stream of CUDA device ``index`` (what
+    ``torch.cuda.current_stream(index).cuda_stream`` is, without building a Stream object)."""
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a build without CUDA support
+    def _cuda_stream(index: int) -> int:  # noqa: F811
+        return torch.cuda.current_stream(index).cuda_stream
 
 
 def _exec(t: Tensor) -> L.Exec:
+    """Where a call runs: the CPU reference, or the tensor's device on its current stream."""
     if not t.is_cuda:
         return _CPU
-    return L.Exec(t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+    index = t.get_device()
+    key = (index, _cuda_stream(index))
+    e = _EXECS.get(key)
+    if e is None:
+        e = _EXECS[key] = L.Exec(index, key[1])
+    return e
 
 
 # FrTensor {void *data; int64_t len; int32_t dtype;} = 24 bytes on x86-64 / aarch64.
 _DESC = struct.Struct("Pqi4x")  # native sizes and alignment, as the C struct
 assert _DESC.size == C.sizeof(L.Tensor)
+_MAX_TENSORS = 16
 
 
 class _Scratch(threading.local):
-    """Per-thread buffer the descriptors of one call are packed into (calls never nest)."""
+    """Per-thread buffer the options and descriptors of one call are packed into (calls never
+    nest), with the address of every slot computed once."""
 
     def __init__(self):
-        self.buf = (C.c_uint8 * (C.sizeof(L.Options) + _DESC.size * 16))()
+        self.buf = (C.c_uint8 * (_OPT.size + _DESC.size * _MAX_TENSORS))()
         self.base = C.addressof(self.buf)
+        self.slots = tuple((_OPT.size + i * _DESC.size, self.base + _OPT.size + i * _DESC.size)
+                           for i in range(_MAX_TENSORS))
 
 
+# FrOptions, packed natively (same layout as the C struct, checked below). Every op builds the
+# whole tuple of fields positionally (no per-call object or attribute lookups), in this order:
+# rows, cols, p, seed, call, mask_bits, math, path_p, path_call, rows_per_sample, activation,
+# norm, eps, layer_scale, label_smoothing, z_loss, ignore_index, reduction.
+_OPT_FMT = "qqdQQIIdQqIIffddqI"
+# struct adds no trailing padding; the C struct is padded to its 8-byte alignment.
+_OPT = struct.Struct(_OPT_FMT + f"{C.sizeof(L.Options) - struct.calcsize(_OPT_FMT)}x")
+assert _OPT.size == C.sizeof(L.Options) and len(L.Options._fields_) == 18
+# The library's defaults of the fields an op leaves alone.
+(_, _, _, _, _, _BITS0, _MATH0, _, _, _, _ACT0, _NORM0, _EPS0, _LS0, _, _, _II0, _RED0) = \
+    _OPT.unpack(bytes(L.lib.fr_options_default()))
 _scratch = _Scratch()
 
 
@@ -132,7 +164,7 @@ def _rows_cols(op: str, x: Tensor) -> tuple[int, int]:
 
 
 def _keys(op: str, keys: Tensor) -> tuple[int, int]:
-    if keys.device.type != "cpu" or keys.dtype != torch.int64 or keys.numel() != 2:
+    if keys.dtype != torch.int64 or keys.numel() != 2 or not keys.is_cpu:
         raise ValueError(
             f"fusedreg.{op}: `keys` must be a CPU int64 tensor [seed, step] (fusedreg.Keys), "
             f"got {keys.dtype} {tuple(keys.shape)} on {keys.device}"
@@ -143,61 +175,32 @@ def _keys(op: str, keys: Tensor) -> tuple[int, int]:
     return seed & _MASK64, step
 
 
-def _call(op: str, step: int, site: int, stream: int) -> int:
+def _key_fields(op: str, keys: Tensor, site: int) -> tuple[int, int, int]:
+    """``(seed, call, path_call)`` of a dropping op at ``site``: the call ids of its element
+    mask (stream 0) and of its drop path's row draws (stream 1)."""
+    seed, step = _keys(op, keys)
     if not 0 <= site < (1 << 24):
         raise ValueError(f"fusedreg.{op}: site = {site} must lie in [0, 2^24)")
-    return (step << 32) | (site << 8) | stream
+    call = (step << 32) | (site << 8)
+    return seed, call, call | 1
 
 
-# FrOptions, packed natively (same layout as the C struct, checked below).
-_OPT_FMT = "qqdQQIIdQqIIffddqI"
-# struct adds no trailing padding; the C struct is padded to its 8-byte alignment.
-_OPT = struct.Struct(_OPT_FMT + f"{C.sizeof(L.Options) - struct.calcsize(_OPT_FMT)}x")
-assert _OPT.size == C.sizeof(L.Options) and len(L.Options._fields_) == 18
-_OPT_FIELDS = tuple(name for name, _ in L.Options._fields_)
-_opt_values = operator.attrgetter(*_OPT_FIELDS)
-
-
-class _Opts:
-    """The options of one call; unset fields read the library's defaults (class attributes)."""
-
-
-for _name, _value in zip(_OPT_FIELDS, _OPT.unpack(bytes(L.lib.fr_options_default()))):
-    setattr(_Opts, _name, _value)
-
-
-def _opts(op: str, rows: int, cols: int, keys: Tensor | None = None, site: int = 0,
-          p: float = 0.0, path_p: float = 0.0, rows_per_sample: int = 1) -> _Opts:
-    o = _Opts()
-    o.rows, o.cols = rows, cols
-    o.p = p
-    if keys is not None:
-        seed, step = _keys(op, keys)
-        o.seed = seed
-        o.call = _call(op, step, site, 0)
-        o.path_call = _call(op, step, site, 1)
-    o.path_p = path_p
-    o.rows_per_sample = rows_per_sample
-    return o
-
-
-def _run(fn, o: _Opts, ref: Tensor, *tensors) -> None:
-    """Calls a C entry point with the options, where `ref` lives, and the tensors' descriptors
-    (None: a null pointer), all packed into this thread's buffer: options first, then one
-    descriptor per tensor."""
+def _run(fn, o: tuple, ref: Tensor, *tensors) -> None:
+    """Calls a C entry point with the options (the full tuple of fields), where ``ref`` lives,
+    and the tensors' descriptors (None: a null pointer), all packed into this thread's buffer."""
     sc = _scratch
-    buf, base, size = sc.buf, sc.base, _DESC.size
-    _OPT.pack_into(buf, 0, *_opt_values(o))
+    buf = sc.buf
+    _OPT.pack_into(buf, 0, *o)
     args = []
-    off = _OPT.size
-    for t in tensors:
+    for t, (off, addr) in zip(tensors, sc.slots):
         if t is None:
             args.append(None)
         else:
             _DESC.pack_into(buf, off, t.data_ptr(), t.numel(), _DT[t.dtype])
-            args.append(base + off)
-        off += size
-    L.check(fn(base, _exec(ref), *args))
+            args.append(addr)
+    status = fn(sc.base, _exec(ref), *args)
+    if status:
+        L.check(status)
 
 
 def _empty0(like: Tensor) -> Tensor:
@@ -210,15 +213,15 @@ def _empty0(like: Tensor) -> Tensor:
 
 _lib.define(
     "cross_entropy(Tensor logits, Tensor target, float label_smoothing, int ignore_index, "
-    "float z_loss, int reduction) -> Tensor"
+    "float z_loss, int reduction, int math=0) -> Tensor"
 )
 _lib.define(
     "cross_entropy_backward(Tensor logits, Tensor target, Tensor upstream, "
-    "float label_smoothing, int ignore_index, float z_loss) -> Tensor"
+    "float label_smoothing, int ignore_index, float z_loss, int math=0) -> Tensor"
 )
 
 
-def _xe_opts(op, logits, target, label_smoothing, ignore_index, z_loss, reduction):
+def _xe_opts(op, logits, target, label_smoothing, ignore_index, z_loss, reduction, math):
     _check(op, "logits", logits)
     _check(op, "target", target, logits, dtypes=(torch.int32, torch.int64))
     if logits.dim() == 0:
@@ -229,10 +232,8 @@ def _xe_opts(op, logits, target, label_smoothing, ignore_index, z_loss, reductio
             f"fusedreg.{op}: `target` has {target.numel()} elements, `logits` {rows} rows "
             f"(shape {tuple(logits.shape)})"
         )
-    o = _opts(op, rows, vocab)
-    o.label_smoothing, o.ignore_index, o.z_loss, o.reduction = (
-        label_smoothing, ignore_index, z_loss, reduction)
-    return o
+    return (rows, vocab, 0.0, 0, 0, _BITS0, math, 0.0, 0, 1, _ACT0, _NORM0, _EPS0, _LS0,
+            label_smoothing, z_loss, ignore_index, reduction)
 
 
 def _xe_loss_shape(logits: Tensor, reduction: int):
@@ -241,43 +242,44 @@ def _xe_loss_shape(logits: Tensor, reduction: int):
 
 @torch.library.impl(_lib, "cross_entropy", "CPU")
 @torch.library.impl(_lib, "cross_entropy", "CUDA")
-def _xe(logits, target, label_smoothing, ignore_index, z_loss, reduction):
-    o = _xe_opts("cross_entropy", logits, target, label_smoothing, ignore_index, z_loss, reduction)
+def _xe(logits, target, label_smoothing, ignore_index, z_loss, reduction, math=0):
+    o = _xe_opts("cross_entropy", logits, target, label_smoothing, ignore_index, z_loss, reduction,
+                 math)
     loss = logits.new_empty(_xe_loss_shape(logits, reduction), dtype=torch.float32)
     _run(L.lib.fr_cross_entropy_forward, o, logits, logits, target, loss, None)
     return loss
 
 
 @torch.library.register_fake("fusedreg::cross_entropy", lib=_lib)
-def _xe_fake(logits, target, label_smoothing, ignore_index, z_loss, reduction):
+def _xe_fake(logits, target, label_smoothing, ignore_index, z_loss, reduction, math=0):
     return logits.new_empty(_xe_loss_shape(logits, reduction), dtype=torch.float32)
 
 
 @torch.library.impl(_lib, "cross_entropy_backward", "CPU")
 @torch.library.impl(_lib, "cross_entropy_backward", "CUDA")
-def _xe_bwd(logits, target, upstream, label_smoothing, ignore_index, z_loss):
+def _xe_bwd(logits, target, upstream, label_smoothing, ignore_index, z_loss, math=0):
     op = "cross_entropy_backward"
-    o = _xe_opts(op, logits, target, label_smoothing, ignore_index, z_loss, 0)
-    _check(op, "upstream", upstream, logits, dtypes=(torch.float32,), numel=o.rows)
+    o = _xe_opts(op, logits, target, label_smoothing, ignore_index, z_loss, 0, math)
+    _check(op, "upstream", upstream, logits, dtypes=(torch.float32,), numel=o[0])
     grad = torch.empty_like(logits)
     _run(L.lib.fr_cross_entropy_backward, o, logits, logits, target, upstream, grad, None, None)
     return grad
 
 
 @torch.library.register_fake("fusedreg::cross_entropy_backward", lib=_lib)
-def _xe_bwd_fake(logits, target, upstream, label_smoothing, ignore_index, z_loss):
+def _xe_bwd_fake(logits, target, upstream, label_smoothing, ignore_index, z_loss, math=0):
     return torch.empty_like(logits)
 
 
 def _xe_setup(ctx, inputs, output):
-    logits, target, ls, ii, zl, red = inputs
+    logits, target, ls, ii, zl, red, math = inputs
     ctx.save_for_backward(logits, target)
-    ctx.args = (ls, ii, zl, red)
+    ctx.args = (ls, ii, zl, red, math)
 
 
 def _xe_grad(ctx, grad):
     logits, target = ctx.saved_tensors
-    ls, ii, zl, red = ctx.args
+    ls, ii, zl, red, math = ctx.args
     rows = target.numel()
     g = grad.float()
     # The upstream gradient folded into the per-row scale: one fused pass, no logits-sized
@@ -289,8 +291,8 @@ def _xe_grad(ctx, grad):
     else:
         n_valid = (target != ii).sum().clamp(min=1).float()
         up = (g.reshape(1) * (1.0 / n_valid)).expand(rows).contiguous()
-    d = torch.ops.fusedreg.cross_entropy_backward(logits, target, up, ls, ii, zl)
-    return d, None, None, None, None, None
+    d = torch.ops.fusedreg.cross_entropy_backward(logits, target, up, ls, ii, zl, math)
+    return d, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -302,42 +304,43 @@ torch.library.register_autograd(
 
 
 _lib.define(
-    "bias_act_dropout(Tensor x, Tensor? bias, Tensor keys, int site, int act, float p) -> Tensor"
+    "bias_act_dropout(Tensor x, Tensor? bias, Tensor keys, int site, int act, float p, "
+    "int math=0, int mask_bits=32) -> Tensor"
 )
 _lib.define(
     "bias_act_dropout_backward(Tensor dy, Tensor x, Tensor? bias, Tensor keys, int site, "
-    "int act, float p) -> (Tensor, Tensor)"
+    "int act, float p, int math=0, int mask_bits=32) -> (Tensor, Tensor)"
 )
 
 
-def _bad_opts(op, x, bias, keys, site, act, p):
+def _bad_opts(op, x, bias, keys, site, act, p, math, mask_bits):
     _check(op, "x", x)
     rows, cols = _rows_cols(op, x)
     _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=cols)
-    o = _opts(op, rows, cols, keys, site, p)
-    o.activation = act
-    return o
+    seed, call, path_call = _key_fields(op, keys, site)
+    return (rows, cols, p, seed, call, mask_bits, math, 0.0, path_call, 1, act, _NORM0, _EPS0,
+            _LS0, 0.0, 0.0, _II0, _RED0)
 
 
 @torch.library.impl(_lib, "bias_act_dropout", "CPU")
 @torch.library.impl(_lib, "bias_act_dropout", "CUDA")
-def _bad(x, bias, keys, site, act, p):
-    o = _bad_opts("bias_act_dropout", x, bias, keys, site, act, p)
+def _bad(x, bias, keys, site, act, p, math=0, mask_bits=32):
+    o = _bad_opts("bias_act_dropout", x, bias, keys, site, act, p, math, mask_bits)
     y = torch.empty_like(x)
     _run(L.lib.fr_bias_act_dropout_forward, o, x, x, bias, y, None)
     return y
 
 
 @torch.library.register_fake("fusedreg::bias_act_dropout", lib=_lib)
-def _bad_fake(x, bias, keys, site, act, p):
+def _bad_fake(x, bias, keys, site, act, p, math=0, mask_bits=32):
     return torch.empty_like(x)
 
 
 @torch.library.impl(_lib, "bias_act_dropout_backward", "CPU")
 @torch.library.impl(_lib, "bias_act_dropout_backward", "CUDA")
-def _bad_bwd(dy, x, bias, keys, site, act, p):
+def _bad_bwd(dy, x, bias, keys, site, act, p, math=0, mask_bits=32):
     op = "bias_act_dropout_backward"
-    o = _bad_opts(op, x, bias, keys, site, act, p)
+    o = _bad_opts(op, x, bias, keys, site, act, p, math, mask_bits)
     _check(op, "dy", dy, x, dtypes=(x.dtype,), numel=x.numel())
     dx = torch.empty_like(x)
     dbias = torch.empty_like(bias) if bias is not None else _empty0(x)
@@ -347,21 +350,21 @@ def _bad_bwd(dy, x, bias, keys, site, act, p):
 
 
 @torch.library.register_fake("fusedreg::bias_act_dropout_backward", lib=_lib)
-def _bad_bwd_fake(dy, x, bias, keys, site, act, p):
+def _bad_bwd_fake(dy, x, bias, keys, site, act, p, math=0, mask_bits=32):
     return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else _empty0(x))
 
 
 def _bad_setup(ctx, inputs, output):
-    x, bias, keys, site, act, p = inputs
+    x, bias, keys, site, act, p, math, mask_bits = inputs
     ctx.save_for_backward(x, bias, keys)
-    ctx.args = (site, act, p)
+    ctx.args = (site, act, p, math, mask_bits)
 
 
 def _bad_grad(ctx, dy):
     x, bias, keys = ctx.saved_tensors
     dx, dbias = torch.ops.fusedreg.bias_act_dropout_backward(
         dy.contiguous(), x, bias, keys, *ctx.args)
-    return dx, (dbias if bias is not None else None), None, None, None, None
+    return dx, (dbias if bias is not None else None), None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -384,9 +387,9 @@ _lib.define(
 
 def _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, mask_bits):
     rows, cols = _rows_cols(op, x)
-    o = _opts(op, rows, cols, keys, site, p, path_p, rows_per_sample)
-    o.mask_bits = mask_bits
-    return o
+    seed, call, path_call = _key_fields(op, keys, site)
+    return (rows, cols, p, seed, call, mask_bits, _MATH0, path_p, path_call, rows_per_sample,
+            _ACT0, _NORM0, _EPS0, _LS0, 0.0, 0.0, _II0, _RED0)
 
 
 @torch.library.impl(_lib, "dropout", "CPU")
@@ -395,7 +398,7 @@ def _drop(x, bias, residual, keys, site, p, path_p, rows_per_sample, mask_bits):
     op = "dropout"
     _check(op, "x", x)
     o = _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, mask_bits)
-    _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o.cols)
+    _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o[1])
     _check(op, "residual", residual, x, dtypes=(x.dtype,), numel=x.numel())
     y = torch.empty_like(x)
     _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, y, None)
@@ -414,7 +417,7 @@ def _drop_bwd(dy, keys, site, p, path_p, rows_per_sample, mask_bits, want_dbias)
     _check(op, "dy", dy)
     o = _drop_opts(op, dy, keys, site, p, path_p, rows_per_sample, mask_bits)
     dx = torch.empty_like(dy)
-    dbias = dy.new_empty((o.cols,)) if want_dbias else _empty0(dy)
+    dbias = dy.new_empty((o[1],)) if want_dbias else _empty0(dy)
     _run(L.lib.fr_dropout_backward, o, dy, dy, None, dx, dbias if want_dbias else None)
     return dx, dbias
 
@@ -460,7 +463,7 @@ def _drop_add_(residual, x, bias, keys, site, p, path_p, rows_per_sample):
     op = "dropout_add_"
     _check(op, "x", x)
     o = _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, 32)
-    _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o.cols)
+    _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o[1])
     _check(op, "residual", residual, x, dtypes=(x.dtype,), numel=x.numel())
     _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, residual, None)
     torch.autograd.graph.increment_version(residual)
@@ -490,9 +493,9 @@ _lib.define(
 
 def _dan_opts(op, x, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample):
     rows, cols = _rows_cols(op, x)
-    o = _opts(op, rows, cols, keys, site, p, path_p, rows_per_sample)
-    o.norm, o.eps, o.layer_scale = norm, eps, layer_scale
-    return o
+    seed, call, path_call = _key_fields(op, keys, site)
+    return (rows, cols, p, seed, call, _BITS0, _MATH0, path_p, path_call, rows_per_sample, _ACT0,
+            norm, eps, layer_scale, 0.0, 0.0, _II0, _RED0)
 
 
 def _dan_shapes(x, stream_f32):
@@ -511,7 +514,7 @@ def _dan(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale, p, 
     rows, sd = _dan_shapes(x, stream_f32)
     _check(op, "residual", residual, x, dtypes=(sd,), numel=x.numel())
     for name, t in (("bias", bias), ("gamma", gamma), ("beta", beta)):
-        _check(op, name, t, x, dtypes=(x.dtype,), numel=o.cols)
+        _check(op, name, t, x, dtypes=(x.dtype,), numel=o[1])
     out = torch.empty_like(x)
     s = torch.empty_like(x, dtype=sd)
     mean = x.new_empty((rows,), dtype=torch.float32)
@@ -539,9 +542,9 @@ def _dan_bwd(d_out, d_s, s, gamma, mean, rstd, keys, site, norm, eps, layer_scal
     o = _dan_opts(op, d_out, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample)
     _check(op, "s", s, d_out, dtypes=(d_out.dtype, torch.float32), numel=d_out.numel())
     _check(op, "d_s", d_s, d_out, dtypes=(s.dtype,), numel=d_out.numel())
-    _check(op, "gamma", gamma, d_out, dtypes=(d_out.dtype,), numel=o.cols)
+    _check(op, "gamma", gamma, d_out, dtypes=(d_out.dtype,), numel=o[1])
     for name, t in (("mean", mean), ("rstd", rstd)):
-        _check(op, name, t, d_out, dtypes=(torch.float32,), numel=o.rows)
+        _check(op, name, t, d_out, dtypes=(torch.float32,), numel=o[0])
     dx = torch.empty_like(d_out)
     d_res = torch.empty_like(s) if want_residual else _empty0(s)
     dgamma = torch.empty_like(gamma)

@@ -8,6 +8,8 @@ import torch
 import fusedreg
 from fusedreg import functional as F
 
+from bounds import check_bias_act_dropout, check_cross_entropy
+
 
 def both(fn, *tensors, cuda):
     """fn on CPU tensors and on their CUDA copies; returns (cpu, cuda-on-cpu) results."""
@@ -28,11 +30,14 @@ def test_every_op_is_bit_exact_with_the_cpu_path(cuda, dtype):
     cases = [
         lambda x, b, r: F.dropout(x, 0.1, k, 1, bias=b, residual=r, drop_path=0.2,
                                   rows_per_sample=7),
-        lambda x, b, r: F.bias_act_dropout(x, 0.1, k, 2, bias=b, activation="gelu_tanh"),
+        lambda x, b, r: F.bias_act_dropout(x, 0.1, k, 2, bias=b, activation="gelu_tanh",
+                                           math="exact"),
+        lambda x, b, r: F.bias_act_dropout(x, 0.1, k, 2, bias=b, activation="silu",
+                                           math="exact", mask_bits=16),
         lambda x, b, r: F.dropout_add_norm(x, g.to(x.device), k, 3, residual=r, bias=b,
                                            norm_bias=b, p=0.1, drop_path=0.1,
                                            rows_per_sample=7, layer_scale=0.5),
-        lambda x, b, r: F.cross_entropy(x, t.to(x.device), label_smoothing=0.1),
+        lambda x, b, r: F.cross_entropy(x, t.to(x.device), label_smoothing=0.1, math="exact"),
     ]
     for fn in cases:
         c, d = both(fn, x, b, r, cuda=cuda)
@@ -48,13 +53,48 @@ def test_backward_is_bit_exact_with_the_cpu_path(cuda):
         x = base.to(dev).requires_grad_()
         bias = torch.zeros(96, device=dev, requires_grad=True)
         w = torch.ones(96, device=dev, requires_grad=True)
-        h = F.bias_act_dropout(x, 0.2, k, 1, bias=bias)
+        h = F.bias_act_dropout(x, 0.2, k, 1, bias=bias, math="exact")
         out, s = F.dropout_add_norm(h, w, k, 2, p=0.1)
-        loss = F.cross_entropy(out, torch.arange(33, device=dev) % 96, label_smoothing=0.1)
+        loss = F.cross_entropy(out, torch.arange(33, device=dev) % 96, label_smoothing=0.1,
+                               math="exact")
         loss.backward()
         grads.append([x.grad.cpu(), bias.grad.cpu(), w.grad.cpu()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mask_bits", [32, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu"])
+def test_bias_act_dropout_fast_math_within_its_bound(cuda, act, dtype, mask_bits):
+    """math="fast" (the default for GELU and SiLU) on the GPU: within the module docs' bound of
+    the float64 function, the CPU path's mask (dropped elements exactly +0)."""
+    p, site, k = 0.2, 6, fusedreg.Keys(11, 2)
+    x = (torch.randn(257, 1030) * 4).to(dtype)
+    x[0, :8] = torch.tensor([0.0, -0.75, -1.28, 9.5, -9.5, 17.0, -17.0, 1e-3]).to(dtype)
+    b = torch.randn(1030).to(dtype)
+    dy = torch.randn(257, 1030).to(dtype)
+    keep = F.dropout(torch.ones(x.shape), p, k, site, mask_bits=mask_bits) != 0
+    xa = x.to(cuda).requires_grad_()
+    ba = b.to(cuda).requires_grad_()
+    y = F.bias_act_dropout(xa, p, k, site, bias=ba, activation=act, math="fast",
+                           mask_bits=mask_bits)
+    y.backward(dy.to(cuda))
+    check_bias_act_dropout(act, x, b, y.detach().cpu(), dy, xa.grad.cpu(), ba.grad.cpu(), p, keep)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_fast_math_within_its_bound(cuda, reduction, dtype):
+    rows, vocab = 67, 5000
+    x = (torch.randn(rows, vocab) * 5).to(dtype)
+    t = torch.randint(0, vocab, (rows,))
+    t[::7] = -100
+    a = x.to(cuda).requires_grad_()
+    loss = F.cross_entropy(a, t.to(cuda), label_smoothing=0.1, z_loss=1e-4, reduction=reduction)
+    loss.sum().backward()
+    check_cross_entropy(x, t, loss.detach().cpu(), a.grad.cpu(), label_smoothing=0.1,
+                        z_loss=1e-4, reduction=reduction)
 
 
 def test_optimizer_matches_the_cpu_path(cuda):

@@ -10,6 +10,8 @@ import torch.nn.functional as TF
 import fusedreg
 from fusedreg import functional as F
 
+from bounds import check_bias_act_dropout, check_cross_entropy
+
 OPS = torch.ops.fusedreg
 
 
@@ -118,6 +120,92 @@ def test_bias_act_dropout_mask_is_shared_by_forward_and_backward():
     torch.testing.assert_close(b.grad, h.grad.sum(0), rtol=1e-4, atol=1e-4)
 
 
+def _keep_mask(shape, p, k, site, mask_bits):
+    """The keep bits of (keys, site): plain dropout shares the keying of every dropping op."""
+    return F.dropout(torch.ones(shape), p, k, site, mask_bits=mask_bits) != 0
+
+
+@pytest.mark.parametrize("mask_bits", [32, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_bias_act_dropout_math_modes(act, dtype, mask_bits):
+    """On the CPU every mode runs the exact reference: all modes equal bit for bit, the mask of
+    the shared keying (dropped elements +0), and within the Math::Fast bound of the float64
+    function where the exact formula is (all of SiLU and ReLU; the GELUs' exact formulas cancel
+    below h = -3, see bounds.py). The GPU tests hold "fast" to the bound everywhere and "exact"
+    to these bits."""
+    p, site, k = 0.25, 4, keys()
+    x = (torch.randn(29, 131) * 3).to(dtype)
+    b = torch.randn(131).to(dtype)
+    dy = torch.randn(29, 131).to(dtype)
+    keep = _keep_mask(x.shape, p, k, site, mask_bits)
+    assert 0.15 < 1 - keep.float().mean().item() < 0.35
+    outs = {}
+    for math_mode in (None, "fast", "exact"):
+        xa, ba = x.clone().requires_grad_(), b.clone().requires_grad_()
+        y = F.bias_act_dropout(xa, p, k, site, bias=ba, activation=act, math=math_mode,
+                               mask_bits=mask_bits)
+        y.backward(dy)
+        where = (x.float() + b.float()) >= -3 if act.startswith("gelu") else None
+        check_bias_act_dropout(act, x, b, y.detach(), dy, xa.grad, ba.grad, p, keep, where)
+        outs[math_mode] = (y.detach(), xa.grad, ba.grad)
+    for mode in ("fast", "exact"):
+        for u, v in zip(outs[None], outs[mode]):
+            assert torch.equal(u, v), f"CPU: math={mode} has the reference's bits"
+
+
+def test_bias_act_dropout_sixteen_bit_keying_quantises_p():
+    x = torch.ones(256, 256)
+    y16 = F.bias_act_dropout(x, 0.1, keys(), 3, activation="relu", mask_bits=16)
+    y32 = F.bias_act_dropout(x, 0.1, keys(), 3, activation="relu")
+    assert abs((y16 == 0).float().mean().item() - 0.1) < 0.01
+    assert not torch.equal(y16 == 0, y32 == 0), "another keying, another mask"
+    assert torch.equal(y16 == 0, _keep_mask(x.shape, 0.1, keys(), 3, 16).logical_not())
+
+
+def test_math_and_keying_options_are_checked():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="math = 'quick'"):
+        F.bias_act_dropout(x, 0.1, keys(), 1, math="quick")
+    with pytest.raises(ValueError, match="math = 'fastest'"):
+        F.cross_entropy(x, torch.zeros(4, dtype=torch.long), math="fastest")
+    with pytest.raises(ValueError, match="math"):
+        fusedreg.nn.CrossEntropyLoss(math=1)
+    with pytest.raises(ValueError, match="8-bit keying is not in this build"):
+        F.bias_act_dropout(x, 0.1, keys(), 1, mask_bits=8)
+    with pytest.raises(ValueError, match="mask_bits = 12"):
+        F.bias_act_dropout(x, 0.1, keys(), 1, mask_bits=12)
+    # The raw op passes an unknown code through: the C ABI refuses it with its message.
+    with pytest.raises(ValueError, match="math = 5"):
+        OPS.cross_entropy(x, torch.zeros(4, dtype=torch.long), 0.0, -100, 0.0, 2, 5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_math_modes(reduction, dtype):
+    """As for bias_act_dropout: every mode within the Math::Fast bound (float64 reference), all
+    equal on the CPU."""
+    rows, vocab = 23, 2100  # two groups of 2048 per slot on the GPU
+    x = (torch.randn(rows, vocab) * 4).to(dtype)
+    t = torch.randint(0, vocab, (rows,))
+    t[3] = -100
+    outs = {}
+    for math_mode in (None, "fast", "exact"):
+        a = x.clone().requires_grad_()
+        loss = F.cross_entropy(a, t, label_smoothing=0.1, z_loss=1e-3, reduction=reduction,
+                               math=math_mode)
+        loss.sum().backward()
+        check_cross_entropy(x, t, loss.detach(), a.grad, label_smoothing=0.1, z_loss=1e-3,
+                            reduction=reduction)
+        outs[math_mode] = (loss.detach(), a.grad)
+    for mode in ("fast", "exact"):
+        for u, v in zip(outs[None], outs[mode]):
+            assert torch.equal(u, v), f"CPU: math={mode} has the reference's bits"
+    m = fusedreg.nn.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, reduction=reduction,
+                                     math="exact")
+    assert torch.equal(m(x, t), outs["exact"][0])
+
+
 # --------------------------------------------------------------------------- dropout
 
 
@@ -165,6 +253,11 @@ def test_sixteen_bit_keying_rate():
     x = torch.ones(256, 256)
     y = F.dropout(x, 0.1, keys(), 3, mask_bits=16)
     assert abs((y == 0).float().mean().item() - 0.1) < 0.01
+    r = torch.randn(256, 256)
+    y_res = F.dropout(x, 0.1, keys(), 3, residual=r, mask_bits=16)
+    assert torch.equal(y == 0, y_res == r), "16-bit keying with a residual: the same mask"
+    with pytest.raises(ValueError, match="8-bit keying is not in this build"):
+        F.dropout(x, 0.1, keys(), 3, mask_bits=8)
 
 
 # --------------------------------------------------------------------------- dropout_add_norm
@@ -269,6 +362,10 @@ def _opcheck_cases():
         (OPS.bias_act_dropout.default, (x, b, k, 1, 0, 0.2)),
         (OPS.bias_act_dropout.default, (x, None, k, 1, 3, 0.2)),
         (OPS.bias_act_dropout_backward.default, (dy, x.detach(), b.detach(), k, 1, 0, 0.2)),
+        (OPS.bias_act_dropout.default, (x, b, k, 1, 1, 0.2, 1, 16)),
+        (OPS.bias_act_dropout_backward.default, (dy, x.detach(), b.detach(), k, 1, 2, 0.2, 2, 16)),
+        (OPS.cross_entropy.default, (logits, t, 0.1, -100, 0.0, 1, 1)),
+        (OPS.cross_entropy_backward.default, (logits.detach(), t, torch.rand(6), 0.1, -100, 0.0, 2)),
         (OPS.dropout.default, (x, b, r, k, 2, 0.3, 0.0, 1, 32)),
         (OPS.dropout.default, (x, None, None, k, 2, 0.3, 0.5, 3, 32)),
         (OPS.dropout_backward.default, (dy, k, 2, 0.3, 0.0, 1, 32, True)),

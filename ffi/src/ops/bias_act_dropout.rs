@@ -9,8 +9,9 @@ use crate::{FR_ACT_GELU_ERF, FR_ACT_GELU_TANH, FR_ACT_RELU, FR_ACT_SILU};
 
 const OP: &str = "bias_act_dropout";
 
-fn config(o: &FrOptions) -> FfiResult<Config> {
-    o.only_exact_32bit(OP)?;
+/// The library's config of a call: the math mode and keying resolution from the options (the
+/// activation's default math for `FR_MATH_DEFAULT`).
+pub(crate) fn config(o: &FrOptions) -> FfiResult<Config> {
     let (rows, cols) = o.shape(OP)?;
     let act = match o.activation {
         FR_ACT_GELU_ERF => Activation::GeluErf,
@@ -23,7 +24,12 @@ fn config(o: &FrOptions) -> FfiResult<Config> {
             )))
         }
     };
-    Ok(Config::new(rows, cols, act, o.p, o.seed, o.call)?)
+    let cfg = Config::new(rows, cols, act, o.p, o.seed, o.call)?
+        .with_resolution(o.resolution(OP, &[32, 16])?);
+    Ok(match o.math(OP)? {
+        Some(m) => cfg.with_math(m),
+        None => cfg,
+    })
 }
 
 /// `y = dropout(act(x + bias))` on `[rows, cols]`, `bias` (optional) `[cols]`; `h_out`
@@ -198,4 +204,53 @@ fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> F
         },
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{fr_options_default, FR_MATH_DEFAULT, FR_MATH_EXACT, FR_MATH_FAST};
+    use fusedreg::dropping::MaskResolution;
+    use fusedreg::Math;
+
+    fn cfg(activation: u32, math: u32, mask_bits: u32) -> FfiResult<Config> {
+        config(&FrOptions {
+            rows: 2,
+            cols: 8,
+            p: 0.1,
+            activation,
+            math,
+            mask_bits,
+            ..fr_options_default()
+        })
+    }
+
+    #[test]
+    fn math_and_resolution_reach_the_config() {
+        // The default is the activation's: Fast for GELU and SiLU, Exact for ReLU.
+        assert_eq!(
+            cfg(FR_ACT_GELU_TANH, FR_MATH_DEFAULT, 32).unwrap().math(),
+            Math::Fast
+        );
+        assert_eq!(
+            cfg(FR_ACT_RELU, FR_MATH_DEFAULT, 32).unwrap().math(),
+            Math::Exact
+        );
+        assert_eq!(
+            cfg(FR_ACT_SILU, FR_MATH_EXACT, 32).unwrap().math(),
+            Math::Exact
+        );
+        assert_eq!(
+            cfg(FR_ACT_RELU, FR_MATH_FAST, 32).unwrap().math(),
+            Math::Fast
+        );
+        let c = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 16).unwrap();
+        assert_eq!(c.resolution(), MaskResolution::Bits16);
+        assert_eq!(c.effective_p(), 6554.0 / 65536.0);
+        let e = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 8)
+            .unwrap_err()
+            .message;
+        assert!(e.contains("8-bit keying is not in this build"), "{e}");
+        assert!(cfg(FR_ACT_GELU_ERF, 9, 32).is_err());
+    }
 }

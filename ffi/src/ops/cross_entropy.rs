@@ -11,8 +11,10 @@ use crate::{FR_REDUCTION_MEAN, FR_REDUCTION_NONE, FR_REDUCTION_SUM};
 
 const OP: &str = "cross_entropy";
 
-fn config(o: &FrOptions) -> FfiResult<Config> {
-    o.only_exact_32bit(OP)?;
+/// The library's config of a call (`FR_MATH_DEFAULT`: the library's default, Fast). The op has
+/// no mask: `mask_bits` other than 32 is refused as a likely mistake.
+pub(crate) fn config(o: &FrOptions) -> FfiResult<Config> {
+    o.resolution(OP, &[32])?;
     let (rows, vocab) = o.shape(OP)?;
     let reduction = match o.reduction {
         FR_REDUCTION_NONE => Reduction::None,
@@ -24,11 +26,15 @@ fn config(o: &FrOptions) -> FfiResult<Config> {
             )))
         }
     };
-    Ok(Config::new(rows, vocab)?
+    let cfg = Config::new(rows, vocab)?
         .label_smoothing(o.label_smoothing)?
         .ignore_index(o.ignore_index)
         .z_loss(o.z_loss)?
-        .reduction(reduction))
+        .reduction(reduction);
+    Ok(match o.math(OP)? {
+        Some(m) => cfg.with_math(m),
+        None => cfg,
+    })
 }
 
 /// The tensors of one call.
@@ -229,4 +235,28 @@ fn gpu<T: Dtype + Elem, I: TargetIndex + Elem>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{fr_options_default, FR_MATH_DEFAULT, FR_MATH_EXACT, FR_MATH_FAST};
+    use fusedreg::Math;
+
+    #[test]
+    fn math_option_reaches_the_config() {
+        let cfg = |math| {
+            let o = FrOptions {
+                rows: 2,
+                cols: 8,
+                math,
+                ..fr_options_default()
+            };
+            config(&o).map(|c| c.math())
+        };
+        assert_eq!(cfg(FR_MATH_DEFAULT).unwrap(), Math::Fast); // the library's default
+        assert_eq!(cfg(FR_MATH_EXACT).unwrap(), Math::Exact);
+        assert_eq!(cfg(FR_MATH_FAST).unwrap(), Math::Fast);
+        assert!(cfg(7).is_err());
+    }
 }

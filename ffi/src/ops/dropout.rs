@@ -1,32 +1,19 @@
 //! `fr_dropout_*`: `y = [residual +] rowscale · dropout(x + bias)`, plain or with a residual
 //! (one ABI op; the library's `dropout`, with its optional residual, underneath).
 
-use fusedreg::dropout::{self, Config, MaskResolution};
+use fusedreg::dropout::{self, Config};
 use fusedreg::{Dtype, Handle};
 
 use crate::tensor::{dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor};
-use crate::{boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus};
+use crate::{boundary, FfiResult, FrExec, FrOptions, FrStatus};
 
 const OP: &str = "dropout";
 
 fn config(o: &FrOptions) -> FfiResult<Config> {
-    if o.math > crate::FR_MATH_EXACT {
-        return Err(FfiError::invalid(format!(
-            "{OP}: math = {} is not offered by this op (it has no transcendental functions)",
-            o.math
-        )));
-    }
+    o.exact_only(OP)?;
     let (rows, cols) = o.shape(OP)?;
-    let mut cfg = Config::new(rows, cols, o.p, o.seed, o.call)?;
-    match o.mask_bits {
-        32 => {}
-        16 => cfg = cfg.with_resolution(MaskResolution::Bits16),
-        b => {
-            return Err(FfiError::invalid(format!(
-                "{OP}: mask_bits = {b} is not offered; use 32 or 16"
-            )))
-        }
-    }
+    let mut cfg =
+        Config::new(rows, cols, o.p, o.seed, o.call)?.with_resolution(o.resolution(OP, &[32, 16])?);
     if let Some(path) = o.drop_path(OP)? {
         cfg = cfg.with_drop_path(path);
     }

@@ -12,7 +12,8 @@ use crate::{
 const OP: &str = "dropout_add_norm";
 
 fn config(o: &FrOptions) -> FfiResult<Config> {
-    o.only_exact_32bit(OP)?;
+    o.exact_only(OP)?;
+    o.resolution(OP, &[32])?;
     let (rows, cols) = o.shape(OP)?;
     let norm = match o.norm {
         FR_NORM_LAYER => Norm::LayerNorm,
