@@ -14,9 +14,7 @@ use half::{bf16, f16};
 use libtest_mimic::Trial;
 use rand::Rng;
 
-use crate::buffers::{download, e2s, upload, R};
-use crate::common::{bits_eq, rng};
-use crate::harness::trials_of;
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -153,7 +151,7 @@ fn gpu_run<T: Dtype, I: Ti>(
     t: &[I],
     up: &[f32],
     ws: Option<&mut Workspace>,
-) -> R<Got<T>> {
+) -> TestResult<Got<T>> {
     let s = h.stream();
     let cfg = c.config();
     let (off, n) = (c.offset, cfg.len());
@@ -161,11 +159,9 @@ fn gpu_run<T: Dtype, I: Ti>(
     let tsent = I::try_from(-5).unwrap();
     let tb = upload(s, t, off, tsent)?;
     let tv = tb.slice(off..off + c.rows);
-    let upb = s.clone_htod(up).map_err(e2s)?;
-    let mut loss = s
-        .clone_htod(&vec![f32::NAN; c.red.loss_len(c.rows)])
-        .map_err(e2s)?;
-    let mut flag = s.alloc_zeros::<u32>(1).map_err(e2s)?;
+    let upb = s.clone_htod(up)?;
+    let mut loss = s.clone_htod(&vec![f32::NAN; c.red.loss_len(c.rows)])?;
+    let mut flag = s.alloc_zeros::<u32>(1)?;
     let mut xb = upload(s, x, off, sent)?;
     let mut gb = upload(s, &vec![T::from_f32_rn(f32::NAN); n], off, sent)?;
     {
@@ -188,8 +184,7 @@ fn gpu_run<T: Dtype, I: Ti>(
             Grad::InPlace => {
                 xe::forward_backward_inplace(h, &cfg, &mut xb.slice_mut(off..off + n), &tv, out)
             }
-        }
-        .map_err(e2s)?;
+        }?;
     }
     let xs = download(s, &xb, off, sent, "logits")?;
     let gs = download(s, &gb, off, sent, "grad")?;
@@ -206,9 +201,9 @@ fn gpu_run<T: Dtype, I: Ti>(
         Grad::InPlace => Some(xs),
     };
     Ok(Got {
-        loss: s.clone_dtoh(&loss).map_err(e2s)?,
+        loss: s.clone_dtoh(&loss)?,
         grad,
-        flag: s.clone_dtoh(&flag).map_err(e2s)?[0],
+        flag: s.clone_dtoh(&flag)?[0],
     })
 }
 
@@ -238,18 +233,19 @@ fn cpu_run<T: Dtype, I: TargetIndex>(c: &Case, x: &[T], t: &[I], up: &[f32]) -> 
 }
 
 /// f32 bit equality where NaN equals NaN (a fully masked row is NaN, as in PyTorch).
-fn loss_eq(what: &str, got: &[f32], want: &[f32]) -> R<()> {
+fn loss_eq(what: &str, got: &[f32], want: &[f32]) -> TestResult {
     let canon = |v: &[f32]| -> Vec<u32> {
         v.iter()
             .map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() })
             .collect()
     };
-    bits_eq(what, &canon(got), &canon(want))
+    bits_eq(what, &canon(got), &canon(want))?;
+    Ok(())
 }
 
 /// Gradient equality bit for bit, where any NaN equals any NaN: a NaN made by the device's
 /// arithmetic (a fully masked row, as in PyTorch) is canonical there and not on the host.
-fn grad_eq<T: Dtype>(what: &str, got: &[T], want: &[T]) -> R<()> {
+fn grad_eq<T: Dtype>(what: &str, got: &[T], want: &[T]) -> TestResult {
     let canon = |v: &[T]| -> Vec<u32> {
         v.iter()
             .map(|x| {
@@ -261,10 +257,11 @@ fn grad_eq<T: Dtype>(what: &str, got: &[T], want: &[T]) -> R<()> {
             })
             .collect()
     };
-    bits_eq(what, &canon(got), &canon(want))
+    bits_eq(what, &canon(got), &canon(want))?;
+    Ok(())
 }
 
-fn check_case<T: Dtype, I: Ti>(h: &Handle, c: &Case, seed: u64) -> R<()> {
+fn check_case<T: Dtype, I: Ti>(h: &Handle, c: &Case, seed: u64) -> TestResult {
     let x = logits::<T>(seed, c.rows * c.vocab, c.specials);
     let t = targets::<I>(seed, c.rows, c.vocab, c.ignored);
     let up: Vec<f32> = (0..c.rows)
@@ -278,13 +275,13 @@ fn check_case<T: Dtype, I: Ti>(h: &Handle, c: &Case, seed: u64) -> R<()> {
         grad_eq(&format!("grad, {tag}"), &g, &grad)?;
     }
     if got.flag != 0 {
-        return Err(format!("flag raised for in-range targets, {tag}"));
+        return Err(format!("flag raised for in-range targets, {tag}").into());
     }
     Ok(())
 }
 
 /// Every option over vocabularies crossing the group (8), vector and slot (2048) boundaries.
-fn sweep<T: Dtype, I: Ti>(h: &Handle) -> R<()> {
+fn sweep<T: Dtype, I: Ti>(h: &Handle) -> TestResult {
     let shapes = [
         (5, 1),
         (7, 7),
@@ -320,7 +317,7 @@ fn sweep<T: Dtype, I: Ti>(h: &Handle) -> R<()> {
 }
 
 /// Llama-3 and GPT-2 vocabularies, and the largest the issue names (2^20).
-fn large_vocabularies<T: Dtype>(h: &Handle) -> R<()> {
+fn large_vocabularies<T: Dtype>(h: &Handle) -> TestResult {
     for (i, &(rows, vocab)) in [(3, 128_256), (4, 50_257), (2, 1 << 20)].iter().enumerate() {
         let mut c = Case::new(rows, vocab);
         c.ignored = 0;
@@ -335,7 +332,7 @@ fn large_vocabularies<T: Dtype>(h: &Handle) -> R<()> {
     Ok(())
 }
 
-fn out_of_range_flag(h: &Handle) -> R<()> {
+fn out_of_range_flag(h: &Handle) -> TestResult {
     let (rows, vocab) = (6, 300);
     let x = logits::<f32>(3, rows * vocab, false);
     let up = vec![1.0f32; rows];
@@ -345,7 +342,7 @@ fn out_of_range_flag(h: &Handle) -> R<()> {
         let t: Vec<i64> = vec![5, 300, -100, -1, 299, 0];
         let got = gpu_run(h, &c, &x, &t, &up, None)?;
         if got.flag != 1 {
-            return Err(format!("{red:?}: flag = {}, want 1", got.flag));
+            return Err(format!("{red:?}: flag = {}, want 1", got.flag).into());
         }
         // The bad rows count as ignored: loss 0, zero gradient, not in the mean's count.
         let (loss, grad) = cpu_run(&c, &x, &t, &up);
@@ -359,7 +356,7 @@ fn out_of_range_flag(h: &Handle) -> R<()> {
     Ok(())
 }
 
-fn all_rows_ignored(h: &Handle) -> R<()> {
+fn all_rows_ignored(h: &Handle) -> TestResult {
     for red in [Reduction::Mean, Reduction::Sum] {
         let mut c = Case::new(5, 1000);
         c.red = red;
@@ -367,7 +364,7 @@ fn all_rows_ignored(h: &Handle) -> R<()> {
         let t = vec![-100i64; c.rows];
         let got = gpu_run(h, &c, &x, &t, &[], None)?;
         if got.loss != [0.0] {
-            return Err(format!("{red:?}: loss {:?}, want [0.0]", got.loss));
+            return Err(format!("{red:?}: loss {:?}, want [0.0]", got.loss).into());
         }
         bits_eq(
             "grad",
@@ -379,7 +376,7 @@ fn all_rows_ignored(h: &Handle) -> R<()> {
 }
 
 /// More rows than one block of the sum kernel covers: two and three levels.
-fn many_rows(h: &Handle) -> R<()> {
+fn many_rows(h: &Handle) -> TestResult {
     // The last needs three levels of the sum (2 logits per row keeps it small).
     for (i, &(rows, vocab)) in [(4095usize, 8), (4097, 8), (9000, 8), (4096 * 4096 + 3, 2)]
         .iter()
@@ -399,7 +396,7 @@ fn many_rows(h: &Handle) -> R<()> {
     Ok(())
 }
 
-fn masked_and_large(h: &Handle) -> R<()> {
+fn masked_and_large(h: &Handle) -> TestResult {
     let vocab = 4099;
     for alpha in [0.0, 0.1] {
         let mut c = Case::new(4, vocab);
@@ -421,13 +418,13 @@ fn masked_and_large(h: &Handle) -> R<()> {
         let g = got.grad.unwrap();
         bits_eq("grad", &g, &grad)?;
         if g.iter().any(|v| v.to_f32().is_nan()) || got.loss.iter().any(|v| v.is_nan()) {
-            return Err(format!("α {alpha}: NaN in the loss or the gradient"));
+            return Err(format!("α {alpha}: NaN in the loss or the gradient").into());
         }
     }
     Ok(())
 }
 
-fn repeatable(h: &Handle) -> R<()> {
+fn repeatable(h: &Handle) -> TestResult {
     let mut c = Case::new(64, 32_003);
     c.grad = Grad::Separate;
     let x = logits::<bf16>(6, c.rows * c.vocab, false);
@@ -435,10 +432,11 @@ fn repeatable(h: &Handle) -> R<()> {
     let a = gpu_run(h, &c, &x, &t, &[], None)?;
     let b = gpu_run(h, &c, &x, &t, &[], None)?;
     bits_eq("loss", &a.loss, &b.loss)?;
-    bits_eq("grad", &a.grad.unwrap(), &b.grad.unwrap())
+    bits_eq("grad", &a.grad.unwrap(), &b.grad.unwrap())?;
+    Ok(())
 }
 
-fn workspace_and_forward(h: &Handle) -> R<()> {
+fn workspace_and_forward(h: &Handle) -> TestResult {
     let mut ws = Workspace::new();
     for (i, &rows) in [10usize, 5000, 3].iter().enumerate() {
         let mut c = Case::new(rows, 40);
@@ -453,36 +451,32 @@ fn workspace_and_forward(h: &Handle) -> R<()> {
         loss_eq("loss (forward only)", &got.loss, &loss)?;
     }
     if ws.capacity() < 5000 {
-        return Err(format!(
-            "workspace holds {} f32, want >= 5000",
-            ws.capacity()
-        ));
+        return Err(format!("workspace holds {} f32, want >= 5000", ws.capacity()).into());
     }
     Ok(())
 }
 
-fn empty_input(h: &Handle) -> R<()> {
+fn empty_input(h: &Handle) -> TestResult {
     let s = h.stream();
-    let cfg = Config::new(0, 100).map_err(e2s)?;
-    let x = s.alloc_zeros::<f32>(1).map_err(e2s)?;
-    let t = s.alloc_zeros::<i64>(1).map_err(e2s)?;
-    let mut loss = s.clone_htod(&[f32::NAN]).map_err(e2s)?;
+    let cfg = Config::new(0, 100)?;
+    let x = s.alloc_zeros::<f32>(1)?;
+    let t = s.alloc_zeros::<i64>(1)?;
+    let mut loss = s.clone_htod(&[f32::NAN])?;
     xe::forward(
         h,
         &cfg,
         &x.slice(0..0),
         &t.slice(0..0),
         Outputs::new(loss.as_view_mut()),
-    )
-    .map_err(e2s)?;
-    let got = s.clone_dtoh(&loss).map_err(e2s)?;
+    )?;
+    let got = s.clone_dtoh(&loss)?;
     if got != [0.0] {
-        return Err(format!("empty mean: {got:?}, want [0.0]"));
+        return Err(format!("empty mean: {got:?}, want [0.0]").into());
     }
     Ok(())
 }
 
-fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
+fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
     let s = h.stream();
     for (i, &(rows, vocab, red)) in [
         (5, 2049, Reduction::Mean),
@@ -502,42 +496,38 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
         let up: Vec<f32> = (0..rows).map(|r| 1.0 + r as f32 * 0.5).collect();
         let upo = (red == Reduction::None).then_some(&up[..]);
         let mut want_g = vec![T::from_f32_rn(0.0); cfg.len()];
-        let want = unfused::forward_backward_cpu(&cfg, &x, &t, upo, &mut want_g).map_err(e2s)?;
-        let xb = s.clone_htod(&x).map_err(e2s)?;
-        let tb = s.clone_htod(&t).map_err(e2s)?;
-        let upb = s.clone_htod(&up).map_err(e2s)?;
-        let mut lp = s.alloc_zeros::<T>(cfg.len()).map_err(e2s)?;
-        let mut g = s.alloc_zeros::<T>(cfg.len()).map_err(e2s)?;
-        let mut loss = s.alloc_zeros::<f32>(red.loss_len(rows)).map_err(e2s)?;
+        let want = unfused::forward_backward_cpu(&cfg, &x, &t, upo, &mut want_g)?;
+        let xb = s.clone_htod(&x)?;
+        let tb = s.clone_htod(&t)?;
+        let upb = s.clone_htod(&up)?;
+        let mut lp = s.alloc_zeros::<T>(cfg.len())?;
+        let mut g = s.alloc_zeros::<T>(cfg.len())?;
+        let mut loss = s.alloc_zeros::<f32>(red.loss_len(rows))?;
         let out = Outputs {
             upstream: upo.map(|_| upb.as_view()),
             ..Outputs::new(loss.as_view_mut())
         };
-        unfused::forward_backward(h, &cfg, &xb, &tb, &mut lp, &mut g, out).map_err(e2s)?;
-        let got_loss = s.clone_dtoh(&loss).map_err(e2s)?;
+        unfused::forward_backward(h, &cfg, &xb, &tb, &mut lp, &mut g, out)?;
+        let got_loss = s.clone_dtoh(&loss)?;
         let want_loss = match red {
             Reduction::None => want.rows.clone(),
             _ => vec![want.reduced.unwrap()],
         };
         loss_eq(&format!("unfused loss {i}"), &got_loss, &want_loss)?;
-        grad_eq(
-            &format!("unfused grad {i}"),
-            &s.clone_dtoh(&g).map_err(e2s)?,
-            &want_g,
-        )?;
+        grad_eq(&format!("unfused grad {i}"), &s.clone_dtoh(&g)?, &want_g)?;
     }
     Ok(())
 }
 
-fn bad_input(h: &Handle) -> R<()> {
+fn bad_input(h: &Handle) -> TestResult {
     let s = h.stream();
-    let cfg = Config::new(2, 4).map_err(e2s)?;
-    let x = s.alloc_zeros::<f32>(8).map_err(e2s)?;
-    let mut g = s.alloc_zeros::<f32>(8).map_err(e2s)?;
-    let t = s.alloc_zeros::<i32>(2).map_err(e2s)?;
-    let up = s.alloc_zeros::<f32>(2).map_err(e2s)?;
-    let mut loss = s.alloc_zeros::<f32>(2).map_err(e2s)?;
-    let mut flag = s.alloc_zeros::<u32>(1).map_err(e2s)?;
+    let cfg = Config::new(2, 4)?;
+    let x = s.alloc_zeros::<f32>(8)?;
+    let mut g = s.alloc_zeros::<f32>(8)?;
+    let t = s.alloc_zeros::<i32>(2)?;
+    let up = s.alloc_zeros::<f32>(2)?;
+    let mut loss = s.alloc_zeros::<f32>(2)?;
+    let mut flag = s.alloc_zeros::<u32>(1)?;
     let refused = [
         xe::forward(
             h,
@@ -587,7 +577,7 @@ fn bad_input(h: &Handle) -> R<()> {
     ];
     for (i, r) in refused.iter().enumerate() {
         if r.is_ok() {
-            return Err(format!("bad call {i} was accepted"));
+            return Err(format!("bad call {i} was accepted").into());
         }
     }
     Ok(())
