@@ -8,7 +8,7 @@
 # script points the build at a copy of that crate (target/candle-kernels-check) whose build script
 # writes empty PTX instead, through a `[patch]` given on the command line; Cargo.lock is restored
 # afterwards. So it proves that the adapter's CUDA paths compile against candle-core's real CUDA
-# API, not that they run: the GPU tests (tests/gpu/candle.rs) do that, on a machine with the CUDA
+# API, not that they run: the GPU tests (tests/gpu/candle/) do that, on a machine with the CUDA
 # toolkit (libcuda, cuBLAS, cuRAND, NVRTC) to link against.
 #
 # Usage: scripts/candle-cuda-check.sh [extra cargo clippy arguments]

@@ -364,7 +364,7 @@ fn strided_inputs_are_copied() -> R {
 }
 
 /// Bad input is an error naming the problem, never a panic. (Mixed devices need a GPU: see
-/// tests/gpu/candle_ops.rs.)
+/// tests/gpu/candle/bias_act_dropout.rs.)
 #[test]
 fn bad_input_is_an_error() -> R {
     let dev = &Device::Cpu;

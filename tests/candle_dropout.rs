@@ -400,7 +400,7 @@ fn strided_and_offset_inputs() -> R {
 }
 
 /// Bad input is an error naming the problem, never a panic. (Mixed devices need a GPU: see
-/// tests/gpu/candle_ops.rs.)
+/// tests/gpu/candle/dropout.rs.)
 #[test]
 fn bad_input_is_an_error() -> R {
     let dev = &Device::Cpu;

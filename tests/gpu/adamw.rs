@@ -11,9 +11,11 @@ use fusedreg::{Dtype, DtypeKind, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
-use crate::common::{bits_eq, close};
-use crate::global_norm::{download, e, tiny_sizes, upload, values_eq, SIZES};
-use crate::harness::{gpu_trial, trials_of};
+use crate::common::{
+    adamw_tensors as cpu_tensors, adamw_tensors_with, all_state_options, new_grads,
+};
+use crate::global_norm::{tiny_sizes, values_eq, SIZES};
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     let mut v = trials_of(
@@ -64,33 +66,28 @@ pub fn trials() -> Vec<Trial> {
     v
 }
 
-use crate::common::{
-    adamw_tensors as cpu_tensors, adamw_tensors_with, all_state_options, new_grads,
-};
-
 /// A set owning copies of the CPU tensors' parameters and gradients.
-fn build<P: Dtype, G: Dtype>(h: &Handle, ts: &[cpu::CpuTensor<P, G>]) -> Result<TensorSet, String> {
+fn build<P: Dtype, G: Dtype>(h: &Handle, ts: &[cpu::CpuTensor<P, G>]) -> TestResult<TensorSet> {
     let mut b = TensorSet::builder(h);
     for t in ts {
         if t.is_empty() {
-            b.push_empty::<P, G>().map_err(e)?;
+            b.push_empty::<P, G>()?;
         } else {
-            b.push(upload(h, &t.param)?, upload(h, &t.grad)?)
-                .map_err(e)?;
+            b.push(to_device(h, &t.param)?, to_device(h, &t.grad)?)?;
         }
     }
-    b.build().map_err(e)
+    Ok(b.build()?)
 }
 
 fn write_grads<P: Dtype, G: Dtype>(
     h: &Handle,
     set: &mut TensorSet,
     ts: &[cpu::CpuTensor<P, G>],
-) -> Result<(), String> {
+) -> TestResult {
     for (i, t) in ts.iter().enumerate() {
         if !t.is_empty() {
-            let mut g = set.grad_mut::<G>(i).map_err(e)?;
-            h.stream().memcpy_htod(&t.grad, &mut g).map_err(e)?;
+            let mut g = set.grad_mut::<G>(i)?;
+            h.stream().memcpy_htod(&t.grad, &mut g)?;
         }
     }
     Ok(())
@@ -107,25 +104,25 @@ fn compare_state<P: Dtype, G: Dtype>(
     set: &AdamW,
     ts: &[cpu::CpuTensor<P, G>],
     what: &str,
-) -> Result<(), String> {
-    let steps = set.step_counts().map_err(e)?;
+) -> TestResult {
+    let steps = set.step_counts()?;
     let want_steps: Vec<u32> = ts.iter().map(|t| t.step).collect();
     bits_eq(&format!("{what}: step counts"), &steps, &want_steps)?;
     for (i, t) in ts.iter().enumerate() {
         bits_eq(
             &format!("{what}: tensor {i} m"),
-            &download(h, &set.exp_avg(i).map_err(e)?)?,
+            &to_host(h, &set.exp_avg(i)?)?,
             &t.m,
         )?;
         bits_eq(
             &format!("{what}: tensor {i} v"),
-            &download(h, &set.exp_avg_sq(i).map_err(e)?)?,
+            &to_host(h, &set.exp_avg_sq(i)?)?,
             &t.v,
         )?;
         if let Some(m) = &t.master {
             bits_eq(
                 &format!("{what}: tensor {i} master"),
-                &download(h, &set.master(i).map_err(e)?)?,
+                &to_host(h, &set.master(i)?)?,
                 m,
             )?;
         }
@@ -140,41 +137,41 @@ fn compare<P: Dtype, G: Dtype>(
     opt: &AdamW,
     ts: &[cpu::CpuTensor<P, G>],
     what: &str,
-) -> Result<(), String> {
+) -> TestResult {
     for (i, t) in ts.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
         bits_eq(
             &format!("{what}: tensor {i} ({} elements) param", t.len()),
-            &download(h, &set.param::<P>(i).map_err(e)?)?,
+            &to_host(h, &set.param::<P>(i)?)?,
             &t.param,
         )?;
     }
     compare_state(h, opt, ts, what)
 }
 
-fn launches(h: &Handle, before: u64, want: u64, what: &str) -> Result<(), String> {
+fn launches(h: &Handle, before: u64, want: u64, what: &str) -> TestResult {
     let got = h.launch_count() - before;
     if got == want {
         Ok(())
     } else {
-        Err(format!("{what}: {got} launches, expected {want}"))
+        Err(format!("{what}: {got} launches, expected {want}").into())
     }
 }
 
-fn f32_seven_steps(h: &Handle) -> Result<(), String> {
+fn f32_seven_steps(h: &Handle) -> TestResult {
     let mut ts = cpu_tensors::<f32, f32>(1, SIZES);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+    let mut opt = AdamW::new(&set, cfg, &wds(&ts))?;
     for s in 0..7u64 {
         new_grads(&mut ts, 100 + s);
         write_grads(h, &mut set, &ts)?;
         // A device-side learning-rate schedule: a 4-byte async copy per step.
         let lr = 1e-3 * (1.0 + s as f32 * 0.5);
-        opt.set_lr(lr).map_err(e)?;
+        opt.set_lr(lr)?;
         let before = h.launch_count();
-        opt.step(&mut set, None).map_err(e)?;
+        opt.step(&mut set, None)?;
         launches(h, before, 1, "one AdamW step")?;
-        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(lr), &[]).map_err(e)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(lr), &[])?;
         if s == 0 || s == 6 {
             compare(h, &set, &opt, &ts, &format!("f32 step {}", s + 1))?;
         }
@@ -182,8 +179,8 @@ fn f32_seven_steps(h: &Handle) -> Result<(), String> {
     Ok(())
 }
 
-fn master_paths(h: &Handle) -> Result<(), String> {
-    fn one<P: Dtype, G: Dtype>(h: &Handle, seed: u64) -> Result<(), String> {
+fn master_paths(h: &Handle) -> TestResult {
+    fn one<P: Dtype, G: Dtype>(h: &Handle, seed: u64) -> TestResult {
         let sizes = [0, 65_537, 1001, 3, 0, 278_011, 5];
         let mut ts = cpu_tensors::<P, G>(seed, &sizes);
         let mut set = build(h, &ts)?;
@@ -191,14 +188,14 @@ fn master_paths(h: &Handle) -> Result<(), String> {
             lr: 2e-3,
             ..Default::default()
         };
-        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts))?;
         // Freshly created: the master weights are the widened parameters.
         compare(h, &set, &opt, &ts, "after AdamW::new")?;
         for s in 0..7 {
             new_grads(&mut ts, seed * 10 + s);
             write_grads(h, &mut set, &ts)?;
-            opt.step(&mut set, None).map_err(e)?;
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+            opt.step(&mut set, None)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
         }
         compare(
             h,
@@ -216,17 +213,17 @@ fn master_paths(h: &Handle) -> Result<(), String> {
     one::<f16, f32>(h, 7)
 }
 
-fn f32_params_16bit_grads(h: &Handle) -> Result<(), String> {
-    fn one<G: Dtype>(h: &Handle, seed: u64) -> Result<(), String> {
+fn f32_params_16bit_grads(h: &Handle) -> TestResult {
+    fn one<G: Dtype>(h: &Handle, seed: u64) -> TestResult {
         let mut ts = cpu_tensors::<f32, G>(seed, &[65_536, 7, 0, 130_001]);
         let mut set = build(h, &ts)?;
         let cfg = AdamWConfig::default();
-        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts))?;
         for s in 0..3 {
             new_grads(&mut ts, seed * 10 + s);
             write_grads(h, &mut set, &ts)?;
-            opt.step(&mut set, None).map_err(e)?;
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+            opt.step(&mut set, None)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
         }
         compare(h, &set, &opt, &ts, &format!("pf32 g{}", G::KIND.name()))
     }
@@ -234,20 +231,20 @@ fn f32_params_16bit_grads(h: &Handle) -> Result<(), String> {
     one::<f16>(h, 9)
 }
 
-fn stochastic_rounding(h: &Handle) -> Result<(), String> {
-    fn run<P: Dtype, G: Dtype>(h: &Handle, seed: u64) -> Result<Vec<Vec<P>>, String> {
+fn stochastic_rounding(h: &Handle) -> TestResult {
+    fn run<P: Dtype, G: Dtype>(h: &Handle, seed: u64) -> TestResult<Vec<Vec<P>>> {
         let mut ts = cpu_tensors::<P, G>(20, &[65_537, 0, 999, 131_075]);
         let mut set = build(h, &ts)?;
         let cfg = AdamWConfig {
             rounding: Rounding::Stochastic { seed },
             ..Default::default()
         };
-        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts))?;
         for s in 0..4 {
             new_grads(&mut ts, 200 + s);
             write_grads(h, &mut set, &ts)?;
-            opt.step(&mut set, None).map_err(e)?;
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+            opt.step(&mut set, None)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
         }
         compare(
             h,
@@ -258,7 +255,7 @@ fn stochastic_rounding(h: &Handle) -> Result<(), String> {
         )?;
         (0..ts.len())
             .filter(|&i| !ts[i].is_empty())
-            .map(|i| download(h, &set.param::<P>(i).map_err(e)?))
+            .map(|i| to_host(h, &set.param::<P>(i)?))
             .collect()
     }
     let a = run::<bf16, bf16>(h, 1234)?;
@@ -274,11 +271,11 @@ fn stochastic_rounding(h: &Handle) -> Result<(), String> {
     Ok(())
 }
 
-fn clip_and_step(h: &Handle) -> Result<(), String> {
+fn clip_and_step(h: &Handle) -> TestResult {
     let mut ts = cpu_tensors::<bf16, bf16>(30, &[0, 278_011, 65_536, 17, 0]);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts))?;
     let grads: Vec<&[bf16]> = ts.iter().map(|t| &t.grad[..]).collect();
     let n = ncpu::norm_f64(&grads) as f32;
     // First steps clipped (max_norm below the norm), then unclipped.
@@ -288,27 +285,23 @@ fn clip_and_step(h: &Handle) -> Result<(), String> {
     {
         new_grads(&mut ts, 300 + s as u64);
         write_grads(h, &mut set, &ts)?;
-        let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, Some(max_norm))?;
         let before = h.launch_count();
-        opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+        opt.clip_and_step(&mut set, &mut norm)?;
         launches(h, before, 3, "clip_and_step")?;
         let grads: Vec<&[bf16]> = ts.iter().map(|t| &t.grad[..]).collect();
-        let want = ncpu::global_norm(&grads, Some(max_norm), 1.0).map_err(e)?;
-        let got = norm.read().map_err(e)?;
+        let want = ncpu::global_norm(&grads, Some(max_norm), 1.0)?;
+        let got = norm.read()?;
         values_eq(&format!("step {s} norm"), &got, &want)?;
         if (s < 2) != (got.coef < 1.0) {
-            return Err(format!(
-                "step {s}: coef {} with max_norm {max_norm}",
-                got.coef
-            ));
+            return Err(format!("step {s}: coef {} with max_norm {max_norm}", got.coef).into());
         }
         cpu::step(
             &mut ts,
             &cfg,
             &cpu::StepInputs::from_norm(cfg.lr, &want),
             &[],
-        )
-        .map_err(e)?;
+        )?;
         compare(h, &set, &opt, &ts, &format!("clip step {s}"))?;
     }
     Ok(())
@@ -316,46 +309,40 @@ fn clip_and_step(h: &Handle) -> Result<(), String> {
 
 /// The whole clipped step needs no host sync: it captures into a CUDA graph, and each replay
 /// (with new gradients copied in between) is one more step, bit-exact with the CPU reference.
-fn clip_and_step_in_a_graph(h: &Handle) -> Result<(), String> {
+fn clip_and_step_in_a_graph(h: &Handle) -> TestResult {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let mut ts = cpu_tensors::<f32, f32>(40, &[0, 278_011, 65_537, 0, 33]);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts))?;
     let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
     let max_norm = ncpu::norm_f64(&grads) as f32 * 0.5;
-    let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(max_norm))?;
     let s = h.stream();
-    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .map_err(e)?;
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
     let captured = opt.clip_and_step(&mut set, &mut norm);
-    let graph = s.end_capture(CUgraphInstantiate_flags(0)).map_err(e)?;
+    let graph = s.end_capture(CUgraphInstantiate_flags(0))?;
     captured.map_err(|x| format!("clip_and_step during capture: {x}"))?;
     let graph = graph.ok_or("the capture recorded nothing")?;
     for step in 0..3 {
         new_grads(&mut ts, 700 + step);
         write_grads(h, &mut set, &ts)?;
-        graph.launch().map_err(e)?;
+        graph.launch()?;
         let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
-        let want = ncpu::global_norm(&grads, Some(max_norm), 1.0).map_err(e)?;
-        values_eq(
-            &format!("replay {step} norm"),
-            &norm.read().map_err(e)?,
-            &want,
-        )?;
+        let want = ncpu::global_norm(&grads, Some(max_norm), 1.0)?;
+        values_eq(&format!("replay {step} norm"), &norm.read()?, &want)?;
         cpu::step(
             &mut ts,
             &cfg,
             &cpu::StepInputs::from_norm(cfg.lr, &want),
             &[],
-        )
-        .map_err(e)?;
+        )?;
         compare(h, &set, &opt, &ts, &format!("graph replay {step}"))?;
     }
     Ok(())
 }
 
-fn nonfinite_changes_nothing(h: &Handle) -> Result<(), String> {
+fn nonfinite_changes_nothing(h: &Handle) -> TestResult {
     for bad in [f32::NAN, f32::INFINITY] {
         let mut ts = cpu_tensors::<bf16, f32>(40, &[3, 70_000, 0, 65_537]);
         let mut set = build(h, &ts)?;
@@ -363,34 +350,34 @@ fn nonfinite_changes_nothing(h: &Handle) -> Result<(), String> {
             rounding: Rounding::Stochastic { seed: 5 },
             ..Default::default()
         };
-        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
-        let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts))?;
+        let mut norm = GlobalNorm::new(&set, Some(1.0))?;
         // Two good steps, so the state is non-trivial.
         for s in 0..2 {
             new_grads(&mut ts, 400 + s);
             write_grads(h, &mut set, &ts)?;
-            opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+            opt.clip_and_step(&mut set, &mut norm)?;
             let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
-            let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+            let v = ncpu::global_norm(&grads, Some(1.0), 1.0)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])?;
         }
-        let saved = opt.save_state().map_err(e)?;
+        let saved = opt.save_state()?;
         ts[1].grad[66_000] = bad;
         write_grads(h, &mut set, &ts)?;
-        opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
-        if norm.read().map_err(e)?.nonfinite != 1 {
-            return Err(format!("gradient {bad}: flag not set"));
+        opt.clip_and_step(&mut set, &mut norm)?;
+        if norm.read()?.nonfinite != 1 {
+            return Err(format!("gradient {bad}: flag not set").into());
         }
         // Bit-identical parameters, moments, master weights and step counts.
         compare(h, &set, &opt, &ts, &format!("after a {bad} gradient"))?;
-        if opt.save_state().map_err(e)? != saved {
+        if opt.save_state()? != saved {
             return Err("the state bytes changed".into());
         }
     }
     Ok(())
 }
 
-fn loss_scale(h: &Handle) -> Result<(), String> {
+fn loss_scale(h: &Handle) -> TestResult {
     let mut ts = cpu_tensors::<f32, f32>(50, &[100_003, 9]);
     for t in &mut ts {
         for g in &mut t.grad {
@@ -399,21 +386,20 @@ fn loss_scale(h: &Handle) -> Result<(), String> {
     }
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
-    let mut norm = GlobalNorm::new(&set, Some(0.5)).map_err(e)?;
-    norm.set_loss_scale(1024.0).map_err(e)?;
-    opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts))?;
+    let mut norm = GlobalNorm::new(&set, Some(0.5))?;
+    norm.set_loss_scale(1024.0)?;
+    opt.clip_and_step(&mut set, &mut norm)?;
     let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
-    let want = ncpu::global_norm(&grads, Some(0.5), 1024.0).map_err(e)?;
-    values_eq("loss-scaled norm", &norm.read().map_err(e)?, &want)?;
+    let want = ncpu::global_norm(&grads, Some(0.5), 1024.0)?;
+    values_eq("loss-scaled norm", &norm.read()?, &want)?;
     let mut unscaled = ts.clone();
     cpu::step(
         &mut ts,
         &cfg,
         &cpu::StepInputs::from_norm(cfg.lr, &want),
         &[],
-    )
-    .map_err(e)?;
+    )?;
     compare(h, &set, &opt, &ts, "loss-scaled step")?;
     // (g * 2^10) * (coef * 2^-10) == g * coef: the same update as unscaled gradients.
     for t in &mut unscaled {
@@ -426,12 +412,13 @@ fn loss_scale(h: &Handle) -> Result<(), String> {
         grad_scale: want.coef,
         nonfinite: false,
     };
-    cpu::step(&mut unscaled, &cfg, &inputs, &[]).map_err(e)?;
-    bits_eq("scaled vs unscaled", &unscaled[0].param, &ts[0].param)
+    cpu::step(&mut unscaled, &cfg, &inputs, &[])?;
+    bits_eq("scaled vs unscaled", &unscaled[0].param, &ts[0].param)?;
+    Ok(())
 }
 
-fn save_restore_resume(h: &Handle) -> Result<(), String> {
-    fn one<P: Dtype, G: Dtype>(h: &Handle, rounding: Rounding) -> Result<(), String> {
+fn save_restore_resume(h: &Handle) -> TestResult {
+    fn one<P: Dtype, G: Dtype>(h: &Handle, rounding: Rounding) -> TestResult {
         let sizes = [5, 0, 65_537, 100_000];
         let init = cpu_tensors::<P, G>(60, &sizes);
         let cfg = AdamWConfig {
@@ -445,30 +432,30 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
         };
         // Seven steps straight.
         let mut straight = build(h, &init)?;
-        let opt = AdamW::new(&straight, cfg, &wds(&init)).map_err(e)?;
+        let opt = AdamW::new(&straight, cfg, &wds(&init))?;
         for s in 0..7 {
             write_grads(h, &mut straight, &grads_of(s))?;
-            opt.step(&mut straight, None).map_err(e)?;
+            opt.step(&mut straight, None)?;
         }
         // Three steps, save, and a fresh set with the parameters at that point.
         let mut first = build(h, &init)?;
-        let opt1 = AdamW::new(&first, cfg, &wds(&init)).map_err(e)?;
+        let opt1 = AdamW::new(&first, cfg, &wds(&init))?;
         let mut ts = init.clone();
         for s in 0..3 {
             let grads = grads_of(s);
             write_grads(h, &mut first, &grads)?;
-            opt1.step(&mut first, None).map_err(e)?;
+            opt1.step(&mut first, None)?;
             for (t, g) in ts.iter_mut().zip(grads) {
                 t.grad = g.grad;
             }
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
         }
-        let bytes = opt1.save_state().map_err(e)?;
+        let bytes = opt1.save_state()?;
         // The GPU's bytes are the CPU reference's bytes.
         bits_eq(
             "saved state vs cpu::save_state",
             &bytes,
-            &cpu::save_state(&ts).map_err(e)?,
+            &cpu::save_state(&ts)?,
         )?;
         let mut fresh_init = init.clone();
         for (i, t) in fresh_init
@@ -476,25 +463,25 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
             .enumerate()
             .filter(|(_, t)| !t.is_empty())
         {
-            t.param = download(h, &first.param::<P>(i).map_err(e)?)?;
+            t.param = to_host(h, &first.param::<P>(i)?)?;
         }
         let mut fresh = build(h, &fresh_init)?;
-        let mut opt2 = AdamW::new(&fresh, cfg, &wds(&init)).map_err(e)?;
-        opt2.restore_state(&bytes).map_err(e)?;
+        let mut opt2 = AdamW::new(&fresh, cfg, &wds(&init))?;
+        opt2.restore_state(&bytes)?;
         for s in 3..7 {
             write_grads(h, &mut fresh, &grads_of(s))?;
-            opt2.step(&mut fresh, None).map_err(e)?;
+            opt2.step(&mut fresh, None)?;
         }
         bits_eq(
             "resumed vs straight state",
-            &opt2.save_state().map_err(e)?,
-            &opt.save_state().map_err(e)?,
+            &opt2.save_state()?,
+            &opt.save_state()?,
         )?;
         for i in (0..sizes.len()).filter(|&i| sizes[i] > 0) {
             bits_eq(
                 &format!("resumed vs straight param {i}"),
-                &download(h, &fresh.param::<P>(i).map_err(e)?)?,
-                &download(h, &straight.param::<P>(i).map_err(e)?)?,
+                &to_host(h, &fresh.param::<P>(i)?)?,
+                &to_host(h, &straight.param::<P>(i)?)?,
             )?;
         }
         Ok(())
@@ -504,27 +491,27 @@ fn save_restore_resume(h: &Handle) -> Result<(), String> {
     one::<f16, f32>(h, Rounding::NearestEven)
 }
 
-fn restore_mismatch(h: &Handle) -> Result<(), String> {
+fn restore_mismatch(h: &Handle) -> TestResult {
     // An optimizer over CPU tensors `ts` of a new set.
     fn opt_for<P: Dtype, G: Dtype>(
         h: &Handle,
         ts: &[cpu::CpuTensor<P, G>],
-    ) -> Result<(TensorSet, AdamW), String> {
+    ) -> TestResult<(TensorSet, AdamW)> {
         let set = build(h, ts)?;
-        let opt = AdamW::new(&set, AdamWConfig::default(), &wds(ts)).map_err(e)?;
+        let opt = AdamW::new(&set, AdamWConfig::default(), &wds(ts))?;
         Ok((set, opt))
     }
     let (_set, opt) = opt_for(h, &cpu_tensors::<f32, f32>(70, &[10, 20]))?;
-    let bytes = opt.save_state().map_err(e)?;
+    let bytes = opt.save_state()?;
     let (_o, mut other) = opt_for(h, &cpu_tensors::<f32, f32>(70, &[10, 21]))?;
-    let before = other.save_state().map_err(e)?;
+    let before = other.save_state()?;
     match other.restore_state(&bytes) {
         Err(err) if err.to_string().contains("tensor 1") => {}
-        r => return Err(format!("restore into other lengths: {r:?}")),
+        r => return Err(format!("restore into other lengths: {r:?}").into()),
     }
     bits_eq(
         "state after a failed restore",
-        &other.save_state().map_err(e)?,
+        &other.save_state()?,
         &before,
     )?;
     let (_b, mut bf) = opt_for(h, &cpu_tensors::<bf16, f32>(70, &[10, 20]))?;
@@ -538,11 +525,11 @@ fn restore_mismatch(h: &Handle) -> Result<(), String> {
     Ok(())
 }
 
-fn skip_flags(h: &Handle) -> Result<(), String> {
+fn skip_flags(h: &Handle) -> TestResult {
     let mut ts = cpu_tensors::<bf16, bf16>(80, &[65_537, 0, 1000, 7, 300_000]);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+    let mut opt = AdamW::new(&set, cfg, &wds(&ts))?;
     let plan = [
         [false, false, false, false, false],
         [true, false, false, true, false],
@@ -552,16 +539,16 @@ fn skip_flags(h: &Handle) -> Result<(), String> {
     for (s, skip) in plan.iter().enumerate() {
         new_grads(&mut ts, 800 + s as u64);
         write_grads(h, &mut set, &ts)?;
-        opt.set_skip(skip).map_err(e)?;
+        opt.set_skip(skip)?;
         let before = h.launch_count();
-        opt.step(&mut set, None).map_err(e)?;
+        opt.step(&mut set, None)?;
         launches(h, before, 1, "a step with skip flags")?;
-        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), skip).map_err(e)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), skip)?;
         compare(h, &set, &opt, &ts, &format!("skip plan {s}"))?;
     }
-    let steps = opt.step_counts().map_err(e)?;
+    let steps = opt.step_counts()?;
     if steps != vec![2, 0, 3, 1, 2] {
-        return Err(format!("step counts {steps:?}"));
+        return Err(format!("step counts {steps:?}").into());
     }
     if opt.set_skip(&[true]).is_ok() {
         return Err("a skip list of the wrong length was accepted".into());
@@ -572,13 +559,13 @@ fn skip_flags(h: &Handle) -> Result<(), String> {
 /// A skipped tensor (a block stochastic depth dropped) has no gradient this step: its stale
 /// gradient buffer is not read by the norm, which equals the CPU norm with that gradient zeroed;
 /// the clipped step then matches the CPU step with the same flags.
-fn skipped_tensors_out_of_norm(h: &Handle) -> Result<(), String> {
+fn skipped_tensors_out_of_norm(h: &Handle) -> TestResult {
     let sizes = [65_537, 0, 1000, 7, 300_000];
     let mut ts = cpu_tensors::<f32, f32>(81, &sizes);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    let mut opt = AdamW::new(&set, cfg, &wds(&ts))?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
     for (s, skip) in [
         [false, false, true, false, true],
         [true, false, false, true, false],
@@ -588,8 +575,8 @@ fn skipped_tensors_out_of_norm(h: &Handle) -> Result<(), String> {
     {
         new_grads(&mut ts, 820 + s as u64);
         write_grads(h, &mut set, &ts)?;
-        opt.set_skip(skip).map_err(e)?;
-        opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+        opt.set_skip(skip)?;
+        opt.clip_and_step(&mut set, &mut norm)?;
         let zeroed: Vec<Vec<f32>> = ts
             .iter()
             .zip(skip)
@@ -602,13 +589,9 @@ fn skipped_tensors_out_of_norm(h: &Handle) -> Result<(), String> {
             })
             .collect();
         let grads: Vec<&[f32]> = zeroed.iter().map(|g| &g[..]).collect();
-        let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
-        values_eq(
-            &format!("norm with skip plan {s}"),
-            &norm.read().map_err(e)?,
-            &v,
-        )?;
-        cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), skip).map_err(e)?;
+        let v = ncpu::global_norm(&grads, Some(1.0), 1.0)?;
+        values_eq(&format!("norm with skip plan {s}"), &norm.read()?, &v)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), skip)?;
         compare(
             h,
             &set,
@@ -629,7 +612,7 @@ fn raw_set<P: Dtype, G: Dtype>(
     ts: &[cpu::CpuTensor<P, G>],
     p_offset: usize,
     g_offset: usize,
-) -> Result<(TensorSet, Backing<P, G>), String> {
+) -> TestResult<(TensorSet, Backing<P, G>)> {
     let mut b = TensorSet::builder(h);
     let mut backing = Vec::new();
     for t in ts {
@@ -637,8 +620,8 @@ fn raw_set<P: Dtype, G: Dtype>(
         hp[p_offset..p_offset + t.len()].copy_from_slice(&t.param);
         let mut hg = vec![G::from_f32_rn(9.0); t.len() + g_offset + 1];
         hg[g_offset..g_offset + t.len()].copy_from_slice(&t.grad);
-        let bp = h.stream().clone_htod(&hp).map_err(e)?;
-        let bg = h.stream().clone_htod(&hg).map_err(e)?;
+        let bp = h.stream().clone_htod(&hp)?;
+        let bg = h.stream().clone_htod(&hg)?;
         let (pp, _g1) = bp.device_ptr(h.stream());
         let (gp, _g2) = bg.device_ptr(h.stream());
         let raw = RawTensor {
@@ -649,33 +632,33 @@ fn raw_set<P: Dtype, G: Dtype>(
             grad_dtype: G::KIND,
         };
         // SAFETY: both views lie inside buffers kept alive in `backing` as long as the set.
-        unsafe { b.push_raw(raw) }.map_err(e)?;
+        unsafe { b.push_raw(raw) }?;
         drop((_g1, _g2));
         backing.push((bp, bg));
     }
-    Ok((b.build().map_err(e)?, backing))
+    Ok((b.build()?, backing))
 }
 
-fn misaligned_views(h: &Handle) -> Result<(), String> {
-    fn one<P: Dtype, G: Dtype>(h: &Handle, po: usize, go: usize) -> Result<(), String> {
+fn misaligned_views(h: &Handle) -> TestResult {
+    fn one<P: Dtype, G: Dtype>(h: &Handle, po: usize, go: usize) -> TestResult {
         let sizes = [65_537, 1003, 0, 5];
         let mut ts = cpu_tensors::<P, G>(90, &sizes);
         let (mut set, backing) = raw_set(h, &ts, po, go)?;
         if set.is_vector_aligned(0) {
-            return Err(format!("offsets {po}/{go} reported vector alignment"));
+            return Err(format!("offsets {po}/{go} reported vector alignment").into());
         }
         let cfg = AdamWConfig::default();
-        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
-        let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts))?;
+        let mut norm = GlobalNorm::new(&set, Some(1.0))?;
         for _ in 0..2 {
-            opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+            opt.clip_and_step(&mut set, &mut norm)?;
             let grads: Vec<&[G]> = ts.iter().map(|t| &t.grad[..]).collect();
-            let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+            let v = ncpu::global_norm(&grads, Some(1.0), 1.0)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])?;
         }
         compare_state(h, &opt, &ts, "misaligned")?;
         for (i, (bp, _)) in backing.iter().enumerate() {
-            let all = download(h, bp)?;
+            let all = to_host(h, bp)?;
             bits_eq(
                 &format!("misaligned param {i}"),
                 &all[po..po + ts[i].len()],
@@ -688,9 +671,7 @@ fn misaligned_views(h: &Handle) -> Result<(), String> {
                 .chain(&all[po + ts[i].len()..])
                 .any(|&x| x != guard)
             {
-                return Err(format!(
-                    "tensor {i}: an element outside the view was written"
-                ));
+                return Err(format!("tensor {i}: an element outside the view was written").into());
             }
         }
         Ok(())
@@ -702,14 +683,14 @@ fn misaligned_views(h: &Handle) -> Result<(), String> {
     one::<f16, f32>(h, 3, 1)
 }
 
-fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
+fn ten_thousand_tiny(h: &Handle) -> TestResult {
     let sizes = tiny_sizes(10_000);
     let mut ts = cpu_tensors::<f32, f32>(95, &sizes);
     // Views into two flat buffers: most tensors start misaligned for 16-byte groups.
     let flat_p: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
     let flat_g: Vec<f32> = ts.iter().flat_map(|t| t.grad.iter().copied()).collect();
-    let bp = h.stream().clone_htod(&flat_p).map_err(e)?;
-    let bg = h.stream().clone_htod(&flat_g).map_err(e)?;
+    let bp = h.stream().clone_htod(&flat_p)?;
+    let bg = h.stream().clone_htod(&flat_g)?;
     let (pp, _g1) = bp.device_ptr(h.stream());
     let (gp, _g2) = bg.device_ptr(h.stream());
     let mut b = TensorSet::builder(h);
@@ -723,25 +704,25 @@ fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
             grad_dtype: DtypeKind::F32,
         };
         // SAFETY: each view lies inside `bp` / `bg`, which outlive the set.
-        unsafe { b.push_raw(raw) }.map_err(e)?;
+        unsafe { b.push_raw(raw) }?;
         at += t.len() as u64;
     }
-    let mut set = b.build().map_err(e)?;
+    let mut set = b.build()?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
-    let mut norm = GlobalNorm::new(&set, Some(0.1)).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts))?;
+    let mut norm = GlobalNorm::new(&set, Some(0.1))?;
     let before = h.launch_count();
-    opt.step(&mut set, None).map_err(e)?;
+    opt.step(&mut set, None)?;
     launches(h, before, 1, "AdamW over 10,000 tensors")?;
-    cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+    cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
     let before = h.launch_count();
-    opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+    opt.clip_and_step(&mut set, &mut norm)?;
     launches(h, before, 3, "clip_and_step over 10,000 tensors")?;
     let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
-    let v = ncpu::global_norm(&grads, Some(0.1), 1.0).map_err(e)?;
-    values_eq("10k norm", &norm.read().map_err(e)?, &v)?;
-    cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
-    let got = download(h, &bp)?;
+    let v = ncpu::global_norm(&grads, Some(0.1), 1.0)?;
+    values_eq("10k norm", &norm.read()?, &v)?;
+    cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])?;
+    let got = to_host(h, &bp)?;
     let want: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
     bits_eq("10k params", &got, &want)?;
     compare_state(h, &opt, &ts, "10k tensors")
@@ -749,11 +730,11 @@ fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
 
 /// Fresh gradient buffers every step (a framework's backward): `TensorSet::set_grads_raw`
 /// points the set at them, misaligned ones included, and the steps stay bit-exact with the CPU.
-fn set_grads_raw_repoints(h: &Handle) -> Result<(), String> {
+fn set_grads_raw_repoints(h: &Handle) -> TestResult {
     let sizes = [CHUNK as usize + 7, 33, 0, 1000];
     let mut ts = cpu_tensors::<f32, f32>(98, &sizes);
     let flat_p: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
-    let bp = h.stream().clone_htod(&flat_p).map_err(e)?;
+    let bp = h.stream().clone_htod(&flat_p)?;
     let (pp, _g1) = bp.device_ptr(h.stream());
     let starts: Vec<u64> = sizes
         .iter()
@@ -765,7 +746,7 @@ fn set_grads_raw_repoints(h: &Handle) -> Result<(), String> {
         .collect();
     // A first gradient buffer: the registration's.
     let flat_g: Vec<f32> = ts.iter().flat_map(|t| t.grad.iter().copied()).collect();
-    let g0 = h.stream().clone_htod(&flat_g).map_err(e)?;
+    let g0 = h.stream().clone_htod(&flat_g)?;
     let (g0p, _g2) = g0.device_ptr(h.stream());
     let mut b = TensorSet::builder(h);
     for (t, &at) in ts.iter().zip(&starts) {
@@ -777,31 +758,31 @@ fn set_grads_raw_repoints(h: &Handle) -> Result<(), String> {
             grad_dtype: DtypeKind::F32,
         };
         // SAFETY: the views lie inside `bp` / `g0`, which outlive the set.
-        unsafe { b.push_raw(raw) }.map_err(e)?;
+        unsafe { b.push_raw(raw) }?;
     }
-    let mut set = b.build().map_err(e)?;
+    let mut set = b.build()?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
-    let mut norm = GlobalNorm::new(&set, Some(0.5)).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts))?;
+    let mut norm = GlobalNorm::new(&set, Some(0.5))?;
     let mut keep = Vec::new();
     for step in 0..3u64 {
         new_grads(&mut ts, 500 + step);
         // A new buffer, one element further in each step: alignments change.
         let mut flat: Vec<f32> = vec![0.0; step as usize];
         flat.extend(ts.iter().flat_map(|t| t.grad.iter().copied()));
-        let g = h.stream().clone_htod(&flat).map_err(e)?;
+        let g = h.stream().clone_htod(&flat)?;
         let (gp, guard) = g.device_ptr(h.stream());
         let addrs: Vec<u64> = starts.iter().map(|&at| gp + 4 * (step + at)).collect();
         // SAFETY: every view lies inside `g`, kept alive in `keep` until the end.
-        unsafe { set.set_grads_raw(&addrs) }.map_err(e)?;
+        unsafe { set.set_grads_raw(&addrs) }?;
         drop(guard);
         keep.push(g);
-        opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+        opt.clip_and_step(&mut set, &mut norm)?;
         let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
-        let v = ncpu::global_norm(&grads, Some(0.5), 1.0).map_err(e)?;
-        cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+        let v = ncpu::global_norm(&grads, Some(0.5), 1.0)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])?;
     }
-    let got = download(h, &bp)?;
+    let got = to_host(h, &bp)?;
     let want: Vec<f32> = ts.iter().flat_map(|t| t.param.iter().copied()).collect();
     bits_eq("set_grads_raw params", &got, &want)?;
     compare_state(h, &opt, &ts, "set_grads_raw")?;
@@ -819,7 +800,7 @@ fn set_grads_raw_repoints(h: &Handle) -> Result<(), String> {
     ] {
         // SAFETY: rejected before any use.
         if unsafe { set.set_grads_raw(list) }.is_ok() {
-            return Err(format!("set_grads_raw accepted a bad list ({what})"));
+            return Err(format!("set_grads_raw accepted a bad list ({what})").into());
         }
     }
     let mut owned = build(h, &ts[..2])?;
@@ -830,34 +811,32 @@ fn set_grads_raw_repoints(h: &Handle) -> Result<(), String> {
     Ok(())
 }
 
-fn validation_errors(h: &Handle) -> Result<(), String> {
+fn validation_errors(h: &Handle) -> TestResult {
     let ts = cpu_tensors::<f32, f32>(97, &[10]);
     // Mismatched lengths within a tensor.
     let mut b = TensorSet::builder(h);
-    let r = b.push(upload(h, &[1.0f32; 4])?, upload(h, &[1.0f32; 5])?);
+    let r = b.push(to_device(h, &[1.0f32; 4])?, to_device(h, &[1.0f32; 5])?);
     if r.is_ok() {
         return Err("param 4 / grad 5 elements accepted".into());
     }
     // Mixed parameter dtypes in one set.
     let mut b = TensorSet::builder(h);
-    b.push(upload(h, &[1.0f32; 4])?, upload(h, &[1.0f32; 4])?)
-        .map_err(e)?;
-    match b.push(upload(h, &[bf16::ONE; 4])?, upload(h, &[1.0f32; 4])?) {
+    b.push(to_device(h, &[1.0f32; 4])?, to_device(h, &[1.0f32; 4])?)?;
+    match b.push(to_device(h, &[bf16::ONE; 4])?, to_device(h, &[1.0f32; 4])?) {
         Err(err) if err.to_string().contains("dtype") => {}
-        r => return Err(format!("mixed dtypes: {r:?}")),
+        r => return Err(format!("mixed dtypes: {r:?}").into()),
     }
     // Params and gradients-only in one set.
-    if b.push_grad(upload(h, &[1.0f32; 4])?).is_ok() {
+    if b.push_grad(to_device(h, &[1.0f32; 4])?).is_ok() {
         return Err("a gradients-only tensor joined a parameter set".into());
     }
     // Negative / NaN weight decay (the optimizer's, per tensor), and a list of the wrong length.
     for wd in [-1.0, f32::NAN] {
         let mut b = TensorSet::builder(h);
-        b.push(upload(h, &[1.0f32])?, upload(h, &[1.0f32])?)
-            .map_err(e)?;
-        let set = b.build().map_err(e)?;
+        b.push(to_device(h, &[1.0f32])?, to_device(h, &[1.0f32])?)?;
+        let set = b.build()?;
         if AdamW::new(&set, AdamWConfig::default(), &[wd]).is_ok() {
-            return Err(format!("weight decay {wd} accepted"));
+            return Err(format!("weight decay {wd} accepted").into());
         }
         if AdamW::new(&set, AdamWConfig::default(), &[0.0, 0.0]).is_ok() {
             return Err("two weight decays for one tensor accepted".into());
@@ -866,7 +845,7 @@ fn validation_errors(h: &Handle) -> Result<(), String> {
     // Empty list.
     match TensorSet::builder(h).build() {
         Err(err) if err.to_string().contains("empty") => {}
-        r => return Err(format!("empty set: {r:?}")),
+        r => return Err(format!("empty set: {r:?}").into()),
     }
     // Raw addresses: null with a length, misaligned to the element size.
     let mut b = TensorSet::builder(h);
@@ -881,7 +860,7 @@ fn validation_errors(h: &Handle) -> Result<(), String> {
     if unsafe { b.push_raw(raw) }.is_ok() {
         return Err("null raw address accepted".into());
     }
-    let buf = upload(h, &[0f32; 8])?;
+    let buf = to_device(h, &[0f32; 8])?;
     let (p, _g) = buf.device_ptr(h.stream());
     let odd = RawTensor {
         param: p + 1,
@@ -914,22 +893,22 @@ fn validation_errors(h: &Handle) -> Result<(), String> {
         },
     ] {
         if AdamW::new(&set, cfg, &wds(&ts)).is_ok() {
-            return Err(format!("{cfg:?} accepted"));
+            return Err(format!("{cfg:?} accepted").into());
         }
     }
-    let mut opt = AdamW::new(&set, AdamWConfig::default(), &wds(&ts)).map_err(e)?;
+    let mut opt = AdamW::new(&set, AdamWConfig::default(), &wds(&ts))?;
     if opt.set_lr(f32::INFINITY).is_ok() {
         return Err("lr inf accepted".into());
     }
     for m in [0.0, -1.0, f32::NAN, f32::INFINITY] {
         if GlobalNorm::new(&set, Some(m)).is_ok() {
-            return Err(format!("max_norm {m} accepted"));
+            return Err(format!("max_norm {m} accepted").into());
         }
     }
     // A gradients-only set has no optimizer; objects of one set refuse another.
     let mut gb = TensorSet::builder(h);
-    gb.push_grad(upload(h, &[1.0f32; 3])?).map_err(e)?;
-    let gset = gb.build().map_err(e)?;
+    gb.push_grad(to_device(h, &[1.0f32; 3])?)?;
+    let gset = gb.build()?;
     if AdamW::new(&gset, AdamWConfig::default(), &[0.0]).is_ok() {
         return Err("AdamW on a gradients-only set".into());
     }
@@ -937,54 +916,51 @@ fn validation_errors(h: &Handle) -> Result<(), String> {
     if opt.step(&mut other, None).is_ok() {
         return Err("an AdamW stepped another set".into());
     }
-    let mut norm = GlobalNorm::new(&gset, None).map_err(e)?;
+    let mut norm = GlobalNorm::new(&gset, None)?;
     if norm.compute(&other).is_ok() {
         return Err("a GlobalNorm computed another set".into());
     }
     Ok(())
 }
 
-fn unfused_baseline(h: &Handle) -> Result<(), String> {
+fn unfused_baseline(h: &Handle) -> TestResult {
     // f32 gradients: bit-identical to the CPU reference (see unfused's docs).
     let sizes = [0, 65_537, 1000, 0, 7, 200_001];
     let nonempty = sizes.iter().filter(|&&n| n > 0).count() as u64;
     let mut ts = cpu_tensors::<f32, f32>(98, &sizes);
     let mut set = build(h, &ts)?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts))?;
     let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
     let max_norm = (ncpu::norm_f64(&grads) * 0.3) as f32;
-    let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(max_norm))?;
     for s in 0..3 {
         new_grads(&mut ts, 900 + s);
         write_grads(h, &mut set, &ts)?;
-        let out = unfused::clip_and_step(&opt, &mut set, &mut norm).map_err(e)?;
+        let out = unfused::clip_and_step(&opt, &mut set, &mut norm)?;
         if out.launches != 3 * nonempty || out.skipped {
-            return Err(format!(
-                "unfused: {out:?}, expected {} launches",
-                3 * nonempty
-            ));
+            return Err(format!("unfused: {out:?}, expected {} launches", 3 * nonempty).into());
         }
         let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
-        let v = ncpu::global_norm(&grads, Some(max_norm), 1.0).map_err(e)?;
+        let v = ncpu::global_norm(&grads, Some(max_norm), 1.0)?;
         values_eq("unfused norm", &out.norm, &v)?;
-        cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])?;
         compare(h, &set, &opt, &ts, &format!("unfused f32 step {s}"))?;
     }
     // bf16 gradients: the scaled gradients are rounded to bf16 before AdamW reads them.
     let mut ts = cpu_tensors::<bf16, bf16>(99, &sizes);
     let mut set = build(h, &ts)?;
-    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts))?;
     let grads: Vec<&[bf16]> = ts.iter().map(|t| &t.grad[..]).collect();
     let max_norm = (ncpu::norm_f64(&grads) * 0.3) as f32;
-    let mut norm = GlobalNorm::new(&set, Some(max_norm)).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(max_norm))?;
     write_grads(h, &mut set, &ts)?;
-    let out = unfused::clip_and_step(&opt, &mut set, &mut norm).map_err(e)?;
-    let v = ncpu::global_norm(&grads, Some(max_norm), 1.0).map_err(e)?;
+    let out = unfused::clip_and_step(&opt, &mut set, &mut norm)?;
+    let v = ncpu::global_norm(&grads, Some(max_norm), 1.0)?;
     values_eq("unfused bf16 norm", &out.norm, &v)?;
-    cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+    cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])?;
     for (i, t) in ts.iter().enumerate() {
-        let got: Vec<f64> = download(h, &opt.master(i).map_err(e)?)?
+        let got: Vec<f64> = to_host(h, &opt.master(i)?)?
             .iter()
             .map(|&x| f64::from(x))
             .collect();
@@ -1003,11 +979,11 @@ fn unfused_baseline(h: &Handle) -> Result<(), String> {
     let mut ts = cpu_tensors::<f32, f32>(100, &[10, 70_000]);
     ts[1].grad[3] = f32::NAN;
     let mut set = build(h, &ts)?;
-    let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
-    let out = unfused::clip_and_step(&opt, &mut set, &mut norm).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &wds(&ts))?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    let out = unfused::clip_and_step(&opt, &mut set, &mut norm)?;
     if !out.skipped || out.launches != 2 {
-        return Err(format!("unfused with NaN: {out:?}"));
+        return Err(format!("unfused with NaN: {out:?}").into());
     }
     compare(h, &set, &opt, &ts, "unfused skipped step")
 }
@@ -1015,24 +991,20 @@ fn unfused_baseline(h: &Handle) -> Result<(), String> {
 /// One tensor of 2^31 + 65,537 bf16 elements (about 34 GiB of device memory with its f32
 /// master and moments): the 64-bit indexing end to end. Elements are a pure function of their
 /// 64-bit index, so the CPU checks chunks without holding the tensor.
-fn big_tensor(h: &Handle) -> Result<(), String> {
+fn big_tensor(h: &Handle) -> TestResult {
     let n: u64 = (1 << 31) + CHUNK + 1;
     let param_of = |i: u64| bf16::from_f32(((i % 1999) as f32 - 999.0) * 1e-3);
     let grad_of = |i: u64| bf16::from_f32((((i * 7) % 2003) as f32 - 1001.0) * 1e-3);
     let hp: Vec<bf16> = (0..n).map(param_of).collect();
     let hg: Vec<bf16> = (0..n).map(grad_of).collect();
     let mut b = TensorSet::builder(h);
-    b.push(
-        h.stream().clone_htod(&hp).map_err(e)?,
-        h.stream().clone_htod(&hg).map_err(e)?,
-    )
-    .map_err(e)?;
+    b.push(h.stream().clone_htod(&hp)?, h.stream().clone_htod(&hg)?)?;
     drop((hp, hg));
-    let mut set = b.build().map_err(e)?;
+    let mut set = b.build()?;
     let cfg = AdamWConfig::default();
-    let opt = AdamW::new(&set, cfg, &[0.01]).map_err(e)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
-    opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+    let opt = AdamW::new(&set, cfg, &[0.01])?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    opt.clip_and_step(&mut set, &mut norm)?;
     // The norm: every chunk's partial from the element function, then the CPU reductions.
     let layout = set.layout().clone();
     let partials = ncpu::partials_with(&layout, |c| {
@@ -1040,13 +1012,9 @@ fn big_tensor(h: &Handle) -> Result<(), String> {
         let data: Vec<bf16> = (0..r.len as u64).map(|j| grad_of(r.start + j)).collect();
         ncpu::chunk_partial(&data)
     });
-    bits_eq(
-        "2^31 partials",
-        &norm.read_partials().map_err(e)?,
-        &partials,
-    )?;
+    bits_eq("2^31 partials", &norm.read_partials()?, &partials)?;
     let v = ncpu::finalize(ncpu::reduce(&partials), Some(1.0), 1.0);
-    values_eq("2^31 norm", &norm.read().map_err(e)?, &v)?;
+    values_eq("2^31 norm", &norm.read()?, &v)?;
     // AdamW on the first chunk, the chunks around 2^31 and the last (elementwise, so each
     // range is a tensor of its own for the CPU, with the same step constants).
     for start in [0u64, (1 << 31) - CHUNK, 1 << 31, n - 1] {
@@ -1056,27 +1024,26 @@ fn big_tensor(h: &Handle) -> Result<(), String> {
             idx.clone().map(param_of).collect(),
             idx.clone().map(grad_of).collect(),
             0.01,
-        )
-        .map_err(e)?];
-        cpu::step(&mut t, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[]).map_err(e)?;
+        )?];
+        cpu::step(&mut t, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])?;
         let r = start as usize..start as usize + len;
         bits_eq(
             &format!("2^31 master at {start}"),
-            &download(h, &opt.master(0).map_err(e)?.slice(r.clone()))?,
+            &to_host(h, &opt.master(0)?.slice(r.clone()))?,
             t[0].master.as_ref().unwrap(),
         )?;
         bits_eq(
             &format!("2^31 m at {start}"),
-            &download(h, &opt.exp_avg(0).map_err(e)?.slice(r.clone()))?,
+            &to_host(h, &opt.exp_avg(0)?.slice(r.clone()))?,
             &t[0].m,
         )?;
         bits_eq(
             &format!("2^31 param at {start}"),
-            &download(h, &set.param::<bf16>(0).map_err(e)?.slice(r))?,
+            &to_host(h, &set.param::<bf16>(0)?.slice(r))?,
             &t[0].param,
         )?;
     }
-    if opt.step_counts().map_err(e)? != vec![1] {
+    if opt.step_counts()? != vec![1] {
         return Err("step count".into());
     }
     Ok(())
@@ -1085,7 +1052,7 @@ fn big_tensor(h: &Handle) -> Result<(), String> {
 /// Issue 17, item 1 on the device: a step count of u32::MAX (restored from a saved state)
 /// saturates as on the CPU instead of wrapping to t = 0 (NaN parameters); every bit matches the
 /// CPU reference over several steps, stochastic rounding included.
-fn step_count_saturates(h: &Handle) -> Result<(), String> {
+fn step_count_saturates(h: &Handle) -> TestResult {
     let cfg = AdamWConfig {
         rounding: Rounding::Stochastic { seed: 17 },
         ..Default::default()
@@ -1094,21 +1061,18 @@ fn step_count_saturates(h: &Handle) -> Result<(), String> {
     ts[0].step = u32::MAX - 1;
     ts[2].step = u32::MAX;
     let mut set = build(h, &ts)?;
-    let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
-    opt.restore_state(&cpu::save_state(&ts).map_err(e)?)
-        .map_err(e)?;
+    let mut opt = AdamW::new(&set, cfg, &wds(&ts))?;
+    opt.restore_state(&cpu::save_state(&ts)?)?;
     for s in 0..3 {
         new_grads(&mut ts, 1700 + s);
         write_grads(h, &mut set, &ts)?;
-        opt.step(&mut set, None).map_err(e)?;
-        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+        opt.step(&mut set, None)?;
+        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
         compare(h, &set, &opt, &ts, &format!("saturated step {s}"))?;
     }
-    let steps = opt.step_counts().map_err(e)?;
+    let steps = opt.step_counts()?;
     if steps != vec![u32::MAX, 0, u32::MAX] {
-        return Err(format!(
-            "step counts {steps:?}, expected saturation at u32::MAX"
-        ));
+        return Err(format!("step counts {steps:?}, expected saturation at u32::MAX").into());
     }
     if ts[0].param.iter().any(|p| !p.to_f32().is_finite()) {
         return Err("NaN parameters after saturation".into());
@@ -1124,20 +1088,20 @@ fn compare_lean<P: Dtype, G: Dtype>(
     opt: &AdamW,
     ts: &[cpu::CpuTensor<P, G>],
     what: &str,
-) -> Result<(), String> {
-    let steps = opt.step_counts().map_err(e)?;
+) -> TestResult {
+    let steps = opt.step_counts()?;
     let want_steps: Vec<u32> = ts.iter().map(|t| t.step).collect();
     bits_eq(&format!("{what}: step counts"), &steps, &want_steps)?;
     for (i, t) in ts.iter().enumerate() {
         bits_eq(&format!("{what}: tensor {i} param"), &params[i], &t.param)?;
         let (m, v): (Vec<f32>, Vec<f32>) = match opt.config().state.moments {
             MomentDtype::F32 => (
-                download(h, &opt.exp_avg::<f32>(i).map_err(e)?)?,
-                download(h, &opt.exp_avg_sq::<f32>(i).map_err(e)?)?,
+                to_host(h, &opt.exp_avg::<f32>(i)?)?,
+                to_host(h, &opt.exp_avg_sq::<f32>(i)?)?,
             ),
             MomentDtype::Bf16 => {
-                let m: Vec<bf16> = download(h, &opt.exp_avg::<bf16>(i).map_err(e)?)?;
-                let v: Vec<bf16> = download(h, &opt.exp_avg_sq::<bf16>(i).map_err(e)?)?;
+                let m: Vec<bf16> = to_host(h, &opt.exp_avg::<bf16>(i)?)?;
+                let v: Vec<bf16> = to_host(h, &opt.exp_avg_sq::<bf16>(i)?)?;
                 (
                     m.iter().map(|x| x.to_f32()).collect(),
                     v.iter().map(|x| x.to_f32()).collect(),
@@ -1149,14 +1113,14 @@ fn compare_lean<P: Dtype, G: Dtype>(
         match &t.master {
             Some(want) => bits_eq(
                 &format!("{what}: tensor {i} master"),
-                &download(h, &opt.master(i).map_err(e)?)?,
+                &to_host(h, &opt.master(i)?)?,
                 want,
             )?,
             None => {
                 if opt.master(i).is_ok() {
-                    return Err(format!(
-                        "{what}: tensor {i} has master weights on the GPU only"
-                    ));
+                    return Err(
+                        format!("{what}: tensor {i} has master weights on the GPU only").into(),
+                    );
                 }
             }
         }
@@ -1164,17 +1128,13 @@ fn compare_lean<P: Dtype, G: Dtype>(
     Ok(())
 }
 
-fn params_of<P: Dtype>(
-    h: &Handle,
-    set: &TensorSet,
-    sizes: &[usize],
-) -> Result<Vec<Vec<P>>, String> {
+fn params_of<P: Dtype>(h: &Handle, set: &TensorSet, sizes: &[usize]) -> TestResult<Vec<Vec<P>>> {
     (0..sizes.len())
         .map(|i| {
             if sizes[i] == 0 {
                 Ok(Vec::new())
             } else {
-                download(h, &set.param::<P>(i).map_err(e)?)
+                to_host(h, &set.param::<P>(i)?)
             }
         })
         .collect()
@@ -1183,13 +1143,13 @@ fn params_of<P: Dtype>(
 /// Every state layout (moments f32 / bf16, master f32 / none) with several dtype pairs and both
 /// roundings, against the CPU reference bit for bit over several steps (plain and clipped),
 /// then the saved state against cpu::save_state's bytes and a restore round trip.
-fn lean_state_layouts(h: &Handle) -> Result<(), String> {
+fn lean_state_layouts(h: &Handle) -> TestResult {
     fn one<P: Dtype, G: Dtype>(
         h: &Handle,
         seed: u64,
         options: StateOptions,
         rounding: Rounding,
-    ) -> Result<(), String> {
+    ) -> TestResult {
         let sizes = [65_537, 0, 1001, 3, 131_072];
         let mut ts = adamw_tensors_with::<P, G>(seed, &sizes, options);
         let mut set = build(h, &ts)?;
@@ -1199,8 +1159,8 @@ fn lean_state_layouts(h: &Handle) -> Result<(), String> {
             rounding,
             ..Default::default()
         };
-        let mut opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
-        let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+        let mut opt = AdamW::new(&set, cfg, &wds(&ts))?;
+        let mut norm = GlobalNorm::new(&set, Some(1.0))?;
         let what = format!(
             "p{} g{} {options:?} {rounding:?}",
             P::KIND.name(),
@@ -1217,30 +1177,30 @@ fn lean_state_layouts(h: &Handle) -> Result<(), String> {
             new_grads(&mut ts, seed * 10 + s);
             write_grads(h, &mut set, &ts)?;
             if s % 2 == 0 {
-                opt.step(&mut set, None).map_err(e)?;
-                cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+                opt.step(&mut set, None)?;
+                cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
             } else {
-                opt.clip_and_step(&mut set, &mut norm).map_err(e)?;
+                opt.clip_and_step(&mut set, &mut norm)?;
                 let grads: Vec<&[G]> = ts.iter().map(|t| &t.grad[..]).collect();
-                let v = ncpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
-                cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])
-                    .map_err(e)?;
+                let v = ncpu::global_norm(&grads, Some(1.0), 1.0)?;
+                cpu::step(&mut ts, &cfg, &cpu::StepInputs::from_norm(cfg.lr, &v), &[])?;
             }
             let params = params_of(h, &set, &sizes)?;
             compare_lean(h, &params, &opt, &ts, &format!("{what} step {s}"))?;
         }
-        let bytes = opt.save_state().map_err(e)?;
+        let bytes = opt.save_state()?;
         bits_eq(
             &format!("{what}: saved state vs cpu::save_state"),
             &bytes,
-            &cpu::save_state(&ts).map_err(e)?,
+            &cpu::save_state(&ts)?,
         )?;
-        opt.restore_state(&bytes).map_err(e)?;
+        opt.restore_state(&bytes)?;
         bits_eq(
             &format!("{what}: state after a restore"),
-            &opt.save_state().map_err(e)?,
+            &opt.save_state()?,
             &bytes,
-        )
+        )?;
+        Ok(())
     }
     for (k, options) in all_state_options().into_iter().enumerate() {
         for rounding in [Rounding::NearestEven, Rounding::Stochastic { seed: 4242 }] {
@@ -1257,8 +1217,8 @@ fn lean_state_layouts(h: &Handle) -> Result<(), String> {
 }
 
 /// Every state layout on views starting at element 1 (the scalar path), bf16 and f16 params.
-fn lean_misaligned(h: &Handle) -> Result<(), String> {
-    fn one<P: Dtype, G: Dtype>(h: &Handle, options: StateOptions) -> Result<(), String> {
+fn lean_misaligned(h: &Handle) -> TestResult {
+    fn one<P: Dtype, G: Dtype>(h: &Handle, options: StateOptions) -> TestResult {
         let sizes = [65_537, 1003, 0, 5];
         let mut ts = adamw_tensors_with::<P, G>(91, &sizes, options);
         let (mut set, backing) = raw_set(h, &ts, 1, 1)?;
@@ -1267,16 +1227,16 @@ fn lean_misaligned(h: &Handle) -> Result<(), String> {
             rounding: Rounding::Stochastic { seed: 8 },
             ..Default::default()
         };
-        let opt = AdamW::new(&set, cfg, &wds(&ts)).map_err(e)?;
+        let opt = AdamW::new(&set, cfg, &wds(&ts))?;
         for _ in 0..3 {
-            opt.step(&mut set, None).map_err(e)?;
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[]).map_err(e)?;
+            opt.step(&mut set, None)?;
+            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
         }
         let params: Vec<Vec<P>> = backing
             .iter()
             .zip(&ts)
-            .map(|((bp, _), t)| Ok(download(h, bp)?[1..1 + t.len()].to_vec()))
-            .collect::<Result<_, String>>()?;
+            .map(|((bp, _), t)| Ok(to_host(h, bp)?[1..1 + t.len()].to_vec()))
+            .collect::<TestResult<_>>()?;
         compare_lean(h, &params, &opt, &ts, &format!("misaligned {options:?}"))
     }
     for options in all_state_options() {

@@ -8,16 +8,13 @@
 //! changes this API), `multi_tensor::TensorSetBuilder::push`, `GlobalNorm::{new, set_max_norm,
 //! set_loss_scale, copy_to_host_async}`, `AdamW::set_lr`.
 
-use cudarc::driver::CudaSlice;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use fusedreg::dropout::{self as dr, cpu, BackwardOptions, Config, ForwardOptions};
-use fusedreg::Dtype;
-use fusedreg::{Error, Handle};
+use fusedreg::{Dtype, Handle};
 use half::bf16;
 use libtest_mimic::Trial;
 
-use crate::common::bits_eq;
-use crate::harness::trials_of;
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -39,21 +36,6 @@ pub fn trials() -> Vec<Trial> {
     )
 }
 
-fn e(x: impl std::fmt::Display) -> String {
-    x.to_string()
-}
-
-/// `Ok(())` when `r` is an argument or shape error.
-fn refused<T>(what: &str, r: fusedreg::Result<T>) -> Result<(), String> {
-    match r {
-        Err(Error::InvalidArgument { .. } | Error::ShapeMismatch { .. }) => Ok(()),
-        Err(other) => Err(format!(
-            "{what}: expected a shape/argument error, got {other}"
-        )),
-        Ok(_) => Err(format!("{what}: accepted")),
-    }
-}
-
 /// `dropout::forward` with the residual `r` (the case of the former `dropout_residual`).
 fn fwd_r<'a, T: Dtype>(
     h: &Handle,
@@ -70,15 +52,11 @@ fn fwd_r<'a, T: Dtype>(
     dr::forward(h, cfg, x, y, opts)
 }
 
-fn up<T: cudarc::driver::DeviceRepr + Clone>(h: &Handle, v: &[T]) -> Result<CudaSlice<T>, String> {
-    h.stream().clone_htod(v).map_err(e)
-}
-
-fn dropout_lengths(h: &Handle) -> Result<(), String> {
-    let cfg = Config::new(3, 5, 0.25, 7, 8).map_err(e)?;
+fn dropout_lengths(h: &Handle) -> TestResult {
+    let cfg = Config::new(3, 5, 0.25, 7, 8)?;
     let n = cfg.len();
-    let ok = up(h, &vec![1.5f32; n + 1])?;
-    let mut y = up(h, &vec![0.0f32; n + 1])?;
+    let ok = to_device(h, &vec![1.5f32; n + 1])?;
+    let mut y = to_device(h, &vec![0.0f32; n + 1])?;
     for bad in [n - 1, n + 1, 0] {
         let (okv, badv) = (ok.slice(0..n), ok.slice(0..bad));
         {
@@ -106,7 +84,7 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
             fwd_r(h, &cfg, &okv, &okv, &mut ybad, Default::default()),
         )?;
     }
-    let bias = up(h, &[0.5f32; 6])?;
+    let bias = to_device(h, &[0.5f32; 6])?;
     for cols in [4, 6, 0] {
         let mut yv = y.slice_mut(0..n);
         let (okv, okv2) = (ok.slice(0..n), ok.slice(0..n));
@@ -116,7 +94,7 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
         };
         refused("bias", fwd_r(h, &cfg, &okv, &okv2, &mut yv, opts))?;
     }
-    let mut mask = up(h, &[0u32; 4])?;
+    let mut mask = to_device(h, &[0u32; 4])?;
     for words in [0, cfg.mask_words() + 1] {
         let mut yv = y.slice_mut(0..n);
         let (okv, okv2) = (ok.slice(0..n), ok.slice(0..n));
@@ -126,7 +104,7 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
         };
         refused("mask_out", fwd_r(h, &cfg, &okv, &okv2, &mut yv, opts))?;
     }
-    let mut dbias = up(h, &[0.0f32; 6])?;
+    let mut dbias = to_device(h, &[0.0f32; 6])?;
     for cols in [4, 6] {
         let mut yv = y.slice_mut(0..n);
         let okv = ok.slice(0..n);
@@ -141,10 +119,10 @@ fn dropout_lengths(h: &Handle) -> Result<(), String> {
 
 /// Zero rows with a bias gradient requested: dbias is the sum over no rows, zeros, as the CPU
 /// reference writes (never the NaN the buffer held before).
-fn dropout_empty(h: &Handle) -> Result<(), String> {
-    let cfg = Config::new(0, 5, 0.5, 1, 2).map_err(e)?;
-    let one = up(h, &[bf16::ONE])?;
-    let mut out = up(h, &[bf16::ONE])?;
+fn dropout_empty(h: &Handle) -> TestResult {
+    let cfg = Config::new(0, 5, 0.5, 1, 2)?;
+    let one = to_device(h, &[bf16::ONE])?;
+    let mut out = to_device(h, &[bf16::ONE])?;
     fwd_r(
         h,
         &cfg,
@@ -152,35 +130,35 @@ fn dropout_empty(h: &Handle) -> Result<(), String> {
         &one.slice(0..0),
         &mut out.slice_mut(0..0),
         Default::default(),
-    )
-    .map_err(e)?;
-    let mut dbias = up(h, &[bf16::from_f32(f32::NAN); 5])?;
+    )?;
+    let mut dbias = to_device(h, &[bf16::from_f32(f32::NAN); 5])?;
     let opts = BackwardOptions {
         dbias: Some(dbias.slice_mut(0..5)),
         ..Default::default()
     };
-    dr::backward(h, &cfg, &one.slice(0..0), &mut out.slice_mut(0..0), opts).map_err(e)?;
-    let got = h.stream().clone_dtoh(&dbias).map_err(e)?;
+    dr::backward(h, &cfg, &one.slice(0..0), &mut out.slice_mut(0..0), opts)?;
+    let got = h.stream().clone_dtoh(&dbias)?;
     let mut want = vec![bf16::from_f32(f32::NAN); 5];
     let copts = cpu::BackwardOptions {
         dbias: Some(&mut want[..]),
         ..Default::default()
     };
-    cpu::backward::<bf16>(&cfg, &[], &mut [], copts).map_err(e)?;
-    bits_eq("dbias over no rows", &got, &want)
+    cpu::backward::<bf16>(&cfg, &[], &mut [], copts)?;
+    bits_eq("dbias over no rows", &got, &want)?;
+    Ok(())
 }
 
 /// p = 1 and a p that rounds to the threshold 2^32: every element dropped, y is the residual's
 /// bits (the huge 1 / (1 - p) scale is never applied), as on the CPU.
-fn dropout_p_near_one(h: &Handle) -> Result<(), String> {
+fn dropout_p_near_one(h: &Handle) -> TestResult {
     for p in [1.0, 1.0 - 2f64.powi(-34)] {
-        let cfg = Config::new(5, 37, p, 3, 4).map_err(e)?;
+        let cfg = Config::new(5, 37, p, 3, 4)?;
         let x: Vec<f32> = (0..cfg.len()).map(|i| i as f32 - 80.0).collect();
         let r: Vec<f32> = (0..cfg.len()).map(|i| 0.5 * i as f32 + 0.25).collect();
-        let (dx, dres) = (up(h, &x)?, up(h, &r)?);
-        let mut dy = up(h, &vec![f32::NAN; cfg.len()])?;
-        fwd_r(h, &cfg, &dx, &dres.as_view(), &mut dy, Default::default()).map_err(e)?;
-        let got = h.stream().clone_dtoh(&dy).map_err(e)?;
+        let (dx, dres) = (to_device(h, &x)?, to_device(h, &r)?);
+        let mut dy = to_device(h, &vec![f32::NAN; cfg.len()])?;
+        fwd_r(h, &cfg, &dx, &dres.as_view(), &mut dy, Default::default())?;
+        let got = h.stream().clone_dtoh(&dy)?;
         bits_eq(&format!("p = {p}"), &got, &r)?;
     }
     Ok(())
@@ -188,7 +166,7 @@ fn dropout_p_near_one(h: &Handle) -> Result<(), String> {
 
 /// `mask_words(start, n)` names indices `start .. start + n`: past 2^64 they do not exist, so a
 /// range that would wrap is refused (it wrapped to index 0 on the device before).
-fn mask_words_overflow(h: &Handle) -> Result<(), String> {
+fn mask_words_overflow(h: &Handle) -> TestResult {
     use fusedreg::philox::{gpu, mask_word};
     refused(
         "start + n > 2^64",
@@ -196,9 +174,10 @@ fn mask_words_overflow(h: &Handle) -> Result<(), String> {
     )?;
     refused("start + n > 2^64", gpu::mask_words(h, 1, 2, u64::MAX, 2))?;
     // The last 4 indices exist and match the CPU.
-    let got = gpu::mask_words(h, 1, 2, u64::MAX - 3, 4).map_err(e)?;
+    let got = gpu::mask_words(h, 1, 2, u64::MAX - 3, 4)?;
     let want: Vec<u32> = (0..4).map(|k| mask_word(1, 2, u64::MAX - 3 + k)).collect();
-    bits_eq("last words", &got, &want)
+    bits_eq("last words", &got, &want)?;
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -206,22 +185,21 @@ fn mask_words_overflow(h: &Handle) -> Result<(), String> {
 // (AdamW owns its state; TensorSet only tensors).
 // ------------------------------------------------------------------------------------------
 
-fn engine_scalars(h: &Handle) -> Result<(), String> {
+fn engine_scalars(h: &Handle) -> TestResult {
     use fusedreg::adamw::{AdamW, AdamWConfig};
     use fusedreg::global_norm::GlobalNorm;
     use fusedreg::multi_tensor::TensorSet;
     let mut b = TensorSet::builder(h);
     refused(
         "param/grad lengths",
-        b.push(up(h, &[1.0f32; 4])?, up(h, &[1.0f32; 3])?),
+        b.push(to_device(h, &[1.0f32; 4])?, to_device(h, &[1.0f32; 3])?),
     )?;
-    b.push(up(h, &[1.0f32; 4])?, up(h, &[0.5f32; 4])?)
-        .map_err(e)?;
-    let set = b.build().map_err(e)?;
+    b.push(to_device(h, &[1.0f32; 4])?, to_device(h, &[0.5f32; 4])?)?;
+    let set = b.build()?;
     for bad in [f32::NAN, f32::INFINITY, -1.0, 0.0] {
         refused("GlobalNorm::new", GlobalNorm::new(&set, Some(bad)))?;
     }
-    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
     for bad in [f32::NAN, f32::INFINITY, -1.0, 0.0] {
         refused("set_max_norm", norm.set_max_norm(Some(bad)))?;
         refused("set_loss_scale", norm.set_loss_scale(bad))?;
@@ -237,7 +215,7 @@ fn engine_scalars(h: &Handle) -> Result<(), String> {
         "weight decay count",
         AdamW::new(&set, AdamWConfig::default(), &[0.0, 0.0]),
     )?;
-    let mut opt = AdamW::new(&set, AdamWConfig::default(), &[0.0]).map_err(e)?;
+    let mut opt = AdamW::new(&set, AdamWConfig::default(), &[0.0])?;
     for bad in [f32::NAN, f32::INFINITY, -1e-3] {
         refused("set_lr", opt.set_lr(bad))?;
     }
@@ -258,14 +236,13 @@ fn engine_scalars(h: &Handle) -> Result<(), String> {
 
 /// Issue 17 item 6 (intended behaviour): an empty pinned buffer is an error, not a panic
 /// inside cudarc.
-fn engine_empty_pinned(h: &Handle) -> Result<(), String> {
+fn engine_empty_pinned(h: &Handle) -> TestResult {
     use fusedreg::global_norm::{GlobalNorm, NormValues};
     use fusedreg::multi_tensor::TensorSet;
     let mut b = TensorSet::builder(h);
-    b.push(up(h, &[1.0f32; 4])?, up(h, &[0.5f32; 4])?)
-        .map_err(e)?;
-    let set = b.build().map_err(e)?;
-    let norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    b.push(to_device(h, &[1.0f32; 4])?, to_device(h, &[0.5f32; 4])?)?;
+    let set = b.build()?;
+    let norm = GlobalNorm::new(&set, Some(1.0))?;
     match crate::harness::empty_pinned::<NormValues>(h) {
         Some(mut empty) => refused("empty pinned", norm.copy_to_host_async(&mut empty)),
         None => Ok(()), // no empty pinned buffer can exist to be passed (see empty_pinned)

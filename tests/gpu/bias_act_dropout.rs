@@ -16,9 +16,7 @@ use fusedreg::{Dtype, Handle, Math};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
-use crate::buffers::{download, e2s, poison, upload, R};
-use crate::common::{bits_eq, rng, uniform};
-use crate::harness::trials_of;
+use crate::prelude::*;
 
 #[path = "../common/bias_act_fast.rs"]
 mod fastcheck;
@@ -59,10 +57,11 @@ pub fn trials() -> Vec<Trial> {
 
 /// Bit-for-bit, except that any NaN equals any NaN (the GPU's NaN payloads are canonical, the
 /// CPU's are not; every other bit must match).
-fn same_bits<T: Dtype>(what: &str, got: &[T], want: &[T]) -> R<()> {
+fn same_bits<T: Dtype>(what: &str, got: &[T], want: &[T]) -> TestResult {
     let g: Vec<u32> = got.iter().map(|v| canon(v.to_f32())).collect();
     let w: Vec<u32> = want.iter().map(|v| canon(v.to_f32())).collect();
-    bits_eq(what, &g, &w)
+    bits_eq(what, &g, &w)?;
+    Ok(())
 }
 
 fn canon(v: f32) -> u32 {
@@ -82,7 +81,7 @@ fn run_case<T: Dtype>(
     b: Option<&[T]>,
     dy: &[T],
     off: usize,
-) -> R<()> {
+) -> TestResult {
     let s = h.stream();
     let n = cfg.len();
     let what = format!(
@@ -114,12 +113,12 @@ fn run_case<T: Dtype>(
         let bv = db_.as_ref().map(|b| b.slice(off..off + cfg.cols()));
         let mut yv = dy_out.slice_mut(off..off + n);
         let hv = dh.slice_mut(off..off + n);
-        bad::forward(h, cfg, &xv, bv, &mut yv, Some(hv)).map_err(e2s)?;
+        bad::forward(h, cfg, &xv, bv, &mut yv, Some(hv))?;
     }
     let y = download(s, &dy_out, off, sent, "y")?;
     let hh = download(s, &dh, off, sent, "h_out")?;
     let (mut wy, mut wh) = (vec![poison::<T>(); n], vec![poison::<T>(); n]);
-    cpu::forward(cfg, x, b, &mut wy, Some(&mut wh)).map_err(e2s)?;
+    cpu::forward(cfg, x, b, &mut wy, Some(&mut wh))?;
     same_bits(&format!("{what}: h_out"), &hh, &wh)?;
     if fast {
         let mut f = fastcheck::Failures::default();
@@ -144,13 +143,12 @@ fn run_case<T: Dtype>(
             Preact::X { x: xv, bias: bv },
             &mut dxv,
             Some(dbv),
-        )
-        .map_err(e2s)?;
+        )?;
     }
     let dx = download(s, &ddx, off, sent, "dx")?;
     let db = download(s, &ddb, off, sent, "dbias")?;
     let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cfg.cols()]);
-    cpu::backward(cfg, dy, Preact::X { x, bias: b }, &mut wdx, Some(&mut wdb)).map_err(e2s)?;
+    cpu::backward(cfg, dy, Preact::X { x, bias: b }, &mut wdx, Some(&mut wdb))?;
     if fast {
         let mut f = fastcheck::Failures::default();
         fastcheck::check_backward(cfg, &h32, dy, &dx, Some(&db), &mut f);
@@ -165,14 +163,14 @@ fn run_case<T: Dtype>(
         let bv = db_.as_ref().map(|b| b.slice(off..off + cfg.cols()));
         let dyv = ddy.slice(off..off + n);
         let mut dxv = ddx.slice_mut(off..off + n);
-        bad::backward(h, cfg, &dyv, Preact::X { x: xv, bias: bv }, &mut dxv, None).map_err(e2s)?;
+        bad::backward(h, cfg, &dyv, Preact::X { x: xv, bias: bv }, &mut dxv, None)?;
     }
     let dx2 = download(s, &ddx, off, sent, "dx (no dbias)")?;
     // The same kernel with and without dbias: the same bits in either mode.
     same_bits(&format!("{what}: dx without dbias"), &dx2, &dx)
 }
 
-fn shapes<T: Dtype>(h: &Handle) -> R<()> {
+fn shapes<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0xba5e);
     let vec = 16 / T::KIND.size();
     // Vector path: cols % vec == 0 and off 0; scalar path: odd cols or off 1. Row counts cross
@@ -194,8 +192,7 @@ fn shapes<T: Dtype>(h: &Handle) -> R<()> {
         for &(rows, cols) in &shapes {
             for off in [0, 1] {
                 for with_bias in [true, false] {
-                    let cfg = Config::new(rows, cols, act, 0.3, 0x1234 + rows as u64, 17)
-                        .map_err(e2s)?
+                    let cfg = Config::new(rows, cols, act, 0.3, 0x1234 + rows as u64, 17)?
                         .with_math(math);
                     let x = uniform::<T>(&mut g, rows * cols, -6.0, 6.0);
                     let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
@@ -208,7 +205,7 @@ fn shapes<T: Dtype>(h: &Handle) -> R<()> {
     Ok(())
 }
 
-fn edge_rates<T: Dtype>(h: &Handle) -> R<()> {
+fn edge_rates<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0xed9e);
     for (act, math) in Activation::ALL
         .into_iter()
@@ -216,9 +213,7 @@ fn edge_rates<T: Dtype>(h: &Handle) -> R<()> {
     {
         for p in [0.0, 1.0 / 256.0, 0.5, 1.0] {
             let (rows, cols) = (19, 128);
-            let cfg = Config::new(rows, cols, act, p, 99, 5)
-                .map_err(e2s)?
-                .with_math(math);
+            let cfg = Config::new(rows, cols, act, p, 99, 5)?.with_math(math);
             let x = uniform::<T>(&mut g, rows * cols, -4.0, 4.0);
             let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
             let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
@@ -230,7 +225,7 @@ fn edge_rates<T: Dtype>(h: &Handle) -> R<()> {
 }
 
 /// The backward reading a saved h (the forward's h_out) against the CPU doing the same.
-fn saved_h<T: Dtype>(h: &Handle) -> R<()> {
+fn saved_h<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0x5a7e);
     let s = h.stream();
     for (act, math) in Activation::ALL
@@ -238,9 +233,7 @@ fn saved_h<T: Dtype>(h: &Handle) -> R<()> {
         .flat_map(|a| MATHS.map(|m| (a, m)))
     {
         for (rows, cols, off) in [(33, 256, 0), (33, 255, 1)] {
-            let cfg = Config::new(rows, cols, act, 0.2, 3, 3)
-                .map_err(e2s)?
-                .with_math(math);
+            let cfg = Config::new(rows, cols, act, 0.2, 3, 3)?.with_math(math);
             let n = cfg.len();
             let hh = uniform::<T>(&mut g, n, -5.0, 5.0);
             let dy = uniform::<T>(&mut g, n, -1.0, 1.0);
@@ -254,12 +247,12 @@ fn saved_h<T: Dtype>(h: &Handle) -> R<()> {
                 let dyv = ddy.slice(off..off + n);
                 let mut dxv = ddx.slice_mut(off..off + n);
                 let dbv = ddb.slice_mut(off..off + cols);
-                bad::backward(h, &cfg, &dyv, Preact::H(hv), &mut dxv, Some(dbv)).map_err(e2s)?;
+                bad::backward(h, &cfg, &dyv, Preact::H(hv), &mut dxv, Some(dbv))?;
             }
             let dx = download(s, &ddx, off, sent, "dx")?;
             let db = download(s, &ddb, off, sent, "dbias")?;
             let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cols]);
-            cpu::backward(&cfg, &dy, Preact::H(&hh[..]), &mut wdx, Some(&mut wdb)).map_err(e2s)?;
+            cpu::backward(&cfg, &dy, Preact::H(&hh[..]), &mut wdx, Some(&mut wdb))?;
             if math == Math::Fast && act != Activation::Relu {
                 let h32: Vec<f32> = hh.iter().map(|v| v.to_f32()).collect();
                 let mut f = fastcheck::Failures::default();
@@ -275,7 +268,7 @@ fn saved_h<T: Dtype>(h: &Handle) -> R<()> {
 }
 
 /// Inputs with infinities, NaNs, zeros, huge and tiny values: NaN compares as a class.
-fn specials<T: Dtype>(h: &Handle) -> R<()> {
+fn specials<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0x0ddc);
     let vals = [
         f32::INFINITY,
@@ -294,9 +287,7 @@ fn specials<T: Dtype>(h: &Handle) -> R<()> {
         .flat_map(|a| MATHS.map(|m| (a, m)))
     {
         let (rows, cols) = (16, 64);
-        let cfg = Config::new(rows, cols, act, 0.25, 1, 1)
-            .map_err(e2s)?
-            .with_math(math);
+        let cfg = Config::new(rows, cols, act, 0.25, 1, 1)?.with_math(math);
         let mut x = uniform::<T>(&mut g, rows * cols, -8.0, 8.0);
         for (i, v) in x.iter_mut().enumerate().step_by(5) {
             *v = T::from_f32_rn(vals[(i / 5) % vals.len()]);
@@ -313,16 +304,14 @@ fn specials<T: Dtype>(h: &Handle) -> R<()> {
 }
 
 /// A tensor with many slabs and rows (the slab partition at its largest rows per slab).
-fn large_tensor(h: &Handle) -> R<()> {
+fn large_tensor(h: &Handle) -> TestResult {
     let mut g = rng(0x1a26e);
     let (rows, cols) = (4099, 1032);
     let x = uniform::<bf16>(&mut g, rows * cols, -4.0, 4.0);
     let b = uniform::<bf16>(&mut g, cols, -1.0, 1.0);
     let dy = uniform::<bf16>(&mut g, rows * cols, -1.0, 1.0);
     for math in MATHS {
-        let cfg = Config::new(rows, cols, Activation::GeluTanh, 0.1, 7, 8)
-            .map_err(e2s)?
-            .with_math(math);
+        let cfg = Config::new(rows, cols, Activation::GeluTanh, 0.1, 7, 8)?.with_math(math);
         run_case(h, &cfg, &x, Some(&b), &dy, 0)?;
     }
     Ok(())
@@ -332,7 +321,7 @@ fn large_tensor(h: &Handle) -> R<()> {
 /// crossings of act', the clamps (±9, ±16, ±80), where 2^z overflows or flushes (GELU tanh
 /// near -10, SiLU near ±88), the saturation bounds, huge values, ±inf and NaN; with dy
 /// random. Both paths, every activation.
-fn fast_edges<T: Dtype>(h: &Handle) -> R<()> {
+fn fast_edges<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0xfa57);
     let mut vals = vec![
         0.0f32,
@@ -356,9 +345,7 @@ fn fast_edges<T: Dtype>(h: &Handle) -> R<()> {
     }
     for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
         let (rows, cols) = (9, 64);
-        let cfg = Config::new(rows, cols, act, 0.1, 21, 22)
-            .map_err(e2s)?
-            .with_math(Math::Fast);
+        let cfg = Config::new(rows, cols, act, 0.1, 21, 22)?.with_math(Math::Fast);
         let n = rows * cols;
         let x: Vec<T> = (0..n)
             .map(|i| T::from_f32_rn(vals[i % vals.len()]))
@@ -372,7 +359,7 @@ fn fast_edges<T: Dtype>(h: &Handle) -> R<()> {
 
 /// 16-bit keying (`MaskResolution::Bits16`) in both math modes, both paths, with and without
 /// bias: the CPU reference keys the same halfwords.
-fn key16<T: Dtype>(h: &Handle) -> R<()> {
+fn key16<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0x1616);
     for (act, math) in Activation::ALL
         .into_iter()
@@ -380,8 +367,7 @@ fn key16<T: Dtype>(h: &Handle) -> R<()> {
     {
         for p in [0.1, 0.5] {
             for &(rows, cols) in &[(37usize, 136usize), (21, 33)] {
-                let cfg = Config::new(rows, cols, act, p, 5, 6)
-                    .map_err(e2s)?
+                let cfg = Config::new(rows, cols, act, p, 5, 6)?
                     .with_math(math)
                     .with_resolution(MaskResolution::Bits16);
                 let x = uniform::<T>(&mut g, rows * cols, -5.0, 5.0);
@@ -395,14 +381,14 @@ fn key16<T: Dtype>(h: &Handle) -> R<()> {
     Ok(())
 }
 
-fn empty_inputs(h: &Handle) -> R<()> {
+fn empty_inputs(h: &Handle) -> TestResult {
     let s = h.stream();
-    let cfg = Config::new(0, 24, Activation::Silu, 0.1, 1, 1).map_err(e2s)?;
-    let x = s.alloc_zeros::<f32>(0).map_err(e2s)?;
-    let mut y = s.alloc_zeros::<f32>(0).map_err(e2s)?;
-    bad::forward(h, &cfg, &x, None, &mut y, None).map_err(e2s)?;
-    let mut dx = s.alloc_zeros::<f32>(0).map_err(e2s)?;
-    let mut db = s.clone_htod(&[f32::NAN; 24]).map_err(e2s)?;
+    let cfg = Config::new(0, 24, Activation::Silu, 0.1, 1, 1)?;
+    let x = s.alloc_zeros::<f32>(0)?;
+    let mut y = s.alloc_zeros::<f32>(0)?;
+    bad::forward(h, &cfg, &x, None, &mut y, None)?;
+    let mut dx = s.alloc_zeros::<f32>(0)?;
+    let mut db = s.clone_htod(&[f32::NAN; 24])?;
     bad::backward(
         h,
         &cfg,
@@ -413,63 +399,57 @@ fn empty_inputs(h: &Handle) -> R<()> {
         },
         &mut dx,
         Some(db.as_view_mut()),
-    )
-    .map_err(e2s)?;
-    let got = s.clone_dtoh(&db).map_err(e2s)?;
+    )?;
+    let got = s.clone_dtoh(&db)?;
     if got.iter().any(|v| v.to_bits() != 0) {
-        return Err(format!("dbias of no rows should be +0: {got:?}"));
+        return Err(format!("dbias of no rows should be +0: {got:?}").into());
     }
     Ok(())
 }
 
-fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
+fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0x0f05);
     let s = h.stream();
     for act in Activation::ALL {
         let (rows, cols) = (45, 257);
-        let cfg = Config::new(rows, cols, act, 0.2, 11, 12).map_err(e2s)?;
+        let cfg = Config::new(rows, cols, act, 0.2, 11, 12)?;
         let n = cfg.len();
         let x = uniform::<T>(&mut g, n, -4.0, 4.0);
         let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
         let dy = uniform::<T>(&mut g, n, -1.0, 1.0);
-        let (dxx, dbb, ddy) = (
-            s.clone_htod(&x).map_err(e2s)?,
-            s.clone_htod(&b).map_err(e2s)?,
-            s.clone_htod(&dy).map_err(e2s)?,
-        );
-        let mut dyo = s.clone_htod(&vec![poison::<T>(); n]).map_err(e2s)?;
-        let mut dm = s.clone_htod(&vec![7u8; n]).map_err(e2s)?;
-        let mut dh = s.clone_htod(&vec![poison::<T>(); n]).map_err(e2s)?;
-        unfused::forward(h, &cfg, &dxx, &dbb, &mut dyo, &mut dm, &mut dh).map_err(e2s)?;
+        let (dxx, dbb, ddy) = (s.clone_htod(&x)?, s.clone_htod(&b)?, s.clone_htod(&dy)?);
+        let mut dyo = s.clone_htod(&vec![poison::<T>(); n])?;
+        let mut dm = s.clone_htod(&vec![7u8; n])?;
+        let mut dh = s.clone_htod(&vec![poison::<T>(); n])?;
+        unfused::forward(h, &cfg, &dxx, &dbb, &mut dyo, &mut dm, &mut dh)?;
         let (mut wy, mut wm, mut wh) =
             (vec![poison::<T>(); n], vec![0u8; n], vec![poison::<T>(); n]);
-        unfused::forward_cpu(&cfg, &x, &b, &mut wy, &mut wm, &mut wh).map_err(e2s)?;
-        same_bits("unfused y", &s.clone_dtoh(&dyo).map_err(e2s)?, &wy)?;
-        same_bits("unfused h", &s.clone_dtoh(&dh).map_err(e2s)?, &wh)?;
-        bits_eq("unfused mask", &s.clone_dtoh(&dm).map_err(e2s)?, &wm)?;
-        let mut ddx = s.clone_htod(&vec![poison::<T>(); n]).map_err(e2s)?;
-        let mut ddb = s.clone_htod(&vec![poison::<T>(); cols]).map_err(e2s)?;
-        unfused::backward(h, &cfg, &ddy, &dm, &dh, &mut ddx, Some(ddb.as_view_mut()))
-            .map_err(e2s)?;
+        unfused::forward_cpu(&cfg, &x, &b, &mut wy, &mut wm, &mut wh)?;
+        same_bits("unfused y", &s.clone_dtoh(&dyo)?, &wy)?;
+        same_bits("unfused h", &s.clone_dtoh(&dh)?, &wh)?;
+        bits_eq("unfused mask", &s.clone_dtoh(&dm)?, &wm)?;
+        let mut ddx = s.clone_htod(&vec![poison::<T>(); n])?;
+        let mut ddb = s.clone_htod(&vec![poison::<T>(); cols])?;
+        unfused::backward(h, &cfg, &ddy, &dm, &dh, &mut ddx, Some(ddb.as_view_mut()))?;
         let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cols]);
-        unfused::backward_cpu(&cfg, &dy, &wm, &wh, &mut wdx, Some(&mut wdb)).map_err(e2s)?;
-        same_bits("unfused dx", &s.clone_dtoh(&ddx).map_err(e2s)?, &wdx)?;
-        same_bits("unfused dbias", &s.clone_dtoh(&ddb).map_err(e2s)?, &wdb)?;
+        unfused::backward_cpu(&cfg, &dy, &wm, &wh, &mut wdx, Some(&mut wdb))?;
+        same_bits("unfused dx", &s.clone_dtoh(&ddx)?, &wdx)?;
+        same_bits("unfused dbias", &s.clone_dtoh(&ddb)?, &wdb)?;
     }
     Ok(())
 }
 
-fn bad_input_is_an_error(h: &Handle) -> R<()> {
+fn bad_input_is_an_error(h: &Handle) -> TestResult {
     let s = h.stream();
-    let cfg = Config::new(4, 8, Activation::Relu, 0.1, 1, 1).map_err(e2s)?;
-    let x = s.alloc_zeros::<f32>(32).map_err(e2s)?;
-    let short = s.alloc_zeros::<f32>(31).map_err(e2s)?;
-    let mut y = s.alloc_zeros::<f32>(32).map_err(e2s)?;
+    let cfg = Config::new(4, 8, Activation::Relu, 0.1, 1, 1)?;
+    let x = s.alloc_zeros::<f32>(32)?;
+    let short = s.alloc_zeros::<f32>(31)?;
+    let mut y = s.alloc_zeros::<f32>(32)?;
     let shape = |r: fusedreg::Result<()>| matches!(r, Err(fusedreg::Error::ShapeMismatch { .. }));
     if !shape(bad::forward(h, &cfg, &short, None, &mut y, None)) {
         return Err("short x accepted".into());
     }
-    let b7 = s.alloc_zeros::<f32>(7).map_err(e2s)?;
+    let b7 = s.alloc_zeros::<f32>(7)?;
     if !shape(bad::forward(h, &cfg, &x, Some(b7.as_view()), &mut y, None)) {
         return Err("short bias accepted".into());
     }
@@ -483,7 +463,7 @@ fn bad_input_is_an_error(h: &Handle) -> R<()> {
     )) {
         return Err("short h accepted".into());
     }
-    let mut db = s.alloc_zeros::<f32>(9).map_err(e2s)?;
+    let mut db = s.alloc_zeros::<f32>(9)?;
     if !shape(bad::backward(
         h,
         &cfg,

@@ -16,9 +16,8 @@ use half::{bf16, f16};
 use libtest_mimic::Trial;
 use rand::Rng;
 
-use crate::buffers::{download, e2s, upload, R};
-use crate::common::{bits_eq, rng, xent_positions, xent_within_fast_bound, XentOut};
-use crate::harness::trials_of;
+use crate::common::{xent_positions, xent_within_fast_bound, XentOut};
+use crate::prelude::*;
 use fusedreg::Math;
 
 pub fn trials() -> Vec<Trial> {
@@ -187,7 +186,7 @@ fn gpu_run<T: Dtype, I: Ti>(
     t: &[I],
     up: &[f32],
     ws: Option<&mut Workspace>,
-) -> R<Got<T>> {
+) -> TestResult<Got<T>> {
     let s = h.stream();
     let cfg = c.config();
     let (off, n) = (c.offset, cfg.len());
@@ -195,11 +194,9 @@ fn gpu_run<T: Dtype, I: Ti>(
     let tsent = I::try_from(-5).unwrap();
     let tb = upload(s, t, off, tsent)?;
     let tv = tb.slice(off..off + c.rows);
-    let upb = s.clone_htod(up).map_err(e2s)?;
-    let mut loss = s
-        .clone_htod(&vec![f32::NAN; c.red.loss_len(c.rows)])
-        .map_err(e2s)?;
-    let mut flag = s.alloc_zeros::<u32>(1).map_err(e2s)?;
+    let upb = s.clone_htod(up)?;
+    let mut loss = s.clone_htod(&vec![f32::NAN; c.red.loss_len(c.rows)])?;
+    let mut flag = s.alloc_zeros::<u32>(1)?;
     let mut xb = upload(s, x, off, sent)?;
     let mut gb = upload(s, &vec![T::from_f32_rn(f32::NAN); n], off, sent)?;
     {
@@ -222,8 +219,7 @@ fn gpu_run<T: Dtype, I: Ti>(
             Grad::InPlace => {
                 xe::forward_backward_inplace(h, &cfg, &mut xb.slice_mut(off..off + n), &tv, out)
             }
-        }
-        .map_err(e2s)?;
+        }?;
     }
     let xs = download(s, &xb, off, sent, "logits")?;
     let gs = download(s, &gb, off, sent, "grad")?;
@@ -240,9 +236,9 @@ fn gpu_run<T: Dtype, I: Ti>(
         Grad::InPlace => Some(xs),
     };
     Ok(Got {
-        loss: s.clone_dtoh(&loss).map_err(e2s)?,
+        loss: s.clone_dtoh(&loss)?,
         grad,
-        flag: s.clone_dtoh(&flag).map_err(e2s)?[0],
+        flag: s.clone_dtoh(&flag)?[0],
     })
 }
 
@@ -272,18 +268,19 @@ fn cpu_run<T: Dtype, I: TargetIndex>(c: &Case, x: &[T], t: &[I], up: &[f32]) -> 
 }
 
 /// f32 bit equality where NaN equals NaN (a fully masked row is NaN, as in PyTorch).
-fn loss_eq(what: &str, got: &[f32], want: &[f32]) -> R<()> {
+fn loss_eq(what: &str, got: &[f32], want: &[f32]) -> TestResult {
     let canon = |v: &[f32]| -> Vec<u32> {
         v.iter()
             .map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() })
             .collect()
     };
-    bits_eq(what, &canon(got), &canon(want))
+    bits_eq(what, &canon(got), &canon(want))?;
+    Ok(())
 }
 
 /// Gradient equality bit for bit, where any NaN equals any NaN: a NaN made by the device's
 /// arithmetic (a fully masked row, as in PyTorch) is canonical there and not on the host.
-fn grad_eq<T: Dtype>(what: &str, got: &[T], want: &[T]) -> R<()> {
+fn grad_eq<T: Dtype>(what: &str, got: &[T], want: &[T]) -> TestResult {
     let canon = |v: &[T]| -> Vec<u32> {
         v.iter()
             .map(|x| {
@@ -295,10 +292,11 @@ fn grad_eq<T: Dtype>(what: &str, got: &[T], want: &[T]) -> R<()> {
             })
             .collect()
     };
-    bits_eq(what, &canon(got), &canon(want))
+    bits_eq(what, &canon(got), &canon(want))?;
+    Ok(())
 }
 
-fn check_case<T: Dtype, I: Ti>(h: &Handle, c: &Case, seed: u64) -> R<()> {
+fn check_case<T: Dtype, I: Ti>(h: &Handle, c: &Case, seed: u64) -> TestResult {
     let x = logits::<T>(seed, c.rows * c.vocab, c.specials);
     let t = targets::<I>(seed, c.rows, c.vocab, c.ignored);
     let up: Vec<f32> = (0..c.rows)
@@ -316,7 +314,7 @@ fn check_case<T: Dtype, I: Ti>(h: &Handle, c: &Case, seed: u64) -> R<()> {
         }
     }
     if got.flag != 0 {
-        return Err(format!("flag raised for in-range targets, {tag}"));
+        return Err(format!("flag raised for in-range targets, {tag}").into());
     }
     Ok(())
 }
@@ -343,7 +341,7 @@ fn fast_eq<T: Dtype, I: TargetIndex>(
     up: &[f32],
     got: &Got<T>,
     tag: &str,
-) -> R<()> {
+) -> TestResult {
     let cfg = c.config();
     let upo = (c.upstream && c.red == Reduction::None).then_some(up);
     let out = XentOut {
@@ -351,20 +349,21 @@ fn fast_eq<T: Dtype, I: TargetIndex>(
         reduced: (c.red != Reduction::None).then(|| got.loss[0]),
         grad: got.grad.as_deref(),
     };
-    xent_within_fast_bound(tag, &cfg, x, &mapped(t, c.vocab), upo, out).map(|_| ())
+    xent_within_fast_bound(tag, &cfg, x, &mapped(t, c.vocab), upo, out)?;
+    Ok(())
 }
 
 /// Every option over vocabularies crossing the group (8), vector and slot (2048) boundaries.
-fn sweep<T: Dtype, I: Ti>(h: &Handle) -> R<()> {
+fn sweep<T: Dtype, I: Ti>(h: &Handle) -> TestResult {
     sweep_in::<T, I>(h, Math::Exact)
 }
 
 /// [`sweep`] with `Math::Fast`, held to its bound.
-fn fast_sweep<T: Dtype, I: Ti>(h: &Handle) -> R<()> {
+fn fast_sweep<T: Dtype, I: Ti>(h: &Handle) -> TestResult {
     sweep_in::<T, I>(h, Math::Fast)
 }
 
-fn sweep_in<T: Dtype, I: Ti>(h: &Handle, math: Math) -> R<()> {
+fn sweep_in<T: Dtype, I: Ti>(h: &Handle, math: Math) -> TestResult {
     let shapes = [
         (5, 1),
         (7, 7),
@@ -401,7 +400,7 @@ fn sweep_in<T: Dtype, I: Ti>(h: &Handle, math: Math) -> R<()> {
 }
 
 /// Llama-3 and GPT-2 vocabularies, and the largest the issue names (2^20).
-fn large_vocabularies<T: Dtype>(h: &Handle) -> R<()> {
+fn large_vocabularies<T: Dtype>(h: &Handle) -> TestResult {
     for (i, &(rows, vocab)) in [(3, 128_256), (4, 50_257), (2, 1 << 20)].iter().enumerate() {
         let mut c = Case::new(rows, vocab);
         c.ignored = 0;
@@ -416,7 +415,7 @@ fn large_vocabularies<T: Dtype>(h: &Handle) -> R<()> {
     Ok(())
 }
 
-fn out_of_range_flag(h: &Handle) -> R<()> {
+fn out_of_range_flag(h: &Handle) -> TestResult {
     let (rows, vocab) = (6, 300);
     let x = logits::<f32>(3, rows * vocab, false);
     let up = vec![1.0f32; rows];
@@ -426,7 +425,7 @@ fn out_of_range_flag(h: &Handle) -> R<()> {
         let t: Vec<i64> = vec![5, 300, -100, -1, 299, 0];
         let got = gpu_run(h, &c, &x, &t, &up, None)?;
         if got.flag != 1 {
-            return Err(format!("{red:?}: flag = {}, want 1", got.flag));
+            return Err(format!("{red:?}: flag = {}, want 1", got.flag).into());
         }
         // The bad rows count as ignored: loss 0, zero gradient, not in the mean's count.
         let (loss, grad) = cpu_run(&c, &x, &t, &up);
@@ -440,7 +439,7 @@ fn out_of_range_flag(h: &Handle) -> R<()> {
     Ok(())
 }
 
-fn all_rows_ignored(h: &Handle) -> R<()> {
+fn all_rows_ignored(h: &Handle) -> TestResult {
     for red in [Reduction::Mean, Reduction::Sum] {
         let mut c = Case::new(5, 1000);
         c.red = red;
@@ -448,7 +447,7 @@ fn all_rows_ignored(h: &Handle) -> R<()> {
         let t = vec![-100i64; c.rows];
         let got = gpu_run(h, &c, &x, &t, &[], None)?;
         if got.loss != [0.0] {
-            return Err(format!("{red:?}: loss {:?}, want [0.0]", got.loss));
+            return Err(format!("{red:?}: loss {:?}, want [0.0]", got.loss).into());
         }
         bits_eq(
             "grad",
@@ -460,7 +459,7 @@ fn all_rows_ignored(h: &Handle) -> R<()> {
 }
 
 /// More rows than one block of the sum kernel covers: two and three levels.
-fn many_rows(h: &Handle) -> R<()> {
+fn many_rows(h: &Handle) -> TestResult {
     // The last needs three levels of the sum (2 logits per row keeps it small).
     for (i, &(rows, vocab)) in [(4095usize, 8), (4097, 8), (9000, 8), (4096 * 4096 + 3, 2)]
         .iter()
@@ -480,7 +479,7 @@ fn many_rows(h: &Handle) -> R<()> {
     Ok(())
 }
 
-fn masked_and_large(h: &Handle) -> R<()> {
+fn masked_and_large(h: &Handle) -> TestResult {
     let vocab = 4099;
     for alpha in [0.0, 0.1] {
         let mut c = Case::new(4, vocab);
@@ -502,13 +501,13 @@ fn masked_and_large(h: &Handle) -> R<()> {
         let g = got.grad.unwrap();
         bits_eq("grad", &g, &grad)?;
         if g.iter().any(|v| v.to_f32().is_nan()) || got.loss.iter().any(|v| v.is_nan()) {
-            return Err(format!("α {alpha}: NaN in the loss or the gradient"));
+            return Err(format!("α {alpha}: NaN in the loss or the gradient").into());
         }
     }
     Ok(())
 }
 
-fn repeatable(h: &Handle) -> R<()> {
+fn repeatable(h: &Handle) -> TestResult {
     let mut c = Case::new(64, 32_003);
     c.grad = Grad::Separate;
     let x = logits::<bf16>(6, c.rows * c.vocab, false);
@@ -516,10 +515,11 @@ fn repeatable(h: &Handle) -> R<()> {
     let a = gpu_run(h, &c, &x, &t, &[], None)?;
     let b = gpu_run(h, &c, &x, &t, &[], None)?;
     bits_eq("loss", &a.loss, &b.loss)?;
-    bits_eq("grad", &a.grad.unwrap(), &b.grad.unwrap())
+    bits_eq("grad", &a.grad.unwrap(), &b.grad.unwrap())?;
+    Ok(())
 }
 
-fn workspace_and_forward(h: &Handle) -> R<()> {
+fn workspace_and_forward(h: &Handle) -> TestResult {
     let mut ws = Workspace::new();
     for (i, &rows) in [10usize, 5000, 3].iter().enumerate() {
         let mut c = Case::new(rows, 40);
@@ -534,36 +534,32 @@ fn workspace_and_forward(h: &Handle) -> R<()> {
         loss_eq("loss (forward only)", &got.loss, &loss)?;
     }
     if ws.capacity() < 5000 {
-        return Err(format!(
-            "workspace holds {} f32, want >= 5000",
-            ws.capacity()
-        ));
+        return Err(format!("workspace holds {} f32, want >= 5000", ws.capacity()).into());
     }
     Ok(())
 }
 
-fn empty_input(h: &Handle) -> R<()> {
+fn empty_input(h: &Handle) -> TestResult {
     let s = h.stream();
-    let cfg = Config::new(0, 100).map_err(e2s)?;
-    let x = s.alloc_zeros::<f32>(1).map_err(e2s)?;
-    let t = s.alloc_zeros::<i64>(1).map_err(e2s)?;
-    let mut loss = s.clone_htod(&[f32::NAN]).map_err(e2s)?;
+    let cfg = Config::new(0, 100)?;
+    let x = s.alloc_zeros::<f32>(1)?;
+    let t = s.alloc_zeros::<i64>(1)?;
+    let mut loss = s.clone_htod(&[f32::NAN])?;
     xe::forward(
         h,
         &cfg,
         &x.slice(0..0),
         &t.slice(0..0),
         Outputs::new(loss.as_view_mut()),
-    )
-    .map_err(e2s)?;
-    let got = s.clone_dtoh(&loss).map_err(e2s)?;
+    )?;
+    let got = s.clone_dtoh(&loss)?;
     if got != [0.0] {
-        return Err(format!("empty mean: {got:?}, want [0.0]"));
+        return Err(format!("empty mean: {got:?}, want [0.0]").into());
     }
     Ok(())
 }
 
-fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
+fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
     let s = h.stream();
     for (i, &(rows, vocab, red)) in [
         (5, 2049, Reduction::Mean),
@@ -583,42 +579,38 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
         let up: Vec<f32> = (0..rows).map(|r| 1.0 + r as f32 * 0.5).collect();
         let upo = (red == Reduction::None).then_some(&up[..]);
         let mut want_g = vec![T::from_f32_rn(0.0); cfg.len()];
-        let want = unfused::forward_backward_cpu(&cfg, &x, &t, upo, &mut want_g).map_err(e2s)?;
-        let xb = s.clone_htod(&x).map_err(e2s)?;
-        let tb = s.clone_htod(&t).map_err(e2s)?;
-        let upb = s.clone_htod(&up).map_err(e2s)?;
-        let mut lp = s.alloc_zeros::<T>(cfg.len()).map_err(e2s)?;
-        let mut g = s.alloc_zeros::<T>(cfg.len()).map_err(e2s)?;
-        let mut loss = s.alloc_zeros::<f32>(red.loss_len(rows)).map_err(e2s)?;
+        let want = unfused::forward_backward_cpu(&cfg, &x, &t, upo, &mut want_g)?;
+        let xb = s.clone_htod(&x)?;
+        let tb = s.clone_htod(&t)?;
+        let upb = s.clone_htod(&up)?;
+        let mut lp = s.alloc_zeros::<T>(cfg.len())?;
+        let mut g = s.alloc_zeros::<T>(cfg.len())?;
+        let mut loss = s.alloc_zeros::<f32>(red.loss_len(rows))?;
         let out = Outputs {
             upstream: upo.map(|_| upb.as_view()),
             ..Outputs::new(loss.as_view_mut())
         };
-        unfused::forward_backward(h, &cfg, &xb, &tb, &mut lp, &mut g, out).map_err(e2s)?;
-        let got_loss = s.clone_dtoh(&loss).map_err(e2s)?;
+        unfused::forward_backward(h, &cfg, &xb, &tb, &mut lp, &mut g, out)?;
+        let got_loss = s.clone_dtoh(&loss)?;
         let want_loss = match red {
             Reduction::None => want.rows.clone(),
             _ => vec![want.reduced.unwrap()],
         };
         loss_eq(&format!("unfused loss {i}"), &got_loss, &want_loss)?;
-        grad_eq(
-            &format!("unfused grad {i}"),
-            &s.clone_dtoh(&g).map_err(e2s)?,
-            &want_g,
-        )?;
+        grad_eq(&format!("unfused grad {i}"), &s.clone_dtoh(&g)?, &want_g)?;
     }
     Ok(())
 }
 
-fn bad_input(h: &Handle) -> R<()> {
+fn bad_input(h: &Handle) -> TestResult {
     let s = h.stream();
-    let cfg = Config::new(2, 4).map_err(e2s)?;
-    let x = s.alloc_zeros::<f32>(8).map_err(e2s)?;
-    let mut g = s.alloc_zeros::<f32>(8).map_err(e2s)?;
-    let t = s.alloc_zeros::<i32>(2).map_err(e2s)?;
-    let up = s.alloc_zeros::<f32>(2).map_err(e2s)?;
-    let mut loss = s.alloc_zeros::<f32>(2).map_err(e2s)?;
-    let mut flag = s.alloc_zeros::<u32>(1).map_err(e2s)?;
+    let cfg = Config::new(2, 4)?;
+    let x = s.alloc_zeros::<f32>(8)?;
+    let mut g = s.alloc_zeros::<f32>(8)?;
+    let t = s.alloc_zeros::<i32>(2)?;
+    let up = s.alloc_zeros::<f32>(2)?;
+    let mut loss = s.alloc_zeros::<f32>(2)?;
+    let mut flag = s.alloc_zeros::<u32>(1)?;
     let refused = [
         xe::forward(
             h,
@@ -668,14 +660,14 @@ fn bad_input(h: &Handle) -> R<()> {
     ];
     for (i, r) in refused.iter().enumerate() {
         if r.is_ok() {
-            return Err(format!("bad call {i} was accepted"));
+            return Err(format!("bad call {i} was accepted").into());
         }
     }
     Ok(())
 }
 
 /// Llama-3's vocabulary and 2^20 with `Math::Fast` (the benchmark's shape of row).
-fn fast_large_vocabularies<T: Dtype>(h: &Handle) -> R<()> {
+fn fast_large_vocabularies<T: Dtype>(h: &Handle) -> TestResult {
     for (i, &(rows, vocab)) in [(3, 128_256), (4, 50_257), (2, 1 << 20)].iter().enumerate() {
         let mut c = Case::new(rows, vocab).fast();
         c.ignored = 0;
@@ -691,7 +683,7 @@ fn fast_large_vocabularies<T: Dtype>(h: &Handle) -> R<()> {
 }
 
 /// Masked (-inf) and ±1e4 logits with `Math::Fast`: finite, within the bound.
-fn fast_masked_and_large(h: &Handle) -> R<()> {
+fn fast_masked_and_large(h: &Handle) -> TestResult {
     let vocab = 4099;
     for alpha in [0.0, 0.1] {
         let mut c = Case::new(4, vocab).fast();
@@ -711,14 +703,14 @@ fn fast_masked_and_large(h: &Handle) -> R<()> {
         fast_eq(&c, &x, &t, &[], &got, &format!("masked α {alpha}"))?;
         let g = got.grad.as_ref().unwrap();
         if g.iter().any(|v| v.to_f32().is_nan()) || got.loss.iter().any(|v| v.is_nan()) {
-            return Err(format!("α {alpha}: NaN in the loss or the gradient"));
+            return Err(format!("α {alpha}: NaN in the loss or the gradient").into());
         }
     }
     Ok(())
 }
 
 /// `Math::Fast` is deterministic too: the same bits on every run.
-fn fast_repeatable(h: &Handle) -> R<()> {
+fn fast_repeatable(h: &Handle) -> TestResult {
     let mut c = Case::new(64, 32_003).fast();
     c.grad = Grad::Separate;
     let x = logits::<bf16>(6, c.rows * c.vocab, false);
@@ -726,30 +718,27 @@ fn fast_repeatable(h: &Handle) -> R<()> {
     let a = gpu_run(h, &c, &x, &t, &[], None)?;
     let b = gpu_run(h, &c, &x, &t, &[], None)?;
     bits_eq("loss", &a.loss, &b.loss)?;
-    bits_eq("grad", &a.grad.unwrap(), &b.grad.unwrap())
+    bits_eq("grad", &a.grad.unwrap(), &b.grad.unwrap())?;
+    Ok(())
 }
 
 /// A default `Config` runs the fast kernel: its result equals an explicit `Math::Fast` one bit
 /// for bit, and (on these random rows) differs from `Math::Exact` somewhere.
-fn fast_is_the_default(h: &Handle) -> R<()> {
+fn fast_is_the_default(h: &Handle) -> TestResult {
     let base = Case::new(16, 5003);
     let x = logits::<f32>(9, base.rows * base.vocab, false);
     let t = targets::<i64>(9, base.rows, base.vocab, 10);
     let s = h.stream();
-    let run = |cfg: &Config| -> R<Vec<f32>> {
-        let mut xb = s.clone_htod(&x).map_err(e2s)?;
-        let tb = s.clone_htod(&t).map_err(e2s)?;
-        let mut loss = s.alloc_zeros::<f32>(1).map_err(e2s)?;
-        xe::forward_backward_inplace(h, cfg, &mut xb, &tb, Outputs::new(loss.as_view_mut()))
-            .map_err(e2s)?;
-        let mut v = s.clone_dtoh(&xb).map_err(e2s)?;
-        v.extend(s.clone_dtoh(&loss).map_err(e2s)?);
+    let run = |cfg: &Config| -> TestResult<Vec<f32>> {
+        let mut xb = s.clone_htod(&x)?;
+        let tb = s.clone_htod(&t)?;
+        let mut loss = s.alloc_zeros::<f32>(1)?;
+        xe::forward_backward_inplace(h, cfg, &mut xb, &tb, Outputs::new(loss.as_view_mut()))?;
+        let mut v = s.clone_dtoh(&xb)?;
+        v.extend(s.clone_dtoh(&loss)?);
         Ok(v)
     };
-    let default = Config::new(base.rows, base.vocab)
-        .map_err(e2s)?
-        .label_smoothing(0.1)
-        .map_err(e2s)?;
+    let default = Config::new(base.rows, base.vocab)?.label_smoothing(0.1)?;
     let d = run(&default)?;
     let f = run(&default.with_math(Math::Fast))?;
     let e = run(&default.with_math(Math::Exact))?;
@@ -762,16 +751,16 @@ fn fast_is_the_default(h: &Handle) -> R<()> {
 
 /// NaN (random payloads) or +inf at every position class, on random, all -inf and partly -inf
 /// backgrounds: `Math::Exact` equals the CPU reference (NaN rows included) bit for bit.
-fn nan_rows<T: Dtype>(h: &Handle) -> R<()> {
+fn nan_rows<T: Dtype>(h: &Handle) -> TestResult {
     nan_rows_in::<T>(h, Math::Exact)
 }
 
 /// The same rows with `Math::Fast`: NaN exactly where the reference is NaN.
-fn nan_rows_fast<T: Dtype>(h: &Handle) -> R<()> {
+fn nan_rows_fast<T: Dtype>(h: &Handle) -> TestResult {
     nan_rows_in::<T>(h, Math::Fast)
 }
 
-fn nan_rows_in<T: Dtype>(h: &Handle, math: Math) -> R<()> {
+fn nan_rows_in<T: Dtype>(h: &Handle, math: Math) -> TestResult {
     for (i, &vocab) in [1usize, 9, 36, 2056, 5003, 8 * 256 * 5 + 20, 128_256]
         .iter()
         .enumerate()
@@ -821,7 +810,7 @@ fn nan_rows_in<T: Dtype>(h: &Handle, math: Math) -> R<()> {
                 grad_eq(&format!("grad, {tag}"), got.grad.as_ref().unwrap(), &grad)?;
             } else {
                 if !got.loss.iter().all(|v| v.is_nan()) {
-                    return Err(format!("{tag}: a loss is not NaN: {:?}", got.loss));
+                    return Err(format!("{tag}: a loss is not NaN: {:?}", got.loss).into());
                 }
                 if let Some(j) = got
                     .grad
@@ -830,7 +819,7 @@ fn nan_rows_in<T: Dtype>(h: &Handle, math: Math) -> R<()> {
                     .iter()
                     .position(|v| !v.to_f32().is_nan())
                 {
-                    return Err(format!("{tag}: gradient [{j}] is not NaN"));
+                    return Err(format!("{tag}: gradient [{j}] is not NaN").into());
                 }
             }
         }

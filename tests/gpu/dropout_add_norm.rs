@@ -13,9 +13,7 @@ use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
-use crate::buffers::{download, e2s, poison, upload, R};
-use crate::common::{bits_eq, rng, uniform};
-use crate::harness::trials_of;
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -208,21 +206,16 @@ fn gpu_run<T: Dtype, S: Dtype>(
     cfg: &Config,
     d: &Data<T, S>,
     ws: Option<&mut Workspace>,
-) -> R<Outs<T, S>> {
+) -> TestResult<Outs<T, S>> {
     let st = h.stream();
     let (off, n, rows, cols) = (c.offset, cfg.len(), c.rows, c.cols);
     let (tx, ts) = (T::from_f32_rn(-7.0), S::from_f32_rn(-7.0));
     let x = upload(st, &d.x, off, tx)?;
-    let gamma = st.clone_htod(&d.gamma).map_err(e2s)?;
+    let gamma = st.clone_htod(&d.gamma)?;
     let htod = |v: &Option<Vec<T>>| v.as_ref().map(|b| st.clone_htod(b)).transpose();
-    let beta = htod(&d.beta).map_err(e2s)?;
-    let bias = htod(&d.bias).map_err(e2s)?;
-    let rowscale = d
-        .rowscale
-        .as_ref()
-        .map(|b| st.clone_htod(b))
-        .transpose()
-        .map_err(e2s)?;
+    let beta = htod(&d.beta)?;
+    let bias = htod(&d.bias)?;
+    let rowscale = d.rowscale.as_ref().map(|b| st.clone_htod(b)).transpose()?;
     let residual = match (&d.r, c.in_place) {
         (Some(r), false) => Some(upload(st, r, off, ts)?),
         _ => None,
@@ -233,8 +226,8 @@ fn gpu_run<T: Dtype, S: Dtype>(
         _ => upload(st, &vec![poison::<S>(); n], off, ts)?,
     };
     let mut out = upload(st, &vec![poison::<T>(); n], off, tx)?;
-    let mut mean = st.clone_htod(&vec![f32::NAN; rows]).map_err(e2s)?;
-    let mut rstd = st.clone_htod(&vec![f32::NAN; rows]).map_err(e2s)?;
+    let mut mean = st.clone_htod(&vec![f32::NAN; rows])?;
+    let mut rstd = st.clone_htod(&vec![f32::NAN; rows])?;
     let args = ForwardArgs {
         residual: residual.as_ref().map(|r| r.slice(off..off + n)),
         beta: beta.as_ref().map(|b| b.as_view()),
@@ -250,9 +243,9 @@ fn gpu_run<T: Dtype, S: Dtype>(
         rstd: rstd.as_view_mut(),
     };
     if c.in_place {
-        dan::forward_inplace(h, cfg, args, outs).map_err(e2s)?;
+        dan::forward_inplace(h, cfg, args, outs)?;
     } else {
-        dan::forward(h, cfg, args, outs).map_err(e2s)?;
+        dan::forward(h, cfg, args, outs)?;
     }
 
     let d_out = upload(st, &d.d_out, off, tx)?;
@@ -262,13 +255,13 @@ fn gpu_run<T: Dtype, S: Dtype>(
         d.r.as_ref()
             .map(|_| upload(st, &vec![poison::<S>(); n], off, ts))
             .transpose()?;
-    let mut dgamma = st.clone_htod(&vec![poison::<T>(); cols]).map_err(e2s)?;
+    let mut dgamma = st.clone_htod(&vec![poison::<T>(); cols])?;
     let pois = |want: bool| {
         want.then(|| st.clone_htod(&vec![poison::<T>(); cols]))
             .transpose()
     };
-    let mut dbeta = pois(c.beta).map_err(e2s)?;
-    let mut dbias = pois(c.bias).map_err(e2s)?;
+    let mut dbeta = pois(c.beta)?;
+    let mut dbias = pois(c.bias)?;
     let args = BackwardArgs {
         d_s: d_s.as_ref().map(|v| v.slice(off..off + n)),
         rowscale: rowscale.as_ref().map(|b| b.as_view()),
@@ -288,14 +281,14 @@ fn gpu_run<T: Dtype, S: Dtype>(
         dbias: dbias.as_mut().map(|v| v.as_view_mut()),
         ..BackwardOut::new(dx.slice_mut(off..off + n), dgamma.as_view_mut())
     };
-    dan::backward(h, cfg, args, outs).map_err(e2s)?;
+    dan::backward(h, cfg, args, outs)?;
 
-    let dtoh = |b: &CudaSlice<T>| st.clone_dtoh(b).map_err(e2s);
+    let dtoh = |b: &CudaSlice<T>| st.clone_dtoh(b);
     Ok(Outs {
         out: download(st, &out, off, tx, "out")?,
         s: download(st, &s_buf, off, ts, "s")?,
-        mean: st.clone_dtoh(&mean).map_err(e2s)?,
-        rstd: st.clone_dtoh(&rstd).map_err(e2s)?,
+        mean: st.clone_dtoh(&mean)?,
+        rstd: st.clone_dtoh(&rstd)?,
         dx: download(st, &dx, off, tx, "dx")?,
         d_residual: d_res
             .as_ref()
@@ -307,7 +300,7 @@ fn gpu_run<T: Dtype, S: Dtype>(
     })
 }
 
-fn compare<T: Dtype, S: Dtype>(what: &str, got: &Outs<T, S>, want: &Outs<T, S>) -> R<()> {
+fn compare<T: Dtype, S: Dtype>(what: &str, got: &Outs<T, S>, want: &Outs<T, S>) -> TestResult {
     let w = |n: &str| format!("{what}: {n}");
     bits_eq(&w("s"), &got.s, &want.s)?;
     bits_eq(&w("mean"), &got.mean, &want.mean)?;
@@ -328,7 +321,7 @@ fn compare<T: Dtype, S: Dtype>(what: &str, got: &Outs<T, S>, want: &Outs<T, S>) 
 }
 
 /// Forward and backward on the GPU against the CPU reference, bit for bit.
-fn run_case<T: Dtype, S: Dtype>(h: &Handle, c: &Case, seed: u64) -> R<Outs<T, S>> {
+fn run_case<T: Dtype, S: Dtype>(h: &Handle, c: &Case, seed: u64) -> TestResult<Outs<T, S>> {
     let what = format!("{}/{} {c:?} seed {seed}", T::KIND.name(), S::KIND.name());
     let cfg = c.config(seed);
     let d = data::<T, S>(c, seed);
@@ -340,7 +333,7 @@ fn run_case<T: Dtype, S: Dtype>(h: &Handle, c: &Case, seed: u64) -> R<Outs<T, S>
 
 /// Hidden sizes 1, odd, multiples of 8 (the vector path), 16384 and above; row counts crossing
 /// slab boundaries (1025 rows: 2 rows per slab, a partial last slab).
-fn shapes<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
+fn shapes<T: Dtype, S: Dtype>(h: &Handle) -> TestResult {
     let shapes = [
         (1, 1),
         (5, 1),
@@ -368,7 +361,7 @@ fn shapes<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
 }
 
 /// Every combination of the options on a vector-path shape and on an odd one.
-fn every_option<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
+fn every_option<T: Dtype, S: Dtype>(h: &Handle) -> TestResult {
     let mut seed = 5000;
     for (rows, cols) in [(13, 40), (6, 45)] {
         for norm in [Norm::LayerNorm, Norm::RmsNorm] {
@@ -405,7 +398,7 @@ fn every_option<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
 }
 
 /// p = 0 and p = 1 (no generator work), and a row scale that drops every row.
-fn edge_rates(h: &Handle) -> R<()> {
+fn edge_rates(h: &Handle) -> TestResult {
     for (k, p) in [0.0, 1.0, 0.5].into_iter().enumerate() {
         for norm in [Norm::LayerNorm, Norm::RmsNorm] {
             let c = Case {
@@ -421,7 +414,7 @@ fn edge_rates(h: &Handle) -> R<()> {
 }
 
 /// Views starting at element 1 (the scalar path for a shape that would take the vector path).
-fn views_at_element_1(h: &Handle) -> R<()> {
+fn views_at_element_1(h: &Handle) -> TestResult {
     for norm in [Norm::LayerNorm, Norm::RmsNorm] {
         for in_place in [false, true] {
             let c = Case {
@@ -440,7 +433,7 @@ fn views_at_element_1(h: &Handle) -> R<()> {
 
 /// The scalar path, a capped forward grid and no shared-memory caches give the same bits as the
 /// defaults (4104 columns: the backward's partials need more than 48 KiB of shared memory).
-fn launch_configurations_agree(h: &Handle) -> R<()> {
+fn launch_configurations_agree(h: &Handle) -> TestResult {
     for (norm, cols) in [(Norm::LayerNorm, 2048), (Norm::RmsNorm, 4104)] {
         let base = Case::new(300, cols, norm);
         let a = run_case::<bf16, bf16>(h, &base, 9000)?;
@@ -467,7 +460,7 @@ fn launch_configurations_agree(h: &Handle) -> R<()> {
 
 /// The column gradients are identical from run to run, with and without a reused workspace,
 /// on a shape with many slabs (4096 rows: 4 rows per slab).
-fn dgamma_identical_across_runs(h: &Handle) -> R<()> {
+fn dgamma_identical_across_runs(h: &Handle) -> TestResult {
     let c = Case::new(4096, 768, Norm::LayerNorm);
     let cfg = c.config(11);
     let d = data::<bf16, bf16>(&c, 11);
@@ -497,10 +490,10 @@ fn dgamma_identical_across_runs(h: &Handle) -> R<()> {
 }
 
 /// No rows: nothing is launched forward; the backward writes zero column gradients.
-fn empty_inputs(h: &Handle) -> R<()> {
+fn empty_inputs(h: &Handle) -> TestResult {
     let st = h.stream();
-    let cfg = Config::new(0, 64, Norm::LayerNorm, 1e-5).map_err(e2s)?;
-    let z = |n: usize| st.alloc_zeros::<f32>(n).map_err(e2s);
+    let cfg = Config::new(0, 64, Norm::LayerNorm, 1e-5)?;
+    let z = |n: usize| st.alloc_zeros::<f32>(n);
     let (x, gamma, mut out, mut s, mut mean, mut rstd) =
         (z(0)?, z(64)?, z(0)?, z(0)?, z(0)?, z(0)?);
     let before = h.launch_count();
@@ -515,12 +508,11 @@ fn empty_inputs(h: &Handle) -> R<()> {
         &cfg,
         ForwardArgs::new(x.as_view(), gamma.as_view()),
         outs,
-    )
-    .map_err(e2s)?;
+    )?;
     if h.launch_count() != before {
         return Err("the empty forward launched a kernel".into());
     }
-    let mut dgamma = st.clone_htod(&vec![f32::NAN; 64]).map_err(e2s)?;
+    let mut dgamma = st.clone_htod(&vec![f32::NAN; 64])?;
     let mut dx = z(0)?;
     let args = BackwardArgs::new(
         x.as_view(),
@@ -534,16 +526,16 @@ fn empty_inputs(h: &Handle) -> R<()> {
         &cfg,
         args,
         BackwardOut::new(dx.as_view_mut(), dgamma.as_view_mut()),
-    )
-    .map_err(e2s)?;
-    let got = st.clone_dtoh(&dgamma).map_err(e2s)?;
-    bits_eq("dgamma of no rows", &got, &vec![0.0f32; 64])
+    )?;
+    let got = st.clone_dtoh(&dgamma)?;
+    bits_eq("dgamma of no rows", &got, &vec![0.0f32; 64])?;
+    Ok(())
 }
 
-fn bad_input_is_an_error(h: &Handle) -> R<()> {
+fn bad_input_is_an_error(h: &Handle) -> TestResult {
     let st = h.stream();
-    let cfg = Config::new(4, 64, Norm::RmsNorm, 1e-5).map_err(e2s)?;
-    let z = |n: usize| st.alloc_zeros::<f32>(n).map_err(e2s);
+    let cfg = Config::new(4, 64, Norm::RmsNorm, 1e-5)?;
+    let z = |n: usize| st.alloc_zeros::<f32>(n);
     let (x, gamma, r) = (z(256)?, z(64)?, z(256)?);
     let (mut out, mut s, mut mean, mut rstd) = (z(256)?, z(256)?, z(4)?, z(4)?);
     let mut fwd = |x_len: usize, gamma_len: usize, residual: bool, in_place: bool| {
@@ -570,15 +562,15 @@ fn bad_input_is_an_error(h: &Handle) -> R<()> {
     ];
     for (what, r) in bad {
         if r.is_ok() {
-            return Err(format!("{what}: accepted"));
+            return Err(format!("{what}: accepted").into());
         }
     }
-    fwd(256, 64, true, false).map_err(e2s)?;
+    fwd(256, 64, true, false)?;
     // A stream type that is neither x's nor f32.
-    let xb = st.alloc_zeros::<bf16>(256).map_err(e2s)?;
-    let gb = st.alloc_zeros::<bf16>(64).map_err(e2s)?;
-    let mut ob = st.alloc_zeros::<bf16>(256).map_err(e2s)?;
-    let mut sh = st.alloc_zeros::<f16>(256).map_err(e2s)?;
+    let xb = st.alloc_zeros::<bf16>(256)?;
+    let gb = st.alloc_zeros::<bf16>(64)?;
+    let mut ob = st.alloc_zeros::<bf16>(256)?;
+    let mut sh = st.alloc_zeros::<f16>(256)?;
     let outs = ForwardOut {
         out: ob.as_view_mut(),
         s: sh.as_view_mut(),
@@ -612,7 +604,7 @@ fn bad_input_is_an_error(h: &Handle) -> R<()> {
 
 /// The unfused baseline (dropout with its residual, then a separate norm; backward the other way round)
 /// against its CPU mirror, bit for bit, on the vector path and on an odd shape.
-fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
+fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
     let st = h.stream();
     for (k, &(rows, cols, norm)) in [
         (33, 1024, Norm::LayerNorm),
@@ -651,7 +643,7 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
             mean: &mut mean,
             rstd: &mut rstd,
         };
-        unfused::forward_cpu(&cfg, args, outs).map_err(e2s)?;
+        unfused::forward_cpu(&cfg, args, outs)?;
         let (mut dx, mut dres, mut dg, mut db, mut dbias) = (
             vec![poison::<T>(); n],
             vec![poison::<T>(); n],
@@ -670,10 +662,10 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
             dbias: Some(&mut dbias),
             ..cpu::BackwardOut::new(&mut dx, &mut dg)
         };
-        unfused::backward_cpu(&cfg, args, outs).map_err(e2s)?;
+        unfused::backward_cpu(&cfg, args, outs)?;
 
         // GPU.
-        let up = |v: &[T]| st.clone_htod(v).map_err(e2s);
+        let up = |v: &[T]| st.clone_htod(v);
         let (x, r, gamma, d_out) = (
             up(&d.x)?,
             up(d.r.as_ref().unwrap())?,
@@ -683,11 +675,11 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
         let beta = d.beta.as_ref().map(|b| up(b)).transpose()?;
         let bias = up(d.bias.as_ref().unwrap())?;
         let d_s = up(d.d_s.as_ref().unwrap())?;
-        let rs = st.clone_htod(d.rowscale.as_ref().unwrap()).map_err(e2s)?;
-        let z = |len: usize| st.clone_htod(&vec![poison::<T>(); len]).map_err(e2s);
+        let rs = st.clone_htod(d.rowscale.as_ref().unwrap())?;
+        let z = |len: usize| st.clone_htod(&vec![poison::<T>(); len]);
         let (mut g_out, mut g_s) = (z(n)?, z(n)?);
-        let mut g_mean = st.clone_htod(&vec![f32::NAN; rows]).map_err(e2s)?;
-        let mut g_rstd = st.clone_htod(&vec![f32::NAN; rows]).map_err(e2s)?;
+        let mut g_mean = st.clone_htod(&vec![f32::NAN; rows])?;
+        let mut g_rstd = st.clone_htod(&vec![f32::NAN; rows])?;
         let args = ForwardArgs {
             residual: Some(r.as_view()),
             beta: beta.as_ref().map(|b| b.as_view()),
@@ -701,7 +693,7 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
             mean: g_mean.as_view_mut(),
             rstd: g_rstd.as_view_mut(),
         };
-        unfused::forward(h, &cfg, args, outs).map_err(e2s)?;
+        unfused::forward(h, &cfg, args, outs)?;
         let (mut g_dx, mut g_dres, mut g_dg, mut g_db, mut g_dbias) =
             (z(n)?, z(n)?, z(cols)?, z(cols)?, z(cols)?);
         let args = BackwardArgs {
@@ -721,19 +713,11 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> R<()> {
             dbias: Some(g_dbias.as_view_mut()),
             ..BackwardOut::new(g_dx.as_view_mut(), g_dg.as_view_mut())
         };
-        unfused::backward(h, &cfg, args, outs).map_err(e2s)?;
-        let back = |b: &CudaSlice<T>| st.clone_dtoh(b).map_err(e2s);
+        unfused::backward(h, &cfg, args, outs)?;
+        let back = |b: &CudaSlice<T>| st.clone_dtoh(b);
         bits_eq(&format!("{what}: s"), &back(&g_s)?, &s)?;
-        bits_eq(
-            &format!("{what}: mean"),
-            &st.clone_dtoh(&g_mean).map_err(e2s)?,
-            &mean,
-        )?;
-        bits_eq(
-            &format!("{what}: rstd"),
-            &st.clone_dtoh(&g_rstd).map_err(e2s)?,
-            &rstd,
-        )?;
+        bits_eq(&format!("{what}: mean"), &st.clone_dtoh(&g_mean)?, &mean)?;
+        bits_eq(&format!("{what}: rstd"), &st.clone_dtoh(&g_rstd)?, &rstd)?;
         bits_eq(&format!("{what}: out"), &back(&g_out)?, &out)?;
         bits_eq(&format!("{what}: d_residual"), &back(&g_dres)?, &dres)?;
         bits_eq(&format!("{what}: dx"), &back(&g_dx)?, &dx)?;

@@ -6,8 +6,7 @@ use fusedreg::fmath::gpu::{eval, Func};
 use fusedreg::Handle;
 use libtest_mimic::Trial;
 
-use crate::common::bits_eq;
-use crate::harness::trials_of;
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -19,9 +18,9 @@ pub fn trials() -> Vec<Trial> {
     )
 }
 
-fn compare(h: &Handle, xs: &[f32], what: &str) -> Result<(), String> {
+fn compare(h: &Handle, xs: &[f32], what: &str) -> TestResult {
     for f in Func::ALL {
-        let got = eval(h, f, xs).map_err(|e| e.to_string())?;
+        let got = eval(h, f, xs)?;
         let want: Vec<f32> = xs.iter().map(|&x| f.cpu(x)).collect();
         let got_bits: Vec<u32> = got.iter().map(|y| y.to_bits()).collect();
         let want_bits: Vec<u32> = want.iter().map(|y| y.to_bits()).collect();
@@ -32,13 +31,13 @@ fn compare(h: &Handle, xs: &[f32], what: &str) -> Result<(), String> {
                 .take(8)
                 .map(|i| format!("x = {:e} ({:#010x})", xs[i], xs[i].to_bits()))
                 .collect();
-            return Err(format!("{e}\ninputs: {}", firsts.join(", ")));
+            return Err(format!("{e}\ninputs: {}", firsts.join(", ")).into());
         }
     }
     Ok(())
 }
 
-fn sweep_every_97th_pattern(h: &Handle) -> Result<(), String> {
+fn sweep_every_97th_pattern(h: &Handle) -> TestResult {
     const CHUNK: u64 = 1 << 24;
     let total = 1u64 << 32;
     let mut start = 0u64;
@@ -53,7 +52,7 @@ fn sweep_every_97th_pattern(h: &Handle) -> Result<(), String> {
     Ok(())
 }
 
-fn edge_cases(h: &Handle) -> Result<(), String> {
+fn edge_cases(h: &Handle) -> TestResult {
     let specials = [
         0.0f32,
         f32::from_bits(1),

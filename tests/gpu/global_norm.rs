@@ -1,17 +1,14 @@
 //! Global norm on the GPU against the CPU mirror, bit for bit: partials, reductions, finalize,
 //! per-tensor norms, the scale pass, the data-parallel hook, alignment paths, many tensors.
 
-use std::fmt::Display;
-
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+use cudarc::driver::{CudaSlice, DevicePtr};
 use fusedreg::global_norm::{cpu, GlobalNorm, NormValues};
 use fusedreg::multi_tensor::{Layout, TensorSet};
 use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
-use crate::common::{bits_eq, rng, uniform};
-use crate::harness::trials_of;
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -38,35 +35,10 @@ pub fn trials() -> Vec<Trial> {
     )
 }
 
-pub fn e(x: impl Display) -> String {
-    x.to_string()
-}
-
 /// Sizes crossing every vector and chunk boundary; zero-size tensors first, inside and last.
 pub const SIZES: &[usize] = &[
     0, 1, 3, 4, 5, 7, 8, 9, 15, 17, 65_535, 0, 65_536, 65_537, 278_011, 196_609, 2049, 0,
 ];
-
-/// Uploads `v` (never empty: zero-byte allocations are not portable; register zero-size
-/// tensors with `push_empty` / `push_grad_empty`).
-pub fn upload<T: DeviceRepr + Clone>(h: &Handle, v: &[T]) -> Result<CudaSlice<T>, String> {
-    if v.is_empty() {
-        return Err("upload of an empty vector: use push_empty".into());
-    }
-    h.stream().clone_htod(v).map_err(e)
-}
-
-/// Downloads a buffer (nothing to copy for an empty one).
-pub fn download<T: DeviceRepr + Clone + Default>(
-    h: &Handle,
-    v: &impl DevicePtr<T>,
-) -> Result<Vec<T>, String> {
-    if v.len() == 0 {
-        Ok(Vec::new())
-    } else {
-        h.stream().clone_dtoh(v).map_err(e)
-    }
-}
 
 fn random_grads<G: Dtype>(seed: u64, sizes: &[usize]) -> Vec<Vec<G>> {
     let mut r = rng(seed);
@@ -80,26 +52,27 @@ fn refs<G>(v: &[Vec<G>]) -> Vec<&[G]> {
     v.iter().map(|x| &x[..]).collect()
 }
 
-fn grad_set<G: Dtype>(h: &Handle, grads: &[Vec<G>]) -> Result<TensorSet, String> {
+fn grad_set<G: Dtype>(h: &Handle, grads: &[Vec<G>]) -> TestResult<TensorSet> {
     let mut b = TensorSet::builder(h);
     for g in grads {
         if g.is_empty() {
-            b.push_grad_empty::<G>().map_err(e)?;
+            b.push_grad_empty::<G>()?;
         } else {
-            b.push_grad(upload(h, g)?).map_err(e)?;
+            b.push_grad(to_device(h, g)?)?;
         }
     }
-    b.build().map_err(e)
+    Ok(b.build()?)
 }
 
-pub fn values_eq(what: &str, got: &NormValues, want: &NormValues) -> Result<(), String> {
-    bits_eq(what, &[*got], &[*want])
+pub fn values_eq(what: &str, got: &NormValues, want: &NormValues) -> TestResult {
+    bits_eq(what, &[*got], &[*want])?;
+    Ok(())
 }
 
-fn norm_bit_exact<G: Dtype>(h: &Handle, seed: u64) -> Result<(), String> {
+fn norm_bit_exact<G: Dtype>(h: &Handle, seed: u64) -> TestResult {
     let grads = random_grads::<G>(seed, SIZES);
     let set = grad_set(h, &grads)?;
-    let want_p = cpu::partials(&refs(&grads)).map_err(e)?;
+    let want_p = cpu::partials(&refs(&grads))?;
     let true_norm = cpu::norm_f64(&refs(&grads));
     // Clip below and above the norm.
     for max_norm in [
@@ -107,60 +80,61 @@ fn norm_bit_exact<G: Dtype>(h: &Handle, seed: u64) -> Result<(), String> {
         Some((true_norm * 2.0) as f32),
         None,
     ] {
-        let mut norm = GlobalNorm::new(&set, max_norm).map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, max_norm)?;
         let before = h.launch_count();
-        norm.compute(&set).map_err(e)?;
+        norm.compute(&set)?;
         if h.launch_count() - before != 2 {
             return Err(format!(
                 "compute made {} launches, expected 2",
                 h.launch_count() - before
-            ));
+            )
+            .into());
         }
-        bits_eq("partials", &norm.read_partials().map_err(e)?, &want_p)?;
-        let want = cpu::global_norm(&refs(&grads), max_norm, 1.0).map_err(e)?;
-        let got = norm.read().map_err(e)?;
+        bits_eq("partials", &norm.read_partials()?, &want_p)?;
+        let want = cpu::global_norm(&refs(&grads), max_norm, 1.0)?;
+        let got = norm.read()?;
         values_eq(
             &format!("{} norm values, max_norm {max_norm:?}", G::KIND.name()),
             &got,
             &want,
         )?;
         if (f64::from(got.norm) - true_norm).abs() > 2e-6 * true_norm {
-            return Err(format!("norm {} vs f64 {true_norm}", got.norm));
+            return Err(format!("norm {} vs f64 {true_norm}", got.norm).into());
         }
         let clipped = max_norm.is_some_and(|m| f64::from(m) < true_norm);
         if clipped != (got.coef < 1.0) {
-            return Err(format!("coef {} with max_norm {max_norm:?}", got.coef));
+            return Err(format!("coef {} with max_norm {max_norm:?}", got.coef).into());
         }
     }
     Ok(())
 }
 
-fn norm_bit_exact_f32(h: &Handle) -> Result<(), String> {
+fn norm_bit_exact_f32(h: &Handle) -> TestResult {
     norm_bit_exact::<f32>(h, 1)
 }
 
-fn norm_bit_exact_bf16(h: &Handle) -> Result<(), String> {
+fn norm_bit_exact_bf16(h: &Handle) -> TestResult {
     norm_bit_exact::<bf16>(h, 2)
 }
 
-fn norm_bit_exact_f16(h: &Handle) -> Result<(), String> {
+fn norm_bit_exact_f16(h: &Handle) -> TestResult {
     norm_bit_exact::<f16>(h, 3)
 }
 
-fn repeated_runs_identical(h: &Handle) -> Result<(), String> {
+fn repeated_runs_identical(h: &Handle) -> TestResult {
     let grads = random_grads::<f32>(4, &[1_000_003, 65_537, 3]);
     let set = grad_set(h, &grads)?;
-    let mut a = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
-    let mut b = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
-    a.compute(&set).map_err(e)?;
-    let first = a.read().map_err(e)?;
+    let mut a = GlobalNorm::new(&set, Some(1.0))?;
+    let mut b = GlobalNorm::new(&set, Some(1.0))?;
+    a.compute(&set)?;
+    let first = a.read()?;
     for _ in 0..3 {
-        a.compute(&set).map_err(e)?;
-        values_eq("repeat", &a.read().map_err(e)?, &first)?;
-        b.compute(&set).map_err(e)?;
-        values_eq("second object", &b.read().map_err(e)?, &first)?;
+        a.compute(&set)?;
+        values_eq("repeat", &a.read()?, &first)?;
+        b.compute(&set)?;
+        values_eq("second object", &b.read()?, &first)?;
     }
-    let want = cpu::global_norm(&refs(&grads), Some(1.0), 1.0).map_err(e)?;
+    let want = cpu::global_norm(&refs(&grads), Some(1.0), 1.0)?;
     values_eq("vs cpu", &first, &want)
 }
 
@@ -169,41 +143,41 @@ fn misaligned_set<G: Dtype>(
     h: &Handle,
     grads: &[Vec<G>],
     offset: usize,
-) -> Result<(TensorSet, Vec<CudaSlice<G>>), String> {
+) -> TestResult<(TensorSet, Vec<CudaSlice<G>>)> {
     let mut backing = Vec::new();
     let mut b = TensorSet::builder(h);
     for g in grads {
         let mut host = vec![G::from_f32_rn(7.0); g.len() + offset + 1];
         host[offset..offset + g.len()].copy_from_slice(g);
-        let buf = h.stream().clone_htod(&host).map_err(e)?;
+        let buf = h.stream().clone_htod(&host)?;
         let (ptr, guard) = buf.device_ptr(h.stream());
         drop(guard);
         let addr = ptr + (offset * G::KIND.size()) as u64;
         // SAFETY: `buf` holds g.len() elements after `offset`, lives in `backing` as long as the
         // set, and is used on the handle's stream only.
-        unsafe { b.push_grad_raw(addr, g.len() as u64, G::KIND) }.map_err(e)?;
+        unsafe { b.push_grad_raw(addr, g.len() as u64, G::KIND) }?;
         backing.push(buf);
     }
-    Ok((b.build().map_err(e)?, backing))
+    Ok((b.build()?, backing))
 }
 
-fn misaligned_grads(h: &Handle) -> Result<(), String> {
-    fn one<G: Dtype>(h: &Handle, seed: u64, offset: usize) -> Result<(), String> {
+fn misaligned_grads(h: &Handle) -> TestResult {
+    fn one<G: Dtype>(h: &Handle, seed: u64, offset: usize) -> TestResult {
         let grads = random_grads::<G>(seed, &[65_537, 278_011, 9, 0]);
         let (set, _backing) = misaligned_set(h, &grads, offset)?;
         if set.is_grad_aligned16(0) {
             return Err("a view at an odd element reported 16-byte alignment".into());
         }
-        let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
-        norm.compute(&set).map_err(e)?;
-        let want_p = cpu::partials(&refs(&grads)).map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+        norm.compute(&set)?;
+        let want_p = cpu::partials(&refs(&grads))?;
         bits_eq(
             &format!("{} partials, view at element {offset}", G::KIND.name()),
-            &norm.read_partials().map_err(e)?,
+            &norm.read_partials()?,
             &want_p,
         )?;
-        let want = cpu::global_norm(&refs(&grads), Some(1.0), 1.0).map_err(e)?;
-        values_eq("misaligned norm", &norm.read().map_err(e)?, &want)
+        let want = cpu::global_norm(&refs(&grads), Some(1.0), 1.0)?;
+        values_eq("misaligned norm", &norm.read()?, &want)
     }
     one::<f32>(h, 5, 1)?;
     one::<f32>(h, 6, 2)?; // 8-byte aligned: still not 16
@@ -211,30 +185,31 @@ fn misaligned_grads(h: &Handle) -> Result<(), String> {
     one::<f16>(h, 8, 3)
 }
 
-fn per_tensor_norms(h: &Handle) -> Result<(), String> {
+fn per_tensor_norms(h: &Handle) -> TestResult {
     let grads = random_grads::<bf16>(9, SIZES);
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, None).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, None)?;
     if norm.read_per_tensor().is_ok() {
         return Err("read_per_tensor before per_tensor() must be an error".into());
     }
-    norm.compute(&set).map_err(e)?;
-    norm.per_tensor(&set).map_err(e)?;
-    let (sums, norms) = norm.read_per_tensor().map_err(e)?;
+    norm.compute(&set)?;
+    norm.per_tensor(&set)?;
+    let (sums, norms) = norm.read_per_tensor()?;
     let layout = set.layout();
-    let (want_s, want_n) = cpu::per_tensor(layout, &cpu::partials(&refs(&grads)).map_err(e)?);
+    let (want_s, want_n) = cpu::per_tensor(layout, &cpu::partials(&refs(&grads))?);
     bits_eq("per-tensor sumsq", &sums, &want_s)?;
-    bits_eq("per-tensor norms", &norms, &want_n)
+    bits_eq("per-tensor norms", &norms, &want_n)?;
+    Ok(())
 }
 
-fn staged_allreduce_hook(h: &Handle) -> Result<(), String> {
+fn staged_allreduce_hook(h: &Handle) -> TestResult {
     let grads = random_grads::<f32>(10, &[300_001, 17]);
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, Some(0.25)).map_err(e)?;
-    norm.partials(&set).map_err(e)?;
-    norm.reduce().map_err(e)?;
-    let local = cpu::reduce(&cpu::partials(&refs(&grads)).map_err(e)?);
-    let got = norm.read().map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(0.25))?;
+    norm.partials(&set)?;
+    norm.reduce()?;
+    let local = cpu::reduce(&cpu::partials(&refs(&grads))?);
+    let got = norm.read()?;
     bits_eq("stage B sumsq", &[got.sumsq], &[local])?;
     if got.coef != 1.0 || got.grad_scale != 1.0 {
         return Err("reduce() alone must not finalize".into());
@@ -249,50 +224,45 @@ fn staged_allreduce_hook(h: &Handle) -> Result<(), String> {
             &[summed],
             h.stream().cu_stream(),
         )
-    }
-    .map_err(e)?;
-    norm.finalize().map_err(e)?;
+    }?;
+    norm.finalize()?;
     values_eq(
         "finalize after the all-reduce",
-        &norm.read().map_err(e)?,
+        &norm.read()?,
         &cpu::finalize(summed, Some(0.25), 1.0),
     )
 }
 
-fn scale_pass(h: &Handle) -> Result<(), String> {
-    fn one<G: Dtype>(h: &Handle, seed: u64) -> Result<(), String> {
+fn scale_pass(h: &Handle) -> TestResult {
+    fn one<G: Dtype>(h: &Handle, seed: u64) -> TestResult {
         let grads = random_grads::<G>(seed, &[0, 65_537, 1001, 5, 0]);
         let mut set = grad_set(h, &grads)?;
         let true_norm = cpu::norm_f64(&refs(&grads)) as f32;
         // Clipping: grads *= coef < 1.
-        let mut norm = GlobalNorm::new(&set, Some(true_norm / 3.0)).map_err(e)?;
-        norm.compute(&set).map_err(e)?;
-        let v = norm.read().map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, Some(true_norm / 3.0))?;
+        norm.compute(&set)?;
+        let v = norm.read()?;
         if v.coef >= 1.0 {
-            return Err(format!("expected clipping, coef {}", v.coef));
+            return Err(format!("expected clipping, coef {}", v.coef).into());
         }
         let before = h.launch_count();
-        norm.scale_grads(&mut set).map_err(e)?;
+        norm.scale_grads(&mut set)?;
         if h.launch_count() - before != 1 {
             return Err("the scale pass is one launch".into());
         }
         for (i, g) in grads.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
             let mut want = g.clone();
             cpu::scale(&mut want, v.grad_scale);
-            let got = download(h, &set.grad::<G>(i).map_err(e)?)?;
+            let got = to_host(h, &set.grad::<G>(i)?)?;
             bits_eq(&format!("{} scaled grad {i}", G::KIND.name()), &got, &want)?;
         }
         // No clipping needed: coef 1, nothing rewritten.
         let mut set = grad_set(h, &grads)?;
-        let mut norm = GlobalNorm::new(&set, Some(true_norm * 10.0)).map_err(e)?;
-        norm.compute(&set).map_err(e)?;
-        norm.scale_grads(&mut set).map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, Some(true_norm * 10.0))?;
+        norm.compute(&set)?;
+        norm.scale_grads(&mut set)?;
         for (i, g) in grads.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
-            bits_eq(
-                "grads with coef 1",
-                &download(h, &set.grad::<G>(i).map_err(e)?)?,
-                g,
-            )?;
+            bits_eq("grads with coef 1", &to_host(h, &set.grad::<G>(i)?)?, g)?;
         }
         Ok(())
     }
@@ -303,57 +273,57 @@ fn scale_pass(h: &Handle) -> Result<(), String> {
     let mut grads = random_grads::<f32>(14, &[70_000, 3]);
     grads[0][65_600] = f32::NAN;
     let mut set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, Some(1e-3)).map_err(e)?;
-    norm.compute(&set).map_err(e)?;
-    norm.scale_grads(&mut set).map_err(e)?;
-    if norm.read().map_err(e)?.nonfinite != 1 {
+    let mut norm = GlobalNorm::new(&set, Some(1e-3))?;
+    norm.compute(&set)?;
+    norm.scale_grads(&mut set)?;
+    if norm.read()?.nonfinite != 1 {
         return Err("NaN gradient not flagged".into());
     }
     for (i, g) in grads.iter().enumerate() {
         bits_eq(
             "grads with the flag set",
-            &download(h, &set.grad::<f32>(i).map_err(e)?)?,
+            &to_host(h, &set.grad::<f32>(i)?)?,
             g,
         )?;
     }
     Ok(())
 }
 
-fn nonfinite_flag(h: &Handle) -> Result<(), String> {
+fn nonfinite_flag(h: &Handle) -> TestResult {
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e20] {
         let mut grads = random_grads::<f32>(15, &[100, 200_000]);
         grads[1][131_072] = bad; // first element of a chunk
         let set = grad_set(h, &grads)?;
-        let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
-        norm.compute(&set).map_err(e)?;
-        let v = norm.read().map_err(e)?;
+        let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+        norm.compute(&set)?;
+        let v = norm.read()?;
         if v.nonfinite != 1 {
-            return Err(format!("gradient {bad}: flag not set ({v:?})"));
+            return Err(format!("gradient {bad}: flag not set ({v:?})").into());
         }
     }
     let mut grads = random_grads::<bf16>(16, &[10]);
     grads[0][9] = bf16::INFINITY;
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, None).map_err(e)?;
-    norm.compute(&set).map_err(e)?;
-    match norm.read().map_err(e)?.nonfinite {
+    let mut norm = GlobalNorm::new(&set, None)?;
+    norm.compute(&set)?;
+    match norm.read()?.nonfinite {
         1 => Ok(()),
         _ => Err("bf16 inf not flagged".into()),
     }
 }
 
-fn all_zero_size(h: &Handle) -> Result<(), String> {
+fn all_zero_size(h: &Handle) -> TestResult {
     let grads: Vec<Vec<f32>> = vec![Vec::new(); 3];
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
     let before = h.launch_count();
-    norm.compute(&set).map_err(e)?;
+    norm.compute(&set)?;
     if h.launch_count() - before != 1 {
         return Err("no chunks: only the reduce+finalize launch".into());
     }
     values_eq(
         "empty set",
-        &norm.read().map_err(e)?,
+        &norm.read()?,
         &cpu::finalize(0.0, Some(1.0), 1.0),
     )
 }
@@ -363,101 +333,101 @@ pub fn tiny_sizes(count: usize) -> Vec<usize> {
     (0..count).map(|i| (i * 7 + i / 13) % 38).collect()
 }
 
-fn ten_thousand_tiny(h: &Handle) -> Result<(), String> {
+fn ten_thousand_tiny(h: &Handle) -> TestResult {
     let sizes = tiny_sizes(10_000);
     let grads = random_grads::<bf16>(17, &sizes);
     let flat: Vec<bf16> = grads.iter().flatten().copied().collect();
-    let buf = h.stream().clone_htod(&flat).map_err(e)?;
+    let buf = h.stream().clone_htod(&flat)?;
     let (base, _g) = buf.device_ptr(h.stream());
     let mut b = TensorSet::builder(h);
     let mut at = 0u64;
     for g in &grads {
         // SAFETY: each range lies inside `buf`, which outlives the set.
-        unsafe { b.push_grad_raw(base + 2 * at, g.len() as u64, fusedreg::DtypeKind::Bf16) }
-            .map_err(e)?;
+        unsafe { b.push_grad_raw(base + 2 * at, g.len() as u64, fusedreg::DtypeKind::Bf16) }?;
         at += g.len() as u64;
     }
-    let set = b.build().map_err(e)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
+    let set = b.build()?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
     let before = h.launch_count();
-    norm.compute(&set).map_err(e)?;
+    norm.compute(&set)?;
     if h.launch_count() - before != 2 {
         return Err(format!(
             "10,000 tensors: {} launches, expected 2",
             h.launch_count() - before
-        ));
+        )
+        .into());
     }
     bits_eq(
         "10k partials",
-        &norm.read_partials().map_err(e)?,
-        &cpu::partials(&refs(&grads)).map_err(e)?,
+        &norm.read_partials()?,
+        &cpu::partials(&refs(&grads))?,
     )?;
     values_eq(
         "10k norm",
-        &norm.read().map_err(e)?,
-        &cpu::global_norm(&refs(&grads), Some(1.0), 1.0).map_err(e)?,
+        &norm.read()?,
+        &cpu::global_norm(&refs(&grads), Some(1.0), 1.0)?,
     )?;
-    let layout = Layout::new(&sizes.iter().map(|&n| n as u64).collect::<Vec<_>>()).map_err(e)?;
+    let layout = Layout::new(&sizes.iter().map(|&n| n as u64).collect::<Vec<_>>())?;
     if layout.num_chunks() != sizes.iter().filter(|&&n| n > 0).count() {
         return Err("one chunk per non-empty tiny tensor".into());
     }
     Ok(())
 }
 
-fn loss_scale(h: &Handle) -> Result<(), String> {
+fn loss_scale(h: &Handle) -> TestResult {
     let grads = random_grads::<f32>(18, &[123_457]);
     let scaled: Vec<Vec<f32>> = grads
         .iter()
         .map(|g| g.iter().map(|&x| x * 4096.0).collect())
         .collect();
     let set = grad_set(h, &scaled)?;
-    let mut norm = GlobalNorm::new(&set, Some(0.5)).map_err(e)?;
-    norm.set_loss_scale(4096.0).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(0.5))?;
+    norm.set_loss_scale(4096.0)?;
     if norm.set_loss_scale(0.0).is_ok() || norm.set_loss_scale(f32::NAN).is_ok() {
         return Err("invalid loss scales accepted".into());
     }
-    norm.compute(&set).map_err(e)?;
-    let got = norm.read().map_err(e)?;
+    norm.compute(&set)?;
+    let got = norm.read()?;
     values_eq(
         "loss-scaled norm",
         &got,
-        &cpu::global_norm(&refs(&scaled), Some(0.5), 4096.0).map_err(e)?,
+        &cpu::global_norm(&refs(&scaled), Some(0.5), 4096.0)?,
     )?;
-    let plain = cpu::global_norm(&refs(&grads), Some(0.5), 1.0).map_err(e)?;
+    let plain = cpu::global_norm(&refs(&grads), Some(0.5), 1.0)?;
     if got.norm != plain.norm || got.grad_scale != plain.coef / 4096.0 {
-        return Err(format!("loss scale not divided out: {got:?} vs {plain:?}"));
+        return Err(format!("loss scale not divided out: {got:?} vs {plain:?}").into());
     }
     Ok(())
 }
 
-fn async_copy(h: &Handle) -> Result<(), String> {
+fn async_copy(h: &Handle) -> TestResult {
     let grads = random_grads::<f32>(19, &[5000]);
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
-    norm.compute(&set).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    norm.compute(&set)?;
     // SAFETY: the pinned buffer is only read after the stream is synchronized.
-    let mut pinned = unsafe { h.context().alloc_pinned::<NormValues>(1) }.map_err(e)?;
-    norm.copy_to_host_async(&mut pinned).map_err(e)?;
-    h.synchronize().map_err(e)?;
-    let got = pinned.as_slice().map_err(e)?[0];
-    values_eq("pinned copy", &got, &norm.read().map_err(e)?)
+    let mut pinned = unsafe { h.context().alloc_pinned::<NormValues>(1) }?;
+    norm.copy_to_host_async(&mut pinned)?;
+    h.synchronize()?;
+    let got = pinned.as_slice()?[0];
+    values_eq("pinned copy", &got, &norm.read()?)
 }
 
 /// Issue 17, item 6: an empty pinned buffer is an Error, and the result stays readable
 /// afterwards. On the H200 (driver 580, cudarc 0.19.10) the panic the probe saw comes from cudarc's
 /// own `alloc_pinned(0)` (the driver returns a null pointer for zero bytes and cudarc asserts), so
 /// no empty `PinnedHostSlice` can be made there; `crate::harness::empty_pinned` says which case ran.
-fn async_copy_empty(h: &Handle) -> Result<(), String> {
+fn async_copy_empty(h: &Handle) -> TestResult {
     let grads = random_grads::<f32>(21, &[5000]);
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0)).map_err(e)?;
-    norm.compute(&set).map_err(e)?;
+    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
+    norm.compute(&set)?;
     if let Some(mut empty) = crate::harness::empty_pinned::<NormValues>(h) {
         if norm.copy_to_host_async(&mut empty).is_ok() {
             return Err("a copy into an empty pinned buffer was accepted".into());
         }
     }
     let grads: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
-    let want = cpu::global_norm(&grads, Some(1.0), 1.0).map_err(e)?;
-    values_eq("after the refused copy", &norm.read().map_err(e)?, &want)
+    let want = cpu::global_norm(&grads, Some(1.0), 1.0)?;
+    values_eq("after the refused copy", &norm.read()?, &want)
 }

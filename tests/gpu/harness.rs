@@ -5,8 +5,9 @@ use std::sync::OnceLock;
 use fusedreg::Handle;
 use libtest_mimic::{Completion, Failed, Trial};
 
-/// What a GPU test body returns: `?` works on every error type; `Err` names what differs.
-pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+/// What a GPU test body (and its helpers, `TestResult<T>`) returns: `?` works on every error
+/// type; `Err` names what differs.
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 /// A GPU test body. The error type is any displayable one (`Box<dyn Error>` for new tests; the
 /// older bodies that return `Result<(), String>` are being converted).

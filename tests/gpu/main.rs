@@ -7,15 +7,9 @@
 mod adamw;
 mod bad_input;
 mod bias_act_dropout;
-mod buffers;
+mod buffers; // transitional: see its header
 #[cfg(feature = "candle-cuda")]
 mod candle;
-#[cfg(feature = "candle-cuda")]
-mod candle_adamw;
-#[cfg(feature = "candle-cuda")]
-mod candle_norm;
-#[cfg(feature = "candle-cuda")]
-mod candle_ops;
 #[path = "../common/mod.rs"]
 mod common;
 mod cross_entropy;
@@ -25,6 +19,7 @@ mod fmath;
 mod global_norm;
 mod harness;
 mod philox;
+mod prelude;
 
 use libtest_mimic::Arguments;
 
@@ -43,11 +38,5 @@ fn main() {
     trials.extend(dropout_add_norm::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
-    #[cfg(feature = "candle-cuda")]
-    trials.extend(candle_norm::trials());
-    #[cfg(feature = "candle-cuda")]
-    trials.extend(candle_ops::trials());
-    #[cfg(feature = "candle-cuda")]
-    trials.extend(candle_adamw::trials());
     libtest_mimic::run(&args, trials).exit();
 }

@@ -5,8 +5,7 @@ use fusedreg::Handle;
 use libtest_mimic::Trial;
 use rand::Rng;
 
-use crate::common::{bits_eq, rng};
-use crate::harness::trials_of;
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -24,7 +23,7 @@ pub fn trials() -> Vec<Trial> {
     )
 }
 
-fn known_answers_and_random_pairs(h: &Handle) -> Result<(), String> {
+fn known_answers_and_random_pairs(h: &Handle) -> TestResult {
     let mut r = rng(0x9411);
     let mut counters = vec![
         [0; 4],
@@ -36,17 +35,18 @@ fn known_answers_and_random_pairs(h: &Handle) -> Result<(), String> {
         counters.push(r.random());
         keys.push(r.random());
     }
-    let got = gpu::fill(h, &counters, &keys).map_err(|e| e.to_string())?;
+    let got = gpu::fill(h, &counters, &keys)?;
     let want: Vec<[u32; 4]> = counters
         .iter()
         .zip(&keys)
         .map(|(c, k)| philox::philox4x32_10(*c, *k))
         .collect();
     assert_eq!(want[0], [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
-    bits_eq("philox4x32_10 GPU vs CPU", &got, &want)
+    bits_eq("philox4x32_10 GPU vs CPU", &got, &want)?;
+    Ok(())
 }
 
-fn mask_words_match_cpu_with_64bit_indices(h: &Handle) -> Result<(), String> {
+fn mask_words_match_cpu_with_64bit_indices(h: &Handle) -> TestResult {
     let mut r = rng(0x3a5c);
     let n = 100_003;
     for start in [
@@ -57,7 +57,7 @@ fn mask_words_match_cpu_with_64bit_indices(h: &Handle) -> Result<(), String> {
         u64::MAX - n as u64,
     ] {
         let (seed, call): (u64, u64) = (r.random(), r.random());
-        let got = gpu::mask_words(h, seed, call, start, n).map_err(|e| e.to_string())?;
+        let got = gpu::mask_words(h, seed, call, start, n)?;
         let want: Vec<u32> = (0..n as u64)
             .map(|j| philox::mask_word(seed, call, start + j))
             .collect();

@@ -4,13 +4,12 @@
 //! Entry points covered: `mlp::gpu::{mse_grad, mse_from_partials, colsum, bias_gelu_fwd}`,
 //! `timing::{filled, copy_bandwidth}`.
 
-use fusedreg::{Error, Handle};
+use fusedreg::Handle;
 use fusedreg_tools::mlp::{cpu, gpu};
 use fusedreg_tools::timing::{copy_bandwidth, filled, TimingPlan};
 use libtest_mimic::Trial;
 
-use crate::common::bits_eq;
-use crate::harness::trials_of;
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -25,44 +24,28 @@ pub fn trials() -> Vec<Trial> {
     )
 }
 
-fn e(x: impl std::fmt::Display) -> String {
-    x.to_string()
-}
-
-fn refused<T>(what: &str, r: fusedreg::Result<T>) -> Result<(), String> {
-    match r {
-        Err(Error::InvalidArgument { .. } | Error::ShapeMismatch { .. }) => Ok(()),
-        Err(other) => Err(format!(
-            "{what}: expected a shape/argument error, got {other}"
-        )),
-        Ok(_) => Err(format!("{what}: accepted")),
-    }
-}
-
 /// Every kernel the tools launch loads into the device's context (the tools' counterpart of the
 /// library's `harness::every_kernel_loads`).
-fn every_tools_kernel_loads(h: &Handle) -> Result<(), String> {
-    let n = fusedreg_tools::load_all_kernels(h).map_err(e)?;
+fn every_tools_kernel_loads(h: &Handle) -> TestResult {
+    let n = fusedreg_tools::load_all_kernels(h)?;
     if n < 6 {
-        return Err(format!(
-            "only {n} tools kernels loaded, expected copy + 5 mlp kernels"
-        ));
+        return Err(format!("only {n} tools kernels loaded, expected copy + 5 mlp kernels").into());
     }
     Ok(())
 }
 
 /// Issue 17 item 5: `mse_from_partials(.., n = 0)` returned NaN (0 / 0) where the CPU refuses
 /// n = 0; `mse_grad` on empty buffers returned Ok and wrote nothing. Both are errors now.
-fn mse_of_nothing(h: &Handle) -> Result<(), String> {
+fn mse_of_nothing(h: &Handle) -> TestResult {
     let s = h.stream();
-    let partials = s.clone_htod(&[0.0f32; 4]).map_err(e)?;
+    let partials = s.clone_htod(&[0.0f32; 4])?;
     refused(
         "mse_from_partials(n = 0)",
         gpu::mse_from_partials(h, &partials, 0),
     )?;
-    let one = s.clone_htod(&[1.0f32]).map_err(e)?;
-    let mut dy = s.clone_htod(&[1.0f32]).map_err(e)?;
-    let mut part = s.clone_htod(&[0.0f32]).map_err(e)?;
+    let one = s.clone_htod(&[1.0f32])?;
+    let mut dy = s.clone_htod(&[1.0f32])?;
+    let mut part = s.clone_htod(&[0.0f32])?;
     refused(
         "mse_grad of nothing",
         gpu::mse_grad(
@@ -79,25 +62,22 @@ fn mse_of_nothing(h: &Handle) -> Result<(), String> {
 
 /// The column sums of zero rows are zeros, as the CPU reference returns; the output buffer held
 /// NaN before (the kernel wrapper used to return without writing it).
-fn colsum_no_rows(h: &Handle) -> Result<(), String> {
+fn colsum_no_rows(h: &Handle) -> TestResult {
     let s = h.stream();
-    let x = s.clone_htod(&[1.0f32]).map_err(e)?;
-    let mut scratch = s.clone_htod(&[0.0f32]).map_err(e)?;
-    let mut out = s.clone_htod(&[f32::NAN; 7]).map_err(e)?;
-    gpu::colsum(h, &x.slice(0..0), 0, &mut scratch, &mut out).map_err(e)?;
-    let got = s.clone_dtoh(&out).map_err(e)?;
-    bits_eq(
-        "colsum of no rows",
-        &got,
-        &cpu::colsum(&[], 0, 7).map_err(e)?,
-    )
+    let x = s.clone_htod(&[1.0f32])?;
+    let mut scratch = s.clone_htod(&[0.0f32])?;
+    let mut out = s.clone_htod(&[f32::NAN; 7])?;
+    gpu::colsum(h, &x.slice(0..0), 0, &mut scratch, &mut out)?;
+    let got = s.clone_dtoh(&out)?;
+    bits_eq("colsum of no rows", &got, &cpu::colsum(&[], 0, 7)?)?;
+    Ok(())
 }
 
-fn mlp_lengths(h: &Handle) -> Result<(), String> {
+fn mlp_lengths(h: &Handle) -> TestResult {
     let s = h.stream();
-    let x = s.clone_htod(&[0.5f32; 13]).map_err(e)?;
-    let mut out = s.clone_htod(&[0.0f32; 13]).map_err(e)?;
-    let bias = s.clone_htod(&[0.1f32; 5]).map_err(e)?;
+    let x = s.clone_htod(&[0.5f32; 13])?;
+    let mut out = s.clone_htod(&[0.0f32; 13])?;
+    let bias = s.clone_htod(&[0.1f32; 5])?;
     // 12 elements are not whole rows of 5; out of another length; scratch too small.
     refused(
         "bias_gelu_fwd rows",
@@ -107,8 +87,8 @@ fn mlp_lengths(h: &Handle) -> Result<(), String> {
         "bias_gelu_fwd out",
         gpu::bias_gelu_fwd(h, &x.slice(0..10), &bias, &mut out.slice_mut(0..11)),
     )?;
-    let mut scratch = s.clone_htod(&[0.0f32; 1]).map_err(e)?;
-    let mut sums = s.clone_htod(&[0.0f32; 5]).map_err(e)?;
+    let mut scratch = s.clone_htod(&[0.0f32; 1])?;
+    let mut sums = s.clone_htod(&[0.0f32; 5])?;
     refused(
         "colsum scratch",
         gpu::colsum(h, &x.slice(0..10), 2, &mut scratch, &mut sums),
@@ -117,13 +97,13 @@ fn mlp_lengths(h: &Handle) -> Result<(), String> {
         "colsum x",
         gpu::colsum(h, &x.slice(0..11), 2, &mut scratch, &mut sums),
     )?;
-    let partials = s.clone_htod(&[0.0f32; 1]).map_err(e)?;
+    let partials = s.clone_htod(&[0.0f32; 1])?;
     refused("mse partials", gpu::mse_from_partials(h, &partials, 4097))
 }
 
 /// Issue 17 item 8: byte sizes that overflow are refused before anything is allocated (they
 /// overflowed inside `copy_bandwidth` and inside cudarc's allocation).
-fn timing_overflow(h: &Handle) -> Result<(), String> {
+fn timing_overflow(h: &Handle) -> TestResult {
     refused(
         "filled::<f32>(usize::MAX / 4 + 1)",
         filled::<f32>(h, usize::MAX / 4 + 1, 1),

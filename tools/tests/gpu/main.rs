@@ -13,6 +13,8 @@ mod common;
 mod harness;
 mod mlp;
 mod mlp_prenorm;
+#[path = "../../../tests/gpu/prelude.rs"]
+mod prelude;
 
 use libtest_mimic::Arguments;
 

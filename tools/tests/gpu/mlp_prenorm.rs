@@ -7,7 +7,7 @@ use fusedreg::Handle;
 use fusedreg_tools::mlp::{train_step, DroppedParams, MlpConfig, PreNorm, Trainer};
 use libtest_mimic::Trial;
 
-use crate::harness::trials_of;
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -31,10 +31,6 @@ pub fn trials() -> Vec<Trial> {
             ),
         ],
     )
-}
-
-fn e(x: impl std::fmt::Display) -> String {
-    x.to_string()
 }
 
 /// A small pre-norm model (hidden 64, 128 tokens) with stochastic depth.
@@ -65,19 +61,19 @@ fn mixed_plan(blocks: usize) -> (u64, Plan) {
 /// first loss agrees to 1e-4, after one step the parameters agree except where a gradient is so
 /// small that its sign differs (Adam's first step is lr * sign(g)), and the second loss to 1e-3.
 /// Both norms, LayerNorm Scaling on, stochastic depth with a plan that drops block 0.
-fn gpu_prenorm_model_matches_cpu_model(h: &Handle) -> Result<(), String> {
+fn gpu_prenorm_model_matches_cpu_model(h: &Handle) -> TestResult {
     for norm in [Norm::LayerNorm, Norm::RmsNorm] {
         let cfg = small(4, norm, true);
-        let mut g = Trainer::gpu(h, cfg.clone()).map_err(e)?;
-        let mut c = Trainer::cpu(cfg.clone()).map_err(e)?;
+        let mut g = Trainer::gpu(h, cfg.clone())?;
+        let mut c = Trainer::cpu(cfg.clone())?;
         let (step, plan) = mixed_plan(cfg.blocks);
-        let lg = train_step(&mut g.model, &cfg, &plan, step, true).map_err(e)?;
-        let lc = train_step(&mut c.model, &cfg, &plan, step, true).map_err(e)?;
+        let lg = train_step(&mut g.model, &cfg, &plan, step, true)?;
+        let lc = train_step(&mut c.model, &cfg, &plan, step, true)?;
         if (lg - lc).abs() > 1e-4 * lc.abs() {
-            return Err(format!("{norm:?} first loss: gpu {lg} cpu {lc}"));
+            return Err(format!("{norm:?} first loss: gpu {lg} cpu {lc}").into());
         }
         for i in 0..PreNorm::TENSORS * cfg.blocks {
-            let gp = g.model.param(i).map_err(e)?;
+            let gp = g.model.param(i)?;
             let cp = c.model.param(i);
             let off = gp
                 .iter()
@@ -88,12 +84,13 @@ fn gpu_prenorm_model_matches_cpu_model(h: &Handle) -> Result<(), String> {
                 return Err(format!(
                     "{norm:?} tensor {i}: {off} of {} parameters differ after one step",
                     gp.len()
-                ));
+                )
+                .into());
             }
         }
-        let (lg, lc) = (g.step(true).map_err(e)?, c.step(true).map_err(e)?);
+        let (lg, lc) = (g.step(true)?, c.step(true)?);
         if (lg - lc).abs() > 1e-3 * lc.abs() {
-            return Err(format!("{norm:?} second loss: gpu {lg} cpu {lc}"));
+            return Err(format!("{norm:?} second loss: gpu {lg} cpu {lc}").into());
         }
     }
     Ok(())
@@ -103,44 +100,42 @@ fn gpu_prenorm_model_matches_cpu_model(h: &Handle) -> Result<(), String> {
 /// backward (entry 2, GELU 1, column sum 2) kernels and 6 cuBLAS products; a dropped block
 /// none. Plus the exit (dropout-residual: 1 forward, 2 backward), the loss (1) and the clipped
 /// AdamW step (3). The column gradients' copies into the tensor set are memcpys, not launches.
-fn prenorm_step_launches_only_kept_blocks(h: &Handle) -> Result<(), String> {
+fn prenorm_step_launches_only_kept_blocks(h: &Handle) -> TestResult {
     let blocks = 10;
     let cfg = small(blocks, Norm::LayerNorm, true);
-    let mut t = Trainer::gpu(h, cfg.clone()).map_err(e)?;
+    let mut t = Trainer::gpu(h, cfg.clone())?;
     let (step, plan) = mixed_plan(blocks);
     let kept = plan.running() as u64;
     let (l0, g0) = (h.launch_count(), t.model.gemm_count());
-    train_step(&mut t.model, &cfg, &plan, step, false).map_err(e)?;
+    train_step(&mut t.model, &cfg, &plan, step, false)?;
     let (launches, gemms) = (h.launch_count() - l0, t.model.gemm_count() - g0);
     if launches != 7 * kept + 7 || gemms != 6 * kept {
         return Err(format!(
             "{kept} of {blocks} blocks ran: {launches} launches and {gemms} GEMMs, expected {} and {}",
             7 * kept + 7,
             6 * kept
-        ));
+        ).into());
     }
     Ok(())
 }
 
 /// The configuration of the CPU test `mlp_prenorm::prenorm_training_reduces_the_loss` (the
 /// example's CPU run: 12 blocks, hidden 48, linear schedule to 0.5): the loss falls as there.
-fn gpu_prenorm_training_reduces_the_loss(h: &Handle) -> Result<(), String> {
+fn gpu_prenorm_training_reduces_the_loss(h: &Handle) -> TestResult {
     for scaling in [true, false] {
         let cfg = MlpConfig {
             blocks: 12,
             prenorm: Some(PreNorm::new(Norm::LayerNorm, scaling)),
             ..MlpConfig::cpu()
         };
-        let mut t = Trainer::gpu(h, cfg).map_err(e)?;
-        let first = t.step(true).map_err(e)?;
+        let mut t = Trainer::gpu(h, cfg)?;
+        let first = t.step(true)?;
         let mut last = first;
         for _ in 0..99 {
-            last = t.step(true).map_err(e)?;
+            last = t.step(true)?;
         }
         if last.is_nan() || last >= 0.3 * first {
-            return Err(format!(
-                "scaling {scaling}: loss {first} -> {last}: did not fall"
-            ));
+            return Err(format!("scaling {scaling}: loss {first} -> {last}: did not fall").into());
         }
     }
     Ok(())
@@ -149,18 +144,16 @@ fn gpu_prenorm_training_reduces_the_loss(h: &Handle) -> Result<(), String> {
 /// Deterministic: two runs from the same seed give the same loss and parameter bits (no float
 /// atomics anywhere; cuBLAS is run-to-run reproducible on one GPU). And with one block
 /// LayerNorm Scaling's only factor is 1: on and off give the same bits.
-fn gpu_prenorm_runs_are_bit_identical(h: &Handle) -> Result<(), String> {
-    let run = |cfg: MlpConfig| -> Result<(Vec<u64>, Vec<Vec<f32>>), String> {
+fn gpu_prenorm_runs_are_bit_identical(h: &Handle) -> TestResult {
+    let run = |cfg: MlpConfig| -> TestResult<(Vec<u64>, Vec<Vec<f32>>)> {
         let tensors = PreNorm::TENSORS * cfg.blocks;
-        let mut t = Trainer::gpu(h, cfg).map_err(e)?;
+        let mut t = Trainer::gpu(h, cfg)?;
         let losses = (0..4)
             .map(|_| t.step(true).map(f64::to_bits))
-            .collect::<fusedreg::Result<Vec<_>>>()
-            .map_err(e)?;
+            .collect::<fusedreg::Result<Vec<_>>>()?;
         let params = (0..tensors)
             .map(|i| t.model.param(i))
-            .collect::<fusedreg::Result<Vec<_>>>()
-            .map_err(e)?;
+            .collect::<fusedreg::Result<Vec<_>>>()?;
         Ok((losses, params))
     };
     let cfg = small(6, Norm::RmsNorm, true);

@@ -8,16 +8,17 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Storage, Tensor, Var};
 use candle_nn::optim::Optimizer;
 use fusedreg::adamw::{AdamWConfig, MasterWeights, MomentDtype, Rounding, StateOptions};
-use fusedreg::candle::{cuda_handle, AdamW, AdamWParams};
+use fusedreg::candle::{AdamW, AdamWParams};
 use fusedreg::cudarc::driver::DevicePtr;
 use fusedreg::Handle;
 use libtest_mimic::Trial;
 
-use crate::harness::trials_of;
+use super::{bits, candle_handle, cuda, host};
+use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
-        "candle_adamw",
+        "candle::adamw",
         &[
             ("matches_cpu_f32", |h| {
                 matches_cpu(
@@ -58,24 +59,8 @@ pub fn trials() -> Vec<Trial> {
     )
 }
 
-type R<T> = Result<T, String>;
-
-fn e2s<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
-}
-
-fn cuda(h: &Handle) -> R<Device> {
-    Device::new_cuda(h.context().ordinal()).map_err(e2s)
-}
-
 /// Shapes: several chunks, odd sizes, an empty Var, a 1-d bias.
 const SHAPES: &[&[usize]] = &[&[37, 19], &[19], &[70_001], &[0], &[3, 1, 5], &[200_000]];
-
-fn host(salt: usize, len: usize, scale: f32) -> Vec<f32> {
-    (0..len)
-        .map(|i| ((((i * 7919 + salt * 104_729) % 2001) as f32 - 1000.0) / 1000.0) * scale)
-        .collect()
-}
 
 /// Vars on `dev` from fixed host data; the first element of every buffer is skipped (offset
 /// views are copied by Var::from_tensor, so the Var itself is contiguous from its start).
@@ -85,7 +70,7 @@ fn vars_on(dev: &Device, dtype: DType) -> candle_core::Result<Vec<Var>> {
         .enumerate()
         .map(|(k, s)| {
             let n: usize = s.iter().product();
-            let t = Tensor::from_vec(host(k, n, 1.0), *s, dev)?.to_dtype(dtype)?;
+            let t = Tensor::from_vec(host(k, n, 1000.0), *s, dev)?.to_dtype(dtype)?;
             Var::from_tensor(&t)
         })
         .collect()
@@ -101,7 +86,10 @@ fn grads_on(vars: &[Var], step: usize, dtype: DType) -> candle_core::Result<Grad
         }
         let n = v.elem_count();
         let scale = if step % 3 == 0 { 20.0 } else { 0.05 };
-        let data = host(100 * step + k + 7, n + 1, scale);
+        let data: Vec<f32> = host(100 * step + k + 7, n + 1, 1000.0)
+            .iter()
+            .map(|v| v * scale)
+            .collect();
         let t = Tensor::from_vec(data, n + 1, v.device())?.to_dtype(dtype)?;
         let t = if step % 2 == 0 {
             t.narrow(0, 1, n)?
@@ -111,16 +99,6 @@ fn grads_on(vars: &[Var], step: usize, dtype: DType) -> candle_core::Result<Grad
         g.insert(v.as_tensor(), t.reshape(v.shape())?);
     }
     Ok(g)
-}
-
-fn bits(t: &Tensor) -> R<Vec<u32>> {
-    let v = t
-        .to_device(&Device::Cpu)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(e2s)?;
-    Ok(v.iter().map(|x| x.to_bits()).collect())
 }
 
 fn run(
@@ -149,15 +127,15 @@ fn run(
     Ok((vars, opt))
 }
 
-fn matches_cpu(h: &Handle, dtype: DType, state: StateOptions, rounding: Rounding) -> R<()> {
+fn matches_cpu(h: &Handle, dtype: DType, state: StateOptions, rounding: Rounding) -> TestResult {
     let dev = cuda(h)?;
     let config = AdamWConfig {
         state,
         rounding,
         ..Default::default()
     };
-    let (gv, gopt) = run(&dev, dtype, config, 9).map_err(e2s)?;
-    let (cv, copt) = run(&Device::Cpu, dtype, config, 9).map_err(e2s)?;
+    let (gv, gopt) = run(&dev, dtype, config, 9)?;
+    let (cv, copt) = run(&Device::Cpu, dtype, config, 9)?;
     for (k, (g, c)) in gv.iter().zip(&cv).enumerate() {
         let (gb, cb) = (bits(g)?, bits(c)?);
         if let Some(i) = (0..gb.len()).find(|&i| gb[i] != cb[i]) {
@@ -165,41 +143,35 @@ fn matches_cpu(h: &Handle, dtype: DType, state: StateOptions, rounding: Rounding
                 "{dtype:?} Var {k}: element {i}: gpu {} vs cpu {}",
                 f32::from_bits(gb[i]),
                 f32::from_bits(cb[i])
-            ));
+            )
+            .into());
         }
     }
-    let (gs, cs) = (
-        gopt.save_state().map_err(e2s)?,
-        copt.save_state().map_err(e2s)?,
-    );
+    let (gs, cs) = (gopt.save_state()?, copt.save_state()?);
     if gs != cs {
-        return Err(format!("{dtype:?}: the saved states differ"));
+        return Err(format!("{dtype:?}: the saved states differ").into());
     }
     // The CPU's state loads on the GPU and both continue identically.
     let mut gopt = gopt;
     let mut copt = copt;
-    gopt.load_state(&cs).map_err(e2s)?;
+    gopt.load_state(&cs)?;
     for step in 9..12 {
-        gopt.step(&grads_on(&gv, step, dtype).map_err(e2s)?)
-            .map_err(e2s)?;
-        copt.step(&grads_on(&cv, step, dtype).map_err(e2s)?)
-            .map_err(e2s)?;
+        gopt.step(&grads_on(&gv, step, dtype)?)?;
+        copt.step(&grads_on(&cv, step, dtype)?)?;
     }
     for (k, (g, c)) in gv.iter().zip(&cv).enumerate() {
         if bits(g)? != bits(c)? {
-            return Err(format!(
-                "{dtype:?} Var {k} differs after loading the CPU's state"
-            ));
+            return Err(format!("{dtype:?} Var {k} differs after loading the CPU's state").into());
         }
     }
     Ok(())
 }
 
-fn address(v: &Var, h: &Handle) -> R<u64> {
+fn address(v: &Var, h: &Handle) -> TestResult<u64> {
     let (s, _) = v.storage_and_layout();
     match &*s {
         Storage::Cuda(c) => {
-            let slice = c.as_cuda_slice::<f32>().map_err(e2s)?;
+            let slice = c.as_cuda_slice::<f32>()?;
             let (p, _g) = slice.device_ptr(h.stream());
             Ok(p)
         }
@@ -207,67 +179,60 @@ fn address(v: &Var, h: &Handle) -> R<u64> {
     }
 }
 
-fn updates_in_place_on_candles_stream(h: &Handle) -> R<()> {
+fn updates_in_place_on_candles_stream(h: &Handle) -> TestResult {
     let dev = cuda(h)?;
-    let cdev = dev.as_cuda_device().map_err(e2s)?;
-    let fh = cuda_handle(cdev).map_err(e2s)?;
-    let vars = vars_on(&dev, DType::F32).map_err(e2s)?;
+    let fh = candle_handle(&dev)?;
+    let vars = vars_on(&dev, DType::F32)?;
     let before: Vec<u64> = vars
         .iter()
         .filter(|v| v.elem_count() > 0)
         .map(|v| address(v, &fh))
-        .collect::<R<_>>()?;
-    let mut opt = AdamW::new(vars.clone(), AdamWParams::default())
-        .map_err(e2s)?
-        .with_max_grad_norm(1.0)
-        .map_err(e2s)?;
+        .collect::<TestResult<_>>()?;
+    let mut opt = AdamW::new(vars.clone(), AdamWParams::default())?.with_max_grad_norm(1.0)?;
     let launches = fh.launch_count();
     for step in 0..4 {
-        opt.step(&grads_on(&vars, step, DType::F32).map_err(e2s)?)
-            .map_err(e2s)?;
+        opt.step(&grads_on(&vars, step, DType::F32)?)?;
     }
     let per_step = (fh.launch_count() - launches) / 4;
     // Norm partials, reduce + finalize, AdamW: 3 launches per step for all Vars.
     if per_step != 3 {
-        return Err(format!(
-            "{per_step} launches per step on candle's stream, expected 3"
-        ));
+        return Err(format!("{per_step} launches per step on candle's stream, expected 3").into());
     }
     let after: Vec<u64> = vars
         .iter()
         .filter(|v| v.elem_count() > 0)
         .map(|v| address(v, &fh))
-        .collect::<R<_>>()?;
+        .collect::<TestResult<_>>()?;
     if before != after {
         return Err("a Var's storage moved".into());
     }
     // The Vars did change (in place).
-    let fresh = vars_on(&dev, DType::F32).map_err(e2s)?;
+    let fresh = vars_on(&dev, DType::F32)?;
     if bits(&vars[0])? == bits(&fresh[0])? {
         return Err("Var 0 was not updated".into());
     }
     Ok(())
 }
 
-fn mixed_devices_are_an_error(h: &Handle) -> R<()> {
+fn mixed_devices_are_an_error(h: &Handle) -> TestResult {
     let dev = cuda(h)?;
-    let a = Var::zeros((4, 8), DType::F32, &dev).map_err(e2s)?;
-    let b = Var::zeros(8, DType::F32, &Device::Cpu).map_err(e2s)?;
+    let a = Var::zeros((4, 8), DType::F32, &dev)?;
+    let b = Var::zeros(8, DType::F32, &Device::Cpu)?;
     match AdamW::new(vec![a.clone(), b], AdamWParams::default()) {
         Err(e) if e.to_string().contains("device") || e.to_string().contains("Var 1") => {}
-        Err(e) => return Err(format!("error does not say what is wrong: {e}")),
+        Err(e) => return Err(format!("error does not say what is wrong: {e}").into()),
         Ok(_) => return Err("Vars on two devices were accepted".into()),
     }
     // A CPU gradient for a CUDA Var.
-    let mut opt = AdamW::new(vec![a.clone()], AdamWParams::default()).map_err(e2s)?;
+    let mut opt = AdamW::new(vec![a.clone()], AdamWParams::default())?;
     let mut g = GradStore::default();
     g.insert(
         a.as_tensor(),
-        Tensor::ones((4, 8), DType::F32, &Device::Cpu).map_err(e2s)?,
+        Tensor::ones((4, 8), DType::F32, &Device::Cpu)?,
     );
     match opt.step(&g) {
         Err(e) if e.to_string().contains("gradient") => Ok(()),
-        Err(e) => Err(format!("error does not name the gradient: {e}")),
+        Err(e) => Err(format!("error does not name the gradient: {e}").into()),
         Ok(()) => Err("a CPU gradient for a CUDA Var was accepted".into()),
     }
 }
