@@ -201,7 +201,7 @@ fn forward_follows_the_pinned_formula() {
                     cpu::forward(&cfg, &x, &mut y, opts).unwrap();
                     let want: Vec<T> = (0..n)
                         .map(|i| {
-                            let rowm = cfg.rate().scale() * rs[i / cols];
+                            let rowm = cfg.scale() * rs[i / cols];
                             let t = x[i].to_f32() + b[i % cols].to_f32();
                             match (keying.keeps(i as u64) && rowm != 0.0, residual) {
                                 (true, None) => T::from_f32_rn(t * rowm),
@@ -478,7 +478,7 @@ fn forward_and_backward_use_the_same_mask() {
         cpu::backward(&cfg, &dy, &mut dx2, opts).unwrap();
         check(bits_eq("dx regenerated vs from mask", &dx1, &dx2));
         check(bits_eq("dbias regenerated vs from mask", &db1, &db2));
-        let scale = cfg.rate().scale();
+        let scale = cfg.scale();
         for row in 0..rows {
             let rowm = scale * rowscale[row];
             for c in 0..cols {
@@ -574,7 +574,7 @@ fn dbias_is_close_to_an_f64_column_sum() {
         );
         let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
         let (_, db) = bwd(&cfg, &dy, None, true);
-        let scale = f64::from(cfg.rate().scale());
+        let scale = f64::from(cfg.scale());
         let mut want = vec![0.0f64; cols];
         let mut abs = vec![0.0f64; cols];
         for row in 0..rows {
@@ -848,7 +848,7 @@ fn unfused_mirror_matches_the_fused_reference() {
         let (y, mask) = fwd(&cfg, &x, Some(&r), Some(&b));
         let mut m8 = vec![7u8; n];
         unfused::forward_cpu(&cfg, &x, Some(&b), Some(&r), &mut yu, &mut m8).unwrap();
-        let scale = f64::from(cfg.rate().scale());
+        let scale = f64::from(cfg.scale());
         for i in 0..n {
             assert_eq!(m8[i] == 1, bit(&mask, i), "byte mask vs bitmask at {i}");
             let t = f64::from(x[i].to_f32()) + f64::from(b[i % cols].to_f32());
@@ -915,7 +915,7 @@ fn sixteen_bit_keying() {
             assert_eq!(bit(&mask, i), h >= t, "halfword keying of element {i}");
             assert_eq!(cfg.keeps(i as u64), h >= t, "Config::keeps {i}");
             let (want, want_r) = if h >= t {
-                let s = cfg.rate().scale();
+                let s = cfg.scale();
                 (
                     T::from_f32_rn(x[i].to_f32() * s),
                     T::from_f32_rn(x[i].to_f32().mul_add(s, r[i].to_f32())),
@@ -1005,5 +1005,50 @@ fn every_resolution_is_offered_with_and_without_a_residual() {
         let mut stream = r;
         cpu::forward_inplace(&cfg, &x, &mut stream, Default::default()).unwrap();
         assert_eq!(stream, yr[..], "{res:?} in place");
+    }
+}
+
+/// Kept elements are scaled by one over the probability of keeping actually applied, at every
+/// resolution (so the output is unbiased however coarse the keying): `scale * (1 - effective p)`
+/// is 1 within the f32 rounding of the scale; a rate that rounds to dropping nothing is not
+/// scaled; p = 1 scales by 0. The CPU forward applies exactly that scale.
+#[test]
+fn scale_is_one_over_the_applied_keep_probability() {
+    for res in [Bits32, Bits16] {
+        for p in [0.0, 1e-6, 1.0 / 256.0, 0.1, 0.3, 0.5, 0.9, 0.999] {
+            let cfg = Config::flat(64, p, 1, 2).unwrap().with_resolution(res);
+            let keep = 1.0 - cfg.effective_p();
+            let err = (f64::from(cfg.scale()) * keep - 1.0).abs();
+            assert!(
+                err <= 2f64.powi(-24) + 2f64.powi(-50),
+                "{res:?} p {p}: scale {} x keep {keep} = 1 + {err}",
+                cfg.scale()
+            );
+            if cfg.effective_p() == 0.0 {
+                assert_eq!(
+                    cfg.scale(),
+                    1.0,
+                    "{res:?} p {p}: nothing dropped, nothing scaled"
+                );
+            }
+        }
+        let all = Config::flat(64, 1.0, 1, 2).unwrap().with_resolution(res);
+        assert_eq!(all.scale(), 0.0);
+    }
+    // Bits16 at p = 0.1 applies 6554 / 65536: its scale is not 1 / 0.9.
+    let cfg = Config::flat(4099, 0.1, 3, 4)
+        .unwrap()
+        .with_resolution(Bits16);
+    assert_ne!(cfg.scale(), (1.0f64 / 0.9) as f32);
+    let x: Vec<f32> = uniform(&mut rng(5), cfg.len(), -2.0, 2.0);
+    let mut y = vec![0.0f32; cfg.len()];
+    cpu::forward(&cfg, &x, &mut y, ForwardOptions::default()).unwrap();
+    for i in 0..cfg.len() {
+        let want = if cfg.keeps(i as u64) {
+            x[i] * cfg.scale()
+        } else {
+            0.0
+        };
+        assert_eq!(y[i].to_bits(), want.to_bits(), "element {i}");
     }
 }

@@ -160,7 +160,7 @@ fn forward_core<T: Dtype>(
         m.fill(0);
     }
     let mut bits = cfg.keying().keep_bits();
-    let scale = cfg.rate().scale();
+    let scale = cfg.scale();
     for row in 0..rows {
         let rowm = row_multiplier(scale, &rs, row);
         for col in 0..cols {

@@ -290,7 +290,6 @@ fn forward_launch<T: Dtype>(
         flags |= FLAG_IN_PLACE;
     }
     let (vec_family, scalar_family) = FWD[usize::from(residual.is_some())];
-    let rate = cfg.rate();
     let size = T::KIND.size() as u64;
     for &(seg, g) in launches.iter().flatten() {
         // Segments start on multiples of the flat width (a multiple of 32 elements), so the
@@ -313,7 +312,7 @@ fn forward_launch<T: Dtype>(
             path_call: rsf.path_call,
             path_threshold: rsf.path_threshold,
             base,
-            scale: rate.scale(),
+            scale: keying.scale(),
             path_scale: rsf.path_scale,
             flags,
             rows_per_sample: rsf.rows_per_sample,

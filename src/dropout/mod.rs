@@ -27,7 +27,8 @@
 //!
 //! # Pinned arithmetic (CPU and GPU agree bit for bit)
 //!
-//! With `scale = DropRate::scale()` (0 for p = 1) and `rs` the row scale:
+//! With `scale` = [`Config::scale`] = `1 / (1 - effective p)` (0 for p = 1) and `rs` the row
+//! scale:
 //!
 //! * `t = x + b` (one f32 add; `t = x` without bias),
 //! * `rowm = scale * rs` (one f32 multiply per row; `rowm = scale` without a row scale),
@@ -56,7 +57,8 @@
 //! [`MaskResolution::Bits16`] (element `i` takes halfword `i % 8` of Philox block `i / 8`,
 //! dropped below `round(p * 2^16)`: one Philox evaluation keys 8 elements, half the generator
 //! work, `p` quantised to `2^-16`). The probability applied is [`Config::effective_p`] either
-//! way; the kept elements are scaled by `1 / (1 - p)` of the nominal `p`. The backward
+//! way, and the kept elements are scaled by one over its complement ([`Config::scale`]), so the
+//! output is unbiased at either resolution. The backward
 //! regenerates at the config's resolution; the 1-bit mask layout is the same. The unfused
 //! baseline keys at `Bits32` only.
 //!
@@ -97,7 +99,7 @@
 //! let opts = cpu::ForwardOptions { bias: Some(&bias), ..Default::default() };
 //! cpu::forward(&cfg, &x, &mut y, opts)?;
 //! // Every element is either dropped (0) or kept: 1.5 / 0.9.
-//! let kept = 1.5f32 * cfg.rate().scale();
+//! let kept = 1.5f32 * cfg.scale();
 //! assert!(y.iter().enumerate().all(|(i, &v)| v == if cfg.keeps(i as u64) { kept } else { 0.0 }));
 //!
 //! // The residual stream, updated in place: the same mask.
@@ -105,7 +107,7 @@
 //! let opts = cpu::ForwardOptions { bias: Some(&bias), ..Default::default() };
 //! cpu::forward_inplace(&cfg, &x, &mut stream, opts)?;
 //! // Every element is either dropped (2.0) or kept: 2 + 1.5 / 0.9.
-//! let kept = 1.5f32.mul_add(cfg.rate().scale(), 2.0);
+//! let kept = 1.5f32.mul_add(cfg.scale(), 2.0);
 //! assert!(stream.iter().enumerate().all(|(i, &v)| v == if cfg.keeps(i as u64) { kept } else { 2.0 }));
 //! # Ok(()) }
 //! ```

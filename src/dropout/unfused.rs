@@ -325,7 +325,7 @@ impl<T: Dtype> Unfused<T> {
         let (dy_ptr, _g1) = h.read_ptr(OP, "dy", dy)?;
         let (m_ptr, _g2) = h.read_ptr(OP, "mask", mask)?;
         let (dx_ptr, _g3) = h.write_ptr(OP, "dx", dx)?;
-        launch_masked_scale::<T>(&h, &UNFUSED, cfg.rate().scale(), dy_ptr, m_ptr, dx_ptr, n)?;
+        launch_masked_scale::<T>(&h, &UNFUSED, cfg.scale(), dy_ptr, m_ptr, dx_ptr, n)?;
         if let Some(db) = dbias.as_mut() {
             let (db_ptr, _g4) = h.write_ptr(OP, "dbias", db)?;
             let (rows, cols) = (cfg.rows(), cfg.cols());
@@ -383,7 +383,7 @@ pub fn forward_cpu<T: Dtype>(
         y.len(),
         mask.len(),
     )?;
-    let scale = cfg.rate().scale();
+    let scale = cfg.scale();
     let mut bits = cfg.keying().keep_bits();
     for i in 0..cfg.len() {
         let t = match bias {
@@ -432,7 +432,7 @@ pub fn backward_cpu<T: Dtype>(
         dx.len(),
         dbias.as_ref().map(|d| d.len()),
     )?;
-    let scale = cfg.rate().scale();
+    let scale = cfg.scale();
     for i in 0..cfg.len() {
         dx[i] = dropout_cpu(dy[i], mask[i] != 0, scale);
     }

@@ -340,7 +340,6 @@ pub(crate) fn launch_backward<T: Dtype>(
     if l.tuning.unroll {
         flags |= FLAG_UNROLL;
     }
-    let rate = l.keying.rate();
     let size = T::KIND.size() as u64;
     for &(seg, g) in launches.iter().flatten() {
         let (base, off) = (seg.base as u64, seg.base as u64 * size);
@@ -363,7 +362,7 @@ pub(crate) fn launch_backward<T: Dtype>(
             path_call: rsf.path_call,
             path_threshold: rsf.path_threshold,
             base,
-            scale: rate.scale(),
+            scale: l.keying.scale(),
             path_scale: rsf.path_scale,
             flags,
             rows_per_sample: rsf.rows_per_sample,

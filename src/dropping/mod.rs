@@ -75,7 +75,9 @@ const OP: &str = "dropout";
 /// `threshold = round(p * 2^32)`, held in 64 bits so that `p = 1` (threshold `2^32`) drops
 /// every element and `p = 0` (threshold 0) drops none; kernels skip the generator entirely in
 /// both cases. The probability actually applied is `threshold / 2^32`, within `2^-33` of `p`.
-/// The kept elements are scaled by `1 / (1 - p)` computed from the nominal `p`, as PyTorch does.
+/// The kept elements are scaled by `1 / (1 - threshold / 2^32)`, one over the probability of
+/// keeping that is actually applied, so the output's expectation is exactly the input's (up to
+/// the f32 rounding of the scale) at every resolution ([`DropRate::scale_at`]).
 ///
 /// ```
 /// use fusedreg::dropping::DropRate;
@@ -254,8 +256,9 @@ impl DropRate {
         self.threshold == 1 << 32
     }
 
-    /// The f32 scale applied to kept elements: `1 / (1 - p)`, rounded once from f64; 0 when
-    /// `p = 1`, where nothing is kept and no division by zero happens.
+    /// The f32 scale applied to kept elements under 32-bit keying: [`DropRate::scale_at`]`(Bits32)`
+    /// = `1 / (1 - effective_p())`; 0 when `p = 1`, where nothing is kept and no division by zero
+    /// happens.
     ///
     /// # Examples
     ///
@@ -266,10 +269,35 @@ impl DropRate {
     /// assert_eq!(DropRate::new(1.0).unwrap().scale(), 0.0);
     /// ```
     pub fn scale(&self) -> f32 {
-        if self.drops_all() {
+        self.scale_at(MaskResolution::Bits32)
+    }
+
+    /// The f32 scale applied to kept elements at a mask resolution: `1 / (1 - q)` with `q` =
+    /// [`DropRate::effective_p_at`]`(resolution)`, the probability of dropping actually applied,
+    /// so that kept elements make up exactly for the dropped ones (no bias from the
+    /// quantisation of `p`, however coarse the resolution). Rounded once to f32 from the exact
+    /// quotient `2^bits / (2^bits - threshold)` computed in f64; 0 when every element is dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::{DropRate, MaskResolution::*};
+    /// let r = DropRate::new(0.1).unwrap();
+    /// // Bits16 applies 6554 / 65536 = 0.100006..: the scale is one over its complement.
+    /// assert_eq!(r.scale_at(Bits16), (65536.0f64 / (65536.0 - 6554.0)) as f32);
+    /// assert_ne!(r.scale_at(Bits16), (1.0f64 / 0.9) as f32);
+    /// // A rate that rounds to dropping nothing is not scaled.
+    /// assert_eq!(DropRate::new(1e-6).unwrap().scale_at(Bits16), 1.0);
+    /// assert_eq!(DropRate::new(1.0).unwrap().scale_at(Bits16), 0.0);
+    /// ```
+    pub fn scale_at(&self, resolution: MaskResolution) -> f32 {
+        let all = 2f64.powi(resolution.bits() as i32);
+        let t = self.threshold_at(resolution) as f64;
+        if t >= all {
             0.0
         } else {
-            (1.0 / (1.0 - self.p)) as f32
+            // all and all - t are exact in f64 (t <= 2^32): one f64 rounding, then one to f32.
+            (all / (all - t)) as f32
         }
     }
 }
@@ -302,10 +330,10 @@ pub enum MaskResolution {
     Bits32,
     /// One 16-bit halfword per element, 8 elements per Philox block (`p` quantised to `2^-16`).
     ///
-    /// The scale stays `1 / (1 - p)` of the nominal `p`, so the output's expectation is off by
-    /// the quantisation: at most `2^-17 / (1 - p)` relative. A `p` below `2^-17` rounds to
-    /// dropping nothing while every element is still scaled; check [`DropRate::effective_p_at`]
-    /// (or use `Bits32`) for such rates.
+    /// Kept elements are scaled by `1 / (1 - effective p)` ([`DropRate::scale_at`]), so the
+    /// output stays unbiased; the rate applied differs from `p` by up to `2^-17` (a `p` below
+    /// `2^-17` rounds to dropping nothing, and then nothing is scaled either): check
+    /// [`DropRate::effective_p_at`] (or use `Bits32`) where that matters.
     Bits16,
 }
 
@@ -439,6 +467,22 @@ impl Keying {
     /// ```
     pub fn effective_p(&self) -> f64 {
         self.rate.effective_p_at(self.resolution)
+    }
+
+    /// The f32 scale of kept elements at this resolution: `1 / (1 - effective_p())`
+    /// ([`DropRate::scale_at`]); 0 when every element is dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::dropping::{Keying, MaskResolution};
+    /// let k = Keying::new("op", 0.1, 9, 3).unwrap();
+    /// assert_eq!(k.scale(), k.rate().scale());
+    /// let k16 = k.with_resolution(MaskResolution::Bits16);
+    /// assert_eq!(k16.scale(), (1.0 / (1.0 - k16.effective_p())) as f32);
+    /// ```
+    pub fn scale(&self) -> f32 {
+        self.rate.scale_at(self.resolution)
     }
 
     /// The generator seed.
@@ -1249,8 +1293,8 @@ impl Config {
     }
 
     /// The drop probability actually applied: `threshold / 2^32` (`Bits32`) or
-    /// `round(p * 2^16) / 2^16` (`Bits16`). Kept elements are still scaled by `1 / (1 - p)` of
-    /// the nominal `p`, as PyTorch does.
+    /// `round(p * 2^16) / 2^16` (`Bits16`). Kept elements are scaled by one over its complement
+    /// ([`Config::scale`]), so the output is unbiased at every resolution.
     ///
     /// # Examples
     ///
@@ -1261,6 +1305,22 @@ impl Config {
     /// ```
     pub fn effective_p(&self) -> f64 {
         self.keying().effective_p()
+    }
+
+    /// The f32 scale of kept elements: `1 / (1 - effective_p())` ([`DropRate::scale_at`] at this
+    /// config's resolution); 0 for `p = 1`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::{Config, MaskResolution};
+    /// let cfg = Config::flat(8, 0.2, 1, 2).unwrap();
+    /// assert_eq!(cfg.scale(), 1.25);
+    /// let cfg = cfg.with_resolution(MaskResolution::Bits16); // applies 13107 / 65536
+    /// assert_eq!(cfg.scale(), (65536.0f64 / (65536.0 - 13107.0)) as f32);
+    /// ```
+    pub fn scale(&self) -> f32 {
+        self.keying().scale()
     }
 
     /// The dropout keying (seed, call, rate, resolution) the shared pieces take.
@@ -1605,7 +1665,7 @@ pub(crate) fn backward_cpu<T: Dtype>(
     dbias: Option<&mut [T]>,
 ) {
     let mut bits = keying.keep_bits();
-    let scale = keying.rate().scale();
+    let scale = keying.scale();
     let slab = slab_rows(rows, cols, T::KIND);
     // One partial per row lane of the slab (see DBIAS_LANES), folded in lane order at its end.
     let mut lanes = vec![vec![0.0f32; cols]; DBIAS_LANES];

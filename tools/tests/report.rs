@@ -276,7 +276,6 @@ fn budget_record_covers_every_op_with_its_bytes() {
     use fusedreg::adamw::{min_bytes, min_bytes_with, MasterWeights, MomentDtype, StateOptions};
     use fusedreg::{
         bias_act_dropout as bad, cross_entropy as xe, dropout, dropout_add_norm as dan,
-        dropout_residual as dr,
     };
     use fusedreg_tools::report::budget;
     let rec = budget::record().unwrap();
@@ -287,10 +286,14 @@ fn budget_record_covers_every_op_with_its_bytes() {
         master: MasterWeights::None,
     };
     for (id, k) in &rec.kernels {
+        // dropout.fwd.res.*: the forward with a residual.
+        let res = id.split('.').nth(2) == Some("res");
         let want = match id.split('.').take(2).collect::<Vec<_>>()[..] {
-            ["dropout", "fwd"] => per(dropout::fused_forward_bytes(Bf16, n, false)),
+            ["dropout", "fwd"] => per(dropout::fused_forward_bytes(Bf16, n, res, false)),
             ["dropout", "bwd"] => per(dropout::fused_backward_bytes(Bf16, n, false)),
-            ["dropout_residual", "fwd"] => per(dr::fused_forward_bytes(Bf16, n, false)),
+            // The record written before the merge of dropout_residual into dropout (issue 22)
+            // names the residual forward so until `scripts/sass-budget --update` rewrites it.
+            ["dropout_residual", "fwd"] => per(dropout::fused_forward_bytes(Bf16, n, true, false)),
             ["bias_act_dropout", "fwd"] => per(bad::fused_forward_bytes(Bf16, n, false)),
             ["bias_act_dropout", "bwd"] => per(bad::fused_backward_bytes(Bf16, n)),
             ["dropout_add_norm", "fwd"] => per(dan::fused_forward_bytes(Bf16, Bf16, n, true)),
