@@ -5,6 +5,8 @@
 //! * SASS for each arch in `FUSEDREG_CUDA_ARCHS` (default `80,90`) plus PTX for the highest one,
 //!   so newer GPUs JIT the PTX. No `a`-suffixed arch, no fast math, `--fmad=false` (every fused
 //!   multiply-add is written out as `__fmaf_rn` so the CPU references can match bit for bit).
+//!   The code-generation flags live in `build/nvcc-flags.txt`, which `scripts/sass-budget` reads
+//!   too, so the instruction budget counts the SASS the build embeds.
 //! * nvcc is looked up through `NVCC`, `CUDA_HOME`/`CUDA_PATH`, the project's own toolkit folder
 //!   (`.cuda/`, installed by `scripts/install-cuda.sh`), then `PATH`. nvidia-smi is never called.
 //! * Everything is written under `OUT_DIR`; the generated `kernel_modules.rs` embeds the fatbins
@@ -19,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const DEFAULT_ARCHS: &str = "80,90";
+/// The code-generation flags, shared with `scripts/sass-budget` (one list, no second copy).
+const NVCC_FLAGS: &str = include_str!("nvcc-flags.txt");
 const TOOLKIT_DIR: &str = ".cuda";
 const WATCHED_ENV: &[&str] = &[
     "NVCC",
@@ -144,8 +148,9 @@ fn build_key(nvcc: &Path, version: &str, archs: &[u32], include: &[PathBuf]) -> 
         fs::read(f).unwrap_or_default().hash(&mut h);
     }
     format!(
-        "{} | {version} | {archs:?} | {:?} | {:016x}",
+        "{} | {version} | {archs:?} | {:?} | {:?} | {:016x}",
         nvcc.display(),
+        nvcc_flags().collect::<Vec<_>>(),
         env::var("FUSEDREG_NVCC_FLAGS").ok(),
         h.finish()
     )
@@ -265,7 +270,8 @@ fn compile_one(
 
     let mut cmd = Command::new(nvcc);
     // Compressed fatbins (the driver inflates them at module load) keep binaries small.
-    cmd.args(["-fatbin", "-std=c++17", "-O3", "-lineinfo", "--fmad=false"])
+    cmd.arg("-fatbin")
+        .args(nvcc_flags())
         .arg("-Xfatbin=-compress-all")
         .args(["--resource-usage", "--keep", "--keep-dir"])
         .arg(&keep);
@@ -323,6 +329,14 @@ fn compile_one(
         fatbin,
         entries,
     })
+}
+
+/// The flags of `build/nvcc-flags.txt`: one per line, `#` comments and blank lines skipped.
+fn nvcc_flags() -> impl Iterator<Item = &'static str> {
+    NVCC_FLAGS
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
 }
 
 fn ptx_entries(ptx: &str) -> Vec<String> {

@@ -75,9 +75,11 @@ struct State {
 
 // Folds one group of cnt consecutive logits into a slot state (cpu.rs: State::absorb).
 __device__ __forceinline__ void absorb(State& st, const float* x, int cnt) {
+    // NaN-sticky group maximum, and a NaN maximum replaces the running one: a NaN anywhere in
+    // the row reaches s (s * exp(m - NaN)) even while m is -inf and the sum below is skipped.
     float gm = x[0];
-    for (int k = 1; k < cnt; ++k) gm = x[k] > gm ? x[k] : gm;
-    if (gm > st.m) {
+    for (int k = 1; k < cnt; ++k) gm = (x[k] > gm || x[k] != x[k]) ? x[k] : gm;
+    if (gm > st.m || gm != gm) {
         st.s = st.s * fr_exp(st.m - gm);  // exp(-inf) = 0 for the first finite group
         st.m = gm;
     }

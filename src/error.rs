@@ -90,6 +90,21 @@ pub enum Error {
         detail: String,
     },
 
+    /// Host memory for a buffer could not be allocated: the sizes were valid, but the machine
+    /// would not give that much memory (CPU references' scratch space, decoded state).
+    #[error(
+        "{op}: cannot allocate {bytes} bytes of host memory for {what}; split the work into \
+         smaller tensors or free memory"
+    )]
+    HostAlloc {
+        /// The operation that needed the memory.
+        op: &'static str,
+        /// What the memory was for.
+        what: &'static str,
+        /// How many bytes were asked for (saturated at `u64::MAX`).
+        bytes: u64,
+    },
+
     /// A CUDA driver call failed.
     #[error("{op}: CUDA driver error: {source}")]
     Driver {
@@ -149,6 +164,28 @@ impl Error {
     /// ```
     pub fn driver(op: &'static str) -> impl FnOnce(DriverError) -> Self {
         move |source| Error::Driver { op, source }
+    }
+}
+
+/// A vector of `n` copies of `value`, or [`Error::HostAlloc`] when the machine cannot give the
+/// memory (instead of the abort of `vec![value; n]`): for scratch space sized by a config.
+pub(crate) fn try_vec<T: Clone>(
+    op: &'static str,
+    what: &'static str,
+    n: usize,
+    value: T,
+) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    match v.try_reserve_exact(n) {
+        Ok(()) => {
+            v.resize(n, value);
+            Ok(v)
+        }
+        Err(_) => Err(Error::HostAlloc {
+            op,
+            what,
+            bytes: (n as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+        }),
     }
 }
 

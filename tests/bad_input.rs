@@ -782,3 +782,68 @@ mod engine {
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// issue 25: the findings of the second probe (item 1, the cross-entropy NaN logit, is tested in
+// tests/cross_entropy.rs; item 4, StepKeys, in tests/candle.rs)
+// ------------------------------------------------------------------------------------------
+
+/// Finding 2: `bias_act_dropout::cpu::backward` with no rows and a huge column count allocated
+/// its per-column scratch before looking at the sizes ("capacity overflow" at `usize::MAX`, an
+/// abort at 2^40). Empty problems now allocate nothing; without `dbias` no scratch is needed.
+#[test]
+fn bias_act_dropout_backward_allocates_nothing_when_empty() {
+    use fusedreg::bias_act_dropout::{cpu as bad, Activation, Config as BConfig, Preact};
+    for cols in [1usize << 40, usize::MAX] {
+        let cfg = BConfig::new(0, cols, Activation::GeluErf, 0.1, 1, 2).unwrap();
+        let pre = Preact::X {
+            x: &[][..],
+            bias: None,
+        };
+        bad::backward::<f32>(&cfg, &[], pre, &mut [], None).unwrap();
+        let pre_h = Preact::H(&[][..]);
+        bad::backward::<bf16>(&cfg, &[], pre_h, &mut [], None).unwrap();
+    }
+    // No columns, many rows: nothing to do either.
+    let cfg = BConfig::new(1 << 40, 0, Activation::Relu, 0.5, 1, 2).unwrap();
+    let mut db: [f32; 0] = [];
+    let pre = Preact::X {
+        x: &[][..],
+        bias: Some(&[][..]),
+    };
+    bad::backward::<f32>(&cfg, &[], pre, &mut [], Some(&mut db)).unwrap();
+    // Zero rows with dbias: the column sums are zero.
+    let cfg = BConfig::new(0, 5, Activation::Silu, 0.1, 1, 2).unwrap();
+    let mut db = [f16::from_f32(f32::NAN); 5];
+    let pre = Preact::X {
+        x: &[][..],
+        bias: Some(&[f16::ONE; 5][..]),
+    };
+    bad::backward::<f16>(&cfg, &[], pre, &mut [], Some(&mut db)).unwrap();
+    assert!(
+        db.iter().all(|d| d.to_bits() == 0),
+        "dbias over no rows: {db:?}"
+    );
+}
+
+/// Finding 3: `mask_bit` / `set_mask_bit` past the mask are `None` / an error (they panicked
+/// with an index out of bounds); the mask is not changed.
+#[test]
+fn mask_bits_past_the_mask_are_refused() {
+    use fusedreg::dropping::{mask_bit, mask_words, set_mask_bit};
+    for words in [0usize, 1, 3] {
+        let mut m = vec![0u32; words];
+        for i in [words * 32, words * 32 + 1, usize::MAX] {
+            assert_eq!(mask_bit(&m, i), None, "{words} words, bit {i}");
+            refused(&format!("set bit {i}"), set_mask_bit(&mut m, i));
+        }
+        assert!(m.iter().all(|&w| w == 0));
+        if words > 0 {
+            let last = words * 32 - 1;
+            set_mask_bit(&mut m, last).unwrap();
+            assert_eq!(mask_bit(&m, last), Some(true));
+            assert_eq!(m[words - 1], 1 << 31);
+        }
+    }
+    assert_eq!(mask_words(usize::MAX), usize::MAX.div_ceil(32));
+}

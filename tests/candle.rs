@@ -555,3 +555,31 @@ fn bad_input_is_an_error() -> R {
     expect(site.forward(&s, &s, None, Some(&keys)), "scalar");
     Ok(())
 }
+
+/// Issue 25, finding 4: keys built at any step never overflow when advanced; every step at or
+/// past `MAX_STEPS` is refused by `next_step` and by `call`.
+#[test]
+fn step_keys_never_overflow() {
+    use fusedreg::candle::MAX_STEPS;
+    for step in [
+        MAX_STEPS - 1,
+        MAX_STEPS,
+        MAX_STEPS + 1,
+        u64::MAX - 1,
+        u64::MAX,
+    ] {
+        let k = StepKeys::new(3, step);
+        assert!(k.next_step().is_err(), "step {step} advanced");
+        assert!(
+            k.call(0, 0).is_err() || step < MAX_STEPS,
+            "step {step} keyed"
+        );
+    }
+    assert_eq!(
+        StepKeys::new(3, MAX_STEPS - 2)
+            .next_step()
+            .map(|k| k.step())
+            .ok(),
+        Some(MAX_STEPS - 1)
+    );
+}

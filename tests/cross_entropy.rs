@@ -7,10 +7,11 @@
 
 mod common;
 
-use common::rng;
+use common::{rng, xent_positions};
 use fusedreg::cross_entropy::{cpu, unfused, Config, Reduction};
 use fusedreg::{Dtype, Error};
 use half::{bf16, f16};
+use rand::rngs::StdRng;
 use rand::Rng;
 
 /// Logits with a spread like a language model's: a normal-ish bulk (sd ~2) plus a few strong
@@ -527,4 +528,121 @@ fn bad_input_is_an_error() {
         assert!(unfused::forward_backward_cpu(&cfg, &x, &[bad, 0], None, &mut g).is_err());
     }
     assert!(cpu::forward(&cfg, &x, &[0i32, 4]).is_err());
+}
+
+/// A NaN with a random sign and payload (quiet, so every dtype keeps it a NaN).
+fn nan_of<T: Dtype>(g: &mut StdRng) -> T {
+    let bits = 0x7fc0_0000 | (g.random::<u32>() & 0x803f_ffff);
+    T::from_f32_rn(f32::from_bits(bits))
+}
+
+/// One row per (position class, special value, background): the special value at that position,
+/// the rest random logits, all -inf, or -inf in the special value's group and in every group of
+/// its slot before it (the reference skips the exp of a group while the slot's max is -inf: the
+/// path that used to drop the NaN).
+fn special_rows<T: Dtype>(vocab: usize, seed: u64) -> (Vec<T>, Vec<i64>, Vec<(usize, bool)>) {
+    let mut g = rng(seed);
+    let bulk = logits::<T>(seed, 1, vocab);
+    let (mut x, mut t, mut what) = (Vec::new(), Vec::new(), Vec::new());
+    for &p in &xent_positions(vocab) {
+        for nan in [true, false] {
+            for background in 0..3 {
+                let mut row = bulk.clone();
+                let slot_of = |j: usize| (j / 8) % 256;
+                for (j, v) in row.iter_mut().enumerate() {
+                    let masked = match background {
+                        0 => false,
+                        1 => true,
+                        _ => slot_of(j) == slot_of(p) && j / 8 <= p / 8,
+                    };
+                    if masked {
+                        *v = T::from_f32_rn(f32::NEG_INFINITY);
+                    }
+                }
+                row[p] = if nan {
+                    nan_of(&mut g)
+                } else {
+                    T::from_f32_rn(f32::INFINITY)
+                };
+                x.extend(row);
+                // The target is the special element itself in every third row.
+                t.push(if background == 2 {
+                    p as i64
+                } else {
+                    g.random_range(0..vocab as i64)
+                });
+                what.push((p, nan));
+            }
+        }
+    }
+    (x, t, what)
+}
+
+/// PyTorch's rule (issue #25): a NaN anywhere in a row that is not ignored, or a +inf, makes that
+/// row's loss NaN, its whole gradient row NaN, and the reduced loss NaN. At every position class
+/// the kernel distinguishes, in every dtype, with and without smoothing and z-loss.
+#[test]
+fn nan_or_plus_inf_anywhere_makes_the_row_nan() {
+    for (i, &vocab) in [1usize, 2, 7, 8, 9, 36, 2048, 2056, 5003, 8 * 256 * 5 + 20]
+        .iter()
+        .enumerate()
+    {
+        special_row_case::<f32>(vocab, 40 + i as u64);
+        special_row_case::<bf16>(vocab, 60 + i as u64);
+        special_row_case::<f16>(vocab, 80 + i as u64);
+    }
+}
+
+fn special_row_case<T: Dtype>(vocab: usize, seed: u64) {
+    let (x, t, what) = special_rows::<T>(vocab, seed);
+    let rows = t.len();
+    for (alpha, lambda) in [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-4), (1.0, 1e-4)] {
+        for red in [Reduction::None, Reduction::Mean] {
+            let cfg = Config::new(rows, vocab)
+                .unwrap()
+                .label_smoothing(alpha)
+                .unwrap()
+                .z_loss(lambda)
+                .unwrap()
+                .reduction(red);
+            // A zero upstream gradient does not hide the NaN (PyTorch: NaN * 0 = NaN).
+            let up: Vec<f32> = (0..rows).map(|r| (r % 3) as f32).collect();
+            let upo = (red == Reduction::None).then_some(&up[..]);
+            let mut grad = vec![T::from_f32_rn(0.0); rows * vocab];
+            let loss = cpu::forward_backward(&cfg, &x, &t, upo, &mut grad).unwrap();
+            for (r, &(p, nan)) in what.iter().enumerate() {
+                let name = format!(
+                    "{} V {vocab} α {alpha} λ {lambda} {red:?} row {r}: {} at {p}",
+                    T::KIND.name(),
+                    if nan { "NaN" } else { "+inf" }
+                );
+                assert!(loss.rows[r].is_nan(), "{name}: loss {}", loss.rows[r]);
+                let row = &grad[r * vocab..(r + 1) * vocab];
+                if let Some(j) = row.iter().position(|v| !v.to_f32().is_nan()) {
+                    panic!("{name}: gradient [{j}] = {:?} is not NaN", row[j]);
+                }
+            }
+            if red == Reduction::Mean {
+                assert!(loss.reduced.unwrap().is_nan());
+            }
+        }
+    }
+}
+
+/// An ignored row is not read: NaN logits there leave its loss 0 and its gradient 0, and the
+/// reduced loss finite. (PyTorch's log-softmax backward would turn it into a NaN gradient row;
+/// the ignored row's loss is 0 there too.)
+#[test]
+fn nan_in_an_ignored_row_is_not_read() {
+    let vocab = 2056;
+    let mut x = logits::<bf16>(70, 2, vocab);
+    x[3] = bf16::NAN;
+    let t = [-100i64, 5];
+    let cfg = Config::new(2, vocab).unwrap().label_smoothing(0.1).unwrap();
+    let mut g = x.clone();
+    let loss = cpu::forward_backward_inplace(&cfg, &mut g, &t, None).unwrap();
+    assert_eq!(loss.rows[0], 0.0);
+    assert!(loss.reduced.unwrap().is_finite());
+    assert!(g[..vocab].iter().all(|v| v.to_bits() == 0));
+    assert!(g[vocab..].iter().all(|v| v.to_f32().is_finite()));
 }

@@ -79,7 +79,8 @@ for stem in "${stems[@]}"; do
   else
     [ -f "$golden" ] || { echo "$stem: no golden file $golden" >&2; status=1; continue; }
     grep -v '^#' "$golden" > "$work/golden-$stem.txt"
-    expected="$work/golden-$stem.txt" against="$(head -1 "$golden" | grep -oE '[0-9a-f]{7,}$') ($golden)"
+    # The revision follows the first " at " of the header, which may go on ("(UNVERIFIED ...)").
+    expected="$work/golden-$stem.txt" against="$(sed -nE '1s/^# emulated outputs of [^ ]+ at ([0-9a-f]{7,}).*/\1/p' "$golden") ($golden)"
   fi
   build "head-$stem" "$stem" "$PWD/kernels"
   emulate "head-$stem"

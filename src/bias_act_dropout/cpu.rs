@@ -20,10 +20,10 @@
 //! # Ok(()) }
 //! ```
 
-use super::{check_backward, check_forward, Activation, Config, Preact, LANES};
+use super::{check_backward, check_forward, Activation, Config, Preact, LANES, OP};
 use crate::dropping::slab_rows;
 use crate::dtype::Dtype;
-use crate::error::Result;
+use crate::error::{try_vec, Result};
 use crate::fmath;
 
 /// `1/sqrt(2)`, `1/sqrt(2 pi)`, `sqrt(2/pi)`, `0.044715`, `3 * 0.044715` as f32 (the kernel's
@@ -156,7 +156,9 @@ pub fn forward<T: Dtype>(
 /// `dx = dropout'(dy) * act'(h)` and, when `dbias` is given, its column sums (see the
 /// [module docs](super) for the summation order).
 ///
-/// Errors: [`crate::Error::ShapeMismatch`] when a length disagrees with the config.
+/// Errors: [`crate::Error::ShapeMismatch`] when a length disagrees with the config;
+/// [`crate::Error::HostAlloc`] when the dbias scratch (5 f32 per column, only with `dbias`)
+/// cannot be allocated. An empty config allocates nothing and zeroes `dbias`.
 ///
 /// # Examples
 ///
@@ -194,16 +196,29 @@ pub fn backward<T: Dtype>(
         dbias.as_ref().map(|d| d.len()),
     )?;
     let (rows, cols) = (cfg.rows(), cfg.cols());
+    if cfg.is_empty() {
+        // No rows (or no columns): dx is empty and the column sums are zero. Nothing is
+        // allocated, whatever the other dimension says.
+        if let Some(db) = dbias {
+            db.fill(T::from_f32_rn(0.0));
+        }
+        return Ok(());
+    }
     let scale = cfg.rate().scale();
     let mut bits = cfg.keying().keep_bits();
     let slab = slab_rows(rows, cols, T::KIND).max(1);
     // One partial per row lane of the slab, folded in lane order at the slab's end, then added
-    // into the totals in slab order (the kernel's partials and its finishing kernel).
-    let mut lanes = vec![vec![0.0f32; cols]; LANES];
-    let mut total = vec![0.0f32; cols];
+    // into the totals in slab order (the kernel's partials and its finishing kernel). Only
+    // with dbias: its length (cols) was checked, so the scratch is a few times its size.
+    let width = if dbias.is_some() { cols } else { 0 };
+    let mut lanes = Vec::with_capacity(LANES);
+    for _ in 0..LANES {
+        lanes.push(try_vec(OP, "the dbias partials", width, 0.0f32)?);
+    }
+    let mut total = try_vec(OP, "the dbias partials", width, 0.0f32)?;
     for row in 0..rows {
         let partial = &mut lanes[(row % slab) % LANES];
-        for (col, part) in partial.iter_mut().enumerate() {
+        for col in 0..cols {
             let i = row * cols + col;
             let d = if bits.get(i as u64) {
                 let h = match pre {
@@ -221,9 +236,11 @@ pub fn backward<T: Dtype>(
                 0.0
             };
             dx[i] = T::from_f32_rn(d);
-            *part += d;
+            if let Some(part) = partial.get_mut(col) {
+                *part += d;
+            }
         }
-        if (row + 1) % slab == 0 || row + 1 == rows {
+        if width > 0 && ((row + 1) % slab == 0 || row + 1 == rows) {
             for (col, t) in total.iter_mut().enumerate() {
                 let mut slab_sum = lanes[0][col];
                 for lane in &lanes[1..] {

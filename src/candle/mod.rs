@@ -180,7 +180,8 @@ impl StepKeys {
         self.step
     }
 
-    /// The keys of the next step. Errors past [`MAX_STEPS`].
+    /// The keys of the next step. Errors when the next step would reach [`MAX_STEPS`] (keys
+    /// built with a step at or past it included, up to `u64::MAX`).
     ///
     /// # Examples
     ///
@@ -189,10 +190,13 @@ impl StepKeys {
     /// # fn main() -> candle_core::Result<()> {
     /// assert_eq!(StepKeys::new(1, 5).next_step()?, StepKeys::new(1, 6));
     /// assert!(StepKeys::new(1, MAX_STEPS - 1).next_step().is_err());
+    /// assert!(StepKeys::new(1, u64::MAX).next_step().is_err());
     /// # Ok(()) }
     /// ```
     pub fn next_step(&self) -> candle_core::Result<Self> {
-        let step = self.step + 1;
+        // `new` takes any step (`call` refuses the out-of-range ones), so saturate: u64::MAX
+        // stays past MAX_STEPS and is refused below instead of overflowing.
+        let step = self.step.saturating_add(1);
         check_step(step)?;
         Ok(StepKeys { step, ..*self })
     }

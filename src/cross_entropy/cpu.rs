@@ -66,11 +66,15 @@ impl State {
     /// Folds one group of consecutive logits in (the kernel's `absorb`).
     #[inline]
     pub(crate) fn absorb(&mut self, x: &[f32]) {
+        // A NaN anywhere in the group makes its maximum NaN, and a NaN maximum (not only a
+        // larger one) replaces the running one, so the NaN reaches `s` (`s·exp(m - NaN)`) even
+        // while `m` is still -inf and the sum below is skipped. Without NaN these are the plain
+        // `v > gm` and `gm > m` (issue #25: a NaN first in a group used to be dropped).
         let mut gm = x[0];
         for &v in &x[1..] {
-            gm = if v > gm { v } else { gm };
+            gm = if v > gm || v.is_nan() { v } else { gm };
         }
-        if gm > self.m {
+        if gm > self.m || gm.is_nan() {
             self.s *= exp(self.m - gm);
             self.m = gm;
         }

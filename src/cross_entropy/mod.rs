@@ -30,8 +30,8 @@
 //! `x` — starting from `(-inf, 0, 0)`:
 //!
 //! ```text
-//! gm = max of the group (x > gm ? x : gm, left to right)
-//! if gm > m { s = s · exp(m - gm); m = gm }
+//! gm = max of the group (x > gm || x is NaN ? x : gm, left to right)
+//! if gm > m || gm is NaN { s = s · exp(m - gm); m = gm }
 //! if m != -inf { s = s + exp(x_k - m) for each k, in order }
 //! sx = sx + x_k for each k, in order
 //! ```
@@ -52,6 +52,22 @@
 //! These skips keep masked vocabularies finite: `-inf` logits (with α = 0) and logits of ±1e4
 //! give finite losses and gradients. With α > 0 a `-inf` logit makes `mean(x) = -inf` and the
 //! loss `+inf`, as in PyTorch; a row whose logits are all `-inf` is NaN, as in PyTorch.
+//!
+//! # Non-finite logits
+//!
+//! | logits of a row | loss of the row | gradient row | sum / mean |
+//! | --- | --- | --- | --- |
+//! | a NaN anywhere, or a `+inf` | NaN | all NaN (whatever the upstream gradient) | NaN |
+//! | `-inf` (masked), α = 0 | finite | 0 at the masked logits | finite |
+//! | `-inf`, α > 0 | `+inf` | finite | `+inf` |
+//! | all `-inf` | NaN | all NaN | NaN |
+//! | anything, row ignored (or out-of-range target on the GPU) | 0 | all 0 | not counted |
+//!
+//! All as in PyTorch but the last line: an ignored row is not read at all, where PyTorch's
+//! log-softmax backward turns a NaN in an ignored row into a NaN gradient row. The NaN-sticky
+//! maximum above is what carries a NaN into `s` when it is the first element of a group while the
+//! slot's maximum is still `-inf` (issue #25: such a NaN used to be dropped). Both math modes
+//! follow this table.
 //!
 //! # Bytes
 //!

@@ -25,8 +25,7 @@
 
 use super::{Config, OP};
 use crate::dropping::{
-    backward_cpu, check_backward, check_forward, row_multiplier, row_scales, set_mask_bit,
-    ForwardLens,
+    backward_cpu, check_backward, check_forward, row_multiplier, row_scales, set_bit, ForwardLens,
 };
 use crate::dtype::Dtype;
 use crate::error::Result;
@@ -93,7 +92,7 @@ pub fn forward<T: Dtype>(
             let i = row * cols + col;
             let keep = bits.get(i as u64);
             if let (Some(m), true) = (mask.as_deref_mut(), keep) {
-                set_mask_bit(m, i);
+                set_bit(m, i);
             }
             let m = if keep { rowm } else { 0.0 };
             y[i] = if m != 0.0 {

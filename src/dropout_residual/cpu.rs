@@ -25,7 +25,7 @@
 //! ```
 
 use super::{Config, OP};
-use crate::dropping::{backward_cpu, row_multiplier, row_scales, set_mask_bit};
+use crate::dropping::{backward_cpu, row_multiplier, row_scales, set_bit};
 use crate::dropping::{check_backward, check_forward, ForwardLens};
 /// The CPU options are the shared ones (every dropping op takes the same).
 pub use crate::dropping::{
@@ -143,7 +143,7 @@ fn forward_core<T: Dtype>(cfg: &Config, x: &[T], ry: &mut [T], opts: ForwardOpti
             let i = row * cols + col;
             let keep = bits.get(i as u64);
             if let (Some(m), true) = (mask.as_deref_mut(), keep) {
-                set_mask_bit(m, i);
+                set_bit(m, i);
             }
             let m = if keep { rowm } else { 0.0 };
             if m != 0.0 {

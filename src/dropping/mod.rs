@@ -44,10 +44,10 @@
 //! let mut bits = k.keep_bits();
 //! for i in 0..n {
 //!     if bits.get(i as u64) {
-//!         set_mask_bit(&mut mask, i);
+//!         set_mask_bit(&mut mask, i)?;
 //!     }
 //! }
-//! assert!((0..n).all(|i| mask_bit(&mask, i) == k.keeps(i as u64)));
+//! assert!((0..n).all(|i| mask_bit(&mask, i) == Some(k.keeps(i as u64))));
 //! # Ok(()) }
 //! ```
 
@@ -581,27 +581,61 @@ pub fn mask_words(n: usize) -> usize {
     n.div_ceil(32)
 }
 
-/// Bit `i` of a 1-bit mask (bit `i % 32` of word `i / 32`).
+/// Bit `i` of a 1-bit mask (bit `i % 32` of word `i / 32`), or `None` when `i` is past the
+/// mask (`i >= 32 * mask.len()`), as [`slice::get`] does.
 ///
 /// ```
 /// use fusedreg::dropping::mask_bit;
-/// assert!(mask_bit(&[0, 0b100], 34) && !mask_bit(&[0, 0b100], 33));
+/// assert_eq!(mask_bit(&[0, 0b100], 34), Some(true));
+/// assert_eq!(mask_bit(&[0, 0b100], 33), Some(false));
+/// assert_eq!(mask_bit(&[0, 0b100], 64), None);
 /// ```
 #[inline]
-pub fn mask_bit(mask: &[u32], i: usize) -> bool {
-    mask[i / 32] >> (i % 32) & 1 == 1
+pub fn mask_bit(mask: &[u32], i: usize) -> Option<bool> {
+    mask.get(i / 32).map(|w| w >> (i % 32) & 1 == 1)
 }
 
 /// Sets bit `i` of a 1-bit mask (the mask starts zeroed: padding bits stay 0).
 ///
+/// Errors: [`Error::InvalidArgument`] when `i` is past the mask (`i >= 32 * mask.len()`; size
+/// masks with [`mask_words`]); the mask is not changed.
+///
 /// ```
 /// use fusedreg::dropping::set_mask_bit;
+/// # fn main() -> fusedreg::Result<()> {
 /// let mut m = [0u32; 2];
-/// set_mask_bit(&mut m, 33);
+/// set_mask_bit(&mut m, 33)?;
 /// assert_eq!(m, [0, 2]);
+/// assert!(set_mask_bit(&mut m, 64).is_err());
+/// # Ok(()) }
 /// ```
 #[inline]
-pub fn set_mask_bit(mask: &mut [u32], i: usize) {
+pub fn set_mask_bit(mask: &mut [u32], i: usize) -> Result<()> {
+    let words = mask.len();
+    match mask.get_mut(i / 32) {
+        Some(w) => {
+            *w |= 1 << (i % 32);
+            Ok(())
+        }
+        None => Err(Error::invalid(
+            "set_mask_bit",
+            format!(
+                "bit {i} is past the mask of {words} words ({} bits); size masks with mask_words(n)",
+                words as u128 * 32
+            ),
+        )),
+    }
+}
+
+/// [`mask_bit`] for the CPU references, whose mask lengths are checked beforehand.
+#[inline]
+pub(crate) fn bit(mask: &[u32], i: usize) -> bool {
+    mask[i / 32] >> (i % 32) & 1 == 1
+}
+
+/// [`set_mask_bit`] for the CPU references, whose mask lengths are checked beforehand.
+#[inline]
+pub(crate) fn set_bit(mask: &mut [u32], i: usize) {
     mask[i / 32] |= 1 << (i % 32);
 }
 
@@ -1539,7 +1573,7 @@ pub(crate) fn backward_cpu<T: Dtype>(
         for (col, part) in partial.iter_mut().enumerate() {
             let i = row * cols + col;
             let keep = match mask {
-                Some(m) => mask_bit(m, i),
+                Some(m) => bit(m, i),
                 None => bits.get(i as u64),
             };
             let m = if keep { rowm } else { 0.0 };

@@ -158,3 +158,46 @@ pub fn check(r: Result<(), String>) {
         panic!("{e}");
     }
 }
+
+/// The element positions of a cross-entropy row of `vocab` logits that the kernel treats
+/// differently (`kernels/cross_entropy.cu`): the first and last element of the row, of a 16-byte
+/// vector (8 elements of a 16-bit dtype, 4 of f32), of a group (8), of a slot (group `g` belongs
+/// to slot `g % 256`: its first and last group), of a warp's share of a round (32 consecutive
+/// groups), of the unrolled block (4 rounds), and of the partial last group. Sorted, unique.
+#[allow(dead_code)]
+pub fn xent_positions(vocab: usize) -> Vec<usize> {
+    const GROUP: usize = 8;
+    const SLOTS: usize = 256;
+    let groups = vocab.div_ceil(GROUP);
+    let mut p = vec![0, vocab - 1];
+    let group = |p: &mut Vec<usize>, g: usize| {
+        if g < groups {
+            let a = g * GROUP;
+            // group (and bf16/f16 vector) ends, f32 vector ends, a middle element
+            p.extend([a, a + 7, a + 3, a + 4, a + 1]);
+        }
+    };
+    for g in [0, 1, 2, 31, 32, 33, 63, 255, 256, 257, 511, 512, 767, 1023, 1024, 1025] {
+        group(&mut p, g);
+    }
+    group(&mut p, groups - 1);
+    // Every slot's first and last group for a spread of slots (lane 0 and 31 of warps 0, 1, 7).
+    for s in [0, 1, 31, 32, 63, 224, 254, 255] {
+        if s < groups {
+            group(&mut p, s);
+            group(&mut p, s + SLOTS * ((groups - 1 - s) / SLOTS));
+        }
+    }
+    // A warp's share of round r: groups 256 r + 32 w .. + 31.
+    for r in [0, 1, 3, 4, 5] {
+        for w in [0, 1, 7] {
+            let g0 = SLOTS * r + 32 * w;
+            group(&mut p, g0);
+            group(&mut p, g0 + 31);
+        }
+    }
+    p.retain(|&i| i < vocab);
+    p.sort_unstable();
+    p.dedup();
+    p
+}

@@ -23,7 +23,7 @@ use fusedreg::global_norm::{self, GlobalNorm};
 use fusedreg::multi_tensor::TensorSet;
 use fusedreg::{Dtype, DtypeKind, Handle};
 use fusedreg_tools::report::models::{self, ParamShape};
-use fusedreg_tools::timing::{filled, BatchTimer};
+use fusedreg_tools::timing::{random, BatchTimer};
 use half::bf16;
 
 /// A parameter list: (name, elements, weight decay).
@@ -38,8 +38,11 @@ fn shapes(list: Vec<ParamShape>) -> Shapes {
 fn build<T: Dtype>(h: &Handle, shapes: &Shapes) -> fusedreg::Result<TensorSet> {
     let mut b = TensorSet::builder(h);
     for (_, n, _) in shapes {
-        // 0x3c.. is about 0.0115 as f32 and as bf16; 0x3b.. about 0.0029.
-        b.push(filled::<T>(h, *n, 0x3c)?, filled::<T>(h, *n, 0x3b)?)?;
+        // Random parameters and gradients: a constant fill hides data-dependent branches.
+        b.push(
+            random::<T>(h, *n, 0xbe00 + *n as u64, -0.1, 0.1)?,
+            random::<T>(h, *n, 0xbe01 + *n as u64, -0.01, 0.01)?,
+        )?;
     }
     b.build()
 }

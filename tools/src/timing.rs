@@ -274,7 +274,8 @@ impl<'h> BatchTimer<'h> {
 }
 
 /// A device buffer of `n` elements with every byte set to `byte` (no host transfer), for
-/// benchmarks: fast to make at any size, and not zeros. An `n` whose byte size overflows `usize`
+/// benchmarks' outputs and scratch: fast to make at any size, and not zeros. Timed *inputs* come
+/// from [`random`] instead (a constant fill hides branch divergence). An `n` whose byte size overflows `usize`
 /// is an [`Error::InvalidArgument`], checked before anything is allocated.
 ///
 /// # Examples
@@ -306,6 +307,83 @@ pub fn filled<T: DeviceRepr>(
     unsafe { result::memset_d8_async(p, byte, bytes, s.cu_stream()) }.map_err(Error::driver(op))?;
     drop(_g);
     Ok(buf)
+}
+
+/// `n` pseudo-random values uniform in `[lo, hi)`, rounded to `T`: value `i` is a pure function
+/// of `(seed, i)` (splitmix64), so the same call gives the same bits on any machine and thread
+/// count. Benchmarks use it for every timed input: a constant fill sends every lane down the same
+/// branch and hides the divergence real data causes.
+///
+/// # Examples
+///
+/// ```
+/// use fusedreg_tools::timing::random_values;
+/// let v = random_values::<f32>(1000, 7, -2.0, 2.0);
+/// assert!(v.iter().all(|x| (-2.0..2.0).contains(x)));
+/// assert_eq!(v, random_values::<f32>(1000, 7, -2.0, 2.0)); // deterministic
+/// assert_ne!(v, random_values::<f32>(1000, 8, -2.0, 2.0)); // the seed matters
+/// assert!(v.iter().any(|&x| x < 0.0) && v.iter().any(|&x| x > 0.0)); // both signs
+/// ```
+pub fn random_values<T: fusedreg::Dtype>(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<T> {
+    let mut out = vec![T::default(); n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(16);
+    let chunk = n.div_ceil(threads.max(1)).max(1 << 16);
+    std::thread::scope(|s| {
+        for (c, part) in out.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                let first = (c * chunk) as u64;
+                for (k, v) in part.iter_mut().enumerate() {
+                    let u = splitmix64(seed ^ splitmix64(first + k as u64));
+                    // 24 random bits: a uniform f32 in [0, 1).
+                    let unit = (u >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+                    *v = T::from_f32_rn(lo + (hi - lo) * unit);
+                }
+            });
+        }
+    });
+    // Rounding to T can reach `hi` itself; pull such values back inside the range.
+    for v in out.iter_mut() {
+        if v.to_f32() >= hi {
+            *v = T::from_f32_rn(lo);
+        }
+    }
+    out
+}
+
+/// [`random_values`] uploaded to a new device buffer (for benchmarks; see there).
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> fusedreg::Result<()> {
+/// use fusedreg::half::bf16;
+/// use fusedreg_tools::timing::random;
+/// let h = fusedreg::Handle::new(0)?;
+/// let x = random::<bf16>(&h, 1 << 20, 42, -4.0, 4.0)?; // activations of both signs
+/// assert_eq!(x.len(), 1 << 20);
+/// # Ok(()) }
+/// ```
+pub fn random<T: fusedreg::Dtype>(
+    handle: &Handle,
+    n: usize,
+    seed: u64,
+    lo: f32,
+    hi: f32,
+) -> Result<cudarc::driver::CudaSlice<T>> {
+    filled_bytes::<T>(n)?;
+    let host = random_values::<T>(n, seed, lo, hi);
+    handle
+        .stream()
+        .clone_htod(&host)
+        .map_err(Error::driver("random"))
+}
+
+/// The splitmix64 finaliser (Steele, Lea, Flood 2014): a bijection of u64 with good avalanche.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Bytes per second from bytes moved and milliseconds.

@@ -34,6 +34,7 @@ struct Case {
     bool upstream, specials;
     float alpha, lambda;
     unsigned grid;
+    bool nan = false;  // rows with a NaN or +inf at the position classes (nan_positions)
 };
 
 // 16-byte aligned storage of n elements of T starting at element `offset`.
@@ -57,6 +58,76 @@ template <class T> static float rnd_logit(std::mt19937_64& g, bool specials) {
     return f;
 }
 
+// The element positions of a row that the kernel treats differently: first and last of the row,
+// of a 16-byte vector, of a group, of a slot's first and last group, of a warp's share of a round,
+// of the unrolled block (tests/common/mod.rs: xent_positions, the same list).
+static std::vector<uint64_t> nan_positions(uint64_t vocab) {
+    const uint64_t groups = (vocab + GROUP - 1) / GROUP;
+    std::vector<uint64_t> p{0, vocab - 1};
+    auto group = [&](uint64_t g) {
+        if (g < groups)
+            for (uint64_t k : {0, 7, 3, 4, 1}) p.push_back(g * GROUP + k);
+    };
+    for (uint64_t g : {0, 1, 2, 31, 32, 33, 63, 255, 256, 257, 511, 512, 767, 1023, 1024, 1025}) group(g);
+    group(groups - 1);
+    for (uint64_t s : {0, 1, 31, 32, 63, 224, 254, 255})
+        if (s < groups) {
+            group(s);
+            group(s + SLOTS * ((groups - 1 - s) / SLOTS));
+        }
+    for (uint64_t r : {0, 1, 3, 4, 5})
+        for (uint64_t w : {0, 1, 7}) {
+            group(SLOTS * r + 32 * w);
+            group(SLOTS * r + 32 * w + 31);
+        }
+    std::vector<uint64_t> out;
+    for (uint64_t i : p)
+        if (i < vocab) out.push_back(i);
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+    return out;
+}
+
+// The logits of a case (the same for the fused and the unfused run). NaN cases: row r holds a NaN
+// (random sign and payload) or a +inf at position class r (cycling), on a background of random
+// logits, all -inf, or -inf in the special element's group and in its slot's groups before it.
+template <class T> static void fill_logits(const Case& c, uint64_t seed, T* x) {
+    std::mt19937_64 g(seed);
+    const uint64_t n = c.rows * c.vocab;
+    for (uint64_t i = 0; i < n; ++i) x[i] = from_f32<T>(rnd_logit<T>(g, c.specials));
+    if (!c.nan) return;
+    std::mt19937_64 h(seed ^ 0x4e614eull);
+    const std::vector<uint64_t> pos = nan_positions(c.vocab);
+    for (uint64_t r = 0; r < c.rows; ++r) {
+        const uint64_t p = pos[r % pos.size()], background = (r / pos.size() + r) % 3;
+        T* row = x + r * c.vocab;
+        auto slot = [](uint64_t j) { return (j / GROUP) % SLOTS; };
+        for (uint64_t j = 0; j < c.vocab; ++j)
+            if (background == 1 || (background == 2 && slot(j) == slot(p) && j / GROUP <= p / GROUP))
+                row[j] = from_f32<T>(-INFINITY);
+        uint32_t b = fusedreg::f32_to_bits<T>(INFINITY);
+        if (h() % 4 != 0) {  // 3 of 4: a NaN with a random sign and payload
+            const uint32_t r32 = (uint32_t)h();
+            if constexpr (sizeof(T) == 4) b = 0x7f800000u | (r32 & 0x807fffffu) | 1u;
+            else if constexpr (std::is_same_v<T, __half>) b = 0x7c00u | (r32 & 0x83ffu) | 1u;
+            else b = 0x7f80u | (r32 & 0x807fu) | 1u;
+        }
+        memcpy(row + p, &b, sizeof(T));
+    }
+}
+
+// Output hashes see every NaN as the device writes it (canonical): host arithmetic keeps an
+// operand's payload, which would make the hash depend on the host compiler's operand order.
+template <class T> static uint64_t fnv_canon(const T* v, uint64_t n) {
+    std::vector<T> c(v, v + n);
+    for (auto& e : c)
+        if (to_f32(e) != to_f32(e)) {
+            const uint32_t b = sizeof(T) == 4 ? 0x7fffffffu : 0x7fffu;
+            memcpy(&e, &b, sizeof(T));
+        }
+    return fnv(c.data(), n * sizeof(T));
+}
+
 // Sums n losses the way the host does: levels of CHUNK-row blocks until one value is left.
 static float host_reduce(float* rows, uint64_t n, unsigned long long* nv, bool mean) {
     std::vector<float> cur(rows, rows + n), out;
@@ -77,7 +148,8 @@ template <class T, class TI> static void run(const Case& c, uint64_t seed) {
     std::mt19937_64 g(seed);
     const uint64_t n = c.rows * c.vocab;
     Buf<T> x(n, c.offset), gr(n, c.offset);
-    for (uint64_t i = 0; i < n; ++i) x.p()[i] = from_f32<T>(rnd_logit<T>(g, c.specials));
+    for (uint64_t i = 0; i < n; ++i) (void)rnd_logit<T>(g, c.specials);  // the targets' stream
+    fill_logits(c, seed, x.p());
     std::vector<TI> t(c.rows);
     for (auto& v : t) {
         const unsigned r = g() % 10;
@@ -113,12 +185,11 @@ template <class T, class TI> static void run(const Case& c, uint64_t seed) {
     float reduced = -1.f;
     if (c.red) reduced = host_reduce(loss_rows.data(), c.rows, &nv, c.red == 2);
     const T* gout = c.grad == 2 ? x.p() : gr.p();
-    const uint64_t hg = c.grad ? fnv(gout, n * sizeof(T)) : 0;
+    const uint64_t hg = c.grad ? fnv_canon(gout, n) : 0;
 
     // The unfused baseline on fresh logits of the same seed (the fused one may have overwritten x).
-    std::mt19937_64 g2(seed);
     Buf<T> x2(n, 0), lp(n, 0), ug(n, 0);
-    for (uint64_t i = 0; i < n; ++i) x2.p()[i] = from_f32<T>(rnd_logit<T>(g2, c.specials));
+    fill_logits(c, seed, x2.p());
     std::vector<float> lse(c.rows, -4.f), urows(c.rows, -3.f);
     UnfusedParams u{};
     u.x = (uint64_t)x2.p(); u.y = (uint64_t)lp.p(); u.targets = (uint64_t)tp; u.lse = (uint64_t)lse.data();
@@ -159,13 +230,13 @@ template <class T, class TI> static void run(const Case& c, uint64_t seed) {
         fclose(f);
         file_no++;
     }
-    printf("%s %llux%llu off %llu vec %d grad %d red %d up %d sp %d a %g l %g grid %u | loss %016llx red %08x nv %llu flag %u grad %016llx | lsm %016llx lse %016llx nll %016llx ug %016llx\n",
-           K<T, TI>::name, (unsigned long long)c.rows, (unsigned long long)c.vocab, (unsigned long long)c.offset, c.vec,
-           c.grad, c.red, c.upstream, c.specials, c.alpha, c.lambda, c.grid,
-           (unsigned long long)fnv(loss_rows.data(), loss_rows.size() * 4), __float_as_uint(reduced), nv, flag,
-           (unsigned long long)hg, (unsigned long long)fnv(lp.p(), n * sizeof(T)),
-           (unsigned long long)fnv(lse.data(), lse.size() * 4), (unsigned long long)fnv(urows.data(), urows.size() * 4),
-           (unsigned long long)fnv(ug.p(), n * sizeof(T)));
+    printf("%s%s %llux%llu off %llu vec %d grad %d red %d up %d sp %d a %g l %g grid %u | loss %016llx red %08x nv %llu flag %u grad %016llx | lsm %016llx lse %016llx nll %016llx ug %016llx\n",
+           c.nan ? "nan " : "", K<T, TI>::name, (unsigned long long)c.rows, (unsigned long long)c.vocab,
+           (unsigned long long)c.offset, c.vec, c.grad, c.red, c.upstream, c.specials, c.alpha, c.lambda, c.grid,
+           (unsigned long long)fnv_canon(loss_rows.data(), loss_rows.size()), __float_as_uint(emu_canon(reduced)), nv,
+           flag, (unsigned long long)hg, (unsigned long long)fnv_canon(lp.p(), n),
+           (unsigned long long)fnv_canon(lse.data(), lse.size()), (unsigned long long)fnv_canon(urows.data(), urows.size()),
+           (unsigned long long)fnv_canon(ug.p(), n));
     fflush(stdout);
 }
 
@@ -204,6 +275,38 @@ int main(int argc, char** argv) {
                     default: run<__nv_bfloat16, int64_t>(c, seed); break;
                 }
             }
+    // NaN and +inf at every position class (issue #25): one row per position (cycling through
+    // the backgrounds), every dtype, vector and scalar paths, with and without smoothing/z-loss.
+    {
+        std::mt19937_64 h(4242);
+        const Shape nshapes[] = {{3, 1}, {7, 9}, {40, 36}, {60, 2056}, {70, 5003}, {80, 10260}};
+        for (int dt = 0; dt < 6; ++dt)
+            for (const Shape& s : nshapes)
+                for (int variant = 0; variant < 2; ++variant) {
+                    Case c{};
+                    c.nan = true;
+                    c.rows = s.rows; c.vocab = s.vocab;
+                    const size_t size = dt % 3 == 0 ? 4 : 2;
+                    c.vec = (s.vocab * size) % 16 == 0 && variant == 0;
+                    c.offset = !c.vec && variant == 1 ? 1 : 0;
+                    c.grad = 1 + (int)(h() % 2);
+                    c.red = (int)(h() % 3);
+                    c.upstream = h() & 1;
+                    c.alpha = alphas[h() % 3];
+                    c.lambda = h() % 2 ? 1e-4f : 0.f;
+                    c.grid = 1 + (unsigned)(h() % 3);
+                    const uint64_t seed = h();
+                    if (idx++ % parts != part) continue;
+                    switch (dt) {
+                        case 0: run<float, int32_t>(c, seed); break;
+                        case 1: run<__half, int32_t>(c, seed); break;
+                        case 2: run<__nv_bfloat16, int32_t>(c, seed); break;
+                        case 3: run<float, int64_t>(c, seed); break;
+                        case 4: run<__half, int64_t>(c, seed); break;
+                        default: run<__nv_bfloat16, int64_t>(c, seed); break;
+                    }
+                }
+    }
     // The loss sum across several chunk levels (more rows than one block sums).
     if (part == 0) {
         std::mt19937_64 h(99);

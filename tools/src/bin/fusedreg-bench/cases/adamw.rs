@@ -9,7 +9,7 @@ use fusedreg::multi_tensor::TensorSet;
 use fusedreg::{Dtype, Handle, Result};
 use fusedreg_tools::report::models::{self, ParamShape};
 use fusedreg_tools::report::{Measurement, Row};
-use fusedreg_tools::timing::filled;
+use fusedreg_tools::timing::random;
 use half::bf16;
 
 use crate::Ctx;
@@ -55,11 +55,13 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
 
 fn gpu_set<T: Dtype>(h: &Handle, shapes: &[ParamShape]) -> Result<TensorSet> {
     let mut b = TensorSet::builder(h);
-    for s in shapes {
-        // 0x3c.. is about 0.0115 as f32 and as bf16; 0x3b.. about 0.0029: small, not zero.
+    for (i, s) in shapes.iter().enumerate() {
+        // Random parameters and gradients (seeded per tensor), so stochastic rounding and every
+        // data-dependent branch see real data; a constant fill would send every lane one way.
+        let seed = 0xad00_0000 + 2 * i as u64;
         b.push(
-            filled::<T>(h, s.elements, 0x3c)?,
-            filled::<T>(h, s.elements, 0x3b)?,
+            random::<T>(h, s.elements, seed, -0.1, 0.1)?,
+            random::<T>(h, s.elements, seed + 1, -0.01, 0.01)?,
         )?;
     }
     b.build()

@@ -4,12 +4,12 @@
 //!
 //! The fused backward recomputes `h = x + bias` from the forward's input ([`Preact::X`]), so the
 //! fused forward stores nothing for it. Both variants of a row are divided by the fused op's
-//! minimal bytes. GPU rows only.
+//! minimal bytes. Inputs are random (uniform, seeded). GPU rows only.
 
 use fusedreg::bias_act_dropout::{self as bad, unfused, Activation, Config, Preact};
 use fusedreg::{Dtype, Handle, Result};
 use fusedreg_tools::report::{Measurement, Row};
-use fusedreg_tools::timing::filled;
+use fusedreg_tools::timing::{filled, random};
 use half::bf16;
 
 use crate::Ctx;
@@ -51,9 +51,10 @@ fn shape<T: Dtype>(ctx: &mut Ctx, h: &Handle, act: Activation) -> Result<()> {
     }
     ctx.progress("bias_act_dropout", &case);
     let cfg = Config::new(ROWS, COLS, act, P, 42, 7)?;
-    let x = filled::<T>(h, n, 0x3c)?;
-    let dy = filled::<T>(h, n, 0x3d)?;
-    let b = filled::<T>(h, COLS, 0x3a)?;
+    // Pre-activations of both signs and a few units: GELU's range branches diverge as on real data.
+    let x = random::<T>(h, n, 0xba01, -3.0, 3.0)?;
+    let dy = random::<T>(h, n, 0xba02, -1.0, 1.0)?;
+    let b = random::<T>(h, COLS, 0xba03, -0.5, 0.5)?;
     let mut y = filled::<T>(h, n, 0)?;
     let mut dx = filled::<T>(h, n, 0)?;
     let mut pre = filled::<T>(h, n, 0)?;

@@ -2,7 +2,8 @@
 //! backward (the stream gradient `d_s` flows in, `d_residual` out), against the unfused way:
 //! `dropout_residual` writing `s`, then a separate norm kernel reading it back (and the reverse
 //! in backward). The baseline's first kernel is itself fused, so the rows measure what fusing the
-//! norm adds. Both variants of a row are divided by the fused op's minimal bytes. GPU rows only.
+//! norm adds. Both variants of a row are divided by the fused op's minimal bytes. Inputs are
+//! random (uniform, seeded). GPU rows only.
 
 use fusedreg::dropout_add_norm::{
     self as dan, unfused, BackwardArgs, BackwardOut, Config, ForwardArgs, ForwardOut, Norm,
@@ -10,7 +11,7 @@ use fusedreg::dropout_add_norm::{
 };
 use fusedreg::{Dtype, Handle, Result};
 use fusedreg_tools::report::{Measurement, Row};
-use fusedreg_tools::timing::filled;
+use fusedreg_tools::timing::{filled, random};
 use half::bf16;
 
 use crate::Ctx;
@@ -49,12 +50,12 @@ fn shape<T: Dtype>(ctx: &mut Ctx, h: &Handle, norm: Norm) -> Result<()> {
     }
     ctx.progress("dropout_add_norm", &case);
     let cfg = Config::new(ROWS, COLS, norm, 1e-5)?.with_dropout(P, 42, 7)?;
-    let x = filled::<T>(h, n, 0x3c)?;
-    let r = filled::<T>(h, n, 0x3b)?;
-    let d_out = filled::<T>(h, n, 0x3d)?;
-    let d_s = filled::<T>(h, n, 0x3e)?;
-    let gamma = filled::<T>(h, COLS, 0x3f)?;
-    let beta = filled::<T>(h, COLS, 0x3a)?;
+    let x = random::<T>(h, n, 0xda01, -1.0, 1.0)?;
+    let r = random::<T>(h, n, 0xda02, -2.0, 2.0)?;
+    let d_out = random::<T>(h, n, 0xda03, -1.0, 1.0)?;
+    let d_s = random::<T>(h, n, 0xda04, -1.0, 1.0)?;
+    let gamma = random::<T>(h, COLS, 0xda05, 0.5, 1.5)?;
+    let beta = random::<T>(h, COLS, 0xda06, -0.5, 0.5)?;
     let mut out = filled::<T>(h, n, 0)?;
     let mut s = filled::<T>(h, n, 0)?;
     let mut mean = filled::<f32>(h, ROWS, 0)?;
