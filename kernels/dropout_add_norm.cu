@@ -142,17 +142,20 @@ __device__ __forceinline__ void colsum(const ColsumParams<T>& p) {
 
 // The register tiers: tier NG holds rows of up to NG groups per partial (8 * 256 * NG columns;
 // NG = 1: up to 256 partials of one group) as NGT groups per thread over SEG segments, in blocks
-// of P * SEG threads (256 * SEG when NG >= 2) with at most 64 registers per thread (MIN_BLOCKS
-// blocks per SM: 32 warps). No tier spills (ptxas, every dtype: the resources report of the
-// build). The backward of an f32 stream (WIDE) holds one group per thread: its t8 would need
-// 2048 threads, so rows past 8192 columns of an f32 stream take the generic backward.
+// of P * SEG threads (256 * SEG when NG >= 2) with at most 65536 / (256 * SEG * MIN_BLOCKS)
+// registers per thread: 64 (32 warps per SM), 80 for the t2 forward (24 warps; it needs no more:
+// its grid loops over rows, while the backward's 4 blocks per SM take its 1024 slabs in 1.94
+// waves). No tier spills (ptxas, every dtype: the build's resources report). The backward of an
+// f32 stream (WIDE) holds one group per thread: its t8 would need 2048 threads, so rows past 8192
+// columns of an f32 stream take the generic backward.
 // src/dropout_add_norm/gpu.rs mirrors this table (block size, shared memory, availability).
 template <int NG> struct FwdTier;
 template <> struct FwdTier<1> { static constexpr int NGT = 1, SEG = 1, MIN_BLOCKS = 4; };
-template <> struct FwdTier<2> { static constexpr int NGT = 2, SEG = 1, MIN_BLOCKS = 4; };
+template <> struct FwdTier<2> { static constexpr int NGT = 2, SEG = 1, MIN_BLOCKS = 3; };
 template <> struct FwdTier<4> { static constexpr int NGT = 2, SEG = 2, MIN_BLOCKS = 2; };
 template <> struct FwdTier<8> { static constexpr int NGT = 2, SEG = 4, MIN_BLOCKS = 1; };
 template <int NG, bool WIDE> struct BwdTier : FwdTier<NG> {};
+template <> struct BwdTier<2, false> { static constexpr int NGT = 2, SEG = 1, MIN_BLOCKS = 4; };
 template <> struct BwdTier<2, true> { static constexpr int NGT = 1, SEG = 2, MIN_BLOCKS = 2; };
 template <> struct BwdTier<4, true> { static constexpr int NGT = 1, SEG = 4, MIN_BLOCKS = 1; };
 

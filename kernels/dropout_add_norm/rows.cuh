@@ -1,25 +1,24 @@
-// The register-resident kernels of dropout_add_norm: the vector path (cols % 8 == 0, every
-// pointer 16-byte aligned) for rows of at most 8 * 256 * NG elements, NG in {1, 2, 4, 8} groups
-// per thread (the host picks the smallest tier that holds the row: src/dropout_add_norm/gpu.rs).
-// Included by kernels/dropout_add_norm.cu, which defines the parameters, the flags and the
-// pinned arithmetic; these kernels compute exactly the same operations in exactly the same
-// order as the generic ones (kernels/dropout_add_norm/generic.cuh), so every output has the same
-// bits. What differs is where values live and which code a launch runs:
-//  * Thread q of P = row_partials(cols) threads owns groups q + j * P, j < NG (the row reduction's
-//    partial q, summed in increasing j as the contract says). Its groups stay in registers for
-//    the whole row: the forward's stream values for the variance and the output, the backward's
-//    xhat and w for the second pass (NG <= 2; larger tiers re-read s, d_out and gamma, which the
-//    block has just read, from L1/L2). Nothing goes through shared memory but the warp sums.
-//  * Indices are 64-bit once per row (row * cols) and 32-bit inside the row (cols < 2^15 here).
-//    With NG >= 2, P is 256 at compile time, so group j sits at a constant offset from group 0.
-//  * Per-launch choices are template parameters (NG, LayerNorm / RMSNorm, beta); per-row ones
-//    (residual, bias, dropped row, p = 0) are uniform branches taken once per row, never per
-//    element. The keep decision is a compare and a select per element, no branch.
+// The register tiers of dropout_add_norm: the vector path (cols % 8 == 0, every pointer 16-byte
+// aligned) for rows of at most NG groups of 8 per partial, NG in {1, 2, 4, 8} (hidden sizes up to
+// 16384; the host picks the smallest tier that holds the row: src/dropout_add_norm/gpu.rs).
+// Included by kernels/dropout_add_norm.cu, which defines the parameters, the flags, the pinned
+// arithmetic and the tier table (FwdTier / BwdTier). These kernels compute exactly the operations
+// of the generic ones (kernels/dropout_add_norm/generic.cuh) in exactly the same order, so every
+// output has the same bits; what differs is where values live and which code a launch runs:
+//  * Partial q of P = row_partials(cols) owns groups q + j * P (summed in increasing j, as the
+//    contract says), split over SEG threads of NGT <= 2 groups each (Layout). A thread's groups
+//    stay in registers for the whole row: the forward's f32(s) for the variance and the output,
+//    the backward's s and w (or d_out and gamma) for its second pass. With segments the
+//    sequential sum of a partial runs through them in order (row_sums).
+//  * Indices are 64-bit once per row (row * cols) and 32-bit inside the row. With NG >= 2, P is
+//    256 at compile time, so a thread's groups sit at constant offsets from each other.
+//  * LayerNorm / RMSNorm is a template parameter (the kernel entry picks one instantiation per
+//    launch); residual, bias, beta, a dropped row and p = 0 are uniform branches taken once per
+//    row or group, never per element. The keep decision is a compare and a select per element.
 //  * The row sums' warp totals are double-buffered in shared memory: one barrier per sum.
 //  * The backward's column partials (dgamma, dbeta, dbias: per slab, a sequential sum over the
-//    slab's rows) are registers for NG <= 2 and, for NG >= 4 (whose partials would not fit the
-//    register file), this thread's own slots of dynamic shared memory in a float4 layout that
-//    keeps a warp's 16-byte accesses conflict-free. Only the wanted arrays are accumulated.
+//    slab's rows) live in each thread's own conflict-free float4 slots of dynamic shared memory
+//    (Partials); only the wanted arrays are accumulated.
 #pragma once
 
 namespace dropout_add_norm {
@@ -235,7 +234,8 @@ struct RowScale {
     __device__ __forceinline__ explicit RowScale(uint64_t cols)
         : n((float)cols), inv_n(__fdiv_rn(1.f, (float)cols)), pow2((cols & (cols - 1)) == 0) {}
     __device__ __forceinline__ float of(float sum) const {
-        return pow2 ? __fmul_rn(sum, inv_n) : __fdiv_rn(sum, n);
+        if (pow2) return __fmul_rn(sum, inv_n);
+        return __fdiv_rn(sum, n);
     }
 };
 
@@ -301,7 +301,8 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
         constexpr bool PRELOAD = sizeof(S) == 2;
         auto load = [&](int j, Pack<S, GROUP>& sv, Pack<T, GROUP>& xv, Pack<T, GROUP>& bv) {
             const uint32_t c = L.col(j);
-            sv = src != nullptr ? ld8(src + base + c) : zero8<S>();
+            if (src != nullptr) sv = ld8(src + base + c);
+            else sv = zero8<S>();
             if (!key.none) {
                 xv = ld8(p.x + base + c);
                 if (p.bias != nullptr) bv = ld8(p.bias + c);
@@ -424,12 +425,29 @@ template <int NGT> struct Partials {
     }
 };
 
-// Backward over one slab of rows (blockIdx.x), blockDim.x = P * SEG threads. s, d_out and gamma
-// stay in registers as loaded (raw words) from pass A to pass B and are converted again there:
-// xhat and w as f32 would take twice the registers. With segments (SEG > 1) the row sums' terms
-// are recomputed when the segment's turn comes (the sequential order runs through the segments).
+// w = g * gamma of this thread's groups from pass A to pass B: kept as f32 (KEEP) or recomputed.
+template <int NGT, bool KEEP> struct WStore {
+    __device__ __forceinline__ void set(int, int, float) {}
+    template <typename F> __device__ __forceinline__ float get(int j, int k, const F& recompute) const {
+        return recompute(j, k);
+    }
+};
+template <int NGT> struct WStore<NGT, true> {
+    float v[NGT][GROUP];
+    __device__ __forceinline__ void set(int j, int k, float w) { v[j][k] = w; }
+    template <typename F> __device__ __forceinline__ float get(int j, int k, const F&) const { return v[j][k]; }
+};
+
+// Backward over one slab of rows (blockIdx.x), blockDim.x = P * SEG threads. From pass A to pass B
+// a thread keeps s as loaded (xhat is recomputed from it) and, for w = d_out * layer_scale *
+// gamma, either d_out and gamma as loaded (16-bit T: two elements per register) or w itself as
+// f32 (f32 T: as many registers as the raw words, fewer instructions); xhat and w both as f32
+// would not fit 64 registers. d_s is loaded with the rest (16-bit T) or in pass B (f32 T). With
+// segments (SEG > 1) the row sums' terms are computed when the segment's turn comes (the
+// sequential order runs through the segments).
 template <typename T, typename S, int NGT, int SEG, bool RMS>
 __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
+    constexpr bool KEEP_W = sizeof(T) == 4;
     __shared__ float s_sum[2][2][MAX_WARPS];
     __shared__ float s_chain[SEG > 1 ? SEG - 1 : 1][2][MAX_THREADS];
     const Layout<NGT, SEG> L(p.cols);
@@ -445,7 +463,6 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
         const RowKeying key = row_keying(p.threshold, rowm, false);
         const float mean = p.mean[row], rstd = p.rstd[row];
 
-        // Everything the row needs is loaded up front (d_s included).
         Pack<S, GROUP> sv[NGT], dsv[NGT];
         Pack<T, GROUP> dv[NGT], gv[NGT];
 #pragma unroll
@@ -454,13 +471,17 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
             sv[j] = ld8(p.s + base + L.col(j));
             dv[j] = ld8(p.d_out + base + L.col(j));
             gv[j] = ld8(p.gamma + L.col(j));
-            if (p.d_s != nullptr) dsv[j] = ld8(p.d_s + base + L.col(j));
+            if (!KEEP_W && p.d_s != nullptr) dsv[j] = ld8(p.d_s + base + L.col(j));
         }
         // xhat, g = d_out * layer_scale and w = g * gamma of element k of group j.
         auto xhat = [&](int j, int k) {
             return RMS ? __fmul_rn(sv[j].get(k), rstd) : __fmul_rn(__fsub_rn(sv[j].get(k), mean), rstd);
         };
         auto grad = [&](int j, int k) { return __fmul_rn(dv[j].get(k), p.layer_scale); };
+        WStore<NGT, KEEP_W> wk;
+        auto w_of = [&](int j, int k) {
+            return wk.get(j, k, [&](int jj, int kk) { return __fmul_rn(grad(jj, kk), gv[jj].get(kk)); });
+        };
 
         // Pass A: the dgamma (g * xhat) and dbeta (g) partials; the row sums of xhat * w and w
         // (one segment: in the same loop).
@@ -471,9 +492,9 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
             float dg[GROUP], db[GROUP];
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
-                const float x = xhat(j, k), g = grad(j, k);
+                const float x = xhat(j, k), g = grad(j, k), w = __fmul_rn(g, gv[j].get(k));
+                wk.set(j, k, w);
                 if constexpr (SEG == 1) {
-                    const float w = __fmul_rn(g, gv[j].get(k));
                     acc[0] = __fadd_rn(acc[0], __fmul_rn(x, w));
                     acc[1] = __fadd_rn(acc[1], w);
                 }
@@ -493,7 +514,7 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
                     if (!L.valid[j]) continue;
 #pragma unroll
                     for (int k = 0; k < GROUP; ++k) {
-                        const float w = __fmul_rn(grad(j, k), gv[j].get(k));
+                        const float w = w_of(j, k);
                         a[0] = __fadd_rn(a[0], __fmul_rn(xhat(j, k), w));
                         a[1] = __fadd_rn(a[1], w);
                     }
@@ -510,14 +531,15 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
         for (int j = 0; j < NGT; ++j) {
             if (!L.valid[j]) continue;
             const uint32_t c = L.col(j);
+            if (KEEP_W && p.d_s != nullptr) dsv[j] = ld8(p.d_s + base + c);
             bool kept[GROUP];
             group_keep(p.seed, p.call, base + c, key.gen, key.t, kept);
             float ds[GROUP], dt[GROUP];
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
-                const float x = xhat(j, k), w = __fmul_rn(grad(j, k), gv[j].get(k));
+                const float x = xhat(j, k);
                 const float u = RMS ? __fmul_rn(x, c1) : __fmaf_rn(x, c1, c2);
-                float d = __fmul_rn(__fsub_rn(w, u), rstd);
+                float d = __fmul_rn(__fsub_rn(w_of(j, k), u), rstd);
                 if (p.d_s != nullptr) d = __fadd_rn(d, dsv[j].get(k));
                 ds[k] = d;
                 dt[k] = kept[k] ? __fmul_rn(d, rowm) : 0.f;
