@@ -177,7 +177,9 @@ pub fn xent_positions(vocab: usize) -> Vec<usize> {
             p.extend([a, a + 7, a + 3, a + 4, a + 1]);
         }
     };
-    for g in [0, 1, 2, 31, 32, 33, 63, 255, 256, 257, 511, 512, 767, 1023, 1024, 1025] {
+    for g in [
+        0, 1, 2, 31, 32, 33, 63, 255, 256, 257, 511, 512, 767, 1023, 1024, 1025,
+    ] {
         group(&mut p, g);
     }
     group(&mut p, groups - 1);

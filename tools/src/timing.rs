@@ -326,7 +326,9 @@ pub fn filled<T: DeviceRepr>(
 /// ```
 pub fn random_values<T: fusedreg::Dtype>(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<T> {
     let mut out = vec![T::default(); n];
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(16);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(16);
     let chunk = n.div_ceil(threads.max(1)).max(1 << 16);
     std::thread::scope(|s| {
         for (c, part) in out.chunks_mut(chunk).enumerate() {
