@@ -149,27 +149,25 @@ __device__ __forceinline__ void colsum(const ColsumParams<T>& p) {
 // f32 stream (WIDE) holds one group per thread: its t8 would need 2048 threads, so rows past 8192
 // columns of an f32 stream take the generic backward.
 // src/dropout_add_norm/gpu.rs mirrors this table (block size, shared memory, availability).
-template <int NG> struct FwdTier;
-template <> struct FwdTier<1> { static constexpr int NGT = 1, SEG = 1, MIN_BLOCKS = 4; };
-template <> struct FwdTier<2> { static constexpr int NGT = 2, SEG = 1, MIN_BLOCKS = 3; };
-template <> struct FwdTier<4> { static constexpr int NGT = 2, SEG = 2, MIN_BLOCKS = 2; };
-template <> struct FwdTier<8> { static constexpr int NGT = 2, SEG = 4, MIN_BLOCKS = 1; };
-template <int NG, bool WIDE> struct BwdTier : FwdTier<NG> {};
-template <> struct BwdTier<2, false> { static constexpr int NGT = 2, SEG = 1, MIN_BLOCKS = 4; };
-template <> struct BwdTier<2, true> { static constexpr int NGT = 1, SEG = 2, MIN_BLOCKS = 2; };
-template <> struct BwdTier<4, true> { static constexpr int NGT = 1, SEG = 4, MIN_BLOCKS = 1; };
+template <int NG, bool WIDE> struct Tier;
+template <bool WIDE> struct Tier<1, WIDE> { static constexpr int NGT = 1, SEG = 1, FWD_MIN = 4, BWD_MIN = 4; };
+template <> struct Tier<2, false> { static constexpr int NGT = 2, SEG = 1, FWD_MIN = 3, BWD_MIN = 4; };
+template <> struct Tier<4, false> { static constexpr int NGT = 2, SEG = 2, FWD_MIN = 2, BWD_MIN = 2; };
+template <> struct Tier<8, false> { static constexpr int NGT = 2, SEG = 4, FWD_MIN = 1, BWD_MIN = 1; };
+template <> struct Tier<2, true> { static constexpr int NGT = 1, SEG = 2, FWD_MIN = 2, BWD_MIN = 2; };
+template <> struct Tier<4, true> { static constexpr int NGT = 1, SEG = 4, FWD_MIN = 1, BWD_MIN = 1; };
 
 // The tiers' entries: one launch runs one instantiation (LayerNorm or RMSNorm).
 template <typename T, typename S, int NG>
 __device__ __forceinline__ void fwd_tier(const FwdParams<T, S>& p) {
-    using C = FwdTier<NG>;
+    using C = Tier<NG, sizeof(S) == 4>;
     if (p.flags & FLAG_RMS) fwd_rows<T, S, C::NGT, C::SEG, true>(p);
     else fwd_rows<T, S, C::NGT, C::SEG, false>(p);
 }
 
 template <typename T, typename S, int NG>
 __device__ __forceinline__ void bwd_tier(const BwdParams<T, S>& p) {
-    using C = BwdTier<NG, sizeof(S) == 4>;
+    using C = Tier<NG, sizeof(S) == 4>;
     if (p.flags & FLAG_RMS) bwd_rows<T, S, C::NGT, C::SEG, true>(p);
     else bwd_rows<T, S, C::NGT, C::SEG, false>(p);
 }
@@ -189,14 +187,14 @@ DAN_CHECK_SIZES(__half, float)
 // T: x, out, gamma, beta, bias and their gradients; S: the stream (residual, s, d_s, d_residual),
 // T itself or f32 (residual_in_f32). Generic kernels, then the register tiers (NG groups of 8
 // per thread; src/dropout_add_norm/gpu.rs picks one).
-#define DAN_FWD_TIER(T, S, NAME, NG)                                                                  \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS * FwdTier<NG>::SEG, FwdTier<NG>::MIN_BLOCKS) \
+#define DAN_TIER(T, S, NAME, NG)                                                                      \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS * Tier<NG, sizeof(S) == 4>::SEG,          \
+                                                 Tier<NG, sizeof(S) == 4>::FWD_MIN)                    \
         dropout_add_norm_fwd_t##NG##_##NAME(const FwdParams<T, S> p) {                                 \
         fwd_tier<T, S, NG>(p);                                                                        \
-    }
-#define DAN_BWD_TIER(T, S, NAME, NG)                                                                  \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS * BwdTier<NG, sizeof(S) == 4>::SEG,       \
-                                                 BwdTier<NG, sizeof(S) == 4>::MIN_BLOCKS)              \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS * Tier<NG, sizeof(S) == 4>::SEG,          \
+                                                 Tier<NG, sizeof(S) == 4>::BWD_MIN)                    \
         dropout_add_norm_bwd_t##NG##_##NAME(const BwdParams<T, S> p) {                                 \
         bwd_tier<T, S, NG>(p);                                                                        \
     }
@@ -209,19 +207,17 @@ DAN_CHECK_SIZES(__half, float)
         const BwdParams<T, S> p) {                                                                    \
         bwd<T, S>(p);                                                                                 \
     }                                                                                                 \
-    DAN_FWD_TIER(T, S, NAME, 1) DAN_FWD_TIER(T, S, NAME, 2) DAN_FWD_TIER(T, S, NAME, 4)               \
-    DAN_FWD_TIER(T, S, NAME, 8) DAN_BWD_TIER(T, S, NAME, 1) DAN_BWD_TIER(T, S, NAME, 2)               \
-    DAN_BWD_TIER(T, S, NAME, 4)
-// The backward's t8 exists for a 16-bit stream only (see BwdTier).
-#define DAN_BWD_T8(T, S, NAME) DAN_BWD_TIER(T, S, NAME, 8)
+    DAN_TIER(T, S, NAME, 1) DAN_TIER(T, S, NAME, 2) DAN_TIER(T, S, NAME, 4)
+// t8 exists for a 16-bit stream only (see Tier).
+#define DAN_T8(T, S, NAME) DAN_TIER(T, S, NAME, 8)
 
 DAN_KERNELS(float, float, f32)
 DAN_KERNELS(__half, __half, f16)
 DAN_KERNELS(__nv_bfloat16, __nv_bfloat16, bf16)
 DAN_KERNELS(__half, float, f16_sf32)
 DAN_KERNELS(__nv_bfloat16, float, bf16_sf32)
-DAN_BWD_T8(__half, __half, f16)
-DAN_BWD_T8(__nv_bfloat16, __nv_bfloat16, bf16)
+DAN_T8(__half, __half, f16)
+DAN_T8(__nv_bfloat16, __nv_bfloat16, bf16)
 
 #define DAN_COLSUM(T, S)                                                                              \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_colsum_##S(             \

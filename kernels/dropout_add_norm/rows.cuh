@@ -259,9 +259,26 @@ __device__ __forceinline__ Pack<S, GROUP> combine8(const Pack<S, GROUP>& r, cons
     return select8<S>(c, r, kept);
 }
 
+// f32(s) of this thread's groups in the forward, for passes 2 and 3: f32 values, or (RAW) the
+// stream's own 16-bit words, converted at each use (one instruction per element and use, four
+// registers fewer per group).
+template <typename S, int NGT, bool RAW> struct VStore {
+    float v[NGT][GROUP];
+    __device__ __forceinline__ void set(int j, const Pack<S, GROUP>& s) {
+#pragma unroll
+        for (int k = 0; k < GROUP; ++k) v[j][k] = s.get(k);
+    }
+    __device__ __forceinline__ float operator()(int j, int k) const { return v[j][k]; }
+};
+template <typename S, int NGT> struct VStore<S, NGT, true> {
+    Pack<S, GROUP> v[NGT];
+    __device__ __forceinline__ void set(int j, const Pack<S, GROUP>& s) { v[j] = s; }
+    __device__ __forceinline__ float operator()(int j, int k) const { return v[j].get(k); }
+};
+
 // Pass 3 of the forward over this thread's groups: out = T((xhat * gamma (+ beta)) * layer_scale).
-template <typename T, bool RMS, bool BETA, typename P, typename L_>
-__device__ __forceinline__ void out8(const P& p, const L_& L, const float (&v)[L_::NGT_][GROUP], uint64_t base,
+template <typename T, bool RMS, bool BETA, typename P, typename L_, typename V>
+__device__ __forceinline__ void out8(const P& p, const L_& L, const V& v, uint64_t base,
                                      float mean, float rstd) {
 #pragma unroll
     for (int j = 0; j < L_::NGT_; ++j) {
@@ -271,11 +288,13 @@ __device__ __forceinline__ void out8(const P& p, const L_& L, const float (&v)[L
         float o[GROUP];
 #pragma unroll
         for (int k = 0; k < GROUP; ++k) {
-            const float xh = RMS ? __fmul_rn(v[j][k], rstd) : __fmul_rn(__fsub_rn(v[j][k], mean), rstd);
+            const float xh = RMS ? __fmul_rn(v(j, k), rstd) : __fmul_rn(__fsub_rn(v(j, k), mean), rstd);
             const float y = BETA ? __fmaf_rn(xh, gv.get(k), be.get(k)) : __fmul_rn(xh, gv.get(k));
             o[k] = __fmul_rn(y, p.layer_scale);
         }
         st8(p.out + base + L.col(j), round8<T>(o));
+        // f32 gamma and beta: one group's at a time (as pass 1's loads of an f32 stream).
+        if constexpr (sizeof(T) == 4) asm volatile("" ::: "memory");
     }
 }
 
@@ -285,9 +304,9 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
     __shared__ float s_sum[2][1][MAX_WARPS];
     __shared__ float s_chain[SEG > 1 ? SEG - 1 : 1][1][MAX_THREADS];
     const Layout<NGT, SEG> L(p.cols);
+    const RowScale scale(p.cols);
     const bool norm_only = (p.flags & FLAG_NORM_ONLY) != 0;
     const S* src = norm_only ? p.s : p.residual;  // null: s = dropout(x + bias) alone
-    const RowScale scale(p.cols);
     int buf = 0;
     for (uint64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const uint64_t base = row * p.cols;
@@ -308,7 +327,9 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
                 if (p.bias != nullptr) bv = ld8(p.bias + c);
             }
         };
-        float v[NGT][GROUP];
+        // Segmented tiers of a 16-bit stream keep the raw words (64 registers per thread of 512
+        // or 1024; t2 has 80 and keeps f32).
+        VStore<S, NGT, (sizeof(S) == 2 && SEG > 1)> v;
         auto finish = [&](int j, Pack<S, GROUP>& sv, const Pack<T, GROUP>& xv, const Pack<T, GROUP>& bv) {
             const uint32_t c = L.col(j);
             if (!key.none) {
@@ -318,8 +339,7 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
                                        : combine8<T, S, false>(sv, xv, xv, rowm, kept);
             }
             if (!norm_only) st8(p.s + base + c, sv);
-#pragma unroll
-            for (int k = 0; k < GROUP; ++k) v[j][k] = sv.get(k);
+            v.set(j, sv);
         };
         if constexpr (PRELOAD) {
             Pack<S, GROUP> sv[NGT];
@@ -347,7 +367,7 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
             for (int j = 0; j < NGT; ++j) {
                 if (!L.valid[j]) continue;
 #pragma unroll
-                for (int k = 0; k < GROUP; ++k) a[0] = __fadd_rn(a[0], RMS ? __fmul_rn(v[j][k], v[j][k]) : v[j][k]);
+                for (int k = 0; k < GROUP; ++k) a[0] = __fadd_rn(a[0], RMS ? __fmul_rn(v(j, k), v(j, k)) : v(j, k));
             }
         }, acc, s_chain, s_sum[buf]);
         buf ^= 1;
@@ -365,7 +385,7 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
                     if (!L.valid[j]) continue;
 #pragma unroll
                     for (int k = 0; k < GROUP; ++k) {
-                        const float d = __fsub_rn(v[j][k], mean);
+                        const float d = __fsub_rn(v(j, k), mean);
                         a[0] = __fadd_rn(a[0], __fmul_rn(d, d));
                     }
                 }

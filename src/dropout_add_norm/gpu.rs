@@ -121,11 +121,11 @@ const _: () = assert!(std::mem::size_of::<ColsumParams>() == 48);
 unsafe impl DeviceRepr for ColsumParams {}
 
 /// The kernels of one (x type, stream type) pair: the generic forward and backward, and the
-/// register tiers `t1, t2, t4, t8` (index `log2 NG`; the backward of an f32 stream has no t8).
+/// register tiers `t1, t2, t4, t8` (index `log2 NG`; an f32 stream has no t8).
 struct Family {
     fwd: Kernel,
     bwd: Kernel,
-    fwd_t: [Kernel; 4],
+    fwd_t: [Option<Kernel>; 4],
     bwd_t: [Option<Kernel>; 4],
 }
 
@@ -139,10 +139,10 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
             fwd: K::DropoutAddNormFwdF32,
             bwd: K::DropoutAddNormBwdF32,
             fwd_t: [
-                K::DropoutAddNormFwdT1F32,
-                K::DropoutAddNormFwdT2F32,
-                K::DropoutAddNormFwdT4F32,
-                K::DropoutAddNormFwdT8F32,
+                Some(K::DropoutAddNormFwdT1F32),
+                Some(K::DropoutAddNormFwdT2F32),
+                Some(K::DropoutAddNormFwdT4F32),
+                None,
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1F32),
@@ -155,10 +155,10 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
             fwd: K::DropoutAddNormFwdF16,
             bwd: K::DropoutAddNormBwdF16,
             fwd_t: [
-                K::DropoutAddNormFwdT1F16,
-                K::DropoutAddNormFwdT2F16,
-                K::DropoutAddNormFwdT4F16,
-                K::DropoutAddNormFwdT8F16,
+                Some(K::DropoutAddNormFwdT1F16),
+                Some(K::DropoutAddNormFwdT2F16),
+                Some(K::DropoutAddNormFwdT4F16),
+                Some(K::DropoutAddNormFwdT8F16),
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1F16),
@@ -171,10 +171,10 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
             fwd: K::DropoutAddNormFwdBf16,
             bwd: K::DropoutAddNormBwdBf16,
             fwd_t: [
-                K::DropoutAddNormFwdT1Bf16,
-                K::DropoutAddNormFwdT2Bf16,
-                K::DropoutAddNormFwdT4Bf16,
-                K::DropoutAddNormFwdT8Bf16,
+                Some(K::DropoutAddNormFwdT1Bf16),
+                Some(K::DropoutAddNormFwdT2Bf16),
+                Some(K::DropoutAddNormFwdT4Bf16),
+                Some(K::DropoutAddNormFwdT8Bf16),
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1Bf16),
@@ -187,10 +187,10 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
             fwd: K::DropoutAddNormFwdF16Sf32,
             bwd: K::DropoutAddNormBwdF16Sf32,
             fwd_t: [
-                K::DropoutAddNormFwdT1F16Sf32,
-                K::DropoutAddNormFwdT2F16Sf32,
-                K::DropoutAddNormFwdT4F16Sf32,
-                K::DropoutAddNormFwdT8F16Sf32,
+                Some(K::DropoutAddNormFwdT1F16Sf32),
+                Some(K::DropoutAddNormFwdT2F16Sf32),
+                Some(K::DropoutAddNormFwdT4F16Sf32),
+                Some(K::DropoutAddNormFwdT8F16Sf32),
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1F16Sf32),
@@ -203,10 +203,10 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
             fwd: K::DropoutAddNormFwdBf16Sf32,
             bwd: K::DropoutAddNormBwdBf16Sf32,
             fwd_t: [
-                K::DropoutAddNormFwdT1Bf16Sf32,
-                K::DropoutAddNormFwdT2Bf16Sf32,
-                K::DropoutAddNormFwdT4Bf16Sf32,
-                K::DropoutAddNormFwdT8Bf16Sf32,
+                Some(K::DropoutAddNormFwdT1Bf16Sf32),
+                Some(K::DropoutAddNormFwdT2Bf16Sf32),
+                Some(K::DropoutAddNormFwdT4Bf16Sf32),
+                Some(K::DropoutAddNormFwdT8Bf16Sf32),
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1Bf16Sf32),
@@ -219,7 +219,7 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
 }
 
 /// A register tier's thread layout: `ngt` groups of 8 per thread, `seg` threads per partial
-/// (`FwdTier` / `BwdTier` in kernels/dropout_add_norm.cu).
+/// (`Tier` in kernels/dropout_add_norm.cu; the same for both directions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Tier {
     /// `log2 NG`: the kernel's index in [`Family`].
@@ -228,44 +228,18 @@ pub(super) struct Tier {
     pub seg: usize,
 }
 
-/// The tier whose rows hold `cols` columns (`None`: more than 8 groups per partial), before
-/// checking that the direction and stream type have it.
-fn tier_index(cols: usize) -> Option<usize> {
-    let per = (cols / GROUP).div_ceil(row_partials(cols));
-    (0..4).find(|&i| per <= 1 << i)
-}
-
-/// The forward's tier for a vector-path row of `cols` columns.
-pub(super) fn fwd_tier(cols: usize) -> Option<Tier> {
-    const LAYOUT: [(usize, usize); 4] = [(1, 1), (2, 1), (2, 2), (2, 4)];
-    tier_index(cols).map(|index| Tier {
-        index,
-        ngt: LAYOUT[index].0,
-        seg: LAYOUT[index].1,
-    })
-}
-
-/// The backward's tier: as the forward's for a 16-bit stream; an f32 stream holds one group per
-/// thread (t2 and t4 over 2 and 4 segments) and has no t8.
-pub(super) fn bwd_tier(cols: usize, wide: bool) -> Option<Tier> {
+/// The tier that holds a vector-path row of `cols` columns (the smallest NG >= the groups per
+/// partial), or `None` past the tiers. A 16-bit stream holds two groups per thread (t4 and t8
+/// over 2 and 4 segments), an f32 stream (`wide`) one (t2 and t4 over 2 and 4 segments) and has
+/// no t8: it would need 2048 threads.
+pub(super) fn tier(cols: usize, wide: bool) -> Option<Tier> {
+    const NARROW: [Option<(usize, usize)>; 4] =
+        [Some((1, 1)), Some((2, 1)), Some((2, 2)), Some((2, 4))];
     const WIDE: [Option<(usize, usize)>; 4] = [Some((1, 1)), Some((1, 2)), Some((1, 4)), None];
-    let t = fwd_tier(cols)?;
-    if !wide {
-        return Some(t);
-    }
-    WIDE[t.index].map(|(ngt, seg)| Tier { ngt, seg, ..t })
-}
-
-fn colsum_kernel<T: Dtype>() -> Kernel {
-    match T::KIND {
-        DtypeKind::F32 => Kernel::DropoutAddNormColsumF32,
-        DtypeKind::F16 => Kernel::DropoutAddNormColsumF16,
-        DtypeKind::Bf16 => Kernel::DropoutAddNormColsumBf16,
-    }
-}
-
-fn aligned16(ptrs: &[u64]) -> bool {
-    ptrs.iter().all(|&p| p % 16 == 0) // an absent pointer (0) is aligned
+    let per = (cols / GROUP).div_ceil(row_partials(cols));
+    let index = (0..4).find(|&i| per <= 1 << i)?;
+    let (ngt, seg) = if wide { WIDE[index] } else { NARROW[index] }?;
+    Some(Tier { index, ngt, seg })
 }
 
 /// Row-scale fields shared by both directions.
@@ -469,13 +443,14 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         flags |= FLAG_NORM_ONLY;
     }
     let (rows, cols) = (cfg.rows(), cfg.cols());
-    let tier = if vec && !t.generic {
-        fwd_tier(cols)
+    let wide = S::KIND == DtypeKind::F32;
+    let tiered = if vec && !t.generic {
+        tier(cols, wide).and_then(|tr| Some((fam.fwd_t[tr.index]?, row_partials(cols) * tr.seg)))
     } else {
         None
     };
-    let (kernel, block, smem) = match tier {
-        Some(tr) => (fam.fwd_t[tr.index], row_partials(cols) * tr.seg, 0),
+    let (kernel, block, smem) = match tiered {
+        Some((kernel, block)) => (kernel, block, 0),
         None => {
             // The row in shared memory for the passes after the first, when it fits (same
             // bits).
@@ -496,7 +471,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     let mut grid = (rows as u64)
         .min(u64::from(t.max_grid))
         .min(i32::MAX as u64) as u32;
-    if tier.is_some() {
+    if tiered.is_some() {
         // As many blocks as are resident at once: each loops over rows (its setup, the Philox
         // key schedule among it, paid once rather than per row).
         grid = grid.min(resident_blocks(handle, kernel, block as u32, 0).unwrap_or(u32::MAX));
@@ -734,7 +709,7 @@ pub fn backward<T: Dtype, S: Dtype>(
         // generic kernel, its slab partials in shared memory when they fit (same bits).
         let wide = S::KIND == DtypeKind::F32;
         let tiered = if vec && !t.generic {
-            bwd_tier(cols, wide).and_then(|tr| {
+            tier(cols, wide).and_then(|tr| {
                 let kernel = fam.bwd_t[tr.index]?;
                 let block = row_partials(cols) * tr.seg;
                 let arrays = 1 + usize::from(dbeta != 0) + usize::from(dbias != 0);
@@ -822,28 +797,28 @@ mod tests {
             let (p, groups) = (row_partials(cols), cols / GROUP);
             let per = groups.div_ceil(p);
             for wide in [false, true] {
-                for (dir, t) in [("fwd", fwd_tier(cols)), ("bwd", bwd_tier(cols, wide))] {
-                    let Some(t) = t else {
-                        assert!(
-                            per > 8 || (dir == "bwd" && wide && per > 4),
-                            "{dir} {cols}: no tier"
-                        );
-                        continue;
-                    };
-                    let ng = 1 << t.index;
-                    assert!(
-                        per <= ng && (ng == 1 || per > ng / 2),
-                        "{dir} {cols}: {t:?}"
-                    );
-                    assert_eq!(t.ngt * t.seg, ng, "{dir} {cols}: {t:?}");
-                    assert!(t.ngt <= 2 && p * t.seg <= 1024, "{dir} {cols}: {t:?}");
-                    assert!(ng == 1 || p == 256, "{dir} {cols}: P = {p}");
-                }
+                let Some(t) = tier(cols, wide) else {
+                    assert!(per > 8 || (wide && per > 4), "{cols} wide {wide}: no tier");
+                    continue;
+                };
+                let ng = 1 << t.index;
+                assert!(per <= ng && (ng == 1 || per > ng / 2), "{cols}: {t:?}");
+                assert_eq!(t.ngt * t.seg, ng, "{cols}: {t:?}");
+                assert!(t.ngt <= 2 && p * t.seg <= 1024, "{cols}: {t:?}");
+                assert!(ng == 1 || p == 256, "{cols}: P = {p}");
+                assert!(!wide || t.ngt == 1, "{cols}: {t:?}");
             }
         }
-        assert_eq!(fwd_tier(4096).map(|t| t.index), Some(1));
-        assert_eq!(bwd_tier(16384, false).map(|t| (t.ngt, t.seg)), Some((2, 4)));
-        assert_eq!(bwd_tier(16384, true), None); // an f32 stream: the generic backward
-        assert_eq!(fwd_tier(16392), None);
+        assert_eq!(
+            tier(4096, false).map(|t| (t.index, t.ngt, t.seg)),
+            Some((1, 2, 1))
+        );
+        assert_eq!(
+            tier(4096, true).map(|t| (t.index, t.ngt, t.seg)),
+            Some((1, 1, 2))
+        );
+        assert_eq!(tier(16384, false).map(|t| (t.ngt, t.seg)), Some((2, 4)));
+        assert_eq!(tier(16384, true), None); // an f32 stream: the generic kernels
+        assert_eq!(tier(16392, false), None);
     }
 }

@@ -24,20 +24,21 @@ template <> struct Kind<__nv_bfloat16> { static constexpr uint64_t id = 2; stati
 
 template <class T, class S> struct K;
 // fwd_t[i] / bwd_t[i]: tier NG = 1 << i (null: no such tier for this stream type).
-#define KS(T, S, NAME, BWD_T8)                                                                       \
+#define KS(T, S, NAME, T8F, T8B)                                                                     \
     template <> struct K<T, S> {                                                                     \
         static constexpr auto fwd = dropout_add_norm_fwd_##NAME;                                     \
         static constexpr auto bwd = dropout_add_norm_bwd_##NAME;                                     \
         static constexpr void (*fwd_t[4])(FwdParams<T, S>) = {                                       \
             dropout_add_norm_fwd_t1_##NAME, dropout_add_norm_fwd_t2_##NAME, dropout_add_norm_fwd_t4_##NAME, \
-            dropout_add_norm_fwd_t8_##NAME};                                                         \
+            T8F};                                                                                    \
         static constexpr void (*bwd_t[4])(BwdParams<T, S>) = {                                       \
             dropout_add_norm_bwd_t1_##NAME, dropout_add_norm_bwd_t2_##NAME, dropout_add_norm_bwd_t4_##NAME, \
-            BWD_T8};                                                                                 \
+            T8B};                                                                                    \
     };
-KS(float, float, f32, nullptr) KS(__half, __half, f16, dropout_add_norm_bwd_t8_f16)
-KS(__nv_bfloat16, __nv_bfloat16, bf16, dropout_add_norm_bwd_t8_bf16)
-KS(__half, float, f16_sf32, nullptr) KS(__nv_bfloat16, float, bf16_sf32, nullptr)
+KS(float, float, f32, nullptr, nullptr)
+KS(__half, __half, f16, dropout_add_norm_fwd_t8_f16, dropout_add_norm_bwd_t8_f16)
+KS(__nv_bfloat16, __nv_bfloat16, bf16, dropout_add_norm_fwd_t8_bf16, dropout_add_norm_bwd_t8_bf16)
+KS(__half, float, f16_sf32, nullptr, nullptr) KS(__nv_bfloat16, float, bf16_sf32, nullptr, nullptr)
 template <class T> struct C;
 template <> struct C<float> { static constexpr auto colsum = dropout_add_norm_colsum_f32; };
 template <> struct C<__half> { static constexpr auto colsum = dropout_add_norm_colsum_f16; };
@@ -86,10 +87,12 @@ static int tier_of(uint64_t cols) {
 
 template <class V> static void put(FILE* f, const std::vector<V>& v) { fwrite(v.data(), sizeof(V), v.size(), f); }
 
-// Segments per partial of each tier (FwdTier / BwdTier in kernels/dropout_add_norm.cu): the block
-// is partials_of(cols) * segments threads. The backward of an f32 stream has its own table.
-static const unsigned FwdSeg[4] = {1, 1, 2, 4};
-static const unsigned BwdSegWide[4] = {1, 2, 4, 0};
+// Segments per partial of each tier (Tier in kernels/dropout_add_norm.cu): the block is
+// partials_of(cols) * segments threads. An f32 stream has its own table (and no t8).
+template <class S> static unsigned segments(int tier) {
+    static const unsigned narrow[4] = {1, 1, 2, 4}, wide[4] = {1, 2, 4, 0};
+    return sizeof(S) == 4 ? wide[tier] : narrow[tier];
+}
 
 // The tier's output must be the generic kernel's, bit for bit.
 template <class V> static void same(const std::vector<V>& a, const std::vector<V>& b, const char* what) {
@@ -141,7 +144,7 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     p.rows_per_sample = c.rs == 3 ? 3 : 1;
     const unsigned block = partials_of(cols);
     const dim3 fgrid{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1};
-    const int tier = c.vec ? tier_of(cols) : -1;
+    const int tier = c.vec && tier_of(cols) >= 0 && K<T, S>::fwd_t[tier_of(cols)] != nullptr ? tier_of(cols) : -1;
     // The generic forward on the same inputs first (a tier case compares against it below).
     std::vector<S> s_g = s;
     std::vector<T> out_g = out;
@@ -152,7 +155,7 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
         g.out = out_g.data(); g.s = s_g.data(); g.mean = mean_g.data(); g.rstd = rstd_g.data();
         launch(K<T, S>::fwd, fgrid, dim3{block, 1, 1}, g);
         p.flags &= ~FLAG_SMEM;
-        launch(K<T, S>::fwd_t[tier], fgrid, dim3{block * FwdSeg[tier], 1, 1}, p);
+        launch(K<T, S>::fwd_t[tier], fgrid, dim3{block * segments<S>(tier), 1, 1}, p);
         same(out, out_g, "out"); same(s, s_g, "s"); same(mean, mean_g, "mean"); same(rstd, rstd_g, "rstd");
     } else {
         launch(K<T, S>::fwd, fgrid, dim3{block, 1, 1}, p);
@@ -174,7 +177,7 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
             g.out = out2_g.data(); g.mean = mean2_g.data(); g.rstd = rstd2_g.data();
             launch(K<T, S>::fwd, fgrid, dim3{block, 1, 1}, g);
             q.flags &= ~FLAG_SMEM;
-            launch(K<T, S>::fwd_t[tier], fgrid, dim3{block * FwdSeg[tier], 1, 1}, q);
+            launch(K<T, S>::fwd_t[tier], fgrid, dim3{block * segments<S>(tier), 1, 1}, q);
             same(out2, out2_g, "norm-only out"); same(mean2, mean2_g, "norm-only mean");
             same(rstd2, rstd2_g, "norm-only rstd");
         } else {
@@ -217,7 +220,7 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
         launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, g);
         colsum(part_g, dg_g, db_g, dbi_g);
         q.flags &= ~FLAG_SMEM;
-        const unsigned bblock = block * (sizeof(S) == 4 ? BwdSegWide[btier] : FwdSeg[btier]);
+        const unsigned bblock = block * segments<S>(btier);
         launch(K<T, S>::bwd_t[btier], dim3{(unsigned)slabs, 1, 1}, dim3{bblock, 1, 1}, q);
         colsum(part, dgamma, dbeta, dbias);
         same(dx, dx_g, "dx"); same(d_res, d_res_g, "d_residual"); same(dgamma, dg_g, "dgamma");
