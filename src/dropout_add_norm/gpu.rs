@@ -9,16 +9,18 @@
 //! columns) runs the generic kernels: one block of `row_partials(cols)` threads loops over the
 //! row. Forward: a block per row, grid-stride (tiers: as many blocks as fit the GPU at once, so
 //! each block's setup is paid once for many rows). Backward: one block per slab of
-//! [`slab_rows`]`(rows)` rows, writing f32 column partials (`[3][slabs][cols]`, the wanted arrays
+//! [`colsum_slab_rows`]`(rows)` rows, writing f32 column partials (`[3][slabs][cols]`, the wanted arrays
 //! only) that the colsum kernel adds in slab order.
 
 use cudarc::driver::DeviceRepr;
 
 use super::{
-    check_backward, check_forward, check_stream_dtype, row_partials, slab_count, slab_rows,
-    BackwardArgs, BackwardLens, BackwardOut, Config, ForwardArgs, ForwardLens, ForwardOut, Norm,
-    GROUP, OP,
+    check_backward, check_forward, check_stream_dtype, colsum_slab_count, colsum_slab_rows,
+    row_partials, BackwardArgs, BackwardLens, BackwardOut, Config, ForwardArgs, ForwardLens,
+    ForwardOut, Norm, GROUP, OP,
 };
+use crate::dropping::gpu::{aligned16, row_scale_fields};
+use crate::dropping::Workspace;
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{Error, Result};
 use crate::runtime::kernels::Kernel;
@@ -26,7 +28,6 @@ use crate::runtime::Handle;
 
 // Flags of kernels/dropout_add_norm.cu: the shared dropping flags keep their values, this op's
 // own start at bit 8.
-const FLAG_DROP_PATH: u32 = 1;
 const FLAG_VEC: u32 = 1 << 8;
 const FLAG_RMS: u32 = 1 << 9;
 const FLAG_BETA: u32 = 1 << 10;
@@ -190,7 +191,7 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
                 Some(K::DropoutAddNormFwdT1F16Sf32),
                 Some(K::DropoutAddNormFwdT2F16Sf32),
                 Some(K::DropoutAddNormFwdT4F16Sf32),
-                Some(K::DropoutAddNormFwdT8F16Sf32),
+                None,
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1F16Sf32),
@@ -206,7 +207,7 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
                 Some(K::DropoutAddNormFwdT1Bf16Sf32),
                 Some(K::DropoutAddNormFwdT2Bf16Sf32),
                 Some(K::DropoutAddNormFwdT4Bf16Sf32),
-                Some(K::DropoutAddNormFwdT8Bf16Sf32),
+                None,
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1Bf16Sf32),
@@ -216,6 +217,14 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
             ],
         },
     })
+}
+
+fn colsum_kernel<T: Dtype>() -> Kernel {
+    match T::KIND {
+        DtypeKind::F32 => Kernel::DropoutAddNormColsumF32,
+        DtypeKind::F16 => Kernel::DropoutAddNormColsumF16,
+        DtypeKind::Bf16 => Kernel::DropoutAddNormColsumBf16,
+    }
 }
 
 /// A register tier's thread layout: `ngt` groups of 8 per thread, `seg` threads per partial
@@ -240,34 +249,6 @@ pub(super) fn tier(cols: usize, wide: bool) -> Option<Tier> {
     let index = (0..4).find(|&i| per <= 1 << i)?;
     let (ngt, seg) = if wide { WIDE[index] } else { NARROW[index] }?;
     Some(Tier { index, ngt, seg })
-}
-
-/// Row-scale fields shared by both directions.
-struct RowScaleFields {
-    flags: u32,
-    path_call: u64,
-    path_threshold: u64,
-    path_scale: f32,
-    rows_per_sample: u32,
-}
-
-fn row_scale_fields(cfg: &Config) -> RowScaleFields {
-    match cfg.drop_path() {
-        Some(path) => RowScaleFields {
-            flags: FLAG_DROP_PATH,
-            path_call: path.call(),
-            path_threshold: path.rate().threshold(),
-            path_scale: path.rate().scale(),
-            rows_per_sample: path.rows_per_sample() as u32,
-        },
-        None => RowScaleFields {
-            flags: 0,
-            path_call: 0,
-            path_threshold: 0,
-            path_scale: 0.0,
-            rows_per_sample: 1,
-        },
-    }
 }
 
 /// `s = residual + rowscale * dropout(x + bias)`, `out = norm(s) * layer_scale` and the row
@@ -428,7 +409,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     let vec = !t.force_scalar
         && cfg.cols() % GROUP == 0
         && aligned16(&[x, gamma, beta, bias, residual, o, s]);
-    let rsf = row_scale_fields(cfg);
+    let rsf = row_scale_fields(cfg.drop_path(), rowscale);
     let mut flags = rsf.flags;
     if vec {
         flags |= FLAG_VEC;
@@ -612,7 +593,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     )?;
     let t = args.tuning;
     let (rows, cols) = (cfg.rows(), cfg.cols());
-    let slabs = slab_count(rows);
+    let slabs = colsum_slab_count(rows);
 
     let (dgamma, _h0) = handle.write_ptr(OP, "dgamma", &mut out.dgamma)?;
     let dbeta_g = out
@@ -637,27 +618,8 @@ pub fn backward<T: Dtype, S: Dtype>(
     let partials = if partial_len == 0 {
         None
     } else {
-        match args.workspace {
-            Some(ws) => {
-                if ws.capacity() < partial_len {
-                    ws.partials = None; // free the old one first
-                                        // SAFETY: every element read is written by the backward kernel first.
-                    ws.partials = Some(
-                        unsafe { handle.stream().alloc::<f32>(partial_len) }
-                            .map_err(Error::driver(OP))?,
-                    );
-                }
-                ws.partials.as_mut()
-            }
-            None => {
-                // SAFETY: as above.
-                own = Some(
-                    unsafe { handle.stream().alloc::<f32>(partial_len) }
-                        .map_err(Error::driver(OP))?,
-                );
-                own.as_mut()
-            }
-        }
+        // SAFETY: the backward kernel writes every partial the colsum kernel reads.
+        Some(unsafe { Workspace::partials(handle, OP, args.workspace, &mut own, partial_len) }?)
     };
     let part_g = partials
         .map(|b| handle.write_ptr(OP, "workspace", b))
@@ -690,7 +652,7 @@ pub fn backward<T: Dtype, S: Dtype>(
         let vec = !t.force_scalar
             && cols % GROUP == 0
             && aligned16(&[d_out, d_s, s, gamma, dx, d_residual]);
-        let rsf = row_scale_fields(cfg);
+        let rsf = row_scale_fields(cfg.drop_path(), rowscale);
         let mut flags = rsf.flags;
         if vec {
             flags |= FLAG_VEC;
@@ -750,7 +712,7 @@ pub fn backward<T: Dtype, S: Dtype>(
             partials,
             rows: rows as u64,
             cols: cols as u64,
-            slab_rows: slab_rows(rows) as u64,
+            slab_rows: colsum_slab_rows(rows) as u64,
             slabs: slabs as u64,
             seed: cfg.seed(),
             call: cfg.call(),

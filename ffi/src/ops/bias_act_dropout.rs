@@ -1,0 +1,201 @@
+//! `fr_bias_act_dropout_*`: `y = dropout(act(x + bias))`, the feed-forward site.
+
+use fusedreg::bias_act_dropout::{self as bad, Activation, Config, Preact};
+use fusedreg::{Dtype, Handle};
+
+use crate::tensor::{dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor};
+use crate::{boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus};
+use crate::{FR_ACT_GELU_ERF, FR_ACT_GELU_TANH, FR_ACT_RELU, FR_ACT_SILU};
+
+const OP: &str = "bias_act_dropout";
+
+fn config(o: &FrOptions) -> FfiResult<Config> {
+    o.only_exact_32bit(OP)?;
+    let (rows, cols) = o.shape(OP)?;
+    let act = match o.activation {
+        FR_ACT_GELU_ERF => Activation::GeluErf,
+        FR_ACT_GELU_TANH => Activation::GeluTanh,
+        FR_ACT_SILU => Activation::Silu,
+        FR_ACT_RELU => Activation::Relu,
+        a => {
+            return Err(FfiError::invalid(format!(
+                "{OP}: activation = {a}; use 0 (GELU erf), 1 (GELU tanh), 2 (SiLU) or 3 (ReLU)"
+            )))
+        }
+    };
+    Ok(Config::new(rows, cols, act, o.p, o.seed, o.call)?)
+}
+
+/// `y = dropout(act(x + bias))` on `[rows, cols]`, `bias` (optional) `[cols]`; `h_out`
+/// (optional) receives `x + bias`. Keyed by `(seed, call)`.
+#[no_mangle]
+pub unsafe extern "C" fn fr_bias_act_dropout_forward(
+    options: *const FrOptions,
+    exec: FrExec,
+    x: *const FrTensor,
+    bias: *const FrTensor,
+    y: *const FrTensor,
+    h_out: *const FrTensor,
+) -> FrStatus {
+    boundary(|| {
+        let o = FrOptions::read(OP, options)?;
+        let cfg = config(o)?;
+        let t = Fwd {
+            x: req(OP, "x", x)?,
+            bias: opt(OP, "bias", bias)?,
+            y: req(OP, "y", y)?,
+            h_out: opt(OP, "h_out", h_out)?,
+        };
+        let h = exec.handle()?;
+        dispatch_float!(OP, "x", t.x.dtype, T => forward::<T>(&cfg, h.as_ref(), &t))
+    })
+}
+
+/// `dx = keep · scale · dy · act'(x + bias)` with the mask regenerated from the options' keys,
+/// and (optional) `dbias`, its column sums in a fixed order. The pre-activation is recomputed
+/// from `x` (+ `bias`), or read from `h` when given (then `x` and `bias` may be null).
+#[no_mangle]
+pub unsafe extern "C" fn fr_bias_act_dropout_backward(
+    options: *const FrOptions,
+    exec: FrExec,
+    dy: *const FrTensor,
+    x: *const FrTensor,
+    bias: *const FrTensor,
+    h: *const FrTensor,
+    dx: *const FrTensor,
+    dbias: *const FrTensor,
+) -> FrStatus {
+    boundary(|| {
+        let o = FrOptions::read(OP, options)?;
+        let cfg = config(o)?;
+        let hh = opt(OP, "h", h)?;
+        let t = Bwd {
+            dy: req(OP, "dy", dy)?,
+            x: if hh.is_some() {
+                opt(OP, "x", x)?
+            } else {
+                Some(req(OP, "x", x)?)
+            },
+            bias: opt(OP, "bias", bias)?,
+            h: hh,
+            dx: req(OP, "dx", dx)?,
+            dbias: opt(OP, "dbias", dbias)?,
+        };
+        let handle = exec.handle()?;
+        dispatch_float!(OP, "dy", t.dy.dtype, T => backward::<T>(&cfg, handle.as_ref(), &t))
+    })
+}
+
+struct Fwd<'a> {
+    x: &'a FrTensor,
+    bias: Option<&'a FrTensor>,
+    y: &'a FrTensor,
+    h_out: Option<&'a FrTensor>,
+}
+
+struct Bwd<'a> {
+    dy: &'a FrTensor,
+    x: Option<&'a FrTensor>,
+    bias: Option<&'a FrTensor>,
+    h: Option<&'a FrTensor>,
+    dx: &'a FrTensor,
+    dbias: Option<&'a FrTensor>,
+}
+
+fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> FfiResult {
+    // SAFETY (every view below): the C contract, pointers valid for their lengths, outputs
+    // distinct from the inputs.
+    match h {
+        None => unsafe {
+            let bias = t.bias.map(|b| host::<T>(OP, "bias", b)).transpose()?;
+            let h_out = t.h_out.map(|b| host_mut::<T>(OP, "h_out", b)).transpose()?;
+            bad::cpu::forward(
+                cfg,
+                host::<T>(OP, "x", t.x)?,
+                bias,
+                host_mut::<T>(OP, "y", t.y)?,
+                h_out,
+            )?;
+        },
+        Some(h) => unsafe {
+            let s = h.stream();
+            let x = Borrowed::<T>::new(OP, "x", t.x, s)?;
+            let bias = t
+                .bias
+                .map(|b| Borrowed::<T>::new(OP, "bias", b, s))
+                .transpose()?;
+            let mut y = Borrowed::<T>::new(OP, "y", t.y, s)?;
+            let mut h_out = t
+                .h_out
+                .map(|b| Borrowed::<T>::new(OP, "h_out", b, s))
+                .transpose()?;
+            bad::forward(
+                h,
+                cfg,
+                x.slice(),
+                bias.as_ref().map(|b| b.view()),
+                y.slice_mut(),
+                h_out.as_mut().map(|b| b.view_mut()),
+            )?;
+        },
+    }
+    Ok(())
+}
+
+fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> FfiResult {
+    // SAFETY: as in `forward`.
+    match h {
+        None => unsafe {
+            let pre = match t.h {
+                Some(hh) => Preact::H(host::<T>(OP, "h", hh)?),
+                None => Preact::X {
+                    x: host::<T>(OP, "x", t.x.expect("checked: x or h"))?,
+                    bias: t.bias.map(|b| host::<T>(OP, "bias", b)).transpose()?,
+                },
+            };
+            let dbias = t.dbias.map(|b| host_mut::<T>(OP, "dbias", b)).transpose()?;
+            bad::cpu::backward(
+                cfg,
+                host::<T>(OP, "dy", t.dy)?,
+                pre,
+                host_mut::<T>(OP, "dx", t.dx)?,
+                dbias,
+            )?;
+        },
+        Some(h) => unsafe {
+            let s = h.stream();
+            let dy = Borrowed::<T>::new(OP, "dy", t.dy, s)?;
+            let hh = t.h.map(|b| Borrowed::<T>::new(OP, "h", b, s)).transpose()?;
+            let x = match (t.h, t.x) {
+                (None, Some(x)) => Some(Borrowed::<T>::new(OP, "x", x, s)?),
+                _ => None,
+            };
+            let bias = t
+                .bias
+                .map(|b| Borrowed::<T>::new(OP, "bias", b, s))
+                .transpose()?;
+            let pre = match (&hh, &x) {
+                (Some(hh), _) => Preact::H(hh.view()),
+                (None, Some(x)) => Preact::X {
+                    x: x.view(),
+                    bias: bias.as_ref().map(|b| b.view()),
+                },
+                (None, None) => unreachable!("checked: x or h"),
+            };
+            let mut dx = Borrowed::<T>::new(OP, "dx", t.dx, s)?;
+            let mut dbias = t
+                .dbias
+                .map(|b| Borrowed::<T>::new(OP, "dbias", b, s))
+                .transpose()?;
+            bad::backward(
+                h,
+                cfg,
+                dy.slice(),
+                pre,
+                dx.slice_mut(),
+                dbias.as_mut().map(|b| b.view_mut()),
+            )?;
+        },
+    }
+    Ok(())
+}

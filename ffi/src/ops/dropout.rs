@@ -1,0 +1,225 @@
+//! `fr_dropout_*`: `y = [residual +] rowscale · dropout(x + bias)`, plain or with a residual
+//! (one ABI op; the library's `dropout` and `dropout_residual` underneath).
+
+use fusedreg::dropout::{self, Config, MaskResolution};
+use fusedreg::{dropout_residual as dres, Dtype, Handle};
+
+use crate::tensor::{dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor};
+use crate::{boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus};
+
+const OP: &str = "dropout";
+
+fn config(o: &FrOptions, residual: bool) -> FfiResult<Config> {
+    if o.math > crate::FR_MATH_EXACT {
+        return Err(FfiError::invalid(format!(
+            "{OP}: math = {} is not offered by this op (it has no transcendental functions)",
+            o.math
+        )));
+    }
+    let (rows, cols) = o.shape(OP)?;
+    let mut cfg = Config::new(rows, cols, o.p, o.seed, o.call)?;
+    match o.mask_bits {
+        32 => {}
+        16 if !residual => cfg = cfg.with_resolution(MaskResolution::Bits16),
+        b => {
+            return Err(FfiError::invalid(format!(
+                "{OP}: mask_bits = {b} is not offered{}; use 32{}",
+                if residual { " with a residual" } else { "" },
+                if residual { "" } else { " or 16" }
+            )))
+        }
+    }
+    if let Some(path) = o.drop_path(OP)? {
+        cfg = cfg.with_drop_path(path);
+    }
+    Ok(cfg)
+}
+
+/// Forward on `[rows, cols]`: `y = rowscale · dropout(x + bias)`, plus `residual` when given
+/// (`y` may be the residual itself: then it is updated in place). `bias` `[cols]` and
+/// `rowscale` (f32 `[rows]`) are optional; with a drop path in the options the row scale is
+/// drawn instead, and `rowscale_out` (optional, f32 `[rows]`) receives it. A dropped element
+/// contributes exactly 0.
+#[no_mangle]
+pub unsafe extern "C" fn fr_dropout_forward(
+    options: *const FrOptions,
+    exec: FrExec,
+    x: *const FrTensor,
+    bias: *const FrTensor,
+    residual: *const FrTensor,
+    rowscale: *const FrTensor,
+    y: *const FrTensor,
+    rowscale_out: *const FrTensor,
+) -> FrStatus {
+    boundary(|| {
+        let o = FrOptions::read(OP, options)?;
+        let t = Fwd {
+            x: req(OP, "x", x)?,
+            bias: opt(OP, "bias", bias)?,
+            residual: opt(OP, "residual", residual)?,
+            rowscale: opt(OP, "rowscale", rowscale)?,
+            y: req(OP, "y", y)?,
+            rowscale_out: opt(OP, "rowscale_out", rowscale_out)?,
+        };
+        let cfg = config(o, t.residual.is_some())?;
+        let h = exec.handle()?;
+        dispatch_float!(OP, "x", t.x.dtype, T => forward::<T>(&cfg, h.as_ref(), &t))
+    })
+}
+
+/// Backward: `dx = keep · rowscale · scale · dy` with the mask regenerated from the options'
+/// keys (the residual's gradient is `dy` itself: nothing to compute), and (optional) `dbias`,
+/// the column sums of the unrounded `dx` in a fixed order. Pass the forward's `rowscale` (given
+/// or drawn) when it had one.
+#[no_mangle]
+pub unsafe extern "C" fn fr_dropout_backward(
+    options: *const FrOptions,
+    exec: FrExec,
+    dy: *const FrTensor,
+    rowscale: *const FrTensor,
+    dx: *const FrTensor,
+    dbias: *const FrTensor,
+) -> FrStatus {
+    boundary(|| {
+        let o = FrOptions::read(OP, options)?;
+        let cfg = config(o, false)?;
+        let t = Bwd {
+            dy: req(OP, "dy", dy)?,
+            rowscale: opt(OP, "rowscale", rowscale)?,
+            dx: req(OP, "dx", dx)?,
+            dbias: opt(OP, "dbias", dbias)?,
+        };
+        let h = exec.handle()?;
+        dispatch_float!(OP, "dy", t.dy.dtype, T => backward::<T>(&cfg, h.as_ref(), &t))
+    })
+}
+
+struct Fwd<'a> {
+    x: &'a FrTensor,
+    bias: Option<&'a FrTensor>,
+    residual: Option<&'a FrTensor>,
+    rowscale: Option<&'a FrTensor>,
+    y: &'a FrTensor,
+    rowscale_out: Option<&'a FrTensor>,
+}
+
+struct Bwd<'a> {
+    dy: &'a FrTensor,
+    rowscale: Option<&'a FrTensor>,
+    dx: &'a FrTensor,
+    dbias: Option<&'a FrTensor>,
+}
+
+fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> FfiResult {
+    let inplace = t.residual.is_some_and(|r| r.data == t.y.data && r.len > 0);
+    // SAFETY (every view below): the C contract, pointers valid for their lengths; the one
+    // allowed alias (y = residual) is taken as a single mutable view.
+    match h {
+        None => unsafe {
+            let opts = dropout::cpu::ForwardOptions {
+                bias: t.bias.map(|b| host::<T>(OP, "bias", b)).transpose()?,
+                rowscale: t
+                    .rowscale
+                    .map(|b| host::<f32>(OP, "rowscale", b))
+                    .transpose()?,
+                mask_out: None,
+                rowscale_out: t
+                    .rowscale_out
+                    .map(|b| host_mut::<f32>(OP, "rowscale_out", b))
+                    .transpose()?,
+            };
+            let x = host::<T>(OP, "x", t.x)?;
+            match t.residual {
+                None => dropout::cpu::forward(cfg, x, host_mut::<T>(OP, "y", t.y)?, opts)?,
+                Some(_) if inplace => {
+                    dres::cpu::forward_inplace(cfg, x, host_mut::<T>(OP, "y", t.y)?, opts)?
+                }
+                Some(r) => dres::cpu::forward(
+                    cfg,
+                    x,
+                    host::<T>(OP, "residual", r)?,
+                    host_mut::<T>(OP, "y", t.y)?,
+                    opts,
+                )?,
+            }
+        },
+        Some(h) => unsafe {
+            let s = h.stream();
+            let x = Borrowed::<T>::new(OP, "x", t.x, s)?;
+            let bias = t
+                .bias
+                .map(|b| Borrowed::<T>::new(OP, "bias", b, s))
+                .transpose()?;
+            let rowscale = t
+                .rowscale
+                .map(|b| Borrowed::<f32>::new(OP, "rowscale", b, s))
+                .transpose()?;
+            let mut rs_out = t
+                .rowscale_out
+                .map(|b| Borrowed::<f32>::new(OP, "rowscale_out", b, s))
+                .transpose()?;
+            let mut y = Borrowed::<T>::new(OP, "y", t.y, s)?;
+            let opts = dropout::ForwardOptions {
+                bias: bias.as_ref().map(|b| b.view()),
+                rowscale: rowscale.as_ref().map(|b| b.view()),
+                mask_out: None,
+                rowscale_out: rs_out.as_mut().map(|b| b.view_mut()),
+                ..Default::default()
+            };
+            match t.residual {
+                None => dropout::forward(h, cfg, x.slice(), y.slice_mut(), opts)?,
+                Some(_) if inplace => {
+                    dres::forward_inplace(h, cfg, x.slice(), y.slice_mut(), opts)?
+                }
+                Some(r) => {
+                    let r = Borrowed::<T>::new(OP, "residual", r, s)?;
+                    dres::forward(h, cfg, x.slice(), r.slice(), y.slice_mut(), opts)?
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> FfiResult {
+    // SAFETY: as in `forward`; outputs are distinct from the inputs.
+    match h {
+        None => unsafe {
+            let opts = dropout::cpu::BackwardOptions {
+                rowscale: t
+                    .rowscale
+                    .map(|b| host::<f32>(OP, "rowscale", b))
+                    .transpose()?,
+                mask: None,
+                dbias: t.dbias.map(|b| host_mut::<T>(OP, "dbias", b)).transpose()?,
+            };
+            dropout::cpu::backward(
+                cfg,
+                host::<T>(OP, "dy", t.dy)?,
+                host_mut::<T>(OP, "dx", t.dx)?,
+                opts,
+            )?;
+        },
+        Some(h) => unsafe {
+            let s = h.stream();
+            let dy = Borrowed::<T>::new(OP, "dy", t.dy, s)?;
+            let rowscale = t
+                .rowscale
+                .map(|b| Borrowed::<f32>::new(OP, "rowscale", b, s))
+                .transpose()?;
+            let mut dx = Borrowed::<T>::new(OP, "dx", t.dx, s)?;
+            let mut dbias = t
+                .dbias
+                .map(|b| Borrowed::<T>::new(OP, "dbias", b, s))
+                .transpose()?;
+            let opts = dropout::BackwardOptions {
+                rowscale: rowscale.as_ref().map(|b| b.view()),
+                mask: None,
+                dbias: dbias.as_mut().map(|b| b.view_mut()),
+                ..Default::default()
+            };
+            dropout::backward(h, cfg, dy.slice(), dx.slice_mut(), opts)?;
+        },
+    }
+    Ok(())
+}

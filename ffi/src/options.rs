@@ -1,0 +1,160 @@
+//! The one options struct every op reads its settings from.
+
+use fusedreg::dropping::DropPath;
+
+use crate::{FfiError, FfiResult};
+
+/// Activation code of `bias_act_dropout`: GELU with erf.
+pub const FR_ACT_GELU_ERF: u32 = 0;
+/// GELU, tanh approximation.
+pub const FR_ACT_GELU_TANH: u32 = 1;
+/// SiLU (swish).
+pub const FR_ACT_SILU: u32 = 2;
+/// ReLU.
+pub const FR_ACT_RELU: u32 = 3;
+
+/// Norm code of `dropout_add_norm`: LayerNorm.
+pub const FR_NORM_LAYER: u32 = 0;
+/// RMSNorm.
+pub const FR_NORM_RMS: u32 = 1;
+
+/// Cross-entropy reduction: one loss per row.
+pub const FR_REDUCTION_NONE: u32 = 0;
+/// The sum over rows.
+pub const FR_REDUCTION_SUM: u32 = 1;
+/// The mean over non-ignored rows.
+pub const FR_REDUCTION_MEAN: u32 = 2;
+
+/// Math mode: the op's own default (`fusedreg::Math`: Fast where the exact path cannot meet the
+/// op's instruction budget, Exact elsewhere; the ops wired here are all Exact today).
+pub const FR_MATH_DEFAULT: u32 = 0;
+/// Math mode: bit for bit with the CPU reference.
+pub const FR_MATH_EXACT: u32 = 1;
+/// Hardware approximations within the op's stated bound (where the op offers them).
+pub const FR_MATH_FAST: u32 = 2;
+
+/// Settings of one call. Each op reads the fields it needs and ignores the rest; start from
+/// [`fr_options_default`] and set those.
+///
+/// Masks are keyed by `(seed, call, element index)`: the same three give the same mask on the
+/// CPU and on any GPU, so a backward regenerates its forward's mask from them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FrOptions {
+    /// Rows of the `[rows, cols]` view of the op's main tensor (tokens).
+    pub rows: i64,
+    /// Columns (hidden size; the vocabulary for cross-entropy).
+    pub cols: i64,
+    /// Dropout probability in `[0, 1]`.
+    pub p: f64,
+    /// Seed of the mask.
+    pub seed: u64,
+    /// Call id of the mask (a different id gives an independent mask).
+    pub call: u64,
+    /// Keying resolution in bits: 32 (default) or 16 (plain dropout only).
+    pub mask_bits: u32,
+    /// `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
+    pub math: u32,
+    /// Drop-path (stochastic depth, per sample) probability; 0 = off.
+    pub path_p: f64,
+    /// Call id of the drop-path draws.
+    pub path_call: u64,
+    /// Rows per sample for the drop path (`seq_len` of a `[batch * seq, hidden]` tensor).
+    pub rows_per_sample: i64,
+    /// `FR_ACT_*` of `bias_act_dropout`.
+    pub activation: u32,
+    /// `FR_NORM_*` of `dropout_add_norm`.
+    pub norm: u32,
+    /// Epsilon of the norm.
+    pub eps: f32,
+    /// Output scale of the norm (LayerNorm Scaling: `1/sqrt(layer)`); 1 = off.
+    pub layer_scale: f32,
+    /// Cross-entropy label smoothing in `[0, 1]`.
+    pub label_smoothing: f64,
+    /// Cross-entropy z-loss weight (>= 0).
+    pub z_loss: f64,
+    /// Cross-entropy target value that is ignored.
+    pub ignore_index: i64,
+    /// `FR_REDUCTION_*` of cross-entropy.
+    pub reduction: u32,
+}
+
+/// The defaults: no dropout, 32-bit keying, the op's default math, no drop path, GELU (erf), LayerNorm with
+/// eps 1e-5 and scale 1, cross-entropy without smoothing or z-loss, `ignore_index` -100, mean.
+#[no_mangle]
+pub extern "C" fn fr_options_default() -> FrOptions {
+    FrOptions {
+        rows: 0,
+        cols: 0,
+        p: 0.0,
+        seed: 0,
+        call: 0,
+        mask_bits: 32,
+        math: FR_MATH_DEFAULT,
+        path_p: 0.0,
+        path_call: 0,
+        rows_per_sample: 1,
+        activation: FR_ACT_GELU_ERF,
+        norm: FR_NORM_LAYER,
+        eps: 1e-5,
+        layer_scale: 1.0,
+        label_smoothing: 0.0,
+        z_loss: 0.0,
+        ignore_index: -100,
+        reduction: FR_REDUCTION_MEAN,
+    }
+}
+
+impl FrOptions {
+    /// The options behind a pointer (null is an error naming the op).
+    pub(crate) fn read<'a>(op: &str, p: *const FrOptions) -> FfiResult<&'a FrOptions> {
+        // SAFETY: the caller passes a valid struct or null (checked).
+        unsafe { p.as_ref() }
+            .ok_or_else(|| FfiError::invalid(format!("{op}: options are required (null pointer)")))
+    }
+
+    pub(crate) fn shape(&self, op: &str) -> FfiResult<(usize, usize)> {
+        let conv = |v: i64, what: &str| {
+            usize::try_from(v)
+                .map_err(|_| FfiError::invalid(format!("{op}: {what} = {v} must be >= 0")))
+        };
+        Ok((conv(self.rows, "rows")?, conv(self.cols, "cols")?))
+    }
+
+    /// The drop path of the options, `None` when `path_p` is 0.
+    pub(crate) fn drop_path(&self, op: &str) -> FfiResult<Option<DropPath>> {
+        if self.path_p == 0.0 {
+            return Ok(None);
+        }
+        let rps = usize::try_from(self.rows_per_sample)
+            .ok()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| {
+                FfiError::invalid(format!(
+                    "{op}: rows_per_sample = {} must be >= 1",
+                    self.rows_per_sample
+                ))
+            })?;
+        Ok(Some(
+            DropPath::new(self.path_p, self.path_call)?.per_sample(rps)?,
+        ))
+    }
+
+    /// Refuses settings the op does not offer (yet) instead of ignoring them.
+    pub(crate) fn only_exact_32bit(&self, op: &str) -> FfiResult {
+        if self.mask_bits != 32 {
+            return Err(FfiError::invalid(format!(
+                "{op}: mask_bits = {} is not offered by this op; use 32",
+                self.mask_bits
+            )));
+        }
+        if self.math >= FR_MATH_FAST {
+            return Err(FfiError::invalid(format!(
+                "{op}: math = {} is not offered by this op; use FR_MATH_DEFAULT (0) or \
+                 FR_MATH_EXACT (1)",
+                self.math
+            )));
+        }
+        Ok(())
+    }
+}

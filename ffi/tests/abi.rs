@@ -1,0 +1,375 @@
+//! The C ABI on the CPU: each entry point against the library call it wraps (same bits), the
+//! optimizer object's life cycle, and bad input as status codes with messages.
+
+use std::ffi::CStr;
+use std::ptr::{null, null_mut};
+
+use fusedreg_ffi::*;
+
+fn last() -> String {
+    // SAFETY: fr_last_error returns a valid NUL-terminated string.
+    unsafe { CStr::from_ptr(fr_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+const CPU: FrExec = FrExec {
+    device: -1,
+    stream: std::ptr::null_mut(),
+};
+
+fn t<T>(v: &mut [T], dtype: FrDtype) -> FrTensor {
+    FrTensor {
+        data: v.as_mut_ptr().cast(),
+        len: v.len() as i64,
+        dtype,
+    }
+}
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    // A small deterministic generator (the data only has to be varied, not Gaussian).
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+#[test]
+fn dropout_residual_matches_the_library() {
+    let (rows, cols) = (13usize, 37usize);
+    let mut x = randn(rows * cols, 1);
+    let mut b = randn(cols, 2);
+    let mut r = randn(rows * cols, 3);
+    let mut y = vec![0f32; rows * cols];
+    let mut o = fr_options_default();
+    (o.rows, o.cols, o.p, o.seed, o.call) = (rows as i64, cols as i64, 0.3, 9, 77);
+    let st = unsafe {
+        fr_dropout_forward(
+            &o,
+            CPU,
+            &t(&mut x, FR_F32),
+            &t(&mut b, FR_F32),
+            &t(&mut r, FR_F32),
+            null(),
+            &t(&mut y, FR_F32),
+            null(),
+        )
+    };
+    assert_eq!(st, FR_OK, "{}", last());
+    let cfg = fusedreg::dropout_residual::Config::new(rows, cols, 0.3, 9, 77).unwrap();
+    let mut want = vec![0f32; rows * cols];
+    let opts = fusedreg::dropout_residual::cpu::ForwardOptions {
+        bias: Some(&b),
+        ..Default::default()
+    };
+    fusedreg::dropout_residual::cpu::forward(&cfg, &x, &r, &mut want, opts).unwrap();
+    assert_eq!(y, want);
+
+    // Backward: dx and dbias, against the library.
+    let mut dy = randn(rows * cols, 4);
+    let (mut dx, mut db) = (vec![0f32; rows * cols], vec![0f32; cols]);
+    let st = unsafe {
+        fr_dropout_backward(
+            &o,
+            CPU,
+            &t(&mut dy, FR_F32),
+            null(),
+            &t(&mut dx, FR_F32),
+            &t(&mut db, FR_F32),
+        )
+    };
+    assert_eq!(st, FR_OK, "{}", last());
+    let (mut wdx, mut wdb) = (vec![0f32; rows * cols], vec![0f32; cols]);
+    let opts = fusedreg::dropout::cpu::BackwardOptions {
+        dbias: Some(&mut wdb),
+        ..Default::default()
+    };
+    fusedreg::dropout::cpu::backward(&cfg, &dy, &mut wdx, opts).unwrap();
+    assert_eq!((dx, db), (wdx, wdb));
+}
+
+#[test]
+fn cross_entropy_mean_gradient_equals_folded_upstream() {
+    let (rows, vocab) = (9usize, 50usize);
+    let mut logits = randn(rows * vocab, 5);
+    let mut targets: Vec<i64> = (0..rows as i64).map(|i| (i * 7) % 50).collect();
+    targets[3] = -100;
+    let mut o = fr_options_default();
+    (o.rows, o.cols, o.label_smoothing) = (rows as i64, vocab as i64, 0.1);
+    let mut loss = [0f32];
+    let st = unsafe {
+        fr_cross_entropy_forward(
+            &o,
+            CPU,
+            &t(&mut logits, FR_F32),
+            &t(&mut targets, FR_I64),
+            &t(&mut loss, FR_F32),
+            null(),
+        )
+    };
+    assert_eq!(st, FR_OK, "{}", last());
+    let cfg = fusedreg::cross_entropy::Config::new(rows, vocab)
+        .unwrap()
+        .label_smoothing(0.1)
+        .unwrap();
+    let mut want = vec![0f32; rows * vocab];
+    let l =
+        fusedreg::cross_entropy::cpu::forward_backward(&cfg, &logits, &targets, None, &mut want)
+            .unwrap();
+    assert_eq!(loss[0], l.reduced.unwrap());
+    // What the Python autograd does: reduction none with upstream = 1 / n_valid per row.
+    o.reduction = FR_REDUCTION_NONE;
+    let mut up = vec![1.0f32 / 8.0; rows];
+    let mut grad = vec![0f32; rows * vocab];
+    let st = unsafe {
+        fr_cross_entropy_backward(
+            &o,
+            CPU,
+            &t(&mut logits, FR_F32),
+            &t(&mut targets, FR_I64),
+            &t(&mut up, FR_F32),
+            &t(&mut grad, FR_F32),
+            null(),
+            null(),
+        )
+    };
+    assert_eq!(st, FR_OK, "{}", last());
+    assert_eq!(grad, want, "the same bits as the library's mean gradient");
+    // In place: grad = logits.
+    let mut inplace = logits.clone();
+    let lt = t(&mut inplace, FR_F32);
+    let st = unsafe {
+        fr_cross_entropy_backward(
+            &o,
+            CPU,
+            &lt,
+            &t(&mut targets, FR_I64),
+            &t(&mut up, FR_F32),
+            &lt,
+            null(),
+            null(),
+        )
+    };
+    assert_eq!(st, FR_OK, "{}", last());
+    assert_eq!(inplace, want);
+}
+
+#[test]
+fn adamw_object_steps_saves_and_restores() {
+    let mut p0 = randn(100, 6);
+    let mut p1 = randn(7, 7);
+    let mut g0 = randn(100, 8);
+    let mut g1 = randn(7, 9);
+    let params = [t(&mut p0, FR_F32), t(&mut p1, FR_F32)];
+    let grads = [t(&mut g0, FR_F32), t(&mut g1, FR_F32)];
+    let wd = [0.1f32, 0.0];
+    let mut o = fr_adamw_options_default();
+    o.max_grad_norm = 0.5;
+    let mut opt: *mut FrAdamW = null_mut();
+    let st = unsafe {
+        fr_adamw_create(
+            &o,
+            CPU,
+            params.as_ptr(),
+            grads.as_ptr(),
+            wd.as_ptr(),
+            2,
+            &mut opt,
+        )
+    };
+    assert_eq!(st, FR_OK, "{}", last());
+    for _ in 0..3 {
+        assert_eq!(
+            unsafe { fr_adamw_step(opt, grads.as_ptr(), null(), 2, 1e-2) },
+            FR_OK,
+            "{}",
+            last()
+        );
+    }
+    let mut size = 0i64;
+    assert_eq!(unsafe { fr_adamw_state_size(opt, &mut size) }, FR_OK);
+    let mut state = vec![0u8; size as usize];
+    assert_eq!(
+        unsafe { fr_adamw_save_state(opt, state.as_mut_ptr(), size) },
+        FR_OK,
+        "{}",
+        last()
+    );
+    let snapshot = (p0.clone(), p1.clone());
+    // Two more steps, then rewind the state and the parameters and take them again: same bits.
+    for _ in 0..2 {
+        assert_eq!(
+            unsafe { fr_adamw_step(opt, grads.as_ptr(), null(), 2, 1e-2) },
+            FR_OK
+        );
+    }
+    let after = (p0.clone(), p1.clone());
+    p0.copy_from_slice(&snapshot.0);
+    p1.copy_from_slice(&snapshot.1);
+    assert_eq!(
+        unsafe { fr_adamw_restore_state(opt, state.as_ptr(), size) },
+        FR_OK,
+        "{}",
+        last()
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            unsafe { fr_adamw_step(opt, grads.as_ptr(), null(), 2, 1e-2) },
+            FR_OK
+        );
+    }
+    assert_eq!((p0.clone(), p1.clone()), after);
+    // A skipped tensor is untouched.
+    let skip = [0u8, 1];
+    let before = p1.clone();
+    assert_eq!(
+        unsafe { fr_adamw_step(opt, grads.as_ptr(), skip.as_ptr(), 2, 1e-2) },
+        FR_OK
+    );
+    assert_eq!(p1, before);
+    // Bad input: a corrupted state, a wrong count.
+    state[0] ^= 0xff;
+    assert_eq!(
+        unsafe { fr_adamw_restore_state(opt, state.as_ptr(), size) },
+        FR_ERR_INVALID_ARGUMENT
+    );
+    assert!(!last().is_empty());
+    assert_eq!(
+        unsafe { fr_adamw_step(opt, grads.as_ptr(), null(), 1, 1e-2) },
+        FR_ERR_INVALID_ARGUMENT
+    );
+    assert!(last().contains("1 gradients"), "{}", last());
+    assert_eq!(unsafe { fr_adamw_destroy(opt) }, FR_OK);
+}
+
+#[test]
+fn bad_input_is_a_status_with_a_message() {
+    let mut o = fr_options_default();
+    (o.rows, o.cols, o.p) = (2, 2, 1.5);
+    let mut x = vec![0f32; 4];
+    let mut y = vec![0f32; 4];
+    let st = unsafe {
+        fr_dropout_forward(
+            &o,
+            CPU,
+            &t(&mut x, FR_F32),
+            null(),
+            null(),
+            null(),
+            &t(&mut y, FR_F32),
+            null(),
+        )
+    };
+    assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
+    assert!(last().contains("p = 1.5"), "{}", last());
+    o.p = 0.1;
+    let mut short = vec![0f32; 3];
+    let st = unsafe {
+        fr_dropout_forward(
+            &o,
+            CPU,
+            &t(&mut x, FR_F32),
+            null(),
+            null(),
+            null(),
+            &t(&mut short, FR_F32),
+            null(),
+        )
+    };
+    assert_eq!(st, FR_ERR_SHAPE, "{}", last());
+    let mut h = vec![half::f16::ZERO; 4];
+    let st = unsafe {
+        fr_dropout_forward(
+            &o,
+            CPU,
+            &t(&mut x, FR_F32),
+            null(),
+            null(),
+            null(),
+            &t(&mut h, FR_F16),
+            null(),
+        )
+    };
+    assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
+    assert!(last().contains("dtype"), "{}", last());
+    let st =
+        unsafe { fr_dropout_forward(null(), CPU, null(), null(), null(), null(), null(), null()) };
+    assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
+    let bad = FrTensor {
+        data: null_mut(),
+        len: 4,
+        dtype: FR_F32,
+    };
+    let st = unsafe {
+        fr_dropout_forward(
+            &o,
+            CPU,
+            &bad,
+            null(),
+            null(),
+            null(),
+            &t(&mut y, FR_F32),
+            null(),
+        )
+    };
+    assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
+    assert!(last().contains("null data pointer"), "{}", last());
+    // Without a GPU (or kernels), a GPU call is a clear error, not a crash.
+    if !fusedreg::driver_present() {
+        let gpu = FrExec {
+            device: 0,
+            stream: null_mut(),
+        };
+        let st = unsafe {
+            fr_dropout_forward(
+                &o,
+                gpu,
+                &t(&mut x, FR_F32),
+                null(),
+                null(),
+                null(),
+                &t(&mut y, FR_F32),
+                null(),
+            )
+        };
+        assert_eq!(st, FR_ERR_NO_DRIVER, "{}", last());
+    }
+}
+
+#[test]
+fn stochastic_depth_plan_is_the_library_plan() {
+    let (mut runs, mut scale) = ([0u8; 8], [0f32; 8]);
+    let st = unsafe {
+        fr_stochastic_depth_plan(
+            FR_DEPTH_LINEAR,
+            0.5,
+            null(),
+            8,
+            3,
+            11,
+            FR_DEPTH_BATCH,
+            runs.as_mut_ptr(),
+            scale.as_mut_ptr(),
+            null_mut(),
+            null_mut(),
+        )
+    };
+    assert_eq!(st, FR_OK, "{}", last());
+    let sd = fusedreg::stochastic_depth::StochasticDepth::new(
+        fusedreg::stochastic_depth::Schedule::linear(0.5),
+        8,
+        3,
+        fusedreg::stochastic_depth::Mode::Batch,
+    )
+    .unwrap();
+    let plan = sd.plan(11);
+    for l in 0..8 {
+        assert_eq!(runs[l] != 0, plan.runs(l));
+        assert_eq!(scale[l], plan.residual_scale(l));
+    }
+}

@@ -1,0 +1,70 @@
+"""Functional forms of the ops (autograd included), on any shape ``[..., features]``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+import torch
+
+from . import _lib as L
+from . import ops as _ops  # noqa: F401  (registers torch.ops.fusedreg)
+from .keys import Keys
+
+_F = torch.ops.fusedreg
+
+
+def _kt(keys: Keys | Tensor) -> Tensor:
+    return keys.tensor if isinstance(keys, Keys) else keys
+
+
+def dropout(x: Tensor, p: float, keys: Keys | Tensor, site: int, *, bias: Tensor | None = None,
+            residual: Tensor | None = None, drop_path: float = 0.0, rows_per_sample: int = 1,
+            mask_bits: int = 32) -> Tensor:
+    """``[residual +] rowscale · dropout(x + bias)``; ``drop_path > 0`` drops whole samples of
+    ``rows_per_sample`` rows (stochastic depth per sample), scaling kept ones by ``1/(1-p)``."""
+    return _F.dropout.default(x, bias, residual, _kt(keys), site, float(p), float(drop_path),
+                      int(rows_per_sample), int(mask_bits))
+
+
+def dropout_add_(residual: Tensor, x: Tensor, p: float, keys: Keys | Tensor, site: int, *,
+                 bias: Tensor | None = None, drop_path: float = 0.0,
+                 rows_per_sample: int = 1) -> Tensor:
+    """``residual += rowscale · dropout(x + bias)`` in place, without autograd (inference, or
+    code under ``torch.no_grad()``); returns ``residual``. Same masks as :func:`dropout`."""
+    _F.dropout_add_.default(residual, x, bias, _kt(keys), site, float(p), float(drop_path),
+                            int(rows_per_sample))
+    return residual
+
+
+def bias_act_dropout(x: Tensor, p: float, keys: Keys | Tensor, site: int, *,
+                     bias: Tensor | None = None, activation: str = "gelu") -> Tensor:
+    """``dropout(act(x + bias))``, act in gelu (erf), gelu_tanh, silu, relu."""
+    if activation not in L.ACT:
+        raise ValueError(f"activation = {activation!r}; use one of {sorted(L.ACT)}")
+    return _F.bias_act_dropout.default(x, bias, _kt(keys), site, L.ACT[activation], float(p))
+
+
+def dropout_add_norm(x: Tensor, weight: Tensor, keys: Keys | Tensor, site: int, *,
+                     residual: Tensor | None = None, bias: Tensor | None = None,
+                     norm_bias: Tensor | None = None, norm: str = "layer", eps: float = 1e-5,
+                     layer_scale: float = 1.0, p: float = 0.0, drop_path: float = 0.0,
+                     rows_per_sample: int = 1, stream_f32: bool = False) -> tuple[Tensor, Tensor]:
+    """``s = residual + rowscale · dropout(x + bias)``, ``out = norm(s) · layer_scale``;
+    returns ``(out, s)`` (``s`` is the new residual stream: prenorm)."""
+    if norm not in L.NORM:
+        raise ValueError(f"norm = {norm!r}; use 'layer' or 'rms'")
+    out, s, _, _ = _F.dropout_add_norm.default(
+        x, residual, bias, weight, norm_bias, _kt(keys), site, L.NORM[norm], float(eps),
+        float(layer_scale), float(p), float(drop_path), int(rows_per_sample), bool(stream_f32))
+    return out, s
+
+
+def cross_entropy(logits: Tensor, target: Tensor, *, label_smoothing: float = 0.0,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  z_loss: float = 0.0) -> Tensor:
+    """PyTorch's ``F.cross_entropy`` on ``[..., vocab]`` logits (+ z-loss ``λ·lse²``); the loss
+    is float32. With every target ignored the mean is 0 (PyTorch gives NaN)."""
+    if reduction not in L.REDUCTION:
+        raise ValueError(f"reduction = {reduction!r}; use 'none', 'sum' or 'mean'")
+    return _F.cross_entropy.default(logits, target, float(label_smoothing), int(ignore_index),
+                            float(z_loss), L.REDUCTION[reduction])

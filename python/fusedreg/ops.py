@@ -1,0 +1,589 @@
+"""fusedreg's ops as PyTorch operators (namespace ``torch.ops.fusedreg``).
+
+Registered through ``torch.library.Library`` directly (as vLLM does): a kernel per dispatch key
+(CPU: the library's CPU reference; CUDA: its kernels on ``torch.cuda.current_stream()``), a fake
+kernel for ``torch.compile`` (shapes and dtypes only), and autograd formulas that call the fused
+backward ops. Masks are regenerated in the backward from ``(seed, step, site)``: nothing is
+stored for them.
+
+Keys: every dropping op takes ``keys``, a CPU int64 tensor ``[seed, step]`` (see
+:class:`fusedreg.Keys`) and a ``site`` number; the call id of the mask is
+``step * 2**32 + site * 2**8 + stream`` (stream 0: the element mask, 1: the drop path's row
+draws), as in the candle adapter. Reading a CPU tensor never waits for the GPU, and because keys
+are a tensor input, ``torch.compile`` neither bakes the step into the graph nor recompiles when it
+changes.
+
+Every op takes contiguous tensors (anything else is a ``ValueError`` naming the argument). The
+training ops return new tensors; ``dropout_add_`` writes its residual in place, declares it
+(``Tensor(a!)``) and bumps its version counter.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import operator
+import struct
+import threading
+
+import torch
+from torch import Tensor
+
+from . import _lib as L
+
+_lib = torch.library.Library("fusedreg", "DEF")
+
+_DT = {
+    torch.float32: L.F32,
+    torch.float16: L.F16,
+    torch.bfloat16: L.BF16,
+    torch.int32: L.I32,
+    torch.int64: L.I64,
+}
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_MASK32 = (1 << 32) - 1
+_MASK64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared glue: descriptors, where a call runs, checks, keys.
+
+
+def _d(t: Tensor | None):
+    """The ABI descriptor of a tensor (None stays None: a null pointer)."""
+    if t is None:
+        return None
+    return L.Tensor(t.data_ptr(), t.numel(), _DT[t.dtype])
+
+
+_CPU = L.Exec(-1, None)
+
+
+def _exec(t: Tensor) -> L.Exec:
+    if not t.is_cuda:
+        return _CPU
+    return L.Exec(t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+
+
+# FrTensor {void *data; int64_t len; int32_t dtype;} = 24 bytes on x86-64 / aarch64.
+_DESC = struct.Struct("Pqi4x")  # native sizes and alignment, as the C struct
+assert _DESC.size == C.sizeof(L.Tensor)
+
+
+class _Scratch(threading.local):
+    """Per-thread buffer the descriptors of one call are packed into (calls never nest)."""
+
+    def __init__(self):
+        self.buf = (C.c_uint8 * (C.sizeof(L.Options) + _DESC.size * 16))()
+        self.base = C.addressof(self.buf)
+
+
+_scratch = _Scratch()
+
+
+def _check(op: str, what: str, t: Tensor | None, like: Tensor | None = None,
+           dtypes=_FLOATS, numel: int | None = None) -> None:
+    """Raises ValueError for what the C side cannot see: strides and devices (it checks lengths
+    and dtypes again). One cheap test first; the detailed checks only when it fails."""
+    if t is None:
+        return
+    try:
+        if (t.dtype in dtypes and t.is_contiguous()
+                and (like is None or (t.is_cuda == like.is_cuda
+                                      and t.get_device() == like.get_device()))
+                and (numel is None or t.numel() == numel)
+                and (t.is_cuda or t.device.type == "cpu")):
+            return
+    except AttributeError:
+        pass
+    _check_slow(op, what, t, like, dtypes, numel)
+
+
+def _check_slow(op: str, what: str, t: Tensor | None, like: Tensor | None = None,
+           dtypes=_FLOATS, numel: int | None = None) -> None:
+    """The detailed checks, each with its message."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fusedreg.{op}: `{what}` must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"fusedreg.{op}: `{what}` has dtype {t.dtype}; use {names}")
+    if not t.is_contiguous():
+        raise ValueError(
+            f"fusedreg.{op}: `{what}` is not contiguous (shape {tuple(t.shape)}, stride "
+            f"{t.stride()}); call .contiguous() first"
+        )
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"fusedreg.{op}: `{what}` is on {t.device}; use a CPU or CUDA tensor")
+    if like is not None and t.device != like.device:
+        raise ValueError(
+            f"fusedreg.{op}: `{what}` is on {t.device}, the first input on {like.device}"
+        )
+    if numel is not None and t.numel() != numel:
+        raise ValueError(
+            f"fusedreg.{op}: `{what}` has {t.numel()} elements (shape {tuple(t.shape)}), "
+            f"expected {numel}"
+        )
+
+
+def _rows_cols(op: str, x: Tensor) -> tuple[int, int]:
+    if x.dim() == 0:
+        raise ValueError(f"fusedreg.{op}: `x` is a scalar; it needs a last (feature) dimension")
+    cols = x.shape[-1]
+    return (x.numel() // cols if cols else 0), cols
+
+
+def _keys(op: str, keys: Tensor) -> tuple[int, int]:
+    if keys.device.type != "cpu" or keys.dtype != torch.int64 or keys.numel() != 2:
+        raise ValueError(
+            f"fusedreg.{op}: `keys` must be a CPU int64 tensor [seed, step] (fusedreg.Keys), "
+            f"got {keys.dtype} {tuple(keys.shape)} on {keys.device}"
+        )
+    seed, step = keys.tolist()
+    if step < 0 or step > _MASK32:
+        raise ValueError(f"fusedreg.{op}: step = {step} must lie in [0, 2^32)")
+    return seed & _MASK64, step
+
+
+def _call(op: str, step: int, site: int, stream: int) -> int:
+    if not 0 <= site < (1 << 24):
+        raise ValueError(f"fusedreg.{op}: site = {site} must lie in [0, 2^24)")
+    return (step << 32) | (site << 8) | stream
+
+
+# FrOptions, packed natively (same layout as the C struct, checked below).
+_OPT_FMT = "qqdQQIIdQqIIffddqI"
+# struct adds no trailing padding; the C struct is padded to its 8-byte alignment.
+_OPT = struct.Struct(_OPT_FMT + f"{C.sizeof(L.Options) - struct.calcsize(_OPT_FMT)}x")
+assert _OPT.size == C.sizeof(L.Options) and len(L.Options._fields_) == 18
+_OPT_FIELDS = tuple(name for name, _ in L.Options._fields_)
+_opt_values = operator.attrgetter(*_OPT_FIELDS)
+
+
+class _Opts:
+    """The options of one call; unset fields read the library's defaults (class attributes)."""
+
+
+for _name, _value in zip(_OPT_FIELDS, _OPT.unpack(bytes(L.lib.fr_options_default()))):
+    setattr(_Opts, _name, _value)
+
+
+def _opts(op: str, rows: int, cols: int, keys: Tensor | None = None, site: int = 0,
+          p: float = 0.0, path_p: float = 0.0, rows_per_sample: int = 1) -> _Opts:
+    o = _Opts()
+    o.rows, o.cols = rows, cols
+    o.p = p
+    if keys is not None:
+        seed, step = _keys(op, keys)
+        o.seed = seed
+        o.call = _call(op, step, site, 0)
+        o.path_call = _call(op, step, site, 1)
+    o.path_p = path_p
+    o.rows_per_sample = rows_per_sample
+    return o
+
+
+def _run(fn, o: _Opts, ref: Tensor, *tensors) -> None:
+    """Calls a C entry point with the options, where `ref` lives, and the tensors' descriptors
+    (None: a null pointer), all packed into this thread's buffer: options first, then one
+    descriptor per tensor."""
+    sc = _scratch
+    buf, base, size = sc.buf, sc.base, _DESC.size
+    _OPT.pack_into(buf, 0, *_opt_values(o))
+    args = []
+    off = _OPT.size
+    for t in tensors:
+        if t is None:
+            args.append(None)
+        else:
+            _DESC.pack_into(buf, off, t.data_ptr(), t.numel(), _DT[t.dtype])
+            args.append(base + off)
+        off += size
+    L.check(fn(base, _exec(ref), *args))
+
+
+def _empty0(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_entropy
+
+
+_lib.define(
+    "cross_entropy(Tensor logits, Tensor target, float label_smoothing, int ignore_index, "
+    "float z_loss, int reduction) -> Tensor"
+)
+_lib.define(
+    "cross_entropy_backward(Tensor logits, Tensor target, Tensor upstream, "
+    "float label_smoothing, int ignore_index, float z_loss) -> Tensor"
+)
+
+
+def _xe_opts(op, logits, target, label_smoothing, ignore_index, z_loss, reduction):
+    _check(op, "logits", logits)
+    _check(op, "target", target, logits, dtypes=(torch.int32, torch.int64))
+    if logits.dim() == 0:
+        raise ValueError(f"fusedreg.{op}: `logits` is a scalar; expected [..., vocab]")
+    rows, vocab = _rows_cols(op, logits)
+    if target.numel() != rows:
+        raise ValueError(
+            f"fusedreg.{op}: `target` has {target.numel()} elements, `logits` {rows} rows "
+            f"(shape {tuple(logits.shape)})"
+        )
+    o = _opts(op, rows, vocab)
+    o.label_smoothing, o.ignore_index, o.z_loss, o.reduction = (
+        label_smoothing, ignore_index, z_loss, reduction)
+    return o
+
+
+def _xe_loss_shape(logits: Tensor, reduction: int):
+    return logits.shape[:-1] if reduction == 0 else ()
+
+
+@torch.library.impl(_lib, "cross_entropy", "CPU")
+@torch.library.impl(_lib, "cross_entropy", "CUDA")
+def _xe(logits, target, label_smoothing, ignore_index, z_loss, reduction):
+    o = _xe_opts("cross_entropy", logits, target, label_smoothing, ignore_index, z_loss, reduction)
+    loss = logits.new_empty(_xe_loss_shape(logits, reduction), dtype=torch.float32)
+    _run(L.lib.fr_cross_entropy_forward, o, logits, logits, target, loss, None)
+    return loss
+
+
+@torch.library.register_fake("fusedreg::cross_entropy", lib=_lib)
+def _xe_fake(logits, target, label_smoothing, ignore_index, z_loss, reduction):
+    return logits.new_empty(_xe_loss_shape(logits, reduction), dtype=torch.float32)
+
+
+@torch.library.impl(_lib, "cross_entropy_backward", "CPU")
+@torch.library.impl(_lib, "cross_entropy_backward", "CUDA")
+def _xe_bwd(logits, target, upstream, label_smoothing, ignore_index, z_loss):
+    op = "cross_entropy_backward"
+    o = _xe_opts(op, logits, target, label_smoothing, ignore_index, z_loss, 0)
+    _check(op, "upstream", upstream, logits, dtypes=(torch.float32,), numel=o.rows)
+    grad = torch.empty_like(logits)
+    _run(L.lib.fr_cross_entropy_backward, o, logits, logits, target, upstream, grad, None, None)
+    return grad
+
+
+@torch.library.register_fake("fusedreg::cross_entropy_backward", lib=_lib)
+def _xe_bwd_fake(logits, target, upstream, label_smoothing, ignore_index, z_loss):
+    return torch.empty_like(logits)
+
+
+def _xe_setup(ctx, inputs, output):
+    logits, target, ls, ii, zl, red = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.args = (ls, ii, zl, red)
+
+
+def _xe_grad(ctx, grad):
+    logits, target = ctx.saved_tensors
+    ls, ii, zl, red = ctx.args
+    rows = target.numel()
+    g = grad.float()
+    # The upstream gradient folded into the per-row scale: one fused pass, no logits-sized
+    # multiply afterwards (reduction none on the C side).
+    if red == 0:
+        up = g.reshape(rows).contiguous()
+    elif red == 1:
+        up = g.reshape(1).expand(rows).contiguous()
+    else:
+        n_valid = (target != ii).sum().clamp(min=1).float()
+        up = (g.reshape(1) * (1.0 / n_valid)).expand(rows).contiguous()
+    d = torch.ops.fusedreg.cross_entropy_backward(logits, target, up, ls, ii, zl)
+    return d, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fusedreg::cross_entropy", _xe_grad, setup_context=_xe_setup, lib=_lib)
+
+
+# ---------------------------------------------------------------------------------------------
+# bias_act_dropout
+
+
+_lib.define(
+    "bias_act_dropout(Tensor x, Tensor? bias, Tensor keys, int site, int act, float p) -> Tensor"
+)
+_lib.define(
+    "bias_act_dropout_backward(Tensor dy, Tensor x, Tensor? bias, Tensor keys, int site, "
+    "int act, float p) -> (Tensor, Tensor)"
+)
+
+
+def _bad_opts(op, x, bias, keys, site, act, p):
+    _check(op, "x", x)
+    rows, cols = _rows_cols(op, x)
+    _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=cols)
+    o = _opts(op, rows, cols, keys, site, p)
+    o.activation = act
+    return o
+
+
+@torch.library.impl(_lib, "bias_act_dropout", "CPU")
+@torch.library.impl(_lib, "bias_act_dropout", "CUDA")
+def _bad(x, bias, keys, site, act, p):
+    o = _bad_opts("bias_act_dropout", x, bias, keys, site, act, p)
+    y = torch.empty_like(x)
+    _run(L.lib.fr_bias_act_dropout_forward, o, x, x, bias, y, None)
+    return y
+
+
+@torch.library.register_fake("fusedreg::bias_act_dropout", lib=_lib)
+def _bad_fake(x, bias, keys, site, act, p):
+    return torch.empty_like(x)
+
+
+@torch.library.impl(_lib, "bias_act_dropout_backward", "CPU")
+@torch.library.impl(_lib, "bias_act_dropout_backward", "CUDA")
+def _bad_bwd(dy, x, bias, keys, site, act, p):
+    op = "bias_act_dropout_backward"
+    o = _bad_opts(op, x, bias, keys, site, act, p)
+    _check(op, "dy", dy, x, dtypes=(x.dtype,), numel=x.numel())
+    dx = torch.empty_like(x)
+    dbias = torch.empty_like(bias) if bias is not None else _empty0(x)
+    _run(L.lib.fr_bias_act_dropout_backward, o, x, dy, x, bias, None, dx,
+         dbias if bias is not None else None)
+    return dx, dbias
+
+
+@torch.library.register_fake("fusedreg::bias_act_dropout_backward", lib=_lib)
+def _bad_bwd_fake(dy, x, bias, keys, site, act, p):
+    return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else _empty0(x))
+
+
+def _bad_setup(ctx, inputs, output):
+    x, bias, keys, site, act, p = inputs
+    ctx.save_for_backward(x, bias, keys)
+    ctx.args = (site, act, p)
+
+
+def _bad_grad(ctx, dy):
+    x, bias, keys = ctx.saved_tensors
+    dx, dbias = torch.ops.fusedreg.bias_act_dropout_backward(
+        dy.contiguous(), x, bias, keys, *ctx.args)
+    return dx, (dbias if bias is not None else None), None, None, None, None
+
+
+torch.library.register_autograd(
+    "fusedreg::bias_act_dropout", _bad_grad, setup_context=_bad_setup, lib=_lib)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout (plain, or with a residual)
+
+
+_lib.define(
+    "dropout(Tensor x, Tensor? bias, Tensor? residual, Tensor keys, int site, float p, "
+    "float path_p, int rows_per_sample, int mask_bits) -> Tensor"
+)
+_lib.define(
+    "dropout_backward(Tensor dy, Tensor keys, int site, float p, float path_p, "
+    "int rows_per_sample, int mask_bits, bool want_dbias) -> (Tensor, Tensor)"
+)
+
+
+def _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, mask_bits):
+    rows, cols = _rows_cols(op, x)
+    o = _opts(op, rows, cols, keys, site, p, path_p, rows_per_sample)
+    o.mask_bits = mask_bits
+    return o
+
+
+@torch.library.impl(_lib, "dropout", "CPU")
+@torch.library.impl(_lib, "dropout", "CUDA")
+def _drop(x, bias, residual, keys, site, p, path_p, rows_per_sample, mask_bits):
+    op = "dropout"
+    _check(op, "x", x)
+    o = _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, mask_bits)
+    _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o.cols)
+    _check(op, "residual", residual, x, dtypes=(x.dtype,), numel=x.numel())
+    y = torch.empty_like(x)
+    _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, y, None)
+    return y
+
+
+@torch.library.register_fake("fusedreg::dropout", lib=_lib)
+def _drop_fake(x, bias, residual, keys, site, p, path_p, rows_per_sample, mask_bits):
+    return torch.empty_like(x)
+
+
+@torch.library.impl(_lib, "dropout_backward", "CPU")
+@torch.library.impl(_lib, "dropout_backward", "CUDA")
+def _drop_bwd(dy, keys, site, p, path_p, rows_per_sample, mask_bits, want_dbias):
+    op = "dropout_backward"
+    _check(op, "dy", dy)
+    o = _drop_opts(op, dy, keys, site, p, path_p, rows_per_sample, mask_bits)
+    dx = torch.empty_like(dy)
+    dbias = dy.new_empty((o.cols,)) if want_dbias else _empty0(dy)
+    _run(L.lib.fr_dropout_backward, o, dy, dy, None, dx, dbias if want_dbias else None)
+    return dx, dbias
+
+
+@torch.library.register_fake("fusedreg::dropout_backward", lib=_lib)
+def _drop_bwd_fake(dy, keys, site, p, path_p, rows_per_sample, mask_bits, want_dbias):
+    return torch.empty_like(dy), (dy.new_empty((dy.shape[-1],)) if want_dbias else _empty0(dy))
+
+
+def _drop_setup(ctx, inputs, output):
+    x, bias, residual, keys, site, p, path_p, rps, bits = inputs
+    ctx.save_for_backward(keys)
+    ctx.args = (site, p, path_p, rps, bits)
+    ctx.has = (bias is not None, residual is not None)
+
+
+def _drop_grad(ctx, dy):
+    (keys,) = ctx.saved_tensors
+    has_bias, has_residual = ctx.has
+    dx, dbias = torch.ops.fusedreg.dropout_backward(
+        dy.contiguous(), keys, *ctx.args, has_bias)
+    # d(residual) = dy: nothing to compute.
+    return (dx, dbias if has_bias else None, dy if has_residual else None,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fusedreg::dropout", _drop_grad, setup_context=_drop_setup,
+                                lib=_lib)
+
+
+_lib.define(
+    "dropout_add_(Tensor(a!) residual, Tensor x, Tensor? bias, Tensor keys, int site, float p, "
+    "float path_p, int rows_per_sample) -> ()"
+)
+
+
+@torch.library.impl(_lib, "dropout_add_", "CPU")
+@torch.library.impl(_lib, "dropout_add_", "CUDA")
+def _drop_add_(residual, x, bias, keys, site, p, path_p, rows_per_sample):
+    """`residual += rowscale · dropout(x + bias)` in place (the residual-stream update of an
+    inference or no-grad step; no autograd). Declared `(a!)`, and the version counter is bumped
+    here: ops defined through torch.library do not get that from PyTorch (Liger-Kernel #272)."""
+    op = "dropout_add_"
+    _check(op, "x", x)
+    o = _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, 32)
+    _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o.cols)
+    _check(op, "residual", residual, x, dtypes=(x.dtype,), numel=x.numel())
+    _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, residual, None)
+    torch.autograd.graph.increment_version(residual)
+
+
+@torch.library.register_fake("fusedreg::dropout_add_", lib=_lib)
+def _drop_add_fake(residual, x, bias, keys, site, p, path_p, rows_per_sample):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout_add_norm
+
+
+_lib.define(
+    "dropout_add_norm(Tensor x, Tensor? residual, Tensor? bias, Tensor gamma, Tensor? beta, "
+    "Tensor keys, int site, int norm, float eps, float layer_scale, float p, float path_p, "
+    "int rows_per_sample, bool stream_f32) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "dropout_add_norm_backward(Tensor d_out, Tensor? d_s, Tensor s, Tensor gamma, Tensor mean, "
+    "Tensor rstd, Tensor keys, int site, int norm, float eps, float layer_scale, float p, "
+    "float path_p, int rows_per_sample, bool want_residual, bool want_beta, bool want_bias) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _dan_opts(op, x, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample):
+    rows, cols = _rows_cols(op, x)
+    o = _opts(op, rows, cols, keys, site, p, path_p, rows_per_sample)
+    o.norm, o.eps, o.layer_scale = norm, eps, layer_scale
+    return o
+
+
+def _dan_shapes(x, stream_f32):
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    sd = torch.float32 if stream_f32 else x.dtype
+    return rows, sd
+
+
+@torch.library.impl(_lib, "dropout_add_norm", "CPU")
+@torch.library.impl(_lib, "dropout_add_norm", "CUDA")
+def _dan(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale, p, path_p,
+         rows_per_sample, stream_f32):
+    op = "dropout_add_norm"
+    _check(op, "x", x)
+    o = _dan_opts(op, x, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample)
+    rows, sd = _dan_shapes(x, stream_f32)
+    _check(op, "residual", residual, x, dtypes=(sd,), numel=x.numel())
+    for name, t in (("bias", bias), ("gamma", gamma), ("beta", beta)):
+        _check(op, name, t, x, dtypes=(x.dtype,), numel=o.cols)
+    out = torch.empty_like(x)
+    s = torch.empty_like(x, dtype=sd)
+    mean = x.new_empty((rows,), dtype=torch.float32)
+    rstd = x.new_empty((rows,), dtype=torch.float32)
+    _run(L.lib.fr_dropout_add_norm_forward, o, x, x, residual, gamma, beta, bias, None,
+         out, s, mean, rstd)
+    return out, s, mean, rstd
+
+
+@torch.library.register_fake("fusedreg::dropout_add_norm", lib=_lib)
+def _dan_fake(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale, p, path_p,
+              rows_per_sample, stream_f32):
+    sd = torch.float32 if stream_f32 else x.dtype
+    rows = x.numel() // x.shape[-1]
+    return (torch.empty_like(x), torch.empty_like(x, dtype=sd),
+            x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.impl(_lib, "dropout_add_norm_backward", "CPU")
+@torch.library.impl(_lib, "dropout_add_norm_backward", "CUDA")
+def _dan_bwd(d_out, d_s, s, gamma, mean, rstd, keys, site, norm, eps, layer_scale, p, path_p,
+             rows_per_sample, want_residual, want_beta, want_bias):
+    op = "dropout_add_norm_backward"
+    _check(op, "d_out", d_out)
+    o = _dan_opts(op, d_out, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample)
+    _check(op, "s", s, d_out, dtypes=(d_out.dtype, torch.float32), numel=d_out.numel())
+    _check(op, "d_s", d_s, d_out, dtypes=(s.dtype,), numel=d_out.numel())
+    _check(op, "gamma", gamma, d_out, dtypes=(d_out.dtype,), numel=o.cols)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        _check(op, name, t, d_out, dtypes=(torch.float32,), numel=o.rows)
+    dx = torch.empty_like(d_out)
+    d_res = torch.empty_like(s) if want_residual else _empty0(s)
+    dgamma = torch.empty_like(gamma)
+    dbeta = torch.empty_like(gamma) if want_beta else _empty0(gamma)
+    dbias = torch.empty_like(gamma) if want_bias else _empty0(gamma)
+    _run(L.lib.fr_dropout_add_norm_backward, o, d_out, d_out, d_s, s, gamma, mean, rstd, None,
+         dx, d_res if want_residual else None, dgamma, dbeta if want_beta else None,
+         dbias if want_bias else None)
+    return dx, d_res, dgamma, dbeta, dbias
+
+
+@torch.library.register_fake("fusedreg::dropout_add_norm_backward", lib=_lib)
+def _dan_bwd_fake(d_out, d_s, s, gamma, mean, rstd, keys, site, norm, eps, layer_scale, p,
+                  path_p, rows_per_sample, want_residual, want_beta, want_bias):
+    e = lambda t, want: torch.empty_like(t) if want else _empty0(t)  # noqa: E731
+    return (torch.empty_like(d_out), e(s, want_residual), torch.empty_like(gamma),
+            e(gamma, want_beta), e(gamma, want_bias))
+
+
+def _dan_setup(ctx, inputs, output):
+    x, residual, bias, gamma, beta, keys, site, norm, eps, ls, p, path_p, rps, sf32 = inputs
+    out, s, mean, rstd = output
+    ctx.save_for_backward(s, gamma, mean, rstd, keys)
+    ctx.args = (site, norm, eps, ls, p, path_p, rps)
+    ctx.has = (residual is not None, beta is not None, bias is not None)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _dan_grad(ctx, d_out, d_s, _d_mean, _d_rstd):
+    s, gamma, mean, rstd, keys = ctx.saved_tensors
+    has_res, has_beta, has_bias = ctx.has
+    if d_out is None:
+        d_out = torch.zeros(s.shape, dtype=gamma.dtype, device=s.device)
+    dx, d_res, dgamma, dbeta, dbias = torch.ops.fusedreg.dropout_add_norm_backward(
+        d_out.contiguous(), None if d_s is None else d_s.contiguous(), s, gamma, mean, rstd,
+        keys, *ctx.args, has_res, has_beta, has_bias)
+    return (dx, d_res if has_res else None, dbias if has_bias else None, dgamma,
+            dbeta if has_beta else None) + (None,) * 9
+
+
+torch.library.register_autograd(
+    "fusedreg::dropout_add_norm", _dan_grad, setup_context=_dan_setup, lib=_lib)
+
+
+__all__ = []
