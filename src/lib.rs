@@ -16,6 +16,8 @@
 //!   Scaling and drop path (the entry of a pre-norm block), forward and backward.
 //! * [`math`]: [`Math::Fast`] (hardware approximations within a stated bound) or [`Math::Exact`]
 //!   (bit for bit with the CPU reference) for ops with transcendental functions.
+//! * [`redundancy`]: Block Influence (`1 - mean cos(r, s)` of the residual stream before and
+//!   after each add) measured inside the fused residual ops, per call site, on the device.
 //! * [`philox`]: the counter-based generator (Philox4x32-10) and the mask keying
 //!   `(seed, call id, 64-bit element index) -> 32-bit word` every random op shares.
 //! * [`Handle`]: a CUDA context and stream (yours or ours) with the embedded kernels loaded once
@@ -61,6 +63,7 @@ pub mod global_norm;
 pub mod math;
 pub mod multi_tensor;
 pub mod philox;
+pub mod redundancy;
 mod runtime;
 pub mod stochastic_depth;
 

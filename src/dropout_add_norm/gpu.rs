@@ -285,6 +285,13 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         rstd: out.rstd.len(),
     };
     check_forward(cfg, &lens)?;
+    if args.redundancy.is_some() {
+        // Placeholder until the kernels' statistics path lands (this branch's next commits).
+        return Err(Error::invalid(
+            OP,
+            "redundancy statistics: kernels not yet built",
+        ));
+    }
     let t = args.tuning;
     if t.max_grid == 0 {
         return Err(Error::invalid(OP, "launch tuning: max_grid must be >= 1"));
