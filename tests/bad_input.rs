@@ -47,7 +47,8 @@
 //! * `fmath`: total over f32 (NaN, infinities, subnormals), `tests/fmath.rs`.
 
 use fusedreg::dropout_residual::{self as dr, cpu, Config, DropPath};
-use fusedreg::philox::{block, mask_word, philox4x32_10, DropRate};
+use fusedreg::dropping::DropRate;
+use fusedreg::philox::{block, mask_word, philox4x32_10};
 use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
 use fusedreg::{DtypeKind, Error, Result};
 use half::{bf16, f16};

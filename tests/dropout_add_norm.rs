@@ -9,8 +9,9 @@ mod common;
 
 use common::{bits_eq, check, close, rng, uniform};
 use fusedreg::dropout_add_norm::{
+    colsum_slab_count,
     cpu::{self, row_sum, BackwardArgs, BackwardOut, ForwardArgs, ForwardOut},
-    layer_norm_scaling, slab_count, Config, DropPath, Norm,
+    layer_norm_scaling, Config, DropPath, Norm,
 };
 use fusedreg::dropout_residual as dr;
 use fusedreg::{Dtype, Error};
@@ -609,7 +610,7 @@ fn gradients_match_finite_differences() {
 fn backward_runs_for_every_dtype_pair_and_many_slabs() {
     fn run<T: Dtype, S: Dtype>() {
         let (rows, cols) = (1025, 9);
-        assert!(slab_count(rows) < rows);
+        assert!(colsum_slab_count(rows) < rows);
         let d = data::<T, S>(rows, cols, ALL, 3);
         let cfg = Config::new(rows, cols, Norm::LayerNorm, 1e-5)
             .unwrap()

@@ -32,7 +32,9 @@
 //                                            mask, masked scale, column sum, flat_loop
 //   FUSEDREG_DROPOUT_BWD_KERNELS(stem, T, S, K16), FUSEDREG_DROPOUT_UNFUSED_KERNELS(stem, T, S)
 //                                            instantiate the backward / baseline under the op's
-//                                            stem (bottom of this file)
+//                                            stem (bottom of this file);
+//   FUSEDREG_DROPPING_DBIAS_KERNEL(stem, T, S) the dbias finish alone, for an op with its own
+//                                            backward writing [slabs][cols] partials
 // A params struct P used with row_scale / stage_rows / rows_keep_bits has the fields
 //   seed, call, threshold, base, cols, scale, flags (the dropout), rowscale (const float*, or
 //   null), path_call, path_threshold, path_scale, rows_per_sample (the generated drop path; used
@@ -582,6 +584,11 @@ __device__ __forceinline__ void unfused_col_sum_body(const UnfusedColSumParams<T
         STEM##_bwd_scalar_##S(const ::fusedreg::drop::DropoutBwdParams<T> p) {                       \
         ::fusedreg::drop::dropout_bwd<T, 1, K16>(p);                                               \
     }                                                                                                \
+    FUSEDREG_DROPPING_DBIAS_KERNEL(STEM, T, S)
+
+// The dbias finishing kernel alone (<stem>_dbias_<S>, host: gpu::finish_dbias), for an op with a
+// backward of its own that writes [slabs][cols] f32 partials.
+#define FUSEDREG_DROPPING_DBIAS_KERNEL(STEM, T, S)                                                   \
     extern "C" __global__ void __launch_bounds__(::fusedreg::drop::MAX_BLOCK)                        \
         STEM##_dbias_##S(const ::fusedreg::drop::DbiasParams<T> p) {                                 \
         ::fusedreg::drop::dbias_finish<T>(p);                                                        \

@@ -9,6 +9,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{check_backward, check_forward, Config, Preact, LANES, OP};
+use crate::dropping::gpu::aligned16;
 use crate::dropping::slab_rows;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -115,10 +116,6 @@ fn geometry<T: Dtype>(cfg: &Config, aligned: bool) -> (bool, (u32, u32, u32), u6
         .div_ceil(u64::from(BLOCK_X))
         .clamp(1, i32::MAX as u64);
     (vector, (tiles as u32, slabs as u32, 1), slab)
-}
-
-fn aligned16(ptrs: &[u64]) -> bool {
-    ptrs.iter().all(|&p| p % 16 == 0)
 }
 
 /// `y = dropout(act(x + bias))` on the handle's stream (see the [module docs](super)); `h_out`,

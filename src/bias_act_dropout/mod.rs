@@ -79,10 +79,9 @@
 //! # Ok(()) }
 //! ```
 
-use crate::dropping::Keying;
+use crate::dropping::{DropRate, Keying};
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
-use crate::philox::DropRate;
 
 pub mod cpu;
 mod gpu;

@@ -355,10 +355,9 @@ pub(super) fn scratch(
         None => own,
     };
     let stream = handle.stream();
-    if f32_len > 0 && ws.capacity() < f32_len {
-        ws.f32s = None; // free the old one first
-                        // SAFETY: every element a kernel reads is written by an earlier kernel of the call.
-        ws.f32s = Some(unsafe { stream.alloc::<f32>(f32_len) }.map_err(Error::driver(OP))?);
+    if f32_len > 0 {
+        // SAFETY: every element a kernel reads is written by an earlier kernel of the call.
+        unsafe { handle.scratch(OP, &mut ws.f32s, f32_len) }?;
     }
     if ws.count.is_none() {
         ws.count = Some(stream.alloc_zeros::<u64>(1).map_err(Error::driver(OP))?);

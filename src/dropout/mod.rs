@@ -77,7 +77,7 @@
 //! ```
 //!
 //! [`philox::mask_word`]: crate::philox::mask_word
-//! [`DropRate`]: crate::philox::DropRate
+//! [`DropRate`]: crate::dropping::DropRate
 
 use crate::dtype::DtypeKind;
 

@@ -17,8 +17,8 @@
 //! ```
 
 use super::{
-    check_backward, check_forward, check_stream_dtype, row_partials, slab_rows, BackwardLens,
-    Config, ForwardLens, Norm, GROUP,
+    check_backward, check_forward, check_stream_dtype, colsum_slab_rows, row_partials,
+    BackwardLens, Config, ForwardLens, Norm, GROUP,
 };
 use crate::dropping::{row_multiplier, row_scales};
 use crate::dtype::Dtype;
@@ -454,7 +454,7 @@ fn xhat(norm: Norm, v: f32, mean: f32, rstd: f32) -> f32 {
 
 /// The backward (see the [module docs](super)): dx with the mask and row scale regenerated,
 /// d_residual, and the column sums dgamma, dbeta, dbias in the slab order of
-/// [`super::slab_rows`]. With no rows the column gradients are zeros.
+/// [`super::colsum_slab_rows`]. With no rows the column gradients are zeros.
 ///
 /// # Examples
 ///
@@ -504,7 +504,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     let ls = cfg.layer_scale();
     let rs = row_scales(cfg.seed(), cfg.rows(), a.rowscale, cfg.drop_path());
     let mut bits = cfg.keying().keep_bits();
-    let slab = slab_rows(rows);
+    let slab = colsum_slab_rows(rows);
     // Column sums: the running slab partials and the totals over finished slabs.
     let mut part = [vec![0.0f32; cols], vec![0.0f32; cols], vec![0.0f32; cols]];
     let mut total = [vec![0.0f32; cols], vec![0.0f32; cols], vec![0.0f32; cols]];

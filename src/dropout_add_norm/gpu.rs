@@ -2,7 +2,7 @@
 //!
 //! Forward: one block per row (grid-stride when the grid is capped), [`row_partials`]`(cols)`
 //! threads, because the row reductions' order has one partial per thread. Backward: one block
-//! per slab of [`slab_rows`]`(rows)` rows, the same block size, writing `[3][slabs][cols]` f32
+//! per slab of [`colsum_slab_rows`]`(rows)` rows, the same block size, writing `[3][slabs][cols]` f32
 //! column partials that the colsum kernel adds in slab order. The vector path (16-byte accesses)
 //! runs when `cols % 8 == 0` and every pointer is 16-byte aligned; it gives the same bits as the
 //! scalar path.
@@ -10,16 +10,17 @@
 use cudarc::driver::DeviceRepr;
 
 use super::{
-    check_backward, check_forward, check_stream_dtype, row_partials, slab_count, slab_rows,
-    BackwardArgs, BackwardLens, BackwardOut, Config, ForwardArgs, ForwardLens, ForwardOut, Norm,
-    GROUP, OP,
+    check_backward, check_forward, check_stream_dtype, colsum_slab_count, colsum_slab_rows,
+    row_partials, BackwardArgs, BackwardLens, BackwardOut, Config, ForwardArgs, ForwardLens,
+    ForwardOut, Norm, GROUP, OP,
 };
+use crate::dropping::gpu::{aligned16, row_scale_fields};
+use crate::dropping::Workspace;
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{Error, Result};
 use crate::runtime::kernels::Kernel;
 use crate::runtime::Handle;
 
-const FLAG_DROP_PATH: u32 = 1;
 const FLAG_VEC: u32 = 2;
 const FLAG_RMS: u32 = 4;
 const FLAG_BETA: u32 = 8;
@@ -136,38 +137,6 @@ fn colsum_kernel<T: Dtype>() -> Kernel {
         DtypeKind::F32 => Kernel::DropoutAddNormColsumF32,
         DtypeKind::F16 => Kernel::DropoutAddNormColsumF16,
         DtypeKind::Bf16 => Kernel::DropoutAddNormColsumBf16,
-    }
-}
-
-fn aligned16(ptrs: &[u64]) -> bool {
-    ptrs.iter().all(|&p| p % 16 == 0) // an absent pointer (0) is aligned
-}
-
-/// Row-scale fields shared by both directions.
-struct RowScaleFields {
-    flags: u32,
-    path_call: u64,
-    path_threshold: u64,
-    path_scale: f32,
-    rows_per_sample: u32,
-}
-
-fn row_scale_fields(cfg: &Config) -> RowScaleFields {
-    match cfg.drop_path() {
-        Some(path) => RowScaleFields {
-            flags: FLAG_DROP_PATH,
-            path_call: path.call(),
-            path_threshold: path.rate().threshold(),
-            path_scale: path.rate().scale(),
-            rows_per_sample: path.rows_per_sample() as u32,
-        },
-        None => RowScaleFields {
-            flags: 0,
-            path_call: 0,
-            path_threshold: 0,
-            path_scale: 0.0,
-            rows_per_sample: 1,
-        },
     }
 }
 
@@ -336,7 +305,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     let vec = !t.force_scalar
         && cfg.cols() % GROUP == 0
         && aligned16(&[x, gamma, beta, bias, residual, o, s]);
-    let rsf = row_scale_fields(cfg);
+    let rsf = row_scale_fields(cfg.drop_path(), rowscale);
     let mut flags = rsf.flags;
     if vec {
         flags |= FLAG_VEC;
@@ -488,7 +457,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     )?;
     let t = args.tuning;
     let (rows, cols) = (cfg.rows(), cfg.cols());
-    let slabs = slab_count(rows);
+    let slabs = colsum_slab_count(rows);
 
     let (dgamma, _h0) = handle.write_ptr(OP, "dgamma", &mut out.dgamma)?;
     let dbeta_g = out
@@ -513,27 +482,8 @@ pub fn backward<T: Dtype, S: Dtype>(
     let partials = if partial_len == 0 {
         None
     } else {
-        match args.workspace {
-            Some(ws) => {
-                if ws.capacity() < partial_len {
-                    ws.partials = None; // free the old one first
-                                        // SAFETY: every element read is written by the backward kernel first.
-                    ws.partials = Some(
-                        unsafe { handle.stream().alloc::<f32>(partial_len) }
-                            .map_err(Error::driver(OP))?,
-                    );
-                }
-                ws.partials.as_mut()
-            }
-            None => {
-                // SAFETY: as above.
-                own = Some(
-                    unsafe { handle.stream().alloc::<f32>(partial_len) }
-                        .map_err(Error::driver(OP))?,
-                );
-                own.as_mut()
-            }
-        }
+        // SAFETY: the backward kernel writes every partial the colsum kernel reads.
+        Some(unsafe { Workspace::partials(handle, OP, args.workspace, &mut own, partial_len) }?)
     };
     let part_g = partials
         .map(|b| handle.write_ptr(OP, "workspace", b))
@@ -566,7 +516,7 @@ pub fn backward<T: Dtype, S: Dtype>(
         let vec = !t.force_scalar
             && cols % GROUP == 0
             && aligned16(&[d_out, d_s, s, gamma, dx, d_residual]);
-        let rsf = row_scale_fields(cfg);
+        let rsf = row_scale_fields(cfg.drop_path(), rowscale);
         let mut flags = rsf.flags;
         if vec {
             flags |= FLAG_VEC;
@@ -597,7 +547,7 @@ pub fn backward<T: Dtype, S: Dtype>(
             partials,
             rows: rows as u64,
             cols: cols as u64,
-            slab_rows: slab_rows(rows) as u64,
+            slab_rows: colsum_slab_rows(rows) as u64,
             slabs: slabs as u64,
             seed: cfg.seed(),
             call: cfg.call(),

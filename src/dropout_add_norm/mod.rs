@@ -68,7 +68,7 @@
 //! o]` for `o = 16, 8, 4, 2, 1`, and the `P / 32` results are added left to right.
 //!
 //! `colsum` (the column reductions) is the slab scheme of `dropout_residual`'s dbias: rows are
-//! cut into slabs of [`slab_rows`] rows (a function of `rows` only); each slab's partial is a
+//! cut into slabs of [`colsum_slab_rows`] rows (a function of `rows` only); each slab's partial is a
 //! sequential f32 sum from `+0.0` over its rows in increasing order, and the slabs' partials are
 //! added in slab order. So dgamma, dbeta and dbias are identical from run to run and GPU to GPU,
 //! and the CPU reference reproduces them. No float atomics anywhere.
@@ -108,18 +108,17 @@
 //! # Ok(()) }
 //! ```
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut};
 
-use crate::dropping::Keying;
+use crate::dropping::{DropRate, Keying};
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
-use crate::philox::DropRate;
 
 pub mod cpu;
 mod gpu;
 pub mod unfused;
 
-pub use crate::dropping::DropPath;
+pub use crate::dropping::{DropPath, Workspace};
 pub use gpu::{backward, forward, forward_inplace};
 
 /// The name used in errors.
@@ -195,27 +194,27 @@ pub fn row_partials(cols: usize) -> usize {
 /// 1, so there are at most 1024 slabs (one backward block each). A function of `rows` only.
 ///
 /// ```
-/// use fusedreg::dropout_add_norm::{slab_count, slab_rows};
-/// assert_eq!(slab_rows(16384), 16);
-/// assert_eq!(slab_rows(100), 1);
-/// assert_eq!(slab_count(16385), 964); // 17 rows per slab
+/// use fusedreg::dropout_add_norm::{colsum_slab_count, colsum_slab_rows};
+/// assert_eq!(colsum_slab_rows(16384), 16);
+/// assert_eq!(colsum_slab_rows(100), 1);
+/// assert_eq!(colsum_slab_count(16385), 964); // 17 rows per slab
 /// ```
-pub fn slab_rows(rows: usize) -> usize {
+pub fn colsum_slab_rows(rows: usize) -> usize {
     rows.div_ceil(MAX_SLABS).max(1)
 }
 
-/// Number of slabs, `ceil(rows / slab_rows(rows))` (0 for no rows).
+/// Number of slabs, `ceil(rows / colsum_slab_rows(rows))` (0 for no rows).
 ///
 /// # Examples
 ///
 /// ```
-/// use fusedreg::dropout_add_norm::slab_count;
-/// assert_eq!(slab_count(0), 0);
-/// assert_eq!(slab_count(1000), 1000);
-/// assert_eq!(slab_count(4096), 1024);
+/// use fusedreg::dropout_add_norm::colsum_slab_count;
+/// assert_eq!(colsum_slab_count(0), 0);
+/// assert_eq!(colsum_slab_count(1000), 1000);
+/// assert_eq!(colsum_slab_count(4096), 1024);
 /// ```
-pub fn slab_count(rows: usize) -> usize {
-    rows.div_ceil(slab_rows(rows))
+pub fn colsum_slab_count(rows: usize) -> usize {
+    rows.div_ceil(colsum_slab_rows(rows))
 }
 
 const MAX_SLABS: usize = 1024;
@@ -697,43 +696,6 @@ impl Default for LaunchTuning {
     }
 }
 
-/// Reusable device workspace for the column partials of [`backward`] (3 f32 per slab and
-/// column). Without one the backward allocates them stream-ordered per call.
-///
-/// ```
-/// use fusedreg::dropout_add_norm::Workspace;
-/// assert_eq!(Workspace::new().capacity(), 0); // allocates nothing: no GPU needed
-/// ```
-#[derive(Debug, Default)]
-pub struct Workspace {
-    partials: Option<CudaSlice<f32>>,
-}
-
-impl Workspace {
-    /// An empty workspace; the first backward sizes it.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// let ws = fusedreg::dropout_add_norm::Workspace::new();
-    /// assert_eq!(ws.capacity(), 0);
-    /// ```
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Current size in f32 elements.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// assert_eq!(fusedreg::dropout_add_norm::Workspace::default().capacity(), 0);
-    /// ```
-    pub fn capacity(&self) -> usize {
-        self.partials.as_ref().map_or(0, |p| p.len())
-    }
-}
-
 /// The inputs of a GPU [`forward`] / [`forward_inplace`].
 ///
 /// # Examples
@@ -1075,7 +1037,7 @@ mod tests {
             assert!(p * GROUP >= cols.min(256 * GROUP));
         }
         for rows in [0usize, 1, 1023, 1024, 1025, 1 << 20, 1 << 40] {
-            let (s, n) = (slab_rows(rows), slab_count(rows));
+            let (s, n) = (colsum_slab_rows(rows), colsum_slab_count(rows));
             assert!(s >= 1 && n <= MAX_SLABS);
             assert!(rows == 0 || (n * s >= rows && (n - 1) * s < rows));
         }

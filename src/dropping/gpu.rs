@@ -63,7 +63,7 @@ pub(crate) struct BwdParams {
     rows_per_sample: u32,
 }
 const _: () = assert!(std::mem::size_of::<BwdParams>() == 128);
-// SAFETY: as above.
+// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for BwdParams {}
 
 /// Mirrors `DbiasParams<T>` in the kernel.
@@ -324,26 +324,11 @@ pub(crate) fn launch_backward<T: Dtype>(
     let slabs = launches[0].map_or(0, |(_, g)| g.grid.1 as usize);
     let partial_len = if want_dbias { slabs * l.cols } else { 0 };
     let mut own = None;
-    let partials = match (want_dbias, l.workspace) {
-        (false, _) => None,
-        (true, Some(ws)) => {
-            if ws.capacity() < partial_len {
-                ws.partials = None; // free the old one first
-                                    // SAFETY: every element the kernels read is written by stage 1 first.
-                ws.partials = Some(
-                    unsafe { handle.stream().alloc::<f32>(partial_len) }
-                        .map_err(Error::driver(op))?,
-                );
-            }
-            ws.partials.as_mut()
-        }
-        (true, None) => {
-            // SAFETY: as above.
-            own = Some(
-                unsafe { handle.stream().alloc::<f32>(partial_len) }.map_err(Error::driver(op))?,
-            );
-            own.as_mut()
-        }
+    let partials = if want_dbias {
+        // SAFETY: stage 1 writes every (slab, column) partial before stage 2 reads it.
+        Some(unsafe { Workspace::partials(handle, op, l.workspace, &mut own, partial_len) }?)
+    } else {
+        None
     };
     let part_g = partials
         .map(|b| handle.write_ptr(op, "workspace", b))

@@ -23,17 +23,23 @@
 //! resolution: `keeps(i)`, [`KeepBits`] for a CPU loop that evaluates each Philox block once),
 //! [`mask_words`] / [`mask_bit`] / [`set_mask_bit`] (the 1-bit mask layout: bit `b` of word `w`
 //! is element `32 w + b`, padding bits zero), [`slab_rows`] / [`slab_count`] (the dbias
-//! partition), [`Workspace`] (reusable dbias partials), `LaunchTuning` (hidden, for tests).
+//! partition), [`Workspace`] (reusable column-gradient partials, one type for every dropping
+//! op), `LaunchTuning` (hidden, for tests).
 //!
 //! Crate-internal: `check_forward` / `check_backward` (buffer lengths and option conflicts, as
 //! `Error`s naming the op), `Config::require_bits32` (for ops without 16-bit kernels),
 //! `row_scales` / `row_multiplier` (CPU row scale), `backward_cpu` (the CPU reference of the
-//! shared backward, `dx = m != 0 ? T(dy * m) : 0` with dbias); in `gpu`: `segments` /
-//! `geometry` / `Slabs` / `aligned16` (launch geometry), `row_scale_fields`,
-//! `resolution_flag`, `zero_mask`, `backward` (the whole GPU backward of an op whose gradient
-//! is `m * dy`, given its kernel families), `launch_backward`, `finish_dbias`; in `unfused`:
-//! the eager baseline's launches (bias add, dropout with a byte mask, masked scale, column sum)
-//! and their CPU mirrors. The device side of each is named in the header's top comment.
+//! shared backward, `dx = m != 0 ? T(dy * m) : 0` with dbias), `Workspace::partials` (the
+//! partials of one backward, in the caller's workspace or per call); in `gpu`: `segments` /
+//! `geometry` / `Slabs` / `aligned16` (launch geometry and the 16-byte alignment test of every
+//! dropping op), `row_scale_fields` (the caller's row scale or the drop path's keys, for any
+//! op's params), `resolution_flag`, `zero_mask`, `backward` (the whole GPU backward of an op
+//! whose gradient is `m * dy`, given its kernel families), `launch_backward`, `finish_dbias`
+//! (the ordered sum of `[slabs][cols]` partials; the kernel is `FUSEDREG_DROPPING_DBIAS_KERNEL`);
+//! in `unfused`: the eager baseline's launches (bias add, dropout with a byte mask, masked
+//! scale, column sum) and their CPU mirrors. The device side of each is named in the header's
+//! top comment. The dependency runs one way: `dropping` uses [`crate::philox`] (the generator),
+//! never the reverse.
 //!
 //! ```
 //! use fusedreg::dropping::{mask_bit, mask_words, set_mask_bit, Keying};
@@ -56,6 +62,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{check_len, Error, Result};
 use crate::philox;
+use crate::runtime::Handle;
 
 pub(crate) mod gpu;
 pub(crate) mod unfused;
@@ -890,19 +897,19 @@ impl LaunchTuning {
     }
 }
 
-/// Reusable device workspace for the dbias partials of a GPU backward with dbias (one f32 per
-/// slab and column). Without one the backward allocates the partials stream-ordered per call
-/// (`cuMemAllocAsync`); with one it grows once and is reused, so a loop allocates nothing.
+/// Reusable device workspace for the column-gradient partials of a dropping op's GPU backward
+/// (one f32 per slab and column for dbias; three for `dropout_add_norm`'s dgamma, dbeta and
+/// dbias). Without one a backward allocates its partials stream-ordered per call
+/// (`cuMemAllocAsync`); with one they grow once and are reused, so a training loop allocates
+/// nothing. One workspace serves every dropping op (it grows to the largest).
 ///
-/// ```no_run
-/// # fn main() -> fusedreg::Result<()> {
-/// let mut ws = fusedreg::dropping::Workspace::new();
+/// ```
+/// let ws = fusedreg::dropping::Workspace::new(); // allocates nothing: no GPU needed
 /// assert_eq!(ws.capacity(), 0);
-/// # Ok(()) }
 /// ```
 #[derive(Debug, Default)]
 pub struct Workspace {
-    pub(crate) partials: Option<CudaSlice<f32>>,
+    partials: Option<CudaSlice<f32>>,
 }
 
 impl Workspace {
@@ -930,6 +937,29 @@ impl Workspace {
     /// ```
     pub fn capacity(&self) -> usize {
         self.partials.as_ref().map_or(0, |p| p.len())
+    }
+
+    /// The partials of one backward: `len` f32 in `ws` (grown when too small) or, without a
+    /// workspace, in `own`, this call's buffer, which the caller drops after its launches (a
+    /// stream-ordered free).
+    ///
+    /// # Safety
+    ///
+    /// The memory is uninitialised ([`Handle::scratch`]): the backward must write every partial
+    /// before its finishing kernel reads it.
+    pub(crate) unsafe fn partials<'a>(
+        handle: &Handle,
+        op: &'static str,
+        ws: Option<&'a mut Workspace>,
+        own: &'a mut Option<CudaSlice<f32>>,
+        len: usize,
+    ) -> Result<&'a mut CudaSlice<f32>> {
+        let slot = match ws {
+            Some(ws) => &mut ws.partials,
+            None => own,
+        };
+        // SAFETY: the caller's contract (see above).
+        unsafe { handle.scratch(op, slot, len) }
     }
 }
 
@@ -1097,7 +1127,7 @@ impl Config {
     ///
     /// ```
     /// use fusedreg::dropping::Config;
-    /// use fusedreg::philox::DropRate;
+    /// use fusedreg::dropping::DropRate;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
     /// assert_eq!(cfg.rate(), DropRate::new(0.1)?);
@@ -1661,5 +1691,23 @@ mod tests {
                 assert_eq!(bits.get(i), k.keeps(i), "p {p} i {i}");
             }
         }
+    }
+
+    #[test]
+    fn thresholds_at_the_edges() {
+        assert!(DropRate::new(0.0).unwrap().keeps_all());
+        assert!(DropRate::new(1.0).unwrap().drops_all());
+        assert_eq!(DropRate::new(1.0).unwrap().scale(), 0.0);
+        let one = DropRate::new(1.0).unwrap();
+        assert!(!one.keeps(u32::MAX));
+        let tiny = DropRate::new(1.0 / 256.0).unwrap();
+        assert_eq!(tiny.threshold(), 1 << 24);
+        assert!(!tiny.keeps((1 << 24) - 1) && tiny.keeps(1 << 24));
+        for bad in [-0.0001, 1.0001, f64::NAN, f64::INFINITY] {
+            assert!(DropRate::new(bad).is_err(), "p = {bad} accepted");
+        }
+        assert!(
+            (DropRate::new(0.1).unwrap().effective_p() - 0.1).abs() < 1.0 / (1u64 << 33) as f64
+        );
     }
 }

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, DeviceRepr};
 use super::gpu::{aligned16, finish_dbias, geometry, Slabs, FWD_SLAB_ROWS};
 use super::{slab_rows, Keying, LaunchTuning};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::runtime::kernels::KernelFamily;
 use crate::runtime::{grid_for, Handle};
 
@@ -104,12 +104,8 @@ pub(crate) fn ensure<'a, E: DeviceRepr>(
     slot: &'a mut Option<CudaSlice<E>>,
     len: usize,
 ) -> Result<&'a mut CudaSlice<E>> {
-    if !matches!(slot, Some(b) if b.len() >= len) {
-        *slot = None;
-        // SAFETY: every element a kernel reads is written by an earlier kernel first.
-        *slot = Some(unsafe { handle.stream().alloc::<E>(len.max(1)) }.map_err(Error::driver(op))?);
-    }
-    Ok(slot.as_mut().expect("just allocated"))
+    // SAFETY: every element a baseline kernel reads was written by an earlier kernel of the call.
+    unsafe { handle.scratch(op, slot, len) }
 }
 
 fn plain_tuning() -> LaunchTuning {

@@ -20,22 +20,23 @@
 //!
 //! # Keep/drop by an integer compare
 //!
-//! [`DropRate`] turns a probability into an integer threshold once, on the host. An element is
-//! dropped when its word is *below* the threshold, so CPU and GPU agree exactly and the drop
-//! probability actually applied is exactly `threshold / 2^32` (see [`DropRate::effective_p`]).
+//! The dropping ops ([`crate::dropping`]) turn a probability into an integer threshold once, on
+//! the host ([`DropRate`]). An element is dropped when its word is *below* the threshold, so CPU
+//! and GPU agree exactly and the drop probability actually applied is exactly `threshold / 2^32`.
+//! This module is the generator only: it knows nothing of rates (the dependency runs one way,
+//! `dropping` -> `philox`).
 //!
 //! ```
-//! use fusedreg::philox::{mask_word, philox4x32_10, DropRate};
+//! use fusedreg::dropping::DropRate;
+//! use fusedreg::philox::{mask_word, philox4x32_10};
 //! // Random123 known-answer vector: zero counter, zero key.
 //! assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
 //! let rate = DropRate::new(0.1).unwrap();
 //! let kept = (0..10_000u64).filter(|&i| rate.keeps(mask_word(42, 7, i))).count();
 //! assert!((8_800..9_200).contains(&kept));
 //! ```
-
-/// The drop rate lives with the rest of the shared dropout keying; re-exported here, where the
-/// keying it feeds is defined.
-pub use crate::dropping::DropRate;
+//!
+//! [`DropRate`]: crate::dropping::DropRate
 
 pub mod gpu;
 
@@ -196,23 +197,5 @@ mod tests {
         assert_ne!(base, mask_word(5, 9, 17 + (1 << 34)));
         assert_ne!(base, mask_word(5, 9 + (1 << 32), 17));
         assert_ne!(base, mask_word(5 + (1 << 32), 9, 17));
-    }
-
-    #[test]
-    fn thresholds_at_the_edges() {
-        assert!(DropRate::new(0.0).unwrap().keeps_all());
-        assert!(DropRate::new(1.0).unwrap().drops_all());
-        assert_eq!(DropRate::new(1.0).unwrap().scale(), 0.0);
-        let one = DropRate::new(1.0).unwrap();
-        assert!(!one.keeps(u32::MAX));
-        let tiny = DropRate::new(1.0 / 256.0).unwrap();
-        assert_eq!(tiny.threshold(), 1 << 24);
-        assert!(!tiny.keeps((1 << 24) - 1) && tiny.keeps(1 << 24));
-        for bad in [-0.0001, 1.0001, f64::NAN, f64::INFINITY] {
-            assert!(DropRate::new(bad).is_err(), "p = {bad} accepted");
-        }
-        assert!(
-            (DropRate::new(0.1).unwrap().effective_p() - 0.1).abs() < 1.0 / (1u64 << 33) as f64
-        );
     }
 }

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    SyncOnDrop,
+    result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, SyncOnDrop,
 };
 
 use self::kernels::Kernel;
@@ -458,6 +458,31 @@ impl Handle {
                 format!("`{what}` was allocated in another CUDA context than the handle's"),
             ))
         }
+    }
+
+    /// `slot` with room for at least `len` elements (at least 1), reallocated on the handle's
+    /// stream when it is missing or too small (the old buffer is freed first, stream-ordered).
+    /// The one grow routine behind every reusable device scratch (the dropping ops'
+    /// [`crate::dropping::Workspace`], the unfused baselines' intermediates, cross-entropy's
+    /// workspace).
+    ///
+    /// # Safety
+    ///
+    /// The memory is uninitialised: the caller's kernels must write every element before any
+    /// kernel or copy reads it.
+    pub(crate) unsafe fn scratch<'a, E: DeviceRepr>(
+        &self,
+        op: &'static str,
+        slot: &'a mut Option<CudaSlice<E>>,
+        len: usize,
+    ) -> Result<&'a mut CudaSlice<E>> {
+        if !matches!(slot, Some(b) if b.len() >= len) {
+            *slot = None;
+            // SAFETY: the caller's contract (see above).
+            let buf = unsafe { self.inner.stream.alloc::<E>(len.max(1)) };
+            *slot = Some(buf.map_err(Error::driver(op))?);
+        }
+        Ok(slot.as_mut().expect("allocated above"))
     }
 
     /// The raw address of a buffer the kernel reads, after checking it lives in our context.

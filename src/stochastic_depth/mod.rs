@@ -26,8 +26,9 @@
 //! assert_eq!(plan, sd.plan(0)); // deterministic
 //! ```
 
+use crate::dropping::DropRate;
 use crate::error::{Error, Result};
-use crate::philox::{mask_word, DropRate};
+use crate::philox::mask_word;
 
 const OP: &str = "stochastic_depth";
 

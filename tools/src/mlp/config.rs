@@ -152,7 +152,7 @@ impl MlpConfig {
                 "hidden x tokens exceeds cuBLAS's 32-bit sizes",
             ));
         }
-        fusedreg::philox::DropRate::new(self.dropout)?;
+        fusedreg::dropping::DropRate::new(self.dropout)?;
         fusedreg::global_norm::check_max_norm(Some(self.max_norm))?;
         if let Some(p) = &self.prenorm {
             // The entry's own checks (eps finite and > 0), on a one-row shape.
