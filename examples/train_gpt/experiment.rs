@@ -216,7 +216,14 @@ fn report(args: &Args, results: &[ModelResult], device: &str) -> String {
                 "| {} | {} | {da:+.4} | {db:+.4} | {} |",
                 a.k,
                 a.method,
-                if da < db { "with" } else { "without" }
+                // Differences below the table's precision are no evidence either way.
+                if (da - db).abs() < 5e-5 {
+                    "same"
+                } else if da < db {
+                    "with"
+                } else {
+                    "without"
+                }
             );
         }
         let _ = writeln!(s);
