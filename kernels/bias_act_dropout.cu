@@ -4,19 +4,28 @@
 //   h = x + bias[col]                 a = act(h)          y = keep(seed, call, i) ? T(a * scale) : 0
 //   dx = keep ? T((dy * scale) * act'(h)) : 0             dbias[col] = sum over rows of dx (f32)
 //
-// act is GELU (erf), GELU (tanh approximation), SiLU or ReLU, all in f32 through the bit-exact
-// math of common/fmath.cuh. The arithmetic is pinned so that src/bias_act_dropout/cpu.rs
-// reproduces it bit for bit (see act_fwd / act_grad below and the module docs of
-// src/bias_act_dropout/mod.rs). The mask is the shared dropout keying (common/dropping.cuh,
-// drop::keep_bits): word(i) of philox(seed, call, i / 4), dropped when below the threshold (0:
-// keep all, 2^32: drop all, no generator work for either); i is the 64-bit flat index.
+// act is GELU (erf), GELU (tanh approximation), SiLU or ReLU, in f32, in one of two math modes
+// (p.math, src/math.rs):
+//   Math::Exact  the bit-exact common/fmath.cuh, pinned so that src/bias_act_dropout/cpu.rs
+//                reproduces it bit for bit (act_fwd / act_grad below, the module docs of
+//                src/bias_act_dropout/mod.rs);
+//   Math::Fast   the special-function unit (common/fastmath.cuh: ex2, rcp), branch-free formulas
+//                (fast_fwd / fast_grad below) within the error bound stated and tested in
+//                src/bias_act_dropout/mod.rs; src/bias_act_dropout/fast.rs is their CPU model.
+// ReLU has no transcendental: both modes run the same code. The mask is the shared dropout
+// keying (common/dropping.cuh, drop::keep_bits_of: 32-bit words, or 16-bit halfwords under
+// FLAG_KEY16): exact in both modes, and the dropped elements are +0.
+//
+// Per element the kernels compute the value and select it (no branch on the keep bit or the
+// data): every lane runs the same instructions whatever its inputs.
 //
 // Launch shape (as kernels/dropout_residual.cu): grid.x walks column groups (blockDim.x threads,
 // V consecutive columns each), grid.y walks row slabs of `slab_rows` rows; blockDim.y = LANES row
 // lanes, lane l takes rows slab_start + l, + LANES, ... The slab size is a function of
 // (rows, cols, dtype) only (src/dropping `slab_rows`), so the backward's dbias
 // partials - per (slab, column): the lanes' in-order sums folded ((l0 + l1) + l2) + l3 - and their
-// in-order sum over slabs are the same on every GPU and launch, and on the CPU. No float atomics.
+// in-order sum over slabs (the shared staged drop::dbias_finish) are the same on every GPU and
+// launch, and on the CPU. No float atomics.
 //
 // The vector path (V = 16 / sizeof(T)) needs cols % V == 0 and 16-byte aligned element pointers
 // (checked on the host), so every thread's V elements lie in one row and start at a flat index
@@ -25,6 +34,7 @@
 // but still reach the one __syncthreads of the backward.
 #include "common/dtype.cuh"
 #include "common/fmath.cuh"
+#include "common/fastmath.cuh"
 #include "common/dropping.cuh"
 
 using namespace fusedreg;
@@ -33,6 +43,9 @@ namespace bias_act_dropout {
 
 // Activation codes: must match Activation::code in src/bias_act_dropout/mod.rs.
 constexpr uint32_t ACT_GELU_ERF = 0, ACT_GELU_TANH = 1, ACT_SILU = 2, ACT_RELU = 3;
+// Math modes: must match math_code in src/bias_act_dropout/gpu.rs (0 = Exact, so a zeroed params
+// struct is the bit-exact mode).
+constexpr uint32_t MATH_EXACT = 0, MATH_FAST = 1;
 // Row lanes (blockDim.y): the shared dbias partition's (DBIAS_LANES in src/dropping).
 constexpr uint32_t LANES = drop::DBIAS_LANES;
 constexpr uint32_t MAX_BLOCK_X = 64;  // the host launches blockDim = (64, LANES)
@@ -108,34 +121,98 @@ __device__ __forceinline__ float act_grad(uint32_t act, float h) {
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Math::Fast: the activations on the special-function unit. Same bit patterns as
+// src/bias_act_dropout/fast.rs, which models these functions on the CPU (the error analysis and
+// its pessimistic test live there). Every operation is written as an intrinsic, never contracted.
+//
+// GELU (tanh form) is h * sigmoid(2u), 2u = 2 sqrt(2/pi) (h + 0.044715 h^3), the identity
+// (1 + tanh u) / 2 = 1 / (1 + e^-2u): unlike 1 + tanh.approx(u) it keeps its relative accuracy
+// where GELU tends to 0 (h -> -inf). With z = -2u log2(e) = h * fma(-A1, h^2, -A0):
+#define KF_NEG_A0 kf(0xc0135761u)          // -2 sqrt(2/pi) log2(e)
+#define KF_NEG_A1 kf(0xbdd2d3e8u)          // -2 sqrt(2/pi) 0.044715 log2(e)
+#define KF_B0 kf(0x3fcc422au)              // d(2u)/dh = B0 + B1 h^2: 2 sqrt(2/pi)
+#define KF_B1 kf(0x3e5b33b6u)              //   and 2 sqrt(2/pi) 3 0.044715
+#define KF_NEG_LOG2E kf(0xbfb8aa3bu)       // -log2(e)
+// GELU (erf): Phi(h) = q for h < 0 and 1 - q above, q = erfc(|h| / sqrt 2) / 2 =
+// t 2^(-h^2 log2(e) / 2 + F(t)), t = 1 / (1 + |h| / (2 sqrt 2)), F a cubic fitted (minimax, f32
+// coefficients) to log2(erfc(a) / (2 t)) + a^2 log2(e) over |h| <= 16: relative error of q
+// 2^-11.56 (the Numerical Recipes erfc form with fewer terms).
+#define KF_ERF_K kf(0x3eb504f3u)           // 1 / (2 sqrt 2)
+#define KF_ERF_F3 kf(0xbefc568du)          // -0.49284783
+#define KF_ERF_F2 kf(0x3f7be3bbu)          //  0.98394364
+#define KF_ERF_F1 kf(0x3fa99978u)          //  1.3249960
+#define KF_ERF_F0 kf(0xc0343303u)          // -2.8156135
+#define KF_NEG_HALF_LOG2E kf(0xbf38aa3bu)  // -log2(e) / 2
+#define KF_LOG2_PDF0 kf(0xbfa9b21du)       // log2(1 / sqrt(2 pi))
+
+// scale * act(h), the kept value of the forward (before the dropout select). keep_frac = 1 - p:
+// the sigmoid forms divide by it inside their reciprocal, and erf_c0 = F0 + log2(scale) puts the
+// scale into the GELU-erf exponent, so no activation spends an instruction on the scale.
+// Saturation and specials come out of the formulas: 2^z overflows to +inf (the reciprocal is
+// then 0) or flushes to 0, and the final factor max(h, -16) keeps h = -inf from making -inf * 0
+// (the result there is -0, as the exact mode's); a NaN h reaches the result through the
+// reciprocal. Instructions (SASS, sm_90): GELU-tanh 8, SiLU 6, GELU-erf 14.
+template <uint32_t ACT>
+__device__ __forceinline__ float fast_fwd(float h, float keep_frac, float scale, float erf_c0) {
+    if constexpr (ACT == ACT_GELU_TANH) {
+        const float z = __fmul_rn(h, __fmaf_rn(KF_NEG_A1, __fmul_rn(h, h), KF_NEG_A0));
+        const float r = fast::rcp(__fmaf_rn(fast::ex2(z), keep_frac, keep_frac));  // scale / (1 + e^-2u)
+        return __fmul_rn(fmaxf(h, -16.0f), r);
+    } else if constexpr (ACT == ACT_SILU) {
+        const float r = fast::rcp(__fmaf_rn(fast::ex2(__fmul_rn(h, KF_NEG_LOG2E)), keep_frac, keep_frac));
+        return __fmul_rn(fmaxf(h, -128.0f), r);
+    } else {  // ACT_GELU_ERF
+        const float t = fast::rcp(__fmaf_rn(fabsf(h), KF_ERF_K, 1.0f));
+        float f = __fmaf_rn(KF_ERF_F3, t, KF_ERF_F2);
+        f = __fmaf_rn(f, t, KF_ERF_F1);
+        f = __fmaf_rn(f, t, erf_c0);
+        const float qs = __fmul_rn(t, fast::ex2(__fmaf_rn(__fmul_rn(h, h), KF_NEG_HALF_LOG2E, f)));
+        const float c = h < 0.0f ? qs : __fsub_rn(scale, qs);  // scale * Phi(h)
+        return __fmul_rn(fmaxf(h, -16.0f), c);
+    }
+}
+
+// act'(h). h is first clamped (NaN kept) to where every intermediate is finite (2^z at most
+// 2^116): beyond it act' is 1 or 0 to within 2^-88 of the exact value. The derivatives:
+//   GELU-tanh  c (1 + h (B0 + B1 h^2) (1 - c)),  c = 1 / (1 + e), 1 - c = e c
+//   SiLU       c (1 + h (1 - c)),                 c = 1 / (1 + 2^(-h log2 e))
+//   GELU-erf   Phi(h) + h phi(h),                 phi = 2^(-h^2 log2(e) / 2 + log2(1 / sqrt(2 pi)))
+// Instructions: GELU-tanh 13, SiLU 9, GELU-erf 17.
+template <uint32_t ACT>
+__device__ __forceinline__ float fast_grad(float h) {
+    if constexpr (ACT == ACT_GELU_TANH) {
+        const float hc = fast::min_nan(fast::max_nan(h, -9.0f), 9.0f);
+        const float h2 = __fmul_rn(hc, hc);
+        const float e = fast::ex2(__fmul_rn(hc, __fmaf_rn(KF_NEG_A1, h2, KF_NEG_A0)));
+        const float c = fast::rcp(__fadd_rn(e, 1.0f));
+        const float w = __fmul_rn(hc, __fmaf_rn(KF_B1, h2, KF_B0));
+        return __fmul_rn(c, __fmaf_rn(w, __fmul_rn(e, c), 1.0f));
+    } else if constexpr (ACT == ACT_SILU) {
+        const float hc = fast::min_nan(fast::max_nan(h, -80.0f), 80.0f);
+        const float e = fast::ex2(__fmul_rn(hc, KF_NEG_LOG2E));
+        const float c = fast::rcp(__fadd_rn(e, 1.0f));
+        return __fmul_rn(c, __fmaf_rn(hc, __fmul_rn(e, c), 1.0f));
+    } else {  // ACT_GELU_ERF
+        const float hc = fast::min_nan(fast::max_nan(h, -16.0f), 16.0f);
+        const float t = fast::rcp(__fmaf_rn(fabsf(hc), KF_ERF_K, 1.0f));
+        float f = __fmaf_rn(KF_ERF_F3, t, KF_ERF_F2);
+        f = __fmaf_rn(f, t, KF_ERF_F1);
+        f = __fmaf_rn(f, t, KF_ERF_F0);
+        const float s = __fmul_rn(hc, hc);
+        const float q = __fmul_rn(t, fast::ex2(__fmaf_rn(s, KF_NEG_HALF_LOG2E, f)));
+        const float cdf = hc < 0.0f ? q : __fsub_rn(1.0f, q);
+        const float pdf = fast::ex2(__fmaf_rn(s, KF_NEG_HALF_LOG2E, KF_LOG2_PDF0));
+        return __fmaf_rn(hc, pdf, cdf);
+    }
+}
+
 template <typename T> __device__ __forceinline__ float ld(const void* p, uint64_t i) {
     return to_f32(reinterpret_cast<const T*>(p)[i]);
 }
 template <typename T> __device__ __forceinline__ void st(void* p, uint64_t i, float v) {
     reinterpret_cast<T*>(p)[i] = from_f32<T>(v);
-}
-
-// V elements of T at p + i as floats: one 16-byte access when V * sizeof(T) == 16.
-template <typename T, int V> __device__ __forceinline__ void load_v(const void* p, uint64_t i, float (&out)[V]) {
-    if constexpr (V * sizeof(T) == 16) {
-        const Vec16<T> v = load16(reinterpret_cast<const T*>(p) + i);
-#pragma unroll
-        for (int k = 0; k < V; ++k) out[k] = to_f32(v.v[k]);
-    } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k) out[k] = ld<T>(p, i + k);
-    }
-}
-template <typename T, int V> __device__ __forceinline__ void store_v(void* p, uint64_t i, const float (&in)[V]) {
-    if constexpr (V * sizeof(T) == 16) {
-        Vec16<T> v;
-#pragma unroll
-        for (int k = 0; k < V; ++k) v.v[k] = from_f32<T>(in[k]);
-        store16(reinterpret_cast<T*>(p) + i, v);
-    } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k) st<T>(p, i + k, in[k]);
-    }
 }
 
 }  // namespace bias_act_dropout
@@ -149,9 +226,13 @@ struct BiasActDropoutFwdParams {
     void* h_out;       // [rows, cols]: receives T(x + bias), or null
     uint64_t rows, cols, slab_rows, seed, call, threshold;
     float scale;       // 1 / (1 - p) as f32 (0 for p = 1)
+    float keep_frac;   // 1 - p as f32 (Math::Fast's sigmoid forms divide by it)
+    float log2_scale;  // log2(scale) as f32, -inf for p = 1 (Math::Fast's GELU-erf)
     uint32_t act;
+    uint32_t math;     // MATH_EXACT or MATH_FAST
+    uint32_t flags;    // drop::FLAG_KEY16: 16-bit keying (threshold in 0 ..= 2^16)
 };
-static_assert(sizeof(BiasActDropoutFwdParams) == 88, "must match src/bias_act_dropout/gpu.rs");
+static_assert(sizeof(BiasActDropoutFwdParams) == 104, "must match src/bias_act_dropout/gpu.rs");
 
 struct BiasActDropoutBwdParams {
     const void* dy;
@@ -162,110 +243,147 @@ struct BiasActDropoutBwdParams {
     float* partials;   // [slabs, cols] f32 dbias partials, or null (no dbias)
     uint64_t rows, cols, slab_rows, seed, call, threshold;
     float scale;
-    uint32_t act;
+    uint32_t act, math, flags;
 };
-static_assert(sizeof(BiasActDropoutBwdParams) == 104, "must match src/bias_act_dropout/gpu.rs");
+static_assert(sizeof(BiasActDropoutBwdParams) == 112, "must match src/bias_act_dropout/gpu.rs");
 
-struct BiasActDropoutDbiasParams {
-    const float* partials;  // [slabs, cols]
-    void* dbias;            // [cols]
-    uint64_t slabs, cols;
-};
-static_assert(sizeof(BiasActDropoutDbiasParams) == 32, "must match src/bias_act_dropout/gpu.rs");
+// Rows of one lane handled per loop trip: all their loads are issued before any of their math
+// (and before their Philox words are computed), so UNROLL rows of bytes are in flight per thread.
+// Each lane still visits its rows in increasing order, so the dbias partials are the same sums.
+// The backward holds two tensors' rows and stays within 64 registers at 4.
+constexpr int FWD_UNROLL = 4;
+constexpr int BWD_UNROLL = 2;
 
-// Rows of one lane handled per loop trip: all their loads are issued before any of their math,
-// so more bytes are in flight per thread. Each lane still visits its rows in increasing order,
-// so the dbias partials are the same sums.
-constexpr int UNROLL = 2;
+// The keep bits of a row group under the keying the kernel was dispatched with (p.flags'
+// FLAG_KEY16, tested once per thread, outside the row loop): drop::keep_bits_of's choice.
+template <int V, bool K16, typename P>
+__device__ __forceinline__ uint32_t row_keep_bits(const P& p, uint64_t i) {
+    if constexpr (K16) return drop::keep_bits16<V>(p.seed, p.call, p.threshold, i);  // 16-bit keying
+    else return drop::keep_bits<V>(p.seed, p.call, p.threshold, i);  // 32-bit keying
+}
 
-template <typename T, int V, uint32_t ACT> __device__ __forceinline__ void fwd_impl(const BiasActDropoutFwdParams& p) {
+template <typename T, int V, uint32_t ACT, uint32_t MATH, bool K16>
+__device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
     const uint64_t c0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (c0 >= p.cols) return;  // no barrier in the forward
     float b[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) b[k] = p.bias ? ld<T>(p.bias, c0 + k) : 0.0f;
+    const float erf_c0 = __fadd_rn(KF_ERF_F0, p.log2_scale);
     const uint64_t s0 = (uint64_t)blockIdx.y * p.slab_rows;
     const uint64_t s1 = min(s0 + p.slab_rows, p.rows);
-    for (uint64_t row = s0 + threadIdx.y; row < s1; row += LANES * UNROLL) {
-        float h[UNROLL][V];
+    const uint64_t row0 = s0 + threadIdx.y;
+    if (row0 >= s1) return;
+    // This lane's rows row0, row0 + LANES, ...: pointers and the flat index step by `stride`
+    // (no 64-bit multiply per row), and a row count replaces the 64-bit bound compares.
+    const uint64_t stride = (uint64_t)LANES * p.cols;
+    uint64_t i = row0 * p.cols + c0;
+    const T* x = reinterpret_cast<const T*>(p.x) + i;
+    T* y = reinterpret_cast<T*>(p.y) + i;
+    for (uint64_t left = (s1 - row0 + LANES - 1) / LANES; left > 0;) {
+        const int n = left < (uint64_t)FWD_UNROLL ? (int)left : FWD_UNROLL;
+        Pack<T, V> xv[FWD_UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const uint64_t r = row + (uint64_t)u * LANES;
-            if (r < s1) load_v<T, V>(p.x, r * p.cols + c0, h[u]);
-        }
+        for (int u = 0; u < FWD_UNROLL; ++u)
+            if (u < n) xv[u] = load_pack<T, V>(x + u * stride, V);
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const uint64_t r = row + (uint64_t)u * LANES;
-            if (r >= s1) break;
-            const uint64_t i = r * p.cols + c0;
-            if (p.bias) {
+        for (int u = 0; u < FWD_UNROLL; ++u) {
+            if (u >= n) break;
+            const uint32_t keep = row_keep_bits<V, K16>(p, i);
+            float h[V];
 #pragma unroll
-                for (int k = 0; k < V; ++k) h[u][k] = __fadd_rn(h[u][k], b[k]);
+            for (int k = 0; k < V; ++k) h[k] = p.bias ? __fadd_rn(xv[u].get(k), b[k]) : xv[u].get(k);
+            if (p.h_out) {
+                Pack<T, V> hv;
+#pragma unroll
+                for (int k = 0; k < V; ++k) hv.set_raw(k, f32_to_bits<T>(h[k]));
+                store_pack<T, V>(reinterpret_cast<T*>(p.h_out) + i, hv, V);
             }
-            if (p.h_out) store_v<T, V>(p.h_out, i, h[u]);
-            const uint32_t keep = drop::keep_bits<V>(p.seed, p.call, p.threshold, i);
-            float y[V];
+            Pack<T, V> yv;
 #pragma unroll
-            for (int k = 0; k < V; ++k)
-                y[k] = (keep >> k) & 1u ? __fmul_rn(act_fwd(ACT, h[u][k]), p.scale) : 0.0f;
-            store_v<T, V>(p.y, i, y);
+            for (int k = 0; k < V; ++k) {
+                const float v = MATH == MATH_FAST ? fast_fwd<ACT>(h[k], p.keep_frac, p.scale, erf_c0)
+                                                  : __fmul_rn(act_fwd(ACT, h[k]), p.scale);
+                yv.set_raw(k, f32_to_bits<T>((keep >> k) & 1u ? v : 0.0f));
+            }
+            store_pack<T, V>(y + u * stride, yv, V);
+            i += stride;
         }
+        x += n * stride;
+        y += n * stride;
+        left -= n;
     }
 }
 
-// The activation as a template argument, so each body is specialised (no per-element switch).
-template <typename T, int V> __device__ __forceinline__ void fwd(const BiasActDropoutFwdParams& p) {
+template <typename T, int V, uint32_t ACT, uint32_t MATH>
+__device__ __forceinline__ void fwd_impl(const BiasActDropoutFwdParams& p) {
+    if (p.flags & drop::FLAG_KEY16) fwd_keyed<T, V, ACT, MATH, true>(p);
+    else fwd_keyed<T, V, ACT, MATH, false>(p);
+}
+
+// The activation and math mode as template arguments, so each body is specialised (no
+// per-element switch). One kernel per math mode (the host picks the symbol): the fmath bodies
+// need more registers than the fast ones, and a kernel's register count is its largest body's.
+// ReLU has no transcendental: both kernels run the same body for it.
+template <typename T, int V, uint32_t MATH> __device__ __forceinline__ void fwd(const BiasActDropoutFwdParams& p) {
     switch (p.act) {
-        case ACT_GELU_ERF: fwd_impl<T, V, ACT_GELU_ERF>(p); break;
-        case ACT_GELU_TANH: fwd_impl<T, V, ACT_GELU_TANH>(p); break;
-        case ACT_SILU: fwd_impl<T, V, ACT_SILU>(p); break;
-        default: fwd_impl<T, V, ACT_RELU>(p); break;
+        case ACT_GELU_ERF: fwd_impl<T, V, ACT_GELU_ERF, MATH>(p); break;
+        case ACT_GELU_TANH: fwd_impl<T, V, ACT_GELU_TANH, MATH>(p); break;
+        case ACT_SILU: fwd_impl<T, V, ACT_SILU, MATH>(p); break;
+        default: fwd_impl<T, V, ACT_RELU, MATH_EXACT>(p); break;
     }
 }
 
-template <typename T, int V, uint32_t ACT>
+template <typename T, int V, uint32_t ACT, uint32_t MATH, bool K16>
 __device__ __forceinline__ void bwd_rows(const BiasActDropoutBwdParams& p, uint64_t c0, uint64_t s0, uint64_t s1,
                                          const float (&b)[V], float (&acc)[V]) {
-    for (uint64_t row = s0 + threadIdx.y; row < s1; row += LANES * UNROLL) {
-        float g[UNROLL][V], h[UNROLL][V];
-        uint32_t keep[UNROLL];
+    const uint64_t row0 = s0 + threadIdx.y;
+    if (row0 >= s1) return;
+    const bool add_bias = !p.h && p.bias;
+    // As in fwd_impl: pointers and the flat index step by `stride`, a row count bounds the loop.
+    const uint64_t stride = (uint64_t)LANES * p.cols;
+    uint64_t i = row0 * p.cols + c0;
+    const T* dy = reinterpret_cast<const T*>(p.dy) + i;
+    const T* hs = reinterpret_cast<const T*>(p.h ? p.h : p.x) + i;
+    T* dx = reinterpret_cast<T*>(p.dx) + i;
+    for (uint64_t left = (s1 - row0 + LANES - 1) / LANES; left > 0;) {
+        const int n = left < (uint64_t)BWD_UNROLL ? (int)left : BWD_UNROLL;
+        Pack<T, V> gv[BWD_UNROLL], hv[BWD_UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const uint64_t r = row + (uint64_t)u * LANES;
-            keep[u] = 0;
-            if (r >= s1) continue;
-            const uint64_t i = r * p.cols + c0;
-            keep[u] = drop::keep_bits<V>(p.seed, p.call, p.threshold, i);
-            if (keep[u] == 0) continue;  // a dropped group reads nothing
-            load_v<T, V>(p.dy, i, g[u]);
-            load_v<T, V>(p.h ? p.h : p.x, i, h[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const uint64_t r = row + (uint64_t)u * LANES;
-            if (r >= s1) break;
-            float d[V];
-            if (keep[u] == 0) {
-#pragma unroll
-                for (int k = 0; k < V; ++k) d[k] = 0.0f;
-            } else {
-                if (!p.h && p.bias) {
-#pragma unroll
-                    for (int k = 0; k < V; ++k) h[u][k] = __fadd_rn(h[u][k], b[k]);
-                }
-#pragma unroll
-                for (int k = 0; k < V; ++k)
-                    d[k] = (keep[u] >> k) & 1u ? __fmul_rn(__fmul_rn(g[u][k], p.scale), act_grad(ACT, h[u][k])) : 0.0f;
+        for (int u = 0; u < BWD_UNROLL; ++u) {
+            if (u < n) {
+                gv[u] = load_pack<T, V>(dy + u * stride, V);
+                hv[u] = load_pack<T, V>(hs + u * stride, V);
             }
-            store_v<T, V>(p.dx, r * p.cols + c0, d);
-#pragma unroll
-            for (int k = 0; k < V; ++k) acc[k] = __fadd_rn(acc[k], d[k]);
         }
+#pragma unroll
+        for (int u = 0; u < BWD_UNROLL; ++u) {
+            if (u >= n) break;
+            const uint32_t keep = row_keep_bits<V, K16>(p, i);
+            Pack<T, V> dv;
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float h = add_bias ? __fadd_rn(hv[u].get(k), b[k]) : hv[u].get(k);
+                const float g = MATH == MATH_FAST ? fast_grad<ACT>(h) : act_grad(ACT, h);
+                const float d = (keep >> k) & 1u ? __fmul_rn(__fmul_rn(gv[u].get(k), p.scale), g) : 0.0f;
+                dv.set_raw(k, f32_to_bits<T>(d));
+                acc[k] = __fadd_rn(acc[k], d);
+            }
+            store_pack<T, V>(dx + u * stride, dv, V);
+            i += stride;
+        }
+        dy += n * stride;
+        hs += n * stride;
+        dx += n * stride;
+        left -= n;
     }
 }
 
-template <typename T, int V> __device__ __forceinline__ void bwd(const BiasActDropoutBwdParams& p) {
-    __shared__ float lanes[LANES][MAX_BLOCK_X * V];
+// One activation's whole backward: its rows, then the lanes' partials folded through shared
+// memory. Each activation is a complete body (the switch in bwd picks one and returns), so the
+// register allocator sees no merge of four bodies' accumulators.
+template <typename T, int V, uint32_t ACT, uint32_t MATH, bool K16>
+__device__ __forceinline__ void bwd_keyed(const BiasActDropoutBwdParams& p, float (*lanes)[MAX_BLOCK_X * V]) {
     const uint64_t c0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
     const bool active = c0 < p.cols;
     float acc[V];
@@ -277,12 +395,7 @@ template <typename T, int V> __device__ __forceinline__ void bwd(const BiasActDr
         float b[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) b[k] = (p.bias && !p.h) ? ld<T>(p.bias, c0 + k) : 0.0f;
-        switch (p.act) {
-            case ACT_GELU_ERF: bwd_rows<T, V, ACT_GELU_ERF>(p, c0, s0, s1, b, acc); break;
-            case ACT_GELU_TANH: bwd_rows<T, V, ACT_GELU_TANH>(p, c0, s0, s1, b, acc); break;
-            case ACT_SILU: bwd_rows<T, V, ACT_SILU>(p, c0, s0, s1, b, acc); break;
-            default: bwd_rows<T, V, ACT_RELU>(p, c0, s0, s1, b, acc); break;
-        }
+        bwd_rows<T, V, ACT, MATH, K16>(p, c0, s0, s1, b, acc);
     }
     if (p.partials == nullptr) return;  // uniform across the block
 #pragma unroll
@@ -299,12 +412,30 @@ template <typename T, int V> __device__ __forceinline__ void bwd(const BiasActDr
     }
 }
 
-template <typename T> __device__ __forceinline__ void dbias(const BiasActDropoutDbiasParams& p) {
-    for (uint64_t c = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; c < p.cols;
-         c += (uint64_t)gridDim.x * blockDim.x) {
-        float s = 0.0f;
-        for (uint64_t k = 0; k < p.slabs; ++k) s = __fadd_rn(s, p.partials[k * p.cols + c]);
-        st<T>(p.dbias, c, s);
+// The keying is dispatched here, around whole bodies (a merge of the two loops' accumulators
+// before the partials made ptxas spill).
+template <typename T, int V, uint32_t ACT, uint32_t MATH>
+__device__ __forceinline__ void bwd_body(const BiasActDropoutBwdParams& p, float (*lanes)[MAX_BLOCK_X * V]) {
+    if (p.flags & drop::FLAG_KEY16) {
+        bwd_keyed<T, V, ACT, MATH, true>(p, lanes);
+        return;
+    }
+    bwd_keyed<T, V, ACT, MATH, false>(p, lanes);
+}
+
+template <typename T, int V, uint32_t ACT, uint32_t MATH>
+__device__ __forceinline__ void bwd_one(const BiasActDropoutBwdParams& p) {
+    __shared__ float lanes[LANES][MAX_BLOCK_X * V];
+    bwd_body<T, V, ACT, MATH>(p, lanes);
+}
+
+template <typename T, int V, uint32_t MATH> __device__ __forceinline__ void bwd(const BiasActDropoutBwdParams& p) {
+    __shared__ float lanes[LANES][MAX_BLOCK_X * V];
+    switch (p.act) {
+        case ACT_GELU_ERF: bwd_body<T, V, ACT_GELU_ERF, MATH>(p, lanes); return;
+        case ACT_GELU_TANH: bwd_body<T, V, ACT_GELU_TANH, MATH>(p, lanes); return;
+        case ACT_SILU: bwd_body<T, V, ACT_SILU, MATH>(p, lanes); return;
+        default: bwd_body<T, V, ACT_RELU, MATH_EXACT>(p, lanes); return;
     }
 }
 
@@ -326,20 +457,39 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
 #define GRID_STRIDE(i, n) \
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < (n); i += (uint64_t)gridDim.x * blockDim.x)
 
+#define BAD_FWD_KERNEL(NAME, BODY) \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const BiasActDropoutFwdParams p) { BODY; }
+/* the backward holds BWD_UNROLL rows of two tensors: 64 registers give 4 blocks of 256 per SM */
+#define BAD_BWD_KERNEL(NAME, BODY) \
+    extern "C" __global__ void __launch_bounds__(256, 4) NAME(const BiasActDropoutBwdParams p) { BODY; }
+
 #define INSTANTIATE(T, S)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) bias_act_dropout_fwd_vec_##S(const BiasActDropoutFwdParams p) { \
-        fwd<T, 16 / sizeof(T)>(p);                                                                        \
+    /* Vector kernels, one per body (one body per kernel keeps each within 64 registers in the    \
+       backward; four bodies in one kernel made ptxas spill): ReLU (no transcendental), the three \
+       Math::Fast activations, and one kernel with the Math::Exact bodies of all four (fmath:    \
+       the bit-exact mode; p.act picks the body). Scalar kernels: one per math mode. The host    \
+       picks by (act, math) in src/bias_act_dropout/gpu.rs. */                                   \
+    BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_##S, (fwd<T, 16 / sizeof(T), MATH_EXACT>(p)))               \
+    BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_relu_##S, (fwd_impl<T, 16 / sizeof(T), ACT_RELU, MATH_EXACT>(p))) \
+    BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_gelu_erf_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_GELU_ERF, MATH_FAST>(p))) \
+    BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_gelu_tanh_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_GELU_TANH, MATH_FAST>(p))) \
+    BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_silu_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_SILU, MATH_FAST>(p))) \
+    BAD_FWD_KERNEL(bias_act_dropout_fwd_scalar_##S, (fwd<T, 1, MATH_EXACT>(p)))                         \
+    BAD_FWD_KERNEL(bias_act_dropout_fwd_scalar_fast_##S, (fwd<T, 1, MATH_FAST>(p)))                     \
+    /* the four fmath bodies need more than 64 registers without spilling: 3 blocks per SM */        \
+    extern "C" __global__ void __launch_bounds__(256, 3) bias_act_dropout_bwd_vec_##S(const BiasActDropoutBwdParams p) { \
+        bwd<T, 16 / sizeof(T), MATH_EXACT>(p);                                                            \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) bias_act_dropout_fwd_scalar_##S(const BiasActDropoutFwdParams p) { \
-        fwd<T, 1>(p);                                                                                     \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_relu_##S, (bwd_one<T, 16 / sizeof(T), ACT_RELU, MATH_EXACT>(p))) \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_gelu_erf_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_GELU_ERF, MATH_FAST>(p))) \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_gelu_tanh_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_GELU_TANH, MATH_FAST>(p))) \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_silu_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_SILU, MATH_FAST>(p))) \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_scalar_##S, (bwd<T, 1, MATH_EXACT>(p)))                         \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_scalar_fast_##S, (bwd<T, 1, MATH_FAST>(p)))                     \
+    /* dbias = the ordered sum over slabs of the partials: the shared staged finish */                    \
+    extern "C" __global__ void __launch_bounds__(drop::MAX_BLOCK) bias_act_dropout_dbias_##S(const drop::DbiasParams<T> p) { \
+        drop::dbias_finish<T>(p);                                                                         \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) bias_act_dropout_bwd_vec_##S(const BiasActDropoutBwdParams p) { \
-        bwd<T, 16 / sizeof(T)>(p);                                                                        \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) bias_act_dropout_bwd_scalar_##S(const BiasActDropoutBwdParams p) { \
-        bwd<T, 1>(p);                                                                                     \
-    }                                                                                                     \
-    extern "C" __global__ void bias_act_dropout_dbias_##S(const BiasActDropoutDbiasParams p) { dbias<T>(p); } \
     /* out = a + bias[i % cols] */                                                                        \
     extern "C" __global__ void bias_act_dropout_unfused_bias_add_##S(const BiasActDropoutUnfusedParams p) { \
         GRID_STRIDE(i, p.n) st<T>(p.out, i, __fadd_rn(ld<T>(p.a, i), ld<T>(p.b, i % p.cols)));         \

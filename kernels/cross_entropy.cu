@@ -22,7 +22,10 @@
 // Determinism: the per-row losses go to a buffer; the sum over rows is a separate kernel
 // (cross_entropy_sum) with a fixed chunking and tree, no float atomics. The count of valid rows
 // for the mean is an integer (integer atomics are exact).
+#include <type_traits>
+
 #include "common/dtype.cuh"
+#include "common/fastmath.cuh"
 #include "common/fmath.cuh"
 
 using namespace fusedreg;
@@ -73,8 +76,10 @@ struct State {
     float m, s, sx;
 };
 
-// Folds one group of cnt consecutive logits into a slot state (cpu.rs: State::absorb).
-__device__ __forceinline__ void absorb(State& st, const float* x, int cnt) {
+// ---- Math::Exact: fmath's exp and log, bit for bit with cpu.rs (Exact) ----
+
+// Folds one group of cnt consecutive logits into a slot state (cpu.rs: Exact::absorb).
+__device__ __forceinline__ void absorb_exact(State& st, const float* x, int cnt) {
     // NaN-sticky group maximum, and a NaN maximum replaces the running one: a NaN anywhere in
     // the row reaches s (s * exp(m - NaN)) even while m is -inf and the sum below is skipped.
     float gm = x[0];
@@ -88,12 +93,58 @@ __device__ __forceinline__ void absorb(State& st, const float* x, int cnt) {
     for (int k = 0; k < cnt; ++k) st.sx = st.sx + x[k];
 }
 
-// cpu.rs: State::combine.
-__device__ __forceinline__ State combine(State a, State b) {
+// cpu.rs: Exact::combine.
+__device__ __forceinline__ State combine_exact(State a, State b) {
     const float m = b.m > a.m ? b.m : a.m;
     const float sa = a.m == m ? a.s : a.s * fr_exp(a.m - m);
     const float sb = b.m == m ? b.s : b.s * fr_exp(b.m - m);
     return State{m, sa + sb, a.sx + b.sx};
+}
+
+// ---- Math::Fast: the same groups, slots and tree; exp and log on the special-function unit ----
+//
+// The state's m is the running maximum times log2(e) (the product rounded to f32), floored at
+// -FLT_MAX: m - m' and fma(x, L2E, -m) then never meet -inf - (-inf). s is the sum of
+// 2^(x log2(e) - m): one FFMA and one MUFU.EX2 per element. Branch-free: every element's term is
+// added (a NaN logit makes its own term NaN, a +inf logit inf - inf), and the rescale 2^(m - m')
+// is exactly 1 when the maximum did not move. A group's 8 terms are summed pairwise, then added
+// to s. cpu.rs: fast::Fast is the same arithmetic.
+constexpr float L2E = 1.44269502162933349609375f;  // log2(e) rounded to f32
+constexpr float LN2 = 0.693147182464599609375f;    // ln(2) rounded to f32
+constexpr float BIG = 3.40282346638528859812e38f;  // FLT_MAX
+
+// x holds GROUP values; a partial group's missing ones are -inf (a term of 0, no maximum).
+__device__ __forceinline__ void absorb_fast(State& st, const float* x, int cnt) {
+    float gm = x[0];
+#pragma unroll
+    for (int k = 1; k < GROUP; ++k) gm = fmaxf(gm, x[k]);
+    const float mn = fmaxf(st.m, fmaxf(gm * L2E, -BIG));
+    float e[GROUP];
+#pragma unroll
+    for (int k = 0; k < GROUP; ++k) e[k] = fast::ex2(__fmaf_rn(x[k], L2E, -mn));
+    const float t = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]));
+    st.s = st.s * fast::ex2(st.m - mn) + t;
+#pragma unroll
+    for (int k = 0; k < GROUP; ++k)
+        if (k < cnt) st.sx = st.sx + x[k];
+    st.m = mn;
+}
+
+__device__ __forceinline__ State combine_fast(State a, State b) {
+    const float m = fmaxf(a.m, b.m);
+    return State{m, a.s * fast::ex2(a.m - m) + b.s * fast::ex2(b.m - m), a.sx + b.sx};
+}
+
+template <bool FAST> __device__ __forceinline__ State init_state() {
+    return State{FAST ? -BIG : neg_inf(), 0.f, 0.f};
+}
+template <bool FAST> __device__ __forceinline__ void absorb(State& st, const float* x, int cnt) {
+    if constexpr (FAST) absorb_fast(st, x, cnt);
+    else absorb_exact(st, x, cnt);
+}
+template <bool FAST> __device__ __forceinline__ State combine(State a, State b) {
+    if constexpr (FAST) return combine_fast(a, b);
+    else return combine_exact(a, b);
 }
 
 // GROUP consecutive elements (cnt of them in a partial group) widened to f32. VEC: p is 16-byte
@@ -101,131 +152,233 @@ __device__ __forceinline__ State combine(State a, State b) {
 template <bool VEC, typename T>
 __device__ __forceinline__ void load_group(const T* p, float* x, int cnt) {
     if constexpr (VEC) {
-        constexpr int N = Vec16<T>::N;
+        // 16-byte loads kept as 32-bit words; a bf16 pair widens by one shift and one mask
+        // (through a bf16 array the compiler spent a PRMT and a shift on the upper one).
+        constexpr int N = 16 / sizeof(T);
 #pragma unroll
         for (int q = 0; q < GROUP / N; ++q) {
-            const Vec16<T> v = load16(p + q * N);
+            const uint4 v = *reinterpret_cast<const uint4*>(p + q * N);
+            const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-            for (int k = 0; k < N; ++k) x[q * N + k] = to_f32(v.v[k]);
+            for (int k = 0; k < 4; ++k) {
+                if constexpr (sizeof(T) == 4) {
+                    x[q * N + k] = __uint_as_float(w[k]);
+                } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+                    x[q * N + 2 * k] = __uint_as_float(w[k] << 16);
+                    x[q * N + 2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+                } else {
+                    x[q * N + 2 * k] = bits_to_f32<T>(w[k] & 0xffffu);
+                    x[q * N + 2 * k + 1] = bits_to_f32<T>(w[k] >> 16);
+                }
+            }
         }
-    } else {
-        for (int k = 0; k < cnt; ++k) x[k] = to_f32(p[k]);
+    } else {  // unrolled and predicated: x stays in registers
+#pragma unroll
+        for (int k = 0; k < GROUP; ++k)
+            if (k < cnt) x[k] = to_f32(p[k]);
     }
+}
+
+// Four 32-bit words to a 16-byte aligned address as one st.global.v4: a uint4 assignment came
+// out of NVVM as four 32-bit stores (STG.E) in these kernels.
+__device__ __forceinline__ void store_words4(void* p, const uint32_t* w) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+#else
+    memcpy(p, w, 16);
+#endif
 }
 
 template <bool VEC, typename T>
 __device__ __forceinline__ void store_group(T* p, const float* g, int cnt) {
     if constexpr (VEC) {
-        constexpr int N = Vec16<T>::N;
+        // 32-bit words (F2FP pair conversions for 16-bit T), one 16-byte store each.
+        constexpr int N = 16 / sizeof(T);
 #pragma unroll
         for (int q = 0; q < GROUP / N; ++q) {
-            Vec16<T> v;
+            uint32_t w[4];
 #pragma unroll
-            for (int k = 0; k < N; ++k) v.v[k] = from_f32<T>(g[q * N + k]);
-            store16(p + q * N, v);
+            for (int k = 0; k < 4; ++k) {
+                if constexpr (sizeof(T) == 4) w[k] = f32_to_bits<T>(g[q * N + k]);
+                else w[k] = f32_to_bits<T>(g[q * N + 2 * k]) | (f32_to_bits<T>(g[q * N + 2 * k + 1]) << 16);
+            }
+            store_words4(p + q * N, w);
         }
     } else {
-        for (int k = 0; k < cnt; ++k) p[k] = from_f32<T>(g[k]);
+#pragma unroll
+        for (int k = 0; k < GROUP; ++k)
+            if (k < cnt) p[k] = from_f32<T>(g[k]);
     }
 }
 
 // Pass 1 of one thread over its slot's groups of a row: full groups (vector or scalar loads,
-// UNROLL groups' loads in flight), then the partial last group if it is this slot's.
-template <bool VEC, typename T>
-__device__ __forceinline__ State pass1(const T* row, uint64_t V) {
-    const uint64_t full = V / GROUP;
-    State st{neg_inf(), 0.f, 0.f};
-    uint64_t g = threadIdx.x;
-    for (; g + (UNROLL - 1) * SLOTS < full; g += UNROLL * SLOTS) {
+// UNROLL groups' loads in flight), then the partial last group if it is this slot's. V < 2^24:
+// 32-bit offsets inside the row.
+template <bool FAST, bool VEC, typename T>
+__device__ __forceinline__ State pass1(const T* row, uint32_t V) {
+    const uint32_t full = V / GROUP;
+    State st = init_state<FAST>();
+    uint32_t g = threadIdx.x;
+    // A moving pointer: the UNROLL loads are at immediate offsets from it.
+    const T* q = row + g * GROUP;
+    for (; g + (UNROLL - 1) * SLOTS < full; g += UNROLL * SLOTS, q += UNROLL * SLOTS * GROUP) {
         float x[UNROLL][GROUP];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) load_group<VEC>(row + (g + u * SLOTS) * GROUP, x[u], GROUP);
+        for (int u = 0; u < UNROLL; ++u) load_group<VEC>(q + u * SLOTS * GROUP, x[u], GROUP);
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) absorb(st, x[u], GROUP);
+        for (int u = 0; u < UNROLL; ++u) absorb<FAST>(st, x[u], GROUP);
     }
+#pragma unroll 1  // at most UNROLL - 1 groups: unrolling them buys nothing
     for (; g < full; g += SLOTS) {
         float x[GROUP];
         load_group<VEC>(row + g * GROUP, x, GROUP);
-        absorb(st, x, GROUP);
+        absorb<FAST>(st, x, GROUP);
     }
     if (g == full && full * GROUP < V) {  // the partial last group is slot full % SLOTS's last
         float x[GROUP];
         const int cnt = (int)(V - full * GROUP);
+#pragma unroll
+        for (int k = 0; k < GROUP; ++k) x[k] = neg_inf();
         load_group<false>(row + g * GROUP, x, cnt);
-        absorb(st, x, cnt);
+        absorb<FAST>(st, x, cnt);
     }
     return st;
 }
 
-// The gradient of one group (cpu.rs: grad_elem).
-__device__ __forceinline__ void grad_group(const FusedParams& p, float* x, int cnt, uint64_t j0,
-                                           uint64_t t, float lse, float zf, float scale) {
+// The halving tree over the SLOTS slot states (state i takes state i + h, h = 128, ..., 1; cpu.rs:
+// tree): the levels h >= 32 through shared memory, the last five in warp 0 by shuffles (lane i
+// receives lane i + h: the same pairs; lanes >= h compute values nobody reads). The row state
+// is returned to thread 0.
+template <bool FAST>
+__device__ __forceinline__ State block_tree(State st, float* sm, float* ss, float* sx) {
+    const unsigned tid = threadIdx.x;
+    sm[tid] = st.m;
+    ss[tid] = st.s;
+    sx[tid] = st.sx;
+    __syncthreads();
+    for (unsigned h = SLOTS / 2; h >= 32; h >>= 1) {
+        if (tid < h) {
+            const State c = combine<FAST>(State{sm[tid], ss[tid], sx[tid]}, State{sm[tid + h], ss[tid + h], sx[tid + h]});
+            sm[tid] = c.m;
+            ss[tid] = c.s;
+            sx[tid] = c.sx;
+        }
+        __syncthreads();
+    }
+    State c = st;
+    if (tid < 32) {
+        c = State{sm[tid], ss[tid], sx[tid]};
+#pragma unroll
+        for (int h = 16; h >= 1; h >>= 1) {
+            const State o{__shfl_down_sync(0xffffffffu, c.m, h), __shfl_down_sync(0xffffffffu, c.s, h),
+                          __shfl_down_sync(0xffffffffu, c.sx, h)};
+            c = combine<FAST>(c, o);
+        }
+    }
+    return c;
+}
+
+// The gradient of one group (cpu.rs: Exact's grad_elem).
+__device__ __forceinline__ void grad_group(const FusedParams& p, float* x, int cnt, uint32_t j0,
+                                           uint32_t t, float lse, float zf, float scale) {
     for (int k = 0; k < cnt; ++k) {
         float d = fr_exp(x[k] - lse) * zf - p.eps;
-        if (j0 + (uint64_t)k == t) d = d - p.conf;
+        if (j0 + (uint32_t)k == t) d = d - p.conf;
         x[k] = d * scale;
     }
 }
 
-template <bool VEC, typename T>
-__device__ __forceinline__ void pass2(const FusedParams& p, const T* row, T* out, uint64_t t, float lse,
-                                      float zf, float scale) {
-    const uint64_t V = p.vocab, full = V / GROUP;
-    uint64_t g = threadIdx.x;
-    for (; g + (UNROLL - 1) * SLOTS < full; g += UNROLL * SLOTS) {
-        float x[UNROLL][GROUP];
+// Fast: g = fma(2^(x log2(e) - lse log2(e)), a, nb) with a = zf scale, nb = -(eps scale); the
+// target's value is stored after the loop by the thread that owns it (cpu.rs: FastRow::elem).
+__device__ __forceinline__ float grad_fast(float x, float nl, float a, float nb) {
+    return __fmaf_rn(fast::ex2(__fmaf_rn(x, L2E, nl)), a, nb);
+}
+__device__ __forceinline__ void grad_group_fast(float* x, float nl, float a, float nb) {
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) load_group<VEC>(row + (g + u * SLOTS) * GROUP, x[u], GROUP);
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            grad_group(p, x[u], GROUP, (g + u * SLOTS) * GROUP, t, lse, zf, scale);
-            store_group<VEC>(out + (g + u * SLOTS) * GROUP, x[u], GROUP);
-        }
-    }
-    for (; g < full; g += SLOTS) {
-        float x[GROUP];
-        load_group<VEC>(row + g * GROUP, x, GROUP);
-        grad_group(p, x, GROUP, g * GROUP, t, lse, zf, scale);
-        store_group<VEC>(out + g * GROUP, x, GROUP);
-    }
-    if (g == full && full * GROUP < V) {
+    for (int k = 0; k < GROUP; ++k) x[k] = grad_fast(x[k], nl, a, nb);
+}
+
+// Pass 2: the gradient of the row. sh: Exact {lse, zf, scale}; Fast {-lse log2(e), a, nb, g_t}.
+// The thread walks its groups backwards (the partial last group first, then its full groups from
+// the last down): the end of the row, which pass 1 read last, is the part most likely still in L2
+// when pass 2 starts. Every element's gradient depends on its own logit only, so the order
+// changes no bit.
+template <bool FAST, bool VEC, typename T>
+__device__ __forceinline__ void pass2(const FusedParams& p, const T* row, T* out, uint32_t V, uint32_t t,
+                                      const float* sh) {
+    const uint32_t full = V / GROUP, tid = threadIdx.x;
+    const float c0 = sh[0], c1 = sh[1], c2 = sh[2];
+    auto grad = [&](float* x, int cnt, uint32_t j0) {
+        if constexpr (FAST) grad_group_fast(x, c0, c1, c2);
+        else grad_group(p, x, cnt, j0, t, c0, c1, c2);
+    };
+    if (full * GROUP < V && full % SLOTS == tid) {  // the partial last group is slot full % SLOTS's
         float x[GROUP];
         const int cnt = (int)(V - full * GROUP);
-        load_group<false>(row + g * GROUP, x, cnt);
-        grad_group(p, x, cnt, g * GROUP, t, lse, zf, scale);
-        store_group<false>(out + g * GROUP, x, cnt);
+#pragma unroll
+        for (int k = 0; k < GROUP; ++k) x[k] = 0.f;
+        load_group<false>(row + full * GROUP, x, cnt);
+        grad(x, cnt, full * GROUP);
+        store_group<false>(out + full * GROUP, x, cnt);
     }
+    // This thread's full groups are g = tid + SLOTS k, k < n; from k = n - 1 down.
+    uint32_t n = full > tid ? (full - 1 - tid) / SLOTS + 1 : 0;
+    uint32_t g = n > 0 ? tid + SLOTS * (n - 1) : tid;
+    const T* q = row + g * GROUP;
+    T* o = out + g * GROUP;
+    for (; n >= UNROLL; n -= UNROLL, g -= UNROLL * SLOTS, q -= UNROLL * SLOTS * GROUP, o -= UNROLL * SLOTS * GROUP) {
+        float x[UNROLL][GROUP];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) load_group<VEC>(q - u * SLOTS * GROUP, x[u], GROUP);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            grad(x[u], GROUP, (g - u * SLOTS) * GROUP);
+            store_group<VEC>(o - u * SLOTS * GROUP, x[u], GROUP);
+        }
+    }
+#pragma unroll 1  // at most UNROLL - 1 groups
+    for (; n > 0; --n, g -= SLOTS, q -= SLOTS * GROUP, o -= SLOTS * GROUP) {
+        float x[GROUP];
+        load_group<VEC>(q, x, GROUP);
+        grad(x, GROUP, g * GROUP);
+        store_group<VEC>(o, x, GROUP);
+    }
+    // Fast: the target's gradient over the value just stored (the same thread stored it, so this
+    // store lands last).
+    if constexpr (FAST)
+        if (tid == (t / GROUP) % SLOTS) out[t] = from_f32<T>(sh[3]);
 }
 
 // An ignored (or out-of-range) row's gradient: zeros, nothing read.
 template <bool VEC, typename T>
-__device__ __forceinline__ void zero_row(T* out, uint64_t V) {
-    const uint64_t full = V / GROUP;
+__device__ __forceinline__ void zero_row(T* out, uint32_t V) {
+    const uint32_t full = V / GROUP;
     float z[GROUP];
     for (int k = 0; k < GROUP; ++k) z[k] = 0.f;
-    uint64_t g = threadIdx.x;
+    uint32_t g = threadIdx.x;
     for (; g < full; g += SLOTS) store_group<VEC>(out + g * GROUP, z, GROUP);
     if (g == full && full * GROUP < V) store_group<false>(out + g * GROUP, z, (int)(V - full * GROUP));
 }
 
-template <bool VEC, typename T, typename TI>
+template <bool FAST, bool VEC, typename T, typename TI>
 __device__ void fused(const FusedParams& p) {
     __shared__ float sh_m[SLOTS], sh_s[SLOTS], sh_x[SLOTS];
-    __shared__ float sh_lse, sh_zf, sh_scale;
+    __shared__ float sh_row[4];
     const T* logits = reinterpret_cast<const T*>(p.logits);
     T* grad = reinterpret_cast<T*>(p.grad);
     const TI* targets = reinterpret_cast<const TI*>(p.targets);
     float* loss_rows = reinterpret_cast<float*>(p.loss_rows);
-    const uint64_t V = p.vocab;
+    const uint32_t V = (uint32_t)p.vocab;  // <= 2^24 (Config::new)
     const unsigned tid = threadIdx.x;
     const bool want_grad = (p.flags & FLAG_GRAD) != 0;
 
     for (uint64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
-        const T* row = logits + r * V;
-        T* out = grad + r * V;
+        const T* row = logits + r * p.vocab;
+        T* out = grad + r * p.vocab;
         const int64_t t = (int64_t)targets[r];  // every thread reads the same target: uniform
         const bool ignored = t == p.ignore_index;
-        const bool valid = !ignored && t >= 0 && (uint64_t)t < V;
+        const bool valid = !ignored && t >= 0 && (uint64_t)t < p.vocab;
         if (!valid) {
             if (want_grad) zero_row<VEC>(out, V);
             if (tid == 0) {
@@ -235,28 +388,21 @@ __device__ void fused(const FusedParams& p) {
             continue;  // no barrier in this branch, and it is taken by the whole block
         }
 
-        const State st = pass1<VEC>(row, V);
-        sh_m[tid] = st.m;
-        sh_s[tid] = st.s;
-        sh_x[tid] = st.sx;
-        __syncthreads();
-        for (unsigned h = SLOTS / 2; h >= 1; h >>= 1) {
-            if (tid < h) {
-                const State c = combine(State{sh_m[tid], sh_s[tid], sh_x[tid]},
-                                        State{sh_m[tid + h], sh_s[tid + h], sh_x[tid + h]});
-                sh_m[tid] = c.m;
-                sh_s[tid] = c.s;
-                sh_x[tid] = c.sx;
-            }
-            __syncthreads();
-        }
+        const State st = block_tree<FAST>(pass1<FAST, VEC>(row, V), sh_m, sh_s, sh_x);
         if (tid == 0) {
             // Read x[t] before the barrier below: in place, pass 2 overwrites it.
             const float xt = to_f32(row[t]);
-            const float lse = sh_m[0] + fr_log(sh_s[0]);
+            float lse, nl = 0.f;
+            if constexpr (FAST) {
+                const float lse2 = st.m + fast::lg2(st.s);  // log2 of the sum of 2^(x log2 e)
+                lse = lse2 * LN2;
+                nl = -lse2;
+            } else {
+                lse = st.m + fr_log(st.s);
+            }
             float loss = 0.f;
             if (p.conf != 0.f) loss = p.conf * (lse - xt);
-            if (p.alpha != 0.f) loss = loss + p.alpha * (lse - sh_x[0] / p.vocab_f);
+            if (p.alpha != 0.f) loss = loss + p.alpha * (lse - st.sx / p.vocab_f);
             if (p.lambda != 0.f) loss = loss + p.lambda * (lse * lse);
             loss_rows[r] = loss;
             float scale = 1.f;
@@ -264,14 +410,23 @@ __device__ void fused(const FusedParams& p) {
                 scale = 1.f / (float)*reinterpret_cast<const unsigned long long*>(p.n_valid);
             else if (p.flags & FLAG_UPSTREAM)
                 scale = reinterpret_cast<const float*>(p.upstream)[r];
-            sh_lse = lse;
-            sh_zf = p.lambda != 0.f ? 1.f + p.lam2 * lse : 1.f;
-            sh_scale = scale;
+            const float zf = p.lambda != 0.f ? 1.f + p.lam2 * lse : 1.f;
+            if constexpr (FAST) {
+                const float a = zf * scale, nb = -(p.eps * scale);
+                sh_row[0] = nl;
+                sh_row[1] = a;
+                sh_row[2] = nb;
+                sh_row[3] = grad_fast(xt, nl, a, nb) - p.conf * scale;
+            } else {
+                sh_row[0] = lse;
+                sh_row[1] = zf;
+                sh_row[2] = scale;
+            }
         }
         __syncthreads();
-        if (want_grad) pass2<VEC>(p, row, out, (uint64_t)t, sh_lse, sh_zf, sh_scale);
+        if (want_grad) pass2<FAST, VEC>(p, row, out, V, (uint32_t)t, sh_row);
         // No barrier needed here: the next row's first shared write (sh_m) is followed by a
-        // barrier before anyone reads it, and sh_lse is rewritten only after that barrier.
+        // barrier before anyone reads it, and sh_row is rewritten only after that barrier.
     }
 }
 
@@ -348,7 +503,7 @@ __device__ __forceinline__ State block_state(State st, float* sm, float* ss, flo
     __syncthreads();
     for (unsigned h = SLOTS / 2; h >= 1; h >>= 1) {
         if (tid < h) {
-            const State c = combine(State{sm[tid], ss[tid], sx[tid]}, State{sm[tid + h], ss[tid + h], sx[tid + h]});
+            const State c = combine_exact(State{sm[tid], ss[tid], sx[tid]}, State{sm[tid + h], ss[tid + h], sx[tid + h]});
             sm[tid] = c.m;
             ss[tid] = c.s;
             sx[tid] = c.sx;
@@ -369,7 +524,7 @@ __device__ void unfused_log_softmax(const UnfusedParams& p) {
     const uint64_t V = p.vocab;
     for (uint64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
         const T* row = x + r * V;
-        const State st = block_state(pass1<false>(row, V), sm, ss, sx);
+        const State st = block_state(pass1<false, false>(row, (uint32_t)V), sm, ss, sx);
         const float lse = st.m + fr_log(st.s);
         for (uint64_t j = threadIdx.x; j < V; j += SLOTS) y[r * V + j] = from_f32<T>(to_f32(row[j]) - lse);
         if (threadIdx.x == 0) reinterpret_cast<float*>(p.lse)[r] = lse;
@@ -458,10 +613,17 @@ using namespace cross_entropy;
 
 #define XE_BOUNDS __launch_bounds__(SLOTS)
 
+// Math::Fast: small enough for 3 blocks of SLOTS threads per SM (80 registers).
+#define XE_FAST_BOUNDS __launch_bounds__(SLOTS, 4)
+
 #define XE_KERNELS_TI(T, S, TI, TS)                                                                \
     extern "C" __global__ void XE_BOUNDS cross_entropy_fused_##S##_##TS(FusedParams p) {           \
-        if (p.flags & FLAG_VEC) fused<true, T, TI>(p);                                              \
-        else fused<false, T, TI>(p);                                                                \
+        if (p.flags & FLAG_VEC) fused<false, true, T, TI>(p);                                       \
+        else fused<false, false, T, TI>(p);                                                         \
+    }                                                                                               \
+    extern "C" __global__ void XE_FAST_BOUNDS cross_entropy_fused_fast_##S##_##TS(FusedParams p) { \
+        if (p.flags & FLAG_VEC) fused<true, true, T, TI>(p);                                        \
+        else fused<true, false, T, TI>(p);                                                          \
     }                                                                                               \
     extern "C" __global__ void XE_BOUNDS cross_entropy_unfused_nll_##S##_##TS(UnfusedParams p) {   \
         unfused_nll<T, TI>(p);                                                                      \

@@ -7,12 +7,14 @@
 
 mod common;
 
-use common::{rng, xent_positions};
+use common::{rng, xent_positions, xent_within_fast_bound, XentOut};
+use fusedreg::cross_entropy::fast_model::{self, EmuSfu, Sfu};
 use fusedreg::cross_entropy::{cpu, unfused, Config, Reduction};
 use fusedreg::{Dtype, Error};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
+use std::cell::Cell;
 
 /// Logits with a spread like a language model's: a normal-ish bulk (sd ~2) plus a few strong
 /// logits per row, never all near zero.
@@ -645,4 +647,202 @@ fn nan_in_an_ignored_row_is_not_read() {
     assert!(loss.reduced.unwrap().is_finite());
     assert!(g[..vocab].iter().all(|v| v.to_bits() == 0));
     assert!(g[vocab..].iter().all(|v| v.to_f32().is_finite()));
+}
+
+/// A pessimistic model of the special-function unit: every result of the emulation's model
+/// moved by the documented worst error (PTX ISA / CUDA C Programming Guide: `ex2.approx` 2 ulp,
+/// `lg2.approx` 2^-22 absolute in [0.5, 2] and 2 ulp elsewhere), all up, all down, or each in a
+/// random direction. Exact results the hardware documents are kept: 2^0 = 1, 2^-inf = 0, NaN.
+struct Pessimistic {
+    dir: Dir,
+    state: Cell<u64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Dir {
+    Up,
+    Down,
+    Random,
+}
+
+impl Pessimistic {
+    fn new(dir: Dir, seed: u64) -> Self {
+        Pessimistic {
+            dir,
+            state: Cell::new(seed | 1),
+        }
+    }
+    /// +1, -1, or a random sign.
+    fn sign(&self) -> f64 {
+        match self.dir {
+            Dir::Up => 1.0,
+            Dir::Down => -1.0,
+            Dir::Random => {
+                let mut z = self.state.get();
+                z ^= z << 13;
+                z ^= z >> 7;
+                z ^= z << 17;
+                self.state.set(z);
+                if z & 1 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                }
+            }
+        }
+    }
+}
+
+impl Sfu for Pessimistic {
+    fn ex2(&self, x: f32) -> f32 {
+        let y = EmuSfu.ex2(x);
+        if x == 0.0 || y == 0.0 || !y.is_finite() {
+            return y;
+        }
+        (f64::from(y) * (1.0 + self.sign() * 2f64.powi(-22))) as f32
+    }
+    fn lg2(&self, x: f32) -> f32 {
+        let y = EmuSfu.lg2(x);
+        if !y.is_finite() {
+            return y;
+        }
+        let err = 2f64.powi(-22) * f64::from(y.abs()).max(1.0);
+        (f64::from(y) + self.sign() * err) as f32
+    }
+}
+
+/// Rows that stress the fast path: language-model-like logits, one dominant logit (tiny
+/// probabilities elsewhere), huge logits (±1e4 and 3e4), tiny ones (around 1e-30), half masked
+/// to -inf, ascending rows (the maximum moves at every group: the longest chain of rescales),
+/// constant rows.
+fn stress_rows<T: Dtype>(seed: u64, rows: usize, vocab: usize) -> Vec<T> {
+    let mut g = rng(seed);
+    let base = logits::<f32>(seed, rows, vocab);
+    let mut x = Vec::with_capacity(rows * vocab);
+    for r in 0..rows {
+        let row = &base[r * vocab..(r + 1) * vocab];
+        for (j, &b) in row.iter().enumerate() {
+            let f = j as f32 / vocab as f32;
+            let v = match r % 8 {
+                0 => b,
+                1 => {
+                    if j == 3 % vocab {
+                        30.0
+                    } else {
+                        b * 0.1
+                    }
+                }
+                2 => {
+                    if g.random_range(0..3) == 0 {
+                        1e4
+                    } else {
+                        -1e4
+                    }
+                }
+                3 => b * 1e-30,
+                4 => {
+                    if j % 2 == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        b
+                    }
+                }
+                5 => 20.0 * f + b * 1e-3,
+                6 => 3e4 + b,
+                _ => 1.5,
+            };
+            x.push(T::from_f32_rn(v));
+        }
+    }
+    x
+}
+
+/// `Math::Fast`'s stated bound (module docs) holds for the fast kernel's arithmetic
+/// (`fast_model`) under a pessimistic model of the hardware, against the CPU reference: random
+/// and edge rows, every option, every dtype.
+#[test]
+fn fast_math_is_within_its_stated_bound_under_a_pessimistic_sfu() {
+    // The largest |error| / bound, over f32 results (the f32 part of the bound) and over all
+    // (16-bit results may differ by the dtype's last unit, which the bound allows).
+    let mut worst = (0.0f64, String::new());
+    let mut worst_f32 = (0.0f64, String::new());
+    let mut case = 0u64;
+    for &vocab in &[
+        1usize, 2, 7, 8, 9, 36, 2047, 2048, 2049, 5003, 32_000, 128_256,
+    ] {
+        let rows = if vocab > 10_000 { 8 } else { 16 };
+        for (alpha, lambda) in [(0.0, 0.0), (0.1, 0.0), (0.1, 1e-4), (1.0, 1e-2)] {
+            for red in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+                case += 1;
+                let dir = [Dir::Up, Dir::Down, Dir::Random][case as usize % 3];
+                let sfu = Pessimistic::new(dir, case);
+                let mut t = targets(case, rows, vocab, 15);
+                t[0] = (vocab - 1) as i64;
+                let up: Vec<f32> = (0..rows).map(|r| [1.0, -0.5, 0.0, 3.0][r % 4]).collect();
+                let upo = (red == Reduction::None).then_some(&up[..]);
+                let cfg = Config::new(rows, vocab)
+                    .unwrap()
+                    .label_smoothing(alpha)
+                    .unwrap()
+                    .z_loss(lambda)
+                    .unwrap()
+                    .reduction(red);
+                let what = format!("V {vocab} α {alpha} λ {lambda} {red:?} {dir:?}");
+                let w32 = fast_case::<f32>(&what, &cfg, case, &t, upo, &sfu);
+                if w32.0 > worst_f32.0 {
+                    worst_f32 = w32.clone();
+                }
+                let mut cases = vec![w32, fast_case::<bf16>(&what, &cfg, case, &t, upo, &sfu)];
+                if vocab < 10_000 {
+                    cases.push(fast_case::<f16>(&what, &cfg, case, &t, upo, &sfu));
+                }
+                for w in cases {
+                    if w.0 > worst.0 {
+                        worst = w;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("largest |error| / bound: {:.3} ({})", worst.0, worst.1);
+    eprintln!("f32 results: {:.3} ({})", worst_f32.0, worst_f32.1);
+    assert!(worst.0 > 0.0, "the bound was never exercised");
+}
+
+fn fast_case<T: Dtype>(
+    what: &str,
+    cfg: &Config,
+    seed: u64,
+    t: &[i64],
+    upo: Option<&[f32]>,
+    sfu: &Pessimistic,
+) -> (f64, String) {
+    let x = stress_rows::<T>(seed, cfg.rows(), cfg.vocab());
+    let mut g = vec![T::from_f32_rn(0.0); cfg.len()];
+    let l = fast_model::forward_backward(cfg, &x, t, upo, &mut g, sfu).unwrap();
+    let out = XentOut {
+        rows: Some(&l.rows),
+        reduced: l.reduced,
+        grad: Some(&g),
+    };
+    let what = format!("{} {what}", T::KIND.name());
+    xent_within_fast_bound(&what, cfg, &x, t, upo, out).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The fast arithmetic follows the non-finite table of the module docs like the reference: a NaN
+/// or +inf anywhere makes the row NaN, at every position class.
+#[test]
+fn fast_math_makes_nan_rows_nan_at_every_position() {
+    for (i, &vocab) in [1usize, 9, 2056, 5003, 8 * 256 * 5 + 20].iter().enumerate() {
+        let (x, t, _) = special_rows::<bf16>(vocab, 300 + i as u64);
+        let cfg = Config::new(t.len(), vocab)
+            .unwrap()
+            .label_smoothing(0.1)
+            .unwrap()
+            .reduction(Reduction::None);
+        let mut g = vec![bf16::ZERO; x.len()];
+        let l = fast_model::forward_backward(&cfg, &x, &t, None, &mut g, &EmuSfu).unwrap();
+        assert!(l.rows.iter().all(|v| v.is_nan()), "V {vocab}");
+        assert!(g.iter().all(|v| v.to_f32().is_nan()), "V {vocab}");
+    }
 }

@@ -8,7 +8,10 @@
 // Element-wise comparisons read best with explicit indices.
 #![allow(clippy::needless_range_loop)]
 
-use fusedreg::cross_entropy::{cpu, unfused, Config, Reduction};
+mod common;
+
+use common::{xent_within_fast_bound, XentOut};
+use fusedreg::cross_entropy::{cpu, fast_model, unfused, Config, Reduction};
 use fusedreg::Dtype;
 use half::{bf16, f16};
 
@@ -136,6 +139,52 @@ fn check<T: Dtype>(
                 to_bits(ugr[i])
             ));
         }
+    }
+    // Math::Fast: the emulated kernel against the fast arithmetic over the same model of the
+    // special-function unit (bit for bit), and against the CPU reference within the stated bound.
+    let floss: Vec<f32> = hexs(lines[9]).into_iter().map(f32::from_bits).collect();
+    let ftail: Vec<&str> = lines[10].split_whitespace().collect();
+    let freduced = f32::from_bits(u32::from_str_radix(ftail[0], 16).unwrap());
+    let fflag: u32 = ftail[1].parse().unwrap();
+    let fg: Vec<T> = hexs(lines[11]).into_iter().map(from_bits).collect();
+    if (fflag != 0) != bad {
+        e(format!("fast flag {fflag} bad {bad}"));
+    }
+    let mut mg = vec![T::from_f32_rn(0.0); rows * vocab];
+    let ml =
+        fast_model::forward_backward(&cfg, &x, &tc, upo, &mut mg, &fast_model::EmuSfu).unwrap();
+    for r in 0..rows {
+        if !same(floss[r], ml.rows[r]) {
+            e(format!(
+                "fast loss row {r}: emu {} model {}",
+                floss[r], ml.rows[r]
+            ));
+        }
+    }
+    if red != Reduction::None && !same(freduced, ml.reduced.unwrap()) {
+        e(format!(
+            "fast reduced emu {freduced} model {:?}",
+            ml.reduced
+        ));
+    }
+    if grad != 0 {
+        for i in 0..rows * vocab {
+            if !same_t(to_bits(fg[i]), mg[i]) {
+                e(format!(
+                    "fast grad [{i}] emu {:x} model {:x}",
+                    to_bits(fg[i]),
+                    to_bits(mg[i])
+                ));
+            }
+        }
+    }
+    let out = XentOut {
+        rows: Some(&floss),
+        reduced: (red != Reduction::None).then_some(freduced),
+        grad: (grad != 0).then_some(&fg[..]),
+    };
+    if let Err(m) = xent_within_fast_bound(name, &cfg, &x, &tc, upo, out) {
+        e(format!("fast vs the CPU reference: {m}"));
     }
     errs
 }

@@ -5,14 +5,20 @@
 //! used by both directions). The vector path (16-byte accesses, `vec = 16 / size_of::<T>()`) is
 //! taken when `cols % vec == 0` and every element pointer is 16-byte aligned; otherwise the
 //! scalar path runs, with the same results.
+//!
+//! Kernels: the vector path has one kernel per body (ReLU, each `Math::Fast` activation, and one
+//! with the four `Math::Exact` bodies), so each stays within 64 registers; the scalar path one
+//! per math mode. dbias is finished by the shared staged `dbias_finish` (`kernels/common/
+//! dropping.cuh`), the same ordered sum over slabs.
 
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::{check_backward, check_forward, Config, Preact, LANES, OP};
-use crate::dropping::gpu::aligned16;
+use super::{check_backward, check_forward, Activation, Config, Preact, LANES, OP};
+use crate::dropping::gpu::{aligned16, finish_dbias, resolution_flag};
 use crate::dropping::slab_rows;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::math::Math;
 use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
 
@@ -31,9 +37,13 @@ struct FwdParams {
     call: u64,
     threshold: u64,
     scale: f32,
+    keep_frac: f32,
+    log2_scale: f32,
     act: u32,
+    math: u32,
+    flags: u32,
 }
-const _: () = assert!(std::mem::size_of::<FwdParams>() == 88);
+const _: () = assert!(std::mem::size_of::<FwdParams>() == 104);
 // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for FwdParams {}
 
@@ -55,43 +65,82 @@ struct BwdParams {
     threshold: u64,
     scale: f32,
     act: u32,
+    math: u32,
+    flags: u32,
 }
-const _: () = assert!(std::mem::size_of::<BwdParams>() == 104);
+const _: () = assert!(std::mem::size_of::<BwdParams>() == 112);
 // SAFETY: as above.
 unsafe impl DeviceRepr for BwdParams {}
-
-/// Mirrors `BiasActDropoutDbiasParams` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct DbiasParams {
-    partials: u64,
-    dbias: u64,
-    slabs: u64,
-    cols: u64,
-}
-const _: () = assert!(std::mem::size_of::<DbiasParams>() == 32);
-// SAFETY: as above.
-unsafe impl DeviceRepr for DbiasParams {}
 
 const FWD_VEC: KernelFamily = per_dtype!(
     BiasActDropoutFwdVecF32,
     BiasActDropoutFwdVecF16,
     BiasActDropoutFwdVecBf16
 );
+const FWD_VEC_RELU: KernelFamily = per_dtype!(
+    BiasActDropoutFwdVecReluF32,
+    BiasActDropoutFwdVecReluF16,
+    BiasActDropoutFwdVecReluBf16
+);
+const FWD_VEC_GELU_ERF_FAST: KernelFamily = per_dtype!(
+    BiasActDropoutFwdVecGeluErfFastF32,
+    BiasActDropoutFwdVecGeluErfFastF16,
+    BiasActDropoutFwdVecGeluErfFastBf16
+);
+const FWD_VEC_GELU_TANH_FAST: KernelFamily = per_dtype!(
+    BiasActDropoutFwdVecGeluTanhFastF32,
+    BiasActDropoutFwdVecGeluTanhFastF16,
+    BiasActDropoutFwdVecGeluTanhFastBf16
+);
+const FWD_VEC_SILU_FAST: KernelFamily = per_dtype!(
+    BiasActDropoutFwdVecSiluFastF32,
+    BiasActDropoutFwdVecSiluFastF16,
+    BiasActDropoutFwdVecSiluFastBf16
+);
 const FWD_SCALAR: KernelFamily = per_dtype!(
     BiasActDropoutFwdScalarF32,
     BiasActDropoutFwdScalarF16,
     BiasActDropoutFwdScalarBf16
+);
+const FWD_SCALAR_FAST: KernelFamily = per_dtype!(
+    BiasActDropoutFwdScalarFastF32,
+    BiasActDropoutFwdScalarFastF16,
+    BiasActDropoutFwdScalarFastBf16
 );
 const BWD_VEC: KernelFamily = per_dtype!(
     BiasActDropoutBwdVecF32,
     BiasActDropoutBwdVecF16,
     BiasActDropoutBwdVecBf16
 );
+const BWD_VEC_RELU: KernelFamily = per_dtype!(
+    BiasActDropoutBwdVecReluF32,
+    BiasActDropoutBwdVecReluF16,
+    BiasActDropoutBwdVecReluBf16
+);
+const BWD_VEC_GELU_ERF_FAST: KernelFamily = per_dtype!(
+    BiasActDropoutBwdVecGeluErfFastF32,
+    BiasActDropoutBwdVecGeluErfFastF16,
+    BiasActDropoutBwdVecGeluErfFastBf16
+);
+const BWD_VEC_GELU_TANH_FAST: KernelFamily = per_dtype!(
+    BiasActDropoutBwdVecGeluTanhFastF32,
+    BiasActDropoutBwdVecGeluTanhFastF16,
+    BiasActDropoutBwdVecGeluTanhFastBf16
+);
+const BWD_VEC_SILU_FAST: KernelFamily = per_dtype!(
+    BiasActDropoutBwdVecSiluFastF32,
+    BiasActDropoutBwdVecSiluFastF16,
+    BiasActDropoutBwdVecSiluFastBf16
+);
 const BWD_SCALAR: KernelFamily = per_dtype!(
     BiasActDropoutBwdScalarF32,
     BiasActDropoutBwdScalarF16,
     BiasActDropoutBwdScalarBf16
+);
+const BWD_SCALAR_FAST: KernelFamily = per_dtype!(
+    BiasActDropoutBwdScalarFastF32,
+    BiasActDropoutBwdScalarFastF16,
+    BiasActDropoutBwdScalarFastBf16
 );
 const DBIAS: KernelFamily = per_dtype!(
     BiasActDropoutDbiasF32,
@@ -99,10 +148,31 @@ const DBIAS: KernelFamily = per_dtype!(
     BiasActDropoutDbiasBf16
 );
 
+/// `MATH_*` in the kernel: 0 = Exact (a zeroed params struct is the bit-exact mode), 1 = Fast.
+/// ReLU has no transcendental and always runs its one body.
+fn math_code(cfg: &Config) -> u32 {
+    match (cfg.act(), cfg.math()) {
+        (Activation::Relu, _) | (_, Math::Exact) => 0,
+        (_, Math::Fast) => 1,
+    }
+}
+
+/// The (forward, backward) kernel families of a launch (see the module docs).
+fn families(cfg: &Config, vector: bool) -> (KernelFamily, KernelFamily) {
+    let fast = math_code(cfg) == 1;
+    match (vector, cfg.act(), fast) {
+        (true, Activation::Relu, _) => (FWD_VEC_RELU, BWD_VEC_RELU),
+        (true, Activation::GeluErf, true) => (FWD_VEC_GELU_ERF_FAST, BWD_VEC_GELU_ERF_FAST),
+        (true, Activation::GeluTanh, true) => (FWD_VEC_GELU_TANH_FAST, BWD_VEC_GELU_TANH_FAST),
+        (true, Activation::Silu, true) => (FWD_VEC_SILU_FAST, BWD_VEC_SILU_FAST),
+        (true, _, false) => (FWD_VEC, BWD_VEC),
+        (false, _, true) => (FWD_SCALAR_FAST, BWD_SCALAR_FAST),
+        (false, _, false) => (FWD_SCALAR, BWD_SCALAR),
+    }
+}
+
 /// Threads per column group block (blockDim.x); MAX_BLOCK_X in the kernel.
 const BLOCK_X: u32 = 64;
-/// Threads per block of the dbias finishing kernel (one column each).
-const DBIAS_BLOCK: u32 = 256;
 
 /// (vector path, grid, slab rows) of a `[rows, cols]` launch of `T`.
 fn geometry<T: Dtype>(cfg: &Config, aligned: bool) -> (bool, (u32, u32, u32), u64) {
@@ -173,6 +243,7 @@ pub fn forward<T: Dtype>(
     // The bias is read element by element: its alignment does not matter.
     let (vector, grid, slab) = geometry::<T>(cfg, aligned16(&[x_ptr, y_ptr, h_ptr]));
     let rate = cfg.rate();
+    let keying = cfg.keying();
     let p = FwdParams {
         x: x_ptr,
         bias: bias_ptr,
@@ -183,11 +254,15 @@ pub fn forward<T: Dtype>(
         slab_rows: slab,
         seed: cfg.seed(),
         call: cfg.call(),
-        threshold: rate.threshold(),
+        threshold: keying.threshold(),
         scale: rate.scale(),
+        keep_frac: (1.0 - rate.p()) as f32,
+        log2_scale: f64::from(rate.scale()).log2() as f32,
         act: cfg.act().code(),
+        math: math_code(cfg),
+        flags: resolution_flag(&keying),
     };
-    let family = if vector { FWD_VEC } else { FWD_SCALAR };
+    let family = families(cfg, vector).0;
     handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)
 }
 
@@ -245,7 +320,7 @@ pub fn backward<T: Dtype>(
     if cfg.is_empty() {
         if db_ptr != 0 && cfg.cols() > 0 {
             // No rows: the column sums are zero (no partials to read).
-            finish_dbias::<T>(handle, 0, db_ptr, cfg.cols(), 0)?;
+            finish_dbias::<T>(handle, DBIAS, 0, db_ptr, cfg.cols(), 0)?;
         }
         return Ok(());
     }
@@ -281,6 +356,7 @@ pub fn backward<T: Dtype>(
         .transpose()?;
     let part_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
     let rate = cfg.rate();
+    let keying = cfg.keying();
     let p = BwdParams {
         dy: dy_ptr,
         x: x_ptr,
@@ -293,36 +369,18 @@ pub fn backward<T: Dtype>(
         slab_rows: slab,
         seed: cfg.seed(),
         call: cfg.call(),
-        threshold: rate.threshold(),
+        threshold: keying.threshold(),
         scale: rate.scale(),
         act: cfg.act().code(),
+        math: math_code(cfg),
+        flags: resolution_flag(&keying),
     };
-    let family = if vector { BWD_VEC } else { BWD_SCALAR };
+    let family = families(cfg, vector).1;
     handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)?;
     if db_ptr != 0 {
-        finish_dbias::<T>(handle, part_ptr, db_ptr, cfg.cols(), slabs)?;
+        finish_dbias::<T>(handle, DBIAS, part_ptr, db_ptr, cfg.cols(), slabs)?;
     }
     drop(part_g);
     drop(partials); // stream-ordered free after the kernels that use it
     Ok(())
-}
-
-/// `dbias[col] = T(sum over slabs in order of partials[slab][col])` (zeros for no slabs).
-fn finish_dbias<T: Dtype>(
-    handle: &Handle,
-    partials: u64,
-    dbias: u64,
-    cols: usize,
-    slabs: usize,
-) -> Result<()> {
-    let p = DbiasParams {
-        partials,
-        dbias,
-        slabs: slabs as u64,
-        cols: cols as u64,
-    };
-    let grid = (cols as u64)
-        .div_ceil(u64::from(DBIAS_BLOCK))
-        .clamp(1, 1 << 20) as u32;
-    handle.launch(DBIAS.get::<T>(), (grid, 1, 1), (DBIAS_BLOCK, 1, 1), 0, &p)
 }

@@ -26,9 +26,10 @@
 //! tensor's dtype: for f32 the two choices give the same bits; for f16/bf16 `Preact::H` computes
 //! `act'` at the rounded `h`, so its `dx` may differ in the last bits from `Preact::X`.
 //!
-//! # Pinned arithmetic (CPU and GPU agree bit for bit)
+//! # `Math::Exact`: pinned arithmetic (CPU and GPU agree bit for bit)
 //!
-//! Every operation is one IEEE f32 operation (the kernels are built with `--fmad=false`;
+//! The CPU reference ([`cpu`]) always computes this; the GPU does under [`Math::Exact`]
+//! ([`Config::with_math`]; the default for ReLU). Every operation is one IEEE f32 operation (the kernels are built with `--fmad=false`;
 //! `fma` is written out), and the transcendentals are [`crate::fmath`], the same operations on
 //! both sides. With `scale = DropRate::scale()` (0 for p = 1):
 //!
@@ -53,6 +54,61 @@
 //! Saturated (including `±inf`): `act = h` for `h > 0` and `-0` below, `act' = 1` and `0` — what
 //! the formulas give there, without `inf * 0`. A NaN `h` gives NaN in both directions (ReLU
 //! included). A dropped element is `+0` in `y` and `dx` whatever `x` or `dy` hold.
+//!
+//! # `Math::Fast` (the default for GELU and SiLU): a stated, tested bound
+//!
+//! The exact activations cost 60–100 SASS instructions per element, 3–4x what a memory-bound
+//! kernel can issue at the copy rate (README, "instruction budget"). Under [`Math::Fast`] the
+//! kernels use the special-function unit instead ([`crate::math`]: `ex2.approx.ftz`,
+//! `rcp.approx.ftz`), branch-free:
+//!
+//! | act | `act(h)` | `act'(h)` | SASS per element (act / act') |
+//! | --- | --- | --- | --- |
+//! | GELU (tanh) | `h c`, `c = 1 / (1 + 2^z)`, `z = -2u log2 e` (`(1 + tanh u) / 2 = sigmoid(2u)`) | `c (1 + h u' (1 - c))`, `1 - c = 2^z c` | 8 / 13 |
+//! | SiLU | `h c`, `c = 1 / (1 + 2^(-h log2 e))` | `c (1 + h (1 - c))` | 6 / 9 |
+//! | GELU (erf) | `h Phi`, `Phi = q` (`h < 0`) or `1 - q`, `q = t 2^(-h^2 log2(e) / 2 + F(t))`, `t = 1 / (1 + |h| / 2 sqrt 2)`, `F` a fitted cubic | `Phi + h 2^(-h^2 log2(e) / 2) / sqrt(2 pi)` | 14 / 17 |
+//!
+//! The scale is folded into the forward's reciprocal (`1 / ((1 - p)(1 + 2^z))`) or exponent
+//! (GELU erf). The sigmoid forms keep their relative accuracy in both tails, where
+//! `1 + tanh.approx(u)` would lose all of it. Specials come out of the formulas: `h = +inf` gives
+//! `+inf` (act) and 1 (act'), `h = -inf` gives `-0` and 0, NaN gives NaN; the backward clamps `h`
+//! to where every intermediate is finite (±9 GELU tanh, ±80 SiLU, ±16 GELU erf; beyond, act' is
+//! 1 or 0 to within `2^-88`). The mask and the dropped `+0` are exact: the same keep bits as the
+//! CPU reference in both modes.
+//!
+//! **Bounds** ([`Activation::fast_bound`]), against [`Activation::forward_f64`] /
+//! [`Activation::grad_f64`] at the same f32 `h`, as `|error| <= rel |exact| + abs`:
+//!
+//! | act | `act`: rel / abs | `act'`: rel / abs |
+//! | --- | --- | --- |
+//! | GELU (tanh) | `2^-16` / `2^-118` | `2^-18` / `2^-23` |
+//! | SiLU | `2^-17` / `2^-118` | `2^-18` / `2^-23` |
+//! | GELU (erf) | `2^-11` / `2^-118` | `2^-11` / `2^-13` |
+//!
+//! Where they come from: the SFU's documented errors (ex2 2 ulp, rcp 1 ulp), the rounding of the
+//! exponent's argument (an error of `|z| 2^-24` in `z` is a relative `ln 2 |z| 2^-24` in `2^z`,
+//! up to `2^-17` where `|z|` nears 128), for GELU (erf) the cubic's fit (`2^-11.56` relative in
+//! `q`), and the flushing of subnormal intermediates (the `abs` of `act`, `2^-118`); the `abs`
+//! of `act'` is for its zero crossing (GELU: `h = -0.75`, SiLU: `h = -1.28`), where no relative
+//! bound can hold. A unit test (`fast.rs`) evaluates these formulas with every SFU result off by
+//! its full documented error, in every combination of signs, on 48,000 inputs (edge values:
+//! 0, ±tiny, subnormal, ±inf, NaN, the saturation and overflow points; random ones over
+//! `[-20, 20]` and all of f32), and checks every bound; the deterministic model of the emulator
+//! (`scripts/emu`) is checked against the CPU reference within them, and the GPU suite checks
+//! the hardware the same way.
+//!
+//! On the outputs (`s = scale`, `u_T` half an ulp of `T` relative: `2^-24` f32, `2^-11` f16,
+//! `2^-8` bf16; `m_T` half the smallest subnormal of `T`), with `A`, `G` the bounds above:
+//!
+//! * `y`: `|y - s act(h)| <= (A.rel + 2^-23 + u_T) |s act(h)| + s A.abs + m_T` (kept elements;
+//!   dropped ones are exactly `+0`);
+//! * `dx`: `|dx - dy s act'(h)| <= (G.rel + 2^-22 + u_T) |dy s act'(h)| + |dy s| G.abs + m_T`;
+//! * `dbias[col]`: with `d_r = dy_r s act'(h_r)` over the kept rows,
+//!   `|dbias - sum d_r| <= sum ((G.rel + 2^-22) |d_r| + |dy_r s| G.abs) + rows 2^-24 sum |d_r|`,
+//!   plus `u_T |dbias| + m_T` for the final rounding (the sum's order is the exact mode's).
+//!
+//! `h = x + bias` is the same f32 add in both modes (for [`Preact::H`] the saved, rounded `h`).
+//! The unfused baseline ([`unfused`]) always runs the exact activations.
 //!
 //! # Example (CPU reference; the GPU functions take the same [`Config`])
 //!
@@ -79,11 +135,13 @@
 //! # Ok(()) }
 //! ```
 
-use crate::dropping::{DropRate, Keying};
+use crate::dropping::{DropRate, Keying, MaskResolution};
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
+use crate::math::{ErrorBound, Math};
 
 pub mod cpu;
+mod fast;
 mod gpu;
 pub mod unfused;
 
@@ -173,6 +231,92 @@ impl Activation {
     pub fn grad(self, h: f32) -> f32 {
         cpu::act_grad(self, h)
     }
+
+    /// `act(h)` in f64: the reference [`Math::Fast`]'s bounds are stated against (accurate in
+    /// both tails: GELU (tanh) through `sigmoid(2u)`, GELU (erf) through `erfc`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::bias_act_dropout::Activation;
+    /// let y = Activation::GeluErf.forward_f64(-10.0);
+    /// assert!(y < 0.0 && y > -1e-21); // -10 Phi(-10) = -7.6e-23, not 0
+    /// ```
+    pub fn forward_f64(self, h: f64) -> f64 {
+        fast::act_f64(self, h)
+    }
+
+    /// `act'(h)` in f64 (see [`Activation::forward_f64`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::bias_act_dropout::Activation;
+    /// assert!((Activation::Silu.grad_f64(0.0) - 0.5).abs() < 1e-15);
+    /// ```
+    pub fn grad_f64(self, h: f64) -> f64 {
+        fast::grad_f64(self, h)
+    }
+
+    /// The default math mode of this activation: [`Math::Fast`] for GELU and SiLU (their exact
+    /// path costs 3–4x the instruction budget of a memory-bound kernel), [`Math::Exact`] for
+    /// ReLU (no transcendental: both modes are the same code).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::bias_act_dropout::Activation;
+    /// use fusedreg::Math;
+    /// assert_eq!(Activation::GeluTanh.default_math(), Math::Fast);
+    /// assert_eq!(Activation::Relu.default_math(), Math::Exact);
+    /// ```
+    pub fn default_math(self) -> Math {
+        match self {
+            Activation::Relu => Math::Exact,
+            _ => Math::Fast,
+        }
+    }
+
+    /// The error bounds of [`Math::Fast`] for this activation, against [`Activation::forward_f64`]
+    /// and [`Activation::grad_f64`] at the same f32 `h` (see the module docs, "Math::Fast", for
+    /// how they compose into bounds on `y`, `dx` and `dbias`). ReLU: exact (0, 0).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::bias_act_dropout::Activation;
+    /// let b = Activation::GeluTanh.fast_bound();
+    /// assert!(b.act.rel <= 2f64.powi(-10) && b.grad.rel <= 2f64.powi(-10));
+    /// assert_eq!(Activation::Relu.fast_bound().act.rel, 0.0);
+    /// ```
+    pub fn fast_bound(self) -> FastBound {
+        let p = |e: i32| 2f64.powi(e);
+        let (act, grad) = match self {
+            Activation::GeluTanh => ((p(-16), p(-118)), (p(-18), p(-23))),
+            Activation::Silu => ((p(-17), p(-118)), (p(-18), p(-23))),
+            Activation::GeluErf => ((p(-11), p(-118)), (p(-11), p(-13))),
+            Activation::Relu => ((0.0, 0.0), (0.0, 0.0)),
+        };
+        FastBound {
+            act: ErrorBound {
+                rel: act.0,
+                abs: act.1,
+            },
+            grad: ErrorBound {
+                rel: grad.0,
+                abs: grad.1,
+            },
+        }
+    }
+}
+
+/// The error bounds of an activation under [`Math::Fast`] ([`Activation::fast_bound`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FastBound {
+    /// `|act_fast(h) - act(h)|` with `act(h)` = [`Activation::forward_f64`].
+    pub act: ErrorBound,
+    /// `|act'_fast(h) - act'(h)|` with `act'(h)` = [`Activation::grad_f64`].
+    pub grad: ErrorBound,
 }
 
 /// Where the backward gets the pre-activation `h` (see the [module docs](self)).
@@ -228,6 +372,7 @@ pub struct Config {
     cols: usize,
     act: Activation,
     keying: Keying,
+    math: Math,
 }
 
 impl Config {
@@ -266,7 +411,91 @@ impl Config {
             cols,
             act,
             keying,
+            math: act.default_math(),
         })
+    }
+
+    /// The same call in another math mode: [`Math::Exact`] for GPU results equal to the CPU
+    /// reference's bits, [`Math::Fast`] for the special-function-unit formulas (the default for
+    /// GELU and SiLU; see the module docs for their bounds). The CPU reference computes the
+    /// exact function in either mode; the mask does not depend on the mode.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::bias_act_dropout::{Activation, Config};
+    /// use fusedreg::Math;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(8, 64, Activation::GeluTanh, 0.1, 42, 7)?;
+    /// assert_eq!(cfg.math(), Math::Fast);
+    /// assert_eq!(cfg.with_math(Math::Exact).math(), Math::Exact);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_math(self, math: Math) -> Self {
+        Config { math, ..self }
+    }
+
+    /// The math mode (default [`Activation::default_math`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::bias_act_dropout::{Activation, Config};
+    /// # use fusedreg::Math;
+    /// assert_eq!(Config::new(2, 2, Activation::Relu, 0.1, 1, 2).unwrap().math(), Math::Exact);
+    /// ```
+    pub fn math(&self) -> Math {
+        self.math
+    }
+
+    /// The same call with another mask resolution: [`MaskResolution::Bits16`] keys element `i`
+    /// by halfword `i % 8` of Philox block `i / 8` (half the generator work; `p` quantised to
+    /// `2^-16`, see [`Config::effective_p`]). Default [`MaskResolution::Bits32`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::bias_act_dropout::{Activation, Config};
+    /// use fusedreg::dropping::MaskResolution;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(8, 64, Activation::Silu, 0.1, 42, 7)?
+    ///     .with_resolution(MaskResolution::Bits16);
+    /// assert_eq!(cfg.resolution(), MaskResolution::Bits16);
+    /// assert_eq!(cfg.effective_p(), 6554.0 / 65536.0);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_resolution(self, resolution: MaskResolution) -> Self {
+        Config {
+            keying: self.keying.with_resolution(resolution),
+            ..self
+        }
+    }
+
+    /// The mask resolution.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::bias_act_dropout::{Activation, Config};
+    /// # use fusedreg::dropping::MaskResolution;
+    /// let cfg = Config::new(2, 2, Activation::Relu, 0.1, 1, 2).unwrap();
+    /// assert_eq!(cfg.resolution(), MaskResolution::Bits32);
+    /// ```
+    pub fn resolution(&self) -> MaskResolution {
+        self.keying.resolution()
+    }
+
+    /// The drop probability actually applied (the threshold over `2^32` or `2^16`). Kept
+    /// elements are scaled by `1 / (1 - p)` of the nominal `p`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::bias_act_dropout::{Activation, Config};
+    /// assert_eq!(Config::new(2, 2, Activation::Relu, 0.5, 1, 2).unwrap().effective_p(), 0.5);
+    /// ```
+    pub fn effective_p(&self) -> f64 {
+        self.keying.effective_p()
     }
 
     /// Rows.
@@ -395,6 +624,20 @@ impl Config {
     pub fn keeps(&self, i: u64) -> bool {
         self.keying.keeps(i)
     }
+}
+
+/// The unfused baseline keys its byte mask with 32-bit words only.
+pub(crate) fn require_bits32_unfused(cfg: &Config) -> Result<()> {
+    if cfg.resolution() != MaskResolution::Bits32 {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "the unfused baseline keys its mask with 32-bit words; {:?} is offered by the fused op only",
+                cfg.resolution()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the lengths of a forward call.

@@ -11,8 +11,9 @@
 //! that): compare backward timings without dbias, or move it to the shared two-stage column sum
 //! of `kernels/common/dropping.cuh` before quoting a backward speed-up.
 //!
-//! The activations and the mask are the fused op's (the same [`super::Activation`] arithmetic and
-//! Philox keying), so the byte mask equals the fused op's keep bits element for element. Because
+//! The activations and the mask are the fused op's exact mode (the same [`super::Activation`]
+//! arithmetic, whatever [`super::Config::math`] says, and the 32-bit Philox keying: a config with
+//! [`crate::dropping::MaskResolution::Bits16`] is refused with an error), so the byte mask equals the fused op's keep bits element for element. Because
 //! every kernel rounds to `T`, the results are not bitwise equal to the fused op in 16-bit types
 //! (for f32 the forward is): [`forward_cpu`] and [`backward_cpu`] mirror this path exactly (the
 //! GPU tests compare with them bit for bit).
@@ -144,6 +145,7 @@ pub fn forward<T: Dtype>(
     mask: &mut impl DevicePtrMut<u8>,
     h: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
+    super::require_bits32_unfused(cfg)?;
     let n = cfg.len();
     check_len(OP, "x", x.len(), n)?;
     check_len(OP, "bias (one per column)", bias.len(), cfg.cols())?;
@@ -323,6 +325,7 @@ pub fn forward_cpu<T: Dtype>(
     mask: &mut [u8],
     h: &mut [T],
 ) -> Result<()> {
+    super::require_bits32_unfused(cfg)?;
     let n = cfg.len();
     check_len(OP, "x", x.len(), n)?;
     check_len(OP, "bias (one per column)", bias.len(), cfg.cols())?;

@@ -63,7 +63,7 @@ impl State {
         sx: 0.0,
     };
 
-    /// Folds one group of consecutive logits in (the kernel's `absorb`).
+    /// Folds one group of consecutive logits in (the kernel's `absorb_exact`).
     #[inline]
     pub(crate) fn absorb(&mut self, x: &[f32]) {
         // A NaN anywhere in the group makes its maximum NaN, and a NaN maximum (not only a
@@ -88,7 +88,7 @@ impl State {
         }
     }
 
-    /// Combines two states (the kernel's `combine`).
+    /// Combines two states (the kernel's `combine_exact`).
     #[inline]
     pub(crate) fn combine(a: State, b: State) -> State {
         let m = if b.m > a.m { b.m } else { a.m };
@@ -99,6 +99,70 @@ impl State {
             s: sa + sb,
             sx: a.sx + b.sx,
         }
+    }
+}
+
+/// How one math mode evaluates a row: the kernel's `absorb`/`combine` of that mode, its per-row
+/// epilogue and its per-element gradient. [`Exact`] is the CPU reference;
+/// [`super::fast_model::Fast`] is the arithmetic of the `Math::Fast` kernel over a model of the
+/// special-function unit.
+pub(crate) trait Mode {
+    /// What the gradient of an element needs from its row.
+    type Row<'a>: RowGrad
+    where
+        Self: 'a;
+    /// The state of a slot that has seen nothing (an identity of `combine`).
+    fn init(&self) -> State;
+    fn absorb(&self, st: &mut State, x: &[f32]);
+    fn combine(&self, a: State, b: State) -> State;
+    /// The row's `lse` from its combined state, and the per-element gradient of the row.
+    fn finish(&self, c: &Consts, st: State, scale: f32) -> (f32, Self::Row<'_>);
+}
+
+/// The gradient of one element of a row (before rounding to the dtype).
+pub(crate) trait RowGrad {
+    fn elem(&self, x: f32, is_target: bool) -> f32;
+}
+
+/// The CPU reference: [`crate::fmath`]'s `exp` and `ln`, bit for bit with `Math::Exact`.
+pub(crate) struct Exact;
+
+/// [`Exact`]'s row: `lse`, `zf = 1 + 2λ·lse`, the scale.
+pub(crate) struct ExactRow {
+    c: Consts,
+    lse: f32,
+    zf: f32,
+    scale: f32,
+}
+
+impl Mode for Exact {
+    type Row<'a> = ExactRow;
+    fn init(&self) -> State {
+        State::INIT
+    }
+    fn absorb(&self, st: &mut State, x: &[f32]) {
+        st.absorb(x);
+    }
+    fn combine(&self, a: State, b: State) -> State {
+        State::combine(a, b)
+    }
+    /// `lse = m + ln(s)`.
+    fn finish(&self, c: &Consts, st: State, scale: f32) -> (f32, ExactRow) {
+        let lse = st.m + ln(st.s);
+        let row = ExactRow {
+            c: *c,
+            lse,
+            zf: z_factor(c, lse),
+            scale,
+        };
+        (lse, row)
+    }
+}
+
+impl RowGrad for ExactRow {
+    #[inline]
+    fn elem(&self, x: f32, is_target: bool) -> f32 {
+        grad_elem(&self.c, x, self.lse, self.zf, is_target, self.scale)
     }
 }
 
@@ -123,27 +187,34 @@ pub(crate) fn tree<V: Copy>(v: &mut [V; SLOTS], used: usize, f: impl Fn(V, V) ->
 /// `lse - sx / V` or `0 - sx / V`, equal for both zeros), so the reference skips them: short
 /// rows cost O(V), not O(SLOTS).
 pub(crate) fn row_state(x: &[f32]) -> State {
-    let mut slots = [State::INIT; SLOTS];
-    for (g, chunk) in x.chunks(GROUP).enumerate() {
-        slots[g % SLOTS].absorb(chunk);
-    }
-    tree(&mut slots, x.len().div_ceil(GROUP), State::combine)
+    row_state_in(&Exact, x)
 }
 
-/// `(lse, loss)` of a valid row with target `t` (the kernel's per-row epilogue).
-pub(crate) fn row_loss(c: &Consts, st: State, x_t: f32) -> (f32, f32) {
-    let lse = st.m + ln(st.s);
+/// [`row_state`] in a math mode.
+pub(crate) fn row_state_in<M: Mode>(mode: &M, x: &[f32]) -> State {
+    let mut slots = [mode.init(); SLOTS];
+    for (g, chunk) in x.chunks(GROUP).enumerate() {
+        mode.absorb(&mut slots[g % SLOTS], chunk);
+    }
+    tree(&mut slots, x.len().div_ceil(GROUP), |a, b| {
+        mode.combine(a, b)
+    })
+}
+
+/// The loss of a valid row from its `lse`, the sum of its logits `sx` and its target's logit
+/// (the kernel's per-row epilogue, both modes).
+pub(crate) fn row_loss(c: &Consts, lse: f32, sx: f32, x_t: f32) -> f32 {
     let mut loss = 0.0f32;
     if c.conf != 0.0 {
         loss = c.conf * (lse - x_t);
     }
     if c.alpha != 0.0 {
-        loss += c.alpha * (lse - st.sx / c.vocab_f);
+        loss += c.alpha * (lse - sx / c.vocab_f);
     }
     if c.lambda != 0.0 {
         loss += c.lambda * (lse * lse);
     }
-    (lse, loss)
+    loss
 }
 
 /// `1 + 2λ·lse`, or 1 without z-loss.
@@ -201,13 +272,14 @@ pub(crate) fn mean_of(sum: f32, n_valid: u64) -> f32 {
 }
 
 /// Where the gradient goes.
-enum Sink<'a, T> {
+pub(crate) enum Sink<'a, T> {
     None,
     Separate(&'a mut [T]),
     InPlace,
 }
 
-fn run<T: Dtype, I: TargetIndex>(
+pub(crate) fn run<T: Dtype, I: TargetIndex, M: Mode>(
+    mode: &M,
     cfg: &Config,
     logits: &mut dyn LogitsRows<T>,
     targets: &[I],
@@ -255,22 +327,21 @@ fn run<T: Dtype, I: TargetIndex>(
         for (d, s) in xs.iter_mut().zip(logits.row(row)) {
             *d = s.to_f32();
         }
-        let st = row_state(&xs);
-        let (lse, loss) = row_loss(&c, st, xs[t]);
-        rows[row] = loss;
+        let st = row_state_in(mode, &xs);
         let scale = match cfg.get_reduction() {
             Reduction::Mean => mean_scale,
             Reduction::Sum => 1.0,
             Reduction::None => upstream.map_or(1.0, |u| u[row]),
         };
-        let zf = z_factor(&c, lse);
+        let (lse, g) = mode.finish(&c, st, scale);
+        rows[row] = row_loss(&c, lse, st.sx, xs[t]);
         let out: &mut [T] = match &mut sink {
             Sink::None => continue,
             Sink::Separate(g) => &mut g[row * v..(row + 1) * v],
             Sink::InPlace => logits.row_mut(row),
         };
         for (j, (o, &x)) in out.iter_mut().zip(&xs).enumerate() {
-            *o = T::from_f32_rn(grad_elem(&c, x, lse, zf, j == t, scale));
+            *o = T::from_f32_rn(g.elem(x, j == t));
         }
     }
     let reduced = match cfg.get_reduction() {
@@ -286,12 +357,12 @@ fn run<T: Dtype, I: TargetIndex>(
 }
 
 /// Row access to the logits, shared or exclusive.
-trait LogitsRows<T> {
+pub(crate) trait LogitsRows<T> {
     fn row(&self, r: usize) -> &[T];
     fn row_mut(&mut self, r: usize) -> &mut [T];
 }
 
-struct Shared<'a, T>(&'a [T], usize);
+pub(crate) struct Shared<'a, T>(pub &'a [T], pub usize);
 impl<T> LogitsRows<T> for Shared<'_, T> {
     fn row(&self, r: usize) -> &[T] {
         &self.0[r * self.1..(r + 1) * self.1]
@@ -301,7 +372,7 @@ impl<T> LogitsRows<T> for Shared<'_, T> {
     }
 }
 
-struct Exclusive<'a, T>(&'a mut [T], usize);
+pub(crate) struct Exclusive<'a, T>(pub &'a mut [T], pub usize);
 impl<T> LogitsRows<T> for Exclusive<'_, T> {
     fn row(&self, r: usize) -> &[T] {
         &self.0[r * self.1..(r + 1) * self.1]
@@ -342,6 +413,7 @@ pub fn forward<T: Dtype, I: TargetIndex>(
         None,
     )?;
     run(
+        &Exact,
         cfg,
         &mut Shared(logits, cfg.vocab()),
         targets,
@@ -382,6 +454,7 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
         upstream.map(<[f32]>::len),
     )?;
     run(
+        &Exact,
         cfg,
         &mut Shared(logits, cfg.vocab()),
         targets,
@@ -422,6 +495,7 @@ pub fn forward_backward_inplace<T: Dtype, I: TargetIndex>(
     )?;
     let v = cfg.vocab();
     run(
+        &Exact,
         cfg,
         &mut Exclusive(logits, v),
         targets,

@@ -90,6 +90,16 @@ const FUSED_I64: KernelFamily = per_dtype!(
     CrossEntropyFusedF16Ti64,
     CrossEntropyFusedBf16Ti64
 );
+const FAST_I32: KernelFamily = per_dtype!(
+    CrossEntropyFusedFastF32Ti32,
+    CrossEntropyFusedFastF16Ti32,
+    CrossEntropyFusedFastBf16Ti32
+);
+const FAST_I64: KernelFamily = per_dtype!(
+    CrossEntropyFusedFastF32Ti64,
+    CrossEntropyFusedFastF16Ti64,
+    CrossEntropyFusedFastBf16Ti64
+);
 
 /// Picks the i32 or i64 member of a pair of kernel families.
 pub(super) fn by_target<T: Dtype, I: TargetIndex>(
@@ -536,13 +546,12 @@ fn launch<T: Dtype, I: TargetIndex>(
         pad: 0,
     };
     let grid = (cfg.rows() as u64).min(MAX_GRID) as u32;
-    handle.launch(
-        by_target::<T, I>(FUSED_I32, FUSED_I64),
-        (grid, 1, 1),
-        (SLOTS as u32, 1, 1),
-        0,
-        &p,
-    )?;
+    let kernel = if cfg.math().is_exact() {
+        by_target::<T, I>(FUSED_I32, FUSED_I64)
+    } else {
+        by_target::<T, I>(FAST_I32, FAST_I64)
+    };
+    handle.launch(kernel, (grid, 1, 1), (SLOTS as u32, 1, 1), 0, &p)?;
     if reduction != Reduction::None {
         reduce_losses(
             handle,

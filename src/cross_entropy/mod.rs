@@ -22,7 +22,7 @@
 //! Logits are `f32`, `f16` or `bf16` (all math in f32; the gradient is rounded once to the logits
 //! dtype); targets are `i32` or `i64` ([`TargetIndex`]). Sizes and offsets are 64-bit.
 //!
-//! # Pinned arithmetic (the CPU reference reproduces the kernel bit for bit)
+//! # Pinned arithmetic (Math::Exact: the CPU reference reproduces the kernel bit for bit)
 //!
 //! A row of `V` logits is cut into groups of [`GROUP`] = 8 consecutive elements (the last may be
 //! shorter). Group `g` belongs to slot `g % SLOTS` ([`SLOTS`] = 256), and each slot folds its
@@ -69,6 +69,54 @@
 //! slot's maximum is still `-inf` (issue #25: such a NaN used to be dropped). Both math modes
 //! follow this table.
 //!
+//! # Math::Fast (the default)
+//!
+//! [`Config::with_math`] chooses how the GPU kernel evaluates `exp` and `log`. [`Math::Exact`]
+//! is the pinned arithmetic above ([`crate::fmath`]): the GPU equals the CPU reference bit for
+//! bit, at about 86 instructions per element on the benchmark path. [`Math::Fast`] keeps the
+//! same groups, slots, tree and `sx` (so the `α` term sees the same `sum(x)` bits) and puts `exp`
+//! and `log` on the special-function unit (`kernels/common/fastmath.cuh`), as QuACK does:
+//!
+//! ```text
+//! state m: the running maximum times log2(e), floored at -FLT_MAX     (L2E = log2(e) as f32)
+//! per group: m' = max(m, max(gm·L2E, -FLT_MAX));
+//!            s = s·ex2(m - m') + pairwise sum of ex2(fma(x_k, L2E, -m'))   (x_k = -inf pads)
+//! combine:   m = max(a.m, b.m); s = a.s·ex2(a.m - m) + b.s·ex2(b.m - m)
+//! lse2 = m + lg2(s); lse = lse2·LN2; the loss as above
+//! grad = fma(ex2(fma(x, L2E, -lse2)), zf·scale, -(α/V·scale)), minus (1-α)·scale at the target
+//! ```
+//!
+//! One FFMA and one `MUFU.EX2` per element and pass, no branch per element (a NaN or `+inf`
+//! logit poisons its own term, so the table above holds unchanged). The CPU reference stays
+//! exact in both modes: `Fast` changes only how close the GPU is to it. Its error against the CPU
+//! reference, with `n = ⌈V / 2048⌉` (groups per slot), `u = 2^-21` and
+//! `δ = (2n + 24 + |lse|)·u` (for `V = 128256`: `δ ≈ 7.2e-5 + 4.8e-7·|lse|`):
+//!
+//! * `lse` of a row: within `δ` (absolute).
+//! * Loss of a row: within `w·δ + u·T`, `w = (1-α) + α + 2λ(|lse| + δ)`, `T` the sum of the
+//!   magnitudes of its three terms `|(1-α)(lse - x_t)| + |α(lse - mean(x))| + λ·lse²`. For a
+//!   plain language-model row (α = 0.1, λ = 0, `|lse|` ≈ 10, loss ≈ 2) that is about `8e-5`
+//!   absolute, `4e-5` relative.
+//! * Gradient, per element (f32, before rounding to the dtype):
+//!   `|scale|·(p·(|zf|·(δ + 4u) + 2λδ) + u·(|zf| + α/V + (1-α)·[j = t]))`, `p = softmax(x)_j`;
+//!   then one unit in the last place of the dtype (both sides round).
+//! * Sum / mean: the sum of the rows' bounds plus `2^-16·Σ|loss_r|`, divided by `n_valid` for
+//!   the mean.
+//!
+//! Where the bound comes from: `ex2.approx.ftz` and `lg2.approx.ftz` are within 2 ulp of the
+//! exact result (2^-22 relative; `lg2` 2^-22 absolute for arguments in [0.5, 2]); each term of
+//! `s` passes through at most `n + 8` rescales (its slot's later groups and the 8 tree levels),
+//! each counted with that error (so the bound does not lean on 2^0 being exactly 1, which
+//! NVIDIA documents); the exact reference's own summation order (one term at a time,
+//! up to `8n` additions per slot) and rounding of `m + ln(s)` are included, as is f32's rounding
+//! of `lse` itself (the `|lse|·u` part: with logits near 1e4 both sides are only good to about
+//! 1e-3). It is a worst case: on random rows the observed error is far smaller. The tests hold
+//! the kernel's fast arithmetic (run on the CPU over a model of the instructions that moves
+//! every result by its documented worst error, up, down or at random) to it on random and edge
+//! rows (huge, tiny, masked and ascending logits, smoothing, z-loss, ignored rows, every
+//! reduction), the emulated kernel too (`tests/cross_entropy_emu.rs`), and the GPU suite holds
+//! the device to it.
+//!
 //! # Bytes
 //!
 //! The two-pass kernel reads each row twice (pass 1: online softmax; pass 2: the gradient) and
@@ -94,8 +142,11 @@
 
 use crate::dtype::DtypeKind;
 use crate::error::{Error, Result};
+use crate::math::Math;
 
 pub mod cpu;
+#[doc(hidden)]
+pub mod fast_model;
 mod gpu;
 pub(crate) mod math;
 pub mod unfused;
@@ -235,10 +286,12 @@ pub struct Config {
     ignore_index: i64,
     z_loss: f32,
     reduction: Reduction,
+    math: Math,
 }
 
 impl Config {
-    /// `rows` rows of `vocab` logits, no smoothing, `ignore_index = -100`, no z-loss, mean.
+    /// `rows` rows of `vocab` logits, no smoothing, `ignore_index = -100`, no z-loss, mean,
+    /// [`Math::Fast`].
     ///
     /// Errors: [`Error::InvalidArgument`] for `vocab` 0 or above [`MAX_VOCAB`], or `rows` above
     /// [`MAX_ROWS`]; [`Error::ShapeMismatch`] when `rows * vocab` overflows.
@@ -276,6 +329,7 @@ impl Config {
             ignore_index: -100,
             z_loss: 0.0,
             reduction: Reduction::Mean,
+            math: Math::Fast,
         })
     }
 
@@ -359,6 +413,38 @@ impl Config {
     /// ```
     pub fn reduction(self, reduction: Reduction) -> Self {
         Config { reduction, ..self }
+    }
+
+    /// How the GPU kernel evaluates `exp` and `log` (default [`Math::Fast`]; see "Math::Fast"
+    /// in the [module docs](self) for its error bound). The CPU reference ([`cpu`]) is the exact
+    /// arithmetic in either mode; [`Math::Exact`] makes the GPU match it bit for bit.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::cross_entropy::Config;
+    /// use fusedreg::Math;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert_eq!(Config::new(1, 4)?.math(), Math::Fast);
+    /// assert_eq!(Config::new(1, 4)?.with_math(Math::Exact).math(), Math::Exact);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_math(self, math: Math) -> Self {
+        Config { math, ..self }
+    }
+
+    /// The math mode of the GPU kernel.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::cross_entropy::Config;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// assert!(!Config::new(1, 4)?.math().is_exact());
+    /// # Ok(()) }
+    /// ```
+    pub fn math(&self) -> Math {
+        self.math
     }
 
     /// Rows.

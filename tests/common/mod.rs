@@ -203,3 +203,146 @@ pub fn xent_positions(vocab: usize) -> Vec<usize> {
     p.dedup();
     p
 }
+
+/// Outputs of a `Math::Fast` cross-entropy call to hold to the stated bound: per-row losses, the
+/// reduced loss, the gradient (each optional).
+#[allow(dead_code)]
+pub struct XentOut<'a, T> {
+    pub rows: Option<&'a [f32]>,
+    pub reduced: Option<f32>,
+    pub grad: Option<&'a [T]>,
+}
+
+/// The spacing of `T` at `y` (one unit in the last place of the result rounded to `T`).
+#[allow(dead_code)]
+pub fn dtype_ulp<T: Dtype>(y: f64) -> f64 {
+    let (mant, min_exp) = match T::KIND {
+        fusedreg::DtypeKind::F32 => (23, -126),
+        fusedreg::DtypeKind::F16 => (10, -14),
+        fusedreg::DtypeKind::Bf16 => (7, -126),
+    };
+    let e = if y == 0.0 {
+        min_exp
+    } else {
+        (y.abs().log2().floor() as i32).max(min_exp)
+    };
+    2f64.powi(e - mant)
+}
+
+/// `Math::Fast`'s stated error bound against the CPU reference (src/cross_entropy/mod.rs,
+/// "Math::Fast"), for one call: checks every given output against `cpu::forward_backward` (NaN
+/// where the reference is NaN, the same infinity where it is infinite, within the bound
+/// elsewhere). Targets outside `[0, V)` must already be mapped to the ignore index. Returns the
+/// largest |error| / bound seen (how tight the bound is) and where.
+#[allow(dead_code)]
+pub fn xent_within_fast_bound<T: Dtype>(
+    what: &str,
+    cfg: &fusedreg::cross_entropy::Config,
+    x: &[T],
+    t: &[i64],
+    upstream: Option<&[f32]>,
+    got: XentOut<'_, T>,
+) -> Result<(f64, String), String> {
+    use fusedreg::cross_entropy::{cpu, Reduction};
+    let (rows, v) = (cfg.rows(), cfg.vocab());
+    let mut g_ref = vec![T::from_f32_rn(0.0); rows * v];
+    let r = cpu::forward_backward(cfg, x, t, upstream, &mut g_ref).map_err(|e| e.to_string())?;
+    let u = 2f64.powi(-21);
+    let (alpha, lambda) = (f64::from(cfg.alpha()), f64::from(cfg.lambda()));
+    let conf = f64::from(1.0 - cfg.alpha());
+    let eps = f64::from(cfg.alpha() / v as f32);
+    let n_groups =
+        v.div_ceil(fusedreg::cross_entropy::GROUP * fusedreg::cross_entropy::SLOTS) as f64;
+    let mut worst = (0.0f64, String::new());
+    let mut check = |name: String, got: f64, want: f64, bound: f64| -> Result<(), String> {
+        if want.is_nan() || want.is_infinite() {
+            let ok = (want.is_nan() && got.is_nan()) || got == want;
+            return if ok {
+                Ok(())
+            } else {
+                Err(format!("{what}: {name}: got {got}, want {want}"))
+            };
+        }
+        let err = (got - want).abs();
+        if !(err <= bound) {
+            return Err(format!(
+                "{what}: {name}: got {got:e}, want {want:e}: error {err:e} > bound {bound:e}"
+            ));
+        }
+        if bound > 0.0 && err / bound > worst.0 {
+            worst = (
+                err / bound,
+                format!("{what}: {name}: error {err:e}, bound {bound:e}"),
+            );
+        }
+        Ok(())
+    };
+    let n_valid = t.iter().filter(|&&ti| ti != cfg.get_ignore_index()).count();
+    let mut sum_bound = 0.0f64;
+    let mut sum_abs = 0.0f64;
+    for row in 0..rows {
+        let Ok(ti) = usize::try_from(t[row]) else {
+            continue;
+        };
+        if t[row] == cfg.get_ignore_index() {
+            continue;
+        }
+        let xs: Vec<f64> = x[row * v..(row + 1) * v]
+            .iter()
+            .map(|e| f64::from(e.to_f32()))
+            .collect();
+        let m = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + xs.iter().map(|&e| (e - m).exp()).sum::<f64>().ln();
+        let mean = xs.iter().sum::<f64>() / v as f64;
+        let delta = (2.0 * n_groups + 24.0 + lse.abs()) * u;
+        let zf = 1.0 + 2.0 * lambda * lse;
+        // The kernel skips a term whose weight is 0 (and so does this: 0·inf would be NaN).
+        let term = |w: f64, v: f64| if w == 0.0 { 0.0 } else { (w * v).abs() };
+        let terms = term(conf, lse - xs[ti]) + term(alpha, lse - mean) + term(lambda, lse * lse);
+        let w = conf + alpha + 2.0 * lambda * (lse.abs() + delta);
+        let lb = w * delta + u * terms;
+        let want = f64::from(r.rows[row]);
+        sum_bound += lb;
+        sum_abs += want.abs();
+        if let Some(rows_got) = got.rows {
+            check(
+                format!("loss row {row}"),
+                f64::from(rows_got[row]),
+                want,
+                lb,
+            )?;
+        }
+        if let Some(g) = got.grad {
+            let scale = f64::from(match cfg.get_reduction() {
+                Reduction::Mean => 1.0 / n_valid as f32,
+                Reduction::Sum => 1.0,
+                Reduction::None => upstream.map_or(1.0, |up| up[row]),
+            });
+            for j in 0..v {
+                let p = (xs[j] - lse).exp();
+                let gb = scale.abs()
+                    * (p * (zf.abs() * (delta + 4.0 * u) + 2.0 * lambda * delta)
+                        + u * (zf.abs() + eps + if j == ti { conf } else { 0.0 }));
+                let want = f64::from(g_ref[row * v + j].to_f32());
+                let b = gb + dtype_ulp::<T>(want.abs() + gb);
+                check(
+                    format!("grad [{row}, {j}]"),
+                    f64::from(g[row * v + j].to_f32()),
+                    want,
+                    b,
+                )?;
+            }
+        }
+    }
+    if let (Some(red), Some(want)) = (got.reduced, r.reduced) {
+        let div = if cfg.get_reduction() == Reduction::Mean {
+            n_valid.max(1) as f64
+        } else {
+            1.0
+        };
+        let b =
+            (sum_bound + 2f64.powi(-16) * sum_abs) / div + 2f64.powi(-24) * f64::from(want).abs();
+        check("reduced loss".into(), f64::from(red), f64::from(want), b)?;
+    }
+    Ok(worst)
+}

@@ -1,20 +1,30 @@
-//! Fused bias + activation + dropout on the device against the CPU reference, bit for bit
-//! (y, h_out, dx, dbias), for every activation and dtype, vector and scalar paths (aligned views
-//! with `cols % vec == 0`; views at element 1 and odd widths), p = 0 / p = 1, the saved-h
-//! backward, inf/NaN inputs, and the unfused baseline against its CPU mirror.
+//! Fused bias + activation + dropout on the device against the CPU reference, for every
+//! activation and dtype, vector and scalar paths (aligned views with `cols % vec == 0`; views at
+//! element 1 and odd widths), p = 0 / p = 1, the saved-h backward, inf/NaN inputs, 32- and
+//! 16-bit keying, and the unfused baseline against its CPU mirror. In `Math::Exact` every output
+//! (y, h_out, dx, dbias) is bit for bit; in `Math::Fast` (the default for GELU and SiLU) the
+//! mask, the dropped `+0` and h_out are bit for bit and y, dx, dbias lie within the bounds stated
+//! in the module docs (`tests/common/bias_act_fast.rs`), against the f64 reference.
 //!
 //! Outputs are poisoned before the kernels run, and every output view has a sentinel element on
 //! each side that must survive.
 #![allow(clippy::needless_range_loop)]
 
 use fusedreg::bias_act_dropout::{self as bad, cpu, unfused, Activation, Config, Preact};
-use fusedreg::{Dtype, Handle};
+use fusedreg::dropping::MaskResolution;
+use fusedreg::{Dtype, Handle, Math};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
 use crate::buffers::{download, e2s, poison, upload, R};
 use crate::common::{bits_eq, rng, uniform};
 use crate::harness::trials_of;
+
+#[path = "../common/bias_act_fast.rs"]
+mod fastcheck;
+
+/// Both math modes (ReLU runs the same code in either).
+const MATHS: [Math; 2] = [Math::Exact, Math::Fast];
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -29,6 +39,11 @@ pub fn trials() -> Vec<Trial> {
             ("saved_h_bf16", saved_h::<bf16>),
             ("inf_and_nan_inputs_f32", specials::<f32>),
             ("inf_and_nan_inputs_f16", specials::<f16>),
+            ("inf_and_nan_inputs_bf16", specials::<bf16>),
+            ("fast_edge_values_f32", fast_edges::<f32>),
+            ("fast_edge_values_bf16", fast_edges::<bf16>),
+            ("key16_f32", key16::<f32>),
+            ("key16_bf16", key16::<bf16>),
             ("large_tensor_bf16", large_tensor),
             ("empty_inputs", empty_inputs),
             ("unfused_matches_its_cpu_mirror_f32", unfused_mirror::<f32>),
@@ -71,13 +86,23 @@ fn run_case<T: Dtype>(
     let s = h.stream();
     let n = cfg.len();
     let what = format!(
-        "{:?} [{}, {}] p {} off {off} {}",
+        "{:?} {:?} {:?} [{}, {}] p {} off {off} {}",
         cfg.act(),
+        cfg.math(),
+        cfg.resolution(),
         cfg.rows(),
         cfg.cols(),
         cfg.rate().p(),
         T::KIND.name()
     );
+    // Math::Fast is held to its bound, Math::Exact (and ReLU in either mode) to the bits.
+    let fast = cfg.math() == Math::Fast && cfg.act() != Activation::Relu;
+    let h32: Vec<f32> = (0..n)
+        .map(|i| match b {
+            Some(b) => x[i].to_f32() + b[i % cfg.cols()].to_f32(),
+            None => x[i].to_f32(),
+        })
+        .collect();
     let sent = T::from_f32_rn(-7.0);
     let dx_ = upload(s, x, off, sent)?;
     let db_ = b.map(|b| upload(s, b, off, sent)).transpose()?;
@@ -95,8 +120,14 @@ fn run_case<T: Dtype>(
     let hh = download(s, &dh, off, sent, "h_out")?;
     let (mut wy, mut wh) = (vec![poison::<T>(); n], vec![poison::<T>(); n]);
     cpu::forward(cfg, x, b, &mut wy, Some(&mut wh)).map_err(e2s)?;
-    same_bits(&format!("{what}: y"), &y, &wy)?;
     same_bits(&format!("{what}: h_out"), &hh, &wh)?;
+    if fast {
+        let mut f = fastcheck::Failures::default();
+        fastcheck::check_forward(cfg, &h32, &y, &mut f);
+        f.result(&format!("{what}: y"))?;
+    } else {
+        same_bits(&format!("{what}: y"), &y, &wy)?;
+    }
 
     let mut ddx = upload(s, &vec![poison::<T>(); n], off, sent)?;
     let mut ddb = upload(s, &vec![poison::<T>(); cfg.cols()], off, sent)?;
@@ -120,8 +151,14 @@ fn run_case<T: Dtype>(
     let db = download(s, &ddb, off, sent, "dbias")?;
     let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cfg.cols()]);
     cpu::backward(cfg, dy, Preact::X { x, bias: b }, &mut wdx, Some(&mut wdb)).map_err(e2s)?;
-    same_bits(&format!("{what}: dx"), &dx, &wdx)?;
-    same_bits(&format!("{what}: dbias"), &db, &wdb)?;
+    if fast {
+        let mut f = fastcheck::Failures::default();
+        fastcheck::check_backward(cfg, &h32, dy, &dx, Some(&db), &mut f);
+        f.result(&format!("{what}: dx, dbias"))?;
+    } else {
+        same_bits(&format!("{what}: dx"), &dx, &wdx)?;
+        same_bits(&format!("{what}: dbias"), &db, &wdb)?;
+    }
     // Without dbias the dx is the same.
     {
         let xv = dx_.slice(off..off + n);
@@ -131,7 +168,8 @@ fn run_case<T: Dtype>(
         bad::backward(h, cfg, &dyv, Preact::X { x: xv, bias: bv }, &mut dxv, None).map_err(e2s)?;
     }
     let dx2 = download(s, &ddx, off, sent, "dx (no dbias)")?;
-    same_bits(&format!("{what}: dx without dbias"), &dx2, &wdx)
+    // The same kernel with and without dbias: the same bits in either mode.
+    same_bits(&format!("{what}: dx without dbias"), &dx2, &dx)
 }
 
 fn shapes<T: Dtype>(h: &Handle) -> R<()> {
@@ -149,12 +187,16 @@ fn shapes<T: Dtype>(h: &Handle) -> R<()> {
         (67, 1000),
         (2000, 24),
     ];
-    for act in Activation::ALL {
+    for (act, math) in Activation::ALL
+        .into_iter()
+        .flat_map(|a| MATHS.map(|m| (a, m)))
+    {
         for &(rows, cols) in &shapes {
             for off in [0, 1] {
                 for with_bias in [true, false] {
-                    let cfg =
-                        Config::new(rows, cols, act, 0.3, 0x1234 + rows as u64, 17).map_err(e2s)?;
+                    let cfg = Config::new(rows, cols, act, 0.3, 0x1234 + rows as u64, 17)
+                        .map_err(e2s)?
+                        .with_math(math);
                     let x = uniform::<T>(&mut g, rows * cols, -6.0, 6.0);
                     let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
                     let dy = uniform::<T>(&mut g, rows * cols, -2.0, 2.0);
@@ -168,10 +210,15 @@ fn shapes<T: Dtype>(h: &Handle) -> R<()> {
 
 fn edge_rates<T: Dtype>(h: &Handle) -> R<()> {
     let mut g = rng(0xed9e);
-    for act in Activation::ALL {
+    for (act, math) in Activation::ALL
+        .into_iter()
+        .flat_map(|a| MATHS.map(|m| (a, m)))
+    {
         for p in [0.0, 1.0 / 256.0, 0.5, 1.0] {
             let (rows, cols) = (19, 128);
-            let cfg = Config::new(rows, cols, act, p, 99, 5).map_err(e2s)?;
+            let cfg = Config::new(rows, cols, act, p, 99, 5)
+                .map_err(e2s)?
+                .with_math(math);
             let x = uniform::<T>(&mut g, rows * cols, -4.0, 4.0);
             let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
             let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
@@ -186,9 +233,14 @@ fn edge_rates<T: Dtype>(h: &Handle) -> R<()> {
 fn saved_h<T: Dtype>(h: &Handle) -> R<()> {
     let mut g = rng(0x5a7e);
     let s = h.stream();
-    for act in Activation::ALL {
+    for (act, math) in Activation::ALL
+        .into_iter()
+        .flat_map(|a| MATHS.map(|m| (a, m)))
+    {
         for (rows, cols, off) in [(33, 256, 0), (33, 255, 1)] {
-            let cfg = Config::new(rows, cols, act, 0.2, 3, 3).map_err(e2s)?;
+            let cfg = Config::new(rows, cols, act, 0.2, 3, 3)
+                .map_err(e2s)?
+                .with_math(math);
             let n = cfg.len();
             let hh = uniform::<T>(&mut g, n, -5.0, 5.0);
             let dy = uniform::<T>(&mut g, n, -1.0, 1.0);
@@ -208,8 +260,15 @@ fn saved_h<T: Dtype>(h: &Handle) -> R<()> {
             let db = download(s, &ddb, off, sent, "dbias")?;
             let (mut wdx, mut wdb) = (vec![poison::<T>(); n], vec![poison::<T>(); cols]);
             cpu::backward(&cfg, &dy, Preact::H(&hh[..]), &mut wdx, Some(&mut wdb)).map_err(e2s)?;
-            same_bits(&format!("{act:?} saved h: dx"), &dx, &wdx)?;
-            same_bits(&format!("{act:?} saved h: dbias"), &db, &wdb)?;
+            if math == Math::Fast && act != Activation::Relu {
+                let h32: Vec<f32> = hh.iter().map(|v| v.to_f32()).collect();
+                let mut f = fastcheck::Failures::default();
+                fastcheck::check_backward(&cfg, &h32, &dy, &dx, Some(&db), &mut f);
+                f.result(&format!("{act:?} fast saved h"))?;
+            } else {
+                same_bits(&format!("{act:?} saved h: dx"), &dx, &wdx)?;
+                same_bits(&format!("{act:?} saved h: dbias"), &db, &wdb)?;
+            }
         }
     }
     Ok(())
@@ -230,9 +289,14 @@ fn specials<T: Dtype>(h: &Handle) -> R<()> {
         -30.0,
         1e-6,
     ];
-    for act in Activation::ALL {
+    for (act, math) in Activation::ALL
+        .into_iter()
+        .flat_map(|a| MATHS.map(|m| (a, m)))
+    {
         let (rows, cols) = (16, 64);
-        let cfg = Config::new(rows, cols, act, 0.25, 1, 1).map_err(e2s)?;
+        let cfg = Config::new(rows, cols, act, 0.25, 1, 1)
+            .map_err(e2s)?
+            .with_math(math);
         let mut x = uniform::<T>(&mut g, rows * cols, -8.0, 8.0);
         for (i, v) in x.iter_mut().enumerate().step_by(5) {
             *v = T::from_f32_rn(vals[(i / 5) % vals.len()]);
@@ -252,11 +316,83 @@ fn specials<T: Dtype>(h: &Handle) -> R<()> {
 fn large_tensor(h: &Handle) -> R<()> {
     let mut g = rng(0x1a26e);
     let (rows, cols) = (4099, 1032);
-    let cfg = Config::new(rows, cols, Activation::GeluTanh, 0.1, 7, 8).map_err(e2s)?;
     let x = uniform::<bf16>(&mut g, rows * cols, -4.0, 4.0);
     let b = uniform::<bf16>(&mut g, cols, -1.0, 1.0);
     let dy = uniform::<bf16>(&mut g, rows * cols, -1.0, 1.0);
-    run_case(h, &cfg, &x, Some(&b), &dy, 0)
+    for math in MATHS {
+        let cfg = Config::new(rows, cols, Activation::GeluTanh, 0.1, 7, 8)
+            .map_err(e2s)?
+            .with_math(math);
+        run_case(h, &cfg, &x, Some(&b), &dy, 0)?;
+    }
+    Ok(())
+}
+
+/// Math::Fast on the values where its formulas change regime: 0, ±tiny and subnormal, the zero
+/// crossings of act', the clamps (±9, ±16, ±80), where 2^z overflows or flushes (GELU tanh
+/// near -10, SiLU near ±88), the saturation bounds, huge values, ±inf and NaN; with dy
+/// random. Both paths, every activation.
+fn fast_edges<T: Dtype>(h: &Handle) -> R<()> {
+    let mut g = rng(0xfa57);
+    let mut vals = vec![
+        0.0f32,
+        -0.0,
+        1e-30,
+        -1e-30,
+        1e-40,
+        -1e-40,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        3e38,
+        -3e38,
+    ];
+    for v in [
+        0.5f32, 0.7518, 1.278, 4.0, 7.9, 9.0, 9.5, 10.0, 10.2, 13.0, 15.9, 16.0, 16.5, 80.0, 87.5,
+        88.8, 100.0, 128.0, 200.0,
+    ] {
+        vals.push(v);
+        vals.push(-v);
+    }
+    for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
+        let (rows, cols) = (9, 64);
+        let cfg = Config::new(rows, cols, act, 0.1, 21, 22)
+            .map_err(e2s)?
+            .with_math(Math::Fast);
+        let n = rows * cols;
+        let x: Vec<T> = (0..n)
+            .map(|i| T::from_f32_rn(vals[i % vals.len()]))
+            .collect();
+        let dy = uniform::<T>(&mut g, n, -2.0, 2.0);
+        run_case(h, &cfg, &x, None, &dy, 0)?;
+        run_case(h, &cfg, &x, None, &dy, 1)?;
+    }
+    Ok(())
+}
+
+/// 16-bit keying (`MaskResolution::Bits16`) in both math modes, both paths, with and without
+/// bias: the CPU reference keys the same halfwords.
+fn key16<T: Dtype>(h: &Handle) -> R<()> {
+    let mut g = rng(0x1616);
+    for (act, math) in Activation::ALL
+        .into_iter()
+        .flat_map(|a| MATHS.map(|m| (a, m)))
+    {
+        for p in [0.1, 0.5] {
+            for &(rows, cols) in &[(37usize, 136usize), (21, 33)] {
+                let cfg = Config::new(rows, cols, act, p, 5, 6)
+                    .map_err(e2s)?
+                    .with_math(math)
+                    .with_resolution(MaskResolution::Bits16);
+                let x = uniform::<T>(&mut g, rows * cols, -5.0, 5.0);
+                let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
+                let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
+                run_case(h, &cfg, &x, Some(&b), &dy, 0)?;
+                run_case(h, &cfg, &x, None, &dy, 1)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn empty_inputs(h: &Handle) -> R<()> {

@@ -1,7 +1,9 @@
-//! Fused cross-entropy on the device against the CPU reference, bit for bit: per-row losses, the
-//! reduced loss (sum, mean over several chunk levels), the gradient in place and into a separate
-//! buffer, i32 and i64 targets, views at element 1, every option; the out-of-range flag; the
-//! unfused baseline against its CPU mirror.
+//! Fused cross-entropy on the device against the CPU reference: `Math::Exact` bit for bit,
+//! `Math::Fast` (the default) within its stated bound (tests/common: xent_within_fast_bound):
+//! per-row losses, the reduced loss (sum, mean over several chunk levels), the gradient in place
+//! and into a separate buffer, i32 and i64 targets, views at element 1, every option; NaN and
+//! +inf at every position class; the out-of-range flag; the unfused baseline against its CPU
+//! mirror.
 //!
 //! Gradient buffers are poisoned before the kernel runs, and views have a sentinel element on
 //! each side that must survive.
@@ -15,8 +17,9 @@ use libtest_mimic::Trial;
 use rand::Rng;
 
 use crate::buffers::{download, e2s, upload, R};
-use crate::common::{bits_eq, rng};
+use crate::common::{bits_eq, rng, xent_positions, xent_within_fast_bound, XentOut};
 use crate::harness::trials_of;
+use fusedreg::Math;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -44,6 +47,26 @@ pub fn trials() -> Vec<Trial> {
             ),
             ("unfused_matches_its_cpu_mirror_f16", unfused_mirror::<f16>),
             ("bad_input_is_an_error", bad_input),
+            ("fast_sweep_f32_ti64", fast_sweep::<f32, i64>),
+            ("fast_sweep_f16_ti32", fast_sweep::<f16, i32>),
+            ("fast_sweep_bf16_ti64", fast_sweep::<bf16, i64>),
+            ("fast_sweep_bf16_ti32", fast_sweep::<bf16, i32>),
+            (
+                "fast_large_vocabularies_bf16",
+                fast_large_vocabularies::<bf16>,
+            ),
+            (
+                "fast_large_vocabularies_f32",
+                fast_large_vocabularies::<f32>,
+            ),
+            ("fast_masked_and_large", fast_masked_and_large),
+            ("fast_repeat_runs_are_identical", fast_repeatable),
+            ("fast_is_the_default", fast_is_the_default),
+            ("nan_rows_exact_f32", nan_rows::<f32>),
+            ("nan_rows_exact_bf16", nan_rows::<bf16>),
+            ("nan_rows_exact_f16", nan_rows::<f16>),
+            ("nan_rows_fast_bf16", nan_rows_fast::<bf16>),
+            ("nan_rows_fast_f32", nan_rows_fast::<f32>),
         ],
     )
 }
@@ -74,6 +97,7 @@ struct Case {
     specials: bool,
     /// Percent of rows ignored.
     ignored: u32,
+    math: Math,
 }
 
 impl Case {
@@ -89,6 +113,15 @@ impl Case {
             offset: 0,
             specials: false,
             ignored: 10,
+            math: Math::Exact,
+        }
+    }
+
+    /// The same case with `Math::Fast`.
+    fn fast(self) -> Self {
+        Case {
+            math: Math::Fast,
+            ..self
         }
     }
 
@@ -100,6 +133,7 @@ impl Case {
             .z_loss(self.lambda)
             .unwrap()
             .reduction(self.red)
+            .with_math(self.math)
     }
 }
 
@@ -271,11 +305,15 @@ fn check_case<T: Dtype, I: Ti>(h: &Handle, c: &Case, seed: u64) -> R<()> {
         .map(|r| 0.5 + (r % 5) as f32 * 0.75 - (r % 3) as f32)
         .collect();
     let got = gpu_run(h, c, &x, &t, &up, None)?;
-    let (loss, grad) = cpu_run(c, &x, &t, &up);
     let tag = format!("{c:?} seed {seed}");
-    loss_eq(&format!("loss, {tag}"), &got.loss, &loss)?;
-    if let Some(g) = got.grad {
-        grad_eq(&format!("grad, {tag}"), &g, &grad)?;
+    if c.math == Math::Fast {
+        fast_eq(c, &x, &t, &up, &got, &tag)?;
+    } else {
+        let (loss, grad) = cpu_run(c, &x, &t, &up);
+        loss_eq(&format!("loss, {tag}"), &got.loss, &loss)?;
+        if let Some(g) = got.grad {
+            grad_eq(&format!("grad, {tag}"), &g, &grad)?;
+        }
     }
     if got.flag != 0 {
         return Err(format!("flag raised for in-range targets, {tag}"));
@@ -283,8 +321,50 @@ fn check_case<T: Dtype, I: Ti>(h: &Handle, c: &Case, seed: u64) -> R<()> {
     Ok(())
 }
 
+/// Targets as the kernel takes them: outside `[0, V)` is ignored (after raising the flag).
+fn mapped<I: TargetIndex>(t: &[I], vocab: usize) -> Vec<i64> {
+    t.iter()
+        .map(|v| {
+            let v = v.to_i64();
+            if (0..vocab as i64).contains(&v) {
+                v
+            } else {
+                -100
+            }
+        })
+        .collect()
+}
+
+/// A `Math::Fast` result against the CPU reference, within the stated bound.
+fn fast_eq<T: Dtype, I: TargetIndex>(
+    c: &Case,
+    x: &[T],
+    t: &[I],
+    up: &[f32],
+    got: &Got<T>,
+    tag: &str,
+) -> R<()> {
+    let cfg = c.config();
+    let upo = (c.upstream && c.red == Reduction::None).then_some(up);
+    let out = XentOut {
+        rows: (c.red == Reduction::None).then_some(&got.loss[..]),
+        reduced: (c.red != Reduction::None).then(|| got.loss[0]),
+        grad: got.grad.as_deref(),
+    };
+    xent_within_fast_bound(tag, &cfg, x, &mapped(t, c.vocab), upo, out).map(|_| ())
+}
+
 /// Every option over vocabularies crossing the group (8), vector and slot (2048) boundaries.
 fn sweep<T: Dtype, I: Ti>(h: &Handle) -> R<()> {
+    sweep_in::<T, I>(h, Math::Exact)
+}
+
+/// [`sweep`] with `Math::Fast`, held to its bound.
+fn fast_sweep<T: Dtype, I: Ti>(h: &Handle) -> R<()> {
+    sweep_in::<T, I>(h, Math::Fast)
+}
+
+fn sweep_in<T: Dtype, I: Ti>(h: &Handle, math: Math) -> R<()> {
     let shapes = [
         (5, 1),
         (7, 7),
@@ -311,6 +391,7 @@ fn sweep<T: Dtype, I: Ti>(h: &Handle) -> R<()> {
                     c.lambda = if seed % 2 == 0 { 1e-4 } else { 0.0 };
                     c.upstream = seed % 4 != 1;
                     c.specials = seed % 5 == 0;
+                    c.math = math;
                     check_case::<T, I>(h, &c, seed)?;
                 }
             }
@@ -588,6 +669,170 @@ fn bad_input(h: &Handle) -> R<()> {
     for (i, r) in refused.iter().enumerate() {
         if r.is_ok() {
             return Err(format!("bad call {i} was accepted"));
+        }
+    }
+    Ok(())
+}
+
+/// Llama-3's vocabulary and 2^20 with `Math::Fast` (the benchmark's shape of row).
+fn fast_large_vocabularies<T: Dtype>(h: &Handle) -> R<()> {
+    for (i, &(rows, vocab)) in [(3, 128_256), (4, 50_257), (2, 1 << 20)].iter().enumerate() {
+        let mut c = Case::new(rows, vocab).fast();
+        c.ignored = 0;
+        c.lambda = 1e-4;
+        check_case::<T, i64>(h, &c, 1900 + i as u64)?;
+        c.grad = Grad::Separate;
+        c.offset = 1;
+        c.red = Reduction::None;
+        c.upstream = true;
+        check_case::<T, i32>(h, &c, 1950 + i as u64)?;
+    }
+    Ok(())
+}
+
+/// Masked (-inf) and ±1e4 logits with `Math::Fast`: finite, within the bound.
+fn fast_masked_and_large(h: &Handle) -> R<()> {
+    let vocab = 4099;
+    for alpha in [0.0, 0.1] {
+        let mut c = Case::new(4, vocab).fast();
+        c.alpha = alpha;
+        c.lambda = 1e-4;
+        c.red = Reduction::None;
+        c.ignored = 0;
+        let mut x = logits::<bf16>(5, 4 * vocab, false);
+        for j in (0..vocab).step_by(2) {
+            x[j] = bf16::NEG_INFINITY;
+        }
+        for j in 0..vocab {
+            x[vocab + j] = bf16::from_f32(if j % 3 == 0 { 1e4 } else { -1e4 });
+        }
+        let t: Vec<i64> = vec![1, 4, 7, 8];
+        let got = gpu_run(h, &c, &x, &t, &[], None)?;
+        fast_eq(&c, &x, &t, &[], &got, &format!("masked α {alpha}"))?;
+        let g = got.grad.as_ref().unwrap();
+        if g.iter().any(|v| v.to_f32().is_nan()) || got.loss.iter().any(|v| v.is_nan()) {
+            return Err(format!("α {alpha}: NaN in the loss or the gradient"));
+        }
+    }
+    Ok(())
+}
+
+/// `Math::Fast` is deterministic too: the same bits on every run.
+fn fast_repeatable(h: &Handle) -> R<()> {
+    let mut c = Case::new(64, 32_003).fast();
+    c.grad = Grad::Separate;
+    let x = logits::<bf16>(6, c.rows * c.vocab, false);
+    let t = targets::<i64>(6, c.rows, c.vocab, 10);
+    let a = gpu_run(h, &c, &x, &t, &[], None)?;
+    let b = gpu_run(h, &c, &x, &t, &[], None)?;
+    bits_eq("loss", &a.loss, &b.loss)?;
+    bits_eq("grad", &a.grad.unwrap(), &b.grad.unwrap())
+}
+
+/// A default `Config` runs the fast kernel: its result equals an explicit `Math::Fast` one bit
+/// for bit, and (on these random rows) differs from `Math::Exact` somewhere.
+fn fast_is_the_default(h: &Handle) -> R<()> {
+    let base = Case::new(16, 5003);
+    let x = logits::<f32>(9, base.rows * base.vocab, false);
+    let t = targets::<i64>(9, base.rows, base.vocab, 10);
+    let s = h.stream();
+    let run = |cfg: &Config| -> R<Vec<f32>> {
+        let mut xb = s.clone_htod(&x).map_err(e2s)?;
+        let tb = s.clone_htod(&t).map_err(e2s)?;
+        let mut loss = s.alloc_zeros::<f32>(1).map_err(e2s)?;
+        xe::forward_backward_inplace(h, cfg, &mut xb, &tb, Outputs::new(loss.as_view_mut()))
+            .map_err(e2s)?;
+        let mut v = s.clone_dtoh(&xb).map_err(e2s)?;
+        v.extend(s.clone_dtoh(&loss).map_err(e2s)?);
+        Ok(v)
+    };
+    let default = Config::new(base.rows, base.vocab)
+        .map_err(e2s)?
+        .label_smoothing(0.1)
+        .map_err(e2s)?;
+    let d = run(&default)?;
+    let f = run(&default.with_math(Math::Fast))?;
+    let e = run(&default.with_math(Math::Exact))?;
+    bits_eq("default vs Math::Fast", &d, &f)?;
+    if d.iter().zip(&e).all(|(a, b)| a.to_bits() == b.to_bits()) {
+        return Err("the default gave Math::Exact's bits everywhere".into());
+    }
+    Ok(())
+}
+
+/// NaN (random payloads) or +inf at every position class, on random, all -inf and partly -inf
+/// backgrounds: `Math::Exact` equals the CPU reference (NaN rows included) bit for bit.
+fn nan_rows<T: Dtype>(h: &Handle) -> R<()> {
+    nan_rows_in::<T>(h, Math::Exact)
+}
+
+/// The same rows with `Math::Fast`: NaN exactly where the reference is NaN.
+fn nan_rows_fast<T: Dtype>(h: &Handle) -> R<()> {
+    nan_rows_in::<T>(h, Math::Fast)
+}
+
+fn nan_rows_in<T: Dtype>(h: &Handle, math: Math) -> R<()> {
+    for (i, &vocab) in [1usize, 9, 36, 2056, 5003, 8 * 256 * 5 + 20, 128_256]
+        .iter()
+        .enumerate()
+    {
+        let pos = xent_positions(vocab);
+        let rows = pos.len() * 2;
+        let mut g = rng(500 + i as u64);
+        let mut x = logits::<T>(500 + i as u64, rows * vocab, false);
+        let mut t = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let p = pos[r % pos.len()];
+            let row = &mut x[r * vocab..(r + 1) * vocab];
+            if r % 3 == 1 {
+                row.fill(T::from_f32_rn(f32::NEG_INFINITY));
+            } else if r % 3 == 2 {
+                for (j, v) in row.iter_mut().enumerate() {
+                    if (j / 8) % 256 == (p / 8) % 256 && j / 8 <= p / 8 {
+                        *v = T::from_f32_rn(f32::NEG_INFINITY);
+                    }
+                }
+            }
+            row[p] = if r < pos.len() {
+                T::from_f32_rn(f32::from_bits(
+                    0x7fc0_0000 | (g.random::<u32>() & 0x803f_ffff),
+                ))
+            } else {
+                T::from_f32_rn(f32::INFINITY)
+            };
+            t.push(if r % 4 == 0 {
+                p as i64
+            } else {
+                g.random_range(0..vocab as i64)
+            });
+        }
+        for red in [Reduction::None, Reduction::Mean] {
+            let mut c = Case::new(rows, vocab);
+            c.red = red;
+            c.math = math;
+            c.upstream = true;
+            c.ignored = 0;
+            let up: Vec<f32> = (0..rows).map(|r| (r % 3) as f32).collect();
+            let got = gpu_run(h, &c, &x, &t, &up, None)?;
+            let (loss, grad) = cpu_run(&c, &x, &t, &up);
+            let tag = format!("{} V {vocab} {red:?} {math:?}", T::KIND.name());
+            if math == Math::Exact {
+                loss_eq(&format!("loss, {tag}"), &got.loss, &loss)?;
+                grad_eq(&format!("grad, {tag}"), got.grad.as_ref().unwrap(), &grad)?;
+            } else {
+                if !got.loss.iter().all(|v| v.is_nan()) {
+                    return Err(format!("{tag}: a loss is not NaN: {:?}", got.loss));
+                }
+                if let Some(j) = got
+                    .grad
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .position(|v| !v.to_f32().is_nan())
+                {
+                    return Err(format!("{tag}: gradient [{j}] is not NaN"));
+                }
+            }
         }
     }
     Ok(())

@@ -145,6 +145,19 @@ fn bench_binary_runs_on_the_cpu_and_writes_its_files() {
     ] {
         assert!(stdout.contains(op), "no {op} row in\n{stdout}");
     }
+    // Without a device every op still appears, with its static count and prediction, and the
+    // GPU figures it shows are labelled as recorded (never as measured here).
+    assert!(stdout.contains("instruction budget"), "{stdout}");
+    for op in [
+        "dropout fwd",
+        "bias_act_dropout fwd",
+        "dropout_add_norm fwd",
+        "cross_entropy",
+    ] {
+        assert!(stdout.contains(op), "no {op} budget line in\n{stdout}");
+    }
+    assert!(!stdout.contains(" here"), "{stdout}");
+    assert!(stdout.contains("recorded (H200"), "{stdout}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(json["schema"], SCHEMA);
@@ -250,4 +263,83 @@ fn compare_torch_creates_its_out_dir() {
     let json = std::fs::read_to_string(dir.join("torch.json")).unwrap();
     assert!(json.contains("\"rows\""), "{json}");
     std::fs::remove_dir_all(dir.parent().unwrap().parent().unwrap().parent().unwrap()).ok();
+}
+
+/// Every op of the report has a line in the instruction-budget record, and the bytes per element
+/// the record's predictions use are the ops' own minimal-bytes formulas (a wrong `bytes` in
+/// benches/sass-budget.toml would misstate every budget and prediction).
+#[test]
+fn budget_record_covers_every_op_with_its_bytes() {
+    use fusedreg::adamw::{min_bytes, min_bytes_with, MasterWeights, MomentDtype, StateOptions};
+    use fusedreg::{
+        bias_act_dropout as bad, cross_entropy as xe, dropout, dropout_add_norm as dan,
+        dropout_residual as dr,
+    };
+    use fusedreg_tools::report::budget;
+    let rec = budget::record().unwrap();
+    let n: u64 = 1 << 20;
+    let per = |b: u64| b as f64 / n as f64;
+    let lean = StateOptions {
+        moments: MomentDtype::Bf16,
+        master: MasterWeights::None,
+    };
+    for (id, k) in &rec.kernels {
+        let want = match id.split('.').take(2).collect::<Vec<_>>()[..] {
+            ["dropout", "fwd"] => per(dropout::fused_forward_bytes(Bf16, n, false)),
+            ["dropout", "bwd"] => per(dropout::fused_backward_bytes(Bf16, n, false)),
+            ["dropout_residual", "fwd"] => per(dr::fused_forward_bytes(Bf16, n, false)),
+            ["bias_act_dropout", "fwd"] => per(bad::fused_forward_bytes(Bf16, n, false)),
+            ["bias_act_dropout", "bwd"] => per(bad::fused_backward_bytes(Bf16, n)),
+            ["dropout_add_norm", "fwd"] => per(dan::fused_forward_bytes(Bf16, Bf16, n, true)),
+            ["dropout_add_norm", "bwd"] => {
+                per(dan::fused_backward_bytes(Bf16, Bf16, n, true, true))
+            }
+            // Per logit: the per-row target and loss left out.
+            ["cross_entropy", _] => (xe::fused_bytes(Bf16, 1, n, 8, true) - 12) as f64 / n as f64,
+            ["adamw", "bf16"] => per(min_bytes_with(n, Bf16, Bf16, lean)),
+            ["adamw", "f32"] => per(min_bytes(n, F32, F32)),
+            _ => panic!("{id}: no bytes formula known to this test; add one"),
+        };
+        assert_eq!(k.bytes_per_elem, want, "{id}");
+        assert_eq!(k.budget, 6.25 * want, "{id}");
+        assert!(k.per_elem > 0.0 && k.worst_per_elem >= k.per_elem, "{id}");
+    }
+    let ops: Vec<&str> = rec
+        .kernels
+        .values()
+        .filter_map(|k| k.row.as_ref().map(|r| r.op.as_str()))
+        .collect();
+    for op in [
+        "dropout fwd",
+        "dropout bwd",
+        "bias_act_dropout fwd",
+        "bias_act_dropout bwd",
+        "dropout_add_norm fwd",
+        "dropout_add_norm bwd",
+        "cross_entropy",
+        "adamw",
+    ] {
+        assert!(ops.contains(&op), "no budget line predicts a `{op}` row");
+    }
+}
+
+/// The record was counted with the build's own flags (build/nvcc-flags.txt, which build/cuda.rs
+/// compiles with): a flag change without `scripts/sass-budget --update` fails here on the CPU.
+#[test]
+fn budget_record_uses_the_build_flags() {
+    let flags_file = include_str!("../../build/nvcc-flags.txt");
+    let flags: Vec<&str> = flags_file
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let rec: serde_json::Value =
+        serde_json::from_str(fusedreg_tools::report::budget::RECORD_JSON).unwrap();
+    let recorded: Vec<&str> = rec["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert_eq!(recorded, flags);
 }

@@ -4,8 +4,9 @@
 // a view offset of one element); vocabularies crossing the group (8) and slot (2048 elements)
 // boundaries, and 1; gradient none / separate / in place; reductions none (with and without a
 // per-row upstream), sum and mean (count kernel, multi-level sums); label smoothing 0, 0.1, 1;
-// z-loss; ignored and out-of-range targets; -inf (masked) and +-1e4 logits. Then the unfused
-// baseline's kernels on the same inputs.
+// z-loss; ignored and out-of-range targets; -inf (masked) and +-1e4 logits; NaN and +inf at every
+// position class ("nan" lines). Then the Math::Fast kernel ("fast" lines: the special-function
+// instructions are shim.h's models) and the unfused baseline's kernels on the same inputs.
 #include <cstdint>
 // The count kernel's integer atomic (exact in any order).
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
@@ -17,6 +18,7 @@ template <class T, class TI> struct K;
 #define KS(T, S, TI, TS)                                                          \
     template <> struct K<T, TI> {                                                 \
         static constexpr auto fused = cross_entropy_fused_##S##_##TS;             \
+        static constexpr auto fast = cross_entropy_fused_fast_##S##_##TS;         \
         static constexpr auto nll = cross_entropy_unfused_nll_##S##_##TS;         \
         static constexpr auto bwd = cross_entropy_unfused_backward_##S##_##TS;    \
         static constexpr auto lsm = cross_entropy_unfused_log_softmax_##S;        \
@@ -187,6 +189,22 @@ template <class T, class TI> static void run(const Case& c, uint64_t seed) {
     const T* gout = c.grad == 2 ? x.p() : gr.p();
     const uint64_t hg = c.grad ? fnv_canon(gout, n) : 0;
 
+    // Math::Fast on fresh logits of the same seed, same options: its own output line ("fast ...").
+    Buf<T> xf(n, c.offset), gf(n, c.offset);
+    fill_logits(c, seed, xf.p());
+    for (uint64_t i = 0; i < n; ++i) memset(gf.p() + i, 0xEE, sizeof(T));
+    std::vector<float> floss(c.rows, -3.f);
+    unsigned ffl = 0;
+    FusedParams pf = p;
+    pf.logits = (uint64_t)xf.p();
+    pf.grad = c.grad == 2 ? (uint64_t)xf.p() : (uint64_t)gf.p();
+    pf.loss_rows = (uint64_t)floss.data();
+    pf.flag = (uint64_t)&ffl;
+    launch(K<T, TI>::fast, dim3{c.grid, 1, 1}, dim3{SLOTS, 1, 1}, pf);
+    float freduced = -1.f;
+    if (c.red) freduced = host_reduce(floss.data(), c.rows, &nv, c.red == 2);
+    const T* gfo = c.grad == 2 ? xf.p() : gf.p();
+
     // The unfused baseline on fresh logits of the same seed (the fused one may have overwritten x).
     Buf<T> x2(n, 0), lp(n, 0), ug(n, 0);
     fill_logits(c, seed, x2.p());
@@ -227,6 +245,11 @@ template <class T, class TI> static void run(const Case& c, uint64_t seed) {
         fprintf(f, "\n");
         for (auto v : urows) fprintf(f, "%x ", __float_as_uint(v));
         fprintf(f, "\n");
+        // Math::Fast: loss rows; reduced, flag; gradient.
+        for (auto v : floss) fprintf(f, "%x ", __float_as_uint(v));
+        fprintf(f, "\n%x %u\n", __float_as_uint(freduced), ffl);
+        for (uint64_t i = 0; i < n && c.grad; ++i) fprintf(f, "%x ", bits(gfo[i]));
+        fprintf(f, "\n");
         fclose(f);
         file_no++;
     }
@@ -237,6 +260,11 @@ template <class T, class TI> static void run(const Case& c, uint64_t seed) {
            flag, (unsigned long long)hg, (unsigned long long)fnv_canon(lp.p(), n),
            (unsigned long long)fnv_canon(lse.data(), lse.size()), (unsigned long long)fnv_canon(urows.data(), urows.size()),
            (unsigned long long)fnv_canon(ug.p(), n));
+    printf("fast %s%s %llux%llu off %llu vec %d grad %d red %d up %d sp %d a %g l %g grid %u | loss %016llx red %08x flag %u grad %016llx\n",
+           c.nan ? "nan " : "", K<T, TI>::name, (unsigned long long)c.rows, (unsigned long long)c.vocab,
+           (unsigned long long)c.offset, c.vec, c.grad, c.red, c.upstream, c.specials, c.alpha, c.lambda, c.grid,
+           (unsigned long long)fnv_canon(floss.data(), floss.size()), __float_as_uint(emu_canon(freduced)), ffl,
+           (unsigned long long)(c.grad ? fnv_canon(gfo, n) : 0));
     fflush(stdout);
 }
 

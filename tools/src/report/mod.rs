@@ -16,6 +16,7 @@
 //! assert_eq!(json["schema"], fusedreg_tools::report::SCHEMA);
 //! ```
 
+pub mod budget;
 pub mod models;
 mod svg;
 mod table;
@@ -408,6 +409,11 @@ pub struct Report {
     pub no_device_reason: Option<String>,
     /// The rows.
     pub rows: Vec<Row>,
+    /// Every kernel of the instruction-budget record (`scripts/sass-budget`) with its static
+    /// count, the predicted %copy and the measured one (this run's, or recorded); filled by
+    /// [`Report::attach_budget`]. Absent from reports written before it existed.
+    #[serde(default)]
+    pub budget: Vec<budget::BudgetLine>,
 }
 
 impl Report {
@@ -424,7 +430,30 @@ impl Report {
             copy: None,
             no_device_reason: None,
             rows: Vec::new(),
+            budget: Vec::new(),
         }
+    }
+
+    /// Fills [`Report::budget`] from the embedded record: every counted kernel, with this run's
+    /// %copy for the rows it timed on a GPU and the recorded GPU figures otherwise. Called by
+    /// `fusedreg-bench` after its cases, so the report lists every op with or without a device.
+    ///
+    /// # Errors
+    ///
+    /// A message when the embedded record does not parse.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg_tools::report::Report;
+    /// let mut r = Report::new_cpu(true);
+    /// r.attach_budget().unwrap();
+    /// assert!(r.budget.iter().any(|l| l.id.starts_with("dropout_add_norm")));
+    /// assert!(r.table().contains("instruction budget"));
+    /// ```
+    pub fn attach_budget(&mut self) -> Result<(), String> {
+        self.budget = budget::lines(self)?;
+        Ok(())
     }
 
     /// A GPU-mode report on `device` with the copy reference measured in this run.

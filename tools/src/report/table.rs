@@ -176,5 +176,11 @@ pub(super) fn render(r: &Report) -> String {
             .unwrap();
         }
     }
+    if !r.budget.is_empty() {
+        let (commit, nvcc): (String, String) = super::budget::record()
+            .map(|rec| (rec.commit.chars().take(7).collect(), rec.nvcc))
+            .unwrap_or_else(|_| ("?".into(), "?".into()));
+        s.push_str(&super::budget::render(&r.budget, &commit, &nvcc));
+    }
     s
 }

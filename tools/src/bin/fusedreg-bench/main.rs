@@ -1,6 +1,9 @@
 //! `fusedreg-bench`, the main job: every op, fused against unfused, on the same device in one
 //! run, with throughput as a fraction of the copy bandwidth measured in that run. Without a
-//! device it times the CPU implementations instead, under a line that says so.
+//! device it times the CPU implementations instead, under a line that says so. Either way it
+//! ends with every kernel's static instruction count and predicted %copy (the record of
+//! `scripts/sass-budget`), beside the %copy measured in this run or, without a device, the last
+//! one recorded in the repository.
 //!
 //! ```text
 //! cargo run --release --bin fusedreg-bench -- [--quick] [--out DIR] [--filter TEXT] [--cpu]
@@ -141,6 +144,11 @@ fn run(opts: Options) -> fusedreg::Result<()> {
     };
     cases::run_all(&mut ctx)?;
     eprintln!("\r\x1b[K{} cases done", ctx.done);
+    // Every op's static instruction count and predicted %copy, beside this run's measurement
+    // (GPU) or the last one recorded in the repository (labelled so).
+    if let Err(e) = ctx.report.attach_budget() {
+        eprintln!("instruction budget not shown: {e}");
+    }
     print!("{}", ctx.report.table());
     match ctx.report.write_files(&opts.out) {
         Ok(files) => {
