@@ -86,6 +86,13 @@
 //! site's BI measures the sub-block whose output `x` is added here. Every other output is the
 //! same, bit for bit, with or without the statistics; without them nothing is computed.
 //!
+//! On the device the statistics run in their own entries of the same kernels
+//! (`dropout_add_norm_fwd_stats_*`, a template flag; `kernels/dropout_add_norm/stats.cuh`), so
+//! the default forwards compile to the same instructions as without the option. Thread 0 of a
+//! block finishes each of its rows and the block adds its rows' integers to the site's three
+//! words with one integer atomic per word at its end: the words do not depend on the grid or on
+//! which block finishes first. The norm-only pass of the unfused baseline takes no meter.
+//!
 //! # Example (CPU reference; the GPU functions take the same [`Config`])
 //!
 //! ```
