@@ -12,7 +12,7 @@
 //  * Row reductions (mean, variance, the backward's two row sums) have an order that depends on
 //    cols only, never on the launch: element j is in group j / 8, group g in partial g % P with
 //    P = row_partials(cols) = blockDim.x (the host launches exactly P threads per row); thread q
-//    sums partial q sequentially, then block_sum combines the P partials by a fixed tree.
+//    sums partial q sequentially, then the P partials are combined by a fixed tree.
 //  * The normaliser is 1 / sqrt(var + eps) with a correctly rounded sqrt and division
 //    (__fsqrt_rn, __fdiv_rn), never rsqrtf, so the CPU gets the same bits.
 //  * Column reductions (dgamma, dbeta, dbias) are per slab of rows (slab_rows(rows), a function
@@ -20,16 +20,14 @@
 //    (slab, column) partial is a sequential sum over the slab's rows with no atomics; the colsum
 //    kernel adds the slabs in order.
 //
-// Layout: one block per row (forward) or per slab (backward), looping over the row's groups of 8
-// elements, so any hidden size works (1, odd, 16384 and beyond) with a fixed number of registers:
-// nothing is held per row except the running sums. The passes that need the row again (variance,
-// normalise; the backward's second pass) re-read it from global memory, where the row this block
-// just touched is still in L1/L2. Groups are loaded as 16-byte vectors when every pointer is
-// 16-byte aligned and cols % 8 == 0 (FLAG_VEC, decided on the host), element by element otherwise;
-// the results are the same bits either way.
-//
-// Every index and size is 64-bit. Every thread of a block runs the same row loop, so the
-// __syncthreads in block_sums is reached by all of them.
+// Two families of kernels compute exactly this, with the same bits:
+//  * dropout_add_norm/rows.cuh, the register tiers dropout_add_norm_{fwd,bwd}_t{1,2,4,8}_<S>:
+//    the vector path (cols % 8 == 0, 16-byte aligned pointers) for rows up to 8 * 256 * 8 =
+//    16384 elements, the row held in registers, one launch's choices compiled in.
+//  * dropout_add_norm/generic.cuh, dropout_add_norm_{fwd,bwd}_<S>: any hidden size (1, odd,
+//    past the tiers) and any alignment, looping over the row with a fixed number of registers.
+// Every thread of a block runs the same row loop, so the __syncthreads of the row sums are
+// reached by all of them.
 #include "common/dropping.cuh"
 #include "common/dtype.cuh"
 #include "common/philox.cuh"
@@ -42,128 +40,32 @@ constexpr int GROUP = 8;          // elements per group: one 16-byte vector of 1
 constexpr int MAX_THREADS = 256;  // row_partials(cols) <= 256 (src/dropout_add_norm/mod.rs)
 using drop::THRESHOLD_ALL;        // p = 1: every element is dropped
 
+// Flags (src/dropout_add_norm/gpu.rs): the shared ones of common/dropping.cuh keep their values
+// there; this op's own start at bit 8, clear of any the shared home adds.
 constexpr uint32_t FLAG_DROP_PATH = drop::FLAG_DROP_PATH;  // row scale drawn under path_call
-constexpr uint32_t FLAG_VEC = 2u;        // 16-byte vector loads and stores
-constexpr uint32_t FLAG_RMS = 4u;        // RMSNorm (else LayerNorm)
-constexpr uint32_t FLAG_BETA = 8u;       // forward: beta is given
-constexpr uint32_t FLAG_NORM_ONLY = 16u; // forward: s is an input (the unfused baseline's norm)
-constexpr uint32_t FLAG_SMEM = 32u;      // use dynamic shared memory (forward: the row; backward:
-                                         // the slab partials)
+constexpr uint32_t FLAG_VEC = 1u << 8;        // generic: 16-byte vector loads and stores
+constexpr uint32_t FLAG_RMS = 1u << 9;        // RMSNorm (else LayerNorm)
+constexpr uint32_t FLAG_BETA = 1u << 10;      // forward: beta is given
+constexpr uint32_t FLAG_NORM_ONLY = 1u << 11; // forward: s is an input (the unfused baseline's norm)
+constexpr uint32_t FLAG_SMEM = 1u << 12;      // generic: use dynamic shared memory (forward: the
+                                              // row; backward: the slab partials)
+constexpr uint32_t FLAG_DBETA = 1u << 13;     // backward, tiers: the dbeta partials are wanted
+constexpr uint32_t FLAG_DBIAS = 1u << 14;     // backward, tiers: the dbias partials are wanted
 
-// Dynamic shared memory, when FLAG_SMEM: the forward keeps its row of s there for the passes
-// after the first, the backward its three arrays of slab partials (dgamma, dbeta, dbias). Each
-// array has 8 * groups floats (cols rounded up to a multiple of 8) and is stored transposed:
-// element k of group gi lives at smem_index(k, gi, groups) = k * groups + gi. The threads of a
-// warp own consecutive groups, so for a fixed k they touch consecutive words: no bank conflicts.
-// (Stored in column order, c0 + k, the 32 lanes would hit 4 banks 8 ways deep: the 8-way
-// conflicts cost more shared-memory cycles than the op moves bytes.) Each thread touches only its
-// own groups, so no synchronisation is needed. The layout moves values, never the order of any
-// addition: the bits are the same with or without shared memory. (Under host emulation, a static
-// array of the emulator's largest case.)
+// Dynamic shared memory: the generic kernels' row cache or slab partials (FLAG_SMEM), the
+// backward tiers' column partials for NG >= 4. Under host emulation, a static array of the
+// largest use (the t8 backward's three partial arrays).
 #ifdef __CUDACC__
 extern __shared__ float dyn_smem[];
 #else
-static float dyn_smem[3 * 4096];
+static float dyn_smem[3 * 2 * 8 * 256 * 4];
 #endif
-
-// Where element k of group gi sits in one shared-memory array (see above).
-__device__ __forceinline__ uint64_t smem_index(int k, uint64_t gi, uint64_t groups) {
-    return (uint64_t)k * groups + gi;
-}
-
-// Eight elements of T starting at p (cnt <= 8 of them valid; the rest read as 0).
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, int cnt, bool vec, T (&out)[GROUP]) {
-    if (vec && cnt == GROUP) {
-        // One 16-byte access for 16-bit types, two for f32.
-#pragma unroll
-        for (int k = 0; k < (int)(GROUP * sizeof(T) / 16); ++k) {
-            const uint4 raw = reinterpret_cast<const uint4*>(p)[k];
-            memcpy(&out[k * (16 / sizeof(T))], &raw, 16);
-        }
-        return;
-    }
-#pragma unroll
-    for (int k = 0; k < GROUP; ++k) out[k] = k < cnt ? p[k] : from_f32<T>(0.f);
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* p, const T (&v)[GROUP], int cnt, bool vec) {
-    if (vec && cnt == GROUP) {
-#pragma unroll
-        for (int k = 0; k < (int)(GROUP * sizeof(T) / 16); ++k) {
-            uint4 raw;
-            memcpy(&raw, &v[k * (16 / sizeof(T))], 16);
-            reinterpret_cast<uint4*>(p)[k] = raw;
-        }
-        return;
-    }
-#pragma unroll
-    for (int k = 0; k < GROUP; ++k)
-        if (k < cnt) p[k] = v[k];
-}
-
-// Keep bits of elements i .. i+cnt-1 (bit k = element i+k kept), cnt <= 8, with the shared
-// keying (common/dropping.cuh). A whole group at a multiple of 8 (always so when
-// cols % 8 == 0) is drop::keep_bits<8>: two Philox blocks. Otherwise (odd row lengths: the group
-// straddles blocks at any offset) the words come from blocks i/4 .. (i+cnt-1)/4, at most three,
-// each word compared with the threshold exactly as there.
-__device__ __forceinline__ uint32_t keep_bits8(uint64_t seed, uint64_t call, uint64_t threshold,
-                                               uint64_t i, int cnt) {
-    if (cnt == GROUP && (i & 7) == 0) return drop::keep_bits<GROUP>(seed, call, threshold, i);
-    if (threshold == 0) return (1u << cnt) - 1u;
-    if (threshold >= THRESHOLD_ALL) return 0u;
-    const uint32_t t = (uint32_t)threshold;  // 0 < threshold < 2^32 here
-    const uint64_t end = i + (uint64_t)cnt;
-    uint32_t bits = 0;
-    for (uint64_t b = i >> 2; b <= (end - 1) >> 2; ++b) {
-        const uint4 w = philox_block(seed, call, b);
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-            const uint64_t e = 4 * b + (uint64_t)l;
-            if (e >= i && e < end && words[l] >= t) bits |= 1u << (uint32_t)(e - i);
-        }
-    }
-    return bits;
-}
 
 // rowm = scale * rowscale[row], or scale without a row scale (one f32 multiply, as the CPU).
 template <typename P>
 __device__ __forceinline__ float row_multiplier(const P& p, uint64_t row) {
     if (p.rowscale == nullptr && !(p.flags & FLAG_DROP_PATH)) return p.scale;
     return __fmul_rn(p.scale, drop::row_scale(p, row));
-}
-
-// K row sums at once: each thread holds partial q = threadIdx.x of each. Within a warp the tree
-// a[l] += a[l + o], o = 16 .. 1 (lane 0 ends with the warp's sum), then the warp sums left to
-// right. Every thread returns the totals. Called by every thread of the block.
-template <int K>
-__device__ __forceinline__ void block_sums(float (&v)[K], float (*s_warp)[MAX_THREADS / 32]) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-        for (int k = 0; k < K; ++k)
-            v[k] = __fadd_rn(v[k], __uint_as_float(__shfl_down_sync(0xffffffffu, __float_as_uint(v[k]), o)));
-    }
-    const uint32_t lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-#pragma unroll
-        for (int k = 0; k < K; ++k) s_warp[k][warp] = v[k];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-        float t = s_warp[k][0];
-        for (uint32_t w = 1; w < blockDim.x / 32; ++w) t = __fadd_rn(t, s_warp[k][w]);
-        v[k] = t;
-    }
-    __syncthreads();  // s_warp is written again by the next call
-}
-
-// xhat = (v - mean) * rstd (LayerNorm) or v * rstd (RMSNorm).
-__device__ __forceinline__ float normalise(float v, float mean, float rstd, bool rms) {
-    return rms ? __fmul_rn(v, rstd) : __fmul_rn(__fsub_rn(v, mean), rstd);
 }
 
 template <typename T, typename S> struct FwdParams {
@@ -214,245 +116,60 @@ template <typename T> struct ColsumParams {
     uint64_t cols, slabs;
 };
 
-// The stream values v = f32(s) of group gi (first column c0): from the row cached in shared
-// memory, or re-read from global memory (the s this thread itself wrote in pass 1).
-template <typename S>
-__device__ __forceinline__ void group_values(const S* s, uint64_t gi, uint64_t groups, uint64_t c0, int cnt,
-                                             bool vec, bool cached, float (&v)[GROUP]) {
-    if (cached) {
-#pragma unroll
-        for (int k = 0; k < GROUP; ++k) v[k] = k < cnt ? dyn_smem[smem_index(k, gi, groups)] : 0.f;
-    } else {
-        S sv[GROUP];
-        load8(s + c0, cnt, vec, sv);
-#pragma unroll
-        for (int k = 0; k < GROUP; ++k) v[k] = to_f32(sv[k]);
-    }
-}
+}  // namespace dropout_add_norm
 
-// One row per block (grid-stride over rows), blockDim.x = row_partials(cols) threads.
-template <typename T, typename S>
-__device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
-    __shared__ float s_warp[2][MAX_THREADS / 32];
-    const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS, has_beta = p.flags & FLAG_BETA;
-    const bool norm_only = p.flags & FLAG_NORM_ONLY, cached = p.flags & FLAG_SMEM;
-    const uint64_t groups = (p.cols + GROUP - 1) / GROUP;
-    const float n = (float)p.cols;
-    for (uint64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
-        const float rowm = row_multiplier(p, row);
-        const uint64_t base = row * p.cols;
+#include "dropout_add_norm/generic.cuh"
+#include "dropout_add_norm/rows.cuh"
 
-        // Pass 1: s = residual + m * (x + bias), stored; the first row sum (of s, or of s^2 for
-        // RMSNorm) over the stored, rounded s, which is what the backward will read.
-        float acc[1] = {0.f};
-        for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-            const uint64_t c0 = g * GROUP, i = base + c0;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
-            S sv[GROUP];
-            if (p.residual != nullptr || norm_only) load8(norm_only ? p.s + i : p.residual + i, cnt, vec, sv);
-            else {
-#pragma unroll
-                for (int k = 0; k < GROUP; ++k) sv[k] = from_f32<S>(0.f);
-            }
-            // A dropped element keeps the residual's bits and reads no x; rowm == 0 (dropped
-            // row, p = 1) drops all. In norm-only mode s is read as it is.
-            const uint32_t keep =
-                rowm != 0.f && !norm_only ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
-            if (keep != 0u) {
-                T xv[GROUP], bv[GROUP];
-                load8(p.x + i, cnt, vec, xv);
-                if (p.bias != nullptr) load8(p.bias + c0, cnt, vec, bv);
-#pragma unroll
-                for (int k = 0; k < GROUP; ++k) {
-                    if ((keep >> k) & 1u) {
-                        float t = to_f32(xv[k]);
-                        if (p.bias != nullptr) t = __fadd_rn(t, to_f32(bv[k]));
-                        const float r = p.residual != nullptr ? to_f32(sv[k]) : 0.f;
-                        sv[k] = from_f32<S>(__fmaf_rn(t, rowm, r));
-                    }
-                }
-            }
-            if (!norm_only) store8(p.s + i, sv, cnt, vec);
-#pragma unroll
-            for (int k = 0; k < GROUP; ++k) {
-                if (k < cnt) {
-                    const float v = to_f32(sv[k]);
-                    if (cached) dyn_smem[smem_index(k, g, groups)] = v;
-                    acc[0] = __fadd_rn(acc[0], rms ? __fmul_rn(v, v) : v);
-                }
-            }
-        }
-        block_sums<1>(acc, s_warp);
-
-        float mean = 0.f, rstd;
-        if (rms) {
-            rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc[0], n), p.eps)));
-        } else {
-            // Pass 2: the variance around the mean (two passes: no cancellation of E[s^2] -
-            // mean^2), over this thread's own values of pass 1.
-            mean = __fdiv_rn(acc[0], n);
-            float acc2[1] = {0.f};
-            for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-                const uint64_t c0 = g * GROUP;
-                const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
-                float v[GROUP];
-                group_values(p.s + base, g, groups, c0, cnt, vec, cached, v);
-#pragma unroll
-                for (int k = 0; k < GROUP; ++k) {
-                    if (k < cnt) {
-                        const float d = __fsub_rn(v[k], mean);
-                        acc2[0] = __fadd_rn(acc2[0], __fmul_rn(d, d));
-                    }
-                }
-            }
-            block_sums<1>(acc2, s_warp);
-            rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc2[0], n), p.eps)));
-        }
-        if (threadIdx.x == 0) {
-            p.mean[row] = mean;
-            p.rstd[row] = rstd;
-        }
-
-        // Pass 3: out = T((xhat * gamma + beta) * layer_scale).
-        for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-            const uint64_t c0 = g * GROUP, i = base + c0;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
-            float v[GROUP];
-            T gv[GROUP], bv[GROUP], ov[GROUP];
-            group_values(p.s + base, g, groups, c0, cnt, vec, cached, v);
-            load8(p.gamma + c0, cnt, vec, gv);
-            if (has_beta) load8(p.beta + c0, cnt, vec, bv);
-#pragma unroll
-            for (int k = 0; k < GROUP; ++k) {
-                const float xh = normalise(v[k], mean, rstd, rms);
-                const float y = has_beta ? __fmaf_rn(xh, to_f32(gv[k]), to_f32(bv[k]))
-                                         : __fmul_rn(xh, to_f32(gv[k]));
-                ov[k] = from_f32<T>(__fmul_rn(y, p.layer_scale));
-            }
-            store8(p.out + i, ov, cnt, vec);
-        }
-    }
-}
-
-// One slab of rows per block (grid.x = slabs), blockDim.x = row_partials(cols) threads. Thread q
-// owns the columns of groups q, q + P, ...: it alone updates their (slab, column) partials, so
-// they need no synchronisation. They are accumulated in shared memory when 3 * cols floats fit
-// (FLAG_SMEM: the host checks the device's limit) and copied out at the end of the slab, else
-// directly in global memory; the order of the additions, and so the bits, are the same.
-template <typename T, typename S>
-__device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
-    __shared__ float s_warp[2][MAX_THREADS / 32];
-    const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS;
-    const uint64_t groups = (p.cols + GROUP - 1) / GROUP;
-    const float n = (float)p.cols;
-    const uint64_t slab = blockIdx.x;
-    const uint64_t row0 = slab * p.slab_rows, row1 = min(row0 + p.slab_rows, p.rows);
-    float* glob_g = p.partials + (0 * p.slabs + slab) * p.cols;
-    float* glob_b = p.partials + (1 * p.slabs + slab) * p.cols;
-    float* glob_t = p.partials + (2 * p.slabs + slab) * p.cols;
-    const bool smem = p.flags & FLAG_SMEM;
-    // Partial of column c0 + k of group gi: transposed in shared memory, in column order in global.
-    float* part_g = smem ? dyn_smem : glob_g;
-    float* part_b = smem ? dyn_smem + GROUP * groups : glob_b;
-    float* part_t = smem ? dyn_smem + 2 * GROUP * groups : glob_t;
-    auto at = [&](int k, uint64_t gi) { return smem ? smem_index(k, gi, groups) : gi * GROUP + (uint64_t)k; };
-    for (uint64_t row = row0; row < row1; ++row) {
-        const bool first = row == row0;  // the slab's partials start from +0
-        const float rowm = row_multiplier(p, row);
-        const float mean = p.mean[row], rstd = p.rstd[row];
-        const uint64_t base = row * p.cols;
-
-        // Pass A: xhat, g = d_out * layer_scale, w = g * gamma; the row sums of xhat * w and of
-        // w; the dgamma (g * xhat) and dbeta (g) partials.
-        float acc[2] = {0.f, 0.f};
-        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-            const uint64_t c0 = gi * GROUP, i = base + c0;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
-            S sv[GROUP];
-            T dv[GROUP], gv[GROUP];
-            load8(p.s + i, cnt, vec, sv);
-            load8(p.d_out + i, cnt, vec, dv);
-            load8(p.gamma + c0, cnt, vec, gv);
-#pragma unroll
-            for (int k = 0; k < GROUP; ++k) {
-                if (k < cnt) {
-                    const float xh = normalise(to_f32(sv[k]), mean, rstd, rms);
-                    const float g = __fmul_rn(to_f32(dv[k]), p.layer_scale);
-                    const float w = __fmul_rn(g, to_f32(gv[k]));
-                    acc[0] = __fadd_rn(acc[0], __fmul_rn(xh, w));
-                    acc[1] = __fadd_rn(acc[1], w);
-                    const uint64_t c = at(k, gi);
-                    part_g[c] = __fadd_rn(first ? 0.f : part_g[c], __fmul_rn(g, xh));
-                    part_b[c] = __fadd_rn(first ? 0.f : part_b[c], g);
-                }
-            }
-        }
-        block_sums<2>(acc, s_warp);
-        const float c1 = __fdiv_rn(acc[0], n);
-        const float c2 = rms ? 0.f : __fdiv_rn(acc[1], n);
-
-        // Pass B: ds = (w - u) * rstd (+ d_s), d_residual = S(ds), dx = T(m * ds), dbias partials.
-        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-            const uint64_t c0 = gi * GROUP, i = base + c0;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
-            S sv[GROUP], dsv[GROUP], drv[GROUP];
-            T dv[GROUP], gv[GROUP], dxv[GROUP];
-            load8(p.s + i, cnt, vec, sv);
-            load8(p.d_out + i, cnt, vec, dv);
-            load8(p.gamma + c0, cnt, vec, gv);
-            if (p.d_s != nullptr) load8(p.d_s + i, cnt, vec, dsv);
-            const uint32_t keep = rowm != 0.f ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
-#pragma unroll
-            for (int k = 0; k < GROUP; ++k) {
-                const float xh = normalise(to_f32(sv[k]), mean, rstd, rms);
-                const float g = __fmul_rn(to_f32(dv[k]), p.layer_scale);
-                const float w = __fmul_rn(g, to_f32(gv[k]));
-                const float u = rms ? __fmul_rn(xh, c1) : __fmaf_rn(xh, c1, c2);
-                float ds = __fmul_rn(__fsub_rn(w, u), rstd);
-                if (p.d_s != nullptr) ds = __fadd_rn(ds, to_f32(dsv[k]));
-                drv[k] = from_f32<S>(ds);
-                const float m = ((keep >> k) & 1u) ? rowm : 0.f;
-                const float dt = m != 0.f ? __fmul_rn(ds, m) : 0.f;
-                dxv[k] = from_f32<T>(dt);
-                if (k < cnt) {
-                    const uint64_t c = at(k, gi);
-                    part_t[c] = __fadd_rn(first ? 0.f : part_t[c], dt);
-                }
-            }
-            if (p.d_residual != nullptr) store8(p.d_residual + i, drv, cnt, vec);
-            store8(p.dx + i, dxv, cnt, vec);
-        }
-    }
-    if (smem) {
-        // The slab's partials out, each thread its own columns (coalesced within a group).
-        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-            const uint64_t c0 = gi * GROUP;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
-            for (int k = 0; k < cnt; ++k) {
-                const uint64_t c = smem_index(k, gi, groups);
-                glob_g[c0 + k] = part_g[c];
-                glob_b[c0 + k] = part_b[c];
-                glob_t[c0 + k] = part_t[c];
-            }
-        }
-    }
-}
+namespace dropout_add_norm {
 
 // out[col] = T(sum over slabs, in slab order, of partials[which][slab][col]) for the wanted
-// outputs; slabs == 0 writes zeros. Consecutive threads take consecutive columns (coalesced).
+// outputs (blockIdx.y = which); slabs == 0 writes zeros. drop::dbias_finish per array: a block
+// stages the partials of 32 columns through shared memory with all its warps loading, then adds
+// them in slab order (the sequential order, so the same bits as one thread walking the slabs).
 template <typename T>
 __device__ __forceinline__ void colsum(const ColsumParams<T>& p) {
-    const uint64_t total = 3 * p.cols;
-    for (uint64_t idx = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; idx < total;
-         idx += (uint64_t)gridDim.x * blockDim.x) {
-        const uint64_t which = idx / p.cols, col = idx % p.cols;
-        T* dst = which == 0 ? p.dgamma : which == 1 ? p.dbeta : p.dbias;
-        if (dst == nullptr) continue;
-        const float* src = p.partials + which * p.slabs * p.cols + col;
-        float acc = 0.f;
-        for (uint64_t s = 0; s < p.slabs; ++s) acc = __fadd_rn(acc, src[s * p.cols]);
-        dst[col] = from_f32<T>(acc);
-    }
+    const uint32_t which = blockIdx.y;
+    T* dst = which == 0 ? p.dgamma : which == 1 ? p.dbeta : p.dbias;
+    if (dst == nullptr) return;  // block-uniform
+    drop::DbiasParams<T> d;
+    d.partials = p.partials + which * p.slabs * p.cols;
+    d.dbias = dst;
+    d.cols = p.cols;
+    d.slabs = p.slabs;
+    drop::dbias_finish<T>(d);
+}
+
+// The register tiers: tier NG holds rows of up to NG groups per partial (8 * 256 * NG columns;
+// NG = 1: up to 256 partials of one group) as NGT groups per thread over SEG segments, in blocks
+// of P * SEG threads (256 * SEG when NG >= 2) with at most 65536 / (256 * SEG * MIN_BLOCKS)
+// registers per thread: 64 (32 warps per SM), 80 for the t2 forward (24 warps; it needs no more:
+// its grid loops over rows, while the backward's 4 blocks per SM take its 1024 slabs in 1.94
+// waves). No tier spills (ptxas, every dtype: the build's resources report). The backward of an
+// f32 stream (WIDE) holds one group per thread: its t8 would need 2048 threads, so rows past 8192
+// columns of an f32 stream take the generic backward.
+// src/dropout_add_norm/gpu.rs mirrors this table (block size, shared memory, availability).
+template <int NG, bool WIDE> struct Tier;
+template <bool WIDE> struct Tier<1, WIDE> { static constexpr int NGT = 1, SEG = 1, FWD_MIN = 4, BWD_MIN = 4; };
+template <> struct Tier<2, false> { static constexpr int NGT = 2, SEG = 1, FWD_MIN = 3, BWD_MIN = 4; };
+template <> struct Tier<4, false> { static constexpr int NGT = 2, SEG = 2, FWD_MIN = 2, BWD_MIN = 2; };
+template <> struct Tier<8, false> { static constexpr int NGT = 2, SEG = 4, FWD_MIN = 1, BWD_MIN = 1; };
+template <> struct Tier<2, true> { static constexpr int NGT = 1, SEG = 2, FWD_MIN = 2, BWD_MIN = 2; };
+template <> struct Tier<4, true> { static constexpr int NGT = 1, SEG = 4, FWD_MIN = 1, BWD_MIN = 1; };
+
+// The tiers' entries: one launch runs one instantiation (LayerNorm or RMSNorm).
+template <typename T, typename S, int NG>
+__device__ __forceinline__ void fwd_tier(const FwdParams<T, S>& p) {
+    using C = Tier<NG, sizeof(S) == 4>;
+    if (p.flags & FLAG_RMS) fwd_rows<T, S, C::NGT, C::SEG, true>(p);
+    else fwd_rows<T, S, C::NGT, C::SEG, false>(p);
+}
+
+template <typename T, typename S, int NG>
+__device__ __forceinline__ void bwd_tier(const BwdParams<T, S>& p) {
+    using C = Tier<NG, sizeof(S) == 4>;
+    if (p.flags & FLAG_RMS) bwd_rows<T, S, C::NGT, C::SEG, true>(p);
+    else bwd_rows<T, S, C::NGT, C::SEG, false>(p);
 }
 
 }  // namespace dropout_add_norm
@@ -468,7 +185,19 @@ DAN_CHECK_SIZES(float, float)
 DAN_CHECK_SIZES(__half, float)
 
 // T: x, out, gamma, beta, bias and their gradients; S: the stream (residual, s, d_s, d_residual),
-// T itself or f32 (residual_in_f32).
+// T itself or f32 (residual_in_f32). Generic kernels, then the register tiers (NG groups of 8
+// per thread; src/dropout_add_norm/gpu.rs picks one).
+#define DAN_TIER(T, S, NAME, NG)                                                                      \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS * Tier<NG, sizeof(S) == 4>::SEG,          \
+                                                 Tier<NG, sizeof(S) == 4>::FWD_MIN)                    \
+        dropout_add_norm_fwd_t##NG##_##NAME(const FwdParams<T, S> p) {                                 \
+        fwd_tier<T, S, NG>(p);                                                                        \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS * Tier<NG, sizeof(S) == 4>::SEG,          \
+                                                 Tier<NG, sizeof(S) == 4>::BWD_MIN)                    \
+        dropout_add_norm_bwd_t##NG##_##NAME(const BwdParams<T, S> p) {                                 \
+        bwd_tier<T, S, NG>(p);                                                                        \
+    }
 #define DAN_KERNELS(T, S, NAME)                                                                       \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_fwd_##NAME(             \
         const FwdParams<T, S> p) {                                                                    \
@@ -477,13 +206,18 @@ DAN_CHECK_SIZES(__half, float)
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_bwd_##NAME(             \
         const BwdParams<T, S> p) {                                                                    \
         bwd<T, S>(p);                                                                                 \
-    }
+    }                                                                                                 \
+    DAN_TIER(T, S, NAME, 1) DAN_TIER(T, S, NAME, 2) DAN_TIER(T, S, NAME, 4)
+// t8 exists for a 16-bit stream only (see Tier).
+#define DAN_T8(T, S, NAME) DAN_TIER(T, S, NAME, 8)
 
 DAN_KERNELS(float, float, f32)
 DAN_KERNELS(__half, __half, f16)
 DAN_KERNELS(__nv_bfloat16, __nv_bfloat16, bf16)
 DAN_KERNELS(__half, float, f16_sf32)
 DAN_KERNELS(__nv_bfloat16, float, bf16_sf32)
+DAN_T8(__half, __half, f16)
+DAN_T8(__nv_bfloat16, __nv_bfloat16, bf16)
 
 #define DAN_COLSUM(T, S)                                                                              \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_colsum_##S(             \

@@ -1,11 +1,16 @@
 //! Launch wrappers for `kernels/dropout_add_norm.cu`.
 //!
-//! Forward: one block per row (grid-stride when the grid is capped), [`row_partials`]`(cols)`
-//! threads, because the row reductions' order has one partial per thread. Backward: one block
-//! per slab of [`colsum_slab_rows`]`(rows)` rows, the same block size, writing `[3][slabs][cols]` f32
-//! column partials that the colsum kernel adds in slab order. The vector path (16-byte accesses)
-//! runs when `cols % 8 == 0` and every pointer is 16-byte aligned; it gives the same bits as the
-//! scalar path.
+//! Two kernel families compute the same bits. On the vector path (`cols % 8 == 0`, every pointer
+//! 16-byte aligned) a row of at most 8 groups of 8 per partial ([`row_partials`]`(cols)`
+//! partials; hidden sizes up to 16384) runs a register tier: tier `NG` (1, 2, 4, 8 groups per
+//! partial) keeps the row in registers, split over `SEG` threads per partial, in blocks of
+//! `row_partials(cols) * SEG` threads ([`Tier`], mirroring `FwdTier` / `BwdTier` in the kernel).
+//! Everything else (odd or misaligned rows, longer rows, the backward of an f32 stream past 8192
+//! columns) runs the generic kernels: one block of `row_partials(cols)` threads loops over the
+//! row. Forward: a block per row, grid-stride (tiers: as many blocks as fit the GPU at once, so
+//! each block's setup is paid once for many rows). Backward: one block per slab of
+//! [`colsum_slab_rows`]`(rows)` rows, writing f32 column partials (`[3][slabs][cols]`, the wanted arrays
+//! only) that the colsum kernel adds in slab order.
 
 use cudarc::driver::DeviceRepr;
 
@@ -21,12 +26,16 @@ use crate::error::{Error, Result};
 use crate::runtime::kernels::Kernel;
 use crate::runtime::Handle;
 
-const FLAG_VEC: u32 = 2;
-const FLAG_RMS: u32 = 4;
-const FLAG_BETA: u32 = 8;
-const FLAG_NORM_ONLY: u32 = 16;
-const FLAG_SMEM: u32 = 32;
-/// Static shared memory of the kernels (the row sums' scratch), beside the dynamic part.
+// Flags of kernels/dropout_add_norm.cu: the shared dropping flags keep their values, this op's
+// own start at bit 8.
+const FLAG_VEC: u32 = 1 << 8;
+const FLAG_RMS: u32 = 1 << 9;
+const FLAG_BETA: u32 = 1 << 10;
+const FLAG_NORM_ONLY: u32 = 1 << 11;
+const FLAG_SMEM: u32 = 1 << 12;
+const FLAG_DBETA: u32 = 1 << 13;
+const FLAG_DBIAS: u32 = 1 << 14;
+/// Static shared memory of the generic kernels (the row sums' scratch), beside the dynamic part.
 const STATIC_SMEM: usize = 64;
 /// Dynamic shared memory every kernel may use without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
@@ -112,23 +121,101 @@ const _: () = assert!(std::mem::size_of::<ColsumParams>() == 48);
 // SAFETY: as above.
 unsafe impl DeviceRepr for ColsumParams {}
 
-/// The (forward, backward) kernels of x type `T` and stream type `S` (checked: `S` is `T` or
-/// f32).
-fn kernels<T: Dtype, S: Dtype>() -> Result<(Kernel, Kernel)> {
+/// The kernels of one (x type, stream type) pair: the generic forward and backward, and the
+/// register tiers `t1, t2, t4, t8` (index `log2 NG`; an f32 stream has no t8).
+struct Family {
+    fwd: Kernel,
+    bwd: Kernel,
+    fwd_t: [Option<Kernel>; 4],
+    bwd_t: [Option<Kernel>; 4],
+}
+
+/// The kernels of x type `T` and stream type `S` (checked: `S` is `T` or f32).
+fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
     use DtypeKind::{Bf16, F16, F32};
+    use Kernel as K;
     check_stream_dtype(T::KIND, S::KIND)?;
     Ok(match (T::KIND, S::KIND) {
-        (F32, _) => (Kernel::DropoutAddNormFwdF32, Kernel::DropoutAddNormBwdF32),
-        (F16, F16) => (Kernel::DropoutAddNormFwdF16, Kernel::DropoutAddNormBwdF16),
-        (Bf16, Bf16) => (Kernel::DropoutAddNormFwdBf16, Kernel::DropoutAddNormBwdBf16),
-        (F16, _) => (
-            Kernel::DropoutAddNormFwdF16Sf32,
-            Kernel::DropoutAddNormBwdF16Sf32,
-        ),
-        (Bf16, _) => (
-            Kernel::DropoutAddNormFwdBf16Sf32,
-            Kernel::DropoutAddNormBwdBf16Sf32,
-        ),
+        (F32, _) => Family {
+            fwd: K::DropoutAddNormFwdF32,
+            bwd: K::DropoutAddNormBwdF32,
+            fwd_t: [
+                Some(K::DropoutAddNormFwdT1F32),
+                Some(K::DropoutAddNormFwdT2F32),
+                Some(K::DropoutAddNormFwdT4F32),
+                None,
+            ],
+            bwd_t: [
+                Some(K::DropoutAddNormBwdT1F32),
+                Some(K::DropoutAddNormBwdT2F32),
+                Some(K::DropoutAddNormBwdT4F32),
+                None,
+            ],
+        },
+        (F16, F16) => Family {
+            fwd: K::DropoutAddNormFwdF16,
+            bwd: K::DropoutAddNormBwdF16,
+            fwd_t: [
+                Some(K::DropoutAddNormFwdT1F16),
+                Some(K::DropoutAddNormFwdT2F16),
+                Some(K::DropoutAddNormFwdT4F16),
+                Some(K::DropoutAddNormFwdT8F16),
+            ],
+            bwd_t: [
+                Some(K::DropoutAddNormBwdT1F16),
+                Some(K::DropoutAddNormBwdT2F16),
+                Some(K::DropoutAddNormBwdT4F16),
+                Some(K::DropoutAddNormBwdT8F16),
+            ],
+        },
+        (Bf16, Bf16) => Family {
+            fwd: K::DropoutAddNormFwdBf16,
+            bwd: K::DropoutAddNormBwdBf16,
+            fwd_t: [
+                Some(K::DropoutAddNormFwdT1Bf16),
+                Some(K::DropoutAddNormFwdT2Bf16),
+                Some(K::DropoutAddNormFwdT4Bf16),
+                Some(K::DropoutAddNormFwdT8Bf16),
+            ],
+            bwd_t: [
+                Some(K::DropoutAddNormBwdT1Bf16),
+                Some(K::DropoutAddNormBwdT2Bf16),
+                Some(K::DropoutAddNormBwdT4Bf16),
+                Some(K::DropoutAddNormBwdT8Bf16),
+            ],
+        },
+        (F16, _) => Family {
+            fwd: K::DropoutAddNormFwdF16Sf32,
+            bwd: K::DropoutAddNormBwdF16Sf32,
+            fwd_t: [
+                Some(K::DropoutAddNormFwdT1F16Sf32),
+                Some(K::DropoutAddNormFwdT2F16Sf32),
+                Some(K::DropoutAddNormFwdT4F16Sf32),
+                None,
+            ],
+            bwd_t: [
+                Some(K::DropoutAddNormBwdT1F16Sf32),
+                Some(K::DropoutAddNormBwdT2F16Sf32),
+                Some(K::DropoutAddNormBwdT4F16Sf32),
+                None,
+            ],
+        },
+        (Bf16, _) => Family {
+            fwd: K::DropoutAddNormFwdBf16Sf32,
+            bwd: K::DropoutAddNormBwdBf16Sf32,
+            fwd_t: [
+                Some(K::DropoutAddNormFwdT1Bf16Sf32),
+                Some(K::DropoutAddNormFwdT2Bf16Sf32),
+                Some(K::DropoutAddNormFwdT4Bf16Sf32),
+                None,
+            ],
+            bwd_t: [
+                Some(K::DropoutAddNormBwdT1Bf16Sf32),
+                Some(K::DropoutAddNormBwdT2Bf16Sf32),
+                Some(K::DropoutAddNormBwdT4Bf16Sf32),
+                None,
+            ],
+        },
     })
 }
 
@@ -138,6 +225,30 @@ fn colsum_kernel<T: Dtype>() -> Kernel {
         DtypeKind::F16 => Kernel::DropoutAddNormColsumF16,
         DtypeKind::Bf16 => Kernel::DropoutAddNormColsumBf16,
     }
+}
+
+/// A register tier's thread layout: `ngt` groups of 8 per thread, `seg` threads per partial
+/// (`Tier` in kernels/dropout_add_norm.cu; the same for both directions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Tier {
+    /// `log2 NG`: the kernel's index in [`Family`].
+    pub index: usize,
+    pub ngt: usize,
+    pub seg: usize,
+}
+
+/// The tier that holds a vector-path row of `cols` columns (the smallest NG >= the groups per
+/// partial), or `None` past the tiers. A 16-bit stream holds two groups per thread (t4 and t8
+/// over 2 and 4 segments), an f32 stream (`wide`) one (t2 and t4 over 2 and 4 segments) and has
+/// no t8: it would need 2048 threads.
+pub(super) fn tier(cols: usize, wide: bool) -> Option<Tier> {
+    const NARROW: [Option<(usize, usize)>; 4] =
+        [Some((1, 1)), Some((2, 1)), Some((2, 2)), Some((2, 4))];
+    const WIDE: [Option<(usize, usize)>; 4] = [Some((1, 1)), Some((1, 2)), Some((1, 4)), None];
+    let per = (cols / GROUP).div_ceil(row_partials(cols));
+    let index = (0..4).find(|&i| per <= 1 << i)?;
+    let (ngt, seg) = if wide { WIDE[index] } else { NARROW[index] }?;
+    Some(Tier { index, ngt, seg })
 }
 
 /// `s = residual + rowscale * dropout(x + bias)`, `out = norm(s) * layer_scale` and the row
@@ -236,7 +347,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     mode: Mode,
 ) -> Result<()> {
     let in_place = mode == Mode::InPlace;
-    let (fwd, _) = kernels::<T, S>()?;
+    let fam = kernels::<T, S>()?;
     let lens = ForwardLens {
         x: args.x.len(),
         residual: if in_place {
@@ -319,14 +430,39 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     if mode == Mode::NormOnly {
         flags |= FLAG_NORM_ONLY;
     }
-    // The row in shared memory for the passes after the first, when it fits (same bits).
-    let smem = if t.no_smem {
-        0
+    let (rows, cols) = (cfg.rows(), cfg.cols());
+    let wide = S::KIND == DtypeKind::F32;
+    let tiered = if vec && !t.generic {
+        tier(cols, wide).and_then(|tr| Some((fam.fwd_t[tr.index]?, row_partials(cols) * tr.seg)))
     } else {
-        smem_bytes(handle, fwd, cfg.cols(), 4)
+        None
     };
-    if smem > 0 {
-        flags |= FLAG_SMEM;
+    let (kernel, block, smem) = match tiered {
+        Some((kernel, block)) => (kernel, block, 0),
+        None => {
+            // The row in shared memory for the passes after the first, when it fits (same
+            // bits).
+            let smem = if t.no_smem {
+                0
+            } else {
+                cols.div_ceil(GROUP)
+                    .checked_mul(GROUP * 4)
+                    .and_then(|b| fit_smem(handle, fam.fwd, b))
+                    .unwrap_or(0)
+            };
+            if smem > 0 {
+                flags |= FLAG_SMEM;
+            }
+            (fam.fwd, row_partials(cols), smem)
+        }
+    };
+    let mut grid = (rows as u64)
+        .min(u64::from(t.max_grid))
+        .min(i32::MAX as u64) as u32;
+    if tiered.is_some() {
+        // As many blocks as are resident at once: each loops over rows (its setup, the Philox
+        // key schedule among it, paid once rather than per row).
+        grid = grid.min(resident_blocks(handle, kernel, block as u32, 0).unwrap_or(u32::MAX));
     }
     let rate = cfg.rate();
     let p = FwdParams {
@@ -354,46 +490,53 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         flags,
         rows_per_sample: rsf.rows_per_sample,
     };
-    let grid = (cfg.rows() as u64)
-        .min(u64::from(t.max_grid))
-        .min(i32::MAX as u64) as u32;
-    let block = row_partials(cfg.cols()) as u32;
-    handle.launch(fwd, (grid, 1, 1), (block, 1, 1), smem, &p)
+    handle.launch(kernel, (grid, 1, 1), (block as u32, 1, 1), smem, &p)
 }
 
-/// Dynamic shared memory for a kernel's optional cache (`per_col` bytes per column of the row
-/// rounded up to whole groups of 8, as the kernels lay it out transposed: the forward's row of
-/// f32 values, the backward's 3 f32 slab partials), or 0 to do without it (the
-/// same bits): when it does not fit the device's per-block limit, or raising the kernel's limit
-/// above 48 KiB fails. The kernel's limit is raised to the device's maximum, never lowered, so
-/// concurrent callers cannot undercut each other.
-fn smem_bytes(handle: &Handle, kernel: Kernel, cols: usize, per_col: usize) -> u32 {
+/// Blocks of `kernel` resident on the whole GPU at once (SMs times blocks per SM), at least 1;
+/// `None` when the driver cannot say.
+fn resident_blocks(handle: &Handle, kernel: Kernel, block: u32, smem: u32) -> Option<u32> {
+    use cudarc::driver::sys::CUdevice_attribute;
+    let f = handle.function(kernel).ok()?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(block, smem as usize, None)
+        .ok()?;
+    let sms = handle
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .ok()?;
+    Some(per_sm.max(1).saturating_mul(sms.max(1) as u32))
+}
+
+/// `bytes` of dynamic shared memory for `kernel` when they fit (beside its static shared memory)
+/// the device's per-block limit, raising the kernel's limit above the default 48 KiB when
+/// needed; `None` otherwise (the caller does without: the generic kernels' caches, or a tier,
+/// are never needed for the bits). The limit is raised to the device's maximum, never lowered,
+/// so concurrent callers cannot undercut each other.
+fn fit_smem(handle: &Handle, kernel: Kernel, bytes: usize) -> Option<u32> {
     use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-    let Some(bytes) = cols.div_ceil(GROUP).checked_mul(GROUP * per_col) else {
-        return 0;
-    };
-    if bytes + STATIC_SMEM <= DEFAULT_SMEM {
-        return bytes as u32;
+    let f = handle.function(kernel).ok()?;
+    let fixed = f
+        .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+        .map_or(STATIC_SMEM, |v| v.max(0) as usize);
+    let total = bytes.checked_add(fixed)?;
+    let bytes32 = u32::try_from(bytes).ok()?;
+    if total <= DEFAULT_SMEM {
+        return Some(bytes32);
     }
     let optin = handle
         .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .map_or(0, |v| v.max(0) as usize);
-    if bytes + STATIC_SMEM > optin {
-        return 0;
+    if total > optin {
+        return None;
     }
-    let raised = handle.function(kernel).is_ok_and(|f| {
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            (optin - STATIC_SMEM) as i32,
-        )
-        .is_ok()
-    });
-    if raised {
-        bytes as u32
-    } else {
-        0
-    }
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        (optin - fixed) as i32,
+    )
+    .ok()
+    .map(|()| bytes32)
 }
 
 /// The backward on the handle's stream (see the [module docs](super)): `dx` (mask and row scale
@@ -437,7 +580,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     args: BackwardArgs<'_, T, S>,
     mut out: BackwardOut<'_, T, S>,
 ) -> Result<()> {
-    let (_, bwd) = kernels::<T, S>()?;
+    let fam = kernels::<T, S>()?;
     check_backward(
         cfg,
         &BackwardLens {
@@ -524,15 +667,44 @@ pub fn backward<T: Dtype, S: Dtype>(
         if cfg.norm() == Norm::RmsNorm {
             flags |= FLAG_RMS;
         }
-        // The slab partials in shared memory when they fit on this device (same bits either way).
-        let smem = if t.no_smem {
-            0
-        } else {
-            smem_bytes(handle, bwd, cols, 12)
-        };
-        if smem > 0 {
-            flags |= FLAG_SMEM;
+        if dbeta != 0 {
+            flags |= FLAG_DBETA;
         }
+        if dbias != 0 {
+            flags |= FLAG_DBIAS;
+        }
+        // A register tier when the row fits one and its column partials fit this device's
+        // shared memory (the wanted arrays, one float4 pair per group and thread); else the
+        // generic kernel, its slab partials in shared memory when they fit (same bits).
+        let wide = S::KIND == DtypeKind::F32;
+        let tiered = if vec && !t.generic {
+            tier(cols, wide).and_then(|tr| {
+                let kernel = fam.bwd_t[tr.index]?;
+                let block = row_partials(cols) * tr.seg;
+                let arrays = 1 + usize::from(dbeta != 0) + usize::from(dbias != 0);
+                let smem = fit_smem(handle, kernel, arrays * 2 * tr.ngt * block * 16)?;
+                Some((kernel, block, smem))
+            })
+        } else {
+            None
+        };
+        let (kernel, block, smem) = match tiered {
+            Some(k) => k,
+            None => {
+                let smem = if t.no_smem {
+                    0
+                } else {
+                    cols.div_ceil(GROUP)
+                        .checked_mul(GROUP * 12)
+                        .and_then(|b| fit_smem(handle, fam.bwd, b))
+                        .unwrap_or(0)
+                };
+                if smem > 0 {
+                    flags |= FLAG_SMEM;
+                }
+                (fam.bwd, row_partials(cols), smem)
+            }
+        };
         let rate = cfg.rate();
         let p = BwdParams {
             d_out,
@@ -561,8 +733,7 @@ pub fn backward<T: Dtype, S: Dtype>(
             rows_per_sample: rsf.rows_per_sample,
             pad: 0,
         };
-        let block = row_partials(cols) as u32;
-        handle.launch(bwd, (slabs as u32, 1, 1), (block, 1, 1), smem, &p)?;
+        handle.launch(kernel, (slabs as u32, 1, 1), (block as u32, 1, 1), smem, &p)?;
     }
 
     let c = ColsumParams {
@@ -573,12 +744,50 @@ pub fn backward<T: Dtype, S: Dtype>(
         cols: cols as u64,
         slabs: slabs as u64,
     };
-    let grid = (cols as u64)
-        .saturating_mul(3)
-        .div_ceil(256)
-        .clamp(1, 1 << 20) as u32;
-    handle.launch(colsum_kernel::<T>(), (grid, 1, 1), (256, 1, 1), 0, &c)?;
+    // blockIdx.y: which gradient (a block whose output is not wanted exits at once); x: blocks of
+    // 32 columns (grid-stride past 2^16 of them). 256 threads: the staging warps of
+    // drop::dbias_finish.
+    let grid = (cols as u64).div_ceil(32).clamp(1, 1 << 16) as u32;
+    handle.launch(colsum_kernel::<T>(), (grid, 3, 1), (256, 1, 1), 0, &c)?;
     drop(part_g);
     drop(own); // stream-ordered free after the kernels that use it
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every vector-path row up to 8 groups per partial gets the smallest tier that holds it,
+    /// with no thread holding more than two groups and at most 1024 threads per block.
+    #[test]
+    fn tiers_hold_the_row() {
+        for cols in (8..=20008).step_by(8) {
+            let (p, groups) = (row_partials(cols), cols / GROUP);
+            let per = groups.div_ceil(p);
+            for wide in [false, true] {
+                let Some(t) = tier(cols, wide) else {
+                    assert!(per > 8 || (wide && per > 4), "{cols} wide {wide}: no tier");
+                    continue;
+                };
+                let ng = 1 << t.index;
+                assert!(per <= ng && (ng == 1 || per > ng / 2), "{cols}: {t:?}");
+                assert_eq!(t.ngt * t.seg, ng, "{cols}: {t:?}");
+                assert!(t.ngt <= 2 && p * t.seg <= 1024, "{cols}: {t:?}");
+                assert!(ng == 1 || p == 256, "{cols}: P = {p}");
+                assert!(!wide || t.ngt == 1, "{cols}: {t:?}");
+            }
+        }
+        assert_eq!(
+            tier(4096, false).map(|t| (t.index, t.ngt, t.seg)),
+            Some((1, 2, 1))
+        );
+        assert_eq!(
+            tier(4096, true).map(|t| (t.index, t.ngt, t.seg)),
+            Some((1, 1, 2))
+        );
+        assert_eq!(tier(16384, false).map(|t| (t.ngt, t.seg)), Some((2, 4)));
+        assert_eq!(tier(16384, true), None); // an f32 stream: the generic kernels
+        assert_eq!(tier(16392, false), None);
+    }
 }

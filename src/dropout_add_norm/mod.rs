@@ -388,99 +388,36 @@ impl Config {
     }
 
     /// Rows.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(16, 4096, Norm::LayerNorm, 1e-5)?.rows(), 16);
-    /// # Ok(()) }
-    /// ```
     pub fn rows(&self) -> usize {
         self.rows
     }
 
     /// Columns (the hidden size).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(16, 4096, Norm::LayerNorm, 1e-5)?.cols(), 4096);
-    /// # Ok(()) }
-    /// ```
     pub fn cols(&self) -> usize {
         self.cols
     }
 
     /// Elements, `rows * cols`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(3, 5, Norm::LayerNorm, 1e-5)?.len(), 15);
-    /// # Ok(()) }
-    /// ```
     pub fn len(&self) -> usize {
         self.rows * self.cols
     }
 
     /// True when there are no rows.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert!(Config::new(0, 8, Norm::LayerNorm, 1e-5)?.is_empty());
-    /// # Ok(()) }
-    /// ```
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// The normaliser.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(1, 8, Norm::RmsNorm, 1e-5)?.norm(), Norm::RmsNorm);
-    /// # Ok(()) }
-    /// ```
     pub fn norm(&self) -> Norm {
         self.norm
     }
 
     /// The epsilon added to the variance (mean square for RMSNorm).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(1, 8, Norm::RmsNorm, 1e-6)?.eps(), 1e-6);
-    /// # Ok(()) }
-    /// ```
     pub fn eps(&self) -> f32 {
         self.eps
     }
 
     /// The output scale (1, or `1 / sqrt(l)` under LayerNorm Scaling).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(1, 8, Norm::RmsNorm, 1e-6)?.with_layer_scale(0.5)?.layer_scale(), 0.5);
-    /// # Ok(()) }
-    /// ```
     pub fn layer_scale(&self) -> f32 {
         self.layer_scale
     }
@@ -502,43 +439,16 @@ impl Config {
     }
 
     /// The generator seed.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(1, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.1, 42, 7)?.seed(), 42);
-    /// # Ok(()) }
-    /// ```
     pub fn seed(&self) -> u64 {
         self.keying.seed()
     }
 
     /// The call id of the dropout mask.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(1, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.1, 42, 7)?.call(), 7);
-    /// # Ok(()) }
-    /// ```
     pub fn call(&self) -> u64 {
         self.keying.call()
     }
 
     /// The generated drop path, if any.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(1, 8, Norm::RmsNorm, 1e-6)?.drop_path(), None);
-    /// # Ok(()) }
-    /// ```
     pub fn drop_path(&self) -> Option<DropPath> {
         self.drop_path
     }
@@ -689,8 +599,11 @@ pub struct LaunchTuning {
     pub force_scalar: bool,
     /// Cap on the forward's grid (blocks loop over the remaining rows).
     pub max_grid: u32,
-    /// Never use dynamic shared memory (the forward's row cache, the backward's partials).
+    /// Never use dynamic shared memory in the generic kernels (the forward's row cache, the
+    /// backward's partials).
     pub no_smem: bool,
+    /// Take the generic kernels even where a register tier holds the row.
+    pub generic: bool,
 }
 
 impl Default for LaunchTuning {
@@ -699,6 +612,7 @@ impl Default for LaunchTuning {
             force_scalar: false,
             max_grid: 1 << 20,
             no_smem: false,
+            generic: false,
         }
     }
 }

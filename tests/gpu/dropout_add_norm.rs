@@ -35,6 +35,8 @@ pub fn trials() -> Vec<Trial> {
             ("edge_rates", edge_rates),
             ("views_at_element_1", views_at_element_1),
             ("launch_configurations_agree", launch_configurations_agree),
+            ("tiers_match_the_generic_kernels", tiers_match_generic),
+            ("tiers_over_many_rows_and_slabs", tiers_many_rows),
             ("dgamma_identical_across_runs", dgamma_identical_across_runs),
             ("empty_inputs", empty_inputs),
             ("unfused_matches_its_cpu_mirror_f32", unfused_mirror::<f32>),
@@ -457,10 +459,72 @@ fn launch_configurations_agree(h: &Handle) -> R<()> {
                 no_smem: true,
                 ..Default::default()
             },
+            LaunchTuning {
+                generic: true,
+                ..Default::default()
+            },
         ] {
             let b = run_case::<bf16, bf16>(h, &Case { tuning, ..base }, 9000)?;
             compare(&format!("{tuning:?} vs default"), &b, &a)?;
         }
+    }
+    Ok(())
+}
+
+/// Every register tier (t1 with 32, 128 and 256 partials; t2; t4 over 2 segments; t8 over 4, or
+/// the generic backward for an f32 stream) against the CPU reference and against the generic
+/// kernels forced by `LaunchTuning::generic`, bit for bit, with and without beta and bias (the
+/// backward accumulates only the wanted column partials).
+fn tiers_match_generic(h: &Handle) -> R<()> {
+    fn one<T: Dtype, S: Dtype>(h: &Handle, c: &Case, seed: u64) -> R<()> {
+        let fast = run_case::<T, S>(h, c, seed)?;
+        let generic = Case {
+            tuning: LaunchTuning {
+                generic: true,
+                ..Default::default()
+            },
+            ..*c
+        };
+        let slow = run_case::<T, S>(h, &generic, seed)?;
+        compare(&format!("{c:?}: tier vs generic"), &fast, &slow)
+    }
+    let shapes = [
+        (37, 64),
+        (20, 1024),
+        (9, 2048),
+        (30, 4096),
+        (6, 6144),
+        (5, 8192),
+        (3, 12288),
+        (2, 16384),
+    ];
+    for (k, &(rows, cols)) in shapes.iter().enumerate() {
+        for norm in [Norm::LayerNorm, Norm::RmsNorm] {
+            for (beta, bias) in [(true, false), (false, true)] {
+                let c = Case {
+                    beta,
+                    bias,
+                    rs: [Rs::None, Rs::Given, Rs::Path][k % 3],
+                    ..Case::new(rows, cols, norm)
+                };
+                let seed = 12_000 + 10 * k as u64;
+                one::<bf16, bf16>(h, &c, seed)?;
+                one::<f32, f32>(h, &c, seed + 1)?;
+                one::<bf16, f32>(h, &c, seed + 2)?;
+                one::<f16, f16>(h, &c, seed + 3)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The t2 tier with more rows than resident forward blocks (each loops over rows) and 3 rows per
+/// backward slab with a partial last slab.
+fn tiers_many_rows(h: &Handle) -> R<()> {
+    for norm in [Norm::LayerNorm, Norm::RmsNorm] {
+        let c = Case::new(2500, 4096, norm);
+        run_case::<bf16, bf16>(h, &c, 13_000)?;
+        run_case::<f32, f32>(h, &c, 13_001)?;
     }
     Ok(())
 }

@@ -7,6 +7,11 @@
 // baseline; the forward's row cached in shared memory or not; inputs with infinities and NaNs in
 // some cases. One line of output hashes per case.
 //
+// Kernels are chosen as src/dropout_add_norm/gpu.rs chooses them: on the vector path a register
+// tier (dropout_add_norm_{fwd,bwd}_t<NG>) when the row fits one, the generic kernels otherwise.
+// Every case that takes a tier also runs the generic kernels on the same inputs and aborts unless
+// every output has the same bits, so each line checks both against the golden.
+//
 // With DAN_DUMP=<dir> each case also writes its inputs and outputs to <dir>/case<k>.bin, which
 // the CPU reference can read back to check the emulated kernels bit for bit (done when the kernel
 // was written; the format is in dump() below).
@@ -18,13 +23,22 @@ template <> struct Kind<__half> { static constexpr uint64_t id = 1; static const
 template <> struct Kind<__nv_bfloat16> { static constexpr uint64_t id = 2; static constexpr const char* name = "bf16"; };
 
 template <class T, class S> struct K;
-#define KS(T, S, NAME)                                                  \
-    template <> struct K<T, S> {                                        \
-        static constexpr auto fwd = dropout_add_norm_fwd_##NAME;        \
-        static constexpr auto bwd = dropout_add_norm_bwd_##NAME;        \
+// fwd_t[i] / bwd_t[i]: tier NG = 1 << i (null: no such tier for this stream type).
+#define KS(T, S, NAME, T8F, T8B)                                                                     \
+    template <> struct K<T, S> {                                                                     \
+        static constexpr auto fwd = dropout_add_norm_fwd_##NAME;                                     \
+        static constexpr auto bwd = dropout_add_norm_bwd_##NAME;                                     \
+        static constexpr void (*fwd_t[4])(FwdParams<T, S>) = {                                       \
+            dropout_add_norm_fwd_t1_##NAME, dropout_add_norm_fwd_t2_##NAME, dropout_add_norm_fwd_t4_##NAME, \
+            T8F};                                                                                    \
+        static constexpr void (*bwd_t[4])(BwdParams<T, S>) = {                                       \
+            dropout_add_norm_bwd_t1_##NAME, dropout_add_norm_bwd_t2_##NAME, dropout_add_norm_bwd_t4_##NAME, \
+            T8B};                                                                                    \
     };
-KS(float, float, f32) KS(__half, __half, f16) KS(__nv_bfloat16, __nv_bfloat16, bf16)
-KS(__half, float, f16_sf32) KS(__nv_bfloat16, float, bf16_sf32)
+KS(float, float, f32, nullptr, nullptr)
+KS(__half, __half, f16, dropout_add_norm_fwd_t8_f16, dropout_add_norm_bwd_t8_f16)
+KS(__nv_bfloat16, __nv_bfloat16, bf16, dropout_add_norm_fwd_t8_bf16, dropout_add_norm_bwd_t8_bf16)
+KS(__half, float, f16_sf32, nullptr, nullptr) KS(__nv_bfloat16, float, bf16_sf32, nullptr, nullptr)
 template <class T> struct C;
 template <> struct C<float> { static constexpr auto colsum = dropout_add_norm_colsum_f32; };
 template <> struct C<__half> { static constexpr auto colsum = dropout_add_norm_colsum_f16; };
@@ -62,7 +76,32 @@ static uint32_t partials_of(uint64_t cols) {  // row_partials in src/dropout_add
     return (uint32_t)std::min<uint64_t>(std::max<uint64_t>(p, 32), 256);
 }
 
+// The register tier of a vector-path row (src/dropout_add_norm/gpu.rs, tier_of): log2 NG, or -1
+// when the row needs more than 8 groups per partial.
+static int tier_of(uint64_t cols) {
+    const uint64_t groups = cols / 8, per = (groups + partials_of(cols) - 1) / partials_of(cols);
+    for (int i = 0; i < 4; ++i)
+        if (per <= (1u << i)) return i;
+    return -1;
+}
+
 template <class V> static void put(FILE* f, const std::vector<V>& v) { fwrite(v.data(), sizeof(V), v.size(), f); }
+
+// Segments per partial of each tier (Tier in kernels/dropout_add_norm.cu): the block is
+// partials_of(cols) * segments threads. An f32 stream has its own table (and no t8).
+template <class S> static unsigned segments(int tier) {
+    static const unsigned narrow[4] = {1, 1, 2, 4}, wide[4] = {1, 2, 4, 0};
+    return sizeof(S) == 4 ? wide[tier] : narrow[tier];
+}
+
+// The tier's output must be the generic kernel's, bit for bit.
+template <class V> static void same(const std::vector<V>& a, const std::vector<V>& b, const char* what) {
+    if (a.size() != b.size() || memcmp(a.data(), b.data(), a.size() * sizeof(V)) != 0) {
+        printf("tier and generic kernels differ in %s\n", what);
+        fflush(stdout);
+        abort();
+    }
+}
 
 template <class T, class S> static void run(const Case& c, uint64_t seed, int index) {
     const uint64_t n = c.rows * c.cols, rows = c.rows, cols = c.cols;
@@ -97,13 +136,30 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     p.path_call = path_call; p.path_threshold = c.rs >= 2 ? threshold_of(c.p_path) : 0;
     p.scale = scale_of(c.p); p.path_scale = c.rs >= 2 ? scale_of(c.p_path) : 0.f;
     p.eps = eps; p.layer_scale = ls;
-    p.flags = (c.rs >= 2 ? 1u : 0u) | (c.vec ? 2u : 0u) | (c.rms ? 4u : 0u) | (c.beta ? 8u : 0u);
-    // Half the forwards keep the row in shared memory (FLAG_SMEM = 32): the same bits.
-    const uint32_t fwd_smem = seed & 2 ? 32u : 0u;
+    p.flags = (c.rs >= 2 ? FLAG_DROP_PATH : 0u) | (c.vec ? FLAG_VEC : 0u) | (c.rms ? FLAG_RMS : 0u) |
+              (c.beta ? FLAG_BETA : 0u);
+    // Half the generic forwards keep the row in shared memory (FLAG_SMEM): the same bits.
+    const uint32_t fwd_smem = seed & 2 ? FLAG_SMEM : 0u;
     p.flags |= fwd_smem;
     p.rows_per_sample = c.rs == 3 ? 3 : 1;
     const unsigned block = partials_of(cols);
-    launch(K<T, S>::fwd, dim3{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1}, dim3{block, 1, 1}, p);
+    const dim3 fgrid{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1};
+    const int tier = c.vec && tier_of(cols) >= 0 && K<T, S>::fwd_t[tier_of(cols)] != nullptr ? tier_of(cols) : -1;
+    // The generic forward on the same inputs first (a tier case compares against it below).
+    std::vector<S> s_g = s;
+    std::vector<T> out_g = out;
+    std::vector<float> mean_g = mean, rstd_g = rstd;
+    if (tier >= 0) {
+        FwdParams<T, S> g = p;
+        g.residual = c.in_place ? s_g.data() : p.residual;
+        g.out = out_g.data(); g.s = s_g.data(); g.mean = mean_g.data(); g.rstd = rstd_g.data();
+        launch(K<T, S>::fwd, fgrid, dim3{block, 1, 1}, g);
+        p.flags &= ~FLAG_SMEM;
+        launch(K<T, S>::fwd_t[tier], fgrid, dim3{block * segments<S>(tier), 1, 1}, p);
+        same(out, out_g, "out"); same(s, s_g, "s"); same(mean, mean_g, "mean"); same(rstd, rstd_g, "rstd");
+    } else {
+        launch(K<T, S>::fwd, fgrid, dim3{block, 1, 1}, p);
+    }
 
     // The unfused baseline's norm: the same kernel with s as an input (FLAG_NORM_ONLY = 16).
     std::vector<T> out2(n, from_f32<T>(-77.f));
@@ -113,8 +169,20 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
         FwdParams<T, S> q = p;
         q.x = nullptr; q.residual = nullptr; q.bias = nullptr; q.rowscale = nullptr;
         q.out = out2.data(); q.mean = mean2.data(); q.rstd = rstd2.data();
-        q.flags = (p.flags & ~1u & ~32u) | 16u | (seed & 4 ? 32u : 0u);
-        launch(K<T, S>::fwd, dim3{(unsigned)std::min<uint64_t>(rows, c.max_grid), 1, 1}, dim3{block, 1, 1}, q);
+        q.flags = (p.flags & ~FLAG_DROP_PATH & ~FLAG_SMEM) | FLAG_NORM_ONLY | (seed & 4 ? FLAG_SMEM : 0u);
+        if (tier >= 0) {
+            std::vector<T> out2_g = out2;
+            std::vector<float> mean2_g = mean2, rstd2_g = rstd2;
+            FwdParams<T, S> g = q;
+            g.out = out2_g.data(); g.mean = mean2_g.data(); g.rstd = rstd2_g.data();
+            launch(K<T, S>::fwd, fgrid, dim3{block, 1, 1}, g);
+            q.flags &= ~FLAG_SMEM;
+            launch(K<T, S>::fwd_t[tier], fgrid, dim3{block * segments<S>(tier), 1, 1}, q);
+            same(out2, out2_g, "norm-only out"); same(mean2, mean2_g, "norm-only mean");
+            same(rstd2, rstd2_g, "norm-only rstd");
+        } else {
+            launch(K<T, S>::fwd, fgrid, dim3{block, 1, 1}, q);
+        }
     }
     if (memcmp(s.data(), s_before.data(), n * sizeof(S)) != 0) { printf("norm-only wrote s\n"); abort(); }
 
@@ -131,14 +199,36 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     q.rows = rows; q.cols = cols; q.slab_rows = slab_rows; q.slabs = slabs;
     q.seed = dseed; q.call = dcall; q.threshold = p.threshold; q.path_call = path_call;
     q.path_threshold = p.path_threshold; q.scale = p.scale; q.path_scale = p.path_scale; q.layer_scale = ls;
-    // Half the cases keep the slab partials in shared memory (FLAG_SMEM = 32): the same bits, so
-    // the case line does not say which.
-    q.flags = (p.flags & ~8u & ~32u) | (seed & 1 ? 32u : 0u); q.rows_per_sample = p.rows_per_sample;
-    launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, q);
+    // Half the generic backwards keep the slab partials in shared memory (FLAG_SMEM): the same
+    // bits, so the case line does not say which. The tiers accumulate the wanted partial arrays
+    // only (here all three: the colsum writes every column gradient).
+    q.flags = (p.flags & ~FLAG_BETA & ~FLAG_SMEM) | (seed & 1 ? FLAG_SMEM : 0u) | FLAG_DBETA | FLAG_DBIAS;
+    q.rows_per_sample = p.rows_per_sample;
+    const int btier = tier >= 0 && K<T, S>::bwd_t[tier] != nullptr ? tier : -1;
     ColsumParams<T> cs{};
-    cs.partials = part.data(); cs.dgamma = dgamma.data(); cs.dbeta = dbeta.data(); cs.dbias = dbias.data();
     cs.cols = cols; cs.slabs = slabs;
-    launch(C<T>::colsum, dim3{(unsigned)std::min<uint64_t>((3 * cols + 63) / 64, 4), 1, 1}, dim3{64, 1, 1}, cs);
+    auto colsum = [&](const std::vector<float>& parts, std::vector<T>& dg, std::vector<T>& db, std::vector<T>& dbi) {
+        cs.partials = parts.data(); cs.dgamma = dg.data(); cs.dbeta = db.data(); cs.dbias = dbi.data();
+        launch(C<T>::colsum, dim3{(unsigned)std::min<uint64_t>((cols + 31) / 32, 3), 3, 1}, dim3{256, 1, 1}, cs);
+    };
+    if (btier >= 0) {
+        std::vector<T> dx_g = dx, dg_g = dgamma, db_g = dbeta, dbi_g = dbias;
+        std::vector<S> d_res_g = d_res;
+        std::vector<float> part_g = part;
+        BwdParams<T, S> g = q;
+        g.dx = dx_g.data(); g.d_residual = want_dres ? d_res_g.data() : nullptr; g.partials = part_g.data();
+        launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, g);
+        colsum(part_g, dg_g, db_g, dbi_g);
+        q.flags &= ~FLAG_SMEM;
+        const unsigned bblock = block * segments<S>(btier);
+        launch(K<T, S>::bwd_t[btier], dim3{(unsigned)slabs, 1, 1}, dim3{bblock, 1, 1}, q);
+        colsum(part, dgamma, dbeta, dbias);
+        same(dx, dx_g, "dx"); same(d_res, d_res_g, "d_residual"); same(dgamma, dg_g, "dgamma");
+        same(dbeta, db_g, "dbeta"); same(dbias, dbi_g, "dbias");
+    } else {
+        launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, q);
+        colsum(part, dgamma, dbeta, dbias);
+    }
 
     auto h = [](const auto& v) { return (unsigned long long)fnv(v.data(), v.size() * sizeof(v[0])); };
     printf("%s/%s %llux%llu %s res %d inpl %d beta %d bias %d rs %d pre %d vec %d spec %d p %g pp %g l %d grid %u | "
@@ -211,6 +301,38 @@ int main(int argc, char** argv) {
                 c.max_grid = g() & 1 ? 1u << 20 : 2u;
                 const uint64_t seed = g();
                 if (sh.rows > 1024 && !((pair == 0 && variant == 0) || (pair == 4 && variant == 1))) continue;
+                const int k = idx++;
+                if (k % parts != part) continue;
+                switch (pair) {
+                    case 0: run<float, float>(c, seed, k); break;
+                    case 1: run<__half, __half>(c, seed, k); break;
+                    case 2: run<__nv_bfloat16, __nv_bfloat16>(c, seed, k); break;
+                    case 3: run<__half, float>(c, seed, k); break;
+                    default: run<__nv_bfloat16, float>(c, seed, k); break;
+                }
+            }
+    // Rows for the register tiers t4 and t8 (and the generic kernels past them: 20008 columns),
+    // added with the tiers (their own generator, so the cases above keep their inputs): LayerNorm
+    // and RMSNorm, the vector path, every dtype pair.
+    const Shape wide[] = {{2, 4104}, {1, 8200}, {2, 16384}, {1, 20008}};
+    std::mt19937_64 g2(20261206);
+    for (int pair = 0; pair < 5; ++pair)
+        for (const Shape& sh : wide)
+            for (int variant = 0; variant < 2; ++variant) {
+                Case c{};
+                c.rows = sh.rows; c.cols = sh.cols;
+                c.rms = variant & 1;
+                c.residual = g2() % 4 != 0;
+                c.in_place = c.residual && g2() % 3 == 0;
+                c.beta = g2() & 1; c.bias = g2() & 1; c.prenorm = g2() & 1;
+                c.vec = true;
+                c.specials = g2() % 4 == 0;
+                c.rs = (int)(g2() % 3);
+                c.p = rates[(variant + g2()) % 4];
+                c.p_path = 0.25;
+                c.layer = g2() & 1 ? 1 : 3;
+                c.max_grid = 1u << 20;
+                const uint64_t seed = g2();
                 const int k = idx++;
                 if (k % parts != part) continue;
                 switch (pair) {
