@@ -26,6 +26,7 @@ mod fmath;
 mod global_norm;
 mod harness;
 mod philox;
+mod redundancy;
 
 use libtest_mimic::Arguments;
 
@@ -43,6 +44,7 @@ fn main() {
     trials.extend(bias_act_dropout::trials());
     trials.extend(dropout::trials());
     trials.extend(dropout_add_norm::trials());
+    trials.extend(redundancy::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
     #[cfg(feature = "candle-cuda")]
