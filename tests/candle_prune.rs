@@ -79,9 +79,17 @@ fn a_skipped_sub_block_leaves_the_stream_and_a_zero_map_is_a_skip() -> candle_co
         let mut s = Vec::new();
         let h = prune::hidden(&model, &x, &prune::removal_plan(&model, &[i]), Some(&mut s))?;
         assert_eq!(max_abs(&s[i], &s[i + 1])?, 0.0, "{}", prune::name(i));
-        assert!(max_abs(&full[i], &full[i + 1])? > 0.0, "{} does nothing", prune::name(i));
+        assert!(
+            max_abs(&full[i], &full[i + 1])? > 0.0,
+            "{} does nothing",
+            prune::name(i)
+        );
         let mut plan = prune::full_plan(&model);
-        plan[i] = Action::Map(Tensor::zeros((24, 24), candle_core::DType::F32, &Device::Cpu)?);
+        plan[i] = Action::Map(Tensor::zeros(
+            (24, 24),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?);
         assert_eq!(max_abs(&h, &prune::hidden(&model, &x, &plan, None)?)?, 0.0);
     }
     Ok(())
@@ -105,7 +113,10 @@ fn replaceme_fits_each_span_better_than_removing_it() -> candle_core::Result<()>
             .sqr()?
             .sum_all()?
             .to_scalar::<f32>()?;
-        assert!(fit < 0.9 * skip, "span {a}..{b}: misfit {fit} vs removal {skip}");
+        assert!(
+            fit < 0.9 * skip,
+            "span {a}..{b}: misfit {fit} vs removal {skip}"
+        );
     }
     let plan = prune::replaceme_plan(&model, &spans, &maps);
     assert!(matches!(plan[1], Action::Map(_)) && matches!(plan[2], Action::Skip));
@@ -118,7 +129,9 @@ fn replaceme_fits_each_span_better_than_removing_it() -> candle_core::Result<()>
 fn cholesky_solves_spd_systems_and_refuses_others() {
     let d = 5;
     let mut g = Sampler(9);
-    let m: Vec<f64> = (0..d * d).map(|_| g.below(1000) as f64 / 500.0 - 1.0).collect();
+    let m: Vec<f64> = (0..d * d)
+        .map(|_| g.below(1000) as f64 / 500.0 - 1.0)
+        .collect();
     // A = M M^T + I, B random 5 x 3.
     let mut a = vec![0.0; d * d];
     for i in 0..d {
@@ -142,7 +155,14 @@ fn cholesky_solves_spd_systems_and_refuses_others() {
 
 #[test]
 fn selections() {
-    let bi = [Some(0.3), None, Some(0.1), Some(0.2), Some(f64::NAN), Some(0.1)];
+    let bi = [
+        Some(0.3),
+        None,
+        Some(0.1),
+        Some(0.2),
+        Some(f64::NAN),
+        Some(0.1),
+    ];
     assert_eq!(prune::lowest(&bi, 2), vec![2, 5]);
     assert_eq!(prune::lowest(&bi, 3), vec![2, 3, 5]);
     assert_eq!(prune::lowest(&bi, 6), vec![0, 1, 2, 3, 4, 5]);

@@ -78,7 +78,10 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
         .with_layer_scale(ls)
         .unwrap();
     if flags & 16 != 0 {
-        let path = DropPath::new(pp, path_call).unwrap().per_sample(rps).unwrap();
+        let path = DropPath::new(pp, path_call)
+            .unwrap()
+            .per_sample(rps)
+            .unwrap();
         cfg = cfg.with_drop_path(path);
     }
     let x: Vec<T> = r.arr(n);

@@ -42,11 +42,20 @@ struct ModelResult {
 }
 
 fn names(v: &[usize]) -> String {
-    v.iter().map(|&i| prune::name(i)).collect::<Vec<_>>().join(" ")
+    v.iter()
+        .map(|&i| prune::name(i))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Trains a model of `args.model` with drop path `drop_path` through the fused path.
-fn train_model(args: &Args, drop_path: f64, label: &str, corpus: &Corpus, dev: &Device) -> BoxResult<Gpt> {
+fn train_model(
+    args: &Args,
+    drop_path: f64,
+    label: &str,
+    corpus: &Corpus,
+    dev: &Device,
+) -> BoxResult<Gpt> {
     let cfg = super::model::GptConfig {
         drop_path,
         ..args.model.clone()
@@ -177,13 +186,19 @@ fn report(args: &Args, results: &[ModelResult], device: &str) -> String {
         let _ = writeln!(
             s,
             "| sub-block | {} |",
-            (0..r.bi.len()).map(prune::name).collect::<Vec<_>>().join(" | ")
+            (0..r.bi.len())
+                .map(prune::name)
+                .collect::<Vec<_>>()
+                .join(" | ")
         );
         let _ = writeln!(s, "|---|{}", "---|".repeat(r.bi.len()));
         let _ = writeln!(
             s,
             "| BI | {} |\n",
-            r.bi.iter().map(|&b| fmt_bi(b)).collect::<Vec<_>>().join(" | ")
+            r.bi.iter()
+                .map(|&b| fmt_bi(b))
+                .collect::<Vec<_>>()
+                .join(" | ")
         );
         let _ = writeln!(s, "| k | method | removed | held-out loss | vs full |");
         let _ = writeln!(s, "|---|---|---|---|---|");
@@ -265,7 +280,8 @@ pub fn run(args: &Args) -> BoxResult<()> {
     print!("{md}");
     std::fs::write(args.out.join("prune.md"), &md)?;
 
-    let mut csv = String::from("model,drop_path,k,method,removed,heldout_loss,vs_full,sd_over_draws\n");
+    let mut csv =
+        String::from("model,drop_path,k,method,removed,heldout_loss,vs_full,sd_over_draws\n");
     let mut bi_csv = String::from("model,drop_path,sub_block,layer,kind,bi,bi_f64_check\n");
     for r in &results {
         let _ = writeln!(csv, "{},{},0,full,,{},0,", r.label, r.drop_path, r.full);
@@ -327,7 +343,12 @@ pub fn run(args: &Args) -> BoxResult<()> {
     );
     std::fs::write(
         args.out.join("bi.svg"),
-        plot::svg_axes(&title, ("layer", "Block Influence (1 - mean cos)"), &notes, &series),
+        plot::svg_axes(
+            &title,
+            ("layer", "Block Influence (1 - mean cos)"),
+            &notes,
+            &series,
+        ),
     )?;
     println!(
         "wrote {}/{{prune.md, prune.csv, bi.csv, bi.svg}}",

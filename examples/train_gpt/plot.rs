@@ -46,7 +46,12 @@ pub fn svg(title: &str, notes: &[String], series: &[Series]) -> String {
 }
 
 /// [`svg`] with the axes' labels `(x, y)`.
-pub fn svg_axes(title: &str, (xlabel, ylabel): (&str, &str), notes: &[String], series: &[Series]) -> String {
+pub fn svg_axes(
+    title: &str,
+    (xlabel, ylabel): (&str, &str),
+    notes: &[String],
+    series: &[Series],
+) -> String {
     let finite = series
         .iter()
         .flat_map(|s| s.points.iter())

@@ -118,7 +118,8 @@ pub fn loss(
     for chunk in offsets.chunks(batch.max(1)) {
         let (x, y) = train::batch(data, chunk, m.cfg.context, dev)?;
         let logits = hidden(m, &x, plan, None)?.matmul(m.head.as_tensor())?;
-        total += f64::from(cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()?) * chunk.len() as f64;
+        total +=
+            f64::from(cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()?) * chunk.len() as f64;
     }
     Ok(if offsets.is_empty() {
         f64::NAN
