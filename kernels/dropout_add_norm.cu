@@ -86,6 +86,7 @@ template <typename T, typename S> struct FwdParams {
     float eps, layer_scale;
     uint32_t flags;
     uint32_t rows_per_sample;  // drop path: rows sharing one draw (>= 1)
+    unsigned long long* stats;  // the *_stats_* entries: the meter site's 3 words (stats.cuh)
 };
 
 template <typename T, typename S> struct BwdParams {
@@ -118,6 +119,7 @@ template <typename T> struct ColsumParams {
 
 }  // namespace dropout_add_norm
 
+#include "dropout_add_norm/stats.cuh"
 #include "dropout_add_norm/generic.cuh"
 #include "dropout_add_norm/rows.cuh"
 
@@ -158,11 +160,11 @@ template <> struct Tier<2, true> { static constexpr int NGT = 1, SEG = 2, FWD_MI
 template <> struct Tier<4, true> { static constexpr int NGT = 1, SEG = 4, FWD_MIN = 1, BWD_MIN = 1; };
 
 // The tiers' entries: one launch runs one instantiation (LayerNorm or RMSNorm).
-template <typename T, typename S, int NG>
+template <typename T, typename S, int NG, bool STATS = false>
 __device__ __forceinline__ void fwd_tier(const FwdParams<T, S>& p) {
     using C = Tier<NG, sizeof(S) == 4>;
-    if (p.flags & FLAG_RMS) fwd_rows<T, S, C::NGT, C::SEG, true>(p);
-    else fwd_rows<T, S, C::NGT, C::SEG, false>(p);
+    if (p.flags & FLAG_RMS) fwd_rows<T, S, C::NGT, C::SEG, true, STATS>(p);
+    else fwd_rows<T, S, C::NGT, C::SEG, false, STATS>(p);
 }
 
 template <typename T, typename S, int NG>
@@ -177,7 +179,7 @@ __device__ __forceinline__ void bwd_tier(const BwdParams<T, S>& p) {
 using namespace dropout_add_norm;
 
 #define DAN_CHECK_SIZES(T, S)                                                                       \
-    static_assert(sizeof(FwdParams<T, S>) == 160, "must match src/dropout_add_norm/gpu.rs");        \
+    static_assert(sizeof(FwdParams<T, S>) == 168, "must match src/dropout_add_norm/gpu.rs");        \
     static_assert(sizeof(BwdParams<T, S>) == 176, "must match src/dropout_add_norm/gpu.rs");        \
     static_assert(sizeof(ColsumParams<T>) == 48, "must match src/dropout_add_norm/gpu.rs");
 
@@ -218,6 +220,29 @@ DAN_KERNELS(__half, float, f16_sf32)
 DAN_KERNELS(__nv_bfloat16, float, bf16_sf32)
 DAN_T8(__half, __half, f16)
 DAN_T8(__nv_bfloat16, __nv_bfloat16, bf16)
+
+// The forwards with the Block Influence statistics (stats.cuh): the same kernels with STATS on,
+// their own entries so that the default ones compile exactly as without them.
+#define DAN_STATS_TIER(T, S, NAME, NG)                                                                \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS * Tier<NG, sizeof(S) == 4>::SEG,          \
+                                                 Tier<NG, sizeof(S) == 4>::FWD_MIN)                    \
+        dropout_add_norm_fwd_stats_t##NG##_##NAME(const FwdParams<T, S> p) {                           \
+        fwd_tier<T, S, NG, true>(p);                                                                  \
+    }
+#define DAN_STATS(T, S, NAME)                                                                         \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_fwd_stats_##NAME(       \
+        const FwdParams<T, S> p) {                                                                    \
+        fwd<T, S, true>(p);                                                                           \
+    }                                                                                                 \
+    DAN_STATS_TIER(T, S, NAME, 1) DAN_STATS_TIER(T, S, NAME, 2) DAN_STATS_TIER(T, S, NAME, 4)
+
+DAN_STATS(float, float, f32)
+DAN_STATS(__half, __half, f16)
+DAN_STATS(__nv_bfloat16, __nv_bfloat16, bf16)
+DAN_STATS(__half, float, f16_sf32)
+DAN_STATS(__nv_bfloat16, float, bf16_sf32)
+DAN_STATS_TIER(__half, __half, f16, 8)
+DAN_STATS_TIER(__nv_bfloat16, __nv_bfloat16, bf16, 8)
 
 #define DAN_COLSUM(T, S)                                                                              \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_colsum_##S(             \

@@ -25,6 +25,9 @@
 //! * [`global_norm`]: deterministic global gradient norm, clip coefficient and scale pass.
 //! * [`multi_tensor`]: tensor sets registered once, launched over as one (the engine behind
 //!   [`adamw`] and [`global_norm`]).
+//! * [`redundancy`]: Block Influence (`1 - mean cos(r, s)` of the residual stream before and
+//!   after each add) measured inside the fused residual add of [`dropout_add_norm`], per call
+//!   site, on the device.
 //!
 //! Shared pieces:
 //!
@@ -75,6 +78,7 @@ pub mod global_norm;
 pub mod math;
 pub mod multi_tensor;
 pub mod philox;
+pub mod redundancy;
 mod runtime;
 pub mod stochastic_depth;
 

@@ -7,15 +7,23 @@
 //! ```text
 //! cargo run -p fusedreg --features candle --example train_gpt -- --tiny          # CPU, CI
 //! cargo run --release -p fusedreg --features candle-cuda --example train_gpt      # GPU, full size
+//! cargo run --release -p fusedreg --features candle-cuda --example train_gpt -- --prune
 //! ```
+//!
+//! `--prune` runs the pruning experiment instead (`experiment.rs`): the model trained with and
+//! without stochastic depth, Block Influence per sub-block measured by fusedreg's fused residual
+//! adds on the held-out text, and the held-out loss after removing the lowest-BI, random or last
+//! sub-blocks, or replacing them by least-squares linear maps (ReplaceMe).
 //!
 //! Each run is a child process of this one (the same binary with `--child <path>`), so its peak
 //! memory is its own: on the CPU the child's peak resident set (`VmHWM`), on CUDA the device
 //! memory in use from the driver (`cuMemGetInfo`) sampled after every forward, backward and
 //! optimizer step. `--help` lists the flags.
 
+mod experiment;
 mod model;
 mod plot;
+mod prune;
 mod train;
 
 use std::fmt::Write as _;
@@ -45,6 +53,8 @@ struct Args {
     device: String,
     child: Option<Path>,
     tiny: bool,
+    prune: bool,
+    calib_windows: usize,
 }
 
 const HELP: &str = "train_gpt: a small GPT trained with candle's ops and with fusedreg's adapter
@@ -69,7 +79,15 @@ const HELP: &str = "train_gpt: a small GPT trained with candle's ops and with fu
   --eval-every N       held-out evaluation interval      (100)
   --eval-windows N     held-out windows per evaluation   (64)
   --device D           auto | cpu | cuda                 (auto)
-  --out DIR            output folder                     (target/train_gpt)";
+  --out DIR            output folder                     (target/train_gpt)
+
+  --prune              the pruning experiment instead of the side-by-side runs: the fusedreg
+                       model trained with drop path (--drop-path, default 0.2 in this mode) and
+                       without, Block Influence per sub-block on the held-out text, then held-out
+                       loss after removing k = 1, 2, 4 sub-blocks (lowest BI, random, last) and
+                       with ReplaceMe; writes prune.md, prune.csv, bi.csv, bi.svg. With --tiny:
+                       3 blocks
+  --calib-windows N    ReplaceMe calibration windows of the training text (64)";
 
 fn default_args() -> Args {
     Args {
@@ -105,6 +123,8 @@ fn default_args() -> Args {
         device: "auto".into(),
         child: None,
         tiny: false,
+        prune: false,
+        calib_windows: 64,
     }
 }
 
@@ -120,7 +140,16 @@ fn parse_args(argv: &[String]) -> BoxResult<Args> {
         a.steps = 20;
         a.eval_every = 5;
         a.eval_windows = 16;
+        a.calib_windows = 16;
         a.device = "cpu".into();
+    }
+    if argv.iter().any(|s| s == "--prune") {
+        a.prune = true;
+        // A larger rate than the side-by-side runs' so that the two models differ visibly.
+        a.model.drop_path = 0.2;
+        if a.tiny {
+            a.model.layers = 3; // 6 sub-blocks: removing 4 still leaves two
+        }
     }
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -130,7 +159,8 @@ fn parse_args(argv: &[String]) -> BoxResult<Args> {
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
         match flag.as_str() {
-            "--tiny" => {}
+            "--tiny" | "--prune" => {}
+            "--calib-windows" => a.calib_windows = val()?.parse()?,
             "--help" | "-h" => {
                 println!("{HELP}");
                 std::process::exit(0);
@@ -165,8 +195,8 @@ fn parse_args(argv: &[String]) -> BoxResult<Args> {
         }
     }
     a.model.validate()?;
-    if a.steps == 0 || a.batch == 0 || a.eval_every == 0 {
-        return Err("--steps, --batch and --eval-every must be positive".into());
+    if a.steps == 0 || a.batch == 0 || a.eval_every == 0 || a.calib_windows == 0 {
+        return Err("--steps, --batch, --eval-every and --calib-windows must be positive".into());
     }
     Ok(a)
 }
@@ -176,6 +206,7 @@ fn main() -> BoxResult<()> {
     let args = parse_args(&argv)?;
     match args.child {
         Some(path) => run_child(&args, path),
+        None if args.prune => experiment::run(&args),
         None => run_parent(&args, &argv),
     }
 }

@@ -255,6 +255,17 @@ impl Gpt {
     /// `keys = Some` trains (every dropout site and drop path on; the candle path ignores the
     /// keys' values and draws from candle's RNG), `None` evaluates (no dropout).
     pub fn forward(&self, path: Path, tokens: &Tensor, keys: Option<&StepKeys>) -> Result<Tensor> {
+        let (emb, b, t) = self.embed(tokens)?;
+        let h = match path {
+            Path::Candle => plain::trunk(self, emb, b, t, keys.is_some())?,
+            Path::Fused => fused::trunk(self, emb, b, t, keys)?,
+        };
+        h.matmul(self.head.as_tensor())
+    }
+
+    /// The embedding output `[b*t, d]` (token plus position) of `tokens` (`[b, t]`, u32, `t <=
+    /// context`), with `b` and `t`.
+    pub fn embed(&self, tokens: &Tensor) -> Result<(Tensor, usize, usize)> {
         let (b, t) = tokens.dims2()?;
         if t == 0 || t > self.cfg.context {
             candle_core::bail!("sequence length {t} must lie in 1..={}", self.cfg.context);
@@ -267,16 +278,12 @@ impl Gpt {
             .reshape((b, t, d))?
             .broadcast_add(&self.pos.narrow(0, 0, t)?)?
             .reshape((b * t, d))?;
-        let h = match path {
-            Path::Candle => plain::trunk(self, emb, b, t, keys.is_some())?,
-            Path::Fused => fused::trunk(self, emb, b, t, keys)?,
-        };
-        h.matmul(self.head.as_tensor())
+        Ok((emb, b, t))
     }
 
     /// Causal self-attention of block `blk` on the normed input `h` (`[b*t, d]`), up to (not
     /// including) the output bias; `probs_dropout` is applied to the attention probabilities.
-    fn attention(
+    pub fn attention(
         &self,
         blk: &Block,
         h: &Tensor,

@@ -42,6 +42,16 @@ fn escape(s: &str) -> String {
 
 /// The SVG document: `title`, `notes` lines under the plot, step on x, loss on y.
 pub fn svg(title: &str, notes: &[String], series: &[Series]) -> String {
+    svg_axes(title, ("step", "loss (nats per byte)"), notes, series)
+}
+
+/// [`svg`] with the axes' labels `(x, y)`.
+pub fn svg_axes(
+    title: &str,
+    (xlabel, ylabel): (&str, &str),
+    notes: &[String],
+    series: &[Series],
+) -> String {
     let finite = series
         .iter()
         .flat_map(|s| s.points.iter())
@@ -114,15 +124,17 @@ pub fn svg(title: &str, notes: &[String], series: &[Series]) -> String {
     );
     let _ = writeln!(
         s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">step</text>"#,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
         LEFT + pw / 2.0,
-        TOP + ph + 32.0
+        TOP + ph + 32.0,
+        escape(xlabel)
     );
     let _ = writeln!(
         s,
-        r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">loss (nats per byte)</text>"#,
+        r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">{}</text>"#,
         TOP + ph / 2.0,
-        TOP + ph / 2.0
+        TOP + ph / 2.0,
+        escape(ylabel)
     );
     // Curves.
     for ser in series {

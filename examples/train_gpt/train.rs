@@ -52,6 +52,11 @@ impl Sampler {
         z ^ (z >> 31)
     }
 
+    /// A number in `0..n` (`n > 0`; the modulo bias is below `n / 2^64`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
     /// `batch` windows of `t + 1` bytes at random offsets of `data`.
     pub fn offsets(&mut self, data_len: usize, batch: usize, t: usize) -> Vec<usize> {
         let span = (data_len - t) as u64; // callers check data_len > t

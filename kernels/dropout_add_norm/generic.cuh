@@ -130,10 +130,14 @@ __device__ __forceinline__ void group_values(const S* s, uint64_t gi, uint64_t g
     }
 }
 
-// One row per block (grid-stride over rows), blockDim.x = row_partials(cols) threads.
-template <typename T, typename S>
+// One row per block (grid-stride over rows), blockDim.x = row_partials(cols) threads. STATS: the
+// Block Influence statistics too (stats.cuh; the *_stats_* entries only).
+template <typename T, typename S, bool STATS = false>
 __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
     __shared__ float s_warp[2][MAX_THREADS / 32];
+    if constexpr (STATS) {
+        if (threadIdx.x == 0) stat_rows().reset();  // read and written by thread 0 only
+    }
     const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS, has_beta = p.flags & FLAG_BETA;
     const bool norm_only = p.flags & FLAG_NORM_ONLY, cached = p.flags & FLAG_SMEM;
     const uint64_t groups = (p.cols + GROUP - 1) / GROUP;
@@ -145,6 +149,7 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
         // Pass 1: s = residual + m * (x + bias), stored; the first row sum (of s, or of s^2 for
         // RMSNorm) over the stored, rounded s, which is what the backward will read.
         float acc[1] = {0.f};
+        [[maybe_unused]] float st[3] = {0.f, 0.f, 0.f};  // STATS: this partial's r·s, |r|², |s|²
         for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
             const uint64_t c0 = g * GROUP, i = base + c0;
             const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
@@ -156,6 +161,11 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             }
             // A dropped element keeps the residual's bits and reads no x; rowm == 0 (dropped
             // row, p = 1) drops all. In norm-only mode s is read as it is.
+            [[maybe_unused]] float rin[GROUP];  // STATS: the stream before the add
+            if constexpr (STATS) {
+#pragma unroll
+                for (int k = 0; k < GROUP; ++k) rin[k] = to_f32(sv[k]);
+            }
             const uint32_t keep =
                 rowm != 0.f && !norm_only ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
             if (keep != 0u) {
@@ -173,6 +183,12 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
                 }
             }
             if (!norm_only) store8(p.s + i, sv, cnt, vec);
+            if constexpr (STATS) {
+                float gt[3];
+                stat_terms([&](int k) { return rin[k]; }, [&](int k) { return to_f32(sv[k]); }, cnt, gt);
+#pragma unroll
+                for (int k = 0; k < 3; ++k) st[k] = __fadd_rn(st[k], gt[k]);
+            }
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
                 if (k < cnt) {
@@ -183,6 +199,11 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             }
         }
         block_sums<1>(acc, s_warp);
+        if constexpr (STATS) {
+            __shared__ float s_stat[3][MAX_THREADS / 32];
+            block_sums<3>(st, s_stat);
+            if (threadIdx.x == 0) stat_rows().add(st[0], st[1], st[2]);
+        }
 
         float mean = 0.f, rstd;
         if (rms) {
@@ -231,6 +252,9 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             }
             store8(p.out + i, ov, cnt, vec);
         }
+    }
+    if constexpr (STATS) {
+        if (threadIdx.x == 0) stat_rows().flush(p.stats);
     }
 }
 

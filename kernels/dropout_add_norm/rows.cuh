@@ -298,11 +298,15 @@ __device__ __forceinline__ void out8(const P& p, const L_& L, const V& v, uint64
     }
 }
 
-// Forward over the block's rows (grid-stride), blockDim.x = P * SEG threads.
-template <typename T, typename S, int NGT, int SEG, bool RMS>
+// Forward over the block's rows (grid-stride), blockDim.x = P * SEG threads. STATS: the Block
+// Influence statistics too (stats.cuh; the *_stats_* entries only).
+template <typename T, typename S, int NGT, int SEG, bool RMS, bool STATS = false>
 __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
     __shared__ float s_sum[2][1][MAX_WARPS];
     __shared__ float s_chain[SEG > 1 ? SEG - 1 : 1][1][MAX_THREADS];
+    if constexpr (STATS) {
+        if (threadIdx.x == 0) stat_rows().reset();  // read and written by thread 0 only
+    }
     const Layout<NGT, SEG> L(p.cols);
     const RowScale scale(p.cols);
     const bool norm_only = (p.flags & FLAG_NORM_ONLY) != 0;
@@ -330,8 +334,15 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
         // Segmented tiers of a 16-bit stream keep the raw words (64 registers per thread of 512
         // or 1024; t2 has 80 and keeps f32).
         VStore<S, NGT, (sizeof(S) == 2 && SEG > 1)> v;
+        // STATS: each group's r·s, |r|², |s|² terms (SEG > 1: the sequential sum of a partial
+        // runs on from the previous segment's, so they are kept apart), or with one segment their
+        // running sums from +0.0 (the same sequential sum; three registers fewer).
+        [[maybe_unused]] float st[SEG > 1 ? NGT : 1][3];
+        if constexpr (STATS && SEG == 1) st[0][0] = 0.f, st[0][1] = 0.f, st[0][2] = 0.f;
         auto finish = [&](int j, Pack<S, GROUP>& sv, const Pack<T, GROUP>& xv, const Pack<T, GROUP>& bv) {
             const uint32_t c = L.col(j);
+            [[maybe_unused]] Pack<S, GROUP> rin;  // STATS: the stream before the add
+            if constexpr (STATS) rin = sv;
             if (!key.none) {
                 bool kept[GROUP];
                 group_keep(p.seed, p.call, base + c, key.gen, key.t, kept);
@@ -340,6 +351,15 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
             }
             if (!norm_only) st8(p.s + base + c, sv);
             v.set(j, sv);
+            if constexpr (STATS) {
+                float gt[3];
+                stat_terms([&](int k) { return rin.get(k); }, [&](int k) { return sv.get(k); }, GROUP, gt);
+#pragma unroll
+                for (int k = 0; k < 3; ++k) {
+                    if constexpr (SEG > 1) st[j][k] = gt[k];
+                    else st[0][k] = __fadd_rn(st[0][k], gt[k]);
+                }
+            }
         };
         if constexpr (PRELOAD) {
             Pack<S, GROUP> sv[NGT];
@@ -360,6 +380,28 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
                 finish(j, sv, xv, bv);
                 asm volatile("" ::: "memory");
             }
+        }
+        if constexpr (STATS) {
+            // The groups' terms summed as any row sum (the sequential sum through the segments,
+            // then the tree). The buffers are this sum's own: the next row's first sum, whose
+            // barrier every thread passes only after reading them, comes before they are
+            // written again.
+            __shared__ float s_stat[3][MAX_WARPS];
+            __shared__ float s_stat_chain[SEG > 1 ? SEG - 1 : 1][3][MAX_THREADS];
+            float tot[3];
+            row_sums<3>(L, [&](float (&a)[3]) {
+                if constexpr (SEG == 1) {
+                    a[0] = st[0][0], a[1] = st[0][1], a[2] = st[0][2];  // summed from +0.0 like a
+                } else {
+#pragma unroll
+                    for (int j = 0; j < NGT; ++j) {
+                        if (!L.valid[j]) continue;
+#pragma unroll
+                        for (int k = 0; k < 3; ++k) a[k] = __fadd_rn(a[k], st[j][k]);
+                    }
+                }
+            }, tot, s_stat_chain, s_stat);
+            if (threadIdx.x == 0) stat_rows().add(tot[0], tot[1], tot[2]);
         }
         float acc[1];
         row_sums<1>(L, [&](float (&a)[1]) {
@@ -401,6 +443,9 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
         // Pass 3: out = T((xhat * gamma + beta) * layer_scale).
         if (p.beta != nullptr) out8<T, RMS, true>(p, L, v, base, mean, rstd);
         else out8<T, RMS, false>(p, L, v, base, mean, rstd);
+    }
+    if constexpr (STATS) {
+        if (threadIdx.x == 0) stat_rows().flush(p.stats);
     }
 }
 

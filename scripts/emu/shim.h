@@ -158,6 +158,12 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     return emu_exchange(pred ? 1u : 0u, 0, true);
 }
 inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+// f32 -> i64 to nearest even (the host's default rounding mode), as the device's __float2ll_rn
+// for the values the kernels convert (|x| <= 2^32: never out of range, never NaN).
+inline long long __float2ll_rn(float x) { return std::llrint(x); }
 
 // Deterministic models of the special-function-unit approximations (kernels/common/fastmath.cuh):
 // the correctly rounded f32 of the exact function, with the instruction's subnormal flushing. Not

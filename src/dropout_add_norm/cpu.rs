@@ -23,6 +23,7 @@ use super::{
 use crate::dropping::{row_multiplier, row_scales};
 use crate::dtype::Dtype;
 use crate::error::Result;
+use crate::redundancy::{self, row_cos};
 
 /// The inputs of [`forward`] / [`forward_inplace`].
 ///
@@ -46,6 +47,9 @@ pub struct ForwardArgs<'a, T, S> {
     pub bias: Option<&'a [T]>,
     /// Caller-supplied row scale, `len == rows` (not with a drop path).
     pub rowscale: Option<&'a [f32]>,
+    /// The meter site this call adds its rows' `cos(residual, s)` to (see
+    /// [`crate::redundancy`] and the [module docs](super)); `None`: nothing is computed.
+    pub redundancy: Option<redundancy::cpu::Site<'a>>,
 }
 
 impl<'a, T, S> ForwardArgs<'a, T, S> {
@@ -66,6 +70,7 @@ impl<'a, T, S> ForwardArgs<'a, T, S> {
             beta: None,
             bias: None,
             rowscale: None,
+            redundancy: None,
         }
     }
 }
@@ -205,7 +210,12 @@ pub fn row_sum(cols: usize, f: impl Fn(usize) -> f32) -> f32 {
             g += p;
         }
     }
-    // Each warp of 32 partials: a[l] += a[l + o] for o = 16, 8, 4, 2, 1 (only a[0] matters).
+    combine_partials(&mut part)
+}
+
+/// The partials of a row reduction combined: each run of 32 by the tree `a[l] += a[l + o]` for
+/// `o = 16, 8, 4, 2, 1`, then the runs' results left to right.
+fn combine_partials(part: &mut [f32]) -> f32 {
     let mut total = 0.0f32;
     for (w, warp) in part.chunks_mut(32).enumerate() {
         let mut o = 16;
@@ -218,6 +228,55 @@ pub fn row_sum(cols: usize, f: impl Fn(usize) -> f32) -> f32 {
         total = if w == 0 { warp[0] } else { total + warp[0] };
     }
     total
+}
+
+/// The redundancy statistics of one row, `[r·s, |r|², |s|²]`, in the order of the module docs:
+/// each group of 8 elements gives `g = fma(a, b, g)` from `+0.0` over its elements in order;
+/// partial `q` is the sequential f32 sum from `+0.0` of its groups' `g` (groups `q, q + P, ...`
+/// in increasing order, `P = `[`row_partials`]`(cols)`); the partials are combined as
+/// [`row_sum`]'s. `r(j)` is the stream before the add (0 without a residual), `s(j)` the stored
+/// stream after it, both as f32.
+///
+/// ```
+/// use fusedreg::dropout_add_norm::cpu::stat_sums;
+/// let (r, s) = ([1.0f32, 2.0, 0.0], [2.0f32, 0.0, 1.0]);
+/// assert_eq!(stat_sums(3, |j| r[j], |j| s[j]), [2.0, 5.0, 5.0]);
+/// ```
+pub fn stat_sums(cols: usize, r: impl Fn(usize) -> f32, s: impl Fn(usize) -> f32) -> [f32; 3] {
+    let p = row_partials(cols);
+    let groups = cols.div_ceil(GROUP);
+    let mut part = [vec![0.0f32; p], vec![0.0f32; p], vec![0.0f32; p]];
+    for q in 0..p {
+        let mut g = q;
+        while g < groups {
+            let mut gs = [0.0f32; 3];
+            for j in g * GROUP..((g + 1) * GROUP).min(cols) {
+                let (rj, sj) = (r(j), s(j));
+                gs[0] = rj.mul_add(sj, gs[0]);
+                gs[1] = rj.mul_add(rj, gs[1]);
+                gs[2] = sj.mul_add(sj, gs[2]);
+            }
+            for (pk, gk) in part.iter_mut().zip(gs) {
+                pk[q] += gk;
+            }
+            g += p;
+        }
+    }
+    part.each_mut().map(|p| combine_partials(p))
+}
+
+/// The longest chain of f32 roundings in one of [`stat_sums`]' sums for `cols` columns: 8 fused
+/// multiply-adds of a group, one add per group of a partial, 5 tree levels, one add per further
+/// run of 32 partials. The BI bound of [`crate::redundancy`] is `(2 k + 6) * 2^-24 + 2^-33`.
+///
+/// ```
+/// use fusedreg::dropout_add_norm::cpu::stats_chain;
+/// assert_eq!(stats_chain(4096), 8 + 2 + 5 + 7); // 512 groups over 256 partials
+/// assert_eq!(stats_chain(1), 8 + 1 + 5);
+/// ```
+pub fn stats_chain(cols: usize) -> usize {
+    let p = row_partials(cols);
+    GROUP + cols.div_ceil(GROUP).div_ceil(p) + 5 + (p / 32 - 1)
 }
 
 /// `1 / sqrt(v + eps)`: a correctly rounded square root, then a correctly rounded division.
@@ -331,11 +390,16 @@ pub(super) fn forward_core<T: Dtype, S: Dtype>(
     let rs = row_scales(cfg.seed(), cfg.rows(), a.rowscale, cfg.drop_path());
     let mut bits = cfg.keying().keep_bits();
     let mut v = vec![0.0f32; cols];
+    // The stream before the add, for the redundancy statistics only.
+    let mut r_in = vec![0.0f32; if a.redundancy.is_some() { cols } else { 0 }];
     for row in 0..rows {
         let rowm = row_multiplier(cfg.rate().scale(), &rs, row);
         let base = row * cols;
         for (j, vj) in v.iter_mut().enumerate() {
             let i = base + j;
+            if let Some(rj) = r_in.get_mut(j) {
+                *rj = o.s[i].to_f32();
+            }
             let m = if compute_stream && bits.get(i as u64) {
                 rowm
             } else {
@@ -364,6 +428,10 @@ pub(super) fn forward_core<T: Dtype, S: Dtype>(
         };
         o.mean[row] = mean;
         o.rstd[row] = rstd;
+        if let Some(site) = a.redundancy {
+            let [dot, rr, ss] = stat_sums(cols, |j| r_in[j], |j| v[j]);
+            site.add(row_cos(dot, rr, ss));
+        }
         for (j, &vj) in v.iter().enumerate() {
             let xhat = xhat(cfg.norm(), vj, mean, rstd);
             let g = a.gamma[j].to_f32();

@@ -67,8 +67,10 @@ struct FwdParams {
     layer_scale: f32,
     flags: u32,
     rows_per_sample: u32,
+    /// The meter site's 3 words (the `*_stats_*` kernels only; 0 otherwise).
+    stats: u64,
 }
-const _: () = assert!(std::mem::size_of::<FwdParams>() == 160);
+const _: () = assert!(std::mem::size_of::<FwdParams>() == 168);
 // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for FwdParams {}
 
@@ -219,6 +221,62 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
     })
 }
 
+/// The forwards with the redundancy statistics of x type `T` and stream type `S`: the generic
+/// kernel and the tiers (as [`Family::fwd`] and [`Family::fwd_t`]; the same bits in every
+/// output, plus the meter site's words).
+fn stats_kernels<T: Dtype, S: Dtype>() -> Result<(Kernel, [Option<Kernel>; 4])> {
+    use DtypeKind::{Bf16, F16, F32};
+    use Kernel as K;
+    check_stream_dtype(T::KIND, S::KIND)?;
+    Ok(match (T::KIND, S::KIND) {
+        (F32, _) => (
+            K::DropoutAddNormFwdStatsF32,
+            [
+                Some(K::DropoutAddNormFwdStatsT1F32),
+                Some(K::DropoutAddNormFwdStatsT2F32),
+                Some(K::DropoutAddNormFwdStatsT4F32),
+                None,
+            ],
+        ),
+        (F16, F16) => (
+            K::DropoutAddNormFwdStatsF16,
+            [
+                Some(K::DropoutAddNormFwdStatsT1F16),
+                Some(K::DropoutAddNormFwdStatsT2F16),
+                Some(K::DropoutAddNormFwdStatsT4F16),
+                Some(K::DropoutAddNormFwdStatsT8F16),
+            ],
+        ),
+        (Bf16, Bf16) => (
+            K::DropoutAddNormFwdStatsBf16,
+            [
+                Some(K::DropoutAddNormFwdStatsT1Bf16),
+                Some(K::DropoutAddNormFwdStatsT2Bf16),
+                Some(K::DropoutAddNormFwdStatsT4Bf16),
+                Some(K::DropoutAddNormFwdStatsT8Bf16),
+            ],
+        ),
+        (F16, _) => (
+            K::DropoutAddNormFwdStatsF16Sf32,
+            [
+                Some(K::DropoutAddNormFwdStatsT1F16Sf32),
+                Some(K::DropoutAddNormFwdStatsT2F16Sf32),
+                Some(K::DropoutAddNormFwdStatsT4F16Sf32),
+                None,
+            ],
+        ),
+        (Bf16, _) => (
+            K::DropoutAddNormFwdStatsBf16Sf32,
+            [
+                Some(K::DropoutAddNormFwdStatsT1Bf16Sf32),
+                Some(K::DropoutAddNormFwdStatsT2Bf16Sf32),
+                Some(K::DropoutAddNormFwdStatsT4Bf16Sf32),
+                None,
+            ],
+        ),
+    })
+}
+
 fn colsum_kernel<T: Dtype>() -> Kernel {
     match T::KIND {
         DtypeKind::F32 => Kernel::DropoutAddNormColsumF32,
@@ -365,6 +423,12 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         rstd: out.rstd.len(),
     };
     check_forward(cfg, &lens)?;
+    if mode == Mode::NormOnly && args.redundancy.is_some() {
+        return Err(Error::invalid(
+            OP,
+            "the norm-only pass adds no residual: measure redundancy on the fused forward",
+        ));
+    }
     let t = args.tuning;
     if t.max_grid == 0 {
         return Err(Error::invalid(OP, "launch tuning: max_grid must be >= 1"));
@@ -398,6 +462,16 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     let (s, _g3) = handle.write_ptr(OP, "s", &mut out.s)?;
     let (mean, _g4) = handle.write_ptr(OP, "mean", &mut out.mean)?;
     let (rstd, _g5) = handle.write_ptr(OP, "rstd", &mut out.rstd)?;
+    // The redundancy statistics: the meter site's words, and the *_stats_* kernels.
+    let mut site = args.redundancy;
+    let stats_g = site
+        .as_mut()
+        .map(|st| handle.write_ptr(OP, "redundancy site", &mut st.words))
+        .transpose()?;
+    let (fwd_g, fwd_t) = match stats_g {
+        Some(_) => stats_kernels::<T, S>()?,
+        None => (fam.fwd, fam.fwd_t),
+    };
     let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
     let (beta, bias, rowscale) = (ptr(&beta_g), ptr(&bias_g), ptr(&rs_g));
     let residual = match mode {
@@ -426,7 +500,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let wide = S::KIND == DtypeKind::F32;
     let tiered = if vec && !t.generic {
-        tier(cols, wide).and_then(|tr| Some((fam.fwd_t[tr.index]?, row_partials(cols) * tr.seg)))
+        tier(cols, wide).and_then(|tr| Some((fwd_t[tr.index]?, row_partials(cols) * tr.seg)))
     } else {
         None
     };
@@ -440,13 +514,13 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
             } else {
                 cols.div_ceil(GROUP)
                     .checked_mul(GROUP * 4)
-                    .and_then(|b| fit_smem(handle, fam.fwd, b))
+                    .and_then(|b| fit_smem(handle, fwd_g, b))
                     .unwrap_or(0)
             };
             if smem > 0 {
                 flags |= FLAG_SMEM;
             }
-            (fam.fwd, row_partials(cols), smem)
+            (fwd_g, row_partials(cols), smem)
         }
     };
     let mut grid = (rows as u64)
@@ -482,6 +556,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         layer_scale: cfg.layer_scale(),
         flags,
         rows_per_sample: rsf.rows_per_sample,
+        stats: ptr(&stats_g),
     };
     handle.launch(kernel, (grid, 1, 1), (block as u32, 1, 1), smem, &p)
 }

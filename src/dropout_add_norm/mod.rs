@@ -73,6 +73,26 @@
 //! added in slab order. So dgamma, dbeta and dbias are identical from run to run and GPU to GPU,
 //! and the CPU reference reproduces them. No float atomics anywhere.
 //!
+//! # Redundancy statistics (optional)
+//!
+//! With a meter site in the forward's arguments (`redundancy`, see [`crate::redundancy`]), each
+//! row also yields `dot = r·s`, `rr = |r|²` and `ss = |s|²`, with `r[j]` the stream before the
+//! add (`f32(residual[j])`, the stream's own value in place, `+0.0` without a residual) and `s[j]`
+//! the stored stream after it (`v[j]` above). Each group of 8 elements (the groups of `rowsum`)
+//! gives `g = fma(a, b, g)` from `+0.0` over its elements in order; partial `q` is the sequential
+//! f32 sum from `+0.0` of its groups' `g`, in `rowsum`'s partition, and the partials are combined
+//! by `rowsum`'s tree ([`cpu::stat_sums`]). The row then goes to the site as
+//! [`crate::redundancy::row_cos`] says: rows without a residual are excluded (`rr = 0`), so a
+//! site's BI measures the sub-block whose output `x` is added here. Every other output is the
+//! same, bit for bit, with or without the statistics; without them nothing is computed.
+//!
+//! On the device the statistics run in their own entries of the same kernels
+//! (`dropout_add_norm_fwd_stats_*`, a template flag; `kernels/dropout_add_norm/stats.cuh`), so
+//! the default forwards compile to the same instructions as without the option. Thread 0 of a
+//! block finishes each of its rows and the block adds its rows' integers to the site's three
+//! words with one integer atomic per word at its end: the words do not depend on the grid or on
+//! which block finishes first. The norm-only pass of the unfused baseline takes no meter.
+//!
 //! # Example (CPU reference; the GPU functions take the same [`Config`])
 //!
 //! ```
@@ -627,6 +647,10 @@ pub struct ForwardArgs<'a, T, S> {
     pub bias: Option<CudaView<'a, T>>,
     /// Caller-supplied row scale, `len == rows` (not with a drop path in the config).
     pub rowscale: Option<CudaView<'a, f32>>,
+    /// The meter site this call adds its rows' `cos(residual, s)` to ([`crate::redundancy`],
+    /// the module docs' *Redundancy statistics*); `None`: nothing is computed or launched for
+    /// it.
+    pub redundancy: Option<crate::redundancy::Site<'a>>,
     #[doc(hidden)]
     pub tuning: LaunchTuning,
 }
@@ -651,6 +675,7 @@ impl<'a, T, S> ForwardArgs<'a, T, S> {
             beta: None,
             bias: None,
             rowscale: None,
+            redundancy: None,
             tuning: LaunchTuning::default(),
         }
     }

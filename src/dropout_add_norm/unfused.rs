@@ -78,6 +78,12 @@ pub fn forward<T: Dtype>(
     args: ForwardArgs<'_, T, T>,
     mut out: ForwardOut<'_, T, T>,
 ) -> Result<()> {
+    if args.redundancy.is_some() {
+        return Err(Error::invalid(
+            OP,
+            "the unfused baseline does not measure redundancy; use the fused forward",
+        ));
+    }
     let residual = args.residual.ok_or_else(need_residual)?;
     check_forward(
         cfg,

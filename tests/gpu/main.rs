@@ -20,6 +20,7 @@ mod global_norm;
 mod harness;
 mod philox;
 mod prelude;
+mod redundancy;
 
 use libtest_mimic::Arguments;
 
@@ -36,6 +37,7 @@ fn main() {
     trials.extend(bias_act_dropout::trials());
     trials.extend(dropout::trials());
     trials.extend(dropout_add_norm::trials());
+    trials.extend(redundancy::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
     libtest_mimic::run(&args, trials).exit();

@@ -272,6 +272,8 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     }
 }
 
+#include "dropout_add_norm_stats.inc"
+
 int main(int argc, char** argv) {
     const int part = argc > 1 ? atoi(argv[1]) : 0, parts = argc > 2 ? atoi(argv[2]) : 1;
     struct Shape { uint64_t rows, cols; };
@@ -343,5 +345,7 @@ int main(int argc, char** argv) {
                     default: run<__nv_bfloat16, float>(c, seed, k); break;
                 }
             }
+    // The Block Influence statistics (dropout_add_norm_stats.inc), after every case above.
+    stats_cases(idx, part, parts);
     return 0;
 }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the emulated dropout_add_norm kernels (scripts/emu/cases/dropout_add_norm.cpp, whose
+# statistics cases are in dropout_add_norm_stats.inc) with DAN_DUMP set, then checks the
+# statistics cases' site words and outputs against the Rust CPU reference's meter bit for bit
+# (tests/redundancy_emu.rs). Needs g++ >= 11 and cargo; no GPU.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+g++ -std=c++20 -O2 -pthread -Iscripts/emu -Iscripts/emu/include -Ikernels \
+    -DKFILE="\"$PWD/kernels/dropout_add_norm.cu\"" -include scripts/emu/shim.h \
+    -o "$work/emu" scripts/emu/cases/dropout_add_norm.cpp
+mkdir "$work/dump"
+parts=${EMU_PARTS:-$(nproc)}
+pids=()
+for ((k = 0; k < parts; ++k)); do DAN_DUMP="$work/dump" "$work/emu" "$k" "$parts" > /dev/null & pids+=($!); done
+for pid in "${pids[@]}"; do wait "$pid"; done
+echo "$(ls "$work/dump" | grep -c '^stats') emulated statistics cases; checking them against the CPU reference"
+DAN_DUMP="$work/dump" cargo test --test redundancy_emu -- --ignored

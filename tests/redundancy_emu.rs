@@ -1,0 +1,186 @@
+//! The Block Influence statistics of `kernels/dropout_add_norm.cu` (the `*_stats_*` forwards)
+//! run under host emulation against the CPU reference's meter: the site's three words (cosine
+//! sum, rows, non-finite rows) bit for bit, and the outputs with them. Needs the emulator's
+//! dumps, so it is ignored by default; `scripts/emu/redundancy_vs_cpu.sh` builds and runs the
+//! emulator and then this test:
+//!
+//! ```text
+//! g++ -std=c++20 -O2 -pthread -Iscripts/emu -Iscripts/emu/include -Ikernels \
+//!     -DKFILE='"'$PWD/kernels/dropout_add_norm.cu'"' -include scripts/emu/shim.h \
+//!     -o /tmp/dan-emu scripts/emu/cases/dropout_add_norm.cpp
+//! mkdir -p /tmp/dan-dump && DAN_DUMP=/tmp/dan-dump /tmp/dan-emu
+//! DAN_DUMP=/tmp/dan-dump cargo test --test redundancy_emu -- --ignored
+//! ```
+//!
+//! The dump format is written by `run_stats()` in
+//! `scripts/emu/cases/dropout_add_norm_stats.inc` (files `stats*.bin`; the `case*.bin` of the
+//! other cases are `tests/dropout_add_norm_emu.rs`'s).
+use fusedreg::dropout_add_norm::{cpu, Config, DropPath, Norm};
+use fusedreg::redundancy::{self, SiteStats};
+use fusedreg::Dtype;
+use half::{bf16, f16};
+
+struct Rd<'a> {
+    b: &'a [u8],
+    o: usize,
+}
+impl Rd<'_> {
+    fn u64(&mut self) -> u64 {
+        let v = u64::from_le_bytes(self.b[self.o..self.o + 8].try_into().unwrap());
+        self.o += 8;
+        v
+    }
+    fn arr<T: bytemuck::Pod>(&mut self, n: usize) -> Vec<T> {
+        let sz = std::mem::size_of::<T>() * n;
+        let mut v = vec![T::zeroed(); n];
+        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&self.b[self.o..self.o + sz]);
+        self.o += sz;
+        v
+    }
+}
+
+/// Mismatching elements (NaNs compared as NaN: the GPU's are canonical).
+fn same<T: Dtype>(what: &str, got: &[T], want: &[T]) -> usize {
+    let bad = got
+        .iter()
+        .zip(want)
+        .filter(|(g, w)| {
+            bytemuck::bytes_of(*g) != bytemuck::bytes_of(*w)
+                && !(g.to_f32().is_nan() && w.to_f32().is_nan())
+        })
+        .count();
+    if bad > 0 {
+        eprintln!("  {what}: {bad} elements differ");
+    }
+    bad
+}
+
+/// Checks one case; returns (mismatches, the emulated site).
+fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
+    let rows = r.u64() as usize;
+    let cols = r.u64() as usize;
+    let flags = r.u64();
+    let (seed, call, path_call, rps) = (r.u64(), r.u64(), r.u64(), r.u64() as usize);
+    let p = f64::from_bits(r.u64());
+    let pp = f64::from_bits(r.u64());
+    let eps = f32::from_bits(r.u64() as u32);
+    let ls = f32::from_bits(r.u64() as u32);
+    let n = rows * cols;
+    let norm = if flags & 64 != 0 {
+        Norm::RmsNorm
+    } else {
+        Norm::LayerNorm
+    };
+    let mut cfg = Config::new(rows, cols, norm, eps)
+        .unwrap()
+        .with_dropout(p, seed, call)
+        .unwrap()
+        .with_layer_scale(ls)
+        .unwrap();
+    if flags & 16 != 0 {
+        let path = DropPath::new(pp, path_call)
+            .unwrap()
+            .per_sample(rps)
+            .unwrap();
+        cfg = cfg.with_drop_path(path);
+    }
+    let x: Vec<T> = r.arr(n);
+    let res: Option<Vec<S>> = (flags & 1 != 0).then(|| r.arr(n));
+    let gamma: Vec<T> = r.arr(cols);
+    let beta: Option<Vec<T>> = (flags & 2 != 0).then(|| r.arr(cols));
+    let bias: Option<Vec<T>> = (flags & 4 != 0).then(|| r.arr(cols));
+    let rs: Option<Vec<f32>> = (flags & 8 != 0).then(|| r.arr(rows));
+    let e_out: Vec<T> = r.arr(n);
+    let e_s: Vec<S> = r.arr(n);
+    let e_mean: Vec<f32> = r.arr(rows);
+    let e_rstd: Vec<f32> = r.arr(rows);
+    let words: Vec<u64> = r.arr(3);
+    // The emulator launched twice into one site: its words are twice one call's.
+    let emu = SiteStats {
+        cos_sum: words[0] as i64,
+        rows: words[1],
+        nonfinite: words[2],
+    };
+    let meter = redundancy::cpu::Redundancy::new(1).unwrap();
+    let (mut out, mut s, mut mean, mut rstd) = (
+        vec![T::default(); n],
+        vec![S::default(); n],
+        vec![0f32; rows],
+        vec![0f32; rows],
+    );
+    for _ in 0..2 {
+        let args = cpu::ForwardArgs {
+            residual: res.as_deref(),
+            beta: beta.as_deref(),
+            bias: bias.as_deref(),
+            rowscale: rs.as_deref(),
+            redundancy: Some(meter.site(0).unwrap()),
+            ..cpu::ForwardArgs::new(&x, &gamma)
+        };
+        let outs = cpu::ForwardOut {
+            out: &mut out,
+            s: &mut s,
+            mean: &mut mean,
+            rstd: &mut rstd,
+        };
+        cpu::forward(&cfg, args, outs).unwrap();
+    }
+    let mut bad = same("s", &e_s, &s)
+        + same("mean", &e_mean, &mean)
+        + same("rstd", &e_rstd, &rstd)
+        + same("out", &e_out, &out);
+    let want = meter.stats().unwrap()[0];
+    if want != emu {
+        eprintln!("  site: emulated {emu:?}, CPU {want:?}");
+        bad += 1;
+    }
+    if bad > 0 {
+        eprintln!("{name}: {rows}x{cols} flags {flags:#x} p {p}: {bad} mismatches");
+    }
+    (bad, emu)
+}
+
+#[test]
+#[ignore = "needs DAN_DUMP=<dir> of dumps from the emulated kernels (see the file's docs)"]
+fn emulated_statistics_match_the_cpu_reference() {
+    let dir = std::env::var("DAN_DUMP").expect("DAN_DUMP: the directory of the emulator's dumps");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("stats"))
+        })
+        .collect();
+    files.sort();
+    let (mut total, mut cases) = (0, 0);
+    let (mut counted, mut excluded_cases, mut nonfinite_cases) = (0u64, 0, 0);
+    for f in &files {
+        let b = std::fs::read(f).unwrap();
+        let mut r = Rd { b: &b, o: 0 };
+        let (t, s) = (r.u64(), r.u64());
+        let name = f.display().to_string();
+        let (bad, site) = match (t, s) {
+            (0, 0) => check::<f32, f32>(&name, &mut r),
+            (1, 1) => check::<f16, f16>(&name, &mut r),
+            (2, 2) => check::<bf16, bf16>(&name, &mut r),
+            (1, 0) => check::<f16, f32>(&name, &mut r),
+            (2, 0) => check::<bf16, f32>(&name, &mut r),
+            _ => panic!("bad kinds"),
+        };
+        assert_eq!(r.o, b.len(), "{name}: trailing bytes");
+        total += bad;
+        cases += 1;
+        counted += site.rows;
+        excluded_cases += usize::from(site.rows == 0 && site.nonfinite == 0);
+        nonfinite_cases += usize::from(site.nonfinite > 0);
+    }
+    eprintln!(
+        "{cases} cases checked: {counted} rows counted, {excluded_cases} cases with every row \
+         excluded, {nonfinite_cases} with non-finite rows"
+    );
+    assert!(cases > 0, "no stats*.bin dumps in {dir}");
+    // The cases must exercise every fate of a row, or the comparison proves little.
+    assert!(counted > 0 && excluded_cases > 0 && nonfinite_cases > 0);
+    assert_eq!(total, 0);
+}
