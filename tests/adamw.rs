@@ -422,7 +422,10 @@ fn stochastic_rounding_is_exactly_unbiased_over_every_random() {
         } else {
             // Subnormal f16: ulp 2^-24, the probability quantised to 2^-16.
             let tol = 2f64.powi(-24) * 2f64.powi(-16);
-            assert!((mean - f64::from(x)).abs() <= tol, "f16 {x:e}: mean {mean:e}");
+            assert!(
+                (mean - f64::from(x)).abs() <= tol,
+                "f16 {x:e}: mean {mean:e}"
+            );
         }
     }
 }

@@ -62,8 +62,16 @@ fn check<P: Dtype + bytemuck::Pod, G: Dtype + bytemuck::Pod>(
     let ntensors = r.u64() as usize;
     let lrs: Vec<f32> = r.arr(steps);
     let options = StateOptions {
-        moments: if layout & 1 == 1 { MomentDtype::Bf16 } else { MomentDtype::F32 },
-        master: if layout & 2 == 2 { MasterWeights::None } else { MasterWeights::F32 },
+        moments: if layout & 1 == 1 {
+            MomentDtype::Bf16
+        } else {
+            MomentDtype::F32
+        },
+        master: if layout & 2 == 2 {
+            MasterWeights::None
+        } else {
+            MasterWeights::F32
+        },
     };
     let cfg = AdamWConfig {
         rounding: Rounding::Stochastic { seed },

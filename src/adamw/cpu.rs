@@ -235,7 +235,11 @@ fn round_stochastic_bf16_bits(x: f32, r: u16) -> u16 {
         // NaN, infinities, and the top piece of the largest binade (hi would be infinite).
         return to_bits16(<half::bf16 as Dtype>::from_f32_rn(x));
     }
-    let carry = if u32::from(r) < (u & 0xffff) { 0x1_0000 } else { 0 };
+    let carry = if u32::from(r) < (u & 0xffff) {
+        0x1_0000
+    } else {
+        0
+    };
     ((u + carry) >> 16) as u16
 }
 
