@@ -29,7 +29,7 @@
 using namespace fusedreg;
 
 constexpr uint32_t ADAMW_THREADS = 512;
-constexpr int ADAMW_ILP = 2;  // 4-element groups loaded ahead per thread (8 wide loads in flight)
+constexpr int ADAMW_ILP = 2;  // f32 params: 4-element groups loaded ahead per thread (8 wide loads in flight)
 
 // The optimizer's own row per tensor (src/adamw/gpu.rs builds it): the engine's TensorEntry
 // knows nothing of it. Every state buffer starts at a multiple of 64 elements of an arena, so it
@@ -91,22 +91,47 @@ template <typename T> __device__ __forceinline__ T from_bits16(uint16_t b) {
     return x;
 }
 
-// Stochastic rounding of a finite f32 to the 16-bit type: lo = x rounded toward zero, hi = the
-// next value away from zero; hi is chosen when word < floor(2^32 * (|x| - |lo|) / (|hi| - |lo|)),
-// so E[result] = x up to 2^-32 of a 16-bit ulp. Every step is exact in f32. Non-finite x, and x
-// beyond the largest finite 16-bit value, round to nearest even. Mirrored by cpu::round_stochastic.
-template <typename T> __device__ __forceinline__ T round_stochastic(float x, uint32_t word) {
-    if (!isfinite(x)) return from_f32<T>(x);
-    const T lo = from_f32_rz<T>(x);
+// Stochastic rounding of an f32 to a 16-bit type with a 16-bit random `r` (halfword i % 8 of
+// Philox block i / 8 for element i: one Philox evaluation per 8 elements). lo = x rounded toward
+// zero, hi = the next value away from zero; hi when r < 2^16 x the fraction of the way from lo to
+// hi, so E[result] = x (exactly where that fraction has at most 16 bits: every bf16 case and
+// normal f16; f16 subnormals quantise it to 2^-16 of an ulp). NaN, infinities and x beyond the
+// largest finite 16-bit value round to nearest even. Mirrored by cpu::round_stochastic.
+//
+// f16 (not on the lean path): the fraction by an IEEE division, every step exact in f32.
+template <typename T> __device__ __forceinline__ T round_stochastic(float x, uint32_t r);
+template <> __device__ __forceinline__ __half round_stochastic<__half>(float x, uint32_t r) {
+    if (!isfinite(x)) return from_f32<__half>(x);
+    const __half lo = from_f32_rz<__half>(x);
     const float lo_f = to_f32(lo);
     if (lo_f == x) return lo;
-    const T hi = from_bits16<T>((uint16_t)(bits16(lo) + 1u));
+    const __half hi = from_bits16<__half>((uint16_t)(bits16(lo) + 1u));
     const float hi_f = to_f32(hi);
-    if (isinf(hi_f)) return from_f32<T>(x);
+    if (isinf(hi_f)) return from_f32<__half>(x);
     const float d = __fsub_rn(fabsf(x), fabsf(lo_f));
     const float ulp = __fsub_rn(fabsf(hi_f), fabsf(lo_f));
     const uint32_t frac = __float2uint_rz(__fmul_rn(__fdiv_rn(d, ulp), 4294967296.0f));
-    return word < frac ? hi : lo;
+    return (r << 16) < frac ? hi : lo;
+}
+// bf16 is the top half of an f32: truncating the low 16 bits is lo, the low 16 bits are the
+// fraction in units of 2^-16 (a power-of-two scale, exact for normals and subnormals alike), and
+// adding 1 to the top half in sign-magnitude is hi (a carry into the exponent included). So hi
+// when r < low16: bit for bit the divide-based rule above with the 32-bit word r << 16
+// (cpu.rs's tests prove it over every exponent and every low16). |x| in the top bf16 binade
+// piece 0x7f7f (hi would be infinity), infinities and NaN: nearest even, as before.
+template <>
+__device__ __forceinline__ __nv_bfloat16 round_stochastic<__nv_bfloat16>(float x, uint32_t r) {
+    const uint32_t u = __float_as_uint(x);
+    const uint32_t sr = (u + (r < (u & 0xffffu) ? 0x10000u : 0u)) >> 16;
+    const uint16_t rn = bits16(__float2bfloat16_rn(x));
+    return from_bits16<__nv_bfloat16>((u & 0x7fff0000u) >= 0x7f7f0000u ? rn : (uint16_t)sr);
+}
+
+// Halfword k (0..7) of a Philox block: the low half of word k / 2 for even k, the high half for
+// odd k (the dropping ops' 16-bit keying uses the same order).
+__device__ __forceinline__ uint32_t philox_half(uint4 w, uint32_t k) {
+    const uint32_t word = philox_word(w, k >> 1);
+    return (k & 1u) ? word >> 16 : word & 0xffffu;
 }
 
 // M: the moments' storage type (float, or __nv_bfloat16 for the lean state). MASTER: 16-bit
@@ -128,8 +153,13 @@ template <typename P, typename G, typename M, bool MASTER> struct AdamWOp {
     uint64_t seed, call;
     bool stochastic;
 
+    // 16-bit params take groups of 8 (one Philox block keys them all under stochastic rounding),
+    // loaded as two 4-element vectors (the engine's FLAG_VEC4 alignment) with one group in flight
+    // per thread: the same 8 wide loads in flight as f32 params' 2 groups of 4.
+    static constexpr int kWidth = sizeof(P) == 2 ? 8 : 4;
+    static constexpr int kIlp = sizeof(P) == 2 ? 1 : ADAMW_ILP;
     struct Group {
-        float p[4], g[4], m[4], v[4];
+        float p[kWidth], g[kWidth], m[kWidth], v[kWidth];
     };
 
     __device__ __forceinline__ void update(float& p, float grad_raw, float& mm, float& vv) const {
@@ -142,30 +172,39 @@ template <typename P, typename G, typename M, bool MASTER> struct AdamWOp {
     }
 
     __device__ __forceinline__ void load(uint64_t i, Group& r) const {
-        if constexpr (kMaster) {
-            mt::load4(master + i, r.p);
-        } else {
-            mt::load4(param + i, r.p);
+#pragma unroll
+        for (int q = 0; q < kWidth; q += 4) {
+            if constexpr (kMaster) {
+                mt::load4(master + i + q, r.p + q);
+            } else {
+                mt::load4(param + i + q, r.p + q);
+            }
+            mt::load4(grad + i + q, r.g + q);
+            mt::load4(m + i + q, r.m + q);
+            mt::load4(v + i + q, r.v + q);
         }
-        mt::load4(grad + i, r.g);
-        mt::load4(m + i, r.m);
-        mt::load4(v + i, r.v);
     }
 
     __device__ __forceinline__ void store(uint64_t i, Group& r) const {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) update(r.p[k], r.g[k], r.m[k], r.v[k]);
-        mt::store4(m + i, r.m);
-        mt::store4(v + i, r.v);
-        if constexpr (kMaster) mt::store4(master + i, r.p);
+        for (int k = 0; k < kWidth; ++k) update(r.p[k], r.g[k], r.m[k], r.v[k]);
+#pragma unroll
+        for (int q = 0; q < kWidth; q += 4) {
+            mt::store4(m + i + q, r.m + q);
+            mt::store4(v + i + q, r.v + q);
+            if constexpr (kMaster) mt::store4(master + i + q, r.p + q);
+        }
         if constexpr (sizeof(P) == 2) {
             if (stochastic) {
-                const uint4 w = philox_block(seed, call, i >> 2);  // i is a multiple of 4
-                const P h[4] = {round_stochastic<P>(r.p[0], w.x), round_stochastic<P>(r.p[1], w.y),
-                                round_stochastic<P>(r.p[2], w.z), round_stochastic<P>(r.p[3], w.w)};
+                const uint4 w = philox_block(seed, call, i >> 3);  // i is a multiple of 8
+                P h[kWidth];
+#pragma unroll
+                for (int k = 0; k < kWidth; ++k) h[k] = round_stochastic<P>(r.p[k], philox_half(w, k));
                 mt::store4_raw(param + i, h);
+                mt::store4_raw(param + i + 4, h + 4);
             } else {
                 mt::store4(param + i, r.p);
+                mt::store4(param + i + 4, r.p + 4);
             }
         } else {
             mt::store4(param + i, r.p);
@@ -185,7 +224,10 @@ template <typename P, typename G, typename M, bool MASTER> struct AdamWOp {
         v[i] = from_f32<M>(vv);
         if constexpr (kMaster) master[i] = p;
         if constexpr (sizeof(P) == 2) {
-            param[i] = stochastic ? round_stochastic<P>(p, mask_word(seed, call, i)) : from_f32<P>(p);
+            param[i] = stochastic
+                           ? round_stochastic<P>(p, philox_half(philox_block(seed, call, i >> 3),
+                                                                (uint32_t)(i & 7)))
+                           : from_f32<P>(p);
         } else {
             param[i] = from_f32<P>(p);
         }
@@ -235,7 +277,8 @@ __device__ __forceinline__ void adamw(const AdamWParams& p) {
     op.seed = p.seed;
     op.call = ((uint64_t)s_t << 32) | c.tensor;
     op.stochastic = p.stochastic != 0;
-    mt::for_each_group<4, ADAMW_ILP>(op, c, (c.t.flags & mt::FLAG_VEC4) != 0);
+    using Op = AdamWOp<P, G, M, MASTER>;
+    mt::for_each_group<Op::kWidth, Op::kIlp>(op, c, (c.t.flags & mt::FLAG_VEC4) != 0);
 }
 
 // Kernel symbols: adamw_p<P>_g<G><SUFFIX> for every (param, grad) pair and state layout:

@@ -5,7 +5,6 @@ mod common;
 
 use common::{bits_eq, check, close, rng};
 use fusedreg::adamw::{self, cpu, state, AdamWConfig, Rounding};
-use fusedreg::philox::mask_word;
 use fusedreg::{Dtype, DtypeKind};
 use half::{bf16, f16};
 use rand::Rng;
@@ -347,7 +346,7 @@ fn stochastic_rounding_is_unbiased() {
         let mut up = 0u64;
         let mut sum = 0f64;
         for i in 0..n {
-            let w = mask_word(3, 11, i);
+            let w = cpu::rounding_random(3, 11, i);
             let y = match kind {
                 DtypeKind::Bf16 => cpu::round_stochastic::<bf16>(x, w).to_f32(),
                 _ => cpu::round_stochastic::<f16>(x, w).to_f32(),
@@ -375,7 +374,7 @@ fn stochastic_rounding_is_unbiased() {
     let mut err_sr = 0f64;
     for i in 0..n {
         let x: f32 = r.random_range(1.0..1.0078125); // within one bf16 ulp above 1
-        let y = cpu::round_stochastic::<bf16>(x, mask_word(4, 5, i as u64)).to_f32();
+        let y = cpu::round_stochastic::<bf16>(x, cpu::rounding_random(4, 5, i as u64)).to_f32();
         err_sr += f64::from(y) - f64::from(x);
     }
     let mean_err = err_sr / n as f64;
@@ -387,22 +386,59 @@ fn stochastic_rounding_is_unbiased() {
     // Many small updates accumulate under stochastic rounding, vanish under nearest-even.
     let (mut sr, mut rn) = (bf16::from_f32(1.0), bf16::from_f32(1.0));
     for i in 0..1000u64 {
-        sr = cpu::round_stochastic(sr.to_f32() + 1e-4, mask_word(1, 2, i));
+        sr = cpu::round_stochastic(sr.to_f32() + 1e-4, cpu::rounding_random(1, 2, i));
         rn = bf16::from_f32(rn.to_f32() + 1e-4);
     }
     assert_eq!(rn.to_f32(), 1.0);
     assert!((sr.to_f32() - 1.1).abs() < 0.03, "{}", sr.to_f32());
 }
 
+/// Over the 2^16 values of the 16-bit random, the mean of the rounded values is `x` exactly for
+/// bf16 (every finite value below the top binade piece) and for normal f16; f16 subnormals are
+/// within 2^-16 of an ulp (the fraction has more than 16 bits there). Random `x` across the whole
+/// range, both signs.
+#[test]
+fn stochastic_rounding_is_exactly_unbiased_over_every_random() {
+    let mut r = rng(12);
+    for _ in 0..300 {
+        let mag: f32 = 10f32.powf(r.random_range(-40.0..38.0));
+        let x = if r.random::<bool>() { mag } else { -mag };
+        let sum: f64 = (0..=u16::MAX)
+            .map(|w| f64::from(cpu::round_stochastic::<bf16>(x, w).to_f32()))
+            .sum();
+        if x.abs() < 3.38e38 {
+            assert_eq!(sum, f64::from(x) * 65536.0, "bf16 {x:e}");
+        }
+    }
+    for _ in 0..300 {
+        let mag: f32 = 10f32.powf(r.random_range(-9.0..4.8));
+        let x = if r.random::<bool>() { mag } else { -mag };
+        let sum: f64 = (0..=u16::MAX)
+            .map(|w| f64::from(cpu::round_stochastic::<f16>(x, w).to_f32()))
+            .sum();
+        let mean = sum / 65536.0;
+        if x.abs() >= 2f32.powi(-14) {
+            assert_eq!(mean, f64::from(x), "f16 {x:e}");
+        } else {
+            // Subnormal f16: ulp 2^-24, the probability quantised to 2^-16.
+            let tol = 2f64.powi(-24) * 2f64.powi(-16);
+            assert!(
+                (mean - f64::from(x)).abs() <= tol,
+                "f16 {x:e}: mean {mean:e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn stochastic_rounding_edge_cases() {
     for x in [0.0f32, -0.0, 1.5, -3.0, 65504.0] {
-        for w in [0, 1 << 31, u32::MAX] {
+        for w in [0, 1 << 15, u16::MAX] {
             assert_eq!(cpu::round_stochastic::<f16>(x, w).to_f32(), x);
         }
     }
     for x in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 70000.0, -1e6] {
-        for w in [0, u32::MAX] {
+        for w in [0, u16::MAX] {
             let got = cpu::round_stochastic::<f16>(x, w);
             let want = f16::from_f32(x);
             assert!(got == want || (got.is_nan() && want.is_nan()), "{x}");
@@ -418,12 +454,12 @@ fn stochastic_rounding_edge_cases() {
         for kind in [DtypeKind::F16, DtypeKind::Bf16] {
             let (lo, hi, exact) = match kind {
                 DtypeKind::F16 => (
-                    cpu::round_stochastic::<f16>(x, u32::MAX).to_f32(),
+                    cpu::round_stochastic::<f16>(x, u16::MAX).to_f32(),
                     cpu::round_stochastic::<f16>(x, 0).to_f32(),
                     f16::from_f32(x).to_f32() == x,
                 ),
                 _ => (
-                    cpu::round_stochastic::<bf16>(x, u32::MAX).to_f32(),
+                    cpu::round_stochastic::<bf16>(x, u16::MAX).to_f32(),
                     cpu::round_stochastic::<bf16>(x, 0).to_f32(),
                     bf16::from_f32(x).to_f32() == x,
                 ),

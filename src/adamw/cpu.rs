@@ -18,7 +18,6 @@
 use super::{check_lr, state, AdamWConfig, MomentDtype, Rounding, StateOptions, OP};
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{check_len, Error, Result};
-use crate::philox::mask_word;
 
 /// `b^e` by binary exponentiation with IEEE f64 multiplies: the kernel's `pow_by_squaring`,
 /// bit for bit (no `powf`, whose last bits differ between CUDA and libm).
@@ -178,24 +177,77 @@ fn round_toward_zero<T: Dtype>(x: f32) -> T {
     }
 }
 
-/// Stochastic rounding of `x` to a 16-bit type with the 32-bit random `word`, bit-identical to
+/// The 16-bit random number stochastic rounding uses for element `index` of `(seed, call)`:
+/// halfword `index % 8` of Philox block `index / 8` (the low half of word `(index % 8) / 2` for
+/// even `index`, the high half for odd), so one Philox evaluation serves 8 elements (the
+/// dropping ops' 16-bit keying uses the same order).
+///
+/// ```
+/// use fusedreg::adamw::cpu::rounding_random;
+/// use fusedreg::philox::block;
+/// let b = block(42, 7, 2); // elements 16..24
+/// assert_eq!(rounding_random(42, 7, 16), (b[0] & 0xffff) as u16);
+/// assert_eq!(rounding_random(42, 7, 19), (b[1] >> 16) as u16);
+/// ```
+pub fn rounding_random(seed: u64, call: u64, index: u64) -> u16 {
+    let w = crate::philox::block(seed, call, index >> 3)[((index & 7) >> 1) as usize];
+    if index & 1 == 1 {
+        (w >> 16) as u16
+    } else {
+        w as u16
+    }
+}
+
+/// Stochastic rounding of `x` to a 16-bit type with the 16-bit random `r`, bit-identical to
 /// the kernel: `lo` = `x` rounded toward zero, `hi` the next value away from zero; `hi` when
-/// `word < floor(2^32 * (|x| - |lo|) / (|hi| - |lo|))`, else `lo` (every step exact in f32), so
-/// the expected value is `x` to within 2^-32 of an ulp. NaN, infinities and values beyond the
-/// largest finite 16-bit number round to nearest even.
+/// `r < 2^16 x (|x| - |lo|) / (|hi| - |lo|)`, else `lo`, so the expected value is `x`. NaN,
+/// infinities and values beyond the largest finite 16-bit number (for bf16: `|x|` at or above
+/// `0x7f7f0000`'s binade piece, where `hi` would be infinite) round to nearest even.
+///
+/// bf16 is the top half of an f32: `hi` when `r` is below the 16 bits that truncation discards,
+/// added to the top half in sign-magnitude (a carry into the exponent included); the fraction
+/// is exact, so the rounding is exactly unbiased. f16 computes the fraction by an IEEE
+/// division (exact in f32) as `floor(2^32 x fraction)` and takes `hi` when `r << 16` is below
+/// it: exact for normal f16 (13 discarded bits), quantised to 2^-16 of an ulp for f16
+/// subnormals.
 ///
 /// ```
 /// use fusedreg::adamw::cpu::round_stochastic;
 /// use half::bf16;
 /// let x = 1.0 + 2f32.powi(-9); // a quarter of the way from 1 to the next bf16 (1 + 2^-7)
 /// assert_eq!(round_stochastic::<bf16>(x, 0).to_f32(), 1.0 + 2f32.powi(-7));
-/// assert_eq!(round_stochastic::<bf16>(x, u32::MAX).to_f32(), 1.0);
+/// assert_eq!(round_stochastic::<bf16>(x, 0x3fff).to_f32(), 1.0 + 2f32.powi(-7));
+/// assert_eq!(round_stochastic::<bf16>(x, 0x4000).to_f32(), 1.0); // r >= 2^16 / 4
 /// assert_eq!(round_stochastic::<bf16>(1.5, 12345).to_f32(), 1.5);
 /// ```
-pub fn round_stochastic<T: Dtype>(x: f32, word: u32) -> T {
-    if T::KIND == DtypeKind::F32 {
-        return T::from_f32_rn(x);
+pub fn round_stochastic<T: Dtype>(x: f32, r: u16) -> T {
+    match T::KIND {
+        DtypeKind::F32 => T::from_f32_rn(x),
+        DtypeKind::Bf16 => from_bits16(round_stochastic_bf16_bits(x, r)),
+        _ => round_by_fraction(x, u32::from(r) << 16),
     }
+}
+
+/// bf16 stochastic rounding on the f32's bits (the kernel's `round_stochastic<__nv_bfloat16>`).
+fn round_stochastic_bf16_bits(x: f32, r: u16) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7fff_0000 >= 0x7f7f_0000 {
+        // NaN, infinities, and the top piece of the largest binade (hi would be infinite).
+        return to_bits16(<half::bf16 as Dtype>::from_f32_rn(x));
+    }
+    let carry = if u32::from(r) < (u & 0xffff) {
+        0x1_0000
+    } else {
+        0
+    };
+    ((u + carry) >> 16) as u16
+}
+
+/// Stochastic rounding with the fraction computed by division: `hi` when
+/// `word < floor(2^32 * (|x| - |lo|) / (|hi| - |lo|))` (every step exact in f32). The f16 path
+/// (with `word = r << 16`), and for bf16 the formulation the bit rule replaced (the tests
+/// prove the two agree bit for bit).
+fn round_by_fraction<T: Dtype>(x: f32, word: u32) -> T {
     if !x.is_finite() {
         return T::from_f32_rn(x);
     }
@@ -483,7 +535,7 @@ pub fn step<P: Dtype, G: Dtype>(
             // 16-bit params: the rounded copy of the master, or (no master) of their own update.
             t.param[i] = match config.rounding {
                 Rounding::Stochastic { seed } if P::KIND != DtypeKind::F32 => {
-                    round_stochastic(p, mask_word(seed, call, i as u64))
+                    round_stochastic(p, rounding_random(seed, call, i as u64))
                 }
                 _ => P::from_f32_rn(p),
             };
@@ -612,5 +664,67 @@ fn check_layout<P: Dtype, G: Dtype>(
             OP,
             format!("tensor {i}: master weights present but its layout has none"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// The bit rule is the division rule, bit for bit, for every bf16 case: every sign and
+    /// exponent (subnormals, infinities and NaN included), every low16, upper mantissa bits
+    /// 0x00, 0x7f (the carry into the exponent) and a varying value. Both rules are thresholds
+    /// in `r` (hi exactly for `r` below some bound), so agreeing at `r = low16 - 1`, `low16`,
+    /// 0 and 0xffff means agreeing at every `r`; the word of the division rule is `r << 16`.
+    #[test]
+    fn bf16_bit_rule_is_the_division_rule() {
+        let mut checked = 0u64;
+        for sign_exp in 0u32..512 {
+            for upper in [0u32, 0x7f, (sign_exp * 37 + 11) & 0x7f] {
+                let top = (sign_exp << 23) | (upper << 16);
+                for low in 0u32..0x1_0000 {
+                    let x = f32::from_bits(top | low);
+                    for r in [low.wrapping_sub(1) & 0xffff, low, 0, 0xffff] {
+                        let r = r as u16;
+                        let bits = round_stochastic_bf16_bits(x, r);
+                        let div: bf16 = round_by_fraction(x, u32::from(r) << 16);
+                        let div = to_bits16(div);
+                        assert!(
+                            bits == div || (x.is_nan() && bf16::from_bits(bits).is_nan()),
+                            "x {:#010x} r {r:#06x}: bits {bits:#06x} division {div:#06x}",
+                            x.to_bits()
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 512 * 3 * 65536 * 4);
+    }
+
+    /// Under the old 32-bit words, the division rule depended only on the word's top 16 bits
+    /// for bf16 (the fraction is a multiple of 2^-16): feeding it `r << 16` is feeding it the
+    /// top half of a word, for every low half.
+    #[test]
+    fn bf16_division_rule_ignores_the_low_half_of_the_word() {
+        for low in (0u32..0x1_0000).step_by(7) {
+            let x = f32::from_bits(0x3f80_0000 | low);
+            for r in [low.wrapping_sub(1) & 0xffff, low, 0x1234] {
+                let a: bf16 = round_by_fraction(x, r << 16);
+                let b: bf16 = round_by_fraction(x, (r << 16) | 0xffff);
+                assert_eq!(a, b, "x {:#010x} r {r:#06x}", x.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_random_takes_the_halfwords_in_order() {
+        for i in 0u64..64 {
+            let b = crate::philox::block(9, 3, i / 8);
+            let w = b[((i % 8) / 2) as usize];
+            let want = if i % 2 == 0 { w & 0xffff } else { w >> 16 };
+            assert_eq!(u32::from(rounding_random(9, 3, i)), want, "{i}");
+        }
     }
 }

@@ -57,11 +57,14 @@
 //! the parameter), updates it and writes the parameter as its rounded copy. Without master
 //! weights the kernel reads the 16-bit parameter, widens it exactly, updates it in f32 and writes
 //! it back rounded. Either way the rounding is to nearest even ([`Rounding::NearestEven`], the
-//! default) or stochastic ([`Rounding::Stochastic`]): the 32-bit word
-//! `philox::mask_word(seed, call, i)` for element `i` of tensor `k` at its step `t`, with
+//! default) or stochastic ([`Rounding::Stochastic`]): the 16-bit random
+//! [`cpu::rounding_random`]`(seed, call, i)` (halfword `i % 8` of Philox block `i / 8`: one
+//! Philox evaluation per 8 elements) for element `i` of tensor `k` at its step `t`, with
 //! `call = (t << 32) | k` ([`cpu::rounding_call`]), rounds up to the next 16-bit value with
-//! probability `|x - lo| / ulp` (quantised to 2^-32; see [`cpu::round_stochastic`]): unbiased,
-//! deterministic for a given seed and step, identical on CPU and GPU.
+//! probability `|x - lo| / ulp` (see [`cpu::round_stochastic`]): exactly unbiased for bf16 (the
+//! 16 bits truncation discards are the fraction; no division) and normal f16, deterministic for
+//! a given seed and step, identical on CPU and GPU. (Before 2026-12-06 each element took a
+//! 32-bit Philox word: the same rule, a different random stream.)
 //!
 //! # Lean state ([`StateOptions`] in [`AdamWConfig::state`])
 //!

@@ -269,8 +269,122 @@ template <class P> static void run_p(int gt, const Case& c, uint64_t seed, int i
     }
 }
 
+// ADAMW_DUMP=DIR: instead of the hash lines, runs stochastic-rounding cases of every 16-bit
+// param type, grad type and layout and writes each one's inputs and outputs to DIR/<idx>.bin for
+// tests/adamw_emu.rs, which replays them through cpu::step and compares every bit (the GPU-free
+// check that the emulated kernel and the CPU reference key and round identically). Format, all
+// little-endian: u64 p_kind (1 f16, 2 bf16), g_kind (0 f32, 2 bf16), layout, seed, steps,
+// tensors; f32 lr per step; per tensor: u64 n, f32 weight decay, the initial params (P), the
+// grads of each step (G), the final params (P), m, v (f32, bf16 moments widened) and, with a
+// master, the master (f32).
+template <class T> static uint64_t kind_of() {
+    if constexpr (sizeof(T) == 4) return 0;
+    else if constexpr (std::is_same_v<T, __half>) return 1;
+    else return 2;
+}
+
+template <class P, class G, int L> static void dump_case(const char* dir, int idx, uint64_t seed) {
+    const std::vector<TensorSpec> specs = {{65536 + 13, false}, {1000, false}, {7, false}, {333, true}};
+    const int steps = 2;
+    const float lrs[steps] = {1e-2f, 3e-4f};
+    std::mt19937_64 g(seed);
+    std::vector<Buf> pbufs, gbufs;
+    std::vector<uint8_t*> params, grads;
+    std::vector<float> wd;
+    std::vector<std::vector<uint8_t>> out;  // per tensor: the bytes to write
+    for (const auto& t : specs) {
+        pbufs.emplace_back((t.n + 1) * sizeof(P));
+        gbufs.emplace_back((t.n + 1) * sizeof(G));
+        uint8_t* pb = pbufs.back().p + (t.misaligned ? sizeof(P) : 0);
+        uint8_t* gb = gbufs.back().p + (t.misaligned ? sizeof(G) : 0);
+        for (uint64_t i = 0; i < t.n; ++i) {
+            const P x = from_f<P>(uniform(g, -1.f, 1.f));
+            memcpy(pb + i * sizeof(P), &x, sizeof(P));
+        }
+        params.push_back(pb);
+        grads.push_back(gb);
+        const float wds[] = {0.f, 0.01f, 0.1f};
+        wd.push_back(wds[g() % 3]);
+    }
+    State s = make_state(specs, params, grads, wd, sizeof(P), sizeof(G), L);
+    bind(s);
+    init_master<P>(s);
+    auto put = [](std::vector<uint8_t>& o, const void* p, size_t n) {
+        o.insert(o.end(), (const uint8_t*)p, (const uint8_t*)p + n);
+    };
+    for (size_t t = 0; t < specs.size(); ++t) {
+        out.emplace_back();
+        put(out[t], &specs[t].n, 8);
+        put(out[t], &wd[t], 4);
+        put(out[t], params[t], specs[t].n * sizeof(P));
+    }
+    for (int step = 0; step < steps; ++step) {
+        for (size_t t = 0; t < specs.size(); ++t) {
+            for (uint64_t i = 0; i < specs[t].n; ++i) {
+                const G x = from_f<G>(uniform(g, -1.f, 1.f));
+                memcpy(grads[t] + i * sizeof(G), &x, sizeof(G));
+            }
+            put(out[t], grads[t], specs[t].n * sizeof(G));
+        }
+        Hyper h{lrs[step], 0.9f, 0.999f, 1e-8f, nullptr, nullptr, true, seed ^ 0x5EEDull, 0};
+        launch_step<P, G, L>(s, h);
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%04d.bin", dir, idx);
+    FILE* f = fopen(path, "wb");
+    if (!f) { perror(path); exit(1); }
+    const uint64_t head[6] = {kind_of<P>(), kind_of<G>(), (uint64_t)L, seed ^ 0x5EEDull, (uint64_t)steps,
+                              (uint64_t)specs.size()};
+    fwrite(head, 8, 6, f);
+    fwrite(lrs, 4, steps, f);
+    for (size_t t = 0; t < specs.size(); ++t) {
+        const uint64_t n = specs[t].n, o = s.off[t];
+        put(out[t], params[t], n * sizeof(P));
+        std::vector<float> m(n), v(n);
+        for (uint64_t i = 0; i < n; ++i) {
+            m[i] = L & 1 ? __bfloat162float(s.mb[o + i]) : s.m[o + i];
+            v[i] = L & 1 ? __bfloat162float(s.vb[o + i]) : s.v[o + i];
+        }
+        put(out[t], m.data(), n * 4);
+        put(out[t], v.data(), n * 4);
+        if (!s.master.empty()) put(out[t], s.master.data() + o, n * 4);
+        fwrite(out[t].data(), 1, out[t].size(), f);
+    }
+    fclose(f);
+}
+
+template <class P, int L> static void dump_l(const char* dir, int gt, int idx, uint64_t seed) {
+    if (gt == 0) dump_case<P, float, L>(dir, idx, seed);
+    else dump_case<P, __nv_bfloat16, L>(dir, idx, seed);
+}
+
+static int dump_all(const char* dir, int part, int parts) {
+    std::mt19937_64 g(779);
+    int idx = 0;
+    for (int pt = 1; pt < 3; ++pt)
+        for (int gt = 0; gt < 2; ++gt)
+            for (int layout = 0; layout < 4; ++layout) {
+                const uint64_t seed = g();
+                const int me = idx++;
+                if (me % parts != part) continue;
+                if (pt == 1) {
+                    if (layout == 0) dump_l<__half, 0>(dir, gt, me, seed);
+                    else if (layout == 1) dump_l<__half, 1>(dir, gt, me, seed);
+                    else if (layout == 2) dump_l<__half, 2>(dir, gt, me, seed);
+                    else dump_l<__half, 3>(dir, gt, me, seed);
+                } else {
+                    if (layout == 0) dump_l<__nv_bfloat16, 0>(dir, gt, me, seed);
+                    else if (layout == 1) dump_l<__nv_bfloat16, 1>(dir, gt, me, seed);
+                    else if (layout == 2) dump_l<__nv_bfloat16, 2>(dir, gt, me, seed);
+                    else dump_l<__nv_bfloat16, 3>(dir, gt, me, seed);
+                }
+            }
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const int part = argc > 1 ? atoi(argv[1]) : 0, parts = argc > 2 ? atoi(argv[2]) : 1;
+    if (const char* dir = getenv("ADAMW_DUMP")) return dump_all(dir, part, parts);
     std::mt19937_64 g(777);
     int idx = 0;
     for (int pt = 0; pt < 3; ++pt)
