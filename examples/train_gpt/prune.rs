@@ -274,6 +274,8 @@ pub fn solve_spd(a: &[f64], b: &[f64], d: usize) -> Option<Vec<f64>> {
             let s: f64 = (0..j).map(|k| l[i * d + k] * l[j * d + k]).sum();
             if i == j {
                 let v = a[i * d + i] - s;
+                // Negated on purpose: NaN is not positive definite either.
+                #[allow(clippy::neg_cmp_op_on_partial_ord)]
                 if !(v > 0.0) {
                     return None;
                 }

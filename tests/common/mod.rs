@@ -264,6 +264,8 @@ pub fn xent_within_fast_bound<T: Dtype>(
             };
         }
         let err = (got - want).abs();
+        // Negated on purpose: a NaN error fails the check.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(err <= bound) {
             return Err(format!(
                 "{what}: {name}: got {got:e}, want {want:e}: error {err:e} > bound {bound:e}"

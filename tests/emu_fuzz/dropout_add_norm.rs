@@ -222,6 +222,7 @@ fn check<T: Dtype, S: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
         beta: beta.as_deref(),
         bias: bias.as_deref(),
         rowscale,
+        redundancy: None,
     };
     if c.in_place {
         s.copy_from_slice(residual.as_ref().unwrap());
@@ -269,6 +270,7 @@ fn check<T: Dtype, S: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
         beta: beta.as_deref(),
         bias: None,
         rowscale: None,
+        redundancy: None,
     };
     cpu::forward(
         &norm_cfg,

@@ -468,8 +468,8 @@ fn launch_configurations_agree(h: &Handle) -> TestResult {
 /// the generic backward for an f32 stream) against the CPU reference and against the generic
 /// kernels forced by `LaunchTuning::generic`, bit for bit, with and without beta and bias (the
 /// backward accumulates only the wanted column partials).
-fn tiers_match_generic(h: &Handle) -> R<()> {
-    fn one<T: Dtype, S: Dtype>(h: &Handle, c: &Case, seed: u64) -> R<()> {
+fn tiers_match_generic(h: &Handle) -> TestResult {
+    fn one<T: Dtype, S: Dtype>(h: &Handle, c: &Case, seed: u64) -> TestResult {
         let fast = run_case::<T, S>(h, c, seed)?;
         let generic = Case {
             tuning: LaunchTuning {
@@ -513,7 +513,7 @@ fn tiers_match_generic(h: &Handle) -> R<()> {
 
 /// The t2 tier with more rows than resident forward blocks (each loops over rows) and 3 rows per
 /// backward slab with a partial last slab.
-fn tiers_many_rows(h: &Handle) -> R<()> {
+fn tiers_many_rows(h: &Handle) -> TestResult {
     for norm in [Norm::LayerNorm, Norm::RmsNorm] {
         let c = Case::new(2500, 4096, norm);
         run_case::<bf16, bf16>(h, &c, 13_000)?;

@@ -198,6 +198,8 @@ fn forward<T: Dtype + Elem, S: Dtype + Elem>(
                     .rowscale
                     .map(|b| host::<f32>(OP, "rowscale", b))
                     .transpose()?,
+                // The Block Influence meter is not exposed through the C ABI yet.
+                redundancy: None,
             };
             let out = cpu::ForwardOut {
                 out: host_mut::<T>(OP, "out", t.out)?,
