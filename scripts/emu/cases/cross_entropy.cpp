@@ -8,10 +8,7 @@
 // position class ("nan" lines). Then the Math::Fast kernel ("fast" lines: the special-function
 // instructions are shim.h's models) and the unfused baseline's kernels on the same inputs.
 #include <cstdint>
-// The count kernel's integer atomic (exact in any order).
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-}
+// The count kernel's integer atomic (exact in any order) is shim.h's.
 #include "harness.h"
 
 template <class T, class TI> struct K;

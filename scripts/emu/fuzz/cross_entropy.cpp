@@ -3,10 +3,7 @@
 // of either math mode (gradient none, separate or in place; vector path exactly when
 // src/cross_entropy/gpu.rs takes it), the loss sum over its chunk levels, then the unfused baseline on the same logits.
 #include <cstdint>
-// The count kernel's integer atomic (exact in any order).
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-}
+// The count kernel's integer atomic (exact in any order) is shim.h's.
 #include "fuzz.h"
 
 template <class T, class TI> struct K;
