@@ -706,7 +706,7 @@ mod cuda {
     use candle_core::{CudaDevice, DType, Storage, Tensor, Var};
     use cudarc::driver::DevicePtr;
 
-    use super::{check_grad, err, wrap, AdamWConfig, Elem};
+    use super::{check_grad, err, AdamWConfig, Elem};
     use crate::adamw::AdamW as Engine;
     use crate::candle::storage::{cuda_handle, dispatch};
     use crate::global_norm::GlobalNorm;
