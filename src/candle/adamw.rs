@@ -216,7 +216,7 @@ impl Optimizer for AdamW {
 
     /// One AdamW step with the gradients in `grads` (clipped first when a threshold is set).
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        check_lr(self.lr as f32).map_err(wrap)?;
+        check_lr(self.lr as f32)?;
         let lr = self.lr as f32;
         match &mut self.backend {
             Backend::Empty => Ok(()),
@@ -285,8 +285,8 @@ impl AdamW {
     }
 
     fn build(vars: Vec<Var>, params: AdamWParams, wd: Vec<f32>) -> candle_core::Result<Self> {
-        params.config.validate().map_err(wrap)?;
-        check_max_norm(params.max_grad_norm).map_err(wrap)?;
+        params.config.validate()?;
+        check_max_norm(params.max_grad_norm)?;
         for (i, &d) in wd.iter().enumerate() {
             crate::adamw::check_weight_decay(d).map_err(|e| err(format!("Var {i}: {e}")))?;
         }
@@ -372,7 +372,7 @@ impl AdamW {
     /// # Ok(()) }
     /// ```
     pub fn set_max_grad_norm(&mut self, max_norm: Option<f32>) -> candle_core::Result<()> {
-        check_max_norm(max_norm).map_err(wrap)?;
+        check_max_norm(max_norm)?;
         self.max_grad_norm = max_norm;
         Ok(())
     }
@@ -444,7 +444,7 @@ impl AdamW {
     /// # Ok(()) }
     /// ```
     pub fn set_skip(&mut self, skip: &[bool]) -> candle_core::Result<()> {
-        crate::error::check_len(OP, "skip", skip.len(), self.vars.len()).map_err(wrap)?;
+        crate::error::check_len(OP, "skip", skip.len(), self.vars.len())?;
         self.skip.copy_from_slice(skip);
         Ok(())
     }
@@ -505,7 +505,7 @@ impl AdamW {
             Backend::Cpu(state) => with_cpu!(state, t => {
                 // Restore into a copy so that a bad state leaves this one as it was.
                 let mut copy = t.clone();
-                reference::restore_state(&mut copy, bytes).map_err(wrap)?;
+                reference::restore_state(&mut copy, bytes)?;
                 *t = copy;
                 Ok(())
             }),
@@ -672,7 +672,7 @@ fn cpu_step<T: Elem>(
         Some(_) => {
             // The kernels' chunk partials and reduction order; skipped Vars add 0.
             let lens: Vec<u64> = tensors.iter().map(|t| t.len() as u64).collect();
-            let layout = Layout::new(&lens).map_err(wrap)?;
+            let layout = Layout::new(&lens)?;
             let partials = norm_cpu::partials_with(&layout, |c| {
                 let r = layout.chunk(c);
                 if skip[r.tensor] {
@@ -686,7 +686,7 @@ fn cpu_step<T: Elem>(
             StepInputs::from_norm(lr, &values)
         }
     };
-    reference::step(tensors, config, &inputs, &skip).map_err(wrap)?;
+    reference::step(tensors, config, &inputs, &skip)?;
     if inputs.nonfinite {
         return Ok(());
     }
@@ -706,7 +706,7 @@ mod cuda {
     use candle_core::{CudaDevice, DType, Storage, Tensor, Var};
     use cudarc::driver::DevicePtr;
 
-    use super::{check_grad, err, wrap, AdamWConfig, Elem};
+    use super::{check_grad, err, AdamWConfig, Elem};
     use crate::adamw::AdamW as Engine;
     use crate::candle::storage::{cuda_handle, dispatch};
     use crate::global_norm::GlobalNorm;
@@ -788,12 +788,12 @@ mod cuda {
                 // SAFETY: `p` is the Var's storage, which lives as long as the Var this
                 // optimizer keeps and never moves (Var::set copies into it); candle's stream is
                 // the handle's stream.
-                unsafe { b.push_raw(t) }.map_err(wrap)?;
+                unsafe { b.push_raw(t) }?;
             }
-            let set = b.build().map_err(wrap)?;
-            let opt = Engine::new(&set, *config, wd).map_err(wrap)?;
+            let set = b.build()?;
+            let opt = Engine::new(&set, *config, wd)?;
             let norm = match max_norm {
-                Some(m) => Some(GlobalNorm::new(&set, Some(m)).map_err(wrap)?),
+                Some(m) => Some(GlobalNorm::new(&set, Some(m))?),
                 None => None,
             };
             Ok(CudaState {
@@ -840,13 +840,13 @@ mod cuda {
             // in `keep` until after the launches (then freed stream-ordered on candle's stream,
             // the handle's), or, for a skipped Var, the Var's own memory, which the kernels
             // never read as a gradient (skipped tensors are not read at all).
-            unsafe { self.set.set_grads_raw(&addrs) }.map_err(wrap)?;
+            unsafe { self.set.set_grads_raw(&addrs) }?;
             if skip != self.uploaded_skip {
-                self.opt.set_skip(&skip).map_err(wrap)?;
+                self.opt.set_skip(&skip)?;
                 self.uploaded_skip = skip;
             }
             if lr != self.lr {
-                self.opt.set_lr(lr).map_err(wrap)?;
+                self.opt.set_lr(lr)?;
                 self.lr = lr;
             }
             match max_norm {
@@ -854,15 +854,15 @@ mod cuda {
                     let norm = match &mut self.norm {
                         Some(n) => {
                             if n.max_norm() != Some(m) {
-                                n.set_max_norm(Some(m)).map_err(wrap)?;
+                                n.set_max_norm(Some(m))?;
                             }
                             n
                         }
-                        slot => slot.insert(GlobalNorm::new(&self.set, Some(m)).map_err(wrap)?),
+                        slot => slot.insert(GlobalNorm::new(&self.set, Some(m))?),
                     };
-                    self.opt.clip_and_step(&mut self.set, norm).map_err(wrap)?;
+                    self.opt.clip_and_step(&mut self.set, norm)?;
                 }
-                None => self.opt.step(&mut self.set, None).map_err(wrap)?,
+                None => self.opt.step(&mut self.set, None)?,
             }
             drop(keep);
             Ok(())

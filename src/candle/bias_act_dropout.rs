@@ -9,6 +9,7 @@ use super::{check_site, wrap, StepKeys};
 use crate::bias_act_dropout::{cpu, Activation, Config, Preact};
 use crate::dropping::DropRate;
 use crate::error::Error;
+use crate::Math;
 
 const OP: &str = "candle::BiasActDropout";
 const FWD: &str = "fusedreg-bias-act-dropout";
@@ -68,6 +69,8 @@ pub struct BiasActDropout {
     act: Activation,
     rate: DropRate,
     site: u32,
+    /// `None`: the op's default for the activation ([`Activation::default_math`]).
+    math: Option<Math>,
 }
 
 impl BiasActDropout {
@@ -89,8 +92,55 @@ impl BiasActDropout {
     /// ```
     pub fn new(act: Activation, p: f64, site: u32) -> candle_core::Result<Self> {
         check_site(site)?;
-        let rate = DropRate::new(p).map_err(wrap)?;
-        Ok(BiasActDropout { act, rate, site })
+        let rate = DropRate::new(p)?;
+        Ok(BiasActDropout {
+            act,
+            rate,
+            site,
+            math: None,
+        })
+    }
+
+    /// The same site with the activation evaluated in `math` mode: [`Math::Fast`] (the op's
+    /// default for GELU and SiLU: approximate, within the bound in the
+    /// [op's docs](crate::bias_act_dropout)) or [`Math::Exact`] (bit for bit equal to the CPU
+    /// reference on every device). On candle's CPU device both run the CPU reference of that
+    /// mode.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::bias_act_dropout::Activation;
+    /// use fusedreg::candle::BiasActDropout;
+    /// use fusedreg::Math;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let site = BiasActDropout::new(Activation::GeluTanh, 0.1, 2)?;
+    /// assert_eq!(site.math(), Math::Fast); // the op's default for GELU
+    /// assert_eq!(site.with_math(Math::Exact).math(), Math::Exact);
+    /// assert_eq!(BiasActDropout::new(Activation::Relu, 0.1, 2)?.math(), Math::Exact);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_math(self, math: Math) -> Self {
+        BiasActDropout {
+            math: Some(math),
+            ..self
+        }
+    }
+
+    /// The math mode calls use (default: [`Activation::default_math`] of the activation).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::bias_act_dropout::Activation;
+    /// use fusedreg::Math;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let site = fusedreg::candle::BiasActDropout::new(Activation::Silu, 0.1, 0)?;
+    /// assert_eq!(site.math(), Activation::Silu.default_math());
+    /// # Ok(()) }
+    /// ```
+    pub fn math(&self) -> Math {
+        self.math.unwrap_or_else(|| self.act.default_math())
     }
 
     /// The activation.
@@ -151,6 +201,7 @@ impl BiasActDropout {
     /// let cfg = site.config(4, 16, Some(&keys))?;
     /// assert_eq!((cfg.seed(), cfg.call(), cfg.act()), (42, keys.call(7, 0)?, Activation::Relu));
     /// assert_eq!(site.config(4, 16, None)?.rate().p(), 0.0);
+    /// assert_eq!(site.config(4, 16, None)?.math(), site.math());
     /// # Ok(()) }
     /// ```
     pub fn config(
@@ -163,7 +214,7 @@ impl BiasActDropout {
             None => (0.0, 0, 0),
             Some(k) => (self.rate.p(), k.seed(), k.call(self.site, 0)?),
         };
-        Config::new(rows, cols, self.act, p, seed, call).map_err(wrap)
+        Ok(Config::new(rows, cols, self.act, p, seed, call)?.with_math(self.math()))
     }
 
     /// `dropout(act(x + bias))` with the mask of `keys` (training), or `act(x + bias)` without
@@ -236,7 +287,7 @@ fn fwd_cpu<T: Elem>(
         .map(|(s, l)| cpu_slice::<T>(FWD, "bias", s, l))
         .transpose()?;
     let mut y = vec![T::default(); cfg.len()];
-    cpu::forward(cfg, x, b, &mut y, None).map_err(wrap)?;
+    cpu::forward(cfg, x, b, &mut y, None)?;
     Ok(cpu_out(y, lx.shape().clone()))
 }
 
@@ -255,8 +306,7 @@ fn fwd_cuda<T: Elem>(
         .transpose()?;
     // SAFETY: the forward writes every element of y (a dropped element gets +0).
     let mut y = unsafe { cuda_alloc::<T>(dev, cfg.len())? };
-    crate::bias_act_dropout::forward(&h, cfg, &x, b, &mut y.slice_mut(..cfg.len()), None)
-        .map_err(wrap)?;
+    crate::bias_act_dropout::forward(&h, cfg, &x, b, &mut y.slice_mut(..cfg.len()), None)?;
     Ok((
         candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
         lx.shape().clone(),
@@ -394,7 +444,7 @@ fn bwd_cpu<T: Elem>(
     let mut out = vec![T::default(); total];
     let (dx, db) = out.split_at_mut(op.cfg.len());
     let pre = Preact::X { x, bias: b };
-    cpu::backward(&op.cfg, dy, pre, dx, b.is_some().then_some(db)).map_err(wrap)?;
+    cpu::backward(&op.cfg, dy, pre, dx, b.is_some().then_some(db))?;
     Ok(cpu_out(out, shape))
 }
 
@@ -422,8 +472,14 @@ fn bwd_cuda<T: Elem>(
         let (mut dx, mut db) = out.split_at_mut(n);
         let db = db.slice_mut(..total - n);
         let pre = Preact::X { x, bias: b };
-        crate::bias_act_dropout::backward(&h, &op.cfg, &dy, pre, &mut dx, with_dbias.then_some(db))
-            .map_err(wrap)?;
+        crate::bias_act_dropout::backward(
+            &h,
+            &op.cfg,
+            &dy,
+            pre,
+            &mut dx,
+            with_dbias.then_some(db),
+        )?;
     }
     Ok((
         candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),

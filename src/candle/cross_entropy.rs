@@ -26,6 +26,7 @@ use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem
 use super::wrap;
 use crate::cross_entropy::{cpu, Config, Reduction};
 use crate::error::Error;
+use crate::Math;
 
 const OP: &str = "candle::CrossEntropy";
 const FWD: &str = "fusedreg-cross-entropy";
@@ -73,6 +74,8 @@ pub struct CrossEntropy {
     ignore_index: i64,
     /// Out-of-range targets are an error (on CUDA: one 4-byte read-back per forward).
     check_targets: bool,
+    /// `None`: the op's default ([`Config::math`] of a new config).
+    math: Option<Math>,
 }
 
 impl Default for CrossEntropy {
@@ -87,6 +90,7 @@ impl Default for CrossEntropy {
             alpha: 0.0,
             ignore_index: -100,
             check_targets: true,
+            math: None,
         }
     }
 }
@@ -119,9 +123,7 @@ impl CrossEntropy {
     /// ```
     pub fn with_label_smoothing(self, alpha: f64) -> candle_core::Result<Self> {
         // The op's own check.
-        Config::new(0, 1)
-            .and_then(|c| c.label_smoothing(alpha))
-            .map_err(wrap)?;
+        Config::new(0, 1).and_then(|c| c.label_smoothing(alpha))?;
         Ok(CrossEntropy { alpha, ..self })
     }
 
@@ -159,6 +161,40 @@ impl CrossEntropy {
             check_targets: false,
             ..self
         }
+    }
+
+    /// The same loss with the CUDA kernel's `exp` and `log` in `math` mode: [`Math::Fast`] (the
+    /// op's default: within the bound in the [op's docs](crate::cross_entropy)) or
+    /// [`Math::Exact`] (bit for bit equal to the CPU reference). On candle's CPU device the CPU
+    /// reference runs, which is the exact arithmetic in either mode.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::candle::CrossEntropy;
+    /// use fusedreg::Math;
+    /// assert_eq!(CrossEntropy::new().math(), Math::Fast);
+    /// assert_eq!(CrossEntropy::new().with_math(Math::Exact).math(), Math::Exact);
+    /// ```
+    pub fn with_math(self, math: Math) -> Self {
+        CrossEntropy {
+            math: Some(math),
+            ..self
+        }
+    }
+
+    /// The math mode of the CUDA kernel (default: the op's, [`Math::Fast`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::Math;
+    /// assert_eq!(fusedreg::candle::CrossEntropy::new().math(), Math::Fast);
+    /// ```
+    pub fn math(&self) -> Math {
+        // A 1 x 1 config is always valid; it holds the op's default.
+        self.math
+            .unwrap_or_else(|| Config::new(1, 1).map_or(Math::Fast, |c| c.math()))
     }
 
     /// Whether an out-of-range target is an error on the CUDA device (the default; see
@@ -207,15 +243,16 @@ impl CrossEntropy {
     /// let cfg = CrossEntropy::new().with_ignore_index(7).config(4, 100)?;
     /// assert_eq!((cfg.rows(), cfg.vocab(), cfg.get_ignore_index()), (4, 100, 7));
     /// assert_eq!(cfg.get_reduction(), Reduction::Mean);
+    /// assert_eq!(cfg.math(), CrossEntropy::new().math());
     /// assert!(CrossEntropy::new().config(4, 0).is_err());
     /// # Ok(()) }
     /// ```
     pub fn config(&self, rows: usize, vocab: usize) -> candle_core::Result<Config> {
         Ok(Config::new(rows, vocab)
-            .and_then(|c| c.label_smoothing(self.alpha))
-            .map_err(wrap)?
+            .and_then(|c| c.label_smoothing(self.alpha))?
             .ignore_index(self.ignore_index)
-            .reduction(Reduction::Mean))
+            .reduction(Reduction::Mean)
+            .with_math(self.math()))
     }
 
     /// The mean loss (an f32 scalar) of `logits` `[..., vocab]` against `targets` `[...]` (the
@@ -331,7 +368,7 @@ fn fwd_cpu<T: Elem>(
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let logits = cpu_slice::<T>(FWD, "logits", sl, ll)?;
     let targets = cpu_targets(st, lt)?;
-    let loss = cpu::forward(cfg, logits, targets).map_err(wrap)?;
+    let loss = cpu::forward(cfg, logits, targets)?;
     let mean = loss
         .reduced
         .ok_or_else(|| wrap(Error::invalid(FWD, "no reduced loss")))?;
@@ -363,7 +400,7 @@ fn fwd_cuda<T: Elem>(
         invalid_target: flag.as_mut().map(|f| f.as_view_mut()),
         ..Outputs::new(loss.slice_mut(..1))
     };
-    crate::cross_entropy::forward(&h, cfg, &logits, &targets, out).map_err(wrap)?;
+    crate::cross_entropy::forward(&h, cfg, &logits, &targets, out)?;
     // The kernel cannot fail on a bad target; it raises this flag. Reading it waits for the op.
     let bad_target = match &flag {
         Some(f) => dev.clone_dtoh(f)?[0] != 0,
@@ -465,7 +502,7 @@ fn bwd_cpu<T: Elem>(
     let targets = cpu_targets(st, lt)?;
     let upstream = cpu_slice::<f32>(BWD, "upstream", su, lu)?;
     let mut grad = vec![T::default(); cfg.len()];
-    cpu::forward_backward(cfg, logits, targets, Some(upstream), &mut grad).map_err(wrap)?;
+    cpu::forward_backward(cfg, logits, targets, Some(upstream), &mut grad)?;
     Ok(cpu_out(grad, ll.shape().clone()))
 }
 
@@ -501,8 +538,7 @@ fn bwd_cuda<T: Elem>(
         &targets,
         &mut grad.slice_mut(..n),
         out,
-    )
-    .map_err(wrap)?;
+    )?;
     Ok((
         candle_core::CudaStorage::wrap_cuda_slice(grad, dev.clone()),
         ll.shape().clone(),
@@ -560,7 +596,7 @@ mod tests {
         let dev = Device::Cpu;
         let logits = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
         let targets = Tensor::zeros(6, DType::I64, &dev)?;
-        let cfg = Config::new(6, 4).map_err(wrap)?;
+        let cfg = Config::new(6, 4)?;
         let err = logits
             .apply_op2_no_bwd(&targets, &Fwd { cfg, check: true })
             .unwrap_err();

@@ -83,7 +83,7 @@ impl Dropout {
     /// ```
     pub fn new(p: f64, site: u32) -> candle_core::Result<Self> {
         check_site(site)?;
-        let rate = DropRate::new(p).map_err(wrap)?;
+        let rate = DropRate::new(p)?;
         Ok(Dropout {
             rate,
             site,
@@ -109,9 +109,7 @@ impl Dropout {
     /// ```
     pub fn with_drop_path(self, p_path: f64, rows_per_sample: usize) -> candle_core::Result<Self> {
         // Validates both through the op's own checks.
-        let path = DropPath::new(p_path, 0)
-            .and_then(|p| p.per_sample(rows_per_sample))
-            .map_err(wrap)?;
+        let path = DropPath::new(p_path, 0).and_then(|p| p.per_sample(rows_per_sample))?;
         Ok(Dropout {
             drop_path: (p_path > 0.0).then_some((path.rate(), rows_per_sample)),
             ..self
@@ -186,13 +184,12 @@ impl Dropout {
             return Config::new(rows, cols, 0.0, 0, 0).map_err(wrap);
         };
         let call = keys.call(self.site, 0)?;
-        let cfg = Config::new(rows, cols, self.rate.p(), keys.seed(), call).map_err(wrap)?;
+        let cfg = Config::new(rows, cols, self.rate.p(), keys.seed(), call)?;
         Ok(match self.drop_path {
             None => cfg,
             Some((rate, per_sample)) => {
                 let path = DropPath::new(rate.p(), keys.call(self.site, 1)?)
-                    .and_then(|p| p.per_sample(per_sample))
-                    .map_err(wrap)?;
+                    .and_then(|p| p.per_sample(per_sample))?;
                 cfg.with_drop_path(path)
             }
         })
@@ -274,7 +271,7 @@ fn fwd_cpu<T: Elem>(
         bias: b,
         ..Default::default()
     };
-    cpu::forward(cfg, x, &mut y, opts).map_err(wrap)?;
+    cpu::forward(cfg, x, &mut y, opts)?;
     Ok(cpu_out(y, lx.shape().clone()))
 }
 
@@ -297,7 +294,7 @@ fn fwd_cuda<T: Elem>(
         bias: b,
         ..Default::default()
     };
-    crate::dropout::forward(&h, cfg, &x, &mut y.slice_mut(..cfg.len()), opts).map_err(wrap)?;
+    crate::dropout::forward(&h, cfg, &x, &mut y.slice_mut(..cfg.len()), opts)?;
     Ok((
         candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
         lx.shape().clone(),
@@ -432,7 +429,7 @@ fn bwd_cpu<T: Elem>(
         dbias: op.dbias.then_some(db),
         ..Default::default()
     };
-    cpu::backward(&op.cfg, dy, dx, opts).map_err(wrap)?;
+    cpu::backward(&op.cfg, dy, dx, opts)?;
     Ok(cpu_out(out, shape))
 }
 
@@ -457,7 +454,7 @@ fn bwd_cuda<T: Elem>(
             dbias: op.dbias.then_some(db),
             ..Default::default()
         };
-        crate::dropout::backward(&h, &op.cfg, &dy, &mut dx, opts).map_err(wrap)?;
+        crate::dropout::backward(&h, &op.cfg, &dy, &mut dx, opts)?;
     }
     Ok((
         candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -494,7 +491,7 @@ mod tests {
     fn custom_op_refuses_non_contiguous() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
-        let cfg = Config::new(6, 4, 0.1, 1, 2).map_err(wrap)?;
+        let cfg = Config::new(6, 4, 0.1, 1, 2)?;
         let err = x.apply_op1_no_bwd(&Fwd { cfg }).unwrap_err();
         assert!(err.to_string().contains("not contiguous"), "{err}");
         let bwd = Bwd { cfg, dbias: true };
@@ -509,7 +506,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 3), DType::F32, &dev)?;
         let b = Tensor::zeros(3, DType::BF16, &dev)?;
-        let cfg = Config::new(2, 3, 0.1, 1, 2).map_err(wrap)?;
+        let cfg = Config::new(2, 3, 0.1, 1, 2)?;
         let err = x.apply_op2_no_bwd(&b, &Fwd { cfg }).unwrap_err();
         assert!(err.to_string().contains("dtype"), "{err}");
         let x64 = Tensor::zeros((2, 3), DType::F64, &dev)?;

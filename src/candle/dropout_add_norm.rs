@@ -143,7 +143,7 @@ impl DropoutAddNorm {
         check_site(site)?;
         let eps32 = eps as f32;
         // The op's own check (finite, > 0) on the value it will use.
-        Config::new(0, 1, norm, eps32).map_err(wrap)?;
+        Config::new(0, 1, norm, eps32)?;
         Ok(DropoutAddNorm {
             norm,
             eps: eps32,
@@ -167,7 +167,7 @@ impl DropoutAddNorm {
     /// ```
     pub fn with_dropout(self, p: f64) -> candle_core::Result<Self> {
         Ok(DropoutAddNorm {
-            rate: DropRate::new(p).map_err(wrap)?,
+            rate: DropRate::new(p)?,
             ..self
         })
     }
@@ -188,9 +188,7 @@ impl DropoutAddNorm {
     /// # Ok(()) }
     /// ```
     pub fn with_drop_path(self, p_path: f64, rows_per_sample: usize) -> candle_core::Result<Self> {
-        let path = DropPath::new(p_path, 0)
-            .and_then(|p| p.per_sample(rows_per_sample))
-            .map_err(wrap)?;
+        let path = DropPath::new(p_path, 0).and_then(|p| p.per_sample(rows_per_sample))?;
         Ok(DropoutAddNorm {
             drop_path: (p_path > 0.0).then_some((path.rate(), rows_per_sample)),
             ..self
@@ -213,7 +211,7 @@ impl DropoutAddNorm {
     /// # Ok(()) }
     /// ```
     pub fn with_layer_norm_scaling(self, layer: usize) -> candle_core::Result<Self> {
-        layer_norm_scaling(layer).map_err(wrap)?;
+        layer_norm_scaling(layer)?;
         Ok(DropoutAddNorm {
             layer: Some(layer),
             ..self
@@ -331,20 +329,17 @@ impl DropoutAddNorm {
         cols: usize,
         keys: Option<&StepKeys>,
     ) -> candle_core::Result<Config> {
-        let mut cfg = Config::new(rows, cols, self.norm, self.eps).map_err(wrap)?;
+        let mut cfg = Config::new(rows, cols, self.norm, self.eps)?;
         if let Some(layer) = self.layer {
-            cfg = cfg.with_layer_norm_scaling(layer).map_err(wrap)?;
+            cfg = cfg.with_layer_norm_scaling(layer)?;
         }
         let Some(keys) = keys else {
             return Ok(cfg);
         };
-        cfg = cfg
-            .with_dropout(self.rate.p(), keys.seed(), keys.call(self.site, 0)?)
-            .map_err(wrap)?;
+        cfg = cfg.with_dropout(self.rate.p(), keys.seed(), keys.call(self.site, 0)?)?;
         if let Some((rate, per_sample)) = self.drop_path {
             let path = DropPath::new(rate.p(), keys.call(self.site, 1)?)
-                .and_then(|p| p.per_sample(per_sample))
-                .map_err(wrap)?;
+                .and_then(|p| p.per_sample(per_sample))?;
             cfg = cfg.with_drop_path(path);
         }
         Ok(cfg)
@@ -624,7 +619,7 @@ fn fwd_cpu<T: Elem>(
             ..cpu::ForwardArgs::new(x, gamma)
         };
         let outs = cpu::ForwardOut { out, s, mean, rstd };
-        cpu::forward(&op.cfg, args, outs).map_err(wrap)?;
+        cpu::forward(&op.cfg, args, outs)?;
     }
     op.keep(Stats::Cpu(stats));
     Ok(cpu_out(packed, op.out_shape()))
@@ -671,7 +666,7 @@ fn fwd_cuda<T: Elem>(
             ..ForwardArgs::new(x, gamma)
         };
         let outs = ForwardOut { out, s, mean, rstd };
-        crate::dropout_add_norm::forward(&h, &op.cfg, args, outs).map_err(wrap)?;
+        crate::dropout_add_norm::forward(&h, &op.cfg, args, outs)?;
     }
     op.keep(Stats::Cuda(stats));
     Ok((
@@ -833,7 +828,7 @@ fn bwd_cpu<T: Elem>(
             dbias: l.bias.then_some(dbias),
             ..cpu::BackwardOut::new(dx, dgamma)
         };
-        cpu::backward(&op.cfg, args, outs).map_err(wrap)?;
+        cpu::backward(&op.cfg, args, outs)?;
     }
     Ok(cpu_out(out, Shape::from(total)))
 }
@@ -897,7 +892,7 @@ fn bwd_cuda<T: Elem>(
             dbias: l.bias.then_some(dbias),
             ..BackwardOut::new(dx, dgamma)
         };
-        crate::dropout_add_norm::backward(&h, &op.cfg, args, outs).map_err(wrap)?;
+        crate::dropout_add_norm::backward(&h, &op.cfg, args, outs)?;
     }
     Ok((
         candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -959,7 +954,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
         let gamma = Tensor::ones(4, DType::F32, &dev)?;
-        let cfg = Config::new(6, 4, Norm::LayerNorm, 1e-5).map_err(wrap)?;
+        let cfg = Config::new(6, 4, Norm::LayerNorm, 1e-5)?;
         let err = x.apply_op2_no_bwd(&gamma, &fwd(cfg)?).unwrap_err();
         assert!(err.to_string().contains("not contiguous"), "{err}");
         Ok(())
@@ -972,7 +967,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 3), DType::F32, &dev)?;
         let gamma = Tensor::zeros(3, DType::BF16, &dev)?;
-        let cfg = Config::new(2, 3, Norm::RmsNorm, 1e-5).map_err(wrap)?;
+        let cfg = Config::new(2, 3, Norm::RmsNorm, 1e-5)?;
         let op = fwd(cfg)?;
         let err = x.apply_op2_no_bwd(&gamma, &op).unwrap_err();
         assert!(err.to_string().contains("dtype"), "{err}");

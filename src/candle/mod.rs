@@ -251,7 +251,24 @@ pub(crate) fn check_site(site: u32) -> candle_core::Result<()> {
     }
 }
 
-/// A fusedreg error as a candle error (the message is kept).
+/// A fusedreg error as a candle error (the message is kept), so `?` on a fusedreg result works
+/// in code that returns `candle_core::Result`.
+///
+/// ```
+/// fn p(p: f64) -> candle_core::Result<f64> {
+///     Ok(fusedreg::dropping::DropRate::new(p)?.p())
+/// }
+/// assert_eq!(p(0.25).unwrap(), 0.25);
+/// assert!(p(1.5).is_err()); // fusedreg's error, as a candle error
+/// ```
+impl From<crate::Error> for candle_core::Error {
+    fn from(e: crate::Error) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}
+
+/// A fusedreg error as a candle error, where `?` cannot convert it (an `Err(...)` built in
+/// place, a `map_err` whose result is returned as is).
 pub(crate) fn wrap(e: crate::Error) -> candle_core::Error {
-    candle_core::Error::wrap(e)
+    e.into()
 }

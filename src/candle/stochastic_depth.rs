@@ -62,10 +62,8 @@ impl StochasticDepth {
     /// ```
     pub fn new(schedule: Schedule, blocks: usize) -> candle_core::Result<Self> {
         // Checks the schedule once (a later plan with another seed cannot fail on it).
-        let eval = sd::StochasticDepth::new(schedule.clone(), blocks, 0, Mode::Batch)
-            .map_err(wrap)?
-            .eval_plan();
-        let probabilities = schedule.probabilities(blocks).map_err(wrap)?;
+        let eval = sd::StochasticDepth::new(schedule.clone(), blocks, 0, Mode::Batch)?.eval_plan();
+        let probabilities = schedule.probabilities(blocks)?;
         Ok(StochasticDepth {
             schedule,
             blocks,
@@ -111,8 +109,7 @@ impl StochasticDepth {
     /// ```
     pub fn plan(&self, keys: &StepKeys) -> candle_core::Result<DepthPlan> {
         let s =
-            sd::StochasticDepth::new(self.schedule.clone(), self.blocks, keys.seed(), Mode::Batch)
-                .map_err(wrap)?;
+            sd::StochasticDepth::new(self.schedule.clone(), self.blocks, keys.seed(), Mode::Batch)?;
         Ok(DepthPlan {
             plan: s.plan(keys.step()),
         })

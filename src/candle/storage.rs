@@ -201,7 +201,7 @@ pub fn cuda_handle(dev: &candle_core::CudaDevice) -> candle_core::Result<crate::
     if let Some((_, h)) = cache.iter().find(|(id, _)| *id == dev.id()) {
         return Ok(h.clone());
     }
-    let h = crate::Handle::from_stream(dev.cuda_stream()).map_err(wrap)?;
+    let h = crate::Handle::from_stream(dev.cuda_stream())?;
     cache.push((dev.id(), h.clone()));
     Ok(h)
 }
