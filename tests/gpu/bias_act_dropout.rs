@@ -19,7 +19,7 @@ use libtest_mimic::Trial;
 use crate::prelude::*;
 
 #[path = "../common/bias_act_fast.rs"]
-mod fastcheck;
+pub(crate) mod fastcheck;
 
 /// Both math modes (ReLU runs the same code in either).
 const MATHS: [Math; 2] = [Math::Exact, Math::Fast];
