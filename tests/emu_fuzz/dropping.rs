@@ -154,7 +154,7 @@ fn write(c: &Case, w: &mut Writer) {
     w.u64("seed", c.seed);
     w.u64("call", c.call);
     w.u64("threshold", cfg.rate().threshold_at(cfg.resolution()));
-    w.f32("scale", cfg.rate().scale());
+    w.f32("scale", cfg.scale());
     let path = cfg.drop_path();
     w.flag("drop_path", path.is_some());
     w.u64("path_call", path.map_or(0, |p| p.call()));

@@ -62,7 +62,7 @@ template <class T, class S> static void run(In& in, Out& out) {
     p.path_call = path_call; p.path_threshold = path_threshold; p.scale = scale; p.path_scale = path_scale;
     p.eps = eps; p.layer_scale = layer_scale;
     const bool fvec = cols % GROUP == 0 && al(x) && al(gamma) && al(beta) && al(bias) && al(r) && al(o) && al(s);
-    p.flags = (drop_path ? 1u : 0u) | (fvec ? 2u : 0u) | (rms ? 4u : 0u) | (beta.n ? 8u : 0u) | (fwd_smem ? 32u : 0u);
+    p.flags = (drop_path ? FLAG_DROP_PATH : 0u) | (fvec ? FLAG_VEC : 0u) | (rms ? FLAG_RMS : 0u) | (beta.n ? FLAG_BETA : 0u) | (fwd_smem ? FLAG_SMEM : 0u);
     p.rows_per_sample = rows_per_sample;
     const unsigned block = row_partials(cols);
     const unsigned grid = (unsigned)std::min<uint64_t>(rows, max_grid);
@@ -79,7 +79,7 @@ template <class T, class S> static void run(In& in, Out& out) {
     q.x = nullptr; q.residual = nullptr; q.bias = nullptr; q.rowscale = nullptr;
     q.out = o2.p; q.mean = mean2.data(); q.rstd = rstd2.data();
     const bool nvec = cols % GROUP == 0 && al(gamma) && al(beta) && al(o2) && al(s);
-    q.flags = (nvec ? 2u : 0u) | (rms ? 4u : 0u) | (beta.n ? 8u : 0u) | 16u | (bwd_smem ? 32u : 0u);
+    q.flags = (nvec ? FLAG_VEC : 0u) | (rms ? FLAG_RMS : 0u) | (beta.n ? FLAG_BETA : 0u) | FLAG_NORM_ONLY | (bwd_smem ? FLAG_SMEM : 0u);
     if (n) launch(K<T, S>::fwd, dim3{grid, 1, 1}, dim3{block, 1, 1}, q);
     put(out, "norm_only_out", o2);
     put(out, "norm_only_mean", mean2);
@@ -99,13 +99,15 @@ template <class T, class S> static void run(In& in, Out& out) {
     b.seed = seed; b.call = call; b.threshold = threshold; b.path_call = path_call;
     b.path_threshold = path_threshold; b.scale = scale; b.path_scale = path_scale; b.layer_scale = layer_scale;
     const bool bvec = cols % GROUP == 0 && al(d_out) && al(d_s) && al(s) && al(gamma) && al(dx) && al(d_res);
-    b.flags = (drop_path ? 1u : 0u) | (bvec ? 2u : 0u) | (rms ? 4u : 0u) | (bwd_smem ? 32u : 0u);
+    b.flags = (drop_path ? FLAG_DROP_PATH : 0u) | (bvec ? FLAG_VEC : 0u) | (rms ? FLAG_RMS : 0u) | (bwd_smem ? FLAG_SMEM : 0u) |
+              (want_dbeta ? FLAG_DBETA : 0u) | (want_dbias ? FLAG_DBIAS : 0u);
     b.rows_per_sample = rows_per_sample;
     if (n) launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, b);
     ColsumParams<T> cs{};
     cs.partials = part.data(); cs.dgamma = dgamma.p; cs.dbeta = want_dbeta ? dbeta.p : nullptr;
     cs.dbias = want_dbias ? dbias.p : nullptr; cs.cols = cols; cs.slabs = slabs;
-    if (cols) launch(C<T>::colsum, dim3{(unsigned)std::min<uint64_t>((3 * cols + 255) / 256, 4), 1, 1}, dim3{256, 1, 1}, cs);
+    // As src/dropout_add_norm/gpu.rs: a block per 32 columns, blockIdx.y picks dgamma / dbeta / dbias.
+    if (cols) launch(C<T>::colsum, dim3{(unsigned)std::min<uint64_t>((cols + 31) / 32, 1u << 16), 3, 1}, dim3{256, 1, 1}, cs);
     put(out, "dx", dx);
     put(out, "d_residual", d_res);
     put(out, "dgamma", dgamma);
