@@ -17,6 +17,3 @@ for ((k = 0; k < parts; ++k)); do DAN_DUMP="$work/dump" "$work/emu" "$k" "$parts
 for pid in "${pids[@]}"; do wait "$pid"; done
 echo "$(ls "$work/dump" | grep -c '^stats') emulated statistics cases; checking them against the CPU reference"
 DAN_DUMP="$work/dump" cargo test --test redundancy_emu -- --ignored
-# The same dumps hold every dropout_add_norm case: the emulated tier and generic kernels against
-# the CPU reference (tests/dropout_add_norm_emu.rs).
-DAN_DUMP="$work/dump" cargo test --test dropout_add_norm_emu -- --ignored
