@@ -13,9 +13,10 @@
 // # What a new dropping op calls (namespace fusedreg::drop)
 //   keep_bits<V>(seed, call, threshold, i)   V = 1, 4 or 8 keep bits of elements i .. i+V-1 (i a
 //                                            multiple of V for V > 1): bit k = element i+k kept
-//   keep_bits16<V>(...), keep_bits_of<V>(p, i)
+//   keep_bits16<V>(...), keep_bits8<V>(...), keep_bits_of<V>(p, i)
 //                                            the same under 16-bit keying (8 elements per Philox
-//                                            block), and the one p.flags & FLAG_KEY16 selects
+//                                            block) and 8-bit keying (16 per block), and the one
+//                                            p.flags (FLAG_KEY16 / FLAG_KEY8) selects
 //   read_bits<V>(mask, i)                    the same bits from a 1-bit mask
 //   write_bits<V>(mask, i, bits, active)     writes them; called by EVERY lane of the warp (see
 //                                            its comment for the V = 4 / V = 1 rules)
@@ -60,6 +61,10 @@ constexpr uint32_t FLAG_UNROLL = 2u;     // unroll the row loop by UNROLL (launc
 // and 16 upwards.
 constexpr uint32_t FLAG_KEY16 = 8u;
 constexpr uint64_t THRESHOLD16_ALL = 1ull << 16;  // p = 1 under 16-bit keying
+// 8-bit keying (MaskResolution::Bits8): threshold in 0 ..= 2^8, one Philox block keys 16
+// elements (see keep_bits8). The host refuses it for ops whose kernels do not read this flag.
+constexpr uint32_t FLAG_KEY8 = 16u;
+constexpr uint64_t THRESHOLD8_ALL = 1ull << 8;  // p = 1 under 8-bit keying
 constexpr int UNROLL = 4;       // rows whose loads are all issued before any of their math
 constexpr int RS_CHUNK = 256;   // row multipliers staged in shared memory at a time
 constexpr int MAX_BLOCK = 256;  // launch bound; the host refuses larger blocks
@@ -122,9 +127,42 @@ __device__ __forceinline__ uint32_t keep_bits16(uint64_t seed, uint64_t call, ui
     }
 }
 
-// The keep bits of a params struct P under its resolution (FLAG_KEY16 in p.flags).
+// Keep bits of elements i .. i+V-1 under 8-bit keying: element i takes byte i % 16 of Philox
+// block i / 16 (byte k = bits 8 (k % 4) .. of word k / 4, little-endian like memory), dropped
+// when it is below threshold (0 ..= 2^8; p quantised to 2^-8, FlashAttention's resolution).
+// One Philox evaluation keys 16 elements: a thread that owns 16 consecutive elements (V = 16)
+// uses the whole block; V = 8 uses half of it (the neighbouring group computes the same block).
+// i is a multiple of V.
+template <int V>
+__device__ __forceinline__ uint32_t keep_bits8(uint64_t seed, uint64_t call, uint64_t threshold,
+                                               uint64_t i) {
+    if (threshold == 0) return (1u << V) - 1u;
+    if (threshold >= THRESHOLD8_ALL) return 0u;
+    const uint32_t t = (uint32_t)threshold;
+    const uint4 w = philox_block(seed, call, i >> 4);
+    if constexpr (V == 1) {
+        const uint32_t word = philox_word(w, (uint32_t)(i & 15) >> 2);
+        return ((word >> (8 * (uint32_t)(i & 3))) & 0xffu) >= t ? 1u : 0u;
+    } else {
+        static_assert(V == 4 || V == 8 || V == 16, "8-bit keying: V = 1, 4, 8 or 16");
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        // The group's first word: V = 16 starts at word 0; V = 8 at word (i & 8) / 4; V = 4 at
+        // word (i & 12) / 4.
+        const int base_word = V == 16 ? 0 : (int)((i & 15) >> 2);
+        uint32_t bits = 0;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const uint32_t byte = (words[base_word + (k >> 2)] >> (8 * (k & 3))) & 0xffu;
+            bits |= (byte >= t ? 1u : 0u) << k;
+        }
+        return bits;
+    }
+}
+
+// The keep bits of a params struct P under its resolution (FLAG_KEY16 / FLAG_KEY8 in p.flags).
 template <int V, typename P>
 __device__ __forceinline__ uint32_t keep_bits_of(const P& p, uint64_t i) {
+    if (p.flags & FLAG_KEY8) return keep_bits8<V>(p.seed, p.call, p.threshold, i);
     if (p.flags & FLAG_KEY16) return keep_bits16<V>(p.seed, p.call, p.threshold, i);
     return keep_bits<V>(p.seed, p.call, p.threshold, i);
 }

@@ -15,12 +15,15 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr}
 
 use super::{check_backward, check_forward, Activation, Config, Preact, LANES, OP};
 use crate::dropping::gpu::{aligned16, finish_dbias, resolution_flag};
-use crate::dropping::slab_rows;
+use crate::dropping::{slab_rows, MaskResolution};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::math::Math;
 use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
+
+/// The keying resolutions kernels/bias_act_dropout.cu implements.
+const RESOLUTIONS: &[MaskResolution] = &[MaskResolution::Bits32, MaskResolution::Bits16];
 
 /// Mirrors `BiasActDropoutFwdParams` in the kernel.
 #[repr(C)]
@@ -260,7 +263,7 @@ pub fn forward<T: Dtype>(
         log2_scale: f64::from(rate.scale()).log2() as f32,
         act: cfg.act().code(),
         math: math_code(cfg),
-        flags: resolution_flag(&keying),
+        flags: resolution_flag(OP, &keying, RESOLUTIONS)?,
     };
     let family = families(cfg, vector).0;
     handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)
@@ -373,7 +376,7 @@ pub fn backward<T: Dtype>(
         scale: rate.scale(),
         act: cfg.act().code(),
         math: math_code(cfg),
-        flags: resolution_flag(&keying),
+        flags: resolution_flag(OP, &keying, RESOLUTIONS)?,
     };
     let family = families(cfg, vector).1;
     handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)?;

@@ -11,7 +11,7 @@ use crate::dropping::gpu::{
     zero_mask, BackwardKernels, Geometry, Segment, Slabs, BWD_SLAB_ROWS, FLAG_UNROLL,
     FWD_SLAB_ROWS,
 };
-use crate::dropping::{check_forward, ForwardLens};
+use crate::dropping::{check_forward, ForwardLens, MaskResolution};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
@@ -80,7 +80,11 @@ const BWD: BackwardKernels = BackwardKernels {
         DropoutBwdScalarBf16
     ),
     dbias: per_dtype!(DropoutDbiasF32, DropoutDbiasF16, DropoutDbiasBf16),
+    resolutions: RESOLUTIONS,
 };
+
+/// The keying resolutions kernels/dropout.cu implements.
+const RESOLUTIONS: &[MaskResolution] = &[MaskResolution::Bits32, MaskResolution::Bits16];
 
 /// Rows per slab of forward launches: one unrolled visit of 4 rows per thread with a residual
 /// (measured on an H100, [`FWD_SLAB_ROWS`]); two visits without one, which moves two streams
@@ -282,7 +286,7 @@ fn forward_launch<T: Dtype>(
 
     let rsf = row_scale_fields(cfg.drop_path(), rowscale);
     let keying = cfg.keying();
-    let mut flags = rsf.flags | resolution_flag(&keying);
+    let mut flags = rsf.flags | resolution_flag(OP, &keying, RESOLUTIONS)?;
     if opts.tuning.unroll {
         flags |= FLAG_UNROLL;
     }

@@ -30,13 +30,31 @@ pub(crate) const FLAG_DROP_PATH: u32 = 1;
 pub(crate) const FLAG_UNROLL: u32 = 2;
 /// `FLAG_KEY16` in the kernels: 16-bit keying (the threshold is in `0 ..= 2^16`).
 pub(crate) const FLAG_KEY16: u32 = 8;
+/// `FLAG_KEY8` in the kernels: 8-bit keying (the threshold is in `0 ..= 2^8`).
+pub(crate) const FLAG_KEY8: u32 = 16;
 
-/// The kernel flag of a keying's resolution.
-pub(crate) fn resolution_flag(keying: &Keying) -> u32 {
-    match keying.resolution() {
+/// The kernel flag of a keying's resolution, or an error naming `op` when its kernels do not
+/// implement that resolution (`supported` lists the ones they do), so that a resolution a
+/// kernel would not read never runs as another one.
+pub(crate) fn resolution_flag(
+    op: &'static str,
+    keying: &Keying,
+    supported: &[MaskResolution],
+) -> Result<u32> {
+    let resolution = keying.resolution();
+    if !supported.contains(&resolution) {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "{resolution:?} keying is not implemented by this op's kernels (they offer {supported:?}); use one of those"
+            ),
+        ));
+    }
+    Ok(match resolution {
         MaskResolution::Bits32 => 0,
         MaskResolution::Bits16 => FLAG_KEY16,
-    }
+        MaskResolution::Bits8 => FLAG_KEY8,
+    })
 }
 
 /// Mirrors `DropoutBwdParams<T>` in the kernels.
@@ -265,6 +283,8 @@ pub(crate) struct BackwardKernels {
     pub vec: KernelFamily,
     pub scalar: KernelFamily,
     pub dbias: KernelFamily,
+    /// The keying resolutions these kernels implement.
+    pub resolutions: &'static [MaskResolution],
 }
 
 /// One shared backward: `dx = m != 0 ? T(dy * m) : 0`, optionally with dbias. The caller has
@@ -336,7 +356,7 @@ pub(crate) fn launch_backward<T: Dtype>(
     let partials_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
 
     let rsf = row_scale_fields(l.drop_path, l.rowscale);
-    let mut flags = rsf.flags | resolution_flag(&l.keying);
+    let mut flags = rsf.flags | resolution_flag(l.op, &l.keying, kernels.resolutions)?;
     if l.tuning.unroll {
         flags |= FLAG_UNROLL;
     }

@@ -12,7 +12,9 @@
 //! probability applied is [`DropRate::effective_p`]. Kept elements are scaled by
 //! [`DropRate::scale`], times the row scale when there is one (caller's or a [`DropPath`]).
 //! Under [`MaskResolution::Bits16`] element `i` takes halfword `i % 8` of Philox block `i / 8`
-//! instead, compared with `round(p * 2^16)` ([`Config::effective_p`] states the probability).
+//! instead, compared with `round(p * 2^16)`; under [`MaskResolution::Bits8`] byte `i % 16` of
+//! block `i / 16`, compared with `round(p * 2^8)` ([`Config::effective_p`] states the
+//! probability applied, and the scale is one over its complement).
 //!
 //! # What a new dropping op uses
 //!
@@ -181,7 +183,8 @@ impl DropRate {
     }
 
     /// The threshold at a mask resolution: [`DropRate::threshold`] for `Bits32`,
-    /// `round(p * 2^16)` in `0 ..= 2^16` for `Bits16` (a 16-bit halfword below it is dropped).
+    /// `round(p * 2^16)` in `0 ..= 2^16` for `Bits16` (a 16-bit halfword below it is dropped),
+    /// `round(p * 2^8)` in `0 ..= 2^8` for `Bits8` (a byte below it is dropped).
     ///
     /// # Examples
     ///
@@ -190,11 +193,13 @@ impl DropRate {
     /// let r = DropRate::new(0.25).unwrap();
     /// assert_eq!((r.threshold_at(Bits32), r.threshold_at(Bits16)), (1 << 30, 1 << 14));
     /// assert_eq!(DropRate::new(1.0).unwrap().threshold_at(Bits16), 1 << 16);
+    /// assert_eq!(DropRate::new(0.1).unwrap().threshold_at(Bits8), 26); // round(25.6)
     /// ```
     pub fn threshold_at(&self, resolution: MaskResolution) -> u64 {
         match resolution {
             MaskResolution::Bits32 => self.threshold,
             MaskResolution::Bits16 => (self.p * 65_536.0).round() as u64,
+            MaskResolution::Bits8 => (self.p * 256.0).round() as u64,
         }
     }
 
@@ -312,9 +317,16 @@ impl DropRate {
 ///   elements (a 16-bit type's 16-byte vector), half the generator work of `Bits32`; the
 ///   probability applied is quantised to `2^-16` ([`DropRate::effective_p_at`]).
 ///
-/// Either way the mask is a pure function of `(seed, call, i)`. A `(seed, call)` pair should key
-/// masks at one resolution only (both read the same Philox blocks). Offered by
-/// [`crate::dropout`]; the other ops refuse `Bits16` with an error.
+/// * [`MaskResolution::Bits8`]: element `i` takes byte `i % 16` of Philox block `i / 16` (byte
+///   `k` is bits `8 (k % 4)` .. of word `k / 4`, little-endian like memory) and is dropped when
+///   it is below `round(p * 2^8)` (FlashAttention's resolution): one Philox evaluation keys 16
+///   elements; the probability applied is quantised to `2^-8`.
+///
+/// Whatever the resolution the mask is a pure function of `(seed, call, i)` and kept elements
+/// are scaled by `1 / (1 - effective p)`, so the output is unbiased. A `(seed, call)` pair should
+/// key masks at one resolution only (all read the same Philox blocks). Each op's docs say which
+/// resolutions its kernels implement; the others are refused with an error, never run as
+/// another resolution.
 ///
 /// ```
 /// use fusedreg::dropping::{DropRate, MaskResolution};
@@ -335,6 +347,11 @@ pub enum MaskResolution {
     /// `2^-17` rounds to dropping nothing, and then nothing is scaled either): check
     /// [`DropRate::effective_p_at`] (or use `Bits32`) where that matters.
     Bits16,
+    /// One byte per element, 16 elements per Philox block (`p` quantised to `2^-8`).
+    ///
+    /// Unbiased as `Bits16` is, but the rate applied differs from `p` by up to `2^-9` (0.1 runs
+    /// as 26/256 = 0.1016, and a `p` below `2^-9` rounds to dropping nothing).
+    Bits8,
 }
 
 impl MaskResolution {
@@ -345,11 +362,22 @@ impl MaskResolution {
     /// ```
     /// use fusedreg::dropping::MaskResolution;
     /// assert_eq!((MaskResolution::Bits32.bits(), MaskResolution::Bits16.bits()), (32, 16));
+    /// assert_eq!(MaskResolution::Bits8.bits(), 8);
     /// ```
     pub fn bits(self) -> u32 {
         match self {
             MaskResolution::Bits32 => 32,
             MaskResolution::Bits16 => 16,
+            MaskResolution::Bits8 => 8,
+        }
+    }
+
+    /// log2 of the elements one Philox block keys (2, 3 or 4).
+    fn block_shift(self) -> u32 {
+        match self {
+            MaskResolution::Bits32 => 2,
+            MaskResolution::Bits16 => 3,
+            MaskResolution::Bits8 => 4,
         }
     }
 }
@@ -550,11 +578,7 @@ impl Keying {
             call: self.call,
             threshold: self.threshold(),
             all: 1 << self.resolution.bits(),
-            shift: if self.resolution == MaskResolution::Bits16 {
-                3
-            } else {
-                2
-            },
+            shift: self.resolution.block_shift(),
             block: u64::MAX,
             words: [0; 4],
         }
@@ -575,9 +599,9 @@ pub struct KeepBits {
     seed: u64,
     call: u64,
     threshold: u64,
-    /// The threshold that drops everything (2^32 or 2^16).
+    /// The threshold that drops everything (2^32, 2^16 or 2^8).
     all: u64,
-    /// log2 of the elements per Philox block (2 or 3).
+    /// log2 of the elements per Philox block (2, 3 or 4).
     shift: u32,
     block: u64,
     words: [u32; 4],
@@ -607,16 +631,12 @@ impl KeepBits {
             self.block = b;
             self.words = philox::block(self.seed, self.call, b);
         }
-        let value = if self.shift == 2 {
-            self.words[(i & 3) as usize]
-        } else {
+        let value = match self.shift {
+            2 => self.words[(i & 3) as usize],
             // Halfword i % 8: word (i % 8) / 2, low half for even i.
-            let w = self.words[((i & 7) >> 1) as usize];
-            if i & 1 == 1 {
-                w >> 16
-            } else {
-                w & 0xffff
-            }
+            3 => (self.words[((i & 7) >> 1) as usize] >> (16 * (i & 1))) & 0xffff,
+            // Byte i % 16: word (i % 16) / 4, byte i % 4 of it (little-endian).
+            _ => (self.words[((i & 15) >> 2) as usize] >> (8 * (i & 3))) & 0xff,
         };
         u64::from(value) >= self.threshold
     }
@@ -1263,8 +1283,9 @@ impl Config {
     }
 
     /// Keys the mask at another resolution ([`MaskResolution::Bits16`]: 8 elements per Philox
-    /// block, `p` quantised to `2^-16`). Only [`crate::dropout`] offers `Bits16`; the other ops
-    /// return an error for it.
+    /// block, `p` quantised to `2^-16`; [`MaskResolution::Bits8`]: 16 per block, `2^-8`). The
+    /// CPU references implement every resolution; an op whose kernels do not implement one
+    /// returns an error for it on the GPU (its docs list what it offers).
     ///
     /// # Examples
     ///
@@ -1292,8 +1313,8 @@ impl Config {
         self.resolution
     }
 
-    /// The drop probability actually applied: `threshold / 2^32` (`Bits32`) or
-    /// `round(p * 2^16) / 2^16` (`Bits16`). Kept elements are scaled by one over its complement
+    /// The drop probability actually applied: `threshold / 2^32` (`Bits32`),
+    /// `round(p * 2^16) / 2^16` (`Bits16`) or `round(p * 2^8) / 2^8` (`Bits8`). Kept elements are scaled by one over its complement
     /// ([`Config::scale`]), so the output is unbiased at every resolution.
     ///
     /// # Examples
@@ -1764,6 +1785,54 @@ mod tests {
                 assert_eq!(bits.get(i), k.keeps(i), "p {p} i {i}");
             }
         }
+    }
+
+    /// Each resolution's element-to-random-bits map, written out from the Philox block (not
+    /// through `KeepBits`), against `Keying::keeps` on indices that cross blocks and 2^32.
+    #[test]
+    fn every_resolution_keys_element_i_by_its_slice_of_block_i_over_n() {
+        let (seed, call) = (0x1234_5678_9abc_def0, 77);
+        let starts = [0u64, 13, (1 << 32) - 9];
+        for res in [MaskResolution::Bits32, MaskResolution::Bits16, MaskResolution::Bits8] {
+            for p in [0.1, 0.5, 0.9] {
+                let k = Keying::new("t", p, seed, call).unwrap().with_resolution(res);
+                let t = k.threshold();
+                for i in starts.iter().flat_map(|&s| s..s + 40) {
+                    let value = match res {
+                        MaskResolution::Bits32 => philox::block(seed, call, i / 4)[(i % 4) as usize],
+                        MaskResolution::Bits16 => {
+                            let w = philox::block(seed, call, i / 8)[((i % 8) / 2) as usize];
+                            (w >> (16 * (i % 2))) & 0xffff
+                        }
+                        MaskResolution::Bits8 => {
+                            let w = philox::block(seed, call, i / 16)[((i % 16) / 4) as usize];
+                            (w >> (8 * (i % 4))) & 0xff
+                        }
+                    };
+                    assert_eq!(k.keeps(i), u64::from(value) >= t, "{res:?} p {p} i {i}");
+                }
+            }
+        }
+    }
+
+    /// The 8-bit keying's threshold, effective rate and scale; the rate actually dropped over
+    /// many elements matches the effective rate (a binomial 5-sigma band), so the scale makes
+    /// the output unbiased.
+    #[test]
+    fn bits8_rate_and_scale() {
+        let r = DropRate::new(0.1).unwrap();
+        assert_eq!(r.threshold_at(MaskResolution::Bits8), 26);
+        assert_eq!(r.effective_p_at(MaskResolution::Bits8), 26.0 / 256.0);
+        assert_eq!(r.scale_at(MaskResolution::Bits8), (256.0f64 / 230.0) as f32);
+        assert_eq!(DropRate::new(1.0).unwrap().scale_at(MaskResolution::Bits8), 0.0);
+        assert_eq!(DropRate::new(0.001).unwrap().threshold_at(MaskResolution::Bits8), 0);
+        let k = Keying::with_rate(r, 3, 4).with_resolution(MaskResolution::Bits8);
+        let n = 1u64 << 20;
+        let mut bits = k.keep_bits();
+        let dropped = (0..n).filter(|&i| !bits.get(i)).count() as f64;
+        let q = k.effective_p();
+        let sigma = (n as f64 * q * (1.0 - q)).sqrt();
+        assert!((dropped - n as f64 * q).abs() < 5.0 * sigma, "dropped {dropped} of {n}");
     }
 
     #[test]
