@@ -1793,13 +1793,21 @@ mod tests {
     fn every_resolution_keys_element_i_by_its_slice_of_block_i_over_n() {
         let (seed, call) = (0x1234_5678_9abc_def0, 77);
         let starts = [0u64, 13, (1 << 32) - 9];
-        for res in [MaskResolution::Bits32, MaskResolution::Bits16, MaskResolution::Bits8] {
+        for res in [
+            MaskResolution::Bits32,
+            MaskResolution::Bits16,
+            MaskResolution::Bits8,
+        ] {
             for p in [0.1, 0.5, 0.9] {
-                let k = Keying::new("t", p, seed, call).unwrap().with_resolution(res);
+                let k = Keying::new("t", p, seed, call)
+                    .unwrap()
+                    .with_resolution(res);
                 let t = k.threshold();
                 for i in starts.iter().flat_map(|&s| s..s + 40) {
                     let value = match res {
-                        MaskResolution::Bits32 => philox::block(seed, call, i / 4)[(i % 4) as usize],
+                        MaskResolution::Bits32 => {
+                            philox::block(seed, call, i / 4)[(i % 4) as usize]
+                        }
                         MaskResolution::Bits16 => {
                             let w = philox::block(seed, call, i / 8)[((i % 8) / 2) as usize];
                             (w >> (16 * (i % 2))) & 0xffff
@@ -1824,15 +1832,26 @@ mod tests {
         assert_eq!(r.threshold_at(MaskResolution::Bits8), 26);
         assert_eq!(r.effective_p_at(MaskResolution::Bits8), 26.0 / 256.0);
         assert_eq!(r.scale_at(MaskResolution::Bits8), (256.0f64 / 230.0) as f32);
-        assert_eq!(DropRate::new(1.0).unwrap().scale_at(MaskResolution::Bits8), 0.0);
-        assert_eq!(DropRate::new(0.001).unwrap().threshold_at(MaskResolution::Bits8), 0);
+        assert_eq!(
+            DropRate::new(1.0).unwrap().scale_at(MaskResolution::Bits8),
+            0.0
+        );
+        assert_eq!(
+            DropRate::new(0.001)
+                .unwrap()
+                .threshold_at(MaskResolution::Bits8),
+            0
+        );
         let k = Keying::with_rate(r, 3, 4).with_resolution(MaskResolution::Bits8);
         let n = 1u64 << 20;
         let mut bits = k.keep_bits();
         let dropped = (0..n).filter(|&i| !bits.get(i)).count() as f64;
         let q = k.effective_p();
         let sigma = (n as f64 * q * (1.0 - q)).sqrt();
-        assert!((dropped - n as f64 * q).abs() < 5.0 * sigma, "dropped {dropped} of {n}");
+        assert!(
+            (dropped - n as f64 * q).abs() < 5.0 * sigma,
+            "dropped {dropped} of {n}"
+        );
     }
 
     #[test]
