@@ -476,7 +476,7 @@ fn global_norm_adamw_and_state() {
         let _ = global_norm::cpu::finalize(g.f64(), max_norm, loss_scale);
         // Tensor lengths: small, at the chunk boundary, or past what a set holds (an error).
         // Not the lengths in between: a legal layout of up to MAX_CHUNKS chunks allocates its
-        // 8-byte-per-chunk table (16 GiB at the limit), which is the caller's request.
+        // 8-byte-per-chunk table (128 MiB at the limit), which is the caller's request.
         let lens: Vec<u64> = g.vec_with(
             |g| g.0.random_range(0..4),
             |g| match g.0.random_range(0..4) {

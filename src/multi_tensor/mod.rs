@@ -85,15 +85,19 @@ use crate::runtime::Handle;
 /// ```
 pub const CHUNK: u64 = 65_536;
 
-/// The most chunks one set may have (the largest one-dimensional grid).
+/// The most chunks one set may have: 2^24, i.e. 2^40 elements (2 TB of bf16 parameters alone,
+/// several times any single device's memory). The launch grid would allow 2^31 - 1, but the
+/// host builds an 8-byte table entry per chunk, and a length list that asks for 2^31 chunks (a
+/// legal grid) would make it allocate 16 GiB before the device could refuse the tensors; at
+/// this limit the table is at most 128 MiB.
 ///
 /// ```
 /// use fusedreg::multi_tensor::{Layout, CHUNK, MAX_CHUNKS};
-/// assert_eq!(MAX_CHUNKS, 2_147_483_647);
+/// assert_eq!(MAX_CHUNKS, 1 << 24);
 /// // One chunk too many is refused (checked before anything is allocated).
 /// assert!(Layout::new(&[MAX_CHUNKS * CHUNK + 1]).is_err());
 /// ```
-pub const MAX_CHUNKS: u64 = (1 << 31) - 1;
+pub const MAX_CHUNKS: u64 = 1 << 24;
 
 const OP: &str = "multi_tensor";
 
