@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::optim::Optimizer;
 use half::{bf16, f16};
 
-use super::storage::{unsupported, Elem};
+use super::shell::{unsupported, Elem};
 use super::wrap;
 use crate::adamw::cpu::{self as reference, CpuTensor, StepInputs};
 use crate::adamw::{check_lr, weight_decay_by_rank, AdamWConfig};
@@ -708,7 +708,7 @@ mod cuda {
 
     use super::{check_grad, err, AdamWConfig, Elem};
     use crate::adamw::AdamW as Engine;
-    use crate::candle::storage::{cuda_handle, dispatch};
+    use crate::candle::shell::{cuda_handle, dispatch};
     use crate::global_norm::GlobalNorm;
     use crate::multi_tensor::{RawTensor, TensorSet};
     use crate::{Dtype, DtypeKind};

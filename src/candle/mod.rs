@@ -102,19 +102,18 @@ mod bias_act_dropout;
 mod cross_entropy;
 mod dropout;
 mod dropout_add_norm;
-mod dropout_residual;
+mod shell;
+mod site;
 mod stochastic_depth;
-mod storage;
 
 pub use adamw::{vars_by_name, AdamW, AdamWParams};
 pub use bias_act_dropout::BiasActDropout;
 pub use cross_entropy::CrossEntropy;
-pub use dropout::Dropout;
+pub use dropout::{Dropout, DropoutResidual};
 pub use dropout_add_norm::DropoutAddNorm;
-pub use dropout_residual::DropoutResidual;
-pub use stochastic_depth::{DepthPlan, StochasticDepth};
 #[cfg(feature = "candle-cuda")]
-pub use storage::cuda_handle;
+pub use shell::cuda_handle;
+pub use stochastic_depth::{DepthPlan, StochasticDepth};
 
 /// The random keys of one training step: the run's seed and the step number. Copy it into every
 /// op call of the step; advance it with [`StepKeys::next_step`] once per step (see the

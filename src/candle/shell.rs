@@ -40,7 +40,8 @@ pub(crate) trait Any: WithDType + candle_core::cuda::CudaDType {}
 impl<T: WithDType + candle_core::cuda::CudaDType> Any for T {}
 
 /// Calls `$f::<T>($args)` with `T` the element type of `$dtype`, or returns an error naming
-/// `$op` for any other dtype.
+/// `$op` for any other dtype (for the code outside [`Op`]: the optimizer).
+#[cfg(feature = "candle-cuda")]
 macro_rules! dispatch {
     ($op:expr, $dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $dtype {
@@ -51,6 +52,7 @@ macro_rules! dispatch {
         }
     };
 }
+#[cfg(feature = "candle-cuda")]
 pub(crate) use dispatch;
 
 pub(crate) fn unsupported(op: &'static str, dtype: DType) -> candle_core::Error {
@@ -467,7 +469,10 @@ pub(crate) fn check_per_column(
     if t.dims() != [cols] {
         return Err(Error::shape(
             op,
-            format!("{what} is {:?}, expected [{cols}] (one per column)", t.dims()),
+            format!(
+                "{what} is {:?}, expected [{cols}] (one per column)",
+                t.dims()
+            ),
         )
         .into());
     }
@@ -500,7 +505,9 @@ pub(crate) fn rows_cols(op: &'static str, what: &str, t: &Tensor) -> Result<(usi
     let Some((&cols, lead)) = dims.split_last() else {
         return Err(Error::shape(
             op,
-            format!("`{what}` is a scalar; it needs at least one dimension (the last is the columns)"),
+            format!(
+                "`{what}` is a scalar; it needs at least one dimension (the last is the columns)"
+            ),
         )
         .into());
     };

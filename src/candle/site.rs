@@ -2,9 +2,8 @@
 //! optional drop path), the keys it draws with at a step ([`Site::draw`]), and the public
 //! accessors each op type exposes for it ([`site_methods!`]).
 
-use super::{StepKeys, MAX_SITES};
+use super::{check_site, StepKeys};
 use crate::dropping::{DropPath, DropRate};
-use crate::error::Error;
 
 /// One dropout site of a model: the element drop rate, the site number that keys its masks, and
 /// an optional drop path (stochastic depth, one draw per sample of rows).
@@ -88,17 +87,6 @@ impl Site {
             path,
         }))
     }
-}
-
-pub(crate) fn check_site(site: u32) -> candle_core::Result<()> {
-    if site < MAX_SITES {
-        return Ok(());
-    }
-    Err(Error::invalid(
-        "candle",
-        format!("site {site} must be below 2^24 (the call id keeps 24 bits for it)"),
-    )
-    .into())
 }
 
 /// The public accessors of an op type that holds its [`Site`] in a field `site`: `p` and `site`;
