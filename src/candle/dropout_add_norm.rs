@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, Result, Shape, Tensor};
 
+use super::redundancy::{BlockInfluence, Meter};
 use super::shell::{self, cpu_out, packed_len, split_parts, unpack, Elem, Inputs, Op, Pass};
 use super::site::{site_methods, Site};
 use super::StepKeys;
@@ -315,6 +316,53 @@ impl DropoutAddNorm {
         beta: Option<&Tensor>,
         keys: Option<&StepKeys>,
     ) -> Result<(Tensor, Tensor)> {
+        self.run(x, residual, bias, gamma, beta, keys, None)
+    }
+
+    /// This site with every forward's rows' `cos(residual, s)` added to `meter`'s site `site`
+    /// (Block Influence, see [`BlockInfluence`]). The outputs and gradients are those of
+    /// [`forward`](Self::forward).
+    ///
+    /// Errors: `site` not below the meter's sites. A forward on another device than the
+    /// meter's is an error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use fusedreg::candle::{BlockInfluence, DropoutAddNorm};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let (dev, meter) = (Device::Cpu, BlockInfluence::new(1, &Device::Cpu)?);
+    /// let site = DropoutAddNorm::rms_norm(1e-6, 0)?;
+    /// let x = Tensor::randn(0f32, 1.0, (3, 16), &dev)?;
+    /// let gamma = Tensor::ones(16, DType::F32, &dev)?;
+    /// let (out, s) = site.measured(&meter, 0)?.forward(&x, Some(&x), None, &gamma, None, None)?;
+    /// assert_eq!(meter.stats()?[0].rows, 3); // s = 2x: cos 1 on every row
+    /// assert!(meter.bi()?[0].unwrap().abs() < 1e-6);
+    /// assert!(site.measured(&meter, 1).is_err());
+    /// # let _ = (out, s);
+    /// # Ok(()) }
+    /// ```
+    pub fn measured<'m>(&'m self, meter: &'m BlockInfluence, site: usize) -> Result<Measured<'m>> {
+        meter.check_site(site)?;
+        Ok(Measured {
+            op: self,
+            meter,
+            site,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: Option<&Tensor>,
+        keys: Option<&StepKeys>,
+        meter: Option<(BlockInfluence, usize)>,
+    ) -> Result<(Tensor, Tensor)> {
         shell::check_tensor(OP, "x", x, x)?;
         shell::check_same_shape(OP, "residual", residual, x)?;
         let (rows, cols) = shell::rows_cols(OP, "x", x)?;
@@ -335,6 +383,7 @@ impl DropoutAddNorm {
             cfg,
             layout,
             stats: Arc::new(Mutex::new(None)),
+            meter,
         };
         let ins: Vec<&Tensor> = [Some(x), residual, Some(&params)]
             .into_iter()
@@ -344,6 +393,31 @@ impl DropoutAddNorm {
         let out = packed.narrow(0, 0, 1)?.reshape(x.shape())?;
         let s = packed.narrow(0, 1, 1)?.reshape(x.shape())?;
         Ok((out, s))
+    }
+}
+
+/// A [`DropoutAddNorm`] site measured by a [`BlockInfluence`] meter
+/// ([`DropoutAddNorm::measured`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Measured<'m> {
+    op: &'m DropoutAddNorm,
+    meter: &'m BlockInfluence,
+    site: usize,
+}
+
+impl Measured<'_> {
+    /// [`DropoutAddNorm::forward`], adding the rows' `cos(residual, s)` to the meter's site.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: Option<&Tensor>,
+        keys: Option<&StepKeys>,
+    ) -> Result<(Tensor, Tensor)> {
+        let meter = Some((self.meter.clone(), self.site));
+        self.op.run(x, residual, bias, gamma, beta, keys, meter)
     }
 }
 
@@ -450,6 +524,8 @@ struct Fwd {
     layout: Packing,
     /// Set by the forward, read by `bwd` (see the module docs).
     stats: Arc<Mutex<Option<Arc<Stats>>>>,
+    /// The Block Influence meter and site the forward adds its rows to.
+    meter: Option<(BlockInfluence, usize)>,
 }
 
 impl Fwd {
@@ -479,6 +555,15 @@ impl Pass for Fwd {
         check_len(Self::NAME, "params", params.len(), l.params_len())?;
         let (gamma, beta, bias) = l.split(params);
         let rows = self.cfg.rows();
+        let meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
+        let redundancy = match &meter {
+            None => None,
+            Some((m, site)) => match &**m {
+                Meter::Cpu(m) => Some(m.site(*site)?),
+                #[cfg(feature = "candle-cuda")]
+                Meter::Cuda(_) => return Err(meter_elsewhere()),
+            },
+        };
         let mut packed = vec![T::default(); 2 * l.n];
         let mut stats = vec![0f32; 2 * rows];
         {
@@ -488,6 +573,7 @@ impl Pass for Fwd {
                 residual,
                 beta,
                 bias,
+                redundancy,
                 ..cpu::ForwardArgs::new(x, gamma)
             };
             let outs = cpu::ForwardOut { out, s, mean, rstd };
@@ -510,6 +596,14 @@ impl Pass for Fwd {
         check_len(Self::NAME, "params", params.len(), l.params_len())?;
         let (gamma, beta, bias) = l.split(params);
         let rows = self.cfg.rows();
+        let mut meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
+        let redundancy = match &mut meter {
+            None => None,
+            Some((m, site)) => match &mut **m {
+                Meter::Cuda(m) => Some(m.site(*site)?),
+                Meter::Cpu(_) => return Err(meter_elsewhere()),
+            },
+        };
         // SAFETY: the forward writes every element of out, s, mean and rstd.
         let mut packed = unsafe { ins.alloc::<T>(2 * l.n)? };
         // SAFETY: as above.
@@ -521,6 +615,7 @@ impl Pass for Fwd {
                 residual,
                 beta,
                 bias,
+                redundancy,
                 ..ForwardArgs::new(x, gamma)
             };
             let outs = ForwardOut { out, s, mean, rstd };
@@ -562,6 +657,16 @@ impl Pass for Fwd {
             .flatten()
             .collect())
     }
+}
+
+/// A forward on one device measured by a meter on another.
+#[cfg(feature = "candle-cuda")]
+fn meter_elsewhere() -> candle_core::Error {
+    Error::invalid(
+        OP,
+        "the Block Influence meter is on another device than the tensors",
+    )
+    .into()
 }
 
 /// The backward pass on (grad of the packed output, the packed output, params): one buffer of
@@ -675,6 +780,7 @@ mod tests {
             cfg,
             layout: Packing::new(&cfg, false, false, false)?,
             stats: Arc::new(Mutex::new(None)),
+            meter: None,
         }))
     }
 

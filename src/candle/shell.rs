@@ -361,7 +361,10 @@ impl<'a> Inputs<'a, candle_core::CudaStorage> {
     /// # Safety
     ///
     /// The caller writes every element the output's shape covers before anything reads it.
-    pub unsafe fn alloc<T: Any>(&self, len: usize) -> Result<cudarc::driver::CudaSlice<T>> {
+    pub unsafe fn alloc<T: Any + cudarc::driver::DeviceRepr>(
+        &self,
+        len: usize,
+    ) -> Result<cudarc::driver::CudaSlice<T>> {
         // SAFETY: forwarded to the caller.
         unsafe { self.device().alloc::<T>(len.max(1)) }
     }
