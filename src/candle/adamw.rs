@@ -139,7 +139,7 @@ enum Backend {
 ///   are at every step.
 /// * [`AdamW::save_state`] / [`AdamW::load_state`] match Vars by position: build the optimizer
 ///   from the same Vars in the same order in every process. `VarMap::all_vars()` returns them
-///   in a per-process random order (a `HashMap`); use [`vars_by_name`] instead. A load whose
+///   in a per-process random order (a `HashMap`); use [`vars_by_name`](super::vars_by_name) instead. A load whose
 ///   tensor lengths differ is an error; a different order of equally long Vars cannot be
 ///   detected.
 /// * Non-contiguous gradients are copied to a contiguous tensor first.
