@@ -44,7 +44,7 @@ const OP: &str = "candle::BiasActDropout";
 /// use candle_core::{Device, Tensor, Var};
 /// use fusedreg::bias_act_dropout::Activation;
 /// use fusedreg::candle::{BiasActDropout, StepKeys};
-/// # fn main() -> Result<()> {
+/// # fn main() -> candle_core::Result<()> {
 /// let dev = Device::Cpu;
 /// let x = Var::randn(0f32, 1.0, (2, 8, 64), &dev)?; // the first FFN matmul's output
 /// let b = Var::zeros(64, candle_core::DType::F32, &dev)?;
@@ -77,7 +77,7 @@ impl BiasActDropout {
     /// ```
     /// use fusedreg::bias_act_dropout::Activation;
     /// use fusedreg::candle::BiasActDropout;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let site = BiasActDropout::new(Activation::Silu, 0.1, 2)?;
     /// assert_eq!((site.act(), site.p(), site.site()), (Activation::Silu, 0.1, 2));
     /// assert!(BiasActDropout::new(Activation::Relu, 1.5, 0).is_err());
@@ -107,7 +107,7 @@ impl BiasActDropout {
     /// use fusedreg::bias_act_dropout::Activation;
     /// use fusedreg::candle::BiasActDropout;
     /// use fusedreg::Math;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let site = BiasActDropout::new(Activation::GeluTanh, 0.1, 2)?;
     /// assert_eq!(site.math(), Math::Fast); // the op's default for GELU
     /// assert_eq!(site.with_math(Math::Exact).math(), Math::Exact);
@@ -128,7 +128,7 @@ impl BiasActDropout {
     /// ```
     /// use fusedreg::bias_act_dropout::Activation;
     /// use fusedreg::Math;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let site = fusedreg::candle::BiasActDropout::new(Activation::Silu, 0.1, 0)?;
     /// assert_eq!(site.math(), Activation::Silu.default_math());
     /// # Ok(()) }
@@ -143,7 +143,7 @@ impl BiasActDropout {
     ///
     /// ```
     /// use fusedreg::bias_act_dropout::Activation;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let site = fusedreg::candle::BiasActDropout::new(Activation::GeluErf, 0.1, 0)?;
     /// assert_eq!(site.act(), Activation::GeluErf);
     /// # Ok(()) }
@@ -161,7 +161,7 @@ impl BiasActDropout {
     /// ```
     /// use fusedreg::bias_act_dropout::Activation;
     /// use fusedreg::candle::{BiasActDropout, StepKeys};
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let keys = StepKeys::new(42, 3);
     /// let site = BiasActDropout::new(Activation::Relu, 0.1, 7)?;
     /// let cfg = site.config(4, 16, Some(&keys))?;
@@ -190,7 +190,7 @@ impl BiasActDropout {
     /// use candle_core::{DType, Device, Tensor};
     /// use fusedreg::bias_act_dropout::Activation;
     /// use fusedreg::candle::{BiasActDropout, StepKeys};
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let dev = Device::Cpu;
     /// let x = Tensor::new(&[[1.0f32, -2.0, 3.0, -4.0]], &dev)?;
     /// let b = Tensor::full(0.5f32, 4, &dev)?;

@@ -51,7 +51,7 @@ const OP: &str = "candle::CrossEntropy";
 /// ```
 /// use candle_core::{Device, Tensor, Var};
 /// use fusedreg::candle::CrossEntropy;
-/// # fn main() -> Result<()> {
+/// # fn main() -> candle_core::Result<()> {
 /// let dev = Device::Cpu;
 /// let logits = Var::randn(0f32, 1.0, (2, 5, 11), &dev)?; // [batch, seq, vocab]
 /// let targets = Tensor::new(&[[1u32, 2, 3, 4, 5], [6, 7, 8, 9, 10]], &dev)?;
@@ -111,7 +111,7 @@ impl CrossEntropy {
     ///
     /// ```
     /// use fusedreg::candle::CrossEntropy;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// assert_eq!(CrossEntropy::new().with_label_smoothing(0.1)?.label_smoothing(), 0.1);
     /// assert!(CrossEntropy::new().with_label_smoothing(1.5).is_err());
     /// assert!(CrossEntropy::new().with_label_smoothing(f64::NAN).is_err());
@@ -235,7 +235,7 @@ impl CrossEntropy {
     /// ```
     /// use fusedreg::candle::CrossEntropy;
     /// use fusedreg::cross_entropy::Reduction;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let cfg = CrossEntropy::new().with_ignore_index(7).config(4, 100)?;
     /// assert_eq!((cfg.rows(), cfg.vocab(), cfg.get_ignore_index()), (4, 100, 7));
     /// assert_eq!(cfg.get_reduction(), Reduction::Mean);
@@ -266,7 +266,7 @@ impl CrossEntropy {
     /// ```
     /// use candle_core::{DType, Device, Tensor};
     /// use fusedreg::candle::CrossEntropy;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let dev = Device::Cpu;
     /// let logits = Tensor::zeros((3, 4), DType::F32, &dev)?;
     /// let targets = Tensor::new(&[0i64, -100, 3], &dev)?;

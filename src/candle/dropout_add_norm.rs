@@ -64,7 +64,7 @@ const OP: &str = "candle::DropoutAddNorm";
 /// ```
 /// use candle_core::{DType, Device, Tensor, Var};
 /// use fusedreg::candle::{DropoutAddNorm, StepKeys};
-/// # fn main() -> Result<()> {
+/// # fn main() -> candle_core::Result<()> {
 /// let dev = Device::Cpu;
 /// let x = Var::randn(0f32, 1.0, (2, 8, 32), &dev)?; // the attention output
 /// let stream = Var::randn(0f32, 1.0, (2, 8, 32), &dev)?; // the residual stream
@@ -106,7 +106,7 @@ impl DropoutAddNorm {
     /// ```
     /// use fusedreg::candle::DropoutAddNorm;
     /// use fusedreg::dropout_add_norm::Norm;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let site = DropoutAddNorm::layer_norm(1e-5, 2)?;
     /// assert_eq!((site.norm(), site.eps(), site.site(), site.p()), (Norm::LayerNorm, 1e-5, 2, 0.0));
     /// assert!(DropoutAddNorm::layer_norm(0.0, 2).is_err());
@@ -126,7 +126,7 @@ impl DropoutAddNorm {
     /// ```
     /// use fusedreg::candle::DropoutAddNorm;
     /// use fusedreg::dropout_add_norm::Norm;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// assert_eq!(DropoutAddNorm::rms_norm(1e-6, 0)?.norm(), Norm::RmsNorm);
     /// assert!(DropoutAddNorm::rms_norm(f64::NAN, 0).is_err());
     /// # Ok(()) }
@@ -154,7 +154,7 @@ impl DropoutAddNorm {
     ///
     /// ```
     /// use fusedreg::candle::DropoutAddNorm;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// assert_eq!(DropoutAddNorm::rms_norm(1e-6, 0)?.with_dropout(0.1)?.p(), 0.1);
     /// assert!(DropoutAddNorm::rms_norm(1e-6, 0)?.with_dropout(-0.1).is_err());
     /// # Ok(()) }
@@ -174,7 +174,7 @@ impl DropoutAddNorm {
     ///
     /// ```
     /// use fusedreg::candle::DropoutAddNorm;
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let site = DropoutAddNorm::layer_norm(1e-5, 0)?;
     /// assert_eq!(site.layer_scale(), 1.0);
     /// assert_eq!(site.with_layer_norm_scaling(16)?.layer_scale(), 0.25);
@@ -194,7 +194,7 @@ impl DropoutAddNorm {
     /// # Examples
     ///
     /// ```
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// use fusedreg::dropout_add_norm::Norm;
     /// assert_eq!(fusedreg::candle::DropoutAddNorm::layer_norm(1e-5, 0)?.norm(), Norm::LayerNorm);
     /// # Ok(()) }
@@ -208,7 +208,7 @@ impl DropoutAddNorm {
     /// # Examples
     ///
     /// ```
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// assert_eq!(fusedreg::candle::DropoutAddNorm::rms_norm(1e-6, 0)?.eps(), 1e-6f32);
     /// # Ok(()) }
     /// ```
@@ -224,7 +224,7 @@ impl DropoutAddNorm {
     /// # Examples
     ///
     /// ```
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let site = fusedreg::candle::DropoutAddNorm::rms_norm(1e-6, 0)?.with_layer_norm_scaling(4)?;
     /// assert_eq!(site.layer_scale(), 0.5);
     /// # Ok(()) }
@@ -244,7 +244,7 @@ impl DropoutAddNorm {
     ///
     /// ```
     /// use fusedreg::candle::{DropoutAddNorm, StepKeys};
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let site = DropoutAddNorm::layer_norm(1e-5, 7)?.with_dropout(0.1)?.with_layer_norm_scaling(4)?;
     /// let keys = StepKeys::new(42, 3);
     /// let cfg = site.config(4, 16, Some(&keys))?;
@@ -285,7 +285,7 @@ impl DropoutAddNorm {
     /// ```
     /// use candle_core::{DType, Device, Tensor};
     /// use fusedreg::candle::{DropoutAddNorm, StepKeys};
-    /// # fn main() -> Result<()> {
+    /// # fn main() -> candle_core::Result<()> {
     /// let dev = Device::Cpu;
     /// let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0], [0.5, 0.5, -1.0, 2.0]], &dev)?;
     /// let r = Tensor::ones((2, 4), DType::F32, &dev)?;
