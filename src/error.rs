@@ -189,8 +189,10 @@ pub(crate) fn try_vec<T: Clone>(
     }
 }
 
-/// Checks that `len` equals `expected`, naming both buffers in the error.
-pub(crate) fn check_len(op: &'static str, what: &str, len: usize, expected: usize) -> Result<()> {
+/// Checks that `len` equals `expected`, naming both buffers in the error. (Public for the
+/// workspace's tools crate, not part of the API.)
+#[doc(hidden)]
+pub fn check_len(op: &'static str, what: &str, len: usize, expected: usize) -> Result<()> {
     if len == expected {
         Ok(())
     } else {

@@ -85,6 +85,8 @@ pub mod stochastic_depth;
 pub use dtype::{Dtype, DtypeKind};
 pub use error::{Error, Result};
 pub use math::Math;
+#[doc(hidden)]
+pub use runtime::grid_for;
 pub use runtime::{
     compiled_archs, device_count, driver_present, kernels_built, nvcc_version, DeviceInfo,
     DeviceScalar, Handle,

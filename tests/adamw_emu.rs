@@ -15,35 +15,20 @@
 //!
 //! The dump format is written by `dump_case()` in `scripts/emu/cases/adamw.cpp`.
 
+#[path = "common/dump.rs"]
+mod dump;
+
+use dump::{differ, Rd};
 use fusedreg::adamw::{cpu, AdamWConfig, MasterWeights, MomentDtype, Rounding, StateOptions};
 use fusedreg::Dtype;
 use half::{bf16, f16};
-
-struct Rd<'a> {
-    b: &'a [u8],
-    o: usize,
-}
-impl Rd<'_> {
-    fn u64(&mut self) -> u64 {
-        let v = u64::from_le_bytes(self.b[self.o..self.o + 8].try_into().unwrap());
-        self.o += 8;
-        v
-    }
-    fn arr<T: bytemuck::Pod>(&mut self, n: usize) -> Vec<T> {
-        let sz = std::mem::size_of::<T>() * n;
-        let mut v = vec![T::zeroed(); n];
-        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&self.b[self.o..self.o + sz]);
-        self.o += sz;
-        v
-    }
-}
 
 /// Counts the elements whose bits differ (any NaN equals any NaN), with the first few named.
 fn diff<T: Dtype>(what: &str, got: &[T], want: &[T], fails: &mut Vec<String>) -> usize {
     let mut bad = 0;
     for i in 0..got.len() {
-        let (g, w) = (got[i].to_f32(), want[i].to_f32());
-        if !(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())) {
+        if differ(&got[i], &want[i]) {
+            let (g, w) = (got[i].to_f32(), want[i].to_f32());
             bad += 1;
             if fails.len() < 6 {
                 fails.push(format!("{what}[{i}] emu {g:e} cpu {w:e}"));

@@ -44,7 +44,7 @@
 //! * `cross_entropy`: `tests/cross_entropy.rs::bad_input_is_an_error` (alpha and z-loss out of
 //!   range, shape mismatches, upstream with mean, out-of-range targets: nothing written) and its
 //!   GPU twin (out-of-range targets raise the device flag).
-//! * `candle` (feature `candle`): `tests/candle.rs::bad_input_is_an_error`.
+//! * `candle` (feature `candle`): `tests/candle_dropout_residual.rs::bad_input_is_an_error`.
 //! * `fmath`: total over f32 (NaN, infinities, subnormals), `tests/fmath.rs`.
 
 use fusedreg::dropout::{self as dr, cpu, Config, DropPath};
@@ -798,7 +798,7 @@ mod engine {
 
 // ------------------------------------------------------------------------------------------
 // issue 25: the findings of the second probe (item 1, the cross-entropy NaN logit, is tested in
-// tests/cross_entropy.rs; item 4, StepKeys, in tests/candle.rs)
+// tests/cross_entropy.rs; item 4, StepKeys, in tests/candle_dropout_residual.rs)
 // ------------------------------------------------------------------------------------------
 
 /// Finding 2: `bias_act_dropout::cpu::backward` with no rows and a huge column count allocated

@@ -19,35 +19,20 @@
 #[path = "common/bias_act_fast.rs"]
 mod fastcheck;
 
+#[path = "common/dump.rs"]
+mod dump;
+
+use dump::{differ, Rd};
 use fusedreg::bias_act_dropout::{cpu, Activation, Config, Preact};
 use fusedreg::dropping::MaskResolution;
 use fusedreg::{Dtype, Math};
 use half::{bf16, f16};
 
-struct Rd<'a> {
-    b: &'a [u8],
-    o: usize,
-}
-impl Rd<'_> {
-    fn u64(&mut self) -> u64 {
-        let v = u64::from_le_bytes(self.b[self.o..self.o + 8].try_into().unwrap());
-        self.o += 8;
-        v
-    }
-    fn arr<T: bytemuck::Pod>(&mut self, n: usize) -> Vec<T> {
-        let sz = std::mem::size_of::<T>() * n;
-        let mut v = vec![T::zeroed(); n];
-        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&self.b[self.o..self.o + sz]);
-        self.o += sz;
-        v
-    }
-}
-
 /// Bit for bit, any NaN equal to any NaN.
 fn same<T: Dtype>(what: &str, got: &[T], want: &[T], fails: &mut fastcheck::Failures) {
     for i in 0..got.len() {
-        let (g, w) = (got[i].to_f32(), want[i].to_f32());
-        if !(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())) {
+        if differ(&got[i], &want[i]) {
+            let (g, w) = (got[i].to_f32(), want[i].to_f32());
             fails.count += 1;
             if fails.first.len() < 6 {
                 fails.first.push(format!("{what}[{i}] emu {g:e} cpu {w:e}"));

@@ -9,31 +9,9 @@ mod candle_ops_util;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_ops_util::*;
 use fusedreg::candle::{Dropout, StepKeys};
-use fusedreg::dropout::{cpu, Config};
+use fusedreg::dropout::cpu;
 use fusedreg::Dtype;
 use half::{bf16, f16};
-
-/// The multiplier of every element as the op defines it (`keep ? scale * rowscale : 0`, f32),
-/// from fusedreg's keying, as a `[rows, cols]` candle tensor.
-fn multiplier(cfg: &Config) -> candle_core::Result<Tensor> {
-    let (rows, cols) = (cfg.rows(), cfg.cols());
-    let scale = cfg.rate().scale();
-    let mut m = Vec::with_capacity(rows * cols);
-    for row in 0..rows {
-        let rowm = match cfg.drop_path() {
-            Some(p) => scale * p.row_scale(cfg.seed(), row as u64),
-            None => scale,
-        };
-        for col in 0..cols {
-            m.push(if cfg.keeps((row * cols + col) as u64) {
-                rowm
-            } else {
-                0.0
-            });
-        }
-    }
-    tensor(&m, &[rows, cols])
-}
 
 struct Case {
     dims: &'static [usize],

@@ -604,3 +604,73 @@ fn bad_input_is_an_error() -> R {
     assert!(site.with_layer_norm_scaling(0).is_err());
     Ok(())
 }
+
+/// Block Influence through the adapter (`DropoutAddNorm::measured`) counts exactly what the
+/// library's CPU meter counts when the library's CPU reference runs the same calls: every
+/// site's integers equal, in evaluation and in training (dropout + drop path), with and without
+/// a bias; a call without a residual adds no rows; the plain `forward` adds nothing.
+#[test]
+fn block_influence_matches_the_library_meter() -> R {
+    use fusedreg::candle::BlockInfluence;
+    use fusedreg::redundancy;
+    let mut g = rng(24);
+    let (rows, cols) = (6, 40);
+    let meter = BlockInfluence::new(3, &Device::Cpu)?;
+    let reference = redundancy::cpu::Redundancy::new(3)?;
+    let base = DropoutAddNorm::layer_norm(1e-5, 4)?.with_dropout(0.25)?;
+    let sites = [base, base.with_drop_path(0.5, 2)?, base];
+    let keys = StepKeys::new(9, 3);
+    for (i, site) in sites.iter().enumerate() {
+        for (k, keys) in [None, Some(&keys)].into_iter().enumerate() {
+            let x = data(&mut g, rows * cols);
+            let r: Vec<f32> = data(&mut g, rows * cols).iter().map(|v| v * 3.0).collect();
+            let gamma = data(&mut g, cols);
+            let bias = data(&mut g, cols);
+            let with_bias = k == 1;
+            let (xt, rt, gt, bt) = (
+                tensor(&x, &[rows, cols])?,
+                tensor(&r, &[rows, cols])?,
+                tensor(&gamma, &[cols])?,
+                tensor(&bias, &[cols])?,
+            );
+            let b = with_bias.then_some(&bt);
+            let (out, s) = site
+                .measured(&meter, i)?
+                .forward(&xt, Some(&rt), b, &gt, None, keys)?;
+            // The reference: the same call on the library's CPU reference and meter.
+            let cfg = site.config(rows, cols, keys)?;
+            let (mut o, mut sr) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+            let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+            let args = cpu::ForwardArgs {
+                residual: Some(&r),
+                bias: with_bias.then_some(&bias[..]),
+                redundancy: Some(reference.site(i)?),
+                ..cpu::ForwardArgs::new(&x, &gamma)
+            };
+            let outs = cpu::ForwardOut {
+                out: &mut o,
+                s: &mut sr,
+                mean: &mut mean,
+                rstd: &mut rstd,
+            };
+            cpu::forward(&cfg, args, outs)?;
+            assert_same_bits("out", &flat(&out)?, &o);
+            assert_same_bits("s", &flat(&s)?, &sr);
+        }
+        // No residual: no rows; the unmeasured forward: nothing.
+        let x = tensor(&data(&mut g, rows * cols), &[rows, cols])?;
+        let gamma = tensor(&data(&mut g, cols), &[cols])?;
+        site.measured(&meter, i)?
+            .forward(&x, None, None, &gamma, None, None)?;
+        site.forward(&x, Some(&x), None, &gamma, None, None)?;
+    }
+    let (got, want) = (meter.stats()?, reference.stats()?);
+    assert_eq!(got, want);
+    assert!(got.iter().all(|s| s.rows == 2 * rows as u64), "{got:?}");
+    assert_eq!(meter.bi()?, reference.bi()?);
+    // Bad site, meter reset.
+    assert!(base.measured(&meter, 3).is_err());
+    meter.reset()?;
+    assert!(meter.stats()?.iter().all(|s| s.rows == 0));
+    Ok(())
+}

@@ -11,36 +11,19 @@
 //! ```
 //!
 //! The dump format is written by `run()` in `scripts/emu/cases/dropout_add_norm.cpp`.
+#[path = "common/dump.rs"]
+mod dump;
+
+use dump::{differ, Rd};
 use fusedreg::dropout_add_norm::{cpu, Config, DropPath, Norm};
 use fusedreg::Dtype;
 use half::{bf16, f16};
 
-struct Rd<'a> {
-    b: &'a [u8],
-    o: usize,
-}
-impl<'a> Rd<'a> {
-    fn u64(&mut self) -> u64 {
-        let v = u64::from_le_bytes(self.b[self.o..self.o + 8].try_into().unwrap());
-        self.o += 8;
-        v
-    }
-    fn arr<T: bytemuck::Pod>(&mut self, n: usize) -> Vec<T> {
-        let sz = std::mem::size_of::<T>() * n;
-        let mut v = vec![T::zeroed(); n];
-        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&self.b[self.o..self.o + sz]);
-        self.o += sz;
-        v
-    }
-}
-
 fn same<T: Dtype>(what: &str, got: &[T], want: &[T]) -> usize {
     let mut bad = 0;
     for i in 0..got.len() {
-        let (g, w) = (got[i].to_f32(), want[i].to_f32());
-        let ok = bytemuck::bytes_of(&got[i]) == bytemuck::bytes_of(&want[i])
-            || (g.is_nan() && w.is_nan());
-        if !ok {
+        if differ(&got[i], &want[i]) {
+            let (g, w) = (got[i].to_f32(), want[i].to_f32());
             if bad < 4 {
                 eprintln!("  {what}[{i}] emu {g:e} cpu {w:e}");
             }

@@ -15,40 +15,18 @@
 //! The dump format is written by `run_stats()` in
 //! `scripts/emu/cases/dropout_add_norm_stats.inc` (files `stats*.bin`; the `case*.bin` of the
 //! other cases are `tests/dropout_add_norm_emu.rs`'s).
+#[path = "common/dump.rs"]
+mod dump;
+
+use dump::{differ, Rd};
 use fusedreg::dropout_add_norm::{cpu, Config, DropPath, Norm};
 use fusedreg::redundancy::{self, SiteStats};
 use fusedreg::Dtype;
 use half::{bf16, f16};
 
-struct Rd<'a> {
-    b: &'a [u8],
-    o: usize,
-}
-impl Rd<'_> {
-    fn u64(&mut self) -> u64 {
-        let v = u64::from_le_bytes(self.b[self.o..self.o + 8].try_into().unwrap());
-        self.o += 8;
-        v
-    }
-    fn arr<T: bytemuck::Pod>(&mut self, n: usize) -> Vec<T> {
-        let sz = std::mem::size_of::<T>() * n;
-        let mut v = vec![T::zeroed(); n];
-        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&self.b[self.o..self.o + sz]);
-        self.o += sz;
-        v
-    }
-}
-
 /// Mismatching elements (NaNs compared as NaN: the GPU's are canonical).
 fn same<T: Dtype>(what: &str, got: &[T], want: &[T]) -> usize {
-    let bad = got
-        .iter()
-        .zip(want)
-        .filter(|(g, w)| {
-            bytemuck::bytes_of(*g) != bytemuck::bytes_of(*w)
-                && !(g.to_f32().is_nan() && w.to_f32().is_nan())
-        })
-        .count();
+    let bad = got.iter().zip(want).filter(|(g, w)| differ(*g, *w)).count();
     if bad > 0 {
         eprintln!("  {what}: {bad} elements differ");
     }

@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::optim::Optimizer;
 use half::{bf16, f16};
 
-use super::storage::{unsupported, Elem};
+use super::shell::{unsupported, Elem};
+use super::vars::{check_grad, check_vars};
 use super::wrap;
 use crate::adamw::cpu::{self as reference, CpuTensor, StepInputs};
 use crate::adamw::{check_lr, weight_decay_by_rank, AdamWConfig};
@@ -138,7 +139,7 @@ enum Backend {
 ///   are at every step.
 /// * [`AdamW::save_state`] / [`AdamW::load_state`] match Vars by position: build the optimizer
 ///   from the same Vars in the same order in every process. `VarMap::all_vars()` returns them
-///   in a per-process random order (a `HashMap`); use [`vars_by_name`] instead. A load whose
+///   in a per-process random order (a `HashMap`); use [`vars_by_name`](super::vars_by_name) instead. A load whose
 ///   tensor lengths differ is an error; a different order of equally long Vars cannot be
 ///   detected.
 /// * Non-contiguous gradients are copied to a contiguous tensor first.
@@ -293,17 +294,7 @@ impl AdamW {
         let backend = match vars.first() {
             None => Backend::Empty,
             Some(first) => {
-                let mut seen = std::collections::HashMap::new();
-                for (i, v) in vars.iter().enumerate() {
-                    check_var(i, v, first)?;
-                    // The same Var twice (e.g. tied weights listed twice) would be updated twice
-                    // per step, and on CUDA by two racing blocks: refused.
-                    if let Some(j) = seen.insert(v.id(), i) {
-                        return Err(err(format!(
-                            "Vars {j} and {i} are the same Var: list each parameter once (tied                              weights are one Var whose gradient already sums both uses)"
-                        )));
-                    }
-                }
+                check_vars(OP, &vars)?;
                 match first.device() {
                     Device::Cpu => Backend::Cpu(match first.dtype() {
                         DType::F32 => CpuState::F32(cpu_tensors(&vars, &wd, &params.config)?),
@@ -541,77 +532,6 @@ impl AdamW {
     }
 }
 
-/// Var `i` against the first Var: a float dtype with kernels, the same dtype and device,
-/// contiguous.
-/// The Vars of a `VarMap` sorted by name: an order that is the same in every process (unlike
-/// `VarMap::all_vars()`, which follows a `HashMap`), as [`AdamW::load_state`] needs.
-///
-/// ```
-/// use candle_core::{DType, Device};
-/// use candle_nn::{VarBuilder, VarMap};
-/// # fn main() -> candle_core::Result<()> {
-/// let map = VarMap::new();
-/// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-/// let _b = vb.get_with_hints(3, "b", candle_nn::Init::Const(0.0))?;
-/// let _a = vb.get_with_hints((2, 3), "a", candle_nn::Init::Const(1.0))?;
-/// let vars = fusedreg::candle::vars_by_name(&map);
-/// assert_eq!(vars.iter().map(|v| v.dims().to_vec()).collect::<Vec<_>>(), [vec![2, 3], vec![3]]);
-/// # Ok(()) }
-/// ```
-pub fn vars_by_name(varmap: &candle_nn::VarMap) -> Vec<Var> {
-    let data = varmap
-        .data()
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut named: Vec<(&String, &Var)> = data.iter().collect();
-    named.sort_by(|a, b| a.0.cmp(b.0));
-    named.into_iter().map(|(_, v)| v.clone()).collect()
-}
-
-fn check_var(i: usize, v: &Var, first: &Var) -> candle_core::Result<()> {
-    if !matches!(v.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-        return Err(err(format!(
-            "Var {i} has dtype {:?}: use f32, f16 or bf16",
-            v.dtype()
-        )));
-    }
-    if v.dtype() != first.dtype() {
-        return Err(err(format!(
-            "Var {i} has dtype {:?}, Var 0 {:?}: one optimizer updates one dtype (use one per \
-             dtype)",
-            v.dtype(),
-            first.dtype()
-        )));
-    }
-    if !v.device().same_device(first.device()) {
-        return Err(err(format!(
-            "Var {i} is on {:?}, Var 0 on {:?}: all Vars of one optimizer share a device",
-            v.device().location(),
-            first.device().location()
-        )));
-    }
-    if !v.is_contiguous() {
-        return Err(err(format!("Var {i} is not contiguous")));
-    }
-    Ok(())
-}
-
-/// Var `i`'s gradient: same dtype, shape and device as the Var, made contiguous.
-fn check_grad(i: usize, v: &Var, g: &Tensor) -> candle_core::Result<Tensor> {
-    if g.dtype() != v.dtype() || g.dims() != v.dims() || !g.device().same_device(v.device()) {
-        return Err(err(format!(
-            "the gradient of Var {i} is {:?} {:?} on {:?}, the Var {:?} {:?} on {:?}",
-            g.dtype(),
-            g.dims(),
-            g.device().location(),
-            v.dtype(),
-            v.dims(),
-            v.device().location()
-        )));
-    }
-    g.contiguous()
-}
-
 fn host_values<T: Elem>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
@@ -653,7 +573,7 @@ fn cpu_step<T: Elem>(
                 fresh.push(None);
             }
             Some(g) => {
-                let g = check_grad(i, v, g)?;
+                let g = check_grad(OP, i, v, g)?;
                 fresh.push(Some((host_values::<T>(v)?, host_values::<T>(&g)?)));
             }
         }
@@ -700,64 +620,23 @@ fn cpu_step<T: Elem>(
 
 #[cfg(feature = "candle-cuda")]
 mod cuda {
-    //! The CUDA path: the Vars registered by address in a [`TensorSet`], updated in place.
+    //! The CUDA path: the Vars registered by address ([`VarSet`]), updated in place.
 
     use candle_core::backprop::GradStore;
-    use candle_core::{CudaDevice, DType, Storage, Tensor, Var};
-    use cudarc::driver::DevicePtr;
+    use candle_core::{CudaDevice, Var};
 
-    use super::{check_grad, err, AdamWConfig, Elem};
+    use super::AdamWConfig;
     use crate::adamw::AdamW as Engine;
-    use crate::candle::storage::{cuda_handle, dispatch};
+    use crate::candle::vars::VarSet;
     use crate::global_norm::GlobalNorm;
-    use crate::multi_tensor::{RawTensor, TensorSet};
-    use crate::{Dtype, DtypeKind};
 
     pub(super) struct CudaState {
-        set: TensorSet,
+        vars: VarSet,
         pub(super) opt: Engine,
         norm: Option<GlobalNorm>,
-        dtype: DType,
-        /// Each Var's device address (valid for the Var's life: see [`super::AdamW`]).
-        params: Vec<u64>,
         /// The skip flags last uploaded (uploaded again only when they change).
         uploaded_skip: Vec<bool>,
         lr: f32,
-    }
-
-    /// The device address of a contiguous CUDA tensor's first element.
-    fn address<T: Elem>(t: &Tensor, h: &crate::Handle) -> candle_core::Result<u64> {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            return Err(err("a tensor is not on a CUDA device"));
-        };
-        let (start, _) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| err("a tensor is not contiguous"))?;
-        let slice = s.as_cuda_slice::<T>()?;
-        let (base, _guard) = slice.device_ptr(h.stream());
-        Ok(base + (start * std::mem::size_of::<T>()) as u64)
-    }
-
-    fn addresses<T: Elem>(ts: &[&Tensor], h: &crate::Handle) -> candle_core::Result<Vec<u64>> {
-        ts.iter()
-            .map(|t| {
-                if t.elem_count() == 0 {
-                    Ok(0)
-                } else {
-                    address::<T>(t, h)
-                }
-            })
-            .collect()
-    }
-
-    fn kind(dtype: DType) -> candle_core::Result<DtypeKind> {
-        Ok(match dtype {
-            DType::F32 => f32::KIND,
-            DType::F16 => half::f16::KIND,
-            DType::BF16 => half::bf16::KIND,
-            other => return Err(super::unsupported(super::OP, other)),
-        })
     }
 
     impl CudaState {
@@ -768,41 +647,17 @@ mod cuda {
             config: &AdamWConfig,
             max_norm: Option<f32>,
         ) -> candle_core::Result<Self> {
-            let h = cuda_handle(dev)?;
-            let dtype = vars[0].dtype();
-            let k = kind(dtype)?;
-            let tensors: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-            let params = dispatch!(super::OP, dtype, addresses(&tensors, &h))?;
-            let mut b = TensorSet::builder(&h);
-            for (v, &p) in vars.iter().zip(&params) {
-                let t = RawTensor {
-                    param: p,
-                    // A placeholder until the first step sets the real gradient: every step
-                    // sets all gradient addresses before launching, and a Var without one is
-                    // skipped, so its gradient is never read.
-                    grad: p,
-                    len: v.elem_count() as u64,
-                    param_dtype: k,
-                    grad_dtype: k,
-                };
-                // SAFETY: `p` is the Var's storage, which lives as long as the Var this
-                // optimizer keeps and never moves (Var::set copies into it); candle's stream is
-                // the handle's stream.
-                unsafe { b.push_raw(t) }?;
-            }
-            let set = b.build()?;
-            let opt = Engine::new(&set, *config, wd)?;
+            let set = VarSet::new(super::OP, dev, vars)?;
+            let opt = Engine::new(set.set(), *config, wd)?;
             let norm = match max_norm {
-                Some(m) => Some(GlobalNorm::new(&set, Some(m))?),
+                Some(m) => Some(GlobalNorm::new(set.set(), Some(m))?),
                 None => None,
             };
             Ok(CudaState {
                 uploaded_skip: vec![false; vars.len()],
-                set,
+                vars: set,
                 opt,
                 norm,
-                dtype,
-                params,
                 lr: config.lr,
             })
         }
@@ -815,57 +670,39 @@ mod cuda {
             lr: f32,
             max_norm: Option<f32>,
         ) -> candle_core::Result<()> {
-            let h = self.set.handle().clone();
-            let mut skip = user_skip.to_vec();
-            // The contiguous gradients, kept alive until the launches are queued (then freed on
-            // candle's stream, after them).
-            let mut keep: Vec<Tensor> = Vec::with_capacity(vars.len());
-            let mut addrs = self.params.clone();
-            for (i, v) in vars.iter().enumerate() {
-                if skip[i] {
-                    continue;
+            let CudaState {
+                vars: set,
+                opt,
+                norm,
+                uploaded_skip,
+                lr: set_lr,
+            } = self;
+            set.with_grads(vars, grads, user_skip, |set, skip| {
+                if skip != uploaded_skip.as_slice() {
+                    opt.set_skip(skip)?;
+                    *uploaded_skip = skip.to_vec();
                 }
-                match grads.get(v) {
-                    None => skip[i] = true,
-                    Some(g) => {
-                        let g = check_grad(i, v, g)?;
-                        if g.elem_count() > 0 {
-                            addrs[i] = dispatch!(super::OP, self.dtype, address(&g, &h))?;
-                        }
-                        keep.push(g);
-                    }
+                if lr != *set_lr {
+                    opt.set_lr(lr)?;
+                    *set_lr = lr;
                 }
-            }
-            // SAFETY: each address is a contiguous gradient of the Var's dtype and length held
-            // in `keep` until after the launches (then freed stream-ordered on candle's stream,
-            // the handle's), or, for a skipped Var, the Var's own memory, which the kernels
-            // never read as a gradient (skipped tensors are not read at all).
-            unsafe { self.set.set_grads_raw(&addrs) }?;
-            if skip != self.uploaded_skip {
-                self.opt.set_skip(&skip)?;
-                self.uploaded_skip = skip;
-            }
-            if lr != self.lr {
-                self.opt.set_lr(lr)?;
-                self.lr = lr;
-            }
-            match max_norm {
-                Some(m) => {
-                    let norm = match &mut self.norm {
-                        Some(n) => {
-                            if n.max_norm() != Some(m) {
-                                n.set_max_norm(Some(m))?;
+                match max_norm {
+                    Some(m) => {
+                        let norm = match norm {
+                            Some(n) => {
+                                if n.max_norm() != Some(m) {
+                                    n.set_max_norm(Some(m))?;
+                                }
+                                n
                             }
-                            n
-                        }
-                        slot => slot.insert(GlobalNorm::new(&self.set, Some(m))?),
-                    };
-                    self.opt.clip_and_step(&mut self.set, norm)?;
+                            slot => slot.insert(GlobalNorm::new(set, Some(m))?),
+                        };
+                        opt.clip_and_step(set, norm)?;
+                    }
+                    None => opt.step(set, None)?,
                 }
-                None => self.opt.step(&mut self.set, None)?,
-            }
-            drop(keep);
-            Ok(())
+                Ok(())
+            })
         }
     }
 }

@@ -1,19 +1,15 @@
 //! [`BiasActDropout`]: `y = dropout(act(x + bias))` on candle tensors, with autograd, through
 //! [`crate::bias_act_dropout`].
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 
-use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem};
-use super::{check_site, wrap, StepKeys};
+use super::shell::{self, cpu_out, packed_len, split_parts, unpack, Elem, Inputs, Op, Pass};
+use super::site::{site_methods, Site};
+use super::StepKeys;
 use crate::bias_act_dropout::{cpu, Activation, Config, Preact};
-use crate::dropping::DropRate;
-use crate::error::Error;
 use crate::Math;
 
 const OP: &str = "candle::BiasActDropout";
-const FWD: &str = "fusedreg-bias-act-dropout";
-const BWD: &str = "fusedreg-bias-act-dropout-bwd";
 
 /// The feed-forward site of a transformer block: bias add, activation and dropout in one pass,
 ///
@@ -67,8 +63,7 @@ const BWD: &str = "fusedreg-bias-act-dropout-bwd";
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BiasActDropout {
     act: Activation,
-    rate: DropRate,
-    site: u32,
+    site: Site,
     /// `None`: the op's default for the activation ([`Activation::default_math`]).
     math: Option<Math>,
 }
@@ -90,16 +85,15 @@ impl BiasActDropout {
     /// assert!(BiasActDropout::new(Activation::Relu, 0.1, 1 << 24).is_err());
     /// # Ok(()) }
     /// ```
-    pub fn new(act: Activation, p: f64, site: u32) -> candle_core::Result<Self> {
-        check_site(site)?;
-        let rate = DropRate::new(p)?;
+    pub fn new(act: Activation, p: f64, site: u32) -> Result<Self> {
         Ok(BiasActDropout {
             act,
-            rate,
-            site,
+            site: Site::new(p, site)?,
             math: None,
         })
     }
+
+    site_methods!();
 
     /// The same site with the activation evaluated in `math` mode: [`Math::Fast`] (the op's
     /// default for GELU and SiLU: approximate, within the bound in the
@@ -158,34 +152,6 @@ impl BiasActDropout {
         self.act
     }
 
-    /// The drop probability.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::bias_act_dropout::Activation;
-    /// # fn main() -> candle_core::Result<()> {
-    /// assert_eq!(fusedreg::candle::BiasActDropout::new(Activation::Relu, 0.25, 1)?.p(), 0.25);
-    /// # Ok(()) }
-    /// ```
-    pub fn p(&self) -> f64 {
-        self.rate.p()
-    }
-
-    /// The site number.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::bias_act_dropout::Activation;
-    /// # fn main() -> candle_core::Result<()> {
-    /// assert_eq!(fusedreg::candle::BiasActDropout::new(Activation::Relu, 0.25, 9)?.site(), 9);
-    /// # Ok(()) }
-    /// ```
-    pub fn site(&self) -> u32 {
-        self.site
-    }
-
     /// The [`Config`] a call on a `[rows, cols]` tensor uses: with `keys`, the site's rate and
     /// call id of that step; without (evaluation), p = 0. Use it to reproduce a mask
     /// (`cfg.keeps(i)`).
@@ -204,15 +170,10 @@ impl BiasActDropout {
     /// assert_eq!(site.config(4, 16, None)?.math(), site.math());
     /// # Ok(()) }
     /// ```
-    pub fn config(
-        &self,
-        rows: usize,
-        cols: usize,
-        keys: Option<&StepKeys>,
-    ) -> candle_core::Result<Config> {
-        let (p, seed, call) = match keys {
+    pub fn config(&self, rows: usize, cols: usize, keys: Option<&StepKeys>) -> Result<Config> {
+        let (p, seed, call) = match self.site.draw(keys)? {
             None => (0.0, 0, 0),
-            Some(k) => (self.rate.p(), k.seed(), k.call(self.site, 0)?),
+            Some(d) => (d.p, d.seed, d.call),
         };
         Ok(Config::new(rows, cols, self.act, p, seed, call)?.with_math(self.math()))
     }
@@ -248,308 +209,111 @@ impl BiasActDropout {
         x: &Tensor,
         bias: Option<&Tensor>,
         keys: Option<&StepKeys>,
-    ) -> candle_core::Result<Tensor> {
-        check_tensor(OP, "x", x, x)?;
-        let (rows, cols) = rows_cols(OP, "x", x)?;
-        if let Some(b) = bias {
-            check_tensor(OP, "bias", b, x)?;
-            if b.dims() != [cols] {
-                return Err(wrap(Error::shape(
-                    OP,
-                    format!("bias is {:?}, expected [{cols}] (one per column)", b.dims()),
-                )));
-            }
-        }
-        let op = Fwd {
-            cfg: self.config(rows, cols, keys)?,
-        };
-        let x = x.contiguous()?;
-        match bias {
-            None => x.apply_op1(op),
-            Some(b) => x.apply_op2(&b.contiguous()?, op),
-        }
+    ) -> Result<Tensor> {
+        shell::check_tensor(OP, "x", x, x)?;
+        let (rows, cols) = shell::rows_cols(OP, "x", x)?;
+        shell::check_per_column(OP, "bias", bias, x, cols)?;
+        let cfg = self.config(rows, cols, keys)?;
+        Op(Fwd { cfg }).apply(&[Some(x), bias].into_iter().flatten().collect::<Vec<_>>())
     }
 }
 
-/// The forward custom op: (x) or (x, bias).
+/// The forward pass on `(x, [bias])`: y, x's shape.
 #[derive(Clone, Copy, Debug)]
 struct Fwd {
     cfg: Config,
 }
 
-fn fwd_cpu<T: Elem>(
-    cfg: &Config,
-    (sx, lx): (&CpuStorage, &Layout),
-    bias: Option<(&CpuStorage, &Layout)>,
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let x = cpu_slice::<T>(FWD, "x", sx, lx)?;
-    let b = bias
-        .map(|(s, l)| cpu_slice::<T>(FWD, "bias", s, l))
-        .transpose()?;
-    let mut y = vec![T::default(); cfg.len()];
-    cpu::forward(cfg, x, b, &mut y, None)?;
-    Ok(cpu_out(y, lx.shape().clone()))
-}
+impl Pass for Fwd {
+    const NAME: &'static str = "fusedreg-bias-act-dropout";
 
-#[cfg(feature = "candle-cuda")]
-fn fwd_cuda<T: Elem>(
-    cfg: &Config,
-    (sx, lx): (&candle_core::CudaStorage, &Layout),
-    bias: Option<(&candle_core::CudaStorage, &Layout)>,
-) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    use super::storage::{cuda_alloc, cuda_handle, cuda_view};
-    let dev = &sx.device;
-    let h = cuda_handle(dev)?;
-    let x = cuda_view::<T>(FWD, "x", sx, lx)?;
-    let b = bias
-        .map(|(s, l)| cuda_view::<T>(FWD, "bias", s, l))
-        .transpose()?;
-    // SAFETY: the forward writes every element of y (a dropped element gets +0).
-    let mut y = unsafe { cuda_alloc::<T>(dev, cfg.len())? };
-    crate::bias_act_dropout::forward(&h, cfg, &x, b, &mut y.slice_mut(..cfg.len()), None)?;
-    Ok((
-        candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
-        lx.shape().clone(),
-    ))
-}
-
-impl CustomOp1 for Fwd {
-    fn name(&self) -> &'static str {
-        FWD
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(FWD, s.dtype(), fwd_cpu(&self.cfg, (s, l), None))
+    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+        let x = ins.slice::<T>(0, "x")?;
+        let bias = ins.opt_slice(1, "bias")?;
+        let mut y = vec![T::default(); self.cfg.len()];
+        cpu::forward(&self.cfg, x, bias, &mut y, None)?;
+        Ok(cpu_out(y, ins.shape(0)))
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
+    fn cuda<T: Elem>(
         &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(FWD, s.dtype(), fwd_cuda(&self.cfg, (s, l), None))
+        ins: &Inputs<'_, candle_core::CudaStorage>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let h = ins.handle()?;
+        let x = ins.view::<T>(0, "x")?;
+        let bias = ins.opt_view(1, "bias")?;
+        let n = self.cfg.len();
+        // SAFETY: the forward writes every element of y (a dropped element gets +0).
+        let mut y = unsafe { ins.alloc::<T>(n)? };
+        crate::bias_act_dropout::forward(&h, &self.cfg, &x, bias, &mut y.slice_mut(..n), None)?;
+        Ok(ins.out(y, ins.shape(0)))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (dx, _) = backward(&self.cfg, x, None, dy)?;
-        Ok(Some(dx))
+    /// `(dx, dbias)` from one fused backward ([`Preact::X`]: `h` recomputed from the forward's
+    /// own inputs `x` and `bias`, which candle's graph holds).
+    fn bwd(&self, ins: &[&Tensor], _y: &Tensor, dy: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut args = vec![dy];
+        args.extend_from_slice(ins);
+        let packed = Op(Bwd { cfg: self.cfg }).apply_no_bwd(&args)?;
+        let cols = (ins.len() > 1).then(|| Shape::from(self.cfg.cols()));
+        let [dx, db] = unpack(&packed, [Some(ins[0].shape().clone()), cols])?;
+        Ok(vec![dx, db])
     }
 }
 
-impl CustomOp2 for Fwd {
-    fn name(&self) -> &'static str {
-        FWD
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(
-            FWD,
-            s1.dtype(),
-            fwd_cpu(&self.cfg, (s1, l1), Some((s2, l2)))
-        )
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(
-            FWD,
-            s1.dtype(),
-            fwd_cuda(&self.cfg, (s1, l1), Some((s2, l2)))
-        )
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        bias: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dbias) = backward(&self.cfg, x, Some(bias), dy)?;
-        Ok((Some(dx), dbias))
-    }
-}
-
-/// `(dx, dbias)` from one fused backward ([`Preact::X`]: `h` recomputed from the forward's own
-/// inputs `x` and `bias`, which candle's graph holds). With a bias the op writes dx and dbias
-/// into one `[rows + 1, cols]` buffer (dbias last), split here with `narrow` (views, no copy).
-fn backward(
-    cfg: &Config,
-    x: &Tensor,
-    bias: Option<&Tensor>,
-    dy: &Tensor,
-) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-    let dy = dy.contiguous()?;
-    // The forward's inputs were made contiguous before the op; these are no-ops then.
-    let x = x.contiguous()?;
-    let op = Bwd { cfg: *cfg };
-    let Some(b) = bias else {
-        return Ok((dy.apply_op2_no_bwd(&x, &op)?, None));
-    };
-    let out = dy.apply_op3_no_bwd(&x, &b.contiguous()?, &op)?;
-    let rows = cfg.rows();
-    let dx = out.narrow(0, 0, rows)?.reshape(x.shape())?;
-    let db = out.narrow(0, rows, 1)?.reshape(cfg.cols())?;
-    Ok((dx, Some(db)))
-}
-
-/// The backward custom op: (dy, x) -> dx (dy's shape), or (dy, x, bias) -> `[rows + 1, cols]` =
-/// dx then dbias. It has no backward of its own (no second derivatives through this op).
+/// The backward pass on `(dy, x, [bias])`: dx, then dbias when there is a bias, packed in one
+/// buffer (split by [`unpack`]: views, no copy).
 #[derive(Clone, Copy, Debug)]
 struct Bwd {
     cfg: Config,
 }
 
 impl Bwd {
-    /// Elements and shape of the output; `dbias` when the bias gradient is packed after dx.
-    fn out_shape(&self, dy: &Layout, dbias: bool) -> candle_core::Result<(usize, Shape)> {
-        let (n, cols) = (self.cfg.len(), self.cfg.cols());
-        if !dbias {
-            return Ok((n, dy.shape().clone()));
+    /// The packed parts' lengths: dx, dbias (0 without a bias).
+    fn lens(&self, dbias: bool) -> Result<(usize, usize, usize)> {
+        let (n, nb) = (self.cfg.len(), if dbias { self.cfg.cols() } else { 0 });
+        Ok((n, nb, packed_len(Self::NAME, &[n, nb])?))
+    }
+}
+
+impl Pass for Bwd {
+    const NAME: &'static str = "fusedreg-bias-act-dropout-bwd";
+
+    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+        let dy = ins.slice::<T>(0, "dy")?;
+        let x = ins.slice(1, "x")?;
+        let bias = ins.opt_slice(2, "bias")?;
+        let (n, nb, total) = self.lens(bias.is_some())?;
+        let mut out = vec![T::default(); total];
+        {
+            split_parts!(out.as_mut_slice() => dx: n, db: nb);
+            let pre = Preact::X { x, bias };
+            cpu::backward(&self.cfg, dy, pre, dx, bias.is_some().then_some(db))?;
         }
-        let rows1 = self.cfg.rows().checked_add(1);
-        let total = n.checked_add(cols);
-        match (rows1, total) {
-            (Some(rows1), Some(total)) => Ok((total, Shape::from((rows1, cols)))),
-            _ => Err(wrap(Error::shape(BWD, "rows + 1 overflows"))),
-        }
-    }
-}
-
-fn bwd_cpu<T: Elem>(
-    op: &Bwd,
-    (sdy, ldy): (&CpuStorage, &Layout),
-    (sx, lx): (&CpuStorage, &Layout),
-    bias: Option<(&CpuStorage, &Layout)>,
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let dy = cpu_slice::<T>(BWD, "dy", sdy, ldy)?;
-    let x = cpu_slice::<T>(BWD, "x", sx, lx)?;
-    let b = bias
-        .map(|(s, l)| cpu_slice::<T>(BWD, "bias", s, l))
-        .transpose()?;
-    let (total, shape) = op.out_shape(ldy, b.is_some())?;
-    let mut out = vec![T::default(); total];
-    let (dx, db) = out.split_at_mut(op.cfg.len());
-    let pre = Preact::X { x, bias: b };
-    cpu::backward(&op.cfg, dy, pre, dx, b.is_some().then_some(db))?;
-    Ok(cpu_out(out, shape))
-}
-
-#[cfg(feature = "candle-cuda")]
-fn bwd_cuda<T: Elem>(
-    op: &Bwd,
-    (sdy, ldy): (&candle_core::CudaStorage, &Layout),
-    (sx, lx): (&candle_core::CudaStorage, &Layout),
-    bias: Option<(&candle_core::CudaStorage, &Layout)>,
-) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    use super::storage::{cuda_alloc, cuda_handle, cuda_view};
-    let dev = &sdy.device;
-    let h = cuda_handle(dev)?;
-    let dy = cuda_view::<T>(BWD, "dy", sdy, ldy)?;
-    let x = cuda_view::<T>(BWD, "x", sx, lx)?;
-    let b = bias
-        .map(|(s, l)| cuda_view::<T>(BWD, "bias", s, l))
-        .transpose()?;
-    let with_dbias = b.is_some();
-    let (total, shape) = op.out_shape(ldy, with_dbias)?;
-    let n = op.cfg.len();
-    // SAFETY: the backward writes every dx element, and dbias when asked (also when rows is 0).
-    let mut out = unsafe { cuda_alloc::<T>(dev, total)? };
-    {
-        let (mut dx, mut db) = out.split_at_mut(n);
-        let db = db.slice_mut(..total - n);
-        let pre = Preact::X { x, bias: b };
-        crate::bias_act_dropout::backward(
-            &h,
-            &op.cfg,
-            &dy,
-            pre,
-            &mut dx,
-            with_dbias.then_some(db),
-        )?;
-    }
-    Ok((
-        candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
-        shape,
-    ))
-}
-
-impl CustomOp2 for Bwd {
-    fn name(&self) -> &'static str {
-        BWD
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(BWD, s1.dtype(), bwd_cpu(self, (s1, l1), (s2, l2), None))
+        Ok(cpu_out(out, total))
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
+    fn cuda<T: Elem>(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(BWD, s1.dtype(), bwd_cuda(self, (s1, l1), (s2, l2), None))
-    }
-}
-
-impl CustomOp3 for Bwd {
-    fn name(&self) -> &'static str {
-        BWD
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(
-            BWD,
-            s1.dtype(),
-            bwd_cpu(self, (s1, l1), (s2, l2), Some((s3, l3)))
-        )
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(
-            BWD,
-            s1.dtype(),
-            bwd_cuda(self, (s1, l1), (s2, l2), Some((s3, l3)))
-        )
+        ins: &Inputs<'_, candle_core::CudaStorage>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let h = ins.handle()?;
+        let dy = ins.view::<T>(0, "dy")?;
+        let x = ins.view(1, "x")?;
+        let bias = ins.opt_view(2, "bias")?;
+        let with_dbias = bias.is_some();
+        let (n, nb, total) = self.lens(with_dbias)?;
+        // SAFETY: the backward writes every dx element, and dbias when asked (also when rows is 0).
+        let mut out = unsafe { ins.alloc::<T>(total)? };
+        {
+            split_parts!(out.slice_mut(..) => dx: n, db: nb);
+            let pre = Preact::X { x, bias };
+            let db = with_dbias.then_some(db);
+            crate::bias_act_dropout::backward(&h, &self.cfg, &dy, pre, &mut dx, db)?;
+        }
+        Ok(ins.out(out, total))
     }
 }
 
@@ -564,31 +328,31 @@ mod tests {
 
     /// The custom ops refuse strided layouts (the public `forward` copies before reaching them).
     #[test]
-    fn custom_op_refuses_non_contiguous() -> candle_core::Result<()> {
+    fn custom_op_refuses_non_contiguous() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
         let cfg = cfg(6, 4);
-        let err = x.apply_op1_no_bwd(&Fwd { cfg }).unwrap_err();
+        let err = x.apply_op1_no_bwd(&Op(Fwd { cfg })).unwrap_err();
         assert!(err.to_string().contains("not contiguous"), "{err}");
         let dy = Tensor::zeros((6, 4), DType::F32, &dev)?;
-        let err = dy.apply_op2_no_bwd(&x, &Bwd { cfg }).unwrap_err();
+        let err = dy.apply_op2_no_bwd(&x, &Op(Bwd { cfg })).unwrap_err();
         assert!(err.to_string().contains("not contiguous"), "{err}");
         Ok(())
     }
 
     /// Storage of another dtype than the first argument's is refused by the op itself.
     #[test]
-    fn custom_op_refuses_mixed_dtypes() -> candle_core::Result<()> {
+    fn custom_op_refuses_mixed_dtypes() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 3), DType::F32, &dev)?;
         let b = Tensor::zeros(3, DType::BF16, &dev)?;
         let cfg = cfg(2, 3);
-        let err = x.apply_op2_no_bwd(&b, &Fwd { cfg }).unwrap_err();
+        let err = x.apply_op2_no_bwd(&b, &Op(Fwd { cfg })).unwrap_err();
         assert!(err.to_string().contains("dtype"), "{err}");
-        let err = x.apply_op3_no_bwd(&x, &b, &Bwd { cfg }).unwrap_err();
+        let err = x.apply_op3_no_bwd(&x, &b, &Op(Bwd { cfg })).unwrap_err();
         assert!(err.to_string().contains("dtype"), "{err}");
         let x64 = Tensor::zeros((2, 3), DType::F64, &dev)?;
-        let err = x64.apply_op2_no_bwd(&x64, &Bwd { cfg }).unwrap_err();
+        let err = x64.apply_op2_no_bwd(&x64, &Op(Bwd { cfg })).unwrap_err();
         assert!(err.to_string().contains("F64"), "{err}");
         Ok(())
     }

@@ -19,18 +19,14 @@
 //! With `d_loss = 1` (`loss.backward()`) the gradient has exactly the bits of
 //! [`crate::cross_entropy::cpu::forward_backward`] with [`Reduction::Mean`].
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 
-use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem};
-use super::wrap;
+use super::shell::{self, cpu_out, Elem, Inputs, Op, Pass};
 use crate::cross_entropy::{cpu, Config, Reduction};
 use crate::error::Error;
 use crate::Math;
 
 const OP: &str = "candle::CrossEntropy";
-const FWD: &str = "fusedreg-cross-entropy";
-const BWD: &str = "fusedreg-cross-entropy-bwd";
 
 /// Mean cross-entropy of `logits` `[..., vocab]` (f32, f16 or bf16) against class indices
 /// `targets` `[...]` (u32 or i64), with optional label smoothing `α` and an ignore index (rows
@@ -121,7 +117,7 @@ impl CrossEntropy {
     /// assert!(CrossEntropy::new().with_label_smoothing(f64::NAN).is_err());
     /// # Ok(()) }
     /// ```
-    pub fn with_label_smoothing(self, alpha: f64) -> candle_core::Result<Self> {
+    pub fn with_label_smoothing(self, alpha: f64) -> Result<Self> {
         // The op's own check.
         Config::new(0, 1).and_then(|c| c.label_smoothing(alpha))?;
         Ok(CrossEntropy { alpha, ..self })
@@ -247,7 +243,7 @@ impl CrossEntropy {
     /// assert!(CrossEntropy::new().config(4, 0).is_err());
     /// # Ok(()) }
     /// ```
-    pub fn config(&self, rows: usize, vocab: usize) -> candle_core::Result<Config> {
+    pub fn config(&self, rows: usize, vocab: usize) -> Result<Config> {
         Ok(Config::new(rows, vocab)
             .and_then(|c| c.label_smoothing(self.alpha))?
             .ignore_index(self.ignore_index)
@@ -284,75 +280,41 @@ impl CrossEntropy {
     /// assert!(CrossEntropy::new().forward(&logits, &Tensor::new(&[0i64, 1], &dev)?).is_err());
     /// # Ok(()) }
     /// ```
-    pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-        check_tensor(OP, "logits", logits, logits)?;
+    pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        shell::check_tensor(OP, "logits", logits, logits)?;
         if !matches!(targets.dtype(), DType::U32 | DType::I64) {
-            return Err(wrap(Error::invalid(
+            return Err(Error::invalid(
                 OP,
                 format!(
                     "targets have dtype {:?}: class indices must be u32 or i64",
                     targets.dtype()
                 ),
-            )));
+            )
+            .into());
         }
-        if !targets.device().same_device(logits.device()) {
-            return Err(wrap(Error::invalid(
-                OP,
-                format!(
-                    "`targets` are on {:?}, the logits on {:?}",
-                    targets.device().location(),
-                    logits.device().location()
-                ),
-            )));
-        }
-        let (rows, vocab) = rows_cols(OP, "logits", logits)?;
+        shell::check_device(OP, "targets", targets, logits)?;
+        let (rows, vocab) = shell::rows_cols(OP, "logits", logits)?;
         let lead = &logits.dims()[..logits.rank() - 1];
         if targets.dims() != lead {
-            return Err(wrap(Error::shape(
+            return Err(Error::shape(
                 OP,
                 format!(
                     "targets are {:?}, expected {lead:?} (the logits {:?} without the vocabulary)",
                     targets.dims(),
                     logits.dims()
                 ),
-            )));
+            )
+            .into());
         }
         let cfg = self.config(rows, vocab)?;
-        let logits = logits.contiguous()?.reshape((rows, vocab))?;
-        let targets = targets.to_dtype(DType::I64)?.contiguous()?.reshape(rows)?;
-        logits.apply_op2(
-            &targets,
-            Fwd {
-                cfg,
-                check: self.check_targets,
-            },
-        )
+        let logits = logits.reshape((rows, vocab))?;
+        let targets = targets.to_dtype(DType::I64)?.reshape(rows)?;
+        let check = self.check_targets;
+        Op(Fwd { cfg, check }).apply(&[&logits, &targets])
     }
 }
 
-/// The contiguous i64 elements of a targets tensor on the CPU.
-fn cpu_targets<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [i64]> {
-    let (start, end) = targets_range(s.dtype(), l)?;
-    Ok(&s.as_slice::<i64>()?[start..end])
-}
-
-fn targets_range(dtype: DType, l: &Layout) -> candle_core::Result<(usize, usize)> {
-    if dtype != DType::I64 {
-        return Err(wrap(Error::invalid(
-            FWD,
-            format!("targets have dtype {dtype:?}, expected I64"),
-        )));
-    }
-    l.contiguous_offsets().ok_or_else(|| {
-        wrap(Error::invalid(
-            FWD,
-            "`targets` are not contiguous; call .contiguous() first",
-        ))
-    })
-}
-
-/// The forward custom op: (logits `[rows, vocab]`, targets i64 `[rows]`) -> the mean loss, f32
-/// `[]`.
+/// The forward pass on (logits `[rows, vocab]`, targets i64 `[rows]`): the mean loss, f32 `[]`.
 #[derive(Clone, Copy, Debug)]
 struct Fwd {
     cfg: Config,
@@ -361,104 +323,61 @@ struct Fwd {
     check: bool,
 }
 
-fn fwd_cpu<T: Elem>(
-    cfg: &Config,
-    (sl, ll): (&CpuStorage, &Layout),
-    (st, lt): (&CpuStorage, &Layout),
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let logits = cpu_slice::<T>(FWD, "logits", sl, ll)?;
-    let targets = cpu_targets(st, lt)?;
-    let loss = cpu::forward(cfg, logits, targets)?;
-    let mean = loss
-        .reduced
-        .ok_or_else(|| wrap(Error::invalid(FWD, "no reduced loss")))?;
-    Ok(cpu_out(vec![mean], Shape::from(())))
-}
+impl Pass for Fwd {
+    const NAME: &'static str = "fusedreg-cross-entropy";
 
-#[cfg(feature = "candle-cuda")]
-fn fwd_cuda<T: Elem>(
-    cfg: &Config,
-    check: bool,
-    (sl, ll): (&candle_core::CudaStorage, &Layout),
-    (st, lt): (&candle_core::CudaStorage, &Layout),
-) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    use super::storage::{cuda_alloc, cuda_handle, cuda_view};
-    use crate::cross_entropy::Outputs;
-    let dev = &sl.device;
-    let h = cuda_handle(dev)?;
-    let logits = cuda_view::<T>(FWD, "logits", sl, ll)?;
-    let (start, end) = targets_range(st.dtype(), lt)?;
-    let targets = st.as_cuda_slice::<i64>()?.slice(start..end);
-    // SAFETY: the forward writes the loss (0 with no valid rows).
-    let mut loss = unsafe { cuda_alloc::<f32>(dev, 1)? };
-    let mut flag = if check {
-        Some(dev.alloc_zeros::<u32>(1)?)
-    } else {
-        None
-    };
-    let out = Outputs {
-        invalid_target: flag.as_mut().map(|f| f.as_view_mut()),
-        ..Outputs::new(loss.slice_mut(..1))
-    };
-    crate::cross_entropy::forward(&h, cfg, &logits, &targets, out)?;
-    // The kernel cannot fail on a bad target; it raises this flag. Reading it waits for the op.
-    let bad_target = match &flag {
-        Some(f) => dev.clone_dtoh(f)?[0] != 0,
-        None => false,
-    };
-    if bad_target {
-        return Err(wrap(Error::invalid(
-            crate::cross_entropy::OP,
-            format!(
-                "a target is outside [0, {}) and not the ignore index {}",
-                cfg.vocab(),
-                cfg.get_ignore_index()
-            ),
-        )));
-    }
-    Ok((
-        candle_core::CudaStorage::wrap_cuda_slice(loss, dev.clone()),
-        Shape::from(()),
-    ))
-}
-
-impl CustomOp2 for Fwd {
-    fn name(&self) -> &'static str {
-        FWD
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(FWD, s1.dtype(), fwd_cpu(&self.cfg, (s1, l1), (s2, l2)))
+    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+        let logits = ins.slice::<T>(0, "logits")?;
+        let targets = ins.slice::<i64>(1, "targets")?;
+        let loss = cpu::forward(&self.cfg, logits, targets)?;
+        let mean = loss
+            .reduced
+            .ok_or_else(|| Error::invalid(Self::NAME, "no reduced loss"))?;
+        Ok(cpu_out(vec![mean], ()))
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
+    fn cuda<T: Elem>(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(
-            FWD,
-            s1.dtype(),
-            fwd_cuda(&self.cfg, self.check, (s1, l1), (s2, l2))
-        )
+        ins: &Inputs<'_, candle_core::CudaStorage>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cross_entropy::Outputs;
+        let (h, dev, cfg) = (ins.handle()?, ins.device(), &self.cfg);
+        let logits = ins.view::<T>(0, "logits")?;
+        let targets = ins.view::<i64>(1, "targets")?;
+        // SAFETY: the forward writes the loss (0 with no valid rows).
+        let mut loss = unsafe { ins.alloc::<f32>(1)? };
+        let mut flag = if self.check {
+            Some(dev.alloc_zeros::<u32>(1)?)
+        } else {
+            None
+        };
+        let out = Outputs {
+            invalid_target: flag.as_mut().map(|f| f.as_view_mut()),
+            ..Outputs::new(loss.slice_mut(..1))
+        };
+        crate::cross_entropy::forward(&h, cfg, &logits, &targets, out)?;
+        // The kernel cannot fail on a bad target; it raises this flag. Reading it waits for the op.
+        let bad_target = match &flag {
+            Some(f) => dev.clone_dtoh(f)?[0] != 0,
+            None => false,
+        };
+        if bad_target {
+            return Err(Error::invalid(
+                crate::cross_entropy::OP,
+                format!(
+                    "a target is outside [0, {}) and not the ignore index {}",
+                    cfg.vocab(),
+                    cfg.get_ignore_index()
+                ),
+            )
+            .into());
+        }
+        Ok(ins.out(loss, ()))
     }
 
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _loss: &Tensor,
-        d_loss: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, ins: &[&Tensor], _loss: &Tensor, d_loss: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (logits, targets) = (ins[0], ins[1]);
         // upstream = d_loss * (1 / n_valid) per row, on the device: the same f32 operations as
         // the mean's own scale (`1 / n_valid as f32`), so d_loss = 1 gives its bits. n_valid
         // counts what the kernels count: rows whose target is not the ignore index and lies in
@@ -466,7 +385,7 @@ impl CustomOp2 for Fwd {
         // loss nor in the mean). Counted in i64 (exact) and rounded once to f32 like the op's;
         // max(1) only matters when no row is valid, and then every gradient row is zero anyway.
         let vocab = i64::try_from(self.cfg.vocab())
-            .map_err(|_| wrap(Error::shape(BWD, "vocabulary above i64::MAX")))?;
+            .map_err(|_| Error::shape(Bwd::NAME, "vocabulary above i64::MAX"))?;
         let valid =
             (targets.ne(self.cfg.get_ignore_index())? * targets.ge(0i64)? * targets.lt(vocab)?)?;
         let n_valid = valid
@@ -475,112 +394,57 @@ impl CustomOp2 for Fwd {
             .to_dtype(DType::F32)?
             .maximum(1f32)?;
         let scale = (n_valid.recip()? * d_loss.to_dtype(DType::F32)?)?;
-        let upstream = scale.broadcast_as(self.cfg.rows())?.contiguous()?;
-        let op = Bwd {
+        let upstream = scale.broadcast_as(self.cfg.rows())?;
+        let bwd = Bwd {
             cfg: self.cfg.reduction(Reduction::None),
         };
-        let d_logits = logits.apply_op3_no_bwd(targets, &upstream, &op)?;
-        Ok((Some(d_logits), None))
+        let d_logits = Op(bwd).apply_no_bwd(&[logits, targets, &upstream])?;
+        Ok(vec![Some(d_logits)])
     }
 }
 
-/// The backward custom op: (logits, targets, upstream f32 `[rows]`) -> the gradient of the
-/// logits. It has no backward of its own (no second derivatives through this op).
+/// The backward pass on (logits, targets, upstream f32 `[rows]`): the gradient of the logits.
 #[derive(Clone, Copy, Debug)]
 struct Bwd {
     /// The forward's config with `Reduction::None` (the per-row upstream carries the mean).
     cfg: Config,
 }
 
-fn bwd_cpu<T: Elem>(
-    cfg: &Config,
-    (sl, ll): (&CpuStorage, &Layout),
-    (st, lt): (&CpuStorage, &Layout),
-    (su, lu): (&CpuStorage, &Layout),
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let logits = cpu_slice::<T>(BWD, "logits", sl, ll)?;
-    let targets = cpu_targets(st, lt)?;
-    let upstream = cpu_slice::<f32>(BWD, "upstream", su, lu)?;
-    let mut grad = vec![T::default(); cfg.len()];
-    cpu::forward_backward(cfg, logits, targets, Some(upstream), &mut grad)?;
-    Ok(cpu_out(grad, ll.shape().clone()))
-}
+impl Pass for Bwd {
+    const NAME: &'static str = "fusedreg-cross-entropy-bwd";
 
-#[cfg(feature = "candle-cuda")]
-fn bwd_cuda<T: Elem>(
-    cfg: &Config,
-    (sl, ll): (&candle_core::CudaStorage, &Layout),
-    (st, lt): (&candle_core::CudaStorage, &Layout),
-    (su, lu): (&candle_core::CudaStorage, &Layout),
-) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    use super::storage::{cuda_alloc, cuda_handle, cuda_view};
-    use crate::cross_entropy::Outputs;
-    let dev = &sl.device;
-    let h = cuda_handle(dev)?;
-    let logits = cuda_view::<T>(BWD, "logits", sl, ll)?;
-    let (start, end) = targets_range(st.dtype(), lt)?;
-    let targets = st.as_cuda_slice::<i64>()?.slice(start..end);
-    let upstream = cuda_view::<f32>(BWD, "upstream", su, lu)?;
-    let n = cfg.len();
-    // SAFETY: the pass writes every gradient element (ignored rows get zeros) and every per-row
-    // loss.
-    let mut grad = unsafe { cuda_alloc::<T>(dev, n)? };
-    // SAFETY: as above (the per-row losses are scratch here).
-    let mut rows = unsafe { cuda_alloc::<f32>(dev, cfg.rows())? };
-    let out = Outputs {
-        upstream: Some(upstream),
-        ..Outputs::new(rows.slice_mut(..cfg.rows()))
-    };
-    crate::cross_entropy::forward_backward(
-        &h,
-        cfg,
-        &logits,
-        &targets,
-        &mut grad.slice_mut(..n),
-        out,
-    )?;
-    Ok((
-        candle_core::CudaStorage::wrap_cuda_slice(grad, dev.clone()),
-        ll.shape().clone(),
-    ))
-}
-
-impl CustomOp3 for Bwd {
-    fn name(&self) -> &'static str {
-        BWD
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(
-            BWD,
-            s1.dtype(),
-            bwd_cpu(&self.cfg, (s1, l1), (s2, l2), (s3, l3))
-        )
+    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+        let logits = ins.slice::<T>(0, "logits")?;
+        let targets = ins.slice::<i64>(1, "targets")?;
+        let upstream = ins.slice::<f32>(2, "upstream")?;
+        let mut grad = vec![T::default(); self.cfg.len()];
+        cpu::forward_backward(&self.cfg, logits, targets, Some(upstream), &mut grad)?;
+        Ok(cpu_out(grad, ins.shape(0)))
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
+    fn cuda<T: Elem>(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(
-            BWD,
-            s1.dtype(),
-            bwd_cuda(&self.cfg, (s1, l1), (s2, l2), (s3, l3))
-        )
+        ins: &Inputs<'_, candle_core::CudaStorage>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cross_entropy::Outputs;
+        let (h, cfg) = (ins.handle()?, &self.cfg);
+        let logits = ins.view::<T>(0, "logits")?;
+        let targets = ins.view::<i64>(1, "targets")?;
+        let upstream = ins.view::<f32>(2, "upstream")?;
+        let n = cfg.len();
+        // SAFETY: the pass writes every gradient element (ignored rows get zeros) and every
+        // per-row loss.
+        let mut grad = unsafe { ins.alloc::<T>(n)? };
+        // SAFETY: as above (the per-row losses are scratch here).
+        let mut rows = unsafe { ins.alloc::<f32>(cfg.rows())? };
+        let out = Outputs {
+            upstream: Some(upstream),
+            ..Outputs::new(rows.slice_mut(..cfg.rows()))
+        };
+        let mut g = grad.slice_mut(..n);
+        crate::cross_entropy::forward_backward(&h, cfg, &logits, &targets, &mut g, out)?;
+        Ok(ins.out(grad, ins.shape(0)))
     }
 }
 
@@ -592,20 +456,17 @@ mod tests {
     /// The custom op refuses strided logits and targets of another dtype than i64 (the public
     /// `forward` copies and widens before reaching it).
     #[test]
-    fn custom_op_refuses_strided_logits_and_u32_targets() -> candle_core::Result<()> {
+    fn custom_op_refuses_strided_logits_and_u32_targets() -> Result<()> {
         let dev = Device::Cpu;
         let logits = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
         let targets = Tensor::zeros(6, DType::I64, &dev)?;
         let cfg = Config::new(6, 4)?;
-        let err = logits
-            .apply_op2_no_bwd(&targets, &Fwd { cfg, check: true })
-            .unwrap_err();
+        let fwd = Op(Fwd { cfg, check: true });
+        let err = logits.apply_op2_no_bwd(&targets, &fwd).unwrap_err();
         assert!(err.to_string().contains("not contiguous"), "{err}");
         let logits = logits.contiguous()?;
         let t32 = Tensor::zeros(6, DType::U32, &dev)?;
-        let err = logits
-            .apply_op2_no_bwd(&t32, &Fwd { cfg, check: true })
-            .unwrap_err();
+        let err = logits.apply_op2_no_bwd(&t32, &fwd).unwrap_err();
         assert!(err.to_string().contains("I64"), "{err}");
         Ok(())
     }

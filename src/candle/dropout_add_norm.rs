@@ -21,18 +21,16 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 
-use super::storage::{check_tensor, cpu_out, cpu_slice, dispatch, rows_cols, Elem};
-use super::{check_site, wrap, StepKeys};
-use crate::dropout_add_norm::{cpu, layer_norm_scaling, Config, DropPath, Norm};
-use crate::dropping::DropRate;
-use crate::error::Error;
+use super::redundancy::{BlockInfluence, Meter};
+use super::shell::{self, cpu_out, packed_len, split_parts, unpack, Elem, Inputs, Op, Pass};
+use super::site::{site_methods, Site};
+use super::StepKeys;
+use crate::dropout_add_norm::{cpu, layer_norm_scaling, Config, Norm};
+use crate::error::{check_len, Error};
 
 const OP: &str = "candle::DropoutAddNorm";
-const FWD: &str = "fusedreg-dropout-add-norm";
-const BWD: &str = "fusedreg-dropout-add-norm-bwd";
 
 /// One pre-norm site of a transformer block: the sub-block's output `x` (plus `bias`) goes through
 /// dropout (and an optional drop path), joins the residual stream, and the new stream is
@@ -91,10 +89,8 @@ const BWD: &str = "fusedreg-dropout-add-norm-bwd";
 pub struct DropoutAddNorm {
     norm: Norm,
     eps: f32,
-    site: u32,
-    rate: DropRate,
-    /// (rate, rows per sample); None when there is no drop path or its rate is 0.
-    drop_path: Option<(DropRate, usize)>,
+    /// The dropout rate (0 until [`with_dropout`](Self::with_dropout)), site and drop path.
+    site: Site,
     /// LayerNorm Scaling's 1-based layer; None: layer scale 1.
     layer: Option<usize>,
 }
@@ -118,7 +114,7 @@ impl DropoutAddNorm {
     /// assert!(DropoutAddNorm::layer_norm(1e-5, 1 << 24).is_err());
     /// # Ok(()) }
     /// ```
-    pub fn layer_norm(eps: f64, site: u32) -> candle_core::Result<Self> {
+    pub fn layer_norm(eps: f64, site: u32) -> Result<Self> {
         Self::new(Norm::LayerNorm, eps, site)
     }
 
@@ -135,12 +131,12 @@ impl DropoutAddNorm {
     /// assert!(DropoutAddNorm::rms_norm(f64::NAN, 0).is_err());
     /// # Ok(()) }
     /// ```
-    pub fn rms_norm(eps: f64, site: u32) -> candle_core::Result<Self> {
+    pub fn rms_norm(eps: f64, site: u32) -> Result<Self> {
         Self::new(Norm::RmsNorm, eps, site)
     }
 
-    fn new(norm: Norm, eps: f64, site: u32) -> candle_core::Result<Self> {
-        check_site(site)?;
+    fn new(norm: Norm, eps: f64, site: u32) -> Result<Self> {
+        let site = Site::new(0.0, site)?;
         let eps32 = eps as f32;
         // The op's own check (finite, > 0) on the value it will use.
         Config::new(0, 1, norm, eps32)?;
@@ -148,8 +144,6 @@ impl DropoutAddNorm {
             norm,
             eps: eps32,
             site,
-            rate: DropRate::ZERO,
-            drop_path: None,
             layer: None,
         })
     }
@@ -165,32 +159,9 @@ impl DropoutAddNorm {
     /// assert!(DropoutAddNorm::rms_norm(1e-6, 0)?.with_dropout(-0.1).is_err());
     /// # Ok(()) }
     /// ```
-    pub fn with_dropout(self, p: f64) -> candle_core::Result<Self> {
+    pub fn with_dropout(self, p: f64) -> Result<Self> {
         Ok(DropoutAddNorm {
-            rate: DropRate::new(p)?,
-            ..self
-        })
-    }
-
-    /// Adds a drop path in training: whole samples of `rows_per_sample` consecutive rows (the
-    /// sequence length of a `[batch, seq, hidden]` tensor; 1 for per-row) lose their `x` with
-    /// probability `p_path`, kept ones scale it by `1 / (1 - p_path)`. `p_path = 0` means none.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::candle::DropoutAddNorm;
-    /// # fn main() -> candle_core::Result<()> {
-    /// let site = DropoutAddNorm::layer_norm(1e-5, 0)?.with_drop_path(0.2, 128)?;
-    /// assert_eq!(site.drop_path(), Some((0.2, 128)));
-    /// assert!(DropoutAddNorm::layer_norm(1e-5, 0)?.with_drop_path(0.2, 0).is_err());
-    /// assert!(DropoutAddNorm::layer_norm(1e-5, 0)?.with_drop_path(1.5, 1).is_err());
-    /// # Ok(()) }
-    /// ```
-    pub fn with_drop_path(self, p_path: f64, rows_per_sample: usize) -> candle_core::Result<Self> {
-        let path = DropPath::new(p_path, 0).and_then(|p| p.per_sample(rows_per_sample))?;
-        Ok(DropoutAddNorm {
-            drop_path: (p_path > 0.0).then_some((path.rate(), rows_per_sample)),
+            site: self.site.with_rate(p)?,
             ..self
         })
     }
@@ -210,7 +181,7 @@ impl DropoutAddNorm {
     /// assert!(site.with_layer_norm_scaling(0).is_err());
     /// # Ok(()) }
     /// ```
-    pub fn with_layer_norm_scaling(self, layer: usize) -> candle_core::Result<Self> {
+    pub fn with_layer_norm_scaling(self, layer: usize) -> Result<Self> {
         layer_norm_scaling(layer)?;
         Ok(DropoutAddNorm {
             layer: Some(layer),
@@ -245,47 +216,7 @@ impl DropoutAddNorm {
         self.eps
     }
 
-    /// The site number.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # fn main() -> candle_core::Result<()> {
-    /// assert_eq!(fusedreg::candle::DropoutAddNorm::rms_norm(1e-6, 9)?.site(), 9);
-    /// # Ok(()) }
-    /// ```
-    pub fn site(&self) -> u32 {
-        self.site
-    }
-
-    /// The element drop probability in training.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # fn main() -> candle_core::Result<()> {
-    /// let site = fusedreg::candle::DropoutAddNorm::rms_norm(1e-6, 0)?;
-    /// assert_eq!(site.with_dropout(0.25)?.p(), 0.25);
-    /// # Ok(()) }
-    /// ```
-    pub fn p(&self) -> f64 {
-        self.rate.p()
-    }
-
-    /// The drop path's `(p_path, rows_per_sample)`, if any.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # fn main() -> candle_core::Result<()> {
-    /// let site = fusedreg::candle::DropoutAddNorm::rms_norm(1e-6, 0)?;
-    /// assert_eq!(site.drop_path(), None);
-    /// assert_eq!(site.with_drop_path(0.5, 4)?.drop_path(), Some((0.5, 4)));
-    /// # Ok(()) }
-    /// ```
-    pub fn drop_path(&self) -> Option<(f64, usize)> {
-        self.drop_path.map(|(r, n)| (r.p(), n))
-    }
+    site_methods!(drop_path);
 
     /// The factor the normaliser's output is multiplied by: `1 / sqrt(layer)` with LayerNorm
     /// Scaling, else 1.
@@ -323,23 +254,16 @@ impl DropoutAddNorm {
     /// assert!(site.config(4, 0, None).is_err()); // no columns to normalise over
     /// # Ok(()) }
     /// ```
-    pub fn config(
-        &self,
-        rows: usize,
-        cols: usize,
-        keys: Option<&StepKeys>,
-    ) -> candle_core::Result<Config> {
+    pub fn config(&self, rows: usize, cols: usize, keys: Option<&StepKeys>) -> Result<Config> {
         let mut cfg = Config::new(rows, cols, self.norm, self.eps)?;
         if let Some(layer) = self.layer {
             cfg = cfg.with_layer_norm_scaling(layer)?;
         }
-        let Some(keys) = keys else {
+        let Some(d) = self.site.draw(keys)? else {
             return Ok(cfg);
         };
-        cfg = cfg.with_dropout(self.rate.p(), keys.seed(), keys.call(self.site, 0)?)?;
-        if let Some((rate, per_sample)) = self.drop_path {
-            let path = DropPath::new(rate.p(), keys.call(self.site, 1)?)
-                .and_then(|p| p.per_sample(per_sample))?;
+        cfg = cfg.with_dropout(d.p, d.seed, d.call)?;
+        if let Some(path) = d.path {
             cfg = cfg.with_drop_path(path);
         }
         Ok(cfg)
@@ -391,39 +315,67 @@ impl DropoutAddNorm {
         gamma: &Tensor,
         beta: Option<&Tensor>,
         keys: Option<&StepKeys>,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        check_tensor(OP, "x", x, x)?;
-        if let Some(r) = residual {
-            check_tensor(OP, "residual", r, x)?;
-            if r.dims() != x.dims() {
-                return Err(wrap(Error::shape(
-                    OP,
-                    format!("residual {:?} and x {:?} differ", r.dims(), x.dims()),
-                )));
-            }
-        }
-        let (rows, cols) = rows_cols(OP, "x", x)?;
+    ) -> Result<(Tensor, Tensor)> {
+        self.run(x, residual, bias, gamma, beta, keys, None)
+    }
+
+    /// This site with every forward's rows' `cos(residual, s)` added to `meter`'s site `site`
+    /// (Block Influence, see [`BlockInfluence`]). The outputs and gradients are those of
+    /// [`forward`](Self::forward).
+    ///
+    /// Errors: `site` not below the meter's sites. A forward on another device than the
+    /// meter's is an error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use fusedreg::candle::{BlockInfluence, DropoutAddNorm};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let (dev, meter) = (Device::Cpu, BlockInfluence::new(1, &Device::Cpu)?);
+    /// let site = DropoutAddNorm::rms_norm(1e-6, 0)?;
+    /// let x = Tensor::randn(0f32, 1.0, (3, 16), &dev)?;
+    /// let gamma = Tensor::ones(16, DType::F32, &dev)?;
+    /// let (out, s) = site.measured(&meter, 0)?.forward(&x, Some(&x), None, &gamma, None, None)?;
+    /// assert_eq!(meter.stats()?[0].rows, 3); // s = 2x: cos 1 on every row
+    /// assert!(meter.bi()?[0].unwrap().abs() < 1e-6);
+    /// assert!(site.measured(&meter, 1).is_err());
+    /// # let _ = (out, s);
+    /// # Ok(()) }
+    /// ```
+    pub fn measured<'m>(&'m self, meter: &'m BlockInfluence, site: usize) -> Result<Measured<'m>> {
+        meter.check_site(site)?;
+        Ok(Measured {
+            op: self,
+            meter,
+            site,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: Option<&Tensor>,
+        keys: Option<&StepKeys>,
+        meter: Option<(BlockInfluence, usize)>,
+    ) -> Result<(Tensor, Tensor)> {
+        shell::check_tensor(OP, "x", x, x)?;
+        shell::check_same_shape(OP, "residual", residual, x)?;
+        let (rows, cols) = shell::rows_cols(OP, "x", x)?;
         let per_column = [("gamma", Some(gamma)), ("beta", beta), ("bias", bias)];
         for (what, t) in per_column {
-            if let Some(t) = t {
-                check_tensor(OP, what, t, x)?;
-                if t.dims() != [cols] {
-                    return Err(wrap(Error::shape(
-                        OP,
-                        format!(
-                            "{what} is {:?}, expected [{cols}] (one per column)",
-                            t.dims()
-                        ),
-                    )));
-                }
-            }
+            shell::check_per_column(OP, what, t, x, cols)?;
         }
         let cfg = self.config(rows, cols, keys)?;
         let layout = Packing::new(&cfg, residual.is_some(), beta.is_some(), bias.is_some())?;
         // gamma, then beta, then bias: one input of the custom op.
         let params: Vec<Tensor> = per_column.iter().filter_map(|(_, t)| t.cloned()).collect();
         let params = if params.len() == 1 {
-            gamma.contiguous()?
+            gamma.clone()
         } else {
             Tensor::cat(&params, 0)?
         };
@@ -431,15 +383,41 @@ impl DropoutAddNorm {
             cfg,
             layout,
             stats: Arc::new(Mutex::new(None)),
+            meter,
         };
-        let x = x.contiguous()?;
-        let packed = match residual {
-            None => x.apply_op2(&params, op)?,
-            Some(r) => x.apply_op3(&r.contiguous()?, &params, op)?,
-        };
+        let ins: Vec<&Tensor> = [Some(x), residual, Some(&params)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let packed = Op(op).apply(&ins)?;
         let out = packed.narrow(0, 0, 1)?.reshape(x.shape())?;
         let s = packed.narrow(0, 1, 1)?.reshape(x.shape())?;
         Ok((out, s))
+    }
+}
+
+/// A [`DropoutAddNorm`] site measured by a [`BlockInfluence`] meter
+/// ([`DropoutAddNorm::measured`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Measured<'m> {
+    op: &'m DropoutAddNorm,
+    meter: &'m BlockInfluence,
+    site: usize,
+}
+
+impl Measured<'_> {
+    /// [`DropoutAddNorm::forward`], adding the rows' `cos(residual, s)` to the meter's site.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: Option<&Tensor>,
+        keys: Option<&StepKeys>,
+    ) -> Result<(Tensor, Tensor)> {
+        let meter = Some((self.meter.clone(), self.site));
+        self.op.run(x, residual, bias, gamma, beta, keys, meter)
     }
 }
 
@@ -455,7 +433,7 @@ struct Packing {
 }
 
 impl Packing {
-    fn new(cfg: &Config, residual: bool, beta: bool, bias: bool) -> candle_core::Result<Self> {
+    fn new(cfg: &Config, residual: bool, beta: bool, bias: bool) -> Result<Self> {
         let p = Packing {
             residual,
             beta,
@@ -465,8 +443,8 @@ impl Packing {
         };
         // Both packed sizes must exist before any buffer is sized from them.
         p.n.checked_mul(2)
-            .ok_or_else(|| wrap(Error::shape(OP, "2 * rows * cols overflows")))?;
-        p.grads_len()?;
+            .ok_or_else(|| Error::shape(OP, "2 * rows * cols overflows"))?;
+        packed_len(OP, &p.grads_lens())?;
         Ok(p)
     }
 
@@ -475,13 +453,23 @@ impl Packing {
         1 + usize::from(self.beta) + usize::from(self.bias)
     }
 
-    /// dx, d_residual?, then the params' gradients.
-    fn grads_len(&self) -> candle_core::Result<usize> {
-        let streams = if self.residual { 2 } else { 1 };
-        self.n
-            .checked_mul(streams)
-            .and_then(|a| a.checked_add(self.params() * self.cols))
-            .ok_or_else(|| wrap(Error::shape(OP, "the packed gradient's size overflows")))
+    /// The packed gradient's parts: dx, d_residual (0 without a residual), dgamma, dbeta, dbias
+    /// (0 without beta, bias).
+    fn grads_lens(&self) -> [usize; 5] {
+        let (n, c) = (self.n, self.cols);
+        let has = |b: bool, len: usize| if b { len } else { 0 };
+        [
+            n,
+            has(self.residual, n),
+            c,
+            has(self.beta, c),
+            has(self.bias, c),
+        ]
+    }
+
+    /// The params input's length: gamma, beta?, bias?.
+    fn params_len(&self) -> usize {
+        self.params() * self.cols
     }
 
     /// (gamma, beta, bias) cut from the params input.
@@ -530,12 +518,14 @@ impl Stats {
     }
 }
 
-/// The forward custom op: (x, params) or (x, residual, params) -> `[2, rows, cols]` (out, s).
+/// The forward pass on (x, [residual], params): `[2, rows, cols]` (out, s).
 struct Fwd {
     cfg: Config,
     layout: Packing,
     /// Set by the forward, read by `bwd` (see the module docs).
     stats: Arc<Mutex<Option<Arc<Stats>>>>,
+    /// The Block Influence meter and site the forward adds its rows to.
+    meter: Option<(BlockInfluence, usize)>,
 }
 
 impl Fwd {
@@ -548,390 +538,235 @@ impl Fwd {
         Shape::from((2, self.cfg.rows(), self.cfg.cols()))
     }
 
-    fn bwd_impl(
+    /// The input index of params (after x and the residual, if any).
+    fn params_at(&self) -> usize {
+        1 + usize::from(self.layout.residual)
+    }
+}
+
+impl Pass for Fwd {
+    const NAME: &'static str = "fusedreg-dropout-add-norm";
+
+    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+        let l = self.layout;
+        let x = ins.slice::<T>(0, "x")?;
+        let residual = l.residual.then(|| ins.slice(1, "residual")).transpose()?;
+        let params = ins.slice(self.params_at(), "params")?;
+        check_len(Self::NAME, "params", params.len(), l.params_len())?;
+        let (gamma, beta, bias) = l.split(params);
+        let rows = self.cfg.rows();
+        let meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
+        let redundancy = match &meter {
+            None => None,
+            Some((m, site)) => match &**m {
+                Meter::Cpu(m) => Some(m.site(*site)?),
+                #[cfg(feature = "candle-cuda")]
+                Meter::Cuda(_) => return Err(meter_elsewhere()),
+            },
+        };
+        let mut packed = vec![T::default(); 2 * l.n];
+        let mut stats = vec![0f32; 2 * rows];
+        {
+            split_parts!(packed.as_mut_slice() => out: l.n, s: l.n);
+            split_parts!(stats.as_mut_slice() => mean: rows, rstd: rows);
+            let args = cpu::ForwardArgs {
+                residual,
+                beta,
+                bias,
+                redundancy,
+                ..cpu::ForwardArgs::new(x, gamma)
+            };
+            let outs = cpu::ForwardOut { out, s, mean, rstd };
+            cpu::forward(&self.cfg, args, outs)?;
+        }
+        self.keep(Stats::Cpu(stats));
+        Ok(cpu_out(packed, self.out_shape()))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda<T: Elem>(
         &self,
-        x: &Tensor,
-        params: &Tensor,
-        packed: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)> {
+        ins: &Inputs<'_, candle_core::CudaStorage>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::dropout_add_norm::{ForwardArgs, ForwardOut};
+        let (h, l) = (ins.handle()?, self.layout);
+        let x = ins.view::<T>(0, "x")?;
+        let residual = l.residual.then(|| ins.view(1, "residual")).transpose()?;
+        let params = ins.view(self.params_at(), "params")?;
+        check_len(Self::NAME, "params", params.len(), l.params_len())?;
+        let (gamma, beta, bias) = l.split(params);
+        let rows = self.cfg.rows();
+        let mut meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
+        let redundancy = match &mut meter {
+            None => None,
+            Some((m, site)) => match &mut **m {
+                Meter::Cuda(m) => Some(m.site(*site)?),
+                Meter::Cpu(_) => return Err(meter_elsewhere()),
+            },
+        };
+        // SAFETY: the forward writes every element of out, s, mean and rstd.
+        let mut packed = unsafe { ins.alloc::<T>(2 * l.n)? };
+        // SAFETY: as above.
+        let mut stats = unsafe { ins.alloc::<f32>(2 * rows)? };
+        {
+            split_parts!(packed.slice_mut(..) => out: l.n, s: l.n);
+            split_parts!(stats.slice_mut(..) => mean: rows, rstd: rows);
+            let args = ForwardArgs {
+                residual,
+                beta,
+                bias,
+                redundancy,
+                ..ForwardArgs::new(x, gamma)
+            };
+            let outs = ForwardOut { out, s, mean, rstd };
+            crate::dropout_add_norm::forward(&h, &self.cfg, args, outs)?;
+        }
+        self.keep(Stats::Cuda(stats));
+        Ok(ins.out(packed, self.out_shape()))
+    }
+
+    fn bwd(&self, ins: &[&Tensor], packed: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let stats = self
             .stats
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or_else(|| {
-                wrap(Error::invalid(
-                    BWD,
-                    "the forward kept no statistics (it did not run)",
-                ))
+                Error::invalid(Bwd::NAME, "the forward kept no statistics (it did not run)")
             })?;
-        let op = Bwd {
+        let l = self.layout;
+        let params = ins[self.params_at()];
+        let bwd = Bwd {
             cfg: self.cfg,
-            layout: self.layout,
+            layout: l,
             stats,
         };
-        let l = self.layout;
-        let grads = grad
-            .contiguous()?
-            .apply_op3_no_bwd(&packed.contiguous()?, params, &op)?;
-        let x_dims = x.shape();
-        let dx = grads.narrow(0, 0, l.n)?.reshape(x_dims)?;
-        let (d_res, at) = if l.residual {
-            (Some(grads.narrow(0, l.n, l.n)?.reshape(x_dims)?), 2 * l.n)
-        } else {
-            (None, l.n)
-        };
-        let d_params = grads.narrow(0, at, l.params() * l.cols)?;
-        Ok((dx, d_res, d_params))
+        let grads = Op(bwd).apply_no_bwd(&[grad, packed, params])?;
+        let x_dims = ins[0].shape();
+        let [dx, d_res, d_params] = unpack(
+            &grads,
+            [
+                Some(x_dims.clone()),
+                l.residual.then(|| x_dims.clone()),
+                Some(Shape::from(l.params_len())),
+            ],
+        )?;
+        let d_res = l.residual.then_some(d_res);
+        Ok([Some(dx), d_res, Some(d_params)]
+            .into_iter()
+            .flatten()
+            .collect())
     }
 }
 
-fn fwd_cpu<T: Elem>(
-    op: &Fwd,
-    (sx, lx): (&CpuStorage, &Layout),
-    residual: Option<(&CpuStorage, &Layout)>,
-    (sp, lp): (&CpuStorage, &Layout),
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let x = cpu_slice::<T>(FWD, "x", sx, lx)?;
-    let r = residual
-        .map(|(s, l)| cpu_slice::<T>(FWD, "residual", s, l))
-        .transpose()?;
-    let params = cpu_slice::<T>(FWD, "params", sp, lp)?;
-    check_len(
-        FWD,
-        "params",
-        params.len(),
-        op.layout.params() * op.layout.cols,
-    )?;
-    let (gamma, beta, bias) = op.layout.split(params);
-    let n = op.layout.n;
-    let rows = op.cfg.rows();
-    let mut packed = vec![T::default(); 2 * n];
-    let mut stats = vec![0f32; 2 * rows];
-    {
-        let (out, s) = packed.split_at_mut(n);
-        let (mean, rstd) = stats.split_at_mut(rows);
-        let args = cpu::ForwardArgs {
-            residual: r,
-            beta,
-            bias,
-            ..cpu::ForwardArgs::new(x, gamma)
-        };
-        let outs = cpu::ForwardOut { out, s, mean, rstd };
-        cpu::forward(&op.cfg, args, outs)?;
-    }
-    op.keep(Stats::Cpu(stats));
-    Ok(cpu_out(packed, op.out_shape()))
-}
-
+/// A forward on one device measured by a meter on another.
 #[cfg(feature = "candle-cuda")]
-fn fwd_cuda<T: Elem>(
-    op: &Fwd,
-    (sx, lx): (&candle_core::CudaStorage, &Layout),
-    residual: Option<(&candle_core::CudaStorage, &Layout)>,
-    (sp, lp): (&candle_core::CudaStorage, &Layout),
-) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    use super::storage::{cuda_alloc, cuda_handle, cuda_view};
-    use crate::dropout_add_norm::{ForwardArgs, ForwardOut};
-    let dev = &sx.device;
-    let h = cuda_handle(dev)?;
-    let x = cuda_view::<T>(FWD, "x", sx, lx)?;
-    let r = residual
-        .map(|(s, l)| cuda_view::<T>(FWD, "residual", s, l))
-        .transpose()?;
-    let params = cuda_view::<T>(FWD, "params", sp, lp)?;
-    check_len(
-        FWD,
-        "params",
-        params.len(),
-        op.layout.params() * op.layout.cols,
-    )?;
-    let (gamma, beta, bias) = op.layout.split(params);
-    let n = op.layout.n;
-    let rows = op.cfg.rows();
-    // SAFETY: the forward writes every element of out, s, mean and rstd.
-    let mut packed = unsafe { cuda_alloc::<T>(dev, 2 * n)? };
-    // SAFETY: as above.
-    let mut stats = unsafe { cuda_alloc::<f32>(dev, 2 * rows)? };
-    {
-        let (out, mut s) = packed.split_at_mut(n);
-        let s = s.slice_mut(..n);
-        let (mean, mut rstd) = stats.split_at_mut(rows);
-        let rstd = rstd.slice_mut(..rows);
-        let args = ForwardArgs {
-            residual: r,
-            beta,
-            bias,
-            ..ForwardArgs::new(x, gamma)
-        };
-        let outs = ForwardOut { out, s, mean, rstd };
-        crate::dropout_add_norm::forward(&h, &op.cfg, args, outs)?;
-    }
-    op.keep(Stats::Cuda(stats));
-    Ok((
-        candle_core::CudaStorage::wrap_cuda_slice(packed, dev.clone()),
-        op.out_shape(),
-    ))
+fn meter_elsewhere() -> candle_core::Error {
+    Error::invalid(
+        OP,
+        "the Block Influence meter is on another device than the tensors",
+    )
+    .into()
 }
 
-fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> candle_core::Result<()> {
-    crate::error::check_len(op, what, got, want).map_err(wrap)
-}
-
-impl CustomOp2 for Fwd {
-    fn name(&self) -> &'static str {
-        FWD
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(FWD, s1.dtype(), fwd_cpu(self, (s1, l1), None, (s2, l2)))
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(FWD, s1.dtype(), fwd_cuda(self, (s1, l1), None, (s2, l2)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        params: &Tensor,
-        packed: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, _, d_params) = self.bwd_impl(x, params, packed, grad)?;
-        Ok((Some(dx), Some(d_params)))
-    }
-}
-
-impl CustomOp3 for Fwd {
-    fn name(&self) -> &'static str {
-        FWD
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(
-            FWD,
-            s1.dtype(),
-            fwd_cpu(self, (s1, l1), Some((s2, l2)), (s3, l3))
-        )
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(
-            FWD,
-            s1.dtype(),
-            fwd_cuda(self, (s1, l1), Some((s2, l2)), (s3, l3))
-        )
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _residual: &Tensor,
-        params: &Tensor,
-        packed: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, d_res, d_params) = self.bwd_impl(x, params, packed, grad)?;
-        Ok((Some(dx), d_res, Some(d_params)))
-    }
-}
-
-/// The backward custom op on (grad of the packed output, the packed output, params): one buffer
-/// of dx, d_residual (with a residual), then dgamma, dbeta?, dbias?. It has no backward of its
-/// own (no second derivatives through this op).
+/// The backward pass on (grad of the packed output, the packed output, params): one buffer of
+/// dx, d_residual (with a residual), then dgamma, dbeta?, dbias?.
 struct Bwd {
     cfg: Config,
     layout: Packing,
     stats: Arc<Stats>,
 }
 
-fn bwd_cpu<T: Elem>(
-    op: &Bwd,
-    (sg, lg): (&CpuStorage, &Layout),
-    (sp, lp): (&CpuStorage, &Layout),
-    (sq, lq): (&CpuStorage, &Layout),
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let stats = op.stats.cpu().ok_or_else(|| {
-        wrap(Error::invalid(
-            BWD,
-            "the forward's statistics are on another device",
-        ))
-    })?;
-    let l = op.layout;
-    let (n, rows) = (l.n, op.cfg.rows());
-    let grad = cpu_slice::<T>(BWD, "grad", sg, lg)?;
-    let packed = cpu_slice::<T>(BWD, "packed output", sp, lp)?;
-    let params = cpu_slice::<T>(BWD, "params", sq, lq)?;
-    check_len(BWD, "grad", grad.len(), 2 * n)?;
-    check_len(BWD, "packed output", packed.len(), 2 * n)?;
-    check_len(BWD, "params", params.len(), l.params() * l.cols)?;
-    let (d_out, d_s) = grad.split_at(n);
-    let s = &packed[n..];
-    let (gamma, _, _) = l.split(params);
-    let (mean, rstd) = stats.split_at(rows);
-    let total = l.grads_len()?;
-    let mut out = vec![T::default(); total];
-    {
-        let (dx, rest) = out.split_at_mut(n);
-        let (d_res, rest) = if l.residual {
-            let (d, rest) = rest.split_at_mut(n);
-            (Some(d), rest)
-        } else {
-            (None, rest)
-        };
-        let (dgamma, rest) = rest.split_at_mut(l.cols);
-        let (dbeta, dbias) = if l.beta {
-            let (b, rest) = rest.split_at_mut(l.cols);
-            (Some(b), rest)
-        } else {
-            (None, rest)
-        };
-        let args = cpu::BackwardArgs {
-            d_s: Some(d_s),
-            ..cpu::BackwardArgs::new(d_out, s, gamma, mean, rstd)
-        };
-        let outs = cpu::BackwardOut {
-            d_residual: d_res,
-            dbeta,
-            dbias: l.bias.then_some(dbias),
-            ..cpu::BackwardOut::new(dx, dgamma)
-        };
-        cpu::backward(&op.cfg, args, outs)?;
-    }
-    Ok(cpu_out(out, Shape::from(total)))
-}
+impl Pass for Bwd {
+    const NAME: &'static str = "fusedreg-dropout-add-norm-bwd";
 
-#[cfg(feature = "candle-cuda")]
-fn bwd_cuda<T: Elem>(
-    op: &Bwd,
-    (sg, lg): (&candle_core::CudaStorage, &Layout),
-    (sp, lp): (&candle_core::CudaStorage, &Layout),
-    (sq, lq): (&candle_core::CudaStorage, &Layout),
-) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    use super::storage::{cuda_alloc, cuda_handle, cuda_view};
-    use crate::dropout_add_norm::{BackwardArgs, BackwardOut};
-    let Stats::Cuda(stats) = &*op.stats else {
-        return Err(wrap(Error::invalid(
-            BWD,
-            "the forward's statistics are on another device",
-        )));
-    };
-    let dev = &sg.device;
-    let h = cuda_handle(dev)?;
-    let l = op.layout;
-    let (n, rows) = (l.n, op.cfg.rows());
-    let grad = cuda_view::<T>(BWD, "grad", sg, lg)?;
-    let packed = cuda_view::<T>(BWD, "packed output", sp, lp)?;
-    let params = cuda_view::<T>(BWD, "params", sq, lq)?;
-    check_len(BWD, "grad", grad.len(), 2 * n)?;
-    check_len(BWD, "packed output", packed.len(), 2 * n)?;
-    check_len(BWD, "params", params.len(), l.params() * l.cols)?;
-    let (d_out, d_s) = grad.split_at(n);
-    let s = packed.slice(n..2 * n);
-    let (gamma, _, _) = l.split(params);
-    let mean = stats.slice(..rows);
-    let rstd = stats.slice(rows..2 * rows);
-    let total = l.grads_len()?;
-    // SAFETY: the backward writes dx, d_residual and every column gradient (zeros with no rows).
-    let mut out = unsafe { cuda_alloc::<T>(dev, total)? };
-    {
-        let mut all = out.slice_mut(..total);
-        let (dx, mut rest) = all.split_at_mut(n);
-        let (d_res, mut rest) = if l.residual {
-            let (d, rest) = rest.split_at_mut(n);
-            (Some(d), rest)
-        } else {
-            (None, rest.slice_mut(..))
-        };
-        let (dgamma, mut rest) = rest.split_at_mut(l.cols);
-        let (dbeta, dbias) = if l.beta {
-            let (b, rest) = rest.split_at_mut(l.cols);
-            (Some(b), rest)
-        } else {
-            (None, rest.slice_mut(..))
-        };
-        let args = BackwardArgs {
-            d_s: Some(d_s),
-            ..BackwardArgs::new(d_out, s, gamma, mean, rstd)
-        };
-        let outs = BackwardOut {
-            d_residual: d_res,
-            dbeta,
-            dbias: l.bias.then_some(dbias),
-            ..BackwardOut::new(dx, dgamma)
-        };
-        crate::dropout_add_norm::backward(&h, &op.cfg, args, outs)?;
-    }
-    Ok((
-        candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
-        Shape::from(total),
-    ))
-}
-
-impl CustomOp3 for Bwd {
-    fn name(&self) -> &'static str {
-        BWD
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(BWD, s1.dtype(), bwd_cpu(self, (s1, l1), (s2, l2), (s3, l3)))
+    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+        let stats = self.stats.cpu().ok_or_else(|| {
+            Error::invalid(Self::NAME, "the forward's statistics are on another device")
+        })?;
+        let l = self.layout;
+        let (n, rows) = (l.n, self.cfg.rows());
+        let grad = ins.slice::<T>(0, "grad")?;
+        let packed = ins.slice::<T>(1, "packed output")?;
+        let params = ins.slice::<T>(2, "params")?;
+        check_len(Self::NAME, "grad", grad.len(), 2 * n)?;
+        check_len(Self::NAME, "packed output", packed.len(), 2 * n)?;
+        check_len(Self::NAME, "params", params.len(), l.params_len())?;
+        let (d_out, d_s) = grad.split_at(n);
+        let s = &packed[n..];
+        let (gamma, _, _) = l.split(params);
+        let (mean, rstd) = stats.split_at(rows);
+        let lens = l.grads_lens();
+        let total = packed_len(Self::NAME, &lens)?;
+        let mut out = vec![T::default(); total];
+        {
+            let [nx, nr, nc, nbeta, nbias] = lens;
+            split_parts!(out.as_mut_slice() =>
+                dx: nx, d_res: nr, dgamma: nc, dbeta: nbeta, dbias: nbias);
+            let args = cpu::BackwardArgs {
+                d_s: Some(d_s),
+                ..cpu::BackwardArgs::new(d_out, s, gamma, mean, rstd)
+            };
+            let outs = cpu::BackwardOut {
+                d_residual: l.residual.then_some(d_res),
+                dbeta: l.beta.then_some(dbeta),
+                dbias: l.bias.then_some(dbias),
+                ..cpu::BackwardOut::new(dx, dgamma)
+            };
+            cpu::backward(&self.cfg, args, outs)?;
+        }
+        Ok(cpu_out(out, total))
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
+    fn cuda<T: Elem>(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        dispatch!(
-            BWD,
-            s1.dtype(),
-            bwd_cuda(self, (s1, l1), (s2, l2), (s3, l3))
-        )
+        ins: &Inputs<'_, candle_core::CudaStorage>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::dropout_add_norm::{BackwardArgs, BackwardOut};
+        let Stats::Cuda(stats) = &*self.stats else {
+            return Err(Error::invalid(
+                Self::NAME,
+                "the forward's statistics are on another device",
+            )
+            .into());
+        };
+        let h = ins.handle()?;
+        let l = self.layout;
+        let (n, rows) = (l.n, self.cfg.rows());
+        let grad = ins.view::<T>(0, "grad")?;
+        let packed = ins.view::<T>(1, "packed output")?;
+        let params = ins.view::<T>(2, "params")?;
+        check_len(Self::NAME, "grad", grad.len(), 2 * n)?;
+        check_len(Self::NAME, "packed output", packed.len(), 2 * n)?;
+        check_len(Self::NAME, "params", params.len(), l.params_len())?;
+        let (d_out, d_s) = grad.split_at(n);
+        let s = packed.slice(n..2 * n);
+        let (gamma, _, _) = l.split(params);
+        let mean = stats.slice(..rows);
+        let rstd = stats.slice(rows..2 * rows);
+        let lens = l.grads_lens();
+        let total = packed_len(Self::NAME, &lens)?;
+        // SAFETY: the backward writes dx, d_residual and every column gradient (zeros with no
+        // rows).
+        let mut out = unsafe { ins.alloc::<T>(total)? };
+        {
+            let [nx, nr, nc, nbeta, nbias] = lens;
+            split_parts!(out.slice_mut(..) =>
+                dx: nx, d_res: nr, dgamma: nc, dbeta: nbeta, dbias: nbias);
+            let args = BackwardArgs {
+                d_s: Some(d_s),
+                ..BackwardArgs::new(d_out, s, gamma, mean, rstd)
+            };
+            let outs = BackwardOut {
+                d_residual: l.residual.then_some(d_res),
+                dbeta: l.beta.then_some(dbeta),
+                dbias: l.bias.then_some(dbias),
+                ..BackwardOut::new(dx, dgamma)
+            };
+            crate::dropout_add_norm::backward(&h, &self.cfg, args, outs)?;
+        }
+        Ok(ins.out(out, total))
     }
 }
 
@@ -940,17 +775,18 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
-    fn fwd(cfg: Config) -> candle_core::Result<Fwd> {
-        Ok(Fwd {
+    fn fwd(cfg: Config) -> Result<Op<Fwd>> {
+        Ok(Op(Fwd {
             cfg,
             layout: Packing::new(&cfg, false, false, false)?,
             stats: Arc::new(Mutex::new(None)),
-        })
+            meter: None,
+        }))
     }
 
     /// The custom op refuses strided layouts (the public `forward` copies before reaching it).
     #[test]
-    fn custom_op_refuses_non_contiguous() -> candle_core::Result<()> {
+    fn custom_op_refuses_non_contiguous() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
         let gamma = Tensor::ones(4, DType::F32, &dev)?;
@@ -963,7 +799,7 @@ mod tests {
     /// Storage of another dtype than the first argument's is refused by the op itself, and a
     /// backward whose statistics never came is an error, not a panic.
     #[test]
-    fn custom_op_refuses_mixed_dtypes_and_missing_statistics() -> candle_core::Result<()> {
+    fn custom_op_refuses_mixed_dtypes_and_missing_statistics() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 3), DType::F32, &dev)?;
         let gamma = Tensor::zeros(3, DType::BF16, &dev)?;
@@ -972,7 +808,7 @@ mod tests {
         let err = x.apply_op2_no_bwd(&gamma, &op).unwrap_err();
         assert!(err.to_string().contains("dtype"), "{err}");
         let packed = Tensor::zeros((2, 2, 3), DType::F32, &dev)?;
-        let err = op.bwd_impl(&x, &gamma, &packed, &packed).unwrap_err();
+        let err = op.0.bwd(&[&x, &gamma], &packed, &packed).unwrap_err();
         assert!(err.to_string().contains("statistics"), "{err}");
         Ok(())
     }

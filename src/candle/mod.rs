@@ -88,33 +88,37 @@
 //!
 //! # Adding an op
 //!
-//! One file per op, `src/candle/<stem>.rs`, named after the op's module: a public site type
-//! (validated rates, the site number) with a `forward` that checks dtypes, devices and shapes,
-//! builds the op's `Config` from [`StepKeys`], makes the inputs contiguous and applies a private
-//! custom op whose `cpu_fwd` calls `<stem>::cpu` and whose `cuda_fwd` (feature `candle-cuda`)
-//! calls the GPU wrapper with the handle of `cuda_handle` (feature `candle-cuda`); its `bwd` applies a second custom op
-//! (no backward of its own) that runs the op's fused backward and returns every gradient in one
-//! buffer, split with `narrow` (views, no copy). The helpers here ([`StepKeys::call`], the dtype
-//! dispatch, slice access) are shared by all ops.
+//! One file, `src/candle/<stem>.rs` (the step "a candle op" of the README's recipe): a public
+//! site type (a dropping op holds a `Site`: rate, site number, drop path, the keys of a step;
+//! `site_methods!` gives it its accessors) whose `forward` checks its arguments with the shell's
+//! checks (`check_tensor`, `rows_cols`, `check_per_column`, `check_same_shape`) and applies
+//! `Op(Fwd { .. })` to its tensors. `Fwd` and `Bwd` implement the shell's `Pass`: `cpu` (the op's
+//! CPU reference), `cuda` (its kernels on candle's stream) and, for `Fwd`, `bwd`, which applies
+//! `Bwd` with `Op::apply_no_bwd`; several gradients travel in one buffer (`split_parts!` in the
+//! pass, `unpack` after: views, no copy). Copies of strided inputs, the dtype dispatch and the
+//! storage checks are the shell's.
 
 mod adamw;
 mod bias_act_dropout;
 mod cross_entropy;
 mod dropout;
 mod dropout_add_norm;
-mod dropout_residual;
+mod redundancy;
+mod shell;
+mod site;
 mod stochastic_depth;
-mod storage;
+mod vars;
 
-pub use adamw::{vars_by_name, AdamW, AdamWParams};
+pub use adamw::{AdamW, AdamWParams};
 pub use bias_act_dropout::BiasActDropout;
 pub use cross_entropy::CrossEntropy;
-pub use dropout::Dropout;
-pub use dropout_add_norm::DropoutAddNorm;
-pub use dropout_residual::DropoutResidual;
-pub use stochastic_depth::{DepthPlan, StochasticDepth};
+pub use dropout::{Dropout, DropoutResidual};
+pub use dropout_add_norm::{DropoutAddNorm, Measured};
+pub use redundancy::BlockInfluence;
 #[cfg(feature = "candle-cuda")]
-pub use storage::cuda_handle;
+pub use shell::cuda_handle;
+pub use stochastic_depth::{DepthPlan, StochasticDepth};
+pub use vars::vars_by_name;
 
 /// The random keys of one training step: the run's seed and the step number. Copy it into every
 /// op call of the step; advance it with [`StepKeys::next_step`] once per step (see the

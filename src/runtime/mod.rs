@@ -486,8 +486,10 @@ impl Handle {
     }
 
     /// The raw address of a buffer the kernel reads, after checking it lives in our context.
-    /// The guard must outlive the launch.
-    pub(crate) fn read_ptr<'a, T>(
+    /// The guard must outlive the launch. (Public for the workspace's tools crate, which
+    /// launches kernels of its own; not part of the API.)
+    #[doc(hidden)]
+    pub fn read_ptr<'a, T>(
         &'a self,
         op: &'static str,
         what: &str,
@@ -498,7 +500,8 @@ impl Handle {
     }
 
     /// The raw address of a buffer the kernel writes (see [`Handle::read_ptr`]).
-    pub(crate) fn write_ptr<'a, T>(
+    #[doc(hidden)]
+    pub fn write_ptr<'a, T>(
         &'a self,
         op: &'static str,
         what: &str,
@@ -511,6 +514,8 @@ impl Handle {
 
 /// Grid size for a grid-stride loop over `n` items with `block` threads: enough blocks to fill
 /// the device several times over, capped so the grid is legal; results never depend on it.
-pub(crate) fn grid_for(n: u64, block: u32) -> u32 {
+/// (Public for the workspace's tools crate; not part of the API.)
+#[doc(hidden)]
+pub fn grid_for(n: u64, block: u32) -> u32 {
     n.div_ceil(u64::from(block)).clamp(1, 1 << 20) as u32
 }

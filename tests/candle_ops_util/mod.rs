@@ -1,5 +1,5 @@
-//! Helpers shared by tests/candle_dropout.rs and tests/candle_bias_act_dropout.rs: random data,
-//! conversions, and comparisons that name the first bad element.
+//! Helpers shared by the candle adapter's CPU tests (tests/candle*.rs): random data,
+//! conversions, dropout's multiplier, and comparisons that name the first bad element.
 #![allow(dead_code)] // each test file uses a subset
 
 use candle_core::{DType, Device, Tensor};
@@ -93,4 +93,26 @@ pub fn same_bits(a: &[f32], b: &[f32]) -> usize {
 /// Reference gradients go through the same add before a bit-for-bit comparison.
 pub fn as_candle_grad(g: &Tensor) -> candle_core::Result<Tensor> {
     g.zeros_like()?.add(g)
+}
+
+/// The multiplier of every element as the op defines it (`keep ? scale * rowscale : 0`, f32),
+/// from fusedreg's keying, as a `[rows, cols]` candle tensor.
+pub fn multiplier(cfg: &fusedreg::dropout::Config) -> candle_core::Result<Tensor> {
+    let (rows, cols) = (cfg.rows(), cfg.cols());
+    let scale = cfg.rate().scale();
+    let mut m = Vec::with_capacity(rows * cols);
+    for row in 0..rows {
+        let rowm = match cfg.drop_path() {
+            Some(p) => scale * p.row_scale(cfg.seed(), row as u64),
+            None => scale,
+        };
+        for col in 0..cols {
+            m.push(if cfg.keeps((row * cols + col) as u64) {
+                rowm
+            } else {
+                0.0
+            });
+        }
+    }
+    tensor(&m, &[rows, cols])
 }

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop};
+use cudarc::driver::{CudaFunction, DeviceRepr};
 use cudarc::nvrtc::Ptx;
 use fusedreg::{Error, Handle, Result};
 
@@ -148,57 +148,9 @@ pub(crate) fn launch<P: DeviceRepr>(
     unsafe { handle.launch_function(f, k.symbol(), grid, block, shared_bytes, params) }
 }
 
-fn check_context(handle: &Handle, op: &'static str, what: &str, ctx: usize) -> Result<()> {
-    if ctx == handle.context().cu_ctx() as usize {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            op,
-            format!("`{what}` was allocated in another CUDA context than the handle's"),
-        ))
-    }
-}
-
-/// The raw address of a buffer a kernel reads, after checking it lives in the handle's context.
-/// The guard must outlive the launch.
-pub(crate) fn read_ptr<'a, T>(
-    handle: &'a Handle,
-    op: &'static str,
-    what: &str,
-    buf: &'a impl DevicePtr<T>,
-) -> Result<(u64, SyncOnDrop<'a>)> {
-    check_context(handle, op, what, buf.stream().context().cu_ctx() as usize)?;
-    Ok(buf.device_ptr(handle.stream()))
-}
-
-/// The raw address of a buffer a kernel writes (see [`read_ptr`]).
-pub(crate) fn write_ptr<'a, T>(
-    handle: &'a Handle,
-    op: &'static str,
-    what: &str,
-    buf: &'a mut impl DevicePtrMut<T>,
-) -> Result<(u64, SyncOnDrop<'a>)> {
-    check_context(handle, op, what, buf.stream().context().cu_ctx() as usize)?;
-    Ok(buf.device_ptr_mut(handle.stream()))
-}
-
-/// Grid size for a grid-stride loop over `n` items with `block` threads, capped so the grid is
-/// legal; results never depend on it.
-pub(crate) fn grid_for(n: u64, block: u32) -> u32 {
-    n.div_ceil(u64::from(block)).clamp(1, 1 << 20) as u32
-}
-
-/// Checks that `len` equals `expected`, naming both buffers in the error.
-pub(crate) fn check_len(op: &'static str, what: &str, len: usize, expected: usize) -> Result<()> {
-    if len == expected {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            format!("{what} has {len} elements, expected {expected}"),
-        ))
-    }
-}
+// Buffer addresses, grid sizes and length checks are the library's.
+pub(crate) use fusedreg::error::check_len;
+pub(crate) use fusedreg::grid_for;
 
 #[cfg(test)]
 mod tests {

@@ -302,7 +302,7 @@ pub fn filled<T: DeviceRepr>(
     let s = handle.stream();
     // SAFETY: every byte is written by the memset below before anything reads it.
     let mut buf = unsafe { s.alloc::<T>(n) }.map_err(Error::driver(op))?;
-    let (p, _g) = kernels::write_ptr(handle, op, "buffer", &mut buf)?;
+    let (p, _g) = handle.write_ptr(op, "buffer", &mut buf)?;
     // SAFETY: p is a live allocation of n elements on this stream's context.
     unsafe { result::memset_d8_async(p, byte, bytes, s.cu_stream()) }.map_err(Error::driver(op))?;
     drop(_g);
@@ -473,8 +473,8 @@ pub fn copy_bandwidth(handle: &Handle, bytes: u64, plan: TimingPlan) -> Result<C
     // SAFETY: both buffers are fully written (memset) before anything reads them.
     let mut src = unsafe { s.alloc::<u8>(bytes as usize) }.map_err(Error::driver(op))?;
     let mut dst = unsafe { s.alloc::<u8>(bytes as usize) }.map_err(Error::driver(op))?;
-    let (src_ptr, _g1) = kernels::write_ptr(handle, op, "src", &mut src)?;
-    let (dst_ptr, _g2) = kernels::write_ptr(handle, op, "dst", &mut dst)?;
+    let (src_ptr, _g1) = handle.write_ptr(op, "src", &mut src)?;
+    let (dst_ptr, _g2) = handle.write_ptr(op, "dst", &mut dst)?;
     // Non-zero data: never time on zeros.
     for (p, v) in [(src_ptr, 0x5a), (dst_ptr, 0xc3)] {
         // SAFETY: p is a live allocation of `bytes` bytes on this stream's context.

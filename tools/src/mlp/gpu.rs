@@ -156,16 +156,16 @@ fn bias_gelu(
     if let Some(da) = da {
         check_len(OP, "da", da.len(), n)?;
     }
-    let (hp, _g1) = kernels::read_ptr(handle, OP, "h", h)?;
-    let (bp, _g2) = kernels::read_ptr(handle, OP, "bias", bias)?;
+    let (hp, _g1) = handle.read_ptr(OP, "h", h)?;
+    let (bp, _g2) = handle.read_ptr(OP, "bias", bias)?;
     let (dap, _g3) = match da {
         Some(da) => {
-            let (p, g) = kernels::read_ptr(handle, OP, "da", da)?;
+            let (p, g) = handle.read_ptr(OP, "da", da)?;
             (p, Some(g))
         }
         None => (0, None),
     };
-    let (op, _g4) = kernels::write_ptr(handle, OP, "out", out)?;
+    let (op, _g4) = handle.write_ptr(OP, "out", out)?;
     let p = BiasGeluParams {
         h: hp,
         bias: bp,
@@ -226,9 +226,9 @@ pub fn colsum(
     }
     let slab = colsum_slab_rows(rows);
     let slabs = (rows as u64).div_ceil(slab) as u32;
-    let (xp, _g1) = kernels::read_ptr(handle, OP, "x", x)?;
-    let (pp, _g2) = kernels::write_ptr(handle, OP, "partials", partials)?;
-    let (op, _g3) = kernels::write_ptr(handle, OP, "out", out)?;
+    let (xp, _g1) = handle.read_ptr(OP, "x", x)?;
+    let (pp, _g2) = handle.write_ptr(OP, "partials", partials)?;
+    let (op, _g3) = handle.write_ptr(OP, "out", out)?;
     let p = ColsumParams {
         x: xp,
         partials: pp,
@@ -324,10 +324,10 @@ pub fn mse_grad(
     if partials.len() < mse_scratch_len(n) {
         return Err(Error::shape(OP, "mse scratch too small"));
     }
-    let (yp, _g1) = kernels::read_ptr(handle, OP, "y", y)?;
-    let (tp, _g2) = kernels::read_ptr(handle, OP, "target", target)?;
-    let (dp, _g3) = kernels::write_ptr(handle, OP, "dy", dy)?;
-    let (pp, _g4) = kernels::write_ptr(handle, OP, "partials", partials)?;
+    let (yp, _g1) = handle.read_ptr(OP, "y", y)?;
+    let (tp, _g2) = handle.read_ptr(OP, "target", target)?;
+    let (dp, _g3) = handle.write_ptr(OP, "dy", dy)?;
+    let (pp, _g4) = handle.write_ptr(OP, "partials", partials)?;
     let p = MseParams {
         y: yp,
         target: tp,

@@ -1,66 +1,18 @@
-//! The candle adapter on candle's CPU device (`cargo test --features candle --test candle`):
-//! each op against the same computation written in plain candle ops, forward and gradients, on
-//! random data with the mask rebuilt from fusedreg's keying as a candle tensor; and against
-//! fusedreg's CPU reference bit for bit in every dtype.
+//! `fusedreg::candle::DropoutResidual` on candle's CPU device
+//! (`cargo test -p fusedreg --features candle --test candle_dropout_residual`): the op against
+//! the same computation written in plain candle ops, forward and gradients, on random data with
+//! the mask rebuilt from fusedreg's keying as a candle tensor; and against fusedreg's CPU
+//! reference bit for bit in every dtype.
 #![cfg(feature = "candle")]
 
+mod candle_ops_util;
+
 use candle_core::{DType, Device, Tensor, Var};
+use candle_ops_util::*;
 use fusedreg::candle::{DropoutResidual, StepKeys};
-use fusedreg::dropout::{cpu, Config};
+use fusedreg::dropout::cpu;
 use fusedreg::Dtype;
 use half::{bf16, f16};
-use rand::{Rng, SeedableRng};
-
-type R = candle_core::Result<()>;
-
-fn rng(seed: u64) -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(seed)
-}
-
-/// Random normal-ish f32 data (never all zeros), a few exact zeros mixed in.
-fn data(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            if i % 97 == 13 {
-                0.0
-            } else {
-                let u: f32 = rng.random_range(-3.0..3.0);
-                u * if i % 5 == 0 { 100.0 } else { 1.0 }
-            }
-        })
-        .collect()
-}
-
-fn tensor(v: &[f32], dims: &[usize]) -> candle_core::Result<Tensor> {
-    Tensor::from_slice(v, dims, &Device::Cpu)
-}
-
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-}
-
-/// The multiplier of every element as the op defines it (`keep ? scale * rowscale : 0`, f32),
-/// from fusedreg's keying, as a `[rows, cols]` candle tensor.
-fn multiplier(cfg: &Config) -> candle_core::Result<Tensor> {
-    let (rows, cols) = (cfg.rows(), cfg.cols());
-    let scale = cfg.rate().scale();
-    let mut m = Vec::with_capacity(rows * cols);
-    for row in 0..rows {
-        let rs = cfg
-            .drop_path()
-            .map_or(1.0, |p| p.row_scale(cfg.seed(), row as u64));
-        let rowm = if cfg.drop_path().is_some() {
-            scale * rs
-        } else {
-            scale
-        };
-        for col in 0..cols {
-            let i = (row * cols + col) as u64;
-            m.push(if cfg.keeps(i) { rowm } else { 0.0 });
-        }
-    }
-    tensor(&m, &[rows, cols])
-}
 
 /// `|a - b| <= tol * (1 + |b|)` elementwise, naming the first bad index.
 fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
@@ -69,18 +21,6 @@ fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
         assert!(
             (x - y).abs() <= tol * (1.0 + y.abs()),
             "{what}: index {i}: adapter {x} vs plain candle {y}"
-        );
-    }
-}
-
-/// Equal values, elementwise (bit for bit except that +0 and -0 count as equal: candle's
-/// `w * 0` keeps w's sign where the fused op writes +0).
-fn assert_bits(what: &str, a: &[f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            x.to_bits() == y.to_bits() || x == y,
-            "{what}: index {i}: adapter {x} vs reference {y}"
         );
     }
 }

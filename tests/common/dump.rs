@@ -1,0 +1,34 @@
+//! The emulator's dump files (written by `dump_case()` in `scripts/emu/cases/<op>.cpp`), read by
+//! the `tests/*_emu.rs` tests: a little-endian reader and the bit-for-bit element comparison.
+
+use fusedreg::Dtype;
+
+/// Reads a dump front to back: `o` is the next byte of `b`.
+pub struct Rd<'a> {
+    pub b: &'a [u8],
+    pub o: usize,
+}
+
+impl Rd<'_> {
+    /// The next little-endian u64.
+    pub fn u64(&mut self) -> u64 {
+        let v = u64::from_le_bytes(self.b[self.o..self.o + 8].try_into().unwrap());
+        self.o += 8;
+        v
+    }
+
+    /// The next `n` elements of `T`.
+    pub fn arr<T: bytemuck::Pod>(&mut self, n: usize) -> Vec<T> {
+        let sz = std::mem::size_of::<T>() * n;
+        let mut v = vec![T::zeroed(); n];
+        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&self.b[self.o..self.o + sz]);
+        self.o += sz;
+        v
+    }
+}
+
+/// Whether two elements differ bit for bit, any NaN equal to any NaN (the GPU's are canonical).
+pub fn differ<T: Dtype>(got: &T, want: &T) -> bool {
+    bytemuck::bytes_of(got) != bytemuck::bytes_of(want)
+        && !(got.to_f32().is_nan() && want.to_f32().is_nan())
+}
