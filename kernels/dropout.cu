@@ -25,8 +25,8 @@
 // is dropped is decided per block, so those branches are uniform too. blockDim.x is a multiple
 // of 32 (checked on the host).
 //
-// Keying: every resolution of the shared contract (32- or 16-bit, FLAG_KEY16 in p.flags), with
-// and without a residual.
+// Keying: every resolution of the shared contract (32-, 16- or 8-bit: FLAG_KEY16 / FLAG_KEY8 in
+// p.flags, dispatched once per thread to a variant compiled for it), with and without a residual.
 #include "common/dropping.cuh"
 
 using namespace fusedreg;
@@ -49,26 +49,77 @@ template <typename T> struct FwdParams {
     uint64_t path_call, path_threshold;
     uint64_t base;            // flat index of element 0 of this launch (RNG keying only)
     float scale, path_scale;  // DropRate::scale() of p and of p_path
-    uint32_t flags;           // FLAG_DROP_PATH, FLAG_UNROLL, FLAG_IN_PLACE, FLAG_KEY16
+    uint32_t flags;           // FLAG_DROP_PATH, FLAG_UNROLL, FLAG_IN_PLACE, FLAG_KEY16, FLAG_KEY8
     uint32_t rows_per_sample;  // drop path: rows sharing one draw (>= 1)
 };
 
-// U consecutive rows of one thread's column group: all loads first, then the keep bits, then
-// the math and the stores. rowm_smem points at the staged multipliers of these rows (null: every
-// row's multiplier is p.scale). Called by every thread of the block (inactive ones too, for the
-// warp-level mask writes). RES: the residual variant.
+// One row visit of the forward: y = keep ? T(t * m) : +0, or with a residual keep ? T(fma(t, m,
+// r)) : r (the residual's bits), t = x + b (b = -0.0 without a bias: x + -0.0 is x for every
+// non-NaN x, and a NaN gives the canonical NaN either way after the multiply); an element is kept
+// when its key says so and the row is live (rowm != 0). 16-bit types convert a pair at once (pack2, the same bits as one at a
+// time); a dropped element of the residual variant takes its half of the residual's word.
+template <typename T, int V, bool RES, typename K>
+__device__ __forceinline__ Pack<T, V> fwd_math(const Pack<T, V>& xv, const Pack<T, V>& rv, const float (&b)[V],
+                                               float m, bool row_live, const K& keys) {
+    Pack<T, V> out;
+    if constexpr (sizeof(T) == 2 && V > 1) {
+#pragma unroll
+        for (int j = 0; j < V / 2; ++j) {
+            float2 t = unpack2<T>(xv.w[j]);
+            t.x = __fadd_rn(t.x, b[2 * j]);
+            t.y = __fadd_rn(t.y, b[2 * j + 1]);
+            const bool k0 = row_live & keys.keep(2 * j), k1 = row_live & keys.keep(2 * j + 1);
+            if constexpr (RES) {
+                const float2 r = unpack2<T>(rv.w[j]);
+                const uint32_t fused = pack2<T>(__fmaf_rn(t.x, m, r.x), __fmaf_rn(t.y, m, r.y));
+                uint32_t o = rv.w[j];
+                if (k0) o = (o & 0xffff0000u) | (fused & 0xffffu);
+                if (k1) o = (o & 0xffffu) | (fused & 0xffff0000u);
+                out.w[j] = o;
+            } else {
+                const float lo = k0 ? __fmul_rn(t.x, m) : 0.f;
+                const float hi = k1 ? __fmul_rn(t.y, m) : 0.f;
+                out.w[j] = pack2<T>(lo, hi);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float t = __fadd_rn(xv.get(k), b[k]);
+            const bool kept = row_live & keys.keep(k);
+            if constexpr (RES) {
+                const uint32_t fused = f32_to_bits<T>(__fmaf_rn(t, m, rv.get(k)));
+                out.set_raw(k, kept ? fused : rv.raw(k));
+            } else {
+                out.set_raw(k, f32_to_bits<T>(kept ? __fmul_rn(t, m) : 0.f));
+            }
+        }
+    }
+    return out;
+}
+
+// U consecutive rows of one thread's column group: all loads first, then per row its keys, math
+// and store. rowm_smem points at the staged multipliers of these rows (null: every row's
+// multiplier is p.scale). Called by every thread of the block (inactive ones too, for the
+// warp-level mask writes). RES: the residual variant; KB: the keying resolution (32, 16, 8, or 0
+// for a threshold without generator work).
 //
-// A group whose rows are all dropped (rowm == 0: drop path, p = 1) reads no x and generates bits
+// A group whose rows are all dropped (rowm == 0: drop path, p = 1) reads no x and generates keys
 // only for the mask; it writes zeros (no residual), copies the residual, or in place touches
 // nothing at all. The test is per group and block-uniform; inside a live group every row is
 // loaded unconditionally (conditional loads per row cost the compiler dozens of registers).
-template <typename T, int V, int U, bool RES>
+// Each row's keys are generated right before its math (the loads of all U rows are already in
+// flight), so one row's Philox state is live at a time.
+template <typename T, int V, int U, bool RES, int KB>
 __device__ __forceinline__ void fwd_rows(const FwdParams<T>& p, uint64_t row, uint64_t c0, int cnt,
-                                         bool active, const Pack<T, V>& bv, const float* rowm_smem) {
+                                         bool active, const float (&b)[V], const float* rowm_smem,
+                                         const KeyGen<KB>& kg) {
     // Several rows in a slab mean rows > 1, and the host takes the vector path for rows > 1 only
     // when cols % V == 0: every active group is whole. Folding that in drops the tail code.
     if constexpr (U > 1) cnt = V;
-    const bool has_bias = p.bias != nullptr;
+    const bool want_mask = p.mask != nullptr;
+    // Bits of the mask past the group's last element are 0 (a partial group of one row).
+    const uint32_t cnt_bits = cnt < V ? (1u << cnt) - 1u : (V == 32 ? ~0u : (1u << V) - 1u);
     float rowm[U];
     bool live = false;
 #pragma unroll
@@ -76,75 +127,65 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T>& p, uint64_t row, ui
         rowm[u] = rowm_smem != nullptr ? rowm_smem[u] : p.scale;
         live |= rowm[u] != 0.f;
     }
+    // Element offsets step by cols per row: one 64-bit add per row instead of a multiply, and one
+    // offset live instead of a pointer per row and stream.
+    const uint64_t first = row * p.cols + c0;
     if (!live) {
         if constexpr (RES) {
             // y = r: a copy, or nothing in place.
             if (active && (p.flags & FLAG_IN_PLACE) == 0) {
+                uint64_t i = first;
 #pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const uint64_t i = (row + u) * p.cols + c0;
+                for (int u = 0; u < U; ++u, i += p.cols)
                     store_pack<T, V>(p.y + i, load_pack<T, V>(p.residual + i, cnt), cnt);
-                }
             }
         } else if (active) {
             Pack<T, V> zero;
 #pragma unroll
             for (int k = 0; k < V; ++k) zero.set_raw(k, 0u);
+            uint64_t i = first;
 #pragma unroll
-            for (int u = 0; u < U; ++u) store_pack<T, V>(p.y + (row + u) * p.cols + c0, zero, cnt);
+            for (int u = 0; u < U; ++u, i += p.cols) store_pack<T, V>(p.y + i, zero, cnt);
         }
-        if (p.mask != nullptr) {
-            const uint32_t bits = active ? rows_keep_bits<V, U, true>(p, row, c0, cnt, nullptr, true) : 0u;
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                write_bits<V>(p.mask, (row + u) * p.cols + c0, (bits >> (u * V)) & ((1u << V) - 1u), active);
+        if (want_mask) {
+            uint64_t i = first;
+#pragma unroll 1
+            for (int u = 0; u < U; ++u, i += p.cols) {
+                const uint32_t b = active ? kg.template group<V>(p.seed, p.call, p.base + i).bits() & cnt_bits : 0u;
+                write_bits<V>(p.mask, i, b, active);
+            }
         }
         return;
     }
     Pack<T, V> xv[U], rv[RES ? U : 1];
     if (active) {
+        uint64_t i = first;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const uint64_t i = (row + u) * p.cols + c0;
+        for (int u = 0; u < U; ++u, i += p.cols) {
             xv[u] = load_pack<T, V>(p.x + i, cnt);
             if constexpr (RES) rv[u] = load_pack<T, V>(p.residual + i, cnt);
         }
     }
-    const uint32_t bits = active ? rows_keep_bits<V, U, true>(p, row, c0, cnt, rowm_smem, p.mask != nullptr) : 0u;
+    uint64_t i = first;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const uint64_t i = (row + u) * p.cols + c0;
-        const uint32_t b = (bits >> (u * V)) & ((1u << V) - 1u);
-        if (active) {
-            // m = keep ? rowm : 0 and "m != 0" per element is "kept and rowm != 0": one test per
-            // row instead of a select and a compare per element (a NaN rowm counts as live).
-            const uint32_t keep = rowm[u] != 0.f ? b : 0u;
-            // Every element is computed and the kept ones selected: a branch per element compiles
-            // to a divergence region each (BSSY/BRA/BSYNC).
-            Pack<T, V> out;
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                float t = xv[u].get(k);
-                if (has_bias) t = __fadd_rn(t, bv.get(k));
-                if constexpr (RES) {
-                    const uint32_t fused = f32_to_bits<T>(__fmaf_rn(t, rowm[u], rv[u].get(k)));
-                    out.set_raw(k, ((keep >> k) & 1u) ? fused : rv[u].raw(k));
-                } else {
-                    const uint32_t v = f32_to_bits<T>(__fmul_rn(t, rowm[u]));
-                    out.set_raw(k, ((keep >> k) & 1u) ? v : 0u);
-                }
-            }
-            store_pack<T, V>(p.y + i, out, cnt);
-        }
-        if (p.mask != nullptr) write_bits<V>(p.mask, i, b, active);
+    for (int u = 0; u < U; ++u, i += p.cols) {
+        // m = keep ? rowm : 0 and "m != 0" per element is "kept and rowm != 0": a row whose
+        // multiplier is 0 drops every element (a NaN rowm counts as live). The mask holds the
+        // keep bits whatever rowm is.
+        const bool row_live = rowm[u] != 0.f;
+        // Inactive threads generate keys too (no branch; their results are not stored), and so
+        // does a row whose multiplier is 0 (drop path: a branch would cost every live row more).
+        const auto keys = kg.template group<V>(p.seed, p.call, p.base + i);
+        if (want_mask) write_bits<V>(p.mask, i, active ? keys.bits() & cnt_bits : 0u, active);
+        if (active) store_pack<T, V>(p.y + i, fwd_math<T, V, RES>(xv[u], rv[RES ? u : 0], b, rowm[u], row_live, keys), cnt);
     }
 }
 
-template <typename T, int V, bool RES>
-__device__ __forceinline__ void fwd(const FwdParams<T>& p) {
-    __shared__ float s_rowm[RS_CHUNK];
+template <typename T, int V, bool RES, int KB>
+__device__ __forceinline__ void fwd_body(const FwdParams<T>& p, float* s_rowm) {
     const bool has_rs = p.rowscale != nullptr || (p.flags & FLAG_DROP_PATH) != 0;
     const bool unroll = (p.flags & FLAG_UNROLL) != 0;
+    const KeyGen<KB> kg(p.threshold);
     const uint64_t groups = (p.cols + V - 1) / V;
     const uint64_t tiles = (groups + blockDim.x - 1) / blockDim.x;
     const uint64_t slab_begin = (uint64_t)blockIdx.y * p.slab_rows;
@@ -161,19 +202,38 @@ __device__ __forceinline__ void fwd(const FwdParams<T>& p) {
         const uint64_t c0 = (tile * blockDim.x + threadIdx.x) * V;
         const bool active = c0 < p.cols;
         const int cnt = active ? (int)min((uint64_t)V, p.cols - c0) : 0;
-        Pack<T, V> bv;
-        if (p.bias != nullptr && active) bv = load_pack<T, V>(p.bias + c0, cnt);
+        // The bias as f32 once per tile; -0.0 without one (see fwd_math).
+        float b[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) b[k] = -0.f;
+        if (p.bias != nullptr && active) {
+            const Pack<T, V> bv = load_pack<T, V>(p.bias + c0, cnt);
+#pragma unroll
+            for (int k = 0; k < V; ++k) b[k] = bv.get(k);
+        }
         for (uint64_t r0 = slab_begin; r0 < slab_end; r0 += RS_CHUNK) {
             const uint64_t r1 = min(r0 + (uint64_t)RS_CHUNK, slab_end);
             if (has_rs) stage_rows(p, s_rowm, r0, r1, p.rowscale_out, p.rowscale_out != nullptr && tile == 0);
             uint64_t row = r0;
             if (unroll)
                 for (; row + UNROLL <= r1; row += UNROLL)
-                    fwd_rows<T, V, UNROLL, RES>(p, row, c0, cnt, active, bv, has_rs ? s_rowm + (row - r0) : nullptr);
+                    fwd_rows<T, V, UNROLL, RES, KB>(p, row, c0, cnt, active, b, has_rs ? s_rowm + (row - r0) : nullptr, kg);
             for (; row < r1; ++row)
-                fwd_rows<T, V, 1, RES>(p, row, c0, cnt, active, bv, has_rs ? s_rowm + (row - r0) : nullptr);
+                fwd_rows<T, V, 1, RES, KB>(p, row, c0, cnt, active, b, has_rs ? s_rowm + (row - r0) : nullptr, kg);
         }
     }
+}
+
+// The forward kernel's body: the resolution picked once per thread (FLAG_KEY8 / FLAG_KEY16 in
+// p.flags, 32-bit keys otherwise; KB = 0 when the threshold needs no generator); the shared
+// memory belongs here so the variants share it.
+template <typename T, int V, bool RES>
+__device__ __forceinline__ void fwd(const FwdParams<T>& p) {
+    __shared__ float s_rowm[RS_CHUNK];
+    if (!generates(p.threshold, p.flags)) fwd_body<T, V, RES, 0>(p, s_rowm);
+    else if ((p.flags & FLAG_KEY8) != 0) fwd_body<T, V, RES, 8>(p, s_rowm);
+    else if ((p.flags & FLAG_KEY16) != 0) fwd_body<T, V, RES, 16>(p, s_rowm);
+    else fwd_body<T, V, RES, 32>(p, s_rowm);
 }
 
 // The residual add of the unfused baseline (its dropout kernels are common/dropping.cuh's).

@@ -11,7 +11,7 @@ use common::{bits_eq, check, close, rng, uniform};
 use fusedreg::dropout::{
     cpu::{self, BackwardOptions, ForwardOptions},
     slab_count, unfused, Config, DropPath,
-    MaskResolution::{self, Bits16, Bits32},
+    MaskResolution::{self, Bits16, Bits32, Bits8},
 };
 use fusedreg::dropping::{mask_bit, Keying};
 use fusedreg::{Dtype, DtypeKind, Error};
@@ -175,7 +175,7 @@ fn forward_follows_the_pinned_formula() {
             .iter()
             .enumerate()
         {
-            for res in [Bits32, Bits16] {
+            for res in [Bits32, Bits16, Bits8] {
                 let mut g = rng(10 + k as u64);
                 let n = rows * cols;
                 let cfg = Config::new(rows, cols, 0.3, 5 + k as u64, 1 << 40)
@@ -539,7 +539,7 @@ fn views_at_element_one_give_the_same_bits() {
 fn inplace_equals_out_of_place() {
     let mut g = rng(7);
     let (rows, cols) = (19, 77);
-    for res in [Bits32, Bits16] {
+    for res in [Bits32, Bits16, Bits8] {
         let cfg = Config::new(rows, cols, 0.2, 3, 4)
             .unwrap()
             .with_drop_path(DropPath::new(0.25, 5).unwrap())
@@ -804,6 +804,10 @@ fn bad_input_is_an_error() {
     assert!(is_invalid(unfused::backward_cpu(
         &cfg16, &x, &bytes, &mut dx, None
     )));
+    let cfg8 = cfg.with_resolution(Bits8);
+    assert!(is_invalid(unfused::forward_cpu(
+        &cfg8, &x, None, None, &mut y, &mut bytes
+    )));
 }
 
 /// The unfused mirror: its byte mask is the fused bitmask. Without a residual: without bias (and
@@ -987,12 +991,98 @@ fn sixteen_bit_keying() {
     }
 }
 
+/// 8-bit keying: element `i` takes byte `i % 16` of Philox block `i / 16` (little-endian within
+/// each word), dropped below `round(p * 2^8)`; the forward (with and without a residual), the
+/// backward (regenerated and from the bitmask) and p = 0 / p = 1 follow it.
+#[test]
+fn eight_bit_keying() {
+    use fusedreg::philox::block;
+    fn go<T: Dtype>() {
+        let mut g = rng(12);
+        let (rows, cols) = (23, 331);
+        let n = rows * cols;
+        let cfg = Config::new(rows, cols, 0.3, 0xbee, 78)
+            .unwrap()
+            .with_resolution(Bits8);
+        assert_eq!(cfg.effective_p(), (0.3f64 * 256.0).round() / 256.0);
+        let x = uniform::<T>(&mut g, n, -2.0, 2.0);
+        let r = uniform::<T>(&mut g, n, -2.0, 2.0);
+        let (y, mask) = fwd(&cfg, &x, None, None);
+        let (yr, mask_r) = fwd(&cfg, &x, Some(&r), None);
+        assert_eq!(mask, mask_r, "the residual changed the 8-bit mask");
+        let t = (0.3f64 * 256.0).round() as u32;
+        for i in 0..n {
+            let w = block(0xbee, 78, (i / 16) as u64)[(i % 16) / 4];
+            let byte = (w >> (8 * (i % 4))) & 0xff;
+            assert_eq!(bit(&mask, i), byte >= t, "byte keying of element {i}");
+            assert_eq!(cfg.keeps(i as u64), byte >= t, "Config::keeps {i}");
+            let (want, want_r) = if byte >= t {
+                let s = cfg.scale();
+                (
+                    T::from_f32_rn(x[i].to_f32() * s),
+                    T::from_f32_rn(x[i].to_f32().mul_add(s, r[i].to_f32())),
+                )
+            } else {
+                (T::from_f32_rn(0.0), r[i])
+            };
+            assert_eq!(y[i].to_f32().to_bits(), want.to_f32().to_bits(), "y[{i}]");
+            assert_eq!(
+                yr[i].to_f32().to_bits(),
+                want_r.to_f32().to_bits(),
+                "y[{i}] with residual"
+            );
+        }
+        let (dx, db) = bwd(&cfg, &x, None, true);
+        check(bits_eq("8-bit dx(dy = x) vs y", &dx, &y));
+        let (dx_m, db_m) = bwd(&cfg, &x, Some(&mask), true);
+        check(bits_eq("8-bit dx from the bitmask", &dx_m, &dx));
+        check(bits_eq("8-bit dbias from the bitmask", &db_m, &db));
+        for p in [0.0, 1.0] {
+            let c = Config::flat(4099, p, 1, 2).unwrap().with_resolution(Bits8);
+            let (y, mask) = fwd(&c, &x[..4099], None, None);
+            let (yr, _) = fwd(&c, &x[..4099], Some(&r[..4099]), None);
+            if p == 0.0 {
+                check(bits_eq("8-bit p = 0", &y, &x[..4099]));
+                assert!((0..4099).all(|i| bit(&mask, i)), "p = 0 dropped");
+            } else {
+                assert!(y.iter().all(|v| v.to_f32().to_bits() == 0), "p = 1 kept");
+                check(bits_eq("8-bit p = 1 with residual", &yr, &r[..4099]));
+                assert!(mask.iter().all(|&w| w == 0), "p = 1 mask");
+            }
+        }
+    }
+    for_each_dtype!(go);
+
+    // The drop rate at 8 bits: within 5 sigma of the applied p, which is within 2^-9 of p.
+    let n = 1 << 20;
+    let x = vec![1.0f32; n];
+    for (k, p) in [1.0 / 256.0, 0.1, 0.5].into_iter().enumerate() {
+        let cfg = Config::flat(n, p, 0x5eed, 400 + k as u64)
+            .unwrap()
+            .with_resolution(Bits8);
+        let (_, mask) = fwd(&cfg, &x, None, None);
+        let kept: u64 = mask.iter().map(|w| u64::from(w.count_ones())).sum();
+        let dropped = (n as u64 - kept) as f64;
+        let pe = cfg.effective_p();
+        assert!((pe - p).abs() <= 2f64.powi(-9), "applied p {pe} vs {p}");
+        let sigma = (n as f64 * pe * (1.0 - pe)).sqrt();
+        assert!(
+            (dropped - n as f64 * pe).abs() <= 5.0 * sigma,
+            "8-bit p = {p}: dropped {dropped}"
+        );
+    }
+}
+
 /// Every resolution is a mask resolution of the op (the list a new one must join).
 #[test]
 fn every_resolution_is_offered_with_and_without_a_residual() {
     let x = [1.0f32; 64];
     let r = [0.5f32; 64];
-    for res in [MaskResolution::Bits32, MaskResolution::Bits16] {
+    for res in [
+        MaskResolution::Bits32,
+        MaskResolution::Bits16,
+        MaskResolution::Bits8,
+    ] {
         let cfg = Config::new(2, 32, 0.5, 1, 2).unwrap().with_resolution(res);
         let (y, mask) = fwd(&cfg, &x, None, None);
         let (yr, mask_r) = fwd(&cfg, &x, Some(&r), None);
@@ -1014,10 +1104,15 @@ fn every_resolution_is_offered_with_and_without_a_residual() {
 /// scaled; p = 1 scales by 0. The CPU forward applies exactly that scale.
 #[test]
 fn scale_is_one_over_the_applied_keep_probability() {
-    for res in [Bits32, Bits16] {
+    for res in [Bits32, Bits16, Bits8] {
         for p in [0.0, 1e-6, 1.0 / 256.0, 0.1, 0.3, 0.5, 0.9, 0.999] {
             let cfg = Config::flat(64, p, 1, 2).unwrap().with_resolution(res);
             let keep = 1.0 - cfg.effective_p();
+            if keep == 0.0 {
+                // Bits8 quantises p = 0.999 to 256 / 256: everything dropped, scale 0.
+                assert_eq!(cfg.scale(), 0.0, "{res:?} p {p}: nothing kept");
+                continue;
+            }
             let err = (f64::from(cfg.scale()) * keep - 1.0).abs();
             assert!(
                 err <= 2f64.powi(-24) + 2f64.powi(-50),

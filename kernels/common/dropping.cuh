@@ -18,6 +18,10 @@
 //                                            block) and 8-bit keying (16 per block); the 32/16
 //                                            one p.flags & FLAG_KEY16 selects
 //   read_bits<V>(mask, i)                    the same bits from a 1-bit mask
+//   group_keys<KB, V>(seed, call, threshold, i) -> GroupKeys: the same decisions at a
+//                                            compile-time resolution KB (32, 16, 8), as Philox
+//                                            words compared per element (keys.keep(k), a
+//                                            predicate next to the select; keys.bits() for a mask)
 //   write_bits<V>(mask, i, bits, active)     writes them; called by EVERY lane of the warp (see
 //                                            its comment for the V = 4 / V = 1 rules)
 //   zero_mask_padding(mask, n)               one thread: the bits past n in the last word
@@ -26,12 +30,12 @@
 //                                            RS_CHUNK rows into shared memory (block-uniform)
 //   rows_keep_bits<V, U, K16>(p, row, c0, cnt, rowm_smem, need_all, stride)
 //                                            keep bits of U rows of one column group
-//   dropout_bwd<T, V, K16>(DropoutBwdParams<T>) the whole backward dx = m != 0 ? T(dy * m) : 0 with
+//   dropout_bwd<T, V, KEYED>(DropoutBwdParams<T>) the whole backward dx = m != 0 ? T(dy * m) : 0 with
 //                                            optional dbias partials (slab / lane scheme), then
 //   dbias_finish<T>(DbiasParams<T>)          the ordered sum of the partials
 //   unfused_*                                the eager baseline: bias add, dropout writing a byte
 //                                            mask, masked scale, column sum, flat_loop
-//   FUSEDREG_DROPOUT_BWD_KERNELS(stem, T, S, K16), FUSEDREG_DROPOUT_UNFUSED_KERNELS(stem, T, S)
+//   FUSEDREG_DROPOUT_BWD_KERNELS(stem, T, S, KEYED), FUSEDREG_DROPOUT_UNFUSED_KERNELS(stem, T, S)
 //                                            instantiate the backward / baseline under the op's
 //                                            stem (bottom of this file);
 //   FUSEDREG_DROPPING_DBIAS_KERNEL(stem, T, S) the dbias finish alone, for an op with its own
@@ -168,6 +172,121 @@ __device__ __forceinline__ uint32_t keep_bits_of(const P& p, uint64_t i) {
     return keep_bits<V>(p.seed, p.call, p.threshold, i);
 }
 
+// The keys of one group of V elements (i a multiple of V) under KB-bit keying (KB = 32, 16 or 8,
+// a compile-time resolution), kept as the Philox words the group reads and compared per element
+// where the element is selected: keep(k) is one compare (plus a shift for a key below the top of
+// its word) that the compiler turns into the predicate of the select, instead of packing keep
+// bits into an integer and extracting them again. The same decisions as keep_bits / keep_bits16 /
+// keep_bits8: a KB-bit key is compared in the top KB bits of a word with the threshold shifted
+// there, which orders them exactly as the KB-bit compare does. threshold 0 keeps everything and
+// the "all" threshold drops everything without generator work (words 0 against 0 or ~0).
+template <int KB, int V> struct GroupKeys {
+    static_assert(KB == 32 || KB == 16 || KB == 8, "resolution: 32, 16 or 8 bits");
+    static constexpr int PER_WORD = 32 / KB;
+    // V = 1 keeps its one key in the top bits of w[0].
+    static constexpr int WORDS = V == 1 ? 1 : (V + PER_WORD - 1) / PER_WORD;
+    uint32_t w[WORDS];
+    uint32_t t;  // the threshold in the top KB bits, or ~0 (drop all)
+
+    __device__ __forceinline__ bool keep(int k) const {
+        if constexpr (V == 1 || KB == 32) return w[k] >= t;
+        else return (w[k / PER_WORD] << (32 - KB * (1 + k % PER_WORD))) >= t;
+    }
+    // Bit k = element k kept (the 1-bit mask's layout).
+    __device__ __forceinline__ uint32_t bits() const {
+        uint32_t b = 0;
+#pragma unroll
+        for (int k = 0; k < V; ++k) b |= (keep(k) ? 1u : 0u) << k;
+        return b;
+    }
+    // Every element dropped (a row whose multiplier is 0).
+    __device__ __forceinline__ void drop_all() {
+#pragma unroll
+        for (int j = 0; j < WORDS; ++j) w[j] = 0u;
+        t = ~0u;
+    }
+};
+
+// The keying of a launch at resolution KB = 32, 16 or 8 when 0 < threshold < 2^KB (the generator
+// runs): the threshold in the top KB bits, computed once per thread. KeyGen<0> stands for the
+// other thresholds at any resolution: 0 keeps every element, 2^KB drops every one, without
+// generator work. The kernels pick the variant once per thread (a uniform branch per row would
+// cost every row its setup). seed and call are passed to group() (kernel parameters: the
+// compiler reads them from the constant bank instead of holding copies in registers).
+template <int KB> struct KeyGen {
+    uint32_t t;
+
+    __device__ __forceinline__ explicit KeyGen(uint64_t threshold) : t((uint32_t)threshold << (32 - KB)) {}
+
+    // The keys of elements i .. i+V-1 (i a multiple of V).
+    template <int V>
+    __device__ __forceinline__ GroupKeys<KB, V> group(uint64_t seed, uint64_t call, uint64_t i) const {
+        GroupKeys<KB, V> g;
+        g.t = t;
+        constexpr int PER_BLOCK = 128 / KB;  // elements keyed by one Philox block
+        constexpr int PER_WORD = 32 / KB;
+        if constexpr (V == 1) {
+            const uint4 b = philox_block(seed, call, i / PER_BLOCK);
+            const uint32_t k = (uint32_t)(i % PER_BLOCK);
+            const uint32_t word = philox_word(b, k / PER_WORD);
+            g.w[0] = word << (32 - KB * (1 + k % PER_WORD));
+        } else if constexpr (V >= PER_BLOCK) {
+            // Whole blocks: V / PER_BLOCK of them, word j of the group = word j % 4 of block j / 4.
+#pragma unroll
+            for (int b = 0; b < V / PER_BLOCK; ++b) {
+                const uint4 w = philox_block(seed, call, i / PER_BLOCK + b);
+                g.w[4 * b] = w.x, g.w[4 * b + 1] = w.y, g.w[4 * b + 2] = w.z, g.w[4 * b + 3] = w.w;
+            }
+        } else {
+            // Part of a block: the group's words start at word (i % PER_BLOCK) / PER_WORD; selects,
+            // not an indexed array (which may go to local memory).
+            static_assert(PER_BLOCK % V == 0, "a group never straddles two blocks");
+            const uint4 w = philox_block(seed, call, i / PER_BLOCK);
+            const uint32_t first = (uint32_t)(i % PER_BLOCK) / PER_WORD;
+#pragma unroll
+            for (int j = 0; j < g.WORDS; ++j) {
+                const uint32_t k = first + j;
+                g.w[j] = (k & 2) ? ((k & 1) ? w.w : w.z) : ((k & 1) ? w.y : w.x);
+            }
+        }
+        return g;
+    }
+};
+
+// Every element kept (all) or dropped (!all): the GroupKeys interface without words.
+template <int V> struct ConstKeys {
+    bool all;
+    __device__ __forceinline__ bool keep(int) const { return all; }
+    __device__ __forceinline__ uint32_t bits() const { return all ? (V == 32 ? ~0u : (1u << V) - 1u) : 0u; }
+};
+
+template <> struct KeyGen<0> {
+    bool all;
+    __device__ __forceinline__ explicit KeyGen(uint64_t threshold) : all(threshold == 0) {}
+    template <int V> __device__ __forceinline__ ConstKeys<V> group(uint64_t, uint64_t, uint64_t) const {
+        return ConstKeys<V>{all};
+    }
+};
+
+// Whether a launch at resolution KB (FLAG_KEY16 / FLAG_KEY8 in flags) runs the generator.
+__device__ __forceinline__ bool generates(uint64_t threshold, uint32_t flags) {
+    const uint64_t all = (flags & FLAG_KEY8) != 0 ? THRESHOLD8_ALL : (flags & FLAG_KEY16) != 0 ? THRESHOLD16_ALL : THRESHOLD_ALL;
+    return threshold != 0 && threshold < all;
+}
+
+// The keys of elements i .. i+V-1 at resolution KB for any threshold (a convenience over KeyGen:
+// threshold 0 and 2^KB give words 0 against 0 or ~0).
+template <int KB, int V>
+__device__ __forceinline__ GroupKeys<KB, V> group_keys(uint64_t seed, uint64_t call, uint64_t threshold,
+                                                       uint64_t i) {
+    if (threshold != 0 && threshold < (1ull << KB)) return KeyGen<KB>(threshold).template group<V>(seed, call, i);
+    GroupKeys<KB, V> g;
+#pragma unroll
+    for (int j = 0; j < g.WORDS; ++j) g.w[j] = 0u;
+    g.t = threshold == 0 ? 0u : ~0u;
+    return g;
+}
+
 // Keep bits of elements i .. i+V-1 read from the 1-bit mask (bit b of word w = element 32w + b;
 // as bytes of the little-endian word array, byte i/8 holds elements 8*(i/8) ..).
 template <int V>
@@ -296,13 +415,51 @@ __device__ __forceinline__ uint32_t rows_keep_bits(const P& p, uint64_t row, uin
     return bits;
 }
 
+// Keep decisions read from the 1-bit mask: the GroupKeys interface over a thread's mask bits.
+template <int V> struct MaskKeep {
+    uint32_t b;
+    __device__ __forceinline__ bool keep(int k) const { return (b >> k) & 1u; }
+};
+
+// One row visit of the backward: dx = keep ? T(dy * m) : +0 per element (kept: the key or mask
+// bit says so and the row is live, rowm != 0), and the dbias partials (the unrounded dx, as the
+// CPU adds them). 16-bit types convert a pair at once (pack2: the same bits as one at a time).
+template <typename T, int V, typename K>
+__device__ __forceinline__ Pack<T, V> bwd_math(const Pack<T, V>& dy, float m, bool row_live, const K& keys,
+                                               float (&acc)[V], bool want_dbias) {
+    Pack<T, V> out;
+    if constexpr (sizeof(T) == 2 && V > 1) {
+#pragma unroll
+        for (int j = 0; j < V / 2; ++j) {
+            const float2 d = unpack2<T>(dy.w[j]);
+            const float lo = row_live & keys.keep(2 * j) ? __fmul_rn(d.x, m) : 0.f;
+            const float hi = row_live & keys.keep(2 * j + 1) ? __fmul_rn(d.y, m) : 0.f;
+            if (want_dbias) {
+                acc[2 * j] = __fadd_rn(acc[2 * j], lo);
+                acc[2 * j + 1] = __fadd_rn(acc[2 * j + 1], hi);
+            }
+            out.w[j] = pack2<T>(lo, hi);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float d = row_live & keys.keep(k) ? __fmul_rn(dy.get(k), m) : 0.f;
+            if (want_dbias) acc[k] = __fadd_rn(acc[k], d);
+            out.set_raw(k, f32_to_bits<T>(d));
+        }
+    }
+    return out;
+}
+
 // Backward over U rows row, row + stride, ...: dx = m != 0 ? T(dy * m) : 0, and the dbias
 // partial sums of this thread's lane in row order. A group whose rows are all dropped reads
-// nothing and writes zeros (grouping as in fwd_rows).
-template <typename T, int V, int U, bool K16>
+// nothing and writes zeros (grouping as in fwd_rows). KB: the keying resolution (32, 16, 8), 0
+// for a threshold without generator work (KeyGen<0>), or -1 to read the keep bits from p.mask. Each row's keys are generated right before its math (the
+// loads of all U rows are already in flight), so one row's Philox state is live at a time.
+template <typename T, int V, int U, int KB>
 __device__ __forceinline__ void bwd_rows(const DropoutBwdParams<T>& p, uint64_t row, uint32_t stride,
                                          uint64_t c0, int cnt, bool active, float (&acc)[V],
-                                         const float* rowm_smem) {
+                                         const float* rowm_smem, const KeyGen<KB < 0 ? 0 : KB>& kg) {
     if (!active) return;  // no warp-level operations in the backward
     if constexpr (U > 1) cnt = V;  // as in fwd_rows
     const bool want_dbias = p.partials != nullptr;
@@ -313,13 +470,18 @@ __device__ __forceinline__ void bwd_rows(const DropoutBwdParams<T>& p, uint64_t 
         rowm[u] = rowm_smem != nullptr ? rowm_smem[u * stride] : p.scale;
         live |= rowm[u] != 0.f;
     }
+    // Element offsets step by stride * cols per row: one 64-bit add per row instead of a
+    // multiply, and one offset live instead of a pointer per row and stream.
+    const uint64_t first = row * p.cols + c0;
+    const uint64_t step = (uint64_t)stride * p.cols;
     if (!live) {
         Pack<T, V> zero;
 #pragma unroll
         for (int k = 0; k < V; ++k) zero.set_raw(k, f32_to_bits<T>(0.f));
+        uint64_t i = first;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            store_pack<T, V>(p.dx + (row + u * stride) * p.cols + c0, zero, cnt);
+        for (int u = 0; u < U; ++u, i += step) {
+            store_pack<T, V>(p.dx + i, zero, cnt);
 #pragma unroll
             for (int k = 0; k < V; ++k)
                 if (want_dbias) acc[k] = __fadd_rn(acc[k], 0.f);  // as the CPU: + 0.0 per dropped row
@@ -327,29 +489,29 @@ __device__ __forceinline__ void bwd_rows(const DropoutBwdParams<T>& p, uint64_t 
         return;
     }
     Pack<T, V> dyv[U];
+    {
+        uint64_t i = first;
 #pragma unroll
-    for (int u = 0; u < U; ++u) dyv[u] = load_pack<T, V>(p.dy + (row + u * stride) * p.cols + c0, cnt);
-    uint32_t bits = 0;
-    if (p.mask != nullptr) {
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-            bits |= read_bits<V>(p.mask, (row + u * stride) * p.cols + c0) << (u * V);
-    } else {
-        bits = rows_keep_bits<V, U, K16>(p, row, c0, cnt, rowm_smem, false, stride);
+        for (int u = 0; u < U; ++u, i += step) dyv[u] = load_pack<T, V>(p.dy + i, cnt);
     }
+    uint64_t i = first;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        // As in fwd_rows: "m != 0" is "kept and rowm != 0", tested once per row (the mask may hold
-        // kept bits for a row whose multiplier is 0).
-        const uint32_t b = rowm[u] != 0.f ? (bits >> (u * V)) & ((1u << V) - 1u) : 0u;
+    for (int u = 0; u < U; ++u, i += step) {
+        // As in fwd_rows: "m != 0" is "kept and rowm != 0", decided once per row (the mask may
+        // hold kept bits for a row whose multiplier is 0). The keys of a row whose multiplier is
+        // 0 are generated too (no branch per row).
+        // rowm re-read here rather than held across the loads and the generator (registers).
+        const float m = rowm_smem != nullptr ? rowm_smem[u * stride] : p.scale;
+        const bool row_live = m != 0.f;
         Pack<T, V> out;
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const float d = ((b >> k) & 1u) ? __fmul_rn(dyv[u].get(k), rowm[u]) : 0.f;
-            if (want_dbias) acc[k] = __fadd_rn(acc[k], d);
-            out.set_raw(k, f32_to_bits<T>(d));
+        if constexpr (KB < 0) {
+            const MaskKeep<V> keys{read_bits<V>(p.mask, i)};
+            out = bwd_math<T, V>(dyv[u], m, row_live, keys, acc, want_dbias);
+        } else {
+            const auto keys = kg.template group<V>(p.seed, p.call, p.base + i);
+            out = bwd_math<T, V>(dyv[u], m, row_live, keys, acc, want_dbias);
         }
-        store_pack<T, V>(p.dx + (row + u * stride) * p.cols + c0, out, cnt);
+        store_pack<T, V>(p.dx + i, out, cnt);
     }
 }
 
@@ -358,14 +520,15 @@ __device__ __forceinline__ void bwd_rows(const DropoutBwdParams<T>& p, uint64_t 
 // y = (row - slab_begin) % blockDim.y, so a block covers fewer columns and the grid has more
 // blocks for the same partition. Each lane sums its rows in increasing order from +0.0; the
 // slab's partial is ((lane0 + lane1) + lane2) + lane3, the order backward_cpu in
-// src/dropping/mod.rs reproduces. Shared by every op whose gradient is m * dy.
-template <typename T, int V, bool K16 = false>
-__device__ __forceinline__ void dropout_bwd(const DropoutBwdParams<T>& p) {
-    __shared__ float s_rowm[RS_CHUNK];
-    __shared__ float s_lane[DBIAS_LANES - 1][MAX_BLOCK / DBIAS_LANES * (16 / sizeof(T))];
+// src/dropping/mod.rs reproduces. Shared by every op whose gradient is m * dy. KB as in bwd_rows;
+// the shared memory belongs to the dispatcher (dropout_bwd) so the variants do not add up.
+template <typename T, int V, int KB>
+__device__ __forceinline__ void dropout_bwd_body(const DropoutBwdParams<T>& p, float* s_rowm,
+                                                 float (*s_lane)[MAX_BLOCK / DBIAS_LANES * (16 / sizeof(T))]) {
     const bool has_rs = p.rowscale != nullptr || (p.flags & FLAG_DROP_PATH) != 0;
     const bool unroll = (p.flags & FLAG_UNROLL) != 0;
     const uint32_t lanes = blockDim.y, lane = threadIdx.y;
+    const KeyGen<KB < 0 ? 0 : KB> kg(p.threshold);
     const uint64_t groups = (p.cols + V - 1) / V;
     const uint64_t tiles = (groups + blockDim.x - 1) / blockDim.x;
     const uint64_t slab_begin = (uint64_t)blockIdx.y * p.slab_rows;
@@ -387,9 +550,9 @@ __device__ __forceinline__ void dropout_bwd(const DropoutBwdParams<T>& p) {
             uint64_t row = r0 + lane;
             if (unroll)
                 for (; row + (UNROLL - 1) * lanes < r1; row += UNROLL * lanes)
-                    bwd_rows<T, V, UNROLL, K16>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
+                    bwd_rows<T, V, UNROLL, KB>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr, kg);
             for (; row < r1; row += lanes)
-                bwd_rows<T, V, 1, K16>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr);
+                bwd_rows<T, V, 1, KB>(p, row, lanes, c0, cnt, active, acc, has_rs ? s_rowm + (row - r0) : nullptr, kg);
         }
         if (p.partials != nullptr) {
             // Fold the lanes in order through shared memory (block-uniform branch).
@@ -415,6 +578,20 @@ __device__ __forceinline__ void dropout_bwd(const DropoutBwdParams<T>& p) {
             }
         }
     }
+}
+
+// The backward kernel's body: the resolution (whether the mask is read, whether the generator
+// runs) picked once per thread. KEYED: the op offers 16- and 8-bit keying (FLAG_KEY16 / FLAG_KEY8 in p.flags); an op
+// without them compiles only the 32-bit variant and the mask reader.
+template <typename T, int V, bool KEYED = false>
+__device__ __forceinline__ void dropout_bwd(const DropoutBwdParams<T>& p) {
+    __shared__ float s_rowm[RS_CHUNK];
+    __shared__ float s_lane[DBIAS_LANES - 1][MAX_BLOCK / DBIAS_LANES * (16 / sizeof(T))];
+    if (p.mask != nullptr) dropout_bwd_body<T, V, -1>(p, s_rowm, s_lane);
+    else if (!generates(p.threshold, KEYED ? p.flags : 0u)) dropout_bwd_body<T, V, 0>(p, s_rowm, s_lane);
+    else if (KEYED && (p.flags & FLAG_KEY8) != 0) dropout_bwd_body<T, V, 8>(p, s_rowm, s_lane);
+    else if (KEYED && (p.flags & FLAG_KEY16) != 0) dropout_bwd_body<T, V, 16>(p, s_rowm, s_lane);
+    else dropout_bwd_body<T, V, 32>(p, s_rowm, s_lane);
 }
 
 // dbias[col] = T(sum over slabs, in increasing slab order, of partials[slab][col]).
@@ -613,15 +790,15 @@ __device__ __forceinline__ void unfused_col_sum_body(const UnfusedColSumParams<T
     static_assert(sizeof(::fusedreg::drop::UnfusedMaskedScaleParams<T>) == 40, "must match unfused.rs"); \
     static_assert(sizeof(::fusedreg::drop::UnfusedColSumParams<T>) == 48, "must match unfused.rs");
 
-#define FUSEDREG_DROPOUT_BWD_KERNELS(STEM, T, S, K16)                                                  \
+#define FUSEDREG_DROPOUT_BWD_KERNELS(STEM, T, S, KEYED)                                                  \
     FUSEDREG_DROPOUT_CHECK_SIZES(T)                                                                  \
     extern "C" __global__ void __launch_bounds__(::fusedreg::drop::MAX_BLOCK, 4)                     \
         STEM##_bwd_vec_##S(const ::fusedreg::drop::DropoutBwdParams<T> p) {                          \
-        ::fusedreg::drop::dropout_bwd<T, 16 / sizeof(T), K16>(p);                                  \
+        ::fusedreg::drop::dropout_bwd<T, 16 / sizeof(T), KEYED>(p);                                \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(::fusedreg::drop::MAX_BLOCK, 4)                     \
         STEM##_bwd_scalar_##S(const ::fusedreg::drop::DropoutBwdParams<T> p) {                       \
-        ::fusedreg::drop::dropout_bwd<T, 1, K16>(p);                                               \
+        ::fusedreg::drop::dropout_bwd<T, 1, KEYED>(p);                                            \
     }                                                                                                \
     FUSEDREG_DROPPING_DBIAS_KERNEL(STEM, T, S)
 

@@ -8,6 +8,7 @@
 //   packs:         Pack<T, V> (V elements as 32-bit words; get(k), raw(k), set_raw(k, bits)),
 //                  load_pack<T, V>(p, cnt) / store_pack<T, V>(p, pack, cnt): one 16-byte access
 //                  when V * sizeof(T) == 16 and cnt == V, element accesses otherwise
+//   pairs:         unpack2<T>(word) -> float2, pack2<T>(lo, hi) -> word (16-bit T, RNE)
 //   launch:        aligned16(ptr), FUSEDREG_FOR_EACH_DTYPE(X) (X(type, suffix) per dtype)
 #pragma once
 #include <cstdint>
@@ -102,6 +103,32 @@ template <typename T, int V> struct Pack {
     }
     __device__ __forceinline__ float get(int k) const { return bits_to_f32<T>(raw(k)); }
 };
+
+// Two 16-bit elements of one packed word (element 2j in the low half) <-> two f32. The pack is
+// one F2FP.PACK_AB per pair on sm_90 and rounds to nearest even like two f32_to_bits<T> (the
+// same bits), so the kernels that keep CPU bits may convert a pair at once.
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t w);
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
+    __half2 h;
+    memcpy(&h, &w, 4);
+    return __half22float2(h);
+}
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t w;
+    memcpy(&w, &h, 4);
+    return w;
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t w;
+    memcpy(&w, &h, 4);
+    return w;
+}
 
 template <typename T> __device__ __forceinline__ uint32_t load_raw(const T* p) {
     if constexpr (sizeof(T) == 4) return *reinterpret_cast<const uint32_t*>(p);

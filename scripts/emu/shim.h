@@ -108,6 +108,17 @@ inline __nv_bfloat16 __float2bfloat16_rz(float x) {
 }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
 
+// Pairs (common/dtype.cuh unpack2 / pack2): each half converts exactly as the scalar intrinsic.
+struct float2 { float x, y; };
+inline float2 make_float2(float a, float b) { return {a, b}; }
+struct __half2 { __half x, y; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+    return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
+
 struct EmuBlock {
     explicit EmuBlock(unsigned n) : block_bar((std::ptrdiff_t)n), slots((n + 31) / 32) {
         for (unsigned w = 0; w < (n + 31) / 32; ++w) warp_bars.emplace_back(new std::barrier<>(32));

@@ -84,7 +84,11 @@ const BWD: BackwardKernels = BackwardKernels {
 };
 
 /// The keying resolutions kernels/dropout.cu implements.
-const RESOLUTIONS: &[MaskResolution] = &[MaskResolution::Bits32, MaskResolution::Bits16];
+const RESOLUTIONS: &[MaskResolution] = &[
+    MaskResolution::Bits32,
+    MaskResolution::Bits16,
+    MaskResolution::Bits8,
+];
 
 /// Rows per slab of forward launches: one unrolled visit of 4 rows per thread with a residual
 /// (measured on an H100, [`FWD_SLAB_ROWS`]); two visits without one, which moves two streams

@@ -53,14 +53,19 @@
 //! # Mask resolution
 //!
 //! [`Config::with_resolution`] selects the keying, with or without a residual:
-//! [`MaskResolution::Bits32`] (the default, the contract above, `p` quantised to `2^-32`) or
+//! [`MaskResolution::Bits32`] (the default, the contract above, `p` quantised to `2^-32`),
 //! [`MaskResolution::Bits16`] (element `i` takes halfword `i % 8` of Philox block `i / 8`,
 //! dropped below `round(p * 2^16)`: one Philox evaluation keys 8 elements, half the generator
-//! work, `p` quantised to `2^-16`). The probability applied is [`Config::effective_p`] either
-//! way, and the kept elements are scaled by one over its complement ([`Config::scale`]), so the
-//! output is unbiased at either resolution. The backward
-//! regenerates at the config's resolution; the 1-bit mask layout is the same. The unfused
-//! baseline keys at `Bits32` only.
+//! work, `p` quantised to `2^-16`) or [`MaskResolution::Bits8`] (element `i` takes byte `i % 16`
+//! of Philox block `i / 16`, dropped below `round(p * 2^8)`: `p` quantised to `2^-8`,
+//! FlashAttention's resolution). Under `Bits8` a thread of the vector path owns one 16-byte
+//! vector (8 elements of a 16-bit type, 4 of f32), so it uses half of a Philox block (a quarter
+//! for f32) and the neighbouring thread computes the same block: per element the generator work
+//! is that of `Bits16`, and the static count is lower only by the cheaper compares (see the
+//! README's instruction counts). The probability applied is [`Config::effective_p`] at every
+//! resolution, and the kept elements are scaled by one over its complement ([`Config::scale`]),
+//! so the output is unbiased at each. The backward regenerates at the config's resolution; the
+//! 1-bit mask layout is the same. The unfused baseline keys at `Bits32` only.
 //!
 //! # Drop path (stochastic depth, row mode)
 //!

@@ -33,7 +33,7 @@ pub struct Case {
     p: f64,
     seed: u64,
     call: u64,
-    key16: bool,
+    resolution: MaskResolution,
     path: Option<(f64, u64, usize)>,
     mask_out: bool,
     rowscale_out: bool,
@@ -60,10 +60,7 @@ impl Case {
                     .expect("a valid path"),
             );
         }
-        if self.key16 {
-            c = c.with_resolution(MaskResolution::Bits16);
-        }
-        c
+        c.with_resolution(self.resolution)
     }
 }
 
@@ -106,7 +103,15 @@ fn generate(g: &mut Rng) -> Case {
         p: g.pick(&[0.0, 1.0, 0.1, 0.5, 1e-9, 1.0 - 1e-9]),
         seed: g.u64(),
         call: g.u64(),
-        key16: g.chance(1, 3),
+        // 16-bit keying a third of the time, 8-bit a sixth.
+        resolution: g.pick(&[
+            MaskResolution::Bits32,
+            MaskResolution::Bits32,
+            MaskResolution::Bits32,
+            MaskResolution::Bits16,
+            MaskResolution::Bits16,
+            MaskResolution::Bits8,
+        ]),
         mask_out: g.chance(2, 3),
         rowscale_out: path.is_some() && g.bool(),
         path,
@@ -164,7 +169,8 @@ fn write(c: &Case, w: &mut Writer) {
         "rows_per_sample",
         path.map_or(1, |p| p.rows_per_sample() as u64),
     );
-    w.flag("key16", c.key16);
+    w.flag("key16", c.resolution == MaskResolution::Bits16);
+    w.flag("key8", c.resolution == MaskResolution::Bits8);
     let t = &c.tuning;
     w.u64("block", t.block);
     w.u64("max_grid_x", t.max_grid_x);
@@ -253,7 +259,12 @@ fn check<T: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
         );
     }
 
-    if n > 0 && c.rowscale.is_none() && c.path.is_none() && !c.key16 && c.bias.is_none() {
+    if n > 0
+        && c.rowscale.is_none()
+        && c.path.is_none()
+        && c.resolution == MaskResolution::Bits32
+        && c.bias.is_none()
+    {
         let plain = Config::new(rows, cols, c.p, c.seed, c.call).map_err(e)?;
         let (mut uy, mut um, mut udx) = (vec![zero; n], vec![0u8; n], vec![zero; n]);
         let ur = c.residual_form.then_some(&res[..]);

@@ -38,6 +38,9 @@ pub fn trials() -> Vec<Trial> {
             ("sixteen_bit_keying_f32", sixteen_bit_keying::<f32>),
             ("sixteen_bit_keying_f16", sixteen_bit_keying::<f16>),
             ("sixteen_bit_keying_bf16", sixteen_bit_keying::<bf16>),
+            ("eight_bit_keying_f32", eight_bit_keying::<f32>),
+            ("eight_bit_keying_f16", eight_bit_keying::<f16>),
+            ("eight_bit_keying_bf16", eight_bit_keying::<bf16>),
             ("dbias_is_deterministic", dbias_is_deterministic),
             ("row_scales_staged_in_chunks", row_scales_staged_in_chunks),
             ("empty_inputs_launch_nothing", empty_inputs_launch_nothing),
@@ -90,8 +93,8 @@ struct Case {
     /// x, residual, y, dy and dx are views starting at this element.
     offset: usize,
     dbias: bool,
-    /// 16-bit keying (MaskResolution::Bits16).
-    key16: bool,
+    /// The keying resolution (Bits32 by default).
+    resolution: MaskResolution,
     tuning: LaunchTuning,
 }
 
@@ -107,7 +110,7 @@ impl Case {
             mask: true,
             offset: 0,
             dbias: false,
-            key16: false,
+            resolution: MaskResolution::Bits32,
             tuning: LaunchTuning::default(),
         }
     }
@@ -118,10 +121,9 @@ impl Case {
     }
 
     fn config(&self, seed: u64) -> Config {
-        let mut cfg = Config::new(self.rows, self.cols, self.p, seed, 0x1234_5678_9abc).unwrap();
-        if self.key16 {
-            cfg = cfg.with_resolution(MaskResolution::Bits16);
-        }
+        let cfg = Config::new(self.rows, self.cols, self.p, seed, 0x1234_5678_9abc)
+            .unwrap()
+            .with_resolution(self.resolution);
         match self.rs {
             Rs::Path => cfg.with_drop_path(DropPath::new(0.25, 77).unwrap()),
             Rs::PerSample => {
@@ -504,52 +506,62 @@ fn launch_configurations_agree(h: &Handle) -> TestResult {
     Ok(())
 }
 
-/// 16-bit keying on every path, without and with a residual: flat (vector, scalar at view
-/// offset 1, a one-row remainder), shaped with bias, dbias, row scales and the mask (f32 with
-/// cols % 8 == 4: the scalar path), p = 0 and 1; and launch configurations change no bit.
+/// 16-bit keying on every path (see `keying_at`).
 fn sixteen_bit_keying<T: Dtype>(h: &Handle) -> TestResult {
-    let k16 = |c: Case| Case { key16: true, ..c };
+    keying_at::<T>(h, MaskResolution::Bits16, 1000)
+}
+
+/// 8-bit keying on every path (see `keying_at`).
+fn eight_bit_keying<T: Dtype>(h: &Handle) -> TestResult {
+    keying_at::<T>(h, MaskResolution::Bits8, 2000)
+}
+
+/// Keying at `resolution` on every path, without and with a residual: flat (vector, scalar at
+/// view offset 1, a one-row remainder), shaped with bias, dbias, row scales and the mask (f32
+/// with cols % 8 == 4: the scalar path), p = 0 and 1; and launch configurations change no bit.
+fn keying_at<T: Dtype>(h: &Handle, resolution: MaskResolution, seed: u64) -> TestResult {
+    let keyed = |c: Case| Case { resolution, ..c };
     let shaped = |rows, cols| Case {
         bias: true,
         dbias: true,
         ..Case::new(rows, cols)
     };
     let cases = [
-        k16(Case::new(1, 65_537)),
-        k16(Case::new(1, 3 * (1 << 20) + 7)),
-        k16(Case {
+        keyed(Case::new(1, 65_537)),
+        keyed(Case::new(1, 3 * (1 << 20) + 7)),
+        keyed(Case {
             offset: 1,
             ..Case::new(1, 4095)
         }),
-        k16(shaped(257, 1024)),
-        k16(Case {
+        keyed(shaped(257, 1024)),
+        keyed(Case {
             rs: Rs::Path,
             ..shaped(130, 1028)
         }),
-        k16(Case {
+        keyed(Case {
             rs: Rs::Given,
             offset: 1,
             ..shaped(37, 1003)
         }),
-        k16(Case {
+        keyed(Case {
             p: 0.0,
             ..shaped(64, 264)
         }),
-        k16(Case {
+        keyed(Case {
             p: 1.0,
             ..shaped(64, 264)
         }),
     ];
     for (k, c) in cases.iter().enumerate() {
-        run_each::<T>(h, c, &ALL_RES, 1000 + k as u64)?;
+        run_each::<T>(h, c, &ALL_RES, seed + k as u64)?;
     }
     for res in ALL_RES {
-        let base = k16(Case {
+        let base = keyed(Case {
             rs: Rs::PerSample,
             res,
             ..shaped(257, 1024)
         });
-        let (f0, b0) = run_case::<T>(h, &base, 1100)?;
+        let (f0, b0) = run_case::<T>(h, &base, seed + 100)?;
         for (k, t) in [
             LaunchTuning {
                 block: 64,
@@ -564,9 +576,17 @@ fn sixteen_bit_keying<T: Dtype>(h: &Handle) -> TestResult {
         .into_iter()
         .enumerate()
         {
-            let (f1, b1) = run_case::<T>(h, &Case { tuning: t, ..base }, 1100)?;
-            compare_fwd(&format!("16-bit {res:?} tuning {k} forward"), &f1, &f0)?;
-            compare_bwd(&format!("16-bit {res:?} tuning {k} backward"), &b1, &b0)?;
+            let (f1, b1) = run_case::<T>(h, &Case { tuning: t, ..base }, seed + 100)?;
+            compare_fwd(
+                &format!("{resolution:?} {res:?} tuning {k} forward"),
+                &f1,
+                &f0,
+            )?;
+            compare_bwd(
+                &format!("{resolution:?} {res:?} tuning {k} backward"),
+                &b1,
+                &b0,
+            )?;
         }
     }
     Ok(())

@@ -1,6 +1,6 @@
 // Differential host emulation of the dropout kernels (see compare.sh): random data with
 // infinities and NaNs; every dtype; vector and scalar paths; unroll, bias, mask, dbias lanes, row
-// scale given or drawn per row or per sample; 32- and 16-bit keying with thresholds 0, all and
+// scale given or drawn per row or per sample; 32-, 16- and 8-bit keying with thresholds 0, all and
 // between; no residual, a residual, a residual in place; flat offsets. The forward, the backward
 // (regenerated and from the mask, with the dbias partials and the finishing sum) and the unfused
 // byte-mask dropout / masked scale / residual add; one line of hashes per case.
@@ -9,6 +9,7 @@
 //   plain_cases     no residual (the lines of the former dropout.cpp, GPU-verified at 8b4c2de)
 //   residual_cases  a residual, 32-bit keying (the former dropout_residual.cpp, same revision)
 //   residual16_cases a residual under 16-bit keying (new with the merge: "k16 1" in the line)
+//   key8_cases      8-bit keying with and without a residual ("k8 1" in the line)
 // A residual line keeps the former dropout_residual format (no k16 field unless 16-bit, no u).
 #include "harness.h"
 
@@ -31,7 +32,7 @@ KS(float, f32) KS(__half, f16) KS(__nv_bfloat16, bf16)
 
 struct Case {
     uint64_t rows, cols, base;
-    bool vec, unroll, bias, mask, dbias, key16;
+    bool vec, unroll, bias, mask, dbias, key16, key8;
     bool residual, in_place;
     int rs;  // 0 none, 1 given, 2 drop path (rows_per_sample 1), 3 drop path per sample (3 rows)
     uint64_t threshold, path_threshold, slab;
@@ -57,7 +58,7 @@ template <class T> static void run(const Case& c, uint64_t seed) {
     std::vector<uint32_t> mask(words + 1, c.vec ? 0xEFEFEFEFu : 0u);
     std::vector<float> rso(c.rows, -7.f);
     // The scale from the applied p (any f32 works: the kernels take it as given).
-    const double all = c.key16 ? 65536.0 : 4294967296.0;
+    const double all = c.key8 ? 256.0 : c.key16 ? 65536.0 : 4294967296.0;
     const float scale = (double)c.threshold >= all ? 0.f : (float)(all / (all - (double)c.threshold));
     const float path_scale = c.path_threshold >= (1ull << 32) ? 0.f : (float)(4294967296.0 / (4294967296.0 - (double)c.path_threshold));
 
@@ -73,7 +74,8 @@ template <class T> static void run(const Case& c, uint64_t seed) {
     p.seed = seed * 0x9E3779B97F4A7C15ull; p.call = seed ^ 0xABCDEF0123ull; p.threshold = c.threshold;
     p.path_call = 77 + seed; p.path_threshold = c.rs >= 2 ? c.path_threshold : 0; p.base = c.base;
     p.scale = scale; p.path_scale = c.rs >= 2 ? path_scale : 0.f;
-    p.flags = (c.rs >= 2 ? 1u : 0u) | (c.unroll ? 2u : 0u) | (c.in_place ? 4u : 0u) | (c.key16 ? 8u : 0u);
+    p.flags = (c.rs >= 2 ? 1u : 0u) | (c.unroll ? 2u : 0u) | (c.in_place ? 4u : 0u) | (c.key16 ? 8u : 0u) |
+              (c.key8 ? 16u : 0u);
     p.rows_per_sample = c.rs == 3 ? 3 : 1;
     const uint64_t per = c.vec ? VV : 1;
     const uint64_t tiles = ((c.cols + per - 1) / per + c.block - 1) / c.block;
@@ -92,7 +94,7 @@ template <class T> static void run(const Case& c, uint64_t seed) {
         q.mask = from_mask ? mask.data() : nullptr; q.partials = c.dbias ? part.data() : nullptr;
         q.rows = c.rows; q.cols = c.cols; q.slab_rows = c.slab; q.seed = p.seed; q.call = p.call;
         q.threshold = p.threshold; q.path_call = p.path_call; q.path_threshold = p.path_threshold; q.base = c.base;
-        q.scale = scale; q.path_scale = p.path_scale; q.flags = p.flags & 11u; q.rows_per_sample = p.rows_per_sample;
+        q.scale = scale; q.path_scale = p.path_scale; q.flags = p.flags & 27u; q.rows_per_sample = p.rows_per_sample;
         const uint64_t btiles = ((c.cols + per - 1) / per + bx - 1) / bx;
         launch(c.vec ? K<T>::bv : K<T>::bs, dim3{(unsigned)std::min<uint64_t>(btiles, 3), slabs, 1}, dim3{bx, lanes, 1}, q);
         hb[from_mask] = fnv(dx.data(), dx.size());
@@ -111,7 +113,7 @@ template <class T> static void run(const Case& c, uint64_t seed) {
         // The former dropout_residual line; "k16 1" and the dbias / unfused add hashes only in
         // the lines new with the merge (16-bit keying).
         std::string extra;
-        if (c.key16) {
+        if (c.key16 || c.key8) {
             // The unfused residual add of x and dy (flat, vector or scalar).
             std::vector<uint8_t> ua(n * sizeof(T), 0xA5);
             dropout::UnfusedAddParams<T> a{};
@@ -123,7 +125,7 @@ template <class T> static void run(const Case& c, uint64_t seed) {
         }
         printf("%s %llux%llu base %llu vec %d unroll %d bias %d mask %d inpl %d %sdbias %d rs %d thr %llu pthr %llu slab %llu block %u | y %016llx m %016llx rs %016llx dx %016llx %016llx p %016llx %016llx%s\n",
                K<T>::name, u64(c.rows), u64(c.cols), u64(c.base), c.vec, c.unroll, c.bias, c.mask, c.in_place,
-               c.key16 ? "k16 1 " : "", c.dbias, c.rs, u64(c.threshold), u64(c.path_threshold), u64(c.slab), c.block,
+               c.key8 ? "k8 1 " : c.key16 ? "k16 1 " : "", c.dbias, c.rs, u64(c.threshold), u64(c.path_threshold), u64(c.slab), c.block,
                u64(fnv(y.data(), y.size())), u64(fnv(mask.data(), mask.size() * 4)), u64(fnv(rso.data(), rso.size() * 4)),
                u64(hb[0]), u64(hb[1]), u64(hp[0]), u64(hp[1]), extra.c_str());
         fflush(stdout);
@@ -134,16 +136,16 @@ template <class T> static void run(const Case& c, uint64_t seed) {
     std::vector<uint8_t> ud(n * sizeof(T), 0xAB), um(n * sizeof(T), 0xBA), bytes(n + 8, 0x5A);
     UnfusedDropoutParams<T> u{};
     u.t = (const T*)x.data(); u.d = (T*)ud.data(); u.mask = bytes.data(); u.n = n;
-    u.seed = p.seed; u.call = p.call; u.threshold = c.key16 ? 0 : p.threshold; u.scale = scale; u.vec = c.vec ? 1u : 0u;
+    u.seed = p.seed; u.call = p.call; u.threshold = c.key16 || c.key8 ? 0 : p.threshold; u.scale = scale; u.vec = c.vec ? 1u : 0u;
     launch(K<T>::ud, dim3{2, 1, 1}, dim3{64, 1, 1}, u);
     UnfusedMaskedScaleParams<T> m{};
     m.dy = (const T*)dy.data(); m.mask = bytes.data(); m.dx = (T*)um.data(); m.n = n; m.scale = scale;
     m.vec = c.vec ? 1u : 0u;
     launch(K<T>::um, dim3{2, 1, 1}, dim3{64, 1, 1}, m);
 
-    printf("%s %llux%llu base %llu vec %d unroll %d bias %d mask %d dbias %d k16 %d rs %d thr %llu pthr %llu slab %llu block %u | y %016llx m %016llx rs %016llx dx %016llx %016llx p %016llx %016llx db %016llx %016llx u %016llx %016llx %016llx\n",
+    printf("%s %llux%llu base %llu vec %d unroll %d bias %d mask %d dbias %d k16 %d %srs %d thr %llu pthr %llu slab %llu block %u | y %016llx m %016llx rs %016llx dx %016llx %016llx p %016llx %016llx db %016llx %016llx u %016llx %016llx %016llx\n",
            K<T>::name, u64(c.rows), u64(c.cols), u64(c.base), c.vec, c.unroll,
-           c.bias, c.mask, c.dbias, c.key16, c.rs, u64(c.threshold), u64(c.path_threshold),
+           c.bias, c.mask, c.dbias, c.key16, c.key8 ? "k8 1 " : "", c.rs, u64(c.threshold), u64(c.path_threshold),
            u64(c.slab), c.block, u64(fnv(y.data(), y.size())),
            u64(fnv(mask.data(), mask.size() * 4)), u64(fnv(rso.data(), rso.size() * 4)),
            u64(hb[0]), u64(hb[1]), u64(hp[0]), u64(hp[1]), u64(hd[0]), u64(hd[1]),
@@ -159,6 +161,7 @@ static void run_any(int dt, const Case& c, uint64_t seed) {
 
 static const uint64_t thresholds[] = {0, 1ull << 32, 429496730ull, 2147483648ull, 1, 0xFFFFFFFFull};
 static const uint64_t thresholds16[] = {0, 1ull << 16, 6554, 32768, 1, 0xFFFF};
+static const uint64_t thresholds8[] = {0, 1ull << 8, 26, 128, 1, 0xFF};
 static const uint64_t pthr[] = {1288490189ull, 1ull << 32, 0};
 struct Shape { uint64_t rows, cols; };
 // Row-major shapes: cols a multiple of 8 (every dtype's vector path) or odd (scalar only).
@@ -221,11 +224,41 @@ static void residual_cases(bool key16, int& idx, int part, int parts) {
                     }
 }
 
+// 8-bit keying (new with Bits8 in the dropout kernels: "k8 1" in the line), with and without a
+// residual (in place too), its own random sequence.
+static void key8_cases(int& idx, int part, int parts) {
+    std::mt19937_64 g(888888);
+    for (int dt = 0; dt < 3; ++dt)
+        for (const Shape& s : shapes)
+            for (int v = 0; v < 2; ++v)
+                for (int ti = 0; ti < 6; ++ti)
+                    for (int residual = 0; residual < 2; ++residual) {
+                        Case c{};
+                        c.rows = s.rows; c.cols = s.cols;
+                        c.vec = v == 1;
+                        if (c.vec && s.cols % 8) continue;  // keep the vector cases whole groups
+                        c.residual = residual == 1; c.key8 = true;
+                        c.threshold = thresholds8[ti];
+                        c.unroll = g() & 1; c.bias = s.rows > 1 && (g() & 1); c.mask = g() % 3 != 0;
+                        c.in_place = c.residual && g() % 4 == 0; c.dbias = s.rows > 1 && (g() & 1);
+                        c.rs = s.rows > 1 ? (int)(g() % 4) : 0;
+                        if (c.rs == 3 && s.rows % 3) c.rs = 2;
+                        c.path_threshold = pthr[g() % 3];
+                        c.slab = 1 + g() % std::max<uint64_t>(1, s.rows);
+                        if (c.dbias && c.slab < 4) c.slab = std::min<uint64_t>(s.rows, 4);
+                        c.block = c.dbias ? 256 : (g() & 1 ? 64 : 128);
+                        c.base = s.rows == 1 && !c.rs && !c.bias ? (c.vec ? 8192 * (g() % 5) : g() % 1000) : 0;
+                        const uint64_t seed = g();
+                        if (idx++ % parts == part) run_any(dt, c, seed);
+                    }
+}
+
 int main(int argc, char** argv) {
     const int part = argc > 1 ? atoi(argv[1]) : 0, parts = argc > 2 ? atoi(argv[2]) : 1;
     int idx = 0;
     plain_cases(idx, part, parts);
     residual_cases(false, idx, part, parts);
     residual_cases(true, idx, part, parts);
+    key8_cases(idx, part, parts);
     return 0;
 }

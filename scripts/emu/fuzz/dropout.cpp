@@ -74,7 +74,7 @@ template <class T> static void run(In& in, Out& out) {
         put(out, "dx", d);
         put(out, "dbias", db);
     }
-    const bool unfused = n && !rs.n && !keys.drop_path && !(keys.flags & 8u) && !bias.n;
+    const bool unfused = n && !rs.n && !keys.drop_path && !(keys.flags & 24u) && !bias.n;
     if (unfused) run_unfused<T>(K<T>::ud, K<T>::um, residual ? K<T>::add : nullptr, keys, x, residual ? &r : nullptr, dy, out);
 }
 

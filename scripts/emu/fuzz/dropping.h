@@ -67,7 +67,7 @@ template <class T> Geo geometry(uint64_t rows, uint64_t cols, bool aligned, bool
 struct Keys {
     uint64_t seed, call, threshold, path_call, path_threshold;
     float scale, path_scale;
-    uint32_t flags, rows_per_sample;  // FLAG_DROP_PATH (1), FLAG_KEY16 (8); FLAG_UNROLL added per tuning
+    uint32_t flags, rows_per_sample;  // FLAG_DROP_PATH (1), FLAG_KEY16 (8), FLAG_KEY8 (16); FLAG_UNROLL per tuning
     bool drop_path;
 };
 
@@ -83,6 +83,7 @@ inline Keys read_keys(In& in) {
     k.path_scale = in.f32("path_scale");
     k.rows_per_sample = (uint32_t)in.u64("rows_per_sample");
     k.flags = (k.drop_path ? 1u : 0u) | (in.flag("key16") ? 8u : 0u);
+    k.flags |= in.flag("key8") ? 16u : 0u;
     return k;
 }
 
