@@ -332,10 +332,32 @@ struct Keep<1, KEY> {
     uint32_t bit;
     __device__ __forceinline__ bool kept(int) const { return bit != 0u; }
 };
+// The forward takes the keep bits packed under 32- and 16-bit keying (drop::keep_bits_of's):
+// there ptxas turns the bit tests into one R2P per row, fewer instructions than RowKeep's compare
+// per element (sm_90, nvcc 13.0, GELU-tanh: 30.2 vs 31.2 per element at 32 bits, 25.9 vs 26.3
+// at 16); under 8-bit keying RowKeep is shorter (28.4 vs 30.8), and in the backward always.
+template <int V, int KEY>
+struct PackedKeep {
+    uint32_t bits;
+    __device__ __forceinline__ bool kept(int k) const { return (bits >> k) & 1u; }
+};
+template <int V, int KEY, typename P>
+__device__ __forceinline__ PackedKeep<V, KEY> row_keep_packed(const P& p, uint64_t i) {
+    if constexpr (KEY == KEY16) return {drop::keep_bits16<V>(p.seed, p.call, p.threshold, i)};  // fwd 16-bit keying
+    else return {drop::keep_bits<V>(p.seed, p.call, p.threshold, i)};  // fwd 32-bit keying
+}
+
 template <int V, int KEY, typename P>
 __device__ __forceinline__ Keep<V, KEY> row_keep_of(const P& p, uint64_t i) {
     if constexpr (V == 1) return Keep<1, KEY>{scalar_keep_bit<KEY>(p, i)};
     else return Keep<V, KEY>{row_keep<V, KEY>(p, i)};
+}
+
+// The forward's choice (see PackedKeep).
+template <int V, int KEY, typename P>
+__device__ __forceinline__ auto fwd_keep(const P& p, uint64_t i) {
+    if constexpr (KEY == KEY8 || V == 1) return row_keep_of<V, KEY>(p, i);
+    else return row_keep_packed<V, KEY>(p, i);
 }
 
 template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
@@ -365,7 +387,7 @@ __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
 #pragma unroll
         for (int u = 0; u < FWD_UNROLL; ++u) {
             if (u >= n) break;
-            const Keep<V, KEY> keep = row_keep_of<V, KEY>(p, i);
+            const auto keep = fwd_keep<V, KEY>(p, i);
             float h[V];
 #pragma unroll
             for (int k = 0; k < V; ++k) h[k] = p.bias ? __fadd_rn(xv[u].get(k), b[k]) : xv[u].get(k);
