@@ -13,8 +13,9 @@
 //                (fast_fwd / fast_grad below) within the error bound stated and tested in
 //                src/bias_act_dropout/mod.rs; src/bias_act_dropout/fast.rs is their CPU model.
 // ReLU has no transcendental: both modes run the same code. The mask is the shared dropout
-// keying (common/dropping.cuh, drop::keep_bits_of: 32-bit words, or 16-bit halfwords under
-// FLAG_KEY16): exact in both modes, and the dropped elements are +0.
+// keying (common/dropping.cuh, drop::keep_bits_of: 32-bit words, 16-bit halfwords under
+// FLAG_KEY16 or bytes under FLAG_KEY8): exact in both modes, and the dropped elements are +0.
+// The scale (and keep_frac, log2_scale) is the keying's: 1 / (1 - the effective p).
 //
 // Per element the kernels compute the value and select it (no branch on the keep bit or the
 // data): every lane runs the same instructions whatever its inputs.
@@ -230,7 +231,7 @@ struct BiasActDropoutFwdParams {
     float log2_scale;  // log2(scale) as f32, -inf for p = 1 (Math::Fast's GELU-erf)
     uint32_t act;
     uint32_t math;     // MATH_EXACT or MATH_FAST
-    uint32_t flags;    // drop::FLAG_KEY16: 16-bit keying (threshold in 0 ..= 2^16)
+    uint32_t flags;    // drop::FLAG_KEY16 / FLAG_KEY8: 16- / 8-bit keying (threshold in 0 ..= 2^16 / 2^8)
 };
 static_assert(sizeof(BiasActDropoutFwdParams) == 104, "must match src/bias_act_dropout/gpu.rs");
 
@@ -254,15 +255,112 @@ static_assert(sizeof(BiasActDropoutBwdParams) == 112, "must match src/bias_act_d
 constexpr int FWD_UNROLL = 4;
 constexpr int BWD_UNROLL = 2;
 
-// The keep bits of a row group under the keying the kernel was dispatched with (p.flags'
-// FLAG_KEY16, tested once per thread, outside the row loop): drop::keep_bits_of's choice.
-template <int V, bool K16, typename P>
-__device__ __forceinline__ uint32_t row_keep_bits(const P& p, uint64_t i) {
-    if constexpr (K16) return drop::keep_bits16<V>(p.seed, p.call, p.threshold, i);  // 16-bit keying
-    else return drop::keep_bits<V>(p.seed, p.call, p.threshold, i);  // 32-bit keying
+// Keying resolutions as template arguments (bits per element's random number): KEY32, KEY16
+// (FLAG_KEY16) and KEY8 (FLAG_KEY8), tested once per thread, outside the row loop.
+constexpr int KEY32 = 32, KEY16 = 16, KEY8 = 8;
+
+// The keep decisions of elements i .. i+V-1 (i a multiple of V) under the keying the kernel was
+// dispatched with, as the random numbers they are compared with: kept(k) is bit k of
+// drop::keep_bits<V> / keep_bits16<V> / keep_bits8<V> (the same Philox words, the same
+// threshold), but it is decided where the element is selected, so the compare's predicate feeds
+// the select directly (no keep bits packed into an integer and extracted again).
+// threshold 0 and >= 2^bits do no generator work: the numbers are then all ones and tm1 is 0
+// (all kept) or 2^bits - 1 (none).
+template <int V, int KEY>
+struct RowKeep {
+    static_assert(V == 4 || V == 8, "the vector paths: V = 4 (f32) or 8 (f16, bf16)");
+    static constexpr int NW = KEY == KEY32 ? V : KEY == KEY16 ? V / 2 : (V + 3) / 4;  // words used
+    uint32_t w[NW];
+    uint32_t tm1;  // threshold - 1: an element is kept when its number is above it
+    __device__ __forceinline__ bool kept(int k) const {
+        if constexpr (KEY == KEY32) return w[k] > tm1;
+        else if constexpr (KEY == KEY16) return ((k & 1) ? w[k >> 1] >> 16 : w[k >> 1] & 0xffffu) > tm1;
+        else return ((w[k >> 2] >> (8 * (k & 3))) & 0xffu) > tm1;
+    }
+};
+
+template <int V, int KEY, typename P>
+__device__ __forceinline__ RowKeep<V, KEY> row_keep(const P& p, uint64_t i) {
+    RowKeep<V, KEY> r;
+    constexpr uint64_t ALL = KEY == KEY32 ? drop::THRESHOLD_ALL : KEY == KEY16 ? drop::THRESHOLD16_ALL
+                                                                              : drop::THRESHOLD8_ALL;
+    if (p.threshold == 0 || p.threshold >= ALL) {
+#pragma unroll
+        for (int j = 0; j < r.NW; ++j) r.w[j] = 0xffffffffu;
+        r.tm1 = p.threshold == 0 ? 0u : (uint32_t)(ALL - 1);
+        return r;
+    }
+    r.tm1 = (uint32_t)p.threshold - 1u;
+    if constexpr (KEY == KEY32) {  // word i % 4 of block i / 4
+#pragma unroll
+        for (int b = 0; b < V / 4; ++b) {
+            const uint4 w = philox_block(p.seed, p.call, (i >> 2) + b);
+            r.w[4 * b] = w.x, r.w[4 * b + 1] = w.y, r.w[4 * b + 2] = w.z, r.w[4 * b + 3] = w.w;
+        }
+    } else if constexpr (KEY == KEY16) {  // halfword i % 8 of block i / 8
+        const uint4 w = philox_block(p.seed, p.call, i >> 3);
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        const int base = V == 8 ? 0 : (int)((i & 4) >> 1);
+#pragma unroll
+        for (int j = 0; j < r.NW; ++j) r.w[j] = words[base + j];
+    } else {  // byte i % 16 of block i / 16
+        const uint4 w = philox_block(p.seed, p.call, i >> 4);
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        const int base = (int)((i & 15) >> 2);
+#pragma unroll
+        for (int j = 0; j < r.NW; ++j) r.w[j] = words[base + j];
+    }
+    return r;
 }
 
-template <typename T, int V, uint32_t ACT, uint32_t MATH, bool K16>
+// The scalar path (V = 1): drop::keep_bits_of's choice, one bit.
+template <int KEY, typename P>
+__device__ __forceinline__ uint32_t scalar_keep_bit(const P& p, uint64_t i) {
+    if constexpr (KEY == KEY8) return drop::keep_bits8<1>(p.seed, p.call, p.threshold, i);  // 8-bit keying
+    else if constexpr (KEY == KEY16) return drop::keep_bits16<1>(p.seed, p.call, p.threshold, i);  // 16-bit keying
+    else return drop::keep_bits<1>(p.seed, p.call, p.threshold, i);  // 32-bit keying
+}
+
+// Keep decisions of one row visit: RowKeep for the vector paths, one bit for the scalar path.
+template <int V, int KEY>
+struct Keep {
+    RowKeep<V, KEY> r;
+    __device__ __forceinline__ bool kept(int k) const { return r.kept(k); }
+};
+template <int KEY>
+struct Keep<1, KEY> {
+    uint32_t bit;
+    __device__ __forceinline__ bool kept(int) const { return bit != 0u; }
+};
+// The forward takes the keep bits packed under 32- and 16-bit keying (drop::keep_bits_of's):
+// there ptxas turns the bit tests into one R2P per row, fewer instructions than RowKeep's compare
+// per element (sm_90, nvcc 13.0, GELU-tanh: 30.2 vs 31.2 per element at 32 bits, 25.9 vs 26.3
+// at 16); under 8-bit keying RowKeep is shorter (28.4 vs 30.8), and in the backward always.
+template <int V, int KEY>
+struct PackedKeep {
+    uint32_t bits;
+    __device__ __forceinline__ bool kept(int k) const { return (bits >> k) & 1u; }
+};
+template <int V, int KEY, typename P>
+__device__ __forceinline__ PackedKeep<V, KEY> row_keep_packed(const P& p, uint64_t i) {
+    if constexpr (KEY == KEY16) return {drop::keep_bits16<V>(p.seed, p.call, p.threshold, i)};  // fwd 16-bit keying
+    else return {drop::keep_bits<V>(p.seed, p.call, p.threshold, i)};  // fwd 32-bit keying
+}
+
+template <int V, int KEY, typename P>
+__device__ __forceinline__ Keep<V, KEY> row_keep_of(const P& p, uint64_t i) {
+    if constexpr (V == 1) return Keep<1, KEY>{scalar_keep_bit<KEY>(p, i)};
+    else return Keep<V, KEY>{row_keep<V, KEY>(p, i)};
+}
+
+// The forward's choice (see PackedKeep).
+template <int V, int KEY, typename P>
+__device__ __forceinline__ auto fwd_keep(const P& p, uint64_t i) {
+    if constexpr (KEY == KEY8 || V == 1) return row_keep_of<V, KEY>(p, i);
+    else return row_keep_packed<V, KEY>(p, i);
+}
+
+template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
 __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
     const uint64_t c0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (c0 >= p.cols) return;  // no barrier in the forward
@@ -289,7 +387,7 @@ __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
 #pragma unroll
         for (int u = 0; u < FWD_UNROLL; ++u) {
             if (u >= n) break;
-            const uint32_t keep = row_keep_bits<V, K16>(p, i);
+            const auto keep = fwd_keep<V, KEY>(p, i);
             float h[V];
 #pragma unroll
             for (int k = 0; k < V; ++k) h[k] = p.bias ? __fadd_rn(xv[u].get(k), b[k]) : xv[u].get(k);
@@ -304,7 +402,7 @@ __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
             for (int k = 0; k < V; ++k) {
                 const float v = MATH == MATH_FAST ? fast_fwd<ACT>(h[k], p.keep_frac, p.scale, erf_c0)
                                                   : __fmul_rn(act_fwd(ACT, h[k]), p.scale);
-                yv.set_raw(k, f32_to_bits<T>((keep >> k) & 1u ? v : 0.0f));
+                yv.set_raw(k, f32_to_bits<T>(keep.kept(k) ? v : 0.0f));
             }
             store_pack<T, V>(y + u * stride, yv, V);
             i += stride;
@@ -317,8 +415,9 @@ __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
 
 template <typename T, int V, uint32_t ACT, uint32_t MATH>
 __device__ __forceinline__ void fwd_impl(const BiasActDropoutFwdParams& p) {
-    if (p.flags & drop::FLAG_KEY16) fwd_keyed<T, V, ACT, MATH, true>(p);
-    else fwd_keyed<T, V, ACT, MATH, false>(p);
+    if (p.flags & drop::FLAG_KEY8) fwd_keyed<T, V, ACT, MATH, KEY8>(p);
+    else if (p.flags & drop::FLAG_KEY16) fwd_keyed<T, V, ACT, MATH, KEY16>(p);
+    else fwd_keyed<T, V, ACT, MATH, KEY32>(p);
 }
 
 // The activation and math mode as template arguments, so each body is specialised (no
@@ -334,7 +433,7 @@ template <typename T, int V, uint32_t MATH> __device__ __forceinline__ void fwd(
     }
 }
 
-template <typename T, int V, uint32_t ACT, uint32_t MATH, bool K16>
+template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
 __device__ __forceinline__ void bwd_rows(const BiasActDropoutBwdParams& p, uint64_t c0, uint64_t s0, uint64_t s1,
                                          const float (&b)[V], float (&acc)[V]) {
     const uint64_t row0 = s0 + threadIdx.y;
@@ -359,13 +458,13 @@ __device__ __forceinline__ void bwd_rows(const BiasActDropoutBwdParams& p, uint6
 #pragma unroll
         for (int u = 0; u < BWD_UNROLL; ++u) {
             if (u >= n) break;
-            const uint32_t keep = row_keep_bits<V, K16>(p, i);
+            const Keep<V, KEY> keep = row_keep_of<V, KEY>(p, i);
             Pack<T, V> dv;
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 const float h = add_bias ? __fadd_rn(hv[u].get(k), b[k]) : hv[u].get(k);
                 const float g = MATH == MATH_FAST ? fast_grad<ACT>(h) : act_grad(ACT, h);
-                const float d = (keep >> k) & 1u ? __fmul_rn(__fmul_rn(gv[u].get(k), p.scale), g) : 0.0f;
+                const float d = keep.kept(k) ? __fmul_rn(__fmul_rn(gv[u].get(k), p.scale), g) : 0.0f;
                 dv.set_raw(k, f32_to_bits<T>(d));
                 acc[k] = __fadd_rn(acc[k], d);
             }
@@ -382,7 +481,7 @@ __device__ __forceinline__ void bwd_rows(const BiasActDropoutBwdParams& p, uint6
 // One activation's whole backward: its rows, then the lanes' partials folded through shared
 // memory. Each activation is a complete body (the switch in bwd picks one and returns), so the
 // register allocator sees no merge of four bodies' accumulators.
-template <typename T, int V, uint32_t ACT, uint32_t MATH, bool K16>
+template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
 __device__ __forceinline__ void bwd_keyed(const BiasActDropoutBwdParams& p, float (*lanes)[MAX_BLOCK_X * V]) {
     const uint64_t c0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
     const bool active = c0 < p.cols;
@@ -395,7 +494,7 @@ __device__ __forceinline__ void bwd_keyed(const BiasActDropoutBwdParams& p, floa
         float b[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) b[k] = (p.bias && !p.h) ? ld<T>(p.bias, c0 + k) : 0.0f;
-        bwd_rows<T, V, ACT, MATH, K16>(p, c0, s0, s1, b, acc);
+        bwd_rows<T, V, ACT, MATH, KEY>(p, c0, s0, s1, b, acc);
     }
     if (p.partials == nullptr) return;  // uniform across the block
 #pragma unroll
@@ -416,11 +515,15 @@ __device__ __forceinline__ void bwd_keyed(const BiasActDropoutBwdParams& p, floa
 // before the partials made ptxas spill).
 template <typename T, int V, uint32_t ACT, uint32_t MATH>
 __device__ __forceinline__ void bwd_body(const BiasActDropoutBwdParams& p, float (*lanes)[MAX_BLOCK_X * V]) {
-    if (p.flags & drop::FLAG_KEY16) {
-        bwd_keyed<T, V, ACT, MATH, true>(p, lanes);
+    if (p.flags & drop::FLAG_KEY8) {
+        bwd_keyed<T, V, ACT, MATH, KEY8>(p, lanes);
         return;
     }
-    bwd_keyed<T, V, ACT, MATH, false>(p, lanes);
+    if (p.flags & drop::FLAG_KEY16) {
+        bwd_keyed<T, V, ACT, MATH, KEY16>(p, lanes);
+        return;
+    }
+    bwd_keyed<T, V, ACT, MATH, KEY32>(p, lanes);
 }
 
 template <typename T, int V, uint32_t ACT, uint32_t MATH>

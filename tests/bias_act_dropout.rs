@@ -10,7 +10,7 @@ use fusedreg::bias_act_dropout::{
     cpu, fused_backward_bytes, fused_forward_bytes, unfused, unfused_backward_bytes,
     unfused_forward_bytes, Activation, Config, Preact,
 };
-use fusedreg::dropping::slab_rows;
+use fusedreg::dropping::{slab_rows, MaskResolution};
 use fusedreg::{Dtype, DtypeKind, Error};
 use half::{bf16, f16};
 
@@ -155,21 +155,34 @@ fn p0_and_p1_are_exact() {
 
 #[test]
 fn drop_rate_within_binomial_bound() {
-    for p in [1.0 / 256.0, 0.1, 0.5, 0.9] {
-        let (rows, cols) = (257, 1001);
-        let cfg = Config::new(rows, cols, Activation::Relu, p, 77, 3).unwrap();
-        let x = vec![1.0f32; rows * cols];
-        let mut y = vec![0.0f32; rows * cols];
-        cpu::forward(&cfg, &x, None, &mut y, None).unwrap();
-        let n = (rows * cols) as f64;
-        let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64;
-        let pe = cfg.rate().effective_p();
-        let sd = (n * pe * (1.0 - pe)).sqrt();
-        assert!(
-            (dropped - n * pe).abs() < 5.0 * sd,
-            "p = {p}: dropped {dropped} of {n}"
-        );
-        assert!(y.iter().all(|&v| v == 0.0 || v == cfg.rate().scale()));
+    // At every mask resolution: the dropped share is the effective p's, and the kept elements
+    // are scaled by 1 / (1 - effective p) (the keying's scale: no bias from quantising p).
+    for res in [
+        MaskResolution::Bits32,
+        MaskResolution::Bits16,
+        MaskResolution::Bits8,
+    ] {
+        for p in [1.0 / 256.0, 0.1, 0.5, 0.9] {
+            let (rows, cols) = (257, 1001);
+            let cfg = Config::new(rows, cols, Activation::Relu, p, 77, 3)
+                .unwrap()
+                .with_resolution(res);
+            let x = vec![1.0f32; rows * cols];
+            let mut y = vec![0.0f32; rows * cols];
+            cpu::forward(&cfg, &x, None, &mut y, None).unwrap();
+            let n = (rows * cols) as f64;
+            let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64;
+            let pe = cfg.effective_p();
+            assert_eq!(pe, cfg.rate().effective_p_at(res));
+            let sd = (n * pe * (1.0 - pe)).sqrt();
+            assert!(
+                (dropped - n * pe).abs() < 5.0 * sd,
+                "{res:?} p = {p}: dropped {dropped} of {n}"
+            );
+            let scale = (1.0 / (1.0 - pe)) as f32;
+            assert_eq!(cfg.keying().scale(), scale, "{res:?} p = {p}");
+            assert!(y.iter().all(|&v| v == 0.0 || v == scale), "{res:?} p = {p}");
+        }
     }
 }
 

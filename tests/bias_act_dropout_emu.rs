@@ -1,7 +1,7 @@
 //! The kernels of `kernels/bias_act_dropout.cu` under host emulation against the CPU reference:
 //! the `Math::Fast` cases within the bounds stated in the module docs (with the emulator's
-//! deterministic model of the special-function unit), the `Math::Exact` cases with 16-bit keying
-//! and the ReLU vector kernel bit for bit; the mask and the dropped `+0` exact in every case.
+//! deterministic model of the special-function unit), the `Math::Exact` cases with 16-bit and
+//! 8-bit keying and the ReLU vector kernel bit for bit; the mask and the dropped `+0` exact in every case.
 //! Needs the emulator's dumps, so it is ignored by default:
 //!
 //! ```text
@@ -132,17 +132,16 @@ fn emulated_kernels_match_the_cpu_reference() {
         let (rows, cols) = (r.u64() as usize, r.u64() as usize);
         let act = Activation::ALL[r.u64() as usize];
         let math = r.u64();
-        let key16 = r.u64() != 0;
+        let res = match r.u64() {
+            0 => MaskResolution::Bits32,
+            1 => MaskResolution::Bits16,
+            _ => MaskResolution::Bits8,
+        };
         let _vec = r.u64();
         let (bias, h_out, from_h, dbias) = (r.u64() != 0, r.u64() != 0, r.u64() != 0, r.u64() != 0);
         let (seed, call) = (r.u64(), r.u64());
         let prob = f64::from_bits(r.u64());
         let fast = math == 1 && act != Activation::Relu;
-        let res = if key16 {
-            MaskResolution::Bits16
-        } else {
-            MaskResolution::Bits32
-        };
         let cfg = Config::new(rows, cols, act, prob, seed, call)
             .unwrap()
             .with_math(if fast { Math::Fast } else { Math::Exact })
@@ -165,7 +164,7 @@ fn emulated_kernels_match_the_cpu_reference() {
         };
         if let Err(e) = out {
             bad.push(format!(
-                "{}: dt {dt} {rows}x{cols} {act:?} fast {fast} key16 {key16} p {prob}{e}",
+                "{}: dt {dt} {rows}x{cols} {act:?} fast {fast} {res:?} p {prob}{e}",
                 p.display()
             ));
         }

@@ -130,7 +130,7 @@ pub fn forward<T: Dtype>(
         h_out.as_ref().map(|h| h.len()),
     )?;
     let (rows, cols) = (cfg.rows(), cfg.cols());
-    let scale = cfg.rate().scale();
+    let scale = cfg.keying().scale();
     let mut bits = cfg.keying().keep_bits();
     for row in 0..rows {
         for col in 0..cols {
@@ -204,7 +204,7 @@ pub fn backward<T: Dtype>(
         }
         return Ok(());
     }
-    let scale = cfg.rate().scale();
+    let scale = cfg.keying().scale();
     let mut bits = cfg.keying().keep_bits();
     let slab = slab_rows(rows, cols, T::KIND).max(1);
     // One partial per row lane of the slab, folded in lane order at the slab's end, then added

@@ -23,7 +23,11 @@ use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
 
 /// The keying resolutions kernels/bias_act_dropout.cu implements.
-const RESOLUTIONS: &[MaskResolution] = &[MaskResolution::Bits32, MaskResolution::Bits16];
+const RESOLUTIONS: &[MaskResolution] = &[
+    MaskResolution::Bits32,
+    MaskResolution::Bits16,
+    MaskResolution::Bits8,
+];
 
 /// Mirrors `BiasActDropoutFwdParams` in the kernel.
 #[repr(C)]
@@ -245,7 +249,7 @@ pub fn forward<T: Dtype>(
     let (bias_ptr, h_ptr) = (ptr(&bias_g), ptr(&h_g));
     // The bias is read element by element: its alignment does not matter.
     let (vector, grid, slab) = geometry::<T>(cfg, aligned16(&[x_ptr, y_ptr, h_ptr]));
-    let rate = cfg.rate();
+    // The keying's scale, 1 / (1 - effective p): unbiased at every resolution.
     let keying = cfg.keying();
     let p = FwdParams {
         x: x_ptr,
@@ -258,9 +262,9 @@ pub fn forward<T: Dtype>(
         seed: cfg.seed(),
         call: cfg.call(),
         threshold: keying.threshold(),
-        scale: rate.scale(),
-        keep_frac: (1.0 - rate.p()) as f32,
-        log2_scale: f64::from(rate.scale()).log2() as f32,
+        scale: keying.scale(),
+        keep_frac: (1.0 - keying.effective_p()) as f32,
+        log2_scale: f64::from(keying.scale()).log2() as f32,
         act: cfg.act().code(),
         math: math_code(cfg),
         flags: resolution_flag(OP, &keying, RESOLUTIONS)?,
@@ -358,7 +362,6 @@ pub fn backward<T: Dtype>(
         .map(|b| handle.write_ptr(OP, "partials", b))
         .transpose()?;
     let part_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
-    let rate = cfg.rate();
     let keying = cfg.keying();
     let p = BwdParams {
         dy: dy_ptr,
@@ -373,7 +376,7 @@ pub fn backward<T: Dtype>(
         seed: cfg.seed(),
         call: cfg.call(),
         threshold: keying.threshold(),
-        scale: rate.scale(),
+        scale: keying.scale(),
         act: cfg.act().code(),
         math: math_code(cfg),
         flags: resolution_flag(OP, &keying, RESOLUTIONS)?,

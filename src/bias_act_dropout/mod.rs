@@ -31,7 +31,8 @@
 //! The CPU reference ([`cpu`]) always computes this; the GPU does under [`Math::Exact`]
 //! ([`Config::with_math`]; the default for ReLU). Every operation is one IEEE f32 operation (the kernels are built with `--fmad=false`;
 //! `fma` is written out), and the transcendentals are [`crate::fmath`], the same operations on
-//! both sides. With `scale = DropRate::scale()` (0 for p = 1):
+//! both sides. With `scale = Keying::scale()` (`1 / (1 - effective p)` at the mask resolution,
+//! so the output is unbiased however `p` is quantised; 0 for p = 1):
 //!
 //! * `h = x + b` (one add), `y = keep ? T(act(h) * scale) : +0`;
 //! * `d = keep ? (dy * scale) * act'(h) : +0`, `dx = T(d)`;
@@ -128,7 +129,7 @@
 //! for i in 0..rows * cols {
 //!     // Dropped elements are zero in both directions; kept ones are act(h) / 0.9.
 //!     let h = x[i] + 0.25;
-//!     let want = if cfg.keeps(i as u64) { Activation::GeluTanh.forward(h) * cfg.rate().scale() } else { 0.0 };
+//!     let want = if cfg.keeps(i as u64) { Activation::GeluTanh.forward(h) * cfg.keying().scale() } else { 0.0 };
 //!     assert_eq!(y[i], want);
 //!     assert!(cfg.keeps(i as u64) || dx[i] == 0.0);
 //! }
@@ -450,7 +451,11 @@ impl Config {
 
     /// The same call with another mask resolution: [`MaskResolution::Bits16`] keys element `i`
     /// by halfword `i % 8` of Philox block `i / 8` (half the generator work; `p` quantised to
-    /// `2^-16`, see [`Config::effective_p`]). Default [`MaskResolution::Bits32`].
+    /// `2^-16`), [`MaskResolution::Bits8`] by byte `i % 16` of block `i / 16` (a quarter of it;
+    /// `p` quantised to `2^-8`, FlashAttention's resolution: 0.1 is applied as 26 / 256 =
+    /// 0.1016). Kept elements are scaled by `1 / (1 - p)` of the probability actually applied
+    /// ([`Config::effective_p`]), so the output is unbiased at every resolution. Default
+    /// [`MaskResolution::Bits32`]; the unfused baseline takes 32 only.
     ///
     /// # Examples
     ///
@@ -462,6 +467,10 @@ impl Config {
     ///     .with_resolution(MaskResolution::Bits16);
     /// assert_eq!(cfg.resolution(), MaskResolution::Bits16);
     /// assert_eq!(cfg.effective_p(), 6554.0 / 65536.0);
+    /// assert_eq!(cfg.keying().scale(), (65536.0f64 / (65536.0 - 6554.0)) as f32);
+    /// let cfg8 = cfg.with_resolution(MaskResolution::Bits8);
+    /// assert_eq!(cfg8.effective_p(), 26.0 / 256.0);
+    /// assert_eq!(cfg8.keying().scale(), (256.0f64 / 230.0) as f32);
     /// # Ok(()) }
     /// ```
     pub fn with_resolution(self, resolution: MaskResolution) -> Self {
@@ -485,8 +494,8 @@ impl Config {
         self.keying.resolution()
     }
 
-    /// The drop probability actually applied (the threshold over `2^32` or `2^16`). Kept
-    /// elements are scaled by `1 / (1 - p)` of the nominal `p`.
+    /// The drop probability actually applied (the threshold over `2^32`, `2^16` or `2^8`). Kept
+    /// elements are scaled by `1 / (1 - p)` of this `p` ([`Keying::scale`]).
     ///
     /// # Examples
     ///

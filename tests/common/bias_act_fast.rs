@@ -71,7 +71,8 @@ fn is_pos_zero<T: Dtype>(v: T) -> bool {
 pub fn check_forward<T: Dtype>(cfg: &Config, h: &[f32], y: &[T], fails: &mut Failures) {
     let act = cfg.act();
     let b = act.fast_bound().act;
-    let s = 1.0 / (1.0 - cfg.rate().p());
+    // The keying's scale: 1 / (1 - the effective p), at every resolution.
+    let s = 1.0 / (1.0 - cfg.effective_p());
     let (u, m) = (half_ulp(T::KIND), half_min_sub(T::KIND));
     for i in 0..y.len() {
         if !cfg.keeps(i as u64) {
@@ -115,7 +116,8 @@ pub fn check_backward<T: Dtype>(
 ) {
     let act = cfg.act();
     let g = act.fast_bound().grad;
-    let s = 1.0 / (1.0 - cfg.rate().p());
+    // The keying's scale: 1 / (1 - the effective p), at every resolution.
+    let s = 1.0 / (1.0 - cfg.effective_p());
     let (u, m) = (half_ulp(T::KIND), half_min_sub(T::KIND));
     let (rows, cols) = (cfg.rows(), cfg.cols());
     // Per column: sum of exact d, sum of |d|, sum of the per-term bound.
@@ -137,7 +139,7 @@ pub fn check_backward<T: Dtype>(
         if !dys.is_finite() {
             continue;
         }
-        if !(dy[i].to_f32() * cfg.rate().scale()).is_finite() {
+        if !(dy[i].to_f32() * cfg.keying().scale()).is_finite() {
             // `dy * scale` overflows f32, where both math modes form it first (the exact mode
             // gives the same non-finite value, bit for bit): no bound for the element or its
             // column's sum.

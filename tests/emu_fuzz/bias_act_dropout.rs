@@ -30,7 +30,7 @@ pub struct Case {
     seed: u64,
     call: u64,
     math: Math,
-    key16: bool,
+    key: MaskResolution,
     from_h: bool,
     h_out: bool,
     dbias: bool,
@@ -49,14 +49,10 @@ const ACTS: [Activation; 4] = [
 
 impl Case {
     fn config(&self) -> Config {
-        let c = Config::new(self.rows, self.cols, self.act, self.p, self.seed, self.call)
+        Config::new(self.rows, self.cols, self.act, self.p, self.seed, self.call)
             .expect("a valid config")
-            .with_math(self.math);
-        if self.key16 {
-            c.with_resolution(MaskResolution::Bits16)
-        } else {
-            c
-        }
+            .with_math(self.math)
+            .with_resolution(self.key)
     }
 }
 
@@ -89,7 +85,11 @@ impl Stem for BiasActDropout {
             seed: g.u64(),
             call: g.u64(),
             math: g.pick(&[Math::Exact, Math::Fast]),
-            key16: g.chance(1, 3),
+            key: if g.chance(1, 3) {
+                g.pick(&[MaskResolution::Bits16, MaskResolution::Bits8])
+            } else {
+                MaskResolution::Bits32
+            },
             from_h: h_out && g.bool(),
             h_out,
             dbias: g.chance(3, 4),
@@ -113,16 +113,23 @@ impl Stem for BiasActDropout {
         );
         w.u64("seed", c.seed);
         w.u64("call", c.call);
-        let rate = cfg.rate();
-        w.u64("threshold", cfg.keying().threshold());
-        // gpu.rs forward(): the launch constants of Math::Fast, and its math code (ReLU has one
-        // body) and keying flag (drop::FLAG_KEY16).
-        w.f32("scale", rate.scale());
-        w.f32("keep_frac", (1.0 - rate.p()) as f32);
-        w.f32("log2_scale", f64::from(rate.scale()).log2() as f32);
+        let keying = cfg.keying();
+        w.u64("threshold", keying.threshold());
+        // gpu.rs forward(): the launch constants of Math::Fast at the keying's effective p, and
+        // its math code (ReLU has one body) and keying flag (drop::FLAG_KEY16 / FLAG_KEY8).
+        w.f32("scale", keying.scale());
+        w.f32("keep_frac", (1.0 - keying.effective_p()) as f32);
+        w.f32("log2_scale", f64::from(keying.scale()).log2() as f32);
         w.u64("act", ACTS.iter().position(|&a| a == c.act).unwrap() as u64);
         w.u64("math", u64::from(fast(c)));
-        w.u64("flags", if c.key16 { 8 } else { 0 });
+        w.u64(
+            "flags",
+            match c.key {
+                MaskResolution::Bits32 => 0,
+                MaskResolution::Bits16 => 8,
+                MaskResolution::Bits8 => 16,
+            },
+        );
         w.flag("from_h", c.from_h);
         w.flag("dbias", c.dbias);
         w.view_bits("x", c.dtype, &c.x, c.offs[0]);
@@ -218,7 +225,7 @@ fn check<T: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
             d.bits("dbias", &dbias, &cdb);
         }
     }
-    if let (Some(b), true, false) = (&bias, n > 0, c.key16) {
+    if let (Some(b), true, MaskResolution::Bits32) = (&bias, n > 0, c.key) {
         let uh = r.vec::<T>("unfused_h", n)?;
         let uy = r.vec::<T>("unfused_y", n)?;
         let um = r.vec::<u8>("unfused_mask", n)?;

@@ -6,7 +6,7 @@
 // vector kernel) are the cases verified on a GPU; the third group ("fast" lines) runs
 // Math::Fast through its per-activation vector kernels and the fast scalar kernel, the ReLU
 // vector kernel, and 16-bit keying in both modes, with the emulator's deterministic model of the
-// special-function unit (shim.h). With BAD_DUMP=<dir> each of those cases also writes its
+// special-function unit (shim.h); the fourth ("key8" lines) 8-bit keying in both modes. With BAD_DUMP=<dir> each of those cases also writes its
 // inputs and outputs to <dir>/case<k>.bin for tests/bias_act_dropout_emu.rs (the format is in
 // run_new below).
 #include "harness.h"
@@ -109,12 +109,13 @@ template <class T> static void run(const Case& c, uint64_t seed) {
     fflush(stdout);
 }
 
-// Math::Fast, the specialised vector kernels and 16-bit keying. p is the nominal drop rate; the
-// launch constants are computed as src/bias_act_dropout/gpu.rs does.
+// Math::Fast, the specialised vector kernels, 16-bit and 8-bit keying. p is the nominal drop
+// rate; the launch constants are computed as src/bias_act_dropout/gpu.rs does: the threshold at
+// the resolution, and scale, keep_frac and log2(scale) at the effective p = threshold / 2^bits.
 struct NewCase {
     uint64_t rows, cols, slab;
     double p;
-    uint32_t act, math, key16;
+    uint32_t act, math, key16;  // key16: 0 = 32-bit keying, 1 = 16-bit, 2 = 8-bit
     bool vec, bias, h_out, from_h, dbias;
 };
 
@@ -125,8 +126,10 @@ template <class T> static void run_new(const NewCase& c, uint64_t seed, int k) {
     auto x = fill<T>(n, g, -12.f, 12.f, true);
     auto b = fill<T>(c.cols, g, -1.f, 1.f, false);
     auto dy = fill<T>(n, g, -2.f, 2.f, true);
-    const float scale = c.p >= 1.0 ? 0.f : (float)(1.0 / (1.0 - c.p));
-    const uint64_t threshold = c.key16 ? (uint64_t)std::llround(c.p * 65536.0) : (uint64_t)std::llround(c.p * 4294967296.0);
+    const double all = c.key16 == 2 ? 256.0 : c.key16 == 1 ? 65536.0 : 4294967296.0;
+    const uint64_t threshold = (uint64_t)std::llround(c.p * all);
+    const double pe = (double)threshold / all;  // the effective p
+    const float scale = (double)threshold >= all ? 0.f : (float)(all / (all - (double)threshold));
     std::vector<uint8_t> y(n * sizeof(T), 0xEE), h(n * sizeof(T), 0xEE);
     const uint64_t per = c.vec ? VV : 1;
     const unsigned tiles = (unsigned)std::min<uint64_t>(((c.cols + per - 1) / per + 63) / 64, 3);
@@ -135,8 +138,8 @@ template <class T> static void run_new(const NewCase& c, uint64_t seed, int k) {
     p.x = x.data(); p.bias = c.bias ? b.data() : nullptr; p.y = y.data(); p.h_out = c.h_out ? h.data() : nullptr;
     p.rows = c.rows; p.cols = c.cols; p.slab_rows = c.slab;
     p.seed = seed * 0x9E3779B97F4A7C15ull; p.call = seed ^ 0x5151ull; p.threshold = threshold;
-    p.scale = scale; p.keep_frac = (float)(1.0 - c.p); p.log2_scale = (float)std::log2((double)scale);
-    p.act = c.act; p.math = c.math; p.flags = c.key16 ? drop::FLAG_KEY16 : 0u;
+    p.scale = scale; p.keep_frac = (float)(1.0 - pe); p.log2_scale = (float)std::log2((double)scale);
+    p.act = c.act; p.math = c.math; p.flags = c.key16 == 2 ? drop::FLAG_KEY8 : c.key16 ? drop::FLAG_KEY16 : 0u;
     // The kernel the host would pick (gpu.rs `families`).
     auto fk = K<T>::fs; auto bk = K<T>::bs;
     const bool fast = c.math == MATH_FAST && c.act != ACT_RELU;
@@ -163,14 +166,16 @@ template <class T> static void run_new(const NewCase& c, uint64_t seed, int k) {
         drop::DbiasParams<T> d{part.data(), reinterpret_cast<T*>(dbias.data()), c.cols, slabs};
         launch(K<T>::db, dim3{(unsigned)((c.cols + 31) / 32), 1, 1}, dim3{256, 1, 1}, d);
     }
-    printf("%s fast-or-key16 %llux%llu act %u math %u key16 %u vec %d bias %d hout %d fromh %d dbias %d p %.4f slab %llu | y %016llx h %016llx dx %016llx p %016llx db %016llx\n",
-           K<T>::name, (unsigned long long)c.rows, (unsigned long long)c.cols, c.act, c.math, c.key16, c.vec, c.bias,
+    printf("%s %s %llux%llu act %u math %u %s %u vec %d bias %d hout %d fromh %d dbias %d p %.4f slab %llu | y %016llx h %016llx dx %016llx p %016llx db %016llx\n",
+           K<T>::name, c.key16 == 2 ? "key8" : "fast-or-key16", (unsigned long long)c.rows, (unsigned long long)c.cols,
+           c.act, c.math, c.key16 == 2 ? "key8" : "key16", c.key16 == 2 ? 1u : c.key16, c.vec, c.bias,
            c.h_out, c.from_h, c.dbias, c.p, (unsigned long long)c.slab,
            (unsigned long long)fnv(y.data(), y.size()), (unsigned long long)fnv(h.data(), h.size()),
            (unsigned long long)fnv(dx.data(), dx.size()), (unsigned long long)fnv(part.data(), part.size() * 4),
            (unsigned long long)fnv(dbias.data(), dbias.size()));
     fflush(stdout);
-    // The dump: u64 dtype (0 f32, 1 f16, 2 bf16), rows, cols, act, math, key16, vec, bias, h_out,
+    // The dump: u64 dtype (0 f32, 1 f16, 2 bf16), rows, cols, act, math, key (0: 32-bit keying,
+    // 1: 16-bit, 2: 8-bit), vec, bias, h_out,
     // from_h, dbias, seed, call, bits of p (f64); then x [n], bias [cols], dy [n], y [n],
     // h [n] (as written: 0xEE bytes without h_out), dx [n], dbias [cols] (0xDD without dbias),
     // all in T, little-endian.
@@ -274,6 +279,29 @@ int main(int argc, char** argv) {
                         // so the dbias sums are the CPU reference's partition.
                         c.slab = s.rows <= 1 ? 1 : std::min<uint64_t>(16, s.rows);
                         const uint64_t seed = g2();
+                        const int kk = k++;
+                        if (idx++ % parts != part) continue;
+                        if (dt == 0) run_new<float>(c, seed, kk);
+                        else if (dt == 1) run_new<__half>(c, seed, kk);
+                        else run_new<__nv_bfloat16>(c, seed, kk);
+                    }
+    // 8-bit keying, both math modes (a third generator: the cases above keep their draws).
+    std::mt19937_64 g3(16180);
+    for (int dt = 0; dt < 3; ++dt)
+        for (const Shape& s : shapes2)
+            for (int v = 0; v < 2; ++v)
+                for (uint32_t act = 0; act < 4; ++act)
+                    for (uint32_t math = 0; math < 2; ++math) {
+                        if (v == 1 && s.cols % 8) continue;
+                        if (act == ACT_RELU && math == MATH_FAST) continue;  // the same kernel as exact
+                        NewCase c{};
+                        c.rows = s.rows; c.cols = s.cols; c.vec = v == 1; c.act = act;
+                        c.math = math == 1 ? MATH_FAST : MATH_EXACT;
+                        c.key16 = 2;
+                        c.p = rates[g3() % 4];
+                        c.bias = g3() & 1; c.h_out = g3() % 3 != 0; c.from_h = c.h_out && (g3() & 1); c.dbias = g3() % 4 != 0;
+                        c.slab = s.rows <= 1 ? 1 : std::min<uint64_t>(16, s.rows);
+                        const uint64_t seed = g3();
                         const int kk = k++;
                         if (idx++ % parts != part) continue;
                         if (dt == 0) run_new<float>(c, seed, kk);
