@@ -25,7 +25,7 @@ pub(crate) fn config(o: &FrOptions) -> FfiResult<Config> {
         }
     };
     let cfg = Config::new(rows, cols, act, o.p, o.seed, o.call)?
-        .with_resolution(o.resolution(OP, &[32, 16])?);
+        .with_resolution(o.resolution(OP, &[32, 16, 8])?);
     Ok(match o.math(OP)? {
         Some(m) => cfg.with_math(m),
         None => cfg,
