@@ -8,7 +8,9 @@
 // module docs of src/dropout_add_norm/mod.rs spell it out). The parts that decide the bits:
 //  * Dropout is keyed by the shared contract (common/dropping.cuh): the keep bit of flat
 //    element i = row * cols + col is philox word i of (seed, call) >= threshold (integer compare;
-//    threshold 0 and 2^32 do no generator work). The backward regenerates it; nothing is stored.
+//    threshold 0 and 2^32 do no generator work), or under 16- / 8-bit keying (FLAG_KEY16 /
+//    FLAG_KEY8) halfword i % 8 of block i / 8 / byte i % 16 of block i / 16 against a threshold in
+//    0 ..= 2^16 / 2^8. The backward regenerates it; nothing is stored.
 //  * Row reductions (mean, variance, the backward's two row sums) have an order that depends on
 //    cols only, never on the launch: element j is in group j / 8, group g in partial g % P with
 //    P = row_partials(cols) = blockDim.x (the host launches exactly P threads per row); thread q

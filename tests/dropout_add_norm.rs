@@ -14,6 +14,7 @@ use fusedreg::dropout_add_norm::{
     cpu::{self, row_sum, BackwardArgs, BackwardOut, ForwardArgs, ForwardOut},
     layer_norm_scaling, Config, DropPath, Norm,
 };
+use fusedreg::dropping::MaskResolution;
 use fusedreg::{Dtype, Error};
 use half::{bf16, f16};
 
@@ -128,11 +129,22 @@ fn norm_f64(
 
 /// The stream equals `dropout`'s output with a residual bit for bit (same keying, same arithmetic),
 /// for every dtype, with and without bias, row scale, drop path and dropout.
+const RESOLUTIONS: [MaskResolution; 3] = [
+    MaskResolution::Bits32,
+    MaskResolution::Bits16,
+    MaskResolution::Bits8,
+];
+
+/// The stream is `dropout` with a residual, bit for bit, at every keying resolution (the same
+/// keep bits and the same scale at the probability applied).
 #[test]
 fn stream_equals_dropout_with_a_residual() {
     fn run<T: Dtype>() {
         for (rows, cols) in [(5, 8), (7, 33), (3, 1), (2, 300)] {
-            for p in [0.0, 0.1, 0.5, 1.0] {
+            for (p, res) in [0.0, 0.1, 0.5, 1.0, 0.3]
+                .into_iter()
+                .flat_map(|p| RESOLUTIONS.map(|r| (p, r)))
+            {
                 for (bias, rs, path) in [
                     (false, false, false),
                     (true, true, false),
@@ -148,8 +160,11 @@ fn stream_equals_dropout_with_a_residual() {
                     let mut cfg = Config::new(rows, cols, Norm::LayerNorm, 1e-5)
                         .unwrap()
                         .with_dropout(p, 42, 7)
-                        .unwrap();
-                    let mut dcfg = dr::Config::new(rows, cols, p, 42, 7).unwrap();
+                        .unwrap()
+                        .with_resolution(res);
+                    let mut dcfg = dr::Config::new(rows, cols, p, 42, 7)
+                        .unwrap()
+                        .with_resolution(res);
                     if path {
                         let dp = DropPath::new(0.5, 99).unwrap();
                         cfg = cfg.with_drop_path(dp);
@@ -166,7 +181,7 @@ fn stream_equals_dropout_with_a_residual() {
                     dr::cpu::forward(&dcfg, &d.x, &mut y, opts).unwrap();
                     check(bits_eq(
                         &format!(
-                            "{} {rows}x{cols} p {p} bias {bias} rs {rs} path {path}",
+                            "{} {rows}x{cols} p {p} {res:?} bias {bias} rs {rs} path {path}",
                             T::KIND.name()
                         ),
                         &f.s,
@@ -921,4 +936,28 @@ fn unfused_mirror_agrees_with_the_fused_op() {
             ));
         }
     }
+}
+
+/// The keying resolution is kept in either order of `with_dropout` / `with_resolution`, and the
+/// scale is taken at the probability applied.
+#[test]
+fn resolution_survives_with_dropout_and_sets_the_scale() {
+    let base = Config::new(4, 40, Norm::RmsNorm, 1e-6).unwrap();
+    let a = base
+        .with_resolution(MaskResolution::Bits8)
+        .with_dropout(0.1, 3, 4)
+        .unwrap();
+    let b = base
+        .with_dropout(0.1, 3, 4)
+        .unwrap()
+        .with_resolution(MaskResolution::Bits8);
+    assert_eq!(a.keying(), b.keying());
+    assert_eq!(a.effective_p(), 26.0 / 256.0);
+    assert_eq!(a.scale(), (256.0f64 / 230.0) as f32);
+    let k16 = base
+        .with_dropout(0.1, 3, 4)
+        .unwrap()
+        .with_resolution(MaskResolution::Bits16);
+    assert_eq!(k16.keying().threshold(), 6554);
+    assert!((0..160).any(|i| a.keeps(i) != k16.keeps(i)));
 }

@@ -10,12 +10,15 @@
 //! DAN_DUMP=/tmp/dan-dump cargo test --test dropout_add_norm_emu -- --ignored
 //! ```
 //!
-//! The dump format is written by `run()` in `scripts/emu/cases/dropout_add_norm.cpp`.
+//! The dump format is written by `run()` in `scripts/emu/cases/dropout_add_norm.cpp` (files
+//! `case*.bin`; flags 128 / 256 mark the 16- / 8-bit keying cases). `scripts/emu/redundancy_vs_cpu.sh`
+//! runs this test and `tests/redundancy_emu.rs` on one set of dumps.
 #[path = "common/dump.rs"]
 mod dump;
 
 use dump::{differ, Rd};
 use fusedreg::dropout_add_norm::{cpu, Config, DropPath, Norm};
+use fusedreg::dropping::MaskResolution;
 use fusedreg::Dtype;
 use half::{bf16, f16};
 
@@ -52,6 +55,7 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
         .unwrap()
         .with_dropout(p, seed, call)
         .unwrap()
+        .with_resolution(resolution_of(flags))
         .with_layer_scale(ls)
         .unwrap();
     if flags & 16 != 0 {
@@ -144,9 +148,15 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
 #[ignore = "needs DAN_DUMP=<dir> of dumps from the emulated kernels (see the file's docs)"]
 fn emulated_kernels_match_the_cpu_reference() {
     let dir = std::env::var("DAN_DUMP").expect("DAN_DUMP: the directory of the emulator's dumps");
+    // The case*.bin dumps only: the same directory holds the statistics cases' stats*.bin
+    // (another format, tests/redundancy_emu.rs) when the emulator ran all of its cases.
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("case"))
+        })
         .collect();
     files.sort();
     let (mut total, mut cases) = (0, 0);
@@ -169,4 +179,14 @@ fn emulated_kernels_match_the_cpu_reference() {
     eprintln!("{cases} cases checked");
     assert!(cases > 0);
     assert_eq!(total, 0);
+}
+
+/// The keying resolution of a dump's flags (128: 16-bit, 256: 8-bit keying).
+fn resolution_of(flags: u64) -> MaskResolution {
+    match flags & (128 | 256) {
+        0 => MaskResolution::Bits32,
+        128 => MaskResolution::Bits16,
+        256 => MaskResolution::Bits8,
+        _ => panic!("flags {flags:#x}: two resolutions"),
+    }
 }

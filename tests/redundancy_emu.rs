@@ -20,6 +20,7 @@ mod dump;
 
 use dump::{differ, Rd};
 use fusedreg::dropout_add_norm::{cpu, Config, DropPath, Norm};
+use fusedreg::dropping::MaskResolution;
 use fusedreg::redundancy::{self, SiteStats};
 use fusedreg::Dtype;
 use half::{bf16, f16};
@@ -53,6 +54,7 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
         .unwrap()
         .with_dropout(p, seed, call)
         .unwrap()
+        .with_resolution(resolution_of(flags))
         .with_layer_scale(ls)
         .unwrap();
     if flags & 16 != 0 {
@@ -161,4 +163,14 @@ fn emulated_statistics_match_the_cpu_reference() {
     // The cases must exercise every fate of a row, or the comparison proves little.
     assert!(counted > 0 && excluded_cases > 0 && nonfinite_cases > 0);
     assert_eq!(total, 0);
+}
+
+/// The keying resolution of a dump's flags (128: 16-bit, 256: 8-bit keying).
+fn resolution_of(flags: u64) -> MaskResolution {
+    match flags & (128 | 256) {
+        0 => MaskResolution::Bits32,
+        128 => MaskResolution::Bits16,
+        256 => MaskResolution::Bits8,
+        _ => panic!("flags {flags:#x}: two resolutions"),
+    }
 }

@@ -140,8 +140,10 @@ typedef struct {
   uint64_t seed;
   // Call id of the mask (a different id gives an independent mask).
   uint64_t call;
-  // Keying resolution in bits: 32 (default) or 16 for `dropout` (with or without a residual)
-  // and `bias_act_dropout`; 8 is reserved (refused until the library offers it).
+  // Keying resolution in bits: 32 (default), 16 or 8 for the dropping ops (`dropout`, with or
+  // without a residual, `bias_act_dropout`, `dropout_add_norm`); the op refuses, with its
+  // message, a resolution its kernels do not implement (`dropout` and `bias_act_dropout`:
+  // 32 and 16 on the GPU). Ops without a mask take 32 only.
   uint32_t mask_bits;
   // `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
   uint32_t math;

@@ -56,8 +56,10 @@ pub struct FrOptions {
     pub seed: u64,
     /// Call id of the mask (a different id gives an independent mask).
     pub call: u64,
-    /// Keying resolution in bits: 32 (default) or 16 for `dropout` (with or without a residual)
-    /// and `bias_act_dropout`; 8 is reserved (refused until the library offers it).
+    /// Keying resolution in bits: 32 (default), 16 or 8 for the dropping ops (`dropout`, with or
+    /// without a residual, `bias_act_dropout`, `dropout_add_norm`); the op refuses, with its
+    /// message, a resolution its kernels do not implement (`dropout` and `bias_act_dropout`:
+    /// 32 and 16 on the GPU). Ops without a mask take 32 only.
     pub mask_bits: u32,
     /// `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
     pub math: u32,
@@ -172,7 +174,8 @@ impl FrOptions {
     }
 
     /// The keying resolution asked for, among those the op offers (`offered`, in bits, 32
-    /// first). 8 bits is named in the ABI but not in the library yet: a clear error until then.
+    /// first). A resolution offered here may still be refused by the op's kernels (the library's
+    /// error says which it offers).
     pub(crate) fn resolution(&self, op: &str, offered: &[u32]) -> FfiResult<MaskResolution> {
         let bits = self.mask_bits;
         let list = offered
@@ -181,18 +184,14 @@ impl FrOptions {
             .collect::<Vec<_>>()
             .join(" or ");
         if !offered.contains(&bits) {
-            let why = if bits == 8 {
-                " (8-bit keying is not in this build of the library yet)"
-            } else {
-                ""
-            };
             return Err(FfiError::invalid(format!(
-                "{op}: mask_bits = {bits} is not offered by this op{why}; use {list}"
+                "{op}: mask_bits = {bits} is not offered by this op; use {list}"
             )));
         }
         match bits {
             32 => Ok(MaskResolution::Bits32),
             16 => Ok(MaskResolution::Bits16),
+            8 => Ok(MaskResolution::Bits8),
             _ => Err(FfiError::invalid(format!(
                 "{op}: mask_bits = {bits} is not offered by this build of the library; use {list}"
             ))),
@@ -234,11 +233,14 @@ mod tests {
         assert_eq!(r(16, &[32, 16]).unwrap(), MaskResolution::Bits16);
         let e = r(16, &[32]).unwrap_err().message;
         assert!(e.contains("mask_bits = 16") && e.contains("use 32"), "{e}");
+        assert_eq!(r(8, &[32, 16, 8]).unwrap(), MaskResolution::Bits8);
         let e = r(8, &[32, 16]).unwrap_err().message;
-        assert!(e.contains("8-bit keying is not in this build"), "{e}");
-        assert!(e.contains("use 32 or 16"), "{e}");
+        assert!(
+            e.contains("mask_bits = 8") && e.contains("use 32 or 16"),
+            "{e}"
+        );
         // Named as offered but not mapped (a table out of step with the library): still an error.
-        assert!(r(8, &[32, 8]).is_err());
+        assert!(r(4, &[32, 4]).is_err());
         assert!(r(0, &[32]).is_err());
     }
 }

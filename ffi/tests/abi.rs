@@ -374,3 +374,87 @@ fn stochastic_depth_plan_is_the_library_plan() {
         assert_eq!(scale[l], plan.residual_scale(l));
     }
 }
+
+#[test]
+fn dropout_add_norm_keys_at_every_resolution() {
+    use fusedreg::dropout_add_norm::{cpu, Config, Norm};
+    use fusedreg::dropping::MaskResolution;
+    let (rows, cols) = (5usize, 45usize);
+    let n = rows * cols;
+    let (mut x, mut r, mut g) = (randn(n, 11), randn(n, 12), randn(cols, 13));
+    let mut outs = Vec::new();
+    for (bits, res) in [
+        (32, MaskResolution::Bits32),
+        (16, MaskResolution::Bits16),
+        (8, MaskResolution::Bits8),
+    ] {
+        let mut o = fr_options_default();
+        (o.rows, o.cols, o.p, o.seed, o.call) = (rows as i64, cols as i64, 0.3, 9, 77);
+        o.mask_bits = bits;
+        let (mut out, mut s) = (vec![0f32; n], vec![0f32; n]);
+        let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+        let st = unsafe {
+            fr_dropout_add_norm_forward(
+                &o,
+                CPU,
+                &t(&mut x, FR_F32),
+                &t(&mut r, FR_F32),
+                &t(&mut g, FR_F32),
+                null(),
+                null(),
+                null(),
+                &t(&mut out, FR_F32),
+                &t(&mut s, FR_F32),
+                &t(&mut mean, FR_F32),
+                &t(&mut rstd, FR_F32),
+            )
+        };
+        assert_eq!(st, FR_OK, "mask_bits {bits}: {}", last());
+        let cfg = Config::new(rows, cols, Norm::LayerNorm, o.eps)
+            .unwrap()
+            .with_resolution(res)
+            .with_dropout(0.3, 9, 77)
+            .unwrap();
+        let (mut wout, mut ws) = (vec![0f32; n], vec![0f32; n]);
+        let (mut wmean, mut wrstd) = (vec![0f32; rows], vec![0f32; rows]);
+        let args = cpu::ForwardArgs {
+            residual: Some(&r),
+            ..cpu::ForwardArgs::new(&x, &g)
+        };
+        let wo = cpu::ForwardOut {
+            out: &mut wout,
+            s: &mut ws,
+            mean: &mut wmean,
+            rstd: &mut wrstd,
+        };
+        cpu::forward(&cfg, args, wo).unwrap();
+        assert_eq!((&out, &s), (&wout, &ws), "mask_bits {bits}");
+        outs.push(s);
+    }
+    // The resolutions key different masks.
+    assert_ne!(outs[0], outs[1]);
+    assert_ne!(outs[1], outs[2]);
+    // A resolution no op offers is an error naming the choices.
+    let mut o = fr_options_default();
+    (o.rows, o.cols, o.mask_bits) = (rows as i64, cols as i64, 4);
+    let (mut out, mut s) = (vec![0f32; n], vec![0f32; n]);
+    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+    let st = unsafe {
+        fr_dropout_add_norm_forward(
+            &o,
+            CPU,
+            &t(&mut x, FR_F32),
+            null(),
+            &t(&mut g, FR_F32),
+            null(),
+            null(),
+            null(),
+            &t(&mut out, FR_F32),
+            &t(&mut s, FR_F32),
+            &t(&mut mean, FR_F32),
+            &t(&mut rstd, FR_F32),
+        )
+    };
+    assert_ne!(st, FR_OK);
+    assert!(last().contains("use 32 or 16 or 8"), "{}", last());
+}

@@ -58,13 +58,44 @@ __device__ __forceinline__ void store8(T* p, const T (&v)[GROUP], int cnt, bool 
         if (k < cnt) p[k] = v[k];
 }
 
+// Keep bits of elements i .. i+cnt-1 under 16-bit (key8 false) or 8-bit keying: element e takes
+// field e % E of Philox block e / E (E = 8 halfwords or 16 bytes, little-endian within the
+// block's words: drop::keep_bits16 / keep_bits8). A whole group at a multiple of 8 is theirs;
+// otherwise the fields come from blocks i / E .. (i + cnt - 1) / E, at most two.
+__device__ __noinline__ uint32_t keep_bits_narrow(uint64_t seed, uint64_t call, uint64_t threshold,
+                                                  uint64_t i, int cnt, bool key8) {
+    if (cnt == GROUP && (i & 7) == 0)
+        return key8 ? drop::keep_bits8<GROUP>(seed, call, threshold, i)
+                    : drop::keep_bits16<GROUP>(seed, call, threshold, i);
+    if (threshold == 0) return (1u << cnt) - 1u;
+    if (threshold >= (key8 ? drop::THRESHOLD8_ALL : drop::THRESHOLD16_ALL)) return 0u;
+    const uint32_t t = (uint32_t)threshold;  // 0 < threshold < 2^16 here
+    const uint32_t shift = key8 ? 4u : 3u;   // log2 of the elements per block
+    const uint32_t width = key8 ? 8u : 16u, per_word = 32u / width, fmask = (1u << width) - 1u;
+    const uint64_t end = i + (uint64_t)cnt;
+    uint32_t bits = 0;
+    for (uint64_t b = i >> shift; b <= (end - 1) >> shift; ++b) {
+        const uint4 w = philox_block(seed, call, b);
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        for (uint32_t l = 0; l < (1u << shift); ++l) {
+            const uint64_t e = (b << shift) + l;
+            const uint32_t f = (words[l / per_word] >> (width * (l % per_word))) & fmask;
+            if (e >= i && e < end && f >= t) bits |= 1u << (uint32_t)(e - i);
+        }
+    }
+    return bits;
+}
+
 // Keep bits of elements i .. i+cnt-1 (bit k = element i+k kept), cnt <= 8, with the shared
-// keying (common/dropping.cuh). A whole group at a multiple of 8 (always so when
-// cols % 8 == 0) is drop::keep_bits<8>: two Philox blocks. Otherwise (odd row lengths: the group
-// straddles blocks at any offset) the words come from blocks i/4 .. (i+cnt-1)/4, at most three,
-// each word compared with the threshold exactly as there.
+// keying (common/dropping.cuh) at the resolution of flags (FLAG_KEY16 / FLAG_KEY8: above). A
+// whole group at a multiple of 8 (always so when cols % 8 == 0) is drop::keep_bits<8>: two
+// Philox blocks. Otherwise (odd row lengths: the group straddles blocks at any offset) the words
+// come from blocks i/4 .. (i+cnt-1)/4, at most three, each word compared with the threshold
+// exactly as there.
 __device__ __forceinline__ uint32_t keep_bits8(uint64_t seed, uint64_t call, uint64_t threshold,
-                                               uint64_t i, int cnt) {
+                                               uint64_t i, int cnt, uint32_t flags) {
+    if (flags & (drop::FLAG_KEY16 | drop::FLAG_KEY8))
+        return keep_bits_narrow(seed, call, threshold, i, cnt, (flags & drop::FLAG_KEY8) != 0);
     if (cnt == GROUP && (i & 7) == 0) return drop::keep_bits<GROUP>(seed, call, threshold, i);
     if (threshold == 0) return (1u << cnt) - 1u;
     if (threshold >= THRESHOLD_ALL) return 0u;
@@ -167,7 +198,7 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
                 for (int k = 0; k < GROUP; ++k) rin[k] = to_f32(sv[k]);
             }
             const uint32_t keep =
-                rowm != 0.f && !norm_only ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
+                rowm != 0.f && !norm_only ? keep_bits8(p.seed, p.call, p.threshold, i, cnt, p.flags) : 0u;
             if (keep != 0u) {
                 T xv[GROUP], bv[GROUP];
                 load8(p.x + i, cnt, vec, xv);
@@ -325,7 +356,7 @@ __device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
             load8(p.d_out + i, cnt, vec, dv);
             load8(p.gamma + c0, cnt, vec, gv);
             if (p.d_s != nullptr) load8(p.d_s + i, cnt, vec, dsv);
-            const uint32_t keep = rowm != 0.f ? keep_bits8(p.seed, p.call, p.threshold, i, cnt) : 0u;
+            const uint32_t keep = rowm != 0.f ? keep_bits8(p.seed, p.call, p.threshold, i, cnt, p.flags) : 0u;
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
                 const float xh = normalise(to_f32(sv[k]), mean, rstd, rms);

@@ -13,7 +13,8 @@
 //  * Indices are 64-bit once per row (row * cols) and 32-bit inside the row. With NG >= 2, P is
 //    256 at compile time, so a thread's groups sit at constant offsets from each other.
 //  * LayerNorm / RMSNorm is a template parameter (the kernel entry picks one instantiation per
-//    launch); residual, bias, beta, a dropped row and p = 0 are uniform branches taken once per
+//    launch); the keying resolution (32-, 16- or 8-bit fields: group_keep<KEY>) a uniform branch
+//    per group; residual, bias, beta, a dropped row and p = 0 are uniform branches taken once per
 //    row or group, never per element. The keep decision is a compare and a select per element.
 //  * The row sums' warp totals are double-buffered in shared memory: one barrier per sum.
 //  * The backward's column partials (dgamma, dbeta, dbias: per slab, a sequential sum over the
@@ -111,15 +112,34 @@ __device__ __forceinline__ Pack<S, GROUP> select8(const float (&c)[GROUP], const
     return out;
 }
 
-// The keep decisions of the 8 elements at flat index i (a multiple of 8): Philox word >= t.
-// Without generator work (gen false) every word reads 0: t = 0 keeps all (p = 0), t = 2^32 - 1
-// drops all (p = 1, a dropped row, the norm-only pass). Same words as keep_bits8 / drop::keep_bits.
+// The keep decisions of the 8 elements at flat index i (a multiple of 8) under KEY-bit keying
+// (32, 16 or 8: MaskResolution, common/dropping.cuh): the element's word, halfword or byte of
+// Philox block i / 4, i / 8 or i / 16 >= t. 32-bit keys take two blocks per group, 16-bit keys one
+// (halfword k = word k / 2, low half for even k), 8-bit keys half of one (the group's bytes are
+// words 2 (i / 8 % 2) .. +1, low byte first; the neighbouring group evaluates the same block).
+// Without generator work (gen false) every field reads 0: t = 0 keeps all (p = 0), t = 2^32 - 1
+// drops all (p = 1, a dropped row, the norm-only pass). Same fields as keep_bits8 / drop::keep_bits
+// (keep_bits16, keep_bits8 of common/dropping.cuh).
+template <int KEY>
 __device__ __forceinline__ void group_keep(uint64_t seed, uint64_t call, uint64_t i, bool gen, uint32_t t,
                                            bool (&kept)[GROUP]) {
+    static_assert(KEY == 32 || KEY == 16 || KEY == 8, "KEY: 32-, 16- or 8-bit keying");
     uint32_t w[GROUP];
     if (gen) {
-        const uint4 a = philox_block(seed, call, i >> 2), b = philox_block(seed, call, (i >> 2) + 1);
-        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+        if constexpr (KEY == 32) {
+            const uint4 a = philox_block(seed, call, i >> 2), b = philox_block(seed, call, (i >> 2) + 1);
+            w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+        } else if constexpr (KEY == 16) {
+            const uint4 a = philox_block(seed, call, i >> 3);
+            const uint32_t words[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+            for (int k = 0; k < GROUP; ++k) w[k] = (k & 1) ? words[k >> 1] >> 16 : words[k >> 1] & 0xffffu;
+        } else {
+            const uint4 a = philox_block(seed, call, i >> 4);
+            const uint32_t lo = (i & 8) ? a.z : a.x, hi = (i & 8) ? a.w : a.y;
+#pragma unroll
+            for (int k = 0; k < GROUP; ++k) w[k] = ((k < 4 ? lo : hi) >> (8 * (k & 3))) & 0xffu;
+        }
     } else {
 #pragma unroll
         for (int k = 0; k < GROUP; ++k) w[k] = 0u;
@@ -128,18 +148,48 @@ __device__ __forceinline__ void group_keep(uint64_t seed, uint64_t call, uint64_
     for (int k = 0; k < GROUP; ++k) kept[k] = w[k] >= t;
 }
 
-// The row's keying: whether the generator runs and the threshold the words are compared with.
+// The row's keying: whether the generator runs and the threshold the fields are compared with.
 struct RowKeying {
     bool none;  // every element keeps the residual (p = 1, rowm == 0, or no dropout at all)
     bool gen;
     uint32_t t;
 };
-__device__ __forceinline__ RowKeying row_keying(uint64_t threshold, float rowm, bool no_dropout) {
+// p = 1 at KEY-bit keying: the threshold that drops every element.
+__device__ __forceinline__ RowKeying row_keying(uint32_t flags, uint64_t threshold, float rowm, bool no_dropout) {
+    const uint64_t all = flags & drop::FLAG_KEY8    ? drop::THRESHOLD8_ALL
+                         : flags & drop::FLAG_KEY16 ? drop::THRESHOLD16_ALL
+                                                    : THRESHOLD_ALL;
     RowKeying k;
-    k.none = no_dropout || threshold >= THRESHOLD_ALL || rowm == 0.f;
+    k.none = no_dropout || threshold >= all || rowm == 0.f;
     k.gen = !k.none && threshold != 0;
     k.t = k.none ? 0xffffffffu : (uint32_t)threshold;  // threshold 0 < 2^32 here
     return k;
+}
+
+// group_keep at the resolution of flags (FLAG_KEY16 / FLAG_KEY8): a uniform branch per group, so
+// that a tier kernel holds one copy of the row code. (One instantiation of the whole row loop per
+// resolution, picked at the entry, made ptxas spill in the backward tiers and the t4 / t8
+// forwards: the three copies share one register allocation.)
+__device__ __forceinline__ void group_keep(uint32_t flags, uint64_t seed, uint64_t call, uint64_t i, bool gen,
+                                           uint32_t t, bool (&kept)[GROUP]) {
+    if (flags & drop::FLAG_KEY8) group_keep<8>(seed, call, i, gen, t, kept);
+    else if (flags & drop::FLAG_KEY16) group_keep<16>(seed, call, i, gen, t, kept);
+    else group_keep<32>(seed, call, i, gen, t, kept);
+}
+
+// The shared buffers of K row sums at once over SEG segments (row_sums: the double-buffered warp
+// totals, the chain between segments), one set per (SEG, K, USE): the instantiations of one
+// kernel entry (norm, keying resolution) take the same set, as they never run in one launch, so
+// a kernel's static shared memory does not grow with them. USE separates the sums that must not
+// share (0 the forward's, 1 its statistics', 2 the backward's).
+template <int SEG, int K> struct SumBufs {
+    float sum[2][K][MAX_WARPS];
+    float chain[SEG > 1 ? SEG - 1 : 1][K][MAX_THREADS];
+};
+template <int SEG, int K, int USE>
+__device__ __forceinline__ SumBufs<SEG, K>& sum_bufs() {
+    __shared__ SumBufs<SEG, K> b;
+    return b;
 }
 
 // Where a thread's groups are. A tier holds NG = NGT * SEG groups of 8 per partial: thread
@@ -302,8 +352,8 @@ __device__ __forceinline__ void out8(const P& p, const L_& L, const V& v, uint64
 // Influence statistics too (stats.cuh; the *_stats_* entries only).
 template <typename T, typename S, int NGT, int SEG, bool RMS, bool STATS = false>
 __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
-    __shared__ float s_sum[2][1][MAX_WARPS];
-    __shared__ float s_chain[SEG > 1 ? SEG - 1 : 1][1][MAX_THREADS];
+    auto& s_sum = sum_bufs<SEG, 1, 0>().sum;
+    auto& s_chain = sum_bufs<SEG, 1, 0>().chain;
     if constexpr (STATS) {
         if (threadIdx.x == 0) stat_rows().reset();  // read and written by thread 0 only
     }
@@ -315,7 +365,7 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
     for (uint64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const uint64_t base = row * p.cols;
         const float rowm = row_multiplier(p, row);
-        const RowKeying key = row_keying(p.threshold, rowm, norm_only);
+        const RowKeying key = row_keying(p.flags, p.threshold, rowm, norm_only);
 
         // Pass 1: s of each group from the residual, x and bias, stored; f32(s), the rounded s
         // the backward will read, kept in registers for passes 2 and 3. A 16-bit stream issues
@@ -345,7 +395,7 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
             if constexpr (STATS) rin = sv;
             if (!key.none) {
                 bool kept[GROUP];
-                group_keep(p.seed, p.call, base + c, key.gen, key.t, kept);
+                group_keep(p.flags, p.seed, p.call, base + c, key.gen, key.t, kept);
                 sv = p.bias != nullptr ? combine8<T, S, true>(sv, xv, bv, rowm, kept)
                                        : combine8<T, S, false>(sv, xv, xv, rowm, kept);
             }
@@ -386,8 +436,8 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
             // then the tree). The buffers are this sum's own: the next row's first sum, whose
             // barrier every thread passes only after reading them, comes before they are
             // written again.
-            __shared__ float s_stat[3][MAX_WARPS];
-            __shared__ float s_stat_chain[SEG > 1 ? SEG - 1 : 1][3][MAX_THREADS];
+            auto& s_stat = sum_bufs<SEG, 3, 1>().sum[0];
+            auto& s_stat_chain = sum_bufs<SEG, 3, 1>().chain;
             float tot[3];
             row_sums<3>(L, [&](float (&a)[3]) {
                 if constexpr (SEG == 1) {
@@ -513,8 +563,8 @@ template <int NGT> struct WStore<NGT, true> {
 template <typename T, typename S, int NGT, int SEG, bool RMS>
 __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
     constexpr bool KEEP_W = sizeof(T) == 4;
-    __shared__ float s_sum[2][2][MAX_WARPS];
-    __shared__ float s_chain[SEG > 1 ? SEG - 1 : 1][2][MAX_THREADS];
+    auto& s_sum = sum_bufs<SEG, 2, 2>().sum;
+    auto& s_chain = sum_bufs<SEG, 2, 2>().chain;
     const Layout<NGT, SEG> L(p.cols);
     const bool want_b = (p.flags & FLAG_DBETA) != 0, want_t = (p.flags & FLAG_DBIAS) != 0;
     const uint64_t slab = blockIdx.x;
@@ -525,7 +575,7 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
     for (uint64_t row = row0; row < row1; ++row) {
         const uint64_t base = row * p.cols;
         const float rowm = row_multiplier(p, row);
-        const RowKeying key = row_keying(p.threshold, rowm, false);
+        const RowKeying key = row_keying(p.flags, p.threshold, rowm, false);
         const float mean = p.mean[row], rstd = p.rstd[row];
 
         Pack<S, GROUP> sv[NGT], dsv[NGT];
@@ -598,7 +648,7 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
             const uint32_t c = L.col(j);
             if (KEEP_W && p.d_s != nullptr) dsv[j] = ld8(p.d_s + base + c);
             bool kept[GROUP];
-            group_keep(p.seed, p.call, base + c, key.gen, key.t, kept);
+            group_keep(p.flags, p.seed, p.call, base + c, key.gen, key.t, kept);
             float ds[GROUP], dt[GROUP];
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {

@@ -28,11 +28,12 @@ def dropout(x: Tensor, p: float, keys: Keys | Tensor, site: int, *, bias: Tensor
 
 def dropout_add_(residual: Tensor, x: Tensor, p: float, keys: Keys | Tensor, site: int, *,
                  bias: Tensor | None = None, drop_path: float = 0.0,
-                 rows_per_sample: int = 1) -> Tensor:
+                 rows_per_sample: int = 1, mask_bits: int = 32) -> Tensor:
     """``residual += rowscale · dropout(x + bias)`` in place, without autograd (inference, or
-    code under ``torch.no_grad()``); returns ``residual``. Same masks as :func:`dropout`."""
+    code under ``torch.no_grad()``); returns ``residual``. Same masks as :func:`dropout` (with
+    the same ``mask_bits``)."""
     _F.dropout_add_.default(residual, x, bias, _kt(keys), site, float(p), float(drop_path),
-                            int(rows_per_sample))
+                            int(rows_per_sample), int(mask_bits))
     return residual
 
 
@@ -56,14 +57,20 @@ def dropout_add_norm(x: Tensor, weight: Tensor, keys: Keys | Tensor, site: int, 
                      residual: Tensor | None = None, bias: Tensor | None = None,
                      norm_bias: Tensor | None = None, norm: str = "layer", eps: float = 1e-5,
                      layer_scale: float = 1.0, p: float = 0.0, drop_path: float = 0.0,
-                     rows_per_sample: int = 1, stream_f32: bool = False) -> tuple[Tensor, Tensor]:
+                     rows_per_sample: int = 1, stream_f32: bool = False,
+                     mask_bits: int = 32) -> tuple[Tensor, Tensor]:
     """``s = residual + rowscale · dropout(x + bias)``, ``out = norm(s) · layer_scale``;
-    returns ``(out, s)`` (``s`` is the new residual stream: prenorm)."""
+    returns ``(out, s)`` (``s`` is the new residual stream: prenorm).
+
+    ``mask_bits``: 32, 16 or 8 bits of the generator per element (16: half the generator work,
+    ``p`` quantised to 2^-16; 8: a quarter, ``p`` quantised to 2^-8); kept elements are scaled
+    at the probability applied, so the output stays unbiased."""
     if norm not in L.NORM:
         raise ValueError(f"norm = {norm!r}; use 'layer' or 'rms'")
     out, s, _, _ = _F.dropout_add_norm.default(
         x, residual, bias, weight, norm_bias, _kt(keys), site, L.NORM[norm], float(eps),
-        float(layer_scale), float(p), float(drop_path), int(rows_per_sample), bool(stream_f32))
+        float(layer_scale), float(p), float(drop_path), int(rows_per_sample), bool(stream_f32),
+        int(mask_bits))
     return out, s
 
 

@@ -84,12 +84,13 @@ class DropoutAddNorm(_Site):
     ``out = norm(s) · γ (+ β)``, times ``1/sqrt(layer)`` with LayerNorm Scaling. Returns
     ``(out, s)``: ``s`` is the new residual stream. ``norm`` is ``"layer"`` or ``"rms"``;
     ``layer`` (1-based) turns LayerNorm Scaling on; ``drop_path`` drops whole samples of the
-    branch; ``stream_f32`` keeps the residual stream in float32 for 16-bit ``x``."""
+    branch; ``stream_f32`` keeps the residual stream in float32 for 16-bit ``x``;
+    ``mask_bits`` (32, 16 or 8) is the keying resolution of the dropout mask."""
 
     def __init__(self, hidden: int, *, norm: str = "layer", eps: float = 1e-5, p: float = 0.0,
                  drop_path: float = 0.0, rows_per_sample: int = 1, layer: int | None = None,
                  stream_f32: bool = False, site: int | None = None, keys: Keys | None = None,
-                 device=None, dtype=None):
+                 mask_bits: int = 32, device=None, dtype=None):
         super().__init__(p, site, keys)
         if norm not in L.NORM:
             raise ValueError(f"norm = {norm!r}; use 'layer' or 'rms'")
@@ -98,7 +99,7 @@ class DropoutAddNorm(_Site):
         self.norm, self.eps = norm, float(eps)
         self.drop_path, self.rows_per_sample = float(drop_path), int(rows_per_sample)
         self.layer_scale = 1.0 if layer is None else float(torch.tensor(1.0 / math.sqrt(layer)))
-        self.stream_f32 = stream_f32
+        self.stream_f32, self.mask_bits = stream_f32, int(mask_bits)
         self.weight = nn.Parameter(torch.ones(hidden, device=device, dtype=dtype))
         self.bias = (nn.Parameter(torch.zeros(hidden, device=device, dtype=dtype))
                      if L.NORM[norm] == 0 else None)
@@ -109,7 +110,8 @@ class DropoutAddNorm(_Site):
             x, self.weight, self.keys, self.site, residual=residual, bias=x_bias,
             norm_bias=self.bias, norm=self.norm, eps=self.eps, layer_scale=self.layer_scale,
             p=self._p(self.p), drop_path=self._p(self.drop_path),
-            rows_per_sample=self.rows_per_sample, stream_f32=self.stream_f32)
+            rows_per_sample=self.rows_per_sample, stream_f32=self.stream_f32,
+            mask_bits=self.mask_bits)
 
 
 class CrossEntropyLoss(nn.Module):

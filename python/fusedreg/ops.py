@@ -450,19 +450,19 @@ torch.library.register_autograd("fusedreg::dropout", _drop_grad, setup_context=_
 
 _lib.define(
     "dropout_add_(Tensor(a!) residual, Tensor x, Tensor? bias, Tensor keys, int site, float p, "
-    "float path_p, int rows_per_sample) -> ()"
+    "float path_p, int rows_per_sample, int mask_bits=32) -> ()"
 )
 
 
 @torch.library.impl(_lib, "dropout_add_", "CPU")
 @torch.library.impl(_lib, "dropout_add_", "CUDA")
-def _drop_add_(residual, x, bias, keys, site, p, path_p, rows_per_sample):
+def _drop_add_(residual, x, bias, keys, site, p, path_p, rows_per_sample, mask_bits=32):
     """`residual += rowscale · dropout(x + bias)` in place (the residual-stream update of an
     inference or no-grad step; no autograd). Declared `(a!)`, and the version counter is bumped
     here: ops defined through torch.library do not get that from PyTorch (Liger-Kernel #272)."""
     op = "dropout_add_"
     _check(op, "x", x)
-    o = _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, 32)
+    o = _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, mask_bits)
     _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o[1])
     _check(op, "residual", residual, x, dtypes=(x.dtype,), numel=x.numel())
     _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, residual, None)
@@ -470,7 +470,7 @@ def _drop_add_(residual, x, bias, keys, site, p, path_p, rows_per_sample):
 
 
 @torch.library.register_fake("fusedreg::dropout_add_", lib=_lib)
-def _drop_add_fake(residual, x, bias, keys, site, p, path_p, rows_per_sample):
+def _drop_add_fake(residual, x, bias, keys, site, p, path_p, rows_per_sample, mask_bits=32):
     return None
 
 
@@ -481,20 +481,21 @@ def _drop_add_fake(residual, x, bias, keys, site, p, path_p, rows_per_sample):
 _lib.define(
     "dropout_add_norm(Tensor x, Tensor? residual, Tensor? bias, Tensor gamma, Tensor? beta, "
     "Tensor keys, int site, int norm, float eps, float layer_scale, float p, float path_p, "
-    "int rows_per_sample, bool stream_f32) -> (Tensor, Tensor, Tensor, Tensor)"
+    "int rows_per_sample, bool stream_f32, int mask_bits=32) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _lib.define(
     "dropout_add_norm_backward(Tensor d_out, Tensor? d_s, Tensor s, Tensor gamma, Tensor mean, "
     "Tensor rstd, Tensor keys, int site, int norm, float eps, float layer_scale, float p, "
-    "float path_p, int rows_per_sample, bool want_residual, bool want_beta, bool want_bias) "
+    "float path_p, int rows_per_sample, bool want_residual, bool want_beta, bool want_bias, "
+    "int mask_bits=32) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
-def _dan_opts(op, x, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample):
+def _dan_opts(op, x, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample, mask_bits):
     rows, cols = _rows_cols(op, x)
     seed, call, path_call = _key_fields(op, keys, site)
-    return (rows, cols, p, seed, call, _BITS0, _MATH0, path_p, path_call, rows_per_sample, _ACT0,
+    return (rows, cols, p, seed, call, mask_bits, _MATH0, path_p, path_call, rows_per_sample, _ACT0,
             norm, eps, layer_scale, 0.0, 0.0, _II0, _RED0)
 
 
@@ -507,10 +508,10 @@ def _dan_shapes(x, stream_f32):
 @torch.library.impl(_lib, "dropout_add_norm", "CPU")
 @torch.library.impl(_lib, "dropout_add_norm", "CUDA")
 def _dan(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale, p, path_p,
-         rows_per_sample, stream_f32):
+         rows_per_sample, stream_f32, mask_bits=32):
     op = "dropout_add_norm"
     _check(op, "x", x)
-    o = _dan_opts(op, x, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample)
+    o = _dan_opts(op, x, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample, mask_bits)
     rows, sd = _dan_shapes(x, stream_f32)
     _check(op, "residual", residual, x, dtypes=(sd,), numel=x.numel())
     for name, t in (("bias", bias), ("gamma", gamma), ("beta", beta)):
@@ -526,7 +527,7 @@ def _dan(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale, p, 
 
 @torch.library.register_fake("fusedreg::dropout_add_norm", lib=_lib)
 def _dan_fake(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale, p, path_p,
-              rows_per_sample, stream_f32):
+              rows_per_sample, stream_f32, mask_bits=32):
     sd = torch.float32 if stream_f32 else x.dtype
     rows = x.numel() // x.shape[-1]
     return (torch.empty_like(x), torch.empty_like(x, dtype=sd),
@@ -536,10 +537,11 @@ def _dan_fake(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale
 @torch.library.impl(_lib, "dropout_add_norm_backward", "CPU")
 @torch.library.impl(_lib, "dropout_add_norm_backward", "CUDA")
 def _dan_bwd(d_out, d_s, s, gamma, mean, rstd, keys, site, norm, eps, layer_scale, p, path_p,
-             rows_per_sample, want_residual, want_beta, want_bias):
+             rows_per_sample, want_residual, want_beta, want_bias, mask_bits=32):
     op = "dropout_add_norm_backward"
     _check(op, "d_out", d_out)
-    o = _dan_opts(op, d_out, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample)
+    o = _dan_opts(op, d_out, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample,
+                  mask_bits)
     _check(op, "s", s, d_out, dtypes=(d_out.dtype, torch.float32), numel=d_out.numel())
     _check(op, "d_s", d_s, d_out, dtypes=(s.dtype,), numel=d_out.numel())
     _check(op, "gamma", gamma, d_out, dtypes=(d_out.dtype,), numel=o[1])
@@ -558,18 +560,19 @@ def _dan_bwd(d_out, d_s, s, gamma, mean, rstd, keys, site, norm, eps, layer_scal
 
 @torch.library.register_fake("fusedreg::dropout_add_norm_backward", lib=_lib)
 def _dan_bwd_fake(d_out, d_s, s, gamma, mean, rstd, keys, site, norm, eps, layer_scale, p,
-                  path_p, rows_per_sample, want_residual, want_beta, want_bias):
+                  path_p, rows_per_sample, want_residual, want_beta, want_bias, mask_bits=32):
     e = lambda t, want: torch.empty_like(t) if want else _empty0(t)  # noqa: E731
     return (torch.empty_like(d_out), e(s, want_residual), torch.empty_like(gamma),
             e(gamma, want_beta), e(gamma, want_bias))
 
 
 def _dan_setup(ctx, inputs, output):
-    x, residual, bias, gamma, beta, keys, site, norm, eps, ls, p, path_p, rps, sf32 = inputs
+    x, residual, bias, gamma, beta, keys, site, norm, eps, ls, p, path_p, rps, sf32, bits = inputs
     out, s, mean, rstd = output
     ctx.save_for_backward(s, gamma, mean, rstd, keys)
     ctx.args = (site, norm, eps, ls, p, path_p, rps)
     ctx.has = (residual is not None, beta is not None, bias is not None)
+    ctx.bits = bits
     ctx.mark_non_differentiable(mean, rstd)
 
 
@@ -580,9 +583,9 @@ def _dan_grad(ctx, d_out, d_s, _d_mean, _d_rstd):
         d_out = torch.zeros(s.shape, dtype=gamma.dtype, device=s.device)
     dx, d_res, dgamma, dbeta, dbias = torch.ops.fusedreg.dropout_add_norm_backward(
         d_out.contiguous(), None if d_s is None else d_s.contiguous(), s, gamma, mean, rstd,
-        keys, *ctx.args, has_res, has_beta, has_bias)
+        keys, *ctx.args, has_res, has_beta, has_bias, ctx.bits)
     return (dx, d_res if has_res else None, dbias if has_bias else None, dgamma,
-            dbeta if has_beta else None) + (None,) * 9
+            dbeta if has_beta else None) + (None,) * 10
 
 
 torch.library.register_autograd(

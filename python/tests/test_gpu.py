@@ -37,6 +37,10 @@ def test_every_op_is_bit_exact_with_the_cpu_path(cuda, dtype):
         lambda x, b, r: F.dropout_add_norm(x, g.to(x.device), k, 3, residual=r, bias=b,
                                            norm_bias=b, p=0.1, drop_path=0.1,
                                            rows_per_sample=7, layer_scale=0.5),
+        lambda x, b, r: F.dropout_add_norm(x, g.to(x.device), k, 3, residual=r, bias=b,
+                                           norm="rms", p=0.1, mask_bits=16),
+        lambda x, b, r: F.dropout_add_norm(x, g.to(x.device), k, 3, residual=r, bias=b,
+                                           norm_bias=b, p=0.3, mask_bits=8),
         lambda x, b, r: F.cross_entropy(x, t.to(x.device), label_smoothing=0.1, math="exact"),
     ]
     for fn in cases:

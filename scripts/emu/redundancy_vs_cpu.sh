@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the emulated dropout_add_norm kernels (scripts/emu/cases/dropout_add_norm.cpp, whose
-# statistics cases are in dropout_add_norm_stats.inc) with DAN_DUMP set, then checks the
-# statistics cases' site words and outputs against the Rust CPU reference's meter bit for bit
-# (tests/redundancy_emu.rs). Needs g++ >= 11 and cargo; no GPU.
+# statistics cases are in dropout_add_norm_stats.inc) with DAN_DUMP set, then checks every case
+# against the Rust CPU reference bit for bit: the forward and backward outputs of the case*.bin
+# dumps (tests/dropout_add_norm_emu.rs) and the statistics cases' site words and outputs against
+# the reference's meter (tests/redundancy_emu.rs, the stats*.bin dumps). Every resolution of the
+# keying (32-, 16- and 8-bit cases). Needs g++ >= 11 and cargo; no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=$(mktemp -d)
@@ -15,5 +17,5 @@ parts=${EMU_PARTS:-$(nproc)}
 pids=()
 for ((k = 0; k < parts; ++k)); do DAN_DUMP="$work/dump" "$work/emu" "$k" "$parts" > /dev/null & pids+=($!); done
 for pid in "${pids[@]}"; do wait "$pid"; done
-echo "$(ls "$work/dump" | grep -c '^stats') emulated statistics cases; checking them against the CPU reference"
-DAN_DUMP="$work/dump" cargo test --test redundancy_emu -- --ignored
+echo "$(ls "$work/dump" | grep -c '^case') emulated cases, $(ls "$work/dump" | grep -c '^stats') statistics cases; checking them against the CPU reference"
+DAN_DUMP="$work/dump" cargo test --test dropout_add_norm_emu --test redundancy_emu -- --ignored

@@ -393,7 +393,7 @@ pub(super) fn forward_core<T: Dtype, S: Dtype>(
     // The stream before the add, for the redundancy statistics only.
     let mut r_in = vec![0.0f32; if a.redundancy.is_some() { cols } else { 0 }];
     for row in 0..rows {
-        let rowm = row_multiplier(cfg.rate().scale(), &rs, row);
+        let rowm = row_multiplier(cfg.scale(), &rs, row);
         let base = row * cols;
         for (j, vj) in v.iter_mut().enumerate() {
             let i = base + j;
@@ -511,7 +511,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     let (mut xh, mut w) = (vec![0.0f32; cols], vec![0.0f32; cols]);
     let mut d_residual = o.d_residual;
     for row in 0..rows {
-        let rowm = row_multiplier(cfg.rate().scale(), &rs, row);
+        let rowm = row_multiplier(cfg.scale(), &rs, row);
         let base = row * cols;
         let (mean, rstd) = (a.mean[row], a.rstd[row]);
         for j in 0..cols {

@@ -19,12 +19,21 @@ use super::{
     row_partials, BackwardArgs, BackwardLens, BackwardOut, Config, ForwardArgs, ForwardLens,
     ForwardOut, Norm, GROUP, OP,
 };
-use crate::dropping::gpu::{aligned16, row_scale_fields};
+use crate::dropping::gpu::{aligned16, resolution_flag, row_scale_fields};
+use crate::dropping::MaskResolution;
 use crate::dropping::Workspace;
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{Error, Result};
 use crate::runtime::kernels::Kernel;
 use crate::runtime::Handle;
+
+/// The keying resolutions kernels/dropout_add_norm.cu implements (every kernel: the tiers, the
+/// generic kernels, forward and backward, the statistics forwards).
+const RESOLUTIONS: &[MaskResolution] = &[
+    MaskResolution::Bits32,
+    MaskResolution::Bits16,
+    MaskResolution::Bits8,
+];
 
 // Flags of kernels/dropout_add_norm.cu: the shared dropping flags keep their values, this op's
 // own start at bit 8.
@@ -484,7 +493,8 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         && cfg.cols() % GROUP == 0
         && aligned16(&[x, gamma, beta, bias, residual, o, s]);
     let rsf = row_scale_fields(cfg.drop_path(), rowscale);
-    let mut flags = rsf.flags;
+    let keying = cfg.keying();
+    let mut flags = rsf.flags | resolution_flag(OP, &keying, RESOLUTIONS)?;
     if vec {
         flags |= FLAG_VEC;
     }
@@ -531,7 +541,6 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         // key schedule among it, paid once rather than per row).
         grid = grid.min(resident_blocks(handle, kernel, block as u32, 0).unwrap_or(u32::MAX));
     }
-    let rate = cfg.rate();
     let p = FwdParams {
         x,
         residual,
@@ -547,10 +556,10 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         cols: cfg.cols() as u64,
         seed: cfg.seed(),
         call: cfg.call(),
-        threshold: rate.threshold(),
+        threshold: keying.threshold(),
         path_call: rsf.path_call,
         path_threshold: rsf.path_threshold,
-        scale: rate.scale(),
+        scale: keying.scale(),
         path_scale: rsf.path_scale,
         eps: cfg.eps(),
         layer_scale: cfg.layer_scale(),
@@ -728,7 +737,8 @@ pub fn backward<T: Dtype, S: Dtype>(
             && cols % GROUP == 0
             && aligned16(&[d_out, d_s, s, gamma, dx, d_residual]);
         let rsf = row_scale_fields(cfg.drop_path(), rowscale);
-        let mut flags = rsf.flags;
+        let keying = cfg.keying();
+        let mut flags = rsf.flags | resolution_flag(OP, &keying, RESOLUTIONS)?;
         if vec {
             flags |= FLAG_VEC;
         }
@@ -773,7 +783,6 @@ pub fn backward<T: Dtype, S: Dtype>(
                 (fam.bwd, row_partials(cols), smem)
             }
         };
-        let rate = cfg.rate();
         let p = BwdParams {
             d_out,
             d_s,
@@ -791,10 +800,10 @@ pub fn backward<T: Dtype, S: Dtype>(
             slabs: slabs as u64,
             seed: cfg.seed(),
             call: cfg.call(),
-            threshold: rate.threshold(),
+            threshold: keying.threshold(),
             path_call: rsf.path_call,
             path_threshold: rsf.path_threshold,
-            scale: rate.scale(),
+            scale: keying.scale(),
             path_scale: rsf.path_scale,
             layer_scale: cfg.layer_scale(),
             flags,

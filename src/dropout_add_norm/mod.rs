@@ -117,7 +117,7 @@
 
 use cudarc::driver::{CudaView, CudaViewMut};
 
-use crate::dropping::{DropRate, Keying};
+use crate::dropping::{DropRate, Keying, MaskResolution};
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
 
@@ -316,9 +316,84 @@ impl Config {
     /// ```
     pub fn with_dropout(self, p: f64, seed: u64, call: u64) -> Result<Self> {
         Ok(Config {
-            keying: Keying::new(OP, p, seed, call)?,
+            keying: Keying::new(OP, p, seed, call)?.with_resolution(self.keying.resolution()),
             ..self
         })
+    }
+
+    /// The same config keyed at another mask resolution ([`MaskResolution`]: 32-bit words,
+    /// 16-bit halfwords or bytes of the Philox stream; the dropout contract of every dropping
+    /// op). The probability applied is then [`Config::effective_p`] and kept elements are scaled
+    /// by one over its complement ([`Config::scale`]). Every kernel of this op implements every
+    /// resolution. Kept by [`Config::with_dropout`], in either order.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_add_norm::{Config, Norm};
+    /// use fusedreg::dropping::MaskResolution;
+    /// use fusedreg::philox::block;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(2, 64, Norm::LayerNorm, 1e-5)?
+    ///     .with_resolution(MaskResolution::Bits8)
+    ///     .with_dropout(0.1, 42, 7)?;
+    /// assert_eq!(cfg.resolution(), MaskResolution::Bits8);
+    /// assert_eq!(cfg.effective_p(), 26.0 / 256.0); // round(0.1 * 2^8) / 2^8
+    /// // Element 16 * 3 + 5 takes byte 1 of word 1 of Philox block 3.
+    /// assert_eq!(cfg.keeps(53), (block(42, 7, 3)[1] >> 8) & 0xff >= 26);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_resolution(self, resolution: MaskResolution) -> Self {
+        Config {
+            keying: self.keying.with_resolution(resolution),
+            ..self
+        }
+    }
+
+    /// The mask resolution (default [`MaskResolution::Bits32`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_add_norm::{Config, Norm};
+    /// use fusedreg::dropping::MaskResolution;
+    /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6).unwrap();
+    /// assert_eq!(cfg.resolution(), MaskResolution::Bits32);
+    /// ```
+    pub fn resolution(&self) -> MaskResolution {
+        self.keying.resolution()
+    }
+
+    /// The drop probability applied at this config's resolution (`p` itself up to `2^-32` at
+    /// `Bits32`, quantised to `2^-16` or `2^-8` at `Bits16` / `Bits8`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_add_norm::{Config, Norm};
+    /// use fusedreg::dropping::MaskResolution;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.1, 1, 2)?;
+    /// assert_eq!(cfg.with_resolution(MaskResolution::Bits16).effective_p(), 6554.0 / 65536.0);
+    /// # Ok(()) }
+    /// ```
+    pub fn effective_p(&self) -> f64 {
+        self.keying.effective_p()
+    }
+
+    /// The f32 scale of kept elements: `1 / (1 - effective_p())`, 0 for `p = 1`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_add_norm::{Config, Norm};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.2, 1, 2)?;
+    /// assert_eq!(cfg.scale(), 1.25);
+    /// # Ok(()) }
+    /// ```
+    pub fn scale(&self) -> f32 {
+        self.keying.scale()
     }
 
     /// Adds a generated drop path (stochastic depth): the row scale drawn from its own call id.
@@ -498,7 +573,8 @@ impl Config {
     pub(crate) fn dropout_config(&self) -> Result<crate::dropout::Config> {
         let k = self.keying;
         let c =
-            crate::dropout::Config::new(self.rows, self.cols, k.rate().p(), k.seed(), k.call())?;
+            crate::dropout::Config::new(self.rows, self.cols, k.rate().p(), k.seed(), k.call())?
+                .with_resolution(k.resolution());
         Ok(match self.drop_path {
             Some(path) => c.with_drop_path(path),
             None => c,

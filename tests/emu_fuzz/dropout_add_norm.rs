@@ -4,11 +4,11 @@
 //! (d_s, d_residual; slab partials in shared or global memory) and the column sums (dgamma,
 //! dbeta, dbias), for x of every dtype with the stream in x's dtype or f32, hidden sizes around the
 //! group (8), the vector, the 32..256-thread row partials and the warp, views at any element, p
-//! from 0 to 1, and data with `±inf` and NaNs at every position class. `dropout_add_norm::cpu`
+//! from 0 to 1 keyed at 32, 16 or 8 bits per element, and data with `±inf` and NaNs at every position class. `dropout_add_norm::cpu`
 //! must give the same bits.
 
 use fusedreg::dropout_add_norm::{cpu, Config, Norm};
-use fusedreg::dropping::DropPath;
+use fusedreg::dropping::{DropPath, MaskResolution};
 use fusedreg::{Dtype, DtypeKind};
 
 use crate::by_dtype;
@@ -26,6 +26,8 @@ pub struct Case {
     eps: f32,
     layer_scale: f32,
     p: f64,
+    /// The keying resolution (every kernel of the op implements all three).
+    resolution: MaskResolution,
     seed: u64,
     call: u64,
     /// (p_path, call, rows per sample)
@@ -61,6 +63,7 @@ impl Case {
         };
         let mut c = Config::new(self.rows, self.cols, norm, self.eps)
             .and_then(|c| c.with_dropout(self.p, self.seed, self.call))
+            .map(|c| c.with_resolution(self.resolution))
             .and_then(|c| c.with_layer_scale(self.layer_scale))
             .expect("a valid config");
         if let Some((pp, call, rps)) = self.path {
@@ -115,7 +118,12 @@ impl Stem for DropoutAddNorm {
                 std::f32::consts::FRAC_1_SQRT_2,
                 1.0 / 3.0f32.sqrt(),
             ]),
-            p: g.pick(&[0.0, 0.1, 0.5, 1.0]),
+            p: g.pick(&[0.0, 0.1, 0.5, 1.0, 0.3]),
+            resolution: g.pick(&[
+                MaskResolution::Bits32,
+                MaskResolution::Bits16,
+                MaskResolution::Bits8,
+            ]),
             seed: g.u64(),
             call: g.u64(),
             path: (rs >= 2).then(|| (g.pick(&[0.3, 0.0, 1.0]), g.u64(), rps)),
@@ -155,8 +163,18 @@ impl Stem for DropoutAddNorm {
         w.u64("cols", c.cols as u64);
         w.u64("seed", c.seed);
         w.u64("call", c.call);
-        w.u64("threshold", cfg.rate().threshold());
-        w.f32("scale", cfg.rate().scale());
+        // The threshold and scale at the config's resolution, and its kernel flag
+        // (drop::FLAG_KEY16 = 8, FLAG_KEY8 = 16).
+        w.u64("threshold", cfg.keying().threshold());
+        w.f32("scale", cfg.scale());
+        w.u64(
+            "key_flags",
+            match cfg.resolution() {
+                MaskResolution::Bits32 => 0,
+                MaskResolution::Bits16 => 8,
+                MaskResolution::Bits8 => 16,
+            },
+        );
         let path = cfg.drop_path();
         w.u64("path_call", path.map_or(0, |p| p.call()));
         w.u64("path_threshold", path.map_or(0, |p| p.rate().threshold()));

@@ -25,7 +25,7 @@ pub(crate) fn config(o: &FrOptions) -> FfiResult<Config> {
         }
     };
     let cfg = Config::new(rows, cols, act, o.p, o.seed, o.call)?
-        .with_resolution(o.resolution(OP, &[32, 16])?);
+        .with_resolution(o.resolution(OP, &[32, 16, 8])?);
     Ok(match o.math(OP)? {
         Some(m) => cfg.with_math(m),
         None => cfg,
@@ -247,10 +247,16 @@ mod tests {
         let c = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 16).unwrap();
         assert_eq!(c.resolution(), MaskResolution::Bits16);
         assert_eq!(c.effective_p(), 6554.0 / 65536.0);
-        let e = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 8)
+        // 8 bits reaches the config (the GPU launch refuses it while the kernels lack it).
+        let c = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 8).unwrap();
+        assert_eq!(c.resolution(), MaskResolution::Bits8);
+        let e = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 4)
             .unwrap_err()
             .message;
-        assert!(e.contains("8-bit keying is not in this build"), "{e}");
+        assert!(
+            e.contains("mask_bits = 4") && e.contains("use 32 or 16 or 8"),
+            "{e}"
+        );
         assert!(cfg(FR_ACT_GELU_ERF, 9, 32).is_err());
     }
 }

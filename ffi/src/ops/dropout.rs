@@ -12,8 +12,8 @@ const OP: &str = "dropout";
 fn config(o: &FrOptions) -> FfiResult<Config> {
     o.exact_only(OP)?;
     let (rows, cols) = o.shape(OP)?;
-    let mut cfg =
-        Config::new(rows, cols, o.p, o.seed, o.call)?.with_resolution(o.resolution(OP, &[32, 16])?);
+    let mut cfg = Config::new(rows, cols, o.p, o.seed, o.call)?
+        .with_resolution(o.resolution(OP, &[32, 16, 8])?);
     if let Some(path) = o.drop_path(OP)? {
         cfg = cfg.with_drop_path(path);
     }

@@ -13,7 +13,7 @@ const OP: &str = "dropout_add_norm";
 
 fn config(o: &FrOptions) -> FfiResult<Config> {
     o.exact_only(OP)?;
-    o.resolution(OP, &[32])?;
+    let resolution = o.resolution(OP, &[32, 16, 8])?;
     let (rows, cols) = o.shape(OP)?;
     let norm = match o.norm {
         FR_NORM_LAYER => Norm::LayerNorm,
@@ -25,6 +25,7 @@ fn config(o: &FrOptions) -> FfiResult<Config> {
         }
     };
     let mut cfg = Config::new(rows, cols, norm, o.eps)?
+        .with_resolution(resolution)
         .with_dropout(o.p, o.seed, o.call)?
         .with_layer_scale(o.layer_scale)?;
     if let Some(path) = o.drop_path(OP)? {

@@ -65,10 +65,25 @@ struct Case {
     double p, p_path;
     int layer;
     unsigned max_grid;
+    int key = 32;  // keying resolution: 32-, 16- or 8-bit fields of the Philox stream
 };
 
 static uint64_t threshold_of(double p) { return (uint64_t)std::round(p * 4294967296.0); }
 static float scale_of(double p) { return threshold_of(p) >= (1ull << 32) ? 0.f : (float)(1.0 / (1.0 - p)); }
+// 16- and 8-bit keying (MaskResolution::Bits16 / Bits8): the threshold round(p * 2^key) and the
+// scale at the effective p, 2^key / (2^key - threshold) (DropRate::threshold_at, scale_at); 32:
+// the functions above, as the cases before the resolutions were written.
+static uint64_t threshold_at(double p, int key) {
+    return key == 32 ? threshold_of(p) : (uint64_t)std::round(p * (double)(1ull << key));
+}
+static float scale_at(double p, int key) {
+    if (key == 32) return scale_of(p);
+    const double all = (double)(1ull << key), t = (double)threshold_at(p, key);
+    return t >= all ? 0.f : (float)(all / (all - t));
+}
+static uint32_t key_flag(int key) { return key == 16 ? drop::FLAG_KEY16 : key == 8 ? drop::FLAG_KEY8 : 0u; }
+static const char* key_name(int key) { return key == 16 ? "key16 " : key == 8 ? "key8 " : ""; }
+static uint64_t key_dump_flags(int key) { return key == 16 ? 128 : key == 8 ? 256 : 0; }
 
 static uint32_t partials_of(uint64_t cols) {  // row_partials in src/dropout_add_norm/mod.rs
     uint64_t g = (cols + 7) / 8, p = 1;
@@ -132,12 +147,12 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     p.rowscale = c.rs == 1 ? rsv.data() : nullptr;
     p.out = out.data(); p.s = s.data(); p.mean = mean.data(); p.rstd = rstd.data();
     p.rows = rows; p.cols = cols;
-    p.seed = dseed; p.call = dcall; p.threshold = threshold_of(c.p);
+    p.seed = dseed; p.call = dcall; p.threshold = threshold_at(c.p, c.key);
     p.path_call = path_call; p.path_threshold = c.rs >= 2 ? threshold_of(c.p_path) : 0;
-    p.scale = scale_of(c.p); p.path_scale = c.rs >= 2 ? scale_of(c.p_path) : 0.f;
+    p.scale = scale_at(c.p, c.key); p.path_scale = c.rs >= 2 ? scale_of(c.p_path) : 0.f;
     p.eps = eps; p.layer_scale = ls;
     p.flags = (c.rs >= 2 ? FLAG_DROP_PATH : 0u) | (c.vec ? FLAG_VEC : 0u) | (c.rms ? FLAG_RMS : 0u) |
-              (c.beta ? FLAG_BETA : 0u);
+              (c.beta ? FLAG_BETA : 0u) | key_flag(c.key);
     // Half the generic forwards keep the row in shared memory (FLAG_SMEM): the same bits.
     const uint32_t fwd_smem = seed & 2 ? FLAG_SMEM : 0u;
     p.flags |= fwd_smem;
@@ -231,24 +246,25 @@ template <class T, class S> static void run(const Case& c, uint64_t seed, int in
     }
 
     auto h = [](const auto& v) { return (unsigned long long)fnv(v.data(), v.size() * sizeof(v[0])); };
-    printf("%s/%s %llux%llu %s res %d inpl %d beta %d bias %d rs %d pre %d vec %d spec %d p %g pp %g l %d grid %u | "
+    printf("%s%s/%s %llux%llu %s res %d inpl %d beta %d bias %d rs %d pre %d vec %d spec %d p %g pp %g l %d grid %u | "
            "out %016llx s %016llx mean %016llx rstd %016llx dx %016llx dres %016llx dg %016llx db %016llx dbias %016llx "
            "norm-only out %016llx mean %016llx rstd %016llx\n",
-           Kind<T>::name, Kind<S>::name, (unsigned long long)rows, (unsigned long long)cols, c.rms ? "rms" : "ln",
-           c.residual, c.in_place, c.beta, c.bias, c.rs, c.prenorm, c.vec, c.specials, c.p, c.p_path, c.layer,
+           key_name(c.key), Kind<T>::name, Kind<S>::name, (unsigned long long)rows, (unsigned long long)cols,
+           c.rms ? "rms" : "ln", c.residual, c.in_place, c.beta, c.bias, c.rs, c.prenorm, c.vec, c.specials, c.p, c.p_path, c.layer,
            c.max_grid, h(out), h(s), h(mean), h(rstd), h(dx), h(d_res), h(dgamma), h(dbeta), h(dbias),
            h(out2), h(mean2), h(rstd2));
     fflush(stdout);
 
     if (const char* dir = getenv("DAN_DUMP")) {
-        // u64 header, then the arrays in this order (absent ones skipped): x, residual, gamma,
+        // u64 header (flags 128 / 256: 16- / 8-bit keying), then the arrays in this order (absent ones skipped): x, residual, gamma,
         // beta, bias, rowscale, d_out, d_s | out, s, mean, rstd, dx, d_residual, dgamma, dbeta,
         // dbias.
         char path[512];
         snprintf(path, sizeof path, "%s/case%04d.bin", dir, index);
         FILE* f = fopen(path, "wb");
         uint64_t flags = (c.residual || c.in_place ? 1 : 0) | (c.beta ? 2 : 0) | (c.bias ? 4 : 0) |
-                         (c.rs == 1 ? 8 : 0) | (c.rs >= 2 ? 16 : 0) | (c.prenorm ? 32 : 0) | (c.rms ? 64 : 0);
+                         (c.rs == 1 ? 8 : 0) | (c.rs >= 2 ? 16 : 0) | (c.prenorm ? 32 : 0) | (c.rms ? 64 : 0) |
+                         key_dump_flags(c.key);
         double pp = c.p, ppath = c.p_path;
         uint64_t pbits, ppbits;
         memcpy(&pbits, &pp, 8);
@@ -347,5 +363,42 @@ int main(int argc, char** argv) {
             }
     // The Block Influence statistics (dropout_add_norm_stats.inc), after every case above.
     stats_cases(idx, part, parts);
+    // 16- and 8-bit keying (MaskResolution::Bits16 / Bits8), added with them (their own generator,
+    // after every earlier case): each resolution over odd rows (the generic kernels' fields
+    // straddling Philox blocks at any offset), the scalar and the vector path, every tier, every
+    // dtype pair; p with a non-dyadic threshold at each resolution, 0 and 1.
+    const Shape keyed[] = {{3, 1}, {5, 7}, {3, 99}, {4, 40}, {2, 264}, {2, 2056}, {1, 8200}, {2, 16384}, {2, 1001}};
+    const double krates[] = {0.1, 0.3, 0.0, 1.0, 0.5};
+    std::mt19937_64 g3(20261207);
+    for (int pair = 0; pair < 5; ++pair)
+        for (const Shape& sh : keyed)
+            for (int key : {16, 8}) {
+                Case c{};
+                c.key = key;
+                c.rows = sh.rows; c.cols = sh.cols;
+                c.rms = g3() & 1;
+                c.residual = g3() % 4 != 0;
+                c.in_place = c.residual && g3() % 3 == 0;
+                c.beta = g3() & 1; c.bias = g3() & 1; c.prenorm = g3() & 1;
+                c.vec = sh.cols % 8 == 0 && g3() % 4 != 0;
+                c.specials = g3() % 4 == 0;
+                c.rs = (int)(g3() % 4);
+                if (c.rs == 3 && sh.rows % 3) c.rs = 2;
+                c.p = krates[g3() % 5 < 3 ? g3() % 2 : 2 + g3() % 3];
+                c.p_path = 0.25;
+                c.layer = g3() & 1 ? 1 : 3;
+                c.max_grid = g3() & 1 ? 1u << 20 : 2u;
+                const uint64_t seed = g3();
+                const int k = idx++;
+                if (k % parts != part) continue;
+                switch (pair) {
+                    case 0: run<float, float>(c, seed, k); break;
+                    case 1: run<__half, __half>(c, seed, k); break;
+                    case 2: run<__nv_bfloat16, __nv_bfloat16>(c, seed, k); break;
+                    case 3: run<__half, float>(c, seed, k); break;
+                    default: run<__nv_bfloat16, float>(c, seed, k); break;
+                }
+            }
+    stats_key_cases(idx, part, parts);
     return 0;
 }

@@ -30,6 +30,7 @@ template <class T, class S> static void run(In& in, Out& out) {
     const uint64_t rows = in.u64("rows"), cols = in.u64("cols"), n = rows * cols;
     const uint64_t seed = in.u64("seed"), call = in.u64("call"), threshold = in.u64("threshold");
     const float scale = in.f32("scale");
+    const uint32_t key_flags = (uint32_t)in.u64("key_flags");  // drop::FLAG_KEY16 / FLAG_KEY8
     const uint64_t path_call = in.u64("path_call"), path_threshold = in.u64("path_threshold");
     const float path_scale = in.f32("path_scale");
     const uint32_t rows_per_sample = (uint32_t)in.u64("rows_per_sample");
@@ -62,7 +63,7 @@ template <class T, class S> static void run(In& in, Out& out) {
     p.path_call = path_call; p.path_threshold = path_threshold; p.scale = scale; p.path_scale = path_scale;
     p.eps = eps; p.layer_scale = layer_scale;
     const bool fvec = cols % GROUP == 0 && al(x) && al(gamma) && al(beta) && al(bias) && al(r) && al(o) && al(s);
-    p.flags = (drop_path ? FLAG_DROP_PATH : 0u) | (fvec ? FLAG_VEC : 0u) | (rms ? FLAG_RMS : 0u) | (beta.n ? FLAG_BETA : 0u) | (fwd_smem ? FLAG_SMEM : 0u);
+    p.flags = (drop_path ? FLAG_DROP_PATH : 0u) | (fvec ? FLAG_VEC : 0u) | (rms ? FLAG_RMS : 0u) | (beta.n ? FLAG_BETA : 0u) | (fwd_smem ? FLAG_SMEM : 0u) | key_flags;
     p.rows_per_sample = rows_per_sample;
     const unsigned block = row_partials(cols);
     const unsigned grid = (unsigned)std::min<uint64_t>(rows, max_grid);
@@ -99,7 +100,7 @@ template <class T, class S> static void run(In& in, Out& out) {
     b.seed = seed; b.call = call; b.threshold = threshold; b.path_call = path_call;
     b.path_threshold = path_threshold; b.scale = scale; b.path_scale = path_scale; b.layer_scale = layer_scale;
     const bool bvec = cols % GROUP == 0 && al(d_out) && al(d_s) && al(s) && al(gamma) && al(dx) && al(d_res);
-    b.flags = (drop_path ? FLAG_DROP_PATH : 0u) | (bvec ? FLAG_VEC : 0u) | (rms ? FLAG_RMS : 0u) | (bwd_smem ? FLAG_SMEM : 0u) |
+    b.flags = (drop_path ? FLAG_DROP_PATH : 0u) | (bvec ? FLAG_VEC : 0u) | (rms ? FLAG_RMS : 0u) | (bwd_smem ? FLAG_SMEM : 0u) | key_flags |
               (want_dbeta ? FLAG_DBETA : 0u) | (want_dbias ? FLAG_DBIAS : 0u);
     b.rows_per_sample = rows_per_sample;
     if (n) launch(K<T, S>::bwd, dim3{(unsigned)slabs, 1, 1}, dim3{block, 1, 1}, b);
