@@ -288,9 +288,15 @@ fn budget_record_covers_every_op_with_its_bytes() {
     for (id, k) in &rec.kernels {
         // dropout.fwd.res.*: the forward with a residual.
         let res = id.split('.').nth(2) == Some("res");
+        // dropout.{fwd,bwd}[.res].{bf16,f32}[.keyN]: the dtype is named in the id.
+        let dt = if id.split('.').any(|p| p == "f32") {
+            F32
+        } else {
+            Bf16
+        };
         let want = match id.split('.').take(2).collect::<Vec<_>>()[..] {
-            ["dropout", "fwd"] => per(dropout::fused_forward_bytes(Bf16, n, res, false)),
-            ["dropout", "bwd"] => per(dropout::fused_backward_bytes(Bf16, n, false)),
+            ["dropout", "fwd"] => per(dropout::fused_forward_bytes(dt, n, res, false)),
+            ["dropout", "bwd"] => per(dropout::fused_backward_bytes(dt, n, false)),
             // The record written before the merge of dropout_residual into dropout (issue 22)
             // names the residual forward so until `scripts/sass-budget --update` rewrites it.
             ["dropout_residual", "fwd"] => per(dropout::fused_forward_bytes(Bf16, n, true, false)),
