@@ -893,76 +893,101 @@ fn unfused_mirror_matches_the_fused_reference() {
     for_each_dtype!(go);
 }
 
-/// 16-bit keying, with and without a residual: element i takes halfword i % 8 of Philox block
-/// i / 8; p = 0 and p = 1 exact; the applied probability is round(p * 2^16) / 2^16 and the drop
-/// rate is within a binomial bound of it; forward and backward agree.
-#[test]
-fn sixteen_bit_keying() {
+/// Element `i`'s random key at a resolution, written out from its Philox block (not through the
+/// library's keying): word `i % 4` of block `i / 4`, halfword `i % 8` of block `i / 8` (low half
+/// for even `i`), or byte `i % 16` of block `i / 16` (little-endian within each word).
+fn key_of(res: MaskResolution, seed: u64, call: u64, i: usize) -> u32 {
     use fusedreg::philox::block;
-    fn go<T: Dtype>() {
-        let mut g = rng(11);
-        let (rows, cols) = (41, 333);
-        let n = rows * cols;
-        let cfg = Config::new(rows, cols, 0.3, 0xfeed, 77)
-            .unwrap()
-            .with_resolution(Bits16);
-        assert_eq!(cfg.effective_p(), (0.3f64 * 65536.0).round() / 65536.0);
-        let x = uniform::<T>(&mut g, n, -2.0, 2.0);
-        let r = uniform::<T>(&mut g, n, -2.0, 2.0);
-        let (y, mask) = fwd(&cfg, &x, None, None);
-        let (yr, mask_r) = fwd(&cfg, &x, Some(&r), None);
-        assert_eq!(mask, mask_r, "the residual changed the 16-bit mask");
-        let t = (0.3f64 * 65536.0).round() as u32;
-        for i in 0..n {
-            let w = block(0xfeed, 77, (i / 8) as u64)[(i % 8) / 2];
-            let h = if i % 2 == 1 { w >> 16 } else { w & 0xffff };
-            assert_eq!(bit(&mask, i), h >= t, "halfword keying of element {i}");
-            assert_eq!(cfg.keeps(i as u64), h >= t, "Config::keeps {i}");
-            let (want, want_r) = if h >= t {
-                let s = cfg.scale();
-                (
-                    T::from_f32_rn(x[i].to_f32() * s),
-                    T::from_f32_rn(x[i].to_f32().mul_add(s, r[i].to_f32())),
-                )
-            } else {
-                (T::from_f32_rn(0.0), r[i])
-            };
-            assert_eq!(y[i].to_f32().to_bits(), want.to_f32().to_bits(), "y[{i}]");
-            assert_eq!(
-                yr[i].to_f32().to_bits(),
-                want_r.to_f32().to_bits(),
-                "y[{i}] with residual"
-            );
-        }
-        let (dx, db) = bwd(&cfg, &x, None, true);
-        check(bits_eq("16-bit dx(dy = x) vs y", &dx, &y));
-        let (dx_m, db_m) = bwd(&cfg, &x, Some(&mask), true);
-        check(bits_eq("16-bit dx from the bitmask", &dx_m, &dx));
-        check(bits_eq("16-bit dbias from the bitmask", &db_m, &db));
-        for p in [0.0, 1.0] {
-            let c = Config::flat(4099, p, 1, 2).unwrap().with_resolution(Bits16);
-            let (y, mask) = fwd(&c, &x[..4099], None, None);
-            let (yr, _) = fwd(&c, &x[..4099], Some(&r[..4099]), None);
-            if p == 0.0 {
-                check(bits_eq("16-bit p = 0", &y, &x[..4099]));
-                assert!((0..4099).all(|i| bit(&mask, i)), "p = 0 dropped");
-            } else {
-                assert!(y.iter().all(|v| v.to_f32().to_bits() == 0), "p = 1 kept");
-                check(bits_eq("16-bit p = 1 with residual", &yr, &r[..4099]));
-                assert!(mask.iter().all(|&w| w == 0), "p = 1 mask");
-            }
+    match res {
+        Bits32 => block(seed, call, (i / 4) as u64)[i % 4],
+        Bits16 => (block(seed, call, (i / 8) as u64)[(i % 8) / 2] >> (16 * (i % 2))) & 0xffff,
+        Bits8 => (block(seed, call, (i / 16) as u64)[(i % 16) / 4] >> (8 * (i % 4))) & 0xff,
+    }
+}
+
+/// A narrow keying (16 or 8 bits) on one dtype, with and without a residual: every element
+/// kept or dropped by its key against `round(0.3 * 2^bits)`, the values at the applied scale,
+/// the backward (regenerated and from the bitmask) equal to the forward, p = 0 and p = 1 exact.
+fn narrow_keying_case<T: Dtype>(res: MaskResolution, rng_seed: u64, (rows, cols): (usize, usize)) {
+    let (seed, call) = (0xfeed + u64::from(res.bits()), 77);
+    let bits = res.bits();
+    let mut g = rng(rng_seed);
+    let n = rows * cols;
+    let cfg = Config::new(rows, cols, 0.3, seed, call)
+        .unwrap()
+        .with_resolution(res);
+    let all = 2f64.powi(bits as i32);
+    assert_eq!(cfg.effective_p(), (0.3f64 * all).round() / all);
+    let x = uniform::<T>(&mut g, n, -2.0, 2.0);
+    let r = uniform::<T>(&mut g, n, -2.0, 2.0);
+    let (y, mask) = fwd(&cfg, &x, None, None);
+    let (yr, mask_r) = fwd(&cfg, &x, Some(&r), None);
+    assert_eq!(mask, mask_r, "the residual changed the {bits}-bit mask");
+    let t = (0.3f64 * all).round() as u32;
+    for i in 0..n {
+        let key = key_of(res, seed, call, i);
+        assert_eq!(bit(&mask, i), key >= t, "{bits}-bit keying of element {i}");
+        assert_eq!(cfg.keeps(i as u64), key >= t, "Config::keeps {i}");
+        let (want, want_r) = if key >= t {
+            let s = cfg.scale();
+            (
+                T::from_f32_rn(x[i].to_f32() * s),
+                T::from_f32_rn(x[i].to_f32().mul_add(s, r[i].to_f32())),
+            )
+        } else {
+            (T::from_f32_rn(0.0), r[i])
+        };
+        assert_eq!(y[i].to_f32().to_bits(), want.to_f32().to_bits(), "y[{i}]");
+        assert_eq!(
+            yr[i].to_f32().to_bits(),
+            want_r.to_f32().to_bits(),
+            "y[{i}] with residual"
+        );
+    }
+    let (dx, db) = bwd(&cfg, &x, None, true);
+    check(bits_eq(&format!("{bits}-bit dx(dy = x) vs y"), &dx, &y));
+    let (dx_m, db_m) = bwd(&cfg, &x, Some(&mask), true);
+    check(bits_eq(
+        &format!("{bits}-bit dx from the bitmask"),
+        &dx_m,
+        &dx,
+    ));
+    check(bits_eq(
+        &format!("{bits}-bit dbias from the bitmask"),
+        &db_m,
+        &db,
+    ));
+    for p in [0.0, 1.0] {
+        let c = Config::flat(4099, p, 1, 2).unwrap().with_resolution(res);
+        let (y, mask) = fwd(&c, &x[..4099], None, None);
+        let (yr, _) = fwd(&c, &x[..4099], Some(&r[..4099]), None);
+        if p == 0.0 {
+            check(bits_eq(&format!("{bits}-bit p = 0"), &y, &x[..4099]));
+            assert!((0..4099).all(|i| bit(&mask, i)), "p = 0 dropped");
+        } else {
+            assert!(y.iter().all(|v| v.to_f32().to_bits() == 0), "p = 1 kept");
+            check(bits_eq(
+                &format!("{bits}-bit p = 1 with residual"),
+                &yr,
+                &r[..4099],
+            ));
+            assert!(mask.iter().all(|&w| w == 0), "p = 1 mask");
         }
     }
-    for_each_dtype!(go);
+}
 
-    // Drop rate and length independence, with and without a residual.
+/// A narrow keying's drop rate and length independence, with and without a residual: the
+/// applied p within `2^-(bits + 1)` of p, the dropped count within 5 sigma of it, the mask of a
+/// shorter tensor a prefix of the longer one's.
+fn narrow_drop_rate(res: MaskResolution, call_base: u64) {
+    let bits = res.bits();
     let n = 1 << 20;
     let x = vec![1.0f32; n];
     let r = vec![0.5f32; n];
     for (k, p) in [1.0 / 256.0, 0.1, 0.5].into_iter().enumerate() {
-        let cfg = Config::flat(n, p, 0x5eed, 300 + k as u64)
+        let cfg = Config::flat(n, p, 0x5eed, call_base + k as u64)
             .unwrap()
-            .with_resolution(Bits16);
+            .with_resolution(res);
         let (_, mask) = fwd(&cfg, &x, None, None);
         let (yr, mask_r) = fwd(&cfg, &x, Some(&r), None);
         assert_eq!(mask, mask_r, "the residual changed the mask");
@@ -974,15 +999,18 @@ fn sixteen_bit_keying() {
         );
         let dropped = (n as u64 - kept) as f64;
         let pe = cfg.effective_p();
-        assert!((pe - p).abs() <= 2f64.powi(-17), "applied p {pe} vs {p}");
+        assert!(
+            (pe - p).abs() <= 2f64.powi(-(bits as i32 + 1)),
+            "applied p {pe} vs {p}"
+        );
         let sigma = (n as f64 * pe * (1.0 - pe)).sqrt();
         assert!(
             (dropped - n as f64 * pe).abs() <= 5.0 * sigma,
-            "16-bit p = {p}: dropped {dropped}"
+            "{bits}-bit p = {p}: dropped {dropped}"
         );
-        let short = Config::flat(5003, p, 0x5eed, 300 + k as u64)
+        let short = Config::flat(5003, p, 0x5eed, call_base + k as u64)
             .unwrap()
-            .with_resolution(Bits16);
+            .with_resolution(res);
         let (_, ms) = fwd(&short, &x[..5003], None, None);
         assert!(
             (0..5003).all(|i| bit(&ms, i) == bit(&mask, i)),
@@ -991,86 +1019,28 @@ fn sixteen_bit_keying() {
     }
 }
 
-/// 8-bit keying: element `i` takes byte `i % 16` of Philox block `i / 16` (little-endian within
-/// each word), dropped below `round(p * 2^8)`; the forward (with and without a residual), the
-/// backward (regenerated and from the bitmask) and p = 0 / p = 1 follow it.
+/// 16-bit keying, with and without a residual: element i takes halfword i % 8 of Philox block
+/// i / 8; p = 0 and p = 1 exact; the applied probability is round(p * 2^16) / 2^16 and the drop
+/// rate is within a binomial bound of it; forward and backward agree.
 #[test]
-fn eight_bit_keying() {
-    use fusedreg::philox::block;
+fn sixteen_bit_keying() {
     fn go<T: Dtype>() {
-        let mut g = rng(12);
-        let (rows, cols) = (23, 331);
-        let n = rows * cols;
-        let cfg = Config::new(rows, cols, 0.3, 0xbee, 78)
-            .unwrap()
-            .with_resolution(Bits8);
-        assert_eq!(cfg.effective_p(), (0.3f64 * 256.0).round() / 256.0);
-        let x = uniform::<T>(&mut g, n, -2.0, 2.0);
-        let r = uniform::<T>(&mut g, n, -2.0, 2.0);
-        let (y, mask) = fwd(&cfg, &x, None, None);
-        let (yr, mask_r) = fwd(&cfg, &x, Some(&r), None);
-        assert_eq!(mask, mask_r, "the residual changed the 8-bit mask");
-        let t = (0.3f64 * 256.0).round() as u32;
-        for i in 0..n {
-            let w = block(0xbee, 78, (i / 16) as u64)[(i % 16) / 4];
-            let byte = (w >> (8 * (i % 4))) & 0xff;
-            assert_eq!(bit(&mask, i), byte >= t, "byte keying of element {i}");
-            assert_eq!(cfg.keeps(i as u64), byte >= t, "Config::keeps {i}");
-            let (want, want_r) = if byte >= t {
-                let s = cfg.scale();
-                (
-                    T::from_f32_rn(x[i].to_f32() * s),
-                    T::from_f32_rn(x[i].to_f32().mul_add(s, r[i].to_f32())),
-                )
-            } else {
-                (T::from_f32_rn(0.0), r[i])
-            };
-            assert_eq!(y[i].to_f32().to_bits(), want.to_f32().to_bits(), "y[{i}]");
-            assert_eq!(
-                yr[i].to_f32().to_bits(),
-                want_r.to_f32().to_bits(),
-                "y[{i}] with residual"
-            );
-        }
-        let (dx, db) = bwd(&cfg, &x, None, true);
-        check(bits_eq("8-bit dx(dy = x) vs y", &dx, &y));
-        let (dx_m, db_m) = bwd(&cfg, &x, Some(&mask), true);
-        check(bits_eq("8-bit dx from the bitmask", &dx_m, &dx));
-        check(bits_eq("8-bit dbias from the bitmask", &db_m, &db));
-        for p in [0.0, 1.0] {
-            let c = Config::flat(4099, p, 1, 2).unwrap().with_resolution(Bits8);
-            let (y, mask) = fwd(&c, &x[..4099], None, None);
-            let (yr, _) = fwd(&c, &x[..4099], Some(&r[..4099]), None);
-            if p == 0.0 {
-                check(bits_eq("8-bit p = 0", &y, &x[..4099]));
-                assert!((0..4099).all(|i| bit(&mask, i)), "p = 0 dropped");
-            } else {
-                assert!(y.iter().all(|v| v.to_f32().to_bits() == 0), "p = 1 kept");
-                check(bits_eq("8-bit p = 1 with residual", &yr, &r[..4099]));
-                assert!(mask.iter().all(|&w| w == 0), "p = 1 mask");
-            }
-        }
+        narrow_keying_case::<T>(Bits16, 11, (41, 333));
     }
     for_each_dtype!(go);
+    narrow_drop_rate(Bits16, 300);
+}
 
-    // The drop rate at 8 bits: within 5 sigma of the applied p, which is within 2^-9 of p.
-    let n = 1 << 20;
-    let x = vec![1.0f32; n];
-    for (k, p) in [1.0 / 256.0, 0.1, 0.5].into_iter().enumerate() {
-        let cfg = Config::flat(n, p, 0x5eed, 400 + k as u64)
-            .unwrap()
-            .with_resolution(Bits8);
-        let (_, mask) = fwd(&cfg, &x, None, None);
-        let kept: u64 = mask.iter().map(|w| u64::from(w.count_ones())).sum();
-        let dropped = (n as u64 - kept) as f64;
-        let pe = cfg.effective_p();
-        assert!((pe - p).abs() <= 2f64.powi(-9), "applied p {pe} vs {p}");
-        let sigma = (n as f64 * pe * (1.0 - pe)).sqrt();
-        assert!(
-            (dropped - n as f64 * pe).abs() <= 5.0 * sigma,
-            "8-bit p = {p}: dropped {dropped}"
-        );
+/// 8-bit keying: element `i` takes byte `i % 16` of Philox block `i / 16` (little-endian within
+/// each word), dropped below `round(p * 2^8)`; the forward (with and without a residual), the
+/// backward (regenerated and from the bitmask), p = 0 / p = 1 and the drop rate follow it.
+#[test]
+fn eight_bit_keying() {
+    fn go<T: Dtype>() {
+        narrow_keying_case::<T>(Bits8, 12, (23, 331));
     }
+    for_each_dtype!(go);
+    narrow_drop_rate(Bits8, 400);
 }
 
 /// Every resolution is a mask resolution of the op (the list a new one must join).
