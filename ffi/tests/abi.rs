@@ -26,6 +26,30 @@ fn t<T>(v: &mut [T], dtype: FrDtype) -> FrTensor {
     }
 }
 
+/// `fr_dropout_forward` without bias, residual or mask: `x` in, `y` out.
+fn dropout_plain(o: &FrOptions, exec: FrExec, x: &FrTensor, y: &FrTensor) -> FrStatus {
+    // SAFETY: the descriptors point at live buffers of their stated lengths (or are the bad
+    // input under test, which the entry point must reject without reading).
+    unsafe { fr_dropout_forward(o, exec, x, null(), null(), null(), y, null()) }
+}
+
+/// `fr_dropout_add_norm_forward` with gamma only (no bias, beta or row scale): x and an optional
+/// residual in; out, s, mean and rstd out.
+fn dan_forward(
+    o: &FrOptions,
+    x: &FrTensor,
+    r: Option<&FrTensor>,
+    g: &FrTensor,
+    outs: [&FrTensor; 4],
+) -> FrStatus {
+    let r = r.map_or(null(), |r| r as *const FrTensor);
+    let [out, s, mean, rstd] = outs;
+    // SAFETY: as in `dropout_plain`.
+    unsafe {
+        fr_dropout_add_norm_forward(o, CPU, x, r, g, null(), null(), null(), out, s, mean, rstd)
+    }
+}
+
 fn randn(n: usize, seed: u64) -> Vec<f32> {
     // A small deterministic generator (the data only has to be varied, not Gaussian).
     let mut s = seed;
@@ -254,48 +278,15 @@ fn bad_input_is_a_status_with_a_message() {
     (o.rows, o.cols, o.p) = (2, 2, 1.5);
     let mut x = vec![0f32; 4];
     let mut y = vec![0f32; 4];
-    let st = unsafe {
-        fr_dropout_forward(
-            &o,
-            CPU,
-            &t(&mut x, FR_F32),
-            null(),
-            null(),
-            null(),
-            &t(&mut y, FR_F32),
-            null(),
-        )
-    };
+    let st = dropout_plain(&o, CPU, &t(&mut x, FR_F32), &t(&mut y, FR_F32));
     assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
     assert!(last().contains("p = 1.5"), "{}", last());
     o.p = 0.1;
     let mut short = vec![0f32; 3];
-    let st = unsafe {
-        fr_dropout_forward(
-            &o,
-            CPU,
-            &t(&mut x, FR_F32),
-            null(),
-            null(),
-            null(),
-            &t(&mut short, FR_F32),
-            null(),
-        )
-    };
+    let st = dropout_plain(&o, CPU, &t(&mut x, FR_F32), &t(&mut short, FR_F32));
     assert_eq!(st, FR_ERR_SHAPE, "{}", last());
     let mut h = vec![half::f16::ZERO; 4];
-    let st = unsafe {
-        fr_dropout_forward(
-            &o,
-            CPU,
-            &t(&mut x, FR_F32),
-            null(),
-            null(),
-            null(),
-            &t(&mut h, FR_F16),
-            null(),
-        )
-    };
+    let st = dropout_plain(&o, CPU, &t(&mut x, FR_F32), &t(&mut h, FR_F16));
     assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
     assert!(last().contains("dtype"), "{}", last());
     let st =
@@ -306,18 +297,7 @@ fn bad_input_is_a_status_with_a_message() {
         len: 4,
         dtype: FR_F32,
     };
-    let st = unsafe {
-        fr_dropout_forward(
-            &o,
-            CPU,
-            &bad,
-            null(),
-            null(),
-            null(),
-            &t(&mut y, FR_F32),
-            null(),
-        )
-    };
+    let st = dropout_plain(&o, CPU, &bad, &t(&mut y, FR_F32));
     assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
     assert!(last().contains("null data pointer"), "{}", last());
     // Without a GPU (or kernels), a GPU call is a clear error, not a crash.
@@ -326,18 +306,7 @@ fn bad_input_is_a_status_with_a_message() {
             device: 0,
             stream: null_mut(),
         };
-        let st = unsafe {
-            fr_dropout_forward(
-                &o,
-                gpu,
-                &t(&mut x, FR_F32),
-                null(),
-                null(),
-                null(),
-                &t(&mut y, FR_F32),
-                null(),
-            )
-        };
+        let st = dropout_plain(&o, gpu, &t(&mut x, FR_F32), &t(&mut y, FR_F32));
         assert_eq!(st, FR_ERR_NO_DRIVER, "{}", last());
     }
 }
@@ -393,22 +362,18 @@ fn dropout_add_norm_keys_at_every_resolution() {
         o.mask_bits = bits;
         let (mut out, mut s) = (vec![0f32; n], vec![0f32; n]);
         let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-        let st = unsafe {
-            fr_dropout_add_norm_forward(
-                &o,
-                CPU,
-                &t(&mut x, FR_F32),
-                &t(&mut r, FR_F32),
-                &t(&mut g, FR_F32),
-                null(),
-                null(),
-                null(),
+        let st = dan_forward(
+            &o,
+            &t(&mut x, FR_F32),
+            Some(&t(&mut r, FR_F32)),
+            &t(&mut g, FR_F32),
+            [
                 &t(&mut out, FR_F32),
                 &t(&mut s, FR_F32),
                 &t(&mut mean, FR_F32),
                 &t(&mut rstd, FR_F32),
-            )
-        };
+            ],
+        );
         assert_eq!(st, FR_OK, "mask_bits {bits}: {}", last());
         let cfg = Config::new(rows, cols, Norm::LayerNorm, o.eps)
             .unwrap()
@@ -439,22 +404,18 @@ fn dropout_add_norm_keys_at_every_resolution() {
     (o.rows, o.cols, o.mask_bits) = (rows as i64, cols as i64, 4);
     let (mut out, mut s) = (vec![0f32; n], vec![0f32; n]);
     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-    let st = unsafe {
-        fr_dropout_add_norm_forward(
-            &o,
-            CPU,
-            &t(&mut x, FR_F32),
-            null(),
-            &t(&mut g, FR_F32),
-            null(),
-            null(),
-            null(),
+    let st = dan_forward(
+        &o,
+        &t(&mut x, FR_F32),
+        None,
+        &t(&mut g, FR_F32),
+        [
             &t(&mut out, FR_F32),
             &t(&mut s, FR_F32),
             &t(&mut mean, FR_F32),
             &t(&mut rstd, FR_F32),
-        )
-    };
+        ],
+    );
     assert_ne!(st, FR_OK);
     assert!(last().contains("use 32 or 16 or 8"), "{}", last());
 }
