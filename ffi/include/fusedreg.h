@@ -9,8 +9,9 @@
 #include <stddef.h>
 
 // The ABI version: bumped on every incompatible change of a struct or a signature. Python
-// checks it against the version it was written for.
-#define FR_ABI_VERSION 1
+// checks it against the version it was written for. 2: `fr_dropout_add_norm_forward` takes a
+// Block Influence site (`stats`).
+#define FR_ABI_VERSION 2
 
 // Activation code of `bias_act_dropout`: GELU with erf.
 #define FR_ACT_GELU_ERF 0
@@ -349,7 +350,10 @@ FrStatus fr_dropout_backward(const FrOptions *options,
 // `[cols]`, `beta` / `bias` (optional, `[cols]`), `rowscale` (optional f32 `[rows]`; with a
 // drop path in the options it is generated instead). Outputs: `out` (x's dtype), `s` (the new
 // residual stream: x's dtype or float32), `mean` and `rstd` (f32 `[rows]`, kept for the
-// backward). `s` may be the residual itself (in place).
+// backward). `s` may be the residual itself (in place). `stats` (optional, int64, 3 elements:
+// one Block Influence site's `cos_sum`, `rows`, `nonfinite`, zeroed by the caller to start; host
+// memory on the CPU, device memory on the GPU) accumulates this call's rows (see the library's
+// `redundancy` module); it needs a residual for a meaningful BI.
 FrStatus fr_dropout_add_norm_forward(const FrOptions *options,
                                      FrExec exec,
                                      const FrTensor *x,
@@ -361,7 +365,8 @@ FrStatus fr_dropout_add_norm_forward(const FrOptions *options,
                                      const FrTensor *out,
                                      const FrTensor *s,
                                      const FrTensor *mean,
-                                     const FrTensor *rstd);
+                                     const FrTensor *rstd,
+                                     const FrTensor *stats);
 
 // Backward from `d_out` and (optional) `d_s`, the gradient reaching the new stream directly.
 // Reads `s`, `gamma`, `mean`, `rstd` (and `rowscale` when the forward had one) and regenerates

@@ -96,6 +96,13 @@ impl FfiError {
             message: msg.into(),
         }
     }
+
+    pub fn shape(msg: impl Into<String>) -> Self {
+        FfiError {
+            status: FR_ERR_SHAPE,
+            message: msg.into(),
+        }
+    }
 }
 
 impl From<fusedreg::Error> for FfiError {
@@ -157,8 +164,9 @@ pub extern "C" fn fr_last_error() -> *const c_char {
 }
 
 /// The ABI version: bumped on every incompatible change of a struct or a signature. Python
-/// checks it against the version it was written for.
-pub const FR_ABI_VERSION: u32 = 1;
+/// checks it against the version it was written for. 2: `fr_dropout_add_norm_forward` takes a
+/// Block Influence site (`stats`).
+pub const FR_ABI_VERSION: u32 = 2;
 
 /// [`FR_ABI_VERSION`] of the loaded library.
 #[no_mangle]

@@ -113,6 +113,11 @@ impl Elem for i32 {
 impl Elem for i64 {
     const CODE: FrDtype = FR_I64;
 }
+/// Counters (the Block Influence accumulators): int64 tensors in the ABI (torch has no general
+/// uint64), read as the same bits.
+impl Elem for u64 {
+    const CODE: FrDtype = FR_I64;
+}
 /// Flag words: the ABI passes them as int32 (torch has no general uint32), the library reads
 /// the same bits as u32.
 impl Elem for u32 {
@@ -148,6 +153,28 @@ pub(crate) unsafe fn host<'a, T: Elem>(op: &str, what: &str, t: &FrTensor) -> Ff
     }
     // SAFETY: the caller's contract; non-null and aligned were checked.
     Ok(unsafe { std::slice::from_raw_parts(t.data as *const T, t.len as usize) })
+}
+
+/// One Block Influence site's caller-owned host words (int64 `[3]`) and a cell holding their
+/// value for the CPU reference's meter; the caller writes the cell back into the words.
+///
+/// # Safety
+///
+/// As [`host_mut`].
+pub(crate) unsafe fn host_site<'a>(
+    op: &str,
+    t: &FrTensor,
+) -> FfiResult<(&'a mut [u64], std::cell::Cell<fusedreg::redundancy::SiteStats>)> {
+    use fusedreg::redundancy::{SiteStats, WORDS_PER_SITE};
+    // SAFETY: the caller's contract.
+    let words = unsafe { host_mut::<u64>(op, "stats", t)? };
+    let w: [u64; WORDS_PER_SITE] = words.try_into().map_err(|_| {
+        FfiError::shape(format!(
+            "{op}: `stats` has {} elements; a Block Influence site is {WORDS_PER_SITE} int64 words",
+            words.len()
+        ))
+    })?;
+    Ok((words, std::cell::Cell::new(SiteStats::from_words(w))))
 }
 
 /// A host tensor as a mutable slice.

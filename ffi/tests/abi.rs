@@ -34,19 +34,35 @@ fn dropout_plain(o: &FrOptions, exec: FrExec, x: &FrTensor, y: &FrTensor) -> FrS
 }
 
 /// `fr_dropout_add_norm_forward` with gamma only (no bias, beta or row scale): x and an optional
-/// residual in; out, s, mean and rstd out.
+/// residual in; out, s, mean and rstd out; `stats`, when given, a Block Influence site's words.
 fn dan_forward(
     o: &FrOptions,
     x: &FrTensor,
     r: Option<&FrTensor>,
     g: &FrTensor,
     outs: [&FrTensor; 4],
+    stats: Option<&FrTensor>,
 ) -> FrStatus {
     let r = r.map_or(null(), |r| r as *const FrTensor);
+    let stats = stats.map_or(null(), |w| w as *const FrTensor);
     let [out, s, mean, rstd] = outs;
     // SAFETY: as in `dropout_plain`.
     unsafe {
-        fr_dropout_add_norm_forward(o, CPU, x, r, g, null(), null(), null(), out, s, mean, rstd)
+        fr_dropout_add_norm_forward(
+            o,
+            CPU,
+            x,
+            r,
+            g,
+            null(),
+            null(),
+            null(),
+            out,
+            s,
+            mean,
+            rstd,
+            stats,
+        )
     }
 }
 
@@ -373,6 +389,7 @@ fn dropout_add_norm_keys_at_every_resolution() {
                 &t(&mut mean, FR_F32),
                 &t(&mut rstd, FR_F32),
             ],
+            None,
         );
         assert_eq!(st, FR_OK, "mask_bits {bits}: {}", last());
         let cfg = Config::new(rows, cols, Norm::LayerNorm, o.eps)
@@ -415,7 +432,78 @@ fn dropout_add_norm_keys_at_every_resolution() {
             &t(&mut mean, FR_F32),
             &t(&mut rstd, FR_F32),
         ],
+            None,
     );
     assert_ne!(st, FR_OK);
     assert!(last().contains("use 32 or 16 or 8"), "{}", last());
+}
+
+#[test]
+fn dropout_add_norm_measures_block_influence() {
+    use fusedreg::dropout_add_norm::{cpu, Config, Norm};
+    use fusedreg::redundancy::{cpu::Redundancy, SiteStats};
+    let (rows, cols) = (7usize, 33usize);
+    let n = rows * cols;
+    let (mut x, mut r, mut g) = (randn(n, 21), randn(n, 22), randn(cols, 23));
+    let mut o = fr_options_default();
+    (o.rows, o.cols) = (rows as i64, cols as i64);
+    let (mut out, mut s) = (vec![0f32; n], vec![0f32; n]);
+    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+    // Two calls into one site: the words accumulate (the caller zeroes them to start).
+    let mut words = [0i64; 3];
+    for _ in 0..2 {
+        let st = dan_forward(
+            &o,
+            &t(&mut x, FR_F32),
+            Some(&t(&mut r, FR_F32)),
+            &t(&mut g, FR_F32),
+            [
+                &t(&mut out, FR_F32),
+                &t(&mut s, FR_F32),
+                &t(&mut mean, FR_F32),
+                &t(&mut rstd, FR_F32),
+            ],
+            Some(&t(&mut words, FR_I64)),
+        );
+        assert_eq!(st, FR_OK, "{}", last());
+    }
+    let cfg = Config::new(rows, cols, Norm::LayerNorm, o.eps).unwrap();
+    let meter = Redundancy::new(1).unwrap();
+    for _ in 0..2 {
+        let (mut wout, mut ws) = (vec![0f32; n], vec![0f32; n]);
+        let (mut wmean, mut wrstd) = (vec![0f32; rows], vec![0f32; rows]);
+        let args = cpu::ForwardArgs {
+            residual: Some(&r),
+            redundancy: Some(meter.site(0).unwrap()),
+            ..cpu::ForwardArgs::new(&x, &g)
+        };
+        let wo = cpu::ForwardOut {
+            out: &mut wout,
+            s: &mut ws,
+            mean: &mut wmean,
+            rstd: &mut wrstd,
+        };
+        cpu::forward(&cfg, args, wo).unwrap();
+        assert_eq!((&out, &s), (&wout, &ws), "the statistics leave the outputs alone");
+    }
+    let want = meter.stats().unwrap()[0];
+    assert_eq!(want.rows, 2 * rows as u64);
+    assert_eq!(SiteStats::from_words(words.map(|w| w as u64)), want);
+    // A site is three words: anything else is a shape error naming them.
+    let mut short = [0i64; 2];
+    let st = dan_forward(
+        &o,
+        &t(&mut x, FR_F32),
+        Some(&t(&mut r, FR_F32)),
+        &t(&mut g, FR_F32),
+        [
+            &t(&mut out, FR_F32),
+            &t(&mut s, FR_F32),
+            &t(&mut mean, FR_F32),
+            &t(&mut rstd, FR_F32),
+        ],
+        Some(&t(&mut short, FR_I64)),
+    );
+    assert_eq!(st, FR_ERR_SHAPE, "{}", last());
+    assert!(last().contains("3 int64 words"), "{}", last());
 }

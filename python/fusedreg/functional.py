@@ -58,19 +58,30 @@ def dropout_add_norm(x: Tensor, weight: Tensor, keys: Keys | Tensor, site: int, 
                      norm_bias: Tensor | None = None, norm: str = "layer", eps: float = 1e-5,
                      layer_scale: float = 1.0, p: float = 0.0, drop_path: float = 0.0,
                      rows_per_sample: int = 1, stream_f32: bool = False,
-                     mask_bits: int = 32) -> tuple[Tensor, Tensor]:
+                     mask_bits: int = 32, stats: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``s = residual + rowscale · dropout(x + bias)``, ``out = norm(s) · layer_scale``;
     returns ``(out, s)`` (``s`` is the new residual stream: prenorm).
 
     ``mask_bits``: 32, 16 or 8 bits of the generator per element (16: half the generator work,
     ``p`` quantised to 2^-16; 8: a quarter, ``p`` quantised to 2^-8); kept elements are scaled
-    at the probability applied, so the output stays unbiased."""
+    at the probability applied, so the output stays unbiased.
+
+    ``stats``: a Block Influence site's words (``fusedreg.Redundancy.site(i)``, int64 ``[3]``)
+    that this call's rows are added to (``cos(residual, s)`` per row); None: not measured."""
     if norm not in L.NORM:
         raise ValueError(f"norm = {norm!r}; use 'layer' or 'rms'")
-    out, s, _, _ = _F.dropout_add_norm.default(
-        x, residual, bias, weight, norm_bias, _kt(keys), site, L.NORM[norm], float(eps),
-        float(layer_scale), float(p), float(drop_path), int(rows_per_sample), bool(stream_f32),
-        int(mask_bits))
+    args = (x, residual, bias, weight, norm_bias, _kt(keys), site, L.NORM[norm], float(eps),
+            float(layer_scale), float(p), float(drop_path), int(rows_per_sample),
+            bool(stream_f32), int(mask_bits))
+    if stats is None:
+        out, s, _, _ = _F.dropout_add_norm.default(*args)
+        return out, s
+    if stats.dtype != torch.int64 or stats.shape != (3,):
+        raise ValueError(f"fusedreg.dropout_add_norm: `stats` is {stats.dtype} "
+                         f"{tuple(stats.shape)}; a Block Influence site is int64 [3] "
+                         "(fusedreg.Redundancy.site(i))")
+    out, s, _, _, words = _F.dropout_add_norm_measured.default(*args)
+    stats.add_(words)
     return out, s
 
 

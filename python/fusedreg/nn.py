@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from . import functional as F
 from . import _lib as L
 from .keys import Keys, default_keys, next_site
+from .redundancy import Redundancy
 
 
 class _Site(nn.Module):
@@ -103,15 +104,26 @@ class DropoutAddNorm(_Site):
         self.weight = nn.Parameter(torch.ones(hidden, device=device, dtype=dtype))
         self.bias = (nn.Parameter(torch.zeros(hidden, device=device, dtype=dtype))
                      if L.NORM[norm] == 0 else None)
+        self.meter, self.meter_site = None, 0
+
+    def measure(self, meter: Redundancy | None, site: int = 0) -> DropoutAddNorm:
+        """Adds every later call's Block Influence rows to ``meter``'s site ``site``
+        (``cos(residual, s)`` per row: the sub-block that produced ``x``); None stops measuring.
+        Returns the module."""
+        if meter is not None:
+            meter.site(site)  # checks the index now, not at the first call
+        self.meter, self.meter_site = meter, int(site)
+        return self
 
     def forward(self, x: Tensor, residual: Tensor | None = None,
                 x_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        stats = None if self.meter is None else self.meter.site(self.meter_site)
         return F.dropout_add_norm(
             x, self.weight, self.keys, self.site, residual=residual, bias=x_bias,
             norm_bias=self.bias, norm=self.norm, eps=self.eps, layer_scale=self.layer_scale,
             p=self._p(self.p), drop_path=self._p(self.drop_path),
             rows_per_sample=self.rows_per_sample, stream_f32=self.stream_f32,
-            mask_bits=self.mask_bits)
+            mask_bits=self.mask_bits, stats=stats)
 
 
 class CrossEntropyLoss(nn.Module):

@@ -478,11 +478,16 @@ def _drop_add_fake(residual, x, bias, keys, site, p, path_p, rows_per_sample, ma
 # dropout_add_norm
 
 
-_lib.define(
-    "dropout_add_norm(Tensor x, Tensor? residual, Tensor? bias, Tensor gamma, Tensor? beta, "
+_DAN_ARGS = (
+    "(Tensor x, Tensor? residual, Tensor? bias, Tensor gamma, Tensor? beta, "
     "Tensor keys, int site, int norm, float eps, float layer_scale, float p, float path_p, "
-    "int rows_per_sample, bool stream_f32, int mask_bits=32) -> (Tensor, Tensor, Tensor, Tensor)"
+    "int rows_per_sample, bool stream_f32, int mask_bits=32)"
 )
+_lib.define("dropout_add_norm" + _DAN_ARGS + " -> (Tensor, Tensor, Tensor, Tensor)")
+# The same op that also returns this call's Block Influence words (int64 [3]: cos_sum, rows,
+# nonfinite), which the caller adds to its meter: a functional op (autograd formulas need one),
+# kept apart so the unmeasured call allocates nothing more.
+_lib.define("dropout_add_norm_measured" + _DAN_ARGS + " -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 _lib.define(
     "dropout_add_norm_backward(Tensor d_out, Tensor? d_s, Tensor s, Tensor gamma, Tensor mean, "
     "Tensor rstd, Tensor keys, int site, int norm, float eps, float layer_scale, float p, "
@@ -505,11 +510,8 @@ def _dan_shapes(x, stream_f32):
     return rows, sd
 
 
-@torch.library.impl(_lib, "dropout_add_norm", "CPU")
-@torch.library.impl(_lib, "dropout_add_norm", "CUDA")
-def _dan(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale, p, path_p,
-         rows_per_sample, stream_f32, mask_bits=32):
-    op = "dropout_add_norm"
+def _dan_run(op, x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale, p, path_p,
+             rows_per_sample, stream_f32, mask_bits, stats):
     _check(op, "x", x)
     o = _dan_opts(op, x, keys, site, norm, eps, layer_scale, p, path_p, rows_per_sample, mask_bits)
     rows, sd = _dan_shapes(x, stream_f32)
@@ -521,8 +523,25 @@ def _dan(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale, p, 
     mean = x.new_empty((rows,), dtype=torch.float32)
     rstd = x.new_empty((rows,), dtype=torch.float32)
     _run(L.lib.fr_dropout_add_norm_forward, o, x, x, residual, gamma, beta, bias, None,
-         out, s, mean, rstd)
+         out, s, mean, rstd, stats)
     return out, s, mean, rstd
+
+
+@torch.library.impl(_lib, "dropout_add_norm", "CPU")
+@torch.library.impl(_lib, "dropout_add_norm", "CUDA")
+def _dan(*args):
+    return _dan_run("dropout_add_norm", *_dan_defaults(args), None)
+
+
+@torch.library.impl(_lib, "dropout_add_norm_measured", "CPU")
+@torch.library.impl(_lib, "dropout_add_norm_measured", "CUDA")
+def _dan_measured(*args):
+    stats = torch.zeros((3,), dtype=torch.int64, device=args[0].device)
+    return _dan_run("dropout_add_norm_measured", *_dan_defaults(args), stats) + (stats,)
+
+
+def _dan_defaults(args):
+    return args if len(args) == 15 else args + (32,)
 
 
 @torch.library.register_fake("fusedreg::dropout_add_norm", lib=_lib)
@@ -532,6 +551,12 @@ def _dan_fake(x, residual, bias, gamma, beta, keys, site, norm, eps, layer_scale
     rows = x.numel() // x.shape[-1]
     return (torch.empty_like(x), torch.empty_like(x, dtype=sd),
             x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.register_fake("fusedreg::dropout_add_norm_measured", lib=_lib)
+def _dan_measured_fake(*args):
+    x = args[0]
+    return _dan_fake(*args) + (x.new_empty((3,), dtype=torch.int64),)
 
 
 @torch.library.impl(_lib, "dropout_add_norm_backward", "CPU")
@@ -568,15 +593,15 @@ def _dan_bwd_fake(d_out, d_s, s, gamma, mean, rstd, keys, site, norm, eps, layer
 
 def _dan_setup(ctx, inputs, output):
     x, residual, bias, gamma, beta, keys, site, norm, eps, ls, p, path_p, rps, sf32, bits = inputs
-    out, s, mean, rstd = output
+    out, s, mean, rstd = output[:4]
     ctx.save_for_backward(s, gamma, mean, rstd, keys)
     ctx.args = (site, norm, eps, ls, p, path_p, rps)
     ctx.has = (residual is not None, beta is not None, bias is not None)
     ctx.bits = bits
-    ctx.mark_non_differentiable(mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd, *output[4:])
 
 
-def _dan_grad(ctx, d_out, d_s, _d_mean, _d_rstd):
+def _dan_grad(ctx, d_out, d_s, _d_mean, _d_rstd, *_d_words):
     s, gamma, mean, rstd, keys = ctx.saved_tensors
     has_res, has_beta, has_bias = ctx.has
     if d_out is None:
@@ -588,8 +613,8 @@ def _dan_grad(ctx, d_out, d_s, _d_mean, _d_rstd):
             dbeta if has_beta else None) + (None,) * 10
 
 
-torch.library.register_autograd(
-    "fusedreg::dropout_add_norm", _dan_grad, setup_context=_dan_setup, lib=_lib)
+for _name in ("fusedreg::dropout_add_norm", "fusedreg::dropout_add_norm_measured"):
+    torch.library.register_autograd(_name, _dan_grad, setup_context=_dan_setup, lib=_lib)
 
 
 __all__ = []

@@ -182,3 +182,15 @@ def test_cuda_graph_capture_of_a_training_step(cuda):
     torch.cuda.synchronize()
     assert torch.isfinite(loss).item()
     assert any(not torch.equal(a, b) for a, b in zip(before, params)), "the replay stepped"
+
+
+def test_block_influence_words_are_the_cpu_words(cuda):
+    k = fusedreg.Keys(4, 1)
+    x, r, g = torch.randn(129, 96), torch.randn(129, 96), torch.randn(96)
+    words = []
+    for dev in ("cpu", cuda):
+        meter = fusedreg.Redundancy(1, device=dev)
+        F.dropout_add_norm(x.to(dev), g.to(dev), k, 3, residual=r.to(dev), p=0.1,
+                           stats=meter.site(0))
+        words.append(meter.acc.cpu())
+    assert torch.equal(words[0], words[1]), "integer accumulators: the same bits on both"

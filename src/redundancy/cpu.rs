@@ -32,7 +32,16 @@ pub struct Site<'a> {
     cell: &'a Cell<SiteStats>,
 }
 
-impl Site<'_> {
+impl<'a> Site<'a> {
+    /// A site over a caller-owned cell (for the C ABI, whose caller owns the accumulators as
+    /// words: [`SiteStats::from_words`] in, [`SiteStats::to_words`] out). A [`Redundancy`] hands
+    /// out its own sites.
+    #[doc(hidden)]
+    pub fn of_cell(cell: &'a Cell<SiteStats>) -> Self {
+        Site { cell }
+    }
+
+
     /// Adds one row's outcome to the site.
     ///
     /// # Examples

@@ -57,6 +57,19 @@ pub struct Site<'a> {
     pub(crate) words: CudaViewMut<'a, u64>,
 }
 
+impl<'a> Site<'a> {
+    /// A site over `WORDS_PER_SITE` caller-owned device words (`cos_sum`, `rows`, `nonfinite`;
+    /// zero them to start), for callers that own the accumulators themselves: the C ABI and
+    /// the Python package, whose meter is a tensor. A [`Redundancy`] hands out its own sites.
+    ///
+    /// Errors: [`Error::ShapeMismatch`] when `words` is not 3 words long.
+    #[doc(hidden)]
+    pub fn from_words(words: CudaViewMut<'a, u64>) -> Result<Self> {
+        crate::error::check_len(OP, "site words", words.len(), WORDS_PER_SITE)?;
+        Ok(Site { words })
+    }
+}
+
 impl std::fmt::Debug for Site<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Site").finish_non_exhaustive()
@@ -147,7 +160,7 @@ impl Redundancy {
         words
             .chunks_exact(WORDS_PER_SITE)
             .enumerate()
-            .map(|(i, w)| SiteStats::from_words(w).checked(i))
+            .map(|(i, w)| SiteStats::from_words([w[0], w[1], w[2]]).checked(i))
             .collect()
     }
 

@@ -236,13 +236,31 @@ impl SiteStats {
         self.mean_cos().map(|c| 1.0 - c)
     }
 
-    /// From the device's three words.
-    pub(crate) fn from_words(w: &[u64]) -> Self {
+    /// From a site's [`WORDS_PER_SITE`] words as the device (and the C ABI's caller-owned
+    /// accumulators) hold them: `cos_sum` (two's complement), `rows`, `nonfinite`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::redundancy::SiteStats;
+    /// let s = SiteStats { cos_sum: -5, rows: 7, nonfinite: 1 };
+    /// assert_eq!(SiteStats::from_words(s.to_words()), s);
+    /// ```
+    pub fn from_words(w: [u64; WORDS_PER_SITE]) -> Self {
         SiteStats {
             cos_sum: w[0] as i64,
             rows: w[1],
             nonfinite: w[2],
         }
+    }
+
+    /// The site's words, the inverse of [`from_words`](Self::from_words).
+    ///
+    /// # Examples
+    ///
+    /// See [`from_words`](Self::from_words).
+    pub fn to_words(&self) -> [u64; WORDS_PER_SITE] {
+        [self.cos_sum as u64, self.rows, self.nonfinite]
     }
 
     /// Errors when the site has seen too many rows for `cos_sum` to be trusted.
@@ -332,6 +350,7 @@ mod tests {
             nonfinite: 1,
         };
         let w = [s.cos_sum as u64, s.rows, s.nonfinite];
-        assert_eq!(SiteStats::from_words(&w), s);
+        assert_eq!(SiteStats::from_words(w), s);
+        assert_eq!(s.to_words(), w);
     }
 }

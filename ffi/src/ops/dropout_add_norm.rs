@@ -2,9 +2,11 @@
 //! `out = norm(s) · layer_scale` (LayerNorm or RMSNorm), the entry of a pre-norm block.
 
 use fusedreg::dropout_add_norm::{self as dan, cpu, Config, Norm};
-use fusedreg::{Dtype, Handle};
+use fusedreg::{redundancy, Dtype, Handle};
 
-use crate::tensor::{dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor, FR_F32};
+use crate::tensor::{
+    dispatch_float, host, host_mut, host_site, opt, req, Borrowed, Elem, FrTensor, FR_F32,
+};
 use crate::{
     boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus, FR_NORM_LAYER, FR_NORM_RMS,
 };
@@ -38,7 +40,10 @@ fn config(o: &FrOptions) -> FfiResult<Config> {
 /// `[cols]`, `beta` / `bias` (optional, `[cols]`), `rowscale` (optional f32 `[rows]`; with a
 /// drop path in the options it is generated instead). Outputs: `out` (x's dtype), `s` (the new
 /// residual stream: x's dtype or float32), `mean` and `rstd` (f32 `[rows]`, kept for the
-/// backward). `s` may be the residual itself (in place).
+/// backward). `s` may be the residual itself (in place). `stats` (optional, int64, 3 elements:
+/// one Block Influence site's `cos_sum`, `rows`, `nonfinite`, zeroed by the caller to start; host
+/// memory on the CPU, device memory on the GPU) accumulates this call's rows (see the library's
+/// `redundancy` module); it needs a residual for a meaningful BI.
 #[no_mangle]
 pub unsafe extern "C" fn fr_dropout_add_norm_forward(
     options: *const FrOptions,
@@ -53,6 +58,7 @@ pub unsafe extern "C" fn fr_dropout_add_norm_forward(
     s: *const FrTensor,
     mean: *const FrTensor,
     rstd: *const FrTensor,
+    stats: *const FrTensor,
 ) -> FrStatus {
     boundary(|| {
         let o = FrOptions::read(OP, options)?;
@@ -68,6 +74,7 @@ pub unsafe extern "C" fn fr_dropout_add_norm_forward(
             s: req(OP, "s", s)?,
             mean: req(OP, "mean", mean)?,
             rstd: req(OP, "rstd", rstd)?,
+            stats: opt(OP, "stats", stats)?,
         };
         let h = exec.handle()?;
         let sd = t.s.dtype;
@@ -154,6 +161,7 @@ struct Fwd<'a> {
     s: &'a FrTensor,
     mean: &'a FrTensor,
     rstd: &'a FrTensor,
+    stats: Option<&'a FrTensor>,
 }
 
 struct Bwd<'a> {
@@ -186,6 +194,8 @@ fn forward<T: Dtype + Elem, S: Dtype + Elem>(
     // allowed alias (s = residual) is taken as one mutable view.
     match h {
         None => unsafe {
+            // The caller's words in a cell for the CPU reference's meter, written back after.
+            let stats = t.stats.map(|w| host_site(OP, w)).transpose()?;
             let args = cpu::ForwardArgs {
                 x: host::<T>(OP, "x", t.x)?,
                 residual: match t.residual {
@@ -199,8 +209,7 @@ fn forward<T: Dtype + Elem, S: Dtype + Elem>(
                     .rowscale
                     .map(|b| host::<f32>(OP, "rowscale", b))
                     .transpose()?,
-                // The Block Influence meter is not exposed through the C ABI yet.
-                redundancy: None,
+                redundancy: stats.as_ref().map(|(_, c)| redundancy::cpu::Site::of_cell(c)),
             };
             let out = cpu::ForwardOut {
                 out: host_mut::<T>(OP, "out", t.out)?,
@@ -212,6 +221,9 @@ fn forward<T: Dtype + Elem, S: Dtype + Elem>(
                 cpu::forward_inplace(cfg, args, out)?;
             } else {
                 cpu::forward(cfg, args, out)?;
+            }
+            if let Some((words, cell)) = stats {
+                words.copy_from_slice(&cell.get().to_words());
             }
         },
         Some(h) => unsafe {
@@ -238,11 +250,19 @@ fn forward<T: Dtype + Elem, S: Dtype + Elem>(
             let mut s = Borrowed::<S>::new(OP, "s", t.s, st)?;
             let mut mean = Borrowed::<f32>::new(OP, "mean", t.mean, st)?;
             let mut rstd = Borrowed::<f32>::new(OP, "rstd", t.rstd, st)?;
+            let mut stats = t
+                .stats
+                .map(|w| Borrowed::<u64>::new(OP, "stats", w, st))
+                .transpose()?;
             let mut args = dan::ForwardArgs::new(x.view(), gamma.view());
             args.residual = residual.as_ref().map(|r| r.view());
             args.beta = beta.as_ref().map(|b| b.view());
             args.bias = bias.as_ref().map(|b| b.view());
             args.rowscale = rowscale.as_ref().map(|b| b.view());
+            args.redundancy = stats
+                .as_mut()
+                .map(|w| redundancy::Site::from_words(w.view_mut()))
+                .transpose()?;
             let o = dan::ForwardOut {
                 out: out.view_mut(),
                 s: s.view_mut(),
