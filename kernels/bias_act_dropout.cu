@@ -529,8 +529,8 @@ __device__ __forceinline__ void bwd_rows(const BiasActDropoutBwdParams& p, uint6
         dx += BWD_UNROLL * stride;
         i += BWD_UNROLL * stride;
     }
-    if (rows % BWD_UNROLL != 0) {  // the remainder row
-        const Pack<T, V> gv = load_pack<T, V>(dy, V), hv = load_pack<T, V>(hs, V);
+    if (rows % BWD_UNROLL != 0) {
+        const Pack<T, V> gv = load_pack<T, V>(dy, V), hv = load_pack<T, V>(hs, V);  // the remainder row
         bwd_row<T, V, ACT, MATH, KEY, GEN>(p, gv, hv, dx, i, tm1, scale, b, acc);
     }
 }
