@@ -433,48 +433,105 @@ template <typename T, int V, uint32_t MATH> __device__ __forceinline__ void fwd(
     }
 }
 
-template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
-__device__ __forceinline__ void bwd_rows(const BiasActDropoutBwdParams& p, uint64_t c0, uint64_t s0, uint64_t s1,
-                                         const float (&b)[V], float (&acc)[V]) {
-    const uint64_t row0 = s0 + threadIdx.y;
-    if (row0 >= s1) return;
-    const bool add_bias = !p.h && p.bias;
-    // As in fwd_impl: pointers and the flat index step by `stride`, a row count bounds the loop.
+// The backward's keep decisions of one row visit. Unlike row_keep, the threshold is not tested
+// here: bwd_keyed tests it once per thread and passes GEN = false when the generator has no work
+// (threshold 0: all kept, tm1 = 0; threshold >= 2^bits: none kept, tm1 = 2^bits - 1), so the row
+// loop carries no per-row test. The words and kept(k) are row_keep's (the same RowKeep).
+template <int V, int KEY, bool GEN, typename P>
+__device__ __forceinline__ Keep<V, KEY> bwd_row_keep(const P& p, uint64_t i, uint32_t tm1) {
+    if constexpr (V == 1) {
+        return Keep<1, KEY>{scalar_keep_bit<KEY>(p, i)};
+    } else {
+        Keep<V, KEY> k;
+        k.r.tm1 = tm1;
+        if constexpr (!GEN) {
+#pragma unroll
+            for (int j = 0; j < k.r.NW; ++j) k.r.w[j] = 0xffffffffu;
+        } else if constexpr (KEY == KEY32) {  // word i % 4 of block i / 4
+#pragma unroll
+            for (int b = 0; b < V / 4; ++b) {
+                const uint4 w = philox_block(p.seed, p.call, (i >> 2) + b);
+                k.r.w[4 * b] = w.x, k.r.w[4 * b + 1] = w.y, k.r.w[4 * b + 2] = w.z, k.r.w[4 * b + 3] = w.w;
+            }
+        } else if constexpr (KEY == KEY16) {  // halfword i % 8 of block i / 8
+            const uint4 w = philox_block(p.seed, p.call, i >> 3);
+            const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+            const int base = V == 8 ? 0 : (int)((i & 4) >> 1);
+#pragma unroll
+            for (int j = 0; j < k.r.NW; ++j) k.r.w[j] = words[base + j];
+        } else {  // byte i % 16 of block i / 16
+            const uint4 w = philox_block(p.seed, p.call, i >> 4);
+            const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+            const int base = (int)((i & 15) >> 2);
+#pragma unroll
+            for (int j = 0; j < k.r.NW; ++j) k.r.w[j] = words[base + j];
+        }
+        return k;
+    }
+}
+
+// One row visit of the backward: V elements of dy and h (or x) in, V of dx out, the dbias
+// accumulators updated. b is the bias, or -0.0f where none is added (h given, or no bias):
+// h + (-0) is h exactly for every h (+0 + -0 = +0 under round-to-nearest), so the add is
+// unconditional. 16-bit results are packed in pairs (pack2: one F2FP per pair, the same
+// round-to-nearest-even bits as f32_to_bits).
+template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY, bool GEN>
+__device__ __forceinline__ void bwd_row(const BiasActDropoutBwdParams& p, const Pack<T, V>& gv, const Pack<T, V>& hv,
+                                        T* dx, uint64_t i, uint32_t tm1, float scale, const float (&b)[V],
+                                        float (&acc)[V]) {
+    const Keep<V, KEY> keep = bwd_row_keep<V, KEY, GEN>(p, i, tm1);
+    float d[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float h = __fadd_rn(hv.get(k), b[k]);
+        const float g = MATH == MATH_FAST ? fast_grad<ACT>(h) : act_grad(ACT, h);
+        d[k] = keep.kept(k) ? __fmul_rn(__fmul_rn(gv.get(k), scale), g) : 0.0f;
+        acc[k] = __fadd_rn(acc[k], d[k]);
+    }
+    Pack<T, V> dv;
+    if constexpr (sizeof(T) == 2 && V % 2 == 0) {
+#pragma unroll
+        for (int j = 0; j < V / 2; ++j) dv.w[j] = pack2<T>(d[2 * j], d[2 * j + 1]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) dv.set_raw(k, f32_to_bits<T>(d[k]));
+    }
+    store_pack<T, V>(dx, dv, V);
+}
+
+// This lane's rows row0, row0 + LANES, ... of the slab, in increasing order (so the dbias
+// partials are the same sums): whole trips of BWD_UNROLL rows with every load issued before any
+// math and no per-row test, then the remainder row. Pointers and the flat index step by `stride`
+// (no 64-bit multiply per row).
+template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY, bool GEN>
+__device__ __forceinline__ void bwd_rows(const BiasActDropoutBwdParams& p, uint64_t c0, uint64_t row0, uint64_t s1,
+                                         uint32_t tm1, const float (&b)[V], float (&acc)[V]) {
+    static_assert(BWD_UNROLL == 2, "the remainder below is one row");
+    const float scale = p.scale;
     const uint64_t stride = (uint64_t)LANES * p.cols;
     uint64_t i = row0 * p.cols + c0;
     const T* dy = reinterpret_cast<const T*>(p.dy) + i;
     const T* hs = reinterpret_cast<const T*>(p.h ? p.h : p.x) + i;
     T* dx = reinterpret_cast<T*>(p.dx) + i;
-    for (uint64_t left = (s1 - row0 + LANES - 1) / LANES; left > 0;) {
-        const int n = left < (uint64_t)BWD_UNROLL ? (int)left : BWD_UNROLL;
+    const uint64_t rows = (s1 - row0 + LANES - 1) / LANES;
+    for (uint64_t trips = rows / BWD_UNROLL; trips > 0; --trips) {
         Pack<T, V> gv[BWD_UNROLL], hv[BWD_UNROLL];
 #pragma unroll
         for (int u = 0; u < BWD_UNROLL; ++u) {
-            if (u < n) {
-                gv[u] = load_pack<T, V>(dy + u * stride, V);
-                hv[u] = load_pack<T, V>(hs + u * stride, V);
-            }
+            gv[u] = load_pack<T, V>(dy + u * stride, V);
+            hv[u] = load_pack<T, V>(hs + u * stride, V);
         }
 #pragma unroll
-        for (int u = 0; u < BWD_UNROLL; ++u) {
-            if (u >= n) break;
-            const Keep<V, KEY> keep = row_keep_of<V, KEY>(p, i);
-            Pack<T, V> dv;
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float h = add_bias ? __fadd_rn(hv[u].get(k), b[k]) : hv[u].get(k);
-                const float g = MATH == MATH_FAST ? fast_grad<ACT>(h) : act_grad(ACT, h);
-                const float d = keep.kept(k) ? __fmul_rn(__fmul_rn(gv[u].get(k), p.scale), g) : 0.0f;
-                dv.set_raw(k, f32_to_bits<T>(d));
-                acc[k] = __fadd_rn(acc[k], d);
-            }
-            store_pack<T, V>(dx + u * stride, dv, V);
-            i += stride;
-        }
-        dy += n * stride;
-        hs += n * stride;
-        dx += n * stride;
-        left -= n;
+        for (int u = 0; u < BWD_UNROLL; ++u)
+            bwd_row<T, V, ACT, MATH, KEY, GEN>(p, gv[u], hv[u], dx + u * stride, i + u * stride, tm1, scale, b, acc);
+        dy += BWD_UNROLL * stride;
+        hs += BWD_UNROLL * stride;
+        dx += BWD_UNROLL * stride;
+        i += BWD_UNROLL * stride;
+    }
+    if (rows % BWD_UNROLL != 0) {
+        const Pack<T, V> gv = load_pack<T, V>(dy, V), hv = load_pack<T, V>(hs, V);  // the remainder row
+        bwd_row<T, V, ACT, MATH, KEY, GEN>(p, gv, hv, dx, i, tm1, scale, b, acc);
     }
 }
 
@@ -490,11 +547,21 @@ __device__ __forceinline__ void bwd_keyed(const BiasActDropoutBwdParams& p, floa
     for (int k = 0; k < V; ++k) acc[k] = 0.0f;
     const uint64_t s0 = (uint64_t)blockIdx.y * p.slab_rows;
     const uint64_t s1 = min(s0 + p.slab_rows, p.rows);
-    if (active) {
-        float b[V];
+    const uint64_t row0 = s0 + threadIdx.y;
+    if (active && row0 < s1) {
+        float b[V];  // -0.0f: no bias added (see bwd_row)
 #pragma unroll
-        for (int k = 0; k < V; ++k) b[k] = (p.bias && !p.h) ? ld<T>(p.bias, c0 + k) : 0.0f;
-        bwd_rows<T, V, ACT, MATH, KEY>(p, c0, s0, s1, b, acc);
+        for (int k = 0; k < V; ++k) b[k] = (p.bias && !p.h) ? ld<T>(p.bias, c0 + k) : neg_zero();
+        // The generator's special thresholds, tested once per thread (see bwd_row_keep).
+        constexpr uint64_t ALL = KEY == KEY32 ? drop::THRESHOLD_ALL : KEY == KEY16 ? drop::THRESHOLD16_ALL
+                                                                                  : drop::THRESHOLD8_ALL;
+        if constexpr (V == 1)  // scalar_keep_bit tests the threshold itself
+            bwd_rows<T, V, ACT, MATH, KEY, true>(p, c0, row0, s1, 0u, b, acc);
+        else if (p.threshold != 0 && p.threshold < ALL)
+            bwd_rows<T, V, ACT, MATH, KEY, true>(p, c0, row0, s1, (uint32_t)p.threshold - 1u, b, acc);
+        else
+            bwd_rows<T, V, ACT, MATH, KEY, false>(p, c0, row0, s1, p.threshold == 0 ? 0u : (uint32_t)(ALL - 1), b,
+                                                  acc);
     }
     if (p.partials == nullptr) return;  // uniform across the block
 #pragma unroll
