@@ -149,9 +149,13 @@ __device__ __forceinline__ void colsum(const ColsumParams<T>& p) {
 // of P * SEG threads (256 * SEG when NG >= 2) with at most 65536 / (256 * SEG * MIN_BLOCKS)
 // registers per thread: 64 (32 warps per SM), 80 for the t2 forward (24 warps; it needs no more:
 // its grid loops over rows, while the backward's 4 blocks per SM take its 1024 slabs in 1.94
-// waves). No tier spills (ptxas, every dtype: the build's resources report). The backward of an
-// f32 stream (WIDE) holds one group per thread: its t8 would need 2048 threads, so rows past 8192
-// columns of an f32 stream take the generic backward.
+// waves). An f32 stream (WIDE) holds one group per thread up to t4; its t8 (rows of 8200 ..=
+// 16384 columns) holds two over 4 segments like the 16-bit t8 (one group per thread would need
+// 2048 threads): the forward takes its groups one at a time, the backward loads an f32 x's d_out
+// and gamma per group in pass A and d_s in pass B (bwd_rows). No tier spills (ptxas, every dtype:
+// the build's resources report) except that backward: 96 bytes of spill stores, 160 of loads per
+// thread (two groups of f32 s and w, or of s and d_out / gamma, against 64 registers; keying the
+// row first or re-reading s in pass B spilled more), local traffic that stays in L1.
 // src/dropout_add_norm/gpu.rs mirrors this table (block size, shared memory, availability).
 template <int NG, bool WIDE> struct Tier;
 template <bool WIDE> struct Tier<1, WIDE> { static constexpr int NGT = 1, SEG = 1, FWD_MIN = 4, BWD_MIN = 4; };
@@ -160,6 +164,7 @@ template <> struct Tier<4, false> { static constexpr int NGT = 2, SEG = 2, FWD_M
 template <> struct Tier<8, false> { static constexpr int NGT = 2, SEG = 4, FWD_MIN = 1, BWD_MIN = 1; };
 template <> struct Tier<2, true> { static constexpr int NGT = 1, SEG = 2, FWD_MIN = 2, BWD_MIN = 2; };
 template <> struct Tier<4, true> { static constexpr int NGT = 1, SEG = 4, FWD_MIN = 1, BWD_MIN = 1; };
+template <> struct Tier<8, true> { static constexpr int NGT = 2, SEG = 4, FWD_MIN = 1, BWD_MIN = 1; };
 
 // The tiers' entries: one launch runs one instantiation (LayerNorm or RMSNorm).
 template <typename T, typename S, int NG, bool STATS = false>
@@ -212,7 +217,7 @@ DAN_CHECK_SIZES(__half, float)
         bwd<T, S>(p);                                                                                 \
     }                                                                                                 \
     DAN_TIER(T, S, NAME, 1) DAN_TIER(T, S, NAME, 2) DAN_TIER(T, S, NAME, 4)
-// t8 exists for a 16-bit stream only (see Tier).
+// t8 (see Tier; its own macro so that the statistics entries below can leave it out).
 #define DAN_T8(T, S, NAME) DAN_TIER(T, S, NAME, 8)
 
 DAN_KERNELS(float, float, f32)
@@ -222,6 +227,9 @@ DAN_KERNELS(__half, float, f16_sf32)
 DAN_KERNELS(__nv_bfloat16, float, bf16_sf32)
 DAN_T8(__half, __half, f16)
 DAN_T8(__nv_bfloat16, __nv_bfloat16, bf16)
+DAN_T8(float, float, f32)
+DAN_T8(__half, float, f16_sf32)
+DAN_T8(__nv_bfloat16, float, bf16_sf32)
 
 // The forwards with the Block Influence statistics (stats.cuh): the same kernels with STATS on,
 // their own entries so that the default ones compile exactly as without them.

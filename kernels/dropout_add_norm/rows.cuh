@@ -562,7 +562,11 @@ template <int NGT> struct WStore<NGT, true> {
 // sequential order runs through the segments).
 template <typename T, typename S, int NGT, int SEG, bool RMS>
 __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
-    constexpr bool KEEP_W = sizeof(T) == 4;
+    // KEEP_W: w kept as f32, d_out and gamma loaded per group in pass A (w replaces them), d_s
+    // in pass B. An f32 T, and the f32 stream's t8 whatever T: its two groups of 16-bit d_out
+    // and gamma take as many registers as their w, which saves recomputing w twice.
+    constexpr bool KEEP_W = sizeof(T) == 4 || (sizeof(S) == 4 && NGT == 2);
+    constexpr bool LATE_DS = KEEP_W;
     auto& s_sum = sum_bufs<SEG, 2, 2>().sum;
     auto& s_chain = sum_bufs<SEG, 2, 2>().chain;
     const Layout<NGT, SEG> L(p.cols);
@@ -584,9 +588,11 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
         for (int j = 0; j < NGT; ++j) {
             if (!L.valid[j]) continue;
             sv[j] = ld8(p.s + base + L.col(j));
-            dv[j] = ld8(p.d_out + base + L.col(j));
-            gv[j] = ld8(p.gamma + L.col(j));
-            if (!KEEP_W && p.d_s != nullptr) dsv[j] = ld8(p.d_s + base + L.col(j));
+            if constexpr (!KEEP_W) {
+                dv[j] = ld8(p.d_out + base + L.col(j));
+                gv[j] = ld8(p.gamma + L.col(j));
+            }
+            if (!LATE_DS && p.d_s != nullptr) dsv[j] = ld8(p.d_s + base + L.col(j));
         }
         // xhat, g = d_out * layer_scale and w = g * gamma of element k of group j.
         auto xhat = [&](int j, int k) {
@@ -604,6 +610,12 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
 #pragma unroll
         for (int j = 0; j < NGT; ++j) {
             if (!L.valid[j]) continue;
+            if constexpr (KEEP_W) {
+                // Ordered behind the previous group's use (its w kept, its loads dead).
+                if (j > 0) asm volatile("" ::: "memory");
+                dv[j] = ld8(p.d_out + base + L.col(j));
+                gv[j] = ld8(p.gamma + L.col(j));
+            }
             float dg[GROUP], db[GROUP];
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
@@ -646,7 +658,7 @@ __device__ __forceinline__ void bwd_rows(const BwdParams<T, S>& p) {
         for (int j = 0; j < NGT; ++j) {
             if (!L.valid[j]) continue;
             const uint32_t c = L.col(j);
-            if (KEEP_W && p.d_s != nullptr) dsv[j] = ld8(p.d_s + base + c);
+            if (LATE_DS && p.d_s != nullptr) dsv[j] = ld8(p.d_s + base + c);
             bool kept[GROUP];
             group_keep(p.flags, p.seed, p.call, base + c, key.gen, key.t, kept);
             float ds[GROUP], dt[GROUP];

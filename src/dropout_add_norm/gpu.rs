@@ -5,9 +5,9 @@
 //! partials; hidden sizes up to 16384) runs a register tier: tier `NG` (1, 2, 4, 8 groups per
 //! partial) keeps the row in registers, split over `SEG` threads per partial, in blocks of
 //! `row_partials(cols) * SEG` threads ([`Tier`], mirroring `FwdTier` / `BwdTier` in the kernel).
-//! Everything else (odd or misaligned rows, longer rows, the backward of an f32 stream past 8192
-//! columns) runs the generic kernels: one block of `row_partials(cols)` threads loops over the
-//! row. Forward: a block per row, grid-stride (tiers: as many blocks as fit the GPU at once, so
+//! Everything else (odd or misaligned rows, rows past 16384 columns; the statistics forward of
+//! an f32 stream past 8192) runs the generic kernels: one block of `row_partials(cols)` threads
+//! loops over the row. Forward: a block per row, grid-stride (tiers: as many blocks as fit the GPU at once, so
 //! each block's setup is paid once for many rows). Backward: one block per slab of
 //! [`colsum_slab_rows`]`(rows)` rows, writing f32 column partials (`[3][slabs][cols]`, the wanted arrays
 //! only) that the colsum kernel adds in slab order.
@@ -133,7 +133,7 @@ const _: () = assert!(std::mem::size_of::<ColsumParams>() == 48);
 unsafe impl DeviceRepr for ColsumParams {}
 
 /// The kernels of one (x type, stream type) pair: the generic forward and backward, and the
-/// register tiers `t1, t2, t4, t8` (index `log2 NG`; an f32 stream has no t8).
+/// register tiers `t1, t2, t4, t8` (index `log2 NG`).
 struct Family {
     fwd: Kernel,
     bwd: Kernel,
@@ -154,13 +154,13 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
                 Some(K::DropoutAddNormFwdT1F32),
                 Some(K::DropoutAddNormFwdT2F32),
                 Some(K::DropoutAddNormFwdT4F32),
-                None,
+                Some(K::DropoutAddNormFwdT8F32),
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1F32),
                 Some(K::DropoutAddNormBwdT2F32),
                 Some(K::DropoutAddNormBwdT4F32),
-                None,
+                Some(K::DropoutAddNormBwdT8F32),
             ],
         },
         (F16, F16) => Family {
@@ -202,13 +202,13 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
                 Some(K::DropoutAddNormFwdT1F16Sf32),
                 Some(K::DropoutAddNormFwdT2F16Sf32),
                 Some(K::DropoutAddNormFwdT4F16Sf32),
-                None,
+                Some(K::DropoutAddNormFwdT8F16Sf32),
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1F16Sf32),
                 Some(K::DropoutAddNormBwdT2F16Sf32),
                 Some(K::DropoutAddNormBwdT4F16Sf32),
-                None,
+                Some(K::DropoutAddNormBwdT8F16Sf32),
             ],
         },
         (Bf16, _) => Family {
@@ -218,13 +218,13 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
                 Some(K::DropoutAddNormFwdT1Bf16Sf32),
                 Some(K::DropoutAddNormFwdT2Bf16Sf32),
                 Some(K::DropoutAddNormFwdT4Bf16Sf32),
-                None,
+                Some(K::DropoutAddNormFwdT8Bf16Sf32),
             ],
             bwd_t: [
                 Some(K::DropoutAddNormBwdT1Bf16Sf32),
                 Some(K::DropoutAddNormBwdT2Bf16Sf32),
                 Some(K::DropoutAddNormBwdT4Bf16Sf32),
-                None,
+                Some(K::DropoutAddNormBwdT8Bf16Sf32),
             ],
         },
     })
@@ -306,12 +306,13 @@ pub(super) struct Tier {
 
 /// The tier that holds a vector-path row of `cols` columns (the smallest NG >= the groups per
 /// partial), or `None` past the tiers. A 16-bit stream holds two groups per thread (t4 and t8
-/// over 2 and 4 segments), an f32 stream (`wide`) one (t2 and t4 over 2 and 4 segments) and has
-/// no t8: it would need 2048 threads.
+/// over 2 and 4 segments), an f32 stream (`wide`) one in t2 and t4 (over 2 and 4 segments) and
+/// two in t8 (over 4 segments: one would need 2048 threads).
 pub(super) fn tier(cols: usize, wide: bool) -> Option<Tier> {
     const NARROW: [Option<(usize, usize)>; 4] =
         [Some((1, 1)), Some((2, 1)), Some((2, 2)), Some((2, 4))];
-    const WIDE: [Option<(usize, usize)>; 4] = [Some((1, 1)), Some((1, 2)), Some((1, 4)), None];
+    const WIDE: [Option<(usize, usize)>; 4] =
+        [Some((1, 1)), Some((1, 2)), Some((1, 4)), Some((2, 4))];
     let per = (cols / GROUP).div_ceil(row_partials(cols));
     let index = (0..4).find(|&i| per <= 1 << i)?;
     let (ngt, seg) = if wide { WIDE[index] } else { NARROW[index] }?;
@@ -844,7 +845,7 @@ mod tests {
             let per = groups.div_ceil(p);
             for wide in [false, true] {
                 let Some(t) = tier(cols, wide) else {
-                    assert!(per > 8 || (wide && per > 4), "{cols} wide {wide}: no tier");
+                    assert!(per > 8, "{cols} wide {wide}: no tier");
                     continue;
                 };
                 let ng = 1 << t.index;
@@ -852,7 +853,7 @@ mod tests {
                 assert_eq!(t.ngt * t.seg, ng, "{cols}: {t:?}");
                 assert!(t.ngt <= 2 && p * t.seg <= 1024, "{cols}: {t:?}");
                 assert!(ng == 1 || p == 256, "{cols}: P = {p}");
-                assert!(!wide || t.ngt == 1, "{cols}: {t:?}");
+                assert!(!wide || t.ngt == 1 || t.index == 3, "{cols}: {t:?}");
             }
         }
         assert_eq!(
@@ -864,7 +865,10 @@ mod tests {
             Some((1, 1, 2))
         );
         assert_eq!(tier(16384, false).map(|t| (t.ngt, t.seg)), Some((2, 4)));
-        assert_eq!(tier(16384, true), None); // an f32 stream: the generic kernels
+        assert_eq!(tier(8192, true).map(|t| (t.ngt, t.seg)), Some((1, 4)));
+        assert_eq!(tier(8200, true).map(|t| (t.ngt, t.seg)), Some((2, 4)));
+        assert_eq!(tier(16384, true).map(|t| (t.ngt, t.seg)), Some((2, 4)));
         assert_eq!(tier(16392, false), None);
+        assert_eq!(tier(16392, true), None);
     }
 }

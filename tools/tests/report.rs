@@ -302,14 +302,21 @@ fn budget_record_covers_every_op_with_its_bytes() {
             ["dropout_residual", "fwd"] => per(dropout::fused_forward_bytes(Bf16, n, true, false)),
             ["bias_act_dropout", "fwd"] => per(bad::fused_forward_bytes(Bf16, n, false)),
             ["bias_act_dropout", "bwd"] => per(bad::fused_backward_bytes(Bf16, n)),
-            // dropout_add_norm.[generic.]{fwd,bwd}.{bf16,f32}.<norm>: x and the stream in one dtype.
+            // dropout_add_norm.[generic.]{fwd,bwd}.{bf16,f32}.<norm>: x and the stream in one
+            // dtype; .bf16_sf32.: bf16 x, an f32 stream (residual_in_f32).
             ["dropout_add_norm", _] => {
                 let parts: Vec<&str> = id.split('.').collect();
-                let t = if parts.contains(&"f32") { F32 } else { Bf16 };
-                if parts.contains(&"bwd") {
-                    per(dan::fused_backward_bytes(t, t, n, true, true))
+                let (t, s) = if parts.contains(&"f32") {
+                    (F32, F32)
+                } else if parts.contains(&"bf16_sf32") {
+                    (Bf16, F32)
                 } else {
-                    per(dan::fused_forward_bytes(t, t, n, true))
+                    (Bf16, Bf16)
+                };
+                if parts.contains(&"bwd") {
+                    per(dan::fused_backward_bytes(t, s, n, true, true))
+                } else {
+                    per(dan::fused_forward_bytes(t, s, n, true))
                 }
             }
             // Per logit: the per-row target and loss left out.

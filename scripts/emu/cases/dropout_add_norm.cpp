@@ -35,10 +35,11 @@ template <class T, class S> struct K;
             dropout_add_norm_bwd_t1_##NAME, dropout_add_norm_bwd_t2_##NAME, dropout_add_norm_bwd_t4_##NAME, \
             T8B};                                                                                    \
     };
-KS(float, float, f32, nullptr, nullptr)
+KS(float, float, f32, dropout_add_norm_fwd_t8_f32, dropout_add_norm_bwd_t8_f32)
 KS(__half, __half, f16, dropout_add_norm_fwd_t8_f16, dropout_add_norm_bwd_t8_f16)
 KS(__nv_bfloat16, __nv_bfloat16, bf16, dropout_add_norm_fwd_t8_bf16, dropout_add_norm_bwd_t8_bf16)
-KS(__half, float, f16_sf32, nullptr, nullptr) KS(__nv_bfloat16, float, bf16_sf32, nullptr, nullptr)
+KS(__half, float, f16_sf32, dropout_add_norm_fwd_t8_f16_sf32, dropout_add_norm_bwd_t8_f16_sf32)
+KS(__nv_bfloat16, float, bf16_sf32, dropout_add_norm_fwd_t8_bf16_sf32, dropout_add_norm_bwd_t8_bf16_sf32)
 template <class T> struct C;
 template <> struct C<float> { static constexpr auto colsum = dropout_add_norm_colsum_f32; };
 template <> struct C<__half> { static constexpr auto colsum = dropout_add_norm_colsum_f16; };
@@ -103,9 +104,10 @@ static int tier_of(uint64_t cols) {
 template <class V> static void put(FILE* f, const std::vector<V>& v) { fwrite(v.data(), sizeof(V), v.size(), f); }
 
 // Segments per partial of each tier (Tier in kernels/dropout_add_norm.cu): the block is
-// partials_of(cols) * segments threads. An f32 stream has its own table (and no t8).
+// partials_of(cols) * segments threads. An f32 stream has its own table (its t8 holds two groups
+// per thread over 4 segments, as a 16-bit stream's).
 template <class S> static unsigned segments(int tier) {
-    static const unsigned narrow[4] = {1, 1, 2, 4}, wide[4] = {1, 2, 4, 0};
+    static const unsigned narrow[4] = {1, 1, 2, 4}, wide[4] = {1, 2, 4, 4};
     return sizeof(S) == 4 ? wide[tier] : narrow[tier];
 }
 
@@ -400,5 +402,35 @@ int main(int argc, char** argv) {
                 }
             }
     stats_key_cases(idx, part, parts);
+    // The f32 stream's tier boundaries (t4 to its t8, t8 to the generic kernels: 8192, 8200,
+    // 16384, 16392 columns), added with its t8 (their own generator, after every earlier case):
+    // the pairs with an f32 stream, LayerNorm and RMSNorm, the vector path, d_s given or not.
+    const Shape fbound[] = {{2, 8192}, {1, 8200}, {2, 16384}, {1, 16392}};
+    std::mt19937_64 g4(20261208);
+    for (int pair : {0, 3, 4})
+        for (const Shape& sh : fbound)
+            for (int variant = 0; variant < 2; ++variant) {
+                Case c{};
+                c.rows = sh.rows; c.cols = sh.cols;
+                c.rms = variant & 1;
+                c.residual = g4() % 4 != 0;
+                c.in_place = c.residual && g4() % 3 == 0;
+                c.beta = g4() & 1; c.bias = g4() & 1; c.prenorm = g4() & 1;
+                c.vec = true;
+                c.specials = g4() % 4 == 0;
+                c.rs = (int)(g4() % 3);
+                c.p = rates[(variant + g4()) % 4];
+                c.p_path = 0.25;
+                c.layer = g4() & 1 ? 1 : 3;
+                c.max_grid = g4() & 1 ? 1u << 20 : 2u;
+                const uint64_t seed = g4();
+                const int k = idx++;
+                if (k % parts != part) continue;
+                switch (pair) {
+                    case 0: run<float, float>(c, seed, k); break;
+                    case 3: run<__half, float>(c, seed, k); break;
+                    default: run<__nv_bfloat16, float>(c, seed, k); break;
+                }
+            }
     return 0;
 }
