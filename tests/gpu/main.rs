@@ -20,6 +20,7 @@ mod global_norm;
 mod harness;
 mod philox;
 mod prelude;
+mod dropout_redundancy;
 mod redundancy;
 
 use libtest_mimic::Arguments;
@@ -38,6 +39,7 @@ fn main() {
     trials.extend(dropout::trials());
     trials.extend(dropout_add_norm::trials());
     trials.extend(redundancy::trials());
+    trials.extend(dropout_redundancy::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
     libtest_mimic::run(&args, trials).exit();
