@@ -197,7 +197,9 @@ fn zero_and_non_finite_rows_follow_the_contract() {
     cpu::forward(&cfg, &x, &mut y, opts).unwrap();
     let s = meter.stats().unwrap()[0];
     assert_eq!((s.rows, s.nonfinite), (1, 1));
-    assert_eq!(s.cos_sum, 1 << 32);
+    // Row 3: cos 1 up to the f32 rounding of its sums (the bound of the module docs).
+    let cos = s.cos_sum as f64 / (1u64 << 32) as f64;
+    assert!((cos - 1.0).abs() <= bound(cols), "{cos}");
     assert!(meter.bi().unwrap()[0].unwrap().is_nan());
     assert_eq!(row_cos(0.0, 0.0, 1.0), RowCos::Excluded);
 }

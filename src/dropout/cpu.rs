@@ -28,10 +28,10 @@
 //! ```
 
 use super::{Config, OP};
+use crate::dropout_add_norm::cpu::stat_sums;
 use crate::dropping::{
     backward_cpu, check_backward, check_forward, row_multiplier, row_scales, set_bit, ForwardLens,
 };
-use crate::dropout_add_norm::cpu::stat_sums;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::redundancy::row_cos;
@@ -80,7 +80,11 @@ pub fn forward<T: Dtype>(
         &forward_lens(x, opts.residual.map(<[T]>::len), Some(y.len()), &opts),
     )?;
     let residual = opts.residual;
-    super::check_redundancy(opts.redundancy.is_some(), residual.is_some(), opts.mask_out.is_some())?;
+    super::check_redundancy(
+        opts.redundancy.is_some(),
+        residual.is_some(),
+        opts.mask_out.is_some(),
+    )?;
     if let Some(r) = residual {
         y.copy_from_slice(r);
     }

@@ -6,12 +6,12 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::cpu::IN_PLACE_RESIDUAL;
 use super::{BackwardOptions, Config, ForwardOptions, OP};
+use crate::dropout_add_norm::row_partials;
 use crate::dropping::gpu::{
     aligned16, backward as backward_op, geometry, resolution_flag, row_scale_fields, segments,
     zero_mask, BackwardKernels, Geometry, Segment, Slabs, BWD_SLAB_ROWS, FLAG_UNROLL,
     FWD_SLAB_ROWS,
 };
-use crate::dropout_add_norm::row_partials;
 use crate::dropping::{check_forward, ForwardLens, MaskResolution};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};

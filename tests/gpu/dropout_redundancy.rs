@@ -33,7 +33,11 @@ const SHAPES: [(usize, usize); 6] = [(7, 1), (9, 99), (33, 64), (20, 264), (4, 4
 fn matches_cpu<T: Dtype>(h: &Handle) -> R<()> {
     let st = h.stream();
     let mut meter = Redundancy::new(h, 2).map_err(e2s)?;
-    let resolutions = [MaskResolution::Bits32, MaskResolution::Bits16, MaskResolution::Bits8];
+    let resolutions = [
+        MaskResolution::Bits32,
+        MaskResolution::Bits16,
+        MaskResolution::Bits8,
+    ];
     for (k, &(rows, cols)) in SHAPES.iter().enumerate() {
         for (j, &res) in resolutions.iter().enumerate() {
             for in_place in [false, true] {
@@ -66,14 +70,21 @@ fn matches_cpu<T: Dtype>(h: &Handle) -> R<()> {
                 }
                 let want = cm.stats().map_err(e2s)?[0];
                 meter.reset().map_err(e2s)?;
-                let (xd, bd) = (st.clone_htod(&x).map_err(e2s)?, st.clone_htod(&b).map_err(e2s)?);
+                let (xd, bd) = (
+                    st.clone_htod(&x).map_err(e2s)?,
+                    st.clone_htod(&b).map_err(e2s)?,
+                );
                 for _ in 0..2 {
                     let rd = st.clone_htod(&r).map_err(e2s)?;
                     let mut yd = st.alloc_zeros::<T>(n).map_err(e2s)?;
                     let site = Some(meter.site(1).map_err(e2s)?);
                     let y = if in_place {
                         let mut rd = rd;
-                        let opts = ForwardOptions { bias: Some(bd.as_view()), redundancy: site, ..Default::default() };
+                        let opts = ForwardOptions {
+                            bias: Some(bd.as_view()),
+                            redundancy: site,
+                            ..Default::default()
+                        };
                         dr::forward_inplace(h, &cfg, &xd, &mut rd, opts).map_err(e2s)?;
                         st.clone_dtoh(&rd).map_err(e2s)?
                     } else {
@@ -108,7 +119,10 @@ fn bad_input_is_an_error(h: &Handle) -> R<()> {
     let mut meter = Redundancy::new(h, 1).map_err(e2s)?;
     let x = st.alloc_zeros::<f32>(cfg.len()).map_err(e2s)?;
     let mut y = st.alloc_zeros::<f32>(cfg.len()).map_err(e2s)?;
-    let opts = ForwardOptions { redundancy: Some(meter.site(0).map_err(e2s)?), ..Default::default() };
+    let opts = ForwardOptions {
+        redundancy: Some(meter.site(0).map_err(e2s)?),
+        ..Default::default()
+    };
     if dr::forward(h, &cfg, &x, &mut y, opts).is_ok() {
         return Err("a site without a residual was accepted".into());
     }

@@ -15,12 +15,12 @@ mod common;
 mod cross_entropy;
 mod dropout;
 mod dropout_add_norm;
+mod dropout_redundancy;
 mod fmath;
 mod global_norm;
 mod harness;
 mod philox;
 mod prelude;
-mod dropout_redundancy;
 mod redundancy;
 
 use libtest_mimic::Arguments;
