@@ -28,6 +28,7 @@
 // Keying: every resolution of the shared contract (32-, 16- or 8-bit: FLAG_KEY16 / FLAG_KEY8 in
 // p.flags, dispatched once per thread to a variant compiled for it), with and without a residual.
 #include "common/dropping.cuh"
+#include "dropout_add_norm/stats.cuh"
 
 using namespace fusedreg;
 using namespace fusedreg::drop;
@@ -236,6 +237,88 @@ __device__ __forceinline__ void fwd(const FwdParams<T>& p) {
     else fwd_body<T, V, RES, 32>(p, s_rowm);
 }
 
+// The residual forward with the Block Influence statistics (src/redundancy; the module docs of
+// src/dropout/mod.rs, "Redundancy statistics"): the dropout_fwd_res_stats_* entries only, their
+// own params (the default entries keep theirs, and their instructions). Every output bit is the
+// residual forward's: s = kept ? T(fma(t, rowm, r)) : r, t = x + b (b = -0.0 without a bias).
+//
+// One row per block (grid-stride over rows), blockDim.x = row_partials(cols) threads (<= 256, a
+// multiple of 32): thread q owns the groups of 8 elements q, q + P, ... of the row, the partition
+// of dropout_add_norm's row sums, so the row's r·s, |r|² and |s|² are summed in the order of the
+// CPU's dropout_add_norm::cpu::stat_sums (stats.cuh: stat_terms, stat_block_sums), and the
+// block's rows go to the site with StatRows (one integer atomic per word and block). Elements
+// are read and written one at a time (any alignment, any row width); the 1-bit mask is not
+// written here (the host refuses it: measure in evaluation).
+template <typename T> struct FwdStatsParams {
+    FwdParams<T> f;
+    unsigned long long* stats;  // the meter site's 3 words (src/redundancy: WORDS_PER_SITE)
+};
+
+template <typename T, int KB>
+__device__ __forceinline__ void fwd_stats_body(const FwdParams<T>& p, unsigned long long* words) {
+    using dropout_add_norm::STAT_GROUP;
+    __shared__ float s_stat[3][8];
+    if (threadIdx.x == 0) dropout_add_norm::stat_rows().reset();  // thread 0 only
+    const KeyGen<KB> kg(p.threshold);
+    const bool has_rs = p.rowscale != nullptr || (p.flags & FLAG_DROP_PATH) != 0;
+    const bool in_place = (p.flags & FLAG_IN_PLACE) != 0;
+    const uint64_t groups = (p.cols + STAT_GROUP - 1) / STAT_GROUP;
+    for (uint64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+        // rowm = scale * rs (one f32 multiply), or scale without a row scale: stage_rows' value.
+        const float rs = has_rs ? row_scale(p, row) : 1.f;
+        if (p.rowscale_out != nullptr && threadIdx.x == 0) p.rowscale_out[row] = rs;
+        const float rowm = has_rs ? __fmul_rn(p.scale, rs) : p.scale;
+        float st[3] = {0.f, 0.f, 0.f};  // this partial's r·s, |r|², |s|²
+        for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+            const uint64_t c0 = g * STAT_GROUP, i = row * p.cols + c0, key = p.base + i;
+            const int cnt = (int)min((uint64_t)STAT_GROUP, p.cols - c0);
+            // Keep bits: a whole aligned group at once, else element by element (the keys are a
+            // function of the flat index only). A row whose multiplier is 0 keeps nothing.
+            uint32_t keep = 0u;
+            if (rowm != 0.f) {
+                if (cnt == STAT_GROUP && (key & 7) == 0) {
+                    keep = kg.template group<STAT_GROUP>(p.seed, p.call, key).bits();
+                } else {
+                    for (int k = 0; k < cnt; ++k)
+                        keep |= (kg.template group<1>(p.seed, p.call, key + k).keep(0) ? 1u : 0u) << k;
+                }
+            }
+            float rin[STAT_GROUP], sout[STAT_GROUP];
+#pragma unroll
+            for (int k = 0; k < STAT_GROUP; ++k) {
+                rin[k] = 0.f, sout[k] = 0.f;
+                if (k < cnt) {
+                    const T rv = p.residual[i + k];
+                    T yv = rv;
+                    if ((keep >> k) & 1u) {
+                        const float b = p.bias != nullptr ? to_f32(p.bias[c0 + k]) : -0.f;
+                        const float t = __fadd_rn(to_f32(p.x[i + k]), b);
+                        yv = from_f32<T>(__fmaf_rn(t, rowm, to_f32(rv)));
+                    }
+                    if (!in_place || ((keep >> k) & 1u)) p.y[i + k] = yv;
+                    rin[k] = to_f32(rv), sout[k] = to_f32(yv);
+                }
+            }
+            float gt[3];
+            dropout_add_norm::stat_terms([&](int k) { return rin[k]; }, [&](int k) { return sout[k]; }, cnt, gt);
+#pragma unroll
+            for (int k = 0; k < 3; ++k) st[k] = __fadd_rn(st[k], gt[k]);
+        }
+        dropout_add_norm::stat_block_sums(st, s_stat);
+        if (threadIdx.x == 0) dropout_add_norm::stat_rows().add(st[0], st[1], st[2]);
+    }
+    if (threadIdx.x == 0) dropout_add_norm::stat_rows().flush(words);
+}
+
+template <typename T>
+__device__ __forceinline__ void fwd_stats(const FwdStatsParams<T>& sp) {
+    const FwdParams<T>& p = sp.f;
+    if (!generates(p.threshold, p.flags)) fwd_stats_body<T, 0>(p, sp.stats);
+    else if ((p.flags & FLAG_KEY8) != 0) fwd_stats_body<T, 8>(p, sp.stats);
+    else if ((p.flags & FLAG_KEY16) != 0) fwd_stats_body<T, 16>(p, sp.stats);
+    else fwd_stats_body<T, 32>(p, sp.stats);
+}
+
 // The residual add of the unfused baseline (its dropout kernels are common/dropping.cuh's).
 template <typename T> struct UnfusedAddParams {
     const T* a;
@@ -260,7 +343,8 @@ template <typename T, int W> struct UnfusedAddOp {
 
 #define DO_CHECK_SIZES(T)                                                                      \
     static_assert(sizeof(dropout::FwdParams<T>) == 144, "must match src/dropout/gpu.rs");     \
-    static_assert(sizeof(dropout::UnfusedAddParams<T>) == 40, "must match src/dropout/unfused.rs");
+    static_assert(sizeof(dropout::UnfusedAddParams<T>) == 40, "must match src/dropout/unfused.rs"); \
+    static_assert(sizeof(dropout::FwdStatsParams<T>) == 152, "must match src/dropout/gpu.rs");
 DO_CHECK_SIZES(float)
 DO_CHECK_SIZES(__half)
 DO_CHECK_SIZES(__nv_bfloat16)
@@ -270,7 +354,8 @@ DO_CHECK_SIZES(__nv_bfloat16)
 // 2 x UNROLL 16-byte vectors, so it gets up to 85 registers (3 blocks of 256 per SM: 768 threads
 // with 8 loads of 16 bytes in flight each, far more than the bandwidth-latency product needs).
 // Without these bounds the compiler spends 90-130 registers on instruction-level parallelism we
-// do not need. Symbols: dropout_fwd_{vec,scalar}_<S> (no residual), dropout_fwd_res_{vec,scalar}_<S>.
+// do not need. Symbols: dropout_fwd_{vec,scalar}_<S> (no residual), dropout_fwd_res_{vec,scalar}_<S>,
+// dropout_fwd_res_stats_<S> (the statistics: row_partials(cols) <= 256 threads per block).
 #define DO_KERNELS(T, S)                                                                             \
     extern "C" __global__ void __launch_bounds__(MAX_BLOCK, 4) dropout_fwd_vec_##S(                 \
         const dropout::FwdParams<T> p) {                                                             \
@@ -287,6 +372,10 @@ DO_CHECK_SIZES(__nv_bfloat16)
     extern "C" __global__ void __launch_bounds__(MAX_BLOCK, 3) dropout_fwd_res_scalar_##S(          \
         const dropout::FwdParams<T> p) {                                                             \
         dropout::fwd<T, 1, true>(p);                                                                 \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) dropout_fwd_res_stats_##S(                   \
+        const dropout::FwdStatsParams<T> p) {                                                        \
+        dropout::fwd_stats<T>(p);                                                                    \
     }                                                                                                \
     FUSEDREG_DROPOUT_BWD_KERNELS(dropout, T, S, true)                                                \
     FUSEDREG_DROPOUT_UNFUSED_KERNELS(dropout, T, S)                                                  \

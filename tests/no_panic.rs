@@ -254,6 +254,7 @@ fn dropout_cpu() {
             rowscale: g.bool().then_some(&rowscale[..]),
             mask_out: g.bool().then_some(&mut mask[..]),
             rowscale_out: g.bool().then_some(&mut rs_out[..]),
+            redundancy: None,
         };
         let _ = dropout::cpu::forward(&cfg, &x, &mut y, opts);
         let with_r = dropout::cpu::ForwardOptions {

@@ -15,6 +15,10 @@
 //! The dump format is written by `run_stats()` in
 //! `scripts/emu/cases/dropout_add_norm_stats.inc` (files `stats*.bin`; the `case*.bin` of the
 //! other cases are `tests/dropout_add_norm_emu.rs`'s).
+//!
+//! The same for `dropout`'s residual forward (`dropout_fwd_res_stats_*` in `kernels/dropout.cu`):
+//! `DO_DUMP=<dir>` of the `dstats*.bin` files that `scripts/emu/cases/dropout_stats.inc` writes
+//! (the script runs both).
 #[path = "common/dump.rs"]
 mod dump;
 
@@ -173,4 +177,114 @@ fn resolution_of(flags: u64) -> MaskResolution {
         256 => MaskResolution::Bits8,
         _ => panic!("flags {flags:#x}: two resolutions"),
     }
+}
+
+/// Checks one dropout statistics case (`dstats*.bin`); returns (mismatches, the emulated site).
+fn check_dropout<T: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
+    use fusedreg::dropout::{cpu as dcpu, Config as DConfig, DropPath as DPath};
+    let rows = r.u64() as usize;
+    let cols = r.u64() as usize;
+    let flags = r.u64();
+    let (seed, call, path_call) = (r.u64(), r.u64(), r.u64());
+    let p = f64::from_bits(r.u64());
+    let pp = f64::from_bits(r.u64());
+    let n = rows * cols;
+    let resolution = match flags & (16 | 32) {
+        0 => MaskResolution::Bits32,
+        16 => MaskResolution::Bits16,
+        32 => MaskResolution::Bits8,
+        _ => panic!("flags {flags:#x}: two resolutions"),
+    };
+    let mut cfg = DConfig::new(rows, cols, p, seed, call)
+        .unwrap()
+        .with_resolution(resolution);
+    if flags & 4 != 0 {
+        cfg = cfg.with_drop_path(DPath::new(pp, path_call).unwrap());
+    }
+    let x: Vec<T> = r.arr(n);
+    let res: Vec<T> = r.arr(n);
+    let bias: Option<Vec<T>> = (flags & 1 != 0).then(|| r.arr(cols));
+    let rs: Option<Vec<f32>> = (flags & 2 != 0).then(|| r.arr(rows));
+    let e_y: Vec<T> = r.arr(n);
+    let words: Vec<u64> = r.arr(3);
+    let emu = SiteStats {
+        cos_sum: words[0] as i64,
+        rows: words[1],
+        nonfinite: words[2],
+    };
+    let meter = redundancy::cpu::Redundancy::new(1).unwrap();
+    let in_place = flags & 8 != 0;
+    let mut y = vec![T::default(); n];
+    for _ in 0..2 {
+        let opts = dcpu::ForwardOptions {
+            bias: bias.as_deref(),
+            rowscale: rs.as_deref(),
+            residual: (!in_place).then_some(&res[..]),
+            redundancy: Some(meter.site(0).unwrap()),
+            ..Default::default()
+        };
+        if in_place {
+            y.copy_from_slice(&res);
+            dcpu::forward_inplace(&cfg, &x, &mut y, opts).unwrap();
+        } else {
+            dcpu::forward(&cfg, &x, &mut y, opts).unwrap();
+        }
+    }
+    let mut bad = same("y", &e_y, &y);
+    let want = meter.stats().unwrap()[0];
+    if want != emu {
+        eprintln!("  site: emulated {emu:?}, CPU {want:?}");
+        bad += 1;
+    }
+    if bad > 0 {
+        eprintln!("{name}: {rows}x{cols} flags {flags:#x} p {p}: {bad} mismatches");
+    }
+    (bad, emu)
+}
+
+#[test]
+#[ignore = "needs DO_DUMP=<dir> of dumps from the emulated dropout kernels (see the file's docs)"]
+fn emulated_dropout_statistics_match_the_cpu_reference() {
+    let dir = std::env::var("DO_DUMP").expect("DO_DUMP: the directory of the emulator's dumps");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("dstats"))
+        })
+        .collect();
+    files.sort();
+    let (mut total, mut cases) = (0, 0);
+    let (mut counted, mut excluded_rows_cases, mut nonfinite_cases) = (0u64, 0, 0);
+    for f in &files {
+        let b = std::fs::read(f).unwrap();
+        let mut r = Rd { b: &b, o: 0 };
+        let name = f.display().to_string();
+        let (bad, site) = match r.u64() {
+            0 => check_dropout::<f32>(&name, &mut r),
+            1 => check_dropout::<f16>(&name, &mut r),
+            2 => check_dropout::<bf16>(&name, &mut r),
+            k => panic!("bad kind {k}"),
+        };
+        assert_eq!(r.o, b.len(), "{name}: trailing bytes");
+        total += bad;
+        cases += 1;
+        counted += site.rows;
+        excluded_rows_cases += usize::from(site.rows + site.nonfinite < 2 * rows_of(&b));
+        nonfinite_cases += usize::from(site.nonfinite > 0);
+    }
+    eprintln!(
+        "{cases} dropout cases checked: {counted} rows counted, {excluded_rows_cases} cases with \
+         excluded rows, {nonfinite_cases} with non-finite rows"
+    );
+    assert!(cases > 0, "no dstats*.bin dumps in {dir}");
+    // The cases must exercise every fate of a row, or the comparison proves little.
+    assert!(counted > 0 && excluded_rows_cases > 0 && nonfinite_cases > 0);
+    assert_eq!(total, 0);
+}
+
+/// The row count of a `dstats*.bin` dump (its second header word).
+fn rows_of(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[8..16].try_into().unwrap())
 }

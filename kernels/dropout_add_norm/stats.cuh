@@ -4,6 +4,9 @@
 // the forward already holds. Compiled only into the *_stats_* entries (a template flag): the
 // default kernels do none of this.
 //
+// dropout's residual forward (kernels/dropout.cu, dropout_fwd_res_stats_*) measures the same way
+// with the same pieces: stat_terms over its groups of 8, stat_block_sums, StatRows.
+//
 // Order (the CPU's stat_sums): each group of 8 gives its three terms as fused multiply-adds from
 // +0.0 over its elements in order (stat_terms); the groups' terms are then summed exactly as any
 // row sum of the kernel (partial q the sequential sum of its groups' terms, then the tree). The
@@ -15,13 +18,17 @@
 
 namespace dropout_add_norm {
 
+// Elements per group of the statistics (dropout_add_norm's GROUP; its own name here so that
+// kernels/dropout.cu can include this file).
+constexpr int STAT_GROUP = 8;
+
 // The three terms of one group: g = fma(a, b, g) from +0.0 over its first cnt elements in order.
 // r(k), s(k): element k's f32 stream value before and after the add.
 template <typename FR, typename FS>
 __device__ __forceinline__ void stat_terms(const FR& r, const FS& s, int cnt, float (&g)[3]) {
     g[0] = 0.f, g[1] = 0.f, g[2] = 0.f;
 #pragma unroll
-    for (int k = 0; k < GROUP; ++k) {
+    for (int k = 0; k < STAT_GROUP; ++k) {
         if (k < cnt) {
             const float a = r(k), b = s(k);
             g[0] = __fmaf_rn(a, b, g[0]);
@@ -68,6 +75,33 @@ struct StatRows {
 __device__ __forceinline__ StatRows& stat_rows() {
     __shared__ StatRows rows;
     return rows;
+}
+
+// The three row sums of a block in which thread q holds partial q (blockDim.x threads, a multiple
+// of 32, at most 256): the order of dropout_add_norm's block_sums (generic.cuh) and of the CPU's
+// combine_partials: within a warp the tree a[l] += a[l + o], o = 16 .. 1, then the warp sums left
+// to right. Every thread returns the totals; called by every thread of the block. For kernels
+// without dropout_add_norm's block_sums (kernels/dropout.cu).
+__device__ __forceinline__ void stat_block_sums(float (&v)[3], float (*s_warp)[8]) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int k = 0; k < 3; ++k)
+            v[k] = __fadd_rn(v[k], __uint_as_float(__shfl_down_sync(0xffffffffu, __float_as_uint(v[k]), o)));
+    }
+    const uint32_t lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < 3; ++k) s_warp[k][warp] = v[k];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+        float t = s_warp[k][0];
+        for (uint32_t w = 1; w < blockDim.x / 32; ++w) t = __fadd_rn(t, s_warp[k][w]);
+        v[k] = t;
+    }
+    __syncthreads();  // s_warp is written again by the next row
 }
 
 }  // namespace dropout_add_norm

@@ -4,7 +4,9 @@
 # against the Rust CPU reference bit for bit: the forward and backward outputs of the case*.bin
 # dumps (tests/dropout_add_norm_emu.rs) and the statistics cases' site words and outputs against
 # the reference's meter (tests/redundancy_emu.rs, the stats*.bin dumps). Every resolution of the
-# keying (32-, 16- and 8-bit cases). Needs g++ >= 11 and cargo; no GPU.
+# keying (32-, 16- and 8-bit cases). Then the same for dropout's residual forward with the
+# statistics (scripts/emu/cases/dropout.cpp with DO_ONLY_STATS: its dropout_stats.inc cases, the
+# dstats*.bin dumps, tests/redundancy_emu.rs). Needs g++ >= 11 and cargo; no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=$(mktemp -d)
@@ -18,4 +20,11 @@ pids=()
 for ((k = 0; k < parts; ++k)); do DAN_DUMP="$work/dump" "$work/emu" "$k" "$parts" > /dev/null & pids+=($!); done
 for pid in "${pids[@]}"; do wait "$pid"; done
 echo "$(ls "$work/dump" | grep -c '^case') emulated cases, $(ls "$work/dump" | grep -c '^stats') statistics cases; checking them against the CPU reference"
-DAN_DUMP="$work/dump" cargo test --test dropout_add_norm_emu --test redundancy_emu -- --ignored
+g++ -std=c++20 -O2 -pthread -Iscripts/emu -Iscripts/emu/include -Ikernels \
+    -DKFILE="\"$PWD/kernels/dropout.cu\"" -include scripts/emu/shim.h \
+    -o "$work/emu_do" scripts/emu/cases/dropout.cpp
+pids=()
+for ((k = 0; k < parts; ++k)); do DO_ONLY_STATS=1 DO_DUMP="$work/dump" "$work/emu_do" "$k" "$parts" > /dev/null & pids+=($!); done
+for pid in "${pids[@]}"; do wait "$pid"; done
+echo "$(ls "$work/dump" | grep -c '^dstats') dropout statistics cases"
+DAN_DUMP="$work/dump" DO_DUMP="$work/dump" cargo test --test dropout_add_norm_emu --test redundancy_emu -- --ignored

@@ -4,6 +4,7 @@
 
 use candle_core::{CpuStorage, Result, Shape, Tensor};
 
+use super::redundancy::{BlockInfluence, Meter};
 use super::shell::{self, cpu_out, packed_len, split_parts, unpack, Elem, Inputs, Op, Pass};
 use super::site::{site_methods, Site};
 use super::StepKeys;
@@ -185,7 +186,7 @@ impl Dropout {
         bias: Option<&Tensor>,
         keys: Option<&StepKeys>,
     ) -> Result<Tensor> {
-        forward("candle::Dropout", &self.site, x, None, bias, keys)
+        forward("candle::Dropout", &self.site, x, None, bias, keys, None)
     }
 }
 
@@ -270,8 +271,69 @@ impl DropoutResidual {
         bias: Option<&Tensor>,
         keys: Option<&StepKeys>,
     ) -> Result<Tensor> {
-        let op = "candle::DropoutResidual";
-        forward(op, &self.site, x, Some(residual), bias, keys)
+        forward(RES_OP, &self.site, x, Some(residual), bias, keys, None)
+    }
+
+    /// This site with every forward's rows' `cos(residual, y)` added to `meter`'s site `site`
+    /// (Block Influence of the sub-block whose output `x` this add ends, see
+    /// [`BlockInfluence`]). The outputs and gradients are those of [`forward`](Self::forward).
+    ///
+    /// Errors: `site` not below the meter's sites. A forward on another device than the
+    /// meter's is an error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use fusedreg::candle::{BlockInfluence, DropoutResidual};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let (dev, meter) = (Device::Cpu, BlockInfluence::new(1, &Device::Cpu)?);
+    /// let site = DropoutResidual::new(0.1, 0)?;
+    /// let r = Tensor::randn(0f32, 1.0, (3, 16), &dev)?;
+    /// let y = site.measured(&meter, 0)?.forward(&r, &r, None, None)?; // y = 2r: cos 1
+    /// assert_eq!(meter.stats()?[0].rows, 3);
+    /// assert!(meter.bi()?[0].unwrap().abs() < 1e-6);
+    /// assert!(site.measured(&meter, 1).is_err());
+    /// # let _ = y;
+    /// # Ok(()) }
+    /// ```
+    pub fn measured<'m>(
+        &'m self,
+        meter: &'m BlockInfluence,
+        site: usize,
+    ) -> Result<MeasuredResidual<'m>> {
+        meter.check_site(site)?;
+        Ok(MeasuredResidual {
+            op: self,
+            meter,
+            site,
+        })
+    }
+}
+
+/// The name of [`DropoutResidual`] in errors.
+const RES_OP: &str = "candle::DropoutResidual";
+
+/// A [`DropoutResidual`] site measured by a [`BlockInfluence`] meter
+/// ([`DropoutResidual::measured`]).
+#[derive(Clone, Copy, Debug)]
+pub struct MeasuredResidual<'m> {
+    op: &'m DropoutResidual,
+    meter: &'m BlockInfluence,
+    site: usize,
+}
+
+impl MeasuredResidual<'_> {
+    /// [`DropoutResidual::forward`], adding the rows' `cos(residual, y)` to the meter's site.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        bias: Option<&Tensor>,
+        keys: Option<&StepKeys>,
+    ) -> Result<Tensor> {
+        let meter = Some((self.meter.clone(), self.site));
+        forward(RES_OP, &self.op.site, x, Some(residual), bias, keys, meter)
     }
 }
 
@@ -296,6 +358,7 @@ fn forward(
     residual: Option<&Tensor>,
     bias: Option<&Tensor>,
     keys: Option<&StepKeys>,
+    meter: Option<(BlockInfluence, usize)>,
 ) -> Result<Tensor> {
     shell::check_tensor(op, "x", x, x)?;
     shell::check_same_shape(op, "residual", residual, x)?;
@@ -310,15 +373,18 @@ fn forward(
     Op(Fwd {
         cfg,
         residual: residual.is_some(),
+        meter,
     })
     .apply(&ins)
 }
 
 /// The forward pass on `(x, [residual], [bias])`: y, x's shape.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Fwd {
     cfg: Config,
     residual: bool,
+    /// The Block Influence meter and site the forward adds its rows to (with a residual).
+    meter: Option<(BlockInfluence, usize)>,
 }
 
 impl Fwd {
@@ -338,10 +404,20 @@ impl Pass for Fwd {
             .then(|| ins.slice(1, "residual"))
             .transpose()?;
         let bias = ins.opt_slice(self.bias_at(), "bias")?;
+        let meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
+        let redundancy = match &meter {
+            None => None,
+            Some((m, site)) => match &**m {
+                Meter::Cpu(m) => Some(m.site(*site)?),
+                #[cfg(feature = "candle-cuda")]
+                Meter::Cuda(_) => return Err(meter_elsewhere()),
+            },
+        };
         let mut y = vec![T::default(); self.cfg.len()];
         let opts = cpu::ForwardOptions {
             bias,
             residual,
+            redundancy,
             ..Default::default()
         };
         cpu::forward(&self.cfg, x, &mut y, opts)?;
@@ -361,9 +437,18 @@ impl Pass for Fwd {
         // SAFETY: the out-of-place forward writes every element of y (a dropped element or row
         // gets +0, or the residual's bits).
         let mut y = unsafe { ins.alloc::<T>(n)? };
+        let mut meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
+        let redundancy = match &mut meter {
+            None => None,
+            Some((m, site)) => match &mut **m {
+                Meter::Cuda(m) => Some(m.site(*site)?),
+                Meter::Cpu(_) => return Err(meter_elsewhere()),
+            },
+        };
         let opts = crate::dropout::ForwardOptions {
             bias,
             residual,
+            redundancy,
             ..Default::default()
         };
         crate::dropout::forward(&h, &self.cfg, &x, &mut y.slice_mut(..n), opts)?;
@@ -386,6 +471,16 @@ impl Pass for Fwd {
             .flatten()
             .collect())
     }
+}
+
+/// A forward on one device measured by a meter on another.
+#[cfg(feature = "candle-cuda")]
+fn meter_elsewhere() -> candle_core::Error {
+    crate::error::Error::invalid(
+        RES_OP,
+        "the Block Influence meter is on another device than the tensors",
+    )
+    .into()
 }
 
 /// The backward pass on dy: dx, then dbias when asked, packed in one buffer (split by

@@ -112,7 +112,7 @@ mod vars;
 pub use adamw::{AdamW, AdamWParams};
 pub use bias_act_dropout::BiasActDropout;
 pub use cross_entropy::CrossEntropy;
-pub use dropout::{Dropout, DropoutResidual};
+pub use dropout::{Dropout, DropoutResidual, MeasuredResidual};
 pub use dropout_add_norm::{DropoutAddNorm, Measured};
 pub use redundancy::BlockInfluence;
 #[cfg(feature = "candle-cuda")]

@@ -28,11 +28,13 @@
 //! ```
 
 use super::{Config, OP};
+use crate::dropout_add_norm::cpu::stat_sums;
 use crate::dropping::{
     backward_cpu, check_backward, check_forward, row_multiplier, row_scales, set_bit, ForwardLens,
 };
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::redundancy::row_cos;
 
 /// The CPU options are the shared ones (every dropping op takes the same).
 pub use crate::dropping::{
@@ -78,6 +80,11 @@ pub fn forward<T: Dtype>(
         &forward_lens(x, opts.residual.map(<[T]>::len), Some(y.len()), &opts),
     )?;
     let residual = opts.residual;
+    super::check_redundancy(
+        opts.redundancy.is_some(),
+        residual.is_some(),
+        opts.mask_out.is_some(),
+    )?;
     if let Some(r) = residual {
         y.copy_from_slice(r);
     }
@@ -113,6 +120,7 @@ pub fn forward_inplace<T: Dtype>(
         return Err(Error::invalid(OP, IN_PLACE_RESIDUAL));
     }
     check_forward(OP, cfg, &forward_lens(x, Some(residual.len()), None, &opts))?;
+    super::check_redundancy(opts.redundancy.is_some(), true, opts.mask_out.is_some())?;
     forward_core(cfg, x, residual, true, opts);
     Ok(())
 }
@@ -161,7 +169,15 @@ fn forward_core<T: Dtype>(
     }
     let mut bits = cfg.keying().keep_bits();
     let scale = cfg.scale();
+    // The statistics: the row of the residual before the update (y holds it on entry).
+    let site = opts.redundancy.filter(|_| residual);
+    let mut r_row = vec![0.0f32; if site.is_some() { cols } else { 0 }];
     for row in 0..rows {
+        if site.is_some() {
+            for (r, v) in r_row.iter_mut().zip(&y[row * cols..(row + 1) * cols]) {
+                *r = v.to_f32();
+            }
+        }
         let rowm = row_multiplier(scale, &rs, row);
         for col in 0..cols {
             let i = row * cols + col;
@@ -185,6 +201,11 @@ fn forward_core<T: Dtype>(
             } else {
                 T::from_f32_rn(t * m)
             };
+        }
+        if let Some(site) = site {
+            let out = &y[row * cols..(row + 1) * cols];
+            let [dot, rr, ss] = stat_sums(cols, |j| r_row[j], |j| out[j].to_f32());
+            site.add(row_cos(dot, rr, ss));
         }
     }
 }

@@ -6,6 +6,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::cpu::IN_PLACE_RESIDUAL;
 use super::{BackwardOptions, Config, ForwardOptions, OP};
+use crate::dropout_add_norm::row_partials;
 use crate::dropping::gpu::{
     aligned16, backward as backward_op, geometry, resolution_flag, row_scale_fields, segments,
     zero_mask, BackwardKernels, Geometry, Segment, Slabs, BWD_SLAB_ROWS, FLAG_UNROLL,
@@ -48,6 +49,28 @@ struct FwdParams {
 const _: () = assert!(std::mem::size_of::<FwdParams>() == 144);
 // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for FwdParams {}
+
+/// Mirrors `dropout::FwdStatsParams<T>`: the statistics entries' params.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FwdStatsParams {
+    f: FwdParams,
+    /// The meter site's 3 words.
+    stats: u64,
+}
+const _: () = assert!(std::mem::size_of::<FwdStatsParams>() == 152);
+// SAFETY: as FwdParams (size asserted on both sides).
+unsafe impl DeviceRepr for FwdStatsParams {}
+
+/// The residual forward with the redundancy statistics (one row per block).
+const FWD_STATS: KernelFamily = per_dtype!(
+    DropoutFwdResStatsF32,
+    DropoutFwdResStatsF16,
+    DropoutFwdResStatsBf16
+);
+
+/// Most blocks of a statistics launch (each loops over its rows).
+const STATS_MAX_GRID: u64 = 1 << 16;
 
 /// The forward's (vector, scalar) kernels without and with a residual.
 const FWD: [(KernelFamily, KernelFamily); 2] = [
@@ -149,6 +172,11 @@ pub fn forward<T: Dtype>(
         &forward_lens(x.len(), residual_len, Some(y.len()), &opts),
     )?;
     opts.tuning.check()?;
+    super::check_redundancy(
+        opts.redundancy.is_some(),
+        residual_len.is_some(),
+        opts.mask_out.is_some(),
+    )?;
     if cfg.is_empty() {
         return Ok(());
     }
@@ -197,6 +225,7 @@ pub fn forward_inplace<T: Dtype>(
         &forward_lens(x.len(), Some(residual.len()), None, &opts),
     )?;
     opts.tuning.check()?;
+    super::check_redundancy(opts.redundancy.is_some(), true, opts.mask_out.is_some())?;
     if cfg.is_empty() {
         return Ok(());
     }
@@ -255,6 +284,45 @@ fn forward_launch<T: Dtype>(
     let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
     let (bias, rowscale, mask, rowscale_out) =
         (ptr(&bias_g), ptr(&rs_g), ptr(&mask_g), ptr(&rs_out_g));
+
+    if let (Some(site), Some(residual)) = (opts.redundancy.as_mut(), residual) {
+        // The statistics forward (mask_out was refused by check_redundancy).
+        let (words, _gw) = handle.write_ptr(OP, "redundancy site", &mut site.words)?;
+        let rsf = row_scale_fields(cfg.drop_path(), rowscale);
+        let keying = cfg.keying();
+        let mut flags = rsf.flags | resolution_flag(OP, &keying, RESOLUTIONS)?;
+        if in_place {
+            flags |= FLAG_IN_PLACE;
+        }
+        let p = FwdStatsParams {
+            f: FwdParams {
+                x,
+                bias,
+                residual,
+                y,
+                rowscale: rsf.rowscale,
+                rowscale_out,
+                mask: 0,
+                rows: cfg.rows() as u64,
+                cols: cfg.cols() as u64,
+                slab_rows: 1,
+                seed: cfg.seed(),
+                call: cfg.call(),
+                threshold: keying.threshold(),
+                path_call: rsf.path_call,
+                path_threshold: rsf.path_threshold,
+                base: 0,
+                scale: keying.scale(),
+                path_scale: rsf.path_scale,
+                flags,
+                rows_per_sample: rsf.rows_per_sample,
+            },
+            stats: words,
+        };
+        let block = row_partials(cfg.cols()) as u32;
+        let grid = (cfg.rows() as u64).min(STATS_MAX_GRID) as u32;
+        return handle.launch(FWD_STATS.get::<T>(), (grid, 1, 1), (block, 1, 1), 0, &p);
+    }
 
     // Without bias and row scale the row structure does not matter: the tensor is launched as
     // rows of a fixed width (plus a one-row remainder), the same bits as any other layout.

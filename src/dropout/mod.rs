@@ -84,6 +84,28 @@
 //! then seed and call id are not used for the dropout mask, but the drop path is still
 //! regenerated from them unless the caller supplies the row scale).
 //!
+//! # Redundancy statistics (optional, with a residual)
+//!
+//! With a meter site in the forward's options ([`ForwardOptions::redundancy`],
+//! [`cpu::ForwardOptions::redundancy`]; see [`crate::redundancy`]), the residual forward also
+//! measures the Block Influence of the sub-block whose output `x` it adds: per row `dot = r·y`,
+//! `rr = |r|²`, `ss = |y|²` with `r` the residual before the add and `y` the stored result, both
+//! as f32, summed in `dropout_add_norm`'s pinned order
+//! ([`crate::dropout_add_norm::cpu::stat_sums`]: groups of 8 elements, [`row_partials`]`(cols)`
+//! partials, its tree), then [`crate::redundancy::row_cos`] decides the row's fate (zero rows
+//! excluded, non-finite rows make the site's BI NaN). The accuracy bound is
+//! [`crate::redundancy`]'s with [`crate::dropout_add_norm::cpu::stats_chain`]. Every output bit
+//! is the same with or without the meter. A site needs a residual (out of place or in place) and
+//! does not go with `mask_out` (measure in evaluation): both are [`crate::Error::InvalidArgument`].
+//!
+//! On the device the statistics run in their own entry (`dropout_fwd_res_stats_*`: one row per
+//! block, `row_partials(cols)` threads, elements read and written one at a time; the default
+//! entries compile to the same instructions as without it, checked by hashing their SASS). It is
+//! a measuring path, not a tuned one: a prediction, not a measurement, is that it runs well below
+//! the vector forward's bandwidth; use it for evaluation passes.
+//!
+//! [`row_partials`]: crate::dropout_add_norm::row_partials
+//!
 //! # Bytes per element (see [`fused_forward_bytes`] and friends)
 //!
 //! Fused forward `2 s` (`3 s` with a residual; + 1/8 with the mask), backward `2 s` (+ 1/8
@@ -121,6 +143,7 @@
 //! [`DropRate`]: crate::dropping::DropRate
 
 use crate::dtype::DtypeKind;
+use crate::error::{Error, Result};
 
 pub use crate::dropping::{
     slab_count, slab_rows, BackwardOptions, Config, DropPath, ForwardOptions, LaunchTuning,
@@ -135,6 +158,26 @@ pub use gpu::{backward, forward, forward_inplace};
 
 /// The name used in errors.
 pub(crate) const OP: &str = "dropout";
+
+/// Checks a forward's meter site: the statistics need a residual (`cos(r, y)` of the stream
+/// before and after the add) and do not write the 1-bit mask (measure in evaluation).
+pub(crate) fn check_redundancy(site: bool, residual: bool, mask_out: bool) -> Result<()> {
+    if site && !residual {
+        return Err(Error::invalid(
+            OP,
+            "a redundancy site needs a residual (opts.residual, or forward_inplace): the \
+             statistic is cos(residual, y) of the stream before and after the add",
+        ));
+    }
+    if site && mask_out {
+        return Err(Error::invalid(
+            OP,
+            "the statistics forward does not write the 1-bit mask: measure redundancy in \
+             evaluation (no mask_out), or run the forward twice",
+        ));
+    }
+    Ok(())
+}
 
 /// Bytes of the 1-bit mask of `n` elements (whole u32 words), saturating.
 fn mask_bytes(n: u64) -> u64 {

@@ -1404,6 +1404,11 @@ pub struct ForwardOptions<'a, T> {
     pub mask_out: Option<CudaViewMut<'a, u32>>,
     /// Writes the generated row scale here, `len == rows` (needs a [`DropPath`]).
     pub rowscale_out: Option<CudaViewMut<'a, f32>>,
+    /// `dropout` with a residual only: the meter site this call adds each row's
+    /// `cos(residual, y)` to (Block Influence, [`crate::redundancy`]; the module docs of
+    /// [`crate::dropout`], *Redundancy statistics*). Not with `mask_out`. `None`: nothing is
+    /// computed.
+    pub redundancy: Option<crate::redundancy::Site<'a>>,
     #[doc(hidden)]
     pub tuning: LaunchTuning,
 }
@@ -1416,6 +1421,7 @@ impl<T> Default for ForwardOptions<'_, T> {
             rowscale: None,
             mask_out: None,
             rowscale_out: None,
+            redundancy: None,
             tuning: LaunchTuning::default(),
         }
     }
@@ -1593,6 +1599,10 @@ pub struct CpuForwardOptions<'a, T> {
     pub mask_out: Option<&'a mut [u32]>,
     /// Receives the generated row scale, `len == rows` (needs a drop path).
     pub rowscale_out: Option<&'a mut [f32]>,
+    /// `dropout` with a residual only: the meter site this call adds each row's
+    /// `cos(residual, y)` to ([`crate::redundancy`]; the module docs of [`crate::dropout`],
+    /// *Redundancy statistics*). Not with `mask_out`. `None`: nothing is computed.
+    pub redundancy: Option<crate::redundancy::cpu::Site<'a>>,
 }
 
 impl<T> Default for CpuForwardOptions<'_, T> {
@@ -1603,6 +1613,7 @@ impl<T> Default for CpuForwardOptions<'_, T> {
             rowscale: None,
             mask_out: None,
             rowscale_out: None,
+            redundancy: None,
         }
     }
 }

@@ -217,6 +217,7 @@ fn check<T: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
         rowscale,
         mask_out: c.mask_out.then_some(&mut mask[..]),
         rowscale_out: c.rowscale_out.then_some(&mut rs_out[..]),
+        redundancy: None,
     };
     if c.in_place {
         y = res.clone();

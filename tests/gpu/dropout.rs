@@ -175,6 +175,7 @@ fn cpu_forward<T: Dtype>(c: &Case, cfg: &Config, d: &Data<T>) -> FwdOut<T> {
         rowscale: d.rowscale.as_deref(),
         mask_out: mask.as_deref_mut(),
         rowscale_out: rs_out.as_deref_mut(),
+        redundancy: None,
     };
     // In place and out of place give the same bits (tests/dropout.rs): the out-of-place
     // reference serves both.
@@ -213,6 +214,7 @@ fn gpu_forward<T: Dtype>(
         rowscale: rs.as_ref().map(|b| b.as_view()),
         mask_out: mask.as_mut().map(|b| b.as_view_mut()),
         rowscale_out: rs_out.as_mut().map(|b| b.as_view_mut()),
+        redundancy: None,
         tuning: c.tuning,
     };
     let x = x.slice(off..off + n);

@@ -15,6 +15,7 @@ mod common;
 mod cross_entropy;
 mod dropout;
 mod dropout_add_norm;
+mod dropout_redundancy;
 mod fmath;
 mod global_norm;
 mod harness;
@@ -38,6 +39,7 @@ fn main() {
     trials.extend(dropout::trials());
     trials.extend(dropout_add_norm::trials());
     trials.extend(redundancy::trials());
+    trials.extend(dropout_redundancy::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
     libtest_mimic::run(&args, trials).exit();

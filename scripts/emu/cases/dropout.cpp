@@ -10,6 +10,7 @@
 //   residual_cases  a residual, 32-bit keying (the former dropout_residual.cpp, same revision)
 //   residual16_cases a residual under 16-bit keying (new with the merge: "k16 1" in the line)
 //   key8_cases      8-bit keying with and without a residual ("k8 1" in the line)
+//   stats_cases     the statistics forward (dropout_stats.inc; "stats" lines)
 // A residual line keeps the former dropout_residual format (no k16 field unless 16-bit, no u).
 #include "harness.h"
 
@@ -253,12 +254,18 @@ static void key8_cases(int& idx, int part, int parts) {
                     }
 }
 
+#include "dropout_stats.inc"
+
 int main(int argc, char** argv) {
     const int part = argc > 1 ? atoi(argv[1]) : 0, parts = argc > 2 ? atoi(argv[2]) : 1;
     int idx = 0;
-    plain_cases(idx, part, parts);
-    residual_cases(false, idx, part, parts);
-    residual_cases(true, idx, part, parts);
-    key8_cases(idx, part, parts);
+    // DO_ONLY_STATS: the statistics cases alone (scripts/emu/redundancy_vs_cpu.sh).
+    if (!getenv("DO_ONLY_STATS")) {
+        plain_cases(idx, part, parts);
+        residual_cases(false, idx, part, parts);
+        residual_cases(true, idx, part, parts);
+        key8_cases(idx, part, parts);
+    }
+    stats_cases(idx, part, parts);
     return 0;
 }
