@@ -360,18 +360,92 @@ __device__ __forceinline__ auto fwd_keep(const P& p, uint64_t i) {
     else return row_keep_packed<V, KEY>(p, i);
 }
 
+// The forward's kept-value select and pack of one row visit, for fwd_rows: v[k] = kept ? v : +0,
+// then the V results to T, a pair per F2FP.PACK_AB for the 16-bit types (fwd_pack: the same bits
+// as f32_to_bits<T> per element, common/dtype.cuh pack2).
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> fwd_pack(const float (&v)[V]) {
+    Pack<T, V> out;
+    if constexpr (sizeof(T) == 2) {
+#pragma unroll
+        for (int j = 0; j < V / 2; ++j) out.w[j] = pack2<T>(v[2 * j], v[2 * j + 1]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) out.set_raw(k, f32_to_bits<T>(v[k]));
+    }
+    return out;
+}
+
+// R rows of one lane without h_out (the vector paths' common case): x at the first row, y the
+// same, i its flat index; row u is at + u * stride. All R loads are issued first. The bias is
+// added unconditionally: without a bias b[k] = -0.0f, and x + -0 is x for every x (+0 + -0 = +0;
+// a NaN becomes the canonical NaN, which every activation's output would be anyway: each ends in
+// an f32 multiply), so y's bits are those of the per-element test it replaces.
+template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY, int R>
+__device__ __forceinline__ void fwd_rows(const BiasActDropoutFwdParams& p, const T* x, T* y, uint64_t i,
+                                         uint64_t stride, const float (&b)[V], float erf_c0) {
+    Pack<T, V> xv[R];
+#pragma unroll
+    for (int u = 0; u < R; ++u) xv[u] = load_pack<T, V>(x + u * stride, V);  // fwd_rows: whole rows
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+        const auto keep = fwd_keep<V, KEY>(p, i + u * stride);
+        float v[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float h = __fadd_rn(xv[u].get(k), b[k]);  // fwd_rows: bias or -0
+            const float a = MATH == MATH_FAST ? fast_fwd<ACT>(h, p.keep_frac, p.scale, erf_c0)
+                                              : __fmul_rn(act_fwd(ACT, h), p.scale);
+            v[k] = keep.kept(k) ? a : 0.0f;
+        }
+        store_pack<T, V>(y + u * stride, fwd_pack<T, V>(v), V);  // fwd_rows: store y
+    }
+}
+
+// The vector paths without h_out: full trips of FWD_UNROLL rows with no per-row tests, then the
+// remaining rows (fewer than FWD_UNROLL) one at a time.
+template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
+__device__ __forceinline__ void fwd_fast_keyed(const BiasActDropoutFwdParams& p, uint64_t c0, uint64_t row0,
+                                               uint64_t s1) {
+    float b[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) b[k] = p.bias ? ld<T>(p.bias, c0 + k) : neg_zero();
+    const float erf_c0 = __fadd_rn(KF_ERF_F0, p.log2_scale);
+    const uint64_t stride = (uint64_t)LANES * p.cols;
+    uint64_t i = row0 * p.cols + c0;
+    const T* x = reinterpret_cast<const T*>(p.x) + i;
+    T* y = reinterpret_cast<T*>(p.y) + i;
+    uint64_t left = (s1 - row0 + LANES - 1) / LANES;
+    for (; left >= (uint64_t)FWD_UNROLL; left -= FWD_UNROLL) {  // fwd_fast: full trips
+        fwd_rows<T, V, ACT, MATH, KEY, FWD_UNROLL>(p, x, y, i, stride, b, erf_c0);
+        x += FWD_UNROLL * stride;
+        y += FWD_UNROLL * stride;
+        i += FWD_UNROLL * stride;
+    }
+    for (; left > 0; --left) {  // fwd_fast: remaining rows
+        fwd_rows<T, V, ACT, MATH, KEY, 1>(p, x, y, i, stride, b, erf_c0);
+        x += stride;
+        y += stride;
+        i += stride;
+    }
+}
+
 template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
 __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
     const uint64_t c0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (c0 >= p.cols) return;  // no barrier in the forward
-    float b[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) b[k] = p.bias ? ld<T>(p.bias, c0 + k) : 0.0f;
-    const float erf_c0 = __fadd_rn(KF_ERF_F0, p.log2_scale);
     const uint64_t s0 = (uint64_t)blockIdx.y * p.slab_rows;
     const uint64_t s1 = min(s0 + p.slab_rows, p.rows);
     const uint64_t row0 = s0 + threadIdx.y;
     if (row0 >= s1) return;
+    if constexpr (V > 1) {
+        if (!p.h_out) return fwd_fast_keyed<T, V, ACT, MATH, KEY>(p, c0, row0, s1);
+    }
+    // The scalar path, and the vector paths with h_out: per-row tests (partial trips, bias, h_out).
+    float b[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) b[k] = p.bias ? ld<T>(p.bias, c0 + k) : 0.0f;
+    const float erf_c0 = __fadd_rn(KF_ERF_F0, p.log2_scale);
     // This lane's rows row0, row0 + LANES, ...: pointers and the flat index step by `stride`
     // (no 64-bit multiply per row), and a row count replaces the 64-bit bound compares.
     const uint64_t stride = (uint64_t)LANES * p.cols;
