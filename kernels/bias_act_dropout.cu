@@ -376,6 +376,63 @@ __device__ __forceinline__ Pack<T, V> fwd_pack(const float (&v)[V]) {
     return out;
 }
 
+// The keep decisions of one row visit of fwd_rows: RowKeep's Philox words, compared as
+// `number >= t && any` with t and any fixed per thread (fwd_keep_consts): threshold 0 gives t = 0
+// (all kept), threshold >= 2^bits gives any = false (none), otherwise t = threshold (number >
+// threshold - 1, RowKeep's test). The same decisions as RowKeep without its per-row test of the
+// threshold (which cost a branch and a register fill of every word per row): the generator runs
+// whatever the threshold, and the `&& any` folds into the compare (ISETP's predicate operand).
+template <int V, int KEY>
+struct FwdKeep {
+    static constexpr int NW = RowKeep<V, KEY>::NW;
+    uint32_t w[NW];
+    uint32_t t;
+    bool any;
+    __device__ __forceinline__ bool kept(int k) const {
+        uint32_t r;
+        if constexpr (KEY == KEY32) r = w[k];
+        else if constexpr (KEY == KEY16) r = (k & 1) ? w[k >> 1] >> 16 : w[k >> 1] & 0xffffu;
+        else r = (w[k >> 2] >> (8 * (k & 3))) & 0xffu;
+        return r >= t && any;
+    }
+};
+
+template <int KEY>
+__device__ __forceinline__ void fwd_keep_consts(uint64_t threshold, uint32_t& t, bool& any) {
+    constexpr uint64_t ALL = KEY == KEY32 ? drop::THRESHOLD_ALL : KEY == KEY16 ? drop::THRESHOLD16_ALL
+                                                                              : drop::THRESHOLD8_ALL;
+    any = threshold < ALL;
+    t = any ? (uint32_t)threshold : 0u;
+}
+
+template <int V, int KEY>
+__device__ __forceinline__ FwdKeep<V, KEY> fwd_row_keep(const BiasActDropoutFwdParams& p, uint64_t i, uint32_t t,
+                                                       bool any) {
+    static_assert(V == 4 || V == 8, "the vector paths: V = 4 (f32) or 8 (f16, bf16)");
+    FwdKeep<V, KEY> r;
+    r.t = t, r.any = any;
+    if constexpr (KEY == KEY32) {  // word i % 4 of block i / 4
+#pragma unroll
+        for (int b = 0; b < V / 4; ++b) {
+            const uint4 w = philox_block(p.seed, p.call, (i >> 2) + b);  // fwd_row_keep: 32-bit keying
+            r.w[4 * b] = w.x, r.w[4 * b + 1] = w.y, r.w[4 * b + 2] = w.z, r.w[4 * b + 3] = w.w;
+        }
+    } else if constexpr (KEY == KEY16) {  // halfword i % 8 of block i / 8
+        const uint4 w = philox_block(p.seed, p.call, i >> 3);  // fwd_row_keep: 16-bit keying
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        const int base = V == 8 ? 0 : (int)((i & 4) >> 1);
+#pragma unroll
+        for (int j = 0; j < r.NW; ++j) r.w[j] = words[base + j];
+    } else {  // byte i % 16 of block i / 16
+        const uint4 w = philox_block(p.seed, p.call, i >> 4);  // fwd_row_keep: 8-bit keying
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        const int base = (int)((i & 15) >> 2);
+#pragma unroll
+        for (int j = 0; j < r.NW; ++j) r.w[j] = words[base + j];
+    }
+    return r;
+}
+
 // R rows of one lane without h_out (the vector paths' common case): x at the first row, y the
 // same, i its flat index; row u is at + u * stride. All R loads are issued first. The bias is
 // added unconditionally: without a bias b[k] = -0.0f, and x + -0 is x for every x (+0 + -0 = +0;
@@ -383,13 +440,13 @@ __device__ __forceinline__ Pack<T, V> fwd_pack(const float (&v)[V]) {
 // an f32 multiply), so y's bits are those of the per-element test it replaces.
 template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY, int R>
 __device__ __forceinline__ void fwd_rows(const BiasActDropoutFwdParams& p, const T* x, T* y, uint64_t i,
-                                         uint64_t stride, const float (&b)[V], float erf_c0) {
+                                         uint64_t stride, const float (&b)[V], float erf_c0, uint32_t t, bool any) {
     Pack<T, V> xv[R];
 #pragma unroll
     for (int u = 0; u < R; ++u) xv[u] = load_pack<T, V>(x + u * stride, V);  // fwd_rows: whole rows
 #pragma unroll
     for (int u = 0; u < R; ++u) {
-        const auto keep = fwd_keep<V, KEY>(p, i + u * stride);
+        const FwdKeep<V, KEY> keep = fwd_row_keep<V, KEY>(p, i + u * stride, t, any);
         float v[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) {
@@ -411,19 +468,22 @@ __device__ __forceinline__ void fwd_fast_keyed(const BiasActDropoutFwdParams& p,
 #pragma unroll
     for (int k = 0; k < V; ++k) b[k] = p.bias ? ld<T>(p.bias, c0 + k) : neg_zero();
     const float erf_c0 = __fadd_rn(KF_ERF_F0, p.log2_scale);
+    uint32_t t;
+    bool any;
+    fwd_keep_consts<KEY>(p.threshold, t, any);
     const uint64_t stride = (uint64_t)LANES * p.cols;
     uint64_t i = row0 * p.cols + c0;
     const T* x = reinterpret_cast<const T*>(p.x) + i;
     T* y = reinterpret_cast<T*>(p.y) + i;
     uint64_t left = (s1 - row0 + LANES - 1) / LANES;
     for (; left >= (uint64_t)FWD_UNROLL; left -= FWD_UNROLL) {  // fwd_fast: full trips
-        fwd_rows<T, V, ACT, MATH, KEY, FWD_UNROLL>(p, x, y, i, stride, b, erf_c0);
+        fwd_rows<T, V, ACT, MATH, KEY, FWD_UNROLL>(p, x, y, i, stride, b, erf_c0, t, any);
         x += FWD_UNROLL * stride;
         y += FWD_UNROLL * stride;
         i += FWD_UNROLL * stride;
     }
     for (; left > 0; --left) {  // fwd_fast: remaining rows
-        fwd_rows<T, V, ACT, MATH, KEY, 1>(p, x, y, i, stride, b, erf_c0);
+        fwd_rows<T, V, ACT, MATH, KEY, 1>(p, x, y, i, stride, b, erf_c0, t, any);
         x += stride;
         y += stride;
         i += stride;
@@ -634,8 +694,11 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
 #define GRID_STRIDE(i, n) \
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < (n); i += (uint64_t)gridDim.x * blockDim.x)
 
+/* the forward's fast row loop holds FWD_UNROLL rows and their Philox words: unbounded, ptxas took
+   97-109 registers (2 blocks of 256 per SM); 80 keeps 3 blocks, as the old loop's 64-75 did, at
+   about the same instruction count (GELU-erf spills a few words in its 8-bit-keyed loop) */
 #define BAD_FWD_KERNEL(NAME, BODY) \
-    extern "C" __global__ void __launch_bounds__(256) NAME(const BiasActDropoutFwdParams p) { BODY; }
+    extern "C" __global__ void __launch_bounds__(256, 3) NAME(const BiasActDropoutFwdParams p) { BODY; }
 /* the backward holds BWD_UNROLL rows of two tensors: 64 registers give 4 blocks of 256 per SM */
 #define BAD_BWD_KERNEL(NAME, BODY) \
     extern "C" __global__ void __launch_bounds__(256, 4) NAME(const BiasActDropoutBwdParams p) { BODY; }
