@@ -406,27 +406,26 @@ __device__ __forceinline__ void fwd_keep_consts(uint64_t threshold, uint32_t& t,
 }
 
 template <int V, int KEY>
-__device__ __forceinline__ FwdKeep<V, KEY> fwd_row_keep(const BiasActDropoutFwdParams& p, uint64_t i, uint32_t t,
-                                                       bool any) {
+__device__ __forceinline__ FwdKeep<V, KEY> fwd_row_keep(const BiasActDropoutFwdParams& p, uint64_t blk, int base,
+                                                       uint32_t t, bool any) {
     static_assert(V == 4 || V == 8, "the vector paths: V = 4 (f32) or 8 (f16, bf16)");
     FwdKeep<V, KEY> r;
     r.t = t, r.any = any;
     if constexpr (KEY == KEY32) {  // word i % 4 of block i / 4
 #pragma unroll
         for (int b = 0; b < V / 4; ++b) {
-            const uint4 w = philox_block(p.seed, p.call, (i >> 2) + b);  // fwd_row_keep: 32-bit keying
+            // blk = i / 4 is even (i a multiple of V = 8) or b = 0: | b is + b without a carry
+            const uint4 w = philox_block(p.seed, p.call, blk | (uint64_t)b);  // fwd_row_keep: 32-bit keying
             r.w[4 * b] = w.x, r.w[4 * b + 1] = w.y, r.w[4 * b + 2] = w.z, r.w[4 * b + 3] = w.w;
         }
     } else if constexpr (KEY == KEY16) {  // halfword i % 8 of block i / 8
-        const uint4 w = philox_block(p.seed, p.call, i >> 3);  // fwd_row_keep: 16-bit keying
+        const uint4 w = philox_block(p.seed, p.call, blk);  // fwd_row_keep: 16-bit keying
         const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-        const int base = V == 8 ? 0 : (int)((i & 4) >> 1);
 #pragma unroll
         for (int j = 0; j < r.NW; ++j) r.w[j] = words[base + j];
     } else {  // byte i % 16 of block i / 16
-        const uint4 w = philox_block(p.seed, p.call, i >> 4);  // fwd_row_keep: 8-bit keying
+        const uint4 w = philox_block(p.seed, p.call, blk);  // fwd_row_keep: 8-bit keying
         const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-        const int base = (int)((i & 15) >> 2);
 #pragma unroll
         for (int j = 0; j < r.NW; ++j) r.w[j] = words[base + j];
     }
@@ -439,14 +438,15 @@ __device__ __forceinline__ FwdKeep<V, KEY> fwd_row_keep(const BiasActDropoutFwdP
 // a NaN becomes the canonical NaN, which every activation's output would be anyway: each ends in
 // an f32 multiply), so y's bits are those of the per-element test it replaces.
 template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY, int R>
-__device__ __forceinline__ void fwd_rows(const BiasActDropoutFwdParams& p, const T* x, T* y, uint64_t i,
-                                         uint64_t stride, const float (&b)[V], float erf_c0, uint32_t t, bool any) {
+__device__ __forceinline__ void fwd_rows(const BiasActDropoutFwdParams& p, const T* x, T* y, uint64_t blk,
+                                         uint64_t stride, uint64_t qstride, int base, const float (&b)[V],
+                                         float erf_c0, uint32_t t, bool any) {
     Pack<T, V> xv[R];
 #pragma unroll
     for (int u = 0; u < R; ++u) xv[u] = load_pack<T, V>(x + u * stride, V);  // fwd_rows: whole rows
 #pragma unroll
     for (int u = 0; u < R; ++u) {
-        const FwdKeep<V, KEY> keep = fwd_row_keep<V, KEY>(p, i + u * stride, t, any);
+        const FwdKeep<V, KEY> keep = fwd_row_keep<V, KEY>(p, blk + u * qstride, base, t, any);
         float v[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) {
@@ -472,21 +472,29 @@ __device__ __forceinline__ void fwd_fast_keyed(const BiasActDropoutFwdParams& p,
     bool any;
     fwd_keep_consts<KEY>(p.threshold, t, any);
     const uint64_t stride = (uint64_t)LANES * p.cols;
-    uint64_t i = row0 * p.cols + c0;
+    const uint64_t i = row0 * p.cols + c0;
     const T* x = reinterpret_cast<const T*>(p.x) + i;
     T* y = reinterpret_cast<T*>(p.y) + i;
+    // The Philox block counter of each row, i / 4, i / 8 or i / 16 (KEY 32, 16, 8), steps by
+    // stride / 4 ... / 16 exactly: cols is a multiple of V >= 4, so stride = LANES * cols is a
+    // multiple of 16. For the same reason i % 16 is the same on every row of this lane: the word
+    // a row's V elements start at (`base`) is fixed per thread.
+    constexpr int SHIFT = KEY == KEY32 ? 2 : KEY == KEY16 ? 3 : 4;
+    const uint64_t qstride = stride >> SHIFT;
+    uint64_t blk = i >> SHIFT;
+    const int base = KEY == KEY16 ? (V == 8 ? 0 : (int)((i & 4) >> 1)) : KEY == KEY8 ? (int)((i & 15) >> 2) : 0;
     uint64_t left = (s1 - row0 + LANES - 1) / LANES;
     for (; left >= (uint64_t)FWD_UNROLL; left -= FWD_UNROLL) {  // fwd_fast: full trips
-        fwd_rows<T, V, ACT, MATH, KEY, FWD_UNROLL>(p, x, y, i, stride, b, erf_c0, t, any);
+        fwd_rows<T, V, ACT, MATH, KEY, FWD_UNROLL>(p, x, y, blk, stride, qstride, base, b, erf_c0, t, any);
         x += FWD_UNROLL * stride;
         y += FWD_UNROLL * stride;
-        i += FWD_UNROLL * stride;
+        blk += FWD_UNROLL * qstride;
     }
     for (; left > 0; --left) {  // fwd_fast: remaining rows
-        fwd_rows<T, V, ACT, MATH, KEY, 1>(p, x, y, i, stride, b, erf_c0, t, any);
+        fwd_rows<T, V, ACT, MATH, KEY, 1>(p, x, y, blk, stride, qstride, base, b, erf_c0, t, any);
         x += stride;
         y += stride;
-        i += stride;
+        blk += qstride;
     }
 }
 
@@ -696,9 +704,13 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
 
 /* the forward's fast row loop holds FWD_UNROLL rows and their Philox words: unbounded, ptxas took
    97-109 registers (2 blocks of 256 per SM); 80 keeps 3 blocks, as the old loop's 64-75 did, at
-   about the same instruction count (GELU-erf spills a few words in its 8-bit-keyed loop) */
+   about the same instruction count */
 #define BAD_FWD_KERNEL(NAME, BODY) \
     extern "C" __global__ void __launch_bounds__(256, 3) NAME(const BiasActDropoutFwdParams p) { BODY; }
+/* GELU-erf's fast loop at 80 registers spills inside the row loop (+4 instructions per element
+   at 32-bit keys): it takes 2 blocks of 256 per SM (127 registers, no spill) */
+#define BAD_FWD_KERNEL_2(NAME, BODY) \
+    extern "C" __global__ void __launch_bounds__(256, 2) NAME(const BiasActDropoutFwdParams p) { BODY; }
 /* the backward holds BWD_UNROLL rows of two tensors: 64 registers give 4 blocks of 256 per SM */
 #define BAD_BWD_KERNEL(NAME, BODY) \
     extern "C" __global__ void __launch_bounds__(256, 4) NAME(const BiasActDropoutBwdParams p) { BODY; }
@@ -711,7 +723,7 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
        picks by (act, math) in src/bias_act_dropout/gpu.rs. */                                   \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_##S, (fwd<T, 16 / sizeof(T), MATH_EXACT>(p)))               \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_relu_##S, (fwd_impl<T, 16 / sizeof(T), ACT_RELU, MATH_EXACT>(p))) \
-    BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_gelu_erf_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_GELU_ERF, MATH_FAST>(p))) \
+    BAD_FWD_KERNEL_2(bias_act_dropout_fwd_vec_gelu_erf_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_GELU_ERF, MATH_FAST>(p))) \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_gelu_tanh_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_GELU_TANH, MATH_FAST>(p))) \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_silu_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_SILU, MATH_FAST>(p))) \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_scalar_##S, (fwd<T, 1, MATH_EXACT>(p)))                         \
