@@ -164,7 +164,10 @@ pub(crate) unsafe fn host<'a, T: Elem>(op: &str, what: &str, t: &FrTensor) -> Ff
 pub(crate) unsafe fn host_site<'a>(
     op: &str,
     t: &FrTensor,
-) -> FfiResult<(&'a mut [u64], std::cell::Cell<fusedreg::redundancy::SiteStats>)> {
+) -> FfiResult<(
+    &'a mut [u64],
+    std::cell::Cell<fusedreg::redundancy::SiteStats>,
+)> {
     use fusedreg::redundancy::{SiteStats, WORDS_PER_SITE};
     // SAFETY: the caller's contract.
     let words = unsafe { host_mut::<u64>(op, "stats", t)? };

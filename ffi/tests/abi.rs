@@ -432,7 +432,7 @@ fn dropout_add_norm_keys_at_every_resolution() {
             &t(&mut mean, FR_F32),
             &t(&mut rstd, FR_F32),
         ],
-            None,
+        None,
     );
     assert_ne!(st, FR_OK);
     assert!(last().contains("use 32 or 16 or 8"), "{}", last());
@@ -484,7 +484,11 @@ fn dropout_add_norm_measures_block_influence() {
             rstd: &mut wrstd,
         };
         cpu::forward(&cfg, args, wo).unwrap();
-        assert_eq!((&out, &s), (&wout, &ws), "the statistics leave the outputs alone");
+        assert_eq!(
+            (&out, &s),
+            (&wout, &ws),
+            "the statistics leave the outputs alone"
+        );
     }
     let want = meter.stats().unwrap()[0];
     assert_eq!(want.rows, 2 * rows as u64);

@@ -554,7 +554,11 @@ mod tests {
         let r = Tensor::zeros((6, 4), DType::F32, &dev)?;
         let cfg = Config::new(6, 4, 0.1, 1, 2)?;
         for residual in [false, true] {
-            let fwd = Op(Fwd { cfg, residual });
+            let fwd = Op(Fwd {
+                cfg,
+                residual,
+                meter: None,
+            });
             let err = x.apply_op2_no_bwd(&r, &fwd).unwrap_err();
             assert!(err.to_string().contains("not contiguous"), "{err}");
         }
@@ -562,6 +566,7 @@ mod tests {
             .apply_op1_no_bwd(&Op(Fwd {
                 cfg,
                 residual: false,
+                meter: None,
             }))
             .unwrap_err();
         assert!(err.to_string().contains("not contiguous"), "{err}");
@@ -582,12 +587,14 @@ mod tests {
         let fwd = Op(Fwd {
             cfg,
             residual: true,
+            meter: None,
         });
         let err = x.apply_op2_no_bwd(&r, &fwd).unwrap_err();
         assert!(err.to_string().contains("dtype"), "{err}");
         let fwd = Op(Fwd {
             cfg,
             residual: false,
+            meter: None,
         });
         let err = x.apply_op2_no_bwd(&b, &fwd).unwrap_err();
         assert!(err.to_string().contains("dtype"), "{err}");

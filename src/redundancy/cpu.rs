@@ -41,7 +41,6 @@ impl<'a> Site<'a> {
         Site { cell }
     }
 
-
     /// Adds one row's outcome to the site.
     ///
     /// # Examples

@@ -209,7 +209,9 @@ fn forward<T: Dtype + Elem, S: Dtype + Elem>(
                     .rowscale
                     .map(|b| host::<f32>(OP, "rowscale", b))
                     .transpose()?,
-                redundancy: stats.as_ref().map(|(_, c)| redundancy::cpu::Site::of_cell(c)),
+                redundancy: stats
+                    .as_ref()
+                    .map(|(_, c)| redundancy::cpu::Site::of_cell(c)),
             };
             let out = cpu::ForwardOut {
                 out: host_mut::<T>(OP, "out", t.out)?,
