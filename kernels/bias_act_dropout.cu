@@ -360,160 +360,18 @@ __device__ __forceinline__ auto fwd_keep(const P& p, uint64_t i) {
     else return row_keep_packed<V, KEY>(p, i);
 }
 
-// The forward's kept-value select and pack of one row visit, for fwd_rows: v[k] = kept ? v : +0,
-// then the V results to T, a pair per F2FP.PACK_AB for the 16-bit types (fwd_pack: the same bits
-// as f32_to_bits<T> per element, common/dtype.cuh pack2).
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> fwd_pack(const float (&v)[V]) {
-    Pack<T, V> out;
-    if constexpr (sizeof(T) == 2) {
-#pragma unroll
-        for (int j = 0; j < V / 2; ++j) out.w[j] = pack2<T>(v[2 * j], v[2 * j + 1]);
-    } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k) out.set_raw(k, f32_to_bits<T>(v[k]));
-    }
-    return out;
-}
-
-// The keep decisions of one row visit of fwd_rows: RowKeep's Philox words, compared as
-// `number >= t && any` with t and any fixed per thread (fwd_keep_consts): threshold 0 gives t = 0
-// (all kept), threshold >= 2^bits gives any = false (none), otherwise t = threshold (number >
-// threshold - 1, RowKeep's test). The same decisions as RowKeep without its per-row test of the
-// threshold (which cost a branch and a register fill of every word per row): the generator runs
-// whatever the threshold, and the `&& any` folds into the compare (ISETP's predicate operand).
-template <int V, int KEY>
-struct FwdKeep {
-    static constexpr int NW = RowKeep<V, KEY>::NW;
-    uint32_t w[NW];
-    uint32_t t;
-    bool any;
-    __device__ __forceinline__ bool kept(int k) const {
-        uint32_t r;
-        if constexpr (KEY == KEY32) r = w[k];
-        else if constexpr (KEY == KEY16) r = (k & 1) ? w[k >> 1] >> 16 : w[k >> 1] & 0xffffu;
-        else r = (w[k >> 2] >> (8 * (k & 3))) & 0xffu;
-        return r >= t && any;
-    }
-};
-
-template <int KEY>
-__device__ __forceinline__ void fwd_keep_consts(uint64_t threshold, uint32_t& t, bool& any) {
-    constexpr uint64_t ALL = KEY == KEY32 ? drop::THRESHOLD_ALL : KEY == KEY16 ? drop::THRESHOLD16_ALL
-                                                                              : drop::THRESHOLD8_ALL;
-    any = threshold < ALL;
-    t = any ? (uint32_t)threshold : 0u;
-}
-
-template <int V, int KEY>
-__device__ __forceinline__ FwdKeep<V, KEY> fwd_row_keep(const BiasActDropoutFwdParams& p, uint64_t blk, int base,
-                                                       uint32_t t, bool any) {
-    static_assert(V == 4 || V == 8, "the vector paths: V = 4 (f32) or 8 (f16, bf16)");
-    FwdKeep<V, KEY> r;
-    r.t = t, r.any = any;
-    if constexpr (KEY == KEY32) {  // word i % 4 of block i / 4
-#pragma unroll
-        for (int b = 0; b < V / 4; ++b) {
-            // blk = i / 4 is even (i a multiple of V = 8) or b = 0: | b is + b without a carry
-            const uint4 w = philox_block(p.seed, p.call, blk | (uint64_t)b);  // fwd_row_keep: 32-bit keying
-            r.w[4 * b] = w.x, r.w[4 * b + 1] = w.y, r.w[4 * b + 2] = w.z, r.w[4 * b + 3] = w.w;
-        }
-    } else if constexpr (KEY == KEY16) {  // halfword i % 8 of block i / 8
-        const uint4 w = philox_block(p.seed, p.call, blk);  // fwd_row_keep: 16-bit keying
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int j = 0; j < r.NW; ++j) r.w[j] = words[base + j];
-    } else {  // byte i % 16 of block i / 16
-        const uint4 w = philox_block(p.seed, p.call, blk);  // fwd_row_keep: 8-bit keying
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int j = 0; j < r.NW; ++j) r.w[j] = words[base + j];
-    }
-    return r;
-}
-
-// R rows of one lane without h_out (the vector paths' common case): x at the first row, y the
-// same, i its flat index; row u is at + u * stride. All R loads are issued first. The bias is
-// added unconditionally: without a bias b[k] = -0.0f, and x + -0 is x for every x (+0 + -0 = +0;
-// a NaN becomes the canonical NaN, which every activation's output would be anyway: each ends in
-// an f32 multiply), so y's bits are those of the per-element test it replaces.
-template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY, int R>
-__device__ __forceinline__ void fwd_rows(const BiasActDropoutFwdParams& p, const T* x, T* y, uint64_t blk,
-                                         uint64_t stride, uint64_t qstride, int base, const float (&b)[V],
-                                         float erf_c0, uint32_t t, bool any) {
-    Pack<T, V> xv[R];
-#pragma unroll
-    for (int u = 0; u < R; ++u) xv[u] = load_pack<T, V>(x + u * stride, V);  // fwd_rows: whole rows
-#pragma unroll
-    for (int u = 0; u < R; ++u) {
-        const FwdKeep<V, KEY> keep = fwd_row_keep<V, KEY>(p, blk + u * qstride, base, t, any);
-        float v[V];
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const float h = __fadd_rn(xv[u].get(k), b[k]);  // fwd_rows: bias or -0
-            const float a = MATH == MATH_FAST ? fast_fwd<ACT>(h, p.keep_frac, p.scale, erf_c0)
-                                              : __fmul_rn(act_fwd(ACT, h), p.scale);
-            v[k] = keep.kept(k) ? a : 0.0f;
-        }
-        store_pack<T, V>(y + u * stride, fwd_pack<T, V>(v), V);  // fwd_rows: store y
-    }
-}
-
-// The vector paths without h_out: full trips of FWD_UNROLL rows with no per-row tests, then the
-// remaining rows (fewer than FWD_UNROLL) one at a time.
-template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
-__device__ __forceinline__ void fwd_fast_keyed(const BiasActDropoutFwdParams& p, uint64_t c0, uint64_t row0,
-                                               uint64_t s1) {
-    float b[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) b[k] = p.bias ? ld<T>(p.bias, c0 + k) : neg_zero();
-    const float erf_c0 = __fadd_rn(KF_ERF_F0, p.log2_scale);
-    uint32_t t;
-    bool any;
-    fwd_keep_consts<KEY>(p.threshold, t, any);
-    const uint64_t stride = (uint64_t)LANES * p.cols;
-    const uint64_t i = row0 * p.cols + c0;
-    const T* x = reinterpret_cast<const T*>(p.x) + i;
-    T* y = reinterpret_cast<T*>(p.y) + i;
-    // The Philox block counter of each row, i / 4, i / 8 or i / 16 (KEY 32, 16, 8), steps by
-    // stride / 4 ... / 16 exactly: cols is a multiple of V >= 4, so stride = LANES * cols is a
-    // multiple of 16. For the same reason i % 16 is the same on every row of this lane: the word
-    // a row's V elements start at (`base`) is fixed per thread.
-    constexpr int SHIFT = KEY == KEY32 ? 2 : KEY == KEY16 ? 3 : 4;
-    const uint64_t qstride = stride >> SHIFT;
-    uint64_t blk = i >> SHIFT;
-    const int base = KEY == KEY16 ? (V == 8 ? 0 : (int)((i & 4) >> 1)) : KEY == KEY8 ? (int)((i & 15) >> 2) : 0;
-    uint64_t left = (s1 - row0 + LANES - 1) / LANES;
-    for (; left >= (uint64_t)FWD_UNROLL; left -= FWD_UNROLL) {  // fwd_fast: full trips
-        fwd_rows<T, V, ACT, MATH, KEY, FWD_UNROLL>(p, x, y, blk, stride, qstride, base, b, erf_c0, t, any);
-        x += FWD_UNROLL * stride;
-        y += FWD_UNROLL * stride;
-        blk += FWD_UNROLL * qstride;
-    }
-    for (; left > 0; --left) {  // fwd_fast: remaining rows
-        fwd_rows<T, V, ACT, MATH, KEY, 1>(p, x, y, blk, stride, qstride, base, b, erf_c0, t, any);
-        x += stride;
-        y += stride;
-        blk += qstride;
-    }
-}
-
 template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
 __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
     const uint64_t c0 = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (c0 >= p.cols) return;  // no barrier in the forward
-    const uint64_t s0 = (uint64_t)blockIdx.y * p.slab_rows;
-    const uint64_t s1 = min(s0 + p.slab_rows, p.rows);
-    const uint64_t row0 = s0 + threadIdx.y;
-    if (row0 >= s1) return;
-    if constexpr (V > 1) {
-        if (!p.h_out) return fwd_fast_keyed<T, V, ACT, MATH, KEY>(p, c0, row0, s1);
-    }
-    // The scalar path, and the vector paths with h_out: per-row tests (partial trips, bias, h_out).
     float b[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) b[k] = p.bias ? ld<T>(p.bias, c0 + k) : 0.0f;
     const float erf_c0 = __fadd_rn(KF_ERF_F0, p.log2_scale);
+    const uint64_t s0 = (uint64_t)blockIdx.y * p.slab_rows;
+    const uint64_t s1 = min(s0 + p.slab_rows, p.rows);
+    const uint64_t row0 = s0 + threadIdx.y;
+    if (row0 >= s1) return;
     // This lane's rows row0, row0 + LANES, ...: pointers and the flat index step by `stride`
     // (no 64-bit multiply per row), and a row count replaces the 64-bit bound compares.
     const uint64_t stride = (uint64_t)LANES * p.cols;
@@ -769,15 +627,8 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
 #define GRID_STRIDE(i, n) \
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < (n); i += (uint64_t)gridDim.x * blockDim.x)
 
-/* the forward's fast row loop holds FWD_UNROLL rows and their Philox words: unbounded, ptxas took
-   97-109 registers (2 blocks of 256 per SM); 80 keeps 3 blocks, as the old loop's 64-75 did, at
-   about the same instruction count */
 #define BAD_FWD_KERNEL(NAME, BODY) \
-    extern "C" __global__ void __launch_bounds__(256, 3) NAME(const BiasActDropoutFwdParams p) { BODY; }
-/* GELU-erf's fast loop at 80 registers spills inside the row loop (+4 instructions per element
-   at 32-bit keys): it takes 2 blocks of 256 per SM (127 registers, no spill) */
-#define BAD_FWD_KERNEL_2(NAME, BODY) \
-    extern "C" __global__ void __launch_bounds__(256, 2) NAME(const BiasActDropoutFwdParams p) { BODY; }
+    extern "C" __global__ void __launch_bounds__(256) NAME(const BiasActDropoutFwdParams p) { BODY; }
 /* the backward holds BWD_UNROLL rows of two tensors: 64 registers give 4 blocks of 256 per SM */
 #define BAD_BWD_KERNEL(NAME, BODY) \
     extern "C" __global__ void __launch_bounds__(256, 4) NAME(const BiasActDropoutBwdParams p) { BODY; }
@@ -790,7 +641,7 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
        picks by (act, math) in src/bias_act_dropout/gpu.rs. */                                   \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_##S, (fwd<T, 16 / sizeof(T), MATH_EXACT>(p)))               \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_relu_##S, (fwd_impl<T, 16 / sizeof(T), ACT_RELU, MATH_EXACT>(p))) \
-    BAD_FWD_KERNEL_2(bias_act_dropout_fwd_vec_gelu_erf_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_GELU_ERF, MATH_FAST>(p))) \
+    BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_gelu_erf_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_GELU_ERF, MATH_FAST>(p))) \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_gelu_tanh_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_GELU_TANH, MATH_FAST>(p))) \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_vec_silu_fast_##S, (fwd_impl<T, 16 / sizeof(T), ACT_SILU, MATH_FAST>(p))) \
     BAD_FWD_KERNEL(bias_act_dropout_fwd_scalar_##S, (fwd<T, 1, MATH_EXACT>(p)))                         \
