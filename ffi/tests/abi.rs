@@ -631,26 +631,23 @@ fn dropout_residual_measures_block_influence() {
     assert!(last().contains("needs a `residual`"), "{}", last());
     assert_eq!(words, before);
     // A site is three int64 words: anything else is a clear error.
-    let mut short = [0i64; 2];
-    let st = dropout_measured(
-        &o,
-        &t(&mut x, FR_F32),
-        Some(&t(&mut r, FR_F32)),
-        &t(&mut rs, FR_F32),
-        &t(&mut y, FR_F32),
-        &t(&mut short, FR_I64),
-    );
-    assert_eq!(st, FR_ERR_SHAPE, "{}", last());
-    assert!(last().contains("3 int64 words"), "{}", last());
-    let mut wrong = [0f32; 3];
-    let st = dropout_measured(
-        &o,
-        &t(&mut x, FR_F32),
-        Some(&t(&mut r, FR_F32)),
-        &t(&mut rs, FR_F32),
-        &t(&mut y, FR_F32),
-        &t(&mut wrong, FR_F32),
-    );
-    assert_eq!(st, FR_ERR_INVALID_ARGUMENT, "{}", last());
-    assert!(last().contains("stats"), "{}", last());
+    let (mut short, mut wrong) = ([0i64; 2], [0f32; 3]);
+    for (stats, status, msg) in [
+        (t(&mut short, FR_I64), FR_ERR_SHAPE, "3 int64 words"),
+        (
+            t(&mut wrong, FR_F32),
+            FR_ERR_INVALID_ARGUMENT,
+            "`stats` has dtype",
+        ),
+    ] {
+        let (xt, rt, rst, yt) = (
+            t(&mut x, FR_F32),
+            t(&mut r, FR_F32),
+            t(&mut rs, FR_F32),
+            t(&mut y, FR_F32),
+        );
+        let st = dropout_measured(&o, &xt, Some(&rt), &rst, &yt, &stats);
+        assert_eq!(st, status, "{}", last());
+        assert!(last().contains(msg), "{}", last());
+    }
 }
