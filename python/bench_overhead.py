@@ -85,7 +85,7 @@ rows = [
     ("torch.add (baseline)", lambda: torch.add(x, r)),
     ("floor: empty Library.impl op", lambda: P.plain.default(x, b, r, k, 0, 0.1)),
     ("floor: ... + register_autograd", lambda: P.grad.default(x, b, r, k, 0, 0.1)),
-    ("ctypes: fr_dropout_forward", lambda: L.lib.fr_dropout_forward(C.byref(o), ex, dx, db, dr, None, dyd, None)),
+    ("ctypes: fr_dropout_forward", lambda: L.lib.fr_dropout_forward(C.byref(o), ex, dx, db, dr, None, dyd, None, None)),
     ("kernel fn only: ops._drop", lambda: O._drop(x, b, r, k, 0, 0.1, 0.0, 1, 32)),
     ("op: fusedreg.dropout (residual)", lambda: torch.ops.fusedreg.dropout(x, b, r, k, 0, 0.1, 0.0, 1, 32)),
     ("op: fusedreg.bias_act_dropout", lambda: torch.ops.fusedreg.bias_act_dropout(x, b, k, 0, 0, 0.1)),

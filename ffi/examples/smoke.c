@@ -25,7 +25,7 @@ int main(void) {
     o.call = 1;
     FrExec cpu = {-1, NULL};
     FrTensor tx = {x, ROWS * COLS, FR_F32}, tr = {r, ROWS * COLS, FR_F32}, ty = {y, ROWS * COLS, FR_F32};
-    if (fr_dropout_forward(&o, cpu, &tx, NULL, &tr, NULL, &ty, NULL) != FR_OK) {
+    if (fr_dropout_forward(&o, cpu, &tx, NULL, &tr, NULL, &ty, NULL, NULL) != FR_OK) {
         fprintf(stderr, "fr_dropout_forward: %s\n", fr_last_error());
         return 1;
     }
@@ -40,7 +40,7 @@ int main(void) {
     }
     /* Bad input: a status and a message, no crash. */
     o.p = 2.0;
-    FrStatus st = fr_dropout_forward(&o, cpu, &tx, NULL, &tr, NULL, &ty, NULL);
+    FrStatus st = fr_dropout_forward(&o, cpu, &tx, NULL, &tr, NULL, &ty, NULL, NULL);
     if (st != FR_ERR_INVALID_ARGUMENT || strstr(fr_last_error(), "p = 2") == NULL) {
         fprintf(stderr, "expected an invalid-argument error, got %d: %s\n", st, fr_last_error());
         return 1;

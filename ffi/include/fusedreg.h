@@ -10,8 +10,8 @@
 
 // The ABI version: bumped on every incompatible change of a struct or a signature. Python
 // checks it against the version it was written for. 2: `fr_dropout_add_norm_forward` takes a
-// Block Influence site (`stats`).
-#define FR_ABI_VERSION 2
+// Block Influence site (`stats`). 3: so does `fr_dropout_forward` (its last argument).
+#define FR_ABI_VERSION 3
 
 // Activation code of `bias_act_dropout`: GELU with erf.
 #define FR_ACT_GELU_ERF 0
@@ -326,6 +326,12 @@ FrStatus fr_cross_entropy_backward(const FrOptions *options,
 // `rowscale` (f32 `[rows]`) are optional; with a drop path in the options the row scale is
 // drawn instead, and `rowscale_out` (optional, f32 `[rows]`) receives it. A dropped element
 // contributes exactly 0.
+//
+// `stats` (optional, int64, 3 elements: one Block Influence site's `cos_sum`, `rows`,
+// `nonfinite`, zeroed by the caller to start; host memory on the CPU, device memory on the GPU)
+// accumulates `cos(residual, y)` of this call's rows, as `fr_dropout_add_norm_forward`'s does
+// (the library's `redundancy` module): the final residual add of a block. It needs a residual
+// (an error otherwise); every output bit is the same with or without it.
 FrStatus fr_dropout_forward(const FrOptions *options,
                             FrExec exec,
                             const FrTensor *x,
@@ -333,7 +339,8 @@ FrStatus fr_dropout_forward(const FrOptions *options,
                             const FrTensor *residual,
                             const FrTensor *rowscale,
                             const FrTensor *y,
-                            const FrTensor *rowscale_out);
+                            const FrTensor *rowscale_out,
+                            const FrTensor *stats);
 
 // Backward: `dx = keep · rowscale · scale · dy` with the mask regenerated from the options'
 // keys (the residual's gradient is `dy` itself: nothing to compute), and (optional) `dbias`,

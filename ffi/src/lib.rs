@@ -165,8 +165,8 @@ pub extern "C" fn fr_last_error() -> *const c_char {
 
 /// The ABI version: bumped on every incompatible change of a struct or a signature. Python
 /// checks it against the version it was written for. 2: `fr_dropout_add_norm_forward` takes a
-/// Block Influence site (`stats`).
-pub const FR_ABI_VERSION: u32 = 2;
+/// Block Influence site (`stats`). 3: so does `fr_dropout_forward` (its last argument).
+pub const FR_ABI_VERSION: u32 = 3;
 
 /// [`FR_ABI_VERSION`] of the loaded library.
 #[no_mangle]

@@ -30,7 +30,7 @@ fn t<T>(v: &mut [T], dtype: FrDtype) -> FrTensor {
 fn dropout_plain(o: &FrOptions, exec: FrExec, x: &FrTensor, y: &FrTensor) -> FrStatus {
     // SAFETY: the descriptors point at live buffers of their stated lengths (or are the bad
     // input under test, which the entry point must reject without reading).
-    unsafe { fr_dropout_forward(o, exec, x, null(), null(), null(), y, null()) }
+    unsafe { fr_dropout_forward(o, exec, x, null(), null(), null(), y, null(), null()) }
 }
 
 /// `fr_dropout_add_norm_forward` with gamma only (no bias, beta or row scale): x and an optional
@@ -97,6 +97,7 @@ fn dropout_residual_matches_the_library() {
             &t(&mut r, FR_F32),
             null(),
             &t(&mut y, FR_F32),
+            null(),
             null(),
         )
     };
@@ -305,8 +306,19 @@ fn bad_input_is_a_status_with_a_message() {
     let st = dropout_plain(&o, CPU, &t(&mut x, FR_F32), &t(&mut h, FR_F16));
     assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
     assert!(last().contains("dtype"), "{}", last());
-    let st =
-        unsafe { fr_dropout_forward(null(), CPU, null(), null(), null(), null(), null(), null()) };
+    let st = unsafe {
+        fr_dropout_forward(
+            null(),
+            CPU,
+            null(),
+            null(),
+            null(),
+            null(),
+            null(),
+            null(),
+            null(),
+        )
+    };
     assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
     let bad = FrTensor {
         data: null_mut(),
@@ -510,4 +522,132 @@ fn dropout_add_norm_measures_block_influence() {
     );
     assert_eq!(st, FR_ERR_SHAPE, "{}", last());
     assert!(last().contains("3 int64 words"), "{}", last());
+}
+
+/// `fr_dropout_forward` with a residual, a row scale and a Block Influence site: the final
+/// residual add of a block. `y` may be the residual itself (in place).
+fn dropout_measured(
+    o: &FrOptions,
+    x: &FrTensor,
+    r: Option<&FrTensor>,
+    rowscale: &FrTensor,
+    y: &FrTensor,
+    stats: &FrTensor,
+) -> FrStatus {
+    let r = r.map_or(null(), |r| r as *const FrTensor);
+    // SAFETY: as in `dropout_plain`.
+    unsafe { fr_dropout_forward(o, CPU, x, null(), r, rowscale, y, null(), stats) }
+}
+
+#[test]
+fn dropout_residual_measures_block_influence() {
+    use fusedreg::dropout::{cpu, Config};
+    use fusedreg::redundancy::{cpu::Redundancy, SiteStats};
+    let (rows, cols) = (9usize, 41usize);
+    let n = rows * cols;
+    let (mut x, mut r) = (randn(n, 31), randn(n, 32));
+    let mut rs: Vec<f32> = randn(rows, 33).iter().map(|v| v.abs()).collect();
+    let mut o = fr_options_default();
+    (o.rows, o.cols, o.p, o.seed, o.call) = (rows as i64, cols as i64, 0.2, 5, 3);
+    let cfg = Config::new(rows, cols, 0.2, 5, 3).unwrap();
+
+    // The library's plain forward (no meter): the bits the measured calls must keep.
+    let mut plain = vec![0f32; n];
+    let opts = cpu::ForwardOptions {
+        residual: Some(&r),
+        rowscale: Some(&rs),
+        ..Default::default()
+    };
+    cpu::forward(&cfg, &x, &mut plain, opts).unwrap();
+
+    // Out of place, then in place (y = residual): both into one site (zeroed to start).
+    let mut words = [0i64; 3];
+    let mut y = vec![0f32; n];
+    let st = dropout_measured(
+        &o,
+        &t(&mut x, FR_F32),
+        Some(&t(&mut r, FR_F32)),
+        &t(&mut rs, FR_F32),
+        &t(&mut y, FR_F32),
+        &t(&mut words, FR_I64),
+    );
+    assert_eq!(st, FR_OK, "{}", last());
+    assert_eq!(y, plain, "the statistics leave the output alone");
+    let mut stream = r.clone();
+    let st = dropout_measured(
+        &o,
+        &t(&mut x, FR_F32),
+        Some(&t(&mut stream, FR_F32)),
+        &t(&mut rs, FR_F32),
+        &t(&mut stream, FR_F32),
+        &t(&mut words, FR_I64),
+    );
+    assert_eq!(st, FR_OK, "{}", last());
+    assert_eq!(stream, plain, "in place: the same bits");
+
+    // The library's meter over the same two calls: the same words.
+    let meter = Redundancy::new(1).unwrap();
+    for _ in 0..2 {
+        let mut want = vec![0f32; n];
+        let opts = cpu::ForwardOptions {
+            residual: Some(&r),
+            rowscale: Some(&rs),
+            redundancy: Some(meter.site(0).unwrap()),
+            ..Default::default()
+        };
+        cpu::forward(&cfg, &x, &mut want, opts).unwrap();
+    }
+    let want = meter.stats().unwrap()[0];
+    assert_eq!(want.rows, 2 * rows as u64);
+    assert_eq!(SiteStats::from_words(words.map(|w| w as u64)), want);
+    // And BI against a plain f64 recomputation of cos(r, y) per row (well inside the library's
+    // bound; the library's own tests hold it to the bound itself).
+    let mut cos = 0f64;
+    for i in 0..rows {
+        let (a, b) = (&r[i * cols..][..cols], &plain[i * cols..][..cols]);
+        let dot: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(&u, &v)| f64::from(u) * f64::from(v))
+            .sum();
+        let na: f64 = a.iter().map(|&u| f64::from(u).powi(2)).sum();
+        let nb: f64 = b.iter().map(|&u| f64::from(u).powi(2)).sum();
+        cos += dot / (na * nb).sqrt();
+    }
+    let bi = meter.bi().unwrap()[0].unwrap();
+    assert!((bi - (1.0 - cos / rows as f64)).abs() < 1e-5, "{bi}");
+
+    // Without a residual there is no BI: an error naming what to do, the words untouched.
+    let before = words;
+    let st = dropout_measured(
+        &o,
+        &t(&mut x, FR_F32),
+        None,
+        &t(&mut rs, FR_F32),
+        &t(&mut y, FR_F32),
+        &t(&mut words, FR_I64),
+    );
+    assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
+    assert!(last().contains("needs a `residual`"), "{}", last());
+    assert_eq!(words, before);
+    // A site is three int64 words: anything else is a clear error.
+    let (mut short, mut wrong) = ([0i64; 2], [0f32; 3]);
+    for (stats, status, msg) in [
+        (t(&mut short, FR_I64), FR_ERR_SHAPE, "3 int64 words"),
+        (
+            t(&mut wrong, FR_F32),
+            FR_ERR_INVALID_ARGUMENT,
+            "`stats` has dtype",
+        ),
+    ] {
+        let (xt, rt, rst, yt) = (
+            t(&mut x, FR_F32),
+            t(&mut r, FR_F32),
+            t(&mut rs, FR_F32),
+            t(&mut y, FR_F32),
+        );
+        let st = dropout_measured(&o, &xt, Some(&rt), &rst, &yt, &stats);
+        assert_eq!(st, status, "{}", last());
+        assert!(last().contains(msg), "{}", last());
+    }
 }

@@ -13,7 +13,7 @@ import ctypes as C
 import os
 from pathlib import Path
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Status codes (FR_OK, FR_ERR_*).
 OK = 0
@@ -111,7 +111,7 @@ _OPS = {
     "fr_cross_entropy_backward": [TP] * 6,
     "fr_bias_act_dropout_forward": [TP] * 4,
     "fr_bias_act_dropout_backward": [TP] * 6,
-    "fr_dropout_forward": [TP] * 6,
+    "fr_dropout_forward": [TP] * 7,
     "fr_dropout_backward": [TP] * 4,
     "fr_dropout_add_norm_forward": [TP] * 11,
     "fr_dropout_add_norm_backward": [TP] * 12,

@@ -17,23 +17,56 @@ def _kt(keys: Keys | Tensor) -> Tensor:
     return keys.tensor if isinstance(keys, Keys) else keys
 
 
+def _check_stats(op: str, stats: Tensor, x: Tensor, residual: Tensor | None,
+                 needs_residual: bool = True) -> None:
+    """A Block Influence site's words: int64 [3] on x's device, and (for dropout, whose stream
+    without a residual is no residual add) a residual to measure."""
+    if (not isinstance(stats, Tensor) or stats.dtype != torch.int64 or stats.shape != (3,)
+            or not stats.is_contiguous()):
+        what = (f"{stats.dtype} {tuple(stats.shape)}" if isinstance(stats, Tensor)
+                else type(stats).__name__)
+        raise ValueError(f"fusedreg.{op}: `stats` is {what}; a Block Influence site is a "
+                         "contiguous int64 [3] (fusedreg.Redundancy.site(i))")
+    if stats.device != x.device:
+        raise ValueError(f"fusedreg.{op}: `stats` is on {stats.device}, `x` on {x.device}; "
+                         "create the Redundancy meter on the model's device")
+    if residual is None and needs_residual:
+        raise ValueError(f"fusedreg.{op}: `stats` measures cos(residual, output) per row and "
+                         "needs a `residual`; pass one, or stats=None")
+
+
 def dropout(x: Tensor, p: float, keys: Keys | Tensor, site: int, *, bias: Tensor | None = None,
             residual: Tensor | None = None, drop_path: float = 0.0, rows_per_sample: int = 1,
-            mask_bits: int = 32) -> Tensor:
+            mask_bits: int = 32, stats: Tensor | None = None) -> Tensor:
     """``[residual +] rowscale · dropout(x + bias)``; ``drop_path > 0`` drops whole samples of
-    ``rows_per_sample`` rows (stochastic depth per sample), scaling kept ones by ``1/(1-p)``."""
-    return _F.dropout.default(x, bias, residual, _kt(keys), site, float(p), float(drop_path),
-                      int(rows_per_sample), int(mask_bits))
+    ``rows_per_sample`` rows (stochastic depth per sample), scaling kept ones by ``1/(1-p)``.
+
+    ``stats`` (with a ``residual`` only): a Block Influence site's words
+    (``fusedreg.Redundancy.site(i)``, int64 ``[3]``) that this call's rows are added to
+    (``cos(residual, y)`` per row: the final add of a block); None: not measured. The output
+    and its gradients are the same bits either way."""
+    args = (x, bias, residual, _kt(keys), site, float(p), float(drop_path),
+            int(rows_per_sample), int(mask_bits))
+    if stats is None:
+        return _F.dropout.default(*args)
+    _check_stats("dropout", stats, x, residual)
+    y, words = _F.dropout_measured.default(*args)
+    stats.add_(words)
+    return y
 
 
 def dropout_add_(residual: Tensor, x: Tensor, p: float, keys: Keys | Tensor, site: int, *,
                  bias: Tensor | None = None, drop_path: float = 0.0,
-                 rows_per_sample: int = 1, mask_bits: int = 32) -> Tensor:
+                 rows_per_sample: int = 1, mask_bits: int = 32,
+                 stats: Tensor | None = None) -> Tensor:
     """``residual += rowscale · dropout(x + bias)`` in place, without autograd (inference, or
     code under ``torch.no_grad()``); returns ``residual``. Same masks as :func:`dropout` (with
-    the same ``mask_bits``)."""
+    the same ``mask_bits``). ``stats``: as :func:`dropout`'s, added to in place by the kernel
+    (no extra tensor)."""
+    if stats is not None:
+        _check_stats("dropout_add_", stats, x, residual)
     _F.dropout_add_.default(residual, x, bias, _kt(keys), site, float(p), float(drop_path),
-                            int(rows_per_sample), int(mask_bits))
+                            int(rows_per_sample), int(mask_bits), stats)
     return residual
 
 
@@ -76,10 +109,8 @@ def dropout_add_norm(x: Tensor, weight: Tensor, keys: Keys | Tensor, site: int, 
     if stats is None:
         out, s, _, _ = _F.dropout_add_norm.default(*args)
         return out, s
-    if stats.dtype != torch.int64 or stats.shape != (3,):
-        raise ValueError(f"fusedreg.dropout_add_norm: `stats` is {stats.dtype} "
-                         f"{tuple(stats.shape)}; a Block Influence site is int64 [3] "
-                         "(fusedreg.Redundancy.site(i))")
+    # Without a residual the stream is zero: no row is counted (the library's rule).
+    _check_stats("dropout_add_norm", stats, x, residual, needs_residual=False)
     out, s, _, _, words = _F.dropout_add_norm_measured.default(*args)
     stats.add_(words)
     return out, s

@@ -31,6 +31,26 @@ class _Site(nn.Module):
         return f"p={self.p}, site={self.site}"
 
 
+class _Measured:
+    """A residual add whose Block Influence rows can go to a meter site (see
+    :class:`fusedreg.Redundancy`)."""
+
+    meter: Redundancy | None = None
+    meter_site: int = 0
+
+    def measure(self, meter: Redundancy | None, site: int = 0):
+        """Adds every later call's Block Influence rows to ``meter``'s site ``site``
+        (``cos(residual, new stream)`` per row: the sub-block that produced ``x``); None stops
+        measuring. Returns the module."""
+        if meter is not None:
+            meter.site(site)  # checks the index now, not at the first call
+        self.meter, self.meter_site = meter, int(site)
+        return self
+
+    def _stats(self) -> Tensor | None:
+        return None if self.meter is None else self.meter.site(self.meter_site)
+
+
 class Dropout(_Site):
     """``rowscale · dropout(x + bias)`` (embedding, attention probabilities, LoRA input).
     ``drop_path`` drops whole samples (``rows_per_sample`` rows each) as stochastic depth does."""
@@ -46,14 +66,15 @@ class Dropout(_Site):
                          mask_bits=self.mask_bits)
 
 
-class DropoutResidual(Dropout):
+class DropoutResidual(_Measured, Dropout):
     """``residual + rowscale · dropout(x + bias)``: the residual add of a post-norm or the
-    output of a sub-block (the residual's gradient is the upstream one, nothing computed)."""
+    output of a sub-block (the residual's gradient is the upstream one, nothing computed).
+    :meth:`measure` sends its Block Influence rows to a meter: the final add of a block."""
 
     def forward(self, x: Tensor, residual: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.dropout(x, self._p(self.p), self.keys, self.site, bias=bias, residual=residual,
                          drop_path=self._p(self.drop_path), rows_per_sample=self.rows_per_sample,
-                         mask_bits=self.mask_bits)
+                         mask_bits=self.mask_bits, stats=self._stats())
 
 
 class BiasActDropout(_Site):
@@ -80,7 +101,7 @@ class BiasActDropout(_Site):
                                   mask_bits=self.mask_bits)
 
 
-class DropoutAddNorm(_Site):
+class DropoutAddNorm(_Measured, _Site):
     """The entry of a pre-norm block: ``s = residual + rowscale · dropout(x + bias)``,
     ``out = norm(s) · γ (+ β)``, times ``1/sqrt(layer)`` with LayerNorm Scaling. Returns
     ``(out, s)``: ``s`` is the new residual stream. ``norm`` is ``"layer"`` or ``"rms"``;
@@ -104,26 +125,15 @@ class DropoutAddNorm(_Site):
         self.weight = nn.Parameter(torch.ones(hidden, device=device, dtype=dtype))
         self.bias = (nn.Parameter(torch.zeros(hidden, device=device, dtype=dtype))
                      if L.NORM[norm] == 0 else None)
-        self.meter, self.meter_site = None, 0
-
-    def measure(self, meter: Redundancy | None, site: int = 0) -> DropoutAddNorm:
-        """Adds every later call's Block Influence rows to ``meter``'s site ``site``
-        (``cos(residual, s)`` per row: the sub-block that produced ``x``); None stops measuring.
-        Returns the module."""
-        if meter is not None:
-            meter.site(site)  # checks the index now, not at the first call
-        self.meter, self.meter_site = meter, int(site)
-        return self
 
     def forward(self, x: Tensor, residual: Tensor | None = None,
                 x_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        stats = None if self.meter is None else self.meter.site(self.meter_site)
         return F.dropout_add_norm(
             x, self.weight, self.keys, self.site, residual=residual, bias=x_bias,
             norm_bias=self.bias, norm=self.norm, eps=self.eps, layer_scale=self.layer_scale,
             p=self._p(self.p), drop_path=self._p(self.drop_path),
             rows_per_sample=self.rows_per_sample, stream_f32=self.stream_f32,
-            mask_bits=self.mask_bits, stats=stats)
+            mask_bits=self.mask_bits, stats=self._stats())
 
 
 class CrossEntropyLoss(nn.Module):

@@ -375,10 +375,15 @@ torch.library.register_autograd(
 # dropout (plain, or with a residual)
 
 
-_lib.define(
-    "dropout(Tensor x, Tensor? bias, Tensor? residual, Tensor keys, int site, float p, "
-    "float path_p, int rows_per_sample, int mask_bits) -> Tensor"
+_DROP_ARGS = (
+    "(Tensor x, Tensor? bias, Tensor? residual, Tensor keys, int site, float p, "
+    "float path_p, int rows_per_sample, int mask_bits)"
 )
+_lib.define("dropout" + _DROP_ARGS + " -> Tensor")
+# The residual form that also returns this call's Block Influence words (int64 [3]: cos_sum,
+# rows, nonfinite of cos(residual, y) per row) for the caller to add to its meter: the final add
+# of a block. A separate functional op, as dropout_add_norm_measured (autograd needs one).
+_lib.define("dropout_measured" + _DROP_ARGS + " -> (Tensor, Tensor)")
 _lib.define(
     "dropout_backward(Tensor dy, Tensor keys, int site, float p, float path_p, "
     "int rows_per_sample, int mask_bits, bool want_dbias) -> (Tensor, Tensor)"
@@ -392,22 +397,40 @@ def _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, mask_bits):
             _ACT0, _NORM0, _EPS0, _LS0, 0.0, 0.0, _II0, _RED0)
 
 
-@torch.library.impl(_lib, "dropout", "CPU")
-@torch.library.impl(_lib, "dropout", "CUDA")
-def _drop(x, bias, residual, keys, site, p, path_p, rows_per_sample, mask_bits):
-    op = "dropout"
+def _drop_run(op, x, bias, residual, keys, site, p, path_p, rows_per_sample, mask_bits, stats):
     _check(op, "x", x)
     o = _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, mask_bits)
     _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o[1])
     _check(op, "residual", residual, x, dtypes=(x.dtype,), numel=x.numel())
     y = torch.empty_like(x)
-    _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, y, None)
+    _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, y, None, stats)
     return y
+
+
+@torch.library.impl(_lib, "dropout", "CPU")
+@torch.library.impl(_lib, "dropout", "CUDA")
+def _drop(x, bias, residual, keys, site, p, path_p, rows_per_sample, mask_bits):
+    return _drop_run("dropout", x, bias, residual, keys, site, p, path_p, rows_per_sample,
+                     mask_bits, None)
+
+
+@torch.library.impl(_lib, "dropout_measured", "CPU")
+@torch.library.impl(_lib, "dropout_measured", "CUDA")
+def _drop_measured(x, bias, residual, keys, site, p, path_p, rows_per_sample, mask_bits):
+    stats = torch.zeros((3,), dtype=torch.int64, device=x.device)
+    y = _drop_run("dropout_measured", x, bias, residual, keys, site, p, path_p, rows_per_sample,
+                  mask_bits, stats)
+    return y, stats
 
 
 @torch.library.register_fake("fusedreg::dropout", lib=_lib)
 def _drop_fake(x, bias, residual, keys, site, p, path_p, rows_per_sample, mask_bits):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("fusedreg::dropout_measured", lib=_lib)
+def _drop_measured_fake(x, bias, residual, keys, site, p, path_p, rows_per_sample, mask_bits):
+    return torch.empty_like(x), x.new_empty((3,), dtype=torch.int64)
 
 
 @torch.library.impl(_lib, "dropout_backward", "CPU")
@@ -432,9 +455,11 @@ def _drop_setup(ctx, inputs, output):
     ctx.save_for_backward(keys)
     ctx.args = (site, p, path_p, rps, bits)
     ctx.has = (bias is not None, residual is not None)
+    if isinstance(output, (tuple, list)):  # dropout_measured: the words have no gradient
+        ctx.mark_non_differentiable(output[1])
 
 
-def _drop_grad(ctx, dy):
+def _drop_grad(ctx, dy, *_d_words):
     (keys,) = ctx.saved_tensors
     has_bias, has_residual = ctx.has
     dx, dbias = torch.ops.fusedreg.dropout_backward(
@@ -444,33 +469,40 @@ def _drop_grad(ctx, dy):
             None, None, None, None, None, None)
 
 
-torch.library.register_autograd("fusedreg::dropout", _drop_grad, setup_context=_drop_setup,
-                                lib=_lib)
+for _name in ("fusedreg::dropout", "fusedreg::dropout_measured"):
+    torch.library.register_autograd(_name, _drop_grad, setup_context=_drop_setup, lib=_lib)
 
 
 _lib.define(
     "dropout_add_(Tensor(a!) residual, Tensor x, Tensor? bias, Tensor keys, int site, float p, "
-    "float path_p, int rows_per_sample, int mask_bits=32) -> ()"
+    "float path_p, int rows_per_sample, int mask_bits=32, Tensor(b!)? stats=None) -> ()"
 )
 
 
 @torch.library.impl(_lib, "dropout_add_", "CPU")
 @torch.library.impl(_lib, "dropout_add_", "CUDA")
-def _drop_add_(residual, x, bias, keys, site, p, path_p, rows_per_sample, mask_bits=32):
+def _drop_add_(residual, x, bias, keys, site, p, path_p, rows_per_sample, mask_bits=32,
+               stats=None):
     """`residual += rowscale · dropout(x + bias)` in place (the residual-stream update of an
     inference or no-grad step; no autograd). Declared `(a!)`, and the version counter is bumped
-    here: ops defined through torch.library do not get that from PyTorch (Liger-Kernel #272)."""
+    here: ops defined through torch.library do not get that from PyTorch (Liger-Kernel #272).
+    `stats` (a meter site's int64 [3] words, also written in place, `(b!)`): this call's Block
+    Influence rows, `cos(residual before, residual after)`, are added to it by the kernel."""
     op = "dropout_add_"
     _check(op, "x", x)
     o = _drop_opts(op, x, keys, site, p, path_p, rows_per_sample, mask_bits)
     _check(op, "bias", bias, x, dtypes=(x.dtype,), numel=o[1])
     _check(op, "residual", residual, x, dtypes=(x.dtype,), numel=x.numel())
-    _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, residual, None)
+    _check(op, "stats", stats, x, dtypes=(torch.int64,), numel=3)
+    _run(L.lib.fr_dropout_forward, o, x, x, bias, residual, None, residual, None, stats)
     torch.autograd.graph.increment_version(residual)
+    if stats is not None:
+        torch.autograd.graph.increment_version(stats)
 
 
 @torch.library.register_fake("fusedreg::dropout_add_", lib=_lib)
-def _drop_add_fake(residual, x, bias, keys, site, p, path_p, rows_per_sample, mask_bits=32):
+def _drop_add_fake(residual, x, bias, keys, site, p, path_p, rows_per_sample, mask_bits=32,
+                   stats=None):
     return None
 
 

@@ -1,5 +1,7 @@
 """Block Influence (ShortGPT): which residual sub-blocks are redundant, measured inside the fused
-residual add of :class:`fusedreg.nn.DropoutAddNorm` with no extra pass over the streams.
+residual adds, :class:`fusedreg.nn.DropoutAddNorm` (the entry of a pre-norm sub-block) and
+:class:`fusedreg.nn.DropoutResidual` (the final add of a block), with no extra pass over the
+streams.
 
 ``BI = 1 - mean over tokens of cos(r, s)``, ``r`` the stream entering the add and ``s`` the
 stream after it. Each measured call adds, per row, the row's cosine quantised to an integer
@@ -21,14 +23,17 @@ _MAX_ROWS = (1 << 31) - 1
 class Redundancy:
     """Per-site Block Influence accumulators: an int64 tensor ``[sites, 3]`` on ``device``.
 
-    Pass it to the modules you measure (``DropoutAddNorm.measure(meter, site)``) or a site's
-    words (``meter.site(i)``) to ``functional.dropout_add_norm(..., stats=)``; read :meth:`bi`
-    after the pass (one small copy) and :meth:`reset` before the next. ::
+    Pass it to the modules you measure (``DropoutAddNorm.measure(meter, site)``,
+    ``DropoutResidual.measure(meter, site)``) or a site's words (``meter.site(i)``) to the
+    ``stats=`` of ``functional.dropout_add_norm``, ``functional.dropout`` (with a residual) or
+    ``functional.dropout_add_``; read :meth:`bi` after the pass (one small copy) and
+    :meth:`reset` before the next. In a pre-norm block the MLP's entry measures the attention
+    sub-block and the final add the MLP::
 
         meter = fusedreg.Redundancy(2 * n_layers, device="cuda")
         for i, block in enumerate(model.blocks):
-            block.attn_entry.measure(meter, 2 * i)
-            block.mlp_entry.measure(meter, 2 * i + 1)
+            block.mlp_entry.measure(meter, 2 * i)      # DropoutAddNorm: r + attn(...)
+            block.final_add.measure(meter, 2 * i + 1)  # DropoutResidual: s + mlp(...)
         model.eval()
         with torch.no_grad():
             model(held_out)

@@ -63,7 +63,7 @@ def test_the_c_boundary_reports_null_pointers():
 
     o = L.default_options()
     st = L.lib.fr_dropout_forward(C.byref(o), L.Exec(-1, None), None, None, None, None, None,
-                                  None)
+                                  None, None)
     assert st == L.ERR_INVALID_ARGUMENT
     assert b"x" in L.lib.fr_last_error() and b"required" in L.lib.fr_last_error()
 
@@ -77,7 +77,7 @@ def test_cuda_without_kernels_or_device_is_a_clear_error():
     o.rows, o.cols = 1, 1
     t = L.Tensor(None, 0, L.F32)
     st = L.lib.fr_dropout_forward(C.byref(o), L.Exec(0, None), C.byref(t), None, None, None,
-                                  C.byref(t), None)
+                                  C.byref(t), None, None)
     if torch.cuda.is_available() and fusedreg.kernels_built():
         assert st == L.OK
     else:

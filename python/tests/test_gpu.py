@@ -194,3 +194,24 @@ def test_block_influence_words_are_the_cpu_words(cuda):
                            stats=meter.site(0))
         words.append(meter.acc.cpu())
     assert torch.equal(words[0], words[1]), "integer accumulators: the same bits on both"
+
+
+def test_dropout_residual_block_influence_words_are_the_cpu_words(cuda):
+    """The final add of a block (dropout with a residual), out of place and in place: the
+    CUDA statistics kernel (dropout_fwd_res_stats_*) against the CPU reference's words."""
+    k = fusedreg.Keys(6, 2)
+    x, r, b = torch.randn(131, 200), torch.randn(131, 200), torch.randn(200)
+    for dtype in (torch.float32, torch.bfloat16):
+        words, streams = [], []
+        for dev in ("cpu", cuda):
+            meter = fusedreg.Redundancy(2, device=dev)
+            xd, rd, bd = (t.to(dtype).to(dev) for t in (x, r, b))
+            y = F.dropout(xd, 0.1, k, 5, bias=bd, residual=rd, drop_path=0.2,
+                          rows_per_sample=9, stats=meter.site(0))
+            F.dropout_add_(rd, xd, 0.1, k, 5, bias=bd, drop_path=0.2, rows_per_sample=9,
+                           stats=meter.site(1))
+            words.append(meter.acc.cpu())
+            streams.append((y.cpu(), rd.cpu()))
+        assert torch.equal(words[0], words[1]), (dtype, words)
+        assert torch.equal(words[0][0], words[0][1]), "in place: the same words"
+        assert all(torch.equal(u, v) for u, v in zip(*streams))

@@ -2,10 +2,12 @@
 //! (one ABI op; the library's `dropout`, with its optional residual, underneath).
 
 use fusedreg::dropout::{self, Config};
-use fusedreg::{Dtype, Handle};
+use fusedreg::{redundancy, Dtype, Handle};
 
-use crate::tensor::{dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor};
-use crate::{boundary, FfiResult, FrExec, FrOptions, FrStatus};
+use crate::tensor::{
+    dispatch_float, host, host_mut, host_site, opt, req, Borrowed, Elem, FrTensor,
+};
+use crate::{boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus};
 
 const OP: &str = "dropout";
 
@@ -25,6 +27,12 @@ fn config(o: &FrOptions) -> FfiResult<Config> {
 /// `rowscale` (f32 `[rows]`) are optional; with a drop path in the options the row scale is
 /// drawn instead, and `rowscale_out` (optional, f32 `[rows]`) receives it. A dropped element
 /// contributes exactly 0.
+///
+/// `stats` (optional, int64, 3 elements: one Block Influence site's `cos_sum`, `rows`,
+/// `nonfinite`, zeroed by the caller to start; host memory on the CPU, device memory on the GPU)
+/// accumulates `cos(residual, y)` of this call's rows, as `fr_dropout_add_norm_forward`'s does
+/// (the library's `redundancy` module): the final residual add of a block. It needs a residual
+/// (an error otherwise); every output bit is the same with or without it.
 #[no_mangle]
 pub unsafe extern "C" fn fr_dropout_forward(
     options: *const FrOptions,
@@ -35,6 +43,7 @@ pub unsafe extern "C" fn fr_dropout_forward(
     rowscale: *const FrTensor,
     y: *const FrTensor,
     rowscale_out: *const FrTensor,
+    stats: *const FrTensor,
 ) -> FrStatus {
     boundary(|| {
         let o = FrOptions::read(OP, options)?;
@@ -45,7 +54,14 @@ pub unsafe extern "C" fn fr_dropout_forward(
             rowscale: opt(OP, "rowscale", rowscale)?,
             y: req(OP, "y", y)?,
             rowscale_out: opt(OP, "rowscale_out", rowscale_out)?,
+            stats: opt(OP, "stats", stats)?,
         };
+        if t.stats.is_some() && t.residual.is_none() {
+            return Err(FfiError::invalid(format!(
+                "{OP}: `stats` measures cos(residual, y) per row and needs a `residual`; pass \
+                 one, or a null `stats`"
+            )));
+        }
         let cfg = config(o)?;
         let h = exec.handle()?;
         dispatch_float!(OP, "x", t.x.dtype, T => forward::<T>(&cfg, h.as_ref(), &t))
@@ -86,6 +102,7 @@ struct Fwd<'a> {
     rowscale: Option<&'a FrTensor>,
     y: &'a FrTensor,
     rowscale_out: Option<&'a FrTensor>,
+    stats: Option<&'a FrTensor>,
 }
 
 struct Bwd<'a> {
@@ -101,6 +118,8 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
     // allowed alias (y = residual) is taken as a single mutable view.
     match h {
         None => unsafe {
+            // The caller's words in a cell for the CPU reference's meter, written back after.
+            let stats = t.stats.map(|w| host_site(OP, w)).transpose()?;
             let opts = dropout::cpu::ForwardOptions {
                 bias: t.bias.map(|b| host::<T>(OP, "bias", b)).transpose()?,
                 rowscale: t
@@ -112,6 +131,9 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
                     .rowscale_out
                     .map(|b| host_mut::<f32>(OP, "rowscale_out", b))
                     .transpose()?,
+                redundancy: stats
+                    .as_ref()
+                    .map(|(_, c)| redundancy::cpu::Site::of_cell(c)),
                 ..Default::default()
             };
             let x = host::<T>(OP, "x", t.x)?;
@@ -124,6 +146,9 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
                     let opts = dropout::cpu::ForwardOptions { residual, ..opts };
                     dropout::cpu::forward(cfg, x, y, opts)?
                 }
+            }
+            if let Some((words, cell)) = stats {
+                words.copy_from_slice(&cell.get().to_words());
             }
         },
         Some(h) => unsafe {
@@ -142,11 +167,19 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
                 .map(|b| Borrowed::<f32>::new(OP, "rowscale_out", b, s))
                 .transpose()?;
             let mut y = Borrowed::<T>::new(OP, "y", t.y, s)?;
+            let mut stats = t
+                .stats
+                .map(|w| Borrowed::<u64>::new(OP, "stats", w, s))
+                .transpose()?;
             let opts = dropout::ForwardOptions {
                 bias: bias.as_ref().map(|b| b.view()),
                 rowscale: rowscale.as_ref().map(|b| b.view()),
                 mask_out: None,
                 rowscale_out: rs_out.as_mut().map(|b| b.view_mut()),
+                redundancy: stats
+                    .as_mut()
+                    .map(|w| redundancy::Site::from_words(w.view_mut()))
+                    .transpose()?,
                 ..Default::default()
             };
             match t.residual {
