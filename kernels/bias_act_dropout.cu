@@ -593,10 +593,14 @@ __device__ __forceinline__ void bwd_body(const BiasActDropoutBwdParams& p, float
     bwd_keyed<T, V, ACT, MATH, KEY32>(p, lanes);
 }
 
-template <typename T, int V, uint32_t ACT, uint32_t MATH>
+// One body, one keying: the entries of the per-activation vector kernels. The keying is a
+// template argument of the entry (the host picks the symbol by MaskResolution, p.flags is not
+// read), so each kernel holds one keying's loop (GEN true and false) instead of three: with the
+// three behind a run-time test ptxas spilled (224 bytes per thread for GELU-tanh).
+template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
 __device__ __forceinline__ void bwd_one(const BiasActDropoutBwdParams& p) {
     __shared__ float lanes[LANES][MAX_BLOCK_X * V];
-    bwd_body<T, V, ACT, MATH>(p, lanes);
+    bwd_keyed<T, V, ACT, MATH, KEY>(p, lanes);
 }
 
 template <typename T, int V, uint32_t MATH> __device__ __forceinline__ void bwd(const BiasActDropoutBwdParams& p) {
@@ -633,6 +637,12 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
 #define BAD_BWD_KERNEL(NAME, BODY) \
     extern "C" __global__ void __launch_bounds__(256, 4) NAME(const BiasActDropoutBwdParams p) { BODY; }
 
+/* one vector backward kernel per (body, keying): <name>S (32-bit keys), <name>k16_S, <name>k8_S */
+#define BAD_BWD_KEYED(T, S, NAME, ACT, MATH)                                                              \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_##NAME##S, (bwd_one<T, 16 / sizeof(T), ACT, MATH, KEY32>(p)))  \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_##NAME##k16_##S, (bwd_one<T, 16 / sizeof(T), ACT, MATH, KEY16>(p))) \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_##NAME##k8_##S, (bwd_one<T, 16 / sizeof(T), ACT, MATH, KEY8>(p)))
+
 #define INSTANTIATE(T, S)                                                                                 \
     /* Vector kernels, one per body (one body per kernel keeps each within 64 registers in the    \
        backward; four bodies in one kernel made ptxas spill): ReLU (no transcendental), the three \
@@ -650,10 +660,10 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
     extern "C" __global__ void __launch_bounds__(256, 3) bias_act_dropout_bwd_vec_##S(const BiasActDropoutBwdParams p) { \
         bwd<T, 16 / sizeof(T), MATH_EXACT>(p);                                                            \
     }                                                                                                     \
-    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_relu_##S, (bwd_one<T, 16 / sizeof(T), ACT_RELU, MATH_EXACT>(p))) \
-    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_gelu_erf_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_GELU_ERF, MATH_FAST>(p))) \
-    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_gelu_tanh_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_GELU_TANH, MATH_FAST>(p))) \
-    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_silu_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_SILU, MATH_FAST>(p))) \
+    BAD_BWD_KEYED(T, S, relu_, ACT_RELU, MATH_EXACT)                                                      \
+    BAD_BWD_KEYED(T, S, gelu_erf_fast_, ACT_GELU_ERF, MATH_FAST)                                          \
+    BAD_BWD_KEYED(T, S, gelu_tanh_fast_, ACT_GELU_TANH, MATH_FAST)                                        \
+    BAD_BWD_KEYED(T, S, silu_fast_, ACT_SILU, MATH_FAST)                                                  \
     BAD_BWD_KERNEL(bias_act_dropout_bwd_scalar_##S, (bwd<T, 1, MATH_EXACT>(p)))                         \
     BAD_BWD_KERNEL(bias_act_dropout_bwd_scalar_fast_##S, (bwd<T, 1, MATH_FAST>(p)))                     \
     /* dbias = the ordered sum over slabs of the partials: the shared staged finish */                    \
