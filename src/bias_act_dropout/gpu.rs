@@ -75,8 +75,10 @@ struct BwdParams {
     act: u32,
     math: u32,
     flags: u32,
+    keep_frac: f32,
+    log2_keep: f32,
 }
-const _: () = assert!(std::mem::size_of::<BwdParams>() == 112);
+const _: () = assert!(std::mem::size_of::<BwdParams>() == 120);
 // SAFETY: as above.
 unsafe impl DeviceRepr for BwdParams {}
 
@@ -447,6 +449,9 @@ pub fn backward<T: Dtype>(
         act: cfg.act().code(),
         math: math_code(cfg),
         flags: resolution_flag(OP, &keying, RESOLUTIONS)?,
+        // Math::Fast's GELU-tanh / SiLU fold the scale into the derivative (fast::BwdConsts).
+        keep_frac: (1.0 - keying.effective_p()) as f32,
+        log2_keep: (1.0 - keying.effective_p()).log2() as f32,
     };
     let family = families(cfg, vector).1;
     handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)?;

@@ -163,6 +163,7 @@ template <class T> static void run_new(const NewCase& c, uint64_t seed, int k) {
     q.h = c.from_h ? h.data() : nullptr; q.dx = dx.data(); q.partials = c.dbias ? part.data() : nullptr;
     q.rows = c.rows; q.cols = c.cols; q.slab_rows = c.slab; q.seed = p.seed; q.call = p.call;
     q.threshold = threshold; q.scale = scale; q.act = c.act; q.math = c.math; q.flags = p.flags;
+    q.keep_frac = p.keep_frac; q.log2_keep = (float)std::log2(1.0 - pe);
     launch(bk, dim3{tiles, slabs, 1}, dim3{64, 4, 1}, q);
     if (c.dbias) {
         drop::DbiasParams<T> d{part.data(), reinterpret_cast<T*>(dbias.data()), c.cols, slabs};
