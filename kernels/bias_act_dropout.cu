@@ -175,26 +175,33 @@ __device__ __forceinline__ float fast_fwd(float h, float keep_frac, float scale,
     }
 }
 
-// act'(h). h is first clamped (NaN kept) to where every intermediate is finite (2^z at most
-// 2^116): beyond it act' is 1 or 0 to within 2^-88 of the exact value. The derivatives:
+// scale * act'(h) of the backward as two factors (a, b), the kept dx being (dy * a) * b. h is
+// first clamped (NaN kept) to where every intermediate is finite (2^z at most 2^116): beyond it
+// act' is 1 or 0 to within 2^-88 of the exact value. The derivatives:
 //   GELU-tanh  c (1 + h (B0 + B1 h^2) (1 - c)),  c = 1 / (1 + e), 1 - c = e c
 //   SiLU       c (1 + h (1 - c)),                 c = 1 / (1 + 2^(-h log2 e))
 //   GELU-erf   Phi(h) + h phi(h),                 phi = 2^(-h^2 log2(e) / 2 + log2(1 / sqrt(2 pi)))
-// Instructions: GELU-tanh 13, SiLU 9, GELU-erf 17.
+// GELU-tanh and SiLU fold the scale into c, as the forward does: the exponent takes
+// log2_keep = log2(1 - p), so ek = (1 - p) e, and a = 1 / (ek + (1 - p)) = scale c, while
+// ek a = e c stays the unscaled 1 - c; b = 1 + w e c (w = h (B0 + B1 h^2) for GELU-tanh, h for
+// SiLU). GELU-erf returns (scale, act'). Instructions per element with the dx products:
+// GELU-tanh 14, SiLU 10, GELU-erf 19.
 template <uint32_t ACT>
-__device__ __forceinline__ float fast_grad(float h) {
+__device__ __forceinline__ void fast_grad(float h, float scale, float keep_frac, float log2_keep, float& a,
+                                          float& b) {
+    static_assert(ACT != ACT_RELU, "ReLU has no fast form: it runs the exact body");
     if constexpr (ACT == ACT_GELU_TANH) {
         const float hc = fast::min_nan(fast::max_nan(h, -9.0f), 9.0f);
         const float h2 = __fmul_rn(hc, hc);
-        const float e = fast::ex2(__fmul_rn(hc, __fmaf_rn(KF_NEG_A1, h2, KF_NEG_A0)));
-        const float c = fast::rcp(__fadd_rn(e, 1.0f));
+        const float ek = fast::ex2(__fmaf_rn(hc, __fmaf_rn(KF_NEG_A1, h2, KF_NEG_A0), log2_keep));
+        a = fast::rcp(__fadd_rn(ek, keep_frac));
         const float w = __fmul_rn(hc, __fmaf_rn(KF_B1, h2, KF_B0));
-        return __fmul_rn(c, __fmaf_rn(w, __fmul_rn(e, c), 1.0f));
+        b = __fmaf_rn(w, __fmul_rn(ek, a), 1.0f);
     } else if constexpr (ACT == ACT_SILU) {
         const float hc = fast::min_nan(fast::max_nan(h, -80.0f), 80.0f);
-        const float e = fast::ex2(__fmul_rn(hc, KF_NEG_LOG2E));
-        const float c = fast::rcp(__fadd_rn(e, 1.0f));
-        return __fmul_rn(c, __fmaf_rn(hc, __fmul_rn(e, c), 1.0f));
+        const float ek = fast::ex2(__fmaf_rn(hc, KF_NEG_LOG2E, log2_keep));
+        a = fast::rcp(__fadd_rn(ek, keep_frac));
+        b = __fmaf_rn(hc, __fmul_rn(ek, a), 1.0f);
     } else {  // ACT_GELU_ERF
         const float hc = fast::min_nan(fast::max_nan(h, -16.0f), 16.0f);
         const float t = fast::rcp(__fmaf_rn(fabsf(hc), KF_ERF_K, 1.0f));
@@ -205,7 +212,8 @@ __device__ __forceinline__ float fast_grad(float h) {
         const float q = __fmul_rn(t, fast::ex2(__fmaf_rn(s, KF_NEG_HALF_LOG2E, f)));
         const float cdf = hc < 0.0f ? q : __fsub_rn(1.0f, q);
         const float pdf = fast::ex2(__fmaf_rn(s, KF_NEG_HALF_LOG2E, KF_LOG2_PDF0));
-        return __fmaf_rn(hc, pdf, cdf);
+        a = scale;
+        b = __fmaf_rn(hc, pdf, cdf);
     }
 }
 
@@ -245,8 +253,10 @@ struct BiasActDropoutBwdParams {
     uint64_t rows, cols, slab_rows, seed, call, threshold;
     float scale;
     uint32_t act, math, flags;
+    float keep_frac;     // 1 - p as f32 (Math::Fast's GELU-tanh / SiLU fold the scale in)
+    float log2_keep;     // log2(1 - p) as f32, -inf for p = 1
 };
-static_assert(sizeof(BiasActDropoutBwdParams) == 112, "must match src/bias_act_dropout/gpu.rs");
+static_assert(sizeof(BiasActDropoutBwdParams) == 120, "must match src/bias_act_dropout/gpu.rs");
 
 // Rows of one lane handled per loop trip: all their loads are issued before any of their math
 // (and before their Philox words are computed), so UNROLL rows of bytes are in flight per thread.
@@ -484,8 +494,10 @@ __device__ __forceinline__ void bwd_row(const BiasActDropoutBwdParams& p, const 
 #pragma unroll
     for (int k = 0; k < V; ++k) {
         const float h = __fadd_rn(hv.get(k), b[k]);
-        const float g = MATH == MATH_FAST ? fast_grad<ACT>(h) : act_grad(ACT, h);
-        d[k] = keep.kept(k) ? __fmul_rn(__fmul_rn(gv.get(k), scale), g) : 0.0f;
+        float ga = scale, gb;  // dx = (dy * ga) * gb: (scale, act') or fast_grad's factors
+        if constexpr (MATH == MATH_FAST) fast_grad<ACT>(h, scale, p.keep_frac, p.log2_keep, ga, gb);
+        else gb = act_grad(ACT, h);
+        d[k] = keep.kept(k) ? __fmul_rn(__fmul_rn(gv.get(k), ga), gb) : 0.0f;
         acc[k] = __fadd_rn(acc[k], d[k]);
     }
     Pack<T, V> dv;
@@ -593,10 +605,14 @@ __device__ __forceinline__ void bwd_body(const BiasActDropoutBwdParams& p, float
     bwd_keyed<T, V, ACT, MATH, KEY32>(p, lanes);
 }
 
-template <typename T, int V, uint32_t ACT, uint32_t MATH>
+// One body, one keying: the entries of the per-activation vector kernels. The keying is a
+// template argument of the entry (the host picks the symbol by MaskResolution, p.flags is not
+// read), so each kernel holds one keying's loop (GEN true and false) instead of three: with the
+// three behind a run-time test ptxas spilled (224 bytes per thread for GELU-tanh).
+template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
 __device__ __forceinline__ void bwd_one(const BiasActDropoutBwdParams& p) {
     __shared__ float lanes[LANES][MAX_BLOCK_X * V];
-    bwd_body<T, V, ACT, MATH>(p, lanes);
+    bwd_keyed<T, V, ACT, MATH, KEY>(p, lanes);
 }
 
 template <typename T, int V, uint32_t MATH> __device__ __forceinline__ void bwd(const BiasActDropoutBwdParams& p) {
@@ -633,6 +649,12 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
 #define BAD_BWD_KERNEL(NAME, BODY) \
     extern "C" __global__ void __launch_bounds__(256, 4) NAME(const BiasActDropoutBwdParams p) { BODY; }
 
+/* one vector backward kernel per (body, keying): <name>S (32-bit keys), <name>k16_S, <name>k8_S */
+#define BAD_BWD_KEYED(T, S, NAME, ACT, MATH)                                                              \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_##NAME##S, (bwd_one<T, 16 / sizeof(T), ACT, MATH, KEY32>(p)))  \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_##NAME##k16_##S, (bwd_one<T, 16 / sizeof(T), ACT, MATH, KEY16>(p))) \
+    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_##NAME##k8_##S, (bwd_one<T, 16 / sizeof(T), ACT, MATH, KEY8>(p)))
+
 #define INSTANTIATE(T, S)                                                                                 \
     /* Vector kernels, one per body (one body per kernel keeps each within 64 registers in the    \
        backward; four bodies in one kernel made ptxas spill): ReLU (no transcendental), the three \
@@ -650,10 +672,10 @@ static_assert(sizeof(BiasActDropoutUnfusedParams) == 80, "must match src/bias_ac
     extern "C" __global__ void __launch_bounds__(256, 3) bias_act_dropout_bwd_vec_##S(const BiasActDropoutBwdParams p) { \
         bwd<T, 16 / sizeof(T), MATH_EXACT>(p);                                                            \
     }                                                                                                     \
-    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_relu_##S, (bwd_one<T, 16 / sizeof(T), ACT_RELU, MATH_EXACT>(p))) \
-    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_gelu_erf_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_GELU_ERF, MATH_FAST>(p))) \
-    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_gelu_tanh_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_GELU_TANH, MATH_FAST>(p))) \
-    BAD_BWD_KERNEL(bias_act_dropout_bwd_vec_silu_fast_##S, (bwd_one<T, 16 / sizeof(T), ACT_SILU, MATH_FAST>(p))) \
+    BAD_BWD_KEYED(T, S, relu_, ACT_RELU, MATH_EXACT)                                                      \
+    BAD_BWD_KEYED(T, S, gelu_erf_fast_, ACT_GELU_ERF, MATH_FAST)                                          \
+    BAD_BWD_KEYED(T, S, gelu_tanh_fast_, ACT_GELU_TANH, MATH_FAST)                                        \
+    BAD_BWD_KEYED(T, S, silu_fast_, ACT_SILU, MATH_FAST)                                                  \
     BAD_BWD_KERNEL(bias_act_dropout_bwd_scalar_##S, (bwd<T, 1, MATH_EXACT>(p)))                         \
     BAD_BWD_KERNEL(bias_act_dropout_bwd_scalar_fast_##S, (bwd<T, 1, MATH_FAST>(p)))                     \
     /* dbias = the ordered sum over slabs of the partials: the shared staged finish */                    \

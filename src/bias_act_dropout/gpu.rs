@@ -7,8 +7,9 @@
 //! scalar path runs, with the same results.
 //!
 //! Kernels: the vector path has one kernel per body (ReLU, each `Math::Fast` activation, and one
-//! with the four `Math::Exact` bodies), so each stays within 64 registers; the scalar path one
-//! per math mode. dbias is finished by the shared staged `dbias_finish` (`kernels/common/
+//! with the four `Math::Exact` bodies), so each stays within 64 registers; the backward's ReLU
+//! and `Math::Fast` bodies have one kernel per keying besides (the keying a template argument,
+//! no spills); the scalar path one kernel per math mode. dbias is finished by the shared staged `dbias_finish` (`kernels/common/
 //! dropping.cuh`), the same ordered sum over slabs.
 
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
@@ -74,8 +75,10 @@ struct BwdParams {
     act: u32,
     math: u32,
     flags: u32,
+    keep_frac: f32,
+    log2_keep: f32,
 }
-const _: () = assert!(std::mem::size_of::<BwdParams>() == 112);
+const _: () = assert!(std::mem::size_of::<BwdParams>() == 120);
 // SAFETY: as above.
 unsafe impl DeviceRepr for BwdParams {}
 
@@ -119,26 +122,78 @@ const BWD_VEC: KernelFamily = per_dtype!(
     BiasActDropoutBwdVecF16,
     BiasActDropoutBwdVecBf16
 );
-const BWD_VEC_RELU: KernelFamily = per_dtype!(
-    BiasActDropoutBwdVecReluF32,
-    BiasActDropoutBwdVecReluF16,
-    BiasActDropoutBwdVecReluBf16
-);
-const BWD_VEC_GELU_ERF_FAST: KernelFamily = per_dtype!(
-    BiasActDropoutBwdVecGeluErfFastF32,
-    BiasActDropoutBwdVecGeluErfFastF16,
-    BiasActDropoutBwdVecGeluErfFastBf16
-);
-const BWD_VEC_GELU_TANH_FAST: KernelFamily = per_dtype!(
-    BiasActDropoutBwdVecGeluTanhFastF32,
-    BiasActDropoutBwdVecGeluTanhFastF16,
-    BiasActDropoutBwdVecGeluTanhFastBf16
-);
-const BWD_VEC_SILU_FAST: KernelFamily = per_dtype!(
-    BiasActDropoutBwdVecSiluFastF32,
-    BiasActDropoutBwdVecSiluFastF16,
-    BiasActDropoutBwdVecSiluFastBf16
-);
+/// One kernel per keying: [Bits32, Bits16, Bits8] (see [`by_keying`]).
+const BWD_VEC_RELU: [KernelFamily; 3] = [
+    per_dtype!(
+        BiasActDropoutBwdVecReluF32,
+        BiasActDropoutBwdVecReluF16,
+        BiasActDropoutBwdVecReluBf16
+    ),
+    per_dtype!(
+        BiasActDropoutBwdVecReluK16F32,
+        BiasActDropoutBwdVecReluK16F16,
+        BiasActDropoutBwdVecReluK16Bf16
+    ),
+    per_dtype!(
+        BiasActDropoutBwdVecReluK8F32,
+        BiasActDropoutBwdVecReluK8F16,
+        BiasActDropoutBwdVecReluK8Bf16
+    ),
+];
+/// One kernel per keying: [Bits32, Bits16, Bits8] (see [`by_keying`]).
+const BWD_VEC_GELU_ERF_FAST: [KernelFamily; 3] = [
+    per_dtype!(
+        BiasActDropoutBwdVecGeluErfFastF32,
+        BiasActDropoutBwdVecGeluErfFastF16,
+        BiasActDropoutBwdVecGeluErfFastBf16
+    ),
+    per_dtype!(
+        BiasActDropoutBwdVecGeluErfFastK16F32,
+        BiasActDropoutBwdVecGeluErfFastK16F16,
+        BiasActDropoutBwdVecGeluErfFastK16Bf16
+    ),
+    per_dtype!(
+        BiasActDropoutBwdVecGeluErfFastK8F32,
+        BiasActDropoutBwdVecGeluErfFastK8F16,
+        BiasActDropoutBwdVecGeluErfFastK8Bf16
+    ),
+];
+/// One kernel per keying: [Bits32, Bits16, Bits8] (see [`by_keying`]).
+const BWD_VEC_GELU_TANH_FAST: [KernelFamily; 3] = [
+    per_dtype!(
+        BiasActDropoutBwdVecGeluTanhFastF32,
+        BiasActDropoutBwdVecGeluTanhFastF16,
+        BiasActDropoutBwdVecGeluTanhFastBf16
+    ),
+    per_dtype!(
+        BiasActDropoutBwdVecGeluTanhFastK16F32,
+        BiasActDropoutBwdVecGeluTanhFastK16F16,
+        BiasActDropoutBwdVecGeluTanhFastK16Bf16
+    ),
+    per_dtype!(
+        BiasActDropoutBwdVecGeluTanhFastK8F32,
+        BiasActDropoutBwdVecGeluTanhFastK8F16,
+        BiasActDropoutBwdVecGeluTanhFastK8Bf16
+    ),
+];
+/// One kernel per keying: [Bits32, Bits16, Bits8] (see [`by_keying`]).
+const BWD_VEC_SILU_FAST: [KernelFamily; 3] = [
+    per_dtype!(
+        BiasActDropoutBwdVecSiluFastF32,
+        BiasActDropoutBwdVecSiluFastF16,
+        BiasActDropoutBwdVecSiluFastBf16
+    ),
+    per_dtype!(
+        BiasActDropoutBwdVecSiluFastK16F32,
+        BiasActDropoutBwdVecSiluFastK16F16,
+        BiasActDropoutBwdVecSiluFastK16Bf16
+    ),
+    per_dtype!(
+        BiasActDropoutBwdVecSiluFastK8F32,
+        BiasActDropoutBwdVecSiluFastK8F16,
+        BiasActDropoutBwdVecSiluFastK8Bf16
+    ),
+];
 const BWD_SCALAR: KernelFamily = per_dtype!(
     BiasActDropoutBwdScalarF32,
     BiasActDropoutBwdScalarF16,
@@ -164,14 +219,28 @@ fn math_code(cfg: &Config) -> u32 {
     }
 }
 
+/// The per-keying backward kernel of `kernels` ([Bits32, Bits16, Bits8]): the keying is a
+/// template argument of those kernels (one keying's row loop per kernel keeps ptxas from
+/// spilling), so the symbol must match `cfg`'s resolution.
+fn by_keying(cfg: &Config, kernels: &[KernelFamily; 3]) -> KernelFamily {
+    match cfg.keying().resolution() {
+        MaskResolution::Bits32 => kernels[0],
+        MaskResolution::Bits16 => kernels[1],
+        MaskResolution::Bits8 => kernels[2],
+    }
+}
+
 /// The (forward, backward) kernel families of a launch (see the module docs).
 fn families(cfg: &Config, vector: bool) -> (KernelFamily, KernelFamily) {
     let fast = math_code(cfg) == 1;
+    let bwd = |kernels: &[KernelFamily; 3]| by_keying(cfg, kernels);
     match (vector, cfg.act(), fast) {
-        (true, Activation::Relu, _) => (FWD_VEC_RELU, BWD_VEC_RELU),
-        (true, Activation::GeluErf, true) => (FWD_VEC_GELU_ERF_FAST, BWD_VEC_GELU_ERF_FAST),
-        (true, Activation::GeluTanh, true) => (FWD_VEC_GELU_TANH_FAST, BWD_VEC_GELU_TANH_FAST),
-        (true, Activation::Silu, true) => (FWD_VEC_SILU_FAST, BWD_VEC_SILU_FAST),
+        (true, Activation::Relu, _) => (FWD_VEC_RELU, bwd(&BWD_VEC_RELU)),
+        (true, Activation::GeluErf, true) => (FWD_VEC_GELU_ERF_FAST, bwd(&BWD_VEC_GELU_ERF_FAST)),
+        (true, Activation::GeluTanh, true) => {
+            (FWD_VEC_GELU_TANH_FAST, bwd(&BWD_VEC_GELU_TANH_FAST))
+        }
+        (true, Activation::Silu, true) => (FWD_VEC_SILU_FAST, bwd(&BWD_VEC_SILU_FAST)),
         (true, _, false) => (FWD_VEC, BWD_VEC),
         (false, _, true) => (FWD_SCALAR_FAST, BWD_SCALAR_FAST),
         (false, _, false) => (FWD_SCALAR, BWD_SCALAR),
@@ -380,6 +449,9 @@ pub fn backward<T: Dtype>(
         act: cfg.act().code(),
         math: math_code(cfg),
         flags: resolution_flag(OP, &keying, RESOLUTIONS)?,
+        // Math::Fast's GELU-tanh / SiLU fold the scale into the derivative (fast::BwdConsts).
+        keep_frac: (1.0 - keying.effective_p()) as f32,
+        log2_keep: (1.0 - keying.effective_p()).log2() as f32,
     };
     let family = families(cfg, vector).1;
     handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)?;

@@ -65,12 +65,15 @@
 //!
 //! | act | `act(h)` | `act'(h)` | SASS per element (act / act') |
 //! | --- | --- | --- | --- |
-//! | GELU (tanh) | `h c`, `c = 1 / (1 + 2^z)`, `z = -2u log2 e` (`(1 + tanh u) / 2 = sigmoid(2u)`) | `c (1 + h u' (1 - c))`, `1 - c = 2^z c` | 8 / 13 |
-//! | SiLU | `h c`, `c = 1 / (1 + 2^(-h log2 e))` | `c (1 + h (1 - c))` | 6 / 9 |
+//! | GELU (tanh) | `h c`, `c = 1 / (1 + 2^z)`, `z = -2u log2 e` (`(1 + tanh u) / 2 = sigmoid(2u)`) | `c (1 + h u' (1 - c))`, `1 - c = 2^z c` | 8 / 12 |
+//! | SiLU | `h c`, `c = 1 / (1 + 2^(-h log2 e))` | `c (1 + h (1 - c))` | 6 / 8 |
 //! | GELU (erf) | `h Phi`, `Phi = q` (`h < 0`) or `1 - q`, `q = t 2^(-h^2 log2(e) / 2 + F(t))`, `t = 1 / (1 + |h| / 2 sqrt 2)`, `F` a fitted cubic | `Phi + h 2^(-h^2 log2(e) / 2) / sqrt(2 pi)` | 14 / 17 |
 //!
 //! The scale is folded into the forward's reciprocal (`1 / ((1 - p)(1 + 2^z))`) or exponent
-//! (GELU erf). The sigmoid forms keep their relative accuracy in both tails, where
+//! (GELU erf), and into the GELU-tanh / SiLU backward's `c`: the exponent takes `log2(1 - p)`,
+//! so `e' = (1 - p) 2^z`, `a = 1 / (e' + (1 - p)) = scale c` and `e' a = 1 - c` unscaled; the kept
+//! `d` is `(dy * a) * (1 + w (e' a))` (`w = h u'` or `h`) instead of `(dy * scale) * act'(h)`
+//! (GELU erf keeps that form). The sigmoid forms keep their relative accuracy in both tails, where
 //! `1 + tanh.approx(u)` would lose all of it. Specials come out of the formulas: `h = +inf` gives
 //! `+inf` (act) and 1 (act'), `h = -inf` gives `-0` and 0, NaN gives NaN; the backward clamps `h`
 //! to where every intermediate is finite (±9 GELU tanh, ±80 SiLU, ±16 GELU erf; beyond, act' is

@@ -20,13 +20,13 @@ template <class T> struct K;
         static constexpr auto bs = bias_act_dropout_bwd_scalar_##S;      \
         static constexpr auto db = bias_act_dropout_dbias_##S;           \
         static constexpr auto fvr = bias_act_dropout_fwd_vec_relu_##S;   \
-        static constexpr auto bvr = bias_act_dropout_bwd_vec_relu_##S;   \
+        static constexpr decltype(&bias_act_dropout_bwd_vec_relu_##S) bvr[3] = {bias_act_dropout_bwd_vec_relu_##S, bias_act_dropout_bwd_vec_relu_k16_##S, bias_act_dropout_bwd_vec_relu_k8_##S};   \
         static constexpr auto fve = bias_act_dropout_fwd_vec_gelu_erf_fast_##S; \
-        static constexpr auto bve = bias_act_dropout_bwd_vec_gelu_erf_fast_##S; \
+        static constexpr decltype(&bias_act_dropout_bwd_vec_gelu_erf_fast_##S) bve[3] = {bias_act_dropout_bwd_vec_gelu_erf_fast_##S, bias_act_dropout_bwd_vec_gelu_erf_fast_k16_##S, bias_act_dropout_bwd_vec_gelu_erf_fast_k8_##S}; \
         static constexpr auto fvt = bias_act_dropout_fwd_vec_gelu_tanh_fast_##S; \
-        static constexpr auto bvt = bias_act_dropout_bwd_vec_gelu_tanh_fast_##S; \
+        static constexpr decltype(&bias_act_dropout_bwd_vec_gelu_tanh_fast_##S) bvt[3] = {bias_act_dropout_bwd_vec_gelu_tanh_fast_##S, bias_act_dropout_bwd_vec_gelu_tanh_fast_k16_##S, bias_act_dropout_bwd_vec_gelu_tanh_fast_k8_##S}; \
         static constexpr auto fvs = bias_act_dropout_fwd_vec_silu_fast_##S; \
-        static constexpr auto bvs = bias_act_dropout_bwd_vec_silu_fast_##S; \
+        static constexpr decltype(&bias_act_dropout_bwd_vec_silu_fast_##S) bvs[3] = {bias_act_dropout_bwd_vec_silu_fast_##S, bias_act_dropout_bwd_vec_silu_fast_k16_##S, bias_act_dropout_bwd_vec_silu_fast_k8_##S}; \
         static constexpr auto fsf = bias_act_dropout_fwd_scalar_fast_##S; \
         static constexpr auto bsf = bias_act_dropout_bwd_scalar_fast_##S; \
         static constexpr auto ub = bias_act_dropout_unfused_bias_add_##S; \
@@ -144,11 +144,13 @@ template <class T> static void run_new(const NewCase& c, uint64_t seed, int k) {
     auto fk = K<T>::fs; auto bk = K<T>::bs;
     const bool fast = c.math == MATH_FAST && c.act != ACT_RELU;
     if (c.vec) {
-        if (c.act == ACT_RELU) { fk = K<T>::fvr; bk = K<T>::bvr; }
+        // The per-activation backward kernels are one per keying: [32-bit, 16-bit, 8-bit].
+        const int kk = c.key16 == 2 ? 2 : c.key16 ? 1 : 0;
+        if (c.act == ACT_RELU) { fk = K<T>::fvr; bk = K<T>::bvr[kk]; }
         else if (!fast) { fk = K<T>::fv; bk = K<T>::bv; }
-        else if (c.act == ACT_GELU_ERF) { fk = K<T>::fve; bk = K<T>::bve; }
-        else if (c.act == ACT_GELU_TANH) { fk = K<T>::fvt; bk = K<T>::bvt; }
-        else { fk = K<T>::fvs; bk = K<T>::bvs; }
+        else if (c.act == ACT_GELU_ERF) { fk = K<T>::fve; bk = K<T>::bve[kk]; }
+        else if (c.act == ACT_GELU_TANH) { fk = K<T>::fvt; bk = K<T>::bvt[kk]; }
+        else { fk = K<T>::fvs; bk = K<T>::bvs[kk]; }
     } else if (fast) {
         fk = K<T>::fsf; bk = K<T>::bsf;
     }
@@ -161,6 +163,7 @@ template <class T> static void run_new(const NewCase& c, uint64_t seed, int k) {
     q.h = c.from_h ? h.data() : nullptr; q.dx = dx.data(); q.partials = c.dbias ? part.data() : nullptr;
     q.rows = c.rows; q.cols = c.cols; q.slab_rows = c.slab; q.seed = p.seed; q.call = p.call;
     q.threshold = threshold; q.scale = scale; q.act = c.act; q.math = c.math; q.flags = p.flags;
+    q.keep_frac = p.keep_frac; q.log2_keep = (float)std::log2(1.0 - pe);
     launch(bk, dim3{tiles, slabs, 1}, dim3{64, 4, 1}, q);
     if (c.dbias) {
         drop::DbiasParams<T> d{part.data(), reinterpret_cast<T*>(dbias.data()), c.cols, slabs};
