@@ -273,15 +273,15 @@ __device__ __forceinline__ void row_sums(const Layout<NGT, SEG>& L, const F& add
             lanes[warp * 32 + lane] = warp_tree4(v);
         } else {
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
+            for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
-            for (int k = 0; k < K; ++k)
-                v[k] = __fadd_rn(v[k], __uint_as_float(__shfl_down_sync(0xffffffffu, __float_as_uint(v[k]), o)));
-        }
-        if (lane == 0) {
+                for (int k = 0; k < K; ++k)
+                    v[k] = __fadd_rn(v[k], __uint_as_float(__shfl_down_sync(0xffffffffu, __float_as_uint(v[k]), o)));
+            }
+            if (lane == 0) {
 #pragma unroll
-            for (int k = 0; k < K; ++k) buf[k][warp] = v[k];
-        }
+                for (int k = 0; k < K; ++k) buf[k][warp] = v[k];
+            }
         }
     }
     __syncthreads();
