@@ -245,19 +245,25 @@ __device__ __forceinline__ void fwd(const FwdParams<T>& p) {
 // One row per block (grid-stride over rows), blockDim.x = row_partials(cols) threads (<= 256, a
 // multiple of 32): thread q owns the groups of 8 elements q, q + P, ... of the row, the partition
 // of dropout_add_norm's row sums, so the row's r·s, |r|² and |s|² are summed in the order of the
-// CPU's dropout_add_norm::cpu::stat_sums (stats.cuh: stat_terms, stat_block_sums), and the
-// block's rows go to the site with StatRows (one integer atomic per word and block). Elements
-// are read and written one at a time (any alignment, any row width); the 1-bit mask is not
+// CPU's dropout_add_norm::cpu::stat_sums (stats.cuh: stat_terms; block_sums.cuh: warp_tree4), and the
+// block's rows go to the site with StatRows (one integer atomic per word and block). The scalar
+// entry (dropout_fwd_res_stats_<S>) reads and writes one element at a time (any alignment, any
+// row width); the vector entry (dropout_fwd_res_stats_vec_<S>: cols % 8 == 0, 16-byte aligned
+// views) a group as one 16-byte vector (two for f32), the same bits. The 1-bit mask is not
 // written here (the host refuses it: measure in evaluation).
 template <typename T> struct FwdStatsParams {
     FwdParams<T> f;
     unsigned long long* stats;  // the meter site's 3 words (src/redundancy: WORDS_PER_SITE)
 };
 
-template <typename T, int KB>
+template <typename T, int KB, bool VEC>
 __device__ __forceinline__ void fwd_stats_body(const FwdParams<T>& p, unsigned long long* words) {
     using dropout_add_norm::STAT_GROUP;
-    __shared__ float s_stat[3][8];
+    // The row's three sums through warp_tree4 (every lane stores its result), read by thread 0
+    // alone; two buffers, alternating per row: a buffer is written again two rows later, after
+    // the next row's barrier, which thread 0 passes only after reading it.
+    __shared__ float s_lanes[2][256];
+    uint32_t buf = 0;
     if (threadIdx.x == 0) dropout_add_norm::stat_rows().reset();  // thread 0 only
     const KeyGen<KB> kg(p.threshold);
     const bool has_rs = p.rowscale != nullptr || (p.flags & FLAG_DROP_PATH) != 0;
@@ -271,52 +277,90 @@ __device__ __forceinline__ void fwd_stats_body(const FwdParams<T>& p, unsigned l
         float st[3] = {0.f, 0.f, 0.f};  // this partial's r·s, |r|², |s|²
         for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
             const uint64_t c0 = g * STAT_GROUP, i = row * p.cols + c0, key = p.base + i;
-            const int cnt = (int)min((uint64_t)STAT_GROUP, p.cols - c0);
-            // Keep bits: a whole aligned group at once, else element by element (the keys are a
-            // function of the flat index only). A row whose multiplier is 0 keeps nothing.
-            uint32_t keep = 0u;
-            if (rowm != 0.f) {
-                if (cnt == STAT_GROUP && (key & 7) == 0) {
-                    keep = kg.template group<STAT_GROUP>(p.seed, p.call, key).bits();
-                } else {
-                    for (int k = 0; k < cnt; ++k)
-                        keep |= (kg.template group<1>(p.seed, p.call, key + k).keep(0) ? 1u : 0u) << k;
-                }
-            }
-            float rin[STAT_GROUP], sout[STAT_GROUP];
-#pragma unroll
-            for (int k = 0; k < STAT_GROUP; ++k) {
-                rin[k] = 0.f, sout[k] = 0.f;
-                if (k < cnt) {
-                    const T rv = p.residual[i + k];
-                    T yv = rv;
-                    if ((keep >> k) & 1u) {
-                        const float b = p.bias != nullptr ? to_f32(p.bias[c0 + k]) : -0.f;
-                        const float t = __fadd_rn(to_f32(p.x[i + k]), b);
-                        yv = from_f32<T>(__fmaf_rn(t, rowm, to_f32(rv)));
-                    }
-                    if (!in_place || ((keep >> k) & 1u)) p.y[i + k] = yv;
-                    rin[k] = to_f32(rv), sout[k] = to_f32(yv);
-                }
-            }
             float gt[3];
-            dropout_add_norm::stat_terms([&](int k) { return rin[k]; }, [&](int k) { return sout[k]; }, cnt, gt);
+            if constexpr (VEC) {
+                // The vector entry: cols % 8 == 0, base % 8 == 0 and 16-byte aligned views (the
+                // host's test), so every group is whole, aligned and keyed by whole fields: the
+                // residual forward's vector math (fwd_math, the same bits) on one or two 16-byte
+                // vectors, the f32 values it converts reused for the terms.
+                constexpr int V = 16 / sizeof(T);
+                const bool live = rowm != 0.f;
+                float rin[STAT_GROUP], sout[STAT_GROUP];
+#pragma unroll
+                for (int h = 0; h < STAT_GROUP / V; ++h) {
+                    const uint64_t ih = i + h * V;
+                    const Pack<T, V> rv = load_pack<T, V>(p.residual + ih, V);
+                    const Pack<T, V> xv = live ? load_pack<T, V>(p.x + ih, V) : rv;
+                    float b[V];
+#pragma unroll
+                    for (int k = 0; k < V; ++k) b[k] = -0.f;
+                    if (p.bias != nullptr) {
+                        const Pack<T, V> bv = load_pack<T, V>(p.bias + c0 + h * V, V);
+#pragma unroll
+                        for (int k = 0; k < V; ++k) b[k] = bv.get(k);
+                    }
+                    const auto keys = kg.template group<V>(p.seed, p.call, key + h * V);
+                    const Pack<T, V> yv = fwd_math<T, V, true>(xv, rv, b, rowm, live, keys);
+                    // In place a dropped row is left alone (its bits are the residual's).
+                    if (live || !in_place) store_pack<T, V>(p.y + ih, yv, V);
+#pragma unroll
+                    for (int k = 0; k < V; ++k) rin[h * V + k] = rv.get(k), sout[h * V + k] = yv.get(k);
+                }
+                dropout_add_norm::stat_terms([&](int k) { return rin[k]; }, [&](int k) { return sout[k]; }, STAT_GROUP, gt);
+            } else {
+                const int cnt = (int)min((uint64_t)STAT_GROUP, p.cols - c0);
+                // Keep bits: a whole aligned group at once, else element by element (the keys are a
+                // function of the flat index only). A row whose multiplier is 0 keeps nothing.
+                uint32_t keep = 0u;
+                if (rowm != 0.f) {
+                    if (cnt == STAT_GROUP && (key & 7) == 0) {
+                        keep = kg.template group<STAT_GROUP>(p.seed, p.call, key).bits();
+                    } else {
+                        for (int k = 0; k < cnt; ++k)
+                            keep |= (kg.template group<1>(p.seed, p.call, key + k).keep(0) ? 1u : 0u) << k;
+                    }
+                }
+                float rin[STAT_GROUP], sout[STAT_GROUP];
+#pragma unroll
+                for (int k = 0; k < STAT_GROUP; ++k) {
+                    rin[k] = 0.f, sout[k] = 0.f;
+                    if (k < cnt) {
+                        const T rv = p.residual[i + k];
+                        T yv = rv;
+                        if ((keep >> k) & 1u) {
+                            const float b = p.bias != nullptr ? to_f32(p.bias[c0 + k]) : -0.f;
+                            const float t = __fadd_rn(to_f32(p.x[i + k]), b);
+                            yv = from_f32<T>(__fmaf_rn(t, rowm, to_f32(rv)));
+                        }
+                        if (!in_place || ((keep >> k) & 1u)) p.y[i + k] = yv;
+                        rin[k] = to_f32(rv), sout[k] = to_f32(yv);
+                    }
+                }
+                dropout_add_norm::stat_terms([&](int k) { return rin[k]; }, [&](int k) { return sout[k]; }, cnt, gt);
+            }
 #pragma unroll
             for (int k = 0; k < 3; ++k) st[k] = __fadd_rn(st[k], gt[k]);
         }
-        dropout_add_norm::stat_block_sums(st, s_stat);
-        if (threadIdx.x == 0) dropout_add_norm::stat_rows().add(st[0], st[1], st[2]);
+        s_lanes[buf][threadIdx.x] = dropout_add_norm::warp_tree4({st[0], st[1], st[2], 0.f});
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const uint32_t warps = blockDim.x / 32;
+            dropout_add_norm::stat_rows().add(dropout_add_norm::lanes_total(s_lanes[buf], warps, 0),
+                                              dropout_add_norm::lanes_total(s_lanes[buf], warps, 1),
+                                              dropout_add_norm::lanes_total(s_lanes[buf], warps, 2));
+        }
+        buf ^= 1;
     }
     if (threadIdx.x == 0) dropout_add_norm::stat_rows().flush(words);
 }
 
-template <typename T>
+template <typename T, bool VEC>
 __device__ __forceinline__ void fwd_stats(const FwdStatsParams<T>& sp) {
     const FwdParams<T>& p = sp.f;
-    if (!generates(p.threshold, p.flags)) fwd_stats_body<T, 0>(p, sp.stats);
-    else if ((p.flags & FLAG_KEY8) != 0) fwd_stats_body<T, 8>(p, sp.stats);
-    else if ((p.flags & FLAG_KEY16) != 0) fwd_stats_body<T, 16>(p, sp.stats);
-    else fwd_stats_body<T, 32>(p, sp.stats);
+    if (!generates(p.threshold, p.flags)) fwd_stats_body<T, 0, VEC>(p, sp.stats);
+    else if ((p.flags & FLAG_KEY8) != 0) fwd_stats_body<T, 8, VEC>(p, sp.stats);
+    else if ((p.flags & FLAG_KEY16) != 0) fwd_stats_body<T, 16, VEC>(p, sp.stats);
+    else fwd_stats_body<T, 32, VEC>(p, sp.stats);
 }
 
 // The residual add of the unfused baseline (its dropout kernels are common/dropping.cuh's).
@@ -355,7 +399,7 @@ DO_CHECK_SIZES(__nv_bfloat16)
 // with 8 loads of 16 bytes in flight each, far more than the bandwidth-latency product needs).
 // Without these bounds the compiler spends 90-130 registers on instruction-level parallelism we
 // do not need. Symbols: dropout_fwd_{vec,scalar}_<S> (no residual), dropout_fwd_res_{vec,scalar}_<S>,
-// dropout_fwd_res_stats_<S> (the statistics: row_partials(cols) <= 256 threads per block).
+// dropout_fwd_res_stats{,_vec}_<S> (the statistics: row_partials(cols) <= 256 threads per block).
 #define DO_KERNELS(T, S)                                                                             \
     extern "C" __global__ void __launch_bounds__(MAX_BLOCK, 4) dropout_fwd_vec_##S(                 \
         const dropout::FwdParams<T> p) {                                                             \
@@ -375,7 +419,11 @@ DO_CHECK_SIZES(__nv_bfloat16)
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(256) dropout_fwd_res_stats_##S(                   \
         const dropout::FwdStatsParams<T> p) {                                                        \
-        dropout::fwd_stats<T>(p);                                                                    \
+        dropout::fwd_stats<T, false>(p);                                                             \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) dropout_fwd_res_stats_vec_##S(               \
+        const dropout::FwdStatsParams<T> p) {                                                        \
+        dropout::fwd_stats<T, true>(p);                                                              \
     }                                                                                                \
     FUSEDREG_DROPOUT_BWD_KERNELS(dropout, T, S, true)                                                \
     FUSEDREG_DROPOUT_UNFUSED_KERNELS(dropout, T, S)                                                  \

@@ -19,6 +19,8 @@
 // addition: the bits are the same with or without shared memory.
 #pragma once
 
+#include "dropout_add_norm/block_sums.cuh"
+
 namespace dropout_add_norm {
 
 // Where element k of group gi sits in one shared-memory array (see above).
@@ -112,32 +114,6 @@ __device__ __forceinline__ uint32_t keep_bits8(uint64_t seed, uint64_t call, uin
         }
     }
     return bits;
-}
-
-// K row sums at once: each thread holds partial q = threadIdx.x of each. Within a warp the tree
-// a[l] += a[l + o], o = 16 .. 1 (lane 0 ends with the warp's sum), then the warp sums left to
-// right. Every thread returns the totals. Called by every thread of the block.
-template <int K>
-__device__ __forceinline__ void block_sums(float (&v)[K], float (*s_warp)[MAX_THREADS / 32]) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-        for (int k = 0; k < K; ++k)
-            v[k] = __fadd_rn(v[k], __uint_as_float(__shfl_down_sync(0xffffffffu, __float_as_uint(v[k]), o)));
-    }
-    const uint32_t lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-#pragma unroll
-        for (int k = 0; k < K; ++k) s_warp[k][warp] = v[k];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-        float t = s_warp[k][0];
-        for (uint32_t w = 1; w < blockDim.x / 32; ++w) t = __fadd_rn(t, s_warp[k][w]);
-        v[k] = t;
-    }
-    __syncthreads();  // s_warp is written again by the next call
 }
 
 // xhat = (v - mean) * rstd (LayerNorm) or v * rstd (RMSNorm).

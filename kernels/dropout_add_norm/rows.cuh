@@ -215,6 +215,18 @@ template <int NGT, int SEG> struct Layout {
     __device__ __forceinline__ uint32_t col(int j) const { return c0 + j * P * GROUP; }
 };
 
+// The warp sums of one row sum (row_sums' buf[k], after its barrier) added left to right.
+template <int NGT, int SEG>
+__device__ __forceinline__ float warp_total(const Layout<NGT, SEG>& L, const float (&b)[MAX_WARPS]) {
+    constexpr int NW = Layout<NGT, SEG>::NW;
+    const uint32_t nw = NW > 0 ? (uint32_t)NW : L.P >> 5;
+    float t = b[0];
+#pragma unroll
+    for (uint32_t w = 1; w < (uint32_t)MAX_WARPS; ++w)
+        if (w < nw) t = __fadd_rn(t, b[w]);
+    return t;
+}
+
 // K row sums at once, in the contract's order: partial q is the sequential sum of its groups'
 // terms from +0.0 (add_terms(v) adds this thread's terms to v in order); with segments, segment
 // s continues from segment s - 1's running sum, handed over through shared memory (`chain`,
@@ -225,10 +237,15 @@ template <int NGT, int SEG> struct Layout {
 // barrier, so one barrier per sum suffices (the chain slots likewise: a segment writes its slot
 // again only after the reader has passed this sum's last barrier). Every thread returns the
 // totals. Called by every thread of the block.
-template <int K, int NGT, int SEG, typename F>
+//
+// KALL < K: only the first KALL totals are read back into v. The forward's statistics (K = 4,
+// KALL = 0: sums that only thread 0 reads) take the tree through warp_tree4 instead, and every
+// lane stores its result to lanes (no predicate): lanes[32 w + 8 k] is sum k's total of warp w
+// (read with lane_total); buf is then unused.
+template <int K, int KALL = K, int NGT, int SEG, typename F>
 __device__ __forceinline__ void row_sums(const Layout<NGT, SEG>& L, const F& add_terms, float (&v)[K],
                                          float (&chain)[SEG > 1 ? SEG - 1 : 1][K][MAX_THREADS],
-                                         float (&buf)[K][MAX_WARPS]) {
+                                         float (&buf)[K][MAX_WARPS], float* lanes = nullptr) {
 #pragma unroll
     for (int k = 0; k < K; ++k) v[k] = 0.f;
     if constexpr (SEG == 1) {
@@ -252,28 +269,24 @@ __device__ __forceinline__ void row_sums(const Layout<NGT, SEG>& L, const F& add
     }
     const uint32_t lane = threadIdx.x & 31u, warp = (threadIdx.x >> 5) % (L.P >> 5);
     if (L.s == SEG - 1) {  // whole warps
+        if constexpr (K == 4 && KALL == 0) {
+            lanes[warp * 32 + lane] = warp_tree4(v);
+        } else {
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
+            for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
-            for (int k = 0; k < K; ++k)
-                v[k] = __fadd_rn(v[k], __uint_as_float(__shfl_down_sync(0xffffffffu, __float_as_uint(v[k]), o)));
-        }
-        if (lane == 0) {
+                for (int k = 0; k < K; ++k)
+                    v[k] = __fadd_rn(v[k], __uint_as_float(__shfl_down_sync(0xffffffffu, __float_as_uint(v[k]), o)));
+            }
+            if (lane == 0) {
 #pragma unroll
-            for (int k = 0; k < K; ++k) buf[k][warp] = v[k];
+                for (int k = 0; k < K; ++k) buf[k][warp] = v[k];
+            }
         }
     }
     __syncthreads();
-    constexpr int NW = Layout<NGT, SEG>::NW;
-    const uint32_t nw = NW > 0 ? (uint32_t)NW : L.P >> 5;
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-        float t = buf[k][0];
-#pragma unroll
-        for (uint32_t w = 1; w < (uint32_t)MAX_WARPS; ++w)
-            if (w < nw) t = __fadd_rn(t, buf[k][w]);
-        v[k] = t;
-    }
+    for (int k = 0; k < KALL; ++k) v[k] = warp_total(L, buf[k]);
 }
 
 // sum / n, n = cols: a multiply by the exact 1/n when n is a power of two (the same correctly
@@ -348,6 +361,20 @@ __device__ __forceinline__ void out8(const P& p, const L_& L, const V& v, uint64
     }
 }
 
+// The statistics' warp totals (row_sums with lanes: sum k of warp w at lanes[32 w + 8 k]). One
+// buffer: the norm's own sum comes between two statistics sums, and thread 0 reads this one
+// before it reaches that sum's barrier, which every writer passes first.
+__device__ __forceinline__ float* stat_lanes() {
+    __shared__ float lanes[MAX_THREADS];
+    return lanes;
+}
+// Sum k's block total (block_sums.cuh: lanes_total) over this layout's warps.
+template <int NGT, int SEG>
+__device__ __forceinline__ float lane_total(const Layout<NGT, SEG>& L, const float* lanes, int k) {
+    constexpr int NW = Layout<NGT, SEG>::NW;
+    return lanes_total(lanes, NW > 0 ? (uint32_t)NW : L.P >> 5, k);
+}
+
 // Forward over the block's rows (grid-stride), blockDim.x = P * SEG threads. STATS: the Block
 // Influence statistics too (stats.cuh; the *_stats_* entries only).
 template <typename T, typename S, int NGT, int SEG, bool RMS, bool STATS = false>
@@ -403,11 +430,14 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
             v.set(j, sv);
             if constexpr (STATS) {
                 float gt[3];
-                stat_terms([&](int k) { return rin.get(k); }, [&](int k) { return sv.get(k); }, GROUP, gt);
+                stat_terms([&](int k) { return rin.get(k); }, [&](int k) { return v(j, k); }, GROUP, gt);
 #pragma unroll
                 for (int k = 0; k < 3; ++k) {
+                    // The first group's terms are the running sum itself: +0.0 + gt differs from
+                    // gt only when gt is -0.0, and a zero's sign never reaches the row's integer
+                    // (StatRows::add: a zero sum is a zero cosine or an uncounted row).
                     if constexpr (SEG > 1) st[j][k] = gt[k];
-                    else st[0][k] = __fadd_rn(st[0][k], gt[k]);
+                    else st[0][k] = j == 0 ? gt[k] : __fadd_rn(st[0][k], gt[k]);
                 }
             }
         };
@@ -433,13 +463,14 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
         }
         if constexpr (STATS) {
             // The groups' terms summed as any row sum (the sequential sum through the segments,
-            // then the tree). The buffers are this sum's own: the next row's first sum, whose
-            // barrier every thread passes only after reading them, comes before they are
-            // written again.
-            auto& s_stat = sum_bufs<SEG, 3, 1>().sum[0];
-            auto& s_stat_chain = sum_bufs<SEG, 3, 1>().chain;
-            float tot[3];
-            row_sums<3>(L, [&](float (&a)[3]) {
+            // then the tree; a fourth, zero, fills warp_tree4). The buffers are this sum's own:
+            // the next row's first sum, whose barrier every thread passes only after reading
+            // them, comes before they are written again. Only thread 0 reads the totals.
+            auto& s_stat = sum_bufs<SEG, 4, 1>().sum[0];
+            float* s_lanes = stat_lanes();
+            auto& s_stat_chain = sum_bufs<SEG, 4, 1>().chain;
+            float tot[4];
+            row_sums<4, 0>(L, [&](float (&a)[4]) {
                 if constexpr (SEG == 1) {
                     a[0] = st[0][0], a[1] = st[0][1], a[2] = st[0][2];  // summed from +0.0 like a
                 } else {
@@ -450,8 +481,9 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
                         for (int k = 0; k < 3; ++k) a[k] = __fadd_rn(a[k], st[j][k]);
                     }
                 }
-            }, tot, s_stat_chain, s_stat);
-            if (threadIdx.x == 0) stat_rows().add(tot[0], tot[1], tot[2]);
+            }, tot, s_stat_chain, s_stat, s_lanes);
+            if (threadIdx.x == 0)
+                stat_rows().add(lane_total(L, s_lanes, 0), lane_total(L, s_lanes, 1), lane_total(L, s_lanes, 2));
         }
         float acc[1];
         row_sums<1>(L, [&](float (&a)[1]) {

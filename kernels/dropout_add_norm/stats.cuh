@@ -5,7 +5,7 @@
 // default kernels do none of this.
 //
 // dropout's residual forward (kernels/dropout.cu, dropout_fwd_res_stats_*) measures the same way
-// with the same pieces: stat_terms over its groups of 8, stat_block_sums, StatRows.
+// with the same pieces: stat_terms over its groups of 8, block_sums (block_sums.cuh), StatRows.
 //
 // Order (the CPU's stat_sums): each group of 8 gives its three terms as fused multiply-adds from
 // +0.0 over its elements in order (stat_terms); the groups' terms are then summed exactly as any
@@ -15,6 +15,8 @@
 // atomic per word at its end: integer addition is associative, so the totals do not depend on
 // which block finishes first (no float atomics).
 #pragma once
+
+#include "dropout_add_norm/block_sums.cuh"
 
 namespace dropout_add_norm {
 
@@ -75,33 +77,6 @@ struct StatRows {
 __device__ __forceinline__ StatRows& stat_rows() {
     __shared__ StatRows rows;
     return rows;
-}
-
-// The three row sums of a block in which thread q holds partial q (blockDim.x threads, a multiple
-// of 32, at most 256): the order of dropout_add_norm's block_sums (generic.cuh) and of the CPU's
-// combine_partials: within a warp the tree a[l] += a[l + o], o = 16 .. 1, then the warp sums left
-// to right. Every thread returns the totals; called by every thread of the block. For kernels
-// without dropout_add_norm's block_sums (kernels/dropout.cu).
-__device__ __forceinline__ void stat_block_sums(float (&v)[3], float (*s_warp)[8]) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-        for (int k = 0; k < 3; ++k)
-            v[k] = __fadd_rn(v[k], __uint_as_float(__shfl_down_sync(0xffffffffu, __float_as_uint(v[k]), o)));
-    }
-    const uint32_t lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-#pragma unroll
-        for (int k = 0; k < 3; ++k) s_warp[k][warp] = v[k];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < 3; ++k) {
-        float t = s_warp[k][0];
-        for (uint32_t w = 1; w < blockDim.x / 32; ++w) t = __fadd_rn(t, s_warp[k][w]);
-        v[k] = t;
-    }
-    __syncthreads();  // s_warp is written again by the next row
 }
 
 }  // namespace dropout_add_norm

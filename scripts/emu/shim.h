@@ -168,6 +168,17 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     if (mask != 0xffffffffu) abort();
     return emu_exchange(pred ? 1u : 0u, 0, true);
 }
+// Butterfly: lane l reads lane l ^ m (the forward statistics' warp_tree4, dropout_add_norm/rows.cuh).
+inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int m) {
+    if (mask != 0xffffffffu || m < 0 || m > 31) abort();
+    emu_warp_calls++;
+    const unsigned lin = threadIdx.y * blockDim.x + threadIdx.x, lane = lin & 31, w = lin >> 5;
+    emu_block->slots[w][lane] = v;
+    emu_block->warp_bars[w]->arrive_and_wait();
+    const unsigned r = emu_block->slots[w][lane ^ (unsigned)m];
+    emu_block->warp_bars[w]->arrive_and_wait();
+    return r;
+}
 inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);

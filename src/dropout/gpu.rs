@@ -62,15 +62,23 @@ const _: () = assert!(std::mem::size_of::<FwdStatsParams>() == 152);
 // SAFETY: as FwdParams (size asserted on both sides).
 unsafe impl DeviceRepr for FwdStatsParams {}
 
-/// The residual forward with the redundancy statistics (one row per block).
+/// The residual forward with the redundancy statistics (one row per block): the scalar entry
+/// (any width and alignment) and the vector one (`cols % 8 == 0`, 16-byte aligned views).
 const FWD_STATS: KernelFamily = per_dtype!(
     DropoutFwdResStatsF32,
     DropoutFwdResStatsF16,
     DropoutFwdResStatsBf16
 );
+const FWD_STATS_VEC: KernelFamily = per_dtype!(
+    DropoutFwdResStatsVecF32,
+    DropoutFwdResStatsVecF16,
+    DropoutFwdResStatsVecBf16
+);
 
-/// Most blocks of a statistics launch (each loops over its rows).
-const STATS_MAX_GRID: u64 = 1 << 16;
+/// Most blocks of a statistics launch (each loops over its rows): about two blocks per slot of an
+/// H100/H200 (132 SMs x 8 blocks of 256 threads), so a block's setup is spent on several rows.
+/// The words do not depend on the grid (integer atomics).
+const STATS_MAX_GRID: u64 = 2048;
 
 /// The forward's (vector, scalar) kernels without and with a residual.
 const FWD: [(KernelFamily, KernelFamily); 2] = [
@@ -321,7 +329,10 @@ fn forward_launch<T: Dtype>(
         };
         let block = row_partials(cfg.cols()) as u32;
         let grid = (cfg.rows() as u64).min(STATS_MAX_GRID) as u32;
-        return handle.launch(FWD_STATS.get::<T>(), (grid, 1, 1), (block, 1, 1), 0, &p);
+        // Whole, aligned groups of 8 (base is 0): the vector entry, the same bits.
+        let vector = cfg.cols() % 8 == 0 && aligned16(&[x, residual, y, bias]);
+        let family = if vector { FWD_STATS_VEC } else { FWD_STATS };
+        return handle.launch(family.get::<T>(), (grid, 1, 1), (block, 1, 1), 0, &p);
     }
 
     // Without bias and row scale the row structure does not matter: the tensor is launched as

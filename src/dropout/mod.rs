@@ -98,11 +98,13 @@
 //! is the same with or without the meter. A site needs a residual (out of place or in place) and
 //! does not go with `mask_out` (measure in evaluation): both are [`crate::Error::InvalidArgument`].
 //!
-//! On the device the statistics run in their own entry (`dropout_fwd_res_stats_*`: one row per
-//! block, `row_partials(cols)` threads, elements read and written one at a time; the default
-//! entries compile to the same instructions as without it, checked by hashing their SASS). It is
-//! a measuring path, not a tuned one: a prediction, not a measurement, is that it runs well below
-//! the vector forward's bandwidth; use it for evaluation passes.
+//! On the device the statistics run in their own entries (one row per block visit,
+//! `row_partials(cols)` threads, at most 2048 blocks): `dropout_fwd_res_stats_vec_*` when
+//! `cols % 8 == 0` and every view is 16-byte aligned (each group of 8 elements one 16-byte
+//! vector, two for f32), `dropout_fwd_res_stats_*` otherwise (element by element); the same
+//! bits. The default entries compile to the same instructions as without them. The static
+//! count of the bf16 vector entry is inside the instruction budget of its 6 bytes per element
+//! (`scripts/sass-budget`: a prediction of near-copy speed, not a measurement).
 //!
 //! [`row_partials`]: crate::dropout_add_norm::row_partials
 //!

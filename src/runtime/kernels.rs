@@ -161,6 +161,7 @@ kernels! {
         [f32 DropoutFwdResVecF32, f16 DropoutFwdResVecF16, bf16 DropoutFwdResVecBf16] = "dropout_fwd_res_vec_",
         [f32 DropoutFwdResScalarF32, f16 DropoutFwdResScalarF16, bf16 DropoutFwdResScalarBf16] = "dropout_fwd_res_scalar_",
         [f32 DropoutFwdResStatsF32, f16 DropoutFwdResStatsF16, bf16 DropoutFwdResStatsBf16] = "dropout_fwd_res_stats_",
+        [f32 DropoutFwdResStatsVecF32, f16 DropoutFwdResStatsVecF16, bf16 DropoutFwdResStatsVecBf16] = "dropout_fwd_res_stats_vec_",
         [f32 DropoutBwdVecF32, f16 DropoutBwdVecF16, bf16 DropoutBwdVecBf16] = "dropout_bwd_vec_",
         [f32 DropoutBwdScalarF32, f16 DropoutBwdScalarF16, bf16 DropoutBwdScalarBf16] = "dropout_bwd_scalar_",
         [f32 DropoutDbiasF32, f16 DropoutDbiasF16, bf16 DropoutDbiasBf16] = "dropout_dbias_",

@@ -25,8 +25,17 @@ pub fn trials() -> Vec<Trial> {
     )
 }
 
-/// Odd hidden sizes (partial groups), multiples of 8, past 256 groups, several rows per block.
-const SHAPES: [(usize, usize); 6] = [(7, 1), (9, 99), (33, 64), (20, 264), (4, 4104), (2, 20008)];
+/// Odd hidden sizes (partial groups: the scalar entry), multiples of 8 (the vector entry), past
+/// 256 groups, and more rows than the launch has blocks (2048: several rows per block).
+const SHAPES: [(usize, usize); 7] = [
+    (7, 1),
+    (9, 99),
+    (33, 64),
+    (20, 264),
+    (4, 4104),
+    (2, 20008),
+    (2100, 24),
+];
 
 /// Every shape at each resolution, out of place and in place, with a bias and a drop path: the
 /// device site equals the CPU meter's after two calls, and y has the bits of the plain forward.

@@ -11,6 +11,7 @@
 //   residual16_cases a residual under 16-bit keying (new with the merge: "k16 1" in the line)
 //   key8_cases      8-bit keying with and without a residual ("k8 1" in the line)
 //   stats_cases     the statistics forward (dropout_stats.inc; "stats" lines)
+//   stats_vec_cases its vector entry on rows of multiples of 8 ("statsvec" lines)
 // A residual line keeps the former dropout_residual format (no k16 field unless 16-bit, no u).
 #include "harness.h"
 
@@ -267,5 +268,6 @@ int main(int argc, char** argv) {
         key8_cases(idx, part, parts);
     }
     stats_cases(idx, part, parts);
+    stats_vec_cases(idx, part, parts);
     return 0;
 }
