@@ -777,8 +777,8 @@ impl TensorSetBuilder {
             layout.blocks().to_vec()
         };
         let d_blocks = stream.clone_htod(&blocks).map_err(Error::driver(OP))?;
-        let tensors_ptr = base_of(&d_tensors, &stream);
-        let blocks_ptr = base_of(&d_blocks, &stream);
+        let tensors_ptr = resident_addr(&self.handle, &d_tensors);
+        let blocks_ptr = resident_addr(&self.handle, &d_blocks);
 
         let mut owned = Vec::with_capacity(self.pending.len());
         for p in self.pending {
@@ -818,8 +818,11 @@ fn entry_flags(
     (if vec4 { FLAG_VEC4 } else { 0 }) | (if grad16 { FLAG_GRAD16 } else { 0 })
 }
 
-fn base_of<T>(s: &CudaSlice<T>, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> u64 {
-    let (p, _g) = s.device_ptr(stream);
+/// The device address of `s`, for a table or parameter struct that keeps it: the multi-tensor
+/// tables here, the optimizer's and the norm's state. The caller owns `s` for as long as the
+/// address is used, so the stream-sync guard is dropped at once.
+pub(crate) fn resident_addr<T>(h: &Handle, s: &CudaSlice<T>) -> u64 {
+    let (p, _g) = s.device_ptr(h.stream());
     p
 }
 
