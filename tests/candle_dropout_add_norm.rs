@@ -5,43 +5,23 @@
 //! every dtype; LayerNorm Scaling, evaluation, empty and strided inputs, bad input.
 #![cfg(feature = "candle")]
 
+mod candle_ops_util;
+
 use candle_core::{DType, Device, Tensor, Var, D};
+use candle_ops_util::*;
 use fusedreg::candle::{DropoutAddNorm, StepKeys};
 use fusedreg::dropout_add_norm::{cpu, Config, Norm};
 use fusedreg::Dtype;
 use half::{bf16, f16};
-use rand::{Rng, SeedableRng};
 
-type R = candle_core::Result<()>;
-
-fn rng(seed: u64) -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(seed)
-}
-
-/// Random data in [-3, 3), every fifth element times 10, a few exact zeros: never all zeros.
+/// Random data with every fifth element times 10, as these tests have always drawn (the shared
+/// `data` takes 100).
 fn data(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            if i % 97 == 13 {
-                0.0
-            } else {
-                let u: f32 = rng.random_range(-3.0..3.0);
-                u * if i % 5 == 0 { 10.0 } else { 1.0 }
-            }
-        })
-        .collect()
-}
-
-fn tensor(v: &[f32], dims: &[usize]) -> candle_core::Result<Tensor> {
-    Tensor::from_slice(v, dims, &Device::Cpu)
+    data_with_outliers(rng, n, 10.0)
 }
 
 fn var(v: &[f32], dims: &[usize]) -> candle_core::Result<Var> {
     Var::from_tensor(&tensor(v, dims)?)
-}
-
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// `keep ? scale * rowscale : 0` per element, from fusedreg's keying, as `[rows, cols]`.

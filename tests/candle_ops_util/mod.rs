@@ -14,13 +14,18 @@ pub fn rng(seed: u64) -> rand::rngs::StdRng {
 /// Random f32 data (never all zeros): mostly in [-3, 3], every fifth element times 100, a few
 /// exact zeros mixed in.
 pub fn data(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+    data_with_outliers(rng, n, 100.0)
+}
+
+/// [`data`] with every fifth element times `outlier` instead of 100.
+pub fn data_with_outliers(rng: &mut rand::rngs::StdRng, n: usize, outlier: f32) -> Vec<f32> {
     (0..n)
         .map(|i| {
             if i % 97 == 13 {
                 0.0
             } else {
                 let u: f32 = rng.random_range(-3.0..3.0);
-                u * if i % 5 == 0 { 100.0 } else { 1.0 }
+                u * if i % 5 == 0 { outlier } else { 1.0 }
             }
         })
         .collect()
