@@ -128,7 +128,11 @@ impl CpuMlp {
             per_block: cfg.tensors_per_block(),
             pre: cfg
                 .prenorm
-                .map(|p| prenorm::State::new(p, cfg.blocks, cfg.tokens, hd)),
+                .map(|p| {
+                    let zeros = |len| Ok(vec![0.0; len]);
+                    prenorm::State::new(p, (cfg.blocks, cfg.tokens, hd), zeros, ())
+                })
+                .transpose()?,
         })
     }
 

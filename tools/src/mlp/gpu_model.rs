@@ -137,7 +137,7 @@ impl GpuMlp {
         };
         let pre = cfg
             .prenorm
-            .map(|p| prenorm::State::new(h, p, cfg.blocks, cfg.tokens, hd))
+            .map(|p| prenorm::new_state(h, p, cfg.blocks, cfg.tokens, hd))
             .transpose()?;
         Ok(GpuMlp {
             handle: h.clone(),
