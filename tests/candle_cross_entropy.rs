@@ -41,17 +41,6 @@ fn targets_data(
         .collect()
 }
 
-fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert_eq!(
-            x.to_bits(),
-            y.to_bits(),
-            "{what}: index {i}: adapter {x} vs reference {y}"
-        );
-    }
-}
-
 /// `|a - b| <= tol * (1 + max |b|)` elementwise.
 fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
