@@ -5,7 +5,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::GpuMlp;
+use super::{Branch, GpuMlp};
 use crate::mlp::config::{check_block, check_slot};
 use crate::mlp::gpu as k;
 use crate::mlp::prenorm::{self, not_prenorm, t};
@@ -210,53 +210,10 @@ impl GpuMlp {
     ) -> Result<()> {
         check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
         let cfg = self.entry_config(l, input, call)?;
-        let (hd, h) = (self.hidden, &self.handle);
+        self.branch_backward(l, Branch::PreNorm)?;
+        let h = &self.handle;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
         let set = &mut self.set;
-        self.blas.linear_bwd_weight(
-            &self.d_o,
-            &self.a[l],
-            &mut set.grad_mut::<f32>(t(l, 2))?,
-            hd,
-            hd,
-        )?;
-        self.blas.linear_bwd_input(
-            &self.d_o,
-            &set.param::<f32>(t(l, 2))?,
-            &mut self.d_a,
-            hd,
-            hd,
-            false,
-        )?;
-        k::bias_gelu_bwd(
-            h,
-            &self.hpre[l],
-            &set.param::<f32>(t(l, 1))?,
-            &self.d_a,
-            &mut self.du,
-        )?;
-        k::colsum(
-            h,
-            &self.du,
-            self.tokens,
-            &mut self.colsum_scratch,
-            &mut set.grad_mut::<f32>(t(l, 1))?,
-        )?;
-        self.blas.linear_bwd_weight(
-            &self.du,
-            &p.nrm[l],
-            &mut set.grad_mut::<f32>(t(l, 0))?,
-            hd,
-            hd,
-        )?;
-        self.blas.linear_bwd_input(
-            &self.du,
-            &set.param::<f32>(t(l, 0))?,
-            &mut p.dn,
-            hd,
-            hd,
-            false,
-        )?;
         // The entry's fused backward.
         let adds = input > 0;
         let args = dan::BackwardArgs {
