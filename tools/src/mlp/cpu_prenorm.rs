@@ -3,7 +3,7 @@
 //! `dropout_add_norm`'s CPU reference, the exit `dropout`'s with a residual.
 
 use super::CpuMlp;
-use crate::mlp::config::{check_block, check_slot};
+use crate::mlp::config::check_slot;
 use crate::mlp::cpu;
 use crate::mlp::prenorm::{self, not_prenorm, t};
 use fusedreg::dropout as dr;
@@ -26,17 +26,6 @@ impl CpuMlp {
         )
     }
 
-    /// Checks the slot, and the stochastic-depth scale request against the model.
-    fn pre_check(&self, l: usize, input: usize, scale: bool) -> Result<()> {
-        check_block(
-            l,
-            input,
-            self.h.len(),
-            scale,
-            self.rowscale.iter().all(|r| !r.is_empty()),
-        )
-    }
-
     /// Entry of block `l` (adding slot `input`), then its MLP.
     pub(super) fn pre_forward_block(
         &mut self,
@@ -45,7 +34,7 @@ impl CpuMlp {
         call: u64,
         scale: bool,
     ) -> Result<()> {
-        self.pre_check(l, input, scale)?;
+        self.check_block_call(l, input, scale)?;
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
         let cfg = self.entry_config(p, l, input, call)?;
         // The row scale of slot `input`'s block (none for slot 0: nothing is added).
@@ -93,7 +82,7 @@ impl CpuMlp {
         let blocks = self.h.len();
         check_slot(output, blocks + 1, 0, 1)?;
         if output > 0 {
-            self.pre_check(output - 1, 0, scale)?;
+            self.check_block_call(output - 1, 0, scale)?;
         }
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
         if backward && p.exit_from != Some(output) {
@@ -155,7 +144,7 @@ impl CpuMlp {
         call: u64,
         scale: bool,
     ) -> Result<()> {
-        self.pre_check(l, input, scale)?;
+        self.check_block_call(l, input, scale)?;
         let hd = self.hidden;
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
         let cfg = self.entry_config(p, l, input, call)?;

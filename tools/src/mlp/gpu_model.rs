@@ -279,6 +279,11 @@ pub(super) enum Branch {
 }
 
 impl GpuMlp {
+    /// Checks the slot, and the stochastic-depth scale request against the model.
+    fn check_block_call(&self, l: usize, input: usize, scale: bool) -> Result<()> {
+        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())
+    }
+
     /// Backward through block `l`'s branch `o = W2 gelu(W1 x + b1)` from `d_o` (the gradient of
     /// `o`): dW2, db1 and dW1 into the tensor set, and the gradient of `x` where `branch` says.
     pub(super) fn branch_backward(&mut self, l: usize, branch: Branch) -> Result<()> {
@@ -342,7 +347,7 @@ impl Backend for GpuMlp {
         if self.pre.is_some() {
             return self.pre_forward_block(l, input, call, scale);
         }
-        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        self.check_block_call(l, input, scale)?;
         let hd = self.hidden;
         let cfg = self.dropout_config(call)?;
         let (lo, hi) = self.acts.split_at_mut(l + 1);
@@ -413,7 +418,7 @@ impl Backend for GpuMlp {
         if self.pre.is_some() {
             return self.pre_backward_block(l, input, call, scale);
         }
-        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        self.check_block_call(l, input, scale)?;
         let h = &self.handle;
         let cfg = self.dropout_config(call)?;
         let set = &mut self.set;

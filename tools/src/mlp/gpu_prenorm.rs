@@ -68,7 +68,7 @@ impl GpuMlp {
         call: u64,
         scale: bool,
     ) -> Result<()> {
-        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        self.check_block_call(l, input, scale)?;
         let hd = self.hidden;
         let cfg = self.entry_config(l, input, call)?;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
@@ -208,7 +208,7 @@ impl GpuMlp {
         call: u64,
         scale: bool,
     ) -> Result<()> {
-        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        self.check_block_call(l, input, scale)?;
         let cfg = self.entry_config(l, input, call)?;
         self.branch_backward(l, Branch::PreNorm)?;
         let h = &self.handle;
