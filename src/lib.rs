@@ -87,6 +87,12 @@ pub use error::{Error, Result};
 pub use math::Math;
 #[doc(hidden)]
 pub use runtime::grid_for;
+/// The kernel loader, for crates that embed kernels of their own with `build/cuda.rs` (the
+/// tools): not part of the API a user relies on.
+#[doc(hidden)]
+pub mod kernel_table {
+    pub use crate::runtime::modules::{EmbeddedModule, KernelTable, Loaded};
+}
 pub use runtime::{
     compiled_archs, device_count, driver_present, kernels_built, nvcc_version, DeviceInfo,
     DeviceScalar, Handle,

@@ -5,18 +5,15 @@
 //! inputs; bad input.
 #![cfg(feature = "candle")]
 
+mod candle_ops_util;
+
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_ops_util::*;
 use fusedreg::candle::CrossEntropy;
 use fusedreg::cross_entropy::cpu;
 use fusedreg::Dtype;
 use half::{bf16, f16};
-use rand::{Rng, SeedableRng};
-
-type R = candle_core::Result<()>;
-
-fn rng(seed: u64) -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(seed)
-}
+use rand::Rng;
 
 /// Logits in [-4, 4), every seventh times 3: never all equal.
 fn logits_data(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
@@ -42,33 +39,6 @@ fn targets_data(
             _ => rng.random_range(0..vocab as i64),
         })
         .collect()
-}
-
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-}
-
-/// Gradient bits: equal, except that -0 and +0 count as equal: candle sums every gradient into
-/// a zero tensor (`0 + -0 = +0`), so a -0 the op writes reaches the caller as +0.
-fn assert_grad_bits(what: &str, a: &[f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            x.to_bits() == y.to_bits() || (x == 0.0 && y == 0.0),
-            "{what}: index {i}: adapter {x} vs reference {y}"
-        );
-    }
-}
-
-fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert_eq!(
-            x.to_bits(),
-            y.to_bits(),
-            "{what}: index {i}: adapter {x} vs reference {y}"
-        );
-    }
 }
 
 /// `|a - b| <= tol * (1 + max |b|)` elementwise.
@@ -178,7 +148,7 @@ fn matches_the_cpu_reference_bit_for_bit() -> R {
                 let grads = loss.backward()?;
                 let dl = grads.get(&logits).unwrap();
                 assert_eq!(dl.dims(), c.dims);
-                assert_grad_bits(&format!("{what}: grad"), &flat(dl)?, &grad_ref);
+                assert_bits(&format!("{what}: grad"), &flat(dl)?, &grad_ref);
             }
         }
         Ok(())

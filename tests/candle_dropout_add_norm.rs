@@ -5,63 +5,33 @@
 //! every dtype; LayerNorm Scaling, evaluation, empty and strided inputs, bad input.
 #![cfg(feature = "candle")]
 
+mod candle_ops_util;
+
 use candle_core::{DType, Device, Tensor, Var, D};
+use candle_ops_util::*;
 use fusedreg::candle::{DropoutAddNorm, StepKeys};
 use fusedreg::dropout_add_norm::{cpu, Config, Norm};
 use fusedreg::Dtype;
 use half::{bf16, f16};
-use rand::{Rng, SeedableRng};
 
-type R = candle_core::Result<()>;
-
-fn rng(seed: u64) -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(seed)
-}
-
-/// Random data in [-3, 3), every fifth element times 10, a few exact zeros: never all zeros.
+/// Random data with every fifth element times 10, as these tests have always drawn (the shared
+/// `data` takes 100).
 fn data(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            if i % 97 == 13 {
-                0.0
-            } else {
-                let u: f32 = rng.random_range(-3.0..3.0);
-                u * if i % 5 == 0 { 10.0 } else { 1.0 }
-            }
-        })
-        .collect()
-}
-
-fn tensor(v: &[f32], dims: &[usize]) -> candle_core::Result<Tensor> {
-    Tensor::from_slice(v, dims, &Device::Cpu)
+    data_with_outliers(rng, n, 10.0)
 }
 
 fn var(v: &[f32], dims: &[usize]) -> candle_core::Result<Var> {
     Var::from_tensor(&tensor(v, dims)?)
 }
 
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-}
-
 /// `keep ? scale * rowscale : 0` per element, from fusedreg's keying, as `[rows, cols]`.
 fn multiplier(cfg: &Config) -> candle_core::Result<Tensor> {
-    let (rows, cols) = (cfg.rows(), cfg.cols());
     let scale = cfg.rate().scale();
-    let mut m = Vec::with_capacity(rows * cols);
-    for row in 0..rows {
-        let rowm = cfg
-            .drop_path()
-            .map_or(scale, |p| scale * p.row_scale(cfg.seed(), row as u64));
-        for col in 0..cols {
-            m.push(if cfg.keeps((row * cols + col) as u64) {
-                rowm
-            } else {
-                0.0
-            });
-        }
-    }
-    tensor(&m, &[rows, cols])
+    let row_multiplier = |row: usize| {
+        cfg.drop_path()
+            .map_or(scale, |p| scale * p.row_scale(cfg.seed(), row as u64))
+    };
+    multiplier_of(cfg.rows(), cfg.cols(), row_multiplier, |i| cfg.keeps(i))
 }
 
 /// `|a - b| <= tol * scale` elementwise with `scale = 1 + max |b|` of the whole tensor (the
@@ -74,29 +44,6 @@ fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
             (x - y).abs() <= tol * scale,
             "{what}: index {i}: adapter {x} vs plain candle {y} (bound {})",
             tol * scale
-        );
-    }
-}
-
-/// Gradient bits: equal, except that -0 and +0 count as equal: candle sums every gradient into
-/// a zero tensor (`0 + -0 = +0`), so a -0 the op writes reaches the caller as +0.
-fn assert_grad_bits(what: &str, a: &[f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            x.to_bits() == y.to_bits() || (x == 0.0 && y == 0.0),
-            "{what}: index {i}: adapter {x} vs reference {y}"
-        );
-    }
-}
-
-fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert_eq!(
-            x.to_bits(),
-            y.to_bits(),
-            "{what}: index {i}: adapter {x} vs reference {y}"
         );
     }
 }
@@ -418,16 +365,16 @@ fn matches_the_cpu_reference_bit_for_bit() -> R {
         assert_same_bits(&what("out"), &flat(&out)?, &to32(&out_ref));
         assert_same_bits(&what("s"), &flat(&s)?, &to32(&s_ref));
         let grad = |t: &Var| flat(grads.get(t).unwrap());
-        assert_grad_bits(&what("dx"), &grad(&x)?, &to32(&dx));
-        assert_grad_bits(&what("dgamma"), &grad(&gamma)?, &to32(&dgamma));
+        assert_bits(&what("dx"), &grad(&x)?, &to32(&dx));
+        assert_bits(&what("dgamma"), &grad(&gamma)?, &to32(&dgamma));
         if c.residual {
-            assert_grad_bits(&what("dresidual"), &grad(&r)?, &to32(&dres));
+            assert_bits(&what("dresidual"), &grad(&r)?, &to32(&dres));
         }
         if c.beta {
-            assert_grad_bits(&what("dbeta"), &grad(&beta)?, &to32(&dbeta));
+            assert_bits(&what("dbeta"), &grad(&beta)?, &to32(&dbeta));
         }
         if c.bias {
-            assert_grad_bits(&what("dbias"), &grad(&b)?, &to32(&dbias));
+            assert_bits(&what("dbias"), &grad(&b)?, &to32(&dbias));
         }
         Ok(())
     }
@@ -483,7 +430,7 @@ fn no_keys_is_the_p_zero_computation() -> R {
         let g1 = ((&o1 * &v.w_out)?.sum_all()? + (&s1 * &v.w_s)?.sum_all()?)?.backward()?;
         let g2 = ((&o2 * &v.w_out)?.sum_all()? + (&s2 * &v.w_s)?.sum_all()?)?.backward()?;
         for t in [&v.x, &v.gamma] {
-            assert_grad_bits(
+            assert_bits(
                 "grad",
                 &flat(g1.get(t).unwrap())?,
                 &flat(g2.get(t).unwrap())?,

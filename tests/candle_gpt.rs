@@ -3,34 +3,13 @@
 //! training through either lowers the loss within a few steps.
 #![cfg(feature = "candle")]
 
-#[path = "../examples/train_gpt/model.rs"]
-#[allow(dead_code)]
-mod model;
-#[path = "../examples/train_gpt/train.rs"]
-#[allow(dead_code)]
-mod train;
+mod train_gpt;
 
 use candle_core::{DType, Device, Tensor};
 use fusedreg::candle::StepKeys;
-use model::{cross_entropy, Gpt, GptConfig, Path};
-use train::{Corpus, Optim, OptimConfig, Sampler};
-
-fn config() -> GptConfig {
-    GptConfig {
-        vocab: 256,
-        layers: 3,
-        hidden: 24,
-        heads: 3,
-        context: 16,
-        mlp_ratio: 4,
-        dropout: 0.1,
-        attn_dropout: 0.1,
-        drop_path: 0.2,
-        label_smoothing: 0.1,
-        layer_norm_scaling: true,
-        eps: 1e-5,
-    }
-}
+use train_gpt::config;
+use train_gpt::model::{cross_entropy, Gpt, GptConfig, Path};
+use train_gpt::train::{self, Corpus, Optim, OptimConfig, Sampler};
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
     let a = a.flatten_all()?.to_vec1::<f32>()?;

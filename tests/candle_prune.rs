@@ -5,37 +5,13 @@
 //! from the fused ops' meter against the f64 recomputation from the streams.
 #![cfg(feature = "candle")]
 
-#[path = "../examples/train_gpt/model.rs"]
-#[allow(dead_code)]
-mod model;
-#[path = "../examples/train_gpt/prune.rs"]
-#[allow(dead_code)]
-mod prune;
-#[path = "../examples/train_gpt/train.rs"]
-#[allow(dead_code)]
-mod train;
+mod train_gpt;
 
 use candle_core::{Device, Tensor};
-use model::{Gpt, GptConfig, Path};
-use prune::Action;
-use train::{Corpus, Sampler};
-
-fn config() -> GptConfig {
-    GptConfig {
-        vocab: 256,
-        layers: 3,
-        hidden: 24,
-        heads: 3,
-        context: 16,
-        mlp_ratio: 4,
-        dropout: 0.1,
-        attn_dropout: 0.1,
-        drop_path: 0.2,
-        label_smoothing: 0.1,
-        layer_norm_scaling: true,
-        eps: 1e-5,
-    }
-}
+use train_gpt::config;
+use train_gpt::model::{Gpt, Path};
+use train_gpt::prune::{self, Action};
+use train_gpt::train::{self, Corpus, Sampler};
 
 fn max_abs(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()

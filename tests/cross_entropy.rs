@@ -93,6 +93,17 @@ fn widen<T: Dtype>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| f64::from(x.to_f32())).collect()
 }
 
+/// The config of `rows` x `vocab` with label smoothing `alpha`, z-loss `lambda` and `red`.
+fn config(rows: usize, vocab: usize, alpha: f64, lambda: f64, red: Reduction) -> Config {
+    Config::new(rows, vocab)
+        .unwrap()
+        .label_smoothing(alpha)
+        .unwrap()
+        .z_loss(lambda)
+        .unwrap()
+        .reduction(red)
+}
+
 fn close(what: &str, got: f64, want: f64, tol: f64) -> Result<(), String> {
     if (got - want).abs() <= tol * (1.0 + want.abs()) {
         Ok(())
@@ -114,13 +125,7 @@ fn loss_matches_f64_pytorch_semantics() {
         for &alpha in &[0.0, 0.1, 1.0] {
             for &lambda in &[0.0, 1e-4] {
                 for red in [Reduction::None, Reduction::Sum, Reduction::Mean] {
-                    let cfg = Config::new(rows, vocab)
-                        .unwrap()
-                        .label_smoothing(alpha)
-                        .unwrap()
-                        .z_loss(lambda)
-                        .unwrap()
-                        .reduction(red);
+                    let cfg = config(rows, vocab, alpha, lambda, red);
                     let got = cpu::forward(&cfg, &x, &t).unwrap();
                     let want = loss_rows_f64(
                         &widen(&x),
@@ -195,13 +200,7 @@ fn gradient_matches_finite_differences() {
         let mut t = targets(100 + ci as u64, rows, vocab, 0);
         t[rows - 1] = -100; // one ignored row: its gradient is exactly 0
         let upstream: Vec<f32> = (0..rows).map(|r| 0.25 + r as f32 * 0.7).collect();
-        let cfg = Config::new(rows, vocab)
-            .unwrap()
-            .label_smoothing(alpha)
-            .unwrap()
-            .z_loss(lambda)
-            .unwrap()
-            .reduction(red);
+        let cfg = config(rows, vocab, alpha, lambda, red);
         let up = (red == Reduction::None).then_some(&upstream[..]);
         let mut grad = vec![f32::NAN; rows * vocab];
         cpu::forward_backward(&cfg, &x, &t, up, &mut grad).unwrap();
@@ -241,13 +240,7 @@ fn in_place_equals_separate_and_forward() {
     let x = logits::<bf16>(5, rows, vocab);
     let t = targets(5, rows, vocab, 15);
     for red in [Reduction::None, Reduction::Sum, Reduction::Mean] {
-        let cfg = Config::new(rows, vocab)
-            .unwrap()
-            .label_smoothing(0.1)
-            .unwrap()
-            .z_loss(1e-4)
-            .unwrap()
-            .reduction(red);
+        let cfg = config(rows, vocab, 0.1, 1e-4, red);
         let mut grad = vec![bf16::NAN; rows * vocab];
         let a = cpu::forward_backward(&cfg, &x, &t, None, &mut grad).unwrap();
         let mut inplace = x.clone();
@@ -438,13 +431,7 @@ fn unfused_mirror_is_close_to_the_fused_reference() {
     let (rows, vocab) = (6, 3001);
     let t = targets(14, rows, vocab, 20);
     for red in [Reduction::None, Reduction::Mean] {
-        let cfg = Config::new(rows, vocab)
-            .unwrap()
-            .label_smoothing(0.1)
-            .unwrap()
-            .z_loss(1e-4)
-            .unwrap()
-            .reduction(red);
+        let cfg = config(rows, vocab, 0.1, 1e-4, red);
         let x = logits::<f32>(14, rows, vocab);
         let (mut a, mut b) = (vec![0.0f32; rows * vocab], vec![0.0f32; rows * vocab]);
         let la = unfused::forward_backward_cpu(&cfg, &x, &t, None, &mut a).unwrap();
@@ -600,13 +587,7 @@ fn special_row_case<T: Dtype>(vocab: usize, seed: u64) {
     let rows = t.len();
     for (alpha, lambda) in [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-4), (1.0, 1e-4)] {
         for red in [Reduction::None, Reduction::Mean] {
-            let cfg = Config::new(rows, vocab)
-                .unwrap()
-                .label_smoothing(alpha)
-                .unwrap()
-                .z_loss(lambda)
-                .unwrap()
-                .reduction(red);
+            let cfg = config(rows, vocab, alpha, lambda, red);
             // A zero upstream gradient does not hide the NaN (PyTorch: NaN * 0 = NaN).
             let up: Vec<f32> = (0..rows).map(|r| (r % 3) as f32).collect();
             let upo = (red == Reduction::None).then_some(&up[..]);
@@ -780,13 +761,7 @@ fn fast_math_is_within_its_stated_bound_under_a_pessimistic_sfu() {
                 t[0] = (vocab - 1) as i64;
                 let up: Vec<f32> = (0..rows).map(|r| [1.0, -0.5, 0.0, 3.0][r % 4]).collect();
                 let upo = (red == Reduction::None).then_some(&up[..]);
-                let cfg = Config::new(rows, vocab)
-                    .unwrap()
-                    .label_smoothing(alpha)
-                    .unwrap()
-                    .z_loss(lambda)
-                    .unwrap()
-                    .reduction(red);
+                let cfg = config(rows, vocab, alpha, lambda, red);
                 let what = format!("V {vocab} α {alpha} λ {lambda} {red:?} {dir:?}");
                 let w32 = fast_case::<f32>(&what, &cfg, case, &t, upo, &sfu);
                 if w32.0 > worst_f32.0 {

@@ -2,14 +2,14 @@
 //! master weights, per-tensor weight decay, per-chunk step counts, skip flags, the device
 //! learning rate) and its own per-tensor device table; the set knows only its tensors.
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
 
 use super::state::{self, StateHeader};
 use super::{check_lr, check_weight_decay, AdamWConfig, MomentDtype, Rounding, StateOptions, OP};
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{check_len, Error, Result};
 use crate::global_norm::GlobalNorm;
-use crate::multi_tensor::{Layout, TensorSet};
+use crate::multi_tensor::{resident_addr, Layout, TensorSet};
 use crate::runtime::kernels::Kernel;
 use crate::runtime::{DeviceScalar, Handle};
 
@@ -126,11 +126,6 @@ fn adamw_kernel(p: DtypeKind, g: DtypeKind, state: StateOptions) -> Kernel {
 enum Moments {
     F32(CudaSlice<f32>, CudaSlice<f32>),
     Bf16(CudaSlice<half::bf16>, CudaSlice<half::bf16>),
-}
-
-fn raw<T>(h: &Handle, s: &CudaSlice<T>) -> u64 {
-    let (p, _g) = s.device_ptr(h.stream());
-    p
 }
 
 /// Fused multi-tensor AdamW over one [`TensorSet`]: it owns the set's optimizer state (see the
@@ -266,11 +261,11 @@ impl AdamW {
             .map_err(drv())?;
 
         let (m_base, v_base) = match &moments {
-            Moments::F32(m, v) => (raw(&handle, m), raw(&handle, v)),
-            Moments::Bf16(m, v) => (raw(&handle, m), raw(&handle, v)),
+            Moments::F32(m, v) => (resident_addr(&handle, m), resident_addr(&handle, v)),
+            Moments::Bf16(m, v) => (resident_addr(&handle, m), resident_addr(&handle, v)),
         };
         let msize = config.state.moments.size() as u64;
-        let master_base = master.as_ref().map_or(0, |x| raw(&handle, x));
+        let master_base = master.as_ref().map_or(0, |x| resident_addr(&handle, x));
         let rows: Vec<AdamWTensor> = offsets
             .iter()
             .zip(weight_decay)
@@ -286,7 +281,7 @@ impl AdamW {
             })
             .collect();
         let table = stream.clone_htod(&rows).map_err(drv())?;
-        let table_ptr = raw(&handle, &table);
+        let table_ptr = resident_addr(&handle, &table);
         let lr = DeviceScalar::new(&handle, OP, config.lr)?;
         let opt = AdamW {
             handle,
@@ -429,7 +424,7 @@ impl AdamW {
     }
 
     pub(crate) fn skip_ptr(&self) -> u64 {
-        raw(&self.handle, &self.skip)
+        resident_addr(&self.handle, &self.skip)
     }
 
     /// One launch over chunks `block_offset .. block_offset + grid` of the set.
@@ -452,7 +447,7 @@ impl AdamW {
             tensors: set.tensors_ptr(),
             blocks: set.blocks_ptr(),
             state: self.table_ptr,
-            chunk_steps: raw(&self.handle, &self.chunk_steps),
+            chunk_steps: resident_addr(&self.handle, &self.chunk_steps),
             skip: self.skip_ptr(),
             lr: self.lr.device_ptr(),
             grad_scale,

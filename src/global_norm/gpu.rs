@@ -1,11 +1,11 @@
 //! Launch wrappers of the global norm: [`GlobalNorm`] holds the device buffers of one set.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PinnedHostSlice};
+use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice};
 
 use super::{check_loss_scale, check_max_norm, NormValues, OP};
 use crate::dtype::{DtypeKind, PerDtype};
 use crate::error::{Error, Result};
-use crate::multi_tensor::TensorSet;
+use crate::multi_tensor::{resident_addr, TensorSet};
 use crate::runtime::kernels::{per_dtype, Kernel};
 use crate::runtime::{DeviceScalar, Handle};
 
@@ -161,11 +161,6 @@ pub(crate) fn launch_scale(
     )
 }
 
-fn raw<T>(h: &Handle, s: &CudaSlice<T>) -> u64 {
-    let (p, _g) = s.device_ptr(h.stream());
-    p
-}
-
 /// The global norm of one [`TensorSet`]'s gradients: device buffers for the per-chunk partials,
 /// the results ([`NormValues`]) and the loss scale. See the [module docs](super).
 ///
@@ -244,8 +239,8 @@ impl GlobalNorm {
         };
         let result = s.clone_htod(&[neutral]).map_err(Error::driver(OP))?;
         let loss_scale = DeviceScalar::new(&handle, OP, 1.0f32)?;
-        let partials_ptr = raw(&handle, &partials);
-        let result_ptr = raw(&handle, &result);
+        let partials_ptr = resident_addr(&handle, &partials);
+        let result_ptr = resident_addr(&handle, &result);
         Ok(GlobalNorm {
             set_id: set.id(),
             num_chunks: set.num_chunks_u32(),
@@ -529,8 +524,8 @@ impl GlobalNorm {
         let p = PerTensorParams {
             tensors: set.tensors_ptr(),
             partials: self.partials_ptr,
-            sumsq: raw(&self.handle, sums),
-            norms: raw(&self.handle, norms),
+            sumsq: resident_addr(&self.handle, sums),
+            norms: resident_addr(&self.handle, norms),
             count: self.num_tensors as u32,
             pad: 0,
         };

@@ -372,6 +372,19 @@ struct Pending {
     owned_grad: Option<OwnedBuf>,
 }
 
+impl Pending {
+    /// A tensor at addresses whose buffers the caller keeps (none for an empty one).
+    fn borrowed(param: u64, grad: u64, len: u64) -> Self {
+        Pending {
+            param,
+            grad,
+            len,
+            owned_param: None,
+            owned_grad: None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Unset,
@@ -434,6 +447,12 @@ fn check_raw_address(what: &str, addr: u64, len: u64, kind: DtypeKind) -> Result
 }
 
 impl TensorSetBuilder {
+    /// Queues `p` for [`TensorSetBuilder::build`]; returns its tensor index.
+    fn queue(&mut self, p: Pending) -> usize {
+        self.pending.push(p);
+        self.pending.len() - 1
+    }
+
     fn admit(&mut self, kind: Kind) -> Result<()> {
         let describe = |k: Kind| match k {
             Kind::Unset => "nothing".to_string(),
@@ -506,14 +525,13 @@ impl TensorSetBuilder {
         let p = self.address("param", &param)?;
         let g = self.address("grad", &grad)?;
         self.admit(Kind::Params(P::KIND, G::KIND))?;
-        self.pending.push(Pending {
+        Ok(self.queue(Pending {
             param: p,
             grad: g,
             len: param.len() as u64,
             owned_param: Some(Box::new(param)),
             owned_grad: Some(Box::new(grad)),
-        });
-        Ok(self.pending.len() - 1)
+        }))
     }
 
     /// Registers a parameter tensor by raw device addresses. Returns its index in the set.
@@ -555,14 +573,7 @@ impl TensorSetBuilder {
         check_raw_address("param", t.param, t.len, t.param_dtype)?;
         check_raw_address("grad", t.grad, t.len, t.grad_dtype)?;
         self.admit(Kind::Params(t.param_dtype, t.grad_dtype))?;
-        self.pending.push(Pending {
-            param: t.param,
-            grad: t.grad,
-            len: t.len,
-            owned_param: None,
-            owned_grad: None,
-        });
-        Ok(self.pending.len() - 1)
+        Ok(self.queue(Pending::borrowed(t.param, t.grad, t.len)))
     }
 
     /// Registers a zero-size parameter tensor without buffers (CUDA cannot allocate 0 bytes
@@ -582,14 +593,7 @@ impl TensorSetBuilder {
     /// ```
     pub fn push_empty<P: Dtype, G: Dtype>(&mut self) -> Result<usize> {
         self.admit(Kind::Params(P::KIND, G::KIND))?;
-        self.pending.push(Pending {
-            param: 0,
-            grad: 0,
-            len: 0,
-            owned_param: None,
-            owned_grad: None,
-        });
-        Ok(self.pending.len() - 1)
+        Ok(self.queue(Pending::borrowed(0, 0, 0)))
     }
 
     /// Registers a zero-size gradient without a buffer, in a gradients-only set.
@@ -608,14 +612,7 @@ impl TensorSetBuilder {
     /// ```
     pub fn push_grad_empty<G: Dtype>(&mut self) -> Result<usize> {
         self.admit(Kind::Grads(G::KIND))?;
-        self.pending.push(Pending {
-            param: 0,
-            grad: 0,
-            len: 0,
-            owned_param: None,
-            owned_grad: None,
-        });
-        Ok(self.pending.len() - 1)
+        Ok(self.queue(Pending::borrowed(0, 0, 0)))
     }
 
     /// Registers a gradient only (a gradients-only set: for the global norm and the scale pass
@@ -639,14 +636,11 @@ impl TensorSetBuilder {
     pub fn push_grad<G: Dtype>(&mut self, grad: CudaSlice<G>) -> Result<usize> {
         let g = self.address("grad", &grad)?;
         self.admit(Kind::Grads(G::KIND))?;
-        self.pending.push(Pending {
-            param: 0,
-            grad: g,
-            len: grad.len() as u64,
-            owned_param: None,
+        let len = grad.len() as u64;
+        Ok(self.queue(Pending {
             owned_grad: Some(Box::new(grad)),
-        });
-        Ok(self.pending.len() - 1)
+            ..Pending::borrowed(0, g, len)
+        }))
     }
 
     /// Registers a gradient only, by raw device address.
@@ -680,14 +674,7 @@ impl TensorSetBuilder {
     pub unsafe fn push_grad_raw(&mut self, grad: u64, len: u64, dtype: DtypeKind) -> Result<usize> {
         check_raw_address("grad", grad, len, dtype)?;
         self.admit(Kind::Grads(dtype))?;
-        self.pending.push(Pending {
-            param: 0,
-            grad,
-            len,
-            owned_param: None,
-            owned_grad: None,
-        });
-        Ok(self.pending.len() - 1)
+        Ok(self.queue(Pending::borrowed(0, grad, len)))
     }
 
     fn address<T>(&self, what: &str, buf: &CudaSlice<T>) -> Result<u64> {
@@ -777,8 +764,8 @@ impl TensorSetBuilder {
             layout.blocks().to_vec()
         };
         let d_blocks = stream.clone_htod(&blocks).map_err(Error::driver(OP))?;
-        let tensors_ptr = base_of(&d_tensors, &stream);
-        let blocks_ptr = base_of(&d_blocks, &stream);
+        let tensors_ptr = resident_addr(&self.handle, &d_tensors);
+        let blocks_ptr = resident_addr(&self.handle, &d_blocks);
 
         let mut owned = Vec::with_capacity(self.pending.len());
         for p in self.pending {
@@ -818,8 +805,11 @@ fn entry_flags(
     (if vec4 { FLAG_VEC4 } else { 0 }) | (if grad16 { FLAG_GRAD16 } else { 0 })
 }
 
-fn base_of<T>(s: &CudaSlice<T>, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> u64 {
-    let (p, _g) = s.device_ptr(stream);
+/// The device address of `s`, for a table or parameter struct that keeps it: the multi-tensor
+/// tables here, the optimizer's and the norm's state. The caller owns `s` for as long as the
+/// address is used, so the stream-sync guard is dropped at once.
+pub(crate) fn resident_addr<T>(h: &Handle, s: &CudaSlice<T>) -> u64 {
+    let (p, _g) = s.device_ptr(h.stream());
     p
 }
 

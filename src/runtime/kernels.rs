@@ -19,23 +19,26 @@ macro_rules! kernels {
     ($( $module:literal => {
         $( [$($dt:tt $id:ident),+ $(,)?] = $prefix:literal $(, $suffix:literal)?, )*
     } )*) => {
-        /// A launchable kernel. Its discriminant indexes the per-context function cache.
+        /// A launchable kernel. Its discriminant indexes [`Kernel::TABLE`] and the per-context
+        /// function cache.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         pub(crate) enum Kernel { $( $( $( $id, )+ )* )* }
 
         impl Kernel {
-            /// Every kernel, in declaration order.
-            pub(crate) const ALL: &'static [Kernel] = &[ $( $( $( Kernel::$id, )+ )* )* ];
+            /// `(module, symbol)` of every kernel, in discriminant order (the loader's
+            /// [`KernelTable`](super::modules::KernelTable) list).
+            pub(crate) const TABLE: &'static [(&'static str, &'static str)] =
+                &[ $( $( $( (Kernel::$id.module(), Kernel::$id.symbol()), )+ )* )* ];
 
             /// The `extern "C"` symbol in the module.
-            pub(crate) const fn symbol(self) -> &'static str {
+            const fn symbol(self) -> &'static str {
                 match self {
                     $( $( $( Kernel::$id )|+ => family_symbol!(self; $($dt $id),+; $prefix $(, $suffix)?), )* )*
                 }
             }
 
             /// The module (kernel file stem) that defines it.
-            pub(crate) const fn module(self) -> &'static str {
+            const fn module(self) -> &'static str {
                 match self { $( $( $( Kernel::$id => $module, )+ )* )* }
             }
         }
@@ -262,8 +265,7 @@ pub(crate) type KernelFamily = PerDtype<Kernel>;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::runtime::modules::MODULES;
+    use crate::runtime::modules::LIBRARY;
 
     /// Every symbol the Rust side can launch exists in the compiled module (for every arch).
     #[test]
@@ -272,22 +274,7 @@ mod tests {
         ignore = "kernels not built: run scripts/install-cuda.sh (CI builds them with FUSEDREG_REQUIRE_KERNELS=1)"
     )]
     fn every_kernel_exists_in_its_module() {
-        let mut missing = Vec::new();
-        for k in Kernel::ALL {
-            match MODULES.iter().find(|m| m.stem == k.module()) {
-                None => missing.push(format!(
-                    "{} (module kernels/{}.cu not built)",
-                    k.symbol(),
-                    k.module()
-                )),
-                Some(m) if !m.entries.contains(&k.symbol()) => missing.push(format!(
-                    "{} (not an entry of kernels/{}.cu)",
-                    k.symbol(),
-                    k.module()
-                )),
-                Some(_) => {}
-            }
-        }
+        let missing = LIBRARY.missing_entries();
         assert!(
             missing.is_empty(),
             "kernels the Rust side launches but the modules lack: {missing:#?}"
@@ -296,10 +283,10 @@ mod tests {
 
     #[test]
     fn symbols_are_unique() {
-        let mut names: Vec<_> = Kernel::ALL.iter().map(|k| k.symbol()).collect();
-        names.sort_unstable();
-        let before = names.len();
-        names.dedup();
-        assert_eq!(before, names.len(), "a kernel symbol is listed twice");
+        assert_eq!(
+            LIBRARY.repeated_symbols(),
+            Vec::<&str>::new(),
+            "kernel symbols listed twice"
+        );
     }
 }

@@ -14,8 +14,8 @@ use cudarc::driver::{
 };
 
 use self::kernels::Kernel;
-use self::modules::Loaded;
 pub use self::modules::{compiled_archs, kernels_built, nvcc_version};
+use self::modules::{Loaded, LIBRARY};
 pub use self::scalar::DeviceScalar;
 use crate::error::{Error, Result};
 
@@ -229,7 +229,7 @@ impl Handle {
             return Err(Error::NoDriver);
         }
         let ctx = stream.context().clone();
-        let loaded = Loaded::for_context(&ctx)?;
+        let loaded = Loaded::for_context(&LIBRARY, &ctx)?;
         Ok(Handle {
             inner: Arc::new(Inner {
                 ctx,
@@ -361,14 +361,11 @@ impl Handle {
     /// # Ok(()) }
     /// ```
     pub fn load_all_kernels(&self) -> Result<usize> {
-        for &k in Kernel::ALL {
-            self.function(k)?;
-        }
-        Ok(Kernel::ALL.len())
+        self.inner.loaded.load_all()
     }
 
     pub(crate) fn function(&self, k: Kernel) -> Result<&CudaFunction> {
-        self.inner.loaded.function(k)
+        self.inner.loaded.function(k as usize)
     }
 
     /// Launches `k` with its single by-value parameter struct. Every fusedreg kernel takes
@@ -381,10 +378,42 @@ impl Handle {
         shared_bytes: u32,
         params: &P,
     ) -> Result<()> {
-        let f = self.function(k)?;
         // SAFETY: `params` is the kernel's one parameter (layout asserted on both sides), and
         // every pointer in it was validated by the op wrapper against the buffer lengths.
-        unsafe { self.launch_function(f, k.symbol(), grid, block, shared_bytes, params) }
+        unsafe {
+            self.launch_loaded(
+                &self.inner.loaded,
+                k as usize,
+                grid,
+                block,
+                shared_bytes,
+                params,
+            )
+        }
+    }
+
+    /// Launches kernel number `index` of `loaded` (a [`KernelTable`](modules::KernelTable) loaded
+    /// into this handle's context) like [`Handle::launch_function`]: the tools crate's kernels
+    /// go through the same loader and launch as the library's.
+    ///
+    /// # Safety
+    ///
+    /// As [`Handle::launch_function`]: `loaded` is for this handle's context, the kernel takes
+    /// one parameter laid out as `P`, and every address in `params` covers what the grid reads
+    /// and writes.
+    #[doc(hidden)]
+    pub unsafe fn launch_loaded<P: DeviceRepr>(
+        &self,
+        loaded: &Loaded,
+        index: usize,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        let f = loaded.function(index)?;
+        // SAFETY: the caller's contract (see above).
+        unsafe { self.launch_function(f, loaded.symbol(index), grid, block, shared_bytes, params) }
     }
 
     /// Launches a kernel of a module the caller loaded into this handle's context (for example

@@ -2,7 +2,8 @@
 //!
 //! Modules are loaded lazily, once per CUDA context, and functions are cached by the fixed index
 //! of their [`Kernel`]. Handles on the same context share one cache; it is dropped (and the
-//! modules unloaded) when the last handle on that context goes away.
+//! modules unloaded) when the last handle on that context goes away. The loader takes any
+//! [`KernelTable`], so the tools crate's kernels load through it too.
 
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -12,16 +13,77 @@ use cudarc::nvrtc::Ptx;
 use super::kernels::Kernel;
 use crate::error::{Error, Result};
 
-/// One compiled `kernels/<stem>.cu`.
-pub(crate) struct EmbeddedModule {
+/// One compiled `.cu` file, as `build/cuda.rs` embeds it (the library's `kernels/<stem>.cu`, or
+/// another crate's built with the same script, like the tools').
+#[doc(hidden)]
+pub struct EmbeddedModule {
     pub stem: &'static str,
     pub fatbin: &'static [u8],
-    /// Entry points present for every compiled arch (read from the PTX by build.rs).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Entry points present for every compiled arch (read from the PTX by the build script).
     pub entries: &'static [&'static str],
 }
 
+/// One crate's launchable kernels: the modules its build script embedded and the module and
+/// symbol of every kernel it launches, indexed by the kernel's number. The library has one
+/// ([`LIBRARY`]); `fusedreg-tools` builds its own from `tools/kernels/` and loads it through the
+/// same cache ([`Loaded`]), so there is one loader and one check of the list.
+#[doc(hidden)]
+pub struct KernelTable {
+    /// The folder of the `.cu` files, for messages ("kernels", "tools/kernels").
+    pub dir: &'static str,
+    pub modules: &'static [EmbeddedModule],
+    pub archs: &'static [u32],
+    /// Why the build embedded no kernels (`None` when it did).
+    pub not_built_reason: Option<&'static str>,
+    /// `(module stem, symbol)` of every kernel, in the order of its number.
+    pub kernels: &'static [(&'static str, &'static str)],
+}
+
+impl KernelTable {
+    /// Every listed kernel whose module was not built or lacks the symbol (for some arch),
+    /// described; empty when the list and the compiled modules agree.
+    pub fn missing_entries(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        for &(module, symbol) in self.kernels {
+            match self.modules.iter().find(|m| m.stem == module) {
+                None => missing.push(format!(
+                    "{symbol} (module {}/{module}.cu not built)",
+                    self.dir
+                )),
+                Some(m) if !m.entries.contains(&symbol) => missing.push(format!(
+                    "{symbol} (not an entry of {}/{module}.cu)",
+                    self.dir
+                )),
+                Some(_) => {}
+            }
+        }
+        missing
+    }
+
+    /// Symbols listed more than once (empty when every kernel has its own).
+    pub fn repeated_symbols(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.kernels.iter().map(|&(_, s)| s).collect();
+        names.sort_unstable();
+        let mut repeated: Vec<_> = names
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| w[0])
+            .collect();
+        repeated.dedup();
+        repeated
+    }
+}
+
 include!(concat!(env!("OUT_DIR"), "/kernel_modules.rs"));
+
+/// The library's kernels (`kernels/*.cu` and the list in `runtime/kernels.rs`).
+pub(crate) static LIBRARY: KernelTable = KernelTable {
+    dir: "kernels",
+    modules: MODULES,
+    archs: ARCHS,
+    not_built_reason: NOT_BUILT_REASON,
+    kernels: Kernel::TABLE,
+};
 
 /// Whether this build embeds the CUDA kernels.
 ///
@@ -63,22 +125,29 @@ pub fn nvcc_version() -> &'static str {
     NVCC_VERSION
 }
 
-/// Loaded modules and functions of one context.
-pub(crate) struct Loaded {
+/// The loaded modules and functions of one [`KernelTable`] in one context.
+#[doc(hidden)]
+pub struct Loaded {
+    table: &'static KernelTable,
     ctx: Arc<CudaContext>,
     modules: Vec<OnceLock<Arc<CudaModule>>>,
     functions: Vec<OnceLock<CudaFunction>>,
 }
 
-static REGISTRY: Mutex<Vec<(usize, Weak<Loaded>)>> = Mutex::new(Vec::new());
+/// A cache's key: the addresses of its CUDA context and of its table.
+type CacheKey = (usize, usize);
+
+/// Every live cache, by key.
+static REGISTRY: Mutex<Vec<(CacheKey, Weak<Loaded>)>> = Mutex::new(Vec::new());
 
 impl Loaded {
-    /// The cache for `ctx`, shared with every other handle on the same CUDA context.
-    pub(crate) fn for_context(ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
-        if let Some(reason) = NOT_BUILT_REASON {
+    /// The cache of `table` for `ctx`, shared with every other user of the same table on the
+    /// same CUDA context while one of them holds it.
+    pub fn for_context(table: &'static KernelTable, ctx: &Arc<CudaContext>) -> Result<Arc<Loaded>> {
+        if let Some(reason) = table.not_built_reason {
             return Err(Error::KernelsNotBuilt { reason });
         }
-        let key = ctx.cu_ctx() as usize;
+        let key: CacheKey = (ctx.cu_ctx() as usize, table as *const KernelTable as usize);
         let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
         reg.retain(|(_, w)| w.strong_count() > 0);
         if let Some(l) = reg
@@ -89,49 +158,68 @@ impl Loaded {
             return Ok(l);
         }
         let loaded = Arc::new(Loaded {
+            table,
             ctx: ctx.clone(),
-            modules: MODULES.iter().map(|_| OnceLock::new()).collect(),
-            functions: Kernel::ALL.iter().map(|_| OnceLock::new()).collect(),
+            modules: table.modules.iter().map(|_| OnceLock::new()).collect(),
+            functions: table.kernels.iter().map(|_| OnceLock::new()).collect(),
         });
         reg.push((key, Arc::downgrade(&loaded)));
         Ok(loaded)
     }
 
-    /// The function for `k`, loading its module on first use.
-    pub(crate) fn function(&self, k: Kernel) -> Result<&CudaFunction> {
-        let slot = &self.functions[k as usize];
+    /// The symbol of kernel number `index` of the table.
+    pub fn symbol(&self, index: usize) -> &'static str {
+        self.table.kernels[index].1
+    }
+
+    /// Loads every kernel of the table now; returns how many.
+    pub fn load_all(&self) -> Result<usize> {
+        for index in 0..self.functions.len() {
+            self.function(index)?;
+        }
+        Ok(self.functions.len())
+    }
+
+    /// The function of kernel number `index` of the table, loading its module on first use.
+    pub fn function(&self, index: usize) -> Result<&CudaFunction> {
+        let slot = &self.functions[index];
         if let Some(f) = slot.get() {
             return Ok(f);
         }
+        let (module, symbol) = self.table.kernels[index];
         let load_err = |source| Error::ModuleLoad {
-            module: k.module(),
-            symbol: k.symbol(),
-            archs: ARCHS
+            module,
+            symbol,
+            archs: self
+                .table
+                .archs
                 .iter()
                 .map(|a| a.to_string())
                 .collect::<Vec<_>>()
                 .join("/sm_"),
             source,
         };
-        let (index, embedded) = MODULES
+        let (m, embedded) = self
+            .table
+            .modules
             .iter()
             .enumerate()
-            .find(|(_, m)| m.stem == k.module())
+            .find(|(_, m)| m.stem == module)
             .ok_or(Error::KernelsNotBuilt {
                 reason: "a kernel module is missing from the build",
             })?;
-        let module = match self.modules[index].get() {
+        let module = match self.modules[m].get() {
             Some(m) => m.clone(),
             None => {
-                let m = self
+                let loaded = self
                     .ctx
                     .load_module(Ptx::from_binary(embedded.fatbin.to_vec()))
                     .map_err(load_err)?;
                 // Another thread may have won the race; either module is equally good.
-                self.modules[index].get_or_init(|| m).clone()
+                self.modules[m].get_or_init(|| loaded).clone()
             }
         };
-        let f = module.load_function(k.symbol()).map_err(load_err)?;
+        let f = module.load_function(symbol).map_err(load_err)?;
         Ok(slot.get_or_init(|| f))
     }
 }

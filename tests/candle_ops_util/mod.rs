@@ -14,13 +14,18 @@ pub fn rng(seed: u64) -> rand::rngs::StdRng {
 /// Random f32 data (never all zeros): mostly in [-3, 3], every fifth element times 100, a few
 /// exact zeros mixed in.
 pub fn data(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+    data_with_outliers(rng, n, 100.0)
+}
+
+/// [`data`] with every fifth element times `outlier` instead of 100.
+pub fn data_with_outliers(rng: &mut rand::rngs::StdRng, n: usize, outlier: f32) -> Vec<f32> {
     (0..n)
         .map(|i| {
             if i % 97 == 13 {
                 0.0
             } else {
                 let u: f32 = rng.random_range(-3.0..3.0);
-                u * if i % 5 == 0 { 100.0 } else { 1.0 }
+                u * if i % 5 == 0 { outlier } else { 1.0 }
             }
         })
         .collect()
@@ -41,6 +46,18 @@ pub fn assert_bits(what: &str, a: &[f32], b: &[f32]) {
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
         assert!(
             x.to_bits() == y.to_bits() || x == y,
+            "{what}: index {i}: adapter {x} vs reference {y}"
+        );
+    }
+}
+
+/// Equal bits, elementwise (-0 and +0 differ).
+pub fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(
+            x.to_bits(),
+            y.to_bits(),
             "{what}: index {i}: adapter {x} vs reference {y}"
         );
     }
@@ -98,16 +115,26 @@ pub fn as_candle_grad(g: &Tensor) -> candle_core::Result<Tensor> {
 /// The multiplier of every element as the op defines it (`keep ? scale * rowscale : 0`, f32),
 /// from fusedreg's keying, as a `[rows, cols]` candle tensor.
 pub fn multiplier(cfg: &fusedreg::dropout::Config) -> candle_core::Result<Tensor> {
-    let (rows, cols) = (cfg.rows(), cfg.cols());
     let scale = cfg.rate().scale();
+    let row_multiplier = |row: usize| match cfg.drop_path() {
+        Some(p) => scale * p.row_scale(cfg.seed(), row as u64),
+        None => scale,
+    };
+    multiplier_of(cfg.rows(), cfg.cols(), row_multiplier, |i| cfg.keeps(i))
+}
+
+/// `keeps(i) ? row_multiplier(row) : 0` for every element `i` of a `[rows, cols]` tensor.
+pub fn multiplier_of(
+    rows: usize,
+    cols: usize,
+    row_multiplier: impl Fn(usize) -> f32,
+    keeps: impl Fn(u64) -> bool,
+) -> candle_core::Result<Tensor> {
     let mut m = Vec::with_capacity(rows * cols);
     for row in 0..rows {
-        let rowm = match cfg.drop_path() {
-            Some(p) => scale * p.row_scale(cfg.seed(), row as u64),
-            None => scale,
-        };
+        let rowm = row_multiplier(row);
         for col in 0..cols {
-            m.push(if cfg.keeps((row * cols + col) as u64) {
+            m.push(if keeps((row * cols + col) as u64) {
                 rowm
             } else {
                 0.0

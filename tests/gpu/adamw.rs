@@ -5,7 +5,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 use fusedreg::adamw::{cpu, unfused, AdamW, AdamWConfig, MomentDtype, Rounding, StateOptions};
-use fusedreg::global_norm::{cpu as ncpu, GlobalNorm};
+use fusedreg::global_norm::{cpu as ncpu, GlobalNorm, NormValues};
 use fusedreg::multi_tensor::{RawTensor, TensorSet, CHUNK};
 use fusedreg::{Dtype, DtypeKind, Handle};
 use half::{bf16, f16};
@@ -271,6 +271,26 @@ fn stochastic_rounding(h: &Handle) -> TestResult {
     Ok(())
 }
 
+/// After one device `clip_and_step` through `norm` on `ts`' gradients: the norm the device
+/// computed equals the CPU's, and stepping the CPU reference with that norm gives the device's
+/// parameters and state. Returns the norm's values.
+fn clipped_step_matches<P: Dtype, G: Dtype>(
+    h: &Handle,
+    set: &TensorSet,
+    (opt, norm): (&AdamW, &GlobalNorm),
+    ts: &mut [cpu::CpuTensor<P, G>],
+    what: &str,
+) -> TestResult<NormValues> {
+    let grads: Vec<&[G]> = ts.iter().map(|t| &t.grad[..]).collect();
+    let want = ncpu::global_norm(&grads, norm.max_norm(), 1.0)?;
+    let got = norm.read()?;
+    values_eq(&format!("{what}: norm"), &got, &want)?;
+    let cfg = opt.config();
+    cpu::step(ts, cfg, &cpu::StepInputs::from_norm(cfg.lr, &want), &[])?;
+    compare(h, set, opt, ts, what)?;
+    Ok(got)
+}
+
 fn clip_and_step(h: &Handle) -> TestResult {
     let mut ts = cpu_tensors::<bf16, bf16>(30, &[0, 278_011, 65_536, 17, 0]);
     let mut set = build(h, &ts)?;
@@ -289,20 +309,10 @@ fn clip_and_step(h: &Handle) -> TestResult {
         let before = h.launch_count();
         opt.clip_and_step(&mut set, &mut norm)?;
         launches(h, before, 3, "clip_and_step")?;
-        let grads: Vec<&[bf16]> = ts.iter().map(|t| &t.grad[..]).collect();
-        let want = ncpu::global_norm(&grads, Some(max_norm), 1.0)?;
-        let got = norm.read()?;
-        values_eq(&format!("step {s} norm"), &got, &want)?;
+        let got = clipped_step_matches(h, &set, (&opt, &norm), &mut ts, &format!("clip step {s}"))?;
         if (s < 2) != (got.coef < 1.0) {
             return Err(format!("step {s}: coef {} with max_norm {max_norm}", got.coef).into());
         }
-        cpu::step(
-            &mut ts,
-            &cfg,
-            &cpu::StepInputs::from_norm(cfg.lr, &want),
-            &[],
-        )?;
-        compare(h, &set, &opt, &ts, &format!("clip step {s}"))?;
     }
     Ok(())
 }
@@ -328,16 +338,8 @@ fn clip_and_step_in_a_graph(h: &Handle) -> TestResult {
         new_grads(&mut ts, 700 + step);
         write_grads(h, &mut set, &ts)?;
         graph.launch()?;
-        let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
-        let want = ncpu::global_norm(&grads, Some(max_norm), 1.0)?;
-        values_eq(&format!("replay {step} norm"), &norm.read()?, &want)?;
-        cpu::step(
-            &mut ts,
-            &cfg,
-            &cpu::StepInputs::from_norm(cfg.lr, &want),
-            &[],
-        )?;
-        compare(h, &set, &opt, &ts, &format!("graph replay {step}"))?;
+        let what = format!("graph replay {step}");
+        clipped_step_matches(h, &set, (&opt, &norm), &mut ts, &what)?;
     }
     Ok(())
 }

@@ -17,9 +17,9 @@ use fusedreg::{Dtype, Error, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
-use crate::buffers::{download, poison, upload};
 use crate::common::{bits_eq, rng, uniform};
 use crate::harness::{trials_of, TestResult};
+use crate::prelude::{download, poison, upload};
 
 pub fn trials() -> Vec<Trial> {
     trials_of(

@@ -1,53 +1,42 @@
-//! The tools' own kernels (`tools/kernels/*.cu`), embedded by `tools/build.rs`, and their
-//! per-context cache.
+//! The tools' own kernels (`tools/kernels/*.cu`), embedded by `tools/build.rs`, as a table for
+//! the library's loader (`fusedreg::kernel_table`: the same cache, list check and launch as the
+//! library's kernels).
 //!
-//! Each kernel takes one `#[repr(C)]` parameter struct and is launched through
-//! [`Handle::launch_function`], so it is counted by [`Handle::launch_count`] like the library's.
+//! Each kernel takes one `#[repr(C)]` parameter struct and is launched through the handle, so it
+//! is counted by [`Handle::launch_count`] like the library's.
 //! The modules are loaded once per CUDA context, at first use, and kept for the life of the
 //! process (these are tools: a benchmark binary, a trainer, tests).
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaFunction, DeviceRepr};
-use cudarc::nvrtc::Ptx;
-use fusedreg::{Error, Handle, Result};
+use cudarc::driver::DeviceRepr;
+use fusedreg::kernel_table::{KernelTable, Loaded};
+use fusedreg::{Handle, Result};
 
 /// The build script's table of embedded modules (`MODULES`, `NOT_BUILT_REASON`, `ARCHS`;
 /// `NVCC_VERSION` is the library's too, reported by [`fusedreg::nvcc_version`]).
 #[allow(dead_code)]
 mod embedded {
-    /// One compiled `tools/kernels/<stem>.cu`.
-    pub(crate) struct EmbeddedModule {
-        pub stem: &'static str,
-        pub fatbin: &'static [u8],
-        /// Entry points present for every compiled arch (read from the PTX by the build script).
-        pub entries: &'static [&'static str],
-    }
+    use fusedreg::kernel_table::EmbeddedModule;
 
     include!(concat!(env!("OUT_DIR"), "/kernel_modules.rs"));
 }
-use embedded::{ARCHS, MODULES, NOT_BUILT_REASON};
 
 macro_rules! kernels {
     ($( $module:literal => { $( $id:ident = $symbol:literal ),* $(,)? } )*) => {
-        /// A launchable tools kernel. Its discriminant indexes the per-context function table.
+        /// A launchable tools kernel. Its discriminant indexes [`TABLE`].
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub(crate) enum Kernel { $( $( $id, )* )* }
 
-        impl Kernel {
-            /// Every kernel, in declaration order.
-            pub(crate) const ALL: &'static [Kernel] = &[ $( $( Kernel::$id, )* )* ];
-
-            /// The `extern "C"` symbol in the module.
-            pub(crate) const fn symbol(self) -> &'static str {
-                match self { $( $( Kernel::$id => $symbol, )* )* }
-            }
-
-            /// The module (kernel file stem) that defines it.
-            pub(crate) const fn module(self) -> &'static str {
-                match self { $( $( Kernel::$id => $module, )* )* }
-            }
-        }
+        /// The tools' kernels for the library's loader: `(module, symbol)` in discriminant
+        /// order.
+        static TABLE: KernelTable = KernelTable {
+            dir: "tools/kernels",
+            modules: embedded::MODULES,
+            archs: embedded::ARCHS,
+            not_built_reason: embedded::NOT_BUILT_REASON,
+            kernels: &[ $( $( ($module, $symbol), )* )* ],
+        };
     };
 }
 
@@ -64,69 +53,25 @@ kernels! {
     }
 }
 
-/// The functions of every tools kernel, loaded into one context.
-struct Loaded {
-    ctx: usize,
-    functions: Vec<CudaFunction>,
-}
-
-/// Loaded tables, one per context (kept: the modules hold their context alive, so a context's
-/// address is never reused while its entry exists).
+/// The tools' loaded kernels, one cache per context, kept for the life of the process (the
+/// library's loader shares a cache only while someone holds it).
 static LOADED: Mutex<Vec<Arc<Loaded>>> = Mutex::new(Vec::new());
 
 fn loaded(handle: &Handle) -> Result<Arc<Loaded>> {
-    if let Some(reason) = NOT_BUILT_REASON {
-        return Err(Error::KernelsNotBuilt { reason });
-    }
-    let ctx = handle.context();
-    let key = ctx.cu_ctx() as usize;
+    let fresh = Loaded::for_context(&TABLE, handle.context())?;
     let mut all = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(l) = all.iter().find(|l| l.ctx == key) {
-        return Ok(l.clone());
+    match all.iter().find(|l| Arc::ptr_eq(l, &fresh)) {
+        Some(l) => Ok(l.clone()),
+        None => {
+            all.push(fresh.clone());
+            Ok(fresh)
+        }
     }
-    let mut functions = Vec::with_capacity(Kernel::ALL.len());
-    let mut modules = Vec::new();
-    for &k in Kernel::ALL {
-        let load_err = |source| Error::ModuleLoad {
-            module: k.module(),
-            symbol: k.symbol(),
-            archs: ARCHS
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join("/sm_"),
-            source,
-        };
-        let embedded =
-            MODULES
-                .iter()
-                .find(|m| m.stem == k.module())
-                .ok_or(Error::KernelsNotBuilt {
-                    reason: "a tools kernel module is missing from the build",
-                })?;
-        let module = match modules.iter().find(|(s, _)| *s == embedded.stem) {
-            Some((_, m)) => Arc::clone(m),
-            None => {
-                let m = ctx
-                    .load_module(Ptx::from_binary(embedded.fatbin.to_vec()))
-                    .map_err(load_err)?;
-                modules.push((embedded.stem, m.clone()));
-                m
-            }
-        };
-        functions.push(module.load_function(k.symbol()).map_err(load_err)?);
-    }
-    let l = Arc::new(Loaded {
-        ctx: key,
-        functions,
-    });
-    all.push(l.clone());
-    Ok(l)
 }
 
 /// Loads every tools kernel into the handle's context now (see [`crate::load_all_kernels`]).
 pub(crate) fn load_all(handle: &Handle) -> Result<usize> {
-    Ok(loaded(handle)?.functions.len())
+    loaded(handle)?.load_all()
 }
 
 /// Launches tools kernel `k` with its one by-value parameter struct on the handle's stream.
@@ -141,11 +86,10 @@ pub(crate) fn launch<P: DeviceRepr>(
     params: &P,
 ) -> Result<()> {
     let l = loaded(handle)?;
-    let f = &l.functions[k as usize];
-    // SAFETY: `f` was loaded into this handle's context; `params` is the kernel's one parameter
+    // SAFETY: `l` was loaded for this handle's context; `params` is the kernel's one parameter
     // (its size asserted on both sides) and every address in it was checked by the caller
     // against the buffer lengths the grid covers.
-    unsafe { handle.launch_function(f, k.symbol(), grid, block, shared_bytes, params) }
+    unsafe { handle.launch_loaded(&l, k as usize, grid, block, shared_bytes, params) }
 }
 
 // Buffer addresses, grid sizes and length checks are the library's.
@@ -163,22 +107,7 @@ mod tests {
         ignore = "kernels not built: run scripts/install-cuda.sh (CI builds them with FUSEDREG_REQUIRE_KERNELS=1)"
     )]
     fn every_kernel_exists_in_its_module() {
-        let mut missing = Vec::new();
-        for k in Kernel::ALL {
-            match MODULES.iter().find(|m| m.stem == k.module()) {
-                None => missing.push(format!(
-                    "{} (module tools/kernels/{}.cu not built)",
-                    k.symbol(),
-                    k.module()
-                )),
-                Some(m) if !m.entries.contains(&k.symbol()) => missing.push(format!(
-                    "{} (not an entry of tools/kernels/{}.cu)",
-                    k.symbol(),
-                    k.module()
-                )),
-                Some(_) => {}
-            }
-        }
+        let missing = TABLE.missing_entries();
         assert!(
             missing.is_empty(),
             "kernels the tools launch but the modules lack: {missing:#?}"
@@ -187,10 +116,10 @@ mod tests {
 
     #[test]
     fn symbols_are_unique() {
-        let mut names: Vec<_> = Kernel::ALL.iter().map(|k| k.symbol()).collect();
-        names.sort_unstable();
-        let before = names.len();
-        names.dedup();
-        assert_eq!(before, names.len(), "a kernel symbol is listed twice");
+        assert_eq!(
+            TABLE.repeated_symbols(),
+            Vec::<&str>::new(),
+            "kernel symbols listed twice"
+        );
     }
 }

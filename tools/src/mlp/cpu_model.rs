@@ -128,8 +128,23 @@ impl CpuMlp {
             per_block: cfg.tensors_per_block(),
             pre: cfg
                 .prenorm
-                .map(|p| prenorm::State::new(p, cfg.blocks, cfg.tokens, hd)),
+                .map(|p| {
+                    let zeros = |len| Ok(vec![0.0; len]);
+                    prenorm::State::new(p, (cfg.blocks, cfg.tokens, hd), zeros, ())
+                })
+                .transpose()?,
         })
+    }
+
+    /// Checks the slot, and the stochastic-depth scale request against the model.
+    fn check_block_call(&self, l: usize, input: usize, scale: bool) -> Result<()> {
+        check_block(
+            l,
+            input,
+            self.h.len(),
+            scale,
+            self.rowscale.iter().all(|r| !r.is_empty()),
+        )
     }
 
     fn dropout(&self, call: u64) -> Result<Config> {
@@ -218,13 +233,7 @@ impl Backend for CpuMlp {
         if self.pre.is_some() {
             return self.pre_forward_block(l, input, call, scale);
         }
-        check_block(
-            l,
-            input,
-            self.h.len(),
-            scale,
-            self.rowscale.iter().all(|r| !r.is_empty()),
-        )?;
+        self.check_block_call(l, input, scale)?;
         let hd = self.hidden;
         let (before, after) = self.acts.split_at_mut(l + 1);
         let (x, y) = (&before[input], &mut after[0]);
@@ -273,13 +282,7 @@ impl Backend for CpuMlp {
         if self.pre.is_some() {
             return self.pre_backward_block(l, input, call, scale);
         }
-        check_block(
-            l,
-            input,
-            self.h.len(),
-            scale,
-            self.rowscale.iter().all(|r| !r.is_empty()),
-        )?;
+        self.check_block_call(l, input, scale)?;
         let hd = self.hidden;
         let cfg = self.dropout(call)?;
         let (w1, b1, w2, b2) = (t(l, 0), t(l, 1), t(l, 2), t(l, 3));

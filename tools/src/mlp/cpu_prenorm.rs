@@ -3,62 +3,15 @@
 //! `dropout_add_norm`'s CPU reference, the exit `dropout`'s with a residual.
 
 use super::CpuMlp;
-use crate::mlp::config::{check_block, check_slot};
-use crate::mlp::{cpu, PreNorm};
+use crate::mlp::config::check_slot;
+use crate::mlp::cpu;
+use crate::mlp::prenorm::{self, not_prenorm, t};
 use fusedreg::dropout as dr;
 use fusedreg::dropout_add_norm::{self as dan, Config};
 use fusedreg::{Error, Result};
 
-/// Index of tensor `k` (0 W1, 1 b1, 2 W2, 3 b2, 4 gamma, 5 beta) of block `l`.
-fn t(l: usize, k: usize) -> usize {
-    PreNorm::TENSORS * l + k
-}
-
-/// Per-block activations of the pre-norm model (slot `k > 0` is block `k - 1`'s output `o`
-/// together with the stream `s` that block read).
-pub(super) struct State {
-    cfg: PreNorm,
-    /// Per block: the stream at its entry `s_l`, its normalised input `n_l`, the row statistics
-    /// and its output `o_l` (before b2; the consumer's entry adds it).
-    stream: Vec<Vec<f32>>,
-    nrm: Vec<Vec<f32>>,
-    mean: Vec<Vec<f32>>,
-    rstd: Vec<Vec<f32>>,
-    outs: Vec<Vec<f32>>,
-    /// The exit's stream (the model's output) and the slot it was computed from.
-    exit: Vec<f32>,
-    pub(super) exit_from: Option<usize>,
-    /// Gradient of `n_l`, and the second stream-gradient buffer (`d_residual` is written here,
-    /// then swapped with the running gradient).
-    dn: Vec<f32>,
-    g2: Vec<f32>,
-}
-
-impl State {
-    pub(super) fn new(cfg: PreNorm, blocks: usize, tokens: usize, hidden: usize) -> Self {
-        let n = tokens * hidden;
-        let many = |len: usize| vec![vec![0.0f32; len]; blocks];
-        State {
-            cfg,
-            stream: many(n),
-            nrm: many(n),
-            mean: many(tokens),
-            rstd: many(tokens),
-            outs: many(n),
-            exit: vec![0.0; n],
-            exit_from: None,
-            dn: vec![0.0; n],
-            g2: vec![0.0; n],
-        }
-    }
-}
-
-fn not_prenorm() -> Error {
-    Error::invalid(
-        "mlp",
-        "a pre-norm call on a model without the pre-norm variant",
-    )
-}
+/// The CPU model's pre-norm activations (host buffers, nothing else).
+pub(super) type State = prenorm::State<Vec<f32>>;
 
 impl CpuMlp {
     fn entry_config(&self, p: &State, l: usize, input: usize, call: u64) -> Result<Config> {
@@ -73,17 +26,6 @@ impl CpuMlp {
         )
     }
 
-    /// Checks the slot, and the stochastic-depth scale request against the model.
-    fn pre_check(&self, l: usize, input: usize, scale: bool) -> Result<()> {
-        check_block(
-            l,
-            input,
-            self.h.len(),
-            scale,
-            self.rowscale.iter().all(|r| !r.is_empty()),
-        )
-    }
-
     /// Entry of block `l` (adding slot `input`), then its MLP.
     pub(super) fn pre_forward_block(
         &mut self,
@@ -92,7 +34,7 @@ impl CpuMlp {
         call: u64,
         scale: bool,
     ) -> Result<()> {
-        self.pre_check(l, input, scale)?;
+        self.check_block_call(l, input, scale)?;
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
         let cfg = self.entry_config(p, l, input, call)?;
         // The row scale of slot `input`'s block (none for slot 0: nothing is added).
@@ -140,7 +82,7 @@ impl CpuMlp {
         let blocks = self.h.len();
         check_slot(output, blocks + 1, 0, 1)?;
         if output > 0 {
-            self.pre_check(output - 1, 0, scale)?;
+            self.check_block_call(output - 1, 0, scale)?;
         }
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
         if backward && p.exit_from != Some(output) {
@@ -202,7 +144,7 @@ impl CpuMlp {
         call: u64,
         scale: bool,
     ) -> Result<()> {
-        self.pre_check(l, input, scale)?;
+        self.check_block_call(l, input, scale)?;
         let hd = self.hidden;
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
         let cfg = self.entry_config(p, l, input, call)?;

@@ -137,7 +137,7 @@ impl GpuMlp {
         };
         let pre = cfg
             .prenorm
-            .map(|p| prenorm::State::new(h, p, cfg.blocks, cfg.tokens, hd))
+            .map(|p| prenorm::new_state(h, p, cfg.blocks, cfg.tokens, hd))
             .transpose()?;
         Ok(GpuMlp {
             handle: h.clone(),
@@ -268,6 +268,71 @@ impl GpuMlp {
     }
 }
 
+/// Where a block's branch reads its input and writes the input's gradient.
+pub(super) enum Branch {
+    /// The residual model's block `x -> x + branch(x)`: its input is slot `input` (the batch for
+    /// 0), and the branch's input gradient is added to the stream's `g`.
+    Residual { input: usize },
+    /// The pre-norm model's block: its input is the entry's normalised `n_l`, and the branch's
+    /// input gradient goes to `dn` for the entry's backward.
+    PreNorm,
+}
+
+impl GpuMlp {
+    /// Checks the slot, and the stochastic-depth scale request against the model.
+    fn check_block_call(&self, l: usize, input: usize, scale: bool) -> Result<()> {
+        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())
+    }
+
+    /// Backward through block `l`'s branch `o = W2 gelu(W1 x + b1)` from `d_o` (the gradient of
+    /// `o`): dW2, db1 and dW1 into the tensor set, and the gradient of `x` where `branch` says.
+    pub(super) fn branch_backward(&mut self, l: usize, branch: Branch) -> Result<()> {
+        let (x, d_x, accumulate) = match branch {
+            Branch::Residual { input: 0 } => (&self.inputs[self.batch], &mut self.g, true),
+            Branch::Residual { input } => (&self.acts[input], &mut self.g, true),
+            Branch::PreNorm => {
+                let p = self.pre.as_mut().ok_or_else(super::prenorm::not_prenorm)?;
+                (&p.nrm[l], &mut p.dn, false)
+            }
+        };
+        let (hd, h, set) = (self.hidden, &self.handle, &mut self.set);
+        let t = |k: usize| self.per_block * l + k;
+        self.blas.linear_bwd_weight(
+            &self.d_o,
+            &self.a[l],
+            &mut set.grad_mut::<f32>(t(2))?,
+            hd,
+            hd,
+        )?;
+        self.blas.linear_bwd_input(
+            &self.d_o,
+            &set.param::<f32>(t(2))?,
+            &mut self.d_a,
+            hd,
+            hd,
+            false,
+        )?;
+        k::bias_gelu_bwd(
+            h,
+            &self.hpre[l],
+            &set.param::<f32>(t(1))?,
+            &self.d_a,
+            &mut self.du,
+        )?;
+        k::colsum(
+            h,
+            &self.du,
+            self.tokens,
+            &mut self.colsum_scratch,
+            &mut set.grad_mut::<f32>(t(1))?,
+        )?;
+        self.blas
+            .linear_bwd_weight(&self.du, x, &mut set.grad_mut::<f32>(t(0))?, hd, hd)?;
+        self.blas
+            .linear_bwd_input(&self.du, &set.param::<f32>(t(0))?, d_x, hd, hd, accumulate)
+    }
+}
+
 impl Backend for GpuMlp {
     fn begin(&mut self, batch: usize) -> Result<()> {
         check_slot(0, 1, batch, self.inputs.len())?;
@@ -282,7 +347,7 @@ impl Backend for GpuMlp {
         if self.pre.is_some() {
             return self.pre_forward_block(l, input, call, scale);
         }
-        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        self.check_block_call(l, input, scale)?;
         let hd = self.hidden;
         let cfg = self.dropout_config(call)?;
         let (lo, hi) = self.acts.split_at_mut(l + 1);
@@ -353,14 +418,9 @@ impl Backend for GpuMlp {
         if self.pre.is_some() {
             return self.pre_backward_block(l, input, call, scale);
         }
-        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
-        let (hd, h) = (self.hidden, &self.handle);
+        self.check_block_call(l, input, scale)?;
+        let h = &self.handle;
         let cfg = self.dropout_config(call)?;
-        let x = if input == 0 {
-            &self.inputs[self.batch]
-        } else {
-            &self.acts[input]
-        };
         let set = &mut self.set;
         let opts = BackwardOptions {
             rowscale: scale.then(|| self.rowscale[l].as_view()),
@@ -369,46 +429,7 @@ impl Backend for GpuMlp {
             ..Default::default()
         };
         dr::backward(h, &cfg, &self.g, &mut self.d_o, opts)?;
-        self.blas.linear_bwd_weight(
-            &self.d_o,
-            &self.a[l],
-            &mut set.grad_mut::<f32>(t(l, 2))?,
-            hd,
-            hd,
-        )?;
-        self.blas.linear_bwd_input(
-            &self.d_o,
-            &set.param::<f32>(t(l, 2))?,
-            &mut self.d_a,
-            hd,
-            hd,
-            false,
-        )?;
-        k::bias_gelu_bwd(
-            h,
-            &self.hpre[l],
-            &set.param::<f32>(t(l, 1))?,
-            &self.d_a,
-            &mut self.du,
-        )?;
-        k::colsum(
-            h,
-            &self.du,
-            self.tokens,
-            &mut self.colsum_scratch,
-            &mut set.grad_mut::<f32>(t(l, 1))?,
-        )?;
-        self.blas
-            .linear_bwd_weight(&self.du, x, &mut set.grad_mut::<f32>(t(l, 0))?, hd, hd)?;
-        self.blas.linear_bwd_input(
-            &self.du,
-            &set.param::<f32>(t(l, 0))?,
-            &mut self.g,
-            hd,
-            hd,
-            true,
-        )?;
-        Ok(())
+        self.branch_backward(l, Branch::Residual { input })
     }
 
     fn zero_grads(&mut self, l: usize) -> Result<()> {

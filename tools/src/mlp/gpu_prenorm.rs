@@ -5,9 +5,10 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::GpuMlp;
+use super::{Branch, GpuMlp};
 use crate::mlp::config::{check_block, check_slot};
 use crate::mlp::gpu as k;
+use crate::mlp::prenorm::{self, not_prenorm, t};
 use crate::mlp::PreNorm;
 use fusedreg::dropout::{self as dr, BackwardOptions, ForwardOptions};
 use fusedreg::dropout_add_norm::{self as dan, Config};
@@ -15,73 +16,34 @@ use fusedreg::{Error, Handle, Result};
 
 const OP: &str = "mlp";
 
-/// Index of tensor `k` (0 W1, 1 b1, 2 W2, 3 b2, 4 gamma, 5 beta) of block `l`.
-fn t(l: usize, k: usize) -> usize {
-    PreNorm::TENSORS * l + k
-}
+/// The GPU model's pre-norm activations (device buffers) and its entry backward's scratch.
+pub(super) type State = prenorm::State<CudaSlice<f32>, EntryScratch>;
 
-/// Per-block activations of the pre-norm model (slot `k > 0` is block `k - 1`'s output `o`
-/// together with the stream `s` that block read).
-pub(super) struct State {
-    cfg: PreNorm,
-    /// Per block: the stream at its entry `s_l`, its normalised input `n_l`, the row statistics
-    /// and its output `o_l` (before b2; the consumer's entry adds it).
-    stream: Vec<CudaSlice<f32>>,
-    nrm: Vec<CudaSlice<f32>>,
-    mean: Vec<CudaSlice<f32>>,
-    rstd: Vec<CudaSlice<f32>>,
-    outs: Vec<CudaSlice<f32>>,
-    /// The exit's stream (the model's output) and the slot it was computed from.
-    exit: CudaSlice<f32>,
-    pub(super) exit_from: Option<usize>,
-    /// Gradient of `n_l`, and the second stream-gradient buffer (`d_residual` is written here,
-    /// then swapped with the running gradient: the op's `d_s` and `d_residual` are distinct
-    /// buffers).
-    dn: CudaSlice<f32>,
-    g2: CudaSlice<f32>,
-    /// The entry backward's column gradients, copied into the tensor set afterwards (the set
-    /// lends one gradient at a time, and gamma is read from it in the same call).
+/// The entry backward's column gradients, copied into the tensor set afterwards (the set lends
+/// one gradient at a time, and gamma is read from it in the same call), and its workspace.
+pub(super) struct EntryScratch {
     dgamma: CudaSlice<f32>,
     dbeta: CudaSlice<f32>,
     dbias: CudaSlice<f32>,
     ws: dan::Workspace,
 }
 
-impl State {
-    pub(super) fn new(
-        h: &Handle,
-        cfg: PreNorm,
-        blocks: usize,
-        tokens: usize,
-        hidden: usize,
-    ) -> Result<Self> {
-        let zeros = |n: usize| h.stream().alloc_zeros::<f32>(n).map_err(Error::driver(OP));
-        let many = |len: usize| (0..blocks).map(|_| zeros(len)).collect::<Result<Vec<_>>>();
-        let n = tokens * hidden;
-        Ok(State {
-            cfg,
-            stream: many(n)?,
-            nrm: many(n)?,
-            mean: many(tokens)?,
-            rstd: many(tokens)?,
-            outs: many(n)?,
-            exit: zeros(n)?,
-            exit_from: None,
-            dn: zeros(n)?,
-            g2: zeros(n)?,
-            dgamma: zeros(hidden)?,
-            dbeta: zeros(hidden)?,
-            dbias: zeros(hidden)?,
-            ws: dan::Workspace::new(),
-        })
-    }
-}
-
-fn not_prenorm() -> Error {
-    Error::invalid(
-        OP,
-        "a pre-norm call on a model without the pre-norm variant",
-    )
+/// [`State`] on the handle's stream.
+pub(super) fn new_state(
+    h: &Handle,
+    cfg: PreNorm,
+    blocks: usize,
+    tokens: usize,
+    hidden: usize,
+) -> Result<State> {
+    let zeros = |n: usize| h.stream().alloc_zeros::<f32>(n).map_err(Error::driver(OP));
+    let scratch = EntryScratch {
+        dgamma: zeros(hidden)?,
+        dbeta: zeros(hidden)?,
+        dbias: zeros(hidden)?,
+        ws: dan::Workspace::new(),
+    };
+    State::new(cfg, (blocks, tokens, hidden), zeros, scratch)
 }
 
 impl GpuMlp {
@@ -106,7 +68,7 @@ impl GpuMlp {
         call: u64,
         scale: bool,
     ) -> Result<()> {
-        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        self.check_block_call(l, input, scale)?;
         let hd = self.hidden;
         let cfg = self.entry_config(l, input, call)?;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
@@ -246,61 +208,18 @@ impl GpuMlp {
         call: u64,
         scale: bool,
     ) -> Result<()> {
-        check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())?;
+        self.check_block_call(l, input, scale)?;
         let cfg = self.entry_config(l, input, call)?;
-        let (hd, h) = (self.hidden, &self.handle);
+        self.branch_backward(l, Branch::PreNorm)?;
+        let h = &self.handle;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
         let set = &mut self.set;
-        self.blas.linear_bwd_weight(
-            &self.d_o,
-            &self.a[l],
-            &mut set.grad_mut::<f32>(t(l, 2))?,
-            hd,
-            hd,
-        )?;
-        self.blas.linear_bwd_input(
-            &self.d_o,
-            &set.param::<f32>(t(l, 2))?,
-            &mut self.d_a,
-            hd,
-            hd,
-            false,
-        )?;
-        k::bias_gelu_bwd(
-            h,
-            &self.hpre[l],
-            &set.param::<f32>(t(l, 1))?,
-            &self.d_a,
-            &mut self.du,
-        )?;
-        k::colsum(
-            h,
-            &self.du,
-            self.tokens,
-            &mut self.colsum_scratch,
-            &mut set.grad_mut::<f32>(t(l, 1))?,
-        )?;
-        self.blas.linear_bwd_weight(
-            &self.du,
-            &p.nrm[l],
-            &mut set.grad_mut::<f32>(t(l, 0))?,
-            hd,
-            hd,
-        )?;
-        self.blas.linear_bwd_input(
-            &self.du,
-            &set.param::<f32>(t(l, 0))?,
-            &mut p.dn,
-            hd,
-            hd,
-            false,
-        )?;
         // The entry's fused backward.
         let adds = input > 0;
         let args = dan::BackwardArgs {
             d_s: Some(self.g.as_view()),
             rowscale: (scale && adds).then(|| self.rowscale[input - 1].as_view()),
-            workspace: Some(&mut p.ws),
+            workspace: Some(&mut p.scratch.ws),
             ..dan::BackwardArgs::new(
                 p.dn.as_view(),
                 p.stream[l].as_view(),
@@ -312,9 +231,9 @@ impl GpuMlp {
         let outs = dan::BackwardOut {
             // Without an add, dx is the input's gradient: nobody needs it or the residual's.
             d_residual: adds.then(|| p.g2.as_view_mut()),
-            dbeta: Some(p.dbeta.as_view_mut()),
-            dbias: adds.then(|| p.dbias.as_view_mut()),
-            ..dan::BackwardOut::new(self.d_o.as_view_mut(), p.dgamma.as_view_mut())
+            dbeta: Some(p.scratch.dbeta.as_view_mut()),
+            dbias: adds.then(|| p.scratch.dbias.as_view_mut()),
+            ..dan::BackwardOut::new(self.d_o.as_view_mut(), p.scratch.dgamma.as_view_mut())
         };
         dan::backward(h, &cfg, args, outs)?;
         let stream = h.stream();
@@ -323,10 +242,10 @@ impl GpuMlp {
                 .memcpy_dtod(src, &mut set.grad_mut::<f32>(i)?)
                 .map_err(Error::driver(OP))
         };
-        copy(&p.dgamma, t(l, 4))?;
-        copy(&p.dbeta, t(l, 5))?;
+        copy(&p.scratch.dgamma, t(l, 4))?;
+        copy(&p.scratch.dbeta, t(l, 5))?;
         if adds {
-            copy(&p.dbias, t(input - 1, 3))?;
+            copy(&p.scratch.dbias, t(input - 1, 3))?;
             std::mem::swap(&mut self.g, &mut p.g2);
         }
         Ok(())

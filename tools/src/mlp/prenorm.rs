@@ -33,7 +33,7 @@
 //! gamma starts at 1 and beta at 0, and neither gets weight decay.
 
 use fusedreg::dropout_add_norm::{Config, Norm};
-use fusedreg::Result;
+use fusedreg::{Error, Result};
 
 /// The pre-norm variant: which normaliser, whether LayerNorm Scaling is on, and eps.
 ///
@@ -103,5 +103,68 @@ impl PreNorm {
             cfg = cfg.with_layer_norm_scaling(l + 1)?;
         }
         Ok(cfg)
+    }
+}
+
+/// Index of tensor `k` (0 W1, 1 b1, 2 W2, 3 b2, 4 gamma, 5 beta) of block `l`.
+pub(super) fn t(l: usize, k: usize) -> usize {
+    PreNorm::TENSORS * l + k
+}
+
+/// The error of a pre-norm call on a model built without the variant.
+pub(super) fn not_prenorm() -> Error {
+    Error::invalid(
+        "mlp",
+        "a pre-norm call on a model without the pre-norm variant",
+    )
+}
+
+/// Per-block activations of the pre-norm model in buffers `B` (`Vec<f32>` in the CPU model,
+/// `CudaSlice<f32>` in the GPU model), and `S`, what only one of them keeps (slot `k > 0` is
+/// block `k - 1`'s output `o` together with the stream `s` that block read).
+pub(super) struct State<B, S = ()> {
+    pub(super) cfg: PreNorm,
+    /// Per block: the stream at its entry `s_l`, its normalised input `n_l`, the row statistics
+    /// and its output `o_l` (before b2; the consumer's entry adds it).
+    pub(super) stream: Vec<B>,
+    pub(super) nrm: Vec<B>,
+    pub(super) mean: Vec<B>,
+    pub(super) rstd: Vec<B>,
+    pub(super) outs: Vec<B>,
+    /// The exit's stream (the model's output) and the slot it was computed from.
+    pub(super) exit: B,
+    pub(super) exit_from: Option<usize>,
+    /// Gradient of `n_l`, and the second stream-gradient buffer (`d_residual` is written here,
+    /// then swapped with the running gradient: the op's `d_s` and `d_residual` are distinct
+    /// buffers).
+    pub(super) dn: B,
+    pub(super) g2: B,
+    pub(super) scratch: S,
+}
+
+impl<B, S> State<B, S> {
+    /// Zeroed activations for `blocks` blocks of `tokens` rows of `hidden`, each buffer from
+    /// `zeros(len)`.
+    pub(super) fn new(
+        cfg: PreNorm,
+        (blocks, tokens, hidden): (usize, usize, usize),
+        mut zeros: impl FnMut(usize) -> Result<B>,
+        scratch: S,
+    ) -> Result<Self> {
+        let n = tokens * hidden;
+        let mut many = |len: usize| (0..blocks).map(|_| zeros(len)).collect::<Result<Vec<_>>>();
+        Ok(State {
+            cfg,
+            stream: many(n)?,
+            nrm: many(n)?,
+            mean: many(tokens)?,
+            rstd: many(tokens)?,
+            outs: many(n)?,
+            exit: zeros(n)?,
+            exit_from: None,
+            dn: zeros(n)?,
+            g2: zeros(n)?,
+            scratch,
+        })
     }
 }

@@ -337,29 +337,6 @@ pub(super) fn render(lines: &[BudgetLine], commit: &str, nvcc: &str) -> String {
             measured,
         ]);
     }
-    let cols = header.len();
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    for (i, r) in rows.iter().enumerate() {
-        let mut line = String::new();
-        for c in 0..cols {
-            let w = widths[c];
-            if c == 0 || c == cols - 1 {
-                write!(line, "{:<w$}  ", r[c]).unwrap();
-            } else {
-                write!(line, "{:>w$}  ", r[c]).unwrap();
-            }
-        }
-        writeln!(s, "{}", line.trim_end()).unwrap();
-        if i == 0 {
-            writeln!(
-                s,
-                "{}",
-                "-".repeat(widths.iter().sum::<usize>() + 2 * (cols - 1))
-            )
-            .unwrap();
-        }
-    }
+    super::table::write_columns(&mut s, &rows, 1);
     s
 }

@@ -146,24 +146,31 @@ pub(super) fn render(r: &Report) -> String {
             row.note.clone(),
         ]);
     }
-    let cols = header.len();
+    write_columns(&mut s, &lines, 2);
+    if !r.budget.is_empty() {
+        let (commit, nvcc): (String, String) = super::budget::record()
+            .map(|rec| (rec.commit.chars().take(7).collect(), rec.nvcc))
+            .unwrap_or_else(|_| ("?".into(), "?".into()));
+        s.push_str(&super::budget::render(&r.budget, &commit, &nvcc));
+    }
+    s
+}
+
+/// Appends `rows` (the first is the header, underlined) as space-padded columns: the first
+/// `left` columns and the last left-aligned, the others (numbers) right-aligned.
+pub(super) fn write_columns(s: &mut String, rows: &[Vec<String>], left: usize) {
+    let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            lines
-                .iter()
-                .map(|l| l[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
-    for (i, l) in lines.iter().enumerate() {
+    for (i, r) in rows.iter().enumerate() {
         let mut line = String::new();
         for c in 0..cols {
             let w = widths[c];
-            if c < 2 || c == cols - 1 {
-                write!(line, "{:<w$}  ", l[c]).unwrap();
+            if c < left || c == cols - 1 {
+                write!(line, "{:<w$}  ", r[c]).unwrap();
             } else {
-                write!(line, "{:>w$}  ", l[c]).unwrap();
+                write!(line, "{:>w$}  ", r[c]).unwrap();
             }
         }
         writeln!(s, "{}", line.trim_end()).unwrap();
@@ -176,11 +183,4 @@ pub(super) fn render(r: &Report) -> String {
             .unwrap();
         }
     }
-    if !r.budget.is_empty() {
-        let (commit, nvcc): (String, String) = super::budget::record()
-            .map(|rec| (rec.commit.chars().take(7).collect(), rec.nvcc))
-            .unwrap_or_else(|_| ("?".into(), "?".into()));
-        s.push_str(&super::budget::render(&r.budget, &commit, &nvcc));
-    }
-    s
 }
