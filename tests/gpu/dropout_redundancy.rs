@@ -9,9 +9,9 @@ use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
-use crate::buffers::{e2s, R};
 use crate::common::{bits_eq, rng, uniform};
 use crate::harness::trials_of;
+use crate::harness::TestResult;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -39,9 +39,9 @@ const SHAPES: [(usize, usize); 7] = [
 
 /// Every shape at each resolution, out of place and in place, with a bias and a drop path: the
 /// device site equals the CPU meter's after two calls, and y has the bits of the plain forward.
-fn matches_cpu<T: Dtype>(h: &Handle) -> R<()> {
+fn matches_cpu<T: Dtype>(h: &Handle) -> TestResult<()> {
     let st = h.stream();
-    let mut meter = Redundancy::new(h, 2).map_err(e2s)?;
+    let mut meter = Redundancy::new(h, 2)?;
     let resolutions = [
         MaskResolution::Bits32,
         MaskResolution::Bits16,
@@ -51,11 +51,10 @@ fn matches_cpu<T: Dtype>(h: &Handle) -> R<()> {
         for (j, &res) in resolutions.iter().enumerate() {
             for in_place in [false, true] {
                 let what = format!("{rows}x{cols} {res:?} in place {in_place}");
-                let mut cfg = Config::new(rows, cols, 0.1, 42, (3 * k + j) as u64)
-                    .map_err(e2s)?
-                    .with_resolution(res);
+                let mut cfg =
+                    Config::new(rows, cols, 0.1, 42, (3 * k + j) as u64)?.with_resolution(res);
                 if j == 1 {
-                    cfg = cfg.with_drop_path(DropPath::new(0.25, 9).map_err(e2s)?);
+                    cfg = cfg.with_drop_path(DropPath::new(0.25, 9)?);
                 }
                 let mut g = rng(700 + k as u64);
                 let n = cfg.len();
@@ -66,27 +65,24 @@ fn matches_cpu<T: Dtype>(h: &Handle) -> R<()> {
                 }
                 let b: Vec<T> = uniform(&mut g, cols, -0.1, 0.1);
                 // The CPU: two calls into one site.
-                let cm = CpuMeter::new(1).map_err(e2s)?;
+                let cm = CpuMeter::new(1)?;
                 let mut want_y = vec![T::default(); n];
                 for _ in 0..2 {
                     let opts = cpu::ForwardOptions {
                         bias: Some(&b),
                         residual: Some(&r),
-                        redundancy: Some(cm.site(0).map_err(e2s)?),
+                        redundancy: Some(cm.site(0)?),
                         ..Default::default()
                     };
-                    cpu::forward(&cfg, &x, &mut want_y, opts).map_err(e2s)?;
+                    cpu::forward(&cfg, &x, &mut want_y, opts)?;
                 }
-                let want = cm.stats().map_err(e2s)?[0];
-                meter.reset().map_err(e2s)?;
-                let (xd, bd) = (
-                    st.clone_htod(&x).map_err(e2s)?,
-                    st.clone_htod(&b).map_err(e2s)?,
-                );
+                let want = cm.stats()?[0];
+                meter.reset()?;
+                let (xd, bd) = (st.clone_htod(&x)?, st.clone_htod(&b)?);
                 for _ in 0..2 {
-                    let rd = st.clone_htod(&r).map_err(e2s)?;
-                    let mut yd = st.alloc_zeros::<T>(n).map_err(e2s)?;
-                    let site = Some(meter.site(1).map_err(e2s)?);
+                    let rd = st.clone_htod(&r)?;
+                    let mut yd = st.alloc_zeros::<T>(n)?;
+                    let site = Some(meter.site(1)?);
                     let y = if in_place {
                         let mut rd = rd;
                         let opts = ForwardOptions {
@@ -94,8 +90,8 @@ fn matches_cpu<T: Dtype>(h: &Handle) -> R<()> {
                             redundancy: site,
                             ..Default::default()
                         };
-                        dr::forward_inplace(h, &cfg, &xd, &mut rd, opts).map_err(e2s)?;
-                        st.clone_dtoh(&rd).map_err(e2s)?
+                        dr::forward_inplace(h, &cfg, &xd, &mut rd, opts)?;
+                        st.clone_dtoh(&rd)?
                     } else {
                         let opts = ForwardOptions {
                             bias: Some(bd.as_view()),
@@ -103,17 +99,17 @@ fn matches_cpu<T: Dtype>(h: &Handle) -> R<()> {
                             redundancy: site,
                             ..Default::default()
                         };
-                        dr::forward(h, &cfg, &xd, &mut yd, opts).map_err(e2s)?;
-                        st.clone_dtoh(&yd).map_err(e2s)?
+                        dr::forward(h, &cfg, &xd, &mut yd, opts)?;
+                        st.clone_dtoh(&yd)?
                     };
                     bits_eq(&format!("{what}: y"), &y, &want_y)?;
                 }
-                let got = meter.stats().map_err(e2s)?;
+                let got = meter.stats()?;
                 if got[1] != want || got[0] != SiteStats::default() {
-                    return Err(format!("{what}: device sites {got:?}, CPU {want:?}"));
+                    return Err(format!("{what}: device sites {got:?}, CPU {want:?}").into());
                 }
                 if want.rows == 0 {
-                    return Err(format!("{what}: no counted rows: the case proves nothing"));
+                    return Err(format!("{what}: no counted rows: the case proves nothing").into());
                 }
             }
         }
@@ -122,23 +118,23 @@ fn matches_cpu<T: Dtype>(h: &Handle) -> R<()> {
 }
 
 /// A site without a residual, or with the 1-bit mask, is an error.
-fn bad_input_is_an_error(h: &Handle) -> R<()> {
+fn bad_input_is_an_error(h: &Handle) -> TestResult<()> {
     let st = h.stream();
-    let cfg = Config::new(4, 64, 0.1, 1, 2).map_err(e2s)?;
-    let mut meter = Redundancy::new(h, 1).map_err(e2s)?;
-    let x = st.alloc_zeros::<f32>(cfg.len()).map_err(e2s)?;
-    let mut y = st.alloc_zeros::<f32>(cfg.len()).map_err(e2s)?;
+    let cfg = Config::new(4, 64, 0.1, 1, 2)?;
+    let mut meter = Redundancy::new(h, 1)?;
+    let x = st.alloc_zeros::<f32>(cfg.len())?;
+    let mut y = st.alloc_zeros::<f32>(cfg.len())?;
     let opts = ForwardOptions {
-        redundancy: Some(meter.site(0).map_err(e2s)?),
+        redundancy: Some(meter.site(0)?),
         ..Default::default()
     };
     if dr::forward(h, &cfg, &x, &mut y, opts).is_ok() {
         return Err("a site without a residual was accepted".into());
     }
-    let mut mask = st.alloc_zeros::<u32>(cfg.mask_words()).map_err(e2s)?;
+    let mut mask = st.alloc_zeros::<u32>(cfg.mask_words())?;
     let opts = ForwardOptions {
         mask_out: Some(mask.as_view_mut()),
-        redundancy: Some(meter.site(0).map_err(e2s)?),
+        redundancy: Some(meter.site(0)?),
         ..Default::default()
     };
     if dr::forward_inplace(h, &cfg, &x, &mut y, opts).is_ok() {

@@ -9,8 +9,8 @@ use libtest_mimic::{Completion, Failed, Trial};
 /// type; `Err` names what differs.
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
-/// A GPU test body. The error type is any displayable one (`Box<dyn Error>` for new tests; the
-/// older bodies that return `Result<(), String>` are being converted).
+/// A GPU test body: every file's bodies return [`TestResult`] (`Box<dyn Error>`); the error type
+/// stays generic for a body whose errors are another displayable type.
 pub type GpuTest<E = Box<dyn std::error::Error>> = fn(&Handle) -> Result<(), E>;
 
 /// The device check, done once. The handle it keeps alive also keeps the loaded kernel modules

@@ -7,7 +7,6 @@
 mod adamw;
 mod bad_input;
 mod bias_act_dropout;
-mod buffers; // transitional: see its header
 #[cfg(feature = "candle-cuda")]
 mod candle;
 #[path = "../common/mod.rs"]

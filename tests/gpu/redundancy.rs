@@ -12,9 +12,9 @@ use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
-use crate::buffers::{e2s, R};
 use crate::common::{bits_eq, rng, uniform};
 use crate::harness::trials_of;
+use crate::harness::TestResult;
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -64,25 +64,23 @@ fn data<T: Dtype, S: Dtype>(rows: usize, cols: usize, seed: u64) -> Data<T, S> {
     Data { x, r, gamma }
 }
 
-fn config(rows: usize, cols: usize, norm: Norm, path: bool) -> R<Config> {
-    let mut cfg = Config::new(rows, cols, norm, 1e-5)
-        .and_then(|c| c.with_dropout(0.1, 42, 7))
-        .map_err(e2s)?;
+fn config(rows: usize, cols: usize, norm: Norm, path: bool) -> TestResult<Config> {
+    let mut cfg = Config::new(rows, cols, norm, 1e-5).and_then(|c| c.with_dropout(0.1, 42, 7))?;
     if path {
-        cfg = cfg.with_drop_path(DropPath::new(0.25, 9).map_err(e2s)?);
+        cfg = cfg.with_drop_path(DropPath::new(0.25, 9)?);
     }
     Ok(cfg)
 }
 
 /// The CPU meter after one forward.
-fn cpu_site<T: Dtype, S: Dtype>(cfg: &Config, d: &Data<T, S>) -> R<SiteStats> {
+fn cpu_site<T: Dtype, S: Dtype>(cfg: &Config, d: &Data<T, S>) -> TestResult<SiteStats> {
     let (rows, n) = (cfg.rows(), cfg.len());
-    let meter = redundancy::cpu::Redundancy::new(1).map_err(e2s)?;
+    let meter = redundancy::cpu::Redundancy::new(1)?;
     let (mut out, mut s) = (vec![T::default(); n], vec![S::default(); n]);
     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
     let args = cpu::ForwardArgs {
         residual: Some(&d.r),
-        redundancy: Some(meter.site(0).map_err(e2s)?),
+        redundancy: Some(meter.site(0)?),
         ..cpu::ForwardArgs::new(&d.x, &d.gamma)
     };
     let outs = cpu::ForwardOut {
@@ -91,8 +89,8 @@ fn cpu_site<T: Dtype, S: Dtype>(cfg: &Config, d: &Data<T, S>) -> R<SiteStats> {
         mean: &mut mean,
         rstd: &mut rstd,
     };
-    cpu::forward(cfg, args, outs).map_err(e2s)?;
-    Ok(meter.stats().map_err(e2s)?[0])
+    cpu::forward(cfg, args, outs)?;
+    Ok(meter.stats()?[0])
 }
 
 /// One device forward (into `meter`'s `site` when given); returns out, s, mean and rstd.
@@ -103,18 +101,18 @@ fn gpu_forward<T: Dtype, S: Dtype>(
     d: &Data<T, S>,
     tuning: LaunchTuning,
     meter: Option<(&mut Redundancy, usize)>,
-) -> R<(Vec<T>, Vec<S>, Vec<f32>, Vec<f32>)> {
+) -> TestResult<(Vec<T>, Vec<S>, Vec<f32>, Vec<f32>)> {
     let st = h.stream();
     let (rows, n) = (cfg.rows(), cfg.len());
-    let x = st.clone_htod(&d.x).map_err(e2s)?;
-    let r = st.clone_htod(&d.r).map_err(e2s)?;
-    let gamma = st.clone_htod(&d.gamma).map_err(e2s)?;
-    let mut out = st.alloc_zeros::<T>(n).map_err(e2s)?;
-    let mut s = st.alloc_zeros::<S>(n).map_err(e2s)?;
-    let mut mean = st.alloc_zeros::<f32>(rows).map_err(e2s)?;
-    let mut rstd = st.alloc_zeros::<f32>(rows).map_err(e2s)?;
+    let x = st.clone_htod(&d.x)?;
+    let r = st.clone_htod(&d.r)?;
+    let gamma = st.clone_htod(&d.gamma)?;
+    let mut out = st.alloc_zeros::<T>(n)?;
+    let mut s = st.alloc_zeros::<S>(n)?;
+    let mut mean = st.alloc_zeros::<f32>(rows)?;
+    let mut rstd = st.alloc_zeros::<f32>(rows)?;
     let site = match meter {
-        Some((m, i)) => Some(m.site(i).map_err(e2s)?),
+        Some((m, i)) => Some(m.site(i)?),
         None => None,
     };
     let args = ForwardArgs {
@@ -129,27 +127,27 @@ fn gpu_forward<T: Dtype, S: Dtype>(
         mean: mean.as_view_mut(),
         rstd: rstd.as_view_mut(),
     };
-    dan::forward(h, cfg, args, outs).map_err(e2s)?;
+    dan::forward(h, cfg, args, outs)?;
     Ok((
-        st.clone_dtoh(&out).map_err(e2s)?,
-        st.clone_dtoh(&s).map_err(e2s)?,
-        st.clone_dtoh(&mean).map_err(e2s)?,
-        st.clone_dtoh(&rstd).map_err(e2s)?,
+        st.clone_dtoh(&out)?,
+        st.clone_dtoh(&s)?,
+        st.clone_dtoh(&mean)?,
+        st.clone_dtoh(&rstd)?,
     ))
 }
 
 /// Every shape, LayerNorm and RMSNorm, with and without a drop path: the device meter's site
 /// equals the CPU meter's after two calls (twice one call's words), the other site stays zero,
 /// and out, s, mean and rstd have the bits of the forward without the meter.
-fn matches_cpu<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
-    let mut meter = Redundancy::new(h, 2).map_err(e2s)?;
+fn matches_cpu<T: Dtype, S: Dtype>(h: &Handle) -> TestResult<()> {
+    let mut meter = Redundancy::new(h, 2)?;
     for (k, &(rows, cols)) in SHAPES.iter().enumerate() {
         for (norm, path) in [(Norm::LayerNorm, false), (Norm::RmsNorm, true)] {
             let what = format!("{rows}x{cols} {norm:?} drop path {path}");
             let cfg = config(rows, cols, norm, path)?;
             let d = data::<T, S>(rows, cols, 500 + k as u64);
             let want = cpu_site(&cfg, &d)?;
-            meter.reset().map_err(e2s)?;
+            meter.reset()?;
             let plain = gpu_forward(h, &cfg, &d, LaunchTuning::default(), None)?;
             for _ in 0..2 {
                 let on = gpu_forward(h, &cfg, &d, LaunchTuning::default(), Some((&mut meter, 1)))?;
@@ -158,7 +156,7 @@ fn matches_cpu<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
                 bits_eq(&format!("{what}: mean"), &on.2, &plain.2)?;
                 bits_eq(&format!("{what}: rstd"), &on.3, &plain.3)?;
             }
-            let got = meter.stats().map_err(e2s)?;
+            let got = meter.stats()?;
             let twice = SiteStats {
                 cos_sum: want.cos_sum.wrapping_mul(2),
                 rows: 2 * want.rows,
@@ -167,10 +165,11 @@ fn matches_cpu<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
             if got[1] != twice || got[0] != SiteStats::default() {
                 return Err(format!(
                     "{what}: device sites {got:?}, CPU (twice one call) {twice:?}"
-                ));
+                )
+                .into());
             }
             if want.rows == 0 {
-                return Err(format!("{what}: no counted rows: the case proves nothing"));
+                return Err(format!("{what}: no counted rows: the case proves nothing").into());
             }
         }
     }
@@ -179,8 +178,8 @@ fn matches_cpu<T: Dtype, S: Dtype>(h: &Handle) -> R<()> {
 
 /// The scalar path, the generic kernels, a capped grid (several rows per block) and no shared
 /// memory give the same site words as the default, run after run.
-fn launch_configurations_agree(h: &Handle) -> R<()> {
-    let mut meter = Redundancy::new(h, 1).map_err(e2s)?;
+fn launch_configurations_agree(h: &Handle) -> TestResult<()> {
+    let mut meter = Redundancy::new(h, 1)?;
     for (rows, cols) in [(300, 2048), (64, 4104)] {
         let cfg = config(rows, cols, Norm::LayerNorm, false)?;
         let d = data::<bf16, bf16>(rows, cols, 77);
@@ -205,13 +204,13 @@ fn launch_configurations_agree(h: &Handle) -> R<()> {
                 ..Default::default()
             },
         ] {
-            meter.reset().map_err(e2s)?;
+            meter.reset()?;
             gpu_forward(h, &cfg, &d, tuning, Some((&mut meter, 0)))?;
-            let got = meter.stats().map_err(e2s)?[0];
+            let got = meter.stats()?[0];
             match first {
                 None => first = Some(got),
                 Some(f) if f != got => {
-                    return Err(format!("{rows}x{cols} {tuning:?}: {got:?}, default {f:?}"))
+                    return Err(format!("{rows}x{cols} {tuning:?}: {got:?}, default {f:?}").into())
                 }
                 Some(_) => {}
             }
@@ -221,8 +220,8 @@ fn launch_configurations_agree(h: &Handle) -> R<()> {
 }
 
 /// A site past the meter, zero sites and a wrong-length BI buffer are errors.
-fn bad_input_is_an_error(h: &Handle) -> R<()> {
-    let mut meter = Redundancy::new(h, 2).map_err(e2s)?;
+fn bad_input_is_an_error(h: &Handle) -> TestResult<()> {
+    let mut meter = Redundancy::new(h, 2)?;
     if meter.site(2).is_ok() || Redundancy::new(h, 0).is_ok() {
         return Err("a missing site or an empty meter was accepted".into());
     }
