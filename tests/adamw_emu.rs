@@ -18,7 +18,7 @@
 #[path = "common/dump.rs"]
 mod dump;
 
-use dump::{differ, Rd};
+use dump::{differ, dump_files, Rd};
 use fusedreg::adamw::{cpu, AdamWConfig, MasterWeights, MomentDtype, Rounding, StateOptions};
 use fusedreg::Dtype;
 use half::{bf16, f16};
@@ -108,12 +108,7 @@ fn check<P: Dtype + bytemuck::Pod, G: Dtype + bytemuck::Pod>(
 #[ignore = "needs the emulator's dumps: ADAMW_DUMP=<dir> (see the file's docs)"]
 fn emulated_kernels_match_the_cpu_reference() {
     let dir = std::env::var("ADAMW_DUMP").expect("ADAMW_DUMP=<dir of NNNN.bin>");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
-        .collect();
-    files.sort();
+    let files = dump_files(&dir, "");
     assert_eq!(files.len(), 16, "expected 16 dumped cases in {dir}");
     let mut errors = Vec::new();
     let mut elems = 0;

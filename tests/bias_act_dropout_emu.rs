@@ -22,7 +22,7 @@ mod fastcheck;
 #[path = "common/dump.rs"]
 mod dump;
 
-use dump::{differ, Rd};
+use dump::{differ, dump_files, Rd};
 use fusedreg::bias_act_dropout::{cpu, Activation, Config, Preact};
 use fusedreg::dropping::MaskResolution;
 use fusedreg::{Dtype, Math};
@@ -117,12 +117,7 @@ fn check<T: Dtype + bytemuck::Pod>(hd: &Header, r: &mut Rd) -> Result<(), String
 #[ignore = "needs the emulator's dumps: BAD_DUMP=<dir> (see the file's docs)"]
 fn emulated_kernels_match_the_cpu_reference() {
     let dir = std::env::var("BAD_DUMP").expect("BAD_DUMP=<dir of case*.bin>");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
-        .collect();
-    paths.sort();
+    let paths = dump_files(&dir, "");
     assert!(!paths.is_empty(), "no dumps in {dir}");
     let (mut bad, mut fast_cases) = (Vec::new(), 0);
     for p in &paths {

@@ -13,12 +13,14 @@
 //! The dump format is written by `run()` in `scripts/emu/cases/dropout_add_norm.cpp` (files
 //! `case*.bin`; flags 128 / 256 mark the 16- / 8-bit keying cases). `scripts/emu/redundancy_vs_cpu.sh`
 //! runs this test and `tests/redundancy_emu.rs` on one set of dumps.
+#[path = "common/dan_dump.rs"]
+mod dan_dump;
 #[path = "common/dump.rs"]
 mod dump;
 
-use dump::{differ, Rd};
-use fusedreg::dropout_add_norm::{cpu, Config, DropPath, Norm};
-use fusedreg::dropping::MaskResolution;
+use dan_dump::DanCase;
+use dump::{differ, dump_files, Rd};
+use fusedreg::dropout_add_norm::cpu;
 use fusedreg::Dtype;
 use half::{bf16, f16};
 
@@ -37,41 +39,8 @@ fn same<T: Dtype>(what: &str, got: &[T], want: &[T]) -> usize {
 }
 
 fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
-    let rows = r.u64() as usize;
-    let cols = r.u64() as usize;
-    let flags = r.u64();
-    let (seed, call, path_call, rps) = (r.u64(), r.u64(), r.u64(), r.u64() as usize);
-    let p = f64::from_bits(r.u64());
-    let pp = f64::from_bits(r.u64());
-    let eps = f32::from_bits(r.u64() as u32);
-    let ls = f32::from_bits(r.u64() as u32);
-    let n = rows * cols;
-    let norm = if flags & 64 != 0 {
-        Norm::RmsNorm
-    } else {
-        Norm::LayerNorm
-    };
-    let mut cfg = Config::new(rows, cols, norm, eps)
-        .unwrap()
-        .with_dropout(p, seed, call)
-        .unwrap()
-        .with_resolution(resolution_of(flags))
-        .with_layer_scale(ls)
-        .unwrap();
-    if flags & 16 != 0 {
-        cfg = cfg.with_drop_path(
-            DropPath::new(pp, path_call)
-                .unwrap()
-                .per_sample(rps)
-                .unwrap(),
-        );
-    }
-    let x: Vec<T> = r.arr(n);
-    let res: Option<Vec<S>> = (flags & 1 != 0).then(|| r.arr(n));
-    let gamma: Vec<T> = r.arr(cols);
-    let beta: Option<Vec<T>> = (flags & 2 != 0).then(|| r.arr(cols));
-    let bias: Option<Vec<T>> = (flags & 4 != 0).then(|| r.arr(cols));
-    let rs: Option<Vec<f32>> = (flags & 8 != 0).then(|| r.arr(rows));
+    let c = DanCase::<T, S>::read(r);
+    let (rows, cols, flags, n) = (c.rows, c.cols, c.flags, c.rows * c.cols);
     let d_out: Vec<T> = r.arr(n);
     let d_s: Option<Vec<S>> = (flags & 32 != 0).then(|| r.arr(n));
     let e_out: Vec<T> = r.arr(n);
@@ -89,16 +58,9 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
         vec![0f32; rows],
         vec![0f32; rows],
     );
-    let args = cpu::ForwardArgs {
-        residual: res.as_deref(),
-        beta: beta.as_deref(),
-        bias: bias.as_deref(),
-        rowscale: rs.as_deref(),
-        ..cpu::ForwardArgs::new(&x, &gamma)
-    };
     cpu::forward(
-        &cfg,
-        args,
+        &c.cfg,
+        c.forward_args(),
         cpu::ForwardOut {
             out: &mut out,
             s: &mut s,
@@ -121,8 +83,8 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
     );
     let args = cpu::BackwardArgs {
         d_s: d_s.as_deref(),
-        rowscale: rs.as_deref(),
-        ..cpu::BackwardArgs::new(&d_out, &e_s, &gamma, &e_mean, &e_rstd)
+        rowscale: c.rowscale.as_deref(),
+        ..cpu::BackwardArgs::new(&d_out, &e_s, &c.gamma, &e_mean, &e_rstd)
     };
     let outs = cpu::BackwardOut {
         d_residual: Some(&mut dres),
@@ -130,7 +92,7 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
         dbias: Some(&mut dbias),
         ..cpu::BackwardOut::new(&mut dx, &mut dg)
     };
-    cpu::backward(&cfg, args, outs).unwrap();
+    cpu::backward(&c.cfg, args, outs).unwrap();
     bad += same("dx", &e_dx, &dx)
         + same("dgamma", &e_dg, &dg)
         + same("dbeta", &e_db, &db)
@@ -139,7 +101,10 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
         bad += same("d_residual", &e, &dres);
     }
     if bad > 0 {
-        eprintln!("{name}: {rows}x{cols} flags {flags:#x} p {p} {bad} mismatches");
+        eprintln!(
+            "{name}: {rows}x{cols} flags {flags:#x} p {} {bad} mismatches",
+            c.p
+        );
     }
     bad
 }
@@ -150,15 +115,7 @@ fn emulated_kernels_match_the_cpu_reference() {
     let dir = std::env::var("DAN_DUMP").expect("DAN_DUMP: the directory of the emulator's dumps");
     // The case*.bin dumps only: the same directory holds the statistics cases' stats*.bin
     // (another format, tests/redundancy_emu.rs) when the emulator ran all of its cases.
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|f| f.to_string_lossy().starts_with("case"))
-        })
-        .collect();
-    files.sort();
+    let files = dump_files(&dir, "case");
     let (mut total, mut cases) = (0, 0);
     for f in &files {
         let b = std::fs::read(f).unwrap();
@@ -179,14 +136,4 @@ fn emulated_kernels_match_the_cpu_reference() {
     eprintln!("{cases} cases checked");
     assert!(cases > 0);
     assert_eq!(total, 0);
-}
-
-/// The keying resolution of a dump's flags (128: 16-bit, 256: 8-bit keying).
-fn resolution_of(flags: u64) -> MaskResolution {
-    match flags & (128 | 256) {
-        0 => MaskResolution::Bits32,
-        128 => MaskResolution::Bits16,
-        256 => MaskResolution::Bits8,
-        _ => panic!("flags {flags:#x}: two resolutions"),
-    }
 }

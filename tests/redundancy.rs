@@ -255,6 +255,23 @@ fn zero_and_non_finite_rows_follow_the_contract() {
         res[cols + j] = 0.0;
         x[2 * cols + j] = 0.0;
     }
+    let (st, s) = metered(&cfg, &x, &res);
+    assert!(s[..cols].iter().all(|&v| v == 0.0));
+    assert_eq!((st.rows, st.nonfinite), (2, 0));
+    let cos3 = 1.0 - bi_f64(&f64s(&res[3 * cols..]), &f64s(&s[3 * cols..]), cols).unwrap();
+    assert!((st.mean_cos().unwrap() - (1.0 + cos3) / 2.0).abs() < bound(cols));
+
+    // An infinity in x makes its row non-finite, and the site's BI NaN.
+    x[3 * cols + 5] = f32::INFINITY;
+    let (st, _) = metered(&cfg, &x, &res);
+    assert_eq!((st.rows, st.nonfinite), (1, 1));
+    assert!(st.bi().unwrap().is_nan());
+}
+
+/// One forward of the given f32 x and residual (gamma 1, no bias) into a fresh meter: the
+/// site's words and s.
+fn metered(cfg: &Config, x: &[f32], res: &[f32]) -> (SiteStats, Vec<f32>) {
+    let (rows, cols) = (cfg.rows(), cfg.cols());
     let gamma = vec![1.0f32; cols];
     let meter = Redundancy::new(1).unwrap();
     let (mut out, mut s, mut mean, mut rstd) = (
@@ -264,9 +281,9 @@ fn zero_and_non_finite_rows_follow_the_contract() {
         vec![0f32; rows],
     );
     let args = ForwardArgs {
-        residual: Some(&res),
+        residual: Some(res),
         redundancy: Some(meter.site(0).unwrap()),
-        ..ForwardArgs::new(&x, &gamma)
+        ..ForwardArgs::new(x, &gamma)
     };
     let outs = ForwardOut {
         out: &mut out,
@@ -274,32 +291,9 @@ fn zero_and_non_finite_rows_follow_the_contract() {
         mean: &mut mean,
         rstd: &mut rstd,
     };
-    cpu::forward(&cfg, args, outs).unwrap();
-    assert!(s[..cols].iter().all(|&v| v == 0.0));
+    cpu::forward(cfg, args, outs).unwrap();
     let st = meter.stats().unwrap()[0];
-    assert_eq!((st.rows, st.nonfinite), (2, 0));
-    let cos3 = 1.0 - bi_f64(&f64s(&res[3 * cols..]), &f64s(&s[3 * cols..]), cols).unwrap();
-    assert!((st.mean_cos().unwrap() - (1.0 + cos3) / 2.0).abs() < bound(cols));
-
-    // An infinity in x makes its row non-finite, and the site's BI NaN.
-    x[3 * cols + 5] = f32::INFINITY;
-    let mut meter = meter;
-    meter.reset();
-    let args = ForwardArgs {
-        residual: Some(&res),
-        redundancy: Some(meter.site(0).unwrap()),
-        ..ForwardArgs::new(&x, &gamma)
-    };
-    let outs = ForwardOut {
-        out: &mut out,
-        s: &mut s,
-        mean: &mut mean,
-        rstd: &mut rstd,
-    };
-    cpu::forward(&cfg, args, outs).unwrap();
-    let st = meter.stats().unwrap()[0];
-    assert_eq!((st.rows, st.nonfinite), (1, 1));
-    assert!(st.bi().unwrap().is_nan());
+    (st, s)
 }
 
 #[test]

@@ -19,11 +19,14 @@
 //! The same for `dropout`'s residual forward (`dropout_fwd_res_stats_*` in `kernels/dropout.cu`):
 //! `DO_DUMP=<dir>` of the `dstats*.bin` files that `scripts/emu/cases/dropout_stats.inc` writes
 //! (the script runs both).
+#[path = "common/dan_dump.rs"]
+mod dan_dump;
 #[path = "common/dump.rs"]
 mod dump;
 
-use dump::{differ, Rd};
-use fusedreg::dropout_add_norm::{cpu, Config, DropPath, Norm};
+use dan_dump::DanCase;
+use dump::{differ, dump_files, Rd};
+use fusedreg::dropout_add_norm::cpu;
 use fusedreg::dropping::MaskResolution;
 use fusedreg::redundancy::{self, SiteStats};
 use fusedreg::Dtype;
@@ -40,40 +43,8 @@ fn same<T: Dtype>(what: &str, got: &[T], want: &[T]) -> usize {
 
 /// Checks one case; returns (mismatches, the emulated site).
 fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
-    let rows = r.u64() as usize;
-    let cols = r.u64() as usize;
-    let flags = r.u64();
-    let (seed, call, path_call, rps) = (r.u64(), r.u64(), r.u64(), r.u64() as usize);
-    let p = f64::from_bits(r.u64());
-    let pp = f64::from_bits(r.u64());
-    let eps = f32::from_bits(r.u64() as u32);
-    let ls = f32::from_bits(r.u64() as u32);
-    let n = rows * cols;
-    let norm = if flags & 64 != 0 {
-        Norm::RmsNorm
-    } else {
-        Norm::LayerNorm
-    };
-    let mut cfg = Config::new(rows, cols, norm, eps)
-        .unwrap()
-        .with_dropout(p, seed, call)
-        .unwrap()
-        .with_resolution(resolution_of(flags))
-        .with_layer_scale(ls)
-        .unwrap();
-    if flags & 16 != 0 {
-        let path = DropPath::new(pp, path_call)
-            .unwrap()
-            .per_sample(rps)
-            .unwrap();
-        cfg = cfg.with_drop_path(path);
-    }
-    let x: Vec<T> = r.arr(n);
-    let res: Option<Vec<S>> = (flags & 1 != 0).then(|| r.arr(n));
-    let gamma: Vec<T> = r.arr(cols);
-    let beta: Option<Vec<T>> = (flags & 2 != 0).then(|| r.arr(cols));
-    let bias: Option<Vec<T>> = (flags & 4 != 0).then(|| r.arr(cols));
-    let rs: Option<Vec<f32>> = (flags & 8 != 0).then(|| r.arr(rows));
+    let c = DanCase::<T, S>::read(r);
+    let (rows, cols, flags, n) = (c.rows, c.cols, c.flags, c.rows * c.cols);
     let e_out: Vec<T> = r.arr(n);
     let e_s: Vec<S> = r.arr(n);
     let e_mean: Vec<f32> = r.arr(rows);
@@ -94,12 +65,8 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
     );
     for _ in 0..2 {
         let args = cpu::ForwardArgs {
-            residual: res.as_deref(),
-            beta: beta.as_deref(),
-            bias: bias.as_deref(),
-            rowscale: rs.as_deref(),
             redundancy: Some(meter.site(0).unwrap()),
-            ..cpu::ForwardArgs::new(&x, &gamma)
+            ..c.forward_args()
         };
         let outs = cpu::ForwardOut {
             out: &mut out,
@@ -107,7 +74,7 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
             mean: &mut mean,
             rstd: &mut rstd,
         };
-        cpu::forward(&cfg, args, outs).unwrap();
+        cpu::forward(&c.cfg, args, outs).unwrap();
     }
     let mut bad = same("s", &e_s, &s)
         + same("mean", &e_mean, &mean)
@@ -119,7 +86,10 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
         bad += 1;
     }
     if bad > 0 {
-        eprintln!("{name}: {rows}x{cols} flags {flags:#x} p {p}: {bad} mismatches");
+        eprintln!(
+            "{name}: {rows}x{cols} flags {flags:#x} p {}: {bad} mismatches",
+            c.p
+        );
     }
     (bad, emu)
 }
@@ -128,15 +98,7 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
 #[ignore = "needs DAN_DUMP=<dir> of dumps from the emulated kernels (see the file's docs)"]
 fn emulated_statistics_match_the_cpu_reference() {
     let dir = std::env::var("DAN_DUMP").expect("DAN_DUMP: the directory of the emulator's dumps");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|f| f.to_string_lossy().starts_with("stats"))
-        })
-        .collect();
-    files.sort();
+    let files = dump_files(&dir, "stats");
     let (mut total, mut cases) = (0, 0);
     let (mut counted, mut excluded_cases, mut nonfinite_cases) = (0u64, 0, 0);
     for f in &files {
@@ -167,16 +129,6 @@ fn emulated_statistics_match_the_cpu_reference() {
     // The cases must exercise every fate of a row, or the comparison proves little.
     assert!(counted > 0 && excluded_cases > 0 && nonfinite_cases > 0);
     assert_eq!(total, 0);
-}
-
-/// The keying resolution of a dump's flags (128: 16-bit, 256: 8-bit keying).
-fn resolution_of(flags: u64) -> MaskResolution {
-    match flags & (128 | 256) {
-        0 => MaskResolution::Bits32,
-        128 => MaskResolution::Bits16,
-        256 => MaskResolution::Bits8,
-        _ => panic!("flags {flags:#x}: two resolutions"),
-    }
 }
 
 /// Checks one dropout statistics case (`dstats*.bin`); returns (mismatches, the emulated site).
@@ -246,15 +198,7 @@ fn check_dropout<T: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
 #[ignore = "needs DO_DUMP=<dir> of dumps from the emulated dropout kernels (see the file's docs)"]
 fn emulated_dropout_statistics_match_the_cpu_reference() {
     let dir = std::env::var("DO_DUMP").expect("DO_DUMP: the directory of the emulator's dumps");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|f| f.to_string_lossy().starts_with("dstats"))
-        })
-        .collect();
-    files.sort();
+    let files = dump_files(&dir, "dstats");
     let (mut total, mut cases) = (0, 0);
     let (mut counted, mut excluded_rows_cases, mut nonfinite_cases) = (0u64, 0, 0);
     for f in &files {

@@ -32,3 +32,19 @@ pub fn differ<T: Dtype>(got: &T, want: &T) -> bool {
     bytemuck::bytes_of(got) != bytemuck::bytes_of(want)
         && !(got.to_f32().is_nan() && want.to_f32().is_nan())
 }
+
+/// The dump files in `dir` whose name starts with `prefix` and ends in `.bin`, sorted (the
+/// emulator's case order).
+pub fn dump_files(dir: &str, prefix: &str) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "bin")
+                && p.file_name()
+                    .is_some_and(|f| f.to_string_lossy().starts_with(prefix))
+        })
+        .collect();
+    files.sort();
+    files
+}
