@@ -106,7 +106,10 @@
 //!
 //! * `y`: `|y - s act(h)| <= (A.rel + 2^-23 + u_T) |s act(h)| + s A.abs + m_T` (kept elements;
 //!   dropped ones are exactly `+0`);
-//! * `dx`: `|dx - dy s act'(h)| <= (G.rel + 2^-22 + u_T) |dy s act'(h)| + |dy s| G.abs + m_T`;
+//! * `dx`: `|dx - dy s act'(h)| <= (G.rel + 2^-22 + u_T) |dy s act'(h)| + |dy s| G.abs + m_T
+//!   + (1 + |b|) 2^-150`, where the kernel forms `dx = (dy a) b` (`b = h act'(h) / act(h)` for
+//!   GELU (tanh) and SiLU, whose `a` carries the scale; `b = act'(h)` for GELU (erf)) and `dy a`
+//!   may round in f32's subnormal range (a subnormal or near-subnormal `dy`);
 //! * `dbias[col]`: with `d_r = dy_r s act'(h_r)` over the kept rows,
 //!   `|dbias - sum d_r| <= sum ((G.rel + 2^-22) |d_r| + |dy_r s| G.abs) + rows 2^-24 sum |d_r|`,
 //!   plus `u_T |dbias| + m_T` for the final rounding (the sum's order is the exact mode's).

@@ -120,6 +120,7 @@ impl Stem for BiasActDropout {
         w.f32("scale", keying.scale());
         w.f32("keep_frac", (1.0 - keying.effective_p()) as f32);
         w.f32("log2_scale", f64::from(keying.scale()).log2() as f32);
+        w.f32("log2_keep", (1.0 - keying.effective_p()).log2() as f32);
         w.u64("act", ACTS.iter().position(|&a| a == c.act).unwrap() as u64);
         w.u64("math", u64::from(fast(c)));
         w.u64(

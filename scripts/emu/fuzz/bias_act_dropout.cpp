@@ -14,11 +14,20 @@ template <class T> struct K;
             {bias_act_dropout_fwd_vec_##S, bias_act_dropout_fwd_vec_gelu_tanh_fast_##S},          \
             {bias_act_dropout_fwd_vec_##S, bias_act_dropout_fwd_vec_silu_fast_##S},               \
             {bias_act_dropout_fwd_vec_relu_##S, bias_act_dropout_fwd_vec_relu_##S}};              \
-        static constexpr decltype(&bias_act_dropout_bwd_vec_##S) bv[4][2] = {                     \
-            {bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_gelu_erf_fast_##S},           \
-            {bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_gelu_tanh_fast_##S},          \
-            {bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_silu_fast_##S},               \
-            {bias_act_dropout_bwd_vec_relu_##S, bias_act_dropout_bwd_vec_relu_##S}};              \
+        /* the per-body backwards are one kernel per keying: [act][fast][32-, 16-, 8-bit keys]  \
+           (gpu.rs by_keying); the exact bodies' kernel takes every keying */                    \
+        static constexpr decltype(&bias_act_dropout_bwd_vec_##S) bv[4][2][3] = {                  \
+            {{bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_##S}, \
+             {bias_act_dropout_bwd_vec_gelu_erf_fast_##S, bias_act_dropout_bwd_vec_gelu_erf_fast_k16_##S, \
+              bias_act_dropout_bwd_vec_gelu_erf_fast_k8_##S}},                                   \
+            {{bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_##S}, \
+             {bias_act_dropout_bwd_vec_gelu_tanh_fast_##S, bias_act_dropout_bwd_vec_gelu_tanh_fast_k16_##S, \
+              bias_act_dropout_bwd_vec_gelu_tanh_fast_k8_##S}},                                  \
+            {{bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_##S, bias_act_dropout_bwd_vec_##S}, \
+             {bias_act_dropout_bwd_vec_silu_fast_##S, bias_act_dropout_bwd_vec_silu_fast_k16_##S, \
+              bias_act_dropout_bwd_vec_silu_fast_k8_##S}},                                       \
+            {{bias_act_dropout_bwd_vec_relu_##S, bias_act_dropout_bwd_vec_relu_k16_##S, bias_act_dropout_bwd_vec_relu_k8_##S}, \
+             {bias_act_dropout_bwd_vec_relu_##S, bias_act_dropout_bwd_vec_relu_k16_##S, bias_act_dropout_bwd_vec_relu_k8_##S}}}; \
         static constexpr decltype(&bias_act_dropout_fwd_scalar_##S) fs[2] = {                     \
             bias_act_dropout_fwd_scalar_##S, bias_act_dropout_fwd_scalar_fast_##S};               \
         static constexpr decltype(&bias_act_dropout_bwd_scalar_##S) bs[2] = {                     \
@@ -39,6 +48,7 @@ template <class T> static void run(In& in, Out& out) {
     const uint64_t rows = in.u64("rows"), cols = in.u64("cols"), slab = in.u64("slab_rows");
     const uint64_t seed = in.u64("seed"), call = in.u64("call"), threshold = in.u64("threshold");
     const float scale = in.f32("scale"), keep_frac = in.f32("keep_frac"), log2_scale = in.f32("log2_scale");
+    const float log2_keep = in.f32("log2_keep");
     const uint32_t act = (uint32_t)in.u64("act"), math = (uint32_t)in.u64("math"), flags = (uint32_t)in.u64("flags");
     const bool from_h = in.flag("from_h"), want_dbias = in.flag("dbias");
     View<T> x = in_view<T>(in, "x"), b = in_view<T>(in, "bias"), dy = in_view<T>(in, "dy");  // bias empty: none
@@ -71,7 +81,9 @@ template <class T> static void run(In& in, Out& out) {
     q.h = from_h ? h.p : nullptr; q.dx = dx.p; q.partials = want_dbias ? part.data() : nullptr;
     q.rows = rows; q.cols = cols; q.slab_rows = slab; q.seed = seed; q.call = call;
     q.threshold = threshold; q.scale = scale; q.act = act; q.math = math; q.flags = flags;
-    if (n) launch(bvec ? K<T>::bv[act][math] : K<T>::bs[math], dim3{tiles_of(bvec), slabs, 1}, dim3{BX, BY, 1}, q);
+    q.keep_frac = keep_frac; q.log2_keep = log2_keep;
+    const int kk = (flags & drop::FLAG_KEY8) ? 2 : (flags & drop::FLAG_KEY16) ? 1 : 0;
+    if (n) launch(bvec ? K<T>::bv[act][math][kk] : K<T>::bs[math], dim3{tiles_of(bvec), slabs, 1}, dim3{BX, BY, 1}, q);
     put(out, "dx", dx);
     View<T> dbias(want_dbias ? cols : 0, 0, 0xCC);
     if (want_dbias && cols) {
