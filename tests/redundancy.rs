@@ -7,16 +7,20 @@ mod common;
 
 use common::{bits_eq, rng, uniform};
 use fusedreg::dropout_add_norm::{
-    cpu::{self, stat_sums, stats_chain, ForwardArgs, ForwardOut},
+    cpu::{
+        self, norm_ss, norm_stats_chain, row_sum, stat_sums, stat_sums2, stats_chain, ForwardArgs,
+        ForwardOut,
+    },
     Config, DropPath, Norm,
 };
 use fusedreg::redundancy::{self, cpu::Redundancy, row_cos, RowCos, SiteStats};
 use fusedreg::{Dtype, Error};
 use half::{bf16, f16};
 
-/// The bound of the module docs for a row of `cols` columns.
-fn bound(cols: usize) -> f64 {
-    (2 * stats_chain(cols) + 6) as f64 * 2f64.powi(-24) + 2f64.powi(-33)
+/// The bound of the module docs for a chain `k` ([`stats_chain`] of stat_sums' three sums,
+/// [`norm_stats_chain`] of dropout_add_norm's statistics).
+fn bound(k: usize) -> f64 {
+    (2 * k + 6) as f64 * 2f64.powi(-24) + 2f64.powi(-33)
 }
 
 /// Plain f64 BI from saved streams: per row cos(r, s) over rows where neither is zero.
@@ -126,12 +130,12 @@ fn bi_vs_f64<T: Dtype, S: Dtype>(norm: Norm, in_place: bool) {
             let st = meter.stats().unwrap()[0];
             assert_eq!((st.rows, st.nonfinite), (rows as u64, 0));
             let got = st.bi().unwrap();
+            let tol = bound(norm_stats_chain(cols, norm));
             assert!(
-                (got - want).abs() <= bound(cols),
-                "{rows}x{cols} {} / {} x{x_scale}: BI {got} vs f64 {want} (bound {})",
+                (got - want).abs() <= tol,
+                "{rows}x{cols} {} / {} x{x_scale}: BI {got} vs f64 {want} (bound {tol})",
                 T::KIND.name(),
                 S::KIND.name(),
-                bound(cols)
             );
         }
     }
@@ -169,11 +173,59 @@ fn row_cosine_is_within_the_bound_per_row() {
             };
             let (r64, s64) = (f64s(&r), f64s(&s));
             let want = 1.0 - bi_f64(&r64, &s64, cols).unwrap();
-            let tol = bound(cols) - 2f64.powi(-33);
+            let tol = bound(stats_chain(cols)) - 2f64.powi(-33);
             assert!(
                 (f64::from(c) - want).abs() <= tol,
                 "{cols} case {case}: cos {c} vs {want} (tol {tol})"
             );
+        }
+    }
+}
+
+/// dropout_add_norm's row cosine (r·s and |r|² from [`stat_sums2`], |s|² from the norm's sums by
+/// [`norm_ss`]) within the bound of [`norm_stats_chain`], row by row, on the same hard cases and
+/// on streams whose mean dwarfs their spread (LayerNorm's `fma(sum, mean, sq)` then rests on the
+/// mean's rounding).
+#[test]
+fn norm_row_cosine_is_within_the_bound_per_row() {
+    let mut g = rng(8);
+    for cols in [1usize, 8, 9, 255, 2048, 4100, 16384, 20008] {
+        for case in 0..8 {
+            let r: Vec<f32> = uniform(&mut g, cols, -3.0, 3.0);
+            let d: Vec<f32> = uniform(&mut g, cols, -1.0, 1.0);
+            let s: Vec<f32> = match case {
+                0 => r.iter().zip(&d).map(|(a, b)| a + 1e-4 * b).collect(),
+                1 => r.iter().zip(&d).map(|(a, b)| -a + 1e-3 * b).collect(),
+                2 => d.clone(),
+                3 => r.iter().zip(&d).map(|(a, b)| 1e6 * a + b).collect(),
+                4 => r.iter().zip(&d).map(|(a, b)| 1e-12 * (a + b)).collect(),
+                5 => d.iter().map(|b| 1000.0 + b).collect(),
+                6 => d.iter().map(|b| -3.0e4 + 1e-2 * b).collect(),
+                _ => r.iter().zip(&d).map(|(a, b)| a + 10.0 * b).collect(),
+            };
+            let n = cols as f32;
+            let [dot, rr] = stat_sums2(cols, |j| r[j], |j| s[j]);
+            let (r64, s64) = (f64s(&r), f64s(&s));
+            let want = 1.0 - bi_f64(&r64, &s64, cols).unwrap();
+            for norm in [Norm::LayerNorm, Norm::RmsNorm] {
+                let ss = match norm {
+                    Norm::LayerNorm => {
+                        let sum = row_sum(cols, |j| s[j]);
+                        let mean = sum / n;
+                        let sq = row_sum(cols, |j| (s[j] - mean) * (s[j] - mean));
+                        norm_ss(norm, sum, mean, sq)
+                    }
+                    Norm::RmsNorm => norm_ss(norm, row_sum(cols, |j| s[j] * s[j]), 0.0, 0.0),
+                };
+                let RowCos::Cos(c) = row_cos(dot, rr, ss) else {
+                    panic!("{cols} case {case} {norm:?}: not counted")
+                };
+                let tol = bound(norm_stats_chain(cols, norm)) - 2f64.powi(-33);
+                assert!(
+                    (f64::from(c) - want).abs() <= tol,
+                    "{cols} case {case} {norm:?}: cos {c} vs {want} (tol {tol})"
+                );
+            }
         }
     }
 }
@@ -259,7 +311,10 @@ fn zero_and_non_finite_rows_follow_the_contract() {
     assert!(s[..cols].iter().all(|&v| v == 0.0));
     assert_eq!((st.rows, st.nonfinite), (2, 0));
     let cos3 = 1.0 - bi_f64(&f64s(&res[3 * cols..]), &f64s(&s[3 * cols..]), cols).unwrap();
-    assert!((st.mean_cos().unwrap() - (1.0 + cos3) / 2.0).abs() < bound(cols));
+    assert!(
+        (st.mean_cos().unwrap() - (1.0 + cos3) / 2.0).abs()
+            < bound(norm_stats_chain(cols, Norm::LayerNorm))
+    );
 
     // An infinity in x makes its row non-finite, and the site's BI NaN.
     x[3 * cols + 5] = f32::INFINITY;

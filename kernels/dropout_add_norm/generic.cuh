@@ -156,7 +156,7 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
         // Pass 1: s = residual + m * (x + bias), stored; the first row sum (of s, or of s^2 for
         // RMSNorm) over the stored, rounded s, which is what the backward will read.
         float acc[1] = {0.f};
-        [[maybe_unused]] float st[3] = {0.f, 0.f, 0.f};  // STATS: this partial's r·s, |r|², |s|²
+        [[maybe_unused]] float st[2] = {0.f, 0.f};  // STATS: this partial's r·s, |r|² (|s|²: norm_ss)
         for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
             const uint64_t c0 = g * GROUP, i = base + c0;
             const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
@@ -191,10 +191,10 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             }
             if (!norm_only) store8(p.s + i, sv, cnt, vec);
             if constexpr (STATS) {
-                float gt[3];
+                float gt[2];
                 stat_terms([&](int k) { return rin[k]; }, [&](int k) { return to_f32(sv[k]); }, cnt, gt);
 #pragma unroll
-                for (int k = 0; k < 3; ++k) st[k] = __fadd_rn(st[k], gt[k]);
+                for (int k = 0; k < 2; ++k) st[k] = __fadd_rn(st[k], gt[k]);
             }
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
@@ -207,12 +207,12 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
         }
         block_sums<1>(acc, s_warp);
         if constexpr (STATS) {
-            __shared__ float s_stat[3][MAX_THREADS / 32];
-            block_sums<3>(st, s_stat);
-            if (threadIdx.x == 0) stat_rows().add(st[0], st[1], st[2]);
+            __shared__ float s_stat[2][MAX_THREADS / 32];
+            block_sums<2>(st, s_stat);
         }
 
         float mean = 0.f, rstd;
+        [[maybe_unused]] float sq = 0.f;  // LayerNorm: the sum of (s - mean)²
         if (rms) {
             rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc[0], n), p.eps)));
         } else {
@@ -234,7 +234,11 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
                 }
             }
             block_sums<1>(acc2, s_warp);
+            sq = acc2[0];
             rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc2[0], n), p.eps)));
+        }
+        if constexpr (STATS) {
+            if (threadIdx.x == 0) stat_rows().add(st[0], st[1], norm_ss(rms, acc[0], mean, sq));
         }
         if (threadIdx.x == 0) {
             p.mean[row] = mean;

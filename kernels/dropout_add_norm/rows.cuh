@@ -238,9 +238,9 @@ __device__ __forceinline__ float warp_total(const Layout<NGT, SEG>& L, const flo
 // again only after the reader has passed this sum's last barrier). Every thread returns the
 // totals. Called by every thread of the block.
 //
-// KALL < K: only the first KALL totals are read back into v. The forward's statistics (K = 4,
-// KALL = 0: sums that only thread 0 reads) take the tree through warp_tree4 instead, and every
-// lane stores its result to lanes (no predicate): lanes[32 w + 8 k] is sum k's total of warp w
+// KALL < K: only the first KALL totals are read back into v. The forward's statistics (K = 2,
+// KALL = 0: sums that only thread 0 reads) take the tree through warp_tree2 instead, and every
+// lane stores its result to lanes (no predicate): lanes[32 w + 16 k] is sum k's total of warp w
 // (read with lane_total); buf is then unused.
 template <int K, int KALL = K, int NGT, int SEG, typename F>
 __device__ __forceinline__ void row_sums(const Layout<NGT, SEG>& L, const F& add_terms, float (&v)[K],
@@ -269,8 +269,8 @@ __device__ __forceinline__ void row_sums(const Layout<NGT, SEG>& L, const F& add
     }
     const uint32_t lane = threadIdx.x & 31u, warp = (threadIdx.x >> 5) % (L.P >> 5);
     if (L.s == SEG - 1) {  // whole warps
-        if constexpr (K == 4 && KALL == 0) {
-            lanes[warp * 32 + lane] = warp_tree4(v);
+        if constexpr (K == 2 && KALL == 0) {
+            lanes[warp * 32 + lane] = warp_tree2(v);
         } else {
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
@@ -368,11 +368,11 @@ __device__ __forceinline__ float* stat_lanes() {
     __shared__ float lanes[MAX_THREADS];
     return lanes;
 }
-// Sum k's block total (block_sums.cuh: lanes_total) over this layout's warps.
+// Sum k's block total (block_sums.cuh: lanes_total, after warp_tree2) over this layout's warps.
 template <int NGT, int SEG>
 __device__ __forceinline__ float lane_total(const Layout<NGT, SEG>& L, const float* lanes, int k) {
     constexpr int NW = Layout<NGT, SEG>::NW;
-    return lanes_total(lanes, NW > 0 ? (uint32_t)NW : L.P >> 5, k);
+    return lanes_total<16>(lanes, NW > 0 ? (uint32_t)NW : L.P >> 5, k);
 }
 
 // Forward over the block's rows (grid-stride), blockDim.x = P * SEG threads. STATS: the Block
@@ -411,11 +411,12 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
         // Segmented tiers of a 16-bit stream keep the raw words (64 registers per thread of 512
         // or 1024; t2 has 80 and keeps f32).
         VStore<S, NGT, (sizeof(S) == 2 && SEG > 1)> v;
-        // STATS: each group's r·s, |r|², |s|² terms (SEG > 1: the sequential sum of a partial
-        // runs on from the previous segment's, so they are kept apart), or with one segment their
-        // running sums from +0.0 (the same sequential sum; three registers fewer).
-        [[maybe_unused]] float st[SEG > 1 ? NGT : 1][3];
-        if constexpr (STATS && SEG == 1) st[0][0] = 0.f, st[0][1] = 0.f, st[0][2] = 0.f;
+        // STATS: each group's r·s and |r|² terms (SEG > 1: the sequential sum of a partial runs on
+        // from the previous segment's, so they are kept apart), or with one segment their running
+        // sums from +0.0 (the same sequential sum; two registers fewer). |s|² comes from the
+        // norm's own sums (norm_ss).
+        [[maybe_unused]] float st[SEG > 1 ? NGT : 1][2];
+        if constexpr (STATS && SEG == 1) st[0][0] = 0.f, st[0][1] = 0.f;
         auto finish = [&](int j, Pack<S, GROUP>& sv, const Pack<T, GROUP>& xv, const Pack<T, GROUP>& bv) {
             const uint32_t c = L.col(j);
             [[maybe_unused]] Pack<S, GROUP> rin;  // STATS: the stream before the add
@@ -429,10 +430,10 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
             if (!norm_only) st8(p.s + base + c, sv);
             v.set(j, sv);
             if constexpr (STATS) {
-                float gt[3];
+                float gt[2];
                 stat_terms([&](int k) { return rin.get(k); }, [&](int k) { return v(j, k); }, GROUP, gt);
 #pragma unroll
-                for (int k = 0; k < 3; ++k) {
+                for (int k = 0; k < 2; ++k) {
                     // The first group's terms are the running sum itself: +0.0 + gt differs from
                     // gt only when gt is -0.0, and a zero's sign never reaches the row's integer
                     // (StatRows::add: a zero sum is a zero cosine or an uncounted row).
@@ -461,30 +462,6 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
                 asm volatile("" ::: "memory");
             }
         }
-        if constexpr (STATS) {
-            // The groups' terms summed as any row sum (the sequential sum through the segments,
-            // then the tree; a fourth, zero, fills warp_tree4). The buffers are this sum's own:
-            // the next row's first sum, whose barrier every thread passes only after reading
-            // them, comes before they are written again. Only thread 0 reads the totals.
-            auto& s_stat = sum_bufs<SEG, 4, 1>().sum[0];
-            float* s_lanes = stat_lanes();
-            auto& s_stat_chain = sum_bufs<SEG, 4, 1>().chain;
-            float tot[4];
-            row_sums<4, 0>(L, [&](float (&a)[4]) {
-                if constexpr (SEG == 1) {
-                    a[0] = st[0][0], a[1] = st[0][1], a[2] = st[0][2];  // summed from +0.0 like a
-                } else {
-#pragma unroll
-                    for (int j = 0; j < NGT; ++j) {
-                        if (!L.valid[j]) continue;
-#pragma unroll
-                        for (int k = 0; k < 3; ++k) a[k] = __fadd_rn(a[k], st[j][k]);
-                    }
-                }
-            }, tot, s_stat_chain, s_stat, s_lanes);
-            if (threadIdx.x == 0)
-                stat_rows().add(lane_total(L, s_lanes, 0), lane_total(L, s_lanes, 1), lane_total(L, s_lanes, 2));
-        }
         float acc[1];
         row_sums<1>(L, [&](float (&a)[1]) {
 #pragma unroll
@@ -497,6 +474,7 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
         buf ^= 1;
 
         float mean = 0.f, rstd;
+        [[maybe_unused]] float sq = 0.f;  // LayerNorm: the sum of (s - mean)²
         if constexpr (RMS) {
             rstd = rstd_of(scale.of(acc[0]), p.eps);
         } else {
@@ -515,7 +493,32 @@ __device__ __forceinline__ void fwd_rows(const FwdParams<T, S>& p) {
                 }
             }, acc2, s_chain, s_sum[buf]);
             buf ^= 1;
-            rstd = rstd_of(scale.of(acc2[0]), p.eps);
+            sq = acc2[0];
+            rstd = rstd_of(scale.of(sq), p.eps);
+        }
+        if constexpr (STATS) {
+            // The groups' r·s and |r|² terms summed as any row sum (the sequential sum through the
+            // segments, then the tree), after the norm's sums so that |s|² is at hand. The
+            // buffers are this sum's own: the next row's first sum, whose barrier every thread
+            // passes only after thread 0 has read them, comes before they are written again.
+            float* s_lanes = stat_lanes();
+            auto& s_stat = sum_bufs<SEG, 2, 1>().sum[0];
+            auto& s_stat_chain = sum_bufs<SEG, 2, 1>().chain;
+            float tot[2];
+            row_sums<2, 0>(L, [&](float (&a)[2]) {
+                if constexpr (SEG == 1) {
+                    a[0] = st[0][0], a[1] = st[0][1];  // summed from +0.0 like a
+                } else {
+#pragma unroll
+                    for (int j = 0; j < NGT; ++j) {
+                        if (!L.valid[j]) continue;
+#pragma unroll
+                        for (int k = 0; k < 2; ++k) a[k] = __fadd_rn(a[k], st[j][k]);
+                    }
+                }
+            }, tot, s_stat_chain, s_stat, s_lanes);
+            if (threadIdx.x == 0)
+                stat_rows().add(lane_total(L, s_lanes, 0), lane_total(L, s_lanes, 1), norm_ss(RMS, acc[0], mean, sq));
         }
         if (threadIdx.x == 0) {
             p.mean[row] = mean;

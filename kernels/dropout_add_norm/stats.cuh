@@ -1,13 +1,14 @@
 // The Block Influence statistics of dropout_add_norm's forward (src/redundancy, the module docs of
 // src/dropout_add_norm/mod.rs, "Redundancy statistics"): per row, cos(r, s) of the stream before
-// the add (r) and after it (s, as stored), from three more row sums, r·s, |r|² and |s|², of values
-// the forward already holds. Compiled only into the *_stats_* entries (a template flag): the
-// default kernels do none of this.
+// the add (r) and after it (s, as stored), from r·s, |r|² and |s|² of values the forward already
+// holds. Compiled only into the *_stats_* entries (a template flag): the default kernels do none
+// of this. The norm forwards sum two terms more (r·s, |r|²; stat_terms<2>) and take |s|² from
+// the norm's own row sums (norm_ss): one fused multiply-add per element fewer.
 //
-// dropout's residual forward (kernels/dropout.cu, dropout_fwd_res_stats_*) measures the same way
-// with the same pieces: stat_terms over its groups of 8, block_sums (block_sums.cuh), StatRows.
+// dropout's residual forward (kernels/dropout.cu, dropout_fwd_res_stats_*) has no norm: it sums
+// all three terms (stat_terms<3>) over its groups of 8, with block_sums.cuh's tree and StatRows.
 //
-// Order (the CPU's stat_sums): each group of 8 gives its three terms as fused multiply-adds from
+// Order (the CPU's stat_sums): each group of 8 gives its terms as fused multiply-adds from
 // +0.0 over its elements in order (stat_terms); the groups' terms are then summed exactly as any
 // row sum of the kernel (partial q the sequential sum of its groups' terms, then the tree). The
 // row's finish (StatRows::add, the CPU's redundancy::row_cos and quantize) turns the sums into an
@@ -24,20 +25,30 @@ namespace dropout_add_norm {
 // kernels/dropout.cu can include this file).
 constexpr int STAT_GROUP = 8;
 
-// The three terms of one group: g = fma(a, b, g) from +0.0 over its first cnt elements in order.
-// r(k), s(k): element k's f32 stream value before and after the add.
-template <typename FR, typename FS>
-__device__ __forceinline__ void stat_terms(const FR& r, const FS& s, int cnt, float (&g)[3]) {
-    g[0] = 0.f, g[1] = 0.f, g[2] = 0.f;
+// The terms of one group, r·s, |r|² and (K = 3) |s|²: g = fma(a, b, g) from +0.0 over its first
+// cnt elements in order. r(k), s(k): element k's f32 stream value before and after the add.
+template <int K, typename FR, typename FS>
+__device__ __forceinline__ void stat_terms(const FR& r, const FS& s, int cnt, float (&g)[K]) {
+    static_assert(K == 2 || K == 3, "r·s, |r|² and optionally |s|²");
+#pragma unroll
+    for (int k = 0; k < K; ++k) g[k] = 0.f;
 #pragma unroll
     for (int k = 0; k < STAT_GROUP; ++k) {
         if (k < cnt) {
             const float a = r(k), b = s(k);
             g[0] = __fmaf_rn(a, b, g[0]);
             g[1] = __fmaf_rn(a, a, g[1]);
-            g[2] = __fmaf_rn(b, b, g[2]);
+            if constexpr (K == 3) g[K - 1] = __fmaf_rn(b, b, g[K - 1]);
         }
     }
+}
+
+// |s|² of a norm forward's row from the norm's own row sums (the CPU's norm_ss): RMSNorm's sum of
+// squares as it is; LayerNorm's fma(sum, mean, sq) with sum the row sum of s, mean its quotient by
+// cols and sq the sum of (s - mean)² (sq + mean·sum = |s|² - mean (sum - cols mean), the last
+// factor the mean's rounding: see cpu::norm_stats_chain for the bound).
+__device__ __forceinline__ float norm_ss(bool rms, float sum, float mean, float sq) {
+    return rms ? sum : __fmaf_rn(sum, mean, sq);
 }
 
 // One block's rows, kept by the thread that finishes them (thread 0) in shared memory (six

@@ -235,7 +235,9 @@ fn combine_partials(part: &mut [f32]) -> f32 {
 /// partial `q` is the sequential f32 sum from `+0.0` of its groups' `g` (groups `q, q + P, ...`
 /// in increasing order, `P = `[`row_partials`]`(cols)`); the partials are combined as
 /// [`row_sum`]'s. `r(j)` is the stream before the add (0 without a residual), `s(j)` the stored
-/// stream after it, both as f32.
+/// stream after it, both as f32. `dropout`'s residual forward measures with all three;
+/// `dropout_add_norm` sums the first two ([`stat_sums2`]) and takes `|s|²` from its norm
+/// ([`norm_ss`]).
 ///
 /// ```
 /// use fusedreg::dropout_add_norm::cpu::stat_sums;
@@ -243,18 +245,41 @@ fn combine_partials(part: &mut [f32]) -> f32 {
 /// assert_eq!(stat_sums(3, |j| r[j], |j| s[j]), [2.0, 5.0, 5.0]);
 /// ```
 pub fn stat_sums(cols: usize, r: impl Fn(usize) -> f32, s: impl Fn(usize) -> f32) -> [f32; 3] {
+    term_sums(cols, r, s)
+}
+
+/// [`stat_sums`]' first two, `[r·s, |r|²]`, in the same order: what `dropout_add_norm`'s forward
+/// sums for its statistics.
+///
+/// ```
+/// use fusedreg::dropout_add_norm::cpu::{stat_sums, stat_sums2};
+/// let (r, s) = ([1.0f32, 2.0, 0.0], [2.0f32, 0.0, 1.0]);
+/// assert_eq!(stat_sums2(3, |j| r[j], |j| s[j]), [2.0, 5.0]);
+/// ```
+pub fn stat_sums2(cols: usize, r: impl Fn(usize) -> f32, s: impl Fn(usize) -> f32) -> [f32; 2] {
+    term_sums(cols, r, s)
+}
+
+/// The first `K` of `r·s`, `|r|²`, `|s|²` (K = 2 or 3), in [`stat_sums`]' order.
+fn term_sums<const K: usize>(
+    cols: usize,
+    r: impl Fn(usize) -> f32,
+    s: impl Fn(usize) -> f32,
+) -> [f32; K] {
     let p = row_partials(cols);
     let groups = cols.div_ceil(GROUP);
-    let mut part = [vec![0.0f32; p], vec![0.0f32; p], vec![0.0f32; p]];
+    let mut part: [Vec<f32>; K] = std::array::from_fn(|_| vec![0.0f32; p]);
     for q in 0..p {
         let mut g = q;
         while g < groups {
-            let mut gs = [0.0f32; 3];
+            let mut gs = [0.0f32; K];
             for j in g * GROUP..((g + 1) * GROUP).min(cols) {
                 let (rj, sj) = (r(j), s(j));
                 gs[0] = rj.mul_add(sj, gs[0]);
                 gs[1] = rj.mul_add(rj, gs[1]);
-                gs[2] = sj.mul_add(sj, gs[2]);
+                if K == 3 {
+                    gs[K - 1] = sj.mul_add(sj, gs[K - 1]);
+                }
             }
             for (pk, gk) in part.iter_mut().zip(gs) {
                 pk[q] += gk;
@@ -265,9 +290,29 @@ pub fn stat_sums(cols: usize, r: impl Fn(usize) -> f32, s: impl Fn(usize) -> f32
     part.each_mut().map(|p| combine_partials(p))
 }
 
+/// `|s|²` of a row from the norm's own row sums, as the forward's statistics take it: RMSNorm's
+/// `sum` (the [`row_sum`] of `s²`) as it is; LayerNorm's `fma(sum, mean, sq)` with `sum` the row
+/// sum of `s`, `mean = sum / cols` and `sq` the row sum of `(s - mean)²` (`sq + mean·sum = |s|²
+/// - mean (sum - cols·mean)`: the mean's rounding, bounded in [`norm_stats_chain`]).
+///
+/// ```
+/// use fusedreg::dropout_add_norm::{cpu::norm_ss, Norm};
+/// // s = [1, 3]: sum 4, mean 2, sq 2, |s|² = 10.
+/// assert_eq!(norm_ss(Norm::LayerNorm, 4.0, 2.0, 2.0), 10.0);
+/// assert_eq!(norm_ss(Norm::RmsNorm, 10.0, 0.0, 0.0), 10.0);
+/// ```
+pub fn norm_ss(norm: Norm, sum: f32, mean: f32, sq: f32) -> f32 {
+    match norm {
+        Norm::LayerNorm => sum.mul_add(mean, sq),
+        Norm::RmsNorm => sum,
+    }
+}
+
 /// The longest chain of f32 roundings in one of [`stat_sums`]' sums for `cols` columns: 8 fused
 /// multiply-adds of a group, one add per group of a partial, 5 tree levels, one add per further
-/// run of 32 partials. The BI bound of [`crate::redundancy`] is `(2 k + 6) * 2^-24 + 2^-33`.
+/// run of 32 partials. The BI bound of [`crate::redundancy`] is `(2 k + 6) * 2^-24 + 2^-33`
+/// (`dropout`'s residual forward: `k = stats_chain(cols)`; `dropout_add_norm`:
+/// [`norm_stats_chain`]).
 ///
 /// ```
 /// use fusedreg::dropout_add_norm::cpu::stats_chain;
@@ -277,6 +322,31 @@ pub fn stat_sums(cols: usize, r: impl Fn(usize) -> f32, s: impl Fn(usize) -> f32
 pub fn stats_chain(cols: usize) -> usize {
     let p = row_partials(cols);
     GROUP + cols.div_ceil(GROUP).div_ceil(p) + 5 + (p / 32 - 1)
+}
+
+/// `k` of the BI bound `(2 k + 6) * 2^-24 + 2^-33` for `dropout_add_norm`'s statistics: the
+/// larger of [`stats_chain`] (`r·s`, `|r|²`) and the relative error of [`norm_ss`]'s `|s|²` in
+/// units of `2^-24`. With `c` the chain of a [`row_sum`] (8 adds per group of a partial, 5 tree
+/// levels, one add per further run of 32 partials): RMSNorm `c + 1` (the square's rounding);
+/// LayerNorm `3 c + 5` (the sum of squares around the mean `c + 3`, the mean's rounding in
+/// `sum - cols·mean` and in `mean·sum` `c + 1` each, the fused multiply-add 1; `|mean| sum|s|
+/// <= |s|²` by Cauchy-Schwarz).
+///
+/// ```
+/// use fusedreg::dropout_add_norm::{cpu::{norm_stats_chain, stats_chain}, Norm};
+/// let c = 8 * 2 + 5 + 7; // 4096 columns: 2 groups per partial of 256
+/// assert_eq!(norm_stats_chain(4096, Norm::RmsNorm), c + 1);
+/// assert_eq!(norm_stats_chain(4096, Norm::LayerNorm), 3 * c + 5);
+/// assert!(norm_stats_chain(8, Norm::RmsNorm) >= stats_chain(8));
+/// ```
+pub fn norm_stats_chain(cols: usize, norm: Norm) -> usize {
+    let p = row_partials(cols);
+    let c = GROUP * cols.div_ceil(GROUP).div_ceil(p) + 5 + (p / 32 - 1);
+    let ss = match norm {
+        Norm::LayerNorm => 3 * c + 5,
+        Norm::RmsNorm => c + 1,
+    };
+    ss.max(stats_chain(cols))
 }
 
 /// `1 / sqrt(v + eps)`: a correctly rounded square root, then a correctly rounded division.
@@ -415,22 +485,28 @@ pub(super) fn forward_core<T: Dtype, S: Dtype>(
             }
             *vj = o.s[i].to_f32();
         }
-        let (mean, rstd) = match cfg.norm() {
+        // The norm's row sums: (sum of s or of s², its mean, the sum of (s - mean)²).
+        let (sum, mean, sq) = match cfg.norm() {
             Norm::LayerNorm => {
-                let mean = row_sum(cols, |j| v[j]) / n;
-                let var = row_sum(cols, |j| {
+                let sum = row_sum(cols, |j| v[j]);
+                let mean = sum / n;
+                let sq = row_sum(cols, |j| {
                     let d = v[j] - mean;
                     d * d
-                }) / n;
-                (mean, rstd_of(var, cfg.eps()))
+                });
+                (sum, mean, sq)
             }
-            Norm::RmsNorm => (0.0, rstd_of(row_sum(cols, |j| v[j] * v[j]) / n, cfg.eps())),
+            Norm::RmsNorm => (row_sum(cols, |j| v[j] * v[j]), 0.0, 0.0),
+        };
+        let rstd = match cfg.norm() {
+            Norm::LayerNorm => rstd_of(sq / n, cfg.eps()),
+            Norm::RmsNorm => rstd_of(sum / n, cfg.eps()),
         };
         o.mean[row] = mean;
         o.rstd[row] = rstd;
         if let Some(site) = a.redundancy {
-            let [dot, rr, ss] = stat_sums(cols, |j| r_in[j], |j| v[j]);
-            site.add(row_cos(dot, rr, ss));
+            let [dot, rr] = stat_sums2(cols, |j| r_in[j], |j| v[j]);
+            site.add(row_cos(dot, rr, norm_ss(cfg.norm(), sum, mean, sq)));
         }
         for (j, &vj) in v.iter().enumerate() {
             let xhat = xhat(cfg.norm(), vj, mean, rstd);

@@ -78,10 +78,13 @@
 //! With a meter site in the forward's arguments (`redundancy`, see [`crate::redundancy`]), each
 //! row also yields `dot = r·s`, `rr = |r|²` and `ss = |s|²`, with `r[j]` the stream before the
 //! add (`f32(residual[j])`, the stream's own value in place, `+0.0` without a residual) and `s[j]`
-//! the stored stream after it (`v[j]` above). Each group of 8 elements (the groups of `rowsum`)
-//! gives `g = fma(a, b, g)` from `+0.0` over its elements in order; partial `q` is the sequential
-//! f32 sum from `+0.0` of its groups' `g`, in `rowsum`'s partition, and the partials are combined
-//! by `rowsum`'s tree ([`cpu::stat_sums`]). The row then goes to the site as
+//! the stored stream after it (`v[j]` above). For `dot` and `rr` each group of 8 elements (the
+//! groups of `rowsum`) gives `g = fma(a, b, g)` from `+0.0` over its elements in order; partial
+//! `q` is the sequential f32 sum from `+0.0` of its groups' `g`, in `rowsum`'s partition, and the
+//! partials are combined by `rowsum`'s tree ([`cpu::stat_sums2`]). `ss` comes from the norm's
+//! own sums ([`cpu::norm_ss`]): RMSNorm's `rowsum(s²)`; LayerNorm's `fma(rowsum(s), mean,
+//! rowsum((s - mean)²))` (one multiply-add per element fewer than a third sum; its rounding is
+//! in the bound, [`cpu::norm_stats_chain`]). The row then goes to the site as
 //! [`crate::redundancy::row_cos`] says: rows without a residual are excluded (`rr = 0`), so a
 //! site's BI measures the sub-block whose output `x` is added here. Every other output is the
 //! same, bit for bit, with or without the statistics; without them nothing is computed.

@@ -51,8 +51,11 @@
 //! # Accuracy
 //!
 //! Against a plain f64 recomputation from the same stored streams, a row's f32 cosine is within
-//! `(2 k + 6) * 2^-24` where `k` is the longest chain of roundings of the op's row sums (see the
-//! op: [`crate::dropout_add_norm::cpu::stats_chain`]); the mean over rows, and so BI, is within
+//! `(2 k + 6) * 2^-24` where `k` bounds the relative error of the op's row sums in units of
+//! `2^-24` (see the op: [`crate::dropout_add_norm::cpu::norm_stats_chain`] for
+//! `dropout_add_norm`, [`crate::dropout_add_norm::cpu::stats_chain`] for `dropout`'s residual
+//! forward; at 4096 columns `k` is 22 for dropout, 29 for RMSNorm and 89 for LayerNorm, a cosine
+//! within `1.1e-5`); the mean over rows, and so BI, is within
 //! that plus `2^-33`. The tests check this on random data.
 //!
 //! # The meters
