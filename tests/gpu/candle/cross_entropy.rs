@@ -79,14 +79,7 @@ fn run(dev: &Device, dtype: DType, c: &Case) -> TestResult<Vec<Tensor>> {
 }
 
 fn matches_cpu(h: &Handle, dtype: DType) -> TestResult {
-    outputs_match_cpu(
-        h,
-        dtype,
-        CASES,
-        |c| c.0,
-        &[],
-        |dev, _, c| run(dev, dtype, c),
-    )
+    outputs_match_cpu(h, dtype, CASES, |c| c.0, |dev, _, c| run(dev, dtype, c))
 }
 
 fn launches_on_candles_stream(h: &Handle) -> TestResult {

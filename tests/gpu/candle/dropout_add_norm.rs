@@ -111,14 +111,7 @@ fn run(dev: &Device, dtype: DType, c: &Case, k: usize) -> TestResult<Vec<Tensor>
 }
 
 fn matches_cpu(h: &Handle, dtype: DType) -> TestResult {
-    outputs_match_cpu(
-        h,
-        dtype,
-        CASES,
-        |c| c.0,
-        &[],
-        |dev, k, c| run(dev, dtype, c, k),
-    )
+    outputs_match_cpu(h, dtype, CASES, |c| c.0, |dev, k, c| run(dev, dtype, c, k))
 }
 
 fn launches_on_candles_stream(h: &Handle) -> TestResult {
