@@ -974,3 +974,275 @@ fn state_v1_bytes_still_restore() {
     bad[14] = 2;
     assert!(cpu::restore_state(&mut ts, &bad).is_err());
 }
+
+// ------------------------------------------------------------------------------------------
+// Bad input (issue 17): the CPU reference, state save/restore, the byte counts of adamw and
+// global_norm (moved from tests/bad_input.rs, which keeps what is not one op's). The cases of
+// issue 17 items 1, 3, 4, 9 for adamw/global_norm are regression tests of the engine's fixes.
+// ------------------------------------------------------------------------------------------
+
+mod bad_input {
+    use crate::common::refused;
+    use fusedreg::adamw::cpu::{self as acpu, CpuTensor, StepInputs};
+    use fusedreg::adamw::{self, state, AdamWConfig};
+    use fusedreg::DtypeKind;
+
+    fn tensors() -> Vec<CpuTensor<f32, f32>> {
+        (0..3)
+            .map(|i| {
+                let n = [5, 0, 70_000][i];
+                let p = (0..n).map(|j| (j % 17) as f32 * 0.125 - 1.0).collect();
+                let g = (0..n).map(|j| (j % 13) as f32 * 0.0625 - 0.375).collect();
+                CpuTensor::new(p, g, 0.01).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn adamw_refuses_bad_hyperparameters() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1e-3] {
+            refused("check_lr", adamw::check_lr(bad));
+            let mut t = tensors();
+            refused(
+                "step lr",
+                acpu::step(&mut t, &AdamWConfig::default(), &StepInputs::new(bad), &[]),
+            );
+            assert_eq!(t, tensors(), "a refused step changed the tensors");
+            for cfg in [
+                AdamWConfig {
+                    lr: bad,
+                    ..Default::default()
+                },
+                AdamWConfig {
+                    beta1: bad,
+                    ..Default::default()
+                },
+                AdamWConfig {
+                    beta2: bad,
+                    ..Default::default()
+                },
+                AdamWConfig {
+                    eps: bad,
+                    ..Default::default()
+                },
+            ] {
+                refused("AdamWConfig", cfg.validate());
+            }
+            refused(
+                "weight decay",
+                CpuTensor::<f32, f32>::new(vec![1.0], vec![1.0], bad),
+            );
+        }
+        for beta in [1.0, 1.5] {
+            refused(
+                "beta1",
+                AdamWConfig {
+                    beta1: beta,
+                    ..Default::default()
+                }
+                .validate(),
+            );
+            refused(
+                "beta2",
+                AdamWConfig {
+                    beta2: beta,
+                    ..Default::default()
+                }
+                .validate(),
+            );
+        }
+    }
+
+    #[test]
+    fn adamw_refuses_length_mismatches() {
+        for bad in [4usize, 6, 0] {
+            refused(
+                "CpuTensor::new",
+                CpuTensor::<f32, f32>::new(vec![1.0; 5], vec![0.5; bad], 0.0),
+            );
+        }
+        let cfg = AdamWConfig::default();
+        let inputs = StepInputs::new(1e-3);
+        refused(
+            "no tensors",
+            acpu::step::<f32, f32>(&mut [], &cfg, &inputs, &[]),
+        );
+        for skip in [vec![false; 2], vec![false; 4]] {
+            let mut t = tensors();
+            refused("skip length", acpu::step(&mut t, &cfg, &inputs, &skip));
+        }
+        let mut t = tensors();
+        t[0].m.pop();
+        refused("m length", acpu::step(&mut t, &cfg, &inputs, &[]));
+        let mut t = tensors();
+        t[2].grad.push(0.0);
+        refused("grad length", acpu::step(&mut t, &cfg, &inputs, &[]));
+    }
+
+    /// Every truncation and a flip of every header byte is refused, and a refused restore leaves
+    /// the tensors as they were. Lengths that differ by one, zero or huge are refused too.
+    #[test]
+    fn restore_refuses_truncated_and_corrupted_states() {
+        let mut a = tensors();
+        acpu::step(&mut a, &AdamWConfig::default(), &StepInputs::new(1e-3), &[]).unwrap();
+        let bytes = acpu::save_state(&a).unwrap();
+        let header = state::peek(&bytes).unwrap();
+        let before = tensors();
+        let mut b = before.clone();
+        for cut in (0..bytes.len()).step_by(997).chain([bytes.len() - 1, 1, 0]) {
+            refused("truncated", acpu::restore_state(&mut b, &bytes[..cut]));
+            assert!(
+                state::decode(&bytes[..cut], &header).is_err(),
+                "decode of {cut} bytes"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        refused("trailing byte", acpu::restore_state(&mut b, &longer));
+        // Header (magic, version, dtype, flags, count) and lengths: a flip of any byte is
+        // refused, the tensors untouched.
+        for i in 0..24 + 8 * 3 {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x5a;
+            refused(
+                &format!("header byte {i}"),
+                acpu::restore_state(&mut b, &bad),
+            );
+        }
+        assert_eq!(b, before, "a refused restore changed the tensors");
+        // Counts and lengths that would need absurd allocations are refused before allocating.
+        let mut huge = bytes.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        refused("count u64::MAX", state::peek(&huge));
+        refused("count u64::MAX", acpu::restore_state(&mut b, &huge));
+        let mut huge = bytes.clone();
+        huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        refused("length u64::MAX", acpu::restore_state(&mut b, &huge));
+        assert!(state::decode(&huge, &state::peek(&huge).unwrap()).is_err());
+        let absurd = state::StateHeader {
+            param_dtype: DtypeKind::Bf16,
+            lens: vec![u64::MAX; 3],
+            options: Default::default(),
+        };
+        assert_eq!((absurd.total(), absurd.encoded_len()), (u64::MAX, u64::MAX)); // saturate
+        for lens in [[5usize, 0, 69_999], [5, 1, 70_000], [0, 0, 70_000]] {
+            let mut c: Vec<CpuTensor<f32, f32>> = lens
+                .iter()
+                .map(|&n| CpuTensor::new(vec![0.5; n], vec![0.0; n], 0.0).unwrap())
+                .collect();
+            let saved = c.clone();
+            refused("lengths", acpu::restore_state(&mut c, &bytes));
+            assert_eq!(c, saved);
+        }
+        refused("garbage", state::peek(&[0xff; 64]));
+        refused("empty", state::peek(&[]));
+        // The right dtype matters: f32 state into bf16 parameters is refused.
+        let mut h: Vec<CpuTensor<half::bf16, f32>> = [5usize, 0, 70_000]
+            .iter()
+            .map(|&n| CpuTensor::new(vec![half::bf16::ONE; n], vec![0.0; n], 0.0).unwrap())
+            .collect();
+        refused("dtype", acpu::restore_state(&mut h, &bytes));
+    }
+
+    /// The engine's chunk layout: no tensors, and lengths whose chunk counts overflow, are
+    /// refused; zero-size tensors own no chunk (documented).
+    #[test]
+    fn layout_refuses_empty_and_overflowing_lists() {
+        use fusedreg::multi_tensor::Layout;
+        refused("no tensors", Layout::new(&[]));
+        refused("u64::MAX elements", Layout::new(&[u64::MAX]));
+        refused("chunk count overflow", Layout::new(&[u64::MAX, u64::MAX]));
+        let l = Layout::new(&[0, 1, 0]).unwrap();
+        assert_eq!(
+            (l.num_tensors(), l.num_chunks(), l.total_elements()),
+            (3, 1, 1)
+        );
+        assert!(l.chunks(0).is_empty() && l.chunks(2).is_empty());
+    }
+
+    /// The bias-correction powers take any step count without overflow.
+    #[test]
+    fn bias_corrections_take_every_step_count() {
+        for t in [1, 2, 1 << 20, u32::MAX] {
+            let (bc1, bc2) = acpu::bias_corrections(0.9, 0.999, t);
+            assert!(
+                bc1.is_finite() && bc2.is_finite() && bc1 > 0.0 && bc2 > 0.0,
+                "t = {t}"
+            );
+        }
+        assert_eq!(acpu::pow_by_squaring(0.5, u32::MAX), 0.0);
+    }
+
+    /// Issue 17 item 1 (intended behaviour): a step from step count `u32::MAX` either refuses
+    /// with an Error leaving the tensor unchanged, or steps with saturated bias corrections;
+    /// never t = 0 (bias correction 0, NaN parameters) and never a count that wraps to 0.
+    #[test]
+    fn step_count_at_the_maximum_does_not_wrap() {
+        let mut t = tensors();
+        for x in &mut t {
+            x.step = u32::MAX;
+        }
+        let before = t.clone();
+        match acpu::step(&mut t, &AdamWConfig::default(), &StepInputs::new(1e-3), &[]) {
+            Err(_) => assert_eq!(t, before),
+            Ok(()) => {
+                for x in &t {
+                    assert!(x.param.iter().all(|p| p.is_finite()));
+                    assert!(
+                        x.is_empty() || x.step == u32::MAX,
+                        "count wrapped to {}",
+                        x.step
+                    );
+                }
+            }
+        }
+    }
+
+    /// Issue 17 item 3 (intended behaviour): a non-finite `grad_scale` with the flag clear is
+    /// refused and changes nothing.
+    #[test]
+    fn step_refuses_non_finite_grad_scale() {
+        for gs in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut t = tensors();
+            let inputs = StepInputs {
+                grad_scale: gs,
+                ..StepInputs::new(1e-3)
+            };
+            refused(
+                "grad_scale",
+                acpu::step(&mut t, &AdamWConfig::default(), &inputs, &[]),
+            );
+            assert_eq!(t, tensors());
+        }
+    }
+
+    /// Issue 17 item 4 (intended behaviour): a weight decay set to NaN or a huge negative value
+    /// after construction is refused by the step (or cannot be set at all).
+    #[test]
+    fn step_refuses_bad_weight_decay_set_after_new() {
+        for wd in [f32::NAN, -1e30] {
+            let mut t = tensors();
+            t[0].weight_decay = wd;
+            refused(
+                "weight_decay",
+                acpu::step(&mut t, &AdamWConfig::default(), &StepInputs::new(1e-3), &[]),
+            );
+        }
+    }
+
+    /// Issue 17 item 9 for adamw and global_norm (intended behaviour: saturate like the
+    /// dropout helpers).
+    #[test]
+    fn engine_byte_helpers_saturate() {
+        use fusedreg::global_norm::{norm_min_bytes, scale_min_bytes};
+        for dt in [DtypeKind::F32, DtypeKind::Bf16] {
+            for n in [1u64 << 60, 1 << 62, u64::MAX] {
+                assert!(norm_min_bytes(n, dt) >= n);
+                assert!(scale_min_bytes(n, dt) >= n);
+                assert!(adamw::min_bytes(n, dt, dt) >= n);
+                assert!(adamw::clip_step_min_bytes(n, dt, dt) >= n);
+                assert!(adamw::unfused_clip_step_min_bytes(n, dt, dt) >= n);
+            }
+        }
+    }
+}

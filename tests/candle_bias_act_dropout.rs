@@ -273,28 +273,9 @@ fn masks_follow_the_keys() -> R {
     let mut g = rng(6);
     let (rows, cols) = (16, 64);
     let x = tensor(&data(&mut g, rows * cols), &[rows, cols])?;
-    let keys = StepKeys::new(123, 7);
-    let a = BiasActDropout::new(Activation::GeluErf, 0.5, 2)?;
-    let y1 = flat(&a.forward(&x, None, Some(&keys))?)?;
-    let y2 = flat(&a.forward(&x, None, Some(&keys))?)?;
-    assert_eq!(same_bits(&y1, &y2), y1.len(), "same keys");
-    let next = flat(&a.forward(&x, None, Some(&keys.next_step()?))?)?;
-    let other = BiasActDropout::new(Activation::GeluErf, 0.5, 3)?;
-    let other_site = flat(&other.forward(&x, None, Some(&keys))?)?;
-    let other_seed = flat(&a.forward(&x, None, Some(&StepKeys::new(124, 7)))?)?;
-    for (name, v) in [
-        ("next step", next),
-        ("other site", other_site),
-        ("other seed", other_seed),
-    ] {
-        let same = same_bits(&v, &y1);
-        assert!(
-            same < rows * cols * 3 / 4,
-            "{name}: {same} of {} equal",
-            rows * cols
-        );
-    }
-    Ok(())
+    assert_masks_follow_the_keys(rows * cols, |site, keys| {
+        BiasActDropout::new(Activation::GeluErf, 0.5, site)?.forward(&x, None, Some(keys))
+    })
 }
 
 /// Empty tensors, p = 1.
@@ -367,21 +348,6 @@ fn strided_inputs_are_copied() -> R {
 /// tests/gpu/candle/bias_act_dropout.rs.)
 #[test]
 fn bad_input_is_an_error() -> R {
-    let dev = &Device::Cpu;
-    let keys = StepKeys::new(1, 0);
     let site = BiasActDropout::new(Activation::Relu, 0.1, 0)?;
-    let x = Tensor::zeros((4, 8), DType::F32, dev)?;
-    for k in [Some(&keys), None] {
-        expect_err(site.forward(&x.to_dtype(DType::F64)?, None, k), "F64");
-        expect_err(site.forward(&x.to_dtype(DType::U32)?, None, k), "U32");
-        let b16 = Tensor::zeros(8, DType::F16, dev)?;
-        expect_err(site.forward(&x, Some(&b16), k), "bias");
-        let b9 = Tensor::zeros(9, DType::F32, dev)?;
-        expect_err(site.forward(&x, Some(&b9), k), "bias");
-        let b18 = Tensor::zeros((1, 8), DType::F32, dev)?;
-        expect_err(site.forward(&x, Some(&b18), k), "bias");
-        let s = Tensor::new(1f32, dev)?;
-        expect_err(site.forward(&s, None, k), "scalar");
-    }
-    Ok(())
+    assert_x_bias_op_refuses_bad_input(DType::U32, DType::F16, 9, |x, b, k| site.forward(x, b, k))
 }

@@ -1117,3 +1117,260 @@ fn scale_is_one_over_the_applied_keep_probability() {
         assert_eq!(y[i].to_bits(), want.to_bits(), "element {i}");
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Bad input (issue 17): every CPU entry point of `dropout` refuses bad scalars and mismatched lengths with an
+// `Error` and takes extreme shapes (moved from tests/bad_input.rs, which keeps what is not one
+// op's; the cases run with a residual: the strictest set of buffers).
+// ------------------------------------------------------------------------------------------
+
+mod bad_input {
+    use crate::common::{refused, BAD_P};
+    use fusedreg::dropout::{self as dr, cpu, Config, DropPath};
+    use fusedreg::DtypeKind;
+    use half::{bf16, f16};
+
+    /// `dropout::cpu::forward` with the residual `r` (the case of the former `dropout_residual`).
+    fn fwd_r<'a, T: fusedreg::Dtype>(
+        cfg: &Config,
+        x: &[T],
+        r: &'a [T],
+        y: &mut [T],
+        opts: cpu::ForwardOptions<'a, T>,
+    ) -> fusedreg::Result<()> {
+        let opts = cpu::ForwardOptions {
+            residual: Some(r),
+            ..opts
+        };
+        cpu::forward(cfg, x, y, opts)
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // dropout (with a residual: the strictest set of buffers)
+    // ------------------------------------------------------------------------------------------
+
+    #[test]
+    fn dropout_config_refuses_bad_scalars_and_overflowing_shapes() {
+        for p in BAD_P {
+            refused("Config::new p", Config::new(4, 4, p, 1, 2));
+            refused("Config::flat p", Config::flat(16, p, 1, 2));
+            refused("DropPath::new p", DropPath::new(p, 3));
+        }
+        refused("rows*cols overflow", Config::new(usize::MAX, 2, 0.1, 1, 2));
+        refused(
+            "rows*cols overflow",
+            Config::new(1 << 33, 1 << 33, 0.1, 1, 2),
+        );
+        refused(
+            "per_sample(0)",
+            DropPath::new(0.1, 3).unwrap().per_sample(0),
+        );
+        refused(
+            "per_sample(2^32)",
+            DropPath::new(0.1, 3).unwrap().per_sample(1 << 32),
+        );
+        // Huge but representable: no overflow in the derived sizes.
+        let big = Config::flat(usize::MAX, 0.5, 1, 2).unwrap();
+        assert_eq!(big.mask_words(), usize::MAX.div_ceil(32));
+        let _ = big.keeps(u64::MAX); // any 64-bit index is keyed, no panic
+    }
+
+    /// A drop path keys any 64-bit row; a per-sample drop path with the largest sample size maps
+    /// every row of a sample to one draw.
+    #[test]
+    fn drop_path_takes_every_row() {
+        let path = DropPath::new(0.5, 11)
+            .unwrap()
+            .per_sample(u32::MAX as usize)
+            .unwrap();
+        for row in [0, 1, u64::MAX - 1, u64::MAX] {
+            let s = path.row_scale(3, row);
+            assert!(s == 0.0 || s == 2.0, "row {row}: {s}");
+        }
+        assert_eq!(
+            path.row_scale(3, 0),
+            path.row_scale(3, u64::from(u32::MAX) - 1)
+        );
+        let cfg = Config::new(2, 3, 0.0, 1, 2).unwrap().with_drop_path(path);
+        assert_eq!(cfg.drop_path(), Some(path));
+    }
+
+    #[test]
+    fn slab_sizes_take_extreme_shapes() {
+        for dt in [DtypeKind::F32, DtypeKind::F16, DtypeKind::Bf16] {
+            for (rows, cols) in [
+                (usize::MAX, usize::MAX),
+                (usize::MAX, 1),
+                (2, usize::MAX),
+                (0, 0),
+            ] {
+                let s = dr::slab_rows(rows, cols, dt);
+                assert!(s >= 1, "slab_rows({rows}, {cols}) = 0");
+                assert!(dr::slab_count(rows, cols, dt) <= 65_535, "grid.y limit");
+            }
+        }
+    }
+
+    /// Issue 17 item 9: the byte helpers saturate at `u64::MAX` near 2^60 – 2^64 elements (they
+    /// overflowed: a panic with overflow checks, a small wrapped count without).
+    #[test]
+    fn dropout_byte_helpers_saturate() {
+        for dt in [DtypeKind::F32, DtypeKind::F16, DtypeKind::Bf16] {
+            for flag in [false, true] {
+                for n in [1u64 << 60, 1 << 61, 1 << 62, u64::MAX - 1, u64::MAX] {
+                    let all = [
+                        dr::fused_forward_bytes(dt, n, flag, flag),
+                        dr::fused_forward_bytes(dt, n, !flag, flag),
+                        dr::fused_backward_bytes(dt, n, flag),
+                        dr::unfused_forward_bytes(dt, n, flag, flag),
+                        dr::unfused_forward_bytes(dt, n, flag, !flag),
+                        dr::unfused_backward_bytes(dt, n, flag),
+                    ];
+                    // Either the exact count or saturated: never below the element count.
+                    for b in all {
+                        assert!(b >= n, "{dt:?} n={n}: {b} bytes wrapped");
+                    }
+                }
+                assert_eq!(dr::fused_forward_bytes(dt, u64::MAX, flag, flag), u64::MAX);
+                assert_eq!(dr::unfused_backward_bytes(dt, u64::MAX, flag), u64::MAX);
+            }
+        }
+        // Below the limit the formulas are unchanged.
+        assert_eq!(
+            dr::fused_forward_bytes(DtypeKind::F32, 1 << 40, true, true),
+            (12 << 40) + (1 << 37)
+        );
+    }
+
+    /// Length mismatches of every buffer, off by one either way and zero, are shape errors.
+    #[test]
+    fn dropout_cpu_refuses_length_mismatches() {
+        let cfg = Config::new(3, 5, 0.25, 7, 8).unwrap();
+        let n = cfg.len();
+        let ok = vec![1.5f32; n];
+        for bad in [n - 1, n + 1, 0] {
+            let b = vec![1.0f32; bad];
+            let mut yb = vec![0.0f32; bad];
+            let mut y = vec![0.0f32; n];
+            refused("x", fwd_r(&cfg, &b, &ok, &mut y, Default::default()));
+            refused("residual", fwd_r(&cfg, &ok, &b, &mut y, Default::default()));
+            refused("y", fwd_r(&cfg, &ok, &ok, &mut yb, Default::default()));
+            refused(
+                "inplace x",
+                cpu::forward_inplace(&cfg, &b, &mut y, Default::default()),
+            );
+            refused(
+                "inplace r",
+                cpu::forward_inplace(&cfg, &ok, &mut yb, Default::default()),
+            );
+            let mut dx = vec![0.0f32; n];
+            refused("dy", cpu::backward(&cfg, &b, &mut dx, Default::default()));
+            refused("dx", cpu::backward(&cfg, &ok, &mut yb, Default::default()));
+        }
+        let mut y = vec![0.0f32; n];
+        for cols in [4, 6, 0] {
+            let bias = vec![0.5f32; cols];
+            let opts = cpu::ForwardOptions {
+                bias: Some(&bias),
+                ..Default::default()
+            };
+            refused("bias", fwd_r(&cfg, &ok, &ok, &mut y, opts));
+            let mut dbias = vec![0.0f32; cols];
+            let opts = cpu::BackwardOptions {
+                dbias: Some(&mut dbias),
+                ..Default::default()
+            };
+            refused("dbias", cpu::backward(&cfg, &ok, &mut y, opts));
+        }
+        for rows in [2, 4, 0] {
+            let rs = vec![1.0f32; rows];
+            let opts = cpu::ForwardOptions {
+                rowscale: Some(&rs),
+                ..Default::default()
+            };
+            refused("rowscale", fwd_r(&cfg, &ok, &ok, &mut y, opts));
+            let opts = cpu::BackwardOptions {
+                rowscale: Some(&rs),
+                ..Default::default()
+            };
+            refused("bwd rowscale", cpu::backward(&cfg, &ok, &mut y, opts));
+        }
+        for words in [0, cfg.mask_words() + 1] {
+            let mut mask = vec![0u32; words];
+            let opts = cpu::ForwardOptions {
+                mask_out: Some(&mut mask),
+                ..Default::default()
+            };
+            refused("mask_out", fwd_r(&cfg, &ok, &ok, &mut y, opts));
+            let opts = cpu::BackwardOptions {
+                mask: Some(&mask),
+                ..Default::default()
+            };
+            refused("mask", cpu::backward(&cfg, &ok, &mut y, opts));
+        }
+        // A generated row scale needs a drop path; a drop path excludes a caller row scale.
+        let mut rs_out = vec![0.0f32; 3];
+        let opts = cpu::ForwardOptions {
+            rowscale_out: Some(&mut rs_out),
+            ..Default::default()
+        };
+        refused(
+            "rowscale_out without drop path",
+            fwd_r(&cfg, &ok, &ok, &mut y, opts),
+        );
+        let with_path = cfg.with_drop_path(DropPath::new(0.5, 9).unwrap());
+        let rs = [1.0f32; 3];
+        let opts = cpu::ForwardOptions {
+            rowscale: Some(&rs),
+            ..Default::default()
+        };
+        refused(
+            "rowscale and drop path",
+            fwd_r(&with_path, &ok, &ok, &mut y, opts),
+        );
+    }
+
+    /// Empty and zero-size tensors are valid: nothing to do, and dbias is zero (the CPU reference's
+    /// documented result for no rows).
+    #[test]
+    fn dropout_cpu_empty_tensors() {
+        for (rows, cols) in [(0, 5), (5, 0), (0, 0)] {
+            let cfg = Config::new(rows, cols, 0.5, 1, 2).unwrap();
+            assert!(cfg.is_empty());
+            let mut y: Vec<bf16> = Vec::new();
+            let bias = vec![bf16::ONE; cols];
+            let opts = cpu::ForwardOptions {
+                bias: Some(&bias),
+                ..Default::default()
+            };
+            fwd_r(&cfg, &[], &[], &mut y, opts).unwrap();
+            let mut dbias = vec![bf16::from_f32(f32::NAN); cols];
+            let opts = cpu::BackwardOptions {
+                dbias: Some(&mut dbias),
+                ..Default::default()
+            };
+            cpu::backward::<bf16>(&cfg, &[], &mut [], opts).unwrap();
+            assert!(
+                dbias.iter().all(|d| d.to_f32() == 0.0),
+                "dbias over no rows: {dbias:?}"
+            );
+        }
+    }
+
+    /// p rounding to 1 (and p = 1) returns the residual's own bits: no NaN from the huge scale.
+    #[test]
+    fn dropout_p_rounding_to_one_returns_the_residual() {
+        for p in [1.0, 1.0 - 2f64.powi(-34)] {
+            let cfg = Config::new(4, 33, p, 5, 6).unwrap();
+            let x: Vec<f16> = (0..cfg.len())
+                .map(|i| f16::from_f32(i as f32 - 60.0))
+                .collect();
+            let r: Vec<f16> = (0..cfg.len())
+                .map(|i| f16::from_f32(0.25 * i as f32))
+                .collect();
+            let mut y = vec![f16::ZERO; cfg.len()];
+            fwd_r(&cfg, &x, &r, &mut y, Default::default()).unwrap();
+            assert_eq!(y, r, "p = {p}");
+        }
+    }
+}

@@ -724,70 +724,63 @@ fn bad_input_is_an_error() {
         cpu::forward(&cfg, args, outs)
     };
     assert!(run(d.args(), 16, 2).is_ok());
-    assert!(matches!(
-        run(d.args(), 15, 2),
-        Err(Error::ShapeMismatch { .. })
-    ));
-    assert!(matches!(
-        run(d.args(), 16, 1),
-        Err(Error::ShapeMismatch { .. })
-    ));
-    assert!(matches!(
-        run(
+    // Each input or output one short (out, mean, x, gamma, beta, row scale, residual): refused.
+    let short = &d.r.as_ref().unwrap()[..8];
+    for (what, args, out_len, mean_len) in [
+        ("out", d.args(), 15, 2),
+        ("mean", d.args(), 16, 1),
+        (
+            "x",
             ForwardArgs {
                 x: &d.x[..15],
                 ..d.args()
             },
             16,
-            2
+            2,
         ),
-        Err(Error::ShapeMismatch { .. })
-    ));
-    assert!(matches!(
-        run(
+        (
+            "gamma",
             ForwardArgs {
                 gamma: &d.gamma[..7],
                 ..d.args()
             },
             16,
-            2
+            2,
         ),
-        Err(Error::ShapeMismatch { .. })
-    ));
-    assert!(matches!(
-        run(
+        (
+            "beta",
             ForwardArgs {
                 beta: Some(&d.gamma[..7]),
                 ..d.args()
             },
             16,
-            2
+            2,
         ),
-        Err(Error::ShapeMismatch { .. })
-    ));
-    assert!(matches!(
-        run(
+        (
+            "rowscale",
             ForwardArgs {
                 rowscale: Some(&[1.0]),
                 ..d.args()
             },
             16,
-            2
+            2,
         ),
-        Err(Error::ShapeMismatch { .. })
-    ));
-    let short = &d.r.as_ref().unwrap()[..8];
-    assert!(matches!(
-        run(
+        (
+            "residual",
             ForwardArgs {
                 residual: Some(short),
                 ..d.args()
             },
             16,
-            2
+            2,
         ),
-        Err(Error::ShapeMismatch { .. })
-    ));
+    ] {
+        let e = run(args, out_len, mean_len);
+        assert!(
+            matches!(e, Err(Error::ShapeMismatch { .. })),
+            "{what}: {e:?}"
+        );
+    }
     // A row scale together with a drop path.
     let pcfg = cfg.with_drop_path(DropPath::new(0.1, 3).unwrap());
     let outs = ForwardOut {
@@ -825,24 +818,27 @@ fn bad_input_is_an_error() {
         BackwardOut::new(&mut dx, &mut dg),
     );
     assert!(ok.is_ok());
-    let e = cpu::backward(
-        &cfg,
-        BackwardArgs::new(&d_out[..15], &f.s, &d.gamma, &f.mean, &f.rstd),
-        BackwardOut::new(&mut dx, &mut dg),
-    );
-    assert!(matches!(e, Err(Error::ShapeMismatch { .. })));
-    let e = cpu::backward(
-        &cfg,
-        BackwardArgs::new(&d_out, &f.s, &d.gamma, &f.mean[..1], &f.rstd),
-        BackwardOut::new(&mut dx, &mut dg),
-    );
-    assert!(matches!(e, Err(Error::ShapeMismatch { .. })));
-    let e = cpu::backward(
-        &cfg,
-        BackwardArgs::new(&d_out, &f.s, &d.gamma, &f.mean, &f.rstd),
-        BackwardOut::new(&mut dx, &mut dg[..7]),
-    );
-    assert!(matches!(e, Err(Error::ShapeMismatch { .. })));
+    // d_out, mean, dgamma one short: refused.
+    let full = BackwardArgs::new(&d_out, &f.s, &d.gamma, &f.mean, &f.rstd);
+    for (what, args, dg_len) in [
+        (
+            "d_out",
+            BackwardArgs::new(&d_out[..15], &f.s, &d.gamma, &f.mean, &f.rstd),
+            8,
+        ),
+        (
+            "mean",
+            BackwardArgs::new(&d_out, &f.s, &d.gamma, &f.mean[..1], &f.rstd),
+            8,
+        ),
+        ("dgamma", full, 7),
+    ] {
+        let e = cpu::backward(&cfg, args, BackwardOut::new(&mut dx, &mut dg[..dg_len]));
+        assert!(
+            matches!(e, Err(Error::ShapeMismatch { .. })),
+            "{what}: {e:?}"
+        );
+    }
     let args = BackwardArgs {
         d_s: Some(&d_out[..3]),
         ..BackwardArgs::new(&d_out, &f.s, &d.gamma, &f.mean, &f.rstd)

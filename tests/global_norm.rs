@@ -300,3 +300,60 @@ fn bytes_formulas() {
     assert_eq!(global_norm::scale_min_bytes(10, Bf16), 40);
     assert_eq!(global_norm::scale_min_bytes(10, F32), 80);
 }
+
+// ------------------------------------------------------------------------------------------
+// Bad input (issue 17): bad scalars, the norm of nothing (moved from tests/bad_input.rs, which keeps
+// what is not one op's).
+// ------------------------------------------------------------------------------------------
+
+mod bad_input {
+    use crate::common::refused;
+    use half::bf16;
+
+    #[test]
+    fn global_norm_refuses_bad_scalars() {
+        use fusedreg::global_norm::{check_loss_scale, check_max_norm, cpu as gn};
+        let g = [3.0f32, 4.0];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1.0, 0.0] {
+            refused("max_norm", check_max_norm(Some(bad)));
+            refused("max_norm", gn::global_norm(&[&g[..]], Some(bad), 1.0));
+            refused("loss_scale", check_loss_scale(bad));
+            refused("loss_scale", gn::global_norm(&[&g[..]], None, bad));
+        }
+        // Non-finite gradients are data, not arguments: the documented result is the flag, and the
+        // norm is not a silent finite value.
+        for bad in [f32::NAN, f32::INFINITY] {
+            let b = [1.0f32, bad];
+            let v = gn::global_norm(&[&b[..]], Some(1.0), 1.0).unwrap();
+            assert_eq!(v.nonfinite, 1, "{bad}");
+            assert!(!v.is_finite());
+        }
+        // Gradients finite but whose squares overflow the f32 partials: flagged (documented: the
+        // flag is set when the norm is not finite), never a wrong finite norm.
+        let huge = [f32::MAX; 4];
+        let v = gn::global_norm(&[&huge[..]], Some(1.0), 1.0).unwrap();
+        assert_eq!(v.nonfinite, 1, "{v:?}");
+    }
+
+    /// No tensors is an error (documented: "no tensors"); zero-size tensors have norm 0 and
+    /// coefficient 1 (a valid, finite result).
+    #[test]
+    fn global_norm_of_nothing_is_zero() {
+        use fusedreg::global_norm::cpu as gn;
+        refused("no tensors", gn::global_norm::<f32>(&[], Some(1.0), 1.0));
+        let empty: Vec<f32> = Vec::new();
+        for list in [vec![&empty[..]], vec![&empty[..], &empty[..]]] {
+            let v = gn::global_norm::<f32>(&list, Some(1.0), 1.0).unwrap();
+            assert_eq!((v.sumsq, v.norm, v.coef, v.nonfinite), (0.0, 0.0, 1.0, 0));
+        }
+        assert_eq!(gn::reduce(&[]), 0.0);
+        refused("partials of no tensors", gn::partials::<f32>(&[]));
+        assert_eq!(
+            gn::partials::<f32>(&[&empty[..]]).unwrap(),
+            Vec::<f32>::new()
+        );
+        assert_eq!(gn::norm_f64::<f32>(&[]), 0.0);
+        let mut none: [bf16; 0] = [];
+        gn::scale(&mut none, 0.5);
+    }
+}

@@ -5,7 +5,8 @@
 //! [`fusedreg::Error`], never panic and never abort on an allocation. The documented panics
 //! (`# Panics` sections: `Layout::chunks`, `Layout::chunk`, `StateView::{fill_into, m, v,
 //! master}`, as slice indexing) are not driven out of range. The GPU entry points check their
-//! arguments against a device first; `tests/bad_input.rs` and its GPU twin cover them.
+//! arguments against a device first; the ops' bad-input tests
+//! (`tests/<op>.rs`, `tests/bad_input.rs`, `tests/gpu/bad_input.rs`) cover them.
 //!
 //! A hand-rolled generator over `rand` (already a dev-dependency) rather than `proptest`: the
 //! interesting inputs are a short list of boundary values mixed with random ones, every failure

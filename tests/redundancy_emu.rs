@@ -25,7 +25,7 @@ mod dan_dump;
 mod dump;
 
 use dan_dump::DanCase;
-use dump::{differ, dump_files, Rd};
+use dump::{differ, for_each_dump, Rd};
 use fusedreg::dropout_add_norm::cpu;
 use fusedreg::dropping::MaskResolution;
 use fusedreg::redundancy::{self, SiteStats};
@@ -98,29 +98,23 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
 #[ignore = "needs DAN_DUMP=<dir> of dumps from the emulated kernels (see the file's docs)"]
 fn emulated_statistics_match_the_cpu_reference() {
     let dir = std::env::var("DAN_DUMP").expect("DAN_DUMP: the directory of the emulator's dumps");
-    let files = dump_files(&dir, "stats");
     let (mut total, mut cases) = (0, 0);
     let (mut counted, mut excluded_cases, mut nonfinite_cases) = (0u64, 0, 0);
-    for f in &files {
-        let b = std::fs::read(f).unwrap();
-        let mut r = Rd { b: &b, o: 0 };
-        let (t, s) = (r.u64(), r.u64());
-        let name = f.display().to_string();
-        let (bad, site) = match (t, s) {
-            (0, 0) => check::<f32, f32>(&name, &mut r),
-            (1, 1) => check::<f16, f16>(&name, &mut r),
-            (2, 2) => check::<bf16, bf16>(&name, &mut r),
-            (1, 0) => check::<f16, f32>(&name, &mut r),
-            (2, 0) => check::<bf16, f32>(&name, &mut r),
+    for_each_dump(&dir, "stats", |name, r| {
+        let (bad, site) = match (r.u64(), r.u64()) {
+            (0, 0) => check::<f32, f32>(name, r),
+            (1, 1) => check::<f16, f16>(name, r),
+            (2, 2) => check::<bf16, bf16>(name, r),
+            (1, 0) => check::<f16, f32>(name, r),
+            (2, 0) => check::<bf16, f32>(name, r),
             _ => panic!("bad kinds"),
         };
-        assert_eq!(r.o, b.len(), "{name}: trailing bytes");
         total += bad;
         cases += 1;
         counted += site.rows;
         excluded_cases += usize::from(site.rows == 0 && site.nonfinite == 0);
         nonfinite_cases += usize::from(site.nonfinite > 0);
-    }
+    });
     eprintln!(
         "{cases} cases checked: {counted} rows counted, {excluded_cases} cases with every row \
          excluded, {nonfinite_cases} with non-finite rows"
@@ -198,26 +192,21 @@ fn check_dropout<T: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
 #[ignore = "needs DO_DUMP=<dir> of dumps from the emulated dropout kernels (see the file's docs)"]
 fn emulated_dropout_statistics_match_the_cpu_reference() {
     let dir = std::env::var("DO_DUMP").expect("DO_DUMP: the directory of the emulator's dumps");
-    let files = dump_files(&dir, "dstats");
     let (mut total, mut cases) = (0, 0);
     let (mut counted, mut excluded_rows_cases, mut nonfinite_cases) = (0u64, 0, 0);
-    for f in &files {
-        let b = std::fs::read(f).unwrap();
-        let mut r = Rd { b: &b, o: 0 };
-        let name = f.display().to_string();
+    for_each_dump(&dir, "dstats", |name, r| {
         let (bad, site) = match r.u64() {
-            0 => check_dropout::<f32>(&name, &mut r),
-            1 => check_dropout::<f16>(&name, &mut r),
-            2 => check_dropout::<bf16>(&name, &mut r),
+            0 => check_dropout::<f32>(name, r),
+            1 => check_dropout::<f16>(name, r),
+            2 => check_dropout::<bf16>(name, r),
             k => panic!("bad kind {k}"),
         };
-        assert_eq!(r.o, b.len(), "{name}: trailing bytes");
         total += bad;
         cases += 1;
         counted += site.rows;
-        excluded_rows_cases += usize::from(site.rows + site.nonfinite < 2 * rows_of(&b));
+        excluded_rows_cases += usize::from(site.rows + site.nonfinite < 2 * rows_of(r.b));
         nonfinite_cases += usize::from(site.nonfinite > 0);
-    }
+    });
     eprintln!(
         "{cases} dropout cases checked: {counted} rows counted, {excluded_rows_cases} cases with \
          excluded rows, {nonfinite_cases} with non-finite rows"

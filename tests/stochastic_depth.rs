@@ -1,5 +1,7 @@
 //! Stochastic depth schedules and plans (CPU only: plans are computed on the host).
 
+mod common;
+
 use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
 use fusedreg::Error;
 
@@ -140,4 +142,113 @@ fn eval_plan_runs_everything_unscaled_and_skip_flags_follow_the_plan() {
         assert_eq!(*f, i < 32 && !plan.runs(i / 2));
     }
     assert!(!plan.runs(16), "out-of-range blocks do not run");
+}
+
+// ------------------------------------------------------------------------------------------
+// Bad input (issue 17): bad schedules and probabilities, out-of-range blocks (moved from
+// tests/bad_input.rs, which keeps what is not one op's).
+// ------------------------------------------------------------------------------------------
+
+mod bad_input {
+    use crate::common::{refused, BAD_P};
+    use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+
+    /// Issue 17 item 2: a probability that passes `p < 1` but rounds to the threshold 2^32 would
+    /// drop its block at every step (residual scale 0). Refused; the largest accepted p keeps the
+    /// block able to run.
+    #[test]
+    fn stochastic_depth_refuses_p_that_rounds_to_always_dropped() {
+        for p in [
+            1.0 - 2f64.powi(-34),
+            1.0 - 2f64.powi(-33),
+            1.0 - f64::EPSILON,
+        ] {
+            refused(
+                &format!("Constant({p})"),
+                StochasticDepth::new(Schedule::Constant(p), 3, 0, Mode::Batch),
+            );
+            refused(
+                &format!("Row Constant({p})"),
+                StochasticDepth::new(Schedule::Constant(p), 3, 0, Mode::Row),
+            );
+            refused(
+                "Linear",
+                StochasticDepth::new(Schedule::linear(p), 1, 0, Mode::Batch),
+            );
+            refused(
+                "Custom",
+                StochasticDepth::new(Schedule::Custom(vec![0.0, p]), 2, 0, Mode::Batch),
+            );
+        }
+        // The largest p below 1 - 2^-33: threshold 2^32 - 1, so some draw keeps the block.
+        let p = f64::from_bits((1.0 - 2f64.powi(-33)).to_bits() - 1);
+        let sd = StochasticDepth::new(Schedule::Constant(p), 2, 0, Mode::Batch).unwrap();
+        let rate = sd.rates()[0];
+        assert!(rate.threshold() < 1 << 32 && rate.keeps(u32::MAX) && !rate.drops_all());
+        assert!(rate.scale().is_finite() && rate.scale() > 0.0);
+    }
+
+    #[test]
+    fn stochastic_depth_refuses_bad_schedules() {
+        for p in BAD_P {
+            refused(
+                "Constant",
+                StochasticDepth::new(Schedule::Constant(p), 4, 0, Mode::Batch),
+            );
+            refused(
+                "Linear",
+                StochasticDepth::new(Schedule::linear(p), 4, 0, Mode::Batch),
+            );
+            refused(
+                "Linspace",
+                StochasticDepth::new(Schedule::Linspace { rate: p }, 4, 0, Mode::Row),
+            );
+            refused(
+                "Custom",
+                StochasticDepth::new(Schedule::Custom(vec![0.1, p]), 2, 0, Mode::Batch),
+            );
+        }
+        refused(
+            "p = 1",
+            StochasticDepth::new(Schedule::Constant(1.0), 4, 0, Mode::Batch),
+        );
+        for len in [0, 3, 5] {
+            refused(
+                "custom length",
+                StochasticDepth::new(Schedule::Custom(vec![0.1; len]), 4, 0, Mode::Batch),
+            );
+        }
+        refused(
+            "no blocks",
+            StochasticDepth::new(Schedule::Constant(0.1), 0, 0, Mode::Batch),
+        );
+        refused(
+            "2^20 + 1 blocks",
+            StochasticDepth::new(Schedule::Constant(0.1), (1 << 20) + 1, 0, Mode::Batch),
+        );
+        refused(
+            "usize::MAX blocks",
+            Schedule::Constant(0.1).probabilities(usize::MAX),
+        );
+    }
+
+    /// Out-of-range block indices: documented results (a block past the last does not run, has
+    /// scale 0 and no plan; a tensor naming one is skipped), never a panic.
+    #[test]
+    fn stochastic_depth_out_of_range_blocks() {
+        let sd = StochasticDepth::new(Schedule::Constant(0.0), 4, 0, Mode::Batch).unwrap();
+        for plan in [sd.plan(u64::MAX), sd.eval_plan()] {
+            assert_eq!(plan.running(), 4);
+            for l in [4, usize::MAX] {
+                assert!(!plan.runs(l));
+                assert_eq!(plan.residual_scale(l), 0.0);
+                assert!(plan.block(l).is_none());
+            }
+            assert_eq!(
+                plan.skip_flags(&[None, Some(3), Some(4), Some(usize::MAX)]),
+                vec![false, false, true, true]
+            );
+            assert!(plan.skip_flags(&[]).is_empty());
+        }
+    }
 }

@@ -143,3 +143,60 @@ pub fn multiplier_of(
     }
     tensor(&m, &[rows, cols])
 }
+
+/// Masks are a function of (seed, step, site) only. `forward(site, keys)` runs an op at p = 0.5
+/// on fixed inputs of `n` elements: the same keys give the same bits (so a recomputed forward
+/// matches); the next step, another site (3 instead of 2) or another seed give another mask
+/// (fewer than 3/4 of the elements equal; identical masks would make all equal).
+pub fn assert_masks_follow_the_keys(
+    n: usize,
+    forward: impl Fn(u32, &fusedreg::candle::StepKeys) -> candle_core::Result<Tensor>,
+) -> R {
+    use fusedreg::candle::StepKeys;
+    let keys = StepKeys::new(123, 7);
+    let y1 = flat(&forward(2, &keys)?)?;
+    let y2 = flat(&forward(2, &keys)?)?;
+    assert_eq!(same_bits(&y1, &y2), y1.len(), "same keys");
+    for (name, v) in [
+        ("next step", forward(2, &keys.next_step()?)?),
+        ("other site", forward(3, &keys)?),
+        ("other seed", forward(2, &StepKeys::new(124, 7))?),
+    ] {
+        let same = same_bits(&flat(&v)?, &y1);
+        assert!(same < n * 3 / 4, "{name}: {same} of {n} equal");
+    }
+    Ok(())
+}
+
+/// An op on `(x, bias)` (f32 x of `[4, 8]`) refuses bad input with an error naming the problem,
+/// with keys and in evaluation: x in F64 or in the integer dtype `int_dtype`; a bias in
+/// `bias_dtype` (another float dtype than x's), of `bias_len` (not 8) elements, or of shape
+/// `[1, 8]`; a scalar x.
+pub fn assert_x_bias_op_refuses_bad_input(
+    int_dtype: DType,
+    bias_dtype: DType,
+    bias_len: usize,
+    forward: impl Fn(
+        &Tensor,
+        Option<&Tensor>,
+        Option<&fusedreg::candle::StepKeys>,
+    ) -> candle_core::Result<Tensor>,
+) -> R {
+    let dev = &Device::Cpu;
+    let keys = fusedreg::candle::StepKeys::new(1, 0);
+    let x = Tensor::zeros((4, 8), DType::F32, dev)?;
+    for k in [Some(&keys), None] {
+        expect_err(forward(&x.to_dtype(DType::F64)?, None, k), "F64");
+        let named = format!("{int_dtype:?}"); // "U8", "U32"
+        expect_err(forward(&x.to_dtype(int_dtype)?, None, k), &named);
+        let b = Tensor::zeros(8, bias_dtype, dev)?;
+        expect_err(forward(&x, Some(&b), k), "bias");
+        let b = Tensor::zeros(bias_len, DType::F32, dev)?;
+        expect_err(forward(&x, Some(&b), k), "bias");
+        let b = Tensor::zeros((1, 8), DType::F32, dev)?;
+        expect_err(forward(&x, Some(&b), k), "bias");
+        let s = Tensor::new(1f32, dev)?;
+        expect_err(forward(&s, None, k), "scalar");
+    }
+    Ok(())
+}

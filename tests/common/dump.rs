@@ -48,3 +48,16 @@ pub fn dump_files(dir: &str, prefix: &str) -> Vec<std::path::PathBuf> {
     files.sort();
     files
 }
+
+/// Reads every dump of [`dump_files`]`(dir, prefix)` in order and hands it to `check(name,
+/// reader)`, which reads one case; the case must end where the dump does (no trailing bytes).
+#[allow(dead_code)] // not every `*_emu.rs` that includes this file reads its dumps this way
+pub fn for_each_dump(dir: &str, prefix: &str, mut check: impl FnMut(&str, &mut Rd)) {
+    for f in &dump_files(dir, prefix) {
+        let b = std::fs::read(f).unwrap();
+        let mut r = Rd { b: &b, o: 0 };
+        let name = f.display().to_string();
+        check(&name, &mut r);
+        assert_eq!(r.o, b.len(), "{name}: trailing bytes");
+    }
+}

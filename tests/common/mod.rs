@@ -348,3 +348,23 @@ pub fn xent_within_fast_bound<T: Dtype>(
     }
     Ok(worst)
 }
+
+/// Bad scalars the probe used for probabilities.
+pub const BAD_P: [f64; 7] = [
+    f64::NAN,
+    f64::INFINITY,
+    f64::NEG_INFINITY,
+    -1e-300,
+    -0.5,
+    1.0 + f64::EPSILON,
+    1e300,
+];
+
+/// The input was refused with an argument or shape error (not a driver error, not a panic).
+#[track_caller]
+pub fn refused<T: std::fmt::Debug>(what: &str, r: fusedreg::Result<T>) {
+    match r {
+        Err(fusedreg::Error::InvalidArgument { .. } | fusedreg::Error::ShapeMismatch { .. }) => {}
+        other => panic!("{what}: expected InvalidArgument or ShapeMismatch, got {other:?}"),
+    }
+}

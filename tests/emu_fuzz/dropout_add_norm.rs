@@ -8,7 +8,7 @@
 //! must give the same bits.
 
 use fusedreg::dropout_add_norm::{cpu, Config, Norm};
-use fusedreg::dropping::{DropPath, MaskResolution};
+use fusedreg::dropping::MaskResolution;
 use fusedreg::{Dtype, DtypeKind};
 
 use crate::by_dtype;
@@ -66,12 +66,8 @@ impl Case {
             .map(|c| c.with_resolution(self.resolution))
             .and_then(|c| c.with_layer_scale(self.layer_scale))
             .expect("a valid config");
-        if let Some((pp, call, rps)) = self.path {
-            c = c.with_drop_path(
-                DropPath::new(pp, call)
-                    .and_then(|d| d.per_sample(rps))
-                    .expect("a valid path"),
-            );
+        if let Some(path) = self.path {
+            c = c.with_drop_path(drop_path(path));
         }
         c
     }
@@ -176,13 +172,7 @@ impl Stem for DropoutAddNorm {
             },
         );
         let path = cfg.drop_path();
-        w.u64("path_call", path.map_or(0, |p| p.call()));
-        w.u64("path_threshold", path.map_or(0, |p| p.rate().threshold()));
-        w.f32("path_scale", path.map_or(0.0, |p| p.rate().scale()));
-        w.u64(
-            "rows_per_sample",
-            path.map_or(1, |p| p.rows_per_sample() as u64),
-        );
+        w.drop_path(path);
         w.flag("drop_path", path.is_some());
         w.flag("rms", c.rms);
         w.flag("in_place", c.in_place);

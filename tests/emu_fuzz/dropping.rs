@@ -7,7 +7,7 @@
 //! position class. `dropout::cpu` and `dropout::unfused::{forward_cpu, backward_cpu}` must give
 //! the same bits. (The residual form was `kernels/dropout_residual.cu` until the two merged.)
 
-use fusedreg::dropping::{mask_words, slab_rows, Config, DropPath, MaskResolution};
+use fusedreg::dropping::{mask_words, slab_rows, Config, MaskResolution};
 use fusedreg::{dropout, Dtype, DtypeKind};
 
 use crate::by_dtype;
@@ -53,12 +53,8 @@ impl Case {
     fn config(&self) -> Config {
         let mut c = Config::new(self.rows, self.cols, self.p, self.seed, self.call)
             .expect("a valid config");
-        if let Some((pp, call, rps)) = self.path {
-            c = c.with_drop_path(
-                DropPath::new(pp, call)
-                    .and_then(|d| d.per_sample(rps))
-                    .expect("a valid path"),
-            );
+        if let Some(path) = self.path {
+            c = c.with_drop_path(drop_path(path));
         }
         c.with_resolution(self.resolution)
     }
@@ -162,13 +158,7 @@ fn write(c: &Case, w: &mut Writer) {
     w.f32("scale", cfg.scale());
     let path = cfg.drop_path();
     w.flag("drop_path", path.is_some());
-    w.u64("path_call", path.map_or(0, |p| p.call()));
-    w.u64("path_threshold", path.map_or(0, |p| p.rate().threshold()));
-    w.f32("path_scale", path.map_or(0.0, |p| p.rate().scale()));
-    w.u64(
-        "rows_per_sample",
-        path.map_or(1, |p| p.rows_per_sample() as u64),
-    );
+    w.drop_path(path);
     w.flag("key16", c.resolution == MaskResolution::Bits16);
     w.flag("key8", c.resolution == MaskResolution::Bits8);
     let t = &c.tuning;

@@ -309,12 +309,7 @@ impl Diffs {
         cpu: &[T],
         close: impl Fn(f32, f32) -> bool,
     ) {
-        if emu.len() != cpu.len() {
-            self.0.push(format!(
-                "{what}: {} elements from the driver, {} from the CPU",
-                emu.len(),
-                cpu.len()
-            ));
+        if self.lengths_differ(what, emu.len(), cpu.len()) {
             return;
         }
         let mut bad = 0usize;
@@ -338,6 +333,16 @@ impl Diffs {
         }
     }
 
+    /// Records a length mismatch; true when the lengths differ (nothing more to compare).
+    fn lengths_differ(&mut self, what: &str, emu: usize, cpu: usize) -> bool {
+        if emu != cpu {
+            self.0.push(format!(
+                "{what}: {emu} elements from the driver, {cpu} from the CPU"
+            ));
+        }
+        emu != cpu
+    }
+
     /// f64 outputs: the same bits, or both NaN.
     pub fn f64s(&mut self, what: &str, emu: &[f64], cpu: &[f64]) {
         let e: Vec<F64> = emu.iter().map(|&x| F64(x)).collect();
@@ -347,12 +352,7 @@ impl Diffs {
 
     /// Exact equality of integer outputs.
     pub fn eq<T: PartialEq + Debug>(&mut self, what: &str, emu: &[T], cpu: &[T]) {
-        if emu.len() != cpu.len() {
-            self.0.push(format!(
-                "{what}: {} elements from the driver, {} from the CPU",
-                emu.len(),
-                cpu.len()
-            ));
+        if self.lengths_differ(what, emu.len(), cpu.len()) {
             return;
         }
         let bad: Vec<usize> = (0..emu.len()).filter(|&i| emu[i] != cpu[i]).collect();
@@ -730,10 +730,29 @@ pub fn typed<T: Dtype>(bits: &[u32]) -> Vec<T> {
 }
 
 impl Writer {
+    /// A drop path's fields as the dropping kernels take them (`path_call`, `path_threshold`,
+    /// `path_scale`, `rows_per_sample`); zeros and one row per sample without one.
+    pub fn drop_path(&mut self, path: Option<fusedreg::dropping::DropPath>) {
+        self.u64("path_call", path.map_or(0, |p| p.call()));
+        self.u64("path_threshold", path.map_or(0, |p| p.rate().threshold()));
+        self.f32("path_scale", path.map_or(0.0, |p| p.rate().scale()));
+        self.u64(
+            "rows_per_sample",
+            path.map_or(1, |p| p.rows_per_sample() as u64),
+        );
+    }
+
     /// Elements of dtype `k` given as bits, placed at element `off`.
     pub fn view_bits(&mut self, name: &str, k: fusedreg::DtypeKind, bits: &[u32], off: u64) {
         by_dtype!(k, T => self.view(name, &typed::<T>(bits), off))
     }
+}
+
+/// The drop path `(p_path, call, rows per sample)` of a generated case.
+pub fn drop_path((p, call, rows_per_sample): (f64, u64, usize)) -> fusedreg::dropping::DropPath {
+    fusedreg::dropping::DropPath::new(p, call)
+        .and_then(|d| d.per_sample(rows_per_sample))
+        .expect("a valid path")
 }
 
 /// Puts 1 to 3 special values (NaN of random sign and payload, +inf, -inf) at the positions a

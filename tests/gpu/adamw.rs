@@ -93,6 +93,33 @@ fn write_grads<P: Dtype, G: Dtype>(
     Ok(())
 }
 
+/// New gradients for the CPU tensors (`new_grads` with `seed`), copied into the set.
+fn next_grads<P: Dtype, G: Dtype>(
+    h: &Handle,
+    set: &mut TensorSet,
+    ts: &mut [cpu::CpuTensor<P, G>],
+    seed: u64,
+) -> TestResult {
+    new_grads(ts, seed);
+    write_grads(h, set, ts)
+}
+
+/// One plain step (no clipping) with new gradients ([`next_grads`]), on the device and on the
+/// CPU reference, with the optimizer's configuration.
+fn step_both<P: Dtype, G: Dtype>(
+    h: &Handle,
+    set: &mut TensorSet,
+    opt: &AdamW,
+    ts: &mut [cpu::CpuTensor<P, G>],
+    seed: u64,
+) -> TestResult {
+    next_grads(h, set, ts, seed)?;
+    opt.step(set, None)?;
+    let cfg = opt.config();
+    cpu::step(ts, cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
+    Ok(())
+}
+
 /// The CPU tensors' weight decays: what the optimizer takes per tensor.
 fn wds<P: Dtype, G: Dtype>(ts: &[cpu::CpuTensor<P, G>]) -> Vec<f32> {
     ts.iter().map(|t| t.weight_decay).collect()
@@ -163,8 +190,7 @@ fn f32_seven_steps(h: &Handle) -> TestResult {
     let cfg = AdamWConfig::default();
     let mut opt = AdamW::new(&set, cfg, &wds(&ts))?;
     for s in 0..7u64 {
-        new_grads(&mut ts, 100 + s);
-        write_grads(h, &mut set, &ts)?;
+        next_grads(h, &mut set, &mut ts, 100 + s)?;
         // A device-side learning-rate schedule: a 4-byte async copy per step.
         let lr = 1e-3 * (1.0 + s as f32 * 0.5);
         opt.set_lr(lr)?;
@@ -192,10 +218,7 @@ fn master_paths(h: &Handle) -> TestResult {
         // Freshly created: the master weights are the widened parameters.
         compare(h, &set, &opt, &ts, "after AdamW::new")?;
         for s in 0..7 {
-            new_grads(&mut ts, seed * 10 + s);
-            write_grads(h, &mut set, &ts)?;
-            opt.step(&mut set, None)?;
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
+            step_both(h, &mut set, &opt, &mut ts, seed * 10 + s)?;
         }
         compare(
             h,
@@ -220,10 +243,7 @@ fn f32_params_16bit_grads(h: &Handle) -> TestResult {
         let cfg = AdamWConfig::default();
         let opt = AdamW::new(&set, cfg, &wds(&ts))?;
         for s in 0..3 {
-            new_grads(&mut ts, seed * 10 + s);
-            write_grads(h, &mut set, &ts)?;
-            opt.step(&mut set, None)?;
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
+            step_both(h, &mut set, &opt, &mut ts, seed * 10 + s)?;
         }
         compare(h, &set, &opt, &ts, &format!("pf32 g{}", G::KIND.name()))
     }
@@ -241,10 +261,7 @@ fn stochastic_rounding(h: &Handle) -> TestResult {
         };
         let opt = AdamW::new(&set, cfg, &wds(&ts))?;
         for s in 0..4 {
-            new_grads(&mut ts, 200 + s);
-            write_grads(h, &mut set, &ts)?;
-            opt.step(&mut set, None)?;
-            cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
+            step_both(h, &mut set, &opt, &mut ts, 200 + s)?;
         }
         compare(
             h,
@@ -303,8 +320,7 @@ fn clip_and_step(h: &Handle) -> TestResult {
         .into_iter()
         .enumerate()
     {
-        new_grads(&mut ts, 300 + s as u64);
-        write_grads(h, &mut set, &ts)?;
+        next_grads(h, &mut set, &mut ts, 300 + s as u64)?;
         let mut norm = GlobalNorm::new(&set, Some(max_norm))?;
         let before = h.launch_count();
         opt.clip_and_step(&mut set, &mut norm)?;
@@ -335,8 +351,7 @@ fn clip_and_step_in_a_graph(h: &Handle) -> TestResult {
     captured.map_err(|x| format!("clip_and_step during capture: {x}"))?;
     let graph = graph.ok_or("the capture recorded nothing")?;
     for step in 0..3 {
-        new_grads(&mut ts, 700 + step);
-        write_grads(h, &mut set, &ts)?;
+        next_grads(h, &mut set, &mut ts, 700 + step)?;
         graph.launch()?;
         let what = format!("graph replay {step}");
         clipped_step_matches(h, &set, (&opt, &norm), &mut ts, &what)?;
@@ -356,8 +371,7 @@ fn nonfinite_changes_nothing(h: &Handle) -> TestResult {
         let mut norm = GlobalNorm::new(&set, Some(1.0))?;
         // Two good steps, so the state is non-trivial.
         for s in 0..2 {
-            new_grads(&mut ts, 400 + s);
-            write_grads(h, &mut set, &ts)?;
+            next_grads(h, &mut set, &mut ts, 400 + s)?;
             opt.clip_and_step(&mut set, &mut norm)?;
             let grads: Vec<&[f32]> = ts.iter().map(|t| &t.grad[..]).collect();
             let v = ncpu::global_norm(&grads, Some(1.0), 1.0)?;
@@ -539,8 +553,7 @@ fn skip_flags(h: &Handle) -> TestResult {
         [false, false, false, true, true],
     ];
     for (s, skip) in plan.iter().enumerate() {
-        new_grads(&mut ts, 800 + s as u64);
-        write_grads(h, &mut set, &ts)?;
+        next_grads(h, &mut set, &mut ts, 800 + s as u64)?;
         opt.set_skip(skip)?;
         let before = h.launch_count();
         opt.step(&mut set, None)?;
@@ -575,8 +588,7 @@ fn skipped_tensors_out_of_norm(h: &Handle) -> TestResult {
     .iter()
     .enumerate()
     {
-        new_grads(&mut ts, 820 + s as u64);
-        write_grads(h, &mut set, &ts)?;
+        next_grads(h, &mut set, &mut ts, 820 + s as u64)?;
         opt.set_skip(skip)?;
         opt.clip_and_step(&mut set, &mut norm)?;
         let zeroed: Vec<Vec<f32>> = ts
@@ -937,8 +949,7 @@ fn unfused_baseline(h: &Handle) -> TestResult {
     let max_norm = (ncpu::norm_f64(&grads) * 0.3) as f32;
     let mut norm = GlobalNorm::new(&set, Some(max_norm))?;
     for s in 0..3 {
-        new_grads(&mut ts, 900 + s);
-        write_grads(h, &mut set, &ts)?;
+        next_grads(h, &mut set, &mut ts, 900 + s)?;
         let out = unfused::clip_and_step(&opt, &mut set, &mut norm)?;
         if out.launches != 3 * nonempty || out.skipped {
             return Err(format!("unfused: {out:?}, expected {} launches", 3 * nonempty).into());
@@ -1066,10 +1077,7 @@ fn step_count_saturates(h: &Handle) -> TestResult {
     let mut opt = AdamW::new(&set, cfg, &wds(&ts))?;
     opt.restore_state(&cpu::save_state(&ts)?)?;
     for s in 0..3 {
-        new_grads(&mut ts, 1700 + s);
-        write_grads(h, &mut set, &ts)?;
-        opt.step(&mut set, None)?;
-        cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;
+        step_both(h, &mut set, &opt, &mut ts, 1700 + s)?;
         compare(h, &set, &opt, &ts, &format!("saturated step {s}"))?;
     }
     let steps = opt.step_counts()?;
@@ -1176,8 +1184,7 @@ fn lean_state_layouts(h: &Handle) -> TestResult {
             &format!("{what} new"),
         )?;
         for s in 0..4 {
-            new_grads(&mut ts, seed * 10 + s);
-            write_grads(h, &mut set, &ts)?;
+            next_grads(h, &mut set, &mut ts, seed * 10 + s)?;
             if s % 2 == 0 {
                 opt.step(&mut set, None)?;
                 cpu::step(&mut ts, &cfg, &cpu::StepInputs::new(cfg.lr), &[])?;

@@ -1,4 +1,5 @@
-//! Bad input at the library's GPU entry points (issue 17; the CPU side is `tests/bad_input.rs`).
+//! Bad input at the library's GPU entry points (issue 17; the CPU side: each op's `tests/<op>.rs`
+//! and `tests/bad_input.rs`).
 //! Each case ends in an `Error`, or a documented valid result checked against the CPU reference
 //! bit for bit — never a panic, a NaN, or a silently wrong value.
 //!

@@ -489,22 +489,28 @@ fn many_rows(h: &Handle) -> TestResult {
     Ok(())
 }
 
+/// The masked-and-large problem on `c` (4 rows of 4099): alpha `alpha`, z-loss 1e-4, no
+/// reduction, nothing ignored; bf16 logits with row 0 half masked (-inf) and row 1 at ±1e4.
+fn masked_and_large_input(c: &mut Case, alpha: f64) -> (Vec<bf16>, Vec<i64>) {
+    let vocab = c.vocab;
+    c.alpha = alpha;
+    c.lambda = 1e-4;
+    c.red = Reduction::None;
+    c.ignored = 0;
+    let mut x = logits::<bf16>(5, 4 * vocab, false);
+    for j in (0..vocab).step_by(2) {
+        x[j] = bf16::NEG_INFINITY; // row 0: half the vocabulary masked
+    }
+    for j in 0..vocab {
+        x[vocab + j] = bf16::from_f32(if j % 3 == 0 { 1e4 } else { -1e4 });
+    }
+    (x, vec![1, 4, 7, 8])
+}
+
 fn masked_and_large(h: &Handle) -> TestResult {
-    let vocab = 4099;
     for alpha in [0.0, 0.1] {
-        let mut c = Case::new(4, vocab);
-        c.alpha = alpha;
-        c.lambda = 1e-4;
-        c.red = Reduction::None;
-        c.ignored = 0;
-        let mut x = logits::<bf16>(5, 4 * vocab, false);
-        for j in (0..vocab).step_by(2) {
-            x[j] = bf16::NEG_INFINITY; // row 0: half the vocabulary masked
-        }
-        for j in 0..vocab {
-            x[vocab + j] = bf16::from_f32(if j % 3 == 0 { 1e4 } else { -1e4 });
-        }
-        let t: Vec<i64> = vec![1, 4, 7, 8];
+        let mut c = Case::new(4, 4099);
+        let (x, t) = masked_and_large_input(&mut c, alpha);
         let got = gpu_run(h, &c, &x, &t, &[], None)?;
         let (loss, grad) = cpu_run(&c, &x, &t, &[]);
         loss_eq("loss", &got.loss, &loss)?;
@@ -518,7 +524,11 @@ fn masked_and_large(h: &Handle) -> TestResult {
 }
 
 fn repeatable(h: &Handle) -> TestResult {
-    let mut c = Case::new(64, 32_003);
+    same_bits_on_every_run(h, Case::new(64, 32_003))
+}
+
+/// `c` with a separate gradient, run twice on the same inputs: the same loss and gradient bits.
+fn same_bits_on_every_run(h: &Handle, mut c: Case) -> TestResult {
     c.grad = Grad::Separate;
     let x = logits::<bf16>(6, c.rows * c.vocab, false);
     let t = targets::<i64>(6, c.rows, c.vocab, 10);
@@ -683,21 +693,9 @@ fn fast_large_vocabularies<T: Dtype>(h: &Handle) -> TestResult {
 
 /// Masked (-inf) and ±1e4 logits with `Math::Fast`: finite, within the bound.
 fn fast_masked_and_large(h: &Handle) -> TestResult {
-    let vocab = 4099;
     for alpha in [0.0, 0.1] {
-        let mut c = Case::new(4, vocab).fast();
-        c.alpha = alpha;
-        c.lambda = 1e-4;
-        c.red = Reduction::None;
-        c.ignored = 0;
-        let mut x = logits::<bf16>(5, 4 * vocab, false);
-        for j in (0..vocab).step_by(2) {
-            x[j] = bf16::NEG_INFINITY;
-        }
-        for j in 0..vocab {
-            x[vocab + j] = bf16::from_f32(if j % 3 == 0 { 1e4 } else { -1e4 });
-        }
-        let t: Vec<i64> = vec![1, 4, 7, 8];
+        let mut c = Case::new(4, 4099).fast();
+        let (x, t) = masked_and_large_input(&mut c, alpha);
         let got = gpu_run(h, &c, &x, &t, &[], None)?;
         fast_eq(&c, &x, &t, &[], &got, &format!("masked α {alpha}"))?;
         let g = got.grad.as_ref().unwrap();
@@ -710,15 +708,7 @@ fn fast_masked_and_large(h: &Handle) -> TestResult {
 
 /// `Math::Fast` is deterministic too: the same bits on every run.
 fn fast_repeatable(h: &Handle) -> TestResult {
-    let mut c = Case::new(64, 32_003).fast();
-    c.grad = Grad::Separate;
-    let x = logits::<bf16>(6, c.rows * c.vocab, false);
-    let t = targets::<i64>(6, c.rows, c.vocab, 10);
-    let a = gpu_run(h, &c, &x, &t, &[], None)?;
-    let b = gpu_run(h, &c, &x, &t, &[], None)?;
-    bits_eq("loss", &a.loss, &b.loss)?;
-    bits_eq("grad", &a.grad.unwrap(), &b.grad.unwrap())?;
-    Ok(())
+    same_bits_on_every_run(h, Case::new(64, 32_003).fast())
 }
 
 /// A default `Config` runs the fast kernel: its result equals an explicit `Math::Fast` one bit

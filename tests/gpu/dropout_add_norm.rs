@@ -127,6 +127,33 @@ struct Data<T, S> {
     d_s: Option<Vec<S>>,
 }
 
+impl<T: Dtype, S: Dtype> Data<T, S> {
+    /// The CPU forward's arguments: every input the data holds.
+    fn cpu_forward_args(&self) -> cpu::ForwardArgs<'_, T, S> {
+        cpu::ForwardArgs {
+            residual: self.r.as_deref(),
+            beta: self.beta.as_deref(),
+            bias: self.bias.as_deref(),
+            rowscale: self.rowscale.as_deref(),
+            ..cpu::ForwardArgs::new(&self.x, &self.gamma)
+        }
+    }
+
+    /// The CPU backward's arguments, after a forward that gave `s`, `mean` and `rstd`.
+    fn cpu_backward_args<'a>(
+        &'a self,
+        s: &'a [S],
+        mean: &'a [f32],
+        rstd: &'a [f32],
+    ) -> cpu::BackwardArgs<'a, T, S> {
+        cpu::BackwardArgs {
+            d_s: self.d_s.as_deref(),
+            rowscale: self.rowscale.as_deref(),
+            ..cpu::BackwardArgs::new(&self.d_out, s, &self.gamma, mean, rstd)
+        }
+    }
+}
+
 fn data<T: Dtype, S: Dtype>(c: &Case, seed: u64) -> Data<T, S> {
     let mut g = rng(seed);
     let n = c.rows * c.cols;
@@ -173,13 +200,7 @@ fn cpu_run<T: Dtype, S: Dtype>(c: &Case, cfg: &Config, d: &Data<T, S>) -> Outs<T
         dbeta: c.beta.then(|| vec![poison::<T>(); cols]),
         dbias: c.bias.then(|| vec![poison::<T>(); cols]),
     };
-    let args = cpu::ForwardArgs {
-        residual: d.r.as_deref(),
-        beta: d.beta.as_deref(),
-        bias: d.bias.as_deref(),
-        rowscale: d.rowscale.as_deref(),
-        ..cpu::ForwardArgs::new(&d.x, &d.gamma)
-    };
+    let args = d.cpu_forward_args();
     let outs = cpu::ForwardOut {
         out: &mut o.out,
         s: &mut o.s,
@@ -187,11 +208,7 @@ fn cpu_run<T: Dtype, S: Dtype>(c: &Case, cfg: &Config, d: &Data<T, S>) -> Outs<T
         rstd: &mut o.rstd,
     };
     cpu::forward(cfg, args, outs).unwrap();
-    let args = cpu::BackwardArgs {
-        d_s: d.d_s.as_deref(),
-        rowscale: d.rowscale.as_deref(),
-        ..cpu::BackwardArgs::new(&d.d_out, &o.s, &d.gamma, &o.mean, &o.rstd)
-    };
+    let args = d.cpu_backward_args(&o.s, &o.mean, &o.rstd);
     let outs = cpu::BackwardOut {
         d_residual: o.d_residual.as_deref_mut(),
         dbeta: o.dbeta.as_deref_mut(),
@@ -433,30 +450,37 @@ fn views_at_element_1(h: &Handle) -> TestResult {
     Ok(())
 }
 
-/// The scalar path, a capped forward grid and no shared-memory caches give the same bits as the
-/// defaults (4104 columns: the backward's partials need more than 48 KiB of shared memory).
+/// Each launch path the defaults do not take, forced alone: the scalar path, a capped forward
+/// grid (several rows per block), no shared-memory caches, the generic kernels. (Also
+/// tests/gpu/redundancy.rs.)
+pub(crate) fn forced_tunings() -> [LaunchTuning; 4] {
+    [
+        LaunchTuning {
+            force_scalar: true,
+            ..Default::default()
+        },
+        LaunchTuning {
+            max_grid: 7,
+            ..Default::default()
+        },
+        LaunchTuning {
+            no_smem: true,
+            ..Default::default()
+        },
+        LaunchTuning {
+            generic: true,
+            ..Default::default()
+        },
+    ]
+}
+
+/// The scalar path, a capped forward grid, no shared-memory caches and the generic kernels give
+/// the same bits as the defaults (4104 columns: the backward's partials need more than 48 KiB of shared memory).
 fn launch_configurations_agree(h: &Handle) -> TestResult {
     for (norm, cols) in [(Norm::LayerNorm, 2048), (Norm::RmsNorm, 4104)] {
         let base = Case::new(300, cols, norm);
         let a = run_case::<bf16, bf16>(h, &base, 9000)?;
-        for tuning in [
-            LaunchTuning {
-                force_scalar: true,
-                ..Default::default()
-            },
-            LaunchTuning {
-                max_grid: 7,
-                ..Default::default()
-            },
-            LaunchTuning {
-                no_smem: true,
-                ..Default::default()
-            },
-            LaunchTuning {
-                generic: true,
-                ..Default::default()
-            },
-        ] {
+        for tuning in forced_tunings() {
             let b = run_case::<bf16, bf16>(h, &Case { tuning, ..base }, 9000)?;
             compare(&format!("{tuning:?} vs default"), &b, &a)?;
         }
@@ -694,13 +718,7 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
             vec![f32::NAN; rows],
             vec![f32::NAN; rows],
         );
-        let args = cpu::ForwardArgs {
-            residual: d.r.as_deref(),
-            beta: d.beta.as_deref(),
-            bias: d.bias.as_deref(),
-            rowscale: d.rowscale.as_deref(),
-            ..cpu::ForwardArgs::new(&d.x, &d.gamma)
-        };
+        let args = d.cpu_forward_args();
         let outs = cpu::ForwardOut {
             out: &mut out,
             s: &mut s,
@@ -715,11 +733,7 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
             vec![poison::<T>(); cols],
             vec![poison::<T>(); cols],
         );
-        let args = cpu::BackwardArgs {
-            d_s: d.d_s.as_deref(),
-            rowscale: d.rowscale.as_deref(),
-            ..cpu::BackwardArgs::new(&d.d_out, &s, &d.gamma, &mean, &rstd)
-        };
+        let args = d.cpu_backward_args(&s, &mean, &rstd);
         let outs = cpu::BackwardOut {
             d_residual: Some(&mut dres),
             dbeta: d.beta.as_ref().map(|_| &mut db[..]),

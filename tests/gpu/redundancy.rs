@@ -13,6 +13,7 @@ use half::{bf16, f16};
 use libtest_mimic::Trial;
 
 use crate::common::{bits_eq, rng, uniform};
+use crate::dropout_add_norm::forced_tunings;
 use crate::harness::trials_of;
 use crate::harness::TestResult;
 
@@ -184,26 +185,8 @@ fn launch_configurations_agree(h: &Handle) -> TestResult<()> {
         let cfg = config(rows, cols, Norm::LayerNorm, false)?;
         let d = data::<bf16, bf16>(rows, cols, 77);
         let mut first = None;
-        for tuning in [
-            LaunchTuning::default(),
-            LaunchTuning::default(),
-            LaunchTuning {
-                force_scalar: true,
-                ..Default::default()
-            },
-            LaunchTuning {
-                generic: true,
-                ..Default::default()
-            },
-            LaunchTuning {
-                max_grid: 7,
-                ..Default::default()
-            },
-            LaunchTuning {
-                no_smem: true,
-                ..Default::default()
-            },
-        ] {
+        let defaults = [LaunchTuning::default(), LaunchTuning::default()];
+        for tuning in defaults.into_iter().chain(forced_tunings()) {
             meter.reset()?;
             gpu_forward(h, &cfg, &d, tuning, Some((&mut meter, 0)))?;
             let got = meter.stats()?[0];

@@ -10,7 +10,7 @@ use fusedreg::Math;
 
 use crate::common::{xent_within_fast_bound, XentOut};
 
-use super::{candle_handle, cuda, host, launches, poison_pool, refused_naming, same, view};
+use super::{candle_handle, cuda, host, launches, outputs_match_cpu, refused_naming, same, view};
 use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
@@ -79,16 +79,7 @@ fn run(dev: &Device, dtype: DType, c: &Case) -> TestResult<Vec<Tensor>> {
 }
 
 fn matches_cpu(h: &Handle, dtype: DType) -> TestResult {
-    let dev = cuda(h)?;
-    poison_pool(&dev)?;
-    for (k, c) in CASES.iter().enumerate() {
-        let g = run(&dev, dtype, c)?;
-        let cpu = run(&Device::Cpu, dtype, c)?;
-        for (i, (a, b)) in g.iter().zip(&cpu).enumerate() {
-            same(&format!("{dtype:?} case {k} {:?}: output {i}", c.0), a, b)?;
-        }
-    }
-    Ok(())
+    outputs_match_cpu(h, dtype, CASES, |c| c.0, |dev, _, c| run(dev, dtype, c))
 }
 
 fn launches_on_candles_stream(h: &Handle) -> TestResult {

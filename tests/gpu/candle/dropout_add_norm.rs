@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use fusedreg::candle::{DropoutAddNorm, StepKeys};
 
-use super::{candle_handle, cuda, host, launches, poison_pool, same, view};
+use super::{candle_handle, cuda, host, launches, outputs_match_cpu, view};
 use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
@@ -111,19 +111,7 @@ fn run(dev: &Device, dtype: DType, c: &Case, k: usize) -> TestResult<Vec<Tensor>
 }
 
 fn matches_cpu(h: &Handle, dtype: DType) -> TestResult {
-    let dev = cuda(h)?;
-    poison_pool(&dev)?;
-    for (k, c) in CASES.iter().enumerate() {
-        let g = run(&dev, dtype, c, k)?;
-        let cpu = run(&Device::Cpu, dtype, c, k)?;
-        if g.len() != cpu.len() {
-            return Err(format!("case {k}: {} outputs vs {}", g.len(), cpu.len()).into());
-        }
-        for (i, (a, b)) in g.iter().zip(&cpu).enumerate() {
-            same(&format!("{dtype:?} case {k} {:?}: output {i}", c.0), a, b)?;
-        }
-    }
-    Ok(())
+    outputs_match_cpu(h, dtype, CASES, |c| c.0, |dev, k, c| run(dev, dtype, c, k))
 }
 
 fn launches_on_candles_stream(h: &Handle) -> TestResult {

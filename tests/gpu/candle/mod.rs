@@ -12,7 +12,6 @@ mod bias_act_dropout;
 mod cross_entropy;
 mod dropout;
 mod dropout_add_norm;
-mod dropout_residual;
 
 use candle_core::{DType, Device, Tensor, Var};
 use fusedreg::candle::StepKeys;
@@ -22,8 +21,7 @@ use libtest_mimic::Trial;
 use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
-    let mut v = dropout_residual::trials();
-    v.extend(dropout::trials());
+    let mut v = dropout::trials();
     v.extend(bias_act_dropout::trials());
     v.extend(dropout_add_norm::trials());
     v.extend(cross_entropy::trials());
@@ -116,6 +114,32 @@ fn same_but(
         )
         .into()),
     }
+}
+
+/// Every case on the GPU (candle's pool poisoned first) and on the CPU device: `run(device, k,
+/// case)` gives as many outputs on both, each equal bit for bit ([`same`]; named by their
+/// index). `dims` names a case.
+fn outputs_match_cpu<C>(
+    h: &Handle,
+    dtype: DType,
+    cases: &[C],
+    dims: impl Fn(&C) -> &'static [usize],
+    run: impl Fn(&Device, usize, &C) -> TestResult<Vec<Tensor>>,
+) -> TestResult {
+    let dev = cuda(h)?;
+    poison_pool(&dev)?;
+    for (k, c) in cases.iter().enumerate() {
+        let g = run(&dev, k, c)?;
+        let cpu = run(&Device::Cpu, k, c)?;
+        let what = format!("{dtype:?} case {k} {:?}", dims(c));
+        if g.len() != cpu.len() {
+            return Err(format!("{what}: {} outputs vs {}", g.len(), cpu.len()).into());
+        }
+        for (i, (a, b)) in g.iter().zip(&cpu).enumerate() {
+            same(&format!("{what}: output {i}"), a, b)?;
+        }
+    }
+    Ok(())
 }
 
 /// The adapter's handle for candle's device, checked to be on candle's own stream.
