@@ -36,6 +36,7 @@
 use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{Config, OP};
+use crate::dropping::unfused::check_masked_backward;
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
@@ -94,6 +95,39 @@ const COL_SUM: KernelFamily = per_dtype!(
 
 const BLOCK: u32 = 256;
 
+/// The forward's checks (the launch wrapper's and the CPU mirror's): 32-bit keying, as the
+/// baseline's byte masks are drawn, and the lengths of `x`, `bias`, `y`, `mask` and `h`.
+fn check_forward(
+    cfg: &Config,
+    x: usize,
+    bias: usize,
+    y: usize,
+    mask: usize,
+    h: usize,
+) -> Result<()> {
+    super::require_bits32_unfused(cfg)?;
+    let n = cfg.len();
+    check_len(OP, "x", x, n)?;
+    check_len(OP, "bias (one per column)", bias, cfg.cols())?;
+    check_len(OP, "y", y, n)?;
+    check_len(OP, "mask (bytes)", mask, n)?;
+    check_len(OP, "h", h, n)
+}
+
+/// The backward's length checks (the launch wrapper's and the CPU mirror's): `h`, then those of
+/// every masked backward.
+fn check_backward(
+    cfg: &Config,
+    dy: usize,
+    mask: usize,
+    h: usize,
+    dx: usize,
+    dbias: Option<usize>,
+) -> Result<()> {
+    check_len(OP, "h", h, cfg.len())?;
+    check_masked_backward(OP, (cfg.len(), cfg.cols()), dy, mask, dx, dbias)
+}
+
 fn params(cfg: &Config) -> Params {
     Params {
         n: cfg.len() as u64,
@@ -145,13 +179,8 @@ pub fn forward<T: Dtype>(
     mask: &mut impl DevicePtrMut<u8>,
     h: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
-    super::require_bits32_unfused(cfg)?;
+    check_forward(cfg, x.len(), bias.len(), y.len(), mask.len(), h.len())?;
     let n = cfg.len();
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "bias (one per column)", bias.len(), cfg.cols())?;
-    check_len(OP, "y", y.len(), n)?;
-    check_len(OP, "mask (bytes)", mask.len(), n)?;
-    check_len(OP, "h", h.len(), n)?;
     if n == 0 {
         return Ok(());
     }
@@ -228,13 +257,8 @@ pub fn backward<T: Dtype>(
     mut dbias: Option<CudaViewMut<'_, T>>,
 ) -> Result<()> {
     let n = cfg.len();
-    check_len(OP, "dy", dy.len(), n)?;
-    check_len(OP, "mask (bytes)", mask.len(), n)?;
-    check_len(OP, "h", h.len(), n)?;
-    check_len(OP, "dx", dx.len(), n)?;
-    if let Some(d) = &dbias {
-        check_len(OP, "dbias (one per column)", d.len(), cfg.cols())?;
-    }
+    let db_len = dbias.as_ref().map(|d| d.len());
+    check_backward(cfg, dy.len(), mask.len(), h.len(), dx.len(), db_len)?;
     let base = params(cfg);
     let db_g = dbias
         .as_mut()
@@ -325,13 +349,8 @@ pub fn forward_cpu<T: Dtype>(
     mask: &mut [u8],
     h: &mut [T],
 ) -> Result<()> {
-    super::require_bits32_unfused(cfg)?;
+    check_forward(cfg, x.len(), bias.len(), y.len(), mask.len(), h.len())?;
     let n = cfg.len();
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "bias (one per column)", bias.len(), cfg.cols())?;
-    check_len(OP, "y", y.len(), n)?;
-    check_len(OP, "mask (bytes)", mask.len(), n)?;
-    check_len(OP, "h", h.len(), n)?;
     let scale = cfg.rate().scale();
     let mut bits = cfg.keying().keep_bits();
     for i in 0..n {
@@ -369,13 +388,8 @@ pub fn backward_cpu<T: Dtype>(
     dbias: Option<&mut [T]>,
 ) -> Result<()> {
     let n = cfg.len();
-    check_len(OP, "dy", dy.len(), n)?;
-    check_len(OP, "mask (bytes)", mask.len(), n)?;
-    check_len(OP, "h", h.len(), n)?;
-    check_len(OP, "dx", dx.len(), n)?;
-    if let Some(d) = &dbias {
-        check_len(OP, "dbias (one per column)", d.len(), cfg.cols())?;
-    }
+    let db_len = dbias.as_ref().map(|d| d.len());
+    check_backward(cfg, dy.len(), mask.len(), h.len(), dx.len(), db_len)?;
     let scale = cfg.rate().scale();
     for i in 0..n {
         let g = T::from_f32_rn(if mask[i] != 0 {

@@ -320,6 +320,7 @@ impl Pass for Bwd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::candle::shell::assert_fails_with;
     use candle_core::{DType, Device};
 
     fn cfg(rows: usize, cols: usize) -> Config {
@@ -332,11 +333,9 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
         let cfg = cfg(6, 4);
-        let err = x.apply_op1_no_bwd(&Op(Fwd { cfg })).unwrap_err();
-        assert!(err.to_string().contains("not contiguous"), "{err}");
+        assert_fails_with(x.apply_op1_no_bwd(&Op(Fwd { cfg })), "not contiguous");
         let dy = Tensor::zeros((6, 4), DType::F32, &dev)?;
-        let err = dy.apply_op2_no_bwd(&x, &Op(Bwd { cfg })).unwrap_err();
-        assert!(err.to_string().contains("not contiguous"), "{err}");
+        assert_fails_with(dy.apply_op2_no_bwd(&x, &Op(Bwd { cfg })), "not contiguous");
         Ok(())
     }
 
@@ -347,13 +346,10 @@ mod tests {
         let x = Tensor::zeros((2, 3), DType::F32, &dev)?;
         let b = Tensor::zeros(3, DType::BF16, &dev)?;
         let cfg = cfg(2, 3);
-        let err = x.apply_op2_no_bwd(&b, &Op(Fwd { cfg })).unwrap_err();
-        assert!(err.to_string().contains("dtype"), "{err}");
-        let err = x.apply_op3_no_bwd(&x, &b, &Op(Bwd { cfg })).unwrap_err();
-        assert!(err.to_string().contains("dtype"), "{err}");
+        assert_fails_with(x.apply_op2_no_bwd(&b, &Op(Fwd { cfg })), "dtype");
+        assert_fails_with(x.apply_op3_no_bwd(&x, &b, &Op(Bwd { cfg })), "dtype");
         let x64 = Tensor::zeros((2, 3), DType::F64, &dev)?;
-        let err = x64.apply_op2_no_bwd(&x64, &Op(Bwd { cfg })).unwrap_err();
-        assert!(err.to_string().contains("F64"), "{err}");
+        assert_fails_with(x64.apply_op2_no_bwd(&x64, &Op(Bwd { cfg })), "F64");
         Ok(())
     }
 }

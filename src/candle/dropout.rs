@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, Result, Shape, Tensor};
 
-use super::redundancy::{BlockInfluence, Meter};
+use super::redundancy::BlockInfluence;
 use super::shell::{self, cpu_out, packed_len, split_parts, unpack, Elem, Inputs, Op, Pass};
 use super::site::{site_methods, Site};
 use super::StepKeys;
@@ -405,14 +405,10 @@ impl Pass for Fwd {
             .transpose()?;
         let bias = ins.opt_slice(self.bias_at(), "bias")?;
         let meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
-        let redundancy = match &meter {
-            None => None,
-            Some((m, site)) => match &**m {
-                Meter::Cpu(m) => Some(m.site(*site)?),
-                #[cfg(feature = "candle-cuda")]
-                Meter::Cuda(_) => return Err(meter_elsewhere()),
-            },
-        };
+        let redundancy = meter
+            .as_ref()
+            .map(|(m, site)| m.cpu_site(RES_OP, *site))
+            .transpose()?;
         let mut y = vec![T::default(); self.cfg.len()];
         let opts = cpu::ForwardOptions {
             bias,
@@ -438,13 +434,10 @@ impl Pass for Fwd {
         // gets +0, or the residual's bits).
         let mut y = unsafe { ins.alloc::<T>(n)? };
         let mut meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
-        let redundancy = match &mut meter {
-            None => None,
-            Some((m, site)) => match &mut **m {
-                Meter::Cuda(m) => Some(m.site(*site)?),
-                Meter::Cpu(_) => return Err(meter_elsewhere()),
-            },
-        };
+        let redundancy = meter
+            .as_mut()
+            .map(|(m, site)| m.cuda_site(RES_OP, *site))
+            .transpose()?;
         let opts = crate::dropout::ForwardOptions {
             bias,
             residual,
@@ -471,16 +464,6 @@ impl Pass for Fwd {
             .flatten()
             .collect())
     }
-}
-
-/// A forward on one device measured by a meter on another.
-#[cfg(feature = "candle-cuda")]
-fn meter_elsewhere() -> candle_core::Error {
-    crate::error::Error::invalid(
-        RES_OP,
-        "the Block Influence meter is on another device than the tensors",
-    )
-    .into()
 }
 
 /// The backward pass on dy: dx, then dbias when asked, packed in one buffer (split by
@@ -544,6 +527,7 @@ impl Pass for Bwd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::candle::shell::assert_fails_with;
     use candle_core::{DType, Device};
 
     /// The passes refuse strided layouts (the public `forward` copies before reaching them).
@@ -559,20 +543,18 @@ mod tests {
                 residual,
                 meter: None,
             });
-            let err = x.apply_op2_no_bwd(&r, &fwd).unwrap_err();
-            assert!(err.to_string().contains("not contiguous"), "{err}");
+            assert_fails_with(x.apply_op2_no_bwd(&r, &fwd), "not contiguous");
         }
-        let err = x
-            .apply_op1_no_bwd(&Op(Fwd {
+        assert_fails_with(
+            x.apply_op1_no_bwd(&Op(Fwd {
                 cfg,
                 residual: false,
                 meter: None,
-            }))
-            .unwrap_err();
-        assert!(err.to_string().contains("not contiguous"), "{err}");
+            })),
+            "not contiguous",
+        );
         let bwd = Op(Bwd { cfg, dbias: true });
-        let err = x.apply_op1_no_bwd(&bwd).unwrap_err();
-        assert!(err.to_string().contains("not contiguous"), "{err}");
+        assert_fails_with(x.apply_op1_no_bwd(&bwd), "not contiguous");
         Ok(())
     }
 
@@ -589,19 +571,16 @@ mod tests {
             residual: true,
             meter: None,
         });
-        let err = x.apply_op2_no_bwd(&r, &fwd).unwrap_err();
-        assert!(err.to_string().contains("dtype"), "{err}");
+        assert_fails_with(x.apply_op2_no_bwd(&r, &fwd), "dtype");
         let fwd = Op(Fwd {
             cfg,
             residual: false,
             meter: None,
         });
-        let err = x.apply_op2_no_bwd(&b, &fwd).unwrap_err();
-        assert!(err.to_string().contains("dtype"), "{err}");
+        assert_fails_with(x.apply_op2_no_bwd(&b, &fwd), "dtype");
         let x64 = Tensor::zeros((2, 3), DType::F64, &dev)?;
         let bwd = Op(Bwd { cfg, dbias: false });
-        let err = x64.apply_op1_no_bwd(&bwd).unwrap_err();
-        assert!(err.to_string().contains("F64"), "{err}");
+        assert_fails_with(x64.apply_op1_no_bwd(&bwd), "F64");
         Ok(())
     }
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, Result, Shape, Tensor};
 
-use super::redundancy::{BlockInfluence, Meter};
+use super::redundancy::BlockInfluence;
 use super::shell::{self, cpu_out, packed_len, split_parts, unpack, Elem, Inputs, Op, Pass};
 use super::site::{site_methods, Site};
 use super::StepKeys;
@@ -556,14 +556,10 @@ impl Pass for Fwd {
         let (gamma, beta, bias) = l.split(params);
         let rows = self.cfg.rows();
         let meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
-        let redundancy = match &meter {
-            None => None,
-            Some((m, site)) => match &**m {
-                Meter::Cpu(m) => Some(m.site(*site)?),
-                #[cfg(feature = "candle-cuda")]
-                Meter::Cuda(_) => return Err(meter_elsewhere()),
-            },
-        };
+        let redundancy = meter
+            .as_ref()
+            .map(|(m, site)| m.cpu_site(OP, *site))
+            .transpose()?;
         let mut packed = vec![T::default(); 2 * l.n];
         let mut stats = vec![0f32; 2 * rows];
         {
@@ -597,13 +593,10 @@ impl Pass for Fwd {
         let (gamma, beta, bias) = l.split(params);
         let rows = self.cfg.rows();
         let mut meter = self.meter.as_ref().map(|(m, site)| (m.lock(), *site));
-        let redundancy = match &mut meter {
-            None => None,
-            Some((m, site)) => match &mut **m {
-                Meter::Cuda(m) => Some(m.site(*site)?),
-                Meter::Cpu(_) => return Err(meter_elsewhere()),
-            },
-        };
+        let redundancy = meter
+            .as_mut()
+            .map(|(m, site)| m.cuda_site(OP, *site))
+            .transpose()?;
         // SAFETY: the forward writes every element of out, s, mean and rstd.
         let mut packed = unsafe { ins.alloc::<T>(2 * l.n)? };
         // SAFETY: as above.
@@ -657,16 +650,6 @@ impl Pass for Fwd {
             .flatten()
             .collect())
     }
-}
-
-/// A forward on one device measured by a meter on another.
-#[cfg(feature = "candle-cuda")]
-fn meter_elsewhere() -> candle_core::Error {
-    Error::invalid(
-        OP,
-        "the Block Influence meter is on another device than the tensors",
-    )
-    .into()
 }
 
 /// The backward pass on (grad of the packed output, the packed output, params): one buffer of
@@ -773,6 +756,7 @@ impl Pass for Bwd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::candle::shell::assert_fails_with;
     use candle_core::{DType, Device};
 
     fn fwd(cfg: Config) -> Result<Op<Fwd>> {
@@ -791,8 +775,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (4, 6), &dev)?.t()?; // [6, 4], strided
         let gamma = Tensor::ones(4, DType::F32, &dev)?;
         let cfg = Config::new(6, 4, Norm::LayerNorm, 1e-5)?;
-        let err = x.apply_op2_no_bwd(&gamma, &fwd(cfg)?).unwrap_err();
-        assert!(err.to_string().contains("not contiguous"), "{err}");
+        assert_fails_with(x.apply_op2_no_bwd(&gamma, &fwd(cfg)?), "not contiguous");
         Ok(())
     }
 
@@ -805,11 +788,9 @@ mod tests {
         let gamma = Tensor::zeros(3, DType::BF16, &dev)?;
         let cfg = Config::new(2, 3, Norm::RmsNorm, 1e-5)?;
         let op = fwd(cfg)?;
-        let err = x.apply_op2_no_bwd(&gamma, &op).unwrap_err();
-        assert!(err.to_string().contains("dtype"), "{err}");
+        assert_fails_with(x.apply_op2_no_bwd(&gamma, &op), "dtype");
         let packed = Tensor::zeros((2, 2, 3), DType::F32, &dev)?;
-        let err = op.0.bwd(&[&x, &gamma], &packed, &packed).unwrap_err();
-        assert!(err.to_string().contains("statistics"), "{err}");
+        assert_fails_with(op.0.bwd(&[&x, &gamma], &packed, &packed), "statistics");
         Ok(())
     }
 }

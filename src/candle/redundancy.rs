@@ -57,6 +57,47 @@ pub(crate) enum Meter {
     Cuda(redundancy::Redundancy),
 }
 
+impl Meter {
+    /// Site `site` of the meter for a forward of `op` on the CPU; a meter counting on a CUDA
+    /// device is an error.
+    #[cfg_attr(not(feature = "candle-cuda"), allow(unused_variables))]
+    pub(crate) fn cpu_site(
+        &self,
+        op: &'static str,
+        site: usize,
+    ) -> Result<redundancy::cpu::Site<'_>> {
+        match self {
+            Meter::Cpu(m) => Ok(m.site(site)?),
+            #[cfg(feature = "candle-cuda")]
+            Meter::Cuda(_) => Err(elsewhere(op)),
+        }
+    }
+
+    /// Site `site` of the meter for a forward of `op` on a CUDA device; a meter counting on the
+    /// CPU is an error.
+    #[cfg(feature = "candle-cuda")]
+    pub(crate) fn cuda_site(
+        &mut self,
+        op: &'static str,
+        site: usize,
+    ) -> Result<redundancy::Site<'_>> {
+        match self {
+            Meter::Cuda(m) => Ok(m.site(site)?),
+            Meter::Cpu(_) => Err(elsewhere(op)),
+        }
+    }
+}
+
+/// A forward of `op` on one device measured by a meter on another.
+#[cfg(feature = "candle-cuda")]
+fn elsewhere(op: &'static str) -> candle_core::Error {
+    Error::invalid(
+        op,
+        "the Block Influence meter is on another device than the tensors",
+    )
+    .into()
+}
+
 impl BlockInfluence {
     /// A meter of `sites` sites (numbered from 0) counting calls on `device`: the CPU or (feature
     /// `candle-cuda`) a CUDA device.

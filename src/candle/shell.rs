@@ -521,6 +521,17 @@ pub(crate) fn rows_cols(op: &'static str, what: &str, t: &Tensor) -> Result<(usi
     Ok((rows, cols))
 }
 
+/// Asserts that `r` is an error whose message contains `what` (the unit tests' checks that the
+/// custom ops refuse bad storage themselves).
+#[cfg(test)]
+#[track_caller]
+pub(crate) fn assert_fails_with<T>(r: Result<T>, what: &str) {
+    match r {
+        Ok(_) => panic!("expected an error containing {what:?}, got Ok"),
+        Err(e) => assert!(e.to_string().contains(what), "{e}"),
+    }
+}
+
 /// The fusedreg [`Handle`](crate::Handle) of a candle CUDA device: candle's own stream
 /// ([`CudaDevice::cuda_stream`](candle_core::CudaDevice::cuda_stream)) and context, with fusedreg's
 /// kernels loaded once. Handles are cached per device for the life of the process (each keeps the

@@ -48,6 +48,33 @@ pub struct Loss {
     pub n_valid: u64,
 }
 
+impl Loss {
+    /// The per-row losses `rows` with `cfg`'s reduction applied: the kernels' fixed-order sum,
+    /// or its mean over the `n_valid` rows.
+    pub(crate) fn reduce(cfg: &Config, rows: Vec<f32>, n_valid: u64) -> Loss {
+        let reduced = match cfg.get_reduction() {
+            Reduction::None => None,
+            Reduction::Sum => Some(ordered_sum(&rows)),
+            Reduction::Mean => Some(mean_of(ordered_sum(&rows), n_valid)),
+        };
+        Loss {
+            rows,
+            reduced,
+            n_valid,
+        }
+    }
+}
+
+/// The factor on row `row`'s gradient: `1 / n_valid` for the mean, 1 for the sum, the row's
+/// upstream gradient (1 without one) when nothing is reduced.
+pub(crate) fn grad_scale(cfg: &Config, n_valid: u64, upstream: Option<&[f32]>, row: usize) -> f32 {
+    match cfg.get_reduction() {
+        Reduction::Mean => 1.0f32 / n_valid as f32,
+        Reduction::Sum => 1.0,
+        Reduction::None => upstream.map_or(1.0, |u| u[row]),
+    }
+}
+
 /// The running state of one slot (or of a combined row): max, sum of `exp(x - m)`, sum of `x`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct State {
@@ -278,18 +305,13 @@ pub(crate) enum Sink<'a, T> {
     InPlace,
 }
 
-pub(crate) fn run<T: Dtype, I: TargetIndex, M: Mode>(
-    mode: &M,
+/// Every row's [`TargetClass`] and the count of valid rows (the mean's divisor), or the error of
+/// the first target outside `[0, vocab)` that is not the ignore index.
+pub(crate) fn target_classes<I: TargetIndex>(
     cfg: &Config,
-    logits: &mut dyn LogitsRows<T>,
     targets: &[I],
-    upstream: Option<&[f32]>,
-    mut sink: Sink<'_, T>,
-) -> Result<Loss> {
+) -> Result<(Vec<TargetClass>, u64)> {
     let v = cfg.vocab();
-    let c = cfg.consts();
-    // Targets first: a bad one is an error before anything is written, and the mean's scale
-    // needs the count of valid rows.
     let mut classes = Vec::with_capacity(targets.len());
     for (row, &t) in targets.iter().enumerate() {
         let class = target_class(t.to_i64(), v, cfg.get_ignore_index());
@@ -309,7 +331,75 @@ pub(crate) fn run<T: Dtype, I: TargetIndex, M: Mode>(
         .iter()
         .filter(|c| matches!(c, TargetClass::Valid(_)))
         .count() as u64;
-    let mean_scale = 1.0f32 / n_valid as f32;
+    Ok((classes, n_valid))
+}
+
+/// [`check_lens`] for a host call: its loss buffer is its own (the reduction's length), so only
+/// the caller's slices are checked.
+pub(crate) fn check_host_lens(
+    cfg: &Config,
+    logits: usize,
+    targets: usize,
+    grad: Option<usize>,
+    upstream: Option<&[f32]>,
+) -> Result<()> {
+    check_lens(
+        cfg,
+        logits,
+        targets,
+        grad,
+        cfg.get_reduction().loss_len(cfg.rows()),
+        upstream.map(<[f32]>::len),
+    )
+}
+
+/// A checked host call in `mode` with the gradient into a separate `grad`.
+pub(crate) fn run_separate<T: Dtype, I: TargetIndex, M: Mode>(
+    mode: &M,
+    cfg: &Config,
+    logits: &[T],
+    targets: &[I],
+    upstream: Option<&[f32]>,
+    grad: &mut [T],
+) -> Result<Loss> {
+    check_host_lens(cfg, logits.len(), targets.len(), Some(grad.len()), upstream)?;
+    let logits = &mut Shared(logits, cfg.vocab());
+    run(mode, cfg, logits, targets, upstream, Sink::Separate(grad))
+}
+
+/// A checked host call in `mode` with the gradient written over the logits.
+pub(crate) fn run_inplace<T: Dtype, I: TargetIndex, M: Mode>(
+    mode: &M,
+    cfg: &Config,
+    logits: &mut [T],
+    targets: &[I],
+    upstream: Option<&[f32]>,
+) -> Result<Loss> {
+    check_host_lens(cfg, logits.len(), targets.len(), None, upstream)?;
+    let v = cfg.vocab();
+    run(
+        mode,
+        cfg,
+        &mut Exclusive(logits, v),
+        targets,
+        upstream,
+        Sink::InPlace,
+    )
+}
+
+pub(crate) fn run<T: Dtype, I: TargetIndex, M: Mode>(
+    mode: &M,
+    cfg: &Config,
+    logits: &mut dyn LogitsRows<T>,
+    targets: &[I],
+    upstream: Option<&[f32]>,
+    mut sink: Sink<'_, T>,
+) -> Result<Loss> {
+    let v = cfg.vocab();
+    let c = cfg.consts();
+    // Targets first: a bad one is an error before anything is written, and the mean's scale
+    // needs the count of valid rows.
+    let (classes, n_valid) = target_classes(cfg, targets)?;
     let mut rows = vec![0.0f32; cfg.rows()];
     let mut xs = vec![0.0f32; v];
     for (row, class) in classes.iter().enumerate() {
@@ -328,11 +418,7 @@ pub(crate) fn run<T: Dtype, I: TargetIndex, M: Mode>(
             *d = s.to_f32();
         }
         let st = row_state_in(mode, &xs);
-        let scale = match cfg.get_reduction() {
-            Reduction::Mean => mean_scale,
-            Reduction::Sum => 1.0,
-            Reduction::None => upstream.map_or(1.0, |u| u[row]),
-        };
+        let scale = grad_scale(cfg, n_valid, upstream, row);
         let (lse, g) = mode.finish(&c, st, scale);
         rows[row] = row_loss(&c, lse, st.sx, xs[t]);
         let out: &mut [T] = match &mut sink {
@@ -344,16 +430,7 @@ pub(crate) fn run<T: Dtype, I: TargetIndex, M: Mode>(
             *o = T::from_f32_rn(g.elem(x, j == t));
         }
     }
-    let reduced = match cfg.get_reduction() {
-        Reduction::None => None,
-        Reduction::Sum => Some(ordered_sum(&rows)),
-        Reduction::Mean => Some(mean_of(ordered_sum(&rows), n_valid)),
-    };
-    Ok(Loss {
-        rows,
-        reduced,
-        n_valid,
-    })
+    Ok(Loss::reduce(cfg, rows, n_valid))
 }
 
 /// Row access to the logits, shared or exclusive.
@@ -404,22 +481,9 @@ pub fn forward<T: Dtype, I: TargetIndex>(
     logits: &[T],
     targets: &[I],
 ) -> Result<Loss> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        None,
-        cfg.get_reduction().loss_len(cfg.rows()),
-        None,
-    )?;
-    run(
-        &Exact,
-        cfg,
-        &mut Shared(logits, cfg.vocab()),
-        targets,
-        None,
-        Sink::None,
-    )
+    check_host_lens(cfg, logits.len(), targets.len(), None, None)?;
+    let logits = &mut Shared(logits, cfg.vocab());
+    run(&Exact, cfg, logits, targets, None, Sink::None)
 }
 
 /// Loss and the gradient into a separate buffer `grad` (`rows * vocab`). `upstream` (per-row
@@ -445,22 +509,7 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
     upstream: Option<&[f32]>,
     grad: &mut [T],
 ) -> Result<Loss> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        Some(grad.len()),
-        cfg.get_reduction().loss_len(cfg.rows()),
-        upstream.map(<[f32]>::len),
-    )?;
-    run(
-        &Exact,
-        cfg,
-        &mut Shared(logits, cfg.vocab()),
-        targets,
-        upstream,
-        Sink::Separate(grad),
-    )
+    run_separate(&Exact, cfg, logits, targets, upstream, grad)
 }
 
 /// Loss, with the gradient written over the logits.
@@ -485,23 +534,7 @@ pub fn forward_backward_inplace<T: Dtype, I: TargetIndex>(
     targets: &[I],
     upstream: Option<&[f32]>,
 ) -> Result<Loss> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        None,
-        cfg.get_reduction().loss_len(cfg.rows()),
-        upstream.map(<[f32]>::len),
-    )?;
-    let v = cfg.vocab();
-    run(
-        &Exact,
-        cfg,
-        &mut Exclusive(logits, v),
-        targets,
-        upstream,
-        Sink::InPlace,
-    )
+    run_inplace(&Exact, cfg, logits, targets, upstream)
 }
 
 #[cfg(test)]

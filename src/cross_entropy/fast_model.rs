@@ -9,8 +9,8 @@
 //! [module docs](super) ("Math::Fast"). The hardware's own results differ from [`EmuSfu`] by at
 //! most that error, so the GPU is held to the bound, not to these bits.
 
-use super::cpu::{self, z_factor, Exclusive, Loss, Mode, RowGrad, Shared, Sink, State};
-use super::{check_lens, Config, Consts, TargetIndex, GROUP};
+use super::cpu::{self, z_factor, Loss, Mode, RowGrad, State};
+use super::{Config, Consts, TargetIndex, GROUP};
 use crate::dtype::Dtype;
 use crate::error::Result;
 
@@ -163,22 +163,7 @@ pub fn forward_backward<T: Dtype, I: TargetIndex, S: Sfu>(
     grad: &mut [T],
     sfu: &S,
 ) -> Result<Loss> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        Some(grad.len()),
-        cfg.get_reduction().loss_len(cfg.rows()),
-        upstream.map(<[f32]>::len),
-    )?;
-    cpu::run(
-        &Fast(sfu),
-        cfg,
-        &mut Shared(logits, cfg.vocab()),
-        targets,
-        upstream,
-        Sink::Separate(grad),
-    )
+    cpu::run_separate(&Fast(sfu), cfg, logits, targets, upstream, grad)
 }
 
 /// [`forward_backward`] with the gradient written over the logits.
@@ -203,23 +188,7 @@ pub fn forward_backward_inplace<T: Dtype, I: TargetIndex, S: Sfu>(
     upstream: Option<&[f32]>,
     sfu: &S,
 ) -> Result<Loss> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        None,
-        cfg.get_reduction().loss_len(cfg.rows()),
-        upstream.map(<[f32]>::len),
-    )?;
-    let v = cfg.vocab();
-    cpu::run(
-        &Fast(sfu),
-        cfg,
-        &mut Exclusive(logits, v),
-        targets,
-        upstream,
-        Sink::InPlace,
-    )
+    cpu::run_inplace(&Fast(sfu), cfg, logits, targets, upstream)
 }
 
 impl<S: Sfu> Sfu for &S {

@@ -27,13 +27,13 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::cpu::{mean_of, ordered_sum, row_state, z_factor, Loss};
+use super::cpu::{self, row_state, z_factor, Loss};
 use super::gpu::{
     by_target, count_valid, reduce_losses, scratch, scratch_len, Outputs, Workspace, FLAG_MEAN,
     FLAG_UPSTREAM, MAX_GRID,
 };
 use super::math::{exp, ln};
-use super::{check_lens, target_class, Config, Reduction, TargetClass, TargetIndex, OP, SLOTS};
+use super::{check_lens, Config, Reduction, TargetClass, TargetIndex, OP, SLOTS};
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
@@ -252,31 +252,10 @@ pub fn forward_backward_cpu<T: Dtype, I: TargetIndex>(
     upstream: Option<&[f32]>,
     grad: &mut [T],
 ) -> Result<Loss> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        Some(grad.len()),
-        cfg.get_reduction().loss_len(cfg.rows()),
-        upstream.map(<[f32]>::len),
-    )?;
+    cpu::check_host_lens(cfg, logits.len(), targets.len(), Some(grad.len()), upstream)?;
     let v = cfg.vocab();
     let c = cfg.consts();
-    let mut classes = Vec::with_capacity(targets.len());
-    for (row, &t) in targets.iter().enumerate() {
-        let class = target_class(t.to_i64(), v, cfg.get_ignore_index());
-        if class == TargetClass::OutOfRange {
-            return Err(Error::invalid(
-                OP,
-                format!("target {} of row {row} is outside [0, {v})", t.to_i64()),
-            ));
-        }
-        classes.push(class);
-    }
-    let n_valid = classes
-        .iter()
-        .filter(|c| matches!(c, TargetClass::Valid(_)))
-        .count() as u64;
+    let (classes, n_valid) = cpu::target_classes(cfg, targets)?;
     let mut rows = vec![0.0f32; cfg.rows()];
     let mut xs = vec![0.0f32; v];
     let mut lp = vec![0.0f32; v];
@@ -307,11 +286,7 @@ pub fn forward_backward_cpu<T: Dtype, I: TargetIndex>(
         }
         rows[row] = loss;
         let zf = z_factor(&c, lse);
-        let scale = match cfg.get_reduction() {
-            Reduction::Mean => 1.0f32 / n_valid as f32,
-            Reduction::Sum => 1.0,
-            Reduction::None => upstream.map_or(1.0, |u| u[row]),
-        };
+        let scale = cpu::grad_scale(cfg, n_valid, upstream, row);
         for (j, (o, &l)) in out.iter_mut().zip(&lp).enumerate() {
             let mut d = exp(l) * zf - c.eps;
             if j == t {
@@ -320,14 +295,5 @@ pub fn forward_backward_cpu<T: Dtype, I: TargetIndex>(
             *o = T::from_f32_rn(d * scale);
         }
     }
-    let reduced = match cfg.get_reduction() {
-        Reduction::None => None,
-        Reduction::Sum => Some(ordered_sum(&rows)),
-        Reduction::Mean => Some(mean_of(ordered_sum(&rows), n_valid)),
-    };
-    Ok(Loss {
-        rows,
-        reduced,
-        n_valid,
-    })
+    Ok(Loss::reduce(cfg, rows, n_valid))
 }

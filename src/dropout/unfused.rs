@@ -37,8 +37,8 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, 
 use super::{Config, OP};
 use crate::dropping::gpu::aligned16;
 use crate::dropping::unfused::{
-    bias_add_cpu, col_sum_cpu, dropout_cpu, ensure, flat_grid, launch_bias_add, launch_col_sum,
-    launch_dropout, launch_masked_scale, UnfusedKernels, BLOCK,
+    bias_add_cpu, check_masked_backward, col_sum_cpu, dropout_cpu, ensure, launch_bias_add,
+    launch_col_sum, launch_dropout, launch_flat, launch_masked_scale, UnfusedKernels,
 };
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
@@ -128,14 +128,7 @@ fn check_backward_lens(
     dx: usize,
     dbias: Option<usize>,
 ) -> Result<()> {
-    let n = cfg.len();
-    check_len(OP, "dy", dy, n)?;
-    check_len(OP, "mask (bytes)", mask, n)?;
-    check_len(OP, "dx", dx, n)?;
-    if let Some(b) = dbias {
-        check_len(OP, "dbias (one per column)", b, cfg.cols())?;
-    }
-    Ok(())
+    check_masked_backward(OP, (cfg.len(), cfg.cols()), dy, mask, dx, dbias)
 }
 
 /// The unfused baseline on one handle, with its intermediate buffers (`t`, `d`, the column-sum
@@ -273,7 +266,7 @@ impl<T: Dtype> Unfused<T> {
             vec: u32::from(aligned16(&[r_ptr, d_ptr, y_ptr])),
             pad: 0,
         };
-        h.launch(ADD.get::<T>(), flat_grid::<T>(n), (BLOCK, 1, 1), 0, &p)
+        launch_flat::<T, _>(&h, ADD.get::<T>(), n, &p)
     }
 
     /// `dx = mask ? T(dy * scale) : 0`, then, when `dbias` is given, its column sums of the

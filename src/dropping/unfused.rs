@@ -11,8 +11,8 @@ use cudarc::driver::{CudaSlice, DeviceRepr};
 use super::gpu::{aligned16, finish_dbias, geometry, Slabs, FWD_SLAB_ROWS};
 use super::{slab_rows, Keying, LaunchTuning};
 use crate::dtype::Dtype;
-use crate::error::Result;
-use crate::runtime::kernels::KernelFamily;
+use crate::error::{check_len, Result};
+use crate::runtime::kernels::{Kernel, KernelFamily};
 use crate::runtime::{grid_for, Handle};
 
 #[repr(C)]
@@ -90,10 +90,47 @@ pub(crate) struct UnfusedKernels {
     pub dbias: KernelFamily,
 }
 
-/// The grid of a flat launch over `n` elements of `T` (16-byte groups).
-pub(crate) fn flat_grid<T: Dtype>(n: usize) -> (u32, u32, u32) {
-    let vec = 16 / T::KIND.size();
-    (grid_for((n as u64).div_ceil(vec as u64), BLOCK), 1, 1)
+/// Launches the flat elementwise kernel `k` of `T` over `n` (non-empty) elements: one thread per
+/// 16-byte group.
+pub(crate) fn launch_flat<T: Dtype, P: DeviceRepr>(
+    h: &Handle,
+    k: Kernel,
+    n: usize,
+    params: &P,
+) -> Result<()> {
+    let groups = (n as u64).div_ceil(vec_len::<T>() as u64);
+    h.launch(k, (grid_for(groups, BLOCK), 1, 1), (BLOCK, 1, 1), 0, params)
+}
+
+/// Elements of `T` in one 16-byte group.
+fn vec_len<T: Dtype>() -> usize {
+    16 / T::KIND.size()
+}
+
+/// Whether a flat kernel over the elements at `ptrs` and the byte mask at `mask` takes its
+/// 16-byte path (1) or its scalar one (0): every element pointer 16-byte aligned and the mask at
+/// a whole group's offset.
+fn vectorized<T: Dtype>(ptrs: &[u64], mask: u64) -> u32 {
+    u32::from(aligned16(ptrs) && mask % vec_len::<T>() as u64 == 0)
+}
+
+/// The lengths of a baseline's masked backward over `n` elements of `cols` columns: `dy`, the
+/// byte mask, `dx`, and `dbias` (one per column) when asked for.
+pub(crate) fn check_masked_backward(
+    op: &'static str,
+    (n, cols): (usize, usize),
+    dy: usize,
+    mask: usize,
+    dx: usize,
+    dbias: Option<usize>,
+) -> Result<()> {
+    check_len(op, "dy", dy, n)?;
+    check_len(op, "mask (bytes)", mask, n)?;
+    check_len(op, "dx", dx, n)?;
+    if let Some(b) = dbias {
+        check_len(op, "dbias (one per column)", b, cols)?;
+    }
+    Ok(())
 }
 
 /// Returns a buffer of at least `len` elements, reallocating (stream-ordered) when too small:
@@ -157,7 +194,6 @@ pub(crate) fn launch_dropout<T: Dtype>(
     mask: u64,
     n: usize,
 ) -> Result<()> {
-    let vec = 16 / T::KIND.size();
     let rate = keying.rate();
     let p = DropoutParams {
         t,
@@ -168,15 +204,9 @@ pub(crate) fn launch_dropout<T: Dtype>(
         call: keying.call(),
         threshold: rate.threshold(),
         scale: rate.scale(),
-        vec: u32::from(aligned16(&[t, d]) && mask % vec as u64 == 0),
+        vec: vectorized::<T>(&[t, d], mask),
     };
-    h.launch(
-        k.dropout.get::<T>(),
-        flat_grid::<T>(n),
-        (BLOCK, 1, 1),
-        0,
-        &p,
-    )
+    launch_flat::<T, _>(h, k.dropout.get::<T>(), n, &p)
 }
 
 /// `dx = mask ? T(dy * scale) : 0` over `n` (non-empty) elements.
@@ -190,22 +220,15 @@ pub(crate) fn launch_masked_scale<T: Dtype>(
     dx: u64,
     n: usize,
 ) -> Result<()> {
-    let vec = 16 / T::KIND.size();
     let p = MaskedScaleParams {
         dy,
         mask,
         dx,
         n: n as u64,
         scale,
-        vec: u32::from(aligned16(&[dy, dx]) && mask % vec as u64 == 0),
+        vec: vectorized::<T>(&[dy, dx], mask),
     };
-    h.launch(
-        k.masked_scale.get::<T>(),
-        flat_grid::<T>(n),
-        (BLOCK, 1, 1),
-        0,
-        &p,
-    )
+    launch_flat::<T, _>(h, k.masked_scale.get::<T>(), n, &p)
 }
 
 /// `dbias = column sums of dx` over `[rows, cols]` (non-empty), through the partials in `slot`.

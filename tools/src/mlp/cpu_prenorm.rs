@@ -8,7 +8,7 @@ use crate::mlp::cpu;
 use crate::mlp::prenorm::{self, not_prenorm, t};
 use fusedreg::dropout as dr;
 use fusedreg::dropout_add_norm::{self as dan, Config};
-use fusedreg::{Error, Result};
+use fusedreg::Result;
 
 /// The CPU model's pre-norm activations (host buffers, nothing else).
 pub(super) type State = prenorm::State<Vec<f32>>;
@@ -84,19 +84,10 @@ impl CpuMlp {
         if output > 0 {
             self.check_block_call(output - 1, 0, scale)?;
         }
-        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
-        if backward && p.exit_from != Some(output) {
-            return Err(Error::invalid(
-                "mlp",
-                format!("the exit's backward from slot {output} without its forward"),
-            ));
-        }
-        if output == 0 {
-            // Every block dropped: the output is the input; nothing to add or differentiate.
-            self.pre.as_mut().ok_or_else(not_prenorm)?.exit_from = Some(0);
+        let pre = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let Some(j) = pre.begin_exit(output, backward)? else {
             return Ok(());
-        }
-        let j = output - 1;
+        };
         let cfg = dr::Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)?;
         let rowscale = scale.then(|| &self.rowscale[j][..]);
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
@@ -124,12 +115,7 @@ impl CpuMlp {
     pub(super) fn pre_loss(&mut self, output: usize, batch: usize) -> Result<f64> {
         check_slot(output, self.h.len() + 1, batch, self.targets.len())?;
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
-        if p.exit_from != Some(output) {
-            return Err(Error::invalid(
-                "mlp",
-                format!("the pre-norm loss of slot {output} needs exit_forward({output}) first"),
-            ));
-        }
+        p.check_loss(output)?;
         let y = if output == 0 { &self.acts[0] } else { &p.exit };
         cpu::mse_grad(y, &self.targets[batch], &mut self.g)
     }

@@ -6,7 +6,7 @@
 use cudarc::driver::CudaSlice;
 
 use super::{Branch, GpuMlp};
-use crate::mlp::config::{check_block, check_slot};
+use crate::mlp::config::check_slot;
 use crate::mlp::gpu as k;
 use crate::mlp::prenorm::{self, not_prenorm, t};
 use crate::mlp::PreNorm;
@@ -130,21 +130,12 @@ impl GpuMlp {
         let blocks = self.hpre.len();
         check_slot(output, blocks + 1, 0, 1)?;
         if output > 0 {
-            check_block(output - 1, 0, blocks, scale, !self.rowscale.is_empty())?;
+            self.check_block_call(output - 1, 0, scale)?;
         }
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
-        if backward && p.exit_from != Some(output) {
-            return Err(Error::invalid(
-                OP,
-                format!("the exit's backward from slot {output} without its forward"),
-            ));
-        }
-        if output == 0 {
-            // Every block dropped: the output is the input; nothing to add or differentiate.
-            p.exit_from = Some(0);
+        let Some(j) = p.begin_exit(output, backward)? else {
             return Ok(());
-        }
-        let j = output - 1;
+        };
         let cfg = dr::Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)?;
         let rowscale = scale.then(|| self.rowscale[j].as_view());
         if backward {
@@ -172,12 +163,7 @@ impl GpuMlp {
     pub(super) fn pre_loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
         check_slot(output, self.hpre.len() + 1, batch, self.targets.len())?;
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
-        if p.exit_from != Some(output) {
-            return Err(Error::invalid(
-                OP,
-                format!("the pre-norm loss of slot {output} needs exit_forward({output}) first"),
-            ));
-        }
+        p.check_loss(output)?;
         // Slot 0: the stream never left the input batch of `begin` (as the CPU model).
         let y = if output == 0 {
             &self.inputs[self.batch]

@@ -167,4 +167,33 @@ impl<B, S> State<B, S> {
             scratch,
         })
     }
+
+    /// Starts the exit from slot `output` (`backward`: its backward, which needs its forward from
+    /// the same slot). `None` for slot 0, which is then done: every block was dropped, the output
+    /// is the input, and there is nothing to add or differentiate. Otherwise `Some(j)`, the block
+    /// whose output the exit adds.
+    pub(super) fn begin_exit(&mut self, output: usize, backward: bool) -> Result<Option<usize>> {
+        if backward && self.exit_from != Some(output) {
+            return Err(Error::invalid(
+                "mlp",
+                format!("the exit's backward from slot {output} without its forward"),
+            ));
+        }
+        if output == 0 {
+            self.exit_from = Some(0);
+            return Ok(None);
+        }
+        Ok(Some(output - 1))
+    }
+
+    /// The loss of slot `output` reads the exit's output: the exit must have run from that slot.
+    pub(super) fn check_loss(&self, output: usize) -> Result<()> {
+        if self.exit_from != Some(output) {
+            return Err(Error::invalid(
+                "mlp",
+                format!("the pre-norm loss of slot {output} needs exit_forward({output}) first"),
+            ));
+        }
+        Ok(())
+    }
 }
