@@ -89,7 +89,7 @@
 //! | --- | --- | --- |
 //! | GELU (tanh) | `2^-16` / `2^-118` | `2^-18` / `2^-23` |
 //! | SiLU | `2^-17` / `2^-118` | `2^-18` / `2^-23` |
-//! | GELU (erf) | `2^-11` / `2^-118` | `2^-11` / `2^-13` |
+//! | GELU (erf) | `2^-11` / `2^-118` | `2^-12` / `2^-14` |
 //!
 //! Where they come from: the SFU's documented errors (ex2 2 ulp, rcp 1 ulp), the rounding of the
 //! exponent's argument (an error of `|z| 2^-24` in `z` is a relative `ln 2 |z| 2^-24` in `2^z`,
@@ -304,7 +304,7 @@ impl Activation {
         let (act, grad) = match self {
             Activation::GeluTanh => ((p(-16), p(-118)), (p(-18), p(-23))),
             Activation::Silu => ((p(-17), p(-118)), (p(-18), p(-23))),
-            Activation::GeluErf => ((p(-11), p(-118)), (p(-11), p(-13))),
+            Activation::GeluErf => ((p(-11), p(-118)), (p(-12), p(-14))),
             Activation::Relu => ((0.0, 0.0), (0.0, 0.0)),
         };
         FastBound {
