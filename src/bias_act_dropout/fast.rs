@@ -25,6 +25,11 @@ const ERF_F1: f32 = f32::from_bits(0x3fa9_9978);
 const ERF_F0: f32 = f32::from_bits(0xc034_3303);
 const NEG_HALF_LOG2E: f32 = f32::from_bits(0xbf38_aa3b);
 const LOG2_PDF0: f32 = f32::from_bits(0xbfa9_b21d);
+const ERFB_K: f32 = f32::from_bits(0x3e99_999a);
+const ERFB_P3: f32 = f32::from_bits(0x3f06_03df);
+const ERFB_P2: f32 = f32::from_bits(0x3db6_b0c7);
+const ERFB_P1: f32 = f32::from_bits(0x3eb0_705b);
+const ERFB_P0: f32 = f32::from_bits(0x3e97_b3e6);
 
 /// The launch constants of a fast forward or backward: `keep_frac = 1 - p`, `scale = 1 / (1 -
 /// p)`, `log2(scale)` (the forward's GELU-erf) and `log2(1 - p)` (the backward's GELU-tanh and
@@ -93,7 +98,8 @@ pub(crate) fn fwd<S: Sfu>(s: &S, act: Activation, h: f32, c: FwdConsts) -> f32 {
 /// `scale * act'(h)` of the fast backward as the kernel's two factors `(a, b)` (`fast_grad`):
 /// the kept `dx` is `(dy * a) * b`. GELU-tanh and SiLU fold the scale into `a`
 /// (`a = 1 / ((1 - p) e + (1 - p))`, the exponent taking `log2(1 - p)`); GELU-erf gives
-/// `(scale, act'(h))`.
+/// `(1, scale act'(h))` (the kernel forms `dy * b`, the same bits as `(dy * 1) * b`), its scale
+/// in the exponent of the one `ex2` that `Phi` and `phi` share.
 pub(crate) fn grad<S: Sfu>(s: &S, act: Activation, h: f32, c: FwdConsts) -> (f32, f32) {
     match act {
         Activation::GeluTanh => {
@@ -111,17 +117,19 @@ pub(crate) fn grad<S: Sfu>(s: &S, act: Activation, h: f32, c: FwdConsts) -> (f32
             (a, hc.mul_add(ek * a, 1.0))
         }
         Activation::GeluErf => {
-            let hc = clamp_nan(h, -16.0, 16.0);
-            let t = s.rcp(hc.abs().mul_add(ERF_K, 1.0));
-            let f = ERF_F3
-                .mul_add(t, ERF_F2)
-                .mul_add(t, ERF_F1)
-                .mul_add(t, ERF_F0);
-            let sq = hc * hc;
-            let q = t * s.ex2(sq.mul_add(NEG_HALF_LOG2E, f));
-            let cdf = if hc < 0.0 { q } else { 1.0 - q };
-            let pdf = s.ex2(sq.mul_add(NEG_HALF_LOG2E, LOG2_PDF0));
-            (c.scale, hc.mul_add(pdf, cdf))
+            // One exponential for Phi and phi: a = min(|h|, 16), r = scale act'(-a) =
+            // scale phi(a) (t P(t) - a), act'(a) = 1 - act'(-a); the scale in the exponent.
+            let ac = if h.is_nan() { h } else { h.abs().min(16.0) };
+            let t = s.rcp(ac.mul_add(ERFB_K, 1.0));
+            let pt = ERFB_P3
+                .mul_add(t, ERFB_P2)
+                .mul_add(t, ERFB_P1)
+                .mul_add(t, ERFB_P0);
+            let v = t.mul_add(pt, -ac);
+            let erf_c = LOG2_PDF0 - c.log2_keep;
+            let phis = s.ex2((ac * ac).mul_add(NEG_HALF_LOG2E, erf_c));
+            let r = phis * v;
+            (1.0, if h < 0.0 { r } else { c.scale - r })
         }
         Activation::Relu => (c.scale, super::cpu::act_grad(act, h)),
     }
