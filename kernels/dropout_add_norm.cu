@@ -56,11 +56,13 @@ constexpr uint32_t FLAG_DBIAS = 1u << 14;     // backward, tiers: the dbias part
 
 // Dynamic shared memory: the generic kernels' row cache or slab partials (FLAG_SMEM), the
 // backward tiers' column partials for NG >= 4. Under host emulation, a static array of the
-// largest use (the t8 backward's three partial arrays).
+// largest use: the generic backward's slab partials (24 * 256 words per group a thread owns,
+// generic.cuh) up to 32 groups per thread (65536 columns), past the t8 backward's 3 * 2 * 8 *
+// 256 * 4.
 #ifdef __CUDACC__
 extern __shared__ float dyn_smem[];
 #else
-static float dyn_smem[3 * 2 * 8 * 256 * 4];
+static float dyn_smem[3 * 8 * 256 * 32];
 #endif
 
 // rowm = scale * rowscale[row], or scale without a row scale (one f32 multiply, as the CPU).
@@ -193,6 +195,12 @@ using namespace dropout_add_norm;
 DAN_CHECK_SIZES(float, float)
 DAN_CHECK_SIZES(__half, float)
 
+// The generic kernels' blocks per SM: their eight compiled bodies (generic.cuh) share one
+// register count, which the scalar bodies (eight loads per array in flight) would raise to 124+
+// (forward) and 194 (backward); these bounds keep 80 and 128, the occupancy of the one-body
+// kernels before (78 and 112 registers), the vector bodies needing 53 and 72.
+constexpr int GENERIC_FWD_MIN = 3, GENERIC_BWD_MIN = 2;
+
 // T: x, out, gamma, beta, bias and their gradients; S: the stream (residual, s, d_s, d_residual),
 // T itself or f32 (residual_in_f32). Generic kernels, then the register tiers (NG groups of 8
 // per thread; src/dropout_add_norm/gpu.rs picks one).
@@ -208,12 +216,12 @@ DAN_CHECK_SIZES(__half, float)
         bwd_tier<T, S, NG>(p);                                                                        \
     }
 #define DAN_KERNELS(T, S, NAME)                                                                       \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_fwd_##NAME(             \
-        const FwdParams<T, S> p) {                                                                    \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, GENERIC_FWD_MIN)                         \
+        dropout_add_norm_fwd_##NAME(const FwdParams<T, S> p) {                                        \
         fwd<T, S>(p);                                                                                 \
     }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_bwd_##NAME(             \
-        const BwdParams<T, S> p) {                                                                    \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, GENERIC_BWD_MIN)                         \
+        dropout_add_norm_bwd_##NAME(const BwdParams<T, S> p) {                                        \
         bwd<T, S>(p);                                                                                 \
     }                                                                                                 \
     DAN_TIER(T, S, NAME, 1) DAN_TIER(T, S, NAME, 2) DAN_TIER(T, S, NAME, 4)
@@ -240,8 +248,8 @@ DAN_T8(__nv_bfloat16, float, bf16_sf32)
         fwd_tier<T, S, NG, true>(p);                                                                  \
     }
 #define DAN_STATS(T, S, NAME)                                                                         \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS) dropout_add_norm_fwd_stats_##NAME(       \
-        const FwdParams<T, S> p) {                                                                    \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, GENERIC_FWD_MIN)                         \
+        dropout_add_norm_fwd_stats_##NAME(const FwdParams<T, S> p) {                                  \
         fwd<T, S, true>(p);                                                                           \
     }                                                                                                 \
     DAN_STATS_TIER(T, S, NAME, 1) DAN_STATS_TIER(T, S, NAME, 2) DAN_STATS_TIER(T, S, NAME, 4)

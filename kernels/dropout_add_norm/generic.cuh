@@ -5,28 +5,29 @@
 // backward's second pass) take it from dynamic shared memory when it fits (FLAG_SMEM, below) or
 // re-read it from global memory, where the row this block just touched is still in L1/L2. Groups
 // are loaded as 16-byte vectors when every pointer is 16-byte aligned and cols % 8 == 0
-// (FLAG_VEC), element by element otherwise. Every index is 64-bit. Included by
-// kernels/dropout_add_norm.cu (the parameters, flags and pinned arithmetic are there).
+// (FLAG_VEC), element by element otherwise. Included by kernels/dropout_add_norm.cu (the
+// parameters, flags and pinned arithmetic are there).
+//
+// The run-time flags that shape the loop (FLAG_VEC, FLAG_RMS, FLAG_SMEM) are read once per launch
+// and select one of eight compiled bodies (fwd / bwd at the end), so no element tests them. Row
+// bases are 64-bit, once per row; within a row, group indices are 32-bit (the host keeps cols / 8
+// below 2^31). Whole groups run without per-element bounds tests; the tail group of a row with
+// cols % 8 != 0 (the last group) alone is predicated (for_groups).
 //
 // Dynamic shared memory, when FLAG_SMEM: the forward keeps its row of s there for the passes
-// after the first, the backward its three arrays of slab partials (dgamma, dbeta, dbias). Each
-// array has 8 * groups floats (cols rounded up to a multiple of 8) and is stored transposed:
-// element k of group gi lives at smem_index(k, gi, groups) = k * groups + gi. The threads of a
-// warp own consecutive groups, so for a fixed k they touch consecutive words: no bank conflicts.
-// (Stored in column order, c0 + k, the 32 lanes would hit 4 banks 8 ways deep: the 8-way
-// conflicts cost more shared-memory cycles than the op moves bytes.) Each thread touches only its
-// own groups, so no synchronisation is needed. The layout moves values, never the order of any
-// addition: the bits are the same with or without shared memory.
+// after the first, the backward its three arrays of slab partials (dgamma, dbeta, dbias). Element
+// k of thread q's j-th group (group q + j * P) lives at word (j * 8 + k) * 256 + q (forward) or
+// (j * 24 + a * 8 + k) * 256 + q for array a (backward): a thread's words are a fixed stride of
+// 256 apart, so each is one immediate offset from the thread's base (no per-element address
+// arithmetic), and for a fixed (j, k) the lanes of a warp touch consecutive words: no bank
+// conflicts. The host sizes it as ceil(groups / P) * 8 (or 24) * 256 words. Each thread touches
+// only its own words, so no synchronisation is needed. The layout moves values, never the order
+// of any addition: the bits are the same with or without shared memory.
 #pragma once
 
 #include "dropout_add_norm/block_sums.cuh"
 
 namespace dropout_add_norm {
-
-// Where element k of group gi sits in one shared-memory array (see above).
-__device__ __forceinline__ uint64_t smem_index(int k, uint64_t gi, uint64_t groups) {
-    return (uint64_t)k * groups + gi;
-}
 
 // Eight elements of T starting at p (cnt <= 8 of them valid; the rest read as 0).
 template <typename T>
@@ -116,52 +117,78 @@ __device__ __forceinline__ uint32_t keep_bits8(uint64_t seed, uint64_t call, uin
     return bits;
 }
 
-// xhat = (v - mean) * rstd (LayerNorm) or v * rstd (RMSNorm).
-__device__ __forceinline__ float normalise(float v, float mean, float rstd, bool rms) {
-    return rms ? __fmul_rn(v, rstd) : __fmul_rn(__fsub_rn(v, mean), rstd);
-}
-
-// The stream values v = f32(s) of group gi (first column c0): from the row cached in shared
-// memory, or re-read from global memory (the s this thread itself wrote in pass 1).
-template <typename S>
-__device__ __forceinline__ void group_values(const S* s, uint64_t gi, uint64_t groups, uint64_t c0, int cnt,
-                                             bool vec, bool cached, float (&v)[GROUP]) {
-    if (cached) {
-#pragma unroll
-        for (int k = 0; k < GROUP; ++k) v[k] = k < cnt ? dyn_smem[smem_index(k, gi, groups)] : 0.f;
+// The keep bits of a group: `ALIGNED` (the vector path: cols % 8 == 0, so every group is whole
+// and starts at a multiple of 8) goes straight to the shared keying's whole-group functions, the
+// resolution read from the flags once per group (a uniform branch); otherwise keep_bits8 above.
+template <bool ALIGNED>
+__device__ __forceinline__ uint32_t group_keep(uint64_t seed, uint64_t call, uint64_t threshold, uint64_t i,
+                                               int cnt, uint32_t flags) {
+    if constexpr (ALIGNED) {
+        if (flags & drop::FLAG_KEY16) return drop::keep_bits16<GROUP>(seed, call, threshold, i);
+        if (flags & drop::FLAG_KEY8) return drop::keep_bits8<GROUP>(seed, call, threshold, i);
+        return drop::keep_bits<GROUP>(seed, call, threshold, i);
     } else {
-        S sv[GROUP];
-        load8(s + c0, cnt, vec, sv);
-#pragma unroll
-        for (int k = 0; k < GROUP; ++k) v[k] = to_f32(sv[k]);
+        return keep_bits8(seed, call, threshold, i, cnt, flags);
     }
 }
 
-// One row per block (grid-stride over rows), blockDim.x = row_partials(cols) threads. STATS: the
-// Block Influence statistics too (stats.cuh; the *_stats_* entries only).
-template <typename T, typename S, bool STATS = false>
-__device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
-    __shared__ float s_warp[2][MAX_THREADS / 32];
+// xhat = (v - mean) * rstd (LayerNorm) or v * rstd (RMSNorm).
+template <bool RMS>
+__device__ __forceinline__ float normalise(float v, float mean, float rstd) {
+    return RMS ? __fmul_rn(v, rstd) : __fmul_rn(__fsub_rn(v, mean), rstd);
+}
+
+// A whole group (compile-time cnt = 8: no per-element tests) or the row's tail group.
+template <bool B> struct Whole {
+    static constexpr bool value = B;
+};
+
+// Visits this thread's groups of a row in order: g = q, q + P, ... over the whole groups, then the
+// tail group (cols % 8 != 0: the last group, owned by thread full % P, the last in its order), so
+// every sum keeps its sequential order. body(Whole<true/false>{}, g, cnt, j): j counts the
+// thread's groups (its slot in the shared-memory layout above).
+template <typename F>
+__device__ __forceinline__ void for_groups(uint32_t full, int tail, F&& body) {
+    uint32_t j = 0;
+    for (uint32_t g = threadIdx.x; g < full; g += blockDim.x, ++j) body(Whole<true>{}, g, GROUP, j);
+    if (tail != 0 && full % blockDim.x == threadIdx.x) body(Whole<false>{}, full, tail, j);
+}
+
+// One row per block (grid-stride over rows), blockDim.x = row_partials(cols) threads, the run-time
+// flags (VEC, RMS, SMEM) compiled in by fwd below. STATS: the Block Influence statistics too
+// (stats.cuh; the *_stats_* entries only).
+template <typename T, typename S, bool STATS, bool VEC, bool RMS, bool CACHED>
+__device__ __forceinline__ void fwd_impl(const FwdParams<T, S>& p, float (*s_warp)[MAX_THREADS / 32],
+                                         [[maybe_unused]] float (*s_stat)[MAX_THREADS / 32]) {
     if constexpr (STATS) {
         if (threadIdx.x == 0) stat_rows().reset();  // read and written by thread 0 only
     }
-    const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS, has_beta = p.flags & FLAG_BETA;
-    const bool norm_only = p.flags & FLAG_NORM_ONLY, cached = p.flags & FLAG_SMEM;
-    const uint64_t groups = (p.cols + GROUP - 1) / GROUP;
+    const bool has_beta = p.flags & FLAG_BETA, norm_only = p.flags & FLAG_NORM_ONLY;
+    const bool has_bias = p.bias != nullptr, has_res = p.residual != nullptr;
+    // The host keeps cols / 8 below 2^31 (gpu.rs), so group indices are 32-bit.
+    const uint32_t full = (uint32_t)(p.cols / GROUP);
+    const int tail = (int)(p.cols % GROUP);
     const float n = (float)p.cols;
+    // Element k of this thread's j-th group in the row cache (CACHED).
+    float* const sm = dyn_smem + threadIdx.x;
+    auto slot = [&](uint32_t j, int k) -> float& { return sm[(j * GROUP + (uint32_t)k) * MAX_THREADS]; };
     for (uint64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const float rowm = row_multiplier(p, row);
-        const uint64_t base = row * p.cols;
+        const uint64_t base = row * p.cols;  // the row's first element (64-bit once per row)
+        const T* const xr = p.x + base;
+        const S* const rin_row = norm_only ? p.s + base : has_res ? p.residual + base : nullptr;
+        S* const sr = p.s + base;
+        const bool drops = rowm != 0.f && !norm_only;
 
         // Pass 1: s = residual + m * (x + bias), stored; the first row sum (of s, or of s^2 for
         // RMSNorm) over the stored, rounded s, which is what the backward will read.
         float acc[1] = {0.f};
         [[maybe_unused]] float st[2] = {0.f, 0.f};  // STATS: this partial's r·s, |r|² (|s|²: norm_ss)
-        for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-            const uint64_t c0 = g * GROUP, i = base + c0;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+        for_groups(full, tail, [&](auto whole, uint32_t g, int cnt_in, uint32_t j) {
+            const int cnt = decltype(whole)::value ? GROUP : cnt_in;
+            const uint64_t c0 = (uint64_t)g * GROUP, i = base + c0;
             S sv[GROUP];
-            if (p.residual != nullptr || norm_only) load8(norm_only ? p.s + i : p.residual + i, cnt, vec, sv);
+            if (has_res || norm_only) load8(rin_row + c0, cnt, VEC, sv);
             else {
 #pragma unroll
                 for (int k = 0; k < GROUP; ++k) sv[k] = from_f32<S>(0.f);
@@ -173,23 +200,21 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
 #pragma unroll
                 for (int k = 0; k < GROUP; ++k) rin[k] = to_f32(sv[k]);
             }
-            const uint32_t keep =
-                rowm != 0.f && !norm_only ? keep_bits8(p.seed, p.call, p.threshold, i, cnt, p.flags) : 0u;
+            const uint32_t keep = drops ? group_keep<VEC>(p.seed, p.call, p.threshold, i, cnt, p.flags) : 0u;
             if (keep != 0u) {
                 T xv[GROUP], bv[GROUP];
-                load8(p.x + i, cnt, vec, xv);
-                if (p.bias != nullptr) load8(p.bias + c0, cnt, vec, bv);
+                load8(xr + c0, cnt, VEC, xv);
+                if (has_bias) load8(p.bias + c0, cnt, VEC, bv);
 #pragma unroll
                 for (int k = 0; k < GROUP; ++k) {
-                    if ((keep >> k) & 1u) {
-                        float t = to_f32(xv[k]);
-                        if (p.bias != nullptr) t = __fadd_rn(t, to_f32(bv[k]));
-                        const float r = p.residual != nullptr ? to_f32(sv[k]) : 0.f;
-                        sv[k] = from_f32<S>(__fmaf_rn(t, rowm, r));
-                    }
+                    float t = to_f32(xv[k]);
+                    if (has_bias) t = __fadd_rn(t, to_f32(bv[k]));
+                    const float r = has_res ? to_f32(sv[k]) : 0.f;
+                    const S kept = from_f32<S>(__fmaf_rn(t, rowm, r));
+                    sv[k] = (keep >> k) & 1u ? kept : sv[k];  // a select, not a branch
                 }
             }
-            if (!norm_only) store8(p.s + i, sv, cnt, vec);
+            if (!norm_only) store8(sr + c0, sv, cnt, VEC);
             if constexpr (STATS) {
                 float gt[2];
                 stat_terms([&](int k) { return rin[k]; }, [&](int k) { return to_f32(sv[k]); }, cnt, gt);
@@ -200,31 +225,43 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
             for (int k = 0; k < GROUP; ++k) {
                 if (k < cnt) {
                     const float v = to_f32(sv[k]);
-                    if (cached) dyn_smem[smem_index(k, g, groups)] = v;
-                    acc[0] = __fadd_rn(acc[0], rms ? __fmul_rn(v, v) : v);
+                    if constexpr (CACHED) slot(j, k) = v;
+                    acc[0] = __fadd_rn(acc[0], RMS ? __fmul_rn(v, v) : v);
                 }
             }
-        }
+        });
         block_sums<1>(acc, s_warp);
         if constexpr (STATS) {
-            __shared__ float s_stat[2][MAX_THREADS / 32];
             block_sums<2>(st, s_stat);
         }
 
+        // The stream values v = f32(s) of a group: from the row cache, or re-read from global
+        // memory (the s this thread itself wrote in pass 1).
+        auto values = [&](uint32_t g, int cnt, uint32_t j, float (&v)[GROUP]) {
+            if constexpr (CACHED) {
+#pragma unroll
+                for (int k = 0; k < GROUP; ++k) v[k] = k < cnt ? slot(j, k) : 0.f;
+            } else {
+                S sv[GROUP];
+                load8(sr + (uint64_t)g * GROUP, cnt, VEC, sv);
+#pragma unroll
+                for (int k = 0; k < GROUP; ++k) v[k] = to_f32(sv[k]);
+            }
+        };
+
         float mean = 0.f, rstd;
         [[maybe_unused]] float sq = 0.f;  // LayerNorm: the sum of (s - mean)²
-        if (rms) {
+        if constexpr (RMS) {
             rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc[0], n), p.eps)));
         } else {
             // Pass 2: the variance around the mean (two passes: no cancellation of E[s^2] -
             // mean^2), over this thread's own values of pass 1.
             mean = __fdiv_rn(acc[0], n);
             float acc2[1] = {0.f};
-            for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-                const uint64_t c0 = g * GROUP;
-                const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+            for_groups(full, tail, [&](auto whole, uint32_t g, int cnt_in, uint32_t j) {
+                const int cnt = decltype(whole)::value ? GROUP : cnt_in;
                 float v[GROUP];
-                group_values(p.s + base, g, groups, c0, cnt, vec, cached, v);
+                values(g, cnt, j, v);
 #pragma unroll
                 for (int k = 0; k < GROUP; ++k) {
                     if (k < cnt) {
@@ -232,13 +269,13 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
                         acc2[0] = __fadd_rn(acc2[0], __fmul_rn(d, d));
                     }
                 }
-            }
+            });
             block_sums<1>(acc2, s_warp);
             sq = acc2[0];
             rstd = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(acc2[0], n), p.eps)));
         }
         if constexpr (STATS) {
-            if (threadIdx.x == 0) stat_rows().add(st[0], st[1], norm_ss(rms, acc[0], mean, sq));
+            if (threadIdx.x == 0) stat_rows().add(st[0], st[1], norm_ss(RMS, acc[0], mean, sq));
         }
         if (threadIdx.x == 0) {
             p.mean[row] = mean;
@@ -246,130 +283,184 @@ __device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
         }
 
         // Pass 3: out = T((xhat * gamma + beta) * layer_scale).
-        for (uint64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-            const uint64_t c0 = g * GROUP, i = base + c0;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+        T* const outr = p.out + base;
+        for_groups(full, tail, [&](auto whole, uint32_t g, int cnt_in, uint32_t j) {
+            const int cnt = decltype(whole)::value ? GROUP : cnt_in;
+            const uint64_t c0 = (uint64_t)g * GROUP;
             float v[GROUP];
             T gv[GROUP], bv[GROUP], ov[GROUP];
-            group_values(p.s + base, g, groups, c0, cnt, vec, cached, v);
-            load8(p.gamma + c0, cnt, vec, gv);
-            if (has_beta) load8(p.beta + c0, cnt, vec, bv);
+            values(g, cnt, j, v);
+            load8(p.gamma + c0, cnt, VEC, gv);
+            if (has_beta) load8(p.beta + c0, cnt, VEC, bv);
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
-                const float xh = normalise(v[k], mean, rstd, rms);
+                const float xh = normalise<RMS>(v[k], mean, rstd);
                 const float y = has_beta ? __fmaf_rn(xh, to_f32(gv[k]), to_f32(bv[k]))
                                          : __fmul_rn(xh, to_f32(gv[k]));
                 ov[k] = from_f32<T>(__fmul_rn(y, p.layer_scale));
             }
-            store8(p.out + i, ov, cnt, vec);
-        }
+            store8(outr + c0, ov, cnt, VEC);
+        });
     }
     if constexpr (STATS) {
         if (threadIdx.x == 0) stat_rows().flush(p.stats);
     }
 }
 
+// The generic forward: the run-time flags read once, each combination its own compiled body.
+template <typename T, typename S, bool STATS = false>
+__device__ __forceinline__ void fwd(const FwdParams<T, S>& p) {
+    __shared__ float s_warp[2][MAX_THREADS / 32];
+    [[maybe_unused]] __shared__ float s_stat[STATS ? 2 : 1][MAX_THREADS / 32];
+    const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS, cached = p.flags & FLAG_SMEM;
+    if (vec) {
+        if (rms) cached ? fwd_impl<T, S, STATS, true, true, true>(p, s_warp, s_stat)
+                        : fwd_impl<T, S, STATS, true, true, false>(p, s_warp, s_stat);
+        else cached ? fwd_impl<T, S, STATS, true, false, true>(p, s_warp, s_stat)
+                    : fwd_impl<T, S, STATS, true, false, false>(p, s_warp, s_stat);
+    } else {
+        if (rms) cached ? fwd_impl<T, S, STATS, false, true, true>(p, s_warp, s_stat)
+                        : fwd_impl<T, S, STATS, false, true, false>(p, s_warp, s_stat);
+        else cached ? fwd_impl<T, S, STATS, false, false, true>(p, s_warp, s_stat)
+                    : fwd_impl<T, S, STATS, false, false, false>(p, s_warp, s_stat);
+    }
+}
+
 // One slab of rows per block (grid.x = slabs), blockDim.x = row_partials(cols) threads. Thread q
 // owns the columns of groups q, q + P, ...: it alone updates their (slab, column) partials, so
-// they need no synchronisation. They are accumulated in shared memory when 3 * cols floats fit
-// (FLAG_SMEM: the host checks the device's limit) and copied out at the end of the slab, else
-// directly in global memory; the order of the additions, and so the bits, are the same.
-template <typename T, typename S>
-__device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
-    __shared__ float s_warp[2][MAX_THREADS / 32];
-    const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS;
-    const uint64_t groups = (p.cols + GROUP - 1) / GROUP;
+// they need no synchronisation. They are accumulated in shared memory when they fit (SMEM: the
+// host checks the device's limit; zeroed first, as 0 + v is what the first row adds anyway) and
+// copied out at the end of the slab, else directly in global memory; the order of the additions,
+// and so the bits, are the same.
+template <typename T, typename S, bool VEC, bool RMS, bool SMEM>
+__device__ __forceinline__ void bwd_impl(const BwdParams<T, S>& p, float (*s_warp)[MAX_THREADS / 32]) {
+    const uint32_t full = (uint32_t)(p.cols / GROUP);
+    const int tail = (int)(p.cols % GROUP);
     const float n = (float)p.cols;
     const uint64_t slab = blockIdx.x;
     const uint64_t row0 = slab * p.slab_rows, row1 = min(row0 + p.slab_rows, p.rows);
     float* glob_g = p.partials + (0 * p.slabs + slab) * p.cols;
     float* glob_b = p.partials + (1 * p.slabs + slab) * p.cols;
     float* glob_t = p.partials + (2 * p.slabs + slab) * p.cols;
-    const bool smem = p.flags & FLAG_SMEM;
-    // Partial of column c0 + k of group gi: transposed in shared memory, in column order in global.
-    float* part_g = smem ? dyn_smem : glob_g;
-    float* part_b = smem ? dyn_smem + GROUP * groups : glob_b;
-    float* part_t = smem ? dyn_smem + 2 * GROUP * groups : glob_t;
-    auto at = [&](int k, uint64_t gi) { return smem ? smem_index(k, gi, groups) : gi * GROUP + (uint64_t)k; };
+    const bool has_ds = p.d_s != nullptr, has_dres = p.d_residual != nullptr;
+    // The partial of column 8 g + k (this thread's j-th group) of array a (0: dgamma, 1: dbeta,
+    // 2: dbias): in shared memory (the layout above), else in global memory in column order.
+    float* const sm = dyn_smem + threadIdx.x;
+    auto part = [&](int a, uint32_t g, uint32_t j, int k) -> float& {
+        if constexpr (SMEM) return sm[(j * 3 * GROUP + (uint32_t)(a * GROUP + k)) * MAX_THREADS];
+        else return (a == 0 ? glob_g : a == 1 ? glob_b : glob_t)[(uint64_t)g * GROUP + (uint64_t)k];
+    };
+    if constexpr (SMEM) {
+        for_groups((p.cols + GROUP - 1) / GROUP, 0, [&](auto, uint32_t, int, uint32_t j) {
+#pragma unroll
+            for (int k = 0; k < 3 * GROUP; ++k) sm[(j * 3 * GROUP + (uint32_t)k) * MAX_THREADS] = 0.f;
+        });
+    }
     for (uint64_t row = row0; row < row1; ++row) {
-        const bool first = row == row0;  // the slab's partials start from +0
+        const bool first = !SMEM && row == row0;  // the slab's global partials start from +0
         const float rowm = row_multiplier(p, row);
         const float mean = p.mean[row], rstd = p.rstd[row];
         const uint64_t base = row * p.cols;
+        const S* const sr = p.s + base;
+        const T* const dr = p.d_out + base;
+        const S* const dsr = has_ds ? p.d_s + base : nullptr;
+        S* const drr = has_dres ? p.d_residual + base : nullptr;
+        T* const dxr = p.dx + base;
 
         // Pass A: xhat, g = d_out * layer_scale, w = g * gamma; the row sums of xhat * w and of
         // w; the dgamma (g * xhat) and dbeta (g) partials.
         float acc[2] = {0.f, 0.f};
-        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-            const uint64_t c0 = gi * GROUP, i = base + c0;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+        for_groups(full, tail, [&](auto whole, uint32_t gi, int cnt_in, uint32_t j) {
+            const int cnt = decltype(whole)::value ? GROUP : cnt_in;
+            const uint64_t c0 = (uint64_t)gi * GROUP;
             S sv[GROUP];
             T dv[GROUP], gv[GROUP];
-            load8(p.s + i, cnt, vec, sv);
-            load8(p.d_out + i, cnt, vec, dv);
-            load8(p.gamma + c0, cnt, vec, gv);
+            load8(sr + c0, cnt, VEC, sv);
+            load8(dr + c0, cnt, VEC, dv);
+            load8(p.gamma + c0, cnt, VEC, gv);
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
                 if (k < cnt) {
-                    const float xh = normalise(to_f32(sv[k]), mean, rstd, rms);
+                    const float xh = normalise<RMS>(to_f32(sv[k]), mean, rstd);
                     const float g = __fmul_rn(to_f32(dv[k]), p.layer_scale);
                     const float w = __fmul_rn(g, to_f32(gv[k]));
                     acc[0] = __fadd_rn(acc[0], __fmul_rn(xh, w));
                     acc[1] = __fadd_rn(acc[1], w);
-                    const uint64_t c = at(k, gi);
-                    part_g[c] = __fadd_rn(first ? 0.f : part_g[c], __fmul_rn(g, xh));
-                    part_b[c] = __fadd_rn(first ? 0.f : part_b[c], g);
+                    float& pg = part(0, gi, j, k);
+                    float& pb = part(1, gi, j, k);
+                    pg = __fadd_rn(first ? 0.f : pg, __fmul_rn(g, xh));
+                    pb = __fadd_rn(first ? 0.f : pb, g);
                 }
             }
-        }
+        });
         block_sums<2>(acc, s_warp);
         const float c1 = __fdiv_rn(acc[0], n);
-        const float c2 = rms ? 0.f : __fdiv_rn(acc[1], n);
+        const float c2 = RMS ? 0.f : __fdiv_rn(acc[1], n);
 
         // Pass B: ds = (w - u) * rstd (+ d_s), d_residual = S(ds), dx = T(m * ds), dbias partials.
-        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-            const uint64_t c0 = gi * GROUP, i = base + c0;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
+        for_groups(full, tail, [&](auto whole, uint32_t gi, int cnt_in, uint32_t j) {
+            const int cnt = decltype(whole)::value ? GROUP : cnt_in;
+            const uint64_t c0 = (uint64_t)gi * GROUP, i = base + c0;
             S sv[GROUP], dsv[GROUP], drv[GROUP];
             T dv[GROUP], gv[GROUP], dxv[GROUP];
-            load8(p.s + i, cnt, vec, sv);
-            load8(p.d_out + i, cnt, vec, dv);
-            load8(p.gamma + c0, cnt, vec, gv);
-            if (p.d_s != nullptr) load8(p.d_s + i, cnt, vec, dsv);
-            const uint32_t keep = rowm != 0.f ? keep_bits8(p.seed, p.call, p.threshold, i, cnt, p.flags) : 0u;
+            load8(sr + c0, cnt, VEC, sv);
+            load8(dr + c0, cnt, VEC, dv);
+            load8(p.gamma + c0, cnt, VEC, gv);
+            if (has_ds) load8(dsr + c0, cnt, VEC, dsv);
+            const uint32_t keep = rowm != 0.f ? group_keep<VEC>(p.seed, p.call, p.threshold, i, cnt, p.flags) : 0u;
 #pragma unroll
             for (int k = 0; k < GROUP; ++k) {
-                const float xh = normalise(to_f32(sv[k]), mean, rstd, rms);
+                const float xh = normalise<RMS>(to_f32(sv[k]), mean, rstd);
                 const float g = __fmul_rn(to_f32(dv[k]), p.layer_scale);
                 const float w = __fmul_rn(g, to_f32(gv[k]));
-                const float u = rms ? __fmul_rn(xh, c1) : __fmaf_rn(xh, c1, c2);
+                const float u = RMS ? __fmul_rn(xh, c1) : __fmaf_rn(xh, c1, c2);
                 float ds = __fmul_rn(__fsub_rn(w, u), rstd);
-                if (p.d_s != nullptr) ds = __fadd_rn(ds, to_f32(dsv[k]));
+                if (has_ds) ds = __fadd_rn(ds, to_f32(dsv[k]));
                 drv[k] = from_f32<S>(ds);
                 const float m = ((keep >> k) & 1u) ? rowm : 0.f;
                 const float dt = m != 0.f ? __fmul_rn(ds, m) : 0.f;
                 dxv[k] = from_f32<T>(dt);
                 if (k < cnt) {
-                    const uint64_t c = at(k, gi);
-                    part_t[c] = __fadd_rn(first ? 0.f : part_t[c], dt);
+                    float& pt = part(2, gi, j, k);
+                    pt = __fadd_rn(first ? 0.f : pt, dt);
                 }
             }
-            if (p.d_residual != nullptr) store8(p.d_residual + i, drv, cnt, vec);
-            store8(p.dx + i, dxv, cnt, vec);
-        }
+            if (has_dres) store8(drr + c0, drv, cnt, VEC);
+            store8(dxr + c0, dxv, cnt, VEC);
+        });
     }
-    if (smem) {
+    if constexpr (SMEM) {
         // The slab's partials out, each thread its own columns (coalesced within a group).
-        for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-            const uint64_t c0 = gi * GROUP;
-            const int cnt = (int)min((uint64_t)GROUP, p.cols - c0);
-            for (int k = 0; k < cnt; ++k) {
-                const uint64_t c = smem_index(k, gi, groups);
-                glob_g[c0 + k] = part_g[c];
-                glob_b[c0 + k] = part_b[c];
-                glob_t[c0 + k] = part_t[c];
+        for_groups(full, tail, [&](auto whole, uint32_t gi, int cnt_in, uint32_t j) {
+            const int cnt = decltype(whole)::value ? GROUP : cnt_in;
+            const uint64_t c0 = (uint64_t)gi * GROUP;
+#pragma unroll
+            for (int k = 0; k < GROUP; ++k) {
+                if (k < cnt) {
+                    glob_g[c0 + k] = part(0, gi, j, k);
+                    glob_b[c0 + k] = part(1, gi, j, k);
+                    glob_t[c0 + k] = part(2, gi, j, k);
+                }
             }
-        }
+        });
+    }
+}
+
+// The generic backward: the run-time flags read once, each combination its own compiled body.
+template <typename T, typename S>
+__device__ __forceinline__ void bwd(const BwdParams<T, S>& p) {
+    __shared__ float s_warp[2][MAX_THREADS / 32];
+    const bool vec = p.flags & FLAG_VEC, rms = p.flags & FLAG_RMS, smem = p.flags & FLAG_SMEM;
+    if (vec) {
+        if (rms) smem ? bwd_impl<T, S, true, true, true>(p, s_warp)
+                      : bwd_impl<T, S, true, true, false>(p, s_warp);
+        else smem ? bwd_impl<T, S, true, false, true>(p, s_warp)
+                  : bwd_impl<T, S, true, false, false>(p, s_warp);
+    } else {
+        if (rms) smem ? bwd_impl<T, S, false, true, true>(p, s_warp)
+                      : bwd_impl<T, S, false, true, false>(p, s_warp);
+        else smem ? bwd_impl<T, S, false, false, true>(p, s_warp)
+                  : bwd_impl<T, S, false, false, false>(p, s_warp);
     }
 }
 

@@ -46,6 +46,31 @@ const FLAG_DBETA: u32 = 1 << 13;
 const FLAG_DBIAS: u32 = 1 << 14;
 /// Static shared memory of the generic kernels (the row sums' scratch), beside the dynamic part.
 const STATIC_SMEM: usize = 64;
+/// The generic kernels' 32-bit group indices: a row of at most `GROUP * 2^31` columns.
+const MAX_COLS: usize = GROUP << 31;
+/// Threads per block the generic kernels' shared-memory layout is strided by (`MAX_THREADS`).
+const SMEM_STRIDE: usize = 256;
+
+/// Dynamic shared memory of a generic kernel with `FLAG_SMEM`: `words` floats for each group a
+/// thread owns (8: the forward's row cache; 24: the backward's three partial arrays), each a
+/// stride of 256 words apart (kernels/dropout_add_norm/generic.cuh). `None` on overflow.
+fn generic_smem_bytes(cols: usize, words: usize) -> Option<usize> {
+    cols.div_ceil(GROUP)
+        .div_ceil(row_partials(cols))
+        .checked_mul(words * SMEM_STRIDE * 4)
+}
+
+/// Rows longer than the generic kernels index (32-bit groups within a row) get an error.
+fn check_cols(cols: usize) -> Result<()> {
+    if cols > MAX_COLS {
+        return Err(Error::invalid(
+            OP,
+            format!("rows of {cols} columns: the GPU kernels take at most {MAX_COLS}; split the hidden dimension"),
+        ));
+    }
+    Ok(())
+}
+
 /// Dynamic shared memory every kernel may use without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
 
@@ -490,6 +515,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         Mode::NormOnly => 0,
     };
 
+    check_cols(cfg.cols())?;
     let vec = !t.force_scalar
         && cfg.cols() % GROUP == 0
         && aligned16(&[x, gamma, beta, bias, residual, o, s]);
@@ -523,8 +549,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
             let smem = if t.no_smem {
                 0
             } else {
-                cols.div_ceil(GROUP)
-                    .checked_mul(GROUP * 4)
+                generic_smem_bytes(cols, GROUP)
                     .and_then(|b| fit_smem(handle, fwd_g, b))
                     .unwrap_or(0)
             };
@@ -734,6 +759,7 @@ pub fn backward<T: Dtype, S: Dtype>(
             .map(|b| handle.write_ptr(OP, "d_residual", b))
             .transpose()?;
         let (d_s, rowscale, d_residual) = (ptr(&d_s_g), ptr(&rs_g), ptr(&dr_g));
+        check_cols(cols)?;
         let vec = !t.force_scalar
             && cols % GROUP == 0
             && aligned16(&[d_out, d_s, s, gamma, dx, d_residual]);
@@ -773,8 +799,7 @@ pub fn backward<T: Dtype, S: Dtype>(
                 let smem = if t.no_smem {
                     0
                 } else {
-                    cols.div_ceil(GROUP)
-                        .checked_mul(GROUP * 12)
+                    generic_smem_bytes(cols, 3 * GROUP)
                         .and_then(|b| fit_smem(handle, fam.bwd, b))
                         .unwrap_or(0)
                 };
