@@ -81,6 +81,7 @@ pub mod philox;
 pub mod redundancy;
 mod runtime;
 pub mod stochastic_depth;
+pub mod workspace;
 
 pub use dtype::{Dtype, DtypeKind};
 pub use error::{Error, Result};

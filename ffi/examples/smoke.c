@@ -45,7 +45,24 @@ int main(void) {
         fprintf(stderr, "expected an invalid-argument error, got %d: %s\n", st, fr_last_error());
         return 1;
     }
-    printf("c smoke: ok (%d of %d elements kept at p = 0.5; error message: %s)\n", kept,
-           ROWS * COLS - 1, fr_last_error());
+    /* The workspace query: dbias partials of a [ROWS, COLS] f32 backward (one f32 per column
+     * per slab; a CPU call needs none but checks one it is given). */
+    o.p = 0.5;
+    int64_t ws_bytes = -1;
+    if (fr_workspace_size(FR_OP_DROPOUT_BACKWARD, &o, FR_F32, &ws_bytes) != FR_OK ||
+        ws_bytes != 4 * COLS) {
+        fprintf(stderr, "fr_workspace_size: %lld bytes (%s)\n", (long long)ws_bytes, fr_last_error());
+        return 1;
+    }
+    float dx[ROWS * COLS], db[COLS], ws[COLS]; /* float storage: 4-byte aligned, 16 with luck */
+    FrTensor tdx = {dx, ROWS * COLS, FR_F32}, tdb = {db, COLS, FR_F32};
+    FrTensor tws = {ws, ws_bytes - 1, FR_U8}; /* one byte short */
+    st = fr_dropout_backward(&o, cpu, &tx, NULL, &tdx, &tdb, &tws);
+    if (st != FR_ERR_SHAPE || strstr(fr_last_error(), "fr_workspace_size") == NULL) {
+        fprintf(stderr, "expected a shape error naming the query, got %d: %s\n", st, fr_last_error());
+        return 1;
+    }
+    printf("c smoke: ok (%d of %d elements kept at p = 0.5; error message: %s; workspace %lld bytes)\n",
+           kept, ROWS * COLS - 1, fr_last_error(), (long long)ws_bytes);
     return 0;
 }

@@ -10,8 +10,10 @@
 
 // The ABI version: bumped on every incompatible change of a struct or a signature. Python
 // checks it against the version it was written for. 2: `fr_dropout_add_norm_forward` takes a
-// Block Influence site (`stats`). 3: so does `fr_dropout_forward` (its last argument).
-#define FR_ABI_VERSION 3
+// Block Influence site (`stats`). 3: so does `fr_dropout_forward` (its last argument). 4: the
+// ops with device scratch take a caller-supplied `workspace` (their last argument; see
+// [`fr_workspace_size`]), and the `FR_U8` dtype.
+#define FR_ABI_VERSION 4
 
 // Activation code of `bias_act_dropout`: GELU with erf.
 #define FR_ACT_GELU_ERF 0
@@ -71,6 +73,22 @@
 
 // Every block runs; samples are dropped on the device through the drop path.
 #define FR_DEPTH_ROW 1
+
+// `fr_workspace_size` op: `fr_dropout_backward` (with `dbias`; without, it needs none).
+#define FR_OP_DROPOUT_BACKWARD 1
+
+// `fr_workspace_size` op: `fr_bias_act_dropout_backward` (with `dbias`; without, none).
+#define FR_OP_BIAS_ACT_DROPOUT_BACKWARD 2
+
+// `fr_workspace_size` op: `fr_dropout_add_norm_backward`.
+#define FR_OP_DROPOUT_ADD_NORM_BACKWARD 3
+
+// `fr_workspace_size` op: `fr_cross_entropy_forward` and `fr_cross_entropy_backward` (the
+// size covers the loss a backward computes when its `loss` is null).
+#define FR_OP_CROSS_ENTROPY 4
+
+// Alignment of a workspace's data pointer, in bytes.
+#define FR_WORKSPACE_ALIGN 16
 
 // An AdamW optimizer over a fixed list of parameter tensors (opaque).
 typedef struct FrAdamW FrAdamW;
@@ -214,6 +232,9 @@ typedef struct {
 // 64-bit signed integer (cross-entropy targets).
 #define FR_I64 4
 
+// Bytes (workspaces, see `fr_workspace_size`).
+#define FR_U8 5
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -287,6 +308,10 @@ FrStatus fr_bias_act_dropout_forward(const FrOptions *options,
 // `dx = keep · scale · dy · act'(x + bias)` with the mask regenerated from the options' keys,
 // and (optional) `dbias`, its column sums in a fixed order. The pre-activation is recomputed
 // from `x` (+ `bias`), or read from `h` when given (then `x` and `bias` may be null).
+//
+// `workspace` (optional, `FR_U8`): the device scratch of the dbias partials, at least
+// `fr_workspace_size(FR_OP_BIAS_ACT_DROPOUT_BACKWARD)` bytes when `dbias` is given (none is
+// needed without); null allocates it stream-ordered per call.
 FrStatus fr_bias_act_dropout_backward(const FrOptions *options,
                                       FrExec exec,
                                       const FrTensor *dy,
@@ -294,24 +319,33 @@ FrStatus fr_bias_act_dropout_backward(const FrOptions *options,
                                       const FrTensor *bias,
                                       const FrTensor *h,
                                       const FrTensor *dx,
-                                      const FrTensor *dbias);
+                                      const FrTensor *dbias,
+                                      const FrTensor *workspace);
 
 // The loss: `rows` f32 with reduction none, one f32 otherwise. CPU: a target outside
 // `[0, cols)` that is not `ignore_index` is an error. GPU: such a row counts as ignored and, when
 // `invalid_target` (one int32, never cleared) is given, ORs 1 into it; nothing waits for the
 // device.
+//
+// `workspace` (optional, `FR_U8`): the device scratch of the reductions, at least
+// `fr_workspace_size(FR_OP_CROSS_ENTROPY)` bytes; null allocates it stream-ordered per call.
 FrStatus fr_cross_entropy_forward(const FrOptions *options,
                                   FrExec exec,
                                   const FrTensor *logits,
                                   const FrTensor *targets,
                                   const FrTensor *loss,
-                                  const FrTensor *invalid_target);
+                                  const FrTensor *invalid_target,
+                                  const FrTensor *workspace);
 
 // The gradient of the loss with respect to the logits into `grad` (`rows * cols`, the logits'
 // dtype; `grad` may be the logits themselves: then it is written in place). `upstream`
 // (optional, `rows` f32, reduction none only) scales each row's gradient; fold a mean's or a
 // sum's upstream gradient into it (`upstream[r] = d_loss / n_valid` with reduction none) to get
 // the gradient in one pass. `loss` is optional (null: computed into scratch and dropped).
+//
+// `workspace` (optional, `FR_U8`): the device scratch of the reductions and of a null `loss`,
+// at least `fr_workspace_size(FR_OP_CROSS_ENTROPY)` bytes; null allocates them stream-ordered
+// per call.
 FrStatus fr_cross_entropy_backward(const FrOptions *options,
                                    FrExec exec,
                                    const FrTensor *logits,
@@ -319,7 +353,8 @@ FrStatus fr_cross_entropy_backward(const FrOptions *options,
                                    const FrTensor *upstream,
                                    const FrTensor *grad,
                                    const FrTensor *loss,
-                                   const FrTensor *invalid_target);
+                                   const FrTensor *invalid_target,
+                                   const FrTensor *workspace);
 
 // Forward on `[rows, cols]`: `y = rowscale · dropout(x + bias)`, plus `residual` when given
 // (`y` may be the residual itself: then it is updated in place). `bias` `[cols]` and
@@ -346,12 +381,17 @@ FrStatus fr_dropout_forward(const FrOptions *options,
 // keys (the residual's gradient is `dy` itself: nothing to compute), and (optional) `dbias`,
 // the column sums of the unrounded `dx` in a fixed order. Pass the forward's `rowscale` (given
 // or drawn) when it had one.
+//
+// `workspace` (optional, `FR_U8`): the device scratch of the dbias partials, at least
+// `fr_workspace_size(FR_OP_DROPOUT_BACKWARD)` bytes when `dbias` is given (none is needed
+// without); null allocates it stream-ordered per call.
 FrStatus fr_dropout_backward(const FrOptions *options,
                              FrExec exec,
                              const FrTensor *dy,
                              const FrTensor *rowscale,
                              const FrTensor *dx,
-                             const FrTensor *dbias);
+                             const FrTensor *dbias,
+                             const FrTensor *workspace);
 
 // Forward. Inputs: `x` `[rows, cols]`, `residual` (optional, the stream's dtype), `gamma`
 // `[cols]`, `beta` / `bias` (optional, `[cols]`), `rowscale` (optional f32 `[rows]`; with a
@@ -379,6 +419,10 @@ FrStatus fr_dropout_add_norm_forward(const FrOptions *options,
 // Reads `s`, `gamma`, `mean`, `rstd` (and `rowscale` when the forward had one) and regenerates
 // the mask from the options' keys. Outputs: `dx`, `d_residual` (optional), `dgamma`, `dbeta`
 // and `dbias` (optional), column sums in a fixed order.
+//
+// `workspace` (optional, `FR_U8`): the device scratch of the column partials, at least
+// `fr_workspace_size(FR_OP_DROPOUT_ADD_NORM_BACKWARD)` bytes; null allocates it stream-ordered
+// per call.
 FrStatus fr_dropout_add_norm_backward(const FrOptions *options,
                                       FrExec exec,
                                       const FrTensor *d_out,
@@ -392,7 +436,8 @@ FrStatus fr_dropout_add_norm_backward(const FrOptions *options,
                                       const FrTensor *d_residual,
                                       const FrTensor *dgamma,
                                       const FrTensor *dbeta,
-                                      const FrTensor *dbias);
+                                      const FrTensor *dbias,
+                                      const FrTensor *workspace);
 
 // The defaults: no dropout, 32-bit keying, the op's default math, no drop path, GELU (erf), LayerNorm with
 // eps 1e-5 and scale 1, cross-entropy without smoothing or z-loss, `ignore_index` -100, mean.
@@ -415,6 +460,23 @@ FrStatus fr_stochastic_depth_plan(uint32_t schedule,
                                   float *residual_scale,
                                   double *row_p,
                                   uint64_t *row_call);
+
+// Writes to `*bytes` the size in bytes of the `workspace` an op needs for a call with these
+// options (`rows`, `cols`; cross-entropy's `reduction`) and element dtype (`dtype`: the dtype
+// of the op's main tensor, a float code): a function of those alone, so cache it per shape.
+// 0 means the op needs none (an empty problem): pass null or any workspace. For the dropping
+// backwards it is the size with `dbias` (a call without `dbias` needs none).
+//
+// ```c
+// FrOptions o = fr_options_default();
+// o.rows = 4096; o.cols = 1024;
+// int64_t n;
+// if (fr_workspace_size(FR_OP_DROPOUT_BACKWARD, &o, FR_BF16, &n) != FR_OK) { /* fr_last_error() */ }
+// ```
+FrStatus fr_workspace_size(uint32_t op,
+                           const FrOptions *options,
+                           FrDtype dtype,
+                           int64_t *bytes);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -22,10 +22,12 @@
 //!   pointers of that context.
 //! * **Options** are one [`FrOptions`] struct for every op (each op reads the fields it needs);
 //!   start from [`fr_options_default`].
-//! * **Scratch.** Ops that need device scratch (column-sum partials, reduction buffers) allocate
-//!   it stream-ordered (`cuMemAllocAsync` on the caller's stream) and free it the same way after
-//!   the kernels that use it: no host synchronisation. Caller-supplied workspaces are not offered
-//!   yet (the library's op modules own their scratch).
+//! * **Scratch.** Ops that need device scratch (column-sum partials, reduction buffers) take a
+//!   last `workspace` argument: a `FR_U8` buffer of at least [`fr_workspace_size`] bytes,
+//!   16-byte aligned, used as given (never grown or freed), so the caller's allocator owns all
+//!   the call's device memory. Null keeps the library's own stream-ordered allocation
+//!   (`cuMemAllocAsync` on the caller's stream, freed the same way after the kernels that use
+//!   it): no host synchronisation either way.
 //!
 //! ## Safety
 //!
@@ -45,6 +47,7 @@ mod ops;
 mod options;
 mod stochastic_depth;
 mod tensor;
+mod workspace;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
@@ -56,6 +59,7 @@ pub use ops::*;
 pub use options::*;
 pub use stochastic_depth::*;
 pub use tensor::*;
+pub use workspace::*;
 
 /// A status code: `FR_OK` (0) or one of the `FR_ERR_*` codes.
 pub type FrStatus = i32;
@@ -165,8 +169,10 @@ pub extern "C" fn fr_last_error() -> *const c_char {
 
 /// The ABI version: bumped on every incompatible change of a struct or a signature. Python
 /// checks it against the version it was written for. 2: `fr_dropout_add_norm_forward` takes a
-/// Block Influence site (`stats`). 3: so does `fr_dropout_forward` (its last argument).
-pub const FR_ABI_VERSION: u32 = 3;
+/// Block Influence site (`stats`). 3: so does `fr_dropout_forward` (its last argument). 4: the
+/// ops with device scratch take a caller-supplied `workspace` (their last argument; see
+/// [`fr_workspace_size`]), and the `FR_U8` dtype.
+pub const FR_ABI_VERSION: u32 = 4;
 
 /// [`FR_ABI_VERSION`] of the loaded library.
 #[no_mangle]

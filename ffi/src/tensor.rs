@@ -21,6 +21,8 @@ pub const FR_BF16: FrDtype = 2;
 pub const FR_I32: FrDtype = 3;
 /// 64-bit signed integer (cross-entropy targets).
 pub const FR_I64: FrDtype = 4;
+/// Bytes (workspaces, see `fr_workspace_size`).
+pub const FR_U8: FrDtype = 5;
 
 /// A contiguous buffer: `len` elements of `dtype` starting at `data` (host memory for CPU
 /// calls, device memory of the call's context for GPU calls). `data` may be null only when
@@ -43,6 +45,7 @@ pub(crate) fn dtype_name(d: FrDtype) -> String {
         FR_BF16 => "bfloat16".into(),
         FR_I32 => "int32".into(),
         FR_I64 => "int64".into(),
+        FR_U8 => "uint8".into(),
         other => format!("unknown dtype code {other}"),
     }
 }
@@ -112,6 +115,9 @@ impl Elem for i32 {
 }
 impl Elem for i64 {
     const CODE: FrDtype = FR_I64;
+}
+impl Elem for u8 {
+    const CODE: FrDtype = FR_U8;
 }
 /// Counters (the Block Influence accumulators): int64 tensors in the ABI (torch has no general
 /// uint64), read as the same bits.

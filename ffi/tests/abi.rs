@@ -123,6 +123,7 @@ fn dropout_residual_matches_the_library() {
             null(),
             &t(&mut dx, FR_F32),
             &t(&mut db, FR_F32),
+            null(),
         )
     };
     assert_eq!(st, FR_OK, "{}", last());
@@ -152,6 +153,7 @@ fn cross_entropy_mean_gradient_equals_folded_upstream() {
             &t(&mut targets, FR_I64),
             &t(&mut loss, FR_F32),
             null(),
+            null(),
         )
     };
     assert_eq!(st, FR_OK, "{}", last());
@@ -178,6 +180,7 @@ fn cross_entropy_mean_gradient_equals_folded_upstream() {
             &t(&mut grad, FR_F32),
             null(),
             null(),
+            null(),
         )
     };
     assert_eq!(st, FR_OK, "{}", last());
@@ -193,6 +196,7 @@ fn cross_entropy_mean_gradient_equals_folded_upstream() {
             &t(&mut targets, FR_I64),
             &t(&mut up, FR_F32),
             &lt,
+            null(),
             null(),
             null(),
         )
@@ -650,4 +654,63 @@ fn dropout_residual_measures_block_influence() {
         assert_eq!(st, status, "{}", last());
         assert!(last().contains(msg), "{}", last());
     }
+}
+
+/// A caller-supplied workspace: the size query, a CPU call given exactly that many bytes (checked
+/// and unused: the same bits as without), one byte less, the wrong dtype and a misaligned one as
+/// status codes with messages.
+#[test]
+fn workspace_is_queried_and_checked() {
+    let (rows, cols) = (37usize, 19usize);
+    let mut o = fr_options_default();
+    (o.rows, o.cols, o.p, o.seed, o.call) = (rows as i64, cols as i64, 0.25, 3, 4);
+    let mut n = -1i64;
+    let st = unsafe { fr_workspace_size(FR_OP_DROPOUT_BACKWARD, &o, FR_F32, &mut n) };
+    assert_eq!(st, FR_OK, "{}", last());
+    let want_n =
+        fusedreg::workspace::dropout_backward_size(rows, cols, fusedreg::DtypeKind::F32, true)
+            .unwrap();
+    assert_eq!(n as usize, want_n);
+    // 16-byte aligned storage of n + 16 bytes.
+    let mut store = vec![0u128; n as usize / 16 + 2];
+    let base = store.as_mut_ptr().cast::<u8>();
+    let ws = |off: usize, len: i64, dtype| FrTensor {
+        data: base.wrapping_add(off).cast(),
+        len,
+        dtype,
+    };
+    let dy = randn(rows * cols, 11);
+    let run = |w: Option<&FrTensor>| {
+        let (mut dx, mut db) = (vec![0f32; rows * cols], vec![0f32; cols]);
+        let mut dy = dy.clone();
+        let st = unsafe {
+            fr_dropout_backward(
+                &o,
+                CPU,
+                &t(&mut dy, FR_F32),
+                null(),
+                &t(&mut dx, FR_F32),
+                &t(&mut db, FR_F32),
+                w.map_or(null(), |w| w as *const FrTensor),
+            )
+        };
+        (st, last(), dx, db)
+    };
+    let (st, msg, dx0, db0) = run(None);
+    assert_eq!(st, FR_OK, "{msg}");
+    let (st, msg, dx1, db1) = run(Some(&ws(0, n, FR_U8)));
+    assert_eq!(st, FR_OK, "{msg}");
+    assert_eq!((dx1, db1), (dx0, db0));
+    let (st, msg, ..) = run(Some(&ws(0, n - 1, FR_U8)));
+    assert_eq!(st, FR_ERR_SHAPE);
+    assert!(
+        msg.contains("fr_workspace_size") && msg.contains(&format!("needs {n}")),
+        "{msg}"
+    );
+    let (st, msg, ..) = run(Some(&ws(0, n, FR_F32)));
+    assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
+    assert!(msg.contains("uint8"), "{msg}");
+    let (st, msg, ..) = run(Some(&ws(8, n, FR_U8)));
+    assert_eq!(st, FR_ERR_INVALID_ARGUMENT);
+    assert!(msg.contains("aligned"), "{msg}");
 }

@@ -13,7 +13,7 @@ import ctypes as C
 import os
 from pathlib import Path
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # Status codes (FR_OK, FR_ERR_*).
 OK = 0
@@ -27,7 +27,13 @@ ERR_PANIC = 7
 ERR_HOST_ALLOC = 8
 
 # Dtype codes.
-F32, F16, BF16, I32, I64 = 0, 1, 2, 3, 4
+F32, F16, BF16, I32, I64, U8 = 0, 1, 2, 3, 4, 5
+
+# Ops of fr_workspace_size (FR_OP_*): the ones with device scratch.
+OP_DROPOUT_BACKWARD = 1
+OP_BIAS_ACT_DROPOUT_BACKWARD = 2
+OP_DROPOUT_ADD_NORM_BACKWARD = 3
+OP_CROSS_ENTROPY = 4
 
 ACT = {"gelu": 0, "gelu_erf": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
 NORM = {"layer": 0, "layernorm": 0, "rms": 1, "rmsnorm": 1}
@@ -106,15 +112,16 @@ TP = C.c_void_p
 OP = C.c_void_p
 
 # name -> argument types (after the options pointer and the exec struct for op entry points).
+# The last argument of the ops with device scratch is their workspace (null: none).
 _OPS = {
-    "fr_cross_entropy_forward": [TP] * 4,
-    "fr_cross_entropy_backward": [TP] * 6,
+    "fr_cross_entropy_forward": [TP] * 5,
+    "fr_cross_entropy_backward": [TP] * 7,
     "fr_bias_act_dropout_forward": [TP] * 4,
-    "fr_bias_act_dropout_backward": [TP] * 6,
+    "fr_bias_act_dropout_backward": [TP] * 7,
     "fr_dropout_forward": [TP] * 7,
-    "fr_dropout_backward": [TP] * 4,
+    "fr_dropout_backward": [TP] * 5,
     "fr_dropout_add_norm_forward": [TP] * 11,
-    "fr_dropout_add_norm_backward": [TP] * 12,
+    "fr_dropout_add_norm_backward": [TP] * 13,
 }
 
 
@@ -157,6 +164,8 @@ def _load() -> C.CDLL:
         f = getattr(lib, name)
         f.restype = C.c_int32
         f.argtypes = [OP, Exec] + args
+    lib.fr_workspace_size.restype = C.c_int32
+    lib.fr_workspace_size.argtypes = [C.c_uint32, OP, C.c_int32, C.POINTER(C.c_int64)]
     lib.fr_adamw_create.restype = C.c_int32
     tensors = C.POINTER(Tensor)
     lib.fr_adamw_create.argtypes = [
@@ -219,3 +228,19 @@ def kernels_built() -> bool:
 
 def driver_present() -> bool:
     return bool(lib.fr_driver_present())
+
+
+def workspace_size(op: int, rows: int, cols: int, dtype: int, reduction: int = 2) -> int:
+    """Bytes of device workspace ``op`` (an ``OP_*`` code) needs for a ``[rows, cols]`` call of
+    element ``dtype`` (a dtype code; cross-entropy: its ``reduction`` code): a function of those
+    alone (``fr_workspace_size``). 0: the op needs none. The dropping backwards' size is with
+    dbias (without, they need none). Bad arguments raise ``ValueError`` with the message.
+
+    >>> workspace_size(OP_DROPOUT_ADD_NORM_BACKWARD, 4096, 768, F32)  # 12 B x 768 x 1024 slabs
+    9437184
+    """
+    o = default_options()
+    o.rows, o.cols, o.reduction = rows, cols, reduction
+    n = C.c_int64(-1)
+    check(lib.fr_workspace_size(op, C.addressof(o), dtype, C.byref(n)))
+    return n.value

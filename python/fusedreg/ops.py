@@ -37,6 +37,7 @@ _DT = {
     torch.bfloat16: L.BF16,
     torch.int32: L.I32,
     torch.int64: L.I64,
+    torch.uint8: L.U8,
 }
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MASK32 = (1 << 32) - 1
@@ -203,6 +204,26 @@ def _run(fn, o: tuple, ref: Tensor, *tensors) -> None:
         L.check(status)
 
 
+_WS_SIZES: dict = {}  # (FR_OP_* code, rows, cols, dtype code, reduction) -> bytes
+
+
+def _workspace(code: int, o: tuple, ref: Tensor) -> Tensor | None:
+    """The device workspace of a CUDA call of op ``code`` with options ``o`` (``ref``: its main
+    tensor), from PyTorch's caching allocator, so that PyTorch owns all device memory the call
+    uses; None on the CPU (nothing to allocate) or when the op needs none. The size is queried
+    once per (op, rows, cols, dtype, reduction). The caller passes it and drops it after the
+    launch: the launch is on ``torch.cuda.current_stream()``, the stream the block was allocated
+    on, so its stream-ordered reuse is safe without ``record_stream``; under
+    ``torch.cuda.graph`` it comes from the graph's private pool."""
+    if not ref.is_cuda:
+        return None
+    key = (code, o[0], o[1], _DT[ref.dtype], o[17])
+    n = _WS_SIZES.get(key)
+    if n is None:
+        n = _WS_SIZES[key] = L.workspace_size(code, o[0], o[1], key[3], o[17])
+    return torch.empty(n, dtype=torch.uint8, device=ref.device) if n else None
+
+
 def _empty0(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
@@ -246,7 +267,8 @@ def _xe(logits, target, label_smoothing, ignore_index, z_loss, reduction, math=0
     o = _xe_opts("cross_entropy", logits, target, label_smoothing, ignore_index, z_loss, reduction,
                  math)
     loss = logits.new_empty(_xe_loss_shape(logits, reduction), dtype=torch.float32)
-    _run(L.lib.fr_cross_entropy_forward, o, logits, logits, target, loss, None)
+    ws = _workspace(L.OP_CROSS_ENTROPY, o, logits)
+    _run(L.lib.fr_cross_entropy_forward, o, logits, logits, target, loss, None, ws)
     return loss
 
 
@@ -262,7 +284,9 @@ def _xe_bwd(logits, target, upstream, label_smoothing, ignore_index, z_loss, mat
     o = _xe_opts(op, logits, target, label_smoothing, ignore_index, z_loss, 0, math)
     _check(op, "upstream", upstream, logits, dtypes=(torch.float32,), numel=o[0])
     grad = torch.empty_like(logits)
-    _run(L.lib.fr_cross_entropy_backward, o, logits, logits, target, upstream, grad, None, None)
+    ws = _workspace(L.OP_CROSS_ENTROPY, o, logits)  # also holds the loss the C side drops
+    _run(L.lib.fr_cross_entropy_backward, o, logits, logits, target, upstream, grad, None, None,
+         ws)
     return grad
 
 
@@ -344,8 +368,9 @@ def _bad_bwd(dy, x, bias, keys, site, act, p, math=0, mask_bits=32):
     _check(op, "dy", dy, x, dtypes=(x.dtype,), numel=x.numel())
     dx = torch.empty_like(x)
     dbias = torch.empty_like(bias) if bias is not None else _empty0(x)
+    ws = _workspace(L.OP_BIAS_ACT_DROPOUT_BACKWARD, o, x) if bias is not None else None
     _run(L.lib.fr_bias_act_dropout_backward, o, x, dy, x, bias, None, dx,
-         dbias if bias is not None else None)
+         dbias if bias is not None else None, ws)
     return dx, dbias
 
 
@@ -441,7 +466,8 @@ def _drop_bwd(dy, keys, site, p, path_p, rows_per_sample, mask_bits, want_dbias)
     o = _drop_opts(op, dy, keys, site, p, path_p, rows_per_sample, mask_bits)
     dx = torch.empty_like(dy)
     dbias = dy.new_empty((o[1],)) if want_dbias else _empty0(dy)
-    _run(L.lib.fr_dropout_backward, o, dy, dy, None, dx, dbias if want_dbias else None)
+    ws = _workspace(L.OP_DROPOUT_BACKWARD, o, dy) if want_dbias else None
+    _run(L.lib.fr_dropout_backward, o, dy, dy, None, dx, dbias if want_dbias else None, ws)
     return dx, dbias
 
 
@@ -609,9 +635,10 @@ def _dan_bwd(d_out, d_s, s, gamma, mean, rstd, keys, site, norm, eps, layer_scal
     dgamma = torch.empty_like(gamma)
     dbeta = torch.empty_like(gamma) if want_beta else _empty0(gamma)
     dbias = torch.empty_like(gamma) if want_bias else _empty0(gamma)
+    ws = _workspace(L.OP_DROPOUT_ADD_NORM_BACKWARD, o, d_out)
     _run(L.lib.fr_dropout_add_norm_backward, o, d_out, d_out, d_s, s, gamma, mean, rstd, None,
          dx, d_res if want_residual else None, dgamma, dbeta if want_beta else None,
-         dbias if want_bias else None)
+         dbias if want_bias else None, ws)
     return dx, d_res, dgamma, dbeta, dbias
 
 

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::math::Math;
 use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
+use crate::workspace::WorkspaceView;
 
 /// The keying resolutions kernels/bias_act_dropout.cu implements.
 const RESOLUTIONS: &[MaskResolution] = &[
@@ -369,7 +370,45 @@ pub fn backward<T: Dtype>(
     dy: &impl DevicePtr<T>,
     pre: Preact<CudaView<'_, T>>,
     dx: &mut impl DevicePtrMut<T>,
+    dbias: Option<CudaViewMut<'_, T>>,
+) -> Result<()> {
+    backward_with_workspace(handle, cfg, dy, pre, dx, dbias, None)
+}
+
+/// [`backward`] with the dbias partials in the caller's memory (`workspace`, at least
+/// [`crate::workspace::bias_act_dropout_backward_size`] bytes) instead of a stream-ordered
+/// allocation per call (`None`).
+///
+/// Errors: as [`backward`], and a workspace too small ([`Error::ShapeMismatch`]) or not
+/// 16-byte aligned ([`Error::InvalidArgument`]).
+///
+/// ```no_run
+/// use fusedreg::bias_act_dropout::{self as bad, Activation, Config, Preact};
+/// use fusedreg::workspace::{bias_act_dropout_backward_size, WorkspaceView};
+/// use fusedreg::DtypeKind;
+/// # fn main() -> fusedreg::Result<()> {
+/// let h = fusedreg::Handle::new(0)?;
+/// let cfg = Config::new(64, 1024, Activation::Relu, 0.1, 42, 7)?;
+/// let s = h.stream();
+/// let x = s.clone_htod(&vec![0.5f32; cfg.len()]).unwrap();
+/// let dy = s.clone_htod(&vec![1.0f32; cfg.len()]).unwrap();
+/// let mut dx = s.alloc_zeros::<f32>(cfg.len()).unwrap();
+/// let mut dbias = s.alloc_zeros::<f32>(cfg.cols()).unwrap();
+/// let n = bias_act_dropout_backward_size(64, 1024, DtypeKind::F32, true)?;
+/// let mut ws = s.alloc_zeros::<u8>(n).unwrap();
+/// let pre = Preact::X { x: x.as_view(), bias: None };
+/// let ws = Some(WorkspaceView::new(ws.as_view_mut()));
+/// bad::backward_with_workspace(&h, &cfg, &dy, pre, &mut dx, Some(dbias.as_view_mut()), ws)?;
+/// # Ok(()) }
+/// ```
+pub fn backward_with_workspace<T: Dtype>(
+    handle: &Handle,
+    cfg: &Config,
+    dy: &impl DevicePtr<T>,
+    pre: Preact<CudaView<'_, T>>,
+    dx: &mut impl DevicePtrMut<T>,
     mut dbias: Option<CudaViewMut<'_, T>>,
+    mut workspace: Option<WorkspaceView<'_>>,
 ) -> Result<()> {
     let lens = match &pre {
         Preact::X { x, bias } => Preact::X {
@@ -416,7 +455,7 @@ pub fn backward<T: Dtype>(
     let (x_ptr, b_ptr, h_ptr) = (ptr(&x_g), ptr(&b_g), ptr(&h_g));
     let (vector, grid, _) = geometry::<T>(cfg, aligned16(&[dy_ptr, dx_ptr, x_ptr, h_ptr]));
 
-    let mut partials = if db_ptr != 0 {
+    let mut partials = if db_ptr != 0 && workspace.is_none() {
         // SAFETY: the backward kernel writes every (slab, column) partial before the finishing
         // kernel reads it (every slab has at least one row; inactive columns are not read).
         Some(
@@ -426,10 +465,15 @@ pub fn backward<T: Dtype>(
     } else {
         None
     };
-    let part_g = partials
-        .as_mut()
-        .map(|b| handle.write_ptr(OP, "partials", b))
-        .transpose()?;
+    // A non-null partials pointer is what asks the kernel for dbias: none without it.
+    let part_g = match (partials.as_mut(), workspace.as_mut()) {
+        (Some(b), _) => Some(handle.write_ptr(OP, "partials", b)?),
+        (None, Some(v)) if db_ptr != 0 => {
+            let query = "fusedreg::workspace::bias_act_dropout_backward_size";
+            Some(v.bind(handle, OP, query, 4 * slabs * cfg.cols())?)
+        }
+        _ => None,
+    };
     let part_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
     let keying = cfg.keying();
     let p = BwdParams {

@@ -155,7 +155,7 @@ mod fast;
 mod gpu;
 pub mod unfused;
 
-pub use gpu::{backward, forward};
+pub use gpu::{backward, backward_with_workspace, forward};
 
 /// The name used in errors.
 pub(crate) const OP: &str = "bias_act_dropout";

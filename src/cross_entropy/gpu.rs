@@ -14,6 +14,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::kernels::{per_dtype, Kernel, KernelFamily};
 use crate::runtime::Handle;
+use crate::workspace::WorkspaceView;
 
 pub(super) const FLAG_GRAD: u32 = 1;
 pub(super) const FLAG_VEC: u32 = 2;
@@ -157,7 +158,7 @@ impl Workspace {
 }
 
 /// f32 scratch for `rows` per-row losses and every level of chunk sums below the final one.
-pub(super) fn scratch_len(rows: usize) -> usize {
+pub(crate) fn scratch_len(rows: usize) -> usize {
     let mut total = rows;
     let mut n = rows;
     while n > REDUCE_CHUNK {
@@ -202,6 +203,9 @@ pub struct Outputs<'a> {
     pub invalid_target: Option<CudaViewMut<'a, u32>>,
     /// Reusable scratch for the reductions.
     pub workspace: Option<&'a mut Workspace>,
+    /// The caller's memory for that scratch instead (at least
+    /// [`crate::workspace::cross_entropy_size`] bytes; not with `workspace`).
+    pub workspace_view: Option<WorkspaceView<'a>>,
 }
 
 impl<'a> Outputs<'a> {
@@ -224,6 +228,7 @@ impl<'a> Outputs<'a> {
             upstream: None,
             invalid_target: None,
             workspace: None,
+            workspace_view: None,
         }
     }
 }
@@ -494,12 +499,26 @@ fn launch<T: Dtype, I: TargetIndex>(
         .transpose()?;
 
     let mut own = Workspace::new();
-    let f32_len = if reduction == Reduction::None {
-        0
-    } else {
-        scratch_len(cfg.rows())
+    let f32_len = crate::workspace::cross_entropy_f32_len(cfg.rows(), reduction);
+    if out.workspace.is_some() && out.workspace_view.is_some() {
+        return Err(crate::dropping::gpu::both_workspaces(OP));
+    }
+    let mut view = out.workspace_view.take();
+    let mut _view_g = None;
+    let s = match view.as_mut() {
+        Some(v) => {
+            // [f32 scratch][pad to 8][u64 count]; the count is zeroed by count_valid when read.
+            let need = crate::workspace::cross_entropy_size(cfg.rows(), cfg.vocab(), reduction)?;
+            let query = "fusedreg::workspace::cross_entropy_size";
+            let (p, g) = v.bind(handle, OP, query, need)?;
+            _view_g = Some(g);
+            Scratch {
+                f32s: if f32_len > 0 { p } else { 0 },
+                count: p + crate::workspace::count_offset(4 * f32_len) as u64,
+            }
+        }
+        None => scratch(handle, out.workspace.take(), f32_len, &mut own)?,
     };
-    let s = scratch(handle, out.workspace.take(), f32_len, &mut own)?;
     if reduction == Reduction::Mean {
         count_valid::<I>(handle, cfg, targets, s.count)?;
     }

@@ -151,6 +151,7 @@ mod gpu;
 pub(crate) mod math;
 pub mod unfused;
 
+pub(crate) use gpu::scratch_len;
 pub use gpu::{forward, forward_backward, forward_backward_inplace, Outputs, Workspace};
 
 /// The name used in errors.

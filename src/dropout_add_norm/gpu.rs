@@ -19,6 +19,7 @@ use super::{
     row_partials, BackwardArgs, BackwardLens, BackwardOut, Config, ForwardArgs, ForwardLens,
     ForwardOut, Norm, GROUP, OP,
 };
+use crate::dropping::gpu::both_workspaces;
 use crate::dropping::gpu::{aligned16, resolution_flag, row_scale_fields};
 use crate::dropping::MaskResolution;
 use crate::dropping::Workspace;
@@ -642,6 +643,9 @@ fn fit_smem(handle: &Handle, kernel: Kernel, bytes: usize) -> Option<u32> {
     .map(|()| bytes32)
 }
 
+/// The size query the workspace view is checked against (named in its error).
+const SIZE_QUERY: &str = "fusedreg::workspace::dropout_add_norm_backward_size";
+
 /// The backward on the handle's stream (see the [module docs](super)): `dx` (mask and row scale
 /// regenerated from `cfg`, the same config as the forward), `d_residual`, `dgamma`, and
 /// optionally `dbeta` and `dbias`. The column gradients are deterministic: per-slab f32 partials
@@ -725,15 +729,20 @@ pub fn backward<T: Dtype, S: Dtype>(
         .and_then(|n| n.checked_mul(3))
         .ok_or_else(|| Error::shape(OP, "column partials overflow"))?;
     let mut own = None;
-    let partials = if partial_len == 0 {
-        None
-    } else {
-        // SAFETY: the backward kernel writes every partial the colsum kernel reads.
-        Some(unsafe { Workspace::partials(handle, OP, args.workspace, &mut own, partial_len) }?)
+    let mut view = args.workspace_view;
+    if view.is_some() && args.workspace.is_some() {
+        return Err(both_workspaces(OP));
+    }
+    let part_g = match view.as_mut() {
+        Some(v) if partial_len > 0 => Some(v.bind(handle, OP, SIZE_QUERY, 4 * partial_len)?),
+        _ if partial_len == 0 => None,
+        _ => {
+            // SAFETY: the backward kernel writes every partial the colsum kernel reads.
+            let b =
+                unsafe { Workspace::partials(handle, OP, args.workspace, &mut own, partial_len) }?;
+            Some(handle.write_ptr(OP, "workspace", b)?)
+        }
     };
-    let part_g = partials
-        .map(|b| handle.write_ptr(OP, "workspace", b))
-        .transpose()?;
     let partials = ptr(&part_g);
 
     if !cfg.is_empty() {

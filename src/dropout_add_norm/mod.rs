@@ -809,6 +809,9 @@ pub struct BackwardArgs<'a, T, S> {
     pub rowscale: Option<CudaView<'a, f32>>,
     /// Reusable space for the column partials (allocated per call when `None`).
     pub workspace: Option<&'a mut Workspace>,
+    /// The caller's memory for the column partials instead (at least
+    /// [`crate::workspace::dropout_add_norm_backward_size`] bytes; not with `workspace`).
+    pub workspace_view: Option<crate::workspace::WorkspaceView<'a>>,
     #[doc(hidden)]
     pub tuning: LaunchTuning,
 }
@@ -844,6 +847,7 @@ impl<'a, T, S> BackwardArgs<'a, T, S> {
             rstd,
             rowscale: None,
             workspace: None,
+            workspace_view: None,
             tuning: LaunchTuning::default(),
         }
     }

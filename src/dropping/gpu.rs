@@ -23,6 +23,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::kernels::KernelFamily;
 use crate::runtime::Handle;
+use crate::workspace::WorkspaceView;
 
 /// `FLAG_DROP_PATH` in the kernels: generate the row scale under the drop path's call id.
 pub(crate) const FLAG_DROP_PATH: u32 = 1;
@@ -305,6 +306,8 @@ pub(crate) struct BackwardLaunch<'a> {
     /// dbias output (0: none).
     pub dbias: u64,
     pub workspace: Option<&'a mut Workspace>,
+    /// The caller's memory for the partials (see [`crate::workspace`]); not with `workspace`.
+    pub view: Option<WorkspaceView<'a>>,
     pub tuning: LaunchTuning,
 }
 
@@ -344,15 +347,21 @@ pub(crate) fn launch_backward<T: Dtype>(
     let slabs = launches[0].map_or(0, |(_, g)| g.grid.1 as usize);
     let partial_len = if want_dbias { slabs * l.cols } else { 0 };
     let mut own = None;
-    let partials = if want_dbias {
-        // SAFETY: stage 1 writes every (slab, column) partial before stage 2 reads it.
-        Some(unsafe { Workspace::partials(handle, op, l.workspace, &mut own, partial_len) }?)
-    } else {
-        None
+    let mut view = l.view;
+    if view.is_some() && l.workspace.is_some() {
+        return Err(both_workspaces(op));
+    }
+    // A non-null partials pointer is what asks the kernel for dbias: none without it.
+    let part_g = match view.as_mut() {
+        Some(v) if want_dbias => Some(v.bind(handle, op, SIZE_QUERY, 4 * partial_len)?),
+        Some(_) => None,
+        None if want_dbias => {
+            // SAFETY: stage 1 writes every (slab, column) partial before stage 2 reads it.
+            let b = unsafe { Workspace::partials(handle, op, l.workspace, &mut own, partial_len) }?;
+            Some(handle.write_ptr(op, "workspace", b)?)
+        }
+        None => None,
     };
-    let part_g = partials
-        .map(|b| handle.write_ptr(op, "workspace", b))
-        .transpose()?;
     let partials_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
 
     let rsf = row_scale_fields(l.drop_path, l.rowscale);
@@ -465,10 +474,23 @@ pub(crate) fn backward<T: Dtype>(
         dx: dx_ptr,
         dbias: ptr(&db_g),
         workspace: opts.workspace,
+        view: opts.workspace_view,
         tuning: opts.tuning,
     };
     launch_backward::<T>(handle, kernels, l)?;
     Ok(())
+}
+
+/// The size query a dropping op's workspace view is checked against (named in its error).
+const SIZE_QUERY: &str = "fusedreg::workspace::dropout_backward_size";
+
+/// The error of a call given both an owned workspace and a borrowed view.
+pub(crate) fn both_workspaces(op: &'static str) -> Error {
+    Error::invalid(
+        op,
+        "both `workspace` and `workspace_view` are set; pass one (the owned workspace or the \
+         caller's memory)",
+    )
 }
 
 /// Zeroes a 1-bit mask of `words` u32 before a scalar-path forward ORs bits into it.

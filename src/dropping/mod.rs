@@ -65,6 +65,7 @@ use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{check_len, Error, Result};
 use crate::philox;
 use crate::runtime::Handle;
+use crate::workspace::WorkspaceView;
 
 pub(crate) mod gpu;
 pub(crate) mod unfused;
@@ -1461,6 +1462,9 @@ pub struct BackwardOptions<'a, T> {
     pub dbias: Option<CudaViewMut<'a, T>>,
     /// Reusable space for the dbias partials (allocated per call when `None`).
     pub workspace: Option<&'a mut Workspace>,
+    /// The caller's memory for the dbias partials instead (at least
+    /// [`crate::workspace::dropout_backward_size`] bytes; not with `workspace`).
+    pub workspace_view: Option<WorkspaceView<'a>>,
     #[doc(hidden)]
     pub tuning: LaunchTuning,
 }
@@ -1472,6 +1476,7 @@ impl<T> Default for BackwardOptions<'_, T> {
             mask: None,
             dbias: None,
             workspace: None,
+            workspace_view: None,
             tuning: LaunchTuning::default(),
         }
     }

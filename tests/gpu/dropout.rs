@@ -283,6 +283,7 @@ fn gpu_backward<T: Dtype>(
         dbias: dbias.as_mut().map(|b| b.as_view_mut()),
         workspace: ws,
         tuning: c.tuning,
+        ..Default::default()
     };
     dr::backward(
         h,

@@ -21,6 +21,7 @@ mod harness;
 mod philox;
 mod prelude;
 mod redundancy;
+mod workspace;
 
 use libtest_mimic::Arguments;
 
@@ -39,6 +40,7 @@ fn main() {
     trials.extend(dropout_add_norm::trials());
     trials.extend(redundancy::trials());
     trials.extend(dropout_redundancy::trials());
+    trials.extend(workspace::trials());
     #[cfg(feature = "candle-cuda")]
     trials.extend(candle::trials());
     libtest_mimic::run(&args, trials).exit();

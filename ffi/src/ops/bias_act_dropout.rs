@@ -1,6 +1,7 @@
 //! `fr_bias_act_dropout_*`: `y = dropout(act(x + bias))`, the feed-forward site.
 
 use fusedreg::bias_act_dropout::{self as bad, Activation, Config, Preact};
+use fusedreg::workspace::{self, WorkspaceView};
 use fusedreg::{Dtype, Handle};
 
 use crate::tensor::{dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor};
@@ -60,6 +61,10 @@ pub unsafe extern "C" fn fr_bias_act_dropout_forward(
 /// `dx = keep · scale · dy · act'(x + bias)` with the mask regenerated from the options' keys,
 /// and (optional) `dbias`, its column sums in a fixed order. The pre-activation is recomputed
 /// from `x` (+ `bias`), or read from `h` when given (then `x` and `bias` may be null).
+///
+/// `workspace` (optional, `FR_U8`): the device scratch of the dbias partials, at least
+/// `fr_workspace_size(FR_OP_BIAS_ACT_DROPOUT_BACKWARD)` bytes when `dbias` is given (none is
+/// needed without); null allocates it stream-ordered per call.
 #[no_mangle]
 pub unsafe extern "C" fn fr_bias_act_dropout_backward(
     options: *const FrOptions,
@@ -70,6 +75,7 @@ pub unsafe extern "C" fn fr_bias_act_dropout_backward(
     h: *const FrTensor,
     dx: *const FrTensor,
     dbias: *const FrTensor,
+    workspace: *const FrTensor,
 ) -> FrStatus {
     boundary(|| {
         let o = FrOptions::read(OP, options)?;
@@ -86,6 +92,7 @@ pub unsafe extern "C" fn fr_bias_act_dropout_backward(
             h: hh,
             dx: req(OP, "dx", dx)?,
             dbias: opt(OP, "dbias", dbias)?,
+            workspace,
         };
         let handle = exec.handle()?;
         dispatch_float!(OP, "dy", t.dy.dtype, T => backward::<T>(&cfg, handle.as_ref(), &t))
@@ -106,6 +113,8 @@ struct Bwd<'a> {
     h: Option<&'a FrTensor>,
     dx: &'a FrTensor,
     dbias: Option<&'a FrTensor>,
+    /// Checked in `backward` (its size depends on the dtype).
+    workspace: *const FrTensor,
 }
 
 fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> FfiResult {
@@ -149,6 +158,9 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
 }
 
 fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> FfiResult {
+    let (rows, cols, want_dbias) = (cfg.rows(), cfg.cols(), t.dbias.is_some());
+    let need = workspace::bias_act_dropout_backward_size(rows, cols, T::KIND, want_dbias)?;
+    let ws = crate::workspace::arg(OP, t.workspace, need)?;
     // SAFETY: as in `forward`.
     match h {
         None => unsafe {
@@ -193,13 +205,17 @@ fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> F
                 .dbias
                 .map(|b| Borrowed::<T>::new(OP, "dbias", b, s))
                 .transpose()?;
-            bad::backward(
+            let mut ws = ws
+                .map(|w| Borrowed::<u8>::new(OP, "workspace", w, s))
+                .transpose()?;
+            bad::backward_with_workspace(
                 h,
                 cfg,
                 dy.slice(),
                 pre,
                 dx.slice_mut(),
                 dbias.as_mut().map(|b| b.view_mut()),
+                ws.as_mut().map(|w| WorkspaceView::new(w.view_mut())),
             )?;
         },
     }

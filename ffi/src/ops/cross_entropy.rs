@@ -1,11 +1,13 @@
 //! `fr_cross_entropy_*`: label-smoothed cross-entropy with ignore index, z-loss and reductions.
 
 use fusedreg::cross_entropy::{self as xe, Config, Reduction, TargetIndex};
+use fusedreg::workspace::WorkspaceView;
 use fusedreg::{Dtype, Handle};
 
 use crate::tensor::{
     dispatch_float, host, host_mut, opt, req, Borrowed, Elem, FrTensor, FR_I32, FR_I64,
 };
+use crate::workspace::{cross_entropy_layout, part, XeLayout};
 use crate::{boundary, FfiError, FfiResult, FrExec, FrOptions, FrStatus};
 use crate::{FR_REDUCTION_MEAN, FR_REDUCTION_NONE, FR_REDUCTION_SUM};
 
@@ -45,12 +47,16 @@ struct Args<'a> {
     upstream: Option<&'a FrTensor>,
     grad: Option<&'a FrTensor>,
     invalid_target: Option<&'a FrTensor>,
+    workspace: *const FrTensor,
 }
 
 /// The loss: `rows` f32 with reduction none, one f32 otherwise. CPU: a target outside
 /// `[0, cols)` that is not `ignore_index` is an error. GPU: such a row counts as ignored and, when
 /// `invalid_target` (one int32, never cleared) is given, ORs 1 into it; nothing waits for the
 /// device.
+///
+/// `workspace` (optional, `FR_U8`): the device scratch of the reductions, at least
+/// `fr_workspace_size(FR_OP_CROSS_ENTROPY)` bytes; null allocates it stream-ordered per call.
 #[no_mangle]
 pub unsafe extern "C" fn fr_cross_entropy_forward(
     options: *const FrOptions,
@@ -59,6 +65,7 @@ pub unsafe extern "C" fn fr_cross_entropy_forward(
     targets: *const FrTensor,
     loss: *const FrTensor,
     invalid_target: *const FrTensor,
+    workspace: *const FrTensor,
 ) -> FrStatus {
     boundary(|| {
         let o = FrOptions::read(OP, options)?;
@@ -69,6 +76,7 @@ pub unsafe extern "C" fn fr_cross_entropy_forward(
             upstream: None,
             grad: None,
             invalid_target: opt(OP, "invalid_target", invalid_target)?,
+            workspace,
         };
         run(o, exec, &a)
     })
@@ -79,6 +87,10 @@ pub unsafe extern "C" fn fr_cross_entropy_forward(
 /// (optional, `rows` f32, reduction none only) scales each row's gradient; fold a mean's or a
 /// sum's upstream gradient into it (`upstream[r] = d_loss / n_valid` with reduction none) to get
 /// the gradient in one pass. `loss` is optional (null: computed into scratch and dropped).
+///
+/// `workspace` (optional, `FR_U8`): the device scratch of the reductions and of a null `loss`,
+/// at least `fr_workspace_size(FR_OP_CROSS_ENTROPY)` bytes; null allocates them stream-ordered
+/// per call.
 #[no_mangle]
 pub unsafe extern "C" fn fr_cross_entropy_backward(
     options: *const FrOptions,
@@ -89,6 +101,7 @@ pub unsafe extern "C" fn fr_cross_entropy_backward(
     grad: *const FrTensor,
     loss: *const FrTensor,
     invalid_target: *const FrTensor,
+    workspace: *const FrTensor,
 ) -> FrStatus {
     boundary(|| {
         let o = FrOptions::read(OP, options)?;
@@ -99,6 +112,7 @@ pub unsafe extern "C" fn fr_cross_entropy_backward(
             upstream: opt(OP, "upstream", upstream)?,
             grad: Some(req(OP, "grad", grad)?),
             invalid_target: opt(OP, "invalid_target", invalid_target)?,
+            workspace,
         };
         run(o, exec, &a)
     })
@@ -106,14 +120,17 @@ pub unsafe extern "C" fn fr_cross_entropy_backward(
 
 fn run(o: &FrOptions, exec: FrExec, a: &Args<'_>) -> FfiResult {
     let cfg = config(o)?;
+    let layout = cross_entropy_layout(cfg.rows(), cfg.vocab(), cfg.get_reduction())?;
+    // Checked on the CPU too (unused there), so a bad workspace fails the same way everywhere.
+    let ws = crate::workspace::arg(OP, a.workspace, layout.total)?;
     let h = exec.handle()?;
     match a.targets.dtype {
-        FR_I32 => {
-            dispatch_float!(OP, "logits", a.logits.dtype, T => typed::<T, i32>(&cfg, h.as_ref(), a))
-        }
-        FR_I64 => {
-            dispatch_float!(OP, "logits", a.logits.dtype, T => typed::<T, i64>(&cfg, h.as_ref(), a))
-        }
+        FR_I32 => dispatch_float!(OP, "logits", a.logits.dtype, T => {
+            typed::<T, i32>(&cfg, h.as_ref(), a, ws, &layout)
+        }),
+        FR_I64 => dispatch_float!(OP, "logits", a.logits.dtype, T => {
+            typed::<T, i64>(&cfg, h.as_ref(), a, ws, &layout)
+        }),
         d => Err(FfiError::invalid(format!(
             "{OP}: targets have dtype {}; use int32 or int64",
             crate::tensor::dtype_name(d)
@@ -125,10 +142,12 @@ fn typed<T: Dtype + Elem, I: TargetIndex + Elem>(
     cfg: &Config,
     h: Option<&Handle>,
     a: &Args<'_>,
+    ws: Option<&FrTensor>,
+    layout: &XeLayout,
 ) -> FfiResult {
     match h {
         None => cpu::<T, I>(cfg, a),
-        Some(h) => gpu::<T, I>(cfg, h, a),
+        Some(h) => gpu::<T, I>(cfg, h, a, ws, layout),
     }
 }
 
@@ -182,6 +201,8 @@ fn gpu<T: Dtype + Elem, I: TargetIndex + Elem>(
     cfg: &Config,
     h: &Handle,
     a: &Args<'_>,
+    ws: Option<&FrTensor>,
+    layout: &XeLayout,
 ) -> FfiResult {
     let s = h.stream();
     // SAFETY (every borrowed buffer below): the C contract, device pointers of this context
@@ -198,12 +219,22 @@ fn gpu<T: Dtype + Elem, I: TargetIndex + Elem>(
     };
     let mut loss_borrowed;
     let mut loss_scratch;
-    let loss = match a.loss {
-        Some(l) => {
+    let loss_len = cfg.get_reduction().loss_len(cfg.rows());
+    // The library's part of the workspace, and the rest for a loss nobody asked for.
+    let mut library = match ws {
+        Some(w) => Some(unsafe { part::<u8>(OP, w, 0, layout.loss_offset, s)? }),
+        None => None,
+    };
+    let loss = match (a.loss, ws) {
+        (Some(l), _) => {
             loss_borrowed = unsafe { Borrowed::<f32>::new(OP, "loss", l, s)? };
             loss_borrowed.view_mut()
         }
-        None => {
+        (None, Some(w)) if loss_len > 0 => {
+            loss_borrowed = unsafe { part::<f32>(OP, w, layout.loss_offset, loss_len, s)? };
+            loss_borrowed.view_mut()
+        }
+        (None, _) => {
             // Scratch for a loss nobody asked for, freed stream-ordered after the launch.
             let n = cfg.get_reduction().loss_len(cfg.rows()).max(1);
             // SAFETY: written by the kernel before anything reads it; never read by us.
@@ -216,6 +247,7 @@ fn gpu<T: Dtype + Elem, I: TargetIndex + Elem>(
         upstream: upstream.as_ref().map(|u| u.view()),
         invalid_target: flag.as_mut().map(|f| f.view_mut()),
         workspace: None,
+        workspace_view: library.as_mut().map(|w| WorkspaceView::new(w.view_mut())),
     };
     match a.grad {
         None => xe::forward(h, cfg, logits.slice(), targets.slice(), out)?,

@@ -2,6 +2,7 @@
 //! (one ABI op; the library's `dropout`, with its optional residual, underneath).
 
 use fusedreg::dropout::{self, Config};
+use fusedreg::workspace::{self, WorkspaceView};
 use fusedreg::{redundancy, Dtype, Handle};
 
 use crate::tensor::{
@@ -72,6 +73,10 @@ pub unsafe extern "C" fn fr_dropout_forward(
 /// keys (the residual's gradient is `dy` itself: nothing to compute), and (optional) `dbias`,
 /// the column sums of the unrounded `dx` in a fixed order. Pass the forward's `rowscale` (given
 /// or drawn) when it had one.
+///
+/// `workspace` (optional, `FR_U8`): the device scratch of the dbias partials, at least
+/// `fr_workspace_size(FR_OP_DROPOUT_BACKWARD)` bytes when `dbias` is given (none is needed
+/// without); null allocates it stream-ordered per call.
 #[no_mangle]
 pub unsafe extern "C" fn fr_dropout_backward(
     options: *const FrOptions,
@@ -80,6 +85,7 @@ pub unsafe extern "C" fn fr_dropout_backward(
     rowscale: *const FrTensor,
     dx: *const FrTensor,
     dbias: *const FrTensor,
+    workspace: *const FrTensor,
 ) -> FrStatus {
     boundary(|| {
         let o = FrOptions::read(OP, options)?;
@@ -89,6 +95,7 @@ pub unsafe extern "C" fn fr_dropout_backward(
             rowscale: opt(OP, "rowscale", rowscale)?,
             dx: req(OP, "dx", dx)?,
             dbias: opt(OP, "dbias", dbias)?,
+            workspace,
         };
         let h = exec.handle()?;
         dispatch_float!(OP, "dy", t.dy.dtype, T => backward::<T>(&cfg, h.as_ref(), &t))
@@ -110,6 +117,8 @@ struct Bwd<'a> {
     rowscale: Option<&'a FrTensor>,
     dx: &'a FrTensor,
     dbias: Option<&'a FrTensor>,
+    /// Checked in `backward` (its size depends on the dtype).
+    workspace: *const FrTensor,
 }
 
 fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> FfiResult {
@@ -202,6 +211,9 @@ fn forward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Fwd<'_>) -> Ff
 }
 
 fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> FfiResult {
+    let need =
+        workspace::dropout_backward_size(cfg.rows(), cfg.cols(), T::KIND, t.dbias.is_some())?;
+    let ws = crate::workspace::arg(OP, t.workspace, need)?;
     // SAFETY: as in `forward`; outputs are distinct from the inputs.
     match h {
         None => unsafe {
@@ -232,10 +244,14 @@ fn backward<T: Dtype + Elem>(cfg: &Config, h: Option<&Handle>, t: &Bwd<'_>) -> F
                 .dbias
                 .map(|b| Borrowed::<T>::new(OP, "dbias", b, s))
                 .transpose()?;
+            let mut ws = ws
+                .map(|w| Borrowed::<u8>::new(OP, "workspace", w, s))
+                .transpose()?;
             let opts = dropout::BackwardOptions {
                 rowscale: rowscale.as_ref().map(|b| b.view()),
                 mask: None,
                 dbias: dbias.as_mut().map(|b| b.view_mut()),
+                workspace_view: ws.as_mut().map(|w| WorkspaceView::new(w.view_mut())),
                 ..Default::default()
             };
             dropout::backward(h, cfg, dy.slice(), dx.slice_mut(), opts)?;

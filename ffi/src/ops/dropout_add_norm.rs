@@ -94,6 +94,10 @@ pub unsafe extern "C" fn fr_dropout_add_norm_forward(
 /// Reads `s`, `gamma`, `mean`, `rstd` (and `rowscale` when the forward had one) and regenerates
 /// the mask from the options' keys. Outputs: `dx`, `d_residual` (optional), `dgamma`, `dbeta`
 /// and `dbias` (optional), column sums in a fixed order.
+///
+/// `workspace` (optional, `FR_U8`): the device scratch of the column partials, at least
+/// `fr_workspace_size(FR_OP_DROPOUT_ADD_NORM_BACKWARD)` bytes; null allocates it stream-ordered
+/// per call.
 #[no_mangle]
 pub unsafe extern "C" fn fr_dropout_add_norm_backward(
     options: *const FrOptions,
@@ -110,10 +114,12 @@ pub unsafe extern "C" fn fr_dropout_add_norm_backward(
     dgamma: *const FrTensor,
     dbeta: *const FrTensor,
     dbias: *const FrTensor,
+    workspace: *const FrTensor,
 ) -> FrStatus {
     boundary(|| {
         let o = FrOptions::read(OP, options)?;
         let cfg = config(o)?;
+        let need = fusedreg::workspace::dropout_add_norm_backward_size(cfg.rows(), cfg.cols())?;
         let t = Bwd {
             d_out: req(OP, "d_out", d_out)?,
             d_s: opt(OP, "d_s", d_s)?,
@@ -127,6 +133,7 @@ pub unsafe extern "C" fn fr_dropout_add_norm_backward(
             dgamma: req(OP, "dgamma", dgamma)?,
             dbeta: opt(OP, "dbeta", dbeta)?,
             dbias: opt(OP, "dbias", dbias)?,
+            workspace: crate::workspace::arg(OP, workspace, need)?,
         };
         let h = exec.handle()?;
         let sd = t.s.dtype;
@@ -177,6 +184,7 @@ struct Bwd<'a> {
     dgamma: &'a FrTensor,
     dbeta: Option<&'a FrTensor>,
     dbias: Option<&'a FrTensor>,
+    workspace: Option<&'a FrTensor>,
 }
 
 /// In place: the new stream is written over the residual.
@@ -351,6 +359,13 @@ fn backward<T: Dtype + Elem, S: Dtype + Elem>(
             );
             args.d_s = d_s.as_ref().map(|b| b.view());
             args.rowscale = rowscale.as_ref().map(|b| b.view());
+            let mut ws = t
+                .workspace
+                .map(|w| Borrowed::<u8>::new(OP, "workspace", w, st))
+                .transpose()?;
+            args.workspace_view = ws
+                .as_mut()
+                .map(|w| fusedreg::workspace::WorkspaceView::new(w.view_mut()));
             let mut out = dan::BackwardOut::new(dx.view_mut(), dgamma.view_mut());
             out.d_residual = d_residual.as_mut().map(|b| b.view_mut());
             out.dbeta = dbeta.as_mut().map(|b| b.view_mut());

@@ -10,3 +10,5 @@ pub use bias_act_dropout::*;
 pub use cross_entropy::*;
 pub use dropout::*;
 pub use dropout_add_norm::*;
+
+pub(crate) use cross_entropy::config as cross_entropy_config;
