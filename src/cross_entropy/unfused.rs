@@ -229,7 +229,7 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
 }
 
 /// The CPU mirror of [`forward_backward`]: the same roundings (log-probabilities in `T`) and
-/// operation order. Targets are checked as in [`cpu`](super::cpu).
+/// operation order. Targets are checked as in [`cpu`].
 ///
 /// # Examples
 ///
