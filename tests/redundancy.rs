@@ -150,6 +150,23 @@ fn bi_matches_a_plain_f64_recomputation_within_the_bound() {
     bi_vs_f64::<f16, f32>(Norm::RmsNorm, false);
 }
 
+/// The stream after the add for hard case `case` of the per-row tests, from random `r` and `d`:
+/// 0 nearly parallel, 1 nearly opposite, 2 orthogonal-ish, 3 and 4 of very different lengths,
+/// 5 a large update; 6 and 7 a mean that dwarfs the spread (LayerNorm's |s|² from its sums).
+fn hard_stream(case: usize, r: &[f32], d: &[f32]) -> Vec<f32> {
+    let pair = |f: fn(f32, f32) -> f32| r.iter().zip(d).map(|(&a, &b)| f(a, b)).collect();
+    match case {
+        0 => pair(|a, b| a + 1e-4 * b),
+        1 => pair(|a, b| -a + 1e-3 * b),
+        2 => d.to_vec(),
+        3 => pair(|a, b| 1e6 * a + b),
+        4 => pair(|a, b| 1e-12 * (a + b)),
+        5 => pair(|a, b| a + 10.0 * b),
+        6 => d.iter().map(|b| 1000.0 + b).collect(),
+        _ => d.iter().map(|b| -3.0e4 + 1e-2 * b).collect(),
+    }
+}
+
 /// Per row, on vectors built to be hard: nearly parallel (cos near 1, where BI is small),
 /// nearly opposite, orthogonal, and of very different lengths.
 #[test]
@@ -159,14 +176,7 @@ fn row_cosine_is_within_the_bound_per_row() {
         for case in 0..6 {
             let r: Vec<f32> = uniform(&mut g, cols, -3.0, 3.0);
             let d: Vec<f32> = uniform(&mut g, cols, -1.0, 1.0);
-            let s: Vec<f32> = match case {
-                0 => r.iter().zip(&d).map(|(a, b)| a + 1e-4 * b).collect(),
-                1 => r.iter().zip(&d).map(|(a, b)| -a + 1e-3 * b).collect(),
-                2 => d.clone(),
-                3 => r.iter().zip(&d).map(|(a, b)| 1e6 * a + b).collect(),
-                4 => r.iter().zip(&d).map(|(a, b)| 1e-12 * (a + b)).collect(),
-                _ => r.iter().zip(&d).map(|(a, b)| a + 10.0 * b).collect(),
-            };
+            let s = hard_stream(case, &r, &d);
             let [dot, rr, ss] = stat_sums(cols, |j| r[j], |j| s[j]);
             let RowCos::Cos(c) = row_cos(dot, rr, ss) else {
                 panic!("{cols} case {case}: not counted")
@@ -193,16 +203,7 @@ fn norm_row_cosine_is_within_the_bound_per_row() {
         for case in 0..8 {
             let r: Vec<f32> = uniform(&mut g, cols, -3.0, 3.0);
             let d: Vec<f32> = uniform(&mut g, cols, -1.0, 1.0);
-            let s: Vec<f32> = match case {
-                0 => r.iter().zip(&d).map(|(a, b)| a + 1e-4 * b).collect(),
-                1 => r.iter().zip(&d).map(|(a, b)| -a + 1e-3 * b).collect(),
-                2 => d.clone(),
-                3 => r.iter().zip(&d).map(|(a, b)| 1e6 * a + b).collect(),
-                4 => r.iter().zip(&d).map(|(a, b)| 1e-12 * (a + b)).collect(),
-                5 => d.iter().map(|b| 1000.0 + b).collect(),
-                6 => d.iter().map(|b| -3.0e4 + 1e-2 * b).collect(),
-                _ => r.iter().zip(&d).map(|(a, b)| a + 10.0 * b).collect(),
-            };
+            let s = hard_stream(case, &r, &d);
             let n = cols as f32;
             let [dot, rr] = stat_sums2(cols, |j| r[j], |j| s[j]);
             let (r64, s64) = (f64s(&r), f64s(&s));
