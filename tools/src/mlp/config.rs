@@ -4,6 +4,7 @@
 
 use fusedreg::adamw::AdamWConfig;
 use fusedreg::stochastic_depth::{Mode, Schedule, StochasticDepth};
+use fusedreg::{dropout, dropout_add_norm};
 use fusedreg::{Error, Result};
 
 use super::prenorm::PreNorm;
@@ -156,7 +157,11 @@ impl MlpConfig {
         fusedreg::global_norm::check_max_norm(Some(self.max_norm))?;
         if let Some(p) = &self.prenorm {
             // The entry's own checks (eps finite and > 0), on a one-row shape.
-            p.entry(1, self.hidden, 0, false, 0.0, 0, 0)?;
+            let one_row = Sites {
+                tokens: 1,
+                ..Sites::of(self)
+            };
+            one_row.entry(p, 0, false, 0)?;
         }
         self.adamw.validate()
     }
@@ -184,6 +189,52 @@ impl MlpConfig {
     pub(crate) fn owners(&self) -> Vec<Option<usize>> {
         let per = self.tensors_per_block();
         (0..self.blocks * per).map(|i| Some(i / per)).collect()
+    }
+}
+
+/// What every dropout site of the model shares, on either backend: the activations' shape
+/// `[tokens, hidden]`, the dropout probability and the seed its masks are keyed by (each site
+/// adds its own call id).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sites {
+    pub(crate) tokens: usize,
+    pub(crate) hidden: usize,
+    pub(crate) p: f64,
+    pub(crate) seed: u64,
+}
+
+impl Sites {
+    pub(crate) fn of(cfg: &MlpConfig) -> Self {
+        Sites {
+            tokens: cfg.tokens,
+            hidden: cfg.hidden,
+            p: cfg.dropout,
+            seed: cfg.seed,
+        }
+    }
+
+    /// The dropout of a residual add (a block's, or the pre-norm exit's) keyed by `call`.
+    pub(crate) fn dropout(&self, call: u64) -> Result<dropout::Config> {
+        dropout::Config::new(self.tokens, self.hidden, self.p, self.seed, call)
+    }
+
+    /// The pre-norm entry of block `l`: with `adds` it adds a previous block's output under the
+    /// sites' dropout keyed by `call`; without, it only normalises (no dropout on the input).
+    pub(crate) fn entry(
+        &self,
+        pre: &PreNorm,
+        l: usize,
+        adds: bool,
+        call: u64,
+    ) -> Result<dropout_add_norm::Config> {
+        let mut cfg = dropout_add_norm::Config::new(self.tokens, self.hidden, pre.norm, pre.eps)?;
+        if adds {
+            cfg = cfg.with_dropout(self.p, self.seed, call)?;
+        }
+        if pre.layer_norm_scaling {
+            cfg = cfg.with_layer_norm_scaling(l + 1)?;
+        }
+        Ok(cfg)
     }
 }
 

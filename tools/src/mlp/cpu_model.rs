@@ -1,7 +1,7 @@
 //! The residual MLP on the CPU: the reference implementations of every op (fusedreg's
 //! `cpu` modules) and plain-loop matrix products. Small sizes only.
 
-use super::config::{check_block, check_slot, Backend, MlpConfig};
+use super::config::{check_block, check_slot, Backend, MlpConfig, Sites};
 use super::cpu;
 use super::init::{host_init, student_tensors, BlockParams};
 use fusedreg::adamw::cpu::CpuTensor;
@@ -25,10 +25,7 @@ mod prenorm;
 /// assert_eq!(model.tensors().len(), 2 * 4); // W1, b1, W2, b2 per block
 /// ```
 pub struct CpuMlp {
-    tokens: usize,
-    hidden: usize,
-    dropout: f64,
-    seed: u64,
+    sites: Sites,
     adamw: AdamWConfig,
     max_norm: f32,
     /// W1, b1, W2, b2 of each block, with their gradients and AdamW state.
@@ -107,10 +104,7 @@ impl CpuMlp {
             None => vec![Vec::new(); cfg.blocks],
         };
         Ok(CpuMlp {
-            tokens: cfg.tokens,
-            hidden: hd,
-            dropout: cfg.dropout,
-            seed: cfg.seed,
+            sites: Sites::of(cfg),
             adamw: cfg.adamw,
             max_norm: cfg.max_norm,
             tensors,
@@ -145,10 +139,6 @@ impl CpuMlp {
             scale,
             self.rowscale.iter().all(|r| !r.is_empty()),
         )
-    }
-
-    fn dropout(&self, call: u64) -> Result<Config> {
-        Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)
     }
 
     /// The parameters of optimizer tensor `i` (W1, b1, W2, b2 of each block in turn).
@@ -234,7 +224,7 @@ impl Backend for CpuMlp {
             return self.pre_forward_block(l, input, call, scale);
         }
         self.check_block_call(l, input, scale)?;
-        let hd = self.hidden;
+        let hd = self.sites.hidden;
         let (before, after) = self.acts.split_at_mut(l + 1);
         let (x, y) = (&before[input], &mut after[0]);
         cpu::linear_fwd(x, &self.tensors[t(l, 0)].param, &mut self.h[l], hd, hd)?;
@@ -246,7 +236,7 @@ impl Backend for CpuMlp {
             hd,
             hd,
         )?;
-        let cfg = Config::new(self.tokens, hd, self.dropout, self.seed, call)?;
+        let cfg = self.sites.dropout(call)?;
         let opts = dr::cpu::ForwardOptions {
             bias: Some(&self.tensors[t(l, 3)].param),
             residual: Some(x),
@@ -257,11 +247,17 @@ impl Backend for CpuMlp {
     }
 
     fn loss(&mut self, output: usize, batch: usize, _want_loss: bool) -> Result<f64> {
-        if self.pre.is_some() {
-            return self.pre_loss(output, batch);
-        }
-        check_slot(output, self.acts.len(), batch, self.targets.len())?;
-        cpu::mse_grad(&self.acts[output], &self.targets[batch], &mut self.g)
+        let y = match &self.pre {
+            None => {
+                check_slot(output, self.acts.len(), batch, self.targets.len())?;
+                &self.acts[output]
+            }
+            Some(p) => {
+                check_slot(output, self.h.len() + 1, batch, self.targets.len())?;
+                p.output(output, &self.acts[0])?
+            }
+        };
+        cpu::mse_grad(y, &self.targets[batch], &mut self.g)
     }
 
     fn exit_forward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
@@ -283,8 +279,8 @@ impl Backend for CpuMlp {
             return self.pre_backward_block(l, input, call, scale);
         }
         self.check_block_call(l, input, scale)?;
-        let hd = self.hidden;
-        let cfg = self.dropout(call)?;
+        let hd = self.sites.hidden;
+        let cfg = self.sites.dropout(call)?;
         let (w1, b1, w2, b2) = (t(l, 0), t(l, 1), t(l, 2), t(l, 3));
         let opts = dr::cpu::BackwardOptions {
             rowscale: scale.then_some(&self.rowscale[l][..]),
@@ -302,7 +298,7 @@ impl Backend for CpuMlp {
             false,
         )?;
         cpu::bias_gelu_bwd(&self.h[l], &self.tensors[b1].param, &self.d_a, &mut self.du)?;
-        self.tensors[b1].grad = cpu::colsum(&self.du, self.tokens, hd)?;
+        self.tensors[b1].grad = cpu::colsum(&self.du, self.sites.tokens, hd)?;
         cpu::linear_bwd_weight(
             &self.du,
             &self.acts[input],

@@ -7,25 +7,13 @@ use crate::mlp::config::check_slot;
 use crate::mlp::cpu;
 use crate::mlp::prenorm::{self, not_prenorm, t};
 use fusedreg::dropout as dr;
-use fusedreg::dropout_add_norm::{self as dan, Config};
+use fusedreg::dropout_add_norm as dan;
 use fusedreg::Result;
 
 /// The CPU model's pre-norm activations (host buffers, nothing else).
 pub(super) type State = prenorm::State<Vec<f32>>;
 
 impl CpuMlp {
-    fn entry_config(&self, p: &State, l: usize, input: usize, call: u64) -> Result<Config> {
-        p.cfg.entry(
-            self.tokens,
-            self.hidden,
-            l,
-            input > 0,
-            self.dropout,
-            self.seed,
-            call,
-        )
-    }
-
     /// Entry of block `l` (adding slot `input`), then its MLP.
     pub(super) fn pre_forward_block(
         &mut self,
@@ -36,10 +24,10 @@ impl CpuMlp {
     ) -> Result<()> {
         self.check_block_call(l, input, scale)?;
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
-        let cfg = self.entry_config(p, l, input, call)?;
+        let cfg = self.sites.entry(&p.cfg, l, input > 0, call)?;
         // The row scale of slot `input`'s block (none for slot 0: nothing is added).
         let rowscale = (scale && input > 0).then(|| &self.rowscale[input - 1][..]);
-        let hd = self.hidden;
+        let hd = self.sites.hidden;
         let tensors = &self.tensors;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
         let (gamma, beta) = (&tensors[t(l, 4)].param, &tensors[t(l, 5)].param);
@@ -88,7 +76,7 @@ impl CpuMlp {
         let Some(j) = pre.begin_exit(output, backward)? else {
             return Ok(());
         };
-        let cfg = dr::Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)?;
+        let cfg = self.sites.dropout(call)?;
         let rowscale = scale.then(|| &self.rowscale[j][..]);
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
         if backward {
@@ -111,15 +99,6 @@ impl CpuMlp {
         Ok(())
     }
 
-    /// MSE of the exit's output (computed from slot `output`) against the batch's targets.
-    pub(super) fn pre_loss(&mut self, output: usize, batch: usize) -> Result<f64> {
-        check_slot(output, self.h.len() + 1, batch, self.targets.len())?;
-        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
-        p.check_loss(output)?;
-        let y = if output == 0 { &self.acts[0] } else { &p.exit };
-        cpu::mse_grad(y, &self.targets[batch], &mut self.g)
-    }
-
     /// Backward of block `l`: on entry `d_o` holds the gradient of its output and `g` the
     /// stream's gradient at its entry (from later blocks); on return `d_o` holds the gradient of
     /// slot `input`'s block output and `g` the stream's gradient before the entry.
@@ -131,15 +110,15 @@ impl CpuMlp {
         scale: bool,
     ) -> Result<()> {
         self.check_block_call(l, input, scale)?;
-        let hd = self.hidden;
+        let hd = self.sites.hidden;
         let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
-        let cfg = self.entry_config(p, l, input, call)?;
+        let cfg = self.sites.entry(&p.cfg, l, input > 0, call)?;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
         let ts = &mut self.tensors;
         cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut ts[t(l, 2)].grad, hd, hd)?;
         cpu::linear_bwd_input(&self.d_o, &ts[t(l, 2)].param, &mut self.d_a, hd, hd, false)?;
         cpu::bias_gelu_bwd(&self.h[l], &ts[t(l, 1)].param, &self.d_a, &mut self.du)?;
-        ts[t(l, 1)].grad = cpu::colsum(&self.du, self.tokens, hd)?;
+        ts[t(l, 1)].grad = cpu::colsum(&self.du, self.sites.tokens, hd)?;
         cpu::linear_bwd_weight(&self.du, &p.nrm[l], &mut ts[t(l, 0)].grad, hd, hd)?;
         cpu::linear_bwd_input(&self.du, &ts[t(l, 0)].param, &mut p.dn, hd, hd, false)?;
         // The entry's fused backward. Its column gradients go to buffers of their own first:

@@ -4,7 +4,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::config::{check_block, check_slot, Backend, MlpConfig};
+use super::config::{check_block, check_slot, Backend, MlpConfig, Sites};
 use super::gpu::{self as k, Blas};
 use super::init::{host_init, student_tensors, BlockParams};
 use fusedreg::adamw::AdamW;
@@ -36,10 +36,7 @@ mod prenorm;
 pub struct GpuMlp {
     handle: Handle,
     blas: Blas,
-    tokens: usize,
-    hidden: usize,
-    dropout: f64,
-    seed: u64,
+    sites: Sites,
     /// W1, b1, W2, b2 of each block (parameters and gradients), registered once.
     set: TensorSet,
     opt: AdamW,
@@ -142,10 +139,7 @@ impl GpuMlp {
         Ok(GpuMlp {
             handle: h.clone(),
             blas,
-            tokens: cfg.tokens,
-            hidden: hd,
-            dropout: cfg.dropout,
-            seed: cfg.seed,
+            sites: Sites::of(cfg),
             opt,
             norm,
             inputs,
@@ -168,10 +162,6 @@ impl GpuMlp {
             per_block: cfg.tensors_per_block(),
             pre,
         })
-    }
-
-    fn dropout_config(&self, call: u64) -> Result<Config> {
-        Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)
     }
 
     /// cuBLAS products issued so far (counted by the cuBLAS wrapper as it issues them;
@@ -295,7 +285,7 @@ impl GpuMlp {
                 (&p.nrm[l], &mut p.dn, false)
             }
         };
-        let (hd, h, set) = (self.hidden, &self.handle, &mut self.set);
+        let (hd, h, set) = (self.sites.hidden, &self.handle, &mut self.set);
         let t = |k: usize| self.per_block * l + k;
         self.blas.linear_bwd_weight(
             &self.d_o,
@@ -322,7 +312,7 @@ impl GpuMlp {
         k::colsum(
             h,
             &self.du,
-            self.tokens,
+            self.sites.tokens,
             &mut self.colsum_scratch,
             &mut set.grad_mut::<f32>(t(1))?,
         )?;
@@ -348,8 +338,8 @@ impl Backend for GpuMlp {
             return self.pre_forward_block(l, input, call, scale);
         }
         self.check_block_call(l, input, scale)?;
-        let hd = self.hidden;
-        let cfg = self.dropout_config(call)?;
+        let hd = self.sites.hidden;
+        let cfg = self.sites.dropout(call)?;
         let (lo, hi) = self.acts.split_at_mut(l + 1);
         let x = if input == 0 {
             &self.inputs[self.batch]
@@ -377,14 +367,20 @@ impl Backend for GpuMlp {
     }
 
     fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
-        if self.pre.is_some() {
-            return self.pre_loss(output, batch, want_loss);
-        }
-        check_slot(output, self.acts.len(), batch, self.targets.len())?;
-        let y = if output == 0 {
-            &self.inputs[batch]
-        } else {
-            &self.acts[output]
+        let y = match &self.pre {
+            None => {
+                check_slot(output, self.acts.len(), batch, self.targets.len())?;
+                if output == 0 {
+                    &self.inputs[batch]
+                } else {
+                    &self.acts[output]
+                }
+            }
+            Some(p) => {
+                check_slot(output, self.hpre.len() + 1, batch, self.targets.len())?;
+                // Slot 0: the stream never left the input batch of `begin` (as the CPU model).
+                p.output(output, &self.inputs[self.batch])?
+            }
         };
         k::mse_grad(
             &self.handle,
@@ -394,7 +390,11 @@ impl Backend for GpuMlp {
             &mut self.mse_partials,
         )?;
         if want_loss {
-            k::mse_from_partials(&self.handle, &self.mse_partials, self.tokens * self.hidden)
+            k::mse_from_partials(
+                &self.handle,
+                &self.mse_partials,
+                self.sites.tokens * self.sites.hidden,
+            )
         } else {
             Ok(f64::NAN)
         }
@@ -420,7 +420,7 @@ impl Backend for GpuMlp {
         }
         self.check_block_call(l, input, scale)?;
         let h = &self.handle;
-        let cfg = self.dropout_config(call)?;
+        let cfg = self.sites.dropout(call)?;
         let set = &mut self.set;
         let opts = BackwardOptions {
             rowscale: scale.then(|| self.rowscale[l].as_view()),

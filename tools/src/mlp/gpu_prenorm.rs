@@ -11,7 +11,7 @@ use crate::mlp::gpu as k;
 use crate::mlp::prenorm::{self, not_prenorm, t};
 use crate::mlp::PreNorm;
 use fusedreg::dropout::{self as dr, BackwardOptions, ForwardOptions};
-use fusedreg::dropout_add_norm::{self as dan, Config};
+use fusedreg::dropout_add_norm as dan;
 use fusedreg::{Error, Handle, Result};
 
 const OP: &str = "mlp";
@@ -47,19 +47,6 @@ pub(super) fn new_state(
 }
 
 impl GpuMlp {
-    fn entry_config(&self, l: usize, input: usize, call: u64) -> Result<Config> {
-        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
-        p.cfg.entry(
-            self.tokens,
-            self.hidden,
-            l,
-            input > 0,
-            self.dropout,
-            self.seed,
-            call,
-        )
-    }
-
     /// Entry of block `l` (adding slot `input`), then its MLP.
     pub(super) fn pre_forward_block(
         &mut self,
@@ -69,9 +56,9 @@ impl GpuMlp {
         scale: bool,
     ) -> Result<()> {
         self.check_block_call(l, input, scale)?;
-        let hd = self.hidden;
-        let cfg = self.entry_config(l, input, call)?;
+        let hd = self.sites.hidden;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let cfg = self.sites.entry(&p.cfg, l, input > 0, call)?;
         let set = &self.set;
         let (gamma, beta) = (set.param::<f32>(t(l, 4))?, set.param::<f32>(t(l, 5))?);
         let (before, after) = p.stream.split_at_mut(l);
@@ -136,7 +123,7 @@ impl GpuMlp {
         let Some(j) = p.begin_exit(output, backward)? else {
             return Ok(());
         };
-        let cfg = dr::Config::new(self.tokens, self.hidden, self.dropout, self.seed, call)?;
+        let cfg = self.sites.dropout(call)?;
         let rowscale = scale.then(|| self.rowscale[j].as_view());
         if backward {
             // d o_j from the loss gradient; the stream's gradient passes through unchanged.
@@ -159,31 +146,6 @@ impl GpuMlp {
         Ok(())
     }
 
-    /// MSE of the exit's output (computed from slot `output`) against the batch's targets.
-    pub(super) fn pre_loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
-        check_slot(output, self.hpre.len() + 1, batch, self.targets.len())?;
-        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
-        p.check_loss(output)?;
-        // Slot 0: the stream never left the input batch of `begin` (as the CPU model).
-        let y = if output == 0 {
-            &self.inputs[self.batch]
-        } else {
-            &p.exit
-        };
-        k::mse_grad(
-            &self.handle,
-            y,
-            &self.targets[batch],
-            &mut self.g,
-            &mut self.mse_partials,
-        )?;
-        if want_loss {
-            k::mse_from_partials(&self.handle, &self.mse_partials, self.tokens * self.hidden)
-        } else {
-            Ok(f64::NAN)
-        }
-    }
-
     /// Backward of block `l`: on entry `d_o` holds the gradient of its output and `g` the
     /// stream's gradient at its entry (from later blocks); on return `d_o` holds the gradient of
     /// slot `input`'s block output and `g` the stream's gradient before the entry.
@@ -195,10 +157,10 @@ impl GpuMlp {
         scale: bool,
     ) -> Result<()> {
         self.check_block_call(l, input, scale)?;
-        let cfg = self.entry_config(l, input, call)?;
         self.branch_backward(l, Branch::PreNorm)?;
         let h = &self.handle;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let cfg = self.sites.entry(&p.cfg, l, input > 0, call)?;
         let set = &mut self.set;
         // The entry's fused backward.
         let adds = input > 0;

@@ -32,7 +32,7 @@
 //! Per block the optimizer tensors are W1, b1, W2, b2, gamma, beta ([`PreNorm::TENSORS`]);
 //! gamma starts at 1 and beta at 0, and neither gets weight decay.
 
-use fusedreg::dropout_add_norm::{Config, Norm};
+use fusedreg::dropout_add_norm::Norm;
 use fusedreg::{Error, Result};
 
 /// The pre-norm variant: which normaliser, whether LayerNorm Scaling is on, and eps.
@@ -79,30 +79,6 @@ impl PreNorm {
             layer_norm_scaling,
             eps: 1e-5,
         }
-    }
-
-    /// The entry of block `l` on `[tokens, hidden]`: with `adds` it adds a previous block's
-    /// output under dropout `p` keyed by `(seed, call)`; without, it only normalises (no dropout
-    /// on the input).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn entry(
-        &self,
-        tokens: usize,
-        hidden: usize,
-        l: usize,
-        adds: bool,
-        p: f64,
-        seed: u64,
-        call: u64,
-    ) -> Result<Config> {
-        let mut cfg = Config::new(tokens, hidden, self.norm, self.eps)?;
-        if adds {
-            cfg = cfg.with_dropout(p, seed, call)?;
-        }
-        if self.layer_norm_scaling {
-            cfg = cfg.with_layer_norm_scaling(l + 1)?;
-        }
-        Ok(cfg)
     }
 }
 
@@ -186,14 +162,15 @@ impl<B, S> State<B, S> {
         Ok(Some(output - 1))
     }
 
-    /// The loss of slot `output` reads the exit's output: the exit must have run from that slot.
-    pub(super) fn check_loss(&self, output: usize) -> Result<()> {
+    /// What the loss of slot `output` reads: the exit's output, which must have run from that
+    /// slot; for slot 0 (every block dropped) the exit left the stream at the model's `input`.
+    pub(super) fn output<'a>(&'a self, output: usize, input: &'a B) -> Result<&'a B> {
         if self.exit_from != Some(output) {
             return Err(Error::invalid(
                 "mlp",
                 format!("the pre-norm loss of slot {output} needs exit_forward({output}) first"),
             ));
         }
-        Ok(())
+        Ok(if output == 0 { input } else { &self.exit })
     }
 }
