@@ -9,13 +9,20 @@ use fusedreg_tools::mlp::{train_step, Backend, DroppedParams, MlpConfig, Trainer
 #[test]
 fn cpu_training_reduces_the_loss() {
     let mut t = Trainer::cpu(MlpConfig::cpu()).unwrap();
-    let first = t.step(true).unwrap();
-    let mut last = first;
-    for _ in 0..59 {
-        last = t.step(true).unwrap();
-    }
+    let (first, last) = t.first_and_last_loss(60).unwrap();
     assert!(first.is_finite() && last.is_finite());
     assert!(last < 0.6 * first, "loss {first} -> {last}: did not fall");
+}
+
+/// The CPU model of `blocks` blocks, each dropped with probability 0.5, whose dropped blocks'
+/// parameters are `dropped`.
+fn half_dropped(blocks: usize, dropped: DroppedParams) -> MlpConfig {
+    MlpConfig {
+        blocks,
+        depth: Some(Schedule::Constant(0.5)),
+        dropped,
+        ..MlpConfig::cpu()
+    }
 }
 
 /// Records what the loop asked of the model.
@@ -69,12 +76,7 @@ fn dropped_blocks_get_no_work_forward_or_backward() {
         "pick a plan with both kinds of block"
     );
     for dropped in [DroppedParams::Skip, DroppedParams::ZeroGrad] {
-        let cfg = MlpConfig {
-            blocks,
-            depth: Some(Schedule::Constant(0.5)),
-            dropped,
-            ..MlpConfig::cpu()
-        };
+        let cfg = half_dropped(blocks, dropped);
         let mut r = Recorder::default();
         train_step(&mut r, &cfg, &plan, 4, false).unwrap();
         assert_eq!(r.forward, kept);
@@ -108,12 +110,7 @@ fn dropped_blocks_get_no_work_forward_or_backward() {
 fn skip_and_zero_grad_on_the_cpu_reference() {
     let blocks = 4;
     for dropped in [DroppedParams::Skip, DroppedParams::ZeroGrad] {
-        let cfg = MlpConfig {
-            blocks,
-            depth: Some(Schedule::Constant(0.5)),
-            dropped,
-            ..MlpConfig::cpu()
-        };
+        let cfg = half_dropped(blocks, dropped);
         let mut t = Trainer::cpu(cfg.clone()).unwrap();
         // A few steps with everything running build up momentum.
         let all = StochasticDepth::new(Schedule::Constant(0.0), blocks, 0, Mode::Batch)
@@ -169,12 +166,7 @@ fn gpu_test_configuration_learns_on_the_cpu() {
         depth: Some(Schedule::linear(0.5)),
         ..MlpConfig::cpu()
     };
-    let mut t = Trainer::cpu(cfg).unwrap();
-    let first = t.step(true).unwrap();
-    let mut last = first;
-    for _ in 0..59 {
-        last = t.step(true).unwrap();
-    }
+    let (first, last) = Trainer::cpu(cfg).unwrap().first_and_last_loss(60).unwrap();
     assert!(last < 0.6 * first, "loss {first} -> {last}");
 }
 

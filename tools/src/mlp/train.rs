@@ -186,6 +186,31 @@ impl<B: Backend> Trainer<B> {
         Ok(loss)
     }
 
+    /// Runs `steps` steps (at least one), each reading its loss, and returns the first step's
+    /// loss and the last's: whether training learns.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg_tools::mlp::{MlpConfig, Trainer};
+    /// let mut t = Trainer::cpu(MlpConfig { blocks: 2, ..MlpConfig::cpu() }).unwrap();
+    /// let (first, last) = t.first_and_last_loss(41).unwrap(); // steps 0 and 40: both batch 0
+    /// assert!(last < first);
+    /// assert_eq!(t.steps(), 41);
+    /// assert!(t.first_and_last_loss(0).is_err());
+    /// ```
+    pub fn first_and_last_loss(&mut self, steps: usize) -> Result<(f64, f64)> {
+        if steps == 0 {
+            return Err(Error::invalid("mlp", "the losses of no steps"));
+        }
+        let first = self.step(true)?;
+        let mut last = first;
+        for _ in 1..steps {
+            last = self.step(true)?;
+        }
+        Ok((first, last))
+    }
+
     /// Steps taken.
     ///
     /// # Examples

@@ -240,12 +240,7 @@ fn gpu_training_reduces_the_loss(h: &Handle) -> TestResult {
         depth: Some(Schedule::linear(0.5)),
         ..small(6, DroppedParams::Skip)
     };
-    let mut t = Trainer::gpu(h, cfg)?;
-    let first = t.step(true)?;
-    let mut last = first;
-    for _ in 0..59 {
-        last = t.step(true)?;
-    }
+    let (first, last) = Trainer::gpu(h, cfg)?.first_and_last_loss(60)?;
     if last.is_nan() || last >= 0.6 * first {
         return Err(format!("loss {first} -> {last}: did not fall").into());
     }
