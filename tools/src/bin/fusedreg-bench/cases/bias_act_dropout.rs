@@ -40,16 +40,13 @@ fn shape<T: Dtype>(ctx: &mut Ctx, h: &Handle, act: Activation) -> Result<()> {
     };
     let case = format!("{} [{ROWS},{COLS}] bias {name}", T::KIND.name());
     let (fwd, bwd) = ("bias_act_dropout fwd", "bias_act_dropout bwd");
-    if !ctx.wants(fwd, &case) && !ctx.wants(bwd, &case) {
-        return Ok(());
-    }
     let n = ROWS * COLS;
     let kind = T::KIND;
     // x, y, dy, dx, the baseline's h and temporary, and its byte mask.
-    if !super::fits(h, n * (6 * kind.size() + 1), &case) {
+    let need = n * (6 * kind.size() + 1);
+    if !super::starts(ctx, h, "bias_act_dropout", &[fwd, bwd], &case, need) {
         return Ok(());
     }
-    ctx.progress("bias_act_dropout", &case);
     let cfg = Config::new(ROWS, COLS, act, P, 42, 7)?;
     // Pre-activations of both signs and a few units: GELU's range branches diverge as on real data.
     let x = random::<T>(h, n, 0xba01, -3.0, 3.0)?;

@@ -33,15 +33,11 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
 fn shape(ctx: &mut Ctx, h: &Handle, rows: usize, vocab: usize) -> Result<()> {
     let op = "cross_entropy";
     let case = format!("bf16 [{rows},{vocab}] smoothing {ALPHA} i64 targets");
-    if !ctx.wants(op, &case) {
-        return Ok(());
-    }
     let n = rows * vocab;
     // logits, and the baseline's log-probabilities and gradient.
-    if !super::fits(h, n * 3 * 2, &case) {
+    if !super::starts(ctx, h, op, &[op], &case, n * 3 * 2) {
         return Ok(());
     }
-    ctx.progress(op, &case);
     let cfg = Config::new(rows, vocab)?
         .label_smoothing(ALPHA)?
         .ignore_index(IGNORE)

@@ -127,17 +127,21 @@ fn rand<T: Dtype>(h: &Handle, n: usize, seed: u64) -> Result<CudaSlice<T>> {
 fn shape<T: Dtype>(ctx: &mut Ctx, h: &Handle, site: Site) -> Result<()> {
     let case = site.case::<T>();
     let (fwd, bwd) = site.ops();
-    if !ctx.wants(fwd, &case) && !ctx.wants(bwd, &case) {
-        return Ok(());
-    }
     let (rows, cols, bias) = (site.rows, site.cols, site.bias);
     let n = rows * cols;
     let kind = T::KIND;
     // x, r, y, dy, dx, the baseline's temporaries t and d, its byte mask, the bitmask.
-    if !super::fits(h, n * (7 * kind.size() + 1) + n / 8, &case) {
+    let need = n * (7 * kind.size() + 1) + n / 8;
+    if !super::starts(
+        ctx,
+        h,
+        fwd.trim_end_matches(" fwd"),
+        &[fwd, bwd],
+        &case,
+        need,
+    ) {
         return Ok(());
     }
-    ctx.progress(fwd.trim_end_matches(" fwd"), &case);
     let cfg = Config::new(rows, cols, P, 42, 7)?.with_resolution(site.res);
     // The baseline keys at 32 bits only (PyTorch has no 16-bit keying either).
     let base_cfg = Config::new(rows, cols, P, 42, 7)?;

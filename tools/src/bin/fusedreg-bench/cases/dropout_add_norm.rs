@@ -39,16 +39,19 @@ fn shape<T: Dtype>(ctx: &mut Ctx, h: &Handle, norm: Norm) -> Result<()> {
     };
     let case = format!("{} [{ROWS},{COLS}] {name} prenorm", T::KIND.name());
     let (fwd, bwd) = ("dropout_add_norm fwd", "dropout_add_norm bwd");
-    if !ctx.wants(fwd, &case) && !ctx.wants(bwd, &case) {
-        return Ok(());
-    }
     let n = ROWS * COLS;
     let kind = T::KIND;
     // x, residual, out, s, d_out, d_s, dx, d_residual.
-    if !super::fits(h, n * 8 * kind.size(), &case) {
+    if !super::starts(
+        ctx,
+        h,
+        "dropout_add_norm",
+        &[fwd, bwd],
+        &case,
+        n * 8 * kind.size(),
+    ) {
         return Ok(());
     }
-    ctx.progress("dropout_add_norm", &case);
     let cfg = Config::new(ROWS, COLS, norm, 1e-5)?.with_dropout(P, 42, 7)?;
     let x = random::<T>(h, n, 0xda01, -1.0, 1.0)?;
     let r = random::<T>(h, n, 0xda02, -2.0, 2.0)?;

@@ -22,14 +22,19 @@ pub fn run_all(ctx: &mut Ctx) -> fusedreg::Result<()> {
     Ok(())
 }
 
-/// Whether a case needing `need` bytes of device memory fits (with a fifth left for the
-/// allocator and the baseline's temporaries); says so on stderr when it does not, so a smaller
-/// GPU skips the row instead of failing the whole report.
-fn fits(h: &Handle, need: usize, case: &str) -> bool {
-    let free = h.context().mem_get_info().map(|(f, _)| f).unwrap_or(0);
-    let ok = need as f64 <= 0.8 * free as f64;
-    if !ok {
-        eprintln!("\nskipping {case}: needs {need} bytes of device memory");
+/// Whether GPU case `case` runs: one of its rows `ops` is wanted, and the `need` bytes of
+/// device memory it allocates fit (with a fifth left for the allocator and the baseline's
+/// temporaries). A case that does not fit is skipped with a line on stderr, so a smaller GPU
+/// skips the row instead of failing the whole report; one that runs is announced as `label`.
+fn starts(ctx: &Ctx, h: &Handle, label: &str, ops: &[&str], case: &str, need: usize) -> bool {
+    if !ops.iter().any(|op| ctx.wants(op, case)) {
+        return false;
     }
-    ok
+    let free = h.context().mem_get_info().map(|(f, _)| f).unwrap_or(0);
+    if need as f64 > 0.8 * free as f64 {
+        eprintln!("\nskipping {case}: needs {need} bytes of device memory");
+        return false;
+    }
+    ctx.progress(label, case);
+    true
 }
