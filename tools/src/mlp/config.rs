@@ -238,6 +238,21 @@ impl Sites {
     }
 }
 
+/// Where a block's branch `o = W2 gelu(W1 x + b1)` reads its input `x` and writes `o` and the
+/// input's gradient: the one difference between a block of the residual model and one of the
+/// pre-norm model, whose branches both backends compute once.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Branch {
+    /// The residual model's block `x -> x + dropout(o + b2)`: its input is slot `input` (the
+    /// batch for 0), `o` goes to a scratch buffer for the add, and the branch's input gradient
+    /// is added to the stream's `g`.
+    Residual { input: usize },
+    /// The pre-norm model's block: its input is the entry's normalised `n_l`, `o` is kept as the
+    /// block's output `o_l` (the next entry adds it), and the branch's input gradient goes to
+    /// `dn` for the entry's backward.
+    PreNorm,
+}
+
 /// The operations one training step is made of; the CPU reference and the GPU implement them.
 ///
 /// # Examples

@@ -1,7 +1,7 @@
 //! The residual MLP on the CPU: the reference implementations of every op (fusedreg's
 //! `cpu` modules) and plain-loop matrix products. Small sizes only.
 
-use super::config::{check_block, check_slot, Backend, MlpConfig, Sites};
+use super::config::{check_block, check_slot, Backend, Branch, MlpConfig, Sites};
 use super::cpu;
 use super::init::{host_init, student_tensors, BlockParams};
 use fusedreg::adamw::cpu::CpuTensor;
@@ -141,6 +141,43 @@ impl CpuMlp {
         )
     }
 
+    /// Block `l`'s branch `o = W2 gelu(W1 x + b1)` (b2 is added by the op that adds `o`), with
+    /// `x` and `o` where `branch` says.
+    fn branch_forward(&mut self, l: usize, branch: Branch) -> Result<()> {
+        let (x, o) = match branch {
+            Branch::Residual { input } => (&self.acts[input], &mut self.o),
+            Branch::PreNorm => {
+                let p = self.pre.as_mut().ok_or_else(super::prenorm::not_prenorm)?;
+                (&p.nrm[l], &mut p.outs[l])
+            }
+        };
+        let (hd, ts) = (self.sites.hidden, &self.tensors);
+        let t = |k: usize| self.per_block * l + k;
+        cpu::linear_fwd(x, &ts[t(0)].param, &mut self.h[l], hd, hd)?;
+        cpu::bias_gelu_fwd(&self.h[l], &ts[t(1)].param, &mut self.a[l])?;
+        cpu::linear_fwd(&self.a[l], &ts[t(2)].param, o, hd, hd)
+    }
+
+    /// Backward through block `l`'s branch from `d_o` (the gradient of `o`): dW2, db1 and dW1,
+    /// and the gradient of `x` where `branch` says.
+    fn branch_backward(&mut self, l: usize, branch: Branch) -> Result<()> {
+        let (x, d_x, accumulate) = match branch {
+            Branch::Residual { input } => (&self.acts[input], &mut self.g, true),
+            Branch::PreNorm => {
+                let p = self.pre.as_mut().ok_or_else(super::prenorm::not_prenorm)?;
+                (&p.nrm[l], &mut p.dn, false)
+            }
+        };
+        let (hd, ts) = (self.sites.hidden, &mut self.tensors);
+        let t = |k: usize| self.per_block * l + k;
+        cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut ts[t(2)].grad, hd, hd)?;
+        cpu::linear_bwd_input(&self.d_o, &ts[t(2)].param, &mut self.d_a, hd, hd, false)?;
+        cpu::bias_gelu_bwd(&self.h[l], &ts[t(1)].param, &self.d_a, &mut self.du)?;
+        ts[t(1)].grad = cpu::colsum(&self.du, self.sites.tokens, hd)?;
+        cpu::linear_bwd_weight(&self.du, x, &mut ts[t(0)].grad, hd, hd)?;
+        cpu::linear_bwd_input(&self.du, &ts[t(0)].param, d_x, hd, hd, accumulate)
+    }
+
     /// The parameters of optimizer tensor `i` (W1, b1, W2, b2 of each block in turn).
     ///
     /// # Examples
@@ -224,18 +261,9 @@ impl Backend for CpuMlp {
             return self.pre_forward_block(l, input, call, scale);
         }
         self.check_block_call(l, input, scale)?;
-        let hd = self.sites.hidden;
+        self.branch_forward(l, Branch::Residual { input })?;
         let (before, after) = self.acts.split_at_mut(l + 1);
         let (x, y) = (&before[input], &mut after[0]);
-        cpu::linear_fwd(x, &self.tensors[t(l, 0)].param, &mut self.h[l], hd, hd)?;
-        cpu::bias_gelu_fwd(&self.h[l], &self.tensors[t(l, 1)].param, &mut self.a[l])?;
-        cpu::linear_fwd(
-            &self.a[l],
-            &self.tensors[t(l, 2)].param,
-            &mut self.o,
-            hd,
-            hd,
-        )?;
         let cfg = self.sites.dropout(call)?;
         let opts = dr::cpu::ForwardOptions {
             bias: Some(&self.tensors[t(l, 3)].param),
@@ -279,35 +307,14 @@ impl Backend for CpuMlp {
             return self.pre_backward_block(l, input, call, scale);
         }
         self.check_block_call(l, input, scale)?;
-        let hd = self.sites.hidden;
         let cfg = self.sites.dropout(call)?;
-        let (w1, b1, w2, b2) = (t(l, 0), t(l, 1), t(l, 2), t(l, 3));
         let opts = dr::cpu::BackwardOptions {
             rowscale: scale.then_some(&self.rowscale[l][..]),
-            dbias: Some(&mut self.tensors[b2].grad),
+            dbias: Some(&mut self.tensors[t(l, 3)].grad),
             ..Default::default()
         };
         dr::cpu::backward(&cfg, &self.g, &mut self.d_o, opts)?;
-        cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut self.tensors[w2].grad, hd, hd)?;
-        cpu::linear_bwd_input(
-            &self.d_o,
-            &self.tensors[w2].param,
-            &mut self.d_a,
-            hd,
-            hd,
-            false,
-        )?;
-        cpu::bias_gelu_bwd(&self.h[l], &self.tensors[b1].param, &self.d_a, &mut self.du)?;
-        self.tensors[b1].grad = cpu::colsum(&self.du, self.sites.tokens, hd)?;
-        cpu::linear_bwd_weight(
-            &self.du,
-            &self.acts[input],
-            &mut self.tensors[w1].grad,
-            hd,
-            hd,
-        )?;
-        cpu::linear_bwd_input(&self.du, &self.tensors[w1].param, &mut self.g, hd, hd, true)?;
-        Ok(())
+        self.branch_backward(l, Branch::Residual { input })
     }
 
     fn zero_grads(&mut self, l: usize) -> Result<()> {

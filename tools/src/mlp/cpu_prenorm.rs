@@ -3,8 +3,7 @@
 //! `dropout_add_norm`'s CPU reference, the exit `dropout`'s with a residual.
 
 use super::CpuMlp;
-use crate::mlp::config::check_slot;
-use crate::mlp::cpu;
+use crate::mlp::config::{check_slot, Branch};
 use crate::mlp::prenorm::{self, not_prenorm, t};
 use fusedreg::dropout as dr;
 use fusedreg::dropout_add_norm as dan;
@@ -27,7 +26,6 @@ impl CpuMlp {
         let cfg = self.sites.entry(&p.cfg, l, input > 0, call)?;
         // The row scale of slot `input`'s block (none for slot 0: nothing is added).
         let rowscale = (scale && input > 0).then(|| &self.rowscale[input - 1][..]);
-        let hd = self.sites.hidden;
         let tensors = &self.tensors;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
         let (gamma, beta) = (&tensors[t(l, 4)].param, &tensors[t(l, 5)].param);
@@ -53,9 +51,7 @@ impl CpuMlp {
             rstd: &mut p.rstd[l],
         };
         dan::cpu::forward(&cfg, args, outs)?;
-        cpu::linear_fwd(&p.nrm[l], &tensors[t(l, 0)].param, &mut self.h[l], hd, hd)?;
-        cpu::bias_gelu_fwd(&self.h[l], &tensors[t(l, 1)].param, &mut self.a[l])?;
-        cpu::linear_fwd(&self.a[l], &tensors[t(l, 2)].param, &mut p.outs[l], hd, hd)
+        self.branch_forward(l, Branch::PreNorm)
     }
 
     /// The exit (`backward`: its backward): slot `output`'s block output added to the stream it
@@ -111,16 +107,10 @@ impl CpuMlp {
     ) -> Result<()> {
         self.check_block_call(l, input, scale)?;
         let hd = self.sites.hidden;
-        let p = self.pre.as_ref().ok_or_else(not_prenorm)?;
-        let cfg = self.sites.entry(&p.cfg, l, input > 0, call)?;
+        self.branch_backward(l, Branch::PreNorm)?;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let cfg = self.sites.entry(&p.cfg, l, input > 0, call)?;
         let ts = &mut self.tensors;
-        cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut ts[t(l, 2)].grad, hd, hd)?;
-        cpu::linear_bwd_input(&self.d_o, &ts[t(l, 2)].param, &mut self.d_a, hd, hd, false)?;
-        cpu::bias_gelu_bwd(&self.h[l], &ts[t(l, 1)].param, &self.d_a, &mut self.du)?;
-        ts[t(l, 1)].grad = cpu::colsum(&self.du, self.sites.tokens, hd)?;
-        cpu::linear_bwd_weight(&self.du, &p.nrm[l], &mut ts[t(l, 0)].grad, hd, hd)?;
-        cpu::linear_bwd_input(&self.du, &ts[t(l, 0)].param, &mut p.dn, hd, hd, false)?;
         // The entry's fused backward. Its column gradients go to buffers of their own first:
         // gamma is read from the same tensor list.
         let (mut dgamma, mut dbeta, mut dbias) = (vec![0.0; hd], vec![0.0; hd], vec![0.0; hd]);

@@ -4,7 +4,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::config::{check_block, check_slot, Backend, MlpConfig, Sites};
+use super::config::{check_block, check_slot, Backend, Branch, MlpConfig, Sites};
 use super::gpu::{self as k, Blas};
 use super::init::{host_init, student_tensors, BlockParams};
 use fusedreg::adamw::AdamW;
@@ -258,20 +258,35 @@ impl GpuMlp {
     }
 }
 
-/// Where a block's branch reads its input and writes the input's gradient.
-pub(super) enum Branch {
-    /// The residual model's block `x -> x + branch(x)`: its input is slot `input` (the batch for
-    /// 0), and the branch's input gradient is added to the stream's `g`.
-    Residual { input: usize },
-    /// The pre-norm model's block: its input is the entry's normalised `n_l`, and the branch's
-    /// input gradient goes to `dn` for the entry's backward.
-    PreNorm,
-}
-
 impl GpuMlp {
     /// Checks the slot, and the stochastic-depth scale request against the model.
     fn check_block_call(&self, l: usize, input: usize, scale: bool) -> Result<()> {
         check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())
+    }
+
+    /// Block `l`'s branch `o = W2 gelu(W1 x + b1)` (b2 is added by the op that adds `o`), with
+    /// `x` and `o` where `branch` says.
+    pub(super) fn branch_forward(&mut self, l: usize, branch: Branch) -> Result<()> {
+        let (x, o) = match branch {
+            Branch::Residual { input: 0 } => (&self.inputs[self.batch], &mut self.o),
+            Branch::Residual { input } => (&self.acts[input], &mut self.o),
+            Branch::PreNorm => {
+                let p = self.pre.as_mut().ok_or_else(super::prenorm::not_prenorm)?;
+                (&p.nrm[l], &mut p.outs[l])
+            }
+        };
+        let (hd, set) = (self.sites.hidden, &self.set);
+        let t = |k: usize| self.per_block * l + k;
+        self.blas
+            .linear_fwd(x, &set.param::<f32>(t(0))?, &mut self.hpre[l], hd, hd)?;
+        k::bias_gelu_fwd(
+            &self.handle,
+            &self.hpre[l],
+            &set.param::<f32>(t(1))?,
+            &mut self.a[l],
+        )?;
+        self.blas
+            .linear_fwd(&self.a[l], &set.param::<f32>(t(2))?, o, hd, hd)
     }
 
     /// Backward through block `l`'s branch `o = W2 gelu(W1 x + b1)` from `d_o` (the gradient of
@@ -338,27 +353,16 @@ impl Backend for GpuMlp {
             return self.pre_forward_block(l, input, call, scale);
         }
         self.check_block_call(l, input, scale)?;
-        let hd = self.sites.hidden;
         let cfg = self.sites.dropout(call)?;
+        self.branch_forward(l, Branch::Residual { input })?;
         let (lo, hi) = self.acts.split_at_mut(l + 1);
         let x = if input == 0 {
             &self.inputs[self.batch]
         } else {
             &lo[input]
         };
-        let set = &self.set;
-        self.blas
-            .linear_fwd(x, &set.param::<f32>(t(l, 0))?, &mut self.hpre[l], hd, hd)?;
-        k::bias_gelu_fwd(
-            &self.handle,
-            &self.hpre[l],
-            &set.param::<f32>(t(l, 1))?,
-            &mut self.a[l],
-        )?;
-        self.blas
-            .linear_fwd(&self.a[l], &set.param::<f32>(t(l, 2))?, &mut self.o, hd, hd)?;
         let opts = ForwardOptions {
-            bias: Some(set.param::<f32>(t(l, 3))?),
+            bias: Some(self.set.param::<f32>(t(l, 3))?),
             residual: Some(x.as_view()),
             rowscale: scale.then(|| self.rowscale[l].as_view()),
             ..Default::default()

@@ -5,9 +5,8 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::{Branch, GpuMlp};
-use crate::mlp::config::check_slot;
-use crate::mlp::gpu as k;
+use super::GpuMlp;
+use crate::mlp::config::{check_slot, Branch};
 use crate::mlp::prenorm::{self, not_prenorm, t};
 use crate::mlp::PreNorm;
 use fusedreg::dropout::{self as dr, BackwardOptions, ForwardOptions};
@@ -56,7 +55,6 @@ impl GpuMlp {
         scale: bool,
     ) -> Result<()> {
         self.check_block_call(l, input, scale)?;
-        let hd = self.sites.hidden;
         let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
         let cfg = self.sites.entry(&p.cfg, l, input > 0, call)?;
         let set = &self.set;
@@ -83,26 +81,7 @@ impl GpuMlp {
             rstd: p.rstd[l].as_view_mut(),
         };
         dan::forward(&self.handle, &cfg, args, outs)?;
-        self.blas.linear_fwd(
-            &p.nrm[l],
-            &set.param::<f32>(t(l, 0))?,
-            &mut self.hpre[l],
-            hd,
-            hd,
-        )?;
-        k::bias_gelu_fwd(
-            &self.handle,
-            &self.hpre[l],
-            &set.param::<f32>(t(l, 1))?,
-            &mut self.a[l],
-        )?;
-        self.blas.linear_fwd(
-            &self.a[l],
-            &set.param::<f32>(t(l, 2))?,
-            &mut p.outs[l],
-            hd,
-            hd,
-        )
+        self.branch_forward(l, Branch::PreNorm)
     }
 
     /// The exit (`backward`: its backward): slot `output`'s block output added to the stream it
