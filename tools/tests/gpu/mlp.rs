@@ -167,16 +167,27 @@ fn mixed_plan(blocks: usize) -> (u64, Plan) {
 fn training_step_launches_only_kept_blocks(h: &Handle) -> TestResult {
     let blocks = 10;
     let cfg = small(blocks, DroppedParams::Skip);
+    check_step_launches(h, &cfg, mixed_plan(blocks), 4)
+}
+
+/// One training step of a GPU model of `cfg` under `plan` (at `step`) launches exactly 7
+/// kernels and 6 cuBLAS products per block that runs, none for a dropped block, and `fixed`
+/// kernels more (the loss, the optimizer, an exit).
+pub fn check_step_launches(
+    h: &Handle,
+    cfg: &MlpConfig,
+    (step, plan): (u64, Plan),
+    fixed: u64,
+) -> TestResult {
     let mut t = Trainer::gpu(h, cfg.clone())?;
-    let (step, plan) = mixed_plan(blocks);
-    let kept = plan.running() as u64;
+    let (kept, blocks) = (plan.running() as u64, cfg.blocks);
     let (l0, g0) = (h.launch_count(), t.model.gemm_count());
-    train_step(&mut t.model, &cfg, &plan, step, false)?;
+    train_step(&mut t.model, cfg, &plan, step, false)?;
     let (launches, gemms) = (h.launch_count() - l0, t.model.gemm_count() - g0);
-    if launches != 7 * kept + 4 || gemms != 6 * kept {
+    if launches != 7 * kept + fixed || gemms != 6 * kept {
         return Err(format!(
             "{kept} of {blocks} blocks ran: {launches} launches and {gemms} GEMMs, expected {} and {}",
-            7 * kept + 4,
+            7 * kept + fixed,
             6 * kept
         ).into());
     }

@@ -7,7 +7,7 @@ use fusedreg::Handle;
 use fusedreg_tools::mlp::{train_step, DroppedParams, MlpConfig, PreNorm, Trainer};
 use libtest_mimic::Trial;
 
-use crate::mlp::agree_after_one_step;
+use crate::mlp::{agree_after_one_step, check_step_launches};
 use crate::prelude::*;
 
 pub fn trials() -> Vec<Trial> {
@@ -87,20 +87,7 @@ fn gpu_prenorm_model_matches_cpu_model(h: &Handle) -> TestResult {
 fn prenorm_step_launches_only_kept_blocks(h: &Handle) -> TestResult {
     let blocks = 10;
     let cfg = small(blocks, Norm::LayerNorm, true);
-    let mut t = Trainer::gpu(h, cfg.clone())?;
-    let (step, plan) = mixed_plan(blocks);
-    let kept = plan.running() as u64;
-    let (l0, g0) = (h.launch_count(), t.model.gemm_count());
-    train_step(&mut t.model, &cfg, &plan, step, false)?;
-    let (launches, gemms) = (h.launch_count() - l0, t.model.gemm_count() - g0);
-    if launches != 7 * kept + 7 || gemms != 6 * kept {
-        return Err(format!(
-            "{kept} of {blocks} blocks ran: {launches} launches and {gemms} GEMMs, expected {} and {}",
-            7 * kept + 7,
-            6 * kept
-        ).into());
-    }
-    Ok(())
+    check_step_launches(h, &cfg, mixed_plan(blocks), 7)
 }
 
 /// The configuration of the CPU test `mlp_prenorm::prenorm_training_reduces_the_loss` (the
