@@ -12,11 +12,8 @@ use fusedreg_tools::report::{Measurement, Row};
 use fusedreg_tools::timing::{filled, random};
 use half::bf16;
 
+use super::{COLS, P, ROWS};
 use crate::Ctx;
-
-const P: f64 = 0.1;
-const ROWS: usize = 16_384;
-const COLS: usize = 4096;
 
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     let Some(h) = ctx.handle.clone() else {

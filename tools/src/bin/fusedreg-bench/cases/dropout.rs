@@ -19,14 +19,13 @@ use fusedreg_tools::report::{Measurement, Row};
 use fusedreg_tools::timing::{filled, random, random_values};
 use half::bf16;
 
+use super::{COLS, P, ROWS};
 use crate::Ctx;
-
-const P: f64 = 0.1;
 
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     match ctx.handle.clone() {
         Some(h) => {
-            let big = (16_384, 4096);
+            let big = (ROWS, COLS);
             shape::<bf16>(ctx, &h, Site::residual(big, true))?;
             shape::<f32>(ctx, &h, Site::residual(big, true))?;
             let flat: &[u32] = if ctx.quick { &[26] } else { &[24, 26, 28] };
@@ -276,7 +275,7 @@ fn shape<T: Dtype>(ctx: &mut Ctx, h: &Handle, site: Site) -> Result<()> {
 
 /// The per-sample drop path generated in the fused kernel, against the same kernel without it.
 fn drop_path(ctx: &mut Ctx, h: &Handle) -> Result<()> {
-    let (rows, cols) = (16_384usize, 4096usize);
+    let (rows, cols) = (ROWS, COLS);
     let op = "dropout_residual fwd";
     let case = "bf16 [16384,4096] bias +drop path";
     if !ctx.wants(op, case) {

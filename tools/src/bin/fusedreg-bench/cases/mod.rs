@@ -11,6 +11,12 @@ use fusedreg::Handle;
 
 use crate::Ctx;
 
+/// The dropout probability of every dropping op's rows.
+const P: f64 = 0.1;
+/// The activation shape of the dropping ops' large rows: 16k tokens of hidden 4096.
+const ROWS: usize = 16_384;
+const COLS: usize = 4096;
+
 /// Runs every op's cases in report order.
 pub fn run_all(ctx: &mut Ctx) -> fusedreg::Result<()> {
     dropout::run(ctx)?;
