@@ -92,6 +92,24 @@ pub(crate) fn launch<P: DeviceRepr>(
     unsafe { handle.launch_loaded(&l, k as usize, grid, block, shared_bytes, params) }
 }
 
+/// Declares a tools kernel's one parameter struct: `#[repr(C)]` plain old data whose size is
+/// asserted here and in its `.cu` file (so the two layouts cannot drift apart unnoticed), and
+/// so launchable by [`launch`].
+macro_rules! kernel_params {
+    ($(#[$m:meta])* struct $name:ident($size:literal) { $($field:ident: $ty:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct $name {
+            $($field: $ty),*
+        }
+        const _: () = assert!(std::mem::size_of::<$name>() == $size);
+        // SAFETY: plain old data with the kernel's layout (its size asserted on both sides).
+        unsafe impl cudarc::driver::DeviceRepr for $name {}
+    };
+}
+pub(crate) use kernel_params;
+
 // Buffer addresses, grid sizes and length checks are the library's.
 pub(crate) use fusedreg::error::check_len;
 pub(crate) use fusedreg::grid_for;

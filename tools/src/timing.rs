@@ -438,16 +438,9 @@ impl CopyBandwidth {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CopyParams {
-    src: u64,
-    dst: u64,
-    n: u64,
+crate::kernels::kernel_params! {
+    struct CopyParams(24) { src: u64, dst: u64, n: u64 }
 }
-const _: () = assert!(std::mem::size_of::<CopyParams>() == 24);
-// SAFETY: plain old data, layout asserted on both sides.
-unsafe impl DeviceRepr for CopyParams {}
 
 /// Measures the copy bandwidth of `bytes` (rounded up to 16) with the driver's memcpy and with a
 /// copy kernel. Use a size well above the L2 cache (256 MiB or more) for a DRAM figure. A size

@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{colsum_slab_rows, rows_of, MSE_PER_BLOCK};
-use crate::kernels::{self, check_len, grid_for, Kernel};
+use crate::kernels::{self, check_len, grid_for, kernel_params, Kernel};
 use fusedreg::{Error, Handle, Result};
 
 const OP: &str = "mlp";
@@ -32,48 +32,15 @@ fn grid_dim(blocks: usize) -> Result<u32> {
         .ok_or_else(|| Error::shape(OP, format!("{blocks} blocks exceed the grid limit")))
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct BiasGeluParams {
-    h: u64,
-    bias: u64,
-    out: u64,
-    da: u64,
-    rows: u64,
-    cols: u64,
+kernel_params! {
+    struct BiasGeluParams(48) { h: u64, bias: u64, out: u64, da: u64, rows: u64, cols: u64 }
 }
-const _: () = assert!(std::mem::size_of::<BiasGeluParams>() == 48);
-// SAFETY: plain old data, layout asserted on both sides.
-unsafe impl DeviceRepr for BiasGeluParams {}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ColsumParams {
-    x: u64,
-    partials: u64,
-    out: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
+kernel_params! {
+    struct ColsumParams(48) { x: u64, partials: u64, out: u64, rows: u64, cols: u64, slab_rows: u64 }
 }
-const _: () = assert!(std::mem::size_of::<ColsumParams>() == 48);
-// SAFETY: as above.
-unsafe impl DeviceRepr for ColsumParams {}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct MseParams {
-    y: u64,
-    target: u64,
-    dy: u64,
-    partials: u64,
-    n: u64,
-    scale: f32,
-    pad: f32,
+kernel_params! {
+    struct MseParams(48) { y: u64, target: u64, dy: u64, partials: u64, n: u64, scale: f32, pad: f32 }
 }
-const _: () = assert!(std::mem::size_of::<MseParams>() == 48);
-// SAFETY: as above.
-unsafe impl DeviceRepr for MseParams {}
 
 /// `out = gelu(h + bias[col])` (forward) over row-major `[rows, cols]`.
 ///
