@@ -19,7 +19,7 @@ use libtest_mimic::Trial;
 
 use crate::common::{bits_eq, rng, uniform};
 use crate::harness::{trials_of, TestResult};
-use crate::prelude::{download, poison, upload};
+use crate::prelude::{download, poison, upload, Rs};
 
 pub fn trials() -> Vec<Trial> {
     trials_of(
@@ -53,18 +53,6 @@ pub fn trials() -> Vec<Trial> {
             ("bad_input_is_an_error", bad_input_is_an_error),
         ],
     )
-}
-
-/// Where the row scale comes from.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Rs {
-    None,
-    /// Caller-supplied, with every 7th row 0.
-    Given,
-    /// Generated per row, written out.
-    Path,
-    /// Generated per sample of 16 rows, written out.
-    PerSample,
 }
 
 /// The residual variant of the forward.
@@ -124,12 +112,9 @@ impl Case {
         let cfg = Config::new(self.rows, self.cols, self.p, seed, 0x1234_5678_9abc)
             .unwrap()
             .with_resolution(self.resolution);
-        match self.rs {
-            Rs::Path => cfg.with_drop_path(DropPath::new(0.25, 77).unwrap()),
-            Rs::PerSample => {
-                cfg.with_drop_path(DropPath::new(0.5, 78).unwrap().per_sample(16).unwrap())
-            }
-            _ => cfg,
+        match self.rs.drop_path(16) {
+            Some(path) => cfg.with_drop_path(path),
+            None => cfg,
         }
     }
 }
@@ -149,11 +134,7 @@ fn data<T: Dtype>(c: &Case, seed: u64) -> Data<T> {
         x: uniform(&mut g, n, -4.0, 4.0),
         r: uniform(&mut g, n, -4.0, 4.0),
         bias: c.bias.then(|| uniform(&mut g, c.cols, -1.0, 1.0)),
-        rowscale: (c.rs == Rs::Given).then(|| {
-            let mut v = uniform::<f32>(&mut g, c.rows, 0.5, 2.0);
-            v.iter_mut().step_by(7).for_each(|s| *s = 0.0);
-            v
-        }),
+        rowscale: c.rs.given(&mut g, c.rows, 7),
         dy: uniform(&mut g, n, -1.0, 1.0),
     }
 }

@@ -6,8 +6,8 @@
 
 use cudarc::driver::CudaSlice;
 use fusedreg::dropout_add_norm::{
-    self as dan, cpu, unfused, BackwardArgs, BackwardOut, Config, DropPath, ForwardArgs,
-    ForwardOut, LaunchTuning, Norm, Workspace,
+    self as dan, cpu, unfused, BackwardArgs, BackwardOut, Config, ForwardArgs, ForwardOut,
+    LaunchTuning, Norm, Workspace,
 };
 use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
@@ -45,18 +45,6 @@ pub fn trials() -> Vec<Trial> {
             ("bad_input_is_an_error", bad_input_is_an_error),
         ],
     )
-}
-
-/// Where the row scale comes from.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Rs {
-    None,
-    /// Caller-supplied, every 3rd row 0.
-    Given,
-    /// A generated drop path, one draw per row.
-    Path,
-    /// A generated drop path, one draw per 4 rows.
-    PerSample,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -106,12 +94,9 @@ impl Case {
             .unwrap()
             .with_layer_norm_scaling(self.layer)
             .unwrap();
-        match self.rs {
-            Rs::Path => cfg.with_drop_path(DropPath::new(0.25, 77).unwrap()),
-            Rs::PerSample => {
-                cfg.with_drop_path(DropPath::new(0.5, 78).unwrap().per_sample(4).unwrap())
-            }
-            _ => cfg,
+        match self.rs.drop_path(4) {
+            Some(path) => cfg.with_drop_path(path),
+            None => cfg,
         }
     }
 }
@@ -164,11 +149,7 @@ fn data<T: Dtype, S: Dtype>(c: &Case, seed: u64) -> Data<T, S> {
         gamma: uniform(&mut g, c.cols, 0.5, 1.5),
         beta: c.beta.then(|| uniform(&mut g, c.cols, -0.5, 0.5)),
         bias: c.bias.then(|| uniform(&mut g, c.cols, -0.5, 0.5)),
-        rowscale: (c.rs == Rs::Given).then(|| {
-            let mut v = uniform::<f32>(&mut g, c.rows, 0.5, 2.0);
-            v.iter_mut().step_by(3).for_each(|s| *s = 0.0);
-            v
-        }),
+        rowscale: c.rs.given(&mut g, c.rows, 3),
         d_out: uniform(&mut g, n, -1.0, 1.0),
         d_s: c.prenorm.then(|| uniform(&mut g, n, -1.0, 1.0)),
     }

@@ -13,12 +13,54 @@
 
 use std::sync::Arc;
 
+use rand::rngs::StdRng;
+
 pub use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 pub use fusedreg::{Dtype, Handle};
 pub use libtest_mimic::Trial;
 
 pub use crate::common::{bits_eq, close, rng, to_f32, uniform};
 pub use crate::harness::{empty_pinned, gpu_trial, trials_of, TestResult};
+
+/// Where a dropping op's row scale comes from in a test case.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Rs {
+    None,
+    /// Caller-supplied, with some rows 0 (each test file picks which).
+    Given,
+    /// A generated drop path, one draw per row.
+    Path,
+    /// A generated drop path, one draw per sample of several rows.
+    PerSample,
+}
+
+impl Rs {
+    /// The drop path this source generates (`Path`: p 0.25, a draw per row; `PerSample`: p 0.5,
+    /// a draw per `rows_per_sample` rows), or none.
+    pub fn drop_path(self, rows_per_sample: usize) -> Option<fusedreg::dropping::DropPath> {
+        use fusedreg::dropping::DropPath;
+        match self {
+            Rs::Path => Some(DropPath::new(0.25, 77).unwrap()),
+            Rs::PerSample => Some(
+                DropPath::new(0.5, 78)
+                    .unwrap()
+                    .per_sample(rows_per_sample)
+                    .unwrap(),
+            ),
+            Rs::None | Rs::Given => None,
+        }
+    }
+
+    /// For `Given` only, a row scale of `rows` drawn from `g` in [0.5, 2), with every
+    /// `zero_every`-th row (from row 0) set to 0.
+    pub fn given(self, g: &mut StdRng, rows: usize, zero_every: usize) -> Option<Vec<f32>> {
+        (self == Rs::Given).then(|| {
+            let mut v = uniform::<f32>(g, rows, 0.5, 2.0);
+            v.iter_mut().step_by(zero_every).for_each(|s| *s = 0.0);
+            v
+        })
+    }
+}
 
 /// NaN in `T`: what every output starts as, so an element the kernel never writes shows.
 pub fn poison<T: Dtype>() -> T {
