@@ -159,8 +159,7 @@ impl Stem for AdamW {
             w.u64("step", u64::from(t.step));
             w.f32("weight_decay", t.weight_decay);
         }
-        let skip: Vec<u8> = c.skip.iter().map(|&s| u8::from(s)).collect();
-        w.view("skip", &skip, 0);
+        w.flags("skip", &c.skip);
         w.f32("lr", c.lr);
         w.f32("beta1", c.beta1);
         w.f32("beta2", c.beta2);

@@ -74,8 +74,7 @@ impl Stem for GlobalNorm {
         for (off, bits) in &c.grads {
             w.view_bits("grad", c.dtype, bits, *off);
         }
-        let skip: Vec<u8> = c.skip.iter().map(|&s| u8::from(s)).collect();
-        w.view("skip", &skip, 0);
+        w.flags("skip", &c.skip);
         w.u64("split", c.split);
         w.flag("fused", c.fused);
         w.flag("clip", c.clip);

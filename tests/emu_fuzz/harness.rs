@@ -199,6 +199,11 @@ impl Writer {
         p.extend_from_slice(bytemuck::cast_slice(data));
         self.item(name, &p);
     }
+    /// One byte (0 or 1) per flag, as a [`Writer::view`] at element 0 (the skip lists).
+    pub fn flags(&mut self, name: &str, flags: &[bool]) {
+        let bytes: Vec<u8> = flags.iter().map(|&f| u8::from(f)).collect();
+        self.view(name, &bytes, 0);
+    }
 }
 
 pub struct Reader<'a> {
