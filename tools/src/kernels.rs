@@ -74,22 +74,25 @@ pub(crate) fn load_all(handle: &Handle) -> Result<usize> {
     loaded(handle)?.load_all()
 }
 
-/// Launches tools kernel `k` with its one by-value parameter struct on the handle's stream.
+/// Threads per block of every tools kernel (the MSE kernel's tree, `MSE_BLOCK` in
+/// `tools/kernels/mlp.cu`, is sized for it); none takes dynamic shared memory.
+pub(crate) const BLOCK: u32 = 256;
+
+/// Launches tools kernel `k` on `grid` blocks of [`BLOCK`] threads with its one by-value
+/// parameter struct on the handle's stream.
 ///
 /// Callers validate every buffer behind the addresses in `params` against the grid first.
 pub(crate) fn launch<P: DeviceRepr>(
     handle: &Handle,
     k: Kernel,
     grid: (u32, u32, u32),
-    block: (u32, u32, u32),
-    shared_bytes: u32,
     params: &P,
 ) -> Result<()> {
     let l = loaded(handle)?;
     // SAFETY: `l` was loaded for this handle's context; `params` is the kernel's one parameter
     // (its size asserted on both sides) and every address in it was checked by the caller
     // against the buffer lengths the grid covers.
-    unsafe { handle.launch_loaded(&l, k as usize, grid, block, shared_bytes, params) }
+    unsafe { handle.launch_loaded(&l, k as usize, grid, (BLOCK, 1, 1), 0, params) }
 }
 
 /// Declares a tools kernel's one parameter struct: `#[repr(C)]` plain old data whose size is

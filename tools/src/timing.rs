@@ -486,9 +486,9 @@ pub fn copy_bandwidth(handle: &Handle, bytes: u64, plan: TimingPlan) -> Result<C
     };
     // One vector per thread over the whole buffer: on an H100 this beats a persistent
     // grid-stride grid by about 6% (benches/NOTES.md).
-    let grid = grid_for(n16, 256);
+    let grid = grid_for(n16, kernels::BLOCK);
     let kernel = time_gpu(handle, plan, || {
-        kernels::launch(handle, Kernel::CopyU128, (grid, 1, 1), (256, 1, 1), 0, &p)
+        kernels::launch(handle, Kernel::CopyU128, (grid, 1, 1), &p)
     })?;
     let moved = 2.0 * bytes as f64;
     Ok(CopyBandwidth {

@@ -6,11 +6,10 @@ use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{colsum_slab_rows, rows_of, MSE_PER_BLOCK};
-use crate::kernels::{self, check_len, grid_for, kernel_params, Kernel};
+use crate::kernels::{self, check_len, grid_for, kernel_params, Kernel, BLOCK};
 use fusedreg::{Error, Handle, Result};
 
 const OP: &str = "mlp";
-const BLOCK: u32 = 256;
 
 /// `a * b`, or an error naming `what` when it overflows.
 fn product(what: &str, a: usize, b: usize) -> Result<usize> {
@@ -141,14 +140,7 @@ fn bias_gelu(
         rows: (n / cols) as u64,
         cols: cols as u64,
     };
-    kernels::launch(
-        handle,
-        k,
-        (grid_for(n as u64, BLOCK), 1, 1),
-        (BLOCK, 1, 1),
-        0,
-        &p,
-    )
+    kernels::launch(handle, k, (grid_for(n as u64, BLOCK), 1, 1), &p)
 }
 
 /// Column sums of row-major `[rows, cols]` into `out` (deterministic, bit-exact with
@@ -205,22 +197,8 @@ pub fn colsum(
         slab_rows: slab,
     };
     let gx = grid_dim(cols.div_ceil(BLOCK as usize))?;
-    kernels::launch(
-        handle,
-        Kernel::MlpColsumPartialF32,
-        (gx, slabs, 1),
-        (BLOCK, 1, 1),
-        0,
-        &p,
-    )?;
-    kernels::launch(
-        handle,
-        Kernel::MlpColsumFinalF32,
-        (gx, 1, 1),
-        (BLOCK, 1, 1),
-        0,
-        &p,
-    )
+    kernels::launch(handle, Kernel::MlpColsumPartialF32, (gx, slabs, 1), &p)?;
+    kernels::launch(handle, Kernel::MlpColsumFinalF32, (gx, 1, 1), &p)
 }
 
 /// Scratch floats [`colsum`] needs (saturating at `usize::MAX` when that does not fit).
@@ -304,14 +282,8 @@ pub fn mse_grad(
         scale: 2.0 / n as f32,
         pad: 0.0,
     };
-    kernels::launch(
-        handle,
-        Kernel::MlpMseGradF32,
-        (grid_dim(mse_scratch_len(n))?, 1, 1),
-        (256, 1, 1),
-        0,
-        &p,
-    )
+    let grid = grid_dim(mse_scratch_len(n))?;
+    kernels::launch(handle, Kernel::MlpMseGradF32, (grid, 1, 1), &p)
 }
 
 /// The loss from the partials [`mse_grad`] wrote (reads them back: a sync).
