@@ -19,24 +19,10 @@ mod dan_dump;
 mod dump;
 
 use dan_dump::DanCase;
-use dump::{differ, for_each_dump, Rd};
+use dump::{for_each_dump, mismatches, Rd};
 use fusedreg::dropout_add_norm::cpu;
 use fusedreg::Dtype;
 use half::{bf16, f16};
-
-fn same<T: Dtype>(what: &str, got: &[T], want: &[T]) -> usize {
-    let mut bad = 0;
-    for i in 0..got.len() {
-        if differ(&got[i], &want[i]) {
-            let (g, w) = (got[i].to_f32(), want[i].to_f32());
-            if bad < 4 {
-                eprintln!("  {what}[{i}] emu {g:e} cpu {w:e}");
-            }
-            bad += 1;
-        }
-    }
-    bad
-}
 
 fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
     let c = DanCase::<T, S>::read(r);
@@ -69,10 +55,10 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
         },
     )
     .unwrap();
-    let mut bad = same("s", &e_s, &s)
-        + same("mean", &e_mean, &mean)
-        + same("rstd", &e_rstd, &rstd)
-        + same("out", &e_out, &out);
+    let mut bad = mismatches("s", &e_s, &s)
+        + mismatches("mean", &e_mean, &mean)
+        + mismatches("rstd", &e_rstd, &rstd)
+        + mismatches("out", &e_out, &out);
     // Backward from the emulated forward's outputs (identical when the above agree).
     let (mut dx, mut dres, mut dg, mut db, mut dbias) = (
         vec![T::default(); n],
@@ -93,12 +79,12 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
         ..cpu::BackwardOut::new(&mut dx, &mut dg)
     };
     cpu::backward(&c.cfg, args, outs).unwrap();
-    bad += same("dx", &e_dx, &dx)
-        + same("dgamma", &e_dg, &dg)
-        + same("dbeta", &e_db, &db)
-        + same("dbias", &e_dbias, &dbias);
+    bad += mismatches("dx", &e_dx, &dx)
+        + mismatches("dgamma", &e_dg, &dg)
+        + mismatches("dbeta", &e_db, &db)
+        + mismatches("dbias", &e_dbias, &dbias);
     if let Some(e) = e_dres {
-        bad += same("d_residual", &e, &dres);
+        bad += mismatches("d_residual", &e, &dres);
     }
     if bad > 0 {
         eprintln!(

@@ -25,20 +25,66 @@ mod dan_dump;
 mod dump;
 
 use dan_dump::DanCase;
-use dump::{differ, for_each_dump, Rd};
+use dump::{for_each_dump, mismatches, Rd};
 use fusedreg::dropout_add_norm::cpu;
 use fusedreg::dropping::MaskResolution;
 use fusedreg::redundancy::{self, SiteStats};
 use fusedreg::Dtype;
 use half::{bf16, f16};
 
-/// Mismatching elements (NaNs compared as NaN: the GPU's are canonical).
-fn same<T: Dtype>(what: &str, got: &[T], want: &[T]) -> usize {
-    let bad = got.iter().zip(want).filter(|(g, w)| differ(*g, *w)).count();
-    if bad > 0 {
-        eprintln!("  {what}: {bad} elements differ");
+/// The emulated site's three words (cosine sum, rows, non-finite rows), next in the dump.
+fn read_site(r: &mut Rd) -> SiteStats {
+    let words: Vec<u64> = r.arr(3);
+    SiteStats {
+        cos_sum: words[0] as i64,
+        rows: words[1],
+        nonfinite: words[2],
     }
-    bad
+}
+
+/// 1 when the CPU meter's one site differs from the emulated one (printed), else 0.
+fn site_mismatch(meter: &redundancy::cpu::Redundancy, emu: &SiteStats) -> usize {
+    let want = meter.stats().unwrap()[0];
+    if want != *emu {
+        eprintln!("  site: emulated {emu:?}, CPU {want:?}");
+        return 1;
+    }
+    0
+}
+
+/// What the cases of one dump family found and covered.
+#[derive(Default)]
+struct Coverage {
+    mismatches: usize,
+    cases: usize,
+    /// Rows the emulated sites counted, and the cases with excluded / non-finite rows.
+    counted: u64,
+    excluded: usize,
+    nonfinite: usize,
+}
+
+impl Coverage {
+    /// Adds one case's (mismatches, emulated site); `excluded`: rows of it were left out.
+    fn add(&mut self, (bad, site): (usize, SiteStats), excluded: bool) {
+        self.mismatches += bad;
+        self.cases += 1;
+        self.counted += site.rows;
+        self.excluded += usize::from(excluded);
+        self.nonfinite += usize::from(site.nonfinite > 0);
+    }
+
+    /// No mismatches, and the `prefix*.bin` cases in `dir` exercised every fate of a row (or the
+    /// comparison proves little); `excluded` says what an excluded case is, for the summary.
+    fn check(&self, dir: &str, prefix: &str, excluded: &str) {
+        eprintln!(
+            "{prefix}: {} cases checked: {} rows counted, {} cases {excluded}, {} with non-finite \
+             rows",
+            self.cases, self.counted, self.excluded, self.nonfinite
+        );
+        assert!(self.cases > 0, "no {prefix}*.bin dumps in {dir}");
+        assert!(self.counted > 0 && self.excluded > 0 && self.nonfinite > 0);
+        assert_eq!(self.mismatches, 0);
+    }
 }
 
 /// Checks one case; returns (mismatches, the emulated site).
@@ -49,13 +95,8 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
     let e_s: Vec<S> = r.arr(n);
     let e_mean: Vec<f32> = r.arr(rows);
     let e_rstd: Vec<f32> = r.arr(rows);
-    let words: Vec<u64> = r.arr(3);
     // The emulator launched twice into one site: its words are twice one call's.
-    let emu = SiteStats {
-        cos_sum: words[0] as i64,
-        rows: words[1],
-        nonfinite: words[2],
-    };
+    let emu = read_site(r);
     let meter = redundancy::cpu::Redundancy::new(1).unwrap();
     let (mut out, mut s, mut mean, mut rstd) = (
         vec![T::default(); n],
@@ -76,15 +117,11 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
         };
         cpu::forward(&c.cfg, args, outs).unwrap();
     }
-    let mut bad = same("s", &e_s, &s)
-        + same("mean", &e_mean, &mean)
-        + same("rstd", &e_rstd, &rstd)
-        + same("out", &e_out, &out);
-    let want = meter.stats().unwrap()[0];
-    if want != emu {
-        eprintln!("  site: emulated {emu:?}, CPU {want:?}");
-        bad += 1;
-    }
+    let bad = mismatches("s", &e_s, &s)
+        + mismatches("mean", &e_mean, &mean)
+        + mismatches("rstd", &e_rstd, &rstd)
+        + mismatches("out", &e_out, &out)
+        + site_mismatch(&meter, &emu);
     if bad > 0 {
         eprintln!(
             "{name}: {rows}x{cols} flags {flags:#x} p {}: {bad} mismatches",
@@ -98,10 +135,9 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
 #[ignore = "needs DAN_DUMP=<dir> of dumps from the emulated kernels (see the file's docs)"]
 fn emulated_statistics_match_the_cpu_reference() {
     let dir = std::env::var("DAN_DUMP").expect("DAN_DUMP: the directory of the emulator's dumps");
-    let (mut total, mut cases) = (0, 0);
-    let (mut counted, mut excluded_cases, mut nonfinite_cases) = (0u64, 0, 0);
+    let mut cover = Coverage::default();
     for_each_dump(&dir, "stats", |name, r| {
-        let (bad, site) = match (r.u64(), r.u64()) {
+        let checked = match (r.u64(), r.u64()) {
             (0, 0) => check::<f32, f32>(name, r),
             (1, 1) => check::<f16, f16>(name, r),
             (2, 2) => check::<bf16, bf16>(name, r),
@@ -109,20 +145,10 @@ fn emulated_statistics_match_the_cpu_reference() {
             (2, 0) => check::<bf16, f32>(name, r),
             _ => panic!("bad kinds"),
         };
-        total += bad;
-        cases += 1;
-        counted += site.rows;
-        excluded_cases += usize::from(site.rows == 0 && site.nonfinite == 0);
-        nonfinite_cases += usize::from(site.nonfinite > 0);
+        let site = checked.1;
+        cover.add(checked, site.rows == 0 && site.nonfinite == 0);
     });
-    eprintln!(
-        "{cases} cases checked: {counted} rows counted, {excluded_cases} cases with every row \
-         excluded, {nonfinite_cases} with non-finite rows"
-    );
-    assert!(cases > 0, "no stats*.bin dumps in {dir}");
-    // The cases must exercise every fate of a row, or the comparison proves little.
-    assert!(counted > 0 && excluded_cases > 0 && nonfinite_cases > 0);
-    assert_eq!(total, 0);
+    cover.check(&dir, "stats", "with every row excluded");
 }
 
 /// Checks one dropout statistics case (`dstats*.bin`); returns (mismatches, the emulated site).
@@ -152,12 +178,7 @@ fn check_dropout<T: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
     let bias: Option<Vec<T>> = (flags & 1 != 0).then(|| r.arr(cols));
     let rs: Option<Vec<f32>> = (flags & 2 != 0).then(|| r.arr(rows));
     let e_y: Vec<T> = r.arr(n);
-    let words: Vec<u64> = r.arr(3);
-    let emu = SiteStats {
-        cos_sum: words[0] as i64,
-        rows: words[1],
-        nonfinite: words[2],
-    };
+    let emu = read_site(r);
     let meter = redundancy::cpu::Redundancy::new(1).unwrap();
     let in_place = flags & 8 != 0;
     let mut y = vec![T::default(); n];
@@ -176,12 +197,7 @@ fn check_dropout<T: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
             dcpu::forward(&cfg, &x, &mut y, opts).unwrap();
         }
     }
-    let mut bad = same("y", &e_y, &y);
-    let want = meter.stats().unwrap()[0];
-    if want != emu {
-        eprintln!("  site: emulated {emu:?}, CPU {want:?}");
-        bad += 1;
-    }
+    let bad = mismatches("y", &e_y, &y) + site_mismatch(&meter, &emu);
     if bad > 0 {
         eprintln!("{name}: {rows}x{cols} flags {flags:#x} p {p}: {bad} mismatches");
     }
@@ -192,29 +208,18 @@ fn check_dropout<T: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
 #[ignore = "needs DO_DUMP=<dir> of dumps from the emulated dropout kernels (see the file's docs)"]
 fn emulated_dropout_statistics_match_the_cpu_reference() {
     let dir = std::env::var("DO_DUMP").expect("DO_DUMP: the directory of the emulator's dumps");
-    let (mut total, mut cases) = (0, 0);
-    let (mut counted, mut excluded_rows_cases, mut nonfinite_cases) = (0u64, 0, 0);
+    let mut cover = Coverage::default();
     for_each_dump(&dir, "dstats", |name, r| {
-        let (bad, site) = match r.u64() {
+        let checked = match r.u64() {
             0 => check_dropout::<f32>(name, r),
             1 => check_dropout::<f16>(name, r),
             2 => check_dropout::<bf16>(name, r),
             k => panic!("bad kind {k}"),
         };
-        total += bad;
-        cases += 1;
-        counted += site.rows;
-        excluded_rows_cases += usize::from(site.rows + site.nonfinite < 2 * rows_of(r.b));
-        nonfinite_cases += usize::from(site.nonfinite > 0);
+        let site = checked.1;
+        cover.add(checked, site.rows + site.nonfinite < 2 * rows_of(r.b));
     });
-    eprintln!(
-        "{cases} dropout cases checked: {counted} rows counted, {excluded_rows_cases} cases with \
-         excluded rows, {nonfinite_cases} with non-finite rows"
-    );
-    assert!(cases > 0, "no dstats*.bin dumps in {dir}");
-    // The cases must exercise every fate of a row, or the comparison proves little.
-    assert!(counted > 0 && excluded_rows_cases > 0 && nonfinite_cases > 0);
-    assert_eq!(total, 0);
+    cover.check(&dir, "dstats", "with excluded rows");
 }
 
 /// The row count of a `dstats*.bin` dump (its second header word).

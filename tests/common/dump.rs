@@ -33,6 +33,26 @@ pub fn differ<T: Dtype>(got: &T, want: &T) -> bool {
         && !(got.to_f32().is_nan() && want.to_f32().is_nan())
 }
 
+/// How many elements of `got` (the emulator's) differ from `want` (the CPU reference's) by
+/// [`differ`]; the first few and the count are printed under `what`.
+#[allow(dead_code)] // not every `*_emu.rs` that includes this file compares whole buffers
+pub fn mismatches<T: Dtype>(what: &str, got: &[T], want: &[T]) -> usize {
+    assert_eq!(got.len(), want.len(), "{what}: emulated and CPU lengths");
+    let mut bad = 0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if differ(g, w) {
+            if bad < 4 {
+                eprintln!("  {what}[{i}] emu {:e} cpu {:e}", g.to_f32(), w.to_f32());
+            }
+            bad += 1;
+        }
+    }
+    if bad > 0 {
+        eprintln!("  {what}: {bad} elements differ");
+    }
+    bad
+}
+
 /// The dump files in `dir` whose name starts with `prefix` and ends in `.bin`, sorted (the
 /// emulator's case order).
 pub fn dump_files(dir: &str, prefix: &str) -> Vec<std::path::PathBuf> {
