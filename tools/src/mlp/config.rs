@@ -1,5 +1,6 @@
-//! The trainer's configuration, the interface every backend implements, and the argument checks
-//! the backends share. The models (`cpu_model`, `gpu_model`) and the training loop (`train`)
+//! The trainer's configuration, the interface every backend implements, and what the backends
+//! share: the dropout sites' keying (`Sites`), where a block's branch reads and writes (`Branch`)
+//! and the argument checks. The models (`cpu_model`, `gpu_model`) and the training loop (`train`)
 //! build on this module; it depends on neither, so the module graph has no circle.
 
 use fusedreg::adamw::AdamWConfig;
