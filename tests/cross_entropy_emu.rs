@@ -79,6 +79,30 @@ fn check<T: Dtype>(
     let upo = (red == Reduction::None && up_on).then_some(&up[..]);
     let mut gr = vec![T::from_f32_rn(0.0); rows * vocab];
     let l = cpu::forward_backward(&cfg, &x, &tc, upo, &mut gr).unwrap();
+    // The device writes one canonical NaN whatever the inputs; the CPU keeps payloads.
+    let same_t = |bits: u32, want: T| {
+        bits == to_bits(want) || (from_bits(bits).to_f32().is_nan() && want.to_f32().is_nan())
+    };
+    // The rows of losses (`emu`, the kernel's, against `want`, `whom`'s) that differ, as messages.
+    let loss_rows_differ = |what: &str, whom: &str, emu: &[f32], want: &[f32]| -> Vec<String> {
+        (0..rows)
+            .filter(|&r| !same(emu[r], want[r]))
+            .map(|r| format!("{what}loss row {r}: emu {} {whom} {}", emu[r], want[r]))
+            .collect()
+    };
+    // The same for the gradient's elements (`emu` as bits).
+    let grads_differ = |what: &str, whom: &str, emu: &[u32], want: &[T]| -> Vec<String> {
+        (0..rows * vocab)
+            .filter(|&i| !same_t(emu[i], want[i]))
+            .map(|i| {
+                format!(
+                    "{what}grad [{i}] emu {:x} {whom} {:x}",
+                    emu[i],
+                    to_bits(want[i])
+                )
+            })
+            .collect()
+    };
     let mut errs = 0;
     let mut e = |m: String| {
         if errs < 5 {
@@ -89,14 +113,9 @@ fn check<T: Dtype>(
     if (flag != 0) != bad {
         e(format!("flag {flag} bad {bad}"));
     }
-    for r in 0..rows {
-        if !same(loss_rows[r], l.rows[r]) {
-            e(format!(
-                "loss row {r}: emu {} cpu {}",
-                loss_rows[r], l.rows[r]
-            ));
-        }
-    }
+    loss_rows_differ("", "cpu", &loss_rows, &l.rows)
+        .into_iter()
+        .for_each(&mut e);
     if red != Reduction::None {
         if !same(reduced, l.reduced.unwrap()) {
             e(format!("reduced emu {reduced} cpu {:?}", l.reduced));
@@ -105,41 +124,20 @@ fn check<T: Dtype>(
             e(format!("nv {nv} vs {}", l.n_valid));
         }
     }
-    // The device writes one canonical NaN whatever the inputs; the CPU keeps payloads.
-    let same_t = |bits: u32, want: T| {
-        bits == to_bits(want) || (from_bits(bits).to_f32().is_nan() && want.to_f32().is_nan())
-    };
     if grad != 0 {
-        for i in 0..rows * vocab {
-            if !same_t(g[i], gr[i]) {
-                e(format!(
-                    "grad [{i}] emu {:x} cpu {:x}",
-                    g[i],
-                    to_bits(gr[i])
-                ));
-            }
-        }
+        grads_differ("", "cpu", &g, &gr)
+            .into_iter()
+            .for_each(&mut e);
     }
     // unfused
     let mut ugr = vec![T::from_f32_rn(0.0); rows * vocab];
     let ul = unfused::forward_backward_cpu(&cfg, &x, &tc, upo, &mut ugr).unwrap();
-    for r in 0..rows {
-        if !same(urows[r], ul.rows[r]) {
-            e(format!(
-                "unfused loss row {r}: emu {} cpu {}",
-                urows[r], ul.rows[r]
-            ));
-        }
-    }
-    for i in 0..rows * vocab {
-        if !same_t(ug[i], ugr[i]) {
-            e(format!(
-                "unfused grad [{i}] emu {:x} cpu {:x}",
-                ug[i],
-                to_bits(ugr[i])
-            ));
-        }
-    }
+    loss_rows_differ("unfused ", "cpu", &urows, &ul.rows)
+        .into_iter()
+        .for_each(&mut e);
+    grads_differ("unfused ", "cpu", &ug, &ugr)
+        .into_iter()
+        .for_each(&mut e);
     // Math::Fast: the emulated kernel against the fast arithmetic over the same model of the
     // special-function unit (bit for bit), and against the CPU reference within the stated bound.
     let floss: Vec<f32> = hexs(lines[9]).into_iter().map(f32::from_bits).collect();
@@ -153,14 +151,9 @@ fn check<T: Dtype>(
     let mut mg = vec![T::from_f32_rn(0.0); rows * vocab];
     let ml =
         fast_model::forward_backward(&cfg, &x, &tc, upo, &mut mg, &fast_model::EmuSfu).unwrap();
-    for r in 0..rows {
-        if !same(floss[r], ml.rows[r]) {
-            e(format!(
-                "fast loss row {r}: emu {} model {}",
-                floss[r], ml.rows[r]
-            ));
-        }
-    }
+    loss_rows_differ("fast ", "model", &floss, &ml.rows)
+        .into_iter()
+        .for_each(&mut e);
     if red != Reduction::None && !same(freduced, ml.reduced.unwrap()) {
         e(format!(
             "fast reduced emu {freduced} model {:?}",
@@ -168,15 +161,10 @@ fn check<T: Dtype>(
         ));
     }
     if grad != 0 {
-        for i in 0..rows * vocab {
-            if !same_t(to_bits(fg[i]), mg[i]) {
-                e(format!(
-                    "fast grad [{i}] emu {:x} model {:x}",
-                    to_bits(fg[i]),
-                    to_bits(mg[i])
-                ));
-            }
-        }
+        let fg_bits: Vec<u32> = fg.iter().map(|&v| to_bits(v)).collect();
+        grads_differ("fast ", "model", &fg_bits, &mg)
+            .into_iter()
+            .for_each(&mut e);
     }
     let out = XentOut {
         rows: Some(&floss),
