@@ -9,7 +9,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::{check_lens, Config, Reduction, TargetIndex, OP, REDUCE_CHUNK, SLOTS};
+use super::{check_lens, Config, Consts, Reduction, TargetIndex, OP, REDUCE_CHUNK, SLOTS};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::kernels::{per_dtype, Kernel, KernelFamily};
@@ -39,16 +39,12 @@ struct FusedParams {
     rows: u64,
     vocab: u64,
     ignore_index: i64,
-    conf: f32,
-    alpha: f32,
-    eps: f32,
-    vocab_f: f32,
-    lambda: f32,
-    lam2: f32,
+    consts: Consts,
     flags: u32,
     pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<FusedParams>() == 112);
+const _: () = assert!(std::mem::offset_of!(FusedParams, consts) == 80); // `conf` in the kernel
 // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for FusedParams {}
 
@@ -231,6 +227,41 @@ impl<'a> Outputs<'a> {
             workspace_view: None,
         }
     }
+
+    /// [`check_lens`] for a device call: the buffers' lengths against `cfg`.
+    pub(super) fn check_lens(
+        &self,
+        cfg: &Config,
+        logits: usize,
+        targets: usize,
+        grad: Option<usize>,
+    ) -> Result<()> {
+        let upstream = self.upstream.as_ref().map(|u| u.len());
+        check_lens(cfg, logits, targets, grad, self.loss.len(), upstream)
+    }
+}
+
+/// An empty config launches nothing: the sum or mean of no rows is 0, so a reduced loss is
+/// zeroed (a per-row loss has no elements). True when `cfg` is empty and the call is done.
+pub(super) fn finish_empty(handle: &Handle, cfg: &Config, loss: u64) -> Result<bool> {
+    if !cfg.is_empty() {
+        return Ok(false);
+    }
+    if cfg.get_reduction() != Reduction::None {
+        // SAFETY: the loss view holds one f32 (checked).
+        unsafe { cudarc::driver::result::memset_d8_async(loss, 0, 4, handle.stream().cu_stream()) }
+            .map_err(Error::driver(OP))?;
+    }
+    Ok(true)
+}
+
+/// The kernels' reduction flags: the mean's division, or a per-row upstream gradient.
+pub(super) fn reduction_flags(reduction: Reduction, upstream: bool) -> u32 {
+    match reduction {
+        Reduction::Mean => FLAG_MEAN,
+        Reduction::None if upstream => FLAG_UPSTREAM,
+        _ => 0,
+    }
 }
 
 /// Loss and gradient into a separate buffer `grad` (`rows * vocab` of the logits' dtype), on the
@@ -263,14 +294,7 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
     grad: &mut impl DevicePtrMut<T>,
     out: Outputs<'_>,
 ) -> Result<()> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        Some(grad.len()),
-        out.loss.len(),
-        out.upstream.as_ref().map(|u| u.len()),
-    )?;
+    out.check_lens(cfg, logits.len(), targets.len(), Some(grad.len()))?;
     let (l, _gl) = handle.read_ptr(OP, "logits", logits)?;
     let (t, _gt) = handle.read_ptr(OP, "targets", targets)?;
     let (g, _gg) = handle.write_ptr(OP, "grad", grad)?;
@@ -303,14 +327,7 @@ pub fn forward_backward_inplace<T: Dtype, I: TargetIndex>(
     targets: &impl DevicePtr<I>,
     out: Outputs<'_>,
 ) -> Result<()> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        None,
-        out.loss.len(),
-        out.upstream.as_ref().map(|u| u.len()),
-    )?;
+    out.check_lens(cfg, logits.len(), targets.len(), None)?;
     let (t, _gt) = handle.read_ptr(OP, "targets", targets)?;
     let (l, _gl) = handle.write_ptr(OP, "logits", logits)?;
     launch::<T, I>(handle, cfg, l, t, Some(l), out)
@@ -339,14 +356,7 @@ pub fn forward<T: Dtype, I: TargetIndex>(
     targets: &impl DevicePtr<I>,
     out: Outputs<'_>,
 ) -> Result<()> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        None,
-        out.loss.len(),
-        out.upstream.as_ref().map(|u| u.len()),
-    )?;
+    out.check_lens(cfg, logits.len(), targets.len(), None)?;
     let (l, _gl) = handle.read_ptr(OP, "logits", logits)?;
     let (t, _gt) = handle.read_ptr(OP, "targets", targets)?;
     launch::<T, I>(handle, cfg, l, t, None, out)
@@ -468,14 +478,7 @@ fn launch<T: Dtype, I: TargetIndex>(
 ) -> Result<()> {
     let reduction = cfg.get_reduction();
     let (loss_ptr, _gloss) = handle.write_ptr(OP, "loss", &mut out.loss)?;
-    if cfg.is_empty() {
-        if reduction != Reduction::None {
-            // SAFETY: the loss view holds one f32 (checked).
-            unsafe {
-                cudarc::driver::result::memset_d8_async(loss_ptr, 0, 4, handle.stream().cu_stream())
-            }
-            .map_err(Error::driver(OP))?;
-        }
+    if finish_empty(handle, cfg, loss_ptr)? {
         return Ok(());
     }
     let upstream = out
@@ -526,19 +529,13 @@ fn launch<T: Dtype, I: TargetIndex>(
     let size = T::KIND.size() as u64;
     let vocab = cfg.vocab() as u64;
     let vec = logits % 16 == 0 && grad.is_none_or(|g| g % 16 == 0) && (vocab * size) % 16 == 0;
-    let mut flags = 0;
+    let mut flags = reduction_flags(reduction, upstream.is_some());
     if grad.is_some() {
         flags |= FLAG_GRAD;
     }
     if vec {
         flags |= FLAG_VEC;
     }
-    match reduction {
-        Reduction::Mean => flags |= FLAG_MEAN,
-        Reduction::None if upstream.is_some() => flags |= FLAG_UPSTREAM,
-        _ => {}
-    }
-    let c = cfg.consts();
     let loss_rows = if reduction == Reduction::None {
         loss_ptr
     } else {
@@ -555,12 +552,7 @@ fn launch<T: Dtype, I: TargetIndex>(
         rows: cfg.rows() as u64,
         vocab,
         ignore_index: cfg.get_ignore_index(),
-        conf: c.conf,
-        alpha: c.alpha,
-        eps: c.eps,
-        vocab_f: c.vocab_f,
-        lambda: c.lambda,
-        lam2: c.lam2,
+        consts: cfg.consts(),
         flags,
         pad: 0,
     };
