@@ -44,7 +44,8 @@ struct FusedParams {
     pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<FusedParams>() == 112);
-const _: () = assert!(std::mem::offset_of!(FusedParams, consts) == 80); // `conf` in the kernel
+// `conf`, the first of the constants, in the kernel's struct.
+const _: () = assert!(std::mem::offset_of!(FusedParams, consts) == 80);
 // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for FusedParams {}
 

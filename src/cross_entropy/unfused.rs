@@ -58,7 +58,8 @@ struct UnfusedParams {
     pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<UnfusedParams>() == 112);
-const _: () = assert!(std::mem::offset_of!(UnfusedParams, consts) == 80); // `conf` in the kernel
+// `conf`, the first of the constants, in the kernel's struct.
+const _: () = assert!(std::mem::offset_of!(UnfusedParams, consts) == 80);
 // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for UnfusedParams {}
 
