@@ -36,6 +36,18 @@ struct FusedParams {
     upstream: u64,
     n_valid: u64,
     flag: u64,
+    row: RowParams,
+}
+const _: () = assert!(std::mem::size_of::<FusedParams>() == 112);
+const _: () = assert!(std::mem::offset_of!(FusedParams, row) == 56); // `rows` in the kernel
+                                                                     // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+unsafe impl DeviceRepr for FusedParams {}
+
+/// The fields the fused and the unfused kernels' parameters end with, `rows` to `pad`: the
+/// shape, the ignore index, the constants of the pinned arithmetic and the flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct RowParams {
     rows: u64,
     vocab: u64,
     ignore_index: i64,
@@ -43,11 +55,21 @@ struct FusedParams {
     flags: u32,
     pad: u32,
 }
-const _: () = assert!(std::mem::size_of::<FusedParams>() == 112);
-// `conf`, the first of the constants, in the kernel's struct.
-const _: () = assert!(std::mem::offset_of!(FusedParams, consts) == 80);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for FusedParams {}
+const _: () = assert!(std::mem::size_of::<RowParams>() == 56);
+const _: () = assert!(std::mem::offset_of!(RowParams, consts) == 24); // `conf` in the kernel
+
+impl RowParams {
+    pub(super) fn new(cfg: &Config, flags: u32) -> Self {
+        RowParams {
+            rows: cfg.rows() as u64,
+            vocab: cfg.vocab() as u64,
+            ignore_index: cfg.get_ignore_index(),
+            consts: cfg.consts(),
+            flags,
+            pad: 0,
+        }
+    }
+}
 
 /// Mirrors `CountParams` in the kernel.
 #[repr(C)]
@@ -550,12 +572,7 @@ fn launch<T: Dtype, I: TargetIndex>(
         upstream: upstream.as_ref().map_or(0, |(p, _)| *p),
         n_valid: s.count,
         flag: flag.as_ref().map_or(0, |(p, _)| *p),
-        rows: cfg.rows() as u64,
-        vocab,
-        ignore_index: cfg.get_ignore_index(),
-        consts: cfg.consts(),
-        flags,
-        pad: 0,
+        row: RowParams::new(cfg, flags),
     };
     let grid = (cfg.rows() as u64).min(MAX_GRID) as u32;
     let kernel = if cfg.math().is_exact() {
@@ -581,6 +598,33 @@ fn launch<T: Dtype, I: TargetIndex>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernels' structs are flat (`rows, vocab, ignore_index, conf .. lam2, flags, pad`):
+    /// the nested Rust struct must give the same bytes.
+    #[test]
+    fn row_params_are_the_kernels_flat_fields() {
+        let cfg = Config::new(3, 7)
+            .unwrap()
+            .label_smoothing(0.1)
+            .unwrap()
+            .z_loss(1e-4)
+            .unwrap()
+            .ignore_index(-5);
+        // SAFETY: RowParams is 56 bytes of plain data with no padding (fields asserted above).
+        let bytes: [u8; 56] = unsafe { std::mem::transmute(RowParams::new(&cfg, 9)) };
+        let c = cfg.consts();
+        let mut want = [
+            3u64.to_ne_bytes(),
+            7u64.to_ne_bytes(),
+            (-5i64).to_ne_bytes(),
+        ]
+        .concat();
+        for f in [c.conf, c.alpha, c.eps, c.vocab_f, c.lambda, c.lam2] {
+            want.extend(f.to_ne_bytes());
+        }
+        want.extend([9u32.to_ne_bytes(), 0u32.to_ne_bytes()].concat());
+        assert_eq!(bytes.to_vec(), want);
+    }
 
     #[test]
     fn scratch_holds_every_level() {

@@ -30,10 +30,10 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 use super::cpu::{self, row_state, z_factor, Loss};
 use super::gpu::{
     by_target, count_valid, finish_empty, reduce_losses, reduction_flags, scratch, scratch_len,
-    Outputs, Workspace, MAX_GRID,
+    Outputs, RowParams, Workspace, MAX_GRID,
 };
 use super::math::{exp, ln};
-use super::{Config, Consts, Reduction, TargetClass, TargetIndex, OP, SLOTS};
+use super::{Config, Reduction, TargetClass, TargetIndex, OP, SLOTS};
 use crate::dtype::Dtype;
 use crate::error::{check_len, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
@@ -50,17 +50,11 @@ struct UnfusedParams {
     loss_rows: u64,
     upstream: u64,
     n_valid: u64,
-    rows: u64,
-    vocab: u64,
-    ignore_index: i64,
-    consts: Consts,
-    flags: u32,
-    pad: u32,
+    row: RowParams,
 }
 const _: () = assert!(std::mem::size_of::<UnfusedParams>() == 112);
-// `conf`, the first of the constants, in the kernel's struct.
-const _: () = assert!(std::mem::offset_of!(UnfusedParams, consts) == 80);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+const _: () = assert!(std::mem::offset_of!(UnfusedParams, row) == 56); // `rows` in the kernel
+                                                                       // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for UnfusedParams {}
 
 const LOG_SOFTMAX: KernelFamily = per_dtype!(
@@ -163,12 +157,7 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
         loss_rows,
         upstream: upstream.as_ref().map_or(0, |(p, _)| *p),
         n_valid: s.count,
-        rows: rows as u64,
-        vocab: cfg.vocab() as u64,
-        ignore_index: cfg.get_ignore_index(),
-        consts: cfg.consts(),
-        flags: reduction_flags(reduction, upstream.is_some()),
-        pad: 0,
+        row: RowParams::new(cfg, reduction_flags(reduction, upstream.is_some())),
     };
     let grid = ((rows as u64).min(MAX_GRID) as u32, 1, 1);
     let block = (SLOTS as u32, 1, 1);
