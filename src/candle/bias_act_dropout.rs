@@ -64,7 +64,7 @@ const OP: &str = "candle::BiasActDropout";
 /// // Evaluation (no keys): act(x + bias), nothing dropped.
 /// let y_eval = site.forward(&x, Some(&b), None)?.flatten_all()?.to_vec1::<f32>()?;
 /// let xv = x.flatten_all()?.to_vec1::<f32>()?;
-/// assert!(xv.iter().zip(&y_eval).all(|(h, &y)| y == Activation::GeluTanh.forward(h)));
+/// assert!(xv.iter().zip(&y_eval).all(|(&h, &y)| y == Activation::GeluTanh.forward(h)));
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
