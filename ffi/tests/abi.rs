@@ -33,34 +33,67 @@ fn dropout_plain(o: &FrOptions, exec: FrExec, x: &FrTensor, y: &FrTensor) -> FrS
     unsafe { fr_dropout_forward(o, exec, x, null(), null(), null(), y, null(), null()) }
 }
 
+/// The four outputs of a norm forward over `rows` rows of `cols`: out, s, mean and rstd.
+struct NormOuts {
+    out: Vec<f32>,
+    s: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+impl NormOuts {
+    fn new(rows: usize, cols: usize) -> Self {
+        let n = rows * cols;
+        NormOuts {
+            out: vec![0.0; n],
+            s: vec![0.0; n],
+            mean: vec![0.0; rows],
+            rstd: vec![0.0; rows],
+        }
+    }
+
+    /// These buffers as the library's CPU forward writes them.
+    fn cpu(&mut self) -> fusedreg::dropout_add_norm::cpu::ForwardOut<'_, f32, f32> {
+        fusedreg::dropout_add_norm::cpu::ForwardOut {
+            out: &mut self.out,
+            s: &mut self.s,
+            mean: &mut self.mean,
+            rstd: &mut self.rstd,
+        }
+    }
+}
+
 /// `fr_dropout_add_norm_forward` with gamma only (no bias, beta or row scale): x and an optional
-/// residual in; out, s, mean and rstd out; `stats`, when given, a Block Influence site's words.
+/// residual in; `outs` out; `stats`, when given, a Block Influence site's words.
 fn dan_forward(
     o: &FrOptions,
-    x: &FrTensor,
-    r: Option<&FrTensor>,
-    g: &FrTensor,
-    outs: [&FrTensor; 4],
+    x: &mut [f32],
+    r: Option<&mut [f32]>,
+    g: &mut [f32],
+    outs: &mut NormOuts,
     stats: Option<&FrTensor>,
 ) -> FrStatus {
-    let r = r.map_or(null(), |r| r as *const FrTensor);
+    let (x, g) = (t(x, FR_F32), t(g, FR_F32));
+    let r = r.map(|r| t(r, FR_F32));
+    let r = r.as_ref().map_or(null(), |r| r as *const FrTensor);
     let stats = stats.map_or(null(), |w| w as *const FrTensor);
-    let [out, s, mean, rstd] = outs;
+    let [out, s, mean, rstd] =
+        [&mut outs.out, &mut outs.s, &mut outs.mean, &mut outs.rstd].map(|v| t(v, FR_F32));
     // SAFETY: as in `dropout_plain`.
     unsafe {
         fr_dropout_add_norm_forward(
             o,
             CPU,
-            x,
+            &x,
             r,
-            g,
+            &g,
             null(),
             null(),
             null(),
-            out,
-            s,
-            mean,
-            rstd,
+            &out,
+            &s,
+            &mean,
+            &rstd,
             stats,
         )
     }
@@ -383,7 +416,7 @@ fn dropout_add_norm_keys_at_every_resolution() {
     let (rows, cols) = (5usize, 45usize);
     let n = rows * cols;
     let (mut x, mut r, mut g) = (randn(n, 11), randn(n, 12), randn(cols, 13));
-    let mut outs = Vec::new();
+    let mut streams = Vec::new();
     for (bits, res) in [
         (32, MaskResolution::Bits32),
         (16, MaskResolution::Bits16),
@@ -392,64 +425,31 @@ fn dropout_add_norm_keys_at_every_resolution() {
         let mut o = fr_options_default();
         (o.rows, o.cols, o.p, o.seed, o.call) = (rows as i64, cols as i64, 0.3, 9, 77);
         o.mask_bits = bits;
-        let (mut out, mut s) = (vec![0f32; n], vec![0f32; n]);
-        let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-        let st = dan_forward(
-            &o,
-            &t(&mut x, FR_F32),
-            Some(&t(&mut r, FR_F32)),
-            &t(&mut g, FR_F32),
-            [
-                &t(&mut out, FR_F32),
-                &t(&mut s, FR_F32),
-                &t(&mut mean, FR_F32),
-                &t(&mut rstd, FR_F32),
-            ],
-            None,
-        );
+        let mut got = NormOuts::new(rows, cols);
+        let st = dan_forward(&o, &mut x, Some(&mut r), &mut g, &mut got, None);
         assert_eq!(st, FR_OK, "mask_bits {bits}: {}", last());
         let cfg = Config::new(rows, cols, Norm::LayerNorm, o.eps)
             .unwrap()
             .with_resolution(res)
             .with_dropout(0.3, 9, 77)
             .unwrap();
-        let (mut wout, mut ws) = (vec![0f32; n], vec![0f32; n]);
-        let (mut wmean, mut wrstd) = (vec![0f32; rows], vec![0f32; rows]);
+        let mut want = NormOuts::new(rows, cols);
         let args = cpu::ForwardArgs {
             residual: Some(&r),
             ..cpu::ForwardArgs::new(&x, &g)
         };
-        let wo = cpu::ForwardOut {
-            out: &mut wout,
-            s: &mut ws,
-            mean: &mut wmean,
-            rstd: &mut wrstd,
-        };
-        cpu::forward(&cfg, args, wo).unwrap();
-        assert_eq!((&out, &s), (&wout, &ws), "mask_bits {bits}");
-        outs.push(s);
+        cpu::forward(&cfg, args, want.cpu()).unwrap();
+        assert_eq!((&got.out, &got.s), (&want.out, &want.s), "mask_bits {bits}");
+        streams.push(got.s);
     }
     // The resolutions key different masks.
-    assert_ne!(outs[0], outs[1]);
-    assert_ne!(outs[1], outs[2]);
+    assert_ne!(streams[0], streams[1]);
+    assert_ne!(streams[1], streams[2]);
     // A resolution no op offers is an error naming the choices.
     let mut o = fr_options_default();
     (o.rows, o.cols, o.mask_bits) = (rows as i64, cols as i64, 4);
-    let (mut out, mut s) = (vec![0f32; n], vec![0f32; n]);
-    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-    let st = dan_forward(
-        &o,
-        &t(&mut x, FR_F32),
-        None,
-        &t(&mut g, FR_F32),
-        [
-            &t(&mut out, FR_F32),
-            &t(&mut s, FR_F32),
-            &t(&mut mean, FR_F32),
-            &t(&mut rstd, FR_F32),
-        ],
-        None,
-    );
+    let mut got = NormOuts::new(rows, cols);
+    let st = dan_forward(&o, &mut x, None, &mut g, &mut got, None);
     assert_ne!(st, FR_OK);
     assert!(last().contains("use 32 or 16 or 8"), "{}", last());
 }
@@ -463,22 +463,16 @@ fn dropout_add_norm_measures_block_influence() {
     let (mut x, mut r, mut g) = (randn(n, 21), randn(n, 22), randn(cols, 23));
     let mut o = fr_options_default();
     (o.rows, o.cols) = (rows as i64, cols as i64);
-    let (mut out, mut s) = (vec![0f32; n], vec![0f32; n]);
-    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+    let mut got = NormOuts::new(rows, cols);
     // Two calls into one site: the words accumulate (the caller zeroes them to start).
     let mut words = [0i64; 3];
     for _ in 0..2 {
         let st = dan_forward(
             &o,
-            &t(&mut x, FR_F32),
-            Some(&t(&mut r, FR_F32)),
-            &t(&mut g, FR_F32),
-            [
-                &t(&mut out, FR_F32),
-                &t(&mut s, FR_F32),
-                &t(&mut mean, FR_F32),
-                &t(&mut rstd, FR_F32),
-            ],
+            &mut x,
+            Some(&mut r),
+            &mut g,
+            &mut got,
             Some(&t(&mut words, FR_I64)),
         );
         assert_eq!(st, FR_OK, "{}", last());
@@ -486,23 +480,16 @@ fn dropout_add_norm_measures_block_influence() {
     let cfg = Config::new(rows, cols, Norm::LayerNorm, o.eps).unwrap();
     let meter = Redundancy::new(1).unwrap();
     for _ in 0..2 {
-        let (mut wout, mut ws) = (vec![0f32; n], vec![0f32; n]);
-        let (mut wmean, mut wrstd) = (vec![0f32; rows], vec![0f32; rows]);
+        let mut want = NormOuts::new(rows, cols);
         let args = cpu::ForwardArgs {
             residual: Some(&r),
             redundancy: Some(meter.site(0).unwrap()),
             ..cpu::ForwardArgs::new(&x, &g)
         };
-        let wo = cpu::ForwardOut {
-            out: &mut wout,
-            s: &mut ws,
-            mean: &mut wmean,
-            rstd: &mut wrstd,
-        };
-        cpu::forward(&cfg, args, wo).unwrap();
+        cpu::forward(&cfg, args, want.cpu()).unwrap();
         assert_eq!(
-            (&out, &s),
-            (&wout, &ws),
+            (&got.out, &got.s),
+            (&want.out, &want.s),
             "the statistics leave the outputs alone"
         );
     }
@@ -513,15 +500,10 @@ fn dropout_add_norm_measures_block_influence() {
     let mut short = [0i64; 2];
     let st = dan_forward(
         &o,
-        &t(&mut x, FR_F32),
-        Some(&t(&mut r, FR_F32)),
-        &t(&mut g, FR_F32),
-        [
-            &t(&mut out, FR_F32),
-            &t(&mut s, FR_F32),
-            &t(&mut mean, FR_F32),
-            &t(&mut rstd, FR_F32),
-        ],
+        &mut x,
+        Some(&mut r),
+        &mut g,
+        &mut got,
         Some(&t(&mut short, FR_I64)),
     );
     assert_eq!(st, FR_ERR_SHAPE, "{}", last());

@@ -558,17 +558,7 @@ pub fn step<P: Dtype, G: Dtype>(
 /// assert!(cpu::save_state(&t).is_err());
 /// ```
 pub fn save_state<P: Dtype, G: Dtype>(tensors: &[CpuTensor<P, G>]) -> Result<Vec<u8>> {
-    let options = tensors
-        .first()
-        .map_or_else(StateOptions::default, |t| t.options);
-    for (i, t) in tensors.iter().enumerate() {
-        check_layout::<P, G>(i, t, &options)?;
-    }
-    let header = state::StateHeader {
-        param_dtype: P::KIND,
-        lens: tensors.iter().map(|t| t.len() as u64).collect(),
-        options,
-    };
+    let header = state_header(tensors)?;
     let steps: Vec<u32> = tensors.iter().map(|t| t.step).collect();
     Ok(state::encode(
         &header,
@@ -603,17 +593,7 @@ pub fn restore_state<P: Dtype, G: Dtype>(
     tensors: &mut [CpuTensor<P, G>],
     bytes: &[u8],
 ) -> Result<()> {
-    let options = tensors
-        .first()
-        .map_or_else(StateOptions::default, |t| t.options);
-    for (i, t) in tensors.iter().enumerate() {
-        check_layout::<P, G>(i, t, &options)?;
-    }
-    let header = state::StateHeader {
-        param_dtype: P::KIND,
-        lens: tensors.iter().map(|t| t.len() as u64).collect(),
-        options,
-    };
+    let header = state_header(tensors)?;
     let view = state::decode(bytes, &header)?;
     for (i, t) in tensors.iter_mut().enumerate() {
         t.step = if t.is_empty() { 0 } else { view.steps[i] };
@@ -629,6 +609,22 @@ pub fn restore_state<P: Dtype, G: Dtype>(
 /// f32 -> bf16 (nearest even) -> f32: where bf16 moments are rounded.
 fn round_bf16(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
+}
+
+/// The state file header of `tensors` (their dtype, lengths and the first one's layout), after
+/// checking every tensor's buffers against that layout ([`check_layout`]).
+fn state_header<P: Dtype, G: Dtype>(tensors: &[CpuTensor<P, G>]) -> Result<state::StateHeader> {
+    let options = tensors
+        .first()
+        .map_or_else(StateOptions::default, |t| t.options);
+    for (i, t) in tensors.iter().enumerate() {
+        check_layout::<P, G>(i, t, &options)?;
+    }
+    Ok(state::StateHeader {
+        param_dtype: P::KIND,
+        lens: tensors.iter().map(|t| t.len() as u64).collect(),
+        options,
+    })
 }
 
 /// Checks a tensor's buffers against its layout and the config's: lengths, the moment dtype,

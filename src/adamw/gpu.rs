@@ -314,9 +314,6 @@ impl AdamW {
             DtypeKind::Bf16 => Kernel::AdamwInitMasterBf16,
             DtypeKind::F32 => return Ok(()),
         };
-        if grid == 0 {
-            return Ok(());
-        }
         let params = InitMasterParams {
             tensors: set.tensors_ptr(),
             blocks: set.blocks_ptr(),
@@ -324,8 +321,7 @@ impl AdamW {
             block_offset: 0,
             pad: 0,
         };
-        self.handle
-            .launch(k, (grid, 1, 1), (ADAMW_THREADS, 1, 1), 0, &params)
+        set.launch_chunks(k, grid, ADAMW_THREADS, &params)
     }
 
     /// The hyperparameters (the learning rate as created; see [`AdamW::set_lr`]).
@@ -436,9 +432,6 @@ impl AdamW {
         block_offset: u32,
         grid: u32,
     ) -> Result<()> {
-        if grid == 0 {
-            return Ok(());
-        }
         let (stochastic, seed) = match self.config.rounding {
             Rounding::Stochastic { seed } if self.param_dtype != DtypeKind::F32 => (1, seed),
             _ => (0, 0),
@@ -460,13 +453,8 @@ impl AdamW {
             stochastic,
             pad: 0,
         };
-        self.handle.launch(
-            adamw_kernel(self.param_dtype, set.grad_dtype(), self.config.state),
-            (grid, 1, 1),
-            (ADAMW_THREADS, 1, 1),
-            0,
-            &p,
-        )
+        let kernel = adamw_kernel(self.param_dtype, set.grad_dtype(), self.config.state);
+        set.launch_chunks(kernel, grid, ADAMW_THREADS, &p)
     }
 
     /// One AdamW step over every tensor of the set: one launch. With `norm`, the gradients are

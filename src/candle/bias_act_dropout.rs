@@ -1,13 +1,20 @@
 //! [`BiasActDropout`]: `y = dropout(act(x + bias))` on candle tensors, with autograd, through
 //! [`crate::bias_act_dropout`].
 
-use candle_core::{CpuStorage, Result, Shape, Tensor};
+use candle_core::{Result, Shape, Tensor};
 
-use super::shell::{self, cpu_out, packed_len, split_parts, unpack, Elem, Inputs, Op, Pass};
+use super::shell::{
+    self, cpu_out, packed_len, split_parts, unpack, CpuInputs, CpuOut, Elem, Op, Pass,
+};
 use super::site::{site_methods, Site};
 use super::StepKeys;
 use crate::bias_act_dropout::{cpu, Activation, Config, Preact};
 use crate::Math;
+#[cfg(feature = "candle-cuda")]
+use {
+    super::shell::{CudaInputs, CudaOut},
+    crate::Handle,
+};
 
 const OP: &str = "candle::BiasActDropout";
 
@@ -227,7 +234,7 @@ struct Fwd {
 impl Pass for Fwd {
     const NAME: &'static str = "fusedreg-bias-act-dropout";
 
-    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+    fn cpu<T: Elem>(&self, ins: &CpuInputs<'_>) -> Result<CpuOut> {
         let x = ins.slice::<T>(0, "x")?;
         let bias = ins.opt_slice(1, "bias")?;
         let mut y = vec![T::default(); self.cfg.len()];
@@ -236,17 +243,13 @@ impl Pass for Fwd {
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda<T: Elem>(
-        &self,
-        ins: &Inputs<'_, candle_core::CudaStorage>,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let h = ins.handle()?;
+    fn cuda<T: Elem>(&self, h: &Handle, ins: &CudaInputs<'_>) -> Result<CudaOut> {
         let x = ins.view::<T>(0, "x")?;
         let bias = ins.opt_view(1, "bias")?;
         let n = self.cfg.len();
         // SAFETY: the forward writes every element of y (a dropped element gets +0).
         let mut y = unsafe { ins.alloc::<T>(n)? };
-        crate::bias_act_dropout::forward(&h, &self.cfg, &x, bias, &mut y.slice_mut(..n), None)?;
+        crate::bias_act_dropout::forward(h, &self.cfg, &x, bias, &mut y.slice_mut(..n), None)?;
         Ok(ins.out(y, ins.shape(0)))
     }
 
@@ -280,7 +283,7 @@ impl Bwd {
 impl Pass for Bwd {
     const NAME: &'static str = "fusedreg-bias-act-dropout-bwd";
 
-    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+    fn cpu<T: Elem>(&self, ins: &CpuInputs<'_>) -> Result<CpuOut> {
         let dy = ins.slice::<T>(0, "dy")?;
         let x = ins.slice(1, "x")?;
         let bias = ins.opt_slice(2, "bias")?;
@@ -295,11 +298,7 @@ impl Pass for Bwd {
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda<T: Elem>(
-        &self,
-        ins: &Inputs<'_, candle_core::CudaStorage>,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let h = ins.handle()?;
+    fn cuda<T: Elem>(&self, h: &Handle, ins: &CudaInputs<'_>) -> Result<CudaOut> {
         let dy = ins.view::<T>(0, "dy")?;
         let x = ins.view(1, "x")?;
         let bias = ins.opt_view(2, "bias")?;
@@ -311,7 +310,7 @@ impl Pass for Bwd {
             split_parts!(out.slice_mut(..) => dx: n, db: nb);
             let pre = Preact::X { x, bias };
             let db = with_dbias.then_some(db);
-            crate::bias_act_dropout::backward(&h, &self.cfg, &dy, pre, &mut dx, db)?;
+            crate::bias_act_dropout::backward(h, &self.cfg, &dy, pre, &mut dx, db)?;
         }
         Ok(ins.out(out, total))
     }

@@ -19,12 +19,17 @@
 //! With `d_loss = 1` (`loss.backward()`) the gradient has exactly the bits of
 //! [`crate::cross_entropy::cpu::forward_backward`] with [`Reduction::Mean`].
 
-use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use super::shell::{self, cpu_out, Elem, Inputs, Op, Pass};
+use super::shell::{self, cpu_out, CpuInputs, CpuOut, Elem, Op, Pass};
 use crate::cross_entropy::{cpu, Config, Reduction};
 use crate::error::Error;
 use crate::Math;
+#[cfg(feature = "candle-cuda")]
+use {
+    super::shell::{CudaInputs, CudaOut},
+    crate::Handle,
+};
 
 const OP: &str = "candle::CrossEntropy";
 
@@ -326,7 +331,7 @@ struct Fwd {
 impl Pass for Fwd {
     const NAME: &'static str = "fusedreg-cross-entropy";
 
-    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+    fn cpu<T: Elem>(&self, ins: &CpuInputs<'_>) -> Result<CpuOut> {
         let logits = ins.slice::<T>(0, "logits")?;
         let targets = ins.slice::<i64>(1, "targets")?;
         let loss = cpu::forward(&self.cfg, logits, targets)?;
@@ -337,12 +342,9 @@ impl Pass for Fwd {
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda<T: Elem>(
-        &self,
-        ins: &Inputs<'_, candle_core::CudaStorage>,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda<T: Elem>(&self, h: &Handle, ins: &CudaInputs<'_>) -> Result<CudaOut> {
         use crate::cross_entropy::Outputs;
-        let (h, dev, cfg) = (ins.handle()?, ins.device(), &self.cfg);
+        let (dev, cfg) = (ins.device(), &self.cfg);
         let logits = ins.view::<T>(0, "logits")?;
         let targets = ins.view::<i64>(1, "targets")?;
         // SAFETY: the forward writes the loss (0 with no valid rows).
@@ -356,7 +358,7 @@ impl Pass for Fwd {
             invalid_target: flag.as_mut().map(|f| f.as_view_mut()),
             ..Outputs::new(loss.slice_mut(..1))
         };
-        crate::cross_entropy::forward(&h, cfg, &logits, &targets, out)?;
+        crate::cross_entropy::forward(h, cfg, &logits, &targets, out)?;
         // The kernel cannot fail on a bad target; it raises this flag. Reading it waits for the op.
         let bad_target = match &flag {
             Some(f) => dev.clone_dtoh(f)?[0] != 0,
@@ -413,7 +415,7 @@ struct Bwd {
 impl Pass for Bwd {
     const NAME: &'static str = "fusedreg-cross-entropy-bwd";
 
-    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+    fn cpu<T: Elem>(&self, ins: &CpuInputs<'_>) -> Result<CpuOut> {
         let logits = ins.slice::<T>(0, "logits")?;
         let targets = ins.slice::<i64>(1, "targets")?;
         let upstream = ins.slice::<f32>(2, "upstream")?;
@@ -423,12 +425,9 @@ impl Pass for Bwd {
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda<T: Elem>(
-        &self,
-        ins: &Inputs<'_, candle_core::CudaStorage>,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda<T: Elem>(&self, h: &Handle, ins: &CudaInputs<'_>) -> Result<CudaOut> {
         use crate::cross_entropy::Outputs;
-        let (h, cfg) = (ins.handle()?, &self.cfg);
+        let cfg = &self.cfg;
         let logits = ins.view::<T>(0, "logits")?;
         let targets = ins.view::<i64>(1, "targets")?;
         let upstream = ins.view::<f32>(2, "upstream")?;
@@ -443,7 +442,7 @@ impl Pass for Bwd {
             ..Outputs::new(rows.slice_mut(..cfg.rows()))
         };
         let mut g = grad.slice_mut(..n);
-        crate::cross_entropy::forward_backward(&h, cfg, &logits, &targets, &mut g, out)?;
+        crate::cross_entropy::forward_backward(h, cfg, &logits, &targets, &mut g, out)?;
         Ok(ins.out(grad, ins.shape(0)))
     }
 }

@@ -2,13 +2,20 @@
 //! tensors, with autograd, through [`crate::dropout`] (one op: the residual is optional there and
 //! here; the two types are its two call shapes).
 
-use candle_core::{CpuStorage, Result, Shape, Tensor};
+use candle_core::{Result, Shape, Tensor};
 
 use super::redundancy::BlockInfluence;
-use super::shell::{self, cpu_out, packed_len, split_parts, unpack, Elem, Inputs, Op, Pass};
+use super::shell::{
+    self, cpu_out, packed_len, split_parts, unpack, CpuInputs, CpuOut, Elem, Op, Pass,
+};
 use super::site::{site_methods, Site};
 use super::StepKeys;
 use crate::dropout::{cpu, Config};
+#[cfg(feature = "candle-cuda")]
+use {
+    super::shell::{CudaInputs, CudaOut},
+    crate::Handle,
+};
 
 /// One plain dropout site of a model (the embedding output, a LoRA input, materialised attention
 /// probabilities, ...), with an optional bias added first and an optional drop path:
@@ -397,7 +404,7 @@ impl Fwd {
 impl Pass for Fwd {
     const NAME: &'static str = "fusedreg-dropout";
 
-    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+    fn cpu<T: Elem>(&self, ins: &CpuInputs<'_>) -> Result<CpuOut> {
         let x = ins.slice::<T>(0, "x")?;
         let residual = self
             .residual
@@ -421,11 +428,7 @@ impl Pass for Fwd {
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda<T: Elem>(
-        &self,
-        ins: &Inputs<'_, candle_core::CudaStorage>,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let h = ins.handle()?;
+    fn cuda<T: Elem>(&self, h: &Handle, ins: &CudaInputs<'_>) -> Result<CudaOut> {
         let x = ins.view::<T>(0, "x")?;
         let residual = self.residual.then(|| ins.view(1, "residual")).transpose()?;
         let bias = ins.opt_view(self.bias_at(), "bias")?;
@@ -444,7 +447,7 @@ impl Pass for Fwd {
             redundancy,
             ..Default::default()
         };
-        crate::dropout::forward(&h, &self.cfg, &x, &mut y.slice_mut(..n), opts)?;
+        crate::dropout::forward(h, &self.cfg, &x, &mut y.slice_mut(..n), opts)?;
         Ok(ins.out(y, ins.shape(0)))
     }
 
@@ -485,7 +488,7 @@ impl Bwd {
 impl Pass for Bwd {
     const NAME: &'static str = "fusedreg-dropout-bwd";
 
-    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+    fn cpu<T: Elem>(&self, ins: &CpuInputs<'_>) -> Result<CpuOut> {
         let dy = ins.slice::<T>(0, "dy")?;
         let [n, nb] = self.lens();
         let total = packed_len(Self::NAME, &[n, nb])?;
@@ -502,11 +505,7 @@ impl Pass for Bwd {
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda<T: Elem>(
-        &self,
-        ins: &Inputs<'_, candle_core::CudaStorage>,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let h = ins.handle()?;
+    fn cuda<T: Elem>(&self, h: &Handle, ins: &CudaInputs<'_>) -> Result<CudaOut> {
         let dy = ins.view::<T>(0, "dy")?;
         let [n, nb] = self.lens();
         let total = packed_len(Self::NAME, &[n, nb])?;
@@ -518,7 +517,7 @@ impl Pass for Bwd {
                 dbias: self.dbias.then_some(db),
                 ..Default::default()
             };
-            crate::dropout::backward(&h, &self.cfg, &dy, &mut dx, opts)?;
+            crate::dropout::backward(h, &self.cfg, &dy, &mut dx, opts)?;
         }
         Ok(ins.out(out, total))
     }

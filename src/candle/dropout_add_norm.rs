@@ -21,14 +21,21 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, Result, Shape, Tensor};
+use candle_core::{Result, Shape, Tensor};
 
 use super::redundancy::BlockInfluence;
-use super::shell::{self, cpu_out, packed_len, split_parts, unpack, Elem, Inputs, Op, Pass};
+use super::shell::{
+    self, cpu_out, packed_len, split_parts, unpack, CpuInputs, CpuOut, Elem, Op, Pass,
+};
 use super::site::{site_methods, Site};
 use super::StepKeys;
 use crate::dropout_add_norm::{cpu, layer_norm_scaling, Config, Norm};
 use crate::error::{check_len, Error};
+#[cfg(feature = "candle-cuda")]
+use {
+    super::shell::{CudaInputs, CudaOut},
+    crate::Handle,
+};
 
 const OP: &str = "candle::DropoutAddNorm";
 
@@ -547,7 +554,7 @@ impl Fwd {
 impl Pass for Fwd {
     const NAME: &'static str = "fusedreg-dropout-add-norm";
 
-    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+    fn cpu<T: Elem>(&self, ins: &CpuInputs<'_>) -> Result<CpuOut> {
         let l = self.layout;
         let x = ins.slice::<T>(0, "x")?;
         let residual = l.residual.then(|| ins.slice(1, "residual")).transpose()?;
@@ -580,12 +587,9 @@ impl Pass for Fwd {
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda<T: Elem>(
-        &self,
-        ins: &Inputs<'_, candle_core::CudaStorage>,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda<T: Elem>(&self, h: &Handle, ins: &CudaInputs<'_>) -> Result<CudaOut> {
         use crate::dropout_add_norm::{ForwardArgs, ForwardOut};
-        let (h, l) = (ins.handle()?, self.layout);
+        let l = self.layout;
         let x = ins.view::<T>(0, "x")?;
         let residual = l.residual.then(|| ins.view(1, "residual")).transpose()?;
         let params = ins.view(self.params_at(), "params")?;
@@ -612,7 +616,7 @@ impl Pass for Fwd {
                 ..ForwardArgs::new(x, gamma)
             };
             let outs = ForwardOut { out, s, mean, rstd };
-            crate::dropout_add_norm::forward(&h, &self.cfg, args, outs)?;
+            crate::dropout_add_norm::forward(h, &self.cfg, args, outs)?;
         }
         self.keep(Stats::Cuda(stats));
         Ok(ins.out(packed, self.out_shape()))
@@ -663,7 +667,7 @@ struct Bwd {
 impl Pass for Bwd {
     const NAME: &'static str = "fusedreg-dropout-add-norm-bwd";
 
-    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+    fn cpu<T: Elem>(&self, ins: &CpuInputs<'_>) -> Result<CpuOut> {
         let stats = self.stats.cpu().ok_or_else(|| {
             Error::invalid(Self::NAME, "the forward's statistics are on another device")
         })?;
@@ -702,10 +706,7 @@ impl Pass for Bwd {
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda<T: Elem>(
-        &self,
-        ins: &Inputs<'_, candle_core::CudaStorage>,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda<T: Elem>(&self, h: &Handle, ins: &CudaInputs<'_>) -> Result<CudaOut> {
         use crate::dropout_add_norm::{BackwardArgs, BackwardOut};
         let Stats::Cuda(stats) = &*self.stats else {
             return Err(Error::invalid(
@@ -714,7 +715,6 @@ impl Pass for Bwd {
             )
             .into());
         };
-        let h = ins.handle()?;
         let l = self.layout;
         let (n, rows) = (l.n, self.cfg.rows());
         let grad = ins.view::<T>(0, "grad")?;
@@ -747,7 +747,7 @@ impl Pass for Bwd {
                 dbias: l.bias.then_some(dbias),
                 ..BackwardOut::new(dx, dgamma)
             };
-            crate::dropout_add_norm::backward(&h, &self.cfg, args, outs)?;
+            crate::dropout_add_norm::backward(h, &self.cfg, args, outs)?;
         }
         Ok(ins.out(out, total))
     }

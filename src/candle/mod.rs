@@ -234,25 +234,23 @@ impl StepKeys {
 }
 
 fn check_step(step: u64) -> candle_core::Result<()> {
-    if step < MAX_STEPS {
-        Ok(())
-    } else {
-        Err(wrap(crate::Error::invalid(
-            "candle",
-            format!("step {step} must be below 2^32 (the call id keeps 32 bits for it)"),
-        )))
-    }
+    check_call_field("step", step, MAX_STEPS)
 }
 
 pub(crate) fn check_site(site: u32) -> candle_core::Result<()> {
-    if site < MAX_SITES {
-        Ok(())
-    } else {
-        Err(wrap(crate::Error::invalid(
-            "candle",
-            format!("site {site} must be below 2^24 (the call id keeps 24 bits for it)"),
-        )))
+    check_call_field("site", u64::from(site), u64::from(MAX_SITES))
+}
+
+/// Checks that `value` fits the bits the call id keeps for `what` (`limit` is a power of two).
+fn check_call_field(what: &str, value: u64, limit: u64) -> candle_core::Result<()> {
+    if value < limit {
+        return Ok(());
     }
+    let bits = limit.trailing_zeros();
+    Err(wrap(crate::Error::invalid(
+        "candle",
+        format!("{what} {value} must be below 2^{bits} (the call id keeps {bits} bits for it)"),
+    )))
 }
 
 /// A fusedreg error as a candle error (the message is kept), so `?` on a fusedreg result works

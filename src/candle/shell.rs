@@ -70,14 +70,12 @@ pub(crate) trait Pass: Send + Sync + Sized + 'static {
     const NAME: &'static str;
 
     /// The output on candle's CPU device (fusedreg's CPU reference).
-    fn cpu<T: Elem>(&self, ins: &Inputs<'_, CpuStorage>) -> Result<(CpuStorage, Shape)>;
+    fn cpu<T: Elem>(&self, ins: &CpuInputs<'_>) -> Result<CpuOut>;
 
-    /// The output on candle's CUDA device (fusedreg's kernels on candle's stream).
+    /// The output on candle's CUDA device: fusedreg's kernels on `h`, the handle on candle's
+    /// stream of the inputs' device ([`cuda_handle`]).
     #[cfg(feature = "candle-cuda")]
-    fn cuda<T: Elem>(
-        &self,
-        ins: &Inputs<'_, candle_core::CudaStorage>,
-    ) -> Result<(candle_core::CudaStorage, Shape)>;
+    fn cuda<T: Elem>(&self, h: &crate::Handle, ins: &CudaInputs<'_>) -> Result<CudaOut>;
 
     /// The gradients of the inputs (in order; `None` where there is none, missing ones at the
     /// end count as `None`) from `grad`, the gradient of the output `out`. A pass applied with
@@ -87,6 +85,17 @@ pub(crate) trait Pass: Send + Sync + Sized + 'static {
         Err(candle_core::Error::BackwardNotSupported { op: Self::NAME })
     }
 }
+
+/// A pass's inputs on candle's CPU device.
+pub(crate) type CpuInputs<'a> = Inputs<'a, CpuStorage>;
+/// A pass's output on candle's CPU device: the storage and its shape.
+pub(crate) type CpuOut = (CpuStorage, Shape);
+/// A pass's inputs on candle's CUDA device.
+#[cfg(feature = "candle-cuda")]
+pub(crate) type CudaInputs<'a> = Inputs<'a, candle_core::CudaStorage>;
+/// A pass's output on candle's CUDA device: the storage and its shape.
+#[cfg(feature = "candle-cuda")]
+pub(crate) type CudaOut = (candle_core::CudaStorage, Shape);
 
 /// A [`Pass`] as a candle custom op of 1, 2 or 3 inputs.
 pub(crate) struct Op<P>(pub P);
@@ -130,10 +139,11 @@ impl<P: Pass> Op<P> {
         all: &[(&candle_core::CudaStorage, &Layout)],
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let ins = Inputs { op: P::NAME, all };
+        let h = ins.handle()?;
         match all[0].0.dtype() {
-            DType::F32 => self.0.cuda::<f32>(&ins),
-            DType::F16 => self.0.cuda::<half::f16>(&ins),
-            DType::BF16 => self.0.cuda::<half::bf16>(&ins),
+            DType::F32 => self.0.cuda::<f32>(&h, &ins),
+            DType::F16 => self.0.cuda::<half::f16>(&h, &ins),
+            DType::BF16 => self.0.cuda::<half::bf16>(&h, &ins),
             other => Err(unsupported(P::NAME, other)),
         }
     }

@@ -9,7 +9,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::{check_lens, Config, Reduction, TargetIndex, OP, REDUCE_CHUNK, SLOTS};
+use super::{check_lens, Config, Consts, Reduction, TargetIndex, OP, REDUCE_CHUNK, SLOTS};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::kernels::{per_dtype, Kernel, KernelFamily};
@@ -36,21 +36,40 @@ struct FusedParams {
     upstream: u64,
     n_valid: u64,
     flag: u64,
+    row: RowParams,
+}
+const _: () = assert!(std::mem::size_of::<FusedParams>() == 112);
+const _: () = assert!(std::mem::offset_of!(FusedParams, row) == 56); // `rows` in the kernel
+                                                                     // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+unsafe impl DeviceRepr for FusedParams {}
+
+/// The fields the fused and the unfused kernels' parameters end with, `rows` to `pad`: the
+/// shape, the ignore index, the constants of the pinned arithmetic and the flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct RowParams {
     rows: u64,
     vocab: u64,
     ignore_index: i64,
-    conf: f32,
-    alpha: f32,
-    eps: f32,
-    vocab_f: f32,
-    lambda: f32,
-    lam2: f32,
+    consts: Consts,
     flags: u32,
     pad: u32,
 }
-const _: () = assert!(std::mem::size_of::<FusedParams>() == 112);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for FusedParams {}
+const _: () = assert!(std::mem::size_of::<RowParams>() == 56);
+const _: () = assert!(std::mem::offset_of!(RowParams, consts) == 24); // `conf` in the kernel
+
+impl RowParams {
+    pub(super) fn new(cfg: &Config, flags: u32) -> Self {
+        RowParams {
+            rows: cfg.rows() as u64,
+            vocab: cfg.vocab() as u64,
+            ignore_index: cfg.get_ignore_index(),
+            consts: cfg.consts(),
+            flags,
+            pad: 0,
+        }
+    }
+}
 
 /// Mirrors `CountParams` in the kernel.
 #[repr(C)]
@@ -231,6 +250,41 @@ impl<'a> Outputs<'a> {
             workspace_view: None,
         }
     }
+
+    /// [`check_lens`] for a device call: the buffers' lengths against `cfg`.
+    pub(super) fn check_lens(
+        &self,
+        cfg: &Config,
+        logits: usize,
+        targets: usize,
+        grad: Option<usize>,
+    ) -> Result<()> {
+        let upstream = self.upstream.as_ref().map(|u| u.len());
+        check_lens(cfg, logits, targets, grad, self.loss.len(), upstream)
+    }
+}
+
+/// An empty config launches nothing: the sum or mean of no rows is 0, so a reduced loss is
+/// zeroed (a per-row loss has no elements). True when `cfg` is empty and the call is done.
+pub(super) fn finish_empty(handle: &Handle, cfg: &Config, loss: u64) -> Result<bool> {
+    if !cfg.is_empty() {
+        return Ok(false);
+    }
+    if cfg.get_reduction() != Reduction::None {
+        // SAFETY: the loss view holds one f32 (checked).
+        unsafe { cudarc::driver::result::memset_d8_async(loss, 0, 4, handle.stream().cu_stream()) }
+            .map_err(Error::driver(OP))?;
+    }
+    Ok(true)
+}
+
+/// The kernels' reduction flags: the mean's division, or a per-row upstream gradient.
+pub(super) fn reduction_flags(reduction: Reduction, upstream: bool) -> u32 {
+    match reduction {
+        Reduction::Mean => FLAG_MEAN,
+        Reduction::None if upstream => FLAG_UPSTREAM,
+        _ => 0,
+    }
 }
 
 /// Loss and gradient into a separate buffer `grad` (`rows * vocab` of the logits' dtype), on the
@@ -263,14 +317,7 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
     grad: &mut impl DevicePtrMut<T>,
     out: Outputs<'_>,
 ) -> Result<()> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        Some(grad.len()),
-        out.loss.len(),
-        out.upstream.as_ref().map(|u| u.len()),
-    )?;
+    out.check_lens(cfg, logits.len(), targets.len(), Some(grad.len()))?;
     let (l, _gl) = handle.read_ptr(OP, "logits", logits)?;
     let (t, _gt) = handle.read_ptr(OP, "targets", targets)?;
     let (g, _gg) = handle.write_ptr(OP, "grad", grad)?;
@@ -303,14 +350,7 @@ pub fn forward_backward_inplace<T: Dtype, I: TargetIndex>(
     targets: &impl DevicePtr<I>,
     out: Outputs<'_>,
 ) -> Result<()> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        None,
-        out.loss.len(),
-        out.upstream.as_ref().map(|u| u.len()),
-    )?;
+    out.check_lens(cfg, logits.len(), targets.len(), None)?;
     let (t, _gt) = handle.read_ptr(OP, "targets", targets)?;
     let (l, _gl) = handle.write_ptr(OP, "logits", logits)?;
     launch::<T, I>(handle, cfg, l, t, Some(l), out)
@@ -339,14 +379,7 @@ pub fn forward<T: Dtype, I: TargetIndex>(
     targets: &impl DevicePtr<I>,
     out: Outputs<'_>,
 ) -> Result<()> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        None,
-        out.loss.len(),
-        out.upstream.as_ref().map(|u| u.len()),
-    )?;
+    out.check_lens(cfg, logits.len(), targets.len(), None)?;
     let (l, _gl) = handle.read_ptr(OP, "logits", logits)?;
     let (t, _gt) = handle.read_ptr(OP, "targets", targets)?;
     launch::<T, I>(handle, cfg, l, t, None, out)
@@ -468,14 +501,7 @@ fn launch<T: Dtype, I: TargetIndex>(
 ) -> Result<()> {
     let reduction = cfg.get_reduction();
     let (loss_ptr, _gloss) = handle.write_ptr(OP, "loss", &mut out.loss)?;
-    if cfg.is_empty() {
-        if reduction != Reduction::None {
-            // SAFETY: the loss view holds one f32 (checked).
-            unsafe {
-                cudarc::driver::result::memset_d8_async(loss_ptr, 0, 4, handle.stream().cu_stream())
-            }
-            .map_err(Error::driver(OP))?;
-        }
+    if finish_empty(handle, cfg, loss_ptr)? {
         return Ok(());
     }
     let upstream = out
@@ -526,19 +552,13 @@ fn launch<T: Dtype, I: TargetIndex>(
     let size = T::KIND.size() as u64;
     let vocab = cfg.vocab() as u64;
     let vec = logits % 16 == 0 && grad.is_none_or(|g| g % 16 == 0) && (vocab * size) % 16 == 0;
-    let mut flags = 0;
+    let mut flags = reduction_flags(reduction, upstream.is_some());
     if grad.is_some() {
         flags |= FLAG_GRAD;
     }
     if vec {
         flags |= FLAG_VEC;
     }
-    match reduction {
-        Reduction::Mean => flags |= FLAG_MEAN,
-        Reduction::None if upstream.is_some() => flags |= FLAG_UPSTREAM,
-        _ => {}
-    }
-    let c = cfg.consts();
     let loss_rows = if reduction == Reduction::None {
         loss_ptr
     } else {
@@ -552,17 +572,7 @@ fn launch<T: Dtype, I: TargetIndex>(
         upstream: upstream.as_ref().map_or(0, |(p, _)| *p),
         n_valid: s.count,
         flag: flag.as_ref().map_or(0, |(p, _)| *p),
-        rows: cfg.rows() as u64,
-        vocab,
-        ignore_index: cfg.get_ignore_index(),
-        conf: c.conf,
-        alpha: c.alpha,
-        eps: c.eps,
-        vocab_f: c.vocab_f,
-        lambda: c.lambda,
-        lam2: c.lam2,
-        flags,
-        pad: 0,
+        row: RowParams::new(cfg, flags),
     };
     let grid = (cfg.rows() as u64).min(MAX_GRID) as u32;
     let kernel = if cfg.math().is_exact() {
@@ -588,6 +598,33 @@ fn launch<T: Dtype, I: TargetIndex>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernels' structs are flat (`rows, vocab, ignore_index, conf .. lam2, flags, pad`):
+    /// the nested Rust struct must give the same bytes.
+    #[test]
+    fn row_params_are_the_kernels_flat_fields() {
+        let cfg = Config::new(3, 7)
+            .unwrap()
+            .label_smoothing(0.1)
+            .unwrap()
+            .z_loss(1e-4)
+            .unwrap()
+            .ignore_index(-5);
+        // SAFETY: RowParams is 56 bytes of plain data with no padding (fields asserted above).
+        let bytes: [u8; 56] = unsafe { std::mem::transmute(RowParams::new(&cfg, 9)) };
+        let c = cfg.consts();
+        let mut want = [
+            3u64.to_ne_bytes(),
+            7u64.to_ne_bytes(),
+            (-5i64).to_ne_bytes(),
+        ]
+        .concat();
+        for f in [c.conf, c.alpha, c.eps, c.vocab_f, c.lambda, c.lam2] {
+            want.extend(f.to_ne_bytes());
+        }
+        want.extend([9u32.to_ne_bytes(), 0u32.to_ne_bytes()].concat());
+        assert_eq!(bytes.to_vec(), want);
+    }
 
     #[test]
     fn scratch_holds_every_level() {

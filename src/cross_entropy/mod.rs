@@ -574,8 +574,10 @@ impl Config {
     }
 }
 
-/// f32 constants shared by the CPU reference and the kernel parameters.
-#[derive(Clone, Copy, Debug)]
+/// f32 constants shared by the CPU reference and the kernel parameters (`#[repr(C)]`: the
+/// kernels' parameter structs hold them as six consecutive floats).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Consts {
     /// `1 - α`: the weight of the target's one-hot.
     pub conf: f32,

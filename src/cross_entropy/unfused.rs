@@ -29,13 +29,13 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::cpu::{self, row_state, z_factor, Loss};
 use super::gpu::{
-    by_target, count_valid, reduce_losses, scratch, scratch_len, Outputs, Workspace, FLAG_MEAN,
-    FLAG_UPSTREAM, MAX_GRID,
+    by_target, count_valid, finish_empty, reduce_losses, reduction_flags, scratch, scratch_len,
+    Outputs, RowParams, Workspace, MAX_GRID,
 };
 use super::math::{exp, ln};
-use super::{check_lens, Config, Reduction, TargetClass, TargetIndex, OP, SLOTS};
+use super::{Config, Reduction, TargetClass, TargetIndex, OP, SLOTS};
 use crate::dtype::Dtype;
-use crate::error::{check_len, Error, Result};
+use crate::error::{check_len, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
 
@@ -50,20 +50,11 @@ struct UnfusedParams {
     loss_rows: u64,
     upstream: u64,
     n_valid: u64,
-    rows: u64,
-    vocab: u64,
-    ignore_index: i64,
-    conf: f32,
-    alpha: f32,
-    eps: f32,
-    vocab_f: f32,
-    lambda: f32,
-    lam2: f32,
-    flags: u32,
-    pad: u32,
+    row: RowParams,
 }
 const _: () = assert!(std::mem::size_of::<UnfusedParams>() == 112);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
+const _: () = assert!(std::mem::offset_of!(UnfusedParams, row) == 56); // `rows` in the kernel
+                                                                       // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
 unsafe impl DeviceRepr for UnfusedParams {}
 
 const LOG_SOFTMAX: KernelFamily = per_dtype!(
@@ -123,25 +114,11 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
     grad: &mut impl DevicePtrMut<T>,
     mut out: Outputs<'_>,
 ) -> Result<()> {
-    check_lens(
-        cfg,
-        logits.len(),
-        targets.len(),
-        Some(grad.len()),
-        out.loss.len(),
-        out.upstream.as_ref().map(|u| u.len()),
-    )?;
+    out.check_lens(cfg, logits.len(), targets.len(), Some(grad.len()))?;
     check_len(OP, "logprobs", logprobs.len(), cfg.len())?;
     let reduction = cfg.get_reduction();
     let (loss_ptr, _gloss) = handle.write_ptr(OP, "loss", &mut out.loss)?;
-    if cfg.is_empty() {
-        if reduction != Reduction::None {
-            // SAFETY: the loss view holds one f32 (checked).
-            unsafe {
-                cudarc::driver::result::memset_d8_async(loss_ptr, 0, 4, handle.stream().cu_stream())
-            }
-            .map_err(Error::driver(OP))?;
-        }
+    if finish_empty(handle, cfg, loss_ptr)? {
         return Ok(());
     }
     let (x, _g1) = handle.read_ptr(OP, "logits", logits)?;
@@ -172,13 +149,6 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
     } else {
         lse + 4 * rows as u64
     };
-    let c = cfg.consts();
-    let mut flags = 0;
-    match reduction {
-        Reduction::Mean => flags |= FLAG_MEAN,
-        Reduction::None if upstream.is_some() => flags |= FLAG_UPSTREAM,
-        _ => {}
-    }
     let base = UnfusedParams {
         x,
         y: lp,
@@ -187,17 +157,7 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
         loss_rows,
         upstream: upstream.as_ref().map_or(0, |(p, _)| *p),
         n_valid: s.count,
-        rows: rows as u64,
-        vocab: cfg.vocab() as u64,
-        ignore_index: cfg.get_ignore_index(),
-        conf: c.conf,
-        alpha: c.alpha,
-        eps: c.eps,
-        vocab_f: c.vocab_f,
-        lambda: c.lambda,
-        lam2: c.lam2,
-        flags,
-        pad: 0,
+        row: RowParams::new(cfg, reduction_flags(reduction, upstream.is_some())),
     };
     let grid = ((rows as u64).min(MAX_GRID) as u32, 1, 1);
     let block = (SLOTS as u32, 1, 1);

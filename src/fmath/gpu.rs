@@ -6,7 +6,7 @@ use cudarc::driver::DeviceRepr;
 
 use crate::error::{Error, Result};
 use crate::runtime::kernels::Kernel;
-use crate::runtime::{grid_for, Handle};
+use crate::runtime::Handle;
 
 /// One function of the shared math.
 ///
@@ -117,13 +117,7 @@ pub fn eval(handle: &Handle, func: Func, x: &[f32]) -> Result<Vec<f32>> {
             func: func.code(),
             pad: 0,
         };
-        handle.launch(
-            Kernel::FmathEval,
-            (grid_for(x.len() as u64, BLOCK), 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &p,
-        )?;
+        handle.launch_strided(Kernel::FmathEval, x.len() as u64, BLOCK, &p)?;
     }
     s.clone_dtoh(&d_y).map_err(Error::driver(OP))
 }

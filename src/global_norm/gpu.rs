@@ -111,9 +111,6 @@ pub(crate) fn launch_partials(
     block_offset: u32,
     grid: u32,
 ) -> Result<()> {
-    if grid == 0 {
-        return Ok(());
-    }
     let p = PartialsParams {
         tensors: set.tensors_ptr(),
         blocks: set.blocks_ptr(),
@@ -122,13 +119,7 @@ pub(crate) fn launch_partials(
         block_offset,
         pad: 0,
     };
-    set.handle().launch(
-        pick(&PARTIALS, set.grad_dtype()),
-        (grid, 1, 1),
-        (NORM_THREADS, 1, 1),
-        0,
-        &p,
-    )
+    set.launch_chunks(pick(&PARTIALS, set.grad_dtype()), grid, NORM_THREADS, &p)
 }
 
 /// The scale pass over chunks `block_offset .. block_offset + grid`: by `*coef_ptr` when it is
@@ -141,9 +132,6 @@ pub(crate) fn launch_scale(
     block_offset: u32,
     grid: u32,
 ) -> Result<()> {
-    if grid == 0 {
-        return Ok(());
-    }
     let p = ScaleParams {
         tensors: set.tensors_ptr(),
         blocks: set.blocks_ptr(),
@@ -152,13 +140,7 @@ pub(crate) fn launch_scale(
         coef,
         block_offset,
     };
-    set.handle().launch(
-        pick(&SCALE, set.grad_dtype()),
-        (grid, 1, 1),
-        (SCALE_THREADS, 1, 1),
-        0,
-        &p,
-    )
+    set.launch_chunks(pick(&SCALE, set.grad_dtype()), grid, SCALE_THREADS, &p)
 }
 
 /// The global norm of one [`TensorSet`]'s gradients: device buffers for the per-chunk partials,

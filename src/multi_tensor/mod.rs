@@ -72,6 +72,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, Va
 
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{Error, Result};
+use crate::runtime::kernels::Kernel;
 use crate::runtime::Handle;
 
 /// Elements per chunk: one block of every multi-tensor launch works on one chunk.
@@ -1084,6 +1085,22 @@ impl TensorSet {
 
     pub(crate) fn num_chunks_u32(&self) -> u32 {
         self.layout.num_chunks() as u32
+    }
+
+    /// One launch of a chunk kernel over the set: `grid` blocks of `threads` (a block per chunk
+    /// of the chunk table, from the `block_offset` in `params`); nothing when `grid` is 0.
+    pub(crate) fn launch_chunks<P: DeviceRepr>(
+        &self,
+        kernel: Kernel,
+        grid: u32,
+        threads: u32,
+        params: &P,
+    ) -> Result<()> {
+        if grid == 0 {
+            return Ok(());
+        }
+        self.handle
+            .launch(kernel, (grid, 1, 1), (threads, 1, 1), 0, params)
     }
 
     fn owned<'a>(&'a self, i: usize, what: &str, which: usize) -> Result<&'a OwnedBuf> {

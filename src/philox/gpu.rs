@@ -5,7 +5,7 @@ use cudarc::driver::DeviceRepr;
 
 use crate::error::{check_len, Error, Result};
 use crate::runtime::kernels::Kernel;
-use crate::runtime::{grid_for, Handle};
+use crate::runtime::Handle;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -68,13 +68,7 @@ pub fn fill(handle: &Handle, counters: &[[u32; 4]], keys: &[[u32; 2]]) -> Result
             out: o,
             n: n as u64,
         };
-        handle.launch(
-            Kernel::PhiloxFill,
-            (grid_for(n as u64, BLOCK), 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &p,
-        )?;
+        handle.launch_strided(Kernel::PhiloxFill, n as u64, BLOCK, &p)?;
     }
     let flat = s.clone_dtoh(&d_o).map_err(Error::driver(OP))?;
     Ok(flat
@@ -121,13 +115,7 @@ pub fn mask_words(handle: &Handle, seed: u64, call: u64, start: u64, n: usize) -
             n: n as u64,
             out: o,
         };
-        handle.launch(
-            Kernel::PhiloxMaskWords,
-            (grid_for(n as u64, BLOCK), 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &p,
-        )?;
+        handle.launch_strided(Kernel::PhiloxMaskWords, n as u64, BLOCK, &p)?;
     }
     s.clone_dtoh(&d_o).map_err(Error::driver(OP))
 }

@@ -392,6 +392,18 @@ impl Handle {
         }
     }
 
+    /// [`launch`](Self::launch) of a one-dimensional grid-stride kernel over `n` items:
+    /// [`grid_for`]`(n, block)` blocks of `block` threads, no shared memory.
+    pub(crate) fn launch_strided<P: DeviceRepr>(
+        &self,
+        k: Kernel,
+        n: u64,
+        block: u32,
+        params: &P,
+    ) -> Result<()> {
+        self.launch(k, (grid_for(n, block), 1, 1), (block, 1, 1), 0, params)
+    }
+
     /// Launches kernel number `index` of `loaded` (a [`KernelTable`](modules::KernelTable) loaded
     /// into this handle's context) like [`Handle::launch_function`]: the tools crate's kernels
     /// go through the same loader and launch as the library's.
