@@ -72,7 +72,7 @@ fn forward_is_act_of_x_plus_bias_scaled_or_zero() {
                     h[i].to_f32().to_bits(),
                     T::from_f32_rn(hh).to_f32().to_bits()
                 );
-                let want = if cfg.keeps(i as u64) {
+                let want = if cfg.keeps(T::KIND, i as u64) {
                     kept += 1;
                     T::from_f32_rn(act.forward(hh) * scale)
                 } else {
@@ -84,7 +84,7 @@ fn forward_is_act_of_x_plus_bias_scaled_or_zero() {
                     "{act:?} at {i}"
                 );
                 // And close to the f64 formula (f32 math, then the rounding to T).
-                if cfg.keeps(i as u64) {
+                if cfg.keeps(T::KIND, i as u64) {
                     let r = act64(act, f64::from(hh)) * f64::from(scale);
                     let rel = if T::KIND == DtypeKind::F32 {
                         1e-6
@@ -172,7 +172,7 @@ fn drop_rate_within_binomial_bound() {
             cpu::forward(&cfg, &x, None, &mut y, None).unwrap();
             let n = (rows * cols) as f64;
             let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64;
-            let pe = cfg.effective_p();
+            let pe = cfg.effective_p(fusedreg::DtypeKind::F32);
             assert_eq!(pe, cfg.rate().effective_p_at(res));
             let sd = (n * pe * (1.0 - pe)).sqrt();
             assert!(
@@ -180,7 +180,7 @@ fn drop_rate_within_binomial_bound() {
                 "{res:?} p = {p}: dropped {dropped} of {n}"
             );
             let scale = (1.0 / (1.0 - pe)) as f32;
-            assert_eq!(cfg.keying().scale(), scale, "{res:?} p = {p}");
+            assert_eq!(cfg.keying(fusedreg::DtypeKind::F32).scale(), scale, "{res:?} p = {p}");
             assert!(y.iter().all(|&v| v == 0.0 || v == scale), "{res:?} p = {p}");
         }
     }
@@ -279,7 +279,7 @@ fn dbias_follows_the_slab_lane_order() {
             for c in 0..cols {
                 let d = |r: usize| {
                     let i = r * cols + c;
-                    if cfg.keeps(i as u64) {
+                    if cfg.keeps(T::KIND, i as u64) {
                         (dy[i].to_f32() * scale) * Activation::Silu.grad(x[i].to_f32())
                     } else {
                         0.0
@@ -331,7 +331,7 @@ fn gradient_matches_finite_differences_in_f64() {
                 continue; // the kink
             }
             let eps = 1e-5;
-            let fd = if cfg.keeps(i as u64) {
+            let fd = if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) {
                 f64::from(w[i]) * scale * (act64(act, h + eps) - act64(act, h - eps)) / (2.0 * eps)
             } else {
                 0.0
@@ -492,7 +492,7 @@ fn unfused_mirror_matches_the_fused_reference() {
             unfused::forward_cpu(&cfg, &x, &b, &mut y, &mut m, &mut h).unwrap();
             let mut yf = vec![z; rows * cols];
             cpu::forward(&cfg, &x, Some(&b), &mut yf, None).unwrap();
-            assert!((0..rows * cols).all(|i| (m[i] == 1) == cfg.keeps(i as u64)));
+            assert!((0..rows * cols).all(|i| (m[i] == 1) == cfg.keeps(T::KIND, i as u64)));
             let (mut dx, mut db) = (vec![z; rows * cols], vec![z; cols]);
             unfused::backward_cpu(&cfg, &dy, &m, &h, &mut dx, Some(&mut db)).unwrap();
             let (mut dxf, mut dbf) = (vec![z; rows * cols], vec![z; cols]);

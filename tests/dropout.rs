@@ -201,7 +201,7 @@ fn forward_follows_the_pinned_formula() {
                     cpu::forward(&cfg, &x, &mut y, opts).unwrap();
                     let want: Vec<T> = (0..n)
                         .map(|i| {
-                            let rowm = cfg.scale() * rs[i / cols];
+                            let rowm = cfg.scale(T::KIND) * rs[i / cols];
                             let t = x[i].to_f32() + b[i % cols].to_f32();
                             match (keying.keeps(i as u64) && rowm != 0.0, residual) {
                                 (true, None) => T::from_f32_rn(t * rowm),
@@ -478,13 +478,13 @@ fn forward_and_backward_use_the_same_mask() {
         cpu::backward(&cfg, &dy, &mut dx2, opts).unwrap();
         check(bits_eq("dx regenerated vs from mask", &dx1, &dx2));
         check(bits_eq("dbias regenerated vs from mask", &db1, &db2));
-        let scale = cfg.scale();
+        let scale = cfg.scale(T::KIND);
         for row in 0..rows {
             let rowm = scale * rowscale[row];
             for c in 0..cols {
                 let i = row * cols + c;
                 let m = if bit(&mask, i) { rowm } else { 0.0 };
-                assert_eq!(cfg.keeps(i as u64), bit(&mask, i), "mask bit {i}");
+                assert_eq!(cfg.keeps(T::KIND, i as u64), bit(&mask, i), "mask bit {i}");
                 if m == 0.0 {
                     assert_eq!(y[i].to_f32().to_bits(), r[i].to_f32().to_bits(), "y at {i}");
                     assert_eq!(dx1[i].to_f32().to_bits(), 0, "dx at dropped {i}");
@@ -574,13 +574,13 @@ fn dbias_is_close_to_an_f64_column_sum() {
         );
         let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
         let (_, db) = bwd(&cfg, &dy, None, true);
-        let scale = f64::from(cfg.scale());
+        let scale = f64::from(cfg.scale(T::KIND));
         let mut want = vec![0.0f64; cols];
         let mut abs = vec![0.0f64; cols];
         for row in 0..rows {
             for c in 0..cols {
                 let i = row * cols + c;
-                if cfg.keeps(i as u64) {
+                if cfg.keeps(T::KIND, i as u64) {
                     let d = f64::from(dy[i].to_f32()) * scale;
                     want[c] += d;
                     abs[c] += d.abs();
@@ -852,7 +852,7 @@ fn unfused_mirror_matches_the_fused_reference() {
         let (y, mask) = fwd(&cfg, &x, Some(&r), Some(&b));
         let mut m8 = vec![7u8; n];
         unfused::forward_cpu(&cfg, &x, Some(&b), Some(&r), &mut yu, &mut m8).unwrap();
-        let scale = f64::from(cfg.scale());
+        let scale = f64::from(cfg.scale(T::KIND));
         for i in 0..n {
             assert_eq!(m8[i] == 1, bit(&mask, i), "byte mask vs bitmask at {i}");
             let t = f64::from(x[i].to_f32()) + f64::from(b[i % cols].to_f32());
@@ -917,7 +917,7 @@ fn narrow_keying_case<T: Dtype>(res: MaskResolution, rng_seed: u64, (rows, cols)
         .unwrap()
         .with_resolution(res);
     let all = 2f64.powi(bits as i32);
-    assert_eq!(cfg.effective_p(), (0.3f64 * all).round() / all);
+    assert_eq!(cfg.effective_p(T::KIND), (0.3f64 * all).round() / all);
     let x = uniform::<T>(&mut g, n, -2.0, 2.0);
     let r = uniform::<T>(&mut g, n, -2.0, 2.0);
     let (y, mask) = fwd(&cfg, &x, None, None);
@@ -927,9 +927,9 @@ fn narrow_keying_case<T: Dtype>(res: MaskResolution, rng_seed: u64, (rows, cols)
     for i in 0..n {
         let key = key_of(res, seed, call, i);
         assert_eq!(bit(&mask, i), key >= t, "{bits}-bit keying of element {i}");
-        assert_eq!(cfg.keeps(i as u64), key >= t, "Config::keeps {i}");
+        assert_eq!(cfg.keeps(T::KIND, i as u64), key >= t, "Config::keeps {i}");
         let (want, want_r) = if key >= t {
-            let s = cfg.scale();
+            let s = cfg.scale(T::KIND);
             (
                 T::from_f32_rn(x[i].to_f32() * s),
                 T::from_f32_rn(x[i].to_f32().mul_add(s, r[i].to_f32())),
@@ -998,7 +998,7 @@ fn narrow_drop_rate(res: MaskResolution, call_base: u64) {
             "mask and y + r agree"
         );
         let dropped = (n as u64 - kept) as f64;
-        let pe = cfg.effective_p();
+        let pe = cfg.effective_p(fusedreg::DtypeKind::F32);
         assert!(
             (pe - p).abs() <= 2f64.powi(-(bits as i32 + 1)),
             "applied p {pe} vs {p}"
@@ -1058,9 +1058,9 @@ fn every_resolution_is_offered_with_and_without_a_residual() {
         let (yr, mask_r) = fwd(&cfg, &x, Some(&r), None);
         assert_eq!(mask, mask_r, "{res:?}");
         for i in 0..64 {
-            assert_eq!(bit(&mask, i), cfg.keeps(i as u64), "{res:?} {i}");
-            assert_eq!(y[i] != 0.0, cfg.keeps(i as u64), "{res:?} y {i}");
-            assert_eq!(yr[i] != 0.5, cfg.keeps(i as u64), "{res:?} y + r {i}");
+            assert_eq!(bit(&mask, i), cfg.keeps(fusedreg::DtypeKind::F32, i as u64), "{res:?} {i}");
+            assert_eq!(y[i] != 0.0, cfg.keeps(fusedreg::DtypeKind::F32, i as u64), "{res:?} y {i}");
+            assert_eq!(yr[i] != 0.5, cfg.keeps(fusedreg::DtypeKind::F32, i as u64), "{res:?} y + r {i}");
         }
         let mut stream = r;
         cpu::forward_inplace(&cfg, &x, &mut stream, Default::default()).unwrap();
@@ -1077,40 +1077,40 @@ fn scale_is_one_over_the_applied_keep_probability() {
     for res in [Bits32, Bits16, Bits8] {
         for p in [0.0, 1e-6, 1.0 / 256.0, 0.1, 0.3, 0.5, 0.9, 0.999] {
             let cfg = Config::flat(64, p, 1, 2).unwrap().with_resolution(res);
-            let keep = 1.0 - cfg.effective_p();
+            let keep = 1.0 - cfg.effective_p(fusedreg::DtypeKind::F32);
             if keep == 0.0 {
                 // Bits8 quantises p = 0.999 to 256 / 256: everything dropped, scale 0.
-                assert_eq!(cfg.scale(), 0.0, "{res:?} p {p}: nothing kept");
+                assert_eq!(cfg.scale(fusedreg::DtypeKind::F32), 0.0, "{res:?} p {p}: nothing kept");
                 continue;
             }
-            let err = (f64::from(cfg.scale()) * keep - 1.0).abs();
+            let err = (f64::from(cfg.scale(fusedreg::DtypeKind::F32)) * keep - 1.0).abs();
             assert!(
                 err <= 2f64.powi(-24) + 2f64.powi(-50),
                 "{res:?} p {p}: scale {} x keep {keep} = 1 + {err}",
-                cfg.scale()
+                cfg.scale(fusedreg::DtypeKind::F32)
             );
-            if cfg.effective_p() == 0.0 {
+            if cfg.effective_p(fusedreg::DtypeKind::F32) == 0.0 {
                 assert_eq!(
-                    cfg.scale(),
+                    cfg.scale(fusedreg::DtypeKind::F32),
                     1.0,
                     "{res:?} p {p}: nothing dropped, nothing scaled"
                 );
             }
         }
         let all = Config::flat(64, 1.0, 1, 2).unwrap().with_resolution(res);
-        assert_eq!(all.scale(), 0.0);
+        assert_eq!(all.scale(fusedreg::DtypeKind::F32), 0.0);
     }
     // Bits16 at p = 0.1 applies 6554 / 65536: its scale is not 1 / 0.9.
     let cfg = Config::flat(4099, 0.1, 3, 4)
         .unwrap()
         .with_resolution(Bits16);
-    assert_ne!(cfg.scale(), (1.0f64 / 0.9) as f32);
+    assert_ne!(cfg.scale(fusedreg::DtypeKind::F32), (1.0f64 / 0.9) as f32);
     let x: Vec<f32> = uniform(&mut rng(5), cfg.len(), -2.0, 2.0);
     let mut y = vec![0.0f32; cfg.len()];
     cpu::forward(&cfg, &x, &mut y, ForwardOptions::default()).unwrap();
     for i in 0..cfg.len() {
-        let want = if cfg.keeps(i as u64) {
-            x[i] * cfg.scale()
+        let want = if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) {
+            x[i] * cfg.scale(fusedreg::DtypeKind::F32)
         } else {
             0.0
         };
@@ -1172,7 +1172,7 @@ mod bad_input {
         // Huge but representable: no overflow in the derived sizes.
         let big = Config::flat(usize::MAX, 0.5, 1, 2).unwrap();
         assert_eq!(big.mask_words(), usize::MAX.div_ceil(32));
-        let _ = big.keeps(u64::MAX); // any 64-bit index is keyed, no panic
+        let _ = big.keeps(fusedreg::DtypeKind::F32, u64::MAX); // any 64-bit index is keyed, no panic
     }
 
     /// A drop path keys any 64-bit row; a per-sample drop path with the largest sample size maps

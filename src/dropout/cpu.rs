@@ -167,8 +167,9 @@ fn forward_core<T: Dtype>(
     if let Some(m) = mask.as_deref_mut() {
         m.fill(0);
     }
-    let mut bits = cfg.keying().keep_bits();
-    let scale = cfg.scale();
+    let keying = cfg.keying(T::KIND);
+    let mut bits = keying.keep_bits();
+    let scale = keying.scale();
     // The statistics: the row of the residual before the update (y holds it on entry).
     let site = opts.redundancy.filter(|_| residual);
     let mut r_row = vec![0.0f32; if site.is_some() { cols } else { 0 }];
@@ -255,6 +256,6 @@ pub fn backward<T: Dtype>(
         return Ok(());
     }
     let rs = row_scales(cfg.seed(), rows, opts.rowscale, cfg.drop_path());
-    backward_cpu(rows, cols, &cfg.keying(), rs, opts.mask, dy, dx, opts.dbias);
+    backward_cpu(rows, cols, &cfg.keying(T::KIND), rs, opts.mask, dy, dx, opts.dbias);
     Ok(())
 }
