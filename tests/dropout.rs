@@ -821,7 +821,10 @@ fn unfused_mirror_matches_the_fused_reference() {
         let mut g = rng(9);
         let (rows, cols) = (33, 129);
         let n = rows * cols;
-        let cfg = Config::new(rows, cols, 0.25, 17, 18).unwrap();
+        // The unfused baseline keys at 32 bits: compare with the fused op at 32 bits.
+        let cfg = Config::new(rows, cols, 0.25, 17, 18)
+            .unwrap()
+            .with_resolution(Bits32);
         let x = uniform::<T>(&mut g, n, -4.0, 4.0);
         let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
         let (mut yu, mut bytes) = (vec![T::default(); n], vec![7u8; n]);
@@ -888,6 +891,63 @@ fn unfused_mirror_matches_the_fused_reference() {
                 tol + 1e-30,
                 0.0,
             ));
+        }
+    }
+    for_each_dtype!(go);
+}
+
+/// The default resolution follows the dtype (bf16, f16: 16-bit keys; f32: 32-bit), an explicit
+/// one always wins, and a config left unset gives the explicit default's bits on the CPU,
+/// forward and backward (the backward regenerates the forward's mask at the same resolution).
+#[test]
+fn default_resolution_is_resolved_per_dtype() {
+    fn go<T: Dtype>() {
+        let (rows, cols) = (37, 129);
+        let unset = Config::new(rows, cols, 0.3, 11, 12).unwrap();
+        let want = if T::KIND == DtypeKind::F32 {
+            Bits32
+        } else {
+            Bits16
+        };
+        assert_eq!(unset.resolution(), None);
+        assert_eq!(unset.resolution_for(T::KIND), want, "{:?}", T::KIND);
+        assert_eq!(MaskResolution::default_for(T::KIND), want);
+        for explicit in [Bits32, Bits16, Bits8] {
+            let e = unset.with_resolution(explicit);
+            assert_eq!(e.resolution_for(T::KIND), explicit, "explicit wins");
+            assert_eq!(e.keying(T::KIND).resolution(), explicit);
+        }
+        let explicit = unset.with_resolution(want);
+        let mut g = rng(0xdef);
+        let x = uniform::<T>(&mut g, rows * cols, -2.0, 2.0);
+        let r = uniform::<T>(&mut g, rows * cols, -2.0, 2.0);
+        let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
+        let (y0, m0) = fwd(&unset, &x, Some(&r), Some(&b));
+        let (y1, m1) = fwd(&explicit, &x, Some(&r), Some(&b));
+        check(bits_eq("unset vs explicit forward", &y0, &y1));
+        assert_eq!(m0, m1, "unset vs explicit mask");
+        // The other resolution keys another mask (the test can fail).
+        let other = unset.with_resolution(if want == Bits32 { Bits16 } else { Bits32 });
+        assert_ne!(fwd(&other, &x, Some(&r), Some(&b)).1, m0);
+        // The backward regenerates the same mask: equal to the one read from the forward's.
+        let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
+        let (dx_regen, db_regen) = bwd(&unset, &dy, None, true);
+        let (dx_mask, db_mask) = bwd(&unset, &dy, Some(&m0), true);
+        let (dx_e, db_e) = bwd(&explicit, &dy, None, true);
+        check(bits_eq(
+            "regenerated vs forward's mask dx",
+            &dx_regen,
+            &dx_mask,
+        ));
+        check(bits_eq(
+            "regenerated vs forward's mask dbias",
+            &db_regen,
+            &db_mask,
+        ));
+        check(bits_eq("unset vs explicit dx", &dx_regen, &dx_e));
+        check(bits_eq("unset vs explicit dbias", &db_regen, &db_e));
+        for i in 0..rows * cols {
+            assert_eq!(bit(&m0, i), unset.keeps(T::KIND, i as u64), "keeps {i}");
         }
     }
     for_each_dtype!(go);
@@ -1058,9 +1118,21 @@ fn every_resolution_is_offered_with_and_without_a_residual() {
         let (yr, mask_r) = fwd(&cfg, &x, Some(&r), None);
         assert_eq!(mask, mask_r, "{res:?}");
         for i in 0..64 {
-            assert_eq!(bit(&mask, i), cfg.keeps(fusedreg::DtypeKind::F32, i as u64), "{res:?} {i}");
-            assert_eq!(y[i] != 0.0, cfg.keeps(fusedreg::DtypeKind::F32, i as u64), "{res:?} y {i}");
-            assert_eq!(yr[i] != 0.5, cfg.keeps(fusedreg::DtypeKind::F32, i as u64), "{res:?} y + r {i}");
+            assert_eq!(
+                bit(&mask, i),
+                cfg.keeps(fusedreg::DtypeKind::F32, i as u64),
+                "{res:?} {i}"
+            );
+            assert_eq!(
+                y[i] != 0.0,
+                cfg.keeps(fusedreg::DtypeKind::F32, i as u64),
+                "{res:?} y {i}"
+            );
+            assert_eq!(
+                yr[i] != 0.5,
+                cfg.keeps(fusedreg::DtypeKind::F32, i as u64),
+                "{res:?} y + r {i}"
+            );
         }
         let mut stream = r;
         cpu::forward_inplace(&cfg, &x, &mut stream, Default::default()).unwrap();
@@ -1080,7 +1152,11 @@ fn scale_is_one_over_the_applied_keep_probability() {
             let keep = 1.0 - cfg.effective_p(fusedreg::DtypeKind::F32);
             if keep == 0.0 {
                 // Bits8 quantises p = 0.999 to 256 / 256: everything dropped, scale 0.
-                assert_eq!(cfg.scale(fusedreg::DtypeKind::F32), 0.0, "{res:?} p {p}: nothing kept");
+                assert_eq!(
+                    cfg.scale(fusedreg::DtypeKind::F32),
+                    0.0,
+                    "{res:?} p {p}: nothing kept"
+                );
                 continue;
             }
             let err = (f64::from(cfg.scale(fusedreg::DtypeKind::F32)) * keep - 1.0).abs();

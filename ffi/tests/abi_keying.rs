@@ -82,7 +82,10 @@ fn mask_bits_0_is_16_bit_keys_for_bf16_and_32_for_f32() {
     assert_ne!(y0, y32, "bf16: 16- and 32-bit keys give other outputs here");
     // The library's CPU reference with an unset resolution gives the same bits.
     let cfg = Config::new(rows, cols, 0.3, 5, 91).unwrap();
-    assert_eq!(cfg.resolution_for(fusedreg::DtypeKind::Bf16), MaskResolution::Bits16);
+    assert_eq!(
+        cfg.resolution_for(fusedreg::DtypeKind::Bf16),
+        MaskResolution::Bits16
+    );
     let mut y = vec![bf16::ZERO; n];
     cpu::forward(&cfg, &x, &mut y, Default::default()).unwrap();
     assert_eq!(y, y0);

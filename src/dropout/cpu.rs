@@ -256,6 +256,15 @@ pub fn backward<T: Dtype>(
         return Ok(());
     }
     let rs = row_scales(cfg.seed(), rows, opts.rowscale, cfg.drop_path());
-    backward_cpu(rows, cols, &cfg.keying(T::KIND), rs, opts.mask, dy, dx, opts.dbias);
+    backward_cpu(
+        rows,
+        cols,
+        &cfg.keying(T::KIND),
+        rs,
+        opts.mask,
+        dy,
+        dx,
+        opts.dbias,
+    );
     Ok(())
 }

@@ -36,11 +36,11 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, 
 
 use super::{Config, OP};
 use crate::dropping::gpu::aligned16;
-use crate::dropping::Keying;
 use crate::dropping::unfused::{
     bias_add_cpu, check_masked_backward, col_sum_cpu, dropout_cpu, ensure, launch_bias_add,
     launch_col_sum, launch_dropout, launch_flat, launch_masked_scale, UnfusedKernels,
 };
+use crate::dropping::Keying;
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
