@@ -351,7 +351,10 @@ def test_dropout_add_norm_with_dropout_and_f32_stream():
     x = torch.randn(rows, h).bfloat16().requires_grad_()
     r = torch.randn(rows, h)  # f32 stream for bf16 x
     w = torch.ones(h, dtype=torch.bfloat16, requires_grad=True)
-    out, s = F.dropout_add_norm(x, w, keys(), 11, residual=r, norm="rms", p=p, stream_f32=True)
+    # mask_bits=32: the scale is 1 / (1 - p) to f32 (bf16's default 16-bit keys apply
+    # round(p 2^16) / 2^16, and scale by one over its complement).
+    out, s = F.dropout_add_norm(x, w, keys(), 11, residual=r, norm="rms", p=p, stream_f32=True,
+                                mask_bits=32)
     assert s.dtype == torch.float32 and out.dtype == torch.bfloat16
     kept = (s - r) != 0
     torch.testing.assert_close(s[kept], (r + x.float() / (1 - p))[kept].detach(), rtol=1e-6, atol=1e-6)
