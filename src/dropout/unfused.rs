@@ -354,7 +354,7 @@ impl<T: Dtype> Unfused<T> {
 /// unfused::forward_cpu(&cfg, &x, Some(&bias), None, &mut y, &mut mask)?;
 /// unfused::forward_cpu(&cfg, &x, Some(&bias), Some(&r), &mut yr, &mut mask)?;
 /// for i in 0..8 {
-///     assert_eq!(mask[i] == 1, cfg.keeps(i as u64)); // the fused op's mask
+///     assert_eq!(mask[i] == 1, cfg.keeps(fusedreg::DtypeKind::F32, i as u64)); // the fused op's f32 mask
 ///     assert_eq!(y[i], if mask[i] == 1 { 3.0 } else { 0.0 }); // 2 (x + b)
 ///     assert_eq!(yr[i], if mask[i] == 1 { 3.25 } else { 0.25 }); // r + 2 (x + b)
 /// }
