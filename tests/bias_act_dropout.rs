@@ -64,7 +64,7 @@ fn forward_is_act_of_x_plus_bias_scaled_or_zero() {
             let mut y = vec![T::from_f32_rn(f32::NAN); rows * cols];
             let mut h = vec![T::from_f32_rn(f32::NAN); rows * cols];
             cpu::forward(&cfg, &x, Some(&b), &mut y, Some(&mut h)).unwrap();
-            let scale = cfg.rate().scale();
+            let scale = cfg.keying(T::KIND).scale();
             let mut kept = 0;
             for i in 0..rows * cols {
                 let hh = x[i].to_f32() + b[i % cols].to_f32();
@@ -72,7 +72,7 @@ fn forward_is_act_of_x_plus_bias_scaled_or_zero() {
                     h[i].to_f32().to_bits(),
                     T::from_f32_rn(hh).to_f32().to_bits()
                 );
-                let want = if cfg.keeps(i as u64) {
+                let want = if cfg.keeps(T::KIND, i as u64) {
                     kept += 1;
                     T::from_f32_rn(act.forward(hh) * scale)
                 } else {
@@ -84,7 +84,7 @@ fn forward_is_act_of_x_plus_bias_scaled_or_zero() {
                     "{act:?} at {i}"
                 );
                 // And close to the f64 formula (f32 math, then the rounding to T).
-                if cfg.keeps(i as u64) {
+                if cfg.keeps(T::KIND, i as u64) {
                     let r = act64(act, f64::from(hh)) * f64::from(scale);
                     let rel = if T::KIND == DtypeKind::F32 {
                         1e-6
@@ -172,7 +172,7 @@ fn drop_rate_within_binomial_bound() {
             cpu::forward(&cfg, &x, None, &mut y, None).unwrap();
             let n = (rows * cols) as f64;
             let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64;
-            let pe = cfg.effective_p();
+            let pe = cfg.effective_p(fusedreg::DtypeKind::F32);
             assert_eq!(pe, cfg.rate().effective_p_at(res));
             let sd = (n * pe * (1.0 - pe)).sqrt();
             assert!(
@@ -180,7 +180,11 @@ fn drop_rate_within_binomial_bound() {
                 "{res:?} p = {p}: dropped {dropped} of {n}"
             );
             let scale = (1.0 / (1.0 - pe)) as f32;
-            assert_eq!(cfg.keying().scale(), scale, "{res:?} p = {p}");
+            assert_eq!(
+                cfg.keying(fusedreg::DtypeKind::F32).scale(),
+                scale,
+                "{res:?} p = {p}"
+            );
             assert!(y.iter().all(|&v| v == 0.0 || v == scale), "{res:?} p = {p}");
         }
     }
@@ -275,11 +279,11 @@ fn dbias_follows_the_slab_lane_order() {
             };
             cpu::backward(&cfg, &dy, pre, &mut dx, Some(&mut db)).unwrap();
             let slab = slab_rows(rows, cols, T::KIND);
-            let scale = cfg.rate().scale();
+            let scale = cfg.keying(T::KIND).scale();
             for c in 0..cols {
                 let d = |r: usize| {
                     let i = r * cols + c;
-                    if cfg.keeps(i as u64) {
+                    if cfg.keeps(T::KIND, i as u64) {
                         (dy[i].to_f32() * scale) * Activation::Silu.grad(x[i].to_f32())
                     } else {
                         0.0
@@ -331,7 +335,7 @@ fn gradient_matches_finite_differences_in_f64() {
                 continue; // the kink
             }
             let eps = 1e-5;
-            let fd = if cfg.keeps(i as u64) {
+            let fd = if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) {
                 f64::from(w[i]) * scale * (act64(act, h + eps) - act64(act, h - eps)) / (2.0 * eps)
             } else {
                 0.0
@@ -479,7 +483,10 @@ fn unfused_mirror_matches_the_fused_reference() {
         let mut g = rng(17);
         for act in Activation::ALL {
             let (rows, cols) = (31, 45);
-            let cfg = Config::new(rows, cols, act, 0.15, 2, 3).unwrap();
+            // The unfused baseline keys at 32 bits: compare with the fused op at 32 bits.
+            let cfg = Config::new(rows, cols, act, 0.15, 2, 3)
+                .unwrap()
+                .with_resolution(MaskResolution::Bits32);
             let x = uniform::<T>(&mut g, rows * cols, -3.0, 3.0);
             let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
             let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
@@ -492,7 +499,7 @@ fn unfused_mirror_matches_the_fused_reference() {
             unfused::forward_cpu(&cfg, &x, &b, &mut y, &mut m, &mut h).unwrap();
             let mut yf = vec![z; rows * cols];
             cpu::forward(&cfg, &x, Some(&b), &mut yf, None).unwrap();
-            assert!((0..rows * cols).all(|i| (m[i] == 1) == cfg.keeps(i as u64)));
+            assert!((0..rows * cols).all(|i| (m[i] == 1) == cfg.keeps(T::KIND, i as u64)));
             let (mut dx, mut db) = (vec![z; rows * cols], vec![z; cols]);
             unfused::backward_cpu(&cfg, &dy, &m, &h, &mut dx, Some(&mut db)).unwrap();
             let (mut dxf, mut dbf) = (vec![z; rows * cols], vec![z; cols]);

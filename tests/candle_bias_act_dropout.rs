@@ -14,11 +14,13 @@ use fusedreg::candle::{BiasActDropout, StepKeys};
 use fusedreg::Dtype;
 use half::{bf16, f16};
 
-/// `keep ? scale : 0` per element from fusedreg's keying, as a `[rows, cols]` f32 candle tensor.
-fn multiplier(cfg: &Config) -> candle_core::Result<Tensor> {
-    let scale = cfg.rate().scale();
+/// `keep ? scale : 0` per element from fusedreg's keying of a `dtype` call, as a `[rows, cols]`
+/// f32 candle tensor.
+fn multiplier(cfg: &Config, dtype: DType) -> candle_core::Result<Tensor> {
+    let keying = cfg.keying(kind(dtype));
+    let scale = keying.scale();
     let m: Vec<f32> = (0..cfg.len())
-        .map(|i| if cfg.keeps(i as u64) { scale } else { 0.0 })
+        .map(|i| if keying.keeps(i as u64) { scale } else { 0.0 })
         .collect();
     tensor(&m, &[cfg.rows(), cfg.cols()])
 }
@@ -76,7 +78,7 @@ fn forward_and_gradients_match_plain_candle_ops() -> R {
                 let grads = (&y * &w)?.sum_all()?.backward()?;
 
                 let cfg = site.config(rows, cols, Some(&keys))?;
-                let m = multiplier(&cfg)?.reshape(dims)?;
+                let m = multiplier(&cfg, dtype)?.reshape(dims)?;
                 let x32 = x.to_dtype(DType::F32)?;
                 let h = if with_bias {
                     x32.broadcast_add(&b.to_dtype(DType::F32)?)?

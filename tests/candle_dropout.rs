@@ -174,7 +174,7 @@ fn forward_and_gradients_match_plain_candle_ops() -> R {
             let grads = (&y * &w)?.sum_all()?.backward()?;
 
             let cfg = site.config(rows, cols, Some(&keys))?;
-            let m = multiplier(&cfg)?.reshape(c.dims)?;
+            let m = multiplier(&cfg, dtype)?.reshape(c.dims)?;
             let x32 = x.to_dtype(DType::F32)?;
             let t = if c.bias {
                 x32.broadcast_add(&b.to_dtype(DType::F32)?)?
@@ -236,7 +236,7 @@ fn residual_forward_and_gradients_match_plain_candle_ops() -> R {
 
         // The same in plain candle ops, with the mask from fusedreg's keying.
         let cfg = site.config(rows, cols, Some(&keys))?;
-        let m = multiplier(&cfg)?.reshape(c.dims)?;
+        let m = multiplier(&cfg, x.dtype())?.reshape(c.dims)?;
         let t = if c.bias {
             x.broadcast_add(&b)?
         } else {
@@ -398,7 +398,7 @@ fn residual_a_residual_block_trains_like_plain_candle() -> R {
     let loss = (&y - &target)?.sqr()?.mean_all()?;
     let grads = loss.backward()?;
 
-    let m = multiplier(&site.config(rows, hidden, Some(&keys))?)?;
+    let m = multiplier(&site.config(rows, hidden, Some(&keys))?, h.dtype())?;
     let y_ref = (r.as_tensor() + (h.broadcast_add(&b)? * &m)?)?;
     let loss_ref = (&y_ref - &target)?.sqr()?.mean_all()?;
     let grads_ref = loss_ref.backward()?;
@@ -605,7 +605,7 @@ fn strided_and_offset_inputs() -> R {
         let y_copy = site.forward(&x.contiguous()?, Some(&b), Some(&keys))?;
         assert_bits("strided x", &flat(&y)?, &flat(&y_copy)?);
         let grads = y.sum_all()?.backward()?;
-        let m = multiplier(&site.config(rows, cols, Some(&keys))?)?.to_dtype(dtype)?;
+        let m = multiplier(&site.config(rows, cols, Some(&keys))?, dtype)?.to_dtype(dtype)?;
         assert_bits(
             "strided dx",
             &flat(grads.get(&xt).unwrap())?,
@@ -679,7 +679,7 @@ fn residual_strided_and_offset_inputs() -> R {
     let y_copy = site.forward(&x.contiguous()?, &r, None, Some(&keys))?;
     assert_bits("strided x", &flat(&y)?, &flat(&y_copy)?);
     let grads = y.sum_all()?.backward()?;
-    let m = multiplier(&site.config(rows, cols, Some(&keys))?)?;
+    let m = multiplier(&site.config(rows, cols, Some(&keys))?, x.dtype())?;
     assert_bits(
         "strided dx",
         &flat(grads.get(&xt).unwrap())?,

@@ -25,13 +25,14 @@ fn var(v: &[f32], dims: &[usize]) -> candle_core::Result<Var> {
 }
 
 /// `keep ? scale * rowscale : 0` per element, from fusedreg's keying, as `[rows, cols]`.
-fn multiplier(cfg: &Config) -> candle_core::Result<Tensor> {
-    let scale = cfg.rate().scale();
+fn multiplier(cfg: &Config, dtype: DType) -> candle_core::Result<Tensor> {
+    let keying = cfg.keying(kind(dtype));
+    let scale = keying.scale();
     let row_multiplier = |row: usize| {
         cfg.drop_path()
             .map_or(scale, |p| scale * p.row_scale(cfg.seed(), row as u64))
     };
-    multiplier_of(cfg.rows(), cfg.cols(), row_multiplier, |i| cfg.keeps(i))
+    multiplier_of(cfg.rows(), cfg.cols(), row_multiplier, |i| keying.keeps(i))
 }
 
 /// `|a - b| <= tol * scale` elementwise with `scale = 1 + max |b|` of the whole tensor (the
@@ -151,7 +152,7 @@ fn site_of(c: &Case, site: u32) -> candle_core::Result<DropoutAddNorm> {
 /// `(out, s)` in plain candle ops: `s = r + (x + b) * m`, LayerNorm / RMSNorm from mean, sqr,
 /// sqrt and broadcasts (candle_nn's fused norms have no backward).
 fn plain(c: &Case, v: &Inputs, cfg: &Config) -> candle_core::Result<(Tensor, Tensor)> {
-    let m = multiplier(cfg)?.reshape(c.dims)?;
+    let m = multiplier(cfg, v.x.dtype())?.reshape(c.dims)?;
     let t = if c.bias {
         v.x.broadcast_add(&v.bias)?
     } else {

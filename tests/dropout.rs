@@ -201,7 +201,7 @@ fn forward_follows_the_pinned_formula() {
                     cpu::forward(&cfg, &x, &mut y, opts).unwrap();
                     let want: Vec<T> = (0..n)
                         .map(|i| {
-                            let rowm = cfg.scale() * rs[i / cols];
+                            let rowm = cfg.scale(T::KIND) * rs[i / cols];
                             let t = x[i].to_f32() + b[i % cols].to_f32();
                             match (keying.keeps(i as u64) && rowm != 0.0, residual) {
                                 (true, None) => T::from_f32_rn(t * rowm),
@@ -478,13 +478,13 @@ fn forward_and_backward_use_the_same_mask() {
         cpu::backward(&cfg, &dy, &mut dx2, opts).unwrap();
         check(bits_eq("dx regenerated vs from mask", &dx1, &dx2));
         check(bits_eq("dbias regenerated vs from mask", &db1, &db2));
-        let scale = cfg.scale();
+        let scale = cfg.scale(T::KIND);
         for row in 0..rows {
             let rowm = scale * rowscale[row];
             for c in 0..cols {
                 let i = row * cols + c;
                 let m = if bit(&mask, i) { rowm } else { 0.0 };
-                assert_eq!(cfg.keeps(i as u64), bit(&mask, i), "mask bit {i}");
+                assert_eq!(cfg.keeps(T::KIND, i as u64), bit(&mask, i), "mask bit {i}");
                 if m == 0.0 {
                     assert_eq!(y[i].to_f32().to_bits(), r[i].to_f32().to_bits(), "y at {i}");
                     assert_eq!(dx1[i].to_f32().to_bits(), 0, "dx at dropped {i}");
@@ -574,13 +574,13 @@ fn dbias_is_close_to_an_f64_column_sum() {
         );
         let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
         let (_, db) = bwd(&cfg, &dy, None, true);
-        let scale = f64::from(cfg.scale());
+        let scale = f64::from(cfg.scale(T::KIND));
         let mut want = vec![0.0f64; cols];
         let mut abs = vec![0.0f64; cols];
         for row in 0..rows {
             for c in 0..cols {
                 let i = row * cols + c;
-                if cfg.keeps(i as u64) {
+                if cfg.keeps(T::KIND, i as u64) {
                     let d = f64::from(dy[i].to_f32()) * scale;
                     want[c] += d;
                     abs[c] += d.abs();
@@ -821,7 +821,10 @@ fn unfused_mirror_matches_the_fused_reference() {
         let mut g = rng(9);
         let (rows, cols) = (33, 129);
         let n = rows * cols;
-        let cfg = Config::new(rows, cols, 0.25, 17, 18).unwrap();
+        // The unfused baseline keys at 32 bits: compare with the fused op at 32 bits.
+        let cfg = Config::new(rows, cols, 0.25, 17, 18)
+            .unwrap()
+            .with_resolution(Bits32);
         let x = uniform::<T>(&mut g, n, -4.0, 4.0);
         let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
         let (mut yu, mut bytes) = (vec![T::default(); n], vec![7u8; n]);
@@ -852,7 +855,7 @@ fn unfused_mirror_matches_the_fused_reference() {
         let (y, mask) = fwd(&cfg, &x, Some(&r), Some(&b));
         let mut m8 = vec![7u8; n];
         unfused::forward_cpu(&cfg, &x, Some(&b), Some(&r), &mut yu, &mut m8).unwrap();
-        let scale = f64::from(cfg.scale());
+        let scale = f64::from(cfg.scale(T::KIND));
         for i in 0..n {
             assert_eq!(m8[i] == 1, bit(&mask, i), "byte mask vs bitmask at {i}");
             let t = f64::from(x[i].to_f32()) + f64::from(b[i % cols].to_f32());
@@ -893,6 +896,63 @@ fn unfused_mirror_matches_the_fused_reference() {
     for_each_dtype!(go);
 }
 
+/// The default resolution follows the dtype (bf16, f16: 16-bit keys; f32: 32-bit), an explicit
+/// one always wins, and a config left unset gives the explicit default's bits on the CPU,
+/// forward and backward (the backward regenerates the forward's mask at the same resolution).
+#[test]
+fn default_resolution_is_resolved_per_dtype() {
+    fn go<T: Dtype>() {
+        let (rows, cols) = (37, 129);
+        let unset = Config::new(rows, cols, 0.3, 11, 12).unwrap();
+        let want = if T::KIND == DtypeKind::F32 {
+            Bits32
+        } else {
+            Bits16
+        };
+        assert_eq!(unset.resolution(), None);
+        assert_eq!(unset.resolution_for(T::KIND), want, "{:?}", T::KIND);
+        assert_eq!(MaskResolution::default_for(T::KIND), want);
+        for explicit in [Bits32, Bits16, Bits8] {
+            let e = unset.with_resolution(explicit);
+            assert_eq!(e.resolution_for(T::KIND), explicit, "explicit wins");
+            assert_eq!(e.keying(T::KIND).resolution(), explicit);
+        }
+        let explicit = unset.with_resolution(want);
+        let mut g = rng(0xdef);
+        let x = uniform::<T>(&mut g, rows * cols, -2.0, 2.0);
+        let r = uniform::<T>(&mut g, rows * cols, -2.0, 2.0);
+        let b = uniform::<T>(&mut g, cols, -1.0, 1.0);
+        let (y0, m0) = fwd(&unset, &x, Some(&r), Some(&b));
+        let (y1, m1) = fwd(&explicit, &x, Some(&r), Some(&b));
+        check(bits_eq("unset vs explicit forward", &y0, &y1));
+        assert_eq!(m0, m1, "unset vs explicit mask");
+        // The other resolution keys another mask (the test can fail).
+        let other = unset.with_resolution(if want == Bits32 { Bits16 } else { Bits32 });
+        assert_ne!(fwd(&other, &x, Some(&r), Some(&b)).1, m0);
+        // The backward regenerates the same mask: equal to the one read from the forward's.
+        let dy = uniform::<T>(&mut g, rows * cols, -1.0, 1.0);
+        let (dx_regen, db_regen) = bwd(&unset, &dy, None, true);
+        let (dx_mask, db_mask) = bwd(&unset, &dy, Some(&m0), true);
+        let (dx_e, db_e) = bwd(&explicit, &dy, None, true);
+        check(bits_eq(
+            "regenerated vs forward's mask dx",
+            &dx_regen,
+            &dx_mask,
+        ));
+        check(bits_eq(
+            "regenerated vs forward's mask dbias",
+            &db_regen,
+            &db_mask,
+        ));
+        check(bits_eq("unset vs explicit dx", &dx_regen, &dx_e));
+        check(bits_eq("unset vs explicit dbias", &db_regen, &db_e));
+        for i in 0..rows * cols {
+            assert_eq!(bit(&m0, i), unset.keeps(T::KIND, i as u64), "keeps {i}");
+        }
+    }
+    for_each_dtype!(go);
+}
+
 /// Element `i`'s random key at a resolution, written out from its Philox block (not through the
 /// library's keying): word `i % 4` of block `i / 4`, halfword `i % 8` of block `i / 8` (low half
 /// for even `i`), or byte `i % 16` of block `i / 16` (little-endian within each word).
@@ -917,7 +977,7 @@ fn narrow_keying_case<T: Dtype>(res: MaskResolution, rng_seed: u64, (rows, cols)
         .unwrap()
         .with_resolution(res);
     let all = 2f64.powi(bits as i32);
-    assert_eq!(cfg.effective_p(), (0.3f64 * all).round() / all);
+    assert_eq!(cfg.effective_p(T::KIND), (0.3f64 * all).round() / all);
     let x = uniform::<T>(&mut g, n, -2.0, 2.0);
     let r = uniform::<T>(&mut g, n, -2.0, 2.0);
     let (y, mask) = fwd(&cfg, &x, None, None);
@@ -927,9 +987,9 @@ fn narrow_keying_case<T: Dtype>(res: MaskResolution, rng_seed: u64, (rows, cols)
     for i in 0..n {
         let key = key_of(res, seed, call, i);
         assert_eq!(bit(&mask, i), key >= t, "{bits}-bit keying of element {i}");
-        assert_eq!(cfg.keeps(i as u64), key >= t, "Config::keeps {i}");
+        assert_eq!(cfg.keeps(T::KIND, i as u64), key >= t, "Config::keeps {i}");
         let (want, want_r) = if key >= t {
-            let s = cfg.scale();
+            let s = cfg.scale(T::KIND);
             (
                 T::from_f32_rn(x[i].to_f32() * s),
                 T::from_f32_rn(x[i].to_f32().mul_add(s, r[i].to_f32())),
@@ -998,7 +1058,7 @@ fn narrow_drop_rate(res: MaskResolution, call_base: u64) {
             "mask and y + r agree"
         );
         let dropped = (n as u64 - kept) as f64;
-        let pe = cfg.effective_p();
+        let pe = cfg.effective_p(fusedreg::DtypeKind::F32);
         assert!(
             (pe - p).abs() <= 2f64.powi(-(bits as i32 + 1)),
             "applied p {pe} vs {p}"
@@ -1058,9 +1118,21 @@ fn every_resolution_is_offered_with_and_without_a_residual() {
         let (yr, mask_r) = fwd(&cfg, &x, Some(&r), None);
         assert_eq!(mask, mask_r, "{res:?}");
         for i in 0..64 {
-            assert_eq!(bit(&mask, i), cfg.keeps(i as u64), "{res:?} {i}");
-            assert_eq!(y[i] != 0.0, cfg.keeps(i as u64), "{res:?} y {i}");
-            assert_eq!(yr[i] != 0.5, cfg.keeps(i as u64), "{res:?} y + r {i}");
+            assert_eq!(
+                bit(&mask, i),
+                cfg.keeps(fusedreg::DtypeKind::F32, i as u64),
+                "{res:?} {i}"
+            );
+            assert_eq!(
+                y[i] != 0.0,
+                cfg.keeps(fusedreg::DtypeKind::F32, i as u64),
+                "{res:?} y {i}"
+            );
+            assert_eq!(
+                yr[i] != 0.5,
+                cfg.keeps(fusedreg::DtypeKind::F32, i as u64),
+                "{res:?} y + r {i}"
+            );
         }
         let mut stream = r;
         cpu::forward_inplace(&cfg, &x, &mut stream, Default::default()).unwrap();
@@ -1077,40 +1149,44 @@ fn scale_is_one_over_the_applied_keep_probability() {
     for res in [Bits32, Bits16, Bits8] {
         for p in [0.0, 1e-6, 1.0 / 256.0, 0.1, 0.3, 0.5, 0.9, 0.999] {
             let cfg = Config::flat(64, p, 1, 2).unwrap().with_resolution(res);
-            let keep = 1.0 - cfg.effective_p();
+            let keep = 1.0 - cfg.effective_p(fusedreg::DtypeKind::F32);
             if keep == 0.0 {
                 // Bits8 quantises p = 0.999 to 256 / 256: everything dropped, scale 0.
-                assert_eq!(cfg.scale(), 0.0, "{res:?} p {p}: nothing kept");
+                assert_eq!(
+                    cfg.scale(fusedreg::DtypeKind::F32),
+                    0.0,
+                    "{res:?} p {p}: nothing kept"
+                );
                 continue;
             }
-            let err = (f64::from(cfg.scale()) * keep - 1.0).abs();
+            let err = (f64::from(cfg.scale(fusedreg::DtypeKind::F32)) * keep - 1.0).abs();
             assert!(
                 err <= 2f64.powi(-24) + 2f64.powi(-50),
                 "{res:?} p {p}: scale {} x keep {keep} = 1 + {err}",
-                cfg.scale()
+                cfg.scale(fusedreg::DtypeKind::F32)
             );
-            if cfg.effective_p() == 0.0 {
+            if cfg.effective_p(fusedreg::DtypeKind::F32) == 0.0 {
                 assert_eq!(
-                    cfg.scale(),
+                    cfg.scale(fusedreg::DtypeKind::F32),
                     1.0,
                     "{res:?} p {p}: nothing dropped, nothing scaled"
                 );
             }
         }
         let all = Config::flat(64, 1.0, 1, 2).unwrap().with_resolution(res);
-        assert_eq!(all.scale(), 0.0);
+        assert_eq!(all.scale(fusedreg::DtypeKind::F32), 0.0);
     }
     // Bits16 at p = 0.1 applies 6554 / 65536: its scale is not 1 / 0.9.
     let cfg = Config::flat(4099, 0.1, 3, 4)
         .unwrap()
         .with_resolution(Bits16);
-    assert_ne!(cfg.scale(), (1.0f64 / 0.9) as f32);
+    assert_ne!(cfg.scale(fusedreg::DtypeKind::F32), (1.0f64 / 0.9) as f32);
     let x: Vec<f32> = uniform(&mut rng(5), cfg.len(), -2.0, 2.0);
     let mut y = vec![0.0f32; cfg.len()];
     cpu::forward(&cfg, &x, &mut y, ForwardOptions::default()).unwrap();
     for i in 0..cfg.len() {
-        let want = if cfg.keeps(i as u64) {
-            x[i] * cfg.scale()
+        let want = if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) {
+            x[i] * cfg.scale(fusedreg::DtypeKind::F32)
         } else {
             0.0
         };
@@ -1172,7 +1248,7 @@ mod bad_input {
         // Huge but representable: no overflow in the derived sizes.
         let big = Config::flat(usize::MAX, 0.5, 1, 2).unwrap();
         assert_eq!(big.mask_words(), usize::MAX.div_ceil(32));
-        let _ = big.keeps(u64::MAX); // any 64-bit index is keyed, no panic
+        let _ = big.keeps(fusedreg::DtypeKind::F32, u64::MAX); // any 64-bit index is keyed, no panic
     }
 
     /// A drop path keys any 64-bit row; a per-sample drop path with the largest sample size maps

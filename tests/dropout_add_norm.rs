@@ -386,8 +386,8 @@ fn residual_in_f32_keeps_the_stream_in_f32() {
     let mut fractional = 0;
     for i in 0..rows * cols {
         let (row, j) = (i / cols, i % cols);
-        let m = if cfg.keeps(i as u64) {
-            cfg.rate().scale() * rs[row]
+        let m = if cfg.keeps(fusedreg::DtypeKind::Bf16, i as u64) {
+            cfg.scale(fusedreg::DtypeKind::Bf16) * rs[row]
         } else {
             0.0
         };
@@ -545,8 +545,8 @@ fn gradients_match_finite_differences() {
                 let rs = d.rowscale.as_ref().unwrap();
                 let mult: Vec<f64> = (0..rows * cols)
                     .map(|i| {
-                        if cfg.keeps(i as u64) {
-                            f64::from(cfg.rate().scale() * rs[i / cols])
+                        if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) {
+                            f64::from(cfg.scale(fusedreg::DtypeKind::F32) * rs[i / cols])
                         } else {
                             0.0
                         }
@@ -947,13 +947,19 @@ fn resolution_survives_with_dropout_and_sets_the_scale() {
         .with_dropout(0.1, 3, 4)
         .unwrap()
         .with_resolution(MaskResolution::Bits8);
-    assert_eq!(a.keying(), b.keying());
-    assert_eq!(a.effective_p(), 26.0 / 256.0);
-    assert_eq!(a.scale(), (256.0f64 / 230.0) as f32);
+    use fusedreg::DtypeKind::{Bf16, F32};
+    assert_eq!(a.keying(Bf16), b.keying(Bf16));
+    assert_eq!(a.effective_p(F32), 26.0 / 256.0);
+    assert_eq!(a.scale(Bf16), (256.0f64 / 230.0) as f32);
     let k16 = base
         .with_dropout(0.1, 3, 4)
         .unwrap()
         .with_resolution(MaskResolution::Bits16);
-    assert_eq!(k16.keying().threshold(), 6554);
-    assert!((0..160).any(|i| a.keeps(i) != k16.keeps(i)));
+    assert_eq!(k16.keying(F32).threshold(), 6554);
+    assert!((0..160).any(|i| a.keeps(F32, i) != k16.keeps(F32, i)));
+    // Unset, the resolution follows the dtype; with_dropout keeps it unset.
+    let d = base.with_dropout(0.1, 3, 4).unwrap();
+    assert_eq!(d.resolution(), None);
+    assert_eq!(d.keying(Bf16), k16.keying(Bf16));
+    assert_eq!(d.keying(F32).resolution(), MaskResolution::Bits32);
 }

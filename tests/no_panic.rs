@@ -208,10 +208,11 @@ fn dropping_keying_and_helpers() {
         .into_iter()
         .flatten()
         {
-            let _ = cfg.keeps(i);
+            let _ = cfg.keeps(fusedreg::DtypeKind::F32, i);
+            let _ = cfg.keeps(fusedreg::DtypeKind::Bf16, i);
             let _ = cfg
                 .with_resolution(dropping::MaskResolution::Bits16)
-                .keeps(i);
+                .keeps(fusedreg::DtypeKind::F32, i);
         }
         let _ = philox::mask_word(seed, call, i);
         let _ = philox::block(seed, call, i);
@@ -321,7 +322,7 @@ fn bias_act_dropout_cpu() {
         if g.bool() {
             cfg = cfg.with_resolution(dropping::MaskResolution::Bits16);
         }
-        let _ = cfg.keeps(g.u64());
+        let _ = cfg.keeps(fusedreg::DtypeKind::Bf16, g.u64());
         let n = rows.saturating_mul(cols);
         let x = g.f32s_for(n);
         let bias = g.f32s_for(cols);
@@ -386,7 +387,7 @@ fn dropout_add_norm_cpu() {
                 cfg = cfg.with_drop_path(path);
             }
         }
-        let _ = cfg.keeps(g.u64());
+        let _ = cfg.keeps(fusedreg::DtypeKind::Bf16, g.u64());
         let n = rows.saturating_mul(cols);
         let x = g.f32s_for(n);
         let gamma = g.f32s_for(cols);

@@ -163,7 +163,7 @@ fn bias_act_rule<T: Dtype>() {
             let cfg = bad::Config::new(ROWS, cols, act, 0.5, 9, i as u64)
                 .unwrap()
                 .with_math(fusedreg::Math::Exact);
-            let kept = cfg.keeps(i as u64);
+            let kept = cfg.keeps(T::KIND, i as u64);
             for v in SPECIALS {
                 let what = format!("{:?} {act:?} cols {cols} at {i} = {v}", T::KIND);
                 let x = planted::<T>(n, 1, i, v);
@@ -220,7 +220,7 @@ fn norm_rule<T: Dtype>() {
                 .unwrap()
                 .with_dropout(0.5, 13, i as u64)
                 .unwrap();
-            let kept = cfg.keeps(i as u64);
+            let kept = cfg.keeps(T::KIND, i as u64);
             for (v, in_residual) in SPECIALS.iter().flat_map(|&v| [(v, false), (v, true)]) {
                 let what = format!(
                     "{:?} {norm:?} cols {cols} at {i} = {v} (residual {in_residual})",

@@ -159,10 +159,11 @@ typedef struct {
   uint64_t seed;
   // Call id of the mask (a different id gives an independent mask).
   uint64_t call;
-  // Keying resolution in bits: 32 (default), 16 or 8 for the dropping ops (`dropout`, with or
-  // without a residual, `bias_act_dropout`, `dropout_add_norm`); the op refuses, with its
-  // message, a resolution its kernels do not implement (`dropout` and `bias_act_dropout`:
-  // 32 and 16 on the GPU). Ops without a mask take 32 only.
+  // Keying resolution in bits for the dropping ops (`dropout`, with or without a residual,
+  // `bias_act_dropout`, `dropout_add_norm`): 0 (the default) for the op's default for the
+  // dtype (16 for f16 and bf16, 32 for f32: the library's `MaskResolution::default_for`),
+  // or 32, 16 or 8 explicitly; the op refuses, with its message, a resolution its kernels do
+  // not implement. Ops without a mask take 0 or 32 only.
   uint32_t mask_bits;
   // `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
   uint32_t math;
@@ -439,7 +440,7 @@ FrStatus fr_dropout_add_norm_backward(const FrOptions *options,
                                       const FrTensor *dbias,
                                       const FrTensor *workspace);
 
-// The defaults: no dropout, 32-bit keying, the op's default math, no drop path, GELU (erf), LayerNorm with
+// The defaults: no dropout, the dtype's default keying (`mask_bits` 0), the op's default math, no drop path, GELU (erf), LayerNorm with
 // eps 1e-5 and scale 1, cross-entropy without smoothing or z-loss, `ignore_index` -100, mean.
 FrOptions fr_options_default(void);
 

@@ -56,10 +56,11 @@ pub struct FrOptions {
     pub seed: u64,
     /// Call id of the mask (a different id gives an independent mask).
     pub call: u64,
-    /// Keying resolution in bits: 32 (default), 16 or 8 for the dropping ops (`dropout`, with or
-    /// without a residual, `bias_act_dropout`, `dropout_add_norm`); the op refuses, with its
-    /// message, a resolution its kernels do not implement (`dropout` and `bias_act_dropout`:
-    /// 32 and 16 on the GPU). Ops without a mask take 32 only.
+    /// Keying resolution in bits for the dropping ops (`dropout`, with or without a residual,
+    /// `bias_act_dropout`, `dropout_add_norm`): 0 (the default) for the op's default for the
+    /// dtype (16 for f16 and bf16, 32 for f32: the library's `MaskResolution::default_for`),
+    /// or 32, 16 or 8 explicitly; the op refuses, with its message, a resolution its kernels do
+    /// not implement. Ops without a mask take 0 or 32 only.
     pub mask_bits: u32,
     /// `FR_MATH_DEFAULT`, `FR_MATH_EXACT` or `FR_MATH_FAST`.
     pub math: u32,
@@ -87,7 +88,7 @@ pub struct FrOptions {
     pub reduction: u32,
 }
 
-/// The defaults: no dropout, 32-bit keying, the op's default math, no drop path, GELU (erf), LayerNorm with
+/// The defaults: no dropout, the dtype's default keying (`mask_bits` 0), the op's default math, no drop path, GELU (erf), LayerNorm with
 /// eps 1e-5 and scale 1, cross-entropy without smoothing or z-loss, `ignore_index` -100, mean.
 #[no_mangle]
 pub extern "C" fn fr_options_default() -> FrOptions {
@@ -97,7 +98,7 @@ pub extern "C" fn fr_options_default() -> FrOptions {
         p: 0.0,
         seed: 0,
         call: 0,
-        mask_bits: 32,
+        mask_bits: 0,
         math: FR_MATH_DEFAULT,
         path_p: 0.0,
         path_call: 0,
@@ -174,10 +175,18 @@ impl FrOptions {
     }
 
     /// The keying resolution asked for, among those the op offers (`offered`, in bits, 32
-    /// first). A resolution offered here may still be refused by the op's kernels (the library's
-    /// error says which it offers).
-    pub(crate) fn resolution(&self, op: &str, offered: &[u32]) -> FfiResult<MaskResolution> {
+    /// first), or `None` for `mask_bits = 0` (the op's default for the dtype, resolved by the
+    /// library at the call). A resolution offered here may still be refused by the op's kernels
+    /// (the library's error says which it offers).
+    pub(crate) fn resolution(
+        &self,
+        op: &str,
+        offered: &[u32],
+    ) -> FfiResult<Option<MaskResolution>> {
         let bits = self.mask_bits;
+        if bits == 0 {
+            return Ok(None);
+        }
         let list = offered
             .iter()
             .map(u32::to_string)
@@ -185,13 +194,13 @@ impl FrOptions {
             .join(" or ");
         if !offered.contains(&bits) {
             return Err(FfiError::invalid(format!(
-                "{op}: mask_bits = {bits} is not offered by this op; use {list}"
+                "{op}: mask_bits = {bits} is not offered by this op; use {list} (or 0, the dtype's default)"
             )));
         }
         match bits {
-            32 => Ok(MaskResolution::Bits32),
-            16 => Ok(MaskResolution::Bits16),
-            8 => Ok(MaskResolution::Bits8),
+            32 => Ok(Some(MaskResolution::Bits32)),
+            16 => Ok(Some(MaskResolution::Bits16)),
+            8 => Ok(Some(MaskResolution::Bits8)),
             _ => Err(FfiError::invalid(format!(
                 "{op}: mask_bits = {bits} is not offered by this build of the library; use {list}"
             ))),
@@ -229,11 +238,11 @@ mod tests {
     #[test]
     fn resolutions_map_or_say_what_is_offered() {
         let r = |bits, offered: &[u32]| with(FR_MATH_DEFAULT, bits).resolution("op", offered);
-        assert_eq!(r(32, &[32, 16]).unwrap(), MaskResolution::Bits32);
-        assert_eq!(r(16, &[32, 16]).unwrap(), MaskResolution::Bits16);
+        assert_eq!(r(32, &[32, 16]).unwrap(), Some(MaskResolution::Bits32));
+        assert_eq!(r(16, &[32, 16]).unwrap(), Some(MaskResolution::Bits16));
         let e = r(16, &[32]).unwrap_err().message;
         assert!(e.contains("mask_bits = 16") && e.contains("use 32"), "{e}");
-        assert_eq!(r(8, &[32, 16, 8]).unwrap(), MaskResolution::Bits8);
+        assert_eq!(r(8, &[32, 16, 8]).unwrap(), Some(MaskResolution::Bits8));
         let e = r(8, &[32, 16]).unwrap_err().message;
         assert!(
             e.contains("mask_bits = 8") && e.contains("use 32 or 16"),
@@ -241,6 +250,9 @@ mod tests {
         );
         // Named as offered but not mapped (a table out of step with the library): still an error.
         assert!(r(4, &[32, 4]).is_err());
-        assert!(r(0, &[32]).is_err());
+        // 0 is the op's default for the dtype, whatever the op offers; it is the default.
+        assert_eq!(r(0, &[32]).unwrap(), None);
+        assert_eq!(r(0, &[32, 16, 8]).unwrap(), None);
+        assert_eq!(fr_options_default().mask_bits, 0);
     }
 }

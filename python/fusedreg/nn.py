@@ -56,7 +56,8 @@ class Dropout(_Site):
     ``drop_path`` drops whole samples (``rows_per_sample`` rows each) as stochastic depth does."""
 
     def __init__(self, p: float = 0.1, *, site: int | None = None, keys: Keys | None = None,
-                 drop_path: float = 0.0, rows_per_sample: int = 1, mask_bits: int = 32):
+                 drop_path: float = 0.0, rows_per_sample: int = 1,
+                 mask_bits: int | None = None):
         super().__init__(p, site, keys)
         self.drop_path, self.rows_per_sample, self.mask_bits = drop_path, rows_per_sample, mask_bits
 
@@ -80,17 +81,18 @@ class DropoutResidual(_Measured, Dropout):
 class BiasActDropout(_Site):
     """``dropout(act(x + bias))`` after the first linear of an MLP. With ``features`` it owns
     its bias (zeros); otherwise pass one to ``forward`` (e.g. a ``Linear(bias=False)``'s).
-    ``math`` (None: the library's default, ``"fast"`` or ``"exact"``) and ``mask_bits`` (32 or
-    16) as in :func:`fusedreg.functional.bias_act_dropout`."""
+    ``math`` (None: the library's default, ``"fast"`` or ``"exact"``) and ``mask_bits`` (None: the
+    dtype's default, 16 for bfloat16/float16 and 32 for float32; or 32, 16, 8) as in
+    :func:`fusedreg.functional.bias_act_dropout`."""
 
     def __init__(self, activation: str = "gelu", p: float = 0.1, *, features: int | None = None,
                  site: int | None = None, keys: Keys | None = None, math: str | None = None,
-                 mask_bits: int = 32, device=None, dtype=None):
+                 mask_bits: int | None = None, device=None, dtype=None):
         super().__init__(p, site, keys)
         if activation not in L.ACT:
             raise ValueError(f"activation = {activation!r}; use one of {sorted(L.ACT)}")
         L.math_code("BiasActDropout", math)
-        self.activation, self.math, self.mask_bits = activation, math, int(mask_bits)
+        self.activation, self.math, self.mask_bits = activation, math, mask_bits
         self.bias = (nn.Parameter(torch.zeros(features, device=device, dtype=dtype))
                      if features is not None else None)
 
@@ -107,12 +109,13 @@ class DropoutAddNorm(_Measured, _Site):
     ``(out, s)``: ``s`` is the new residual stream. ``norm`` is ``"layer"`` or ``"rms"``;
     ``layer`` (1-based) turns LayerNorm Scaling on; ``drop_path`` drops whole samples of the
     branch; ``stream_f32`` keeps the residual stream in float32 for 16-bit ``x``;
-    ``mask_bits`` (32, 16 or 8) is the keying resolution of the dropout mask."""
+    ``mask_bits`` (None: the dtype's default, 16 for bfloat16/float16 and 32 for float32; or
+    32, 16, 8) is the keying resolution of the dropout mask."""
 
     def __init__(self, hidden: int, *, norm: str = "layer", eps: float = 1e-5, p: float = 0.0,
                  drop_path: float = 0.0, rows_per_sample: int = 1, layer: int | None = None,
                  stream_f32: bool = False, site: int | None = None, keys: Keys | None = None,
-                 mask_bits: int = 32, device=None, dtype=None):
+                 mask_bits: int | None = None, device=None, dtype=None):
         super().__init__(p, site, keys)
         if norm not in L.NORM:
             raise ValueError(f"norm = {norm!r}; use 'layer' or 'rms'")
@@ -121,7 +124,7 @@ class DropoutAddNorm(_Measured, _Site):
         self.norm, self.eps = norm, float(eps)
         self.drop_path, self.rows_per_sample = float(drop_path), int(rows_per_sample)
         self.layer_scale = 1.0 if layer is None else float(torch.tensor(1.0 / math.sqrt(layer)))
-        self.stream_f32, self.mask_bits = stream_f32, int(mask_bits)
+        self.stream_f32, self.mask_bits = stream_f32, mask_bits
         self.weight = nn.Parameter(torch.ones(hidden, device=device, dtype=dtype))
         self.bias = (nn.Parameter(torch.zeros(hidden, device=device, dtype=dtype))
                      if L.NORM[norm] == 0 else None)

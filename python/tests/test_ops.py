@@ -163,6 +163,29 @@ def test_bias_act_dropout_sixteen_bit_keying_quantises_p():
     assert torch.equal(y16 == 0, _keep_mask(x.shape, 0.1, keys(), 3, 16).logical_not())
 
 
+def test_default_keying_follows_the_dtype():
+    """mask_bits=None (the default) is the dtype's keying: 16-bit keys for bfloat16 (the same
+    bits as mask_bits=16, forward and backward), 32-bit for float32."""
+    x = torch.randn(37, 96)
+    for dtype, bits, other in ((torch.bfloat16, 16, 32), (torch.float32, 32, 16)):
+        xd = x.to(dtype)
+        y = F.dropout(xd, 0.3, keys(), 5)
+        assert torch.equal(y, F.dropout(xd, 0.3, keys(), 5, mask_bits=bits)), dtype
+        assert not torch.equal(y, F.dropout(xd, 0.3, keys(), 5, mask_bits=other)), dtype
+    xb = x.to(torch.bfloat16)
+    outs = {}
+    for mb in (None, 16):
+        xa = xb.clone().requires_grad_()
+        y = F.bias_act_dropout(xa, 0.3, keys(), 6, activation="relu", mask_bits=mb)
+        y.backward(torch.ones_like(y))
+        outs[mb] = (y.detach(), xa.grad)
+    assert all(torch.equal(u, v) for u, v in zip(outs[None], outs[16]))
+    w = torch.randn(96).to(torch.bfloat16)
+    a = F.dropout_add_norm(xb, w, keys(), 7, residual=xb, p=0.3)
+    b = F.dropout_add_norm(xb, w, keys(), 7, residual=xb, p=0.3, mask_bits=16)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 def test_math_and_keying_options_are_checked():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="math = 'quick'"):
@@ -328,7 +351,10 @@ def test_dropout_add_norm_with_dropout_and_f32_stream():
     x = torch.randn(rows, h).bfloat16().requires_grad_()
     r = torch.randn(rows, h)  # f32 stream for bf16 x
     w = torch.ones(h, dtype=torch.bfloat16, requires_grad=True)
-    out, s = F.dropout_add_norm(x, w, keys(), 11, residual=r, norm="rms", p=p, stream_f32=True)
+    # mask_bits=32: the scale is 1 / (1 - p) to f32 (bf16's default 16-bit keys apply
+    # round(p 2^16) / 2^16, and scale by one over its complement).
+    out, s = F.dropout_add_norm(x, w, keys(), 11, residual=r, norm="rms", p=p, stream_f32=True,
+                                mask_bits=32)
     assert s.dtype == torch.float32 and out.dtype == torch.bfloat16
     kept = (s - r) != 0
     torch.testing.assert_close(s[kept], (r + x.float() / (1 - p))[kept].detach(), rtol=1e-6, atol=1e-6)

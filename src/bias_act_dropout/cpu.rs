@@ -3,13 +3,14 @@
 //!
 //! ```
 //! use fusedreg::bias_act_dropout::{cpu, Activation, Config, Preact};
+//! use fusedreg::Dtype;
 //! # fn main() -> fusedreg::Result<()> {
 //! let cfg = Config::new(2, 3, Activation::Relu, 0.5, 1, 2)?;
 //! let x = [1.0f32, -2.0, 3.0, -4.0, 5.0, 6.0];
 //! let mut y = [f32::NAN; 6];
 //! cpu::forward(&cfg, &x, None, &mut y, None)?;
 //! for i in 0..6 {
-//!     let kept = cfg.keeps(i as u64);
+//!     let kept = cfg.keeps(f32::KIND, i as u64); // f32: 32-bit keys by default
 //!     assert_eq!(y[i], if kept { 2.0 * x[i].max(0.0) } else { 0.0 });
 //! }
 //! // Backward: dx = 2 dy where kept and x > 0; dbias sums dx over rows.
@@ -130,8 +131,9 @@ pub fn forward<T: Dtype>(
         h_out.as_ref().map(|h| h.len()),
     )?;
     let (rows, cols) = (cfg.rows(), cfg.cols());
-    let scale = cfg.keying().scale();
-    let mut bits = cfg.keying().keep_bits();
+    let keying = cfg.keying(T::KIND);
+    let scale = keying.scale();
+    let mut bits = keying.keep_bits();
     for row in 0..rows {
         for col in 0..cols {
             let i = row * cols + col;
@@ -204,8 +206,9 @@ pub fn backward<T: Dtype>(
         }
         return Ok(());
     }
-    let scale = cfg.keying().scale();
-    let mut bits = cfg.keying().keep_bits();
+    let keying = cfg.keying(T::KIND);
+    let scale = keying.scale();
+    let mut bits = keying.keep_bits();
     let slab = slab_rows(rows, cols, T::KIND).max(1);
     // One partial per row lane of the slab, folded in lane order at the slab's end, then added
     // into the totals in slab order (the kernel's partials and its finishing kernel). Only

@@ -17,7 +17,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr}
 use super::{check_backward, check_forward, Activation, Config, Preact, LANES, OP};
 use crate::dropping::gpu::{aligned16, finish_dbias, resolution_flag};
 use crate::dropping::{slab_rows, MaskResolution};
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{Error, Result};
 use crate::math::Math;
 use crate::runtime::kernels::{per_dtype, KernelFamily};
@@ -222,9 +222,9 @@ fn math_code(cfg: &Config) -> u32 {
 
 /// The per-keying backward kernel of `kernels` ([Bits32, Bits16, Bits8]): the keying is a
 /// template argument of those kernels (one keying's row loop per kernel keeps ptxas from
-/// spilling), so the symbol must match `cfg`'s resolution.
-fn by_keying(cfg: &Config, kernels: &[KernelFamily; 3]) -> KernelFamily {
-    match cfg.keying().resolution() {
+/// spilling), so the symbol must match `cfg`'s resolution for `dtype`.
+fn by_keying(cfg: &Config, dtype: DtypeKind, kernels: &[KernelFamily; 3]) -> KernelFamily {
+    match cfg.resolution_for(dtype) {
         MaskResolution::Bits32 => kernels[0],
         MaskResolution::Bits16 => kernels[1],
         MaskResolution::Bits8 => kernels[2],
@@ -232,9 +232,9 @@ fn by_keying(cfg: &Config, kernels: &[KernelFamily; 3]) -> KernelFamily {
 }
 
 /// The (forward, backward) kernel families of a launch (see the module docs).
-fn families(cfg: &Config, vector: bool) -> (KernelFamily, KernelFamily) {
+fn families(cfg: &Config, dtype: DtypeKind, vector: bool) -> (KernelFamily, KernelFamily) {
     let fast = math_code(cfg) == 1;
-    let bwd = |kernels: &[KernelFamily; 3]| by_keying(cfg, kernels);
+    let bwd = |kernels: &[KernelFamily; 3]| by_keying(cfg, dtype, kernels);
     match (vector, cfg.act(), fast) {
         (true, Activation::Relu, _) => (FWD_VEC_RELU, bwd(&BWD_VEC_RELU)),
         (true, Activation::GeluErf, true) => (FWD_VEC_GELU_ERF_FAST, bwd(&BWD_VEC_GELU_ERF_FAST)),
@@ -320,7 +320,7 @@ pub fn forward<T: Dtype>(
     // The bias is read element by element: its alignment does not matter.
     let (vector, grid, slab) = geometry::<T>(cfg, aligned16(&[x_ptr, y_ptr, h_ptr]));
     // The keying's scale, 1 / (1 - effective p): unbiased at every resolution.
-    let keying = cfg.keying();
+    let keying = cfg.keying(T::KIND);
     let p = FwdParams {
         x: x_ptr,
         bias: bias_ptr,
@@ -339,7 +339,7 @@ pub fn forward<T: Dtype>(
         math: math_code(cfg),
         flags: resolution_flag(OP, &keying, RESOLUTIONS)?,
     };
-    let family = families(cfg, vector).0;
+    let family = families(cfg, T::KIND, vector).0;
     handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)
 }
 
@@ -475,7 +475,7 @@ pub fn backward_with_workspace<T: Dtype>(
         _ => None,
     };
     let part_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
-    let keying = cfg.keying();
+    let keying = cfg.keying(T::KIND);
     let p = BwdParams {
         dy: dy_ptr,
         x: x_ptr,
@@ -497,7 +497,7 @@ pub fn backward_with_workspace<T: Dtype>(
         keep_frac: (1.0 - keying.effective_p()) as f32,
         log2_keep: (1.0 - keying.effective_p()).log2() as f32,
     };
-    let family = families(cfg, vector).1;
+    let family = families(cfg, T::KIND, vector).1;
     handle.launch(family.get::<T>(), grid, (BLOCK_X, LANES as u32, 1), 0, &p)?;
     if db_ptr != 0 {
         finish_dbias::<T>(handle, DBIAS, part_ptr, db_ptr, cfg.cols(), slabs)?;

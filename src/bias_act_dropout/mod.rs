@@ -138,9 +138,10 @@
 //! for i in 0..rows * cols {
 //!     // Dropped elements are zero in both directions; kept ones are act(h) / 0.9.
 //!     let h = x[i] + 0.25;
-//!     let want = if cfg.keeps(i as u64) { Activation::GeluTanh.forward(h) * cfg.keying().scale() } else { 0.0 };
+//!     let k = cfg.keying(fusedreg::DtypeKind::F32); // f32 data: 32-bit keys by default
+//!     let want = if k.keeps(i as u64) { Activation::GeluTanh.forward(h) * k.scale() } else { 0.0 };
 //!     assert_eq!(y[i], want);
-//!     assert!(cfg.keeps(i as u64) || dx[i] == 0.0);
+//!     assert!(k.keeps(i as u64) || dx[i] == 0.0);
 //! }
 //! # Ok(()) }
 //! ```
@@ -381,7 +382,10 @@ pub struct Config {
     rows: usize,
     cols: usize,
     act: Activation,
-    keying: Keying,
+    /// Seed, call and rate; its own resolution is never read: [`Config::keying`] resolves.
+    keys: Keying,
+    /// The explicit choice; `None` resolves per dtype at the call ([`MaskResolution::resolve`]).
+    resolution: Option<MaskResolution>,
     math: Math,
 }
 
@@ -412,7 +416,7 @@ impl Config {
         seed: u64,
         call: u64,
     ) -> Result<Self> {
-        let keying = Keying::new(OP, p, seed, call)?;
+        let keys = Keying::new(OP, p, seed, call)?;
         rows.checked_mul(cols)
             .filter(|&n| u64::try_from(n).is_ok())
             .ok_or_else(|| Error::shape(OP, format!("rows * cols = {rows} * {cols} overflows")))?;
@@ -420,7 +424,8 @@ impl Config {
             rows,
             cols,
             act,
-            keying,
+            keys,
+            resolution: None,
             math: act.default_math(),
         })
     }
@@ -463,33 +468,36 @@ impl Config {
     /// `2^-16`), [`MaskResolution::Bits8`] by byte `i % 16` of block `i / 16` (a quarter of it;
     /// `p` quantised to `2^-8`, FlashAttention's resolution: 0.1 is applied as 26 / 256 =
     /// 0.1016). Kept elements are scaled by `1 / (1 - p)` of the probability actually applied
-    /// ([`Config::effective_p`]), so the output is unbiased at every resolution. Default
-    /// [`MaskResolution::Bits32`]; the unfused baseline takes 32 only.
+    /// ([`Config::effective_p`]), so the output is unbiased at every resolution. Without it the
+    /// resolution is the dtype's default ([`MaskResolution::default_for`]: 16 bits for f16 and
+    /// bf16, 32 for f32); the unfused baseline keys at 32 bits only (its default for every
+    /// dtype).
     ///
     /// # Examples
     ///
     /// ```
     /// use fusedreg::bias_act_dropout::{Activation, Config};
     /// use fusedreg::dropping::MaskResolution;
+    /// use fusedreg::DtypeKind::F32;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(8, 64, Activation::Silu, 0.1, 42, 7)?
     ///     .with_resolution(MaskResolution::Bits16);
-    /// assert_eq!(cfg.resolution(), MaskResolution::Bits16);
-    /// assert_eq!(cfg.effective_p(), 6554.0 / 65536.0);
-    /// assert_eq!(cfg.keying().scale(), (65536.0f64 / (65536.0 - 6554.0)) as f32);
+    /// assert_eq!(cfg.resolution(), Some(MaskResolution::Bits16));
+    /// assert_eq!(cfg.effective_p(F32), 6554.0 / 65536.0);
+    /// assert_eq!(cfg.keying(F32).scale(), (65536.0f64 / (65536.0 - 6554.0)) as f32);
     /// let cfg8 = cfg.with_resolution(MaskResolution::Bits8);
-    /// assert_eq!(cfg8.effective_p(), 26.0 / 256.0);
-    /// assert_eq!(cfg8.keying().scale(), (256.0f64 / 230.0) as f32);
+    /// assert_eq!(cfg8.effective_p(F32), 26.0 / 256.0);
+    /// assert_eq!(cfg8.keying(F32).scale(), (256.0f64 / 230.0) as f32);
     /// # Ok(()) }
     /// ```
     pub fn with_resolution(self, resolution: MaskResolution) -> Self {
         Config {
-            keying: self.keying.with_resolution(resolution),
+            resolution: Some(resolution),
             ..self
         }
     }
 
-    /// The mask resolution.
+    /// The explicit mask resolution; `None` (the default) for the dtype's default.
     ///
     /// # Examples
     ///
@@ -497,23 +505,44 @@ impl Config {
     /// # use fusedreg::bias_act_dropout::{Activation, Config};
     /// # use fusedreg::dropping::MaskResolution;
     /// let cfg = Config::new(2, 2, Activation::Relu, 0.1, 1, 2).unwrap();
-    /// assert_eq!(cfg.resolution(), MaskResolution::Bits32);
+    /// assert_eq!(cfg.resolution(), None);
     /// ```
-    pub fn resolution(&self) -> MaskResolution {
-        self.keying.resolution()
+    pub fn resolution(&self) -> Option<MaskResolution> {
+        self.resolution
     }
 
-    /// The drop probability actually applied (the threshold over `2^32`, `2^16` or `2^8`). Kept
-    /// elements are scaled by `1 / (1 - p)` of this `p` ([`Keying::scale`]).
+    /// The resolution a `dtype` call keys at ([`MaskResolution::resolve`]: the explicit choice,
+    /// else the dtype's default).
     ///
     /// # Examples
     ///
     /// ```
     /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// assert_eq!(Config::new(2, 2, Activation::Relu, 0.5, 1, 2).unwrap().effective_p(), 0.5);
+    /// use fusedreg::dropping::MaskResolution::*;
+    /// use fusedreg::DtypeKind::{Bf16, F16, F32};
+    /// let cfg = Config::new(2, 2, Activation::Relu, 0.1, 1, 2).unwrap();
+    /// assert_eq!([cfg.resolution_for(Bf16), cfg.resolution_for(F16)], [Bits16; 2]);
+    /// assert_eq!(cfg.resolution_for(F32), Bits32);
+    /// assert_eq!(cfg.with_resolution(Bits8).resolution_for(Bf16), Bits8);
     /// ```
-    pub fn effective_p(&self) -> f64 {
-        self.keying.effective_p()
+    pub fn resolution_for(&self, dtype: DtypeKind) -> MaskResolution {
+        MaskResolution::resolve(self.resolution, dtype)
+    }
+
+    /// The drop probability a `dtype` call actually applies (the threshold over `2^32`, `2^16`
+    /// or `2^8`). Kept elements are scaled by `1 / (1 - p)` of this `p` ([`Keying::scale`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use fusedreg::bias_act_dropout::{Activation, Config};
+    /// use fusedreg::DtypeKind::{Bf16, F32};
+    /// let cfg = Config::new(2, 2, Activation::Relu, 0.1, 1, 2).unwrap();
+    /// assert_eq!(cfg.effective_p(F32), cfg.rate().effective_p());
+    /// assert_eq!(cfg.effective_p(Bf16), 6554.0 / 65536.0);
+    /// ```
+    pub fn effective_p(&self, dtype: DtypeKind) -> f64 {
+        self.keying(dtype).effective_p()
     }
 
     /// Rows.
@@ -587,7 +616,7 @@ impl Config {
     /// assert_eq!(cfg.rate().threshold(), 1 << 30);
     /// ```
     pub fn rate(&self) -> DropRate {
-        self.keying.rate()
+        self.keys.rate()
     }
 
     /// The generator seed.
@@ -599,7 +628,7 @@ impl Config {
     /// assert_eq!(Config::new(3, 5, Activation::Relu, 0.1, 42, 2).unwrap().seed(), 42);
     /// ```
     pub fn seed(&self) -> u64 {
-        self.keying.seed()
+        self.keys.seed()
     }
 
     /// The call id of the mask.
@@ -611,51 +640,56 @@ impl Config {
     /// assert_eq!(Config::new(3, 5, Activation::Relu, 0.1, 42, 7).unwrap().call(), 7);
     /// ```
     pub fn call(&self) -> u64 {
-        self.keying.call()
+        self.keys.call()
     }
 
-    /// The shared dropout keying (seed, call, rate) of the mask.
+    /// The dropout keying of a `dtype` call (seed, call, rate and the resolution resolved for
+    /// `dtype`): what the CPU reference, the GPU forward and the backward all key with.
     ///
     /// # Examples
     ///
     /// ```
     /// # use fusedreg::bias_act_dropout::{Activation, Config};
+    /// use fusedreg::dropping::MaskResolution;
+    /// use fusedreg::DtypeKind::Bf16;
     /// let cfg = Config::new(3, 5, Activation::Relu, 0.1, 42, 7).unwrap();
-    /// assert_eq!((cfg.keying().seed(), cfg.keying().call()), (42, 7));
+    /// let k = cfg.keying(Bf16);
+    /// assert_eq!((k.seed(), k.call(), k.resolution()), (42, 7, MaskResolution::Bits16));
     /// ```
-    pub fn keying(&self) -> Keying {
-        self.keying
+    pub fn keying(&self, dtype: DtypeKind) -> Keying {
+        self.keys.with_resolution(self.resolution_for(dtype))
     }
 
-    /// Whether element `i` (flat index) is kept.
+    /// Whether element `i` (flat index) of a `dtype` call is kept.
     ///
     /// # Examples
     ///
     /// ```
     /// use fusedreg::bias_act_dropout::{Activation, Config};
     /// use fusedreg::philox::mask_word;
+    /// use fusedreg::DtypeKind::F32;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(2, 64, Activation::Relu, 0.1, 42, 7)?;
-    /// assert_eq!(cfg.keeps(69), cfg.rate().keeps(mask_word(42, 7, 69)));
+    /// assert_eq!(cfg.keeps(F32, 69), cfg.rate().keeps(mask_word(42, 7, 69)));
     /// # Ok(()) }
     /// ```
-    pub fn keeps(&self, i: u64) -> bool {
-        self.keying.keeps(i)
+    pub fn keeps(&self, dtype: DtypeKind, i: u64) -> bool {
+        self.keying(dtype).keeps(i)
     }
 }
 
-/// The unfused baseline keys its byte mask with 32-bit words only.
-pub(crate) fn require_bits32_unfused(cfg: &Config) -> Result<()> {
-    if cfg.resolution() != MaskResolution::Bits32 {
-        return Err(Error::invalid(
+/// The unfused baseline keys its byte mask with 32-bit words only: its keying is 32-bit for
+/// every dtype by default, and an explicit other resolution is an error.
+pub(crate) fn keying_bits32_unfused(cfg: &Config) -> Result<Keying> {
+    match cfg.resolution() {
+        None | Some(MaskResolution::Bits32) => Ok(cfg.keying(DtypeKind::F32)),
+        Some(r) => Err(Error::invalid(
             OP,
             format!(
-                "the unfused baseline keys its mask with 32-bit words; {:?} is offered by the fused op only",
-                cfg.resolution()
+                "the unfused baseline keys its mask with 32-bit words; {r:?} is offered by the fused op only"
             ),
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// Checks the lengths of a forward call.

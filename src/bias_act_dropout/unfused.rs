@@ -12,8 +12,10 @@
 //! of `kernels/common/dropping.cuh` before quoting a backward speed-up.
 //!
 //! The activations and the mask are the fused op's exact mode (the same [`super::Activation`]
-//! arithmetic, whatever [`super::Config::math`] says, and the 32-bit Philox keying: a config with
-//! [`crate::dropping::MaskResolution::Bits16`] is refused with an error), so the byte mask equals the fused op's keep bits element for element. Because
+//! arithmetic, whatever [`super::Config::math`] says, and the 32-bit Philox keying for every
+//! dtype: a config with an explicit [`crate::dropping::MaskResolution::Bits16`] or `Bits8` is
+//! refused with an error), so the byte mask equals the fused op's keep bits at 32-bit keys (the
+//! fused op's f32 default; at f16/bf16 its default is 16-bit keys, another mask). Because
 //! every kernel rounds to `T`, the results are not bitwise equal to the fused op in 16-bit types
 //! (for f32 the forward is): [`forward_cpu`] and [`backward_cpu`] mirror this path exactly (the
 //! GPU tests compare with them bit for bit).
@@ -29,7 +31,7 @@
 //! let mut fused = vec![0.0f32; 32];
 //! cpu::forward(&cfg, &x, Some(&b), &mut fused, None)?;
 //! assert_eq!(y, fused); // f32: the same bits
-//! assert!((0..32).all(|i| (mask[i] == 1) == cfg.keeps(i as u64)));
+//! assert!((0..32).all(|i| (mask[i] == 1) == cfg.keeps(fusedreg::DtypeKind::F32, i as u64)));
 //! # Ok(()) }
 //! ```
 
@@ -105,7 +107,7 @@ fn check_forward(
     mask: usize,
     h: usize,
 ) -> Result<()> {
-    super::require_bits32_unfused(cfg)?;
+    super::keying_bits32_unfused(cfg)?;
     let n = cfg.len();
     check_len(OP, "x", x, n)?;
     check_len(OP, "bias (one per column)", bias, cfg.cols())?;
@@ -351,8 +353,9 @@ pub fn forward_cpu<T: Dtype>(
 ) -> Result<()> {
     check_forward(cfg, x.len(), bias.len(), y.len(), mask.len(), h.len())?;
     let n = cfg.len();
-    let scale = cfg.rate().scale();
-    let mut bits = cfg.keying().keep_bits();
+    let keying = super::keying_bits32_unfused(cfg)?;
+    let scale = keying.scale();
+    let mut bits = keying.keep_bits();
     for i in 0..n {
         h[i] = T::from_f32_rn(x[i].to_f32() + bias[i % cfg.cols()].to_f32());
         let a = T::from_f32_rn(cfg.act().forward(h[i].to_f32()));

@@ -57,13 +57,13 @@ pub use crate::dropping::{
 /// let (x, r, mut y) = (vec![1.5f32; 32], vec![0.5f32; 32], vec![0.0f32; 32]);
 /// cpu::forward(&cfg, &x, &mut y, Default::default())?;
 /// for i in 0..32 {
-///     assert_eq!(y[i], if cfg.keeps(i as u64) { 1.5 * cfg.rate().scale() } else { 0.0 });
+///     assert_eq!(y[i], if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) { 1.5 * cfg.rate().scale() } else { 0.0 });
 /// }
 /// let opts = cpu::ForwardOptions { residual: Some(&r), ..Default::default() };
 /// cpu::forward(&cfg, &x, &mut y, opts)?;
 /// for i in 0..32 {
 ///     let kept = 1.5f32.mul_add(cfg.rate().scale(), 0.5);
-///     assert_eq!(y[i], if cfg.keeps(i as u64) { kept } else { 0.5 });
+///     assert_eq!(y[i], if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) { kept } else { 0.5 });
 /// }
 /// assert!(cpu::forward(&cfg, &x[..31], &mut y, Default::default()).is_err());
 /// # Ok(()) }
@@ -167,8 +167,9 @@ fn forward_core<T: Dtype>(
     if let Some(m) = mask.as_deref_mut() {
         m.fill(0);
     }
-    let mut bits = cfg.keying().keep_bits();
-    let scale = cfg.scale();
+    let keying = cfg.keying(T::KIND);
+    let mut bits = keying.keep_bits();
+    let scale = keying.scale();
     // The statistics: the row of the residual before the update (y holds it on entry).
     let site = opts.redundancy.filter(|_| residual);
     let mut r_row = vec![0.0f32; if site.is_some() { cols } else { 0 }];
@@ -227,7 +228,7 @@ fn forward_core<T: Dtype>(
 /// let opts = cpu::BackwardOptions { dbias: Some(&mut dbias), ..Default::default() };
 /// cpu::backward(&cfg, &dy, &mut dx, opts)?;
 /// for i in 0..32 {
-///     assert_eq!(dx[i], if cfg.keeps(i as u64) { 2.0 } else { 0.0 });
+///     assert_eq!(dx[i], if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) { 2.0 } else { 0.0 });
 /// }
 /// assert_eq!(dbias[0], dx[0] + dx[8] + dx[16] + dx[24]);
 /// # Ok(()) }
@@ -255,6 +256,15 @@ pub fn backward<T: Dtype>(
         return Ok(());
     }
     let rs = row_scales(cfg.seed(), rows, opts.rowscale, cfg.drop_path());
-    backward_cpu(rows, cols, &cfg.keying(), rs, opts.mask, dy, dx, opts.dbias);
+    backward_cpu(
+        rows,
+        cols,
+        &cfg.keying(T::KIND),
+        rs,
+        opts.mask,
+        dy,
+        dx,
+        opts.dbias,
+    );
     Ok(())
 }

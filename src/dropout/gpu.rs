@@ -297,7 +297,7 @@ fn forward_launch<T: Dtype>(
         // The statistics forward (mask_out was refused by check_redundancy).
         let (words, _gw) = handle.write_ptr(OP, "redundancy site", &mut site.words)?;
         let rsf = row_scale_fields(cfg.drop_path(), rowscale);
-        let keying = cfg.keying();
+        let keying = cfg.keying(T::KIND);
         let mut flags = rsf.flags | resolution_flag(OP, &keying, RESOLUTIONS)?;
         if in_place {
             flags |= FLAG_IN_PLACE;
@@ -368,7 +368,7 @@ fn forward_launch<T: Dtype>(
     }
 
     let rsf = row_scale_fields(cfg.drop_path(), rowscale);
-    let keying = cfg.keying();
+    let keying = cfg.keying(T::KIND);
     let mut flags = rsf.flags | resolution_flag(OP, &keying, RESOLUTIONS)?;
     if opts.tuning.unroll {
         flags |= FLAG_UNROLL;

@@ -128,16 +128,16 @@
 //! let opts = cpu::ForwardOptions { bias: Some(&bias), ..Default::default() };
 //! cpu::forward(&cfg, &x, &mut y, opts)?;
 //! // Every element is either dropped (0) or kept: 1.5 / 0.9.
-//! let kept = 1.5f32 * cfg.scale();
-//! assert!(y.iter().enumerate().all(|(i, &v)| v == if cfg.keeps(i as u64) { kept } else { 0.0 }));
+//! let kept = 1.5f32 * cfg.scale(fusedreg::DtypeKind::F32);
+//! assert!(y.iter().enumerate().all(|(i, &v)| v == if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) { kept } else { 0.0 }));
 //!
 //! // The residual stream, updated in place: the same mask.
 //! let mut stream = vec![2.0f32; rows * cols];
 //! let opts = cpu::ForwardOptions { bias: Some(&bias), ..Default::default() };
 //! cpu::forward_inplace(&cfg, &x, &mut stream, opts)?;
 //! // Every element is either dropped (2.0) or kept: 2 + 1.5 / 0.9.
-//! let kept = 1.5f32.mul_add(cfg.scale(), 2.0);
-//! assert!(stream.iter().enumerate().all(|(i, &v)| v == if cfg.keeps(i as u64) { kept } else { 2.0 }));
+//! let kept = 1.5f32.mul_add(cfg.scale(fusedreg::DtypeKind::F32), 2.0);
+//! assert!(stream.iter().enumerate().all(|(i, &v)| v == if cfg.keeps(fusedreg::DtypeKind::F32, i as u64) { kept } else { 2.0 }));
 //! # Ok(()) }
 //! ```
 //!

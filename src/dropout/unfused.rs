@@ -40,6 +40,7 @@ use crate::dropping::unfused::{
     bias_add_cpu, check_masked_backward, col_sum_cpu, dropout_cpu, ensure, launch_bias_add,
     launch_col_sum, launch_dropout, launch_flat, launch_masked_scale, UnfusedKernels,
 };
+use crate::dropping::Keying;
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
 use crate::runtime::kernels::{per_dtype, KernelFamily};
@@ -89,15 +90,17 @@ const ADD: KernelFamily = per_dtype!(
     DropoutUnfusedAddBf16
 );
 
-fn no_row_scale(cfg: &Config) -> Result<()> {
-    cfg.require_bits32(OP)?;
+/// Refuses what the baseline does not implement and returns its keying: 32-bit keys for every
+/// dtype (an explicit other resolution is an error, see `Config::keying_bits32`).
+fn no_row_scale(cfg: &Config) -> Result<Keying> {
+    let keying = cfg.keying_bits32(OP)?;
     if cfg.drop_path().is_some() {
         return Err(Error::invalid(
             OP,
             "the unfused baseline has no drop path (frameworks apply it as a separate multiply)",
         ));
     }
-    Ok(())
+    Ok(keying)
 }
 
 fn check_forward_lens(
@@ -212,7 +215,7 @@ impl<T: Dtype> Unfused<T> {
         y: &mut impl DevicePtrMut<T>,
         mask: &mut impl DevicePtrMut<u8>,
     ) -> Result<()> {
-        no_row_scale(cfg)?;
+        let keying = no_row_scale(cfg)?;
         check_forward_lens(
             cfg,
             x.len(),
@@ -252,12 +255,12 @@ impl<T: Dtype> Unfused<T> {
         };
         let Some((r_ptr, _)) = r_g else {
             // 2. y = keep ? T(t * scale) : 0, mask = keep.
-            return launch_dropout::<T>(&h, &UNFUSED, &cfg.keying(), t_src, y_ptr, m_ptr, n);
+            return launch_dropout::<T>(&h, &UNFUSED, &keying, t_src, y_ptr, m_ptr, n);
         };
         // 2. d = keep ? T(t * scale) : 0, mask = keep; 3. y = T(r + d).
         let d_buf = ensure(&h, OP, &mut self.d, n)?;
         let (d_ptr, _g4) = h.write_ptr(OP, "d", d_buf)?;
-        launch_dropout::<T>(&h, &UNFUSED, &cfg.keying(), t_src, d_ptr, m_ptr, n)?;
+        launch_dropout::<T>(&h, &UNFUSED, &keying, t_src, d_ptr, m_ptr, n)?;
         let p = AddParams {
             a: r_ptr,
             b: d_ptr,
@@ -298,7 +301,7 @@ impl<T: Dtype> Unfused<T> {
         dx: &mut impl DevicePtrMut<T>,
         dbias: Option<CudaViewMut<'_, T>>,
     ) -> Result<()> {
-        no_row_scale(cfg)?;
+        let keying = no_row_scale(cfg)?;
         check_backward_lens(
             cfg,
             dy.len(),
@@ -318,7 +321,7 @@ impl<T: Dtype> Unfused<T> {
         let (dy_ptr, _g1) = h.read_ptr(OP, "dy", dy)?;
         let (m_ptr, _g2) = h.read_ptr(OP, "mask", mask)?;
         let (dx_ptr, _g3) = h.write_ptr(OP, "dx", dx)?;
-        launch_masked_scale::<T>(&h, &UNFUSED, cfg.scale(), dy_ptr, m_ptr, dx_ptr, n)?;
+        launch_masked_scale::<T>(&h, &UNFUSED, keying.scale(), dy_ptr, m_ptr, dx_ptr, n)?;
         if let Some(db) = dbias.as_mut() {
             let (db_ptr, _g4) = h.write_ptr(OP, "dbias", db)?;
             let (rows, cols) = (cfg.rows(), cfg.cols());
@@ -351,7 +354,7 @@ impl<T: Dtype> Unfused<T> {
 /// unfused::forward_cpu(&cfg, &x, Some(&bias), None, &mut y, &mut mask)?;
 /// unfused::forward_cpu(&cfg, &x, Some(&bias), Some(&r), &mut yr, &mut mask)?;
 /// for i in 0..8 {
-///     assert_eq!(mask[i] == 1, cfg.keeps(i as u64)); // the fused op's mask
+///     assert_eq!(mask[i] == 1, cfg.keeps(fusedreg::DtypeKind::F32, i as u64)); // the fused op's f32 mask
 ///     assert_eq!(y[i], if mask[i] == 1 { 3.0 } else { 0.0 }); // 2 (x + b)
 ///     assert_eq!(yr[i], if mask[i] == 1 { 3.25 } else { 0.25 }); // r + 2 (x + b)
 /// }
@@ -367,7 +370,7 @@ pub fn forward_cpu<T: Dtype>(
     y: &mut [T],
     mask: &mut [u8],
 ) -> Result<()> {
-    no_row_scale(cfg)?;
+    let keying = no_row_scale(cfg)?;
     check_forward_lens(
         cfg,
         x.len(),
@@ -376,8 +379,8 @@ pub fn forward_cpu<T: Dtype>(
         y.len(),
         mask.len(),
     )?;
-    let scale = cfg.scale();
-    let mut bits = cfg.keying().keep_bits();
+    let scale = keying.scale();
+    let mut bits = keying.keep_bits();
     for i in 0..cfg.len() {
         let t = match bias {
             Some(b) => bias_add_cpu(x[i], b[i % cfg.cols()]),
@@ -417,7 +420,7 @@ pub fn backward_cpu<T: Dtype>(
     dx: &mut [T],
     dbias: Option<&mut [T]>,
 ) -> Result<()> {
-    no_row_scale(cfg)?;
+    let keying = no_row_scale(cfg)?;
     check_backward_lens(
         cfg,
         dy.len(),
@@ -425,7 +428,7 @@ pub fn backward_cpu<T: Dtype>(
         dx.len(),
         dbias.as_ref().map(|d| d.len()),
     )?;
-    let scale = cfg.scale();
+    let scale = keying.scale();
     for i in 0..cfg.len() {
         dx[i] = dropout_cpu(dy[i], mask[i] != 0, scale);
     }

@@ -458,12 +458,13 @@ pub(super) fn forward_core<T: Dtype, S: Dtype>(
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let n = cols as f32;
     let rs = row_scales(cfg.seed(), cfg.rows(), a.rowscale, cfg.drop_path());
-    let mut bits = cfg.keying().keep_bits();
+    let keying = cfg.keying(T::KIND);
+    let mut bits = keying.keep_bits();
     let mut v = vec![0.0f32; cols];
     // The stream before the add, for the redundancy statistics only.
     let mut r_in = vec![0.0f32; if a.redundancy.is_some() { cols } else { 0 }];
     for row in 0..rows {
-        let rowm = row_multiplier(cfg.scale(), &rs, row);
+        let rowm = row_multiplier(keying.scale(), &rs, row);
         let base = row * cols;
         for (j, vj) in v.iter_mut().enumerate() {
             let i = base + j;
@@ -579,7 +580,8 @@ pub fn backward<T: Dtype, S: Dtype>(
     let n = cols as f32;
     let ls = cfg.layer_scale();
     let rs = row_scales(cfg.seed(), cfg.rows(), a.rowscale, cfg.drop_path());
-    let mut bits = cfg.keying().keep_bits();
+    let keying = cfg.keying(T::KIND);
+    let mut bits = keying.keep_bits();
     let slab = colsum_slab_rows(rows);
     // Column sums: the running slab partials and the totals over finished slabs.
     let mut part = [vec![0.0f32; cols], vec![0.0f32; cols], vec![0.0f32; cols]];
@@ -587,7 +589,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     let (mut xh, mut w) = (vec![0.0f32; cols], vec![0.0f32; cols]);
     let mut d_residual = o.d_residual;
     for row in 0..rows {
-        let rowm = row_multiplier(cfg.scale(), &rs, row);
+        let rowm = row_multiplier(keying.scale(), &rs, row);
         let base = row * cols;
         let (mean, rstd) = (a.mean[row], a.rstd[row]);
         for j in 0..cols {

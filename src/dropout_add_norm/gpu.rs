@@ -521,7 +521,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         && cfg.cols() % GROUP == 0
         && aligned16(&[x, gamma, beta, bias, residual, o, s]);
     let rsf = row_scale_fields(cfg.drop_path(), rowscale);
-    let keying = cfg.keying();
+    let keying = cfg.keying(T::KIND);
     let mut flags = rsf.flags | resolution_flag(OP, &keying, RESOLUTIONS)?;
     if vec {
         flags |= FLAG_VEC;
@@ -773,7 +773,7 @@ pub fn backward<T: Dtype, S: Dtype>(
             && cols % GROUP == 0
             && aligned16(&[d_out, d_s, s, gamma, dx, d_residual]);
         let rsf = row_scale_fields(cfg.drop_path(), rowscale);
-        let keying = cfg.keying();
+        let keying = cfg.keying(T::KIND);
         let mut flags = rsf.flags | resolution_flag(OP, &keying, RESOLUTIONS)?;
         if vec {
             flags |= FLAG_VEC;

@@ -248,7 +248,10 @@ const MAX_SLABS: usize = 1024;
 pub struct Config {
     rows: usize,
     cols: usize,
-    keying: Keying,
+    /// Seed, call and rate; its own resolution is never read: [`Config::keying`] resolves.
+    keys: Keying,
+    /// The explicit choice; `None` resolves per dtype at the call ([`MaskResolution::resolve`]).
+    resolution: Option<MaskResolution>,
     drop_path: Option<DropPath>,
     norm: Norm,
     eps: f32,
@@ -295,7 +298,8 @@ impl Config {
         Ok(Config {
             rows,
             cols,
-            keying: Keying::with_rate(DropRate::ZERO, 0, 0),
+            keys: Keying::with_rate(DropRate::ZERO, 0, 0),
+            resolution: None,
             drop_path: None,
             norm,
             eps,
@@ -319,7 +323,7 @@ impl Config {
     /// ```
     pub fn with_dropout(self, p: f64, seed: u64, call: u64) -> Result<Self> {
         Ok(Config {
-            keying: Keying::new(OP, p, seed, call)?.with_resolution(self.keying.resolution()),
+            keys: Keying::new(OP, p, seed, call)?,
             ..self
         })
     }
@@ -328,7 +332,9 @@ impl Config {
     /// 16-bit halfwords or bytes of the Philox stream; the dropout contract of every dropping
     /// op). The probability applied is then [`Config::effective_p`] and kept elements are scaled
     /// by one over its complement ([`Config::scale`]). Every kernel of this op implements every
-    /// resolution. Kept by [`Config::with_dropout`], in either order.
+    /// resolution. Kept by [`Config::with_dropout`], in either order. Without it the resolution
+    /// is the dtype's default ([`MaskResolution::default_for`] of the element type of `x`: 16
+    /// bits for f16 and bf16, 32 for f32).
     ///
     /// # Examples
     ///
@@ -336,24 +342,25 @@ impl Config {
     /// use fusedreg::dropout_add_norm::{Config, Norm};
     /// use fusedreg::dropping::MaskResolution;
     /// use fusedreg::philox::block;
+    /// use fusedreg::DtypeKind::F32;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(2, 64, Norm::LayerNorm, 1e-5)?
     ///     .with_resolution(MaskResolution::Bits8)
     ///     .with_dropout(0.1, 42, 7)?;
-    /// assert_eq!(cfg.resolution(), MaskResolution::Bits8);
-    /// assert_eq!(cfg.effective_p(), 26.0 / 256.0); // round(0.1 * 2^8) / 2^8
+    /// assert_eq!(cfg.resolution(), Some(MaskResolution::Bits8));
+    /// assert_eq!(cfg.effective_p(F32), 26.0 / 256.0); // round(0.1 * 2^8) / 2^8
     /// // Element 16 * 3 + 5 takes byte 1 of word 1 of Philox block 3.
-    /// assert_eq!(cfg.keeps(53), (block(42, 7, 3)[1] >> 8) & 0xff >= 26);
+    /// assert_eq!(cfg.keeps(F32, 53), (block(42, 7, 3)[1] >> 8) & 0xff >= 26);
     /// # Ok(()) }
     /// ```
     pub fn with_resolution(self, resolution: MaskResolution) -> Self {
         Config {
-            keying: self.keying.with_resolution(resolution),
+            resolution: Some(resolution),
             ..self
         }
     }
 
-    /// The mask resolution (default [`MaskResolution::Bits32`]).
+    /// The explicit mask resolution; `None` (the default) for the dtype's default.
     ///
     /// # Examples
     ///
@@ -361,14 +368,31 @@ impl Config {
     /// use fusedreg::dropout_add_norm::{Config, Norm};
     /// use fusedreg::dropping::MaskResolution;
     /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6).unwrap();
-    /// assert_eq!(cfg.resolution(), MaskResolution::Bits32);
+    /// assert_eq!(cfg.resolution(), None);
     /// ```
-    pub fn resolution(&self) -> MaskResolution {
-        self.keying.resolution()
+    pub fn resolution(&self) -> Option<MaskResolution> {
+        self.resolution
     }
 
-    /// The drop probability applied at this config's resolution (`p` itself up to `2^-32` at
-    /// `Bits32`, quantised to `2^-16` or `2^-8` at `Bits16` / `Bits8`).
+    /// The resolution a call with `x` of type `dtype` keys at ([`MaskResolution::resolve`]:
+    /// the explicit choice, else the dtype's default; the stream's type does not matter).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropout_add_norm::{Config, Norm};
+    /// use fusedreg::dropping::MaskResolution::*;
+    /// use fusedreg::DtypeKind::{Bf16, F32};
+    /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6).unwrap();
+    /// assert_eq!((cfg.resolution_for(Bf16), cfg.resolution_for(F32)), (Bits16, Bits32));
+    /// assert_eq!(cfg.with_resolution(Bits32).resolution_for(Bf16), Bits32);
+    /// ```
+    pub fn resolution_for(&self, dtype: DtypeKind) -> MaskResolution {
+        MaskResolution::resolve(self.resolution, dtype)
+    }
+
+    /// The drop probability a `dtype` call applies at its resolution (`p` itself up to `2^-32`
+    /// at `Bits32`, quantised to `2^-16` or `2^-8` at `Bits16` / `Bits8`).
     ///
     /// # Examples
     ///
@@ -377,14 +401,16 @@ impl Config {
     /// use fusedreg::dropping::MaskResolution;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.1, 1, 2)?;
-    /// assert_eq!(cfg.with_resolution(MaskResolution::Bits16).effective_p(), 6554.0 / 65536.0);
+    /// assert_eq!(cfg.effective_p(fusedreg::DtypeKind::Bf16), 6554.0 / 65536.0); // the default
+    /// assert_eq!(cfg.with_resolution(MaskResolution::Bits16).effective_p(fusedreg::DtypeKind::F32), 6554.0 / 65536.0);
     /// # Ok(()) }
     /// ```
-    pub fn effective_p(&self) -> f64 {
-        self.keying.effective_p()
+    pub fn effective_p(&self, dtype: DtypeKind) -> f64 {
+        self.keying(dtype).effective_p()
     }
 
-    /// The f32 scale of kept elements: `1 / (1 - effective_p())`, 0 for `p = 1`.
+    /// The f32 scale of kept elements of a `dtype` call: `1 / (1 - effective_p(dtype))`, 0 for
+    /// `p = 1`.
     ///
     /// # Examples
     ///
@@ -392,11 +418,11 @@ impl Config {
     /// use fusedreg::dropout_add_norm::{Config, Norm};
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.2, 1, 2)?;
-    /// assert_eq!(cfg.scale(), 1.25);
+    /// assert_eq!(cfg.scale(fusedreg::DtypeKind::F32), 1.25);
     /// # Ok(()) }
     /// ```
-    pub fn scale(&self) -> f32 {
-        self.keying.scale()
+    pub fn scale(&self, dtype: DtypeKind) -> f32 {
+        self.keying(dtype).scale()
     }
 
     /// Adds a generated drop path (stochastic depth): the row scale drawn from its own call id.
@@ -513,17 +539,17 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn rate(&self) -> DropRate {
-        self.keying.rate()
+        self.keys.rate()
     }
 
     /// The generator seed.
     pub fn seed(&self) -> u64 {
-        self.keying.seed()
+        self.keys.seed()
     }
 
     /// The call id of the dropout mask.
     pub fn call(&self) -> u64 {
-        self.keying.call()
+        self.keys.call()
     }
 
     /// The generated drop path, if any.
@@ -531,53 +557,66 @@ impl Config {
         self.drop_path
     }
 
-    /// The dropout keying `(p, seed, call)`, shared with every dropping op.
+    /// The dropout keying of a call with `x` of type `dtype` (`p`, seed, call and the
+    /// resolution resolved for `dtype`), shared with every dropping op: what the CPU
+    /// reference, the GPU forward and the backward all key with.
     ///
     /// # Examples
     ///
     /// ```
     /// use fusedreg::dropout_add_norm::{Config, Norm};
+    /// use fusedreg::dropping::MaskResolution;
+    /// use fusedreg::DtypeKind::Bf16;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.1, 42, 7)?;
-    /// assert_eq!(cfg.keying().keeps(9), cfg.keeps(9));
-    /// assert_eq!((cfg.keying().seed(), cfg.keying().call()), (42, 7));
+    /// let k = cfg.keying(Bf16);
+    /// assert_eq!(k.keeps(9), cfg.keeps(Bf16, 9));
+    /// assert_eq!((k.seed(), k.call(), k.resolution()), (42, 7, MaskResolution::Bits16));
     /// # Ok(()) }
     /// ```
-    pub fn keying(&self) -> Keying {
-        self.keying
+    pub fn keying(&self, dtype: DtypeKind) -> Keying {
+        self.keys.with_resolution(self.resolution_for(dtype))
     }
 
-    /// Whether element `i` (flat index `row * cols + col`) is kept by the dropout mask.
+    /// Whether element `i` (flat index `row * cols + col`) of a `dtype` call is kept by the
+    /// dropout mask.
     ///
     /// # Examples
     ///
     /// ```
     /// use fusedreg::dropout_add_norm::{Config, Norm};
     /// use fusedreg::philox::mask_word;
+    /// use fusedreg::DtypeKind::F32;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(2, 64, Norm::LayerNorm, 1e-5)?.with_dropout(0.1, 42, 7)?;
-    /// assert_eq!(cfg.keeps(69), cfg.rate().keeps(mask_word(42, 7, 69)));
+    /// assert_eq!(cfg.keeps(F32, 69), cfg.rate().keeps(mask_word(42, 7, 69)));
     /// # Ok(()) }
     /// ```
-    pub fn keeps(&self, i: u64) -> bool {
-        self.keying.keeps(i)
+    pub fn keeps(&self, dtype: DtypeKind, i: u64) -> bool {
+        self.keying(dtype).keeps(i)
     }
 
     /// The same shape and norm without dropout or row scale (the unfused baseline's norm).
     pub(crate) fn without_dropout(&self) -> Config {
         Config {
-            keying: Keying::with_rate(DropRate::ZERO, 0, 0),
+            keys: Keying::with_rate(DropRate::ZERO, 0, 0),
+            resolution: None,
             drop_path: None,
             ..*self
         }
     }
 
-    /// The dropout part as a `dropout` config (the unfused baseline's first op).
+    /// The dropout part as a `dropout` config (the unfused baseline's first op), with the same
+    /// resolution setting (the baseline resolves it its own way: 32 bits, see
+    /// `dropping::Config::keying_bits32`).
     pub(crate) fn dropout_config(&self) -> Result<crate::dropout::Config> {
-        let k = self.keying;
+        let k = self.keys;
         let c =
-            crate::dropout::Config::new(self.rows, self.cols, k.rate().p(), k.seed(), k.call())?
-                .with_resolution(k.resolution());
+            crate::dropout::Config::new(self.rows, self.cols, k.rate().p(), k.seed(), k.call())?;
+        let c = match self.resolution {
+            Some(r) => c.with_resolution(r),
+            None => c,
+        };
         Ok(match self.drop_path {
             Some(path) => c.with_drop_path(path),
             None => c,

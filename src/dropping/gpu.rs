@@ -466,7 +466,7 @@ pub(crate) fn backward<T: Dtype>(
         op,
         rows: cfg.rows(),
         cols: cfg.cols(),
-        keying: cfg.keying(),
+        keying: cfg.keying(T::KIND),
         drop_path: cfg.drop_path(),
         rowscale: ptr(&rs_g),
         mask: ptr(&mask_g),

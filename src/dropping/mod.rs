@@ -19,7 +19,8 @@
 //! # What a new dropping op uses
 //!
 //! Public (its API re-exports them): [`Config`] (shape, rate, seed, call, optional [`DropPath`],
-//! [`MaskResolution`]), [`ForwardOptions`] / [`BackwardOptions`] (GPU) and
+//! [`MaskResolution`], unset by default and resolved per dtype by [`MaskResolution::resolve`]),
+//! [`ForwardOptions`] / [`BackwardOptions`] (GPU) and
 //! [`CpuForwardOptions`] / [`CpuBackwardOptions`] (the optional buffers: bias, row scale, 1-bit
 //! mask, generated row scale, dbias, workspace), [`DropRate`], [`Keying`] (seed, call, rate,
 //! resolution: `keeps(i)`, [`KeepBits`] for a CPU loop that evaluates each Philox block once),
@@ -29,7 +30,7 @@
 //! op), `LaunchTuning` (hidden, for tests).
 //!
 //! Crate-internal: `check_forward` / `check_backward` (buffer lengths and option conflicts, as
-//! `Error`s naming the op), `Config::require_bits32` (for ops without 16-bit kernels),
+//! `Error`s naming the op), `Config::keying_bits32` (the unfused baselines' 32-bit-only keying),
 //! `row_scales` / `row_multiplier` (CPU row scale), `backward_cpu` (the CPU reference of the
 //! shared backward, `dx = m != 0 ? T(dy * m) : 0` with dbias), `Workspace::partials` (the
 //! partials of one backward, in the caller's workspace or per call); in `gpu`: `segments` /
@@ -310,9 +311,9 @@ impl DropRate {
 
 /// How many random bits key one element's keep/drop decision.
 ///
-/// * [`MaskResolution::Bits32`] (the default): element `i` takes 32-bit word `i % 4` of Philox
+/// * [`MaskResolution::Bits32`] (the default for f32): element `i` takes 32-bit word `i % 4` of Philox
 ///   block `i / 4`; the drop probability is quantised to `2^-32` ([`DropRate::threshold`]).
-/// * [`MaskResolution::Bits16`]: element `i` takes 16-bit halfword `i % 8` of Philox block
+/// * [`MaskResolution::Bits16`] (the default for f16 and bf16): element `i` takes 16-bit halfword `i % 8` of Philox block
 ///   `i / 8` (halfword `k` is the low half of word `k / 2` for even `k`, the high half for odd
 ///   `k`) and is dropped when it is below `round(p * 2^16)`: one Philox evaluation keys 8
 ///   elements (a 16-bit type's 16-byte vector), half the generator work of `Bits32`; the
@@ -329,17 +330,22 @@ impl DropRate {
 /// resolutions its kernels implement; the others are refused with an error, never run as
 /// another resolution.
 ///
+/// There is no dtype-free default: an op's `Config` holds an `Option<MaskResolution>`
+/// (`None` unless `with_resolution` is called) and resolves it at the call from the element
+/// type with [`MaskResolution::resolve`] (the rule and the counts it rests on are there).
+///
 /// ```
 /// use fusedreg::dropping::{DropRate, MaskResolution};
+/// use fusedreg::DtypeKind;
 /// let r = DropRate::new(0.1).unwrap();
 /// assert_eq!(r.threshold_at(MaskResolution::Bits16), 6554); // round(0.1 * 2^16)
 /// assert_eq!(r.effective_p_at(MaskResolution::Bits16), 6554.0 / 65536.0);
-/// assert_eq!(MaskResolution::default(), MaskResolution::Bits32);
+/// assert_eq!(MaskResolution::default_for(DtypeKind::Bf16), MaskResolution::Bits16);
+/// assert_eq!(MaskResolution::default_for(DtypeKind::F32), MaskResolution::Bits32);
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MaskResolution {
     /// One 32-bit word per element, 4 elements per Philox block (`p` quantised to `2^-32`).
-    #[default]
     Bits32,
     /// One 16-bit halfword per element, 8 elements per Philox block (`p` quantised to `2^-16`).
     ///
@@ -373,6 +379,67 @@ impl MaskResolution {
         }
     }
 
+    /// The default resolution of an element type: [`MaskResolution::Bits16`] for f16 and bf16,
+    /// [`MaskResolution::Bits32`] for f32. Chosen from the static SASS count per element of the
+    /// kernels on their benchmark path (`scripts/sass-budget`, nvcc 13.0.88, sm_90, `[16384,
+    /// 4096]`; `benches/sass-budget.json`), instructions per element, 32-bit / 16-bit keys:
+    ///
+    /// | kernel | bf16 | f16 | f32 |
+    /// | --- | --- | --- | --- |
+    /// | dropout fwd (bias) | 23.7 / **19.5** | 24.0 / **19.7** | **29.7** / 33.2 |
+    /// | dropout bwd + dbias | 22.6 / **17.4** | 22.6 / **17.3** | **24.8** / 28.7 |
+    /// | bias_act_dropout fwd GELU-tanh (`Math::Fast`) | 29.8 / **25.6** | | |
+    /// | bias_act_dropout fwd ReLU | 23.7 / **19.4** | | |
+    /// | bias_act_dropout bwd GELU-tanh | 36.1 / **31.8** | | |
+    /// | dropout_add_norm LN fwd (tier t2) | 44.9 / **42.7** | | |
+    /// | dropout_add_norm LN bwd (tier t2) | 61.3 / **59.1** | | |
+    ///
+    /// A 16-byte vector holds 8 elements of a 16-bit type, so one Philox block keys exactly
+    /// one vector at 16 bits (half the generator work of 32 bits); an f32 vector holds 4, and
+    /// splitting halfwords out of a block costs more than it saves. `Bits8` is sometimes
+    /// cheaper still but applies `p` only to `2^-9` (0.1 runs as 0.1016): not a default.
+    /// The f16 column counts the dropout kernels only (the other ops' f16 paths differ from
+    /// bf16 only in the conversion); the prediction that 16-bit keys are faster at 16-bit dtypes
+    /// is to be checked on a GPU (benches/NOTES.md, "default keying per dtype").
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::MaskResolution;
+    /// use fusedreg::DtypeKind;
+    /// assert_eq!(MaskResolution::default_for(DtypeKind::F16), MaskResolution::Bits16);
+    /// assert_eq!(MaskResolution::default_for(DtypeKind::F32), MaskResolution::Bits32);
+    /// ```
+    pub const fn default_for(dtype: DtypeKind) -> MaskResolution {
+        match dtype {
+            DtypeKind::F16 | DtypeKind::Bf16 => MaskResolution::Bits16,
+            DtypeKind::F32 => MaskResolution::Bits32,
+        }
+    }
+
+    /// A config's resolution setting resolved for an element type: the explicit choice when
+    /// there is one (it always wins), else [`MaskResolution::default_for`]`(dtype)`. Every
+    /// path of every dropping op (the GPU launch, the CPU reference, the backward that
+    /// regenerates the forward's mask) resolves through this one function, so the same config
+    /// and dtype key the same mask everywhere.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::MaskResolution::{self, *};
+    /// use fusedreg::DtypeKind;
+    /// assert_eq!(MaskResolution::resolve(None, DtypeKind::Bf16), Bits16);
+    /// assert_eq!(MaskResolution::resolve(None, DtypeKind::F32), Bits32);
+    /// assert_eq!(MaskResolution::resolve(Some(Bits32), DtypeKind::Bf16), Bits32);
+    /// assert_eq!(MaskResolution::resolve(Some(Bits8), DtypeKind::F32), Bits8);
+    /// ```
+    pub const fn resolve(setting: Option<MaskResolution>, dtype: DtypeKind) -> MaskResolution {
+        match setting {
+            Some(r) => r,
+            None => MaskResolution::default_for(dtype),
+        }
+    }
+
     /// log2 of the elements one Philox block keys (2, 3 or 4).
     fn block_shift(self) -> u32 {
         match self {
@@ -384,6 +451,10 @@ impl MaskResolution {
 }
 
 /// The random keys and rate of one dropout call: everything that decides its mask.
+///
+/// A `Keying` always has a concrete [`MaskResolution`] (32 bits from [`Keying::new`] and
+/// [`Keying::with_rate`], which know no dtype); the ops' configs build theirs at the call with
+/// the resolution resolved for the element type (`Config::keying(dtype)`).
 ///
 /// ```
 /// use fusedreg::dropping::Keying;
@@ -1050,7 +1121,8 @@ pub struct Config {
     seed: u64,
     call: u64,
     drop_path: Option<DropPath>,
-    resolution: MaskResolution,
+    /// The explicit choice; `None` resolves per dtype at the call ([`MaskResolution::resolve`]).
+    resolution: Option<MaskResolution>,
 }
 
 impl Config {
@@ -1085,7 +1157,7 @@ impl Config {
             seed,
             call,
             drop_path: None,
-            resolution: MaskResolution::Bits32,
+            resolution: None,
         })
     }
 
@@ -1264,29 +1336,33 @@ impl Config {
         mask_words(self.len())
     }
 
-    /// Whether element `i` (flat index) is kept by the dropout mask.
+    /// Whether element `i` (flat index) is kept by the dropout mask of a `dtype` call (the
+    /// resolution is resolved for `dtype`, as the call does).
     ///
     /// # Examples
     ///
     /// ```
     /// use fusedreg::dropping::Config;
     /// use fusedreg::philox::mask_word;
+    /// use fusedreg::DtypeKind::F32;
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::new(2, 64, 0.1, 42, 7)?;
     /// let i = 64 + 5; // row 1, column 5
-    /// assert_eq!(cfg.keeps(i), cfg.rate().keeps(mask_word(42, 7, i)));
-    /// assert!(Config::flat(8, 0.0, 42, 7)?.keeps(3)); // p = 0 keeps everything
-    /// assert!(!Config::flat(8, 1.0, 42, 7)?.keeps(3)); // p = 1 nothing
+    /// assert_eq!(cfg.keeps(F32, i), cfg.rate().keeps(mask_word(42, 7, i))); // 32-bit keys
+    /// assert!(Config::flat(8, 0.0, 42, 7)?.keeps(F32, 3)); // p = 0 keeps everything
+    /// assert!(!Config::flat(8, 1.0, 42, 7)?.keeps(F32, 3)); // p = 1 nothing
     /// # Ok(()) }
     /// ```
-    pub fn keeps(&self, i: u64) -> bool {
-        self.keying().keeps(i)
+    pub fn keeps(&self, dtype: DtypeKind, i: u64) -> bool {
+        self.keying(dtype).keeps(i)
     }
 
-    /// Keys the mask at another resolution ([`MaskResolution::Bits16`]: 8 elements per Philox
-    /// block, `p` quantised to `2^-16`; [`MaskResolution::Bits8`]: 16 per block, `2^-8`). The
-    /// CPU references implement every resolution; an op whose kernels do not implement one
-    /// returns an error for it on the GPU (its docs list what it offers).
+    /// Keys the mask at an explicit resolution, whatever the dtype ([`MaskResolution::Bits32`]:
+    /// 4 elements per Philox block; [`MaskResolution::Bits16`]: 8, `p` quantised to `2^-16`;
+    /// [`MaskResolution::Bits8`]: 16, `2^-8`). Without it the resolution is the dtype's default
+    /// ([`MaskResolution::default_for`]: 16 bits for f16/bf16, 32 for f32). The CPU references
+    /// implement every resolution; an op whose kernels do not implement one returns an error
+    /// for it on the GPU (its docs list what it offers).
     ///
     /// # Examples
     ///
@@ -1294,75 +1370,115 @@ impl Config {
     /// use fusedreg::dropping::{Config, MaskResolution};
     /// # fn main() -> fusedreg::Result<()> {
     /// let cfg = Config::flat(64, 0.1, 42, 7)?.with_resolution(MaskResolution::Bits16);
-    /// assert_eq!(cfg.resolution(), MaskResolution::Bits16);
-    /// assert_eq!(cfg.effective_p(), 6554.0 / 65536.0); // the probability applied
+    /// assert_eq!(cfg.resolution(), Some(MaskResolution::Bits16));
+    /// assert_eq!(cfg.effective_p(fusedreg::DtypeKind::F32), 6554.0 / 65536.0); // the probability applied
     /// # Ok(()) }
     /// ```
     pub fn with_resolution(self, resolution: MaskResolution) -> Self {
-        Config { resolution, ..self }
+        Config {
+            resolution: Some(resolution),
+            ..self
+        }
     }
 
-    /// The mask resolution (default [`MaskResolution::Bits32`]).
+    /// The explicit mask resolution, `None` (the default) for the dtype's default.
     ///
     /// # Examples
     ///
     /// ```
     /// use fusedreg::dropping::{Config, MaskResolution};
-    /// assert_eq!(Config::flat(8, 0.1, 1, 2).unwrap().resolution(), MaskResolution::Bits32);
+    /// let cfg = Config::flat(8, 0.1, 1, 2).unwrap();
+    /// assert_eq!(cfg.resolution(), None);
+    /// assert_eq!(cfg.with_resolution(MaskResolution::Bits8).resolution(), Some(MaskResolution::Bits8));
     /// ```
-    pub fn resolution(&self) -> MaskResolution {
+    pub fn resolution(&self) -> Option<MaskResolution> {
         self.resolution
     }
 
-    /// The drop probability actually applied: `threshold / 2^32` (`Bits32`),
-    /// `round(p * 2^16) / 2^16` (`Bits16`) or `round(p * 2^8) / 2^8` (`Bits8`). Kept elements are scaled by one over its complement
+    /// The resolution a `dtype` call keys at: [`MaskResolution::resolve`] of this config's
+    /// setting (the explicit choice, else the dtype's default).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::{Config, MaskResolution::*};
+    /// use fusedreg::DtypeKind::{Bf16, F32};
+    /// let cfg = Config::flat(8, 0.1, 1, 2).unwrap();
+    /// assert_eq!((cfg.resolution_for(Bf16), cfg.resolution_for(F32)), (Bits16, Bits32));
+    /// assert_eq!(cfg.with_resolution(Bits32).resolution_for(Bf16), Bits32); // explicit wins
+    /// ```
+    pub fn resolution_for(&self, dtype: DtypeKind) -> MaskResolution {
+        MaskResolution::resolve(self.resolution, dtype)
+    }
+
+    /// The drop probability a `dtype` call actually applies: `threshold / 2^32` (`Bits32`),
+    /// `round(p * 2^16) / 2^16` (`Bits16`) or `round(p * 2^8) / 2^8` (`Bits8`), at
+    /// [`Config::resolution_for`]`(dtype)`. Kept elements are scaled by one over its complement
     /// ([`Config::scale`]), so the output is unbiased at every resolution.
     ///
     /// # Examples
     ///
     /// ```
     /// use fusedreg::dropping::Config;
-    /// let cfg = Config::flat(8, 0.5, 1, 2).unwrap();
-    /// assert_eq!(cfg.effective_p(), 0.5);
+    /// use fusedreg::DtypeKind::{Bf16, F32};
+    /// let cfg = Config::flat(8, 0.1, 1, 2).unwrap();
+    /// assert_eq!(cfg.effective_p(F32), cfg.rate().effective_p());
+    /// assert_eq!(cfg.effective_p(Bf16), 6554.0 / 65536.0); // 16-bit keys by default
     /// ```
-    pub fn effective_p(&self) -> f64 {
-        self.keying().effective_p()
+    pub fn effective_p(&self, dtype: DtypeKind) -> f64 {
+        self.keying(dtype).effective_p()
     }
 
-    /// The f32 scale of kept elements: `1 / (1 - effective_p())` ([`DropRate::scale_at`] at this
-    /// config's resolution); 0 for `p = 1`.
+    /// The f32 scale of kept elements of a `dtype` call: `1 / (1 - effective_p(dtype))`
+    /// ([`DropRate::scale_at`] at [`Config::resolution_for`]`(dtype)`); 0 for `p = 1`.
     ///
     /// # Examples
     ///
     /// ```
     /// use fusedreg::dropping::{Config, MaskResolution};
+    /// use fusedreg::DtypeKind::{Bf16, F32};
     /// let cfg = Config::flat(8, 0.2, 1, 2).unwrap();
-    /// assert_eq!(cfg.scale(), 1.25);
-    /// let cfg = cfg.with_resolution(MaskResolution::Bits16); // applies 13107 / 65536
-    /// assert_eq!(cfg.scale(), (65536.0f64 / (65536.0 - 13107.0)) as f32);
+    /// assert_eq!(cfg.scale(F32), 1.25);
+    /// // bf16 keys at 16 bits by default: applies 13107 / 65536
+    /// assert_eq!(cfg.scale(Bf16), (65536.0f64 / (65536.0 - 13107.0)) as f32);
+    /// assert_eq!(cfg.with_resolution(MaskResolution::Bits16).scale(F32), cfg.scale(Bf16));
     /// ```
-    pub fn scale(&self) -> f32 {
-        self.keying().scale()
+    pub fn scale(&self, dtype: DtypeKind) -> f32 {
+        self.keying(dtype).scale()
     }
 
-    /// The dropout keying (seed, call, rate, resolution) the shared pieces take.
-    pub(crate) fn keying(&self) -> Keying {
-        Keying::with_rate(self.rate, self.seed, self.call).with_resolution(self.resolution)
+    /// The keying (seed, call, rate and the resolution resolved for `dtype`) of a `dtype` call:
+    /// what the CPU reference, the GPU forward and the backward that regenerates its mask all
+    /// key with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::{Config, MaskResolution};
+    /// use fusedreg::DtypeKind::Bf16;
+    /// let cfg = Config::flat(8, 0.1, 1, 2).unwrap();
+    /// let k = cfg.keying(Bf16);
+    /// assert_eq!(k.resolution(), MaskResolution::Bits16);
+    /// assert_eq!((k.seed(), k.call()), (1, 2));
+    /// ```
+    pub fn keying(&self, dtype: DtypeKind) -> Keying {
+        Keying::with_rate(self.rate, self.seed, self.call)
+            .with_resolution(self.resolution_for(dtype))
     }
 
-    /// Errors for a resolution other than [`MaskResolution::Bits32`] in a path that keys at 32
-    /// bits only (the unfused baselines: PyTorch has no coarser keying).
-    pub(crate) fn require_bits32(&self, op: &'static str) -> Result<()> {
-        if self.resolution != MaskResolution::Bits32 {
-            return Err(Error::invalid(
+    /// The keying of an unfused baseline, which keys at 32 bits only (PyTorch has no coarser
+    /// keying): 32 bits for every dtype by default, and an error for an explicit other
+    /// resolution (never run as another one).
+    pub(crate) fn keying_bits32(&self, op: &'static str) -> Result<Keying> {
+        match self.resolution {
+            None | Some(MaskResolution::Bits32) => Ok(self.keying(DtypeKind::F32)),
+            Some(r) => Err(Error::invalid(
                 op,
                 format!(
-                    "{:?} keying is offered by the fused op, not by its unfused baseline (32-bit keys, as PyTorch)",
-                    self.resolution
+                    "{r:?} keying is offered by the fused op, not by its unfused baseline (32-bit keys, as PyTorch)"
                 ),
-            ));
+            )),
         }
-        Ok(())
     }
 
     pub(crate) fn has_row_scale(&self, given: bool) -> bool {

@@ -113,14 +113,16 @@ pub fn as_candle_grad(g: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The multiplier of every element as the op defines it (`keep ? scale * rowscale : 0`, f32),
-/// from fusedreg's keying, as a `[rows, cols]` candle tensor.
-pub fn multiplier(cfg: &fusedreg::dropout::Config) -> candle_core::Result<Tensor> {
-    let scale = cfg.rate().scale();
+/// from fusedreg's keying of a `dtype` call (the resolution resolved for it, as the op does),
+/// as a `[rows, cols]` candle tensor.
+pub fn multiplier(cfg: &fusedreg::dropout::Config, dtype: DType) -> candle_core::Result<Tensor> {
+    let keying = cfg.keying(kind(dtype));
+    let scale = keying.scale();
     let row_multiplier = |row: usize| match cfg.drop_path() {
         Some(p) => scale * p.row_scale(cfg.seed(), row as u64),
         None => scale,
     };
-    multiplier_of(cfg.rows(), cfg.cols(), row_multiplier, |i| cfg.keeps(i))
+    multiplier_of(cfg.rows(), cfg.cols(), row_multiplier, |i| keying.keeps(i))
 }
 
 /// `keeps(i) ? row_multiplier(row) : 0` for every element `i` of a `[rows, cols]` tensor.
@@ -199,4 +201,13 @@ pub fn assert_x_bias_op_refuses_bad_input(
         expect_err(forward(&s, None, k), "scalar");
     }
     Ok(())
+}
+
+/// fusedreg's element type of a candle dtype (f32 for anything else: the adapter's f32 path).
+pub fn kind(dtype: DType) -> fusedreg::DtypeKind {
+    match dtype {
+        DType::BF16 => fusedreg::DtypeKind::Bf16,
+        DType::F16 => fusedreg::DtypeKind::F16,
+        _ => fusedreg::DtypeKind::F32,
+    }
 }

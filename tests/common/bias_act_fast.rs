@@ -72,10 +72,10 @@ pub fn check_forward<T: Dtype>(cfg: &Config, h: &[f32], y: &[T], fails: &mut Fai
     let act = cfg.act();
     let b = act.fast_bound().act;
     // The keying's scale: 1 / (1 - the effective p), at every resolution.
-    let s = 1.0 / (1.0 - cfg.effective_p());
+    let s = 1.0 / (1.0 - cfg.effective_p(T::KIND));
     let (u, m) = (half_ulp(T::KIND), half_min_sub(T::KIND));
     for i in 0..y.len() {
-        if !cfg.keeps(i as u64) {
+        if !cfg.keeps(T::KIND, i as u64) {
             if !is_pos_zero(y[i]) {
                 fails.add(|| format!("y[{i}] dropped but {:e}", y[i].to_f32()));
             }
@@ -117,13 +117,13 @@ pub fn check_backward<T: Dtype>(
     let act = cfg.act();
     let g = act.fast_bound().grad;
     // The keying's scale: 1 / (1 - the effective p), at every resolution.
-    let s = 1.0 / (1.0 - cfg.effective_p());
+    let s = 1.0 / (1.0 - cfg.effective_p(T::KIND));
     let (u, m) = (half_ulp(T::KIND), half_min_sub(T::KIND));
     let (rows, cols) = (cfg.rows(), cfg.cols());
     // Per column: sum of exact d, sum of |d|, sum of the per-term bound.
     let mut col = vec![(0.0f64, 0.0f64, 0.0f64); cols];
     for i in 0..dx.len() {
-        if !cfg.keeps(i as u64) {
+        if !cfg.keeps(T::KIND, i as u64) {
             if !is_pos_zero(dx[i]) {
                 fails.add(|| format!("dx[{i}] dropped but {:e}", dx[i].to_f32()));
             }
@@ -139,7 +139,7 @@ pub fn check_backward<T: Dtype>(
         if !dys.is_finite() {
             continue;
         }
-        if !(dy[i].to_f32() * cfg.keying().scale()).is_finite() {
+        if !(dy[i].to_f32() * cfg.keying(T::KIND).scale()).is_finite() {
             // `dy * scale` overflows f32, where both math modes form it first (the exact mode
             // gives the same non-finite value, bit for bit): no bound for the element or its
             // column's sum.

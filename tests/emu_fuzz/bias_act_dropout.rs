@@ -113,7 +113,7 @@ impl Stem for BiasActDropout {
         );
         w.u64("seed", c.seed);
         w.u64("call", c.call);
-        let keying = cfg.keying();
+        let keying = cfg.keying(c.dtype);
         w.u64("threshold", keying.threshold());
         // gpu.rs forward(): the launch constants of Math::Fast at the keying's effective p, and
         // its math code (ReLU has one body) and keying flag (drop::FLAG_KEY16 / FLAG_KEY8).

@@ -161,11 +161,11 @@ impl Stem for DropoutAddNorm {
         w.u64("call", c.call);
         // The threshold and scale at the config's resolution, and its kernel flag
         // (drop::FLAG_KEY16 = 8, FLAG_KEY8 = 16).
-        w.u64("threshold", cfg.keying().threshold());
-        w.f32("scale", cfg.scale());
+        w.u64("threshold", cfg.keying(c.dtype).threshold());
+        w.f32("scale", cfg.scale(c.dtype));
         w.u64(
             "key_flags",
-            match cfg.resolution() {
+            match cfg.resolution_for(c.dtype) {
                 MaskResolution::Bits32 => 0,
                 MaskResolution::Bits16 => 8,
                 MaskResolution::Bits8 => 16,

@@ -154,8 +154,11 @@ fn write(c: &Case, w: &mut Writer) {
     w.u64("dbias_slab_rows", slab_rows(c.rows, c.cols, c.dtype) as u64);
     w.u64("seed", c.seed);
     w.u64("call", c.call);
-    w.u64("threshold", cfg.rate().threshold_at(cfg.resolution()));
-    w.f32("scale", cfg.scale());
+    w.u64(
+        "threshold",
+        cfg.rate().threshold_at(cfg.resolution_for(c.dtype)),
+    );
+    w.f32("scale", cfg.scale(c.dtype));
     let path = cfg.drop_path();
     w.flag("drop_path", path.is_some());
     w.drop_path(path);

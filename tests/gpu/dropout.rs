@@ -41,6 +41,8 @@ pub fn trials() -> Vec<Trial> {
             ("eight_bit_keying_f32", eight_bit_keying::<f32>),
             ("eight_bit_keying_f16", eight_bit_keying::<f16>),
             ("eight_bit_keying_bf16", eight_bit_keying::<bf16>),
+            ("default_keying_bf16_is_bits16", default_keying::<bf16>),
+            ("default_keying_f32_is_bits32", default_keying::<f32>),
             ("dbias_is_deterministic", dbias_is_deterministic),
             ("row_scales_staged_in_chunks", row_scales_staged_in_chunks),
             ("empty_inputs_launch_nothing", empty_inputs_launch_nothing),
@@ -574,6 +576,42 @@ fn keying_at<T: Dtype>(h: &Handle, resolution: MaskResolution, seed: u64) -> Tes
         }
     }
     Ok(())
+}
+
+/// A config without an explicit resolution keys at the dtype's default on the GPU (16 bits for
+/// bf16, 32 for f32: `MaskResolution::default_for`): forward (outputs and mask) and the
+/// backward that regenerates the mask give the explicit resolution's bits, and the CPU
+/// reference with the same unset config agrees.
+fn default_keying<T: Dtype>(h: &Handle) -> TestResult {
+    let c = Case {
+        bias: true,
+        dbias: true,
+        resolution: MaskResolution::default_for(T::KIND),
+        ..Case::new(257, 1024)
+    };
+    let seed = 3000;
+    let explicit = c.config(seed);
+    let unset = Config::new(c.rows, c.cols, c.p, seed, 0x1234_5678_9abc).unwrap();
+    assert_eq!(unset.resolution(), None);
+    let d = data::<T>(&c, seed);
+    let got = gpu_forward(h, &c, &unset, &d)?;
+    compare_fwd(
+        "default forward vs explicit",
+        &got,
+        &gpu_forward(h, &c, &explicit, &d)?,
+    )?;
+    compare_fwd("default forward vs CPU", &got, &cpu_forward(&c, &unset, &d))?;
+    let got_b = gpu_backward(h, &c, &unset, &d, None, None)?;
+    compare_bwd(
+        "default backward vs explicit",
+        &got_b,
+        &gpu_backward(h, &c, &explicit, &d, None, None)?,
+    )?;
+    compare_bwd(
+        "default backward vs CPU",
+        &got_b,
+        &cpu_backward(&c, &unset, &d, None),
+    )
 }
 
 /// dbias is identical across repeated runs, with and without a reused workspace.

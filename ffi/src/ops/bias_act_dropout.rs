@@ -25,8 +25,11 @@ pub(crate) fn config(o: &FrOptions) -> FfiResult<Config> {
             )))
         }
     };
-    let cfg = Config::new(rows, cols, act, o.p, o.seed, o.call)?
-        .with_resolution(o.resolution(OP, &[32, 16, 8])?);
+    let cfg = Config::new(rows, cols, act, o.p, o.seed, o.call)?;
+    // mask_bits = 0: unset, the library resolves it for the dtype at the call.
+    let cfg = o
+        .resolution(OP, &[32, 16, 8])?
+        .map_or(cfg, |r| cfg.with_resolution(r));
     Ok(match o.math(OP)? {
         Some(m) => cfg.with_math(m),
         None => cfg,
@@ -227,6 +230,7 @@ mod tests {
     use super::*;
     use crate::{fr_options_default, FR_MATH_DEFAULT, FR_MATH_EXACT, FR_MATH_FAST};
     use fusedreg::dropping::MaskResolution;
+    use fusedreg::DtypeKind;
     use fusedreg::Math;
 
     fn cfg(activation: u32, math: u32, mask_bits: u32) -> FfiResult<Config> {
@@ -261,11 +265,15 @@ mod tests {
             Math::Fast
         );
         let c = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 16).unwrap();
-        assert_eq!(c.resolution(), MaskResolution::Bits16);
-        assert_eq!(c.effective_p(), 6554.0 / 65536.0);
-        // 8 bits reaches the config (the GPU launch refuses it while the kernels lack it).
+        assert_eq!(c.resolution(), Some(MaskResolution::Bits16));
+        assert_eq!(c.effective_p(DtypeKind::F32), 6554.0 / 65536.0);
         let c = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 8).unwrap();
-        assert_eq!(c.resolution(), MaskResolution::Bits8);
+        assert_eq!(c.resolution(), Some(MaskResolution::Bits8));
+        // 0: unset, resolved per dtype by the library (16 bits for bf16, 32 for f32).
+        let c = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 0).unwrap();
+        assert_eq!(c.resolution(), None);
+        assert_eq!(c.resolution_for(DtypeKind::Bf16), MaskResolution::Bits16);
+        assert_eq!(c.resolution_for(DtypeKind::F32), MaskResolution::Bits32);
         let e = cfg(FR_ACT_GELU_ERF, FR_MATH_DEFAULT, 4)
             .unwrap_err()
             .message;

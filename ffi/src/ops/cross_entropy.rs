@@ -14,7 +14,7 @@ use crate::{FR_REDUCTION_MEAN, FR_REDUCTION_NONE, FR_REDUCTION_SUM};
 const OP: &str = "cross_entropy";
 
 /// The library's config of a call (`FR_MATH_DEFAULT`: the library's default, Fast). The op has
-/// no mask: `mask_bits` other than 32 is refused as a likely mistake.
+/// no mask: `mask_bits` other than 0 (the default) or 32 is refused as a likely mistake.
 pub(crate) fn config(o: &FrOptions) -> FfiResult<Config> {
     o.resolution(OP, &[32])?;
     let (rows, vocab) = o.shape(OP)?;

@@ -15,8 +15,11 @@ const OP: &str = "dropout";
 fn config(o: &FrOptions) -> FfiResult<Config> {
     o.exact_only(OP)?;
     let (rows, cols) = o.shape(OP)?;
-    let mut cfg = Config::new(rows, cols, o.p, o.seed, o.call)?
-        .with_resolution(o.resolution(OP, &[32, 16, 8])?);
+    let cfg = Config::new(rows, cols, o.p, o.seed, o.call)?;
+    // mask_bits = 0: unset, the library resolves it for the dtype at the call.
+    let mut cfg = o
+        .resolution(OP, &[32, 16, 8])?
+        .map_or(cfg, |r| cfg.with_resolution(r));
     if let Some(path) = o.drop_path(OP)? {
         cfg = cfg.with_drop_path(path);
     }

@@ -26,8 +26,10 @@ fn config(o: &FrOptions) -> FfiResult<Config> {
             )))
         }
     };
-    let mut cfg = Config::new(rows, cols, norm, o.eps)?
-        .with_resolution(resolution)
+    let cfg = Config::new(rows, cols, norm, o.eps)?;
+    // mask_bits = 0: unset, the library resolves it for the dtype at the call.
+    let mut cfg = resolution
+        .map_or(cfg, |r| cfg.with_resolution(r))
         .with_dropout(o.p, o.seed, o.call)?
         .with_layer_scale(o.layer_scale)?;
     if let Some(path) = o.drop_path(OP)? {
