@@ -161,7 +161,7 @@ impl BiasActDropout {
 
     /// The [`Config`] a call on a `[rows, cols]` tensor uses: with `keys`, the site's rate and
     /// call id of that step; without (evaluation), p = 0. Use it to reproduce a mask
-    /// (`cfg.keeps(i)`).
+    /// (`cfg.keeps(dtype, i)`).
     ///
     /// # Examples
     ///

@@ -40,6 +40,7 @@ use {
 /// ```
 /// use candle_core::{Device, Tensor, Var};
 /// use fusedreg::candle::{Dropout, StepKeys};
+/// use fusedreg::DtypeKind;
 /// # fn main() -> candle_core::Result<()> {
 /// let dev = Device::Cpu;
 /// let x = Var::randn(0f32, 1.0, (2, 8, 32), &dev)?; // e.g. token + position embeddings
@@ -50,7 +51,7 @@ use {
 /// let cfg = site.config(16, 32, Some(&keys))?;
 /// let (yv, xv) = (y.flatten_all()?.to_vec1::<f32>()?, x.flatten_all()?.to_vec1::<f32>()?);
 /// for i in 0..yv.len() {
-///     let want = if cfg.keeps(i as u64) { xv[i] * cfg.rate().scale() } else { 0.0 };
+///     let want = if cfg.keeps(DtypeKind::F32, i as u64) { xv[i] * cfg.scale(DtypeKind::F32) } else { 0.0 };
 ///     assert_eq!(yv[i], want);
 /// }
 /// let grads = y.sum_all()?.backward()?;
@@ -86,6 +87,7 @@ pub struct Dropout {
 /// ```
 /// use candle_core::{DType, Device, Tensor, Var};
 /// use fusedreg::candle::{DropoutResidual, StepKeys};
+/// use fusedreg::DtypeKind;
 /// # fn main() -> candle_core::Result<()> {
 /// let dev = Device::Cpu;
 /// // [batch 2, seq 8, hidden 32]; drop path draws once per sample (8 rows).
@@ -98,7 +100,7 @@ pub struct Dropout {
 /// let cfg = site.config(16, 32, Some(&keys))?;
 /// let (yv, sv) = (y.flatten_all()?.to_vec1::<f32>()?, stream.flatten_all()?.to_vec1::<f32>()?);
 /// let rs0 = cfg.drop_path().unwrap().row_scale(keys.seed(), 0);
-/// assert_eq!(yv[0] == sv[0], rs0 == 0.0 || !cfg.keeps(0)); // dropped: the residual's bits
+/// assert_eq!(yv[0] == sv[0], rs0 == 0.0 || !cfg.keeps(DtypeKind::F32, 0)); // dropped: the residual's bits
 /// // Evaluation (no keys): y = x + residual exactly, nothing dropped.
 /// let y_eval = site.forward(&x, &stream, None, None)?;
 /// let exact = (x.as_tensor() + &stream)?;
@@ -142,7 +144,7 @@ impl Dropout {
 
     /// The [`Config`] a call on a `[rows, cols]` tensor uses: with `keys`, the site's rates and
     /// call ids of that step; without (evaluation), p = 0 and no drop path. Use it to reproduce a
-    /// mask (`cfg.keeps(i)`, `cfg.drop_path().unwrap().row_scale(seed, row)`).
+    /// mask (`cfg.keeps(dtype, i)`, `cfg.drop_path().unwrap().row_scale(seed, row)`).
     ///
     /// # Examples
     ///

@@ -244,7 +244,7 @@ impl DropoutAddNorm {
 
     /// The [`Config`] a call on a `[rows, cols]` tensor uses: with `keys`, the site's dropout and
     /// drop path with that step's call ids; without (evaluation), p = 0 and no drop path. The
-    /// layer scale is there in both. Use it to reproduce a mask (`cfg.keeps(i)`) or to call
+    /// layer scale is there in both. Use it to reproduce a mask (`cfg.keeps(dtype, i)`) or to call
     /// [`crate::dropout_add_norm::cpu`] directly.
     ///
     /// # Examples
