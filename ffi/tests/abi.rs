@@ -6,24 +6,14 @@ use std::ptr::{null, null_mut};
 
 use fusedreg_ffi::*;
 
+mod common;
+use common::{randn, t, CPU};
+
 fn last() -> String {
     // SAFETY: fr_last_error returns a valid NUL-terminated string.
     unsafe { CStr::from_ptr(fr_last_error()) }
         .to_string_lossy()
         .into_owned()
-}
-
-const CPU: FrExec = FrExec {
-    device: -1,
-    stream: std::ptr::null_mut(),
-};
-
-fn t<T>(v: &mut [T], dtype: FrDtype) -> FrTensor {
-    FrTensor {
-        data: v.as_mut_ptr().cast(),
-        len: v.len() as i64,
-        dtype,
-    }
 }
 
 /// `fr_dropout_forward` without bias, residual or mask: `x` in, `y` out.
@@ -97,19 +87,6 @@ fn dan_forward(
             stats,
         )
     }
-}
-
-fn randn(n: usize, seed: u64) -> Vec<f32> {
-    // A small deterministic generator (the data only has to be varied, not Gaussian).
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
-        .collect()
 }
 
 #[test]

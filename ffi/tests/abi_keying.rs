@@ -9,33 +9,10 @@ use fusedreg::bias_act_dropout::{self as bad, Activation};
 use fusedreg::dropout::{cpu, Config};
 use fusedreg::dropping::MaskResolution;
 use fusedreg_ffi::*;
+
+mod common;
+use common::{randn, t, CPU};
 use half::bf16;
-
-const CPU: FrExec = FrExec {
-    device: -1,
-    stream: std::ptr::null_mut(),
-};
-
-fn t<T>(v: &mut [T], dtype: FrDtype) -> FrTensor {
-    FrTensor {
-        data: v.as_mut_ptr().cast(),
-        len: v.len() as i64,
-        dtype,
-    }
-}
-
-/// Varied data (a small deterministic generator; never a constant fill).
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
-        .collect()
-}
 
 fn options(rows: usize, cols: usize, mask_bits: u32) -> FrOptions {
     let mut o = fr_options_default();
@@ -74,7 +51,7 @@ fn options_default_leaves_the_resolution_to_the_dtype() {
 fn mask_bits_0_is_16_bit_keys_for_bf16_and_32_for_f32() {
     let (rows, cols) = (3usize, 77usize);
     let n = rows * cols;
-    let mut x: Vec<bf16> = data(n, 3).into_iter().map(bf16::from_f32).collect();
+    let mut x: Vec<bf16> = randn(n, 3).into_iter().map(bf16::from_f32).collect();
     let y0 = dropout_y(&options(rows, cols, 0), &mut x, FR_BF16);
     let y16 = dropout_y(&options(rows, cols, 16), &mut x, FR_BF16);
     let y32 = dropout_y(&options(rows, cols, 32), &mut x, FR_BF16);
@@ -91,7 +68,7 @@ fn mask_bits_0_is_16_bit_keys_for_bf16_and_32_for_f32() {
     assert_eq!(y, y0);
 
     // f32: mask_bits 0 keys as 32.
-    let mut xf = data(n, 4);
+    let mut xf = randn(n, 4);
     let f0 = dropout_y(&options(rows, cols, 0), &mut xf, FR_F32);
     assert_eq!(f0, dropout_y(&options(rows, cols, 32), &mut xf, FR_F32));
     assert_ne!(f0, dropout_y(&options(rows, cols, 16), &mut xf, FR_F32));
@@ -101,8 +78,8 @@ fn mask_bits_0_is_16_bit_keys_for_bf16_and_32_for_f32() {
 fn bias_act_dropout_mask_bits_0_forward_and_backward_resolve_alike() {
     let (rows, cols) = (4usize, 40usize);
     let n = rows * cols;
-    let x: Vec<bf16> = data(n, 7).into_iter().map(bf16::from_f32).collect();
-    let dy: Vec<bf16> = data(n, 8).into_iter().map(bf16::from_f32).collect();
+    let x: Vec<bf16> = randn(n, 7).into_iter().map(bf16::from_f32).collect();
+    let dy: Vec<bf16> = randn(n, 8).into_iter().map(bf16::from_f32).collect();
     let mut o = options(rows, cols, 0);
     o.activation = FR_ACT_RELU;
     let mut o16 = o;
