@@ -213,7 +213,8 @@ fn parse_archs() -> Result<Vec<u32>, String> {
     Ok(archs)
 }
 
-fn kernel_sources(dir: &Path) -> Result<Vec<PathBuf>, String> {
+/// The `*.cu` files of `dir` (not its subfolders), sorted.
+pub fn kernel_sources(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))

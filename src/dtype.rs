@@ -142,29 +142,24 @@ impl Dtype for f32 {
     }
 }
 
-impl Dtype for f16 {
-    const KIND: DtypeKind = DtypeKind::F16;
-    #[inline]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    #[inline]
-    fn from_f32_rn(x: f32) -> Self {
-        f16::from_f32(x)
-    }
+/// The 16-bit types: `half`'s own conversions (`from_f32` rounds to nearest even).
+macro_rules! half_dtype {
+    ($t:ident, $kind:ident) => {
+        impl Dtype for $t {
+            const KIND: DtypeKind = DtypeKind::$kind;
+            #[inline]
+            fn to_f32(self) -> f32 {
+                $t::to_f32(self)
+            }
+            #[inline]
+            fn from_f32_rn(x: f32) -> Self {
+                $t::from_f32(x)
+            }
+        }
+    };
 }
-
-impl Dtype for bf16 {
-    const KIND: DtypeKind = DtypeKind::Bf16;
-    #[inline]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    #[inline]
-    fn from_f32_rn(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-}
+half_dtype!(f16, F16);
+half_dtype!(bf16, Bf16);
 
 /// One value per dtype, chosen at compile time by [`PerDtype::get`]: used for kernel families
 /// (`dropout_fwd_vec_f32` / `_f16` / `_bf16`).

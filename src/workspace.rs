@@ -22,130 +22,11 @@
 //! # Ok(()) }
 //! ```
 
-use cudarc::driver::{CudaViewMut, SyncOnDrop};
+pub use crate::runtime::workspace_view::{WorkspaceView, WORKSPACE_ALIGN};
 
 use crate::cross_entropy::Reduction;
 use crate::dtype::DtypeKind;
 use crate::error::{Error, Result};
-use crate::runtime::Handle;
-
-/// Alignment a [`WorkspaceView`] must have (bytes): the ops' f32 and u64 scratch, and 16-byte
-/// vector access, start at its first byte.
-pub const WORKSPACE_ALIGN: usize = 16;
-
-/// A caller-owned device buffer lent to one call for its scratch. Used as given: never grown,
-/// never freed. It must be at least the op's size query (e.g. [`dropout_backward_size`]) and
-/// [`WORKSPACE_ALIGN`]-byte aligned, else the call fails with a clear [`Error`] before launching
-/// anything. Its contents on entry do not matter and are garbage on return.
-///
-/// ```no_run
-/// use fusedreg::dropout::{self as dr, BackwardOptions, Config};
-/// use fusedreg::workspace::{self, WorkspaceView};
-/// use fusedreg::DtypeKind;
-/// # fn main() -> fusedreg::Result<()> {
-/// let h = fusedreg::Handle::new(0)?;
-/// let s = h.stream();
-/// let cfg = Config::new(64, 256, 0.1, 42, 7)?;
-/// let dy = s.alloc_zeros::<f32>(cfg.len()).unwrap();
-/// let mut dx = s.alloc_zeros::<f32>(cfg.len()).unwrap();
-/// let mut dbias = s.alloc_zeros::<f32>(256).unwrap();
-/// let n = workspace::dropout_backward_size(64, 256, DtypeKind::F32, true)?;
-/// let mut ws = s.alloc_zeros::<u8>(n).unwrap(); // the caller's allocator
-/// let opts = BackwardOptions {
-///     dbias: Some(dbias.as_view_mut()),
-///     workspace_view: Some(WorkspaceView::new(ws.as_view_mut())),
-///     ..Default::default()
-/// };
-/// dr::backward(&h, &cfg, &dy, &mut dx, opts)?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug)]
-pub struct WorkspaceView<'a> {
-    buf: CudaViewMut<'a, u8>,
-}
-
-impl<'a> WorkspaceView<'a> {
-    /// Lends `buf` to a call.
-    ///
-    /// # Examples
-    ///
-    /// See [`WorkspaceView`].
-    pub fn new(buf: CudaViewMut<'a, u8>) -> Self {
-        WorkspaceView { buf }
-    }
-
-    /// Size in bytes.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # let h = fusedreg::Handle::new(0).unwrap();
-    /// let mut b = h.stream().alloc_zeros::<u8>(64).unwrap();
-    /// assert_eq!(fusedreg::workspace::WorkspaceView::new(b.as_view_mut()).len(), 64);
-    /// ```
-    pub fn len(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Whether it holds no bytes.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # let h = fusedreg::Handle::new(0).unwrap();
-    /// let mut b = h.stream().alloc_zeros::<u8>(64).unwrap();
-    /// assert!(!fusedreg::workspace::WorkspaceView::new(b.as_view_mut()).is_empty());
-    /// ```
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
-    /// The raw address of the workspace for a call that needs `need` bytes (`query` names the
-    /// size query, for the message), after checking its context, size and alignment. The guard
-    /// must outlive the launches.
-    pub(crate) fn bind<'b>(
-        &'b mut self,
-        handle: &'b Handle,
-        op: &'static str,
-        query: &str,
-        need: usize,
-    ) -> Result<(u64, SyncOnDrop<'b>)> {
-        check_fits(op, query, self.buf.len(), need)?;
-        let len = self.buf.len();
-        let (p, g) = handle.write_ptr(op, "workspace", &mut self.buf)?;
-        check_aligned(op, p, len)?;
-        Ok((p, g))
-    }
-}
-
-/// The size check of a workspace of `have` bytes for a call needing `need` (see
-/// [`WorkspaceView`]).
-pub(crate) fn check_fits(op: &'static str, query: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(Error::shape(
-            op,
-            format!(
-                "the workspace has {have} bytes, this call needs {need} ({query}); pass a \
-                 workspace of at least that many bytes, or none"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// The alignment check of a workspace at `addr` (see [`WORKSPACE_ALIGN`]).
-pub(crate) fn check_aligned(op: &'static str, addr: u64, len: usize) -> Result<()> {
-    if len > 0 && addr % WORKSPACE_ALIGN as u64 != 0 {
-        return Err(Error::invalid(
-            op,
-            format!(
-                "the workspace at {addr:#x} is not {WORKSPACE_ALIGN}-byte aligned; pass the \
-                 start of an allocation (allocators return 256-byte aligned blocks)"
-            ),
-        ));
-    }
-    Ok(())
-}
 
 fn mul(op: &'static str, a: usize, b: usize) -> Result<usize> {
     a.checked_mul(b)
@@ -242,25 +123,7 @@ pub fn dropout_add_norm_backward_size(rows: usize, cols: usize) -> Result<usize>
 /// # Ok(()) }
 /// ```
 pub fn cross_entropy_size(rows: usize, vocab: usize, reduction: Reduction) -> Result<usize> {
-    if rows == 0 || vocab == 0 {
-        return Ok(0);
-    }
-    let f32s = cross_entropy_f32_len(rows, reduction);
-    Ok(count_offset(mul("cross_entropy", 4, f32s)?) + 8)
-}
-
-/// f32 elements of cross-entropy's reduction scratch (0 with [`Reduction::None`]).
-pub(crate) fn cross_entropy_f32_len(rows: usize, reduction: Reduction) -> usize {
-    if reduction == Reduction::None {
-        0
-    } else {
-        crate::cross_entropy::scratch_len(rows)
-    }
-}
-
-/// Byte offset of cross-entropy's u64 count: after `f32_bytes`, rounded up to 8.
-pub(crate) fn count_offset(f32_bytes: usize) -> usize {
-    f32_bytes.div_ceil(8) * 8
+    crate::cross_entropy::workspace_size(rows, vocab, reduction)
 }
 
 #[cfg(test)]
@@ -313,7 +176,7 @@ mod tests {
 
     #[test]
     fn cross_entropy_size_is_the_owned_scratch_and_count() {
-        use crate::cross_entropy::scratch_len;
+        use crate::cross_entropy::gpu::scratch_len;
         for rows in [1, 3, 1000, 1 << 20, (1 << 20) + 7] {
             // Owned: `scratch_len(rows)` f32 for a sum or mean, and one u64 count always.
             for (red, f32s) in [
@@ -323,33 +186,8 @@ mod tests {
             ] {
                 let n = cross_entropy_size(rows, 10, red).unwrap();
                 assert_eq!(n, (4 * f32s).div_ceil(8) * 8 + 8, "{rows} {red:?}");
-                assert_eq!(count_offset(4 * f32s) % 8, 0);
             }
         }
         assert_eq!(cross_entropy_size(0, 10, Reduction::Sum).unwrap(), 0);
-    }
-
-    #[test]
-    fn too_small_and_misaligned_are_clear_errors() {
-        let e = check_fits(
-            "dropout",
-            "fusedreg::workspace::dropout_backward_size",
-            99,
-            100,
-        )
-        .unwrap_err();
-        assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
-        let m = e.to_string();
-        assert!(
-            m.contains("99 bytes")
-                && m.contains("needs 100")
-                && m.contains("dropout_backward_size"),
-            "{m}"
-        );
-        assert!(check_fits("dropout", "q", 100, 100).is_ok());
-        let e = check_aligned("dropout", 0x1008, 64).unwrap_err();
-        assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
-        assert!(e.to_string().contains("16-byte aligned"), "{e}");
-        assert!(check_aligned("dropout", 0x1010, 64).is_ok());
     }
 }

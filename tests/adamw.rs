@@ -393,6 +393,20 @@ fn stochastic_rounding_is_unbiased() {
     assert!((sr.to_f32() - 1.1).abs() < 0.03, "{}", sr.to_f32());
 }
 
+/// A random `x` of magnitude `10^e`, `e` drawn from `exponents`, of either sign, and the f64 sum
+/// of `x` rounded stochastically to `T` under every one of the 65536 randoms.
+fn sum_over_every_random<T: Dtype>(
+    r: &mut rand::rngs::StdRng,
+    exponents: std::ops::Range<f32>,
+) -> (f32, f64) {
+    let mag: f32 = 10f32.powf(r.random_range(exponents));
+    let x = if r.random::<bool>() { mag } else { -mag };
+    let sum = (0..=u16::MAX)
+        .map(|w| f64::from(cpu::round_stochastic::<T>(x, w).to_f32()))
+        .sum();
+    (x, sum)
+}
+
 /// Over the 2^16 values of the 16-bit random, the mean of the rounded values is `x` exactly for
 /// bf16 (every finite value below the top binade piece) and for normal f16; f16 subnormals are
 /// within 2^-16 of an ulp (the fraction has more than 16 bits there). Random `x` across the whole
@@ -401,21 +415,13 @@ fn stochastic_rounding_is_unbiased() {
 fn stochastic_rounding_is_exactly_unbiased_over_every_random() {
     let mut r = rng(12);
     for _ in 0..300 {
-        let mag: f32 = 10f32.powf(r.random_range(-40.0..38.0));
-        let x = if r.random::<bool>() { mag } else { -mag };
-        let sum: f64 = (0..=u16::MAX)
-            .map(|w| f64::from(cpu::round_stochastic::<bf16>(x, w).to_f32()))
-            .sum();
+        let (x, sum) = sum_over_every_random::<bf16>(&mut r, -40.0..38.0);
         if x.abs() < 3.38e38 {
             assert_eq!(sum, f64::from(x) * 65536.0, "bf16 {x:e}");
         }
     }
     for _ in 0..300 {
-        let mag: f32 = 10f32.powf(r.random_range(-9.0..4.8));
-        let x = if r.random::<bool>() { mag } else { -mag };
-        let sum: f64 = (0..=u16::MAX)
-            .map(|w| f64::from(cpu::round_stochastic::<f16>(x, w).to_f32()))
-            .sum();
+        let (x, sum) = sum_over_every_random::<f16>(&mut r, -9.0..4.8);
         let mean = sum / 65536.0;
         if x.abs() >= 2f32.powi(-14) {
             assert_eq!(mean, f64::from(x), "f16 {x:e}");
@@ -998,6 +1004,22 @@ mod bad_input {
             .collect()
     }
 
+    /// A hyperparameter of `AdamWConfig`: its name and a setter.
+    type Field = (&'static str, fn(&mut AdamWConfig, f32));
+    const FIELDS: [Field; 4] = [
+        ("lr", |c, v| c.lr = v),
+        ("beta1", |c, v| c.beta1 = v),
+        ("beta2", |c, v| c.beta2 = v),
+        ("eps", |c, v| c.eps = v),
+    ];
+
+    /// The default config with `field` set to `v`.
+    fn config_with((_, set): Field, v: f32) -> AdamWConfig {
+        let mut cfg = AdamWConfig::default();
+        set(&mut cfg, v);
+        cfg
+    }
+
     #[test]
     fn adamw_refuses_bad_hyperparameters() {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1e-3] {
@@ -1008,48 +1030,19 @@ mod bad_input {
                 acpu::step(&mut t, &AdamWConfig::default(), &StepInputs::new(bad), &[]),
             );
             assert_eq!(t, tensors(), "a refused step changed the tensors");
-            for cfg in [
-                AdamWConfig {
-                    lr: bad,
-                    ..Default::default()
-                },
-                AdamWConfig {
-                    beta1: bad,
-                    ..Default::default()
-                },
-                AdamWConfig {
-                    beta2: bad,
-                    ..Default::default()
-                },
-                AdamWConfig {
-                    eps: bad,
-                    ..Default::default()
-                },
-            ] {
-                refused("AdamWConfig", cfg.validate());
+            for field in FIELDS {
+                refused(field.0, config_with(field, bad).validate());
             }
             refused(
                 "weight decay",
                 CpuTensor::<f32, f32>::new(vec![1.0], vec![1.0], bad),
             );
         }
+        // beta1 and beta2 of 1 or more.
         for beta in [1.0, 1.5] {
-            refused(
-                "beta1",
-                AdamWConfig {
-                    beta1: beta,
-                    ..Default::default()
-                }
-                .validate(),
-            );
-            refused(
-                "beta2",
-                AdamWConfig {
-                    beta2: beta,
-                    ..Default::default()
-                }
-                .validate(),
-            );
+            for field in &FIELDS[1..3] {
+                refused(field.0, config_with(*field, beta).validate());
+            }
         }
     }
 

@@ -12,7 +12,6 @@ use candle_ops_util::*;
 use fusedreg::bias_act_dropout::{cpu, Activation, Config, Preact};
 use fusedreg::candle::{BiasActDropout, StepKeys};
 use fusedreg::Dtype;
-use half::{bf16, f16};
 
 /// `keep ? scale : 0` per element from fusedreg's keying of a `dtype` call, as a `[rows, cols]`
 /// f32 candle tensor.
@@ -107,24 +106,17 @@ fn forward_and_gradients_match_plain_candle_ops() -> R {
                         assert_bits(&what("dx"), &gx[i..=i], &gr[i..=i]);
                         continue;
                     }
+                    let within = |out: &str, got: f32, want: f32, abs: f32| {
+                        assert!(
+                            (got - want).abs() <= rel * want.abs() + abs,
+                            "{}: index {i} (h = {}): adapter {got} vs candle {want}",
+                            what(out),
+                            hv[i],
+                        );
+                    };
                     let abs = 2e-6 * mv[i] * (1.0 + hv[i].abs());
-                    assert!(
-                        (yv[i] - yr[i]).abs() <= rel * yr[i].abs() + abs,
-                        "{}: index {i} (h = {}): adapter {} vs candle {}",
-                        what("y"),
-                        hv[i],
-                        yv[i],
-                        yr[i]
-                    );
-                    let abs = abs * wv[i].abs();
-                    assert!(
-                        (gx[i] - gr[i]).abs() <= rel * gr[i].abs() + abs,
-                        "{}: index {i} (h = {}): adapter {} vs candle {}",
-                        what("dx"),
-                        hv[i],
-                        gx[i],
-                        gr[i]
-                    );
+                    within("y", yv[i], yr[i], abs);
+                    within("dx", gx[i], gr[i], abs * wv[i].abs());
                 }
                 if with_bias {
                     let db = flat(grads.get(&b).unwrap())?;
@@ -222,9 +214,7 @@ fn matches_the_cpu_reference_bit_for_bit() -> R {
         }
         Ok(())
     }
-    run::<f32>(DType::F32)?;
-    run::<f16>(DType::F16)?;
-    run::<bf16>(DType::BF16)
+    for_each_dtype!(run)
 }
 
 /// Without keys (evaluation) the op is `act(x + bias)`: exactly fusedreg's activation of the
@@ -283,67 +273,19 @@ fn masks_follow_the_keys() -> R {
 /// Empty tensors, p = 1.
 #[test]
 fn empty_and_extreme_rates() -> R {
-    let dev = &Device::Cpu;
-    let keys = StepKeys::new(1, 1);
     let site = BiasActDropout::new(Activation::Silu, 0.1, 0)?;
-    for dtype in DTYPES {
-        for dims in [&[0usize, 6][..], &[4, 0], &[2, 0, 5]] {
-            let x = Var::zeros(dims, dtype, dev)?;
-            let cols = *dims.last().unwrap();
-            let b = Var::from_tensor(&Tensor::ones(cols, dtype, dev)?)?;
-            let y = site.forward(&x, Some(&b), Some(&keys))?;
-            assert_eq!(y.dims(), dims);
-            let grads = y.sum_all()?.backward()?;
-            assert_eq!(grads.get(&x).unwrap().dims(), dims);
-            assert_eq!(flat(grads.get(&b).unwrap())?, vec![0.0; cols]);
-        }
-    }
-    let mut g = rng(7);
-    let x = Var::from_tensor(&tensor(&data(&mut g, 63), &[7, 9])?)?;
-    let y = BiasActDropout::new(Activation::GeluTanh, 1.0, 0)?.forward(&x, None, Some(&keys))?;
-    assert!(flat(&y)?.iter().all(|v| v.to_bits() == 0));
-    let grads = y.sum_all()?.backward()?;
-    assert!(flat(grads.get(&x).unwrap())?.iter().all(|&v| v == 0.0));
-    Ok(())
+    XBiasOp::new(|x, b, k| site.forward(x, b, k)).takes_empty_tensors()?;
+    let all = BiasActDropout::new(Activation::GeluTanh, 1.0, 0)?;
+    XBiasOp::new(|x, b, k| all.forward(x, b, k)).drops_everything()
 }
 
 /// Non-contiguous inputs are copied: the same result as their contiguous copy, and gradients
-/// flow back through the copy to the original layout.
+/// flow back through the copy to the original layout; contiguous views with a start offset are
+/// read in place.
 #[test]
 fn strided_inputs_are_copied() -> R {
-    let mut g = rng(8);
-    let (rows, cols) = (12, 10);
-    let keys = StepKeys::new(9, 0);
     let site = BiasActDropout::new(Activation::GeluErf, 0.3, 0)?;
-    for dtype in DTYPES {
-        let xt =
-            Var::from_tensor(&tensor(&data(&mut g, rows * cols), &[cols, rows])?.to_dtype(dtype)?)?;
-        let x = xt.t()?;
-        assert!(!x.is_contiguous());
-        let b = Var::from_tensor(&tensor(&data(&mut g, cols), &[cols])?.to_dtype(dtype)?)?;
-        let y = site.forward(&x, Some(&b), Some(&keys))?;
-        let xc = Var::from_tensor(&x.contiguous()?)?;
-        let y_copy = site.forward(&xc, Some(&b), Some(&keys))?;
-        assert_bits("strided y", &flat(&y)?, &flat(&y_copy)?);
-        let (g1, g2) = (y.sum_all()?.backward()?, y_copy.sum_all()?.backward()?);
-        assert_bits(
-            "strided dx",
-            &flat(&g1.get(&xt).unwrap().t()?)?,
-            &flat(g2.get(&xc).unwrap())?,
-        );
-        assert_bits(
-            "strided dbias",
-            &flat(g1.get(&b).unwrap())?,
-            &flat(g2.get(&b).unwrap())?,
-        );
-        // A contiguous view with an offset is read in place: same bits as its copy.
-        let big = tensor(&data(&mut g, (rows + 2) * cols), &[rows + 2, cols])?.to_dtype(dtype)?;
-        let xo = big.narrow(0, 1, rows)?;
-        let y = site.forward(&xo, Some(&b), Some(&keys))?;
-        let y_copy = site.forward(&xo.copy()?, Some(&b), Some(&keys))?;
-        assert_bits("offset view", &flat(&y)?, &flat(&y_copy)?);
-    }
-    Ok(())
+    XBiasOp::new(|x, b, k| site.forward(x, b, k)).reads_views()
 }
 
 /// Bad input is an error naming the problem, never a panic. (Mixed devices need a GPU: see
@@ -351,5 +293,5 @@ fn strided_inputs_are_copied() -> R {
 #[test]
 fn bad_input_is_an_error() -> R {
     let site = BiasActDropout::new(Activation::Relu, 0.1, 0)?;
-    assert_x_bias_op_refuses_bad_input(DType::U32, DType::F16, 9, |x, b, k| site.forward(x, b, k))
+    XBiasOp::new(|x, b, k| site.forward(x, b, k)).refuses_bad_input(DType::U32, DType::F16, 9)
 }

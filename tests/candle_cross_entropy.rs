@@ -12,7 +12,6 @@ use candle_ops_util::*;
 use fusedreg::candle::CrossEntropy;
 use fusedreg::cross_entropy::cpu;
 use fusedreg::Dtype;
-use half::{bf16, f16};
 use rand::Rng;
 
 /// Logits in [-4, 4), every seventh times 3: never all equal.
@@ -39,18 +38,6 @@ fn targets_data(
             _ => rng.random_range(0..vocab as i64),
         })
         .collect()
-}
-
-/// `|a - b| <= tol * (1 + max |b|)` elementwise.
-fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let scale = 1.0 + b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            (x - y).abs() <= tol * scale,
-            "{what}: index {i}: adapter {x} vs plain candle {y}"
-        );
-    }
 }
 
 struct Case {
@@ -153,9 +140,7 @@ fn matches_the_cpu_reference_bit_for_bit() -> R {
         }
         Ok(())
     }
-    run::<f32>(DType::F32)?;
-    run::<f16>(DType::F16)?;
-    run::<bf16>(DType::BF16)
+    for_each_dtype!(run)
 }
 
 /// PyTorch's definition in plain candle ops: `-(1-α)·logp[t] - α·mean(logp)` per row, averaged

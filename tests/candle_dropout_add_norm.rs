@@ -6,13 +6,15 @@
 #![cfg(feature = "candle")]
 
 mod candle_ops_util;
+#[path = "common/dan.rs"]
+mod dan;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_ops_util::*;
+use dan::DanOut;
 use fusedreg::candle::{DropoutAddNorm, StepKeys};
 use fusedreg::dropout_add_norm::{cpu, Config, Norm};
 use fusedreg::Dtype;
-use half::{bf16, f16};
 
 /// Random data with every fifth element times 10, as these tests have always drawn (the shared
 /// `data` takes 100).
@@ -33,20 +35,6 @@ fn multiplier(cfg: &Config, dtype: DType) -> candle_core::Result<Tensor> {
             .map_or(scale, |p| scale * p.row_scale(cfg.seed(), row as u64))
     };
     multiplier_of(cfg.rows(), cfg.cols(), row_multiplier, |i| keying.keeps(i))
-}
-
-/// `|a - b| <= tol * scale` elementwise with `scale = 1 + max |b|` of the whole tensor (the
-/// reductions of the two sides run in different orders, so errors scale with the operands).
-fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let scale = 1.0 + b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            (x - y).abs() <= tol * scale,
-            "{what}: index {i}: adapter {x} vs plain candle {y} (bound {})",
-            tol * scale
-        );
-    }
 }
 
 struct Case {
@@ -327,21 +315,20 @@ fn matches_the_cpu_reference_bit_for_bit() -> R {
         let grads = loss.backward()?;
 
         let cfg = site.config(rows, cols, Some(&keys))?;
-        let (mut out_ref, mut s_ref) = (vec![T::default(); n], vec![T::default(); n]);
-        let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
         let args = cpu::ForwardArgs {
             residual: c.residual.then_some(&rv[..]),
             bias: c.bias.then_some(&bv[..]),
             beta: c.beta.then_some(&betav[..]),
             ..cpu::ForwardArgs::new(&xv, &gv)
         };
-        let outs = cpu::ForwardOut {
-            out: &mut out_ref,
-            s: &mut s_ref,
-            mean: &mut mean,
-            rstd: &mut rstd,
-        };
-        cpu::forward(&cfg, args, outs).unwrap();
+        let mut f = DanOut::<T, T>::new(rows, cols);
+        cpu::forward(&cfg, args, f.outs()).unwrap();
+        let DanOut {
+            out: out_ref,
+            s: s_ref,
+            mean,
+            rstd,
+        } = f;
         let mut dx = vec![T::default(); n];
         let mut dres = vec![T::default(); n];
         let (mut dgamma, mut dbeta, mut dbias) = (
@@ -379,9 +366,7 @@ fn matches_the_cpu_reference_bit_for_bit() -> R {
         }
         Ok(())
     }
-    run_dtype::<f32>(DType::F32)?;
-    run_dtype::<f16>(DType::F16)?;
-    run_dtype::<bf16>(DType::BF16)
+    for_each_dtype!(run_dtype)
 }
 
 /// LayerNorm Scaling multiplies the output by 1 / sqrt(layer): in f32 the scaled output is the
@@ -587,23 +572,16 @@ fn block_influence_matches_the_library_meter() -> R {
                 .forward(&xt, Some(&rt), b, &gt, None, keys)?;
             // The reference: the same call on the library's CPU reference and meter.
             let cfg = site.config(rows, cols, keys)?;
-            let (mut o, mut sr) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
-            let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+            let mut o = DanOut::<f32, f32>::new(rows, cols);
             let args = cpu::ForwardArgs {
                 residual: Some(&r),
                 bias: with_bias.then_some(&bias[..]),
                 redundancy: Some(reference.site(i)?),
                 ..cpu::ForwardArgs::new(&x, &gamma)
             };
-            let outs = cpu::ForwardOut {
-                out: &mut o,
-                s: &mut sr,
-                mean: &mut mean,
-                rstd: &mut rstd,
-            };
-            cpu::forward(&cfg, args, outs)?;
-            assert_same_bits("out", &flat(&out)?, &o);
-            assert_same_bits("s", &flat(&s)?, &sr);
+            cpu::forward(&cfg, args, o.outs())?;
+            assert_same_bits("out", &flat(&out)?, &o.out);
+            assert_same_bits("s", &flat(&s)?, &o.s);
         }
         // No residual: no rows; the unmeasured forward: nothing.
         let x = tensor(&data(&mut g, rows * cols), &[rows, cols])?;

@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::dan::{DanInputs, DanOut};
 use common::{bits_eq, check, close, rng, uniform};
 use fusedreg::dropout as dr;
 use fusedreg::dropout_add_norm::{
@@ -17,16 +18,6 @@ use fusedreg::dropout_add_norm::{
 use fusedreg::dropping::MaskResolution;
 use fusedreg::{Dtype, Error};
 use half::{bf16, f16};
-
-/// Everything a forward call takes, as owned data.
-struct Data<T, S> {
-    x: Vec<T>,
-    r: Option<Vec<S>>,
-    gamma: Vec<T>,
-    beta: Option<Vec<T>>,
-    bias: Option<Vec<T>>,
-    rowscale: Option<Vec<f32>>,
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Opts {
@@ -43,10 +34,10 @@ const ALL: Opts = Opts {
     rowscale: true,
 };
 
-fn data<T: Dtype, S: Dtype>(rows: usize, cols: usize, o: Opts, seed: u64) -> Data<T, S> {
+fn data<T: Dtype, S: Dtype>(rows: usize, cols: usize, o: Opts, seed: u64) -> DanInputs<T, S> {
     let mut g = rng(seed);
     let n = rows * cols;
-    Data {
+    DanInputs {
         x: uniform(&mut g, n, -2.0, 2.0),
         r: o.residual.then(|| uniform(&mut g, n, -2.0, 2.0)),
         gamma: uniform(&mut g, cols, 0.5, 1.5),
@@ -60,40 +51,9 @@ fn data<T: Dtype, S: Dtype>(rows: usize, cols: usize, o: Opts, seed: u64) -> Dat
     }
 }
 
-impl<T: Dtype, S: Dtype> Data<T, S> {
-    fn args(&self) -> ForwardArgs<'_, T, S> {
-        ForwardArgs {
-            residual: self.r.as_deref(),
-            beta: self.beta.as_deref(),
-            bias: self.bias.as_deref(),
-            rowscale: self.rowscale.as_deref(),
-            ..ForwardArgs::new(&self.x, &self.gamma)
-        }
-    }
-}
-
-struct Fwd<T, S> {
-    out: Vec<T>,
-    s: Vec<S>,
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
-}
-
-fn fwd<T: Dtype, S: Dtype>(cfg: &Config, d: &Data<T, S>) -> Fwd<T, S> {
-    let (n, rows) = (cfg.len(), cfg.rows());
-    let mut f = Fwd {
-        out: vec![T::from_f32_rn(f32::NAN); n],
-        s: vec![S::from_f32_rn(f32::NAN); n],
-        mean: vec![f32::NAN; rows],
-        rstd: vec![f32::NAN; rows],
-    };
-    let outs = ForwardOut {
-        out: &mut f.out,
-        s: &mut f.s,
-        mean: &mut f.mean,
-        rstd: &mut f.rstd,
-    };
-    cpu::forward(cfg, d.args(), outs).unwrap();
+fn fwd<T: Dtype, S: Dtype>(cfg: &Config, d: &DanInputs<T, S>) -> DanOut<T, S> {
+    let mut f = DanOut::new(cfg.rows(), cfg.cols());
+    cpu::forward(cfg, d.args(), f.outs()).unwrap();
     f
 }
 
@@ -342,31 +302,19 @@ fn in_place_equals_out_of_place() {
         .with_dropout(0.3, 5, 6)
         .unwrap();
     let f = fwd(&cfg, &d);
-    let mut stream = d.r.clone().unwrap();
-    let (mut out, mut mean, mut rstd) = (vec![f16::ZERO; 120], vec![0.0; 5], vec![0.0; 5]);
+    let mut o = DanOut::<f16, f16>::new(5, 24);
+    o.s = d.r.clone().unwrap();
     let args = ForwardArgs {
         residual: None,
         ..d.args()
     };
-    let outs = ForwardOut {
-        out: &mut out,
-        s: &mut stream,
-        mean: &mut mean,
-        rstd: &mut rstd,
-    };
-    cpu::forward_inplace(&cfg, args, outs).unwrap();
-    check(bits_eq("s", &stream, &f.s));
-    check(bits_eq("out", &out, &f.out));
-    check(bits_eq("rstd", &rstd, &f.rstd));
+    cpu::forward_inplace(&cfg, args, o.outs()).unwrap();
+    check(bits_eq("s", &o.s, &f.s));
+    check(bits_eq("out", &o.out, &f.out));
+    check(bits_eq("rstd", &o.rstd, &f.rstd));
     // Passing a residual too is refused.
-    let outs = ForwardOut {
-        out: &mut out,
-        s: &mut stream,
-        mean: &mut mean,
-        rstd: &mut rstd,
-    };
     assert!(matches!(
-        cpu::forward_inplace(&cfg, d.args(), outs),
+        cpu::forward_inplace(&cfg, d.args(), o.outs()),
         Err(Error::InvalidArgument { .. })
     ));
 }
@@ -457,8 +405,8 @@ struct Bwd<T, S> {
 
 fn bwd<T: Dtype, S: Dtype>(
     cfg: &Config,
-    d: &Data<T, S>,
-    f: &Fwd<T, S>,
+    d: &DanInputs<T, S>,
+    f: &DanOut<T, S>,
     prenorm: bool,
     seed: u64,
 ) -> Bwd<T, S> {
@@ -657,13 +605,8 @@ fn backward_runs_for_every_dtype_pair_and_many_slabs() {
 fn empty_input() {
     let cfg = Config::new(0, 8, Norm::LayerNorm, 1e-5).unwrap();
     let gamma = [1.0f32; 8];
-    let outs = ForwardOut {
-        out: &mut [],
-        s: &mut [],
-        mean: &mut [],
-        rstd: &mut [],
-    };
-    cpu::forward::<f32, f32>(&cfg, ForwardArgs::new(&[], &gamma), outs).unwrap();
+    let mut o = DanOut::<f32, f32>::new(0, 8);
+    cpu::forward(&cfg, ForwardArgs::new(&[], &gamma), o.outs()).unwrap();
     let mut dg = [f32::NAN; 8];
     cpu::backward::<f32, f32>(
         &cfg,
@@ -708,18 +651,13 @@ fn bad_input_is_an_error() {
 
     // Shapes.
     let d = data::<f32, f32>(2, 8, ALL, 1);
-    let (mut out, mut s, mut mean, mut rstd) = (
-        vec![0.0f32; 16],
-        vec![0.0f32; 16],
-        vec![0.0f32; 2],
-        vec![0.0f32; 2],
-    );
+    let mut o = DanOut::<f32, f32>::new(2, 8);
     let mut run = |args: ForwardArgs<'_, f32, f32>, out_len: usize, mean_len: usize| {
         let outs = ForwardOut {
-            out: &mut out[..out_len],
-            s: &mut s,
-            mean: &mut mean[..mean_len],
-            rstd: &mut rstd,
+            out: &mut o.out[..out_len],
+            s: &mut o.s,
+            mean: &mut o.mean[..mean_len],
+            rstd: &mut o.rstd,
         };
         cpu::forward(&cfg, args, outs)
     };
@@ -783,28 +721,16 @@ fn bad_input_is_an_error() {
     }
     // A row scale together with a drop path.
     let pcfg = cfg.with_drop_path(DropPath::new(0.1, 3).unwrap());
-    let outs = ForwardOut {
-        out: &mut out,
-        s: &mut s,
-        mean: &mut mean,
-        rstd: &mut rstd,
-    };
     assert!(matches!(
-        cpu::forward(&pcfg, d.args(), outs),
+        cpu::forward(&pcfg, d.args(), o.outs()),
         Err(Error::InvalidArgument { .. })
     ));
     // A stream type that is neither x's nor f32.
     let xb: Vec<bf16> = vec![bf16::ONE; 16];
     let gb: Vec<bf16> = vec![bf16::ONE; 8];
-    let (mut ob, mut sh) = (vec![bf16::ZERO; 16], vec![f16::ZERO; 16]);
-    let outs = ForwardOut {
-        out: &mut ob,
-        s: &mut sh,
-        mean: &mut mean,
-        rstd: &mut rstd,
-    };
+    let mut mixed = DanOut::<bf16, f16>::new(2, 8);
     assert!(matches!(
-        cpu::forward(&cfg, ForwardArgs::<bf16, f16>::new(&xb, &gb), outs),
+        cpu::forward(&cfg, ForwardArgs::new(&xb, &gb), mixed.outs()),
         Err(Error::InvalidArgument { .. })
     ));
 
@@ -866,23 +792,12 @@ fn unfused_mirror_agrees_with_the_fused_op() {
                 .unwrap();
             let f = fwd(&cfg, &d);
             let n = rows * cols;
-            let (mut out, mut s, mut mean, mut rstd) = (
-                vec![0f32; n],
-                vec![0f32; n],
-                vec![0f32; rows],
-                vec![0f32; rows],
-            );
-            let outs = ForwardOut {
-                out: &mut out,
-                s: &mut s,
-                mean: &mut mean,
-                rstd: &mut rstd,
-            };
-            unfused::forward_cpu(&cfg, d.args(), outs).unwrap();
+            let mut o = DanOut::<f32, f32>::new(rows, cols);
+            unfused::forward_cpu(&cfg, d.args(), o.outs()).unwrap();
             let what = format!("{norm:?} {rows}x{cols}");
-            check(bits_eq(&format!("{what} s"), &s, &f.s));
-            check(bits_eq(&format!("{what} out"), &out, &f.out));
-            check(bits_eq(&format!("{what} rstd"), &rstd, &f.rstd));
+            check(bits_eq(&format!("{what} s"), &o.s, &f.s));
+            check(bits_eq(&format!("{what} out"), &o.out, &f.out));
+            check(bits_eq(&format!("{what} rstd"), &o.rstd, &f.rstd));
 
             let b = bwd(&cfg, &d, &f, true, 6);
             let (mut dx, mut dres, mut dg, mut db, mut dbias) = (
@@ -916,18 +831,12 @@ fn unfused_mirror_agrees_with_the_fused_op() {
                 1e-5,
             ));
             // Without a residual (or d_residual) the baseline refuses.
-            let outs = ForwardOut {
-                out: &mut out,
-                s: &mut s,
-                mean: &mut mean,
-                rstd: &mut rstd,
-            };
             let args = ForwardArgs {
                 residual: None,
                 ..d.args()
             };
             assert!(matches!(
-                unfused::forward_cpu(&cfg, args, outs),
+                unfused::forward_cpu(&cfg, args, o.outs()),
                 Err(Error::InvalidArgument { .. })
             ));
         }

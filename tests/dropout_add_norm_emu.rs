@@ -13,52 +13,33 @@
 //! The dump format is written by `run()` in `scripts/emu/cases/dropout_add_norm.cpp` (files
 //! `case*.bin`; flags 128 / 256 mark the 16- / 8-bit keying cases). `scripts/emu/redundancy_vs_cpu.sh`
 //! runs this test and `tests/redundancy_emu.rs` on one set of dumps.
+#[path = "common/dan.rs"]
+mod dan;
 #[path = "common/dan_dump.rs"]
 mod dan_dump;
 #[path = "common/dump.rs"]
 mod dump;
 
-use dan_dump::DanCase;
+use dan::DanOut;
+use dan_dump::{check_kinds, forward_mismatches, DanCase};
 use dump::{for_each_dump, mismatches, Rd};
 use fusedreg::dropout_add_norm::cpu;
 use fusedreg::Dtype;
-use half::{bf16, f16};
 
 fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
     let c = DanCase::<T, S>::read(r);
     let (rows, cols, flags, n) = (c.rows, c.cols, c.flags, c.rows * c.cols);
     let d_out: Vec<T> = r.arr(n);
     let d_s: Option<Vec<S>> = (flags & 32 != 0).then(|| r.arr(n));
-    let e_out: Vec<T> = r.arr(n);
-    let e_s: Vec<S> = r.arr(n);
-    let e_mean: Vec<f32> = r.arr(rows);
-    let e_rstd: Vec<f32> = r.arr(rows);
+    let want = c.read_forward(r);
     let e_dx: Vec<T> = r.arr(n);
     let e_dres: Option<Vec<S>> = (flags & 1 != 0).then(|| r.arr(n));
     let e_dg: Vec<T> = r.arr(cols);
     let e_db: Vec<T> = r.arr(cols);
     let e_dbias: Vec<T> = r.arr(cols);
-    let (mut out, mut s, mut mean, mut rstd) = (
-        vec![T::default(); n],
-        vec![S::default(); n],
-        vec![0f32; rows],
-        vec![0f32; rows],
-    );
-    cpu::forward(
-        &c.cfg,
-        c.forward_args(),
-        cpu::ForwardOut {
-            out: &mut out,
-            s: &mut s,
-            mean: &mut mean,
-            rstd: &mut rstd,
-        },
-    )
-    .unwrap();
-    let mut bad = mismatches("s", &e_s, &s)
-        + mismatches("mean", &e_mean, &mean)
-        + mismatches("rstd", &e_rstd, &rstd)
-        + mismatches("out", &e_out, &out);
+    let mut got = DanOut::new(rows, cols);
+    cpu::forward(&c.cfg, c.inputs.args(), got.outs()).unwrap();
+    let mut bad = forward_mismatches(&want, &got);
     // Backward from the emulated forward's outputs (identical when the above agree).
     let (mut dx, mut dres, mut dg, mut db, mut dbias) = (
         vec![T::default(); n],
@@ -69,8 +50,8 @@ fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> usize {
     );
     let args = cpu::BackwardArgs {
         d_s: d_s.as_deref(),
-        rowscale: c.rowscale.as_deref(),
-        ..cpu::BackwardArgs::new(&d_out, &e_s, &c.gamma, &e_mean, &e_rstd)
+        rowscale: c.inputs.rowscale.as_deref(),
+        ..cpu::BackwardArgs::new(&d_out, &want.s, &c.inputs.gamma, &want.mean, &want.rstd)
     };
     let outs = cpu::BackwardOut {
         d_residual: Some(&mut dres),
@@ -103,14 +84,7 @@ fn emulated_kernels_match_the_cpu_reference() {
     // (another format, tests/redundancy_emu.rs) when the emulator ran all of its cases.
     let (mut total, mut cases) = (0, 0);
     for_each_dump(&dir, "case", |name, r| {
-        total += match (r.u64(), r.u64()) {
-            (0, 0) => check::<f32, f32>(name, r),
-            (1, 1) => check::<f16, f16>(name, r),
-            (2, 2) => check::<bf16, bf16>(name, r),
-            (1, 0) => check::<f16, f32>(name, r),
-            (2, 0) => check::<bf16, f32>(name, r),
-            _ => panic!("bad kinds"),
-        };
+        total += check_kinds!(check, name, r);
         cases += 1;
     });
     eprintln!("{cases} cases checked");

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{rng, uniform};
+use common::{rng, uniform, METER_SHAPES};
 use fusedreg::dropout::{cpu, Config, DropPath, MaskResolution};
 use fusedreg::dropout_add_norm::cpu::{stat_sums, stats_chain};
 use fusedreg::redundancy::{cpu::Redundancy, row_cos, RowCos, SiteStats};
@@ -73,18 +73,8 @@ fn forward<T: Dtype>(
     y
 }
 
-const SHAPES: [(usize, usize); 7] = [
-    (3, 1),
-    (5, 7),
-    (4, 8),
-    (6, 33),
-    (3, 1000),
-    (2, 4096),
-    (2, 20008),
-];
-
 fn bi_vs_f64<T: Dtype>(in_place: bool) {
-    for (k, &(rows, cols)) in SHAPES.iter().enumerate() {
+    for (k, &(rows, cols)) in METER_SHAPES.iter().enumerate() {
         for x_scale in [2.0f32, 1e-2] {
             let cfg = Config::new(rows, cols, 0.1, 42, k as u64).unwrap();
             let meter = Redundancy::new(1).unwrap();

@@ -7,6 +7,9 @@
 //! pattern (the denser sweep the docs mention, about 3 minutes) and prints the worst input of each
 //! function.
 
+mod common;
+
+use common::fmath_edge_inputs;
 use fusedreg::fmath;
 
 /// Default sweep stride over the 2^32 bit patterns (prime, so every binade and mantissa pattern
@@ -133,44 +136,8 @@ fn inputs() -> Vec<f32> {
         .step_by(step as usize)
         .map(|b| f32::from_bits(b as u32))
         .collect();
-    let specials = [
-        0.0f32,
-        -0.0,
-        f32::MIN_POSITIVE,
-        f32::from_bits(1),
-        f32::from_bits(0x007f_ffff),
-        f32::MAX,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        f32::NAN,
-        1.0,
-        2.0,
-        0.5,
-        88.722_83,
-        88.722_84,
-        89.0,
-        -87.336_55,
-        -103.972_08,
-        -104.0,
-        0.625,
-        1.0,
-        4.0,
-        9.5,
-        std::f32::consts::LN_2,
-        std::f32::consts::SQRT_2,
-        std::f32::consts::FRAC_1_SQRT_2,
-        f32::from_bits(0x3980_0000),
-        f32::from_bits(0x3f35_04f3),
-    ];
-    for s in specials {
-        // Each edge case and its 64 neighbours on either side, both signs.
-        for d in -64i64..=64 {
-            for sign in [0u32, 0x8000_0000] {
-                let b = (i64::from(s.to_bits() & 0x7fff_ffff) + d).clamp(0, 0x7fff_ffff) as u32;
-                v.push(f32::from_bits(b | sign));
-            }
-        }
-    }
+    // Each edge case and its 64 neighbours on either side, both signs.
+    v.extend(fmath_edge_inputs(64));
     // Dense sweeps where the functions switch branches or round to their limits.
     for (lo, hi) in [
         (0.6f32, 0.65f32),

@@ -5,11 +5,11 @@
 
 mod common;
 
-use common::{bits_eq, rng, uniform};
+use common::dan::DanOut;
+use common::{bits_eq, rng, uniform, METER_SHAPES};
 use fusedreg::dropout_add_norm::{
     cpu::{
         self, norm_ss, norm_stats_chain, row_sum, stat_sums, stat_sums2, stats_chain, ForwardArgs,
-        ForwardOut,
     },
     Config, DropPath, Norm,
 };
@@ -44,13 +44,6 @@ fn f64s<T: Dtype>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| f64::from(x.to_f32())).collect()
 }
 
-struct Run<T, S> {
-    out: Vec<T>,
-    s: Vec<S>,
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
-}
-
 /// A forward of random data (`x` scaled by `x_scale` relative to the residual), optionally
 /// metered into `site`; returns the outputs and the residual it used.
 #[allow(clippy::too_many_arguments)]
@@ -61,7 +54,7 @@ fn run<T: Dtype, S: Dtype>(
     residual: bool,
     in_place: bool,
     site: Option<redundancy::cpu::Site<'_>>,
-) -> (Run<T, S>, Option<Vec<S>>) {
+) -> (DanOut<T, S>, Option<Vec<S>>) {
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let n = rows * cols;
     let mut g = rng(seed);
@@ -69,12 +62,7 @@ fn run<T: Dtype, S: Dtype>(
     let r: Option<Vec<S>> = residual.then(|| uniform(&mut g, n, -2.0, 2.0));
     let gamma: Vec<T> = uniform(&mut g, cols, 0.5, 1.5);
     let bias: Vec<T> = uniform(&mut g, cols, -0.1 * x_scale, 0.1 * x_scale);
-    let mut o = Run {
-        out: vec![T::default(); n],
-        s: vec![S::default(); n],
-        mean: vec![0.0; rows],
-        rstd: vec![0.0; rows],
-    };
+    let mut o = DanOut::new(rows, cols);
     let args = ForwardArgs {
         residual: if in_place { None } else { r.as_deref() },
         bias: Some(&bias),
@@ -84,33 +72,16 @@ fn run<T: Dtype, S: Dtype>(
     if in_place {
         o.s.copy_from_slice(r.as_deref().expect("in place needs a residual"));
     }
-    let outs = ForwardOut {
-        out: &mut o.out,
-        s: &mut o.s,
-        mean: &mut o.mean,
-        rstd: &mut o.rstd,
-    };
     if in_place {
-        cpu::forward_inplace(cfg, args, outs).unwrap();
+        cpu::forward_inplace(cfg, args, o.outs()).unwrap();
     } else {
-        cpu::forward(cfg, args, outs).unwrap();
+        cpu::forward(cfg, args, o.outs()).unwrap();
     }
     (o, r)
 }
 
-const SHAPES: [(usize, usize); 8] = [
-    (3, 1),
-    (5, 7),
-    (4, 8),
-    (6, 33),
-    (3, 1000),
-    (2, 4096),
-    (9, 264),
-    (2, 20008),
-];
-
 fn bi_vs_f64<T: Dtype, S: Dtype>(norm: Norm, in_place: bool) {
-    for (k, &(rows, cols)) in SHAPES.iter().enumerate() {
+    for (k, &(rows, cols)) in METER_SHAPES.iter().enumerate() {
         for x_scale in [2.0f32, 1e-2] {
             let cfg = Config::new(rows, cols, norm, 1e-5)
                 .unwrap()
@@ -231,7 +202,7 @@ fn norm_row_cosine_is_within_the_bound_per_row() {
     }
 }
 
-fn same_outputs<T: Dtype, S: Dtype>(a: &Run<T, S>, b: &Run<T, S>) {
+fn same_outputs<T: Dtype, S: Dtype>(a: &DanOut<T, S>, b: &DanOut<T, S>) {
     bits_eq("out", &a.out, &b.out).unwrap();
     bits_eq("s", &a.s, &b.s).unwrap();
     bits_eq("mean", &a.mean, &b.mean).unwrap();
@@ -240,7 +211,7 @@ fn same_outputs<T: Dtype, S: Dtype>(a: &Run<T, S>, b: &Run<T, S>) {
 
 #[test]
 fn the_meter_changes_no_output_bit() {
-    for (k, &(rows, cols)) in SHAPES.iter().enumerate() {
+    for (k, &(rows, cols)) in METER_SHAPES.iter().enumerate() {
         for norm in [Norm::LayerNorm, Norm::RmsNorm] {
             let cfg = Config::new(rows, cols, norm, 1e-6)
                 .unwrap()
@@ -330,26 +301,15 @@ fn metered(cfg: &Config, x: &[f32], res: &[f32]) -> (SiteStats, Vec<f32>) {
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let gamma = vec![1.0f32; cols];
     let meter = Redundancy::new(1).unwrap();
-    let (mut out, mut s, mut mean, mut rstd) = (
-        vec![0f32; rows * cols],
-        vec![0f32; rows * cols],
-        vec![0f32; rows],
-        vec![0f32; rows],
-    );
+    let mut o = DanOut::<f32, f32>::new(rows, cols);
     let args = ForwardArgs {
         residual: Some(res),
         redundancy: Some(meter.site(0).unwrap()),
         ..ForwardArgs::new(x, &gamma)
     };
-    let outs = ForwardOut {
-        out: &mut out,
-        s: &mut s,
-        mean: &mut mean,
-        rstd: &mut rstd,
-    };
-    cpu::forward(cfg, args, outs).unwrap();
+    cpu::forward(cfg, args, o.outs()).unwrap();
     let st = meter.stats().unwrap()[0];
-    (st, s)
+    (st, o.s)
 }
 
 #[test]
@@ -374,20 +334,15 @@ fn bad_input_is_an_error() {
     // Wrong lengths with a meter: the op's error, and the meter is untouched.
     let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-5).unwrap();
     let (x, r, gamma) = ([1.0f32; 16], [1.0f32; 16], [1.0f32; 8]);
-    let (mut out, mut s, mut mean, mut rstd) = ([0f32; 16], [0f32; 15], [0f32; 2], [0f32; 2]);
+    let mut o = DanOut::<f32, f32>::new(2, 8);
+    o.s.pop(); // s one short
     let args = ForwardArgs {
         residual: Some(&r),
         redundancy: Some(meter.site(0).unwrap()),
         ..ForwardArgs::new(&x, &gamma)
     };
-    let outs = ForwardOut {
-        out: &mut out,
-        s: &mut s,
-        mean: &mut mean,
-        rstd: &mut rstd,
-    };
     assert!(matches!(
-        cpu::forward(&cfg, args, outs),
+        cpu::forward(&cfg, args, o.outs()),
         Err(Error::ShapeMismatch { .. })
     ));
     assert_eq!(meter.stats().unwrap()[0], SiteStats::default());

@@ -19,12 +19,15 @@
 //! The same for `dropout`'s residual forward (`dropout_fwd_res_stats_*` in `kernels/dropout.cu`):
 //! `DO_DUMP=<dir>` of the `dstats*.bin` files that `scripts/emu/cases/dropout_stats.inc` writes
 //! (the script runs both).
+#[path = "common/dan.rs"]
+mod dan;
 #[path = "common/dan_dump.rs"]
 mod dan_dump;
 #[path = "common/dump.rs"]
 mod dump;
 
-use dan_dump::DanCase;
+use dan::DanOut;
+use dan_dump::{check_kinds, forward_mismatches, DanCase};
 use dump::{for_each_dump, mismatches, Rd};
 use fusedreg::dropout_add_norm::cpu;
 use fusedreg::dropping::MaskResolution;
@@ -90,38 +93,20 @@ impl Coverage {
 /// Checks one case; returns (mismatches, the emulated site).
 fn check<T: Dtype, S: Dtype>(name: &str, r: &mut Rd) -> (usize, SiteStats) {
     let c = DanCase::<T, S>::read(r);
-    let (rows, cols, flags, n) = (c.rows, c.cols, c.flags, c.rows * c.cols);
-    let e_out: Vec<T> = r.arr(n);
-    let e_s: Vec<S> = r.arr(n);
-    let e_mean: Vec<f32> = r.arr(rows);
-    let e_rstd: Vec<f32> = r.arr(rows);
+    let (rows, cols, flags) = (c.rows, c.cols, c.flags);
+    let want = c.read_forward(r);
     // The emulator launched twice into one site: its words are twice one call's.
     let emu = read_site(r);
     let meter = redundancy::cpu::Redundancy::new(1).unwrap();
-    let (mut out, mut s, mut mean, mut rstd) = (
-        vec![T::default(); n],
-        vec![S::default(); n],
-        vec![0f32; rows],
-        vec![0f32; rows],
-    );
+    let mut got = DanOut::new(rows, cols);
     for _ in 0..2 {
         let args = cpu::ForwardArgs {
             redundancy: Some(meter.site(0).unwrap()),
-            ..c.forward_args()
+            ..c.inputs.args()
         };
-        let outs = cpu::ForwardOut {
-            out: &mut out,
-            s: &mut s,
-            mean: &mut mean,
-            rstd: &mut rstd,
-        };
-        cpu::forward(&c.cfg, args, outs).unwrap();
+        cpu::forward(&c.cfg, args, got.outs()).unwrap();
     }
-    let bad = mismatches("s", &e_s, &s)
-        + mismatches("mean", &e_mean, &mean)
-        + mismatches("rstd", &e_rstd, &rstd)
-        + mismatches("out", &e_out, &out)
-        + site_mismatch(&meter, &emu);
+    let bad = forward_mismatches(&want, &got) + site_mismatch(&meter, &emu);
     if bad > 0 {
         eprintln!(
             "{name}: {rows}x{cols} flags {flags:#x} p {}: {bad} mismatches",
@@ -137,14 +122,7 @@ fn emulated_statistics_match_the_cpu_reference() {
     let dir = std::env::var("DAN_DUMP").expect("DAN_DUMP: the directory of the emulator's dumps");
     let mut cover = Coverage::default();
     for_each_dump(&dir, "stats", |name, r| {
-        let checked = match (r.u64(), r.u64()) {
-            (0, 0) => check::<f32, f32>(name, r),
-            (1, 1) => check::<f16, f16>(name, r),
-            (2, 2) => check::<bf16, bf16>(name, r),
-            (1, 0) => check::<f16, f32>(name, r),
-            (2, 0) => check::<bf16, f32>(name, r),
-            _ => panic!("bad kinds"),
-        };
+        let checked = check_kinds!(check, name, r);
         let site = checked.1;
         cover.add(checked, site.rows == 0 && site.nonfinite == 0);
     });

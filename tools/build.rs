@@ -16,7 +16,7 @@ fn main() {
         kernels_dir: manifest.join("kernels"),
         include: vec![root.join("kernels")],
         root: root.clone(),
-        cfg: "fusedreg_tools_kernels_built",
+        cfg: "fusedreg_kernels_built",
     });
     embed_commit(&root);
 }

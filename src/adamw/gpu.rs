@@ -2,7 +2,7 @@
 //! master weights, per-tensor weight decay, per-chunk step counts, skip flags, the device
 //! learning rate) and its own per-tensor device table; the set knows only its tensors.
 
-use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, CudaView, ValidAsZeroBits};
 
 use super::state::{self, StateHeader};
 use super::{check_lr, check_weight_decay, AdamWConfig, MomentDtype, Rounding, StateOptions, OP};
@@ -10,8 +10,25 @@ use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{check_len, Error, Result};
 use crate::global_norm::GlobalNorm;
 use crate::multi_tensor::{resident_addr, Layout, TensorSet};
+use crate::runtime::device_params;
 use crate::runtime::kernels::Kernel;
 use crate::runtime::{DeviceScalar, Handle};
+
+crate::kernel_list! {
+    "adamw" => {
+        [f32 AdamwPf32Gf32, f16 AdamwPf32Gf16, bf16 AdamwPf32Gbf16] = "adamw_pf32_g",
+        [f32 AdamwPf16Gf32, f16 AdamwPf16Gf16, bf16 AdamwPf16Gbf16] = "adamw_pf16_g",
+        [f32 AdamwPbf16Gf32, f16 AdamwPbf16Gf16, bf16 AdamwPbf16Gbf16] = "adamw_pbf16_g",
+        [f32 AdamwPf32Gf32Mbf16, f16 AdamwPf32Gf16Mbf16, bf16 AdamwPf32Gbf16Mbf16] = "adamw_pf32_g", "_mbf16",
+        [f32 AdamwPf16Gf32Mbf16, f16 AdamwPf16Gf16Mbf16, bf16 AdamwPf16Gbf16Mbf16] = "adamw_pf16_g", "_mbf16",
+        [f32 AdamwPbf16Gf32Mbf16, f16 AdamwPbf16Gf16Mbf16, bf16 AdamwPbf16Gbf16Mbf16] = "adamw_pbf16_g", "_mbf16",
+        [f32 AdamwPf16Gf32Nomaster, f16 AdamwPf16Gf16Nomaster, bf16 AdamwPf16Gbf16Nomaster] = "adamw_pf16_g", "_nomaster",
+        [f32 AdamwPbf16Gf32Nomaster, f16 AdamwPbf16Gf16Nomaster, bf16 AdamwPbf16Gbf16Nomaster] = "adamw_pbf16_g", "_nomaster",
+        [f32 AdamwPf16Gf32Mbf16Nomaster, f16 AdamwPf16Gf16Mbf16Nomaster, bf16 AdamwPf16Gbf16Mbf16Nomaster] = "adamw_pf16_g", "_mbf16_nomaster",
+        [f32 AdamwPbf16Gf32Mbf16Nomaster, f16 AdamwPbf16Gf16Mbf16Nomaster, bf16 AdamwPbf16Gbf16Mbf16Nomaster] = "adamw_pbf16_g", "_mbf16_nomaster",
+        [f16 AdamwInitMasterF16, bf16 AdamwInitMasterBf16] = "adamw_init_master_",
+    }
+}
 
 const ADAMW_THREADS: u32 = 512;
 
@@ -19,57 +36,49 @@ const ADAMW_THREADS: u32 = 512;
 /// so the state is always aligned for the kernel's vector path (256 bytes of f32).
 const STATE_ALIGN: u64 = 64;
 
-/// The optimizer's own row per tensor (`AdamWTensor` in `kernels/adamw.cu`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct AdamWTensor {
-    m: u64,
-    v: u64,
-    master: u64,
-    weight_decay: f32,
-    pad: u32,
+device_params! {
+    /// The optimizer's own row per tensor (`AdamWTensor` in `kernels/adamw.cu`).
+    #[derive(Debug, Default, PartialEq)]
+    struct AdamWTensor(32) {
+        m: u64,
+        v: u64,
+        master: u64,
+        weight_decay: f32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<AdamWTensor>() == 32);
-// SAFETY: plain old data with the layout of the device struct (size asserted on both sides).
-unsafe impl DeviceRepr for AdamWTensor {}
 // SAFETY: all fields are integers or floats, for which zero bits are valid.
 unsafe impl ValidAsZeroBits for AdamWTensor {}
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AdamWParams {
-    tensors: u64,
-    blocks: u64,
-    state: u64,
-    chunk_steps: u64,
-    skip: u64,
-    lr: u64,
-    grad_scale: u64,
-    nonfinite: u64,
-    seed: u64,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    block_offset: u32,
-    stochastic: u32,
-    pad: u32,
+device_params! {
+    struct AdamWParams(96) {
+        tensors: u64,
+        blocks: u64,
+        state: u64,
+        chunk_steps: u64,
+        skip: u64,
+        lr: u64,
+        grad_scale: u64,
+        nonfinite: u64,
+        seed: u64,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        block_offset: u32,
+        stochastic: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<AdamWParams>() == 96);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for AdamWParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct InitMasterParams {
-    tensors: u64,
-    blocks: u64,
-    state: u64,
-    block_offset: u32,
-    pad: u32,
+device_params! {
+    struct InitMasterParams(32) {
+        tensors: u64,
+        blocks: u64,
+        state: u64,
+        block_offset: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<InitMasterParams>() == 32);
-// SAFETY: as above.
-unsafe impl DeviceRepr for InitMasterParams {}
 
 /// One kernel family (a state layout) as a match on the (param, grad) dtype pair: the rows are
 /// the parameter dtypes, the columns the gradient dtypes f32, f16, bf16 (`kernels/adamw.cu`

@@ -21,10 +21,10 @@
 //! # Ok(()) }
 //! ```
 
-use super::{check_backward, check_forward, Activation, Config, Preact, LANES, OP};
-use crate::dropping::slab_rows;
+use super::{check_backward, check_forward, Activation, Config, Preact, OP};
+use crate::dropping::DbiasSums;
 use crate::dtype::Dtype;
-use crate::error::{try_vec, Result};
+use crate::error::Result;
 use crate::fmath;
 
 /// `1/sqrt(2)`, `1/sqrt(2 pi)`, `sqrt(2/pi)`, `0.044715`, `3 * 0.044715` as f32 (the kernel's
@@ -183,20 +183,8 @@ pub fn backward<T: Dtype>(
     dx: &mut [T],
     dbias: Option<&mut [T]>,
 ) -> Result<()> {
-    let lens = match pre {
-        Preact::X { x, bias } => Preact::X {
-            x: x.len(),
-            bias: bias.map(<[T]>::len),
-        },
-        Preact::H(h) => Preact::H(h.len()),
-    };
-    check_backward(
-        cfg,
-        dy.len(),
-        &lens,
-        dx.len(),
-        dbias.as_ref().map(|d| d.len()),
-    )?;
+    let db = dbias.as_ref().map(|d| d.len());
+    check_backward(cfg, dy.len(), &pre.lens(|b| b.len()), dx.len(), db)?;
     let (rows, cols) = (cfg.rows(), cfg.cols());
     if cfg.is_empty() {
         // No rows (or no columns): dx is empty and the column sums are zero. Nothing is
@@ -209,18 +197,11 @@ pub fn backward<T: Dtype>(
     let keying = cfg.keying(T::KIND);
     let scale = keying.scale();
     let mut bits = keying.keep_bits();
-    let slab = slab_rows(rows, cols, T::KIND).max(1);
-    // One partial per row lane of the slab, folded in lane order at the slab's end, then added
-    // into the totals in slab order (the kernel's partials and its finishing kernel). Only
-    // with dbias: its length (cols) was checked, so the scratch is a few times its size.
+    // Only with dbias: its length (cols) was checked, so the scratch is a few times its size.
     let width = if dbias.is_some() { cols } else { 0 };
-    let mut lanes = Vec::with_capacity(LANES);
-    for _ in 0..LANES {
-        lanes.push(try_vec(OP, "the dbias partials", width, 0.0f32)?);
-    }
-    let mut total = try_vec(OP, "the dbias partials", width, 0.0f32)?;
+    let mut sums = DbiasSums::new(OP, rows, cols, T::KIND, width)?;
     for row in 0..rows {
-        let partial = &mut lanes[(row % slab) % LANES];
+        let partial = sums.lane(row);
         for col in 0..cols {
             let i = row * cols + col;
             let d = if bits.get(i as u64) {
@@ -243,21 +224,8 @@ pub fn backward<T: Dtype>(
                 *part += d;
             }
         }
-        if width > 0 && ((row + 1) % slab == 0 || row + 1 == rows) {
-            for (col, t) in total.iter_mut().enumerate() {
-                let mut slab_sum = lanes[0][col];
-                for lane in &lanes[1..] {
-                    slab_sum += lane[col];
-                }
-                *t += slab_sum;
-            }
-            lanes.iter_mut().for_each(|l| l.fill(0.0));
-        }
+        sums.end_row(row, rows);
     }
-    if let Some(db) = dbias {
-        for (d, t) in db.iter_mut().zip(&total) {
-            *d = T::from_f32_rn(*t);
-        }
-    }
+    sums.finish(dbias);
     Ok(())
 }

@@ -293,35 +293,26 @@ mod tests {
                 for p in [0.0f64, 0.1, 0.5] {
                     let rate = crate::dropping::DropRate::new(p).unwrap();
                     let c = FwdConsts::new(p, rate.scale());
+                    // Each bound is on act (act'); the scale adds its own f32 rounding
+                    // (documented with the op's output bound; for the gradient also the f32
+                    // log2(1 - p) of the folded forms): 2^-23 relative here.
+                    let scaled = |e: crate::math::ErrorBound| crate::math::ErrorBound {
+                        rel: e.rel + 2f64.powi(-23),
+                        abs: e.abs / (1.0 - p),
+                    };
                     let got = fwd(&Pessimistic::new(signs), act, h, c) as f64;
                     let exact = act_f64(act, f64::from(h)) / (1.0 - p);
-                    // The forward's bound is on act; the scale adds its own f32 rounding
-                    // (documented with the op's output bound): 2^-23 relative here.
-                    let fb = crate::math::ErrorBound {
-                        rel: b.act.rel + 2f64.powi(-23),
-                        abs: b.act.abs / (1.0 - p),
-                    };
-                    let r = ratio(fb, got, exact);
+                    let r = ratio(scaled(b.act), got, exact);
                     if r > 1.0 {
                         panic!("{act:?} fwd h={h:e} p={p} signs={signs}: {got:e} vs {exact:e}");
                     }
                     wf = wf.max(r);
-                }
-                for p in [0.0f64, 0.1, 0.5] {
-                    let rate = crate::dropping::DropRate::new(p).unwrap();
-                    let c = FwdConsts::new(p, rate.scale());
                     let (ga, gb) = grad(&Pessimistic::new(signs), act, h, c);
                     // The factors' product, unrounded (the kernel's dx = (dy * a) * b rounds
                     // twice more: the 2^-22 of the dx bound).
                     let got = f64::from(ga) * f64::from(gb);
                     let exact = grad_f64(act, f64::from(h)) / (1.0 - p);
-                    // As the forward: the bound is on act'; the scale's f32 rounding (and the
-                    // f32 log2(1 - p) of the folded forms) adds 2^-23 relative here.
-                    let gbd = crate::math::ErrorBound {
-                        rel: b.grad.rel + 2f64.powi(-23),
-                        abs: b.grad.abs / (1.0 - p),
-                    };
-                    let r = ratio(gbd, got, exact);
+                    let r = ratio(scaled(b.grad), got, exact);
                     if r > 1.0 {
                         panic!("{act:?} grad h={h:e} p={p} signs={signs}: {got:e} vs {exact:e}");
                     }

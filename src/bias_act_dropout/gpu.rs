@@ -12,17 +12,52 @@
 //! no spills); the scalar path one kernel per math mode. dbias is finished by the shared staged `dbias_finish` (`kernels/common/
 //! dropping.cuh`), the same ordered sum over slabs.
 
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 use super::{check_backward, check_forward, Activation, Config, Preact, LANES, OP};
-use crate::dropping::gpu::{aligned16, finish_dbias, resolution_flag};
+use crate::dropping::gpu::{aligned16, finish_dbias, resolution_flag, KeyedShape};
 use crate::dropping::{slab_rows, MaskResolution};
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{Error, Result};
 use crate::math::Math;
+use crate::runtime::device_params;
 use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
-use crate::workspace::WorkspaceView;
+use crate::runtime::WorkspaceView;
+
+crate::kernel_list! {
+    "bias_act_dropout" => {
+        [f32 BiasActDropoutFwdVecF32, f16 BiasActDropoutFwdVecF16, bf16 BiasActDropoutFwdVecBf16] = "bias_act_dropout_fwd_vec_" => FWD_VEC,
+        [f32 BiasActDropoutFwdVecReluF32, f16 BiasActDropoutFwdVecReluF16, bf16 BiasActDropoutFwdVecReluBf16] = "bias_act_dropout_fwd_vec_relu_" => FWD_VEC_RELU,
+        [f32 BiasActDropoutFwdVecGeluErfFastF32, f16 BiasActDropoutFwdVecGeluErfFastF16, bf16 BiasActDropoutFwdVecGeluErfFastBf16] = "bias_act_dropout_fwd_vec_gelu_erf_fast_" => FWD_VEC_GELU_ERF_FAST,
+        [f32 BiasActDropoutFwdVecGeluTanhFastF32, f16 BiasActDropoutFwdVecGeluTanhFastF16, bf16 BiasActDropoutFwdVecGeluTanhFastBf16] = "bias_act_dropout_fwd_vec_gelu_tanh_fast_" => FWD_VEC_GELU_TANH_FAST,
+        [f32 BiasActDropoutFwdVecSiluFastF32, f16 BiasActDropoutFwdVecSiluFastF16, bf16 BiasActDropoutFwdVecSiluFastBf16] = "bias_act_dropout_fwd_vec_silu_fast_" => FWD_VEC_SILU_FAST,
+        [f32 BiasActDropoutFwdScalarF32, f16 BiasActDropoutFwdScalarF16, bf16 BiasActDropoutFwdScalarBf16] = "bias_act_dropout_fwd_scalar_" => FWD_SCALAR,
+        [f32 BiasActDropoutFwdScalarFastF32, f16 BiasActDropoutFwdScalarFastF16, bf16 BiasActDropoutFwdScalarFastBf16] = "bias_act_dropout_fwd_scalar_fast_" => FWD_SCALAR_FAST,
+        [f32 BiasActDropoutBwdVecF32, f16 BiasActDropoutBwdVecF16, bf16 BiasActDropoutBwdVecBf16] = "bias_act_dropout_bwd_vec_" => BWD_VEC,
+        [f32 BiasActDropoutBwdVecReluF32, f16 BiasActDropoutBwdVecReluF16, bf16 BiasActDropoutBwdVecReluBf16] = "bias_act_dropout_bwd_vec_relu_",
+        [f32 BiasActDropoutBwdVecReluK16F32, f16 BiasActDropoutBwdVecReluK16F16, bf16 BiasActDropoutBwdVecReluK16Bf16] = "bias_act_dropout_bwd_vec_relu_k16_",
+        [f32 BiasActDropoutBwdVecReluK8F32, f16 BiasActDropoutBwdVecReluK8F16, bf16 BiasActDropoutBwdVecReluK8Bf16] = "bias_act_dropout_bwd_vec_relu_k8_",
+        [f32 BiasActDropoutBwdVecGeluErfFastF32, f16 BiasActDropoutBwdVecGeluErfFastF16, bf16 BiasActDropoutBwdVecGeluErfFastBf16] = "bias_act_dropout_bwd_vec_gelu_erf_fast_",
+        [f32 BiasActDropoutBwdVecGeluErfFastK16F32, f16 BiasActDropoutBwdVecGeluErfFastK16F16, bf16 BiasActDropoutBwdVecGeluErfFastK16Bf16] = "bias_act_dropout_bwd_vec_gelu_erf_fast_k16_",
+        [f32 BiasActDropoutBwdVecGeluErfFastK8F32, f16 BiasActDropoutBwdVecGeluErfFastK8F16, bf16 BiasActDropoutBwdVecGeluErfFastK8Bf16] = "bias_act_dropout_bwd_vec_gelu_erf_fast_k8_",
+        [f32 BiasActDropoutBwdVecGeluTanhFastF32, f16 BiasActDropoutBwdVecGeluTanhFastF16, bf16 BiasActDropoutBwdVecGeluTanhFastBf16] = "bias_act_dropout_bwd_vec_gelu_tanh_fast_",
+        [f32 BiasActDropoutBwdVecGeluTanhFastK16F32, f16 BiasActDropoutBwdVecGeluTanhFastK16F16, bf16 BiasActDropoutBwdVecGeluTanhFastK16Bf16] = "bias_act_dropout_bwd_vec_gelu_tanh_fast_k16_",
+        [f32 BiasActDropoutBwdVecGeluTanhFastK8F32, f16 BiasActDropoutBwdVecGeluTanhFastK8F16, bf16 BiasActDropoutBwdVecGeluTanhFastK8Bf16] = "bias_act_dropout_bwd_vec_gelu_tanh_fast_k8_",
+        [f32 BiasActDropoutBwdVecSiluFastF32, f16 BiasActDropoutBwdVecSiluFastF16, bf16 BiasActDropoutBwdVecSiluFastBf16] = "bias_act_dropout_bwd_vec_silu_fast_",
+        [f32 BiasActDropoutBwdVecSiluFastK16F32, f16 BiasActDropoutBwdVecSiluFastK16F16, bf16 BiasActDropoutBwdVecSiluFastK16Bf16] = "bias_act_dropout_bwd_vec_silu_fast_k16_",
+        [f32 BiasActDropoutBwdVecSiluFastK8F32, f16 BiasActDropoutBwdVecSiluFastK8F16, bf16 BiasActDropoutBwdVecSiluFastK8Bf16] = "bias_act_dropout_bwd_vec_silu_fast_k8_",
+        [f32 BiasActDropoutBwdScalarF32, f16 BiasActDropoutBwdScalarF16, bf16 BiasActDropoutBwdScalarBf16] = "bias_act_dropout_bwd_scalar_" => BWD_SCALAR,
+        [f32 BiasActDropoutBwdScalarFastF32, f16 BiasActDropoutBwdScalarFastF16, bf16 BiasActDropoutBwdScalarFastBf16] = "bias_act_dropout_bwd_scalar_fast_" => BWD_SCALAR_FAST,
+        [f32 BiasActDropoutDbiasF32, f16 BiasActDropoutDbiasF16, bf16 BiasActDropoutDbiasBf16] = "bias_act_dropout_dbias_" => DBIAS,
+        [f32 BiasActDropoutUnfusedBiasAddF32, f16 BiasActDropoutUnfusedBiasAddF16, bf16 BiasActDropoutUnfusedBiasAddBf16] = "bias_act_dropout_unfused_bias_add_" => BIAS_ADD,
+        [f32 BiasActDropoutUnfusedActF32, f16 BiasActDropoutUnfusedActF16, bf16 BiasActDropoutUnfusedActBf16] = "bias_act_dropout_unfused_act_" => ACT,
+        [f32 BiasActDropoutUnfusedDropoutF32, f16 BiasActDropoutUnfusedDropoutF16, bf16 BiasActDropoutUnfusedDropoutBf16] = "bias_act_dropout_unfused_dropout_" => DROPOUT,
+        [f32 BiasActDropoutUnfusedMaskedScaleF32, f16 BiasActDropoutUnfusedMaskedScaleF16, bf16 BiasActDropoutUnfusedMaskedScaleBf16] = "bias_act_dropout_unfused_masked_scale_" => MASKED_SCALE,
+        [f32 BiasActDropoutUnfusedActGradF32, f16 BiasActDropoutUnfusedActGradF16, bf16 BiasActDropoutUnfusedActGradBf16] = "bias_act_dropout_unfused_act_grad_" => ACT_GRAD,
+        [f32 BiasActDropoutUnfusedColSumF32, f16 BiasActDropoutUnfusedColSumF16, bf16 BiasActDropoutUnfusedColSumBf16] = "bias_act_dropout_unfused_col_sum_" => COL_SUM,
+    }
+}
 
 /// The keying resolutions kernels/bias_act_dropout.cu implements.
 const RESOLUTIONS: &[MaskResolution] = &[
@@ -31,98 +66,44 @@ const RESOLUTIONS: &[MaskResolution] = &[
     MaskResolution::Bits8,
 ];
 
-/// Mirrors `BiasActDropoutFwdParams` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct FwdParams {
-    x: u64,
-    bias: u64,
-    y: u64,
-    h_out: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
-    seed: u64,
-    call: u64,
-    threshold: u64,
-    scale: f32,
-    keep_frac: f32,
-    log2_scale: f32,
-    act: u32,
-    math: u32,
-    flags: u32,
+device_params! {
+    /// Mirrors `BiasActDropoutFwdParams` in the kernel.
+    #[derive(Debug, Default)]
+    struct FwdParams(104) {
+        x: u64,
+        bias: u64,
+        y: u64,
+        h_out: u64,
+        rows: KeyedShape,
+        scale: f32,
+        keep_frac: f32,
+        log2_scale: f32,
+        act: u32,
+        math: u32,
+        flags: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<FwdParams>() == 104);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for FwdParams {}
 
-/// Mirrors `BiasActDropoutBwdParams` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct BwdParams {
-    dy: u64,
-    x: u64,
-    bias: u64,
-    h: u64,
-    dx: u64,
-    partials: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
-    seed: u64,
-    call: u64,
-    threshold: u64,
-    scale: f32,
-    act: u32,
-    math: u32,
-    flags: u32,
-    keep_frac: f32,
-    log2_keep: f32,
+device_params! {
+    /// Mirrors `BiasActDropoutBwdParams` in the kernel.
+    #[derive(Debug, Default)]
+    struct BwdParams(120) {
+        dy: u64,
+        x: u64,
+        bias: u64,
+        h: u64,
+        dx: u64,
+        partials: u64,
+        rows: KeyedShape,
+        scale: f32,
+        act: u32,
+        math: u32,
+        flags: u32,
+        keep_frac: f32,
+        log2_keep: f32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<BwdParams>() == 120);
-// SAFETY: as above.
-unsafe impl DeviceRepr for BwdParams {}
 
-const FWD_VEC: KernelFamily = per_dtype!(
-    BiasActDropoutFwdVecF32,
-    BiasActDropoutFwdVecF16,
-    BiasActDropoutFwdVecBf16
-);
-const FWD_VEC_RELU: KernelFamily = per_dtype!(
-    BiasActDropoutFwdVecReluF32,
-    BiasActDropoutFwdVecReluF16,
-    BiasActDropoutFwdVecReluBf16
-);
-const FWD_VEC_GELU_ERF_FAST: KernelFamily = per_dtype!(
-    BiasActDropoutFwdVecGeluErfFastF32,
-    BiasActDropoutFwdVecGeluErfFastF16,
-    BiasActDropoutFwdVecGeluErfFastBf16
-);
-const FWD_VEC_GELU_TANH_FAST: KernelFamily = per_dtype!(
-    BiasActDropoutFwdVecGeluTanhFastF32,
-    BiasActDropoutFwdVecGeluTanhFastF16,
-    BiasActDropoutFwdVecGeluTanhFastBf16
-);
-const FWD_VEC_SILU_FAST: KernelFamily = per_dtype!(
-    BiasActDropoutFwdVecSiluFastF32,
-    BiasActDropoutFwdVecSiluFastF16,
-    BiasActDropoutFwdVecSiluFastBf16
-);
-const FWD_SCALAR: KernelFamily = per_dtype!(
-    BiasActDropoutFwdScalarF32,
-    BiasActDropoutFwdScalarF16,
-    BiasActDropoutFwdScalarBf16
-);
-const FWD_SCALAR_FAST: KernelFamily = per_dtype!(
-    BiasActDropoutFwdScalarFastF32,
-    BiasActDropoutFwdScalarFastF16,
-    BiasActDropoutFwdScalarFastBf16
-);
-const BWD_VEC: KernelFamily = per_dtype!(
-    BiasActDropoutBwdVecF32,
-    BiasActDropoutBwdVecF16,
-    BiasActDropoutBwdVecBf16
-);
 /// One kernel per keying: [Bits32, Bits16, Bits8] (see [`by_keying`]).
 const BWD_VEC_RELU: [KernelFamily; 3] = [
     per_dtype!(
@@ -195,21 +176,6 @@ const BWD_VEC_SILU_FAST: [KernelFamily; 3] = [
         BiasActDropoutBwdVecSiluFastK8Bf16
     ),
 ];
-const BWD_SCALAR: KernelFamily = per_dtype!(
-    BiasActDropoutBwdScalarF32,
-    BiasActDropoutBwdScalarF16,
-    BiasActDropoutBwdScalarBf16
-);
-const BWD_SCALAR_FAST: KernelFamily = per_dtype!(
-    BiasActDropoutBwdScalarFastF32,
-    BiasActDropoutBwdScalarFastF16,
-    BiasActDropoutBwdScalarFastBf16
-);
-const DBIAS: KernelFamily = per_dtype!(
-    BiasActDropoutDbiasF32,
-    BiasActDropoutDbiasF16,
-    BiasActDropoutDbiasBf16
-);
 
 /// `MATH_*` in the kernel: 0 = Exact (a zeroed params struct is the bit-exact mode), 1 = Fast.
 /// ReLU has no transcendental and always runs its one body.
@@ -326,12 +292,7 @@ pub fn forward<T: Dtype>(
         bias: bias_ptr,
         y: y_ptr,
         h_out: h_ptr,
-        rows: cfg.rows() as u64,
-        cols: cfg.cols() as u64,
-        slab_rows: slab,
-        seed: cfg.seed(),
-        call: cfg.call(),
-        threshold: keying.threshold(),
+        rows: KeyedShape::new((cfg.rows() as u64, cfg.cols() as u64, slab), &keying),
         scale: keying.scale(),
         keep_frac: (1.0 - keying.effective_p()) as f32,
         log2_scale: f64::from(keying.scale()).log2() as f32,
@@ -410,20 +371,8 @@ pub fn backward_with_workspace<T: Dtype>(
     mut dbias: Option<CudaViewMut<'_, T>>,
     mut workspace: Option<WorkspaceView<'_>>,
 ) -> Result<()> {
-    let lens = match &pre {
-        Preact::X { x, bias } => Preact::X {
-            x: x.len(),
-            bias: bias.as_ref().map(|b| b.len()),
-        },
-        Preact::H(h) => Preact::H(h.len()),
-    };
-    check_backward(
-        cfg,
-        dy.len(),
-        &lens,
-        dx.len(),
-        dbias.as_ref().map(|d| d.len()),
-    )?;
+    let db = dbias.as_ref().map(|d| d.len());
+    check_backward(cfg, dy.len(), &pre.lens(|b| b.len()), dx.len(), db)?;
     // The slab partition (grid.y) depends on the shape only.
     let (_, grid0, slab) = geometry::<T>(cfg, false);
     let slabs = grid0.1 as usize;
@@ -483,12 +432,7 @@ pub fn backward_with_workspace<T: Dtype>(
         h: h_ptr,
         dx: dx_ptr,
         partials: part_ptr,
-        rows: cfg.rows() as u64,
-        cols: cfg.cols() as u64,
-        slab_rows: slab,
-        seed: cfg.seed(),
-        call: cfg.call(),
-        threshold: keying.threshold(),
+        rows: KeyedShape::new((cfg.rows() as u64, cfg.cols() as u64, slab), &keying),
         scale: keying.scale(),
         act: cfg.act().code(),
         math: math_code(cfg),

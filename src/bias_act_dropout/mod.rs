@@ -11,9 +11,9 @@
 //! `act` is one of [`Activation`]: GELU (erf), GELU (tanh approximation), SiLU, ReLU. `i = row *
 //! cols + col` is the 64-bit flat element index and `keep` is the keying of
 //! [`dropping`](crate::dropping) shared by every dropping op: [`philox::mask_word`](crate::philox::mask_word)
-//! compared with the [`DropRate`] threshold, so the mask is a pure function of `(seed, call, i)`
+//! compared with the [`DropRate`](crate::dropping::DropRate) threshold, so the mask is a pure function of `(seed, call, i)`
 //! (not of the tensor length, the launch, the vector width, the alignment or the GPU), and the
-//! applied drop probability is exactly [`DropRate::effective_p`]. p = 0 and p = 1 are exact and do
+//! applied drop probability is exactly [`DropRate::effective_p`](crate::dropping::DropRate::effective_p). p = 0 and p = 1 are exact and do
 //! no generator work. x, bias, y, dy, dx, dbias share one dtype (`f32`, `f16`, `bf16`); all math
 //! is f32.
 //!
@@ -146,14 +146,14 @@
 //! # Ok(()) }
 //! ```
 
-use crate::dropping::{DropRate, Keying, MaskResolution};
+use crate::dropping::{check_shape, config_methods, KeySetting};
 use crate::dtype::DtypeKind;
-use crate::error::{check_len, Error, Result};
+use crate::error::{check_len, Result};
 use crate::math::{ErrorBound, Math};
 
 pub mod cpu;
 mod fast;
-mod gpu;
+pub(crate) mod gpu;
 pub mod unfused;
 
 pub use gpu::{backward, backward_with_workspace, forward};
@@ -365,16 +365,44 @@ pub enum Preact<B> {
     H(B),
 }
 
+impl<B> Preact<B> {
+    /// The lengths of its buffers, each `len(buffer)` (for [`check_backward`]).
+    pub(crate) fn lens(&self, len: impl Fn(&B) -> usize) -> Preact<usize> {
+        match self {
+            Preact::X { x, bias } => Preact::X {
+                x: len(x),
+                bias: bias.as_ref().map(&len),
+            },
+            Preact::H(h) => Preact::H(len(h)),
+        }
+    }
+}
+
 /// Shape, activation, drop rate and random keys of one call: everything but the buffers.
 /// Validated on construction; the CPU reference and the GPU kernels take the same `Config`.
+/// Its keying methods (`rate`, `seed`, `call`, `with_resolution`, `resolution`,
+/// `resolution_for`, `effective_p`, `scale`, `keying`, `keeps`) are those of its
+/// [`KeySetting`], documented there.
 ///
 /// ```
 /// use fusedreg::bias_act_dropout::{Activation, Config};
+/// use fusedreg::dropping::MaskResolution;
+/// use fusedreg::philox::mask_word;
+/// use fusedreg::DtypeKind::{Bf16, F32};
 /// # fn main() -> fusedreg::Result<()> {
 /// let cfg = Config::new(1024, 4096, Activation::GeluTanh, 0.1, 42, 7)?;
-/// assert_eq!(cfg.len(), 1 << 22);
+/// assert_eq!((cfg.rows(), cfg.cols(), cfg.len()), (1024, 4096, 1 << 22));
+/// assert!(Config::new(0, 5, Activation::Relu, 0.1, 1, 2)?.is_empty());
 /// assert!(Config::new(usize::MAX, 2, Activation::Relu, 0.1, 0, 0).is_err()); // overflow
 /// assert!(Config::new(4, 4, Activation::Relu, 1.5, 0, 0).is_err()); // p outside [0, 1]
+/// assert_eq!((cfg.rate().threshold(), cfg.seed(), cfg.call()), (429_496_730, 42, 7));
+/// assert_eq!(cfg.keeps(F32, 69), cfg.rate().keeps(mask_word(42, 7, 69)));
+/// let k = cfg.keying(Bf16);
+/// assert_eq!((k.seed(), k.call(), k.resolution()), (42, 7, MaskResolution::Bits16));
+/// let cfg8 = cfg.with_resolution(MaskResolution::Bits8);
+/// assert_eq!(cfg8.resolution_for(Bf16), MaskResolution::Bits8);
+/// assert_eq!(cfg8.effective_p(F32), 26.0 / 256.0);
+/// assert_eq!(cfg8.scale(F32), (256.0f64 / 230.0) as f32);
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -382,10 +410,7 @@ pub struct Config {
     rows: usize,
     cols: usize,
     act: Activation,
-    /// Seed, call and rate; its own resolution is never read: [`Config::keying`] resolves.
-    keys: Keying,
-    /// The explicit choice; `None` resolves per dtype at the call ([`MaskResolution::resolve`]).
-    resolution: Option<MaskResolution>,
+    keys: KeySetting,
     math: Math,
 }
 
@@ -393,8 +418,9 @@ impl Config {
     /// A `[rows, cols]` tensor (cols = the FFN width, the length of the bias), activated by
     /// `act`, dropped with probability `p` under `(seed, call)`.
     ///
-    /// Errors: [`Error::ShapeMismatch`] when `rows * cols` overflows; [`Error::InvalidArgument`]
-    /// when `p` is NaN or outside `[0, 1]`.
+    /// Errors: [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) when `rows * cols`
+    /// overflows; [`Error::InvalidArgument`](crate::Error::InvalidArgument) when `p` is NaN or
+    /// outside `[0, 1]`.
     ///
     /// # Examples
     ///
@@ -416,16 +442,13 @@ impl Config {
         seed: u64,
         call: u64,
     ) -> Result<Self> {
-        let keys = Keying::new(OP, p, seed, call)?;
-        rows.checked_mul(cols)
-            .filter(|&n| u64::try_from(n).is_ok())
-            .ok_or_else(|| Error::shape(OP, format!("rows * cols = {rows} * {cols} overflows")))?;
+        let keys = KeySetting::new(OP, p, seed, call)?;
+        check_shape(OP, rows, cols)?;
         Ok(Config {
             rows,
             cols,
             act,
             keys,
-            resolution: None,
             math: act.default_math(),
         })
     }
@@ -444,6 +467,7 @@ impl Config {
     /// let cfg = Config::new(8, 64, Activation::GeluTanh, 0.1, 42, 7)?;
     /// assert_eq!(cfg.math(), Math::Fast);
     /// assert_eq!(cfg.with_math(Math::Exact).math(), Math::Exact);
+    /// assert_eq!(Config::new(2, 2, Activation::Relu, 0.1, 1, 2)?.math(), Math::Exact);
     /// # Ok(()) }
     /// ```
     pub fn with_math(self, math: Math) -> Self {
@@ -451,244 +475,18 @@ impl Config {
     }
 
     /// The math mode (default [`Activation::default_math`]).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// # use fusedreg::Math;
-    /// assert_eq!(Config::new(2, 2, Activation::Relu, 0.1, 1, 2).unwrap().math(), Math::Exact);
-    /// ```
     pub fn math(&self) -> Math {
         self.math
     }
 
-    /// The same call with another mask resolution: [`MaskResolution::Bits16`] keys element `i`
-    /// by halfword `i % 8` of Philox block `i / 8` (half the generator work; `p` quantised to
-    /// `2^-16`), [`MaskResolution::Bits8`] by byte `i % 16` of block `i / 16` (a quarter of it;
-    /// `p` quantised to `2^-8`, FlashAttention's resolution: 0.1 is applied as 26 / 256 =
-    /// 0.1016). Kept elements are scaled by `1 / (1 - p)` of the probability actually applied
-    /// ([`Config::effective_p`]), so the output is unbiased at every resolution. Without it the
-    /// resolution is the dtype's default ([`MaskResolution::default_for`]: 16 bits for f16 and
-    /// bf16, 32 for f32); the unfused baseline keys at 32 bits only (its default for every
-    /// dtype).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::bias_act_dropout::{Activation, Config};
-    /// use fusedreg::dropping::MaskResolution;
-    /// use fusedreg::DtypeKind::F32;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(8, 64, Activation::Silu, 0.1, 42, 7)?
-    ///     .with_resolution(MaskResolution::Bits16);
-    /// assert_eq!(cfg.resolution(), Some(MaskResolution::Bits16));
-    /// assert_eq!(cfg.effective_p(F32), 6554.0 / 65536.0);
-    /// assert_eq!(cfg.keying(F32).scale(), (65536.0f64 / (65536.0 - 6554.0)) as f32);
-    /// let cfg8 = cfg.with_resolution(MaskResolution::Bits8);
-    /// assert_eq!(cfg8.effective_p(F32), 26.0 / 256.0);
-    /// assert_eq!(cfg8.keying(F32).scale(), (256.0f64 / 230.0) as f32);
-    /// # Ok(()) }
-    /// ```
-    pub fn with_resolution(self, resolution: MaskResolution) -> Self {
-        Config {
-            resolution: Some(resolution),
-            ..self
-        }
-    }
-
-    /// The explicit mask resolution; `None` (the default) for the dtype's default.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// # use fusedreg::dropping::MaskResolution;
-    /// let cfg = Config::new(2, 2, Activation::Relu, 0.1, 1, 2).unwrap();
-    /// assert_eq!(cfg.resolution(), None);
-    /// ```
-    pub fn resolution(&self) -> Option<MaskResolution> {
-        self.resolution
-    }
-
-    /// The resolution a `dtype` call keys at ([`MaskResolution::resolve`]: the explicit choice,
-    /// else the dtype's default).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// use fusedreg::dropping::MaskResolution::*;
-    /// use fusedreg::DtypeKind::{Bf16, F16, F32};
-    /// let cfg = Config::new(2, 2, Activation::Relu, 0.1, 1, 2).unwrap();
-    /// assert_eq!([cfg.resolution_for(Bf16), cfg.resolution_for(F16)], [Bits16; 2]);
-    /// assert_eq!(cfg.resolution_for(F32), Bits32);
-    /// assert_eq!(cfg.with_resolution(Bits8).resolution_for(Bf16), Bits8);
-    /// ```
-    pub fn resolution_for(&self, dtype: DtypeKind) -> MaskResolution {
-        MaskResolution::resolve(self.resolution, dtype)
-    }
-
-    /// The drop probability a `dtype` call actually applies (the threshold over `2^32`, `2^16`
-    /// or `2^8`). Kept elements are scaled by `1 / (1 - p)` of this `p` ([`Keying::scale`]).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// use fusedreg::DtypeKind::{Bf16, F32};
-    /// let cfg = Config::new(2, 2, Activation::Relu, 0.1, 1, 2).unwrap();
-    /// assert_eq!(cfg.effective_p(F32), cfg.rate().effective_p());
-    /// assert_eq!(cfg.effective_p(Bf16), 6554.0 / 65536.0);
-    /// ```
-    pub fn effective_p(&self, dtype: DtypeKind) -> f64 {
-        self.keying(dtype).effective_p()
-    }
-
-    /// Rows.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// assert_eq!(Config::new(16, 64, Activation::Relu, 0.1, 1, 2).unwrap().rows(), 16);
-    /// ```
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Columns (the length of the bias).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// assert_eq!(Config::new(16, 64, Activation::Relu, 0.1, 1, 2).unwrap().cols(), 64);
-    /// ```
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Elements, `rows * cols`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// assert_eq!(Config::new(3, 5, Activation::Relu, 0.1, 1, 2).unwrap().len(), 15);
-    /// ```
-    pub fn len(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    /// True when there are no elements.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// assert!(Config::new(0, 5, Activation::Relu, 0.1, 1, 2).unwrap().is_empty());
-    /// ```
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    config_methods!(
+        "Every kernel of this op implements every resolution; the unfused baseline keys at 32"
+        "bits only (its default for every dtype, an error for another explicit resolution)."
+    );
 
     /// The activation.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// let cfg = Config::new(3, 5, Activation::GeluErf, 0.1, 1, 2).unwrap();
-    /// assert_eq!(cfg.act(), Activation::GeluErf);
-    /// ```
     pub fn act(&self) -> Activation {
         self.act
-    }
-
-    /// The dropout rate.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// let cfg = Config::new(3, 5, Activation::Relu, 0.25, 1, 2).unwrap();
-    /// assert_eq!(cfg.rate().threshold(), 1 << 30);
-    /// ```
-    pub fn rate(&self) -> DropRate {
-        self.keys.rate()
-    }
-
-    /// The generator seed.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// assert_eq!(Config::new(3, 5, Activation::Relu, 0.1, 42, 2).unwrap().seed(), 42);
-    /// ```
-    pub fn seed(&self) -> u64 {
-        self.keys.seed()
-    }
-
-    /// The call id of the mask.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// assert_eq!(Config::new(3, 5, Activation::Relu, 0.1, 42, 7).unwrap().call(), 7);
-    /// ```
-    pub fn call(&self) -> u64 {
-        self.keys.call()
-    }
-
-    /// The dropout keying of a `dtype` call (seed, call, rate and the resolution resolved for
-    /// `dtype`): what the CPU reference, the GPU forward and the backward all key with.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use fusedreg::bias_act_dropout::{Activation, Config};
-    /// use fusedreg::dropping::MaskResolution;
-    /// use fusedreg::DtypeKind::Bf16;
-    /// let cfg = Config::new(3, 5, Activation::Relu, 0.1, 42, 7).unwrap();
-    /// let k = cfg.keying(Bf16);
-    /// assert_eq!((k.seed(), k.call(), k.resolution()), (42, 7, MaskResolution::Bits16));
-    /// ```
-    pub fn keying(&self, dtype: DtypeKind) -> Keying {
-        self.keys.with_resolution(self.resolution_for(dtype))
-    }
-
-    /// Whether element `i` (flat index) of a `dtype` call is kept.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::bias_act_dropout::{Activation, Config};
-    /// use fusedreg::philox::mask_word;
-    /// use fusedreg::DtypeKind::F32;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(2, 64, Activation::Relu, 0.1, 42, 7)?;
-    /// assert_eq!(cfg.keeps(F32, 69), cfg.rate().keeps(mask_word(42, 7, 69)));
-    /// # Ok(()) }
-    /// ```
-    pub fn keeps(&self, dtype: DtypeKind, i: u64) -> bool {
-        self.keying(dtype).keeps(i)
-    }
-}
-
-/// The unfused baseline keys its byte mask with 32-bit words only: its keying is 32-bit for
-/// every dtype by default, and an explicit other resolution is an error.
-pub(crate) fn keying_bits32_unfused(cfg: &Config) -> Result<Keying> {
-    match cfg.resolution() {
-        None | Some(MaskResolution::Bits32) => Ok(cfg.keying(DtypeKind::F32)),
-        Some(r) => Err(Error::invalid(
-            OP,
-            format!(
-                "the unfused baseline keys its mask with 32-bit words; {r:?} is offered by the fused op only"
-            ),
-        )),
     }
 }
 

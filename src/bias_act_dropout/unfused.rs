@@ -35,65 +35,34 @@
 //! # Ok(()) }
 //! ```
 
-use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut};
 
+use super::gpu::{ACT, ACT_GRAD, BIAS_ADD, COL_SUM, DROPOUT, MASKED_SCALE};
 use super::{Config, OP};
 use crate::dropping::unfused::check_masked_backward;
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
-use crate::runtime::kernels::{per_dtype, KernelFamily};
+use crate::runtime::device_params;
+use crate::runtime::kernels::KernelFamily;
 use crate::runtime::{grid_for, Handle};
 
-/// Mirrors `BiasActDropoutUnfusedParams` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct Params {
-    a: u64,
-    b: u64,
-    out: u64,
-    mask: u64,
-    n: u64,
-    cols: u64,
-    seed: u64,
-    call: u64,
-    threshold: u64,
-    scale: f32,
-    act: u32,
+device_params! {
+    /// Mirrors `BiasActDropoutUnfusedParams` in the kernel.
+    #[derive(Debug, Default)]
+    struct Params(80) {
+        a: u64,
+        b: u64,
+        out: u64,
+        mask: u64,
+        n: u64,
+        cols: u64,
+        seed: u64,
+        call: u64,
+        threshold: u64,
+        scale: f32,
+        act: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<Params>() == 80);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for Params {}
-
-const BIAS_ADD: KernelFamily = per_dtype!(
-    BiasActDropoutUnfusedBiasAddF32,
-    BiasActDropoutUnfusedBiasAddF16,
-    BiasActDropoutUnfusedBiasAddBf16
-);
-const ACT: KernelFamily = per_dtype!(
-    BiasActDropoutUnfusedActF32,
-    BiasActDropoutUnfusedActF16,
-    BiasActDropoutUnfusedActBf16
-);
-const DROPOUT: KernelFamily = per_dtype!(
-    BiasActDropoutUnfusedDropoutF32,
-    BiasActDropoutUnfusedDropoutF16,
-    BiasActDropoutUnfusedDropoutBf16
-);
-const MASKED_SCALE: KernelFamily = per_dtype!(
-    BiasActDropoutUnfusedMaskedScaleF32,
-    BiasActDropoutUnfusedMaskedScaleF16,
-    BiasActDropoutUnfusedMaskedScaleBf16
-);
-const ACT_GRAD: KernelFamily = per_dtype!(
-    BiasActDropoutUnfusedActGradF32,
-    BiasActDropoutUnfusedActGradF16,
-    BiasActDropoutUnfusedActGradBf16
-);
-const COL_SUM: KernelFamily = per_dtype!(
-    BiasActDropoutUnfusedColSumF32,
-    BiasActDropoutUnfusedColSumF16,
-    BiasActDropoutUnfusedColSumBf16
-);
 
 const BLOCK: u32 = 256;
 
@@ -107,7 +76,7 @@ fn check_forward(
     mask: usize,
     h: usize,
 ) -> Result<()> {
-    super::keying_bits32_unfused(cfg)?;
+    cfg.keys.keying_bits32(OP)?;
     let n = cfg.len();
     check_len(OP, "x", x, n)?;
     check_len(OP, "bias (one per column)", bias, cfg.cols())?;
@@ -353,7 +322,7 @@ pub fn forward_cpu<T: Dtype>(
 ) -> Result<()> {
     check_forward(cfg, x.len(), bias.len(), y.len(), mask.len(), h.len())?;
     let n = cfg.len();
-    let keying = super::keying_bits32_unfused(cfg)?;
+    let keying = cfg.keys.keying_bits32(OP)?;
     let scale = keying.scale();
     let mut bits = keying.keep_bits();
     for i in 0..n {

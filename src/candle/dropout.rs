@@ -112,57 +112,69 @@ pub struct DropoutResidual {
     site: Site,
 }
 
+/// The constructor, site accessors and config of both site types (`$ty`: the type's name, for
+/// the doc examples): one definition, documented and tested once per type.
+macro_rules! site_type_methods {
+    ($ty:ident) => {
+        /// A site dropping elements with probability `p` (in `[0, 1]`), numbered `site`
+        /// (`< 2^24`, unique among the model's dropout sites).
+        ///
+        /// # Examples
+        ///
+        /// ```
+        #[doc = concat!("use fusedreg::candle::", stringify!($ty), ";")]
+        /// # fn main() -> candle_core::Result<()> {
+        #[doc = concat!("let site = ", stringify!($ty), "::new(0.1, 0)?;")]
+        /// assert_eq!((site.p(), site.site(), site.drop_path()), (0.1, 0, None));
+        #[doc = concat!("let other = ", stringify!($ty), "::new(0.25, 9)?;")]
+        /// assert_eq!((other.p(), other.site()), (0.25, 9));
+        #[doc = concat!("assert!(", stringify!($ty), "::new(1.5, 0).is_err());")]
+        #[doc = concat!("assert!(", stringify!($ty), "::new(f64::NAN, 0).is_err());")]
+        #[doc = concat!("assert!(", stringify!($ty), "::new(0.1, 1 << 24).is_err());")]
+        /// // A drop path (p_path 0: none; rows_per_sample 0 or a negative rate: errors).
+        /// assert_eq!(site.with_drop_path(0.2, 128)?.drop_path(), Some((0.2, 128)));
+        /// assert_eq!(site.with_drop_path(0.5, 4)?.drop_path(), Some((0.5, 4)));
+        /// assert_eq!(site.with_drop_path(0.0, 128)?.drop_path(), None);
+        /// assert!(site.with_drop_path(0.2, 0).is_err());
+        /// assert!(site.with_drop_path(-0.2, 1).is_err());
+        /// # Ok(()) }
+        /// ```
+        pub fn new(p: f64, site: u32) -> Result<Self> {
+            Ok($ty {
+                site: Site::new(p, site)?,
+            })
+        }
+
+        site_methods!(drop_path);
+
+        /// The [`Config`] a call on a `[rows, cols]` tensor uses: with `keys`, the site's rates
+        /// and call ids of that step; without (evaluation), p = 0 and no drop path. Use it to
+        /// reproduce a mask (`cfg.keeps(dtype, i)`, `cfg.drop_path().unwrap().row_scale(seed,
+        /// row)`).
+        ///
+        /// # Examples
+        ///
+        /// ```
+        #[doc = concat!("use fusedreg::candle::{", stringify!($ty), ", StepKeys};")]
+        /// # fn main() -> candle_core::Result<()> {
+        /// let keys = StepKeys::new(42, 3);
+        #[doc = concat!("let site = ", stringify!($ty), "::new(0.1, 7)?;")]
+        /// let cfg = site.with_drop_path(0.2, 4)?.config(8, 16, Some(&keys))?;
+        /// assert_eq!((cfg.seed(), cfg.call()), (42, keys.call(7, 0)?));
+        /// assert_eq!(cfg.drop_path().unwrap().call(), keys.call(7, 1)?);
+        /// let eval = site.config(8, 16, None)?;
+        /// assert_eq!(eval.rate().p(), 0.0);
+        /// assert!(eval.drop_path().is_none());
+        /// # Ok(()) }
+        /// ```
+        pub fn config(&self, rows: usize, cols: usize, keys: Option<&StepKeys>) -> Result<Config> {
+            config(&self.site, rows, cols, keys)
+        }
+    };
+}
+
 impl Dropout {
-    /// A site dropping elements with probability `p` (in `[0, 1]`), numbered `site`
-    /// (`< 2^24`, unique among the model's dropout sites).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::candle::Dropout;
-    /// # fn main() -> candle_core::Result<()> {
-    /// let site = Dropout::new(0.1, 0)?;
-    /// assert_eq!((site.p(), site.site(), site.drop_path()), (0.1, 0, None));
-    /// assert_eq!((Dropout::new(0.25, 9)?.p(), Dropout::new(0.25, 9)?.site()), (0.25, 9));
-    /// assert!(Dropout::new(1.5, 0).is_err());
-    /// assert!(Dropout::new(f64::NAN, 0).is_err());
-    /// assert!(Dropout::new(0.1, 1 << 24).is_err());
-    /// // A drop path (p_path 0: none; rows_per_sample 0 or a negative rate: errors).
-    /// assert_eq!(site.with_drop_path(0.2, 128)?.drop_path(), Some((0.2, 128)));
-    /// assert_eq!(site.with_drop_path(0.0, 128)?.drop_path(), None);
-    /// assert!(site.with_drop_path(0.2, 0).is_err());
-    /// assert!(site.with_drop_path(-0.2, 1).is_err());
-    /// # Ok(()) }
-    /// ```
-    pub fn new(p: f64, site: u32) -> Result<Self> {
-        Ok(Dropout {
-            site: Site::new(p, site)?,
-        })
-    }
-
-    site_methods!(drop_path);
-
-    /// The [`Config`] a call on a `[rows, cols]` tensor uses: with `keys`, the site's rates and
-    /// call ids of that step; without (evaluation), p = 0 and no drop path. Use it to reproduce a
-    /// mask (`cfg.keeps(dtype, i)`, `cfg.drop_path().unwrap().row_scale(seed, row)`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::candle::{Dropout, StepKeys};
-    /// # fn main() -> candle_core::Result<()> {
-    /// let keys = StepKeys::new(42, 3);
-    /// let cfg = Dropout::new(0.1, 7)?.with_drop_path(0.2, 4)?.config(8, 16, Some(&keys))?;
-    /// assert_eq!((cfg.seed(), cfg.call()), (42, keys.call(7, 0)?));
-    /// assert_eq!(cfg.drop_path().unwrap().call(), keys.call(7, 1)?);
-    /// let eval = Dropout::new(0.1, 7)?.config(8, 16, None)?;
-    /// assert_eq!(eval.rate().p(), 0.0);
-    /// assert!(eval.drop_path().is_none());
-    /// # Ok(()) }
-    /// ```
-    pub fn config(&self, rows: usize, cols: usize, keys: Option<&StepKeys>) -> Result<Config> {
-        config(&self.site, rows, cols, keys)
-    }
+    site_type_methods!(Dropout);
 
     /// `rowscale * dropout(x + bias)` with the masks of `keys` (training), or `x + bias` without
     /// keys (evaluation: `x` itself, not a copy, when there is no bias; otherwise the sum rounded
@@ -200,51 +212,7 @@ impl Dropout {
 }
 
 impl DropoutResidual {
-    /// A site dropping elements with probability `p` (in `[0, 1]`), numbered `site`
-    /// (`< 2^24`, unique among the model's dropout sites).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::candle::DropoutResidual;
-    /// # fn main() -> candle_core::Result<()> {
-    /// let site = DropoutResidual::new(0.1, 0)?;
-    /// assert_eq!((site.p(), site.site(), site.drop_path()), (0.1, 0, None));
-    /// assert_eq!(DropoutResidual::new(0.25, 9)?.site(), 9);
-    /// assert!(DropoutResidual::new(1.5, 0).is_err());
-    /// assert!(DropoutResidual::new(f64::NAN, 0).is_err());
-    /// assert!(DropoutResidual::new(0.1, 1 << 24).is_err());
-    /// assert_eq!(site.with_drop_path(0.5, 4)?.drop_path(), Some((0.5, 4)));
-    /// assert_eq!(site.with_drop_path(0.0, 128)?.drop_path(), None);
-    /// assert!(site.with_drop_path(0.2, 0).is_err());
-    /// assert!(site.with_drop_path(-0.2, 1).is_err());
-    /// # Ok(()) }
-    /// ```
-    pub fn new(p: f64, site: u32) -> Result<Self> {
-        Ok(DropoutResidual {
-            site: Site::new(p, site)?,
-        })
-    }
-
-    site_methods!(drop_path);
-
-    /// The [`Config`] a call on a `[rows, cols]` tensor uses (as [`Dropout::config`]).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::candle::{DropoutResidual, StepKeys};
-    /// # fn main() -> candle_core::Result<()> {
-    /// let keys = StepKeys::new(42, 3);
-    /// let cfg = DropoutResidual::new(0.1, 7)?.config(4, 16, Some(&keys))?;
-    /// assert_eq!((cfg.seed(), cfg.call()), (42, keys.call(7, 0)?));
-    /// let eval = DropoutResidual::new(0.1, 7)?.config(4, 16, None)?;
-    /// assert_eq!(eval.rate().p(), 0.0);
-    /// # Ok(()) }
-    /// ```
-    pub fn config(&self, rows: usize, cols: usize, keys: Option<&StepKeys>) -> Result<Config> {
-        config(&self.site, rows, cols, keys)
-    }
+    site_type_methods!(DropoutResidual);
 
     /// `residual + rowscale * dropout(x + bias)` with the masks of `keys` (training), or
     /// `x + bias + residual` without keys (evaluation). Non-contiguous inputs are copied first.

@@ -7,14 +7,32 @@
 //! runs when the logits (and a separate gradient) start 16-byte aligned and a row is a whole
 //! number of 16-byte vectors; otherwise the scalar path, with the same bits.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 use super::{check_lens, Config, Consts, Reduction, TargetIndex, OP, REDUCE_CHUNK, SLOTS};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::runtime::kernels::{per_dtype, Kernel, KernelFamily};
+use crate::runtime::device_params;
+use crate::runtime::kernels::{Kernel, KernelFamily};
 use crate::runtime::Handle;
-use crate::workspace::WorkspaceView;
+use crate::runtime::WorkspaceView;
+
+crate::kernel_list! {
+    "cross_entropy" => {
+        [f32 CrossEntropyFusedF32Ti32, f16 CrossEntropyFusedF16Ti32, bf16 CrossEntropyFusedBf16Ti32] = "cross_entropy_fused_", "_ti32" => FUSED_I32,
+        [f32 CrossEntropyFusedF32Ti64, f16 CrossEntropyFusedF16Ti64, bf16 CrossEntropyFusedBf16Ti64] = "cross_entropy_fused_", "_ti64" => FUSED_I64,
+        [f32 CrossEntropyFusedFastF32Ti32, f16 CrossEntropyFusedFastF16Ti32, bf16 CrossEntropyFusedFastBf16Ti32] = "cross_entropy_fused_fast_", "_ti32" => FAST_I32,
+        [f32 CrossEntropyFusedFastF32Ti64, f16 CrossEntropyFusedFastF16Ti64, bf16 CrossEntropyFusedFastBf16Ti64] = "cross_entropy_fused_fast_", "_ti64" => FAST_I64,
+        [f32 CrossEntropyUnfusedNllF32Ti32, f16 CrossEntropyUnfusedNllF16Ti32, bf16 CrossEntropyUnfusedNllBf16Ti32] = "cross_entropy_unfused_nll_", "_ti32" => NLL_I32,
+        [f32 CrossEntropyUnfusedNllF32Ti64, f16 CrossEntropyUnfusedNllF16Ti64, bf16 CrossEntropyUnfusedNllBf16Ti64] = "cross_entropy_unfused_nll_", "_ti64" => NLL_I64,
+        [f32 CrossEntropyUnfusedBackwardF32Ti32, f16 CrossEntropyUnfusedBackwardF16Ti32, bf16 CrossEntropyUnfusedBackwardBf16Ti32] = "cross_entropy_unfused_backward_", "_ti32" => BWD_I32,
+        [f32 CrossEntropyUnfusedBackwardF32Ti64, f16 CrossEntropyUnfusedBackwardF16Ti64, bf16 CrossEntropyUnfusedBackwardBf16Ti64] = "cross_entropy_unfused_backward_", "_ti64" => BWD_I64,
+        [f32 CrossEntropyUnfusedLogSoftmaxF32, f16 CrossEntropyUnfusedLogSoftmaxF16, bf16 CrossEntropyUnfusedLogSoftmaxBf16] = "cross_entropy_unfused_log_softmax_" => LOG_SOFTMAX,
+        [_ CrossEntropyCountTi32] = "cross_entropy_count_ti32",
+        [_ CrossEntropyCountTi64] = "cross_entropy_count_ti64",
+        [_ CrossEntropySum] = "cross_entropy_sum",
+    }
+}
 
 pub(super) const FLAG_GRAD: u32 = 1;
 pub(super) const FLAG_VEC: u32 = 2;
@@ -25,23 +43,21 @@ pub(super) const FLAG_UPSTREAM: u32 = 8;
 /// it.
 pub(super) const MAX_GRID: u64 = 1 << 20;
 
-/// Mirrors `FusedParams` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct FusedParams {
-    logits: u64,
-    grad: u64,
-    targets: u64,
-    loss_rows: u64,
-    upstream: u64,
-    n_valid: u64,
-    flag: u64,
-    row: RowParams,
+device_params! {
+    /// Mirrors `FusedParams` in the kernel.
+    #[derive(Debug, Default)]
+    struct FusedParams(112) {
+        logits: u64,
+        grad: u64,
+        targets: u64,
+        loss_rows: u64,
+        upstream: u64,
+        n_valid: u64,
+        flag: u64,
+        row: RowParams,
+    }
 }
-const _: () = assert!(std::mem::size_of::<FusedParams>() == 112);
 const _: () = assert!(std::mem::offset_of!(FusedParams, row) == 56); // `rows` in the kernel
-                                                                     // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for FusedParams {}
 
 /// The fields the fused and the unfused kernels' parameters end with, `rows` to `pad`: the
 /// shape, the ignore index, the constants of the pinned arithmetic and the flags.
@@ -71,55 +87,30 @@ impl RowParams {
     }
 }
 
-/// Mirrors `CountParams` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct CountParams {
-    pub targets: u64,
-    pub n_valid: u64,
-    pub rows: u64,
-    pub vocab: u64,
-    pub ignore_index: i64,
+device_params! {
+    /// Mirrors `CountParams` in the kernel.
+    #[derive(Debug, Default)]
+    pub(super) struct CountParams(40) {
+        pub targets: u64,
+        pub n_valid: u64,
+        pub rows: u64,
+        pub vocab: u64,
+        pub ignore_index: i64,
+    }
 }
-const _: () = assert!(std::mem::size_of::<CountParams>() == 40);
-// SAFETY: as above.
-unsafe impl DeviceRepr for CountParams {}
 
-/// Mirrors `SumParams` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct SumParams {
-    input: u64,
-    out: u64,
-    n_valid: u64,
-    n: u64,
-    flags: u32,
-    pad: u32,
+device_params! {
+    /// Mirrors `SumParams` in the kernel.
+    #[derive(Debug, Default)]
+    struct SumParams(40) {
+        input: u64,
+        out: u64,
+        n_valid: u64,
+        n: u64,
+        flags: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<SumParams>() == 40);
-// SAFETY: as above.
-unsafe impl DeviceRepr for SumParams {}
-
-const FUSED_I32: KernelFamily = per_dtype!(
-    CrossEntropyFusedF32Ti32,
-    CrossEntropyFusedF16Ti32,
-    CrossEntropyFusedBf16Ti32
-);
-const FUSED_I64: KernelFamily = per_dtype!(
-    CrossEntropyFusedF32Ti64,
-    CrossEntropyFusedF16Ti64,
-    CrossEntropyFusedBf16Ti64
-);
-const FAST_I32: KernelFamily = per_dtype!(
-    CrossEntropyFusedFastF32Ti32,
-    CrossEntropyFusedFastF16Ti32,
-    CrossEntropyFusedFastBf16Ti32
-);
-const FAST_I64: KernelFamily = per_dtype!(
-    CrossEntropyFusedFastF32Ti64,
-    CrossEntropyFusedFastF16Ti64,
-    CrossEntropyFusedFastBf16Ti64
-);
 
 /// Picks the i32 or i64 member of a pair of kernel families.
 pub(super) fn by_target<T: Dtype, I: TargetIndex>(
@@ -174,6 +165,32 @@ impl Workspace {
     pub fn capacity(&self) -> usize {
         self.f32s.as_ref().map_or(0, |b| b.len())
     }
+}
+
+/// Bytes of scratch a call needs (the body of [`crate::workspace::cross_entropy_size`]): the
+/// reduction's f32s, then its u64 count at the next multiple of 8.
+pub(crate) fn workspace_size(rows: usize, vocab: usize, reduction: Reduction) -> Result<usize> {
+    if rows == 0 || vocab == 0 {
+        return Ok(0);
+    }
+    let f32_bytes = scratch_f32_len(rows, reduction)
+        .checked_mul(4)
+        .ok_or_else(|| Error::shape(OP, "the workspace size overflows usize"))?;
+    Ok(count_offset(f32_bytes) + 8)
+}
+
+/// f32 elements of the reduction scratch (0 with [`Reduction::None`]).
+fn scratch_f32_len(rows: usize, reduction: Reduction) -> usize {
+    if reduction == Reduction::None {
+        0
+    } else {
+        scratch_len(rows)
+    }
+}
+
+/// Byte offset of the u64 count: after `f32_bytes`, rounded up to 8.
+fn count_offset(f32_bytes: usize) -> usize {
+    f32_bytes.div_ceil(8) * 8
 }
 
 /// f32 scratch for `rows` per-row losses and every level of chunk sums below the final one.
@@ -525,7 +542,7 @@ fn launch<T: Dtype, I: TargetIndex>(
         .transpose()?;
 
     let mut own = Workspace::new();
-    let f32_len = crate::workspace::cross_entropy_f32_len(cfg.rows(), reduction);
+    let f32_len = scratch_f32_len(cfg.rows(), reduction);
     if out.workspace.is_some() && out.workspace_view.is_some() {
         return Err(crate::dropping::gpu::both_workspaces(OP));
     }
@@ -534,13 +551,13 @@ fn launch<T: Dtype, I: TargetIndex>(
     let s = match view.as_mut() {
         Some(v) => {
             // [f32 scratch][pad to 8][u64 count]; the count is zeroed by count_valid when read.
-            let need = crate::workspace::cross_entropy_size(cfg.rows(), cfg.vocab(), reduction)?;
+            let need = workspace_size(cfg.rows(), cfg.vocab(), reduction)?;
             let query = "fusedreg::workspace::cross_entropy_size";
             let (p, g) = v.bind(handle, OP, query, need)?;
             _view_g = Some(g);
             Scratch {
                 f32s: if f32_len > 0 { p } else { 0 },
-                count: p + crate::workspace::count_offset(4 * f32_len) as u64,
+                count: p + count_offset(4 * f32_len) as u64,
             }
         }
         None => scratch(handle, out.workspace.take(), f32_len, &mut own)?,
@@ -629,6 +646,11 @@ mod tests {
     #[test]
     fn scratch_holds_every_level() {
         assert_eq!(scratch_len(10), 10);
+        // The count after the f32s, 8-byte aligned.
+        assert_eq!(
+            (count_offset(4), count_offset(8), count_offset(12)),
+            (8, 8, 16)
+        );
         assert_eq!(scratch_len(REDUCE_CHUNK), REDUCE_CHUNK);
         assert_eq!(scratch_len(REDUCE_CHUNK + 1), REDUCE_CHUNK + 1 + 2);
         let big = REDUCE_CHUNK * REDUCE_CHUNK * 3;

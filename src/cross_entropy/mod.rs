@@ -147,11 +147,11 @@ use crate::math::Math;
 pub mod cpu;
 #[doc(hidden)]
 pub mod fast_model;
-mod gpu;
+pub(crate) mod gpu;
 pub(crate) mod math;
 pub mod unfused;
 
-pub(crate) use gpu::scratch_len;
+pub(crate) use gpu::workspace_size;
 pub use gpu::{forward, forward_backward, forward_backward_inplace, Outputs, Workspace};
 
 /// The name used in errors.

@@ -25,63 +25,36 @@
 //! # Ok(()) }
 //! ```
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::cpu::{self, row_state, z_factor, Loss};
 use super::gpu::{
     by_target, count_valid, finish_empty, reduce_losses, reduction_flags, scratch, scratch_len,
     Outputs, RowParams, Workspace, MAX_GRID,
 };
+use super::gpu::{BWD_I32, BWD_I64, LOG_SOFTMAX, NLL_I32, NLL_I64};
 use super::math::{exp, ln};
 use super::{Config, Reduction, TargetClass, TargetIndex, OP, SLOTS};
 use crate::dtype::Dtype;
 use crate::error::{check_len, Result};
-use crate::runtime::kernels::{per_dtype, KernelFamily};
+use crate::runtime::device_params;
 use crate::runtime::Handle;
 
-/// Mirrors `UnfusedParams` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct UnfusedParams {
-    x: u64,
-    y: u64,
-    targets: u64,
-    lse: u64,
-    loss_rows: u64,
-    upstream: u64,
-    n_valid: u64,
-    row: RowParams,
+device_params! {
+    /// Mirrors `UnfusedParams` in the kernel.
+    #[derive(Debug, Default)]
+    struct UnfusedParams(112) {
+        x: u64,
+        y: u64,
+        targets: u64,
+        lse: u64,
+        loss_rows: u64,
+        upstream: u64,
+        n_valid: u64,
+        row: RowParams,
+    }
 }
-const _: () = assert!(std::mem::size_of::<UnfusedParams>() == 112);
 const _: () = assert!(std::mem::offset_of!(UnfusedParams, row) == 56); // `rows` in the kernel
-                                                                       // SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for UnfusedParams {}
-
-const LOG_SOFTMAX: KernelFamily = per_dtype!(
-    CrossEntropyUnfusedLogSoftmaxF32,
-    CrossEntropyUnfusedLogSoftmaxF16,
-    CrossEntropyUnfusedLogSoftmaxBf16
-);
-const NLL_I32: KernelFamily = per_dtype!(
-    CrossEntropyUnfusedNllF32Ti32,
-    CrossEntropyUnfusedNllF16Ti32,
-    CrossEntropyUnfusedNllBf16Ti32
-);
-const NLL_I64: KernelFamily = per_dtype!(
-    CrossEntropyUnfusedNllF32Ti64,
-    CrossEntropyUnfusedNllF16Ti64,
-    CrossEntropyUnfusedNllBf16Ti64
-);
-const BWD_I32: KernelFamily = per_dtype!(
-    CrossEntropyUnfusedBackwardF32Ti32,
-    CrossEntropyUnfusedBackwardF16Ti32,
-    CrossEntropyUnfusedBackwardBf16Ti32
-);
-const BWD_I64: KernelFamily = per_dtype!(
-    CrossEntropyUnfusedBackwardF32Ti64,
-    CrossEntropyUnfusedBackwardF16Ti64,
-    CrossEntropyUnfusedBackwardBf16Ti64
-);
 
 /// The unfused forward and backward on the device: four kernels (five with the mean's count),
 /// the log-probabilities materialised in `logprobs` (`rows * vocab` of `T`), the gradient in

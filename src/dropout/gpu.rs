@@ -2,78 +2,71 @@
 //! path's conditions) and the backward are the shared ones of [`crate::dropping`]; this file
 //! fills in the forward's params.
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::cpu::IN_PLACE_RESIDUAL;
 use super::{BackwardOptions, Config, ForwardOptions, OP};
-use crate::dropout_add_norm::row_partials;
 use crate::dropping::gpu::{
     aligned16, backward as backward_op, geometry, resolution_flag, row_scale_fields, segments,
-    zero_mask, BackwardKernels, Geometry, Segment, Slabs, BWD_SLAB_ROWS, FLAG_UNROLL,
+    zero_mask, BackwardKernels, Geometry, KeyedRows, Segment, Slabs, BWD_SLAB_ROWS, FLAG_UNROLL,
     FWD_SLAB_ROWS,
 };
+use crate::dropping::rows::row_partials;
 use crate::dropping::{check_forward, ForwardLens, MaskResolution};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::runtime::device_params;
 use crate::runtime::kernels::{per_dtype, KernelFamily};
 use crate::runtime::Handle;
+
+crate::kernel_list! {
+    "dropout" => {
+        [f32 DropoutFwdVecF32, f16 DropoutFwdVecF16, bf16 DropoutFwdVecBf16] = "dropout_fwd_vec_",
+        [f32 DropoutFwdScalarF32, f16 DropoutFwdScalarF16, bf16 DropoutFwdScalarBf16] = "dropout_fwd_scalar_",
+        [f32 DropoutFwdResVecF32, f16 DropoutFwdResVecF16, bf16 DropoutFwdResVecBf16] = "dropout_fwd_res_vec_",
+        [f32 DropoutFwdResScalarF32, f16 DropoutFwdResScalarF16, bf16 DropoutFwdResScalarBf16] = "dropout_fwd_res_scalar_",
+        /// The residual forward with the redundancy statistics (one row per block): the scalar entry
+        /// (any width and alignment) and the vector one (`cols % 8 == 0`, 16-byte aligned views).
+        [f32 DropoutFwdResStatsF32, f16 DropoutFwdResStatsF16, bf16 DropoutFwdResStatsBf16] = "dropout_fwd_res_stats_" => FWD_STATS,
+        [f32 DropoutFwdResStatsVecF32, f16 DropoutFwdResStatsVecF16, bf16 DropoutFwdResStatsVecBf16] = "dropout_fwd_res_stats_vec_" => FWD_STATS_VEC,
+        [f32 DropoutBwdVecF32, f16 DropoutBwdVecF16, bf16 DropoutBwdVecBf16] = "dropout_bwd_vec_",
+        [f32 DropoutBwdScalarF32, f16 DropoutBwdScalarF16, bf16 DropoutBwdScalarBf16] = "dropout_bwd_scalar_",
+        [f32 DropoutDbiasF32, f16 DropoutDbiasF16, bf16 DropoutDbiasBf16] = "dropout_dbias_",
+        [f32 DropoutUnfusedBiasAddF32, f16 DropoutUnfusedBiasAddF16, bf16 DropoutUnfusedBiasAddBf16] = "dropout_unfused_bias_add_",
+        [f32 DropoutUnfusedDropoutF32, f16 DropoutUnfusedDropoutF16, bf16 DropoutUnfusedDropoutBf16] = "dropout_unfused_dropout_",
+        [f32 DropoutUnfusedMaskedScaleF32, f16 DropoutUnfusedMaskedScaleF16, bf16 DropoutUnfusedMaskedScaleBf16] = "dropout_unfused_masked_scale_",
+        [f32 DropoutUnfusedColSumF32, f16 DropoutUnfusedColSumF16, bf16 DropoutUnfusedColSumBf16] = "dropout_unfused_col_sum_",
+        [f32 DropoutUnfusedAddF32, f16 DropoutUnfusedAddF16, bf16 DropoutUnfusedAddBf16] = "dropout_unfused_add_" => ADD,
+    }
+}
 
 /// `FLAG_IN_PLACE` in the kernel: y == residual, dropped rows are not touched at all.
 const FLAG_IN_PLACE: u32 = 4;
 
-/// Mirrors `dropout::FwdParams<T>` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct FwdParams {
-    x: u64,
-    bias: u64,
-    residual: u64,
-    y: u64,
-    rowscale: u64,
-    rowscale_out: u64,
-    mask: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
-    seed: u64,
-    call: u64,
-    threshold: u64,
-    path_call: u64,
-    path_threshold: u64,
-    base: u64,
-    scale: f32,
-    path_scale: f32,
-    flags: u32,
-    rows_per_sample: u32,
+device_params! {
+    /// Mirrors `dropout::FwdParams<T>` in the kernel.
+    #[derive(Debug, Default)]
+    struct FwdParams(144) {
+        x: u64,
+        bias: u64,
+        residual: u64,
+        y: u64,
+        rowscale: u64,
+        rowscale_out: u64,
+        mask: u64,
+        rows: KeyedRows,
+    }
 }
-const _: () = assert!(std::mem::size_of::<FwdParams>() == 144);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for FwdParams {}
 
-/// Mirrors `dropout::FwdStatsParams<T>`: the statistics entries' params.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct FwdStatsParams {
-    f: FwdParams,
-    /// The meter site's 3 words.
-    stats: u64,
+device_params! {
+    /// Mirrors `dropout::FwdStatsParams<T>`: the statistics entries' params.
+    #[derive(Debug, Default)]
+    struct FwdStatsParams(152) {
+        f: FwdParams,
+        /// The meter site's 3 words.
+        stats: u64,
+    }
 }
-const _: () = assert!(std::mem::size_of::<FwdStatsParams>() == 152);
-// SAFETY: as FwdParams (size asserted on both sides).
-unsafe impl DeviceRepr for FwdStatsParams {}
-
-/// The residual forward with the redundancy statistics (one row per block): the scalar entry
-/// (any width and alignment) and the vector one (`cols % 8 == 0`, 16-byte aligned views).
-const FWD_STATS: KernelFamily = per_dtype!(
-    DropoutFwdResStatsF32,
-    DropoutFwdResStatsF16,
-    DropoutFwdResStatsBf16
-);
-const FWD_STATS_VEC: KernelFamily = per_dtype!(
-    DropoutFwdResStatsVecF32,
-    DropoutFwdResStatsVecF16,
-    DropoutFwdResStatsVecBf16
-);
 
 /// Most blocks of a statistics launch (each loops over its rows): about two blocks per slot of an
 /// H100/H200 (132 SMs x 8 blocks of 256 threads), so a block's setup is spent on several rows.
@@ -311,19 +304,13 @@ fn forward_launch<T: Dtype>(
                 rowscale: rsf.rowscale,
                 rowscale_out,
                 mask: 0,
-                rows: cfg.rows() as u64,
-                cols: cfg.cols() as u64,
-                slab_rows: 1,
-                seed: cfg.seed(),
-                call: cfg.call(),
-                threshold: keying.threshold(),
-                path_call: rsf.path_call,
-                path_threshold: rsf.path_threshold,
-                base: 0,
-                scale: keying.scale(),
-                path_scale: rsf.path_scale,
-                flags,
-                rows_per_sample: rsf.rows_per_sample,
+                rows: KeyedRows::new(
+                    (cfg.rows() as u64, cfg.cols() as u64, 1),
+                    &keying,
+                    &rsf,
+                    0,
+                    flags,
+                ),
             },
             stats: words,
         };
@@ -390,19 +377,7 @@ fn forward_launch<T: Dtype>(
             rowscale: rsf.rowscale,
             rowscale_out,
             mask: if mask == 0 { 0 } else { mask + base / 32 * 4 },
-            rows: g.rows,
-            cols: g.cols,
-            slab_rows: g.slab_rows,
-            seed: cfg.seed(),
-            call: cfg.call(),
-            threshold: keying.threshold(),
-            path_call: rsf.path_call,
-            path_threshold: rsf.path_threshold,
-            base,
-            scale: keying.scale(),
-            path_scale: rsf.path_scale,
-            flags,
-            rows_per_sample: rsf.rows_per_sample,
+            rows: KeyedRows::new((g.rows, g.cols, g.slab_rows), &keying, &rsf, base, flags),
         };
         let family = if g.vector { vec_family } else { scalar_family };
         handle.launch(family.get::<T>(), g.grid, g.block, 0, &p)?;

@@ -153,7 +153,7 @@ pub use crate::dropping::{
 };
 
 pub mod cpu;
-mod gpu;
+pub(crate) mod gpu;
 pub mod unfused;
 
 pub use gpu::{backward, forward, forward_inplace};

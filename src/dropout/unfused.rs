@@ -32,8 +32,9 @@
 //! # Ok(()) }
 //! ```
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
+use super::gpu::ADD;
 use super::{Config, OP};
 use crate::dropping::gpu::aligned16;
 use crate::dropping::unfused::{
@@ -43,23 +44,22 @@ use crate::dropping::unfused::{
 use crate::dropping::Keying;
 use crate::dtype::Dtype;
 use crate::error::{check_len, Error, Result};
-use crate::runtime::kernels::{per_dtype, KernelFamily};
+use crate::runtime::device_params;
+use crate::runtime::kernels::per_dtype;
 use crate::runtime::Handle;
 
-/// Mirrors `dropout::UnfusedAddParams<T>` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct AddParams {
-    a: u64,
-    b: u64,
-    out: u64,
-    n: u64,
-    vec: u32,
-    pad: u32,
+device_params! {
+    /// Mirrors `dropout::UnfusedAddParams<T>` in the kernel.
+    #[derive(Debug, Default)]
+    struct AddParams(40) {
+        a: u64,
+        b: u64,
+        out: u64,
+        n: u64,
+        vec: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<AddParams>() == 40);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for AddParams {}
 
 const UNFUSED: UnfusedKernels = UnfusedKernels {
     bias_add: per_dtype!(
@@ -84,11 +84,6 @@ const UNFUSED: UnfusedKernels = UnfusedKernels {
     ),
     dbias: per_dtype!(DropoutDbiasF32, DropoutDbiasF16, DropoutDbiasBf16),
 };
-const ADD: KernelFamily = per_dtype!(
-    DropoutUnfusedAddF32,
-    DropoutUnfusedAddF16,
-    DropoutUnfusedAddBf16
-);
 
 /// Refuses what the baseline does not implement and returns its keying: 32-bit keys for every
 /// dtype (an explicit other resolution is an error, see `Config::keying_bits32`).
@@ -124,14 +119,16 @@ fn check_forward_lens(
     Ok(())
 }
 
-fn check_backward_lens(
+/// The backward's keying ([`no_row_scale`]) once the lengths of `dy`, `mask`, `dx` and `dbias`
+/// are checked.
+fn backward_keying(
     cfg: &Config,
-    dy: usize,
-    mask: usize,
-    dx: usize,
+    [dy, mask, dx]: [usize; 3],
     dbias: Option<usize>,
-) -> Result<()> {
-    check_masked_backward(OP, (cfg.len(), cfg.cols()), dy, mask, dx, dbias)
+) -> Result<Keying> {
+    let keying = no_row_scale(cfg)?;
+    check_masked_backward(OP, (cfg.len(), cfg.cols()), dy, mask, dx, dbias)?;
+    Ok(keying)
 }
 
 /// The unfused baseline on one handle, with its intermediate buffers (`t`, `d`, the column-sum
@@ -301,14 +298,8 @@ impl<T: Dtype> Unfused<T> {
         dx: &mut impl DevicePtrMut<T>,
         dbias: Option<CudaViewMut<'_, T>>,
     ) -> Result<()> {
-        let keying = no_row_scale(cfg)?;
-        check_backward_lens(
-            cfg,
-            dy.len(),
-            mask.len(),
-            dx.len(),
-            dbias.as_ref().map(|b| b.len()),
-        )?;
+        let db = dbias.as_ref().map(|b| b.len());
+        let keying = backward_keying(cfg, [dy.len(), mask.len(), dx.len()], db)?;
         let n = cfg.len();
         let h = self.handle.clone();
         let mut dbias = dbias;
@@ -420,14 +411,8 @@ pub fn backward_cpu<T: Dtype>(
     dx: &mut [T],
     dbias: Option<&mut [T]>,
 ) -> Result<()> {
-    let keying = no_row_scale(cfg)?;
-    check_backward_lens(
-        cfg,
-        dy.len(),
-        mask.len(),
-        dx.len(),
-        dbias.as_ref().map(|d| d.len()),
-    )?;
+    let db = dbias.as_ref().map(|d| d.len());
+    let keying = backward_keying(cfg, [dy.len(), mask.len(), dx.len()], db)?;
     let scale = keying.scale();
     for i in 0..cfg.len() {
         dx[i] = dropout_cpu(dy[i], mask[i] != 0, scale);

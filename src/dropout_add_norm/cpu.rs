@@ -17,9 +17,10 @@
 //! ```
 
 use super::{
-    check_backward, check_forward, check_stream_dtype, colsum_slab_rows, row_partials,
-    BackwardLens, Config, ForwardLens, Norm, GROUP,
+    check_backward, check_forward, check_stream_dtype, colsum_slab_rows, row_partials, Config,
+    Norm, GROUP,
 };
+pub use crate::dropping::rows::{row_sum, stat_sums, stat_sums2};
 use crate::dropping::{row_multiplier, row_scales};
 use crate::dtype::Dtype;
 use crate::error::Result;
@@ -184,112 +185,6 @@ impl<'a, T, S> BackwardOut<'a, T, S> {
     }
 }
 
-/// The row reduction of the module docs: `f(j)` for `j in 0..cols` summed in the order fixed by
-/// [`row_partials`]`(cols)`. Public so tests and other references can reuse the exact order.
-///
-/// ```
-/// use fusedreg::dropout_add_norm::cpu::row_sum;
-/// assert_eq!(row_sum(1000, |j| j as f32), 499_500.0);
-/// // Groups of 8 go to different partials: [1e8, 1 x 7] and [-1e8, 1 x 7]. In f32 `1e8 + 1`
-/// // is 1e8, so each partial loses its ones and the tree adds 1e8 and -1e8; a left-to-right
-/// // sum would give 7.
-/// let v: Vec<f32> = (0..16).map(|j| if j == 0 { 1e8 } else if j == 8 { -1e8 } else { 1.0 }).collect();
-/// assert_eq!(row_sum(16, |j| v[j]), 0.0);
-/// assert_eq!(v.iter().sum::<f32>(), 7.0);
-/// ```
-pub fn row_sum(cols: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let p = row_partials(cols);
-    let groups = cols.div_ceil(GROUP);
-    let mut part = vec![0.0f32; p];
-    for (q, acc) in part.iter_mut().enumerate() {
-        let mut g = q;
-        while g < groups {
-            for j in g * GROUP..((g + 1) * GROUP).min(cols) {
-                *acc += f(j);
-            }
-            g += p;
-        }
-    }
-    combine_partials(&mut part)
-}
-
-/// The partials of a row reduction combined: each run of 32 by the tree `a[l] += a[l + o]` for
-/// `o = 16, 8, 4, 2, 1`, then the runs' results left to right.
-fn combine_partials(part: &mut [f32]) -> f32 {
-    let mut total = 0.0f32;
-    for (w, warp) in part.chunks_mut(32).enumerate() {
-        let mut o = 16;
-        while o > 0 {
-            for l in 0..o {
-                warp[l] += warp[l + o];
-            }
-            o /= 2;
-        }
-        total = if w == 0 { warp[0] } else { total + warp[0] };
-    }
-    total
-}
-
-/// The redundancy statistics of one row, `[r·s, |r|², |s|²]`, in the order of the module docs:
-/// each group of 8 elements gives `g = fma(a, b, g)` from `+0.0` over its elements in order;
-/// partial `q` is the sequential f32 sum from `+0.0` of its groups' `g` (groups `q, q + P, ...`
-/// in increasing order, `P = `[`row_partials`]`(cols)`); the partials are combined as
-/// [`row_sum`]'s. `r(j)` is the stream before the add (0 without a residual), `s(j)` the stored
-/// stream after it, both as f32. `dropout`'s residual forward measures with all three;
-/// `dropout_add_norm` sums the first two ([`stat_sums2`]) and takes `|s|²` from its norm
-/// ([`norm_ss`]).
-///
-/// ```
-/// use fusedreg::dropout_add_norm::cpu::stat_sums;
-/// let (r, s) = ([1.0f32, 2.0, 0.0], [2.0f32, 0.0, 1.0]);
-/// assert_eq!(stat_sums(3, |j| r[j], |j| s[j]), [2.0, 5.0, 5.0]);
-/// ```
-pub fn stat_sums(cols: usize, r: impl Fn(usize) -> f32, s: impl Fn(usize) -> f32) -> [f32; 3] {
-    term_sums(cols, r, s)
-}
-
-/// [`stat_sums`]' first two, `[r·s, |r|²]`, in the same order: what `dropout_add_norm`'s forward
-/// sums for its statistics.
-///
-/// ```
-/// use fusedreg::dropout_add_norm::cpu::{stat_sums, stat_sums2};
-/// let (r, s) = ([1.0f32, 2.0, 0.0], [2.0f32, 0.0, 1.0]);
-/// assert_eq!(stat_sums2(3, |j| r[j], |j| s[j]), [2.0, 5.0]);
-/// ```
-pub fn stat_sums2(cols: usize, r: impl Fn(usize) -> f32, s: impl Fn(usize) -> f32) -> [f32; 2] {
-    term_sums(cols, r, s)
-}
-
-/// The first `K` of `r·s`, `|r|²`, `|s|²` (K = 2 or 3), in [`stat_sums`]' order.
-fn term_sums<const K: usize>(
-    cols: usize,
-    r: impl Fn(usize) -> f32,
-    s: impl Fn(usize) -> f32,
-) -> [f32; K] {
-    let p = row_partials(cols);
-    let groups = cols.div_ceil(GROUP);
-    let mut part: [Vec<f32>; K] = std::array::from_fn(|_| vec![0.0f32; p]);
-    for q in 0..p {
-        let mut g = q;
-        while g < groups {
-            let mut gs = [0.0f32; K];
-            for j in g * GROUP..((g + 1) * GROUP).min(cols) {
-                let (rj, sj) = (r(j), s(j));
-                gs[0] = rj.mul_add(sj, gs[0]);
-                gs[1] = rj.mul_add(rj, gs[1]);
-                if K == 3 {
-                    gs[K - 1] = sj.mul_add(sj, gs[K - 1]);
-                }
-            }
-            for (pk, gk) in part.iter_mut().zip(gs) {
-                pk[q] += gk;
-            }
-            g += p;
-        }
-    }
-    part.each_mut().map(|p| combine_partials(p))
-}
-
 /// `|s|²` of a row from the norm's own row sums, as the forward's statistics take it: RMSNorm's
 /// `sum` (the [`row_sum`] of `s²`) as it is; LayerNorm's `fma(sum, mean, sq)` with `sum` the row
 /// sum of `s`, `mean = sum / cols` and `sq` the row sum of `(s - mean)²` (`sq + mean·sum = |s|²
@@ -384,7 +279,7 @@ pub fn forward<T: Dtype, S: Dtype>(
     out: ForwardOut<'_, T, S>,
 ) -> Result<()> {
     check_stream_dtype(T::KIND, S::KIND)?;
-    check_forward(cfg, &forward_lens(&args, &out))?;
+    check_forward(cfg, &forward_lens!(args, out))?;
     match args.residual {
         Some(r) => out.s.copy_from_slice(r),
         None => out.s.fill(S::from_f32_rn(0.0)),
@@ -422,26 +317,11 @@ pub fn forward_inplace<T: Dtype, S: Dtype>(
             "forward_inplace reads the residual from out.s; args.residual must be None",
         ));
     }
-    let mut lens = forward_lens(&args, &out);
+    let mut lens = forward_lens!(args, out);
     lens.residual = Some(out.s.len());
     check_forward(cfg, &lens)?;
     forward_core(cfg, args, out, true, true);
     Ok(())
-}
-
-fn forward_lens<T, S>(a: &ForwardArgs<'_, T, S>, o: &ForwardOut<'_, T, S>) -> ForwardLens {
-    ForwardLens {
-        x: a.x.len(),
-        residual: a.residual.map(<[S]>::len),
-        gamma: a.gamma.len(),
-        beta: a.beta.map(<[T]>::len),
-        bias: a.bias.map(<[T]>::len),
-        rowscale: a.rowscale.map(<[f32]>::len),
-        out: o.out.len(),
-        s: o.s.len(),
-        mean: o.mean.len(),
-        rstd: o.rstd.len(),
-    }
 }
 
 /// `o.s` holds the residual (or zeros) on entry. `residual`: whether it is a real residual (in
@@ -559,23 +439,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     o: BackwardOut<'_, T, S>,
 ) -> Result<()> {
     check_stream_dtype(T::KIND, S::KIND)?;
-    check_backward(
-        cfg,
-        &BackwardLens {
-            d_out: a.d_out.len(),
-            d_s: a.d_s.map(<[S]>::len),
-            s: a.s.len(),
-            gamma: a.gamma.len(),
-            mean: a.mean.len(),
-            rstd: a.rstd.len(),
-            rowscale: a.rowscale.map(<[f32]>::len),
-            dx: o.dx.len(),
-            d_residual: o.d_residual.as_ref().map(|d| d.len()),
-            dgamma: o.dgamma.len(),
-            dbeta: o.dbeta.as_ref().map(|d| d.len()),
-            dbias: o.dbias.as_ref().map(|d| d.len()),
-        },
-    )?;
+    check_backward(cfg, &backward_lens!(a, o))?;
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let n = cols as f32;
     let ls = cfg.layer_scale();

@@ -12,21 +12,54 @@
 //! [`colsum_slab_rows`]`(rows)` rows, writing f32 column partials (`[3][slabs][cols]`, the wanted arrays
 //! only) that the colsum kernel adds in slab order.
 
-use cudarc::driver::DeviceRepr;
-
 use super::{
     check_backward, check_forward, check_stream_dtype, colsum_slab_count, colsum_slab_rows,
-    row_partials, BackwardArgs, BackwardLens, BackwardOut, Config, ForwardArgs, ForwardLens,
-    ForwardOut, Norm, GROUP, OP,
+    row_partials, BackwardArgs, BackwardOut, Config, ForwardArgs, ForwardOut, Norm, GROUP, OP,
 };
 use crate::dropping::gpu::both_workspaces;
 use crate::dropping::gpu::{aligned16, resolution_flag, row_scale_fields};
 use crate::dropping::MaskResolution;
 use crate::dropping::Workspace;
-use crate::dtype::{Dtype, DtypeKind};
+use crate::dtype::{Dtype, DtypeKind, PerDtype};
 use crate::error::{Error, Result};
+use crate::runtime::device_params;
 use crate::runtime::kernels::Kernel;
 use crate::runtime::Handle;
+
+crate::kernel_list! {
+    "dropout_add_norm" => {
+        [f32 DropoutAddNormFwdF32, f16 DropoutAddNormFwdF16, bf16 DropoutAddNormFwdBf16] = "dropout_add_norm_fwd_" => FWD,
+        [f16 DropoutAddNormFwdF16Sf32, bf16 DropoutAddNormFwdBf16Sf32] = "dropout_add_norm_fwd_", "_sf32" => FWD_SF32,
+        [f32 DropoutAddNormBwdF32, f16 DropoutAddNormBwdF16, bf16 DropoutAddNormBwdBf16] = "dropout_add_norm_bwd_" => BWD,
+        [f16 DropoutAddNormBwdF16Sf32, bf16 DropoutAddNormBwdBf16Sf32] = "dropout_add_norm_bwd_", "_sf32" => BWD_SF32,
+        [f32 DropoutAddNormFwdT1F32, f16 DropoutAddNormFwdT1F16, bf16 DropoutAddNormFwdT1Bf16] = "dropout_add_norm_fwd_t1_" => FWD_T1,
+        [f32 DropoutAddNormFwdT2F32, f16 DropoutAddNormFwdT2F16, bf16 DropoutAddNormFwdT2Bf16] = "dropout_add_norm_fwd_t2_" => FWD_T2,
+        [f32 DropoutAddNormFwdT4F32, f16 DropoutAddNormFwdT4F16, bf16 DropoutAddNormFwdT4Bf16] = "dropout_add_norm_fwd_t4_" => FWD_T4,
+        [f32 DropoutAddNormFwdT8F32, f16 DropoutAddNormFwdT8F16, bf16 DropoutAddNormFwdT8Bf16] = "dropout_add_norm_fwd_t8_" => FWD_T8,
+        [f16 DropoutAddNormFwdT1F16Sf32, bf16 DropoutAddNormFwdT1Bf16Sf32] = "dropout_add_norm_fwd_t1_", "_sf32" => FWD_T1_SF32,
+        [f16 DropoutAddNormFwdT2F16Sf32, bf16 DropoutAddNormFwdT2Bf16Sf32] = "dropout_add_norm_fwd_t2_", "_sf32" => FWD_T2_SF32,
+        [f16 DropoutAddNormFwdT4F16Sf32, bf16 DropoutAddNormFwdT4Bf16Sf32] = "dropout_add_norm_fwd_t4_", "_sf32" => FWD_T4_SF32,
+        [f16 DropoutAddNormFwdT8F16Sf32, bf16 DropoutAddNormFwdT8Bf16Sf32] = "dropout_add_norm_fwd_t8_", "_sf32" => FWD_T8_SF32,
+        [f32 DropoutAddNormBwdT1F32, f16 DropoutAddNormBwdT1F16, bf16 DropoutAddNormBwdT1Bf16] = "dropout_add_norm_bwd_t1_" => BWD_T1,
+        [f32 DropoutAddNormBwdT2F32, f16 DropoutAddNormBwdT2F16, bf16 DropoutAddNormBwdT2Bf16] = "dropout_add_norm_bwd_t2_" => BWD_T2,
+        [f32 DropoutAddNormBwdT4F32, f16 DropoutAddNormBwdT4F16, bf16 DropoutAddNormBwdT4Bf16] = "dropout_add_norm_bwd_t4_" => BWD_T4,
+        [f32 DropoutAddNormBwdT8F32, f16 DropoutAddNormBwdT8F16, bf16 DropoutAddNormBwdT8Bf16] = "dropout_add_norm_bwd_t8_" => BWD_T8,
+        [f16 DropoutAddNormBwdT1F16Sf32, bf16 DropoutAddNormBwdT1Bf16Sf32] = "dropout_add_norm_bwd_t1_", "_sf32" => BWD_T1_SF32,
+        [f16 DropoutAddNormBwdT2F16Sf32, bf16 DropoutAddNormBwdT2Bf16Sf32] = "dropout_add_norm_bwd_t2_", "_sf32" => BWD_T2_SF32,
+        [f16 DropoutAddNormBwdT4F16Sf32, bf16 DropoutAddNormBwdT4Bf16Sf32] = "dropout_add_norm_bwd_t4_", "_sf32" => BWD_T4_SF32,
+        [f16 DropoutAddNormBwdT8F16Sf32, bf16 DropoutAddNormBwdT8Bf16Sf32] = "dropout_add_norm_bwd_t8_", "_sf32" => BWD_T8_SF32,
+        [f32 DropoutAddNormFwdStatsF32, f16 DropoutAddNormFwdStatsF16, bf16 DropoutAddNormFwdStatsBf16] = "dropout_add_norm_fwd_stats_" => STATS,
+        [f32 DropoutAddNormFwdStatsT1F32, f16 DropoutAddNormFwdStatsT1F16, bf16 DropoutAddNormFwdStatsT1Bf16] = "dropout_add_norm_fwd_stats_t1_" => STATS_T1,
+        [f32 DropoutAddNormFwdStatsT2F32, f16 DropoutAddNormFwdStatsT2F16, bf16 DropoutAddNormFwdStatsT2Bf16] = "dropout_add_norm_fwd_stats_t2_" => STATS_T2,
+        [f32 DropoutAddNormFwdStatsT4F32, f16 DropoutAddNormFwdStatsT4F16, bf16 DropoutAddNormFwdStatsT4Bf16] = "dropout_add_norm_fwd_stats_t4_" => STATS_T4,
+        [f16 DropoutAddNormFwdStatsT8F16, bf16 DropoutAddNormFwdStatsT8Bf16] = "dropout_add_norm_fwd_stats_t8_",
+        [f16 DropoutAddNormFwdStatsF16Sf32, bf16 DropoutAddNormFwdStatsBf16Sf32] = "dropout_add_norm_fwd_stats_", "_sf32" => STATS_SF32,
+        [f16 DropoutAddNormFwdStatsT1F16Sf32, bf16 DropoutAddNormFwdStatsT1Bf16Sf32] = "dropout_add_norm_fwd_stats_t1_", "_sf32" => STATS_T1_SF32,
+        [f16 DropoutAddNormFwdStatsT2F16Sf32, bf16 DropoutAddNormFwdStatsT2Bf16Sf32] = "dropout_add_norm_fwd_stats_t2_", "_sf32" => STATS_T2_SF32,
+        [f16 DropoutAddNormFwdStatsT4F16Sf32, bf16 DropoutAddNormFwdStatsT4Bf16Sf32] = "dropout_add_norm_fwd_stats_t4_", "_sf32" => STATS_T4_SF32,
+        [f32 DropoutAddNormColsumF32, f16 DropoutAddNormColsumF16, bf16 DropoutAddNormColsumBf16] = "dropout_add_norm_colsum_" => COLSUM,
+    }
+}
 
 /// The keying resolutions kernels/dropout_add_norm.cu implements (every kernel: the tiers, the
 /// generic kernels, forward and backward, the statistics forwards).
@@ -75,88 +108,82 @@ fn check_cols(cols: usize) -> Result<()> {
 /// Dynamic shared memory every kernel may use without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
 
-/// Mirrors `FwdParams<T, S>` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct FwdParams {
-    x: u64,
-    residual: u64,
-    bias: u64,
-    gamma: u64,
-    beta: u64,
-    rowscale: u64,
-    out: u64,
-    s: u64,
-    mean: u64,
-    rstd: u64,
-    rows: u64,
-    cols: u64,
-    seed: u64,
-    call: u64,
-    threshold: u64,
-    path_call: u64,
-    path_threshold: u64,
-    scale: f32,
-    path_scale: f32,
-    eps: f32,
-    layer_scale: f32,
-    flags: u32,
-    rows_per_sample: u32,
-    /// The meter site's 3 words (the `*_stats_*` kernels only; 0 otherwise).
-    stats: u64,
+device_params! {
+    /// Mirrors `FwdParams<T, S>` in the kernel.
+    #[derive(Debug, Default)]
+    struct FwdParams(168) {
+        x: u64,
+        residual: u64,
+        bias: u64,
+        gamma: u64,
+        beta: u64,
+        rowscale: u64,
+        out: u64,
+        s: u64,
+        mean: u64,
+        rstd: u64,
+        rows: u64,
+        cols: u64,
+        seed: u64,
+        call: u64,
+        threshold: u64,
+        path_call: u64,
+        path_threshold: u64,
+        scale: f32,
+        path_scale: f32,
+        eps: f32,
+        layer_scale: f32,
+        flags: u32,
+        rows_per_sample: u32,
+        /// The meter site's 3 words (the `*_stats_*` kernels only; 0 otherwise).
+        stats: u64,
+    }
 }
-const _: () = assert!(std::mem::size_of::<FwdParams>() == 168);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for FwdParams {}
 
-/// Mirrors `BwdParams<T, S>` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct BwdParams {
-    d_out: u64,
-    d_s: u64,
-    s: u64,
-    gamma: u64,
-    mean: u64,
-    rstd: u64,
-    rowscale: u64,
-    dx: u64,
-    d_residual: u64,
-    partials: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
-    slabs: u64,
-    seed: u64,
-    call: u64,
-    threshold: u64,
-    path_call: u64,
-    path_threshold: u64,
-    scale: f32,
-    path_scale: f32,
-    layer_scale: f32,
-    flags: u32,
-    rows_per_sample: u32,
-    pad: u32,
+device_params! {
+    /// Mirrors `BwdParams<T, S>` in the kernel.
+    #[derive(Debug, Default)]
+    struct BwdParams(176) {
+        d_out: u64,
+        d_s: u64,
+        s: u64,
+        gamma: u64,
+        mean: u64,
+        rstd: u64,
+        rowscale: u64,
+        dx: u64,
+        d_residual: u64,
+        partials: u64,
+        rows: u64,
+        cols: u64,
+        slab_rows: u64,
+        slabs: u64,
+        seed: u64,
+        call: u64,
+        threshold: u64,
+        path_call: u64,
+        path_threshold: u64,
+        scale: f32,
+        path_scale: f32,
+        layer_scale: f32,
+        flags: u32,
+        rows_per_sample: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<BwdParams>() == 176);
-// SAFETY: as above.
-unsafe impl DeviceRepr for BwdParams {}
 
-/// Mirrors `ColsumParams<T>` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct ColsumParams {
-    partials: u64,
-    dgamma: u64,
-    dbeta: u64,
-    dbias: u64,
-    cols: u64,
-    slabs: u64,
+device_params! {
+    /// Mirrors `ColsumParams<T>` in the kernel.
+    #[derive(Debug, Default)]
+    struct ColsumParams(48) {
+        partials: u64,
+        dgamma: u64,
+        dbeta: u64,
+        dbias: u64,
+        cols: u64,
+        slabs: u64,
+    }
 }
-const _: () = assert!(std::mem::size_of::<ColsumParams>() == 48);
-// SAFETY: as above.
-unsafe impl DeviceRepr for ColsumParams {}
 
 /// The kernels of one (x type, stream type) pair: the generic forward and backward, and the
 /// register tiers `t1, t2, t4, t8` (index `log2 NG`).
@@ -167,92 +194,56 @@ struct Family {
     bwd_t: [Option<Kernel>; 4],
 }
 
+/// A kernel of every (x type, stream type) pair: the family with a stream of the x type, and the
+/// f16 and bf16 kernels with an f32 stream (`_sf32`; an f32 x has the one kernel, the family's).
+type Streams = (PerDtype<Kernel>, [Kernel; 2]);
+
+/// The kernel of x type `T` and stream type `S` (`S` is `T` or f32: [`check_stream_dtype`]).
+fn pick<T: Dtype, S: Dtype>((same, sf32): Streams) -> Kernel {
+    match (T::KIND, S::KIND) {
+        (DtypeKind::F16, DtypeKind::F32) => sf32[0],
+        (DtypeKind::Bf16, DtypeKind::F32) => sf32[1],
+        _ => same.get::<T>(),
+    }
+}
+
+/// The forward's and the backward's kernels: each the generic kernel, then the tiers t1, t2,
+/// t4, t8 ([`Family`]).
+const DIRECTIONS: [[Streams; 5]; 2] = [
+    [
+        (FWD, FWD_SF32),
+        (FWD_T1, FWD_T1_SF32),
+        (FWD_T2, FWD_T2_SF32),
+        (FWD_T4, FWD_T4_SF32),
+        (FWD_T8, FWD_T8_SF32),
+    ],
+    [
+        (BWD, BWD_SF32),
+        (BWD_T1, BWD_T1_SF32),
+        (BWD_T2, BWD_T2_SF32),
+        (BWD_T4, BWD_T4_SF32),
+        (BWD_T8, BWD_T8_SF32),
+    ],
+];
+
+/// The forwards with the redundancy statistics: the generic kernel, then the tiers t1, t2, t4
+/// (t8 is built for 16-bit streams only: [`stats_kernels`]).
+const STATS_KERNELS: [Streams; 4] = [
+    (STATS, STATS_SF32),
+    (STATS_T1, STATS_T1_SF32),
+    (STATS_T2, STATS_T2_SF32),
+    (STATS_T4, STATS_T4_SF32),
+];
+
 /// The kernels of x type `T` and stream type `S` (checked: `S` is `T` or f32).
 fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
-    use DtypeKind::{Bf16, F16, F32};
-    use Kernel as K;
     check_stream_dtype(T::KIND, S::KIND)?;
-    Ok(match (T::KIND, S::KIND) {
-        (F32, _) => Family {
-            fwd: K::DropoutAddNormFwdF32,
-            bwd: K::DropoutAddNormBwdF32,
-            fwd_t: [
-                Some(K::DropoutAddNormFwdT1F32),
-                Some(K::DropoutAddNormFwdT2F32),
-                Some(K::DropoutAddNormFwdT4F32),
-                Some(K::DropoutAddNormFwdT8F32),
-            ],
-            bwd_t: [
-                Some(K::DropoutAddNormBwdT1F32),
-                Some(K::DropoutAddNormBwdT2F32),
-                Some(K::DropoutAddNormBwdT4F32),
-                Some(K::DropoutAddNormBwdT8F32),
-            ],
-        },
-        (F16, F16) => Family {
-            fwd: K::DropoutAddNormFwdF16,
-            bwd: K::DropoutAddNormBwdF16,
-            fwd_t: [
-                Some(K::DropoutAddNormFwdT1F16),
-                Some(K::DropoutAddNormFwdT2F16),
-                Some(K::DropoutAddNormFwdT4F16),
-                Some(K::DropoutAddNormFwdT8F16),
-            ],
-            bwd_t: [
-                Some(K::DropoutAddNormBwdT1F16),
-                Some(K::DropoutAddNormBwdT2F16),
-                Some(K::DropoutAddNormBwdT4F16),
-                Some(K::DropoutAddNormBwdT8F16),
-            ],
-        },
-        (Bf16, Bf16) => Family {
-            fwd: K::DropoutAddNormFwdBf16,
-            bwd: K::DropoutAddNormBwdBf16,
-            fwd_t: [
-                Some(K::DropoutAddNormFwdT1Bf16),
-                Some(K::DropoutAddNormFwdT2Bf16),
-                Some(K::DropoutAddNormFwdT4Bf16),
-                Some(K::DropoutAddNormFwdT8Bf16),
-            ],
-            bwd_t: [
-                Some(K::DropoutAddNormBwdT1Bf16),
-                Some(K::DropoutAddNormBwdT2Bf16),
-                Some(K::DropoutAddNormBwdT4Bf16),
-                Some(K::DropoutAddNormBwdT8Bf16),
-            ],
-        },
-        (F16, _) => Family {
-            fwd: K::DropoutAddNormFwdF16Sf32,
-            bwd: K::DropoutAddNormBwdF16Sf32,
-            fwd_t: [
-                Some(K::DropoutAddNormFwdT1F16Sf32),
-                Some(K::DropoutAddNormFwdT2F16Sf32),
-                Some(K::DropoutAddNormFwdT4F16Sf32),
-                Some(K::DropoutAddNormFwdT8F16Sf32),
-            ],
-            bwd_t: [
-                Some(K::DropoutAddNormBwdT1F16Sf32),
-                Some(K::DropoutAddNormBwdT2F16Sf32),
-                Some(K::DropoutAddNormBwdT4F16Sf32),
-                Some(K::DropoutAddNormBwdT8F16Sf32),
-            ],
-        },
-        (Bf16, _) => Family {
-            fwd: K::DropoutAddNormFwdBf16Sf32,
-            bwd: K::DropoutAddNormBwdBf16Sf32,
-            fwd_t: [
-                Some(K::DropoutAddNormFwdT1Bf16Sf32),
-                Some(K::DropoutAddNormFwdT2Bf16Sf32),
-                Some(K::DropoutAddNormFwdT4Bf16Sf32),
-                Some(K::DropoutAddNormFwdT8Bf16Sf32),
-            ],
-            bwd_t: [
-                Some(K::DropoutAddNormBwdT1Bf16Sf32),
-                Some(K::DropoutAddNormBwdT2Bf16Sf32),
-                Some(K::DropoutAddNormBwdT4Bf16Sf32),
-                Some(K::DropoutAddNormBwdT8Bf16Sf32),
-            ],
-        },
+    let [[fwd, fwd_t @ ..], [bwd, bwd_t @ ..]] = DIRECTIONS.map(|k| k.map(pick::<T, S>));
+    Ok(Family {
+        fwd,
+        bwd,
+        fwd_t: fwd_t.map(Some),
+        bwd_t: bwd_t.map(Some),
     })
 }
 
@@ -260,64 +251,15 @@ fn kernels<T: Dtype, S: Dtype>() -> Result<Family> {
 /// kernel and the tiers (as [`Family::fwd`] and [`Family::fwd_t`]; the same bits in every
 /// output, plus the meter site's words).
 fn stats_kernels<T: Dtype, S: Dtype>() -> Result<(Kernel, [Option<Kernel>; 4])> {
-    use DtypeKind::{Bf16, F16, F32};
-    use Kernel as K;
+    use DtypeKind::{Bf16, F16};
     check_stream_dtype(T::KIND, S::KIND)?;
-    Ok(match (T::KIND, S::KIND) {
-        (F32, _) => (
-            K::DropoutAddNormFwdStatsF32,
-            [
-                Some(K::DropoutAddNormFwdStatsT1F32),
-                Some(K::DropoutAddNormFwdStatsT2F32),
-                Some(K::DropoutAddNormFwdStatsT4F32),
-                None,
-            ],
-        ),
-        (F16, F16) => (
-            K::DropoutAddNormFwdStatsF16,
-            [
-                Some(K::DropoutAddNormFwdStatsT1F16),
-                Some(K::DropoutAddNormFwdStatsT2F16),
-                Some(K::DropoutAddNormFwdStatsT4F16),
-                Some(K::DropoutAddNormFwdStatsT8F16),
-            ],
-        ),
-        (Bf16, Bf16) => (
-            K::DropoutAddNormFwdStatsBf16,
-            [
-                Some(K::DropoutAddNormFwdStatsT1Bf16),
-                Some(K::DropoutAddNormFwdStatsT2Bf16),
-                Some(K::DropoutAddNormFwdStatsT4Bf16),
-                Some(K::DropoutAddNormFwdStatsT8Bf16),
-            ],
-        ),
-        (F16, _) => (
-            K::DropoutAddNormFwdStatsF16Sf32,
-            [
-                Some(K::DropoutAddNormFwdStatsT1F16Sf32),
-                Some(K::DropoutAddNormFwdStatsT2F16Sf32),
-                Some(K::DropoutAddNormFwdStatsT4F16Sf32),
-                None,
-            ],
-        ),
-        (Bf16, _) => (
-            K::DropoutAddNormFwdStatsBf16Sf32,
-            [
-                Some(K::DropoutAddNormFwdStatsT1Bf16Sf32),
-                Some(K::DropoutAddNormFwdStatsT2Bf16Sf32),
-                Some(K::DropoutAddNormFwdStatsT4Bf16Sf32),
-                None,
-            ],
-        ),
-    })
-}
-
-fn colsum_kernel<T: Dtype>() -> Kernel {
-    match T::KIND {
-        DtypeKind::F32 => Kernel::DropoutAddNormColsumF32,
-        DtypeKind::F16 => Kernel::DropoutAddNormColsumF16,
-        DtypeKind::Bf16 => Kernel::DropoutAddNormColsumBf16,
-    }
+    let [generic, t1, t2, t4] = STATS_KERNELS.map(pick::<T, S>);
+    let t8 = match (T::KIND, S::KIND) {
+        (F16, F16) => Some(Kernel::DropoutAddNormFwdStatsT8F16),
+        (Bf16, Bf16) => Some(Kernel::DropoutAddNormFwdStatsT8Bf16),
+        _ => None,
+    };
+    Ok((generic, [Some(t1), Some(t2), Some(t4), t8]))
 }
 
 /// A register tier's thread layout: `ngt` groups of 8 per thread, `seg` threads per partial
@@ -442,22 +384,10 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
 ) -> Result<()> {
     let in_place = mode == Mode::InPlace;
     let fam = kernels::<T, S>()?;
-    let lens = ForwardLens {
-        x: args.x.len(),
-        residual: if in_place {
-            Some(out.s.len())
-        } else {
-            args.residual.as_ref().map(|r| r.len())
-        },
-        gamma: args.gamma.len(),
-        beta: args.beta.as_ref().map(|b| b.len()),
-        bias: args.bias.as_ref().map(|b| b.len()),
-        rowscale: args.rowscale.as_ref().map(|b| b.len()),
-        out: out.out.len(),
-        s: out.s.len(),
-        mean: out.mean.len(),
-        rstd: out.rstd.len(),
-    };
+    let mut lens = forward_lens!(args, out);
+    if in_place {
+        lens.residual = Some(out.s.len());
+    }
     check_forward(cfg, &lens)?;
     if mode == Mode::NormOnly && args.redundancy.is_some() {
         return Err(Error::invalid(
@@ -688,23 +618,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     mut out: BackwardOut<'_, T, S>,
 ) -> Result<()> {
     let fam = kernels::<T, S>()?;
-    check_backward(
-        cfg,
-        &BackwardLens {
-            d_out: args.d_out.len(),
-            d_s: args.d_s.as_ref().map(|v| v.len()),
-            s: args.s.len(),
-            gamma: args.gamma.len(),
-            mean: args.mean.len(),
-            rstd: args.rstd.len(),
-            rowscale: args.rowscale.as_ref().map(|v| v.len()),
-            dx: out.dx.len(),
-            d_residual: out.d_residual.as_ref().map(|v| v.len()),
-            dgamma: out.dgamma.len(),
-            dbeta: out.dbeta.as_ref().map(|v| v.len()),
-            dbias: out.dbias.as_ref().map(|v| v.len()),
-        },
-    )?;
+    check_backward(cfg, &backward_lens!(args, out))?;
     let t = args.tuning;
     let (rows, cols) = (cfg.rows(), cfg.cols());
     let slabs = colsum_slab_count(rows);
@@ -860,7 +774,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     // 32 columns (grid-stride past 2^16 of them). 256 threads: the staging warps of
     // drop::dbias_finish.
     let grid = (cols as u64).div_ceil(32).clamp(1, 1 << 16) as u32;
-    handle.launch(colsum_kernel::<T>(), (grid, 3, 1), (256, 1, 1), 0, &c)?;
+    handle.launch(COLSUM.get::<T>(), (grid, 3, 1), (256, 1, 1), 0, &c)?;
     drop(part_g);
     drop(own); // stream-ordered free after the kernels that use it
     Ok(())
@@ -869,6 +783,56 @@ pub fn backward<T: Dtype, S: Dtype>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
+
+    /// Each (x type, stream type) pair gets its own kernels: the x type's with a stream of the
+    /// x type, the `_sf32` ones with an f32 stream (f32 x: one set); the statistics t8 only for
+    /// 16-bit streams.
+    #[test]
+    fn kernels_by_stream_type() {
+        use Kernel as K;
+        let f = kernels::<f32, f32>().unwrap();
+        assert_eq!(
+            (f.fwd, f.bwd),
+            (K::DropoutAddNormFwdF32, K::DropoutAddNormBwdF32)
+        );
+        assert_eq!(f.fwd_t[0], Some(K::DropoutAddNormFwdT1F32));
+        assert_eq!(f.bwd_t[3], Some(K::DropoutAddNormBwdT8F32));
+        let f = kernels::<f16, f16>().unwrap();
+        assert_eq!(
+            (f.fwd, f.bwd),
+            (K::DropoutAddNormFwdF16, K::DropoutAddNormBwdF16)
+        );
+        assert_eq!(f.fwd_t[1], Some(K::DropoutAddNormFwdT2F16));
+        let f = kernels::<bf16, f32>().unwrap();
+        assert_eq!(f.fwd, K::DropoutAddNormFwdBf16Sf32);
+        assert_eq!(f.fwd_t[2], Some(K::DropoutAddNormFwdT4Bf16Sf32));
+        assert_eq!(f.bwd_t[3], Some(K::DropoutAddNormBwdT8Bf16Sf32));
+        let f = kernels::<f16, f32>().unwrap();
+        assert_eq!(f.bwd, K::DropoutAddNormBwdF16Sf32);
+        assert_eq!(f.bwd_t[0], Some(K::DropoutAddNormBwdT1F16Sf32));
+        assert!(kernels::<f32, f16>().is_err());
+        assert!(kernels::<f16, bf16>().is_err());
+
+        let (g, t) = stats_kernels::<f32, f32>().unwrap();
+        assert_eq!(g, K::DropoutAddNormFwdStatsF32);
+        assert_eq!(t[2..], [Some(K::DropoutAddNormFwdStatsT4F32), None]);
+        let (g, t) = stats_kernels::<bf16, bf16>().unwrap();
+        assert_eq!(g, K::DropoutAddNormFwdStatsBf16);
+        assert_eq!(t[3], Some(K::DropoutAddNormFwdStatsT8Bf16));
+        let (g, t) = stats_kernels::<f16, f32>().unwrap();
+        assert_eq!(g, K::DropoutAddNormFwdStatsF16Sf32);
+        assert_eq!(
+            t,
+            [
+                Some(K::DropoutAddNormFwdStatsT1F16Sf32),
+                Some(K::DropoutAddNormFwdStatsT2F16Sf32),
+                Some(K::DropoutAddNormFwdStatsT4F16Sf32),
+                None,
+            ]
+        );
+        assert_eq!(COLSUM.get::<bf16>(), K::DropoutAddNormColsumBf16);
+    }
 
     /// Every vector-path row up to 8 groups per partial gets the smallest tier that holds it,
     /// with no thread holding more than two groups and at most 1024 threads per block.

@@ -120,22 +120,59 @@
 
 use cudarc::driver::{CudaView, CudaViewMut};
 
-use crate::dropping::{DropRate, Keying, MaskResolution};
+use crate::dropping::{check_shape, config_methods, KeySetting};
 use crate::dtype::DtypeKind;
 use crate::error::{check_len, Error, Result};
 
+/// The [`ForwardLens`] of a forward's arguments and outputs: the GPU's views or the CPU's
+/// slices, in fields of the same names.
+macro_rules! forward_lens {
+    ($a:expr, $o:expr) => {
+        $crate::dropout_add_norm::ForwardLens {
+            x: $a.x.len(),
+            residual: $a.residual.as_ref().map(|v| v.len()),
+            gamma: $a.gamma.len(),
+            beta: $a.beta.as_ref().map(|v| v.len()),
+            bias: $a.bias.as_ref().map(|v| v.len()),
+            rowscale: $a.rowscale.as_ref().map(|v| v.len()),
+            out: $o.out.len(),
+            s: $o.s.len(),
+            mean: $o.mean.len(),
+            rstd: $o.rstd.len(),
+        }
+    };
+}
+
+/// The [`BackwardLens`] of a backward's arguments and outputs (as [`forward_lens!`]).
+macro_rules! backward_lens {
+    ($a:expr, $o:expr) => {
+        $crate::dropout_add_norm::BackwardLens {
+            d_out: $a.d_out.len(),
+            d_s: $a.d_s.as_ref().map(|v| v.len()),
+            s: $a.s.len(),
+            gamma: $a.gamma.len(),
+            mean: $a.mean.len(),
+            rstd: $a.rstd.len(),
+            rowscale: $a.rowscale.as_ref().map(|v| v.len()),
+            dx: $o.dx.len(),
+            d_residual: $o.d_residual.as_ref().map(|v| v.len()),
+            dgamma: $o.dgamma.len(),
+            dbeta: $o.dbeta.as_ref().map(|v| v.len()),
+            dbias: $o.dbias.as_ref().map(|v| v.len()),
+        }
+    };
+}
+
 pub mod cpu;
-mod gpu;
+pub(crate) mod gpu;
 pub mod unfused;
 
+pub use crate::dropping::rows::{row_partials, GROUP};
 pub use crate::dropping::{DropPath, Workspace};
 pub use gpu::{backward, forward, forward_inplace};
 
 /// The name used in errors.
 pub(crate) const OP: &str = "dropout_add_norm";
-
-/// Elements per group of the row reductions (and per thread visit in the kernels).
-pub const GROUP: usize = 8;
 
 /// Which normaliser.
 ///
@@ -185,21 +222,6 @@ pub fn layer_norm_scaling(layer: usize) -> Result<f32> {
     Ok((1.0 / (layer as f64).sqrt()) as f32)
 }
 
-/// Partials per row of the row reductions, `P`: the smallest power of two `>= ceil(cols / 8)`,
-/// clamped to `32 ..= 256`. A function of `cols` only (see the module docs); the kernels run one
-/// thread per partial.
-///
-/// ```
-/// use fusedreg::dropout_add_norm::row_partials;
-/// assert_eq!(row_partials(1), 32);
-/// assert_eq!(row_partials(1024), 128);
-/// assert_eq!(row_partials(1025), 256);
-/// assert_eq!(row_partials(16384), 256);
-/// ```
-pub fn row_partials(cols: usize) -> usize {
-    cols.div_ceil(GROUP).next_power_of_two().clamp(32, 256)
-}
-
 /// Rows per slab of the column reductions (dgamma, dbeta, dbias): `ceil(rows / 1024)`, at least
 /// 1, so there are at most 1024 slabs (one backward block each). A function of `rows` only.
 ///
@@ -234,6 +256,9 @@ const MAX_SLABS: usize = 1024;
 ///
 /// ```
 /// use fusedreg::dropout_add_norm::{Config, DropPath, Norm};
+/// use fusedreg::dropping::MaskResolution;
+/// use fusedreg::philox::mask_word;
+/// use fusedreg::DtypeKind::{Bf16, F32};
 /// # fn main() -> fusedreg::Result<()> {
 /// let cfg = Config::new(1024, 4096, Norm::RmsNorm, 1e-6)?
 ///     .with_dropout(0.1, 42, 7)?
@@ -242,16 +267,25 @@ const MAX_SLABS: usize = 1024;
 /// assert_eq!(cfg.len(), 1 << 22);
 /// assert_eq!(cfg.layer_scale(), (1.0 / 12f64.sqrt()) as f32);
 /// assert!(Config::new(4, 8, Norm::LayerNorm, 0.0).is_err()); // eps must be > 0
+/// // The keying methods are those of its `KeySetting` (fusedreg::dropping).
+/// assert!(Config::new(1, 8, Norm::RmsNorm, 1e-6)?.rate().keeps_all()); // no dropout by default
+/// assert_eq!(cfg.rate().threshold(), 429_496_730);
+/// assert_eq!(cfg.keeps(F32, 69), cfg.rate().keeps(mask_word(42, 7, 69)));
+/// assert_eq!(cfg.keying(Bf16).resolution(), MaskResolution::Bits16);
+/// assert_eq!(cfg.scale(F32), cfg.rate().scale());
+/// // The resolution is kept by `with_dropout`, in either order.
+/// let cfg8 = Config::new(2, 64, Norm::LayerNorm, 1e-5)?
+///     .with_resolution(MaskResolution::Bits8)
+///     .with_dropout(0.1, 42, 7)?;
+/// assert_eq!(cfg8.resolution(), Some(MaskResolution::Bits8));
+/// assert_eq!(cfg8.effective_p(F32), 26.0 / 256.0);
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
     rows: usize,
     cols: usize,
-    /// Seed, call and rate; its own resolution is never read: [`Config::keying`] resolves.
-    keys: Keying,
-    /// The explicit choice; `None` resolves per dtype at the call ([`MaskResolution::resolve`]).
-    resolution: Option<MaskResolution>,
+    keys: KeySetting,
     drop_path: Option<DropPath>,
     norm: Norm,
     eps: f32,
@@ -292,14 +326,11 @@ impl Config {
                 format!("eps = {eps} must be finite and > 0"),
             ));
         }
-        rows.checked_mul(cols)
-            .filter(|&n| u64::try_from(n).is_ok())
-            .ok_or_else(|| Error::shape(OP, format!("rows * cols = {rows} * {cols} overflows")))?;
+        check_shape(OP, rows, cols)?;
         Ok(Config {
             rows,
             cols,
-            keys: Keying::with_rate(DropRate::ZERO, 0, 0),
-            resolution: None,
+            keys: KeySetting::NONE,
             drop_path: None,
             norm,
             eps,
@@ -323,107 +354,16 @@ impl Config {
     /// ```
     pub fn with_dropout(self, p: f64, seed: u64, call: u64) -> Result<Self> {
         Ok(Config {
-            keys: Keying::new(OP, p, seed, call)?,
+            keys: self.keys.rekeyed(OP, p, seed, call)?,
             ..self
         })
     }
 
-    /// The same config keyed at another mask resolution ([`MaskResolution`]: 32-bit words,
-    /// 16-bit halfwords or bytes of the Philox stream; the dropout contract of every dropping
-    /// op). The probability applied is then [`Config::effective_p`] and kept elements are scaled
-    /// by one over its complement ([`Config::scale`]). Every kernel of this op implements every
-    /// resolution. Kept by [`Config::with_dropout`], in either order. Without it the resolution
-    /// is the dtype's default ([`MaskResolution::default_for`] of the element type of `x`: 16
-    /// bits for f16 and bf16, 32 for f32).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// use fusedreg::dropping::MaskResolution;
-    /// use fusedreg::philox::block;
-    /// use fusedreg::DtypeKind::F32;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(2, 64, Norm::LayerNorm, 1e-5)?
-    ///     .with_resolution(MaskResolution::Bits8)
-    ///     .with_dropout(0.1, 42, 7)?;
-    /// assert_eq!(cfg.resolution(), Some(MaskResolution::Bits8));
-    /// assert_eq!(cfg.effective_p(F32), 26.0 / 256.0); // round(0.1 * 2^8) / 2^8
-    /// // Element 16 * 3 + 5 takes byte 1 of word 1 of Philox block 3.
-    /// assert_eq!(cfg.keeps(F32, 53), (block(42, 7, 3)[1] >> 8) & 0xff >= 26);
-    /// # Ok(()) }
-    /// ```
-    pub fn with_resolution(self, resolution: MaskResolution) -> Self {
-        Config {
-            resolution: Some(resolution),
-            ..self
-        }
-    }
-
-    /// The explicit mask resolution; `None` (the default) for the dtype's default.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// use fusedreg::dropping::MaskResolution;
-    /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6).unwrap();
-    /// assert_eq!(cfg.resolution(), None);
-    /// ```
-    pub fn resolution(&self) -> Option<MaskResolution> {
-        self.resolution
-    }
-
-    /// The resolution a call with `x` of type `dtype` keys at ([`MaskResolution::resolve`]:
-    /// the explicit choice, else the dtype's default; the stream's type does not matter).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// use fusedreg::dropping::MaskResolution::*;
-    /// use fusedreg::DtypeKind::{Bf16, F32};
-    /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6).unwrap();
-    /// assert_eq!((cfg.resolution_for(Bf16), cfg.resolution_for(F32)), (Bits16, Bits32));
-    /// assert_eq!(cfg.with_resolution(Bits32).resolution_for(Bf16), Bits32);
-    /// ```
-    pub fn resolution_for(&self, dtype: DtypeKind) -> MaskResolution {
-        MaskResolution::resolve(self.resolution, dtype)
-    }
-
-    /// The drop probability a `dtype` call applies at its resolution (`p` itself up to `2^-32`
-    /// at `Bits32`, quantised to `2^-16` or `2^-8` at `Bits16` / `Bits8`).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// use fusedreg::dropping::MaskResolution;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.1, 1, 2)?;
-    /// assert_eq!(cfg.effective_p(fusedreg::DtypeKind::Bf16), 6554.0 / 65536.0); // the default
-    /// assert_eq!(cfg.with_resolution(MaskResolution::Bits16).effective_p(fusedreg::DtypeKind::F32), 6554.0 / 65536.0);
-    /// # Ok(()) }
-    /// ```
-    pub fn effective_p(&self, dtype: DtypeKind) -> f64 {
-        self.keying(dtype).effective_p()
-    }
-
-    /// The f32 scale of kept elements of a `dtype` call: `1 / (1 - effective_p(dtype))`, 0 for
-    /// `p = 1`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.2, 1, 2)?;
-    /// assert_eq!(cfg.scale(fusedreg::DtypeKind::F32), 1.25);
-    /// # Ok(()) }
-    /// ```
-    pub fn scale(&self, dtype: DtypeKind) -> f32 {
-        self.keying(dtype).scale()
-    }
+    config_methods!(
+        "Every kernel of this op implements every resolution. Kept by"
+        "[`Config::with_dropout`], in either order. A call resolves it for the element type of"
+        "`x` (the stream's type does not matter)."
+    );
 
     /// Adds a generated drop path (stochastic depth): the row scale drawn from its own call id.
     /// It cannot be combined with a caller-supplied row scale.
@@ -491,26 +431,6 @@ impl Config {
         self.with_layer_scale(layer_norm_scaling(layer)?)
     }
 
-    /// Rows.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Columns (the hidden size).
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Elements, `rows * cols`.
-    pub fn len(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    /// True when there are no rows.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The normaliser.
     pub fn norm(&self) -> Norm {
         self.norm
@@ -526,81 +446,15 @@ impl Config {
         self.layer_scale
     }
 
-    /// The dropout rate.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(1, 8, Norm::RmsNorm, 1e-6)?;
-    /// assert!(cfg.rate().keeps_all());
-    /// assert_eq!(cfg.with_dropout(0.25, 1, 2)?.rate().threshold(), 1 << 30);
-    /// # Ok(()) }
-    /// ```
-    pub fn rate(&self) -> DropRate {
-        self.keys.rate()
-    }
-
-    /// The generator seed.
-    pub fn seed(&self) -> u64 {
-        self.keys.seed()
-    }
-
-    /// The call id of the dropout mask.
-    pub fn call(&self) -> u64 {
-        self.keys.call()
-    }
-
     /// The generated drop path, if any.
     pub fn drop_path(&self) -> Option<DropPath> {
         self.drop_path
     }
 
-    /// The dropout keying of a call with `x` of type `dtype` (`p`, seed, call and the
-    /// resolution resolved for `dtype`), shared with every dropping op: what the CPU
-    /// reference, the GPU forward and the backward all key with.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// use fusedreg::dropping::MaskResolution;
-    /// use fusedreg::DtypeKind::Bf16;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(2, 8, Norm::RmsNorm, 1e-6)?.with_dropout(0.1, 42, 7)?;
-    /// let k = cfg.keying(Bf16);
-    /// assert_eq!(k.keeps(9), cfg.keeps(Bf16, 9));
-    /// assert_eq!((k.seed(), k.call(), k.resolution()), (42, 7, MaskResolution::Bits16));
-    /// # Ok(()) }
-    /// ```
-    pub fn keying(&self, dtype: DtypeKind) -> Keying {
-        self.keys.with_resolution(self.resolution_for(dtype))
-    }
-
-    /// Whether element `i` (flat index `row * cols + col`) of a `dtype` call is kept by the
-    /// dropout mask.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropout_add_norm::{Config, Norm};
-    /// use fusedreg::philox::mask_word;
-    /// use fusedreg::DtypeKind::F32;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(2, 64, Norm::LayerNorm, 1e-5)?.with_dropout(0.1, 42, 7)?;
-    /// assert_eq!(cfg.keeps(F32, 69), cfg.rate().keeps(mask_word(42, 7, 69)));
-    /// # Ok(()) }
-    /// ```
-    pub fn keeps(&self, dtype: DtypeKind, i: u64) -> bool {
-        self.keying(dtype).keeps(i)
-    }
-
     /// The same shape and norm without dropout or row scale (the unfused baseline's norm).
     pub(crate) fn without_dropout(&self) -> Config {
         Config {
-            keys: Keying::with_rate(DropRate::ZERO, 0, 0),
-            resolution: None,
+            keys: KeySetting::NONE,
             drop_path: None,
             ..*self
         }
@@ -609,14 +463,8 @@ impl Config {
     /// The dropout part as a `dropout` config (the unfused baseline's first op), with the same
     /// resolution setting (the baseline resolves it its own way: 32 bits, see
     /// `dropping::Config::keying_bits32`).
-    pub(crate) fn dropout_config(&self) -> Result<crate::dropout::Config> {
-        let k = self.keys;
-        let c =
-            crate::dropout::Config::new(self.rows, self.cols, k.rate().p(), k.seed(), k.call())?;
-        let c = match self.resolution {
-            Some(r) => c.with_resolution(r),
-            None => c,
-        };
+    pub(crate) fn dropout_config(&self) -> Result<crate::dropping::Config> {
+        let c = crate::dropping::Config::keyed(OP, self.rows, self.cols, self.keys)?;
         Ok(match self.drop_path {
             Some(path) => c.with_drop_path(path),
             None => c,
@@ -850,7 +698,7 @@ pub struct BackwardArgs<'a, T, S> {
     pub workspace: Option<&'a mut Workspace>,
     /// The caller's memory for the column partials instead (at least
     /// [`crate::workspace::dropout_add_norm_backward_size`] bytes; not with `workspace`).
-    pub workspace_view: Option<crate::workspace::WorkspaceView<'a>>,
+    pub workspace_view: Option<crate::runtime::WorkspaceView<'a>>,
     #[doc(hidden)]
     pub tuning: LaunchTuning,
 }

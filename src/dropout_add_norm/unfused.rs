@@ -31,8 +31,8 @@
 
 use super::gpu::{forward_impl, Mode};
 use super::{
-    check_backward, check_forward, cpu, BackwardArgs, BackwardLens, BackwardOut, Config,
-    ForwardArgs, ForwardLens, ForwardOut, OP,
+    check_backward, check_forward, cpu, BackwardArgs, BackwardOut, Config, ForwardArgs, ForwardOut,
+    OP,
 };
 use crate::dropout as dr;
 use crate::dtype::Dtype;
@@ -84,22 +84,9 @@ pub fn forward<T: Dtype>(
             "the unfused baseline does not measure redundancy; use the fused forward",
         ));
     }
+    let lens = forward_lens!(args, out);
     let residual = args.residual.ok_or_else(need_residual)?;
-    check_forward(
-        cfg,
-        &ForwardLens {
-            x: args.x.len(),
-            residual: Some(residual.len()),
-            gamma: args.gamma.len(),
-            beta: args.beta.as_ref().map(|b| b.len()),
-            bias: args.bias.as_ref().map(|b| b.len()),
-            rowscale: args.rowscale.as_ref().map(|b| b.len()),
-            out: out.out.len(),
-            s: out.s.len(),
-            mean: out.mean.len(),
-            rstd: out.rstd.len(),
-        },
-    )?;
+    check_forward(cfg, &lens)?;
     let dcfg = cfg.dropout_config()?;
     let opts = dr::ForwardOptions {
         bias: args.bias,
@@ -150,24 +137,9 @@ pub fn backward<T: Dtype>(
     args: BackwardArgs<'_, T, T>,
     out: BackwardOut<'_, T, T>,
 ) -> Result<()> {
+    let lens = backward_lens!(args, out);
     let mut d_res = out.d_residual.ok_or_else(need_d_residual)?;
-    check_backward(
-        cfg,
-        &BackwardLens {
-            d_out: args.d_out.len(),
-            d_s: args.d_s.as_ref().map(|v| v.len()),
-            s: args.s.len(),
-            gamma: args.gamma.len(),
-            mean: args.mean.len(),
-            rstd: args.rstd.len(),
-            rowscale: args.rowscale.as_ref().map(|v| v.len()),
-            dx: out.dx.len(),
-            d_residual: Some(d_res.len()),
-            dgamma: out.dgamma.len(),
-            dbeta: out.dbeta.as_ref().map(|v| v.len()),
-            dbias: out.dbias.as_ref().map(|v| v.len()),
-        },
-    )?;
+    check_backward(cfg, &lens)?;
     let dcfg = cfg.dropout_config()?;
     let rowscale = args.rowscale;
     let n = cfg.len();
@@ -204,21 +176,7 @@ pub fn forward_cpu<T: Dtype>(
     out: cpu::ForwardOut<'_, T, T>,
 ) -> Result<()> {
     let residual = args.residual.ok_or_else(need_residual)?;
-    check_forward(
-        cfg,
-        &ForwardLens {
-            x: args.x.len(),
-            residual: Some(residual.len()),
-            gamma: args.gamma.len(),
-            beta: args.beta.map(<[T]>::len),
-            bias: args.bias.map(<[T]>::len),
-            rowscale: args.rowscale.map(<[f32]>::len),
-            out: out.out.len(),
-            s: out.s.len(),
-            mean: out.mean.len(),
-            rstd: out.rstd.len(),
-        },
-    )?;
+    check_forward(cfg, &forward_lens!(args, out))?;
     let opts = dr::cpu::ForwardOptions {
         bias: args.bias,
         residual: Some(residual),
@@ -250,24 +208,9 @@ pub fn backward_cpu<T: Dtype>(
     args: cpu::BackwardArgs<'_, T, T>,
     out: cpu::BackwardOut<'_, T, T>,
 ) -> Result<()> {
+    let lens = backward_lens!(args, out);
     let d_res = out.d_residual.ok_or_else(need_d_residual)?;
-    check_backward(
-        cfg,
-        &BackwardLens {
-            d_out: args.d_out.len(),
-            d_s: args.d_s.map(<[T]>::len),
-            s: args.s.len(),
-            gamma: args.gamma.len(),
-            mean: args.mean.len(),
-            rstd: args.rstd.len(),
-            rowscale: args.rowscale.map(<[f32]>::len),
-            dx: out.dx.len(),
-            d_residual: Some(d_res.len()),
-            dgamma: out.dgamma.len(),
-            dbeta: out.dbeta.as_ref().map(|v| v.len()),
-            dbias: out.dbias.as_ref().map(|v| v.len()),
-        },
-    )?;
+    check_backward(cfg, &lens)?;
     let rowscale = args.rowscale;
     let norm_args = cpu::BackwardArgs {
         rowscale: None,

@@ -13,7 +13,7 @@
 //! `write_bits`): pass that as `vector_ok`. Otherwise the scalar path runs, with the same
 //! results; it ORs mask bits with integer atomics into a mask zeroed first.
 
-use cudarc::driver::{result, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{result, DevicePtr, DevicePtrMut};
 
 use super::{
     check_backward, slab_rows, BackwardOptions, Config, DropPath, Keying, LaunchTuning,
@@ -21,9 +21,10 @@ use super::{
 };
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::runtime::device_params;
 use crate::runtime::kernels::KernelFamily;
 use crate::runtime::Handle;
-use crate::workspace::WorkspaceView;
+use crate::runtime::WorkspaceView;
 
 /// `FLAG_DROP_PATH` in the kernels: generate the row scale under the drop path's call id.
 pub(crate) const FLAG_DROP_PATH: u32 = 1;
@@ -58,45 +59,98 @@ pub(crate) fn resolution_flag(
     })
 }
 
-/// Mirrors `DropoutBwdParams<T>` in the kernels.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct BwdParams {
-    dy: u64,
-    dx: u64,
-    rowscale: u64,
-    mask: u64,
-    partials: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
-    seed: u64,
-    call: u64,
-    threshold: u64,
-    path_call: u64,
-    path_threshold: u64,
-    base: u64,
-    scale: f32,
-    path_scale: f32,
-    flags: u32,
-    rows_per_sample: u32,
+device_params! {
+    /// Mirrors `DropoutBwdParams<T>` in the kernels.
+    #[derive(Debug, Default)]
+    pub(crate) struct BwdParams(128) {
+        dy: u64,
+        dx: u64,
+        rowscale: u64,
+        mask: u64,
+        partials: u64,
+        rows: KeyedRows,
+    }
 }
-const _: () = assert!(std::mem::size_of::<BwdParams>() == 128);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for BwdParams {}
 
-/// Mirrors `DbiasParams<T>` in the kernel.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct DbiasParams {
-    pub partials: u64,
-    pub dbias: u64,
-    pub cols: u64,
-    pub slabs: u64,
+device_params! {
+    /// The launch shape and the element mask's keys, `rows` to `threshold`, that every dropping
+    /// kernel's parameters hold after their pointers (flat in the kernels' structs; nested here,
+    /// 8-byte aligned like them, so every offset is the same).
+    #[derive(Debug, Default)]
+    pub(crate) struct KeyedShape(48) {
+        rows: u64,
+        cols: u64,
+        slab_rows: u64,
+        seed: u64,
+        call: u64,
+        threshold: u64,
+    }
 }
-const _: () = assert!(std::mem::size_of::<DbiasParams>() == 32);
-// SAFETY: as above.
-unsafe impl DeviceRepr for DbiasParams {}
+
+impl KeyedShape {
+    /// `(rows, cols, slab_rows)` of the launch and the element mask's `keying`.
+    pub(crate) fn new((rows, cols, slab_rows): (u64, u64, u64), keying: &Keying) -> Self {
+        Self {
+            rows,
+            cols,
+            slab_rows,
+            seed: keying.seed(),
+            call: keying.call(),
+            threshold: keying.threshold(),
+        }
+    }
+}
+
+device_params! {
+    /// The fields the dropout kernels' parameters end with, `rows` to `rows_per_sample` (flat in
+    /// the kernels' `FwdParams` / `DropoutBwdParams`, same offsets): the shape and keys, the row
+    /// scale, the first flat index and the flags.
+    #[derive(Debug, Default)]
+    pub(crate) struct KeyedRows(88) {
+        shape: KeyedShape,
+        path_call: u64,
+        path_threshold: u64,
+        base: u64,
+        scale: f32,
+        path_scale: f32,
+        flags: u32,
+        rows_per_sample: u32,
+    }
+}
+
+impl KeyedRows {
+    /// `(rows, cols, slab_rows)` of the launch, the element mask's `keying`, the row scale
+    /// `rsf`, the first flat index `base` and the kernel's `flags` (the row scale's included).
+    pub(crate) fn new(
+        shape: (u64, u64, u64),
+        keying: &Keying,
+        rsf: &RowScaleFields,
+        base: u64,
+        flags: u32,
+    ) -> Self {
+        Self {
+            shape: KeyedShape::new(shape, keying),
+            path_call: rsf.path_call,
+            path_threshold: rsf.path_threshold,
+            base,
+            scale: keying.scale(),
+            path_scale: rsf.path_scale,
+            flags,
+            rows_per_sample: rsf.rows_per_sample,
+        }
+    }
+}
+
+device_params! {
+    /// Mirrors `DbiasParams<T>` in the kernel.
+    #[derive(Debug, Default)]
+    pub(crate) struct DbiasParams(32) {
+        pub partials: u64,
+        pub dbias: u64,
+        pub cols: u64,
+        pub slabs: u64,
+    }
+}
 
 /// Threads per block of the dbias finishing kernel: 8 warps sharing 32 columns (the kernel's
 /// DBIAS_WARPS and DBIAS_COLS), so its few columns spread over many SMs.
@@ -382,19 +436,7 @@ pub(crate) fn launch_backward<T: Dtype>(
                 l.mask + base / 32 * 4
             },
             partials: partials_ptr,
-            rows: g.rows,
-            cols: g.cols,
-            slab_rows: g.slab_rows,
-            seed: l.keying.seed(),
-            call: l.keying.call(),
-            threshold: l.keying.threshold(),
-            path_call: rsf.path_call,
-            path_threshold: rsf.path_threshold,
-            base,
-            scale: l.keying.scale(),
-            path_scale: rsf.path_scale,
-            flags,
-            rows_per_sample: rsf.rows_per_sample,
+            rows: KeyedRows::new((g.rows, g.cols, g.slab_rows), &l.keying, &rsf, base, flags),
         };
         let family = if g.vector {
             kernels.vec

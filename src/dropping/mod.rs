@@ -18,8 +18,10 @@
 //!
 //! # What a new dropping op uses
 //!
-//! Public (its API re-exports them): [`Config`] (shape, rate, seed, call, optional [`DropPath`],
-//! [`MaskResolution`], unset by default and resolved per dtype by [`MaskResolution::resolve`]),
+//! Public (its API re-exports them): [`Config`] (shape, optional [`DropPath`] and a
+//! [`KeySetting`]: rate, seed, call, [`MaskResolution`], unset by default and resolved per dtype
+//! by [`MaskResolution::resolve`]; every op's `Config` holds one and offers its methods through
+//! the crate-internal `config_methods!`),
 //! [`ForwardOptions`] / [`BackwardOptions`] (GPU) and
 //! [`CpuForwardOptions`] / [`CpuBackwardOptions`] (the optional buffers: bias, row scale, 1-bit
 //! mask, generated row scale, dbias, workspace), [`DropRate`], [`Keying`] (seed, call, rate,
@@ -30,7 +32,7 @@
 //! op), `LaunchTuning` (hidden, for tests).
 //!
 //! Crate-internal: `check_forward` / `check_backward` (buffer lengths and option conflicts, as
-//! `Error`s naming the op), `Config::keying_bits32` (the unfused baselines' 32-bit-only keying),
+//! `Error`s naming the op), `check_shape`, `KeySetting::keying_bits32` (the unfused baselines' 32-bit-only keying),
 //! `row_scales` / `row_multiplier` (CPU row scale), `backward_cpu` (the CPU reference of the
 //! shared backward, `dx = m != 0 ? T(dy * m) : 0` with dbias), `Workspace::partials` (the
 //! partials of one backward, in the caller's workspace or per call); in `gpu`: `segments` /
@@ -63,12 +65,13 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use crate::dtype::{Dtype, DtypeKind};
-use crate::error::{check_len, Error, Result};
+use crate::error::{check_len, try_vec, Error, Result};
 use crate::philox;
 use crate::runtime::Handle;
-use crate::workspace::WorkspaceView;
+use crate::runtime::WorkspaceView;
 
 pub(crate) mod gpu;
+pub(crate) mod rows;
 pub(crate) mod unfused;
 
 /// The op name in errors raised by the shared pieces themselves.
@@ -714,6 +717,339 @@ impl KeepBits {
     }
 }
 
+/// The dropout keys a dropping op's `Config` holds: rate, seed, call and the mask resolution
+/// setting (`None` unless chosen, then resolved per dtype at the call by
+/// [`MaskResolution::resolve`]). The `Config` of `dropout`, `bias_act_dropout` and
+/// `dropout_add_norm` each hold one and offer its methods as their own (`cfg.resolution()`,
+/// `cfg.effective_p(dtype)`, `cfg.keeps(dtype, i)`, ...): they are documented here, once.
+///
+/// ```
+/// use fusedreg::dropping::{KeySetting, MaskResolution::*};
+/// use fusedreg::DtypeKind::{Bf16, F16, F32};
+/// # fn main() -> fusedreg::Result<()> {
+/// let keys = KeySetting::new("example", 0.1, 42, 7)?;
+/// assert_eq!((keys.rate().p(), keys.seed(), keys.call()), (0.1, 42, 7));
+/// // Unset, the resolution is the dtype's default; an explicit one wins for every dtype.
+/// assert_eq!(keys.resolution(), None);
+/// assert_eq!([keys.resolution_for(Bf16), keys.resolution_for(F16)], [Bits16; 2]);
+/// assert_eq!(keys.resolution_for(F32), Bits32);
+/// assert_eq!(keys.with_resolution(Bits8).resolution(), Some(Bits8));
+/// assert_eq!(keys.with_resolution(Bits32).resolution_for(Bf16), Bits32);
+/// assert!(KeySetting::new("example", 1.5, 42, 7).is_err()); // p outside [0, 1]
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KeySetting {
+    rate: DropRate,
+    seed: u64,
+    call: u64,
+    resolution: Option<MaskResolution>,
+}
+
+impl KeySetting {
+    /// No dropping (p = 0, seed and call 0), the resolution unset.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::KeySetting;
+    /// use fusedreg::DtypeKind::Bf16;
+    /// assert!(KeySetting::NONE.rate().keeps_all());
+    /// assert!(KeySetting::NONE.keeps(Bf16, 17));
+    /// assert_eq!(KeySetting::NONE.scale(Bf16), 1.0);
+    /// ```
+    pub const NONE: KeySetting = KeySetting {
+        rate: DropRate::ZERO,
+        seed: 0,
+        call: 0,
+        resolution: None,
+    };
+
+    /// Validates `p` (naming `op` in the error: [`Error::InvalidArgument`] when `p` is NaN or
+    /// outside `[0, 1]`) and keeps the keys, the resolution unset.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::KeySetting;
+    /// use fusedreg::Error;
+    /// let bad = KeySetting::new("op", f64::NAN, 42, 7);
+    /// assert!(matches!(bad, Err(Error::InvalidArgument { .. })));
+    /// ```
+    pub fn new(op: &'static str, p: f64, seed: u64, call: u64) -> Result<Self> {
+        Ok(KeySetting {
+            rate: DropRate::checked(op, p)?,
+            seed,
+            call,
+            resolution: None,
+        })
+    }
+
+    /// New rate and keys, the same resolution setting (so that it is kept whichever of the
+    /// two is set first).
+    pub(crate) fn rekeyed(self, op: &'static str, p: f64, seed: u64, call: u64) -> Result<Self> {
+        Ok(KeySetting {
+            resolution: self.resolution,
+            ..Self::new(op, p, seed, call)?
+        })
+    }
+
+    /// The same keys at an explicit mask resolution, whatever the dtype
+    /// ([`MaskResolution::Bits32`]: 4 elements per Philox block; [`MaskResolution::Bits16`]:
+    /// element `i` takes halfword `i % 8` of block `i / 8`, half the generator work, `p`
+    /// quantised to `2^-16`; [`MaskResolution::Bits8`]: byte `i % 16` of block `i / 16`, a
+    /// quarter of it, `p` quantised to `2^-8`, FlashAttention's resolution: 0.1 is applied as
+    /// 26 / 256 = 0.1016). Kept elements are scaled by one over the complement of the
+    /// probability actually applied ([`KeySetting::effective_p`]), so the output is unbiased
+    /// at every resolution. Without it the resolution is the dtype's default
+    /// ([`MaskResolution::default_for`]: 16 bits for f16 and bf16, 32 for f32). The CPU
+    /// references implement every resolution; an op whose kernels do not implement one returns
+    /// an error for it on the GPU (its `with_resolution` says what it offers), and the unfused
+    /// baselines key at 32 bits only.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::{KeySetting, MaskResolution};
+    /// use fusedreg::philox::block;
+    /// use fusedreg::DtypeKind::F32;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let keys = KeySetting::new("op", 0.1, 42, 7)?.with_resolution(MaskResolution::Bits8);
+    /// assert_eq!(keys.effective_p(F32), 26.0 / 256.0); // round(0.1 * 2^8) / 2^8
+    /// // Element 16 * 3 + 5 takes byte 1 of word 1 of Philox block 3.
+    /// assert_eq!(keys.keeps(F32, 53), (block(42, 7, 3)[1] >> 8) & 0xff >= 26);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_resolution(self, resolution: MaskResolution) -> Self {
+        KeySetting {
+            resolution: Some(resolution),
+            ..self
+        }
+    }
+
+    /// The explicit mask resolution, `None` (the default) for the dtype's default.
+    pub fn resolution(&self) -> Option<MaskResolution> {
+        self.resolution
+    }
+
+    /// The resolution a `dtype` call keys at: [`MaskResolution::resolve`] of this setting (the
+    /// explicit choice, else the dtype's default). An op with two element types (a norm's `x`
+    /// and its stream) resolves for the type of `x`.
+    pub fn resolution_for(&self, dtype: DtypeKind) -> MaskResolution {
+        MaskResolution::resolve(self.resolution, dtype)
+    }
+
+    /// The dropout rate.
+    pub fn rate(&self) -> DropRate {
+        self.rate
+    }
+
+    /// The generator seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The call id of the mask (a different one per dropout site and step).
+    pub fn call(&self) -> u64 {
+        self.call
+    }
+
+    /// The drop probability a `dtype` call actually applies: `threshold / 2^32` (`Bits32`),
+    /// `round(p * 2^16) / 2^16` (`Bits16`) or `round(p * 2^8) / 2^8` (`Bits8`), at
+    /// [`KeySetting::resolution_for`]`(dtype)`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::{KeySetting, MaskResolution::*};
+    /// use fusedreg::DtypeKind::{Bf16, F32};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let keys = KeySetting::new("op", 0.1, 1, 2)?;
+    /// assert_eq!(keys.effective_p(F32), keys.rate().effective_p());
+    /// assert_eq!(keys.effective_p(Bf16), 6554.0 / 65536.0); // 16-bit keys by default
+    /// assert_eq!(keys.with_resolution(Bits16).effective_p(F32), 6554.0 / 65536.0);
+    /// assert_eq!(keys.with_resolution(Bits8).effective_p(F32), 26.0 / 256.0);
+    /// # Ok(()) }
+    /// ```
+    pub fn effective_p(&self, dtype: DtypeKind) -> f64 {
+        self.keying(dtype).effective_p()
+    }
+
+    /// The f32 scale of kept elements of a `dtype` call: `1 / (1 - effective_p(dtype))`
+    /// ([`DropRate::scale_at`] at [`KeySetting::resolution_for`]`(dtype)`); 0 for `p = 1`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::{KeySetting, MaskResolution::*};
+    /// use fusedreg::DtypeKind::{Bf16, F32};
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let keys = KeySetting::new("op", 0.2, 1, 2)?;
+    /// assert_eq!(keys.scale(F32), 1.25);
+    /// // bf16 keys at 16 bits by default: applies 13107 / 65536
+    /// assert_eq!(keys.scale(Bf16), (65536.0f64 / (65536.0 - 13107.0)) as f32);
+    /// assert_eq!(keys.with_resolution(Bits16).scale(F32), keys.scale(Bf16));
+    /// let keys = KeySetting::new("op", 0.1, 1, 2)?;
+    /// assert_eq!(keys.with_resolution(Bits16).scale(F32), (65536.0f64 / (65536.0 - 6554.0)) as f32);
+    /// assert_eq!(keys.with_resolution(Bits8).scale(F32), (256.0f64 / 230.0) as f32);
+    /// assert_eq!(KeySetting::new("op", 1.0, 1, 2)?.scale(F32), 0.0);
+    /// # Ok(()) }
+    /// ```
+    pub fn scale(&self, dtype: DtypeKind) -> f32 {
+        self.keying(dtype).scale()
+    }
+
+    /// The keying (seed, call, rate and the resolution resolved for `dtype`) of a `dtype` call:
+    /// what the CPU reference, the GPU forward and the backward that regenerates its mask all
+    /// key with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::{KeySetting, MaskResolution};
+    /// use fusedreg::DtypeKind::Bf16;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let keys = KeySetting::new("op", 0.1, 42, 7)?;
+    /// let k = keys.keying(Bf16);
+    /// assert_eq!((k.seed(), k.call(), k.resolution()), (42, 7, MaskResolution::Bits16));
+    /// assert_eq!(k.keeps(9), keys.keeps(Bf16, 9));
+    /// # Ok(()) }
+    /// ```
+    pub fn keying(&self, dtype: DtypeKind) -> Keying {
+        Keying::with_rate(self.rate, self.seed, self.call)
+            .with_resolution(self.resolution_for(dtype))
+    }
+
+    /// Whether element `i` (flat index `row * cols + col`) of a `dtype` call is kept by the
+    /// dropout mask (the resolution resolved for `dtype`, as the call does).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use fusedreg::dropping::KeySetting;
+    /// use fusedreg::philox::mask_word;
+    /// use fusedreg::DtypeKind::F32;
+    /// # fn main() -> fusedreg::Result<()> {
+    /// let keys = KeySetting::new("op", 0.1, 42, 7)?;
+    /// let i = 64 + 5; // row 1, column 5 of 64 columns
+    /// assert_eq!(keys.keeps(F32, i), keys.rate().keeps(mask_word(42, 7, i))); // 32-bit keys
+    /// assert!(KeySetting::new("op", 0.0, 42, 7)?.keeps(F32, 3)); // p = 0 keeps everything
+    /// assert!(!KeySetting::new("op", 1.0, 42, 7)?.keeps(F32, 3)); // p = 1 nothing
+    /// # Ok(()) }
+    /// ```
+    pub fn keeps(&self, dtype: DtypeKind, i: u64) -> bool {
+        self.keying(dtype).keeps(i)
+    }
+
+    /// The keying of an unfused baseline, which keys at 32 bits only (PyTorch has no coarser
+    /// keying): 32 bits for every dtype by default, and an error naming `op` for an explicit
+    /// other resolution (never run as another one).
+    pub(crate) fn keying_bits32(&self, op: &'static str) -> Result<Keying> {
+        match self.resolution {
+            None | Some(MaskResolution::Bits32) => Ok(self.keying(DtypeKind::F32)),
+            Some(r) => Err(Error::invalid(
+                op,
+                format!(
+                    "{r:?} keying is offered by the fused op, not by its unfused baseline (32-bit keys, as PyTorch)"
+                ),
+            )),
+        }
+    }
+}
+
+/// The methods every dropping op's `Config` shares, over its `rows`, `cols` and `keys` (a
+/// [`KeySetting`]) fields: the shape (`rows`, `cols`, `len`, `is_empty`) and the keying, each
+/// keying method the [`KeySetting`] method of the same name (documented there);
+/// `with_resolution` takes the op's own doc lines (what its kernels offer) as arguments.
+macro_rules! config_methods {
+    ($($with_resolution_doc:literal)*) => {
+        /// Rows.
+        pub fn rows(&self) -> usize {
+            self.rows
+        }
+
+        /// Columns (the length of the bias and of the normalised dimension).
+        pub fn cols(&self) -> usize {
+            self.cols
+        }
+
+        /// Elements, `rows * cols`.
+        pub fn len(&self) -> usize {
+            self.rows * self.cols
+        }
+
+        /// True when there are no elements.
+        pub fn is_empty(&self) -> bool {
+            self.len() == 0
+        }
+
+        /// The same config keyed at another mask resolution
+        /// ([`KeySetting::with_resolution`](crate::dropping::KeySetting::with_resolution)).
+        $(#[doc = $with_resolution_doc])*
+        pub fn with_resolution(self, resolution: $crate::dropping::MaskResolution) -> Self {
+            Self {
+                keys: self.keys.with_resolution(resolution),
+                ..self
+            }
+        }
+
+        /// The explicit mask resolution, `None` (the default) for the dtype's default
+        /// ([`KeySetting::resolution`](crate::dropping::KeySetting::resolution)).
+        pub fn resolution(&self) -> Option<$crate::dropping::MaskResolution> {
+            self.keys.resolution()
+        }
+
+        /// The resolution a `dtype` call keys at
+        /// ([`KeySetting::resolution_for`](crate::dropping::KeySetting::resolution_for)).
+        pub fn resolution_for(
+            &self,
+            dtype: $crate::DtypeKind,
+        ) -> $crate::dropping::MaskResolution {
+            self.keys.resolution_for(dtype)
+        }
+
+        /// The dropout rate ([`KeySetting::rate`](crate::dropping::KeySetting::rate)).
+        pub fn rate(&self) -> $crate::dropping::DropRate {
+            self.keys.rate()
+        }
+
+        /// The generator seed ([`KeySetting::seed`](crate::dropping::KeySetting::seed)).
+        pub fn seed(&self) -> u64 {
+            self.keys.seed()
+        }
+
+        /// The call id of the mask ([`KeySetting::call`](crate::dropping::KeySetting::call)).
+        pub fn call(&self) -> u64 {
+            self.keys.call()
+        }
+
+        /// The drop probability a `dtype` call actually applies
+        /// ([`KeySetting::effective_p`](crate::dropping::KeySetting::effective_p)).
+        pub fn effective_p(&self, dtype: $crate::DtypeKind) -> f64 {
+            self.keys.effective_p(dtype)
+        }
+
+        /// The f32 scale of kept elements of a `dtype` call
+        /// ([`KeySetting::scale`](crate::dropping::KeySetting::scale)).
+        pub fn scale(&self, dtype: $crate::DtypeKind) -> f32 {
+            self.keys.scale(dtype)
+        }
+
+        /// The keying of a `dtype` call: seed, call, rate and the resolution resolved for
+        /// `dtype` ([`KeySetting::keying`](crate::dropping::KeySetting::keying)).
+        pub fn keying(&self, dtype: $crate::DtypeKind) -> $crate::dropping::Keying {
+            self.keys.keying(dtype)
+        }
+
+        /// Whether element `i` (flat index) of a `dtype` call is kept
+        /// ([`KeySetting::keeps`](crate::dropping::KeySetting::keeps)).
+        pub fn keeps(&self, dtype: $crate::DtypeKind, i: u64) -> bool {
+            self.keys.keeps(dtype, i)
+        }
+    };
+}
+pub(crate) use config_methods;
+
 /// Length in `u32` words of the 1-bit mask of `n` elements: `ceil(n / 32)`.
 ///
 /// ```
@@ -1101,28 +1437,46 @@ impl Workspace {
 
 /// Shape, drop rate and random keys of one dropout call (of any dropping op): everything but
 /// the buffers. Validated on construction; the CPU references and the GPU kernels take the same
-/// `Config`.
+/// `Config`. Its keying methods (`rate`, `seed`, `call`, `with_resolution`, `resolution`,
+/// `resolution_for`, `effective_p`, `scale`, `keying`, `keeps`) are those of its
+/// [`KeySetting`], documented there. `cols` is the hidden size, the length of the bias.
 ///
 /// ```
-/// use fusedreg::dropping::{Config, DropPath};
+/// use fusedreg::dropping::{Config, DropPath, DropRate, MaskResolution};
+/// use fusedreg::philox::mask_word;
+/// use fusedreg::DtypeKind::{Bf16, F32};
 /// # fn main() -> fusedreg::Result<()> {
 /// let cfg = Config::new(1024, 4096, 0.1, 42, 7)?.with_drop_path(DropPath::new(0.2, 8)?);
 /// assert_eq!(cfg.len(), 1 << 22);
 /// assert_eq!(cfg.mask_words(), 1 << 17);
+/// assert!(Config::new(0, 4096, 0.1, 42, 7)?.is_empty());
+/// assert!(!Config::flat(1, 0.1, 42, 7)?.is_empty());
 /// assert!(Config::new(usize::MAX, 2, 0.1, 0, 0).is_err()); // rows * cols overflows
 /// assert!(Config::flat(10, 1.5, 0, 0).is_err()); // p outside [0, 1]
+/// assert_eq!((cfg.rate(), cfg.seed(), cfg.call()), (DropRate::new(0.1)?, 42, 7));
+/// assert_eq!(cfg.keeps(F32, 69), cfg.rate().keeps(mask_word(42, 7, 69)));
+/// assert_eq!(cfg.effective_p(Bf16), 6554.0 / 65536.0); // 16-bit keys by default
+/// let cfg = cfg.with_resolution(MaskResolution::Bits32);
+/// assert_eq!(cfg.resolution(), Some(MaskResolution::Bits32));
+/// assert_eq!(cfg.keying(Bf16).resolution(), MaskResolution::Bits32);
+/// assert_eq!(cfg.scale(Bf16), cfg.rate().scale());
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
     rows: usize,
     cols: usize,
-    rate: DropRate,
-    seed: u64,
-    call: u64,
+    keys: KeySetting,
     drop_path: Option<DropPath>,
-    /// The explicit choice; `None` resolves per dtype at the call ([`MaskResolution::resolve`]).
-    resolution: Option<MaskResolution>,
+}
+
+/// Checks that a `[rows, cols]` tensor's length fits `usize` and `u64` (the flat index):
+/// [`Error::ShapeMismatch`] naming `op` otherwise.
+pub(crate) fn check_shape(op: &'static str, rows: usize, cols: usize) -> Result<()> {
+    rows.checked_mul(cols)
+        .filter(|&n| u64::try_from(n).is_ok())
+        .map(|_| ())
+        .ok_or_else(|| Error::shape(op, format!("rows * cols = {rows} * {cols} overflows")))
 }
 
 impl Config {
@@ -1146,18 +1500,22 @@ impl Config {
     /// # Ok(()) }
     /// ```
     pub fn new(rows: usize, cols: usize, p: f64, seed: u64, call: u64) -> Result<Self> {
-        let rate = DropRate::checked(OP, p)?;
-        rows.checked_mul(cols)
-            .filter(|&n| u64::try_from(n).is_ok())
-            .ok_or_else(|| Error::shape(OP, format!("rows * cols = {rows} * {cols} overflows")))?;
+        Self::keyed(OP, rows, cols, KeySetting::new(OP, p, seed, call)?)
+    }
+
+    /// A `[rows, cols]` tensor keyed by `keys` (another op's dropout part), errors naming `op`.
+    pub(crate) fn keyed(
+        op: &'static str,
+        rows: usize,
+        cols: usize,
+        keys: KeySetting,
+    ) -> Result<Self> {
+        check_shape(op, rows, cols)?;
         Ok(Config {
             rows,
             cols,
-            rate,
-            seed,
-            call,
+            keys,
             drop_path: None,
-            resolution: None,
         })
     }
 
@@ -1186,6 +1544,7 @@ impl Config {
     /// # fn main() -> fusedreg::Result<()> {
     /// let path = DropPath::new(0.5, 8)?;
     /// let cfg = Config::new(2, 4, 0.0, 42, 7)?.with_drop_path(path);
+    /// assert_eq!(cfg.drop_path(), Some(path));
     /// let (x, mut y) = ([1.0f32; 8], [0.0f32; 8]);
     /// cpu::forward(&cfg, &x, &mut y, Default::default())?;
     /// assert_eq!(y[..4], [path.row_scale(42, 0); 4]); // row 0 is kept or dropped as a whole
@@ -1201,121 +1560,7 @@ impl Config {
         }
     }
 
-    /// Rows.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::Config;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.rows(), 16);
-    /// # Ok(()) }
-    /// ```
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Columns (the hidden size; the length of the bias).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::Config;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(16, 4096, 0.1, 42, 7)?.cols(), 4096);
-    /// # Ok(()) }
-    /// ```
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Elements, `rows * cols`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::Config;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(3, 5, 0.1, 42, 7)?.len(), 15);
-    /// # Ok(()) }
-    /// ```
-    pub fn len(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    /// True when there are no elements.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::Config;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert!(Config::new(0, 4096, 0.1, 42, 7)?.is_empty());
-    /// assert!(!Config::flat(1, 0.1, 42, 7)?.is_empty());
-    /// # Ok(()) }
-    /// ```
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The dropout rate.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::Config;
-    /// use fusedreg::dropping::DropRate;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
-    /// assert_eq!(cfg.rate(), DropRate::new(0.1)?);
-    /// assert_eq!(cfg.rate().p(), 0.1);
-    /// # Ok(()) }
-    /// ```
-    pub fn rate(&self) -> DropRate {
-        self.rate
-    }
-
-    /// The generator seed.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::Config;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.seed(), 42);
-    /// # Ok(()) }
-    /// ```
-    pub fn seed(&self) -> u64 {
-        self.seed
-    }
-
-    /// The call id of the dropout mask.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::Config;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// assert_eq!(Config::new(4, 8, 0.1, 42, 7)?.call(), 7);
-    /// # Ok(()) }
-    /// ```
-    pub fn call(&self) -> u64 {
-        self.call
-    }
-
     /// The generated drop path, if any.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::{Config, DropPath};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(4, 8, 0.1, 42, 7)?;
-    /// assert_eq!(cfg.drop_path(), None);
-    /// let path = DropPath::new(0.2, 8)?;
-    /// assert_eq!(cfg.with_drop_path(path).drop_path(), Some(path));
-    /// # Ok(()) }
-    /// ```
     pub fn drop_path(&self) -> Option<DropPath> {
         self.drop_path
     }
@@ -1336,149 +1581,12 @@ impl Config {
         mask_words(self.len())
     }
 
-    /// Whether element `i` (flat index) is kept by the dropout mask of a `dtype` call (the
-    /// resolution is resolved for `dtype`, as the call does).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::Config;
-    /// use fusedreg::philox::mask_word;
-    /// use fusedreg::DtypeKind::F32;
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::new(2, 64, 0.1, 42, 7)?;
-    /// let i = 64 + 5; // row 1, column 5
-    /// assert_eq!(cfg.keeps(F32, i), cfg.rate().keeps(mask_word(42, 7, i))); // 32-bit keys
-    /// assert!(Config::flat(8, 0.0, 42, 7)?.keeps(F32, 3)); // p = 0 keeps everything
-    /// assert!(!Config::flat(8, 1.0, 42, 7)?.keeps(F32, 3)); // p = 1 nothing
-    /// # Ok(()) }
-    /// ```
-    pub fn keeps(&self, dtype: DtypeKind, i: u64) -> bool {
-        self.keying(dtype).keeps(i)
-    }
+    config_methods!("The kernels of `dropout` implement every resolution.");
 
-    /// Keys the mask at an explicit resolution, whatever the dtype ([`MaskResolution::Bits32`]:
-    /// 4 elements per Philox block; [`MaskResolution::Bits16`]: 8, `p` quantised to `2^-16`;
-    /// [`MaskResolution::Bits8`]: 16, `2^-8`). Without it the resolution is the dtype's default
-    /// ([`MaskResolution::default_for`]: 16 bits for f16/bf16, 32 for f32). The CPU references
-    /// implement every resolution; an op whose kernels do not implement one returns an error
-    /// for it on the GPU (its docs list what it offers).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::{Config, MaskResolution};
-    /// # fn main() -> fusedreg::Result<()> {
-    /// let cfg = Config::flat(64, 0.1, 42, 7)?.with_resolution(MaskResolution::Bits16);
-    /// assert_eq!(cfg.resolution(), Some(MaskResolution::Bits16));
-    /// assert_eq!(cfg.effective_p(fusedreg::DtypeKind::F32), 6554.0 / 65536.0); // the probability applied
-    /// # Ok(()) }
-    /// ```
-    pub fn with_resolution(self, resolution: MaskResolution) -> Self {
-        Config {
-            resolution: Some(resolution),
-            ..self
-        }
-    }
-
-    /// The explicit mask resolution, `None` (the default) for the dtype's default.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::{Config, MaskResolution};
-    /// let cfg = Config::flat(8, 0.1, 1, 2).unwrap();
-    /// assert_eq!(cfg.resolution(), None);
-    /// assert_eq!(cfg.with_resolution(MaskResolution::Bits8).resolution(), Some(MaskResolution::Bits8));
-    /// ```
-    pub fn resolution(&self) -> Option<MaskResolution> {
-        self.resolution
-    }
-
-    /// The resolution a `dtype` call keys at: [`MaskResolution::resolve`] of this config's
-    /// setting (the explicit choice, else the dtype's default).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::{Config, MaskResolution::*};
-    /// use fusedreg::DtypeKind::{Bf16, F32};
-    /// let cfg = Config::flat(8, 0.1, 1, 2).unwrap();
-    /// assert_eq!((cfg.resolution_for(Bf16), cfg.resolution_for(F32)), (Bits16, Bits32));
-    /// assert_eq!(cfg.with_resolution(Bits32).resolution_for(Bf16), Bits32); // explicit wins
-    /// ```
-    pub fn resolution_for(&self, dtype: DtypeKind) -> MaskResolution {
-        MaskResolution::resolve(self.resolution, dtype)
-    }
-
-    /// The drop probability a `dtype` call actually applies: `threshold / 2^32` (`Bits32`),
-    /// `round(p * 2^16) / 2^16` (`Bits16`) or `round(p * 2^8) / 2^8` (`Bits8`), at
-    /// [`Config::resolution_for`]`(dtype)`. Kept elements are scaled by one over its complement
-    /// ([`Config::scale`]), so the output is unbiased at every resolution.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::Config;
-    /// use fusedreg::DtypeKind::{Bf16, F32};
-    /// let cfg = Config::flat(8, 0.1, 1, 2).unwrap();
-    /// assert_eq!(cfg.effective_p(F32), cfg.rate().effective_p());
-    /// assert_eq!(cfg.effective_p(Bf16), 6554.0 / 65536.0); // 16-bit keys by default
-    /// ```
-    pub fn effective_p(&self, dtype: DtypeKind) -> f64 {
-        self.keying(dtype).effective_p()
-    }
-
-    /// The f32 scale of kept elements of a `dtype` call: `1 / (1 - effective_p(dtype))`
-    /// ([`DropRate::scale_at`] at [`Config::resolution_for`]`(dtype)`); 0 for `p = 1`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::{Config, MaskResolution};
-    /// use fusedreg::DtypeKind::{Bf16, F32};
-    /// let cfg = Config::flat(8, 0.2, 1, 2).unwrap();
-    /// assert_eq!(cfg.scale(F32), 1.25);
-    /// // bf16 keys at 16 bits by default: applies 13107 / 65536
-    /// assert_eq!(cfg.scale(Bf16), (65536.0f64 / (65536.0 - 13107.0)) as f32);
-    /// assert_eq!(cfg.with_resolution(MaskResolution::Bits16).scale(F32), cfg.scale(Bf16));
-    /// ```
-    pub fn scale(&self, dtype: DtypeKind) -> f32 {
-        self.keying(dtype).scale()
-    }
-
-    /// The keying (seed, call, rate and the resolution resolved for `dtype`) of a `dtype` call:
-    /// what the CPU reference, the GPU forward and the backward that regenerates its mask all
-    /// key with.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use fusedreg::dropping::{Config, MaskResolution};
-    /// use fusedreg::DtypeKind::Bf16;
-    /// let cfg = Config::flat(8, 0.1, 1, 2).unwrap();
-    /// let k = cfg.keying(Bf16);
-    /// assert_eq!(k.resolution(), MaskResolution::Bits16);
-    /// assert_eq!((k.seed(), k.call()), (1, 2));
-    /// ```
-    pub fn keying(&self, dtype: DtypeKind) -> Keying {
-        Keying::with_rate(self.rate, self.seed, self.call)
-            .with_resolution(self.resolution_for(dtype))
-    }
-
-    /// The keying of an unfused baseline, which keys at 32 bits only (PyTorch has no coarser
-    /// keying): 32 bits for every dtype by default, and an error for an explicit other
-    /// resolution (never run as another one).
+    /// The keying of an unfused baseline ([`KeySetting`]'s: 32 bits only, an error for an
+    /// explicit other resolution).
     pub(crate) fn keying_bits32(&self, op: &'static str) -> Result<Keying> {
-        match self.resolution {
-            None | Some(MaskResolution::Bits32) => Ok(self.keying(DtypeKind::F32)),
-            Some(r) => Err(Error::invalid(
-                op,
-                format!(
-                    "{r:?} keying is offered by the fused op, not by its unfused baseline (32-bit keys, as PyTorch)"
-                ),
-            )),
-        }
+        self.keys.keying_bits32(op)
     }
 
     pub(crate) fn has_row_scale(&self, given: bool) -> bool {
@@ -1802,10 +1910,71 @@ pub(crate) fn row_multiplier(scale: f32, rs: &Option<Vec<f32>>, row: usize) -> f
     }
 }
 
+/// The CPU dbias of a dropping op's backward, summed in the kernels' order: each row adds
+/// into its lane `(row % slab) % DBIAS_LANES` of its slab ([`slab_rows`]); at a slab's end its
+/// lanes are folded in lane order (`((lane0 + lane1) + lane2) + lane3`), then added into the
+/// totals in slab order (the kernels' partials and their finishing kernel).
+pub(crate) struct DbiasSums {
+    slab: usize,
+    lanes: Vec<Vec<f32>>,
+    total: Vec<f32>,
+}
+
+impl DbiasSums {
+    /// Sums of `width` columns (the op's `cols` with a dbias, 0 without one: then nothing is
+    /// allocated and nothing summed) of a `[rows, cols]` problem of element type `dtype`.
+    /// Errors: [`Error::HostAlloc`] naming `op` when the scratch cannot be allocated.
+    pub(crate) fn new(
+        op: &'static str,
+        rows: usize,
+        cols: usize,
+        dtype: DtypeKind,
+        width: usize,
+    ) -> Result<Self> {
+        let mut lanes = Vec::with_capacity(DBIAS_LANES);
+        for _ in 0..DBIAS_LANES {
+            lanes.push(try_vec(op, "the dbias partials", width, 0.0f32)?);
+        }
+        Ok(DbiasSums {
+            slab: slab_rows(rows, cols, dtype).max(1),
+            lanes,
+            total: try_vec(op, "the dbias partials", width, 0.0f32)?,
+        })
+    }
+
+    /// The partials `row` adds into (`width` long).
+    pub(crate) fn lane(&mut self, row: usize) -> &mut [f32] {
+        &mut self.lanes[(row % self.slab) % DBIAS_LANES]
+    }
+
+    /// After `row` (of `rows`): at the end of a slab, fold its lanes in order into the totals.
+    pub(crate) fn end_row(&mut self, row: usize, rows: usize) {
+        if (row + 1) % self.slab == 0 || row + 1 == rows {
+            for (col, t) in self.total.iter_mut().enumerate() {
+                let mut slab_sum = self.lanes[0][col];
+                for lane in &self.lanes[1..] {
+                    slab_sum += lane[col];
+                }
+                *t += slab_sum;
+            }
+            self.lanes.iter_mut().for_each(|l| l.fill(0.0));
+        }
+    }
+
+    /// Writes the totals, rounded to `T`, into `dbias` (when there is one).
+    pub(crate) fn finish<T: Dtype>(self, dbias: Option<&mut [T]>) {
+        if let Some(db) = dbias {
+            for (d, t) in db.iter_mut().zip(&self.total) {
+                *d = T::from_f32_rn(*t);
+            }
+        }
+    }
+}
+
 /// The CPU reference of the shared backward (`dropout_bwd` in the kernels), on a validated
 /// `[rows, cols]` problem with at least one element: `dx = m != 0 ? T(dy * m) : 0` with
 /// `m = keep ? rowm : 0`, the keep bits read from `mask` or regenerated from `keying`; dbias the
-/// slab / lane sums of the unrounded dx (see [`slab_rows`], `DBIAS_LANES`), in the kernels' order.
+/// slab / lane sums of the unrounded dx ([`DbiasSums`]), in the kernels' order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_cpu<T: Dtype>(
     rows: usize,
@@ -1816,17 +1985,13 @@ pub(crate) fn backward_cpu<T: Dtype>(
     dy: &[T],
     dx: &mut [T],
     dbias: Option<&mut [T]>,
-) {
+) -> Result<()> {
     let mut bits = keying.keep_bits();
     let scale = keying.scale();
-    let slab = slab_rows(rows, cols, T::KIND);
-    // One partial per row lane of the slab (see DBIAS_LANES), folded in lane order at its end.
-    let mut lanes = vec![vec![0.0f32; cols]; DBIAS_LANES];
-    let mut total = vec![0.0f32; cols];
+    let mut sums = DbiasSums::new(OP, rows, cols, T::KIND, cols)?;
     for row in 0..rows {
         let rowm = row_multiplier(scale, &rs, row);
-        let partial = &mut lanes[(row % slab) % DBIAS_LANES];
-        for (col, part) in partial.iter_mut().enumerate() {
+        for (col, part) in sums.lane(row).iter_mut().enumerate() {
             let i = row * cols + col;
             let keep = match mask {
                 Some(m) => bit(m, i),
@@ -1837,23 +2002,10 @@ pub(crate) fn backward_cpu<T: Dtype>(
             dx[i] = T::from_f32_rn(d);
             *part += d;
         }
-        // End of a slab: fold its lanes in order, then into the totals in slab order.
-        if (row + 1) % slab == 0 || row + 1 == rows {
-            for (col, t) in total.iter_mut().enumerate() {
-                let mut slab_sum = lanes[0][col];
-                for lane in &lanes[1..] {
-                    slab_sum += lane[col];
-                }
-                *t += slab_sum;
-            }
-            lanes.iter_mut().for_each(|l| l.fill(0.0));
-        }
+        sums.end_row(row, rows);
     }
-    if let Some(db) = dbias {
-        for (d, t) in db.iter_mut().zip(&total) {
-            *d = T::from_f32_rn(*t);
-        }
-    }
+    sums.finish(dbias);
+    Ok(())
 }
 
 #[cfg(test)]

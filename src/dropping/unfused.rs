@@ -12,70 +12,63 @@ use super::gpu::{aligned16, finish_dbias, geometry, Slabs, FWD_SLAB_ROWS};
 use super::{slab_rows, Keying, LaunchTuning};
 use crate::dtype::Dtype;
 use crate::error::{check_len, Result};
+use crate::runtime::device_params;
 use crate::runtime::kernels::{Kernel, KernelFamily};
 use crate::runtime::{grid_for, Handle};
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct BiasAddParams {
-    x: u64,
-    bias: u64,
-    t: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
-    vec: u32,
-    pad: u32,
+device_params! {
+    #[derive(Debug, Default)]
+    struct BiasAddParams(56) {
+        x: u64,
+        bias: u64,
+        t: u64,
+        rows: u64,
+        cols: u64,
+        slab_rows: u64,
+        vec: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<BiasAddParams>() == 56);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for BiasAddParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct DropoutParams {
-    t: u64,
-    d: u64,
-    mask: u64,
-    n: u64,
-    seed: u64,
-    call: u64,
-    threshold: u64,
-    scale: f32,
-    vec: u32,
+device_params! {
+    #[derive(Debug, Default)]
+    struct DropoutParams(64) {
+        t: u64,
+        d: u64,
+        mask: u64,
+        n: u64,
+        seed: u64,
+        call: u64,
+        threshold: u64,
+        scale: f32,
+        vec: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<DropoutParams>() == 64);
-// SAFETY: as above.
-unsafe impl DeviceRepr for DropoutParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct MaskedScaleParams {
-    dy: u64,
-    mask: u64,
-    dx: u64,
-    n: u64,
-    scale: f32,
-    vec: u32,
+device_params! {
+    #[derive(Debug, Default)]
+    struct MaskedScaleParams(40) {
+        dy: u64,
+        mask: u64,
+        dx: u64,
+        n: u64,
+        scale: f32,
+        vec: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<MaskedScaleParams>() == 40);
-// SAFETY: as above.
-unsafe impl DeviceRepr for MaskedScaleParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct ColSumParams {
-    dx: u64,
-    partials: u64,
-    rows: u64,
-    cols: u64,
-    slab_rows: u64,
-    vec: u32,
-    pad: u32,
+device_params! {
+    #[derive(Debug, Default)]
+    struct ColSumParams(48) {
+        dx: u64,
+        partials: u64,
+        rows: u64,
+        cols: u64,
+        slab_rows: u64,
+        vec: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<ColSumParams>() == 48);
-// SAFETY: as above.
-unsafe impl DeviceRepr for ColSumParams {}
 
 /// Threads per block of the flat baseline kernels.
 pub(crate) const BLOCK: u32 = 256;

@@ -2,11 +2,16 @@
 //! function of `kernels/common/fmath.cuh` over an array, so the tests can compare the device with
 //! the CPU functions bit for bit.
 
-use cudarc::driver::DeviceRepr;
-
 use crate::error::{Error, Result};
+use crate::runtime::device_params;
 use crate::runtime::kernels::Kernel;
 use crate::runtime::Handle;
+
+crate::kernel_list! {
+    "fmath" => {
+        [_ FmathEval] = "fmath_eval",
+    }
+}
 
 /// One function of the shared math.
 ///
@@ -72,18 +77,15 @@ impl Func {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct FmathEvalParams {
-    x: u64,
-    y: u64,
-    n: u64,
-    func: u32,
-    pad: u32,
+device_params! {
+    struct FmathEvalParams(32) {
+        x: u64,
+        y: u64,
+        n: u64,
+        func: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<FmathEvalParams>() == 32);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for FmathEvalParams {}
 
 const OP: &str = "fmath";
 const BLOCK: u32 = 256;

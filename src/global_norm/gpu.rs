@@ -1,13 +1,24 @@
 //! Launch wrappers of the global norm: [`GlobalNorm`] holds the device buffers of one set.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice};
+use cudarc::driver::{CudaSlice, PinnedHostSlice};
 
 use super::{check_loss_scale, check_max_norm, NormValues, OP};
 use crate::dtype::{DtypeKind, PerDtype};
 use crate::error::{Error, Result};
 use crate::multi_tensor::{resident_addr, TensorSet};
+use crate::runtime::device_params;
 use crate::runtime::kernels::{per_dtype, Kernel};
 use crate::runtime::{DeviceScalar, Handle};
+
+crate::kernel_list! {
+    "global_norm" => {
+        [f32 GlobalNormPartialsF32, f16 GlobalNormPartialsF16, bf16 GlobalNormPartialsBf16] = "global_norm_partials_",
+        [_ GlobalNormReduce] = "global_norm_reduce",
+        [_ GlobalNormFinalize] = "global_norm_finalize",
+        [_ GlobalNormPerTensor] = "global_norm_per_tensor",
+        [f32 GlobalNormScaleF32, f16 GlobalNormScaleF16, bf16 GlobalNormScaleBf16] = "global_norm_scale_",
+    }
+}
 
 const NORM_THREADS: u32 = super::cpu::NORM_THREADS as u32;
 const REDUCE_THREADS: u32 = super::cpu::REDUCE_THREADS as u32;
@@ -17,73 +28,58 @@ const SCALE_THREADS: u32 = 512;
 const REDUCE_FINALIZE: u32 = 1;
 const REDUCE_CLIP: u32 = 2;
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PartialsParams {
-    tensors: u64,
-    blocks: u64,
-    partials: u64,
-    skip: u64,
-    block_offset: u32,
-    pad: u32,
+device_params! {
+    struct PartialsParams(40) {
+        tensors: u64,
+        blocks: u64,
+        partials: u64,
+        skip: u64,
+        block_offset: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<PartialsParams>() == 40);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for PartialsParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ReduceParams {
-    partials: u64,
-    count: u64,
-    result: u64,
-    loss_scale: u64,
-    max_norm: f32,
-    flags: u32,
+device_params! {
+    struct ReduceParams(40) {
+        partials: u64,
+        count: u64,
+        result: u64,
+        loss_scale: u64,
+        max_norm: f32,
+        flags: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<ReduceParams>() == 40);
-// SAFETY: as above.
-unsafe impl DeviceRepr for ReduceParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct FinalizeParams {
-    result: u64,
-    loss_scale: u64,
-    max_norm: f32,
-    clip: u32,
+device_params! {
+    struct FinalizeParams(24) {
+        result: u64,
+        loss_scale: u64,
+        max_norm: f32,
+        clip: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<FinalizeParams>() == 24);
-// SAFETY: as above.
-unsafe impl DeviceRepr for FinalizeParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PerTensorParams {
-    tensors: u64,
-    partials: u64,
-    sumsq: u64,
-    norms: u64,
-    count: u32,
-    pad: u32,
+device_params! {
+    struct PerTensorParams(40) {
+        tensors: u64,
+        partials: u64,
+        sumsq: u64,
+        norms: u64,
+        count: u32,
+        pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<PerTensorParams>() == 40);
-// SAFETY: as above.
-unsafe impl DeviceRepr for PerTensorParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ScaleParams {
-    tensors: u64,
-    blocks: u64,
-    coef_ptr: u64,
-    nonfinite: u64,
-    coef: f32,
-    block_offset: u32,
+device_params! {
+    struct ScaleParams(40) {
+        tensors: u64,
+        blocks: u64,
+        coef_ptr: u64,
+        nonfinite: u64,
+        coef: f32,
+        block_offset: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<ScaleParams>() == 40);
-// SAFETY: as above.
-unsafe impl DeviceRepr for ScaleParams {}
 
 const PARTIALS: PerDtype<Kernel> = per_dtype!(
     GlobalNormPartialsF32,

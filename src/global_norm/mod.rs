@@ -67,46 +67,45 @@
 //! assert_eq!(v.nonfinite, 0);
 //! ```
 
-use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::ValidAsZeroBits;
 
 use crate::dtype::DtypeKind;
 use crate::error::{Error, Result};
+use crate::runtime::device_params;
 
 pub mod cpu;
 pub mod gpu;
 
 pub use gpu::GlobalNorm;
 
-/// The norm's results as they lie in device memory (`NormResult` in `kernels/global_norm.cu`).
-///
-/// ```
-/// use fusedreg::global_norm::cpu;
-/// // Gradients carrying a loss scale of 2 (true norm sqrt(500) / 2 = 11.18..), clipped to 1.
-/// let g = vec![6.0f32, 8.0, 12.0, 16.0];
-/// let v = cpu::global_norm(&[&g[..]], Some(1.0), 2.0).unwrap();
-/// assert_eq!(v.sumsq, 500.0);
-/// assert_eq!(v.norm, (500f64.sqrt() / 2.0) as f32);
-/// assert_eq!(v.coef, 1.0 / (v.norm + 1e-6));
-/// assert_eq!(v.grad_scale, v.coef / 2.0);
-/// assert_eq!(v.nonfinite, 0);
-/// ```
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct NormValues {
-    /// Sum of squares of the (loss-scaled) gradients: the value to all-reduce across ranks.
-    pub sumsq: f64,
-    /// `sqrt(sumsq) / loss_scale` rounded to f32: the gradient norm.
-    pub norm: f32,
-    /// `min(1, max_norm / (norm + 1e-6))`, or 1 without clipping.
-    pub coef: f32,
-    /// `coef / loss_scale`: the factor the optimizer applies to the gradients.
-    pub grad_scale: f32,
-    /// 1 when `norm` is NaN or infinite (the step must be skipped), else 0.
-    pub nonfinite: u32,
+device_params! {
+    /// The norm's results as they lie in device memory (`NormResult` in `kernels/global_norm.cu`).
+    ///
+    /// ```
+    /// use fusedreg::global_norm::cpu;
+    /// // Gradients carrying a loss scale of 2 (true norm sqrt(500) / 2 = 11.18..), clipped to 1.
+    /// let g = vec![6.0f32, 8.0, 12.0, 16.0];
+    /// let v = cpu::global_norm(&[&g[..]], Some(1.0), 2.0).unwrap();
+    /// assert_eq!(v.sumsq, 500.0);
+    /// assert_eq!(v.norm, (500f64.sqrt() / 2.0) as f32);
+    /// assert_eq!(v.coef, 1.0 / (v.norm + 1e-6));
+    /// assert_eq!(v.grad_scale, v.coef / 2.0);
+    /// assert_eq!(v.nonfinite, 0);
+    /// ```
+    #[derive(Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+    pub struct NormValues(24) {
+        /// Sum of squares of the (loss-scaled) gradients: the value to all-reduce across ranks.
+        pub sumsq: f64,
+        /// `sqrt(sumsq) / loss_scale` rounded to f32: the gradient norm.
+        pub norm: f32,
+        /// `min(1, max_norm / (norm + 1e-6))`, or 1 without clipping.
+        pub coef: f32,
+        /// `coef / loss_scale`: the factor the optimizer applies to the gradients.
+        pub grad_scale: f32,
+        /// 1 when `norm` is NaN or infinite (the step must be skipped), else 0.
+        pub nonfinite: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<NormValues>() == 24);
-// SAFETY: plain old data with the layout of the device struct (size asserted on both sides).
-unsafe impl DeviceRepr for NormValues {}
 // SAFETY: integers and floats only.
 unsafe impl ValidAsZeroBits for NormValues {}
 

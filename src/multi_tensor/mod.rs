@@ -72,6 +72,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, Va
 
 use crate::dtype::{Dtype, DtypeKind};
 use crate::error::{Error, Result};
+use crate::runtime::device_params;
 use crate::runtime::kernels::Kernel;
 use crate::runtime::Handle;
 
@@ -108,34 +109,30 @@ pub(crate) const FLAG_VEC4: u32 = 1;
 /// `TensorEntry::flags`: the gradient is 16-byte aligned.
 pub(crate) const FLAG_GRAD16: u32 = 2;
 
-/// One row of the per-tensor device table (`mt::TensorEntry` in `multi_tensor.cuh`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct TensorEntry {
-    pub param: u64,
-    pub grad: u64,
-    pub n: u64,
-    pub flags: u32,
-    pub first_chunk: u32,
-    pub num_chunks: u32,
-    pub pad: u32,
+device_params! {
+    /// One row of the per-tensor device table (`mt::TensorEntry` in `multi_tensor.cuh`).
+    #[derive(Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+    pub(crate) struct TensorEntry(40) {
+        pub param: u64,
+        pub grad: u64,
+        pub n: u64,
+        pub flags: u32,
+        pub first_chunk: u32,
+        pub num_chunks: u32,
+        pub pad: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<TensorEntry>() == 40);
-// SAFETY: plain old data with the layout of the device struct (size asserted on both sides).
-unsafe impl DeviceRepr for TensorEntry {}
 // SAFETY: all fields are integers or floats, for which zero bits are valid.
 unsafe impl ValidAsZeroBits for TensorEntry {}
 
-/// One row of the block table (`mt::BlockEntry`): the tensor and its chunk a block works on.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct BlockEntry {
-    pub tensor: u32,
-    pub chunk: u32,
+device_params! {
+    /// One row of the block table (`mt::BlockEntry`): the tensor and its chunk a block works on.
+    #[derive(Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+    pub(crate) struct BlockEntry(8) {
+        pub tensor: u32,
+        pub chunk: u32,
+    }
 }
-const _: () = assert!(std::mem::size_of::<BlockEntry>() == 8);
-// SAFETY: as above.
-unsafe impl DeviceRepr for BlockEntry {}
 // SAFETY: as above.
 unsafe impl ValidAsZeroBits for BlockEntry {}
 

@@ -1,36 +1,36 @@
 //! The device generator, exposed for testing and diagnostics: fills host-visible results so the
 //! tests can compare them with [`super::philox4x32_10`] and [`super::mask_word`] bit for bit.
 
-use cudarc::driver::DeviceRepr;
-
 use crate::error::{check_len, Error, Result};
+use crate::runtime::device_params;
 use crate::runtime::kernels::Kernel;
 use crate::runtime::Handle;
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PhiloxFillParams {
-    counters: u64,
-    keys: u64,
-    out: u64,
-    n: u64,
+crate::kernel_list! {
+    "philox" => {
+        [_ PhiloxFill] = "philox_fill",
+        [_ PhiloxMaskWords] = "philox_mask_words",
+    }
 }
-const _: () = assert!(std::mem::size_of::<PhiloxFillParams>() == 32);
-// SAFETY: plain old data with the layout of the kernel's struct (size asserted on both sides).
-unsafe impl DeviceRepr for PhiloxFillParams {}
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct MaskWordsParams {
-    seed: u64,
-    call: u64,
-    start: u64,
-    n: u64,
-    out: u64,
+device_params! {
+    struct PhiloxFillParams(32) {
+        counters: u64,
+        keys: u64,
+        out: u64,
+        n: u64,
+    }
 }
-const _: () = assert!(std::mem::size_of::<MaskWordsParams>() == 40);
-// SAFETY: as above.
-unsafe impl DeviceRepr for MaskWordsParams {}
+
+device_params! {
+    struct MaskWordsParams(40) {
+        seed: u64,
+        call: u64,
+        start: u64,
+        n: u64,
+        out: u64,
+    }
+}
 
 const OP: &str = "philox";
 const BLOCK: u32 = 256;

@@ -3,7 +3,9 @@
 
 pub(crate) mod kernels;
 pub(crate) mod modules;
+mod params;
 mod scalar;
+pub(crate) mod workspace_view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -16,7 +18,9 @@ use cudarc::driver::{
 use self::kernels::Kernel;
 pub use self::modules::{compiled_archs, kernels_built, nvcc_version};
 use self::modules::{Loaded, LIBRARY};
+pub(crate) use self::params::device_params;
 pub use self::scalar::DeviceScalar;
+pub use self::workspace_view::WorkspaceView;
 use crate::error::{Error, Result};
 
 /// True when libcuda can be loaded. Probed once: `CudaContext::new` panics without it.
@@ -365,7 +369,7 @@ impl Handle {
     }
 
     pub(crate) fn function(&self, k: Kernel) -> Result<&CudaFunction> {
-        self.inner.loaded.function(k as usize)
+        self.inner.loaded.function(k.index())
     }
 
     /// Launches `k` with its single by-value parameter struct. Every fusedreg kernel takes
@@ -383,7 +387,7 @@ impl Handle {
         unsafe {
             self.launch_loaded(
                 &self.inner.loaded,
-                k as usize,
+                k.index(),
                 grid,
                 block,
                 shared_bytes,

@@ -1,7 +1,7 @@
 //! The embedded fatbins and their per-context cache.
 //!
 //! Modules are loaded lazily, once per CUDA context, and functions are cached by the fixed index
-//! of their [`Kernel`]. Handles on the same context share one cache; it is dropped (and the
+//! of their [`Kernel`](super::kernels::Kernel). Handles on the same context share one cache; it is dropped (and the
 //! modules unloaded) when the last handle on that context goes away. The loader takes any
 //! [`KernelTable`], so the tools crate's kernels load through it too.
 
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
 
-use super::kernels::Kernel;
+use super::kernels::TABLE;
 use crate::error::{Error, Result};
 
 /// One compiled `.cu` file, as `build/cuda.rs` embeds it (the library's `kernels/<stem>.cu`, or
@@ -74,15 +74,47 @@ impl KernelTable {
     }
 }
 
+/// Unit tests of a crate's [`KernelTable`] (the library's and the tools'): every listed symbol
+/// exists in the compiled modules, and none is listed twice. The crate's build script sets
+/// `cfg(fusedreg_kernels_built)` when it compiled the modules.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! kernel_table_tests {
+    ($table:expr) => {
+        /// Every symbol the crate launches exists in the compiled module (for every arch).
+        #[test]
+        #[cfg_attr(
+            not(fusedreg_kernels_built),
+            ignore = "kernels not built: run scripts/install-cuda.sh (CI builds them with FUSEDREG_REQUIRE_KERNELS=1)"
+        )]
+        fn every_kernel_exists_in_its_module() {
+            let missing = $table.missing_entries();
+            assert!(
+                missing.is_empty(),
+                "kernels the Rust side launches but the modules lack: {missing:#?}"
+            );
+        }
+
+        #[test]
+        fn symbols_are_unique() {
+            assert_eq!(
+                $table.repeated_symbols(),
+                Vec::<&str>::new(),
+                "kernel symbols listed twice"
+            );
+        }
+    };
+}
+
 include!(concat!(env!("OUT_DIR"), "/kernel_modules.rs"));
 
-/// The library's kernels (`kernels/*.cu` and the list in `runtime/kernels.rs`).
+/// The library's kernels (`kernels/*.cu` and the ops' lists, see `runtime/kernels.rs`).
 pub(crate) static LIBRARY: KernelTable = KernelTable {
     dir: "kernels",
     modules: MODULES,
     archs: ARCHS,
     not_built_reason: NOT_BUILT_REASON,
-    kernels: Kernel::TABLE,
+    kernels: &TABLE,
 };
 
 /// Whether this build embeds the CUDA kernels.

@@ -2,7 +2,7 @@
 //! conversions, dropout's multiplier, and comparisons that name the first bad element.
 #![allow(dead_code)] // each test file uses a subset
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 pub type R = candle_core::Result<()>;
@@ -73,6 +73,33 @@ pub fn assert_near(what: &str, a: &[f32], b: &[f32], rel: f32, abs: f32) {
         );
     }
 }
+
+/// `|a - b| <= tol * scale` elementwise with `scale = 1 + max |b|` of the whole tensor (the
+/// reductions of the two sides run in different orders, so errors scale with the operands).
+pub fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = 1.0 + b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * scale,
+            "{what}: index {i}: adapter {x} vs plain candle {y} (bound {})",
+            tol * scale
+        );
+    }
+}
+
+/// Runs a test body generic over the element type, `$run::<T>(dtype)`, at each dtype the
+/// adapter takes (f32, f16, bf16), up to the first error.
+#[allow(unused_macros)] // each test file uses a subset
+macro_rules! for_each_dtype {
+    ($run:ident) => {{
+        $run::<f32>(candle_core::DType::F32)?;
+        $run::<half::f16>(candle_core::DType::F16)?;
+        $run::<half::bf16>(candle_core::DType::BF16)
+    }};
+}
+#[allow(unused_imports)] // each test file uses a subset
+pub(crate) use for_each_dtype;
 
 /// The three dtypes the adapter takes.
 pub const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -170,37 +197,118 @@ pub fn assert_masks_follow_the_keys(
     Ok(())
 }
 
-/// An op on `(x, bias)` (f32 x of `[4, 8]`) refuses bad input with an error naming the problem,
-/// with keys and in evaluation: x in F64 or in the integer dtype `int_dtype`; a bias in
-/// `bias_dtype` (another float dtype than x's), of `bias_len` (not 8) elements, or of shape
-/// `[1, 8]`; a scalar x.
-pub fn assert_x_bias_op_refuses_bad_input(
-    int_dtype: DType,
-    bias_dtype: DType,
-    bias_len: usize,
-    forward: impl Fn(
+/// An op on `(x, bias)` with keys (`None`: evaluation), under the checks every such op
+/// (`Dropout`, `BiasActDropout`) passes.
+pub struct XBiasOp<F>(F);
+
+impl<F> XBiasOp<F>
+where
+    F: Fn(
         &Tensor,
         Option<&Tensor>,
         Option<&fusedreg::candle::StepKeys>,
     ) -> candle_core::Result<Tensor>,
-) -> R {
-    let dev = &Device::Cpu;
-    let keys = fusedreg::candle::StepKeys::new(1, 0);
-    let x = Tensor::zeros((4, 8), DType::F32, dev)?;
-    for k in [Some(&keys), None] {
-        expect_err(forward(&x.to_dtype(DType::F64)?, None, k), "F64");
-        let named = format!("{int_dtype:?}"); // "U8", "U32"
-        expect_err(forward(&x.to_dtype(int_dtype)?, None, k), &named);
-        let b = Tensor::zeros(8, bias_dtype, dev)?;
-        expect_err(forward(&x, Some(&b), k), "bias");
-        let b = Tensor::zeros(bias_len, DType::F32, dev)?;
-        expect_err(forward(&x, Some(&b), k), "bias");
-        let b = Tensor::zeros((1, 8), DType::F32, dev)?;
-        expect_err(forward(&x, Some(&b), k), "bias");
-        let s = Tensor::new(1f32, dev)?;
-        expect_err(forward(&s, None, k), "scalar");
+{
+    pub fn new(forward: F) -> Self {
+        XBiasOp(forward)
     }
-    Ok(())
+
+    /// Refuses bad input with an error naming the problem (f32 x of `[4, 8]`), with keys and in
+    /// evaluation: x in F64 or in the integer dtype `int_dtype`; a bias in `bias_dtype` (another
+    /// float dtype than x's), of `bias_len` (not 8) elements, or of shape `[1, 8]`; a scalar x.
+    pub fn refuses_bad_input(&self, int_dtype: DType, bias_dtype: DType, bias_len: usize) -> R {
+        let forward = &self.0;
+        let dev = &Device::Cpu;
+        let keys = fusedreg::candle::StepKeys::new(1, 0);
+        let x = Tensor::zeros((4, 8), DType::F32, dev)?;
+        for k in [Some(&keys), None] {
+            expect_err(forward(&x.to_dtype(DType::F64)?, None, k), "F64");
+            let named = format!("{int_dtype:?}"); // "U8", "U32"
+            expect_err(forward(&x.to_dtype(int_dtype)?, None, k), &named);
+            let b = Tensor::zeros(8, bias_dtype, dev)?;
+            expect_err(forward(&x, Some(&b), k), "bias");
+            let b = Tensor::zeros(bias_len, DType::F32, dev)?;
+            expect_err(forward(&x, Some(&b), k), "bias");
+            let b = Tensor::zeros((1, 8), DType::F32, dev)?;
+            expect_err(forward(&x, Some(&b), k), "bias");
+            let s = Tensor::new(1f32, dev)?;
+            expect_err(forward(&s, None, k), "scalar");
+        }
+        Ok(())
+    }
+
+    /// Empty tensors in every dtype, with keys: no rows (`[0, 6]`), no columns (`[4, 0]`) and a
+    /// batch dimension of 0 (`[2, 0, 5]`) give y of x's shape, dx of x's shape and a zero dbias.
+    pub fn takes_empty_tensors(&self) -> R {
+        let dev = &Device::Cpu;
+        let keys = fusedreg::candle::StepKeys::new(1, 1);
+        for dtype in DTYPES {
+            for dims in [&[0usize, 6][..], &[4, 0], &[2, 0, 5]] {
+                let x = Var::zeros(dims, dtype, dev)?;
+                let cols = *dims.last().unwrap();
+                let b = Var::from_tensor(&Tensor::ones(cols, dtype, dev)?)?;
+                let y = (self.0)(&x, Some(&b), Some(&keys))?;
+                assert_eq!(y.dims(), dims);
+                let grads = y.sum_all()?.backward()?;
+                assert_eq!(grads.get(&x).unwrap().dims(), dims);
+                assert_eq!(flat(grads.get(&b).unwrap())?, vec![0.0; cols]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The op at p = 1, on [`p1_input`]: y is +0 everywhere and x gets no gradient.
+    pub fn drops_everything(&self) -> R {
+        let x = p1_input()?;
+        let y = (self.0)(&x, None, Some(&fusedreg::candle::StepKeys::new(1, 1)))?;
+        assert!(flat(&y)?.iter().all(|v| v.to_bits() == 0));
+        let grads = y.sum_all()?.backward()?;
+        assert!(flat(grads.get(&x).unwrap())?.iter().all(|&v| v == 0.0));
+        Ok(())
+    }
+
+    /// Views, in every dtype: a transposed (non-contiguous) x of `[12, 10]` gives the bits of its
+    /// contiguous copy, and the gradients flow back through the copy (dx in x's layout and dbias
+    /// equal to the copy's); a contiguous x at a row offset and a bias at element offset 1 are
+    /// read in place, with the bits of their copies.
+    pub fn reads_views(&self) -> R {
+        let forward = &self.0;
+        let mut g = rng(8);
+        let (rows, cols) = (12, 10);
+        let keys = fusedreg::candle::StepKeys::new(9, 0);
+        let k = Some(&keys);
+        let random = |g: &mut rand::rngs::StdRng, dims: &[usize], dtype: DType| {
+            tensor(&data(g, dims.iter().product()), dims)?.to_dtype(dtype)
+        };
+        for dtype in DTYPES {
+            let xt = Var::from_tensor(&random(&mut g, &[cols, rows], dtype)?)?;
+            let x = xt.t()?;
+            assert!(!x.is_contiguous());
+            let b = Var::from_tensor(&random(&mut g, &[cols], dtype)?)?;
+            let y = forward(&x, Some(&b), k)?;
+            let xc = Var::from_tensor(&x.contiguous()?)?;
+            let y_copy = forward(&xc, Some(&b), k)?;
+            assert_bits("strided y", &flat(&y)?, &flat(&y_copy)?);
+            let (g1, g2) = (y.sum_all()?.backward()?, y_copy.sum_all()?.backward()?);
+            let dx = flat(&g1.get(&xt).unwrap().t()?)?;
+            assert_bits("strided dx", &dx, &flat(g2.get(&xc).unwrap())?);
+            let (db1, db2) = (g1.get(&b).unwrap(), g2.get(&b).unwrap());
+            assert_bits("strided dbias", &flat(db1)?, &flat(db2)?);
+
+            let xo = random(&mut g, &[rows + 2, cols], dtype)?.narrow(0, 1, rows)?;
+            assert!(xo.is_contiguous());
+            let bo = random(&mut g, &[cols + 1], dtype)?.narrow(0, 1, cols)?;
+            let y = forward(&xo, Some(&bo), k)?;
+            let y_copy = forward(&xo.copy()?, Some(&bo.copy()?), k)?;
+            assert_bits("offset views", &flat(&y)?, &flat(&y_copy)?);
+        }
+        Ok(())
+    }
+}
+
+/// The f32 input of `[7, 9]` the p = 1 checks run on (rng 7).
+pub fn p1_input() -> candle_core::Result<Var> {
+    Var::from_tensor(&tensor(&data(&mut rng(7), 63), &[7, 9])?)
 }
 
 /// fusedreg's element type of a candle dtype (f32 for anything else: the adapter's f32 path).

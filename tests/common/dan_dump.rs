@@ -4,8 +4,9 @@
 //! (`stats*.bin`). Flags: 1 residual, 2 beta, 4 bias, 8 row scale, 16 drop path, 32 d_s (the
 //! backward cases), 64 RMSNorm, 128 / 256 16- / 8-bit keying.
 
-use super::dump::Rd;
-use fusedreg::dropout_add_norm::{cpu, Config, DropPath, Norm};
+use super::dan::{DanInputs, DanOut};
+use super::dump::{mismatches, Rd};
+use fusedreg::dropout_add_norm::{Config, DropPath, Norm};
 use fusedreg::dropping::MaskResolution;
 use fusedreg::Dtype;
 
@@ -16,12 +17,7 @@ pub struct DanCase<T, S> {
     pub flags: u64,
     pub p: f64,
     pub cfg: Config,
-    pub x: Vec<T>,
-    pub residual: Option<Vec<S>>,
-    pub gamma: Vec<T>,
-    pub beta: Option<Vec<T>>,
-    pub bias: Option<Vec<T>>,
-    pub rowscale: Option<Vec<f32>>,
+    pub inputs: DanInputs<T, S>,
 }
 
 impl<T: Dtype, S: Dtype> DanCase<T, S> {
@@ -61,23 +57,25 @@ impl<T: Dtype, S: Dtype> DanCase<T, S> {
             flags,
             p,
             cfg,
-            x: r.arr(n),
-            residual: (flags & 1 != 0).then(|| r.arr(n)),
-            gamma: r.arr(cols),
-            beta: (flags & 2 != 0).then(|| r.arr(cols)),
-            bias: (flags & 4 != 0).then(|| r.arr(cols)),
-            rowscale: (flags & 8 != 0).then(|| r.arr(rows)),
+            inputs: DanInputs {
+                x: r.arr(n),
+                r: (flags & 1 != 0).then(|| r.arr(n)),
+                gamma: r.arr(cols),
+                beta: (flags & 2 != 0).then(|| r.arr(cols)),
+                bias: (flags & 4 != 0).then(|| r.arr(cols)),
+                rowscale: (flags & 8 != 0).then(|| r.arr(rows)),
+            },
         }
     }
 
-    /// The CPU forward's arguments for these inputs.
-    pub fn forward_args(&self) -> cpu::ForwardArgs<'_, T, S> {
-        cpu::ForwardArgs {
-            residual: self.residual.as_deref(),
-            beta: self.beta.as_deref(),
-            bias: self.bias.as_deref(),
-            rowscale: self.rowscale.as_deref(),
-            ..cpu::ForwardArgs::new(&self.x, &self.gamma)
+    /// Reads the emulated forward's outputs that come next in the dump (out, s, mean, rstd).
+    pub fn read_forward(&self, r: &mut Rd) -> DanOut<T, S> {
+        let n = self.rows * self.cols;
+        DanOut {
+            out: r.arr(n),
+            s: r.arr(n),
+            mean: r.arr(self.rows),
+            rstd: r.arr(self.rows),
         }
     }
 }
@@ -91,3 +89,28 @@ pub fn resolution_of(flags: u64) -> MaskResolution {
         _ => panic!("flags {flags:#x}: two resolutions"),
     }
 }
+
+/// How many elements of the CPU forward's outputs `got` differ from the emulated `want`, over
+/// all four outputs (the first few of each are printed).
+pub fn forward_mismatches<T: Dtype, S: Dtype>(want: &DanOut<T, S>, got: &DanOut<T, S>) -> usize {
+    mismatches("s", &want.s, &got.s)
+        + mismatches("mean", &want.mean, &got.mean)
+        + mismatches("rstd", &want.rstd, &got.rstd)
+        + mismatches("out", &want.out, &got.out)
+}
+
+/// `$check::<T, S>($name, $r)` at the x and stream dtypes a case's next two words name (0 f32,
+/// 1 f16, 2 bf16; the stream is x's dtype or f32).
+macro_rules! check_kinds {
+    ($check:ident, $name:expr, $r:expr) => {
+        match ($r.u64(), $r.u64()) {
+            (0, 0) => $check::<f32, f32>($name, $r),
+            (1, 1) => $check::<half::f16, half::f16>($name, $r),
+            (2, 2) => $check::<half::bf16, half::bf16>($name, $r),
+            (1, 0) => $check::<half::f16, f32>($name, $r),
+            (2, 0) => $check::<half::bf16, f32>($name, $r),
+            _ => panic!("bad kinds"),
+        }
+    };
+}
+pub(crate) use check_kinds;

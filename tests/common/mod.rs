@@ -6,6 +6,68 @@ use fusedreg::Dtype;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+pub mod dan;
+
+/// The (rows, cols) the CPU tests of the Block Influence meter run at (`tests/redundancy.rs`,
+/// `tests/dropout_redundancy.rs`): one column, odd widths, one vector, past 256 groups.
+pub const METER_SHAPES: [(usize, usize); 8] = [
+    (3, 1),
+    (5, 7),
+    (4, 8),
+    (6, 33),
+    (3, 1000),
+    (2, 4096),
+    (9, 264),
+    (2, 20008),
+];
+
+/// The edge inputs of the fast math functions (`fusedreg::fmath`), by magnitude: zero, the
+/// subnormal and normal limits, infinity, NaNs (quiet, signalling, with a payload), and the
+/// points where the functions switch branches or round to their limits.
+pub const FMATH_EDGES: [f32; 26] = [
+    0.0,
+    f32::from_bits(1),
+    f32::from_bits(0x007f_ffff),
+    f32::MIN_POSITIVE,
+    f32::MAX,
+    f32::INFINITY,
+    f32::from_bits(0x7fc0_0000),
+    f32::from_bits(0x7f80_0001), // signalling NaN
+    f32::from_bits(0x7fc1_2345),
+    1.0,
+    0.5,
+    2.0,
+    0.625,
+    4.0,
+    9.5,
+    88.722_83,
+    88.722_84,
+    89.0,
+    87.336_55,
+    103.972_08,
+    104.0,
+    std::f32::consts::LN_2,
+    std::f32::consts::SQRT_2,
+    std::f32::consts::FRAC_1_SQRT_2,
+    f32::from_bits(0x3980_0000),
+    f32::from_bits(0x3f35_04f3),
+];
+
+/// Every [`FMATH_EDGES`] entry and its `radius` neighbouring bit patterns on either side, with
+/// both signs.
+pub fn fmath_edge_inputs(radius: i64) -> Vec<f32> {
+    let mut v = Vec::new();
+    for s in FMATH_EDGES {
+        for d in -radius..=radius {
+            for sign in [0u32, 0x8000_0000] {
+                let b = (i64::from(s.to_bits() & 0x7fff_ffff) + d).clamp(0, 0x7fff_ffff) as u32;
+                v.push(f32::from_bits(b | sign));
+            }
+        }
+    }
+    v
+}
+
 /// A seeded generator; print the seed in failures so they can be reproduced.
 pub fn rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)

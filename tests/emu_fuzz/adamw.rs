@@ -12,8 +12,6 @@ use fusedreg::{Dtype, DtypeKind};
 use crate::by_dtype;
 use crate::harness::*;
 
-pub struct AdamW;
-
 #[derive(Debug)]
 pub struct Tensor {
     param_off: u64,
@@ -79,11 +77,7 @@ fn moments(g: &mut Rng, n: usize, fresh: bool, lo: f32, layout: u64) -> Data<f32
     )
 }
 
-impl Stem for AdamW {
-    const NAME: &'static str = "adamw";
-    const CASES: usize = 40;
-    type Case = Case;
-
+impl Stem for Case {
     fn generate(g: &mut Rng) -> Case {
         let (param, grad) = (g.pick(&DTYPES), g.pick(&DTYPES));
         let layout = if param == DtypeKind::F32 {

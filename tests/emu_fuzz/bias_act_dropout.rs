@@ -18,8 +18,6 @@ use crate::harness::*;
 #[path = "../common/bias_act_fast.rs"]
 mod fastcheck;
 
-pub struct BiasActDropout;
-
 #[derive(Debug)]
 pub struct Case {
     dtype: DtypeKind,
@@ -40,13 +38,6 @@ pub struct Case {
     dy: Data<u32>,
 }
 
-const ACTS: [Activation; 4] = [
-    Activation::GeluErf,
-    Activation::GeluTanh,
-    Activation::Silu,
-    Activation::Relu,
-];
-
 impl Case {
     fn config(&self) -> Config {
         Config::new(self.rows, self.cols, self.act, self.p, self.seed, self.call)
@@ -56,11 +47,7 @@ impl Case {
     }
 }
 
-impl Stem for BiasActDropout {
-    const NAME: &'static str = "bias_act_dropout";
-    const CASES: usize = 60;
-    type Case = Case;
-
+impl Stem for Case {
     fn generate(g: &mut Rng) -> Case {
         let dtype = g.pick(&DTYPES);
         let vw = 16 / dtype.size();
@@ -80,7 +67,7 @@ impl Stem for BiasActDropout {
             dtype,
             rows,
             cols,
-            act: g.pick(&ACTS),
+            act: g.pick(&Activation::ALL),
             p: g.pick(&[0.0, 1.0, 0.1, 0.5, 1e-9, 0.9]),
             seed: g.u64(),
             call: g.u64(),
@@ -121,7 +108,11 @@ impl Stem for BiasActDropout {
         w.f32("keep_frac", (1.0 - keying.effective_p()) as f32);
         w.f32("log2_scale", f64::from(keying.scale()).log2() as f32);
         w.f32("log2_keep", (1.0 - keying.effective_p()).log2() as f32);
-        w.u64("act", ACTS.iter().position(|&a| a == c.act).unwrap() as u64);
+        // The emulator's activation codes are the positions in `Activation::ALL`.
+        w.u64(
+            "act",
+            Activation::ALL.iter().position(|&a| a == c.act).unwrap() as u64,
+        );
         w.u64("math", u64::from(fast(c)));
         w.u64(
             "flags",

@@ -16,8 +16,6 @@ use fusedreg::{Dtype, DtypeKind, Math};
 use crate::by_dtype;
 use crate::harness::*;
 
-pub struct CrossEntropy;
-
 #[derive(Debug)]
 pub struct Case {
     dtype: DtypeKind,
@@ -53,11 +51,7 @@ impl Case {
     }
 }
 
-impl Stem for CrossEntropy {
-    const NAME: &'static str = "cross_entropy";
-    const CASES: usize = 60;
-    type Case = Case;
-
+impl Stem for Case {
     fn generate(g: &mut Rng) -> Case {
         let dtype = g.pick(&DTYPES);
         let vw = 16 / dtype.size();

@@ -14,8 +14,6 @@ use fusedreg::{Dtype, DtypeKind};
 use crate::by_dtype;
 use crate::harness::*;
 
-pub struct DropoutAddNorm;
-
 #[derive(Debug)]
 pub struct Case {
     dtype: DtypeKind,
@@ -73,11 +71,7 @@ impl Case {
     }
 }
 
-impl Stem for DropoutAddNorm {
-    const NAME: &'static str = "dropout_add_norm";
-    const CASES: usize = 50;
-    type Case = Case;
-
+impl Stem for Case {
     fn generate(g: &mut Rng) -> Case {
         let dtype = g.pick(&DTYPES);
         let f32_stream = dtype != DtypeKind::F32 && g.chance(1, 3);

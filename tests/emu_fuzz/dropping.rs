@@ -13,8 +13,6 @@ use fusedreg::{dropout, Dtype, DtypeKind};
 use crate::by_dtype;
 use crate::harness::*;
 
-pub struct Dropout;
-
 #[derive(Debug)]
 pub struct Tuning {
     block: u64,
@@ -271,10 +269,7 @@ fn check<T: Dtype>(c: &Case, r: &mut Reader) -> Result<(), String> {
     d.into_result()
 }
 
-impl Stem for Dropout {
-    const NAME: &'static str = "dropout";
-    const CASES: usize = 120;
-    type Case = Case;
+impl Stem for Case {
     fn generate(g: &mut Rng) -> Case {
         generate(g)
     }

@@ -6,8 +6,6 @@ use fusedreg::fmath;
 
 use crate::harness::{offset, size, Data, Diffs, Reader, Rng, Stem, Writer};
 
-pub struct Fmath;
-
 #[derive(Debug)]
 pub struct Case {
     grid: u64,
@@ -71,11 +69,7 @@ fn x(g: &mut Rng) -> f32 {
     }
 }
 
-impl Stem for Fmath {
-    const NAME: &'static str = "fmath";
-    const CASES: usize = 60;
-    type Case = Case;
-
+impl Stem for Case {
     fn generate(g: &mut Rng) -> Case {
         let n = size(g, &[32, 128], 4000);
         Case {

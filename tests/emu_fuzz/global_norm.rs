@@ -11,8 +11,6 @@ use fusedreg::{Dtype, DtypeKind};
 use crate::by_dtype;
 use crate::harness::*;
 
-pub struct GlobalNorm;
-
 #[derive(Debug)]
 pub struct Case {
     dtype: DtypeKind,
@@ -27,11 +25,7 @@ pub struct Case {
     coef: f32,
 }
 
-impl Stem for GlobalNorm {
-    const NAME: &'static str = "global_norm";
-    const CASES: usize = 40;
-    type Case = Case;
-
+impl Stem for Case {
     fn generate(g: &mut Rng) -> Case {
         let dtype = g.pick(&DTYPES);
         let count = g.range(1, 5) as usize;

@@ -404,18 +404,14 @@ impl Debug for F64 {
 // A stem, and the run loop
 // ------------------------------------------------------------------------------------------
 
-/// What a kernel file's fuzzing needs: a case generator, the case's fields in the driver's
-/// order, and the check of the driver's outputs against the CPU reference.
-pub trait Stem {
-    /// The kernel stem: `kernels/<NAME>.cu`, `scripts/emu/fuzz/<NAME>.cpp`.
-    const NAME: &'static str;
-    /// Cases of the fixed-seed run in CI (scaled by `FUSEDREG_FUZZ_SCALE`).
-    const CASES: usize;
-    type Case: Debug;
-    fn generate(g: &mut Rng) -> Self::Case;
-    fn write(c: &Self::Case, w: &mut Writer);
+/// What a kernel file's fuzzing needs, implemented by its case type: a case generator, the
+/// case's fields in the driver's order, and the check of the driver's outputs against the CPU
+/// reference.
+pub trait Stem: Debug + Sized {
+    fn generate(g: &mut Rng) -> Self;
+    fn write(c: &Self, w: &mut Writer);
     /// Reads the driver's outputs of `c` and compares them with the CPU reference.
-    fn check(c: &Self::Case, r: &mut Reader) -> Result<(), String>;
+    fn check(c: &Self, r: &mut Reader) -> Result<(), String>;
 }
 
 /// The default seed of CI's run (any fixed value; changing it changes the cases).
@@ -446,16 +442,17 @@ fn case_seed(seed: u64, stem: &str, k: usize) -> u64 {
     r.u64() ^ (k as u64).wrapping_mul(0xd6e8_feb8_6659_fd93)
 }
 
-/// Generates, runs and checks the cases of stem `S`; panics with every failing case's seed and
-/// the command that replays it.
-pub fn fuzz<S: Stem>() {
+/// Generates, runs and checks `cases` cases (scaled by `FUSEDREG_FUZZ_SCALE`) of the kernel stem
+/// `name` (`kernels/<name>.cu`, `scripts/emu/fuzz/<name>.cpp`), whose case type is `S`; panics
+/// with every failing case's seed and the command that replays it.
+pub fn fuzz<S: Stem>(name: &str, cases: usize) {
     let replay = env("FUSEDREG_FUZZ_REPLAY");
     let seeds: Vec<u64> = match replay.as_deref().and_then(|r| r.split_once(':')) {
-        Some((stem, s)) if stem == S::NAME => vec![parse_u64(s)],
+        Some((stem, s)) if stem == name => vec![parse_u64(s)],
         Some(_) => {
             eprintln!(
                 "emu_fuzz {}: skipped (FUSEDREG_FUZZ_REPLAY names another stem)",
-                S::NAME
+                name
             );
             return;
         }
@@ -471,15 +468,15 @@ pub fn fuzz<S: Stem>() {
                 s.parse::<f64>()
                     .unwrap_or_else(|_| panic!("FUSEDREG_FUZZ_SCALE={s:?}"))
             });
-            let n = ((S::CASES as f64 * scale).round() as usize).max(1);
+            let n = ((cases as f64 * scale).round() as usize).max(1);
             eprintln!(
                 "emu_fuzz {}: {n} cases from FUSEDREG_FUZZ_SEED={seed:#x}",
-                S::NAME
+                name
             );
-            (0..n).map(|k| case_seed(seed, S::NAME, k)).collect()
+            (0..n).map(|k| case_seed(seed, name, k)).collect()
         }
     };
-    let cases: Vec<S::Case> = seeds
+    let cases: Vec<S> = seeds
         .iter()
         .map(|&s| S::generate(&mut Rng::new(s)))
         .collect();
@@ -489,8 +486,8 @@ pub fn fuzz<S: Stem>() {
         S::write(c, &mut w);
         w.item("end", &[]);
     }
-    let exe = build_driver(S::NAME);
-    let dir = scratch_dir(S::NAME);
+    let exe = build_driver(name);
+    let dir = scratch_dir(name);
     let (inp, outp) = (dir.join("cases.bin"), dir.join("outputs.bin"));
     std::fs::write(&inp, &w.buf).expect("writing the cases");
     let t0 = Instant::now();
@@ -511,7 +508,7 @@ pub fn fuzz<S: Stem>() {
                 .ok_or(format!("driver output of case {i}, expected {k}"))
         });
         if let Err(e) = head {
-            failures.push(report::<S>(k, seeds[k], c, &e));
+            failures.push(report(name, k, seeds[k], c, &e));
             break; // the stream is out of step: later cases cannot be read
         }
         let res = S::check(c, &mut r);
@@ -522,13 +519,13 @@ pub fn fuzz<S: Stem>() {
             break;
         }
         if let Err(e) = res {
-            failures.push(report::<S>(k, seeds[k], c, &e));
+            failures.push(report(name, k, seeds[k], c, &e));
         }
         done += 1;
     }
     if let Some(k) = stopped_in {
         let e = format!("the driver stopped in this case ({status})");
-        failures.push(report::<S>(k, seeds[k], &cases[k], &e));
+        failures.push(report(name, k, seeds[k], &cases[k], &e));
     } else if done == cases.len() && !status.contains("exit status: 0") {
         failures.push(format!(
             "  the driver ended with {status} after the last case"
@@ -537,7 +534,7 @@ pub fn fuzz<S: Stem>() {
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!(
         "emu_fuzz {}: {} cases checked in {:.1} s",
-        S::NAME,
+        name,
         done,
         t0.elapsed().as_secs_f64()
     );
@@ -551,7 +548,7 @@ pub fn fuzz<S: Stem>() {
     );
 }
 
-fn report<S: Stem>(k: usize, seed: u64, c: &S::Case, what: &str) -> String {
+fn report(name: &str, k: usize, seed: u64, c: &impl Debug, what: &str) -> String {
     let mut dbg = format!("{c:?}");
     if dbg.len() > 1500 {
         dbg.truncate(1500);
@@ -560,8 +557,8 @@ fn report<S: Stem>(k: usize, seed: u64, c: &S::Case, what: &str) -> String {
     format!(
         "  case {k} (seed {seed:#x}): {dbg}\n    {what}\n  replay: FUSEDREG_FUZZ_REPLAY={}:{seed:#x} \
          cargo test -p fusedreg --test emu_fuzz -- --ignored --exact {}",
-        S::NAME,
-        S::NAME
+        name,
+        name
     )
 }
 

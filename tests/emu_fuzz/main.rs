@@ -23,8 +23,9 @@
 //! into the target directory.
 //!
 //! Adding a kernel file: a driver `scripts/emu/fuzz/<stem>.cpp` (read the case's fields, launch,
-//! write the outputs; see `fuzz.h`) and a module here implementing [`harness::Stem`] (generate a
-//! case, write its fields in the driver's order, compare the outputs with the CPU reference).
+//! write the outputs; see `fuzz.h`), a module here whose case type implements [`harness::Stem`]
+//! (generate a case, write its fields in the driver's order, compare the outputs with the CPU
+//! reference), and its line in `stems!`.
 
 mod harness;
 
@@ -37,23 +38,25 @@ mod fmath;
 mod global_norm;
 mod philox;
 
+/// `stem => case type, cases of the fixed-seed run in CI`: the test `stem` fuzzes
+/// `kernels/<stem>.cu` through `scripts/emu/fuzz/<stem>.cpp`.
 macro_rules! stems {
-    ($($name:ident => $ty:ty,)*) => {$(
+    ($($name:ident => $ty:ty, $cases:literal;)*) => {$(
         #[test]
         #[ignore = "needs g++ >= 11 and minutes: cargo test -p fusedreg --test emu_fuzz -- --ignored (CI runs it)"]
         fn $name() {
-            harness::fuzz::<$ty>();
+            harness::fuzz::<$ty>(stringify!($name), $cases);
         }
     )*};
 }
 
 stems! {
-    philox => philox::Philox,
-    adamw => adamw::AdamW,
-    fmath => fmath::Fmath,
-    global_norm => global_norm::GlobalNorm,
-    cross_entropy => cross_entropy::CrossEntropy,
-    bias_act_dropout => bias_act_dropout::BiasActDropout,
-    dropout_add_norm => dropout_add_norm::DropoutAddNorm,
-    dropout => dropping::Dropout,
+    philox => philox::Case, 60;
+    adamw => adamw::Case, 40;
+    fmath => fmath::Case, 60;
+    global_norm => global_norm::Case, 40;
+    cross_entropy => cross_entropy::Case, 60;
+    bias_act_dropout => bias_act_dropout::Case, 60;
+    dropout_add_norm => dropout_add_norm::Case, 50;
+    dropout => dropping::Case, 120;
 }

@@ -5,8 +5,6 @@ use fusedreg::philox::{mask_word, philox4x32_10};
 
 use crate::harness::{offset, size, Data, Diffs, Reader, Rng, Stem, Writer};
 
-pub struct Philox;
-
 #[derive(Debug)]
 pub struct Case {
     grid: u64,
@@ -35,11 +33,7 @@ fn wide(g: &mut Rng) -> u64 {
     }
 }
 
-impl Stem for Philox {
-    const NAME: &'static str = "philox";
-    const CASES: usize = 60;
-    type Case = Case;
-
+impl Stem for Case {
     fn generate(g: &mut Rng) -> Case {
         let pairs = size(g, &[32, 128], 600);
         let n = size(g, &[4, 32, 128], 3000) as u64;

@@ -17,6 +17,7 @@ use crate::common::{
 use crate::global_norm::{tiny_sizes, values_eq, SIZES};
 use crate::prelude::*;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     let mut v = trials_of(
         "adamw",
@@ -173,15 +174,6 @@ fn compare<P: Dtype, G: Dtype>(
         )?;
     }
     compare_state(h, opt, ts, what)
-}
-
-fn launches(h: &Handle, before: u64, want: u64, what: &str) -> TestResult {
-    let got = h.launch_count() - before;
-    if got == want {
-        Ok(())
-    } else {
-        Err(format!("{what}: {got} launches, expected {want}").into())
-    }
 }
 
 fn f32_seven_steps(h: &Handle) -> TestResult {

@@ -17,6 +17,7 @@ use libtest_mimic::Trial;
 
 use crate::prelude::*;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "bad_input",
@@ -85,35 +86,40 @@ fn dropout_lengths(h: &Handle) -> TestResult {
             fwd_r(h, &cfg, &okv, &okv, &mut ybad, Default::default()),
         )?;
     }
+    // An option of the wrong length, with x, the residual (or dy) and y right.
     let bias = to_device(h, &[0.5f32; 6])?;
+    let mut mask = to_device(h, &[0u32; 4])?;
+    let mut dbias = to_device(h, &[0.0f32; 6])?;
+    let okv = ok.slice(0..n);
+    let mut refused_fwd = |what: &str, opts: ForwardOptions<'_, f32>| {
+        refused(
+            what,
+            fwd_r(h, &cfg, &okv, &okv, &mut y.slice_mut(0..n), opts),
+        )
+    };
     for cols in [4, 6, 0] {
-        let mut yv = y.slice_mut(0..n);
-        let (okv, okv2) = (ok.slice(0..n), ok.slice(0..n));
         let opts = ForwardOptions {
             bias: Some(bias.slice(0..cols)),
             ..Default::default()
         };
-        refused("bias", fwd_r(h, &cfg, &okv, &okv2, &mut yv, opts))?;
+        refused_fwd("bias", opts)?;
     }
-    let mut mask = to_device(h, &[0u32; 4])?;
     for words in [0, cfg.mask_words() + 1] {
-        let mut yv = y.slice_mut(0..n);
-        let (okv, okv2) = (ok.slice(0..n), ok.slice(0..n));
         let opts = ForwardOptions {
             mask_out: Some(mask.slice_mut(0..words)),
             ..Default::default()
         };
-        refused("mask_out", fwd_r(h, &cfg, &okv, &okv2, &mut yv, opts))?;
+        refused_fwd("mask_out", opts)?;
     }
-    let mut dbias = to_device(h, &[0.0f32; 6])?;
     for cols in [4, 6] {
-        let mut yv = y.slice_mut(0..n);
-        let okv = ok.slice(0..n);
         let opts = BackwardOptions {
             dbias: Some(dbias.slice_mut(0..cols)),
             ..Default::default()
         };
-        refused("dbias", dr::backward(h, &cfg, &okv, &mut yv, opts))?;
+        refused(
+            "dbias",
+            dr::backward(h, &cfg, &okv, &mut y.slice_mut(0..n), opts),
+        )?;
     }
     Ok(())
 }

@@ -24,6 +24,14 @@ pub(crate) mod fastcheck;
 /// Both math modes (ReLU runs the same code in either).
 const MATHS: [Math; 2] = [Math::Exact, Math::Fast];
 
+/// Every activation under both math modes.
+fn act_maths() -> impl Iterator<Item = (Activation, Math)> {
+    Activation::ALL
+        .into_iter()
+        .flat_map(|a| MATHS.map(|m| (a, m)))
+}
+
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "bias_act_dropout",
@@ -185,10 +193,7 @@ fn shapes<T: Dtype>(h: &Handle) -> TestResult {
         (67, 1000),
         (2000, 24),
     ];
-    for (act, math) in Activation::ALL
-        .into_iter()
-        .flat_map(|a| MATHS.map(|m| (a, m)))
-    {
+    for (act, math) in act_maths() {
         for &(rows, cols) in &shapes {
             for off in [0, 1] {
                 for with_bias in [true, false] {
@@ -207,10 +212,7 @@ fn shapes<T: Dtype>(h: &Handle) -> TestResult {
 
 fn edge_rates<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0xed9e);
-    for (act, math) in Activation::ALL
-        .into_iter()
-        .flat_map(|a| MATHS.map(|m| (a, m)))
-    {
+    for (act, math) in act_maths() {
         for p in [0.0, 1.0 / 256.0, 0.5, 1.0] {
             let (rows, cols) = (19, 128);
             let cfg = Config::new(rows, cols, act, p, 99, 5)?.with_math(math);
@@ -228,10 +230,7 @@ fn edge_rates<T: Dtype>(h: &Handle) -> TestResult {
 fn saved_h<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0x5a7e);
     let s = h.stream();
-    for (act, math) in Activation::ALL
-        .into_iter()
-        .flat_map(|a| MATHS.map(|m| (a, m)))
-    {
+    for (act, math) in act_maths() {
         for (rows, cols, off) in [(33, 256, 0), (33, 255, 1)] {
             let cfg = Config::new(rows, cols, act, 0.2, 3, 3)?.with_math(math);
             let n = cfg.len();
@@ -282,10 +281,7 @@ fn specials<T: Dtype>(h: &Handle) -> TestResult {
         -30.0,
         1e-6,
     ];
-    for (act, math) in Activation::ALL
-        .into_iter()
-        .flat_map(|a| MATHS.map(|m| (a, m)))
-    {
+    for (act, math) in act_maths() {
         let (rows, cols) = (16, 64);
         let cfg = Config::new(rows, cols, act, 0.25, 1, 1)?.with_math(math);
         let mut x = uniform::<T>(&mut g, rows * cols, -8.0, 8.0);
@@ -361,10 +357,7 @@ fn fast_edges<T: Dtype>(h: &Handle) -> TestResult {
 /// bias: the CPU reference keys the same halfwords.
 fn key16<T: Dtype>(h: &Handle) -> TestResult {
     let mut g = rng(0x1616);
-    for (act, math) in Activation::ALL
-        .into_iter()
-        .flat_map(|a| MATHS.map(|m| (a, m)))
-    {
+    for (act, math) in act_maths() {
         for p in [0.1, 0.5] {
             for &(rows, cols) in &[(37usize, 136usize), (21, 33)] {
                 let cfg = Config::new(rows, cols, act, p, 5, 6)?

@@ -20,6 +20,7 @@ use crate::common::{xent_positions, xent_within_fast_bound, XentOut};
 use crate::prelude::*;
 use fusedreg::Math;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "cross_entropy",

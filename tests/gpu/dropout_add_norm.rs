@@ -13,8 +13,10 @@ use fusedreg::{Dtype, Handle};
 use half::{bf16, f16};
 use libtest_mimic::Trial;
 
+use crate::common::dan::DanInputs;
 use crate::prelude::*;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "dropout_add_norm",
@@ -87,6 +89,13 @@ impl Case {
         }
     }
 
+    /// `Case::new` of each shape, under both norms: `(index of the shape, case)`.
+    fn per_shape(shapes: &[(usize, usize)]) -> impl Iterator<Item = (usize, Case)> + '_ {
+        shapes.iter().enumerate().flat_map(|(k, &(rows, cols))| {
+            [Norm::LayerNorm, Norm::RmsNorm].map(|norm| (k, Case::new(rows, cols, norm)))
+        })
+    }
+
     fn config(&self, seed: u64) -> Config {
         let cfg = Config::new(self.rows, self.cols, self.norm, 1e-5)
             .unwrap()
@@ -101,29 +110,14 @@ impl Case {
     }
 }
 
+/// The forward's inputs and the backward's output gradients.
 struct Data<T, S> {
-    x: Vec<T>,
-    r: Option<Vec<S>>,
-    gamma: Vec<T>,
-    beta: Option<Vec<T>>,
-    bias: Option<Vec<T>>,
-    rowscale: Option<Vec<f32>>,
+    fwd: DanInputs<T, S>,
     d_out: Vec<T>,
     d_s: Option<Vec<S>>,
 }
 
 impl<T: Dtype, S: Dtype> Data<T, S> {
-    /// The CPU forward's arguments: every input the data holds.
-    fn cpu_forward_args(&self) -> cpu::ForwardArgs<'_, T, S> {
-        cpu::ForwardArgs {
-            residual: self.r.as_deref(),
-            beta: self.beta.as_deref(),
-            bias: self.bias.as_deref(),
-            rowscale: self.rowscale.as_deref(),
-            ..cpu::ForwardArgs::new(&self.x, &self.gamma)
-        }
-    }
-
     /// The CPU backward's arguments, after a forward that gave `s`, `mean` and `rstd`.
     fn cpu_backward_args<'a>(
         &'a self,
@@ -133,8 +127,8 @@ impl<T: Dtype, S: Dtype> Data<T, S> {
     ) -> cpu::BackwardArgs<'a, T, S> {
         cpu::BackwardArgs {
             d_s: self.d_s.as_deref(),
-            rowscale: self.rowscale.as_deref(),
-            ..cpu::BackwardArgs::new(&self.d_out, s, &self.gamma, mean, rstd)
+            rowscale: self.fwd.rowscale.as_deref(),
+            ..cpu::BackwardArgs::new(&self.d_out, s, &self.fwd.gamma, mean, rstd)
         }
     }
 }
@@ -142,7 +136,7 @@ impl<T: Dtype, S: Dtype> Data<T, S> {
 fn data<T: Dtype, S: Dtype>(c: &Case, seed: u64) -> Data<T, S> {
     let mut g = rng(seed);
     let n = c.rows * c.cols;
-    Data {
+    let fwd = DanInputs {
         x: uniform(&mut g, n, -3.0, 3.0),
         // The in-place forward reads the residual from the stream buffer: it needs one.
         r: (c.residual || c.in_place).then(|| uniform(&mut g, n, -3.0, 3.0)),
@@ -150,6 +144,9 @@ fn data<T: Dtype, S: Dtype>(c: &Case, seed: u64) -> Data<T, S> {
         beta: c.beta.then(|| uniform(&mut g, c.cols, -0.5, 0.5)),
         bias: c.bias.then(|| uniform(&mut g, c.cols, -0.5, 0.5)),
         rowscale: c.rs.given(&mut g, c.rows, 3),
+    };
+    Data {
+        fwd,
         d_out: uniform(&mut g, n, -1.0, 1.0),
         d_s: c.prenorm.then(|| uniform(&mut g, n, -1.0, 1.0)),
     }
@@ -176,12 +173,12 @@ fn cpu_run<T: Dtype, S: Dtype>(c: &Case, cfg: &Config, d: &Data<T, S>) -> Outs<T
         mean: vec![f32::NAN; rows],
         rstd: vec![f32::NAN; rows],
         dx: vec![poison::<T>(); n],
-        d_residual: d.r.as_ref().map(|_| vec![poison::<S>(); n]),
+        d_residual: d.fwd.r.as_ref().map(|_| vec![poison::<S>(); n]),
         dgamma: vec![poison::<T>(); cols],
         dbeta: c.beta.then(|| vec![poison::<T>(); cols]),
         dbias: c.bias.then(|| vec![poison::<T>(); cols]),
     };
-    let args = d.cpu_forward_args();
+    let args = d.fwd.args();
     let outs = cpu::ForwardOut {
         out: &mut o.out,
         s: &mut o.s,
@@ -210,18 +207,23 @@ fn gpu_run<T: Dtype, S: Dtype>(
     let st = h.stream();
     let (off, n, rows, cols) = (c.offset, cfg.len(), c.rows, c.cols);
     let (tx, ts) = (T::from_f32_rn(-7.0), S::from_f32_rn(-7.0));
-    let x = upload(st, &d.x, off, tx)?;
-    let gamma = st.clone_htod(&d.gamma)?;
+    let x = upload(st, &d.fwd.x, off, tx)?;
+    let gamma = st.clone_htod(&d.fwd.gamma)?;
     let htod = |v: &Option<Vec<T>>| v.as_ref().map(|b| st.clone_htod(b)).transpose();
-    let beta = htod(&d.beta)?;
-    let bias = htod(&d.bias)?;
-    let rowscale = d.rowscale.as_ref().map(|b| st.clone_htod(b)).transpose()?;
-    let residual = match (&d.r, c.in_place) {
+    let beta = htod(&d.fwd.beta)?;
+    let bias = htod(&d.fwd.bias)?;
+    let rowscale = d
+        .fwd
+        .rowscale
+        .as_ref()
+        .map(|b| st.clone_htod(b))
+        .transpose()?;
+    let residual = match (&d.fwd.r, c.in_place) {
         (Some(r), false) => Some(upload(st, r, off, ts)?),
         _ => None,
     };
     // In place, the stream buffer holds the residual on entry.
-    let mut s_buf = match (&d.r, c.in_place) {
+    let mut s_buf = match (&d.fwd.r, c.in_place) {
         (Some(r), true) => upload(st, r, off, ts)?,
         _ => upload(st, &vec![poison::<S>(); n], off, ts)?,
     };
@@ -251,10 +253,12 @@ fn gpu_run<T: Dtype, S: Dtype>(
     let d_out = upload(st, &d.d_out, off, tx)?;
     let d_s = d.d_s.as_ref().map(|v| upload(st, v, off, ts)).transpose()?;
     let mut dx = upload(st, &vec![poison::<T>(); n], off, tx)?;
-    let mut d_res =
-        d.r.as_ref()
-            .map(|_| upload(st, &vec![poison::<S>(); n], off, ts))
-            .transpose()?;
+    let mut d_res = d
+        .fwd
+        .r
+        .as_ref()
+        .map(|_| upload(st, &vec![poison::<S>(); n], off, ts))
+        .transpose()?;
     let mut dgamma = st.clone_htod(&vec![poison::<T>(); cols])?;
     let pois = |want: bool| {
         want.then(|| st.clone_htod(&vec![poison::<T>(); cols]))
@@ -347,15 +351,9 @@ fn shapes<T: Dtype, S: Dtype>(h: &Handle) -> TestResult {
         (2, 20008),
         (1025, 24),
     ];
-    for (k, &(rows, cols)) in shapes.iter().enumerate() {
-        for norm in [Norm::LayerNorm, Norm::RmsNorm] {
-            let rs = [Rs::None, Rs::Given, Rs::Path, Rs::PerSample][k % 4];
-            let c = Case {
-                rs,
-                ..Case::new(rows, cols, norm)
-            };
-            run_case::<T, S>(h, &c, 1000 + k as u64)?;
-        }
+    for (k, base) in Case::per_shape(&shapes) {
+        let rs = [Rs::None, Rs::Given, Rs::Path, Rs::PerSample][k % 4];
+        run_case::<T, S>(h, &Case { rs, ..base }, 1000 + k as u64)?;
     }
     Ok(())
 }
@@ -496,21 +494,19 @@ fn tiers_match_generic(h: &Handle) -> TestResult {
         (3, 12288),
         (2, 16384),
     ];
-    for (k, &(rows, cols)) in shapes.iter().enumerate() {
-        for norm in [Norm::LayerNorm, Norm::RmsNorm] {
-            for (beta, bias) in [(true, false), (false, true)] {
-                let c = Case {
-                    beta,
-                    bias,
-                    rs: [Rs::None, Rs::Given, Rs::Path][k % 3],
-                    ..Case::new(rows, cols, norm)
-                };
-                let seed = 12_000 + 10 * k as u64;
-                one::<bf16, bf16>(h, &c, seed)?;
-                one::<f32, f32>(h, &c, seed + 1)?;
-                one::<bf16, f32>(h, &c, seed + 2)?;
-                one::<f16, f16>(h, &c, seed + 3)?;
-            }
+    for (k, base) in Case::per_shape(&shapes) {
+        for (beta, bias) in [(true, false), (false, true)] {
+            let c = Case {
+                beta,
+                bias,
+                rs: [Rs::None, Rs::Given, Rs::Path][k % 3],
+                ..base
+            };
+            let seed = 12_000 + 10 * k as u64;
+            one::<bf16, bf16>(h, &c, seed)?;
+            one::<f32, f32>(h, &c, seed + 1)?;
+            one::<bf16, f32>(h, &c, seed + 2)?;
+            one::<f16, f16>(h, &c, seed + 3)?;
         }
     }
     Ok(())
@@ -578,9 +574,7 @@ fn empty_inputs(h: &Handle) -> TestResult {
         ForwardArgs::new(x.as_view(), gamma.as_view()),
         outs,
     )?;
-    if h.launch_count() != before {
-        return Err("the empty forward launched a kernel".into());
-    }
+    launches(h, before, 0, "the empty forward")?;
     let mut dgamma = st.clone_htod(&vec![f32::NAN; 64])?;
     let mut dx = z(0)?;
     let args = BackwardArgs::new(
@@ -699,7 +693,7 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
             vec![f32::NAN; rows],
             vec![f32::NAN; rows],
         );
-        let args = d.cpu_forward_args();
+        let args = d.fwd.args();
         let outs = cpu::ForwardOut {
             out: &mut out,
             s: &mut s,
@@ -717,7 +711,7 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
         let args = d.cpu_backward_args(&s, &mean, &rstd);
         let outs = cpu::BackwardOut {
             d_residual: Some(&mut dres),
-            dbeta: d.beta.as_ref().map(|_| &mut db[..]),
+            dbeta: d.fwd.beta.as_ref().map(|_| &mut db[..]),
             dbias: Some(&mut dbias),
             ..cpu::BackwardOut::new(&mut dx, &mut dg)
         };
@@ -726,15 +720,15 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
         // GPU.
         let up = |v: &[T]| st.clone_htod(v);
         let (x, r, gamma, d_out) = (
-            up(&d.x)?,
-            up(d.r.as_ref().unwrap())?,
-            up(&d.gamma)?,
+            up(&d.fwd.x)?,
+            up(d.fwd.r.as_ref().unwrap())?,
+            up(&d.fwd.gamma)?,
             up(&d.d_out)?,
         );
-        let beta = d.beta.as_ref().map(|b| up(b)).transpose()?;
-        let bias = up(d.bias.as_ref().unwrap())?;
+        let beta = d.fwd.beta.as_ref().map(|b| up(b)).transpose()?;
+        let bias = up(d.fwd.bias.as_ref().unwrap())?;
         let d_s = up(d.d_s.as_ref().unwrap())?;
-        let rs = st.clone_htod(d.rowscale.as_ref().unwrap())?;
+        let rs = st.clone_htod(d.fwd.rowscale.as_ref().unwrap())?;
         let z = |len: usize| st.clone_htod(&vec![poison::<T>(); len]);
         let (mut g_out, mut g_s) = (z(n)?, z(n)?);
         let mut g_mean = st.clone_htod(&vec![f32::NAN; rows])?;
@@ -768,7 +762,7 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
         };
         let outs = BackwardOut {
             d_residual: Some(g_dres.as_view_mut()),
-            dbeta: d.beta.as_ref().map(|_| g_db.as_view_mut()),
+            dbeta: d.fwd.beta.as_ref().map(|_| g_db.as_view_mut()),
             dbias: Some(g_dbias.as_view_mut()),
             ..BackwardOut::new(g_dx.as_view_mut(), g_dg.as_view_mut())
         };
@@ -781,7 +775,7 @@ fn unfused_mirror<T: Dtype>(h: &Handle) -> TestResult {
         bits_eq(&format!("{what}: d_residual"), &back(&g_dres)?, &dres)?;
         bits_eq(&format!("{what}: dx"), &back(&g_dx)?, &dx)?;
         bits_eq(&format!("{what}: dgamma"), &back(&g_dg)?, &dg)?;
-        if d.beta.is_some() {
+        if d.fwd.beta.is_some() {
             bits_eq(&format!("{what}: dbeta"), &back(&g_db)?, &db)?;
         }
         bits_eq(&format!("{what}: dbias"), &back(&g_dbias)?, &dbias)?;

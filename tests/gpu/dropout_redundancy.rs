@@ -13,6 +13,7 @@ use crate::common::{bits_eq, rng, uniform};
 use crate::harness::trials_of;
 use crate::harness::TestResult;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "dropout_redundancy",

@@ -6,8 +6,10 @@ use fusedreg::fmath::gpu::{eval, Func};
 use fusedreg::Handle;
 use libtest_mimic::Trial;
 
+use crate::common::fmath_edge_inputs;
 use crate::prelude::*;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "fmath",
@@ -53,41 +55,8 @@ fn sweep_every_97th_pattern(h: &Handle) -> TestResult {
 }
 
 fn edge_cases(h: &Handle) -> TestResult {
-    let specials = [
-        0.0f32,
-        f32::from_bits(1),
-        f32::from_bits(0x007f_ffff),
-        f32::MIN_POSITIVE,
-        f32::MAX,
-        f32::INFINITY,
-        f32::from_bits(0x7fc0_0000),
-        f32::from_bits(0x7f80_0001), // signalling NaN
-        f32::from_bits(0x7fc1_2345),
-        1.0,
-        0.5,
-        2.0,
-        0.625,
-        4.0,
-        9.5,
-        88.722_83,
-        89.0,
-        87.336_55,
-        103.972_08,
-        104.0,
-        std::f32::consts::LN_2,
-        std::f32::consts::SQRT_2,
-        f32::from_bits(0x3980_0000),
-        f32::from_bits(0x3f35_04f3),
-    ];
-    let mut xs = Vec::new();
-    for s in specials {
-        for d in -300i64..=300 {
-            for sign in [0u32, 0x8000_0000] {
-                let b = (i64::from(s.to_bits() & 0x7fff_ffff) + d).clamp(0, 0x7fff_ffff) as u32;
-                xs.push(f32::from_bits(b | sign));
-            }
-        }
-    }
+    // Each edge case and its 300 neighbours on either side, both signs.
+    let mut xs = fmath_edge_inputs(300);
     // Every subnormal and every input in [-2, 2] at a fine stride.
     xs.extend((0..0x0080_0000u32).step_by(7).map(f32::from_bits));
     xs.extend((0..0x4000_0000u32).step_by(101).map(|b| -f32::from_bits(b)));

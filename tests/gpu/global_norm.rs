@@ -10,6 +10,7 @@ use libtest_mimic::Trial;
 
 use crate::prelude::*;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "global_norm",
@@ -69,6 +70,28 @@ pub fn values_eq(what: &str, got: &NormValues, want: &NormValues) -> TestResult 
     Ok(())
 }
 
+/// A norm over `set` (clipping at `max_norm`), computed once.
+fn computed(set: &TensorSet, max_norm: Option<f32>) -> TestResult<GlobalNorm> {
+    let mut norm = GlobalNorm::new(set, max_norm)?;
+    norm.compute(set)?;
+    Ok(norm)
+}
+
+/// [`computed`], checking that the compute made `want` launches.
+fn computed_in(
+    h: &Handle,
+    set: &TensorSet,
+    max_norm: Option<f32>,
+    want: u64,
+    what: &str,
+) -> TestResult<GlobalNorm> {
+    let mut norm = GlobalNorm::new(set, max_norm)?;
+    let before = h.launch_count();
+    norm.compute(set)?;
+    launches(h, before, want, what)?;
+    Ok(norm)
+}
+
 fn norm_bit_exact<G: Dtype>(h: &Handle, seed: u64) -> TestResult {
     let grads = random_grads::<G>(seed, SIZES);
     let set = grad_set(h, &grads)?;
@@ -80,16 +103,7 @@ fn norm_bit_exact<G: Dtype>(h: &Handle, seed: u64) -> TestResult {
         Some((true_norm * 2.0) as f32),
         None,
     ] {
-        let mut norm = GlobalNorm::new(&set, max_norm)?;
-        let before = h.launch_count();
-        norm.compute(&set)?;
-        if h.launch_count() - before != 2 {
-            return Err(format!(
-                "compute made {} launches, expected 2",
-                h.launch_count() - before
-            )
-            .into());
-        }
+        let norm = computed_in(h, &set, max_norm, 2, "compute")?;
         bits_eq("partials", &norm.read_partials()?, &want_p)?;
         let want = cpu::global_norm(&refs(&grads), max_norm, 1.0)?;
         let got = norm.read()?;
@@ -168,8 +182,7 @@ fn misaligned_grads(h: &Handle) -> TestResult {
         if set.is_grad_aligned16(0) {
             return Err("a view at an odd element reported 16-byte alignment".into());
         }
-        let mut norm = GlobalNorm::new(&set, Some(1.0))?;
-        norm.compute(&set)?;
+        let norm = computed(&set, Some(1.0))?;
         let want_p = cpu::partials(&refs(&grads))?;
         bits_eq(
             &format!("{} partials, view at element {offset}", G::KIND.name()),
@@ -239,17 +252,14 @@ fn scale_pass(h: &Handle) -> TestResult {
         let mut set = grad_set(h, &grads)?;
         let true_norm = cpu::norm_f64(&refs(&grads)) as f32;
         // Clipping: grads *= coef < 1.
-        let mut norm = GlobalNorm::new(&set, Some(true_norm / 3.0))?;
-        norm.compute(&set)?;
+        let norm = computed(&set, Some(true_norm / 3.0))?;
         let v = norm.read()?;
         if v.coef >= 1.0 {
             return Err(format!("expected clipping, coef {}", v.coef).into());
         }
         let before = h.launch_count();
         norm.scale_grads(&mut set)?;
-        if h.launch_count() - before != 1 {
-            return Err("the scale pass is one launch".into());
-        }
+        launches(h, before, 1, "the scale pass")?;
         for (i, g) in grads.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
             let mut want = g.clone();
             cpu::scale(&mut want, v.grad_scale);
@@ -258,8 +268,7 @@ fn scale_pass(h: &Handle) -> TestResult {
         }
         // No clipping needed: coef 1, nothing rewritten.
         let mut set = grad_set(h, &grads)?;
-        let mut norm = GlobalNorm::new(&set, Some(true_norm * 10.0))?;
-        norm.compute(&set)?;
+        let norm = computed(&set, Some(true_norm * 10.0))?;
         norm.scale_grads(&mut set)?;
         for (i, g) in grads.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
             bits_eq("grads with coef 1", &to_host(h, &set.grad::<G>(i)?)?, g)?;
@@ -273,8 +282,7 @@ fn scale_pass(h: &Handle) -> TestResult {
     let mut grads = random_grads::<f32>(14, &[70_000, 3]);
     grads[0][65_600] = f32::NAN;
     let mut set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, Some(1e-3))?;
-    norm.compute(&set)?;
+    let norm = computed(&set, Some(1e-3))?;
     norm.scale_grads(&mut set)?;
     if norm.read()?.nonfinite != 1 {
         return Err("NaN gradient not flagged".into());
@@ -294,8 +302,7 @@ fn nonfinite_flag(h: &Handle) -> TestResult {
         let mut grads = random_grads::<f32>(15, &[100, 200_000]);
         grads[1][131_072] = bad; // first element of a chunk
         let set = grad_set(h, &grads)?;
-        let mut norm = GlobalNorm::new(&set, Some(1.0))?;
-        norm.compute(&set)?;
+        let norm = computed(&set, Some(1.0))?;
         let v = norm.read()?;
         if v.nonfinite != 1 {
             return Err(format!("gradient {bad}: flag not set ({v:?})").into());
@@ -304,8 +311,7 @@ fn nonfinite_flag(h: &Handle) -> TestResult {
     let mut grads = random_grads::<bf16>(16, &[10]);
     grads[0][9] = bf16::INFINITY;
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, None)?;
-    norm.compute(&set)?;
+    let norm = computed(&set, None)?;
     match norm.read()?.nonfinite {
         1 => Ok(()),
         _ => Err("bf16 inf not flagged".into()),
@@ -315,12 +321,13 @@ fn nonfinite_flag(h: &Handle) -> TestResult {
 fn all_zero_size(h: &Handle) -> TestResult {
     let grads: Vec<Vec<f32>> = vec![Vec::new(); 3];
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
-    let before = h.launch_count();
-    norm.compute(&set)?;
-    if h.launch_count() - before != 1 {
-        return Err("no chunks: only the reduce+finalize launch".into());
-    }
+    let norm = computed_in(
+        h,
+        &set,
+        Some(1.0),
+        1,
+        "no chunks: only the reduce+finalize launch",
+    )?;
     values_eq(
         "empty set",
         &norm.read()?,
@@ -347,16 +354,7 @@ fn ten_thousand_tiny(h: &Handle) -> TestResult {
         at += g.len() as u64;
     }
     let set = b.build()?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
-    let before = h.launch_count();
-    norm.compute(&set)?;
-    if h.launch_count() - before != 2 {
-        return Err(format!(
-            "10,000 tensors: {} launches, expected 2",
-            h.launch_count() - before
-        )
-        .into());
-    }
+    let norm = computed_in(h, &set, Some(1.0), 2, "10,000 tensors")?;
     bits_eq(
         "10k partials",
         &norm.read_partials()?,
@@ -403,8 +401,7 @@ fn loss_scale(h: &Handle) -> TestResult {
 fn async_copy(h: &Handle) -> TestResult {
     let grads = random_grads::<f32>(19, &[5000]);
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
-    norm.compute(&set)?;
+    let norm = computed(&set, Some(1.0))?;
     // SAFETY: the pinned buffer is only read after the stream is synchronized.
     let mut pinned = unsafe { h.context().alloc_pinned::<NormValues>(1) }?;
     norm.copy_to_host_async(&mut pinned)?;
@@ -420,8 +417,7 @@ fn async_copy(h: &Handle) -> TestResult {
 fn async_copy_empty(h: &Handle) -> TestResult {
     let grads = random_grads::<f32>(21, &[5000]);
     let set = grad_set(h, &grads)?;
-    let mut norm = GlobalNorm::new(&set, Some(1.0))?;
-    norm.compute(&set)?;
+    let norm = computed(&set, Some(1.0))?;
     if let Some(mut empty) = crate::harness::empty_pinned::<NormValues>(h) {
         if norm.copy_to_host_async(&mut empty).is_ok() {
             return Err("a copy into an empty pinned buffer was accepted".into());

@@ -3,45 +3,29 @@
 //! A libtest-mimic harness. Without a CUDA device (or without built kernels) every test is
 //! reported as *ignored* with the reason; with `FUSEDREG_REQUIRE_GPU=1` that becomes a failure,
 //! which is how the GPU machines run this suite.
+//!
+//! Every file of this folder is a module (`automod`), and each test file registers its own
+//! `trials` in [`TRIALS`] (`#[linkme::distributed_slice(crate::TRIALS)]`), so a new op's file
+//! needs no line here. The suite runs sorted by test name. (A new file is picked up the next time
+//! this crate compiles, which adding an op's library code triggers.)
 
-mod adamw;
-mod bad_input;
-mod bias_act_dropout;
+automod::dir!("tests/gpu");
 #[cfg(feature = "candle-cuda")]
 mod candle;
 #[path = "../common/mod.rs"]
 mod common;
-mod cross_entropy;
-mod dropout;
-mod dropout_add_norm;
-mod dropout_redundancy;
-mod fmath;
-mod global_norm;
-mod harness;
-mod philox;
-mod prelude;
-mod redundancy;
-mod workspace;
 
-use libtest_mimic::Arguments;
+use libtest_mimic::{Arguments, Trial};
+
+/// The trials of every test file (the shared `harness.rs` is added in [`main`]: the tools'
+/// suite includes it too, without its trials).
+#[linkme::distributed_slice]
+pub static TRIALS: [fn() -> Vec<Trial>];
 
 fn main() {
     let args = Arguments::from_args();
-    let mut trials = Vec::new();
-    trials.extend(harness::trials());
-    trials.extend(philox::trials());
-    trials.extend(global_norm::trials());
-    trials.extend(adamw::trials());
-    trials.extend(bad_input::trials());
-    trials.extend(cross_entropy::trials());
-    trials.extend(fmath::trials());
-    trials.extend(bias_act_dropout::trials());
-    trials.extend(dropout::trials());
-    trials.extend(dropout_add_norm::trials());
-    trials.extend(redundancy::trials());
-    trials.extend(dropout_redundancy::trials());
-    trials.extend(workspace::trials());
-    #[cfg(feature = "candle-cuda")]
-    trials.extend(candle::trials());
+    let mut trials = harness::trials();
+    trials.extend(TRIALS.iter().flat_map(|trials| trials()));
+    trials.sort_by(|a, b| a.name().cmp(b.name()));
     libtest_mimic::run(&args, trials).exit();
 }

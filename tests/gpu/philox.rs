@@ -7,6 +7,7 @@ use rand::Rng;
 
 use crate::prelude::*;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "philox",

@@ -120,6 +120,16 @@ pub fn to_host<T: DeviceRepr + Clone + Default>(
     }
 }
 
+/// `Ok` when `h` launched `want` kernels since its launch count was `before`.
+pub fn launches(h: &Handle, before: u64, want: u64, what: &str) -> TestResult {
+    let got = h.launch_count() - before;
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("{what}: {got} launches, expected {want}").into())
+    }
+}
+
 /// `Ok` when `r` is an argument or shape error (bad input refused with an error, not a panic or
 /// another kind of failure).
 pub fn refused<T>(what: &str, r: fusedreg::Result<T>) -> TestResult {

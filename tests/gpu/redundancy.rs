@@ -17,6 +17,7 @@ use crate::dropout_add_norm::forced_tunings;
 use crate::harness::trials_of;
 use crate::harness::TestResult;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "redundancy",

@@ -13,6 +13,7 @@ use fusedreg::{DtypeKind, Error};
 
 use crate::prelude::*;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     trials_of(
         "workspace",

@@ -37,40 +37,22 @@ fn sweep<T: Dtype>(
     };
     let kind = T::KIND;
     let mut tunings = vec![("default".to_string(), LaunchTuning::default())];
+    // A tuning that differs from the default in what `edit` sets.
+    let mut add = |label: String, edit: &dyn Fn(&mut LaunchTuning)| {
+        let mut t = LaunchTuning::default();
+        edit(&mut t);
+        tunings.push((label, t));
+    };
     for slab in [4u32, 8, 32, 64] {
-        tunings.push((
-            format!("slab {slab}"),
-            LaunchTuning {
-                slab_rows: slab,
-                ..Default::default()
-            },
-        ));
+        add(format!("slab {slab}"), &|t| t.slab_rows = slab);
     }
     if !bias {
         for w in [1024u32, 2048, 16384, 65536] {
-            tunings.push((
-                format!("flat width {w}"),
-                LaunchTuning {
-                    flat_width: w,
-                    ..Default::default()
-                },
-            ));
+            add(format!("flat width {w}"), &|t| t.flat_width = w);
         }
     }
-    tunings.push((
-        "block 128".into(),
-        LaunchTuning {
-            block: 128,
-            ..Default::default()
-        },
-    ));
-    tunings.push((
-        "no unroll".into(),
-        LaunchTuning {
-            unroll: false,
-            ..Default::default()
-        },
-    ));
+    add("block 128".into(), &|t| t.block = 128);
+    add("no unroll".into(), &|t| t.unroll = false);
     let name = format!(
         "{} [{rows},{cols}]{}{}",
         kind.name(),

@@ -1,6 +1,7 @@
 //! The tools' own kernels (`tools/kernels/*.cu`), embedded by `tools/build.rs`, as a table for
-//! the library's loader (`fusedreg::kernel_table`: the same cache, list check and launch as the
-//! library's kernels).
+//! the library's loader (`fusedreg::kernel_table`), listed with the library's `kernel_list!`
+//! and checked by its `kernel_table_tests!`: the same list grammar, cache, check and launch as
+//! the library's kernels.
 //!
 //! Each kernel takes one `#[repr(C)]` parameter struct and is launched through the handle, so it
 //! is counted by [`Handle::launch_count`] like the library's.
@@ -22,36 +23,29 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernel_modules.rs"));
 }
 
-macro_rules! kernels {
-    ($( $module:literal => { $( $id:ident = $symbol:literal ),* $(,)? } )*) => {
-        /// A launchable tools kernel. Its discriminant indexes [`TABLE`].
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub(crate) enum Kernel { $( $( $id, )* )* }
-
-        /// The tools' kernels for the library's loader: `(module, symbol)` in discriminant
-        /// order.
-        static TABLE: KernelTable = KernelTable {
-            dir: "tools/kernels",
-            modules: embedded::MODULES,
-            archs: embedded::ARCHS,
-            not_built_reason: embedded::NOT_BUILT_REASON,
-            kernels: &[ $( $( ($module, $symbol), )* )* ],
-        };
-    };
-}
-
-kernels! {
+fusedreg::kernel_list! {
+    /// A launchable tools kernel: its index in [`TABLE`].
+    pub(crate) struct Kernel;
     "copy" => {
-        CopyU128 = "copy_u128",
+        [_ CopyU128] = "copy_u128",
     }
     "mlp" => {
-        MlpBiasGeluFwdF32 = "mlp_bias_gelu_fwd_f32",
-        MlpBiasGeluBwdF32 = "mlp_bias_gelu_bwd_f32",
-        MlpColsumPartialF32 = "mlp_colsum_partial_f32",
-        MlpColsumFinalF32 = "mlp_colsum_final_f32",
-        MlpMseGradF32 = "mlp_mse_grad_f32",
+        [_ MlpBiasGeluFwdF32] = "mlp_bias_gelu_fwd_f32",
+        [_ MlpBiasGeluBwdF32] = "mlp_bias_gelu_bwd_f32",
+        [_ MlpColsumPartialF32] = "mlp_colsum_partial_f32",
+        [_ MlpColsumFinalF32] = "mlp_colsum_final_f32",
+        [_ MlpMseGradF32] = "mlp_mse_grad_f32",
     }
 }
+
+/// The tools' kernels for the library's loader.
+static TABLE: KernelTable = KernelTable {
+    dir: "tools/kernels",
+    modules: embedded::MODULES,
+    archs: embedded::ARCHS,
+    not_built_reason: embedded::NOT_BUILT_REASON,
+    kernels: KERNELS,
+};
 
 /// The tools' loaded kernels, one cache per context, kept for the life of the process (the
 /// library's loader shares a cache only while someone holds it).
@@ -92,7 +86,7 @@ pub(crate) fn launch<P: DeviceRepr>(
     // SAFETY: `l` was loaded for this handle's context; `params` is the kernel's one parameter
     // (its size asserted on both sides) and every address in it was checked by the caller
     // against the buffer lengths the grid covers.
-    unsafe { handle.launch_loaded(&l, k as usize, grid, (BLOCK, 1, 1), 0, params) }
+    unsafe { handle.launch_loaded(&l, k.index(), grid, (BLOCK, 1, 1), 0, params) }
 }
 
 /// Declares a tools kernel's one parameter struct: `#[repr(C)]` plain old data whose size is
@@ -119,28 +113,5 @@ pub(crate) use fusedreg::grid_for;
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    /// Every symbol the tools launch exists in the compiled module (for every arch).
-    #[test]
-    #[cfg_attr(
-        not(fusedreg_tools_kernels_built),
-        ignore = "kernels not built: run scripts/install-cuda.sh (CI builds them with FUSEDREG_REQUIRE_KERNELS=1)"
-    )]
-    fn every_kernel_exists_in_its_module() {
-        let missing = TABLE.missing_entries();
-        assert!(
-            missing.is_empty(),
-            "kernels the tools launch but the modules lack: {missing:#?}"
-        );
-    }
-
-    #[test]
-    fn symbols_are_unique() {
-        assert_eq!(
-            TABLE.repeated_symbols(),
-            Vec::<&str>::new(),
-            "kernel symbols listed twice"
-        );
-    }
+    fusedreg::kernel_table_tests!(super::TABLE);
 }

@@ -138,27 +138,30 @@ fn bench_binary_runs_on_the_cpu_and_writes_its_files() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("NO CUDA DEVICE FOUND"), "{stdout}");
-    for op in [
+    let shows = |what: &str, ops: &[&str]| {
+        for op in ops {
+            assert!(stdout.contains(op), "no {op} {what} in\n{stdout}");
+        }
+    };
+    let rows = [
         "dropout_residual fwd",
         "dropout_residual bwd",
         "global_norm",
         "adamw",
         "clip+adamw",
         "train step",
-    ] {
-        assert!(stdout.contains(op), "no {op} row in\n{stdout}");
-    }
+    ];
+    shows("row", &rows);
     // Without a device every op still appears, with its static count and prediction, and the
     // GPU figures it shows are labelled as recorded (never as measured here).
     assert!(stdout.contains("instruction budget"), "{stdout}");
-    for op in [
+    let budget_lines = [
         "dropout fwd",
         "bias_act_dropout fwd",
         "dropout_add_norm fwd",
         "cross_entropy",
-    ] {
-        assert!(stdout.contains(op), "no {op} budget line in\n{stdout}");
-    }
+    ];
+    shows("budget line", &budget_lines);
     assert!(!stdout.contains(" here"), "{stdout}");
     assert!(stdout.contains("recorded (H200"), "{stdout}");
     let json: serde_json::Value =

@@ -20,6 +20,7 @@ use libtest_mimic::Trial;
 
 use crate::prelude::*;
 
+#[linkme::distributed_slice(crate::TRIALS)]
 pub fn trials() -> Vec<Trial> {
     let mut v = dropout::trials();
     v.extend(bias_act_dropout::trials());

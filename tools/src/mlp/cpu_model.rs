@@ -4,14 +4,17 @@
 use super::config::{check_block, check_slot, Backend, Branch, MlpConfig, Sites};
 use super::cpu;
 use super::init::{host_init, student_tensors, BlockParams};
+use super::prenorm::{self, branch_io, not_prenorm, t as tp};
+use super::steps::{backend_steps, Steps};
 use fusedreg::adamw::cpu::CpuTensor;
 use fusedreg::adamw::{self, AdamWConfig};
 use fusedreg::dropout::{self as dr, Config};
+use fusedreg::dropout_add_norm as dan;
 use fusedreg::global_norm::cpu as norm_cpu;
 use fusedreg::Result;
 
-#[path = "cpu_prenorm.rs"]
-mod prenorm;
+/// The CPU model's pre-norm activations (host buffers, nothing else).
+type PreState = prenorm::State<Vec<f32>>;
 
 /// The CPU model state.
 ///
@@ -47,7 +50,7 @@ pub struct CpuMlp {
     /// Optimizer tensors per block (4, or 6 for the pre-norm variant).
     per_block: usize,
     /// The pre-norm variant's state, or none (the residual model).
-    pre: Option<prenorm::State>,
+    pre: Option<PreState>,
 }
 
 /// Index of tensor `k` (0 W1, 1 b1, 2 W2, 3 b2) of block `l`.
@@ -130,54 +133,6 @@ impl CpuMlp {
         })
     }
 
-    /// Checks the slot, and the stochastic-depth scale request against the model.
-    fn check_block_call(&self, l: usize, input: usize, scale: bool) -> Result<()> {
-        check_block(
-            l,
-            input,
-            self.h.len(),
-            scale,
-            self.rowscale.iter().all(|r| !r.is_empty()),
-        )
-    }
-
-    /// Block `l`'s branch `o = W2 gelu(W1 x + b1)` (b2 is added by the op that adds `o`), with
-    /// `x` and `o` where `branch` says.
-    fn branch_forward(&mut self, l: usize, branch: Branch) -> Result<()> {
-        let (x, o) = match branch {
-            Branch::Residual { input } => (&self.acts[input], &mut self.o),
-            Branch::PreNorm => {
-                let p = self.pre.as_mut().ok_or_else(super::prenorm::not_prenorm)?;
-                (&p.nrm[l], &mut p.outs[l])
-            }
-        };
-        let (hd, ts) = (self.sites.hidden, &self.tensors);
-        let t = |k: usize| self.per_block * l + k;
-        cpu::linear_fwd(x, &ts[t(0)].param, &mut self.h[l], hd, hd)?;
-        cpu::bias_gelu_fwd(&self.h[l], &ts[t(1)].param, &mut self.a[l])?;
-        cpu::linear_fwd(&self.a[l], &ts[t(2)].param, o, hd, hd)
-    }
-
-    /// Backward through block `l`'s branch from `d_o` (the gradient of `o`): dW2, db1 and dW1,
-    /// and the gradient of `x` where `branch` says.
-    fn branch_backward(&mut self, l: usize, branch: Branch) -> Result<()> {
-        let (x, d_x, accumulate) = match branch {
-            Branch::Residual { input } => (&self.acts[input], &mut self.g, true),
-            Branch::PreNorm => {
-                let p = self.pre.as_mut().ok_or_else(super::prenorm::not_prenorm)?;
-                (&p.nrm[l], &mut p.dn, false)
-            }
-        };
-        let (hd, ts) = (self.sites.hidden, &mut self.tensors);
-        let t = |k: usize| self.per_block * l + k;
-        cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut ts[t(2)].grad, hd, hd)?;
-        cpu::linear_bwd_input(&self.d_o, &ts[t(2)].param, &mut self.d_a, hd, hd, false)?;
-        cpu::bias_gelu_bwd(&self.h[l], &ts[t(1)].param, &self.d_a, &mut self.du)?;
-        ts[t(1)].grad = cpu::colsum(&self.du, self.sites.tokens, hd)?;
-        cpu::linear_bwd_weight(&self.du, x, &mut ts[t(0)].grad, hd, hd)?;
-        cpu::linear_bwd_input(&self.du, &ts[t(0)].param, d_x, hd, hd, accumulate)
-    }
-
     /// The parameters of optimizer tensor `i` (W1, b1, W2, b2 of each block in turn).
     ///
     /// # Examples
@@ -256,23 +211,7 @@ impl Backend for CpuMlp {
         Ok(())
     }
 
-    fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
-        if self.pre.is_some() {
-            return self.pre_forward_block(l, input, call, scale);
-        }
-        self.check_block_call(l, input, scale)?;
-        self.branch_forward(l, Branch::Residual { input })?;
-        let (before, after) = self.acts.split_at_mut(l + 1);
-        let (x, y) = (&before[input], &mut after[0]);
-        let cfg = self.sites.dropout(call)?;
-        let opts = dr::cpu::ForwardOptions {
-            bias: Some(&self.tensors[t(l, 3)].param),
-            residual: Some(x),
-            rowscale: scale.then_some(&self.rowscale[l][..]),
-            ..Default::default()
-        };
-        dr::cpu::forward(&cfg, &self.o, y, opts)
-    }
+    backend_steps!();
 
     fn loss(&mut self, output: usize, batch: usize, _want_loss: bool) -> Result<f64> {
         let y = match &self.pre {
@@ -286,35 +225,6 @@ impl Backend for CpuMlp {
             }
         };
         cpu::mse_grad(y, &self.targets[batch], &mut self.g)
-    }
-
-    fn exit_forward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
-        match self.pre {
-            Some(_) => self.pre_exit(output, call, scale, false),
-            None => Ok(()),
-        }
-    }
-
-    fn exit_backward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
-        match self.pre {
-            Some(_) => self.pre_exit(output, call, scale, true),
-            None => Ok(()),
-        }
-    }
-
-    fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
-        if self.pre.is_some() {
-            return self.pre_backward_block(l, input, call, scale);
-        }
-        self.check_block_call(l, input, scale)?;
-        let cfg = self.sites.dropout(call)?;
-        let opts = dr::cpu::BackwardOptions {
-            rowscale: scale.then_some(&self.rowscale[l][..]),
-            dbias: Some(&mut self.tensors[t(l, 3)].grad),
-            ..Default::default()
-        };
-        dr::cpu::backward(&cfg, &self.g, &mut self.d_o, opts)?;
-        self.branch_backward(l, Branch::Residual { input })
     }
 
     fn zero_grads(&mut self, l: usize) -> Result<()> {
@@ -339,5 +249,171 @@ impl Backend for CpuMlp {
         let norm = norm_cpu::global_norm(&grads, Some(self.max_norm), 1.0)?;
         let inputs = adamw::cpu::StepInputs::from_norm(self.adamw.lr, &norm);
         adamw::cpu::step(&mut self.tensors, &self.adamw, &inputs, skip)
+    }
+}
+
+/// The residual block's add is `dropout`'s CPU reference with a residual; the pre-norm variant's
+/// entry is `dropout_add_norm`'s CPU reference, its exit `dropout`'s with a residual (see
+/// [`PreNorm`](crate::mlp::PreNorm) for the model, the exit and how stochastic depth combines
+/// with the fused entry).
+impl Steps for CpuMlp {
+    type Buf = Vec<f32>;
+    type Scratch = ();
+
+    fn blocks(&self) -> usize {
+        self.h.len()
+    }
+
+    fn pre(&mut self) -> Option<&mut PreState> {
+        self.pre.as_mut()
+    }
+
+    fn check_block_call(&self, l: usize, input: usize, scale: bool) -> Result<()> {
+        check_block(
+            l,
+            input,
+            self.h.len(),
+            scale,
+            self.rowscale.iter().all(|r| !r.is_empty()),
+        )
+    }
+
+    fn branch_forward(&mut self, l: usize, branch: Branch) -> Result<()> {
+        let (x, o) = match branch {
+            Branch::Residual { input } => (&self.acts[input], &mut self.o),
+            Branch::PreNorm => branch_io(&mut self.pre, l, false)?,
+        };
+        let (hd, ts) = (self.sites.hidden, &self.tensors);
+        let t = |k: usize| self.per_block * l + k;
+        cpu::linear_fwd(x, &ts[t(0)].param, &mut self.h[l], hd, hd)?;
+        cpu::bias_gelu_fwd(&self.h[l], &ts[t(1)].param, &mut self.a[l])?;
+        cpu::linear_fwd(&self.a[l], &ts[t(2)].param, o, hd, hd)
+    }
+
+    fn branch_backward(&mut self, l: usize, branch: Branch) -> Result<()> {
+        let accumulate = matches!(branch, Branch::Residual { .. });
+        let (x, d_x) = match branch {
+            Branch::Residual { input } => (&self.acts[input], &mut self.g),
+            Branch::PreNorm => branch_io(&mut self.pre, l, true)?,
+        };
+        let (hd, ts) = (self.sites.hidden, &mut self.tensors);
+        let t = |k: usize| self.per_block * l + k;
+        cpu::linear_bwd_weight(&self.d_o, &self.a[l], &mut ts[t(2)].grad, hd, hd)?;
+        cpu::linear_bwd_input(&self.d_o, &ts[t(2)].param, &mut self.d_a, hd, hd, false)?;
+        cpu::bias_gelu_bwd(&self.h[l], &ts[t(1)].param, &self.d_a, &mut self.du)?;
+        ts[t(1)].grad = cpu::colsum(&self.du, self.sites.tokens, hd)?;
+        cpu::linear_bwd_weight(&self.du, x, &mut ts[t(0)].grad, hd, hd)?;
+        cpu::linear_bwd_input(&self.du, &ts[t(0)].param, d_x, hd, hd, accumulate)
+    }
+
+    fn residual_forward(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        let cfg = &self.sites.dropout(call)?;
+        let (before, after) = self.acts.split_at_mut(l + 1);
+        let opts = dr::cpu::ForwardOptions {
+            bias: Some(&self.tensors[t(l, 3)].param),
+            residual: Some(&before[input]),
+            rowscale: scale.then_some(&self.rowscale[l][..]),
+            ..Default::default()
+        };
+        dr::cpu::forward(cfg, &self.o, &mut after[0], opts)
+    }
+
+    fn residual_backward(&mut self, l: usize, call: u64, scale: bool) -> Result<()> {
+        let cfg = &self.sites.dropout(call)?;
+        let opts = dr::cpu::BackwardOptions {
+            rowscale: scale.then_some(&self.rowscale[l][..]),
+            dbias: Some(&mut self.tensors[t(l, 3)].grad),
+            ..Default::default()
+        };
+        dr::cpu::backward(cfg, &self.g, &mut self.d_o, opts)
+    }
+
+    fn entry_forward(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        let tensors = &self.tensors;
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let cfg = &self.sites.entry(&p.cfg, l, input > 0, call)?;
+        let (gamma, beta) = (&tensors[tp(l, 4)].param, &tensors[tp(l, 5)].param);
+        let (before, after) = p.stream.split_at_mut(l);
+        let args = if input == 0 {
+            dan::cpu::ForwardArgs {
+                beta: Some(beta),
+                ..dan::cpu::ForwardArgs::new(&self.acts[0], gamma)
+            }
+        } else {
+            dan::cpu::ForwardArgs {
+                residual: Some(&before[input - 1]),
+                beta: Some(beta),
+                bias: Some(&tensors[tp(input - 1, 3)].param),
+                // The row scale of slot `input`'s block.
+                rowscale: scale.then(|| &self.rowscale[input - 1][..]),
+                ..dan::cpu::ForwardArgs::new(&p.outs[input - 1], gamma)
+            }
+        };
+        let outs = dan::cpu::ForwardOut {
+            out: &mut p.nrm[l],
+            s: &mut after[0],
+            mean: &mut p.mean[l],
+            rstd: &mut p.rstd[l],
+        };
+        dan::cpu::forward(cfg, args, outs)
+    }
+
+    fn entry_backward(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        let hd = self.sites.hidden;
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let cfg = &self.sites.entry(&p.cfg, l, input > 0, call)?;
+        let ts = &mut self.tensors;
+        // Its column gradients go to buffers of their own first: gamma is read from the same
+        // tensor list.
+        let (mut dgamma, mut dbeta, mut dbias) = (vec![0.0; hd], vec![0.0; hd], vec![0.0; hd]);
+        let adds = input > 0;
+        let args = dan::cpu::BackwardArgs {
+            d_s: Some(&self.g),
+            rowscale: (scale && adds).then(|| &self.rowscale[input - 1][..]),
+            ..dan::cpu::BackwardArgs::new(
+                &p.dn,
+                &p.stream[l],
+                &ts[tp(l, 4)].param,
+                &p.mean[l],
+                &p.rstd[l],
+            )
+        };
+        let outs = dan::cpu::BackwardOut {
+            // Without an add, dx is the input's gradient: nobody needs it or the residual's.
+            d_residual: adds.then_some(&mut p.g2[..]),
+            dbeta: Some(&mut dbeta),
+            dbias: adds.then_some(&mut dbias[..]),
+            ..dan::cpu::BackwardOut::new(&mut self.d_o, &mut dgamma)
+        };
+        dan::cpu::backward(cfg, args, outs)?;
+        ts[tp(l, 4)].grad = dgamma;
+        ts[tp(l, 5)].grad = dbeta;
+        if adds {
+            ts[tp(input - 1, 3)].grad = dbias;
+            std::mem::swap(&mut self.g, &mut p.g2);
+        }
+        Ok(())
+    }
+
+    fn exit_add(&mut self, j: usize, call: u64, scale: bool, backward: bool) -> Result<()> {
+        let cfg = &self.sites.dropout(call)?;
+        let rowscale = scale.then(|| &self.rowscale[j][..]);
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        if backward {
+            // d o_j from the loss gradient; the stream's gradient passes through unchanged.
+            let opts = dr::cpu::BackwardOptions {
+                rowscale,
+                dbias: Some(&mut self.tensors[tp(j, 3)].grad),
+                ..Default::default()
+            };
+            return dr::cpu::backward(cfg, &self.g, &mut self.d_o, opts);
+        }
+        let opts = dr::cpu::ForwardOptions {
+            bias: Some(&self.tensors[tp(j, 3)].param),
+            residual: Some(&p.stream[j]),
+            rowscale,
+            ..Default::default()
+        };
+        dr::cpu::forward(cfg, &p.outs[j], &mut p.exit, opts)
     }
 }

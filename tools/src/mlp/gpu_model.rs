@@ -7,8 +7,11 @@ use cudarc::driver::CudaSlice;
 use super::config::{check_block, check_slot, Backend, Branch, MlpConfig, Sites};
 use super::gpu::{self as k, Blas};
 use super::init::{host_init, student_tensors, BlockParams};
+use super::prenorm::{branch_io, not_prenorm, t as tp};
+use super::steps::{backend_steps, Steps};
 use fusedreg::adamw::AdamW;
 use fusedreg::dropout::{self as dr, BackwardOptions, Config, ForwardOptions, Workspace};
+use fusedreg::dropout_add_norm as dan;
 use fusedreg::global_norm::GlobalNorm;
 use fusedreg::multi_tensor::TensorSet;
 use fusedreg::Handle;
@@ -258,22 +261,95 @@ impl GpuMlp {
     }
 }
 
-impl GpuMlp {
-    /// Checks the slot, and the stochastic-depth scale request against the model.
+impl Backend for GpuMlp {
+    fn begin(&mut self, batch: usize) -> Result<()> {
+        check_slot(0, 1, batch, self.inputs.len())?;
+        if let Some(p) = self.pre.as_mut() {
+            p.exit_from = None; // a new forward: the last exit is stale
+        }
+        self.batch = batch;
+        Ok(())
+    }
+
+    backend_steps!();
+
+    fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
+        let y = match &self.pre {
+            None => {
+                check_slot(output, self.acts.len(), batch, self.targets.len())?;
+                if output == 0 {
+                    &self.inputs[batch]
+                } else {
+                    &self.acts[output]
+                }
+            }
+            Some(p) => {
+                check_slot(output, self.hpre.len() + 1, batch, self.targets.len())?;
+                // Slot 0: the stream never left the input batch of `begin` (as the CPU model).
+                p.output(output, &self.inputs[self.batch])?
+            }
+        };
+        k::mse_grad(
+            &self.handle,
+            y,
+            &self.targets[batch],
+            &mut self.g,
+            &mut self.mse_partials,
+        )?;
+        if want_loss {
+            k::mse_from_partials(
+                &self.handle,
+                &self.mse_partials,
+                self.sites.tokens * self.sites.hidden,
+            )
+        } else {
+            Ok(f64::NAN)
+        }
+    }
+
+    fn zero_grads(&mut self, l: usize) -> Result<()> {
+        check_block(l, 0, self.hpre.len(), false, true)?;
+        let stream = self.handle.stream().clone();
+        for kk in 0..self.per_block {
+            let mut g = self.set.grad_mut::<f32>(self.per_block * l + kk)?;
+            stream.memset_zeros(&mut g).map_err(Error::driver(OP))?;
+        }
+        Ok(())
+    }
+
+    fn optimizer_step(&mut self, skip: &[bool]) -> Result<()> {
+        if skip != self.skip.as_slice() {
+            self.opt.set_skip(skip)?;
+            self.skip = skip.to_vec();
+        }
+        self.opt.clip_and_step(&mut self.set, &mut self.norm)
+    }
+}
+
+/// The residual block's add is `dropout`'s kernel with a residual; the pre-norm variant's entry
+/// is `dropout_add_norm`'s fused kernel pair, its exit `dropout`'s with a residual (see
+/// [`PreNorm`](crate::mlp::PreNorm)): the same operations in the same order as the CPU model.
+impl Steps for GpuMlp {
+    type Buf = CudaSlice<f32>;
+    type Scratch = prenorm::EntryScratch;
+
+    fn blocks(&self) -> usize {
+        self.hpre.len()
+    }
+
+    fn pre(&mut self) -> Option<&mut prenorm::State> {
+        self.pre.as_mut()
+    }
+
     fn check_block_call(&self, l: usize, input: usize, scale: bool) -> Result<()> {
         check_block(l, input, self.hpre.len(), scale, !self.rowscale.is_empty())
     }
 
-    /// Block `l`'s branch `o = W2 gelu(W1 x + b1)` (b2 is added by the op that adds `o`), with
-    /// `x` and `o` where `branch` says.
-    pub(super) fn branch_forward(&mut self, l: usize, branch: Branch) -> Result<()> {
+    fn branch_forward(&mut self, l: usize, branch: Branch) -> Result<()> {
         let (x, o) = match branch {
             Branch::Residual { input: 0 } => (&self.inputs[self.batch], &mut self.o),
             Branch::Residual { input } => (&self.acts[input], &mut self.o),
-            Branch::PreNorm => {
-                let p = self.pre.as_mut().ok_or_else(super::prenorm::not_prenorm)?;
-                (&p.nrm[l], &mut p.outs[l])
-            }
+            Branch::PreNorm => branch_io(&mut self.pre, l, false)?,
         };
         let (hd, set) = (self.sites.hidden, &self.set);
         let t = |k: usize| self.per_block * l + k;
@@ -289,16 +365,12 @@ impl GpuMlp {
             .linear_fwd(&self.a[l], &set.param::<f32>(t(2))?, o, hd, hd)
     }
 
-    /// Backward through block `l`'s branch `o = W2 gelu(W1 x + b1)` from `d_o` (the gradient of
-    /// `o`): dW2, db1 and dW1 into the tensor set, and the gradient of `x` where `branch` says.
-    pub(super) fn branch_backward(&mut self, l: usize, branch: Branch) -> Result<()> {
-        let (x, d_x, accumulate) = match branch {
-            Branch::Residual { input: 0 } => (&self.inputs[self.batch], &mut self.g, true),
-            Branch::Residual { input } => (&self.acts[input], &mut self.g, true),
-            Branch::PreNorm => {
-                let p = self.pre.as_mut().ok_or_else(super::prenorm::not_prenorm)?;
-                (&p.nrm[l], &mut p.dn, false)
-            }
+    fn branch_backward(&mut self, l: usize, branch: Branch) -> Result<()> {
+        let accumulate = matches!(branch, Branch::Residual { .. });
+        let (x, d_x) = match branch {
+            Branch::Residual { input: 0 } => (&self.inputs[self.batch], &mut self.g),
+            Branch::Residual { input } => (&self.acts[input], &mut self.g),
+            Branch::PreNorm => branch_io(&mut self.pre, l, true)?,
         };
         let (hd, h, set) = (self.sites.hidden, &self.handle, &mut self.set);
         let t = |k: usize| self.per_block * l + k;
@@ -336,25 +408,9 @@ impl GpuMlp {
         self.blas
             .linear_bwd_input(&self.du, &set.param::<f32>(t(0))?, d_x, hd, hd, accumulate)
     }
-}
 
-impl Backend for GpuMlp {
-    fn begin(&mut self, batch: usize) -> Result<()> {
-        check_slot(0, 1, batch, self.inputs.len())?;
-        if let Some(p) = self.pre.as_mut() {
-            p.exit_from = None; // a new forward: the last exit is stale
-        }
-        self.batch = batch;
-        Ok(())
-    }
-
-    fn forward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
-        if self.pre.is_some() {
-            return self.pre_forward_block(l, input, call, scale);
-        }
-        self.check_block_call(l, input, scale)?;
-        let cfg = self.sites.dropout(call)?;
-        self.branch_forward(l, Branch::Residual { input })?;
+    fn residual_forward(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        let cfg = &self.sites.dropout(call)?;
         let (lo, hi) = self.acts.split_at_mut(l + 1);
         let x = if input == 0 {
             &self.inputs[self.batch]
@@ -367,90 +423,110 @@ impl Backend for GpuMlp {
             rowscale: scale.then(|| self.rowscale[l].as_view()),
             ..Default::default()
         };
-        dr::forward(&self.handle, &cfg, &self.o, &mut hi[0], opts)
+        dr::forward(&self.handle, cfg, &self.o, &mut hi[0], opts)
     }
 
-    fn loss(&mut self, output: usize, batch: usize, want_loss: bool) -> Result<f64> {
-        let y = match &self.pre {
-            None => {
-                check_slot(output, self.acts.len(), batch, self.targets.len())?;
-                if output == 0 {
-                    &self.inputs[batch]
-                } else {
-                    &self.acts[output]
-                }
-            }
-            Some(p) => {
-                check_slot(output, self.hpre.len() + 1, batch, self.targets.len())?;
-                // Slot 0: the stream never left the input batch of `begin` (as the CPU model).
-                p.output(output, &self.inputs[self.batch])?
-            }
-        };
-        k::mse_grad(
-            &self.handle,
-            y,
-            &self.targets[batch],
-            &mut self.g,
-            &mut self.mse_partials,
-        )?;
-        if want_loss {
-            k::mse_from_partials(
-                &self.handle,
-                &self.mse_partials,
-                self.sites.tokens * self.sites.hidden,
-            )
-        } else {
-            Ok(f64::NAN)
-        }
-    }
-
-    fn exit_forward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
-        match self.pre {
-            Some(_) => self.pre_exit(output, call, scale, false),
-            None => Ok(()),
-        }
-    }
-
-    fn exit_backward(&mut self, output: usize, call: u64, scale: bool) -> Result<()> {
-        match self.pre {
-            Some(_) => self.pre_exit(output, call, scale, true),
-            None => Ok(()),
-        }
-    }
-
-    fn backward_block(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
-        if self.pre.is_some() {
-            return self.pre_backward_block(l, input, call, scale);
-        }
-        self.check_block_call(l, input, scale)?;
-        let h = &self.handle;
-        let cfg = self.sites.dropout(call)?;
-        let set = &mut self.set;
+    fn residual_backward(&mut self, l: usize, call: u64, scale: bool) -> Result<()> {
+        let cfg = &self.sites.dropout(call)?;
         let opts = BackwardOptions {
             rowscale: scale.then(|| self.rowscale[l].as_view()),
-            dbias: Some(set.grad_mut::<f32>(t(l, 3))?),
+            dbias: Some(self.set.grad_mut::<f32>(t(l, 3))?),
             workspace: Some(&mut self.ws),
             ..Default::default()
         };
-        dr::backward(h, &cfg, &self.g, &mut self.d_o, opts)?;
-        self.branch_backward(l, Branch::Residual { input })
+        dr::backward(&self.handle, cfg, &self.g, &mut self.d_o, opts)
     }
 
-    fn zero_grads(&mut self, l: usize) -> Result<()> {
-        check_block(l, 0, self.hpre.len(), false, true)?;
-        let stream = self.handle.stream().clone();
-        for kk in 0..self.per_block {
-            let mut g = self.set.grad_mut::<f32>(self.per_block * l + kk)?;
-            stream.memset_zeros(&mut g).map_err(Error::driver(OP))?;
+    fn entry_forward(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let cfg = &self.sites.entry(&p.cfg, l, input > 0, call)?;
+        let set = &self.set;
+        let (gamma, beta) = (set.param::<f32>(tp(l, 4))?, set.param::<f32>(tp(l, 5))?);
+        let (before, after) = p.stream.split_at_mut(l);
+        let args = if input == 0 {
+            dan::ForwardArgs {
+                beta: Some(beta),
+                ..dan::ForwardArgs::new(self.inputs[self.batch].as_view(), gamma)
+            }
+        } else {
+            dan::ForwardArgs {
+                residual: Some(before[input - 1].as_view()),
+                beta: Some(beta),
+                bias: Some(set.param::<f32>(tp(input - 1, 3))?),
+                rowscale: scale.then(|| self.rowscale[input - 1].as_view()),
+                ..dan::ForwardArgs::new(p.outs[input - 1].as_view(), gamma)
+            }
+        };
+        let outs = dan::ForwardOut {
+            out: p.nrm[l].as_view_mut(),
+            s: after[0].as_view_mut(),
+            mean: p.mean[l].as_view_mut(),
+            rstd: p.rstd[l].as_view_mut(),
+        };
+        dan::forward(&self.handle, cfg, args, outs)
+    }
+
+    fn entry_backward(&mut self, l: usize, input: usize, call: u64, scale: bool) -> Result<()> {
+        let h = &self.handle;
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        let cfg = &self.sites.entry(&p.cfg, l, input > 0, call)?;
+        let set = &mut self.set;
+        let adds = input > 0;
+        let args = dan::BackwardArgs {
+            d_s: Some(self.g.as_view()),
+            rowscale: (scale && adds).then(|| self.rowscale[input - 1].as_view()),
+            workspace: Some(&mut p.scratch.ws),
+            ..dan::BackwardArgs::new(
+                p.dn.as_view(),
+                p.stream[l].as_view(),
+                set.param::<f32>(tp(l, 4))?,
+                p.mean[l].as_view(),
+                p.rstd[l].as_view(),
+            )
+        };
+        let outs = dan::BackwardOut {
+            // Without an add, dx is the input's gradient: nobody needs it or the residual's.
+            d_residual: adds.then(|| p.g2.as_view_mut()),
+            dbeta: Some(p.scratch.dbeta.as_view_mut()),
+            dbias: adds.then(|| p.scratch.dbias.as_view_mut()),
+            ..dan::BackwardOut::new(self.d_o.as_view_mut(), p.scratch.dgamma.as_view_mut())
+        };
+        dan::backward(h, cfg, args, outs)?;
+        let stream = h.stream();
+        let mut copy = |src: &CudaSlice<f32>, i: usize| {
+            stream
+                .memcpy_dtod(src, &mut set.grad_mut::<f32>(i)?)
+                .map_err(Error::driver(OP))
+        };
+        copy(&p.scratch.dgamma, tp(l, 4))?;
+        copy(&p.scratch.dbeta, tp(l, 5))?;
+        if adds {
+            copy(&p.scratch.dbias, tp(input - 1, 3))?;
+            std::mem::swap(&mut self.g, &mut p.g2);
         }
         Ok(())
     }
 
-    fn optimizer_step(&mut self, skip: &[bool]) -> Result<()> {
-        if skip != self.skip.as_slice() {
-            self.opt.set_skip(skip)?;
-            self.skip = skip.to_vec();
+    fn exit_add(&mut self, j: usize, call: u64, scale: bool, backward: bool) -> Result<()> {
+        let cfg = &self.sites.dropout(call)?;
+        let rowscale = scale.then(|| self.rowscale[j].as_view());
+        let p = self.pre.as_mut().ok_or_else(not_prenorm)?;
+        if backward {
+            // d o_j from the loss gradient; the stream's gradient passes through unchanged.
+            let opts = BackwardOptions {
+                rowscale,
+                dbias: Some(self.set.grad_mut::<f32>(tp(j, 3))?),
+                workspace: Some(&mut self.ws),
+                ..Default::default()
+            };
+            return dr::backward(&self.handle, cfg, &self.g, &mut self.d_o, opts);
         }
-        self.opt.clip_and_step(&mut self.set, &mut self.norm)
+        let opts = ForwardOptions {
+            bias: Some(self.set.param::<f32>(tp(j, 3))?),
+            residual: Some(p.stream[j].as_view()),
+            rowscale,
+            ..Default::default()
+        };
+        dr::forward(&self.handle, cfg, &p.outs[j], &mut p.exit, opts)
     }
 }

@@ -19,6 +19,7 @@ pub mod gpu;
 mod gpu_model;
 mod init;
 mod prenorm;
+mod steps;
 pub mod train;
 
 pub use config::{Backend, DroppedParams, MlpConfig};

@@ -95,6 +95,17 @@ pub(super) fn not_prenorm() -> Error {
     )
 }
 
+/// Block `l`'s branch buffers in the pre-norm model: its input `n_l`, and where its output `o_l`
+/// goes (`backward`: where the gradient of `n_l` goes).
+pub(super) fn branch_io<B, S>(
+    pre: &mut Option<State<B, S>>,
+    l: usize,
+    backward: bool,
+) -> Result<(&B, &mut B)> {
+    let p = pre.as_mut().ok_or_else(not_prenorm)?;
+    Ok((&p.nrm[l], if backward { &mut p.dn } else { &mut p.outs[l] }))
+}
+
 /// Per-block activations of the pre-norm model in buffers `B` (`Vec<f32>` in the CPU model,
 /// `CudaSlice<f32>` in the GPU model), and `S`, what only one of them keeps (slot `k > 0` is
 /// block `k - 1`'s output `o` together with the stream `s` that block read).

@@ -14,6 +14,8 @@ use half::bf16;
 
 use crate::Ctx;
 
+super::case!(run);
+
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     match ctx.handle.clone() {
         Some(h) => {

@@ -16,6 +16,8 @@ use half::bf16;
 use super::{COLS, P, ROWS};
 use crate::Ctx;
 
+super::case!(run);
+
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     let Some(h) = ctx.handle.clone() else {
         return Ok(());

@@ -18,6 +18,8 @@ use crate::Ctx;
 const ALPHA: f64 = 0.1;
 const IGNORE: i64 = -100;
 
+super::case!(run);
+
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     let Some(h) = ctx.handle.clone() else {
         return Ok(());

@@ -22,6 +22,8 @@ use half::bf16;
 use super::{COLS, P, ROWS};
 use crate::Ctx;
 
+super::case!(run);
+
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     match ctx.handle.clone() {
         Some(h) => {

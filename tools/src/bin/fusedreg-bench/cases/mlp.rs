@@ -12,6 +12,8 @@ use crate::Ctx;
 
 const OP: &str = "train step (stochastic depth)";
 
+super::case!(run);
+
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     let gpu = ctx.handle.is_some();
     let base = if gpu {

@@ -1,11 +1,9 @@
 //! The benchmark cases, one module per op (the op's stem), each adding its rows to the report.
-
-mod adamw;
-mod bias_act_dropout;
-mod cross_entropy;
-mod dropout;
-mod dropout_add_norm;
-mod mlp;
+//!
+//! Every file of this folder is a module (`automod`) that registers its `run` in [`CASES`] with
+//! `super::case!(run)`, so a new op's case needs no line here. The report runs them sorted by
+//! stem. (A new file is picked up the next time this crate compiles, which adding an op's
+//! library code triggers.)
 
 use fusedreg::Handle;
 
@@ -17,14 +15,38 @@ const P: f64 = 0.1;
 const ROWS: usize = 16_384;
 const COLS: usize = 4096;
 
-/// Runs every op's cases in report order.
+/// One op's cases: its module (`fusedreg_bench::cases::<stem>`) and the function that adds its
+/// rows.
+pub struct Case {
+    module: &'static str,
+    run: fn(&mut Ctx) -> fusedreg::Result<()>,
+}
+
+/// Every case file's [`Case`].
+#[linkme::distributed_slice]
+pub static CASES: [Case];
+
+/// Registers the case file's `run` in [`CASES`] under its module.
+macro_rules! case {
+    ($run:path) => {
+        #[linkme::distributed_slice(super::CASES)]
+        static CASE: super::Case = super::Case {
+            module: module_path!(),
+            run: $run,
+        };
+    };
+}
+use case;
+
+automod::dir!("src/bin/fusedreg-bench/cases");
+
+/// Runs every op's cases, sorted by stem.
 pub fn run_all(ctx: &mut Ctx) -> fusedreg::Result<()> {
-    dropout::run(ctx)?;
-    bias_act_dropout::run(ctx)?;
-    dropout_add_norm::run(ctx)?;
-    cross_entropy::run(ctx)?;
-    adamw::run(ctx)?;
-    mlp::run(ctx)?;
+    let mut cases: Vec<&Case> = CASES.iter().collect();
+    cases.sort_by_key(|case| case.module);
+    for case in cases {
+        (case.run)(ctx)?;
+    }
     Ok(())
 }
 
