@@ -15,10 +15,10 @@
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 use super::{check_backward, check_forward, Activation, Config, Preact, LANES, OP};
-use crate::dropping::gpu::{aligned16, finish_dbias, resolution_flag, KeyedShape};
+use crate::dropping::gpu::{aligned16, bind_partials, finish_dbias, resolution_flag, KeyedShape};
 use crate::dropping::{slab_rows, MaskResolution};
 use crate::dtype::{Dtype, DtypeKind};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::math::Math;
 use crate::runtime::device_params;
 use crate::runtime::kernels::{per_dtype, KernelFamily};
@@ -273,16 +273,8 @@ pub fn forward<T: Dtype>(
     }
     let (x_ptr, _gx) = handle.read_ptr(OP, "x", x)?;
     let (y_ptr, _gy) = handle.write_ptr(OP, "y", y)?;
-    let bias_g = bias
-        .as_ref()
-        .map(|b| handle.read_ptr(OP, "bias", b))
-        .transpose()?;
-    let h_g = h_out
-        .as_mut()
-        .map(|h| handle.write_ptr(OP, "h_out", h))
-        .transpose()?;
-    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
-    let (bias_ptr, h_ptr) = (ptr(&bias_g), ptr(&h_g));
+    let (bias_ptr, _gb) = handle.read_opt(OP, "bias", bias.as_ref())?;
+    let (h_ptr, _gh) = handle.write_opt(OP, "h_out", h_out.as_mut())?;
     // The bias is read element by element: its alignment does not matter.
     let (vector, grid, slab) = geometry::<T>(cfg, aligned16(&[x_ptr, y_ptr, h_ptr]));
     // The keying's scale, 1 / (1 - effective p): unbiased at every resolution.
@@ -376,11 +368,7 @@ pub fn backward_with_workspace<T: Dtype>(
     // The slab partition (grid.y) depends on the shape only.
     let (_, grid0, slab) = geometry::<T>(cfg, false);
     let slabs = grid0.1 as usize;
-    let db_g = dbias
-        .as_mut()
-        .map(|d| handle.write_ptr(OP, "dbias", d))
-        .transpose()?;
-    let db_ptr = db_g.as_ref().map_or(0, |(p, _)| *p);
+    let (db_ptr, _gdb) = handle.write_opt(OP, "dbias", dbias.as_mut())?;
     if cfg.is_empty() {
         if db_ptr != 0 && cfg.cols() > 0 {
             // No rows: the column sums are zero (no partials to read).
@@ -390,40 +378,24 @@ pub fn backward_with_workspace<T: Dtype>(
     }
     let (dy_ptr, _gdy) = handle.read_ptr(OP, "dy", dy)?;
     let (dx_ptr, _gdx) = handle.write_ptr(OP, "dx", dx)?;
-    let (x_g, b_g, h_g) = match &pre {
+    let ((x_ptr, _gx), (b_ptr, _gb), (h_ptr, _gh)) = match &pre {
         Preact::X { x, bias } => (
-            Some(handle.read_ptr(OP, "x", x)?),
-            bias.as_ref()
-                .map(|b| handle.read_ptr(OP, "bias", b))
-                .transpose()?,
-            None,
+            handle.read_opt(OP, "x", Some(x))?,
+            handle.read_opt(OP, "bias", bias.as_ref())?,
+            (0, None),
         ),
-        Preact::H(h) => (None, None, Some(handle.read_ptr(OP, "h", h)?)),
+        Preact::H(h) => ((0, None), (0, None), handle.read_opt(OP, "h", Some(h))?),
     };
-    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
-    let (x_ptr, b_ptr, h_ptr) = (ptr(&x_g), ptr(&b_g), ptr(&h_g));
     let (vector, grid, _) = geometry::<T>(cfg, aligned16(&[dy_ptr, dx_ptr, x_ptr, h_ptr]));
 
-    let mut partials = if db_ptr != 0 && workspace.is_none() {
-        // SAFETY: the backward kernel writes every (slab, column) partial before the finishing
-        // kernel reads it (every slab has at least one row; inactive columns are not read).
-        Some(
-            unsafe { handle.stream().alloc::<f32>(slabs * cfg.cols()) }
-                .map_err(Error::driver(OP))?,
-        )
-    } else {
-        None
-    };
     // A non-null partials pointer is what asks the kernel for dbias: none without it.
-    let part_g = match (partials.as_mut(), workspace.as_mut()) {
-        (Some(b), _) => Some(handle.write_ptr(OP, "partials", b)?),
-        (None, Some(v)) if db_ptr != 0 => {
-            let query = "fusedreg::workspace::bias_act_dropout_backward_size";
-            Some(v.bind(handle, OP, query, 4 * slabs * cfg.cols())?)
-        }
-        _ => None,
-    };
-    let part_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
+    let mut own = None;
+    let want = (db_ptr != 0).then_some(slabs * cfg.cols());
+    let query = "fusedreg::workspace::bias_act_dropout_backward_size";
+    // SAFETY: the backward kernel writes every (slab, column) partial before the finishing
+    // kernel reads it (every slab has at least one row; inactive columns are not read).
+    let (part_ptr, part_g) =
+        unsafe { bind_partials(handle, OP, query, workspace.as_mut(), None, &mut own, want) }?;
     let keying = cfg.keying(T::KIND);
     let p = BwdParams {
         dy: dy_ptr,
@@ -447,6 +419,6 @@ pub fn backward_with_workspace<T: Dtype>(
         finish_dbias::<T>(handle, DBIAS, part_ptr, db_ptr, cfg.cols(), slabs)?;
     }
     drop(part_g);
-    drop(partials); // stream-ordered free after the kernels that use it
+    drop(own); // stream-ordered free after the kernels that use it
     Ok(())
 }

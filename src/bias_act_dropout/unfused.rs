@@ -231,10 +231,7 @@ pub fn backward<T: Dtype>(
     let db_len = dbias.as_ref().map(|d| d.len());
     check_backward(cfg, dy.len(), mask.len(), h.len(), dx.len(), db_len)?;
     let base = params(cfg);
-    let db_g = dbias
-        .as_mut()
-        .map(|d| handle.write_ptr(OP, "dbias", d))
-        .transpose()?;
+    let (db_ptr, _gdb) = handle.write_opt(OP, "dbias", dbias.as_mut())?;
     if n > 0 {
         // SAFETY: the masked-scale kernel writes every element before the next kernel reads it.
         let mut g = unsafe { handle.stream().alloc::<T>(n) }.map_err(Error::driver(OP))?;
@@ -265,31 +262,29 @@ pub fn backward<T: Dtype>(
                 ..base
             },
         )?;
-        if let Some((db_ptr, _)) = &db_g {
+        if db_ptr != 0 {
             launch::<T>(
                 handle,
                 COL_SUM,
                 cfg.cols() as u64,
                 &Params {
                     a: dx_ptr,
-                    out: *db_ptr,
+                    out: db_ptr,
                     ..base
                 },
             )?;
         }
-    } else if let Some((db_ptr, _)) = &db_g {
-        if cfg.cols() > 0 {
-            // No rows: zero column sums (the kernel reads nothing).
-            launch::<T>(
-                handle,
-                COL_SUM,
-                cfg.cols() as u64,
-                &Params {
-                    out: *db_ptr,
-                    ..base
-                },
-            )?;
-        }
+    } else if db_ptr != 0 && cfg.cols() > 0 {
+        // No rows: zero column sums (the kernel reads nothing).
+        launch::<T>(
+            handle,
+            COL_SUM,
+            cfg.cols() as u64,
+            &Params {
+                out: db_ptr,
+                ..base
+            },
+        )?;
     }
     Ok(())
 }

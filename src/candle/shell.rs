@@ -172,110 +172,47 @@ fn arity(op: &'static str, n: usize) -> candle_core::Error {
     Error::invalid(op, format!("{n} inputs: a custom op takes 1 to 3")).into()
 }
 
-impl<P: Pass> CustomOp1 for Op<P> {
-    fn name(&self) -> &'static str {
-        P::NAME
-    }
+/// `CustomOp1..3` for [`Op`]: each arity hands its storages to the arity-free `cpu` / `cuda`
+/// and its gradients to `grads`, so a pass never sees how many inputs candle's trait spells out.
+macro_rules! custom_op {
+    ($trait:ident: $(($s:ident, $l:ident, $a:ident, $g:ident)),+) => {
+        impl<P: Pass> $trait for Op<P> {
+            fn name(&self) -> &'static str {
+                P::NAME
+            }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu(&[(s1, l1)])
-    }
+            fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> Result<(CpuStorage, Shape)> {
+                self.cpu(&[$(($s, $l)),+])
+            }
 
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda(&[(s1, l1)])
-    }
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_fwd(
+                &self,
+                $($s: &candle_core::CudaStorage, $l: &Layout),+
+            ) -> Result<(candle_core::CudaStorage, Shape)> {
+                self.cuda(&[$(($s, $l)),+])
+            }
 
-    fn bwd(&self, a1: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let [g1] = self.grads([a1], out, grad)?;
-        Ok(g1)
-    }
+            #[allow(unused_parens)] // one input: `(Option<Tensor>)`, candle's `Option<Tensor>`
+            fn bwd(
+                &self,
+                $($a: &Tensor,)+
+                out: &Tensor,
+                grad: &Tensor,
+            ) -> Result<($(custom_op!(@grad $g)),+)> {
+                let [$($g),+] = self.grads([$($a),+], out, grad)?;
+                Ok(($($g),+))
+            }
+        }
+    };
+    (@grad $g:ident) => {
+        Option<Tensor>
+    };
 }
 
-impl<P: Pass> CustomOp2 for Op<P> {
-    fn name(&self) -> &'static str {
-        P::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu(&[(s1, l1), (s2, l2)])
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda(&[(s1, l1), (s2, l2)])
-    }
-
-    fn bwd(
-        &self,
-        a1: &Tensor,
-        a2: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [g1, g2] = self.grads([a1, a2], out, grad)?;
-        Ok((g1, g2))
-    }
-}
-
-impl<P: Pass> CustomOp3 for Op<P> {
-    fn name(&self) -> &'static str {
-        P::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu(&[(s1, l1), (s2, l2), (s3, l3)])
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda(&[(s1, l1), (s2, l2), (s3, l3)])
-    }
-
-    fn bwd(
-        &self,
-        a1: &Tensor,
-        a2: &Tensor,
-        a3: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [g1, g2, g3] = self.grads([a1, a2, a3], out, grad)?;
-        Ok((g1, g2, g3))
-    }
-}
+custom_op!(CustomOp1: (s1, l1, a1, g1));
+custom_op!(CustomOp2: (s1, l1, a1, g1), (s2, l2, a2, g2));
+custom_op!(CustomOp3: (s1, l1, a1, g1), (s2, l2, a2, g2), (s3, l3, a3, g3));
 
 /// The inputs of a pass on one device: each one's storage and layout. Every read goes through
 /// here, so no pass reads strided data or data of another dtype than it names.

@@ -521,11 +521,7 @@ fn launch<T: Dtype, I: TargetIndex>(
     if finish_empty(handle, cfg, loss_ptr)? {
         return Ok(());
     }
-    let upstream = out
-        .upstream
-        .as_ref()
-        .map(|u| handle.read_ptr(OP, "upstream", u))
-        .transpose()?;
+    let (upstream, _gu) = handle.read_opt(OP, "upstream", out.upstream.as_ref())?;
     let flag = out
         .invalid_target
         .as_mut()
@@ -569,7 +565,7 @@ fn launch<T: Dtype, I: TargetIndex>(
     let size = T::KIND.size() as u64;
     let vocab = cfg.vocab() as u64;
     let vec = logits % 16 == 0 && grad.is_none_or(|g| g % 16 == 0) && (vocab * size) % 16 == 0;
-    let mut flags = reduction_flags(reduction, upstream.is_some());
+    let mut flags = reduction_flags(reduction, upstream != 0);
     if grad.is_some() {
         flags |= FLAG_GRAD;
     }
@@ -586,7 +582,7 @@ fn launch<T: Dtype, I: TargetIndex>(
         grad: grad.unwrap_or(0),
         targets,
         loss_rows,
-        upstream: upstream.as_ref().map_or(0, |(p, _)| *p),
+        upstream,
         n_valid: s.count,
         flag: flag.as_ref().map_or(0, |(p, _)| *p),
         row: RowParams::new(cfg, flags),

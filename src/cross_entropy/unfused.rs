@@ -98,11 +98,7 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
     let (t, _g2) = handle.read_ptr(OP, "targets", targets)?;
     let (lp, _g3) = handle.write_ptr(OP, "logprobs", logprobs)?;
     let (g, _g4) = handle.write_ptr(OP, "grad", grad)?;
-    let upstream = out
-        .upstream
-        .as_ref()
-        .map(|u| handle.read_ptr(OP, "upstream", u))
-        .transpose()?;
+    let (upstream, _gu) = handle.read_opt(OP, "upstream", out.upstream.as_ref())?;
 
     // Scratch: lse per row, then the losses and their chunk levels.
     let rows = cfg.rows();
@@ -128,9 +124,9 @@ pub fn forward_backward<T: Dtype, I: TargetIndex>(
         targets: t,
         lse,
         loss_rows,
-        upstream: upstream.as_ref().map_or(0, |(p, _)| *p),
+        upstream,
         n_valid: s.count,
-        row: RowParams::new(cfg, reduction_flags(reduction, upstream.is_some())),
+        row: RowParams::new(cfg, reduction_flags(reduction, upstream != 0)),
     };
     let grid = ((rows as u64).min(MAX_GRID) as u32, 1, 1);
     let block = (SLOTS as u32, 1, 1);

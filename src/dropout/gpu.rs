@@ -184,11 +184,8 @@ pub fn forward<T: Dtype>(
     let (x_ptr, _gx) = handle.read_ptr(OP, "x", x)?;
     let (y_ptr, _gy) = handle.write_ptr(OP, "y", y)?;
     let residual_view = opts.residual.take();
-    let r_g = residual_view
-        .as_ref()
-        .map(|r| handle.read_ptr(OP, "residual", r))
-        .transpose()?;
-    let residual = r_g.as_ref().map(|(p, _)| *p);
+    let (r_ptr, _gr) = handle.read_opt(OP, "residual", residual_view.as_ref())?;
+    let residual = (r_ptr != 0).then_some(r_ptr);
     forward_launch::<T>(handle, cfg, x_ptr, residual, y_ptr, false, opts)
 }
 
@@ -262,29 +259,10 @@ fn forward_launch<T: Dtype>(
     in_place: bool,
     mut opts: ForwardOptions<'_, T>,
 ) -> Result<()> {
-    let bias_g = opts
-        .bias
-        .as_ref()
-        .map(|b| handle.read_ptr(OP, "bias", b))
-        .transpose()?;
-    let rs_g = opts
-        .rowscale
-        .as_ref()
-        .map(|b| handle.read_ptr(OP, "rowscale", b))
-        .transpose()?;
-    let mask_g = opts
-        .mask_out
-        .as_mut()
-        .map(|b| handle.write_ptr(OP, "mask_out", b))
-        .transpose()?;
-    let rs_out_g = opts
-        .rowscale_out
-        .as_mut()
-        .map(|b| handle.write_ptr(OP, "rowscale_out", b))
-        .transpose()?;
-    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
-    let (bias, rowscale, mask, rowscale_out) =
-        (ptr(&bias_g), ptr(&rs_g), ptr(&mask_g), ptr(&rs_out_g));
+    let (bias, _gb) = handle.read_opt(OP, "bias", opts.bias.as_ref())?;
+    let (rowscale, _grs) = handle.read_opt(OP, "rowscale", opts.rowscale.as_ref())?;
+    let (mask, _gm) = handle.write_opt(OP, "mask_out", opts.mask_out.as_mut())?;
+    let (rowscale_out, _grso) = handle.write_opt(OP, "rowscale_out", opts.rowscale_out.as_mut())?;
 
     if let (Some(site), Some(residual)) = (opts.redundancy.as_mut(), residual) {
         // The statistics forward (mask_out was refused by check_redundancy).

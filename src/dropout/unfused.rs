@@ -229,31 +229,24 @@ impl<T: Dtype> Unfused<T> {
         let (x_ptr, _g1) = h.read_ptr(OP, "x", x)?;
         let (y_ptr, _g2) = h.write_ptr(OP, "y", y)?;
         let (m_ptr, _g3) = h.write_ptr(OP, "mask", mask)?;
-        let bias_g = bias
-            .as_ref()
-            .map(|b| h.read_ptr(OP, "bias", b))
-            .transpose()?;
-        let r_g = residual
-            .as_ref()
-            .map(|r| h.read_ptr(OP, "residual", r))
-            .transpose()?;
+        let (b_ptr, _gb) = h.read_opt(OP, "bias", bias.as_ref())?;
+        let (r_ptr, _gr) = h.read_opt(OP, "residual", residual.as_ref())?;
 
         // 1. t = T(x + bias), or t = x without bias.
         let mut _t_guard = None;
-        let t_src = match &bias_g {
-            Some((b_ptr, _)) => {
-                let t_buf = ensure(&h, OP, &mut self.t, n)?;
-                let (t_ptr, g) = h.write_ptr(OP, "t", t_buf)?;
-                _t_guard = Some(g);
-                launch_bias_add::<T>(&h, &UNFUSED, x_ptr, *b_ptr, t_ptr, cfg.rows(), cfg.cols())?;
-                t_ptr
-            }
-            None => x_ptr,
+        let t_src = if b_ptr != 0 {
+            let t_buf = ensure(&h, OP, &mut self.t, n)?;
+            let (t_ptr, g) = h.write_ptr(OP, "t", t_buf)?;
+            _t_guard = Some(g);
+            launch_bias_add::<T>(&h, &UNFUSED, x_ptr, b_ptr, t_ptr, cfg.rows(), cfg.cols())?;
+            t_ptr
+        } else {
+            x_ptr
         };
-        let Some((r_ptr, _)) = r_g else {
+        if r_ptr == 0 {
             // 2. y = keep ? T(t * scale) : 0, mask = keep.
             return launch_dropout::<T>(&h, &UNFUSED, &keying, t_src, y_ptr, m_ptr, n);
-        };
+        }
         // 2. d = keep ? T(t * scale) : 0, mask = keep; 3. y = T(r + d).
         let d_buf = ensure(&h, OP, &mut self.d, n)?;
         let (d_ptr, _g4) = h.write_ptr(OP, "d", d_buf)?;

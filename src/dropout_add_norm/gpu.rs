@@ -16,10 +16,8 @@ use super::{
     check_backward, check_forward, check_stream_dtype, colsum_slab_count, colsum_slab_rows,
     row_partials, BackwardArgs, BackwardOut, Config, ForwardArgs, ForwardOut, Norm, GROUP, OP,
 };
-use crate::dropping::gpu::both_workspaces;
-use crate::dropping::gpu::{aligned16, resolution_flag, row_scale_fields};
+use crate::dropping::gpu::{aligned16, bind_partials, resolution_flag, row_scale_fields};
 use crate::dropping::MaskResolution;
-use crate::dropping::Workspace;
 use crate::dtype::{Dtype, DtypeKind, PerDtype};
 use crate::error::{Error, Result};
 use crate::runtime::device_params;
@@ -404,44 +402,25 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
     }
     let (x, _g0) = handle.read_ptr(OP, "x", &args.x)?;
     let (gamma, _g1) = handle.read_ptr(OP, "gamma", &args.gamma)?;
-    let beta_g = args
-        .beta
-        .as_ref()
-        .map(|b| handle.read_ptr(OP, "beta", b))
-        .transpose()?;
-    let bias_g = args
-        .bias
-        .as_ref()
-        .map(|b| handle.read_ptr(OP, "bias", b))
-        .transpose()?;
-    let res_g = args
-        .residual
-        .as_ref()
-        .map(|b| handle.read_ptr(OP, "residual", b))
-        .transpose()?;
-    let rs_g = args
-        .rowscale
-        .as_ref()
-        .map(|b| handle.read_ptr(OP, "rowscale", b))
-        .transpose()?;
+    let (beta, _gbeta) = handle.read_opt(OP, "beta", args.beta.as_ref())?;
+    let (bias, _gbias) = handle.read_opt(OP, "bias", args.bias.as_ref())?;
+    let (res, _gres) = handle.read_opt(OP, "residual", args.residual.as_ref())?;
+    let (rowscale, _grs) = handle.read_opt(OP, "rowscale", args.rowscale.as_ref())?;
     let (o, _g2) = handle.write_ptr(OP, "out", &mut out.out)?;
     let (s, _g3) = handle.write_ptr(OP, "s", &mut out.s)?;
     let (mean, _g4) = handle.write_ptr(OP, "mean", &mut out.mean)?;
     let (rstd, _g5) = handle.write_ptr(OP, "rstd", &mut out.rstd)?;
     // The redundancy statistics: the meter site's words, and the *_stats_* kernels.
     let mut site = args.redundancy;
-    let stats_g = site
-        .as_mut()
-        .map(|st| handle.write_ptr(OP, "redundancy site", &mut st.words))
-        .transpose()?;
-    let (fwd_g, fwd_t) = match stats_g {
-        Some(_) => stats_kernels::<T, S>()?,
-        None => (fam.fwd, fam.fwd_t),
+    let words = site.as_mut().map(|st| &mut st.words);
+    let (stats, _gstats) = handle.write_opt(OP, "redundancy site", words)?;
+    let (fwd_g, fwd_t) = if stats != 0 {
+        stats_kernels::<T, S>()?
+    } else {
+        (fam.fwd, fam.fwd_t)
     };
-    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
-    let (beta, bias, rowscale) = (ptr(&beta_g), ptr(&bias_g), ptr(&rs_g));
     let residual = match mode {
-        Mode::Fused => ptr(&res_g),
+        Mode::Fused => res,
         Mode::InPlace => s,
         Mode::NormOnly => 0,
     };
@@ -522,7 +501,7 @@ pub(super) fn forward_impl<T: Dtype, S: Dtype>(
         layer_scale: cfg.layer_scale(),
         flags,
         rows_per_sample: rsf.rows_per_sample,
-        stats: ptr(&stats_g),
+        stats,
     };
     handle.launch(kernel, (grid, 1, 1), (block as u32, 1, 1), smem, &p)
 }
@@ -624,18 +603,8 @@ pub fn backward<T: Dtype, S: Dtype>(
     let slabs = colsum_slab_count(rows);
 
     let (dgamma, _h0) = handle.write_ptr(OP, "dgamma", &mut out.dgamma)?;
-    let dbeta_g = out
-        .dbeta
-        .as_mut()
-        .map(|b| handle.write_ptr(OP, "dbeta", b))
-        .transpose()?;
-    let dbias_g = out
-        .dbias
-        .as_mut()
-        .map(|b| handle.write_ptr(OP, "dbias", b))
-        .transpose()?;
-    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
-    let (dbeta, dbias) = (ptr(&dbeta_g), ptr(&dbias_g));
+    let (dbeta, _gdbeta) = handle.write_opt(OP, "dbeta", out.dbeta.as_mut())?;
+    let (dbias, _gdbias) = handle.write_opt(OP, "dbias", out.dbias.as_mut())?;
 
     // [3][slabs][cols] f32 partials; every entry the colsum kernel reads is written first.
     let partial_len = slabs
@@ -644,20 +613,19 @@ pub fn backward<T: Dtype, S: Dtype>(
         .ok_or_else(|| Error::shape(OP, "column partials overflow"))?;
     let mut own = None;
     let mut view = args.workspace_view;
-    if view.is_some() && args.workspace.is_some() {
-        return Err(both_workspaces(OP));
-    }
-    let part_g = match view.as_mut() {
-        Some(v) if partial_len > 0 => Some(v.bind(handle, OP, SIZE_QUERY, 4 * partial_len)?),
-        _ if partial_len == 0 => None,
-        _ => {
-            // SAFETY: the backward kernel writes every partial the colsum kernel reads.
-            let b =
-                unsafe { Workspace::partials(handle, OP, args.workspace, &mut own, partial_len) }?;
-            Some(handle.write_ptr(OP, "workspace", b)?)
-        }
-    };
-    let partials = ptr(&part_g);
+    let want = (partial_len > 0).then_some(partial_len);
+    // SAFETY: the backward kernel writes every partial the colsum kernel reads.
+    let (partials, part_guard) = unsafe {
+        bind_partials(
+            handle,
+            OP,
+            SIZE_QUERY,
+            view.as_mut(),
+            args.workspace,
+            &mut own,
+            want,
+        )
+    }?;
 
     if !cfg.is_empty() {
         let (d_out, _g0) = handle.read_ptr(OP, "d_out", &args.d_out)?;
@@ -665,23 +633,10 @@ pub fn backward<T: Dtype, S: Dtype>(
         let (gamma, _g2) = handle.read_ptr(OP, "gamma", &args.gamma)?;
         let (mean, _g3) = handle.read_ptr(OP, "mean", &args.mean)?;
         let (rstd, _g4) = handle.read_ptr(OP, "rstd", &args.rstd)?;
-        let d_s_g = args
-            .d_s
-            .as_ref()
-            .map(|b| handle.read_ptr(OP, "d_s", b))
-            .transpose()?;
-        let rs_g = args
-            .rowscale
-            .as_ref()
-            .map(|b| handle.read_ptr(OP, "rowscale", b))
-            .transpose()?;
+        let (d_s, _gds) = handle.read_opt(OP, "d_s", args.d_s.as_ref())?;
+        let (rowscale, _grs) = handle.read_opt(OP, "rowscale", args.rowscale.as_ref())?;
         let (dx, _g5) = handle.write_ptr(OP, "dx", &mut out.dx)?;
-        let dr_g = out
-            .d_residual
-            .as_mut()
-            .map(|b| handle.write_ptr(OP, "d_residual", b))
-            .transpose()?;
-        let (d_s, rowscale, d_residual) = (ptr(&d_s_g), ptr(&rs_g), ptr(&dr_g));
+        let (d_residual, _gdr) = handle.write_opt(OP, "d_residual", out.d_residual.as_mut())?;
         check_cols(cols)?;
         let vec = !t.force_scalar
             && cols % GROUP == 0
@@ -775,7 +730,7 @@ pub fn backward<T: Dtype, S: Dtype>(
     // drop::dbias_finish.
     let grid = (cols as u64).div_ceil(32).clamp(1, 1 << 16) as u32;
     handle.launch(COLSUM.get::<T>(), (grid, 3, 1), (256, 1, 1), 0, &c)?;
-    drop(part_g);
+    drop(part_guard);
     drop(own); // stream-ordered free after the kernels that use it
     Ok(())
 }

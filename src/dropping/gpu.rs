@@ -13,7 +13,7 @@
 //! `write_bits`): pass that as `vector_ok`. Otherwise the scalar path runs, with the same
 //! results; it ORs mask bits with integer atomics into a mask zeroed first.
 
-use cudarc::driver::{result, DevicePtr, DevicePtrMut};
+use cudarc::driver::{result, CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{
     check_backward, slab_rows, BackwardOptions, Config, DropPath, Keying, LaunchTuning,
@@ -23,8 +23,8 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::runtime::device_params;
 use crate::runtime::kernels::KernelFamily;
-use crate::runtime::Handle;
 use crate::runtime::WorkspaceView;
+use crate::runtime::{Handle, OptPtr};
 
 /// `FLAG_DROP_PATH` in the kernels: generate the row scale under the drop path's call id.
 pub(crate) const FLAG_DROP_PATH: u32 = 1;
@@ -399,24 +399,22 @@ pub(crate) fn launch_backward<T: Dtype>(
     // Stage-1 partials: [slabs][cols] f32, every entry written by the kernel (one segment when
     // dbias is wanted: rows matter).
     let slabs = launches[0].map_or(0, |(_, g)| g.grid.1 as usize);
-    let partial_len = if want_dbias { slabs * l.cols } else { 0 };
     let mut own = None;
     let mut view = l.view;
-    if view.is_some() && l.workspace.is_some() {
-        return Err(both_workspaces(op));
-    }
     // A non-null partials pointer is what asks the kernel for dbias: none without it.
-    let part_g = match view.as_mut() {
-        Some(v) if want_dbias => Some(v.bind(handle, op, SIZE_QUERY, 4 * partial_len)?),
-        Some(_) => None,
-        None if want_dbias => {
-            // SAFETY: stage 1 writes every (slab, column) partial before stage 2 reads it.
-            let b = unsafe { Workspace::partials(handle, op, l.workspace, &mut own, partial_len) }?;
-            Some(handle.write_ptr(op, "workspace", b)?)
-        }
-        None => None,
-    };
-    let partials_ptr = part_g.as_ref().map_or(0, |(p, _)| *p);
+    let want = want_dbias.then_some(slabs * l.cols);
+    // SAFETY: stage 1 writes every (slab, column) partial before stage 2 reads it.
+    let (partials_ptr, part_g) = unsafe {
+        bind_partials(
+            handle,
+            op,
+            SIZE_QUERY,
+            view.as_mut(),
+            l.workspace,
+            &mut own,
+            want,
+        )
+    }?;
 
     let rsf = row_scale_fields(l.drop_path, l.rowscale);
     let mut flags = rsf.flags | resolution_flag(l.op, &l.keying, kernels.resolutions)?;
@@ -488,33 +486,20 @@ pub(crate) fn backward<T: Dtype>(
     }
     let (dy_ptr, _g1) = handle.read_ptr(op, "dy", dy)?;
     let (dx_ptr, _g2) = handle.write_ptr(op, "dx", dx)?;
-    let rs_g = opts
-        .rowscale
-        .as_ref()
-        .map(|b| handle.read_ptr(op, "rowscale", b))
-        .transpose()?;
-    let mask_g = opts
-        .mask
-        .as_ref()
-        .map(|b| handle.read_ptr(op, "mask", b))
-        .transpose()?;
-    let db_g = opts
-        .dbias
-        .as_mut()
-        .map(|b| handle.write_ptr(op, "dbias", b))
-        .transpose()?;
-    let ptr = |g: &Option<(u64, _)>| g.as_ref().map_or(0, |(p, _)| *p);
+    let (rowscale, _grs) = handle.read_opt(op, "rowscale", opts.rowscale.as_ref())?;
+    let (mask, _gm) = handle.read_opt(op, "mask", opts.mask.as_ref())?;
+    let (dbias, _gdb) = handle.write_opt(op, "dbias", opts.dbias.as_mut())?;
     let l = BackwardLaunch {
         op,
         rows: cfg.rows(),
         cols: cfg.cols(),
         keying: cfg.keying(T::KIND),
         drop_path: cfg.drop_path(),
-        rowscale: ptr(&rs_g),
-        mask: ptr(&mask_g),
+        rowscale,
+        mask,
         dy: dy_ptr,
         dx: dx_ptr,
-        dbias: ptr(&db_g),
+        dbias,
         workspace: opts.workspace,
         view: opts.workspace_view,
         tuning: opts.tuning,
@@ -533,6 +518,43 @@ pub(crate) fn both_workspaces(op: &'static str) -> Error {
         "both `workspace` and `workspace_view` are set; pass one (the owned workspace or the \
          caller's memory)",
     )
+}
+
+/// Where a backward's `len` f32 column partials live (`len == None`: none wanted, address 0):
+/// the caller's `view` (checked against the size query `query` names), else the owned
+/// `workspace` (grown when too small), else `own`, this call's buffer, which the caller drops
+/// after its launches (a stream-ordered free). A view and a workspace both given: an error.
+///
+/// # Safety
+///
+/// The memory is uninitialised: the backward must write every partial before its finishing
+/// kernel reads it.
+pub(crate) unsafe fn bind_partials<'a>(
+    handle: &'a Handle,
+    op: &'static str,
+    query: &str,
+    view: Option<&'a mut WorkspaceView<'_>>,
+    workspace: Option<&'a mut Workspace>,
+    own: &'a mut Option<CudaSlice<f32>>,
+    len: Option<usize>,
+) -> Result<OptPtr<'a>> {
+    if view.is_some() && workspace.is_some() {
+        return Err(both_workspaces(op));
+    }
+    let Some(len) = len else {
+        return Ok((0, None));
+    };
+    match view {
+        Some(v) => {
+            let (p, g) = v.bind(handle, op, query, 4 * len)?;
+            Ok((p, Some(g)))
+        }
+        None => {
+            // SAFETY: the caller's contract (see above).
+            let b = unsafe { Workspace::partials(handle, op, workspace, own, len) }?;
+            handle.write_opt(op, "workspace", Some(b))
+        }
+    }
 }
 
 /// Zeroes a 1-bit mask of `words` u32 before a scalar-path forward ORs bits into it.

@@ -555,7 +555,44 @@ impl Handle {
         self.check_context(op, what, buf.stream())?;
         Ok(buf.device_ptr_mut(&self.inner.stream))
     }
+
+    /// [`read_ptr`](Self::read_ptr) of an optional buffer: address 0 (the kernels' "absent")
+    /// for `None`. The guard must outlive the launch.
+    pub(crate) fn read_opt<'a, T>(
+        &'a self,
+        op: &'static str,
+        what: &str,
+        buf: Option<&'a impl DevicePtr<T>>,
+    ) -> Result<OptPtr<'a>> {
+        Ok(match buf {
+            Some(b) => {
+                let (p, g) = self.read_ptr(op, what, b)?;
+                (p, Some(g))
+            }
+            None => (0, None),
+        })
+    }
+
+    /// [`write_ptr`](Self::write_ptr) of an optional buffer (see [`Handle::read_opt`]).
+    pub(crate) fn write_opt<'a, T>(
+        &'a self,
+        op: &'static str,
+        what: &str,
+        buf: Option<&'a mut impl DevicePtrMut<T>>,
+    ) -> Result<OptPtr<'a>> {
+        Ok(match buf {
+            Some(b) => {
+                let (p, g) = self.write_ptr(op, what, b)?;
+                (p, Some(g))
+            }
+            None => (0, None),
+        })
+    }
 }
+
+/// An optional buffer's address (0 when absent) and the guard that keeps it valid until the
+/// launch is enqueued.
+pub(crate) type OptPtr<'a> = (u64, Option<SyncOnDrop<'a>>);
 
 /// Grid size for a grid-stride loop over `n` items with `block` threads: enough blocks to fill
 /// the device several times over, capped so the grid is legal; results never depend on it.
