@@ -598,11 +598,7 @@ impl AdamW {
     /// # Ok(()) }
     /// ```
     pub fn step_counts(&self) -> Result<Vec<u32>> {
-        let chunk_steps = self
-            .handle
-            .stream()
-            .clone_dtoh(&self.chunk_steps)
-            .map_err(Error::driver(OP))?;
+        let chunk_steps = self.handle.to_host(OP, &self.chunk_steps)?;
         Ok((0..self.layout.num_tensors())
             .map(|t| {
                 let r = self.layout.chunks(t);
@@ -730,19 +726,12 @@ impl AdamW {
 
     /// Both moment arenas downloaded and widened to f32 (exact for bf16).
     fn moments_f32(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        let s = self.handle.stream();
-        let drv = || Error::driver(OP);
+        let h = &self.handle;
         Ok(match &self.moments {
-            Moments::F32(m, v) => (
-                s.clone_dtoh(m).map_err(drv())?,
-                s.clone_dtoh(v).map_err(drv())?,
-            ),
+            Moments::F32(m, v) => (h.to_host(OP, m)?, h.to_host(OP, v)?),
             Moments::Bf16(m, v) => {
                 let widen = |x: Vec<half::bf16>| x.iter().map(|b| b.to_f32()).collect();
-                (
-                    widen(s.clone_dtoh(m).map_err(drv())?),
-                    widen(s.clone_dtoh(v).map_err(drv())?),
-                )
+                (widen(h.to_host(OP, m)?), widen(h.to_host(OP, v)?))
             }
         })
     }
@@ -766,10 +755,9 @@ impl AdamW {
     /// ```
     pub fn save_state(&self) -> Result<Vec<u8>> {
         let header = self.state_header();
-        let s = self.handle.stream();
         let (m, v) = self.moments_f32()?;
         let master = match &self.master {
-            Some(x) => s.clone_dtoh(x).map_err(Error::driver(OP))?,
+            Some(x) => self.handle.to_host(OP, x)?,
             None => Vec::new(),
         };
         let steps = self.step_counts()?;

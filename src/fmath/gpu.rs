@@ -121,5 +121,5 @@ pub fn eval(handle: &Handle, func: Func, x: &[f32]) -> Result<Vec<f32>> {
         };
         handle.launch_strided(Kernel::FmathEval, x.len() as u64, BLOCK, &p)?;
     }
-    s.clone_dtoh(&d_y).map_err(Error::driver(OP))
+    handle.to_host(OP, &d_y)
 }

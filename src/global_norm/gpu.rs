@@ -566,11 +566,7 @@ impl GlobalNorm {
     /// # Ok(()) }
     /// ```
     pub fn read(&self) -> Result<NormValues> {
-        let v = self
-            .handle
-            .stream()
-            .clone_dtoh(&self.result)
-            .map_err(Error::driver(OP))?;
+        let v = self.handle.to_host(OP, &self.result)?;
         Ok(v[0])
     }
 
@@ -633,11 +629,8 @@ impl GlobalNorm {
             .per_tensor
             .as_ref()
             .ok_or_else(|| Error::invalid(OP, "call per_tensor() before read_per_tensor()"))?;
-        let s = self.handle.stream();
-        Ok((
-            s.clone_dtoh(sums).map_err(Error::driver(OP))?,
-            s.clone_dtoh(norms).map_err(Error::driver(OP))?,
-        ))
+        let h = &self.handle;
+        Ok((h.to_host(OP, sums)?, h.to_host(OP, norms)?))
     }
 
     /// Reads the per-chunk partials (blocking): for diagnostics and tests.
@@ -657,11 +650,7 @@ impl GlobalNorm {
     /// # Ok(()) }
     /// ```
     pub fn read_partials(&self) -> Result<Vec<f32>> {
-        let mut v = self
-            .handle
-            .stream()
-            .clone_dtoh(&self.partials)
-            .map_err(Error::driver(OP))?;
+        let mut v = self.handle.to_host(OP, &self.partials)?;
         v.truncate(self.num_chunks as usize);
         Ok(v)
     }

@@ -70,7 +70,7 @@ pub fn fill(handle: &Handle, counters: &[[u32; 4]], keys: &[[u32; 2]]) -> Result
         };
         handle.launch_strided(Kernel::PhiloxFill, n as u64, BLOCK, &p)?;
     }
-    let flat = s.clone_dtoh(&d_o).map_err(Error::driver(OP))?;
+    let flat = handle.to_host(OP, &d_o)?;
     Ok(flat
         .chunks_exact(4)
         .map(|c| [c[0], c[1], c[2], c[3]])
@@ -117,5 +117,5 @@ pub fn mask_words(handle: &Handle, seed: u64, call: u64, start: u64, n: usize) -
         };
         handle.launch_strided(Kernel::PhiloxMaskWords, n as u64, BLOCK, &p)?;
     }
-    s.clone_dtoh(&d_o).map_err(Error::driver(OP))
+    handle.to_host(OP, &d_o)
 }

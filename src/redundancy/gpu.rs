@@ -152,11 +152,7 @@ impl Redundancy {
     ///
     /// See [`Redundancy`].
     pub fn stats(&self) -> Result<Vec<SiteStats>> {
-        let words = self
-            .handle
-            .stream()
-            .clone_dtoh(&self.acc)
-            .map_err(Error::driver(OP))?;
+        let words = self.handle.to_host(OP, &self.acc)?;
         words
             .chunks_exact(WORDS_PER_SITE)
             .enumerate()

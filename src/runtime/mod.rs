@@ -556,6 +556,16 @@ impl Handle {
         Ok(buf.device_ptr_mut(&self.inner.stream))
     }
 
+    /// A device buffer's contents on the host: a copy on this handle's stream, waited for, with
+    /// `op`'s driver error.
+    pub(crate) fn to_host<T: DeviceRepr>(
+        &self,
+        op: &'static str,
+        buf: &impl DevicePtr<T>,
+    ) -> Result<Vec<T>> {
+        self.inner.stream.clone_dtoh(buf).map_err(Error::driver(op))
+    }
+
     /// [`read_ptr`](Self::read_ptr) of an optional buffer: address 0 (the kernels' "absent")
     /// for `None`. The guard must outlive the launch.
     pub(crate) fn read_opt<'a, T>(

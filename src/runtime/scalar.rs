@@ -94,11 +94,7 @@ impl<T: DeviceRepr + Copy + Default> DeviceScalar<T> {
     /// # Ok(()) }
     /// ```
     pub fn read(&self) -> Result<T> {
-        let v = self
-            .handle
-            .stream()
-            .clone_dtoh(&self.buf)
-            .map_err(Error::driver(self.op))?;
+        let v = self.handle.to_host(self.op, &self.buf)?;
         Ok(v.first().copied().unwrap_or_default())
     }
 
