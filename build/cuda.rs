@@ -10,7 +10,11 @@
 //! * nvcc is looked up through `NVCC`, `CUDA_HOME`/`CUDA_PATH`, the project's own toolkit folder
 //!   (`.cuda/`, installed by `scripts/install-cuda.sh`), then `PATH`. nvidia-smi is never called.
 //! * Everything is written under `OUT_DIR`; the generated `kernel_modules.rs` embeds the fatbins
-//!   with `include_bytes!`, so a binary needs no files at run time.
+//!   with `include_bytes!`, so a binary needs no files at run time. Each build's fatbins are also
+//!   kept in `<target>/fusedreg-kernels/<key>/` (the key: compiler, arch list, flags, every source
+//!   and header): cargo gives each feature set and profile its own `OUT_DIR`, so without this a
+//!   `cargo test` after `cargo clippy` and a `--features candle` build compiled every kernel
+//!   again (minutes each on two cores); with it they copy the same files.
 //! * Without nvcc the crate still builds (GPU entry points return `Error::KernelsNotBuilt`), unless
 //!   `FUSEDREG_REQUIRE_KERNELS=1`, which turns a missing compiler or a failed kernel into an error.
 
@@ -90,8 +94,21 @@ pub fn build_kernels(spec: &KernelBuild) {
         {
             return Err(String::new());
         }
+        let shared = shared_dir(&out, &spec.kernels_dir, &k);
         key = Some(k);
-        let built = compile_all(&nvcc, &archs, &sources, &include, &out)?;
+        let cached = shared
+            .as_deref()
+            .and_then(|d| load_shared(d, &sources, &out));
+        let built = match cached {
+            Some(built) => built,
+            None => {
+                let built = compile_all(&nvcc, &archs, &sources, &include, &out)?;
+                if let Some(d) = &shared {
+                    store_shared(d, &built, &out);
+                }
+                built
+            }
+        };
         Ok((built, archs, version))
     });
     if matches!(&result, Err(reason) if reason.is_empty()) {
@@ -154,6 +171,73 @@ fn build_key(nvcc: &Path, version: &str, archs: &[u32], include: &[PathBuf]) -> 
         env::var("FUSEDREG_NVCC_FLAGS").ok(),
         h.finish()
     )
+}
+
+/// `<target>/fusedreg-kernels/<hash of key and kernels folder>` when `out` is a cargo build
+/// script's `OUT_DIR` (`<target>/<profile>/build/<pkg>-<hash>/out`); else none (no sharing).
+fn shared_dir(out: &Path, kernels_dir: &Path, key: &str) -> Option<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let build = out.ancestors().nth(2)?;
+    if build.file_name()? != "build" {
+        return None;
+    }
+    let target = out.ancestors().nth(4)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (key, kernels_dir).hash(&mut h);
+    Some(
+        target
+            .join("fusedreg-kernels")
+            .join(format!("{:016x}", h.finish())),
+    )
+}
+
+/// The fatbins, resource reports and entry lists of a finished build of the same key, copied
+/// into `out`; none when absent or incomplete (then the caller compiles).
+fn load_shared(dir: &Path, sources: &[PathBuf], out: &Path) -> Option<Vec<Built>> {
+    let list = fs::read_to_string(dir.join("entries.txt")).ok()?;
+    let mut built = Vec::new();
+    for line in list.lines() {
+        let (stem, entries) = line.split_once('\t')?;
+        let fatbin = out.join(format!("{stem}.fatbin"));
+        fs::copy(dir.join(format!("{stem}.fatbin")), &fatbin).ok()?;
+        let report = format!("{stem}.resources.txt");
+        let _ = fs::copy(dir.join(&report), out.join(&report));
+        let entries = entries.split(',').filter(|e| !e.is_empty());
+        built.push(Built {
+            stem: stem.to_string(),
+            fatbin,
+            entries: entries.map(str::to_string).collect(),
+        });
+    }
+    let stems = |b: &Built| b.stem.clone();
+    let want: Vec<String> = sources
+        .iter()
+        .map(|s| s.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    (built.iter().map(stems).collect::<Vec<_>>() == want).then_some(built)
+}
+
+/// Keeps a finished build for [`load_shared`]: written into a temporary folder and renamed, so
+/// a concurrent build script of the same key sees all of it or nothing. Best effort: a failure
+/// only costs the next build its compile.
+fn store_shared(dir: &Path, built: &[Built], out: &Path) {
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let write = || -> std::io::Result<()> {
+        fs::create_dir_all(&tmp)?;
+        let mut list = String::new();
+        for b in built {
+            fs::copy(&b.fatbin, tmp.join(format!("{}.fatbin", b.stem)))?;
+            let report = format!("{}.resources.txt", b.stem);
+            let _ = fs::copy(out.join(&report), tmp.join(&report));
+            list.push_str(&format!("{}\t{}\n", b.stem, b.entries.join(",")));
+        }
+        fs::write(tmp.join("entries.txt"), list)?;
+        fs::rename(&tmp, dir)
+    };
+    if write().is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
 }
 
 fn find_nvcc(root: &Path) -> Result<PathBuf, String> {
