@@ -354,7 +354,8 @@ struct Keep<1, KEY> {
     uint32_t bit;
     __device__ __forceinline__ bool kept(int) const { return bit != 0u; }
 };
-// The forward takes the keep bits packed under 32- and 16-bit keying (drop::keep_bits_of's):
+// The forward takes the keep bits packed under 32-bit keying, and under 16-bit keying for f32
+// (drop::keep_bits_of's; 16-bit T under 16-bit keying: PairKeep below):
 // there ptxas turns the bit tests into one R2P per row, fewer instructions than RowKeep's compare
 // per element (sm_90, nvcc 13.0, GELU-tanh: 30.2 vs 31.2 per element at 32 bits, 25.9 vs 26.3
 // at 16); under 8-bit keying RowKeep is shorter (28.4 vs 30.8), and in the backward always.
@@ -369,17 +370,81 @@ __device__ __forceinline__ PackedKeep<V, KEY> row_keep_packed(const P& p, uint64
     else return {drop::keep_bits<V>(p.seed, p.call, p.threshold, i)};  // fwd 32-bit keying
 }
 
+// Halfword lanes of x at or above those of y (unsigned, each lane 0 ..= 0xffff): 0xffff in each
+// such lane, 0 in the others. SWAR: r = (x | H) - (y & ~H) subtracts the low 15 bits of each lane
+// without a borrow between lanes (lane value 0x8000 + xl - yl, 1 ..= 0xffff), so its lane msb is
+// xl >= yl; x >= y is then (xh & !yh) | (xh == yh & that), one LOP3 on (x, y, r), and PRMT's
+// sign-replicating selector spreads each lane's msb over the lane (3 + 1 instructions per word,
+// where comparing two extracted halfwords costs 2 + 2 and a select per element).
+__device__ __forceinline__ uint32_t ge_u16x2(uint32_t x, uint32_t y) {
+    const uint32_t r = (x | 0x80008000u) - (y & 0x7fff7fffu);
+    const uint32_t f = (x & ~y) | (~(x ^ y) & r);  // lane msb: x >= y
+#if defined(__CUDA_ARCH__)
+    uint32_t m;
+    asm("prmt.b32 %0, %1, 0, 0xbb99;" : "=r"(m) : "r"(f));  // bytes 0, 1 <- sign of byte 1; 2, 3 <- of byte 3
+    return m;
+#else
+    return ((f & 0x8000u) ? 0x0000ffffu : 0u) | ((f & 0x80000000u) ? 0xffff0000u : 0u);
+#endif
+}
+
+// The forward under 16-bit keying with a 16-bit T (V = 8: one Philox block, halfword k keys
+// element k): the decisions as one mask per packed output word (word j holds elements 2j, 2j + 1,
+// keyed by halfwords 2j, 2j + 1 = word j of the block), applied to the packed result with one
+// LOP3 per pair instead of a select per element. The same decisions as drop::keep_bits16<8>
+// (kept when the halfword is >= threshold): `y` is the threshold in both halfwords and `all`
+// ~0, or, where the generator has no work (tested once per thread, see pair_keying), y = 0
+// (every halfword passes: threshold 0 keeps all) and all = 0 for threshold >= 2^16 (none kept).
+struct PairKeying {
+    uint32_t y, all;
+    bool gen;
+};
+template <typename P> __device__ __forceinline__ PairKeying pair_keying(const P& p) {
+    const bool gen = p.threshold != 0 && p.threshold < drop::THRESHOLD16_ALL;
+    const uint32_t t = gen ? (uint32_t)p.threshold : 0u;
+    return {t | (t << 16), p.threshold < drop::THRESHOLD16_ALL ? 0xffffffffu : 0u, gen};
+}
+template <int V>
+struct PairKeep {
+    static_assert(V == 8, "16-bit T: 8 elements, 4 words");
+    uint32_t w[V / 2];
+    uint32_t y, all;
+    __device__ __forceinline__ uint32_t apply(int j, uint32_t word) const { return word & ge_u16x2(w[j], y) & all; }
+};
+template <int V, typename P>
+__device__ __forceinline__ PairKeep<V> row_keep_pairs(const P& p, const PairKeying& kg, uint64_t i) {
+    PairKeep<V> r;
+    r.y = kg.y, r.all = kg.all;
+    if (kg.gen) {
+        const uint4 w = philox_block(p.seed, p.call, i >> 3);  // halfword i % 8 of block i / 8
+        r.w[0] = w.x, r.w[1] = w.y, r.w[2] = w.z, r.w[3] = w.w;
+    } else {
+#pragma unroll
+        for (int j = 0; j < V / 2; ++j) r.w[j] = 0u;  // any value: y = 0 keeps it, all = 0 drops it
+    }
+    return r;
+}
+
 template <int V, int KEY, typename P>
 __device__ __forceinline__ Keep<V, KEY> row_keep_of(const P& p, uint64_t i) {
     if constexpr (V == 1) return Keep<1, KEY>{scalar_keep_bit<KEY>(p, i)};
     else return Keep<V, KEY>{row_keep<V, KEY>(p, i)};
 }
 
-// The forward's choice (see PackedKeep).
-template <int V, int KEY, typename P>
-__device__ __forceinline__ auto fwd_keep(const P& p, uint64_t i) {
-    if constexpr (KEY == KEY8 || V == 1) return row_keep_of<V, KEY>(p, i);
+// The forward's choice (see PackedKeep, PairKeep).
+template <typename T, int V, int KEY>
+constexpr bool FWD_PAIRS = KEY == KEY16 && sizeof(T) == 2 && V == 8;
+template <typename T, int V, int KEY, typename P>
+__device__ __forceinline__ auto fwd_keep(const P& p, const PairKeying& kg, uint64_t i) {
+    if constexpr (FWD_PAIRS<T, V, KEY>) return row_keep_pairs<V>(p, kg, i);
+    else if constexpr (KEY == KEY8 || V == 1) return row_keep_of<V, KEY>(p, i);
     else return row_keep_packed<V, KEY>(p, i);
+}
+
+// scale * act(h), the forward's kept value.
+template <uint32_t ACT, uint32_t MATH>
+__device__ __forceinline__ float fwd_value(float h, const BiasActDropoutFwdParams& p, float erf_c0) {
+    return MATH == MATH_FAST ? fast_fwd<ACT>(h, p.keep_frac, p.scale, erf_c0) : __fmul_rn(act_fwd(ACT, h), p.scale);
 }
 
 template <typename T, int V, uint32_t ACT, uint32_t MATH, int KEY>
@@ -400,6 +465,7 @@ __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
     uint64_t i = row0 * p.cols + c0;
     const T* x = reinterpret_cast<const T*>(p.x) + i;
     T* y = reinterpret_cast<T*>(p.y) + i;
+    const PairKeying kg = pair_keying(p);  // used by the FWD_PAIRS keying only
     for (uint64_t left = (s1 - row0 + LANES - 1) / LANES; left > 0;) {
         const int n = left < (uint64_t)FWD_UNROLL ? (int)left : FWD_UNROLL;
         Pack<T, V> xv[FWD_UNROLL];
@@ -409,7 +475,7 @@ __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
 #pragma unroll
         for (int u = 0; u < FWD_UNROLL; ++u) {
             if (u >= n) break;
-            const auto keep = fwd_keep<V, KEY>(p, i);
+            const auto keep = fwd_keep<T, V, KEY>(p, kg, i);
             float h[V];
 #pragma unroll
             for (int k = 0; k < V; ++k) h[k] = p.bias ? __fadd_rn(xv[u].get(k), b[k]) : xv[u].get(k);
@@ -420,11 +486,17 @@ __device__ __forceinline__ void fwd_keyed(const BiasActDropoutFwdParams& p) {
                 store_pack<T, V>(reinterpret_cast<T*>(p.h_out) + i, hv, V);
             }
             Pack<T, V> yv;
+            if constexpr (FWD_PAIRS<T, V, KEY>) {  // a dropped element's bits are 0: +0, as T(0.0f)
 #pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float v = MATH == MATH_FAST ? fast_fwd<ACT>(h[k], p.keep_frac, p.scale, erf_c0)
-                                                  : __fmul_rn(act_fwd(ACT, h[k]), p.scale);
-                yv.set_raw(k, f32_to_bits<T>(keep.kept(k) ? v : 0.0f));
+                for (int j = 0; j < V / 2; ++j)
+                    yv.w[j] = keep.apply(j, pack2<T>(fwd_value<ACT, MATH>(h[2 * j], p, erf_c0),
+                                                     fwd_value<ACT, MATH>(h[2 * j + 1], p, erf_c0)));
+            } else {
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    const float v = fwd_value<ACT, MATH>(h[k], p, erf_c0);
+                    yv.set_raw(k, f32_to_bits<T>(keep.kept(k) ? v : 0.0f));
+                }
             }
             store_pack<T, V>(y + u * stride, yv, V);
             i += stride;
