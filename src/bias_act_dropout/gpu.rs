@@ -239,6 +239,9 @@ fn geometry<T: Dtype>(cfg: &Config, aligned: bool) -> (bool, (u32, u32, u32), u6
 /// Errors: [`Error::ShapeMismatch`] for a length that disagrees with the config,
 /// [`Error::InvalidArgument`] for a buffer from another CUDA context; driver errors.
 ///
+/// [`Error::ShapeMismatch`]: crate::Error::ShapeMismatch
+/// [`Error::InvalidArgument`]: crate::Error::InvalidArgument
+///
 /// ```no_run
 /// use fusedreg::bias_act_dropout::{self as bad, Activation, Config};
 /// use half::bf16;
@@ -334,6 +337,9 @@ pub fn backward<T: Dtype>(
 ///
 /// Errors: as [`backward`], and a workspace too small ([`Error::ShapeMismatch`]) or not
 /// 16-byte aligned ([`Error::InvalidArgument`]).
+///
+/// [`Error::ShapeMismatch`]: crate::Error::ShapeMismatch
+/// [`Error::InvalidArgument`]: crate::Error::InvalidArgument
 ///
 /// ```no_run
 /// use fusedreg::bias_act_dropout::{self as bad, Activation, Config, Preact};
